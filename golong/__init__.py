@@ -1,0 +1,1 @@
+"""golong trainer."""

@@ -1,0 +1,177 @@
+"""Ahead-of-time compilation of Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+`triton.compile` with a CUDA `GPUTarget` runs the whole pipeline (TTIR -> TTGIR -> LLIR -> PTX ->
+cubin via the bundled ptxas) without touching a driver. The cubin's resource usage and SASS are
+then read with the `cuobjdump` that ships inside the triton wheel. This is how CPU-only CI checks
+that a kernel has no register spills, fits in shared memory, and uses wgmma (HGMMA) tensor cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HOPPER_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+
+
+@dataclass
+class KernelResources:
+    """What the sm_90 cubin of one specialised kernel uses."""
+
+    name: str
+    registers: int
+    local_bytes: int  # per-thread local memory (STACK + LOCAL); > 0 means spills or stack arrays
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int  # static + dynamic shared memory Triton requests
+    num_warps: int
+    sass_histogram: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_hgmma(self) -> bool:
+        return any(op.startswith("HGMMA") for op in self.sass_histogram)
+
+    @property
+    def fits_hopper_smem(self) -> bool:
+        return self.shared_bytes <= HOPPER_MAX_SHARED_BYTES
+
+    def matrix_mix(self) -> dict[str, int]:
+        """Counts of tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync)."""
+        return {k: v for k, v in self.sass_histogram.items() if k.startswith(("HGMMA", "HMMA", "IMMA"))}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: this triton wheel does not ship {name}")
+    return str(path)
+
+
+def compile_sm90(
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any] | None = None,
+    *,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> Any:
+    """Compile a `@triton.jit` function for sm_90 without a GPU.
+
+    signature maps every non-constexpr argument name to a Triton type ("*fp32", "*bf16", "i32",
+    "fp32", ...); constexprs maps constexpr argument names to values. Returns the CompiledKernel.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _interpreting():
+        raise RuntimeError("compile_sm90 cannot run under TRITON_INTERPRET=1; use report(), which re-runs in a child")
+    constexprs = dict(constexprs or {})
+    full_sig = dict(signature)
+    for k in constexprs:
+        full_sig.setdefault(k, "constexpr")
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs)
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+_RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def inspect_cubin(compiled: Any) -> KernelResources:
+    """Read registers, local memory, spills, shared memory and the SASS opcode histogram."""
+    cubin = compiled.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        res = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    m = _RES_RE.search(res)
+    if m is None:
+        raise RuntimeError(f"could not parse cuobjdump resource usage:\n{res}")
+    regs, stack, static_shared, local = (int(x) for x in m.groups())
+    hist: collections.Counter[str] = collections.Counter()
+    for line in sass.splitlines():
+        # e.g. "        /*0250*/                   HGMMA.64x128x16.F32 gdesc[UR4], RZ, !UPT ;"
+        mm = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", line)
+        if mm:
+            hist[mm.group(1).split(".")[0] if not mm.group(1).startswith("HGMMA") else _hgmma_key(mm.group(1))] += 1
+    spill_st, spill_ld = _ptxas_spills(compiled)
+    meta = compiled.metadata
+    return KernelResources(
+        name=meta.name,
+        registers=regs,
+        local_bytes=stack + local,
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        shared_bytes=max(int(meta.shared), static_shared),
+        num_warps=int(meta.num_warps),
+        sass_histogram=dict(hist),
+    )
+
+
+def _hgmma_key(op: str) -> str:
+    # keep shape and accumulate type: HGMMA.64x128x16.F32(.BF16) -> "HGMMA.64x128x16"
+    parts = op.split(".")
+    return ".".join(parts[:2])
+
+
+def _ptxas_spills(compiled: Any) -> tuple[int, int]:
+    """Spill stores/loads in bytes, from ptxas -v on the kernel's PTX."""
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "k.ptx"
+        p.write_text(ptx)
+        out = subprocess.run(
+            [_tool("ptxas"), "-v", "--gpu-name=sm_90a", str(p), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+        )
+    text = out.stdout + out.stderr
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def report(fn: Any, signature: dict[str, str], constexprs: dict[str, Any] | None = None, **opts: Any) -> KernelResources:
+    """compile_sm90 + inspect_cubin in one call.
+
+    The interpreter patches triton.language process-wide, so under TRITON_INTERPRET=1 (kernel tests)
+    the compile runs in a child process without it; the kernel is found there by module and name.
+    """
+    if not _interpreting():
+        return inspect_cubin(compile_sm90(fn, signature, constexprs, **opts))
+    raw = getattr(fn, "fn", fn)
+    job = {"module": raw.__module__, "name": raw.__name__, "signature": signature,
+           "constexprs": constexprs or {}, "opts": opts}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "kernels.aot"], input=json.dumps(job), capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"sm_90 compile of {job['module']}.{job['name']} failed:\n{out.stderr[-4000:]}")
+    return KernelResources(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    _job = json.loads(sys.stdin.read())
+    _fn = getattr(importlib.import_module(_job["module"]), _job["name"])
+    _res = report(_fn, _job["signature"], _job["constexprs"], **_job["opts"])
+    print(json.dumps(dataclasses.asdict(_res)))
