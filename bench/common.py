@@ -1,0 +1,149 @@
+"""Shared plumbing for bench/ scripts: timing, peak memory, JSON results and the closing table.
+
+Every bench script measures its baseline in the same run and reports ratios, because these
+machines are noisy. Results are JSON files in bench/results/ that bench/report.py turns into
+the table in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timeit(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 3) -> float:
+    """Median wall seconds of fn() (synchronising CUDA when present)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[int, Any]:
+    """Peak memory (bytes) fn() allocates above what was live when it started, and its result.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: resident-set sampling in a thread (the CPU
+    allocator has no peak counter); large allocations are touched, so RSS sees them.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        t.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return peak[0] - base, out
+
+
+def save_results(bench: str, rows: list[dict[str, Any]], out_dir: str | Path | None = None) -> Path:
+    """Write rows (one dict per measured figure) with date, device, commit and command.
+
+    Each row should carry at least: case, impl, metric, value, unit; and, where a peer was
+    measured in the same run, baseline (peer impl name) and ratio (ours / peer or peer / ours,
+    stated by `ratio_meaning`).
+    """
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = "gpu" if torch.cuda.is_available() else "cpu"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    payload = {
+        "bench": bench,
+        "date": now.strftime("%Y-%m-%d"),
+        "device": device_name(),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    path = out_dir / f"{bench}-{dev}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """Print rows as a table (rich), the last thing a bench script shows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c, "")) for c in columns])
+    Console(width=200).print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
