@@ -96,10 +96,10 @@ def inspect_cubin(compiled: Any) -> KernelResources:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        res = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        cuobjdump = _tool("cuobjdump")
+        res = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     m = _RES_RE.search(res)
     if m is None:
         raise RuntimeError(f"could not parse cuobjdump resource usage:\n{res}")
@@ -150,7 +150,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def report(fn: Any, signature: dict[str, str], constexprs: dict[str, Any] | None = None, **opts: Any) -> KernelResources:
+def report(
+    fn: Any, signature: dict[str, str], constexprs: dict[str, Any] | None = None, **opts: Any
+) -> KernelResources:
     """compile_sm90 + inspect_cubin in one call.
 
     The interpreter patches triton.language process-wide, so under TRITON_INTERPRET=1 (kernel tests)

@@ -1,0 +1,5 @@
+import sys
+
+from golong.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""The `golong` command: train, demo, export, plot, data, plan.
+
+    torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml optim.lr=2e-6
+    golong train configs/demo-cpu.yaml --dry-run
+    golong demo --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from golong.config import ConfigError, load_config, to_yaml
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. algo.adv_estimator=tmn_grpo optim.lr=2e-6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="golong", description="Long-context RL (GRPO / TMN-Reweight) for Qwen3 and Qwen3-MoE.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a config (launch with torchrun for several ranks)",
+                       description="Run GRPO training. Launch form: "
+                                   "torchrun --nproc_per_node N -m golong train CONFIG key=value ...")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+
+    p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
+                       description="Train a tiny Qwen3-MoE from scratch on the 9 synthetic tasks on this CPU "
+                                   "(no download): SFT warm-up, then GRPO with TMN-Reweight on 2 gloo ranks. "
+                                   "Writes metrics.jsonl, summary.json, a plot and an exported HF model.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--config", default=None, help="demo config (default: configs/demo-cpu.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to the demo config")
+
+    p = sub.add_parser("export", help="write a Hugging Face safetensors model from a training checkpoint",
+                       description="Convert a DCP training checkpoint into a Hugging Face directory "
+                                   "(config.json + sharded safetensors) that transformers and vLLM load.")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/x/checkpoints/step_000100)")
+    p.add_argument("out", help="output directory")
+
+    p = sub.add_parser("plot", help="plot per-task reward, entropy and logprob mismatch of a run to PNG",
+                       description="Read RUN_DIR/metrics.jsonl and draw curves to RUN_DIR/curves.png.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+
+    p = sub.add_parser("data", help="dataset tools (synthetic generator)",
+                       description="Dataset tools.")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write a synthetic dataset of the 9 capability tasks",
+                        description="Write GoLongRL-format records of the 9 synthetic capability tasks.")
+    s.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    s.add_argument("--n", type=int, required=True, help="number of records")
+    s.add_argument("--context-tokens", type=int, default=1024, help="approximate context length per record")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tasks", default=None, help="comma-separated task types (default: all nine)")
+
+    p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",
+                       description="Predict per-GPU peak memory, FLOPs and a roofline step time.")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="total number of GPUs")
+    p.add_argument("--gpu-mem", type=float, default=141.0, help="memory per GPU in GiB (H200: 141)")
+    return parser
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after flags (`train CFG --dry-run a=1`): collect stragglers.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        if args.command == "train":
+            cfg = _load(args)
+            if args.dry_run:
+                print(to_yaml(cfg), end="")
+                return 0
+            from golong.trainer import train
+
+            train(cfg)
+        elif args.command == "demo":
+            from golong.demo import run_demo
+
+            run_demo(args.out, config=args.config, overrides=args.overrides)
+        elif args.command == "export":
+            from golong.checkpoint import export_hf
+
+            export_hf(args.checkpoint, args.out)
+        elif args.command == "plot":
+            from golong.plot import plot_run
+
+            print(plot_run(args.run_dir, args.out))
+        elif args.command == "data":
+            from golong.data.synthetic import write_dataset
+
+            tasks = args.tasks.split(",") if args.tasks else None
+            print(write_dataset(args.out, args.n, args.context_tokens, seed=args.seed, tasks=tasks))
+        elif args.command == "plan":
+            from golong.plan import plan_main
+
+            cfg = _load(args)
+            return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
+    except ConfigError as e:
+        print(f"golong: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run logging: rank-0 console, a JSONL metrics file, TensorBoard and (optionally) wandb."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_logger(name: str = "golong") -> logging.Logger:
+    """Console logger that prints on rank 0 only (other ranks: warnings and above)."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        try:
+            from rich.logging import RichHandler
+
+            handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:  # rich is a core dependency; keep logging alive regardless
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank() == 0 else logging.WARNING)
+    return log
+
+
+def _scalar(v: Any) -> float | int | str | None:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().float().item() if v.numel() == 1 else None
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+class MetricsWriter:
+    """Append-only metrics sink. JSONL always (flushed per step, so a crash loses nothing
+    already logged); TensorBoard and wandb when enabled. Only rank 0 writes."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "golong", config: dict[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.active = rank() == 0
+        self._tb = None
+        self._wandb = None
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        if wandb:
+            import wandb as _wandb
+
+            self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        row = {"step": step}
+        for k, v in metrics.items():
+            s = _scalar(v)
+            if s is not None:
+                row[k] = s
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

@@ -1,0 +1,35 @@
+"""Our import package is called `kernels`, like Hugging Face's kernel-hub package. transformers
+must not mistake ours for theirs (it would try to pull hub kernels into models)."""
+
+import importlib.metadata
+
+import torch
+
+
+def test_transformers_does_not_take_our_kernels_for_the_hub_package():
+    from transformers.utils.import_utils import is_kernels_available
+
+    import kernels
+
+    assert "linear_logprob_entropy" in kernels.__all__  # ours, not the hub package
+    assert not is_kernels_available()
+
+
+def test_tiny_transformers_model_runs_with_our_kernels_installed():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.shape == (2, 9, 128) and torch.isfinite(out).all()
+
+
+def test_one_distribution_two_packages():
+    dist = importlib.metadata.distribution("golong")
+    assert dist.metadata["Name"] == "golong"
+    import golong  # noqa: F401
+    import kernels  # noqa: F401
