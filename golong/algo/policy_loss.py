@@ -1,0 +1,98 @@
+"""Clipped policy-gradient loss (clip-higher + dual clip), token-mean over the global mini-batch.
+
+Per valid token t, with rho = exp(logpi - logpi_old) and advantage A:
+
+    L = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))     (clip-higher: 0.2 / 0.28)
+    L = min(L, -A * dual_clip)   where A < 0                        (dual clip, c = 3)
+    L = L * w_t                                                     (rollout IS weight, detached)
+
+loss = sum_t (L + kl_coef * KL_t - entropy_coef * H_t) / global_token_count
+
+`global_token_count` is the number of valid tokens in the whole mini-batch, over all micro-batches
+and data-parallel ranks: summing the gradients of every micro-batch's loss (and SUM-all-reducing
+them across ranks) then gives exactly the gradient of the global token mean, however the
+mini-batch is split. A DP reduction that averages (FSDP's default) must be compensated by the
+caller, e.g. by scaling the loss with the DP world size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: keeps rho finite when logprobs drift far apart
+KL_CLAMP = 10.0
+
+
+def broadcast_to_tokens(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence values [S] -> per-token values [cu_seqlens[-1]] (e.g. advantages)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+    return torch.repeat_interleave(values, lengths)
+
+
+def low_var_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1, d = logpi_ref - logpi (>= 0)."""
+    d = (ref_logprob - logprob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (torch.exp(d) - d - 1).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, global_token_count: int | float | torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
+                is_weights: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
+                kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy loss of one micro-batch and its metrics.
+
+    All tensor arguments share one shape (packed tokens [N], or [B, L]); `advantages` is per token
+    (see broadcast_to_tokens); `mask` (bool or 0/1) marks the response tokens that count. Only
+    `logprob` (and `entropy`, if its coefficient is non-zero) receive gradients.
+
+    Metrics are detached 0-d tensors (no host sync) holding this micro-batch's SUM divided by
+    `global_token_count`: adding them over micro-batches and ranks gives the global token mean.
+    Keys: pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, and kl / entropy when given.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    dtype = torch.float32 if logprob.dtype in (torch.float16, torch.bfloat16) else logprob.dtype
+    m = mask.to(dtype)
+    # a python number divides without creating a device tensor (no host-device copy in the loss)
+    denom = global_token_count.to(dtype) if isinstance(global_token_count, torch.Tensor) \
+        else float(global_token_count)
+    lp = logprob.to(dtype)
+    adv = advantages.to(dtype).detach()
+    log_ratio = (lp - old_logprob.to(dtype).detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    l_unclipped = -adv * ratio
+    l_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(l_unclipped, l_clipped)
+    metrics: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        metrics["pg_clipfrac"] = ((l_clipped > l_unclipped).to(dtype) * m).sum() / denom
+        metrics["ppo_kl"] = (-log_ratio * m).sum() / denom
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        with torch.no_grad():
+            metrics["pg_clipfrac_lower"] = (((adv < 0) & (loss_tok > cap)).to(dtype) * m).sum() / denom
+        loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, cap), loss_tok)
+    else:
+        metrics["pg_clipfrac_lower"] = torch.zeros((), dtype=dtype, device=lp.device)
+    if is_weights is not None:
+        loss_tok = loss_tok * is_weights.to(dtype).detach()
+    pg = (loss_tok * m).sum() / denom
+    loss = pg
+    metrics["pg_loss"] = pg.detach()
+    if ref_logprob is not None:
+        kl = (low_var_kl(lp, ref_logprob.to(dtype).detach()) * m).sum() / denom
+        metrics["kl"] = kl.detach()
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * kl
+    elif kl_coef != 0.0:
+        raise ValueError("kl_coef != 0 needs ref_logprob")
+    if entropy is not None:
+        ent = (entropy.to(dtype) * m).sum() / denom
+        metrics["entropy"] = ent.detach()
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * ent
+    elif entropy_coef != 0.0:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    return loss, metrics

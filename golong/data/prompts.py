@@ -1,0 +1,123 @@
+"""Prompts: chat template + overlong handling, and the resumable, deterministic prompt sampler.
+
+Left truncation keeps the chat template intact: the longest message's *content* loses tokens from
+its start (documents come first in long-context prompts, the question last), then the template is
+re-applied. A prompt that still does not fit (template overhead alone too long) is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from golong.data.records import Record
+
+logger = logging.getLogger(__name__)
+
+OVERFLOW_MODES = ("truncate_left", "drop")
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]  # chat-templated prompt incl. the assistant generation header
+    index: int  # position of the record in the `records` passed to build_prompts
+    record: Record
+    truncated: bool = False
+
+
+def _encode(tokenizer: Any, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], limit: int,
+                   kwargs: dict[str, Any]) -> list[int] | None:
+    j = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
+    content = list(tokenizer(messages[j]["content"], add_special_tokens=False)["input_ids"])
+    excess = len(ids) - limit
+    for _ in range(6):  # re-tokenising the cut text can merge differently: converge in a few rounds
+        keep = len(content) - excess
+        if keep <= 0:
+            return None
+        msgs = [dict(m) for m in messages]
+        msgs[j]["content"] = tokenizer.decode(content[-keep:])
+        ids = _encode(tokenizer, msgs, kwargs)
+        if len(ids) <= limit:
+            return ids
+        excess += len(ids) - limit
+    return None
+
+
+def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int,
+                  overflow: str = "truncate_left", *, chat_template_kwargs: dict[str, Any] | None = None
+                  ) -> list[EncodedPrompt]:
+    """Chat-template and tokenize `records`; prompts over `max_prompt_tokens` are left-truncated
+    (overflow="truncate_left") or dropped (overflow="drop"). Logs how many of each."""
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow={overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
+    kwargs = dict(chat_template_kwargs or {})
+    out: list[EncodedPrompt] = []
+    n_trunc = n_drop = 0
+    for i, rec in enumerate(records):
+        ids = _encode(tokenizer, rec.prompt, kwargs)
+        truncated = False
+        if len(ids) > max_prompt_tokens:
+            cut = _truncate_left(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs) \
+                if overflow == "truncate_left" else None
+            if cut is None:
+                n_drop += 1
+                continue
+            ids, truncated = cut, True
+            n_trunc += 1
+        out.append(EncodedPrompt(ids, i, rec, truncated))
+    logger.info("build_prompts: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
+                len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
+    return out
+
+
+class PromptSampler:
+    """Endless stream of record indices: epoch e visits all n once, in a permutation fixed by
+    (seed, e). `state_dict()` / `load_state_dict()` resume exactly where it stopped."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        if n <= 0:
+            raise ValueError(f"PromptSampler needs n >= 1, got {n}")
+        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> PromptSampler:
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= self.n:
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        idx = int(self._order[self.position])
+        self.position += 1
+        return idx
+
+    def take(self, k: int) -> list[int]:
+        """The next k indices (crossing epoch boundaries as needed)."""
+        return [next(self) for _ in range(k)]
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"n": self.n, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
+                "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n"]) != self.n:
+            raise ValueError(f"sampler state is for {state['n']} prompts, this dataset has {self.n}")
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

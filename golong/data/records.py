@@ -1,0 +1,208 @@
+"""GoLongRL / verl records: the dataclass, validation, and .parquet / .jsonl reading and writing.
+
+On disk (one row or JSON line per record, verl layout):
+
+    {"data_source": "longbench_pro",
+     "prompt": [{"role": "user", "content": "..."}],
+     "ability": "long_context",
+     "reward_model": {"style": "rule",
+                      "ground_truth": {"doc_ids": ["..."], "golden_label": "...", "summary": "..."}},
+     "extra_info": {"reward_mode": "T2.1 Global Timeline Reconstruction", "index": 7}}
+
+Every record must route to a reward metric (reward_mode, ability or data_source; see
+golong.rewards.tasks) and carry a non-empty ground truth. A bad record raises RecordError naming
+the file and the line (JSONL, 1-based) or row (parquet, 0-based).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A malformed record; the message names the file and row/line."""
+
+
+@dataclass
+class GroundTruth:
+    doc_ids: list[str] = field(default_factory=list)  # gold items, in order (lists, rankings, refs)
+    golden_label: str = ""  # a single gold answer (EM, choice letter, number, table JSON)
+    summary: str = ""
+
+
+@dataclass
+class Record:
+    data_source: str
+    prompt: list[dict[str, str]]  # chat messages [{"role", "content"}]
+    ability: str
+    ground_truth: GroundTruth
+    extra_info: dict[str, Any] = field(default_factory=dict)
+    style: str = "rule"
+
+    @property
+    def task(self) -> str:
+        """The task name used for per-task statistics: reward_mode, else ability, else data_source."""
+        return str(self.extra_info.get("reward_mode") or self.ability or self.data_source)
+
+    @property
+    def metric(self) -> str:
+        from golong.rewards.tasks import route
+
+        return route(self.data_source, self.ability, self.extra_info.get("reward_mode"))
+
+    def to_dict(self) -> dict[str, Any]:
+        gt = self.ground_truth
+        return {
+            "data_source": self.data_source,
+            "prompt": [dict(m) for m in self.prompt],
+            "ability": self.ability,
+            "reward_model": {"style": self.style, "ground_truth": {
+                "doc_ids": list(gt.doc_ids), "golden_label": gt.golden_label, "summary": gt.summary}},
+            "extra_info": dict(self.extra_info),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "record") -> Record:
+        """Validate a verl-layout dict and build a Record; RecordError(f"{where}: ...") if bad."""
+
+        def bad(msg: str) -> RecordError:
+            return RecordError(f"{where}: {msg}")
+
+        if not isinstance(d, dict):
+            raise bad(f"expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("data_source", "prompt", "reward_model") if k not in d]
+        if missing:
+            raise bad(f"missing field(s) {', '.join(missing)}")
+        data_source = d["data_source"]
+        if not isinstance(data_source, str) or not data_source:
+            raise bad("data_source must be a non-empty string")
+        prompt = _check_prompt(d["prompt"], bad)
+        ability = d.get("ability") or ""
+        if not isinstance(ability, str):
+            raise bad("ability must be a string")
+        extra = d.get("extra_info") or {}
+        if not isinstance(extra, dict):
+            raise bad("extra_info must be an object")
+        rm = d["reward_model"]
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
+            raise bad("reward_model must be an object with a ground_truth")
+        gt = _check_ground_truth(rm["ground_truth"], bad)
+        rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"))
+        try:
+            rec.metric  # noqa: B018  (validates the routing)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        return rec
+
+
+def _check_prompt(p: Any, bad: Any) -> list[dict[str, str]]:
+    if isinstance(p, str):  # a bare prompt string is one user turn
+        p = [{"role": "user", "content": p}]
+    if not isinstance(p, list) or not p:
+        raise bad("prompt must be a non-empty list of chat messages")
+    out = []
+    for j, m in enumerate(p):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise bad(f"prompt[{j}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise bad(f"prompt[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_ground_truth(gt: Any, bad: Any) -> GroundTruth:
+    if isinstance(gt, list) and gt and isinstance(gt[-1], dict):
+        gt = gt[-1]  # verl sometimes stores a list of ground-truth dicts: the last one counts
+    if isinstance(gt, str):
+        gt = {"golden_label": gt}
+    if not isinstance(gt, dict):
+        raise bad("reward_model.ground_truth must be an object (doc_ids, golden_label, summary) or a string")
+    doc_ids = gt.get("doc_ids")
+    if doc_ids is None:
+        doc_ids = []
+    if not isinstance(doc_ids, (list, tuple)) or not all(isinstance(x, str) for x in doc_ids):
+        raise bad("reward_model.ground_truth.doc_ids must be a list of strings")
+    label = gt.get("golden_label")
+    label = "" if label is None else label
+    summary = gt.get("summary")
+    summary = "" if summary is None else summary
+    if not isinstance(label, str) or not isinstance(summary, str):
+        raise bad("reward_model.ground_truth.golden_label and .summary must be strings")
+    if not doc_ids and not label.strip():
+        raise bad("empty ground truth: neither doc_ids nor golden_label is set")
+    return GroundTruth(list(doc_ids), label, summary)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}: line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for d in batch.to_pylist():
+            yield f"{path}: row {row}", d
+            row += 1
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """Stream validated Records from a .parquet or .jsonl file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dataset file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        rows = _iter_parquet(p)
+    elif suffix in (".jsonl", ".json"):
+        rows = _iter_jsonl(p)
+    else:
+        raise RecordError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
+    for where, d in rows:
+        yield Record.from_dict(d, where)
+
+
+def load_records(path: str | Path | list[str | Path], limit: int | None = None) -> list[Record]:
+    """All records of one file or a list of files (.parquet / .jsonl), validated, in file order."""
+    paths = path if isinstance(path, list) else [path]
+    out: list[Record] = []
+    for p in paths:
+        for rec in iter_records(p):
+            if limit is not None and len(out) >= limit:
+                return out
+            out.append(rec)
+    return out
+
+
+def write_records(records: list[Record], path: str | Path) -> Path:
+    """Write records as .jsonl or .parquet (by suffix), creating parent directories."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r.to_dict() for r in records]
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), p)
+    elif suffix in (".jsonl", ".json"):
+        with p.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
+    return p

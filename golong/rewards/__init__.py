@@ -1,0 +1,39 @@
+"""Rewards: the nine capability types, each scored by its natural metric, in [0, 1].
+
+    from golong.rewards import compute_score, metric_for, score_batch, score_record
+    compute_score(metric_for("T2.1 Global Timeline Reconstruction"), response, gold_items)
+
+Modules: answer (answer region + item normalisation), metrics (the ten metrics), tasks (task and
+data-source routing), pool (timed scoring subprocesses), scoring (the public entry points).
+"""
+
+from golong.rewards.answer import answer_region
+from golong.rewards.metrics import METRICS
+from golong.rewards.scoring import (
+    DEFAULT_TIMEOUT_S,
+    RewardConfig,
+    compute_score,
+    record_target,
+    score_batch,
+    score_record,
+    score_records,
+)
+from golong.rewards.tasks import CAPABILITIES, LONGBENCH_PRO, METRIC_NAMES, known_tasks, metric_for, route
+
+__all__ = [
+    "CAPABILITIES",
+    "DEFAULT_TIMEOUT_S",
+    "LONGBENCH_PRO",
+    "METRICS",
+    "METRIC_NAMES",
+    "RewardConfig",
+    "answer_region",
+    "compute_score",
+    "known_tasks",
+    "metric_for",
+    "record_target",
+    "route",
+    "score_batch",
+    "score_record",
+    "score_records",
+]

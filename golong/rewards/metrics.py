@@ -1,0 +1,313 @@
+"""The ten reward metrics. Each maps (answer region, ground truth) -> float in [0, 1].
+
+`region` is the already-extracted answer text (see answer.py); `gold` is a string or a list of gold
+strings (gold items in order). These functions may raise on garbage; `score_region` is the safe
+entry point that turns any exception into 0.0. Nothing here evaluates model output as code: JSON is
+read with `json.loads`, maths with math-verify's parser.
+
+All metrics except `math_verify` run in time linear (or near-linear) in the response length: ROUGE-L
+uses a bit-parallel LCS, so a 1 MB response against a 1K-token summary scores in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from itertools import combinations
+from typing import Any
+
+from golong.rewards.answer import first_occurrence, fold, gold_items, items
+
+Gold = str | list[str]
+
+
+def _gold_strings(gold: Gold) -> list[str]:
+    return [gold] if isinstance(gold, str) else [str(g) for g in gold]
+
+
+# ---------------------------------------------------------------- exact / set metrics
+
+
+def em(region: str, gold: Gold) -> float:
+    """1 if the answer region equals a gold string (both stripped, case-sensitive)."""
+    return float(any(region.strip() == g.strip() for g in _gold_strings(gold)))
+
+
+def accuracy(region: str, gold: Gold) -> float:
+    """1 if the first predicted item equals the first gold item."""
+    pred, ref = items(region), gold_items(gold)
+    return float(bool(pred) and bool(ref) and pred[0] == ref[0])
+
+
+def f1(region: str, gold: Gold) -> float:
+    """Set F1 between predicted items and gold items."""
+    pred, ref = set(items(region)), set(gold_items(gold))
+    common = len(pred & ref)
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def subem(region: str, gold: Gold) -> float:
+    """Fraction of gold items that appear among the predicted items."""
+    pred, ref = set(items(region)), gold_items(gold)
+    if not pred or not ref:
+        return 0.0
+    return sum(g in pred for g in ref) / len(ref)
+
+
+# ---------------------------------------------------------------- ranking / ordering
+
+
+def ndcg(region: str, gold: Gold) -> float:
+    """NDCG@k, k = number of gold items; gold item i (0-based) has relevance k - i, linear gain.
+
+    The prediction's line order is its ranking (first occurrence of a repeated line counts), the
+    discount is log2(rank + 2) -- trec_eval's `ndcg_cut.k`.
+    """
+    ref = gold_items(gold)
+    pred = list(first_occurrence(items(region)))
+    k = len(ref)
+    if k == 0 or not pred:
+        return 0.0
+    rel = {g: k - i for i, g in enumerate(ref)}
+    dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(pred[:k]))
+    idcg = sum((k - i) / math.log2(i + 2) for i in range(k))
+    return dcg / idcg
+
+
+def pairwise(region: str, gold: Gold) -> float:
+    """Gold-ordered pairs found in the prediction's order / C(len(pred), 2) prediction pairs.
+
+    0 when either side has fewer than 2 items. Repeated prediction lines count in the denominator
+    (a padded answer is penalised) but only their first position is used for ordering.
+    """
+    pred, ref = items(region), gold_items(gold)
+    if len(pred) < 2 or len(ref) < 2:
+        return 0.0
+    pos = first_occurrence(pred)
+    total = len(pred) * (len(pred) - 1) // 2
+    # gold items absent from the prediction cannot form a correct pair: only walk the present ones
+    present = [pos[g] for g in ref if g in pos]
+    correct = sum(1 for a, b in combinations(present, 2) if a < b)
+    return correct / total
+
+
+# ---------------------------------------------------------------- multiple choice
+
+_CHOICE_RE = re.compile(r"(?i:the correct answer is)\s*(?:\(([A-J])\)|([A-J])\b)")
+
+
+def _choice_letter(text: str) -> str | None:
+    """The letter of the last 'The correct answer is (X)' (or '... is X') in text."""
+    last = None
+    for m in _CHOICE_RE.finditer(text.replace("*", "")):
+        last = m.group(1) or m.group(2)
+    return last
+
+
+def _gold_letter(gold: str) -> str | None:
+    letter = _choice_letter(gold)
+    if letter is not None:
+        return letter
+    g = gold.strip().strip("()").strip()
+    return g.upper() if len(g) == 1 and g.isalpha() else None
+
+
+def choice(region: str, gold: Gold) -> float:
+    """'The correct answer is (X)' in the answer against a gold letter or the same sentence."""
+    pred = _choice_letter(region)
+    if pred is None:
+        return 0.0
+    return float(any(_gold_letter(g) == pred for g in _gold_strings(gold)))
+
+
+# ---------------------------------------------------------------- structured extraction
+
+_FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+def _table_rows(text: str) -> list[Any] | None:
+    """Rows of a `{"data": [...]}` JSON object (or a bare JSON list); None when not a table."""
+    obj = json.loads(_FENCE_RE.sub("", text.strip()))
+    rows = obj.get("data") if isinstance(obj, dict) else obj
+    return rows if isinstance(rows, list) else None
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 3.0 and 3 are the same cell
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, ensure_ascii=False)
+    return str(v).strip()
+
+
+def _row_key(row: Any) -> Any:
+    if isinstance(row, list):
+        return tuple(_cell(v) for v in row)
+    if isinstance(row, dict):
+        return tuple(sorted((str(k), _cell(v)) for k, v in row.items()))
+    return _cell(row)
+
+
+def _answer_tag(region: str) -> str:
+    """Text of the last <answer>...</answer> block (to the end when unclosed), else the region."""
+    start = region.rfind("<answer>")
+    if start < 0:
+        return region
+    body = region[start + len("<answer>"):]
+    end = body.find("</answer>")
+    return body if end < 0 else body[:end]
+
+
+def iou(region: str, gold: Gold) -> float:
+    """Multiset Jaccard of rows: prediction `<answer>{"data": [...]}</answer>` vs the gold JSON.
+
+    Two empty tables match (1.0). An unparsable prediction scores 0; so does an unparsable gold.
+    """
+    if isinstance(gold, str):
+        ref = _table_rows(gold)
+    elif len(gold) == 1:
+        ref = _table_rows(gold[0])
+    else:  # a list of gold rows, each a JSON value
+        ref = [json.loads(g) for g in gold]
+    if ref is None:
+        return 0.0
+    try:
+        pred = _table_rows(_answer_tag(region))
+    except (ValueError, RecursionError):
+        return 0.0
+    if pred is None:
+        return 0.0
+    if not pred and not ref:
+        return 1.0
+    p, g = Counter(_row_key(r) for r in pred), Counter(_row_key(r) for r in ref)
+    inter = sum((p & g).values())
+    return inter / (len(pred) + len(ref) - inter)
+
+
+# ---------------------------------------------------------------- summarisation
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def rouge_tokens(text: str, chinese: bool = False) -> list[str]:
+    """rouge-score's default tokenizer (no stemming); jieba words for Chinese text."""
+    if chinese:
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        return [t for t in (w.strip().lower() for w in jieba.lcut(text)) if t]
+    return [t for t in _NON_ALNUM.sub(" ", text.lower()).split() if t]
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, bit-parallel (Allison-Dix / Hyyro).
+
+    One big-int update per token of `b` over a |a|-bit vector: O(|a| |b| / 64) word operations.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, t in enumerate(a):
+        masks[t] = masks.get(t, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for t in b:
+        m = masks.get(t)
+        if m is not None:
+            u = v & m
+            v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l_f(reference: list[str], prediction: list[str]) -> float:
+    lcs = lcs_length(reference, prediction)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(prediction), lcs / len(reference)
+    return 2 * p * r / (p + r)
+
+
+def rouge_l(region: str, gold: Gold) -> float:
+    """Max ROUGE-L F1 of the answer region over the gold references (jieba tokens for Chinese)."""
+    refs = [fold(g) for g in _gold_strings(gold)]
+    pred = fold(region)
+    if not pred:
+        return 0.0
+    best = 0.0
+    for ref in refs:
+        zh = bool(_CJK.search(ref))
+        best = max(best, rouge_l_f(rouge_tokens(ref, zh), rouge_tokens(pred, zh)))
+    return best
+
+
+# ---------------------------------------------------------------- numerical reasoning
+
+MATH_TAIL_CHARS = 1000  # math-verify reads the end of the answer: the final result lives there
+
+
+def math_verify(region: str, gold: Gold) -> float:
+    """math-verify equivalence of the answer's last expression with the gold answer.
+
+    No time limit of its own (math-verify's signal alarms are disabled): run it through
+    `compute_score(..., timeout=...)` or `score_batch`, which enforce one per process.
+    math-verify parses LaTeX with its own grammar; its plain-expression fallback hands sympy only
+    strings its regex reduced to digits, dots, spaces and + - * / ^ ( ), never names or calls.
+    """
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    text = region[-MATH_TAIL_CHARS:]
+    golds = _gold_strings(gold)
+    if any(text.strip() == g.strip() for g in golds):
+        return 1.0
+    pred = parse(text, parsing_timeout=None)
+    if not pred:
+        return 0.0
+    if len(pred) > 1 and any(str(pred[1]).strip() == g.strip() for g in golds):
+        return 1.0
+    for g in golds:
+        wrapped = g if ("\\boxed" in g or "$" in g) else f"\\boxed{{{g}}}"
+        ref = parse(wrapped, parsing_timeout=None)
+        if ref and verify(ref, pred, timeout_seconds=None):
+            return 1.0
+    return 0.0
+
+
+METRICS: dict[str, Callable[[str, Gold], float]] = {
+    "em": em,
+    "accuracy": accuracy,
+    "choice": choice,
+    "f1": f1,
+    "math_verify": math_verify,
+    "iou": iou,
+    "subem": subem,
+    "ndcg": ndcg,
+    "pairwise": pairwise,
+    "rouge_l": rouge_l,
+}
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")
+
+
+def score_region(metric: str, region: str | None, gold: Gold) -> float:
+    """Safe scoring in this process: any exception, NaN or out-of-range value becomes 0 / clamped."""
+    if region is None:
+        return 0.0
+    try:
+        s = float(METRICS[metric](region, gold))
+    except Exception:  # a reward never raises on model output
+        return 0.0
+    if not math.isfinite(s):
+        return 0.0
+    return min(1.0, max(0.0, s))

@@ -1,0 +1,226 @@
+"""A process pool that scores (metric, answer region, gold) jobs with a hard per-item time limit.
+
+Workers are plain `python -m golong.rewards.worker` subprocesses talking length-prefixed pickle
+frames over their stdin/stdout pipes: no fork of a (possibly CUDA / multi-threaded) trainer, no
+re-import of the caller's __main__, and they work from daemonic processes too. The parent sends a
+chunk of jobs to an idle worker; the worker answers job by job, so the parent always knows which job
+is running and since when. A job running past `timeout` scores 0: its worker is killed (the only
+reliable way to stop math-verify / sympy stuck in C code) and replaced, and the rest of its chunk
+goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import selectors
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_HEADER = struct.Struct("<Q")
+STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
+MAX_CHUNK = 64
+
+Job = tuple[str, str, Any]  # (metric, answer region, gold)
+
+
+def write_frame(f: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(_HEADER.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = os.read(fd, n - got)
+        if not b:
+            raise EOFError("worker pipe closed")
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def read_frame(fd: int) -> Any:
+    (n,) = _HEADER.unpack(_read_exact(fd, _HEADER.size))
+    return pickle.loads(_read_exact(fd, n))
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen
+    ready: bool = False
+    started: float = field(default_factory=time.monotonic)
+    queue: deque = field(default_factory=deque)  # job indices sent and not yet answered, in order
+    deadline: float = float("inf")
+
+    @property
+    def fd(self) -> int:
+        return self.proc.stdout.fileno()  # type: ignore[union-attr]
+
+
+def _spawn() -> _Worker:
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the golong package
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, close_fds=True)
+    return _Worker(proc)
+
+
+def _kill(w: _Worker) -> None:
+    try:
+        w.proc.kill()
+        w.proc.wait(timeout=10)
+    except Exception:
+        pass
+    for f in (w.proc.stdin, w.proc.stdout):
+        try:
+            f.close()  # type: ignore[union-attr]
+        except Exception:
+            pass
+
+
+class ScoringPool:
+    """`num_workers` scoring subprocesses, started lazily and kept for reuse across calls."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = max(1, int(num_workers))
+        self.workers: list[_Worker] = []
+        self.timeouts = 0  # jobs that ran out of time, over the pool's life
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> None:
+        self.workers = [w for w in self.workers if w.proc.poll() is None]
+        while len(self.workers) < self.num_workers:
+            self.workers.append(_spawn())
+
+    def close(self) -> None:
+        for w in self.workers:
+            try:
+                write_frame(w.proc.stdin, None)
+            except Exception:
+                pass
+            _kill(w)
+        self.workers = []
+
+    def map(self, jobs: list[Job], timeout: float) -> list[float]:
+        """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0."""
+        with self._lock:
+            return self._map(jobs, float(timeout))
+
+    def _map(self, jobs: list[Job], timeout: float) -> list[float]:
+        results = [0.0] * len(jobs)
+        if not jobs:
+            return results
+        self._ensure()
+        pending = deque(range(len(jobs)))
+        chunk = max(1, min(MAX_CHUNK, -(-len(jobs) // (4 * self.num_workers))))
+        sel = selectors.DefaultSelector()
+        for w in self.workers:
+            sel.register(w.fd, selectors.EVENT_READ, w)
+        outstanding = len(jobs)
+
+        def assign(w: _Worker) -> None:
+            if not pending or not w.ready:
+                return
+            idx = [pending.popleft() for _ in range(min(chunk, len(pending)))]
+            w.queue.extend(idx)
+            w.deadline = time.monotonic() + timeout
+            try:
+                write_frame(w.proc.stdin, [(i, *jobs[i]) for i in idx])
+            except OSError:  # it died since its last answer: its chunk goes back to the queue
+                replace(w)
+
+        def replace(w: _Worker) -> _Worker:
+            sel.unregister(w.fd)
+            _kill(w)
+            pending.extendleft(reversed(w.queue))
+            nw = _spawn()
+            self.workers[self.workers.index(w)] = nw
+            sel.register(nw.fd, selectors.EVENT_READ, nw)
+            self.restarts += 1
+            return nw
+
+        for w in self.workers:
+            assign(w)
+        try:
+            while outstanding > 0:
+                now = time.monotonic()
+                horizon = min(w.deadline if w.ready else w.started + STARTUP_TIMEOUT_S for w in self.workers)
+                events = sel.select(timeout=None if horizon == float("inf") else max(0.0, horizon - now))
+                for key, _ in events:
+                    w = key.data
+                    try:
+                        msg = read_frame(w.fd)
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        if not w.ready:  # broken environment, not a bad job: do not respawn forever
+                            raise RuntimeError("a reward worker exited during start-up; see its stderr "
+                                               "above (python -m golong.rewards.worker)") from None
+                        # the worker died (OOM kill, crash): its running job scores 0
+                        if w.queue:
+                            w.queue.popleft()
+                            outstanding -= 1
+                        assign(replace(w))
+                        continue
+                    if msg == "ready":
+                        w.ready = True
+                        assign(w)
+                        continue
+                    i, s = msg
+                    results[i] = s
+                    w.queue.popleft()
+                    outstanding -= 1
+                    w.deadline = time.monotonic() + timeout
+                    if not w.queue:
+                        w.deadline = float("inf")
+                        assign(w)
+                now = time.monotonic()
+                for w in list(self.workers):
+                    if w.ready and w.queue and now >= w.deadline:
+                        w.queue.popleft()  # the running job: out of time, scores 0
+                        outstanding -= 1
+                        self.timeouts += 1
+                        replace(w)
+                    elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
+                        raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
+        except BaseException:
+            # interrupted or broken mid-flight: workers may hold half-sent frames; start clean next time
+            self.close()
+            raise
+        finally:
+            sel.close()
+        return results
+
+
+_POOLS: dict[int, ScoringPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def get_pool(num_workers: int) -> ScoringPool:
+    """The process-wide pool with `num_workers` workers (created on first use, closed at exit)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(num_workers)
+        if pool is None:
+            pool = _POOLS[num_workers] = ScoringPool(num_workers)
+        return pool
+
+
+@atexit.register
+def close_pools() -> None:
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS.clear()

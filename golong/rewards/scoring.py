@@ -1,0 +1,133 @@
+"""Public scoring API: one response, a batch through the process pool, or a data record.
+
+    compute_score("ndcg", response, ["doc 3", "doc 1", "doc 7"])          -> 0.87
+    score_batch([(metric, response, gold), ...], timeout=10, num_workers=8) -> [floats]
+    score_record(record, response)                                       -> float
+
+Every score is a float in [0, 1]; model output never raises and is never executed. A response
+without exactly one `</think>` scores 0 unless `require_think=False` (non-thinking models).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from golong.rewards.answer import answer_region
+from golong.rewards.metrics import Gold, check_metric, score_region
+from golong.rewards.pool import get_pool
+from golong.rewards.tasks import route
+
+DEFAULT_TIMEOUT_S = 10.0
+# Metrics that can take super-linear time on adversarial input run in a worker process when a
+# timeout is requested. The others are linear-time and run inline.
+SANDBOXED = frozenset({"math_verify", "rouge_l"})
+# Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
+LIST_METRICS = frozenset({"accuracy", "f1", "subem", "ndcg", "pairwise", "rouge_l"})
+
+
+@dataclass
+class RewardConfig:
+    require_think: bool = True  # False for non-thinking models: the whole response is the answer
+    timeout: float = DEFAULT_TIMEOUT_S  # per response, seconds
+    num_workers: int = 8  # scoring subprocesses for score_batch
+
+
+def _can_spawn() -> bool:
+    return not multiprocessing.current_process().daemon
+
+
+def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
+                  require_think: bool = True) -> float:
+    """Score one response with `metric` against `ground_truth` (a string or a list of gold items).
+
+    With a timeout, math_verify and rouge_l run in a pooled worker process that is killed when it
+    overruns (score 0); `timeout=None` scores everything in this process without a limit.
+    Raises ValueError only for an unknown metric name.
+    """
+    check_metric(metric)
+    try:
+        region = answer_region(response, require_think=require_think)
+    except Exception:  # e.g. a non-str response
+        return 0.0
+    if region is None:
+        return 0.0
+    if timeout is not None and metric in SANDBOXED and _can_spawn():
+        return get_pool(1).map([(metric, region, ground_truth)], timeout)[0]
+    return score_region(metric, region, ground_truth)
+
+
+def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFAULT_TIMEOUT_S,
+                num_workers: int = 8, require_think: bool = True) -> list[float]:
+    """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
+
+    Each item has its own `timeout` (seconds of worker time); an item over it scores 0. The answer
+    regions are cut here, so only the (short) answers travel to the workers. `num_workers=0` scores
+    inline in this process, without time limits.
+    """
+    jobs: list[tuple[str, str, Gold]] = []
+    where: list[int] = []
+    out = [0.0] * len(items)
+    for i, (metric, response, gold) in enumerate(items):
+        check_metric(metric)
+        try:
+            region = answer_region(response, require_think=require_think)
+        except Exception:
+            region = None
+        if region is not None:
+            jobs.append((metric, region, gold))
+            where.append(i)
+    if num_workers <= 0 or not _can_spawn():
+        scores = [score_region(*job) for job in jobs]
+    else:
+        scores = get_pool(num_workers).map(jobs, timeout)
+    for i, s in zip(where, scores):
+        out[i] = s
+    return out
+
+
+def _record_fields(record: Any) -> tuple[str | None, str | None, dict, Any]:
+    """(data_source, ability, extra_info, ground_truth) of a Record or a verl-layout dict."""
+    if isinstance(record, dict):
+        rm = record.get("reward_model") or {}
+        gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+        return record.get("data_source"), record.get("ability"), record.get("extra_info") or {}, gt
+    return record.data_source, record.ability, record.extra_info or {}, record.ground_truth
+
+
+def record_target(record: Any) -> tuple[str, Gold]:
+    """(metric, gold) of a data record: its routed metric and the gold field that metric reads."""
+    data_source, ability, extra, gt = _record_fields(record)
+    metric = route(data_source, ability, extra.get("reward_mode") if isinstance(extra, dict) else None)
+    if isinstance(gt, list) and gt and not isinstance(gt[0], str):
+        gt = gt[-1]  # verl datasets sometimes store a list of ground-truth dicts: the last one counts
+    if isinstance(gt, (str, list)):
+        return metric, gt
+    if isinstance(gt, dict):
+        doc_ids = list(gt.get("doc_ids") or [])
+        label = gt.get("golden_label") or ""
+    else:
+        doc_ids, label = list(getattr(gt, "doc_ids", []) or []), getattr(gt, "golden_label", "") or ""
+    if metric in LIST_METRICS:
+        return metric, (doc_ids if doc_ids else label)
+    return metric, (label if label else doc_ids)
+
+
+def score_record(record: Any, response: str, *, require_think: bool = True,
+                 timeout: float | None = DEFAULT_TIMEOUT_S) -> float:
+    """Score `response` against a data record (golong.data.Record or a GoLongRL/verl dict)."""
+    metric, gold = record_target(record)
+    return compute_score(metric, response, gold, timeout=timeout, require_think=require_think)
+
+
+def score_records(records: Sequence[Any], responses: Sequence[str], *, config: RewardConfig | None = None
+                  ) -> list[float]:
+    """Batch `score_record`: response i is scored against records[i], through the pool."""
+    cfg = config or RewardConfig()
+    if len(records) != len(responses):
+        raise ValueError(f"{len(records)} records but {len(responses)} responses")
+    targets = [record_target(r) for r in records]
+    return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
+                       num_workers=cfg.num_workers, require_think=cfg.require_think)

@@ -1,0 +1,117 @@
+"""Task name -> metric: the nine capability types, the 25 LongBench-Pro subtasks, data-source routes.
+
+GoLongRL records name their task in `extra_info.reward_mode` (LongBench-Pro subtasks such as
+"T2.1 Global Timeline Reconstruction", or "math_verify") or in `ability`; the remaining sources are
+routed by `data_source` ("EM", "selection", "multitableqa_pretraining", math sources).
+"""
+
+from __future__ import annotations
+
+import re
+
+# The nine capability types of the GoLongRL taxonomy and their natural metric.
+CAPABILITIES: dict[str, str] = {
+    "precise_retrieval": "em",
+    "comprehension": "choice",  # multiple-choice reading comprehension (LongBench-Pro QA uses accuracy)
+    "exhaustive_retrieval": "f1",
+    "numerical_reasoning": "math_verify",
+    "structured_extraction": "iou",
+    "structured_matching": "subem",
+    "graded_ranking": "ndcg",
+    "sequence_ordering": "pairwise",
+    "summarization": "rouge_l",
+}
+
+# LongBench-Pro subtasks (names exactly as GoLongRL's reward code lists them).
+LONGBENCH_PRO: dict[str, str] = {
+    "T1.1 Global Cohesive Retrieval": "ndcg",
+    "T1.2 Key-Snippet Retrieval": "ndcg",
+    "T2.1 Global Timeline Reconstruction": "pairwise",
+    "T2.2 Local Causal Chain Sorting": "pairwise",
+    "T3.1 Multi-Doc Integration QA": "accuracy",
+    "T3.2 Single-Hop Fact QA": "accuracy",
+    "T4.1 Global-Coverage Constrained Summary": "rouge_l",
+    "T4.2 Query-Focused Summary": "rouge_l",
+    "T5.1 Full-Sentence Citation Alignment": "f1",
+    "T5.2 Key-Statement Citation Alignment": "f1",
+    "T6.1 Large-Scale Document Clustering": "subem",
+    "T6.2 Targeted Subset Cluster Identification": "f1",
+    "T6.3 Global Frequency Analysis": "pairwise",
+    "T7.1 Global Conflict & Inconsistency Localization": "f1",
+    "T7.2 Targeted Rule or Condition Violation Detection": "f1",
+    "T7.3 Comprehensive Error & Anomaly Sweep": "f1",
+    "T8.1 Structured Multi-Source Consistency Verification": "subem",
+    "T8.2 Single-Source Targeted Aggregation": "subem",
+    "T8.3 Long-Context Procedural State Tracking": "subem",
+    "T9.1 Dependency-Aware Multi-Version Impact Analysis": "f1",
+    "T9.2 Localized Interface Change Detection": "f1",
+    "T10.1 Large-Scale In-Context Rule Induction": "subem",
+    "T10.2 Targeted Example-Based Rule Induction": "subem",
+    "T11.1 Long-Range Entity & Commitment Tracking": "accuracy",
+    "T11.2 Short-Range Reference Resolution & State Query": "accuracy",
+}
+
+METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l")
+
+# data_source -> metric for records whose type is not in reward_mode / ability
+DATA_SOURCES: dict[str, str] = {
+    "EM": "em",
+    "selection": "choice",
+    "multitableqa_pretraining": "iou",
+    "retrieval_calculate": "math_verify",
+}
+
+_LBP_SHORT = {name.split(" ", 1)[0]: metric for name, metric in LONGBENCH_PRO.items()}  # "T1.1" -> ndcg
+
+
+def _canon(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+
+
+def _lookup(task: str) -> str | None:
+    if task in LONGBENCH_PRO:
+        return LONGBENCH_PRO[task]
+    if task.strip() in _LBP_SHORT:
+        return _LBP_SHORT[task.strip()]
+    c = _canon(task)
+    if c in CAPABILITIES:
+        return CAPABILITIES[c]
+    if c in METRIC_NAMES:
+        return c
+    if c in ("rouge", "rougel", "summary"):
+        return "rouge_l"
+    return None
+
+
+def known_tasks() -> list[str]:
+    return [*CAPABILITIES, *LONGBENCH_PRO, *METRIC_NAMES]
+
+
+def metric_for(task: str) -> str:
+    """Metric of a capability type ("graded_ranking"), LongBench-Pro subtask ("T1.1 ..." or "T1.1")
+    or metric name. Raises ValueError listing the known names."""
+    m = _lookup(task) if isinstance(task, str) else None
+    if m is None:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}")
+    return m
+
+
+def route(data_source: str | None, ability: str | None = None, reward_mode: str | None = None) -> str:
+    """Metric for a record: its reward_mode, else its ability, else its data_source.
+
+    Raises ValueError naming all three fields and the known names when none resolves.
+    """
+    for name in (reward_mode, ability):
+        if isinstance(name, str) and name and (m := _lookup(name)) is not None:
+            return m
+    ds = data_source if isinstance(data_source, str) else ""
+    if ds in DATA_SOURCES:
+        return DATA_SOURCES[ds]
+    if ds.startswith("multitableqa"):
+        return "iou"
+    if "math" in ds.lower():
+        return "math_verify"
+    raise ValueError(
+        f"cannot route record to a metric (reward_mode={reward_mode!r}, ability={ability!r}, "
+        f"data_source={data_source!r}); known tasks: {', '.join(known_tasks())}; "
+        f"known data sources: {', '.join(DATA_SOURCES)}, multitableqa*, *math*")

@@ -1,0 +1,430 @@
+"""Algorithms: estimators vs hand-computed values and a per-response loop oracle, the policy loss
+vs a direct per-token computation, micro-batch / 2-rank gradient invariance, rollout IS, dynamic
+sampling."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from golong.algo import (
+    ESTIMATORS,
+    broadcast_to_tokens,
+    compute_advantages,
+    dynamic_sampling_filter,
+    policy_loss,
+    rollout_is_weights,
+)
+from tests.distributed import run_distributed
+
+EPS = 1e-6
+
+# A mixed batch: task "a" has prompts 0 (1,0,0,1) and 3 (1,1,0); task "b" has prompt 1 (0.5,0.5:
+# a tie, all equal) and prompt 2 (a group of one, 0.25).
+SCORES = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.25, 1.0, 1.0, 0.0]
+PIDS = [0, 0, 0, 0, 1, 1, 2, 3, 3, 3]
+TIDS = ["a", "a", "a", "a", "b", "b", "b", "a", "a", "a"]
+
+
+def adv(est, **kw):
+    a, m = compute_advantages(est, torch.tensor(SCORES, dtype=torch.float64), PIDS, TIDS, **kw)
+    assert a.dtype == torch.float32 and a.shape == (10,)
+    return a.double().tolist(), m
+
+
+# ------------------------------------------------------------------ hand-computed estimators
+
+
+def test_grpo_hand():
+    a, _ = adv("grpo")
+    s0 = math.sqrt(1 / 3)  # prompt 0: mean 1/2, unbiased var (4 * 1/4) / 3
+    s3 = math.sqrt(1 / 3)  # prompt 3: mean 2/3, var ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3
+    want = [0.5 / (s0 + EPS), -0.5 / (s0 + EPS), -0.5 / (s0 + EPS), 0.5 / (s0 + EPS),
+            0.0, 0.0,  # tie: r - mu = 0
+            0.25 / (1 + EPS),  # group of one: mu 0, sigma 1
+            (1 / 3) / (s3 + EPS), (1 / 3) / (s3 + EPS), (-2 / 3) / (s3 + EPS)]
+    assert a == pytest.approx(want, rel=1e-6)
+
+
+def test_dr_grpo_hand():
+    a, _ = adv("dr_grpo")
+    assert a == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0.25, 1 / 3, 1 / 3, -2 / 3], rel=1e-6)
+
+
+def test_tmn_grpo_hand():
+    a, m = adv("tmn_grpo")
+    s_a = math.sqrt((1 / 3 + 1 / 3) / 2)  # task a: mean of the two prompt variances
+    s_b = math.sqrt((0.0 + 1.0) / 2)  # task b: tie variance 0, group of one variance 1
+    want = [0.5 / (s_a + EPS), -0.5 / (s_a + EPS), -0.5 / (s_a + EPS), 0.5 / (s_a + EPS), 0, 0,
+            0.25 / (s_b + EPS), (1 / 3) / (s_a + EPS), (1 / 3) / (s_a + EPS), (-2 / 3) / (s_a + EPS)]
+    assert a == pytest.approx(want, rel=1e-6)
+    assert m["task/a/sqrt_mean_var"] == pytest.approx(s_a) and m["task/b/sqrt_mean_var"] == pytest.approx(s_b)
+    a2, _ = adv("tmn_grpo", norm_by_task_scale=False)
+    assert a2 == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0.25, 1 / 3, 1 / 3, -2 / 3], rel=1e-6)
+
+
+def test_tmn_difficulty_reweight_hand():
+    alpha, gamma = 0.8, 1.0
+    a, m = adv("tmn_grpo", difficulty_reweight=True, gamma=gamma, alpha=alpha)
+    base, _ = adv("tmn_grpo")
+    M_a = (0.5 + 2 / 3) / 2  # task means of prompt means (a group of one counts with mu = 0)
+    M_b = (0.5 + 0.0) / 2
+    assert alpha * 0.5 + (1 - alpha) * M_b == pytest.approx(0.45)
+    # prompt 0: mu~ = .8*.5 + .2*M_a = 0.5167 -> pass 2/4
+    p0 = 2 / 4
+    assert alpha * 0.5 + (1 - alpha) * M_a == pytest.approx(0.516666, abs=1e-5)
+    # prompt 3: mu~ = .8*2/3 + .2*M_a = 0.65 -> pass 2/3
+    p3 = 2 / 3
+    # prompt 1 (tie 0.5,0.5): mu~ = .8*.5 + .2*M_b = 0.45 -> pass 1; not above mu_u -> negative branch
+    p1 = 1.0
+    # prompt 2 (group of one): mu~ = M_b = 0.25; 0.25 > 0.25 is false -> pass 0; r > mu_u = 0 -> positive
+    p2 = 0.0
+    up = lambda p: math.exp(gamma * (0.5 - p))
+    down = lambda p: math.exp(gamma * (p - 0.5))
+    want = [base[0] * up(p0), base[1] * down(p0), base[2] * down(p0), base[3] * up(p0),
+            base[4] * down(p1), base[5] * down(p1), base[6] * up(p2),
+            base[7] * up(p3), base[8] * up(p3), base[9] * down(p3)]
+    assert a == pytest.approx(want, rel=1e-6)
+    assert a[6] == pytest.approx(base[6] * math.exp(0.5))  # hard singleton: its positive advantage grows
+    assert m["difficulty/mean_pass_rate"] == pytest.approx((p0 + p1 + p2 + p3) / 4)
+
+
+def test_task_norm_hand():
+    a, _ = adv("task_norm")
+    ra = [1, 0, 0, 1, 1, 1, 0]
+    rb = [0.5, 0.5, 0.25]
+    ma, sa = statistics.mean(ra), statistics.stdev(ra)
+    mb, sb = statistics.mean(rb), statistics.stdev(rb)
+    want = [(r - ma) / (sa + EPS) for r in ra[:4]] + [(r - mb) / (sb + EPS) for r in rb] + \
+           [(r - ma) / (sa + EPS) for r in ra[4:]]
+    assert a == pytest.approx(want, rel=1e-6)
+    one, _ = compute_advantages("task_norm", torch.tensor([0.7]), [0], ["x"])  # one response: std 1
+    assert one.tolist() == pytest.approx([0.0])
+
+
+def test_single_task_all_equal_and_singletons():
+    # one task, every group constant: all advantages 0 (no NaN from zero variance)
+    for est in ("grpo", "tmn_grpo", "dr_grpo"):
+        a, _ = compute_advantages(est, torch.tensor([1.0, 1.0, 0.0, 0.0]), ["p", "p", "q", "q"], ["t"] * 4)
+        assert torch.equal(a, torch.zeros(4)), est
+    for est in ESTIMATORS:  # task_norm centres on the task: a constant task
+        a, _ = compute_advantages(est, torch.tensor([0.5, 0.5, 0.5]), ["p", "p", "q"], ["t"] * 3)
+        assert torch.equal(a[:2], torch.zeros(2)), est
+    # only groups of one: GRPO / TMN reduce to r / (1 + eps)
+    s = torch.tensor([0.2, 0.9, 0.4])
+    for est in ("grpo", "tmn_grpo"):
+        a, _ = compute_advantages(est, s, [1, 2, 3], ["t"] * 3)
+        assert a.tolist() == pytest.approx((s / (1 + EPS)).tolist(), rel=1e-6)
+
+
+def test_metrics_as_goLongRL_logs_them():
+    _, m = adv("grpo")
+    assert m["task/a/mean_reward"] == pytest.approx(4 / 7)
+    assert m["task/a/num_prompts"] == 2 and m["task/a/num_responses"] == 7
+    assert m["task/b/rate_num"] == pytest.approx(0.5)
+    # population stds per prompt: 0.5, 0, 0 (single), sqrt(2)/3; task a holds all the spread
+    assert m["task/a/mean_std_reward"] == pytest.approx((0.5 + math.sqrt(2) / 3) / 2)
+    assert m["task/a/rate_adv"] == pytest.approx(1.0) and m["task/b/rate_adv"] == 0.0
+    assert m["adv/pos_frac"] == pytest.approx(5 / 10)
+    _, m = compute_advantages("grpo", torch.rand(6), list(range(6)), ["T1.1 Global Cohesive Retrieval"] * 6)
+    assert "task/T1-1_Global_Cohesive_Retrieval/mean_reward" in m
+
+
+def _loop_oracle(est, r, pid, tid, norm=True, reweight=False, gamma=1.0, alpha=0.8):
+    """The DESIGN.md formulas, one response at a time."""
+    groups, tasks = {}, {}
+    for i, (p, t) in enumerate(zip(pid, tid)):
+        groups.setdefault(p, []).append(i)
+        tasks.setdefault(t, []).append(i)
+    mu, var = {}, {}
+    for p, idx in groups.items():
+        xs = [r[i] for i in idx]
+        mu[p], var[p] = (0.0, 1.0) if len(xs) == 1 else (statistics.mean(xs), statistics.variance(xs))
+    task_of = {p: tid[idx[0]] for p, idx in groups.items()}
+    prompts_of = {t: [p for p in groups if task_of[p] == t] for t in tasks}
+    out = []
+    for i in range(len(r)):
+        p, t = pid[i], tid[i]
+        if est == "grpo":
+            out.append((r[i] - mu[p]) / (math.sqrt(var[p]) + EPS))
+        elif est == "dr_grpo":
+            out.append(r[i] - mu[p])
+        elif est == "task_norm":
+            xs = [r[j] for j in tasks[t]]
+            sd = 1.0 if len(xs) == 1 else statistics.stdev(xs)
+            out.append((r[i] - statistics.mean(xs)) / (sd + EPS))
+        else:
+            s = math.sqrt(statistics.mean(var[q] for q in prompts_of[t]))
+            a = (r[i] - mu[p]) / (s + EPS) if norm else r[i] - mu[p]
+            if reweight:
+                M = statistics.mean(mu[q] for q in prompts_of[t])
+                sm = M if len(groups[p]) == 1 else alpha * mu[p] + (1 - alpha) * M
+                pr = sum(r[j] > sm for j in groups[p]) / len(groups[p])
+                a *= math.exp(gamma * (0.5 - pr)) if r[i] > mu[p] else math.exp(gamma * (pr - 0.5))
+            out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("est, kw", [("grpo", {}), ("dr_grpo", {}), ("task_norm", {}), ("tmn_grpo", {}),
+                                     ("tmn_grpo", {"norm": False}),
+                                     ("tmn_grpo", {"reweight": True, "gamma": 0.7, "alpha": 0.6})])
+def test_estimators_match_loop_oracle_on_random_batches(est, kw):
+    rng = random.Random(hash((est, tuple(kw))) % 1000)
+    for _ in range(20):
+        pid, tid, r = [], [], []
+        for p in range(rng.randint(1, 9)):
+            g, t = rng.choice([1, 2, 3, 5, 8]), rng.choice(["x", "y", "z"])
+            for _ in range(g):  # quantised scores: ties and all-equal groups are common
+                pid.append(f"p{p}")
+                tid.append(t)
+                r.append(rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()]))
+        order = list(range(len(r)))
+        rng.shuffle(order)  # responses of a prompt need not be contiguous
+        pid, tid, r = [pid[i] for i in order], [tid[i] for i in order], [r[i] for i in order]
+        want = _loop_oracle(est, r, pid, tid, **kw)
+        got, _ = compute_advantages(est, torch.tensor(r, dtype=torch.float64), pid, tid,
+                                    norm_by_task_scale=kw.get("norm", True),
+                                    difficulty_reweight=kw.get("reweight", False),
+                                    gamma=kw.get("gamma", 1.0), alpha=kw.get("alpha", 0.8))
+        assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_estimator_errors():
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        compute_advantages("ppo", torch.zeros(2), [0, 0], ["a", "a"])
+    with pytest.raises(ValueError, match="tmn_grpo only"):
+        compute_advantages("grpo", torch.zeros(2), [0, 0], ["a", "a"], difficulty_reweight=True)
+    with pytest.raises(ValueError, match="several task"):
+        compute_advantages("tmn_grpo", torch.zeros(2), [0, 0], ["a", "b"])
+    # tensor prompt ids work too
+    a, _ = compute_advantages("grpo", torch.tensor([1.0, 0.0]), torch.tensor([5, 5]), ["a", "a"])
+    assert a[0] > 0 > a[1]
+
+
+# ------------------------------------------------------------------ policy loss
+
+
+def _loss_inputs(n=401, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(n, generator=g, dtype=torch.float64) * 3
+    lp = (old + torch.randn(n, generator=g, dtype=torch.float64) * 0.8).requires_grad_()
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, generator=g) > 0.2
+    isw = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    ref = old + torch.randn(n, generator=g, dtype=torch.float64) * 0.3
+    ent = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_()
+    return lp, old, adv, mask, isw, ref, ent
+
+
+def test_policy_loss_value_and_grad_vs_per_token():
+    lp, old, adv, mask, isw, ref, ent = _loss_inputs()
+    n_glob = 1000  # the mini-batch's valid tokens (this micro-batch holds fewer)
+    kl_coef, ent_coef = 0.05, 0.01
+    loss, met = policy_loss(lp, old, adv, mask, global_token_count=n_glob, is_weights=isw, ref_logprob=ref,
+                            kl_coef=kl_coef, entropy=ent, entropy_coef=ent_coef)
+    loss.backward()
+    # direct per-token computation with the analytic gradient d L_t / d logpi_t
+    total, grad, branches = 0.0, [], {"unclipped": 0, "clipped": 0, "dual": 0}
+    for t in range(lp.numel()):
+        x, o, A, w = lp[t].item(), old[t].item(), adv[t].item(), isw[t].item()
+        rho = math.exp(x - o)
+        l1, l2 = -A * rho, -A * min(max(rho, 0.8), 1.28)
+        if A < 0 and max(l1, l2) > -3 * A:
+            lt, g = -3 * A, 0.0
+            branches["dual"] += 1
+        elif l1 >= l2:
+            lt, g = l1, -A * rho
+            branches["unclipped"] += 1
+        else:
+            lt, g = l2, 0.0
+            branches["clipped"] += 1
+        d = ref[t].item() - x
+        k3 = math.exp(d) - d - 1
+        dk3 = 1 - math.exp(d)
+        if k3 > 10:  # the KL term is clamped at 10 (as verl does): no gradient beyond
+            k3, dk3 = 10.0, 0.0
+        if mask[t]:
+            total += (w * lt + kl_coef * k3 - ent_coef * ent[t].item()) / n_glob
+            grad.append((w * g + kl_coef * dk3) / n_glob)
+        else:
+            grad.append(0.0)
+    assert min(branches.values()) >= 5, branches  # every branch of the loss is exercised
+    assert loss.item() == pytest.approx(total, rel=1e-10)
+    assert torch.allclose(lp.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-9, atol=1e-15)
+    assert torch.allclose(ent.grad, -ent_coef * mask.double() / n_glob)
+    assert met["entropy"].item() == pytest.approx((ent.detach() * mask).sum().item() / n_glob)
+    assert all(v.dim() == 0 and not v.requires_grad for v in met.values())
+
+
+def test_policy_loss_defaults_and_errors():
+    lp, old, adv, mask, *_ = _loss_inputs(seed=1)
+    loss, met = policy_loss(lp, old, adv, mask, global_token_count=int(mask.sum()))
+    ratio = torch.exp(lp.detach() - old)
+    per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28))
+    per_tok = torch.where(adv < 0, torch.minimum(per_tok, -3 * adv), per_tok)
+    assert loss.item() == pytest.approx(per_tok[mask].mean().item(), rel=1e-10)
+    assert met["pg_clipfrac"].item() == pytest.approx(
+        ((-adv * ratio.clamp(0.8, 1.28) > -adv * ratio) & mask).double().mean().item() * len(mask) / mask.sum().item())
+    with pytest.raises(ValueError, match="ref_logprob"):
+        policy_loss(lp, old, adv, mask, global_token_count=1, kl_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(lp, old, adv, mask, global_token_count=1, dual_clip=0.5)
+
+
+class _TinyPolicy(torch.nn.Module):
+    """logprob of the next token under a bigram softmax: enough to give the loss real parameters."""
+
+    def __init__(self, vocab=23, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g, dtype=torch.float64))
+
+    def forward(self, ids, cu):
+        logits = self.table[ids].log_softmax(-1)  # [T, V]
+        nxt = torch.roll(ids, -1)
+        lp = logits.gather(1, nxt[:, None])[:, 0]
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[(cu[1:] - 1).long()] = True
+        return lp, last  # the last token of each sequence has no target
+
+
+def _batch(seed=0, n_seq=8):
+    g = torch.Generator().manual_seed(seed)
+    seqs, advs, prompts = [], [], []
+    for _ in range(n_seq):
+        n = int(torch.randint(5, 40, (1,), generator=g))
+        seqs.append(torch.randint(0, 23, (n,), generator=g))
+        prompts.append(int(torch.randint(1, n - 2, (1,), generator=g)))
+        advs.append(float(torch.randn(1, generator=g)))
+    return seqs, advs, prompts
+
+
+def _valid_count(seqs, prompts, idx):
+    return sum(len(seqs[i]) - prompts[i] - 1 for i in idx)
+
+
+def test_same_gradient_for_1_2_4_micro_batches():
+    seqs, advs, prompts = _batch()
+    n_glob = _valid_count(seqs, prompts, range(len(seqs)))
+
+    def grad_for(splits, per_micro_mean=False):
+        model = _TinyPolicy()
+        for idx in splits:
+            n = _valid_count(seqs, prompts, idx) if per_micro_mean else n_glob
+            _micro_loss_seeded(model, seqs, advs, prompts, idx, n).backward()
+        return model.table.grad.clone()
+
+    g1 = grad_for([list(range(8))])
+    g2 = grad_for([[0, 1, 2], [3, 4, 5, 6, 7]])
+    g4 = grad_for([[0, 5], [1, 6], [2, 7], [3, 4]])
+    assert g1.abs().sum() > 0
+    for g in (g2, g4):
+        assert torch.allclose(g, g1, rtol=1e-12, atol=1e-15)
+    # a per-micro-batch token mean (what the global normaliser avoids) gives a different gradient
+    assert not torch.allclose(grad_for([[0, 1, 2], [3, 4, 5, 6, 7]], per_micro_mean=True), g1)
+
+
+def _dist_grad_worker(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    seqs, advs, prompts = _batch(seed=3)
+    mine = [i for i in range(len(seqs)) if i % world == rank]
+    # the normaliser: valid tokens of the whole mini-batch, summed over ranks
+    n_glob = torch.tensor(float(_valid_count(seqs, prompts, mine)), dtype=torch.float64)
+    dist.all_reduce(n_glob)
+    assert n_glob.item() == _valid_count(seqs, prompts, range(len(seqs)))
+    model = _TinyPolicy()
+    for idx in (mine[: len(mine) // 2], mine[len(mine) // 2:]):  # 2 micro-batches per rank
+        _micro_loss_seeded(model, seqs, advs, prompts, idx, n_glob).backward()
+    grad = model.table.grad.clone()
+    dist.all_reduce(grad)  # SUM across ranks
+    ref = _TinyPolicy()
+    _micro_loss_seeded(ref, seqs, advs, prompts, list(range(len(seqs))), n_glob.item()).backward()
+    assert torch.allclose(grad, ref.table.grad, rtol=1e-12, atol=1e-15), (grad - ref.table.grad).abs().max()
+
+
+def _micro_loss_seeded(model, seqs, advs, prompts, idx, n_glob):
+    ids = torch.cat([seqs[i] for i in idx])
+    cu = torch.zeros(len(idx) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor([len(seqs[i]) for i in idx]), 0)
+    lp, last = model(ids, cu)
+    mask = torch.cat([torch.arange(len(seqs[i])) >= prompts[i] for i in idx]) & ~last
+    adv = broadcast_to_tokens(torch.tensor([advs[i] for i in idx], dtype=torch.float64), cu)
+    noise = torch.cat([torch.randn(len(seqs[i]), generator=torch.Generator().manual_seed(100 + i),
+                                   dtype=torch.float64) * 0.3 for i in idx])
+    loss, _ = policy_loss(lp, lp.detach() + noise, adv, mask, global_token_count=n_glob)
+    return loss
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_give_the_single_process_gradient():
+    run_distributed(_dist_grad_worker, 2)
+
+
+# ------------------------------------------------------------------ rollout IS
+
+
+def test_rollout_is_hand():
+    # two sequences of 4 and 3 tokens; rho per token chosen directly
+    rho = torch.tensor([0.4, 1.0, 6.0, 2.0, 1e-5, 1.5, 0.9], dtype=torch.float64)
+    roll = -torch.rand(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    old = roll + rho.log()
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    w, m = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode="mask")
+    # seq 0: 0.4 and 6 fall outside [0.5, 5]; seq 1 has rho 1e-5 < veto: all of it dropped
+    assert w.tolist() == pytest.approx([0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0])
+    assert m["rollout_is/masked_frac"].item() == pytest.approx(3 / 6)  # 0.4, 6, 1e-5
+    assert m["rollout_is/veto_frac"].item() == pytest.approx(1 / 2)
+    assert m["rollout_is/ratio_max"].item() == pytest.approx(6.0)
+    assert m["rollout_is/ratio_min"].item() == pytest.approx(1e-5)
+    lr = rho.log()[:6]
+    assert m["mismatch/kl"].item() == pytest.approx((-lr).mean().item(), rel=1e-6)
+    assert m["mismatch/k3_kl"].item() == pytest.approx((rho[:6] - lr - 1).mean().item(), rel=1e-6)
+    ratio0 = math.exp(-lr[:4].mean().item())  # exp(mean(rollout - old)) per sequence
+    ratio1 = math.exp(-lr[4:6].mean().item())
+    assert m["mismatch/ppl_ratio"].item() == pytest.approx((ratio0 + ratio1) / 2, rel=1e-6)
+    assert m["mismatch/trainer_ppl"].item() == pytest.approx(
+        (math.exp(-old[:4].mean().item()) + math.exp(-old[4:6].mean().item())) / 2, rel=1e-6)
+    w, m = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode="truncate", veto=None)
+    assert w.tolist() == pytest.approx([0.4, 1.0, 5.0, 2.0, 1e-5, 1.5, 0.0], rel=1e-6)
+    assert m["rollout_is/masked_frac"].item() == pytest.approx(1 / 6)
+    assert m["rollout_is/veto_frac"].item() == 0.0
+    # padded [S, L] input and seq_index give the same weights as cu_seqlens
+    seq_index = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    w2, _ = rollout_is_weights(old, roll, mask, seq_index=seq_index)
+    w3, _ = rollout_is_weights(old, roll, mask, cu_seqlens=cu)
+    assert torch.equal(w2, w3)
+    wp, _ = rollout_is_weights(old[:6].reshape(2, 3), roll[:6].reshape(2, 3), mask[:6].reshape(2, 3))
+    assert wp.shape == (2, 3)
+    with pytest.raises(ValueError, match="cu_seqlens or seq_index"):
+        rollout_is_weights(old, roll, mask)
+    with pytest.raises(ValueError, match="covers 6 tokens"):
+        rollout_is_weights(old, roll, mask, cu_seqlens=torch.tensor([0, 4, 6]))
+
+
+def test_is_weights_scale_the_loss():
+    lp, old, adv, mask, *_ = _loss_inputs(seed=2)
+    w = torch.rand(lp.shape, dtype=torch.float64)
+    l_w, _ = policy_loss(lp, old, adv, mask, global_token_count=100, is_weights=w)
+    ratio = torch.exp(lp.detach() - old)
+    tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28))
+    tok = torch.where(adv < 0, torch.minimum(tok, -3 * adv), tok)
+    assert l_w.item() == pytest.approx((tok * w * mask).sum().item() / 100, rel=1e-10)
+
+
+# ------------------------------------------------------------------ dynamic sampling
+
+
+def test_dynamic_sampling_filter():
+    scores = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.3, 1.0, 1.0, 1.0])
+    pids = ["a", "a", "b", "b", "c", "c", "d", "e", "e", "e"]
+    keep, m = dynamic_sampling_filter(scores, pids)
+    assert keep.tolist() == [False, False, True, True, False, False, False, False, False, False]
+    assert m["dynamic_sampling/kept_prompts"] == 1 and m["dynamic_sampling/dropped_prompts"] == 4
+    assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
+    assert m["dynamic_sampling/kept_frac"] == pytest.approx(1 / 5)
