@@ -147,6 +147,10 @@ class TrainerConfig:
     val_before_train: bool = False
     max_consecutive_nonfinite: int = 3
     seed: int = 1
+    # supervised warm-up on the records' reference answers before RL (the CPU demo); 0 = none
+    sft_steps: int = 0
+    sft_prompts_per_step: int = 32
+    sft_lr: float = 0.0  # 0: optim.lr
 
 
 @dataclass

@@ -14,6 +14,7 @@ _EXPORTS = {
     "grouped_mm": "kernels.grouped_mm",
     "moe_route": "kernels.moe_route",
     "Routing": "kernels.moe_route",
+    "expert_mlp": "kernels.moe_mlp",
     "flash_attention": "kernels.flash_attention",
     "zigzag_shard": "kernels.ring_attention",
     "ring_attention": "kernels.ring_attention",

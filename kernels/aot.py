@@ -66,11 +66,15 @@ def compile_sm90(
     *,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible_by_16: tuple[str, ...] | list[str] = (),
 ) -> Any:
     """Compile a `@triton.jit` function for sm_90 without a GPU.
 
     signature maps every non-constexpr argument name to a Triton type ("*fp32", "*bf16", "i32",
-    "fp32", ...); constexprs maps constexpr argument names to values. Returns the CompiledKernel.
+    "fp32", ...); constexprs maps constexpr argument names to values. divisible_by_16 names the
+    pointer / integer args the JIT would mark 16-divisible at run time (aligned tensors, strides
+    and sizes that are multiples of 16): without it the compile sees no alignment and can neither
+    vectorise nor pipeline (cp.async) the loads. Returns the CompiledKernel.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -82,7 +86,8 @@ def compile_sm90(
     full_sig = dict(signature)
     for k in constexprs:
         full_sig.setdefault(k, "constexpr")
-    src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
+    src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 

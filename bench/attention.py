@@ -1,0 +1,358 @@
+"""Varlen flash attention and zigzag ring attention.
+
+    python -m bench.attention                 # CPU: ring on gloo ranks W = 1, 2, 4, 8 (torch local backend)
+    python -m bench.attention --dry-run       # resolve imports/args, one tiny local fwd+bwd, no spawn
+    python -m bench.attention                 # CUDA: local kernel TFLOP/s vs flash-attn 2 and torch SDPA
+    torchrun --nproc_per_node 8 -m bench.attention --ring   # CUDA, 8 GPUs: ring vs ring-flash-attn
+
+CPU (what a laptop can show about the ring):
+  memory   per-rank peak extra memory of ring fwd+bwd on a fixed packed batch, vs W = 1 (ideal 1/W)
+  comm     bytes each rank sends, vs the analytic minimum: the K/V of every other rank that its queries
+           see (forward); that again plus one fp32 dK/dV partial per such block (backward)
+  balance  max/min causal work (visible (query, key) pairs) over ranks on a mixed-length batch,
+           zigzag vs a contiguous split (the baseline); target <= 1.05
+CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one document and a packed
+  mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs flash-attn 2's varlen kernels (when
+  installed) and torch SDPA (one document only: SDPA has no varlen; K/V pre-expanded to 32 heads);
+  plus bf16 accuracy vs an fp64 per-document reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
+CUDA ring (torchrun, NCCL): fwd+bwd time of ring_attention vs ring-flash-attn's
+  zigzag_ring_flash_attn_varlen_func on the same packed batch (document lengths multiples of 2W, which
+  ring-flash-attn needs), and vs the ideal: one GPU's local kernel time on the whole batch / W.
+The table (last) gives ratios vs the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench.common import peak_extra_memory, print_table, save_results, timeit
+from kernels.flash_attention import flash_attention
+from kernels.ring_attention import ZigzagPlan, _owners, comm_stats, ring_attention, zigzag_shard
+
+
+def mixed_lengths(total: int, max_len: int, seed: int = 0, multiple: int = 1) -> list[int]:
+    """Document lengths summing to `total`: uniform in [1, max_len] plus a few very short ones."""
+    rng = random.Random(seed)
+    out: list[int] = []
+    while sum(out) < total:
+        n = rng.choice([1, 2, 3, 7]) if rng.random() < 0.15 else rng.randint(1, max_len)
+        out.append(min(n, total - sum(out)))
+    if multiple > 1:  # round every length to a multiple (ring-flash-attn's zigzag needs 2W | L)
+        out = [max(multiple, (n // multiple) * multiple) for n in out]
+    return out
+
+
+def cu_of(lengths: list[int], device: Any = "cpu") -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def causal_pairs(lengths: list[int]) -> int:
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: load balance, memory and communication of the ring
+# ------------------------------------------------------------------------------------------------
+
+
+def balance_rows(lengths: list[int], worlds: list[int]) -> list[dict[str, Any]]:
+    cu = cu_of(lengths)
+    T = sum(lengths)
+    rows = []
+    for w in worlds:
+        owner, r = _owners(cu, w)
+        work = torch.bincount(owner, weights=r.pos.double() + 1, minlength=w)  # keys each query row sees
+        contiguous = torch.bincount(torch.arange(T) * w // T, weights=r.pos.double() + 1, minlength=w)
+        zz, base = (work.max() / work.min()).item(), (contiguous.max() / contiguous.min()).item()
+        rows.append({"case": f"balance W={w} T={T} docs={len(lengths)}", "impl": "zigzag", "metric": "max/min work",
+                     "value": zz, "unit": "x", "baseline": "contiguous split", "baseline_value": base,
+                     "ratio": zz / base, "ratio_meaning": "ours / baseline (lower is better); target value <= 1.05"})
+    return rows
+
+
+def _ring_rank(rank: int, world: int, port: int, lengths: list[int], heads: tuple[int, int, int], q_out: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        hq, hkv, d = heads
+        cu = cu_of(lengths)
+        g = torch.Generator().manual_seed(0)
+        T = sum(lengths)
+        # only the local shard stays alive: the global tensors are dropped before measuring
+        q, k, v, do = (zigzag_shard(torch.randn(T, h, d, generator=g), cu, rank, world) for h in (hq, hkv, hkv, hq))
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        # warm-up on a tiny batch: lazy initialisation (autograd engine, allocator arenas, gloo
+        # buffers) is not the ring's memory
+        wcu = cu_of([5, 40])
+        wq, wk, wv = (zigzag_shard(torch.randn(45, h, d), wcu, rank, world).requires_grad_() for h in (hq, hkv, hkv))
+        ring_attention(wq, wk, wv, wcu, causal=True, backend="torch").sum().backward()
+        del wq, wk, wv
+        dist.barrier()
+
+        def step() -> None:
+            out = ring_attention(q, k, v, cu, causal=True, backend="torch")
+            out.backward(do)
+
+        comm_stats.reset()
+        start = time.perf_counter()
+        peak, _ = peak_extra_memory(step)
+        secs = time.perf_counter() - start
+        inputs = sum(x.numel() * x.element_size() for x in (q, k, v, do))
+        q_out.put((rank, peak, inputs, comm_stats.fwd_bytes, comm_stats.bwd_bytes, secs))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ring_cpu_rows(lengths: list[int], worlds: list[int], heads: tuple[int, int, int]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    hq, hkv, d = heads
+    cu = cu_of(lengths)
+    T = sum(lengths)
+    rows: list[dict[str, Any]] = []
+    base_peak = None
+    for w in worlds:
+        q_out = ctx.SimpleQueue()
+        port = _free_port()
+        procs = [ctx.Process(target=_ring_rank, args=(r, w, port, lengths, heads, q_out)) for r in range(w)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"ring bench at W={w} failed: exit codes {[p.exitcode for p in procs]}")
+        res = sorted(q_out.get() for _ in range(w))
+        peaks = [r[1] for r in res]
+        peak = max(peaks)
+        base_peak = base_peak or peak
+        secs = max(r[5] for r in res)
+        case = f"ring W={w} T={T} Hq={hq} Hkv={hkv} D={d} fp32"
+        rows.append({"case": case, "impl": "ring (torch local)", "metric": "peak extra memory / rank (max)",
+                     "value": peak / 2**20, "unit": "MiB", "baseline": "W=1", "baseline_value": base_peak / 2**20,
+                     "ratio": peak / base_peak, "ideal_ratio": 1 / w,
+                     "ratio_meaning": "ours / W=1 (ideal 1/W)", "inputs_mib_per_rank": max(r[2] for r in res) / 2**20,
+                     "peak_mib_per_rank": [round(p / 2**20, 1) for p in peaks], "seconds": secs})
+        if w == 1:
+            continue
+        plan = ZigzagPlan.build(cu, w, True)
+        kv_row = 2 * hkv * d * 4  # fp32 K and V of one row
+        grad_row = 2 * hkv * d * 4  # fp32 dK and dV partial of one row
+        need = [sum(plan.counts[s] for s in range(w) if s != r and plan.visible[r][s]) for r in range(w)]
+        min_fwd = [n * kv_row for n in need]
+        min_bwd = [n * (kv_row + grad_row) for n in need]
+        for phase, idx, mins in (("fwd", 3, min_fwd), ("fwd+bwd", None, None)):
+            sent = [r[3] if idx else r[3] + r[4] for r in res]
+            lower = mins if mins else [a + b for a, b in zip(min_fwd, min_bwd)]
+            rows.append({"case": case, "impl": "ring", "metric": f"bytes sent / rank, {phase} (max)",
+                         "value": max(sent) / 2**20, "unit": "MiB", "baseline": "analytic minimum (max over ranks)",
+                         "baseline_value": max(lower) / 2**20, "ratio": max(sent) / max(lower),
+                         "ratio_meaning": "ours / minimum"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: local kernel throughput and accuracy
+# ------------------------------------------------------------------------------------------------
+
+
+def _fa2():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _per_doc_fp64(q, k, v, lengths):
+    G = q.shape[1] // k.shape[1]
+    outs, start = [], 0
+    for n in lengths:
+        qq = q[start:start + n].double().transpose(0, 1)
+        kk = k[start:start + n].double().repeat_interleave(G, 1).transpose(0, 1)
+        vv = v[start:start + n].double().repeat_interleave(G, 1).transpose(0, 1)
+        s = (qq @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        s.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+        outs.append((torch.softmax(s, -1) @ vv).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+def accuracy_rows(hq: int, hkv: int, d: int) -> list[dict[str, Any]]:
+    lengths = mixed_lengths(4096, 2048, seed=3)
+    cu = cu_of(lengths, "cuda")
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    go = torch.randn(T, hq, d, device="cuda", dtype=torch.bfloat16)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = _per_doc_fp64(q64, k64, v64, lengths)
+    ref.backward(go.double())
+    refs = [ref.detach(), q64.grad, k64.grad, v64.grad]
+    rows = []
+    impls = {"ours (triton)": lambda a, b, c: flash_attention(a, b, c, cu, backend="triton")[0]}
+    fa = _fa2()
+    if fa is not None:
+        impls["flash-attn 2"] = lambda a, b, c: fa(a, b, c, cu, cu, max(lengths), max(lengths), causal=True)
+    for name, fn in impls.items():
+        a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
+        out = fn(a, b, c)
+        out.backward(go)
+        for what, ours, r in zip(("out", "dq", "dk", "dv"), (out, a.grad, b.grad, c.grad), refs):
+            err = ((ours.double() - r).norm() / r.norm()).item()
+            rows.append({"case": f"accuracy T={T} docs={len(lengths)} bf16", "impl": name, "metric": f"rel err {what}",
+                         "value": err, "unit": "", "baseline": "fp64 per document"})
+    return rows
+
+
+def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int) -> list[dict[str, Any]]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fa = _fa2()
+    lengths = [T] if layout == "1 doc" else mixed_lengths(T, T // 4, seed=T)
+    cu = cu_of(lengths, "cuda")
+    max_len = max(lengths)
+    q, k, v = (torch.randn(T, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (hq, hkv, hkv))
+    go = torch.randn(T, hq, d, device="cuda", dtype=torch.bfloat16)
+    impls = {"ours": lambda: flash_attention(q, k, v, cu, backend="triton")[0]}
+    if fa is not None:
+        impls["flash-attn 2"] = lambda: fa(q, k, v, cu, cu, max_len, max_len, causal=True)
+    if layout == "1 doc":
+        G = hq // hkv
+        qs = q.detach().transpose(0, 1)[None].requires_grad_()
+        ks = k.detach().repeat_interleave(G, 1).transpose(0, 1)[None].requires_grad_()
+        vs = v.detach().repeat_interleave(G, 1).transpose(0, 1)[None].requires_grad_()
+
+        def sdpa() -> torch.Tensor:
+            # no math fallback: at 128K tokens it would materialise the [H, T, T] scores
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            return out[0].transpose(0, 1)
+
+        impls["torch SDPA"] = sdpa
+    flops_fwd = 4.0 * hq * d * causal_pairs(lengths)
+    res: dict[tuple[str, str], float] = {}
+    for name, fn in impls.items():
+        res[(name, "fwd")] = flops_fwd / timeit(fn, warmup=1, iters=iters) / 1e12
+        res[(name, "fwd+bwd")] = 3.5 * flops_fwd / timeit(lambda fn=fn: fn().backward(go), warmup=1,
+                                                          iters=iters) / 1e12
+    case = f"T={T} {layout} ({len(lengths)} docs) GQA {hq}/{hkv} D={d} bf16"
+    rows = []
+    for phase in ("fwd", "fwd+bwd"):
+        ours = {"case": case, "impl": "ours", "metric": f"TFLOP/s {phase}", "value": res[("ours", phase)],
+                "unit": "TFLOP/s"}
+        peers = [n for n in impls if n != "ours"]
+        rows += [dict(ours, baseline=p, baseline_value=res[(p, phase)], ratio=res[("ours", phase)] / res[(p, phase)],
+                      ratio_meaning="ours / peer (higher is better)") for p in peers] or [ours]
+    return rows
+
+
+def throughput_rows(tokens: list[int], hq: int, hkv: int, d: int, iters: int) -> list[dict[str, Any]]:
+    rows = []
+    for T in tokens:
+        for layout in ("1 doc", "packed"):
+            rows += _throughput_case(T, layout, hq, hkv, d, iters)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def ring_gpu_rows(tokens: int, hq: int, hkv: int, d: int, iters: int) -> list[dict[str, Any]]:
+    """Under torchrun with NCCL: ring fwd+bwd vs ring-flash-attn zigzag varlen vs ideal (local / W)."""
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    lengths = mixed_lengths(tokens, tokens // 4, seed=1, multiple=2 * world)
+    cu = cu_of(lengths, "cuda")
+    T = sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    full = [torch.randn(T, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv, hq)]
+    q, k, v, go = (zigzag_shard(x, cu, rank, world) for x in full)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    res = {"ours ring": timeit(lambda: ring_attention(q, k, v, cu).backward(go), iters=iters)}
+    try:
+        from ring_flash_attn import zigzag_ring_flash_attn_varlen_func
+
+        local_cu = cu // world  # every document length is a multiple of 2W: the same zigzag layout
+        max_local = max(lengths) // world
+        res["ring-flash-attn zigzag"] = timeit(lambda: zigzag_ring_flash_attn_varlen_func(
+            q, k, v, local_cu, max_local, causal=True).backward(go), iters=iters)
+    except ImportError:
+        pass
+    fq, fk, fv = (x.requires_grad_() for x in full[:3])
+    ideal = timeit(lambda: flash_attention(fq, fk, fv, cu, backend="triton")[0].backward(full[3]), iters=iters) / world
+    rows = []
+    for name, secs in res.items():
+        rows.append({"case": f"ring W={world} T={T} ({len(lengths)} docs) GQA {hq}/{hkv} D={d} bf16", "impl": name,
+                     "metric": "fwd+bwd ms", "value": secs * 1e3, "unit": "ms", "baseline": "ideal (1 GPU / W)",
+                     "baseline_value": ideal * 1e3, "ratio": ideal / secs,
+                     "ratio_meaning": "ideal / ours = scaling efficiency (target >= 0.85)"})
+    if rank != 0:
+        rows = []
+    dist.destroy_process_group()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="resolve imports/args, one tiny local step, no spawn")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8], help="CPU ring sizes")
+    ap.add_argument("--cpu-tokens", type=int, default=32768, help="packed batch size of the CPU ring run")
+    ap.add_argument("--cpu-max-doc", type=int, default=4096, help="longest document of the CPU ring batch")
+    ap.add_argument("--cpu-heads", type=int, nargs=3, default=[8, 2, 64], metavar=("HQ", "HKV", "D"))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536, 131072], help="CUDA sizes")
+    ap.add_argument("--heads", type=int, nargs=3, default=[32, 8, 128], metavar=("HQ", "HKV", "D"))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--ring", action="store_true", help="CUDA ring under torchrun (NCCL)")
+    ap.add_argument("--ring-tokens", type=int, default=131072)
+    args = ap.parse_args()
+    hq, hkv, d = args.heads
+
+    if args.dry_run:
+        lengths = [1, 5, 30]
+        cu = cu_of(lengths)
+        q, k, v = (torch.randn(36, h, 16, requires_grad=True) for h in (4, 2, 2))
+        out, lse = flash_attention(q, k, v, cu, backend="torch")
+        out.sum().backward()
+        rows = balance_rows(mixed_lengths(4096, 512), [2, 4])
+        print_table("bench.attention --dry-run (nothing saved)", rows, ["case", "impl", "metric", "value", "ratio"])
+        return
+
+    if args.ring:
+        rows = ring_gpu_rows(args.ring_tokens, hq, hkv, d, args.iters)
+        if rows:
+            save_results("attention_ring", rows)
+            print_table("ring attention, fwd+bwd (NCCL)", rows,
+                        ["case", "impl", "value", "unit", "baseline", "baseline_value", "ratio"])
+        return
+
+    if torch.cuda.is_available():
+        rows = accuracy_rows(hq, hkv, d) + throughput_rows(args.tokens, hq, hkv, d, args.iters)
+    else:
+        rows = balance_rows(mixed_lengths(1 << 20, 131072, seed=1), [2, 4, 8])
+        rows += ring_cpu_rows(mixed_lengths(args.cpu_tokens, args.cpu_max_doc, seed=2), args.worlds,
+                              tuple(args.cpu_heads))
+    path = save_results("attention", rows)
+    print(f"results: {path}")
+    print_table("attention", rows, ["case", "impl", "metric", "value", "unit", "baseline", "baseline_value", "ratio"])
+
+
+if __name__ == "__main__":
+    main()

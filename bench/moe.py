@@ -1,0 +1,258 @@
+"""MoE expert MLP and grouped GEMM throughput (Qwen3-30B-A3B: H 2048, expert I 768, 128 experts, top-8).
+
+    python -m bench.moe                       # CPU: shapes scaled down (see --scale), fp32
+    python -m bench.moe --tokens 32768        # CUDA: full shapes, bf16 (the default there)
+    python -m bench.moe --dry-run             # resolve imports/args, run every impl once on tiny shapes
+
+Two levels, each forward and forward+backward, uniform and skewed routing (one expert receives 30%
+of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
+  moe_mlp     router logits -> y: ours (kernels.moe_route + kernels.expert_mlp) vs a per-expert loop
+              (transformers' eager Qwen3MoeExperts algorithm) and, on CUDA, Liger's fused MoE
+  grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
+              backward) vs a bare torch._grouped_mm call
+On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
+backend (torch._grouped_mm) as the peer. FLOPs count the expert GEMMs only (fwd 6*T*k*H*I for the
+MLP; backward twice the forward). On CUDA a CUDA-graph capture of our fwd+bwd is attempted and
+reported. The table (last) gives ratios vs the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import print_table, save_results, timeit
+from kernels.grouped_mm import grouped_mm, grouped_mm_supported
+from kernels.moe_mlp import expert_mlp
+from kernels.moe_route import moe_route, route_topk
+
+
+def loop_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor
+             ) -> torch.Tensor:
+    """The per-expert loop transformers' eager Qwen3MoeExperts runs (one host sync per expert)."""
+    weights, ids = route_topk(logits, top_k)
+    out = torch.zeros_like(x)
+    inter = gate_up.shape[1] // 2
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ gate_up[e].t()
+        a = F.silu(h[:, :inter]) * h[:, inter:]
+        out.index_add_(0, tok, (a @ down[e].t()) * weights[tok, slot, None].to(x.dtype))
+    return out
+
+
+def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
+    return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
+
+
+def liger_moe_fn() -> Callable | None:
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except Exception:  # not installed / no CUDA build
+        return None
+
+    def run(x, logits, top_k, gate_up, down):
+        weights, ids = route_topk(logits, top_k)
+        return LigerFusedMoEFunction.apply(x, gate_up, down, ids.to(torch.int32), weights)
+
+    return run
+
+
+class _LoopGMM(torch.autograd.Function):
+    """Per-expert matmul loop with a hand-written backward (per-group dx rows and dw[g] written in
+    place), so the baseline pays for its loop and host sync, not for autograd's full-size
+    zero-filled gradients of every slice."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w)
+        ctx.bounds = [0, *offsets.tolist()]  # host sync, once
+        y = x.new_empty(x.shape[0], w.shape[2])
+        for g, (s, e) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+            torch.matmul(x[s:e], w[g], out=y[s:e])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx, dw = torch.empty_like(x), torch.empty_like(w)
+        for g, (s, e) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+            torch.matmul(dy[s:e], w[g].t(), out=dx[s:e])
+            torch.matmul(x[s:e].t(), dy[s:e], out=dw[g])
+        return dx, dw, None
+
+
+def loop_gmm(x, w, offsets):
+    return _LoopGMM.apply(x, w, offsets)
+
+
+def make_logits(tokens: int, experts: int, skew: float, device, dtype, gen: torch.Generator) -> torch.Tensor:
+    """Router logits; with skew > 0 expert 0 is in the top-k of exactly that fraction of tokens."""
+    logits = torch.randn(tokens, experts, generator=gen, device="cpu")
+    if skew > 0:
+        hot = torch.randperm(tokens, generator=gen)[: int(round(skew * tokens))]
+        logits[:, 0] = -30.0
+        logits[hot, 0] = 30.0
+    return logits.to(device=device, dtype=dtype)
+
+
+def _time(fn: Callable[[], Any], iters: int) -> float:
+    return timeit(fn, warmup=1, iters=iters)
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor], dy: torch.Tensor) -> Callable[[], None]:
+    def run():
+        for p in params:
+            p.grad = None
+        fn().backward(dy)
+    return run
+
+
+def graph_capture_check(fn: Callable[[], torch.Tensor], params: list[torch.Tensor], dy: torch.Tensor) -> str:
+    """Capture fwd+bwd in a CUDA graph and replay it; 'ok' or the error."""
+    try:
+        step = _fwd_bwd(fn, params, dy)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        for p in params:
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn().backward(dy)
+        g.replay()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # report, do not abort the bench
+        return f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    scale = 1 if cuda else args.scale
+    if args.dry_run:
+        T, H, I, E, k = 64, 64, 32, 8, 2
+    else:
+        T = args.tokens or (32768 if cuda else 1024)
+        H, I, E, k = args.hidden // scale, args.inter // scale, args.experts, args.top_k
+    gen = torch.Generator().manual_seed(0)
+    mk = lambda *s, std: (torch.randn(*s, generator=gen) * std).to(device=device, dtype=dtype).requires_grad_()
+    x = mk(T, H, std=1.0)
+    gate_up = mk(E, 2 * I, H, std=H**-0.5)
+    down = mk(E, H, I, std=I**-0.5)
+    dy = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+    iters = 1 if args.dry_run else args.iters
+    shape = f"T={T} H={H} I={I} E={E} k={k} {str(dtype).removeprefix('torch.')}"
+    print(f"device {device}, {shape}" + ("" if cuda else f" (Qwen3-30B-A3B H and I divided by {scale})"))
+
+    rows: list[dict[str, Any]] = []
+    mlp_flops = 6 * T * k * H * I
+    gmm_flops = 2 * T * k * H * 2 * I
+    ours_name = "ours_triton" if cuda else "ours_torch"
+    liger = liger_moe_fn() if cuda else None
+
+    unit, per = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
+
+    def add(level, routing, impl, mode, secs, flops, baseline):
+        rows.append({"case": f"{level}/{routing}", "impl": impl, "mode": mode, "metric": "throughput",
+                     "value": flops / secs / per, "unit": unit, "ms": secs * 1e3, "shape": shape,
+                     "baseline": baseline})
+
+    def one_routing(routing: str, logits: torch.Tensor) -> None:
+        # --- full MoE MLP ---
+        impls: dict[str, Callable[[], torch.Tensor]] = {
+            ours_name: lambda: ours_moe(x, logits, k, gate_up, down),
+            "per_expert_loop": lambda: loop_moe(x, logits, k, gate_up, down),
+        }
+        if cuda:
+            impls["ours_torch(_grouped_mm)"] = lambda: ours_moe(x, logits, k, gate_up, down, backend="torch")
+            if liger is not None:
+                impls["liger_fused_moe"] = lambda: liger(x, logits, k, gate_up, down)
+        base = "ours_torch(_grouped_mm)" if cuda else "per_expert_loop"
+        for impl, fn in impls.items():
+            if impl == "per_expert_loop" and cuda and not args.gpu_loop:
+                continue  # minutes at 32K tokens x 128 experts; --gpu-loop to include it
+            with torch.no_grad():
+                add("moe_mlp", routing, impl, "fwd", _time(fn, iters), mlp_flops, base)
+            add("moe_mlp", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [x, gate_up, down], dy), iters),
+                3 * mlp_flops, base)
+        if cuda:
+            status = graph_capture_check(impls[ours_name], [x, gate_up, down], dy)
+            rows.append({"case": f"moe_mlp/{routing}", "impl": ours_name, "mode": "cuda_graph_fwd+bwd",
+                         "metric": "capture", "value": status, "unit": "", "shape": shape})
+            print(f"CUDA graph capture ({routing}): {status}")
+
+        # --- the gate_up grouped GEMM alone, on rows already sorted by expert ---
+        r = moe_route(logits, k)
+        xp = r.permute(x).detach().requires_grad_()
+        w = gate_up.detach().transpose(1, 2).requires_grad_()  # [E, H, 2I] strided view, as the MLP uses
+        dyp = torch.randn(T * k, 2 * I, generator=gen).to(device=device, dtype=dtype)
+        gimpls: dict[str, Callable[[], torch.Tensor]] = {
+            ours_name: lambda: grouped_mm(xp, w, r.offsets),
+            "per_expert_loop": lambda: loop_gmm(xp, w, r.offsets),
+        }
+        if grouped_mm_supported(xp, w, r.offsets):
+            gimpls["torch._grouped_mm"] = lambda: torch._grouped_mm(xp, w, offs=r.offsets)
+        gbase = "torch._grouped_mm" if cuda else "per_expert_loop"
+        for impl, fn in gimpls.items():
+            with torch.no_grad():
+                add("grouped_mm", routing, impl, "fwd", _time(fn, iters), gmm_flops, gbase)
+            add("grouped_mm", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [xp, w], dyp), iters),
+                3 * gmm_flops, gbase)
+
+    for routing, skew in (("uniform", 0.0), ("skewed30", args.skew)):
+        one_routing(routing, make_logits(T, E, skew, device, dtype, gen))
+
+    # ratios vs the baseline of the same case and mode (value = throughput: ours / peer)
+    ref = {(r["case"], r["impl"], r["mode"]): r["value"] for r in rows if r["metric"] == "throughput"}
+    for r in rows:
+        peer = ref.get((r["case"], r.get("baseline"), r["mode"]))
+        if r["metric"] == "throughput" and peer:
+            r["ratio"] = r["value"] / peer
+            r["ratio_meaning"] = "throughput / baseline throughput (higher is better)"
+    # skew cost: throughput under skewed routing / uniform, per impl and mode
+    for r in rows:
+        if r["metric"] == "throughput" and r["case"].endswith("/skewed30"):
+            u = ref.get((r["case"].replace("skewed30", "uniform"), r["impl"], r["mode"]))
+            if u:
+                r["skew_vs_uniform"] = r["value"] / u
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default: 32768 CUDA, 1024 CPU)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768, help="expert intermediate size")
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--scale", type=int, default=4, help="CPU only: divide hidden and inter by this")
+    p.add_argument("--skew", type=float, default=0.3, help="fraction of tokens routed to expert 0 (skewed case)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--cpu", action="store_true", help="run the CPU bench even when CUDA is present")
+    p.add_argument("--gpu-loop", action="store_true", help="include the per-expert loop MLP on CUDA")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, one iteration, nothing saved")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("BENCH_THREADS", "2"))))
+    rows = run(args)
+    if not args.dry_run:
+        print(f"saved {save_results('moe', rows)}")
+    cols = ["case", "impl", "mode", "value", "unit", "ms", "baseline", "ratio", "skew_vs_uniform"]
+    print_table("MoE expert MLP / grouped GEMM" + (" (dry run)" if args.dry_run else ""), rows, cols)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Training checkpoints: DCP-sharded model + optimizer, plus scheduler, sampler, RNG and step.
+
+Layout of one checkpoint (every rank writes its own shard files, rank 0 the rest):
+
+    <dir>/step_000100/
+        __0_0.distcp ...        model + optimizer shards (torch.distributed.checkpoint)
+        .metadata               DCP index
+        trainer_state.pt        step, scheduler, sampler, anything else the trainer adds
+        rng_rank{r}.pt          python / numpy / torch RNG states of rank r
+        config.json             the model's Hugging Face config (for `golong export`)
+        COMPLETE                written last
+
+Atomicity: everything is written into `<dir>/.tmp-step_000100`, the marker last, then the
+directory is renamed into place. A run killed at any moment leaves either a complete checkpoint
+or a temp directory that resume ignores and the next save removes. `latest_checkpoint` returns the
+newest directory that has the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: GOLONG_FAULT="ckpt_write@<step>" kills the process at that point of that step's
+    checkpoint write (after the shards, before the rename), like a node lost mid-write."""
+    spec = os.environ.get("GOLONG_FAULT", "")
+    if f"{point}@{step}" in spec.split(","):
+        os._exit(17)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ckpt_dir, oldest first, as (step, path)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Save every `every` steps, keep the newest `keep_last`, resume from the newest complete one.
+
+    All ranks call save/load (DCP is collective). `trainer_state` is any picklable dict (step,
+    scheduler and sampler state_dicts...), written by rank 0 and read by every rank.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, every: int = 50, keep_last: int = 2) -> None:
+        self.dir = Path(ckpt_dir)
+        self.every = every
+        self.keep_last = keep_last
+
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        return last_step or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             trainer_state: dict[str, Any], hf_config: dict[str, Any] | None = None,
+             extra_files: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint `step` atomically (collective). `extra_files(tmp_dir)` runs on rank 0
+        to add files (e.g. the tokenizer) before the checkpoint is sealed."""
+        rank = _rank()
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            if hf_config is not None:
+                (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+            if extra_files is not None:
+                extra_files(tmp)
+        _barrier()
+        _fault("ckpt_write", step)
+        if rank == 0:
+            with open(tmp / MARKER, "w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # re-saving a step (e.g. the final step after a periodic save)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for p in self.dir.glob(".tmp-step_*"):  # leftovers of killed writes
+            shutil.rmtree(p, ignore_errors=True)
+        done = list_checkpoints(self.dir)
+        for _, p in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def resolve(self, resume: str) -> Path | None:
+        """'auto' -> newest complete checkpoint (or None), 'none' -> None, else that path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.dir)
+        p = Path(resume)
+        if not (p / MARKER).is_file():
+            raise FileNotFoundError(f"{p} is not a complete checkpoint (no {MARKER} marker)")
+        return p
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore model (+ optimizer) in place and this rank's RNG; returns the trainer state."""
+        path = Path(path)
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
+                           options=StateDictOptions(strict=True))
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if rng_file.exists():  # absent when resuming on more ranks than wrote the checkpoint
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return torch.load(path / "trainer_state.pt", weights_only=False)
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Convert a training checkpoint into a Hugging Face directory (config.json + safetensors,
+    per-expert keys) that transformers and vLLM load. Single process; reads only the model part.
+    dtype: e.g. "bfloat16" (default: the dtype recorded in config.json, else float32)."""
+    from golong.models import from_config
+
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / MARKER).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
+    hf_config = json.loads((ckpt / "config.json").read_text())
+    dtype = dtype or hf_config.get("torch_dtype") or "float32"
+    model = from_config(hf_config, dtype=torch.float32, device="cpu")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    model.load_state_dict(state["model"])
+    tok_dir = ckpt / "tokenizer"
+    model.save_pretrained(out_dir, dtype=getattr(torch, dtype),
+                          copy_files_from=tok_dir if tok_dir.is_dir() else None)
+    return Path(out_dir)

@@ -1,0 +1,75 @@
+"""Qwen3 attention: q/k RMSNorm per head, RoPE, GQA, causal over packed documents.
+
+Training / scoring path: packed tokens [T, H] with cu_seqlens, through kernels.flash_attention
+(one device) or kernels.ring_attention (context parallel: the tokens are this rank's zigzag shard,
+cu_seqlens the global one). Decoding path: a dense [B, S] batch against a KVCache (see cache.py),
+through torch SDPA with an explicit mask — prompts of different lengths share one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from golong.models.cache import KVCache
+from golong.models.config import ModelConfig
+from golong.models.layers import RMSNorm, apply_rope
+
+# `kernels.flash_attention` / `kernels.ring_attention` can resolve to the submodules of those names
+# instead of the functions once the submodules are imported (kernels/__init__.py exports lazily).
+from kernels.flash_attention import flash_attention  # noqa: E402  isort: skip
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = self.head_dim ** -0.5
+        kw = dict(bias=False, device=device, dtype=dtype)
+        h, d = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, **kw)
+        self.k_proj = nn.Linear(h, self.n_kv * d, **kw)
+        self.v_proj = nn.Linear(h, self.n_kv * d, **kw)
+        self.o_proj = nn.Linear(self.n_heads * d, h, **kw)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, device=device, dtype=dtype)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> q [N, Hq, D], k/v [N, Hkv, D] with qk-norm and RoPE applied."""
+        n = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(n, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(n, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP)."""
+        q, k, v = self._qkv(x, cos, sin)
+        if cp_group is not None and dist.get_world_size(cp_group) > 1:
+            from kernels.ring_attention import ring_attention
+
+            out = ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale)
+        else:
+            out, _ = flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.head_dim))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H]; cos/sin [B, S, D]; slots [B, S] (cache position of each new token, -1 = padding);
+        mask [B, S, L] bool (which of the first L cache positions each query sees) -> [B, S, H]."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x.reshape(b * s, -1), cos.reshape(b * s, -1), sin.reshape(b * s, -1))
+        cache.write(self.layer_idx, k.view(b, s, self.n_kv, self.head_dim),
+                    v.view(b, s, self.n_kv, self.head_dim), slots)
+        length = mask.shape[-1]
+        kc, vc = cache.k[self.layer_idx][:, :length], cache.v[self.layer_idx][:, :length]
+        out = F.scaled_dot_product_attention(
+            q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+            attn_mask=mask[:, None], scale=self.scale, enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))

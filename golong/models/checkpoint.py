@@ -1,0 +1,261 @@
+"""Hugging Face checkpoint I/O: config.json + safetensors (single file or sharded with an index).
+
+Loading streams the files tensor by tensor (`safe_open(...).get_slice`) straight into the model's
+parameters, which may be plain tensors, meta tensors (materialised first with `to_empty`) or
+FSDP2 / DTensor shards — then each rank reads only the rows of its own shard, so no rank ever
+holds a full extra copy of the model, nor even of one tensor. Expert weights are accepted in both
+layouts and written into the fused parameters:
+
+  per-expert  model.layers.{i}.mlp.experts.{e}.{gate_proj,up_proj}.weight [I, H], .down_proj.weight [H, I]
+  fused       model.layers.{i}.mlp.experts.gate_up_proj [E, 2I, H], .down_proj [E, H, I]
+
+Saving writes the per-expert layout by default (what the original Qwen checkpoints, vLLM and
+transformers all read), shards of at most 5 GB, an index json, config.json, into a temporary
+directory renamed into place at the end, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from golong.models.config import ModelConfig
+from golong.models.qwen3 import Qwen3ForCausalLM
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+# files besides the weights that a checkpoint directory carries and a reader (vLLM) needs
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+# ------------------------------------------------------------------------------------ build
+def from_config(config: ModelConfig | dict | object, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> Qwen3ForCausalLM:
+    """Randomly initialised model (transformers' init) from a HF config (dict / path / object)."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg, dtype=dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device | str = "cpu") -> Qwen3ForCausalLM:
+    """Load a HF Qwen3 / Qwen3-MoE checkpoint directory: built on meta, filled tensor by tensor."""
+    cfg = ModelConfig.from_hf(path)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg, dtype=dtype)
+    load_weights(model, path, device=device)
+    model.source_path = str(path)
+    return model
+
+
+# ------------------------------------------------------------------------------------- load
+def checkpoint_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no safetensors checkpoint in {path}")
+    return found
+
+
+def _target(key: str, params: dict[str, nn.Parameter]) -> tuple[str, int | None, int] | None:
+    """Checkpoint key -> (parameter name, expert index or None, row offset along the expert's dim 0)."""
+    m = _EXPERT_KEY.match(key)
+    if m:
+        prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        if proj == "down_proj":
+            return f"{prefix}.down_proj", e, 0
+        fused = f"{prefix}.gate_up_proj"
+        if fused not in params:
+            return None
+        half = params[fused].shape[1] // 2
+        return fused, e, 0 if proj == "gate_proj" else half
+    return (key, None, 0) if key in params else None
+
+
+def _local_region(p: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(writable local tensor, the global index region it holds)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(p, DTensor):
+        return p.data, tuple(slice(0, n) for n in p.shape)
+    if any(type(pl) not in (Shard, Replicate) for pl in p.placements):
+        raise NotImplementedError(f"loading into DTensor placements {p.placements} is not supported")
+    # private helper, but the one DTensor itself uses to place uneven (torch.chunk-style) shards
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device | str | None = None,
+                 strict: bool = True) -> None:
+    """Fill `model`'s parameters from the checkpoint at `path`, one tensor (or shard) at a time.
+
+    Parameters still on the meta device are first materialised with `model.to_empty(device)`
+    (device default: cuda:current if available, else cpu) — this also works after FSDP2's
+    `fully_shard` on a meta model. Values are cast to each parameter's dtype. For DTensor
+    parameters (Shard / Replicate placements) each rank reads just its own region of the tensor.
+    strict: unknown checkpoint keys and parameters left (partly) unwritten raise.
+    """
+    if any(t.is_meta for t in model.parameters()):
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    regions = {n: _local_region(p) for n, p in params.items()}
+    written = dict.fromkeys(params, 0)
+    unknown: list[str] = []
+    tied = model.lm_head is None
+
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if _IGNORED.search(key) or (tied and key == "lm_head.weight"):
+                    continue
+                tgt = _target(key, params)
+                if tgt is None:
+                    unknown.append(key)
+                    continue
+                name, expert, row0 = tgt
+                local, region = regions[name]
+                src = f.get_slice(key)
+                src_shape = tuple(src.get_shape())
+                # the global region this key covers, in parameter coordinates
+                dims = ([slice(expert, expert + 1)] if expert is not None else []) + [
+                    slice(row0, row0 + src_shape[0]), *(slice(0, n) for n in src_shape[1:])]
+                full = tuple(params[name].shape)
+                if (len(dims) != len(full) or any(d.stop > n for d, n in zip(dims, full))
+                        or (expert is None and src_shape != full)):
+                    raise ValueError(f"{key}: shape {src_shape} does not fit parameter {name} {full}")
+                lo = [max(d.start, r.start) for d, r in zip(dims, region)]
+                hi = [min(d.stop, r.stop) for d, r in zip(dims, region)]
+                if any(a >= b for a, b in zip(lo, hi)):
+                    continue  # none of this tensor lives on this rank
+                src_idx = tuple(slice(a - d.start, b - d.start) for a, b, d in zip(lo, hi, dims))
+                dst_idx = tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))
+                part = src[src_idx[1:]] if expert is not None else src[src_idx]
+                part = part.reshape([b - a for a, b in zip(lo, hi)])
+                local[dst_idx].copy_(part.to(local.dtype), non_blocking=False)
+                written[name] += part.numel()
+    if strict:
+        if unknown:
+            raise ValueError(f"{len(unknown)} checkpoint tensors match no parameter, e.g. {unknown[:5]}")
+        missing = [n for n, c in written.items() if c != regions[n][0].numel()]
+        if missing:
+            raise ValueError(f"{len(missing)} parameters were not (fully) found in {path}, e.g. {missing[:5]}")
+
+
+# ------------------------------------------------------------------------------------- save
+def hf_state_items(model: Qwen3ForCausalLM, expert_layout: str = "per_expert",
+                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, full CPU tensor) pairs, one parameter gathered at a time (DTensors: full_tensor(),
+    a collective every rank of the mesh must join)."""
+    from torch.distributed.tensor import DTensor
+
+    if expert_layout not in ("per_expert", "fused"):
+        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        t = t.to(device="cpu", dtype=dtype or t.dtype)
+        if expert_layout == "per_expert" and name.endswith("mlp.experts.gate_up_proj"):
+            prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :half]
+                yield f"{prefix}.{e}.up_proj.weight", t[e, half:]
+        elif expert_layout == "per_expert" and name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    expert_layout: str = "per_expert", dtype: torch.dtype | None = None,
+                    copy_files_from: str | Path | None = None) -> None:
+    """Write a HF checkpoint directory at `path` (replaced atomically if it exists).
+
+    Under torch.distributed every rank must call this (DTensor parameters are gathered one at a
+    time); rank 0 writes. Tokenizer / generation-config files are copied from `copy_files_from`
+    (default: the directory the model was loaded from, if any).
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    written: list[tuple[str, dict[str, str]]] = []  # (temp file name, key -> shard index)
+
+    def flush() -> None:
+        name = f"shard-{len(written):05d}.safetensors"
+        save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+        written.append((name, list(shards[-1])))
+        shards[-1], sizes[-1] = {}, 0
+
+    first_dtype = None
+    for key, t in hf_state_items(model, expert_layout, dtype):
+        first_dtype = first_dtype or t.dtype
+        if rank != 0:
+            continue
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            flush()
+        # a copy: expert slices are views of one tensor, and safetensors refuses shared storage
+        shards[-1][key] = t.clone(memory_format=torch.contiguous_format)
+        sizes[-1] += nbytes
+    if rank == 0:
+        if shards[-1]:
+            flush()
+        n = len(written)
+        weight_map, total = {}, 0
+        for i, (tmp_name, keys) in enumerate(written):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (tmp / tmp_name).rename(tmp / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        if n > 1:
+            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        dtype_name = str(first_dtype).removeprefix("torch.") if first_dtype is not None else None
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype=dtype_name), indent=2))
+        src = copy_files_from or getattr(model, "source_path", None)
+        if src is not None:
+            for name in _SIDE_FILES:
+                if (Path(src) / name).exists():
+                    shutil.copy2(Path(src) / name, tmp / name)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,203 @@
+"""Lean Qwen3 / Qwen3-MoE causal LM on packed sequences.
+
+Module and parameter names mirror transformers' Qwen3(Moe)ForCausalLM with fused experts, so a
+state_dict key *is* the Hugging Face checkpoint key (see checkpoint.py for the per-expert layout).
+
+    hidden = model(input_ids [T], cu_seqlens [B+1] int32, position_ids=None)   # [T, H]
+    logits = model.logits(hidden)                                             # plain head
+    logprob, entropy = model.logprob_entropy(hidden, targets, temperature)    # fused head, fp32
+
+No padding anywhere: documents are concatenated, `cu_seqlens` marks their boundaries, positions
+restart at 0 in every document unless `position_ids` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from golong.models.attention import Attention
+from golong.models.cache import KVCache
+from golong.models.config import ModelConfig
+from golong.models.layers import MLP, RMSNorm, RotaryEmbedding
+from golong.models.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, device=device, dtype=dtype)
+        if config.layer_is_moe(layer_idx):
+            self.mlp: nn.Module = MoE(config, device=device, dtype=dtype)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, device=device, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, slots, mask)
+        b, s, h = x.shape
+        return x + self.mlp(self.post_attention_layernorm(x).view(b * s, h)).view(b, s, h)
+
+
+class Qwen3Model(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF prefix `model.`)."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, device=device, dtype=dtype)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions restarting at 0 in every document: [total] int64. No host sync."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    return idx - cu_seqlens.long()[doc]
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 dense or MoE decoder with an LM head (tied to the embeddings when the config says so).
+
+    Attributes the trainer may set: `cp_group` (context-parallel ProcessGroup; size > 1 switches
+    attention to ring attention on zigzag shards) and activation checkpointing via
+    `set_activation_checkpointing`.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config, device=device, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.rotary = RotaryEmbedding(config)
+        self.cp_group: dist.ProcessGroup | None = None
+        self.activation_checkpointing = False
+
+    # ------------------------------------------------------------------------------ setup
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations."""
+        self.activation_checkpointing = enabled
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: lm_head.weight, or the embedding matrix when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Random init as transformers does: N(0, initializer_range) matrices, unit norms."""
+        std = self.config.hf_config.get("initializer_range", 0.02) if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                *, targets: torch.Tensor | None = None, temperature: float = 1.0
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [T] int (packed documents; under context parallelism, this rank's zigzag shard),
+        cu_seqlens [B+1] int32 (document boundaries in the full packed batch), position_ids [T] or None
+        (restart per document) -> final hidden states [T, H] in the model dtype.
+
+        With `targets` [T] int64, returns the fused head's (logprob [T], entropy [T]) fp32 instead,
+        so FSDP sees the LM head used inside forward.
+        """
+        cp = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
+        if position_ids is None:
+            total = int(cu_seqlens[-1]) if cp is not None else input_ids.shape[0]
+            position_ids = packed_position_ids(cu_seqlens, total)
+            if cp is not None:
+                position_ids = kernels.zigzag_shard(position_ids, cu_seqlens, dist.get_rank(cp),
+                                                    dist.get_world_size(cp))
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, cp, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, cp)
+        hidden = self.model.norm(x)
+        if targets is None:
+            return hidden
+        return self.logprob_entropy(hidden, targets, temperature)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V] fp32 (matmul in the model dtype, then upcast)."""
+        return (hidden @ self.lm_head_weight.t()).float()
+
+    def logprob_entropy(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused LM head: hidden [N, H], targets [N] int64 -> (logprob [N], entropy [N]) fp32 of
+        softmax(hidden @ W.T / temperature), never materialising [N, V]. Ignored rows give 0."""
+        return kernels.linear_logprob_entropy(hidden, self.lm_head_weight, targets, temperature,
+                                              ignore_index=ignore_index)
+
+    # ------------------------------------------------------------------------ decoding
+    def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> KVCache:
+        """Empty cache for `batch` rows of up to `max_len` tokens each (prompt + generated)."""
+        w = self.model.embed_tokens.weight
+        c = self.config
+        return KVCache.empty(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
+                             dtype or w.dtype, device or w.device)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
+                       input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Incremental forward for generation.
+
+        input_ids [B, S] int: row b's new tokens, right-padded; only the first input_lengths[b] of
+        them are real (input_lengths [B] int, default all S; 0 leaves the row untouched). They take
+        positions cache.lengths[b] + 0 .. input_lengths[b]-1, attend causally to everything row b has
+        cached plus themselves, and are appended to the cache (cache.lengths += input_lengths).
+        Returns hidden [B, S, H] (after the final norm); rows' padding entries are meaningless.
+        Prefill: call once with the right-padded prompts and their lengths, then read
+        hidden[b, input_lengths[b]-1]. Decode: input_ids [B, 1] with input_lengths = 1 (0 for
+        finished rows). Raises if a row would exceed the cache's max_len.
+        """
+        b, s = input_ids.shape
+        dev = input_ids.device
+        if input_lengths is None:
+            input_lengths = torch.full((b,), s, dtype=torch.long, device=dev)
+        input_lengths = input_lengths.to(device=dev, dtype=torch.long)
+        new_lengths = cache.lengths + input_lengths
+        length = int(new_lengths.max())  # host sync: fine for the plain-torch sampler
+        if length > cache.max_len:
+            raise ValueError(f"KV cache overflow: a row needs {length} positions, max_len={cache.max_len}")
+        j = torch.arange(s, device=dev)
+        positions = cache.lengths[:, None] + j  # [B, S]
+        slots = torch.where(j < input_lengths[:, None], positions, torch.full_like(positions, -1))
+        mask = torch.arange(length, device=dev)[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer.forward_cached(x, cos, sin, cache, slots, mask)
+        cache.lengths = new_lengths
+        return self.model.norm(x)
+
+    # ------------------------------------------------------------------------------- I/O
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        """Write a Hugging Face checkpoint (see golong.models.checkpoint.save_pretrained)."""
+        from golong.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def num_params(self, filter_fn: Callable[[str], bool] | None = None) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if filter_fn is None or filter_fn(n))

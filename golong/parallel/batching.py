@@ -1,0 +1,50 @@
+"""Splitting a global batch of sequences over data-parallel ranks and into micro-batches.
+
+Every rank holds the whole (gathered) rollout batch and runs these deterministic functions, so
+every rank knows every other rank's plan without communicating. FSDP needs all ranks to run the
+same number of forward/backward passes; `plan_micro_batches` pads the short ranks with empty
+(all-masked) micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def balance(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of `lengths` split into `parts` groups of near-equal total length: longest first,
+    each to the currently lightest part (ties: lowest part). Groups keep their indices sorted."""
+    load = [0] * parts
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        p = min(range(parts), key=lambda p: (load[p], p))
+        out[p].append(i)
+        load[p] += lengths[i]
+    return [sorted(o) for o in out]
+
+
+def pack(indices: Sequence[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """First-fit decreasing: indices into micro-batches of total length <= token_budget (a longer
+    sequence gets a micro-batch of its own). Deterministic."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        for b in range(len(bins)):
+            if lengths[i] <= room[b]:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def plan_micro_batches(lengths: Sequence[int], dp_size: int, dp_rank: int, token_budget: int
+                       ) -> list[list[int]]:
+    """This dp rank's micro-batches (lists of sequence indices), padded with empty lists so every
+    rank has the same count (an empty micro-batch runs a masked dummy forward/backward)."""
+    per_rank = [pack(idx, lengths, token_budget) for idx in balance(lengths, dp_size)]
+    count = max(1, max(len(m) for m in per_rank))
+    mine = per_rank[dp_rank]
+    return mine + [[] for _ in range(count - len(mine))]

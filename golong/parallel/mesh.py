@@ -1,0 +1,95 @@
+"""Process group and the 2-D device mesh (dp_shard, cp).
+
+FSDP shards parameters over all dp_shard * cp ranks (the flattened mesh): context-parallel ranks
+compute gradients on different tokens of the same sequences, so their gradients are summed by the
+same reduce-scatter as the data-parallel ones. Ring attention runs inside each cp group.
+Rank layout: rank = dp_rank * cp + cp_rank, so a cp group is `cp` consecutive ranks (one node
+when cp <= GPUs per node: ring traffic stays on NVLink).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Initialise the default process group once; returns (rank, world_size).
+
+    Under torchrun the env:// variables are used. A plain `python -m golong train` becomes a
+    world of one, so the trainer runs the same FSDP code path on 1 rank as on N.
+    backend "auto": nccl on CUDA, gloo on CPU.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class ParallelDims:
+    """Where this rank sits in the (dp_shard, cp) mesh."""
+
+    mesh: DeviceMesh  # 2-D, dims ("dp_shard", "cp")
+    fsdp_mesh: DeviceMesh  # 1-D, the flattened dp_shard x cp: parameters are sharded over it
+    dp_size: int
+    dp_rank: int
+    cp_size: int
+    cp_rank: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The ring-attention group, None when cp == 1."""
+        return self.mesh["cp"].get_group() if self.cp_size > 1 else None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh["dp_shard"].get_group()
+
+
+def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto") -> ParallelDims:
+    """Init the process group and build the mesh. dp_shard = -1 means world_size // cp."""
+    _, world = init_distributed(backend)
+    if cp < 1 or world % cp:
+        raise ValueError(f"parallel.cp={cp} must divide the world size {world}")
+    if dp_shard == -1:
+        dp_shard = world // cp
+    if dp_shard * cp != world:
+        raise ValueError(f"parallel.dp_shard={dp_shard} x parallel.cp={cp} != world size {world}")
+    mesh = init_device_mesh(device_type(), (dp_shard, cp), mesh_dim_names=("dp_shard", "cp"))
+    fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return ParallelDims(mesh=mesh, fsdp_mesh=fsdp_mesh, dp_size=dp_shard, dp_rank=mesh.get_local_rank("dp_shard"),
+                        cp_size=cp, cp_rank=mesh.get_local_rank("cp"))

@@ -1,0 +1,76 @@
+"""`golong plot RUN_DIR`: per-task reward curves, entropy and rollout/trainer logprob mismatch.
+
+Reads RUN_DIR/metrics.jsonl (the trainer's per-step rows; a resumed run's repeated steps keep
+their last value) and draws one PNG with four panels: training reward per task, validation reward
+per task, policy entropy, and the rollout-vs-trainer mismatch (KL and max |delta logprob|).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from golong.logger import read_metrics
+
+TRAIN_TASK_PREFIX = "reward/task/"
+VAL_TASK_PREFIX = "val/reward/task/"
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    last: dict[int, float] = {}
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and "step" in r:
+            last[int(r["step"])] = float(v)
+    steps = sorted(last)
+    return steps, [last[s] for s in steps]
+
+
+def _keys(rows: list[dict], prefix: str) -> list[str]:
+    return sorted({k for r in rows for k in r if k.startswith(prefix) and k.count("/") == prefix.count("/")})
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw RUN_DIR/metrics.jsonl to `out` (default RUN_DIR/curves.png); returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = read_metrics(path)
+    out = Path(out) if out is not None else run_dir / "curves.png"
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    panels = [
+        (axes[0, 0], "training reward per task", [(k, k[len(TRAIN_TASK_PREFIX):]) for k in
+                                                  _keys(rows, TRAIN_TASK_PREFIX)] + [("reward/mean", "all")]),
+        (axes[0, 1], "validation reward per task", [(k, k[len(VAL_TASK_PREFIX):]) for k in
+                                                    _keys(rows, VAL_TASK_PREFIX)] + [("val/reward/mean", "all")]),
+        (axes[1, 0], "policy entropy (nats / token)", [("actor/entropy", "entropy")]),
+        (axes[1, 1], "rollout vs trainer logprob mismatch",
+         [("mismatch/kl", "KL(rollout || trainer)"), ("mismatch/max_abs", "max |delta logprob|")]),
+    ]
+    for ax, title, series in panels:
+        drawn = 0
+        for key, label in series:
+            steps, vals = _series(rows, key)
+            if steps:
+                style = dict(color="black", linewidth=2.2) if label == "all" else dict(linewidth=1.3)
+                ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, markersize=3, label=label, **style)
+                drawn += 1
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, ncol=2 if drawn > 5 else 1)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(f"golong run: {run_dir.name}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,78 @@
+"""Drive a VLLMEngine through a scripted rollout / weight-update sequence; run with the vLLM venv's python.
+
+    .venv-vllm/bin/python -m golong.rollout._vllm_worker SPEC.json OUT.json
+
+tests/golong/test_vllm_sync.py uses it: vLLM needs its own venv, so the engine cannot live in the
+pytest process. SPEC (JSON):
+    model, dtype, max_model_len, bucket_bytes, eos_token_ids, prompts [[int]], seeds [int],
+    phases: [{"update": null | "file.safetensors", "sampling": {temperature, top_p, top_k, max_tokens}}],
+    stop_probe: bool, partial_update: {"file": ..., "drop": [names]} (optional, last)
+Each phase first pushes its update (if any) with `VLLMEngine.update_weights` — the tensors are read
+from the file into memory here only because the test's trainer lives in another venv; the push itself
+is in memory — then generates one response per prompt. OUT (JSON): per phase token_ids, logprobs,
+finish_reasons, the update's stats and timings; with stop_probe, greedy responses and one of them
+rerun with a stop token taken from it; with partial_update, the error the incomplete push raised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(spec_path: str, out_path: str) -> None:
+    t0 = time.perf_counter()
+    with open(spec_path) as f:
+        spec = json.load(f)
+    from safetensors.torch import load_file
+
+    from golong.rollout.torch_generator import SamplingParams
+    from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+    cfg = VLLMConfig(model=spec["model"], dtype=spec.get("dtype", "float32"),
+                     max_model_len=spec.get("max_model_len", 512), max_num_seqs=spec.get("max_num_seqs", 16),
+                     bucket_bytes=spec.get("bucket_bytes", 512 << 20), seed=spec.get("seed", 0))
+    engine = VLLMEngine(cfg, eos_token_ids=spec.get("eos_token_ids", []))
+    out: dict = {"init_seconds": time.perf_counter() - t0, "phases": []}
+    prompts, seeds = spec["prompts"], spec.get("seeds")
+    for phase in spec["phases"]:
+        rec: dict = {}
+        if phase.get("update"):
+            state = load_file(phase["update"])  # stands in for the trainer's parameters
+            rec["update"] = engine.update_weights(state.items())
+            del state
+        params = SamplingParams(**phase.get("sampling", {}))
+        t = time.perf_counter()
+        res = engine.generate(prompts, params, seeds=seeds)
+        rec.update(token_ids=res.token_ids, logprobs=res.logprobs, finish_reasons=res.finish_reasons,
+                   generate_seconds=time.perf_counter() - t)
+        out["phases"].append(rec)
+    if spec.get("stop_probe"):
+        # greedy on every prompt; then one prompt again, told to stop at a token that first appears
+        # at position >= 2 of its greedy response (or at its first token when no response has one)
+        greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8))
+        firsts = [(i, k) for i, ids in enumerate(greedy.token_ids) for k in range(2, len(ids))
+                  if ids[k] not in ids[:k]]
+        i, k = firsts[0] if firsts else (0, 0)
+        ids = greedy.token_ids[i]
+        s = engine.generate([prompts[i]], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[ids[k]]))
+        out["stop_probe"] = {"greedy": greedy.token_ids, "greedy_logprobs": greedy.logprobs, "prompt": i,
+                             "stop_at": k, "stopped": s.token_ids[0], "stopped_reason": s.finish_reasons[0]}
+    if spec.get("partial_update"):
+        # a push that misses some tensors must fail loudly, naming the engine parameters left stale
+        state = load_file(spec["partial_update"]["file"])
+        for name in spec["partial_update"]["drop"]:
+            del state[name]
+        try:
+            engine.update_weights(state.items())
+            out["partial_update_error"] = None
+        except RuntimeError as e:
+            out["partial_update_error"] = str(e)
+    out["total_seconds"] = time.perf_counter() - t0
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

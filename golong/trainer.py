@@ -1,0 +1,899 @@
+"""The GRPO trainer: the loop users launch with torchrun.
+
+    torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml parallel.cp=2
+
+One step, every phase an NVTX range:
+
+    prompts (resumable sampler) -> n rollouts per prompt (torch generator or vLLM; each rank
+    generates a share, then all ranks gather the whole batch) -> rewards (process pool) ->
+    dynamic sampling (drop all-equal groups, generate more up to algo.max_num_gen_batches) ->
+    advantages (grpo / tmn_grpo / ...) -> old logprobs (skipped when on-policy) -> update
+    (mini-batches of prompts; each rank's sequences packed into micro-batches of
+    trainer.micro_batch_tokens; loss token-mean over the global mini-batch) -> weight sync into
+    the rollout engine -> metrics (JSONL, TensorBoard, wandb) -> checkpoint every k steps.
+
+Every rank holds the whole gathered rollout batch, so the data-parallel split and micro-batch plan
+are computed identically everywhere with no extra communication (golong.parallel.batching).
+Rollout sampling is seeded per request from (trainer.seed, step, request), so a run reproduces
+exactly after a resume and does not depend on how many ranks generated it.
+
+Token layout of one sequence (prompt p_0..p_{P-1}, response r_0..r_{R-1}), packed with others:
+position t predicts token t+1, so response token r_j is scored at position P-1+j; those R
+positions carry the loss mask, the advantage, the rollout logprob and the old logprob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from golong.checkpoint import Checkpointer
+from golong.config import RunConfig, to_dict
+from golong.logger import MetricsWriter, get_logger
+from golong.parallel import (
+    ParallelDims,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    cp_gather,
+    cp_shard,
+    init_parallel,
+    plan_micro_batches,
+)
+from golong.profiling import cuda_profiler_window, nvtx_range
+from golong.rollout.torch_generator import GenerationResult, SamplingParams
+
+log = get_logger()
+IGNORE = -100
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """Raised after too many consecutive non-finite steps (a checkpoint was written first)."""
+
+
+def _fault(kind: str, step: int) -> bool:
+    """Test hooks, off unless GOLONG_FAULT is set: "kill@3" ends the process after step 3,
+    "nan@3" makes step 3's loss NaN (comma-separated list)."""
+    return f"{kind}@{step}" in os.environ.get("GOLONG_FAULT", "").split(",")
+
+
+def request_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------- the batch
+@dataclass
+class Rollout:
+    """One response to one prompt: the unit of the training batch."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float] | None  # sampled-token logprobs from the rollout engine
+    group: int  # prompt group (responses to the same prompt share it)
+    task: str
+    score: float = 0.0
+    advantage: float = 0.0
+    finish_reason: str = "length"
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    """Packed per-token tensors of some rollouts, in GLOBAL packed order (before cp sharding)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    targets: torch.Tensor  # [T] int64, IGNORE off the response
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    mask: torch.Tensor  # [T] fp32, 1 on response-scoring positions
+    advantages: torch.Tensor  # [T] fp32
+    rollout_logprobs: torch.Tensor  # [T] fp32 (0 where unknown)
+    has_rollout_logprobs: bool
+    old_logprobs: torch.Tensor | None  # [T] fp32
+    seq_index: torch.Tensor  # [T] int64, position of each token's sequence in `indices`
+    indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
+
+
+def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
+                      min_tokens: int = 4) -> MicroBatch:
+    ids, tgt, mask, adv, rlp, olp, seq = [], [], [], [], [], [], []
+    cu = [0]
+    has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
+    for k, i in enumerate(indices):
+        r = rollouts[i]
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        full = torch.tensor(r.prompt_ids + r.response_ids, dtype=torch.long)
+        t = torch.full_like(full, IGNORE)
+        t[p - 1: p - 1 + n] = full[p:]
+        m = torch.zeros(len(full))
+        m[p - 1: p - 1 + n] = 1.0
+        a = m * r.advantage
+        lp = torch.zeros(len(full))
+        if has_rlp:
+            lp[p - 1: p - 1 + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
+        o = torch.zeros(len(full))
+        if old is not None:
+            o[p - 1: p - 1 + n] = old[i]
+        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp), olp.append(o)
+        seq.append(torch.full((len(full),), k, dtype=torch.long))
+        cu.append(cu[-1] + len(full))
+    if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
+        ids = [torch.zeros(min_tokens, dtype=torch.long)]
+        tgt = [torch.full((min_tokens,), IGNORE, dtype=torch.long)]
+        mask = adv = rlp = olp = [torch.zeros(min_tokens)]
+        seq = [torch.zeros(min_tokens, dtype=torch.long)]
+        cu.append(min_tokens)
+    return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
+                      torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
+                      torch.cat(seq), list(indices))
+
+
+def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
+    """Rollout indices grouped by prompt, `prompts_per_mini_batch` prompts per mini-batch."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(rollouts):
+        groups[r.group].append(i)
+    order = list(groups)
+    return [[i for g in order[s:s + prompts_per_mini_batch] for i in groups[g]]
+            for s in range(0, len(order), prompts_per_mini_batch)]
+
+
+# ---------------------------------------------------------------------------------- the actor
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
+                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Actor:
+    """The policy under training: FSDP-sharded model, optimizer, LR schedule, and the update.
+
+    `update(rollouts)` runs the PPO-style epochs over mini-batches and returns metrics that are
+    already reduced over all ranks. All ranks must call it with the same (gathered) rollouts.
+    """
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig) -> None:
+        self.model, self.dims, self.cfg = model, dims, cfg
+        self.device = next(model.parameters()).device
+        self.optimizer = self._make_optimizer(cfg.optim.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
+                                        cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.step_faults: set[str] = set()
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        # foreach=False: identical math on 1 and N ranks (the fused/foreach paths group tensors
+        # differently per shard layout); the optimizer is a negligible part of a step here.
+        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                 weight_decay=o.weight_decay, foreach=False)
+
+    def reset_optimizer(self, lr: float | None = None, warmup: int | None = None) -> None:
+        """Fresh optimizer state and schedule (e.g. after the SFT warm-up, before RL)."""
+        self.optimizer = self._make_optimizer(self.cfg.optim.lr if lr is None else lr)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.optim.warmup_steps if warmup is None else warmup,
+                                        self.cfg.trainer.total_steps, self.cfg.optim.lr_schedule,
+                                        self.cfg.optim.min_lr_ratio)
+
+    # ------------------------------------------------------------------- forward on a micro-batch
+    def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
+        return cp_shard(x, mb.cu_seqlens, self.dims.cp_rank, self.dims.cp_size).to(self.device)
+
+    def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions."""
+        cu = mb.cu_seqlens.to(self.device)
+        with nvtx_range("forward"):
+            return self.model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
+                              temperature=self.temperature)
+
+    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
+        lengths = [rollouts[i].length for i in indices]
+        plan = plan_micro_batches(lengths, self.dims.dp_size, self.dims.dp_rank, self.cfg.trainer.micro_batch_tokens)
+        return [[indices[j] for j in m] for m in plan]
+
+    def _min_tokens(self) -> int:
+        return 2 * self.dims.cp_size * 2
+
+    @torch.no_grad()
+    def compute_logprobs(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Response-token logprobs of the current policy for this rank's share of `indices`
+        (whole sequences: gathered over the cp group). {rollout index: [R] fp32 cpu}."""
+        out: dict[int, torch.Tensor] = {}
+        for members in self._plan(rollouts, indices):
+            mb = build_micro_batch(rollouts, members, None, self._min_tokens())
+            logprob, _ = self.forward(mb)
+            full = cp_gather(logprob.float(), mb.cu_seqlens.to(self.device), self.dims.cp_group).cpu()
+            for k, i in enumerate(members):
+                p, n = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
+                start = int(mb.cu_seqlens[k]) + p - 1
+                out[i] = full[start:start + n].clone()
+        return out
+
+    # ---------------------------------------------------------------------------------- update
+    def update(self, rollouts: Sequence[Rollout], loss: str = "pg", fault_nan: bool = False) -> dict[str, float]:
+        """PPO epochs over mini-batches of prompts; loss "pg" (policy gradient, clipped) or
+        "sft" (token-mean NLL of the responses). Returns metrics reduced over ranks."""
+        cfg = self.cfg
+        minis = split_mini_batches(rollouts, cfg.trainer.mini_batch_prompts)
+        epochs = cfg.algo.ppo_epochs if loss == "pg" else 1
+        on_policy = epochs == 1 and len(minis) == 1
+        need_is = loss == "pg" and cfg.algo.rollout_is != "none" and all(
+            r.rollout_logprobs is not None for r in rollouts)
+        old: dict[int, torch.Tensor] | None = None
+        timings = {}
+        if loss == "pg" and (not on_policy or (need_is and self.dims.cp_size > 1)):
+            t0 = time.perf_counter()
+            with nvtx_range("old_logprob"):
+                old = {}
+                for mini in minis:
+                    old.update(self.compute_logprobs(rollouts, mini))
+            timings["time/old_logprob_s"] = time.perf_counter() - t0
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        norms, skipped, steps = [], 0, 0
+        for _ in range(epochs):
+            for mini in minis:
+                gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, need_is, sums, maxes, fault_nan)
+                norms.append(gnorm)
+                skipped += int(not ok)
+                steps += 1
+        return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss) | timings
+
+    def _optimizer_step(self, rollouts: Sequence[Rollout], mini: list[int], loss_kind: str,
+                        old: dict[int, torch.Tensor] | None, need_is: bool, sums: dict[str, torch.Tensor],
+                        maxes: dict[str, torch.Tensor], fault_nan: bool) -> tuple[float, bool]:
+        from golong.algo import policy_loss, rollout_is_weights
+
+        algo = self.cfg.algo
+        n_tokens = sum(len(rollouts[i].response_ids) for i in mini)  # global: every rank has the batch
+        # FSDP averages gradients over its world; each rank's loss is its share of a global token
+        # mean, so scaling by the world size turns that average into the sum we want.
+        scale = float(self.dims.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        for members in self._plan(rollouts, mini):
+            mb = build_micro_batch(rollouts, members, old, self._min_tokens())
+            logprob, entropy = self.forward(mb)
+            mask = self._shard(mb, mb.mask)
+            if loss_kind == "sft":
+                loss = -(logprob * mask).sum() / n_tokens
+                metrics: dict[str, Any] = {}
+            else:
+                adv = self._shard(mb, mb.advantages)
+                if mb.old_logprobs is not None:
+                    old_lp = self._shard(mb, mb.old_logprobs)
+                else:
+                    old_lp = logprob.detach()
+                is_w = None
+                if need_is and mb.indices:
+                    # weights need whole sequences (veto): on-policy cp=1 has them locally; otherwise
+                    # the old logprobs were gathered over the cp group, so compute globally, then shard
+                    old_full = mb.old_logprobs if mb.old_logprobs is not None else old_lp.detach().cpu()
+                    w, is_metrics = rollout_is_weights(
+                        old_full.to(self.device), mb.rollout_logprobs.to(self.device), mb.mask.to(self.device),
+                        cu_seqlens=mb.cu_seqlens.to(self.device), mode=algo.rollout_is, lower=algo.rollout_is_lower,
+                        upper=algo.rollout_is_upper, veto=algo.rollout_is_veto)
+                    is_w = self._shard(mb, w) if mb.old_logprobs is not None else w
+                    # token means over the micro-batch: weight by its tokens (each cp rank saw all of them)
+                    weight = float(mb.mask.sum()) / self.dims.cp_size
+                    for k, v in is_metrics.items():
+                        if k.startswith("rollout_is/") or k.endswith("ppl") or k.endswith("ppl_ratio"):
+                            sums[f"m:{k}"] += float(v) * weight
+                            sums[f"w:{k}"] += weight
+                loss, metrics = policy_loss(
+                    logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
+                    clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
+                    entropy=entropy if algo.entropy_coef else None, entropy_coef=algo.entropy_coef)
+            if fault_nan:
+                loss = loss * float("nan")
+            with nvtx_range("backward"):
+                (loss * scale).backward()
+            local_tokens = float(mask.sum())
+            sums["loss"] += float(loss.detach())
+            sums["tokens"] += local_tokens
+            sums["entropy"] += float((entropy.detach() * mask).sum())
+            sums["logprob"] += float((logprob.detach() * mask).sum())
+            for k, v in metrics.items():  # policy_loss metrics are sums / global count: just add up
+                sums[f"s:{k}"] += float(v)
+            if mb.has_rollout_logprobs:
+                rlp = self._shard(mb, mb.rollout_logprobs)
+                # the policy the trainer holds vs the one that sampled: with synced weights these
+                # differ only by numerics (kernels, dtypes); stale weights show up here first
+                trainer_lp = (old_lp if loss_kind == "pg" else logprob).detach()
+                d = (trainer_lp - rlp) * mask
+                sums["mismatch_k3"] += float(((torch.exp(d) - 1 - d) * mask).sum())
+                sums["mismatch_abs"] += float(d.abs().sum())
+                sums["mismatch_k1"] += float((-d).sum())
+                sums["mismatch_tokens"] += local_tokens
+                maxes["mismatch_max_abs"] = torch.maximum(maxes["mismatch_max_abs"], d.abs().max().double().cpu())
+        grad_norm = self._clip_grad_norm()
+        loss_total = torch.tensor([sums["loss"] if not fault_nan else float("nan")], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(loss_total)  # every rank must agree on skipping
+        ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
+        if ok:
+            with nvtx_range("optimizer"):
+                self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, ok
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.cfg.optim.grad_clip > 0 and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=False)
+        return float(norm)
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
+                        skipped: int, steps: int, loss_kind: str) -> dict[str, float]:
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        mkeys = sorted(maxes)
+        mvec = torch.stack([maxes[k] for k in mkeys]) if mkeys else torch.zeros(0, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+            dist.all_reduce(mvec, op=dist.ReduceOp.MAX)
+        s = dict(zip(keys, vec.tolist()))
+        tokens = max(s.get("tokens", 0.0), 1.0)
+        prefix = "sft" if loss_kind == "sft" else "actor"
+        out = {
+            f"{prefix}/loss": s.get("loss", 0.0) / max(steps, 1),
+            f"{prefix}/entropy": s.get("entropy", 0.0) / tokens,
+            f"{prefix}/logprob": s.get("logprob", 0.0) / tokens,
+            f"{prefix}/grad_norm": sum(norms) / max(len(norms), 1),
+            f"{prefix}/grad_norm_max": max(norms) if norms else 0.0,
+            f"{prefix}/lr": self.scheduler.get_last_lr()[0],
+            f"{prefix}/optimizer_steps": steps - skipped,
+            f"{prefix}/skipped_steps": skipped,
+            f"{prefix}/tokens": s.get("tokens", 0.0),
+        }
+        for k in keys:
+            if k.startswith("s:"):  # global token means per optimizer step: average over steps
+                out[f"{prefix}/{k[2:]}"] = s[k] / max(steps, 1)
+            elif k.startswith("m:"):  # token-weighted means
+                out[k[2:]] = s[k] / max(s[f"w:{k[2:]}"], 1e-12)
+        if s.get("mismatch_tokens", 0) > 0:
+            mt = s["mismatch_tokens"]
+            out["mismatch/kl"] = s["mismatch_k3"] / mt  # k3 estimator of KL(rollout || trainer)
+            out["mismatch/kl_k1"] = s["mismatch_k1"] / mt
+            out["mismatch/mean_abs"] = s["mismatch_abs"] / mt
+            out.update({f"mismatch/{k[len('mismatch_'):]}": v for k, v in zip(mkeys, mvec.tolist())})
+        return out
+
+    # ---------------------------------------------------------------------------- weight export
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
+        for name, p in self.model.named_parameters():
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+# ------------------------------------------------------------------------------ model building
+def scratch_hf_config(cfg: RunConfig) -> dict[str, Any]:
+    s = cfg.model.scratch
+    assert s is not None
+    d = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_hidden_layers,
+             num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+             head_dim=s.head_dim, intermediate_size=s.intermediate_size,
+             max_position_embeddings=s.max_position_embeddings,
+             rope_theta=s.rope_theta, rms_norm_eps=s.rms_norm_eps, tie_word_embeddings=s.tie_word_embeddings,
+             hidden_act="silu", initializer_range=0.02)
+    if s.num_experts > 0:
+        d.update(model_type="qwen3_moe", num_experts=s.num_experts, num_experts_per_tok=s.num_experts_per_tok,
+                 moe_intermediate_size=s.moe_intermediate_size, norm_topk_prob=s.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        d.update(model_type="qwen3")
+    return d
+
+
+def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> nn.Module:
+    """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
+    rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
+    meta device, sharded, then each rank streams in just its shards."""
+    from golong.models import ModelConfig, Qwen3ForCausalLM, from_config, load_weights
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.model.path is None:
+        torch.manual_seed(cfg.trainer.seed if seed is None else seed)
+        model = from_config(scratch_hf_config(cfg), dtype=torch.float32, device=device)
+    else:
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(ModelConfig.from_hf(cfg.model.path), dtype=torch.float32)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
+               cpu_offload=cfg.parallel.cpu_offload)
+    if cfg.model.path is not None:
+        load_weights(model, cfg.model.path, device=device)
+        model.source_path = cfg.model.path
+    model.cp_group = dims.cp_group
+    return model
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    src = cfg.model.tokenizer or cfg.model.path
+    if src is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    assert cfg.model.scratch is not None
+    return build_demo_tokenizer(vocab_size=cfg.model.scratch.vocab_size)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for name in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+# --------------------------------------------------------------------------------- rollout engine
+class TorchEngine:
+    """The plain-torch rollout engine: an unsharded copy of the policy in the rollout dtype,
+    refreshed from the trainer's parameters after each update (like vLLM's weight sync)."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer: Any) -> None:
+        from golong.models import Qwen3ForCausalLM
+        from golong.rollout.torch_generator import TorchGenerator
+
+        device = next(model.parameters()).device
+        with torch.device("meta"):
+            copy = Qwen3ForCausalLM(model.config, dtype=_DTYPES[cfg.model.dtype])
+        copy.to_empty(device=device)
+        copy.eval().requires_grad_(False)
+        self.gen = TorchGenerator(copy, stop_token_ids(tokenizer), max_batch=256)
+
+    def sync_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.gen.load_weights(named_tensors)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
+                 progress: Any = None) -> GenerationResult:
+        return self.gen.generate(prompts, params, seeds, progress=progress)
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Any:
+    if cfg.rollout.engine == "torch":
+        return TorchEngine(cfg, model, tokenizer)
+    from golong.rollout.vllm_engine import VLLMEngine  # lazy: vLLM only when asked for
+
+    return VLLMEngine.from_trainer_config(cfg, model, tokenizer)
+
+
+# ---------------------------------------------------------------------------------- the trainer
+def _gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _Progress:
+    """A rich progress bar for rollouts on rank 0 (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, enabled: bool, label: str, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), transient=True)
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __call__(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, k)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Trainer:
+    """Owns the data, the actor, the rollout engine, checkpoints and logging. `fit()` runs."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from golong.data import PromptSampler
+
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+            # one process per core share: oversubscribed CPU threads slow small matmuls 10x
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend)
+        self.rank, self.world = self.dims.rank, self.dims.world_size
+        torch.manual_seed(cfg.trainer.seed)
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.tokenizer = load_tokenizer(cfg)
+        self.train_prompts, self.val_prompts = self._load_prompts()
+        self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg)
+        self.model = self.actor.model
+        self.engine = build_engine(cfg, self.model, self.tokenizer)
+        self.engine.sync_weights(self.actor.full_state())
+        self.ckpt = Checkpointer(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.every,
+                                 cfg.checkpoint.keep_last)
+        self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                    wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+        self.step = 0
+        self.sft_done = cfg.trainer.sft_steps == 0
+        self.nonfinite_streak = 0
+        self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
+        if cfg.profile.nvtx:
+            _add_layer_nvtx(self.model)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(f"golong: world {self.world} (dp {self.dims.dp_size} x cp {self.dims.cp_size}), "
+                 f"{n_params / 1e6:.2f}M parameters, {len(self.train_prompts)} train / {len(self.val_prompts)} "
+                 f"val prompts, rollout engine {cfg.rollout.engine}; set up in {time.perf_counter() - t0:.1f}s")
+
+    # ------------------------------------------------------------------------------- data
+    def _load_prompts(self) -> tuple[list[Any], list[Any]]:
+        from golong.data import build_prompts, load_records
+        from golong.data.synthetic import generate
+
+        d = self.cfg.data
+        if d.train_files:
+            train = load_records(list(d.train_files))
+        else:
+            if d.synthetic_n <= 0:
+                raise ValueError("data.train_files is empty and data.synthetic_n is 0: no training data")
+            train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed)
+        if d.val_files:
+            val = load_records(list(d.val_files))
+        elif d.synthetic_val_n > 0:  # a different seed: held-out prompts
+            val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919)
+        else:
+            val = []
+        tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow)
+        vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
+        if not tp:
+            raise ValueError("no training prompt fits data.max_prompt_tokens")
+        return tp, vp
+
+    # ---------------------------------------------------------------------------- rollouts
+    def _sampling(self, val: bool = False) -> SamplingParams:
+        r = self.cfg.rollout
+        if val:
+            return SamplingParams(temperature=r.val_temperature, top_p=r.val_top_p, max_tokens=r.max_response_tokens)
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=r.max_response_tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
+                            label: str) -> tuple[list[tuple[list[int], list[float], str, float]], dict[str, float]]:
+        """n responses per prompt, generated and scored by this rank for its share, gathered.
+        Returns [(tokens, logprobs, finish_reason, score)] in (prompt, sample) order + timings."""
+        from golong.rewards.scoring import RewardConfig, score_records
+
+        requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
+        mine = list(range(self.rank, len(requests), self.world))
+        t0 = time.perf_counter()
+        with nvtx_range("rollout"), _Progress(self.cfg.logging.progress and self.rank == 0, label, len(mine)) as bar:
+            out = self.engine.generate([prompts[requests[j][0]].input_ids for j in mine], params,
+                                       [request_seed(*seed_key, j) for j in mine], progress=bar)
+        t1 = time.perf_counter()
+        with nvtx_range("reward"):
+            rc = self.cfg.rollout
+            scores = score_records([prompts[requests[j][0]].record for j in mine],
+                                   [self._decode(self._strip_stop(t)) for t in out.token_ids],
+                                   config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
+                                                       num_workers=rc.reward_workers))
+        t2 = time.perf_counter()
+        local = [(j, out.token_ids[k], out.logprobs[k], out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
+        merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])
+        gen_tokens = sum(len(x[1]) for x in merged)
+        timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
+                   "perf/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
+        return [x[1:] for x in merged], timings
+
+    def _strip_stop(self, ids: list[int]) -> list[int]:
+        stops = set(self.engine.gen.eos_token_ids) if hasattr(self.engine, "gen") else {self.tokenizer.eos_token_id}
+        return ids[:-1] if ids and ids[-1] in stops else ids
+
+    def collect_rollouts(self, step: int) -> tuple[list[Rollout], dict[str, float]]:
+        """Generate, score and (dynamically) filter until the batch is full or the budget is spent."""
+        from golong.algo import dynamic_sampling_filter
+
+        cfg = self.cfg
+        n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+        kept: list[Rollout] = []
+        every: list[Rollout] = []
+        metrics: dict[str, float] = defaultdict(float)
+        gen_batches = 0
+        max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
+        while gen_batches < max_batches:
+            idx = self.sampler.take(want)
+            prompts = [self.train_prompts[i] for i in idx]
+            results, timings = self._generate_and_score(prompts, n, self._sampling(), (cfg.trainer.seed, step,
+                                                                                       gen_batches),
+                                                        f"rollout step {step}")
+            for k, v in timings.items():
+                metrics[k] += v
+            batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * want + j // n,
+                             task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
+                     for j, (toks, lps, fin, s) in enumerate(results)]
+            every += batch
+            gen_batches += 1
+            if cfg.algo.dynamic_sampling and n > 1:
+                keep, _ = dynamic_sampling_filter(torch.tensor([r.score for r in batch]), [r.group for r in batch])
+                batch = [r for r, k in zip(batch, keep.tolist()) if k]
+            kept += batch
+            if len({r.group for r in kept}) >= want:
+                break
+        groups = list(dict.fromkeys(r.group for r in kept))[:want]
+        chosen = set(groups)
+        kept = [r for r in kept if r.group in chosen]
+        metrics.update(self._rollout_metrics(every))
+        metrics["dynamic_sampling/gen_batches"] = gen_batches
+        metrics["dynamic_sampling/kept_prompts"] = len(groups)
+        metrics["dynamic_sampling/kept_fraction"] = len({r.group for r in kept}) / max(1, len({r.group for r in every}))
+        return kept, dict(metrics)
+
+    def _rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
+        scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)
+        out = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+               "reward/pass_rate": float((scores >= 1.0 - 1e-9).double().mean()),
+               "response/length_mean": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
+               "response/length_max": max(len(r.response_ids) for r in rollouts),
+               "response/clip_ratio": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+               "prompt/length_mean": sum(len(r.prompt_ids) for r in rollouts) / len(rollouts)}
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for r in rollouts:
+            by_task[r.task].append(r.score)
+        for task, s in sorted(by_task.items()):
+            t = torch.tensor(s, dtype=torch.float64)
+            out[f"reward/task/{task}"] = float(t.mean())
+            out[f"reward/task_std/{task}"] = float(t.std()) if len(t) > 1 else 0.0
+        return out
+
+    # ----------------------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict[str, float]:
+        from golong.algo import compute_advantages
+
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        rollouts, metrics = self.collect_rollouts(step)
+        if not rollouts:
+            log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
+                        "generation batches; no update")
+            metrics["time/step_s"] = time.perf_counter() - t_step
+            return metrics
+        t0 = time.perf_counter()
+        with nvtx_range("advantage"):
+            adv, adv_metrics = compute_advantages(
+                cfg.algo.adv_estimator, torch.tensor([r.score for r in rollouts]), [r.group for r in rollouts],
+                [r.task for r in rollouts], eps=cfg.algo.eps, norm_by_task_scale=cfg.algo.norm_by_task_scale,
+                difficulty_reweight=cfg.algo.difficulty_reweight, gamma=cfg.algo.gamma, alpha=cfg.algo.alpha)
+        for r, a in zip(rollouts, adv.tolist()):
+            r.advantage = a
+        metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})
+        metrics["time/advantage_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with nvtx_range("update"):
+            upd = self.actor.update(rollouts, "pg", fault_nan=_fault("nan", step))
+        t_update = time.perf_counter() - t0 - upd.get("time/old_logprob_s", 0.0)
+        metrics.update(upd)
+        metrics["time/update_s"] = t_update
+        metrics["perf/update_tokens_per_s"] = sum(r.length for r in rollouts) * cfg.algo.ppo_epochs / max(t_update,
+                                                                                                          1e-9)
+        t0 = time.perf_counter()
+        with nvtx_range("weight_sync"):
+            self.engine.sync_weights(self.actor.full_state())
+        metrics["time/weight_sync_s"] = time.perf_counter() - t0
+        metrics["time/step_s"] = time.perf_counter() - t_step
+        metrics["perf/tokens_per_s"] = sum(r.length for r in rollouts) / metrics["time/step_s"]
+        metrics["memory/peak_gib"] = peak_memory_gib()
+        return metrics
+
+    # --------------------------------------------------------------------------- validation
+    def validate(self, step: int) -> dict[str, float]:
+        """One response per held-out prompt at the validation sampling settings; per-task means."""
+        if not self.val_prompts:
+            return {}
+        results, timings = self._generate_and_score(self.val_prompts, self.cfg.rollout.val_n, self._sampling(val=True),
+                                                    (self.cfg.trainer.seed, "val"), "validation")
+        by_task: dict[str, list[float]] = defaultdict(list)
+        n = self.cfg.rollout.val_n
+        for j, (_, _, _, s) in enumerate(results):
+            by_task[self.val_prompts[j // n].record.task].append(s)
+        scores = [s for v in by_task.values() for s in v]
+        out = {"val/reward/mean": sum(scores) / len(scores), "val/time_s": timings["time/rollout_s"]
+               + timings["time/reward_s"]}
+        out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
+        self.history.append({"step": step, **out})
+        return out
+
+    # ------------------------------------------------------------------------------ SFT
+    def sft(self) -> None:
+        """Supervised warm-up on the records' reference answers (trainer.sft_steps steps)."""
+        from golong.data import PromptSampler
+        from golong.data.synthetic import reference_response
+
+        cfg = self.cfg
+        sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
+        self.actor.reset_optimizer(lr=cfg.trainer.sft_lr or cfg.optim.lr, warmup=0)
+        eos = self.tokenizer.eos_token_id
+        for s in range(1, cfg.trainer.sft_steps + 1):
+            t0 = time.perf_counter()
+            prompts = [self.train_prompts[i] for i in sampler.take(cfg.trainer.sft_prompts_per_step)]
+            batch = [Rollout(list(p.input_ids), self.tokenizer(reference_response(p.record),
+                                                               add_special_tokens=False)["input_ids"] + [eos],
+                             None, group=j, task=p.record.task) for j, p in enumerate(prompts)]
+            m = self.actor.update(batch, "sft")
+            m["time/step_s"] = time.perf_counter() - t0
+            self.writer.log(s - cfg.trainer.sft_steps - 1, m)  # SFT steps are logged at steps <= 0
+            if s % max(1, cfg.trainer.sft_steps // 10) == 0 or s == cfg.trainer.sft_steps:
+                log.info(f"sft {s}/{cfg.trainer.sft_steps}: loss {m['sft/loss']:.3f} "
+                         f"grad_norm {m['sft/grad_norm']:.2f} ({m['time/step_s']:.1f}s)")
+        self.engine.sync_weights(self.actor.full_state())
+        self.actor.reset_optimizer()
+        self.sft_done = True
+
+    # ----------------------------------------------------------------------------- checkpoint
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "scheduler": self.actor.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
+                "sft_done": self.sft_done, "history": self.history}
+
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        with nvtx_range("checkpoint"):
+            path = self.ckpt.save(self.step, self.model, self.actor.optimizer, self._trainer_state(),
+                                  hf_config=self.model.config.to_hf(dtype=self.cfg.model.dtype),
+                                  extra_files=self._write_tokenizer)
+        log.info(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        return path
+
+    def _write_tokenizer(self, d: Path) -> None:
+        self.tokenizer.save_pretrained(str(d / "tokenizer"))
+
+    def maybe_resume(self) -> None:
+        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        state = self.ckpt.load(path, self.model, self.actor.optimizer)
+        self.actor.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
+        self.sft_done, self.history = state["sft_done"], state.get("history", [])
+        self.engine.sync_weights(self.actor.full_state())
+        log.info(f"resumed from {path} at step {self.step}")
+
+    # --------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.maybe_resume()
+        if not self.sft_done:
+            self.sft()
+            self.writer.log(0, self.validate(0))
+            self.save_checkpoint()
+        elif cfg.trainer.val_before_train and self.step == 0:
+            self.writer.log(0, self.validate(0))
+        while self.step < cfg.trainer.total_steps:
+            self.step += 1
+            step = self.step
+            profiling = step in cfg.profile.steps
+            with cuda_profiler_window(profiling), self._torch_profiler(profiling, step):
+                metrics = self.train_step(step)
+            last = step == cfg.trainer.total_steps
+            if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or last):
+                metrics.update(self.validate(step))
+            skipped = metrics.get("actor/skipped_steps", 0) > 0
+            self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+            self.writer.log(step, metrics)
+            self._log_step(step, metrics)
+            if skipped:
+                log.warning(f"step {step}: non-finite loss or grad norm; skipped the update "
+                            f"({self.nonfinite_streak} in a row)")
+            if _fault("kill", step):
+                os._exit(17)
+            stop = self.nonfinite_streak >= cfg.trainer.max_consecutive_nonfinite
+            if stop or self.ckpt.should_save(step, last_step=last):
+                self.save_checkpoint()
+            if stop:
+                self.writer.close()
+                raise TrainingStopped(f"{self.nonfinite_streak} consecutive non-finite steps (up to step {step}); "
+                                      f"stopped after checkpointing")
+        self.writer.close()
+        return {"step": self.step, "history": self.history}
+
+    def _log_step(self, step: int, m: dict[str, float]) -> None:
+        parts = [f"step {step}/{self.cfg.trainer.total_steps}", f"reward {m.get('reward/mean', float('nan')):.3f}"]
+        if "actor/loss" in m:
+            parts += [f"loss {m['actor/loss']:+.4f}", f"entropy {m['actor/entropy']:.3f}",
+                      f"grad_norm {m['actor/grad_norm']:.3f}"]
+        if "mismatch/kl" in m:
+            parts.append(f"mismatch_kl {m['mismatch/kl']:.2e}")
+        if "val/reward/mean" in m:
+            parts.append(f"val {m['val/reward/mean']:.3f}")
+        parts.append(f"{m.get('time/step_s', 0):.1f}s")
+        log.info(" | ".join(parts))
+
+    def _torch_profiler(self, active: bool, step: int) -> Any:
+        if not (active and self.cfg.profile.torch_trace):
+            return nullcontext()
+        return _TorchTrace(self.run_dir / "profile" / f"trace_step{step:06d}_rank{self.rank}.json")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _TorchTrace:
+    def __init__(self, path: Path) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.path, self.prof = path, profile(activities=acts, record_shapes=True)
+
+    def __enter__(self) -> _TorchTrace:
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.prof.__exit__(*exc)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.path))
+
+
+def _add_layer_nvtx(model: nn.Module) -> None:
+    """An NVTX range around every decoder layer's forward (Nsight shows them per block)."""
+    if not torch.cuda.is_available():
+        return
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: torch.cuda.nvtx.range_push(f"layer{i}"))
+        layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Entry point of `golong train`: build, auto-resume, run to trainer.total_steps."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,722 @@
+"""Varlen (packed) causal GQA flash attention, forward and backward, returning the log-sum-exp.
+
+Layout: every row of a packed batch carries a document id and a position within its document. A query
+row i may attend a key row j iff doc(i) == doc(j) and (not causal or pos(j) <= pos(i)). The public
+`flash_attention` derives (doc, pos) from `cu_seqlens`; ring attention (kernels/ring_attention.py) passes
+the *global* (doc, pos) of a zigzag shard of queries and of a K/V block from another rank, so the same
+local kernels serve both. Rows of each operand are sorted by (doc, pos) (global order), so the keys a
+query row sees are one contiguous index range [kv_lo[i], kv_hi[i]) of the key buffer, and the queries
+that see a key are one range [q_lo[j], q_hi[j]) of the query buffer. The kernels take these per-row
+ranges (computed on device by searchsorted, no host sync): a tile of queries visits only the union of
+its rows' ranges (fully masked tiles are never touched), tiles inside every row's range run without a
+mask, and the mask of the rest is two integer compares.
+
+Shapes and dtypes:
+    q [Tq, Hq, D], k/v [Tk, Hkv, D] (fp32, fp16 or bf16; Hq % Hkv == 0, q head h reads kv head h // G)
+    out [Tq, Hq, D] (dtype of q, or fp32 buffers inside the ring), lse [Tq, Hq] fp32 (natural log;
+    -inf for a row that sees no key, which only happens for a K/V block from another rank).
+All softmax statistics, accumulators and gradients are fp32.
+
+Backends: "triton" (kernels below, also under TRITON_INTERPRET=1 on CPU), "flash_attn" (flash-attn's
+varlen functions; public entry only, GPU), "torch" (blockwise over query and key tiles with an online
+softmax, so memory stays O(tile) however long a document is; CPU path and test oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# --------------------------------------------------------------------------------------------------
+# Row bookkeeping
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Global (document id, position in document) of each row of one operand, sorted by (doc, pos)."""
+
+    doc: torch.Tensor  # [n] int32
+    pos: torch.Tensor  # [n] int32
+
+    def __len__(self) -> int:
+        return self.doc.numel()
+
+    @property
+    def key(self) -> torch.Tensor:
+        """int64 sort key doc << 32 | pos (ascending along the rows)."""
+        return (self.doc.long() << 32) | self.pos.long()
+
+    @staticmethod
+    def from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> Rows:
+        """Rows of a packed batch: document b spans cu_seqlens[b]:cu_seqlens[b+1]. No host sync."""
+        cu = cu_seqlens.to(torch.int64)
+        n = int(total) if total is not None else int(cu[-1])
+        t = torch.arange(n, device=cu.device, dtype=torch.int64)
+        doc = torch.searchsorted(cu[1:], t, right=True)
+        pos = t - cu[doc.clamp(max=cu.numel() - 2)]
+        return Rows(doc.to(torch.int32), pos.to(torch.int32))
+
+
+def key_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row i: the key rows [lo[i], hi[i]) it sees (int32 [Tq] each). Non-decreasing in i."""
+    kk = k.key
+    lo = torch.searchsorted(kk, q.doc.long() << 32)
+    hi = torch.searchsorted(kk, q.key, right=True) if causal else torch.searchsorted(kk, (q.doc.long() + 1) << 32)
+    return lo.to(torch.int32), hi.to(torch.int32)
+
+
+def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key row j: the query rows [lo[j], hi[j]) that see it (int32 [Tk] each). Non-decreasing in j."""
+    qk = q.key
+    lo = torch.searchsorted(qk, k.key) if causal else torch.searchsorted(qk, k.doc.long() << 32)
+    hi = torch.searchsorted(qk, (k.doc.long() + 1) << 32)
+    return lo.to(torch.int32), torch.maximum(lo, hi).to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference (blockwise, online softmax, fp32)
+# --------------------------------------------------------------------------------------------------
+
+TORCH_BLOCK_M = 128
+TORCH_BLOCK_N = 512
+
+
+def _torch_tiles(q: Rows, k: Rows, causal: bool, n_q: int):
+    """Yield (i0, i1, j0, j1, mask [i1-i0, j1-j0]) over the visible tiles (host loop, CPU backend)."""
+    lo, hi = key_ranges(q, k, causal)
+    lo_h, hi_h = lo.tolist(), hi.tolist()
+    for i0 in range(0, n_q, TORCH_BLOCK_M):
+        i1 = min(i0 + TORCH_BLOCK_M, n_q)
+        jlo, jhi = min(lo_h[i0:i1]), max(hi_h[i0:i1])
+        for j0 in range(jlo, jhi, TORCH_BLOCK_N):
+            j1 = min(j0 + TORCH_BLOCK_N, jhi)
+            j = torch.arange(j0, j1, device=lo.device)
+            yield i0, i1, j0, j1, (j[None, :] >= lo[i0:i1, None]) & (j[None, :] < hi[i0:i1, None])
+
+
+def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
+               scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fill out [Tq,Hq,D] and lse [Tq,Hq] (fp32). Query tiles x key tiles, only the visible key range."""
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    state: dict[int, Any] = {}
+
+    def finish(i0: int) -> None:
+        m, l, acc = state.pop(i0)
+        n = acc.shape[2]
+        o = torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)
+        out[i0:i0 + n] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(out.dtype)
+        lse[i0:i0 + n] = (m + torch.log(l)).permute(2, 0, 1).reshape(n, Hq)
+
+    for i0 in range(0, Tq, TORCH_BLOCK_M):  # rows that see nothing still need out 0, lse -inf
+        n = min(TORCH_BLOCK_M, Tq - i0)
+        state[i0] = (torch.full((Hkv, G, n), -math.inf, device=q.device), torch.zeros(Hkv, G, n, device=q.device),
+                     torch.zeros(Hkv, G, n, D, device=q.device))
+    for i0, i1, j0, j1, mask in _torch_tiles(qr, kr, causal, Tq):
+        n = i1 - i0
+        m, l, acc = state[i0]
+        # [Hkv, G, n, D]: the G query heads sharing a kv head batch against it
+        qb = (q[i0:i1].float() * scale).view(n, Hkv, G, D).permute(1, 2, 0, 3)
+        kb = k[j0:j1].float().permute(1, 2, 0)[:, None]  # [Hkv, 1, D, nk]
+        vb = v[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
+        s = torch.matmul(qb, kb).masked_fill_(~mask, -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # all-masked-so-far rows
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        state[i0] = (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + torch.matmul(p, vb))
+    for i0 in list(state):
+        finish(i0)
+
+
+def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+               delta: torch.Tensor, qr: Rows, kr: Rows, causal: bool, scale: float,
+               dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Accumulate dq [Tq,Hq,D], dk/dv [Tk,Hkv,D] (fp32) given lse and delta = rowsum(dO*O) - dlse."""
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    for i0, i1, j0, j1, mask in _torch_tiles(qr, kr, causal, Tq):
+        n = i1 - i0
+        qb = q[i0:i1].float().view(n, Hkv, G, D).permute(1, 2, 0, 3)
+        dob = do[i0:i1].float().view(n, Hkv, G, D).permute(1, 2, 0, 3)
+        lb = lse[i0:i1].view(n, Hkv, G).permute(1, 2, 0)
+        lb = torch.where(torch.isinf(lb), 0.0, lb)[..., None]
+        db = delta[i0:i1].view(n, Hkv, G).permute(1, 2, 0)[..., None]
+        kb = k[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
+        vb = v[j0:j1].float().permute(1, 0, 2)[:, None]
+        s = (torch.matmul(qb, kb.transpose(-1, -2)) * scale).masked_fill_(~mask, -math.inf)
+        p = torch.exp(s - lb)  # [Hkv, G, n, nk]
+        dv[j0:j1] += torch.einsum("hgqk,hgqd->khd", p, dob)
+        ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - db) * scale
+        dq[i0:i1] += torch.matmul(ds, kb).permute(2, 0, 1, 3).reshape(n, Hq, D)
+        dk[j0:j1] += torch.einsum("hgqk,hgqd->khd", ds, qb)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr):
+    """Each row's range start and length; the union [lo, hi) of the rows' ranges; and [a, b): the tiles
+    (grid lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and
+    [b, hi) are masked."""
+    r_lo = tl.load(lo_ptr + offs, mask=ok, other=0)
+    r_hi = tl.load(hi_ptr + offs, mask=ok, other=0)
+    lo = tl.min(tl.where(ok, r_lo, 2147483647), 0)
+    hi = tl.max(r_hi, 0)
+    full_lo = tl.max(r_lo, 0)
+    full_hi = tl.min(tl.where(ok, r_hi, 2147483647), 0)
+    n_a = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
+    n_b = tl.maximum(tl.maximum(full_hi - lo, 0) // BLOCK, n_a)
+    r_len = (r_hi - r_lo).to(tl.uint32, bitcast=True)
+    return r_lo, r_len, lo, hi, lo + n_a * BLOCK, lo + n_b * BLOCK
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, Kp, Vp, start, end, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for s0 in range(start, end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < hi
+            kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            v = tl.load(Vp + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(Vp + offs_n[:, None] * stride_vt + offs_d[None, :])
+        s = tl.dot(q, kT) * qk_scale
+        if MASKED:
+            # lo <= n < hi as one unsigned compare: n - lo wraps to a huge value when n < lo
+            ok = (offs_n[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
+            s = tl.where(ok, s, float("-inf"))
+        # m_i starts at a finite -1e30 (not -inf), so a row with no visible key so far has exp2(-inf - m) = 0
+        # terms and alpha = 1 on an all-zero state, with no inf - inf
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KV_LO, KV_HI,
+    Tq, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M query rows x one query head, over the union of its rows' key ranges.
+
+    qk_scale = softmax_scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op).
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    r_lo, r_len, lo, hi, a, b = _tile_split(KV_LO, KV_HI, offs_m, m_ok, BLOCK_N)
+    Kp = K + kvh * stride_kh
+    Vp = V + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, lo, a, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                               True, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, a, b, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                               False, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, b, hi, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                               True, HEAD_DIM, BLOCK_N)
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None])
+    tl.store(LSE + offs_m * stride_lt + h, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, Tq, H,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[t, h] = sum_d O*dO - dlse (fp32): the softmax-backward row term, lse's gradient folded in."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    o = tl.load(O + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=m_ok[:, None],
+                 other=0.0)
+    d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        d -= tl.load(DLSE + offs_m * H + h, mask=m_ok, other=0.0)
+    tl.store(DELTA + offs_m * H + h, d, mask=m_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, lo, a, b, hi, r_lo, r_len, qk_scale, Hq, stride_qt,
+                stride_dot, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # One loop with the mask applied only on tiles outside [a, b): three separate loops (as in the forward)
+    # need more registers than the dK/dV accumulators leave, and ptxas would spill.
+    offs_d = tl.arange(0, HEAD_DIM)
+    for s0 in range(lo, hi, BLOCK_M):
+        offs_m = s0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < hi
+        qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None], mask=m_ok[None, :], other=0.0)
+        do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(LSEp + offs_m * Hq, mask=m_ok, other=0.0)
+        delta = tl.load(DELTAp + offs_m * Hq, mask=m_ok, other=0.0)
+        # lse is finite for every query row that sees a key of this block (the global lse includes it)
+        sT = tl.dot(k, qT) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        if (s0 < a) | (s0 >= b):
+            ok = (offs_m[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
+            pT = tl.where(ok, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LO, Q_HI,
+    Tk, Hq, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
+
+    Works on transposed tiles (keys x queries) so dK, dV accumulate in registers without atomics.
+    """
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < Tk
+    k = tl.load(K + offs_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    r_lo, r_len, lo, hi, a, b = _tile_split(Q_LO, Q_HI, offs_n, n_ok, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        Qp = Q + h * stride_qh
+        DOp = DO + h * stride_doh
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE + h, DELTA + h, lo, a, b, hi, r_lo, r_len, qk_scale, Hq,
+                             stride_qt, stride_dot, HEAD_DIM, BLOCK_M)
+    dk *= sm_scale
+    dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + offs_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
+    if ACCUMULATE:  # ring: add this block pair's share into the fp32 buffer travelling with K/V
+        dk += tl.load(dk_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, Kp, Vp, start, end, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for s0 in range(start, end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n < hi
+            kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            vT = tl.load(Vp + offs_n[None, :] * stride_vt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None])
+            vT = tl.load(Vp + offs_n[None, :] * stride_vt + offs_d[:, None])
+        p = tl.math.exp2(tl.dot(q, kT) * qk_scale - lse[:, None])
+        if MASKED:
+            ok = (offs_n[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LO, KV_HI,
+    Tq, Hq, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=m_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + offs_m * Hq + h, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a row sees no key: every p is masked to 0
+    delta = tl.load(DELTA + offs_m * Hq + h, mask=m_ok, other=0.0)
+    r_lo, r_len, lo, hi, a, b = _tile_split(KV_LO, KV_HI, offs_m, m_ok, BLOCK_N)
+    Kp = K + kvh * stride_kh
+    Vp = V + kvh * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, lo, a, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                   True, HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, a, b, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                   False, HEAD_DIM, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, b, hi, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
+                   True, HEAD_DIM, BLOCK_N)
+    dq *= sm_scale
+    dq_ptrs = DQ + offs_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Tile sizes and launch options (production: head_dim 128, bf16, sm_90)."""
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    bwd_block_m: int = 64  # query tile of the dK/dV kernel
+    bwd_block_n: int = 64  # key tile of the dK/dV kernel
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    pre_block_m: int = 64
+
+
+CONFIG = TritonConfig()
+# small tiles keep the interpreter fast and put many tile boundaries inside tiny test inputs
+INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16)
+
+
+def _cfg(q: torch.Tensor) -> TritonConfig:
+    return CONFIG if q.is_cuda else INTERPRET_CONFIG
+
+
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
+                scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    Tq, Hq, D = q.shape
+    if Tq == 0:
+        return
+    c = _cfg(q)
+    lo, hi = key_ranges(qr, kr, causal)
+    _attn_fwd_kernel[(triton.cdiv(Tq, c.fwd_block_m), Hq)](
+        q, k, v, out, lse, lo, hi, Tq, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0),
+        GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
+        num_warps=c.fwd_warps, num_stages=c.fwd_stages,
+    )
+
+
+def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    Tq, Hq, D = out.shape
+    delta = torch.empty(Tq, Hq, device=out.device, dtype=torch.float32)
+    if Tq == 0:
+        return delta
+    c = _cfg(out)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, c.pre_block_m), Hq)](
+        out, do, dlse if dlse is not None else delta, delta, Tq, Hq,
+        out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        HAS_DLSE=dlse is not None, HEAD_DIM=D, BLOCK_M=c.pre_block_m,
+    )
+    return delta
+
+
+def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                delta: torch.Tensor, qr: Rows, kr: Rows, causal: bool, scale: float,
+                dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, accumulate: bool) -> None:
+    """Write (or with accumulate, add into) dq, dk, dv; the buffers' dtype is the output dtype."""
+    Tq, Hq, D = q.shape
+    Tk, Hkv, _ = k.shape
+    if Tq == 0 or Tk == 0:
+        if not accumulate:
+            dq.zero_(), dk.zero_(), dv.zero_()
+        return
+    c = _cfg(q)
+    G = Hq // Hkv
+    qlo, qhi = query_ranges(qr, kr, causal)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, c.bwd_block_n), Hkv)](
+        q, k, v, do, lse, delta, dk, dv, qlo, qhi,
+        Tk, Hq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.bwd_block_m, BLOCK_N=c.bwd_block_n,
+        num_warps=c.bwd_warps, num_stages=c.bwd_stages,
+    )
+    klo, khi = key_ranges(qr, kr, causal)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, c.dq_block_m), Hq)](
+        q, k, v, do, lse, delta, dq, klo, khi,
+        Tq, Hq, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1),
+        GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
+        num_warps=c.dq_warps, num_stages=c.dq_stages,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Local block attention (shared by flash_attention and ring_attention)
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve(backend: str, t: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if t.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"unknown local attention backend {backend!r}")
+    return backend
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    # the kernels take row/head strides but assume a contiguous head_dim (K/V slices of a ring buffer)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"expected q [T,Hq,D], k/v [T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"GQA needs Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs {tuple(k.shape)}")
+
+
+def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool,
+                        scale: float, backend: str = "auto", out_dtype: torch.dtype | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query rows qr over key rows kr (global doc/pos bookkeeping) -> (out, lse fp32).
+
+    out has dtype out_dtype (default q.dtype); a row that sees no key gets out 0 and lse -inf.
+    """
+    _check(q, k, v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
+    lse = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
+    if q.shape[0] and not k.shape[0]:
+        out.zero_(), lse.fill_(-math.inf)
+        return out, lse
+    if _resolve(backend, q) == "triton":
+        _triton_fwd(q, k, v, qr, kr, causal, scale, out, lse)
+    else:
+        _torch_fwd(q, k, v, qr, kr, causal, scale, out, lse)
+    return out, lse
+
+
+def attention_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None = None, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """delta [T,Hq] fp32 = rowsum(out * dout) - dlse, the row term of the softmax backward."""
+    if _resolve(backend, out) == "triton":
+        return _triton_delta(out.contiguous(), do.contiguous(), None if dlse is None else dlse.float().contiguous())
+    d = torch.einsum("thd,thd->th", out.float(), do.float())
+    return d if dlse is None else d - dlse.float()
+
+
+def block_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                        delta: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool, scale: float,
+                        backend: str = "auto", dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
+                        dv: torch.Tensor | None = None, grad_dtype: torch.dtype = torch.float32
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of one block pair, given the row lse and delta of the *full* attention.
+
+    Because p = exp(s - lse_full) is the exact global softmax restricted to this block, the block
+    gradients of a ring simply add up: pass fp32 buffers dq, dk, dv (all three, any strides with a unit
+    last stride) and the block's gradients are added into them. Without buffers, fresh gradients are
+    returned in grad_dtype (accumulated in fp32 either way).
+    """
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    lse, delta = lse.contiguous(), delta.contiguous()
+    accumulate = dq is not None
+    if accumulate and (dk is None or dv is None or {dq.dtype, dk.dtype, dv.dtype} != {torch.float32}):
+        raise ValueError("pass all three fp32 gradient buffers or none")
+    if _resolve(backend, q) == "triton":
+        if not accumulate:
+            dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+            dk = torch.empty(k.shape, device=q.device, dtype=grad_dtype)
+            dv = torch.empty(v.shape, device=q.device, dtype=grad_dtype)
+        _triton_bwd(do, q, k, v, lse, delta, qr, kr, causal, scale, dq, dk, dv, accumulate)
+        return dq, dk, dv
+    if accumulate:
+        _torch_bwd(do, q, k, v, lse, delta, qr, kr, causal, scale, dq, dk, dv)
+        return dq, dk, dv
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+    _torch_bwd(do, q, k, v, lse, delta, qr, kr, causal, scale, dq, dk, dv)
+    return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd + public entry
+# --------------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                causal: bool, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = Rows.from_cu_seqlens(cu_seqlens, q.shape[0])
+        out, lse = block_attention_fwd(q, k, v, rows, rows, causal=causal, scale=scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse, rows.doc, rows.pos)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, out, lse, doc, pos = ctx.saved_tensors
+        rows = Rows(doc, pos)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = attention_delta(out, dout, dlse, backend=ctx.backend)
+        dq, dk, dv = block_attention_bwd(dout, q, k, v, lse, delta, rows, rows, causal=ctx.causal, scale=ctx.scale,
+                                         backend=ctx.backend, grad_dtype=q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _flash_attn_available(q: torch.Tensor) -> bool:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    # max_seqlen is a launch-grid bound; flash-attn needs it on the host (one sync)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal,
+                                         return_attn_probs=True)
+    # flash-attn 2 returns lse [Hq, T] for varlen input
+    return out, lse.transpose(0, 1).float()
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                    causal: bool = True, softmax_scale: float | None = None, backend: str = "auto"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention with GQA.
+
+    q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0), cu_seqlens [B+1] int32 (document b is rows
+    cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[-1] == T). softmax_scale defaults to D**-0.5.
+    Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
+    of each row). Differentiable w.r.t. q, k, v through out and lse.
+    backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch", or "flash_attn" (flash-attn's
+    varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing).
+    """
+    _check(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if backend == "flash_attn":
+        if _flash_attn_available(q):
+            return _flash_attn_varlen(q, k, v, cu_seqlens, causal, scale)
+        backend = "triton"
+    return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
+
+
+# Production configurations for the AOT sm_90 compile test (head_dim 128, bf16, GQA 32/8; the ring's
+# fp32 gradient buffers, which is the larger-register variant of the backward kernels).
+def _i32(*names: str) -> dict[str, str]:
+    return dict.fromkeys(names, "i32")
+
+
+def _aligned(*names: str) -> list[str]:
+    # what the JIT specialises at run time: torch allocations are 16-byte aligned, and with head_dim 128
+    # every row/head stride of q/k/v (also of slices of a fused qkv or of the ring's [n, 2*Hkv, D]
+    # buffer) is a multiple of 16 elements
+    return [*names, "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"]
+
+
+_STRIDES_QKV = _i32("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
+AOT_CONFIGS: list[dict[str, Any]] = [
+    {
+        "name": "attn_fwd",
+        "fn": _attn_fwd_kernel,
+        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
+                      "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
+                      **_i32("stride_ot", "stride_oh", "stride_lt")},
+        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": CONFIG.fwd_block_m, "BLOCK_N": CONFIG.fwd_block_n},
+        "num_warps": CONFIG.fwd_warps,
+        "num_stages": CONFIG.fwd_stages,
+        "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
+    },
+    {
+        "name": "attn_bwd_dkdv",
+        "fn": _attn_bwd_dkdv_kernel,
+        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                      "DK": "*fp32", "DV": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32", "Hq": "i32",
+                      "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                      **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh")},
+        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": CONFIG.bwd_block_m,
+                       "BLOCK_N": CONFIG.bwd_block_n},
+        "num_warps": CONFIG.bwd_warps,
+        "num_stages": CONFIG.bwd_stages,
+        "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "Q_LO", "Q_HI", "stride_dot",
+                                    "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh"),
+    },
+    {
+        "name": "attn_bwd_dq",
+        "fn": _attn_bwd_dq_kernel,
+        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                      "DQ": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "Tq": "i32", "Hq": "i32",
+                      "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                      **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh")},
+        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": CONFIG.dq_block_m,
+                       "BLOCK_N": CONFIG.dq_block_n},
+        "num_warps": CONFIG.dq_warps,
+        "num_stages": CONFIG.dq_stages,
+        "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",
+                                    "stride_doh", "stride_dqt", "stride_dqh"),
+    },
+    {
+        "name": "attn_bwd_preprocess",
+        "fn": _attn_bwd_preprocess_kernel,
+        "signature": {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32", "Tq": "i32", "H": "i32",
+                      **_i32("stride_ot", "stride_oh", "stride_dot", "stride_doh")},
+        "constexprs": {"HAS_DLSE": False, "HEAD_DIM": 128, "BLOCK_M": CONFIG.pre_block_m},
+        "num_warps": 4,
+        "num_stages": 1,
+        "divisible_by_16": ["O", "DO", "DLSE", "DELTA", "stride_ot", "stride_oh", "stride_dot", "stride_doh"],
+    },
+]

@@ -1,0 +1,348 @@
+"""Grouped GEMM over variable-size row groups: y[rows of g] = x[rows of g] @ w[g].
+
+    x [M, K], w [G, K, N], offsets [G] int32 cumulative row ends (offsets[-1] == M); group g owns
+    rows offsets[g-1]:offsets[g] (offsets[-1] := 0 for g = 0). Groups may be empty. -> y [M, N]
+    in x's dtype, accumulated in fp32.  Differentiable w.r.t. x and w:
+        dx[rows of g] = dy[rows of g] @ w[g]^T        (the forward kernel on w's transposed view)
+        dw[g]         = x[rows of g]^T @ dy[rows of g] (a grouped reduction kernel)
+
+This is the MoE expert GEMM: rows are token copies sorted by expert (kernels.moe_route), w the
+stacked expert weights. `w` may be any strided view (e.g. transformers' fused
+`gate_up_proj.transpose(1, 2)`): nothing copies it, and dw is allocated with w's strides so the
+gradient lands in the parameter's own layout.
+
+Backends: "triton" (persistent kernel over all groups' tiles, GPU or the interpreter), "torch"
+(`torch._grouped_mm` where it applies — int32 offsets, 16-byte aligned strides, fp32/bf16/fp16 on
+CPU, bf16 on CUDA — else a per-group loop, which reads the offsets on the host and is meant as the
+fp64 oracle / odd-layout fallback). "auto": triton on CUDA, torch otherwise. Neither the Triton
+path nor the `_grouped_mm` path synchronises with the host: grids depend on shapes only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768).
+# 128x128 fp32 accumulators over 8 warps (two warpgroups of wgmma), 4 cp.async stages of
+# (128x64 + 64x128) bf16 = 128 KiB shared memory.
+FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
+# dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps.
+DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4}
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_mm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, offs_ptr,
+    G, N, K,
+    stride_xm, stride_xk,
+    stride_wg, stride_wk, stride_wn,
+    stride_ym, stride_yn,
+    NUM_PROGRAMS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Persistent grid: program p takes global tiles p, p + P, p + 2P, ... of the concatenation of
+    every group's (m-tile, n-tile) grid. Tile counts come from the device-side offsets, so the grid
+    (P programs) is fixed by the shapes and empty groups simply own no tiles."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile = pid  # next global tile this program owns; only ever increases
+    first_tile = 0  # global index of group g's first tile
+    row_start = 0
+    for g in range(G):
+        row_end = tl.load(offs_ptr + g)
+        group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * num_n
+        while tile < first_tile + group_tiles:
+            local = tile - first_tile
+            # n fastest: programs running together share x's row block and sweep w[g]
+            # (<= 6 MiB in bf16 for Qwen3-30B-A3B), which stays in L2.
+            tm = local // num_n
+            tn = local % num_n
+            rm = row_start + tm * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+            rk = tl.arange(0, BLOCK_K)
+            m_mask = rm < row_end
+            n_mask = rn < N
+            # int64 row offsets: 1M-token packs x 8 copies x 2048 overflow int32
+            x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+            w_ptrs = w_ptr + tl.cast(g, tl.int64) * stride_wg + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                    b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                else:
+                    k_mask = rk < K - k0
+                    a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+            y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            tile += NUM_PROGRAMS
+        first_tile += group_tiles
+        row_start = row_end
+
+
+@triton.jit
+def _grouped_mm_dw_kernel(
+    x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    K, N,
+    stride_xm, stride_xk,
+    stride_dym, stride_dyn,
+    stride_dwg, stride_dwk, stride_dwn,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dw[g, k-tile, n-tile] = sum over group g's rows of x^T dy. Grid (k-tiles * n-tiles, G); an
+    empty group runs zero reduction steps and writes zeros, as its gradient is."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tk = pid // num_n
+    tn = pid % num_n
+    row_start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+    row_end = tl.load(offs_ptr + g)
+    rk = tk * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    k_mask = rk < K
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + rm
+        m_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        a = tl.load(x_ptr + rows64[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(dy_ptr + rows64[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc)
+    dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + rk[:, None] * stride_dwk + rn[None, :] * stride_dwn
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
+    # the interpreter runs programs one after another: a few programs still exercise the
+    # multi-tile-per-program schedule without wasting time
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 4
+    return max(1, min(sms, max_tiles))
+
+
+def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    cfg = {**FWD_CONFIG, **(config or {})}
+    M, K = x.shape
+    G, _, N = w.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y.zero_()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    # each non-empty group adds at most one partial m-tile: a shape-only bound on the tile count
+    max_tiles = (triton.cdiv(M, bm) + G) * triton.cdiv(N, bn)
+    programs = _persistent_programs(x, max_tiles)
+    _grouped_mm_fwd_kernel[(programs,)](
+        x, w, y, offsets, G, N, K,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+        programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
+def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor,
+               config: dict[str, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    cfg = {**DW_CONFIG, **(config or {})}
+    K, N = x.shape[1], dy.shape[1]
+    G = offsets.shape[0]
+    # same strides as w (empty_like keeps a dense permuted layout): a transposed parameter view
+    # gets its gradient in the parameter's own layout, with no copy in AccumulateGrad
+    dw = torch.empty_like(like) if out is None else out
+    if K == 0 or N == 0 or G == 0:
+        return dw.zero_()
+    bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), G)
+    _grouped_mm_dw_kernel[grid](
+        x, dy, dw, offsets, K, N,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dw
+
+
+class _TritonGroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w, offsets)
+        return _triton_fwd(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _triton_fwd(dy, w.transpose(1, 2), offsets)
+        if ctx.needs_input_grad[1]:
+            dw = _triton_dw(x, dy, offsets, like=w)
+        return dx, dw, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch reference / CPU path
+# --------------------------------------------------------------------------------------------
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch._grouped_mm's layout rule: a unit stride in one of the last two dims, every other
+    stride (and the base pointer) a multiple of 16 bytes."""
+    if t.stride(-1) != 1 and t.stride(-2) != 1:
+        return False
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape)
+                                          if s != 1 and n > 1)
+
+
+def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm can take (a, b, offsets) as they are (checked on shapes, no sync)."""
+    if not hasattr(torch, "_grouped_mm") or offsets.dtype != torch.int32 or a.dtype != b.dtype:
+        return False
+    ok_dtypes = (torch.bfloat16,) if a.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
+    if a.dtype not in ok_dtypes or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    return _aligned(a) and _aligned(b)
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y = per-group x_g @ w[g] without autograd (torch._grouped_mm or a loop)."""
+    if grouped_mm_supported(x, w, offsets):
+        return torch._grouped_mm(x, w, offs=offsets)
+    y = x.new_empty(x.shape[0], w.shape[2])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):  # host sync: fallback / oracle only
+        torch.matmul(x[start:end], w[g], out=y[start:end])
+        start = end
+    return y
+
+
+def _mm_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """dw[g] = x_g^T @ dy_g in w's layout."""
+    n_major = like.stride(1) == 1 and like.stride(2) != 1  # w is a transposed [G, N, K] view
+    if n_major and grouped_mm_supported(dy.t(), x, offsets):
+        return torch._grouped_mm(dy.t(), x, offs=offsets).transpose(1, 2)
+    if not n_major and grouped_mm_supported(x.t(), dy, offsets):
+        return torch._grouped_mm(x.t(), dy, offs=offsets)
+    dw = torch.empty_like(like)
+    start = 0
+    for g, end in enumerate(offsets.tolist()):  # host sync: fallback / oracle only
+        torch.matmul(x[start:end].t(), dy[start:end], out=dw[g])
+        start = end
+    return dw
+
+
+class _TorchGroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x, w, offsets)
+        return _mm(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets = ctx.saved_tensors
+        dy = dy.contiguous()  # _grouped_mm needs an aligned upstream gradient
+        dx = _mm(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+        dw = _mm_dw(x, dy, offsets, like=w) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Plain per-group loop with autograd through torch ops (any dtype, e.g. the fp64 oracle)."""
+    out = []
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        out.append(x[start:end] @ w[g])
+        start = end
+    return torch.cat(out) if out else x.new_empty(0, w.shape[2])
+
+
+# --------------------------------------------------------------------------------------------
+# dispatcher
+# --------------------------------------------------------------------------------------------
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Grouped matmul: x [M, K], w [G, K, N] (any strides), offsets [G] int32 -> y [M, N].
+
+    Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets[-1] must equal M (not
+    checked: that would need a host sync). backend: "auto" | "triton" | "torch".
+    """
+    if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1:
+        raise ValueError(f"expected x [M,K], w [G,K,N], offsets [G]; got {tuple(x.shape)}, {tuple(w.shape)}, "
+                         f"{tuple(offsets.shape)}")
+    if x.shape[1] != w.shape[1] or offsets.shape[0] != w.shape[0]:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w {tuple(w.shape)}, offsets {tuple(offsets.shape)}")
+    if offsets.dtype != torch.int32:
+        raise TypeError(f"offsets must be int32, got {offsets.dtype}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "triton":
+        return _TritonGroupedMM.apply(x, w, offsets)
+    if backend == "torch":
+        return _TorchGroupedMM.apply(x, w, offsets)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _aot_configs() -> list[dict[str, Any]]:
+    ptr = "*bf16"
+    fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "offs_ptr": "*i32", "G": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32",
+               "stride_ym": "i32", "NUM_PROGRAMS": "i32"}
+    fwd_const = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True,
+                 **{k: v for k, v in FWD_CONFIG.items() if k.startswith("BLOCK")}}
+    # what the JIT marks 16-divisible at Qwen3-30B-A3B shapes: aligned pointers, sizes and strides
+    # (2048, 1536, 768, expert strides); G = 128 too, NUM_PROGRAMS (the SM count, 132) is not
+    fwd_div = [k for k in fwd_sig if k != "NUM_PROGRAMS"]
+    dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "K": "i32", "N": "i32",
+              "stride_xm": "i32", "stride_dym": "i32", "stride_dwg": "i32", "stride_dwk": "i32", "stride_dwn": "i32"}
+    dw_const = {"stride_xk": 1, "stride_dyn": 1, **{k: v for k, v in DW_CONFIG.items() if k.startswith("BLOCK")}}
+    fwd_opts = {"num_warps": FWD_CONFIG["num_warps"], "num_stages": FWD_CONFIG["num_stages"]}
+    configs = []
+    # The JIT specialises an int arg equal to 1 as a constant, so the unit stride of w picks the
+    # binary: the forward reads w = gate_up_proj^T / down_proj^T views (unit stride along K), dX
+    # reads their transposes (unit stride along N).
+    for name, unit in (("grouped_mm_fwd", "stride_wk"), ("grouped_mm_dx", "stride_wn")):
+        sig = {k: v for k, v in fwd_sig.items() if k != unit}
+        configs.append({"name": name, "fn": _grouped_mm_fwd_kernel, "signature": sig,
+                        "constexprs": {**fwd_const, unit: 1}, **fwd_opts,
+                        "divisible_by_16": [k for k in fwd_div if k != unit]})
+    # dW is written in w's layout: [E, 2I, H] / [E, H, I] parameters seen as [E, K, N] -> unit stride along K
+    dw_sig.pop("stride_dwk")
+    configs.append({"name": "grouped_mm_dw", "fn": _grouped_mm_dw_kernel, "signature": dw_sig,
+                    "constexprs": {**dw_const, "stride_dwk": 1}, "num_warps": DW_CONFIG["num_warps"],
+                    "num_stages": DW_CONFIG["num_stages"], "divisible_by_16": list(dw_sig)})
+    return configs
+
+
+# Production sm_90 compile targets (bf16, Qwen3-30B-A3B): x and y row-major (unit inner stride, as
+# the JIT specialises it); w's strides are runtime values so one binary serves the forward
+# (w = gate_up_proj^T / down_proj^T views) and dX (w^T views) alike.
+AOT_CONFIGS: list[dict[str, Any]] = _aot_configs()

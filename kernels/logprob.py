@@ -1,0 +1,669 @@
+"""Fused LM-head log-probability and entropy: `linear_logprob_entropy`.
+
+For hidden states h [N, H], the LM-head weight W [V, H] and sampled tokens t [N]:
+
+    z        = h @ W.T / T                      (never materialised as [N, V])
+    logprob  = z[t] - logsumexp(z)              [N] fp32
+    entropy  = -(p * log p).sum(-1), p = softmax(z)   [N] fp32
+
+Both outputs are differentiable w.r.t. h and W. With upstream grads g_lp, g_ent the logit grad is
+
+    dz = (g_lp * (onehot(t) - p) - g_ent * p * (log p + entropy)) / T
+
+and dh = dz @ W, dW = dz.T @ h. Rows whose target equals `ignore_index` give 0 and no gradient.
+
+Both backends stream over vocabulary tiles with an online merge of (max m, s = sum exp(z - m),
+a = sum exp(z - m) * (z - m)) in fp32, so that lse = m + log s and entropy = log s - a / s. The
+shifted form of a avoids the cancellation of `lse - E[z]` when logits share a large offset.
+
+Backends: "torch" chunks over tokens and vocab (CPU path and test oracle; memory independent of
+N); "triton" runs the kernels below (forward: tiles over tokens x vocab splits; backward: the
+logits are recomputed tile by tile, dz is built in registers and consumed at once by tensor-core
+dots for dh and dW, accumulated in fp32). "auto" = triton on CUDA tensors, torch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear_logprob_entropy", "linear_logprob_entropy_reference", "AOT_CONFIGS"]
+
+# torch backend tiles: one fp32 [TOKEN_CHUNK, VOCAB_CHUNK] tile is 32 MiB; a handful are live at once.
+TOKEN_CHUNK = 1024
+VOCAB_CHUNK = 8192
+
+# Large finite stand-in for -inf as the running max, so the rescale factors never compute inf - inf.
+_NEG_BIG = -1.0e30
+
+
+# --------------------------------------------------------------------------------------------------
+# torch backend (chunked, fp32 accumulation)
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns logprob, entropy, lse, each [N] fp32 (ignored rows: logprob = entropy = 0)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    logprob = torch.zeros(n, dtype=torch.float32, device=dev)
+    entropy = torch.zeros(n, dtype=torch.float32, device=dev)
+    lse_out = torch.zeros(n, dtype=torch.float32, device=dev)
+    for n0 in range(0, n, TOKEN_CHUNK):
+        n1 = min(n, n0 + TOKEN_CHUNK)
+        tc = targets[n0:n1]
+        valid = tc != ignore_index
+        if not valid.any():  # e.g. prompt tokens of packed sequences
+            continue
+        hc = hidden[n0:n1].float() * inv_t  # z = (h / T) @ W.T: the temperature costs no pass over [n, V]
+        m = torch.full((n1 - n0,), _NEG_BIG, dtype=torch.float32, device=dev)
+        s = torch.zeros_like(m)
+        a = torch.zeros_like(m)
+        zt = torch.zeros_like(m)
+        for v0 in range(0, v, VOCAB_CHUNK):
+            v1 = min(v, v0 + VOCAB_CHUNK)
+            z = hc @ weight[v0:v1].float().T
+            m_new = torch.maximum(m, z.amax(dim=1))
+            # old terms re-based from m to m_new: a' = scale * (a + (m - m_new) * s)
+            scale = torch.exp(m - m_new)
+            a = scale * (a + (m - m_new) * s)
+            z.sub_(m_new[:, None])  # z is now z - m_new
+            e = torch.exp(z)
+            s = scale * s + e.sum(dim=1)
+            a = a + torch.einsum("ij,ij->i", e, z)  # batched dot: no [n, V] temporary
+            m = m_new
+            inside = (tc >= v0) & (tc < v1)
+            if inside.any():
+                rows = inside.nonzero().squeeze(1)
+                zt[rows] = z[rows, tc[rows] - v0] + m_new[rows]
+            del z, e
+        lse = m + torch.log(s)
+        logprob[n0:n1] = torch.where(valid, zt - lse, 0.0)
+        entropy[n0:n1] = torch.where(valid, torch.log(s) - a / s, 0.0)
+        lse_out[n0:n1] = lse
+    return logprob, entropy, lse_out
+
+
+def _torch_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_lp: torch.Tensor,
+    g_ent: torch.Tensor,
+    inv_t: float,
+    need_dh: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dh [N, H] in hidden's dtype, dW [V, H] in weight's dtype; fp32 accumulation.
+
+    g_lp, g_ent are fp32 [N] with ignored rows already zeroed. Tokens are the outer loop, so the
+    only buffers are one token chunk's dh and the fp32 dW accumulator (independent of N).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    dh = torch.zeros_like(hidden) if need_dh else None
+    if need_dw:
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for n0 in range(0, n, TOKEN_CHUNK):
+        n1 = min(n, n0 + TOKEN_CHUNK)
+        glc, gec = g_lp[n0:n1, None], g_ent[n0:n1, None]
+        if not (glc.any() or gec.any()):  # no gradient flows through these rows
+            continue
+        hc = hidden[n0:n1].float()
+        hcs = hc * inv_t
+        tc = targets[n0:n1]
+        neg_lse = -lse[n0:n1, None]
+        # dz = p * (alpha * log p + beta) + g_lp / T * onehot, with per-row
+        # alpha = -g_ent / T and beta = -(g_lp + g_ent * H) / T
+        alpha = -gec * inv_t
+        beta = -(glc + gec * entropy[n0:n1, None]) * inv_t
+        dhc = torch.zeros_like(hc) if need_dh else None
+        for v0 in range(0, v, VOCAB_CHUNK):
+            v1 = min(v, v0 + VOCAB_CHUNK)
+            wc = weight[v0:v1].float()
+            logp = torch.addmm(neg_lse, hcs, wc.T)  # log p = z - lse
+            p = torch.exp(logp)
+            dz = torch.addcmul(beta, logp, alpha, out=logp).mul_(p)
+            del p
+            inside = (tc >= v0) & (tc < v1)
+            if inside.any():
+                rows = inside.nonzero().squeeze(1)
+                dz[rows, tc[rows] - v0] += glc[rows, 0] * inv_t
+            if need_dh:
+                dhc.addmm_(dz, wc)
+            if need_dw:
+                dw[v0:v1].addmm_(dz.T, hc)
+            del dz, logp
+        if need_dh:
+            dh[n0:n1] = dhc
+    return dh, (dw.to(weight.dtype) if need_dw else None)
+
+
+def linear_logprob_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+    *, ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive materialised-logits reference (autograd through torch ops). Small shapes only.
+
+    Computes in the dtype of `hidden` (pass fp64 tensors for an oracle).
+    """
+    logits = hidden @ weight.T / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    lp = logp.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    ent = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    return torch.where(valid, lp, zero), torch.where(valid, ent, zero)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ptrs(base, row0, stride, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Pointers to base[row0 : row0 + ROWS, 0 : COLS]: a 64-bit scalar tile base (N * H may pass
+    2**31) plus 32-bit offsets inside the tile, which cost fewer registers than 64-bit ones."""
+    tile = base + row0.to(tl.int64) * stride
+    return tile + tl.arange(0, ROWS)[:, None] * stride + tl.arange(0, COLS)[None, :]
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr, w_ptr, tgt_ptr, pm_ptr, ps_ptr, pa_ptr, pzt_ptr,
+    N, V, H, stride_h, stride_w, inv_t, ignore_index, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M tokens x one split of the vocabulary (tiles_per_split tiles of BLOCK_N).
+
+    Writes per-(split, row) partials m, s = sum exp(z - m), a = sum exp(z - m) (z - m) and the
+    target logit (0 if the target is outside the split) to [S, N] fp32 buffers.
+    """
+    pid_m = tl.program_id(0)  # fastest: concurrent programs share the same W tiles in L2
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    a_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    zt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # a tile whose rows are all ignored (prompt tokens of packed sequences) does no work
+    if tl.max((tgt != ignore_index).to(tl.int32), axis=0) > 0:
+        rk = tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + rk[None, :]
+        v_begin = pid_s * tiles_per_split * BLOCK_N
+        n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V - v_begin, BLOCK_N))
+        for j in range(0, n_tiles):
+            cols = v_begin + j * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < V
+            w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(0, H, BLOCK_K):
+                k_ok = (k + rk) < H
+                hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+            z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            scale = tl.exp(m_i - m_new)
+            zs = z - m_new[:, None]
+            e = tl.exp(zs)  # 0 on padded columns
+            a_i = scale * (a_i + (m_i - m_new) * s_i) + tl.sum(e * tl.where(col_ok[None, :], zs, 0.0), axis=1)
+            s_i = scale * s_i + tl.sum(e, axis=1)
+            m_i = m_new
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    off = pid_s * N + rows
+    tl.store(pm_ptr + off, m_i, mask=row_ok)
+    tl.store(ps_ptr + off, s_i, mask=row_ok)
+    tl.store(pa_ptr + off, a_i, mask=row_ok)
+    tl.store(pzt_ptr + off, zt, mask=row_ok)
+
+
+@triton.jit
+def _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """h[rows] @ W[cols].T as a [BLOCK_M, BLOCK_N] fp32 tile (padded rows/cols read as 0)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        k_ok = (k + rk) < H
+        hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t):
+    """dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T for one tile, 0 outside the valid box."""
+    logp = acc * inv_t - lse[:, None]
+    p = tl.exp(logp)
+    dz = -p * (glp[:, None] + gent[:, None] * (logp + ent[:, None]))
+    dz += tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0)
+    return tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_t, 0.0)
+
+
+@triton.jit
+def _bwd_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr,
+    N, V, H, stride_h, stride_w, stride_dh, stride_dw, inv_t, v_off,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: one (token tile, vocab tile). Recomputes the logits (BLOCK_K-wide K loop),
+    builds dz in registers and adds dz @ W[cols] into dh[rows] and dz.T @ h[rows] into dW[cols]
+    (fp32 atomics), BLOCK_H columns of H at a time. W may be a slice of the vocabulary starting at
+    token id v_off."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_v = tl.cdiv(V, BLOCK_N)
+    # grouped order: GROUP_M token tiles sweep the vocabulary together, so h and dh rows stay in L2
+    per_group = GROUP_M * num_v
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < V
+    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    # rows without gradient (ignored, or unused outputs) do no work
+    if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_off
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        rk = tl.arange(0, BLOCK_K)
+        acc = _logits_tile(h_ptr + rows.to(tl.int64)[:, None] * stride_h + rk[None, :],
+                           w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :],
+                           row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+        dzc = dz.to(h_ptr.dtype.element_ty)
+        dzt = tl.trans(dzc)
+        rh = tl.arange(0, BLOCK_H)
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + rh[None, :]
+        w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + rh[None, :]
+        dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + rh[None, :]
+        dw_ptrs = dw_ptr + cols.to(tl.int64)[:, None] * stride_dw + rh[None, :]
+        for k in range(0, H, BLOCK_H):
+            k_ok = (k + rh) < H
+            if COMPUTE_DH:
+                wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                dh_part = tl.dot(dzc, wk, input_precision=PRECISION)
+                tl.atomic_add(dh_ptrs + k, dh_part, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+            if COMPUTE_DW:
+                hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                dw_part = tl.dot(dzt, hk, input_precision=PRECISION)
+                tl.atomic_add(dw_ptrs + k, dw_part, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr,
+    N, V, H, stride_h, stride_w, stride_dh, inv_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Deterministic dh: one program owns BLOCK_M rows of dh (fp32) and sweeps the vocabulary in
+    order, adding dz @ W[cols] into its rows; no other program writes them."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        rk = tl.arange(0, BLOCK_K)
+        rh = tl.arange(0, BLOCK_H)
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + rk[None, :]
+        dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + rh[None, :]
+        for v0 in range(0, V, BLOCK_N):
+            cols = v0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < V
+            w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+            acc = _logits_tile(h_ptrs, w_rows + rk[None, :], row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                               PRECISION)
+            dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+            dzc = dz.to(h_ptr.dtype.element_ty)
+            for k in range(0, H, BLOCK_H):
+                k_ok = (k + rh) < H
+                wk = tl.load(w_rows + rh[None, :] + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                mask = row_ok[:, None] & k_ok[None, :]
+                cur = tl.load(dh_ptrs + k, mask=mask, other=0.0)
+                tl.store(dh_ptrs + k, cur + tl.dot(dzc, wk, input_precision=PRECISION), mask=mask)
+            # the next sweep re-reads these rows, maybe from other threads: order global writes first
+            tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dw_ptr,
+    N, V, H, stride_h, stride_w, stride_dw, inv_t, v_off,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Deterministic dW: one program owns BLOCK_N rows of dW (fp32) and sweeps the tokens in order,
+    adding dz.T @ h[rows] into its rows; no other program writes them. W may be a slice of the
+    vocabulary starting at token id v_off."""
+    pid_v = tl.program_id(0)
+    cols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < V
+    rk = tl.arange(0, BLOCK_K)
+    rh = tl.arange(0, BLOCK_H)
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :]
+    dw_ptrs = dw_ptr + cols.to(tl.int64)[:, None] * stride_dw + rh[None, :]
+    for n0 in range(0, N, BLOCK_M):
+        rows = n0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+        gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
+            tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_off
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+            acc = _logits_tile(h_rows + rk[None, :], w_ptrs, row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
+                               PRECISION)
+            dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+            dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
+            for k in range(0, H, BLOCK_H):
+                k_ok = (k + rh) < H
+                hk = tl.load(h_rows + rh[None, :] + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                mask = col_ok[:, None] & k_ok[None, :]
+                cur = tl.load(dw_ptrs + k, mask=mask, other=0.0)
+                tl.store(dw_ptrs + k, cur + tl.dot(dzt, hk, input_precision=PRECISION), mask=mask)
+            tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton launchers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block configuration of one kernel (the production one is compiled for sm_90 in tests)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    block_h: int = 64  # backward: width of the H slices of dh / dW one dot produces
+    group_m: int = 1
+
+
+FWD_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
+BWD_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
+BWD_DET_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+# Backward fp32 scratch budget for 16-bit gradients (bounds the extra memory at any N; see _triton_backward)
+SCRATCH_BYTES = 192 * 1024 * 1024
+
+
+def _check_triton_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must stay fp32 (tf32 would cost ~1e-3 relative error); 16-bit inputs ignore this
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so CPU tests still exercise several vocabulary splits
+
+
+def _triton_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float, ignore_index: int,
+    cfg: KernelConfig | None = None, splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_triton_device(hidden)
+    cfg = cfg or FWD_CONFIG
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    num_m, num_vt = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_n)
+    if splits is None:
+        # split the vocabulary only as much as needed to fill the GPU twice over
+        splits = max(1, min(num_vt, triton.cdiv(2 * _num_sms(hidden.device), max(num_m, 1))))
+    tiles_per_split = triton.cdiv(num_vt, splits)
+    splits = triton.cdiv(num_vt, tiles_per_split)
+    # NaN-filled: a (row, split) the kernel failed to write would poison the result, not hide
+    parts = torch.full((4, splits, n), float("nan"), dtype=torch.float32, device=hidden.device)
+    if n > 0:
+        _fwd_kernel[(num_m, splits)](
+            hidden, weight, targets, parts[0], parts[1], parts[2], parts[3],
+            n, v, hdim, hidden.stride(0), weight.stride(0), inv_t, ignore_index, tiles_per_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=_precision(hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    pm, ps, pa, pzt = parts.unbind(0)
+    m = pm.amax(dim=0)
+    scale = torch.exp(pm - m)
+    s = (scale * ps).sum(dim=0)
+    a = (scale * (pa + (pm - m) * ps)).sum(dim=0)
+    lse = m + torch.log(s)
+    valid = targets != ignore_index
+    logprob = torch.where(valid, pzt.sum(dim=0) - lse, 0.0)
+    entropy = torch.where(valid, torch.log(s) - a / s, 0.0)
+    return logprob, entropy, lse
+
+
+def _triton_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    entropy: torch.Tensor, g_lp: torch.Tensor, g_ent: torch.Tensor, inv_t: float,
+    need_dh: bool, need_dw: bool, deterministic: bool, cfg: KernelConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dh [N, H] (hidden's dtype), dW [V, H] (weight's dtype), both accumulated in fp32.
+
+    fp32 gradients are accumulated in place. A 16-bit gradient goes through an fp32 scratch of at
+    most SCRATCH_BYTES: a chunk of tokens (dh) or of vocabulary rows (dW), then cast.
+      fused (default when both grads are wanted and dW's fp32 accumulator fits the budget, e.g.
+        fp32 weight): one pass, one logits recompute, atomics into dh and dW (~6 N H V flops).
+      split (16-bit weight too large, or only one grad wanted): a dh pass over token chunks and a
+        dW pass over vocabulary chunks, each recomputing the logits (~8 N H V flops).
+      deterministic: split, with owner-computes kernels instead of atomics.
+    """
+    _check_triton_device(hidden)
+    cfg = cfg or (BWD_DET_CONFIG if deterministic else BWD_CONFIG)
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    dh = (torch.zeros_like(hidden) if hidden.dtype == torch.float32 else torch.empty_like(hidden)) if need_dh else None
+    dw = (torch.zeros_like(weight) if weight.dtype == torch.float32 else torch.empty_like(weight)) if need_dw else None
+    if n == 0 or (not need_dh and not need_dw):
+        return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None)
+    # rows of fp32 scratch the budget allows (a multiple of both tile heights)
+    scratch_rows = max(256, SCRATCH_BYTES // (4 * hdim) // 256 * 256)
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
+                  PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    rows = (hidden, targets, lse, entropy, g_lp, g_ent)
+
+    def chunks(total: int, fp32_out: bool):
+        step = total if fp32_out else scratch_rows
+        return [(i, min(total, i + step)) for i in range(0, total, step)]
+
+    def scratch(out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return out[r0:r1] if out.dtype == torch.float32 else torch.zeros(r1 - r0, hdim, dtype=torch.float32, device=dev)
+
+    fused = (not deterministic and need_dh and need_dw
+             and (weight.dtype == torch.float32 or v * hdim * 4 <= SCRATCH_BYTES))
+    if fused:
+        dw32 = scratch(dw, 0, v)
+        for n0, n1 in chunks(n, hidden.dtype == torch.float32):
+            dh32 = scratch(dh, n0, n1)
+            h, t, ls, en, gl, ge = (x[n0:n1] for x in rows)
+            grid = (triton.cdiv(n1 - n0, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
+            _bwd_kernel[grid](h, weight, t, ls, en, gl, ge, dh32, dw32, n1 - n0, v, hdim, h.stride(0),
+                              weight.stride(0), dh32.stride(0), dw32.stride(0), inv_t, 0, GROUP_M=cfg.group_m,
+                              COMPUTE_DH=True, COMPUTE_DW=True, **launch)
+            if dh32.data_ptr() != dh[n0:n1].data_ptr():
+                dh[n0:n1] = dh32
+        if dw32.data_ptr() != dw.data_ptr():
+            dw.copy_(dw32)
+        return dh, dw
+
+    if need_dh:
+        for n0, n1 in chunks(n, hidden.dtype == torch.float32):
+            dh32 = scratch(dh, n0, n1)
+            h, t, ls, en, gl, ge = (x[n0:n1] for x in rows)
+            if deterministic:
+                _bwd_dh_kernel[(triton.cdiv(n1 - n0, cfg.block_m),)](
+                    h, weight, t, ls, en, gl, ge, dh32, n1 - n0, v, hdim, h.stride(0), weight.stride(0),
+                    dh32.stride(0), inv_t, **launch)
+            else:
+                grid = (triton.cdiv(n1 - n0, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
+                _bwd_kernel[grid](h, weight, t, ls, en, gl, ge, dh32, dh32, n1 - n0, v, hdim, h.stride(0),
+                                  weight.stride(0), dh32.stride(0), dh32.stride(0), inv_t, 0, GROUP_M=cfg.group_m,
+                                  COMPUTE_DH=True, COMPUTE_DW=False, **launch)
+            if dh32.data_ptr() != dh[n0:n1].data_ptr():
+                dh[n0:n1] = dh32
+    if need_dw:
+        for v0, v1 in chunks(v, weight.dtype == torch.float32):
+            dw32 = scratch(dw, v0, v1)
+            w = weight[v0:v1]
+            if deterministic:
+                _bwd_dw_kernel[(triton.cdiv(v1 - v0, cfg.block_n),)](
+                    hidden, w, targets, lse, entropy, g_lp, g_ent, dw32, n, v1 - v0, hdim, hidden.stride(0),
+                    w.stride(0), dw32.stride(0), inv_t, v0, **launch)
+            else:
+                grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(v1 - v0, cfg.block_n),)
+                _bwd_kernel[grid](hidden, w, targets, lse, entropy, g_lp, g_ent, dw32, dw32, n, v1 - v0, hdim,
+                                  hidden.stride(0), w.stride(0), dw32.stride(0), dw32.stride(0), inv_t, v0,
+                                  GROUP_M=cfg.group_m, COMPUTE_DH=False, COMPUTE_DW=True, **launch)
+            if dw32.data_ptr() != dw[v0:v1].data_ptr():
+                dw[v0:v1] = dw32
+    return dh, dw
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd Function + dispatcher
+# --------------------------------------------------------------------------------------------------
+
+
+class _LinearLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                temperature: float, ignore_index: int, backend: str, deterministic: bool):
+        inv_t = 1.0 / float(temperature)
+        if backend == "triton":
+            logprob, entropy, lse = _triton_forward(hidden, weight, targets, inv_t, ignore_index)
+        else:
+            logprob, entropy, lse = _torch_forward(hidden, weight, targets, inv_t, ignore_index)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.inv_t, ctx.ignore_index, ctx.backend, ctx.deterministic = inv_t, ignore_index, backend, deterministic
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx: Any, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dh or need_dw):
+            return None, None, None, None, None, None, None
+        valid = targets != ctx.ignore_index
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # ignored rows get no gradient, whatever the upstream grad says
+        g_lp = zero.expand(targets.shape) if g_lp is None else torch.where(valid, g_lp.float(), zero)
+        g_ent = zero.expand(targets.shape) if g_ent is None else torch.where(valid, g_ent.float(), zero)
+        g_lp, g_ent = g_lp.contiguous(), g_ent.contiguous()
+        if ctx.backend == "triton":
+            dh, dw = _triton_backward(hidden, weight, targets, lse, entropy, g_lp, g_ent, ctx.inv_t,
+                                      need_dh, need_dw, ctx.deterministic)
+        else:
+            dh, dw = _torch_backward(hidden, weight, targets, lse, entropy, g_lp, g_ent, ctx.inv_t,
+                                     need_dh, need_dw)
+        return dh, dw, None, None, None, None, None
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of `targets` and entropy under softmax(hidden @ weight.T / temperature).
+
+    hidden [N, H] (fp32/bf16/fp16; leading dims are flattened), weight [V, H] (same dtype),
+    targets [N] int64 -> logprob [N] fp32 (<= 0), entropy [N] fp32. Never materialises [N, V].
+    Rows with targets == ignore_index give 0 and no gradient. backend: "auto" (triton on CUDA
+    tensors, torch otherwise), "triton" or "torch". deterministic: the Triton backward avoids
+    atomics (bitwise reproducible dh and dW, ~1.3x the work).
+    """
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead = hidden.shape[:-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[1]}], got {tuple(weight.shape)}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} rows, hidden has {hidden.shape[0]}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous().long()
+    lp, ent = _LinearLogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
+                                          backend, bool(deterministic))
+    return lp.reshape(lead), ent.reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------------
+# production configurations, for the sm_90 AOT compile (tests, bench/static_report.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _aot_entry(name: str, fn: Any, cfg: KernelConfig, signature: dict[str, str], **constexprs: Any) -> dict:
+    ce = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PRECISION": "tf32", **constexprs}
+    # what the JIT sees at run time: aligned tensors, H = 2560 and V = 151,936 (both multiples of 16);
+    # N is left unhinted (any token count)
+    div16 = [a for a, ty in signature.items() if ty.startswith("*") or a in ("H", "V") or a.startswith("stride")]
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": ce, "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages, "divisible_by_16": div16}
+
+
+_P16, _PF, _I = "*bf16", "*fp32", "i32"
+_ROW_PTRS = {"tgt_ptr": "*i64", "lse_ptr": _PF, "ent_ptr": _PF, "glp_ptr": _PF, "gent_ptr": _PF}
+_SIZES = {"N": _I, "V": _I, "H": _I, "stride_h": _I, "stride_w": _I}
+
+# Qwen3-4B LM head: H = 2560, V = 151,936, bf16 activations and weight.
+AOT_CONFIGS: list[dict[str, Any]] = [
+    _aot_entry("logprob_fwd", _fwd_kernel, FWD_CONFIG, {
+        "h_ptr": _P16, "w_ptr": _P16, "tgt_ptr": "*i64", "pm_ptr": _PF, "ps_ptr": _PF, "pa_ptr": _PF,
+        "pzt_ptr": _PF, **_SIZES, "inv_t": "fp32", "ignore_index": _I, "tiles_per_split": _I}),
+    _aot_entry("logprob_bwd", _bwd_kernel, BWD_CONFIG, {
+        "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dh_ptr": _PF, "dw_ptr": _PF, **_SIZES,
+        "stride_dh": _I, "stride_dw": _I, "inv_t": "fp32", "v_off": _I},
+        BLOCK_H=BWD_CONFIG.block_h, GROUP_M=BWD_CONFIG.group_m, COMPUTE_DH=True, COMPUTE_DW=True),
+    _aot_entry("logprob_bwd_dh_deterministic", _bwd_dh_kernel, BWD_DET_CONFIG, {
+        "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dh_ptr": _PF, **_SIZES, "stride_dh": _I,
+        "inv_t": "fp32"}, BLOCK_H=BWD_DET_CONFIG.block_h),
+    _aot_entry("logprob_bwd_dw_deterministic", _bwd_dw_kernel, BWD_DET_CONFIG, {
+        "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dw_ptr": _PF, **_SIZES, "stride_dw": _I,
+        "inv_t": "fp32", "v_off": _I}, BLOCK_H=BWD_DET_CONFIG.block_h),
+]

@@ -1,0 +1,201 @@
+"""golong.models vs transformers on tiny random Qwen3 (dense, tied) and Qwen3-MoE (YaRN, mixed layers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import golong.models as gm
+from tests.golong.model_fixtures import build_hf, hf_logits_per_doc, packed_batch, rel
+
+LENGTHS = [5, 17, 11]  # odd document lengths, packed
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def pair(request, tmp_path_factory):
+    """(kind, transformers model, its save_pretrained dir, golong model loaded from it), fp32."""
+    hf = build_hf(request.param)
+    path = tmp_path_factory.mktemp(f"hf_{request.param}")
+    hf.save_pretrained(path)
+    model = gm.from_pretrained(path, dtype=torch.float32)
+    return request.param, hf, path, model
+
+
+def test_logits_packed_match_transformers_per_doc(pair):
+    kind, hf, _, model = pair
+    ids, cu = packed_batch(LENGTHS)
+    with torch.no_grad():
+        ref = hf_logits_per_doc(hf, ids, cu)
+        out = torch.full_like(ref, float("nan"))
+        out.copy_(model.logits(model(ids, cu)))
+    assert out.shape == (sum(LENGTHS), 1000)
+    assert rel(out, ref) <= 1e-5, kind
+    # explicit positions restarting per document = the default
+    pos = gm.packed_position_ids(cu, ids.numel())
+    assert pos[cu[1].item()] == 0 and pos[-1] == LENGTHS[-1] - 1
+    with torch.no_grad():
+        assert torch.equal(model(ids, cu, position_ids=pos), model(ids, cu))
+
+
+def test_fused_logprob_entropy_match_log_softmax(pair):
+    _, hf, _, model = pair
+    ids, cu = packed_batch(LENGTHS, seed=3)
+    targets = torch.randint(0, 1000, ids.shape)
+    targets[[2, 20]] = -100
+    temperature = 0.7
+    with torch.no_grad():
+        logp_ref = torch.log_softmax(hf_logits_per_doc(hf, ids, cu).double() / temperature, -1)
+        lp, ent = model.logprob_entropy(model(ids, cu), targets, temperature)
+        lp2, ent2 = model(ids, cu, targets=targets, temperature=temperature)
+    valid = targets != -100
+    lp_ref = logp_ref.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    ent_ref = -(logp_ref.exp() * logp_ref).sum(-1)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert rel(lp[valid], lp_ref[valid]) <= 1e-5
+    assert rel(ent[valid], ent_ref[valid]) <= 1e-5
+    assert torch.all(lp[~valid] == 0) and torch.all(ent[~valid] == 0)
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
+
+
+def _loss(logp: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """A policy-gradient-like scalar touching logprob and entropy through every logit."""
+    lp = logp.gather(1, targets[:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    return (coef * lp).sum() + 0.1 * ent.sum()
+
+
+def test_gradients_match_transformers(pair):
+    kind, hf, _, model = pair
+    ids, cu = packed_batch(LENGTHS, seed=5)
+    targets = torch.randint(0, 1000, ids.shape)
+    coef = torch.randn(ids.shape, dtype=torch.float64)
+    hf.zero_grad()
+    model.zero_grad()
+    _loss(torch.log_softmax(hf_logits_per_doc(hf, ids, cu).double(), -1), targets, coef).backward()
+    lp, ent = model.logprob_entropy(model(ids, cu), targets)
+    ((coef * lp.double()).sum() + 0.1 * ent.double().sum()).backward()
+    hf_params = dict(hf.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(hf_params), (kind, sorted(set(hf_params) ^ set(names)))
+    for name, p in model.named_parameters():
+        g_ref = hf_params[name].grad
+        assert p.grad is not None and g_ref is not None, name
+        assert g_ref.norm() > 0, name
+        assert rel(p.grad, g_ref) <= 1e-4, (kind, name, rel(p.grad, g_ref))
+
+
+def test_activation_checkpointing_same_gradients(pair):
+    _, _, _, model = pair
+    ids, cu = packed_batch([9, 6], seed=7)
+    targets = torch.randint(0, 1000, ids.shape)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_activation_checkpointing(ckpt)
+        lp, ent = model(ids, cu, targets=targets)
+        (lp.sum() + ent.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.set_activation_checkpointing(False)
+    model.zero_grad()
+    for n in grads[0]:
+        assert rel(grads[1][n], grads[0][n]) <= 1e-6, n
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_save_sharded_then_transformers_and_golong_load(pair, layout, tmp_path):
+    kind, hf, _, model = pair
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "stale.txt").write_text("replaced atomically")
+    model.save_pretrained(out, max_shard_bytes=200_000, expert_layout=layout)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((out / f).exists() for f in files)
+    assert not (out / "stale.txt").exists() and not list(tmp_path.glob(".ckpt.*"))
+    keys = set(index["weight_map"])
+    if kind == "moe":
+        per_expert = "model.layers.0.mlp.experts.3.up_proj.weight" in keys
+        assert per_expert == (layout == "per_expert")
+        assert ("model.layers.0.mlp.experts.gate_up_proj" in keys) == (layout == "fused")
+    assert ("lm_head.weight" in keys) == (kind == "moe")  # dense is tied
+
+    ids, cu = packed_batch([8, 13], seed=11)
+    hf2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = hf_logits_per_doc(hf2, ids, cu), hf_logits_per_doc(hf, ids, cu)
+        # same weights, same code: equal up to fp32 summation order (transformers' grouped_mm path
+        # differs by ~1e-8 between fused and per-expert loads); a wrong weight would be O(1)
+        assert rel(a, b) <= 1e-6
+    back = gm.from_pretrained(out, dtype=torch.float32)
+    for (n, p), (n2, p2) in zip(model.named_parameters(), back.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+
+
+def test_bf16_load_and_strictness(pair, tmp_path):
+    kind, hf, path, _ = pair
+    model = gm.from_pretrained(path, dtype=torch.bfloat16)
+    ref = dict(hf.named_parameters())
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, ref[n].to(torch.bfloat16)), n
+    # a checkpoint key the model does not have is an error, not silently dropped
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((path / "config.json").read_text())
+    sd = load_file(path / "model.safetensors")
+    sd["model.layers.9.mlp.foo.weight"] = torch.zeros(2)
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="match no parameter"):
+        gm.from_pretrained(bad, dtype=torch.float32)
+    # a tensor of the wrong shape
+    del sd["model.layers.9.mlp.foo.weight"]
+    sd["model.norm.weight"] = torch.ones(65)
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not fit parameter model.norm.weight"):
+        gm.from_pretrained(bad, dtype=torch.float32)
+    # and a missing one
+    del sd["model.norm.weight"]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not \\(fully\\) found"):
+        gm.from_pretrained(bad, dtype=torch.float32)
+
+
+def test_kv_cache_decoding_matches_full_forward(pair):
+    """Ragged prompts prefilled in one batch (in two chunks), then decoded with rows finishing early:
+    every real token's hidden state equals the full packed forward of that row's sequence."""
+    _, _, _, model = pair
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 1000, (n,), generator=g) for n in (6, 11, 1)]
+    steps = 4
+    gen = [torch.randint(0, 1000, (steps,), generator=g) for _ in prompts]
+    active = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]  # row 1 finishes after 2 tokens
+    cache = model.new_kv_cache(batch=3, max_len=20)
+    got: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+    def feed(chunks: list[torch.Tensor]) -> None:
+        n = torch.tensor([c.numel() for c in chunks])
+        batch = torch.zeros(3, max(1, int(n.max())), dtype=torch.long)
+        for b, c in enumerate(chunks):
+            batch[b, : c.numel()] = c
+        with torch.no_grad():
+            h = model.forward_cached(batch, cache, n)
+        for b, c in enumerate(chunks):
+            got[b].extend(h[b, : c.numel()])
+
+    feed([p[:4] for p in prompts])  # chunked prefill: first 4 tokens of each prompt (or fewer)
+    feed([p[4:] for p in prompts])
+    for t in range(steps):
+        feed([gen[b][t:t + 1] if active[b][t] else gen[b][:0] for b in range(3)])
+    assert cache.lengths.tolist() == [p.numel() + sum(a) for p, a in zip(prompts, active)]
+    for b, p in enumerate(prompts):
+        seq = torch.cat([p, gen[b][: sum(active[b])]])
+        with torch.no_grad():
+            ref = model(seq, torch.tensor([0, seq.numel()], dtype=torch.int32))
+        assert rel(torch.stack(got[b]), ref) <= 1e-5, b
+    with pytest.raises(ValueError, match="overflow"):
+        model.forward_cached(torch.zeros(3, 20, dtype=torch.long), cache)

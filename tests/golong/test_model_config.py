@@ -1,0 +1,124 @@
+"""Config parsing, RoPE / YaRN frequencies vs transformers, random init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import golong.models as gm
+from golong.models.config import ConfigError, ModelConfig
+from golong.models.layers import RotaryEmbedding
+from tests.golong.model_fixtures import hf_config
+
+# config.json of Qwen3-30B-A3B as published (HF 4.x spelling: rope_theta + rope_scaling)
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+    "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_parse_real_config_and_roundtrip():
+    c = ModelConfig.from_hf(QWEN3_30B_A3B)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        2048, 48, 32, 4, 128)
+    assert c.is_moe and c.num_experts == 128 and c.num_experts_per_tok == 8 and c.norm_topk_prob
+    assert c.rope_theta == 1e6 and c.rope_scaling is None and all(c.layer_is_moe(i) for i in range(48))
+    hf = c.to_hf(dtype="bfloat16")
+    assert hf["eos_token_id"] == 151645 and hf["rope_theta"] == 1e6 and hf["torch_dtype"] == "bfloat16"
+    assert ModelConfig.from_hf(hf) == c
+    yarn = dict(QWEN3_30B_A3B, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                             "original_max_position_embeddings": 262144})
+    cy = ModelConfig.from_hf(yarn)
+    assert cy.rope_scaling.factor == 4.0 and cy.rope_scaling.original_max_position_embeddings == 262144
+    assert ModelConfig.from_hf(cy.to_hf()) == cy
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("use_sliding_window", True, "use_sliding_window"),
+    ("attention_bias", True, "attention_bias"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope_type='dynamic'"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_type='linear'"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e6}, "rope_parameters.rope_type"),
+    ("model_type", "llama", "model_type"),
+    ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
+    ("num_key_value_heads", 5, "num_key_value_heads"),
+    ("num_experts", 0, "num_experts"),
+    ("dual_chunk_attention_config", {"chunk_size": 262144}, "dual_chunk_attention_config"),
+])
+def test_unrepresentable_config_fails_naming_the_field(field, value, match):
+    cfg = dict(QWEN3_30B_A3B, **{field: value})
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf(cfg)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 1e6},
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 4096,
+     "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 2048,
+     "attention_factor": 1.3},
+])
+def test_rope_frequencies_equal_transformers(rope):
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    kw = dict(vocab_size=1000, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+              num_hidden_layers=1, intermediate_size=64, max_position_embeddings=131072)
+    hf_cfg = Qwen3Config(**kw, rope_parameters=dict(rope))
+    ref = Qwen3RotaryEmbedding(hf_cfg)
+    ours = RotaryEmbedding(ModelConfig.from_hf(hf_cfg))
+    assert torch.equal(ours.inv_freq_cpu, ref.inv_freq)
+    assert ours.attention_scaling == pytest.approx(ref.attention_scaling, rel=1e-12)
+    pos = torch.tensor([0, 1, 977, 40_000, 131_071])
+    cos_ref, sin_ref = ref(torch.zeros(1, dtype=torch.float32), pos[None])
+    cos, sin = ours(pos, torch.float32)
+    assert torch.equal(cos, cos_ref[0]) and torch.equal(sin, sin_ref[0])
+    # the HF 4.x spelling (rope_theta + rope_scaling) parses to the same frequencies
+    old = {k: v for k, v in hf_cfg.to_dict().items() if k != "rope_parameters"}
+    old["rope_theta"] = rope["rope_theta"]
+    old["rope_scaling"] = None if rope["rope_type"] == "default" else {
+        k: v for k, v in rope.items() if k != "rope_theta"}
+    assert torch.equal(RotaryEmbedding(ModelConfig.from_hf(old)).inv_freq_cpu, ref.inv_freq)
+
+
+def test_from_config_random_init_and_meta_free():
+    model = gm.from_config(hf_config("moe"), dtype=torch.float32, device="cpu")
+    assert not any(p.is_meta for p in model.parameters())
+    w = model.model.layers[0].mlp.experts.gate_up_proj
+    assert w.shape == (8, 96, 64) and abs(w.std().item() - 0.02) < 0.002
+    assert torch.equal(model.model.layers[2].self_attn.q_norm.weight, torch.ones(32))
+    ids = torch.randint(0, 1000, (19,))
+    cu = torch.tensor([0, 12, 19], dtype=torch.int32)
+    h = model(ids, cu)
+    assert h.shape == (19, 64) and torch.isfinite(h).all()
+    dense = gm.from_config({**hf_config("dense").to_dict()}, dtype=torch.bfloat16)
+    assert dense.lm_head is None and dense.lm_head_weight is dense.model.embed_tokens.weight
+    assert dense.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_cpu_forward_does_not_import_liger():
+    """Liger's Triton kernels need a GPU: the CPU path must not even import them."""
+    import subprocess
+    import sys
+
+    cfg = {k: v for k, v in QWEN3_30B_A3B.items() if k != "architectures"}
+    cfg.update(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96)
+    # a plain dict config: the child imports neither transformers nor liger unless golong does
+    code = ("import sys, torch, golong.models as gm\n"
+            f"m = gm.from_config({cfg!r})\n"
+            "lp, ent = m(torch.randint(0, 1000, (9,)), torch.tensor([0, 4, 9], dtype=torch.int32),"
+            " targets=torch.randint(0, 1000, (9,)))\n"
+            "(lp.sum() + ent.sum()).backward()\n"
+            "assert not [k for k in sys.modules if k.startswith('liger_kernel')], 'liger imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

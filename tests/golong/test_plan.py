@@ -1,0 +1,236 @@
+"""golong.plan: shapes, FLOPs, the CLI, and the memory prediction checked against measured training steps.
+
+The validation runs a real training step (golong model forward + backward through the fused logprob
+head, gradient clipping, AdamW step) under FSDP2 / ring attention from golong.parallel on gloo
+ranks, measures each rank's peak of allocated bytes exactly (every CPU allocation and free reported
+by torch.profiler(profile_memory=True), as a running sum, on top of the parameters and optimizer
+states live when the step starts), and compares it with golong.plan's CPU-mode prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from golong.config import load_config
+from golong.plan import KNOWN_MODELS, model_shape, predict
+from tests.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# ------------------------------------------------------------------------------------------------
+# shapes, FLOPs, CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def test_known_qwen3_shapes_match_published_parameter_counts():
+    cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml")  # checkpoints/Qwen3-4B-Thinking-2507: not on disk
+    s = model_shape(cfg.model)
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.tied) == \
+        (2560, 36, 32, 8, 128, 9728, 151936, True)
+    assert 4.0e9 < s.total_params < 4.05e9  # Qwen3-4B: 4.0 B
+    cfg = load_config(ROOT / "configs/qwen3-30b-a3b-grpo.yaml")
+    s = model_shape(cfg.model)
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.experts, s.top_k, s.moe_intermediate, s.tied) == \
+        (2048, 48, 32, 4, 128, 8, 768, False)
+    assert 30.0e9 < s.total_params < 31.0e9  # Qwen3-30B-A3B: 30.5 B total
+    assert 3.2e9 < s.active_params < 3.5e9  # 3.3 B active
+
+
+def test_config_json_wins_over_the_name(tmp_path):
+    d = tmp_path / "Qwen3-4B-Thinking-2507"
+    d.mkdir()
+    raw = dict(KNOWN_MODELS["qwen3-4b"], num_hidden_layers=3)
+    (d / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(None, [f"model.path={d}"])
+    s = model_shape(cfg.model)
+    assert s.layers == 3 and str(d) in s.source
+    cfg = load_config(None, [f"model.path={tmp_path / 'llama-7b'}"])
+    with pytest.raises(ValueError, match="matches none of the known models"):
+        model_shape(cfg.model)
+
+
+def test_flops_follow_the_documented_formula():
+    cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"])
+    plan = predict(cfg, gpus=8, gpu_mem_gib=141)
+    s, t = plan.shape, plan.throughput
+    S = min(cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, cfg.trainer.micro_batch_tokens)
+    docs = cfg.trainer.prompts_per_step * cfg.rollout.n
+    expect = 6 * s.active_params * docs * S + 6 * s.layers * s.heads * s.head_dim * S**2 * docs
+    assert t.tokens == docs * S
+    assert math.isclose(t.model_flops, expect, rel_tol=1e-12)
+    # attention term = 12 L H S^2 / 2 per sequence with H = heads * head_dim
+    attn = 12 * s.layers * s.heads * s.head_dim * S**2 / 2 * docs
+    assert math.isclose(t.model_flops - 6 * s.active_params * t.tokens, attn, rel_tol=1e-12)
+    assert t.update_s >= t.hardware_flops / (8 * 790e12) * (1 - 1e-12)
+
+
+def test_plan_exit_code_says_whether_it_fits():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "golong", "plan", str(ROOT / "configs/qwen3-30b-a3b-grpo.yaml")]
+    fits = subprocess.run(cmd + ["--gpus", "32", "--gpu-mem", "141"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "FITS" in fits.stdout and "activations saved for backward" in fits.stdout
+    tiny = subprocess.run(cmd + ["--gpus", "8", "--gpu-mem", "16"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert tiny.returncode == 1, tiny.stdout + tiny.stderr
+    assert "DOES NOT FIT" in tiny.stdout
+
+
+def test_memory_scales_as_the_parallel_layout_says():
+    base = ["parallel.cpu_offload=false"]
+    cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base)
+    p8 = predict(cfg, gpus=8).memory.breakdown
+    p16 = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "parallel.dp_shard=4"]), gpus=16)
+    # sharded master params halve when the FSDP world doubles (up to dim-0 padding)
+    from golong.plan import OPTIM, PARAMS
+
+    assert math.isclose(p16.memory.resident_bytes * 2, p8[PARAMS] + p8[OPTIM], rel_tol=1e-3)
+    off = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=true"]), gpus=8)
+    assert off.memory.resident_bytes == 0
+    # checkpointing: stored activations shrink by far more than the recompute adds
+    nock = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
+                   gpus=8)
+    assert nock.memory.peak_bytes > 3 * predict(cfg, gpus=8).memory.peak_bytes - 0
+
+
+# ------------------------------------------------------------------------------------------------
+# validation against measured training steps
+# ------------------------------------------------------------------------------------------------
+
+
+def _cpu_peak(fn) -> int:
+    """Peak of live allocated bytes while fn() runs, above what was live at its start.
+
+    The CPU allocator reports every allocation and free to the profiler when profile_memory=True;
+    their running sum in time order is the live set. (Frees of blocks allocated before the profiler
+    started are not reported: fn must not free what existed before it, beyond what it reallocates.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    # gloo frees some collective buffers on its worker threads: record every thread's events
+    cfg = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, experimental_config=cfg) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    run = peak = 0
+    for _, nbytes in events:
+        run += nbytes
+        peak = max(peak, run)
+    return peak
+
+
+def _live_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def _run_config(case: dict, out_dir: str) -> None:
+    """One training step of `case` on this rank (case["micro"] micro-batches accumulated, then AdamW);
+    writes {peak, base} to out_dir/<name>-<rank>.json."""
+    import torch.distributed as dist
+
+    from golong.models import from_config
+    from golong.parallel import apply_activation_checkpointing, apply_fsdp, cp_shard, init_parallel
+    from golong.plan import scratch_to_hf
+
+    cfg = load_config(None, case["overrides"])
+    torch.manual_seed(0)
+    dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp)
+    model = from_config(scratch_to_hf(cfg.model.scratch), dtype=torch.float32)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype)
+    model.cp_group = dims.cp_group
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    T, docs, V = cfg.trainer.micro_batch_tokens, case["docs"], cfg.model.scratch.vocab_size
+    g = torch.Generator().manual_seed(1 + dims.dp_rank)  # cp ranks of one group share the batch
+    ids = torch.randint(0, V, (T,), generator=g)
+    targets = torch.randint(0, V, (T,), generator=g)
+    cu = torch.tensor([T * i // docs for i in range(docs + 1)], dtype=torch.int32)
+    adv = torch.randn(T, generator=g)
+    ids, targets, adv = (cp_shard(x, cu, dims.cp_rank, dims.cp_size) for x in (ids, targets, adv))
+
+    def step() -> None:
+        for _ in range(case["micro"]):
+            logprob, entropy = model(ids, cu, targets=targets)
+            # token-mean policy-gradient loss over the global token count (on-policy: ratio = 1)
+            ratio = torch.exp(logprob - logprob.detach())
+            loss = -(adv * ratio).sum() / T - 0.0 * entropy.sum()
+            loss.backward()
+            del logprob, entropy, ratio, loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # Two steps from a fresh model, both profiled: the first creates the AdamW states, and buffers a
+    # step leaves behind for the next one (FSDP's last reduce-scatter input, gloo's copies) are
+    # allocated inside the window, so the second step's running sum is the steady-state live set.
+    base = _live_bytes(model.parameters())
+    peak = _cpu_peak(lambda: (step(), step()))
+    Path(out_dir, f"{case['name']}-{dist.get_rank()}.json").write_text(json.dumps({"base": base, "peak": peak}))
+
+
+def _measure_worker(rank: int, world: int, cases: list[dict], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    # run_distributed has initialised the default group; init_parallel reuses it
+    for case in cases:
+        _run_config(case, out_dir)
+        dist.barrier()
+
+
+def _case(name: str, *, T: int, docs: int, dp: int = 1, cp: int = 1, ckpt: bool = False, moe: bool = False,
+          vocab: int = 1024, hidden: int = 64, tied: bool = True, micro: int = 1) -> dict:
+    scratch = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, intermediate_size=160, tie_word_embeddings=tied)
+    if moe:
+        scratch.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48)
+    overrides = [f"model.scratch.{k}={v}" for k, v in scratch.items()]
+    overrides += [f"parallel.dp_shard={dp}", f"parallel.cp={cp}", f"parallel.activation_checkpointing={ckpt}",
+                  "parallel.param_dtype=float32", f"trainer.micro_batch_tokens={T}", "rollout.engine=torch"]
+    return {"name": name, "overrides": overrides, "docs": docs, "world": dp * cp, "micro": micro}
+
+
+CASES = [
+    _case("dense-512", T=512, docs=1),
+    _case("dense-256-v8k-untied-2micro", T=256, docs=1, vocab=8192, hidden=128, tied=False, micro=2),
+    _case("dense-2k-4docs", T=2048, docs=4),
+    _case("dense-2k-ckpt", T=2048, docs=2, ckpt=True),
+    _case("moe-1k-untied-v4k", T=1024, docs=2, moe=True, vocab=4096, tied=False),
+    _case("dense-dp2-1k", T=1024, docs=2, dp=2),
+    _case("dense-cp2-2k", T=2048, docs=2, cp=2),
+    _case("moe-cp2-ckpt-1k", T=1024, docs=1, cp=2, ckpt=True, moe=True),
+]
+
+
+@pytest.mark.distributed
+def test_predicted_peak_within_15_percent_of_measured(tmp_path):
+    for world in sorted({c["world"] for c in CASES}):
+        run_distributed(_measure_worker, world, [c for c in CASES if c["world"] == world], str(tmp_path))
+    rows = []
+    for c in CASES:
+        ranks = [json.loads(Path(tmp_path, f"{c['name']}-{r}.json").read_text()) for r in range(c["world"])]
+        measured = max(r["base"] + r["peak"] for r in ranks)
+        cfg = load_config(None, c["overrides"])
+        plan = predict(cfg, gpus=c["world"], device="cpu", num_docs=c["docs"], micro_batches=c["micro"])
+        rows.append((c["name"], measured, plan.memory.peak_bytes, plan.memory.peak_phase))
+    report = "\n".join(f"{n:20s} measured {m / 2**20:8.2f} MiB  predicted {p / 2**20:8.2f} MiB  "
+                       f"({(p - m) / m:+.1%}, peak in {ph})" for n, m, p, ph in rows)
+    print(report)
+    bad = [r for r in rows if abs(r[2] - r[1]) > 0.15 * r[1]]
+    assert not bad, report

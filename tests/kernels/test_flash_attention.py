@@ -1,0 +1,229 @@
+"""flash_attention: Triton kernels (interpreter) and torch backend vs an fp64 dense oracle per document."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.aot import KernelResources
+from kernels.flash_attention import (
+    AOT_CONFIGS,
+    Rows,
+    _triton_bwd,
+    _triton_fwd,
+    attention_delta,
+    block_attention_bwd,
+    block_attention_fwd,
+    flash_attention,
+)
+from kernels.ring_attention import zigzag_indices
+
+
+def dense_attention(q, k, v, qr: Rows, kr: Rows, causal=True, scale=None):
+    """fp64 oracle: q [Tq,Hq,D], k/v [Tk,Hkv,D], rows' global (doc, pos) -> out [Tq,Hq,D], lse [Tq,Hq].
+
+    Rows that see no key get out 0 and lse -inf. Differentiable (autograd in fp64).
+    """
+    Hq, D = q.shape[1], q.shape[2]
+    G = Hq // k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    qq = q.double().transpose(0, 1)
+    kk = k.double().repeat_interleave(G, 1).transpose(0, 1)
+    vv = v.double().repeat_interleave(G, 1).transpose(0, 1)
+    ok = qr.doc[:, None] == kr.doc[None, :]
+    if causal:
+        ok &= kr.pos[None, :] <= qr.pos[:, None]
+    s = (qq @ kk.transpose(-1, -2) * scale).masked_fill(~ok, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return (p @ vv).transpose(0, 1), lse.transpose(0, 1)
+
+
+def per_document_attention(q, k, v, cu, causal=True, scale=None):
+    """fp64 attention computed document by document (independent of the Rows bookkeeping)."""
+    G = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    for a, e in zip(cu[:-1], cu[1:]):
+        qq = q[a:e].double().transpose(0, 1)
+        kk = k[a:e].double().repeat_interleave(G, 1).transpose(0, 1)
+        vv = v[a:e].double().repeat_interleave(G, 1).transpose(0, 1)
+        s = qq @ kk.transpose(-1, -2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(e - a, e - a, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+        outs.append((torch.softmax(s, -1) @ vv).transpose(0, 1))
+        lses.append(torch.logsumexp(s, -1).transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(cu, hq, hkv, d, dtype):
+    T = cu[-1]
+    q = torch.randn(T, hq, d, dtype=dtype)
+    k = torch.randn(T, hkv, d, dtype=dtype)
+    v = torch.randn(T, hkv, d, dtype=dtype)
+    return q, k, v
+
+
+CASES = [  # (cu_seqlens, Hq, Hkv, D, causal): odd lengths, length-1 documents, GQA and MHA
+    ([0, 1, 38, 39, 40, 91], 6, 2, 32, True),
+    ([0, 53, 54, 77], 4, 4, 64, True),
+    ([0, 21, 22, 70], 8, 1, 32, False),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("cu,hq,hkv,d,causal", CASES)
+def test_flash_attention_matches_fp64_per_document(backend, cu, hq, hkv, d, causal):
+    q, k, v = (x.requires_grad_() for x in _inputs(cu, hq, hkv, d, torch.float32))
+    scale = 0.7 / math.sqrt(d)
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), causal=causal, softmax_scale=scale,
+                               backend=backend)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (cu[-1], hq)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu, causal, scale)
+    assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
+    # gradients through out and lse together
+    go, gl = torch.randn_like(ro), torch.randn_like(rl)
+    ((out * go.float()).sum() + (lse * gl.float()).sum()).backward()
+    ((ro * go).sum() + (rl * gl).sum()).backward()
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 1e-5
+
+
+def test_flash_attention_triton_fp16_head_dim_128():
+    cu = [0, 17, 18, 45]
+    q, k, v = (x.requires_grad_() for x in _inputs(cu, 4, 2, 128, torch.float16))
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="triton")
+    assert out.dtype == torch.float16
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu)
+    assert rel(out, ro) < 2e-3 and rel(lse, rl) < 1e-4
+    go = torch.randn_like(ro)
+    (out.float() * go.float()).sum().backward()
+    (ro * go).sum().backward()
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 5e-3
+
+
+def _shard_rows(cu, idx):
+    rows = Rows.from_cu_seqlens(torch.tensor(cu, dtype=torch.int32))
+    return Rows(rows.doc[idx], rows.pos[idx])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_attention_global_positions_poisoned_outputs(backend):
+    """A zigzag query shard against another rank's K/V shard: rows with no visible key get lse -inf.
+
+    Output buffers are NaN-poisoned (triton) or pre-filled (accumulate) before the kernels write them.
+    """
+    cu = [0, 3, 40, 41, 70]
+    world = 3
+    qi = zigzag_indices(torch.tensor(cu), 2, world)
+    ki = zigzag_indices(torch.tensor(cu), 0, world)
+    qr, kr = _shard_rows(cu, qi), _shard_rows(cu, ki)
+    q = torch.randn(len(qi), 6, 32)
+    k, v = torch.randn(len(ki), 3, 32), torch.randn(len(ki), 3, 32)
+    scale = 32**-0.5
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rl = dense_attention(q64, k64, v64, qr, kr, True, scale)
+    assert torch.isinf(rl).any() and not torch.isinf(rl).all()  # the case is non-trivial
+    if backend == "triton":
+        out = torch.full(q.shape, float("nan"))
+        lse = torch.full(q.shape[:2], float("nan"))
+        _triton_fwd(q, k, v, qr, kr, True, scale, out, lse)
+    else:
+        out, lse = block_attention_fwd(q, k, v, qr, kr, causal=True, scale=scale, backend=backend)
+    assert rel(out, ro) < 1e-5
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse), ~fin) and rel(lse[fin], rl[fin]) < 1e-6
+
+    # backward with the block's own lse (as a single block): fp64 autograd through out
+    go = torch.randn_like(ro)
+    (ro * go).sum().backward()
+    do = go.float()
+    delta = attention_delta(out, do, backend=backend)
+    if backend == "triton":
+        bufs = [torch.full(q.shape, float("nan")), torch.full(k.shape, float("nan")), torch.full(v.shape, float("nan"))]
+        _triton_bwd(do, q, k, v, lse, delta, qr, kr, True, scale, *bufs, False)
+        dq, dk, dv = bufs
+    else:
+        dq, dk, dv = block_attention_bwd(do, q, k, v, lse, delta, qr, kr, causal=True, scale=scale, backend=backend)
+    for ours, ref in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert rel(ours, ref) < 1e-5
+    # accumulate mode adds into existing fp32 buffers (strided views of one [n, 2H, D] buffer for dK/dV)
+    base_q = torch.randn(q.shape)
+    base_kv = torch.randn(k.shape[0], 6, 32)
+    acc_q, acc_kv = base_q.clone(), base_kv.clone()
+    block_attention_bwd(do, q, k, v, lse, delta, qr, kr, causal=True, scale=scale, backend=backend,
+                        dq=acc_q, dk=acc_kv[:, :3], dv=acc_kv[:, 3:])
+    assert rel(acc_q - base_q, q64.grad) < 1e-5
+    assert rel(acc_kv[:, :3] - base_kv[:, :3], k64.grad) < 1e-5
+    assert rel(acc_kv[:, 3:] - base_kv[:, 3:], v64.grad) < 1e-5
+
+
+def test_flash_attention_flash_attn_backend_falls_back_on_cpu():
+    cu = [0, 5, 12]
+    q, k, v = _inputs(cu, 2, 1, 32, torch.float32)
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="flash_attn")
+    ro, rl = per_document_attention(q, k, v, cu)
+    assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
+
+
+def test_flash_attention_rejects_bad_gqa():
+    q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
+    with pytest.raises(ValueError):
+        flash_attention(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
+
+
+_AOT_CHILD = """
+import dataclasses, json
+from kernels.aot import report
+from kernels.flash_attention import AOT_CONFIGS
+print(json.dumps({c["name"]: dataclasses.asdict(report(
+    c["fn"], c["signature"], c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+    divisible_by_16=c["divisible_by_16"])) for c in AOT_CONFIGS}))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_resources():
+    """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter
+    (what kernels.aot.report does per kernel; one child for all of them saves the imports)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _AOT_CHILD], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in AOT_CONFIGS])
+def test_aot_sm90_production_config(aot_resources, name):
+    r = aot_resources[name]
+    assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, r
+    assert r.fits_hopper_smem, r.shared_bytes
+    if name != "attn_bwd_preprocess":  # the only kernel without a matmul
+        assert r.has_hgmma, r.sass_histogram
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_flash_attention_bf16_cuda(backend):
+    cu = [0, 1000, 1001, 3333, 4096]
+    q, k, v = (x.cuda().requires_grad_() for x in _inputs(cu, 32, 8, 128, torch.bfloat16))
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device="cuda"), backend=backend)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu)
+    assert rel(out, ro) < 1e-2 and rel(lse, rl) < 1e-3
+    go = torch.randn_like(ro)
+    (out.float() * go.float()).sum().backward()
+    (ro * go).sum().backward()
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 2e-2

@@ -1,0 +1,167 @@
+"""kernels.grouped_mm: Triton kernels (interpreter) and the torch path vs fp64 per-group matmuls."""
+
+import pytest
+import torch
+
+from kernels.aot import report
+from kernels.grouped_mm import (
+    AOT_CONFIGS,
+    _triton_dw,
+    _triton_fwd,
+    grouped_mm,
+    grouped_mm_supported,
+)
+
+SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # many tiles per group on tiny shapes
+
+# group sizes (-> offsets): empty groups first / middle / last, one group holding every row, one group
+GROUPINGS = {
+    "mixed": [0, 10, 0, 33, 1, 31, 0],
+    "all_in_one": [0, 0, 75, 0],
+    "single": [75],
+}
+
+
+def _offsets(sizes):
+    return torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _ref_fwd(x, w, offsets):
+    y, start = [], 0
+    for g, end in enumerate(offsets.tolist()):
+        y.append(x[start:end].double() @ w[g].double())
+        start = end
+    return torch.cat(y)
+
+
+def _ref_dw(x, dy, offsets):
+    dw, start = [], 0
+    for end in offsets.tolist():
+        dw.append(x[start:end].double().t() @ dy[start:end].double())
+        start = end
+    return torch.stack(dw)
+
+
+def _rel(a, ref):
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten NaN-poisoned element?)"
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def _weights(G, K, N, dtype, transposed):
+    # transposed: the fused-parameter case, w = param.transpose(1, 2) with param [G, N, K]
+    return torch.randn(G, N, K, dtype=dtype).transpose(1, 2) if transposed else torch.randn(G, K, N, dtype=dtype)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grouping", sorted(GROUPINGS))
+@pytest.mark.parametrize("K", [37, 48])  # masked K tail / EVEN_K fast path
+def test_triton_kernels_match_fp64(dtype, grouping, K):
+    sizes = GROUPINGS[grouping]
+    offsets = _offsets(sizes)
+    M, N, G = int(sum(sizes)), 29, len(sizes)
+    x = torch.randn(M, K, dtype=dtype)
+    w = _weights(G, K, N, dtype, transposed=True)
+    dy = torch.randn(M, N, dtype=dtype)
+
+    y = _triton_fwd(x, w, offsets, SMALL, out=torch.full((M, N), float("nan"), dtype=dtype))
+    assert _rel(y, _ref_fwd(x, w, offsets)) < TOL[dtype]
+
+    # dX = dY W^T is the forward kernel on w's transposed view
+    dx = _triton_fwd(dy, w.transpose(1, 2), offsets, SMALL, out=torch.full((M, K), float("nan"), dtype=dtype))
+    assert _rel(dx, _ref_fwd(dy, w.transpose(1, 2), offsets)) < TOL[dtype]
+
+    dw_out = torch.empty_like(w).fill_(float("nan"))
+    dw = _triton_dw(x, dy, offsets, like=w, config={**SMALL, "BLOCK_M": 8}, out=dw_out)
+    ref_dw = _ref_dw(x, dy, offsets)
+    assert _rel(dw, ref_dw) < TOL[dtype]
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert (dw[g] == 0).all()  # an expert that got no tokens has an exactly-zero gradient
+
+
+def test_triton_autograd_matches_fp64_with_production_tiles():
+    # production block sizes, and the kernels reached through autograd (x and w both need grad)
+    sizes = [3, 0, 150, 7, 0, 40]
+    offsets = _offsets(sizes)
+    M, K, N = sum(sizes), 70, 133
+    param = torch.randn(len(sizes), N, K, requires_grad=True)  # fused layout [G, N, K]
+    x = torch.randn(M, K, requires_grad=True)
+    y = grouped_mm(x, param.transpose(1, 2), offsets, backend="triton")
+    dy = torch.randn(M, N)
+    y.backward(dy)
+    w = param.detach().transpose(1, 2)
+    assert _rel(y.detach(), _ref_fwd(x.detach(), w, offsets)) < 1e-5
+    assert _rel(x.grad, _ref_fwd(dy, w.transpose(1, 2), offsets)) < 1e-5
+    assert _rel(param.grad, _ref_dw(x.detach(), dy, offsets).transpose(1, 2)) < 1e-5
+    assert param.grad.is_contiguous()  # dW written in the parameter's own layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_torch_backend_matches_fp64(dtype, transposed):
+    sizes = [5, 0, 64, 1, 0, 26]
+    offsets = _offsets(sizes)
+    M, K, N = sum(sizes), 48, 40  # 16-byte aligned strides: torch._grouped_mm applies (fp32/bf16)
+    w = _weights(len(sizes), K, N, dtype, transposed).requires_grad_()
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    assert grouped_mm_supported(x, w, offsets) == (dtype != torch.float64)
+    y = grouped_mm(x, w, offsets, backend="torch")
+    dy = torch.randn(N, M, dtype=dtype).t()  # non-contiguous upstream gradient
+    y.backward(dy)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    wd = w.detach()
+    assert _rel(y.detach(), _ref_fwd(x.detach(), wd, offsets)) < tol
+    assert _rel(x.grad, _ref_fwd(dy, wd.transpose(1, 2), offsets)) < tol
+    assert _rel(w.grad, _ref_dw(x.detach(), dy, offsets)) < tol
+    assert w.grad.stride() == wd.stride()
+
+
+def test_torch_backend_odd_layout_falls_back_to_loop():
+    sizes = [4, 0, 9]
+    offsets = _offsets(sizes)
+    x = torch.randn(13, 7)  # 28-byte rows: not what torch._grouped_mm takes
+    w = torch.randn(3, 7, 5)
+    assert not grouped_mm_supported(x, w, offsets)
+    assert _rel(grouped_mm(x, w, offsets, backend="torch"), _ref_fwd(x, w, offsets)) < 1e-6
+
+
+def test_dispatcher_validates_inputs():
+    x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
+    with pytest.raises(TypeError):
+        grouped_mm(x, w, torch.tensor([3, 6]))  # int64 offsets
+    with pytest.raises(ValueError):
+        grouped_mm(x, torch.randn(2, 5, 3), torch.tensor([3, 6], dtype=torch.int32))
+    with pytest.raises(ValueError):
+        grouped_mm(x, w, torch.tensor([3, 6], dtype=torch.int32), backend="cuda")
+
+
+@pytest.mark.parametrize("cfg", AOT_CONFIGS, ids=[c["name"] for c in AOT_CONFIGS])
+def test_aot_sm90_production_config(cfg):
+    r = report(cfg["fn"], cfg["signature"], cfg["constexprs"], num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"], divisible_by_16=cfg["divisible_by_16"])
+    assert r.has_hgmma, r.sass_histogram
+    assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, r
+    assert 0 < r.shared_bytes and r.fits_hopper_smem, r.shared_bytes
+    assert r.sass_histogram.get("LDGSTS", 0) > 0, "loads not pipelined through cp.async"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_on_gpu_matches_fp64(dtype):
+    sizes = [0, 1000, 3, 0, 517, 2048, 1]
+    offsets = _offsets(sizes).cuda()
+    M, K, N = sum(sizes), 2048, 768
+    param = torch.randn(len(sizes), N, K, device="cuda", dtype=dtype).div_(K**0.5).requires_grad_()
+    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+    y = grouped_mm(x, param.transpose(1, 2), offsets)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = param.detach().transpose(1, 2).cpu()
+    off = offsets.cpu()
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fp32 inputs take the tf32 tensor-core path
+    assert _rel(y.detach().cpu(), _ref_fwd(x.detach().cpu(), w, off)) < tol
+    assert _rel(x.grad.cpu(), _ref_fwd(dy.cpu(), w.transpose(1, 2), off)) < tol
+    assert _rel(param.grad.cpu(), _ref_dw(x.detach().cpu(), dy.cpu(), off).transpose(1, 2)) < tol

@@ -1,0 +1,198 @@
+"""kernels.linear_logprob_entropy: Triton kernels (interpreter) and torch backend vs an fp64 oracle,
+memory of the torch backend, and the sm_90 AOT compile of every kernel at its production config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+import kernels.logprob as L
+from bench.common import peak_extra_memory
+from kernels.aot import report
+from kernels.logprob import AOT_CONFIGS, KernelConfig, linear_logprob_entropy_reference
+
+QWEN3_VOCAB = 151_936
+IGNORE = -100
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _problem(n: int, hdim: int, v: int, dtype: torch.dtype, ignored: slice | None = None):
+    """Random inputs (already rounded to dtype), targets with ignored rows, random upstream grads."""
+    h = torch.randn(n, hdim).to(dtype)
+    w = (torch.randn(v, hdim) * 0.3).to(dtype)
+    t = torch.randint(0, v, (n,))
+    t[::7] = IGNORE
+    if ignored is not None:  # a whole-tile block of ignored rows exercises the kernels' tile skipping
+        t[ignored] = IGNORE
+    g_lp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    return h, w, t, g_lp, g_ent
+
+
+def _oracle(h, w, t, temperature, g_lp, g_ent):
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    lp, ent = linear_logprob_entropy_reference(h64, w64, t, temperature, ignore_index=IGNORE)
+    dh, dw = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (h64, w64))
+    return lp.detach(), ent.detach(), dh, dw
+
+
+def _ours(h, w, t, temperature, g_lp, g_ent, **kw):
+    h = h.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, temperature, ignore_index=IGNORE, **kw)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == t.shape
+    dh, dw = torch.autograd.grad((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum(), (h, w))
+    assert dh.dtype == h.dtype and dw.dtype == w.dtype
+    return lp.detach(), ent.detach(), dh, dw
+
+
+def _check(h, w, t, temperature, g_lp, g_ent, grad_tol, **kw):
+    lp, ent, dh, dw = _ours(h, w, t, temperature, g_lp, g_ent, **kw)
+    rlp, rent, rdh, rdw = _oracle(h, w, t, temperature, g_lp, g_ent)
+    ign = t == IGNORE
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    assert (lp <= 0).all()
+    assert (lp[ign] == 0).all() and (ent[ign] == 0).all() and (dh[ign] == 0).all()
+    assert (ent[~ign] > 0).all()
+    errs = {"logprob": _rel(lp, rlp), "entropy": _rel(ent, rent), "dh": _rel(dh, rdh), "dW": _rel(dw, rdw)}
+    # outputs are fp32 whatever the input dtype; 16-bit grads carry dz and the result rounded to 16 bits
+    assert errs["logprob"] <= 1e-4 and errs["entropy"] <= 1e-4, errs
+    assert errs["dh"] <= grad_tol and errs["dW"] <= grad_tol, errs
+
+
+# ------------------------------------------------------------------ Triton kernels, interpreter
+
+
+@pytest.mark.parametrize(
+    "dtype,temperature,deterministic",
+    [(torch.float32, 0.7, False), (torch.float32, 1.0, True), (torch.float16, 0.7, True),
+     (torch.float16, 1.0, False)],
+)
+def test_triton_matches_fp64_odd_shapes(monkeypatch, dtype, temperature, deterministic):
+    # production block configs; a small fp32 scratch so 16-bit grads go through several token and
+    # vocabulary chunks (the path Qwen3's bf16 LM head takes on a GPU)
+    monkeypatch.setattr(L, "SCRATCH_BYTES", 256 * 96 * 4)
+    h, w, t, g_lp, g_ent = _problem(333, 96, 1237, dtype, ignored=slice(0, 150))
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton", deterministic=deterministic)
+
+
+# the interpreter walks tiles in Python: at the full vocabulary use wide vocab tiles (same kernels)
+_WIDE = KernelConfig(block_m=64, block_n=4096, block_k=32, num_warps=4, num_stages=1, block_h=32, group_m=2)
+
+
+def test_triton_matches_fp64_full_qwen3_vocab(monkeypatch):
+    for name in ("FWD_CONFIG", "BWD_CONFIG", "BWD_DET_CONFIG"):
+        monkeypatch.setattr(L, name, _WIDE)
+    h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
+    t[3] = QWEN3_VOCAB - 1  # last id: inside the last, partial vocab tile
+    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
+
+
+def test_triton_single_output_grads():
+    """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
+    h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
+    for use_lp in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="triton")
+        out = (lp * g_lp.float()).sum() if use_lp else (ent * g_ent.float()).sum()
+        dh, dw = torch.autograd.grad(out, (hh, ww))
+        zero = torch.zeros_like(g_lp)
+        _, _, rdh, rdw = _oracle(h, w, t, 0.7, g_lp if use_lp else zero, zero if use_lp else g_ent)
+        assert _rel(dh, rdh) <= 1e-4 and _rel(dw, rdw) <= 1e-4
+
+
+# ------------------------------------------------------------------ torch backend
+
+
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.float16, 0.7)])
+def test_torch_backend_matches_fp64_odd_shapes(monkeypatch, dtype, temperature):
+    monkeypatch.setattr(L, "TOKEN_CHUNK", 128)  # several token and vocab chunks, ragged last ones
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 500)
+    h, w, t, g_lp, g_ent = _problem(333, 96, 1237, dtype, ignored=slice(0, 150))
+    _check(h, w, t, temperature, g_lp, g_ent, 1e-4 if dtype == torch.float32 else 2e-3, backend="torch")
+
+
+def test_torch_backend_matches_fp64_full_qwen3_vocab():
+    h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
+    t[3] = QWEN3_VOCAB - 1
+    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
+
+
+def test_torch_backend_extra_memory_independent_of_n():
+    """N=4096, H=64, V=151,936: materialised fp32 logits alone would take 2,374 MiB."""
+    n, hdim = 4096, 64
+    h = torch.randn(n, hdim, requires_grad=True)
+    w = (torch.randn(QWEN3_VOCAB, hdim) * 0.3).requires_grad_()
+    t = torch.randint(0, QWEN3_VOCAB, (n,))
+
+    def fwd_bwd():
+        lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="torch")
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        return lp.detach()
+
+    extra, lp = peak_extra_memory(fwd_bwd)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    assert h.grad is not None and torch.isfinite(w.grad).all()
+    assert extra < 768 * 2**20, f"extra peak {extra / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------ dispatcher
+
+
+def test_dispatch_auto_is_torch_on_cpu_and_bad_args_raise(monkeypatch):
+    h, w, t, _, _ = _problem(20, 16, 50, torch.float32)
+    auto = kernels.linear_logprob_entropy(h, w, t, 0.7)
+    ref = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="torch")
+    assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])
+    with pytest.raises(ValueError):
+        kernels.linear_logprob_entropy(h, w, t, backend="cuda")
+    with pytest.raises(ValueError):
+        kernels.linear_logprob_entropy(h, w, t, 0.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        kernels.linear_logprob_entropy(h, w, t, backend="triton")
+
+
+# ------------------------------------------------------------------ sm_90 AOT at production configs
+
+
+@pytest.mark.parametrize("cfg", AOT_CONFIGS, ids=[c["name"] for c in AOT_CONFIGS])
+def test_aot_sm90_production_config(cfg):
+    r = report(cfg["fn"], cfg["signature"], cfg["constexprs"], num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"], divisible_by_16=cfg["divisible_by_16"])
+    assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, r
+    assert 0 < r.registers <= 255
+    assert r.fits_hopper_smem and r.shared_bytes > 0, r.shared_bytes
+    assert r.has_hgmma, r.sass_histogram  # every kernel here is a tensor-core matmul
+    assert "LDGSTS" in r.sass_histogram, "operand loads are not pipelined through cp.async"
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_bf16_matches_fp64(deterministic):
+    torch.manual_seed(1)
+    n, hdim = 1000, 2560
+    h, w, t, g_lp, g_ent = _problem(n, hdim, QWEN3_VOCAB, torch.bfloat16)
+    h, w, t, g_lp, g_ent = (x.cuda() for x in (h, w, t, g_lp, g_ent))
+    lp, ent, dh, dw = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=deterministic)
+    rlp, rent, rdh, rdw = _oracle(h, w, t, 0.7, g_lp, g_ent)
+    assert _rel(lp, rlp) <= 1e-3 and _rel(ent, rent) <= 1e-3
+    # bf16 gradients: rounding the exact result to bf16 alone costs ~1.5e-3; compare to that floor
+    floor_dh, floor_dw = _rel(rdh.bfloat16(), rdh), _rel(rdw.bfloat16(), rdw)
+    assert _rel(dh, rdh) <= 1e-3 + floor_dh and _rel(dw, rdw) <= 1e-3 + floor_dw
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible():
+    h, w, t, g_lp, g_ent = (x.cuda() for x in _problem(3000, 256, 20_011, torch.bfloat16))
+    first = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
+    second = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,233 @@
+"""kernels.moe_route / kernels.moe_mlp: Qwen3-MoE routing, permute/unpermute, expert MLP vs transformers."""
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from kernels.moe_mlp import expert_mlp
+from kernels.moe_route import moe_route
+
+
+def _hf_block(hidden=48, inter=40, experts=7, top_k=3, norm=True, dtype=torch.float64):
+    """transformers' Qwen3-MoE sparse block (fused expert layout), random weights."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                         num_experts_per_tok=top_k, norm_topk_prob=norm)
+    block = Qwen3MoeSparseMoeBlock(cfg).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return block
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_matches_transformers_router(norm):
+    block = _hf_block(norm=norm, dtype=torch.float32)
+    x = torch.randn(29, 48)
+    _, hf_w, hf_i = block.gate(x)
+    r = moe_route(torch.nn.functional.linear(x, block.gate.weight), 3, norm_topk_prob=norm)
+    assert torch.equal(r.expert_ids, hf_i)
+    torch.testing.assert_close(r.weights, hf_w, rtol=1e-6, atol=1e-7)
+    if norm:
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(29))
+
+
+def test_sort_offsets_and_stability():
+    T, E, k = 53, 9, 4
+    logits = torch.randn(T, E)
+    logits[:, 2] = -1e4  # expert 2 never chosen: an empty group
+    r = moe_route(logits, k)
+    flat = r.expert_ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    assert counts[2] == 0
+    assert torch.equal(r.counts.long(), counts)
+    assert r.offsets.dtype == torch.int32 and torch.equal(r.offsets.long(), counts.cumsum(0))
+    sorted_ids = flat[r.order]
+    assert (sorted_ids[1:] >= sorted_ids[:-1]).all()
+    # stable: within one expert, copies keep token order
+    same = sorted_ids[1:] == sorted_ids[:-1]
+    assert (r.order[1:][same] > r.order[:-1][same]).all()
+    assert torch.equal(r.order[r.inverse], torch.arange(T * k))
+
+
+def test_permute_unpermute_round_trip_and_gradcheck():
+    T, E, k, H = 17, 6, 2, 5
+    r = moe_route(torch.randn(T, E, dtype=torch.float64), k)
+    x = torch.randn(T, H, dtype=torch.float64)
+    xp = r.permute(x)
+    tok = r.order // k
+    assert torch.equal(xp, x[tok])
+    # weights sum to one per token (norm_topk_prob): unpermute(permute(x)) == x
+    torch.testing.assert_close(r.unpermute(xp), x)
+
+    w = r.weights.detach().clone().requires_grad_()
+    r2 = kernels.Routing(w, r.expert_ids, r.order, r.inverse, r.offsets, r.counts, k, E)
+    xg = x.clone().requires_grad_()
+    yp = torch.randn(T * k, H, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: r2.permute(a), (xg,))
+    assert torch.autograd.gradcheck(lambda a, b: r2.unpermute(a), (yp, w))  # r2.weights is w
+    assert torch.autograd.gradcheck(lambda a: r2.unpermute(r2.permute(a) * torch.arange(T * k)[:, None]), (xg,))
+
+
+def _compare_to_hf(block, x, backend, tol):
+    """Our route + expert_mlp on the block's own parameters vs block(x): output and every gradient."""
+    ref = block(x[None])[0]
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    ref_grads = [p.grad.clone() for p in block.parameters()]
+    ref_dx = x.grad.clone()
+    block.zero_grad()
+    x.grad = None
+
+    logits = torch.nn.functional.linear(x, block.gate.weight)
+    r = moe_route(logits, block.gate.top_k, block.gate.norm_topk_prob)
+    y = expert_mlp(x, r, block.experts.gate_up_proj, block.experts.down_proj, backend=backend)
+    y.backward(g)
+
+    def rel(a, b):
+        assert torch.isfinite(a).all()
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(y.detach(), ref.detach()) < tol
+    assert rel(x.grad, ref_dx) < tol
+    names = [n for n, _ in block.named_parameters()]
+    assert {"gate.weight", "experts.gate_up_proj", "experts.down_proj"} <= set(names)
+    for n, p, q in zip(names, block.parameters(), ref_grads):
+        assert q.norm() > 0, n
+        assert rel(p.grad, q) < tol, n
+    return r
+
+
+@pytest.mark.parametrize("dtype,backend,tol", [
+    (torch.float64, "torch", 1e-12),  # per-group loop (the oracle path)
+    (torch.float32, "torch", 1e-5),  # torch._grouped_mm
+    (torch.float32, "triton", 1e-5),  # Triton kernels in the interpreter
+])
+def test_expert_mlp_matches_transformers_block(dtype, backend, tol):
+    block = _hf_block(dtype=dtype)
+    x = torch.randn(37, 48, dtype=dtype, requires_grad=True)
+    _compare_to_hf(block, x, backend, tol)
+
+
+def test_expert_mlp_norm_topk_false_and_empty_experts():
+    block = _hf_block(hidden=32, inter=24, experts=10, top_k=2, norm=False, dtype=torch.float64)
+    with torch.no_grad():
+        block.gate.weight[7:] = 0.0  # logits 0 vs O(1): experts 7..9 seldom or never chosen
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)  # 10 copies over 10 experts
+    r = _compare_to_hf(block, x, "torch", 1e-12)
+    assert (r.counts == 0).sum() >= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# no host synchronisation on the model path
+# ----------------------------------------------------------------------------------------------
+
+# aten ops that read device data on the host (item/bool/int, data-dependent output shapes)
+_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "masked_select",
+             "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "equal",
+             "repeat_interleave", "_assert_async", "allclose"}
+
+
+class _NoHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _SYNC_OPS:
+            raise AssertionError(f"host sync: aten.{name}")
+        if name == "_to_copy" and args[0].device.type != "cpu" and str(kwargs.get("device")) == "cpu":
+            raise AssertionError("host sync: device-to-host copy")
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Fail on anything that reads tensor data on the host: the aten ops above (caught in forward
+    and in the autograd backward) plus the Python-level readers that bypass dispatch."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("host sync: python-level tensor read")
+
+    for attr in ("tolist", "numpy", "__array__"):
+        monkeypatch.setattr(torch.Tensor, attr, boom)
+    return _NoHostSync
+
+
+def _moe_layer(x, router_w, gate_up, down, top_k, backend):
+    r = moe_route(torch.nn.functional.linear(x, router_w), top_k)
+    return expert_mlp(x, r, gate_up, down, backend=backend)
+
+
+def _moe_params(dtype, T=64, H=32, inter=16, E=8):
+    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    router_w = torch.randn(E, H, dtype=dtype, requires_grad=True)
+    gate_up = torch.randn(E, 2 * inter, H, dtype=dtype, requires_grad=True)
+    down = torch.randn(E, H, inter, dtype=dtype, requires_grad=True)
+    return x, router_w, gate_up, down
+
+
+def test_moe_path_has_no_host_sync(no_host_sync):
+    params = _moe_params(torch.float32)  # aligned fp32: the torch._grouped_mm path
+    with no_host_sync():
+        y = _moe_layer(*params, top_k=2, backend="torch")
+        y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.norm() > 0 for p in params)
+
+
+def test_no_host_sync_guard_catches_a_sync(no_host_sync):
+    # the guard must fail when a sync is there: the fp64 fallback loop reads offsets on the host,
+    # and so do bincount and .item()
+    params = _moe_params(torch.float64)
+    with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+        _moe_layer(*params, top_k=2, backend="torch")
+    with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+        torch.bincount(torch.tensor([1, 2]))
+    with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+        torch.ones(3).sum().item()
+
+
+@pytest.mark.gpu
+def test_moe_layer_cuda_graph_capture_triton():
+    torch.manual_seed(0)
+    dev = "cuda"
+    T, H, inter, E, k = 512, 256, 128, 16, 4
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    router_w = (torch.randn(E, H, device=dev, dtype=torch.bfloat16) / H**0.5).requires_grad_()
+    gate_up = (torch.randn(E, 2 * inter, H, device=dev, dtype=torch.bfloat16) / H**0.5).requires_grad_()
+    down = (torch.randn(E, H, inter, device=dev, dtype=torch.bfloat16) / inter**0.5).requires_grad_()
+    params = (x, router_w, gate_up, down)
+
+    def step():
+        y = _moe_layer(x, router_w, gate_up, down, k, "triton")
+        y.float().square().sum().backward()
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up (compiles kernels) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # raises on any host sync inside
+        y_graph = step()
+    for p in params:
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    y_eager = _moe_layer(x, router_w, gate_up, down, k, "torch")
+    y_eager.float().square().sum().backward()
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert rel(y_graph, y_eager) < 2e-2
+    for g, p in zip(grads, params):
+        assert rel(g, p.grad) < 3e-2

@@ -1,0 +1,188 @@
+"""zigzag_shard properties and ring_attention on 2, 3, 4 and 8 gloo ranks vs unsharded fp64 attention."""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kernels.flash_attention import Rows
+from kernels.ring_attention import ZigzagPlan, _owners, comm_stats, ring_attention, zigzag_indices, zigzag_shard
+from tests.distributed import run_distributed
+from tests.kernels.test_flash_attention import per_document_attention, rel
+
+
+def _cu(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+# ------------------------------------------------------------------------------------------------
+# zigzag_shard
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+def test_zigzag_shard_partitions_every_document_into_2w_chunks(world):
+    rng = random.Random(world)
+    for _ in range(4):
+        # lengths 0 .. 3*2W: documents shorter than 2W (some empty), and longer ones
+        lengths = [rng.randint(0, 6 * world) for _ in range(rng.randint(1, 7))]
+        cu = _cu(lengths)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        T = cu[-1]
+        x = torch.randn(T, 3)
+        seen = []
+        for r in range(world):
+            idx = zigzag_indices(cu_t, r, world)
+            assert torch.equal(zigzag_shard(x, cu_t, r, world), x[idx])
+            assert bool((idx[1:] > idx[:-1]).all()), "rows must stay in global order"
+            expect = []
+            for b, n in enumerate(lengths):
+                bounds = [c * n // (2 * world) for c in range(2 * world + 1)]
+                sizes = [bounds[c + 1] - bounds[c] for c in range(2 * world)]
+                assert max(sizes) - min(sizes) <= 1  # near-equal chunks, no padding
+                for c in sorted({r, 2 * world - 1 - r}):
+                    expect += range(cu[b] + bounds[c], cu[b] + bounds[c + 1])
+            assert idx.tolist() == expect
+            seen += idx.tolist()
+        assert sorted(seen) == list(range(T))
+
+
+def test_zigzag_balances_causal_work_on_mixed_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 3000) for _ in range(40)] + [1, 2, 3, 5, 7]
+    cu = torch.tensor(_cu(lengths), dtype=torch.int32)
+    for world in (2, 4, 8):
+        owner, rows = _owners(cu, world)
+        # causal work of a query row = number of keys it sees = pos + 1
+        work = torch.bincount(owner, weights=rows.pos.double() + 1, minlength=world)
+        assert work.max() / work.min() <= 1.05, work
+
+
+@pytest.mark.parametrize("lengths", [[1, 7, 60, 3, 17, 6], [1, 3, 2, 5, 1]])
+def test_zigzag_plan_visibility_matches_brute_force(lengths):
+    cu = torch.tensor(_cu(lengths), dtype=torch.int32)
+    world = 4
+    for causal in (True, False):
+        plan = ZigzagPlan.build(cu, world, causal)
+        rows = Rows.from_cu_seqlens(cu)
+        for r in range(world):
+            qi = zigzag_indices(cu, r, world)
+            assert plan.counts[r] == qi.numel()
+            assert torch.equal(plan.rows[r].doc, rows.doc[qi]) and torch.equal(plan.rows[r].pos, rows.pos[qi])
+            for s in range(world):
+                ki = zigzag_indices(cu, s, world)
+                ok = rows.doc[qi][:, None] == rows.doc[ki][None, :]
+                if causal:
+                    ok &= rows.pos[ki][None, :] <= rows.pos[qi][:, None]
+                assert plan.visible[r][s] == bool(ok.any()), (causal, r, s)
+        if causal and max(lengths) < 2 * world:  # short documents only: some block pairs are skipped
+            assert not all(all(v) for v in plan.visible)
+
+
+# ------------------------------------------------------------------------------------------------
+# ring_attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _global_inputs(cu, hq, hkv, d, seed=1234, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    T = cu[-1]
+    return [torch.randn(T, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv, hq)]  # q, k, v, dout
+
+
+def _reference(q, k, v, go, cu, causal):
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    out, _ = per_document_attention(q64, k64, v64, cu, causal)
+    (out * go.double()).sum().backward()
+    return out.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _run_ring(q, k, v, go, cu_t, rank, world, group, causal, backend):
+    ql, kl, vl = (zigzag_shard(x, cu_t, rank, world).requires_grad_() for x in (q, k, v))
+    out = ring_attention(ql, kl, vl, cu_t, group, causal=causal, backend=backend)
+    (out.float() * zigzag_shard(go, cu_t, rank, world).float()).sum().backward()
+    return out.detach(), ql.grad, kl.grad, vl.grad
+
+
+def _check_case(group, lengths, hq, hkv, d, causal, backend, tol):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    cu = _cu(lengths)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    q, k, v, go = _global_inputs(cu, hq, hkv, d)
+    ref = _reference(q, k, v, go, cu, causal)
+    comm_stats.reset()
+    ours = _run_ring(q, k, v, go, cu_t, rank, world, group, causal, backend)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        b_local = zigzag_shard(b, cu_t, rank, world)
+        assert a.shape == b_local.shape
+        if b_local.numel():
+            err = rel(a, b_local)
+            assert err < tol, (name, rank, world, lengths, causal, backend, err)
+    # the forward sends this rank's block and then W-2 relayed ones: every block but rank+1's
+    plan = ZigzagPlan.build(cu_t, world, causal)
+    sent_rows = sum(plan.counts[(rank - i) % world] for i in range(world - 1))
+    assert comm_stats.fwd_bytes == sent_rows * 2 * hkv * d * q.element_size()
+
+
+def _global_err(pairs):
+    """Relative error over all ranks: sqrt(sum |a-b|^2 / sum |b|^2) for each (a, b) pair."""
+    num_den = torch.tensor([[(a.double() - b.double()).norm() ** 2, b.double().norm() ** 2] for a, b in pairs])
+    dist.all_reduce(num_den)
+    return (num_den[:, 0] / num_den[:, 1]).sqrt()
+
+
+def _bf16_error_growth(rank, world, lengths, solo):
+    """bf16 inputs: errors of out, dq, dk, dv over the whole ring at W=world and at W=1 (vs fp64)."""
+    cu = _cu(lengths)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    q, k, v, go = _global_inputs(cu, 4, 2, 32, seed=7, dtype=torch.bfloat16)
+    ref = _reference(q, k, v, go, cu, True)
+    ours = _run_ring(q, k, v, go, cu_t, rank, world, None, True, "torch")
+    err_w = _global_err([(a, zigzag_shard(b, cu_t, rank, world)) for a, b in zip(ours, ref)])
+    ours1 = _run_ring(q, k, v, go, cu_t, 0, 1, solo, True, "torch")
+    err_1 = torch.tensor([rel(a, b) for a, b in zip(ours1, ref)], dtype=torch.float64)
+    assert (err_w > 0).all() and (err_1 > 0).all()
+    assert (err_w <= 2 * err_1).all(), (err_w, err_1)
+
+
+CASES = {  # documents shorter than 2W (incl. length 1) and one longer than a whole shard (T / W rows)
+    2: [1, 3, 40, 2, 11],
+    3: [1, 5, 50, 4, 13],
+    4: [1, 7, 60, 3, 17, 6],
+    8: [1, 5, 9, 150, 15, 2],
+}
+
+
+def _subgroups(size, world):
+    """Consecutive groups of `size` ranks (new_group is entered by every rank, in the same order)."""
+    groups = [dist.new_group(list(range(s, s + size))) for s in range(0, world - size + 1, size)]
+    return groups, lambda rank: groups[rank // size] if rank // size < len(groups) else None
+
+
+def _ring_body(rank, world):
+    """One spawn of 8 ranks: rings of 8, of 4 (two groups), of 3 and of 2 (sub-groups), and of 1."""
+    assert world == 8
+    for w in CASES:
+        lengths = CASES[w]
+        assert max(lengths) > sum(lengths) / w and min(lengths) < 2 * w
+    solo = _subgroups(1, world)[1](rank)
+    mine = {w: _subgroups(w, world)[1](rank) for w in (2, 3, 4)}
+    _check_case(None, CASES[8], 4, 2, 32, True, "torch", 1e-5)
+    for w in (2, 3, 4):
+        if mine[w] is not None:
+            _check_case(mine[w], CASES[w], 4, 2, 32, True, "torch", 1e-5)
+    if mine[3] is not None:
+        _check_case(mine[3], CASES[3], 6, 3, 16, False, "torch", 1e-5)
+    if mine[2] is not None and rank < 2:  # Triton kernels under the interpreter: one small ring
+        _check_case(mine[2], [1, 3, 21, 2, 5], 4, 2, 16, True, "triton", 1e-5)
+    _bf16_error_growth(rank, world, CASES[8], solo)
+    dist.barrier()
+
+
+@pytest.mark.distributed
+def test_ring_attention_matches_unsharded_on_2_3_4_8_ranks():
+    run_distributed(_ring_body, 8)
