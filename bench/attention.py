@@ -92,17 +92,16 @@ def _ring_rank(rank: int, world: int, port: int, lengths: list[int], heads: tupl
         # only the local shard stays alive: the global tensors are dropped before measuring
         q, k, v, do = (zigzag_shard(torch.randn(T, h, d, generator=g), cu, rank, world) for h in (hq, hkv, hkv, hq))
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-        # warm-up on a tiny batch: lazy initialisation (autograd engine, allocator arenas, gloo
-        # buffers) is not the ring's memory
-        wcu = cu_of([5, 40])
-        wq, wk, wv = (zigzag_shard(torch.randn(45, h, d), wcu, rank, world).requires_grad_() for h in (hq, hkv, hkv))
-        ring_attention(wq, wk, wv, wcu, causal=True, backend="torch").sum().backward()
-        del wq, wk, wv
-        dist.barrier()
 
         def step() -> None:
             out = ring_attention(q, k, v, cu, causal=True, backend="torch")
             out.backward(do)
+
+        # one unmeasured step first: lazy initialisation (autograd engine, BLAS packing buffers sized by
+        # the first large GEMM, gloo pairs) is not the ring's memory
+        step()
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
 
         comm_stats.reset()
         start = time.perf_counter()
@@ -122,6 +121,9 @@ def _free_port() -> int:
 
 
 def ring_cpu_rows(lengths: list[int], worlds: list[int], heads: tuple[int, int, int]) -> list[dict[str, Any]]:
+    # RSS is the only CPU peak gauge: make glibc serve every allocation over 64 KiB with mmap (returned to
+    # the OS on free), so RSS tracks live tensors instead of the heap's high-water mark
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     ctx = mp.get_context("spawn")
     hq, hkv, d = heads
     cu = cu_of(lengths)

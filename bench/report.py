@@ -60,7 +60,7 @@ def fmt_value(v: Any) -> str:
         a = abs(v)
         if a != 0 and (a >= 1e6 or a < 1e-3):
             return f"{v:.3g}"
-        return f"{v:,.4g}" if a >= 1000 else f"{v:.4g}"
+        return f"{v:,.0f}" if a >= 1000 else f"{v:.4g}"
     return str(v)
 
 
@@ -68,15 +68,31 @@ def _cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+_NAMING = ("case", "impl", "mode", "metric")
+_RESERVED = {*_NAMING, "value", "unit", "baseline", "ratio", "ratio_meaning", "note", "n"}
+
+
 def figure(row: dict[str, Any]) -> str:
-    parts = [str(row[k]) for k in ("case", "impl", "metric") if row.get(k) not in (None, "")]
-    return " · ".join(parts)
+    """What was measured: case · impl · mode · metric (those present)."""
+    return " · ".join(str(row[k]) for k in _NAMING if row.get(k) not in (None, ""))
+
+
+def value_str(row: dict[str, Any]) -> str:
+    """`value unit`; rows without a `value` show their numeric fields instead (name=value)."""
+    if "value" in row:
+        return f"{fmt_value(row['value'])} {row.get('unit') or ''}".strip()
+    nums = [(k, v) for k, v in row.items() if k not in _RESERVED and isinstance(v, (int, float))
+            and not isinstance(v, bool) and "ratio" not in k and "speedup" not in k]
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in nums)
 
 
 def ratio_str(row: dict[str, Any]) -> str:
+    """`ratio×` (with its meaning); rows without `ratio` show their *ratio* / *speedup* fields."""
     r = row.get("ratio")
     if r is None:
-        return ""
+        extra = [(k, v) for k, v in row.items() if ("ratio" in k or "speedup" in k) and k != "ratio_meaning"
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return ", ".join(f"{k}={v:.3g}×" for k, v in extra)
     s = f"{r:.3g}×" if isinstance(r, (int, float)) else str(r)
     meaning = row.get("ratio_meaning")
     return f"{s} ({meaning})" if meaning else s
@@ -96,8 +112,7 @@ def render_file(d: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in head) + "|",
     ]
     for r in rows:
-        unit = r.get("unit") or ""
-        cells = [figure(r), f"{fmt_value(r.get('value'))} {unit}".strip(), r.get("baseline") or "", ratio_str(r)]
+        cells = [figure(r), value_str(r), r.get("baseline") or "", ratio_str(r)]
         if has_note:
             cells.append(r.get("note") or "")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")

@@ -14,29 +14,23 @@ module — so CI fails on any of them (tests/test_bench.py runs this script).
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import importlib
+import multiprocessing as mp
 import os
-
-# The interpreter patches triton.language process-wide; the AOT compile needs the real compiler.
-# Drop it before anything imports triton (tests run this script with TRITON_INTERPRET=1 set).
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what the JIT does by default (and silences a warning)
-
-import argparse  # noqa: E402
-import concurrent.futures as cf  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import pkgutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import pkgutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import print_table, save_results  # noqa: E402
+from bench.common import print_table, save_results  # noqa: E402  (after the sys.path fix above)
 
 # Modules whose kernels are the project's headline ops: their absence is an error, not a skip.
 REQUIRED_MODULES = ("kernels.logprob", "kernels.grouped_mm", "kernels.flash_attention")
@@ -70,8 +64,8 @@ def discover() -> tuple[dict[str, list[str]], list[str]]:
             problems.append(f"{mod_name}: import failed: {type(e).__name__}: {e}")
             continue
         configs = getattr(mod, "AOT_CONFIGS", None)
-        jitted = [k for k, v in vars(mod).items()
-                  if isinstance(v, triton.runtime.JITFunction) and getattr(v, "__module__", mod_name) == mod_name]
+        jitted = [k for k, v in vars(mod).items() if isinstance(v, _jit_types(triton))
+                  and getattr(getattr(v, "fn", v), "__module__", mod_name) == mod_name]
         if configs is None:
             if jitted or mod_name in REQUIRED_MODULES:
                 problems.append(f"{mod_name}: has Triton kernels {jitted} but no AOT_CONFIGS")
@@ -84,6 +78,15 @@ def discover() -> tuple[dict[str, list[str]], list[str]]:
             problems.append(f"{mod_name}: duplicate AOT_CONFIGS names {cfg_names}")
         found[mod_name] = cfg_names
     return found, problems
+
+
+def _jit_types(triton: Any) -> tuple[type, ...]:
+    """@triton.jit objects: JITFunction, or InterpretedFunction under TRITON_INTERPRET=1."""
+    types: list[type] = [triton.runtime.JITFunction]
+    interp = getattr(getattr(triton.runtime, "interpreter", None), "InterpretedFunction", None)
+    if isinstance(interp, type):
+        types.append(interp)
+    return tuple(types)
 
 
 def compile_one(mod_name: str, cfg_name: str) -> dict[str, Any]:
@@ -131,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="results directory (default: bench/results)")
     ap.add_argument("--modules", default=None, help="comma-separated subset of kernel modules (default: all)")
     args = ap.parse_args(argv)
+    # The interpreter patches triton.language process-wide; the AOT compile needs the real compiler.
+    # Drop it before anything imports triton here and before the workers are spawned (tests run
+    # this script with TRITON_INTERPRET=1 in the environment).
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default (and silences a warning)
 
     t0 = time.perf_counter()
     found, problems = discover()

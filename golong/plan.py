@@ -31,8 +31,10 @@ FLOPs of one policy update over T tokens (documents of length S, causal):
   hardware FLOPs add what the implementation recomputes: the forward again under activation
   checkpointing (2 * N_layers * T + attention forward), the LM head logits in the fused backward
   (2 * V * H * T), and a forward for the old log-probs when the update is off-policy.
-Rollout: prefill 2 * N_active * prompt tokens + causal attention; decode is bandwidth-bound:
-every step reads the weights once per engine and every sequence's KV cache.
+Rollout: prefill 2 * N_active * prompt tokens + causal attention, once per prompt (its n
+responses share it); decode is bandwidth-bound: every step reads the weights once per engine and
+every sequence's KV cache. All at the configured maximum lengths (prompt + response, capped by
+trainer.micro_batch_tokens): the figures bound the worst step, not the average one.
 Lower-bound time = max(FLOPs / (GPUs * 790 TFLOP/s), bytes / (GPUs * 4.3 TB/s)) per phase
 (measured bf16 dense matmul and HBM bandwidth of one H200); communication is not counted.
 """
@@ -385,12 +387,12 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
 
     FSDP2 as golong.parallel.apply_fsdp sets it up: one unit per decoder layer (resharded after
     forward except the last; the next one prefetched in backward), the root unit (embeddings, final
-    norm, LM head) gathered for the whole forward and backward. optimizer: "foreach" (torch's AdamW
-    default on CUDA: one temporary the size of all states), "for-loop" (its default on CPU: two
-    temporaries the size of the largest parameter) or "fused".
+    norm, LM head) resharded after forward and gathered again for backward. optimizer: "for-loop"
+    (golong.trainer's AdamW(foreach=False): two temporaries the size of the largest parameter
+    shard), "foreach" (one temporary the size of all states) or "fused" (none).
     """
     k = _kernel_constants()
-    optimizer = optimizer or ("foreach" if p.device == "cuda" else "for-loop")
+    optimizer = optimizer or "for-loop"
     tl = _Timeline()
     T, H, V, a = tokens, s.hidden, s.vocab, p.compute
     X = T * H * a  # one [T, H] activation
@@ -473,7 +475,10 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
 
     # ---- forward
     tl.phase = "forward"
-    inputs = T * (8 + 8 + 8) + 2 * T * s.head_dim * a  # ids, targets, positions; cos/sin tables
+    # the trainer's packed micro-batch (ids, targets, seq index int64; mask, advantages, rollout
+    # logprobs fp32) for the whole cp group, this rank's shards of what the model reads, positions,
+    # cos/sin tables
+    inputs = T * cp * (3 * 8 + 3 * 4) + (T * (8 + 8 + 4 + 4) if cp > 1 else 0) + T * 8 + 2 * T * s.head_dim * a
     tl.add(INPUTS, inputs)
     root_full = gather(root_t, shard_root, forward=True)
     tl.add(ACTS, X)  # embedding output = layer 0's input
@@ -562,20 +567,24 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
 
 
 def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], backward: bool) -> float:
-    """Extra bytes of kernels.linear_logprob_entropy beyond inputs/outputs: independent of n for
-    large n (the point of the fused head)."""
+    """Extra bytes of kernels.linear_logprob_entropy beyond its inputs, outputs and the weight
+    gradient: bounded by the token chunk, not by n (the point of the fused head).
+
+    torch backend (CPU), per token chunk tc x vocabulary chunk vc: forward keeps the logits tile
+    and its exp (2 fp32 tiles) and the scaled fp32 hidden chunk; backward the log p and p tiles,
+    the scaled hidden chunk and the chunk's dh accumulator (and an fp32 dW when the weight is 16-bit).
+    Triton backend (GPU): forward writes 4 fp32 partials per row and vocabulary split (one split at
+    large n); backward accumulates dW in fp32 (then cast) and dh in an fp32 scratch of a token chunk.
+    """
     if p.device == "cpu":
         tc, vc = min(n, k["lp_token_chunk"]), min(v, k["lp_vocab_chunk"])
-        tile = 4 * tc * vc
-        casts = (4 * tc * h if p.compute != 4 else 0) + (4 * vc * h if p.compute != 4 else 0)
+        tile, chunk = 4 * tc * vc, 4 * tc * h
         if not backward:
-            return 3 * tile + casts  # z, exp(z), exp(z)*z
-        # fp32 dW accumulator (the gradient itself when the weight is fp32), dh chunk, log p and p tiles
-        dw = 4 * v * h if p.compute != 4 else 0
-        return dw + 4 * tc * h + 2 * tile + casts
+            return 2 * tile + chunk
+        dw = 4 * v * h if p.compute != 4 else 0  # fp32 weights: dW is the gradient itself
+        return dw + 2 * tile + 2 * chunk + (chunk if p.compute != 4 else 0)
     if not backward:
-        return 4 * 4 * n  # per-row partial (max, sum, entropy, target) of each vocabulary split
-    # fp32 dW accumulator + its cast to the weight dtype, fp32 dh scratch of a token chunk
+        return 4 * 4 * n
     dw = 4 * v * h + (p.compute * v * h if p.compute != 4 else 0)
     return dw + (4 * min(n, k["lp_triton_token_chunk"]) * h if p.compute != 4 else 0)
 
@@ -601,6 +610,26 @@ class Throughput:
     kv_seqs_per_engine: float  # sequences at full length whose KV cache fits in the vLLM reservation
 
 
+def update_flops(s: ModelShape, seq_lens: list[int] | tuple[int, ...], *, checkpointing: bool,
+                 old_logprob_pass: bool = False) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one forward+backward over sequences of these lengths.
+
+    model = 6 N_active T + 6 L n_q d_head sum S^2 (causal attention: 12 L H_attn S^2 / 2 per
+    sequence); hardware adds the LM-head logits the fused backward recomputes (2 V H T), the
+    forward again under activation checkpointing, and a forward for old log-probs if off-policy.
+    """
+    tokens = sum(seq_lens)
+    attn_fwd = 2 * s.layers * s.heads * s.head_dim * sum(n * n for n in seq_lens)
+    model = 6 * s.active_params * tokens + 3 * attn_fwd
+    layer_fwd = 2 * s.layer_matmul_params_active * tokens + attn_fwd
+    hw = model + 2 * s.vocab * s.hidden * tokens
+    if checkpointing:
+        hw += layer_fwd
+    if old_logprob_pass:
+        hw += layer_fwd + 2 * s.vocab * s.hidden * tokens
+    return model, hw
+
+
 def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p: Precision) -> Throughput:
     tr, ro = cfg.trainer, cfg.rollout
     prompt = min(cfg.data.max_prompt_tokens, tr.micro_batch_tokens)
@@ -608,15 +637,9 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     resp = doc_len - prompt
     docs = tr.prompts_per_step * ro.n
     tokens = docs * doc_len
-    attn_fwd_per_doc = 2 * s.layers * s.heads * s.head_dim * doc_len**2  # QK^T and PV, causal half
-    model = 6 * s.active_params * tokens + 3 * attn_fwd_per_doc * docs
-    layer_fwd = 2 * s.layer_matmul_params_active * tokens + attn_fwd_per_doc * docs
-    hw = model + 2 * s.vocab * s.hidden * tokens  # logits recomputed in the fused head's backward
-    if cfg.parallel.activation_checkpointing:
-        hw += layer_fwd
     on_policy = cfg.algo.ppo_epochs == 1 and tr.mini_batch_prompts >= tr.prompts_per_step
-    if not on_policy:
-        hw += layer_fwd + 2 * s.vocab * s.hidden * tokens
+    model, hw = update_flops(s, [doc_len] * docs, checkpointing=cfg.parallel.activation_checkpointing,
+                             old_logprob_pass=not on_policy)
     # memory traffic of the update: every micro-batch reads the gathered weights in forward, again in
     # backward (twice: input and weight gradients) and in the recompute; AdamW reads p, g, m, v and
     # writes p, m, v once per step (fp32)
@@ -629,7 +652,8 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     # rollout: prefill compute-bound, decode bandwidth-bound (weights per engine step + KV reads)
     tp = max(1, ro.tensor_parallel_size)
     engines = max(1, gpus // tp)
-    prefill = 2 * s.active_params * docs * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2 * docs
+    # the n responses of a prompt share its prefill (vLLM samples n sequences from one prompt)
+    prefill = (2 * s.active_params * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2) * tr.prompts_per_step
     steps = resp
     decode_weight_bytes = engines * steps * s.total_params * 2
     kv_read = docs * s.kv_bytes_per_token * (resp * prompt + resp**2 / 2)
@@ -758,7 +782,8 @@ def render(plan: Plan, cfg: RunConfig) -> None:
                     f"{plan.rollout_reserve_bytes / GIB:,.2f}")
         tab.add_row("[bold]rollout phase total[/bold]", f"[bold]{plan.rollout_total_bytes / GIB:,.2f}[/bold]")
     con.print(tab)
-    perf = Table(title="One RL step: work and roofline lower bound (790 TFLOP/s bf16, 4.3 TB/s per H200)")
+    perf = Table(title="One RL step at maximum lengths: work and roofline lower bound (790 TFLOP/s bf16, "
+                       "4.3 TB/s per H200)")
     perf.add_column("figure")
     perf.add_column("value", justify="right")
     rows = [

@@ -90,16 +90,18 @@ TORCH_BLOCK_N = 512
 
 
 def _torch_tiles(q: Rows, k: Rows, causal: bool, n_q: int):
-    """Yield (i0, i1, j0, j1, mask [i1-i0, j1-j0]) over the visible tiles (host loop, CPU backend)."""
+    """Yield (i0, i1, [(j0, j1, mask [i1-i0, j1-j0]), ...]) per query tile: only the visible key tiles."""
     lo, hi = key_ranges(q, k, causal)
     lo_h, hi_h = lo.tolist(), hi.tolist()
     for i0 in range(0, n_q, TORCH_BLOCK_M):
         i1 = min(i0 + TORCH_BLOCK_M, n_q)
         jlo, jhi = min(lo_h[i0:i1]), max(hi_h[i0:i1])
+        tiles = []
         for j0 in range(jlo, jhi, TORCH_BLOCK_N):
             j1 = min(j0 + TORCH_BLOCK_N, jhi)
             j = torch.arange(j0, j1, device=lo.device)
-            yield i0, i1, j0, j1, (j[None, :] >= lo[i0:i1, None]) & (j[None, :] < hi[i0:i1, None])
+            tiles.append((j0, j1, (j[None, :] >= lo[i0:i1, None]) & (j[None, :] < hi[i0:i1, None])))
+        yield i0, i1, tiles
 
 
 def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
@@ -108,34 +110,28 @@ def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: 
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    state: dict[int, Any] = {}
-
-    def finish(i0: int) -> None:
-        m, l, acc = state.pop(i0)
-        n = acc.shape[2]
-        o = torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)
-        out[i0:i0 + n] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(out.dtype)
-        lse[i0:i0 + n] = (m + torch.log(l)).permute(2, 0, 1).reshape(n, Hq)
-
-    for i0 in range(0, Tq, TORCH_BLOCK_M):  # rows that see nothing still need out 0, lse -inf
-        n = min(TORCH_BLOCK_M, Tq - i0)
-        state[i0] = (torch.full((Hkv, G, n), -math.inf, device=q.device), torch.zeros(Hkv, G, n, device=q.device),
-                     torch.zeros(Hkv, G, n, D, device=q.device))
-    for i0, i1, j0, j1, mask in _torch_tiles(qr, kr, causal, Tq):
+    for i0, i1, tiles in _torch_tiles(qr, kr, causal, Tq):
         n = i1 - i0
-        m, l, acc = state[i0]
         # [Hkv, G, n, D]: the G query heads sharing a kv head batch against it
         qb = (q[i0:i1].float() * scale).view(n, Hkv, G, D).permute(1, 2, 0, 3)
-        kb = k[j0:j1].float().permute(1, 2, 0)[:, None]  # [Hkv, 1, D, nk]
-        vb = v[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
-        s = torch.matmul(qb, kb).masked_fill_(~mask, -math.inf)
-        m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # all-masked-so-far rows
-        p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)
-        state[i0] = (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + torch.matmul(p, vb))
-    for i0 in list(state):
-        finish(i0)
+        m = torch.full((Hkv, G, n), -math.inf, device=q.device)
+        l = torch.zeros(Hkv, G, n, device=q.device)
+        acc = torch.zeros(Hkv, G, n, D, device=q.device)
+        for j0, j1, mask in tiles:
+            kb = k[j0:j1].float().permute(1, 2, 0)[:, None]  # [Hkv, 1, D, nk]
+            vb = v[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
+            s = torch.matmul(qb, kb).masked_fill_(~mask, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no visible key so far
+            p = torch.exp(s - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.matmul(p, vb)
+            m = m_new
+        # a row that sees no key (only in a ring block) gets out 0 and lse -inf
+        o = torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)
+        out[i0:i1] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(out.dtype)
+        lse[i0:i1] = (m + torch.log(l)).permute(2, 0, 1).reshape(n, Hq)
 
 
 def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
@@ -145,21 +141,22 @@ def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    for i0, i1, j0, j1, mask in _torch_tiles(qr, kr, causal, Tq):
+    for i0, i1, tiles in _torch_tiles(qr, kr, causal, Tq):
         n = i1 - i0
         qb = q[i0:i1].float().view(n, Hkv, G, D).permute(1, 2, 0, 3)
         dob = do[i0:i1].float().view(n, Hkv, G, D).permute(1, 2, 0, 3)
         lb = lse[i0:i1].view(n, Hkv, G).permute(1, 2, 0)
         lb = torch.where(torch.isinf(lb), 0.0, lb)[..., None]
         db = delta[i0:i1].view(n, Hkv, G).permute(1, 2, 0)[..., None]
-        kb = k[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
-        vb = v[j0:j1].float().permute(1, 0, 2)[:, None]
-        s = (torch.matmul(qb, kb.transpose(-1, -2)) * scale).masked_fill_(~mask, -math.inf)
-        p = torch.exp(s - lb)  # [Hkv, G, n, nk]
-        dv[j0:j1] += torch.einsum("hgqk,hgqd->khd", p, dob)
-        ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - db) * scale
-        dq[i0:i1] += torch.matmul(ds, kb).permute(2, 0, 1, 3).reshape(n, Hq, D)
-        dk[j0:j1] += torch.einsum("hgqk,hgqd->khd", ds, qb)
+        for j0, j1, mask in tiles:
+            kb = k[j0:j1].float().permute(1, 0, 2)[:, None]  # [Hkv, 1, nk, D]
+            vb = v[j0:j1].float().permute(1, 0, 2)[:, None]
+            s = (torch.matmul(qb, kb.transpose(-1, -2)) * scale).masked_fill_(~mask, -math.inf)
+            p = torch.exp(s - lb)  # [Hkv, G, n, nk]
+            dv[j0:j1] += torch.einsum("hgqk,hgqd->khd", p, dob)
+            ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - db) * scale
+            dq[i0:i1] += torch.matmul(ds, kb).permute(2, 0, 1, 3).reshape(n, Hq, D)
+            dk[j0:j1] += torch.einsum("hgqk,hgqd->khd", ds, qb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -630,8 +627,11 @@ def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     max_len = int((cu[1:] - cu[:-1]).max())
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal,
                                          return_attn_probs=True)
-    # flash-attn 2 returns lse [Hq, T] for varlen input
-    return out, lse.transpose(0, 1).float()
+    if lse.dim() == 3:  # flash-attn < 2.4 (?): [B, Hq, max_seqlen], padded per document
+        lens = (cu[1:] - cu[:-1]).tolist()
+        lse = torch.cat([lse[b, :, :n] for b, n in enumerate(lens)], dim=1)
+    # flash-attn's lse is [Hq, T] and not differentiable: out is, through flash-attn's own backward
+    return out, lse.transpose(0, 1).float().contiguous()
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
@@ -644,7 +644,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
     backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch", or "flash_attn" (flash-attn's
-    varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing).
+    varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing; there only
+    out is differentiable, not lse).
     """
     _check(q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

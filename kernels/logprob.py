@@ -125,6 +125,9 @@ def _torch_backward(
         # alpha = -g_ent / T and beta = -(g_lp + g_ent * H) / T
         alpha = -gec * inv_t
         beta = -(glc + gec * entropy[n0:n1, None]) * inv_t
+        # rows without gradient may carry a placeholder lse (skipped in the forward): zero them explicitly
+        dead = ((glc == 0) & (gec == 0)).squeeze(1)
+        dead = dead if dead.any() else None
         dhc = torch.zeros_like(hc) if need_dh else None
         for v0 in range(0, v, VOCAB_CHUNK):
             v1 = min(v, v0 + VOCAB_CHUNK)
@@ -133,6 +136,8 @@ def _torch_backward(
             p = torch.exp(logp)
             dz = torch.addcmul(beta, logp, alpha, out=logp).mul_(p)
             del p
+            if dead is not None:
+                dz[dead] = 0.0
             inside = (tc >= v0) & (tc < v1)
             if inside.any():
                 rows = inside.nonzero().squeeze(1)
@@ -170,11 +175,17 @@ def linear_logprob_entropy_reference(
 
 
 @triton.jit
-def _tile_ptrs(base, row0, stride, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Pointers to base[row0 : row0 + ROWS, 0 : COLS]: a 64-bit scalar tile base (N * H may pass
-    2**31) plus 32-bit offsets inside the tile, which cost fewer registers than 64-bit ones."""
-    tile = base + row0.to(tl.int64) * stride
-    return tile + tl.arange(0, ROWS)[:, None] * stride + tl.arange(0, COLS)[None, :]
+def _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """h[rows] @ W[cols].T as a [BLOCK_M, BLOCK_N] fp32 tile (padded rows/cols read as 0)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        k_ok = (k + rk) < H
+        hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -207,12 +218,7 @@ def _fwd_kernel(
             cols = v_begin + j * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < V
             w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k in range(0, H, BLOCK_K):
-                k_ok = (k + rk) < H
-                hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
+            acc = _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             scale = tl.exp(m_i - m_new)
@@ -233,23 +239,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """h[rows] @ W[cols].T as a [BLOCK_M, BLOCK_N] fp32 tile (padded rows/cols read as 0)."""
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, H, BLOCK_K):
-        k_ok = (k + rk) < H
-        hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wk = tl.load(w_ptrs + k, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(hk, tl.trans(wk), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
 def _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t):
-    """dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T for one tile, 0 outside the valid box."""
-    logp = acc * inv_t - lse[:, None]
+    """dz = (g_lp (onehot - p) - g_ent p (log p + H)) / T for one tile; 0 outside rows row_ok x cols col_ok."""
+    logp = tl.where(row_ok[:, None], acc * inv_t - lse[:, None], 0.0)  # dead rows: no exp overflow
     p = tl.exp(logp)
     dz = -p * (glp[:, None] + gent[:, None] * (logp + ent[:, None]))
     dz += tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0)
@@ -283,6 +275,10 @@ def _bwd_kernel(
     col_ok = cols < V
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    # rows without gradient get dz = 0 explicitly: their saved lse may be a placeholder (skipped in
+    # the forward) and exp(z - lse) * 0 must not become inf * 0. Loads keep the plain bounds mask,
+    # whose structure the compiler needs to pipeline them.
+    live = row_ok & ((glp != 0) | (gent != 0))
     # rows without gradient (ignored, or unused outputs) do no work
     if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_off
@@ -292,7 +288,7 @@ def _bwd_kernel(
         acc = _logits_tile(h_ptr + rows.to(tl.int64)[:, None] * stride_h + rk[None, :],
                            w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :],
                            row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+        dz = _dlogits_tile(acc, cols, live, col_ok, tgt, lse, ent, glp, gent, inv_t)
         dzc = dz.to(h_ptr.dtype.element_ty)
         dzt = tl.trans(dzc)
         rh = tl.arange(0, BLOCK_H)
@@ -326,6 +322,10 @@ def _bwd_dh_kernel(
     row_ok = rows < N
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    # rows without gradient get dz = 0 explicitly: their saved lse may be a placeholder (skipped in
+    # the forward) and exp(z - lse) * 0 must not become inf * 0. Loads keep the plain bounds mask,
+    # whose structure the compiler needs to pipeline them.
+    live = row_ok & ((glp != 0) | (gent != 0))
     if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -340,7 +340,7 @@ def _bwd_dh_kernel(
             w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
             acc = _logits_tile(h_ptrs, w_rows + rk[None, :], row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
                                PRECISION)
-            dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+            dz = _dlogits_tile(acc, cols, live, col_ok, tgt, lse, ent, glp, gent, inv_t)
             dzc = dz.to(h_ptr.dtype.element_ty)
             for k in range(0, H, BLOCK_H):
                 k_ok = (k + rh) < H
@@ -374,6 +374,7 @@ def _bwd_dw_kernel(
         row_ok = rows < N
         glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
         gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        live = row_ok & ((glp != 0) | (gent != 0))  # as in _bwd_kernel
         if tl.max(tl.abs(glp) + tl.abs(gent), axis=0) > 0:
             tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_off
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -381,7 +382,7 @@ def _bwd_dw_kernel(
             h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
             acc = _logits_tile(h_rows + rk[None, :], w_ptrs, row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K,
                                PRECISION)
-            dz = _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t)
+            dz = _dlogits_tile(acc, cols, live, col_ok, tgt, lse, ent, glp, gent, inv_t)
             dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
             for k in range(0, H, BLOCK_H):
                 k_ok = (k + rh) < H

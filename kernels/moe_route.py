@@ -50,10 +50,7 @@ class Routing:
 
     def unpermute(self, y: torch.Tensor) -> torch.Tensor:
         """y [T*k, H] (permuted order) -> [T, H]: out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]."""
-        t, k = self.weights.shape
-        y_tok = y[self.inverse].view(t, k, y.shape[-1])  # back to (token, slot) order: a gather
-        # bmm accumulates the k-term sum in fp32 on GPU even for bf16 operands
-        return torch.bmm(self.weights.to(y.dtype).unsqueeze(1), y_tok).squeeze(1)
+        return _Unpermute.apply(y, self.weights.to(y.dtype), self.order, self.inverse)
 
 
 class _Permute(torch.autograd.Function):
@@ -70,6 +67,32 @@ class _Permute(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         g = grad[inverse].view(-1, ctx.top_k, grad.shape[-1])
         return g.sum(1), None, None, None  # reductions accumulate in fp32 for bf16 inputs
+
+
+class _Unpermute(torch.autograd.Function):
+    """Weighted k-way combine back to token order. Both directions are gathers (the inverse of a
+    permutation is a permutation), so there is no scatter, no atomics and no index_put."""
+
+    @staticmethod
+    def forward(ctx, y, weights, order, inverse):
+        t, k = weights.shape
+        y_tok = y[inverse].view(t, k, y.shape[-1])
+        ctx.save_for_backward(y, weights, order, inverse)
+        # bmm accumulates the k-term sum in fp32 on GPU even for bf16 operands
+        return torch.bmm(weights.unsqueeze(1), y_tok).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weights, order, inverse = ctx.saved_tensors
+        t, k = weights.shape
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            # permuted row p is copy order[p] = (token, slot): d y[p] = weights[token, slot] * grad[token]
+            dy = grad[order // k] * weights.reshape(-1)[order].unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            y_tok = y[inverse].view(t, k, y.shape[-1])
+            dw = torch.bmm(y_tok, grad.unsqueeze(2)).squeeze(2)
+        return dy, dw, None, None
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True

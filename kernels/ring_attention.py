@@ -78,6 +78,19 @@ class ZigzagPlan:
         return ZigzagPlan(world, counts, per_rank, vis.tolist())
 
 
+_PLANS: dict[tuple, ZigzagPlan] = {}
+
+
+def _plan(cu_seqlens: torch.Tensor, world: int, causal: bool, device: Any) -> ZigzagPlan:
+    """ZigzagPlan.build, cached: every layer of a step shares one cu_seqlens (one small D2H copy each)."""
+    key = (tuple(cu_seqlens.tolist()), world, causal, str(device))
+    if key not in _PLANS:
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = ZigzagPlan.build(cu_seqlens, world, causal, device)
+    return _PLANS[key]
+
+
 def zigzag_indices(cu_seqlens: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Global row indices (int64, ascending) that rank `rank` of `world` keeps."""
     owner, _ = _owners(cu_seqlens, world)
@@ -172,7 +185,7 @@ class _RingAttention(torch.autograd.Function):
                 causal: bool, scale: float, backend: str) -> torch.Tensor:
         ring = _Ring(group)
         W, r = ring.world, ring.rank
-        plan = ZigzagPlan.build(cu_seqlens, W, causal, q.device)
+        plan = _plan(cu_seqlens, W, causal, q.device)
         if q.shape[0] != plan.counts[r] or k.shape[0] != plan.counts[r]:
             raise ValueError(f"rank {r} holds {q.shape[0]} rows, zigzag_shard gives {plan.counts[r]}")
         Hkv = k.shape[1]

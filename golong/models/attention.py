@@ -2,8 +2,11 @@
 
 Training / scoring path: packed tokens [T, H] with cu_seqlens, through kernels.flash_attention
 (one device) or kernels.ring_attention (context parallel: the tokens are this rank's zigzag shard,
-cu_seqlens the global one). Decoding path: a dense [B, S] batch against a KVCache (see cache.py),
-through torch SDPA with an explicit mask — prompts of different lengths share one batch.
+cu_seqlens the global one). On CPU the default ("auto") is instead torch SDPA one document at a time:
+ATen's fused CPU attention is ~8x faster there than kernels.flash_attention's blockwise torch
+reference (bench/model.py), which made the whole model slower than transformers on CPU.
+Decoding path: a dense [B, S] batch against a KVCache (see cache.py), through torch SDPA with an
+explicit mask — prompts of different lengths share one batch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.scale = self.head_dim ** -0.5
+        self.backend = "auto"  # "auto" | "kernels" | "sdpa"; see Qwen3ForCausalLM.set_attention_backend
         kw = dict(bias=False, device=device, dtype=dtype)
         h, d = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(h, self.n_heads * d, **kw)
@@ -55,6 +59,8 @@ class Attention(nn.Module):
             from kernels.ring_attention import ring_attention
 
             out = ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale)
+        elif self.backend == "sdpa" or (self.backend == "auto" and not x.is_cuda):
+            out = sdpa_varlen(q, k, v, cu_seqlens, self.scale)
         else:
             out, _ = flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale)
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.head_dim))
@@ -73,3 +79,21 @@ class Attention(nn.Module):
             q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
             attn_mask=mask[:, None], scale=self.scale, enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Causal packed attention with torch SDPA, one document at a time (one host sync for the bounds).
+
+    q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] -> out [T, Hq, D]. For CPU, where SDPA runs ATen's
+    fused flash-style kernel (memory O(document), forward and backward).
+    """
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        qd, kd, vd = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
+        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -94,6 +94,15 @@ class Qwen3ForCausalLM(nn.Module):
         """Recompute each decoder layer in backward instead of storing its activations."""
         self.activation_checkpointing = enabled
 
+    def set_attention_backend(self, backend: str = "auto") -> None:
+        """Single-device attention: "kernels" (kernels.flash_attention), "sdpa" (torch SDPA per
+        document) or "auto" (kernels on CUDA, sdpa on CPU, where it is much faster). Context
+        parallelism always uses kernels.ring_attention."""
+        if backend not in ("auto", "kernels", "sdpa"):
+            raise ValueError(f"unknown attention backend {backend!r}")
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """[V, H]: lm_head.weight, or the embedding matrix when tied."""

@@ -6,12 +6,13 @@ tests/golong/test_vllm_sync.py uses it: vLLM needs its own venv, so the engine c
 pytest process. SPEC (JSON):
     model, dtype, max_model_len, bucket_bytes, eos_token_ids, prompts [[int]], seeds [int],
     phases: [{"update": null | "file.safetensors", "sampling": {temperature, top_p, top_k, max_tokens}}],
-    stop_probe: bool, partial_update: {"file": ..., "drop": [names]} (optional, last)
+    stop_probe: bool, partial_update: {"file", "drop": [names], "sampling"} (optional, last)
 Each phase first pushes its update (if any) with `VLLMEngine.update_weights` — the tensors are read
 from the file into memory here only because the test's trainer lives in another venv; the push itself
 is in memory — then generates one response per prompt. OUT (JSON): per phase token_ids, logprobs,
 finish_reasons, the update's stats and timings; with stop_probe, greedy responses and one of them
-rerun with a stop token taken from it; with partial_update, the error the incomplete push raised.
+rerun with a stop token taken from it; with partial_update, the errors of the incomplete push and of
+a generate after it, then a complete push of the same file and one more generate ("recovered").
 """
 
 from __future__ import annotations
@@ -60,18 +61,30 @@ def main(spec_path: str, out_path: str) -> None:
         out["stop_probe"] = {"greedy": greedy.token_ids, "greedy_logprobs": greedy.logprobs, "prompt": i,
                              "stop_at": k, "stopped": s.token_ids[0], "stopped_reason": s.finish_reasons[0]}
     if spec.get("partial_update"):
-        # a push that misses some tensors must fail loudly, naming the engine parameters left stale
-        state = load_file(spec["partial_update"]["file"])
-        for name in spec["partial_update"]["drop"]:
+        # a push that misses some tensors must fail loudly, naming the engine parameters left stale;
+        # the engine then refuses to sample until a complete push, after which it is whole again
+        part = spec["partial_update"]
+        state = load_file(part["file"])
+        full = dict(state)
+        for name in part["drop"]:
             del state[name]
-        try:
-            engine.update_weights(state.items())
-            out["partial_update_error"] = None
-        except RuntimeError as e:
-            out["partial_update_error"] = str(e)
+        out["partial_update_error"] = _error(lambda: engine.update_weights(state.items()))
+        params = SamplingParams(**part.get("sampling", {}))
+        out["generate_after_partial_error"] = _error(lambda: engine.generate(prompts, params, seeds=seeds))
+        engine.update_weights(full.items())
+        res = engine.generate(prompts, params, seeds=seeds)
+        out["recovered"] = {"token_ids": res.token_ids, "logprobs": res.logprobs}
     out["total_seconds"] = time.perf_counter() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ class VLLMEngine:
         self.device = torch.device("cpu") if self.is_cpu else torch.device(
             "cuda", torch.cuda.current_device())
         self._asleep_tags: set[str] = set()  # memory released by sleep() and not woken yet
-        self.weights_valid = True  # False between a level-2 sleep and the next update_weights
+        # False between a level-2 sleep (or a failed push) and the next complete update_weights
+        self.weights_valid = True
 
     # ------------------------------------------------------------------------------- rollout
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -146,7 +147,8 @@ class VLLMEngine:
         sampling to the engine's seed (faster: no per-request generator)."""
         self.wake_up()
         if not self.weights_valid:
-            raise RuntimeError("the engine slept at level 2 and has no weights: call update_weights first")
+            raise RuntimeError("the engine has no complete weights (level-2 sleep or a failed push): "
+                               "call update_weights first")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         local = len(prompts)
@@ -214,29 +216,33 @@ class VLLMEngine:
         """
         t0 = time.perf_counter()
         self.wake_up(["weights"])  # weights first: KV cache memory stays free while gathering
+        # until this push completes the engine holds a mix of old and new weights: refuse to sample
+        self.weights_valid = False
         self._rpc("golong_begin_weight_update")
         n = nbytes = buckets = 0
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for name, t in named_tensors:
-            t = t.detach()
-            full = getattr(t, "full_tensor", None)  # FSDP2 DTensor shard -> full parameter
-            if callable(full):
-                t = full()
-            t = t.to(device=self.device, dtype=self.dtype).contiguous()
-            if bucket and size + t.nbytes > self.config.bucket_bytes:
+        try:
+            bucket: list[tuple[str, torch.Tensor]] = []
+            size = 0
+            for name, t in named_tensors:
+                t = t.detach()
+                full = getattr(t, "full_tensor", None)  # FSDP2 DTensor shard -> full parameter
+                if callable(full):
+                    t = full()
+                t = t.to(device=self.device, dtype=self.dtype).contiguous()
+                if bucket and size + t.nbytes > self.config.bucket_bytes:
+                    self._rpc("golong_load_weights", bucket)
+                    buckets += 1
+                    bucket, size = [], 0
+                bucket.append((name, t))
+                size += t.nbytes
+                n += 1
+                nbytes += t.nbytes
+            if bucket:
                 self._rpc("golong_load_weights", bucket)
                 buckets += 1
-                bucket, size = [], 0
-            bucket.append((name, t))
-            size += t.nbytes
-            n += 1
-            nbytes += t.nbytes
-        if bucket:
-            self._rpc("golong_load_weights", bucket)
-            buckets += 1
-        del bucket
-        missing = self._rpc("golong_finish_weight_update")
+            del bucket
+        finally:  # also after an error: every layer gets real (kernel) tensors back, none stays on meta
+            missing = self._rpc("golong_finish_weight_update")
         if strict and missing:
             raise RuntimeError(f"weight update left {len(missing)} engine parameters stale, e.g. {missing[:5]}")
         self.weights_valid = True

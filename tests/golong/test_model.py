@@ -23,7 +23,15 @@ def pair(request, tmp_path_factory):
     return request.param, hf, path, model
 
 
-def test_logits_packed_match_transformers_per_doc(pair):
+@pytest.fixture(params=["kernels", "sdpa"])
+def attn(request, pair):
+    """Run the test with each single-device attention path (kernels.flash_attention / torch SDPA)."""
+    pair[3].set_attention_backend(request.param)
+    yield request.param
+    pair[3].set_attention_backend("auto")
+
+
+def test_logits_packed_match_transformers_per_doc(pair, attn):
     kind, hf, _, model = pair
     ids, cu = packed_batch(LENGTHS)
     with torch.no_grad():
@@ -31,7 +39,7 @@ def test_logits_packed_match_transformers_per_doc(pair):
         out = torch.full_like(ref, float("nan"))
         out.copy_(model.logits(model(ids, cu)))
     assert out.shape == (sum(LENGTHS), 1000)
-    assert rel(out, ref) <= 1e-5, kind
+    assert rel(out, ref) <= 1e-5, (kind, attn)
     # explicit positions restarting per document = the default
     pos = gm.packed_position_ids(cu, ids.numel())
     assert pos[cu[1].item()] == 0 and pos[-1] == LENGTHS[-1] - 1
@@ -66,7 +74,7 @@ def _loss(logp: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torc
     return (coef * lp).sum() + 0.1 * ent.sum()
 
 
-def test_gradients_match_transformers(pair):
+def test_gradients_match_transformers(pair, attn):
     kind, hf, _, model = pair
     ids, cu = packed_batch(LENGTHS, seed=5)
     targets = torch.randint(0, 1000, ids.shape)
@@ -83,7 +91,7 @@ def test_gradients_match_transformers(pair):
         g_ref = hf_params[name].grad
         assert p.grad is not None and g_ref is not None, name
         assert g_ref.norm() > 0, name
-        assert rel(p.grad, g_ref) <= 1e-4, (kind, name, rel(p.grad, g_ref))
+        assert rel(p.grad, g_ref) <= 1e-4, (kind, attn, name, rel(p.grad, g_ref))
 
 
 def test_activation_checkpointing_same_gradients(pair):

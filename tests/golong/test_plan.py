@@ -41,7 +41,7 @@ def test_known_qwen3_shapes_match_published_parameter_counts():
     assert (s.hidden, s.layers, s.heads, s.kv_heads, s.experts, s.top_k, s.moe_intermediate, s.tied) == \
         (2048, 48, 32, 4, 128, 8, 768, False)
     assert 30.0e9 < s.total_params < 31.0e9  # Qwen3-30B-A3B: 30.5 B total
-    assert 3.2e9 < s.active_params < 3.5e9  # 3.3 B active
+    assert 3.2e9 < s.active_params + s.vocab * s.hidden < 3.5e9  # 3.3 B active (embeddings counted as published)
 
 
 def test_config_json_wins_over_the_name(tmp_path):
@@ -116,9 +116,7 @@ def _cpu_peak(fn) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    # gloo frees some collective buffers on its worker threads: record every thread's events
-    cfg = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, experimental_config=cfg) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
@@ -141,47 +139,34 @@ def _live_bytes(tensors) -> int:
 
 
 def _run_config(case: dict, out_dir: str) -> None:
-    """One training step of `case` on this rank (case["micro"] micro-batches accumulated, then AdamW);
-    writes {peak, base} to out_dir/<name>-<rank>.json."""
+    """The trainer's own policy update (golong.trainer.Actor: FSDP2 model from build_model, packed
+    micro-batches, fused logprob head, policy loss, backward, clipping, AdamW) on this rank, for
+    case["micro"] micro-batches of case["docs"] sequences; writes {peak, base} to
+    out_dir/<name>-<rank>.json."""
     import torch.distributed as dist
 
-    from golong.models import from_config
-    from golong.parallel import apply_activation_checkpointing, apply_fsdp, cp_shard, init_parallel
-    from golong.plan import scratch_to_hf
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, Rollout, build_model
 
     cfg = load_config(None, case["overrides"])
-    torch.manual_seed(0)
     dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp)
-    model = from_config(scratch_to_hf(cfg.model.scratch), dtype=torch.float32)
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
-    apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype)
-    model.cp_group = dims.cp_group
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    model = build_model(cfg, dims, seed=0)
+    actor = Actor(model, dims, cfg)
     T, docs, V = cfg.trainer.micro_batch_tokens, case["docs"], cfg.model.scratch.vocab_size
-    g = torch.Generator().manual_seed(1 + dims.dp_rank)  # cp ranks of one group share the batch
-    ids = torch.randint(0, V, (T,), generator=g)
-    targets = torch.randint(0, V, (T,), generator=g)
-    cu = torch.tensor([T * i // docs for i in range(docs + 1)], dtype=torch.int32)
-    adv = torch.randn(T, generator=g)
-    ids, targets, adv = (cp_shard(x, cu, dims.cp_rank, dims.cp_size) for x in (ids, targets, adv))
+    g = torch.Generator().manual_seed(1)  # every rank builds the same global batch
+    length = T // docs
+    rollouts = []
+    for i in range(dims.dp_size * docs * case["micro"]):
+        ids = torch.randint(0, V, (length,), generator=g).tolist()
+        rollouts.append(Rollout(prompt_ids=ids[:1], response_ids=ids[1:], rollout_logprobs=None, group=i,
+                                task="t", advantage=float(torch.randn((), generator=g))))
+    assert cfg.trainer.mini_batch_prompts >= len(rollouts)  # one optimizer step, on-policy
 
-    def step() -> None:
-        for _ in range(case["micro"]):
-            logprob, entropy = model(ids, cu, targets=targets)
-            # token-mean policy-gradient loss over the global token count (on-policy: ratio = 1)
-            ratio = torch.exp(logprob - logprob.detach())
-            loss = -(adv * ratio).sum() / T - 0.0 * entropy.sum()
-            loss.backward()
-            del logprob, entropy, ratio, loss
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    # Two steps from a fresh model, both profiled: the first creates the AdamW states, and buffers a
-    # step leaves behind for the next one (FSDP's last reduce-scatter input, gloo's copies) are
-    # allocated inside the window, so the second step's running sum is the steady-state live set.
+    # Two updates from a fresh model, both profiled: the first creates the AdamW states, and buffers
+    # an update leaves behind for the next one are allocated inside the window, so the second
+    # update's running sum is the steady-state live set.
     base = _live_bytes(model.parameters())
-    peak = _cpu_peak(lambda: (step(), step()))
+    peak = _cpu_peak(lambda: (actor.update(rollouts), actor.update(rollouts)))
     Path(out_dir, f"{case['name']}-{dist.get_rank()}.json").write_text(json.dumps({"base": base, "peak": peak}))
 
 
@@ -202,7 +187,8 @@ def _case(name: str, *, T: int, docs: int, dp: int = 1, cp: int = 1, ckpt: bool 
         scratch.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48)
     overrides = [f"model.scratch.{k}={v}" for k, v in scratch.items()]
     overrides += [f"parallel.dp_shard={dp}", f"parallel.cp={cp}", f"parallel.activation_checkpointing={ckpt}",
-                  "parallel.param_dtype=float32", f"trainer.micro_batch_tokens={T}", "rollout.engine=torch"]
+                  "parallel.param_dtype=float32", f"trainer.micro_batch_tokens={T}", "rollout.engine=torch",
+                  "trainer.mini_batch_prompts=1024", "trainer.prompts_per_step=1024", "algo.rollout_is=none"]
     return {"name": name, "overrides": overrides, "docs": docs, "world": dp * cp, "micro": micro}
 
 

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU evidence in one command, on a single H100/H200, in under 8 minutes:
+#
+#   bench/gpu_suite.sh OUT_DIR            # GPU: bf16 correctness tests + every kernel bench vs its peers
+#                                         #      + one Qwen3-4B-shaped training step; JSON under OUT_DIR
+#   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
+#                                         #      pytest --collect-only), run concurrently; nothing measured
+#
+# Steps (each under its own timeout, 430 s in all; a failed or timed-out step is recorded and the suite
+# goes on):
+#   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
+#                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
+#   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens
+#   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE)
+#   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
+#   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
+#   report          python bench/report.py: OUT_DIR/README.md from the JSON files
+# OUT_DIR/suite.json lists every step with its command, exit status and seconds. Exit status: the
+# number of failed steps (0 = all passed). PYTHON overrides the interpreter (default: .venv/bin/python
+# when it exists, else python).
+set -uo pipefail
+
+usage() { echo "usage: $0 OUT_DIR [--dry-run]" >&2; exit 2; }
+[[ $# -ge 1 && $# -le 2 ]] || usage
+OUT=$1
+DRY=0
+if [[ $# -eq 2 ]]; then [[ $2 == --dry-run ]] || usage; DRY=1; fi
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
+# tests/conftest.py defaults the Triton interpreter on; on a GPU the real kernels must run
+[[ $DRY -eq 1 ]] || export TRITON_INTERPRET=0
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+
+NAMES=() CMDS=() LIMITS=()
+step() {  # step NAME TIMEOUT_S COMMAND...
+  NAMES+=("$1"); LIMITS+=("$2"); shift 2; CMDS+=("$*")
+}
+
+# a bench script that takes --out writes there; one that does not writes bench/results/<name>-gpu.json,
+# copied to OUT_DIR afterwards
+out_flag() { grep -q -- '"--out"' "bench/$1.py" && echo "--out $OUT"; }
+
+if [[ $DRY -eq 1 ]]; then
+  step gpu_tests 300 "$PYTHON -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/kernels tests/golong/test_model_gpu.py"
+  step logprob 300 "$PYTHON -m bench.logprob --dry-run"
+  step moe 300 "$PYTHON -m bench.moe --dry-run"
+  step attention 300 "$PYTHON -m bench.attention --dry-run"
+  step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
+else
+  "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
+import sys, torch
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+  step gpu_tests 100 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step logprob 90 "$PYTHON -m bench.logprob $(out_flag logprob)"
+  step moe 70 "$PYTHON -m bench.moe $(out_flag moe)"
+  step attention 90 "$PYTHON -m bench.attention $(out_flag attention)"
+  step gpu_train_step 60 "$PYTHON -m bench.gpu_train_step --out $OUT"
+fi
+
+run_step() {  # run_step INDEX: runs one step, records rc and seconds in files (works in background)
+  local i=$1 name=${NAMES[$1]} t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "${LIMITS[$i]}" bash -c "${CMDS[$i]}" >"$LOGS/$name.log" 2>&1
+  rc=$?
+  echo "$rc $(( $(date +%s) - t0 ))" >"$LOGS/$name.status"
+}
+
+T0=$(date +%s)
+if [[ $DRY -eq 1 ]]; then  # independent CPU checks: run them side by side
+  pids=()
+  for i in "${!NAMES[@]}"; do run_step "$i" & pids+=($!); done
+  wait "${pids[@]}"
+else  # one GPU: one step at a time
+  for i in "${!NAMES[@]}"; do
+    echo "== ${NAMES[$i]}: ${CMDS[$i]}"
+    run_step "$i"
+    tail -n 40 "$LOGS/${NAMES[$i]}.log"
+    name=${NAMES[$i]}
+    if [[ $name != gpu_tests && $name != gpu_train_step && -f bench/results/$name-gpu.json && ! -f $OUT/$name-gpu.json ]]; then
+      cp "bench/results/$name-gpu.json" "$OUT/"
+    fi
+  done
+  step report 20 "$PYTHON bench/report.py --results $OUT --readme $OUT/README.md"
+  run_step $(( ${#NAMES[@]} - 1 ))
+fi
+
+FAILED=0
+JSON="["
+for i in "${!NAMES[@]}"; do
+  read -r rc secs <"$LOGS/${NAMES[$i]}.status"
+  status=ok
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="timed out after ${LIMITS[$i]} s"; elif [[ $rc -ne 0 ]]; then status="failed (exit $rc)"; fi
+  [[ $status == ok ]] || FAILED=$((FAILED + 1))
+  printf '%-15s %-28s %4s s  %s\n' "${NAMES[$i]}" "$status" "$secs" "${CMDS[$i]}"
+  [[ $status == ok ]] || tail -n 15 "$LOGS/${NAMES[$i]}.log" | sed 's/^/    | /'
+  cmd=${CMDS[$i]//\\/\\\\}; cmd=${cmd//\"/\\\"}
+  JSON+=$'\n'" {\"step\": \"${NAMES[$i]}\", \"command\": \"$cmd\", \"exit\": $rc, \"seconds\": $secs, \"status\": \"$status\"},"
+done
+JSON="${JSON%,}"$'\n'"]"
+MODE=$([[ $DRY -eq 1 ]] && echo dry-run || echo gpu)
+printf '{"mode": "%s", "total_seconds": %d, "failed": %d, "steps": %s}\n' "$MODE" $(( $(date +%s) - T0 )) "$FAILED" "$JSON" >"$OUT/suite.json"
+echo "gpu_suite ($MODE): $FAILED failed step(s), $(( $(date +%s) - T0 )) s; logs in $LOGS, summary in $OUT/suite.json"
+exit "$FAILED"

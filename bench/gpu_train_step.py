@@ -1,0 +1,176 @@
+"""One policy-update step of a Qwen3-4B-shaped model on one GPU: tokens/s, MFU, and golong.plan's
+prediction vs the measured peak memory.
+
+    python -m bench.gpu_train_step                    # CUDA: 16K tokens, random weights, no download
+    python -m bench.gpu_train_step --tokens 32768 --docs 4
+    python -m bench.gpu_train_step --dry-run          # CPU: a tiny model through the same code, nothing saved
+
+The step is golong's own (golong.trainer.Actor.update: FSDP2 on a world of one, fp32 master weights,
+bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
+on `--docs` sequences of `--tokens / --docs` tokens with random ids and advantages.
+Figures (median of --iters steps after one warm-up):
+  tokens/s          trained tokens per second
+  MFU               model FLOPs / time / 989 TFLOP/s (H100/H200 SXM dense bf16 peak); model FLOPs =
+                    6 N_active T + 6 L n_q d_head S^2 per sequence (causal attention), as golong.plan
+  roofline ratio    measured time / golong.plan's lower bound (790 TFLOP/s, 4.3 TB/s)
+  peak memory       torch.cuda.max_memory_allocated vs golong.plan's prediction for the same step
+If the planner says the full 36 layers do not fit the GPU, layers are dropped until they do (the
+row says how many ran): the figures are per-layer representative either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import print_table, save_results  # noqa: E402
+
+H100_H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100/H200 SXM (FLOP/s)
+GIB = 1024**3
+
+
+def make_config(layers: int, tokens: int, docs: int, tiny: bool):
+    from golong.config import load_config
+    from golong.plan import KNOWN_MODELS
+
+    if tiny:
+        shape = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, intermediate_size=128, tie_word_embeddings=True)
+    else:
+        q = KNOWN_MODELS["qwen3-4b"]
+        shape = dict(vocab_size=q["vocab_size"], hidden_size=q["hidden_size"], num_hidden_layers=layers,
+                     num_attention_heads=q["num_attention_heads"], num_key_value_heads=q["num_key_value_heads"],
+                     head_dim=q["head_dim"], intermediate_size=q["intermediate_size"],
+                     tie_word_embeddings=q["tie_word_embeddings"], max_position_embeddings=max(40960, tokens))
+    overrides = [f"model.scratch.{k}={v}" for k, v in shape.items()]
+    overrides += ["parallel.dp_shard=1", "parallel.cp=1", "parallel.activation_checkpointing=true",
+                  "parallel.param_dtype=bfloat16", "parallel.reduce_dtype=float32",
+                  f"trainer.micro_batch_tokens={tokens}", f"trainer.prompts_per_step={docs}",
+                  f"trainer.mini_batch_prompts={docs}", "rollout.engine=torch", "algo.rollout_is=none",
+                  "optim.lr=1e-6"]
+    return load_config(None, overrides)
+
+
+def step_flops(cfg, tokens: int, docs: int) -> tuple[float, float, float]:
+    """(model FLOPs, hardware FLOPs, roofline lower-bound seconds on one H200) of the step, as
+    golong.plan counts them."""
+    from golong.plan import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, model_shape, update_flops
+
+    s = model_shape(cfg.model)
+    model, hw = update_flops(s, [tokens // docs] * docs, checkpointing=cfg.parallel.activation_checkpointing)
+    # weights read in forward, recompute and twice in backward (bf16); AdamW's 7 fp32 passes
+    traffic = 4 * s.total_params * 2 + 7 * 4 * s.total_params
+    return model, hw, max(hw / H200_BF16_FLOPS, traffic / H200_HBM_BYTES_PER_S)
+
+
+def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float) -> tuple[int, float]:
+    """Most layers (<= layers) whose predicted update peak + CUDA overhead fits mem_bytes."""
+    from golong.plan import CUDA_RUNTIME_OVERHEAD, predict
+
+    for n in range(layers, 0, -1):
+        plan = predict(make_config(n, tokens, docs, tiny=False), gpus=1, gpu_mem_gib=mem_bytes / GIB,
+                       device="cuda", num_docs=docs, micro_batches=1)
+        if plan.memory.peak_bytes + CUDA_RUNTIME_OVERHEAD <= mem_bytes:
+            return n, plan.memory.peak_bytes
+    raise SystemExit("not even one layer fits this GPU")
+
+
+def run(cfg, tokens: int, docs: int, iters: int) -> tuple[list[float], float]:
+    """(step times in s, peak allocated bytes during the timed steps)."""
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, Rollout, build_model
+
+    dims = init_parallel(1, 1)
+    model = build_model(cfg, dims, seed=0)
+    actor = Actor(model, dims, cfg)
+    g = torch.Generator().manual_seed(0)
+    vocab = cfg.model.scratch.vocab_size
+    rollouts = []
+    for i in range(docs):
+        ids = torch.randint(0, vocab, (tokens // docs,), generator=g).tolist()
+        rollouts.append(Rollout(prompt_ids=ids[:1], response_ids=ids[1:], rollout_logprobs=None, group=i, task="t",
+                                advantage=float(torch.randn((), generator=g))))
+    cuda = torch.cuda.is_available()
+    actor.update(rollouts)  # warm-up: Triton autotune / compile, AdamW states
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        actor.update(rollouts)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    return times, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens in the step (one micro-batch)")
+    ap.add_argument("--docs", type=int, default=1, help="sequences the tokens are split into")
+    ap.add_argument("--layers", type=int, default=36, help="decoder layers (Qwen3-4B: 36)")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, one step, nothing saved")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    args = ap.parse_args(argv)
+
+    from golong.plan import predict
+
+    if args.dry_run:
+        cfg = make_config(2, 256, 2, tiny=True)
+        times, _ = run(cfg, 256, 2, 1)
+        plan = predict(cfg, gpus=1, device="cpu", num_docs=2, micro_batches=1)
+        # the CUDA-side planning and FLOP counting, for the full shape on an 80 GiB and a 141 GiB GPU
+        fits = {gib: fit_layers(args.tokens, args.docs, args.layers, gib * GIB)[0] for gib in (80, 141)}
+        _, _, lower = step_flops(make_config(args.layers, args.tokens, args.docs, tiny=False), args.tokens, args.docs)
+        print_table("gpu_train_step --dry-run (CPU, tiny model; nothing saved)", [
+            {"figure": "tiny step time (CPU)", "value": f"{times[0]:.3f} s"},
+            {"figure": "planned CPU peak (tiny)", "value": f"{plan.memory.peak_bytes / 2**20:.1f} MiB"},
+            {"figure": "layers that fit 80 / 141 GiB", "value": f"{fits[80]} / {fits[141]}"},
+            {"figure": "H200 roofline lower bound (full shape)", "value": f"{lower:.3f} s"}])
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_train_step needs CUDA (use --dry-run on CPU)", file=sys.stderr)
+        return 2
+
+    mem = torch.cuda.get_device_properties(0).total_memory
+    layers, _ = fit_layers(args.tokens, args.docs, args.layers, mem)
+    cfg = make_config(layers, args.tokens, args.docs, tiny=False)
+    plan = predict(cfg, gpus=1, gpu_mem_gib=mem / GIB, device="cuda", num_docs=args.docs, micro_batches=1)
+    times, peak = run(cfg, args.tokens, args.docs, args.iters)
+    t = statistics.median(times)
+    flops, _, lower = step_flops(cfg, args.tokens, args.docs)
+    case = f"Qwen3-4B shape, {layers} layers, {args.tokens} tokens in {args.docs} seq"
+    rows = [
+        {"case": case, "impl": "golong Actor.update", "metric": "tokens/s", "value": args.tokens / t,
+         "unit": "tok/s", "step_s": t, "times_s": times},
+        {"case": case, "impl": "golong Actor.update", "metric": "MFU", "value": flops / t / H100_H200_BF16_PEAK,
+         "unit": "fraction of 989 TFLOP/s", "model_flops": flops, "tflops": flops / t / 1e12},
+        {"case": case, "impl": "golong Actor.update", "metric": "step time", "value": t, "unit": "s",
+         "baseline": "golong.plan roofline lower bound (790 TFLOP/s)", "ratio": t / lower,
+         "ratio_meaning": "measured / lower bound (>= 1)"},
+        {"case": case, "impl": "golong Actor.update", "metric": "peak allocated memory", "value": peak / GIB,
+         "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
+         "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB},
+    ]
+    path = save_results("gpu_train_step", rows, args.out)
+    print(f"wrote {path}")
+    print_table(f"One policy update on {torch.cuda.get_device_name()}", [
+        {"figure": r["metric"], "value": f"{r['value']:.4g} {r['unit']}", "baseline": r.get("baseline", ""),
+         "ratio": f"{r['ratio']:.3f}" if "ratio" in r else ""} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

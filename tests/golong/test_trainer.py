@@ -1,0 +1,145 @@
+"""The trainer end to end on CPU: kill and resume reproduce the uninterrupted run exactly (also
+after a kill in the middle of a checkpoint write), non-finite steps are skipped and stop the run
+after a checkpoint, validation and per-step metrics are logged, profiling writes a trace, and
+`golong plot` draws the run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from golong.logger import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+model:
+  scratch: {{vocab_size: 1024, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2,
+            num_key_value_heads: 1, head_dim: 32, intermediate_size: 48, num_experts: 4,
+            num_experts_per_tok: 2, moe_intermediate_size: 24, tie_word_embeddings: false}}
+  tokenizer: {tokenizer}
+  dtype: float32
+data: {{synthetic_n: 48, synthetic_val_n: 9, synthetic_context_tokens: 4, max_prompt_tokens: 256}}
+rollout: {{engine: torch, n: 4, max_response_tokens: 8, require_think: false, reward_workers: 0}}
+algo: {{adv_estimator: tmn_grpo, difficulty_reweight: true, rollout_is: mask, max_num_gen_batches: 2}}
+optim: {{lr: 1.0e-2, warmup_steps: 1, weight_decay: 0.01}}
+parallel: {{param_dtype: float32, activation_checkpointing: false, backend: gloo}}
+trainer: {{total_steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, micro_batch_tokens: 512,
+          val_every: 2, sft_steps: 1, sft_prompts_per_step: 4, sft_lr: 1.0e-2, seed: 3}}
+checkpoint: {{every: 2, keep_last: 2}}
+logging: {{tensorboard: false, progress: false}}
+profile: {{steps: [1], torch_trace: true}}
+"""
+
+COMPARED = ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/pg_clipfrac", "reward/mean",
+            "rollout_is/weight_mean", "val/reward/mean", "sft/loss")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    d = tmp_path_factory.mktemp("trainer")
+    build_demo_tokenizer(1024).save_pretrained(str(d / "tok"))  # once, instead of in every run
+    path = d / "tiny.yaml"
+    path.write_text(CONFIG.format(tokenizer=d / "tok"))
+    return path
+
+
+def _train(config: Path, run_dir: Path, fault: str = "", *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GOLONG_FAULT=fault, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "golong", "train", str(config), f"logging.run_dir={run_dir}",
+                           *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _by_step(run_dir: Path) -> dict[int, dict]:
+    """The last row logged for every step (a resumed run logs the replayed steps again)."""
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
+    ref = _train(config_file, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "run"
+    killed = _train(config_file, run, "kill@3")  # dies after step 3; the newest checkpoint is step 2
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert max(_by_step(run)) == 3
+    # resumes from step 2, replays step 3, then dies while writing the step-4 checkpoint
+    torn = _train(config_file, run, "ckpt_write@4")
+    assert torn.returncode == 17, torn.stderr[-3000:]
+    assert "resumed from" in torn.stderr and "step_000002" in torn.stderr
+    assert (run / "checkpoints" / ".tmp-step_000004").is_dir()
+    assert not (run / "checkpoints" / "step_000004").exists()
+    done = _train(config_file, run)  # the torn step-4 write is ignored: resumes from step 2 again
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step_000002" in done.stderr.split("resumed from")[1].split("\n")[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+    want, got = _by_step(tmp_path / "ref"), _by_step(run)
+    assert sorted(want) == sorted(got) and max(want) == 4
+    assert any(isinstance(want[s].get("actor/loss"), float) and want[s]["actor/loss"] != 0 for s in (1, 2, 3, 4))
+    compared = 0
+    for step, row in want.items():
+        for key in COMPARED:
+            if key in row:
+                assert got[step][key] == row[key], (step, key, row[key], got[step][key])  # bitwise
+                compared += 1
+    assert compared >= 20
+
+    # what else the run left behind: per-task validation, per-step metrics, the profiler trace
+    last = want[4]
+    assert any(k.startswith("val/reward/task/") for k in last) and "val/reward/mean" in want[2]
+    for key in ("reward/pass_rate", "adv/mean", "actor/pg_clipfrac", "actor/grad_norm", "mismatch/kl",
+                "mismatch/max_abs", "perf/tokens_per_s", "time/rollout_s", "time/update_s", "memory/peak_gib",
+                "time/old_logprob_s"):
+        assert key in last, key
+    assert any(k.startswith("reward/task/") for k in last)
+    assert abs(last["mismatch/kl"]) < 1e-5  # the torch engine holds the trainer's weights exactly
+    assert list((tmp_path / "ref" / "profile").glob("trace_step000001_rank0.json"))
+    from golong.plot import plot_run
+
+    png = plot_run(run)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer, TrainingStopped
+
+    monkeypatch.setenv("GOLONG_FAULT", "nan@2,nan@3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.max_consecutive_nonfinite=2",
+                                    "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+                                    "trainer.total_steps=6"])
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        trainer = Trainer(cfg)
+        before = {n: t.clone() for n, t in trainer.actor.full_state()}
+        with pytest.raises(TrainingStopped, match="2 consecutive non-finite"):
+            trainer.fit()
+        after = {n: t.clone() for n, t in trainer.actor.full_state()}
+        # the step-2 checkpoint holds the weights after step 1 (step 2 was skipped) ...
+        trainer.ckpt.load(tmp_path / "checkpoints" / "step_000002", trainer.model, trainer.actor.optimizer)
+        at_step_2 = dict(trainer.actor.full_state())
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    rows = _by_step(tmp_path)
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[1]["actor/skipped_steps"] == 0 and rows[1]["actor/optimizer_steps"] == 2
+    assert rows[2]["actor/skipped_steps"] == 2 and rows[3]["actor/skipped_steps"] == 2
+    assert (tmp_path / "checkpoints" / "step_000003" / "COMPLETE").is_file()  # written before stopping
+    assert "step 3: non-finite loss or grad norm; skipped the update (2 in a row)" in caplog.text
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # step 1 trained
+    assert all(torch.equal(at_step_2[n], after[n]) for n in after)  # ... and step 3 changed nothing

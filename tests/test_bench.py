@@ -1,0 +1,140 @@
+"""bench/: the static kernel report (CI fails on any spill), the GPU suite's dry run, and the results
+table generator."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import report, static_report  # noqa: E402
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+# ------------------------------------------------------------------------------------ static report
+
+
+def test_static_report_compiles_every_kernel_without_spills(tmp_path):
+    """The CI gate: every Triton kernel at its production config compiles for sm_90 with no spills,
+    no local memory and shared memory within Hopper's limit."""
+    out = subprocess.run([sys.executable, "bench/static_report.py", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    rows = json.loads((tmp_path / "static_report-cpu.json").read_text())["rows"]
+    modules = {r["case"].split(".")[0] for r in rows}
+    assert {"logprob", "grouped_mm", "flash_attention"} <= modules, out.stdout + out.stderr
+    assert all(r["value"] > 0 and r["shared_bytes"] > 0 for r in rows)
+    assert out.returncode == 0, f"static report failed:\n{out.stderr[-3000:]}\n{out.stdout[-6000:]}"
+
+
+def test_static_report_flags_spills_local_memory_and_shared_memory():
+    ok = {"module": "m", "kernel": "k", "registers": 128, "local_bytes": 0, "spill_stores": 0, "spill_loads": 0,
+          "shared_bytes": 100_000}
+    assert static_report.violations(ok) == []
+    assert static_report.violations(ok | {"spill_stores": 8})
+    assert static_report.violations(ok | {"spill_loads": 4})
+    assert static_report.violations(ok | {"local_bytes": 16})
+    assert static_report.violations(ok | {"shared_bytes": 227 * 1024 + 1})
+    assert static_report.violations({"module": "m", "kernel": "k", "error": "boom"})
+
+
+def test_static_report_requires_the_headline_kernel_modules(monkeypatch):
+    monkeypatch.setattr(static_report, "REQUIRED_MODULES", (*static_report.REQUIRED_MODULES, "kernels.not_there"))
+    found, problems = static_report.discover()
+    assert "kernels.logprob" in found
+    assert any("kernels.not_there" in p and "missing" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------------------- GPU suite
+
+
+def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    steps = {s["step"]: s for s in suite["steps"]}
+    assert set(steps) == {"gpu_tests", "logprob", "moe", "attention", "gpu_train_step"}
+    assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
+    # the collected GPU tests cover every kernel and the model
+    log = (tmp_path / "logs" / "gpu_tests.log").read_text()
+    for name in ("test_logprob", "test_grouped_mm", "test_flash_attention", "test_model_gpu"):
+        assert name in log, log[-2000:]
+
+
+def test_gpu_suite_rejects_bad_usage(tmp_path):
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "usage" in out.stderr
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def _results(device: str, rows: list[dict]) -> dict:
+    return {"bench": "demo", "date": "2026-01-02", "device": device, "commit": "abc1234",
+            "command": "demo.py --n 3", "torch": "2.13.0", "rows": rows}
+
+
+def test_report_writes_the_table_and_keeps_the_hand_written_text(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    cpu_rows = [{"case": "N=4096", "impl": "ours", "metric": "time", "value": 0.123456, "unit": "s",
+                 "baseline": "naive", "ratio": 2.5, "ratio_meaning": "peer / ours"},
+                {"case": "N=4096", "impl": "naive", "metric": "time", "value": 0.3086, "unit": "s"}]
+    (res / "demo-cpu.json").write_text(json.dumps(_results("CPU (Test, 2 threads)", cpu_rows)))
+    (res / "demo-gpu.json").write_text(json.dumps(_results("NVIDIA H200", [
+        {"case": "N=8192", "impl": "ours", "metric": "TFLOP/s", "value": 612.0, "unit": "TFLOP/s",
+         "baseline": "liger", "ratio": 1.7, "note": "bf16 | T=0.7"}])))
+    (res / "broken.json").write_text("{not json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Bench\n\nhand-written intro\n\n{report.BEGIN}\nstale\n{report.END}\n\ntrailing notes\n")
+    assert report.main(["--results", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "hand-written intro" in text and "trailing notes" in text and "stale" not in text
+    # summary: bench, GPU or CPU, date, commit, command; then one table per file
+    assert "| demo | CPU | CPU (Test, 2 threads) | 2026-01-02 | `abc1234` | `demo.py --n 3` | 2 |" in text
+    assert "| demo | GPU | NVIDIA H200 |" in text
+    assert "| N=4096 · ours · time | 0.1235 s | naive | 2.5× (peer / ours) |" in text
+    assert "bf16 \\| T=0.7" in text  # pipes inside cells are escaped
+    assert text.index("#### demo — CPU") < text.index("#### demo — GPU")
+    assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 0
+    (res / "demo-cpu.json").write_text(json.dumps(_results("CPU (Test, 2 threads)", cpu_rows[:1])))
+    assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
+
+
+def _bench_names() -> dict[str, str]:
+    """bench name -> script, from the save_results("name", ...) call of every bench script."""
+    names = {}
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        for m in re.finditer(r'save_results\(\s*"([a-z_0-9]+)"', script.read_text()):
+            names[m.group(1)] = script.name
+    return names
+
+
+def test_readme_holds_the_cpu_results_of_every_bench_script():
+    names = _bench_names()
+    assert {"logprob", "moe", "attention", "static_report", "gpu_train_step"} <= set(names)
+    gpu_only = {"gpu_train_step"}
+    missing = [f"{n} ({names[n]})" for n in sorted(set(names) - gpu_only)
+               if not (ROOT / "bench" / "results" / f"{n}-cpu.json").exists()]
+    assert not missing, f"no CPU results for: {missing}; run them, then python bench/report.py"
+    check = subprocess.run([sys.executable, "bench/report.py", "--check"], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("value,expect", [(1234567.0, "1.23e+06"), (0.0001234, "0.000123"), (2.0, "2"),
+                                          (12345.678, "12,346"), (7, "7"), (None, "—")])
+def test_report_number_format(value, expect):
+    assert report.fmt_value(value) == expect
