@@ -70,6 +70,7 @@ fi
 run_step() {  # run_step INDEX: runs one step, records rc and seconds in files (works in background)
   local i=$1 name=${NAMES[$1]} t0 rc
   t0=$(date +%s)
+  touch "$LOGS/$name.start"
   timeout --kill-after=10 "${LIMITS[$i]}" bash -c "${CMDS[$i]}" >"$LOGS/$name.log" 2>&1
   rc=$?
   echo "$rc $(( $(date +%s) - t0 ))" >"$LOGS/$name.status"
@@ -86,7 +87,8 @@ else  # one GPU: one step at a time
     run_step "$i"
     tail -n 40 "$LOGS/${NAMES[$i]}.log"
     name=${NAMES[$i]}
-    if [[ $name != gpu_tests && $name != gpu_train_step && -f bench/results/$name-gpu.json && ! -f $OUT/$name-gpu.json ]]; then
+    # written by this step (not left over from an earlier run) to bench/results instead of OUT_DIR
+    if [[ ! -f $OUT/$name-gpu.json && bench/results/$name-gpu.json -nt $LOGS/$name.start ]]; then
       cp "bench/results/$name-gpu.json" "$OUT/"
     fi
   done

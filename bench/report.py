@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,6 @@ def _cell(s: Any) -> str:
 
 
 _NAMING = ("case", "impl", "mode", "metric")
-_RESERVED = {*_NAMING, "value", "unit", "baseline", "ratio", "ratio_meaning", "note", "n"}
 
 
 def figure(row: dict[str, Any]) -> str:
@@ -77,13 +77,21 @@ def figure(row: dict[str, Any]) -> str:
     return " · ".join(str(row[k]) for k in _NAMING if row.get(k) not in (None, ""))
 
 
+# measurement-like field names, shown when a row has no `value` (e.g. time_s, peak_extra_mib, tflops)
+_MEASURE = re.compile(r"(_s|_ms|_mib|_gib|_bytes|tflops|gflops|per_s)$|^(time|peak|tokens_per)")
+
+
 def value_str(row: dict[str, Any]) -> str:
-    """`value unit`; rows without a `value` show their numeric fields instead (name=value)."""
+    """`value unit`; rows without a `value` show their measurement fields instead (name=value)."""
     if "value" in row:
         return f"{fmt_value(row['value'])} {row.get('unit') or ''}".strip()
-    nums = [(k, v) for k, v in row.items() if k not in _RESERVED and isinstance(v, (int, float))
-            and not isinstance(v, bool) and "ratio" not in k and "speedup" not in k]
+    nums = [(k, v) for k, v in row.items() if _MEASURE.search(k) and isinstance(v, (int, float))
+            and not isinstance(v, bool)]
     return ", ".join(f"{k}={fmt_value(v)}" for k, v in nums)
+
+
+def note_str(row: dict[str, Any]) -> str:
+    return str(row.get("note") or row.get("skipped") or row.get("error") or "")
 
 
 def ratio_str(row: dict[str, Any]) -> str:
@@ -100,7 +108,7 @@ def ratio_str(row: dict[str, Any]) -> str:
 
 def render_file(d: dict[str, Any]) -> str:
     rows = d["rows"]
-    has_note = any(r.get("note") for r in rows)
+    has_note = any(note_str(r) for r in rows)
     head = ["figure", "value", "peer", "ratio"] + (["note"] if has_note else [])
     lines = [
         f"#### {d['bench']} — {'GPU' if is_gpu(d) else 'CPU'}",
@@ -114,7 +122,7 @@ def render_file(d: dict[str, Any]) -> str:
     for r in rows:
         cells = [figure(r), value_str(r), r.get("baseline") or "", ratio_str(r)]
         if has_note:
-            cells.append(r.get("note") or "")
+            cells.append(note_str(r))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if not rows:
         lines.append("| (no rows) |" + " |" * (len(head) - 1))

@@ -71,6 +71,7 @@ class DataConfig:
     synthetic_n: int = 0
     synthetic_val_n: int = 0
     synthetic_context_tokens: int = 256
+    synthetic_tasks: list[str] = field(default_factory=list)  # default: all nine
 
 
 @dataclass

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from golong.config import RunConfig
+from golong.config import ConfigError, RunConfig
 
 GIB = 1024**3
 H200_BF16_FLOPS = 790e12  # measured dense bf16 matmul throughput of one H200 (FLOP/s)
@@ -161,9 +161,13 @@ class ModelShape:
 
 
 def _shape_from_hf(raw: dict[str, Any], name: str, source: str) -> ModelShape:
+    from golong.models.config import ConfigError as ModelConfigError
     from golong.models.config import ModelConfig
 
-    c = ModelConfig.from_hf(raw)  # validates: a config the model cannot run fails here too
+    try:
+        c = ModelConfig.from_hf(raw)  # validates: a config the model cannot run fails here too
+    except ModelConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     moe_layers = sum(c.layer_is_moe(i) for i in range(c.num_hidden_layers))
     return ModelShape(
         name=name, source=source, vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
@@ -204,9 +208,9 @@ def model_shape(model_cfg: Any) -> ModelShape:
         key = _match_known(path)
         if key is not None:
             return _shape_from_hf(dict(KNOWN_MODELS[key]), Path(path).name, f"built-in table ({key})")
-        raise ValueError(f"model.path={path!r} has no config.json and its name matches none of the known models "
+        raise ConfigError(f"model.path={path!r} has no config.json and its name matches none of the known models "
                          f"({', '.join(KNOWN_MODELS)}); set model.scratch or download the checkpoint")
-    raise ValueError("model.path or model.scratch must be set")
+    raise ConfigError("model.path or model.scratch must be set")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,7 +490,6 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     profiles = [_layer_profile(s, p, sp, cp, T, doc_len, k) for sp in kinds]
     layer_full = [_full_bytes(t, a) for t in layer_t]
     last = len(profiles) - 1
-    prefetched = 0.0
     for i, lp in enumerate(profiles):
         tl.phase = f"forward, layer {i}"
         gather(layer_t[i], shard_layers[i], forward=True)
@@ -519,6 +522,7 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     tl.add(ACT_GRADS, X)  # dx of the norm, then dh is dropped
     tl.free(ACT_GRADS, X)
     tl.free(ACTS, norm_saved + X)  # the norm's input (last layer's output) is no longer needed
+    prefetched = 0.0
     for i in reversed(range(len(profiles))):
         lp = profiles[i]
         tl.phase = f"backward, layer {i}"
@@ -574,7 +578,8 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
     and its exp (2 fp32 tiles) and the scaled fp32 hidden chunk; backward the log p and p tiles,
     the scaled hidden chunk and the chunk's dh accumulator (and an fp32 dW when the weight is 16-bit).
     Triton backend (GPU): forward writes 4 fp32 partials per row and vocabulary split (one split at
-    large n); backward accumulates dW in fp32 (then cast) and dh in an fp32 scratch of a token chunk.
+    large n); backward accumulates dW in fp32 (its cast to the weight dtype is the gradient) and dh
+    in an fp32 scratch of a token chunk.
     """
     if p.device == "cpu":
         tc, vc = min(n, k["lp_token_chunk"]), min(v, k["lp_vocab_chunk"])
@@ -585,7 +590,7 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
         return dw + 2 * tile + 2 * chunk + (chunk if p.compute != 4 else 0)
     if not backward:
         return 4 * 4 * n
-    dw = 4 * v * h + (p.compute * v * h if p.compute != 4 else 0)
+    dw = 4 * v * h if p.compute != 4 else 0  # its cast to the weight dtype is the gradient itself
     return dw + (4 * min(n, k["lp_triton_token_chunk"]) * h if p.compute != 4 else 0)
 
 
@@ -704,10 +709,10 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     s = model_shape(cfg.model)
     cp = cfg.parallel.cp
     if gpus % cp:
-        raise ValueError(f"parallel.cp={cp} does not divide --gpus {gpus}")
+        raise ConfigError(f"parallel.cp={cp} does not divide --gpus {gpus}")
     dp = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else gpus // cp
     if dp * cp != gpus:
-        raise ValueError(f"parallel.dp_shard={dp} x parallel.cp={cp} != --gpus {gpus}")
+        raise ConfigError(f"parallel.dp_shard={dp} x parallel.cp={cp} != --gpus {gpus}")
     p = Precision.of(cfg, device)
     mbt = micro_batch_tokens or cfg.trainer.micro_batch_tokens
     tokens = -(-mbt // cp)
@@ -799,6 +804,9 @@ def render(plan: Plan, cfg: RunConfig) -> None:
         ("KV cache capacity per engine (full-length sequences)", f"{t.kv_seqs_per_engine:,.1f}"),
         ("step lower bound (rollout + update)", _seconds(t.rollout_s + t.update_s)),
     ]
+    if plan.precision.device == "cpu":  # H200 rooflines say nothing about a CPU run
+        perf.title = "One RL step at maximum lengths: work"
+        rows = [r for r in rows if "lower bound" not in r[0] and "KV cache" not in r[0]]
     for r in rows:
         perf.add_row(*r)
     con.print(perf)
@@ -811,8 +819,11 @@ def render(plan: Plan, cfg: RunConfig) -> None:
 
 
 def plan_main(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0) -> int:
-    """`golong plan`: print the plan; exit code 0 if it fits, 1 if it does not."""
-    plan = predict(cfg, gpus, gpu_mem_gib)
+    """`golong plan`: print the plan; exit code 0 if it fits, 1 if it does not.
+
+    A config with parallel.backend=gloo (the CPU demo) is planned in CPU mode: `--gpus` counts
+    ranks and `--gpu-mem` the memory each may use."""
+    plan = predict(cfg, gpus, gpu_mem_gib, device="cpu" if cfg.parallel.backend == "gloo" else "cuda")
     render(plan, cfg)
     return 0 if plan.fits else 1
 

@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -56,6 +57,9 @@ from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
 
 log = get_logger()
+# FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
+# names is an in-place op on that output, which the trainer never does.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 IGNORE = -100
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -579,11 +583,12 @@ class Trainer:
         else:
             if d.synthetic_n <= 0:
                 raise ValueError("data.train_files is empty and data.synthetic_n is 0: no training data")
-            train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed)
+            train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
         if d.val_files:
             val = load_records(list(d.val_files))
         elif d.synthetic_val_n > 0:  # a different seed: held-out prompts
-            val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919)
+            val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919,
+                           tasks=d.synthetic_tasks or None)
         else:
             val = []
         tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow)

@@ -17,9 +17,12 @@ a = sum exp(z - m) * (z - m)) in fp32, so that lse = m + log s and entropy = log
 shifted form of a avoids the cancellation of `lse - E[z]` when logits share a large offset.
 
 Backends: "torch" chunks over tokens and vocab (CPU path and test oracle; memory independent of
-N); "triton" runs the kernels below (forward: tiles over tokens x vocab splits; backward: the
-logits are recomputed tile by tile, dz is built in registers and consumed at once by tensor-core
-dots for dh and dW, accumulated in fp32). "auto" = triton on CUDA tensors, torch otherwise.
+N); "triton" runs the kernels below (forward: tiles over tokens x vocab splits, partials merged
+on the host; backward: the logits are recomputed tile by tile, dz is built in registers and
+consumed at once by tensor-core dots for dh and dW, accumulated in fp32 with atomics, or by
+owner-computes kernels in deterministic mode). "auto" = triton on CUDA tensors, torch otherwise.
+Tiles whose rows are all ignored (or carry no gradient) are skipped, so prompt tokens of packed
+RL sequences cost nothing.
 """
 
 from __future__ import annotations
@@ -610,8 +613,10 @@ def linear_logprob_entropy(
     hidden [N, H] (fp32/bf16/fp16; leading dims are flattened), weight [V, H] (same dtype),
     targets [N] int64 -> logprob [N] fp32 (<= 0), entropy [N] fp32. Never materialises [N, V].
     Rows with targets == ignore_index give 0 and no gradient. backend: "auto" (triton on CUDA
-    tensors, torch otherwise), "triton" or "torch". deterministic: the Triton backward avoids
-    atomics (bitwise reproducible dh and dW, ~1.3x the work).
+    tensors, torch otherwise), "triton" or "torch". deterministic: the Triton backward uses
+    owner-computes kernels instead of atomics (bitwise reproducible dh and dW; the torch backend
+    is deterministic anyway). Extra memory is independent of N: see _triton_backward (16-bit
+    gradients are accumulated through a SCRATCH_BYTES fp32 scratch) and _torch_backward.
     """
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"

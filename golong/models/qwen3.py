@@ -73,9 +73,9 @@ def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 dense or MoE decoder with an LM head (tied to the embeddings when the config says so).
 
-    Attributes the trainer may set: `cp_group` (context-parallel ProcessGroup; size > 1 switches
-    attention to ring attention on zigzag shards) and activation checkpointing via
-    `set_activation_checkpointing`.
+    Knobs the trainer may set: `cp_group` (context-parallel ProcessGroup; size > 1 switches
+    attention to ring attention on zigzag shards), `set_activation_checkpointing`,
+    `set_attention_backend`.
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None,

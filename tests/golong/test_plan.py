@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from golong.config import load_config
-from golong.plan import KNOWN_MODELS, model_shape, predict
+from golong.plan import ACTS, KNOWN_MODELS, OPTIM, PARAMS, model_shape, predict
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,17 +69,18 @@ def test_flops_follow_the_documented_formula():
     assert t.update_s >= t.hardware_flops / (8 * 790e12) * (1 - 1e-12)
 
 
-def test_plan_exit_code_says_whether_it_fits():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "golong", "plan", str(ROOT / "configs/qwen3-30b-a3b-grpo.yaml")]
-    fits = subprocess.run(cmd + ["--gpus", "32", "--gpu-mem", "141"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
-    assert fits.returncode == 0, fits.stdout + fits.stderr
-    assert "FITS" in fits.stdout and "activations saved for backward" in fits.stdout
-    tiny = subprocess.run(cmd + ["--gpus", "8", "--gpu-mem", "16"], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
-    assert tiny.returncode == 1, tiny.stdout + tiny.stderr
-    assert "DOES NOT FIT" in tiny.stdout
+def test_plan_exit_code_says_whether_it_fits(capsys):
+    from golong.cli import main
+
+    cfg = str(ROOT / "configs/qwen3-30b-a3b-grpo.yaml")
+    assert main(["plan", cfg, "--gpus", "32", "--gpu-mem", "141"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "activations saved for backward" in out and "update lower bound" in out
+    # 8 GPUs of 16 GiB cannot even hold the sharded master weights and AdamW states of 30 B parameters
+    assert main(["plan", cfg, "parallel.cp=4", "--gpus", "8", "--gpu-mem", "16"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", cfg, "--gpus", "12"]) == 2  # cp=8 does not divide 12 GPUs: a one-line error
+    assert "parallel.cp=8" in capsys.readouterr().err
 
 
 def test_memory_scales_as_the_parallel_layout_says():
@@ -91,15 +89,14 @@ def test_memory_scales_as_the_parallel_layout_says():
     p8 = predict(cfg, gpus=8).memory.breakdown
     p16 = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "parallel.dp_shard=4"]), gpus=16)
     # sharded master params halve when the FSDP world doubles (up to dim-0 padding)
-    from golong.plan import OPTIM, PARAMS
-
     assert math.isclose(p16.memory.resident_bytes * 2, p8[PARAMS] + p8[OPTIM], rel_tol=1e-3)
     off = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=true"]), gpus=8)
     assert off.memory.resident_bytes == 0
-    # checkpointing: stored activations shrink by far more than the recompute adds
+    # checkpointing keeps one [T, H] per layer plus one recomputed layer instead of every layer's
+    # saved tensors (~20 [T, H]-equivalents for Qwen3-4B on GPU)
     nock = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
                    gpus=8)
-    assert nock.memory.peak_bytes > 3 * predict(cfg, gpus=8).memory.peak_bytes - 0
+    assert nock.memory.breakdown[ACTS] > 10 * predict(cfg, gpus=8).memory.breakdown[ACTS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +109,9 @@ def _cpu_peak(fn) -> int:
 
     The CPU allocator reports every allocation and free to the profiler when profile_memory=True;
     their running sum in time order is the live set. (Frees of blocks allocated before the profiler
-    started are not reported: fn must not free what existed before it, beyond what it reallocates.)
+    started are not reported, so fn must not free what existed before it. gloo's worker threads keep
+    their copy of a collective's buffer until they run their next collective, a timing-dependent
+    lifetime the planner does not model: the cases below keep those buffers small.)
     """
     from torch.profiler import ProfilerActivity, profile
 

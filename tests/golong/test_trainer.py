@@ -25,13 +25,14 @@ model:
             num_experts_per_tok: 2, moe_intermediate_size: 24, tie_word_embeddings: false}}
   tokenizer: {tokenizer}
   dtype: float32
-data: {{synthetic_n: 48, synthetic_val_n: 9, synthetic_context_tokens: 4, max_prompt_tokens: 256}}
+data: {{synthetic_n: 48, synthetic_val_n: 6, synthetic_context_tokens: 4, max_prompt_tokens: 256,
+       synthetic_tasks: [summarization, sequence_ordering]}}
 rollout: {{engine: torch, n: 4, max_response_tokens: 8, require_think: false, reward_workers: 0}}
 algo: {{adv_estimator: tmn_grpo, difficulty_reweight: true, rollout_is: mask, max_num_gen_batches: 2}}
 optim: {{lr: 1.0e-2, warmup_steps: 1, weight_decay: 0.01}}
 parallel: {{param_dtype: float32, activation_checkpointing: false, backend: gloo}}
 trainer: {{total_steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, micro_batch_tokens: 512,
-          val_every: 2, sft_steps: 1, sft_prompts_per_step: 4, sft_lr: 1.0e-2, seed: 3}}
+          val_every: 2, sft_steps: 3, sft_prompts_per_step: 8, sft_lr: 2.0e-2, seed: 3}}
 checkpoint: {{every: 2, keep_last: 2}}
 logging: {{tensorboard: false, progress: false}}
 profile: {{steps: [1], torch_trace: true}}
@@ -53,9 +54,11 @@ def config_file(tmp_path_factory) -> Path:
 
 
 def _train(config: Path, run_dir: Path, fault: str = "", *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GOLONG_FAULT=fault, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "golong", "train", str(config), f"logging.run_dir={run_dir}",
-                           *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GOLONG_FAULT=fault, PYTHONPATH=str(ROOT), COLUMNS="400")
+    out = subprocess.run([sys.executable, "-m", "golong", "train", str(config), f"logging.run_dir={run_dir}",
+                          *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out.stderr = out.stdout + out.stderr  # the log (rich, rank 0) goes to stdout
+    return out
 
 
 def _by_step(run_dir: Path) -> dict[int, dict]:
@@ -63,7 +66,6 @@ def _by_step(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
-@pytest.mark.slow
 def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
     ref = _train(config_file, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -119,7 +121,7 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
     monkeypatch.setenv("GOLONG_FAULT", "nan@2,nan@3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.max_consecutive_nonfinite=2",
-                                    "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+                                    "trainer.val_every=0", "profile.steps=[]",
                                     "trainer.total_steps=6"])
     logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
     try:
@@ -136,7 +138,7 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
         if dist.is_initialized():
             dist.destroy_process_group()
     rows = _by_step(tmp_path)
-    assert sorted(rows) == [1, 2, 3]
+    assert sorted(rows) == [-3, -2, -1, 0, 1, 2, 3]  # 3 SFT steps, the SFT validation, 3 RL steps
     assert rows[1]["actor/skipped_steps"] == 0 and rows[1]["actor/optimizer_steps"] == 2
     assert rows[2]["actor/skipped_steps"] == 2 and rows[3]["actor/skipped_steps"] == 2
     assert (tmp_path / "checkpoints" / "step_000003" / "COMPLETE").is_file()  # written before stopping

@@ -187,6 +187,18 @@ def test_flash_attention_tail_padding_attends_only_itself():
     assert torch.isfinite(out[30:]).all()
 
 
+def test_public_name_stays_callable_after_submodule_import():
+    import kernels
+    import kernels.flash_attention  # noqa: F401  (binds the module to the package attribute)
+
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    q, k, v = _inputs([0, 11], 4, 2, 16, torch.float32)
+    out, lse = kernels.flash_attention(q, k, v, cu, backend="torch")
+    ref, ref_lse = flash_attention(q, k, v, cu, backend="torch")
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert callable(kernels.ring_attention) and callable(kernels.zigzag_shard)
+
+
 def test_flash_attention_rejects_bad_gqa():
     q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
     with pytest.raises(ValueError):

@@ -119,9 +119,11 @@ def _check_case(group, lengths, hq, hkv, d, causal, backend, tol):
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         b_local = zigzag_shard(b, cu_t, rank, world)
         assert a.shape == b_local.shape
-        if b_local.numel():
+        if b_local.norm() > 1e-3 * b.norm():
             err = rel(a, b_local)
-            assert err < tol, (name, rank, world, lengths, causal, backend, err)
+        else:  # e.g. dq of rows that see only themselves is exactly 0: measure against the global norm
+            err = ((a.double() - b_local).norm() / b.norm()).item()
+        assert err < tol, (name, rank, world, lengths, causal, backend, err)
     # the forward sends this rank's block and then W-2 relayed ones: every block but rank+1's
     plan = ZigzagPlan.build(cu_t, world, causal)
     sent_rows = sum(plan.counts[(rank - i) % world] for i in range(world - 1))
