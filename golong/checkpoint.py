@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     dtype = dtype or hf_config.get("torch_dtype") or "float32"
     model = from_config(hf_config, dtype=torch.float32, device="cpu")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])
     tok_dir = ckpt / "tokenizer"
     model.save_pretrained(out_dir, dtype=getattr(torch, dtype),

@@ -72,17 +72,20 @@ def _launch(cfg: Any, world: int) -> list[dict[str, Any]]:
         elif rank == 0:
             history = payload
     if errors or history is None or any(p.exitcode for p in procs):
-        raise RuntimeError("demo training failed:\n" + ("\n".join(errors) or f"exit codes {[p.exitcode for p in procs]}"))
+        detail = "\n".join(errors) or f"exit codes {[p.exitcode for p in procs]}"
+        raise RuntimeError(f"demo training failed:\n{detail}")
     return history
 
 
 def _verify_hf(hf_dir: Path, prompt_ids: list[int]) -> float:
     """Load the export with transformers and compare its logits with golong's on a prompt."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from golong.models import from_pretrained
 
+    transformers.logging.disable_progress_bar()
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ours = from_pretrained(hf_dir, dtype=torch.float32)
     ids = torch.tensor(prompt_ids)

@@ -514,6 +514,10 @@ class _Progress:
     def __init__(self, enabled: bool, label: str, total: int) -> None:
         self.bar = None
         if enabled:
+            from rich.console import Console
+
+            enabled = Console().is_terminal  # a bar in a log file is just noise; the step lines remain
+        if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

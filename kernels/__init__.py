@@ -1,33 +1,25 @@
 """golong's Triton kernels: fused LM-head logprob/entropy, MoE grouped GEMM + routing, attention.
 
 Each op lives in its own module (Triton kernel, torch reference, autograd Function, dispatcher).
-Exports are resolved lazily so `import kernels` stays cheap and pulls in triton only when used.
+The functions are imported eagerly on purpose: several share their module's name
+(`kernels.flash_attention`), and binding the function here after the submodule import keeps the
+package attribute pointing at the function, whatever imports the submodule later.
 """
 
-from __future__ import annotations
+from kernels.flash_attention import flash_attention
+from kernels.grouped_mm import grouped_mm
+from kernels.logprob import linear_logprob_entropy
+from kernels.moe_mlp import expert_mlp
+from kernels.moe_route import Routing, moe_route
+from kernels.ring_attention import ring_attention, zigzag_shard
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "linear_logprob_entropy": "kernels.logprob",
-    "grouped_mm": "kernels.grouped_mm",
-    "moe_route": "kernels.moe_route",
-    "Routing": "kernels.moe_route",
-    "expert_mlp": "kernels.moe_mlp",
-    "flash_attention": "kernels.flash_attention",
-    "zigzag_shard": "kernels.ring_attention",
-    "ring_attention": "kernels.ring_attention",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = [
+    "Routing",
+    "expert_mlp",
+    "flash_attention",
+    "grouped_mm",
+    "linear_logprob_entropy",
+    "moe_route",
+    "ring_attention",
+    "zigzag_shard",
+]

@@ -25,8 +25,6 @@ softmax, so memory stays O(tile) however long a document is; CPU path and test o
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -657,16 +655,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         backend = "triton"
     return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
 
-
-class _CallableModule(types.ModuleType):
-    """`kernels.flash_attention` names both this module and its function: importing the submodule binds the
-    module to that package attribute, so the module forwards calls to keep `kernels.flash_attention(...)` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return flash_attention(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # Production configurations for the AOT sm_90 compile test (head_dim 128, bf16, GQA 32/8; the ring's

@@ -18,8 +18,6 @@ behind its K/V block; after W hops every accumulator is back on its owner.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,13 +265,3 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend)
 
-
-class _CallableModule(types.ModuleType):
-    """`kernels.ring_attention` names both this module and its function: importing the submodule binds the
-    module to that package attribute, so the module forwards calls to keep `kernels.ring_attention(...)` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return ring_attention(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
