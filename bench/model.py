@@ -11,7 +11,7 @@ transformers checkpoint), same tokens, same loss (checked to agree) for:
   transformers-packed  one row of packed ids, position_ids restarting per document (transformers
                        builds the block-diagonal mask from them), full logits -> log_softmax
   transformers-padded  one row per document, right-padded to the longest, attention_mask
-Figures: tokens/s (real tokens, median of --iters) and peak extra memory of one step (CPU: RSS
+Figures: tokens/s (real tokens, median of --iters rounds, impls interleaved) and peak extra memory of one step (CPU: RSS
 sampling). Ratios vs each transformers variant: speed = golong / peer, memory = peer / golong
 (both > 1 mean golong is better).
 """
@@ -113,14 +113,22 @@ def main(args: argparse.Namespace) -> list[dict]:
     losses = {name: fn() for name, fn in impls.items()}  # warm-up, and the same-work check
     for name, val in losses.items():
         assert abs(val - losses["golong"]) <= 1e-3 * max(1.0, abs(val)), f"{name} loss {val} != golong {losses}"
-    iters = 1 if args.dry_run else args.iters
-    res = {}
+    mems = {}
     for name, fn in impls.items():
         release_freed_memory()
-        mem, _ = peak_extra_memory(fn)
-        sec = timeit(fn, warmup=0 if args.dry_run else 1, iters=iters)
-        res[name] = (args.tokens / sec, mem / 2**20)
-        print(f"{name:22s} {args.tokens / sec:10.1f} tok/s  {mem / 2**20:9.1f} MiB  ({sec * 1e3:.0f} ms/step)")
+        mems[name], _ = peak_extra_memory(fn)
+    # timing round-robin (one step of each impl per round, median over rounds): on a shared machine
+    # the load drifts over minutes, and back-to-back blocks would put the drift into the ratios
+    secs: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(1 if args.dry_run else args.iters):
+        for name, fn in impls.items():
+            secs[name].append(timeit(fn, warmup=0, iters=1))
+    res = {}
+    for name in impls:
+        sec = sorted(secs[name])[len(secs[name]) // 2]
+        res[name] = (args.tokens / sec, mems[name] / 2**20)
+        print(f"{name:22s} {args.tokens / sec:10.1f} tok/s  {mems[name] / 2**20:9.1f} MiB  ({sec * 1e3:.0f} ms/step, "
+              f"rounds {', '.join(f'{t:.1f}' for t in secs[name])} s)")
 
     case = (f"L{args.layers} H{args.hidden} V{args.vocab} E{args.experts} top{args.top_k} I{args.moe_inter} "
             f"T{args.tokens} docs{args.docs} {str(dtype).removeprefix('torch.')}")

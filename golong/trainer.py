@@ -80,6 +80,10 @@ def request_seed(*parts: Any) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
+def compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -188,9 +192,9 @@ class Actor:
 
     def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig) -> None:
         self.model, self.dims, self.cfg = model, dims, cfg
-        self.device = next(model.parameters()).device
+        self.device = compute_device()  # not the parameters' device: with CPU offload they live on the host
         self.optimizer = self._make_optimizer(cfg.optim.lr)
-        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, self.total_optimizer_steps,
                                         cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.step_faults: set[str] = set()
@@ -206,8 +210,15 @@ class Actor:
         """Fresh optimizer state and schedule (e.g. after the SFT warm-up, before RL)."""
         self.optimizer = self._make_optimizer(self.cfg.optim.lr if lr is None else lr)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.optim.warmup_steps if warmup is None else warmup,
-                                        self.cfg.trainer.total_steps, self.cfg.optim.lr_schedule,
+                                        self.total_optimizer_steps, self.cfg.optim.lr_schedule,
                                         self.cfg.optim.min_lr_ratio)
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (the LR schedule's unit): mini-batches x epochs per step."""
+        t = self.cfg.trainer
+        minis = -(-t.prompts_per_step // t.mini_batch_prompts)
+        return t.total_steps * minis * self.cfg.algo.ppo_epochs
 
     # ------------------------------------------------------------------- forward on a micro-batch
     def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +344,7 @@ class Actor:
                 # the policy the trainer holds vs the one that sampled: with synced weights these
                 # differ only by numerics (kernels, dtypes); stale weights show up here first
                 trainer_lp = (old_lp if loss_kind == "pg" else logprob).detach()
-                d = (trainer_lp - rlp) * mask
+                d = ((trainer_lp - rlp) * mask).double()  # fp64: exp(d) - 1 - d cancels badly for tiny d
                 sums["mismatch_k3"] += float(((torch.exp(d) - 1 - d) * mask).sum())
                 sums["mismatch_abs"] += float(d.abs().sum())
                 sums["mismatch_k1"] += float((-d).sum())
@@ -396,11 +407,9 @@ class Actor:
             out.update({f"mismatch/{k[len('mismatch_'):]}": v for k, v in zip(mkeys, mvec.tolist())})
         return out
 
-    # ---------------------------------------------------------------------------- weight export
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
-        for name, p in self.model.named_parameters():
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        return full_parameters(self.model)
 
 
 # ------------------------------------------------------------------------------ model building
@@ -428,7 +437,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> 
     meta device, sharded, then each rank streams in just its shards."""
     from golong.models import ModelConfig, Qwen3ForCausalLM, from_config, load_weights
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     if cfg.model.path is None:
         torch.manual_seed(cfg.trainer.seed if seed is None else seed)
         model = from_config(scratch_hf_config(cfg), dtype=torch.float32, device=device)
@@ -476,27 +485,87 @@ class TorchEngine:
         from golong.models import Qwen3ForCausalLM
         from golong.rollout.torch_generator import TorchGenerator
 
-        device = next(model.parameters()).device
+        device = compute_device()
         with torch.device("meta"):
             copy = Qwen3ForCausalLM(model.config, dtype=_DTYPES[cfg.model.dtype])
         copy.to_empty(device=device)
         copy.eval().requires_grad_(False)
         self.gen = TorchGenerator(copy, stop_token_ids(tokenizer), max_batch=256)
 
-    def sync_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self.gen.load_weights(named_tensors)
+    def sync_weights(self, model: nn.Module) -> None:
+        """Copy the trainer's parameters in (collective: DTensors are gathered one at a time)."""
+        self.gen.load_weights(full_parameters(model))
+
+    def sleep(self) -> None:  # nothing to release: the copy is small next to the trainer's state
+        pass
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
                  progress: Any = None) -> GenerationResult:
         return self.gen.generate(prompts, params, seeds, progress=progress)
 
 
-def build_engine(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Any:
+def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+def hf_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face checkpoint name, full tensor) pairs on the parameters' device, fused experts
+    split into the per-expert keys vLLM's loaders expect. Views: nothing is copied but the gather."""
+    for name, t in full_parameters(model):
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :half]
+                yield f"{prefix}.{e}.up_proj.weight", t[e, half:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+class VLLMRollout:
+    """golong.rollout.vllm_engine.VLLMEngine behind the trainer's engine interface: colocated,
+    asleep during the update, weights pushed from the (sharded) trainer in memory after it."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer: Any, run_dir: Path) -> None:
+        from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine  # lazy: vLLM only when asked for
+
+        path = cfg.model.path
+        if path is None:  # from scratch: vLLM needs a config.json; weights come from the first push
+            path = str(run_dir / "vllm_model")
+            if dist.get_rank() == 0:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                import json
+
+                (Path(path) / "config.json").write_text(json.dumps(model.config.to_hf(dtype=cfg.model.dtype)))
+            dist.barrier()
+        r = cfg.rollout
+        self.engine = VLLMEngine(VLLMConfig(
+            model=path, tensor_parallel_size=r.tensor_parallel_size,
+            dtype=cfg.model.dtype if torch.cuda.is_available() else "float32",
+            max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
+            gpu_memory_utilization=r.gpu_memory_utilization, bucket_bytes=r.weight_sync_bucket_mb << 20,
+            load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer))
+
+    def sync_weights(self, model: nn.Module) -> None:
+        self.engine.update_weights(hf_parameters(model))
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
+                 progress: Any = None) -> GenerationResult:
+        return self.engine.generate(prompts, params, seeds, progress=progress)
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, tokenizer: Any, run_dir: Path) -> Any:
     if cfg.rollout.engine == "torch":
         return TorchEngine(cfg, model, tokenizer)
-    from golong.rollout.vllm_engine import VLLMEngine  # lazy: vLLM only when asked for
-
-    return VLLMEngine.from_trainer_config(cfg, model, tokenizer)
+    return VLLMRollout(cfg, model, tokenizer, run_dir)
 
 
 # ---------------------------------------------------------------------------------- the trainer
@@ -555,12 +624,13 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)
+        self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg)
         self.model = self.actor.model
-        self.engine = build_engine(cfg, self.model, self.tokenizer)
-        self.engine.sync_weights(self.actor.full_state())
+        self.engine = build_engine(cfg, self.model, self.tokenizer, self.run_dir)
+        self.engine.sync_weights(self.model)
         self.ckpt = Checkpointer(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.every,
                                  cfg.checkpoint.keep_last)
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -640,8 +710,7 @@ class Trainer:
         return [x[1:] for x in merged], timings
 
     def _strip_stop(self, ids: list[int]) -> list[int]:
-        stops = set(self.engine.gen.eos_token_ids) if hasattr(self.engine, "gen") else {self.tokenizer.eos_token_id}
-        return ids[:-1] if ids and ids[-1] in stops else ids
+        return ids[:-1] if ids and ids[-1] in self.stop_ids else ids
 
     def collect_rollouts(self, step: int) -> tuple[list[Rollout], dict[str, float]]:
         """Generate, score and (dynamically) filter until the batch is full or the budget is spent."""
@@ -721,6 +790,7 @@ class Trainer:
             r.advantage = a
         metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["time/advantage_s"] = time.perf_counter() - t0
+        self.engine.sleep()  # the trainer's turn: vLLM releases its KV cache (and weights) on GPU
         t0 = time.perf_counter()
         with nvtx_range("update"):
             upd = self.actor.update(rollouts, "pg", fault_nan=_fault("nan", step))
@@ -731,7 +801,7 @@ class Trainer:
                                                                                                           1e-9)
         t0 = time.perf_counter()
         with nvtx_range("weight_sync"):
-            self.engine.sync_weights(self.actor.full_state())
+            self.engine.sync_weights(self.model)
         metrics["time/weight_sync_s"] = time.perf_counter() - t0
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = sum(r.length for r in rollouts) / metrics["time/step_s"]
@@ -760,7 +830,6 @@ class Trainer:
     def sft(self) -> None:
         """Supervised warm-up on the records' reference answers (trainer.sft_steps steps)."""
         from golong.data import PromptSampler
-        from golong.data.synthetic import reference_response
 
         cfg = self.cfg
         sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
@@ -769,7 +838,7 @@ class Trainer:
         for s in range(1, cfg.trainer.sft_steps + 1):
             t0 = time.perf_counter()
             prompts = [self.train_prompts[i] for i in sampler.take(cfg.trainer.sft_prompts_per_step)]
-            batch = [Rollout(list(p.input_ids), self.tokenizer(reference_response(p.record),
+            batch = [Rollout(list(p.input_ids), self.tokenizer(sft_target(p.record),
                                                                add_special_tokens=False)["input_ids"] + [eos],
                              None, group=j, task=p.record.task) for j, p in enumerate(prompts)]
             m = self.actor.update(batch, "sft")
@@ -778,7 +847,7 @@ class Trainer:
             if s % max(1, cfg.trainer.sft_steps // 10) == 0 or s == cfg.trainer.sft_steps:
                 log.info(f"sft {s}/{cfg.trainer.sft_steps}: loss {m['sft/loss']:.3f} "
                          f"grad_norm {m['sft/grad_norm']:.2f} ({m['time/step_s']:.1f}s)")
-        self.engine.sync_weights(self.actor.full_state())
+        self.engine.sync_weights(self.model)
         self.actor.reset_optimizer()
         self.sft_done = True
 
@@ -809,7 +878,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
-        self.engine.sync_weights(self.actor.full_state())
+        self.engine.sync_weights(self.model)
         log.info(f"resumed from {path} at step {self.step}")
 
     # --------------------------------------------------------------------------------- loop
@@ -871,6 +940,14 @@ class Trainer:
         self.writer.close()
 
 
+def sft_target(record: Any) -> str:
+    """The SFT response for a record: an empty think block, then its reference answer (synthetic
+    records store one; otherwise the golden label, else the gold items one per line)."""
+    answer = record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
+        record.ground_truth.doc_ids)
+    return f"<think>\n\n</think>\n\n{answer}"
+
+
 class _TorchTrace:
     def __init__(self, path: Path) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -902,7 +979,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
+    except TrainingStopped as e:
+        log.error(f"training stopped: {e}")
+        raise SystemExit(3) from None
     finally:
         trainer.close()
-        if dist.is_initialized():
+        # vLLM tears down its own groups (children of the default one) at exit: leave that to it
+        if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()

@@ -54,7 +54,8 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int) -> None:
     # 2 mini-batches x 2 PPO epochs: the off-policy path (old-logprob pass) and 4 optimizer steps;
     # a small micro-batch budget so each rank packs several micro-batches (and some dummies)
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=3, trainer__micro_batch_tokens=48,
-                      algo__ppo_epochs=2, algo__rollout_is="mask", optim__grad_clip=0.5)
+                      algo__ppo_epochs=2, algo__rollout_is="mask", optim__grad_clip=0.5,
+                      parallel__activation_checkpointing=cp > 1)  # recomputation must not change a thing
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
         _check_cp_gather(dims)

@@ -134,3 +134,17 @@ def test_load_weights_changes_samples():
     after = gen.generate([[1, 2, 3]], p).token_ids
     ref = TorchGenerator(other, eos_token_ids=[]).generate([[1, 2, 3]], p).token_ids
     assert after == ref and after != before
+
+
+def test_vllm_weight_sync_names_match_the_hf_checkpoint():
+    """The trainer pushes (HF name, tensor) pairs into vLLM: exactly the keys and values that
+    save_pretrained writes (per-expert layout), so vLLM's own loader maps every one of them."""
+    from golong.models.checkpoint import hf_state_items
+    from golong.trainer import hf_parameters
+
+    model = tiny_moe(seed=3)
+    pushed = dict(hf_parameters(model))
+    saved = dict(hf_state_items(model))
+    assert list(pushed) == list(saved) and any(".experts.3.up_proj.weight" in k for k in pushed)
+    for k, v in saved.items():
+        assert torch.equal(pushed[k], v), k

@@ -29,7 +29,7 @@ data: {{synthetic_n: 48, synthetic_val_n: 6, synthetic_context_tokens: 4, max_pr
        synthetic_tasks: [summarization, sequence_ordering]}}
 rollout: {{engine: torch, n: 4, max_response_tokens: 8, require_think: false, reward_workers: 0}}
 algo: {{adv_estimator: tmn_grpo, difficulty_reweight: true, rollout_is: mask, max_num_gen_batches: 2}}
-optim: {{lr: 1.0e-2, warmup_steps: 1, weight_decay: 0.01}}
+optim: {{lr: 1.0e-2, warmup_steps: 3, lr_schedule: cosine, min_lr_ratio: 0.1, weight_decay: 0.01}}
 parallel: {{param_dtype: float32, activation_checkpointing: false, backend: gloo}}
 trainer: {{total_steps: 4, prompts_per_step: 4, mini_batch_prompts: 2, micro_batch_tokens: 512,
           val_every: 2, sft_steps: 3, sft_prompts_per_step: 8, sft_lr: 2.0e-2, seed: 3}}
