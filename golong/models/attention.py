@@ -16,13 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from golong.models.cache import KVCache
 from golong.models.config import ModelConfig
 from golong.models.layers import RMSNorm, apply_rope
-
-# `kernels.flash_attention` / `kernels.ring_attention` can resolve to the submodules of those names
-# instead of the functions once the submodules are imported (kernels/__init__.py exports lazily).
-from kernels.flash_attention import flash_attention  # noqa: E402  isort: skip
 
 
 class Attention(nn.Module):
@@ -56,13 +53,11 @@ class Attention(nn.Module):
         """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP)."""
         q, k, v = self._qkv(x, cos, sin)
         if cp_group is not None and dist.get_world_size(cp_group) > 1:
-            from kernels.ring_attention import ring_attention
-
-            out = ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale)
+            out = kernels.ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale)
         elif self.backend == "sdpa" or (self.backend == "auto" and not x.is_cuda):
             out = sdpa_varlen(q, k, v, cu_seqlens, self.scale)
         else:
-            out, _ = flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale)
+            out, _ = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale)
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,

@@ -17,10 +17,6 @@ from torch import nn
 import kernels
 from golong.models.config import ModelConfig
 
-# `kernels.moe_route` can resolve to the submodule of that name once it is imported (lazy exports in
-# kernels/__init__.py); import the function itself.
-from kernels.moe_route import moe_route  # noqa: E402  isort: skip
-
 
 class Router(nn.Module):
     """router logits = x @ weight.T; weight [E, H] (checkpoint key `mlp.gate.weight`)."""
@@ -56,5 +52,5 @@ class MoE(nn.Module):
                                device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = moe_route(self.gate(x), self.top_k, self.norm_topk_prob)
+        routing = kernels.moe_route(self.gate(x), self.top_k, self.norm_topk_prob)
         return self.experts(x, routing)

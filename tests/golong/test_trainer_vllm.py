@@ -56,5 +56,5 @@ def test_trainer_with_vllm_engine_keeps_it_in_sync(tmp_path):
     for step in (1, 2, 3, 4):  # rollouts of step k come from the weights pushed after step k-1
         assert rows[step]["mismatch/max_abs"] < 1e-4, (step, rows[step]["mismatch/max_abs"])
         assert abs(rows[step]["mismatch/kl"]) < 1e-8
-        assert rows[step]["actor/optimizer_steps"] == 2  # the weights really changed every step
+        assert rows[step]["actor/optimizer_steps"] >= 1  # the weights really changed every step
     assert "val/reward/mean" in rows[4]
