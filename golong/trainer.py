@@ -197,14 +197,11 @@ class Actor:
         self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, self.total_optimizer_steps,
                                         cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.step_faults: set[str] = set()
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        # foreach=False: identical math on 1 and N ranks (the fused/foreach paths group tensors
-        # differently per shard layout); the optimizer is a negligible part of a step here.
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.adam_eps,
-                                 weight_decay=o.weight_decay, foreach=False)
+                                 weight_decay=o.weight_decay)
 
     def reset_optimizer(self, lr: float | None = None, warmup: int | None = None) -> None:
         """Fresh optimizer state and schedule (e.g. after the SFT warm-up, before RL)."""
@@ -295,6 +292,7 @@ class Actor:
         # mean, so scaling by the world size turns that average into the sum we want.
         scale = float(self.dims.world_size)
         self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0  # this rank's part of this optimizer step's loss
         for members in self._plan(rollouts, mini):
             mb = build_micro_batch(rollouts, members, old, self._min_tokens())
             logprob, entropy = self.forward(mb)
@@ -333,6 +331,7 @@ class Actor:
             with nvtx_range("backward"):
                 (loss * scale).backward()
             local_tokens = float(mask.sum())
+            step_loss += float(loss.detach())
             sums["loss"] += float(loss.detach())
             sums["tokens"] += local_tokens
             sums["entropy"] += float((entropy.detach() * mask).sum())
@@ -351,7 +350,7 @@ class Actor:
                 sums["mismatch_tokens"] += local_tokens
                 maxes["mismatch_max_abs"] = torch.maximum(maxes["mismatch_max_abs"], d.abs().max().double().cpu())
         grad_norm = self._clip_grad_norm()
-        loss_total = torch.tensor([sums["loss"] if not fault_nan else float("nan")], dtype=torch.float64)
+        loss_total = torch.tensor([step_loss], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(loss_total)  # every rank must agree on skipping
         ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
@@ -448,8 +447,8 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> 
         apply_activation_checkpointing(model)
     apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
                cpu_offload=cfg.parallel.cpu_offload)
-    if cfg.model.path is not None:
-        load_weights(model, cfg.model.path, device=device)
+    if cfg.model.path is not None:  # with CPU offload FSDP keeps the sharded parameters on the host
+        load_weights(model, cfg.model.path, device="cpu" if cfg.parallel.cpu_offload else device)
         model.source_path = cfg.model.path
     model.cp_group = dims.cp_group
     return model

@@ -45,6 +45,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "bflo
     The last layer is not resharded after forward: backward needs it immediately, so gathering it
     again would be wasted traffic (torchtitan does the same).
     """
+    if cpu_offload and not torch.cuda.is_available():
+        raise ValueError("parallel.cpu_offload needs a GPU: it keeps the shards of GPU training in pinned host memory")
     mp = mixed_precision_policy(param_dtype, reduce_dtype)
     offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)

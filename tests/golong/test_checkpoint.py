@@ -10,7 +10,10 @@ import torch
 from golong.checkpoint import MARKER, Checkpointer, export_hf, latest_checkpoint, list_checkpoints
 from golong.models import from_config
 from golong.trainer import scratch_hf_config
-from tests.golong.trainer_helpers import tiny_config
+from tests.golong.trainer_helpers import (
+    one_thread,  # noqa: F401  (autouse fixture)
+    tiny_config,
+)
 
 
 def _model_and_opt(seed: int = 0):

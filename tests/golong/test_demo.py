@@ -8,6 +8,7 @@ import json
 import pytest
 
 from golong.logger import read_metrics
+from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.mark.distributed

@@ -7,6 +7,7 @@ import torch
 
 from golong.models import from_config
 from golong.rollout import GenerationResult, SamplingParams, TorchGenerator, sample_tokens
+from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 VOCAB = 203  # odd, not a multiple of anything
 

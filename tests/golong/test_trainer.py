@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from golong.logger import read_metrics
+from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from golong.config import RunConfig, ScratchModelConfig
@@ -46,3 +47,13 @@ def fixed_rollouts(n_prompts: int = 5, n: int = 3, seed: int = 0, vocab: int = 1
             out.append(Rollout(prompt, resp, lps, group=p, task=f"task{p % 2}", score=0.0,
                                advantage=float(torch.randn((), generator=g))))
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process tests run torch on one thread: on a shared 2-core machine, two threads per
+    process oversubscribe the cores and small ops get ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
