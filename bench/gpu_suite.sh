@@ -6,13 +6,14 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 430 s in all; a failed or timed-out step is recorded and the suite
+# Steps (each under its own timeout, 470 s in all; a failed or timed-out step is recorded and the suite
 # goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens
 #   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE)
 #   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
+#   attention_configs python -m bench.attention_configs: the flash-attention dK/dV tile candidates, 32K tokens
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
 #   report          python bench/report.py: OUT_DIR/README.md from the JSON files
 # OUT_DIR/suite.json lists every step with its command, exit status and seconds. Exit status: the
@@ -54,6 +55,7 @@ if [[ $DRY -eq 1 ]]; then
   step logprob 300 "$PYTHON -m bench.logprob --dry-run"
   step moe 300 "$PYTHON -m bench.moe --dry-run"
   step attention 300 "$PYTHON -m bench.attention --dry-run"
+  step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run"
   step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
 else
   "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
@@ -64,6 +66,7 @@ EOF
   step logprob 90 "$PYTHON -m bench.logprob $(out_flag logprob)"
   step moe 70 "$PYTHON -m bench.moe $(out_flag moe)"
   step attention 90 "$PYTHON -m bench.attention $(out_flag attention)"
+  step attention_configs 40 "$PYTHON -m bench.attention_configs --out $OUT"
   step gpu_train_step 60 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 
