@@ -6,11 +6,12 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 470 s in all; a failed or timed-out step is recorded and the suite
+# Steps (each under its own timeout, 470 s in all; STEPS="name ..." runs a subset; a failed or timed-out step is recorded and the suite
 # goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens
+#   logprob_configs python -m bench.logprob_configs: forward share and backward layouts at 8K tokens
 #   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE)
 #   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
 #   attention_configs python -m bench.attention_configs: the flash-attention dK/dV tile candidates, 32K tokens
@@ -56,18 +57,29 @@ if [[ $DRY -eq 1 ]]; then
   step moe 300 "$PYTHON -m bench.moe --dry-run"
   step attention 300 "$PYTHON -m bench.attention --dry-run"
   step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run"
+  step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
   step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
 else
   "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 100 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
-  step logprob 90 "$PYTHON -m bench.logprob $(out_flag logprob)"
-  step moe 70 "$PYTHON -m bench.moe $(out_flag moe)"
-  step attention 90 "$PYTHON -m bench.attention $(out_flag attention)"
-  step attention_configs 40 "$PYTHON -m bench.attention_configs --out $OUT"
-  step gpu_train_step 60 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step logprob 120 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+  step logprob_configs 45 "$PYTHON -m bench.logprob_configs --out $OUT"
+  step moe 90 "$PYTHON -m bench.moe $(out_flag moe)"
+  step attention 60 "$PYTHON -m bench.attention $(out_flag attention)"
+  step attention_configs 25 "$PYTHON -m bench.attention_configs --out $OUT"
+  step gpu_train_step 50 "$PYTHON -m bench.gpu_train_step --out $OUT"
+fi
+
+if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)
+  keep_n=() keep_c=() keep_l=()
+  for i in "${!NAMES[@]}"; do
+    if [[ " $STEPS " == *" ${NAMES[$i]} "* ]]; then keep_n+=("${NAMES[$i]}"); keep_c+=("${CMDS[$i]}"); keep_l+=("${LIMITS[$i]}"); fi
+  done
+  [[ ${#keep_n[@]} -gt 0 ]] || { echo "gpu_suite: STEPS='$STEPS' matches none of: ${NAMES[*]}" >&2; exit 2; }
+  NAMES=("${keep_n[@]}") CMDS=("${keep_c[@]}") LIMITS=("${keep_l[@]}")
 fi
 
 run_step() {  # run_step INDEX: runs one step, records rc and seconds in files (works in background)

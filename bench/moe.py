@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({"case": f"{level}/{routing}", "impl": impl, "mode": mode, "metric": "throughput",
                      "value": flops / secs / per, "unit": unit, "ms": secs * 1e3, "shape": shape,
                      "baseline": baseline})
+        print(f"  {level}/{routing} {impl} {mode}: {secs * 1e3:.2f} ms", flush=True)  # progress under a timeout
 
     def one_routing(routing: str, logits: torch.Tensor) -> None:
         # --- full MoE MLP ---
@@ -177,12 +178,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         if cuda:
             impls["ours_torch(_grouped_mm)"] = lambda: ours_moe(x, logits, k, gate_up, down, backend="torch")
-            if liger is not None:
+            if liger is not None:  # last: its Triton autotuning takes the longest
                 impls["liger_fused_moe"] = lambda: liger(x, logits, k, gate_up, down)
         base = "ours_torch(_grouped_mm)" if cuda else "per_expert_loop"
         for impl, fn in impls.items():
             if impl == "per_expert_loop" and cuda and not args.gpu_loop:
                 continue  # minutes at 32K tokens x 128 experts; --gpu-loop to include it
+            if impl == "liger_fused_moe" and args.skip_liger:
+                continue
             with torch.no_grad():
                 add("moe_mlp", routing, impl, "fwd", _time(fn, iters), mlp_flops, base)
             add("moe_mlp", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [x, gate_up, down], dy), iters),
@@ -243,6 +246,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="run the CPU bench even when CUDA is present")
     p.add_argument("--gpu-loop", action="store_true", help="include the per-expert loop MLP on CUDA")
+    p.add_argument("--skip-liger", action="store_true", help="leave out Liger's fused MoE (CUDA)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, one iteration, nothing saved")
     args = p.parse_args()
     if not torch.cuda.is_available():

