@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,6 +40,9 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """Short HEAD; $GOLONG_COMMIT where the tree travelled without .git (the GPU machine)."""
+    if os.environ.get("GOLONG_COMMIT"):
+        return os.environ["GOLONG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -206,12 +206,15 @@ def main() -> None:
     rows: list[dict] = []
     if cuda:
         rows += _gpu_correctness()
+        for r in rows:
+            print(r, flush=True)
         for n in ns:
             for name, fn in impls.items():
                 if name != "triton" and args.peers_up_to is not None and n > args.peers_up_to:
                     continue
                 rows.append(_measure_gpu(name, fn, n, args.iters))
                 print(rows[-1], flush=True)
+                save_results("logprob", rows, args.out)  # keep what is measured if a time limit stops the run
         _with_ratios(rows, "naive")
     else:
         dtype = torch.float32  # CPU has no fast bf16 GEMM everywhere; every impl runs fp32 here

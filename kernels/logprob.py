@@ -515,15 +515,24 @@ def _triton_backward(
         step = total if fp32_out else scratch_rows
         return [(i, min(total, i + step)) for i in range(0, total, step)]
 
-    def scratch(out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        return out[r0:r1] if out.dtype == torch.float32 else torch.zeros(r1 - r0, hdim, dtype=torch.float32, device=dev)
+    # fp32 scratch buffers by slot, reused by every chunk (the split passes share one): a fresh tensor per
+    # chunk would be allocated while the previous chunk's is still referenced, doubling the peak
+    bufs: dict[str, torch.Tensor] = {}
+
+    def scratch(out: torch.Tensor, r0: int, r1: int, slot: str) -> torch.Tensor:
+        if out.dtype == torch.float32:
+            return out[r0:r1]
+        if slot not in bufs or bufs[slot].shape[0] < r1 - r0:
+            bufs.pop(slot, None)  # release before allocating the larger one
+            bufs[slot] = torch.empty(r1 - r0, hdim, dtype=torch.float32, device=dev)
+        return bufs[slot][: r1 - r0].zero_()
 
     fused = (not deterministic and need_dh and need_dw
              and (weight.dtype == torch.float32 or v * hdim * 4 <= SCRATCH_BYTES))
     if fused:
-        dw32 = scratch(dw, 0, v)
+        dw32 = scratch(dw, 0, v, "dw")
         for n0, n1 in chunks(n, hidden.dtype == torch.float32):
-            dh32 = scratch(dh, n0, n1)
+            dh32 = scratch(dh, n0, n1, "dh")
             h, t, ls, en, gl, ge = (x[n0:n1] for x in rows)
             grid = (triton.cdiv(n1 - n0, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
             _bwd_kernel[grid](h, weight, t, ls, en, gl, ge, dh32, dw32, n1 - n0, v, hdim, h.stride(0),
@@ -535,9 +544,14 @@ def _triton_backward(
             dw.copy_(dw32)
         return dh, dw
 
+    # size the shared buffer for both passes up front, so the dW pass never reallocates it
+    split_rows = max(min(n, scratch_rows) if need_dh and hidden.dtype != torch.float32 else 0,
+                     min(v, scratch_rows) if need_dw and weight.dtype != torch.float32 else 0)
+    if split_rows:
+        bufs["split"] = torch.empty(split_rows, hdim, dtype=torch.float32, device=dev)
     if need_dh:
         for n0, n1 in chunks(n, hidden.dtype == torch.float32):
-            dh32 = scratch(dh, n0, n1)
+            dh32 = scratch(dh, n0, n1, "split")
             h, t, ls, en, gl, ge = (x[n0:n1] for x in rows)
             if deterministic:
                 _bwd_dh_kernel[(triton.cdiv(n1 - n0, cfg.block_m),)](
@@ -553,7 +567,7 @@ def _triton_backward(
                 dh[n0:n1] = dh32
     if need_dw:
         for v0, v1 in chunks(v, weight.dtype == torch.float32):
-            dw32 = scratch(dw, v0, v1)
+            dw32 = scratch(dw, v0, v1, "split")
             w = weight[v0:v1]
             if deterministic:
                 _bwd_dw_kernel[(triton.cdiv(v1 - v0, cfg.block_n),)](

@@ -238,6 +238,8 @@ def test_aot_sm90_production_config(aot_resources, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flash_attn"])
 def test_flash_attention_bf16_cuda(backend):
+    if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
+        pytest.importorskip("flash_attn")
     cu = [0, 1000, 1001, 3333, 4096]
     q, k, v = (x.cuda().requires_grad_() for x in _inputs(cu, 32, 8, 128, torch.bfloat16))
     out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device="cuda"), backend=backend)

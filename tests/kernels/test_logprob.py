@@ -86,6 +86,41 @@ def test_triton_matches_fp64_odd_shapes(monkeypatch, dtype, temperature, determi
     _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton", deterministic=deterministic)
 
 
+def test_triton_16bit_backward_scratch_stays_within_budget(monkeypatch):
+    """The split backward (16-bit weight too large for an fp32 dW copy) keeps its fp32 scratch within
+    SCRATCH_BYTES in total, whatever the number of token / vocabulary chunks: every fp32 2-D tensor it
+    allocates is recorded, and their sizes must add up to at most the budget."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    allocs = {torch.ops.aten.empty.memory_format, torch.ops.aten.zeros.default, torch.ops.aten.empty_strided.default,
+              torch.ops.aten.new_zeros.default, torch.ops.aten.new_empty.default, torch.ops.aten.zeros_like.default,
+              torch.ops.aten.empty_like.default}
+
+    class Fp32Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in allocs and out.dtype == torch.float32 and out.dim() == 2:
+                self.bytes.append(out.numel() * 4)
+            return out
+
+    budget = 256 * 96 * 4  # 256 rows of fp32 scratch: 333 tokens and 1237 vocab rows take several chunks each
+    monkeypatch.setattr(L, "SCRATCH_BYTES", budget)
+    h, w, t, g_lp, g_ent = _problem(333, 96, 1237, torch.float16)
+    h.requires_grad_()
+    w.requires_grad_()
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="triton")
+    mode = Fp32Allocations()
+    with mode:
+        torch.autograd.backward((lp, ent), (g_lp.float(), g_ent.float()))
+    assert mode.bytes, "no fp32 scratch recorded: the split path did not run"
+    assert sum(mode.bytes) <= budget, mode.bytes
+    assert h.grad is not None and w.grad is not None
+
+
 # the interpreter walks tiles in Python: at the full vocabulary use wide vocab tiles (same kernels)
 _WIDE = KernelConfig(block_m=64, block_n=4096, block_k=32, num_warps=4, num_stages=1, block_h=32, group_m=2)
 
