@@ -64,12 +64,25 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     suite = json.loads((tmp_path / "suite.json").read_text())
     steps = {s["step"]: s for s in suite["steps"]}
-    assert set(steps) == {"gpu_tests", "logprob", "moe", "attention", "gpu_train_step"}
+    assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "attention", "attention_configs",
+                          "gpu_train_step"}
     assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
     # the collected GPU tests cover every kernel and the model
     log = (tmp_path / "logs" / "gpu_tests.log").read_text()
     for name in ("test_logprob", "test_grouped_mm", "test_flash_attention", "test_model_gpu"):
         assert name in log, log[-2000:]
+
+
+def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
+    env = {**_env(), "STEPS": "moe logprob_configs"}
+    out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert [s["step"] for s in suite["steps"]] == ["moe", "logprob_configs"]
+    bad = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path / "bad"), "--dry-run"], cwd=ROOT,
+                         env={**env, "STEPS": "nope"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "gpu_tests" in bad.stderr  # the valid names are listed
 
 
 def test_gpu_suite_rejects_bad_usage(tmp_path):
@@ -125,7 +138,8 @@ def _bench_names() -> dict[str, str]:
 def test_readme_holds_the_cpu_results_of_every_bench_script():
     names = _bench_names()
     assert {"logprob", "moe", "attention", "static_report", "gpu_train_step"} <= set(names)
-    gpu_only = {"gpu_train_step", "attention_ring"}  # written only by CUDA runs (one GPU / torchrun)
+    # written only by CUDA runs (one GPU / torchrun; the *_configs tile sweeps time Triton kernels on the GPU)
+    gpu_only = {"gpu_train_step", "attention_ring", "attention_configs", "logprob_configs"}
     missing = [f"{n} ({names[n]})" for n in sorted(set(names) - gpu_only)
                if not (ROOT / "bench" / "results" / f"{n}-cpu.json").exists()]
     assert not missing, f"no CPU results for: {missing}; run them, then python bench/report.py"
