@@ -9,6 +9,8 @@ Rows (each timed in the same run; ratio = variant time / the current default's t
                                (fp32 atomics into <= SCRATCH_BYTES of scratch)
   split dh 64x256 / dW 256x64  the same passes with tiles long along the reduced dimension (half the atomics)
   fused (fp32 dW scratch)      one pass, one recompute, atomics into an fp32 copy of dW (V*H*4 bytes extra)
+  gemm                         BWD_MODE="gemm": cuBLAS logits blocks -> Triton dz blocks -> cuBLAS dh / dW
+                               with fp32 output, two passes, no atomics
 Every variant's dh/dW is compared with the default's (relative L2 error).
 """
 
@@ -33,6 +35,7 @@ def _variants(L: Any) -> dict[str, dict[str, Any]]:
             "BWD_DW_CONFIG": K(block_m=256, block_n=64, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8),
         },
         "fused (fp32 dW scratch)": {"SCRATCH_BYTES": 4 * V * H + (1 << 20)},
+        "gemm (cuBLAS blocks, no atomics)": {"BWD_MODE": "gemm"},
     }
 
 
@@ -64,6 +67,11 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
             got = [g.float().clone() for g in step()]
             sec = timeit(step, warmup=1, iters=iters)
             extra, _ = peak_extra_memory(step)
+        except Exception as e:  # record why a variant cannot run here, and go on with the others
+            rows.append({"case": f"N={n}", "impl": name, "metric": "error", "value": f"{type(e).__name__}: {e}"[:300],
+                         "unit": ""})
+            print(rows[-1], flush=True)
+            continue
         finally:
             for k, v in saved.items():
                 setattr(L, k, v)

@@ -20,7 +20,9 @@ Backends: "torch" chunks over tokens and vocab (CPU path and test oracle; memory
 N); "triton" runs the kernels below (forward: tiles over tokens x vocab splits, partials merged
 on the host; backward: the logits are recomputed tile by tile, dz is built in registers and
 consumed at once by tensor-core dots for dh and dW, accumulated in fp32 with atomics, or by
-owner-computes kernels in deterministic mode). "auto" = triton on CUDA tensors, torch otherwise.
+owner-computes kernels in deterministic mode; or, with BWD_MODE = "gemm", as cuBLAS GEMMs over
+[4096, 4096] logits blocks with a Triton pass that turns each block into dz). "auto" = triton on CUDA
+tensors, torch otherwise.
 Tiles whose rows are all ignored (or carry no gradient) are skipped, so prompt tokens of packed
 RL sequences cost nothing.
 """
@@ -252,6 +254,31 @@ def _dlogits_tile(acc, cols, row_ok, col_ok, tgt, lse, ent, glp, gent, inv_t):
 
 
 @triton.jit
+def _dz_block_kernel(
+    z_ptr, dz_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    R, C, stride_z, stride_dz, c_off, inv_t,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GEMM backward: dz (in dz_ptr's dtype) from one block of raw logits z = h @ W.T (fp32 [R, C]);
+    the block's columns are token ids c_off + [0, C)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    col_ok = cols < C
+    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    live = row_ok & ((glp != 0) | (gent != 0))  # see _bwd_kernel: placeholder lse on dead rows
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - c_off
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+    r64 = rows.to(tl.int64)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
+    z = tl.load(z_ptr + r64 * stride_z + cols[None, :], mask=mask, other=0.0)
+    dz = _dlogits_tile(z, cols, live, col_ok, tgt, lse, ent, glp, gent, inv_t)
+    tl.store(dz_ptr + r64 * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _bwd_kernel(
     h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr,
     N, V, H, stride_h, stride_w, stride_dh, stride_dw, inv_t, v_off,
@@ -421,6 +448,14 @@ BWD_DET_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8,
 # N / block_m, so each pass takes the tile that is long along the dimension it reduces over.
 BWD_DH_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
 BWD_DW_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
+# Backward layout of the "triton" backend (deterministic=False):
+#   "atomic": Triton tiles recompute the logits and consume dz at once with tensor-core dots, fp32 atomics
+#             into dh / dW (see _triton_backward)
+#   "gemm":   cuBLAS blocks: logits block -> dz block (Triton, 16-bit) -> dh and dW GEMMs with fp32 output,
+#             two passes (dh over token blocks, dW over vocab blocks), no atomics (see _gemm_backward)
+BWD_MODE = "atomic"
+GEMM_BLOCK = 4096  # rows and columns of one logits block of the GEMM backward (64 MiB fp32 + 32 MiB dz)
+DZ_TILE = (32, 128)  # (rows, columns) per program of the elementwise dz kernel: 16 fp32 per thread, 4 warps
 # Backward fp32 scratch budget for 16-bit gradients (bounds the extra memory at any N; see _triton_backward)
 SCRATCH_BYTES = 192 * 1024 * 1024
 
@@ -584,6 +619,70 @@ def _triton_backward(
     return dh, dw
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: 16-bit operands go to cuBLAS with fp32 accumulation and output
+    (torch.mm's out_dtype); on CPU (interpreter tests) the operands are upcast."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _gemm_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+    entropy: torch.Tensor, g_lp: torch.Tensor, g_ent: torch.Tensor, inv_t: float,
+    need_dh: bool, need_dw: bool, block: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward as dense GEMMs over [block, block] blocks of the logits; no atomics.
+
+    dh pass: per token block, its fp32 dh block accumulates dz @ W[cols] over all vocabulary blocks;
+    dW pass: per vocabulary block, its fp32 dW block accumulates dz.T @ h[rows] over all token blocks.
+    Each logits block is computed twice (once per pass): ~8 N H V flops, all in cuBLAS GEMMs, plus one
+    Triton pass over each fp32 block that writes dz in hidden's dtype. Extra memory: one fp32 logits
+    block, one dz block, one fp32 accumulator block and one GEMM result, whatever N and V
+    (176 MiB at block 4096, H 2560).
+    """
+    _check_triton_device(hidden)
+    blk = block or GEMM_BLOCK
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if n == 0:
+        return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None)
+
+    def dz_block(n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
+        z = _mm_fp32(hidden[n0:n1], weight[v0:v1].T)
+        dz = torch.empty(z.shape, dtype=hidden.dtype, device=dev)
+        br, bc = DZ_TILE
+        _dz_block_kernel[(triton.cdiv(n1 - n0, br), triton.cdiv(v1 - v0, bc))](
+            z, dz, targets[n0:n1], lse[n0:n1], entropy[n0:n1], g_lp[n0:n1], g_ent[n0:n1],
+            n1 - n0, v1 - v0, z.stride(0), dz.stride(0), v0, inv_t, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        return dz
+
+    if need_dh:
+        for n0 in range(0, n, blk):
+            n1 = min(n, n0 + blk)
+            acc = torch.zeros(n1 - n0, hdim, dtype=torch.float32, device=dev)
+            for v0 in range(0, v, blk):
+                v1 = min(v, v0 + blk)
+                acc += _mm_fp32(dz_block(n0, n1, v0, v1), weight[v0:v1])
+            dh[n0:n1] = acc
+            del acc
+    if need_dw:
+        for v0 in range(0, v, blk):
+            v1 = min(v, v0 + blk)
+            acc = torch.zeros(v1 - v0, hdim, dtype=torch.float32, device=dev)
+            for n0 in range(0, n, blk):
+                n1 = min(n, n0 + blk)
+                acc += _mm_fp32(dz_block(n0, n1, v0, v1).T, hidden[n0:n1])
+            dw[v0:v1] = acc
+            del acc
+    return dh, dw
+
+
 # --------------------------------------------------------------------------------------------------
 # autograd Function + dispatcher
 # --------------------------------------------------------------------------------------------------
@@ -614,7 +713,11 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         g_lp = zero.expand(targets.shape) if g_lp is None else torch.where(valid, g_lp.float(), zero)
         g_ent = zero.expand(targets.shape) if g_ent is None else torch.where(valid, g_ent.float(), zero)
         g_lp, g_ent = g_lp.contiguous(), g_ent.contiguous()
-        if ctx.backend == "triton":
+        if BWD_MODE not in ("atomic", "gemm"):
+            raise ValueError(f"kernels.logprob.BWD_MODE must be 'atomic' or 'gemm', got {BWD_MODE!r}")
+        if ctx.backend == "triton" and BWD_MODE == "gemm" and not ctx.deterministic:
+            dh, dw = _gemm_backward(hidden, weight, targets, lse, entropy, g_lp, g_ent, ctx.inv_t, need_dh, need_dw)
+        elif ctx.backend == "triton":
             dh, dw = _triton_backward(hidden, weight, targets, lse, entropy, g_lp, g_ent, ctx.inv_t,
                                       need_dh, need_dw, ctx.deterministic)
         else:
@@ -691,6 +794,11 @@ AOT_CONFIGS: list[dict[str, Any]] = [
         "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dh_ptr": _PF, "dw_ptr": _PF, **_SIZES,
         "stride_dh": _I, "stride_dw": _I, "inv_t": "fp32", "v_off": _I},
         BLOCK_H=BWD_CONFIG.block_h, GROUP_M=BWD_CONFIG.group_m, COMPUTE_DH=True, COMPUTE_DW=True),
+    {"name": "logprob_dz_block", "fn": _dz_block_kernel,
+     "signature": {"z_ptr": _PF, "dz_ptr": _P16, **_ROW_PTRS, "R": _I, "C": _I, "stride_z": _I, "stride_dz": _I,
+                   "c_off": _I, "inv_t": "fp32"},
+     "constexprs": {"BLOCK_R": DZ_TILE[0], "BLOCK_C": DZ_TILE[1]}, "num_warps": 4, "num_stages": 1,
+     "divisible_by_16": ["z_ptr", "dz_ptr", *_ROW_PTRS, "C", "stride_z", "stride_dz", "c_off"]},
     _aot_entry("logprob_bwd_dh_deterministic", _bwd_dh_kernel, BWD_DET_CONFIG, {
         "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dh_ptr": _PF, **_SIZES, "stride_dh": _I,
         "inv_t": "fp32"}, BLOCK_H=BWD_DET_CONFIG.block_h),
