@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "value": flops / secs / per, "unit": unit, "ms": secs * 1e3, "shape": shape,
                      "baseline": baseline})
         print(f"  {level}/{routing} {impl} {mode}: {secs * 1e3:.2f} ms", flush=True)  # progress under a timeout
+        if not args.dry_run:
+            save_results("moe", rows)  # what is measured survives a time limit
 
     def one_routing(routing: str, logits: torch.Tensor) -> None:
         # --- full MoE MLP ---
