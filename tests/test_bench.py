@@ -33,7 +33,10 @@ def test_static_report_compiles_every_kernel_without_spills(tmp_path):
     rows = json.loads((tmp_path / "static_report-cpu.json").read_text())["rows"]
     modules = {r["case"].split(".")[0] for r in rows}
     assert {"logprob", "grouped_mm", "flash_attention"} <= modules, out.stdout + out.stderr
-    assert all(r["value"] > 0 and r["shared_bytes"] > 0 for r in rows)
+    assert all(r["value"] > 0 for r in rows)
+    # every matmul kernel stages its tiles in shared memory (elementwise kernels, e.g. logprob_dz_block, need none)
+    matmuls = [r for r in rows if r["has_hgmma"]]
+    assert len(matmuls) >= 9 and all(r["shared_bytes"] > 0 for r in matmuls), rows
     assert out.returncode == 0, f"static report failed:\n{out.stderr[-3000:]}\n{out.stdout[-6000:]}"
 
 
