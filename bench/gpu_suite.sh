@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 470 s in all; STEPS="name ..." runs a subset; a failed or timed-out step is recorded and the suite
+# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out step is recorded and the suite
 # goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
@@ -67,9 +67,9 @@ else
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step gpu_tests 75 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
   step logprob 120 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
-  step logprob_configs 45 "$PYTHON -m bench.logprob_configs --out $OUT"
+  step logprob_configs 60 "$PYTHON -m bench.logprob_configs --out $OUT"
   step moe 90 "$PYTHON -m bench.moe $(out_flag moe)"
   step attention 60 "$PYTHON -m bench.attention $(out_flag attention)"
   step attention_configs 25 "$PYTHON -m bench.attention_configs --out $OUT"

@@ -1,6 +1,7 @@
 """Where the fused LM-head kernel's time goes, and which backward layout is fastest on this GPU.
 
-    python -m bench.logprob_configs             # CUDA: N=8192 (and --n ...), H=2560, V=151,936, bf16, T=0.7
+    python -m bench.logprob_configs             # CUDA: N=8192 (and --n ...), H=2560, V=151,936, bf16, T=0.7,
+                                                # then an RL batch: 32K tokens, targets on 512 of every 4096
     python -m bench.logprob_configs --dry-run   # CPU: list the variants, nothing timed
 
 Rows (each timed in the same run; ratio = variant time / the current default's time):
@@ -40,8 +41,16 @@ def _variants(L: Any) -> dict[str, dict[str, Any]]:
 
 
 def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], device: str = "cuda",
-             dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+             dtype: torch.dtype = torch.bfloat16, response: int = 0) -> list[dict[str, Any]]:
+    """response > 0: an RL batch of 4096-token sequences whose last `response` tokens alone carry
+    targets (the prompt tokens are ignore_index, as the trainer passes them)."""
     h, w, t = _inputs(n, H, V, dtype, device)
+    case = f"N={n}"
+    if response:
+        prompt = (torch.arange(n, device=t.device) % 4096) < 4096 - response
+        t[prompt] = -100
+        case = f"N={n}, {response} response tokens per 4096"
+    n_eff = int((t != -100).sum())  # FLOPs count the rows with targets
 
     def fwd() -> None:
         with torch.no_grad():
@@ -54,9 +63,9 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
         return h.grad, w.grad
 
     t_fwd = timeit(fwd, warmup=2, iters=iters)
-    rows: list[dict[str, Any]] = [{"case": f"N={n}", "impl": "forward only", "metric": "time",
+    rows: list[dict[str, Any]] = [{"case": case, "impl": "forward only", "metric": "time",
                                    "value": round(t_fwd * 1e3, 2), "unit": "ms",
-                                   "TFLOP/s": round(2 * n * H * V / t_fwd / 1e12, 1)}]
+                                   "TFLOP/s": round(2 * n_eff * H * V / t_fwd / 1e12, 1)}]
     ref: list[torch.Tensor] | None = None
     t_default: float | None = None
     for name, overrides in variants.items():
@@ -68,7 +77,7 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
             sec = timeit(step, warmup=1, iters=iters)
             extra, _ = peak_extra_memory(step)
         except Exception as e:  # record why a variant cannot run here, and go on with the others
-            rows.append({"case": f"N={n}", "impl": name, "metric": "error", "value": f"{type(e).__name__}: {e}"[:300],
+            rows.append({"case": case, "impl": name, "metric": "error", "value": f"{type(e).__name__}: {e}"[:300],
                          "unit": ""})
             print(rows[-1], flush=True)
             continue
@@ -79,8 +88,8 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
         t_default = t_default or sec
         err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, ref))
         grads_mib = (n * H + V * H) * 2 / MIB
-        rows.append({"case": f"N={n}", "impl": name, "metric": "time", "value": round(sec * 1e3, 2), "unit": "ms",
-                     "TFLOP/s": round(6 * n * H * V / sec / 1e12, 1), "flops_rule": FLOPS_RULE,
+        rows.append({"case": case, "impl": name, "metric": "time", "value": round(sec * 1e3, 2), "unit": "ms",
+                     "TFLOP/s": round(6 * n_eff * H * V / sec / 1e12, 1), "flops_rule": FLOPS_RULE,
                      "backward ms": round((sec - t_fwd) * 1e3, 2),
                      "extra_minus_grads_mib": round(extra / MIB - grads_mib, 1),
                      "baseline": "split (default)", "ratio": round(sec / t_default, 3),
@@ -94,6 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--n", type=int, nargs="+", default=[8192])
+    ap.add_argument("--rl-n", type=int, default=32768, help="tokens of the prompt-heavy RL case (0: skip it)")
+    ap.add_argument("--rl-response", type=int, default=512, help="response tokens per 4096-token sequence")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="directory for logprob_configs-gpu.json")
     args = ap.parse_args()
@@ -105,6 +116,8 @@ def main() -> None:
         return
 
     rows = [r for n in args.n for r in _measure(L, n, args.iters, variants)]
+    if args.rl_n:
+        rows += _measure(L, args.rl_n, args.iters, variants, response=args.rl_response)
     save_results("logprob_configs", rows, out_dir=args.out)
     print_table("kernels.linear_logprob_entropy backward layouts (fwd+bwd, bf16, T=0.7)", rows,
                 ["case", "impl", "value", "TFLOP/s", "backward ms", "extra_minus_grads_mib", "ratio",

@@ -638,10 +638,11 @@ def _gemm_backward(
 
     dh pass: per token block, its fp32 dh block accumulates dz @ W[cols] over all vocabulary blocks;
     dW pass: per vocabulary block, its fp32 dW block accumulates dz.T @ h[rows] over all token blocks.
-    Each logits block is computed twice (once per pass): ~8 N H V flops, all in cuBLAS GEMMs, plus one
-    Triton pass over each fp32 block that writes dz in hidden's dtype. Extra memory: one fp32 logits
-    block, one dz block, one fp32 accumulator block and one GEMM result, whatever N and V
-    (176 MiB at block 4096, H 2560).
+    Rows without gradient are left out first (N below counts the rest). Each logits block is computed
+    twice (once per pass): ~8 N H V flops, all in cuBLAS GEMMs, plus one Triton pass over each fp32 block
+    that writes dz in hidden's dtype. Extra memory: one fp32 logits block, one dz block, one fp32
+    accumulator block and one GEMM result (176 MiB at block 4096, H 2560), plus the gathered rows
+    (N x H) and their dh.
     """
     _check_triton_device(hidden)
     blk = block or GEMM_BLOCK
@@ -650,8 +651,16 @@ def _gemm_backward(
     dev = hidden.device
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
-    if n == 0:
+    # only rows with gradient (response tokens; prompt tokens of packed RL sequences are ignored) enter the
+    # GEMMs: gather them once (one host sync for their count) and scatter dh back
+    live = ((g_lp != 0) | (g_ent != 0)).nonzero().squeeze(1)
+    if live.numel() == 0:
         return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None)
+    full_dh = None
+    if live.numel() < n:
+        hidden, targets, lse, entropy, g_lp, g_ent = (x[live] for x in (hidden, targets, lse, entropy, g_lp, g_ent))
+        full_dh, dh = dh, (torch.empty_like(hidden) if need_dh else None)
+        n = live.numel()
 
     def dz_block(n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
         z = _mm_fp32(hidden[n0:n1], weight[v0:v1].T)
@@ -680,6 +689,9 @@ def _gemm_backward(
                 acc += _mm_fp32(dz_block(n0, n1, v0, v1).T, hidden[n0:n1])
             dw[v0:v1] = acc
             del acc
+    if full_dh is not None and need_dh:
+        full_dh.zero_()[live] = dh
+        dh = full_dh
     return dh, dw
 
 

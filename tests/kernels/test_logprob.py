@@ -133,8 +133,8 @@ def test_gemm_backward_matches_fp64_odd_shapes(monkeypatch, dtype, temperature):
 
 
 def test_gemm_backward_never_allocates_more_than_a_block(monkeypatch):
-    """No tensor the GEMM backward allocates is larger than one logits block or one accumulator block
-    (an [N, V] tensor would be 3x larger than either here)."""
+    """No tensor the GEMM backward allocates is larger than one logits block or the hidden states (its
+    gathered live rows and their dh); an [N, V] tensor would be 13x larger than either here."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
@@ -148,13 +148,13 @@ def test_gemm_backward_never_allocates_more_than_a_block(monkeypatch):
     class Sizes(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.numel() not in (h.numel(), w.numel()):
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.numel() != w.numel():  # dW: the output
                 sizes.append(tuple(out.shape))
             return out
 
     with Sizes():
         torch.autograd.backward((lp, ent), (g_lp.float(), g_ent.float()))
-    assert sizes and max(a * b for a, b in sizes) <= 128 * 128, sorted(set(sizes))
+    assert sizes and max(a * b for a, b in sizes) <= max(128 * 128, h.numel()), sorted(set(sizes))
     with pytest.raises(ValueError, match="BWD_MODE"):
         monkeypatch.setattr(L, "BWD_MODE", "fast")
         lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="triton")
