@@ -6,8 +6,8 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out step is recorded and the suite
-# goes on):
+# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens

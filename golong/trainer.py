@@ -368,12 +368,12 @@ class Actor:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=False)
         return float(norm)
 
-    def _all_reduce(self, host: torch.Tensor, op: Any = None) -> torch.Tensor:
+    def _all_reduce(self, host: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce a small host tensor through the compute device (NCCL reduces CUDA tensors only)."""
         if not dist.is_initialized():
             return host
         t = host.to(self.device)
-        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
         return t.cpu()
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],

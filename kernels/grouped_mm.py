@@ -27,20 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.aot import HOPPER_MAX_SHARED_BYTES
+
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768).
 # 128x128 fp32 accumulators over 8 warps (two warpgroups of wgmma), 4 cp.async stages of
 # (128x64 + 64x128) bf16 = 128 KiB shared memory.
 FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
 # dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps.
 DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4}
-HOPPER_SMEM_BYTES = 232_448  # per-block opt-in limit on sm_90
 
 
 def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) -> dict[str, int]:
     """cfg with num_stages lowered until its pipelined A and B tiles fit Hopper's shared memory (fp32
     inputs take twice the bytes of the bf16 tiles the production configurations are sized for)."""
     stages = cfg["num_stages"]
-    while stages > 1 and stages * (a_tile + b_tile) * elem_bytes > HOPPER_SMEM_BYTES * 0.9:
+    while stages > 1 and stages * (a_tile + b_tile) * elem_bytes > HOPPER_MAX_SHARED_BYTES * 0.9:
         stages -= 1
     return {**cfg, "num_stages": stages}
 

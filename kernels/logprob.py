@@ -551,14 +551,14 @@ def _triton_backward(
         return [(i, min(total, i + step)) for i in range(0, total, step)]
 
     # fp32 scratch buffers by slot, reused by every chunk (the split passes share one): a fresh tensor per
-    # chunk would be allocated while the previous chunk's is still referenced, doubling the peak
+    # chunk would be allocated while the previous chunk's is still referenced, doubling the peak. A slot's
+    # first chunk is its largest (chunks only shrink at the end), so its first allocation fits them all.
     bufs: dict[str, torch.Tensor] = {}
 
     def scratch(out: torch.Tensor, r0: int, r1: int, slot: str) -> torch.Tensor:
         if out.dtype == torch.float32:
             return out[r0:r1]
-        if slot not in bufs or bufs[slot].shape[0] < r1 - r0:
-            bufs.pop(slot, None)  # release before allocating the larger one
+        if slot not in bufs:
             bufs[slot] = torch.empty(r1 - r0, hdim, dtype=torch.float32, device=dev)
         return bufs[slot][: r1 - r0].zero_()
 
