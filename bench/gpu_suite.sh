@@ -6,15 +6,16 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 470 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens
 #   logprob_configs python -m bench.logprob_configs: forward share and backward layouts at 8K tokens
 #   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE)
+#   moe_configs     python -m bench.moe_configs: grouped GEMM tile candidates at Qwen3-30B-A3B shapes
 #   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
-#   attention_configs python -m bench.attention_configs: the flash-attention dK/dV tile candidates, 32K tokens
+#   attention_configs python -m bench.attention_configs: flash-attention backward tile candidates vs SDPA
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
 #   report          python bench/report.py: OUT_DIR/README.md from the JSON files
 # OUT_DIR/suite.json lists every step with its command, exit status and seconds. Exit status: the
@@ -58,6 +59,7 @@ if [[ $DRY -eq 1 ]]; then
   step gpu_tests 300 "$PYTHON -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/kernels tests/golong/test_model_gpu.py"
   step logprob 300 "$PYTHON -m bench.logprob --dry-run"
   step moe 300 "$PYTHON -m bench.moe --dry-run"
+  step moe_configs 300 "$PYTHON -m bench.moe_configs --dry-run"
   step attention 300 "$PYTHON -m bench.attention --dry-run"
   step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run"
   step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
@@ -67,13 +69,14 @@ else
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 75 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
-  step logprob 120 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
-  step logprob_configs 60 "$PYTHON -m bench.logprob_configs --out $OUT"
-  step moe 90 "$PYTHON -m bench.moe $(out_flag moe)"
-  step attention 60 "$PYTHON -m bench.attention $(out_flag attention)"
-  step attention_configs 25 "$PYTHON -m bench.attention_configs --out $OUT"
-  step gpu_train_step 50 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step gpu_tests 70 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step logprob 100 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+  step logprob_configs 45 "$PYTHON -m bench.logprob_configs --out $OUT"
+  step moe 80 "$PYTHON -m bench.moe $(out_flag moe)"
+  step moe_configs 45 "$PYTHON -m bench.moe_configs --out $OUT"
+  step attention 45 "$PYTHON -m bench.attention $(out_flag attention)"
+  step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT"
+  step gpu_train_step 40 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)

@@ -32,10 +32,10 @@ MIB = 2**20
 
 
 def _inputs(n: int, hdim: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    w = (torch.randn(v, hdim, generator=g) * hdim**-0.5).to(device=device, dtype=dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: CPU randn of 128K x 2560 takes seconds
+    h = torch.randn(n, hdim, generator=g, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(v, hdim, generator=g, device=device) * hdim**-0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g, device=device)
     return h, w, t
 
 

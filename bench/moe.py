@@ -13,13 +13,18 @@ of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
 backend (torch._grouped_mm) as the peer. FLOPs count the expert GEMMs only (fwd 6*T*k*H*I for the
 MLP; backward twice the forward). On CUDA a CUDA-graph capture of our fwd+bwd is attempted and
-reported. The table (last) gives ratios vs the baseline measured in the same run.
+reported, the per-expert loop MLP is timed forward only (--gpu-loop: fwd+bwd too, seconds a step),
+and Liger runs last, each of its kernels pinned to one config (--liger-autotune: its own autotuning,
+minutes; --skip-liger: none; skipped once --budget-s has passed). On an H200 the run takes ~30-60 s.
+Rows are printed and saved as they are measured; the table (last) gives ratios vs the baseline
+measured in the same run and, for skewed routing, throughput relative to uniform (skew_vs_uniform).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +57,12 @@ def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
     return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
 
 
-def liger_moe_fn() -> Callable | None:
+def liger_moe_fn(autotune: bool) -> Callable | None:
+    """Liger's fused MoE, or None where it is not installed. autotune=False pins each of its kernels to
+    one config (LIGER_FUSED_MOE_AUTOTUNE=0, read at import): its full autotuning compiles ~30 configs
+    per kernel, minutes at these shapes."""
+    if not autotune:
+        os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
     try:
         from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
     except Exception:  # not installed / no CUDA build
@@ -94,10 +104,11 @@ def loop_gmm(x, w, offsets):
 
 
 def make_logits(tokens: int, experts: int, skew: float, device, dtype, gen: torch.Generator) -> torch.Tensor:
-    """Router logits; with skew > 0 expert 0 is in the top-k of exactly that fraction of tokens."""
-    logits = torch.randn(tokens, experts, generator=gen, device="cpu")
+    """Router logits [tokens, experts]; with skew > 0 expert 0 is in the top-k of exactly that fraction of
+    tokens. Drawn on `gen`'s device (CPU-side draws of the CUDA shapes take seconds)."""
+    logits = torch.randn(tokens, experts, generator=gen, device=gen.device)
     if skew > 0:
-        hot = torch.randperm(tokens, generator=gen)[: int(round(skew * tokens))]
+        hot = torch.randperm(tokens, generator=gen, device=gen.device)[: int(round(skew * tokens))]
         logits[:, 0] = -30.0
         logits[hot, 0] = 30.0
     return logits.to(device=device, dtype=dtype)
@@ -137,6 +148,7 @@ def graph_capture_check(fn: Callable[[], torch.Tensor], params: list[torch.Tenso
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    t_start = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -146,63 +158,70 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         T = args.tokens or (32768 if cuda else 1024)
         H, I, E, k = args.hidden // scale, args.inter // scale, args.experts, args.top_k
-    gen = torch.Generator().manual_seed(0)
-    mk = lambda *s, std: (torch.randn(*s, generator=gen) * std).to(device=device, dtype=dtype).requires_grad_()
-    x = mk(T, H, std=1.0)
-    gate_up = mk(E, 2 * I, H, std=H**-0.5)
-    down = mk(E, H, I, std=I**-0.5)
-    dy = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*s: int, std: float = 1.0, grad: bool = False) -> torch.Tensor:
+        t = (torch.randn(*s, generator=gen, device=device) * std).to(dtype)
+        return t.requires_grad_() if grad else t
+
+    x = randn(T, H, grad=True)
+    gate_up = randn(E, 2 * I, H, std=H**-0.5, grad=True)
+    down = randn(E, H, I, std=I**-0.5, grad=True)
+    dy = randn(T, H)
     iters = 1 if args.dry_run else args.iters
     shape = f"T={T} H={H} I={I} E={E} k={k} {str(dtype).removeprefix('torch.')}"
-    print(f"device {device}, {shape}" + ("" if cuda else f" (Qwen3-30B-A3B H and I divided by {scale})"))
+    print(f"device {device}, {shape}" + ("" if cuda else f" (Qwen3-30B-A3B H and I divided by {scale})"),
+          flush=True)
 
     rows: list[dict[str, Any]] = []
     mlp_flops = 6 * T * k * H * I
     gmm_flops = 2 * T * k * H * 2 * I
     ours_name = "ours_triton" if cuda else "ours_torch"
-    liger = liger_moe_fn() if cuda else None
-
+    base = "ours_torch(_grouped_mm)" if cuda else "per_expert_loop"
     unit, per = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
 
-    def add(level, routing, impl, mode, secs, flops, baseline):
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    def add(level, routing, impl, mode, secs, flops, baseline, **extra):
         rows.append({"case": f"{level}/{routing}", "impl": impl, "mode": mode, "metric": "throughput",
                      "value": flops / secs / per, "unit": unit, "ms": secs * 1e3, "shape": shape,
-                     "baseline": baseline})
-        print(f"  {level}/{routing} {impl} {mode}: {secs * 1e3:.2f} ms", flush=True)  # progress under a timeout
+                     "baseline": baseline, **extra})
+        # progress under a timeout: each row is printed and saved as soon as it is measured
+        print(f"  [{elapsed():5.1f}s] {level}/{routing} {impl} {mode}: {secs * 1e3:.2f} ms", flush=True)
         if not args.dry_run:
-            save_results("moe", rows)  # what is measured survives a time limit
+            save_results("moe", rows, out_dir=args.out)
+
+    def mlp(routing: str, impl: str, fn: Callable[[], torch.Tensor], bwd: bool = True,
+            **extra) -> None:
+        with torch.no_grad():
+            add("moe_mlp", routing, impl, "fwd", _time(fn, iters), mlp_flops, base, **extra)
+        if bwd:
+            add("moe_mlp", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [x, gate_up, down], dy), iters),
+                3 * mlp_flops, base, **extra)
 
     def one_routing(routing: str, logits: torch.Tensor) -> None:
-        # --- full MoE MLP ---
-        impls: dict[str, Callable[[], torch.Tensor]] = {
-            ours_name: lambda: ours_moe(x, logits, k, gate_up, down),
-            "per_expert_loop": lambda: loop_moe(x, logits, k, gate_up, down),
-        }
+        # --- full MoE MLP: ours, the _grouped_mm peer, the per-expert loop ---
+        ours = lambda: ours_moe(x, logits, k, gate_up, down)
+        mlp(routing, ours_name, ours)
         if cuda:
-            impls["ours_torch(_grouped_mm)"] = lambda: ours_moe(x, logits, k, gate_up, down, backend="torch")
-            if liger is not None:  # last: its Triton autotuning takes the longest
-                impls["liger_fused_moe"] = lambda: liger(x, logits, k, gate_up, down)
-        base = "ours_torch(_grouped_mm)" if cuda else "per_expert_loop"
-        for impl, fn in impls.items():
-            if impl == "per_expert_loop" and cuda and not args.gpu_loop:
-                continue  # minutes at 32K tokens x 128 experts; --gpu-loop to include it
-            if impl == "liger_fused_moe" and args.skip_liger:
-                continue
-            with torch.no_grad():
-                add("moe_mlp", routing, impl, "fwd", _time(fn, iters), mlp_flops, base)
-            add("moe_mlp", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [x, gate_up, down], dy), iters),
-                3 * mlp_flops, base)
+            mlp(routing, "ours_torch(_grouped_mm)",
+                lambda: ours_moe(x, logits, k, gate_up, down, backend="torch"))
+        # on CUDA its forward only (~0.1 s a call): autograd through 128 indexed slices zero-fills
+        # full-size gradients per expert, seconds a step at 32K tokens; --gpu-loop adds it
+        mlp(routing, "per_expert_loop", lambda: loop_moe(x, logits, k, gate_up, down),
+            bwd=args.gpu_loop or not cuda)
         if cuda:
-            status = graph_capture_check(impls[ours_name], [x, gate_up, down], dy)
+            status = graph_capture_check(ours, [x, gate_up, down], dy)
             rows.append({"case": f"moe_mlp/{routing}", "impl": ours_name, "mode": "cuda_graph_fwd+bwd",
                          "metric": "capture", "value": status, "unit": "", "shape": shape})
-            print(f"CUDA graph capture ({routing}): {status}")
+            print(f"  [{elapsed():5.1f}s] CUDA graph capture ({routing}): {status}", flush=True)
 
         # --- the gate_up grouped GEMM alone, on rows already sorted by expert ---
         r = moe_route(logits, k)
         xp = r.permute(x).detach().requires_grad_()
         w = gate_up.detach().transpose(1, 2).requires_grad_()  # [E, H, 2I] strided view, as the MLP uses
-        dyp = torch.randn(T * k, 2 * I, generator=gen).to(device=device, dtype=dtype)
+        dyp = randn(T * k, 2 * I)
         gimpls: dict[str, Callable[[], torch.Tensor]] = {
             ours_name: lambda: grouped_mm(xp, w, r.offsets),
             "per_expert_loop": lambda: loop_gmm(xp, w, r.offsets),
@@ -216,8 +235,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             add("grouped_mm", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [xp, w], dyp), iters),
                 3 * gmm_flops, gbase)
 
-    for routing, skew in (("uniform", 0.0), ("skewed30", args.skew)):
-        one_routing(routing, make_logits(T, E, skew, device, dtype, gen))
+    routings = {"uniform": make_logits(T, E, 0.0, device, dtype, gen),
+                "skewed30": make_logits(T, E, args.skew, device, dtype, gen)}
+    for routing, logits in routings.items():
+        one_routing(routing, logits)
+
+    # Liger last: it compiles its own kernels (and autotunes them with --liger-autotune)
+    liger = liger_moe_fn(args.liger_autotune) if cuda and not args.skip_liger else None
+    if liger is not None:
+        note = "autotuned" if args.liger_autotune else "LIGER_FUSED_MOE_AUTOTUNE=0 (one config per kernel)"
+        for routing, logits in routings.items():
+            if elapsed() > args.budget_s:
+                print(f"  [{elapsed():5.1f}s] liger_fused_moe/{routing} skipped: past --budget-s {args.budget_s}",
+                      flush=True)
+                continue
+            mlp(routing, "liger_fused_moe", lambda lg=logits: liger(x, lg, k, gate_up, down), liger_note=note)
 
     # ratios vs the baseline of the same case and mode (value = throughput: ours / peer)
     ref = {(r["case"], r["impl"], r["mode"]): r["value"] for r in rows if r["metric"] == "throughput"}
@@ -232,6 +264,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             u = ref.get((r["case"].replace("skewed30", "uniform"), r["impl"], r["mode"]))
             if u:
                 r["skew_vs_uniform"] = r["value"] / u
+    print(f"  [{elapsed():5.1f}s] done", flush=True)
     return rows
 
 
@@ -247,15 +280,21 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="run the CPU bench even when CUDA is present")
-    p.add_argument("--gpu-loop", action="store_true", help="include the per-expert loop MLP on CUDA")
+    p.add_argument("--gpu-loop", action="store_true", help="CUDA: time the per-expert loop MLP's fwd+bwd too "
+                   "(seconds per step); its forward is always timed")
     p.add_argument("--skip-liger", action="store_true", help="leave out Liger's fused MoE (CUDA)")
+    p.add_argument("--liger-autotune", action="store_true",
+                   help="let Liger autotune its fused-MoE kernels (minutes); default: one config per kernel")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="CUDA: skip the Liger rows (run last) once this many seconds have passed")
+    p.add_argument("--out", default=None, help="directory for moe-<device>.json (default bench/results)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, one iteration, nothing saved")
     args = p.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("BENCH_THREADS", "2"))))
     rows = run(args)
     if not args.dry_run:
-        print(f"saved {save_results('moe', rows)}")
+        print(f"saved {save_results('moe', rows, out_dir=args.out)}")
     cols = ["case", "impl", "mode", "value", "unit", "ms", "baseline", "ratio", "skew_vs_uniform"]
     print_table("MoE expert MLP / grouped GEMM" + (" (dry run)" if args.dry_run else ""), rows, cols)
 

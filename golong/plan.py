@@ -238,13 +238,13 @@ class Precision:
 
 def _kernel_constants() -> dict[str, int]:
     """Tile sizes of the kernels' workspaces, read from kernels/ so the plan follows the code."""
-    out = {"lp_token_chunk": 1024, "lp_vocab_chunk": 8192, "lp_triton_token_chunk": 16384,
+    out = {"lp_token_chunk": 1024, "lp_vocab_chunk": 8192, "lp_gemm_rows": 8192, "lp_gemm_cols": 2048,
            "attn_block_m": 128, "attn_block_n": 512}
     try:
         import kernels.logprob as lp
 
-        out.update(lp_token_chunk=lp.TOKEN_CHUNK, lp_vocab_chunk=lp.VOCAB_CHUNK)
-        out["lp_triton_token_chunk"] = getattr(lp, "TRITON_TOKEN_CHUNK", out["lp_triton_token_chunk"])
+        out.update(lp_token_chunk=lp.TOKEN_CHUNK, lp_vocab_chunk=lp.VOCAB_CHUNK, lp_gemm_rows=lp.GEMM_ROWS,
+                   lp_gemm_cols=lp.GEMM_COLS)
     except (ImportError, AttributeError):
         pass
     try:
@@ -577,9 +577,9 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
     torch backend (CPU), per token chunk tc x vocabulary chunk vc: forward keeps the logits tile
     and its exp (2 fp32 tiles) and the scaled fp32 hidden chunk; backward the log p and p tiles,
     the scaled hidden chunk and the chunk's dh accumulator (and an fp32 dW when the weight is 16-bit).
-    Triton backend (GPU): forward writes 4 fp32 partials per row and vocabulary split (one split at
-    large n); backward accumulates dW in fp32 (its cast to the weight dtype is the gradient) and dh
-    in an fp32 scratch of a token chunk.
+    Triton backend (GPU, GEMM layouts): per block of r = min(n, GEMM_ROWS) tokens x c = GEMM_COLS vocabulary
+    rows, an fp32 logits block and the gathered token rows; forward adds 4 fp32 row statistics per token,
+    backward a 16-bit dz block, an fp32 dh accumulator (r x h) and an fp32 dW block (c x h).
     """
     if p.device == "cpu":
         tc, vc = min(n, k["lp_token_chunk"]), min(v, k["lp_vocab_chunk"])
@@ -588,10 +588,11 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
             return 2 * tile + chunk
         dw = 4 * v * h if p.compute != 4 else 0  # fp32 weights: dW is the gradient itself
         return dw + 2 * tile + 2 * chunk + (chunk if p.compute != 4 else 0)
+    r, c = min(n, k["lp_gemm_rows"]), min(v, k["lp_gemm_cols"])
+    block = 4 * r * c + p.compute * r * h
     if not backward:
-        return 4 * 4 * n
-    dw = 4 * v * h if p.compute != 4 else 0  # its cast to the weight dtype is the gradient itself
-    return dw + (4 * min(n, k["lp_triton_token_chunk"]) * h if p.compute != 4 else 0)
+        return block + 16 * n
+    return block + p.compute * r * c + 4 * r * h + 4 * c * h
 
 
 # ------------------------------------------------------------------------------------------------

@@ -273,8 +273,9 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, lo, a, b, hi, r_lo, r_len, qk_scale, Hq, stride_qt,
-                stride_dot, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale, Hq,
+                stride_qt, stride_dot, stride_dqt, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                FUSED_DQ: tl.constexpr):
     # One loop with the mask applied only on tiles outside [a, b): three separate loops (as in the forward)
     # need more registers than the dK/dV accumulators leave, and ptxas would spill.
     offs_d = tl.arange(0, HEAD_DIM)
@@ -293,23 +294,27 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, lo, a, b, hi, r_lo, r_len, 
             pT = tl.where(ok, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do)
         dpT = tl.dot(v, tl.trans(do))
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk += tl.dot(dsT, tl.trans(qT))
+        if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
+            dq = tl.dot(tl.trans(dsT), k) * sm_scale
+            tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_LO, Q_HI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_LO, Q_HI,
     Tk, Hq, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
-    Works on transposed tiles (keys x queries) so dK, dV accumulate in registers without atomics.
+    Works on transposed tiles (keys x queries) so dK, dV accumulate in registers without atomics. With
+    FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics, and no dQ kernel runs.
     """
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -326,8 +331,9 @@ def _attn_bwd_dkdv_kernel(
         h = kvh * GROUP + g
         Qp = Q + h * stride_qh
         DOp = DO + h * stride_doh
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE + h, DELTA + h, lo, a, b, hi, r_lo, r_len, qk_scale, Hq,
-                             stride_qt, stride_dot, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE + h, DELTA + h, DQ + h * stride_dqh, lo, a, b, hi, r_lo,
+                             r_len, qk_scale, sm_scale, Hq, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M,
+                             FUSED_DQ)
     dk *= sm_scale
     dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + offs_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
@@ -415,16 +421,19 @@ class TritonConfig:
     # 2 stages: spill-free under Triton 3.9; under 3.6 (torch 2.11) they spill 184 B/thread yet still beat
     # 1 stage on an H200 (bench.attention_configs, 32K tokens: 31.0 vs 33.1 ms fwd+bwd)
     bwd_stages: int = 2
-    dq_block_m: int = 128
-    dq_block_n: int = 64
+    dq_block_m: int = 128  # query tile of the dQ kernel
+    dq_block_n: int = 64  # key tile of the dQ kernel
     dq_warps: int = 8
     dq_stages: int = 2
     pre_block_m: int = 64
+    # dQ computed inside the dK/dV kernel (atomic adds into an fp32 dQ, as FlashAttention-2 does): 5 matmuls per
+    # tile instead of 7, no dQ kernel (the dq_* fields are then unused); dQ's summation order is not deterministic
+    bwd_fused_dq: bool = False
 
 
 CONFIG = TritonConfig()
 # small tiles keep the interpreter fast and put many tile boundaries inside tiny test inputs
-INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16)
+INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, False)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -474,14 +483,22 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     c = _cfg(q)
     G = Hq // Hkv
     qlo, qhi = query_ranges(qr, kr, causal)
+    # fused: atomics add into fp32 dQ (the ring's buffer as is; otherwise a zeroed one, copied into dq after)
+    dq32 = dq
+    if c.bwd_fused_dq and not accumulate:
+        dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=dq.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, c.bwd_block_n), Hkv)](
-        q, k, v, do, lse, delta, dk, dv, qlo, qhi,
+        q, k, v, do, lse, delta, dk, dv, dq32, qlo, qhi,
         Tk, Hq, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.bwd_block_m, BLOCK_N=c.bwd_block_n,
-        num_warps=c.bwd_warps, num_stages=c.bwd_stages,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
+        GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, BLOCK_M=c.bwd_block_m,
+        BLOCK_N=c.bwd_block_n, num_warps=c.bwd_warps, num_stages=c.bwd_stages,
     )
+    if c.bwd_fused_dq:
+        if dq32 is not dq:
+            dq.copy_(dq32)
+        return
     klo, khi = key_ranges(qr, kr, causal)
     _attn_bwd_dq_kernel[(triton.cdiv(Tq, c.dq_block_m), Hq)](
         q, k, v, do, lse, delta, dq, klo, khi,
@@ -658,7 +675,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
 
 
-
 # Production configurations for the AOT sm_90 compile test (head_dim 128, bf16, GQA 32/8; the ring's
 # fp32 gradient buffers, which is the larger-register variant of the backward kernels).
 def _i32(*names: str) -> dict[str, str]:
@@ -673,54 +689,64 @@ def _aligned(*names: str) -> list[str]:
 
 
 _STRIDES_QKV = _i32("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
-AOT_CONFIGS: list[dict[str, Any]] = [
-    {
-        "name": "attn_fwd",
-        "fn": _attn_fwd_kernel,
-        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
-                      "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
-                      **_i32("stride_ot", "stride_oh", "stride_lt")},
-        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": CONFIG.fwd_block_m, "BLOCK_N": CONFIG.fwd_block_n},
-        "num_warps": CONFIG.fwd_warps,
-        "num_stages": CONFIG.fwd_stages,
-        "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
-    },
-    {
-        "name": "attn_bwd_dkdv",
-        "fn": _attn_bwd_dkdv_kernel,
-        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                      "DK": "*fp32", "DV": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32", "Hq": "i32",
-                      "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
-                      **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh")},
-        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": CONFIG.bwd_block_m,
-                       "BLOCK_N": CONFIG.bwd_block_n},
-        "num_warps": CONFIG.bwd_warps,
-        "num_stages": CONFIG.bwd_stages,
-        "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "Q_LO", "Q_HI", "stride_dot",
-                                    "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh"),
-    },
-    {
-        "name": "attn_bwd_dq",
-        "fn": _attn_bwd_dq_kernel,
-        "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                      "DQ": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "Tq": "i32", "Hq": "i32",
-                      "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
-                      **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh")},
-        "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": CONFIG.dq_block_m,
-                       "BLOCK_N": CONFIG.dq_block_n},
-        "num_warps": CONFIG.dq_warps,
-        "num_stages": CONFIG.dq_stages,
-        "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",
-                                    "stride_doh", "stride_dqt", "stride_dqh"),
-    },
-    {
-        "name": "attn_bwd_preprocess",
-        "fn": _attn_bwd_preprocess_kernel,
-        "signature": {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32", "Tq": "i32", "H": "i32",
-                      **_i32("stride_ot", "stride_oh", "stride_dot", "stride_doh")},
-        "constexprs": {"HAS_DLSE": False, "HEAD_DIM": 128, "BLOCK_M": CONFIG.pre_block_m},
-        "num_warps": 4,
-        "num_stages": 1,
-        "divisible_by_16": ["O", "DO", "DLSE", "DELTA", "stride_ot", "stride_oh", "stride_dot", "stride_doh"],
-    },
-]
+
+
+def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
+    """The kernels.aot descriptions of the kernels that configuration c launches (with bwd_fused_dq, no dQ kernel)."""
+    configs = [
+        {
+            "name": "attn_fwd",
+            "fn": _attn_fwd_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
+                          "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_ot", "stride_oh", "stride_lt")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n},
+            "num_warps": c.fwd_warps,
+            "num_stages": c.fwd_stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
+        },
+        {
+            "name": "attn_bwd_dkdv",
+            "fn": _attn_bwd_dkdv_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                          "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32",
+                          "Hq": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
+                                 "stride_dqt", "stride_dqh")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
+                           "BLOCK_M": c.bwd_block_m, "BLOCK_N": c.bwd_block_n},
+            "num_warps": c.bwd_warps,
+            "num_stages": c.bwd_stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
+                                        "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt",
+                                        "stride_dvh", "stride_dqt", "stride_dqh"),
+        },
+        {
+            "name": "attn_bwd_dq",
+            "fn": _attn_bwd_dq_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                          "DQ": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "Tq": "i32", "Hq": "i32",
+                          "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": c.dq_block_m,
+                           "BLOCK_N": c.dq_block_n},
+            "num_warps": c.dq_warps,
+            "num_stages": c.dq_stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",
+                                        "stride_doh", "stride_dqt", "stride_dqh"),
+        },
+        {
+            "name": "attn_bwd_preprocess",
+            "fn": _attn_bwd_preprocess_kernel,
+            "signature": {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32", "Tq": "i32", "H": "i32",
+                          **_i32("stride_ot", "stride_oh", "stride_dot", "stride_doh")},
+            "constexprs": {"HAS_DLSE": False, "HEAD_DIM": 128, "BLOCK_M": c.pre_block_m},
+            "num_warps": 4,
+            "num_stages": 1,
+            "divisible_by_16": ["O", "DO", "DLSE", "DELTA", "stride_ot", "stride_oh", "stride_dot", "stride_doh"],
+        },
+    ]
+    return [x for x in configs if not (c.bwd_fused_dq and x["name"] == "attn_bwd_dq")]
+
+
+AOT_CONFIGS: list[dict[str, Any]] = aot_configs(CONFIG)

@@ -29,12 +29,17 @@ import triton.language as tl
 
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
 
-# Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768).
-# 128x128 fp32 accumulators over 8 warps (two warpgroups of wgmma), 4 cp.async stages of
-# (128x64 + 64x128) bf16 = 128 KiB shared memory.
-FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
-# dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps.
-DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4}
+# Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
+# forward and dX: 128x256 fp32 accumulators over 8 warps (two warpgroups of HGMMA 64x256), 3 cp.async
+# stages of (128x64 + 64x256) bf16 = 144 KiB shared memory, one persistent program per SM.
+# Chosen on an H200 with bench.moe_configs (32K tokens x top-8, gate_up + down fwd+bwd): vs 128x128 / 4 stages,
+# 1.08x forward and 1.15x fwd+bwd. A one-program-per-tile variant (no persistent loop) was slower at every
+# tile shape tried there (128x128: 15.8 vs 15.6 ms), so the kernel stays persistent.
+FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps;
+# 128x256 output tiles, 3 stages of (64x128 + 64x256) bf16 = 144 KiB (H200: 1.10x gate_up + down fwd+bwd
+# vs 128x128 tiles).
+DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) -> dict[str, int]:
@@ -107,7 +112,7 @@ def _grouped_mm_fwd_kernel(
 
 @triton.jit
 def _grouped_mm_dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    x_ptr, dy_ptr, dw_ptr, offs_ptr, order_ptr,
     K, N,
     stride_xm, stride_xk,
     stride_dym, stride_dyn,
@@ -115,9 +120,11 @@ def _grouped_mm_dw_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dw[g, k-tile, n-tile] = sum over group g's rows of x^T dy. Grid (k-tiles * n-tiles, G); an
-    empty group runs zero reduction steps and writes zeros, as its gradient is."""
+    empty group runs zero reduction steps and writes zeros, as its gradient is. Grid row j serves
+    group order[j] (groups by decreasing size): the CUDA scheduler starts grid rows in order, so the
+    longest reductions (a hot expert's) start first instead of forming a tail wherever that expert is."""
     pid = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.load(order_ptr + tl.program_id(1))
     num_n = tl.cdiv(N, BLOCK_N)
     tk = pid // num_n
     tn = pid % num_n
@@ -168,13 +175,12 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # each non-empty group adds at most one partial m-tile: a shape-only bound on the tile count
     max_tiles = (triton.cdiv(M, bm) + G) * triton.cdiv(N, bn)
+    args = (x, w, y, offsets, G, N, K,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     programs = _persistent_programs(x, max_tiles)
-    _grouped_mm_fwd_kernel[(programs,)](
-        x, w, y, offsets, G, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-        programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    _grouped_mm_fwd_kernel[(programs,)](*args, programs, **meta)
     return y
 
 
@@ -191,8 +197,11 @@ def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: t
         return dw.zero_()
     bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
     grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), G)
+    # largest groups first (longest-processing-time order); device ops only, no host sync
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    order = torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
     _grouped_mm_dw_kernel[grid](
-        x, dy, dw, offsets, K, N,
+        x, dy, dw, offsets, order, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -324,38 +333,45 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _aot_configs() -> list[dict[str, Any]]:
+def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = None, prefix: str = "grouped_mm"
+                ) -> list[dict[str, Any]]:
+    """sm_90 compile targets (kernels.aot) of the forward / dX / dW kernels at the given tile configs
+    (default: FWD_CONFIG, DW_CONFIG), bf16 at Qwen3-30B-A3B shapes; names are prefix + _fwd/_dx/_dw."""
+    fwd = {**FWD_CONFIG, **(fwd or {})}
+    dw = {**DW_CONFIG, **(dw or {})}
     ptr = "*bf16"
     fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "offs_ptr": "*i32", "G": "i32", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32",
-               "stride_ym": "i32", "NUM_PROGRAMS": "i32"}
-    fwd_const = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True,
-                 **{k: v for k, v in FWD_CONFIG.items() if k.startswith("BLOCK")}}
+               "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+    fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True,
+                                 **{k: v for k, v in fwd.items() if k.startswith("BLOCK")}}
+    fn = _grouped_mm_fwd_kernel
+    fwd_sig["NUM_PROGRAMS"] = "i32"
     # what the JIT marks 16-divisible at Qwen3-30B-A3B shapes: aligned pointers, sizes and strides
     # (2048, 1536, 768, expert strides); G = 128 too, NUM_PROGRAMS (the SM count, 132) is not
     fwd_div = [k for k in fwd_sig if k != "NUM_PROGRAMS"]
-    dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "K": "i32", "N": "i32",
+    dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "order_ptr": "*i32",
+              "K": "i32", "N": "i32",
               "stride_xm": "i32", "stride_dym": "i32", "stride_dwg": "i32", "stride_dwk": "i32", "stride_dwn": "i32"}
-    dw_const = {"stride_xk": 1, "stride_dyn": 1, **{k: v for k, v in DW_CONFIG.items() if k.startswith("BLOCK")}}
-    fwd_opts = {"num_warps": FWD_CONFIG["num_warps"], "num_stages": FWD_CONFIG["num_stages"]}
+    dw_const = {"stride_xk": 1, "stride_dyn": 1, **{k: v for k, v in dw.items() if k.startswith("BLOCK")}}
+    fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
     configs = []
     # The JIT specialises an int arg equal to 1 as a constant, so the unit stride of w picks the
     # binary: the forward reads w = gate_up_proj^T / down_proj^T views (unit stride along K), dX
     # reads their transposes (unit stride along N).
-    for name, unit in (("grouped_mm_fwd", "stride_wk"), ("grouped_mm_dx", "stride_wn")):
+    for name, unit in (("fwd", "stride_wk"), ("dx", "stride_wn")):
         sig = {k: v for k, v in fwd_sig.items() if k != unit}
-        configs.append({"name": name, "fn": _grouped_mm_fwd_kernel, "signature": sig,
+        configs.append({"name": f"{prefix}_{name}", "fn": fn, "signature": sig,
                         "constexprs": {**fwd_const, unit: 1}, **fwd_opts,
                         "divisible_by_16": [k for k in fwd_div if k != unit]})
     # dW is written in w's layout: [E, 2I, H] / [E, H, I] parameters seen as [E, K, N] -> unit stride along K
     dw_sig.pop("stride_dwk")
-    configs.append({"name": "grouped_mm_dw", "fn": _grouped_mm_dw_kernel, "signature": dw_sig,
-                    "constexprs": {**dw_const, "stride_dwk": 1}, "num_warps": DW_CONFIG["num_warps"],
-                    "num_stages": DW_CONFIG["num_stages"], "divisible_by_16": list(dw_sig)})
+    configs.append({"name": f"{prefix}_dw", "fn": _grouped_mm_dw_kernel, "signature": dw_sig,
+                    "constexprs": {**dw_const, "stride_dwk": 1}, "num_warps": dw["num_warps"],
+                    "num_stages": dw["num_stages"], "divisible_by_16": list(dw_sig)})
     return configs
 
 
 # Production sm_90 compile targets (bf16, Qwen3-30B-A3B): x and y row-major (unit inner stride, as
 # the JIT specialises it); w's strides are runtime values so one binary serves the forward
 # (w = gate_up_proj^T / down_proj^T views) and dX (w^T views) alike.
-AOT_CONFIGS: list[dict[str, Any]] = _aot_configs()
+AOT_CONFIGS: list[dict[str, Any]] = aot_configs()

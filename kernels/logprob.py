@@ -194,6 +194,49 @@ def _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H,
 
 
 @triton.jit
+def _merge_tile(acc, cols, col_ok, tgt, inv_t, m_i, s_i, a_i, zt):
+    """Online merge of one tile of raw logits acc [R, C] (finite on every row) into the running row
+    statistics m (max of z = acc / T), s = sum exp(z - m), a = sum exp(z - m) (z - m) and the target logit."""
+    z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    scale = tl.exp(m_i - m_new)
+    zs = z - m_new[:, None]
+    e = tl.exp(zs)  # 0 on padded columns
+    a_i = scale * (a_i + (m_i - m_new) * s_i) + tl.sum(e * tl.where(col_ok[None, :], zs, 0.0), axis=1)
+    s_i = scale * s_i + tl.sum(e, axis=1)
+    # col_ok: a block's padded columns may carry the id of the next block's target
+    zt += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & col_ok[None, :], z, 0.0), axis=1)
+    return m_new, s_i, a_i, zt
+
+
+@triton.jit
+def _stats_block_kernel(
+    z_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, R, C, stride_z, c_off, inv_t,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GEMM forward: merges one block of raw logits z = h @ W.T (fp32 [R, C], token ids c_off + [0, C))
+    into the running row statistics (fp32 [R] each; m starts at -1e30, the others at 0). One program owns
+    BLOCK_R rows across the whole block, so no two programs touch the same row."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - c_off
+    m_i = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+    s_i = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+    a_i = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
+    zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        acc = tl.load(z_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        m_i, s_i, a_i, zt = _merge_tile(acc, cols, col_ok, tgt, inv_t, m_i, s_i, a_i, zt)
+    tl.store(m_ptr + rows, m_i, mask=row_ok)
+    tl.store(s_ptr + rows, s_i, mask=row_ok)
+    tl.store(a_ptr + rows, a_i, mask=row_ok)
+    tl.store(zt_ptr + rows, zt, mask=row_ok)
+
+
+@triton.jit
 def _fwd_kernel(
     h_ptr, w_ptr, tgt_ptr, pm_ptr, ps_ptr, pa_ptr, pzt_ptr,
     N, V, H, stride_h, stride_w, inv_t, ignore_index, tiles_per_split,
@@ -224,15 +267,7 @@ def _fwd_kernel(
             col_ok = cols < V
             w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_w + rk[None, :]
             acc = _logits_tile(h_ptrs, w_ptrs, row_ok, col_ok, H, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-            z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            scale = tl.exp(m_i - m_new)
-            zs = z - m_new[:, None]
-            e = tl.exp(zs)  # 0 on padded columns
-            a_i = scale * (a_i + (m_i - m_new) * s_i) + tl.sum(e * tl.where(col_ok[None, :], zs, 0.0), axis=1)
-            s_i = scale * s_i + tl.sum(e, axis=1)
-            m_i = m_new
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+            m_i, s_i, a_i, zt = _merge_tile(acc, cols, col_ok, tgt, inv_t, m_i, s_i, a_i, zt)
     else:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         s_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
@@ -448,13 +483,25 @@ BWD_DET_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8,
 # N / block_m, so each pass takes the tile that is long along the dimension it reduces over.
 BWD_DH_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
 BWD_DW_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
-# Backward layout of the "triton" backend (deterministic=False):
-#   "atomic": Triton tiles recompute the logits and consume dz at once with tensor-core dots, fp32 atomics
-#             into dh / dW (see _triton_backward)
-#   "gemm":   cuBLAS blocks: logits block -> dz block (Triton, 16-bit) -> dh and dW GEMMs with fp32 output,
-#             two passes (dh over token blocks, dW over vocab blocks), no atomics (see _gemm_backward)
-BWD_MODE = "atomic"
-GEMM_BLOCK = 4096  # rows and columns of one logits block of the GEMM backward (64 MiB fp32 + 32 MiB dz)
+# Layouts of the "triton" backend (deterministic=False; deterministic=True always takes the Triton kernels):
+#   FWD_MODE "triton": fused tiles, logits consumed in registers by an online softmax (_fwd_kernel)
+#            "gemm":   cuBLAS fp32 logits blocks -> Triton row statistics (_stats_block_kernel)
+#   BWD_MODE "atomic": Triton tiles recompute the logits and consume dz at once with tensor-core dots, fp32
+#                      atomics into dh / dW (see _triton_backward)
+#            "gemm":   cuBLAS blocks: logits block -> dz block (Triton, 16-bit) -> dh and dW GEMMs accumulated
+#                      in fp32, no atomics; one pass when the rows with gradient fit one block of GEMM_ROWS,
+#                      else a dh pass and a dW pass (see _gemm_backward)
+# H200, N=8192, H=2560, bf16 (bench/logprob_configs.py, commit 703b0e7): fwd+bwd 66 ms with the GEMM backward
+# (then always two-pass) vs 123 ms with the atomic split one; the fused forward kernel: 16 ms (~400 TFLOP/s).
+# The GEMM forward and the one-pass backward came after that run: FWD_MODE stays on the measured kernel until
+# bench/logprob_configs.py times both forwards on a GPU.
+FWD_MODE = "triton"
+BWD_MODE = "gemm"
+# One logits block of the GEMM layouts: GEMM_ROWS tokens x GEMM_COLS vocabulary rows (fp32 block + 16-bit dz
+# block: 96 MiB at 8192 x 2048); the backward keeps an fp32 dh accumulator of GEMM_ROWS x H (80 MiB at H 2560).
+GEMM_ROWS = 8192
+GEMM_COLS = 2048
+STATS_TILE = (16, 256)  # (rows, columns) per loop step of the forward's row-statistics kernel, 4 warps
 DZ_TILE = (32, 128)  # (rows, columns) per program of the elementwise dz kernel: 16 fp32 per thread, 4 warps
 # Backward fp32 scratch budget for 16-bit gradients (bounds the extra memory at any N; see _triton_backward)
 SCRATCH_BYTES = 192 * 1024 * 1024
@@ -629,69 +676,153 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_ADDMM_IN_PLACE: bool | None = None  # CUDA: does torch.addmm(out_dtype=fp32, out=acc) work on this build?
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, accumulated in fp32. 16-bit CUDA operands: one cuBLAS GEMM with beta = 1 into acc
+    (no temporary of acc's size) where this torch supports it, else through a temporary."""
+    global _ADDMM_IN_PLACE
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif not a.is_cuda:
+        acc.addmm_(a.float(), b.float())
+    else:
+        if _ADDMM_IN_PLACE is None:  # probe once: a wrong or missing kernel falls back, never corrupts
+            x, y = torch.randn(64, 32, device=a.device), torch.randn(32, 48, device=a.device)
+            c = torch.randn(64, 48, device=a.device)
+            want = c + x.to(a.dtype).float() @ y.to(a.dtype).float()
+            try:
+                torch.addmm(c, x.to(a.dtype), y.to(a.dtype), out_dtype=torch.float32, out=c)
+                _ADDMM_IN_PLACE = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-4))
+            except (RuntimeError, TypeError):
+                _ADDMM_IN_PLACE = False
+        if _ADDMM_IN_PLACE:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _live_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows that take part (None: all do, so blocks are plain slices). One host sync."""
+    idx = mask.nonzero().squeeze(1)
+    return None if idx.numel() == mask.numel() else idx
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of the live rows of x (a view when every row is live)."""
+    return x[r0:r1] if idx is None else x.index_select(0, idx[r0:r1])
+
+
+def _gemm_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float, ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward as cuBLAS GEMMs over [GEMM_ROWS, GEMM_COLS] fp32 logits blocks, each merged into running
+    row statistics by _stats_block_kernel. Ignored rows are left out (logprob = entropy = lse = 0 there).
+    Extra memory: one fp32 logits block, the gathered rows of one token block, 16 bytes per token."""
+    _check_triton_device(hidden)
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    logprob = torch.zeros(n, dtype=torch.float32, device=dev)
+    entropy = torch.zeros_like(logprob)
+    lse = torch.zeros_like(logprob)
+    idx = _live_rows(targets != ignore_index)
+    n_live = n if idx is None else idx.numel()
+    if n_live == 0:
+        return logprob, entropy, lse
+    stats = torch.zeros(4, n_live, dtype=torch.float32, device=dev)  # m, s, a, target logit
+    stats[0] = _NEG_BIG
+    br, bc = STATS_TILE
+    for n0 in range(0, n_live, GEMM_ROWS):
+        n1 = min(n_live, n0 + GEMM_ROWS)
+        h, t = _take(hidden, idx, n0, n1), _take(targets, idx, n0, n1)
+        m, s, a, zt = (x[n0:n1] for x in stats)
+        for v0 in range(0, v, GEMM_COLS):
+            v1 = min(v, v0 + GEMM_COLS)
+            z = _mm_fp32(h, weight[v0:v1].T)
+            _stats_block_kernel[(triton.cdiv(n1 - n0, br),)](
+                z, t, m, s, a, zt, n1 - n0, v1 - v0, z.stride(0), v0, inv_t, BLOCK_R=br, BLOCK_C=bc, num_warps=4,
+                num_stages=3)
+            del z
+    m, s, a, zt = stats.unbind(0)
+    log_s = torch.log(s)
+    out = (zt - m - log_s, log_s - a / s, m + log_s)  # logprob, entropy, lse of the live rows
+    for full, part in zip((logprob, entropy, lse), out):
+        if idx is None:
+            full.copy_(part)
+        else:
+            full.index_copy_(0, idx, part)
+    return logprob, entropy, lse
+
+
 def _gemm_backward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     entropy: torch.Tensor, g_lp: torch.Tensor, g_ent: torch.Tensor, inv_t: float,
-    need_dh: bool, need_dw: bool, block: int | None = None,
+    need_dh: bool, need_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The backward as dense GEMMs over [block, block] blocks of the logits; no atomics.
+    """The backward as dense GEMMs over [GEMM_ROWS, GEMM_COLS] blocks of the logits; no atomics.
 
-    dh pass: per token block, its fp32 dh block accumulates dz @ W[cols] over all vocabulary blocks;
-    dW pass: per vocabulary block, its fp32 dW block accumulates dz.T @ h[rows] over all token blocks.
-    Rows without gradient are left out first (N below counts the rest). Each logits block is computed
-    twice (once per pass): ~8 N H V flops, all in cuBLAS GEMMs, plus one Triton pass over each fp32 block
-    that writes dz in hidden's dtype. Extra memory: one fp32 logits block, one dz block, one fp32
-    accumulator block and one GEMM result (176 MiB at block 4096, H 2560), plus the gathered rows
-    (N x H) and their dh.
+    Only rows with gradient take part (N counts them; prompt tokens of packed RL sequences have none).
+    One pass when N <= GEMM_ROWS: per vocabulary block, logits -> dz (Triton, hidden's dtype) -> dh += dz @ W
+    (fp32 accumulator) and dW[block] = dz.T @ h (complete, fp32 output): ~6 N H V flops. Otherwise a dh pass
+    over token blocks and a dW pass over vocabulary blocks, each computing the logits again: ~8 N H V flops.
+    Extra memory: one fp32 logits block, one dz block, one fp32 accumulator (GEMM_ROWS x H or GEMM_COLS x H)
+    and the gathered rows of one token block: ~200 MiB at the defaults and H 2560, whatever N.
     """
     _check_triton_device(hidden)
-    blk = block or GEMM_BLOCK
     n, hdim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    dh = torch.empty_like(hidden) if need_dh else None
+    dh = torch.zeros_like(hidden) if need_dh else None  # rows without gradient stay 0
     dw = torch.empty_like(weight) if need_dw else None
-    # only rows with gradient (response tokens; prompt tokens of packed RL sequences are ignored) enter the
-    # GEMMs: gather them once (one host sync for their count) and scatter dh back
-    live = ((g_lp != 0) | (g_ent != 0)).nonzero().squeeze(1)
-    if live.numel() == 0:
-        return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None)
-    full_dh = None
-    if live.numel() < n:
-        hidden, targets, lse, entropy, g_lp, g_ent = (x[live] for x in (hidden, targets, lse, entropy, g_lp, g_ent))
-        full_dh, dh = dh, (torch.empty_like(hidden) if need_dh else None)
-        n = live.numel()
+    idx = _live_rows((g_lp != 0) | (g_ent != 0))
+    n_live = n if idx is None else idx.numel()
+    if n_live == 0:
+        return dh, (dw.zero_() if need_dw else None)
+    row_data = (hidden, targets, lse, entropy, g_lp, g_ent)
 
-    def dz_block(n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
-        z = _mm_fp32(hidden[n0:n1], weight[v0:v1].T)
+    def token_block(n0: int, n1: int) -> list[torch.Tensor]:
+        return [_take(x, idx, n0, n1) for x in row_data]
+
+    def dz_block(rows: list[torch.Tensor], v0: int, v1: int) -> torch.Tensor:
+        h, t, ls, en, gl, ge = rows
+        z = _mm_fp32(h, weight[v0:v1].T)
         dz = torch.empty(z.shape, dtype=hidden.dtype, device=dev)
         br, bc = DZ_TILE
-        _dz_block_kernel[(triton.cdiv(n1 - n0, br), triton.cdiv(v1 - v0, bc))](
-            z, dz, targets[n0:n1], lse[n0:n1], entropy[n0:n1], g_lp[n0:n1], g_ent[n0:n1],
-            n1 - n0, v1 - v0, z.stride(0), dz.stride(0), v0, inv_t, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        _dz_block_kernel[(triton.cdiv(z.shape[0], br), triton.cdiv(v1 - v0, bc))](
+            z, dz, t, ls, en, gl, ge, z.shape[0], v1 - v0, z.stride(0), dz.stride(0), v0, inv_t,
+            BLOCK_R=br, BLOCK_C=bc, num_warps=4)
         return dz
 
-    if need_dh:
-        for n0 in range(0, n, blk):
-            n1 = min(n, n0 + blk)
-            acc = torch.zeros(n1 - n0, hdim, dtype=torch.float32, device=dev)
-            for v0 in range(0, v, blk):
-                v1 = min(v, v0 + blk)
-                acc += _mm_fp32(dz_block(n0, n1, v0, v1), weight[v0:v1])
-            dh[n0:n1] = acc
-            del acc
-    if need_dw:
-        for v0 in range(0, v, blk):
-            v1 = min(v, v0 + blk)
+    def blocks(total: int, size: int) -> list[tuple[int, int]]:
+        return [(i, min(total, i + size)) for i in range(0, total, size)]
+
+    one_pass = n_live <= GEMM_ROWS
+    if need_dh or one_pass:
+        for n0, n1 in blocks(n_live, GEMM_ROWS):
+            rows = token_block(n0, n1)
+            acc = torch.zeros(n1 - n0, hdim, dtype=torch.float32, device=dev) if need_dh else None
+            for v0, v1 in blocks(v, GEMM_COLS):
+                dz = dz_block(rows, v0, v1)
+                if need_dh:
+                    _addmm_fp32(acc, dz, weight[v0:v1])
+                if need_dw and one_pass:
+                    dw[v0:v1] = _mm_fp32(dz.T, rows[0])
+                del dz
+            if need_dh:
+                if idx is None:
+                    dh[n0:n1] = acc
+                else:
+                    dh.index_copy_(0, idx[n0:n1], acc.to(dh.dtype))
+            del acc, rows
+    if need_dw and not one_pass:
+        for v0, v1 in blocks(v, GEMM_COLS):
             acc = torch.zeros(v1 - v0, hdim, dtype=torch.float32, device=dev)
-            for n0 in range(0, n, blk):
-                n1 = min(n, n0 + blk)
-                acc += _mm_fp32(dz_block(n0, n1, v0, v1).T, hidden[n0:n1])
+            for n0, n1 in blocks(n_live, GEMM_ROWS):
+                rows = token_block(n0, n1)
+                _addmm_fp32(acc, dz_block(rows, v0, v1).T, rows[0])
             dw[v0:v1] = acc
             del acc
-    if full_dh is not None and need_dh:
-        full_dh.zero_()[live] = dh
-        dh = full_dh
     return dh, dw
 
 
@@ -705,7 +836,11 @@ class _LinearLogprobEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 temperature: float, ignore_index: int, backend: str, deterministic: bool):
         inv_t = 1.0 / float(temperature)
-        if backend == "triton":
+        if FWD_MODE not in ("triton", "gemm"):
+            raise ValueError(f"kernels.logprob.FWD_MODE must be 'triton' or 'gemm', got {FWD_MODE!r}")
+        if backend == "triton" and FWD_MODE == "gemm":
+            logprob, entropy, lse = _gemm_forward(hidden, weight, targets, inv_t, ignore_index)
+        elif backend == "triton":
             logprob, entropy, lse = _triton_forward(hidden, weight, targets, inv_t, ignore_index)
         else:
             logprob, entropy, lse = _torch_forward(hidden, weight, targets, inv_t, ignore_index)
@@ -755,8 +890,9 @@ def linear_logprob_entropy(
     Rows with targets == ignore_index give 0 and no gradient. backend: "auto" (triton on CUDA
     tensors, torch otherwise), "triton" or "torch". deterministic: the Triton backward uses
     owner-computes kernels instead of atomics (bitwise reproducible dh and dW; the torch backend
-    is deterministic anyway). Extra memory is independent of N: see _triton_backward (16-bit
-    gradients are accumulated through a SCRATCH_BYTES fp32 scratch) and _torch_backward.
+    is deterministic anyway). Extra memory is independent of N: the Triton backend works in
+    GEMM_ROWS x GEMM_COLS logits blocks (see _gemm_forward / _gemm_backward; FWD_MODE and BWD_MODE
+    select the fused-tile kernels instead), the torch backend in TOKEN_CHUNK x VOCAB_CHUNK chunks.
     """
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
@@ -811,6 +947,11 @@ AOT_CONFIGS: list[dict[str, Any]] = [
                    "c_off": _I, "inv_t": "fp32"},
      "constexprs": {"BLOCK_R": DZ_TILE[0], "BLOCK_C": DZ_TILE[1]}, "num_warps": 4, "num_stages": 1,
      "divisible_by_16": ["z_ptr", "dz_ptr", *_ROW_PTRS, "C", "stride_z", "stride_dz", "c_off"]},
+    {"name": "logprob_stats_block", "fn": _stats_block_kernel,
+     "signature": {"z_ptr": _PF, "tgt_ptr": "*i64", "m_ptr": _PF, "s_ptr": _PF, "a_ptr": _PF, "zt_ptr": _PF,
+                   "R": _I, "C": _I, "stride_z": _I, "c_off": _I, "inv_t": "fp32"},
+     "constexprs": {"BLOCK_R": STATS_TILE[0], "BLOCK_C": STATS_TILE[1]}, "num_warps": 4, "num_stages": 3,
+     "divisible_by_16": ["z_ptr", "tgt_ptr", "m_ptr", "s_ptr", "a_ptr", "zt_ptr", "C", "stride_z", "c_off"]},
     _aot_entry("logprob_bwd_dh_deterministic", _bwd_dh_kernel, BWD_DET_CONFIG, {
         "h_ptr": _P16, "w_ptr": _P16, **_ROW_PTRS, "dh_ptr": _PF, **_SIZES, "stride_dh": _I,
         "inv_t": "fp32"}, BLOCK_H=BWD_DET_CONFIG.block_h),

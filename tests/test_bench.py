@@ -67,8 +67,8 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     suite = json.loads((tmp_path / "suite.json").read_text())
     steps = {s["step"]: s for s in suite["steps"]}
-    assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "attention", "attention_configs",
-                          "gpu_train_step"}
+    assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "moe_configs", "attention",
+                          "attention_configs", "gpu_train_step"}
     assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
     # the collected GPU tests cover every kernel and the model
     log = (tmp_path / "logs" / "gpu_tests.log").read_text()
@@ -142,7 +142,7 @@ def test_readme_holds_the_cpu_results_of_every_bench_script():
     names = _bench_names()
     assert {"logprob", "moe", "attention", "static_report", "gpu_train_step"} <= set(names)
     # written only by CUDA runs (one GPU / torchrun; the *_configs tile sweeps time Triton kernels on the GPU)
-    gpu_only = {"gpu_train_step", "attention_ring", "attention_configs", "logprob_configs"}
+    gpu_only = {"gpu_train_step", "attention_ring", "attention_configs", "logprob_configs", "moe_configs"}
     missing = [f"{n} ({names[n]})" for n in sorted(set(names) - gpu_only)
                if not (ROOT / "bench" / "results" / f"{n}-cpu.json").exists()]
     assert not missing, f"no CPU results for: {missing}; run them, then python bench/report.py"

@@ -1,5 +1,7 @@
 """flash_attention: Triton kernels (interpreter) and torch backend vs an fp64 dense oracle per document."""
 
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -21,6 +23,8 @@ from kernels.flash_attention import (
     flash_attention,
 )
 from kernels.ring_attention import zigzag_indices
+
+fa = importlib.import_module("kernels.flash_attention")  # the module (the package exports the function)
 
 
 def dense_attention(q, k, v, qr: Rows, kr: Rows, causal=True, scale=None):
@@ -169,6 +173,27 @@ def test_block_attention_global_positions_poisoned_outputs(backend):
     assert rel(acc_kv[:, 3:] - base_kv[:, 3:], v64.grad) < 1e-5
 
 
+VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused into dK/dV (atomics), asymmetric tiles
+    "fused_dq": dict(bwd_fused_dq=True),
+    "asymmetric": dict(bwd_block_m=16, bwd_block_n=32, dq_block_m=32, dq_block_n=16),
+    "fused_dq_asymmetric": dict(bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=16),
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch):
+    monkeypatch.setattr(fa, "INTERPRET_CONFIG", dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS[request.param]))
+
+
+@pytest.mark.parametrize("cu,hq,hkv,d,causal", CASES)
+def test_triton_backward_variants_match_fp64(variant, cu, hq, hkv, d, causal):
+    test_flash_attention_matches_fp64_per_document("triton", cu, hq, hkv, d, causal)
+
+
+def test_triton_backward_variants_poisoned_outputs_and_accumulate(variant):
+    test_block_attention_global_positions_poisoned_outputs("triton")
+
+
 def test_flash_attention_flash_attn_backend_falls_back_on_cpu():
     cu = [0, 5, 12]
     q, k, v = _inputs(cu, 2, 1, 32, torch.float32)
@@ -233,6 +258,51 @@ def test_aot_sm90_production_config(aot_resources, name):
     assert r.fits_hopper_smem, r.shared_bytes
     if name != "attn_bwd_preprocess":  # the only kernel without a matmul
         assert r.has_hgmma, r.sass_histogram
+
+
+_AOT_SWEEP_CHILD = """
+import dataclasses, json
+from bench.attention_configs import candidate_configs
+from kernels.aot import report
+from kernels.flash_attention import aot_configs
+done, out = {}, {}
+for label, cfg in candidate_configs():
+    for c in aot_configs(cfg):
+        key = json.dumps([c["name"], c["constexprs"], c["num_warps"], c["num_stages"]])
+        if key not in done:
+            done[key] = dataclasses.asdict(report(c["fn"], c["signature"], c["constexprs"], num_warps=c["num_warps"],
+                                                  num_stages=c["num_stages"], divisible_by_16=c["divisible_by_16"]))
+        out.setdefault(label, {})[c["name"]] = done[key]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_sweep_resources():
+    """sm_90 resources of the kernels of every bench.attention_configs candidate (one child, no interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _AOT_SWEEP_CHILD], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _sweep_configs() -> dict:
+    from bench.attention_configs import candidate_configs
+
+    return dict(candidate_configs())
+
+
+@pytest.mark.parametrize("label", list(_sweep_configs()))
+def test_aot_sm90_sweep_candidates(aot_sweep_resources, label):
+    """Every config the GPU sweep times compiles for sm_90 without spills, within shared memory, with HGMMA."""
+    kernels = aot_sweep_resources[label]
+    assert ("attn_bwd_dq" in kernels) == (not _sweep_configs()[label].bwd_fused_dq)  # fused: no dQ kernel
+    for name, res in kernels.items():
+        r = KernelResources(**res)
+        assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
+        assert r.fits_hopper_smem, (name, r.shared_bytes)
+        assert name == "attn_bwd_preprocess" or r.has_hgmma, (name, r.sass_histogram)
 
 
 @pytest.mark.gpu

@@ -72,12 +72,19 @@ def _check(h, w, t, temperature, g_lp, g_ent, grad_tol, **kw):
 # ------------------------------------------------------------------ Triton kernels, interpreter
 
 
+@pytest.fixture
+def fused_tiles(monkeypatch):
+    """The fused Triton layouts (forward tiles, atomic backward) instead of the GEMM-block defaults."""
+    monkeypatch.setattr(L, "FWD_MODE", "triton")
+    monkeypatch.setattr(L, "BWD_MODE", "atomic")
+
+
 @pytest.mark.parametrize(
     "dtype,temperature,deterministic",
     [(torch.float32, 0.7, False), (torch.float32, 1.0, True), (torch.float16, 0.7, True),
      (torch.float16, 1.0, False)],
 )
-def test_triton_matches_fp64_odd_shapes(monkeypatch, dtype, temperature, deterministic):
+def test_triton_matches_fp64_odd_shapes(fused_tiles, monkeypatch, dtype, temperature, deterministic):
     # production block configs; a small fp32 scratch so 16-bit grads go through several token and
     # vocabulary chunks (the path Qwen3's bf16 LM head takes on a GPU)
     monkeypatch.setattr(L, "SCRATCH_BYTES", 256 * 96 * 4)
@@ -86,7 +93,7 @@ def test_triton_matches_fp64_odd_shapes(monkeypatch, dtype, temperature, determi
     _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton", deterministic=deterministic)
 
 
-def test_triton_16bit_backward_scratch_stays_within_budget(monkeypatch):
+def test_triton_16bit_backward_scratch_stays_within_budget(fused_tiles, monkeypatch):
     """The split backward (16-bit weight too large for an fp32 dW copy) keeps its fp32 scratch within
     SCRATCH_BYTES in total, whatever the number of token / vocabulary chunks: every fp32 2-D tensor it
     allocates is recorded, and their sizes must add up to at most the budget."""
@@ -121,28 +128,67 @@ def test_triton_16bit_backward_scratch_stays_within_budget(monkeypatch):
     assert h.grad is not None and w.grad is not None
 
 
-@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 0.7), (torch.float16, 1.0), (torch.float16, 0.7)])
-def test_gemm_backward_matches_fp64_odd_shapes(monkeypatch, dtype, temperature):
-    """BWD_MODE="gemm": dz blocks from GEMM logits, dh / dW by block GEMMs; small blocks so 333 tokens and
-    1237 vocabulary rows take several partial blocks each."""
+@pytest.mark.parametrize(
+    "dtype,temperature,fwd,rows",
+    [(torch.float32, 0.7, "gemm", 128), (torch.float16, 1.0, "gemm", 512), (torch.float16, 0.7, "triton", 128),
+     (torch.float32, 1.0, "triton", 512)],
+)
+def test_gemm_layouts_match_fp64_odd_shapes(monkeypatch, dtype, temperature, fwd, rows):
+    """FWD_MODE / BWD_MODE "gemm": logits blocks from GEMMs, row statistics and dz by Triton, dh / dW by block
+    GEMMs. Small blocks so 333 tokens (183 with gradient) and 1237 vocabulary rows take several partial blocks;
+    GEMM_ROWS 128 takes the two-pass backward, 512 the one-pass backward."""
+    monkeypatch.setattr(L, "FWD_MODE", fwd)
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
-    monkeypatch.setattr(L, "GEMM_BLOCK", 128)
+    monkeypatch.setattr(L, "GEMM_ROWS", rows)
+    monkeypatch.setattr(L, "GEMM_COLS", 384)
     h, w, t, g_lp, g_ent = _problem(333, 96, 1237, dtype, ignored=slice(0, 150))
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton")
 
 
-def test_gemm_backward_never_allocates_more_than_a_block(monkeypatch):
-    """No tensor the GEMM backward allocates is larger than one logits block or the hidden states (its
-    gathered live rows and their dh); an [N, V] tensor would be 13x larger than either here."""
+def test_gemm_layouts_one_pass_and_two_pass_agree(monkeypatch):
+    """The one-pass backward (rows with gradient fit one block) and the two-pass one give the same dh and dW,
+    also when only one of them is wanted (the one-pass loop then computes dW alone)."""
+    monkeypatch.setattr(L, "BWD_MODE", "gemm")
+    monkeypatch.setattr(L, "GEMM_COLS", 200)
+    h, w, t, g_lp, g_ent = _problem(150, 40, 701, torch.float32)
+    got = {}
+    for rows in (64, 1024):
+        monkeypatch.setattr(L, "GEMM_ROWS", rows)
+        for wanted in ("both", "dh", "dw"):
+            hh, ww = h.clone().requires_grad_(wanted != "dw"), w.clone().requires_grad_(wanted != "dh")
+            lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="triton")
+            inputs = [x for x in (hh, ww) if x.requires_grad]
+            got[rows, wanted] = torch.autograd.grad((lp * g_lp.float()).sum() + (ent * g_ent.float()).sum(), inputs)
+    _, _, rdh, rdw = _oracle(h, w, t, 0.7, g_lp, g_ent)
+    for (rows, wanted), grads in got.items():
+        refs = {"both": (rdh, rdw), "dh": (rdh,), "dw": (rdw,)}[wanted]
+        for g, r in zip(grads, refs):
+            assert _rel(g, r) <= 1e-4, (rows, wanted)
+
+
+def test_gemm_forward_matches_fp64_full_qwen3_vocab(monkeypatch):
+    monkeypatch.setattr(L, "FWD_MODE", "gemm")
+    monkeypatch.setattr(L, "BWD_MODE", "gemm")
+    monkeypatch.setattr(L, "GEMM_COLS", 32768)  # 151,936 = 4 full blocks + a partial one
+    h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
+    t[3] = QWEN3_VOCAB - 1  # last id: inside the last, partial block
+    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
+
+
+def test_gemm_layouts_never_allocate_more_than_a_block(monkeypatch):
+    """No tensor the GEMM forward or backward allocates is larger than one logits block or the hidden states
+    (dh, the gradient itself); an [N, V] tensor would be 13x larger than either here. The token blocks are
+    gathered one at a time, so no N x H copy of the live rows appears either (the sizes are exact)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    monkeypatch.setattr(L, "FWD_MODE", "gemm")
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
-    monkeypatch.setattr(L, "GEMM_BLOCK", 128)
+    monkeypatch.setattr(L, "GEMM_ROWS", 128)
+    monkeypatch.setattr(L, "GEMM_COLS", 128)
     h, w, t, g_lp, g_ent = _problem(333, 96, 1237, torch.float16)
     h.requires_grad_()
     w.requires_grad_()
-    lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="triton")
     sizes = []
 
     class Sizes(TorchDispatchMode):
@@ -153,19 +199,23 @@ def test_gemm_backward_never_allocates_more_than_a_block(monkeypatch):
             return out
 
     with Sizes():
-        torch.autograd.backward((lp, ent), (g_lp.float(), g_ent.float()))
-    assert sizes and max(a * b for a, b in sizes) <= max(128 * 128, h.numel()), sorted(set(sizes))
-    with pytest.raises(ValueError, match="BWD_MODE"):
-        monkeypatch.setattr(L, "BWD_MODE", "fast")
         lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="triton")
-        lp.sum().backward()
+        torch.autograd.backward((lp, ent), (g_lp.float(), g_ent.float()))
+    big = [s for s in sizes if s[0] * s[1] > 128 * 128]
+    assert sizes and big and all(s == tuple(h.shape) for s in big), sorted(set(sizes))  # only dh is that large
+    for name, bad in (("FWD_MODE", "fused"), ("BWD_MODE", "fast")):
+        monkeypatch.setattr(L, name, bad)
+        with pytest.raises(ValueError, match=name):
+            lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend="triton")
+            lp.sum().backward()
+        monkeypatch.undo()
 
 
 # the interpreter walks tiles in Python: at the full vocabulary use wide vocab tiles (same kernels)
 _WIDE = KernelConfig(block_m=64, block_n=4096, block_k=32, num_warps=4, num_stages=1, block_h=32, group_m=2)
 
 
-def test_triton_matches_fp64_full_qwen3_vocab(monkeypatch):
+def test_triton_matches_fp64_full_qwen3_vocab(fused_tiles, monkeypatch):
     for name in ("FWD_CONFIG", "BWD_CONFIG", "BWD_DET_CONFIG"):
         monkeypatch.setattr(L, name, _WIDE)
     h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
@@ -173,8 +223,11 @@ def test_triton_matches_fp64_full_qwen3_vocab(monkeypatch):
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
 
 
-def test_triton_single_output_grads():
+@pytest.mark.parametrize("fwd,bwd", [("triton", "atomic"), ("gemm", "gemm")])
+def test_triton_single_output_grads(monkeypatch, fwd, bwd):
     """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
+    monkeypatch.setattr(L, "FWD_MODE", fwd)
+    monkeypatch.setattr(L, "BWD_MODE", bwd)
     h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
     for use_lp in (True, False):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -186,7 +239,7 @@ def test_triton_single_output_grads():
         assert _rel(dh, rdh) <= 1e-4 and _rel(dw, rdw) <= 1e-4
 
 
-def test_triton_skipped_forward_rows_do_not_poison_backward(monkeypatch):
+def test_triton_skipped_forward_rows_do_not_poison_backward(fused_tiles, monkeypatch):
     """Forward and backward tiles of different heights: a backward tile mixes rows whose forward
     tile was skipped (all ignored: placeholder lse) with live rows, and the logits are large enough
     that exp(z - placeholder) overflows. Those rows must stay out of dh and dW."""
@@ -285,6 +338,11 @@ def test_aot_sm90_production_config(aot_reports, name):
         assert r.sass_histogram.get("STG") == per_thread * 2 // 16, r.sass_histogram  # 16-byte stores
         assert r.sass_histogram.get("LDG", 0) < per_thread, r.sass_histogram  # the fp32 loads are vectors
         return
+    if name == "logprob_stats_block":  # streams an fp32 logits block: 16-byte loads, pipelined in registers
+        br, bc = L.STATS_TILE
+        per_thread = br * bc // (4 * 32)  # fp32 elements per thread and loop step (4 warps)
+        assert 0 < r.sass_histogram.get("LDG", 0) < per_thread * 3, r.sass_histogram  # scalar loads: >= 3x
+        return
     assert r.fits_hopper_smem and r.shared_bytes > 0, r.shared_bytes
     assert r.has_hgmma, r.sass_histogram  # every matmul kernel here runs on the tensor cores
     assert r.sass_histogram.get("LDGSTS", 0) > 0, "operand loads are not pipelined through cp.async"
@@ -307,9 +365,11 @@ def test_aot_configs_are_the_launch_configs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic,mode", [(False, "atomic"), (True, "atomic"), (False, "gemm")])
-def test_gpu_bf16_matches_fp64(monkeypatch, deterministic, mode):
-    monkeypatch.setattr(L, "BWD_MODE", mode)
+@pytest.mark.parametrize("deterministic,fwd,bwd", [(False, "triton", "atomic"), (True, "triton", "atomic"),
+                                                  (False, "gemm", "gemm"), (False, "triton", "gemm")])
+def test_gpu_bf16_matches_fp64(monkeypatch, deterministic, fwd, bwd):
+    monkeypatch.setattr(L, "FWD_MODE", fwd)
+    monkeypatch.setattr(L, "BWD_MODE", bwd)
     torch.manual_seed(1)
     n, hdim = 1000, 2560
     h, w, t, g_lp, g_ent = _problem(n, hdim, QWEN3_VOCAB, torch.bfloat16)
