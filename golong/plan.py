@@ -391,9 +391,9 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
 
     FSDP2 as golong.parallel.apply_fsdp sets it up: one unit per decoder layer (resharded after
     forward except the last; the next one prefetched in backward), the root unit (embeddings, final
-    norm, LM head) resharded after forward and gathered again for backward. optimizer: "for-loop"
-    (golong.trainer's AdamW(foreach=False): two temporaries the size of the largest parameter
-    shard), "foreach" (one temporary the size of all states) or "fused" (none).
+    norm, LM head) resharded after forward and gathered again for backward. optimizer (optim.impl):
+    "for-loop" (AdamW(foreach=False): two temporaries the size of the largest parameter shard),
+    "foreach" (one temporary the size of all states) or "fused" (none).
     """
     k = _kernel_constants()
     optimizer = optimizer or "for-loop"
@@ -725,7 +725,7 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
         num_docs = max(1, mbt // max(tp.doc_len, 1))
     mem = simulate_update(s, p, tokens=tokens, fsdp=dp * cp, cp=cp,
                           checkpointing=cfg.parallel.activation_checkpointing, cpu_offload=cfg.parallel.cpu_offload,
-                          micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer)
+                          micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl)
     overhead = CUDA_RUNTIME_OVERHEAD if device == "cuda" else 0.0
     vllm = device == "cuda" and cfg.rollout.engine == "vllm"
     reserve = cfg.rollout.gpu_memory_utilization * gpu_mem if vllm else 0.0

@@ -201,7 +201,8 @@ class Actor:
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optim
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.adam_eps,
-                                 weight_decay=o.weight_decay)
+                                 weight_decay=o.weight_decay, foreach=o.impl == "foreach",
+                                 fused=True if o.impl == "fused" else None)
 
     def reset_optimizer(self, lr: float | None = None, warmup: int | None = None) -> None:
         """Fresh optimizer state and schedule (e.g. after the SFT warm-up, before RL)."""
