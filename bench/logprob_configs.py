@@ -6,14 +6,16 @@
 
 Rows (each timed in the same run; ratio = variant time / the current default's time):
   forward only (gemm | triton)  the forward alone (no autograd graph), each FWD_MODE
-  gemm (default)                FWD_MODE = BWD_MODE = "gemm": cuBLAS fp32 logits blocks of GEMM_ROWS x GEMM_COLS,
+  default (FWD_MODE, BWD_MODE)  the module's current settings (now: fused forward kernel, GEMM backward): the
+                                reference of every ratio
+  gemm fwd + gemm bwd           FWD_MODE = BWD_MODE = "gemm": cuBLAS fp32 logits blocks of GEMM_ROWS x GEMM_COLS,
                                 Triton row statistics / dz, cuBLAS dh and dW accumulated in fp32; the backward
                                 is one pass when the rows with gradient fit GEMM_ROWS
-  gemm, GEMM_COLS 1024 / 4096   narrower / wider logits blocks (memory vs GEMM shape)
-  gemm two-pass                 GEMM_ROWS 4096: a dh pass and a dW pass, each computing the logits again
-  triton fwd + gemm bwd         the fused forward kernel with the GEMM backward
-  triton fwd + atomic split     the previous default: fused forward, 16-bit weight backward as a dh pass and a
-                                dW pass of fused tiles with fp32 atomics into <= SCRATCH_BYTES of scratch
+  gemm, GEMM_COLS 1024 / 4096   the same with narrower / wider logits blocks (memory vs GEMM shape)
+  gemm two-pass                 the same with GEMM_ROWS 4096: at 8K tokens a dh pass and a dW pass, each computing
+                                the logits again
+  triton fwd + atomic split     fused forward, 16-bit weight backward as a dh pass and a dW pass of fused tiles
+                                with fp32 atomics into <= SCRATCH_BYTES of scratch (the default before 2026-12-04)
 Every variant's dh/dW is compared with the default's (relative L2 error).
 """
 
@@ -30,12 +32,13 @@ from bench.logprob import FLOPS_RULE, MIB, H, T, V, _inputs
 
 
 def _variants(L: Any) -> dict[str, dict[str, Any]]:
+    gemm = {"FWD_MODE": "gemm", "BWD_MODE": "gemm"}
     return {
-        "gemm (default)": {},
-        "gemm, GEMM_COLS 1024": {"GEMM_COLS": 1024},
-        "gemm, GEMM_COLS 4096": {"GEMM_COLS": 4096},
-        "gemm two-pass (GEMM_ROWS 4096)": {"GEMM_ROWS": 4096},
-        "triton fwd + gemm bwd": {"FWD_MODE": "triton", "BWD_MODE": "gemm"},
+        f"default ({L.FWD_MODE} fwd, {L.BWD_MODE} bwd)": {},  # first: the reference of every ratio
+        "gemm fwd + gemm bwd": gemm,
+        "gemm, GEMM_COLS 1024": {**gemm, "GEMM_COLS": 1024},
+        "gemm, GEMM_COLS 4096": {**gemm, "GEMM_COLS": 4096},
+        "gemm two-pass (GEMM_ROWS 4096)": {**gemm, "GEMM_ROWS": 4096},
         "triton fwd + atomic split bwd": {"FWD_MODE": "triton", "BWD_MODE": "atomic"},
     }
 

@@ -177,8 +177,45 @@ def report(
     return KernelResources(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+_ENTRY_OPTS = ("num_warps", "num_stages", "divisible_by_16")
+
+
+def reports(entries: list[dict[str, Any]]) -> dict[str, KernelResources]:
+    """report() for AOT_CONFIGS-style entries ({"name", "fn", "signature", "constexprs", "num_warps",
+    "num_stages", "divisible_by_16"}), keyed by name. Identical compiles run once; under the interpreter all
+    of them run in ONE child process (one torch/triton import instead of one per kernel)."""
+    jobs = [{"key": e["name"], "module": getattr(e["fn"], "fn", e["fn"]).__module__,
+             "name": getattr(e["fn"], "fn", e["fn"]).__name__, "signature": e["signature"],
+             "constexprs": e.get("constexprs", {}), "opts": {k: e[k] for k in _ENTRY_OPTS if k in e}}
+            for e in entries]
+    if _interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
+        out = subprocess.run([sys.executable, "-m", "kernels.aot"], input=json.dumps(jobs), capture_output=True,
+                             text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"sm_90 compile of {len(jobs)} kernels failed:\n{out.stderr[-4000:]}")
+        return {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    return _run_jobs(jobs)
+
+
+def _run_jobs(jobs: list[dict[str, Any]]) -> dict[str, KernelResources]:
+    done: dict[str, KernelResources] = {}
+    out = {}
+    for j in jobs:
+        same = json.dumps([j["module"], j["name"], j["signature"], j["constexprs"], j["opts"]], sort_keys=True)
+        if same not in done:
+            fn = getattr(importlib.import_module(j["module"]), j["name"])
+            done[same] = report(fn, j["signature"], j["constexprs"], **j["opts"])
+        out[j["key"]] = done[same]
+    return out
+
+
 if __name__ == "__main__":
     _job = json.loads(sys.stdin.read())
-    _fn = getattr(importlib.import_module(_job["module"]), _job["name"])
-    _res = report(_fn, _job["signature"], _job["constexprs"], **_job["opts"])
-    print(json.dumps(dataclasses.asdict(_res)))
+    if isinstance(_job, list):  # reports(): many kernels
+        print(json.dumps({k: dataclasses.asdict(r) for k, r in _run_jobs(_job).items()}))
+    else:  # report(): one kernel
+        _fn = getattr(importlib.import_module(_job["module"]), _job["name"])
+        _res = report(_fn, _job["signature"], _job["constexprs"], **_job["opts"])
+        print(json.dumps(dataclasses.asdict(_res)))

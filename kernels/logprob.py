@@ -20,9 +20,9 @@ Backends: "torch" chunks over tokens and vocab (CPU path and test oracle; memory
 N); "triton" runs the kernels below (forward: tiles over tokens x vocab splits, partials merged
 on the host; backward: the logits are recomputed tile by tile, dz is built in registers and
 consumed at once by tensor-core dots for dh and dW, accumulated in fp32 with atomics, or by
-owner-computes kernels in deterministic mode; or, with BWD_MODE = "gemm", as cuBLAS GEMMs over
-[4096, 4096] logits blocks with a Triton pass that turns each block into dz). "auto" = triton on CUDA
-tensors, torch otherwise.
+owner-computes kernels in deterministic mode; or, with FWD_MODE / BWD_MODE = "gemm", as cuBLAS
+GEMMs over [GEMM_ROWS, GEMM_COLS] fp32 logits blocks with a Triton pass that turns each block into
+row statistics / dz). "auto" = triton on CUDA tensors, torch otherwise.
 Tiles whose rows are all ignored (or carry no gradient) are skipped, so prompt tokens of packed
 RL sequences cost nothing.
 """
@@ -479,10 +479,6 @@ class KernelConfig:
 FWD_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
 BWD_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
 BWD_DET_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-# Split backward (16-bit weights): the dh pass's fp32 atomics scale with V / block_n, the dW pass's with
-# N / block_m, so each pass takes the tile that is long along the dimension it reduces over.
-BWD_DH_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
-BWD_DW_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3, block_h=64, group_m=8)
 # Layouts of the "triton" backend (deterministic=False; deterministic=True always takes the Triton kernels):
 #   FWD_MODE "triton": fused tiles, logits consumed in registers by an online softmax (_fwd_kernel)
 #            "gemm":   cuBLAS fp32 logits blocks -> Triton row statistics (_stats_block_kernel)
@@ -574,8 +570,6 @@ def _triton_backward(
       deterministic: split, with owner-computes kernels instead of atomics.
     """
     _check_triton_device(hidden)
-    # an explicit cfg (tests: small interpreter tiles) applies to every pass
-    split_dh, split_dw = (cfg, cfg) if cfg is not None else (BWD_DH_CONFIG, BWD_DW_CONFIG)
     cfg = cfg or (BWD_DET_CONFIG if deterministic else BWD_CONFIG)
     n, hdim = hidden.shape
     v = weight.shape[0]
@@ -586,11 +580,8 @@ def _triton_backward(
         return (dh.zero_() if need_dh else None), (dw.zero_() if need_dw else None)
     # rows of fp32 scratch the budget allows (a multiple of both tile heights)
     scratch_rows = max(256, SCRATCH_BYTES // (4 * hdim) // 256 * 256)
-    def launch_opts(c: KernelConfig) -> dict[str, Any]:
-        return dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_H=c.block_h,
-                    PRECISION=_precision(hidden.dtype), num_warps=c.num_warps, num_stages=c.num_stages)
-
-    launch = launch_opts(cfg)
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
+                  PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     rows = (hidden, targets, lse, entropy, g_lp, g_ent)
 
     def chunks(total: int, fp32_out: bool):
@@ -640,11 +631,10 @@ def _triton_backward(
                     h, weight, t, ls, en, gl, ge, dh32, n1 - n0, v, hdim, h.stride(0), weight.stride(0),
                     dh32.stride(0), inv_t, **launch)
             else:
-                c = split_dh
-                grid = (triton.cdiv(n1 - n0, c.block_m) * triton.cdiv(v, c.block_n),)
+                grid = (triton.cdiv(n1 - n0, cfg.block_m) * triton.cdiv(v, cfg.block_n),)
                 _bwd_kernel[grid](h, weight, t, ls, en, gl, ge, dh32, dh32, n1 - n0, v, hdim, h.stride(0),
-                                  weight.stride(0), dh32.stride(0), dh32.stride(0), inv_t, 0, GROUP_M=c.group_m,
-                                  COMPUTE_DH=True, COMPUTE_DW=False, **launch_opts(c))
+                                  weight.stride(0), dh32.stride(0), dh32.stride(0), inv_t, 0, GROUP_M=cfg.group_m,
+                                  COMPUTE_DH=True, COMPUTE_DW=False, **launch)
             if dh32.data_ptr() != dh[n0:n1].data_ptr():
                 dh[n0:n1] = dh32
     if need_dw:
@@ -656,11 +646,10 @@ def _triton_backward(
                     hidden, w, targets, lse, entropy, g_lp, g_ent, dw32, n, v1 - v0, hdim, hidden.stride(0),
                     w.stride(0), dw32.stride(0), inv_t, v0, **launch)
             else:
-                c = split_dw
-                grid = (triton.cdiv(n, c.block_m) * triton.cdiv(v1 - v0, c.block_n),)
+                grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(v1 - v0, cfg.block_n),)
                 _bwd_kernel[grid](hidden, w, targets, lse, entropy, g_lp, g_ent, dw32, dw32, n, v1 - v0, hdim,
                                   hidden.stride(0), w.stride(0), dw32.stride(0), dw32.stride(0), inv_t, v0,
-                                  GROUP_M=c.group_m, COMPUTE_DH=False, COMPUTE_DW=True, **launch_opts(c))
+                                  GROUP_M=cfg.group_m, COMPUTE_DH=False, COMPUTE_DW=True, **launch)
             if dw32.data_ptr() != dw[v0:v1].data_ptr():
                 dw[v0:v1] = dw32
     return dh, dw
@@ -773,10 +762,11 @@ def _gemm_backward(
     n, hdim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    dh = torch.zeros_like(hidden) if need_dh else None  # rows without gradient stay 0
-    dw = torch.empty_like(weight) if need_dw else None
     idx = _live_rows((g_lp != 0) | (g_ent != 0))
     n_live = n if idx is None else idx.numel()
+    # rows without gradient get 0; when every row has one, the blocks overwrite all of dh
+    dh = (torch.empty_like(hidden) if idx is None else torch.zeros_like(hidden)) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
     if n_live == 0:
         return dh, (dw.zero_() if need_dw else None)
     row_data = (hidden, targets, lse, entropy, g_lp, g_ent)

@@ -2,21 +2,19 @@
 
 import dataclasses
 import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from kernels import aot
 from kernels.aot import KernelResources
 from kernels.flash_attention import (
     AOT_CONFIGS,
     Rows,
     _triton_bwd,
     _triton_fwd,
+    aot_configs,
     attention_delta,
     block_attention_bwd,
     block_attention_fwd,
@@ -230,25 +228,10 @@ def test_flash_attention_rejects_bad_gqa():
         flash_attention(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
 
 
-_AOT_CHILD = """
-import dataclasses, json
-from kernels.aot import report
-from kernels.flash_attention import AOT_CONFIGS
-print(json.dumps({c["name"]: dataclasses.asdict(report(
-    c["fn"], c["signature"], c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
-    divisible_by_16=c["divisible_by_16"])) for c in AOT_CONFIGS}))
-"""
-
-
 @pytest.fixture(scope="module")
 def aot_resources():
-    """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter
-    (what kernels.aot.report does per kernel; one child for all of them saves the imports)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _AOT_CHILD], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""
+    return aot.reports(AOT_CONFIGS)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in AOT_CONFIGS])
@@ -260,31 +243,17 @@ def test_aot_sm90_production_config(aot_resources, name):
         assert r.has_hgmma, r.sass_histogram
 
 
-_AOT_SWEEP_CHILD = """
-import dataclasses, json
-from bench.attention_configs import candidate_configs
-from kernels.aot import report
-from kernels.flash_attention import aot_configs
-done, out = {}, {}
-for label, cfg in candidate_configs():
-    for c in aot_configs(cfg):
-        key = json.dumps([c["name"], c["constexprs"], c["num_warps"], c["num_stages"]])
-        if key not in done:
-            done[key] = dataclasses.asdict(report(c["fn"], c["signature"], c["constexprs"], num_warps=c["num_warps"],
-                                                  num_stages=c["num_stages"], divisible_by_16=c["divisible_by_16"]))
-        out.setdefault(label, {})[c["name"]] = done[key]
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
-def aot_sweep_resources():
-    """sm_90 resources of the kernels of every bench.attention_configs candidate (one child, no interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _AOT_SWEEP_CHILD], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def aot_sweep_resources() -> dict[str, dict[str, KernelResources]]:
+    """sm_90 resources of the kernels of every bench.attention_configs candidate (one child, no interpreter;
+    kernels shared by several candidates compile once)."""
+    entries = [{**c, "name": f"{label}/{c['name']}"} for label, cfg in _sweep_configs().items()
+               for c in aot_configs(cfg)]
+    out: dict[str, dict[str, KernelResources]] = {}
+    for key, r in aot.reports(entries).items():
+        label, name = key.split("/")
+        out.setdefault(label, {})[name] = r
+    return out
 
 
 def _sweep_configs() -> dict:
@@ -298,8 +267,7 @@ def test_aot_sm90_sweep_candidates(aot_sweep_resources, label):
     """Every config the GPU sweep times compiles for sm_90 without spills, within shared memory, with HGMMA."""
     kernels = aot_sweep_resources[label]
     assert ("attn_bwd_dq" in kernels) == (not _sweep_configs()[label].bwd_fused_dq)  # fused: no dQ kernel
-    for name, res in kernels.items():
-        r = KernelResources(**res)
+    for name, r in kernels.items():
         assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
         assert r.fits_hopper_smem, (name, r.shared_bytes)
         assert name == "attn_bwd_preprocess" or r.has_hgmma, (name, r.sass_histogram)

@@ -1,25 +1,20 @@
 """kernels.grouped_mm: Triton kernels (interpreter) and the torch path vs fp64 per-group matmuls."""
 
-import importlib
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from bench.moe_configs import CANDIDATES
-from kernels.aot import KernelResources, report
+from kernels import aot
+from kernels.aot import report
 from kernels.grouped_mm import (
     AOT_CONFIGS,
     _triton_dw,
     _triton_fwd,
+    aot_configs,
     grouped_mm,
     grouped_mm_supported,
 )
 
-GM = importlib.import_module("kernels.grouped_mm")  # the module (the package exports the function)
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # many tiles per group on tiny shapes
 
 # group sizes (-> offsets): empty groups first / middle / last, one group holding every row, one group
@@ -67,7 +62,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 @pytest.mark.parametrize("K", [37, 48])  # masked K tail / EVEN_K fast path
 def test_triton_kernels_match_fp64(dtype, grouping, K):
-    small = SMALL
     sizes = GROUPINGS[grouping]
     offsets = _offsets(sizes)
     M, N, G = int(sum(sizes)), 29, len(sizes)
@@ -75,11 +69,11 @@ def test_triton_kernels_match_fp64(dtype, grouping, K):
     w = _weights(G, K, N, dtype, transposed=True)
     dy = torch.randn(M, N, dtype=dtype)
 
-    y = _triton_fwd(x, w, offsets, small, out=torch.full((M, N), float("nan"), dtype=dtype))
+    y = _triton_fwd(x, w, offsets, SMALL, out=torch.full((M, N), float("nan"), dtype=dtype))
     assert _rel(y, _ref_fwd(x, w, offsets)) < TOL[dtype]
 
     # dX = dY W^T is the forward kernel on w's transposed view
-    dx = _triton_fwd(dy, w.transpose(1, 2), offsets, small, out=torch.full((M, K), float("nan"), dtype=dtype))
+    dx = _triton_fwd(dy, w.transpose(1, 2), offsets, SMALL, out=torch.full((M, K), float("nan"), dtype=dtype))
     assert _rel(dx, _ref_fwd(dy, w.transpose(1, 2), offsets)) < TOL[dtype]
 
     dw_out = torch.empty_like(w).fill_(float("nan"))
@@ -176,29 +170,10 @@ def test_triton_on_gpu_matches_fp64(dtype):
     assert _rel(param.grad.cpu(), _ref_dw(x.detach().cpu(), dy.cpu(), off).transpose(1, 2)) < tol
 
 
-_CANDIDATES_CHILD = """
-import dataclasses, json
-from bench.moe_configs import CANDIDATES
-from bench.moe_configs import CANDIDATES
-from kernels.aot import KernelResources, report
-from kernels.grouped_mm import aot_configs
-out = {}
-for name, (fwd, dw) in CANDIDATES.items():
-    for c in aot_configs(fwd, dw, prefix=name):
-        out[c["name"]] = dataclasses.asdict(report(c["fn"], c["signature"], c["constexprs"],
-            num_warps=c["num_warps"], num_stages=c["num_stages"], divisible_by_16=c["divisible_by_16"]))
-print(json.dumps(out))
-"""
-
-
 def test_aot_sm90_moe_configs_candidates():
     """Every tile candidate bench.moe_configs times compiles for sm_90 spill-free, with HGMMA and cp.async,
     within Hopper's shared memory (one child process without the interpreter for all of them)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _CANDIDATES_CHILD], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    res = aot.reports([c for name, (fwd, dw) in CANDIDATES.items() for c in aot_configs(fwd, dw, prefix=name)])
     assert len(res) == 3 * len(CANDIDATES)
     for name, r in res.items():
         assert r.has_hgmma, (name, r.sass_histogram)

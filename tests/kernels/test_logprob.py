@@ -3,17 +3,13 @@ memory of the torch backend, and the sm_90 AOT compile of every kernel at its pr
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import kernels
 import kernels.logprob as L
 from bench.common import peak_extra_memory
+from kernels import aot
 from kernels.aot import KernelResources
 from kernels.logprob import AOT_CONFIGS, KernelConfig, linear_logprob_entropy_reference
 
@@ -307,24 +303,10 @@ def test_dispatch_auto_is_torch_on_cpu_and_bad_args_raise(monkeypatch):
 # ------------------------------------------------------------------ sm_90 AOT at production configs
 
 
-_AOT_SCRIPT = """
-import dataclasses, json
-from kernels.aot import report
-from kernels.logprob import AOT_CONFIGS
-print(json.dumps({c["name"]: dataclasses.asdict(report(
-    c["fn"], c["signature"], c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"],
-    divisible_by_16=c["divisible_by_16"])) for c in AOT_CONFIGS}))
-"""
-
-
 @pytest.fixture(scope="module")
 def aot_reports() -> dict[str, KernelResources]:
     """All kernels compiled for sm_90 in ONE child process without the interpreter (one torch import)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    return aot.reports(AOT_CONFIGS)
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in AOT_CONFIGS])
