@@ -165,19 +165,11 @@ def report(
     """
     if not _interpreting():
         return inspect_cubin(compile_sm90(fn, signature, constexprs, **opts))
-    raw = getattr(fn, "fn", fn)
-    job = {"module": raw.__module__, "name": raw.__name__, "signature": signature,
-           "constexprs": constexprs or {}, "opts": opts}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "kernels.aot"], input=json.dumps(job), capture_output=True,
-                         text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"sm_90 compile of {job['module']}.{job['name']} failed:\n{out.stderr[-4000:]}")
-    return KernelResources(**json.loads(out.stdout.strip().splitlines()[-1]))
+    return reports([{"name": "kernel", "fn": fn, "signature": signature, "constexprs": constexprs or {},
+                     **opts}])["kernel"]
 
 
-_ENTRY_OPTS = ("num_warps", "num_stages", "divisible_by_16")
+_ENTRY_KEYS = ("name", "fn", "signature", "constexprs")  # the rest of an entry: compile options
 
 
 def reports(entries: list[dict[str, Any]]) -> dict[str, KernelResources]:
@@ -186,7 +178,7 @@ def reports(entries: list[dict[str, Any]]) -> dict[str, KernelResources]:
     of them run in ONE child process (one torch/triton import instead of one per kernel)."""
     jobs = [{"key": e["name"], "module": getattr(e["fn"], "fn", e["fn"]).__module__,
              "name": getattr(e["fn"], "fn", e["fn"]).__name__, "signature": e["signature"],
-             "constexprs": e.get("constexprs", {}), "opts": {k: e[k] for k in _ENTRY_OPTS if k in e}}
+             "constexprs": e.get("constexprs", {}), "opts": {k: v for k, v in e.items() if k not in _ENTRY_KEYS}}
             for e in entries]
     if _interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -194,7 +186,8 @@ def reports(entries: list[dict[str, Any]]) -> dict[str, KernelResources]:
         out = subprocess.run([sys.executable, "-m", "kernels.aot"], input=json.dumps(jobs), capture_output=True,
                              text=True, env=env)
         if out.returncode != 0:
-            raise RuntimeError(f"sm_90 compile of {len(jobs)} kernels failed:\n{out.stderr[-4000:]}")
+            names = sorted({f"{j['module']}.{j['name']}" for j in jobs})
+            raise RuntimeError(f"sm_90 compile of {', '.join(names)} failed:\n{out.stderr[-4000:]}")
         return {k: KernelResources(**v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     return _run_jobs(jobs)
 
@@ -211,11 +204,5 @@ def _run_jobs(jobs: list[dict[str, Any]]) -> dict[str, KernelResources]:
     return out
 
 
-if __name__ == "__main__":
-    _job = json.loads(sys.stdin.read())
-    if isinstance(_job, list):  # reports(): many kernels
-        print(json.dumps({k: dataclasses.asdict(r) for k, r in _run_jobs(_job).items()}))
-    else:  # report(): one kernel
-        _fn = getattr(importlib.import_module(_job["module"]), _job["name"])
-        _res = report(_fn, _job["signature"], _job["constexprs"], **_job["opts"])
-        print(json.dumps(dataclasses.asdict(_res)))
+if __name__ == "__main__":  # the child process of reports()
+    print(json.dumps({k: dataclasses.asdict(r) for k, r in _run_jobs(json.loads(sys.stdin.read())).items()}))
