@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 470 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 465 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
@@ -16,6 +16,7 @@
 #   moe_configs     python -m bench.moe_configs: grouped GEMM tile candidates at Qwen3-30B-A3B shapes
 #   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
 #   attention_configs python -m bench.attention_configs: flash-attention backward tile candidates vs SDPA
+#   profile_kernels python -m bench.profile_kernels: time per CUDA kernel of the MoE MLP, attention, logprob
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
 #   report          python bench/report.py: OUT_DIR/README.md from the JSON files
 # OUT_DIR/suite.json lists every step with its command, exit status and seconds. Exit status: the
@@ -63,19 +64,21 @@ if [[ $DRY -eq 1 ]]; then
   step attention 300 "$PYTHON -m bench.attention --dry-run"
   step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run"
   step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
+  step profile_kernels 300 "$PYTHON -m bench.profile_kernels --dry-run"
   step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
 else
   "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 70 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
-  step logprob 100 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
-  step logprob_configs 45 "$PYTHON -m bench.logprob_configs --out $OUT"
-  step moe 80 "$PYTHON -m bench.moe $(out_flag moe)"
-  step moe_configs 45 "$PYTHON -m bench.moe_configs --out $OUT"
-  step attention 45 "$PYTHON -m bench.attention $(out_flag attention)"
-  step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT"
+  step gpu_tests 90 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step logprob 85 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+  step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
+  step moe 55 "$PYTHON -m bench.moe $(out_flag moe)"
+  step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT"
+  step attention 50 "$PYTHON -m bench.attention $(out_flag attention)"
+  step attention_configs 35 "$PYTHON -m bench.attention_configs --out $OUT"
+  step profile_kernels 40 "$PYTHON -m bench.profile_kernels --out $OUT"
   step gpu_train_step 40 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 

@@ -6,12 +6,13 @@
 
 Rows (each timed in the same run; ratio = variant time / the current default's time):
   forward only (gemm | triton)  the forward alone (no autograd graph), each FWD_MODE
-  default (FWD_MODE, BWD_MODE)  the module's current settings (now: fused forward kernel, GEMM backward): the
+  default (FWD_MODE, BWD_MODE)  the module's current settings (now: GEMM forward, GEMM backward): the
                                 reference of every ratio
   gemm fwd + gemm bwd           FWD_MODE = BWD_MODE = "gemm": cuBLAS fp32 logits blocks of GEMM_ROWS x GEMM_COLS,
                                 Triton row statistics / dz, cuBLAS dh and dW accumulated in fp32; the backward
                                 is one pass when the rows with gradient fit GEMM_ROWS
-  gemm, GEMM_COLS 1024 / 4096   the same with narrower / wider logits blocks (memory vs GEMM shape)
+  triton fwd + gemm bwd         the fused forward kernel (logits never leave registers) with the GEMM backward
+  gemm, GEMM_COLS 1024 .. 4096  the same with narrower / wider logits blocks (memory vs GEMM shape)
   gemm two-pass                 the same with GEMM_ROWS 4096: at 8K tokens a dh pass and a dW pass, each computing
                                 the logits again
   triton fwd + atomic split     fused forward, 16-bit weight backward as a dh pass and a dW pass of fused tiles
@@ -33,14 +34,19 @@ from bench.logprob import FLOPS_RULE, MIB, H, T, V, _inputs
 
 def _variants(L: Any) -> dict[str, dict[str, Any]]:
     gemm = {"FWD_MODE": "gemm", "BWD_MODE": "gemm"}
-    return {
+    variants = {
         f"default ({L.FWD_MODE} fwd, {L.BWD_MODE} bwd)": {},  # first: the reference of every ratio
         "gemm fwd + gemm bwd": gemm,
+        "triton fwd + gemm bwd": {"FWD_MODE": "triton", "BWD_MODE": "gemm"},
         "gemm, GEMM_COLS 1024": {**gemm, "GEMM_COLS": 1024},
+        "gemm, GEMM_COLS 3072": {**gemm, "GEMM_COLS": 3072},
         "gemm, GEMM_COLS 4096": {**gemm, "GEMM_COLS": 4096},
         "gemm two-pass (GEMM_ROWS 4096)": {**gemm, "GEMM_ROWS": 4096},
         "triton fwd + atomic split bwd": {"FWD_MODE": "triton", "BWD_MODE": "atomic"},
     }
+    # a variant equal to the current defaults would time the default twice
+    return {name: o for i, (name, o) in enumerate(variants.items())
+            if i == 0 or any(getattr(L, k) != v for k, v in o.items())}
 
 
 def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], device: str = "cuda",

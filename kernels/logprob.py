@@ -487,11 +487,11 @@ BWD_DET_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8,
 #            "gemm":   cuBLAS blocks: logits block -> dz block (Triton, 16-bit) -> dh and dW GEMMs accumulated
 #                      in fp32, no atomics; one pass when the rows with gradient fit one block of GEMM_ROWS,
 #                      else a dh pass and a dW pass (see _gemm_backward)
-# H200, N=8192, H=2560, bf16 (bench/logprob_configs.py, commit 703b0e7): fwd+bwd 66 ms with the GEMM backward
-# (then always two-pass) vs 123 ms with the atomic split one; the fused forward kernel: 16 ms (~400 TFLOP/s).
-# The GEMM forward and the one-pass backward came after that run: FWD_MODE stays on the measured kernel until
-# bench/logprob_configs.py times both forwards on a GPU.
-FWD_MODE = "triton"
+# H200, N=8192, H=2560, bf16, fwd+bwd (bench/logprob_configs.py, commit 68fad31): GEMM forward + one-pass GEMM
+# backward 47.6 ms (401 TFLOP/s counting 6NHV); fused forward + GEMM backward 50.8; fused forward + atomic split
+# backward 122.7. Forward alone: GEMM blocks 13.1 ms (486 TFLOP/s) vs fused kernel 16.1 (396); on a prompt-heavy
+# RL batch (32K tokens, 512 targets per 4096) 6.7 vs 12.8 ms, since the GEMM forward only computes live rows.
+FWD_MODE = "gemm"
 BWD_MODE = "gemm"
 # One logits block of the GEMM layouts: GEMM_ROWS tokens x GEMM_COLS vocabulary rows (fp32 block + 16-bit dz
 # block: 96 MiB at 8192 x 2048); the backward keeps an fp32 dh accumulator of GEMM_ROWS x H (80 MiB at H 2560).
