@@ -68,7 +68,7 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
     suite = json.loads((tmp_path / "suite.json").read_text())
     steps = {s["step"]: s for s in suite["steps"]}
     assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "moe_configs", "attention",
-                          "attention_configs", "gpu_train_step"}
+                          "attention_configs", "profile_kernels", "gpu_train_step"}
     assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
     # the collected GPU tests cover every kernel and the model
     log = (tmp_path / "logs" / "gpu_tests.log").read_text()
