@@ -4,16 +4,17 @@ default is chosen from this table).
     python -m bench.attention_configs             # CUDA: 32K packed tokens, GQA 32/8, head_dim 128, bf16
     python -m bench.attention_configs --dry-run   # CPU: list the candidates, nothing timed
 
-Each candidate overrides some fields of kernels.flash_attention.CONFIG: the dK/dV kernel's tiles (bwd_*), the
-dQ kernel's tiles (dq_*), or bwd_fused_dq (dQ by atomics inside the dK/dV kernel, no dQ kernel). Every
-candidate compiles for sm_90 without register spills and within shared memory under Triton 3.9
-(tests/kernels/test_flash_attention.py checks this on CPU) and was checked under Triton 3.6 by hand; the
-default is kept as the reference even where it spills. Each row times forward + backward of causal
-varlen attention (4 documents of 8K tokens), checks dQ/dK/dV against the default's, and reports the ratio
-to the default's time; torch SDPA (and flash-attn, when installed) on the same documents is the same-run
-baseline. Worker processes compile the candidates in parallel first (Triton's disk cache then serves
-the timing loop); candidates still untimed after --budget-s seconds are skipped, never run late. Expected
-wall time on an H200 with 16 CPU cores: about 25-35 s (start-up 5 s, parallel compiles 10-20 s, timing 5 s).
+Each candidate overrides some fields of kernels.flash_attention.CONFIG: bwd_split (dV and dK by two passes,
+split_* tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), or bwd_fused_dq (dQ by
+atomics inside the dK pass, no dQ kernel). Every candidate compiles for sm_90 without register spills and
+within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py checks this on CPU); under Triton
+3.6, the GPU image's, "split 64x128 w8 s2" spills 12 B and the joint 64x64 s2 180 B. Each row times forward +
+backward of causal varlen attention (4 documents of 8K tokens), checks dQ/dK/dV against the default's, and
+reports the ratio to the default's time; torch SDPA (and flash-attn, when installed) on the same documents is
+the same-run baseline. Worker processes compile the candidates in parallel first (Triton's disk cache then
+serves the timing loop); candidates still untimed after --budget-s seconds are skipped, never run late.
+Expected wall time on an H200 with 16 CPU cores: about 25-35 s (start-up 5 s, parallel compiles 10-20 s,
+timing 5 s).
 To adopt the winner, set its fields as the defaults of kernels.flash_attention.TritonConfig.
 """
 
@@ -35,26 +36,26 @@ from bench.common import print_table, save_results, timeit
 # (label, CONFIG field overrides); the first is the current default, the reference of every ratio
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
-    # dQ fused into the dK/dV kernel (atomic fp32 adds, 5 matmuls per tile instead of 7, no dQ kernel)
-    ("fused 32x64 w8 s1", dict(bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=64, bwd_warps=8, bwd_stages=1)),
-    ("fused 32x64 w8 s2", dict(bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
-    # dK/dV kernel tiles (query rows m x key rows n, warps, stages); the dQ kernel stays at its default
-    ("dkdv 64x64 w8 s1", dict(bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=1)),
-    ("dkdv 32x64 w8 s1", dict(bwd_block_m=32, bwd_block_n=64, bwd_warps=8, bwd_stages=1)),
-    ("dkdv 32x64 w8 s2", dict(bwd_block_m=32, bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
-    # dQ kernel tiles (query rows m x key rows n, warps, stages); the dK/dV kernel stays at its default
-    ("dq 128x32 w8 s2", dict(dq_block_m=128, dq_block_n=32, dq_warps=8, dq_stages=2)),
-    ("dq 128x32 w8 s3", dict(dq_block_m=128, dq_block_n=32, dq_warps=8, dq_stages=3)),
-    ("dq 128x64 w8 s1", dict(dq_block_m=128, dq_block_n=64, dq_warps=8, dq_stages=1)),
-    ("dq 64x64 w8 s2", dict(dq_block_m=64, dq_block_n=64, dq_warps=8, dq_stages=2)),
-    ("dq 64x64 w4 s1", dict(dq_block_m=64, dq_block_n=64, dq_warps=4, dq_stages=1)),
-    # both kernels changed, spill-free under Triton 3.6 too
-    ("dkdv 64x64 w8 s1 + dq 128x32 w8 s3", dict(bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=1,
-                                               dq_block_m=128, dq_block_n=32, dq_warps=8, dq_stages=3)),
+    # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
+    ("split 64x128 w8 s2", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=2)),
+    ("split 32x128 w8 s2", dict(bwd_split=True, split_block_m=32, split_block_n=128, split_warps=8, split_stages=2)),
+    ("split 32x64 w4 s2", dict(bwd_split=True, split_block_m=32, split_block_n=64, split_warps=4, split_stages=2)),
+    # split, and dQ by atomics inside the dK pass (no dQ kernel: 6 matmuls per tile pair instead of 8)
+    ("split fused-dQ 32x128 w8 s2", dict(bwd_split=True, bwd_fused_dq=True, split_block_m=32, split_block_n=128,
+                                         split_warps=8, split_stages=2)),
+    # the dQ kernel with 128-key tiles (the dK/dV side as in the default)
+    ("dq 128x128 w8 s1", dict(dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=1)),
+    # one joint dK/dV pass (the default up to 2026-12-04: 64x64 w8 s2; it spills under Triton 3.6)
+    ("joint 64x64 w8 s2", dict(bwd_split=False, bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
+    ("joint 64x64 w8 s1", dict(bwd_split=False, bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=1)),
+    ("joint fused-dQ 32x64 w8 s2", dict(bwd_split=False, bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=64,
+                                        bwd_warps=8, bwd_stages=2)),
 ]
-# Not candidates: every dK/dV tile with 128 key rows (m 32 or 64, 4 or 8 warps, 1-3 stages, fused or not) and
-# 4-warp dK/dV tiles spill registers under both Triton 3.6 and 3.9 with head_dim 128: the two fp32 [128, 128]
-# accumulators alone take 128 registers per thread at 8 warps.
+# H200, 32K tokens (commit 68fad31), joint pass only: none of 11 tile variants (dK/dV 32x64 / 64x64, dQ 128x32 /
+# 128x64 / 64x64, fused dQ) beat 64x64 w8 s2 (31.1 ms fwd+bwd, 0.46x SDPA) by more than noise.
+# Not candidates: a joint dK/dV tile with 128 key rows, and 4-warp joint tiles, spill under both Triton 3.6 and
+# 3.9 with head_dim 128 (two fp32 [128, 128] accumulators take 128 registers per thread at 8 warps); split
+# 128x128 and 4-warp 64x128 tiles spill too.
 
 DOCS = 4
 HQ, HKV, D = 32, 8, 128

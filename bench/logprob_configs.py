@@ -15,6 +15,8 @@ Rows (each timed in the same run; ratio = variant time / the current default's t
   gemm, GEMM_COLS 1024 .. 4096  the same with narrower / wider logits blocks (memory vs GEMM shape)
   gemm two-pass                 the same with GEMM_ROWS 4096: at 8K tokens a dh pass and a dW pass, each computing
                                 the logits again
+  gemm, STATS_TILE (r, c)       the forward's row-statistics kernel with r rows x c columns per step (fewer rows per
+                                program: more programs in flight over one logits block)
   triton fwd + atomic split     fused forward, 16-bit weight backward as a dh pass and a dW pass of fused tiles
                                 with fp32 atomics into <= SCRATCH_BYTES of scratch (the default before 2026-12-04)
 Every variant's dh/dW is compared with the default's (relative L2 error).
@@ -42,6 +44,8 @@ def _variants(L: Any) -> dict[str, dict[str, Any]]:
         "gemm, GEMM_COLS 3072": {**gemm, "GEMM_COLS": 3072},
         "gemm, GEMM_COLS 4096": {**gemm, "GEMM_COLS": 4096},
         "gemm two-pass (GEMM_ROWS 4096)": {**gemm, "GEMM_ROWS": 4096},
+        "gemm, STATS_TILE (4, 512)": {**gemm, "STATS_TILE": (4, 512)},
+        "gemm, STATS_TILE (8, 256)": {**gemm, "STATS_TILE": (8, 256)},
         "triton fwd + atomic split bwd": {"FWD_MODE": "triton", "BWD_MODE": "atomic"},
     }
     # a variant equal to the current defaults would time the default twice
@@ -94,7 +98,7 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
             sec = timeit(step, warmup=1, iters=iters)
             h.grad = w.grad = None  # else the old grads, freed inside step, offset the new ones
             extra, _ = peak_extra_memory(step)
-            t_fwd = t_fwds[L.FWD_MODE]
+            t_fwd = timeit(fwd, warmup=1, iters=iters)  # this variant's forward alone
         except Exception as e:  # record why a variant cannot run here, and go on with the others
             rows.append({"case": case, "impl": name, "metric": "error", "value": f"{type(e).__name__}: {e}"[:300],
                          "unit": ""})
@@ -109,7 +113,7 @@ def _measure(L: Any, n: int, iters: int, variants: dict[str, dict[str, Any]], de
         grads_mib = (n * H + V * H) * 2 / MIB
         rows.append({"case": case, "impl": name, "metric": "time", "value": round(sec * 1e3, 2), "unit": "ms",
                      "TFLOP/s": round(6 * n_eff * H * V / sec / 1e12, 1), "flops_rule": FLOPS_RULE,
-                     "backward ms": round((sec - t_fwd) * 1e3, 2),
+                     "forward ms": round(t_fwd * 1e3, 2), "backward ms": round((sec - t_fwd) * 1e3, 2),
                      "extra_minus_grads_mib": round(extra / MIB - grads_mib, 1),
                      "baseline": next(iter(variants)), "ratio": round(sec / t_default, 3),
                      "ratio_meaning": "variant time / default time (<1: variant faster)",
@@ -139,7 +143,7 @@ def main() -> None:
         rows += _measure(L, args.rl_n, args.iters, variants, response=args.rl_response)
     save_results("logprob_configs", rows, out_dir=args.out)
     print_table("kernels.linear_logprob_entropy backward layouts (fwd+bwd, bf16, T=0.7)", rows,
-                ["case", "impl", "value", "TFLOP/s", "backward ms", "extra_minus_grads_mib", "ratio",
+                ["case", "impl", "value", "TFLOP/s", "forward ms", "backward ms", "extra_minus_grads_mib", "ratio",
                  "grad rel err vs default"])
 
 

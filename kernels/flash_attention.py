@@ -275,7 +275,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale, Hq,
                 stride_qt, stride_dot, stride_dqt, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                FUSED_DQ: tl.constexpr):
+                FUSED_DQ: tl.constexpr, PASS: tl.constexpr):
     # One loop with the mask applied only on tiles outside [a, b): three separate loops (as in the forward)
     # need more registers than the dK/dV accumulators leave, and ptxas would spill.
     offs_d = tl.arange(0, HEAD_DIM)
@@ -292,13 +292,16 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_
         if (s0 < a) | (s0 >= b):
             ok = (offs_m[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
             pT = tl.where(ok, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
-        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
-        dk += tl.dot(dsT, tl.trans(qT))
-        if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
-            dq = tl.dot(tl.trans(dsT), k) * sm_scale
-            tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None], sem="relaxed")
+        if PASS != 2:
+            dv += tl.dot(pT.to(do.dtype), do)
+        if PASS != 1:
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+            dk += tl.dot(dsT, tl.trans(qT))
+            if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
+                dq = tl.dot(tl.trans(dsT), k) * sm_scale
+                tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -309,12 +312,14 @@ def _attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
     Works on transposed tiles (keys x queries) so dK, dV accumulate in registers without atomics. With
     FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics, and no dQ kernel runs.
+    PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
+    recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
     """
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -333,15 +338,18 @@ def _attn_bwd_dkdv_kernel(
         DOp = DO + h * stride_doh
         dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE + h, DELTA + h, DQ + h * stride_dqh, lo, a, b, hi, r_lo,
                              r_len, qk_scale, sm_scale, Hq, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M,
-                             FUSED_DQ)
-    dk *= sm_scale
-    dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + offs_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
-    if ACCUMULATE:  # ring: add this block pair's share into the fp32 buffer travelling with K/V
-        dk += tl.load(dk_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+                             FUSED_DQ, PASS)
+    if PASS != 1:
+        dk *= sm_scale
+        dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
+        if ACCUMULATE:  # ring: add this block pair's share into the fp32 buffer travelling with K/V
+            dk += tl.load(dk_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    if PASS != 2:
+        dv_ptrs = DV + offs_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
+        if ACCUMULATE:
+            dv += tl.load(dv_ptrs, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
 
 
 @triton.jit
@@ -429,11 +437,23 @@ class TritonConfig:
     # dQ computed inside the dK/dV kernel (atomic adds into an fp32 dQ, as FlashAttention-2 does): 5 matmuls per
     # tile instead of 7, no dQ kernel (the dq_* fields are then unused); dQ's summation order is not deterministic
     bwd_fused_dq: bool = False
+    # dV and dK by two launches of the dK/dV kernel (PASS 1, then PASS 2), each with one accumulator, using the
+    # split_* tiles (the bwd_* tiles are then unused); with bwd_fused_dq the dK launch also adds dQ.
+    # Why: on an H200 (bench.profile_kernels, 32K tokens, commit f7f6ced) the joint dK/dV kernel took 28.5 ms
+    # (~230 TFLOP/s) against 8.2 ms for the dQ kernel (~600): its two fp32 accumulators leave 64-key tiles
+    # only (64x32 wgmma per warpgroup at 8 warps) and still spill under Triton 3.6. Split, each pass holds one
+    # accumulator and takes 128-key tiles (64x64 / 64x128 wgmma) spill-free under Triton 3.6 and 3.9, for one
+    # more S recompute (8 matmuls per tile pair in the whole backward instead of 7).
+    bwd_split: bool = True
+    split_block_m: int = 64  # query tile of the split passes
+    split_block_n: int = 128  # key tile of the split passes
+    split_warps: int = 8
+    split_stages: int = 1
 
 
 CONFIG = TritonConfig()
 # small tiles keep the interpreter fast and put many tile boundaries inside tiny test inputs
-INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, False)
+INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, False, False, 16, 32, 4, 1)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -487,14 +507,20 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dq32 = dq
     if c.bwd_fused_dq and not accumulate:
         dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=dq.device)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, c.bwd_block_n), Hkv)](
-        q, k, v, do, lse, delta, dk, dv, dq32, qlo, qhi,
-        Tk, Hq, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
-        GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, BLOCK_M=c.bwd_block_m,
-        BLOCK_N=c.bwd_block_n, num_warps=c.bwd_warps, num_stages=c.bwd_stages,
-    )
+    if c.bwd_split:
+        launches = [(1, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages),
+                    (2, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)]
+    else:
+        launches = [(0, c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)]
+    for pass_, bm, bn, warps, stages in launches:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
+            q, k, v, do, lse, delta, dk, dv, dq32, qlo, qhi,
+            Tk, Hq, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
+            GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_, BLOCK_M=bm,
+            BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        )
     if c.bwd_fused_dq:
         if dq32 is not dq:
             dq.copy_(dq32)
@@ -693,6 +719,28 @@ _STRIDES_QKV = _i32("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_
 
 def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
     """The kernels.aot descriptions of the kernels that configuration c launches (with bwd_fused_dq, no dQ kernel)."""
+    dkdv = [
+        {
+            "name": "attn_bwd_dkdv" + suffix,
+            "fn": _attn_bwd_dkdv_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+                          "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32",
+                          "Hq": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
+                                 "stride_dqt", "stride_dqh")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
+                           "PASS": pass_, "BLOCK_M": bm, "BLOCK_N": bn},
+            "num_warps": warps,
+            "num_stages": stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
+                                        "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt",
+                                        "stride_dvh", "stride_dqt", "stride_dqh"),
+        }
+        for pass_, suffix, bm, bn, warps, stages in (
+            [(1, "_dv", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages),
+             (2, "_dk", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)] if c.bwd_split
+            else [(0, "", c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)])
+    ]
     configs = [
         {
             "name": "attn_fwd",
@@ -704,22 +752,6 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "num_warps": c.fwd_warps,
             "num_stages": c.fwd_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
-        },
-        {
-            "name": "attn_bwd_dkdv",
-            "fn": _attn_bwd_dkdv_kernel,
-            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-                          "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32",
-                          "Hq": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
-                                 "stride_dqt", "stride_dqh")},
-            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
-                           "BLOCK_M": c.bwd_block_m, "BLOCK_N": c.bwd_block_n},
-            "num_warps": c.bwd_warps,
-            "num_stages": c.bwd_stages,
-            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
-                                        "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt",
-                                        "stride_dvh", "stride_dqt", "stride_dqh"),
         },
         {
             "name": "attn_bwd_dq",
@@ -746,6 +778,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "divisible_by_16": ["O", "DO", "DLSE", "DELTA", "stride_ot", "stride_oh", "stride_dot", "stride_doh"],
         },
     ]
+    configs[1:1] = dkdv
     return [x for x in configs if not (c.bwd_fused_dq and x["name"] == "attn_bwd_dq")]
 
 

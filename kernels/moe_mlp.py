@@ -7,15 +7,96 @@ Weights are in transformers 5's fused `Qwen3MoeExperts` layout, used as they are
 so expert e computes  down_proj[e] @ (silu(gate_e x) * (up_e x)). The grouped GEMMs read
 `gate_up_proj.transpose(1, 2)` ([E, H, 2I]) and `down_proj.transpose(1, 2)` ([E, I, H]) as strided
 views, and their weight gradients come back in the parameters' own layout.
+
+With the triton backend SwiGLU is one Triton kernel each way on the fused [rows, 2I] gate_up output: it
+reads h once and writes a (forward), reads h and da and writes dh in place of the [rows, 2I] buffer the
+down GEMM's dX needs (backward). Liger's SwiGLU takes gate and up as separate contiguous tensors and
+returns their gradients separately, which here would cost a copy each way; torch's silu * mul on the
+strided halves ran 1 ms forward and ~4.5 ms backward on an H200 at 32K tokens x top-8.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.grouped_mm import grouped_mm
-from kernels.moe_route import Routing
+from kernels.moe_route import Routing, _use_triton
+
+
+@triton.jit
+def _swiglu_fwd_kernel(Hp, A, M, I, stride_h, stride_a, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """A[m, i] = silu(H[m, i]) * H[m, I + i], in fp32."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rows[:, None] < M) & (cols[None, :] < I)
+    hp = Hp + rows[:, None] * stride_h + cols[None, :]
+    g = tl.load(hp, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(hp + I, mask=ok, other=0.0).to(tl.float32)
+    a = g * tl.sigmoid(g) * u
+    tl.store(A + rows[:, None] * stride_a + cols[None, :], a.to(A.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(Hp, DA, DH, M, I, stride_h, stride_da, stride_dh, BLOCK_M: tl.constexpr,
+                       BLOCK_I: tl.constexpr):
+    """DH[m, i] = DA * u * silu'(g), DH[m, I + i] = DA * silu(g), with g = H[m, i], u = H[m, I + i]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rows[:, None] < M) & (cols[None, :] < I)
+    hp = Hp + rows[:, None] * stride_h + cols[None, :]
+    g = tl.load(hp, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(hp + I, mask=ok, other=0.0).to(tl.float32)
+    da = tl.load(DA + rows[:, None] * stride_da + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = da * u * (sig + silu * (1.0 - sig))
+    dp = DH + rows[:, None] * stride_dh + cols[None, :]
+    tl.store(dp, dg.to(DH.dtype.element_ty), mask=ok)
+    tl.store(dp + I, (da * silu).to(DH.dtype.element_ty), mask=ok)
+
+
+def _swiglu_grid(m: int, inter: int) -> tuple[tuple[int, int], dict[str, int]]:
+    block_i = min(1024, triton.next_power_of_2(inter))
+    block_m = max(1, 4096 // block_i)  # 4K elements per program: 32 per thread at 4 warps
+    return (triton.cdiv(m, block_m), triton.cdiv(inter, block_i)), {"BLOCK_M": block_m, "BLOCK_I": block_i}
+
+
+class _SwiGLU(torch.autograd.Function):
+    """h [M, 2I] (gate | up, unit last stride) -> silu(gate) * up [M, I]; backward -> dh [M, 2I]."""
+
+    @staticmethod
+    def forward(ctx, h):
+        m, inter = h.shape[0], h.shape[1] // 2
+        a = torch.empty(m, inter, device=h.device, dtype=h.dtype)
+        if m:
+            grid, meta = _swiglu_grid(m, inter)
+            _swiglu_fwd_kernel[grid](h, a, m, inter, h.stride(0), a.stride(0), **meta)
+        ctx.save_for_backward(h)
+        return a
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        m, inter = h.shape[0], h.shape[1] // 2
+        da = da if da.stride(-1) == 1 else da.contiguous()
+        dh = torch.empty(m, 2 * inter, device=h.device, dtype=h.dtype)
+        if m:
+            grid, meta = _swiglu_grid(m, inter)
+            _swiglu_bwd_kernel[grid](h, da, dh, m, inter, h.stride(0), da.stride(0), dh.stride(0), **meta)
+        return dh
+
+
+def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """h [M, 2I] laid out gate | up (transformers' chunk(2) order) -> silu(gate) * up [M, I] in h's dtype."""
+    inter = h.shape[-1] // 2
+    if _use_triton(backend, h) and h.dim() == 2 and h.stride(-1) == 1:
+        return _SwiGLU.apply(h)
+    return F.silu(h[..., :inter]) * h[..., inter:]
 
 
 def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -29,9 +110,22 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden:
         raise ValueError(f"shapes: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
                          f"down_proj {tuple(down_proj.shape)}")
-    inter = two_i // 2
-    xp = routing.permute(x)  # [T*k, H], rows grouped by expert
+    xp = routing.permute(x, backend)  # [T*k, H], rows grouped by expert
     h = grouped_mm(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, 2I]
-    a = F.silu(h[:, :inter]) * h[:, inter:]  # gate first, as transformers' chunk(2) reads it
+    a = swiglu(h, backend)  # gate first, as transformers' chunk(2) reads it
     yp = grouped_mm(a, down_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, H]
-    return routing.unpermute(yp)
+    return routing.unpermute(yp, backend)
+
+
+def _swiglu_aot(name: str, fn: Any, pointers: list[str], strides: list[str]) -> dict[str, Any]:
+    _, meta = _swiglu_grid(1, 768)  # Qwen3-30B-A3B's expert width
+    return {"name": name, "fn": fn,
+            "signature": {**dict.fromkeys(pointers, "*bf16"), "M": "i32", "I": "i32", **dict.fromkeys(strides, "i32")},
+            "constexprs": meta, "num_warps": 4, "num_stages": 1, "divisible_by_16": [*pointers, "I", *strides]}
+
+
+# kernels.aot descriptions (bf16, I 768), as _SwiGLU launches them
+AOT_CONFIGS: list[dict[str, Any]] = [
+    _swiglu_aot("swiglu_fwd", _swiglu_fwd_kernel, ["Hp", "A"], ["stride_h", "stride_a"]),
+    _swiglu_aot("swiglu_bwd", _swiglu_bwd_kernel, ["Hp", "DA", "DH"], ["stride_h", "stride_da", "stride_dh"]),
+]

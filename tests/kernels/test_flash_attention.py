@@ -171,10 +171,13 @@ def test_block_attention_global_positions_poisoned_outputs(backend):
     assert rel(acc_kv[:, 3:] - base_kv[:, 3:], v64.grad) < 1e-5
 
 
-VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused into dK/dV (atomics), asymmetric tiles
+VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused into dK/dV (atomics), asymmetric tiles,
+    # split dK / dV passes
     "fused_dq": dict(bwd_fused_dq=True),
     "asymmetric": dict(bwd_block_m=16, bwd_block_n=32, dq_block_m=32, dq_block_n=16),
     "fused_dq_asymmetric": dict(bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=16),
+    "split": dict(bwd_split=True),  # dV and dK by separate passes (the GPU default)
+    "split_fused_dq": dict(bwd_split=True, bwd_fused_dq=True, split_block_m=32, split_block_n=16),
 }
 
 
