@@ -273,7 +273,7 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale, Hq,
+def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale,
                 stride_qt, stride_dot, stride_dqt, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 FUSED_DQ: tl.constexpr, PASS: tl.constexpr):
     # One loop with the mask applied only on tiles outside [a, b): three separate loops (as in the forward)
@@ -284,11 +284,11 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_
         m_ok = offs_m < hi
         qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None], mask=m_ok[None, :], other=0.0)
         do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        lse = tl.load(LSEp + offs_m * Hq, mask=m_ok, other=0.0)
-        delta = tl.load(DELTAp + offs_m * Hq, mask=m_ok, other=0.0)
-        # lse is finite for every query row that sees a key of this block (the global lse includes it)
+        lse = tl.load(LSEp + offs_m, mask=m_ok, other=0.0)  # head-major copies: one 256-byte line per tile
+        delta = tl.load(DELTAp + offs_m, mask=m_ok, other=0.0)
+        # lse (base 2) is finite for every query row that sees a key of this block (the global lse includes it)
         sT = tl.dot(k, qT) * qk_scale
-        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.math.exp2(sT - lse[None, :])
         if (s0 < a) | (s0 >= b):
             ok = (offs_m[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
             pT = tl.where(ok, pT, 0.0)
@@ -307,8 +307,8 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q_LO, Q_HI,
-    Tk, Hq, qk_scale, sm_scale,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_LO, Q_HI,
+    Tk, stride_lh, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
@@ -320,6 +320,8 @@ def _attn_bwd_dkdv_kernel(
     FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics, and no dQ kernel runs.
     PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
     recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
+    LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32, so each query tile's values are one
+    contiguous line (token-major they were Hq-strided scalar loads in the innermost loop).
     """
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -336,9 +338,9 @@ def _attn_bwd_dkdv_kernel(
         h = kvh * GROUP + g
         Qp = Q + h * stride_qh
         DOp = DO + h * stride_doh
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE + h, DELTA + h, DQ + h * stride_dqh, lo, a, b, hi, r_lo,
-                             r_len, qk_scale, sm_scale, Hq, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M,
-                             FUSED_DQ, PASS)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE2 + h * stride_lh, DELTA + h * stride_lh,
+                             DQ + h * stride_dqh, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale, stride_qt, stride_dot,
+                             stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS)
     if PASS != 1:
         dk *= sm_scale
         dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
@@ -442,13 +444,15 @@ class TritonConfig:
     # Why: on an H200 (bench.profile_kernels, 32K tokens, commit f7f6ced) the joint dK/dV kernel took 28.5 ms
     # (~230 TFLOP/s) against 8.2 ms for the dQ kernel (~600): its two fp32 accumulators leave 64-key tiles
     # only (64x32 wgmma per warpgroup at 8 warps) and still spill under Triton 3.6. Split, each pass holds one
-    # accumulator and takes 128-key tiles (64x64 / 64x128 wgmma) spill-free under Triton 3.6 and 3.9, for one
-    # more S recompute (8 matmuls per tile pair in the whole backward instead of 7).
+    # accumulator and takes 128-key tiles (64x64 / 64x128 wgmma) for one more S recompute (8 matmuls per tile
+    # pair in the whole backward instead of 7). Measured (bench.attention_configs, commit 0ae34af): split
+    # 64x128 w8 s2 26.2 ms for both passes, 0.90x the joint 64x64 kernel's fwd+bwd time; spill-free under
+    # Triton 3.9, 28 B spilled in the dK pass under 3.6 (s1: none, but 1.06x slower).
     bwd_split: bool = True
     split_block_m: int = 64  # query tile of the split passes
     split_block_n: int = 128  # key tile of the split passes
     split_warps: int = 8
-    split_stages: int = 1
+    split_stages: int = 2
 
 
 CONFIG = TritonConfig()
@@ -512,10 +516,12 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                     (2, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)]
     else:
         launches = [(0, c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)]
+    lse2_h = (lse.t() * LOG2E).contiguous()  # [Hq, Tq]: 4 bytes x Hq x Tq each (4 MiB at 32K tokens, 32 heads)
+    delta_h = delta.t().contiguous()
     for pass_, bm, bn, warps, stages in launches:
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
-            q, k, v, do, lse, delta, dk, dv, dq32, qlo, qhi,
-            Tk, Hq, scale * LOG2E, scale,
+            q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,
+            Tk, Tq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
             GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_, BLOCK_M=bm,
@@ -723,18 +729,18 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
         {
             "name": "attn_bwd_dkdv" + suffix,
             "fn": _attn_bwd_dkdv_kernel,
-            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE2": "*fp32", "DELTA": "*fp32",
                           "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32",
-                          "Hq": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                          "stride_lh": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
                                  "stride_dqt", "stride_dqh")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
                            "PASS": pass_, "BLOCK_M": bm, "BLOCK_N": bn},
             "num_warps": warps,
             "num_stages": stages,
-            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
-                                        "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt",
-                                        "stride_dvh", "stride_dqt", "stride_dqh"),
+            "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE2", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
+                                        "stride_lh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
+                                        "stride_dvt", "stride_dvh", "stride_dqt", "stride_dqh"),
         }
         for pass_, suffix, bm, bn, warps, stages in (
             [(1, "_dv", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages),
