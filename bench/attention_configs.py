@@ -8,7 +8,7 @@ Each candidate overrides some fields of kernels.flash_attention.CONFIG: bwd_spli
 split_* tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), or bwd_fused_dq (dQ by
 atomics inside the dK pass, no dQ kernel). Every candidate compiles for sm_90 without register spills and
 within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py checks this on CPU); under Triton
-3.6, the GPU image's, the default (split 64x128 w8 s2) spills 28 B and the joint 64x64 s2 180 B. Each row
+3.6, the GPU image's, split 64x128 w8 s2 spills 28 B and the joint 64x64 s2 180 B. Each row
 times forward + backward of causal varlen attention (4 documents of 8K tokens), checks dQ/dK/dV against the
 default's, and reports the ratio to the default's time; torch SDPA (and flash-attn, when installed) on the
 same documents is the same-run baseline. Worker processes compile the candidates in parallel first (Triton's
@@ -37,7 +37,7 @@ from bench.common import print_table, save_results, timeit
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
-    ("split 64x128 w8 s1", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=1)),
+    ("split 64x128 w8 s2", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=2)),
     ("split 32x128 w8 s2", dict(bwd_split=True, split_block_m=32, split_block_n=128, split_warps=8, split_stages=2)),
     ("split 32x64 w4 s2", dict(bwd_split=True, split_block_m=32, split_block_n=64, split_warps=4, split_stages=2)),
     # split, and dQ by atomics inside the dK pass (no dQ kernel: 6 matmuls per tile pair instead of 8)
@@ -51,6 +51,8 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("joint fused-dQ 32x64 w8 s2", dict(bwd_split=False, bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=64,
                                         bwd_warps=8, bwd_stages=2)),
 ]
+# H200, 32K tokens (commit 3b8a5a4, head-major lse/delta, default split s2): split s1 0.97x (now the default),
+# split 32x64 w4 s2 1.01x, split 32x128 1.06x, dq 128x128 1.02x, split fused-dQ 1.20x, joint 64x64 s2 1.09x.
 # H200, 32K tokens (commit 0ae34af, lse/delta still token-major): split 64x128 w8 s2 0.94x the split s1 default,
 # split 32x64 w4 s2 0.94x, split 32x128 w8 s2 1.04x, split fused-dQ 1.16x, dq 128x128 1.0x, joint 64x64 s2 1.04x.
 # H200, 32K tokens (commit 68fad31), joint pass only: none of 11 tile variants (dK/dV 32x64 / 64x64, dQ 128x32 /

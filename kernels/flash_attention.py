@@ -445,14 +445,15 @@ class TritonConfig:
     # (~230 TFLOP/s) against 8.2 ms for the dQ kernel (~600): its two fp32 accumulators leave 64-key tiles
     # only (64x32 wgmma per warpgroup at 8 warps) and still spill under Triton 3.6. Split, each pass holds one
     # accumulator and takes 128-key tiles (64x64 / 64x128 wgmma) for one more S recompute (8 matmuls per tile
-    # pair in the whole backward instead of 7). Measured (bench.attention_configs, commit 0ae34af): split
-    # 64x128 w8 s2 26.2 ms for both passes, 0.90x the joint 64x64 kernel's fwd+bwd time; spill-free under
-    # Triton 3.9, 28 B spilled in the dK pass under 3.6 (s1: none, but 1.06x slower).
+    # pair in the whole backward instead of 7). Measured on the H200 (commit 3b8a5a4, lse / delta head-major):
+    # both passes 23.6 ms vs 28.5 for the joint kernel; fwd+bwd 0.54-0.57x SDPA at 16K-128K tokens (joint:
+    # 0.45-0.49x); in bench.attention_configs split 64x128 w8 with 1 stage ran 0.97x the 2-stage one, and it is
+    # the one without spills under Triton 3.6 too (2 stages: 28 B in the dK pass).
     bwd_split: bool = True
     split_block_m: int = 64  # query tile of the split passes
     split_block_n: int = 128  # key tile of the split passes
     split_warps: int = 8
-    split_stages: int = 2
+    split_stages: int = 1
 
 
 CONFIG = TritonConfig()
