@@ -40,6 +40,11 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("split 64x128 w8 s2", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=2)),
     ("split 32x128 w8 s2", dict(bwd_split=True, split_block_m=32, split_block_n=128, split_warps=8, split_stages=2)),
     ("split 32x64 w4 s2", dict(bwd_split=True, split_block_m=32, split_block_n=64, split_warps=4, split_stages=2)),
+    # split, the query range as masked / unmasked / masked loops (bwd_three_loops)
+    ("split 3-loop 32x128 w8 s2", dict(bwd_split=True, bwd_three_loops=True, split_block_m=32, split_block_n=128,
+                                       split_warps=8, split_stages=2)),
+    ("split 3-loop 32x64 w4 s1", dict(bwd_split=True, bwd_three_loops=True, split_block_m=32, split_block_n=64,
+                                      split_warps=4, split_stages=1)),
     # split, and dQ by atomics inside the dK pass (no dQ kernel: 6 matmuls per tile pair instead of 8)
     ("split fused-dQ 32x128 w8 s2", dict(bwd_split=True, bwd_fused_dq=True, split_block_m=32, split_block_n=128,
                                          split_warps=8, split_stages=2)),
@@ -59,7 +64,8 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
 # 128x64 / 64x64, fused dQ) beat 64x64 w8 s2 (31.1 ms fwd+bwd, 0.46x SDPA) by more than noise.
 # Not candidates: a joint dK/dV tile with 128 key rows, and 4-warp joint tiles, spill under both Triton 3.6 and
 # 3.9 with head_dim 128 (two fp32 [128, 128] accumulators take 128 registers per thread at 8 warps); split
-# 128x128, split 64x128 with 3 stages and 4-warp 64x128 tiles spill too.
+# 128x128, split 64x128 with 3 stages and 4-warp 64x128 tiles spill too; split 3-loop 64x128 keeps 8 B of stack
+# under Triton 3.9 (2 stages: spills).
 
 DOCS = 4
 HQ, HKV, D = 32, 8, 128

@@ -273,25 +273,36 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale,
+def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, start, end, a, b, hi, r_lo, r_len, qk_scale, sm_scale,
                 stride_qt, stride_dot, stride_dqt, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                FUSED_DQ: tl.constexpr, PASS: tl.constexpr):
-    # One loop with the mask applied only on tiles outside [a, b): three separate loops (as in the forward)
-    # need more registers than the dK/dV accumulators leave, and ptxas would spill.
+                FUSED_DQ: tl.constexpr, PASS: tl.constexpr, MASK: tl.constexpr):
+    """Query tiles start, start + BLOCK_M, ... < end. MASK 0: tiles inside [a, b), no masks at all; 1: every
+    tile masked; 2: one loop over [lo, hi) that masks the tiles outside [a, b) at run time (the joint dK/dV
+    pass: three loops, as in the forward, need more registers than its two accumulators leave)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for s0 in range(lo, hi, BLOCK_M):
+    for s0 in range(start, end, BLOCK_M):
         offs_m = s0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < hi
-        qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None], mask=m_ok[None, :], other=0.0)
-        do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        lse = tl.load(LSEp + offs_m, mask=m_ok, other=0.0)  # head-major copies: one 256-byte line per tile
-        delta = tl.load(DELTAp + offs_m, mask=m_ok, other=0.0)
+        m_ok = offs_m < hi  # all true inside [a, b)
+        if MASK == 0:
+            qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None])
+            do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :])
+            lse = tl.load(LSEp + offs_m)  # head-major copies: one 256-byte line per tile
+            delta = tl.load(DELTAp + offs_m)
+        else:
+            qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None], mask=m_ok[None, :], other=0.0)
+            do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            lse = tl.load(LSEp + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTAp + offs_m, mask=m_ok, other=0.0)
         # lse (base 2) is finite for every query row that sees a key of this block (the global lse includes it)
         sT = tl.dot(k, qT) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :])
-        if (s0 < a) | (s0 >= b):
+        if MASK == 1:
             ok = (offs_m[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
             pT = tl.where(ok, pT, 0.0)
+        elif MASK == 2:
+            if (s0 < a) | (s0 >= b):
+                ok = (offs_m[None, :] - r_lo[:, None]).to(tl.uint32, bitcast=True) < r_len[:, None]
+                pT = tl.where(ok, pT, 0.0)
         if PASS != 2:
             dv += tl.dot(pT.to(do.dtype), do)
         if PASS != 1:
@@ -300,8 +311,11 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, b, hi, r_lo, r_
             dk += tl.dot(dsT, tl.trans(qT))
             if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
                 dq = tl.dot(tl.trans(dsT), k) * sm_scale
-                tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
-                              sem="relaxed")
+                if MASK == 0:
+                    tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, sem="relaxed")
+                else:
+                    tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
+                                  sem="relaxed")
     return dk, dv
 
 
@@ -312,7 +326,7 @@ def _attn_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
-    PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PASS: tl.constexpr, THREE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
@@ -321,7 +335,8 @@ def _attn_bwd_dkdv_kernel(
     PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
     recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
     LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32, so each query tile's values are one
-    contiguous line (token-major they were Hq-strided scalar loads in the innermost loop).
+    contiguous line (token-major they were Hq-strided scalar loads in the innermost loop). THREE_LOOPS: the
+    query range as masked / unmasked / masked loops (no branch in the main loop) instead of one loop.
     """
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -338,9 +353,19 @@ def _attn_bwd_dkdv_kernel(
         h = kvh * GROUP + g
         Qp = Q + h * stride_qh
         DOp = DO + h * stride_doh
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSE2 + h * stride_lh, DELTA + h * stride_lh,
-                             DQ + h * stride_dqh, lo, a, b, hi, r_lo, r_len, qk_scale, sm_scale, stride_qt, stride_dot,
-                             stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS)
+        LSEp = LSE2 + h * stride_lh
+        DELTAp = DELTA + h * stride_lh
+        DQp = DQ + h * stride_dqh
+        if THREE_LOOPS:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, a, b, hi, r_lo, r_len, qk_scale,
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, a, b, a, b, hi, r_lo, r_len, qk_scale,
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 0)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, b, hi, a, b, hi, r_lo, r_len, qk_scale,
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, hi, a, b, hi, r_lo, r_len, qk_scale,
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 2)
     if PASS != 1:
         dk *= sm_scale
         dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
@@ -454,11 +479,17 @@ class TritonConfig:
     split_block_n: int = 128  # key tile of the split passes
     split_warps: int = 8
     split_stages: int = 1
+    # the dK/dV kernel's query range as masked / unmasked / masked loops, as the forward and dQ kernels do (no
+    # run-time branch in the main loop); off: one loop masking the tiles outside [a, b) at run time
+    bwd_three_loops: bool = False
 
 
 CONFIG = TritonConfig()
 # small tiles keep the interpreter fast and put many tile boundaries inside tiny test inputs
-INTERPRET_CONFIG = TritonConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, False, False, 16, 32, 4, 1)
+INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, bwd_block_m=16,
+                                bwd_block_n=16, bwd_warps=4, bwd_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4,
+                                dq_stages=1, pre_block_m=16, bwd_fused_dq=False, bwd_split=False, split_block_m=16,
+                                split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -525,8 +556,8 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             Tk, Tq, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
-            GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_, BLOCK_M=bm,
-            BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_,
+            THREE_LOOPS=c.bwd_three_loops, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )
     if c.bwd_fused_dq:
         if dq32 is not dq:
@@ -736,7 +767,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                           **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
                                  "stride_dqt", "stride_dqh")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
-                           "PASS": pass_, "BLOCK_M": bm, "BLOCK_N": bn},
+                           "PASS": pass_, "THREE_LOOPS": c.bwd_three_loops, "BLOCK_M": bm, "BLOCK_N": bn},
             "num_warps": warps,
             "num_stages": stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE2", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",

@@ -178,6 +178,8 @@ VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused int
     "fused_dq_asymmetric": dict(bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=16),
     "split": dict(bwd_split=True),  # dV and dK by separate passes (the GPU default)
     "split_fused_dq": dict(bwd_split=True, bwd_fused_dq=True, split_block_m=32, split_block_n=16),
+    "split_three_loops": dict(bwd_split=True, bwd_three_loops=True),  # masked / unmasked / masked query loops
+    "three_loops_fused_dq": dict(bwd_three_loops=True, bwd_fused_dq=True, bwd_block_m=16, bwd_block_n=32),
 }
 
 
