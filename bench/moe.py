@@ -7,7 +7,8 @@
 Two levels, each forward and forward+backward, uniform and skewed routing (one expert receives 30%
 of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
   moe_mlp     router logits -> y: ours (kernels.moe_route + kernels.expert_mlp) vs a per-expert loop
-              (transformers' eager Qwen3MoeExperts algorithm) and, on CUDA, Liger's fused MoE
+              (transformers' eager Qwen3MoeExperts algorithm) and, on CUDA, Liger's fused MoE; on CUDA also
+              ours_triton_gather (kernels.moe_mlp.GATHER_IN_GEMM: no permuted copy of x)
   grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
               backward) vs a bare torch._grouped_mm call
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
@@ -55,6 +56,18 @@ def loop_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: torch.T
 
 def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
     return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
+
+
+def _with_gather_in_gemm(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with kernels.moe_mlp.GATHER_IN_GEMM on: the gate_up GEMM reads x rows by index (no permuted copy);
+    the backward runs after the flag is restored, and its Function does not read the flag."""
+    import kernels.moe_mlp as moe_mlp
+
+    saved, moe_mlp.GATHER_IN_GEMM = moe_mlp.GATHER_IN_GEMM, True
+    try:
+        return fn()
+    finally:
+        moe_mlp.GATHER_IN_GEMM = saved
 
 
 def liger_moe_fn(autotune: bool) -> Callable | None:
@@ -207,6 +220,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if cuda:
             mlp(routing, "ours_torch(_grouped_mm)",
                 lambda: ours_moe(x, logits, k, gate_up, down, backend="torch"))
+            mlp(routing, "ours_triton_gather", lambda: _with_gather_in_gemm(ours))
         # on CUDA its forward only (~0.1 s a call): autograd through 128 indexed slices zero-fills
         # full-size gradients per expert, seconds a step at 32K tokens; --gpu-loop adds it
         mlp(routing, "per_expert_loop", lambda: loop_moe(x, logits, k, gate_up, down),

@@ -58,17 +58,19 @@ def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) 
 
 @triton.jit
 def _grouped_mm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, offs_ptr,
+    x_ptr, w_ptr, y_ptr, offs_ptr, rows_ptr,
     G, N, K,
     stride_xm, stride_xk,
     stride_wg, stride_wk, stride_wn,
     stride_ym, stride_yn,
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """Persistent grid: program p takes global tiles p, p + P, p + 2P, ... of the concatenation of
     every group's (m-tile, n-tile) grid. Tile counts come from the device-side offsets, so the grid
-    (P programs) is fixed by the shapes and empty groups simply own no tiles."""
+    (P programs) is fixed by the shapes and empty groups simply own no tiles. GATHER: row r of the
+    product reads x row rows_ptr[r] (int64), so a permuted copy of x is never written."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     tile = pid  # next global tile this program owns; only ever increases
@@ -89,7 +91,11 @@ def _grouped_mm_fwd_kernel(
             m_mask = rm < row_end
             n_mask = rn < N
             # int64 row offsets: 1M-token packs x 8 copies x 2048 overflow int32
-            x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+            if GATHER:
+                src = tl.load(rows_ptr + rm, mask=m_mask, other=0)
+            else:
+                src = rm.to(tl.int64)
+            x_ptrs = x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk
             w_ptrs = w_ptr + tl.cast(g, tl.int64) * stride_wg + rk[:, None] * stride_wk + rn[None, :] * stride_wn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -112,12 +118,12 @@ def _grouped_mm_fwd_kernel(
 
 @triton.jit
 def _grouped_mm_dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, offs_ptr, order_ptr,
+    x_ptr, dy_ptr, dw_ptr, offs_ptr, order_ptr, rows_ptr,
     K, N,
     stride_xm, stride_xk,
     stride_dym, stride_dyn,
     stride_dwg, stride_dwk, stride_dwn,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
 ):
     """dw[g, k-tile, n-tile] = sum over group g's rows of x^T dy. Grid (k-tiles * n-tiles, G); an
     empty group runs zero reduction steps and writes zeros, as its gradient is. Grid row j serves
@@ -140,7 +146,11 @@ def _grouped_mm_dw_kernel(
         rows = m0 + rm
         m_mask = rows < row_end
         rows64 = rows.to(tl.int64)
-        a = tl.load(x_ptr + rows64[:, None] * stride_xm + rk[None, :] * stride_xk,
+        if GATHER:
+            src = tl.load(rows_ptr + rows, mask=m_mask, other=0)
+        else:
+            src = rows64
+        a = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(dy_ptr + rows64[:, None] * stride_dym + rn[None, :] * stride_dyn,
                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
@@ -162,10 +172,11 @@ def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
 
 
 def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x[rows] @ w[group] per group (x itself where rows is None; rows [M] int64)."""
     cfg = {**FWD_CONFIG, **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
-    M, K = x.shape
+    M, K = (x.shape[0], x.shape[1]) if rows is None else (rows.shape[0], x.shape[1])
     G, _, N = w.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
@@ -175,9 +186,9 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # each non-empty group adds at most one partial m-tile: a shape-only bound on the tile count
     max_tiles = (triton.cdiv(M, bm) + G) * triton.cdiv(N, bn)
-    args = (x, w, y, offsets, G, N, K,
+    args = (x, w, y, offsets, rows if rows is not None else offsets, G, N, K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0,
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GATHER": rows is not None,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     programs = _persistent_programs(x, max_tiles)
     _grouped_mm_fwd_kernel[(programs,)](*args, programs, **meta)
@@ -185,7 +196,9 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
 
 
 def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor,
-               config: dict[str, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+               config: dict[str, int] | None = None, out: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """dw[g] = x[rows of g]^T dy[rows of g] (x[rows] for the gathered form), in like's layout."""
     cfg = {**DW_CONFIG, **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_M"] * cfg["BLOCK_N"], x.element_size())
     K, N = x.shape[1], dy.shape[1]
@@ -201,9 +214,10 @@ def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: t
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
     order = torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
     _grouped_mm_dw_kernel[grid](
-        x, dy, dw, offsets, order, K, N,
+        x, dy, dw, offsets, order, rows if rows is not None else offsets, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], GATHER=rows is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return dw
 
@@ -340,19 +354,21 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     fwd = {**FWD_CONFIG, **(fwd or {})}
     dw = {**DW_CONFIG, **(dw or {})}
     ptr = "*bf16"
-    fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "offs_ptr": "*i32", "G": "i32", "N": "i32", "K": "i32",
+    fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "offs_ptr": "*i32", "rows_ptr": "*i64", "G": "i32",
+               "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-    fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True,
+    fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True, "GATHER": False,
                                  **{k: v for k, v in fwd.items() if k.startswith("BLOCK")}}
     fn = _grouped_mm_fwd_kernel
     fwd_sig["NUM_PROGRAMS"] = "i32"
     # what the JIT marks 16-divisible at Qwen3-30B-A3B shapes: aligned pointers, sizes and strides
     # (2048, 1536, 768, expert strides); G = 128 too, NUM_PROGRAMS (the SM count, 132) is not
     fwd_div = [k for k in fwd_sig if k != "NUM_PROGRAMS"]
-    dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "order_ptr": "*i32",
+    dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "order_ptr": "*i32", "rows_ptr": "*i64",
               "K": "i32", "N": "i32",
               "stride_xm": "i32", "stride_dym": "i32", "stride_dwg": "i32", "stride_dwk": "i32", "stride_dwn": "i32"}
-    dw_const = {"stride_xk": 1, "stride_dyn": 1, **{k: v for k, v in dw.items() if k.startswith("BLOCK")}}
+    dw_const = {"stride_xk": 1, "stride_dyn": 1, "GATHER": False,
+                **{k: v for k, v in dw.items() if k.startswith("BLOCK")}}
     fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
     configs = []
     # The JIT specialises an int arg equal to 1 as a constant, so the unit stride of w picks the
@@ -368,6 +384,11 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     configs.append({"name": f"{prefix}_dw", "fn": _grouped_mm_dw_kernel, "signature": dw_sig,
                     "constexprs": {**dw_const, "stride_dwk": 1}, "num_warps": dw["num_warps"],
                     "num_stages": dw["num_stages"], "divisible_by_16": list(dw_sig)})
+    # the gathered forms (kernels.moe_mlp with GATHER_IN_GEMM): gate_up's forward and dW read x rows by index
+    configs.append({**configs[0], "name": f"{prefix}_fwd_gather", "constexprs": {**configs[0]["constexprs"],
+                                                                                  "GATHER": True}})
+    configs.append({**configs[2], "name": f"{prefix}_dw_gather", "constexprs": {**configs[2]["constexprs"],
+                                                                                 "GATHER": True}})
     return configs
 
 

@@ -24,8 +24,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.grouped_mm import grouped_mm
-from kernels.moe_route import Routing, _use_triton
+from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm
+from kernels.moe_route import Routing, _triton_combine, _use_triton
+
+# triton backend: the gate_up GEMM reads each permuted row straight from x through its token index (forward
+# and dW), so the [T*k, H] permuted copy of x is neither written nor kept for the backward (1 GiB per layer at
+# 32K tokens, H 2048, top-8; its gather took 0.55 ms of a 5.3 ms forward on an H200). Off until an H200 run
+# of bench.moe (row ours_triton_gather) shows the gathered A loads keep the GEMM's speed.
+GATHER_IN_GEMM = False
 
 
 @triton.jit
@@ -91,6 +97,30 @@ class _SwiGLU(torch.autograd.Function):
         return dh
 
 
+class _GatherGroupedMM(torch.autograd.Function):
+    """h [T*k, N] = x[rows] @ w[expert] per expert, x [T, H], rows [T*k] int64 (token of each permuted copy),
+    without the permuted copy. Backward: dX of the copies by the grouped GEMM on w^T, summed back to tokens
+    by the combine kernel (as permute's backward); dW by the grouped dW kernel reading x rows by index."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, rows, inverse, top_k):
+        ctx.save_for_backward(x, w, offsets, rows, inverse)
+        ctx.top_k = top_k
+        return _triton_fwd(x, w, offsets, rows=rows)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, w, offsets, rows, inverse = ctx.saved_tensors
+        dh = dh if dh.stride(-1) == 1 else dh.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dxp = _triton_fwd(dh, w.transpose(1, 2), offsets)
+            dx = _triton_combine(dxp, inverse, None, x.shape[0], ctx.top_k)
+        if ctx.needs_input_grad[1]:
+            dw = _triton_dw(x, dh, offsets, like=w, rows=rows)
+        return dx, dw, None, None, None, None
+
+
 def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """h [M, 2I] laid out gate | up (transformers' chunk(2) order) -> silu(gate) * up [M, I] in h's dtype."""
     inter = h.shape[-1] // 2
@@ -110,8 +140,12 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden:
         raise ValueError(f"shapes: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
                          f"down_proj {tuple(down_proj.shape)}")
-    xp = routing.permute(x, backend)  # [T*k, H], rows grouped by expert
-    h = grouped_mm(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, 2I]
+    if GATHER_IN_GEMM and _use_triton(backend, x) and x.stride(-1) == 1:
+        h = _GatherGroupedMM.apply(x, gate_up_proj.transpose(1, 2), routing.offsets, routing.order // routing.top_k,
+                                   routing.inverse, routing.top_k)  # [T*k, 2I], rows grouped by expert
+    else:
+        xp = routing.permute(x, backend)  # [T*k, H], rows grouped by expert
+        h = grouped_mm(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, 2I]
     a = swiglu(h, backend)  # gate first, as transformers' chunk(2) reads it
     yp = grouped_mm(a, down_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, H]
     return routing.unpermute(yp, backend)

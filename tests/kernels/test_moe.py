@@ -191,6 +191,20 @@ def test_expert_mlp_matches_transformers_block(dtype, backend, tol):
     _compare_to_hf(block, x, backend, tol)
 
 
+def test_expert_mlp_gather_in_gemm_matches_transformers_block(monkeypatch):
+    """GATHER_IN_GEMM: the gate_up GEMM reads x rows by token index (no permuted copy), forward and dW."""
+    import kernels.moe_mlp as moe_mlp
+
+    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", True)
+    calls = []
+    orig = moe_mlp._GatherGroupedMM.apply
+    monkeypatch.setattr(moe_mlp._GatherGroupedMM, "apply", lambda *a: calls.append(1) or orig(*a))
+    block = _hf_block(dtype=torch.float32)
+    x = torch.randn(37, 48, requires_grad=True)
+    _compare_to_hf(block, x, "triton", 1e-5)
+    assert calls, "the gathered path did not run"
+
+
 def test_expert_mlp_norm_topk_false_and_empty_experts():
     block = _hf_block(hidden=32, inter=24, experts=10, top_k=2, norm=False, dtype=torch.float64)
     with torch.no_grad():
