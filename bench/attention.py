@@ -13,7 +13,9 @@ CPU (what a laptop can show about the ring):
            zigzag vs a contiguous split (the baseline); target <= 1.05
 CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one document and a packed
   mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs flash-attn 2's varlen kernels (when
-  installed) and torch SDPA (one document only: SDPA has no varlen; K/V pre-expanded to 32 heads);
+  installed) and torch SDPA (one document only: SDPA has no varlen; K/V pre-expanded to 32 heads): its
+  default choice among the flash / cuDNN / memory-efficient backends, and its flash backend alone, which
+  is FlashAttention-2's kernel built into torch (the FA2 peer where flash-attn is not installed);
   plus bf16 accuracy vs an fp64 per-document reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
 CUDA ring (torchrun, NCCL): fwd+bwd time of ring_attention vs ring-flash-attn's
   zigzag_ring_flash_attn_varlen_func on the same packed batch (document lengths multiples of 2W, which
@@ -222,6 +224,19 @@ def accuracy_rows(hq: int, hkv: int, d: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _sdpa_backend_runs(backend: Any) -> bool:
+    """Whether torch SDPA's `backend` alone runs a causal bf16 fwd+bwd at head_dim 128 here."""
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    try:
+        with sdpa_kernel([backend]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        return True
+    except RuntimeError:
+        return False
+
+
 def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -240,13 +255,18 @@ def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int)
         ks = k.detach().repeat_interleave(G, 1).transpose(0, 1)[None].requires_grad_()
         vs = v.detach().repeat_interleave(G, 1).transpose(0, 1)[None].requires_grad_()
 
-        def sdpa() -> torch.Tensor:
-            # no math fallback: at 128K tokens it would materialise the [H, T, T] scores
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        def sdpa(backends: list) -> torch.Tensor:
+            with sdpa_kernel(backends):
                 out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
             return out[0].transpose(0, 1)
 
-        impls["torch SDPA"] = sdpa
+        # no math fallback: at 128K tokens it would materialise the [H, T, T] scores
+        impls["torch SDPA"] = lambda: sdpa([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                            SDPBackend.EFFICIENT_ATTENTION])
+        # PyTorch's flash backend is FlashAttention-2's kernel built into torch: the FA2 peer where the
+        # flash-attn package is not installed (its varlen API is then timed above as "flash-attn 2")
+        if _sdpa_backend_runs(SDPBackend.FLASH_ATTENTION):
+            impls["torch SDPA flash (FA2 kernel)"] = lambda: sdpa([SDPBackend.FLASH_ATTENTION])
     flops_fwd = 4.0 * hq * d * causal_pairs(lengths)
     res: dict[tuple[str, str], float] = {}
     for name, fn in impls.items():
