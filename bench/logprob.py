@@ -7,7 +7,8 @@ entropy output), with the temperature folded into the hidden states. FLOPs are c
 not counted), so TFLOP/s is comparable across implementations.
 
   CPU:  python -m bench.logprob                 # torch backend vs naive vs CCE (torch_compile)
-  CUDA: python -m bench.logprob                 # Triton vs naive vs Liger FLCE vs CCE, bf16
+  CUDA: python -m bench.logprob                 # Triton vs naive vs Liger FLCE vs CCE, bf16; then one step
+                                                # of ours at N=1M for its peak extra memory (--mem-n)
         python -m bench.logprob --n 8192        # one N only
         python -m bench.logprob --dry-run       # imports + tiny inputs only
 """
@@ -27,6 +28,7 @@ from bench.common import peak_extra_memory, print_table, save_results, timeit
 H, V, T = 2560, 151_936, 0.7
 CPU_NS = [1024, 4096, 16384]
 GPU_NS = [8192, 32768, 131072]
+GPU_MEM_NS = [1 << 20]  # one step each: peak extra memory at 1M tokens (inputs + grads ~12 GiB, ~10 s)
 FLOPS_RULE = "6*N*H*V per fwd+bwd (2NHV fwd + 4NHV bwd; backward logits recompute not counted)"
 MIB = 2**20
 
@@ -112,6 +114,8 @@ def _measure_cpu(name: str, fn: Callable, n: int, dtype: torch.dtype, warmup: in
 
 
 def _measure_gpu(name: str, fn: Callable, n: int, iters: int) -> dict:
+    """iters 0: one step, its peak extra memory and wall time only (no warm-up: the kernels were compiled at
+    smaller N)."""
     row: dict[str, Any] = {"case": f"N={n}", "impl": name, "n": n, "h": H, "v": V, "dtype": "bf16", "T": T}
     try:
         h, w, t = _inputs(n, H, V, torch.bfloat16, "cuda")
@@ -120,8 +124,15 @@ def _measure_gpu(name: str, fn: Callable, n: int, iters: int) -> dict:
             fn(h, w, t)
             h.grad = w.grad = None
 
-        sec = timeit(step, warmup=2, iters=iters)
-        extra, _ = peak_extra_memory(step)
+        if iters:
+            sec = timeit(step, warmup=2, iters=iters)
+            extra, _ = peak_extra_memory(step)
+        else:
+            t0 = time.perf_counter()
+            extra, _ = peak_extra_memory(step)
+            torch.cuda.synchronize()
+            sec = time.perf_counter() - t0
+            row["note"] = "one step: memory, and the time of that single step"
     except torch.OutOfMemoryError as e:
         row["error"] = f"OOM: {str(e)[:200]}"
         return row
@@ -176,6 +187,8 @@ def main() -> None:
     p.add_argument("--peers-up-to", type=int, default=None,
                    help="run the peers (naive, CCE, Liger) only for N <= this (CPU time and memory)")
     p.add_argument("--iters", type=int, default=5, help="GPU timing iterations")
+    p.add_argument("--mem-n", type=int, nargs="*", default=None,
+                   help="GPU: token counts where ours runs one step for its peak memory (default 1M)")
     p.add_argument("--dry-run", action="store_true", help="import everything, build tiny inputs, run nothing big")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = p.parse_args()
@@ -215,6 +228,11 @@ def main() -> None:
                 rows.append(_measure_gpu(name, fn, n, args.iters))
                 print(rows[-1], flush=True)
                 save_results("logprob", rows, args.out)  # keep what is measured if a time limit stops the run
+        for n in GPU_MEM_NS if args.mem_n is None else args.mem_n:  # the issue's N = 1M memory bound
+            if "triton" in impls:
+                rows.append(_measure_gpu("triton", impls["triton"], n, 0))
+                print(rows[-1], flush=True)
+                save_results("logprob", rows, args.out)
         _with_ratios(rows, "naive")
     else:
         dtype = torch.float32  # CPU has no fast bf16 GEMM everywhere; every impl runs fp32 here
