@@ -5,16 +5,16 @@ default is chosen from this table).
     python -m bench.attention_configs --dry-run   # CPU: list the candidates, nothing timed
 
 Each candidate overrides some fields of kernels.flash_attention.CONFIG: bwd_split (dV and dK by two passes,
-split_* tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), or bwd_fused_dq (dQ by
-atomics inside the dK pass, no dQ kernel). Every candidate compiles for sm_90 without register spills and
-within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py checks this on CPU); under Triton
-3.6, the GPU image's, split 64x128 w8 s2 spills 28 B and the joint 64x64 s2 180 B. Each row
-times forward + backward of causal varlen attention (4 documents of 8K tokens), checks dQ/dK/dV against the
-default's, and reports the ratio to the default's time; torch SDPA (and flash-attn, when installed) on the
-same documents is the same-run baseline. Worker processes compile the candidates in parallel first (Triton's
-disk cache then serves the timing loop); candidates still untimed after --budget-s seconds are skipped, never
-run late. Expected wall time on an H200 with 16 CPU cores: about 25-35 s (start-up 5 s, parallel compiles
-10-20 s, timing 5 s).
+split_* tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), the forward's tiles
+(fwd_*), or bwd_fused_dq (dQ by atomics inside the dK pass, no dQ kernel). Every candidate compiles for sm_90
+without register spills and within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py
+checks this on CPU); under Triton 3.6, the GPU image's, split 64x128 w8 s2 spills 28 B and the joint 64x64 s2
+180 B. Each row times forward + backward of causal varlen attention (4 documents of 8K tokens), checks
+dQ/dK/dV against the default's, and reports the ratio to the default's time; torch SDPA (and flash-attn, when
+installed) on the same documents is the same-run baseline. Worker processes compile the candidates in parallel
+first (Triton's disk cache then serves the timing loop); candidates still untimed after --budget-s seconds are
+skipped, never run late. Expected wall time on an H200 with 16 CPU cores: about 25-35 s (start-up 5 s,
+parallel compiles 10-20 s, timing 5 s).
 To adopt the winner, set its fields as the defaults of kernels.flash_attention.TritonConfig.
 """
 
@@ -48,6 +48,9 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     # split, and dQ by atomics inside the dK pass (no dQ kernel: 6 matmuls per tile pair instead of 8)
     ("split fused-dQ 32x128 w8 s2", dict(bwd_split=True, bwd_fused_dq=True, split_block_m=32, split_block_n=128,
                                          split_warps=8, split_stages=2)),
+    # forward tiles (query rows m x key rows n): the forward is in every timed step
+    ("fwd 128x128 w8 s2", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=2)),
+    ("fwd 128x128 w8 s3", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3)),
     # the dQ kernel with 128-key tiles (the dK/dV side as in the default)
     ("dq 128x128 w8 s1", dict(dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=1)),
     # one joint dK/dV pass (the default up to 2026-12-04: 64x64 w8 s2; it spills under Triton 3.6)
