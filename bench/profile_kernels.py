@@ -1,6 +1,7 @@
 """Where each headline op's time goes, kernel by kernel (torch.profiler), so fusion work aims at the right place.
 
-    python -m bench.profile_kernels                 # CUDA: MoE MLP (32K tok), attention (32K tok), logprob (8K)
+    python -m bench.profile_kernels                 # CUDA: MoE MLP (32K tok; uniform and 30% on one expert),
+                                                    # attention (32K tok), logprob (8K)
     python -m bench.profile_kernels --cases moe     # one case
     python -m bench.profile_kernels --dry-run       # CPU, tiny shapes: resolve every case once
 
@@ -73,7 +74,9 @@ def _fwd_bwd(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], dy: to
     return run
 
 
-def case_moe(cuda: bool, tiny: bool) -> tuple[str, Callable, Callable]:
+def case_moe(cuda: bool, tiny: bool, skew: float = 0.0) -> tuple[str, Callable, Callable]:
+    """skew > 0: one expert is in the top-k of that fraction of the tokens (as bench.moe's skewed routing)."""
+    from bench.moe import make_logits
     from kernels.moe_mlp import expert_mlp
     from kernels.moe_route import moe_route
 
@@ -81,7 +84,7 @@ def case_moe(cuda: bool, tiny: bool) -> tuple[str, Callable, Callable]:
     T, H, I, E, k = (64, 64, 32, 8, 2) if tiny else ((32768, 2048, 768, 128, 8) if cuda else (1024, 512, 192, 32, 8))
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(T, H, generator=g, device=dev).to(dt).requires_grad_()
-    logits = torch.randn(T, E, generator=g, device=dev).to(dt).requires_grad_()
+    logits = make_logits(T, E, skew, dev, dt, g).requires_grad_()
     gate_up = (torch.randn(E, 2 * I, H, generator=g, device=dev) * H**-0.5).to(dt).requires_grad_()
     down = (torch.randn(E, H, I, generator=g, device=dev) * I**-0.5).to(dt).requires_grad_()
     dy = torch.randn(T, H, generator=g, device=dev).to(dt)
@@ -92,7 +95,8 @@ def case_moe(cuda: bool, tiny: bool) -> tuple[str, Callable, Callable]:
     def fwd_nograd() -> None:
         with torch.no_grad():
             fwd()
-    return f"moe T={T} H={H} I={I} E={E} k={k}", fwd_nograd, _fwd_bwd(fwd, [x, logits, gate_up, down], dy)
+    title = f"moe T={T} H={H} I={I} E={E} k={k}" + (f" skewed {skew:.0%}" if skew else "")
+    return title, fwd_nograd, _fwd_bwd(fwd, [x, logits, gate_up, down], dy)
 
 
 def case_attention(cuda: bool, tiny: bool) -> tuple[str, Callable, Callable]:
@@ -137,7 +141,8 @@ def case_logprob(cuda: bool, tiny: bool) -> tuple[str, Callable, Callable]:
     return f"logprob N={N} H={H} V={V} T=0.7", fwd_nograd, _fwd_bwd(fwd, [h, w], None)
 
 
-CASES = {"moe": case_moe, "attention": case_attention, "logprob": case_logprob}
+CASES = {"moe": case_moe, "moe_skewed": lambda cuda, tiny: case_moe(cuda, tiny, skew=0.3),
+         "attention": case_attention, "logprob": case_logprob}
 
 
 def main() -> None:

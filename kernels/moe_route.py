@@ -6,9 +6,9 @@ The T*k token copies are then sorted (stably) by expert id so that each expert's
 contiguous slice of the permuted activations, described by int32 cumulative `offsets` — the layout
 `kernels.grouped_mm` consumes.
 
-Nothing here synchronises with the host: group sizes stay on the device (scatter_add of ones, not
-bincount, which reads the max on the host; no nonzero / item / tolist), so the whole MoE layer can
-be captured in a CUDA graph. Everything is differentiable w.r.t. the router logits (through the
+Nothing here synchronises with the host: group sizes stay on the device (a binary search in the
+sorted expert ids, not bincount, which reads the max on the host; no nonzero / item / tolist), so the
+whole MoE layer can be captured in a CUDA graph. Everything is differentiable w.r.t. the router logits (through the
 routing weights) and the activations (through permute / unpermute).
 
 permute / unpermute take a backend: "torch" (gathers + a batched matmul) or "triton" (the k-way
@@ -203,9 +203,11 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    # group ends by binary search in the sorted ids: no atomics (a scatter-add of ones serialises on a hot
+    # expert's counter) and no host sync (bincount reads the max on the host)
+    experts = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)
+    offsets = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     return order, inverse, offsets, counts
 
 
