@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 450 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 455 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
@@ -72,7 +72,7 @@ else
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 85 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
   step logprob 95 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
   step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
   step moe 45 "$PYTHON -m bench.moe $(out_flag moe)"
@@ -80,7 +80,7 @@ EOF
   step attention 60 "$PYTHON -m bench.attention $(out_flag attention)"
   step attention_configs 35 "$PYTHON -m bench.attention_configs --out $OUT"
   step profile_kernels 25 "$PYTHON -m bench.profile_kernels --out $OUT"
-  step gpu_train_step 35 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step gpu_train_step 45 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)

@@ -14,6 +14,7 @@ Figures (median of --iters steps after one warm-up):
                     6 N_active T + 6 L n_q d_head S^2 per sequence (causal attention), as golong.plan
   roofline ratio    measured time / golong.plan's lower bound (790 TFLOP/s, 4.3 TB/s)
   peak memory       torch.cuda.max_memory_allocated vs golong.plan's prediction for the same step
+  kernel time       one more step under torch.profiler (after the peak is read): its --profile-top kernels
 If the planner says the full 36 layers do not fit the GPU, layers are dropped until they do (the
 row says how many ran): the figures are per-layer representative either way.
 """
@@ -84,8 +85,9 @@ def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float) -> tuple[i
     raise SystemExit("not even one layer fits this GPU")
 
 
-def run(cfg, tokens: int, docs: int, iters: int) -> tuple[list[float], float]:
-    """(step times in s, peak allocated bytes during the timed steps)."""
+def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0) -> tuple[list[float], float, list[dict]]:
+    """(step times in s, peak allocated bytes during the timed steps, and with profile_top > 0 the device
+    kernels taking the most time in one more step, profiled after the peak is read)."""
     from golong.parallel import init_parallel
     from golong.trainer import Actor, Rollout, build_model
 
@@ -112,7 +114,12 @@ def run(cfg, tokens: int, docs: int, iters: int) -> tuple[list[float], float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
-    return times, peak
+    kernels = []
+    if profile_top:
+        from bench.profile_kernels import kernel_table
+
+        kernels = kernel_table(lambda: actor.update(rollouts), 1, cuda, profile_top, warmup=False)
+    return times, peak, kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=1, help="sequences the tokens are split into")
     ap.add_argument("--layers", type=int, default=36, help="decoder layers (Qwen3-4B: 36)")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--profile-top", type=int, default=15,
+                    help="after the timed steps, profile one more and list its N slowest kernels (0: skip)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, one step, nothing saved")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         cfg = make_config(2, 256, 2, tiny=True)
-        times, _ = run(cfg, 256, 2, 1)
+        times, _, kernels = run(cfg, 256, 2, 1, profile_top=args.profile_top)
+        print_table("one tiny step's top aten ops (CPU)", kernels)
         plan = predict(cfg, gpus=1, device="cpu", num_docs=2, micro_batches=1)
         # the CUDA-side planning and FLOP counting, for the full shape on an 80 GiB and a 141 GiB GPU
         fits = {gib: fit_layers(args.tokens, args.docs, args.layers, gib * GIB)[0] for gib in (80, 141)}
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     layers, _ = fit_layers(args.tokens, args.docs, args.layers, mem)
     cfg = make_config(layers, args.tokens, args.docs, tiny=False)
     plan = predict(cfg, gpus=1, gpu_mem_gib=mem / GIB, device="cuda", num_docs=args.docs, micro_batches=1)
-    times, peak = run(cfg, args.tokens, args.docs, args.iters)
+    times, peak, kernels = run(cfg, args.tokens, args.docs, args.iters, profile_top=args.profile_top)
     t = statistics.median(times)
     flops, _, lower = step_flops(cfg, args.tokens, args.docs)
     case = f"Qwen3-4B shape, {layers} layers, {args.tokens} tokens in {args.docs} seq"
@@ -164,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
          "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
          "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB},
     ]
+    rows += [{"case": case, "impl": "golong Actor.update", "metric": "kernel time per step", "kernel": k["kernel"],
+              "value": k["ms/iter"], "unit": "ms", "share": k["share"], "calls": k.get("calls/iter")}
+             for k in kernels]
     path = save_results("gpu_train_step", rows, args.out)
     print(f"wrote {path}")
+    if kernels:
+        print_table("device kernels taking the most time in one more step (torch.profiler)", kernels)
     print_table(f"One policy update on {torch.cuda.get_device_name()}", [
         {"figure": r["metric"], "value": f"{r['value']:.4g} {r['unit']}", "baseline": r.get("baseline", ""),
-         "ratio": f"{r['ratio']:.3f}" if "ratio" in r else ""} for r in rows])
+         "ratio": f"{r['ratio']:.3f}" if "ratio" in r else ""} for r in rows if "kernel" not in r])
     return 0
 
 

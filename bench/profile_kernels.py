@@ -28,9 +28,12 @@ def _short(name: str) -> str:
     return re.split(r"[(<]", name, maxsplit=1)[0].strip()[:70] or name[:70]
 
 
-def kernel_table(fn: Callable[[], Any], iters: int, cuda: bool, top: int) -> list[dict[str, Any]]:
-    """Runs fn once to warm up, then `iters` times under the profiler; returns the top kernels."""
-    fn()
+def kernel_table(fn: Callable[[], Any], iters: int, cuda: bool, top: int, warmup: bool = True
+                 ) -> list[dict[str, Any]]:
+    """Runs fn once to warm up (unless warmup=False), then `iters` times under the profiler; returns the top
+    kernels."""
+    if warmup:
+        fn()
     if cuda:
         torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
