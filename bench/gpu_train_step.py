@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
          "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
          "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB},
     ]
-    rows += [{"case": case, "impl": "golong Actor.update", "metric": "kernel time per step", "kernel": k["kernel"],
-              "value": k["ms/iter"], "unit": "ms", "share": k["share"], "calls": k.get("calls/iter")}
-             for k in kernels]
+    rows += [{"case": case, "impl": "golong Actor.update", "metric": f"kernel time per step: {k['kernel']}",
+              "kernel": k["kernel"], "value": k["ms/iter"], "unit": "ms", "share": k["share"],
+              "calls": k.get("calls/iter")} for k in kernels]
     path = save_results("gpu_train_step", rows, args.out)
     print(f"wrote {path}")
     if kernels:
