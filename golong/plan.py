@@ -236,15 +236,25 @@ class Precision:
         return Precision("cuda", 4, _BYTES[cfg.parallel.param_dtype], _BYTES[cfg.parallel.reduce_dtype])
 
 
+def _lp_block_cols(n: int, k: dict[str, int]) -> int:
+    """Vocabulary rows per logits block of the GEMM layouts for n live tokens (kernels.logprob.block_cols)."""
+    try:
+        from kernels.logprob import block_cols
+    except ImportError:
+        return k["lp_gemm_cols"]
+    return block_cols(n, k["lp_gemm_rows"], k["lp_gemm_cols"], k["lp_gemm_cols_max"])
+
+
 def _kernel_constants() -> dict[str, int]:
     """Tile sizes of the kernels' workspaces, read from kernels/ so the plan follows the code."""
     out = {"lp_token_chunk": 1024, "lp_vocab_chunk": 8192, "lp_gemm_rows": 8192, "lp_gemm_cols": 2048,
+           "lp_gemm_cols_max": 8192,
            "attn_block_m": 128, "attn_block_n": 512}
     try:
         import kernels.logprob as lp
 
         out.update(lp_token_chunk=lp.TOKEN_CHUNK, lp_vocab_chunk=lp.VOCAB_CHUNK, lp_gemm_rows=lp.GEMM_ROWS,
-                   lp_gemm_cols=lp.GEMM_COLS)
+                   lp_gemm_cols=lp.GEMM_COLS, lp_gemm_cols_max=lp.GEMM_COLS_MAX)
     except (ImportError, AttributeError):
         pass
     try:
@@ -577,9 +587,10 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
     torch backend (CPU), per token chunk tc x vocabulary chunk vc: forward keeps the logits tile
     and its exp (2 fp32 tiles) and the scaled fp32 hidden chunk; backward the log p and p tiles,
     the scaled hidden chunk and the chunk's dh accumulator (and an fp32 dW when the weight is 16-bit).
-    Triton backend (GPU, GEMM layouts): per block of r = min(n, GEMM_ROWS) tokens x c = GEMM_COLS vocabulary
-    rows, an fp32 logits block and the gathered token rows; forward adds 4 fp32 row statistics per token,
-    backward a 16-bit dz block, an fp32 dh accumulator (r x h) and an fp32 dW block (c x h).
+    Triton backend (GPU, GEMM layouts): per block of r = min(n, GEMM_ROWS) tokens x c vocabulary rows
+    (GEMM_COLS, widened by kernels.logprob.block_cols when n < GEMM_ROWS), an fp32 logits block and the
+    gathered token rows; forward adds 4 fp32 row statistics per token, backward a 16-bit dz block, an fp32
+    dh accumulator (r x h) and an fp32 dW block (c x h).
     """
     if p.device == "cpu":
         tc, vc = min(n, k["lp_token_chunk"]), min(v, k["lp_vocab_chunk"])
@@ -588,7 +599,7 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
             return 2 * tile + chunk
         dw = 4 * v * h if p.compute != 4 else 0  # fp32 weights: dW is the gradient itself
         return dw + 2 * tile + 2 * chunk + (chunk if p.compute != 4 else 0)
-    r, c = min(n, k["lp_gemm_rows"]), min(v, k["lp_gemm_cols"])
+    r, c = min(n, k["lp_gemm_rows"]), min(v, _lp_block_cols(n, k))
     block = 4 * r * c + p.compute * r * h
     if not backward:
         return block + 16 * n
