@@ -51,6 +51,8 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     # forward tiles (query rows m x key rows n): the forward is in every timed step
     ("fwd 128x128 w8 s2", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=2)),
     ("fwd 128x128 w8 s3", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3)),
+    # forward and dQ programs from the last query block down (causal: longest first, no heavy last wave)
+    ("q blocks heavy-first", dict(q_heavy_first=True)),
     # the dQ kernel with 128-key tiles (the dK/dV side as in the default)
     ("dq 128x128 w8 s1", dict(dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=1)),
     # one joint dK/dV pass (the default up to 2026-12-04: 64x64 w8 s2; it spills under Triton 3.6)

@@ -216,12 +216,17 @@ def _attn_fwd_kernel(
     Tq, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows x one query head, over the union of its rows' key ranges.
 
-    qk_scale = softmax_scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op).
+    qk_scale = softmax_scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op). HEAVY_FIRST:
+    program i takes the i-th query block from the end; under a causal mask later blocks see more keys, so the
+    longest programs start first instead of forming the last wave.
     """
     pid_m = tl.program_id(0)
+    if HEAVY_FIRST:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -409,10 +414,13 @@ def _attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr = False,
 ):
-    """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P)."""
+    """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P). HEAVY_FIRST as
+    in _attn_fwd_kernel."""
     pid_m = tl.program_id(0)
+    if HEAVY_FIRST:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -482,6 +490,8 @@ class TritonConfig:
     # the dK/dV kernel's query range as masked / unmasked / masked loops, as the forward and dQ kernels do (no
     # run-time branch in the main loop); off: one loop masking the tiles outside [a, b) at run time
     bwd_three_loops: bool = False
+    # forward and dQ programs take query blocks from the last one down (causal: the longest first)
+    q_heavy_first: bool = False
 
 
 CONFIG = TritonConfig()
@@ -489,7 +499,8 @@ CONFIG = TritonConfig()
 INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd_stages=1, bwd_block_m=16,
                                 bwd_block_n=16, bwd_warps=4, bwd_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4,
                                 dq_stages=1, pre_block_m=16, bwd_fused_dq=False, bwd_split=False, split_block_m=16,
-                                split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False)
+                                split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False,
+                                q_heavy_first=False)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -508,7 +519,7 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
-        num_warps=c.fwd_warps, num_stages=c.fwd_stages,
+        HEAVY_FIRST=c.q_heavy_first, num_warps=c.fwd_warps, num_stages=c.fwd_stages,
     )
 
 
@@ -570,7 +581,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
-        num_warps=c.dq_warps, num_stages=c.dq_stages,
+        HEAVY_FIRST=c.q_heavy_first, num_warps=c.dq_warps, num_stages=c.dq_stages,
     )
 
 
@@ -786,7 +797,8 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
                           "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_ot", "stride_oh", "stride_lt")},
-            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
+                           "HEAVY_FIRST": c.q_heavy_first},
             "num_warps": c.fwd_warps,
             "num_stages": c.fwd_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
@@ -799,7 +811,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                           "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": c.dq_block_m,
-                           "BLOCK_N": c.dq_block_n},
+                           "BLOCK_N": c.dq_block_n, "HEAVY_FIRST": c.q_heavy_first},
             "num_warps": c.dq_warps,
             "num_stages": c.dq_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",
