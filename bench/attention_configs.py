@@ -38,6 +38,7 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
     # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
     ("split 64x128 w8 s2", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=2)),
+    ("split dV pass 2 stages", dict(bwd_split=True, split_dv_stages=2)),  # cp.async for the dV pass only
     ("split 32x128 w8 s2", dict(bwd_split=True, split_block_m=32, split_block_n=128, split_warps=8, split_stages=2)),
     ("split 32x64 w4 s2", dict(bwd_split=True, split_block_m=32, split_block_n=64, split_warps=4, split_stages=2)),
     # split, the query range as masked / unmasked / masked loops (bwd_three_loops)

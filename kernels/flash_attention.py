@@ -487,6 +487,10 @@ class TritonConfig:
     split_block_n: int = 128  # key tile of the split passes
     split_warps: int = 8
     split_stages: int = 1
+    # the dV pass's stages when it should differ (None: split_stages). With one stage the query tiles arrive by
+    # plain loads (no cp.async pipelining, SASS shows no LDGSTS); the dV pass (one accumulator, 2 matmuls)
+    # pipelines with 2 stages spill-free under Triton 3.6 and 3.9, the dK pass spills there
+    split_dv_stages: int | None = None
     # the dK/dV kernel's query range as masked / unmasked / masked loops, as the forward and dQ kernels do (no
     # run-time branch in the main loop); off: one loop masking the tiles outside [a, b) at run time
     bwd_three_loops: bool = False
@@ -500,7 +504,7 @@ INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd
                                 bwd_block_n=16, bwd_warps=4, bwd_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4,
                                 dq_stages=1, pre_block_m=16, bwd_fused_dq=False, bwd_split=False, split_block_m=16,
                                 split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False,
-                                q_heavy_first=False)
+                                q_heavy_first=False, split_dv_stages=None)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -555,7 +559,8 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if c.bwd_fused_dq and not accumulate:
         dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=dq.device)
     if c.bwd_split:
-        launches = [(1, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages),
+        dv_stages = c.split_stages if c.split_dv_stages is None else c.split_dv_stages
+        launches = [(1, c.split_block_m, c.split_block_n, c.split_warps, dv_stages),
                     (2, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)]
     else:
         launches = [(0, c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)]
@@ -786,7 +791,8 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                                         "stride_dvt", "stride_dvh", "stride_dqt", "stride_dqh"),
         }
         for pass_, suffix, bm, bn, warps, stages in (
-            [(1, "_dv", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages),
+            [(1, "_dv", c.split_block_m, c.split_block_n, c.split_warps,
+              c.split_stages if c.split_dv_stages is None else c.split_dv_stages),
              (2, "_dk", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)] if c.bwd_split
             else [(0, "", c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)])
     ]

@@ -181,6 +181,7 @@ VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused int
     "split_three_loops": dict(bwd_split=True, bwd_three_loops=True),  # masked / unmasked / masked query loops
     "three_loops_fused_dq": dict(bwd_three_loops=True, bwd_fused_dq=True, bwd_block_m=16, bwd_block_n=32),
     "q_heavy_first": dict(q_heavy_first=True),  # forward and dQ programs in reverse query-block order
+    "split_dv_stages": dict(bwd_split=True, split_stages=1, split_dv_stages=2),
 }
 
 
