@@ -316,11 +316,8 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, start, end, a, b, hi, 
             dk += tl.dot(dsT, tl.trans(qT))
             if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
                 dq = tl.dot(tl.trans(dsT), k) * sm_scale
-                if MASK == 0:
-                    tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, sem="relaxed")
-                else:
-                    tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
-                                  sem="relaxed")
+                tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -497,6 +494,14 @@ class TritonConfig:
     # forward and dQ programs take query blocks from the last one down (causal: the longest first)
     q_heavy_first: bool = False
 
+    def dkdv_launches(self) -> list[tuple[int, str, int, int, int, int]]:
+        """The dK/dV kernel launches: (PASS, name suffix, BLOCK_M, BLOCK_N, warps, stages) each."""
+        if not self.bwd_split:
+            return [(0, "", self.bwd_block_m, self.bwd_block_n, self.bwd_warps, self.bwd_stages)]
+        dv_stages = self.split_stages if self.split_dv_stages is None else self.split_dv_stages
+        tiles = (self.split_block_m, self.split_block_n, self.split_warps)
+        return [(1, "_dv", *tiles, dv_stages), (2, "_dk", *tiles, self.split_stages)]
+
 
 CONFIG = TritonConfig()
 # small tiles keep the interpreter fast and put many tile boundaries inside tiny test inputs
@@ -558,15 +563,9 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dq32 = dq
     if c.bwd_fused_dq and not accumulate:
         dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=dq.device)
-    if c.bwd_split:
-        dv_stages = c.split_stages if c.split_dv_stages is None else c.split_dv_stages
-        launches = [(1, c.split_block_m, c.split_block_n, c.split_warps, dv_stages),
-                    (2, c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)]
-    else:
-        launches = [(0, c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)]
     lse2_h = (lse.t() * LOG2E).contiguous()  # [Hq, Tq]: 4 bytes x Hq x Tq each (4 MiB at 32K tokens, 32 heads)
     delta_h = delta.t().contiguous()
-    for pass_, bm, bn, warps, stages in launches:
+    for pass_, _, bm, bn, warps, stages in c.dkdv_launches():
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
             q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,
             Tk, Tq, scale * LOG2E, scale,
@@ -790,11 +789,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                                         "stride_lh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
                                         "stride_dvt", "stride_dvh", "stride_dqt", "stride_dqh"),
         }
-        for pass_, suffix, bm, bn, warps, stages in (
-            [(1, "_dv", c.split_block_m, c.split_block_n, c.split_warps,
-              c.split_stages if c.split_dv_stages is None else c.split_dv_stages),
-             (2, "_dk", c.split_block_m, c.split_block_n, c.split_warps, c.split_stages)] if c.bwd_split
-            else [(0, "", c.bwd_block_m, c.bwd_block_n, c.bwd_warps, c.bwd_stages)])
+        for pass_, suffix, bm, bn, warps, stages in c.dkdv_launches()
     ]
     configs = [
         {

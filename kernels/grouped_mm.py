@@ -176,7 +176,7 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
     """y [M, N] = x[rows] @ w[group] per group (x itself where rows is None; rows [M] int64)."""
     cfg = {**FWD_CONFIG, **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
-    M, K = (x.shape[0], x.shape[1]) if rows is None else (rows.shape[0], x.shape[1])
+    M, K = x.shape[0] if rows is None else rows.shape[0], x.shape[1]
     G, _, N = w.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:

@@ -35,14 +35,22 @@ GATHER_IN_GEMM = False
 
 
 @triton.jit
-def _swiglu_fwd_kernel(Hp, A, M, I, stride_h, stride_a, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
-    """A[m, i] = silu(H[m, i]) * H[m, I + i], in fp32."""
+def _swiglu_tile(Hp, M, I, stride_h, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_I] tile: rows, columns, mask, and gate g = H[m, i], up u = H[m, I + i]
+    in fp32."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok = (rows[:, None] < M) & (cols[None, :] < I)
     hp = Hp + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(hp, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(hp + I, mask=ok, other=0.0).to(tl.float32)
+    return rows, cols, ok, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(Hp, A, M, I, stride_h, stride_a, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    """A[m, i] = silu(H[m, i]) * H[m, I + i], in fp32."""
+    rows, cols, ok, g, u = _swiglu_tile(Hp, M, I, stride_h, BLOCK_M, BLOCK_I)
     a = g * tl.sigmoid(g) * u
     tl.store(A + rows[:, None] * stride_a + cols[None, :], a.to(A.dtype.element_ty), mask=ok)
 
@@ -51,12 +59,7 @@ def _swiglu_fwd_kernel(Hp, A, M, I, stride_h, stride_a, BLOCK_M: tl.constexpr, B
 def _swiglu_bwd_kernel(Hp, DA, DH, M, I, stride_h, stride_da, stride_dh, BLOCK_M: tl.constexpr,
                        BLOCK_I: tl.constexpr):
     """DH[m, i] = DA * u * silu'(g), DH[m, I + i] = DA * silu(g), with g = H[m, i], u = H[m, I + i]."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok = (rows[:, None] < M) & (cols[None, :] < I)
-    hp = Hp + rows[:, None] * stride_h + cols[None, :]
-    g = tl.load(hp, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(hp + I, mask=ok, other=0.0).to(tl.float32)
+    rows, cols, ok, g, u = _swiglu_tile(Hp, M, I, stride_h, BLOCK_M, BLOCK_I)
     da = tl.load(DA + rows[:, None] * stride_da + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
@@ -123,6 +126,8 @@ class _GatherGroupedMM(torch.autograd.Function):
 
 def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """h [M, 2I] laid out gate | up (transformers' chunk(2) order) -> silu(gate) * up [M, I] in h's dtype."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dimension (gate | up), got shape {tuple(h.shape)}")
     inter = h.shape[-1] // 2
     if _use_triton(backend, h) and h.dim() == 2 and h.stride(-1) == 1:
         return _SwiGLU.apply(h)

@@ -126,6 +126,14 @@ def test_triton_swiglu_matches_fp64(M, inter, dtype, tol):
     assert _rel(a, ref) < tol and _rel(hs.grad, h64.grad) < tol
 
 
+def test_swiglu_rejects_an_odd_width():
+    from kernels.moe_mlp import swiglu
+
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="even last dimension"):
+            swiglu(torch.randn(4, 7), backend)
+
+
 @pytest.fixture(scope="module")
 def moe_aot_resources():
     import importlib
