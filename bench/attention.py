@@ -17,6 +17,9 @@ CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one docum
   default choice among the flash / cuDNN / memory-efficient backends, and its flash backend alone, which
   is FlashAttention-2's kernel built into torch (the FA2 peer where flash-attn is not installed);
   plus bf16 accuracy vs an fp64 per-document reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
+CUDA ring replay (one GPU): every rank's ring steps (the functions ring_attention calls) run one after another
+  and timed, W = 8 on a 128K-token packed batch; the ring's time on W GPUs = sum over steps of the slowest
+  rank (plus any hop longer than its step at --link-gbs), vs the ideal: the local kernel on the whole batch / W.
 CUDA ring (torchrun, NCCL): fwd+bwd time of ring_attention vs ring-flash-attn's
   zigzag_ring_flash_attn_varlen_func on the same packed batch (document lengths multiples of 2W, which
   ring-flash-attn needs), and vs the ideal: one GPU's local kernel time on the whole batch / W.
@@ -38,8 +41,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import peak_extra_memory, print_table, save_results, timeit
-from kernels.flash_attention import flash_attention
-from kernels.ring_attention import ZigzagPlan, _owners, comm_stats, ring_attention, zigzag_shard
+from kernels.flash_attention import attention_delta, flash_attention
+from kernels.ring_attention import (
+    ZigzagPlan,
+    _owners,
+    comm_stats,
+    ring_attention,
+    ring_bwd_step,
+    ring_fwd_step,
+    zigzag_indices,
+    zigzag_shard,
+)
 
 
 def mixed_lengths(total: int, max_len: int, seed: int = 0, multiple: int = 1) -> list[int]:
@@ -168,6 +180,146 @@ def ring_cpu_rows(lengths: list[int], worlds: list[int], heads: tuple[int, int, 
                          "value": max(sent) / 2**20, "unit": "MiB", "baseline": "analytic minimum (max over ranks)",
                          "baseline_value": max(lower) / 2**20, "ratio": max(sent) / max(lower),
                          "ratio_meaning": "ours / minimum"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# One device: the ring's schedule replayed, step by step
+# ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Times a sequence of calls: CUDA events on a GPU (read once at the end), perf_counter on CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.marks = cuda, []
+
+    def run(self, fn: Any) -> Any:
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = fn()
+            b.record()
+            self.marks.append((a, b))
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            self.marks.append(time.perf_counter() - t0)
+        return out
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        return list(self.marks)
+
+
+def replay_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, cu: torch.Tensor, world: int,
+                *, backend: str = "auto") -> dict[str, Any]:
+    """Every rank's ring steps of ring_attention (kernels.ring_attention.ring_fwd_step / ring_bwd_step, the
+    functions the ring itself calls) run one after another on this device, each timed.
+
+    q/dout [T, Hq, D], k/v [T, Hkv, D]: the GLOBAL packed batch. Returns the global out / dq / dk / dv
+    assembled from the shards (so the replay is checked against unsharded attention) and the seconds of
+    (phase, step, rank): t_fwd / t_bwd [W][W]; t_pre[r] is rank r's delta and casts between the passes.
+    On W GPUs the ranks run a step concurrently and a step ends with its slowest rank (the next K/V block
+    arrives then), so sum over steps of max over ranks is the ring's time when communication hides.
+    """
+    scale = q.shape[-1] ** -0.5
+    plan = ZigzagPlan.build(cu, world, True, q.device)
+    idx = [zigzag_indices(cu.to(q.device), r, world) for r in range(world)]
+    qs, dos = [q[i] for i in idx], [dout[i] for i in idx]
+    kvs = [torch.cat([k[i], v[i]], dim=1) for i in idx]
+    clock = _Clock(q.is_cuda)
+    outs = [torch.zeros(x.shape, device=q.device, dtype=torch.float32) for x in qs]
+    lses = [torch.full(x.shape[:2], -math.inf, device=q.device, dtype=torch.float32) for x in qs]
+    vis = [[plan.visible[r][(r - i) % world] for r in range(world)] for i in range(world)]
+    for i in range(world):
+        for r in range(world):
+            src = (r - i) % world
+            clock.run(lambda r=r, src=src, go=vis[i][r]: go and ring_fwd_step(
+                qs[r], kvs[src], plan.rows[r], plan.rows[src], outs[r], lses[r], causal=True, scale=scale,
+                backend=backend))
+
+    def pre(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        o = outs[r].to(q.dtype)
+        return o, attention_delta(o, dos[r], backend=backend)
+
+    pres = [clock.run(lambda r=r: pre(r)) for r in range(world)]
+    dqs = [torch.zeros(x.shape, device=q.device, dtype=torch.float32) for x in qs]
+    dkvs = [torch.zeros(x.shape, device=q.device, dtype=torch.float32) for x in kvs]
+    for i in range(world):
+        for r in range(world):
+            src = (r - i) % world
+            if vis[i][r]:
+                mine = clock.run(lambda r=r, src=src: ring_bwd_step(
+                    dos[r], qs[r], kvs[src], lses[r], pres[r][1], plan.rows[r], plan.rows[src], dqs[r],
+                    causal=True, scale=scale, backend=backend))
+                dkvs[src] += mine  # in the ring this sum travels with the block; the replay keeps it in place
+            else:
+                clock.run(lambda: None)
+    secs = clock.seconds()
+    n = world * world
+    t_fwd = [secs[i * world:(i + 1) * world] for i in range(world)]
+    t_pre = secs[n:n + world]
+    t_bwd = [secs[n + world + i * world:n + world + (i + 1) * world] for i in range(world)]
+    hkv = k.shape[1]
+    out, dq = torch.empty_like(q), torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    for r in range(world):
+        out[idx[r]] = pres[r][0]
+        dq[idx[r]] = dqs[r].to(q.dtype)
+        dk[idx[r]] = dkvs[r][:, :hkv].to(k.dtype)
+        dv[idx[r]] = dkvs[r][:, hkv:].to(v.dtype)
+    return {"out": out, "dq": dq, "dk": dk, "dv": dv, "t_fwd": t_fwd, "t_bwd": t_bwd, "t_pre": t_pre,
+            "plan": plan, "kv_bytes": [x.numel() * x.element_size() for x in kvs]}
+
+
+def ring_replay_rows(tokens: int, world: int, hq: int, hkv: int, d: int, iters: int, link_gbs: float,
+                     max_doc: int | None = None) -> list[dict[str, Any]]:
+    """The ring's time on W GPUs estimated from one device (CUDA: bf16, triton; CPU: fp32, torch backend): sum
+    over steps of the slowest rank's compute (the step's K/V hop hidden behind it, or the hop's time at link_gbs
+    GB/s when longer), vs the ideal: the local kernel on the whole batch / W. Same kernels and block pairs as
+    ring_attention."""
+    lengths = mixed_lengths(tokens, max_doc or tokens // 4, seed=1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cu = cu_of(lengths, dev)
+    T = sum(lengths)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, go = (torch.randn(T, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hkv, hkv, hq))
+    runs = [replay_ring(q, k, v, go, cu, world) for _ in range(iters + 1)][1:]  # the first one compiles
+    fq, fk, fv = (x.clone().requires_grad_() for x in (q, k, v))
+    local = timeit(lambda: flash_attention(fq, fk, fv, cu)[0].backward(go), iters=iters)
+    link = link_gbs * 1e9
+    kv_bytes = runs[0]["kv_bytes"]
+    rows = []
+    case = (f"ring replay W={world} T={T} ({len(lengths)} docs, longest {max(lengths)}) GQA {hq}/{hkv} D={d} "
+            f"{str(dtype).removeprefix('torch.')}")
+    totals = {"compute only": [], f"+ hops at {link_gbs:g} GB/s": []}
+    for run in runs:
+        fwd = [max(ts) for ts in run["t_fwd"]]
+        bwd = [max(ts) for ts in run["t_bwd"]]
+        pre = max(run["t_pre"])
+        totals["compute only"].append(sum(fwd) + pre + sum(bwd))
+        # hop i sends the K/V block held at step i (bf16) and, in the backward, an fp32 dK/dV partial (2x bytes)
+        hop_fwd = [max(kv_bytes[(r - i) % world] for r in range(world)) / link for i in range(world)]
+        hop_bwd = [3 * h for h in hop_fwd]
+        with_comm = (sum(max(c, h) for c, h in zip(fwd[:-1], hop_fwd[:-1])) + fwd[-1] + pre
+                     + sum(max(c, h) for c, h in zip(bwd, hop_bwd)))
+        totals[f"+ hops at {link_gbs:g} GB/s"].append(with_comm)
+    ideal = local / world
+    for name, ts in totals.items():
+        t = sorted(ts)[len(ts) // 2]
+        rows.append({"case": case, "impl": f"ours ring, one-device replay ({name})", "metric": "fwd+bwd ms",
+                     "value": t * 1e3, "unit": "ms", "baseline": "ideal (local kernel, whole batch / W)",
+                     "baseline_value": ideal * 1e3, "ratio": ideal / t,
+                     "ratio_meaning": "ideal / ours = scaling efficiency (target >= 0.85)"})
+    run = runs[len(runs) // 2]
+    busy = [sum(run["t_fwd"][i][r] + run["t_bwd"][i][r] for i in range(world)) + run["t_pre"][r] for r in range(world)]
+    rows.append({"case": case, "impl": "ours ring, one-device replay", "metric": "max/min busy time over ranks",
+                 "value": max(busy) / max(min(busy), 1e-12), "unit": "x", "baseline": None, "baseline_value": None,
+                 "ratio": None, "ratio_meaning": "load balance of the measured step times (1 = perfect)"})
     return rows
 
 
@@ -344,6 +496,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--ring", action="store_true", help="CUDA ring under torchrun (NCCL)")
     ap.add_argument("--ring-tokens", type=int, default=131072)
+    ap.add_argument("--replay-world", type=int, default=8, help="ring size of the one-device ring replay")
+    ap.add_argument("--replay-tokens", type=int, default=131072, help="CUDA packed batch of the ring replay")
+    ap.add_argument("--link-gbs", type=float, default=450.0,
+                    help="per-direction GB/s of a ring hop in the replay's comm model (H100/H200 NVLink: 450)")
     args = ap.parse_args()
     hq, hkv, d = args.heads
 
@@ -353,6 +509,7 @@ def main() -> None:
         q, k, v = (torch.randn(36, h, 16, requires_grad=True) for h in (4, 2, 2))
         out, lse = flash_attention(q, k, v, cu, backend="torch")
         out.sum().backward()
+        replay_ring(q.detach(), k.detach(), v.detach(), torch.randn_like(q), cu, 4, backend="torch")
         rows = balance_rows(mixed_lengths(4096, 512), [2, 4])
         print_table("bench.attention --dry-run (nothing saved)", rows, ["case", "impl", "metric", "value", "ratio"])
         return
@@ -367,6 +524,7 @@ def main() -> None:
 
     if torch.cuda.is_available():
         rows = accuracy_rows(hq, hkv, d) + throughput_rows(args.tokens, hq, hkv, d, args.iters)
+        rows += ring_replay_rows(args.replay_tokens, args.replay_world, hq, hkv, d, args.iters, args.link_gbs)
     else:
         rows = balance_rows(mixed_lengths(1 << 20, 131072, seed=1), [2, 4, 8])
         rows += ring_cpu_rows(mixed_lengths(args.cpu_tokens, args.cpu_max_doc, seed=2), args.worlds,

@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 460 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 475 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
@@ -77,7 +77,7 @@ EOF
   step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
   step moe 45 "$PYTHON -m bench.moe $(out_flag moe)"
   step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT"
-  step attention 55 "$PYTHON -m bench.attention $(out_flag attention)"
+  step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
   step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT"
   step profile_kernels 25 "$PYTHON -m bench.profile_kernels --out $OUT"
   step gpu_train_step 45 "$PYTHON -m bench.gpu_train_step --out $OUT"

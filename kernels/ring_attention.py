@@ -174,6 +174,28 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, lse_blk: t
     lse.copy_(new)
 
 
+def ring_fwd_step(q: torch.Tensor, kv: torch.Tensor, rows_q: Rows, rows_k: Rows, out: torch.Tensor,
+                  lse: torch.Tensor, *, causal: bool, scale: float, backend: str) -> None:
+    """One ring step of the forward: q [n, Hq, D] attends the K/V block kv [m, 2*Hkv, D] (K heads first);
+    the block's partial output is merged into out [n, Hq, D] / lse [n, Hq] (fp32) in place."""
+    hkv = kv.shape[1] // 2
+    o_blk, lse_blk = block_attention_fwd(q, kv[:, :hkv], kv[:, hkv:], rows_q, rows_k, causal=causal, scale=scale,
+                                         backend=backend, out_dtype=torch.float32)
+    _merge(out, lse, o_blk, lse_blk)
+
+
+def ring_bwd_step(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                  rows_q: Rows, rows_k: Rows, dq: torch.Tensor, *, causal: bool, scale: float, backend: str
+                  ) -> torch.Tensor:
+    """One ring step of the backward: adds the block pair's dQ into dq (fp32) and returns this rank's share of
+    the block's dK/dV, fp32 [m, 2*Hkv, D] (the layout of kv)."""
+    hkv = kv.shape[1] // 2
+    mine = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
+    block_attention_bwd(dout, q, kv[:, :hkv], kv[:, hkv:], lse, delta, rows_q, rows_k, causal=causal, scale=scale,
+                        backend=backend, dq=dq, dk=mine[:, :hkv], dv=mine[:, hkv:])
+    return mine
+
+
 # --------------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +210,6 @@ class _RingAttention(torch.autograd.Function):
         plan = _plan(cu_seqlens, W, causal, q.device)
         if q.shape[0] != plan.counts[r] or k.shape[0] != plan.counts[r]:
             raise ValueError(f"rank {r} holds {q.shape[0]} rows, zigzag_shard gives {plan.counts[r]}")
-        Hkv = k.shape[1]
         kv = torch.cat([k, v], dim=1)  # one message per hop: [n, 2*Hkv, D]
         out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         lse = torch.full(q.shape[:2], -math.inf, device=q.device, dtype=torch.float32)
@@ -199,11 +220,8 @@ class _RingAttention(torch.autograd.Function):
                 nxt = kv.new_empty((plan.counts[(r - i - 1) % W], *kv.shape[1:]))
                 reqs = ring.start([(kv, _TAG_KV)], [(nxt, _TAG_KV)], "fwd")
             if plan.visible[r][src]:
-                o_blk, lse_blk = block_attention_fwd(q, kv[:, :Hkv], kv[:, Hkv:], plan.rows[r], plan.rows[src],
-                                                     causal=causal, scale=scale, backend=backend,
-                                                     out_dtype=torch.float32)
-                _merge(out, lse, o_blk, lse_blk)
-                del o_blk, lse_blk
+                ring_fwd_step(q, kv, plan.rows[r], plan.rows[src], out, lse, causal=causal, scale=scale,
+                              backend=backend)
             _wait(reqs)
             if nxt is not None:
                 kv = nxt
@@ -235,11 +253,11 @@ class _RingAttention(torch.autograd.Function):
                 recvs.append((nxt, _TAG_KV))
             reqs = ring.start(sends, recvs, "bwd")
             # this rank's share of the block's dK/dV goes into its own buffer while the accumulator travels
-            mine = torch.zeros((plan.counts[src], *kv.shape[1:]), device=q.device, dtype=torch.float32)
             if plan.visible[r][src]:
-                block_attention_bwd(dout, q, kv[:, :Hkv], kv[:, Hkv:], lse, delta, plan.rows[r], plan.rows[src],
-                                    causal=ctx.causal, scale=ctx.scale, backend=ctx.backend,
-                                    dq=dq, dk=mine[:, :Hkv], dv=mine[:, Hkv:])
+                mine = ring_bwd_step(dout, q, kv, lse, delta, plan.rows[r], plan.rows[src], dq, causal=ctx.causal,
+                                     scale=ctx.scale, backend=ctx.backend)
+            else:
+                mine = torch.zeros((plan.counts[src], *kv.shape[1:]), device=q.device, dtype=torch.float32)
             _wait(reqs)
             dkv = mine if acc is None else acc.add_(mine)
             if nxt is not None:

@@ -191,3 +191,24 @@ def _ring_body(rank, world):
 @pytest.mark.distributed
 def test_ring_attention_matches_unsharded_on_2_3_4_8_ranks():
     run_distributed(_ring_body, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# one-device replay of the ring's schedule (bench.attention's ring estimate on one GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world,backend", [(3, "torch"), (8, "torch"), (3, "triton")])
+def test_ring_replay_runs_the_ring_steps_and_matches_unsharded(world, backend):
+    from bench.attention import replay_ring
+
+    lengths = [1, 5, 2 * world - 1, 41, 97, 3]  # documents shorter than 2W and longer than a shard
+    cu = _cu(lengths)
+    q, k, v, go = _global_inputs(cu, 4, 2, 16, seed=world)
+    res = replay_ring(q, k, v, go, torch.tensor(cu, dtype=torch.int32), world, backend=backend)
+    for name, ref in zip(("out", "dq", "dk", "dv"), _reference(q, k, v, go, cu, True)):
+        assert rel(res[name], ref) < 1e-5, name
+    # one timing per (step, rank) in each pass, one per rank between the passes
+    assert [len(t) for t in res["t_fwd"]] == [world] * world and len(res["t_bwd"]) == world
+    assert len(res["t_pre"]) == world
+    assert all(t >= 0 for ts in res["t_fwd"] + res["t_bwd"] for t in ts)
