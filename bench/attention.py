@@ -291,6 +291,12 @@ def ring_replay_rows(tokens: int, world: int, hq: int, hkv: int, d: int, iters: 
     runs = [replay_ring(q, k, v, go, cu, world) for _ in range(iters + 1)][1:]  # the first one compiles
     fq, fk, fv = (x.clone().requires_grad_() for x in (q, k, v))
     local = timeit(lambda: flash_attention(fq, fk, fv, cu)[0].backward(go), iters=iters)
+    # the replay computes the ring's result: it must match the local kernel on the whole batch
+    fq.grad = fk.grad = fv.grad = None
+    ref_out = flash_attention(fq, fk, fv, cu)[0]
+    ref_out.backward(go)
+    diffs = {name: ((runs[-1][name].float() - ref.float()).norm() / ref.float().norm()).item()
+             for name, ref in (("out", ref_out), ("dq", fq.grad), ("dk", fk.grad), ("dv", fv.grad))}
     link = link_gbs * 1e9
     kv_bytes = runs[0]["kv_bytes"]
     rows = []
@@ -315,6 +321,10 @@ def ring_replay_rows(tokens: int, world: int, hq: int, hkv: int, d: int, iters: 
                      "value": t * 1e3, "unit": "ms", "baseline": "ideal (local kernel, whole batch / W)",
                      "baseline_value": ideal * 1e3, "ratio": ideal / t,
                      "ratio_meaning": "ideal / ours = scaling efficiency (target >= 0.85)"})
+    rows += [{"case": case, "impl": "ours ring, one-device replay", "metric": f"rel diff {name} vs local kernel",
+              "value": err, "unit": "", "baseline": None, "baseline_value": None, "ratio": None,
+              "ratio_meaning": "relative L2 difference from the unsharded kernel (same dtype)"}
+             for name, err in diffs.items()]
     run = runs[len(runs) // 2]
     busy = [sum(run["t_fwd"][i][r] + run["t_bwd"][i][r] for i in range(world)) + run["t_pre"][r] for r in range(world)]
     rows.append({"case": case, "impl": "ours ring, one-device replay", "metric": "max/min busy time over ranks",

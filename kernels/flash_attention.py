@@ -216,13 +216,15 @@ def _attn_fwd_kernel(
     Tq, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr = False,
+    HEAVY_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows x one query head, over the union of its rows' key ranges.
 
     qk_scale = softmax_scale * log2(e): the softmax runs in base 2 (exp2 is one MUFU op). HEAVY_FIRST:
     program i takes the i-th query block from the end; under a causal mask later blocks see more keys, so the
-    longest programs start first instead of forming the last wave.
+    longest programs start first instead of forming the last wave. MERGE (ring steps): O / LSE hold a partial
+    attention over other keys (fp32; lse -inf where none seen yet) and receive the softmax-weighted
+    combination of it and this block's result, in the epilogue (no separate merge pass over O).
     """
     pid_m = tl.program_id(0)
     if HEAVY_FIRST:
@@ -249,10 +251,24 @@ def _attn_fwd_kernel(
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=m_ok[:, None])
+    o_ptrs = O + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    if MERGE:  # base 2 throughout: lse2 = m + log2(l) of this block, prev2 of the partial in O / LSE
+        lse2 = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
+        prev2 = tl.load(LSE + offs_m * stride_lt + h, mask=m_ok, other=float("-inf")) * 1.4426950408889634
+        top = tl.maximum(lse2, prev2)
+        top = tl.where(top == float("-inf"), 0.0, top)  # neither part has seen a key: weights 0, out stays 0
+        w_prev = tl.math.exp2(prev2 - top)
+        w_blk = tl.math.exp2(lse2 - top)
+        tot = w_prev + w_blk
+        seen = tot > 0.0
+        tot_safe = tl.where(seen, tot, 1.0)
+        o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        acc = o_prev * (w_prev / tot_safe)[:, None] + acc * (w_blk / (tot_safe * l_safe))[:, None]
+        lse = tl.where(seen, (top + tl.math.log2(tot_safe)) * 0.6931471805599453, float("-inf"))
+    else:
+        acc = acc / l_safe[:, None]
+        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None])
     tl.store(LSE + offs_m * stride_lt + h, lse, mask=m_ok)
 
 
@@ -493,6 +509,9 @@ class TritonConfig:
     bwd_three_loops: bool = False
     # forward and dQ programs take query blocks from the last one down (causal: the longest first)
     q_heavy_first: bool = False
+    # stages of the ring's forward (MERGE epilogue: the fp32 partial output is read back too); with fwd_stages 3
+    # it keeps 16 B of stack under Triton 3.9 (255 registers), with 2 none
+    merge_fwd_stages: int = 2
 
     def dkdv_launches(self) -> list[tuple[int, str, int, int, int, int]]:
         """The dK/dV kernel launches: (PASS, name suffix, BLOCK_M, BLOCK_N, warps, stages) each."""
@@ -509,7 +528,7 @@ INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd
                                 bwd_block_n=16, bwd_warps=4, bwd_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4,
                                 dq_stages=1, pre_block_m=16, bwd_fused_dq=False, bwd_split=False, split_block_m=16,
                                 split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False,
-                                q_heavy_first=False, split_dv_stages=None)
+                                q_heavy_first=False, split_dv_stages=None, merge_fwd_stages=1)
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
@@ -517,7 +536,7 @@ def _cfg(q: torch.Tensor) -> TritonConfig:
 
 
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
-                scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+                scale: float, out: torch.Tensor, lse: torch.Tensor, merge: bool = False) -> None:
     Tq, Hq, D = q.shape
     if Tq == 0:
         return
@@ -528,7 +547,8 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
-        HEAVY_FIRST=c.q_heavy_first, num_warps=c.fwd_warps, num_stages=c.fwd_stages,
+        HEAVY_FIRST=c.q_heavy_first, MERGE=merge, num_warps=c.fwd_warps,
+        num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
     )
 
 
@@ -616,24 +636,50 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool,
-                        scale: float, backend: str = "auto", out_dtype: torch.dtype | None = None
+                        scale: float, backend: str = "auto", out_dtype: torch.dtype | None = None,
+                        out: torch.Tensor | None = None, lse: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query rows qr over key rows kr (global doc/pos bookkeeping) -> (out, lse fp32).
 
     out has dtype out_dtype (default q.dtype); a row that sees no key gets out 0 and lse -inf.
+    Given out [Tq, Hq, D] and lse [Tq, Hq] (both fp32, lse contiguous): they hold a partial attention over
+    other keys (lse -inf where none) and this block's is merged into them in place, softmax-weighted through
+    the lse (the Triton kernel does it in its epilogue); they are returned.
     """
     _check(q, k, v)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
-    lse = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
-    if q.shape[0] and not k.shape[0]:
-        out.zero_(), lse.fill_(-math.inf)
-        return out, lse
+    merge = out is not None or lse is not None
+    if merge:
+        if out is None or lse is None or out.dtype != torch.float32 or lse.dtype != torch.float32:
+            raise ValueError("merging needs both out and lse, fp32")
+        if out.shape != q.shape or lse.shape != q.shape[:2] or out.stride(-1) != 1 or not lse.is_contiguous():
+            raise ValueError(f"out must be {tuple(q.shape)} with a unit last stride and lse a contiguous "
+                             f"{tuple(q.shape[:2])}; got {tuple(out.shape)}, {tuple(lse.shape)}")
+        if not k.shape[0]:
+            return out, lse
+    else:
+        out = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
+        lse = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
+        if q.shape[0] and not k.shape[0]:
+            out.zero_(), lse.fill_(-math.inf)
+            return out, lse
     if _resolve(backend, q) == "triton":
-        _triton_fwd(q, k, v, qr, kr, causal, scale, out, lse)
+        _triton_fwd(q, k, v, qr, kr, causal, scale, out, lse, merge)
+    elif merge:
+        o_blk, lse_blk = torch.empty_like(out), torch.empty_like(lse)
+        _torch_fwd(q, k, v, qr, kr, causal, scale, o_blk, lse_blk)
+        _merge_partial(out, lse, o_blk, lse_blk)
     else:
         _torch_fwd(q, k, v, qr, kr, causal, scale, out, lse)
     return out, lse
+
+
+def _merge_partial(out: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
+    """In place, fp32: (out, lse) <- softmax-weighted combination of two partial attentions."""
+    new = torch.logaddexp(lse, lse_blk)
+    safe = torch.where(torch.isinf(new), 0.0, new)  # rows that have seen nothing yet: both -inf
+    out.mul_(torch.exp(lse - safe)[..., None]).add_(o_blk * torch.exp(lse_blk - safe)[..., None])
+    lse.copy_(new)
 
 
 def attention_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None = None, *,
@@ -799,9 +845,21 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                           "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_ot", "stride_oh", "stride_lt")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first},
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": False},
             "num_warps": c.fwd_warps,
             "num_stages": c.fwd_stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
+        },
+        {  # a ring step's forward: merges into the fp32 partial output (MERGE epilogue)
+            "name": "attn_fwd_ring",
+            "fn": _attn_fwd_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*fp32", "LSE": "*fp32", "KV_LO": "*i32",
+                          "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_ot", "stride_oh", "stride_lt")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": True},
+            "num_warps": c.fwd_warps,
+            "num_stages": c.merge_fwd_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
         },
         {

@@ -8,8 +8,8 @@ document, so causal work is balanced for any mix of lengths, with no padding.
 Ring (`ring_attention`): W steps; at step i rank r holds the K/V block of rank (r - i) mod W. The
 send of that block to rank r+1 and the receive of the next one from r-1 are posted with
 `batch_isend_irecv` *before* the local block is computed, so communication hides behind compute.
-Partial outputs are merged through their log-sum-exp in fp32; a block pair with no visible
-(query, key) pair is skipped (decided on the host from cu_seqlens, no sync). The local kernel is
+Partial outputs are merged through their log-sum-exp in fp32 (by the forward kernel's epilogue); a block
+pair with no visible (query, key) pair is skipped (decided on the host from cu_seqlens, no sync). The local kernel is
 `kernels.flash_attention.block_attention_*`, which masks by *global* (document, position) of each
 query and key row. Backward: the same ring again, with an fp32 dK/dV accumulator travelling one hop
 behind its K/V block; after W hops every accumulator is back on its owner.
@@ -164,24 +164,13 @@ def _wait(reqs: list[Any]) -> None:
         r.wait()
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
-    """In place, fp32: (out, lse) <- softmax-weighted combination of two partial attentions."""
-    new = torch.logaddexp(lse, lse_blk)
-    safe = torch.where(torch.isinf(new), 0.0, new)  # rows that have seen nothing yet: both -inf
-    w_old = torch.exp(lse - safe)[..., None]
-    w_blk = torch.exp(lse_blk - safe)[..., None]
-    out.mul_(w_old).add_(o_blk * w_blk)
-    lse.copy_(new)
-
-
 def ring_fwd_step(q: torch.Tensor, kv: torch.Tensor, rows_q: Rows, rows_k: Rows, out: torch.Tensor,
                   lse: torch.Tensor, *, causal: bool, scale: float, backend: str) -> None:
     """One ring step of the forward: q [n, Hq, D] attends the K/V block kv [m, 2*Hkv, D] (K heads first);
     the block's partial output is merged into out [n, Hq, D] / lse [n, Hq] (fp32) in place."""
     hkv = kv.shape[1] // 2
-    o_blk, lse_blk = block_attention_fwd(q, kv[:, :hkv], kv[:, hkv:], rows_q, rows_k, causal=causal, scale=scale,
-                                         backend=backend, out_dtype=torch.float32)
-    _merge(out, lse, o_blk, lse_blk)
+    block_attention_fwd(q, kv[:, :hkv], kv[:, hkv:], rows_q, rows_k, causal=causal, scale=scale, backend=backend,
+                        out=out, lse=lse)
 
 
 def ring_bwd_step(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,

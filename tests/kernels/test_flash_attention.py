@@ -121,6 +121,36 @@ def _shard_rows(cu, idx):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_attention_merges_partial_attentions_into_out_and_lse(backend):
+    """Ring forward: key shards of ranks 0, 1, 2 merged one after another into one (out, lse) equal attention
+    over all their keys; rows that see no key of a shard (or of any shard so far) included."""
+    cu = [0, 3, 40, 41, 70, 71]
+    world = 3
+    cu_t = torch.tensor(cu)
+    qi = zigzag_indices(cu_t, 1, world)
+    qr = _shard_rows(cu, qi)
+    q = torch.randn(len(qi), 6, 32)
+    kv = torch.randn(cu[-1], 2, 3, 32)
+    scale = 32**-0.5
+    out = torch.zeros(q.shape)
+    lse = torch.full(q.shape[:2], float("-inf"))
+    for src in (2, 0, 1):  # the ring's order on rank 1: the local block last, so some rows start unseen
+        ki = zigzag_indices(cu_t, src, world)
+        blk = kv[ki]
+        got = block_attention_fwd(q, blk[:, 0], blk[:, 1], qr, _shard_rows(cu, ki), causal=True, scale=scale,
+                                  backend=backend, out=out, lse=lse)
+        assert got[0] is out and got[1] is lse
+    q64, kv64 = q.double(), kv.double()
+    ro, rl = dense_attention(q64, kv64[:, 0], kv64[:, 1], qr, _shard_rows(cu, torch.arange(cu[-1])), True, scale)
+    assert rel(out, ro) < 1e-5
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse), ~fin) and rel(lse[fin], rl[fin]) < 1e-6
+    with pytest.raises(ValueError, match="fp32"):
+        block_attention_fwd(q, kv[:, 0], kv[:, 1], qr, _shard_rows(cu, torch.arange(cu[-1])), causal=True,
+                            scale=scale, backend=backend, out=out.half(), lse=lse)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_block_attention_global_positions_poisoned_outputs(backend):
     """A zigzag query shard against another rank's K/V shard: rows with no visible key get lse -inf.
 
