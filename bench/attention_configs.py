@@ -15,7 +15,9 @@ installed) on the same documents is the same-run baseline. Worker processes comp
 first (Triton's disk cache then serves the timing loop); candidates still untimed after --budget-s seconds are
 skipped, never run late. Expected wall time on an H200 with 16 CPU cores: about 25-40 s (start-up 5 s,
 parallel compiles 10-20 s, timing 5 s).
-To adopt the winner, set its fields as the defaults of kernels.flash_attention.TritonConfig.
+--save-tuned DIR records the winner for this GPU (DIR/<GPU name>.json, kernels/tuned.py's format; bench/gpu_suite.sh
+does, so its later steps run with it): copied into kernels/gpu_configs/ it becomes that GPU's setting. Only changes that
+hold on every GPU belong in the TritonConfig defaults.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 
 import torch
 
-from bench.common import print_table, save_results, timeit
+from bench.common import print_table, save_results, save_tuned, timeit
+from kernels import tuned
 
 # (label, CONFIG field overrides); the first is the current default, the reference of every ratio
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
@@ -163,7 +166,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                     help="processes compiling candidates in parallel (0: compile in the timing loop)")
     ap.add_argument("--out", default=None, help="directory for attention_configs-gpu.json")
+    ap.add_argument("--save-tuned", default=None, metavar="DIR",
+                    help="record the winner (>3%% faster than the default, gradients checked) for this GPU in "
+                         "DIR/<GPU>.json, the format of kernels/gpu_configs/")
     args = ap.parse_args()
+    # candidates are measured against the built-in defaults: no tuned file may change them (workers inherit it)
+    os.environ["GOLONG_TUNED"] = "0"
     t_start = time.perf_counter()
     fa = _fa()
     default = fa.CONFIG
@@ -226,10 +234,16 @@ def main() -> None:
     save_results("attention_configs", rows, out_dir=args.out)
     print_table(f"flash_attention backward configs ({case}); {time.perf_counter() - t_start:.0f} s", rows,
                 ["impl", "value", "TFLOP/s", "ratio", "speed vs SDPA", "grad rel err", "note"])
-    timed = [r for r in rows if r.get("config") and "WRONG" not in r.get("grad rel err", "")]
-    best = min(timed, key=lambda r: r["value"])
+    timed = {r["impl"]: r for r in rows if r.get("config")}
+    winner = tuned.pick({n: r["value"] for n, r in timed.items()},
+                        {n: "WRONG" not in r.get("grad rel err", "") for n, r in timed.items()}, "default")
+    best = timed[winner]
     changed = {f: v for f, v in best["config"].items() if getattr(default, f) != v}
-    print(f"fastest: {best['impl']} ({best['ratio']}x default); TritonConfig fields to change: {changed or 'none'}")
+    print(f"adopt: {winner} ({best['ratio']}x default); TritonConfig fields to change: {changed or 'none'}")
+    if args.save_tuned:
+        save_tuned("flash_attention", changed, args.save_tuned, candidate=winner, case=case,
+                   **{"time / default": best["ratio"], "default ms": t_default * 1e3,
+                      "speed vs SDPA": best["speed vs SDPA"]})
 
 
 if __name__ == "__main__":

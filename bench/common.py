@@ -126,10 +126,29 @@ def save_results(bench: str, rows: list[dict[str, Any]], out_dir: str | Path | N
         "torch": torch.__version__,
         "rows": rows,
     }
+    if torch.cuda.is_available():  # the per-GPU settings the kernels ran with (kernels/tuned.py)
+        from kernels import tuned
+
+        payload["tuned"] = tuned.in_use(torch.cuda.get_device_name())
     path = out_dir / f"{bench}-{dev}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
+    return path
+
+
+def save_tuned(module: str, values: dict[str, Any], directory: str | Path, **measured: Any) -> Path:
+    """Record a sweep's winner for this GPU as kernels/tuned.py reads it (directory/<GPU name>.json), with the
+    date, commit, torch / Triton versions and the given measurements."""
+    import triton
+
+    from kernels import tuned
+
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "commit": git_commit(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
+            "triton": triton.__version__, **measured}
+    path = tuned.save(module, values, meta, device_name(), directory)
+    print(f"tuned {module} for {device_name()}: {values or 'built-in defaults'} -> {path}", flush=True)
     return path
 
 

@@ -13,10 +13,14 @@
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens;
 #                   peak memory of one step at 1M tokens
 #   logprob_configs python -m bench.logprob_configs: forward share and backward layouts at 8K tokens
-#   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE)
-#   moe_configs     python -m bench.moe_configs: grouped GEMM tile candidates at Qwen3-30B-A3B shapes
-#   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens
-#   attention_configs python -m bench.attention_configs: flash-attention backward tile candidates vs SDPA
+#   moe_configs     python -m bench.moe_configs: grouped GEMM tile candidates at Qwen3-30B-A3B shapes; the
+#                   winner (> 3% faster, checked) goes to OUT_DIR/tuned/<GPU>.json for the later steps
+#   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE);
+#                   records GATHER_IN_GEMM in OUT_DIR/tuned
+#   attention_configs python -m bench.attention_configs: flash-attention tile / layout candidates vs SDPA;
+#                   the winner goes to OUT_DIR/tuned
+#   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens, and
+#                   the ring's schedule replayed on one GPU (W = 8)
 #   profile_kernels python -m bench.profile_kernels: time per CUDA kernel of the MoE MLP, attention, logprob
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
 #   report          python bench/report.py: OUT_DIR/README.md from the JSON files
@@ -45,6 +49,8 @@ GOLONG_COMMIT=${GOLONG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 
 export GOLONG_COMMIT
 # tests/conftest.py defaults the Triton interpreter on; on a GPU the real kernels must run
 [[ $DRY -eq 1 ]] || export TRITON_INTERPRET=0
+# per-GPU settings the sweeps adopt in this run (kernels/tuned.py reads this directory before kernels/gpu_configs/)
+export GOLONG_TUNED_DIR="$OUT/tuned"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 
@@ -60,10 +66,10 @@ out_flag() { grep -q -- '"--out"' "bench/$1.py" && echo "--out $OUT"; }
 if [[ $DRY -eq 1 ]]; then
   step gpu_tests 300 "$PYTHON -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/kernels tests/golong/test_model_gpu.py"
   step logprob 300 "$PYTHON -m bench.logprob --dry-run"
-  step moe 300 "$PYTHON -m bench.moe --dry-run"
-  step moe_configs 300 "$PYTHON -m bench.moe_configs --dry-run"
+  step moe 300 "$PYTHON -m bench.moe --dry-run --save-tuned $OUT/tuned"
+  step moe_configs 300 "$PYTHON -m bench.moe_configs --dry-run --save-tuned $OUT/tuned"
   step attention 300 "$PYTHON -m bench.attention --dry-run"
-  step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run"
+  step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run --save-tuned $OUT/tuned"
   step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
   step profile_kernels 300 "$PYTHON -m bench.profile_kernels --dry-run"
   step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
@@ -75,10 +81,12 @@ EOF
   step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
   step logprob 95 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
   step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
-  step moe 45 "$PYTHON -m bench.moe $(out_flag moe)"
-  step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT"
+  # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
+  # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
+  step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
+  step moe 45 "$PYTHON -m bench.moe $(out_flag moe) --save-tuned $OUT/tuned"
+  step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT --save-tuned $OUT/tuned"
   step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
-  step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT"
   step profile_kernels 25 "$PYTHON -m bench.profile_kernels --out $OUT"
   step gpu_train_step 45 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi

@@ -8,7 +8,8 @@ Two levels, each forward and forward+backward, uniform and skewed routing (one e
 of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
   moe_mlp     router logits -> y: ours (kernels.moe_route + kernels.expert_mlp) vs a per-expert loop
               (transformers' eager Qwen3MoeExperts algorithm) and, on CUDA, Liger's fused MoE; on CUDA also
-              ours_triton_gather (kernels.moe_mlp.GATHER_IN_GEMM: no permuted copy of x)
+              ours_triton_gather / ours_triton_no_gather (kernels.moe_mlp.GATHER_IN_GEMM, the setting not in use:
+              on, the gate_up GEMM reads x rows by index, no permuted copy; --save-tuned records the faster)
   grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
               backward) vs a bare torch._grouped_mm call
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
@@ -32,7 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import print_table, save_results, timeit
+import kernels.moe_mlp as moe_mlp
+from bench.common import print_table, save_results, save_tuned, timeit
+from kernels import tuned
 from kernels.grouped_mm import grouped_mm, grouped_mm_supported
 from kernels.moe_mlp import expert_mlp
 from kernels.moe_route import moe_route, route_topk
@@ -58,12 +61,10 @@ def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
     return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
 
 
-def _with_gather_in_gemm(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() with kernels.moe_mlp.GATHER_IN_GEMM on: the gate_up GEMM reads x rows by index (no permuted copy);
-    the backward runs after the flag is restored, and its Function does not read the flag."""
-    import kernels.moe_mlp as moe_mlp
-
-    saved, moe_mlp.GATHER_IN_GEMM = moe_mlp.GATHER_IN_GEMM, True
+def _with_gather(on: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with kernels.moe_mlp.GATHER_IN_GEMM forced on or off (on: the gate_up GEMM reads x rows by index, no
+    permuted copy); the backward runs after the flag is restored, and its Function does not read the flag."""
+    saved, moe_mlp.GATHER_IN_GEMM = moe_mlp.GATHER_IN_GEMM, on
     try:
         return fn()
     finally:
@@ -216,11 +217,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def one_routing(routing: str, logits: torch.Tensor) -> None:
         # --- full MoE MLP: ours, the _grouped_mm peer, the per-expert loop ---
         ours = lambda: ours_moe(x, logits, k, gate_up, down)
-        mlp(routing, ours_name, ours)
+        mlp(routing, ours_name, ours, **({"gather_in_gemm": gather} if cuda else {}))
         if cuda:
             mlp(routing, "ours_torch(_grouped_mm)",
                 lambda: ours_moe(x, logits, k, gate_up, down, backend="torch"))
-            mlp(routing, "ours_triton_gather", lambda: _with_gather_in_gemm(ours))
+            # the other setting of GATHER_IN_GEMM than the one in use (this GPU's tuned one, or off)
+            mlp(routing, alt_name, lambda: _with_gather(not gather, ours))
         # on CUDA its forward only (~0.1 s a call): autograd through 128 indexed slices zero-fills
         # full-size gradients per expert, seconds a step at 32K tokens; --gpu-loop adds it
         mlp(routing, "per_expert_loop", lambda: loop_moe(x, logits, k, gate_up, down),
@@ -249,6 +251,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             add("grouped_mm", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [xp, w], dyp), iters),
                 3 * gmm_flops, gbase)
 
+    gather = cuda and moe_mlp.gather_in_gemm(x.device)  # as expert_mlp resolves it
+    alt_name = "ours_triton_no_gather" if gather else "ours_triton_gather"
     routings = {"uniform": make_logits(T, E, 0.0, device, dtype, gen),
                 "skewed30": make_logits(T, E, args.skew, device, dtype, gen)}
     for routing, logits in routings.items():
@@ -278,8 +282,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             u = ref.get((r["case"].replace("skewed30", "uniform"), r["impl"], r["mode"]))
             if u:
                 r["skew_vs_uniform"] = r["value"] / u
+    if cuda and args.save_tuned:
+        _save_gather_choice(rows, gather, alt_name, lambda: ours_moe(x, routings["uniform"], k, gate_up, down),
+                            [x, gate_up, down], dy, args.save_tuned)
     print(f"  [{elapsed():5.1f}s] done", flush=True)
     return rows
+
+
+def _save_gather_choice(rows: list[dict[str, Any]], gather: bool, alt_name: str, fn: Callable[[], torch.Tensor],
+                        params: list[torch.Tensor], dy: torch.Tensor, directory: str) -> None:
+    """Record GATHER_IN_GEMM for this GPU: on when the gathered MLP's uniform-routing fwd+bwd beats the
+    permuted-copy one by more than noise (3%), with the same output and gradients (bf16 rel err < 1e-2)."""
+    ms = {r["impl"]: r["ms"] for r in rows if r["case"] == "moe_mlp/uniform" and r["mode"] == "fwd+bwd"}
+    on_ms, off_ms = (ms["ours_triton"], ms[alt_name]) if gather else (ms[alt_name], ms["ours_triton"])
+
+    def result(on: bool) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        y = _with_gather(on, fn)
+        y.backward(dy)
+        return [y.detach().float()] + [p.grad.float() for p in params]
+
+    err = max(((a - b).norm() / b.norm()).item() for a, b in zip(result(True), result(False)))
+    winner = tuned.pick({"on": on_ms, "off": off_ms}, {"on": err < 1e-2, "off": True}, "off")
+    save_tuned("moe_mlp", {"GATHER_IN_GEMM": winner == "on"}, directory, case="moe_mlp/uniform fwd+bwd",
+               **{"gather ms": round(on_ms, 3), "permuted copy ms": round(off_ms, 3), "rel err": f"{err:.1e}"})
 
 
 def main() -> None:
@@ -303,6 +330,8 @@ def main() -> None:
                    help="CUDA: skip the Liger rows (run last) once this many seconds have passed")
     p.add_argument("--out", default=None, help="directory for moe-<device>.json (default bench/results)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, one iteration, nothing saved")
+    p.add_argument("--save-tuned", default=None, metavar="DIR",
+                   help="CUDA: record GATHER_IN_GEMM (on when faster, same results) for this GPU in DIR/<GPU>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("BENCH_THREADS", "2"))))

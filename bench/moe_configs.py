@@ -11,8 +11,10 @@ Each candidate (overrides of FWD_CONFIG, which serves the forward and dX, and of
 the module constants, checked against the default's y / dx / dw, and timed forward and fwd+bwd on both
 GEMMs, with torch._grouped_mm (the torch backend) measured in the same run. Every candidate compiles for
 sm_90 without spills and with HGMMA (tests/kernels/test_grouped_mm.py checks it on CPU). The last table
-sums each candidate's gate_up + down times: the MoE MLP's GEMM time. To adopt a winner, copy its
-overrides into FWD_CONFIG / DW_CONFIG. ~30 s on an H200 (compiles ~1-2 s per kernel).
+sums each candidate's gate_up + down times: the MoE MLP's GEMM time. --save-tuned DIR records the winner
+(gate_up + down fwd+bwd > 3% faster than the default, outputs and gradients checked) for this GPU in
+DIR/<GPU name>.json (kernels/tuned.py's format; copied into kernels/gpu_configs/ it becomes that GPU's setting).
+~30 s on an H200 (compiles ~1-2 s per kernel).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 from typing import Any
 
 import torch
 
-from bench.common import print_table, save_results, timeit
+from bench.common import print_table, save_results, save_tuned, timeit
+from kernels import tuned
 
 # name -> (FWD_CONFIG overrides, DW_CONFIG overrides); "default" is the configuration in kernels.grouped_mm.
 # Registers / shared memory per CTA from kernels.aot (Triton 3.9, sm_90) in the comments. H200 (Triton 3.6)
@@ -64,7 +68,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="candidate names to time (default: all)")
     ap.add_argument("--out", default=None, help="directory for moe_configs-gpu.json")
+    ap.add_argument("--save-tuned", default=None, metavar="DIR", help="record the winner for this GPU in DIR")
     args = ap.parse_args()
+    os.environ["GOLONG_TUNED"] = "0"  # candidates are measured against the built-in defaults
     gm = _module()
     if args.dry_run or not torch.cuda.is_available():
         rows = [{"candidate": n, "FWD_CONFIG overrides": str(f), "DW_CONFIG overrides": str(d)}
@@ -133,6 +139,8 @@ def main() -> None:
         print(f"  {name}: fwd+bwd gate_up+down {fb * 1e3:.2f} ms ({t_default_fb / fb:.3f}x default)", flush=True)
 
     add("torch._grouped_mm", t_torch, "", "backend=torch")
+    fwd_bwd: dict[str, float] = {}
+    checked: dict[str, bool] = {}
     for name in args.only or list(CANDIDATES):
         fwd_cfg, dw_cfg = merged(name)
         gm.FWD_CONFIG, gm.DW_CONFIG = fwd_cfg, dw_cfg
@@ -147,6 +155,8 @@ def main() -> None:
         finally:
             gm.FWD_CONFIG, gm.DW_CONFIG = default_fwd, default_dw
         add(name, t, f"{err:.1e}", f"fwd {CANDIDATES[name][0]} dw {CANDIDATES[name][1]}")
+        fwd_bwd[name] = sum(s for (_, m), s in t.items() if m == "fwd+bwd")
+        checked[name] = err < 1e-2
 
     print_table(f"grouped_mm tile candidates, Qwen3-30B-A3B, {args.tokens} tokens x top-{k}, bf16", rows,
                 ["case", "impl", "value", "TFLOP/s", "ratio", "vs_torch", "rel err vs default"])
@@ -160,6 +170,15 @@ def main() -> None:
                 **{f"{m} vs default": round(base[m] / v, 3) for m, v in ms.items() if base.get(m)}}
                for n, ms in totals.items()]
     print_table("gate_up + down (the MoE MLP's GEMMs)", summary, list(summary[0]))
+    if "default" in fwd_bwd:
+        winner = tuned.pick(fwd_bwd, checked, "default")
+        print(f"adopt: {winner} (gate_up + down fwd+bwd {fwd_bwd['default'] / fwd_bwd[winner]:.3f}x default)")
+        if args.save_tuned:
+            fwd_over, dw_over = CANDIDATES[winner]
+            save_tuned("grouped_mm", {n: o for n, o in (("FWD_CONFIG", fwd_over), ("DW_CONFIG", dw_over)) if o},
+                       args.save_tuned, candidate=winner, case=f"{args.tokens} tokens x top-{k}, gate_up + down",
+                       **{"fwd+bwd ms": round(fwd_bwd[winner] * 1e3, 3),
+                          "default fwd+bwd ms": round(fwd_bwd["default"] * 1e3, 3)})
 
 
 if __name__ == "__main__":

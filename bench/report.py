@@ -114,7 +114,8 @@ def render_file(d: dict[str, Any]) -> str:
         f"#### {d['bench']} — {'GPU' if is_gpu(d) else 'CPU'}",
         "",
         f"{d.get('device', '?')} · {d.get('date', '?')} · commit `{d.get('commit', '?')}` · torch "
-        f"{d.get('torch', '?')} · `{d.get('command', '?')}`",
+        f"{d.get('torch', '?')} · `{d.get('command', '?')}`"
+        + (f" · tuned settings: `{json.dumps(d['tuned'], sort_keys=True)}`" if d.get("tuned") else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

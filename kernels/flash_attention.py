@@ -24,6 +24,7 @@ softmax, so memory stays O(tile) however long a document is; CPU path and test o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from kernels import tuned
 
 LOG2E = 1.4426950408889634
 
@@ -531,8 +534,20 @@ INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd
                                 q_heavy_first=False, split_dv_stages=None, merge_fwd_stages=1)
 
 
+_FIELDS = [f.name for f in dataclasses.fields(TritonConfig)]
+
+
+def config_for(device: torch.device) -> TritonConfig:
+    """The launch configuration on `device`: CONFIG with its GPU's tuned fields (kernels/tuned.py) on CUDA;
+    INTERPRET_CONFIG elsewhere (the interpreter on CPU tensors)."""
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    over = tuned.values("flash_attention", device, _FIELDS)
+    return dataclasses.replace(CONFIG, **over) if over else CONFIG
+
+
 def _cfg(q: torch.Tensor) -> TritonConfig:
-    return CONFIG if q.is_cuda else INTERPRET_CONFIG
+    return config_for(q.device)
 
 
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,

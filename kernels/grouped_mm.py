@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuned
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
 
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
@@ -40,6 +41,15 @@ FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "nu
 # 128x256 output tiles, 3 stages of (64x128 + 64x256) bf16 = 144 KiB (H200: 1.10x gate_up + down fwd+bwd
 # vs 128x128 tiles).
 DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3}
+
+
+def _tuned_tiles(device: torch.device, name: str, base: dict[str, int]) -> dict[str, int]:
+    """This GPU's tuned overrides of FWD_CONFIG or DW_CONFIG (kernels/tuned.py; {} on CPU or untuned)."""
+    over = tuned.values("grouped_mm", device, ["FWD_CONFIG", "DW_CONFIG"]).get(name, {})
+    bad = sorted(set(over) - set(base))
+    if bad:
+        raise ValueError(f"tuned grouped_mm {name} has unknown keys {bad}; valid: {sorted(base)}")
+    return over
 
 
 def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) -> dict[str, int]:
@@ -174,7 +184,7 @@ def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
 def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
                 out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = x[rows] @ w[group] per group (x itself where rows is None; rows [M] int64)."""
-    cfg = {**FWD_CONFIG, **(config or {})}
+    cfg = {**FWD_CONFIG, **_tuned_tiles(x.device, "FWD_CONFIG", FWD_CONFIG), **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
     M, K = x.shape[0] if rows is None else rows.shape[0], x.shape[1]
     G, _, N = w.shape
@@ -199,7 +209,7 @@ def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: t
                config: dict[str, int] | None = None, out: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
     """dw[g] = x[rows of g]^T dy[rows of g] (x[rows] for the gathered form), in like's layout."""
-    cfg = {**DW_CONFIG, **(config or {})}
+    cfg = {**DW_CONFIG, **_tuned_tiles(x.device, "DW_CONFIG", DW_CONFIG), **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_M"] * cfg["BLOCK_N"], x.element_size())
     K, N = x.shape[1], dy.shape[1]
     G = offsets.shape[0]

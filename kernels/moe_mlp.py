@@ -24,14 +24,24 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import tuned
 from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
 # triton backend: the gate_up GEMM reads each permuted row straight from x through its token index (forward
 # and dW), so the [T*k, H] permuted copy of x is neither written nor kept for the backward (1 GiB per layer at
 # 32K tokens, H 2048, top-8; its gather took 0.55 ms of a 5.3 ms forward on an H200). Off until an H200 run
-# of bench.moe (row ours_triton_gather) shows the gathered A loads keep the GEMM's speed.
-GATHER_IN_GEMM = False
+# of bench.moe (row ours_triton_gather) shows the gathered A loads keep the GEMM's speed. None: this GPU's
+# tuned setting (kernels/tuned.py, written by bench.moe --save-tuned), else off; True / False force it.
+GATHER_IN_GEMM: bool | None = None
+
+
+def gather_in_gemm(device: torch.device) -> bool:
+    """Whether expert_mlp's Triton path gathers x rows inside the gate_up GEMM on `device` (GATHER_IN_GEMM
+    resolved)."""
+    if GATHER_IN_GEMM is not None:
+        return GATHER_IN_GEMM
+    return bool(tuned.values("moe_mlp", device, ["GATHER_IN_GEMM"]).get("GATHER_IN_GEMM", False))
 
 
 @triton.jit
@@ -145,7 +155,7 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden:
         raise ValueError(f"shapes: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
                          f"down_proj {tuple(down_proj.shape)}")
-    if GATHER_IN_GEMM and _use_triton(backend, x) and x.stride(-1) == 1:
+    if _use_triton(backend, x) and x.stride(-1) == 1 and gather_in_gemm(x.device):
         h = _GatherGroupedMM.apply(x, gate_up_proj.transpose(1, 2), routing.offsets, routing.order // routing.top_k,
                                    routing.inverse, routing.top_k)  # [T*k, 2I], rows grouped by expert
     else:
