@@ -168,13 +168,14 @@ def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 @triton.jit
-def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr):
-    """Each row's range start and length; the union [lo, hi) of the rows' ranges; and [a, b): the tiles
-    (grid lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and
-    [b, hi) are masked."""
+def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr, ALIGN: tl.constexpr = 1):
+    """Each row's range start and length; the union [lo, hi) of the rows' ranges (lo rounded down to a
+    multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned); and [a, b): the tiles (grid
+    lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and [b, hi) are
+    masked."""
     r_lo = tl.load(lo_ptr + offs, mask=ok, other=0)
     r_hi = tl.load(hi_ptr + offs, mask=ok, other=0)
-    lo = tl.min(tl.where(ok, r_lo, 2147483647), 0)
+    lo = tl.min(tl.where(ok, r_lo, 2147483647), 0) // ALIGN * ALIGN
     hi = tl.max(r_hi, 0)
     full_lo = tl.max(r_lo, 0)
     full_hi = tl.min(tl.where(ok, r_hi, 2147483647), 0)
@@ -185,12 +186,28 @@ def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _rows_source(base, rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Where the loops read [BLOCK, HEAD_DIM] tiles of one head's [rows, HEAD_DIM] matrix at `base`: a TMA
+    tensor descriptor, or `base` itself for pointer loads."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return base
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, Kp, Vp, start, end, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+    """Key tiles start, start + BLOCK_N, ... < end. TMA: Kp / Vp are tensor descriptors (rows past the end
+    arrive as zeros; rows past hi are masked through s)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for s0 in range(start, end, BLOCK_N):
         offs_n = s0 + tl.arange(0, BLOCK_N)
-        if MASKED:
+        if TMA:
+            kT = tl.trans(Kp.load([s0, 0]))
+            v = Vp.load([s0, 0])
+        elif MASKED:
             n_ok = offs_n < hi
             kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
             v = tl.load(Vp + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
@@ -219,7 +236,7 @@ def _attn_fwd_kernel(
     Tq, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False,
+    HEAVY_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False, TMA: tl.constexpr = False, Tk=0,
 ):
     """One program: BLOCK_M query rows x one query head, over the union of its rows' key ranges.
 
@@ -239,18 +256,18 @@ def _attn_fwd_kernel(
     m_ok = offs_m < Tq
     q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     r_lo, r_len, lo, hi, a, b = _tile_split(KV_LO, KV_HI, offs_m, m_ok, BLOCK_N)
-    Kp = K + kvh * stride_kh
-    Vp = V + kvh * stride_vh
+    Kp = _rows_source(K + kvh * stride_kh, Tk, stride_kt, HEAD_DIM, BLOCK_N, TMA)
+    Vp = _rows_source(V + kvh * stride_vh, Tk, stride_vt, HEAD_DIM, BLOCK_N, TMA)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, lo, a, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                               True, HEAD_DIM, BLOCK_N)
+                               True, HEAD_DIM, BLOCK_N, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, a, b, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                               False, HEAD_DIM, BLOCK_N)
+                               False, HEAD_DIM, BLOCK_N, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kp, Vp, b, hi, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                               True, HEAD_DIM, BLOCK_N)
+                               True, HEAD_DIM, BLOCK_N, TMA)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -299,15 +316,21 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, start, end, a, b, hi, r_lo, r_len, qk_scale, sm_scale,
                 stride_qt, stride_dot, stride_dqt, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                FUSED_DQ: tl.constexpr, PASS: tl.constexpr, MASK: tl.constexpr):
+                FUSED_DQ: tl.constexpr, PASS: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
     """Query tiles start, start + BLOCK_M, ... < end. MASK 0: tiles inside [a, b), no masks at all; 1: every
     tile masked; 2: one loop over [lo, hi) that masks the tiles outside [a, b) at run time (the joint dK/dV
-    pass: three loops, as in the forward, need more registers than its two accumulators leave)."""
+    pass: three loops, as in the forward, need more registers than its two accumulators leave). TMA: Qp and
+    DOp are tensor descriptors (rows past the end arrive as zeros; rows past hi are masked through p)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for s0 in range(start, end, BLOCK_M):
         offs_m = s0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < hi  # all true inside [a, b)
-        if MASK == 0:
+        if TMA:  # LSEp / DELTAp: descriptors of the [Hq, Tq] rows, (1, BLOCK_M) boxes at [h, s0] (h in LSEp[1])
+            qT = tl.trans(Qp.load([s0, 0]))
+            do = DOp.load([s0, 0])
+            lse = tl.reshape(LSEp[0].load([LSEp[1], s0]), [BLOCK_M])
+            delta = tl.reshape(DELTAp.load([LSEp[1], s0]), [BLOCK_M])
+        elif MASK == 0:
             qT = tl.load(Qp + offs_m[None, :] * stride_qt + offs_d[:, None])
             do = tl.load(DOp + offs_m[:, None] * stride_dot + offs_d[None, :])
             lse = tl.load(LSEp + offs_m)  # head-major copies: one 256-byte line per tile
@@ -343,11 +366,12 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, start, end, a, b, hi, 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_LO, Q_HI,
-    Tk, stride_lh, qk_scale, sm_scale,
+    Tk, Tq, stride_lh, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
     PASS: tl.constexpr, THREE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
@@ -355,9 +379,12 @@ def _attn_bwd_dkdv_kernel(
     FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics, and no dQ kernel runs.
     PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
     recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
-    LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32, so each query tile's values are one
+    LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32 (Tq valid columns), so each query tile's
+    values are one
     contiguous line (token-major they were Hq-strided scalar loads in the innermost loop). THREE_LOOPS: the
     query range as masked / unmasked / masked loops (no branch in the main loop) instead of one loop.
+    TMA: query and dO tiles arrive by Hopper's tensor-memory accelerator (one thread issues a tile; no
+    per-thread addresses or staging registers), so the loop can pipeline more stages in the same registers.
     """
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -366,27 +393,37 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < Tk
     k = tl.load(K + offs_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-    r_lo, r_len, lo, hi, a, b = _tile_split(Q_LO, Q_HI, offs_n, n_ok, BLOCK_M)
+    # TMA: query tiles start at multiples of 4 rows, so each fp32 lse / delta box starts 16-byte aligned
+    r_lo, r_len, lo, hi, a, b = _tile_split(Q_LO, Q_HI, offs_n, n_ok, BLOCK_M, 4 if TMA else 1)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if TMA:  # the head-major rows are padded to stride_lh (a multiple of 4: 16-byte rows, as TMA needs)
+        lse_desc = tl.make_tensor_descriptor(LSE2, shape=[GROUP * tl.num_programs(1), Tq], strides=[stride_lh, 1],
+                                             block_shape=[1, BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(DELTA, shape=[GROUP * tl.num_programs(1), Tq],
+                                               strides=[stride_lh, 1], block_shape=[1, BLOCK_M])
     for g in range(GROUP):
         h = kvh * GROUP + g
-        Qp = Q + h * stride_qh
-        DOp = DO + h * stride_doh
-        LSEp = LSE2 + h * stride_lh
-        DELTAp = DELTA + h * stride_lh
+        Qp = _rows_source(Q + h * stride_qh, Tq, stride_qt, HEAD_DIM, BLOCK_M, TMA)
+        DOp = _rows_source(DO + h * stride_doh, Tq, stride_dot, HEAD_DIM, BLOCK_M, TMA)
+        if TMA:
+            LSEp = (lse_desc, h)
+            DELTAp = delta_desc
+        else:
+            LSEp = LSE2 + h * stride_lh
+            DELTAp = DELTA + h * stride_lh
         DQp = DQ + h * stride_dqh
         if THREE_LOOPS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, a, b, hi, r_lo, r_len, qk_scale,
-                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1)
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, a, b, a, b, hi, r_lo, r_len, qk_scale,
-                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 0)
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 0, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, b, hi, a, b, hi, r_lo, r_len, qk_scale,
-                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1)
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1, TMA)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, hi, a, b, hi, r_lo, r_len, qk_scale,
-                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 2)
+                                 sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 2, TMA)
     if PASS != 1:
         dk *= sm_scale
         dk_ptrs = DK + offs_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
@@ -402,11 +439,15 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, Kp, Vp, start, end, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+    """Key tiles start, start + BLOCK_N, ... < end; TMA as in _fwd_inner."""
     offs_d = tl.arange(0, HEAD_DIM)
     for s0 in range(start, end, BLOCK_N):
         offs_n = s0 + tl.arange(0, BLOCK_N)
-        if MASKED:
+        if TMA:
+            kT = tl.trans(Kp.load([s0, 0]))
+            vT = tl.trans(Vp.load([s0, 0]))
+        elif MASKED:
             n_ok = offs_n < hi
             kT = tl.load(Kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
             vT = tl.load(Vp + offs_n[None, :] * stride_vt + offs_d[:, None], mask=n_ok[None, :], other=0.0)
@@ -430,10 +471,11 @@ def _attn_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr = False, TMA: tl.constexpr = False,
+    Tk=0,
 ):
-    """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P). HEAVY_FIRST as
-    in _attn_fwd_kernel."""
+    """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P). HEAVY_FIRST and
+    TMA (K / V tiles by tensor descriptors over Tk rows) as in _attn_fwd_kernel."""
     pid_m = tl.program_id(0)
     if HEAVY_FIRST:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -449,16 +491,16 @@ def _attn_bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a row sees no key: every p is masked to 0
     delta = tl.load(DELTA + offs_m * Hq + h, mask=m_ok, other=0.0)
     r_lo, r_len, lo, hi, a, b = _tile_split(KV_LO, KV_HI, offs_m, m_ok, BLOCK_N)
-    Kp = K + kvh * stride_kh
-    Vp = V + kvh * stride_vh
+    Kp = _rows_source(K + kvh * stride_kh, Tk, stride_kt, HEAD_DIM, BLOCK_N, TMA)
+    Vp = _rows_source(V + kvh * stride_vh, Tk, stride_vt, HEAD_DIM, BLOCK_N, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, lo, a, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                   True, HEAD_DIM, BLOCK_N)
+                   True, HEAD_DIM, BLOCK_N, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, a, b, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                   False, HEAD_DIM, BLOCK_N)
+                   False, HEAD_DIM, BLOCK_N, TMA)
     dq = _dq_inner(dq, q, do, lse, delta, Kp, Vp, b, hi, hi, r_lo, r_len, qk_scale, stride_kt, stride_vt,
-                   True, HEAD_DIM, BLOCK_N)
+                   True, HEAD_DIM, BLOCK_N, TMA)
     dq *= sm_scale
     dq_ptrs = DQ + offs_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
     if ACCUMULATE:
@@ -512,6 +554,15 @@ class TritonConfig:
     bwd_three_loops: bool = False
     # forward and dQ programs take query blocks from the last one down (causal: the longest first)
     q_heavy_first: bool = False
+    # tiles by TMA tensor descriptors (Hopper's tensor-memory accelerator; rows must be 16-byte aligned, else the
+    # launch falls back to plain loads): no per-thread addresses or staging registers. bwd_tma: the dK/dV
+    # kernel's query, dO, lse and delta tiles; its split passes then pipeline at 2-3 stages spill-free under
+    # Triton 3.6 (dK pass 224-228 registers; with plain loads 2 stages spill) and 3.9. fwd_tma / dq_tma: the
+    # K / V tiles of the forward and the dQ kernel (Triton 3.6: 179 and 205 registers instead of 255 and 246).
+    # Off until an H200 run of bench.attention_configs (which checks them) shows them faster.
+    bwd_tma: bool = False
+    fwd_tma: bool = False
+    dq_tma: bool = False
     # stages of the ring's forward (MERGE epilogue: the fp32 partial output is read back too); with fwd_stages 3
     # it keeps 16 B of stack under Triton 3.9 (255 registers), with 2 none
     merge_fwd_stages: int = 2
@@ -531,7 +582,8 @@ INTERPRET_CONFIG = TritonConfig(fwd_block_m=16, fwd_block_n=16, fwd_warps=4, fwd
                                 bwd_block_n=16, bwd_warps=4, bwd_stages=1, dq_block_m=16, dq_block_n=16, dq_warps=4,
                                 dq_stages=1, pre_block_m=16, bwd_fused_dq=False, bwd_split=False, split_block_m=16,
                                 split_block_n=32, split_warps=4, split_stages=1, bwd_three_loops=False,
-                                q_heavy_first=False, split_dv_stages=None, merge_fwd_stages=1)
+                                q_heavy_first=False, split_dv_stages=None, merge_fwd_stages=1, bwd_tma=False,
+                                fwd_tma=False, dq_tma=False)
 
 
 _FIELDS = [f.name for f in dataclasses.fields(TritonConfig)]
@@ -562,8 +614,8 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
-        HEAVY_FIRST=c.q_heavy_first, MERGE=merge, num_warps=c.fwd_warps,
-        num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
+        HEAVY_FIRST=c.q_heavy_first, MERGE=merge, TMA=c.fwd_tma and _tma_ready(k, v), Tk=k.shape[0],
+        num_warps=c.fwd_warps, num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
     )
 
 
@@ -579,6 +631,22 @@ def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None
         HAS_DLSE=dlse is not None, HEAD_DIM=D, BLOCK_M=c.pre_block_m,
     )
     return delta
+
+
+_TMA_ALLOCATOR = False
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether [T, H, D] tensors can be read through TMA descriptors (16-byte aligned base, row and head
+    strides); on CUDA, installs the scratch allocator device-side descriptors need (128 B each) once."""
+    global _TMA_ALLOCATOR
+    for t in tensors:
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or (t.stride(1) * t.element_size()) % 16:
+            return False
+    if tensors[0].is_cuda and not _TMA_ALLOCATOR:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _TMA_ALLOCATOR = True
+    return True
 
 
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
@@ -598,16 +666,22 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dq32 = dq
     if c.bwd_fused_dq and not accumulate:
         dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=dq.device)
-    lse2_h = (lse.t() * LOG2E).contiguous()  # [Hq, Tq]: 4 bytes x Hq x Tq each (4 MiB at 32K tokens, 32 heads)
-    delta_h = delta.t().contiguous()
+    # head-major [Hq, Tq] copies, rows padded to a multiple of 4 (16 bytes, for TMA): 4 bytes x Hq x Tq each
+    # (4 MiB at 32K tokens, 32 heads)
+    stride_lh = -(-Tq // 4) * 4
+    lse2_h = torch.empty(Hq, stride_lh, device=q.device, dtype=torch.float32)
+    delta_h = torch.empty_like(lse2_h)
+    torch.mul(lse.t(), LOG2E, out=lse2_h[:, :Tq])
+    delta_h[:, :Tq] = delta.t()
+    tma = c.bwd_tma and _tma_ready(q, do)
     for pass_, _, bm, bn, warps, stages in c.dkdv_launches():
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
             q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,
-            Tk, Tq, scale * LOG2E, scale,
+            Tk, Tq, stride_lh, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
             GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_,
-            THREE_LOOPS=c.bwd_three_loops, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            THREE_LOOPS=c.bwd_three_loops, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages,
         )
     if c.bwd_fused_dq:
         if dq32 is not dq:
@@ -620,7 +694,8 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
-        HEAVY_FIRST=c.q_heavy_first, num_warps=c.dq_warps, num_stages=c.dq_stages,
+        HEAVY_FIRST=c.q_heavy_first, TMA=c.dq_tma and _tma_ready(k, v), Tk=Tk, num_warps=c.dq_warps,
+        num_stages=c.dq_stages,
     )
 
 
@@ -839,15 +914,16 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "fn": _attn_bwd_dkdv_kernel,
             "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE2": "*fp32", "DELTA": "*fp32",
                           "DK": "*fp32", "DV": "*fp32", "DQ": "*fp32", "Q_LO": "*i32", "Q_HI": "*i32", "Tk": "i32",
-                          "stride_lh": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
+                          "Tq": "i32", "stride_lh": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
                                  "stride_dqt", "stride_dqh")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
-                           "PASS": pass_, "THREE_LOOPS": c.bwd_three_loops, "BLOCK_M": bm, "BLOCK_N": bn},
+                           "PASS": pass_, "THREE_LOOPS": c.bwd_three_loops, "BLOCK_M": bm, "BLOCK_N": bn,
+                           "TMA": c.bwd_tma},
             "num_warps": warps,
             "num_stages": stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE2", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
-                                        "stride_lh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
+                                        "Tq", "stride_lh", "stride_dot", "stride_doh", "stride_dkt", "stride_dkh",
                                         "stride_dvt", "stride_dvh", "stride_dqt", "stride_dqh"),
         }
         for pass_, suffix, bm, bn, warps, stages in c.dkdv_launches()
@@ -858,9 +934,9 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "fn": _attn_fwd_kernel,
             "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
                           "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_ot", "stride_oh", "stride_lt")},
+                          **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": False},
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": False, "TMA": c.fwd_tma},
             "num_warps": c.fwd_warps,
             "num_stages": c.fwd_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
@@ -870,9 +946,9 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "fn": _attn_fwd_kernel,
             "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*fp32", "LSE": "*fp32", "KV_LO": "*i32",
                           "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_ot", "stride_oh", "stride_lt")},
+                          **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": True},
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": True, "TMA": c.fwd_tma},
             "num_warps": c.fwd_warps,
             "num_stages": c.merge_fwd_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
@@ -883,9 +959,9 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
                           "DQ": "*fp32", "KV_LO": "*i32", "KV_HI": "*i32", "Tq": "i32", "Hq": "i32",
                           "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh")},
+                          **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "Tk")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": c.dq_block_m,
-                           "BLOCK_N": c.dq_block_n, "HEAVY_FIRST": c.q_heavy_first},
+                           "BLOCK_N": c.dq_block_n, "HEAVY_FIRST": c.q_heavy_first, "TMA": c.dq_tma},
             "num_warps": c.dq_warps,
             "num_stages": c.dq_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",

@@ -212,7 +212,51 @@ VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused int
     "three_loops_fused_dq": dict(bwd_three_loops=True, bwd_fused_dq=True, bwd_block_m=16, bwd_block_n=32),
     "q_heavy_first": dict(q_heavy_first=True),  # forward and dQ programs in reverse query-block order
     "split_dv_stages": dict(bwd_split=True, split_stages=1, split_dv_stages=2),
+    # query / dO / lse / delta tiles through TMA tensor descriptors (the joint pass with fused dQ as well)
+    "split_tma": dict(bwd_split=True, bwd_tma=True, split_block_m=32, split_block_n=16),
+    "split_three_loops_tma": dict(bwd_split=True, bwd_three_loops=True, bwd_tma=True),
+    "tma_fused_dq": dict(bwd_tma=True, bwd_fused_dq=True),
+    "all_tma": dict(bwd_split=True, bwd_tma=True, fwd_tma=True, dq_tma=True, fwd_block_n=32, dq_block_n=32),
 }
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_tma_loads_run_where_rows_are_16_byte_aligned_and_fall_back_elsewhere(monkeypatch):
+    monkeypatch.setattr(fa, "INTERPRET_CONFIG", dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS["all_tma"]))
+    spies = {name: _LaunchSpy(getattr(fa, name))
+             for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(fa, name, spy)
+    cu = [0, 1, 38, 39, 40, 91]  # 91 rows: the head-major lse / delta rows are padded to 92
+    for offset, tma in ((0, True), (1, False)):  # offset 1: q and k start 4 bytes past a 16-byte boundary
+        for spy in spies.values():
+            spy.launches.clear()
+        q0, k0, v = _inputs(cu, 6, 2, 32, torch.float32)
+        q, k = (torch.randn(x.numel() + offset)[offset:].view(x.shape).copy_(x).requires_grad_() for x in (q0, k0))
+        v.requires_grad_()
+        out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="triton")
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        ro, rl = per_document_attention(q64, k64, v64, cu)
+        go = torch.randn_like(ro)
+        (out * go.float()).sum().backward()
+        (ro * go).sum().backward()
+        for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert rel(ours, ref) < 1e-5
+        assert [launch["TMA"] for launch in spies["_attn_fwd_kernel"].launches] == [tma]
+        assert [launch["TMA"] for launch in spies["_attn_bwd_dkdv_kernel"].launches] == [tma, tma]  # dV, dK passes
+        assert [launch["TMA"] for launch in spies["_attn_bwd_dq_kernel"].launches] == [tma]
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -311,10 +355,14 @@ def test_aot_sm90_sweep_candidates(aot_sweep_resources, label):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
-def test_flash_attention_bf16_cuda(backend):
+@pytest.mark.parametrize("backend", ["triton", "flash_attn", "triton_all_tma"])
+def test_flash_attention_bf16_cuda(backend, monkeypatch):
     if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
         pytest.importorskip("flash_attn")
+    if backend == "triton_all_tma":  # every tile load by TMA descriptors (a bench.attention_configs candidate)
+        monkeypatch.setattr(fa, "CONFIG", dataclasses.replace(fa.CONFIG, fwd_tma=True, dq_tma=True, bwd_tma=True))
+        monkeypatch.setenv("GOLONG_TUNED", "0")
+        backend = "triton"
     cu = [0, 1000, 1001, 3333, 4096]
     q, k, v = (x.cuda().requires_grad_() for x in _inputs(cu, 32, 8, 128, torch.bfloat16))
     out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device="cuda"), backend=backend)
