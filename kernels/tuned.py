@@ -41,11 +41,9 @@ def _dirs() -> list[Path]:
     return ([Path(extra)] if extra else []) + [DIR]
 
 
-@functools.lru_cache(maxsize=64)
-def _read(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    """The parsed file; cached until it changes (mtime or size)."""
+def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
     if not isinstance(data, dict) or not all(isinstance(s, dict) and isinstance(s.get("values", {}), dict)
@@ -54,34 +52,39 @@ def _read(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return data
 
 
+_SECTIONS: dict[tuple[str, ...], dict[str, tuple[dict[str, Any], Path]]] = {}
+
+
+def _sections(gpu: str) -> dict[str, tuple[dict[str, Any], Path]]:
+    """module -> (values, file) on GPU `gpu`, a directory's section replacing the same module's section of the
+    directories after it. Read once per process and environment (kernels ask at every launch); save() drops
+    the cache, and a file edited by hand reaches the processes started afterwards (or this one after reload())."""
+    key = (gpu, os.environ.get("GOLONG_TUNED", "1"), os.environ.get("GOLONG_TUNED_DIR", ""), str(DIR))
+    if key not in _SECTIONS:
+        found: dict[str, tuple[dict[str, Any], Path]] = {}
+        if key[1] != "0":
+            for d in reversed(_dirs()):
+                path = d / file_name(gpu)
+                if path.is_file():
+                    found.update({m: (dict(sec.get("values", {})), path) for m, sec in _read(path).items()})
+        _SECTIONS[key] = found
+    return _SECTIONS[key]
+
+
+def reload() -> None:
+    """Forget the files read so far (the next launch reads them again)."""
+    _SECTIONS.clear()
+
+
 def lookup(module: str, gpu: str) -> tuple[dict[str, Any], Path | None]:
-    """(values, file) of `module`'s section for GPU `gpu`: from the first directory whose file has one;
-    ({}, None) when none has it or GOLONG_TUNED=0."""
-    if os.environ.get("GOLONG_TUNED", "1") == "0":
-        return {}, None
-    for d in _dirs():
-        path = d / file_name(gpu)
-        if path.is_file():
-            st = path.stat()
-            section = _read(str(path), st.st_mtime_ns, st.st_size).get(module)
-            if section is not None:
-                return dict(section.get("values", {})), path
-    return {}, None
+    """(values, file) of `module`'s section for GPU `gpu`; ({}, None) when no file has one or GOLONG_TUNED=0."""
+    values, path = _sections(gpu).get(module, ({}, None))
+    return dict(values), path
 
 
 def in_use(gpu: str) -> dict[str, dict[str, Any]]:
-    """Every module's tuned settings on GPU `gpu` as the kernels resolve them ({} with GOLONG_TUNED=0): what a
-    benchmark ran with."""
-    if os.environ.get("GOLONG_TUNED", "1") == "0":
-        return {}
-    found: dict[str, dict[str, Any]] = {}
-    for d in reversed(_dirs()):  # later (higher-priority) directories replace whole sections
-        path = d / file_name(gpu)
-        if path.is_file():
-            st = path.stat()
-            found.update({m: dict(sec.get("values", {})) for m, sec in _read(str(path), st.st_mtime_ns,
-                                                                              st.st_size).items()})
-    return found
+    """Every module's tuned settings on GPU `gpu` as the kernels resolve them: what a benchmark ran with."""
+    return {m: dict(v) for m, (v, _) in _sections(gpu).items()}
 
 
 def values(module: str, device: torch.device, valid: list[str]) -> dict[str, Any]:
@@ -105,6 +108,7 @@ def save(module: str, new_values: dict[str, Any], measured: dict[str, Any], gpu:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
+    reload()
     return path
 
 

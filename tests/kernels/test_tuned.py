@@ -71,9 +71,11 @@ def test_bad_files_and_unknown_settings_are_named(dirs):
     with pytest.raises(ValueError, match=r"NVIDIA_H200.json:1: not valid JSON"):
         tuned.values("flash_attention", CUDA0, ["split_stages"])
     path.write_text('{"flash_attention": {"values": {"split_stagez": 2}}}')
+    tuned.reload()  # edited by hand: read again
     with pytest.raises(ValueError, match=r"NVIDIA_H200.json.*\['split_stagez'\]; valid: \['split_stages'\]"):
         tuned.values("flash_attention", CUDA0, ["split_stages"])
     path.write_text('{"flash_attention": [1, 2]}')
+    tuned.reload()
     with pytest.raises(ValueError, match="expected"):
         tuned.values("flash_attention", CUDA0, ["split_stages"])
 
