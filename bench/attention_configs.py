@@ -69,11 +69,11 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("dq 128x128 w8 s1", dict(dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=1)),
     # one joint dK/dV pass (the default up to 2026-12-04: 64x64 w8 s2; it spills under Triton 3.6)
     ("joint 64x64 w8 s2", dict(bwd_split=False, bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
-    ("joint fused-dQ 32x64 w8 s2", dict(bwd_split=False, bwd_fused_dq=True, bwd_block_m=32, bwd_block_n=64,
-                                        bwd_warps=8, bwd_stages=2)),
 ]
-# Dropped after these runs: split 32x128 w8 s2, split 32x64 w4 s2, split fused-dQ 32x128 w8 s2 (1.20x), joint
-# 64x64 w8 s1. Spill (no candidates): with TMA, joint 64x128 / 32x128 and split 128x128 (Triton 3.6 and 3.9).
+# Dropped after run 7 (times / the then split s2 default, which the current split s1 default ran 0.968x): split
+# 32x128 w8 s2 1.061x, split 32x64 w4 s2 1.011x, split fused-dQ 32x128 w8 s2 1.198x, joint 64x64 w8 s1 1.117x,
+# joint fused-dQ 32x64 w8 s2 1.535x. Spill (not candidates): with TMA, joint 64x128 / 32x128 and split 128x128
+# (Triton 3.6 and 3.9).
 # H200, 32K tokens (commit 3b8a5a4, head-major lse/delta, default split s2): split s1 0.97x (now the default),
 # split 32x64 w4 s2 1.01x, split 32x128 1.06x, dq 128x128 1.02x, split fused-dQ 1.20x, joint 64x64 s2 1.09x.
 # H200, 32K tokens (commit 0ae34af, lse/delta still token-major): split 64x128 w8 s2 0.94x the split s1 default,
