@@ -8,8 +8,10 @@ Two levels, each forward and forward+backward, uniform and skewed routing (one e
 of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
   moe_mlp     router logits -> y: ours (kernels.moe_route + kernels.expert_mlp) vs a per-expert loop
               (transformers' eager Qwen3MoeExperts algorithm) and, on CUDA, Liger's fused MoE; on CUDA also
-              ours_triton_gather / ours_triton_no_gather (kernels.moe_mlp.GATHER_IN_GEMM, the setting not in use:
-              on, the gate_up GEMM reads x rows by index, no permuted copy; --save-tuned records the faster)
+              ours_triton with each of kernels.moe_mlp's GATHER_IN_GEMM (the gate_up GEMM reads x rows by index, no
+              permuted copy) and SWIGLU_IN_GEMM (SwiGLU in its epilogue) flipped from the value in use:
+              ours_triton_gather / _no_gather, ours_triton_swiglu_in_gemm / _swiglu_kernel (--save-tuned records
+              the faster of each)
   grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
               backward) vs a bare torch._grouped_mm call
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
@@ -61,14 +63,22 @@ def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
     return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
 
 
-def _with_gather(on: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() with kernels.moe_mlp.GATHER_IN_GEMM forced on or off (on: the gate_up GEMM reads x rows by index, no
-    permuted copy); the backward runs after the flag is restored, and its Function does not read the flag."""
-    saved, moe_mlp.GATHER_IN_GEMM = moe_mlp.GATHER_IN_GEMM, on
+def _with(settings: dict[str, bool], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with kernels.moe_mlp's GATHER_IN_GEMM / SWIGLU_IN_GEMM forced as given (the backward runs after they
+    are restored; its Function does not read them)."""
+    saved = {name: getattr(moe_mlp, name) for name in settings}
+    for name, on in settings.items():
+        setattr(moe_mlp, name, on)
     try:
         return fn()
     finally:
-        moe_mlp.GATHER_IN_GEMM = saved
+        for name, value in saved.items():
+            setattr(moe_mlp, name, value)
+
+
+# per gate_up setting, indexed by the value in use: the row that times the other value
+_FLIP_ROWS = {"GATHER_IN_GEMM": ("ours_triton_gather", "ours_triton_no_gather"),
+              "SWIGLU_IN_GEMM": ("ours_triton_swiglu_in_gemm", "ours_triton_swiglu_kernel")}
 
 
 def liger_moe_fn(autotune: bool) -> Callable | None:
@@ -217,12 +227,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def one_routing(routing: str, logits: torch.Tensor) -> None:
         # --- full MoE MLP: ours, the _grouped_mm peer, the per-expert loop ---
         ours = lambda: ours_moe(x, logits, k, gate_up, down)
-        mlp(routing, ours_name, ours, **({"gather_in_gemm": gather} if cuda else {}))
+        mlp(routing, ours_name, ours, **({n.lower(): v for n, v in active.items()} if cuda else {}))
         if cuda:
             mlp(routing, "ours_torch(_grouped_mm)",
                 lambda: ours_moe(x, logits, k, gate_up, down, backend="torch"))
-            # the other setting of GATHER_IN_GEMM than the one in use (this GPU's tuned one, or off)
-            mlp(routing, alt_name, lambda: _with_gather(not gather, ours))
+            # each gate_up setting flipped from the one in use (this GPU's tuned one, or the built-in default)
+            for name, on in active.items():
+                mlp(routing, _FLIP_ROWS[name][on], lambda name=name, on=on: _with({name: not on}, ours))
         # on CUDA its forward only (~0.1 s a call): autograd through 128 indexed slices zero-fills
         # full-size gradients per expert, seconds a step at 32K tokens; --gpu-loop adds it
         mlp(routing, "per_expert_loop", lambda: loop_moe(x, logits, k, gate_up, down),
@@ -251,8 +262,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             add("grouped_mm", routing, impl, "fwd+bwd", _time(_fwd_bwd(fn, [xp, w], dyp), iters),
                 3 * gmm_flops, gbase)
 
-    gather = cuda and moe_mlp.gather_in_gemm(x.device)  # as expert_mlp resolves it
-    alt_name = "ours_triton_no_gather" if gather else "ours_triton_gather"
+    # the gate_up settings as expert_mlp resolves them on this device
+    active = {"GATHER_IN_GEMM": moe_mlp.gather_in_gemm(x.device), "SWIGLU_IN_GEMM": moe_mlp.swiglu_in_gemm(x.device)}
     routings = {"uniform": make_logits(T, E, 0.0, device, dtype, gen),
                 "skewed30": make_logits(T, E, args.skew, device, dtype, gen)}
     for routing, logits in routings.items():
@@ -283,30 +294,37 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if u:
                 r["skew_vs_uniform"] = r["value"] / u
     if cuda and args.save_tuned:
-        _save_gather_choice(rows, gather, alt_name, lambda: ours_moe(x, routings["uniform"], k, gate_up, down),
-                            [x, gate_up, down], dy, args.save_tuned)
+        _save_choices(rows, active, lambda: ours_moe(x, routings["uniform"], k, gate_up, down), [x, gate_up, down],
+                      dy, args.save_tuned)
     print(f"  [{elapsed():5.1f}s] done", flush=True)
     return rows
 
 
-def _save_gather_choice(rows: list[dict[str, Any]], gather: bool, alt_name: str, fn: Callable[[], torch.Tensor],
-                        params: list[torch.Tensor], dy: torch.Tensor, directory: str) -> None:
-    """Record GATHER_IN_GEMM for this GPU: on when the gathered MLP's uniform-routing fwd+bwd beats the
-    permuted-copy one by more than noise (3%), with the same output and gradients (bf16 rel err < 1e-2)."""
+def _save_choices(rows: list[dict[str, Any]], active: dict[str, bool], fn: Callable[[], torch.Tensor],
+                  params: list[torch.Tensor], dy: torch.Tensor, directory: str) -> None:
+    """Record GATHER_IN_GEMM and SWIGLU_IN_GEMM for this GPU: each differs from its built-in default only where
+    the other value's uniform-routing fwd+bwd is more than 3% faster with the same output and gradients (bf16
+    rel err < 1e-2 against the setting in use)."""
     ms = {r["impl"]: r["ms"] for r in rows if r["case"] == "moe_mlp/uniform" and r["mode"] == "fwd+bwd"}
-    on_ms, off_ms = (ms["ours_triton"], ms[alt_name]) if gather else (ms[alt_name], ms["ours_triton"])
 
-    def result(on: bool) -> list[torch.Tensor]:
+    def result(settings: dict[str, bool]) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
-        y = _with_gather(on, fn)
+        y = _with(settings, fn)
         y.backward(dy)
         return [y.detach().float()] + [p.grad.float() for p in params]
 
-    err = max(((a - b).norm() / b.norm()).item() for a, b in zip(result(True), result(False)))
-    winner = tuned.pick({"on": on_ms, "off": off_ms}, {"on": err < 1e-2, "off": True}, "off")
-    save_tuned("moe_mlp", {"GATHER_IN_GEMM": winner == "on"}, directory, case="moe_mlp/uniform fwd+bwd",
-               **{"gather ms": round(on_ms, 3), "permuted copy ms": round(off_ms, 3), "rel err": f"{err:.1e}"})
+    base = result(active)
+    chosen, measured = {}, {}
+    for name, on in active.items():
+        flipped = _FLIP_ROWS[name][on]
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(result({name: not on}), base))
+        times = {"on": ms["ours_triton"], "off": ms[flipped]} if on else {"on": ms[flipped], "off": ms["ours_triton"]}
+        default = "on" if moe_mlp._DEFAULTS[name] else "off"
+        ok = {default: True, ("off" if default == "on" else "on"): err < 1e-2}
+        chosen[name] = tuned.pick(times, ok, default) == "on"
+        measured[name] = {"on ms": round(times["on"], 3), "off ms": round(times["off"], 3), "rel err": f"{err:.1e}"}
+    save_tuned("moe_mlp", chosen, directory, case="moe_mlp/uniform fwd+bwd", **measured)
 
 
 def main() -> None:
@@ -331,7 +349,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="directory for moe-<device>.json (default bench/results)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, one iteration, nothing saved")
     p.add_argument("--save-tuned", default=None, metavar="DIR",
-                   help="CUDA: record GATHER_IN_GEMM (on when faster, same results) for this GPU in DIR/<GPU>.json")
+                   help="CUDA: record GATHER_IN_GEMM / SWIGLU_IN_GEMM (the faster, same results) for this GPU in "
+                        "DIR/<GPU>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(min(torch.get_num_threads(), int(os.environ.get("BENCH_THREADS", "2"))))

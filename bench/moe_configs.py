@@ -38,15 +38,16 @@ CANDIDATES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "default": ({}, {}),
     # the defaults before 128x256: 128x128 tiles, 4 stages (128 KiB), forward and dW
     "previous_128x128": ({"BLOCK_N": 128, "num_stages": 4}, {"BLOCK_N": 128, "num_stages": 4}),
-    # forward / dX: 4 stages (192 KiB); 256x128 tiles (more rows per tile: w re-read less, more padding in
-    # each group's last tile).
-    # (128-wide k-steps in 2 stages spill in dX: not a candidate.)
+    # forward / dX: 4 stages (192 KiB). (128-wide k-steps in 2 stages spill in dX: not a candidate.)
     "fwd_s4": ({"num_stages": 4}, {}),
-    "fwd_m256": ({"BLOCK_M": 256, "BLOCK_N": 128}, {}),
+    # (256x128 forward tiles ran 1.088x the default's gate_up + down fwd+bwd on the H200, commit 68fad31, and
+    # keep 16-24 B of stack with the SwiGLU epilogue under Triton 3.9: dropped)
     # dW: 4 stages (192 KiB); 128-row reduction steps in 2 stages (192 KiB); 256x128 output tiles
     "dw_s4": ({}, {"num_stages": 4}),
     "dw_m128_s2": ({}, {"BLOCK_M": 128, "num_stages": 2}),
     "dw_k256": ({}, {"BLOCK_K": 256, "BLOCK_N": 128}),
+    # fwd_s4 and dw_s4 each ran 0.977x / 0.971x the default's time there (commit 68fad31): both together
+    "fwd_s4_dw_s4": ({"num_stages": 4}, {"num_stages": 4}),
 }
 
 

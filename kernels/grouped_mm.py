@@ -75,14 +75,25 @@ def _grouped_mm_fwd_kernel(
     stride_ym, stride_yn,
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, SWIGLU: tl.constexpr = False, STORE_H: tl.constexpr = False, h_ptr=None,
+    stride_hm=0,
 ):
     """Persistent grid: program p takes global tiles p, p + P, p + 2P, ... of the concatenation of
     every group's (m-tile, n-tile) grid. Tile counts come from the device-side offsets, so the grid
     (P programs) is fixed by the shapes and empty groups simply own no tiles. GATHER: row r of the
-    product reads x row rows_ptr[r] (int64), so a permuted copy of x is never written."""
+    product reads x row rows_ptr[r] (int64), so a permuted copy of x is never written.
+
+    SWIGLU (the MoE gate_up GEMM): w's N columns are gate | up halves of I = N / 2 each; a tile's BLOCK_N
+    accumulator columns interleave gate column c and up column I + c, so the epilogue holds both and writes
+    y = silu(gate) * up [M, I] (BLOCK_N / 2 columns per tile): no [M, 2I] product is read back by a separate
+    SwiGLU kernel. STORE_H also writes the product h [M, 2I] (bf16, gate | up) for the backward."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2
+    I = N // 2
+    if SWIGLU:
+        num_n = tl.cdiv(I, HALF)
+    else:
+        num_n = tl.cdiv(N, BLOCK_N)
     tile = pid  # next global tile this program owns; only ever increases
     first_tile = 0  # global index of group g's first tile
     row_start = 0
@@ -96,10 +107,16 @@ def _grouped_mm_fwd_kernel(
             tm = local // num_n
             tn = local % num_n
             rm = row_start + tm * BLOCK_M + tl.arange(0, BLOCK_M)
-            rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+            if SWIGLU:  # accumulator column j: gate column c = tn * HALF + j // 2 when j is even, else up column
+                j = tl.arange(0, BLOCK_N)
+                c = tn * HALF + j // 2
+                rn = c + (j % 2) * I
+                n_mask = c < I
+            else:
+                rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = rn < N
             rk = tl.arange(0, BLOCK_K)
             m_mask = rm < row_end
-            n_mask = rn < N
             # int64 row offsets: 1M-token packs x 8 copies x 2048 overflow int32
             if GATHER:
                 src = tl.load(rows_ptr + rm, mask=m_mask, other=0)
@@ -119,8 +136,23 @@ def _grouped_mm_fwd_kernel(
                 acc = tl.dot(a, b, acc)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
-            y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            if SWIGLU:
+                gate, up = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
+                rc = tn * HALF + tl.arange(0, HALF)
+                ok = m_mask[:, None] & (rc < I)[None, :]
+                if STORE_H:
+                    h_ptrs = h_ptr + rm.to(tl.int64)[:, None] * stride_hm + rc[None, :]
+                    tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=ok)
+                    tl.store(h_ptrs + I, up.to(h_ptr.dtype.element_ty), mask=ok)
+                    # the backward's h is rounded to h's dtype: compute y from the same values
+                    gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
+                    up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
+                act = gate * tl.sigmoid(gate) * up
+                y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rc[None, :] * stride_yn
+                tl.store(y_ptrs, act.to(y_ptr.dtype.element_ty), mask=ok)
+            else:
+                y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
             tile += NUM_PROGRAMS
         first_tile += group_tiles
         row_start = row_end
@@ -182,24 +214,39 @@ def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
 
 
 def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
-                out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] = x[rows] @ w[group] per group (x itself where rows is None; rows [M] int64)."""
+                out: torch.Tensor | None = None, rows: torch.Tensor | None = None, swiglu: bool = False,
+                h_out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x[rows] @ w[group] per group (x itself where rows is None; rows [M] int64).
+
+    swiglu: y [M, N/2] = silu(gate) * up of that product (gate | up halves of N), computed in the GEMM's
+    epilogue; the product itself goes to h_out [M, N] (unit last stride) when given."""
     cfg = {**FWD_CONFIG, **_tuned_tiles(x.device, "FWD_CONFIG", FWD_CONFIG), **(config or {})}
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
     M, K = x.shape[0] if rows is None else rows.shape[0], x.shape[1]
     G, _, N = w.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    if swiglu and N % 2:
+        raise ValueError(f"the SwiGLU epilogue needs an even N (gate | up), got {N}")
+    n_out = N // 2 if swiglu else N
+    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0 or N == 0:
         return y
     if K == 0:
+        if h_out is not None:
+            h_out.zero_()
         return y.zero_()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # each non-empty group adds at most one partial m-tile: a shape-only bound on the tile count
-    max_tiles = (triton.cdiv(M, bm) + G) * triton.cdiv(N, bn)
+    max_tiles = (triton.cdiv(M, bm) + G) * triton.cdiv(n_out, bn // 2 if swiglu else bn)
     args = (x, w, y, offsets, rows if rows is not None else offsets, G, N, K,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GATHER": rows is not None,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if swiglu:
+        meta.update(SWIGLU=True, STORE_H=h_out is not None)
+        if h_out is not None:
+            if h_out.shape != (M, N) or h_out.stride(-1) != 1:
+                raise ValueError(f"h_out must be [{M}, {N}] with a unit last stride, got {tuple(h_out.shape)}")
+            meta.update(h_ptr=h_out, stride_hm=h_out.stride(0))
     programs = _persistent_programs(x, max_tiles)
     _grouped_mm_fwd_kernel[(programs,)](*args, programs, **meta)
     return y
@@ -367,7 +414,8 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     fwd_sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "offs_ptr": "*i32", "rows_ptr": "*i64", "G": "i32",
                "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-    fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True, "GATHER": False,
+    fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True, "GATHER": False, "SWIGLU": False,
+                                 "STORE_H": False, "h_ptr": None, "stride_hm": 0,
                                  **{k: v for k, v in fwd.items() if k.startswith("BLOCK")}}
     fn = _grouped_mm_fwd_kernel
     fwd_sig["NUM_PROGRAMS"] = "i32"
@@ -399,6 +447,17 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
                                                                                   "GATHER": True}})
     configs.append({**configs[2], "name": f"{prefix}_dw_gather", "constexprs": {**configs[2]["constexprs"],
                                                                                  "GATHER": True}})
+    # gate_up with the SwiGLU epilogue (kernels.moe_mlp): training (h stored for the backward), no-grad, gathered
+    for name, store_h, gather in (("fwd_swiglu", True, False), ("fwd_swiglu_nograd", False, False),
+                                  ("fwd_swiglu_gather", True, True)):
+        const = {**configs[0]["constexprs"], "GATHER": gather, "SWIGLU": True, "STORE_H": store_h}
+        sig, div = dict(configs[0]["signature"]), list(configs[0]["divisible_by_16"])
+        if store_h:
+            del const["h_ptr"], const["stride_hm"]
+            sig.update(h_ptr=ptr, stride_hm="i32")
+            div += ["h_ptr", "stride_hm"]
+        configs.append({**configs[0], "name": f"{prefix}_{name}", "signature": sig, "constexprs": const,
+                        "divisible_by_16": div})
     return configs
 
 

@@ -8,11 +8,13 @@ so expert e computes  down_proj[e] @ (silu(gate_e x) * (up_e x)). The grouped GE
 `gate_up_proj.transpose(1, 2)` ([E, H, 2I]) and `down_proj.transpose(1, 2)` ([E, I, H]) as strided
 views, and their weight gradients come back in the parameters' own layout.
 
-With the triton backend SwiGLU is one Triton kernel each way on the fused [rows, 2I] gate_up output: it
-reads h once and writes a (forward), reads h and da and writes dh in place of the [rows, 2I] buffer the
-down GEMM's dX needs (backward). Liger's SwiGLU takes gate and up as separate contiguous tensors and
-returns their gradients separately, which here would cost a copy each way; torch's silu * mul on the
-strided halves ran 1 ms forward and ~4.5 ms backward on an H200 at 32K tokens x top-8.
+With the triton backend SwiGLU's forward is the gate_up GEMM's epilogue (SWIGLU_IN_GEMM: each accumulator
+tile holds matching gate and up columns, so a = silu(gate) * up is written directly; the [rows, 2I] product h
+is written only when a gradient needs it, and never read back in the forward), and its backward one Triton
+kernel that reads h and da and writes dh in place of the [rows, 2I] buffer the gate_up GEMM's dX needs. The
+standalone SwiGLU kernel serves the unfused path. Liger's SwiGLU takes gate and up as separate contiguous
+tensors and returns their gradients separately, which here would cost a copy each way; torch's silu * mul on
+the strided halves ran 1 ms forward and ~4.5 ms backward on an H200 at 32K tokens x top-8.
 """
 
 from __future__ import annotations
@@ -34,14 +36,30 @@ from kernels.moe_route import Routing, _triton_combine, _use_triton
 # of bench.moe (row ours_triton_gather) shows the gathered A loads keep the GEMM's speed. None: this GPU's
 # tuned setting (kernels/tuned.py, written by bench.moe --save-tuned), else off; True / False force it.
 GATHER_IN_GEMM: bool | None = None
+# triton backend: SwiGLU in the gate_up GEMM's epilogue (on: the standalone SwiGLU kernel's read of h, 0.28 ms
+# of the 5.3 ms forward on an H200, and, without grad, h's write disappear). None: this GPU's tuned setting,
+# else on; True / False force it.
+SWIGLU_IN_GEMM: bool | None = None
+_DEFAULTS = {"GATHER_IN_GEMM": False, "SWIGLU_IN_GEMM": True}
+
+
+def _setting(name: str, device: torch.device) -> bool:
+    forced = globals()[name]
+    if forced is not None:
+        return bool(forced)
+    return bool(tuned.values("moe_mlp", device, list(_DEFAULTS)).get(name, _DEFAULTS[name]))
 
 
 def gather_in_gemm(device: torch.device) -> bool:
     """Whether expert_mlp's Triton path gathers x rows inside the gate_up GEMM on `device` (GATHER_IN_GEMM
     resolved)."""
-    if GATHER_IN_GEMM is not None:
-        return GATHER_IN_GEMM
-    return bool(tuned.values("moe_mlp", device, ["GATHER_IN_GEMM"]).get("GATHER_IN_GEMM", False))
+    return _setting("GATHER_IN_GEMM", device)
+
+
+def swiglu_in_gemm(device: torch.device) -> bool:
+    """Whether expert_mlp's Triton path computes SwiGLU in the gate_up GEMM's epilogue on `device`
+    (SWIGLU_IN_GEMM resolved)."""
+    return _setting("SWIGLU_IN_GEMM", device)
 
 
 @triton.jit
@@ -101,37 +119,56 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
-        m, inter = h.shape[0], h.shape[1] // 2
-        da = da if da.stride(-1) == 1 else da.contiguous()
-        dh = torch.empty(m, 2 * inter, device=h.device, dtype=h.dtype)
-        if m:
-            grid, meta = _swiglu_grid(m, inter)
-            _swiglu_bwd_kernel[grid](h, da, dh, m, inter, h.stride(0), da.stride(0), dh.stride(0), **meta)
-        return dh
+        return _swiglu_backward(h, da)
 
 
-class _GatherGroupedMM(torch.autograd.Function):
-    """h [T*k, N] = x[rows] @ w[expert] per expert, x [T, H], rows [T*k] int64 (token of each permuted copy),
-    without the permuted copy. Backward: dX of the copies by the grouped GEMM on w^T, summed back to tokens
-    by the combine kernel (as permute's backward); dW by the grouped dW kernel reading x rows by index."""
+def _swiglu_backward(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """dh [M, 2I] of a = silu(gate) * up given h [M, 2I] (gate | up) and da [M, I]."""
+    m, inter = h.shape[0], h.shape[1] // 2
+    da = da if da.stride(-1) == 1 else da.contiguous()
+    dh = torch.empty(m, 2 * inter, device=h.device, dtype=h.dtype)
+    if m:
+        grid, meta = _swiglu_grid(m, inter)
+        _swiglu_bwd_kernel[grid](h, da, dh, m, inter, h.stride(0), da.stride(0), dh.stride(0), **meta)
+    return dh
+
+
+class _GateUp(torch.autograd.Function):
+    """The gate_up grouped GEMM in its fused forms: x [M, H] (permuted copies, rows None) or x [T, H] read by
+    token index (rows [T*k] int64: no permuted copy); with swiglu the result is a = silu(gate) * up [M, I] from
+    the GEMM's epilogue, else h [M, 2I]. Backward: dh (by the SwiGLU backward kernel from the saved h when
+    swiglu), dX by the grouped GEMM on w^T (summed back to tokens by the combine kernel, as permute's backward,
+    when gathered), dW by the grouped dW kernel (reading x rows by index when gathered)."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, rows, inverse, top_k):
-        ctx.save_for_backward(x, w, offsets, rows, inverse)
-        ctx.top_k = top_k
-        return _triton_fwd(x, w, offsets, rows=rows)
+    def forward(ctx, x, w, offsets, rows, inverse, top_k, swiglu, keep_h):
+        m = x.shape[0] if rows is None else rows.shape[0]
+        h = None
+        if swiglu:
+            # the product is kept only for a backward (keep_h; not for rollouts or reference log-probs)
+            if keep_h:
+                h = torch.empty(m, w.shape[2], dtype=x.dtype, device=x.device)
+            out = _triton_fwd(x, w, offsets, rows=rows, swiglu=True, h_out=h)
+        else:
+            out = _triton_fwd(x, w, offsets, rows=rows)
+        ctx.save_for_backward(x, w, offsets, rows, inverse, h)
+        ctx.top_k, ctx.swiglu = top_k, swiglu
+        return out
 
     @staticmethod
-    def backward(ctx, dh):
-        x, w, offsets, rows, inverse = ctx.saved_tensors
-        dh = dh if dh.stride(-1) == 1 else dh.contiguous()
+    def backward(ctx, grad):
+        x, w, offsets, rows, inverse, h = ctx.saved_tensors
+        if ctx.swiglu and h is None:
+            raise RuntimeError("expert_mlp ran its forward without keeping the gate_up product (keep_h=False)")
+        dh = _swiglu_backward(h, grad) if ctx.swiglu else (grad if grad.stride(-1) == 1 else grad.contiguous())
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dxp = _triton_fwd(dh, w.transpose(1, 2), offsets)
-            dx = _triton_combine(dxp, inverse, None, x.shape[0], ctx.top_k)
+            dx = _triton_fwd(dh, w.transpose(1, 2), offsets)
+            if rows is not None:
+                dx = _triton_combine(dx, inverse, None, x.shape[0], ctx.top_k)
         if ctx.needs_input_grad[1]:
             dw = _triton_dw(x, dh, offsets, like=w, rows=rows)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -155,13 +192,21 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden:
         raise ValueError(f"shapes: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
                          f"down_proj {tuple(down_proj.shape)}")
-    if _use_triton(backend, x) and x.stride(-1) == 1 and gather_in_gemm(x.device):
-        h = _GatherGroupedMM.apply(x, gate_up_proj.transpose(1, 2), routing.offsets, routing.order // routing.top_k,
-                                   routing.inverse, routing.top_k)  # [T*k, 2I], rows grouped by expert
+    triton_path = _use_triton(backend, x) and x.stride(-1) == 1
+    gather = triton_path and gather_in_gemm(x.device)
+    fuse = triton_path and swiglu_in_gemm(x.device)
+    if gather or fuse:
+        src = x if gather else routing.permute(x, backend)  # [T, H] read by token index, or [T*k, H] copies
+        # inside the Function grad mode is off and needs_input_grad ignores it: decide here whether a backward comes
+        keep_h = torch.is_grad_enabled() and (src.requires_grad or gate_up_proj.requires_grad)
+        out = _GateUp.apply(src, gate_up_proj.transpose(1, 2), routing.offsets,
+                            routing.order // routing.top_k if gather else None, routing.inverse if gather else None,
+                            routing.top_k, fuse, keep_h)  # rows grouped by expert
+        a = out if fuse else swiglu(out, backend)  # [T*k, I]
     else:
         xp = routing.permute(x, backend)  # [T*k, H], rows grouped by expert
         h = grouped_mm(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, 2I]
-    a = swiglu(h, backend)  # gate first, as transformers' chunk(2) reads it
+        a = swiglu(h, backend)  # gate first, as transformers' chunk(2) reads it
     yp = grouped_mm(a, down_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, H]
     return routing.unpermute(yp, backend)
 

@@ -104,6 +104,31 @@ def test_triton_gathered_rows_match_fp64(dtype, grouping):
     assert _rel(dw, _ref_dw(x[rows], dy, offsets)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grouping", sorted(GROUPINGS))
+@pytest.mark.parametrize("gathered", [False, True])
+def test_triton_swiglu_epilogue_matches_fp64(dtype, grouping, gathered):
+    """swiglu=True: y = silu(gate) * up of the product (gate | up halves of N) from the GEMM's epilogue, and the
+    product itself in h_out; odd I, so the last column tile is partial."""
+    sizes = GROUPINGS[grouping]
+    offsets = _offsets(sizes)
+    M, K, inter, T = int(sum(sizes)), 37, 19, 11
+    rows = torch.randint(0, T, (M,)) if gathered else None
+    x = torch.randn(T if gathered else M, K, dtype=dtype)
+    w = _weights(len(sizes), K, 2 * inter, dtype, transposed=True) / K**0.5
+    ref_h = _ref_fwd(x if rows is None else x[rows], w, offsets)
+    ref_y = torch.nn.functional.silu(ref_h[:, :inter]) * ref_h[:, inter:]
+    h = torch.full((M, 2 * inter), float("nan"), dtype=dtype)
+    y = _triton_fwd(x, w, offsets, SMALL, out=torch.full((M, inter), float("nan"), dtype=dtype), rows=rows,
+                    swiglu=True, h_out=h)
+    assert _rel(h, ref_h) < TOL[dtype] and _rel(y, ref_y) < TOL[dtype]
+    y_nograd = _triton_fwd(x, w, offsets, SMALL, out=torch.full((M, inter), float("nan"), dtype=dtype), rows=rows,
+                           swiglu=True)  # no h written: y from the fp32 accumulator
+    assert _rel(y_nograd, ref_y) < TOL[dtype]
+    with pytest.raises(ValueError, match="even N"):
+        _triton_fwd(x, w[:, :, 1:], offsets, SMALL, rows=rows, swiglu=True)
+
+
 def test_triton_autograd_matches_fp64_with_production_tiles():
     # production block sizes, and the kernels reached through autograd (x and w both need grad)
     sizes = [3, 0, 150, 7, 0, 40]

@@ -199,18 +199,39 @@ def test_expert_mlp_matches_transformers_block(dtype, backend, tol):
     _compare_to_hf(block, x, backend, tol)
 
 
-def test_expert_mlp_gather_in_gemm_matches_transformers_block(monkeypatch):
-    """GATHER_IN_GEMM: the gate_up GEMM reads x rows by token index (no permuted copy), forward and dW."""
+@pytest.mark.parametrize("gather,fuse", [(True, True), (True, False), (False, True), (False, False)])
+def test_expert_mlp_gate_up_forms_match_transformers_block(monkeypatch, gather, fuse):
+    """GATHER_IN_GEMM (the gate_up GEMM reads x rows by token index, no permuted copy) x SWIGLU_IN_GEMM (SwiGLU
+    in its epilogue): output and every gradient, each form checked to run."""
     import kernels.moe_mlp as moe_mlp
 
-    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", True)
+    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", gather)
+    monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", fuse)
     calls = []
-    orig = moe_mlp._GatherGroupedMM.apply
-    monkeypatch.setattr(moe_mlp._GatherGroupedMM, "apply", lambda *a: calls.append(1) or orig(*a))
+    orig = moe_mlp._GateUp.apply
+    monkeypatch.setattr(moe_mlp._GateUp, "apply", lambda *a: calls.append((a[3] is not None, a[6])) or orig(*a))
     block = _hf_block(dtype=torch.float32)
     x = torch.randn(37, 48, requires_grad=True)
     _compare_to_hf(block, x, "triton", 1e-5)
-    assert calls, "the gathered path did not run"
+    assert calls == ([(gather, fuse)] if gather or fuse else [])
+
+
+def test_expert_mlp_fused_swiglu_without_grad_writes_no_product(monkeypatch):
+    """No gradient (rollouts, reference log-probs): the [T*k, 2I] product is never written, same output."""
+    import kernels.moe_mlp as moe_mlp
+
+    monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", True)
+    block = _hf_block(dtype=torch.float32)
+    x = torch.randn(37, 48)
+    r = moe_route(torch.nn.functional.linear(x, block.gate.weight), block.gate.top_k, block.gate.norm_topk_prob)
+    seen = []
+    orig = moe_mlp._triton_fwd
+    monkeypatch.setattr(moe_mlp, "_triton_fwd", lambda *a, **k: seen.append(k.get("h_out")) or orig(*a, **k))
+    with torch.no_grad():
+        y = expert_mlp(x, r, block.experts.gate_up_proj, block.experts.down_proj, backend="triton")
+        ref = block(x[None])[0]
+    assert seen == [None]  # the gate_up GEMM ran with the SwiGLU epilogue and no product buffer
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_expert_mlp_norm_topk_false_and_empty_experts():
@@ -329,3 +350,28 @@ def test_moe_layer_cuda_graph_capture_triton():
     assert rel(y_graph, y_eager) < 2e-2
     for g, p in zip(grads, params):
         assert rel(g, p.grad) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather,fuse", [(True, True), (True, False), (False, True), (False, False)])
+def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse):
+    """Each gate_up form with the real kernels vs the torch backend (torch._grouped_mm), both bf16 (the same
+    routing), output and gradients."""
+    import kernels.moe_mlp as moe_mlp
+
+    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", gather)
+    monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", fuse)
+    torch.manual_seed(0)
+    T, H, inter, E, k = 1000, 256, 192, 16, 4
+    x = torch.randn(T, H, device="cuda")
+    router_w = torch.randn(E, H, device="cuda") / H**0.5
+    gate_up = torch.randn(E, 2 * inter, H, device="cuda") / H**0.5
+    down = torch.randn(E, H, inter, device="cuda") / inter**0.5
+    results = []
+    for backend in ("triton", "torch"):
+        params = [p.to(torch.bfloat16).requires_grad_() for p in (x, router_w, gate_up, down)]
+        y = _moe_layer(*params, k, backend)
+        y.float().square().sum().backward()
+        results.append([y.detach()] + [p.grad for p in params])
+    for ours, ref in zip(*results):
+        assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-2

@@ -94,15 +94,16 @@ def test_kernels_apply_their_tuned_sections(dirs):
     gm = importlib.import_module("kernels.grouped_mm")
     mlp = importlib.import_module("kernels.moe_mlp")
     assert fa.config_for(CUDA0) == fa.CONFIG and fa.config_for(torch.device("cpu")) == fa.INTERPRET_CONFIG
-    assert mlp.gather_in_gemm(CUDA0) is False
+    assert mlp.gather_in_gemm(CUDA0) is False and mlp.swiglu_in_gemm(CUDA0) is True  # the built-in defaults
     tuned.save("flash_attention", {"split_dv_stages": 2, "q_heavy_first": True}, {}, GPU, run)
     tuned.save("grouped_mm", {"DW_CONFIG": {"num_stages": 4}}, {}, GPU, run)
-    tuned.save("moe_mlp", {"GATHER_IN_GEMM": True}, {}, GPU, run)
+    tuned.save("moe_mlp", {"GATHER_IN_GEMM": True, "SWIGLU_IN_GEMM": False}, {}, GPU, run)
     assert fa.config_for(CUDA0) == dataclasses.replace(fa.CONFIG, split_dv_stages=2, q_heavy_first=True)
     assert fa.config_for(torch.device("cpu")) == fa.INTERPRET_CONFIG
     assert gm._tuned_tiles(CUDA0, "DW_CONFIG", gm.DW_CONFIG) == {"num_stages": 4}
     assert gm._tuned_tiles(CUDA0, "FWD_CONFIG", gm.FWD_CONFIG) == {}
     assert mlp.gather_in_gemm(CUDA0) is True and mlp.gather_in_gemm(torch.device("cpu")) is False
+    assert mlp.swiglu_in_gemm(CUDA0) is False and mlp.swiglu_in_gemm(torch.device("cpu")) is True
     tuned.save("grouped_mm", {"DW_CONFIG": {"BLOCK_Q": 64}}, {}, GPU, run)
     with pytest.raises(ValueError, match="BLOCK_Q"):
         gm._tuned_tiles(CUDA0, "DW_CONFIG", gm.DW_CONFIG)
@@ -116,7 +117,7 @@ def test_committed_gpu_configs_are_valid():
     fa = importlib.import_module("kernels.flash_attention")
     gm = importlib.import_module("kernels.grouped_mm")
     valid = {"flash_attention": {f.name for f in dataclasses.fields(fa.TritonConfig)},
-             "grouped_mm": {"FWD_CONFIG", "DW_CONFIG"}, "moe_mlp": {"GATHER_IN_GEMM"}}
+             "grouped_mm": {"FWD_CONFIG", "DW_CONFIG"}, "moe_mlp": {"GATHER_IN_GEMM", "SWIGLU_IN_GEMM"}}
     for path in sorted(tuned.DIR.glob("*.json")):
         data = json.loads(path.read_text())
         for module, section in data.items():
