@@ -60,7 +60,7 @@ def loop_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: torch.T
 
 
 def ours_moe(x, logits, top_k, gate_up, down, backend="auto"):
-    return expert_mlp(x, moe_route(logits, top_k), gate_up, down, backend=backend)
+    return expert_mlp(x, moe_route(logits, top_k, backend=backend), gate_up, down, backend=backend)
 
 
 def _with(settings: dict[str, bool], fn: Callable[[], torch.Tensor]) -> torch.Tensor:

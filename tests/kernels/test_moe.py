@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels.moe_mlp import expert_mlp
-from kernels.moe_route import moe_route
+from kernels.moe_route import moe_route, route_topk
 
 
 def _hf_block(hidden=48, inter=40, experts=7, top_k=3, norm=True, dtype=torch.float64):
@@ -36,6 +36,38 @@ def test_route_matches_transformers_router(norm):
     torch.testing.assert_close(r.weights, hf_w, rtol=1e-6, atol=1e-7)
     if norm:
         torch.testing.assert_close(r.weights.sum(-1), torch.ones(29))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("T,E,k", [(37, 128, 8), (29, 60, 3), (5, 60, 1), (9, 12, 12)])
+def test_route_topk_triton_matches_torch(T, E, k, norm):
+    """The one-pass Triton routing (softmax, top-k, renormalisation) under the interpreter vs torch's
+    softmax + topk: ids, weights and the logits' gradient; odd E (padded to a power of two), k = 1, k = E."""
+    logits = torch.randn(T, E, dtype=torch.float64).float()  # fp32: no exact ties
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    w, ids = route_topk(ours, k, norm, backend="triton")
+    w_ref, ids_ref = route_topk(ref, k, norm, backend="torch")
+    assert torch.equal(ids, ids_ref) and ids.dtype == torch.int64
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+    g = torch.randn(T, k)
+    (w * g).sum().backward()
+    (w_ref * g).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-7)
+    # half precision logits: weights in the logits' dtype, the same probabilities as torch's (fp16 may tie)
+    w16, ids16 = route_topk(logits.half(), k, norm, backend="triton")
+    w16_ref, _ = route_topk(logits.half(), k, norm, backend="torch")
+    assert w16.dtype == torch.float16
+    torch.testing.assert_close(w16.float(), w16_ref.float(), rtol=2e-3, atol=1e-4)
+
+
+def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
+    logits = torch.tensor([[0.5, 2.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    w, ids = route_topk(logits, 3, False, backend="triton")
+    assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
+    torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, ids))
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
+        route_topk(logits, 6, backend="triton")
 
 
 def test_sort_offsets_and_stability():
@@ -144,16 +176,17 @@ def moe_aot_resources():
     return aot.reports([c for m in mods for c in m.AOT_CONFIGS])
 
 
-@pytest.mark.parametrize("name", ["moe_combine", "moe_combine_bwd", "swiglu_fwd", "swiglu_bwd"])
+@pytest.mark.parametrize("name", ["moe_topk", "moe_combine", "moe_combine_bwd", "swiglu_fwd", "swiglu_bwd"])
 def test_aot_sm90_moe_elementwise_kernels(moe_aot_resources, name):
-    """The gather-reduce and SwiGLU kernels compile for sm_90 without local memory, with 16-byte loads."""
+    """The routing, gather-reduce and SwiGLU kernels compile for sm_90 without local memory, with 16-byte loads."""
     r = moe_aot_resources[name]
     assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, r
     assert r.fits_hopper_smem, r.shared_bytes
     # vector accesses, counted per thread: a row of H 2048 over 256 threads is 8 bf16 = one 16-byte LDG per
     # gathered row (+ its index and weight); SwiGLU's 4 x 1024 tile over 128 threads is 32 bf16 per operand
     # = four 16-byte accesses (scalar code would show 8x the counts)
-    max_ldg, max_stg = {"moe_combine": (24, 1), "moe_combine_bwd": (25, 16), "swiglu_fwd": (8, 4),
+    # top-k: a 32 x 128 bf16 logits tile over 128 threads = 32 values = four 16-byte loads per thread
+    max_ldg, max_stg = {"moe_topk": (4, 2), "moe_combine": (24, 1), "moe_combine_bwd": (25, 16), "swiglu_fwd": (8, 4),
                         "swiglu_bwd": (12, 8)}[name]
     assert 0 < r.sass_histogram.get("LDG", 0) <= max_ldg, r.sass_histogram
     assert 0 < r.sass_histogram.get("STG", 0) <= max_stg, r.sass_histogram
@@ -278,7 +311,7 @@ def no_host_sync(monkeypatch):
 
 
 def _moe_layer(x, router_w, gate_up, down, top_k, backend):
-    r = moe_route(torch.nn.functional.linear(x, router_w), top_k)
+    r = moe_route(torch.nn.functional.linear(x, router_w), top_k, backend=backend)
     return expert_mlp(x, r, gate_up, down, backend=backend)
 
 
