@@ -281,8 +281,10 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """expert_ids [T, k] -> (order, inverse, offsets, counts); see Routing. Host-sync free."""
     flat = expert_ids.reshape(-1)
-    # stable: copies of one expert keep token order, so results do not depend on the sort's whims
-    order = torch.argsort(flat, stable=True)
+    # stable: copies of one expert keep token order, so results do not depend on the sort's whims. 16-bit keys:
+    # the CUDA radix sort makes one pass per key byte (2 instead of 8 for int64 ids)
+    keys = flat.to(torch.int16) if num_experts <= torch.iinfo(torch.int16).max else flat
+    order = torch.argsort(keys, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     # group ends by binary search in the sorted ids: no atomics (a scatter-add of ones serialises on a hot
