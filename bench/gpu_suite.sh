@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 475 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
 #                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
@@ -79,12 +79,12 @@ import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
   step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
-  step logprob 95 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+  step logprob 85 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
   step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
   # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
   # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
   step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
-  step moe 45 "$PYTHON -m bench.moe $(out_flag moe) --save-tuned $OUT/tuned"
+  step moe 60 "$PYTHON -m bench.moe $(out_flag moe) --save-tuned $OUT/tuned"
   step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT --save-tuned $OUT/tuned"
   step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
   step profile_kernels 25 "$PYTHON -m bench.profile_kernels --out $OUT"
