@@ -15,7 +15,7 @@ of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
   grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
               backward) vs a bare torch._grouped_mm call
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
-backend (torch._grouped_mm) as the peer. FLOPs count the expert GEMMs only (fwd 6*T*k*H*I for the
+backend (torch routing ops, torch._grouped_mm) as the peer. FLOPs count the expert GEMMs only (fwd 6*T*k*H*I for the
 MLP; backward twice the forward). On CUDA a CUDA-graph capture of our fwd+bwd is attempted and
 reported, the per-expert loop MLP is timed forward only (--gpu-loop: fwd+bwd too, seconds a step),
 and Liger runs last, each of its kernels pinned to one config (--liger-autotune: its own autotuning,
