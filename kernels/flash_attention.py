@@ -25,6 +25,7 @@ softmax, so memory stays O(tile) however long a document is; CPU path and test o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -595,7 +596,12 @@ def config_for(device: torch.device) -> TritonConfig:
     if device.type != "cuda":
         return INTERPRET_CONFIG
     over = tuned.values("flash_attention", device, _FIELDS)
-    return dataclasses.replace(CONFIG, **over) if over else CONFIG
+    return _replaced(CONFIG, tuple(sorted(over.items()))) if over else CONFIG
+
+
+@functools.lru_cache(maxsize=16)
+def _replaced(base: TritonConfig, fields: tuple[tuple[str, Any], ...]) -> TritonConfig:
+    return dataclasses.replace(base, **dict(fields))
 
 
 def _cfg(q: torch.Tensor) -> TritonConfig:
