@@ -155,3 +155,31 @@ def test_readme_holds_the_cpu_results_of_every_bench_script():
                                           (12345.678, "12,346"), (7, "7"), (None, "—")])
 def test_report_number_format(value, expect):
     assert report.fmt_value(value) == expect
+
+
+# ------------------------------------------------------------------------------------ tuned settings
+
+
+def test_bench_moe_records_the_faster_gate_up_settings(tmp_path, monkeypatch):
+    """bench.moe --save-tuned: each setting flips from its built-in default only when the flipped row is > 3%
+    faster with the same results (here the torch backend, whose results do not depend on the flags)."""
+    import torch
+
+    from bench import moe
+    from kernels import tuned
+
+    monkeypatch.setattr(tuned, "gpu_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr("bench.common.device_name", lambda: "NVIDIA H200")  # the file is named after the GPU
+    x = torch.randn(16, 8, requires_grad=True)
+    gate_up = torch.randn(4, 12, 8, requires_grad=True)
+    down = torch.randn(4, 8, 6, requires_grad=True)
+    logits = torch.randn(16, 4)
+    fn = lambda: moe.ours_moe(x, logits, 2, gate_up, down, backend="torch")  # noqa: E731
+    active = {"GATHER_IN_GEMM": False, "SWIGLU_IN_GEMM": True}  # the built-in defaults in use
+    rows = [{"case": "moe_mlp/uniform", "mode": "fwd+bwd", "impl": impl, "ms": ms} for impl, ms in
+            (("ours_triton", 10.0), ("ours_triton_gather", 9.0), ("ours_triton_swiglu_kernel", 9.8))]
+    moe._save_choices(rows, active, fn, [x, gate_up, down], torch.randn(16, 8), str(tmp_path))
+    saved = json.loads((tmp_path / "NVIDIA_H200.json").read_text())["moe_mlp"]
+    # gather 10% faster: on; the unfused SwiGLU only 2% faster: the default (fused) stays
+    assert saved["values"] == {"GATHER_IN_GEMM": True, "SWIGLU_IN_GEMM": True}
+    assert saved["measured"]["GATHER_IN_GEMM"]["on ms"] == 9.0 and saved["measured"]["SWIGLU_IN_GEMM"]["on ms"] == 10.0
