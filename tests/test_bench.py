@@ -166,9 +166,7 @@ def test_bench_moe_records_the_faster_gate_up_settings(tmp_path, monkeypatch):
     import torch
 
     from bench import moe
-    from kernels import tuned
 
-    monkeypatch.setattr(tuned, "gpu_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr("bench.common.device_name", lambda: "NVIDIA H200")  # the file is named after the GPU
     x = torch.randn(16, 8, requires_grad=True)
     gate_up = torch.randn(4, 12, 8, requires_grad=True)
