@@ -17,6 +17,8 @@ Rows (each timed in the same run; ratio = variant time / the current default's t
                                 the logits again
   gemm, STATS_TILE (r, c)       the forward's row-statistics kernel with r rows x c columns per step (fewer rows per
                                 program: more programs in flight over one logits block)
+  gemm, DH_GROUP 2              the one-pass backward's dh GEMM over two vocabulary blocks' dz at a time (half the
+                                read-modify-writes of the fp32 dh accumulator, one more dz block of memory)
   triton fwd + atomic split     fused forward, 16-bit weight backward as a dh pass and a dW pass of fused tiles
                                 with fp32 atomics into <= SCRATCH_BYTES of scratch (the default before 2026-12-04)
 Every variant's dh/dW is compared with the default's (relative L2 error).
@@ -46,6 +48,7 @@ def _variants(L: Any) -> dict[str, dict[str, Any]]:
         "gemm two-pass (GEMM_ROWS 4096)": {**gemm, "GEMM_ROWS": 4096},
         "gemm, STATS_TILE (4, 512)": {**gemm, "STATS_TILE": (4, 512)},
         "gemm, STATS_TILE (8, 256)": {**gemm, "STATS_TILE": (8, 256)},
+        "gemm, DH_GROUP 2": {**gemm, "DH_GROUP": 2},
         "triton fwd + atomic split bwd": {"FWD_MODE": "triton", "BWD_MODE": "atomic"},
     }
     # a variant equal to the current defaults would time the default twice

@@ -248,13 +248,13 @@ def _lp_block_cols(n: int, k: dict[str, int]) -> int:
 def _kernel_constants() -> dict[str, int]:
     """Tile sizes of the kernels' workspaces, read from kernels/ so the plan follows the code."""
     out = {"lp_token_chunk": 1024, "lp_vocab_chunk": 8192, "lp_gemm_rows": 8192, "lp_gemm_cols": 2048,
-           "lp_gemm_cols_max": 8192,
+           "lp_gemm_cols_max": 8192, "lp_dh_group": 1,
            "attn_block_m": 128, "attn_block_n": 512}
     try:
         import kernels.logprob as lp
 
         out.update(lp_token_chunk=lp.TOKEN_CHUNK, lp_vocab_chunk=lp.VOCAB_CHUNK, lp_gemm_rows=lp.GEMM_ROWS,
-                   lp_gemm_cols=lp.GEMM_COLS, lp_gemm_cols_max=lp.GEMM_COLS_MAX)
+                   lp_gemm_cols=lp.GEMM_COLS, lp_gemm_cols_max=lp.GEMM_COLS_MAX, lp_dh_group=lp.DH_GROUP)
     except (ImportError, AttributeError):
         pass
     try:
@@ -589,8 +589,9 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
     the scaled hidden chunk and the chunk's dh accumulator (and an fp32 dW when the weight is 16-bit).
     Triton backend (GPU, GEMM layouts): per block of r = min(n, GEMM_ROWS) tokens x c vocabulary rows
     (GEMM_COLS, widened by kernels.logprob.block_cols when n < GEMM_ROWS), an fp32 logits block and the
-    gathered token rows; forward adds 4 fp32 row statistics per token, backward a 16-bit dz block, an fp32
-    dh accumulator (r x h) and an fp32 dW block (c x h).
+    gathered token rows; forward adds 4 fp32 row statistics per token, backward a 16-bit dz block (DH_GROUP of
+    them side by side when the backward is one pass, n <= GEMM_ROWS), an fp32 dh accumulator (r x h) and an fp32
+    dW block (c x h).
     """
     if p.device == "cpu":
         tc, vc = min(n, k["lp_token_chunk"]), min(v, k["lp_vocab_chunk"])
@@ -603,7 +604,8 @@ def _head_workspace(p: Precision, n: int, v: int, h: int, k: dict[str, int], bac
     block = 4 * r * c + p.compute * r * h
     if not backward:
         return block + 16 * n
-    return block + p.compute * r * c + 4 * r * h + 4 * c * h
+    dz_blocks = k["lp_dh_group"] if n <= k["lp_gemm_rows"] else 1
+    return block + dz_blocks * p.compute * r * c + 4 * r * h + 4 * c * h
 
 
 # ------------------------------------------------------------------------------------------------

@@ -504,6 +504,10 @@ GEMM_COLS_MAX = 8192
 STATS_TILE = (4, 512)  # (rows, columns) per loop step of the forward's row-statistics kernel, 4 warps; H200: forward
 # 12.5 vs 13.8 ms at N 8K with (16, 256), whose 168 registers per thread allowed 3 programs per SM (now 72: 7)
 DZ_TILE = (32, 128)  # (rows, columns) per program of the elementwise dz kernel: 16 fp32 per thread, 4 warps
+# One-pass backward: vocabulary blocks whose dz feed one dh GEMM (K = DH_GROUP x block columns). The H200 profile
+# (run 7, N 8K) had the dh GEMMs at 11.0 ms against 8.6 for the same-size logits GEMMs: each of the 75 reads and
+# writes the fp32 [GEMM_ROWS, H] accumulator (168 MB); 2 halves that traffic for one more dz block (32 MiB).
+DH_GROUP = 1
 # Backward fp32 scratch budget for 16-bit gradients (bounds the extra memory at any N; see _triton_backward)
 SCRATCH_BYTES = 192 * 1024 * 1024
 
@@ -774,7 +778,8 @@ def _gemm_backward(
     One pass when N <= GEMM_ROWS: per vocabulary block, logits -> dz (Triton, hidden's dtype) -> dh += dz @ W
     (fp32 accumulator) and dW[block] = dz.T @ h (complete, fp32 output): ~6 N H V flops. Otherwise a dh pass
     over token blocks and a dW pass over vocabulary blocks, each computing the logits again: ~8 N H V flops.
-    Extra memory: one fp32 logits block, one dz block, one fp32 accumulator (GEMM_ROWS x H or GEMM_COLS x H)
+    Extra memory: one fp32 logits block, one dz block (DH_GROUP of them side by side in the one-pass backward,
+    whose dh GEMMs then take DH_GROUP blocks at a time), one fp32 accumulator (GEMM_ROWS x H or GEMM_COLS x H)
     and the gathered rows of one token block: ~200 MiB at the defaults and H 2560, whatever N.
     """
     _check_triton_device(hidden)
@@ -793,10 +798,10 @@ def _gemm_backward(
     def token_block(n0: int, n1: int) -> list[torch.Tensor]:
         return [_take(x, idx, n0, n1) for x in row_data]
 
-    def dz_block(rows: list[torch.Tensor], v0: int, v1: int) -> torch.Tensor:
+    def dz_block(rows: list[torch.Tensor], v0: int, v1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         h, t, ls, en, gl, ge = rows
         z = _mm_fp32(h, weight[v0:v1].T)
-        dz = torch.empty(z.shape, dtype=hidden.dtype, device=dev)
+        dz = torch.empty(z.shape, dtype=hidden.dtype, device=dev) if out is None else out
         br, bc = DZ_TILE
         _dz_block_kernel[(triton.cdiv(z.shape[0], br), triton.cdiv(v1 - v0, bc))](
             z, dz, t, ls, en, gl, ge, z.shape[0], v1 - v0, z.stride(0), dz.stride(0), v0, inv_t,
@@ -808,17 +813,20 @@ def _gemm_backward(
 
     one_pass = n_live <= GEMM_ROWS
     cols = block_cols(n_live)  # GEMM_COLS unless one_pass
+    group = max(1, DH_GROUP) if one_pass else 1
     if need_dh or one_pass:
         for n0, n1 in blocks(n_live, GEMM_ROWS):
             rows = token_block(n0, n1)
             acc = torch.zeros(n1 - n0, hdim, dtype=torch.float32, device=dev) if need_dh else None
-            for v0, v1 in blocks(v, cols):
-                dz = dz_block(rows, v0, v1)
+            for g0, g1 in blocks(v, cols * group):  # one dh GEMM per group of vocabulary blocks
+                dz_group = torch.empty(n1 - n0, g1 - g0, dtype=hidden.dtype, device=dev)
+                for v0, v1 in blocks(g1 - g0, cols):
+                    dz = dz_block(rows, g0 + v0, g0 + v1, out=dz_group[:, v0:v1])
+                    if need_dw and one_pass:
+                        dw[g0 + v0:g0 + v1] = _mm_fp32(dz.T, rows[0])
                 if need_dh:
-                    _addmm_fp32(acc, dz, weight[v0:v1])
-                if need_dw and one_pass:
-                    dw[v0:v1] = _mm_fp32(dz.T, rows[0])
-                del dz
+                    _addmm_fp32(acc, dz_group, weight[g0:g1])
+                del dz_group, dz
             if need_dh:
                 if idx is None:
                     dh[n0:n1] = acc

@@ -125,27 +125,32 @@ def test_triton_16bit_backward_scratch_stays_within_budget(fused_tiles, monkeypa
 
 
 @pytest.mark.parametrize(
-    "dtype,temperature,fwd,rows",
-    [(torch.float32, 0.7, "gemm", 128), (torch.float16, 1.0, "gemm", 512), (torch.float16, 0.7, "triton", 128),
-     (torch.float32, 1.0, "triton", 512)],
+    "dtype,temperature,fwd,rows,dh_group",
+    [(torch.float32, 0.7, "gemm", 128, 1), (torch.float16, 1.0, "gemm", 512, 1),
+     (torch.float16, 0.7, "triton", 128, 1), (torch.float32, 1.0, "triton", 512, 1),
+     (torch.float32, 0.7, "gemm", 512, 2), (torch.float16, 1.0, "gemm", 512, 3)],
 )
-def test_gemm_layouts_match_fp64_odd_shapes(monkeypatch, dtype, temperature, fwd, rows):
+def test_gemm_layouts_match_fp64_odd_shapes(monkeypatch, dtype, temperature, fwd, rows, dh_group):
     """FWD_MODE / BWD_MODE "gemm": logits blocks from GEMMs, row statistics and dz by Triton, dh / dW by block
     GEMMs. Small blocks so 333 tokens (183 with gradient) and 1237 vocabulary rows take several partial blocks;
-    GEMM_ROWS 128 takes the two-pass backward, 512 the one-pass backward."""
+    GEMM_ROWS 128 takes the two-pass backward, 512 the one-pass backward, there with DH_GROUP blocks per dh GEMM
+    (1237 = 3 x 384 + 85: groups of 2 and 3 end in a partial group)."""
     monkeypatch.setattr(L, "FWD_MODE", fwd)
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
     monkeypatch.setattr(L, "GEMM_ROWS", rows)
     monkeypatch.setattr(L, "GEMM_COLS", 384)
+    monkeypatch.setattr(L, "DH_GROUP", dh_group)
     h, w, t, g_lp, g_ent = _problem(333, 96, 1237, dtype, ignored=slice(0, 150))
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton")
 
 
-def test_gemm_layouts_one_pass_and_two_pass_agree(monkeypatch):
+@pytest.mark.parametrize("dh_group", [1, 2])
+def test_gemm_layouts_one_pass_and_two_pass_agree(monkeypatch, dh_group):
     """The one-pass backward (rows with gradient fit one block) and the two-pass one give the same dh and dW,
     also when only one of them is wanted (the one-pass loop then computes dW alone)."""
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
+    monkeypatch.setattr(L, "DH_GROUP", dh_group)
     monkeypatch.setattr(L, "GEMM_COLS", 200)
     h, w, t, g_lp, g_ent = _problem(150, 40, 701, torch.float32)
     got = {}
@@ -172,20 +177,21 @@ def test_gemm_forward_matches_fp64_full_qwen3_vocab(monkeypatch):
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
 
 
-@pytest.mark.parametrize("rows", [128, 1024])
-def test_gemm_layouts_never_allocate_more_than_a_block(monkeypatch, rows):
+@pytest.mark.parametrize("rows,dh_group", [(128, 1), (1024, 1), (1024, 2)])
+def test_gemm_layouts_never_allocate_more_than_a_block(monkeypatch, rows, dh_group):
     """No tensor the GEMM forward or backward allocates is larger than one logits block (GEMM_ROWS x
     GEMM_COLS elements) or the hidden states (dh, the gradient itself); an [N, V] tensor would be 13x larger
     than either here. The token blocks are gathered one at a time, so no N x H copy of the live rows appears
     either (the sizes are exact). GEMM_ROWS 1024 > the live rows: the blocks widen to 256 columns
-    (block_cols) but keep within GEMM_ROWS x GEMM_COLS elements."""
+    (block_cols) but keep within GEMM_ROWS x GEMM_COLS elements; DH_GROUP 2 puts two dz blocks side by side."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(L, "FWD_MODE", "gemm")
     monkeypatch.setattr(L, "BWD_MODE", "gemm")
     monkeypatch.setattr(L, "GEMM_ROWS", rows)
     monkeypatch.setattr(L, "GEMM_COLS", 128)
-    bound = rows * 128  # elements of one block
+    monkeypatch.setattr(L, "DH_GROUP", dh_group)
+    bound = rows * 128 * dh_group  # elements of one block (of the dz group in the one-pass backward)
     h, w, t, g_lp, g_ent = _problem(333, 96, 1237, torch.float16)
     h.requires_grad_()
     w.requires_grad_()
@@ -208,6 +214,7 @@ def test_gemm_layouts_never_allocate_more_than_a_block(monkeypatch, rows):
     else:  # 333 tokens, <= 333 live: 128 x 1024 / 333 = 393 -> 256 columns per block
         assert L.block_cols(333) == 256 and L.block_cols(1024) == 128
         assert any(s[1] == 256 for s in sizes), sorted(set(sizes))
+        assert any(s[1] == 512 for s in sizes) == (dh_group == 2), sorted(set(sizes))  # a dz group of 2 blocks
     for name, bad in (("FWD_MODE", "fused"), ("BWD_MODE", "fast")):
         monkeypatch.setattr(L, name, bad)
         with pytest.raises(ValueError, match=name):
