@@ -381,9 +381,9 @@ def _attn_bwd_dkdv_kernel(
     PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
     recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
     LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32 (Tq valid columns), so each query tile's
-    values are one
-    contiguous line (token-major they were Hq-strided scalar loads in the innermost loop). THREE_LOOPS: the
-    query range as masked / unmasked / masked loops (no branch in the main loop) instead of one loop.
+    values are one contiguous line (token-major they were Hq-strided scalar loads in the innermost loop).
+    THREE_LOOPS: the query range as masked / unmasked / masked loops (no branch in the main loop) instead of
+    one loop.
     TMA: query and dO tiles arrive by Hopper's tensor-memory accelerator (one thread issues a tile; no
     per-thread addresses or staging registers), so the loop can pipeline more stages in the same registers.
     """
@@ -934,31 +934,24 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
         }
         for pass_, suffix, bm, bn, warps, stages in c.dkdv_launches()
     ]
+    def fwd(name: str, out: str, merge: bool, stages: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "fn": _attn_fwd_kernel,
+            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": out, "LSE": "*fp32", "KV_LO": "*i32",
+                          "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
+                          **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
+            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": merge, "TMA": c.fwd_tma},
+            "num_warps": c.fwd_warps,
+            "num_stages": stages,
+            "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
+        }
+
     configs = [
-        {
-            "name": "attn_fwd",
-            "fn": _attn_fwd_kernel,
-            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KV_LO": "*i32",
-                          "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
-            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": False, "TMA": c.fwd_tma},
-            "num_warps": c.fwd_warps,
-            "num_stages": c.fwd_stages,
-            "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
-        },
-        {  # a ring step's forward: merges into the fp32 partial output (MERGE epilogue)
-            "name": "attn_fwd_ring",
-            "fn": _attn_fwd_kernel,
-            "signature": {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*fp32", "LSE": "*fp32", "KV_LO": "*i32",
-                          "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
-                          **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
-            "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": True, "TMA": c.fwd_tma},
-            "num_warps": c.fwd_warps,
-            "num_stages": c.merge_fwd_stages,
-            "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
-        },
+        fwd("attn_fwd", "*bf16", False, c.fwd_stages),
+        # a ring step's forward: merges into the fp32 partial output (MERGE epilogue)
+        fwd("attn_fwd_ring", "*fp32", True, c.merge_fwd_stages),
         {
             "name": "attn_bwd_dq",
             "fn": _attn_bwd_dq_kernel,

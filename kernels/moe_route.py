@@ -222,8 +222,8 @@ def _topk_launch(num_experts: int, top_k: int) -> dict[str, int]:
             "num_warps": 4}
 
 
-def _route_topk_torch(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, expert_ids=None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_topk_torch(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                      expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' routing in torch ops; with expert_ids given, the weights of those experts (the Triton
     path's backward recomputes them through autograd)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)

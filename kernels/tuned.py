@@ -103,7 +103,7 @@ def save(module: str, new_values: dict[str, Any], measured: dict[str, Any], gpu:
     """Write (or replace) `module`'s section of directory/<gpu>.json; other modules' sections are kept."""
     path = Path(directory) / file_name(gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = _read(path) if path.is_file() else {}
     data[module] = {"values": new_values, "measured": measured}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
