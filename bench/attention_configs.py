@@ -46,6 +46,18 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("split TMA 32x128 s3", dict(bwd_split=True, bwd_tma=True, split_block_m=32, split_stages=3)),
     ("joint TMA 64x64 s3", dict(bwd_split=False, bwd_tma=True, bwd_block_m=64, bwd_block_n=64, bwd_warps=8,
                                 bwd_stages=3)),
+    # dQ inside the dK pass, each tile's share added by TMA reduce (cp.reduce.async.bulk.tensor, FlashAttention-3's
+    # way) instead of per-thread atomics (the "split fused-dQ" of run 7, 1.20x): 6 matmuls per tile pair in the
+    # whole backward instead of 8, no dQ kernel. Spill-free under Triton 3.6 and 3.9 (64x128 s2 spills under 3.6)
+    ("split TMA fused-dQ s1", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_stages=1)),
+    ("split TMA fused-dQ 32x128 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
+                                          split_stages=2)),
+    ("split TMA fused-dQ 32x128 s3", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
+                                          split_stages=3)),
+    ("split TMA fused-dQ 64x64 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_n=64,
+                                         split_stages=2)),
+    ("joint TMA fused-dQ 32x64 s2", dict(bwd_split=False, bwd_tma=True, bwd_fused_dq=True, bwd_block_m=32,
+                                         bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
     # K / V tiles of the forward and the dQ kernel by TMA: 179 / 205 registers instead of 255 / 246 (Triton 3.6)
     ("fwd + dQ TMA", dict(fwd_tma=True, dq_tma=True)),
     ("fwd + dQ TMA, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3)),
@@ -53,7 +65,6 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("all TMA, split s3, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3, bwd_split=True, bwd_tma=True,
                                       split_stages=3)),
     # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
-    ("split 64x128 w8 s2", dict(bwd_split=True, split_block_m=64, split_block_n=128, split_warps=8, split_stages=2)),
     ("split dV pass 2 stages", dict(bwd_split=True, split_dv_stages=2)),  # cp.async for the dV pass only
     # split, the query range as masked / unmasked / masked loops (bwd_three_loops)
     ("split 3-loop 32x128 w8 s2", dict(bwd_split=True, bwd_three_loops=True, split_block_m=32, split_block_n=128,
@@ -65,14 +76,11 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("fwd 128x128 w8 s3", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3)),
     # forward and dQ programs from the last query block down (causal: longest first, no heavy last wave)
     ("q blocks heavy-first", dict(q_heavy_first=True)),
-    # the dQ kernel with 128-key tiles (the dK/dV side as in the default)
-    ("dq 128x128 w8 s1", dict(dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=1)),
-    # one joint dK/dV pass (the default up to 2026-12-04: 64x64 w8 s2; it spills under Triton 3.6)
-    ("joint 64x64 w8 s2", dict(bwd_split=False, bwd_block_m=64, bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
 ]
 # Dropped after run 7 (times / the then split s2 default, which the current split s1 default ran 0.968x): split
 # 32x128 w8 s2 1.061x, split 32x64 w4 s2 1.011x, split fused-dQ 32x128 w8 s2 1.198x, joint 64x64 w8 s1 1.117x,
-# joint fused-dQ 32x64 w8 s2 1.535x. Spill (not candidates): with TMA, joint 64x128 / 32x128 and split 128x128
+# joint fused-dQ 32x64 w8 s2 1.535x, and (for the TMA fused-dQ rows) the then default split 64x128 s2, dq 128x128
+# s1 1.018x and joint 64x64 w8 s2 1.091x. Spill (not candidates): with TMA, joint 64x128 / 32x128 and split 128x128
 # (Triton 3.6 and 3.9).
 # H200, 32K tokens (commit 3b8a5a4, head-major lse/delta, default split s2): split s1 0.97x (now the default),
 # split 32x64 w4 s2 1.01x, split 32x128 1.06x, dq 128x128 1.02x, split fused-dQ 1.20x, joint 64x64 s2 1.09x.

@@ -359,8 +359,11 @@ def _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, start, end, a, b, hi, 
             dk += tl.dot(dsT, tl.trans(qT))
             if FUSED_DQ:  # FlashAttention-2's scheme: dS is on hand, add its dQ share into fp32 dQ (no dQ kernel)
                 dq = tl.dot(tl.trans(dsT), k) * sm_scale
-                tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
-                              sem="relaxed")
+                if TMA:  # one bulk reduce-add of the tile by the TMA unit (FlashAttention-3's way), no per-thread
+                    DQp.atomic_add([s0, 0], dq)  # atomics; rows past Tq are clipped, rows past hi add zeros
+                else:
+                    tl.atomic_add(DQp + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=m_ok[:, None],
+                                  sem="relaxed")
     return dk, dv
 
 
@@ -377,7 +380,8 @@ def _attn_bwd_dkdv_kernel(
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
     Works on transposed tiles (keys x queries) so dK, dV accumulate in registers without atomics. With
-    FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics, and no dQ kernel runs.
+    FUSED_DQ it also adds dQ = dS K (scaled) into the fp32 buffer DQ with atomics (with TMA: by TMA reduce of
+    whole tiles), and no dQ kernel runs.
     PASS 0 computes dK and dV; PASS 1 only dV (2 matmuls per tile) and PASS 2 only dK (3): two launches
     recompute S once more, but each holds one fp32 accumulator, so 128-key tiles fit the registers.
     LSE2 (lse * log2 e) and DELTA are head-major [Hq, stride_lh] fp32 (Tq valid columns), so each query tile's
@@ -414,7 +418,7 @@ def _attn_bwd_dkdv_kernel(
         else:
             LSEp = LSE2 + h * stride_lh
             DELTAp = DELTA + h * stride_lh
-        DQp = DQ + h * stride_dqh
+        DQp = _rows_source(DQ + h * stride_dqh, Tq, stride_dqt, HEAD_DIM, BLOCK_M, TMA and FUSED_DQ)
         if THREE_LOOPS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, a, b, hi, r_lo, r_len, qk_scale,
                                  sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1, TMA)
@@ -529,7 +533,9 @@ class TritonConfig:
     dq_stages: int = 2
     pre_block_m: int = 64
     # dQ computed inside the dK/dV kernel (atomic adds into an fp32 dQ, as FlashAttention-2 does): 5 matmuls per
-    # tile instead of 7, no dQ kernel (the dq_* fields are then unused); dQ's summation order is not deterministic
+    # tile instead of 7, no dQ kernel (the dq_* fields are then unused); dQ's summation order is not deterministic.
+    # With bwd_tma each [BLOCK_M, D] dQ tile is added by one TMA reduce (FlashAttention-3's way; SASS UTMAREDG)
+    # instead of per-thread atomics, which made the split fused-dQ pass 1.20x slower on the H200 (run 7)
     bwd_fused_dq: bool = False
     # dV and dK by two launches of the dK/dV kernel (PASS 1, then PASS 2), each with one accumulator, using the
     # split_* tiles (the bwd_* tiles are then unused); with bwd_fused_dq the dK launch also adds dQ.
@@ -679,7 +685,8 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     delta_h = torch.empty_like(lse2_h)
     torch.mul(lse.t(), LOG2E, out=lse2_h[:, :Tq])
     delta_h[:, :Tq] = delta.t()
-    tma = c.bwd_tma and _tma_ready(q, do)
+    # fused dQ under TMA: the dQ tiles are added by TMA reduce, so the fp32 buffer must be 16-byte aligned too
+    tma = c.bwd_tma and _tma_ready(q, do) and not (c.bwd_fused_dq and not _tma_ready(dq32))
     for pass_, _, bm, bn, warps, stages in c.dkdv_launches():
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
             q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,

@@ -21,7 +21,9 @@ from kernels.flash_attention import (
     flash_attention,
 )
 from kernels.ring_attention import zigzag_indices
+from tests.kernels import interpreter_tma
 
+interpreter_tma.install()  # the fused-dQ TMA variants add dQ tiles by TMA reduce
 fa = importlib.import_module("kernels.flash_attention")  # the module (the package exports the function)
 
 
@@ -215,7 +217,10 @@ VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused int
     # query / dO / lse / delta tiles through TMA tensor descriptors (the joint pass with fused dQ as well)
     "split_tma": dict(bwd_split=True, bwd_tma=True, split_block_m=32, split_block_n=16),
     "split_three_loops_tma": dict(bwd_split=True, bwd_three_loops=True, bwd_tma=True),
+    # fused dQ under TMA: dQ tiles added by TMA reduce (tensor_descriptor.atomic_add), joint and split passes
     "tma_fused_dq": dict(bwd_tma=True, bwd_fused_dq=True),
+    "split_tma_fused_dq": dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32, split_block_n=16),
+    "split_three_loops_tma_fused_dq": dict(bwd_split=True, bwd_three_loops=True, bwd_tma=True, bwd_fused_dq=True),
     "all_tma": dict(bwd_split=True, bwd_tma=True, fwd_tma=True, dq_tma=True, fwd_block_n=32, dq_block_n=32),
 }
 
@@ -257,6 +262,32 @@ def test_tma_loads_run_where_rows_are_16_byte_aligned_and_fall_back_elsewhere(mo
         assert [launch["TMA"] for launch in spies["_attn_fwd_kernel"].launches] == [tma]
         assert [launch["TMA"] for launch in spies["_attn_bwd_dkdv_kernel"].launches] == [tma, tma]  # dV, dK passes
         assert [launch["TMA"] for launch in spies["_attn_bwd_dq_kernel"].launches] == [tma]
+
+
+def test_fused_dq_tma_reduce_needs_an_aligned_dq_buffer(monkeypatch):
+    """Fused dQ under TMA adds dQ tiles by TMA reduce into the fp32 buffer; a ring buffer 4 bytes off a
+    16-byte boundary sends the whole launch to plain loads and per-thread atomics, with the same sums."""
+    monkeypatch.setattr(fa, "INTERPRET_CONFIG",
+                        dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS["split_tma_fused_dq"]))
+    spy = _LaunchSpy(fa._attn_bwd_dkdv_kernel)
+    monkeypatch.setattr(fa, "_attn_bwd_dkdv_kernel", spy)
+    cu = [0, 1, 38, 39, 40, 91]
+    q, k, v = _inputs(cu, 6, 2, 32, torch.float32)
+    rows = Rows.from_cu_seqlens(torch.tensor(cu, dtype=torch.int32))
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ro, _ = dense_attention(q64, k64, v64, rows, rows)
+    go = torch.randn_like(ro)
+    (ro * go).sum().backward()
+    out, lse = block_attention_fwd(q, k, v, rows, rows, causal=True, scale=32**-0.5, backend="triton")
+    delta = attention_delta(out, go.float(), backend="triton")
+    for offset, tma in ((0, True), (1, False)):
+        spy.launches.clear()
+        base = torch.randn(q.shape)
+        acc_q = torch.empty(q.numel() + offset)[offset:].view(q.shape).copy_(base)
+        block_attention_bwd(go.float(), q, k, v, lse, delta, rows, rows, causal=True, scale=32**-0.5,
+                            backend="triton", dq=acc_q, dk=torch.zeros(k.shape), dv=torch.zeros(v.shape))
+        assert [launch["TMA"] for launch in spy.launches] == [tma, tma]  # dV pass, dK pass (+ dQ)
+        assert rel(acc_q - base, q64.grad) < 1e-5
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -352,15 +383,24 @@ def test_aot_sm90_sweep_candidates(aot_sweep_resources, label):
         assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
         assert r.fits_hopper_smem, (name, r.shared_bytes)
         assert name == "attn_bwd_preprocess" or r.has_hgmma, (name, r.sass_histogram)
+    cfg = _sweep_configs()[label]
+    if cfg.bwd_fused_dq and cfg.bwd_tma:  # dQ tiles leave through the TMA unit's reduce, not per-thread atomics
+        dk_pass = kernels["attn_bwd_dkdv_dk" if cfg.bwd_split else "attn_bwd_dkdv"]
+        assert dk_pass.sass_histogram.get("UTMAREDG", 0) > 0, dk_pass.sass_histogram
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "flash_attn", "triton_all_tma"])
+@pytest.mark.parametrize("backend", ["triton", "flash_attn", "triton_all_tma", "triton_tma_fused_dq"])
 def test_flash_attention_bf16_cuda(backend, monkeypatch):
     if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
         pytest.importorskip("flash_attn")
-    if backend == "triton_all_tma":  # every tile load by TMA descriptors (a bench.attention_configs candidate)
-        monkeypatch.setattr(fa, "CONFIG", dataclasses.replace(fa.CONFIG, fwd_tma=True, dq_tma=True, bwd_tma=True))
+    variants = {  # bench.attention_configs candidates: every tile load by TMA; dQ added by TMA reduce
+        "triton_all_tma": dict(fwd_tma=True, dq_tma=True, bwd_tma=True),
+        "triton_tma_fused_dq": dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
+                                    split_stages=2),
+    }
+    if backend in variants:
+        monkeypatch.setattr(fa, "CONFIG", dataclasses.replace(fa.CONFIG, **variants[backend]))
         monkeypatch.setenv("GOLONG_TUNED", "0")
         backend = "triton"
     cu = [0, 1000, 1001, 3333, 4096]
