@@ -48,6 +48,10 @@ CANDIDATES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "dw_k256": ({}, {"BLOCK_K": 256, "BLOCK_N": 128}),
     # fwd_s4 and dw_s4 each ran 0.977x / 0.971x the default's time there (commit 68fad31): both together
     "fwd_s4_dw_s4": ({"num_stages": 4}, {"num_stages": 4}),
+    # forward / dX tiles by TMA descriptors (w always, x unless gathered): no per-thread addresses, 193-234
+    # registers instead of 209-255 (Triton 3.6 / 3.9), SwiGLU as two 128-column accumulators
+    "fwd_tma": ({"TMA": 1}, {}),
+    "fwd_tma_s4": ({"TMA": 1, "num_stages": 4}, {}),
 }
 
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
+from kernels.tma import tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -626,7 +627,7 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
-        HEAVY_FIRST=c.q_heavy_first, MERGE=merge, TMA=c.fwd_tma and _tma_ready(k, v), Tk=k.shape[0],
+        HEAVY_FIRST=c.q_heavy_first, MERGE=merge, TMA=c.fwd_tma and tma_ready(k, v), Tk=k.shape[0],
         num_warps=c.fwd_warps, num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
     )
 
@@ -643,22 +644,6 @@ def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None
         HAS_DLSE=dlse is not None, HEAD_DIM=D, BLOCK_M=c.pre_block_m,
     )
     return delta
-
-
-_TMA_ALLOCATOR = False
-
-
-def _tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether [T, H, D] tensors can be read through TMA descriptors (16-byte aligned base, row and head
-    strides); on CUDA, installs the scratch allocator device-side descriptors need (128 B each) once."""
-    global _TMA_ALLOCATOR
-    for t in tensors:
-        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 or (t.stride(1) * t.element_size()) % 16:
-            return False
-    if tensors[0].is_cuda and not _TMA_ALLOCATOR:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _TMA_ALLOCATOR = True
-    return True
 
 
 def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
@@ -686,7 +671,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     torch.mul(lse.t(), LOG2E, out=lse2_h[:, :Tq])
     delta_h[:, :Tq] = delta.t()
     # fused dQ under TMA: the dQ tiles are added by TMA reduce, so the fp32 buffer must be 16-byte aligned too
-    tma = c.bwd_tma and _tma_ready(q, do) and not (c.bwd_fused_dq and not _tma_ready(dq32))
+    tma = c.bwd_tma and tma_ready(q, do) and not (c.bwd_fused_dq and not tma_ready(dq32))
     for pass_, _, bm, bn, warps, stages in c.dkdv_launches():
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
             q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,
@@ -707,7 +692,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
-        HEAVY_FIRST=c.q_heavy_first, TMA=c.dq_tma and _tma_ready(k, v), Tk=Tk, num_warps=c.dq_warps,
+        HEAVY_FIRST=c.q_heavy_first, TMA=c.dq_tma and tma_ready(k, v), Tk=Tk, num_warps=c.dq_warps,
         num_stages=c.dq_stages,
     )
 

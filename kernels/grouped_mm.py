@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels import tuned
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
+from kernels.tma import tma_ready
 
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
 # forward and dX: 128x256 fp32 accumulators over 8 warps (two warpgroups of HGMMA 64x256), 3 cp.async
@@ -36,7 +37,10 @@ from kernels.aot import HOPPER_MAX_SHARED_BYTES
 # Chosen on an H200 with bench.moe_configs (32K tokens x top-8, gate_up + down fwd+bwd): vs 128x128 / 4 stages,
 # 1.08x forward and 1.15x fwd+bwd. A one-program-per-tile variant (no persistent loop) was slower at every
 # tile shape tried there (128x128: 15.8 vs 15.6 ms), so the kernel stays persistent.
-FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+# TMA 1: x and w tiles by TMA tensor descriptors where the layouts allow (see _tma_operands); 0 until an H200 run
+# of bench.moe_configs shows it faster.
+FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
+                              "TMA": 0}
 # dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps;
 # 128x256 output tiles, 3 stages of (64x128 + 64x256) bf16 = 144 KiB (H200: 1.10x gate_up + down fwd+bwd
 # vs 128x128 tiles).
@@ -67,6 +71,59 @@ def _fit_stages(cfg: dict[str, int], a_tile: int, b_tile: int, elem_bytes: int) 
 
 
 @triton.jit
+def _weight_desc(w_ptr, G, N, K, stride_wg, stride_wk, stride_wn, BLOCK_K: tl.constexpr, WB: tl.constexpr,
+                 TMA: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """A 3-D descriptor over the stacked weights in their memory order (unit stride last), or w_ptr itself."""
+    if TMA:
+        if W_KMAJOR:
+            return tl.make_tensor_descriptor(w_ptr, shape=[G, N, K], strides=[stride_wg, stride_wn, 1],
+                                             block_shape=[1, WB, BLOCK_K])
+        else:
+            return tl.make_tensor_descriptor(w_ptr, shape=[G, K, N], strides=[stride_wg, stride_wk, 1],
+                                             block_shape=[1, BLOCK_K, WB])
+    else:
+        return w_ptr
+
+
+@triton.jit
+def _rows_desc(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    if TMA:
+        return tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        return x_ptr
+
+
+@triton.jit
+def _weight_box(w_desc, g, n0, k0, BLOCK_K: tl.constexpr, WB: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """[BLOCK_K, WB] of w[g] at (k0, n0); out-of-range rows / columns read as zeros."""
+    if W_KMAJOR:
+        return tl.trans(tl.reshape(w_desc.load([g, n0, k0]), (WB, BLOCK_K)))
+    else:
+        return tl.reshape(w_desc.load([g, k0, n0]), (BLOCK_K, WB))
+
+
+@triton.jit
+def _mainloop_tma(x_desc, x_ptrs, w_desc, g, n0, n_up, row0, m_mask, K, stride_xk, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, WB: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+                  W_KMAJOR: tl.constexpr):
+    """acc [BLOCK_M, WB] = x rows @ w[g][:, n0:n0 + WB] (and, with SWIGLU, acc_up for columns n_up:n_up + WB).
+    Rows past the group's end are computed (the next group's or zero-filled) and never stored."""
+    acc = tl.zeros((BLOCK_M, WB), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, WB), dtype=tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        if GATHER:  # rows by index: no TMA gather before Blackwell
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & (rk < K - k0)[None, :], other=0.0)
+            x_ptrs += BLOCK_K * stride_xk
+        else:
+            a = x_desc.load([row0, k0])
+        acc = tl.dot(a, _weight_box(w_desc, g, n0, k0, BLOCK_K, WB, W_KMAJOR), acc)
+        if SWIGLU:
+            acc_up = tl.dot(a, _weight_box(w_desc, g, n_up, k0, BLOCK_K, WB, W_KMAJOR), acc_up)
+    return acc, acc_up
+
+
+@triton.jit
 def _grouped_mm_fwd_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr, rows_ptr,
     G, N, K,
@@ -76,7 +133,7 @@ def _grouped_mm_fwd_kernel(
     NUM_PROGRAMS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     GATHER: tl.constexpr, SWIGLU: tl.constexpr = False, STORE_H: tl.constexpr = False, h_ptr=None,
-    stride_hm=0,
+    stride_hm=0, TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = True, M=0,
 ):
     """Persistent grid: program p takes global tiles p, p + P, p + 2P, ... of the concatenation of
     every group's (m-tile, n-tile) grid. Tile counts come from the device-side offsets, so the grid
@@ -86,9 +143,16 @@ def _grouped_mm_fwd_kernel(
     SWIGLU (the MoE gate_up GEMM): w's N columns are gate | up halves of I = N / 2 each; a tile's BLOCK_N
     accumulator columns interleave gate column c and up column I + c, so the epilogue holds both and writes
     y = silu(gate) * up [M, I] (BLOCK_N / 2 columns per tile): no [M, 2I] product is read back by a separate
-    SwiGLU kernel. STORE_H also writes the product h [M, 2I] (bf16, gate | up) for the backward."""
+    SwiGLU kernel. STORE_H also writes the product h [M, 2I] (bf16, gate | up) for the backward.
+
+    TMA: w tiles (and x tiles unless GATHER; M = x's rows) arrive by tensor descriptors, zero-filled past the
+    edges; W_KMAJOR: w's unit stride is along K (w[g] stored [N, K]). With SWIGLU the gate and up columns are
+    two boxes and two accumulators instead of interleaved columns."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_N // 2
+    WB: tl.constexpr = HALF if SWIGLU else BLOCK_N  # columns per TMA weight box
+    w_desc = _weight_desc(w_ptr, G, N, K, stride_wg, stride_wk, stride_wn, BLOCK_K, WB, TMA, W_KMAJOR)
+    x_desc = _rows_desc(x_ptr, M, K, stride_xm, BLOCK_M, BLOCK_K, TMA and not GATHER)
     I = N // 2
     if SWIGLU:
         num_n = tl.cdiv(I, HALF)
@@ -124,20 +188,28 @@ def _grouped_mm_fwd_kernel(
                 src = rm.to(tl.int64)
             x_ptrs = x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk
             w_ptrs = w_ptr + tl.cast(g, tl.int64) * stride_wg + rk[:, None] * stride_wk + rn[None, :] * stride_wn
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-                else:
-                    k_mask = rk < K - k0
-                    a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(a, b, acc)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            if TMA:
+                acc, acc_up = _mainloop_tma(x_desc, x_ptrs, w_desc, g, tn * WB, I + tn * HALF,
+                                            row_start + tm * BLOCK_M, m_mask, K, stride_xk, BLOCK_M, BLOCK_K, WB,
+                                            GATHER, SWIGLU, W_KMAJOR)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    if EVEN_K:
+                        a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                        b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                    else:
+                        k_mask = rk < K - k0
+                        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc)
+                    x_ptrs += BLOCK_K * stride_xk
+                    w_ptrs += BLOCK_K * stride_wk
             if SWIGLU:
-                gate, up = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
+                if TMA:
+                    gate, up = acc, acc_up
+                else:
+                    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
                 rc = tn * HALF + tl.arange(0, HALF)
                 ok = m_mask[:, None] & (rc < I)[None, :]
                 if STORE_H:
@@ -213,6 +285,17 @@ def _persistent_programs(x: torch.Tensor, max_tiles: int) -> int:
     return max(1, min(sms, max_tiles))
 
 
+def _tma_operands(x: torch.Tensor, w: torch.Tensor, gather: bool, swiglu: bool) -> bool:
+    """Whether the forward kernel's TMA path takes these operands: w [G, K, N] with a unit stride along K or N,
+    x with unit last stride (unless rows are gathered), all else 16-byte aligned; the SwiGLU up box starts at
+    column I, which must be 16-byte aligned when it is w's unit-stride dimension."""
+    if w.stride(1) != 1 and w.stride(2) != 1:
+        return False
+    if swiglu and w.stride(2) == 1 and (w.shape[2] // 2 * w.element_size()) % 16:
+        return False
+    return tma_ready(w) and (gather or (x.stride(1) == 1 and tma_ready(x)))
+
+
 def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: dict[str, int] | None = None,
                 out: torch.Tensor | None = None, rows: torch.Tensor | None = None, swiglu: bool = False,
                 h_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,6 +324,8 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GATHER": rows is not None,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg["TMA"] and _tma_operands(x, w, rows is not None, swiglu):
+        meta.update(TMA=True, W_KMAJOR=w.stride(1) == 1, M=x.shape[0])
     if swiglu:
         meta.update(SWIGLU=True, STORE_H=h_out is not None)
         if h_out is not None:
@@ -415,8 +500,12 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
                "N": "i32", "K": "i32",
                "stride_xm": "i32", "stride_wg": "i32", "stride_wk": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True, "GATHER": False, "SWIGLU": False,
-                                 "STORE_H": False, "h_ptr": None, "stride_hm": 0,
+                                 "STORE_H": False, "h_ptr": None, "stride_hm": 0, "TMA": bool(fwd["TMA"]),
                                  **{k: v for k, v in fwd.items() if k.startswith("BLOCK")}}
+    if fwd["TMA"]:
+        fwd_sig["M"] = "i32"
+    else:
+        fwd_const["M"] = 0
     fn = _grouped_mm_fwd_kernel
     fwd_sig["NUM_PROGRAMS"] = "i32"
     # what the JIT marks 16-divisible at Qwen3-30B-A3B shapes: aligned pointers, sizes and strides
@@ -435,7 +524,7 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     for name, unit in (("fwd", "stride_wk"), ("dx", "stride_wn")):
         sig = {k: v for k, v in fwd_sig.items() if k != unit}
         configs.append({"name": f"{prefix}_{name}", "fn": fn, "signature": sig,
-                        "constexprs": {**fwd_const, unit: 1}, **fwd_opts,
+                        "constexprs": {**fwd_const, unit: 1, "W_KMAJOR": unit == "stride_wk"}, **fwd_opts,
                         "divisible_by_16": [k for k in fwd_div if k != unit]})
     # dW is written in w's layout: [E, 2I, H] / [E, H, I] parameters seen as [E, K, N] -> unit stride along K
     dw_sig.pop("stride_dwk")

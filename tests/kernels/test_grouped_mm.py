@@ -1,5 +1,7 @@
 """kernels.grouped_mm: Triton kernels (interpreter) and the torch path vs fp64 per-group matmuls."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -8,12 +10,15 @@ from kernels import aot
 from kernels.aot import report
 from kernels.grouped_mm import (
     AOT_CONFIGS,
+    _grouped_mm_fwd_kernel,
     _triton_dw,
     _triton_fwd,
     aot_configs,
     grouped_mm,
     grouped_mm_supported,
 )
+
+gm = importlib.import_module("kernels.grouped_mm")  # the module (the package exports the function)
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # many tiles per group on tiny shapes
 
@@ -185,6 +190,56 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, w, torch.tensor([3, 6], dtype=torch.int32), backend="cuda")
 
 
+class _LaunchSpy:
+    """Stands in for the forward kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grouping", sorted(GROUPINGS))
+def test_triton_tma_forward_matches_fp64(dtype, grouping, monkeypatch):
+    """TMA 1: w tiles (and x tiles unless gathered) by tensor descriptors. K = 40 with 16-wide k boxes: the last
+    box is zero-filled past K; the forward reads w with its unit stride along K, dX along N; the SwiGLU form
+    takes gate and up as two boxes (I = 12 with 8-column boxes: the last gate box overlaps up columns, which
+    are not stored). Rows 4 bytes off a 16-byte boundary fall back to the cp.async loop."""
+    spy = _LaunchSpy(gm._grouped_mm_fwd_kernel)
+    monkeypatch.setattr(gm, "_grouped_mm_fwd_kernel", spy)
+    cfg = {**SMALL, "TMA": 1}
+    sizes = GROUPINGS[grouping]
+    offsets = _offsets(sizes)
+    M, K, N, inter, T = int(sum(sizes)), 40, 24, 12, 11
+    x = torch.randn(M, K, dtype=dtype)
+    w = _weights(len(sizes), K, N, dtype, transposed=True)
+    dy = torch.randn(M, N, dtype=dtype)
+    nan = float("nan")
+    y = _triton_fwd(x, w, offsets, cfg, out=torch.full((M, N), nan, dtype=dtype))
+    assert _rel(y, _ref_fwd(x, w, offsets)) < TOL[dtype]
+    dx = _triton_fwd(dy, w.transpose(1, 2), offsets, cfg, out=torch.full((M, K), nan, dtype=dtype))
+    assert _rel(dx, _ref_fwd(dy, w.transpose(1, 2), offsets)) < TOL[dtype]
+    assert [(c.get("TMA"), c.get("W_KMAJOR")) for c in spy.launches] == [(True, True), (True, False)]
+    w2 = _weights(len(sizes), K, 2 * inter, dtype, transposed=True) / K**0.5
+    for rows in (None, torch.randint(0, T, (M,))):
+        xs = x if rows is None else torch.randn(T, K, dtype=dtype)
+        ref_h = _ref_fwd(xs if rows is None else xs[rows], w2, offsets)
+        ref_y = torch.nn.functional.silu(ref_h[:, :inter]) * ref_h[:, inter:]
+        h = torch.full((M, 2 * inter), nan, dtype=dtype)
+        y = _triton_fwd(xs, w2, offsets, cfg, out=torch.full((M, inter), nan, dtype=dtype), rows=rows,
+                        swiglu=True, h_out=h)
+        assert _rel(h, ref_h) < TOL[dtype] and _rel(y, ref_y) < TOL[dtype]
+        assert spy.launches[-1]["TMA"] and spy.launches[-1]["GATHER"] == (rows is not None)
+    x_off = torch.empty(M * K + 1, dtype=dtype)[1:].view(M, K).copy_(x)  # base 4 / 2 bytes off alignment
+    y = _triton_fwd(x_off, w, offsets, cfg, out=torch.full((M, N), nan, dtype=dtype))
+    assert _rel(y, _ref_fwd(x, w, offsets)) < TOL[dtype] and "TMA" not in spy.launches[-1]
+
+
 @pytest.mark.parametrize("cfg", AOT_CONFIGS, ids=[c["name"] for c in AOT_CONFIGS])
 def test_aot_sm90_production_config(cfg):
     r = report(cfg["fn"], cfg["signature"], cfg["constexprs"], num_warps=cfg["num_warps"],
@@ -196,8 +251,11 @@ def test_aot_sm90_production_config(cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_on_gpu_matches_fp64(dtype):
+def test_triton_on_gpu_matches_fp64(dtype, tma, monkeypatch):
+    monkeypatch.setenv("GOLONG_TUNED", "0")
+    monkeypatch.setattr(gm, "FWD_CONFIG", {**gm.FWD_CONFIG, "TMA": int(tma)})
     sizes = [0, 1000, 3, 0, 517, 2048, 1]
     offsets = _offsets(sizes).cuda()
     M, K, N = sum(sizes), 2048, 768
@@ -215,12 +273,22 @@ def test_triton_on_gpu_matches_fp64(dtype):
 
 
 def test_aot_sm90_moe_configs_candidates():
-    """Every tile candidate bench.moe_configs times compiles for sm_90 spill-free, with HGMMA and cp.async,
-    within Hopper's shared memory (one child process without the interpreter for all of them)."""
-    res = aot.reports([c for name, (fwd, dw) in CANDIDATES.items() for c in aot_configs(fwd, dw, prefix=name)])
+    """Every tile candidate bench.moe_configs times compiles for sm_90 spill-free, with HGMMA and pipelined
+    loads (cp.async, or TMA where the candidate turns it on), within Hopper's shared memory (one child process
+    without the interpreter for all of them)."""
+    entries = {name: aot_configs(fwd, dw, prefix=name) for name, (fwd, dw) in CANDIDATES.items()}
+    res = aot.reports([c for per in entries.values() for c in per])
     assert len(res) == len(aot_configs()) * len(CANDIDATES)  # fwd, dx, dw and the gathered fwd, dw
-    for name, r in res.items():
-        assert r.has_hgmma, (name, r.sass_histogram)
-        assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
-        assert 0 < r.shared_bytes and r.fits_hopper_smem, (name, r.shared_bytes)
-        assert r.sass_histogram.get("LDGSTS", 0) > 0, (name, "loads not pipelined through cp.async")
+    for candidate, per in entries.items():
+        tma = bool(CANDIDATES[candidate][0].get("TMA"))
+        for entry in per:
+            name, r = entry["name"], res[entry["name"]]
+            assert r.has_hgmma, (name, r.sass_histogram)
+            assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
+            assert 0 < r.shared_bytes and r.fits_hopper_smem, (name, r.shared_bytes)
+            if tma and entry["fn"] is _grouped_mm_fwd_kernel:  # w (and ungathered x) tiles by TMA
+                assert r.sass_histogram.get("UTMALDG", 0) > 0, (name, "no TMA loads")
+                gathered = entry["constexprs"]["GATHER"]  # x rows by index: still cp.async
+                assert (r.sass_histogram.get("LDGSTS", 0) > 0) == gathered, (name, r.sass_histogram)
+            else:
+                assert r.sass_histogram.get("LDGSTS", 0) > 0, (name, "loads not pipelined through cp.async")
