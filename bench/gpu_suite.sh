@@ -8,8 +8,9 @@
 #
 # Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
-#   gpu_tests       pytest -m gpu: each kernel (logprob, grouped GEMM / MoE, flash attention) and the
-#                   model in bf16 on CUDA vs fp32/fp64 references   -> OUT_DIR/gpu_tests.xml
+#   gpu_tests       bench/gpu_tests.sh: pytest -m gpu, each kernel (logprob, grouped GEMM / MoE, flash
+#                   attention) and the model in bf16 on CUDA vs fp32/fp64 references, as three concurrent
+#                   pytest processes                                -> OUT_DIR/gpu_tests_*.xml
 #   logprob         python -m bench.logprob: Triton vs naive torch, Liger FLCE, CCE at 8K-128K tokens;
 #                   peak memory of one step at 1M tokens
 #   logprob_configs python -m bench.logprob_configs: forward share and backward layouts at 8K tokens
@@ -78,18 +79,20 @@ else
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 80 "$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml $OUT/gpu_tests.xml tests/kernels tests/golong/test_model_gpu.py"
+  step gpu_tests 80 "PYTHON=$PYTHON bash bench/gpu_tests.sh $OUT"
   step logprob 85 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
-  step logprob_configs 40 "$PYTHON -m bench.logprob_configs --out $OUT"
+  step logprob_configs 30 "$PYTHON -m bench.logprob_configs --out $OUT"
   # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
   # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
   step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
-  # 10 timed calls per row (not 3): the skewed / uniform forward ratio is of two ~5 ms timings (run 6: 0.945x, run 7: 0.856x)
-  step moe 60 "$PYTHON -m bench.moe --iters 10 $(out_flag moe) --save-tuned $OUT/tuned"
-  step attention_configs 45 "$PYTHON -m bench.attention_configs --out $OUT --save-tuned $OUT/tuned"
+  # 10 timed calls per row (not 3): the skewed / uniform forward ratio compares two ~5 ms timings
+  # (run 6: 0.945x, run 7: 0.856x)
+  step moe 65 "$PYTHON -m bench.moe --iters 10 $(out_flag moe) --save-tuned $OUT/tuned"
+  # 20 candidates: precompiled in parallel, those not started by --budget-s are listed as skipped
+  step attention_configs 65 "$PYTHON -m bench.attention_configs --budget-s 55 --out $OUT --save-tuned $OUT/tuned"
   step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
-  step profile_kernels 25 "$PYTHON -m bench.profile_kernels --out $OUT"
-  step gpu_train_step 45 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step profile_kernels 20 "$PYTHON -m bench.profile_kernels --out $OUT"
+  step gpu_train_step 35 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)

@@ -36,15 +36,12 @@ from kernels import tuned
 # 128x256 forward alone 13.6 ms, 128x256 dW alone 14.2 ms; one-program-per-tile 128x128 15.8 ms.
 CANDIDATES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     "default": ({}, {}),
-    # the defaults before 128x256: 128x128 tiles, 4 stages (128 KiB), forward and dW
-    "previous_128x128": ({"BLOCK_N": 128, "num_stages": 4}, {"BLOCK_N": 128, "num_stages": 4}),
     # forward / dX: 4 stages (192 KiB). (128-wide k-steps in 2 stages spill in dX: not a candidate.)
     "fwd_s4": ({"num_stages": 4}, {}),
     # (256x128 forward tiles ran 1.088x the default's gate_up + down fwd+bwd on the H200, commit 68fad31, and
     # keep 16-24 B of stack with the SwiGLU epilogue under Triton 3.9: dropped)
-    # dW: 4 stages (192 KiB); 128-row reduction steps in 2 stages (192 KiB); 256x128 output tiles
+    # dW: 4 stages (192 KiB); 256x128 output tiles
     "dw_s4": ({}, {"num_stages": 4}),
-    "dw_m128_s2": ({}, {"BLOCK_M": 128, "num_stages": 2}),
     "dw_k256": ({}, {"BLOCK_K": 256, "BLOCK_N": 128}),
     # fwd_s4 and dw_s4 each ran 0.977x / 0.971x the default's time there (commit 68fad31): both together
     "fwd_s4_dw_s4": ({"num_stages": 4}, {"num_stages": 4}),
@@ -52,7 +49,12 @@ CANDIDATES: dict[str, tuple[dict[str, int], dict[str, int]]] = {
     # registers instead of 209-255 (Triton 3.6 / 3.9), SwiGLU as two 128-column accumulators
     "fwd_tma": ({"TMA": 1}, {}),
     "fwd_tma_s4": ({"TMA": 1, "num_stages": 4}, {}),
+    # dW's x and dy tiles by descriptors bounded at the group's end (154-161 registers instead of 166-170)
+    "dw_tma": ({}, {"TMA": 1}),
+    "fwd_dw_tma": ({"TMA": 1}, {"TMA": 1}),
 }
+# Dropped after run 4 (H200, commit 68fad31; time ratios vs the default, gate_up / down fwd+bwd): previous_128x128
+# (the 128x128 4-stage tiles, 0.84x / 0.90x the default's speed), dw_m128_s2 (0.98x / 0.92x).
 
 
 def _module() -> Any:

@@ -44,7 +44,9 @@ FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "nu
 # dW = x_g^T dy_g: tiles over (K, N) of one expert, reduction over the expert's rows in BLOCK_M steps;
 # 128x256 output tiles, 3 stages of (64x128 + 64x256) bf16 = 144 KiB (H200: 1.10x gate_up + down fwd+bwd
 # vs 128x128 tiles).
-DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3}
+# TMA 1: x and dy tiles by descriptors bounded at the group's last row (so its tail reads zeros, no masks).
+DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3,
+                             "TMA": 0}
 
 
 def _tuned_tiles(device: torch.device, name: str, base: dict[str, int]) -> dict[str, int]:
@@ -87,6 +89,7 @@ def _weight_desc(w_ptr, G, N, K, stride_wg, stride_wk, stride_wn, BLOCK_K: tl.co
 
 @triton.jit
 def _rows_desc(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """A descriptor over the first M rows of a row-major [*, K] matrix (rows past M read as zeros), or x_ptr."""
     if TMA:
         return tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     else:
@@ -238,11 +241,14 @@ def _grouped_mm_dw_kernel(
     stride_dym, stride_dyn,
     stride_dwg, stride_dwk, stride_dwn,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """dw[g, k-tile, n-tile] = sum over group g's rows of x^T dy. Grid (k-tiles * n-tiles, G); an
     empty group runs zero reduction steps and writes zeros, as its gradient is. Grid row j serves
     group order[j] (groups by decreasing size): the CUDA scheduler starts grid rows in order, so the
-    longest reductions (a hot expert's) start first instead of forming a tail wherever that expert is."""
+    longest reductions (a hot expert's) start first instead of forming a tail wherever that expert is.
+    TMA: dy tiles (and x tiles unless GATHER) by descriptors whose row count is the group's end, so rows
+    past it arrive as zeros."""
     pid = tl.program_id(0)
     g = tl.load(order_ptr + tl.program_id(1))
     num_n = tl.cdiv(N, BLOCK_N)
@@ -256,18 +262,27 @@ def _grouped_mm_dw_kernel(
     k_mask = rk < K
     n_mask = rn < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    rows_seen = tl.maximum(row_end, 1)  # a descriptor needs a non-empty shape (an empty group loads nothing)
+    x_desc = _rows_desc(x_ptr, rows_seen, K, stride_xm, BLOCK_M, BLOCK_K, TMA and not GATHER)
+    dy_desc = _rows_desc(dy_ptr, rows_seen, N, stride_dym, BLOCK_M, BLOCK_N, TMA)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + rm
         m_mask = rows < row_end
         rows64 = rows.to(tl.int64)
-        if GATHER:
-            src = tl.load(rows_ptr + rows, mask=m_mask, other=0)
+        if TMA and not GATHER:
+            a = x_desc.load([m0, tk * BLOCK_K])
         else:
-            src = rows64
-        a = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(dy_ptr + rows64[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            if GATHER:
+                src = tl.load(rows_ptr + rows, mask=m_mask, other=0)
+            else:
+                src = rows64
+            a = tl.load(x_ptr + src[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if TMA:
+            b = dy_desc.load([m0, tn * BLOCK_N])
+        else:
+            b = tl.load(dy_ptr + rows64[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc)
     dw_ptrs = dw_ptr + g.to(tl.int64) * stride_dwg + rk[:, None] * stride_dwk + rn[None, :] * stride_dwn
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
@@ -355,11 +370,13 @@ def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: t
     # largest groups first (longest-processing-time order); device ops only, no host sync
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
     order = torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
+    tma = bool(cfg["TMA"]) and dy.stride(1) == 1 and tma_ready(dy) and (
+        rows is not None or (x.stride(1) == 1 and tma_ready(x)))
     _grouped_mm_dw_kernel[grid](
         x, dy, dw, offsets, order, rows if rows is not None else offsets, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], GATHER=rows is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=cfg["BLOCK_M"], GATHER=rows is not None, TMA=tma,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dw
 
@@ -514,7 +531,7 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     dw_sig = {"x_ptr": ptr, "dy_ptr": ptr, "dw_ptr": ptr, "offs_ptr": "*i32", "order_ptr": "*i32", "rows_ptr": "*i64",
               "K": "i32", "N": "i32",
               "stride_xm": "i32", "stride_dym": "i32", "stride_dwg": "i32", "stride_dwk": "i32", "stride_dwn": "i32"}
-    dw_const = {"stride_xk": 1, "stride_dyn": 1, "GATHER": False,
+    dw_const = {"stride_xk": 1, "stride_dyn": 1, "GATHER": False, "TMA": bool(dw["TMA"]),
                 **{k: v for k, v in dw.items() if k.startswith("BLOCK")}}
     fwd_opts = {"num_warps": fwd["num_warps"], "num_stages": fwd["num_stages"]}
     configs = []

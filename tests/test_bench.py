@@ -76,6 +76,23 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
         assert name in log, log[-2000:]
 
 
+def test_gpu_tests_groups_cover_every_gpu_test(tmp_path):
+    """bench/gpu_tests.sh's three concurrent pytest groups together run exactly the GPU tests one pytest would
+    (here all skipped: no CUDA), each recorded in its junit file."""
+    out = subprocess.run(["bash", "bench/gpu_tests.sh", str(tmp_path)], cwd=ROOT,
+                         env={**_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ran = []
+    for group in ("attention", "moe", "rest"):
+        xml = (tmp_path / f"gpu_tests_{group}.xml").read_text()
+        ran += [f"{c}::{n}" for c, n in re.findall(r'<testcase classname="([^"]+)" name="([^"]+)"', xml)]
+    listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "gpu", "-p",
+                             "no:cacheprovider", "tests/kernels", "tests/golong/test_model_gpu.py"], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300).stdout
+    expected = [line.replace(".py::", "::").replace("/", ".") for line in listed.splitlines() if "::" in line]
+    assert len(ran) == len(set(ran)) and sorted(ran) == sorted(expected) and len(expected) >= 20
+
+
 def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
     env = {**_env(), "STEPS": "moe logprob_configs"}
     out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,

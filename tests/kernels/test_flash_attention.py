@@ -22,6 +22,7 @@ from kernels.flash_attention import (
 )
 from kernels.ring_attention import zigzag_indices
 from tests.kernels import interpreter_tma
+from tests.kernels.launch_spy import LaunchSpy
 
 interpreter_tma.install()  # the fused-dQ TMA variants add dQ tiles by TMA reduce
 fa = importlib.import_module("kernels.flash_attention")  # the module (the package exports the function)
@@ -225,22 +226,9 @@ VARIANTS = {  # interpreter configurations beside INTERPRET_CONFIG: dQ fused int
 }
 
 
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def test_tma_loads_run_where_rows_are_16_byte_aligned_and_fall_back_elsewhere(monkeypatch):
     monkeypatch.setattr(fa, "INTERPRET_CONFIG", dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS["all_tma"]))
-    spies = {name: _LaunchSpy(getattr(fa, name))
+    spies = {name: LaunchSpy(getattr(fa, name))
              for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(fa, name, spy)
@@ -269,7 +257,7 @@ def test_fused_dq_tma_reduce_needs_an_aligned_dq_buffer(monkeypatch):
     16-byte boundary sends the whole launch to plain loads and per-thread atomics, with the same sums."""
     monkeypatch.setattr(fa, "INTERPRET_CONFIG",
                         dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS["split_tma_fused_dq"]))
-    spy = _LaunchSpy(fa._attn_bwd_dkdv_kernel)
+    spy = LaunchSpy(fa._attn_bwd_dkdv_kernel)
     monkeypatch.setattr(fa, "_attn_bwd_dkdv_kernel", spy)
     cu = [0, 1, 38, 39, 40, 91]
     q, k, v = _inputs(cu, 6, 2, 32, torch.float32)

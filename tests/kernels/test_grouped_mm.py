@@ -17,6 +17,7 @@ from kernels.grouped_mm import (
     grouped_mm,
     grouped_mm_supported,
 )
+from tests.kernels.launch_spy import LaunchSpy
 
 gm = importlib.import_module("kernels.grouped_mm")  # the module (the package exports the function)
 
@@ -190,27 +191,14 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, w, torch.tensor([3, 6], dtype=torch.int32), backend="cuda")
 
 
-class _LaunchSpy:
-    """Stands in for the forward kernel: records each launch's keyword arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 def test_triton_tma_forward_matches_fp64(dtype, grouping, monkeypatch):
     """TMA 1: w tiles (and x tiles unless gathered) by tensor descriptors. K = 40 with 16-wide k boxes: the last
     box is zero-filled past K; the forward reads w with its unit stride along K, dX along N; the SwiGLU form
     takes gate and up as two boxes (I = 12 with 8-column boxes: the last gate box overlaps up columns, which
-    are not stored). Rows 4 bytes off a 16-byte boundary fall back to the cp.async loop."""
-    spy = _LaunchSpy(gm._grouped_mm_fwd_kernel)
+    are not stored). An x whose base is off a 16-byte boundary falls back to the cp.async loop."""
+    spy = LaunchSpy(gm._grouped_mm_fwd_kernel)
     monkeypatch.setattr(gm, "_grouped_mm_fwd_kernel", spy)
     cfg = {**SMALL, "TMA": 1}
     sizes = GROUPINGS[grouping]
@@ -240,6 +228,34 @@ def test_triton_tma_forward_matches_fp64(dtype, grouping, monkeypatch):
     assert _rel(y, _ref_fwd(x, w, offsets)) < TOL[dtype] and "TMA" not in spy.launches[-1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grouping", sorted(GROUPINGS))
+def test_triton_tma_dw_matches_fp64(dtype, grouping, monkeypatch):
+    """DW_CONFIG TMA 1: x and dy tiles by descriptors ending at the group's last row, so the next group's rows
+    never enter a reduction (8-row steps over groups of 10, 33, 1, 31 rows; K = 40 with 16-wide boxes);
+    gathered x rows by index with dy by TMA; an empty expert's gradient is exactly zero."""
+    spy = LaunchSpy(gm._grouped_mm_dw_kernel)
+    monkeypatch.setattr(gm, "_grouped_mm_dw_kernel", spy)
+    cfg = {**SMALL, "BLOCK_M": 8, "TMA": 1}
+    sizes = GROUPINGS[grouping]
+    offsets = _offsets(sizes)
+    M, K, N, T = int(sum(sizes)), 40, 24, 11
+    w = _weights(len(sizes), K, N, dtype, transposed=True)
+    dy = torch.randn(M, N, dtype=dtype)
+    for rows in (None, torch.randint(0, T, (M,))):
+        x = torch.randn(M if rows is None else T, K, dtype=dtype)
+        dw = _triton_dw(x, dy, offsets, like=w, config=cfg, out=torch.empty_like(w).fill_(float("nan")), rows=rows)
+        assert _rel(dw, _ref_dw(x if rows is None else x[rows], dy, offsets)) < TOL[dtype]
+        assert spy.launches[-1]["TMA"] and spy.launches[-1]["GATHER"] == (rows is not None)
+        for g, size in enumerate(sizes):
+            if size == 0:
+                assert (dw[g] == 0).all()
+    dy_off = torch.empty(M * N + 1, dtype=dtype)[1:].view(M, N).copy_(dy)  # base off a 16-byte boundary
+    x = torch.randn(M, K, dtype=dtype)
+    dw = _triton_dw(x, dy_off, offsets, like=w, config=cfg, out=torch.empty_like(w).fill_(float("nan")))
+    assert _rel(dw, _ref_dw(x, dy, offsets)) < TOL[dtype] and not spy.launches[-1]["TMA"]
+
+
 @pytest.mark.parametrize("cfg", AOT_CONFIGS, ids=[c["name"] for c in AOT_CONFIGS])
 def test_aot_sm90_production_config(cfg):
     r = report(cfg["fn"], cfg["signature"], cfg["constexprs"], num_warps=cfg["num_warps"],
@@ -251,11 +267,11 @@ def test_aot_sm90_production_config(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,tma", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
 def test_triton_on_gpu_matches_fp64(dtype, tma, monkeypatch):
     monkeypatch.setenv("GOLONG_TUNED", "0")
     monkeypatch.setattr(gm, "FWD_CONFIG", {**gm.FWD_CONFIG, "TMA": int(tma)})
+    monkeypatch.setattr(gm, "DW_CONFIG", {**gm.DW_CONFIG, "TMA": int(tma)})
     sizes = [0, 1000, 3, 0, 517, 2048, 1]
     offsets = _offsets(sizes).cuda()
     M, K, N = sum(sizes), 2048, 768
@@ -280,13 +296,13 @@ def test_aot_sm90_moe_configs_candidates():
     res = aot.reports([c for per in entries.values() for c in per])
     assert len(res) == len(aot_configs()) * len(CANDIDATES)  # fwd, dx, dw and the gathered fwd, dw
     for candidate, per in entries.items():
-        tma = bool(CANDIDATES[candidate][0].get("TMA"))
+        fwd_tma, dw_tma = (bool(over.get("TMA")) for over in CANDIDATES[candidate])
         for entry in per:
             name, r = entry["name"], res[entry["name"]]
             assert r.has_hgmma, (name, r.sass_histogram)
             assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, (name, r)
             assert 0 < r.shared_bytes and r.fits_hopper_smem, (name, r.shared_bytes)
-            if tma and entry["fn"] is _grouped_mm_fwd_kernel:  # w (and ungathered x) tiles by TMA
+            if fwd_tma if entry["fn"] is _grouped_mm_fwd_kernel else dw_tma:  # tiles by TMA but gathered x rows
                 assert r.sass_histogram.get("UTMALDG", 0) > 0, (name, "no TMA loads")
                 gathered = entry["constexprs"]["GATHER"]  # x rows by index: still cp.async
                 assert (r.sass_histogram.get("LDGSTS", 0) > 0) == gathered, (name, r.sass_histogram)

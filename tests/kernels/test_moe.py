@@ -386,14 +386,19 @@ def test_moe_layer_cuda_graph_capture_triton():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gather,fuse", [(True, True), (True, False), (False, True), (False, False)])
-def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse):
+@pytest.mark.parametrize("gather,fuse,tma", [(True, True, False), (True, False, False), (False, True, False),
+                                             (False, False, False), (True, True, True), (False, True, True)])
+def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse, tma):
     """Each gate_up form with the real kernels vs the torch backend (torch._grouped_mm), both bf16 (the same
-    routing), output and gradients."""
+    routing), output and gradients; tma: the grouped GEMMs' TMA tile loads (bench.moe_configs candidates)."""
+    import kernels.grouped_mm as grouped_mm
     import kernels.moe_mlp as moe_mlp
 
+    monkeypatch.setenv("GOLONG_TUNED", "0")
     monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", gather)
     monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", fuse)
+    monkeypatch.setattr(grouped_mm, "FWD_CONFIG", {**grouped_mm.FWD_CONFIG, "TMA": int(tma)})
+    monkeypatch.setattr(grouped_mm, "DW_CONFIG", {**grouped_mm.DW_CONFIG, "TMA": int(tma)})
     torch.manual_seed(0)
     T, H, inter, E, k = 1000, 256, 192, 16, 4
     x = torch.randn(T, H, device="cuda")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU correctness tests (pytest -m gpu) as three concurrent pytest processes: most of their time is Triton
+# compiling kernel variants on the CPU, while the tests themselves take a fraction of one GPU.
+#   bench/gpu_tests.sh OUT_DIR      -> OUT_DIR/gpu_tests_{attention,moe,rest}.xml; exit status: failed groups
+set -uo pipefail
+[[ $# -eq 1 ]] || { echo "usage: $0 OUT_DIR" >&2; exit 2; }
+OUT=$1
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+K=tests/kernels
+declare -A TEST_SETS=(
+  [attention]="$K/test_flash_attention.py $K/test_ring_attention.py"
+  [moe]="$K/test_grouped_mm.py $K/test_moe.py"
+  [rest]="$K tests/golong/test_model_gpu.py --ignore=$K/test_flash_attention.py --ignore=$K/test_ring_attention.py
+          --ignore=$K/test_grouped_mm.py --ignore=$K/test_moe.py"
+)
+declare -A PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null; exit 124' TERM INT  # a step timeout stops every group
+for name in "${!TEST_SETS[@]}"; do
+  # shellcheck disable=SC2086  # the group's paths and options split on whitespace
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$OUT/gpu_tests_$name.xml" ${TEST_SETS[$name]} \
+    > "$OUT/gpu_tests_$name.log" 2>&1 &
+  PIDS[$name]=$!
+done
+failed=0
+for name in attention moe rest; do
+  if wait "${PIDS[$name]}"; then status=ok; else status=FAILED; failed=$((failed + 1)); fi
+  echo "== gpu_tests/$name: $status"
+  tail -n 15 "$OUT/gpu_tests_$name.log"
+done
+exit $failed
