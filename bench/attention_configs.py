@@ -39,31 +39,7 @@ from kernels import tuned
 # (label, CONFIG field overrides); the first is the current default, the reference of every ratio
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
-    # query / dO / lse / delta tiles of the dK/dV kernel by TMA (bwd_tma): no address or staging registers, so
-    # the split passes pipeline at 2-3 stages spill-free under Triton 3.6 and 3.9 (plain loads spill there)
-    ("split TMA s2", dict(bwd_split=True, bwd_tma=True, split_stages=2)),
-    ("split TMA s3", dict(bwd_split=True, bwd_tma=True, split_stages=3)),
-    ("split TMA 32x128 s3", dict(bwd_split=True, bwd_tma=True, split_block_m=32, split_stages=3)),
-    ("joint TMA 64x64 s3", dict(bwd_split=False, bwd_tma=True, bwd_block_m=64, bwd_block_n=64, bwd_warps=8,
-                                bwd_stages=3)),
-    # dQ inside the dK pass, each tile's share added by TMA reduce (cp.reduce.async.bulk.tensor, FlashAttention-3's
-    # way) instead of per-thread atomics (the "split fused-dQ" of run 7, 1.20x): 6 matmuls per tile pair in the
-    # whole backward instead of 8, no dQ kernel. Spill-free under Triton 3.6 and 3.9 (64x128 s2 spills under 3.6)
-    ("split TMA fused-dQ s1", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_stages=1)),
-    ("split TMA fused-dQ 32x128 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
-                                          split_stages=2)),
-    ("split TMA fused-dQ 32x128 s3", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
-                                          split_stages=3)),
-    ("split TMA fused-dQ 64x64 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_n=64,
-                                         split_stages=2)),
-    ("joint TMA fused-dQ 32x64 s2", dict(bwd_split=False, bwd_tma=True, bwd_fused_dq=True, bwd_block_m=32,
-                                         bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
-    # K / V tiles of the forward and the dQ kernel by TMA: 179 / 205 registers instead of 255 / 246 (Triton 3.6)
-    ("fwd + dQ TMA", dict(fwd_tma=True, dq_tma=True)),
-    ("fwd + dQ TMA, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3)),
-    ("all TMA, split s2", dict(fwd_tma=True, dq_tma=True, bwd_split=True, bwd_tma=True, split_stages=2)),
-    ("all TMA, split s3, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3, bwd_split=True, bwd_tma=True,
-                                      split_stages=3)),
+    # plain loads first: a TMA candidate that faults would leave the CUDA context unusable for the rest
     # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
     ("split dV pass 2 stages", dict(bwd_split=True, split_dv_stages=2)),  # cp.async for the dV pass only
     # split, the query range as masked / unmasked / masked loops (bwd_three_loops)
@@ -76,6 +52,31 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("fwd 128x128 w8 s3", dict(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_stages=3)),
     # forward and dQ programs from the last query block down (causal: longest first, no heavy last wave)
     ("q blocks heavy-first", dict(q_heavy_first=True)),
+    # dQ inside the dK pass, each tile's share added by TMA reduce (cp.reduce.async.bulk.tensor, FlashAttention-3's
+    # way) instead of per-thread atomics (the "split fused-dQ" of run 7, 1.20x): 6 matmuls per tile pair in the
+    # whole backward instead of 8, no dQ kernel. Spill-free under Triton 3.6 and 3.9 (64x128 s2 spills under 3.6)
+    ("split TMA fused-dQ s1", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_stages=1)),
+    ("split TMA fused-dQ 32x128 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
+                                          split_stages=2)),
+    ("split TMA fused-dQ 32x128 s3", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
+                                          split_stages=3)),
+    ("split TMA fused-dQ 64x64 s2", dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_n=64,
+                                         split_stages=2)),
+    ("joint TMA fused-dQ 32x64 s2", dict(bwd_split=False, bwd_tma=True, bwd_fused_dq=True, bwd_block_m=32,
+                                         bwd_block_n=64, bwd_warps=8, bwd_stages=2)),
+    # query / dO / lse / delta tiles of the dK/dV kernel by TMA (bwd_tma): no address or staging registers, so
+    # the split passes pipeline at 2-3 stages spill-free under Triton 3.6 and 3.9 (plain loads spill there)
+    ("split TMA s2", dict(bwd_split=True, bwd_tma=True, split_stages=2)),
+    ("split TMA s3", dict(bwd_split=True, bwd_tma=True, split_stages=3)),
+    ("split TMA 32x128 s3", dict(bwd_split=True, bwd_tma=True, split_block_m=32, split_stages=3)),
+    ("joint TMA 64x64 s3", dict(bwd_split=False, bwd_tma=True, bwd_block_m=64, bwd_block_n=64, bwd_warps=8,
+                                bwd_stages=3)),
+    # K / V tiles of the forward and the dQ kernel by TMA: 179 / 205 registers instead of 255 / 246 (Triton 3.6)
+    ("fwd + dQ TMA", dict(fwd_tma=True, dq_tma=True)),
+    ("fwd + dQ TMA, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3)),
+    ("all TMA, split s2", dict(fwd_tma=True, dq_tma=True, bwd_split=True, bwd_tma=True, split_stages=2)),
+    ("all TMA, split s3, dQ s3", dict(fwd_tma=True, dq_tma=True, dq_stages=3, bwd_split=True, bwd_tma=True,
+                                      split_stages=3)),
 ]
 # Dropped after run 7 (times / the then split s2 default, which the current split s1 default ran 0.968x): split
 # 32x128 w8 s2 1.061x, split 32x64 w4 s2 1.011x, split fused-dQ 32x128 w8 s2 1.198x, joint 64x64 w8 s1 1.117x,
