@@ -129,7 +129,7 @@ def save_results(bench: str, rows: list[dict[str, Any]], out_dir: str | Path | N
     if torch.cuda.is_available():  # the per-GPU settings the kernels ran with (kernels/tuned.py)
         from kernels import tuned
 
-        payload["tuned"] = tuned.in_use(torch.cuda.get_device_name())
+        payload["tuned"] = tuned.in_use(device_name())
     path = out_dir / f"{bench}-{dev}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))

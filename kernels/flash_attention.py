@@ -419,7 +419,7 @@ def _attn_bwd_dkdv_kernel(
         else:
             LSEp = LSE2 + h * stride_lh
             DELTAp = DELTA + h * stride_lh
-        DQp = _rows_source(DQ + h * stride_dqh, Tq, stride_dqt, HEAD_DIM, BLOCK_M, TMA and FUSED_DQ)
+        DQp = _rows_source(DQ + h * stride_dqh, Tq, stride_dqt, HEAD_DIM, BLOCK_M, TMA and FUSED_DQ and PASS != 1)
         if THREE_LOOPS:
             dk, dv = _dkdv_inner(dk, dv, k, v, Qp, DOp, LSEp, DELTAp, DQp, lo, a, a, b, hi, r_lo, r_len, qk_scale,
                                  sm_scale, stride_qt, stride_dot, stride_dqt, HEAD_DIM, BLOCK_M, FUSED_DQ, PASS, 1, TMA)
