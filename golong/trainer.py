@@ -272,7 +272,8 @@ class Actor:
                     old.update(self.compute_logprobs(rollouts, mini))
             timings["time/old_logprob_s"] = time.perf_counter() - t0
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        # maxima over micro-batches and ranks; a key starting with "-" holds a negated minimum
+        maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
         norms, skipped, steps = [], 0, 0
         for _ in range(epochs):
             for mini in minis:
@@ -317,12 +318,7 @@ class Actor:
                         cu_seqlens=mb.cu_seqlens.to(self.device), mode=algo.rollout_is, lower=algo.rollout_is_lower,
                         upper=algo.rollout_is_upper, veto=algo.rollout_is_veto)
                     is_w = self._shard(mb, w) if mb.old_logprobs is not None else w
-                    # token means over the micro-batch: weight by its tokens (each cp rank saw all of them)
-                    weight = float(mb.mask.sum()) / self.dims.cp_size
-                    for k, v in is_metrics.items():
-                        if k.startswith("rollout_is/") or k.endswith("ppl") or k.endswith("ppl_ratio"):
-                            sums[f"m:{k}"] += float(v) * weight
-                            sums[f"w:{k}"] += weight
+                    _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
                     clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
@@ -349,7 +345,7 @@ class Actor:
                 sums["mismatch_abs"] += float(d.abs().sum())
                 sums["mismatch_k1"] += float((-d).sum())
                 sums["mismatch_tokens"] += local_tokens
-                maxes["mismatch_max_abs"] = torch.maximum(maxes["mismatch_max_abs"], d.abs().max().double().cpu())
+                maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
         grad_norm = self._clip_grad_norm()
         loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
         ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
@@ -408,12 +404,42 @@ class Actor:
             out["mismatch/kl"] = s["mismatch_k3"] / mt  # k3 estimator of KL(rollout || trainer)
             out["mismatch/kl_k1"] = s["mismatch_k1"] / mt
             out["mismatch/mean_abs"] = s["mismatch_abs"] / mt
-            out.update({f"mismatch/{k[len('mismatch_'):]}": v for k, v in zip(mkeys, mvec.tolist())})
+        for k, v in zip(mkeys, mvec.tolist()):
+            if v != float("-inf"):  # -inf: no micro-batch had data for it
+                out[k[1:] if k.startswith("-") else k] = -v if k.startswith("-") else v
         return out
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
         return full_parameters(self.model)
+
+
+# Rollout-IS metrics (rollout_is_weights' names) that are means over sequences, not tokens
+_IS_SEQUENCE_MEANS = ("rollout_is/veto_frac", "mismatch/trainer_ppl", "mismatch/rollout_ppl", "mismatch/ppl_ratio")
+
+
+def _accumulate_is_metrics(metrics: dict[str, torch.Tensor], mask: torch.Tensor, cu_seqlens: torch.Tensor,
+                           cp_size: int, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor]) -> None:
+    """Fold one micro-batch's rollout_is_weights metrics into the step's accumulators so that the reduced
+    values are those of the whole mini-batch: token means weighted by valid tokens, sequence means by valid
+    sequences, ratio_max / ratio_min as maxima / minima. mask [T] and cu_seqlens [S+1] cover the whole
+    micro-batch (every cp rank computed the metrics on all of it, hence the 1 / cp_size weights)."""
+    per_seq = torch.nn.functional.pad(mask.reshape(-1).double().cumsum(0), (1, 0))
+    cu = cu_seqlens.long().cpu()
+    per_seq = per_seq[cu[1:]] - per_seq[cu[:-1]]
+    tokens, sequences = float(per_seq.sum()) / cp_size, float((per_seq > 0).sum()) / cp_size
+    if tokens == 0:
+        return
+    for k, v in metrics.items():
+        v = v.detach().double().cpu()
+        if k == "rollout_is/ratio_max":
+            maxes[k] = torch.maximum(maxes[k], v)
+        elif k == "rollout_is/ratio_min":
+            maxes["-" + k] = torch.maximum(maxes["-" + k], -v)
+        elif k in _IS_SEQUENCE_MEANS or k.startswith("rollout_is/"):
+            weight = sequences if k in _IS_SEQUENCE_MEANS else tokens
+            sums[f"m:{k}"] += float(v) * weight
+            sums[f"w:{k}"] += weight
 
 
 # ------------------------------------------------------------------------------ model building
@@ -741,7 +767,8 @@ class Trainer:
             every += batch
             gen_batches += 1
             if cfg.algo.dynamic_sampling and n > 1:
-                keep, _ = dynamic_sampling_filter(torch.tensor([r.score for r in batch]), [r.group for r in batch])
+                keep, _ = dynamic_sampling_filter(torch.tensor([r.score for r in batch], dtype=torch.float64),
+                                                  [r.group for r in batch])
                 batch = [r for r, k in zip(batch, keep.tolist()) if k]
             kept += batch
             if len({r.group for r in kept}) >= want:
@@ -786,8 +813,9 @@ class Trainer:
             return metrics
         t0 = time.perf_counter()
         with nvtx_range("advantage"):
+            scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)  # fp32 would merge near-ties
             adv, adv_metrics = compute_advantages(
-                cfg.algo.adv_estimator, torch.tensor([r.score for r in rollouts]), [r.group for r in rollouts],
+                cfg.algo.adv_estimator, scores, [r.group for r in rollouts],
                 [r.task for r in rollouts], eps=cfg.algo.eps, norm_by_task_scale=cfg.algo.norm_by_task_scale,
                 difficulty_reweight=cfg.algo.difficulty_reweight, gamma=cfg.algo.gamma, alpha=cfg.algo.alpha)
         for r, a in zip(rollouts, adv.tolist()):

@@ -201,8 +201,10 @@ def test_estimator_errors():
     with pytest.raises(ValueError, match="several task"):
         compute_advantages("tmn_grpo", torch.zeros(2), [0, 0], ["a", "b"])
     # tensor prompt ids work too
-    a, _ = compute_advantages("grpo", torch.tensor([1.0, 0.0]), torch.tensor([5, 5]), ["a", "a"])
-    assert a[0] > 0 > a[1]
+    s = torch.tensor([1.0, 0.0, 0.25, 0.5, 0.5])
+    a, _ = compute_advantages("grpo", s, torch.tensor([5, 5, 7, 7, 7]), ["a"] * 5)
+    b, _ = compute_advantages("grpo", s, [5, 5, 7, 7, 7], ["a"] * 5)
+    assert torch.equal(a, b) and a[0] > 0 > a[1]
 
 
 # ------------------------------------------------------------------ policy loss
@@ -400,7 +402,9 @@ def test_rollout_is_hand():
     w3, _ = rollout_is_weights(old, roll, mask, cu_seqlens=cu)
     assert torch.equal(w2, w3)
     wp, _ = rollout_is_weights(old[:6].reshape(2, 3), roll[:6].reshape(2, 3), mask[:6].reshape(2, 3))
-    assert wp.shape == (2, 3)
+    assert wp.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]  # row 1 holds rho 1e-5: vetoed
+    wp, _ = rollout_is_weights(old[:6].reshape(2, 3), roll[:6].reshape(2, 3), mask[:6].reshape(2, 3), veto=None)
+    assert wp.reshape(-1).tolist() == pytest.approx([0.0, 1.0, 0.0, 2.0, 0.0, 1.5], rel=1e-6)
     with pytest.raises(ValueError, match="cu_seqlens or seq_index"):
         rollout_is_weights(old, roll, mask)
     with pytest.raises(ValueError, match="covers 6 tokens"):

@@ -112,3 +112,52 @@ def test_context_parallel_two_ranks_match_one_rank(one_rank, tmp_path):
     out = str(tmp_path / "cp.pt")
     run_distributed(_run_updates, 2, 2, out, 2)
     _compare(one_rank, torch.load(out), 1e-4)
+
+
+# ------------------------------------------------------------------------------ rollout-IS metrics
+def _is_metric_run(rank: int, world: int, budgets: list[int], out: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model
+    from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
+
+    cfg = tiny_config(trainer__mini_batch_prompts=100, algo__ppo_epochs=1, algo__rollout_is="mask")
+    dims = init_parallel(-1, 1, "gloo")
+    actor = Actor(build_model(cfg, dims), dims, cfg)
+    actor.optimizer.step = lambda *a, **k: None  # the same policy for every budget
+    rollouts = fixed_rollouts()
+    rollouts[0].rollout_logprobs[0] += 12.0  # ratio ~ e^-12 < 1e-4: sequence 0 vetoed
+    rollouts[7].rollout_logprobs[-1] -= 2.5  # the batch's largest ratio, in a middle sequence
+    result = {"metrics": {}}
+    for budget in budgets:
+        actor.cfg.trainer.micro_batch_tokens = budget
+        result["metrics"][budget] = actor.update(rollouts, "pg")
+    if world == 1:  # the whole batch's ratios, for the expected values
+        old = actor.compute_logprobs(rollouts, list(range(len(rollouts))))
+        result["rho"] = [torch.exp(old[i] - torch.tensor(r.rollout_logprobs)) for i, r in enumerate(rollouts)]
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.distributed
+def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
+    """ratio max / min are the batch's extremes and veto_frac the fraction of vetoed sequences, whatever the
+    micro-batching (48 tokens: several micro-batches per rank) and the number of ranks."""
+    run_distributed(_is_metric_run, 1, [48, 100000], str(tmp_path / "one.pt"))
+    run_distributed(_is_metric_run, 2, [48], str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    rho = one["rho"]
+    flat = torch.cat(rho)
+    inside = ((flat >= 0.5) & (flat <= 5.0)).double()
+    vetoed = torch.tensor([bool((r < 1e-4).any()) for r in rho])
+    seq_ppl_ratio = torch.stack([torch.exp(-torch.log(r).mean()) for r in rho])  # exp(mean(roll - old))
+    expected = {"rollout_is/ratio_max": float(flat.max()), "rollout_is/ratio_min": float(flat.min()),
+                "rollout_is/veto_frac": float(vetoed.double().mean()),
+                "rollout_is/masked_frac": float(1 - inside.mean()), "rollout_is/ratio_mean": float(flat.mean()),
+                "mismatch/ppl_ratio": float(seq_ppl_ratio.mean())}
+    assert expected["rollout_is/veto_frac"] > 0 and expected["rollout_is/ratio_min"] < 1e-4
+    assert int(flat.argmax()) == sum(len(r) for r in rho[:8]) - 1  # the planted maximum
+    runs = {"1 rank, 48": one["metrics"][48], "1 rank, 100000": one["metrics"][100000],
+            "2 ranks, 48": two["metrics"][48]}
+    for name, metrics in runs.items():
+        for key, want in expected.items():
+            assert metrics[key] == pytest.approx(want, rel=1e-4), (name, key, metrics[key], want)
