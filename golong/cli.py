@@ -11,7 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from golong.config import ConfigError, load_config, to_yaml
+from golong.config import ConfigError, load_config, run_problems, to_yaml
+from golong.data.records import RecordError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -85,9 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = _load(args)
+            problems = run_problems(cfg)
             if args.dry_run:
                 print(to_yaml(cfg), end="")
+                for line in problems:
+                    print(f"golong: warning: {line}", file=sys.stderr)
                 return 0
+            if problems:
+                raise ConfigError(problems[0])
             from golong.trainer import train
 
             train(cfg)
@@ -106,14 +112,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "data":
             from golong.data.synthetic import write_dataset
 
-            tasks = args.tasks.split(",") if args.tasks else None
+            if args.n < 1 or args.context_tokens < 1:
+                parser.error("data synth: --n and --context-tokens must be >= 1")
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
             print(write_dataset(args.out, args.n, args.context_tokens, seed=args.seed, tasks=tasks))
         elif args.command == "plan":
             from golong.plan import plan_main
 
+            if args.gpus < 1 or args.gpu_mem <= 0:
+                parser.error("plan: --gpus must be >= 1 and --gpu-mem > 0")
             cfg = _load(args)
             return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
-    except ConfigError as e:
+    except (ConfigError, RecordError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        # bad input (config, dataset records, paths): one line, no traceback
+        print(f"golong: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if args.command != "data":  # data synth: unknown task names, unsupported formats
+            raise
         print(f"golong: error: {e}", file=sys.stderr)
         return 2
     return 0

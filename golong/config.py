@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ADV_ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
@@ -217,20 +217,44 @@ def _lookup_section(full_key: str) -> Any:
     return cls
 
 
+def _field_type(full_key: str) -> str | None:
+    """The annotation of the field `full_key` names ("list[str]", "float", ...), if it is one."""
+    section = _lookup_section(full_key)
+    name = full_key.split(".")[-1].split("[")[0]
+    return {f.name: str(f.type) for f in dataclasses.fields(section)}.get(name)
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or "?"
+    key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0].strip()
     name = type(err).__name__
+    if not key:  # omegaconf names no key when a whole section meets a value of another kind
+        if "is not a subclass of" in msg:
+            section = msg.split("is not a subclass of")[1].split(".")[0].strip()
+            return f"a config section ({section}) was given a plain value or a list ({msg})"
+        return f"config error: {msg}"
     if name == "ConfigKeyError" or "not in struct" in msg or "Key '" in msg and "not in" in msg:
         section = _lookup_section(key)
         return f"unknown config key '{key}'; valid keys here: {_valid_keys(section)}"
     value = getattr(err, "value", None)
-    expected = getattr(err, "object_type_str", None)
+    ftype = _field_type(key)
+    if ftype is not None and ftype.startswith("list") and "[" not in key and value is not None \
+            and not isinstance(value, list):
+        return f"bad value {value!r} for '{key}': expected a list ({ftype}), e.g. {key}=[a,b]"
     if "Value '" in msg and ("could not be converted" in msg or "is not a" in msg):
         return f"bad value for '{key}': {msg}"
-    if value is not None and expected:
-        return f"bad value {value!r} for '{key}' (expected {expected})"
+    if value is not None and ftype:
+        return f"bad value {value!r} for '{key}' (expected {ftype})"
     return f"config error at '{key}': {msg}"
+
+
+def _yaml_error(source: str, e: Exception, located: bool = True) -> str:
+    """One line for a YAML syntax error: where (file, line, column), and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if located and mark is not None else source
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    what = f"{problem} ({context})" if problem and context else problem or str(e).splitlines()[0]
+    return f"{where}: {what}"
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:
@@ -244,46 +268,100 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
 
 
 def _check_values(cfg: RunConfig) -> None:
+    from golong.data.synthetic import TASKS
+
+    d, r, a, t = cfg.data, cfg.rollout, cfg.algo, cfg.trainer
+    unknown_tasks = [x for x in d.synthetic_tasks if x not in TASKS]
     checks = [
-        (cfg.rollout.n >= 1, "rollout.n must be >= 1"),
+        (d.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
+        (not unknown_tasks, f"data.synthetic_tasks: unknown task(s) {', '.join(map(repr, unknown_tasks))}; "
+                            f"choose from: {', '.join(TASKS)}"),
+        (d.synthetic_context_tokens >= 1, "data.synthetic_context_tokens must be >= 1"),
+        (r.n >= 1, "rollout.n must be >= 1"),
+        (r.val_n >= 1, "rollout.val_n must be >= 1"),
+        (r.temperature > 0 and r.val_temperature > 0, "rollout.temperature and rollout.val_temperature must be > 0"),
+        (0 < r.top_p <= 1 and 0 < r.val_top_p <= 1, "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+        (r.max_response_tokens >= 1, "rollout.max_response_tokens must be >= 1"),
+        (r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
+        (0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
+        (r.reward_timeout_s > 0, "rollout.reward_timeout_s must be > 0"),
+        (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, no time limit)"),
+        (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
+        (a.dual_clip > 1, "algo.dual_clip must be > 1"),
+        (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),
+        (a.max_num_gen_batches >= 1, "algo.max_num_gen_batches must be >= 1"),
+        (a.eps > 0, "algo.eps must be > 0"),
         (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),
-        (cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
-        (cfg.trainer.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),
-        (cfg.trainer.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
+        (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
+        (t.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),
+        (t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
+        (t.total_steps >= 0 and t.sft_steps >= 0, "trainer.total_steps and trainer.sft_steps must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (0 < cfg.algo.rollout_is_lower <= 1 <= cfg.algo.rollout_is_upper,
+        (cfg.optim.warmup_steps >= 0 and cfg.optim.grad_clip >= 0 and cfg.optim.weight_decay >= 0,
+         "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "optim.betas must be two numbers in [0, 1)"),
+        (0 < a.rollout_is_lower <= 1 <= a.rollout_is_upper,
          "algo.rollout_is_lower must be in (0, 1] and algo.rollout_is_upper >= 1"),
-        (0.0 <= cfg.algo.alpha <= 1.0, "algo.alpha must be in [0, 1]"),
+        (0.0 <= a.alpha <= 1.0, "algo.alpha must be in [0, 1]"),
         (cfg.model.path is not None or cfg.model.scratch is not None,
          "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
+        (cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
+         "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
 
 
+def run_problems(cfg: RunConfig) -> list[str]:
+    """What would stop a training run of a valid config, one line each naming its key: no training data, a
+    file or directory the run reads that does not exist (data files, model and tokenizer directories, an
+    explicit resume checkpoint). `golong train` stops on the first; `--dry-run` lists them as warnings (a
+    config is often checked away from the cluster it runs on)."""
+    problems = [] if cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
+        "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
+    paths = [("data.train_files", f) for f in cfg.data.train_files]
+    paths += [("data.val_files", f) for f in cfg.data.val_files]
+    if cfg.model.path is not None:
+        paths.append(("model.path", cfg.model.path))
+    if cfg.model.tokenizer is not None:
+        paths.append(("model.tokenizer", cfg.model.tokenizer))
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
+    return problems + [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
+    import yaml
+
     base = OmegaConf.structured(RunConfig)
     layers = []
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
             layers.append(OmegaConf.load(p))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(str(p), e)) from None
+        if not isinstance(layers[-1], DictConfig):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    for o in overrides:
+        if "=" not in o or not o.split("=", 1)[0].strip():
+            raise ConfigError(f"override {o!r} is not of the form key=value")
+        try:
+            layers.append(OmegaConf.from_dotlist([o]))
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(f"override {o!r}", e, located=False)) from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
+    try:
         merged = OmegaConf.merge(base, *layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
-    except Exception as e:  # YAML syntax errors and the like
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     _check_choices(cfg)
     _check_values(cfg)
     return cfg
@@ -297,4 +375,5 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "load_config", "to_yaml", "to_dict", "MISSING"]
+__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "load_config", "run_problems", "to_yaml", "to_dict",
+           "MISSING"]

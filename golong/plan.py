@@ -200,7 +200,11 @@ def model_shape(model_cfg: Any) -> ModelShape:
     """Shapes of `cfg.model`: checkpoint config.json > model.scratch > built-in table by name."""
     path = model_cfg.path
     if path and (Path(path) / "config.json").is_file():
-        raw = json.loads((Path(path) / "config.json").read_text())
+        try:
+            raw = json.loads((Path(path) / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}/config.json: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})"
+                              ) from None
         return _shape_from_hf(raw, Path(path).name, f"{path}/config.json")
     if model_cfg.scratch is not None:
         return _shape_from_hf(scratch_to_hf(model_cfg.scratch), "scratch", "model.scratch")

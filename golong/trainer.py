@@ -675,6 +675,11 @@ class Trainer:
         log.info(f"golong: world {self.world} (dp {self.dims.dp_size} x cp {self.dims.cp_size}), "
                  f"{n_params / 1e6:.2f}M parameters, {len(self.train_prompts)} train / {len(self.val_prompts)} "
                  f"val prompts, rollout engine {cfg.rollout.engine}; set up in {time.perf_counter() - t0:.1f}s")
+        longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+        if longest > cfg.trainer.micro_batch_tokens:
+            log.warning(f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is below the longest possible "
+                        f"sequence ({longest} = data.max_prompt_tokens + rollout.max_response_tokens): such a "
+                        "sequence runs as a micro-batch of its own, above the budget's memory")
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:

@@ -2,7 +2,8 @@
 
 Left truncation keeps the chat template intact: the longest message's *content* loses tokens from
 its start (documents come first in long-context prompts, the question last), then the template is
-re-applied. A prompt that still does not fit (template overhead alone too long) is dropped.
+re-applied; when that message is used up, the next longest is cut. A prompt that still does not fit
+(template overhead alone too long) is dropped.
 """
 
 from __future__ import annotations
@@ -36,19 +37,21 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]], kwargs: dict[str, An
 
 def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], limit: int,
                    kwargs: dict[str, Any]) -> list[int] | None:
-    j = max(range(len(messages)), key=lambda k: len(messages[k]["content"]))
-    content = list(tokenizer(messages[j]["content"], add_special_tokens=False)["input_ids"])
+    msgs = [dict(m) for m in messages]
     excess = len(ids) - limit
-    for _ in range(6):  # re-tokenising the cut text can merge differently: converge in a few rounds
-        keep = len(content) - excess
-        if keep <= 0:
-            return None
-        msgs = [dict(m) for m in messages]
-        msgs[j]["content"] = tokenizer.decode(content[-keep:])
+    # one round per message emptied, plus a few: re-tokenising cut text can merge differently
+    for _ in range(len(msgs) + 6):
+        tokens = [list(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs]
+        j = max(range(len(msgs)), key=lambda k: len(tokens[k]))  # the longest message loses its start
+        if not tokens[j]:
+            return None  # nothing left to cut: the template alone is over the limit
+        keep = max(len(tokens[j]) - excess, 0)
+        # a cut inside a multi-byte character decodes to U+FFFD: drop the partial character
+        msgs[j]["content"] = tokenizer.decode(tokens[j][len(tokens[j]) - keep:]).lstrip("\ufffd") if keep else ""
         ids = _encode(tokenizer, msgs, kwargs)
         if len(ids) <= limit:
             return ids
-        excess += len(ids) - limit
+        excess = len(ids) - limit
     return None
 
 

@@ -17,10 +17,13 @@ the file and the line (JSONL, 1-based) or row (parquet, 0-based).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
@@ -92,13 +95,26 @@ class Record:
         rm = d["reward_model"]
         if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise bad("reward_model must be an object with a ground_truth")
+        mode = extra.get("reward_mode")
+        if mode is not None and not isinstance(mode, str):
+            raise bad(f"extra_info.reward_mode must be a string, got {type(mode).__name__}")
         gt = _check_ground_truth(rm["ground_truth"], bad)
         rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"))
         try:
             rec.metric  # noqa: B018  (validates the routing)
         except ValueError as e:
             raise bad(str(e)) from None
+        from golong.rewards.tasks import is_known_task, known_tasks
+
+        if mode and mode not in _warned_modes and not is_known_task(mode):
+            _warned_modes.add(mode)
+            logger.warning("%s: extra_info.reward_mode %r is not a known task; the record is scored by %s "
+                           "(routed by ability / data_source). Known tasks: %s", where, mode, rec.metric,
+                           ", ".join(known_tasks()))
         return rec
+
+
+_warned_modes: set[str] = set()  # unknown reward_mode values already reported (once per process)
 
 
 def _check_prompt(p: Any, bad: Any) -> list[dict[str, str]]:
@@ -140,24 +156,37 @@ def _check_ground_truth(gt: Any, bad: Any) -> GroundTruth:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a decoding error names its line
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{path}: line {n}: not UTF-8 text (byte {e.start + 1}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
-                yield f"{path}: line {n}", json.loads(line)
+                d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield f"{path}: line {n}", d
 
 
 def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        for d in batch.to_pylist():
-            yield f"{path}: row {row}", d
-            row += 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        for batch in batches:
+            for d in batch.to_pylist():
+                if isinstance(d, dict) and isinstance(d.get("extra_info"), dict):
+                    # a struct column holds the union of every row's keys: drop the ones this row lacks
+                    d["extra_info"] = {k: v for k, v in d["extra_info"].items() if v is not None}
+                yield f"{path}: row {row}", d
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -172,19 +201,26 @@ def iter_records(path: str | Path) -> Iterator[Record]:
         rows = _iter_jsonl(p)
     else:
         raise RecordError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
+    empty = True
     for where, d in rows:
+        empty = False
         yield Record.from_dict(d, where)
+    if empty:
+        raise RecordError(f"{p}: the file holds no records")
 
 
 def load_records(path: str | Path | list[str | Path], limit: int | None = None) -> list[Record]:
-    """All records of one file or a list of files (.parquet / .jsonl), validated, in file order."""
+    """The records of one file or a list of files (.parquet / .jsonl), validated, in file order; with
+    `limit`, the first `limit` of them (nothing after those is read)."""
     paths = path if isinstance(path, list) else [path]
     out: list[Record] = []
     for p in paths:
+        if limit is not None and len(out) >= limit:
+            break
         for rec in iter_records(p):
-            if limit is not None and len(out) >= limit:
-                return out
             out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
     return out
 
 
@@ -198,7 +234,15 @@ def write_records(records: list[Record], path: str | Path) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), p)
+        if not any(row["extra_info"] for row in rows):
+            for row in rows:  # parquet has no struct without fields
+                del row["extra_info"]
+        try:
+            table = pa.Table.from_pylist(rows)
+        except pa.ArrowException as e:
+            raise ValueError(f"{p}: records do not fit one parquet schema ({e}); extra_info values of one key "
+                             "must share a type across records (or write .jsonl)") from None
+        pq.write_table(table, p)
     elif suffix in (".jsonl", ".json"):
         with p.open("w", encoding="utf-8") as f:
             for row in rows:

@@ -85,7 +85,9 @@ def pairwise(region: str, gold: Gold) -> float:
     """Gold-ordered pairs found in the prediction's order / C(len(pred), 2) prediction pairs.
 
     0 when either side has fewer than 2 items. Repeated prediction lines count in the denominator
-    (a padded answer is penalised) but only their first position is used for ordering.
+    (a padded answer is penalised) but only their first position is used for ordering. As in LongBench-Pro
+    and GoLongRL's reward (kept for parity with the recipe), gold items missing from the prediction cost
+    nothing: two items in the right order score 1.0 — watch the answers' item counts in the logs.
     """
     pred, ref = items(region), gold_items(gold)
     if len(pred) < 2 or len(ref) < 2:
@@ -129,14 +131,37 @@ def choice(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- structured extraction
 
-_FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+def _strip_fence(text: str) -> str:
+    """Text inside a Markdown code fence (```json ... ```), else the text. String operations, not a regex:
+    `\\s*```$` rescans every whitespace run from each of its positions (quadratic on blank padding)."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t[3:]
+        t = t[len(t) - len(t.lstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")):]  # the language tag
+    if t.endswith("```"):
+        t = t[:-3]
+    return t
 
 
 def _table_rows(text: str) -> list[Any] | None:
     """Rows of a `{"data": [...]}` JSON object (or a bare JSON list); None when not a table."""
-    obj = json.loads(_FENCE_RE.sub("", text.strip()))
+    obj = json.loads(_strip_fence(text))
     rows = obj.get("data") if isinstance(obj, dict) else obj
     return rows if isinstance(rows, list) else None
+
+
+def _gold_rows(gold: Gold) -> list[Any] | None:
+    """Gold table rows: a table string, or a list of rows (each a JSON value). A one-item list is a whole
+    table when it reads as one ({"data": ...}, or a list of lists / objects), else a single row."""
+    if isinstance(gold, str):
+        return _table_rows(gold)
+    values = [json.loads(g) for g in gold]
+    if len(values) == 1:
+        v = values[0]
+        if isinstance(v, dict) and "data" in v or isinstance(v, list) and v and all(
+                isinstance(r, (list, dict)) for r in v):
+            return _table_rows(gold[0])
+    return values
 
 
 def _cell(v: Any) -> str:
@@ -170,12 +195,7 @@ def iou(region: str, gold: Gold) -> float:
 
     Two empty tables match (1.0). An unparsable prediction scores 0; so does an unparsable gold.
     """
-    if isinstance(gold, str):
-        ref = _table_rows(gold)
-    elif len(gold) == 1:
-        ref = _table_rows(gold[0])
-    else:  # a list of gold rows, each a JSON value
-        ref = [json.loads(g) for g in gold]
+    ref = _gold_rows(gold)
     if ref is None:
         return 0.0
     try:

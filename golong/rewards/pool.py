@@ -12,6 +12,7 @@ goes back to the queue.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import pickle
 import selectors
@@ -74,6 +75,7 @@ def _spawn() -> _Worker:
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["OMP_NUM_THREADS"] = "1"
+    env["GOLONG_REWARD_PARENT"] = str(os.getpid())  # the worker exits with us (see worker._exit_with_parent)
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, close_fds=True)
     return _Worker(proc)
@@ -90,6 +92,12 @@ def _kill(w: _Worker) -> None:
             f.close()  # type: ignore[union-attr]
         except Exception:
             pass
+
+
+def check_timeout(timeout: float) -> None:
+    """A time limit must be a finite number of seconds > 0 (a NaN deadline would never pass)."""
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"reward timeout must be a finite number of seconds > 0, got {timeout!r}")
 
 
 class ScoringPool:
@@ -118,6 +126,7 @@ class ScoringPool:
 
     def map(self, jobs: list[Job], timeout: float) -> list[float]:
         """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0."""
+        check_timeout(timeout)
         with self._lock:
             return self._map(jobs, float(timeout))
 
@@ -194,6 +203,9 @@ class ScoringPool:
                         outstanding -= 1
                         self.timeouts += 1
                         replace(w)
+                        for idle in self.workers:  # its chunk went back to the queue: idle workers take it
+                            if not idle.queue:
+                                assign(idle)
                     elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
                         raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
         except BaseException:

@@ -10,14 +10,13 @@ without exactly one `</think>` scores 0 unless `require_think=False` (non-thinki
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from golong.rewards.answer import answer_region
 from golong.rewards.metrics import Gold, check_metric, score_region
-from golong.rewards.pool import get_pool
+from golong.rewards.pool import check_timeout, get_pool
 from golong.rewards.tasks import route
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -35,26 +34,25 @@ class RewardConfig:
     num_workers: int = 8  # scoring subprocesses for score_batch
 
 
-def _can_spawn() -> bool:
-    return not multiprocessing.current_process().daemon
-
-
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                   require_think: bool = True) -> float:
     """Score one response with `metric` against `ground_truth` (a string or a list of gold items).
 
     With a timeout, math_verify and rouge_l run in a pooled worker process that is killed when it
-    overruns (score 0); `timeout=None` scores everything in this process without a limit.
-    Raises ValueError only for an unknown metric name.
+    overruns (score 0); the other metrics run here, in time linear in the response. `timeout=None` scores
+    everything in this process without a limit. Raises ValueError only for an unknown metric name or a
+    timeout that is not a finite number of seconds > 0.
     """
     check_metric(metric)
+    if timeout is not None:
+        check_timeout(timeout)
     try:
         region = answer_region(response, require_think=require_think)
     except Exception:  # e.g. a non-str response
         return 0.0
     if region is None:
         return 0.0
-    if timeout is not None and metric in SANDBOXED and _can_spawn():
+    if timeout is not None and metric in SANDBOXED:
         return get_pool(1).map([(metric, region, ground_truth)], timeout)[0]
     return score_region(metric, region, ground_truth)
 
@@ -67,6 +65,8 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
     regions are cut here, so only the (short) answers travel to the workers. `num_workers=0` scores
     inline in this process, without time limits.
     """
+    if num_workers > 0:
+        check_timeout(timeout)
     jobs: list[tuple[str, str, Gold]] = []
     where: list[int] = []
     out = [0.0] * len(items)
@@ -79,7 +79,7 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
         if region is not None:
             jobs.append((metric, region, gold))
             where.append(i)
-    if num_workers <= 0 or not _can_spawn():
+    if num_workers <= 0:
         scores = [score_region(*job) for job in jobs]
     else:
         scores = get_pool(num_workers).map(jobs, timeout)

@@ -68,12 +68,17 @@ def _canon(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
+_LBP_CANON = {_canon(name): metric for name, metric in LONGBENCH_PRO.items()}
+
+
 def _lookup(task: str) -> str | None:
     if task in LONGBENCH_PRO:
         return LONGBENCH_PRO[task]
-    if task.strip() in _LBP_SHORT:
-        return _LBP_SHORT[task.strip()]
+    if task.strip().upper() in _LBP_SHORT:
+        return _LBP_SHORT[task.strip().upper()]
     c = _canon(task)
+    if c in _LBP_CANON:  # spacing / case variants of the full subtask names
+        return _LBP_CANON[c]
     if c in CAPABILITIES:
         return CAPABILITIES[c]
     if c in METRIC_NAMES:
@@ -81,6 +86,11 @@ def _lookup(task: str) -> str | None:
     if c in ("rouge", "rougel", "summary"):
         return "rouge_l"
     return None
+
+
+def is_known_task(name: str) -> bool:
+    """Whether metric_for(name) resolves (a capability type, LongBench-Pro subtask or metric name)."""
+    return isinstance(name, str) and _lookup(name) is not None
 
 
 def known_tasks() -> list[str]:

@@ -60,6 +60,68 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     assert needle in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.train_files=a.parquet", "bad value 'a.parquet' for 'data.train_files': expected a list"),
+    ("optim.betas=0.9", "'optim.betas': expected a list"),
+    ("optim=1", "a config section (OptimConfig) was given a plain value"),
+    ("optim.betas=[0.9", "override 'optim.betas=[0.9': did not find expected ',' or ']'"),
+    ("=5", "not of the form key=value"),
+    ("data.max_prompt_tokens=-5", "data.max_prompt_tokens must be >= 1"),
+    ("rollout.temperature=0", "rollout.temperature and rollout.val_temperature must be > 0"),
+    ("rollout.top_p=0", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
+    ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
+    ("algo.clip_low=-1", "algo.clip_low must be in [0, 1)"),
+    ("data.synthetic_tasks=[poetry]", "unknown task(s) 'poetry'; choose from: precise_retrieval"),
+])
+def test_bad_values_stop_with_one_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo-cpu.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_errors_name_file_line_and_problem(tmp_path):
+    (tmp_path / "dup.yaml").write_text("model:\n  scratch: {}\nmodel:\n  dtype: float32\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 3, column 1: found duplicate key model"):
+        load_config(tmp_path / "dup.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_run_problems_warn_on_dry_run_and_stop_train(capsys):
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    assert main(["train", cfg, "data.synthetic_n=0"]) == 2
+    assert "no training data: set data.train_files" in capsys.readouterr().err
+    assert main(["train", cfg, "--dry-run", "data.train_files=[nowhere.parquet]"]) == 0
+    err = capsys.readouterr().err
+    assert "golong: warning: data.train_files: nowhere.parquet does not exist" in err
+    assert main(["train", cfg, "data.train_files=[nowhere.parquet]", "checkpoint.resume=runs/none/step_1"]) == 2
+    assert capsys.readouterr().err.strip() == "golong: error: data.train_files: nowhere.parquet does not exist"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plot", "/nonexistent/run"], "no metrics.jsonl in /nonexistent/run"),
+    (["export", "/nonexistent/ckpt", "/tmp/x"], "not a complete checkpoint"),
+    (["data", "synth", "--out", "{tmp}/x.csv", "--n", "2"], "unsupported dataset format '.csv'"),
+    (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--tasks", "poetry"], "unknown synthetic task 'poetry'"),
+    (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "0"], "--n and --context-tokens must be >= 1"),
+    (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "0"], "--gpus must be >= 1"),
+])
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "golong", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_synth_task_list_takes_spaces(tmp_path):
+    out = tmp_path / "d.jsonl"
+    assert main(["data", "synth", "--out", str(out), "--n", "4", "--tasks", "precise_retrieval, comprehension"]) == 0
+    assert {r["extra_info"]["reward_mode"] for r in map(json.loads, out.read_text().splitlines())} <= {
+        "precise_retrieval", "comprehension"}
+
+
 def test_unknown_estimator_lists_valid_choices():
     with pytest.raises(ConfigError, match=", ".join(ADV_ESTIMATORS)):
         load_config(ROOT / "configs/demo-cpu.yaml", ["algo.adv_estimator=nope"])

@@ -1,4 +1,4 @@
-"""Data: record I/O and validation, chat templating with truncation, sampler, packing, synthetic
+"""Data: record I/O and validation, chat templating with truncation, sampler, synthetic
 tasks scored by the real rewards, demo tokenizer."""
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from golong.data import (
+    GroundTruth,
     PromptSampler,
     Record,
     RecordError,
     build_prompts,
     load_records,
-    pack,
     write_records,
 )
 from golong.data.synthetic import TASKS, generate, reference_response, write_dataset
@@ -97,6 +96,60 @@ def test_invalid_json_line_and_parquet_row(tmp_path):
         load_records(tmp_path / "x.csv")
 
 
+def test_unreadable_files_name_file_and_line(tmp_path):
+    good = json.dumps(_row(0)).encode()
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + good.replace(b"question", b"caf\xe9") + b"\n")
+    with pytest.raises(RecordError, match="latin1.jsonl: line 2: not UTF-8"):
+        load_records(tmp_path / "latin1.jsonl")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a UTF-8 byte-order mark is fine
+    assert len(load_records(tmp_path / "bom.jsonl")) == 1
+    (tmp_path / "garbage.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(RecordError, match="garbage.parquet: not a readable parquet file"):
+        load_records(tmp_path / "garbage.parquet")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(RecordError, match="empty.jsonl: the file holds no records"):
+        load_records(tmp_path / "empty.jsonl")
+
+
+def test_limit_reads_no_further(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_row(0)) + "\n" + json.dumps(_row(1)) + "\n{broken\n")
+    assert [r.extra_info["index"] for r in load_records(path, limit=2)] == [0, 1]  # line 3 never parsed
+    assert len(load_records([path, tmp_path / "missing.jsonl"], limit=1)) == 1
+    with pytest.raises(RecordError, match="line 3"):
+        load_records(path)
+
+
+def test_reward_mode_type_and_unknown_names(tmp_path, caplog):
+    d = _row(0)
+    d["extra_info"]["reward_mode"] = 7
+    with pytest.raises(RecordError, match="reward_mode must be a string"):
+        Record.from_dict(d, "f.jsonl: line 1")
+    d = _row(0)
+    d["data_source"], d["extra_info"]["reward_mode"] = "EM", "T2.1 Global Timline Reconstruction"  # a typo
+    with caplog.at_level(logging.WARNING, logger="golong.data.records"):
+        rec = Record.from_dict(d, "f.jsonl: line 1")
+        Record.from_dict(d, "f.jsonl: line 2")
+    assert rec.metric == "em"  # routed by data_source, and said so once
+    warnings = [r for r in caplog.records if "Timline" in r.getMessage()]
+    assert len(warnings) == 1 and "f.jsonl: line 1" in warnings[0].getMessage()
+    assert "T2.1 Global Timeline Reconstruction" in warnings[0].getMessage()  # the known names
+
+
+def test_parquet_roundtrip_with_empty_and_varying_extra_info(tmp_path):
+    recs = generate(4, 20, seed=5)
+    for r in recs:
+        r.extra_info = {}
+    back = load_records(write_records(recs, tmp_path / "none.parquet"))
+    assert [r.to_dict() for r in back] == [r.to_dict() for r in recs]
+    recs[0].extra_info, recs[1].extra_info = {"a": 1}, {"b": "x"}
+    back = load_records(write_records(recs, tmp_path / "mixed.parquet"))
+    assert [r.extra_info for r in back] == [{"a": 1}, {"b": "x"}, {}, {}]
+    recs[2].extra_info = {"a": "not an int"}
+    with pytest.raises(ValueError, match="mixed.parquet: records do not fit one parquet schema"):
+        write_records(recs, tmp_path / "mixed.parquet")
+
+
 # ------------------------------------------------------------------ prompts
 
 
@@ -127,6 +180,22 @@ def test_build_prompts_template_and_truncation(tok, caplog):
         build_prompts(recs, tok, limit, overflow="right")
 
 
+def test_truncation_cuts_further_messages_and_whole_characters(tok):
+    system = "alpha " * 300
+    user = "beta " * 250 + "QUESTION?"
+    rec = Record("EM", [{"role": "system", "content": system}, {"role": "user", "content": user}], "",
+                 GroundTruth(["x"], "x"))
+    (p,) = build_prompts([rec], tok, 300)  # more to cut than the longest message holds
+    text = tok.decode(p.input_ids)
+    assert p.truncated and len(p.input_ids) <= 300 and text.count("<|im_start|>") == 3
+    assert "alpha" not in text and text.rstrip().endswith("QUESTION?<|im_end|>\n<|im_start|>assistant")
+    cjk = Record("EM", [{"role": "user", "content": "漢字テキスト" * 200 + " END"}], "", GroundTruth(["x"], "x"))
+    for limit in range(90, 100):  # cut points inside multi-byte characters
+        (p,) = build_prompts([cjk], tok, limit)
+        text = tok.decode(p.input_ids)
+        assert "\ufffd" not in text and text.endswith("END<|im_end|>\n<|im_start|>assistant\n"), limit
+
+
 def test_prompt_sampler_deterministic_and_resumable():
     a = PromptSampler(10, seed=7)
     first = a.take(10)
@@ -145,34 +214,6 @@ def test_prompt_sampler_deterministic_and_resumable():
     assert r.take(17) == expect
     with pytest.raises(ValueError, match="dataset has 11"):
         PromptSampler(11).load_state_dict(state)
-
-
-# ------------------------------------------------------------------ packing
-
-
-def test_pack_preserves_tokens_and_budget():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 97, (37,), generator=g).tolist()
-    seqs = [torch.randint(0, 1000, (n,), generator=g) for n in lengths]
-    budget = 200
-    batches = pack(seqs, budget)
-    assert len(batches) >= -(-sum(lengths) // budget)
-    seen = []
-    for b in batches:
-        assert b.num_tokens <= budget
-        assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens[0] == 0 and b.cu_seqlens[-1] == b.num_tokens
-        for j, i in enumerate(b.indices):
-            s, e = int(b.cu_seqlens[j]), int(b.cu_seqlens[j + 1])
-            assert torch.equal(b.input_ids[s:e], seqs[i])
-            assert torch.equal(b.position_ids[s:e], torch.arange(e - s))
-        seen += b.indices
-    assert sorted(seen) == list(range(37))
-    again = pack([s.tolist() for s in seqs], budget)
-    assert [b.indices for b in again] == [b.indices for b in batches]  # deterministic, lists work too
-    assert len(pack(seqs[:5], 10_000, min_batches=4)) == 4
-    assert len(pack(seqs[:3], 10_000, min_batches=8)) == 3
-    with pytest.raises(ValueError, match="sequence 2 has 300 tokens"):
-        pack([[1], [2], list(range(300))], 299)
 
 
 # ------------------------------------------------------------------ synthetic tasks

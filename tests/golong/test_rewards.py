@@ -129,6 +129,10 @@ def test_iou_hand():
     assert score("iou", '<answer>{"rows": []}</answer>', gold) == 0.0
     assert score("iou", '<answer>{"data": []}</answer>', '{"data": []}') == 1.0
     assert score("iou", '<answer>{"data": [{"b": 1, "a": 2}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 1.0
+    # gold as a list of rows: one row alone is a row, not a table of its cells
+    assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]']) == 1.0
+    assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]', '["z", 3]']) == pytest.approx(0.5)
+    assert score("iou", '<answer>{"data": [["y", 2], ["z", 3]]}</answer>', ['[["y", 2], ["z", 3]]']) == 1.0
 
 
 def test_math_verify_hand():
@@ -254,6 +258,104 @@ def test_huge_inputs_are_fast():
     assert time.perf_counter() - t < 20.0
 
 
+def test_blank_padded_answers_stay_linear():
+    # 400 KB of blank padding: the fenced-JSON strip of `iou` was quadratic in whitespace runs (~2 min here)
+    for pad in (" ", "\n", " \t\n"):
+        answer = R('<answer>{"data": [' + pad * (400_000 // len(pad)) + '["a", 1]]}</answer>')
+        t = time.perf_counter()
+        for m in METRIC_NAMES:
+            if m not in ("math_verify", "rouge_l"):
+                compute_score(m, answer, '{"data": [["a", 1]]}', timeout=None)
+        assert time.perf_counter() - t < 10.0, repr(pad)
+        assert compute_score("iou", answer, '{"data": [["a", 1]]}', timeout=None) == 1.0
+    assert compute_score("iou", R("<answer>```json\n" + "\n" * 100_000 + '{"data": [["a", 1]]}\n```</answer>'),
+                         '{"data": [["a", 1]]}', timeout=None) == 1.0
+
+
+def _score_in_daemon(queue) -> None:
+    t = time.perf_counter()
+    s = compute_score("math_verify", R("\\boxed{9^{9^{9^{9^{9}}}}}"), "3", timeout=1.0)
+    queue.put((s, time.perf_counter() - t))
+
+
+def test_time_limit_holds_inside_a_daemonic_process():
+    # DataLoader / Ray / multiprocessing workers are daemonic: the scoring pool must still time out there
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_score_in_daemon, args=(queue,), daemon=True)
+    proc.start()
+    try:
+        score, seconds = queue.get(timeout=120)
+    finally:
+        proc.kill()
+    assert score == 0.0 and seconds < 60.0
+
+
+_PARENT = r"""
+import sys
+from golong.rewards import compute_score
+compute_score("math_verify", "<think>t</think>\\boxed{9^{9^{9^{9^{9}}}}}", "3", timeout=600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"golong.rewards.worker" in cmd:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_worker_dies_with_a_killed_parent():
+    # a trainer stopped by SIGKILL / SIGTERM runs no atexit hook, and a worker stuck in sympy never reads
+    # its closed pipe: the kernel must take the worker down with its parent
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline and not workers:
+            workers = _children(parent.pid)
+            time.sleep(0.2)
+        assert workers, "no worker started"
+        time.sleep(3.0)  # past start-up: the worker is inside the hanging job
+        assert all(_alive(w) for w in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+
+
+def test_bad_timeouts_raise():
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="finite number of seconds > 0"):
+            compute_score("math_verify", R("\\boxed{1}"), "1", timeout=bad)
+        with pytest.raises(ValueError, match="finite number of seconds > 0"):
+            score_batch([("em", R("x"), "x")], timeout=bad, num_workers=1)
+
+
 def test_non_string_inputs_score_zero():
     assert compute_score("em", None, "x") == 0.0  # type: ignore[arg-type]
     assert score_batch([("f1", 123, ["x"])], num_workers=0) == [0.0]  # type: ignore[list-item]
@@ -347,6 +449,9 @@ def test_metric_for_capabilities_and_longbench_pro():
     assert metric_for("T4.2 Query-Focused Summary") == "rouge_l"
     assert metric_for("T6.3 Global Frequency Analysis") == "pairwise"
     assert metric_for("T8.3") == "subem"
+    assert metric_for("t8.3 ") == "subem"
+    assert metric_for(" T2.1 Global Timeline Reconstruction ") == "pairwise"  # spacing and case variants
+    assert metric_for("t7.1 global conflict & inconsistency localization") == "f1"
     assert metric_for("T11.2 Short-Range Reference Resolution & State Query") == "accuracy"
     for m in METRIC_NAMES:
         assert metric_for(m) == m
