@@ -12,8 +12,12 @@ Layout of one checkpoint (every rank writes its own shard files, rank 0 the rest
 
 Atomicity: everything is written into `<dir>/.tmp-step_000100`, the marker last, then the
 directory is renamed into place. A run killed at any moment leaves either a complete checkpoint
-or a temp directory that resume ignores and the next save removes. `latest_checkpoint` returns the
-newest directory that has the marker.
+or a temp directory that resume ignores and the next save removes. Re-saving an existing step (a
+run resumed from an earlier checkpoint reaches it again) first moves the old one aside; a run
+killed between the two renames is repaired by the next resume or save (the sealed temp directory
+is renamed into place). "Newest" means most recently sealed (the marker records when), not the
+highest step: a run restarted from scratch or from an earlier step in the same directory resumes
+from, and prunes around, its own checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +60,8 @@ def _barrier() -> None:
 
 def _fault(point: str, step: int) -> None:
     """Test hook: GOLONG_FAULT="ckpt_write@<step>" kills the process at that point of that step's
-    checkpoint write (after the shards, before the rename), like a node lost mid-write."""
+    checkpoint write (after the shards, before the rename; "ckpt_swap": between setting an old copy of
+    the step aside and renaming the new one into place), like a node lost mid-write."""
     spec = os.environ.get("GOLONG_FAULT", "")
     if f"{point}@{step}" in spec.split(","):
         os._exit(17)
@@ -65,8 +71,15 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def _sealed_at(ckpt: Path) -> int:
+    """When the checkpoint was sealed (ns): the marker's second line, else its modification time."""
+    marker = ckpt / MARKER
+    lines = marker.read_text().split()
+    return int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else marker.stat().st_mtime_ns
+
+
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ckpt_dir, oldest first, as (step, path)."""
+    """Complete checkpoints under ckpt_dir, oldest sealed first, as (step, path)."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
@@ -74,8 +87,29 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p.is_dir() and (p / MARKER).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+            found.append((_sealed_at(p), int(m.group(1)), p))
+    return [(step, p) for _, step, p in sorted(found)]
+
+
+def repair(ckpt_dir: str | Path) -> None:
+    """Finish what a killed save left (single process: rank 0): a sealed temp directory whose step has no
+    checkpoint is renamed into place; unsealed temp directories and set-aside old copies are removed."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return
+    for tmp in root.glob(".tmp-step_*"):
+        final = root / tmp.name.removeprefix(".tmp-")
+        if (tmp / MARKER).is_file() and not (final / MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.glob(".old-step_*"):
+        final = root / old.name.removeprefix(".old-")
+        if (old / MARKER).is_file() and not (final / MARKER).is_file():
+            old.rename(final)  # killed before the new copy was sealed: the old one stands
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -121,6 +155,7 @@ class Checkpointer:
         tmp = self.dir / f".tmp-{step_dir_name(step)}"
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            repair(self.dir)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
@@ -141,20 +176,23 @@ class Checkpointer:
         _fault("ckpt_write", step)
         if rank == 0:
             with open(tmp / MARKER, "w") as f:
-                f.write(f"{step}\n")
+                f.write(f"{step}\n{time.time_ns()}\n")
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():  # re-saving a step (e.g. the final step after a periodic save)
-                shutil.rmtree(final)
+            old = self.dir / f".old-{final.name}"
+            if final.exists():  # re-saving a step: set the old copy aside (atomic), never delete it first
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            _fault("ckpt_swap", step)
             tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
             self._prune()
         _barrier()
         return final
 
     def _prune(self) -> None:
-        for p in self.dir.glob(".tmp-step_*"):  # leftovers of killed writes
-            shutil.rmtree(p, ignore_errors=True)
-        done = list_checkpoints(self.dir)
+        repair(self.dir)  # leftovers of killed writes
+        done = list_checkpoints(self.dir)  # oldest sealed first: the one just written is never pruned
         for _, p in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(p, ignore_errors=True)
 
@@ -163,6 +201,9 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
+            if _rank() == 0:
+                repair(self.dir)
+            _barrier()
             return latest_checkpoint(self.dir)
         p = Path(resume)
         if not (p / MARKER).is_file():

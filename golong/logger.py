@@ -64,7 +64,15 @@ class MetricsWriter:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        torn = False
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # a run killed mid-line: end that line, or it swallows our first row
+        self._jsonl = open(path, "a", buffering=1)
+        if torn:
+            self._jsonl.write("\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -172,7 +172,7 @@ def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int)
 # ---------------------------------------------------------------------------------- the actor
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:  # step = optimizer steps taken so far
+    def factor(step: int) -> float:  # step = trainer steps (updates) taken so far, as verl counts them
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if kind == "cosine":
@@ -194,7 +194,7 @@ class Actor:
         self.model, self.dims, self.cfg = model, dims, cfg
         self.device = compute_device()  # not the parameters' device: with CPU offload they live on the host
         self.optimizer = self._make_optimizer(cfg.optim.lr)
-        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, self.total_optimizer_steps,
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
                                         cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
@@ -204,19 +204,27 @@ class Actor:
                                  weight_decay=o.weight_decay, foreach=o.impl == "foreach",
                                  fused=True if o.impl == "fused" else None)
 
-    def reset_optimizer(self, lr: float | None = None, warmup: int | None = None) -> None:
-        """Fresh optimizer state and schedule (e.g. after the SFT warm-up, before RL)."""
-        self.optimizer = self._make_optimizer(self.cfg.optim.lr if lr is None else lr)
-        self.scheduler = make_scheduler(self.optimizer, self.cfg.optim.warmup_steps if warmup is None else warmup,
-                                        self.total_optimizer_steps, self.cfg.optim.lr_schedule,
-                                        self.cfg.optim.min_lr_ratio)
+    def reset_optimizer(self, lr: float | None = None, warmup: int | None = None, total: int | None = None) -> None:
+        """Fresh optimizer state and schedule (the SFT warm-up's, then RL's). The schedule counts updates
+        (trainer steps): a step whose batch dynamic sampling could not fill does not shift it."""
+        o = self.cfg.optim
+        self.optimizer = self._make_optimizer(o.lr if lr is None else lr)
+        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps if warmup is None else warmup,
+                                        self.cfg.trainer.total_steps if total is None else total, o.lr_schedule,
+                                        o.min_lr_ratio)
 
-    @property
-    def total_optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run (the LR schedule's unit): mini-batches x epochs per step."""
-        t = self.cfg.trainer
-        minis = -(-t.prompts_per_step // t.mini_batch_prompts)
-        return t.total_steps * minis * self.cfg.algo.ppo_epochs
+    def apply_config_hyperparameters(self) -> list[str]:
+        """After a resume: the config's lr / weight decay replace the checkpoint's (the schedule keeps its
+        position). Returns what changed, for the log."""
+        o = self.cfg.optim
+        g = self.optimizer.param_groups[0]
+        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"]}
+        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay}
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"], group["weight_decay"] = o.lr, o.lr * factor, o.weight_decay
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        return [f"{k} {saved[k]:g} -> {wanted[k]:g}" for k in saved if not math.isclose(saved[k], wanted[k])]
 
     # ------------------------------------------------------------------- forward on a micro-batch
     def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
@@ -275,13 +283,15 @@ class Actor:
         # maxima over micro-batches and ranks; a key starting with "-" holds a negated minimum
         maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
         norms, skipped, steps = [], 0, 0
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's learning rate (logged)
         for _ in range(epochs):
             for mini in minis:
                 gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, need_is, sums, maxes, fault_nan)
                 norms.append(gnorm)
                 skipped += int(not ok)
                 steps += 1
-        return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss) | timings
+        self.scheduler.step()
+        return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss, lr) | timings
 
     def _optimizer_step(self, rollouts: Sequence[Rollout], mini: list[int], loss_kind: str,
                         old: dict[int, torch.Tensor] | None, need_is: bool, sums: dict[str, torch.Tensor],
@@ -352,7 +362,6 @@ class Actor:
         if ok:
             with nvtx_range("optimizer"):
                 self.optimizer.step()
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, ok
 
@@ -374,7 +383,7 @@ class Actor:
         return t.cpu()
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
-                        skipped: int, steps: int, loss_kind: str) -> dict[str, float]:
+                        skipped: int, steps: int, loss_kind: str, lr: float) -> dict[str, float]:
         keys = sorted(sums)
         vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
         mkeys = sorted(maxes)
@@ -389,7 +398,7 @@ class Actor:
             f"{prefix}/logprob": s.get("logprob", 0.0) / tokens,
             f"{prefix}/grad_norm": sum(norms) / max(len(norms), 1),
             f"{prefix}/grad_norm_max": max(norms) if norms else 0.0,
-            f"{prefix}/lr": self.scheduler.get_last_lr()[0],
+            f"{prefix}/lr": lr,
             f"{prefix}/optimizer_steps": steps - skipped,
             f"{prefix}/skipped_steps": skipped,
             f"{prefix}/tokens": s.get("tokens", 0.0),
@@ -870,7 +879,7 @@ class Trainer:
 
         cfg = self.cfg
         sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
-        self.actor.reset_optimizer(lr=cfg.trainer.sft_lr or cfg.optim.lr, warmup=0)
+        self.actor.reset_optimizer(lr=cfg.trainer.sft_lr or cfg.optim.lr, warmup=0, total=cfg.trainer.sft_steps)
         eos = self.tokenizer.eos_token_id
         for s in range(1, cfg.trainer.sft_steps + 1):
             t0 = time.perf_counter()
@@ -912,6 +921,8 @@ class Trainer:
             return
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
         self.actor.scheduler.load_state_dict(state["scheduler"])
+        for change in self.actor.apply_config_hyperparameters():
+            log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
@@ -963,6 +974,9 @@ class Trainer:
                       f"grad_norm {m['actor/grad_norm']:.3f}"]
         if "mismatch/kl" in m:
             parts.append(f"mismatch_kl {m['mismatch/kl']:.2e}")
+        kept, want = m.get("dynamic_sampling/kept_prompts"), self.cfg.trainer.prompts_per_step
+        if kept is not None and kept < want:  # dynamic sampling ran out of generation batches: a partial batch
+            parts.append(f"kept {kept:.0f}/{want} prompts")
         if "val/reward/mean" in m:
             parts.append(f"val {m['val/reward/mean']:.3f}")
         parts.append(f"{m.get('time/step_s', 0):.1f}s")

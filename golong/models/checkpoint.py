@@ -85,7 +85,8 @@ def _target(key: str, params: dict[str, nn.Parameter]) -> tuple[str, int | None,
     if m:
         prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
         if proj == "down_proj":
-            return f"{prefix}.down_proj", e, 0
+            name = f"{prefix}.down_proj"
+            return (name, e, 0) if name in params else None
         fused = f"{prefix}.gate_up_proj"
         if fused not in params:
             return None
@@ -147,9 +148,12 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                 dims = ([slice(expert, expert + 1)] if expert is not None else []) + [
                     slice(row0, row0 + src_shape[0]), *(slice(0, n) for n in src_shape[1:])]
                 full = tuple(params[name].shape)
-                if (len(dims) != len(full) or any(d.stop > n for d, n in zip(dims, full))
-                        or (expert is None and src_shape != full)):
-                    raise ValueError(f"{key}: shape {src_shape} does not fit parameter {name} {full}")
+                # one expert's key fills exactly its slice: all of down_proj[e], half of gate_up_proj[e]
+                want = full if expert is None else (full[1] // (2 if name.endswith("gate_up_proj") else 1),
+                                                    *full[2:])
+                if len(dims) != len(full) or any(d.stop > n for d, n in zip(dims, full)) or src_shape != want:
+                    raise ValueError(f"{key}: shape {src_shape} does not fit parameter {name} {full}"
+                                     + (f" (expected {want} per expert)" if expert is not None else ""))
                 lo = [max(d.start, r.start) for d, r in zip(dims, region)]
                 hi = [min(d.stop, r.stop) for d, r in zip(dims, region)]
                 if any(a >= b for a, b in zip(lo, hi)):
@@ -193,10 +197,28 @@ def hf_state_items(model: Qwen3ForCausalLM, expert_layout: str = "per_expert",
             yield name, t
 
 
+def _check_replaceable(path: Path) -> None:
+    """Only an earlier Hugging Face export may be replaced: a directory of plain files with safetensors
+    weights. Anything else (a run directory, a training checkpoint, unrelated files) raises FileExistsError."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    entries = list(path.iterdir())
+    if not entries:
+        return
+    hf_model = all(e.is_file() for e in entries) and any(e.suffix == ".safetensors" for e in entries)
+    if not hf_model:
+        names = ", ".join(sorted(e.name + ("/" if e.is_dir() else "") for e in entries)[:8])
+        raise FileExistsError(f"{path} is not empty and holds no earlier Hugging Face export ({names}); "
+                              "write to a new or empty directory")
+
+
 def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                     expert_layout: str = "per_expert", dtype: torch.dtype | None = None,
                     copy_files_from: str | Path | None = None) -> None:
-    """Write a HF checkpoint directory at `path` (replaced atomically if it exists).
+    """Write a HF checkpoint directory at `path` (an earlier export there is replaced atomically; any other
+    non-empty directory is refused).
 
     Under torch.distributed every rank must call this (DTensor parameters are gathered one at a
     time); rank 0 writes. Tokenizer / generation-config files are copied from `copy_files_from`
@@ -205,6 +227,7 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _check_replaceable(path)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,9 +45,10 @@ def main(spec_path: str, out_path: str) -> None:
             del state
         params = SamplingParams(**phase.get("sampling", {}))
         t = time.perf_counter()
-        res = engine.generate(prompts, params, seeds=seeds)
+        reports: list[int] = []  # progress callback calls, as the trainer's progress bar receives them
+        res = engine.generate(prompts, params, seeds=seeds, progress=reports.append)
         rec.update(token_ids=res.token_ids, logprobs=res.logprobs, finish_reasons=res.finish_reasons,
-                   generate_seconds=time.perf_counter() - t)
+                   generate_seconds=time.perf_counter() - t, progress=reports)
         out["phases"].append(rec)
     if spec.get("stop_probe"):
         # greedy on every prompt; then one prompt again, told to stop at a token that first appears

@@ -45,6 +45,7 @@ vllm is imported lazily: importing this module needs only torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -76,6 +77,38 @@ class VLLMConfig:
     cpu_kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
+
+
+class _ProgressBridge:
+    """A tqdm stand-in for vLLM's `use_tqdm`: each request vLLM reports finished advances golong's own
+    progress callback while it generates (instead of one jump at the end). vLLM also wraps the prompts it
+    adds in this class (an iterable form), which only iterates."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, *, callback: Callable[[int], None],
+                 **_tqdm_kwargs: Any) -> None:
+        self.iterable, self.callback = iterable, callback
+        self.n, self.postfix, self._t0 = 0, "", time.monotonic()
+
+    @property
+    def format_dict(self) -> dict[str, float]:  # vLLM derives its tokens/s postfix from "elapsed"
+        return {"elapsed": max(time.monotonic() - self._t0, 1e-6), "n": self.n}
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def __len__(self) -> int:
+        return len(self.iterable) if self.iterable is not None else 0  # type: ignore[arg-type]
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.iterable is None:
+            self.callback(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 class VLLMEngine:
     """vLLM in the trainer's process(es); see the module docstring."""
@@ -166,7 +199,11 @@ class VLLMEngine:
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=max(params.top_k, 0),
             max_tokens=params.max_tokens, stop_token_ids=stop, logprobs=0, detokenize=False, seed=s,
         ) for s in seeds_l]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+        # live progress per finished request; a TP group generates the union of its ranks' prompts, so there
+        # each rank reports its own share at the end
+        live = progress is not None and self._tp_group is None
+        bar = functools.partial(_ProgressBridge, callback=progress) if live else False
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=bar)
         outs = outs[start:start + local]
         result = GenerationResult([], [], [])
         for o in outs:
@@ -178,7 +215,7 @@ class VLLMEngine:
             # each position's dict holds the sampled token (plus the top-0 alternatives: none)
             result.logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
             result.finish_reasons.append(c.finish_reason or "length")
-        if progress is not None:
+        if progress is not None and not live:
             progress(local)
         return result
 

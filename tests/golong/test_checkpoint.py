@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from golong.checkpoint import MARKER, Checkpointer, export_hf, latest_checkpoint, list_checkpoints
@@ -88,3 +89,60 @@ def test_export_hf_loads_in_transformers(tmp_path):
         ours = model.logits(model(ids[0], torch.tensor([0, 19], dtype=torch.int32)))
     err = ((ours - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resaving_a_step_is_atomic(tmp_path, monkeypatch):
+    import golong.checkpoint as gc
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", every=1, keep_last=1)
+    ck.save(2, model, opt, {"step": 2, "copy": "old"})
+    _train_a_bit(model, opt, 1)
+
+    def kill_at_swap(point: str, step: int) -> None:
+        if point == "ckpt_swap":
+            raise _Killed  # the process dies with the old copy set aside and the new one sealed
+
+    monkeypatch.setattr(gc, "_fault", kill_at_swap)
+    with pytest.raises(_Killed):
+        ck.save(2, model, opt, {"step": 2, "copy": "new"})
+    assert not (tmp_path / "ck" / "step_000002").exists()  # between the two renames
+    monkeypatch.undo()
+    path = Checkpointer(tmp_path / "ck", keep_last=1).resolve("auto")  # resume repairs it
+    assert path == tmp_path / "ck" / "step_000002"
+    fresh, fresh_opt = _model_and_opt(seed=1)
+    assert ck.load(path, fresh, fresh_opt)["copy"] == "new"
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000002"]
+
+
+def test_newest_means_most_recently_saved(tmp_path):
+    model, opt = _model_and_opt()
+    old_run = Checkpointer(tmp_path / "ck", keep_last=2)
+    for step in (100, 150):
+        old_run.save(step, model, opt, {"step": step})
+    new_run = Checkpointer(tmp_path / "ck", keep_last=2)  # a run restarted from scratch in the same directory
+    new_run.save(50, model, opt, {"step": 50})
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [150, 50]  # its own checkpoint survives pruning
+    assert new_run.resolve("auto") == tmp_path / "ck" / "step_000050"
+
+
+def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
+    model, opt = _model_and_opt()
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints").save(1, model, opt, {"step": 1},
+                                                               hf_config=model.config.to_hf(dtype="float32"))
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    for target in (tmp_path / "run", ckpt):
+        before = sorted(p.name for p in target.iterdir())
+        with pytest.raises(FileExistsError, match="holds no earlier Hugging Face export"):
+            export_hf(ckpt, target)
+        assert sorted(p.name for p in target.iterdir()) == before
+    out = export_hf(ckpt, tmp_path / "hf")
+    (out / "model-00002-of-00002.safetensors").write_text("stale")
+    export_hf(ckpt, out)  # an earlier export is replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -164,6 +164,10 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "rew')
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+    w = MetricsWriter(tmp_path)  # the resumed run: its first row is not glued to the torn line
+    w.log(3, {"reward/mean": 0.875})
+    w.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     json.dumps(rows)
 
 

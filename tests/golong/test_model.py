@@ -118,12 +118,12 @@ def test_save_sharded_then_transformers_and_golong_load(pair, layout, tmp_path):
 
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "stale.txt").write_text("replaced atomically")
+    (out / "model-00009-of-00009.safetensors").write_text("an earlier export's shard")  # replaced atomically
     model.save_pretrained(out, max_shard_bytes=200_000, expert_layout=layout)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 2 and all((out / f).exists() for f in files)
-    assert not (out / "stale.txt").exists() and not list(tmp_path.glob(".ckpt.*"))
+    assert not (out / "model-00009-of-00009.safetensors").exists() and not list(tmp_path.glob(".ckpt.*"))
     keys = set(index["weight_map"])
     if kind == "moe":
         per_expert = "model.layers.0.mlp.experts.3.up_proj.weight" in keys
@@ -171,6 +171,20 @@ def test_bf16_load_and_strictness(pair, tmp_path):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not \\(fully\\) found"):
         gm.from_pretrained(bad, dtype=torch.float32)
+    sd["model.norm.weight"] = load_file(path / "model.safetensors")["model.norm.weight"]
+    if kind == "dense":  # an expert key on a layer without experts: named as unknown, not a KeyError
+        sd["model.layers.1.mlp.experts.0.down_proj.weight"] = torch.zeros(4, 4)
+        save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="match no parameter"):
+            gm.from_pretrained(bad, dtype=torch.float32)
+    else:  # one expert's gate one row too long and its up one row short: the element count still adds up
+        gate, up = "model.layers.0.mlp.experts.1.gate_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight"
+        rows = sd[gate].shape[0]
+        sd[gate] = torch.cat([sd[gate], sd[up][:1]])
+        sd[up] = sd[up][1:]
+        save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"gate_proj.weight: shape \({rows + 1}, .*expected \({rows}, \d+\) per"):
+            gm.from_pretrained(bad, dtype=torch.float32)
 
 
 def test_kv_cache_decoding_matches_full_forward(pair):

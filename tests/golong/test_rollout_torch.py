@@ -81,17 +81,23 @@ def test_generate_matches_full_forward_and_stops():
     model = tiny_moe()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 11, 1, 8, 17)]
-    eos = 7
     params = SamplingParams(temperature=0.9, top_p=0.97, max_tokens=13)
+    seeds = [10, 11, 12, 13, 14]
+    free = TorchGenerator(model, eos_token_ids=[], max_batch=3).generate(prompts, params, seeds=seeds)
+    eos = next(t for t in free.token_ids[0][2:] if t not in free.token_ids[0][:2])  # row 0 stops early
     gen = TorchGenerator(model, eos_token_ids=[eos], max_batch=3)  # 2 chunks
-    out = gen.generate(prompts, params, seeds=[10, 11, 12, 13, 14])
+    out = gen.generate(prompts, params, seeds=seeds)
     assert isinstance(out, GenerationResult) and len(out) == 5
-    for prompt, toks, lps, reason in zip(prompts, out.token_ids, out.logprobs, out.finish_reasons):
+    assert out.finish_reasons[0] == "stop" and len(out.token_ids[0]) < params.max_tokens
+    for prompt, toks, lps, reason, ref_toks in zip(prompts, out.token_ids, out.logprobs, out.finish_reasons,
+                                                   free.token_ids):
         assert 1 <= len(toks) == len(lps) <= params.max_tokens
         if reason == "stop":
             assert toks[-1] == eos and eos not in toks[:-1]
         else:
             assert len(toks) == params.max_tokens and eos not in toks
+        # the same seeded stream as without a stop token, cut after its first eos
+        assert toks == ref_toks[:ref_toks.index(eos) + 1 if eos in ref_toks else len(ref_toks)]
         ref = _full_forward_logprobs(model, prompt, toks, params.temperature)
         err = (torch.tensor(lps) - ref).norm() / ref.norm()
         assert err < 1e-5, err

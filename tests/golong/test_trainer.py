@@ -6,6 +6,7 @@ after a checkpoint, validation and per-step metrics are logged, profiling writes
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -88,6 +89,11 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
 
     want, got = _by_step(tmp_path / "ref"), _by_step(run)
     assert sorted(want) == sorted(got) and max(want) == 4
+    # the LR schedule counts trainer steps, and each row logs the rate its update used: RL warms up over 3
+    # steps to 1e-2 (cosine after that); the SFT warm-up has its own 3-step cosine from 2e-2 down to 0.1x
+    assert [want[s]["actor/lr"] for s in (1, 2, 3, 4)] == pytest.approx([0.25e-2, 0.5e-2, 0.75e-2, 1e-2])
+    cos = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
+    assert [want[s]["sft/lr"] for s in (-3, -2, -1)] == pytest.approx([2e-2 * c for c in cos])
     assert any(isinstance(want[s].get("actor/loss"), float) and want[s]["actor/loss"] != 0 for s in (1, 2, 3, 4))
     compared = 0
     for step, row in want.items():
@@ -111,6 +117,13 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
 
     png = plot_run(run)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+    # one more step with a new learning rate: the config's, not the checkpoint's, from the resumed step on
+    more = _train(config_file, run, "", "optim.lr=5e-3", "trainer.total_steps=5")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resume: optim.lr 0.01 -> 0.005" in more.stderr
+    factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (4 - 3) / (5 - 3)))  # step 5: cosine halfway
+    assert _by_step(run)[5]["actor/lr"] == pytest.approx(5e-3 * factor)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):

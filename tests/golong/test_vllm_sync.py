@@ -165,6 +165,7 @@ def test_responses_and_buckets(run):
         # no EOS configured: every response runs to max_tokens
         assert ph["finish_reasons"] == ["length"] * n
         assert all(len(t) == sampling["max_tokens"] == len(lp) for t, lp in zip(ph["token_ids"], ph["logprobs"]))
+        assert ph["progress"] == [1] * n  # progress reported per finished request, while generating
         if u:
             st = ph["update"]
             assert st["tensors"] == run["n_hf"] and st["buckets"] > 3, st
