@@ -703,10 +703,16 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
+    """The local kernel for a q [T, H, D]; the Triton kernels tile head_dim as one power-of-two block."""
     if backend == "auto":
-        return "triton" if t.is_cuda else "torch"
+        backend = "triton" if t.is_cuda else "torch"
     if backend not in ("triton", "torch"):
-        raise ValueError(f"unknown local attention backend {backend!r}")
+        raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch', "
+                         "'flash_attn'")
+    d = t.shape[-1]
+    if backend == "triton" and (d < 16 or d > 256 or d & (d - 1)):
+        raise ValueError(f"the triton backend needs head_dim a power of two in [16, 256], got {d}; "
+                         "use backend='torch'")
     return backend
 
 
@@ -721,6 +727,28 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
         raise ValueError(f"GQA needs Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs {tuple(k.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None, tail: bool = False) -> None:
+    """cu_seqlens [B+1] int32/int64: starts at 0, never decreases, ends at `total` (the packed rows; None:
+    not checked) — or at most there with `tail` (attention: rows past the end, tail padding, form one more
+    document). Checked on the host when cu_seqlens lives there; on a GPU by a device-side assert, which costs
+    no host sync (a bad batch then stops the process at the next synchronisation, naming the check)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1]; got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    ok = (cu[0] == 0) & (cu[1:] >= cu[:-1]).all()
+    if total is not None:
+        ok &= (cu[-1] <= total) if tail else (cu[-1] == total)
+    end = f" and end at {'most at ' if tail else ''}the {total} packed rows" if total is not None else ""
+    what = "cu_seqlens must start at 0, never decrease" + end
+    if cu.device.type == "cpu":
+        if not bool(ok):
+            shown = cu.tolist()
+            raise ValueError(f"{what}; got {shown[:12]}{' ...' if len(shown) > 12 else ''}")
+    else:
+        torch._assert_async(ok, what)
 
 
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool,
@@ -872,7 +900,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     """Packed variable-length attention with GQA.
 
     q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0), cu_seqlens [B+1] int32 (document b is rows
-    cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[-1] == T). softmax_scale defaults to D**-0.5.
+    cu_seqlens[b]:cu_seqlens[b+1]; cu_seqlens[-1] == T, or < T: the tail rows, padding, then attend only each
+    other). softmax_scale defaults to D**-0.5.
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
     backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch", or "flash_attn" (flash-attn's
@@ -880,6 +909,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     out is differentiable, not lse).
     """
     _check(q, k, v)
+    if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k and v must hold the same packed rows in one dtype; got q {tuple(q.shape)} {q.dtype}, "
+                         f"k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
+    check_cu_seqlens(cu_seqlens, q.shape[0], tail=True)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if backend == "flash_attn":
         if _flash_attn_available(q):

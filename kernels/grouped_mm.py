@@ -148,9 +148,12 @@ def _grouped_mm_fwd_kernel(
     y = silu(gate) * up [M, I] (BLOCK_N / 2 columns per tile): no [M, 2I] product is read back by a separate
     SwiGLU kernel. STORE_H also writes the product h [M, 2I] (bf16, gate | up) for the backward.
 
-    TMA: w tiles (and x tiles unless GATHER; M = x's rows) arrive by tensor descriptors, zero-filled past the
-    edges; W_KMAJOR: w's unit stride is along K (w[g] stored [N, K]). With SWIGLU the gate and up columns are
-    two boxes and two accumulators instead of interleaved columns."""
+    TMA: w tiles (and x tiles unless GATHER) arrive by tensor descriptors, zero-filled past the edges;
+    W_KMAJOR: w's unit stride is along K (w[g] stored [N, K]). With SWIGLU the gate and up columns are two
+    boxes and two accumulators instead of interleaved columns.
+
+    M: rows of the product (= x's rows unless GATHER). Group ends are clamped to [previous end, M], so offsets
+    that overrun M or decrease cannot send a tile outside y (rows past the last offset are not written)."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_N // 2
     WB: tl.constexpr = HALF if SWIGLU else BLOCK_N  # columns per TMA weight box
@@ -165,7 +168,7 @@ def _grouped_mm_fwd_kernel(
     first_tile = 0  # global index of group g's first tile
     row_start = 0
     for g in range(G):
-        row_end = tl.load(offs_ptr + g)
+        row_end = tl.minimum(tl.maximum(tl.load(offs_ptr + g), row_start), M)
         group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * num_n
         while tile < first_tile + group_tiles:
             local = tile - first_tile
@@ -339,8 +342,9 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "GATHER": rows is not None,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    meta["M"] = M
     if cfg["TMA"] and _tma_operands(x, w, rows is not None, swiglu):
-        meta.update(TMA=True, W_KMAJOR=w.stride(1) == 1, M=x.shape[0])
+        meta.update(TMA=True, W_KMAJOR=w.stride(1) == 1)
     if swiglu:
         meta.update(SWIGLU=True, STORE_H=h_out is not None)
         if h_out is not None:
@@ -367,6 +371,8 @@ def _triton_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: t
         return dw.zero_()
     bk, bn = cfg["BLOCK_K"], cfg["BLOCK_N"]
     grid = (triton.cdiv(K, bk) * triton.cdiv(N, bn), G)
+    # the groups the forward used: ends clamped to [previous end, rows] (bad offsets must not read past x / dy)
+    offsets = torch.cummax(offsets.clamp(0, dy.shape[0]), 0).values.to(torch.int32)
     # largest groups first (longest-processing-time order); device ops only, no host sync
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
     order = torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
@@ -485,8 +491,10 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Grouped matmul: x [M, K], w [G, K, N] (any strides), offsets [G] int32 -> y [M, N].
 
-    Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets[-1] must equal M (not
-    checked: that would need a host sync). backend: "auto" | "triton" | "torch".
+    Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets must be non-decreasing with
+    offsets[-1] == M (not checked: that would need a host sync). The Triton kernels clamp bad offsets so they
+    never touch memory outside x, w and y; rows past offsets[-1] are then left unwritten (the torch loop gives
+    0 there). backend: "auto" | "triton" | "torch".
     """
     if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1:
         raise ValueError(f"expected x [M,K], w [G,K,N], offsets [G]; got {tuple(x.shape)}, {tuple(w.shape)}, "
@@ -519,10 +527,7 @@ def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = N
     fwd_const: dict[str, Any] = {"stride_xk": 1, "stride_yn": 1, "EVEN_K": True, "GATHER": False, "SWIGLU": False,
                                  "STORE_H": False, "h_ptr": None, "stride_hm": 0, "TMA": bool(fwd["TMA"]),
                                  **{k: v for k, v in fwd.items() if k.startswith("BLOCK")}}
-    if fwd["TMA"]:
-        fwd_sig["M"] = "i32"
-    else:
-        fwd_const["M"] = 0
+    fwd_sig["M"] = "i32"
     fn = _grouped_mm_fwd_kernel
     fwd_sig["NUM_PROGRAMS"] = "i32"
     # what the JIT marks 16-divisible at Qwen3-30B-A3B shapes: aligned pointers, sizes and strides

@@ -29,6 +29,7 @@ RL sequences cost nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -916,8 +917,8 @@ def linear_logprob_entropy(
         backend = "triton" if hidden.is_cuda else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     lead = hidden.shape[:-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -927,6 +928,14 @@ def linear_logprob_entropy(
         raise ValueError(f"targets has {targets.shape[0]} rows, hidden has {hidden.shape[0]}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor (token ids), got {targets.dtype}")
+    # an id outside [0, V) would silently give logprob = -lse; one host sync (the forward has one anyway)
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside the vocabulary [0, {weight.shape[0]}) "
+                         f"and is not ignore_index ({ignore_index})")
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous().long()
     lp, ent = _LinearLogprobEntropy.apply(hidden, weight, targets, float(temperature), int(ignore_index),
                                           backend, bool(deterministic))

@@ -188,10 +188,16 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     y[t] = sum_j routing.weights[t, j] * expert_{ids[t, j]}(x[t]), in x's dtype. Differentiable
     w.r.t. x, both weights and (through routing.weights) the router logits. No host sync.
     """
+    if x.dim() != 2 or gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(f"expected x [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]; got {tuple(x.shape)}, "
+                         f"{tuple(gate_up_proj.shape)}, {tuple(down_proj.shape)}")
     num_experts, two_i, hidden = gate_up_proj.shape
-    if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden:
+    if down_proj.shape != (num_experts, hidden, two_i // 2) or x.shape[-1] != hidden or two_i % 2:
         raise ValueError(f"shapes: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
                          f"down_proj {tuple(down_proj.shape)}")
+    if num_experts != routing.num_experts or x.shape[0] != routing.num_tokens:
+        raise ValueError(f"the routing is for {routing.num_tokens} tokens over {routing.num_experts} experts; got x "
+                         f"{tuple(x.shape)} and {num_experts} experts in gate_up_proj")
     triton_path = _use_triton(backend, x) and x.stride(-1) == 1
     gather = triton_path and gather_in_gemm(x.device)
     fuse = triton_path and swiglu_in_gemm(x.device)

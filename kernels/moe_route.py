@@ -54,11 +54,18 @@ class Routing:
 
     def permute(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """x [T, H] -> [T*k, H]: row p is token order[p] // k; rows grouped by expert."""
+        self._check_rows(x, self.num_tokens, "x", "T")
         return _Permute.apply(x, self.order, self.inverse, self.top_k, _use_triton(backend, x))
 
     def unpermute(self, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """y [T*k, H] (permuted order) -> [T, H]: out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]."""
+        self._check_rows(y, self.num_tokens * self.top_k, "y", "T*k")
         return _Unpermute.apply(y, self.weights.to(y.dtype), self.order, self.inverse, _use_triton(backend, y))
+
+    def _check_rows(self, t: torch.Tensor, rows: int, name: str, what: str) -> None:
+        if t.dim() != 2 or t.shape[0] != rows:
+            raise ValueError(f"{name} must be [{what}, H] = [{rows}, H] for this routing "
+                             f"({self.num_tokens} tokens, top-{self.top_k}); got {tuple(t.shape)}")
 
 
 def _use_triton(backend: str, t: torch.Tensor) -> bool:
@@ -198,14 +205,18 @@ def _topk_kernel(L, W, IDS, T, E, stride_l, K: tl.constexpr, NORM: tl.constexpr,
                 other=float("-inf")).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite, never stored
     p = tl.exp(x - tl.max(x, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]  # padded columns: exp(-inf) = 0
+    p = p / tl.sum(p, 1)[:, None]
+    # a row with NaN (or only -inf) logits has NaN probabilities, which compare false with everything: rank them
+    # below every real probability but above taken (-1) and padded (-2) columns, so the ids stay in [0, E)
+    p = tl.where(p == p, p, -0.5)
+    p = tl.where((cols < E)[None, :], p, -2.0)
     w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(p, 1)
         # the lowest column holding the maximum (explicit, so ties resolve the same way everywhere)
         pick = tl.min(tl.where(p == best[:, None], cols[None, :], BLOCK_E), 1)
-        w = tl.where(slots[None, :] == j, best[:, None], w)
+        w = tl.where(slots[None, :] == j, tl.where(best >= 0, best, float("nan"))[:, None], w)  # NaN in, NaN out
         ids = tl.where(slots[None, :] == j, pick[:, None], ids)
         p = tl.where(cols[None, :] == pick[:, None], -1.0, p)  # taken: below every probability
     if NORM:

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels.flash_attention import Rows, attention_delta, block_attention_bwd, block_attention_fwd
+from kernels.flash_attention import (
+    Rows,
+    _check,
+    _resolve,
+    attention_delta,
+    block_attention_bwd,
+    block_attention_fwd,
+    check_cu_seqlens,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Zigzag sharding
@@ -54,6 +62,7 @@ class ZigzagPlan:
 
     @staticmethod
     def build(cu_seqlens: torch.Tensor, world: int, causal: bool = True, device: Any = None) -> ZigzagPlan:
+        check_cu_seqlens(cu_seqlens.cpu(), None)
         owner, rows = _owners(cu_seqlens.cpu(), world)
         order = torch.sort(owner, stable=True).indices
         counts = torch.bincount(owner, minlength=world).tolist()
@@ -105,6 +114,7 @@ def zigzag_shard(x: torch.Tensor, cu_seqlens: torch.Tensor, rank: int, world: in
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
+    check_cu_seqlens(cu_seqlens.cpu(), x.shape[0])  # host values: the chunking reads them anyway
     return x[zigzag_indices(cu_seqlens.to(x.device), rank, world)]
 
 
@@ -269,6 +279,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     output, [n, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v. backend selects the local kernel
     ("auto": triton on CUDA, torch otherwise).
     """
+    _check(q, k, v)  # before any send is posted: a rank that raises later would leave its peers waiting
+    if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k and v must hold this rank's same rows in one dtype; got q {tuple(q.shape)} "
+                         f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
+    _resolve(backend, q)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend)
 

@@ -324,8 +324,39 @@ def test_public_name_stays_callable_after_submodule_import():
 
 def test_flash_attention_rejects_bad_gqa():
     q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Hq % Hkv == 0"):
         flash_attention(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("cu, message", [
+    ([2, 4, 9], "must start at 0"),  # not starting at 0
+    ([0, 4, 12], "end at most at the 9 packed rows"),  # documents past the rows
+    ([0, 6, 4, 9], "never decrease"),
+])
+def test_flash_attention_rejects_bad_cu_seqlens(cu, message):
+    q, k = torch.randn(9, 4, 16), torch.randn(9, 2, 16)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=message):
+            flash_attention(q, k, k, torch.tensor(cu, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="1-D int32"):
+        flash_attention(q, k, k, torch.tensor([0.0, 4.5, 9.0]))
+    with pytest.raises(ValueError, match="1-D int32"):
+        flash_attention(q, k, k, torch.tensor([], dtype=torch.int32))
+
+
+def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k = torch.randn(9, 4, 16), torch.randn(9, 2, 16)
+    for bad_k in (k[:8], k[:8].clone()):  # k / v must hold q's rows, not fewer
+        with pytest.raises(ValueError, match="same packed rows in one dtype"):
+            flash_attention(q, bad_k, bad_k, cu, backend="torch")
+    with pytest.raises(ValueError, match="same packed rows in one dtype"):
+        flash_attention(q, k.half(), k.half(), cu, backend="torch")
+    q24, k24 = torch.randn(9, 4, 24), torch.randn(9, 2, 24)
+    with pytest.raises(ValueError, match="power of two in \\[16, 256\\], got 24; use backend='torch'"):
+        flash_attention(q24, k24, k24, cu, backend="triton")
+    out, _ = flash_attention(q24, k24, k24, cu, backend="torch")  # any head_dim on the torch backend
+    assert out.shape == (9, 4, 24) and out.isfinite().all()
 
 
 @pytest.fixture(scope="module")

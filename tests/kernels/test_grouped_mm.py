@@ -308,3 +308,21 @@ def test_aot_sm90_moe_configs_candidates():
                 assert (r.sass_histogram.get("LDGSTS", 0) > 0) == gathered, (name, r.sass_histogram)
             else:
                 assert r.sass_histogram.get("LDGSTS", 0) > 0, (name, "loads not pipelined through cp.async")
+
+
+def test_bad_offsets_never_leave_the_buffers():
+    # offsets decreasing, then past M (a routing bug, unchecked without a host sync): the kernels clamp group ends
+    # to [previous end, M], so every write lands in y and every read in x / dy; the groups they imply are those
+    # of the clamped offsets [3, 3, 10]
+    g = torch.Generator().manual_seed(11)
+    M, K, N = 10, 24, 20
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(3, K, N, generator=g)
+    bad, clamped = torch.tensor([3, 2, 40], dtype=torch.int32), torch.tensor([3, 3, 10], dtype=torch.int32)
+    room = torch.full((M + 8, N), float("nan"))  # y plus 8 guard rows, poisoned
+    y = _triton_fwd(x, w, bad, SMALL, out=room[:M])
+    assert _rel(y, _ref_fwd(x, w, clamped)) <= 1e-5
+    assert room[M:].isnan().all()  # the guard rows were not written
+    dy = torch.randn(M, N, generator=g)
+    dw = _triton_dw(x, dy, bad, like=w, config=SMALL)
+    assert _rel(dw, _ref_dw(x, dy, clamped)) <= 1e-5

@@ -386,3 +386,18 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible():
     first = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     second = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bad_targets_and_temperature_are_errors():
+    h, w = torch.randn(5, 8), torch.randn(11, 8)
+    for t in (torch.tensor([0, 1, 11, 2, 3]), torch.tensor([0, -1, 2, 3, 4])):  # V, and a negative non-ignore id
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match="outside the vocabulary \\[0, 11\\)"):
+                kernels.linear_logprob_entropy(h, w, t, backend=backend)
+    with pytest.raises(TypeError, match="integer tensor"):
+        kernels.linear_logprob_entropy(h, w, torch.tensor([0.0, 1, 2, 3, 4]))
+    for temperature in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            kernels.linear_logprob_entropy(h, w, torch.tensor([0, 1, 2, 3, 4]), temperature)
+    lp, _ = kernels.linear_logprob_entropy(h, w, torch.tensor([0, IGNORE, 10, 3, IGNORE]))  # ignored ids are fine
+    assert lp[1] == 0 and lp[4] == 0 and (lp[[0, 2, 3]] < 0).all()

@@ -413,3 +413,33 @@ def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse, tma):
         results.append([y.detach()] + [p.grad for p in params])
     for ours, ref in zip(*results):
         assert ((ours.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-2
+
+
+def test_nan_and_all_masked_router_rows_keep_expert_ids_in_range():
+    # NaN logits (a diverged router) or a row of -inf: ids must stay in [0, E) or the sort / grouped GEMMs would
+    # address rows past their buffers; the weights are NaN, as torch's softmax gives them
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    logits[1] = float("nan")
+    logits[4] = float("-inf")
+    r = moe_route(logits, 2, backend="triton")
+    assert ((r.expert_ids >= 0) & (r.expert_ids < 5)).all() and r.offsets[-1] == 12
+    assert r.weights[[1, 4]].isnan().all() and r.weights[[0, 2, 3, 5]].isfinite().all()
+    ref = moe_route(logits, 2, backend="torch")
+    assert torch.equal(r.expert_ids[[0, 2, 3, 5]], ref.expert_ids[[0, 2, 3, 5]])
+
+
+def test_shape_checks_name_the_routing():
+    g = torch.Generator().manual_seed(2)
+    r = moe_route(torch.randn(7, 4, generator=g), 2, backend="torch")
+    gate_up, down = torch.randn(4, 6, 8, generator=g), torch.randn(4, 8, 3, generator=g)
+    with pytest.raises(ValueError, match="x must be \\[T, H\\] = \\[7, H\\]"):
+        r.permute(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="y must be \\[T\\*k, H\\] = \\[14, H\\]"):
+        r.unpermute(torch.randn(13, 8))
+    with pytest.raises(ValueError, match="routing is for 7 tokens over 4 experts"):
+        expert_mlp(torch.randn(7, 8), r, torch.randn(5, 6, 8), torch.randn(5, 8, 3))
+    with pytest.raises(ValueError, match="routing is for 7 tokens"):
+        expert_mlp(torch.randn(8, 8), r, gate_up, down)
+    with pytest.raises(ValueError, match="expected x \\[T, H\\]"):
+        expert_mlp(torch.randn(1, 7, 8), r, gate_up, down)
+    assert expert_mlp(torch.randn(7, 8), r, gate_up, down).shape == (7, 8)

@@ -24,6 +24,20 @@ def _cu(lengths):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_shard_and_ring_check_inputs_before_any_communication():
+    x = torch.randn(9, 2)
+    with pytest.raises(ValueError, match="end at the 9 packed rows"):
+        zigzag_shard(x, torch.tensor(_cu([4, 3]), dtype=torch.int32), 0, 2)  # x has 2 rows no document holds
+    with pytest.raises(ValueError, match="never decrease"):
+        zigzag_shard(x, torch.tensor([0, 6, 4, 9], dtype=torch.int32), 0, 2)
+    # bad GQA: raised at the call, before a K/V block is posted to a peer (no process group is needed to see it)
+    q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
+    with pytest.raises(ValueError, match="Hq % Hkv == 0"):
+        ring_attention(q, k, k, torch.tensor([0, 8], dtype=torch.int32), group=None)
+    with pytest.raises(ValueError, match="same rows in one dtype"):
+        ring_attention(q, k[:3, :1], k[:3, :1], torch.tensor([0, 8], dtype=torch.int32), group=None)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
 def test_zigzag_shard_partitions_every_document_into_2w_chunks(world):
     rng = random.Random(world)
