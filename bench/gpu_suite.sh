@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 480 s in all; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 440 s in all with the report, + 2 s kill grace each; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       bench/gpu_tests.sh: pytest -m gpu, each kernel (logprob, grouped GEMM / MoE, flash
 #                   attention) and the model in bf16 on CUDA vs fp32/fp64 references, as three concurrent
@@ -79,20 +79,20 @@ else
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 80 "PYTHON=$PYTHON bash bench/gpu_tests.sh $OUT"
-  step logprob 85 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+  step gpu_tests 70 "PYTHON=$PYTHON bash bench/gpu_tests.sh $OUT"
+  step logprob 70 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
   step logprob_configs 30 "$PYTHON -m bench.logprob_configs --out $OUT"
   # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
   # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
   step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
   # 10 timed calls per row (not 3): the skewed / uniform forward ratio compares two ~5 ms timings
   # (run 6: 0.945x, run 7: 0.856x)
-  step moe 65 "$PYTHON -m bench.moe --iters 10 $(out_flag moe) --save-tuned $OUT/tuned"
+  step moe 55 "$PYTHON -m bench.moe --iters 10 --budget-s 40 $(out_flag moe) --save-tuned $OUT/tuned"
   # 20 candidates: precompiled in parallel, those not started by --budget-s are listed as skipped
-  step attention_configs 65 "$PYTHON -m bench.attention_configs --budget-s 55 --out $OUT --save-tuned $OUT/tuned"
+  step attention_configs 55 "$PYTHON -m bench.attention_configs --budget-s 45 --out $OUT --save-tuned $OUT/tuned"
   step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
   step profile_kernels 20 "$PYTHON -m bench.profile_kernels --out $OUT"
-  step gpu_train_step 35 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step gpu_train_step 30 "$PYTHON -m bench.gpu_train_step --out $OUT"
 fi
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)
@@ -108,7 +108,7 @@ run_step() {  # run_step INDEX: runs one step, records rc and seconds in files (
   local i=$1 name=${NAMES[$1]} t0 rc
   t0=$(date +%s)
   touch "$LOGS/$name.start"
-  timeout --kill-after=10 "${LIMITS[$i]}" bash -c "${CMDS[$i]}" >"$LOGS/$name.log" 2>&1
+  timeout --kill-after=2 "${LIMITS[$i]}" bash -c "${CMDS[$i]}" >"$LOGS/$name.log" 2>&1
   rc=$?
   echo "$rc $(( $(date +%s) - t0 ))" >"$LOGS/$name.status"
 }
@@ -129,7 +129,7 @@ else  # one GPU: one step at a time
       cp "bench/results/$name-gpu.json" "$OUT/"
     fi
   done
-  step report 20 "$PYTHON bench/report.py --results $OUT --readme $OUT/README.md"
+  step report 10 "$PYTHON bench/report.py --results $OUT --readme $OUT/README.md"
   run_step $(( ${#NAMES[@]} - 1 ))
 fi
 

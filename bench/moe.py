@@ -268,9 +268,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "skewed30": make_logits(T, E, args.skew, device, dtype, gen)}
     for routing, logits in routings.items():
         one_routing(routing, logits)
+    if cuda and args.save_tuned:  # before Liger: a step timeout there must not lose the choice
+        _save_choices(rows, active, lambda: ours_moe(x, routings["uniform"], k, gate_up, down), [x, gate_up, down],
+                      dy, args.save_tuned)
 
     # Liger last: it compiles its own kernels (and autotunes them with --liger-autotune)
     liger = liger_moe_fn(args.liger_autotune) if cuda and not args.skip_liger else None
+    if cuda and not args.skip_liger and liger is None:  # say so: a missing peer must not vanish from the table
+        rows.append({"case": "moe_mlp", "impl": "liger_fused_moe", "metric": "error",
+                     "value": "liger_kernel.ops.fused_moe not importable (not installed or no CUDA build)", "unit": ""})
     if liger is not None:
         note = "autotuned" if args.liger_autotune else "LIGER_FUSED_MOE_AUTOTUNE=0 (one config per kernel)"
         for routing, logits in routings.items():
@@ -293,9 +299,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             u = ref.get((r["case"].replace("skewed30", "uniform"), r["impl"], r["mode"]))
             if u:
                 r["skew_vs_uniform"] = r["value"] / u
-    if cuda and args.save_tuned:
-        _save_choices(rows, active, lambda: ours_moe(x, routings["uniform"], k, gate_up, down), [x, gate_up, down],
-                      dy, args.save_tuned)
     print(f"  [{elapsed():5.1f}s] done", flush=True)
     return rows
 

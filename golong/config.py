@@ -55,7 +55,9 @@ class ModelConfig:
     scratch: Optional[ScratchModelConfig] = None  # used when path is None: random init
     tokenizer: Optional[str] = None  # defaults to `path`
     dtype: str = _choice("bfloat16", ("bfloat16", "float32", "float16"))
-    attn_backend: str = _choice("auto", ("auto", "triton", "torch", "flash_attn"))
+    # attention implementation (golong.models.attention.ATTENTION_BACKENDS): auto = Triton kernels on CUDA, torch
+    # SDPA per document on CPU; triton / torch / flash_attn = that kernels.flash_attention backend; sdpa
+    attn_backend: str = _choice("auto", ("auto", "kernels", "triton", "torch", "flash_attn", "sdpa"))
     trust_remote_code: bool = False
 
 

@@ -661,8 +661,11 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     docs = tr.prompts_per_step * ro.n
     tokens = docs * doc_len
     on_policy = cfg.algo.ppo_epochs == 1 and tr.mini_batch_prompts >= tr.prompts_per_step
+    # as the trainer decides (Actor.update): off-policy, or rollout IS under context parallelism (the IS weights
+    # need whole sequences, so the old logprobs are computed and gathered in a pass of their own)
+    old_pass = not on_policy or (cfg.algo.rollout_is != "none" and cfg.parallel.cp > 1)
     model, hw = update_flops(s, [doc_len] * docs, checkpointing=cfg.parallel.activation_checkpointing,
-                             old_logprob_pass=not on_policy)
+                             old_logprob_pass=old_pass)
     # memory traffic of the update: every micro-batch reads the gathered weights in forward, again in
     # backward (twice: input and weight gradients) and in the recompute; AdamW reads p, g, m, v and
     # writes p, m, v once per step (fp32)

@@ -491,6 +491,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> 
         load_weights(model, cfg.model.path, device="cpu" if cfg.parallel.cpu_offload else device)
         model.source_path = cfg.model.path
     model.cp_group = dims.cp_group
+    model.set_attention_backend(cfg.model.attn_backend)
     return model
 
 
@@ -658,7 +659,8 @@ class Trainer:
             # one process per core share: oversubscribed CPU threads slow small matmuls 10x
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend)
+        self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
+                                  cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)

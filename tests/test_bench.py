@@ -105,6 +105,16 @@ def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
     assert bad.returncode == 2 and "gpu_tests" in bad.stderr  # the valid names are listed
 
 
+def test_gpu_suite_limits_fit_the_eight_minute_budget():
+    # the GPU run's step limits (each may overrun by its kill grace) plus the CUDA probe stay under 8 minutes
+    text = (ROOT / "bench" / "gpu_suite.sh").read_text()
+    gpu_part = text.split("--dry-run")[-1]  # the non-dry-run branch comes after the last --dry-run command
+    limits = [int(m) for m in re.findall(r"^\s*step \w+ (\d+) ", gpu_part, flags=re.M)]
+    grace = int(re.search(r"--kill-after=(\d+)", text).group(1))
+    assert len(limits) == 10, limits  # nine benches and the report
+    assert sum(limits) + grace * len(limits) <= 8 * 60 - 10, (sum(limits), grace)
+
+
 def test_gpu_suite_rejects_bad_usage(tmp_path):
     out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)

@@ -21,6 +21,8 @@ from golong.models.cache import KVCache
 from golong.models.config import ModelConfig
 from golong.models.layers import RMSNorm, apply_rope
 
+# attention implementations a model can be set to (golong.config's model.attn_backend choices)
+ATTENTION_BACKENDS = ("auto", "kernels", "triton", "torch", "flash_attn", "sdpa")
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None) -> None:
@@ -28,7 +30,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.scale = self.head_dim ** -0.5
-        self.backend = "auto"  # "auto" | "kernels" | "sdpa"; see Qwen3ForCausalLM.set_attention_backend
+        self.backend = "auto"  # one of ATTENTION_BACKENDS; see Qwen3ForCausalLM.set_attention_backend
         kw = dict(bias=False, device=device, dtype=dtype)
         h, d = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(h, self.n_heads * d, **kw)
@@ -53,11 +55,15 @@ class Attention(nn.Module):
         """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP)."""
         q, k, v = self._qkv(x, cos, sin)
         if cp_group is not None and dist.get_world_size(cp_group) > 1:
-            out = kernels.ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale)
+            local = self.backend if self.backend in ("triton", "torch") else "auto"
+            out = kernels.ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale,
+                                         backend=local)
         elif self.backend == "sdpa" or (self.backend == "auto" and not x.is_cuda):
             out = sdpa_varlen(q, k, v, cu_seqlens, self.scale)
         else:
-            out, _ = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale)
+            kernel = "auto" if self.backend in ("auto", "kernels") else self.backend
+            out, _ = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale,
+                                             backend=kernel)
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,

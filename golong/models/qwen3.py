@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from golong.models.attention import Attention
+from golong.models.attention import ATTENTION_BACKENDS, Attention
 from golong.models.cache import KVCache
 from golong.models.config import ModelConfig
 from golong.models.layers import MLP, RMSNorm, RotaryEmbedding
@@ -95,11 +95,12 @@ class Qwen3ForCausalLM(nn.Module):
         self.activation_checkpointing = enabled
 
     def set_attention_backend(self, backend: str = "auto") -> None:
-        """Single-device attention: "kernels" (kernels.flash_attention), "sdpa" (torch SDPA per
-        document) or "auto" (kernels on CUDA, sdpa on CPU, where it is much faster). Context
-        parallelism always uses kernels.ring_attention."""
-        if backend not in ("auto", "kernels", "sdpa"):
-            raise ValueError(f"unknown attention backend {backend!r}")
+        """Attention: "kernels" (kernels.flash_attention with its own auto choice), "triton" / "torch" /
+        "flash_attn" (that kernels.flash_attention backend), "sdpa" (torch SDPA per document) or "auto"
+        (kernels on CUDA, sdpa on CPU, where it is much faster). Context parallelism always runs
+        kernels.ring_attention, whose local blocks take "triton" / "torch" when named here."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 

@@ -29,17 +29,22 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> tuple[int, int]:
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0, cpu_collectives: bool = False
+                     ) -> tuple[int, int]:
     """Initialise the default process group once; returns (rank, world_size).
 
     Under torchrun the env:// variables are used. A plain `python -m golong train` becomes a
     world of one, so the trainer runs the same FSDP code path on 1 rank as on N.
-    backend "auto": nccl on CUDA, gloo on CPU.
+    backend "auto": nccl on CUDA, gloo on CPU. cpu_collectives (FSDP CPU offload: sharded parameters and
+    gradients live on the host, and their norm / full_tensor collectives run there) adds gloo for CPU tensors
+    next to nccl.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if cpu_collectives and backend == "nccl":
+        backend = "cuda:nccl,cpu:gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -80,9 +85,11 @@ class ParallelDims:
         return self.mesh["dp_shard"].get_group()
 
 
-def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto") -> ParallelDims:
-    """Init the process group and build the mesh. dp_shard = -1 means world_size // cp."""
-    _, world = init_distributed(backend)
+def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_offload: bool = False
+                  ) -> ParallelDims:
+    """Init the process group and build the mesh. dp_shard = -1 means world_size // cp. cpu_offload: the
+    process group also reduces CPU tensors (see init_distributed)."""
+    _, world = init_distributed(backend, cpu_collectives=cpu_offload)
     if cp < 1 or world % cp:
         raise ValueError(f"parallel.cp={cp} must divide the world size {world}")
     if dp_shard == -1:

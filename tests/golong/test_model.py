@@ -187,6 +187,29 @@ def test_bf16_load_and_strictness(pair, tmp_path):
             gm.from_pretrained(bad, dtype=torch.float32)
 
 
+def test_attention_backend_names_match_the_config(pair):
+    import dataclasses
+
+    from golong.config import ModelConfig as RunModelConfig
+    from golong.models.attention import ATTENTION_BACKENDS
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(RunModelConfig)}["attn_backend"]
+    assert tuple(choices) == ATTENTION_BACKENDS  # model.attn_backend reaches set_attention_backend unchanged
+    model = pair[3]
+    with pytest.raises(ValueError, match="valid: auto, kernels, triton, torch, flash_attn, sdpa"):
+        model.set_attention_backend("xformers")
+    ids = torch.randint(0, 100, (21,), generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 8, 21], dtype=torch.int32)
+    outs = {}
+    for backend in ("sdpa", "torch"):  # torch SDPA per document vs kernels.flash_attention's torch backend
+        model.set_attention_backend(backend)
+        assert all(layer.self_attn.backend == backend for layer in model.model.layers)
+        with torch.no_grad():
+            outs[backend] = model(ids, cu)
+    model.set_attention_backend("auto")
+    assert rel(outs["torch"], outs["sdpa"]) < 1e-5
+
+
 def test_kv_cache_decoding_matches_full_forward(pair):
     """Ragged prompts prefilled in one batch (in two chunks), then decoded with rows finishing early:
     every real token's hidden state equals the full packed forward of that row's sequence."""

@@ -161,3 +161,23 @@ def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
     for name, metrics in runs.items():
         for key, want in expected.items():
             assert metrics[key] == pytest.approx(want, rel=1e-4), (name, key, metrics[key], want)
+
+
+def test_cpu_offload_adds_gloo_for_host_tensors(monkeypatch):
+    # with FSDP CPU offload the sharded parameters / gradients are host tensors: their grad-norm and full_tensor
+    # collectives need a CPU backend next to NCCL (plain "nccl" fails with "no backend for device type cpu")
+    from golong.parallel import mesh
+
+    seen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(mesh.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(mesh.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mesh.torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(mesh.dist, "TCPStore", lambda *a, **k: None)
+    monkeypatch.setattr(mesh.dist, "init_process_group", lambda backend, **kw: seen.append(backend))
+    monkeypatch.setattr(mesh.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(mesh.dist, "get_world_size", lambda: 1)
+    mesh.init_distributed(cpu_collectives=True)
+    mesh.init_distributed()
+    mesh.init_distributed("gloo", cpu_collectives=True)
+    assert seen == ["cuda:nccl,cpu:gloo", "nccl", "gloo"]
