@@ -439,8 +439,8 @@ def _accumulate_is_metrics(metrics: dict[str, torch.Tensor], mask: torch.Tensor,
     tokens, sequences = float(per_seq.sum()) / cp_size, float((per_seq > 0).sum()) / cp_size
     if tokens == 0:
         return
-    for k, v in metrics.items():
-        v = v.detach().double().cpu()
+    host = torch.stack([v.detach().double() for v in metrics.values()]).cpu()  # one device-to-host copy
+    for k, v in zip(metrics, host):
         if k == "rollout_is/ratio_max":
             maxes[k] = torch.maximum(maxes[k], v)
         elif k == "rollout_is/ratio_min":

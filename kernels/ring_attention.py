@@ -62,8 +62,9 @@ class ZigzagPlan:
 
     @staticmethod
     def build(cu_seqlens: torch.Tensor, world: int, causal: bool = True, device: Any = None) -> ZigzagPlan:
-        check_cu_seqlens(cu_seqlens.cpu(), None)
-        owner, rows = _owners(cu_seqlens.cpu(), world)
+        cu_host = cu_seqlens.cpu()
+        check_cu_seqlens(cu_host, None)
+        owner, rows = _owners(cu_host, world)
         order = torch.sort(owner, stable=True).indices
         counts = torch.bincount(owner, minlength=world).tolist()
         per_rank, start = [], 0

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Callable
 from itertools import combinations
@@ -137,7 +138,7 @@ def _strip_fence(text: str) -> str:
     t = text.strip()
     if t.startswith("```"):
         t = t[3:]
-        t = t[len(t) - len(t.lstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")):]  # the language tag
+        t = t.lstrip(string.ascii_letters)  # the language tag
     if t.endswith("```"):
         t = t[:-3]
     return t
