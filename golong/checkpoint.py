@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -112,19 +113,34 @@ def repair(ckpt_dir: str | Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_plain(file: Path) -> Any:
+    """torch.load of tensors and plain Python values only: a checkpoint directory is input, and unpickling
+    arbitrary objects would run whatever code a tampered file names."""
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file}: holds more than tensors and plain Python values (written by an older golong, "
+                         f"or not by golong); refusing to unpickle it: {str(e).splitlines()[0]}") from None
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state in types torch.load(weights_only=True) reads back: numpy's key array as a tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -225,8 +241,8 @@ class Checkpointer:
                            options=StateDictOptions(strict=True))
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than wrote the checkpoint
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return torch.load(path / "trainer_state.pt", weights_only=False)
+            set_rng_state(_load_plain(rng_file))
+        return _load_plain(path / "trainer_state.pt")
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:

@@ -41,6 +41,7 @@ Lower-bound time = max(FLOPs / (GPUs * 790 TFLOP/s), bytes / (GPUs * 4.3 TB/s)) 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -251,23 +252,13 @@ def _lp_block_cols(n: int, k: dict[str, int]) -> int:
 
 def _kernel_constants() -> dict[str, int]:
     """Tile sizes of the kernels' workspaces, read from kernels/ so the plan follows the code."""
-    out = {"lp_token_chunk": 1024, "lp_vocab_chunk": 8192, "lp_gemm_rows": 8192, "lp_gemm_cols": 2048,
-           "lp_gemm_cols_max": 8192, "lp_dh_group": 1,
-           "attn_block_m": 128, "attn_block_n": 512}
-    try:
-        import kernels.logprob as lp
-
-        out.update(lp_token_chunk=lp.TOKEN_CHUNK, lp_vocab_chunk=lp.VOCAB_CHUNK, lp_gemm_rows=lp.GEMM_ROWS,
-                   lp_gemm_cols=lp.GEMM_COLS, lp_gemm_cols_max=lp.GEMM_COLS_MAX, lp_dh_group=lp.DH_GROUP)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        import kernels.flash_attention as fa
-
-        out.update(attn_block_m=fa.TORCH_BLOCK_M, attn_block_n=fa.TORCH_BLOCK_N)
-    except (ImportError, AttributeError):
-        pass
-    return out
+    # import_module: the package exports functions under the submodules' names (kernels.flash_attention), so
+    # `import kernels.flash_attention as fa` binds the function, not the module
+    lp = importlib.import_module("kernels.logprob")
+    fa = importlib.import_module("kernels.flash_attention")
+    return {"lp_token_chunk": lp.TOKEN_CHUNK, "lp_vocab_chunk": lp.VOCAB_CHUNK, "lp_gemm_rows": lp.GEMM_ROWS,
+            "lp_gemm_cols": lp.GEMM_COLS, "lp_gemm_cols_max": lp.GEMM_COLS_MAX, "lp_dh_group": lp.DH_GROUP,
+            "attn_block_m": fa.TORCH_BLOCK_M, "attn_block_n": fa.TORCH_BLOCK_N}
 
 
 # ------------------------------------------------------------------------------------------------

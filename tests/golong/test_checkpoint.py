@@ -4,7 +4,9 @@ keep-last-K pruning, resume picking the newest complete one, and the HF export."
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_roundtrip_prune_and_latest(tmp_path):
                 hf_config=model.config.to_hf(dtype="float32"))
         saved[step] = ({k: v.clone() for k, v in model.state_dict().items()},
                        {k: v["exp_avg_sq"].clone() for k, v in opt.state_dict()["state"].items()},
-                       torch.rand(3))  # the first draw after the save: the RNG state was saved before it
+                       (torch.rand(3), random.random(), np.random.rand()))  # first draws after the save
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2, 3]  # keep_last=2
     # a write killed before sealing leaves a temp dir and an unsealed step dir: both are ignored
     (tmp_path / "ck" / ".tmp-step_000004").mkdir()
@@ -61,7 +63,10 @@ def test_roundtrip_prune_and_latest(tmp_path):
         assert torch.equal(fresh.state_dict()[k], v), k
     for k, v in saved[2][1].items():
         assert torch.equal(fresh_opt.state_dict()["state"][k]["exp_avg_sq"], v)
-    assert torch.equal(torch.rand(3), saved[2][2])  # the RNG is back where it was when step 2 was written
+    # torch's, Python's and numpy's generators are back where they were when step 2 was written
+    draws = saved[2][2]
+    assert torch.equal(torch.rand(3), draws[0]) and random.random() == draws[1] and np.random.rand() == draws[2]
+
     # training on from the restored state is bitwise the same as it was the first time
     _train_a_bit(fresh, fresh_opt, 3)
     for k, v in saved[3][0].items():
@@ -146,3 +151,23 @@ def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
     (out / "model-00002-of-00002.safetensors").write_text("stale")
     export_hf(ckpt, out)  # an earlier export is replaced whole
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').touch()",))
+
+
+def test_load_refuses_state_files_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", every=1, keep_last=2)
+    path = ck.save(1, model, opt, {"step": 1})
+    for name in ("trainer_state.pt", "rng_rank0.pt"):
+        good = (path / name).read_bytes()
+        torch.save({"step": 1, "x": _RunsCodeWhenUnpickled()}, path / name)
+        with pytest.raises(ValueError, match=f"{name}: holds more than tensors and plain Python values"):
+            ck.load(path, model, opt)
+        assert not (tmp_path / "PWNED").exists()
+        (path / name).write_bytes(good)
+    assert ck.load(path, model, opt)["step"] == 1

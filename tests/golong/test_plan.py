@@ -247,3 +247,18 @@ def test_trainer_adamw_and_plan_follow_optim_impl(impl):
              for o in ("for-loop", "foreach")}
     states = 2 * 4 * 4.02e9  # AdamW m and v in fp32 for ~4.02B parameters
     assert 0.35 * states < peaks["foreach"] - peaks["for-loop"] < 0.55 * states
+
+
+def test_kernel_constants_are_read_from_the_kernel_modules(monkeypatch):
+    # `import kernels.flash_attention as fa` binds the exported function, whose missing attributes the plan used
+    # to swallow into hard-coded copies: a changed tile size must reach the plan
+    import importlib
+
+    from golong.plan import _kernel_constants
+
+    fa = importlib.import_module("kernels.flash_attention")
+    lp = importlib.import_module("kernels.logprob")
+    monkeypatch.setattr(fa, "TORCH_BLOCK_M", fa.TORCH_BLOCK_M + 1)
+    monkeypatch.setattr(lp, "DH_GROUP", lp.DH_GROUP + 1)
+    k = _kernel_constants()
+    assert k["attn_block_m"] == fa.TORCH_BLOCK_M and k["lp_dh_group"] == lp.DH_GROUP
