@@ -100,7 +100,9 @@ class ModelConfig:
 
         n_heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        head_dim = raw.get("head_dim") or hidden // n_heads
+        # transformers' defaults when the field is absent: Qwen3Config has head_dim=128, Qwen3MoeConfig
+        # no such field (hidden_size // num_attention_heads)
+        head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // n_heads)
         n_kv = raw.get("num_key_value_heads") or n_heads
         if n_heads % n_kv:
             raise ConfigError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")

@@ -122,3 +122,16 @@ def test_cpu_forward_does_not_import_liger():
             "assert not [k for k in sys.modules if k.startswith('liger_kernel')], 'liger imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_head_dim_default_follows_transformers():
+    """Without a head_dim field, transformers' Qwen3Config uses 128 (not hidden // heads); Qwen3MoeConfig
+    has no such field and derives it."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    raw = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2)
+    assert ModelConfig.from_hf(raw).head_dim == Qwen3Config.from_dict(raw).head_dim == 128
+    moe = dict(raw, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    assert not hasattr(Qwen3MoeConfig.from_dict(moe), "head_dim")
+    assert ModelConfig.from_hf(moe).head_dim == 64 // 4
