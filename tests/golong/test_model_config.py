@@ -124,14 +124,17 @@ def test_cpu_forward_does_not_import_liger():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_head_dim_default_follows_transformers():
-    """Without a head_dim field, transformers' Qwen3Config uses 128 (not hidden // heads); Qwen3MoeConfig
-    has no such field and derives it."""
+def test_absent_fields_default_as_transformers():
+    """Without head_dim, transformers' Qwen3Config uses 128 (not hidden // heads); Qwen3MoeConfig has no such
+    field and derives it. Without num_key_value_heads they use their class defaults, 32 and 4."""
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     raw = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-               num_attention_heads=4, num_key_value_heads=2)
-    assert ModelConfig.from_hf(raw).head_dim == Qwen3Config.from_dict(raw).head_dim == 128
+               num_attention_heads=64)
+    ours, ref = ModelConfig.from_hf(raw), Qwen3Config.from_dict(raw)
+    assert (ours.head_dim, ours.num_key_value_heads) == (ref.head_dim, ref.num_key_value_heads) == (128, 32)
+    assert ModelConfig.from_hf(dict(raw, num_key_value_heads=None)).num_key_value_heads == 64  # null: MHA
     moe = dict(raw, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
-    assert not hasattr(Qwen3MoeConfig.from_dict(moe), "head_dim")
-    assert ModelConfig.from_hf(moe).head_dim == 64 // 4
+    ours, ref = ModelConfig.from_hf(moe), Qwen3MoeConfig.from_dict(moe)
+    assert not hasattr(ref, "head_dim") and ours.head_dim == 64 // 64
+    assert ours.num_key_value_heads == ref.num_key_value_heads == 4
