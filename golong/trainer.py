@@ -355,7 +355,7 @@ class Actor:
                 sums["mismatch_abs"] += float(d.abs().sum())
                 sums["mismatch_k1"] += float((-d).sum())
                 sums["mismatch_tokens"] += local_tokens
-                if d.numel():  # a cp rank holds no rows of a micro-batch shorter than 2 * cp
+                if d.numel():  # documents shorter than 2 * cp can leave a cp rank without rows
                     maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
         grad_norm = self._clip_grad_norm()
         loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
