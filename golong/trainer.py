@@ -355,7 +355,8 @@ class Actor:
                 sums["mismatch_abs"] += float(d.abs().sum())
                 sums["mismatch_k1"] += float((-d).sum())
                 sums["mismatch_tokens"] += local_tokens
-                maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
+                if d.numel():  # documents shorter than 2 * cp can leave a cp rank without rows
+                    maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
         grad_norm = self._clip_grad_norm()
         loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
         ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
@@ -384,9 +385,12 @@ class Actor:
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
                         skipped: int, steps: int, loss_kind: str, lr: float) -> dict[str, float]:
-        keys = sorted(sums)
+        # a rank whose micro-batches were all dummies (fewer sequences than dp ranks) or empty cp shards saw
+        # fewer keys: reduce the union (the defaults fill the gaps), or the all-reduces would not match
+        names = _gather_objects((list(sums), list(maxes)))
+        keys = sorted({k for ks, _ in names for k in ks})
         vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
-        mkeys = sorted(maxes)
+        mkeys = sorted({k for _, ks in names for k in ks})
         mvec = torch.stack([maxes[k] for k in mkeys]) if mkeys else torch.zeros(0, dtype=torch.float64)
         vec, mvec = self._all_reduce(vec), self._all_reduce(mvec, dist.ReduceOp.MAX)
         s = dict(zip(keys, vec.tolist()))

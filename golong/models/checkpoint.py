@@ -119,7 +119,9 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     (device default: cuda:current if available, else cpu) — this also works after FSDP2's
     `fully_shard` on a meta model. Values are cast to each parameter's dtype. For DTensor
     parameters (Shard / Replicate placements) each rank reads just its own region of the tensor.
-    strict: unknown checkpoint keys and parameters left (partly) unwritten raise.
+    strict: unknown checkpoint keys and parameters left (partly) unwritten raise. Always: a key found in
+    two files raises, and a tied model accepts an lm_head.weight only equal to the embeddings.
+    Errors name the key and its file.
     """
     if any(t.is_meta for t in model.parameters()):
         if device is None:
@@ -129,18 +131,28 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     regions = {n: _local_region(p) for n, p in params.items()}
     written = dict.fromkeys(params, 0)
     unknown: list[str] = []
+    seen: dict[str, Path] = {}  # checkpoint key -> the file it came from
     tied = model.lm_head is None
 
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if _IGNORED.search(key) or (tied and key == "lm_head.weight"):
+                if _IGNORED.search(key):
                     continue
+                # a key twice (in two shards) would count twice and could hide a missing one
+                if key in seen:
+                    raise ValueError(f"{key} is in both {seen[key].name} and {file.name}")
+                seen[key] = file
+                if tied and key == "lm_head.weight":
+                    continue  # compared with the embeddings once they are loaded
                 tgt = _target(key, params)
                 if tgt is None:
-                    unknown.append(key)
+                    unknown.append(f"{key} ({file.name})")
                     continue
                 name, expert, row0 = tgt
+                if expert is not None and expert >= params[name].shape[0]:
+                    raise ValueError(f"{key} ({file.name}): expert {expert} does not exist, the config has "
+                                     f"{params[name].shape[0]} experts")
                 local, region = regions[name]
                 src = f.get_slice(key)
                 src_shape = tuple(src.get_shape())
@@ -153,7 +165,8 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                                                     *full[2:])
                 if len(dims) != len(full) or any(d.stop > n for d, n in zip(dims, full)) or src_shape != want:
                     raise ValueError(f"{key}: shape {src_shape} does not fit parameter {name} {full}"
-                                     + (f" (expected {want} per expert)" if expert is not None else ""))
+                                     + (f" (expected {want} per expert)" if expert is not None else "")
+                                     + f", in {file.name}")
                 lo = [max(d.start, r.start) for d, r in zip(dims, region)]
                 hi = [min(d.stop, r.stop) for d, r in zip(dims, region)]
                 if any(a >= b for a, b in zip(lo, hi)):
@@ -167,9 +180,56 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     if strict:
         if unknown:
             raise ValueError(f"{len(unknown)} checkpoint tensors match no parameter, e.g. {unknown[:5]}")
-        missing = [n for n, c in written.items() if c != regions[n][0].numel()]
+        # distinct keys never overlap (exact shapes, no duplicates) except a fused expert key next to
+        # per-expert keys of the same layer: more elements than the parameter holds
+        twice = [n for n, c in written.items() if c > regions[n][0].numel()]
+        if twice:
+            raise ValueError(f"{len(twice)} parameters are given by both fused and per-expert keys, e.g. {twice[:5]}")
+        missing = [k for n, c in written.items() if c < regions[n][0].numel()
+                   for k in _missing_keys(n, params[n], seen)]
         if missing:
-            raise ValueError(f"{len(missing)} parameters were not (fully) found in {path}, e.g. {missing[:5]}")
+            where = _weight_map(path)
+            named = [f"{k} ({where[k]})" if k in where else k for k in missing[:5]]
+            raise ValueError(f"{len(missing)} checkpoint tensors were not (fully) found in {path}, e.g. {named}")
+    if tied and "lm_head.weight" in seen:  # after the strict checks: the embeddings are all loaded
+        _check_tied_head(seen["lm_head.weight"], params["model.embed_tokens.weight"],
+                         *regions["model.embed_tokens.weight"])
+
+
+def _weight_map(path: str | Path) -> dict[str, str]:
+    """The index's key -> file map ({} for a single-file checkpoint)."""
+    index = Path(path) / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"] if index.exists() else {}
+
+
+def _missing_keys(name: str, p: torch.Tensor, seen: dict[str, Path]) -> list[str]:
+    """Checkpoint keys that would have filled parameter `name` but were not read: the per-expert keys
+    of a fused expert parameter (unless its fused key was read), else `name` itself."""
+    prefix, proj = name.rsplit(".", 1)
+    if not prefix.endswith("mlp.experts") or name in seen:
+        return [name]
+    projs = ("gate_proj", "up_proj") if proj == "gate_up_proj" else (proj,)
+    keys = [f"{prefix}.{e}.{q}.weight" for e in range(p.shape[0]) for q in projs]
+    return [k for k in keys if k not in seen] or [name]
+
+
+def _check_tied_head(file: Path, embed: torch.Tensor, local: torch.Tensor, region: tuple[slice, ...]) -> None:
+    """A tied model's checkpoint may also hold lm_head.weight: vLLM ignores it, transformers 5 unties the
+    head when it differs from the embeddings. Rather than pick one silently, accept only an equal copy.
+    embed: the (possibly DTensor) embedding parameter, local/region: this rank's part of it."""
+    from torch.distributed.tensor import DTensor
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        head = f.get_slice("lm_head.weight")
+        same = tuple(head.get_shape()) == tuple(embed.shape) and torch.equal(
+            head[region].to(device=local.device, dtype=local.dtype), local)
+    differs = torch.tensor(float(not same), device=local.device)
+    if isinstance(embed, DTensor) and dist.is_initialized():
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank must raise, or the others would hang
+    if differs.item():
+        raise ValueError(f"tie_word_embeddings is true but lm_head.weight in {file.name} differs from "
+                         "model.embed_tokens.weight (transformers 5 would untie them, vLLM would ignore the head); "
+                         "set tie_word_embeddings to false or drop lm_head.weight from the checkpoint")
 
 
 # ------------------------------------------------------------------------------------- save

@@ -100,8 +100,11 @@ class ModelConfig:
 
         n_heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        head_dim = raw.get("head_dim") or hidden // n_heads
-        n_kv = raw.get("num_key_value_heads") or n_heads
+        # transformers' defaults when the field is absent: Qwen3Config has head_dim=128, Qwen3MoeConfig
+        # no such field (hidden_size // num_attention_heads)
+        head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // n_heads)
+        # absent: the transformers class default (Qwen3Config 32, Qwen3MoeConfig 4); null: one per query head
+        n_kv = raw.get("num_key_value_heads", 32 if model_type == "qwen3" else 4) or n_heads
         if n_heads % n_kv:
             raise ConfigError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         max_pos = raw.get("max_position_embeddings", 32768)

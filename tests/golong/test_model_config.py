@@ -122,3 +122,19 @@ def test_cpu_forward_does_not_import_liger():
             "assert not [k for k in sys.modules if k.startswith('liger_kernel')], 'liger imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_absent_fields_default_as_transformers():
+    """Without head_dim, transformers' Qwen3Config uses 128 (not hidden // heads); Qwen3MoeConfig has no such
+    field and derives it. Without num_key_value_heads they use their class defaults, 32 and 4."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    raw = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+               num_attention_heads=64)
+    ours, ref = ModelConfig.from_hf(raw), Qwen3Config.from_dict(raw)
+    assert (ours.head_dim, ours.num_key_value_heads) == (ref.head_dim, ref.num_key_value_heads) == (128, 32)
+    assert ModelConfig.from_hf(dict(raw, num_key_value_heads=None)).num_key_value_heads == 64  # null: MHA
+    moe = dict(raw, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    ours, ref = ModelConfig.from_hf(moe), Qwen3MoeConfig.from_dict(moe)
+    assert not hasattr(ref, "head_dim") and ours.head_dim == 64 // 64
+    assert ours.num_key_value_heads == ref.num_key_value_heads == 4

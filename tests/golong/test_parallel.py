@@ -114,6 +114,42 @@ def test_context_parallel_two_ranks_match_one_rank(one_rank, tmp_path):
     _compare(one_rank, torch.load(out), 1e-4)
 
 
+def _tiny_batch_run(rank: int, world: int, cp: int, out: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, Rollout, build_model
+    from tests.golong.trainer_helpers import tiny_config
+
+    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=1, algo__rollout_is="mask", optim__grad_clip=0.5)
+    dims = init_parallel(-1, cp, "gloo")
+    actor = Actor(build_model(cfg, dims), dims, cfg)
+    # one sequence per mini-batch, 2 and 3 tokens long: on 2 dp ranks one rank runs only dummy micro-batches;
+    # on a cp=3 ring the 2-token document leaves cp rank 1 with no rows at all
+    rollouts = [Rollout([5], [7], [-6.8], group=0, task="t", advantage=1.0),
+                Rollout([3, 9], [4], [-7.0], group=1, task="t", advantage=-0.5)]
+    metrics = actor.update(rollouts, "pg")
+    params = {n: t.clone() for n, t in actor.full_state()}
+    if rank == 0:
+        torch.save({"params": params, "metrics": metrics}, out)
+
+
+@pytest.mark.distributed
+def test_batches_with_fewer_sequences_than_ranks_or_tokens_than_cp_chunks(tmp_path):
+    """Metric keys differ per rank when a rank has nothing to score (their all-reduce sizes did not match), and an
+    empty cp shard has no max: the update must still run and match one rank."""
+    runs = {}
+    for world, cp in [(1, 1), (2, 1), (3, 3)]:
+        run_distributed(_tiny_batch_run, world, cp, str(tmp_path / f"{world}_{cp}.pt"))
+        runs[world, cp] = torch.load(tmp_path / f"{world}_{cp}.pt")
+    one = runs[1, 1]
+    assert "mismatch/max_abs" in one["metrics"] and one["metrics"]["actor/optimizer_steps"] == 2
+    for key, run in runs.items():
+        for name, p in one["params"].items():
+            assert (p - run["params"][name]).abs().max().item() <= 1e-4, (key, name)  # as the cp test above
+        for k, v in one["metrics"].items():
+            if not k.startswith("time/"):
+                assert run["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (key, k, run["metrics"][k], v)
+
+
 # ------------------------------------------------------------------------------ rollout-IS metrics
 def _is_metric_run(rank: int, world: int, budgets: list[int], out: str) -> None:
     from golong.parallel import init_parallel
