@@ -134,6 +134,58 @@ def test_metrics_as_goLongRL_logs_them():
     assert "task/T1-1_Global_Cohesive_Retrieval/mean_reward" in m
 
 
+def test_all_advantage_metrics_vs_direct_computation():
+    """Every logged statistic against python `statistics` on a random mixed batch (odd group sizes,
+    singletons, ties, non-contiguous responses)."""
+    rng = random.Random(7)
+    pid, tid, r = [], [], []
+    for p, (g, t) in enumerate([(3, "x"), (1, "x"), (5, "y"), (2, "y"), (4, "x"), (2, "z"), (1, "z")]):
+        for _ in range(g):
+            pid.append(p)
+            tid.append(t)
+            r.append(rng.choice([0.0, 1.0, rng.random()]))
+    r[pid.index(3)] = r[pid.index(3) + 1] = 0.5  # a tie group: adv 0, not counted as positive
+    order = list(range(len(r)))
+    rng.shuffle(order)
+    pid, tid, r = [pid[i] for i in order], [tid[i] for i in order], [r[i] for i in order]
+    a, m = compute_advantages("tmn_grpo", torch.tensor(r, dtype=torch.float64), pid, tid,
+                              difficulty_reweight=True, gamma=0.9, alpha=0.7)
+    a = a.double().tolist()
+    assert a == pytest.approx(_loop_oracle("tmn_grpo", r, pid, tid, reweight=True, gamma=0.9, alpha=0.7), rel=1e-6)
+    assert m["score/mean"] == pytest.approx(statistics.mean(r))
+    assert m["adv/mean"] == pytest.approx(statistics.mean(a), abs=1e-7)
+    assert m["adv/std"] == pytest.approx(statistics.stdev(a), rel=1e-6)
+    assert m["adv/max"] == pytest.approx(max(a), rel=1e-6) and m["adv/min"] == pytest.approx(min(a), rel=1e-6)
+    assert m["adv/pos_frac"] == pytest.approx(sum(x > 0 for x in a) / len(a))
+    groups = {p: [r[i] for i in range(len(r)) if pid[i] == p] for p in dict.fromkeys(pid)}
+    task_of = {p: tid[pid.index(p)] for p in groups}
+    pop_sd = {p: statistics.pstdev(xs) if len(xs) > 1 else 0.0 for p, xs in groups.items()}
+    mu = {p: statistics.mean(xs) if len(xs) > 1 else 0.0 for p, xs in groups.items()}
+    # the reweighting factor and pass rate, per response and per prompt
+    weights, rates = [], []
+    for p, xs in groups.items():
+        M = statistics.mean(mu[q] for q in groups if task_of[q] == task_of[p])
+        sm = M if len(xs) == 1 else 0.7 * mu[p] + 0.3 * M
+        pr = sum(x > sm for x in xs) / len(xs)
+        rates.append(pr)
+        weights += [math.exp(0.9 * ((0.5 - pr) if x > mu[p] else (pr - 0.5))) for x in xs]
+    assert m["difficulty/mean_pass_rate"] == pytest.approx(statistics.mean(rates))
+    assert m["difficulty/mean_weight"] == pytest.approx(statistics.mean(weights))
+    for t in ("x", "y", "z"):
+        xs = [r[i] for i in range(len(r)) if tid[i] == t]
+        at = [a[i] for i in range(len(r)) if tid[i] == t]
+        ps = [p for p in groups if task_of[p] == t]
+        var = [statistics.variance(groups[p]) if len(groups[p]) > 1 else 1.0 for p in ps]
+        assert m[f"task/{t}/mean_reward"] == pytest.approx(statistics.mean(xs)), t
+        assert m[f"task/{t}/std_reward"] == pytest.approx(statistics.pstdev(xs)), t
+        assert m[f"task/{t}/mean_std_reward"] == pytest.approx(statistics.mean(pop_sd[p] for p in ps)), t
+        assert m[f"task/{t}/sqrt_mean_var"] == pytest.approx(math.sqrt(statistics.mean(var))), t
+        assert m[f"task/{t}/rate_adv"] == pytest.approx(sum(pop_sd[p] for p in ps) / sum(pop_sd.values())), t
+        assert m[f"task/{t}/rate_num"] == pytest.approx(len(ps) / len(groups)), t
+        assert m[f"task/{t}/num_prompts"] == len(ps) and m[f"task/{t}/num_responses"] == len(xs), t
+        assert m[f"task/{t}/adv_pos_frac"] == pytest.approx(sum(x > 0 for x in at) / len(at)), t
+
+
 def _loop_oracle(est, r, pid, tid, norm=True, reweight=False, gamma=1.0, alpha=0.8):
     """The DESIGN.md formulas, one response at a time."""
     groups, tasks = {}, {}
@@ -231,10 +283,15 @@ def test_policy_loss_value_and_grad_vs_per_token():
     loss.backward()
     # direct per-token computation with the analytic gradient d L_t / d logpi_t
     total, grad, branches = 0.0, [], {"unclipped": 0, "clipped": 0, "dual": 0}
+    pg_sum = clip_n = lower_n = kl_sum = k3_sum = 0.0
     for t in range(lp.numel()):
         x, o, A, w = lp[t].item(), old[t].item(), adv[t].item(), isw[t].item()
         rho = math.exp(x - o)
         l1, l2 = -A * rho, -A * min(max(rho, 0.8), 1.28)
+        if mask[t]:
+            clip_n += l2 > l1
+            lower_n += A < 0 and max(l1, l2) > -3 * A
+            kl_sum += o - x
         if A < 0 and max(l1, l2) > -3 * A:
             lt, g = -3 * A, 0.0
             branches["dual"] += 1
@@ -251,6 +308,8 @@ def test_policy_loss_value_and_grad_vs_per_token():
             k3, dk3 = 10.0, 0.0
         if mask[t]:
             total += (w * lt + kl_coef * k3 - ent_coef * ent[t].item()) / n_glob
+            pg_sum += w * lt
+            k3_sum += k3
             grad.append((w * g + kl_coef * dk3) / n_glob)
         else:
             grad.append(0.0)
@@ -259,6 +318,12 @@ def test_policy_loss_value_and_grad_vs_per_token():
     assert torch.allclose(lp.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-9, atol=1e-15)
     assert torch.allclose(ent.grad, -ent_coef * mask.double() / n_glob)
     assert met["entropy"].item() == pytest.approx((ent.detach() * mask).sum().item() / n_glob)
+    # every metric is this micro-batch's masked sum over the global token count
+    assert met["pg_loss"].item() == pytest.approx(pg_sum / n_glob, rel=1e-10)
+    assert met["pg_clipfrac"].item() == pytest.approx(clip_n / n_glob)
+    assert met["pg_clipfrac_lower"].item() == pytest.approx(lower_n / n_glob) and lower_n > 0
+    assert met["ppo_kl"].item() == pytest.approx(kl_sum / n_glob, rel=1e-10)
+    assert met["kl"].item() == pytest.approx(k3_sum / n_glob, rel=1e-10)
     assert all(v.dim() == 0 and not v.requires_grad for v in met.values())
 
 
@@ -411,6 +476,42 @@ def test_rollout_is_hand():
         rollout_is_weights(old, roll, mask, cu_seqlens=torch.tensor([0, 4, 6]))
 
 
+def test_rollout_is_means_bounds_and_invalid_tokens():
+    # packed: seq 0 valid tokens rho (0.5, 5.0, 2.0) -- the mask-mode bounds are inclusive -- and an
+    # invalid (prompt) token with rho 1e-6 that must not veto it; seq 1 has no valid token at all
+    # (not counted in the per-sequence means); seq 2 valid tokens (0.25, 1.0)
+    rho = torch.tensor([1e-6, 0.5, 5.0, 2.0, 3e-6, 1.0, 0.25, 1.0], dtype=torch.float32)
+    roll = torch.tensor([-0.3, 0.0, 0.0, -0.1, -1.1, -0.4, -1.6, -0.9])  # 0 at the bounds: rho exact
+    old = roll + rho.log()
+    rho = torch.exp(old - roll).double()  # what the code sees
+    mask = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    cu = torch.tensor([0, 4, 6, 8], dtype=torch.int32)
+    w, m = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode="mask")
+    assert w.tolist() == pytest.approx([0.0, 0.5, 5.0, 2.0, 0.0, 0.0, 0.0, 1.0], rel=1e-6)
+    v = mask.nonzero()[:, 0].tolist()
+    wv = [0.5, 5.0, 2.0, 0.0, 1.0]
+    assert m["rollout_is/weight_mean"].item() == pytest.approx(sum(wv) / 5, rel=1e-6)
+    assert m["rollout_is/ratio_mean"].item() == pytest.approx(rho[v].mean().item(), rel=1e-6)
+    assert m["rollout_is/masked_frac"].item() == pytest.approx(1 / 5)
+    assert m["rollout_is/veto_frac"].item() == 0.0
+    assert m["rollout_is/ratio_min"].item() == pytest.approx(0.25, rel=1e-6)
+    seqs = [[1, 2, 3], [6, 7]]  # valid tokens of the two sequences that have any
+    mo = [old[s].double().mean().item() for s in seqs]
+    mr = [roll[s].double().mean().item() for s in seqs]
+    assert m["mismatch/trainer_ppl"].item() == pytest.approx(sum(math.exp(-x) for x in mo) / 2, rel=1e-6)
+    assert m["mismatch/rollout_ppl"].item() == pytest.approx(sum(math.exp(-x) for x in mr) / 2, rel=1e-6)
+    assert m["mismatch/ppl_ratio"].item() == pytest.approx(
+        sum(math.exp(b - a) for a, b in zip(mo, mr)) / 2, rel=1e-6)
+    # a valid token below the veto in seq 2 drops it: 1 of the 2 sequences with valid tokens
+    mask2 = mask.clone()
+    mask2[4] = True
+    cu2 = torch.tensor([0, 4, 8], dtype=torch.int32)
+    w, m = rollout_is_weights(old, roll, mask2, cu_seqlens=cu2, mode="truncate", upper=4.0)
+    assert w.tolist() == pytest.approx([0.0, 0.5, 4.0, 2.0, 0.0, 0.0, 0.0, 0.0], rel=1e-6)
+    assert m["rollout_is/veto_frac"].item() == pytest.approx(1 / 2)
+    assert m["rollout_is/masked_frac"].item() == pytest.approx(1 / 6)  # only 5.0 > upper; veto is apart
+
+
 def test_is_weights_scale_the_loss():
     lp, old, adv, mask, *_ = _loss_inputs(seed=2)
     w = torch.rand(lp.shape, dtype=torch.float64)
@@ -432,3 +533,4 @@ def test_dynamic_sampling_filter():
     assert m["dynamic_sampling/kept_prompts"] == 1 and m["dynamic_sampling/dropped_prompts"] == 4
     assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
     assert m["dynamic_sampling/kept_frac"] == pytest.approx(1 / 5)
+    assert m["dynamic_sampling/num_prompts"] == 5

@@ -85,6 +85,9 @@ def test_choice():
     assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 1.0
     assert score("choice", "The correct answer is Definitely", "D") == 0.0  # 'D' of a word is no letter
     assert score("choice", "B", "B") == 0.0  # the sentence is required
+    assert score("choice", "The correct answer is **(B)**", "B") == 1.0  # Markdown bold around the letter
+    assert score("choice", "The correct answer is (B)", "b") == 1.0  # a lower-case gold letter
+    assert score("choice", "The correct answer is (B)", " (b) ") == 1.0
 
 
 def test_f1_subem():
@@ -105,6 +108,10 @@ def test_ndcg_hand():
     assert score("ndcg", "a\nb\nc\nz", ["a", "b", "c"]) == pytest.approx(1.0)
     # only the top k = 3 ranks count
     assert score("ndcg", "x\ny\nz\na", ["a", "b", "c"]) == 0.0
+    # a repeated line keeps its first rank only: b, b, a ranks as b, a
+    assert score("ndcg", "b\nb\na", ["a", "b", "c"]) == pytest.approx((2 + 3 / math.log2(3)) / idcg)
+    # a repeated gold item counts once: gold a, b, a is gold a, b (k = 2)
+    assert score("ndcg", "b\na", ["a", "b", "a"]) == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
 
 
 def test_pairwise_hand():
@@ -116,6 +123,9 @@ def test_pairwise_hand():
     assert score("pairwise", "a\nb", ["a"]) == 0.0  # < 2 gold items
     # repeated gold items cannot push the score above 1
     assert score("pairwise", "a\nb", ["a", "b", "a", "b"]) == 1.0
+    assert score("pairwise", "b\na", ["a", "b", "a", "b"]) == 0.0  # ... nor turn a wrong order into a right one
+    # a repeated prediction line costs a pair in the denominator: a, a, b has C(3, 2) = 3 pairs, 1 right
+    assert score("pairwise", "a\na\nb", ["a", "b"]) == pytest.approx(1 / 3)
 
 
 def test_iou_hand():
@@ -133,6 +143,12 @@ def test_iou_hand():
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]']) == 1.0
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]', '["z", 3]']) == pytest.approx(0.5)
     assert score("iou", '<answer>{"data": [["y", 2], ["z", 3]]}</answer>', ['[["y", 2], ["z", 3]]']) == 1.0
+    # the last <answer> block is the answer
+    assert score("iou", '<answer>{"data": []}</answer> no: <answer>{"data": [["y", 2], ["z", 3]]}</answer>',
+                 gold) == 1.0
+    # nested objects in cells compare regardless of key order
+    assert score("iou", '<answer>{"data": [["k", {"b": 1, "a": [2]}]]}</answer>',
+                 '{"data": [["k", {"a": [2], "b": 1}]]}') == 1.0
 
 
 def test_math_verify_hand():
@@ -141,6 +157,12 @@ def test_math_verify_hand():
     assert compute_score("math_verify", R("The answer is 12."), "12") == 1.0
     assert compute_score("math_verify", R("\\boxed{2\\sqrt{2}}"), "\\sqrt{8}") == 1.0
     assert compute_score("math_verify", R("no number here"), "7") == 0.0
+    # the final result is read from the end of a long answer
+    long = "Step: 1 + 1 = 2. " * 200 + "\\boxed{41}"
+    assert compute_score("math_verify", R(long), "41") == 1.0
+    assert compute_score("math_verify", R(long), "2") == 0.0
+    # an answer identical to a non-mathematical gold string matches without parsing
+    assert compute_score("math_verify", R("Paris"), "Paris") == 1.0
 
 
 def test_rouge_l_hand():
@@ -361,6 +383,21 @@ def test_non_string_inputs_score_zero():
     assert score_batch([("f1", 123, ["x"])], num_workers=0) == [0.0]  # type: ignore[list-item]
 
 
+def test_score_region_clamps_and_catches(monkeypatch):
+    from golong.rewards.metrics import score_region
+
+    # whatever a metric returns or raises, the reward is a float in [0, 1]
+    for out, want in ((1.5, 1.0), (-0.25, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (0.375, 0.375)):
+        monkeypatch.setitem(METRICS, "em", lambda region, gold, out=out: out)
+        assert score_region("em", "x", "x") == want, out
+
+    def boom(region, gold):
+        raise RecursionError
+
+    monkeypatch.setitem(METRICS, "em", boom)
+    assert score_region("em", "x", "x") == 0.0
+
+
 def test_unknown_metric_raises():
     with pytest.raises(ValueError, match="known metrics: em"):
         compute_score("bleu", R("x"), "x")
@@ -434,6 +471,11 @@ def test_batch_8192_responses_in_seconds():
 
 def test_metric_for_capabilities_and_longbench_pro():
     assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy"}
+    assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
+        "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
+        "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
+        "graded_ranking": "ndcg", "sequence_ordering": "pairwise", "summarization": "rouge_l"}
+    assert metric_for("ROUGE") == metric_for("rougeL") == metric_for("summary") == "rouge_l"
     assert metric_for("precise_retrieval") == "em"
     assert metric_for("Graded Ranking") == "ndcg"
     assert metric_for("sequence-ordering") == "pairwise"
@@ -466,6 +508,10 @@ def test_route_by_data_source():
     assert route("math_longcot_math_verify") == "math_verify"
     assert route("longbench_pro", "long_context", "T5.1 Full-Sentence Citation Alignment") == "f1"
     assert route("whatever", "summarization", None) == "rouge_l"
+    assert route("retrieval_calculate") == "math_verify"
+    # reward_mode wins over ability, ability over data_source
+    assert route("EM", "summarization", "T1.1 Global Cohesive Retrieval") == "ndcg"
+    assert route("EM", "summarization", None) == "rouge_l"
     with pytest.raises(ValueError, match="data_source='mystery'"):
         route("mystery", "unknown ability", None)
 
@@ -480,8 +526,15 @@ def test_score_record_goLongRL_layouts():
     lbp = _verl("longbench_pro", {"doc_ids": ["e1", "e2", "e3"], "golden_label": "", "summary": ""},
                 "T2.1 Global Timeline Reconstruction")
     assert score_record(lbp, R("e1\ne3\ne2")) == pytest.approx(2 / 3)
-    em = _verl("EM", [{"doc_ids": [], "golden_label": "42", "summary": ""}])  # list of dicts: last one
-    assert score_record(em, R("42")) == 1.0
+    em = _verl("EM", [{"doc_ids": [], "golden_label": "7", "summary": ""},
+                      {"doc_ids": [], "golden_label": "42", "summary": ""}])  # list of dicts: last one
+    assert score_record(em, R("42")) == 1.0 and score_record(em, R("7")) == 0.0
+    # both fields filled: list metrics read doc_ids, the others golden_label
+    both = {"doc_ids": ["d1", "d2"], "golden_label": "d2", "summary": ""}
+    assert score_record(_verl("x", both, "subem"), R("d1\nd2")) == 1.0
+    assert score_record(_verl("x", both, "subem"), R("d2")) == pytest.approx(0.5)
+    assert score_record(_verl("x", both, "em"), R("d2")) == 1.0
+    assert score_record(_verl("x", both, "em"), R("d1")) == 0.0
     sel = _verl("selection", {"golden_label": "The correct answer is (C)", "doc_ids": []})
     assert score_record(sel, R("The correct answer is (C)")) == 1.0
     tab = _verl("multitableqa_pretraining", {"golden_label": '{"data": [[1, 2]]}'})

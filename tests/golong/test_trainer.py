@@ -161,3 +161,54 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
     assert "step 3: non-finite loss or grad norm; skipped the update (2 in a row)" in caplog.text
     assert any(not torch.equal(before[n], after[n]) for n in before)  # step 1 trained
     assert all(torch.equal(at_step_2[n], after[n]) for n in after)  # ... and step 3 changed nothing
+
+
+def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_update(config_file, tmp_path,
+                                                                                      monkeypatch):
+    """Scripted scores through Trainer.train_step: dynamic sampling drops the tied groups of the first generation
+    batch and tops the batch up from the second; the update receives exactly the kept groups, with the
+    advantages of TMN-GRPO + difficulty reweighting (the per-response loop oracle of test_algo)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+    from tests.golong.test_algo import _loop_oracle
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "algo.max_num_gen_batches=3"])
+    # 4 prompts x 4 responses per generation batch; batch 0: groups 0 and 2 tie, batch 1: group 1 ties
+    script = [[[1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.25, 0.0, 1.0, 0.75]],
+              [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 1.0, 0.0], [0.3, 0.9, 0.9, 0.2]],
+              [[0.0, 1.0, 0.0, 1.0]] * 4]
+    calls, seen = [], {}
+    try:
+        trainer = Trainer(cfg)
+
+        def scripted(prompts, n, params, seed_key, label):
+            scores = script[len(calls)]
+            calls.append(seed_key)
+            return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n])
+                    for j in range(len(prompts) * n)], {}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
+            rollouts=list(rollouts)) or {})
+        m = trainer.train_step(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(calls) == 2 and m["dynamic_sampling/gen_batches"] == 2  # full after the second batch
+    got = seen["rollouts"]
+    # kept in generation order: batch 0's groups 1, 3, then batch 1's groups 0 (= 4) and 2 (= 6)
+    assert [r.group for r in got] == [g for g in (1, 3, 4, 6) for _ in range(4)]
+    flat = [s for b, p in ((0, 1), (0, 3), (1, 0), (1, 2)) for s in script[b][p]]
+    assert [r.score for r in got] == flat
+    want = _loop_oracle("tmn_grpo", flat, [r.group for r in got], [r.task for r in got], reweight=True)
+    assert [r.advantage for r in got] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert any(a != 0 for a in want)
+    assert m["dynamic_sampling/kept_prompts"] == 4 and m["dynamic_sampling/kept_fraction"] == pytest.approx(4 / 8)
+    # the reward metrics cover every generated response, the tied groups included
+    every = [s for b in script[:2] for p in b for s in p]
+    assert m["reward/mean"] == pytest.approx(sum(every) / len(every))
+    assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
