@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags (`train CFG --dry-run a=1`): collect stragglers.
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    # a word without "=" after a flag (`train CFG --dry-run optim.lr`) is a malformed override:
+    # load_config names it, rather than argparse calling it an unrecognized argument
+    stray = [e for e in extra if e.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
@@ -123,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("plan: --gpus must be >= 1 and --gpu-mem > 0")
             cfg = _load(args)
             return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
-    except (ConfigError, RecordError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ConfigError, RecordError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            PermissionError) as e:
         # bad input (config, dataset records, paths): one line, no traceback
         print(f"golong: error: {e}", file=sys.stderr)
         return 2

@@ -219,6 +219,20 @@ def _lookup_section(full_key: str) -> Any:
     return cls
 
 
+def _section_key(class_name: str) -> tuple[str, Any] | None:
+    """'OptimConfig' -> ('optim', OptimConfig): omegaconf names only the class of a section given a plain value."""
+    todo: list[tuple[Any, str]] = [(RunConfig, "")]
+    while todo:
+        cls, prefix = todo.pop()
+        for f in dataclasses.fields(cls):
+            sub = ScratchModelConfig if f.name == "scratch" else f.default_factory
+            if dataclasses.is_dataclass(sub):
+                if sub.__name__ == class_name:
+                    return prefix + f.name, sub
+                todo.append((sub, f"{prefix}{f.name}."))
+    return None
+
+
 def _field_type(full_key: str) -> str | None:
     """The annotation of the field `full_key` names ("list[str]", "float", ...), if it is one."""
     section = _lookup_section(full_key)
@@ -233,7 +247,12 @@ def _one_line(err: OmegaConfBaseException) -> str:
     if not key:  # omegaconf names no key when a whole section meets a value of another kind
         if "is not a subclass of" in msg:
             section = msg.split("is not a subclass of")[1].split(".")[0].strip()
-            return f"a config section ({section}) was given a plain value or a list ({msg})"
+            found = _section_key(section)
+            if found is None:
+                return f"a config section ({section}) was given a plain value or a list ({msg})"
+            key, cls = found
+            return (f"'{key}' is a config section, not a plain value or a list; set its keys "
+                    f"({_valid_keys(cls)}), e.g. {key}.{dataclasses.fields(cls)[0].name}=...")
         return f"config error: {msg}"
     if name == "ConfigKeyError" or "not in struct" in msg or "Key '" in msg and "not in" in msg:
         section = _lookup_section(key)

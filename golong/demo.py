@@ -116,7 +116,7 @@ def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title:
 def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None,
              overrides: list[str] | tuple[str, ...] = (), world_size: int = 2) -> dict[str, Any]:
     """Train, evaluate, export and plot; returns the summary (also written to out_dir/summary.json)."""
-    from golong.config import load_config
+    from golong.config import ConfigError, load_config
     from golong.logger import get_logger
 
     log = get_logger()
@@ -124,7 +124,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
     out = Path(out_dir)
     cfg = load_config(config or DEFAULT_CONFIG, [*overrides, f"logging.run_dir={out}", "checkpoint.resume=none"])
     if cfg.trainer.sft_steps <= 0 or not cfg.trainer.val_every:
-        raise ValueError("the demo needs trainer.sft_steps > 0 and trainer.val_every > 0")
+        raise ConfigError("the demo needs trainer.sft_steps > 0 and trainer.val_every > 0")  # CLI: one line
     for name in _OUTPUTS:
         p = out / name
         if p.is_dir():

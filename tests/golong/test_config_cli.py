@@ -55,7 +55,6 @@ def test_overrides_apply_with_types():
     # the message says what is wrong and what is expected
     ("data.train_files=a.parquet", "bad value 'a.parquet' for 'data.train_files': expected a list"),
     ("optim.betas=0.9", "'optim.betas': expected a list"),
-    ("optim=1", "a config section (OptimConfig) was given a plain value"),
     ("optim.betas=[0.9", "override 'optim.betas=[0.9': did not find expected ',' or ']'"),
     ("=5", "not of the form key=value"),
     ("data.max_prompt_tokens=-5", "data.max_prompt_tokens must be >= 1"),
@@ -64,6 +63,9 @@ def test_overrides_apply_with_types():
     ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
     ("algo.clip_low=-1", "algo.clip_low must be in [0, 1)"),
+    # omegaconf names only the section's class (OptimConfig, ScratchModelConfig), not its key
+    ("optim=3", "'optim' is a config section, not a plain value or a list; set its keys (lr, warmup_steps"),
+    ("model.scratch=[1]", "'model.scratch' is a config section, not a plain value or a list; set its keys (vocab_size"),
     ("data.synthetic_tasks=[poetry]", "unknown task(s) 'poetry'; choose from: precise_retrieval"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
@@ -106,6 +108,38 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     r = subprocess.run([sys.executable, "-m", "golong", *argv], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_malformed_override_after_a_flag_is_named(capsys):
+    # `optim.lr` after --dry-run reached argparse, which called it an unrecognized argument
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "--dry-run", "optim.lr"]) == 2
+    assert capsys.readouterr().err.strip() == "golong: error: override 'optim.lr' is not of the form key=value"
+
+
+def test_demo_without_sft_or_validation_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "trainer.sft_steps=0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "golong: error: the demo needs trainer.sft_steps > 0 and trainer.val_every > 0")
+    assert not (tmp_path / "d").exists()
+
+
+def test_export_onto_a_file_or_a_run_directory_is_one_line(tmp_path, capsys):
+    import torch
+
+    from golong.checkpoint import Checkpointer
+    from golong.models import from_config
+    from golong.trainer import scratch_hf_config
+    from tests.golong.trainer_helpers import tiny_config
+
+    model = from_config(scratch_hf_config(tiny_config()), dtype=torch.float32)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints").save(
+        1, model, torch.optim.AdamW(model.parameters()), {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    for target, message in ((tmp_path / "run", "holds no earlier Hugging Face export"),
+                            (tmp_path / "run" / "metrics.jsonl", "exists and is not a directory")):
+        assert main(["export", str(ckpt), str(target)]) == 2  # was a FileExistsError traceback
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("golong: error: ") and message in err and "\n" not in err
 
 
 def test_synth_task_list_takes_spaces(tmp_path):
