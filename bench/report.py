@@ -69,7 +69,7 @@ def _cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-_NAMING = ("case", "impl", "mode", "metric")
+_NAMING = ("case", "impl", "mode", "phase", "kernel", "metric")  # phase, kernel: profile_kernels
 
 
 def figure(row: dict[str, Any]) -> str:
@@ -77,8 +77,9 @@ def figure(row: dict[str, Any]) -> str:
     return " · ".join(str(row[k]) for k in _NAMING if row.get(k) not in (None, ""))
 
 
-# measurement-like field names, shown when a row has no `value` (e.g. time_s, peak_extra_mib, tflops)
-_MEASURE = re.compile(r"(_s|_ms|_mib|_gib|_bytes|tflops|gflops|per_s)$|^(time|peak|tokens_per)")
+# measurement-like field names, shown when a row has no `value` (e.g. time_s, peak_extra_mib, tflops, and
+# profile_kernels' ms/iter, calls/iter, share)
+_MEASURE = re.compile(r"(_s|_ms|_mib|_gib|_bytes|tflops|gflops|per_s|/iter)$|^(time|peak|tokens_per|share$)")
 
 
 def value_str(row: dict[str, Any]) -> str:

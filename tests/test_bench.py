@@ -184,6 +184,14 @@ def test_report_number_format(value, expect):
     assert report.fmt_value(value) == expect
 
 
+def test_report_shows_profile_kernels_rows():
+    # bench.profile_kernels rows have no `value`: their tables read the case name only, every cell empty
+    row = {"case": "moe T=32768", "phase": "fwd", "kernel": "_grouped_mm_fwd_kernel", "calls/iter": 2.0,
+           "ms/iter": 3.781, "share": 0.715}
+    assert report.figure(row) == "moe T=32768 · fwd · _grouped_mm_fwd_kernel"
+    assert report.value_str(row) == "calls/iter=2, ms/iter=3.781, share=0.715"
+
+
 # ------------------------------------------------------------------------------------ tuned settings
 
 
