@@ -109,6 +109,21 @@ def test_activation_checkpointing_same_gradients(pair):
     model.zero_grad()
     for n in grads[0]:
         assert rel(grads[1][n], grads[0][n]) <= 1e-6, n
+    # and it does recompute: the forward keeps only each layer's input for backward, not its activations
+    saved = []
+    for ckpt in (False, True):
+        model.set_activation_checkpointing(ckpt)
+        n = [0]
+
+        def pack(t, n=n):
+            n[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, cu, targets=targets)
+        saved.append(n[0])
+    model.set_activation_checkpointing(False)
+    assert saved[1] < saved[0] / 3, saved
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
@@ -244,6 +259,28 @@ def test_kv_cache_decoding_matches_full_forward(pair):
         assert rel(torch.stack(got[b]), ref) <= 1e-5, b
     with pytest.raises(ValueError, match="overflow"):
         model.forward_cached(torch.zeros(3, 20, dtype=torch.long), cache)
+
+
+def test_kv_cache_full_to_the_last_slot(pair):
+    """A row one token short of max_len decodes next to a row prefilling several tokens: the short row's
+    padding (positions past max_len) is never written, the cache fills exactly, one more token overflows."""
+    _, _, _, model = pair
+    g = torch.Generator().manual_seed(21)
+    first, second = torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 1000, (5,), generator=g)
+    cache = model.new_kv_cache(batch=2, max_len=8)
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    batch[0] = first[:7]
+    with torch.no_grad():
+        model.forward_cached(batch, cache, torch.tensor([7, 0]))
+        batch = torch.zeros(2, 5, dtype=torch.long)
+        batch[0, 0], batch[1] = first[7], second
+        h = model.forward_cached(batch, cache, torch.tensor([1, 5]))
+        ref0 = model(first, torch.tensor([0, 8], dtype=torch.int32))
+        ref1 = model(second, torch.tensor([0, 5], dtype=torch.int32))
+    assert cache.lengths.tolist() == [8, 5]
+    assert rel(h[0, :1], ref0[7:]) <= 1e-5 and rel(h[1], ref1) <= 1e-5
+    with pytest.raises(ValueError, match="a row needs 9 positions, max_len=8"):
+        model.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor([1, 0]))
 
 
 def _rewrite(path, file: str, edit) -> None:

@@ -112,6 +112,8 @@ def test_from_config_random_init_and_meta_free():
     w = model.model.layers[0].mlp.experts.gate_up_proj
     assert w.shape == (8, 96, 64) and abs(w.std().item() - 0.02) < 0.002
     assert torch.equal(model.model.layers[2].self_attn.q_norm.weight, torch.ones(32))
+    wide = gm.from_config(dict(hf_config("moe").to_dict(), initializer_range=0.1), dtype=torch.float32)
+    assert abs(wide.model.layers[0].mlp.experts.gate_up_proj.std().item() - 0.1) < 0.01  # the config's std
     ids = torch.randint(0, 1000, (19,))
     cu = torch.tensor([0, 12, 19], dtype=torch.int32)
     h = model(ids, cu)
