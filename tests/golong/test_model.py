@@ -158,6 +158,38 @@ def test_save_sharded_then_transformers_and_golong_load(pair, layout, tmp_path):
         assert n == n2 and torch.equal(p, p2), n
 
 
+def test_saved_shards_respect_the_size_limit_index_and_dtype(pair, tmp_path):
+    """Shards hold at most max_shard_bytes of tensors (a single larger tensor gets its own file); the index's
+    total_size is the tensors' bytes, as transformers writes it; config.json records the saved dtype; a
+    directory that is not a plain export is refused."""
+    from safetensors import safe_open
+
+    from golong.models.checkpoint import hf_state_items
+
+    _, _, _, model = pair
+    limit = 150_000
+    model.save_pretrained(tmp_path / "s", max_shard_bytes=limit, dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    order = [k for k, _ in hf_state_items(model)]  # the order the tensors are written in
+    total, per_file = 0, {}
+    for f in sorted(set(index["weight_map"].values())):
+        with safe_open(str(tmp_path / "s" / f), "pt") as st:
+            sizes = [st.get_tensor(k).numel() * 2 for k in sorted(st.keys(), key=order.index)]
+            assert all(st.get_tensor(k).dtype == torch.bfloat16 for k in st.keys())
+        per_file[f] = sizes
+        total += sum(sizes)
+        assert sum(sizes) <= limit or len(sizes) == 1, (f, sizes)
+    assert total == sum(p.numel() * 2 for p in model.parameters())
+    assert index["metadata"]["total_size"] == total
+    files = list(per_file.values())  # greedy: a file was closed only because the next tensor did not fit
+    assert all(sum(a) + b[0] > limit for a, b in zip(files, files[1:]))
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    (tmp_path / "s" / "extra").mkdir()  # a directory inside: not an export, never replaced
+    with pytest.raises(FileExistsError, match="holds no earlier Hugging Face export"):
+        model.save_pretrained(tmp_path / "s")
+
+
 def test_bf16_load_and_strictness(pair, tmp_path):
     kind, hf, path, _ = pair
     model = gm.from_pretrained(path, dtype=torch.bfloat16)
