@@ -100,6 +100,11 @@ def test_invalid_json_line_and_parquet_row(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     with pytest.raises(RecordError, match="t.parquet: row 3: data_source"):
         load_records(tmp_path / "t.parquet")
+    rows = [_row(i) for i in range(300)]  # the reader streams 256-row batches: rows count on across them
+    rows[270]["prompt"] = []
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "long.parquet")
+    with pytest.raises(RecordError, match="long.parquet: row 270: prompt must be a non-empty list"):
+        load_records(tmp_path / "long.parquet")
     with pytest.raises(RecordError, match="unsupported dataset format"):
         (tmp_path / "x.csv").write_text("a")
         load_records(tmp_path / "x.csv")
@@ -246,6 +251,12 @@ def test_prompt_sampler_deterministic_and_resumable():
     assert r.take(17) == expect
     with pytest.raises(ValueError, match="dataset has 11"):
         PromptSampler(11).load_state_dict(state)
+    # the saved order (shuffled or not, and its seed) wins over the new sampler's own settings
+    plain = PromptSampler(10, shuffle=False)
+    plain.take(4)
+    r = PromptSampler(10, seed=5, shuffle=True)
+    r.load_state_dict(plain.state_dict())
+    assert r.take(8) == [4, 5, 6, 7, 8, 9, 0, 1]
 
 
 # ------------------------------------------------------------------ synthetic tasks
