@@ -185,3 +185,24 @@ def test_untied_by_default_and_local_experts_spelling():
     assert c.num_experts == 6 and not Qwen3MoeConfig.from_dict(moe).tie_word_embeddings
     hf = c.to_hf()
     assert hf["num_experts"] == 6 and "num_local_experts" not in hf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers_where_eps_matters(dtype):
+    """Activations of ~eps^0.5 scale (the eps term is half the mean square), odd width, weights away from 1."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from golong.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    eps = 1e-4
+    x = (torch.randn(7, 3, 37, generator=g) * 1e-2).to(dtype)
+    ours, ref = RMSNorm(37, eps, dtype=dtype), Qwen3RMSNorm(37, eps).to(dtype)
+    with torch.no_grad():
+        w = (1 + 0.3 * torch.randn(37, generator=g)).to(dtype)
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    assert torch.equal(ours(x), ref(x))
+    xd = x.double()  # and the formula itself, in fp64
+    want = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    assert (ours(x).double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()

@@ -171,6 +171,8 @@ def test_load_weights_changes_samples():
     after = gen.generate([[1, 2, 3]], p).token_ids
     ref = TorchGenerator(other, eos_token_ids=[]).generate([[1, 2, 3]], p).token_ids
     assert after == ref and after != before
+    pushed = dict(other.named_parameters())
+    assert all(torch.equal(p, pushed[n]) for n, p in model.named_parameters())  # an exact copy of every tensor
 
 
 def test_vllm_weight_sync_names_match_the_hf_checkpoint():
