@@ -157,6 +157,26 @@ def test_report_writes_the_table_and_keeps_the_hand_written_text(tmp_path):
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
 
 
+def test_report_rows_without_value_or_ratio_show_their_measurements():
+    """Rows of benches that record named fields (time_s, peak_extra_mib, speedup...) instead of value/ratio, and
+    skipped or failed rows, still show what they hold; a results file's tuned settings are printed."""
+    row = {"case": "T=4096", "impl": "ours", "time_s": 0.01234, "peak_extra_mib": 1536.0, "tokens_per_s": 123456.7,
+           "flag": True, "label": "x", "speedup_vs_naive": 3.14159, "ratio_meaning": "ignored"}
+    assert report.figure(row) == "T=4096 · ours"
+    assert report.value_str(row) == "time_s=0.01234, peak_extra_mib=1,536, tokens_per_s=123,457"
+    assert report.ratio_str(row) == "speedup_vs_naive=3.14×"
+    assert report.ratio_str({"ratio": 0.5}) == "0.5×" and report.ratio_str({"ratio": "n/a"}) == "n/a"
+    assert report.note_str({"skipped": "no CUDA"}) == "no CUDA" and report.note_str({"error": "OOM"}) == "OOM"
+    assert report.note_str({"note": "a", "error": "b"}) == "a" and report.note_str({}) == ""
+    d = _results("CPU (Test)", [row, {"case": "big", "impl": "ours", "skipped": "needs CUDA"}])
+    text = report.render_file(d | {"tuned": {"B": 1, "A": True}})
+    assert "| T=4096 · ours | time_s=0.01234, peak_extra_mib=1,536, tokens_per_s=123,457 |  | " \
+           "speedup_vs_naive=3.14× |  |" in text
+    assert "| big · ours |  |  |  | needs CUDA |" in text
+    assert 'tuned settings: `{"A": true, "B": 1}`' in text
+    assert "| (no rows) |" in report.render_file(_results("CPU", []))
+
+
 def _bench_names() -> dict[str, str]:
     """bench name -> script, from the save_results("name", ...) call of every bench script."""
     names = {}
