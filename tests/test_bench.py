@@ -161,7 +161,7 @@ def test_report_rows_without_value_or_ratio_show_their_measurements():
     """Rows of benches that record named fields (time_s, peak_extra_mib, speedup...) instead of value/ratio, and
     skipped or failed rows, still show what they hold; a results file's tuned settings are printed."""
     row = {"case": "T=4096", "impl": "ours", "time_s": 0.01234, "peak_extra_mib": 1536.0, "tokens_per_s": 123456.7,
-           "flag": True, "label": "x", "speedup_vs_naive": 3.14159, "ratio_meaning": "ignored"}
+           "peak_ok": True, "label": "x", "speedup_vs_naive": 3.14159, "ratio_meaning": "ignored"}
     assert report.figure(row) == "T=4096 · ours"
     assert report.value_str(row) == "time_s=0.01234, peak_extra_mib=1,536, tokens_per_s=123,457"
     assert report.ratio_str(row) == "speedup_vs_naive=3.14×"
