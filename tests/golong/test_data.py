@@ -203,6 +203,20 @@ def test_build_prompts_template_and_truncation(tok, caplog):
         build_prompts(recs, tok, limit, overflow="right")
 
 
+def test_chat_template_kwargs_reach_every_encoding(tok):
+    """enable_thinking=False pre-fills an empty think block, in short prompts and in truncated ones alike
+    (the truncation re-applies the template with the same kwargs and counts its tokens)."""
+    rec = generate(1, 20, seed=6)[0]
+    long_rec = generate(1, 900, seed=7)[0]
+    kw = {"enable_thinking": False}
+    want = tok(tok.apply_chat_template(rec.prompt, tokenize=False, add_generation_prompt=True, **kw),
+               add_special_tokens=False)["input_ids"]
+    short, cut = build_prompts([rec, long_rec], tok, 300, chat_template_kwargs=kw)
+    assert short.input_ids == want and not short.truncated
+    assert cut.truncated and len(cut.input_ids) <= 300
+    assert tok.decode(cut.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
 def test_truncation_cuts_further_messages_and_whole_characters(tok):
     system = "alpha " * 300
     user = "beta " * 250 + "QUESTION?"
