@@ -48,6 +48,7 @@ def test_static_report_flags_spills_local_memory_and_shared_memory():
     assert static_report.violations(ok | {"spill_loads": 4})
     assert static_report.violations(ok | {"local_bytes": 16})
     assert static_report.violations(ok | {"shared_bytes": 227 * 1024 + 1})
+    assert static_report.violations(ok | {"shared_bytes": 227 * 1024}) == []  # Hopper's limit itself is allowed
     assert static_report.violations({"module": "m", "kernel": "k", "error": "boom"})
 
 
@@ -156,6 +157,26 @@ def test_report_writes_the_table_and_keeps_the_hand_written_text(tmp_path):
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
 
 
+def test_report_rows_without_value_or_ratio_show_their_measurements():
+    """Rows of benches that record named fields (time_s, peak_extra_mib, speedup...) instead of value/ratio, and
+    skipped or failed rows, still show what they hold; a results file's tuned settings are printed."""
+    row = {"case": "T=4096", "impl": "ours", "time_s": 0.01234, "peak_extra_mib": 1536.0, "tokens_per_s": 123456.7,
+           "peak_ok": True, "label": "x", "speedup_vs_naive": 3.14159, "ratio_meaning": "ignored"}
+    assert report.figure(row) == "T=4096 · ours"
+    assert report.value_str(row) == "time_s=0.01234, peak_extra_mib=1,536, tokens_per_s=123,457"
+    assert report.ratio_str(row) == "speedup_vs_naive=3.14×"
+    assert report.ratio_str({"ratio": 0.5}) == "0.5×" and report.ratio_str({"ratio": "n/a"}) == "n/a"
+    assert report.note_str({"skipped": "no CUDA"}) == "no CUDA" and report.note_str({"error": "OOM"}) == "OOM"
+    assert report.note_str({"note": "a", "error": "b"}) == "a" and report.note_str({}) == ""
+    d = _results("CPU (Test)", [row, {"case": "big", "impl": "ours", "skipped": "needs CUDA"}])
+    text = report.render_file(d | {"tuned": {"B": 1, "A": True}})
+    assert "| T=4096 · ours | time_s=0.01234, peak_extra_mib=1,536, tokens_per_s=123,457 |  | " \
+           "speedup_vs_naive=3.14× |  |" in text
+    assert "| big · ours |  |  |  | needs CUDA |" in text
+    assert 'tuned settings: `{"A": true, "B": 1}`' in text
+    assert "| (no rows) |" in report.render_file(_results("CPU", []))
+
+
 def _bench_names() -> dict[str, str]:
     """bench name -> script, from the save_results("name", ...) call of every bench script."""
     names = {}
@@ -179,7 +200,13 @@ def test_readme_holds_the_cpu_results_of_every_bench_script():
 
 
 @pytest.mark.parametrize("value,expect", [(1234567.0, "1.23e+06"), (0.0001234, "0.000123"), (2.0, "2"),
-                                          (12345.678, "12,346"), (7, "7"), (None, "—")])
+                                          (12345.678, "12,346"), (7, "7"), (None, "—"),
+                                          # the boundaries of each format, negative values by magnitude
+                                          (1e6, "1e+06"), (999_999.4, "999,999"), (1000.0, "1,000"),
+                                          (999.94, "999.9"), (0.001, "0.001"), (0.00099, "0.00099"),
+                                          (-1234567.0, "-1.23e+06"), (-0.0001234, "-0.000123"),
+                                          (-2500.0, "-2,500"), (0.0, "0"), (1234567, "1,234,567"),
+                                          (float("nan"), "NaN"), (True, "True"), ("fused", "fused")])
 def test_report_number_format(value, expect):
     assert report.fmt_value(value) == expect
 
@@ -216,3 +243,30 @@ def test_bench_moe_records_the_faster_gate_up_settings(tmp_path, monkeypatch):
     # gather 10% faster: on; the unfused SwiGLU only 2% faster: the default (fused) stays
     assert saved["values"] == {"GATHER_IN_GEMM": True, "SWIGLU_IN_GEMM": True}
     assert saved["measured"]["GATHER_IN_GEMM"]["on ms"] == 9.0 and saved["measured"]["SWIGLU_IN_GEMM"]["on ms"] == 10.0
+
+
+def test_bench_moe_never_adopts_a_setting_that_changes_the_results(tmp_path, monkeypatch):
+    """A faster flipped setting is adopted only if its output and gradients match the setting in use."""
+    import torch
+
+    import kernels.moe_mlp as moe_mlp
+    from bench import moe
+
+    monkeypatch.setattr("bench.common.device_name", lambda: "NVIDIA H200")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(7, 5, generator=g, requires_grad=True)
+    x = torch.randn(9, 7, generator=g)
+
+    def fn():  # a stand-in whose gathered path is broken (scales by 1.5); SWIGLU_IN_GEMM changes nothing
+        return x @ (w * (1.5 if moe_mlp.GATHER_IN_GEMM else 1.0))
+
+    rows = [{"case": "moe_mlp/uniform", "mode": "fwd+bwd", "impl": impl, "ms": ms} for impl, ms in
+            (("ours_triton", 10.0), ("ours_triton_gather", 5.0), ("ours_triton_swiglu_kernel", 8.0))]
+    before = (moe_mlp.GATHER_IN_GEMM, moe_mlp.SWIGLU_IN_GEMM)
+    moe._save_choices(rows, {"GATHER_IN_GEMM": False, "SWIGLU_IN_GEMM": True}, fn, [w],
+                      torch.randn(9, 5, generator=g), str(tmp_path))
+    saved = json.loads((tmp_path / "NVIDIA_H200.json").read_text())["moe_mlp"]
+    assert saved["values"] == {"GATHER_IN_GEMM": False, "SWIGLU_IN_GEMM": False}  # 2x faster but wrong: refused
+    assert float(saved["measured"]["GATHER_IN_GEMM"]["rel err"]) == pytest.approx(0.5, rel=1e-2)
+    assert float(saved["measured"]["SWIGLU_IN_GEMM"]["rel err"]) == 0.0
+    assert (moe_mlp.GATHER_IN_GEMM, moe_mlp.SWIGLU_IN_GEMM) == before  # the module's flags are restored

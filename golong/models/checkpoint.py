@@ -303,11 +303,13 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
         shards[-1], sizes[-1] = {}, 0
 
     first_dtype = None
+    total = 0  # the index's total_size: bytes of the tensors (headers excluded), as transformers writes it
     for key, t in hf_state_items(model, expert_layout, dtype):
         first_dtype = first_dtype or t.dtype
         if rank != 0:
             continue
         nbytes = t.numel() * t.element_size()
+        total += nbytes
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
             flush()
         # a copy: expert slices are views of one tensor, and safetensors refuses shared storage
@@ -317,13 +319,12 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
         if shards[-1]:
             flush()
         n = len(written)
-        weight_map, total = {}, 0
+        weight_map = {}
         for i, (tmp_name, keys) in enumerate(written):
             final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (tmp / tmp_name).rename(tmp / final)
             weight_map.update(dict.fromkeys(keys, final))
         if n > 1:
-            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         dtype_name = str(first_dtype).removeprefix("torch.") if first_dtype is not None else None

@@ -171,3 +171,78 @@ def test_load_refuses_state_files_that_would_run_code(tmp_path, monkeypatch):
         assert not (tmp_path / "PWNED").exists()
         (path / name).write_bytes(good)
     assert ck.load(path, model, opt)["step"] == 1
+
+
+def test_should_save_schedule():
+    ck = Checkpointer("unused", every=50)
+    assert [s for s in range(1, 201) if ck.should_save(s)] == [50, 100, 150, 200]
+    assert ck.should_save(73, last_step=True) and not ck.should_save(73)
+    never = Checkpointer("unused", every=0)  # every=0: only the final step
+    assert not any(never.should_save(s) for s in range(1, 101)) and never.should_save(7, last_step=True)
+
+
+def test_newest_is_read_from_the_marker_not_the_file_time(tmp_path):
+    import os
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=3)
+    a = ck.save(10, model, opt, {"step": 10})
+    b = ck.save(5, model, opt, {"step": 5})  # sealed later
+    later = (a / MARKER).stat().st_mtime_ns + 10**12
+    os.utime(a / MARKER, ns=(later, later))  # a copied / touched directory: file times say nothing
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [10, 5]
+    # a marker without the seal time (older golong) falls back to the file time
+    (a / MARKER).write_text("10\n")
+    os.utime(a / MARKER, ns=(later, later))
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [5, 10]
+    assert latest_checkpoint(tmp_path / "ck") == a and b.is_dir()
+
+
+def test_repair_of_every_killed_save_state(tmp_path):
+    model, opt = _model_and_opt()
+    root = tmp_path / "ck"
+    ck = Checkpointer(root, keep_last=5)
+    ck.save(1, model, opt, {"step": 1, "copy": "old"})
+    ck.save(2, model, opt, {"step": 2, "copy": "old"})
+    # step 1 re-saved, killed after its new copy was sealed but before the old one was set aside:
+    # the complete checkpoint in place stands, the sealed temp copy is dropped
+    (root / ".tmp-step_000001").mkdir()
+    (root / ".tmp-step_000001" / MARKER).write_text("1\n5\n")
+    # step 2 re-saved, old copy set aside, new copy never sealed: the old copy is put back
+    (root / "step_000002").rename(root / ".old-step_000002")
+    (root / ".tmp-step_000002").mkdir()
+    assert ck.resolve("auto") == root / "step_000002"
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002"]
+    fresh, fresh_opt = _model_and_opt(seed=1)
+    assert ck.load(root / "step_000001", fresh, fresh_opt)["copy"] == "old"
+    assert ck.load(root / "step_000002", fresh, fresh_opt)["copy"] == "old"
+    # an explicit resume path must be a sealed checkpoint
+    (root / "step_000003").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.resolve(str(root / "step_000003"))
+    assert ck.resolve(str(root / "step_000001")) == root / "step_000001"
+
+
+def test_extra_files_and_export_dtype_and_tokenizer(tmp_path):
+    from safetensors import safe_open
+
+    model, opt = _model_and_opt()
+
+    def add_tokenizer(d):
+        (d / "tokenizer").mkdir()
+        (d / "tokenizer" / "tokenizer.json").write_text('{"fake": true}')
+
+    ckpt = Checkpointer(tmp_path / "ck").save(3, model, opt, {"step": 3}, hf_config=model.config.to_hf(
+        dtype="float32"), extra_files=add_tokenizer)
+    assert (ckpt / "tokenizer" / "tokenizer.json").read_text() == '{"fake": true}'  # sealed with the checkpoint
+    out = export_hf(ckpt, tmp_path / "hf", dtype="bfloat16")
+    assert (out / "tokenizer.json").read_text() == '{"fake": true}'
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert keys and all(f.get_tensor(k).dtype == torch.bfloat16 for k in keys)
+        k = next(k for k in keys if k.endswith("q_proj.weight"))
+        ref = dict(model.named_parameters())[k].detach()
+        assert torch.equal(f.get_tensor(k), ref.to(torch.bfloat16))
+    (tmp_path / "ck" / "step_000004").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        export_hf(tmp_path / "ck" / "step_000004", tmp_path / "hf2")

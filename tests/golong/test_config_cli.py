@@ -75,6 +75,92 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     assert needle in msg and "\n" not in msg
 
 
+# every value check, just past its boundary (the message names the key) ...
+@pytest.mark.parametrize("override, needle", [
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens must be >= 1"),
+    ("data.synthetic_context_tokens=0", "data.synthetic_context_tokens must be >= 1"),
+    ("rollout.n=0", "rollout.n must be >= 1"),
+    ("rollout.val_n=0", "rollout.val_n must be >= 1"),
+    ("rollout.val_temperature=0", "rollout.val_temperature must be > 0"),
+    ("rollout.top_p=1.01", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+    ("rollout.val_top_p=0", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+    ("rollout.max_response_tokens=0", "rollout.max_response_tokens must be >= 1"),
+    ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization must be in (0, 1]"),
+    ("rollout.reward_timeout_s=0", "rollout.reward_timeout_s must be > 0"),
+    ("rollout.reward_workers=-1", "rollout.reward_workers must be >= 0"),
+    ("algo.clip_low=1", "algo.clip_low must be in [0, 1)"),
+    ("algo.clip_high=-0.01", "algo.clip_high >= 0"),
+    ("algo.dual_clip=1", "algo.dual_clip must be > 1"),
+    ("algo.ppo_epochs=0", "algo.ppo_epochs must be >= 1"),
+    ("algo.max_num_gen_batches=0", "algo.max_num_gen_batches must be >= 1"),
+    ("algo.eps=0", "algo.eps must be > 0"),
+    ("algo.kl_coef=0.01", "algo.kl_coef: the trainer keeps no reference policy"),
+    ("algo.rollout_is_lower=0", "algo.rollout_is_lower must be in (0, 1]"),
+    ("algo.rollout_is_lower=1.01", "algo.rollout_is_lower must be in (0, 1]"),
+    ("algo.rollout_is_upper=0.99", "algo.rollout_is_upper >= 1"),
+    ("algo.alpha=1.01", "algo.alpha must be in [0, 1]"),
+    ("algo.alpha=-0.01", "algo.alpha must be in [0, 1]"),
+    ("parallel.cp=0", "parallel.cp must be >= 1"),
+    ("trainer.prompts_per_step=0", "trainer.prompts_per_step must be >= 1"),
+    ("trainer.mini_batch_prompts=0", "trainer.mini_batch_prompts must be >= 1"),
+    ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens must be >= 1"),
+    ("trainer.total_steps=-1", "trainer.total_steps and trainer.sft_steps must be >= 0"),
+    ("trainer.sft_steps=-1", "trainer.total_steps and trainer.sft_steps must be >= 0"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.min_lr_ratio=1.01", "optim.min_lr_ratio must be in [0, 1]"),
+    ("optim.min_lr_ratio=-0.01", "optim.min_lr_ratio must be in [0, 1]"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
+    ("optim.grad_clip=-1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
+    ("optim.weight_decay=-0.1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("model.scratch=null", "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
+    ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last >= 1"),
+    ("model.dtype=int8", "model.dtype='int8' is not a valid choice; choose one of: bfloat16, float32, float16"),
+    ("parallel.reduce_dtype=float16", "parallel.reduce_dtype='float16' is not a valid choice"),
+    ("optim.impl=apex", "optim.impl='apex' is not a valid choice"),
+])
+def test_every_value_check_rejects_just_past_its_bound(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo-cpu.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ... and accepts the bound itself
+@pytest.mark.parametrize("override, key, value", [
+    ("data.max_prompt_tokens=1", "data.max_prompt_tokens", 1),
+    ("data.synthetic_context_tokens=1", "data.synthetic_context_tokens", 1),
+    ("rollout.top_p=1", "rollout.top_p", 1.0),
+    ("rollout.val_top_p=1", "rollout.val_top_p", 1.0),
+    ("rollout.gpu_memory_utilization=1", "rollout.gpu_memory_utilization", 1.0),
+    ("rollout.reward_workers=0", "rollout.reward_workers", 0),
+    ("algo.clip_low=0", "algo.clip_low", 0.0),
+    ("algo.clip_high=0", "algo.clip_high", 0.0),
+    ("algo.dual_clip=1.001", "algo.dual_clip", 1.001),
+    ("algo.rollout_is_lower=1", "algo.rollout_is_lower", 1.0),
+    ("algo.rollout_is_upper=1", "algo.rollout_is_upper", 1.0),
+    ("algo.alpha=0", "algo.alpha", 0.0),
+    ("algo.alpha=1", "algo.alpha", 1.0),
+    ("trainer.total_steps=0", "trainer.total_steps", 0),
+    ("trainer.sft_steps=0", "trainer.sft_steps", 0),
+    ("optim.min_lr_ratio=0", "optim.min_lr_ratio", 0.0),
+    ("optim.min_lr_ratio=1", "optim.min_lr_ratio", 1.0),
+    ("optim.warmup_steps=0", "optim.warmup_steps", 0),
+    ("optim.grad_clip=0", "optim.grad_clip", 0.0),
+    ("optim.weight_decay=0", "optim.weight_decay", 0.0),
+    ("optim.betas=[0,0.999]", "optim.betas", [0.0, 0.999]),
+    ("checkpoint.every=0", "checkpoint.every", 0),
+    ("checkpoint.keep_last=1", "checkpoint.keep_last", 1),
+    ("model.dtype=float16", "model.dtype", "float16"),
+])
+def test_value_checks_accept_their_bounds(override, key, value):
+    c = load_config(ROOT / "configs/demo-cpu.yaml", [override])
+    section, name = key.split(".")
+    assert getattr(getattr(c, section), name) == value
+
+
 def test_yaml_errors_name_file_line_and_problem(tmp_path):
     (tmp_path / "dup.yaml").write_text("model:\n  scratch: {}\nmodel:\n  dtype: float32\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: line 3, column 1: found duplicate key model"):
@@ -95,6 +181,34 @@ def test_run_problems_warn_on_dry_run_and_stop_train(capsys):
     assert capsys.readouterr().err.strip() == "golong: error: data.train_files: nowhere.parquet does not exist"
 
 
+def test_run_problems_name_every_missing_path(tmp_path):
+    from golong.config import run_problems
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    cfg = load_config(ROOT / "configs/demo-cpu.yaml", [
+        f"data.train_files=[{data},{tmp_path}/t2.jsonl]", f"data.val_files=[{tmp_path}/v.jsonl]",
+        f"model.path={tmp_path}/m", f"model.tokenizer={tmp_path}/tok", f"checkpoint.resume={tmp_path}/step_9"])
+    assert run_problems(cfg) == [
+        f"data.train_files: {tmp_path}/t2.jsonl does not exist", f"data.val_files: {tmp_path}/v.jsonl does not exist",
+        f"model.path: {tmp_path}/m does not exist", f"model.tokenizer: {tmp_path}/tok does not exist",
+        f"checkpoint.resume ('auto', 'none' or a checkpoint directory): {tmp_path}/step_9 does not exist"]
+    for resume in ("auto", "none"):  # keywords, not paths
+        ok = load_config(ROOT / "configs/demo-cpu.yaml", [f"checkpoint.resume={resume}"])
+        assert run_problems(ok) == []
+    assert run_problems(load_config(ROOT / "configs/demo-cpu.yaml", [f"data.train_files=[{data}]",
+                                                                      "data.synthetic_n=0"])) == []
+
+
+def test_synth_passes_seed_and_context_length(tmp_path):
+    from golong.data.synthetic import generate
+
+    out = tmp_path / "d.jsonl"
+    assert main(["data", "synth", "--out", str(out), "--n", "3", "--context-tokens", "40", "--seed", "7"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [r.to_dict() for r in generate(3, 40, seed=7)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["plot", "/nonexistent/run"], "no metrics.jsonl in /nonexistent/run"),
     (["export", "/nonexistent/ckpt", "/tmp/x"], "not a complete checkpoint"),
@@ -102,6 +216,7 @@ def test_run_problems_warn_on_dry_run_and_stop_train(capsys):
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--tasks", "poetry"], "unknown synthetic task 'poetry'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "0"], "--n and --context-tokens must be >= 1"),
     (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "0"], "--gpus must be >= 1"),
+    (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "8", "--gpu-mem", "0"], "--gpu-mem > 0"),
 ])
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pyarrow as pa
@@ -61,6 +62,11 @@ def test_goLongRL_dict_layout_parses():
     assert Record.from_dict(d).ground_truth.golden_label == "42"
     d["reward_model"]["ground_truth"] = [{"golden_label": "1"}, {"golden_label": "2"}]
     assert Record.from_dict(d).ground_truth.golden_label == "2"
+    # a bare prompt string is one user turn; a non-default reward style survives the round trip
+    d["prompt"], d["reward_model"]["style"] = "what is 6*7?", "model"
+    rec = Record.from_dict(d)
+    assert rec.prompt == [{"role": "user", "content": "what is 6*7?"}]
+    assert rec.style == "model" and rec.to_dict()["reward_model"]["style"] == "model"
 
 
 @pytest.mark.parametrize("breaker, message", [
@@ -69,6 +75,9 @@ def test_goLongRL_dict_layout_parses():
     (lambda d: d.update(prompt=[]), "non-empty list"),
     (lambda d: d["reward_model"]["ground_truth"].update(doc_ids="abc"), "doc_ids must be a list"),
     (lambda d: d["reward_model"]["ground_truth"].update(doc_ids=[]), "empty ground truth"),
+    (lambda d: d["reward_model"]["ground_truth"].update(doc_ids=[], golden_label=" \n "), "empty ground truth"),
+    (lambda d: d.update(ability=5), "ability must be a string"),
+    (lambda d: d.update(extra_info=["T1.2"]), "extra_info must be an object"),
     (lambda d: d.update(extra_info={"reward_mode": "T99 Nothing"}, data_source="nowhere", ability=""),
      "cannot route"),
 ])
@@ -91,6 +100,11 @@ def test_invalid_json_line_and_parquet_row(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     with pytest.raises(RecordError, match="t.parquet: row 3: data_source"):
         load_records(tmp_path / "t.parquet")
+    rows = [_row(i) for i in range(300)]  # the reader streams 256-row batches: rows count on across them
+    rows[270]["prompt"] = []
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "long.parquet")
+    with pytest.raises(RecordError, match="long.parquet: row 270: prompt must be a non-empty list"):
+        load_records(tmp_path / "long.parquet")
     with pytest.raises(RecordError, match="unsupported dataset format"):
         (tmp_path / "x.csv").write_text("a")
         load_records(tmp_path / "x.csv")
@@ -175,9 +189,32 @@ def test_build_prompts_template_and_truncation(tok, caplog):
         assert "Read the text and answer the question." not in text
     dropped = build_prompts(recs, tok, limit, overflow="drop")
     assert [p.index for p in dropped] == list(range(6))
+    # `index` is the position in `records`, also after a dropped record in the middle
+    mixed = [recs[0], recs[6], recs[1], recs[7], recs[2]]
+    assert [p.index for p in build_prompts(mixed, tok, limit, overflow="drop")] == [0, 2, 4]
+    assert [p.record for p in build_prompts(mixed, tok, limit, overflow="drop")] == [recs[0], recs[1], recs[2]]
+    # a prompt of exactly the limit fits: kept whole, not truncated nor dropped
+    (exact,) = build_prompts(recs[:1], tok, len(full[0]), overflow="drop")
+    assert exact.input_ids == full[0] and not exact.truncated
+    (exact,) = build_prompts(recs[:1], tok, len(full[0]))
+    assert exact.input_ids == full[0] and not exact.truncated
     assert build_prompts(recs[:1], tok, 5) == []  # template overhead alone exceeds the limit
     with pytest.raises(ValueError, match="overflow"):
         build_prompts(recs, tok, limit, overflow="right")
+
+
+def test_chat_template_kwargs_reach_every_encoding(tok):
+    """enable_thinking=False pre-fills an empty think block, in short prompts and in truncated ones alike
+    (the truncation re-applies the template with the same kwargs and counts its tokens)."""
+    rec = generate(1, 20, seed=6)[0]
+    long_rec = generate(1, 900, seed=7)[0]
+    kw = {"enable_thinking": False}
+    want = tok(tok.apply_chat_template(rec.prompt, tokenize=False, add_generation_prompt=True, **kw),
+               add_special_tokens=False)["input_ids"]
+    short, cut = build_prompts([rec, long_rec], tok, 300, chat_template_kwargs=kw)
+    assert short.input_ids == want and not short.truncated
+    assert cut.truncated and len(cut.input_ids) <= 300
+    assert tok.decode(cut.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_truncation_cuts_further_messages_and_whole_characters(tok):
@@ -189,6 +226,20 @@ def test_truncation_cuts_further_messages_and_whole_characters(tok):
     text = tok.decode(p.input_ids)
     assert p.truncated and len(p.input_ids) <= 300 and text.count("<|im_start|>") == 3
     assert "alpha" not in text and text.rstrip().endswith("QUESTION?<|im_end|>\n<|im_start|>assistant")
+    # several messages used up in turn (longest first), and the cut is minimal: with one token per
+    # word the truncated prompt is exactly `limit` tokens, its kept text a suffix of the original
+    msgs = [{"role": "system", "content": "alpha " * 200}, {"role": "user", "content": "gamma " * 150},
+            {"role": "assistant", "content": "delta " * 120}, {"role": "user", "content": "beta " * 100 + "QUESTION?"}]
+    rec = Record("EM", msgs, "", GroundTruth(["x"], "x"))
+    for limit in (60, 80, 150):
+        (p,) = build_prompts([rec], tok, limit)
+        text = tok.decode(p.input_ids)
+        assert p.truncated and len(p.input_ids) == limit, limit
+        head, last = text.rsplit("<|im_start|>user\n", 1)
+        assert head == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|im_end|>\n"
+                        "<|im_start|>assistant\n<|im_end|>\n")
+        kept = last.removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+        assert msgs[3]["content"].endswith(kept) and kept.endswith("beta QUESTION?"), limit
     cjk = Record("EM", [{"role": "user", "content": "漢字テキスト" * 200 + " END"}], "", GroundTruth(["x"], "x"))
     for limit in range(90, 100):  # cut points inside multi-byte characters
         (p,) = build_prompts([cjk], tok, limit)
@@ -214,6 +265,12 @@ def test_prompt_sampler_deterministic_and_resumable():
     assert r.take(17) == expect
     with pytest.raises(ValueError, match="dataset has 11"):
         PromptSampler(11).load_state_dict(state)
+    # the saved order (shuffled or not, and its seed) wins over the new sampler's own settings
+    plain = PromptSampler(10, shuffle=False)
+    plain.take(4)
+    r = PromptSampler(10, seed=5, shuffle=True)
+    r.load_state_dict(plain.state_dict())
+    assert r.take(8) == [4, 5, 6, 7, 8, 9, 0, 1]
 
 
 # ------------------------------------------------------------------ synthetic tasks
@@ -239,11 +296,80 @@ def test_synthetic_all_tasks_scored_by_rewards():
     assert 0.0 < score_record(r, "\n".join(half[:-2] + half[-1:-3:-1])) < 1.0
 
 
+_NAME = r"([a-z]+-[a-z]+)"
+
+
+def _solve_from_prompt(task: str, content: str) -> tuple[list[str], str]:
+    """The gold (doc_ids, golden_label) of a synthetic record, worked out from its prompt text alone."""
+    context, question = content.split("\n\nQuestion: ", 1)
+    if task == "precise_retrieval":
+        codes = dict(re.findall(rf"The code of {_NAME} is (\d+)\.", context))
+        code = codes[re.search(rf"code of {_NAME}\?", question)[1]]
+        return [code], code
+    if task == "comprehension":
+        city = dict(re.findall(rf"{_NAME} lives in (\w+)\.", context))[re.search(rf"does {_NAME} live", question)[1]]
+        letter = {c: x for x, c in re.findall(r"\(([ABCD])\) (\w+)", question)}[city]
+        return [letter], letter
+    if task == "exhaustive_retrieval":
+        team = re.search(r"member of the (\w+) team", question)[1]
+        members = [n for n, c in re.findall(rf"{_NAME} belongs to the (\w+) team\.", context) if c == team]
+        return members, "\n".join(members)
+    if task == "numerical_reasoning":
+        coins = {n: int(c) for n, c in re.findall(rf"{_NAME} holds (\d+) coins\.", context)}
+        a, b = re.search(rf"do {_NAME} and {_NAME} hold", question).groups()
+        return [str(coins[a] + coins[b])], str(coins[a] + coins[b])
+    if task == "structured_extraction":
+        city = re.search(r"city is (\w+) as rows", question)[1]
+        rows = [[n, int(a)] for n, c, a in re.findall(rf"Record: name={_NAME}; city=(\w+); age=(\d+)\.", context)
+                if c == city]
+        return [], json.dumps({"data": rows})
+    if task == "structured_matching":
+        who = re.search(rf"does {_NAME} own", question)[1]
+        tools = [t for n, t in re.findall(rf"{_NAME} owns a (\w+)\.", context) if n == who]
+        return tools, "\n".join(tools)
+    if task == "graded_ranking":
+        scored = [(int(s), n) for n, s in re.findall(rf"{_NAME} scored (\d+) points\.", context)]
+        ranked = [n for _, n in sorted(scored, reverse=True)]
+        return ranked, "\n".join(ranked)
+    if task == "sequence_ordering":
+        dated = [(int(y), n) for y, n in re.findall(rf"In (\d{{4}}), {_NAME} ", context)]
+        ordered = [n for _, n in sorted(dated)]
+        return ordered, "\n".join(ordered)
+    assert task == "summarization"
+    summary = " ".join(f[0].upper() + f[1:] + "." for f in re.findall(r"Key fact: ([^.]+)\.", context))
+    return [summary], summary
+
+
+def test_synthetic_gold_follows_from_prompt_facts():
+    """Every task's gold answer, recomputed from the facts and question in the prompt (not from the
+    generator): a wrong sum, letter, sort direction, filter or fact order in a builder fails here."""
+    for r in generate(45, 40, seed=11):
+        gt = r.ground_truth
+        doc_ids, label = _solve_from_prompt(r.ability, r.prompt[0]["content"])
+        assert (gt.doc_ids, gt.golden_label) == (doc_ids, label), r.ability
+        if r.ability == "numerical_reasoning":
+            assert r.extra_info["answer"] == f"\\boxed{{{label}}}"
+        elif r.ability == "comprehension":
+            assert r.extra_info["answer"] == f"The correct answer is ({label})"
+        elif r.ability == "structured_extraction":
+            assert r.extra_info["answer"] == f"<answer>{label}</answer>" and json.loads(label)["data"]
+        else:
+            assert r.extra_info["answer"] == label and label
+        if r.ability == "summarization":
+            assert gt.summary == label
+    # record i depends on (seed, i): two records of one task in one call differ
+    recs = generate(18, 40, seed=11)
+    assert all(recs[i].prompt != recs[i + 9].prompt for i in range(9))
+
+
 def test_synthetic_context_length_and_determinism(tmp_path):
     for L in (0, 500, 3000):
         r = generate(1, L, seed=9, tasks=["summarization"])[0]
         words = len(r.prompt[0]["content"].split())
         assert L <= words <= L + 80
+        # the filler alone (the context without its three key-fact needles) is exactly L words
+        context = r.prompt[0]["content"].split("\n\n")[1] if L else ""
+        assert len(re.sub(r"Key fact: [^.]+\.", "", context).split()) == L
     assert [r.to_dict() for r in generate(9, 100, seed=1)] == [r.to_dict() for r in generate(9, 100, seed=1)]
     assert generate(9, 100, seed=1)[0].to_dict() != generate(9, 100, seed=2)[0].to_dict()
     p = write_dataset(tmp_path / "s.parquet", 18, 50, seed=0, tasks=["graded_ranking", "comprehension"])

@@ -4,6 +4,7 @@ demo (minutes) is `golong demo`; this checks that every artifact it promises is 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,11 @@ def test_demo_smoke_writes_every_artifact(tmp_path, capsys):
 
     build_demo_tokenizer(1024).save_pretrained(str(tmp_path / "tok"))
     out = tmp_path / "demo"
+    # an earlier demo's outputs are replaced, anything else in the directory is left alone
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "model-00009-of-00009.safetensors").write_text("stale")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 99, "val/reward/mean": 0.5}) + "\n")
+    (out / "notes.txt").write_text("mine")
     summary = run_demo(out, overrides=[
         f"model.tokenizer={tmp_path / 'tok'}", "model.scratch.hidden_size=32", "model.scratch.num_experts=4",
         "model.scratch.moe_intermediate_size=32", "model.scratch.intermediate_size=64",
@@ -34,9 +40,84 @@ def test_demo_smoke_writes_every_artifact(tmp_path, capsys):
     assert saved["world_size"] == 2 and saved["rl_steps"] == 1
     assert saved["hf_export"]["transformers_max_abs_logit_diff"] < 1e-4
 
-    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
     assert steps.count(-1) == 1 and steps.count(-3) == 1 and 0 in steps and 1 in steps  # SFT, SFT val, RL
+    assert 99 not in steps and not (out / "hf" / "model-00009-of-00009.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    # the summary reports the validations logged after SFT (step 0) and after the last RL step, task by task
+    val = {r["step"]: r for r in rows if "val/reward/mean" in r}
+    assert sorted(val) == [0, 1]
+    assert saved["reward_after_sft"] == val[0]["val/reward/mean"]
+    assert saved["reward_after_rl"] == val[1]["val/reward/mean"]
+    assert saved["rl_improved"] == (val[1]["val/reward/mean"] > val[0]["val/reward/mean"])
+    metric = {"precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
+              "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
+              "graded_ranking": "ndcg", "sequence_ordering": "pairwise", "summarization": "rouge_l"}
+    for r in saved["per_task"]:
+        key = "val/reward/task/" + r["task"]
+        assert (r["after_sft"], r["after_rl"], r["metric"]) == (val[0][key], val[1][key], metric[r["task"]])
+    assert (saved["held_out_prompts"], saved["sft_steps"]) == (9, 3)
+    assert saved["validation"] == {"temperature": 0.6, "top_p": 0.95, "responses_per_prompt": 1}
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     printed = capsys.readouterr().out
     assert "held-out reward" in printed and "summarization" in printed and "after RL" in printed
+
+
+def test_demo_refuses_a_config_without_sft_or_validation(tmp_path):
+    from golong.demo import run_demo
+
+    for override in ("trainer.sft_steps=0", "trainer.val_every=0"):
+        with pytest.raises(ValueError, match="the demo needs trainer.sft_steps > 0 and trainer.val_every > 0"):
+            run_demo(tmp_path / "d", overrides=[override])
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch, capsys):
+    """Summary and table come from the trainer's validation history: the one after SFT (step 0) and the one
+    after the last RL step, task by task. The smoke run's tiny model scores 0 everywhere, so here the
+    trainer is played by a stand-in that leaves a real checkpoint and metrics and returns distinct rewards."""
+    import torch
+
+    import golong.demo as demo
+    from golong.checkpoint import Checkpointer
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.logger import MetricsWriter
+    from golong.models import from_config
+    from golong.trainer import scratch_hf_config
+    from tests.golong.trainer_helpers import tiny_config
+
+    tasks = ["summarization", "graded_ranking", "precise_retrieval"]
+
+    def val(step: int, base: float) -> dict:
+        per_task = {f"val/reward/task/{t}": base + 0.125 * i for i, t in enumerate(tasks)}
+        return {"step": step, "val/reward/mean": base + 0.125, **per_task}
+
+    history = [val(0, 0.25), val(4, 0.5), val(2, 0.0625)]  # the last RL step is not the list's last entry
+
+    def fake_launch(cfg, world):
+        out = Path(cfg.logging.run_dir)
+        tok = build_demo_tokenizer(1024)
+        torch.manual_seed(0)
+        model = from_config(scratch_hf_config(tiny_config()), dtype=torch.float32)
+        Checkpointer(out / "checkpoints").save(4, model, None, {"step": 4}, hf_config=model.config.to_hf(
+            dtype="float32"), extra_files=lambda d: tok.save_pretrained(str(d / "tokenizer")))
+        w = MetricsWriter(out, tensorboard=False)
+        for h in history:
+            w.log(h["step"], {k: v for k, v in h.items() if k != "step"})
+        w.close()
+        return history
+
+    monkeypatch.setattr(demo, "_launch", fake_launch)
+    summary = demo.run_demo(tmp_path / "demo", overrides=["data.synthetic_context_tokens=20",
+                                                          "rollout.val_temperature=0.7"])
+    assert (summary["reward_after_sft"], summary["reward_after_rl"], summary["rl_steps"]) == (0.375, 0.625, 4)
+    assert summary["rl_improved"] and summary["validation"]["temperature"] == 0.7
+    assert summary["per_task"] == [
+        {"task": "graded_ranking", "metric": "ndcg", "after_sft": 0.375, "after_rl": 0.625},
+        {"task": "precise_retrieval", "metric": "em", "after_sft": 0.5, "after_rl": 0.75},
+        {"task": "summarization", "metric": "rouge_l", "after_sft": 0.25, "after_rl": 0.5}]
+    assert summary["hf_export"]["transformers_max_abs_logit_diff"] < 1e-4
+    printed = capsys.readouterr().out
+    assert printed.count("+0.250") == 4 and "0.375 after SFT -> 0.625 after RL" in printed  # 3 tasks + all

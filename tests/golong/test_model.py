@@ -109,6 +109,21 @@ def test_activation_checkpointing_same_gradients(pair):
     model.zero_grad()
     for n in grads[0]:
         assert rel(grads[1][n], grads[0][n]) <= 1e-6, n
+    # and it does recompute: the forward keeps only each layer's input for backward, not its activations
+    saved = []
+    for ckpt in (False, True):
+        model.set_activation_checkpointing(ckpt)
+        n = [0]
+
+        def pack(t, n=n):
+            n[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, cu, targets=targets)
+        saved.append(n[0])
+    model.set_activation_checkpointing(False)
+    assert saved[1] < saved[0] / 3, saved
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
@@ -141,6 +156,38 @@ def test_save_sharded_then_transformers_and_golong_load(pair, layout, tmp_path):
     back = gm.from_pretrained(out, dtype=torch.float32)
     for (n, p), (n2, p2) in zip(model.named_parameters(), back.named_parameters()):
         assert n == n2 and torch.equal(p, p2), n
+
+
+def test_saved_shards_respect_the_size_limit_index_and_dtype(pair, tmp_path):
+    """Shards hold at most max_shard_bytes of tensors (a single larger tensor gets its own file); the index's
+    total_size is the tensors' bytes, as transformers writes it; config.json records the saved dtype; a
+    directory that is not a plain export is refused."""
+    from safetensors import safe_open
+
+    from golong.models.checkpoint import hf_state_items
+
+    _, _, _, model = pair
+    limit = 150_000
+    model.save_pretrained(tmp_path / "s", max_shard_bytes=limit, dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    order = [k for k, _ in hf_state_items(model)]  # the order the tensors are written in
+    total, per_file = 0, {}
+    for f in sorted(set(index["weight_map"].values())):
+        with safe_open(str(tmp_path / "s" / f), "pt") as st:
+            sizes = [st.get_tensor(k).numel() * 2 for k in sorted(st.keys(), key=order.index)]
+            assert all(st.get_tensor(k).dtype == torch.bfloat16 for k in st.keys())
+        per_file[f] = sizes
+        total += sum(sizes)
+        assert sum(sizes) <= limit or len(sizes) == 1, (f, sizes)
+    assert total == sum(p.numel() * 2 for p in model.parameters())
+    assert index["metadata"]["total_size"] == total
+    files = list(per_file.values())  # greedy: a file was closed only because the next tensor did not fit
+    assert all(sum(a) + b[0] > limit for a, b in zip(files, files[1:]))
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    (tmp_path / "s" / "extra").mkdir()  # a directory inside: not an export, never replaced
+    with pytest.raises(FileExistsError, match="holds no earlier Hugging Face export"):
+        model.save_pretrained(tmp_path / "s")
 
 
 def test_bf16_load_and_strictness(pair, tmp_path):
@@ -244,6 +291,28 @@ def test_kv_cache_decoding_matches_full_forward(pair):
         assert rel(torch.stack(got[b]), ref) <= 1e-5, b
     with pytest.raises(ValueError, match="overflow"):
         model.forward_cached(torch.zeros(3, 20, dtype=torch.long), cache)
+
+
+def test_kv_cache_full_to_the_last_slot(pair):
+    """A row one token short of max_len decodes next to a row prefilling several tokens: the short row's
+    padding (positions past max_len) is never written, the cache fills exactly, one more token overflows."""
+    _, _, _, model = pair
+    g = torch.Generator().manual_seed(21)
+    first, second = torch.randint(0, 1000, (8,), generator=g), torch.randint(0, 1000, (5,), generator=g)
+    cache = model.new_kv_cache(batch=2, max_len=8)
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    batch[0] = first[:7]
+    with torch.no_grad():
+        model.forward_cached(batch, cache, torch.tensor([7, 0]))
+        batch = torch.zeros(2, 5, dtype=torch.long)
+        batch[0, 0], batch[1] = first[7], second
+        h = model.forward_cached(batch, cache, torch.tensor([1, 5]))
+        ref0 = model(first, torch.tensor([0, 8], dtype=torch.int32))
+        ref1 = model(second, torch.tensor([0, 5], dtype=torch.int32))
+    assert cache.lengths.tolist() == [8, 5]
+    assert rel(h[0, :1], ref0[7:]) <= 1e-5 and rel(h[1], ref1) <= 1e-5
+    with pytest.raises(ValueError, match="a row needs 9 positions, max_len=8"):
+        model.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor([1, 0]))
 
 
 def _rewrite(path, file: str, edit) -> None:

@@ -52,6 +52,13 @@ def test_parse_real_config_and_roundtrip():
     ("num_key_value_heads", 5, "num_key_value_heads"),
     ("num_experts", 0, "num_experts"),
     ("dual_chunk_attention_config", {"chunk_size": 262144}, "dual_chunk_attention_config"),
+    ("attention_dropout", 0.1, "attention_dropout"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+    ("mlp_bias", True, "mlp_bias"),
+    ("num_experts_per_tok", 0, "num_experts_per_tok=0 must be in \\[1, 128\\]"),
+    ("num_experts_per_tok", 129, "num_experts_per_tok=129 must be in \\[1, 128\\]"),
+    ("moe_intermediate_size", 0, "moe_intermediate_size"),
+    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
 ])
 def test_unrepresentable_config_fails_naming_the_field(field, value, match):
     cfg = dict(QWEN3_30B_A3B, **{field: value})
@@ -66,6 +73,10 @@ def test_unrepresentable_config_fails_naming_the_field(field, value, match):
      "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
     {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 2048,
      "attention_factor": 1.3},
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 8192,
+     "mscale": 0.707, "mscale_all_dim": 1.2},  # DeepSeek-style attention factor
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768,
+     "beta_fast": 8.0, "beta_slow": 8.5},  # truncated bounds meet at dimension 30: a zero-width ramp
 ])
 def test_rope_frequencies_equal_transformers(rope):
     from transformers import Qwen3Config
@@ -88,6 +99,11 @@ def test_rope_frequencies_equal_transformers(rope):
     old["rope_scaling"] = None if rope["rope_type"] == "default" else {
         k: v for k, v in rope.items() if k != "rope_theta"}
     assert torch.equal(RotaryEmbedding(ModelConfig.from_hf(old)).inv_freq_cpu, ref.inv_freq)
+    # and what to_hf writes reads back to the same config and frequencies
+    parsed = ModelConfig.from_hf(hf_cfg)
+    back = ModelConfig.from_hf(parsed.to_hf())
+    assert back == parsed and torch.equal(RotaryEmbedding(back).inv_freq_cpu, ref.inv_freq)
+    assert RotaryEmbedding(back).attention_scaling == ours.attention_scaling
 
 
 def test_from_config_random_init_and_meta_free():
@@ -96,6 +112,8 @@ def test_from_config_random_init_and_meta_free():
     w = model.model.layers[0].mlp.experts.gate_up_proj
     assert w.shape == (8, 96, 64) and abs(w.std().item() - 0.02) < 0.002
     assert torch.equal(model.model.layers[2].self_attn.q_norm.weight, torch.ones(32))
+    wide = gm.from_config(dict(hf_config("moe").to_dict(), initializer_range=0.1), dtype=torch.float32)
+    assert abs(wide.model.layers[0].mlp.experts.gate_up_proj.std().item() - 0.1) < 0.01  # the config's std
     ids = torch.randint(0, 1000, (19,))
     cu = torch.tensor([0, 12, 19], dtype=torch.int32)
     h = model(ids, cu)
@@ -138,3 +156,53 @@ def test_absent_fields_default_as_transformers():
     ours, ref = ModelConfig.from_hf(moe), Qwen3MoeConfig.from_dict(moe)
     assert not hasattr(ref, "head_dim") and ours.head_dim == 64 // 64
     assert ours.num_key_value_heads == ref.num_key_value_heads == 4
+
+
+def test_sparse_step_and_dense_layers_as_transformers():
+    """Which layers are MoE (decoder_sparse_step, mlp_only_layers), as transformers builds them."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    for step, dense in ((2, [3]), (3, []), (1, [0, 4])):
+        raw = dict(model_type="qwen3_moe", vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=8, decoder_sparse_step=step, mlp_only_layers=dense)
+        hf = Qwen3MoeForCausalLM(Qwen3MoeConfig(**raw))
+        want = [isinstance(layer.mlp, Qwen3MoeSparseMoeBlock) for layer in hf.model.layers]
+        assert [ModelConfig.from_hf(raw).layer_is_moe(i) for i in range(6)] == want, (step, dense)
+        ours = gm.from_config(raw, dtype=torch.float32)
+        assert [type(layer.mlp).__name__ == "MoE" for layer in ours.model.layers] == want
+
+
+def test_untied_by_default_and_local_experts_spelling():
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    raw = dict(model_type="qwen3", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert ModelConfig.from_hf(raw).tie_word_embeddings is Qwen3Config.from_dict(raw).tie_word_embeddings is False
+    moe = dict(raw, model_type="qwen3_moe", num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=8)
+    c = ModelConfig.from_hf(moe)
+    assert c.num_experts == 6 and not Qwen3MoeConfig.from_dict(moe).tie_word_embeddings
+    hf = c.to_hf()
+    assert hf["num_experts"] == 6 and "num_local_experts" not in hf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers_where_eps_matters(dtype):
+    """Activations of ~eps^0.5 scale (the eps term is half the mean square), odd width, weights away from 1."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from golong.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    eps = 1e-4
+    x = (torch.randn(7, 3, 37, generator=g) * 1e-2).to(dtype)
+    ours, ref = RMSNorm(37, eps, dtype=dtype), Qwen3RMSNorm(37, eps).to(dtype)
+    with torch.no_grad():
+        w = (1 + 0.3 * torch.randn(37, generator=g)).to(dtype)
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    assert torch.equal(ours(x), ref(x))
+    xd = x.double()  # and the formula itself, in fp64
+    want = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    assert (ours(x).double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()

@@ -75,6 +75,93 @@ def test_flops_follow_the_documented_formula():
     assert math.isclose(t.hardware_flops - none.hardware_flops, extra_pass, rel_tol=1e-9)
 
 
+def test_parameter_counts_and_rollout_work_by_hand():
+    """Parameter counts written out from the published architectures, and the rollout / recompute / KV terms
+    of the FLOP and byte model from the module docstring's formulas (the other tests check only ranges)."""
+    cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml")
+    s = model_shape(cfg.model)
+    attn = 2560 * 32 * 128 * 2 + 2560 * 8 * 128 * 2  # q, o + k, v
+    norms = 128 + 128 + 2560 + 2560  # q_norm, k_norm, input / post-attention norms
+    mlp = 3 * 2560 * 9728
+    assert s.total_params == 36 * (attn + norms + mlp) + 151936 * 2560 + 2560  # tied: one embedding, final norm
+    assert s.active_params == 36 * (attn + mlp) + 151936 * 2560
+    assert s.kv_bytes_per_token == 2 * 36 * 8 * 128 * 2  # K and V, bf16
+    moe_cfg = load_config(ROOT / "configs/qwen3-30b-a3b-grpo.yaml")
+    m = model_shape(moe_cfg.model)
+    attn, norms = 2048 * 32 * 128 * 2 + 2048 * 4 * 128 * 2, 128 + 128 + 2048 + 2048
+    assert m.total_params == 48 * (attn + norms + 128 * 2048 + 128 * 3 * 2048 * 768) + 2 * 151936 * 2048 + 2048
+    assert m.active_params == 48 * (attn + 128 * 2048 + 8 * 3 * 2048 * 768) + 151936 * 2048
+
+    gpus, mem = 16, 141
+    t = predict(cfg, gpus=gpus, gpu_mem_gib=mem).throughput
+    P = min(cfg.data.max_prompt_tokens, cfg.trainer.micro_batch_tokens)
+    S = min(P + cfg.rollout.max_response_tokens, cfg.trainer.micro_batch_tokens)
+    R, docs, prompts = S - P, cfg.trainer.prompts_per_step * cfg.rollout.n, cfg.trainer.prompts_per_step
+    assert (t.doc_len, t.docs, t.tokens) == (S, docs, docs * S)
+    # prefill once per prompt (its n responses share it): 2 N_active P + causal attention forward
+    assert math.isclose(t.rollout_prefill_flops, prompts * (2 * s.active_params * P + 2 * 36 * 32 * 128 * P**2),
+                        rel_tol=1e-12)
+    # decode: every engine reads the bf16 weights once per step; every sequence reads its growing KV cache
+    engines = gpus // cfg.rollout.tensor_parallel_size
+    kv = docs * s.kv_bytes_per_token * sum(P + i for i in range(R))
+    assert math.isclose(t.rollout_decode_bytes, engines * R * s.total_params * 2 + kv, rel_tol=1e-3)
+    reserve = cfg.rollout.gpu_memory_utilization * mem * 1024**3 * cfg.rollout.tensor_parallel_size - 2 * s.total_params
+    assert math.isclose(t.kv_seqs_per_engine, reserve / (s.kv_bytes_per_token * S), rel_tol=1e-12)
+    # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward
+    off = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
+                  gpus=gpus).throughput
+    assert cfg.parallel.activation_checkpointing and off.model_flops == t.model_flops
+    layer_fwd = 2 * (s.active_params - 151936 * 2560) * t.tokens + 2 * 36 * 32 * 128 * S**2 * docs
+    assert math.isclose(t.hardware_flops - off.hardware_flops, layer_fwd, rel_tol=1e-9)
+    # two PPO epochs are off-policy: an old-logprob forward (+ LM head) even without rollout IS or CP
+    base = ["parallel.activation_checkpointing=false", "algo.rollout_is=none", "parallel.cp=1"]
+    on = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=gpus).throughput
+    two = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "algo.ppo_epochs=2"]), gpus=gpus).throughput
+    small = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "trainer.mini_batch_prompts=32"]),
+                    gpus=gpus).throughput
+    old = layer_fwd + 2 * 151936 * 2560 * t.tokens
+    assert math.isclose(two.hardware_flops - on.hardware_flops, old, rel_tol=1e-9)
+    assert math.isclose(small.hardware_flops - on.hardware_flops, old, rel_tol=1e-9)  # several mini-batches
+    # update roofline: each GPU's micro-batches read the bf16 weights in forward, twice in backward and in the
+    # recompute; AdamW reads p, g, m, v and writes p, m, v in fp32
+    micro = -(-t.tokens // (gpus // cfg.parallel.cp) // cfg.trainer.micro_batch_tokens)
+    assert t.micro_batches_per_gpu == micro
+    nbytes = micro * 4 * s.total_params * 2 * gpus + 7 * 4 * s.total_params
+    assert t.update_s == pytest.approx(t.hardware_flops / (gpus * 790e12), rel=1e-12)
+    assert t.update_bound == "compute" and t.update_s > nbytes / (gpus * 4.3e12)
+    # a tiny step is bound by those reads (one pass fewer without the recompute)
+    for ckpt, passes in ((True, 4), (False, 3)):
+        tiny = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [
+            "data.max_prompt_tokens=64", "rollout.max_response_tokens=64", "trainer.prompts_per_step=1", "rollout.n=1",
+            "trainer.mini_batch_prompts=1", f"parallel.activation_checkpointing={ckpt}"]), gpus=gpus).throughput
+        nbytes = 1 * passes * s.total_params * 2 * gpus + 7 * 4 * s.total_params
+        assert tiny.update_bound == "memory" and tiny.update_s == pytest.approx(nbytes / (gpus * 4.3e12), rel=1e-12)
+
+
+def test_a_config_fits_when_both_phases_do():
+    """update: peak + CUDA runtime + a sleeping vLLM's residue; rollout: resident trainer state + vLLM's
+    reservation + CUDA runtime; each <= GPU memory (module docstring)."""
+    gib = 1024**3
+    cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=false"])
+    plan = predict(cfg, gpus=8, gpu_mem_gib=141)
+    assert plan.update_total_bytes == plan.memory.peak_bytes + 2 * gib + 1 * gib
+    assert plan.rollout_total_bytes == plan.memory.resident_bytes + 0.6 * 141 * gib + 2 * gib
+    assert plan.fits == (max(plan.update_total_bytes, plan.rollout_total_bytes) <= 141 * gib)
+    # vLLM taking 95% of the GPU: the update alone would fit, the rollout phase does not
+    greedy = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=false",
+                                                                        "rollout.gpu_memory_utilization=0.95"]),
+                     gpus=8, gpu_mem_gib=141)
+    assert greedy.update_total_bytes <= 141 * gib < greedy.rollout_total_bytes and not greedy.fits
+    # the torch engine and CPU planning reserve nothing for vLLM; on CPU no CUDA runtime either
+    torch_engine = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=false",
+                                                                              "rollout.engine=torch"]), gpus=8)
+    assert torch_engine.update_total_bytes == torch_engine.memory.peak_bytes + 2 * gib
+    assert torch_engine.rollout_total_bytes == torch_engine.memory.resident_bytes + 2 * gib
+    on_cpu = predict(cfg, gpus=8, device="cpu")
+    assert (on_cpu.update_total_bytes, on_cpu.rollout_total_bytes) == (on_cpu.memory.peak_bytes,
+                                                                       on_cpu.memory.resident_bytes)
+
+
 def test_plan_exit_code_says_whether_it_fits(capsys):
     from golong.cli import main
 
@@ -103,6 +190,11 @@ def test_memory_scales_as_the_parallel_layout_says():
     nock = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
                    gpus=8)
     assert nock.memory.breakdown[ACTS] > 10 * predict(cfg, gpus=8).memory.breakdown[ACTS]
+    # at a backward peak under checkpointing the inputs of the layers not yet reached are still saved: at
+    # least (layers - 2) bf16 [T, H] tensors of T = micro_batch_tokens / cp, plus at most one recomputed layer
+    ck = predict(cfg, gpus=8).memory
+    X = -(-cfg.trainer.micro_batch_tokens // cfg.parallel.cp) * 2560 * 2
+    assert ck.peak_phase.startswith("backward") and 34 * X <= ck.breakdown[ACTS] <= (36 + 30) * X
 
 
 # ------------------------------------------------------------------------------------------------

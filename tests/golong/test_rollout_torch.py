@@ -42,8 +42,9 @@ def _allowed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_p=0.95),
                                     SamplingParams(temperature=1.3, top_k=7), SamplingParams(temperature=0.8,
-                                                                                             top_p=0.5, top_k=20)],
-                         ids=["plain", "val", "topk", "topk_topp"])
+                                                                                             top_p=0.5, top_k=20),
+                                    SamplingParams(temperature=0.7, top_p=0.0)],
+                         ids=["plain", "val", "topk", "topk_topp", "topp0"])
 def test_sample_tokens_follows_truncated_distribution(params):
     torch.manual_seed(1)
     logits = torch.randn(3, VOCAB) * 3
@@ -120,6 +121,35 @@ def test_seeded_and_batch_independent():
     assert c.token_ids != a.token_ids
 
 
+def test_stop_ids_default_seeds_progress_and_errors():
+    model = tiny_moe(seed=4).train()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 2, 7, 5)]
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    free = TorchGenerator(model, eos_token_ids=[], max_batch=2).generate(prompts, params)
+    assert model.training  # generate() switches to eval and back
+    # default seeds are 0..N-1: a repeated prompt gets distinct samples, equal to the explicit seeds
+    assert free.token_ids == TorchGenerator(model, eos_token_ids=[]).generate(prompts, params,
+                                                                                seeds=[0, 1, 2, 3, 4]).token_ids
+    same = TorchGenerator(model, eos_token_ids=[]).generate([prompts[0]] * 3, params)
+    assert same.token_ids[0] == free.token_ids[0] and len({tuple(t) for t in same.token_ids}) == 3
+    # the engine's EOS ids and the request's stop_token_ids both end a response, each at its first hit
+    a, b = free.token_ids[1][3], free.token_ids[3][5]
+    stop_params = SamplingParams(temperature=1.0, max_tokens=12, stop_token_ids=[b])
+    done: list[int] = []
+    out = TorchGenerator(model, eos_token_ids=[a], max_batch=2).generate(prompts, stop_params, progress=done.append)
+    assert done == [2, 2, 1]  # requests finished per chunk
+    for ref, toks, reason in zip(free.token_ids, out.token_ids, out.finish_reasons):
+        hits = [t for t, x in enumerate(ref) if x in (a, b)]
+        want = ref[:hits[0] + 1] if hits else ref
+        assert toks == want and reason == ("stop" if hits else "length")
+    assert out.finish_reasons[1] == out.finish_reasons[3] == "stop"
+    with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+        TorchGenerator(model, eos_token_ids=[]).generate(prompts, params, seeds=[1, 2])
+    with pytest.raises(ValueError, match="empty prompt"):
+        TorchGenerator(model, eos_token_ids=[]).generate([[1, 2], []], params)
+
+
 def test_greedy_generate_matches_argmax_of_full_forward():
     model = tiny_moe(seed=5)
     prompt = [3, 14, 15, 92, 65, 35]
@@ -141,6 +171,8 @@ def test_load_weights_changes_samples():
     after = gen.generate([[1, 2, 3]], p).token_ids
     ref = TorchGenerator(other, eos_token_ids=[]).generate([[1, 2, 3]], p).token_ids
     assert after == ref and after != before
+    pushed = dict(other.named_parameters())
+    assert all(torch.equal(p, pushed[n]) for n, p in model.named_parameters())  # an exact copy of every tensor
 
 
 def test_vllm_weight_sync_names_match_the_hf_checkpoint():
