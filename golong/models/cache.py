@@ -43,10 +43,3 @@ class KVCache:
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
         self.k[layer][rows[valid], slots[valid]] = k[valid].to(self.k[layer].dtype)
         self.v[layer][rows[valid], slots[valid]] = v[valid].to(self.v[layer].dtype)
-
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Forget the cached tokens of `rows` (all rows when None); the memory is reused."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[rows] = 0
