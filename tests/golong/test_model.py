@@ -185,6 +185,11 @@ def test_saved_shards_respect_the_size_limit_index_and_dtype(pair, tmp_path):
     assert all(sum(a) + b[0] > limit for a, b in zip(files, files[1:]))
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    # a shard filled exactly to the limit is kept whole (the limit is inclusive)
+    exact = sum(t.numel() * 2 for _, t in list(hf_state_items(model))[:3])
+    model.save_pretrained(tmp_path / "e", max_shard_bytes=exact, dtype=torch.bfloat16)
+    first = json.loads((tmp_path / "e" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(k for k, f in first.items() if f.startswith("model-00001-")) == sorted(order[:3])
     (tmp_path / "s" / "extra").mkdir()  # a directory inside: not an export, never replaced
     with pytest.raises(FileExistsError, match="holds no earlier Hugging Face export"):
         model.save_pretrained(tmp_path / "s")
@@ -395,3 +400,108 @@ def test_tied_checkpoint_with_its_own_lm_head(tmp_path):
     _rewrite(ckpt, "model.safetensors", lambda sd: sd.update({"lm_head.weight": emb.flip(0)}))
     with pytest.raises(ValueError, match="lm_head.weight in model.safetensors differs from model.embed_tokens"):
         gm.from_pretrained(ckpt, dtype=torch.float32)
+
+
+def test_moe_without_renormalised_top_k_matches_transformers(tmp_path):
+    """norm_topk_prob=False (Qwen1.5/2-MoE style): the raw softmax top-k weights, not renormalised — the
+    fixture's MoE has it on, so a block that ignored the config's flag would pass every other test."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from tests.golong.model_fixtures import hf_config, randomize_
+
+    cfg = hf_config("moe")
+    cfg.norm_topk_prob = False
+    torch.manual_seed(2)
+    hf = Qwen3MoeForCausalLM(cfg).float().eval()
+    randomize_(hf, 2)
+    hf.save_pretrained(tmp_path)
+    model = gm.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.model.layers[0].mlp.norm_topk_prob is False
+    ids, cu = packed_batch([7, 12], seed=9)
+    with torch.no_grad():
+        assert rel(model.logits(model(ids, cu)), hf_logits_per_doc(hf, ids, cu)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_rope_router_in_low_precision_match_transformers_exactly(pair, dtype):
+    """The casts the fp32 parity tests cannot see: RMSNorm normalises in fp32 and casts before the weight,
+    cos/sin come back in the activation dtype, the router's logits are in the model dtype (softmax in fp32
+    inside moe_route) — each bit-equal to transformers' module at the same dtype (copies: the fixture's
+    models stay fp32)."""
+    import copy
+
+    import kernels
+    from golong.models.layers import rms_norm
+
+    kind, hf, _, model = pair
+    g = torch.Generator().manual_seed(17)
+    x = (3 * torch.randn(13, 64, generator=g)).to(dtype)
+    norm = model.model.layers[0].input_layernorm
+    hf_norm = copy.deepcopy(hf.model.layers[0].input_layernorm).to(dtype)
+    assert torch.equal(rms_norm(x, norm.weight.detach().to(dtype), norm.eps), hf_norm(x))
+    pos = torch.tensor([0, 3, 17, 250, 1023, 3000])
+    cos, sin = model.rotary(pos, dtype)
+    hcos, hsin = hf.model.rotary_emb(x, pos[None])
+    assert cos.dtype == sin.dtype == dtype
+    assert torch.equal(cos, hcos[0]) and torch.equal(sin, hsin[0])
+    if kind == "moe":
+        moe = copy.deepcopy(model.model.layers[0].mlp).to(dtype)
+        hf_gate = copy.deepcopy(hf.model.layers[0].mlp.gate).to(dtype)
+        logits = moe.gate(x)
+        hl, hscores, hidx = hf_gate(x)
+        assert logits.dtype == dtype and torch.equal(logits, hl)
+        r = kernels.moe_route(logits, moe.top_k, moe.norm_topk_prob)
+        mine, theirs = r.expert_ids.sort(-1).indices, hidx.sort(-1).indices  # the top-k in expert order
+        assert torch.equal(r.expert_ids.gather(1, mine), hidx.gather(1, theirs))
+        assert torch.equal(r.weights.gather(1, mine), hscores.gather(1, theirs))
+
+
+def test_attention_backend_dispatch(pair, monkeypatch):
+    """Which attention each model.attn_backend runs (all numerically equal on CPU, so only a spy can tell):
+    auto/sdpa -> SDPA per document on CPU; kernels -> kernels.flash_attention's own auto choice; triton /
+    torch / flash_attn -> that flash_attention backend; under context parallelism ring_attention, whose
+    local blocks honour triton / torch only."""
+    import golong.models.attention as attention
+    import kernels
+
+    calls = []
+
+    def flash(q, k, v, cu, *, causal, softmax_scale, backend):
+        calls.append(("flash", backend, causal, softmax_scale))
+        return q.clone(), None
+
+    def ring(q, k, v, cu, group, *, causal, softmax_scale, backend):
+        calls.append(("ring", backend, causal, softmax_scale))
+        return q.clone()
+
+    monkeypatch.setattr(kernels, "flash_attention", flash)
+    monkeypatch.setattr(kernels, "ring_attention", ring)
+    monkeypatch.setattr(attention, "sdpa_varlen", lambda q, k, v, cu, scale: calls.append(("sdpa", scale)) or q.clone())
+    attn = pair[3].model.layers[0].self_attn
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cos, sin = pair[3].rotary(gm.packed_position_ids(cu, 9), x.dtype)
+    scale = 32 ** -0.5
+    single = {"auto": ("sdpa", scale), "sdpa": ("sdpa", scale), "kernels": ("flash", "auto", True, scale),
+              "triton": ("flash", "triton", True, scale), "torch": ("flash", "torch", True, scale),
+              "flash_attn": ("flash", "flash_attn", True, scale)}
+    assert set(single) == set(attention.ATTENTION_BACKENDS)
+    try:
+        for backend, want in single.items():
+            attn.backend = backend
+            calls.clear()
+            attn(x, cos, sin, cu)
+            assert calls == [want], backend
+        monkeypatch.setattr(attention.dist, "get_world_size", lambda group=None: 2)
+        for backend in attention.ATTENTION_BACKENDS:
+            attn.backend = backend
+            calls.clear()
+            attn(x, cos, sin, cu, cp_group=object())
+            assert calls == [("ring", backend if backend in ("triton", "torch") else "auto", True, scale)], backend
+        monkeypatch.setattr(attention.dist, "get_world_size", lambda group=None: 1)  # a CP group of one rank
+        attn.backend = "torch"
+        calls.clear()
+        attn(x, cos, sin, cu, cp_group=object())
+        assert calls == [("flash", "torch", True, scale)]
+    finally:
+        attn.backend = "auto"
