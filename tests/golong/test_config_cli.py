@@ -313,6 +313,53 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     json.dumps(rows)
 
 
+def test_metrics_values_and_tensorboard_steps(tmp_path):
+    """What a row holds: bools as 0/1, one-element tensors as floats, other values (multi-element tensors,
+    lists, None) dropped; TensorBoard gets every numeric metric at its step (the step itself is no scalar)."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    w.log(4, {"ok": True, "t": torch.tensor([0.25]), "vec": torch.tensor([1.0, 2.0]), "lst": [1], "none": None,
+              "name": "x", "inf": float("-inf")})
+    w.log(7, {"t": torch.tensor(1.5, dtype=torch.bfloat16)})
+    w.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows == [{"step": 4, "ok": 1, "t": 0.25, "name": "x", "inf": "-inf"}, {"step": 7, "t": 1.5}]
+    assert type(rows[0]["ok"]) is int
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["ok", "t"]
+    assert [(e.step, e.value) for e in acc.Scalars("t")] == [(4, 0.25), (7, 1.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("ok")] == [(4, 1.0)]
+
+
+def test_plot_series_keep_a_resumed_steps_last_value(tmp_path):
+    """A resumed run repeats steps: the curve keeps each step's last value, in step order; non-numeric
+    values (a NaN logged as "nan") are no points; a task panel lists the tasks, not deeper keys."""
+    from golong.plot import TRAIN_TASK_PREFIX, _keys, _series, plot_run
+
+    rows = [{"step": 1, "r": 0.1}, {"step": 2, "r": 0.2}, {"step": 3, "r": 0.3}, {"step": 2, "r": 0.25},
+            {"step": 3, "r": "nan"}, {"r": 9.0}, {"step": 5, "other": 1.0}]
+    assert _series(rows, "r") == ([1, 2, 3], [0.1, 0.25, 0.3])
+    rows = [{"step": 1, "reward/task/ranking": 0.5, "reward/task/ranking/n": 4, "reward/mean": 0.5},
+            {"step": 2, "reward/task/em": 1.0}]
+    assert _keys(rows, TRAIN_TASK_PREFIX) == ["reward/task/em", "reward/task/ranking"]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    png = plot_run(tmp_path, tmp_path / "sub" / "c.png")
+    assert png == tmp_path / "sub" / "c.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cuda_profiler_window_is_a_no_op_without_cuda():
+    from golong.profiling import cuda_profiler_window
+
+    ran = []
+    for active in (False, True):
+        with cuda_profiler_window(active):
+            ran.append(active)
+    assert ran == [False, True]
+
+
 def test_nvtx_range_is_free_without_cuda():
     a, b = nvtx_range("x"), nvtx_range("y")
     assert a is b  # the shared null context: nothing allocated per call on CPU

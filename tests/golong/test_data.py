@@ -400,5 +400,7 @@ def test_demo_tokenizer_fast_deterministic_qwen_style():
     assert ids[0] == think[0] and think[1] in ids
     assert a.decode(ids, skip_special_tokens=True) == "<think>x</think>42"  # think tags survive
     assert len(a("12345", add_special_tokens=False)["input_ids"]) == 5  # digits split one by one
+    mixed = a.convert_ids_to_tokens(a("page12 x7y Q2024:", add_special_tokens=False)["input_ids"])
+    assert [t for t in mixed if any(c.isdigit() for c in t)] == list("1272024"), mixed  # also next to letters
     weird = "naïve 漢字 \x00 tab\tend 🎉"
     assert a.decode(a(weird, add_special_tokens=False)["input_ids"]) == weird  # byte-level round trip
