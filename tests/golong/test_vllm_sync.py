@@ -211,3 +211,125 @@ def test_engine_module_imports_without_vllm():
             "assert 'vllm' not in sys.modules; e.VLLMConfig(model='x'); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: records the worker RPCs, the sampling params and the prompts."""
+
+    def __init__(self, missing=()):
+        self.rpcs, self.missing, self.generated, self.resets = [], list(missing), None, 0
+
+    def collective_rpc(self, method, args=()):
+        self.rpcs.append((method, *args))
+        return [self.missing if method == "golong_finish_weight_update" else len(args[0]) if args else None]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sps, use_tqdm):
+        from types import SimpleNamespace as NS
+
+        self.generated = (prompts, sps)
+        outs = []
+        for i, p in enumerate(prompts):  # response: the prompt's first token, then 7; logprob -(i+1)/10 each
+            ids = [p["prompt_token_ids"][0], 7]
+            lps = [{999: NS(logprob=-9.0), t: NS(logprob=-(i + 1) / 10)} for t in ids]  # 999: another token
+            outs.append(NS(request_id=str(i), outputs=[NS(token_ids=ids, logprobs=lps,
+                                                         finish_reason="stop" if i == 0 else None)]))
+        return outs
+
+
+class _FakeSamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+def _fake_engine(llm, bucket_bytes=80):
+    """A VLLMEngine without vLLM: the bucketing, casting and request mapping are golong's own code."""
+    from types import SimpleNamespace as NS
+
+    from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+    e = VLLMEngine.__new__(VLLMEngine)
+    e.config, e.llm = VLLMConfig(model="x", bucket_bytes=bucket_bytes), llm
+    e._vllm = NS(SamplingParams=_FakeSamplingParams)
+    e.eos_token_ids, e.tp, e._tp_group, e.is_cpu = [5], 1, None, True
+    e.dtype, e.device, e._asleep_tags, e.weights_valid = torch.float16, torch.device("cpu"), set(), True
+    return e
+
+
+def test_weight_push_buckets_cast_and_order_without_vllm():
+    """update_weights: tensors cast to the engine dtype, made contiguous, DTensor-like shards gathered, pushed
+    in order in greedy buckets of at most bucket_bytes (a full bucket is not split early; a tensor larger than
+    the bound goes alone), the last partial bucket flushed, then the prefix cache reset."""
+    from golong.rollout.torch_generator import SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [41, 10, 30, 25, 5, 1]  # fp16 bytes: 82 | 20 60 | 50 10 2  with bucket_bytes 80
+    named = [(f"w{i}", torch.randn(n, generator=g)) for i, n in enumerate(sizes)]
+    named[2] = ("w2", torch.randn(6, 5, generator=g).t())  # non-contiguous
+
+    class Shard:  # what update_weights sees of an FSDP2 DTensor: detach() and full_tensor()
+        def __init__(self, full):
+            self.full = full
+
+        def detach(self):
+            return self
+
+        def full_tensor(self):
+            return self.full
+
+    pushed = list(named)
+    pushed[3] = ("w3", Shard(named[3][1]))
+    llm = _FakeLLM()
+    e = _fake_engine(llm)
+    stats = e.update_weights(pushed)
+    assert [r[0] for r in llm.rpcs] == ["golong_begin_weight_update"] + ["golong_load_weights"] * 3 + [
+        "golong_finish_weight_update"]
+    buckets = [r[1] for r in llm.rpcs[1:-1]]
+    assert [[n for n, _ in b] for b in buckets] == [["w0"], ["w1", "w2"], ["w3", "w4", "w5"]]
+    got = dict(t for b in buckets for t in b)
+    for name, t in named:
+        assert got[name].dtype == torch.float16 and got[name].is_contiguous()
+        assert torch.equal(got[name], t.to(torch.float16)), name
+    assert stats["tensors"] == 6 and stats["buckets"] == 3 and stats["bytes"] == 2 * sum(sizes)
+    assert llm.resets == 1 and e.weights_valid
+    # an engine parameter nobody pushed: an error, and the engine refuses to sample until a full push
+    llm = _FakeLLM(missing=["model.norm.weight"])
+    e = _fake_engine(llm)
+    with pytest.raises(RuntimeError, match="left 1 engine parameters stale.*model.norm.weight"):
+        e.update_weights(named)
+    assert not e.weights_valid and llm.resets == 0
+    with pytest.raises(RuntimeError, match="call update_weights first"):
+        e.generate([[1]], SamplingParams())
+
+    def broken():  # the trainer fails mid-iteration: the engine still finishes the reload (no layer left on meta)
+        yield named[0]
+        raise OSError("gather failed")
+
+    llm = _FakeLLM()
+    with pytest.raises(OSError):
+        _fake_engine(llm).update_weights(broken())
+    assert llm.rpcs[-1][0] == "golong_finish_weight_update"
+
+
+def test_generate_maps_sampling_params_and_results_without_vllm():
+    """generate: stop ids = engine EOS + request stops, sorted; top_k -1 -> 0 (vLLM's off); one seed per
+    request; the sampled tokens' logprobs read from vLLM's per-position dicts; no finish reason = length."""
+    from golong.rollout.torch_generator import SamplingParams
+
+    llm = _FakeLLM()
+    e = _fake_engine(llm)
+    res = e.generate([[11, 12], [13]], SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, max_tokens=3,
+                                                       stop_token_ids=[9, 5]), seeds=[4, 8])
+    prompts, sps = llm.generated
+    assert prompts == [{"prompt_token_ids": [11, 12]}, {"prompt_token_ids": [13]}]
+    assert [s.kw for s in sps] == [dict(n=1, temperature=0.7, top_p=0.9, top_k=0, max_tokens=3, stop_token_ids=[5, 9],
+                                        logprobs=0, detokenize=False, seed=s) for s in (4, 8)]
+    assert res.token_ids == [[11, 7], [13, 7]]
+    assert res.logprobs == [[-0.1, -0.1], [-0.2, -0.2]]
+    assert res.finish_reasons == ["stop", "length"]
+    e.generate([[1]], SamplingParams(top_k=20))
+    assert llm.generated[1][0].kw["top_k"] == 20 and llm.generated[1][0].kw["seed"] is None
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        e.generate([[1], [2]], SamplingParams(), seeds=[3])
