@@ -297,6 +297,36 @@ def test_torch_backend_matches_fp64_full_qwen3_vocab():
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
 
 
+def test_torch_backend_targets_on_chunk_edges_and_chunk_maxima_far_apart(monkeypatch):
+    """Targets at the first and last id of every vocab chunk; the vocab chunks' logits sit +90, 0 and
+    -90 apart (chunk order high -> low), so a running max that is allowed to fall overflows the
+    rescale factor and a target column looked up one chunk off is far from the oracle."""
+    monkeypatch.setattr(L, "TOKEN_CHUNK", 64)
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 500)
+    h, w, t, g_lp, g_ent = _problem(150, 24, 1237, torch.float32)
+    h[:, 0] = 1.0
+    w[:500, 0], w[500:1000, 0], w[1000:, 0] = 90.0, 0.0, -90.0
+    edges = torch.tensor([0, 499, 500, 999, 1000, 1236])
+    live = (t != IGNORE).nonzero().squeeze(1)
+    t[live] = edges[torch.arange(live.numel()) % edges.numel()]
+    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
+
+
+def test_torch_backend_single_output_grads(monkeypatch):
+    """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
+    monkeypatch.setattr(L, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 128)
+    h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
+    for use_lp in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="torch")
+        out = (lp * g_lp.float()).sum() if use_lp else (ent * g_ent.float()).sum()
+        dh, dw = torch.autograd.grad(out, (hh, ww))
+        zero = torch.zeros_like(g_lp)
+        _, _, rdh, rdw = _oracle(h, w, t, 0.7, g_lp if use_lp else zero, zero if use_lp else g_ent)
+        assert _rel(dh, rdh) <= 1e-4 and _rel(dw, rdw) <= 1e-4
+
+
 def test_torch_backend_extra_memory_independent_of_n():
     """N=4096, H=64, V=151,936: materialised fp32 logits alone would take 2,374 MiB."""
     n, hdim = 4096, 64
@@ -408,6 +438,22 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible():
     first = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     second = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_leading_dims_and_mismatched_shapes_or_dtypes():
+    h, w = torch.randn(2, 3, 8), torch.randn(11, 8)
+    t = torch.tensor([[0, 10, IGNORE], [4, 5, 6]])
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7)
+    assert lp.shape == ent.shape == (2, 3)
+    rlp, rent = linear_logprob_entropy_reference(h.reshape(6, 8).double(), w.double(), t.reshape(6), 0.7)
+    assert torch.allclose(lp.reshape(6).double(), rlp, atol=1e-5) and torch.allclose(ent.reshape(6).double(), rent,
+                                                                                       atol=1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernels.linear_logprob_entropy(h, torch.randn(11, 9), t)
+    with pytest.raises(ValueError, match="targets has 5 rows, hidden has 6"):
+        kernels.linear_logprob_entropy(h, w, t.reshape(6)[:5])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        kernels.linear_logprob_entropy(h, w.half(), t)
 
 
 def test_bad_targets_and_temperature_are_errors():
