@@ -180,6 +180,21 @@ def test_torch_backend_odd_layout_falls_back_to_loop():
     w = torch.randn(3, 7, 5)
     assert not grouped_mm_supported(x, w, offsets)
     assert _rel(grouped_mm(x, w, offsets, backend="torch"), _ref_fwd(x, w, offsets)) < 1e-6
+    # no unit stride in x's last two dims (torch._grouped_mm refuses it): the loop, with autograd
+    xs = torch.randn(13, 64)[:, ::4].requires_grad_()  # strides (64, 4): 16-byte multiples, none unit
+    ws = torch.randn(3, 16, 8, requires_grad=True)
+    assert not grouped_mm_supported(xs, ws, offsets)
+    y = grouped_mm(xs, ws, offsets, backend="torch")
+    dy = torch.randn(13, 8)
+    y.backward(dy)
+    assert _rel(y.detach(), _ref_fwd(xs.detach(), ws.detach(), offsets)) < 1e-6
+    assert _rel(xs.grad, _ref_fwd(dy, ws.detach().transpose(1, 2), offsets)) < 1e-6
+    assert _rel(ws.grad, _ref_dw(xs.detach(), dy, offsets)) < 1e-6
+    # aligned, but int64 offsets or mixed dtypes: not for torch._grouped_mm
+    xa, wa = torch.randn(13, 16), torch.randn(3, 16, 8)
+    assert grouped_mm_supported(xa, wa, offsets)
+    assert not grouped_mm_supported(xa, wa, offsets.long())
+    assert not grouped_mm_supported(xa, wa.bfloat16(), offsets)
 
 
 def test_dispatcher_validates_inputs():
@@ -190,6 +205,12 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, torch.randn(2, 5, 3), torch.tensor([3, 6], dtype=torch.int32))
     with pytest.raises(ValueError):
         grouped_mm(x, w, torch.tensor([3, 6], dtype=torch.int32), backend="cuda")
+    with pytest.raises(ValueError, match="shape mismatch"):  # one offset per group
+        grouped_mm(x, w, torch.tensor([6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="expected x"):
+        grouped_mm(x[None], w, torch.tensor([3, 6], dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        grouped_mm(x, w.double(), torch.tensor([3, 6], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
