@@ -68,8 +68,11 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
     w, ids = route_topk(logits, 3, False, backend="triton")
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
     torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, ids))
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
-        route_topk(logits, 6, backend="triton")
+    for k, backend in ((6, "triton"), (0, "triton"), (0, "torch"), (6, "torch")):
+        with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
+            route_topk(logits, k, backend=backend)
+    with pytest.raises(ValueError, match=r"router_logits must be \[T, E\]"):
+        moe_route(logits[None], 2, backend="torch")
 
 
 def test_sort_offsets_and_stability():
@@ -452,4 +455,8 @@ def test_shape_checks_name_the_routing():
         expert_mlp(torch.randn(8, 8), r, gate_up, down)
     with pytest.raises(ValueError, match="expected x \\[T, H\\]"):
         expert_mlp(torch.randn(1, 7, 8), r, gate_up, down)
+    with pytest.raises(ValueError, match="shapes: "):  # down_proj [E, H, I] with I = 2I / 2 = 3
+        expert_mlp(torch.randn(7, 8), r, gate_up, torch.randn(4, 8, 4, generator=g))
+    with pytest.raises(ValueError, match="shapes: "):  # gate | up needs an even 2I
+        expert_mlp(torch.randn(7, 8), r, torch.randn(4, 7, 8, generator=g), torch.randn(4, 8, 3, generator=g))
     assert expert_mlp(torch.randn(7, 8), r, gate_up, down).shape == (7, 8)
