@@ -417,6 +417,18 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
         flash_attention(q24, k24, k24, cu, backend="triton")
     out, _ = flash_attention(q24, k24, k24, cu, backend="torch")  # any head_dim on the torch backend
     assert out.shape == (9, 4, 24) and out.isfinite().all()
+    with pytest.raises(ValueError, match="same packed rows in one dtype"):  # v alone in another dtype
+        flash_attention(q, k, k.double(), cu, backend="torch")
+    with pytest.raises(ValueError, match="expected q \\[T,Hq,D\\], k/v \\[T,Hkv,D\\]"):  # v with other heads
+        flash_attention(q, k, torch.randn(9, 4, 16), cu, backend="torch")
+    with pytest.raises(ValueError, match="equal head_dim"):
+        flash_attention(q, torch.randn(9, 2, 32), torch.randn(9, 2, 32), cu, backend="torch")
+    for d in (8, 512):  # powers of two outside [16, 256]
+        qd, kd = torch.randn(9, 4, d), torch.randn(9, 2, d)
+        with pytest.raises(ValueError, match=f"power of two in \\[16, 256\\], got {d}"):
+            flash_attention(qd, kd, kd, cu, backend="triton")
+    with pytest.raises(ValueError, match="unknown local attention backend 'cuda'"):
+        flash_attention(q, k, k, cu, backend="cuda")
 
 
 @pytest.fixture(scope="module")

@@ -449,6 +449,12 @@ def test_shape_checks_name_the_routing():
         r.permute(torch.randn(8, 8))
     with pytest.raises(ValueError, match="y must be \\[T\\*k, H\\] = \\[14, H\\]"):
         r.unpermute(torch.randn(13, 8))
+    with pytest.raises(ValueError, match="x must be \\[T, H\\] = \\[7, H\\]"):
+        r.permute(torch.randn(7, 2, 4))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        r.permute(torch.randn(7, 8), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        route_topk(torch.randn(7, 4), 2, backend="cuda")
     with pytest.raises(ValueError, match="routing is for 7 tokens over 4 experts"):
         expert_mlp(torch.randn(7, 8), r, torch.randn(5, 6, 8), torch.randn(5, 8, 3))
     with pytest.raises(ValueError, match="routing is for 7 tokens"):
