@@ -197,6 +197,18 @@ def test_torch_backend_odd_layout_falls_back_to_loop():
     assert not grouped_mm_supported(xa, wa.bfloat16(), offsets)
 
 
+def test_fit_stages_lowers_pipeline_depth_to_fit_hopper_shared_memory():
+    # the production tiles (128x64 A, 64x256 B): 3 stages of bf16 take 144 KiB; fp32 doubles it past 0.9 x 227 KiB
+    fwd = gm.FWD_CONFIG
+    a, b = fwd["BLOCK_M"] * fwd["BLOCK_K"], fwd["BLOCK_K"] * fwd["BLOCK_N"]
+    assert gm._fit_stages(fwd, a, b, 2) == fwd
+    assert gm._fit_stages(fwd, a, b, 4) == {**fwd, "num_stages": 2}
+    assert gm._fit_stages({**fwd, "num_stages": 5}, a, b, 2)["num_stages"] == 4  # 240 KiB > 204 KiB; 192 KiB fits
+    # 216 KiB fits 227 KiB but not the 10% kept for the kernel's other shared memory (barriers, epilogue)
+    assert gm._fit_stages({"num_stages": 3}, 12288, 24576, 2) == {"num_stages": 2}
+    assert gm._fit_stages({"num_stages": 3}, 64 * 1024, 64 * 1024, 4) == {"num_stages": 1}  # never below one stage
+
+
 def test_dispatcher_validates_inputs():
     x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
     with pytest.raises(TypeError):
