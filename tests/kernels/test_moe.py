@@ -272,6 +272,27 @@ def test_expert_mlp_fused_swiglu_without_grad_writes_no_product(monkeypatch):
     assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("grad_of", ["weights", "x"])
+def test_expert_mlp_fused_swiglu_keeps_the_product_for_either_grad(monkeypatch, grad_of):
+    """The SwiGLU epilogue keeps the gate_up product whenever a backward will need it: when only the expert
+    weights want a gradient (x from a frozen embedding) as well as when only x does."""
+    import kernels.moe_mlp as moe_mlp
+
+    monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", True)
+    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 16, generator=g)
+    r = moe_route(torch.randn(9, 4, generator=g), 2, backend="torch")
+    gate_up, down = torch.randn(4, 12, 16, generator=g), torch.randn(4, 16, 6, generator=g)
+    grads = {}
+    for backend in ("triton", "torch"):
+        leaf = (gate_up if grad_of == "weights" else x).clone().requires_grad_()
+        xx, gu = (x, leaf) if grad_of == "weights" else (leaf, gate_up)
+        y = expert_mlp(xx, r, gu, down, backend=backend)
+        (grads[backend],) = torch.autograd.grad((y * torch.arange(16.0)).sum(), leaf)
+    assert _rel(grads["triton"], grads["torch"]) < 1e-5
+
+
 def test_expert_mlp_norm_topk_false_and_empty_experts():
     block = _hf_block(hidden=32, inter=24, experts=10, top_k=2, norm=False, dtype=torch.float64)
     with torch.no_grad():
