@@ -91,6 +91,15 @@ def test_sort_offsets_and_stability():
     same = sorted_ids[1:] == sorted_ids[:-1]
     assert (r.order[1:][same] > r.order[:-1][same]).all()
     assert torch.equal(r.order[r.inverse], torch.arange(T * k))
+    # more experts than int8 holds (Qwen3-30B-A3B has 128), and more than int16 holds (the int64 sort keys)
+    for E in (300, 40_000):
+        logits = torch.randn(T, E)
+        logits[:, E - 2] += 100.0  # the top expert ids sit past both ranges
+        r = moe_route(logits, k, backend="torch")
+        flat = r.expert_ids.reshape(-1)
+        assert (flat == E - 2).sum() == T
+        assert (flat[r.order][1:] >= flat[r.order][:-1]).all()
+        assert torch.equal(r.offsets.long(), torch.bincount(flat, minlength=E).cumsum(0))
 
 
 def test_permute_unpermute_round_trip_and_gradcheck():
@@ -102,6 +111,10 @@ def test_permute_unpermute_round_trip_and_gradcheck():
     assert torch.equal(xp, x[tok])
     # weights sum to one per token (norm_topk_prob): unpermute(permute(x)) == x
     torch.testing.assert_close(r.unpermute(xp), x)
+    # fp64 routing weights (as a fp32 router's next to bf16 experts) combine rows of another dtype, in that dtype
+    y32 = r.unpermute(xp.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, x.float())
 
     w = r.weights.detach().clone().requires_grad_()
     r2 = kernels.Routing(w, r.expert_ids, r.order, r.inverse, r.offsets, r.counts, k, E)
