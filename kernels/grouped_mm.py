@@ -493,8 +493,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
 
     Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets must be non-decreasing with
     offsets[-1] == M (not checked: that would need a host sync). The Triton kernels clamp bad offsets so they
-    never touch memory outside x, w and y; rows past offsets[-1] are then left unwritten (the torch loop gives
-    0 there). backend: "auto" | "triton" | "torch".
+    never touch memory outside x, w and y; rows past offsets[-1] are then left unwritten (by every backend:
+    torch._grouped_mm and the torch loop leave them uninitialised too). backend: "auto" | "triton" | "torch".
     """
     if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1:
         raise ValueError(f"expected x [M,K], w [G,K,N], offsets [G]; got {tuple(x.shape)}, {tuple(w.shape)}, "

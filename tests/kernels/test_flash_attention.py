@@ -104,6 +104,53 @@ def test_flash_attention_matches_fp64_per_document(backend, cu, hq, hkv, d, caus
         assert rel(ours, ref) < 1e-5
 
 
+@pytest.mark.parametrize("cu,hq,hkv,d,causal", CASES)
+def test_torch_backend_small_tiles_match_fp64(monkeypatch, cu, hq, hkv, d, causal):
+    """Query tiles of 16 and key tiles of 24 rows (the defaults hold these documents in one tile): the online
+    softmax rescales across key tiles, tiles straddle documents, ragged last tiles."""
+    monkeypatch.setattr(fa, "TORCH_BLOCK_M", 16)
+    monkeypatch.setattr(fa, "TORCH_BLOCK_N", 24)
+    q, k, v = (x.requires_grad_() for x in _inputs(cu, hq, hkv, d, torch.float32))
+    scale = 0.7 / math.sqrt(d)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    out, lse = flash_attention(q, k, v, cu_t, causal=causal, softmax_scale=scale, backend="torch")
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu, causal, scale)
+    assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
+    go, gl = torch.randn_like(ro), torch.randn_like(rl)
+    ((out * go.float()).sum() + (lse * gl.float()).sum()).backward()
+    ((ro * go).sum() + (rl * gl).sum()).backward()
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 1e-5
+    # each document's first key scores ~100 above the rest, and it sits in an earlier key tile than most: a
+    # running max allowed to fall would rescale by exp(100) = inf
+    with torch.no_grad():
+        q2, k2 = q.detach().clone(), k.detach().clone()
+        q2[..., 0], k2[cu[:-1], :, 0] = 10.0, 100.0 / (10.0 * scale)
+        out2, lse2 = flash_attention(q2, k2, v, cu_t, causal=causal, softmax_scale=scale, backend="torch")
+        ro2, rl2 = per_document_attention(q2, k2, v.detach(), cu, causal, scale)
+    assert rel(out2, ro2) < 1e-5 and rel(lse2, rl2) < 1e-6
+
+
+def test_key_and_query_ranges_match_brute_force():
+    """key_ranges / query_ranges (the tiles' and the Triton kernels' loop bounds) against the visibility matrix,
+    zigzag query and key shards of different ranks, causal and not."""
+    cu = torch.tensor([0, 1, 38, 39, 40, 91])
+    for qrank, krank in ((0, 0), (1, 2), (2, 0)):
+        qi, ki = zigzag_indices(cu, qrank, 3), zigzag_indices(cu, krank, 3)
+        qr, kr = _shard_rows(cu.tolist(), qi), _shard_rows(cu.tolist(), ki)
+        for causal in (True, False):
+            ok = qr.doc[:, None] == kr.doc[None, :]
+            if causal:
+                ok &= kr.pos[None, :] <= qr.pos[:, None]
+            lo, hi = fa.key_ranges(qr, kr, causal)
+            j = torch.arange(len(kr))
+            assert torch.equal((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]), ok), (qrank, krank, causal)
+            lo, hi = fa.query_ranges(qr, kr, causal)
+            i = torch.arange(len(qr))
+            assert torch.equal((i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :]), ok), (qrank, krank, causal)
+
+
 def test_flash_attention_triton_fp16_head_dim_128():
     cu = [0, 17, 18, 45]
     q, k, v = (x.requires_grad_() for x in _inputs(cu, 4, 2, 128, torch.float16))
@@ -149,9 +196,20 @@ def test_block_attention_merges_partial_attentions_into_out_and_lse(backend):
     assert rel(out, ro) < 1e-5
     fin = torch.isfinite(rl)
     assert torch.equal(torch.isinf(lse), ~fin) and rel(lse[fin], rl[fin]) < 1e-6
+    all_rows = _shard_rows(cu, torch.arange(cu[-1]))
     with pytest.raises(ValueError, match="fp32"):
-        block_attention_fwd(q, kv[:, 0], kv[:, 1], qr, _shard_rows(cu, torch.arange(cu[-1])), causal=True,
+        block_attention_fwd(q, kv[:, 0], kv[:, 1], qr, all_rows, causal=True,
                             scale=scale, backend=backend, out=out.half(), lse=lse)
+    for bad_out, bad_lse in ((out[:-1], lse), (out, lse[:, :-1]), (out, lse.t().contiguous().t())):
+        with pytest.raises(ValueError, match="out must be"):
+            block_attention_fwd(q, kv[:, 0], kv[:, 1], qr, all_rows, causal=True, scale=scale, backend=backend,
+                                out=bad_out, lse=bad_lse)
+    do, delta = torch.randn(q.shape), torch.randn(q.shape[:2])
+    for bufs in ((torch.zeros(q.shape), None, None), (torch.zeros(q.shape), torch.zeros(cu[-1], 2, 32),
+                                                      torch.zeros(cu[-1], 2, 32, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="all three fp32 gradient buffers"):
+            block_attention_bwd(do, q, kv[:, 0], kv[:, 1], lse, delta, qr, all_rows, causal=True, scale=scale,
+                                backend=backend, dq=bufs[0], dk=bufs[1], dv=bufs[2])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -359,6 +417,18 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
         flash_attention(q24, k24, k24, cu, backend="triton")
     out, _ = flash_attention(q24, k24, k24, cu, backend="torch")  # any head_dim on the torch backend
     assert out.shape == (9, 4, 24) and out.isfinite().all()
+    with pytest.raises(ValueError, match="same packed rows in one dtype"):  # v alone in another dtype
+        flash_attention(q, k, k.double(), cu, backend="torch")
+    with pytest.raises(ValueError, match="expected q \\[T,Hq,D\\], k/v \\[T,Hkv,D\\]"):  # v with other heads
+        flash_attention(q, k, torch.randn(9, 4, 16), cu, backend="torch")
+    with pytest.raises(ValueError, match="equal head_dim"):
+        flash_attention(q, torch.randn(9, 2, 32), torch.randn(9, 2, 32), cu, backend="torch")
+    for d in (8, 512):  # powers of two outside [16, 256]
+        qd, kd = torch.randn(9, 4, d), torch.randn(9, 2, d)
+        with pytest.raises(ValueError, match=f"power of two in \\[16, 256\\], got {d}"):
+            flash_attention(qd, kd, kd, cu, backend="triton")
+    with pytest.raises(ValueError, match="unknown local attention backend 'cuda'"):
+        flash_attention(q, k, k, cu, backend="cuda")
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,33 @@ def test_torch_backend_odd_layout_falls_back_to_loop():
     w = torch.randn(3, 7, 5)
     assert not grouped_mm_supported(x, w, offsets)
     assert _rel(grouped_mm(x, w, offsets, backend="torch"), _ref_fwd(x, w, offsets)) < 1e-6
+    # no unit stride in x's last two dims (torch._grouped_mm refuses it): the loop, with autograd
+    xs = torch.randn(13, 64)[:, ::4].requires_grad_()  # strides (64, 4): 16-byte multiples, none unit
+    ws = torch.randn(3, 16, 8, requires_grad=True)
+    assert not grouped_mm_supported(xs, ws, offsets)
+    y = grouped_mm(xs, ws, offsets, backend="torch")
+    dy = torch.randn(13, 8)
+    y.backward(dy)
+    assert _rel(y.detach(), _ref_fwd(xs.detach(), ws.detach(), offsets)) < 1e-6
+    assert _rel(xs.grad, _ref_fwd(dy, ws.detach().transpose(1, 2), offsets)) < 1e-6
+    assert _rel(ws.grad, _ref_dw(xs.detach(), dy, offsets)) < 1e-6
+    # aligned, but int64 offsets or mixed dtypes: not for torch._grouped_mm
+    xa, wa = torch.randn(13, 16), torch.randn(3, 16, 8)
+    assert grouped_mm_supported(xa, wa, offsets)
+    assert not grouped_mm_supported(xa, wa, offsets.long())
+    assert not grouped_mm_supported(xa, wa.bfloat16(), offsets)
+
+
+def test_fit_stages_lowers_pipeline_depth_to_fit_hopper_shared_memory():
+    # the production tiles (128x64 A, 64x256 B): 3 stages of bf16 take 144 KiB; fp32 doubles it past 0.9 x 227 KiB
+    fwd = gm.FWD_CONFIG
+    a, b = fwd["BLOCK_M"] * fwd["BLOCK_K"], fwd["BLOCK_K"] * fwd["BLOCK_N"]
+    assert gm._fit_stages(fwd, a, b, 2) == fwd
+    assert gm._fit_stages(fwd, a, b, 4) == {**fwd, "num_stages": 2}
+    assert gm._fit_stages({**fwd, "num_stages": 5}, a, b, 2)["num_stages"] == 4  # 240 KiB > 204 KiB; 192 KiB fits
+    # 216 KiB fits 227 KiB but not the 10% kept for the kernel's other shared memory (barriers, epilogue)
+    assert gm._fit_stages({"num_stages": 3}, 12288, 24576, 2) == {"num_stages": 2}
+    assert gm._fit_stages({"num_stages": 3}, 64 * 1024, 64 * 1024, 4) == {"num_stages": 1}  # never below one stage
 
 
 def test_dispatcher_validates_inputs():
@@ -190,6 +217,12 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, torch.randn(2, 5, 3), torch.tensor([3, 6], dtype=torch.int32))
     with pytest.raises(ValueError):
         grouped_mm(x, w, torch.tensor([3, 6], dtype=torch.int32), backend="cuda")
+    with pytest.raises(ValueError, match="shape mismatch"):  # one offset per group
+        grouped_mm(x, w, torch.tensor([6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="expected x"):
+        grouped_mm(x[None], w, torch.tensor([3, 6], dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        grouped_mm(x, w.double(), torch.tensor([3, 6], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -90,19 +90,25 @@ def test_triton_matches_fp64_odd_shapes(fused_tiles, monkeypatch, dtype, tempera
     _check(h, w, t, temperature, g_lp, g_ent, tol, backend="triton", deterministic=deterministic)
 
 
-@pytest.mark.parametrize("layout", ["gemm", "fused"])
-def test_far_negative_logits_keep_padded_columns_out(monkeypatch, layout):
+@pytest.mark.parametrize("layout,offset", [("gemm", -30.0), ("fused", -30.0), ("gemm", -100.0)])
+def test_far_negative_logits_keep_padded_columns_out(monkeypatch, layout, offset):
     # every logit near -43 (T = 0.7): a padded column of the ragged last vocabulary tile that leaked into the
-    # statistics as logit 0 instead of -inf would dominate the softmax, where random N(0, 1) logits hide it
+    # statistics as logit 0 instead of -inf would dominate the softmax, where random N(0, 1) logits hide it.
+    # Near -143: exp(z) underflows fp32, so the running max must start below every logit (not at 0)
     if layout == "fused":
         monkeypatch.setattr(L, "FWD_MODE", "triton")
         monkeypatch.setattr(L, "BWD_MODE", "atomic")
     h, w, t, g_lp, g_ent = _problem(45, 32, 1237, torch.float32)
-    h[:, 0], w[:, 0] = 1.0, -30.0
+    h[:, 0], w[:, 0] = 1.0, offset
     h[:, 1:] *= 0.1
     lp, _ = kernels.linear_logprob_entropy(h, w, t, 0.7, ignore_index=IGNORE, backend="torch")
     assert (lp[t != IGNORE] < -1.0).all()  # a spread distribution: every class matters, none dominates
-    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
+    if offset > -50:
+        _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
+    else:  # forward only: dh's column 0 is -100 x (a row sum of dz that cancels to ~0), fp32 noise relative to it
+        lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, ignore_index=IGNORE, backend="triton")
+        rlp, rent, _, _ = _oracle(h, w, t, 0.7, g_lp, g_ent)
+        assert _rel(lp, rlp) <= 1e-5 and _rel(ent, rent) <= 1e-5
 
 
 def test_triton_16bit_backward_scratch_stays_within_budget(fused_tiles, monkeypatch):
@@ -191,6 +197,15 @@ def test_gemm_forward_matches_fp64_full_qwen3_vocab(monkeypatch):
     h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
     t[3] = QWEN3_VOCAB - 1  # last id: inside the last, partial block
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
+
+
+def test_block_cols_widens_for_few_rows_within_bounds():
+    assert L.block_cols(2048, rows=1024, cols=384, cols_max=4096) == 384  # a full token block: cols
+    assert L.block_cols(1024, rows=1024, cols=384, cols_max=4096) == 384
+    assert L.block_cols(100, rows=1024, cols=384, cols_max=4096) == 3840  # 384 x 1024 / 100, to a multiple of 256
+    assert L.block_cols(1, rows=1024, cols=384, cols_max=4096) == 4096  # capped at cols_max
+    assert L.block_cols(0, rows=1024, cols=384, cols_max=4096) == 4096
+    assert L.block_cols(1000, rows=1024, cols=384, cols_max=4096) == 384  # 393 rounds down to 256: never < cols
 
 
 @pytest.mark.parametrize("rows,dh_group", [(128, 1), (1024, 1), (1024, 2)])
@@ -295,6 +310,36 @@ def test_torch_backend_matches_fp64_full_qwen3_vocab():
     h, w, t, g_lp, g_ent = _problem(37, 40, QWEN3_VOCAB, torch.float32)
     t[3] = QWEN3_VOCAB - 1
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
+
+
+def test_torch_backend_targets_on_chunk_edges_and_chunk_maxima_far_apart(monkeypatch):
+    """Targets at the first and last id of every vocab chunk; the vocab chunks' logits sit +90, 0 and
+    -90 apart (chunk order high -> low), so a running max that is allowed to fall overflows the
+    rescale factor and a target column looked up one chunk off is far from the oracle."""
+    monkeypatch.setattr(L, "TOKEN_CHUNK", 64)
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 500)
+    h, w, t, g_lp, g_ent = _problem(150, 24, 1237, torch.float32)
+    h[:, 0] = 1.0
+    w[:500, 0], w[500:1000, 0], w[1000:, 0] = 90.0, 0.0, -90.0
+    edges = torch.tensor([0, 499, 500, 999, 1000, 1236])
+    live = (t != IGNORE).nonzero().squeeze(1)
+    t[live] = edges[torch.arange(live.numel()) % edges.numel()]
+    _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
+
+
+def test_torch_backend_single_output_grads(monkeypatch):
+    """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
+    monkeypatch.setattr(L, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(L, "VOCAB_CHUNK", 128)
+    h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
+    for use_lp in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="torch")
+        out = (lp * g_lp.float()).sum() if use_lp else (ent * g_ent.float()).sum()
+        dh, dw = torch.autograd.grad(out, (hh, ww))
+        zero = torch.zeros_like(g_lp)
+        _, _, rdh, rdw = _oracle(h, w, t, 0.7, g_lp if use_lp else zero, zero if use_lp else g_ent)
+        assert _rel(dh, rdh) <= 1e-4 and _rel(dw, rdw) <= 1e-4
 
 
 def test_torch_backend_extra_memory_independent_of_n():
@@ -408,6 +453,22 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible():
     first = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     second = _ours(h, w, t, 0.7, g_lp, g_ent, backend="triton", deterministic=True)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_leading_dims_and_mismatched_shapes_or_dtypes():
+    h, w = torch.randn(2, 3, 8), torch.randn(11, 8)
+    t = torch.tensor([[0, 10, IGNORE], [4, 5, 6]])
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7)
+    assert lp.shape == ent.shape == (2, 3)
+    rlp, rent = linear_logprob_entropy_reference(h.reshape(6, 8).double(), w.double(), t.reshape(6), 0.7)
+    assert torch.allclose(lp.reshape(6).double(), rlp, atol=1e-5) and torch.allclose(ent.reshape(6).double(), rent,
+                                                                                       atol=1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernels.linear_logprob_entropy(h, torch.randn(11, 9), t)
+    with pytest.raises(ValueError, match="targets has 5 rows, hidden has 6"):
+        kernels.linear_logprob_entropy(h, w, t.reshape(6)[:5])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        kernels.linear_logprob_entropy(h, w.half(), t)
 
 
 def test_bad_targets_and_temperature_are_errors():

@@ -68,8 +68,11 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
     w, ids = route_topk(logits, 3, False, backend="triton")
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
     torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, ids))
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
-        route_topk(logits, 6, backend="triton")
+    for k, backend in ((6, "triton"), (0, "triton"), (0, "torch"), (6, "torch")):
+        with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
+            route_topk(logits, k, backend=backend)
+    with pytest.raises(ValueError, match=r"router_logits must be \[T, E\]"):
+        moe_route(logits[None], 2, backend="torch")
 
 
 def test_sort_offsets_and_stability():
@@ -88,6 +91,15 @@ def test_sort_offsets_and_stability():
     same = sorted_ids[1:] == sorted_ids[:-1]
     assert (r.order[1:][same] > r.order[:-1][same]).all()
     assert torch.equal(r.order[r.inverse], torch.arange(T * k))
+    # more experts than int8 holds (Qwen3-30B-A3B has 128), and more than int16 holds (the int64 sort keys)
+    for E in (300, 40_000):
+        logits = torch.randn(T, E)
+        logits[:, E - 2] += 100.0  # the top expert ids sit past both ranges
+        r = moe_route(logits, k, backend="torch")
+        flat = r.expert_ids.reshape(-1)
+        assert (flat == E - 2).sum() == T
+        assert (flat[r.order][1:] >= flat[r.order][:-1]).all()
+        assert torch.equal(r.offsets.long(), torch.bincount(flat, minlength=E).cumsum(0))
 
 
 def test_permute_unpermute_round_trip_and_gradcheck():
@@ -99,6 +111,10 @@ def test_permute_unpermute_round_trip_and_gradcheck():
     assert torch.equal(xp, x[tok])
     # weights sum to one per token (norm_topk_prob): unpermute(permute(x)) == x
     torch.testing.assert_close(r.unpermute(xp), x)
+    # fp64 routing weights (as a fp32 router's next to bf16 experts) combine rows of another dtype, in that dtype
+    y32 = r.unpermute(xp.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, x.float())
 
     w = r.weights.detach().clone().requires_grad_()
     r2 = kernels.Routing(w, r.expert_ids, r.order, r.inverse, r.offsets, r.counts, k, E)
@@ -267,6 +283,27 @@ def test_expert_mlp_fused_swiglu_without_grad_writes_no_product(monkeypatch):
         ref = block(x[None])[0]
     assert seen == [None]  # the gate_up GEMM ran with the SwiGLU epilogue and no product buffer
     assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("grad_of", ["weights", "x"])
+def test_expert_mlp_fused_swiglu_keeps_the_product_for_either_grad(monkeypatch, grad_of):
+    """The SwiGLU epilogue keeps the gate_up product whenever a backward will need it: when only the expert
+    weights want a gradient (x from a frozen embedding) as well as when only x does."""
+    import kernels.moe_mlp as moe_mlp
+
+    monkeypatch.setattr(moe_mlp, "SWIGLU_IN_GEMM", True)
+    monkeypatch.setattr(moe_mlp, "GATHER_IN_GEMM", False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 16, generator=g)
+    r = moe_route(torch.randn(9, 4, generator=g), 2, backend="torch")
+    gate_up, down = torch.randn(4, 12, 16, generator=g), torch.randn(4, 16, 6, generator=g)
+    grads = {}
+    for backend in ("triton", "torch"):
+        leaf = (gate_up if grad_of == "weights" else x).clone().requires_grad_()
+        xx, gu = (x, leaf) if grad_of == "weights" else (leaf, gate_up)
+        y = expert_mlp(xx, r, gu, down, backend=backend)
+        (grads[backend],) = torch.autograd.grad((y * torch.arange(16.0)).sum(), leaf)
+    assert _rel(grads["triton"], grads["torch"]) < 1e-5
 
 
 def test_expert_mlp_norm_topk_false_and_empty_experts():
@@ -446,10 +483,20 @@ def test_shape_checks_name_the_routing():
         r.permute(torch.randn(8, 8))
     with pytest.raises(ValueError, match="y must be \\[T\\*k, H\\] = \\[14, H\\]"):
         r.unpermute(torch.randn(13, 8))
+    with pytest.raises(ValueError, match="x must be \\[T, H\\] = \\[7, H\\]"):
+        r.permute(torch.randn(7, 2, 4))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        r.permute(torch.randn(7, 8), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        route_topk(torch.randn(7, 4), 2, backend="cuda")
     with pytest.raises(ValueError, match="routing is for 7 tokens over 4 experts"):
         expert_mlp(torch.randn(7, 8), r, torch.randn(5, 6, 8), torch.randn(5, 8, 3))
     with pytest.raises(ValueError, match="routing is for 7 tokens"):
         expert_mlp(torch.randn(8, 8), r, gate_up, down)
     with pytest.raises(ValueError, match="expected x \\[T, H\\]"):
         expert_mlp(torch.randn(1, 7, 8), r, gate_up, down)
+    with pytest.raises(ValueError, match="shapes: "):  # down_proj [E, H, I] with I = 2I / 2 = 3
+        expert_mlp(torch.randn(7, 8), r, gate_up, torch.randn(4, 8, 4, generator=g))
+    with pytest.raises(ValueError, match="shapes: "):  # gate | up needs an even 2I
+        expert_mlp(torch.randn(7, 8), r, torch.randn(4, 7, 8, generator=g), torch.randn(4, 8, 3, generator=g))
     assert expert_mlp(torch.randn(7, 8), r, gate_up, down).shape == (7, 8)

@@ -1,5 +1,6 @@
 """zigzag_shard properties and ring_attention on 2, 3, 4 and 8 gloo ranks vs unsharded fp64 attention."""
 
+import importlib
 import random
 
 import pytest
@@ -11,6 +12,8 @@ from kernels.ring_attention import ZigzagPlan, _owners, comm_stats, ring_attenti
 from tests.distributed import run_distributed
 from tests.kernels.segments import worst_segment_error
 from tests.kernels.test_flash_attention import per_document_attention, rel
+
+ra = importlib.import_module("kernels.ring_attention")  # the module (the package exports the function)
 
 
 def _cu(lengths):
@@ -31,6 +34,9 @@ def test_shard_and_ring_check_inputs_before_any_communication():
         zigzag_shard(x, torch.tensor(_cu([4, 3]), dtype=torch.int32), 0, 2)  # x has 2 rows no document holds
     with pytest.raises(ValueError, match="never decrease"):
         zigzag_shard(x, torch.tensor([0, 6, 4, 9], dtype=torch.int32), 0, 2)
+    for rank in (-1, 2):
+        with pytest.raises(ValueError, match=f"rank {rank} outside world of 2"):
+            zigzag_shard(x, torch.tensor(_cu([4, 5]), dtype=torch.int32), rank, 2)
     # bad GQA: raised at the call, before a K/V block is posted to a peer (no process group is needed to see it)
     q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
     with pytest.raises(ValueError, match="Hq % Hkv == 0"):
@@ -98,6 +104,15 @@ def test_zigzag_plan_visibility_matches_brute_force(lengths):
             assert not all(all(v) for v in plan.visible)
 
 
+def test_plan_cache_stays_bounded():
+    ra._PLANS.clear()
+    for n in range(1, 12):
+        ra._plan(torch.tensor(_cu([n, 3])), 2, True, "cpu")
+    assert len(ra._PLANS) <= 8
+    last = ra._plan(torch.tensor(_cu([11, 3])), 2, True, "cpu")
+    assert ra._plan(torch.tensor(_cu([11, 3])), 2, True, "cpu") is last  # a hit, not a rebuild
+
+
 # ------------------------------------------------------------------------------------------------
 # ring_attention
 # ------------------------------------------------------------------------------------------------
@@ -130,7 +145,17 @@ def _check_case(group, lengths, hq, hkv, d, causal, backend, tol):
     q, k, v, go = _global_inputs(cu, hq, hkv, d)
     ref = _reference(q, k, v, go, cu, causal)
     comm_stats.reset()
-    ours = _run_ring(q, k, v, go, cu_t, rank, world, group, causal, backend)
+    steps = {"fwd": 0, "bwd": 0}  # ring steps this rank computes: one per visible block pair, in each pass
+    fwd_step, bwd_step = ra.ring_fwd_step, ra.ring_bwd_step
+
+    def counted(name, fn):
+        return lambda *a, **kw: steps.__setitem__(name, steps[name] + 1) or fn(*a, **kw)
+
+    ra.ring_fwd_step, ra.ring_bwd_step = counted("fwd", fwd_step), counted("bwd", bwd_step)
+    try:
+        ours = _run_ring(q, k, v, go, cu_t, rank, world, group, causal, backend)
+    finally:
+        ra.ring_fwd_step, ra.ring_bwd_step = fwd_step, bwd_step
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         b_local = zigzag_shard(b, cu_t, rank, world)
         assert a.shape == b_local.shape
@@ -143,6 +168,12 @@ def _check_case(group, lengths, hq, hkv, d, causal, backend, tol):
     plan = ZigzagPlan.build(cu_t, world, causal)
     sent_rows = sum(plan.counts[(rank - i) % world] for i in range(world - 1))
     assert comm_stats.fwd_bytes == sent_rows * 2 * hkv * d * q.element_size()
+    # the backward sends the same K/V blocks, plus an fp32 dK/dV accumulator of every block (the last hop brings
+    # each home): all T rows once when W > 1
+    grad_rows = cu[-1] if world > 1 else 0
+    assert comm_stats.bwd_bytes == (sent_rows * q.element_size() + grad_rows * 4) * 2 * hkv * d
+    # fully masked block pairs are skipped, in both passes
+    assert steps["fwd"] == steps["bwd"] == sum(plan.visible[rank]), (steps, plan.visible[rank])
 
 
 def _global_err(pairs):

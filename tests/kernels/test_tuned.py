@@ -29,6 +29,7 @@ def test_file_name_from_the_gpu_name():
     assert tuned.file_name("NVIDIA H200") == "NVIDIA_H200.json"
     assert tuned.file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
     assert tuned.file_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB.json"
+    assert tuned.file_name("NVIDIA H100 (80GB)") == "NVIDIA_H100_80GB.json"  # no stray underscores at the ends
 
 
 def test_run_directory_first_then_builtin_per_section(dirs, monkeypatch):
@@ -78,6 +79,10 @@ def test_bad_files_and_unknown_settings_are_named(dirs):
     tuned.reload()
     with pytest.raises(ValueError, match="expected"):
         tuned.values("flash_attention", CUDA0, ["split_stages"])
+    path.write_text('{"flash_attention": {"values": [["split_stages", 2]]}}')
+    tuned.reload()
+    with pytest.raises(ValueError, match="expected"):
+        tuned.values("flash_attention", CUDA0, ["split_stages"])
 
 
 def test_pick_needs_a_checked_candidate_faster_than_noise():
@@ -86,6 +91,23 @@ def test_pick_needs_a_checked_candidate_faster_than_noise():
     assert tuned.pick(times, {"a": True}, "default") == "default"  # 2% is noise
     assert tuned.pick({"default": 10.0}, {}, "default") == "default"
     assert tuned.pick({"default": 10.0, "on": 9.0}, {"on": True, "off": True}, "default") == "on"
+    assert tuned.pick({"default": 10.0, "a": 5.0}, {"a": True}, "default", margin=0.5) == "default"  # strictly more
+    assert tuned.pick({"default": 10.0, "a": 4.9}, {"a": True}, "default", margin=0.5) == "a"
+
+
+def test_a_new_run_directory_is_read_and_callers_cannot_edit_the_cache(dirs, tmp_path, monkeypatch):
+    _, run = dirs
+    tuned.save("moe_mlp", {"GATHER_IN_GEMM": True}, {}, GPU, run)
+    assert tuned.values("moe_mlp", CUDA0, ["GATHER_IN_GEMM"]) == {"GATHER_IN_GEMM": True}
+    other = tmp_path / "other"
+    tuned.save("moe_mlp", {"GATHER_IN_GEMM": False}, {}, GPU, other)
+    tuned.values("moe_mlp", CUDA0, ["GATHER_IN_GEMM"])  # cached for the first directory
+    monkeypatch.setenv("GOLONG_TUNED_DIR", str(other))  # no reload(): the cache is per directory
+    assert tuned.values("moe_mlp", CUDA0, ["GATHER_IN_GEMM"]) == {"GATHER_IN_GEMM": False}
+    tuned.lookup("moe_mlp", GPU)[0]["GATHER_IN_GEMM"] = True
+    tuned.in_use(GPU)["moe_mlp"]["SWIGLU_IN_GEMM"] = False
+    assert tuned.lookup("moe_mlp", GPU)[0] == {"GATHER_IN_GEMM": False}
+    assert tuned.in_use(GPU) == {"moe_mlp": {"GATHER_IN_GEMM": False}}
 
 
 def test_kernels_apply_their_tuned_sections(dirs):
