@@ -266,15 +266,20 @@ def test_triton_matches_fp64_full_qwen3_vocab(fused_tiles, monkeypatch):
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="triton")
 
 
-@pytest.mark.parametrize("fwd,bwd", [("triton", "atomic"), ("gemm", "gemm")])
-def test_triton_single_output_grads(monkeypatch, fwd, bwd):
+@pytest.mark.parametrize("backend,fwd,bwd", [("triton", "triton", "atomic"), ("triton", "gemm", "gemm"),
+                                             ("torch", None, None)])
+def test_single_output_grads(monkeypatch, backend, fwd, bwd):
     """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
-    monkeypatch.setattr(L, "FWD_MODE", fwd)
-    monkeypatch.setattr(L, "BWD_MODE", bwd)
+    if backend == "triton":
+        monkeypatch.setattr(L, "FWD_MODE", fwd)
+        monkeypatch.setattr(L, "BWD_MODE", bwd)
+    else:  # several token and vocab chunks
+        monkeypatch.setattr(L, "TOKEN_CHUNK", 32)
+        monkeypatch.setattr(L, "VOCAB_CHUNK", 128)
     h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
     for use_lp in (True, False):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="triton")
+        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend=backend)
         out = (lp * g_lp.float()).sum() if use_lp else (ent * g_ent.float()).sum()
         dh, dw = torch.autograd.grad(out, (hh, ww))
         zero = torch.zeros_like(g_lp)
@@ -325,21 +330,6 @@ def test_torch_backend_targets_on_chunk_edges_and_chunk_maxima_far_apart(monkeyp
     live = (t != IGNORE).nonzero().squeeze(1)
     t[live] = edges[torch.arange(live.numel()) % edges.numel()]
     _check(h, w, t, 0.7, g_lp, g_ent, 1e-4, backend="torch")
-
-
-def test_torch_backend_single_output_grads(monkeypatch):
-    """Gradient through logprob alone and entropy alone (the other output's grad is None)."""
-    monkeypatch.setattr(L, "TOKEN_CHUNK", 32)
-    monkeypatch.setattr(L, "VOCAB_CHUNK", 128)
-    h, w, t, g_lp, g_ent = _problem(70, 48, 389, torch.float32)
-    for use_lp in (True, False):
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        lp, ent = kernels.linear_logprob_entropy(hh, ww, t, 0.7, backend="torch")
-        out = (lp * g_lp.float()).sum() if use_lp else (ent * g_ent.float()).sum()
-        dh, dw = torch.autograd.grad(out, (hh, ww))
-        zero = torch.zeros_like(g_lp)
-        _, _, rdh, rdw = _oracle(h, w, t, 0.7, g_lp if use_lp else zero, zero if use_lp else g_ent)
-        assert _rel(dh, rdh) <= 1e-4 and _rel(dw, rdw) <= 1e-4
 
 
 def test_torch_backend_extra_memory_independent_of_n():
