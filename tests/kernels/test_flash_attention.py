@@ -335,8 +335,8 @@ def variant(request, monkeypatch):
 
 
 @pytest.mark.parametrize("cu,hq,hkv,d,causal", CASES)
-def test_triton_backward_variants_match_fp64(variant, cu, hq, hkv, d, causal):
-    test_flash_attention_matches_fp64_per_document("triton", cu, hq, hkv, d, causal)
+def test_triton_backward_variants_match_fp64(variant, cu, hq, hkv, d, causal, monkeypatch):
+    test_flash_attention_matches_fp64_per_document("triton", cu, hq, hkv, d, causal, monkeypatch)
 
 
 def test_triton_backward_variants_poisoned_outputs_and_accumulate(variant):
