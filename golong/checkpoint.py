@@ -229,6 +229,7 @@ class Checkpointer:
     def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Restore model (+ optimizer) in place and this rank's RNG; returns the trainer state."""
         path = Path(path)
+        _check_same_model(path, model)
         if optimizer is not None:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
@@ -243,6 +244,33 @@ class Checkpointer:
         if rng_file.exists():  # absent when resuming on more ranks than wrote the checkpoint
             set_rng_state(_load_plain(rng_file))
         return _load_plain(path / "trainer_state.pt")
+
+
+def _check_same_model(path: Path, model: nn.Module) -> None:
+    """Refuse, in one message, a checkpoint written for another architecture (DCP would raise a
+    planner traceback about the first mismatching tensor). Reads only the DCP index."""
+    saved = {k.removeprefix("model."): m.size for k, m in
+             dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(m, "size")}
+    here = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    problems = [f"{k} is {list(saved[k])} there, {list(here[k])} here"
+                for k in here if k in saved and tuple(saved[k]) != here[k]]
+    problems += [f"{k} missing there" for k in here if k not in saved]
+    problems += [f"{k} unknown here" for k in saved if k not in here]
+    if not problems:
+        return
+    msg = f"checkpoint {path} holds a different model than the config: " + "; ".join(problems[:3])
+    if len(problems) > 3:
+        msg += f" (+{len(problems) - 3} more)"
+    cfg_file = path / "config.json"
+    if cfg_file.is_file() and hasattr(model, "config"):
+        theirs, ours = json.loads(cfg_file.read_text()), model.config.to_hf()
+        diff = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                if k != "torch_dtype" and theirs.get(k) != ours.get(k)]
+        if diff:
+            msg += ". Its config.json differs in " + ", ".join(diff)
+    raise ValueError(msg + ". Use the model settings it was written with, or another logging.run_dir"
+                     " (or checkpoint.resume=none) for a new run.")
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:

@@ -246,3 +246,26 @@ def test_extra_files_and_export_dtype_and_tokenizer(tmp_path):
     (tmp_path / "ck" / "step_000004").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         export_hf(tmp_path / "ck" / "step_000004", tmp_path / "hf2")
+
+
+def test_resuming_another_architecture_names_what_differs(tmp_path):
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", every=1)
+    path = ck.save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    wide = tiny_config()
+    wide.model.scratch.hidden_size *= 2
+    other = from_config(scratch_hf_config(wide), dtype=torch.float32)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        ck.load(path, other, torch.optim.AdamW(other.parameters()))
+    msg = str(e.value)
+    h = model.config.hidden_size
+    assert str(path) in msg and f"embed_tokens.weight is [1024, {h}] there, [1024, {2 * h}] here" in msg
+    assert f"hidden_size={h} there, {2 * h} here" in msg and "more)" in msg
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
+
+    deeper = tiny_config()
+    deeper.model.scratch.num_hidden_layers += 1  # same shapes, one more layer: the extra keys are missing there
+    other = from_config(scratch_hf_config(deeper), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"layers\.\d+\.\S+ missing there.*num_hidden_layers"):
+        ck.load(path, other, None)
