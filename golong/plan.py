@@ -162,12 +162,11 @@ class ModelShape:
 
 
 def _shape_from_hf(raw: dict[str, Any], name: str, source: str) -> ModelShape:
-    from golong.models.config import ConfigError as ModelConfigError
     from golong.models.config import ModelConfig
 
     try:
         c = ModelConfig.from_hf(raw)  # validates: a config the model cannot run fails here too
-    except ModelConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     moe_layers = sum(c.layer_is_moe(i) for i in range(c.num_hidden_layers))
     return ModelShape(

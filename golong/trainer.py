@@ -42,8 +42,9 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer
-from golong.config import RunConfig, to_dict
+from golong.config import ConfigError, RunConfig, to_dict
 from golong.logger import MetricsWriter, get_logger
+from golong.models.config import ModelConfig
 from golong.parallel import (
     ParallelDims,
     apply_activation_checkpointing,
@@ -478,7 +479,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> 
     """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
     rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
     meta device, sharded, then each rank streams in just its shards."""
-    from golong.models import ModelConfig, Qwen3ForCausalLM, from_config, load_weights
+    from golong.models import Qwen3ForCausalLM, from_config, load_weights
 
     device = compute_device()
     if cfg.model.path is None:
@@ -504,7 +505,13 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     if src is not None:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+        # transformers builds an empty tokenizer from a folder without tokenizer files, and prompts
+        # are chat-templated: both would fail later with a message that does not name the folder
+        if tok.chat_template is None:
+            raise ConfigError(f"tokenizer {src} has no chat template (or no tokenizer files at all): point "
+                              "model.tokenizer at the chat model's tokenizer folder")
+        return tok
     from golong.data.tokenizer import build_demo_tokenizer
 
     assert cfg.model.scratch is not None
@@ -669,6 +676,11 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)
+        # parsed here too so a config the model cannot run stops before minutes of prompt tokenising
+        vocab = ModelConfig.from_hf(cfg.model.path).vocab_size if cfg.model.path else cfg.model.scratch.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens, the model's vocabulary {vocab}: "
+                              "token ids past it have no embedding")
         self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)

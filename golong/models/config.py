@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from golong.config import ConfigError  # one error type: the CLI shows it as one line
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
-class ConfigError(ValueError):
-    """A config.json field has a value this model cannot represent."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,18 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF <-> typed
     @classmethod
     def from_hf(cls, cfg: dict[str, Any] | Any) -> ModelConfig:
-        """Parse a HF config (dict, path to config.json / its folder, or a transformers config)."""
-        raw = _as_dict(cfg)
+        """Parse a HF config (dict, path to config.json / its folder, or a transformers config).
+        Raises ConfigError (naming the file when given a path) for a field the model cannot represent."""
+        if not isinstance(cfg, (str, Path)):
+            return cls._parse(_as_dict(cfg))
+        path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
+        try:
+            return cls._parse(json.loads(path.read_text()))
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"model_type={model_type!r}: only {SUPPORTED_MODEL_TYPES} are supported")
@@ -182,10 +192,6 @@ class ModelConfig:
 def _as_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, ModelConfig):
         return copy.deepcopy(cfg.hf_config)
-    if isinstance(cfg, (str, Path)):
-        p = Path(cfg)
-        p = p / "config.json" if p.is_dir() else p
-        return json.loads(p.read_text())
     if isinstance(cfg, dict):
         return copy.deepcopy(cfg)
     if hasattr(cfg, "to_dict"):  # a transformers PretrainedConfig

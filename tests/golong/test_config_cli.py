@@ -365,3 +365,36 @@ def test_nvtx_range_is_free_without_cuda():
     assert a is b  # the shared null context: nothing allocated per call on CPU
     with nvtx_range("layer"):
         pass
+
+
+def test_train_names_a_model_or_tokenizer_it_cannot_use(tmp_path, capsys):
+    """A folder without tokenizer files (transformers builds an empty tokenizer from it), a config.json the
+    model cannot represent, or a tokenizer larger than the model's vocabulary: one line each, before any
+    prompt is tokenised, instead of a traceback from deep inside prompt building or the embedding."""
+    import json
+
+    from golong.data.tokenizer import build_demo_tokenizer
+    from tests.golong.model_fixtures import hf_config
+
+    tok_dir, model_dir = tmp_path / "tok", tmp_path / "model"
+    build_demo_tokenizer(vocab_size=512).save_pretrained(tok_dir)
+    model_dir.mkdir()
+    raw = hf_config("dense").to_dict()
+    run = ["train", str(ROOT / "configs/demo-cpu.yaml"), f"model.path={model_dir}", f"logging.run_dir={tmp_path}/run"]
+
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    assert main(run) == 2
+    assert f"tokenizer {model_dir} has no chat template" in capsys.readouterr().err
+
+    (model_dir / "config.json").write_text(json.dumps(dict(raw, hidden_act="gelu")))
+    assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"golong: error: {model_dir / 'config.json'}: config field hidden_act='gelu': only 'silu' (SwiGLU) is supported"
+
+    (model_dir / "config.json").write_text("{not json")
+    assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
+    assert f"{model_dir / 'config.json'}: Expecting property name" in capsys.readouterr().err
+
+    (model_dir / "config.json").write_text(json.dumps(dict(raw, vocab_size=300)))
+    assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
+    assert "the tokenizer has 512 tokens, the model's vocabulary 300" in capsys.readouterr().err
