@@ -225,6 +225,17 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, w.double(), torch.tensor([3, 6], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_triton_backend_rejects_dtypes_its_kernels_do_not_take(dtype):
+    """tl.dot of fp64 operands into the kernels' fp32 accumulator gave a silently wrong product (relative error
+    ~1 in the interpreter; a compile error on a GPU); integers failed deep inside Triton. The dispatcher names
+    the dtype and the torch backend, which computes it."""
+    x, w, offsets = torch.randn(6, 4).to(dtype), torch.randn(2, 4, 3).to(dtype), _offsets([2, 4])
+    with pytest.raises(TypeError, match=f"backend='triton' takes fp32, fp16 or bf16 x and w, got {dtype}"):
+        grouped_mm(x, w, offsets, backend="triton")
+    assert torch.equal(grouped_mm(x, w, offsets), torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))  # auto: torch
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 def test_triton_tma_forward_matches_fp64(dtype, grouping, monkeypatch):
