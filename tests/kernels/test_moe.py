@@ -462,6 +462,32 @@ def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse, tma):
         assert err < 3e-2, (name, row, err)
 
 
+def test_expert_mlp_checks_dtypes_before_the_fused_gate_up_gemm():
+    """The triton path's fused gate_up GEMM calls the kernel launcher directly, past grouped_mm's checks: a
+    gate_up_proj in another dtype than x failed deep inside Triton, and fp64 operands met the kernel's fp32
+    accumulator in tl.dot and gave a silently wrong output. Both are refused up front, naming the tensors."""
+    g = torch.Generator().manual_seed(3)
+    r = moe_route(torch.randn(7, 4, generator=g), 2, backend="torch")
+    x, gate_up, down = torch.randn(7, 8, generator=g), torch.randn(4, 6, 8, generator=g), torch.randn(4, 8, 3,
+                                                                                                       generator=g)
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match="x, gate_up_proj and down_proj must share one dtype"):
+            expert_mlp(x, r, gate_up.half(), down, backend=backend)
+        with pytest.raises(TypeError, match="x, gate_up_proj and down_proj must share one dtype"):
+            expert_mlp(x, r, gate_up, down.half(), backend=backend)
+    x64, gate_up64, down64 = x.double(), gate_up.double(), down.double()
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 x and expert weights"):
+        expert_mlp(x64, r, gate_up64, down64, backend="triton")
+    # the same product in the torch backend's fp64 (auto on CPU), against per-copy expert MLPs
+    ref = torch.zeros_like(x64)
+    for t in range(7):
+        for j in range(2):
+            e = int(r.expert_ids[t, j])
+            h = gate_up64[e] @ x64[t]
+            ref[t] += r.weights[t, j].double() * (down64[e] @ (torch.nn.functional.silu(h[:3]) * h[3:]))
+    assert _rel(expert_mlp(x64, r, gate_up64, down64), ref) < 1e-12
+
+
 def test_nan_and_all_masked_router_rows_keep_expert_ids_in_range():
     # NaN logits (a diverged router) or a row of -inf: ids must stay in [0, E) or the sort / grouped GEMMs would
     # address rows past their buffers; the weights are NaN, as torch's softmax gives them
