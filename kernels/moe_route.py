@@ -281,6 +281,8 @@ def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = T
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-MoE top-k: (weights [T, k] in the logits' dtype, expert ids [T, k] int64, probabilities descending).
     backend "triton" (one kernel; "auto" on CUDA) or "torch" (softmax + torch.topk)."""
+    if not router_logits.is_floating_point():  # the weights come back in the logits' dtype: ints would be 0
+        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
     if not 1 <= top_k <= router_logits.shape[-1]:
         raise ValueError(f"top_k must be in [1, {router_logits.shape[-1]}] (the number of experts), got {top_k}")
     if _use_triton(backend, router_logits) and router_logits.stride(-1) == 1:

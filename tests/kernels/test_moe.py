@@ -75,6 +75,16 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
         moe_route(logits[None], 2, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_refuses_integer_logits(backend):
+    """The routing weights come back in the logits' dtype: integer logits gave weights truncated to all 0
+    (so every token's MoE output was 0), silently."""
+    with pytest.raises(TypeError, match="router_logits must be a floating-point tensor, got torch.int64"):
+        moe_route(torch.randint(-3, 3, (4, 6)), 2, backend=backend)
+    with pytest.raises(TypeError, match="router_logits must be a floating-point tensor, got torch.int32"):
+        route_topk(torch.randint(-3, 3, (4, 6), dtype=torch.int32), 2, backend=backend)
+
+
 def test_sort_offsets_and_stability():
     T, E, k = 53, 9, 4
     logits = torch.randn(T, E)
