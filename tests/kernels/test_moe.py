@@ -76,6 +76,19 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_top_k_must_be_an_int(backend):
+    """top_k sizes the outputs and is the Triton kernel's constexpr: a float failed in torch.empty / topk and a
+    tensor deep inside Triton (an int tensor also left Routing.top_k a tensor). Int-likes are taken as ints."""
+    logits = torch.randn(5, 6)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            moe_route(logits, bad, backend=backend)
+    r, ref = moe_route(logits, torch.tensor(2), backend=backend), moe_route(logits, 2, backend=backend)
+    assert type(r.top_k) is int and r.top_k == 2
+    assert torch.equal(r.expert_ids, ref.expert_ids) and torch.equal(r.weights, ref.weights)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_route_refuses_integer_logits(backend):
     """The routing weights come back in the logits' dtype: integer logits gave weights truncated to all 0
     (so every token's MoE output was 0), silently."""
