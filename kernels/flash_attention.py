@@ -733,6 +733,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
         raise ValueError(f"GQA needs Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs {tuple(k.shape)}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise TypeError(f"q, k and v must be floating-point tensors; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None, tail: bool = False) -> None:

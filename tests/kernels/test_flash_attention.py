@@ -439,6 +439,16 @@ def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():
     assert out.dtype == torch.float64 and rel(out, ref_out) < 1e-5 and rel(lse, ref_lse) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flash_attention_refuses_integer_inputs(backend):
+    """Integer q/k/v: the torch backend attended in fp32 and cast the output back to int64 (silently
+    truncated), the triton backend failed inside the kernel."""
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k = torch.randint(-3, 3, (9, 4, 16)), torch.randint(-3, 3, (9, 2, 16))
+    with pytest.raises(TypeError, match="q, k and v must be floating-point tensors; got torch.int64"):
+        flash_attention(q, k, k, cu, backend=backend)
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
     """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""
