@@ -336,6 +336,7 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
     M, K = x.shape[0] if rows is None else rows.shape[0], x.shape[1]
     G, _, N = w.shape
+    offsets = offsets.contiguous()  # the kernel reads offs_ptr + g: a strided view (e.g. a column) would be misread
     if swiglu and N % 2:
         raise ValueError(f"the SwiGLU epilogue needs an even N (gate | up), got {N}")
     n_out = N // 2 if swiglu else N
