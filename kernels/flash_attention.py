@@ -702,13 +702,19 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
+# what the Triton kernels take: their softmax state and accumulators are fp32 (fp64 operands do not compile)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _resolve(backend: str, t: torch.Tensor) -> str:
     """The local kernel for a q [T, H, D]; the Triton kernels tile head_dim as one power-of-two block."""
     if backend == "auto":
-        backend = "triton" if t.is_cuda else "torch"
+        backend = "triton" if t.is_cuda and t.dtype in _TRITON_DTYPES else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch', "
                          "'flash_attn'")
+    if backend == "triton" and t.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the triton backend takes fp32, fp16 or bf16 q/k/v, got {t.dtype}; use backend='torch'")
     d = t.shape[-1]
     if backend == "triton" and (d < 16 or d > 256 or d & (d - 1)):
         raise ValueError(f"the triton backend needs head_dim a power of two in [16, 256], got {d}; "
@@ -727,6 +733,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"{tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
         raise ValueError(f"GQA needs Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs {tuple(k.shape)}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise TypeError(f"q, k and v must be floating-point tensors; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None, tail: bool = False) -> None:
@@ -904,9 +912,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     other). softmax_scale defaults to D**-0.5.
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
-    backend: "auto" (triton on CUDA, torch otherwise), "triton", "torch", or "flash_attn" (flash-attn's
-    varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing; there only
-    out is differentiable, not lse).
+    backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", or "flash_attn"
+    (flash-attn's varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing; there
+    only out is differentiable, not lse).
     """
     _check(q, k, v)
     if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:

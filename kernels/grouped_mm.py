@@ -11,11 +11,11 @@ stacked expert weights. `w` may be any strided view (e.g. transformers' fused
 `gate_up_proj.transpose(1, 2)`): nothing copies it, and dw is allocated with w's strides so the
 gradient lands in the parameter's own layout.
 
-Backends: "triton" (persistent kernel over all groups' tiles, GPU or the interpreter), "torch"
-(`torch._grouped_mm` where it applies — int32 offsets, 16-byte aligned strides, fp32/bf16/fp16 on
+Backends: "triton" (persistent kernel over all groups' tiles, GPU or the interpreter; fp32, fp16 or bf16),
+"torch" (`torch._grouped_mm` where it applies — int32 offsets, 16-byte aligned strides, fp32/bf16/fp16 on
 CPU, bf16 on CUDA — else a per-group loop, which reads the offsets on the host and is meant as the
-fp64 oracle / odd-layout fallback). "auto": triton on CUDA, torch otherwise. Neither the Triton
-path nor the `_grouped_mm` path synchronises with the host: grids depend on shapes only.
+fp64 oracle / odd-layout fallback). "auto": triton on CUDA (for the dtypes it takes), torch otherwise.
+Neither the Triton path nor the `_grouped_mm` path synchronises with the host: grids depend on shapes only.
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "nu
 # TMA 1: x and dy tiles by descriptors bounded at the group's last row (so its tail reads zeros, no masks).
 DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3,
                              "TMA": 0}
+
+
+# what the Triton kernels multiply (fp32 accumulators); other dtypes (fp64, integers) take the torch path
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_triton_dtype(t: torch.Tensor, what: str) -> None:
+    """Raise unless the Triton kernels take t's dtype (an fp64 operand would meet an fp32 accumulator in tl.dot)."""
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes fp32, fp16 or bf16 {what}, got {t.dtype}; "
+                        "backend='torch' computes in any dtype (e.g. the fp64 oracle)")
 
 
 def _tuned_tiles(device: torch.device, name: str, base: dict[str, int]) -> dict[str, int]:
@@ -325,6 +336,7 @@ def _triton_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config:
     cfg = _fit_stages(cfg, cfg["BLOCK_M"] * cfg["BLOCK_K"], cfg["BLOCK_K"] * cfg["BLOCK_N"], x.element_size())
     M, K = x.shape[0] if rows is None else rows.shape[0], x.shape[1]
     G, _, N = w.shape
+    offsets = offsets.contiguous()  # the kernel reads offs_ptr + g: a strided view (e.g. a column) would be misread
     if swiglu and N % 2:
         raise ValueError(f"the SwiGLU epilogue needs an even N (gate | up), got {N}")
     n_out = N // 2 if swiglu else N
@@ -506,8 +518,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
     if x.dtype != w.dtype:
         raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":
+        check_triton_dtype(x, "x and w")
         return _TritonGroupedMM.apply(x, w, offsets)
     if backend == "torch":
         return _TorchGroupedMM.apply(x, w, offsets)

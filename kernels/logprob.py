@@ -513,6 +513,11 @@ DH_GROUP = 1
 SCRATCH_BYTES = 192 * 1024 * 1024
 
 
+# what the Triton backend takes: fp64 compiles neither in the fused-tile kernels (fp32 accumulators) nor in the
+# GEMM path's cuBLAS calls (torch.mm's out_dtype=fp32 takes 16-bit or fp32 operands only)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_triton_device(t: torch.Tensor) -> None:
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
@@ -907,16 +912,19 @@ def linear_logprob_entropy(
     hidden [N, H] (fp32/bf16/fp16; leading dims are flattened), weight [V, H] (same dtype),
     targets [N] int64 -> logprob [N] fp32 (<= 0), entropy [N] fp32. Never materialises [N, V].
     Rows with targets == ignore_index give 0 and no gradient. backend: "auto" (triton on CUDA
-    tensors, torch otherwise), "triton" or "torch". deterministic: the Triton backward uses
+    tensors in fp32/bf16/fp16, torch otherwise), "triton" or "torch". deterministic: the Triton backward uses
     owner-computes kernels instead of atomics (bitwise reproducible dh and dW; the torch backend
     is deterministic anyway). Extra memory is independent of N: the Triton backend works in
     GEMM_ROWS x GEMM_COLS logits blocks (see _gemm_forward / _gemm_backward; FWD_MODE and BWD_MODE
     select the fused-tile kernels instead), the torch backend in TOKEN_CHUNK x VOCAB_CHUNK chunks.
     """
     if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "torch"
+        backend = "triton" if hidden.is_cuda and hidden.dtype in _TRITON_DTYPES else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" and hidden.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes fp32, fp16 or bf16 hidden and weight, got {hidden.dtype}; "
+                        "use backend='torch'")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     lead = hidden.shape[:-1]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm
+from kernels.grouped_mm import TRITON_DTYPES, _triton_dw, _triton_fwd, check_triton_dtype, grouped_mm
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
 # triton backend: the gate_up GEMM reads each permuted row straight from x through its token index (forward
@@ -185,6 +185,7 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
                backend: str = "auto") -> torch.Tensor:
     """x [T, H], routing from kernels.moe_route, gate_up_proj [E, 2I, H], down_proj [E, H, I] -> y [T, H].
 
+    x and both weights share one dtype (the triton backend: fp32, fp16 or bf16).
     y[t] = sum_j routing.weights[t, j] * expert_{ids[t, j]}(x[t]), in x's dtype. Differentiable
     w.r.t. x, both weights and (through routing.weights) the router logits. No host sync.
     """
@@ -198,7 +199,13 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
     if num_experts != routing.num_experts or x.shape[0] != routing.num_tokens:
         raise ValueError(f"the routing is for {routing.num_tokens} tokens over {routing.num_experts} experts; got x "
                          f"{tuple(x.shape)} and {num_experts} experts in gate_up_proj")
-    triton_path = _use_triton(backend, x) and x.stride(-1) == 1
+    if not x.dtype == gate_up_proj.dtype == down_proj.dtype:
+        raise TypeError(f"x, gate_up_proj and down_proj must share one dtype; got {x.dtype}, {gate_up_proj.dtype}, "
+                        f"{down_proj.dtype}")
+    if backend == "triton":
+        check_triton_dtype(x, "x and expert weights")
+    # "auto" on CUDA: dtypes the grouped GEMM kernels do not take (fp64) go the torch way
+    triton_path = _use_triton(backend, x) and x.stride(-1) == 1 and x.dtype in TRITON_DTYPES
     gather = triton_path and gather_in_gemm(x.device)
     fuse = triton_path and swiglu_in_gemm(x.device)
     if gather or fuse:

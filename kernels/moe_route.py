@@ -19,6 +19,7 @@ torch ops for these took ~5 ms of a 23 ms MoE MLP fwd+bwd at 32K tokens). "auto"
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,10 +278,23 @@ class _RouteTopK(torch.autograd.Function):
         return grad, None, None
 
 
+def _int_top_k(top_k: Any) -> int:
+    """top_k as a Python int (it sizes the outputs and is a Triton constexpr); anything int-like is taken."""
+    if isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int, got {top_k!r}")
+    try:
+        return operator.index(top_k)
+    except TypeError:
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}") from None
+
+
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, backend: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-MoE top-k: (weights [T, k] in the logits' dtype, expert ids [T, k] int64, probabilities descending).
     backend "triton" (one kernel; "auto" on CUDA) or "torch" (softmax + torch.topk)."""
+    if not router_logits.is_floating_point():  # the weights come back in the logits' dtype: ints would be 0
+        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
+    top_k = _int_top_k(top_k)
     if not 1 <= top_k <= router_logits.shape[-1]:
         raise ValueError(f"top_k must be in [1, {router_logits.shape[-1]}] (the number of experts), got {top_k}")
     if _use_triton(backend, router_logits) and router_logits.stride(-1) == 1:
@@ -315,7 +329,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = Tr
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
-    num_experts = router_logits.shape[1]
+    num_experts, top_k = router_logits.shape[1], _int_top_k(top_k)
     weights, expert_ids = route_topk(router_logits, top_k, norm_topk_prob, backend)
     order, inverse, offsets, counts = sort_by_expert(expert_ids, num_experts)
     return Routing(weights, expert_ids, order, inverse, offsets, counts, top_k, num_experts)

@@ -423,6 +423,32 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
         flash_attention(q, k, k, cu, backend="cuda")
 
 
+def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():
+    """fp64 q/k/v do not compile for the GPU (the fp64 products meet the kernels' fp32 accumulators:
+    CompilationError in _fwd_inner, seen by an sm_90 AOT compile of attn_fwd with *fp64 pointers), while the
+    interpreter ran them: the triton backend now refuses them by name, and "auto" on CUDA takes torch."""
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k = torch.randn(9, 4, 16, dtype=torch.float64), torch.randn(9, 2, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="triton backend takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
+        flash_attention(q, k, k, cu, backend="triton")
+    with pytest.raises(TypeError, match="triton backend takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
+        flash_attention(q, k, k, cu, backend="flash_attn")  # no flash-attn on CPU: falls back to triton
+    assert fa._resolve("auto", q) == "torch" and fa._resolve("auto", q.float()) == "torch"  # CPU tensors
+    out, lse = flash_attention(q, k, k, cu)
+    ref_out, ref_lse = per_document_attention(q, k, k, [0, 4, 9])
+    assert out.dtype == torch.float64 and rel(out, ref_out) < 1e-5 and rel(lse, ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flash_attention_refuses_integer_inputs(backend):
+    """Integer q/k/v: the torch backend attended in fp32 and cast the output back to int64 (silently
+    truncated), the triton backend failed inside the kernel."""
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q, k = torch.randint(-3, 3, (9, 4, 16)), torch.randint(-3, 3, (9, 2, 16))
+    with pytest.raises(TypeError, match="q, k and v must be floating-point tensors; got torch.int64"):
+        flash_attention(q, k, k, cu, backend=backend)
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
     """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""

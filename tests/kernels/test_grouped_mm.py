@@ -225,6 +225,34 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x, w.double(), torch.tensor([3, 6], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_offsets_view(backend):
+    """offsets as a strided view (a column of a [G, 2] table): the forward kernel read offs_ptr + g, i.e. every
+    other element, and gave a silently wrong y and dx (relative error ~1); dw was right."""
+    x, w = torch.randn(75, 37), torch.randn(7, 37, 20)
+    table = torch.stack([_offsets(GROUPINGS["mixed"]), torch.full((7,), 1000, dtype=torch.int32)], 1)
+    offsets = table[:, 0]
+    assert offsets.stride() == (2,)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_mm(xa, wa, offsets, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert _rel(y, _ref_fwd(x, w, offsets)) < 1e-5
+    assert _rel(xa.grad, _ref_fwd(dy, w.transpose(1, 2), offsets)) < 1e-5
+    assert _rel(wa.grad, _ref_dw(x, dy, offsets)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_triton_backend_rejects_dtypes_its_kernels_do_not_take(dtype):
+    """tl.dot of fp64 operands into the kernels' fp32 accumulator gave a silently wrong product (relative error
+    ~1 in the interpreter; a compile error on a GPU); integers failed deep inside Triton. The dispatcher names
+    the dtype and the torch backend, which computes it."""
+    x, w, offsets = torch.randn(6, 4).to(dtype), torch.randn(2, 4, 3).to(dtype), _offsets([2, 4])
+    with pytest.raises(TypeError, match=f"backend='triton' takes fp32, fp16 or bf16 x and w, got {dtype}"):
+        grouped_mm(x, w, offsets, backend="triton")
+    assert torch.equal(grouped_mm(x, w, offsets), torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))  # auto: torch
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("grouping", sorted(GROUPINGS))
 def test_triton_tma_forward_matches_fp64(dtype, grouping, monkeypatch):

@@ -461,6 +461,19 @@ def test_leading_dims_and_mismatched_shapes_or_dtypes():
         kernels.linear_logprob_entropy(h, w.half(), t)
 
 
+def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():
+    """fp64 hidden / weight do not run on a GPU: the fused-tile kernels fail to compile for sm_90 (fp64 products
+    into fp32 accumulators) and the GEMM path's torch.mm(out_dtype=fp32) takes only 16-bit or fp32 operands;
+    the interpreter ran them. The triton backend refuses them by name; "auto" (CUDA) takes torch."""
+    h, w, t, _, _ = _problem(9, 16, 37, torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 hidden and weight, got "
+                                        "torch.float64"):
+        kernels.linear_logprob_entropy(h, w, t, backend="triton")
+    lp, ent = kernels.linear_logprob_entropy(h, w, t)
+    lp_ref, ent_ref = linear_logprob_entropy_reference(h, w, t)
+    assert _rel(lp, lp_ref) < 1e-6 and _rel(ent, ent_ref) < 1e-6
+
+
 def test_bad_targets_and_temperature_are_errors():
     h, w = torch.randn(5, 8), torch.randn(11, 8)
     for t in (torch.tensor([0, 1, 11, 2, 3]), torch.tensor([0, -1, 2, 3, 4])):  # V, and a negative non-ignore id

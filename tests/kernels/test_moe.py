@@ -75,6 +75,29 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
         moe_route(logits[None], 2, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_top_k_must_be_an_int(backend):
+    """top_k sizes the outputs and is the Triton kernel's constexpr: a float failed in torch.empty / topk and a
+    tensor deep inside Triton (an int tensor also left Routing.top_k a tensor). Int-likes are taken as ints."""
+    logits = torch.randn(5, 6)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            moe_route(logits, bad, backend=backend)
+    r, ref = moe_route(logits, torch.tensor(2), backend=backend), moe_route(logits, 2, backend=backend)
+    assert type(r.top_k) is int and r.top_k == 2
+    assert torch.equal(r.expert_ids, ref.expert_ids) and torch.equal(r.weights, ref.weights)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_refuses_integer_logits(backend):
+    """The routing weights come back in the logits' dtype: integer logits gave weights truncated to all 0
+    (so every token's MoE output was 0), silently."""
+    with pytest.raises(TypeError, match="router_logits must be a floating-point tensor, got torch.int64"):
+        moe_route(torch.randint(-3, 3, (4, 6)), 2, backend=backend)
+    with pytest.raises(TypeError, match="router_logits must be a floating-point tensor, got torch.int32"):
+        route_topk(torch.randint(-3, 3, (4, 6), dtype=torch.int32), 2, backend=backend)
+
+
 def test_sort_offsets_and_stability():
     T, E, k = 53, 9, 4
     logits = torch.randn(T, E)
@@ -460,6 +483,32 @@ def test_expert_mlp_gate_up_forms_bf16_cuda(monkeypatch, gather, fuse, tma):
         # bf16 error against fp64 on CPU: <= 8.3e-3
         err, row = worst_segment_error(ours, ref, each_row(ref.shape[0]))
         assert err < 3e-2, (name, row, err)
+
+
+def test_expert_mlp_checks_dtypes_before_the_fused_gate_up_gemm():
+    """The triton path's fused gate_up GEMM calls the kernel launcher directly, past grouped_mm's checks: a
+    gate_up_proj in another dtype than x failed deep inside Triton, and fp64 operands met the kernel's fp32
+    accumulator in tl.dot and gave a silently wrong output. Both are refused up front, naming the tensors."""
+    g = torch.Generator().manual_seed(3)
+    r = moe_route(torch.randn(7, 4, generator=g), 2, backend="torch")
+    x, gate_up, down = torch.randn(7, 8, generator=g), torch.randn(4, 6, 8, generator=g), torch.randn(4, 8, 3,
+                                                                                                       generator=g)
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match="x, gate_up_proj and down_proj must share one dtype"):
+            expert_mlp(x, r, gate_up.half(), down, backend=backend)
+        with pytest.raises(TypeError, match="x, gate_up_proj and down_proj must share one dtype"):
+            expert_mlp(x, r, gate_up, down.half(), backend=backend)
+    x64, gate_up64, down64 = x.double(), gate_up.double(), down.double()
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 x and expert weights"):
+        expert_mlp(x64, r, gate_up64, down64, backend="triton")
+    # the same product in the torch backend's fp64 (auto on CPU), against per-copy expert MLPs
+    ref = torch.zeros_like(x64)
+    for t in range(7):
+        for j in range(2):
+            e = int(r.expert_ids[t, j])
+            h = gate_up64[e] @ x64[t]
+            ref[t] += r.weights[t, j].double() * (down64[e] @ (torch.nn.functional.silu(h[:3]) * h[3:]))
+    assert _rel(expert_mlp(x64, r, gate_up64, down64), ref) < 1e-12
 
 
 def test_nan_and_all_masked_router_rows_keep_expert_ids_in_range():
