@@ -306,7 +306,8 @@ def _check_values(cfg: RunConfig) -> None:
         (r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
         (0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
         (r.reward_timeout_s > 0, "rollout.reward_timeout_s must be > 0"),
-        (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, no time limit)"),
+        (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math_verify and "
+                                "rouge_l in one timed worker)"),
         (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),
         (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),

@@ -62,11 +62,11 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
     """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
 
     Each item has its own `timeout` (seconds of worker time); an item over it scores 0. The answer
-    regions are cut here, so only the (short) answers travel to the workers. `num_workers=0` scores
-    inline in this process, without time limits.
+    regions are cut here, so only the (short) answers travel to the workers. `num_workers=0` scores the
+    linear-time metrics inline in this process; the SANDBOXED ones (math-verify parses model output with
+    sympy) still go through one timed worker, as in `compute_score`.
     """
-    if num_workers > 0:
-        check_timeout(timeout)
+    check_timeout(timeout)
     jobs: list[tuple[str, str, Gold]] = []
     where: list[int] = []
     out = [0.0] * len(items)
@@ -80,7 +80,11 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
             jobs.append((metric, region, gold))
             where.append(i)
     if num_workers <= 0:
-        scores = [score_region(*job) for job in jobs]
+        scores = [0.0 if job[0] in SANDBOXED else score_region(*job) for job in jobs]
+        timed = [k for k, job in enumerate(jobs) if job[0] in SANDBOXED]
+        if timed:
+            for k, s in zip(timed, get_pool(1).map([jobs[k] for k in timed], timeout)):
+                scores[k] = s
     else:
         scores = get_pool(num_workers).map(jobs, timeout)
     for i, s in zip(where, scores):

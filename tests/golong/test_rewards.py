@@ -315,6 +315,29 @@ def test_time_limit_holds_inside_a_daemonic_process():
     assert score == 0.0 and seconds < 60.0
 
 
+def _batch_inline(queue) -> None:
+    t = time.perf_counter()
+    items = [("math_verify", R("\\boxed{9^{9^{9^{9^{9}}}}}"), "3"), ("math_verify", R("\\boxed{7}"), "7"),
+             ("f1", R("a\nb"), ["a"]), ("rouge_l", R("a b c"), "a b c")]
+    queue.put((score_batch(items, timeout=1.0, num_workers=0), time.perf_counter() - t))
+
+
+def test_inline_batch_keeps_the_time_limit_of_math_verify():
+    # rollout.reward_workers=0 scores in the trainer: sympy parsing of model output must still run in a timed
+    # worker (it used to run inline without a limit: one tower of powers hung the trainer)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_batch_inline, args=(queue,), daemon=True)
+    proc.start()
+    try:
+        scores, seconds = queue.get(timeout=90)
+    finally:
+        proc.kill()
+    assert scores == [0.0, 1.0, pytest.approx(2 / 3), 1.0] and seconds < 60.0
+
+
 _PARENT = r"""
 import sys
 from golong.rewards import compute_score
