@@ -389,7 +389,8 @@ def test_train_names_a_model_or_tokenizer_it_cannot_use(tmp_path, capsys):
     (model_dir / "config.json").write_text(json.dumps(dict(raw, hidden_act="gelu")))
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"golong: error: {model_dir / 'config.json'}: config field hidden_act='gelu': only 'silu' (SwiGLU) is supported"
+    assert err == (f"golong: error: {model_dir / 'config.json'}: config field hidden_act='gelu': "
+                   "only 'silu' (SwiGLU) is supported")
 
     (model_dir / "config.json").write_text("{not json")
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
