@@ -9,7 +9,7 @@ On disk (one row or JSON line per record, verl layout):
                       "ground_truth": {"doc_ids": ["..."], "golden_label": "...", "summary": "..."}},
      "extra_info": {"reward_mode": "T2.1 Global Timeline Reconstruction", "index": 7}}
 
-Every record must route to a reward metric (reward_mode, ability or data_source; see
+Every record must route to a reward metric (data_source, reward_mode or ability; see
 golong.rewards.tasks) and carry a non-empty ground truth. A bad record raises RecordError naming
 the file and the line (JSONL, 1-based) or row (parquet, 0-based).
 """
@@ -101,9 +101,12 @@ class Record:
         gt = _check_ground_truth(rm["ground_truth"], bad)
         rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"))
         try:
-            rec.metric  # noqa: B018  (validates the routing)
+            metric = rec.metric
         except ValueError as e:
             raise bad(str(e)) from None
+        if metric == "retrieval_calculate" and not (gt.doc_ids and gt.golden_label.strip()):
+            raise bad("a retrieval_calculate record needs both ground_truth.doc_ids (the documents to cite) "
+                      "and golden_label (the number to reach)")
         from golong.rewards.tasks import is_known_task, known_tasks
 
         if mode and mode not in _warned_modes and not is_known_task(mode):

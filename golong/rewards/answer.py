@@ -15,8 +15,9 @@ THINK_CLOSE = "</think>"
 ANSWER_MARKERS = ("[Answer]", "[答案]")
 
 
-def answer_region(response: str, *, require_think: bool = True) -> str | None:
-    """The stripped answer text of `response`, or None when its think block is malformed."""
+def answer_region(response: str, *, require_think: bool = True, cut_marker: bool = True) -> str | None:
+    """The stripped answer text of `response`, or None when its think block is malformed.
+    cut_marker=False keeps the text before a last [Answer] marker."""
     if require_think:
         # exactly one </think> and at most one <think>: several blocks mean the model lost its format
         if response.count(THINK_CLOSE) != 1 or response.count(THINK_OPEN) > 1:
@@ -26,7 +27,7 @@ def answer_region(response: str, *, require_think: bool = True) -> str | None:
         text = response.rsplit(THINK_CLOSE, 1)[-1]
     # the last marker of either language wins: the model's final answer comes last
     best, cut = -1, 0
-    for marker in ANSWER_MARKERS:
+    for marker in ANSWER_MARKERS if cut_marker else ():
         pos = text.rfind(marker)
         if pos > best:
             best, cut = pos, pos + len(marker)

@@ -1,12 +1,14 @@
-"""The ten reward metrics. Each maps (answer region, ground truth) -> float in [0, 1].
+"""The eleven reward metrics. Each maps (answer region, ground truth) -> float in [0, 1].
 
 `region` is the already-extracted answer text (see answer.py); `gold` is a string or a list of gold
-strings (gold items in order). These functions may raise on garbage; `score_region` is the safe
-entry point that turns any exception into 0.0. Nothing here evaluates model output as code: JSON is
-read with `json.loads`, maths with math-verify's parser.
+strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"}.
+These functions may raise on garbage; `score_region` is the safe entry point that turns any
+exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
+maths with math-verify's parser.
 
-All metrics except `math_verify` run in time linear (or near-linear) in the response length: ROUGE-L
-uses a bit-parallel LCS, so a 1 MB response against a 1K-token summary scores in well under a second.
+All metrics except `math_verify` (and `retrieval_calculate`, which calls it) run in time linear (or
+near-linear) in the response length: ROUGE-L uses a bit-parallel LCS, so a 1 MB response against a
+1K-token summary scores in well under a second.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from golong.rewards.answer import first_occurrence, fold, gold_items, items
 
-Gold = str | list[str]
+Gold = str | list[str] | dict[str, Any]
 
 
 def _gold_strings(gold: Gold) -> list[str]:
@@ -302,6 +304,35 @@ def math_verify(region: str, gold: Gold) -> float:
     return 0.0
 
 
+_DOC_ID = re.compile(r"<\|doc_\d+\|>")
+
+
+def _tag_body(text: str, tag: str) -> str | None:
+    """Text between the first <tag> and the next </tag> (str.find: linear, unlike a lazy regex
+    retried from every unclosed opening)."""
+    start = text.find(f"<{tag}>")
+    if start < 0:
+        return None
+    start += len(tag) + 2
+    end = text.find(f"</{tag}>", start)
+    return None if end < 0 else text[start:end]
+
+
+def retrieval_calculate(region: str, gold: Gold) -> float:
+    """GoLongRL's retrieval-then-calculate reward, all or nothing: 1 when the <relevant_doc_ids> block
+    names exactly the gold documents (as a set of <|doc_N|> tokens) and the <continue_reasoning> block
+    reaches the gold number (math_verify); gold = {"doc_ids": [...], "golden_label": "..."}."""
+    if not isinstance(gold, dict):
+        return 0.0
+    ids, reasoning = _tag_body(region, "relevant_doc_ids"), _tag_body(region, "continue_reasoning")
+    if ids is None or reasoning is None or not reasoning.strip():
+        return 0.0
+    pred = set(_DOC_ID.findall(ids))
+    if not pred or pred != {str(d).strip() for d in gold.get("doc_ids") or []}:
+        return 0.0
+    return math_verify(reasoning.strip(), str(gold.get("golden_label") or ""))
+
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -313,6 +344,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "ndcg": ndcg,
     "pairwise": pairwise,
     "rouge_l": rouge_l,
+    "retrieval_calculate": retrieval_calculate,
 }
 
 

@@ -22,7 +22,9 @@ from golong.rewards.tasks import route
 DEFAULT_TIMEOUT_S = 10.0
 # Metrics that can take super-linear time on adversarial input run in a worker process when a
 # timeout is requested. The others are linear-time and run inline.
-SANDBOXED = frozenset({"math_verify", "rouge_l"})
+SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
+# Metrics that read tagged blocks of the whole answer: an [Answer] marker inside one must not cut it.
+TAGGED = frozenset({"retrieval_calculate"})
 # Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
 LIST_METRICS = frozenset({"accuracy", "f1", "subem", "ndcg", "pairwise", "rouge_l"})
 
@@ -47,7 +49,7 @@ def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: fl
     if timeout is not None:
         check_timeout(timeout)
     try:
-        region = answer_region(response, require_think=require_think)
+        region = answer_region(response, require_think=require_think, cut_marker=metric not in TAGGED)
     except Exception:  # e.g. a non-str response
         return 0.0
     if region is None:
@@ -73,7 +75,7 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
     for i, (metric, response, gold) in enumerate(items):
         check_metric(metric)
         try:
-            region = answer_region(response, require_think=require_think)
+            region = answer_region(response, require_think=require_think, cut_marker=metric not in TAGGED)
         except Exception:
             region = None
         if region is not None:
@@ -114,6 +116,8 @@ def record_target(record: Any) -> tuple[str, Gold]:
         label = gt.get("golden_label") or ""
     else:
         doc_ids, label = list(getattr(gt, "doc_ids", []) or []), getattr(gt, "golden_label", "") or ""
+    if metric == "retrieval_calculate":  # both: the documents to cite and the number to reach
+        return metric, {"doc_ids": doc_ids, "golden_label": label}
     if metric in LIST_METRICS:
         return metric, (doc_ids if doc_ids else label)
     return metric, (label if label else doc_ids)

@@ -1,8 +1,9 @@
 """Task name -> metric: the nine capability types, the 25 LongBench-Pro subtasks, data-source routes.
 
-GoLongRL records name their task in `extra_info.reward_mode` (LongBench-Pro subtasks such as
-"T2.1 Global Timeline Reconstruction", or "math_verify") or in `ability`; the remaining sources are
-routed by `data_source` ("EM", "selection", "multitableqa_pretraining", math sources).
+The data sources GoLongRL's reward code names ("EM", "selection", "multitableqa_pretraining",
+"retrieval_calculate") decide their metric; other records name their task in `extra_info.reward_mode`
+(LongBench-Pro subtasks such as "T2.1 Global Timeline Reconstruction", or "math_verify") or in
+`ability`; the rest are routed by data_source pattern (multitableqa*, math sources).
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ LONGBENCH_PRO: dict[str, str] = {
     "T11.2 Short-Range Reference Resolution & State Query": "accuracy",
 }
 
-METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l")
+METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
+                "retrieval_calculate")
 
-# data_source -> metric for records whose type is not in reward_mode / ability
+# The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
+# reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
 DATA_SOURCES: dict[str, str] = {
     "EM": "em",
     "selection": "choice",
     "multitableqa_pretraining": "iou",
-    "retrieval_calculate": "math_verify",
+    "retrieval_calculate": "retrieval_calculate",
 }
 
 _LBP_SHORT = {name.split(" ", 1)[0]: metric for name, metric in LONGBENCH_PRO.items()}  # "T1.1" -> ndcg
@@ -107,16 +110,17 @@ def metric_for(task: str) -> str:
 
 
 def route(data_source: str | None, ability: str | None = None, reward_mode: str | None = None) -> str:
-    """Metric for a record: its reward_mode, else its ability, else its data_source.
+    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES),
+    else the reward_mode, else the ability, else a data_source pattern (multitableqa*, *math*).
 
     Raises ValueError naming all three fields and the known names when none resolves.
     """
-    for name in (reward_mode, ability):
-        if isinstance(name, str) and name and (m := _lookup(name)) is not None:
-            return m
     ds = data_source if isinstance(data_source, str) else ""
     if ds in DATA_SOURCES:
         return DATA_SOURCES[ds]
+    for name in (reward_mode, ability):
+        if isinstance(name, str) and name and (m := _lookup(name)) is not None:
+            return m
     if ds.startswith("multitableqa"):
         return "iou"
     if "math" in ds.lower():

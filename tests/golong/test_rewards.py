@@ -493,7 +493,8 @@ def test_batch_8192_responses_in_seconds():
 
 
 def test_metric_for_capabilities_and_longbench_pro():
-    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy"}
+    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate: the retrieval_calculate data source's reward
+    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
@@ -531,10 +532,15 @@ def test_route_by_data_source():
     assert route("math_longcot_math_verify") == "math_verify"
     assert route("longbench_pro", "long_context", "T5.1 Full-Sentence Citation Alignment") == "f1"
     assert route("whatever", "summarization", None) == "rouge_l"
-    assert route("retrieval_calculate") == "math_verify"
-    # reward_mode wins over ability, ability over data_source
-    assert route("EM", "summarization", "T1.1 Global Cohesive Retrieval") == "ndcg"
-    assert route("EM", "summarization", None) == "rouge_l"
+    assert route("retrieval_calculate") == "retrieval_calculate"
+    # as in GoLongRL's reward code: a data source it names decides, whatever reward_mode / ability say;
+    # otherwise reward_mode wins over ability, ability over a data_source pattern
+    assert route("EM", "summarization", "T1.1 Global Cohesive Retrieval") == "em"
+    assert route("retrieval_calculate", "math", "math_verify") == "retrieval_calculate"
+    assert route("longbench_pro", "summarization", "T1.1 Global Cohesive Retrieval") == "ndcg"
+    assert route("longbench_pro", "summarization", None) == "rouge_l"
+    assert route("math_dapo", "summarization", None) == "rouge_l"
+    assert route("math_dapo", "long_context", None) == "math_verify"
     with pytest.raises(ValueError, match="data_source='mystery'"):
         route("mystery", "unknown ability", None)
 
@@ -566,6 +572,52 @@ def test_score_record_goLongRL_layouts():
     assert score_record(math_rec, R("\\boxed{0.75}")) == 1.0
     assert score_record(math_rec, "\\boxed{0.75}") == 0.0  # no think block
     assert score_record(math_rec, "\\boxed{0.75}", require_think=False) == 1.0
+
+
+def _retrieval_answer(ids: str, reasoning: str) -> str:
+    """The answer part (after </think>) of GoLongRL's retrieval_calculate format."""
+    return (f"<relevant_doc_ids>{ids}</relevant_doc_ids>\n<summary>s</summary>\n"
+            f"<continue_reasoning>{reasoning}</continue_reasoning>")
+
+
+def test_retrieval_calculate_needs_the_exact_documents_and_the_number():
+    """GoLongRL's hard reward: the cited documents as a set equal to the gold ones AND the number."""
+    gold = {"doc_ids": ["<|doc_3|>", "<|doc_14|>"], "golden_label": "\\frac{7}{18}"}
+    right = "so the total is \\boxed{\\dfrac{7}{18}}"
+    assert score("retrieval_calculate", _retrieval_answer("<|doc_14|>, <|doc_3|>", right), gold) == 1.0
+    assert score("retrieval_calculate", _retrieval_answer("<|doc_3|> <|doc_14|> <|doc_3|>", right), gold) == 1.0
+    for ids, reasoning in [("<|doc_3|>", right),  # a gold document missing
+                           ("<|doc_3|>, <|doc_14|>, <|doc_15|>", right),  # one too many
+                           ("doc_3, doc_14", right),  # not the document tokens
+                           ("<|doc_3|>, <|doc_14|>", "\\boxed{7/19}"),  # the wrong number
+                           ("<|doc_3|>, <|doc_14|>", "  ")]:  # no reasoning
+        assert score("retrieval_calculate", _retrieval_answer(ids, reasoning), gold) == 0.0, (ids, reasoning)
+    # a missing or unclosed block, or the blocks only in the think part, score 0
+    assert score("retrieval_calculate", f"<relevant_doc_ids><|doc_3|>, <|doc_14|></relevant_doc_ids> {right}",
+                 gold) == 0.0
+    assert score("retrieval_calculate", _retrieval_answer("<|doc_3|>, <|doc_14|>", right)
+                 .replace("</continue_reasoning>", ""), gold) == 0.0
+    in_think = _retrieval_answer("<|doc_3|>, <|doc_14|>", right)
+    assert compute_score("retrieval_calculate", f"<think>{in_think}</think> 7/18", gold, timeout=None) == 0.0
+    # an [Answer] marker inside the reasoning does not cut the blocks away (GoLongRL reads the whole answer)
+    marked = _retrieval_answer("<|doc_3|>, <|doc_14|>", "[Answer] " + right)
+    assert score("retrieval_calculate", marked, gold) == 1.0
+    assert score("math_verify", "x [Answer] \\boxed{7/18}", "7/18") == 1.0  # other metrics still cut there
+    # it runs math-verify on model output, so it runs under the time limit
+    tower = _retrieval_answer("<|doc_3|>, <|doc_14|>", "\\boxed{9^{9^{9^{9^{9}}}}}")
+    t = time.perf_counter()
+    assert compute_score("retrieval_calculate", R(tower), gold, timeout=1.0) == 0.0
+    assert time.perf_counter() - t < 30.0
+
+
+def test_retrieval_calculate_records():
+    gt = {"doc_ids": ["<|doc_1|>", "<|doc_2|>"], "golden_label": "12", "summary": ""}
+    rec = _verl("retrieval_calculate", gt, reward_mode="math_verify")
+    good = R(_retrieval_answer("<|doc_2|>, <|doc_1|>", "3 * 4 = \\boxed{12}"))
+    assert score_record(rec, good, timeout=None) == 1.0
+    assert score_record(rec, R("\\boxed{12}"), timeout=None) == 0.0  # the number alone is not enough
+    assert score_batch([("retrieval_calculate", good, {"doc_ids": gt["doc_ids"], "golden_label": "12"})],
+                       num_workers=1) == [1.0]
 
 
 def test_reward_code_never_evals_model_output():
