@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer
-from golong.config import RunConfig, to_dict
+from golong.config import ConfigError, RunConfig, to_dict
 from golong.logger import MetricsWriter, get_logger
 from golong.parallel import (
     ParallelDims,
@@ -926,6 +926,13 @@ class Trainer:
         if path is None:
             return
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
+        saved_n = int(state["sampler"]["n"])
+        if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
+            raise ConfigError(f"resume from {path}: its data order is over {saved_n} training prompts, this config "
+                              f"gives {len(self.train_prompts)} (data.train_files, data.synthetic_n, "
+                              "data.max_prompt_tokens or data.overflow changed); resume with the same data, or start "
+                              f"a new run from its weights: golong export {path} DIR, then model.path=DIR and a new "
+                              "logging.run_dir")
         self.actor.scheduler.load_state_dict(state["scheduler"])
         for change in self.actor.apply_config_hyperparameters():
             log.warning(f"resume: {change} (the config's value from here on)")

@@ -212,3 +212,17 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     every = [s for b in script[:2] for p in b for s in p]
     assert m["reward/mean"] == pytest.approx(sum(every) / len(every))
     assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
+
+
+def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
+    """A checkpoint's sampler position is over its own prompt count: resuming onto more (or fewer) prompts
+    stops with one line naming the checkpoint, both counts and the way on (was a ValueError traceback)."""
+    quick = ("trainer.sft_steps=0", "trainer.total_steps=1", "trainer.val_every=0", "profile.steps=[]")
+    first = _train(config_file, tmp_path, "", *quick)
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = _train(config_file, tmp_path, "", *quick, "trainer.total_steps=2", "data.synthetic_n=50")
+    assert more.returncode == 2 and "Traceback" not in more.stderr, more.stderr[-3000:]
+    line = more.stderr.strip().splitlines()[-1]
+    assert line.startswith("golong: error: resume from ") and "step_000001" in line, line
+    assert "over 48 training prompts, this config gives 50" in line and "golong export" in line, line
+    assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
