@@ -1040,14 +1040,16 @@ def _add_layer_nvtx(model: nn.Module) -> None:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Entry point of `golong train`: build, auto-resume, run to trainer.total_steps."""
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)  # inside: a setup error (a config that does not fit the launch) leaves no group
         return trainer.fit()
     except TrainingStopped as e:
         log.error(f"training stopped: {e}")
         raise SystemExit(3) from None
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         # vLLM tears down its own groups (children of the default one) at exit: leave that to it
         if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()

@@ -225,6 +225,20 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     assert message in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("parallel.cp=2", "parallel.cp=2 must divide the world size 1; launch a multiple of 2 ranks"),
+    ("parallel.dp_shard=2", "parallel.dp_shard=2 x parallel.cp=1 != world size 1; launch 2 ranks"),
+])
+def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, capsys):
+    import torch.distributed as dist
+
+    # was a ValueError traceback from init_parallel
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"golong: error: {message}") and "\n" not in err, err
+    assert not dist.is_initialized()  # the group the failed setup opened is closed again
+
+
 def test_malformed_override_after_a_flag_is_named(capsys):
     # `optim.lr` after --dry-run reached argparse, which called it an unrecognized argument
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "--dry-run", "optim.lr"]) == 2
