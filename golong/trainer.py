@@ -706,7 +706,7 @@ class Trainer:
             train = load_records(list(d.train_files))
         else:
             if d.synthetic_n <= 0:
-                raise ValueError("data.train_files is empty and data.synthetic_n is 0: no training data")
+                raise ConfigError("data.train_files is empty and data.synthetic_n is 0: no training data")
             train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
         if d.val_files:
             val = load_records(list(d.val_files))
@@ -717,8 +717,11 @@ class Trainer:
             val = []
         tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow)
         vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
-        if not tp:
-            raise ValueError("no training prompt fits data.max_prompt_tokens")
+        if not tp:  # a config problem, named in one line (build_prompts logged the counts)
+            how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
+                "(data.overflow=drop)"
+            raise ConfigError(f"none of the {len(train)} training records fits data.max_prompt_tokens="
+                              f"{d.max_prompt_tokens} {how}; raise data.max_prompt_tokens")
         return tp, vp
 
     # ---------------------------------------------------------------------------- rollouts

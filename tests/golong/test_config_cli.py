@@ -239,6 +239,16 @@ def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, c
     assert not dist.is_initialized()  # the group the failed setup opened is closed again
 
 
+@pytest.mark.parametrize("overflow, how", [("truncate_left", "even left-truncated"), ("drop", "data.overflow=drop")])
+def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, capsys):
+    # was a ValueError traceback from the trainer's data loading
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "data.synthetic_n=3", "data.max_prompt_tokens=5",
+                 f"data.overflow={overflow}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("golong: error: none of the 3 training records fits data.max_prompt_tokens=5 ") \
+        and how in err and "\n" not in err, err
+
+
 def test_malformed_override_after_a_flag_is_named(capsys):
     # `optim.lr` after --dry-run reached argparse, which called it an unrecognized argument
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "--dry-run", "optim.lr"]) == 2
