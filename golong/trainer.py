@@ -170,6 +170,13 @@ def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int)
 
 
 # ---------------------------------------------------------------------------------- the actor
+def _fmt(v: Any) -> str:
+    """A hyperparameter for the resume log (6 significant digits: a float read back equals its config value)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:  # step = trainer steps (updates) taken so far, as verl counts them
@@ -214,17 +221,28 @@ class Actor:
                                         o.min_lr_ratio)
 
     def apply_config_hyperparameters(self) -> list[str]:
-        """After a resume: the config's lr / weight decay replace the checkpoint's (the schedule keeps its
-        position). Returns what changed, for the log."""
+        """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
+        checkpoint's, which loading its param groups brought back (the schedule keeps its position). Returns
+        what changed, for the log."""
         o = self.cfg.optim
         g = self.optimizer.param_groups[0]
-        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"]}
-        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay}
+        impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
+        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
+                 "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
+        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
+                  "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"], group["weight_decay"] = o.lr, o.lr * factor, o.weight_decay
+            # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
+            group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
+            group["initial_lr"], group["lr"] = o.lr, o.lr * factor
+            if group["fused"] or group["capturable"]:  # these keep their step counts by the parameters
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        return [f"{k} {saved[k]:g} -> {wanted[k]:g}" for k in saved if not math.isclose(saved[k], wanted[k])]
+        return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
 
     # ------------------------------------------------------------------- forward on a micro-batch
     def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:

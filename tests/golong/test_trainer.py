@@ -226,3 +226,35 @@ def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     assert line.startswith("golong: error: resume from ") and "step_000001" in line, line
     assert "over 48 training prompts, this config gives 50" in line and "golong export" in line, line
     assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
+
+
+def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, caplog):
+    """Loading a checkpoint brings back its param groups; every optimizer setting of the config must win over
+    them, not only lr / weight decay (betas, eps and impl were silently the checkpoint's: switching a run that
+    ran out of memory with impl=foreach to another impl did nothing)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+            "trainer.total_steps=1", "optim.impl=foreach"]
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for overrides in ([], ["trainer.total_steps=2", "optim.impl=fused", "optim.betas=[0.8,0.95]",
+                               "optim.adam_eps=1e-6", "optim.weight_decay=0.05", "optim.lr=5e-3"]):
+            trainer = Trainer(load_config(config_file, base + overrides))
+            try:
+                trainer.fit()
+            finally:
+                dist.destroy_process_group()
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    for g in trainer.actor.optimizer.param_groups:
+        assert (g["foreach"], g["fused"], g["betas"], g["eps"], g["weight_decay"]) == (False, True, (0.8, 0.95),
+                                                                                       1e-6, 0.05)
+        assert g["initial_lr"] == 5e-3
+    for change in ("optim.lr 0.01 -> 0.005", "optim.weight_decay 0.01 -> 0.05", "optim.betas [0.9, 0.999] -> "
+                   "[0.8, 0.95]", "optim.adam_eps 1e-08 -> 1e-06", "optim.impl foreach -> fused"):
+        assert f"resume: {change} (the config's value from here on)" in caplog.text
+    assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
