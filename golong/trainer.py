@@ -492,19 +492,36 @@ def scratch_hf_config(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
+def model_config(cfg: RunConfig) -> Any:
+    """The architecture cfg.model names (model.path's config.json, else model.scratch) as a golong ModelConfig.
+    One a Qwen3 model cannot represent is a ConfigError naming where it came from (one line from the CLI)."""
+    import json
+
+    from golong.models import ConfigError as ModelConfigError
+    from golong.models import ModelConfig
+
+    source = f"{cfg.model.path}/config.json" if cfg.model.path is not None else "model.scratch"
+    try:
+        return ModelConfig.from_hf(cfg.model.path if cfg.model.path is not None else scratch_hf_config(cfg))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    except ModelConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> nn.Module:
     """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
     rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
     meta device, sharded, then each rank streams in just its shards."""
-    from golong.models import ModelConfig, Qwen3ForCausalLM, from_config, load_weights
+    from golong.models import Qwen3ForCausalLM, from_config, load_weights
 
     device = compute_device()
     if cfg.model.path is None:
         torch.manual_seed(cfg.trainer.seed if seed is None else seed)
-        model = from_config(scratch_hf_config(cfg), dtype=torch.float32, device=device)
+        model = from_config(model_config(cfg), dtype=torch.float32, device=device)
     else:
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(ModelConfig.from_hf(cfg.model.path), dtype=torch.float32)
+            model = Qwen3ForCausalLM(model_config(cfg), dtype=torch.float32)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
@@ -684,6 +701,7 @@ class Trainer:
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
+        model_config(cfg)  # a model this trainer cannot build stops the run before the data is read
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)

@@ -249,6 +249,22 @@ def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, capsys):
         and how in err and "\n" not in err, err
 
 
+@pytest.mark.parametrize("config_json, overrides, message", [
+    (None, ["model.scratch.num_attention_heads=3", "model.scratch.num_key_value_heads=2"],
+     "model.scratch: num_attention_heads=3 is not a multiple of num_key_value_heads=2"),
+    ('{"model_type": "llama"}', [], "{tmp}/config.json: model_type='llama': only ('qwen3', 'qwen3_moe') are supported"),
+    ('{"model_type": "qwen3",', [], "{tmp}/config.json: line 1, column 24: invalid JSON"),
+])
+def test_train_on_a_model_golong_cannot_build_is_one_line(config_json, overrides, message, tmp_path, capsys):
+    # were tracebacks: golong.models.ConfigError (not the CLI's) and json.JSONDecodeError, from building the model
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+        overrides = [f"model.path={tmp_path}"]
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("golong: error: " + message.format(tmp=tmp_path)) and "\n" not in err, err
+
+
 def test_malformed_override_after_a_flag_is_named(capsys):
     # `optim.lr` after --dry-run reached argparse, which called it an unrecognized argument
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "--dry-run", "optim.lr"]) == 2
