@@ -701,10 +701,17 @@ class Trainer:
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
-        model_config(cfg)  # a model this trainer cannot build stops the run before the data is read
+        vocab = model_config(cfg).vocab_size  # a model this trainer cannot build stops the run before the data
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)
+        n_tok = len(self.tokenizer)
+        if n_tok > vocab:  # ids past the embedding: the first forward fails deep inside (a device assert on GPU)
+            source = cfg.model.tokenizer or cfg.model.path
+            raise ConfigError(f"the tokenizer of {source} has {n_tok} tokens, more than the model's vocabulary of "
+                              f"{vocab}; set model.tokenizer to the model's own" if source else
+                              f"the demo tokenizer has {n_tok} tokens (bytes and special tokens), more than "
+                              f"model.scratch.vocab_size={vocab}; raise it to at least {n_tok}")
         self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)

@@ -265,6 +265,21 @@ def test_train_on_a_model_golong_cannot_build_is_one_line(config_json, overrides
     assert err.startswith("golong: error: " + message.format(tmp=tmp_path)) and "\n" not in err, err
 
 
+def test_train_with_more_tokens_than_the_model_has_embeddings_is_one_line(tmp_path, capsys):
+    # were IndexErrors from the first forward's embedding lookup (a device-side assert on GPU)
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    assert main(["train", cfg, "model.scratch.vocab_size=256"]) == 2  # the byte-level demo tokenizer needs 261
+    assert capsys.readouterr().err.strip() == ("golong: error: the demo tokenizer has 261 tokens (bytes and special "
+                                               "tokens), more than model.scratch.vocab_size=256; raise it to at "
+                                               "least 261")
+    build_demo_tokenizer(1024).save_pretrained(str(tmp_path))
+    assert main(["train", cfg, "model.scratch.vocab_size=512", f"model.tokenizer={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"golong: error: the tokenizer of {tmp_path} has 1024 tokens, more than "
+                                               "the model's vocabulary of 512; set model.tokenizer to the model's own")
+
+
 def test_malformed_override_after_a_flag_is_named(capsys):
     # `optim.lr` after --dry-run reached argparse, which called it an unrecognized argument
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "--dry-run", "optim.lr"]) == 2
