@@ -826,7 +826,8 @@ class Trainer:
                                                                                        gen_batches),
                                                         f"rollout step {step}")
             for k, v in timings.items():
-                metrics[k] += v
+                if not k.startswith("perf/"):  # times add up over generation batches, rates do not (below)
+                    metrics[k] += v
             batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * want + j // n,
                              task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]
@@ -843,6 +844,8 @@ class Trainer:
         chosen = set(groups)
         kept = [r for r in kept if r.group in chosen]
         metrics.update(self._rollout_metrics(every))
+        metrics["perf/rollout_tokens_per_s"] = sum(len(r.response_ids) for r in every) / max(
+            metrics["time/rollout_s"], 1e-9)
         metrics["dynamic_sampling/gen_batches"] = gen_batches
         metrics["dynamic_sampling/kept_prompts"] = len(groups)
         metrics["dynamic_sampling/kept_fraction"] = len({r.group for r in kept}) / max(1, len({r.group for r in every}))

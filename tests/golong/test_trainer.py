@@ -258,3 +258,34 @@ def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, ca
                    "[0.8, 0.95]", "optim.adam_eps 1e-08 -> 1e-06", "optim.impl foreach -> fused"):
         assert f"resume: {change} (the config's value from here on)" in caplog.text
     assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
+
+
+def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monkeypatch):
+    """perf/rollout_tokens_per_s of a step that generated twice is all generated tokens over all rollout time
+    (it was the sum of the two batches' rates: twice the real rate)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "algo.max_num_gen_batches=2"])
+    batches = []
+    try:
+        trainer = Trainer(cfg)
+
+        def scripted(prompts, n, params, seed_key, label):  # every group tied: both batches are generated
+            out = [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0) for j in range(len(prompts) * n)]
+            tokens = sum(len(o[0]) for o in out)
+            batches.append(tokens)
+            seconds = 2.0 * len(batches)  # 2 s, then 4 s
+            return out, {"time/rollout_s": seconds, "time/reward_s": 0.5, "perf/rollout_tokens_per_s": tokens / seconds}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        _, m = trainer.collect_rollouts(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(batches) == 2 and m["time/rollout_s"] == 6.0 and m["time/reward_s"] == 1.0
+    assert m["perf/rollout_tokens_per_s"] == pytest.approx(sum(batches) / 6.0)
