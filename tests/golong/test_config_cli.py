@@ -200,6 +200,29 @@ def test_run_problems_name_every_missing_path(tmp_path):
                                                                       "data.synthetic_n=0"])) == []
 
 
+def test_resume_from_a_directory_that_is_no_checkpoint_stops_before_setup(tmp_path, capsys):
+    """checkpoint.resume=<the run or its checkpoints directory> failed only after the data and the model were
+    loaded (minutes at scale); it is now a run problem that names the newest checkpoint inside."""
+    from golong.config import run_problems
+
+    step = tmp_path / "run" / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("2\n")
+    (tmp_path / "empty").mkdir()
+
+    def problems(resume):
+        return run_problems(load_config(ROOT / "configs/demo-cpu.yaml", [f"checkpoint.resume={resume}"]))
+
+    for resume in (tmp_path / "run", step.parent):
+        assert problems(resume) == [f"checkpoint.resume: {resume} is not a complete checkpoint (no COMPLETE marker); "
+                                    f"the newest one in it is {step}"]
+    assert problems(tmp_path / "empty") == [
+        f"checkpoint.resume: {tmp_path / 'empty'} is not a complete checkpoint (no COMPLETE marker)"]
+    assert problems(step) == []
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), f"checkpoint.resume={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: {problems(tmp_path / 'run')[0]}"
+
+
 def test_synth_passes_seed_and_context_length(tmp_path):
     from golong.data.synthetic import generate
 
