@@ -986,6 +986,12 @@ class Trainer:
         for change in self.actor.apply_config_hyperparameters():
             log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
+        d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
+        for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
+                                                                             d.shuffle)):
+            if saved != wanted:
+                log.warning(f"resume: the checkpoint's data order continues ({key}={saved}); the config's {key}="
+                            f"{wanted} does not change it")
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
         self.engine.sync_weights(self.model)

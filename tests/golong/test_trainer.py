@@ -289,3 +289,29 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
             dist.destroy_process_group()
     assert len(batches) == 2 and m["time/rollout_s"] == 6.0 and m["time/reward_s"] == 1.0
     assert m["perf/rollout_tokens_per_s"] == pytest.approx(sum(batches) / 6.0)
+
+
+def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path, caplog):
+    """The sampler state of a checkpoint carries its data.seed and data.shuffle: on resume the config's were
+    dropped without a word."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+            "trainer.total_steps=1"]
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for overrides in ([], ["data.seed=5", "data.shuffle=false"]):
+            trainer = Trainer(load_config(config_file, base + overrides))
+            try:
+                trainer.maybe_resume() if overrides else trainer.fit()
+            finally:
+                dist.destroy_process_group()
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    assert (trainer.sampler.seed, trainer.sampler.shuffle) == (0, True)  # the order of the run continues
+    for saved, wanted in (("data.seed=0", "data.seed=5"), ("data.shuffle=True", "data.shuffle=False")):
+        assert f"resume: the checkpoint's data order continues ({saved}); the config's {wanted} does not change it" \
+            in caplog.text
