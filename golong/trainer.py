@@ -657,14 +657,18 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 class _Progress:
-    """A rich progress bar for rollouts on rank 0 (a no-op elsewhere or when disabled)."""
+    """Rollout progress on rank 0 (a no-op elsewhere or when disabled): a rich bar on a terminal; in a log file,
+    where a bar is noise, a line every `log_every_s` seconds (a long-context rollout runs for many minutes)."""
 
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
+    def __init__(self, enabled: bool, label: str, total: int, log_every_s: float = 60.0) -> None:
         self.bar = None
+        self.label, self.total, self.done, self.log_every_s = label, total, 0, log_every_s
+        self.log_lines = False
         if enabled:
             from rich.console import Console
 
-            enabled = Console().is_terminal  # a bar in a log file is just noise; the step lines remain
+            self.log_lines = not Console().is_terminal
+            enabled = not self.log_lines
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -673,13 +677,18 @@ class _Progress:
             self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self) -> _Progress:
+        self.start = self.last = time.monotonic()
         if self.bar is not None:
             self.bar.start()
         return self
 
     def __call__(self, k: int) -> None:
+        self.done += k
         if self.bar is not None:
             self.bar.advance(self.task, k)
+        elif self.log_lines and time.monotonic() - self.last >= self.log_every_s:
+            self.last = time.monotonic()
+            log.info(f"{self.label}: {self.done}/{self.total} responses ({self.last - self.start:.0f}s)")
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -315,3 +315,25 @@ def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path,
     for saved, wanted in (("data.seed=0", "data.seed=5"), ("data.shuffle=True", "data.shuffle=False")):
         assert f"resume: the checkpoint's data order continues ({saved}); the config's {wanted} does not change it" \
             in caplog.text
+
+
+def test_rollout_progress_in_a_log_file_is_a_line_every_interval(monkeypatch, caplog):
+    """Off a terminal (a cluster's log file) the rollout progress bar was switched off and nothing else said how
+    far a rollout of many minutes had got; it now logs a line every log_every_s seconds."""
+    from golong.trainer import _Progress
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # pytest captures stdout: not a terminal
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        with caplog.at_level(logging.INFO, logger="golong"):
+            with _Progress(True, "rollout step 3", 5, log_every_s=0) as bar:
+                bar(2)
+                bar(3)
+            with _Progress(True, "validation", 4) as bar:  # at the default interval quick work says nothing
+                bar(4)
+            with _Progress(False, "off (not rank 0)", 4, log_every_s=0) as bar:
+                bar(4)
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if "responses" in r.getMessage()]
+    assert lines == ["rollout step 3: 2/5 responses", "rollout step 3: 5/5 responses"]
