@@ -428,6 +428,18 @@ def test_plot_series_keep_a_resumed_steps_last_value(tmp_path):
     assert png == tmp_path / "sub" / "c.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
+    """--out without a suffix made matplotlib write OUT.png while golong printed OUT (an existing directory as
+    OUT: the directory's path, and the plot next to it)."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    (tmp_path / "plots").mkdir()
+    for out, want in ((tmp_path / "plots", tmp_path / "plots" / "curves.png"), (tmp_path / "c", tmp_path / "c.png"),
+                      (tmp_path / "c.pdf", tmp_path / "c.pdf")):
+        assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.strip() == str(want) and want.is_file()
+    assert not (tmp_path / "plots.png").exists()
+
+
 def test_cuda_profiler_window_is_a_no_op_without_cuda():
     from golong.profiling import cuda_profiler_window
 
