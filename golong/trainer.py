@@ -747,6 +747,10 @@ class Trainer:
             log.warning(f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is below the longest possible "
                         f"sequence ({longest} = data.max_prompt_tokens + rollout.max_response_tokens): such a "
                         "sequence runs as a micro-batch of its own, above the budget's memory")
+        if (cfg.trainer.val_every or cfg.trainer.val_before_train) and not self.val_prompts:
+            log.warning("validation is on (trainer.val_every / val_before_train) but there are no validation prompts "
+                        "(data.val_files, data.synthetic_val_n, or every one over data.max_prompt_tokens): no run "
+                        "will be validated")
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:

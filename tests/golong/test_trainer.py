@@ -337,3 +337,27 @@ def test_rollout_progress_in_a_log_file_is_a_line_every_interval(monkeypatch, ca
         logging.getLogger("golong").removeHandler(caplog.handler)
     lines = [r.getMessage().split(" (")[0] for r in caplog.records if "responses" in r.getMessage()]
     assert lines == ["rollout step 3: 2/5 responses", "rollout step 3: 5/5 responses"]
+
+
+def test_validation_without_validation_prompts_is_warned(config_file, tmp_path, caplog):
+    """trainer.val_every with no validation prompts (none given, or all dropped as too long) validated nothing
+    and said nothing: the val/ curves were just missing."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.data import write_records
+    from golong.data.synthetic import generate
+    from golong.trainer import Trainer
+
+    write_records(generate(2, 400, seed=1), tmp_path / "long.jsonl")  # over max_prompt_tokens=256
+    cases = {"given": ["data.synthetic_val_n=6"], "none": ["data.synthetic_val_n=0"],
+             "all too long": [f"data.val_files=[{tmp_path / 'long.jsonl'}]", "data.overflow=drop"]}
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for case, overrides in cases.items():
+            caplog.clear()
+            Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.val_every=2", *overrides]))
+            dist.destroy_process_group()
+            assert ("there are no validation prompts" in caplog.text) == (case != "given"), case
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
