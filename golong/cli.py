@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot per-task reward, entropy and logprob mismatch of a run to PNG",
                        description="Read RUN_DIR/metrics.jsonl and draw curves to RUN_DIR/curves.png.")
     p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--out", default=None, help="PNG path, or a directory for curves.png in it (default: "
+                                               "RUN_DIR/curves.png); another suffix (.pdf, .svg) picks that format")
 
     p = sub.add_parser("data", help="dataset tools (synthetic generator)",
                        description="Dataset tools.")

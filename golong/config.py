@@ -354,7 +354,21 @@ def run_problems(cfg: RunConfig) -> list[str]:
         paths.append(("model.tokenizer", cfg.model.tokenizer))
     if cfg.checkpoint.resume not in ("auto", "none"):
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
-    return problems + [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
+    problems += [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
+    return problems + _resume_problem(cfg.checkpoint.resume)
+
+
+def _resume_problem(resume: str) -> list[str]:
+    """An explicit checkpoint.resume that exists but is no complete checkpoint (often the run or checkpoints
+    directory): found here, not after the data and the model are loaded."""
+    from golong.checkpoint import MARKER, latest_checkpoint
+
+    p = Path(resume)
+    if resume in ("auto", "none") or not p.exists() or (p / MARKER).is_file():
+        return []
+    newest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
+    hint = f"; the newest one in it is {newest}" if newest is not None else ""
+    return [f"checkpoint.resume: {p} is not a complete checkpoint (no {MARKER} marker){hint}"]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -42,6 +42,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = read_metrics(path)
     out = Path(out) if out is not None else run_dir / "curves.png"
+    if out.is_dir():  # like cp: into the directory
+        out = out / "curves.png"
+    elif not out.suffix:  # matplotlib would add ".png" itself, and the path we report would not exist
+        out = out.with_name(out.name + ".png")
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     panels = [

@@ -171,6 +171,13 @@ def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int)
 
 
 # ---------------------------------------------------------------------------------- the actor
+def _fmt(v: Any) -> str:
+    """A hyperparameter for the resume log (6 significant digits: a float read back equals its config value)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:  # step = trainer steps (updates) taken so far, as verl counts them
@@ -215,17 +222,28 @@ class Actor:
                                         o.min_lr_ratio)
 
     def apply_config_hyperparameters(self) -> list[str]:
-        """After a resume: the config's lr / weight decay replace the checkpoint's (the schedule keeps its
-        position). Returns what changed, for the log."""
+        """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
+        checkpoint's, which loading its param groups brought back (the schedule keeps its position). Returns
+        what changed, for the log."""
         o = self.cfg.optim
         g = self.optimizer.param_groups[0]
-        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"]}
-        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay}
+        impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
+        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
+                 "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
+        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
+                  "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"], group["weight_decay"] = o.lr, o.lr * factor, o.weight_decay
+            # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
+            group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
+            group["initial_lr"], group["lr"] = o.lr, o.lr * factor
+            if group["fused"] or group["capturable"]:  # these keep their step counts by the parameters
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        return [f"{k} {saved[k]:g} -> {wanted[k]:g}" for k in saved if not math.isclose(saved[k], wanted[k])]
+        return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
 
     # ------------------------------------------------------------------- forward on a micro-batch
     def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
@@ -475,6 +493,17 @@ def scratch_hf_config(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
+def model_config(cfg: RunConfig) -> ModelConfig:
+    """The architecture cfg.model names (model.path's config.json, else model.scratch) as a golong ModelConfig.
+    One a Qwen3 model cannot represent is a ConfigError naming where it came from (one line from the CLI)."""
+    if cfg.model.path is not None:
+        return ModelConfig.from_hf(cfg.model.path)  # its errors name the file
+    try:
+        return ModelConfig.from_hf(scratch_hf_config(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"model.scratch: {e}") from None
+
+
 def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> nn.Module:
     """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
     rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
@@ -484,10 +513,10 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> 
     device = compute_device()
     if cfg.model.path is None:
         torch.manual_seed(cfg.trainer.seed if seed is None else seed)
-        model = from_config(scratch_hf_config(cfg), dtype=torch.float32, device=device)
+        model = from_config(model_config(cfg), dtype=torch.float32, device=device)
     else:
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(ModelConfig.from_hf(cfg.model.path), dtype=torch.float32)
+            model = Qwen3ForCausalLM(model_config(cfg), dtype=torch.float32)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
@@ -629,14 +658,18 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 class _Progress:
-    """A rich progress bar for rollouts on rank 0 (a no-op elsewhere or when disabled)."""
+    """Rollout progress on rank 0 (a no-op elsewhere or when disabled): a rich bar on a terminal; in a log file,
+    where a bar is noise, a line every `log_every_s` seconds (a long-context rollout runs for many minutes)."""
 
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
+    def __init__(self, enabled: bool, label: str, total: int, log_every_s: float = 60.0) -> None:
         self.bar = None
+        self.label, self.total, self.done, self.log_every_s = label, total, 0, log_every_s
+        self.log_lines = False
         if enabled:
             from rich.console import Console
 
-            enabled = Console().is_terminal  # a bar in a log file is just noise; the step lines remain
+            self.log_lines = not Console().is_terminal
+            enabled = not self.log_lines
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -645,13 +678,18 @@ class _Progress:
             self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self) -> _Progress:
+        self.start = self.last = time.monotonic()
         if self.bar is not None:
             self.bar.start()
         return self
 
     def __call__(self, k: int) -> None:
+        self.done += k
         if self.bar is not None:
             self.bar.advance(self.task, k)
+        elif self.log_lines and time.monotonic() - self.last >= self.log_every_s:
+            self.last = time.monotonic()
+            log.info(f"{self.label}: {self.done}/{self.total} responses ({self.last - self.start:.0f}s)")
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
@@ -673,14 +711,17 @@ class Trainer:
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
+        vocab = model_config(cfg).vocab_size  # a model this trainer cannot build stops the run before the data
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)
-        # parsed here too so a config the model cannot run stops before minutes of prompt tokenising
-        vocab = ModelConfig.from_hf(cfg.model.path).vocab_size if cfg.model.path else cfg.model.scratch.vocab_size
-        if len(self.tokenizer) > vocab:
-            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens, the model's vocabulary {vocab}: "
-                              "token ids past it have no embedding")
+        n_tok = len(self.tokenizer)
+        if n_tok > vocab:  # ids past the embedding: the first forward fails deep inside (a device assert on GPU)
+            source = cfg.model.tokenizer or cfg.model.path
+            raise ConfigError(f"the tokenizer of {source} has {n_tok} tokens, more than the model's vocabulary of "
+                              f"{vocab}; set model.tokenizer to the model's own" if source else
+                              f"the demo tokenizer has {n_tok} tokens (bytes and special tokens), more than "
+                              f"model.scratch.vocab_size={vocab}; raise it to at least {n_tok}")
         self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -707,6 +748,10 @@ class Trainer:
             log.warning(f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is below the longest possible "
                         f"sequence ({longest} = data.max_prompt_tokens + rollout.max_response_tokens): such a "
                         "sequence runs as a micro-batch of its own, above the budget's memory")
+        if (cfg.trainer.val_every or cfg.trainer.val_before_train) and not self.val_prompts:
+            log.warning("validation is on (trainer.val_every / val_before_train) but there are no validation prompts "
+                        "(data.val_files, data.synthetic_val_n, or every one over data.max_prompt_tokens): no run "
+                        "will be validated")
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:
@@ -718,7 +763,7 @@ class Trainer:
             train = load_records(list(d.train_files))
         else:
             if d.synthetic_n <= 0:
-                raise ValueError("data.train_files is empty and data.synthetic_n is 0: no training data")
+                raise ConfigError("data.train_files is empty and data.synthetic_n is 0: no training data")
             train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
         if d.val_files:
             val = load_records(list(d.val_files))
@@ -729,8 +774,11 @@ class Trainer:
             val = []
         tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow)
         vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
-        if not tp:
-            raise ValueError("no training prompt fits data.max_prompt_tokens")
+        if not tp:  # a config problem, named in one line (build_prompts logged the counts)
+            how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
+                "(data.overflow=drop)"
+            raise ConfigError(f"none of the {len(train)} training records fits data.max_prompt_tokens="
+                              f"{d.max_prompt_tokens} {how}; raise data.max_prompt_tokens")
         return tp, vp
 
     # ---------------------------------------------------------------------------- rollouts
@@ -792,7 +840,8 @@ class Trainer:
                                                                                        gen_batches),
                                                         f"rollout step {step}")
             for k, v in timings.items():
-                metrics[k] += v
+                if not k.startswith("perf/"):  # times add up over generation batches, rates do not (below)
+                    metrics[k] += v
             batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * want + j // n,
                              task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]
@@ -809,6 +858,8 @@ class Trainer:
         chosen = set(groups)
         kept = [r for r in kept if r.group in chosen]
         metrics.update(self._rollout_metrics(every))
+        metrics["perf/rollout_tokens_per_s"] = sum(len(r.response_ids) for r in every) / max(
+            metrics["time/rollout_s"], 1e-9)
         metrics["dynamic_sampling/gen_batches"] = gen_batches
         metrics["dynamic_sampling/kept_prompts"] = len(groups)
         metrics["dynamic_sampling/kept_fraction"] = len({r.group for r in kept}) / max(1, len({r.group for r in every}))
@@ -938,10 +989,23 @@ class Trainer:
         if path is None:
             return
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
+        saved_n = int(state["sampler"]["n"])
+        if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
+            raise ConfigError(f"resume from {path}: its data order is over {saved_n} training prompts, this config "
+                              f"gives {len(self.train_prompts)} (data.train_files, data.synthetic_n, "
+                              "data.max_prompt_tokens or data.overflow changed); resume with the same data, or start "
+                              f"a new run from its weights: golong export {path} DIR, then model.path=DIR and a new "
+                              "logging.run_dir")
         self.actor.scheduler.load_state_dict(state["scheduler"])
         for change in self.actor.apply_config_hyperparameters():
             log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
+        d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
+        for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
+                                                                             d.shuffle)):
+            if saved != wanted:
+                log.warning(f"resume: the checkpoint's data order continues ({key}={saved}); the config's {key}="
+                            f"{wanted} does not change it")
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
         self.engine.sync_weights(self.model)
@@ -1045,14 +1109,16 @@ def _add_layer_nvtx(model: nn.Module) -> None:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Entry point of `golong train`: build, auto-resume, run to trainer.total_steps."""
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)  # inside: a setup error (a config that does not fit the launch) leaves no group
         return trainer.fit()
     except TrainingStopped as e:
         log.error(f"training stopped: {e}")
         raise SystemExit(3) from None
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         # vLLM tears down its own groups (children of the default one) at exit: leave that to it
         if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()

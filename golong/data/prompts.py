@@ -9,6 +9,7 @@ re-applied; when that message is used up, the next longest is cut. A prompt that
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,16 +57,21 @@ def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int
 
 
 def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int,
-                  overflow: str = "truncate_left", *, chat_template_kwargs: dict[str, Any] | None = None
-                  ) -> list[EncodedPrompt]:
+                  overflow: str = "truncate_left", *, chat_template_kwargs: dict[str, Any] | None = None,
+                  progress_every_s: float = 30.0) -> list[EncodedPrompt]:
     """Chat-template and tokenize `records`; prompts over `max_prompt_tokens` are left-truncated
-    (overflow="truncate_left") or dropped (overflow="drop"). Logs how many of each."""
+    (overflow="truncate_left") or dropped (overflow="drop"). Logs how many of each, and how far it got
+    every `progress_every_s` seconds: thousands of 128K-token prompts take minutes before training starts."""
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow={overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
     kwargs = dict(chat_template_kwargs or {})
     out: list[EncodedPrompt] = []
     n_trunc = n_drop = 0
+    start = last = time.monotonic()
     for i, rec in enumerate(records):
+        if time.monotonic() - last >= progress_every_s:
+            last = time.monotonic()
+            logger.info("build_prompts: %d / %d records tokenized (%.0fs)", i, len(records), last - start)
         ids = _encode(tokenizer, rec.prompt, kwargs)
         truncated = False
         if len(ids) > max_prompt_tokens:

@@ -82,8 +82,12 @@ class ModelConfig:
             return cls._parse(_as_dict(cfg))
         path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
         try:
-            return cls._parse(json.loads(path.read_text()))
-        except (ConfigError, json.JSONDecodeError) as e:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+        try:
+            return cls._parse(raw)
+        except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod

@@ -89,13 +89,17 @@ def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_of
                   ) -> ParallelDims:
     """Init the process group and build the mesh. dp_shard = -1 means world_size // cp. cpu_offload: the
     process group also reduces CPU tensors (see init_distributed)."""
+    from golong.config import ConfigError  # a config that does not fit the launch: one line from the CLI
+
     _, world = init_distributed(backend, cpu_collectives=cpu_offload)
+    launch = "ranks (torchrun --nproc_per_node / --nnodes)"
     if cp < 1 or world % cp:
-        raise ValueError(f"parallel.cp={cp} must divide the world size {world}")
+        raise ConfigError(f"parallel.cp={cp} must divide the world size {world}; launch a multiple of {cp} {launch}")
     if dp_shard == -1:
         dp_shard = world // cp
     if dp_shard * cp != world:
-        raise ValueError(f"parallel.dp_shard={dp_shard} x parallel.cp={cp} != world size {world}")
+        raise ConfigError(f"parallel.dp_shard={dp_shard} x parallel.cp={cp} != world size {world}; launch "
+                          f"{dp_shard * cp} {launch} or set parallel.dp_shard=-1 (world size / cp)")
     mesh = init_device_mesh(device_type(), (dp_shard, cp), mesh_dim_names=("dp_shard", "cp"))
     fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     return ParallelDims(mesh=mesh, fsdp_mesh=fsdp_mesh, dp_size=dp_shard, dp_rank=mesh.get_local_rank("dp_shard"),

@@ -200,6 +200,29 @@ def test_run_problems_name_every_missing_path(tmp_path):
                                                                       "data.synthetic_n=0"])) == []
 
 
+def test_resume_from_a_directory_that_is_no_checkpoint_stops_before_setup(tmp_path, capsys):
+    """checkpoint.resume=<the run or its checkpoints directory> failed only after the data and the model were
+    loaded (minutes at scale); it is now a run problem that names the newest checkpoint inside."""
+    from golong.config import run_problems
+
+    step = tmp_path / "run" / "checkpoints" / "step_000002"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("2\n")
+    (tmp_path / "empty").mkdir()
+
+    def problems(resume):
+        return run_problems(load_config(ROOT / "configs/demo-cpu.yaml", [f"checkpoint.resume={resume}"]))
+
+    for resume in (tmp_path / "run", step.parent):
+        assert problems(resume) == [f"checkpoint.resume: {resume} is not a complete checkpoint (no COMPLETE marker); "
+                                    f"the newest one in it is {step}"]
+    assert problems(tmp_path / "empty") == [
+        f"checkpoint.resume: {tmp_path / 'empty'} is not a complete checkpoint (no COMPLETE marker)"]
+    assert problems(step) == []
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), f"checkpoint.resume={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: {problems(tmp_path / 'run')[0]}"
+
+
 def test_synth_passes_seed_and_context_length(tmp_path):
     from golong.data.synthetic import generate
 
@@ -223,6 +246,61 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     r = subprocess.run([sys.executable, "-m", "golong", *argv], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.cp=2", "parallel.cp=2 must divide the world size 1; launch a multiple of 2 ranks"),
+    ("parallel.dp_shard=2", "parallel.dp_shard=2 x parallel.cp=1 != world size 1; launch 2 ranks"),
+])
+def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, capsys):
+    import torch.distributed as dist
+
+    # was a ValueError traceback from init_parallel
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"golong: error: {message}") and "\n" not in err, err
+    assert not dist.is_initialized()  # the group the failed setup opened is closed again
+
+
+@pytest.mark.parametrize("overflow, how", [("truncate_left", "even left-truncated"), ("drop", "data.overflow=drop")])
+def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, capsys):
+    # was a ValueError traceback from the trainer's data loading
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "data.synthetic_n=3", "data.max_prompt_tokens=5",
+                 f"data.overflow={overflow}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("golong: error: none of the 3 training records fits data.max_prompt_tokens=5 ") \
+        and how in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("config_json, overrides, message", [
+    (None, ["model.scratch.num_attention_heads=3", "model.scratch.num_key_value_heads=2"],
+     "model.scratch: num_attention_heads=3 is not a multiple of num_key_value_heads=2"),
+    ('{"model_type": "llama"}', [], "{tmp}/config.json: model_type='llama': only ('qwen3', 'qwen3_moe') are supported"),
+    ('{"model_type": "qwen3",', [], "{tmp}/config.json: line 1, column 24: invalid JSON"),
+])
+def test_train_on_a_model_golong_cannot_build_is_one_line(config_json, overrides, message, tmp_path, capsys):
+    # were tracebacks: golong.models.ConfigError (not the CLI's) and json.JSONDecodeError, from building the model
+    if config_json is not None:
+        (tmp_path / "config.json").write_text(config_json)
+        overrides = [f"model.path={tmp_path}"]
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("golong: error: " + message.format(tmp=tmp_path)) and "\n" not in err, err
+
+
+def test_train_with_more_tokens_than_the_model_has_embeddings_is_one_line(tmp_path, capsys):
+    # were IndexErrors from the first forward's embedding lookup (a device-side assert on GPU)
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    assert main(["train", cfg, "model.scratch.vocab_size=256"]) == 2  # the byte-level demo tokenizer needs 261
+    assert capsys.readouterr().err.strip() == ("golong: error: the demo tokenizer has 261 tokens (bytes and special "
+                                               "tokens), more than model.scratch.vocab_size=256; raise it to at "
+                                               "least 261")
+    build_demo_tokenizer(1024).save_pretrained(str(tmp_path))
+    assert main(["train", cfg, "model.scratch.vocab_size=512", f"model.tokenizer={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"golong: error: the tokenizer of {tmp_path} has 1024 tokens, more than "
+                                               "the model's vocabulary of 512; set model.tokenizer to the model's own")
 
 
 def test_malformed_override_after_a_flag_is_named(capsys):
@@ -350,6 +428,18 @@ def test_plot_series_keep_a_resumed_steps_last_value(tmp_path):
     assert png == tmp_path / "sub" / "c.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
+    """--out without a suffix made matplotlib write OUT.png while golong printed OUT (an existing directory as
+    OUT: the directory's path, and the plot next to it)."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    (tmp_path / "plots").mkdir()
+    for out, want in ((tmp_path / "plots", tmp_path / "plots" / "curves.png"), (tmp_path / "c", tmp_path / "c.png"),
+                      (tmp_path / "c.pdf", tmp_path / "c.pdf")):
+        assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.strip() == str(want) and want.is_file()
+    assert not (tmp_path / "plots.png").exists()
+
+
 def test_cuda_profiler_window_is_a_no_op_without_cuda():
     from golong.profiling import cuda_profiler_window
 
@@ -394,8 +484,9 @@ def test_train_names_a_model_or_tokenizer_it_cannot_use(tmp_path, capsys):
 
     (model_dir / "config.json").write_text("{not json")
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
-    assert f"{model_dir / 'config.json'}: Expecting property name" in capsys.readouterr().err
+    assert f"{model_dir / 'config.json'}: line 1, column 2: invalid JSON" in capsys.readouterr().err
 
     (model_dir / "config.json").write_text(json.dumps(dict(raw, vocab_size=300)))
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
-    assert "the tokenizer has 512 tokens, the model's vocabulary 300" in capsys.readouterr().err
+    assert f"the tokenizer of {tok_dir} has 512 tokens, more than the model's vocabulary of 300" \
+        in capsys.readouterr().err

@@ -248,6 +248,24 @@ def test_truncation_cuts_further_messages_and_whole_characters(tok):
         assert "\ufffd" not in text and text.endswith("END<|im_end|>\n<|im_start|>assistant\n"), limit
 
 
+def test_build_prompts_reports_progress_on_long_work(tok, caplog):
+    """Tokenizing a long-context dataset takes minutes before the first step: it says how far it got (it was
+    silent until done)."""
+    recs = generate(3, 20, seed=2)
+    log = logging.getLogger("golong.data.prompts")
+    log.addHandler(caplog.handler)  # "golong" may not propagate to the root logger
+    try:
+        with caplog.at_level(logging.INFO, logger="golong.data.prompts"):
+            build_prompts(recs, tok, 400)  # quick: no progress lines at the default interval
+            assert "tokenized" not in caplog.text
+            build_prompts(recs, tok, 400, progress_every_s=0)
+    finally:
+        log.removeHandler(caplog.handler)
+    # once each (a record can reach the handler twice: directly and through the root logger)
+    lines = dict.fromkeys(r.getMessage().split(" (")[0] for r in caplog.records if "tokenized" in r.getMessage())
+    assert list(lines) == [f"build_prompts: {i} / 3 records tokenized" for i in range(3)]
+
+
 def test_prompt_sampler_deterministic_and_resumable():
     a = PromptSampler(10, seed=7)
     first = a.take(10)

@@ -212,3 +212,152 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     every = [s for b in script[:2] for p in b for s in p]
     assert m["reward/mean"] == pytest.approx(sum(every) / len(every))
     assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
+
+
+def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
+    """A checkpoint's sampler position is over its own prompt count: resuming onto more (or fewer) prompts
+    stops with one line naming the checkpoint, both counts and the way on (was a ValueError traceback)."""
+    quick = ("trainer.sft_steps=0", "trainer.total_steps=1", "trainer.val_every=0", "profile.steps=[]")
+    first = _train(config_file, tmp_path, "", *quick)
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = _train(config_file, tmp_path, "", *quick, "trainer.total_steps=2", "data.synthetic_n=50")
+    assert more.returncode == 2 and "Traceback" not in more.stderr, more.stderr[-3000:]
+    line = more.stderr.strip().splitlines()[-1]
+    assert line.startswith("golong: error: resume from ") and "step_000001" in line, line
+    assert "over 48 training prompts, this config gives 50" in line and "golong export" in line, line
+    assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
+
+
+def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, caplog):
+    """Loading a checkpoint brings back its param groups; every optimizer setting of the config must win over
+    them, not only lr / weight decay (betas, eps and impl were silently the checkpoint's: switching a run that
+    ran out of memory with impl=foreach to another impl did nothing)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+            "trainer.total_steps=1", "optim.impl=foreach"]
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for overrides in ([], ["trainer.total_steps=2", "optim.impl=fused", "optim.betas=[0.8,0.95]",
+                               "optim.adam_eps=1e-6", "optim.weight_decay=0.05", "optim.lr=5e-3"]):
+            trainer = Trainer(load_config(config_file, base + overrides))
+            try:
+                trainer.fit()
+            finally:
+                dist.destroy_process_group()
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    for g in trainer.actor.optimizer.param_groups:
+        assert (g["foreach"], g["fused"], g["betas"], g["eps"], g["weight_decay"]) == (False, True, (0.8, 0.95),
+                                                                                       1e-6, 0.05)
+        assert g["initial_lr"] == 5e-3
+    for change in ("optim.lr 0.01 -> 0.005", "optim.weight_decay 0.01 -> 0.05", "optim.betas [0.9, 0.999] -> "
+                   "[0.8, 0.95]", "optim.adam_eps 1e-08 -> 1e-06", "optim.impl foreach -> fused"):
+        assert f"resume: {change} (the config's value from here on)" in caplog.text
+    assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
+
+
+def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monkeypatch):
+    """perf/rollout_tokens_per_s of a step that generated twice is all generated tokens over all rollout time
+    (it was the sum of the two batches' rates: twice the real rate)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "algo.max_num_gen_batches=2"])
+    batches = []
+    try:
+        trainer = Trainer(cfg)
+
+        def scripted(prompts, n, params, seed_key, label):  # every group tied: both batches are generated
+            out = [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0) for j in range(len(prompts) * n)]
+            tokens = sum(len(o[0]) for o in out)
+            batches.append(tokens)
+            seconds = 2.0 * len(batches)  # 2 s, then 4 s
+            return out, {"time/rollout_s": seconds, "time/reward_s": 0.5, "perf/rollout_tokens_per_s": tokens / seconds}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        _, m = trainer.collect_rollouts(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert len(batches) == 2 and m["time/rollout_s"] == 6.0 and m["time/reward_s"] == 1.0
+    assert m["perf/rollout_tokens_per_s"] == pytest.approx(sum(batches) / 6.0)
+
+
+def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path, caplog):
+    """The sampler state of a checkpoint carries its data.seed and data.shuffle: on resume the config's were
+    dropped without a word."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+            "trainer.total_steps=1"]
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for overrides in ([], ["data.seed=5", "data.shuffle=false"]):
+            trainer = Trainer(load_config(config_file, base + overrides))
+            try:
+                trainer.maybe_resume() if overrides else trainer.fit()
+            finally:
+                dist.destroy_process_group()
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    assert (trainer.sampler.seed, trainer.sampler.shuffle) == (0, True)  # the order of the run continues
+    for saved, wanted in (("data.seed=0", "data.seed=5"), ("data.shuffle=True", "data.shuffle=False")):
+        assert f"resume: the checkpoint's data order continues ({saved}); the config's {wanted} does not change it" \
+            in caplog.text
+
+
+def test_rollout_progress_in_a_log_file_is_a_line_every_interval(monkeypatch, caplog):
+    """Off a terminal (a cluster's log file) the rollout progress bar was switched off and nothing else said how
+    far a rollout of many minutes had got; it now logs a line every log_every_s seconds."""
+    from golong.trainer import _Progress
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # pytest captures stdout: not a terminal
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        with caplog.at_level(logging.INFO, logger="golong"):
+            with _Progress(True, "rollout step 3", 5, log_every_s=0) as bar:
+                bar(2)
+                bar(3)
+            with _Progress(True, "validation", 4) as bar:  # at the default interval quick work says nothing
+                bar(4)
+            with _Progress(False, "off (not rank 0)", 4, log_every_s=0) as bar:
+                bar(4)
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records if "responses" in r.getMessage()]
+    assert lines == ["rollout step 3: 2/5 responses", "rollout step 3: 5/5 responses"]
+
+
+def test_validation_without_validation_prompts_is_warned(config_file, tmp_path, caplog):
+    """trainer.val_every with no validation prompts (none given, or all dropped as too long) validated nothing
+    and said nothing: the val/ curves were just missing."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.data import write_records
+    from golong.data.synthetic import generate
+    from golong.trainer import Trainer
+
+    write_records(generate(2, 400, seed=1), tmp_path / "long.jsonl")  # over max_prompt_tokens=256
+    cases = {"given": ["data.synthetic_val_n=6"], "none": ["data.synthetic_val_n=0"],
+             "all too long": [f"data.val_files=[{tmp_path / 'long.jsonl'}]", "data.overflow=drop"]}
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        for case, overrides in cases.items():
+            caplog.clear()
+            Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.val_every=2", *overrides]))
+            dist.destroy_process_group()
+            assert ("there are no validation prompts" in caplog.text) == (case != "given"), case
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
