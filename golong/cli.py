@@ -129,12 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RecordError, FileNotFoundError, FileExistsError, NotADirectoryError,
             PermissionError) as e:
         # bad input (config, dataset records, paths): one line, no traceback
-        print(f"golong: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"golong: error: {e}\n")  # one write: lines of several ranks do not interleave
         return 2
     except ValueError as e:
         if args.command != "data":  # data synth: unknown task names, unsupported formats
             raise
-        print(f"golong: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"golong: error: {e}\n")
         return 2
     return 0
 

@@ -731,8 +731,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"expected q [T,Hq,D], k/v [T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
-        raise ValueError(f"GQA needs Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs {tuple(k.shape)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"GQA needs Hkv >= 1, Hq % Hkv == 0 and equal head_dim; got {tuple(q.shape)} vs "
+                         f"{tuple(k.shape)}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
         raise TypeError(f"q, k and v must be floating-point tensors; got {q.dtype}, {k.dtype}, {v.dtype}")
 

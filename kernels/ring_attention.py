@@ -209,7 +209,9 @@ class _RingAttention(torch.autograd.Function):
         W, r = ring.world, ring.rank
         plan = _plan(cu_seqlens, W, causal, q.device)
         if q.shape[0] != plan.counts[r] or k.shape[0] != plan.counts[r]:
-            raise ValueError(f"rank {r} holds {q.shape[0]} rows, zigzag_shard gives {plan.counts[r]}")
+            raise ValueError(f"rank {r} holds {q.shape[0]} q / {k.shape[0]} k rows, but zigzag_shard over W={W} of "
+                             f"cu_seqlens (the global packed batch, {sum(plan.counts)} rows) gives it "
+                             f"{plan.counts[r]}: pass the global cu_seqlens and this rank's zigzag_shard rows")
         kv = torch.cat([k, v], dim=1)  # one message per hop: [n, 2*Hkv, D]
         out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         lse = torch.full(q.shape[:2], -math.inf, device=q.device, dtype=torch.float32)

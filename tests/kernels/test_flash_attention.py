@@ -378,6 +378,10 @@ def test_flash_attention_rejects_bad_gqa():
     q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
     with pytest.raises(ValueError, match="Hq % Hkv == 0"):
         flash_attention(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="Hkv >= 1"):  # was a ZeroDivisionError
+        flash_attention(q, k[:, :0], k[:, :0], torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="one device; got cpu, meta, cpu"):
+        flash_attention(q, q.to("meta"), q, torch.tensor([0, 4], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("cu, message", [

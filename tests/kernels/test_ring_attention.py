@@ -231,6 +231,10 @@ def _ring_body(rank, world):
     if mine[2] is not None and rank < 2:  # Triton kernels under the interpreter: one small ring
         _check_case(mine[2], [1, 3, 21, 2, 5], 4, 2, 16, True, "triton", 1e-5)
     _bf16_error_growth(rank, world, CASES[8], solo)
+    # rows that are not this rank's zigzag shard of cu_seqlens (a per-rank cu_seqlens passed by mistake)
+    x = torch.randn(5, 2, 16)
+    with pytest.raises(ValueError, match=r"rank 0 holds 5 q / 5 k rows, but zigzag_shard .* cu_seqlens .* gives it 9"):
+        ring_attention(x, x, x, torch.tensor([0, 9], dtype=torch.int32), solo, backend="torch")
     dist.barrier()
 
 
