@@ -23,7 +23,7 @@ from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
-from golong.rewards.answer import first_occurrence, fold, gold_items, items
+from golong.rewards.answer import fold, gold_items, last_occurrence, lines
 
 Gold = str | list[str] | dict[str, Any]
 
@@ -41,14 +41,15 @@ def em(region: str, gold: Gold) -> float:
 
 
 def accuracy(region: str, gold: Gold) -> float:
-    """1 if the first predicted item equals the first gold item."""
-    pred, ref = items(region), gold_items(gold)
-    return float(bool(pred) and bool(ref) and pred[0] == ref[0])
+    """1 if the first line of the answer equals the first gold item."""
+    pred, ref = lines(region), gold_items(gold)
+    return float(bool(ref) and pred[0] == ref[0])
 
 
 def f1(region: str, gold: Gold) -> float:
-    """Set F1 between predicted items and gold items."""
-    pred, ref = set(items(region)), set(gold_items(gold))
+    """Set F1 between the answer's lines and the gold items. As in GoLongRL's LongBench-Pro F1_Score, a
+    blank line inside the answer is a (wrong) predicted item: "a\n\nb" against {a, b} has P = 2/3."""
+    pred, ref = set(lines(region)), set(gold_items(gold))
     common = len(pred & ref)
     if common == 0:
         return 0.0
@@ -57,9 +58,9 @@ def f1(region: str, gold: Gold) -> float:
 
 
 def subem(region: str, gold: Gold) -> float:
-    """Fraction of gold items that appear among the predicted items."""
-    pred, ref = set(items(region)), gold_items(gold)
-    if not pred or not ref:
+    """Fraction of gold items that appear among the answer's lines."""
+    pred, ref = set(lines(region)), gold_items(gold)
+    if not ref:
         return 0.0
     return sum(g in pred for g in ref) / len(ref)
 
@@ -70,32 +71,34 @@ def subem(region: str, gold: Gold) -> float:
 def ndcg(region: str, gold: Gold) -> float:
     """NDCG@k, k = number of gold items; gold item i (0-based) has relevance k - i, linear gain.
 
-    The prediction's line order is its ranking (first occurrence of a repeated line counts), the
-    discount is log2(rank + 2) -- trec_eval's `ndcg_cut.k`.
+    As GoLongRL scores it (pytrec_eval `ndcg_cut.k` over the run {line: n - index}): every line of the
+    answer is a ranked document, a blank line included (it takes a rank and gains nothing), and a
+    repeated line is ranked where its last copy stands. Discount log2(rank + 2), 0-based rank.
     """
     ref = gold_items(gold)
-    pred = list(first_occurrence(items(region)))
     k = len(ref)
-    if k == 0 or not pred:
+    if k == 0:
         return 0.0
+    pos = last_occurrence(lines(region))
+    ranking = sorted(pos, key=pos.__getitem__)
     rel = {g: k - i for i, g in enumerate(ref)}
-    dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(pred[:k]))
+    dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(ranking[:k]))
     idcg = sum((k - i) / math.log2(i + 2) for i in range(k))
     return dcg / idcg
 
 
 def pairwise(region: str, gold: Gold) -> float:
-    """Gold-ordered pairs found in the prediction's order / C(len(pred), 2) prediction pairs.
+    """Gold-ordered pairs found in the answer's order / C(n, 2), n = the answer's line count.
 
-    0 when either side has fewer than 2 items. Repeated prediction lines count in the denominator
-    (a padded answer is penalised) but only their first position is used for ordering. As in LongBench-Pro
-    and GoLongRL's reward (kept for parity with the recipe), gold items missing from the prediction cost
-    nothing: two items in the right order score 1.0 — watch the answers' item counts in the logs.
+    As in GoLongRL's Pairwise_Accuracy: 0 when either side has fewer than 2 items; every line counts in
+    the denominator, blank and repeated ones included (a padded answer is penalised), and a repeated
+    line is ordered by its last copy. Gold items missing from the prediction cost nothing: two items in
+    the right order score 1.0 -- watch the answers' item counts in the logs.
     """
-    pred, ref = items(region), gold_items(gold)
+    pred, ref = lines(region), gold_items(gold)
     if len(pred) < 2 or len(ref) < 2:
         return 0.0
-    pos = first_occurrence(pred)
+    pos = last_occurrence(pred)
     total = len(pred) * (len(pred) - 1) // 2
     # gold items absent from the prediction cannot form a correct pair: only walk the present ones
     present = [pos[g] for g in ref if g in pos]

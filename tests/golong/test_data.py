@@ -21,7 +21,7 @@ from golong.data import (
     load_records,
     write_records,
 )
-from golong.data.synthetic import TASKS, generate, reference_response, write_dataset
+from golong.data.synthetic import MARKED_TASKS, TASKS, generate, reference_response, write_dataset
 from golong.data.tokenizer import build_demo_tokenizer
 from golong.rewards import RewardConfig, score_record, score_records
 
@@ -354,6 +354,8 @@ def test_synthetic_gold_follows_from_prompt_facts():
             assert r.extra_info["answer"] == f"The correct answer is ({label})"
         elif r.ability == "structured_extraction":
             assert r.extra_info["answer"] == f"<answer>{label}</answer>" and json.loads(label)["data"]
+        elif r.ability in MARKED_TASKS:  # GoLongRL's LongBench-Pro reward reads the lines after [Answer]
+            assert r.extra_info["answer"] == f"[Answer]\n{label}" and label
         else:
             assert r.extra_info["answer"] == label and label
         if r.ability == "summarization":

@@ -26,6 +26,7 @@ from golong.rewards import (
 )
 from golong.rewards.metrics import METRICS, lcs_length, rouge_tokens
 from golong.rewards.pool import get_pool
+from golong.rewards.scoring import SCOPES
 
 
 def R(answer: str) -> str:
@@ -34,7 +35,11 @@ def R(answer: str) -> str:
 
 
 def score(metric: str, answer: str, gold) -> float:
-    return compute_score(metric, R(answer), gold, timeout=None)
+    """`answer` scored as a well-formed response's answer. GoLongRL's LongBench-Pro reward reads the whole
+    response after its last [Answer] marker (with no marker, the think block's lines count too), so the
+    answer of the LongBench-Pro metrics goes after one, as LongBench-Pro's prompts ask."""
+    marker = "[Answer]\n" if SCOPES[metric] == "marked" else ""
+    return compute_score(metric, R(marker + answer), gold, timeout=None)
 
 
 # ------------------------------------------------------------------ answer region
@@ -98,6 +103,42 @@ def test_f1_subem():
     # 2 of the 4 gold items present
     assert score("subem", "a\nc\nx", ["a", "b", "c", "d"]) == pytest.approx(0.5)
     assert score("subem", "", ["a"]) == 0.0
+
+
+def test_longbench_pro_answer_area_as_in_goLongRL():
+    """GoLongRL's LongBench-Pro reward (long_bench_pro.compute_score on the whole response): the answer
+    is the text after the last "[Answer]" anywhere in the response (else after the last "[答案]"), and
+    without a marker the whole response, think block included. Reference values worked out from it."""
+    gold = ["a", "b"]
+    # no marker: the first line of the response is "<think>", not the answer
+    assert compute_score("accuracy", "<think>x</think>\na", gold, timeout=None) == 0.0
+    assert compute_score("accuracy", "<think>x</think>\n[Answer]\na", gold, timeout=None) == 1.0
+    # no marker: items listed while thinking count for SubEM (GoLongRL: 1.0) ...
+    assert compute_score("subem", "<think>\na\nb\n</think>\nc", gold, timeout=None) == 1.0
+    # ... and a marker inside the think block opens the answer there: lines "a", "</think>", "b"
+    assert compute_score("subem", "<think>\n[Answer]\na\n</think>\nb", gold, timeout=None) == 1.0
+    assert compute_score("f1", "<think>\n[Answer]\na\n</think>\nb", gold, timeout=None) == pytest.approx(0.8)
+    # "[Answer]" wins over a later "[答案]": the answer is "a\n[答案] b" (F1 of {a, [答案] b}: 0.5)
+    assert compute_score("f1", "<think>x</think>[Answer] a\n[答案] b", gold, timeout=None) == pytest.approx(0.5)
+    assert compute_score("f1", "<think>x</think>[答案] a\n[Answer] b", gold, timeout=None) == pytest.approx(2 / 3)
+    # the format gate still holds: two </think> score 0
+    assert compute_score("subem", "<think>x</think></think>[Answer]\na\nb", gold, timeout=None) == 0.0
+
+
+def test_longbench_pro_blank_and_repeated_lines_as_in_goLongRL():
+    """GoLongRL splits the answer on every newline and keeps blank lines as items; {line: index} keeps a
+    repeated line's last position. Reference values (NDCG from pytrec_eval, as GoLongRL computes it)."""
+    gold = ["a", "b"]
+    idcg = 2 + 1 / math.log2(3)
+    # a blank line is a wrong item for F1 (P = 2/3), a pair for pairwise (1 of 3) and a rank for NDCG
+    assert score("f1", "a\n\nb", gold) == pytest.approx(0.8)
+    assert score("pairwise", "a\n\nb", gold) == pytest.approx(1 / 3)
+    assert score("ndcg", "a\n\nb", gold) == pytest.approx(2 / idcg)  # b falls to rank 3, past k = 2
+    assert score("subem", "a\n\nb", gold) == 1.0
+    # a repeated line is ranked / ordered at its last copy: a, b, a ranks b, a
+    assert score("ndcg", "a\nb\na", gold) == pytest.approx((1 + 2 / math.log2(3)) / idcg)
+    assert score("pairwise", "a\nb\na", gold) == 0.0
+    assert score("pairwise", "b\na\nb", gold) == pytest.approx(1 / 3)
 
 
 def test_ndcg_hand():
@@ -318,7 +359,8 @@ def test_time_limit_holds_inside_a_daemonic_process():
 def _batch_inline(queue) -> None:
     t = time.perf_counter()
     items = [("math_verify", R("\\boxed{9^{9^{9^{9^{9}}}}}"), "3"), ("math_verify", R("\\boxed{7}"), "7"),
-             ("f1", R("a\nb"), ["a"]), ("rouge_l", R("a b c"), "a b c")]
+             # (LongBench-Pro F1 reads the lines after [Answer]; without it the think block's lines count too)
+             ("f1", R("[Answer]\na\nb"), ["a"]), ("rouge_l", R("a b c"), "a b c")]
     queue.put((score_batch(items, timeout=1.0, num_workers=0), time.perf_counter() - t))
 
 
@@ -554,7 +596,10 @@ def _verl(data_source, gt, reward_mode=None, ability="long_context"):
 def test_score_record_goLongRL_layouts():
     lbp = _verl("longbench_pro", {"doc_ids": ["e1", "e2", "e3"], "golden_label": "", "summary": ""},
                 "T2.1 Global Timeline Reconstruction")
-    assert score_record(lbp, R("e1\ne3\ne2")) == pytest.approx(2 / 3)
+    # GoLongRL's LongBench-Pro reward reads the lines after the last [Answer] of the whole response ...
+    assert score_record(lbp, R("[Answer]\ne1\ne3\ne2")) == pytest.approx(2 / 3)
+    # ... and with no marker every line of it, think block and blank line included: 2 of C(7, 2) = 21 pairs
+    assert score_record(lbp, R("e1\ne3\ne2")) == pytest.approx(2 / 21)
     em = _verl("EM", [{"doc_ids": [], "golden_label": "7", "summary": ""},
                       {"doc_ids": [], "golden_label": "42", "summary": ""}])  # list of dicts: last one
     assert score_record(em, R("42")) == 1.0 and score_record(em, R("7")) == 0.0
