@@ -26,12 +26,13 @@ DEFAULT_TIMEOUT_S = 10.0
 # timeout is requested. The others are linear-time and run inline.
 SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 # The text each metric reads, as GoLongRL's reward code hands it over:
-#   "after_think": the text after </think> (EM, selection, retrieval_calculate split on it);
+#   "after_think": the text after </think>, whole (GoLongRL's EM, selection and retrieval_calculate
+#                  rewards split on it and cut no [Answer] marker);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "after_think_marked": golong's own choice for the metrics GoLongRL has no data source for.
 SCOPES: dict[str, str] = {
-    "em": "after_think_marked",
+    "em": "after_think",
     "choice": "after_think_marked",
     "retrieval_calculate": "after_think",
     "accuracy": "marked",

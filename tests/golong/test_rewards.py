@@ -71,7 +71,9 @@ def test_em():
     assert score("em", "  Paris \n", "Paris") == 1.0
     assert score("em", "paris", "Paris") == 0.0  # exact, case-sensitive
     assert score("em", "Paris, France", "Paris") == 0.0
-    assert score("em", "[Answer] Paris", " Paris ") == 1.0
+    # GoLongRL's EM_judge compares the whole text after </think> with the label: no [Answer] marker is cut
+    assert score("em", "[Answer] Paris", " Paris ") == 0.0
+    assert score("em", "Paris [Answer]", "Paris [Answer]") == 1.0
     assert score("em", "Rome", ["Paris", "Rome"]) == 1.0
 
 
@@ -93,6 +95,7 @@ def test_choice():
     assert score("choice", "The correct answer is **(B)**", "B") == 1.0  # Markdown bold around the letter
     assert score("choice", "The correct answer is (B)", "b") == 1.0  # a lower-case gold letter
     assert score("choice", "The correct answer is (B)", " (b) ") == 1.0
+
 
 
 def test_f1_subem():
