@@ -108,15 +108,19 @@ def pairwise(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- multiple choice
 
-_CHOICE_RE = re.compile(r"(?i:the correct answer is)\s*(?:\(([A-J])\)|([A-J])\b)")
+# GoLongRL's multi_choices reward: the literal sentence, case as written, one space, options A-D; the
+# parenthesised form anywhere wins over the bare one. golong adds a word boundary to the bare form
+# ("The correct answer is Definitely" names no option; GoLongRL reads a D there).
+_CHOICE_PAREN = re.compile(r"The correct answer is \(([A-D])\)")
+_CHOICE_BARE = re.compile(r"The correct answer is ([A-D])\b")
 
 
 def _choice_letter(text: str) -> str | None:
-    """The letter of the last 'The correct answer is (X)' (or '... is X') in text."""
-    last = None
-    for m in _CHOICE_RE.finditer(text.replace("*", "")):
-        last = m.group(1) or m.group(2)
-    return last
+    """The letter of the FIRST 'The correct answer is (X)' in text (Markdown '*' removed), else of the
+    first 'The correct answer is X', as GoLongRL extracts it."""
+    text = text.replace("*", "")
+    m = _CHOICE_PAREN.search(text) or _CHOICE_BARE.search(text)
+    return m.group(1) if m else None
 
 
 def _gold_letter(gold: str) -> str | None:
@@ -128,7 +132,7 @@ def _gold_letter(gold: str) -> str | None:
 
 
 def choice(region: str, gold: Gold) -> float:
-    """'The correct answer is (X)' in the answer against a gold letter or the same sentence."""
+    """The first 'The correct answer is (X)' of the answer against a gold letter or the same sentence."""
     pred = _choice_letter(region)
     if pred is None:
         return 0.0

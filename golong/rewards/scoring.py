@@ -33,7 +33,7 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 #   "after_think_marked": golong's own choice for the metrics GoLongRL has no data source for.
 SCOPES: dict[str, str] = {
     "em": "after_think",
-    "choice": "after_think_marked",
+    "choice": "after_think",
     "retrieval_calculate": "after_think",
     "accuracy": "marked",
     "f1": "marked",

@@ -89,13 +89,24 @@ def test_choice():
     assert score("choice", "The correct answer is (B)", "The correct answer is (B)") == 1.0
     assert score("choice", "The correct answer is (B)", "(C)") == 0.0
     assert score("choice", "**The correct answer is B**.", "B") == 1.0
-    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 1.0
+    # GoLongRL's multi_choices takes the FIRST 'The correct answer is (X)' (re.search), not the last
+    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 0.0
+    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "A") == 1.0
     assert score("choice", "The correct answer is Definitely", "D") == 0.0  # 'D' of a word is no letter
     assert score("choice", "B", "B") == 0.0  # the sentence is required
     assert score("choice", "The correct answer is **(B)**", "B") == 1.0  # Markdown bold around the letter
     assert score("choice", "The correct answer is (B)", "b") == 1.0  # a lower-case gold letter
     assert score("choice", "The correct answer is (B)", " (b) ") == 1.0
 
+
+def test_choice_extraction_as_in_goLongRL():
+    """GoLongRL's multi_choices: the sentence exactly as written (case, one space), options A-D, the
+    parenthesised form anywhere before the bare one, the whole text after </think> (no [Answer] cut)."""
+    assert score("choice", "the correct answer is (B)", "B") == 0.0
+    assert score("choice", "The correct answer is  (B)", "B") == 0.0
+    assert score("choice", "The correct answer is (E)", "E") == 0.0
+    assert score("choice", "The correct answer is B, no: The correct answer is (C)", "C") == 1.0
+    assert score("choice", "The correct answer is (A)\n[Answer] The correct answer is (B)", "A") == 1.0
 
 
 def test_f1_subem():
