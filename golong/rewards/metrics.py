@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Callable
 from itertools import combinations
@@ -141,21 +140,9 @@ def choice(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- structured extraction
 
-def _strip_fence(text: str) -> str:
-    """Text inside a Markdown code fence (```json ... ```), else the text. String operations, not a regex:
-    `\\s*```$` rescans every whitespace run from each of its positions (quadratic on blank padding)."""
-    t = text.strip()
-    if t.startswith("```"):
-        t = t[3:]
-        t = t.lstrip(string.ascii_letters)  # the language tag
-    if t.endswith("```"):
-        t = t[:-3]
-    return t
-
-
 def _table_rows(text: str) -> list[Any] | None:
     """Rows of a `{"data": [...]}` JSON object (or a bare JSON list); None when not a table."""
-    obj = json.loads(_strip_fence(text))
+    obj = json.loads(text)
     rows = obj.get("data") if isinstance(obj, dict) else obj
     return rows if isinstance(rows, list) else None
 
@@ -174,51 +161,45 @@ def _gold_rows(gold: Gold) -> list[Any] | None:
     return values
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)  # 3.0 and 3 are the same cell
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=True, ensure_ascii=False)
-    return str(v).strip()
-
-
 def _row_key(row: Any) -> Any:
-    if isinstance(row, list):
-        return tuple(_cell(v) for v in row)
-    if isinstance(row, dict):
-        return tuple(sorted((str(k), _cell(v)) for k, v in row.items()))
-    return _cell(row)
+    """GoLongRL's row identity: a list row is the tuple of str() of its cells, any other row its str()
+    (so 3 and "3" match, 3.0 and 3 do not, and an object's key order counts)."""
+    return tuple(str(v) for v in row) if isinstance(row, list) else str(row)
 
 
-def _answer_tag(region: str) -> str:
-    """Text of the last <answer>...</answer> block (to the end when unclosed), else the region."""
-    start = region.rfind("<answer>")
+def _answer_tag(text: str) -> str:
+    """GoLongRL's strip_answer: the text from the FIRST <answer> to the next </answer> (to the end when
+    unclosed), stripped; the whole text when there is no <answer>."""
+    start = text.find("<answer>")
     if start < 0:
-        return region
-    body = region[start + len("<answer>"):]
+        return text.strip()
+    body = text[start + len("<answer>"):]
     end = body.find("</answer>")
-    return body if end < 0 else body[:end]
+    return (body if end < 0 else body[:end]).strip()
 
 
 def iou(region: str, gold: Gold) -> float:
-    """Multiset Jaccard of rows: prediction `<answer>{"data": [...]}</answer>` vs the gold JSON.
+    """Multiset Jaccard of rows, as GoLongRL's multitableqa reward: the `{"data": [...]}` object in the
+    response's first <answer> block against the gold table.
 
-    Two empty tables match (1.0). An unparsable prediction scores 0; so does an unparsable gold.
+    `region` is the whole response (think block included), so an answer without <answer> tags does not
+    parse. An unparsable answer, or one that is not an object, has no rows; two empty tables score 0
+    (GoLongRL: matches / total when total > 0, else 0); an unparsable gold scores 0.
     """
     ref = _gold_rows(gold)
     if ref is None:
         return 0.0
     try:
-        pred = _table_rows(_answer_tag(region))
+        obj = json.loads(_answer_tag(region))
+        pred = obj.get("data", []) if isinstance(obj, dict) else []
     except (ValueError, RecursionError):
+        pred = []
+    if not isinstance(pred, list):
         return 0.0
-    if pred is None:
-        return 0.0
-    if not pred and not ref:
-        return 1.0
     p, g = Counter(_row_key(r) for r in pred), Counter(_row_key(r) for r in ref)
     inter = sum((p & g).values())
-    return inter / (len(pred) + len(ref) - inter)
+    total = len(pred) + len(ref) - inter
+    return inter / total if total > 0 else 0.0
 
 
 # ---------------------------------------------------------------- summarisation

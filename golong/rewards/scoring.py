@@ -30,6 +30,7 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 #                  rewards split on it and cut no [Answer] marker);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
+#   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>);
 #   "after_think_marked": golong's own choice for the metrics GoLongRL has no data source for.
 SCOPES: dict[str, str] = {
     "em": "after_think",
@@ -41,7 +42,7 @@ SCOPES: dict[str, str] = {
     "ndcg": "marked",
     "pairwise": "marked",
     "rouge_l": "after_think_marked",
-    "iou": "after_think_marked",
+    "iou": "whole",
     "math_verify": "after_think_marked",
 }
 # Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
@@ -58,9 +59,9 @@ class RewardConfig:
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
     """The text `metric` reads in `response` (SCOPES), or None when the response fails the format gate."""
     scope = SCOPES[metric]
-    if scope == "marked":
+    if scope in ("marked", "whole"):
         whole = checked_response(response, require_think=require_think)
-        return None if whole is None else marked_answer(whole)
+        return whole if whole is None or scope == "whole" else marked_answer(whole)
     return answer_region(response, require_think=require_think, cut_marker=scope == "after_think_marked")
 
 

@@ -39,6 +39,8 @@ def score(metric: str, answer: str, gold) -> float:
     response after its last [Answer] marker (with no marker, the think block's lines count too), so the
     answer of the LongBench-Pro metrics goes after one, as LongBench-Pro's prompts ask."""
     marker = "[Answer]\n" if SCOPES[metric] == "marked" else ""
+    if SCOPES[metric] == "whole":  # metrics that read the whole response: the answer alone, with no think block
+        return compute_score(metric, answer, gold, timeout=None, require_think=False)
     return compute_score(metric, R(marker + answer), gold, timeout=None)
 
 
@@ -188,22 +190,41 @@ def test_iou_hand():
     # multisets P = {x, y, y}, G = {y, z}: |P & G| = 1, |P| + |G| - 1 = 4
     pred = '<answer>{"data": [["x", 1], ["y", 2], ["y", 2]]}</answer>'
     assert score("iou", pred, gold) == pytest.approx(0.25)
-    assert score("iou", '<answer>{"data": [["z", 3.0], ["y", "2"]]}</answer>', gold) == 1.0
-    assert score("iou", '```json\n{"data": [["y", 2]]}\n```', gold) == pytest.approx(0.5)
+    # GoLongRL keys a list row by str() of its cells: "2" matches 2, but 3.0 does not match 3 (1 of 3)
+    assert score("iou", '<answer>{"data": [["z", 3.0], ["y", "2"]]}</answer>', gold) == pytest.approx(1 / 3)
+    # GoLongRL json.loads the <answer> text as it is: a Markdown fence does not parse (was 0.5)
+    assert score("iou", '```json\n{"data": [["y", 2]]}\n```', gold) == 0.0
     assert score("iou", "<answer>{not json</answer>", gold) == 0.0
     assert score("iou", '<answer>{"rows": []}</answer>', gold) == 0.0
-    assert score("iou", '<answer>{"data": []}</answer>', '{"data": []}') == 1.0
-    assert score("iou", '<answer>{"data": [{"b": 1, "a": 2}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 1.0
+    # GoLongRL: matches / total only when total > 0, so two empty tables score 0 (was 1.0)
+    assert score("iou", '<answer>{"data": []}</answer>', '{"data": []}') == 0.0
+    # GoLongRL keys an object row by str(row): key order counts (was 1.0)
+    assert score("iou", '<answer>{"data": [{"b": 1, "a": 2}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 0.0
+    assert score("iou", '<answer>{"data": [{"a": 2, "b": 1}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 1.0
     # gold as a list of rows: one row alone is a row, not a table of its cells
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]']) == 1.0
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]', '["z", 3]']) == pytest.approx(0.5)
     assert score("iou", '<answer>{"data": [["y", 2], ["z", 3]]}</answer>', ['[["y", 2], ["z", 3]]']) == 1.0
-    # the last <answer> block is the answer
+    # GoLongRL's strip_answer takes the FIRST <answer> block (was: the last one, 1.0)
     assert score("iou", '<answer>{"data": []}</answer> no: <answer>{"data": [["y", 2], ["z", 3]]}</answer>',
-                 gold) == 1.0
-    # nested objects in cells compare regardless of key order
+                 gold) == 0.0
+    # nested objects in cells are str()-ed as GoLongRL does: key order counts (was 1.0)
     assert score("iou", '<answer>{"data": [["k", {"b": 1, "a": [2]}]]}</answer>',
-                 '{"data": [["k", {"a": [2], "b": 1}]]}') == 1.0
+                 '{"data": [["k", {"a": [2], "b": 1}]]}') == 0.0
+
+
+def test_iou_reads_the_whole_response_as_in_goLongRL():
+    """GoLongRL's multitableqa reward gets the whole response (no </think> split): the first <answer> of
+    it, else the whole text -- which holds the think block, so untagged JSON never parses."""
+    table = '{"data": [["a", 1]]}'
+    assert compute_score("iou", f"<think>x</think>\n<answer>{table}</answer>", table, timeout=None) == 1.0
+    assert compute_score("iou", f"<think>x</think>\n{table}", table, timeout=None) == 0.0
+    # an <answer> mentioned while thinking is the first one (GoLongRL: 0)
+    assert compute_score("iou", f"<think>use <answer> tags</think><answer>{table}</answer>", table,
+                         timeout=None) == 0.0
+    assert compute_score("iou", '<think>x</think><answer>[["a", 1]]</answer>', table, timeout=None) == 0.0
+    # the format gate still holds
+    assert compute_score("iou", f"<answer>{table}</answer>", table, timeout=None) == 0.0
 
 
 def test_math_verify_hand():
@@ -345,8 +366,9 @@ def test_blank_padded_answers_stay_linear():
                 compute_score(m, answer, '{"data": [["a", 1]]}', timeout=None)
         assert time.perf_counter() - t < 10.0, repr(pad)
         assert compute_score("iou", answer, '{"data": [["a", 1]]}', timeout=None) == 1.0
+    # (a fenced table does not parse: GoLongRL json.loads the <answer> text as it is)
     assert compute_score("iou", R("<answer>```json\n" + "\n" * 100_000 + '{"data": [["a", 1]]}\n```</answer>'),
-                         '{"data": [["a", 1]]}', timeout=None) == 1.0
+                         '{"data": [["a", 1]]}', timeout=None) == 0.0
 
 
 def _score_in_daemon(queue) -> None:
