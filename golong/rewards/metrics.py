@@ -261,11 +261,14 @@ def rouge_l(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- numerical reasoning
 
-MATH_TAIL_CHARS = 1000  # math-verify reads the end of the answer: the final result lives there
+MATH_TAIL_CHARS = 500  # GoLongRL's math_dapo reads the last 500 characters: the final result lives there
 
 
 def math_verify(region: str, gold: Gold) -> float:
-    """math-verify equivalence of the answer's last expression with the gold answer.
+    """math-verify equivalence of the last MATH_TAIL_CHARS of `region` with the gold answer, as GoLongRL's
+    math_dapo (is_use_math_verify): parse, a quick match of the parsed string, then verify against
+    \\boxed{gold}. `region` is the whole response (math_longcot_math_verify gets it unsplit), so an
+    answer boxed at the end of the think block counts when little follows it.
 
     No time limit of its own (math-verify's signal alarms are disabled): run it through
     `compute_score(..., timeout=...)` or `score_batch`, which enforce one per process.
@@ -277,8 +280,6 @@ def math_verify(region: str, gold: Gold) -> float:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     text = region[-MATH_TAIL_CHARS:]
     golds = _gold_strings(gold)
-    if any(text.strip() == g.strip() for g in golds):
-        return 1.0
     pred = parse(text, parsing_timeout=None)
     if not pred:
         return 0.0

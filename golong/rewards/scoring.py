@@ -30,7 +30,8 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 #                  rewards split on it and cut no [Answer] marker);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
-#   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>);
+#   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
+#            its math_longcot_math_verify the last 500 characters);
 #   "after_think_marked": golong's own choice for the metrics GoLongRL has no data source for.
 SCOPES: dict[str, str] = {
     "em": "after_think",
@@ -43,7 +44,7 @@ SCOPES: dict[str, str] = {
     "pairwise": "marked",
     "rouge_l": "after_think_marked",
     "iou": "whole",
-    "math_verify": "after_think_marked",
+    "math_verify": "whole",
 }
 # Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
 LIST_METRICS = frozenset({"accuracy", "f1", "subem", "ndcg", "pairwise", "rouge_l"})

@@ -237,8 +237,18 @@ def test_math_verify_hand():
     long = "Step: 1 + 1 = 2. " * 200 + "\\boxed{41}"
     assert compute_score("math_verify", R(long), "41") == 1.0
     assert compute_score("math_verify", R(long), "2") == 0.0
-    # an answer identical to a non-mathematical gold string matches without parsing
-    assert compute_score("math_verify", R("Paris"), "Paris") == 1.0
+    # GoLongRL's math_dapo (math_verify path) has no plain string match: what math-verify cannot parse
+    # scores 0, even an answer identical to a non-mathematical gold string (was 1.0)
+    assert compute_score("math_verify", R("Paris"), "Paris") == 0.0
+
+
+def test_math_verify_reads_the_end_of_the_whole_response_as_in_goLongRL():
+    """GoLongRL's math_longcot_math_verify scores the last 500 characters of the unsplit response."""
+    pad = " and that is all there is to say about it" * 15  # 615 characters
+    assert compute_score("math_verify", R("\\boxed{42}" + pad), "42") == 0.0  # the box is cut off
+    assert compute_score("math_verify", R("\\boxed{42}" + pad[:400]), "42") == 1.0
+    assert compute_score("math_verify", "<think>so \\boxed{42}</think>", "42") == 1.0  # boxed while thinking
+    assert compute_score("math_verify", R("\\boxed{42}\n[Answer]"), "42") == 1.0  # no marker cut
 
 
 def test_rouge_l_hand():
