@@ -247,7 +247,11 @@ def rouge_l_f(reference: list[str], prediction: list[str]) -> float:
 
 
 def rouge_l(region: str, gold: Gold) -> float:
-    """Max ROUGE-L F1 of the answer region over the gold references (jieba tokens for Chinese)."""
+    """Max ROUGE-L F1 of `region` over the gold references (jieba tokens for Chinese).
+
+    `region` is the whole response, think block included: GoLongRL's LongBench-Pro Summary scores the
+    unsplit response (no </think> split, no [Answer] cut), so every word of thinking costs precision.
+    """
     refs = [fold(g) for g in _gold_strings(gold)]
     pred = fold(region)
     if not pred:

@@ -31,8 +31,10 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
-#            its math_longcot_math_verify the last 500 characters);
-#   "after_think_marked": golong's own choice for the metrics GoLongRL has no data source for.
+#            its math_longcot_math_verify the last 500 characters, and LongBench-Pro's Summary scores the
+#            whole response, thinking included, against the reference summary);
+#   "after_think_marked": the text after </think> and after a last [Answer] / [答案] (golong's own
+#                         choice; no metric uses it now).
 SCOPES: dict[str, str] = {
     "em": "after_think",
     "choice": "after_think",
@@ -42,7 +44,7 @@ SCOPES: dict[str, str] = {
     "subem": "marked",
     "ndcg": "marked",
     "pairwise": "marked",
-    "rouge_l": "after_think_marked",
+    "rouge_l": "whole",
     "iou": "whole",
     "math_verify": "whole",
 }

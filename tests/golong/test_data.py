@@ -282,7 +282,10 @@ def test_synthetic_all_tasks_scored_by_rewards():
     assert [r.ability for r in recs[:9]] == list(TASKS)
     for r in recs:
         assert r.data_source == "synthetic" and r.extra_info["reward_mode"] == r.ability
-        assert score_record(r, reference_response(r), timeout=30.0) == 1.0, r.ability
+        if r.ability == "summarization":  # GoLongRL's Summary scores the whole response: the think tags
+            assert 0.9 < score_record(r, reference_response(r), timeout=30.0) < 1.0  # are predicted words
+        else:
+            assert score_record(r, reference_response(r), timeout=30.0) == 1.0, r.ability
         # the answer is in the prompt's facts, not only in the record's label
         content = r.prompt[0]["content"]
         for item in r.ground_truth.doc_ids:

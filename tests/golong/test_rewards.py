@@ -251,6 +251,23 @@ def test_math_verify_reads_the_end_of_the_whole_response_as_in_goLongRL():
     assert compute_score("math_verify", R("\\boxed{42}\n[Answer]"), "42") == 1.0  # no marker cut
 
 
+def test_rouge_l_scores_the_whole_response_as_in_goLongRL():
+    """GoLongRL's LongBench-Pro Summary normalises and scores the whole model output (no </think> split,
+    no [Answer] cut): thinking words are prediction words, so a long think block lowers the score."""
+    ref = "the cat sat on the mat"
+    # tokens: think, the, cat, sat, on, the, mat, think -> LCS 6 of 8 predicted, 6 of 6 reference
+    assert compute_score("rouge_l", "<think></think>the cat sat on the mat", ref, timeout=None) == pytest.approx(
+        2 * (6 / 8) / (6 / 8 + 1))
+    short = compute_score("rouge_l", "<think>ok</think>\nthe cat sat on the mat", ref, timeout=None)
+    long = compute_score("rouge_l", "<think>" + "let me think " * 50 + "</think>\nthe cat sat on the mat", ref,
+                         timeout=None)
+    assert 0.0 < long < short < 1.0
+    # a marker does not cut: "answer" is a predicted word too
+    assert compute_score("rouge_l", "<think></think>[Answer] the cat sat on the mat", ref,
+                         timeout=None) < compute_score("rouge_l", "<think></think>the cat sat on the mat", ref,
+                                                       timeout=None)
+
+
 def test_rouge_l_hand():
     # LCS("the cat sat on the mat", "the cat lay on the mat") = 5 of 6 tokens each side
     assert score("rouge_l", "The cat lay on the mat.", "the cat sat on the mat") == pytest.approx(5 / 6)
@@ -423,7 +440,8 @@ def test_inline_batch_keeps_the_time_limit_of_math_verify():
         scores, seconds = queue.get(timeout=90)
     finally:
         proc.kill()
-    assert scores == [0.0, 1.0, pytest.approx(2 / 3), 1.0] and seconds < 60.0
+    # (GoLongRL's Summary scores the whole response: think, some, reasoning, think, a, b, c -> P 3/7, R 1)
+    assert scores == [0.0, 1.0, pytest.approx(2 / 3), pytest.approx(0.6)] and seconds < 60.0
 
 
 _PARENT = r"""
@@ -573,7 +591,8 @@ def test_batch_8192_responses_in_seconds():
 
     scores = score_records(recs, responses, config=RewardConfig(timeout=10.0, num_workers=2))
     dt = time.perf_counter() - t
-    assert [s == 1.0 for s in scores] == good
+    # (GoLongRL's Summary scores the whole response: the think tags cost a summary a little precision)
+    assert [s == 1.0 or (r.ability == "summarization" and s > 0.9) for r, s in zip(recs, scores)] == good
     assert dt < 30.0, f"8192 responses took {dt:.1f} s"
 
 
