@@ -28,12 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from golong.data.records import GroundTruth, Record, write_records
+from golong.rewards.scoring import SCOPES
+from golong.rewards.tasks import CAPABILITIES
 
 TASKS = ("precise_retrieval", "comprehension", "exhaustive_retrieval", "numerical_reasoning",
          "structured_extraction", "structured_matching", "graded_ranking", "sequence_ordering",
          "summarization")
 
 DATA_SOURCE = "synthetic"
+
+# Tasks scored by a LongBench-Pro metric read the lines after the last [Answer] marker (as GoLongRL's
+# reward does; without one the think block's lines count too): their questions ask for it.
+MARKED_TASKS = frozenset(t for t in TASKS if SCOPES[CAPABILITIES[t]] == "marked")
 
 _FILLER = (
     "the a an of in on under over near by with without from to across along river stone amber "
@@ -204,6 +210,9 @@ def make_record(task: str, context_tokens: int, rng: random.Random, index: int =
     if task not in BUILDERS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
     needles, question, gt, answer = BUILDERS[task](rng)
+    if task in MARKED_TASKS:
+        question += " Write the line [Answer] first, then the answer."
+        answer = f"[Answer]\n{answer}"
     context = _context(rng, needles, max(0, context_tokens))
     content = f"Read the text and answer the question.\n\n{context}\n\nQuestion: {question}"
     return Record(DATA_SOURCE, [{"role": "user", "content": content}], task, gt,

@@ -1,11 +1,13 @@
 """Where the answer is in a response, and how answers are cut into comparable items.
 
-    response -> answer region -> items (one per line, lower-cased, whitespace folded)
+    response -> format gate -> the text a metric reads -> items (one per line, lower-cased, whitespace folded)
 
-The answer region is the text after the single `</think>` (a response with zero or several scores 0:
-`answer_region` returns None), then after the last `[Answer]` / `[答案]` marker when one is present.
-With `require_think=False` (non-thinking models) the whole response is used, minus anything up to a
-last `</think>` if the model still emitted one.
+The format gate (GoLongRL's): a response needs exactly one `</think>` and at most one `<think>`, else it
+scores 0. Which text a metric then reads follows GoLongRL's reward code, per metric (scoring.SCOPES):
+`answer_region`, the text after the `</think>` (EM, multiple choice, retrieval_calculate), or
+`checked_response`, the whole response, think block included (LongBench-Pro metrics, which then take
+`marked_answer`; table IoU; math-verify; summaries). With `require_think=False` (non-thinking models)
+there is no gate: `answer_region` drops anything up to a last `</think>` the model still emitted.
 """
 
 from __future__ import annotations
@@ -15,12 +17,37 @@ THINK_CLOSE = "</think>"
 ANSWER_MARKERS = ("[Answer]", "[答案]")
 
 
+def think_ok(response: str) -> bool:
+    """GoLongRL's format gate: exactly one </think> and at most one <think>."""
+    return response.count(THINK_CLOSE) == 1 and response.count(THINK_OPEN) <= 1
+
+
+def checked_response(response: str, *, require_think: bool = True) -> str | None:
+    """The whole response (think block included) when it passes the format gate, else None."""
+    if not isinstance(response, str):
+        raise TypeError("response must be a str")
+    if require_think and not think_ok(response):
+        return None
+    return response
+
+
+def marked_answer(text: str) -> str:
+    """The LongBench-Pro answer area, as GoLongRL's reward cuts it: the text after the last "[Answer]"
+    when the text has one (anywhere, the think block included), else after the last "[答案]", else
+    the whole text; stripped. "[Answer]" wins over a later "[答案]"."""
+    for marker in ANSWER_MARKERS:
+        pos = text.rfind(marker)
+        if pos >= 0:
+            return text[pos + len(marker):].strip()
+    return text.strip()
+
+
 def answer_region(response: str, *, require_think: bool = True, cut_marker: bool = True) -> str | None:
     """The stripped answer text of `response`, or None when its think block is malformed.
     cut_marker=False keeps the text before a last [Answer] marker."""
     if require_think:
         # exactly one </think> and at most one <think>: several blocks mean the model lost its format
-        if response.count(THINK_CLOSE) != 1 or response.count(THINK_OPEN) > 1:
+        if not think_ok(response):
             return None
         text = response.split(THINK_CLOSE, 1)[1]
     else:
@@ -51,6 +78,18 @@ def items(text: str) -> list[str]:
     return out
 
 
+def lines(text: str) -> list[str]:
+    """Every line of `text`, normalised, blank ones included (as ""), in order: GoLongRL's LongBench-Pro
+    prediction, where a blank line is an item too (it costs F1 precision, a pairwise pair, an NDCG rank)."""
+    return [fold(line) for line in text.split("\n")]
+
+
+def last_occurrence(seq: list[str]) -> dict[str, int]:
+    """item -> index of its last occurrence (GoLongRL builds {item: index} over the prediction, so a
+    repeated line keeps the position of its last copy)."""
+    return {s: i for i, s in enumerate(seq)}
+
+
 def gold_items(ground_truth: str | list[str]) -> list[str]:
     """Gold items: the lines of a gold string, or the elements of a gold list, normalised.
 
@@ -64,11 +103,3 @@ def gold_items(ground_truth: str | list[str]) -> list[str]:
         if f and f not in seen:
             seen[f] = None
     return list(seen)
-
-
-def first_occurrence(seq: list[str]) -> dict[str, int]:
-    """item -> index of its first occurrence (a prediction's ranking position)."""
-    pos: dict[str, int] = {}
-    for i, s in enumerate(seq):
-        pos.setdefault(s, i)
-    return pos

@@ -17,13 +17,12 @@ import json
 import logging
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
-from golong.rewards.answer import first_occurrence, fold, gold_items, items
+from golong.rewards.answer import fold, gold_items, last_occurrence, lines
 
 Gold = str | list[str] | dict[str, Any]
 
@@ -41,14 +40,15 @@ def em(region: str, gold: Gold) -> float:
 
 
 def accuracy(region: str, gold: Gold) -> float:
-    """1 if the first predicted item equals the first gold item."""
-    pred, ref = items(region), gold_items(gold)
-    return float(bool(pred) and bool(ref) and pred[0] == ref[0])
+    """1 if the first line of the answer equals the first gold item."""
+    pred, ref = lines(region), gold_items(gold)
+    return float(bool(ref) and pred[0] == ref[0])
 
 
 def f1(region: str, gold: Gold) -> float:
-    """Set F1 between predicted items and gold items."""
-    pred, ref = set(items(region)), set(gold_items(gold))
+    """Set F1 between the answer's lines and the gold items. As in GoLongRL's LongBench-Pro F1_Score, a
+    blank line inside the answer is a (wrong) predicted item: "a\n\nb" against {a, b} has P = 2/3."""
+    pred, ref = set(lines(region)), set(gold_items(gold))
     common = len(pred & ref)
     if common == 0:
         return 0.0
@@ -57,9 +57,9 @@ def f1(region: str, gold: Gold) -> float:
 
 
 def subem(region: str, gold: Gold) -> float:
-    """Fraction of gold items that appear among the predicted items."""
-    pred, ref = set(items(region)), gold_items(gold)
-    if not pred or not ref:
+    """Fraction of gold items that appear among the answer's lines."""
+    pred, ref = set(lines(region)), gold_items(gold)
+    if not ref:
         return 0.0
     return sum(g in pred for g in ref) / len(ref)
 
@@ -70,32 +70,34 @@ def subem(region: str, gold: Gold) -> float:
 def ndcg(region: str, gold: Gold) -> float:
     """NDCG@k, k = number of gold items; gold item i (0-based) has relevance k - i, linear gain.
 
-    The prediction's line order is its ranking (first occurrence of a repeated line counts), the
-    discount is log2(rank + 2) -- trec_eval's `ndcg_cut.k`.
+    As GoLongRL scores it (pytrec_eval `ndcg_cut.k` over the run {line: n - index}): every line of the
+    answer is a ranked document, a blank line included (it takes a rank and gains nothing), and a
+    repeated line is ranked where its last copy stands. Discount log2(rank + 2), 0-based rank.
     """
     ref = gold_items(gold)
-    pred = list(first_occurrence(items(region)))
     k = len(ref)
-    if k == 0 or not pred:
+    if k == 0:
         return 0.0
+    pos = last_occurrence(lines(region))
+    ranking = sorted(pos, key=pos.__getitem__)
     rel = {g: k - i for i, g in enumerate(ref)}
-    dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(pred[:k]))
+    dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(ranking[:k]))
     idcg = sum((k - i) / math.log2(i + 2) for i in range(k))
     return dcg / idcg
 
 
 def pairwise(region: str, gold: Gold) -> float:
-    """Gold-ordered pairs found in the prediction's order / C(len(pred), 2) prediction pairs.
+    """Gold-ordered pairs found in the answer's order / C(n, 2), n = the answer's line count.
 
-    0 when either side has fewer than 2 items. Repeated prediction lines count in the denominator
-    (a padded answer is penalised) but only their first position is used for ordering. As in LongBench-Pro
-    and GoLongRL's reward (kept for parity with the recipe), gold items missing from the prediction cost
-    nothing: two items in the right order score 1.0 — watch the answers' item counts in the logs.
+    As in GoLongRL's Pairwise_Accuracy: 0 when either side has fewer than 2 items; every line counts in
+    the denominator, blank and repeated ones included (a padded answer is penalised), and a repeated
+    line is ordered by its last copy. Gold items missing from the prediction cost nothing: two items in
+    the right order score 1.0 -- watch the answers' item counts in the logs.
     """
-    pred, ref = items(region), gold_items(gold)
+    pred, ref = lines(region), gold_items(gold)
     if len(pred) < 2 or len(ref) < 2:
         return 0.0
-    pos = first_occurrence(pred)
+    pos = last_occurrence(pred)
     total = len(pred) * (len(pred) - 1) // 2
     # gold items absent from the prediction cannot form a correct pair: only walk the present ones
     present = [pos[g] for g in ref if g in pos]
@@ -105,15 +107,19 @@ def pairwise(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- multiple choice
 
-_CHOICE_RE = re.compile(r"(?i:the correct answer is)\s*(?:\(([A-J])\)|([A-J])\b)")
+# GoLongRL's multi_choices reward: the literal sentence, case as written, one space, options A-D; the
+# parenthesised form anywhere wins over the bare one. golong adds a word boundary to the bare form
+# ("The correct answer is Definitely" names no option; GoLongRL reads a D there).
+_CHOICE_PAREN = re.compile(r"The correct answer is \(([A-D])\)")
+_CHOICE_BARE = re.compile(r"The correct answer is ([A-D])\b")
 
 
 def _choice_letter(text: str) -> str | None:
-    """The letter of the last 'The correct answer is (X)' (or '... is X') in text."""
-    last = None
-    for m in _CHOICE_RE.finditer(text.replace("*", "")):
-        last = m.group(1) or m.group(2)
-    return last
+    """The letter of the FIRST 'The correct answer is (X)' in text (Markdown '*' removed), else of the
+    first 'The correct answer is X', as GoLongRL extracts it."""
+    text = text.replace("*", "")
+    m = _CHOICE_PAREN.search(text) or _CHOICE_BARE.search(text)
+    return m.group(1) if m else None
 
 
 def _gold_letter(gold: str) -> str | None:
@@ -125,7 +131,7 @@ def _gold_letter(gold: str) -> str | None:
 
 
 def choice(region: str, gold: Gold) -> float:
-    """'The correct answer is (X)' in the answer against a gold letter or the same sentence."""
+    """The first 'The correct answer is (X)' of the answer against a gold letter or the same sentence."""
     pred = _choice_letter(region)
     if pred is None:
         return 0.0
@@ -134,21 +140,9 @@ def choice(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- structured extraction
 
-def _strip_fence(text: str) -> str:
-    """Text inside a Markdown code fence (```json ... ```), else the text. String operations, not a regex:
-    `\\s*```$` rescans every whitespace run from each of its positions (quadratic on blank padding)."""
-    t = text.strip()
-    if t.startswith("```"):
-        t = t[3:]
-        t = t.lstrip(string.ascii_letters)  # the language tag
-    if t.endswith("```"):
-        t = t[:-3]
-    return t
-
-
 def _table_rows(text: str) -> list[Any] | None:
     """Rows of a `{"data": [...]}` JSON object (or a bare JSON list); None when not a table."""
-    obj = json.loads(_strip_fence(text))
+    obj = json.loads(text)
     rows = obj.get("data") if isinstance(obj, dict) else obj
     return rows if isinstance(rows, list) else None
 
@@ -167,51 +161,45 @@ def _gold_rows(gold: Gold) -> list[Any] | None:
     return values
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)  # 3.0 and 3 are the same cell
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=True, ensure_ascii=False)
-    return str(v).strip()
-
-
 def _row_key(row: Any) -> Any:
-    if isinstance(row, list):
-        return tuple(_cell(v) for v in row)
-    if isinstance(row, dict):
-        return tuple(sorted((str(k), _cell(v)) for k, v in row.items()))
-    return _cell(row)
+    """GoLongRL's row identity: a list row is the tuple of str() of its cells, any other row its str()
+    (so 3 and "3" match, 3.0 and 3 do not, and an object's key order counts)."""
+    return tuple(str(v) for v in row) if isinstance(row, list) else str(row)
 
 
-def _answer_tag(region: str) -> str:
-    """Text of the last <answer>...</answer> block (to the end when unclosed), else the region."""
-    start = region.rfind("<answer>")
+def _answer_tag(text: str) -> str:
+    """GoLongRL's strip_answer: the text from the FIRST <answer> to the next </answer> (to the end when
+    unclosed), stripped; the whole text when there is no <answer>."""
+    start = text.find("<answer>")
     if start < 0:
-        return region
-    body = region[start + len("<answer>"):]
+        return text.strip()
+    body = text[start + len("<answer>"):]
     end = body.find("</answer>")
-    return body if end < 0 else body[:end]
+    return (body if end < 0 else body[:end]).strip()
 
 
 def iou(region: str, gold: Gold) -> float:
-    """Multiset Jaccard of rows: prediction `<answer>{"data": [...]}</answer>` vs the gold JSON.
+    """Multiset Jaccard of rows, as GoLongRL's multitableqa reward: the `{"data": [...]}` object in the
+    response's first <answer> block against the gold table.
 
-    Two empty tables match (1.0). An unparsable prediction scores 0; so does an unparsable gold.
+    `region` is the whole response (think block included), so an answer without <answer> tags does not
+    parse. An unparsable answer, or one that is not an object, has no rows; two empty tables score 0
+    (GoLongRL: matches / total when total > 0, else 0); an unparsable gold scores 0.
     """
     ref = _gold_rows(gold)
     if ref is None:
         return 0.0
     try:
-        pred = _table_rows(_answer_tag(region))
+        obj = json.loads(_answer_tag(region))
+        pred = obj.get("data", []) if isinstance(obj, dict) else []
     except (ValueError, RecursionError):
+        pred = []
+    if not isinstance(pred, list):
         return 0.0
-    if pred is None:
-        return 0.0
-    if not pred and not ref:
-        return 1.0
     p, g = Counter(_row_key(r) for r in pred), Counter(_row_key(r) for r in ref)
     inter = sum((p & g).values())
-    return inter / (len(pred) + len(ref) - inter)
+    total = len(pred) + len(ref) - inter
+    return inter / total if total > 0 else 0.0
 
 
 # ---------------------------------------------------------------- summarisation
@@ -259,7 +247,11 @@ def rouge_l_f(reference: list[str], prediction: list[str]) -> float:
 
 
 def rouge_l(region: str, gold: Gold) -> float:
-    """Max ROUGE-L F1 of the answer region over the gold references (jieba tokens for Chinese)."""
+    """Max ROUGE-L F1 of `region` over the gold references (jieba tokens for Chinese).
+
+    `region` is the whole response, think block included: GoLongRL's LongBench-Pro Summary scores the
+    unsplit response (no </think> split, no [Answer] cut), so every word of thinking costs precision.
+    """
     refs = [fold(g) for g in _gold_strings(gold)]
     pred = fold(region)
     if not pred:
@@ -273,11 +265,14 @@ def rouge_l(region: str, gold: Gold) -> float:
 
 # ---------------------------------------------------------------- numerical reasoning
 
-MATH_TAIL_CHARS = 1000  # math-verify reads the end of the answer: the final result lives there
+MATH_TAIL_CHARS = 500  # GoLongRL's math_dapo reads the last 500 characters: the final result lives there
 
 
 def math_verify(region: str, gold: Gold) -> float:
-    """math-verify equivalence of the answer's last expression with the gold answer.
+    """math-verify equivalence of the last MATH_TAIL_CHARS of `region` with the gold answer, as GoLongRL's
+    math_dapo (is_use_math_verify): parse, a quick match of the parsed string, then verify against
+    \\boxed{gold}. `region` is the whole response (math_longcot_math_verify gets it unsplit), so an
+    answer boxed at the end of the think block counts when little follows it.
 
     No time limit of its own (math-verify's signal alarms are disabled): run it through
     `compute_score(..., timeout=...)` or `score_batch`, which enforce one per process.
@@ -289,8 +284,6 @@ def math_verify(region: str, gold: Gold) -> float:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     text = region[-MATH_TAIL_CHARS:]
     golds = _gold_strings(gold)
-    if any(text.strip() == g.strip() for g in golds):
-        return 1.0
     pred = parse(text, parsing_timeout=None)
     if not pred:
         return 0.0

@@ -5,7 +5,9 @@
     score_record(record, response)                                       -> float
 
 Every score is a float in [0, 1]; model output never raises and is never executed. A response
-without exactly one `</think>` scores 0 unless `require_think=False` (non-thinking models).
+without exactly one `</think>` (or with two `<think>`) scores 0 unless `require_think=False`
+(non-thinking models). Each metric reads the part of the response GoLongRL's reward code gives it
+(SCOPES).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from golong.rewards.answer import answer_region
+from golong.rewards.answer import answer_region, checked_response, marked_answer
 from golong.rewards.metrics import Gold, check_metric, score_region
 from golong.rewards.pool import check_timeout, get_pool
 from golong.rewards.tasks import route
@@ -23,8 +25,29 @@ DEFAULT_TIMEOUT_S = 10.0
 # Metrics that can take super-linear time on adversarial input run in a worker process when a
 # timeout is requested. The others are linear-time and run inline.
 SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
-# Metrics that read tagged blocks of the whole answer: an [Answer] marker inside one must not cut it.
-TAGGED = frozenset({"retrieval_calculate"})
+# The text each metric reads, as GoLongRL's reward code hands it over:
+#   "after_think": the text after </think>, whole (GoLongRL's EM, selection and retrieval_calculate
+#                  rewards split on it and cut no [Answer] marker);
+#   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
+#             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
+#   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
+#            its math_longcot_math_verify the last 500 characters, and LongBench-Pro's Summary scores the
+#            whole response, thinking included, against the reference summary);
+#   "after_think_marked": the text after </think> and after a last [Answer] / [答案] (golong's own
+#                         choice; no metric uses it now).
+SCOPES: dict[str, str] = {
+    "em": "after_think",
+    "choice": "after_think",
+    "retrieval_calculate": "after_think",
+    "accuracy": "marked",
+    "f1": "marked",
+    "subem": "marked",
+    "ndcg": "marked",
+    "pairwise": "marked",
+    "rouge_l": "whole",
+    "iou": "whole",
+    "math_verify": "whole",
+}
 # Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
 LIST_METRICS = frozenset({"accuracy", "f1", "subem", "ndcg", "pairwise", "rouge_l"})
 
@@ -34,6 +57,15 @@ class RewardConfig:
     require_think: bool = True  # False for non-thinking models: the whole response is the answer
     timeout: float = DEFAULT_TIMEOUT_S  # per response, seconds
     num_workers: int = 8  # scoring subprocesses for score_batch
+
+
+def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
+    """The text `metric` reads in `response` (SCOPES), or None when the response fails the format gate."""
+    scope = SCOPES[metric]
+    if scope in ("marked", "whole"):
+        whole = checked_response(response, require_think=require_think)
+        return whole if whole is None or scope == "whole" else marked_answer(whole)
+    return answer_region(response, require_think=require_think, cut_marker=scope == "after_think_marked")
 
 
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
@@ -49,7 +81,7 @@ def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: fl
     if timeout is not None:
         check_timeout(timeout)
     try:
-        region = answer_region(response, require_think=require_think, cut_marker=metric not in TAGGED)
+        region = metric_text(metric, response, require_think=require_think)
     except Exception:  # e.g. a non-str response
         return 0.0
     if region is None:
@@ -75,7 +107,7 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
     for i, (metric, response, gold) in enumerate(items):
         check_metric(metric)
         try:
-            region = answer_region(response, require_think=require_think, cut_marker=metric not in TAGGED)
+            region = metric_text(metric, response, require_think=require_think)
         except Exception:
             region = None
         if region is not None:

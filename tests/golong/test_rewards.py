@@ -26,6 +26,7 @@ from golong.rewards import (
 )
 from golong.rewards.metrics import METRICS, lcs_length, rouge_tokens
 from golong.rewards.pool import get_pool
+from golong.rewards.scoring import SCOPES
 
 
 def R(answer: str) -> str:
@@ -34,7 +35,13 @@ def R(answer: str) -> str:
 
 
 def score(metric: str, answer: str, gold) -> float:
-    return compute_score(metric, R(answer), gold, timeout=None)
+    """`answer` scored as a well-formed response's answer. GoLongRL's LongBench-Pro reward reads the whole
+    response after its last [Answer] marker (with no marker, the think block's lines count too), so the
+    answer of the LongBench-Pro metrics goes after one, as LongBench-Pro's prompts ask."""
+    marker = "[Answer]\n" if SCOPES[metric] == "marked" else ""
+    if SCOPES[metric] == "whole":  # metrics that read the whole response: the answer alone, with no think block
+        return compute_score(metric, answer, gold, timeout=None, require_think=False)
+    return compute_score(metric, R(marker + answer), gold, timeout=None)
 
 
 # ------------------------------------------------------------------ answer region
@@ -66,7 +73,9 @@ def test_em():
     assert score("em", "  Paris \n", "Paris") == 1.0
     assert score("em", "paris", "Paris") == 0.0  # exact, case-sensitive
     assert score("em", "Paris, France", "Paris") == 0.0
-    assert score("em", "[Answer] Paris", " Paris ") == 1.0
+    # GoLongRL's EM_judge compares the whole text after </think> with the label: no [Answer] marker is cut
+    assert score("em", "[Answer] Paris", " Paris ") == 0.0
+    assert score("em", "Paris [Answer]", "Paris [Answer]") == 1.0
     assert score("em", "Rome", ["Paris", "Rome"]) == 1.0
 
 
@@ -82,12 +91,24 @@ def test_choice():
     assert score("choice", "The correct answer is (B)", "The correct answer is (B)") == 1.0
     assert score("choice", "The correct answer is (B)", "(C)") == 0.0
     assert score("choice", "**The correct answer is B**.", "B") == 1.0
-    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 1.0
+    # GoLongRL's multi_choices takes the FIRST 'The correct answer is (X)' (re.search), not the last
+    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 0.0
+    assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "A") == 1.0
     assert score("choice", "The correct answer is Definitely", "D") == 0.0  # 'D' of a word is no letter
     assert score("choice", "B", "B") == 0.0  # the sentence is required
     assert score("choice", "The correct answer is **(B)**", "B") == 1.0  # Markdown bold around the letter
     assert score("choice", "The correct answer is (B)", "b") == 1.0  # a lower-case gold letter
     assert score("choice", "The correct answer is (B)", " (b) ") == 1.0
+
+
+def test_choice_extraction_as_in_goLongRL():
+    """GoLongRL's multi_choices: the sentence exactly as written (case, one space), options A-D, the
+    parenthesised form anywhere before the bare one, the whole text after </think> (no [Answer] cut)."""
+    assert score("choice", "the correct answer is (B)", "B") == 0.0
+    assert score("choice", "The correct answer is  (B)", "B") == 0.0
+    assert score("choice", "The correct answer is (E)", "E") == 0.0
+    assert score("choice", "The correct answer is B, no: The correct answer is (C)", "C") == 1.0
+    assert score("choice", "The correct answer is (A)\n[Answer] The correct answer is (B)", "A") == 1.0
 
 
 def test_f1_subem():
@@ -98,6 +119,42 @@ def test_f1_subem():
     # 2 of the 4 gold items present
     assert score("subem", "a\nc\nx", ["a", "b", "c", "d"]) == pytest.approx(0.5)
     assert score("subem", "", ["a"]) == 0.0
+
+
+def test_longbench_pro_answer_area_as_in_goLongRL():
+    """GoLongRL's LongBench-Pro reward (long_bench_pro.compute_score on the whole response): the answer
+    is the text after the last "[Answer]" anywhere in the response (else after the last "[答案]"), and
+    without a marker the whole response, think block included. Reference values worked out from it."""
+    gold = ["a", "b"]
+    # no marker: the first line of the response is "<think>", not the answer
+    assert compute_score("accuracy", "<think>x</think>\na", gold, timeout=None) == 0.0
+    assert compute_score("accuracy", "<think>x</think>\n[Answer]\na", gold, timeout=None) == 1.0
+    # no marker: items listed while thinking count for SubEM (GoLongRL: 1.0) ...
+    assert compute_score("subem", "<think>\na\nb\n</think>\nc", gold, timeout=None) == 1.0
+    # ... and a marker inside the think block opens the answer there: lines "a", "</think>", "b"
+    assert compute_score("subem", "<think>\n[Answer]\na\n</think>\nb", gold, timeout=None) == 1.0
+    assert compute_score("f1", "<think>\n[Answer]\na\n</think>\nb", gold, timeout=None) == pytest.approx(0.8)
+    # "[Answer]" wins over a later "[答案]": the answer is "a\n[答案] b" (F1 of {a, [答案] b}: 0.5)
+    assert compute_score("f1", "<think>x</think>[Answer] a\n[答案] b", gold, timeout=None) == pytest.approx(0.5)
+    assert compute_score("f1", "<think>x</think>[答案] a\n[Answer] b", gold, timeout=None) == pytest.approx(2 / 3)
+    # the format gate still holds: two </think> score 0
+    assert compute_score("subem", "<think>x</think></think>[Answer]\na\nb", gold, timeout=None) == 0.0
+
+
+def test_longbench_pro_blank_and_repeated_lines_as_in_goLongRL():
+    """GoLongRL splits the answer on every newline and keeps blank lines as items; {line: index} keeps a
+    repeated line's last position. Reference values (NDCG from pytrec_eval, as GoLongRL computes it)."""
+    gold = ["a", "b"]
+    idcg = 2 + 1 / math.log2(3)
+    # a blank line is a wrong item for F1 (P = 2/3), a pair for pairwise (1 of 3) and a rank for NDCG
+    assert score("f1", "a\n\nb", gold) == pytest.approx(0.8)
+    assert score("pairwise", "a\n\nb", gold) == pytest.approx(1 / 3)
+    assert score("ndcg", "a\n\nb", gold) == pytest.approx(2 / idcg)  # b falls to rank 3, past k = 2
+    assert score("subem", "a\n\nb", gold) == 1.0
+    # a repeated line is ranked / ordered at its last copy: a, b, a ranks b, a
+    assert score("ndcg", "a\nb\na", gold) == pytest.approx((1 + 2 / math.log2(3)) / idcg)
+    assert score("pairwise", "a\nb\na", gold) == 0.0
+    assert score("pairwise", "b\na\nb", gold) == pytest.approx(1 / 3)
 
 
 def test_ndcg_hand():
@@ -133,22 +190,41 @@ def test_iou_hand():
     # multisets P = {x, y, y}, G = {y, z}: |P & G| = 1, |P| + |G| - 1 = 4
     pred = '<answer>{"data": [["x", 1], ["y", 2], ["y", 2]]}</answer>'
     assert score("iou", pred, gold) == pytest.approx(0.25)
-    assert score("iou", '<answer>{"data": [["z", 3.0], ["y", "2"]]}</answer>', gold) == 1.0
-    assert score("iou", '```json\n{"data": [["y", 2]]}\n```', gold) == pytest.approx(0.5)
+    # GoLongRL keys a list row by str() of its cells: "2" matches 2, but 3.0 does not match 3 (1 of 3)
+    assert score("iou", '<answer>{"data": [["z", 3.0], ["y", "2"]]}</answer>', gold) == pytest.approx(1 / 3)
+    # GoLongRL json.loads the <answer> text as it is: a Markdown fence does not parse (was 0.5)
+    assert score("iou", '```json\n{"data": [["y", 2]]}\n```', gold) == 0.0
     assert score("iou", "<answer>{not json</answer>", gold) == 0.0
     assert score("iou", '<answer>{"rows": []}</answer>', gold) == 0.0
-    assert score("iou", '<answer>{"data": []}</answer>', '{"data": []}') == 1.0
-    assert score("iou", '<answer>{"data": [{"b": 1, "a": 2}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 1.0
+    # GoLongRL: matches / total only when total > 0, so two empty tables score 0 (was 1.0)
+    assert score("iou", '<answer>{"data": []}</answer>', '{"data": []}') == 0.0
+    # GoLongRL keys an object row by str(row): key order counts (was 1.0)
+    assert score("iou", '<answer>{"data": [{"b": 1, "a": 2}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 0.0
+    assert score("iou", '<answer>{"data": [{"a": 2, "b": 1}]}</answer>', '{"data": [{"a": 2, "b": 1}]}') == 1.0
     # gold as a list of rows: one row alone is a row, not a table of its cells
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]']) == 1.0
     assert score("iou", '<answer>{"data": [["y", 2]]}</answer>', ['["y", 2]', '["z", 3]']) == pytest.approx(0.5)
     assert score("iou", '<answer>{"data": [["y", 2], ["z", 3]]}</answer>', ['[["y", 2], ["z", 3]]']) == 1.0
-    # the last <answer> block is the answer
+    # GoLongRL's strip_answer takes the FIRST <answer> block (was: the last one, 1.0)
     assert score("iou", '<answer>{"data": []}</answer> no: <answer>{"data": [["y", 2], ["z", 3]]}</answer>',
-                 gold) == 1.0
-    # nested objects in cells compare regardless of key order
+                 gold) == 0.0
+    # nested objects in cells are str()-ed as GoLongRL does: key order counts (was 1.0)
     assert score("iou", '<answer>{"data": [["k", {"b": 1, "a": [2]}]]}</answer>',
-                 '{"data": [["k", {"a": [2], "b": 1}]]}') == 1.0
+                 '{"data": [["k", {"a": [2], "b": 1}]]}') == 0.0
+
+
+def test_iou_reads_the_whole_response_as_in_goLongRL():
+    """GoLongRL's multitableqa reward gets the whole response (no </think> split): the first <answer> of
+    it, else the whole text -- which holds the think block, so untagged JSON never parses."""
+    table = '{"data": [["a", 1]]}'
+    assert compute_score("iou", f"<think>x</think>\n<answer>{table}</answer>", table, timeout=None) == 1.0
+    assert compute_score("iou", f"<think>x</think>\n{table}", table, timeout=None) == 0.0
+    # an <answer> mentioned while thinking is the first one (GoLongRL: 0)
+    assert compute_score("iou", f"<think>use <answer> tags</think><answer>{table}</answer>", table,
+                         timeout=None) == 0.0
+    assert compute_score("iou", '<think>x</think><answer>[["a", 1]]</answer>', table, timeout=None) == 0.0
+    # the format gate still holds
+    assert compute_score("iou", f"<answer>{table}</answer>", table, timeout=None) == 0.0
 
 
 def test_math_verify_hand():
@@ -161,8 +237,35 @@ def test_math_verify_hand():
     long = "Step: 1 + 1 = 2. " * 200 + "\\boxed{41}"
     assert compute_score("math_verify", R(long), "41") == 1.0
     assert compute_score("math_verify", R(long), "2") == 0.0
-    # an answer identical to a non-mathematical gold string matches without parsing
-    assert compute_score("math_verify", R("Paris"), "Paris") == 1.0
+    # GoLongRL's math_dapo (math_verify path) has no plain string match: what math-verify cannot parse
+    # scores 0, even an answer identical to a non-mathematical gold string (was 1.0)
+    assert compute_score("math_verify", R("Paris"), "Paris") == 0.0
+
+
+def test_math_verify_reads_the_end_of_the_whole_response_as_in_goLongRL():
+    """GoLongRL's math_longcot_math_verify scores the last 500 characters of the unsplit response."""
+    pad = " and that is all there is to say about it" * 15  # 615 characters
+    assert compute_score("math_verify", R("\\boxed{42}" + pad), "42") == 0.0  # the box is cut off
+    assert compute_score("math_verify", R("\\boxed{42}" + pad[:400]), "42") == 1.0
+    assert compute_score("math_verify", "<think>so \\boxed{42}</think>", "42") == 1.0  # boxed while thinking
+    assert compute_score("math_verify", R("\\boxed{42}\n[Answer]"), "42") == 1.0  # no marker cut
+
+
+def test_rouge_l_scores_the_whole_response_as_in_goLongRL():
+    """GoLongRL's LongBench-Pro Summary normalises and scores the whole model output (no </think> split,
+    no [Answer] cut): thinking words are prediction words, so a long think block lowers the score."""
+    ref = "the cat sat on the mat"
+    # tokens: think, the, cat, sat, on, the, mat, think -> LCS 6 of 8 predicted, 6 of 6 reference
+    assert compute_score("rouge_l", "<think></think>the cat sat on the mat", ref, timeout=None) == pytest.approx(
+        2 * (6 / 8) / (6 / 8 + 1))
+    short = compute_score("rouge_l", "<think>ok</think>\nthe cat sat on the mat", ref, timeout=None)
+    long = compute_score("rouge_l", "<think>" + "let me think " * 50 + "</think>\nthe cat sat on the mat", ref,
+                         timeout=None)
+    assert 0.0 < long < short < 1.0
+    # a marker does not cut: "answer" is a predicted word too
+    assert compute_score("rouge_l", "<think></think>[Answer] the cat sat on the mat", ref,
+                         timeout=None) < compute_score("rouge_l", "<think></think>the cat sat on the mat", ref,
+                                                       timeout=None)
 
 
 def test_rouge_l_hand():
@@ -290,8 +393,9 @@ def test_blank_padded_answers_stay_linear():
                 compute_score(m, answer, '{"data": [["a", 1]]}', timeout=None)
         assert time.perf_counter() - t < 10.0, repr(pad)
         assert compute_score("iou", answer, '{"data": [["a", 1]]}', timeout=None) == 1.0
+    # (a fenced table does not parse: GoLongRL json.loads the <answer> text as it is)
     assert compute_score("iou", R("<answer>```json\n" + "\n" * 100_000 + '{"data": [["a", 1]]}\n```</answer>'),
-                         '{"data": [["a", 1]]}', timeout=None) == 1.0
+                         '{"data": [["a", 1]]}', timeout=None) == 0.0
 
 
 def _score_in_daemon(queue) -> None:
@@ -318,7 +422,8 @@ def test_time_limit_holds_inside_a_daemonic_process():
 def _batch_inline(queue) -> None:
     t = time.perf_counter()
     items = [("math_verify", R("\\boxed{9^{9^{9^{9^{9}}}}}"), "3"), ("math_verify", R("\\boxed{7}"), "7"),
-             ("f1", R("a\nb"), ["a"]), ("rouge_l", R("a b c"), "a b c")]
+             # (LongBench-Pro F1 reads the lines after [Answer]; without it the think block's lines count too)
+             ("f1", R("[Answer]\na\nb"), ["a"]), ("rouge_l", R("a b c"), "a b c")]
     queue.put((score_batch(items, timeout=1.0, num_workers=0), time.perf_counter() - t))
 
 
@@ -335,7 +440,8 @@ def test_inline_batch_keeps_the_time_limit_of_math_verify():
         scores, seconds = queue.get(timeout=90)
     finally:
         proc.kill()
-    assert scores == [0.0, 1.0, pytest.approx(2 / 3), 1.0] and seconds < 60.0
+    # (GoLongRL's Summary scores the whole response: think, some, reasoning, think, a, b, c -> P 3/7, R 1)
+    assert scores == [0.0, 1.0, pytest.approx(2 / 3), pytest.approx(0.6)] and seconds < 60.0
 
 
 _PARENT = r"""
@@ -485,7 +591,8 @@ def test_batch_8192_responses_in_seconds():
 
     scores = score_records(recs, responses, config=RewardConfig(timeout=10.0, num_workers=2))
     dt = time.perf_counter() - t
-    assert [s == 1.0 for s in scores] == good
+    # (GoLongRL's Summary scores the whole response: the think tags cost a summary a little precision)
+    assert [s == 1.0 or (r.ability == "summarization" and s > 0.9) for r, s in zip(recs, scores)] == good
     assert dt < 30.0, f"8192 responses took {dt:.1f} s"
 
 
@@ -554,7 +661,10 @@ def _verl(data_source, gt, reward_mode=None, ability="long_context"):
 def test_score_record_goLongRL_layouts():
     lbp = _verl("longbench_pro", {"doc_ids": ["e1", "e2", "e3"], "golden_label": "", "summary": ""},
                 "T2.1 Global Timeline Reconstruction")
-    assert score_record(lbp, R("e1\ne3\ne2")) == pytest.approx(2 / 3)
+    # GoLongRL's LongBench-Pro reward reads the lines after the last [Answer] of the whole response ...
+    assert score_record(lbp, R("[Answer]\ne1\ne3\ne2")) == pytest.approx(2 / 3)
+    # ... and with no marker every line of it, think block and blank line included: 2 of C(7, 2) = 21 pairs
+    assert score_record(lbp, R("e1\ne3\ne2")) == pytest.approx(2 / 21)
     em = _verl("EM", [{"doc_ids": [], "golden_label": "7", "summary": ""},
                       {"doc_ids": [], "golden_label": "42", "summary": ""}])  # list of dicts: last one
     assert score_record(em, R("42")) == 1.0 and score_record(em, R("7")) == 0.0
