@@ -1075,9 +1075,14 @@ class Trainer:
 
 def sft_target(record: Any) -> str:
     """The SFT response for a record: an empty think block, then its reference answer (synthetic
-    records store one; otherwise the golden label, else the gold items one per line)."""
+    records store one; otherwise the golden label, else the gold items one per line), after an
+    [Answer] marker where the record's reward reads only what follows one (LongBench-Pro metrics)."""
+    from golong.rewards.scoring import SCOPES
+
     answer = record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
         record.ground_truth.doc_ids)
+    if SCOPES[record.metric] == "marked" and "[Answer]" not in answer:
+        answer = f"[Answer]\n{answer}"
     return f"<think>\n\n</think>\n\n{answer}"
 
 

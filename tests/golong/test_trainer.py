@@ -361,3 +361,22 @@ def test_validation_without_validation_prompts_is_warned(config_file, tmp_path, 
             assert ("there are no validation prompts" in caplog.text) == (case != "given"), case
     finally:
         logging.getLogger("golong").removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("data_source, reward_mode, gt", [
+    ("longbench_pro", "T5.1 Full-Sentence Citation Alignment", {"doc_ids": ["[3]", "[7]"]}),  # f1: after [Answer]
+    ("longbench_pro", "T2.1 Global Timeline Reconstruction", {"doc_ids": ["e1", "e2", "e3"]}),  # pairwise
+    ("EM", None, {"golden_label": "42"}),
+    ("math_longcot_math_verify", None, {"golden_label": "\\frac{3}{4}"}),
+])
+def test_sft_target_scores_full_reward_under_its_records_metric(data_source, reward_mode, gt):
+    """The SFT warm-up teaches the format the reward reads: for LongBench-Pro metrics the recipe reads the
+    whole response after [Answer] (without one, the think-block lines count as predicted items)."""
+    from golong.data.records import Record
+    from golong.rewards.scoring import score_record
+    from golong.trainer import sft_target
+
+    rec = Record.from_dict({"data_source": data_source, "prompt": "q", "ability": "long_context",
+                            "reward_model": {"ground_truth": gt},
+                            "extra_info": {"reward_mode": reward_mode} if reward_mode else {}})
+    assert score_record(rec, sft_target(rec), timeout=None) == 1.0
