@@ -42,40 +42,20 @@ def marked_answer(text: str) -> str:
     return text.strip()
 
 
-def answer_region(response: str, *, require_think: bool = True, cut_marker: bool = True) -> str | None:
-    """The stripped answer text of `response`, or None when its think block is malformed.
-    cut_marker=False keeps the text before a last [Answer] marker."""
+def answer_region(response: str, *, require_think: bool = True) -> str | None:
+    """The stripped text after the single </think>, or None when the response fails the format gate.
+    With require_think=False: the text after a last </think>, else the whole response."""
     if require_think:
         # exactly one </think> and at most one <think>: several blocks mean the model lost its format
         if not think_ok(response):
             return None
-        text = response.split(THINK_CLOSE, 1)[1]
-    else:
-        text = response.rsplit(THINK_CLOSE, 1)[-1]
-    # the last marker of either language wins: the model's final answer comes last
-    best, cut = -1, 0
-    for marker in ANSWER_MARKERS if cut_marker else ():
-        pos = text.rfind(marker)
-        if pos > best:
-            best, cut = pos, pos + len(marker)
-    if best >= 0:
-        text = text[cut:]
-    return text.strip()
+        return response.split(THINK_CLOSE, 1)[1].strip()
+    return response.rsplit(THINK_CLOSE, 1)[-1].strip()
 
 
 def fold(text: str) -> str:
     """Lower-case, strip, and fold inner whitespace runs to one space ("1 11" stays != "11 1")."""
     return " ".join(text.lower().split())
-
-
-def items(text: str) -> list[str]:
-    """One normalised item per non-empty line of `text`, in order (duplicates kept)."""
-    out = []
-    for line in text.split("\n"):
-        f = fold(line)
-        if f:
-            out.append(f)
-    return out
 
 
 def lines(text: str) -> list[str]:

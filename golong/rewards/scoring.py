@@ -32,9 +32,7 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
 #            its math_longcot_math_verify the last 500 characters, and LongBench-Pro's Summary scores the
-#            whole response, thinking included, against the reference summary);
-#   "after_think_marked": the text after </think> and after a last [Answer] / [答案] (golong's own
-#                         choice; no metric uses it now).
+#            whole response, thinking included, against the reference summary).
 SCOPES: dict[str, str] = {
     "em": "after_think",
     "choice": "after_think",
@@ -65,7 +63,7 @@ def metric_text(metric: str, response: str, *, require_think: bool = True) -> st
     if scope in ("marked", "whole"):
         whole = checked_response(response, require_think=require_think)
         return whole if whole is None or scope == "whole" else marked_answer(whole)
-    return answer_region(response, require_think=require_think, cut_marker=scope == "after_think_marked")
+    return answer_region(response, require_think=require_think)
 
 
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,

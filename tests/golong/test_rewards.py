@@ -24,6 +24,7 @@ from golong.rewards import (
     score_batch,
     score_record,
 )
+from golong.rewards.answer import marked_answer
 from golong.rewards.metrics import METRICS, lcs_length, rouge_tokens
 from golong.rewards.pool import get_pool
 from golong.rewards.scoring import SCOPES
@@ -57,10 +58,14 @@ def test_answer_region_think_rules():
     assert answer_region("x</think>y</think> z", require_think=False) == "z"
 
 
-def test_answer_region_markers_last_wins():
-    assert answer_region("<think>t</think>draft [Answer] one\n[Answer] two ") == "two"
-    assert answer_region("<think>t</think>[Answer] en [答案] 中文") == "中文"
-    assert answer_region("<think>t</think>[答案] 中文 [Answer] en") == "en"
+def test_answer_markers_cut_only_the_longbench_pro_answer_area():
+    # GoLongRL's get_answer_area: after the last [Answer] when there is one, else after the last [答案]
+    assert marked_answer("draft [Answer] one\n[Answer] two ") == "two"
+    assert marked_answer("[Answer] en [答案] 中文") == "en [答案] 中文"
+    assert marked_answer("[答案] 中文 [Answer] en") == "en"
+    assert marked_answer("[答案] 一 [答案] 二") == "二" and marked_answer(" no marker ") == "no marker"
+    # the text after </think> (EM, choice, retrieval_calculate) keeps its markers, as in the recipe
+    assert answer_region("<think>t</think>draft [Answer] two ") == "draft [Answer] two"
     # a response without exactly one </think> scores 0 for every metric
     for m in METRIC_NAMES:
         assert compute_score(m, "The correct answer is (A)\nx", "A", timeout=None) == 0.0

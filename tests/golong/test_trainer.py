@@ -107,9 +107,14 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
     last = want[4]
     assert any(k.startswith("val/reward/task/") for k in last) and "val/reward/mean" in want[2]
     for key in ("reward/pass_rate", "adv/mean", "actor/pg_clipfrac", "actor/grad_norm", "mismatch/kl",
-                "mismatch/max_abs", "perf/tokens_per_s", "time/rollout_s", "time/update_s", "memory/peak_gib",
-                "time/old_logprob_s"):
+                "mismatch/max_abs", "perf/tokens_per_s", "time/rollout_s", "time/update_s", "memory/peak_gib"):
         assert key in last, key
+    # the old-logprob pass runs (and is timed) exactly when the kept prompts form more than one mini-batch
+    # (mini_batch_prompts 2); one mini-batch is on-policy: its old logprobs are the update's own, detached
+    updates = [s for s in want if "actor/loss" in want[s]]
+    several = {s: want[s]["dynamic_sampling/kept_prompts"] > 2 for s in updates}
+    assert any(several.values())
+    assert all(("time/old_logprob_s" in want[s]) == several[s] for s in updates), several
     assert any(k.startswith("reward/task/") for k in last)
     assert abs(last["mismatch/kl"]) < 1e-5  # the torch engine holds the trainer's weights exactly
     assert list((tmp_path / "ref" / "profile").glob("trace_step000001_rank0.json"))
