@@ -27,7 +27,8 @@ from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml"
 # outputs of an earlier demo in the same directory (the demo always starts from scratch)
-_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb")
+# (wandb_run_id too: a new demo is a new W&B run, not a resume of the last one)
+_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id")
 
 
 def _free_port() -> int:

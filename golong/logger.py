@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,26 @@ def _scalar(v: Any) -> float | int | str | None:
         return None
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: read from RUN_DIR/wandb_run_id, else made and kept there (written
+    atomically before wandb.init, so a run killed at any point resumes the id it logged under)."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits; 8 like wandb's own
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
+
+
 class MetricsWriter:
     """Append-only metrics sink. JSONL always (flushed per step, so a crash loses nothing
-    already logged); TensorBoard and wandb when enabled. Only rank 0 writes."""
+    already logged); TensorBoard and wandb when enabled. Only rank 0 writes. Like metrics.jsonl, the W&B run
+    belongs to the run directory: every run in it (a resume) logs to the same W&B run."""
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "golong", config: dict[str, Any] | None = None) -> None:
@@ -80,7 +98,9 @@ class MetricsWriter:
         if wandb:
             import wandb as _wandb
 
-            self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
+            # a resumed run (same run_dir) continues the same W&B run instead of starting a new one beside it
+            self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {},
+                                      id=wandb_run_id(self.run_dir), resume="allow")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
