@@ -984,10 +984,11 @@ class Trainer:
     def _write_tokenizer(self, d: Path) -> None:
         self.tokenizer.save_pretrained(str(d / "tokenizer"))
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> Path | None:
+        """Restore the checkpoint checkpoint.resume names (auto: the newest); returns its path (None: none)."""
         path = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if path is None:
-            return
+            return None
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
         saved_n = int(state["sampler"]["n"])
         if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
@@ -1010,11 +1011,18 @@ class Trainer:
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
         self.engine.sync_weights(self.model)
         log.info(f"resumed from {path} at step {self.step}")
+        return path
 
     # --------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.maybe_resume()
+        resumed = self.maybe_resume()
+        if resumed is not None and self.step >= cfg.trainer.total_steps:
+            # a finished run started again (a requeued job, or a rerun meant to train longer) trains nothing and
+            # exits 0: say so, and how to go on, rather than leave only the "resumed ... at step N" line
+            log.warning(f"nothing left to train: {resumed} is at step {self.step} and trainer.total_steps="
+                        f"{cfg.trainer.total_steps}; to train further, raise trainer.total_steps above {self.step} "
+                        f"(e.g. the override trainer.total_steps={self.step + max(1, cfg.trainer.total_steps)})")
         if not self.sft_done:
             self.sft()
             self.writer.log(0, self.validate(0))

@@ -228,6 +228,22 @@ def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(config_file, tmp_path):
+    """A run already at trainer.total_steps printed only "resumed ... at step N" and exited 0, as if it had
+    trained: it now says that nothing is left and how to train further (still exit 0: a requeued finished job
+    is no failure)."""
+    quick = ("trainer.sft_steps=0", "trainer.total_steps=1", "trainer.val_every=0", "profile.steps=[]")
+    first = _train(config_file, tmp_path, "", *quick)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "nothing left to train" not in first.stderr
+    again = _train(config_file, tmp_path, "", *quick)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join(again.stderr.split())  # rich may wrap the line
+    assert "nothing left to train: " in said and "step_000001 is at step 1 and trainer.total_steps=1" in said, said
+    assert "raise trainer.total_steps above 1" in said and "trainer.total_steps=2" in said, said
+    assert max(_by_step(tmp_path)) == 1 and "step 2/" not in said  # and it trained nothing
+
+
 def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, caplog):
     """Loading a checkpoint brings back its param groups; every optimizer setting of the config must win over
     them, not only lr / weight decay (betas, eps and impl were silently the checkpoint's: switching a run that
