@@ -46,7 +46,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from golong.logger import ProgressLog
+
 MARKER = "COMPLETE"
+EXPORT_READ_BYTES = 2 * 10**9  # golong export reads the checkpoint in parts of about this size (progress lines)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -285,11 +288,25 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     hf_config = json.loads((ckpt / "config.json").read_text())
     dtype = dtype or hf_config.get("torch_dtype") or "float32"
     model = from_config(hf_config, dtype=torch.float32, device="cpu")
-    state = {"model": model.state_dict()}
+    # read in parts of about EXPORT_READ_BYTES (DCP reads just the tensors asked for), so that the read, minutes
+    # for a 30B checkpoint, can log its progress between them
+    params = model.state_dict()
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in params.items():
+        if parts[-1] and size + t.nbytes > EXPORT_READ_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][name] = t
+        size += t.nbytes
+    progress = ProgressLog(f"export: reading {ckpt}", sum(t.nbytes for t in params.values()), len(params), "tensors")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
+        for part in parts:
+            dcp.load({"model": part}, checkpoint_id=str(ckpt), no_dist=True)  # in place, into the model's tensors
+            progress.advance(sum(t.nbytes for t in part.values()), items=len(part))
+    model.load_state_dict({k: v for part in parts for k, v in part.items()})
+    progress.close()
     tok_dir = ckpt / "tokenizer"
     model.save_pretrained(out_dir, dtype=getattr(torch, dtype),
                           copy_files_from=tok_dir if tok_dir.is_dir() else None)

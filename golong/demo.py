@@ -27,7 +27,8 @@ from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml"
 # outputs of an earlier demo in the same directory (the demo always starts from scratch)
-_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb")
+# (wandb_run_id too: a new demo is a new W&B run, not a resume of the last one)
+_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id")
 
 
 def _free_port() -> int:
@@ -95,6 +96,13 @@ def _verify_hf(hf_dir: Path, prompt_ids: list[int]) -> float:
     return float((got - ref).abs().max())
 
 
+def _change(d: float) -> str:
+    """A reward change as rich markup: green up, red down, plain when it shows as 0.000. Decided on the printed
+    value: a float-rounding difference (-1e-17) is no regression, and "-0.000" would read as one."""
+    d = round(d, 3) + 0.0  # + 0.0: -0.0 prints as +0.000
+    return f"[{'green' if d > 0 else 'red' if d < 0 else 'white'}]{d:+.3f}"
+
+
 def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -104,12 +112,10 @@ def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title:
                       ("change", "right")):
         t.add_column(col, justify=just)
     for r in rows:
-        d = r["after_rl"] - r["after_sft"]
         t.add_row(r["task"], r["metric"], f"{r['after_sft']:.3f}", f"{r['after_rl']:.3f}",
-                  f"[{'green' if d > 0 else 'red' if d < 0 else 'white'}]{d:+.3f}")
-    d = after_rl - after_sft
+                  _change(r["after_rl"] - r["after_sft"]))
     t.add_row("[bold]all", "", f"[bold]{after_sft:.3f}", f"[bold]{after_rl:.3f}",
-              f"[bold {'green' if d > 0 else 'red'}]{d:+.3f}")
+              "[bold]" + _change(after_rl - after_sft))
     Console().print(t)
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,49 @@ def get_logger(name: str = "golong") -> logging.Logger:
     return log
 
 
+# Seconds between progress lines of a long load or write (weights, export): often enough to show it moves,
+# seldom enough not to flood a cluster log. A module attribute, so tests can set it to 0.
+PROGRESS_EVERY_S = 30.0
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+class ProgressLog:
+    """Progress of a long load or write as log lines on rank 0, "LABEL: 3/16 shards, 12.1 GB of 61.1 GB (31s)"
+    (total_items None: "3 shards"), at most one every PROGRESS_EVERY_S seconds, and a closing line if it ran
+    longer than that: loading a 30B model's shards (minutes) is no longer silent, and a tiny model's load (well
+    under the interval) prints nothing. advance(nbytes, items) as the work goes; close() when done."""
+
+    def __init__(self, label: str, total_bytes: int, total_items: int | None, unit: str) -> None:
+        self.label, self.total_bytes, self.total_items, self.unit = label, total_bytes, total_items, unit
+        self.bytes = self.items = 0
+        self.every_s = PROGRESS_EVERY_S
+        self.start = self.last = time.monotonic()
+        self.log = get_logger()
+
+    def _line(self) -> str:
+        items = f"{self.items}/{self.total_items}" if self.total_items is not None else str(self.items)
+        return (f"{self.label}: {items} {self.unit}, {_size(self.bytes)} of {_size(self.total_bytes)} "
+                f"({time.monotonic() - self.start:.0f}s)")
+
+    def advance(self, nbytes: int = 0, items: int = 0) -> None:
+        self.bytes += nbytes
+        self.items += items
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log.info(self._line())
+
+    def close(self) -> None:
+        if time.monotonic() - self.start >= self.every_s:
+            self.log.info(self._line() + ", done")
+
+
 def _scalar(v: Any) -> float | int | str | None:
     if isinstance(v, torch.Tensor):
         v = v.detach().float().item() if v.numel() == 1 else None
@@ -51,9 +96,26 @@ def _scalar(v: Any) -> float | int | str | None:
         return None
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: read from RUN_DIR/wandb_run_id, else made and kept there (written
+    atomically before wandb.init, so a run killed at any point resumes the id it logged under)."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits; 8 like wandb's own
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
+
+
 class MetricsWriter:
     """Append-only metrics sink. JSONL always (flushed per step, so a crash loses nothing
-    already logged); TensorBoard and wandb when enabled. Only rank 0 writes."""
+    already logged); TensorBoard and wandb when enabled. Only rank 0 writes. Like metrics.jsonl, the W&B run
+    belongs to the run directory: every run in it (a resume) logs to the same W&B run."""
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "golong", config: dict[str, Any] | None = None) -> None:
@@ -80,7 +142,9 @@ class MetricsWriter:
         if wandb:
             import wandb as _wandb
 
-            self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {})
+            # a resumed run (same run_dir) continues the same W&B run instead of starting a new one beside it
+            self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {},
+                                      id=wandb_run_id(self.run_dir), resume="allow")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:

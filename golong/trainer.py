@@ -12,6 +12,9 @@ One step, every phase an NVTX range:
     trainer.micro_batch_tokens; loss token-mean over the global mini-batch) -> weight sync into
     the rollout engine -> metrics (JSONL, TensorBoard, wandb) -> checkpoint every k steps.
 
+A stop signal (SIGTERM, SIGUSR1: a scheduler about to kill the job) ends the run after the step under way,
+with a checkpoint of it, on every rank at the same step, and exit status 143 (PREEMPTED_EXIT_CODE).
+
 Every rank holds the whole gathered rollout batch, so the data-parallel split and micro-batch plan
 are computed identically everywhere with no extra communication (golong.parallel.batching).
 Rollout sampling is seeded per request from (trainer.seed, step, request), so a run reproduces
@@ -28,6 +31,8 @@ import hashlib
 import math
 import os
 import resource
+import signal
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -69,10 +74,53 @@ class TrainingStopped(RuntimeError):
     """Raised after too many consecutive non-finite steps (a checkpoint was written first)."""
 
 
+class Preempted(RuntimeError):
+    """Raised after a stop signal (STOP_SIGNALS): the step under way finished and was checkpointed first."""
+
+
+# What schedulers send before they kill a job: SIGTERM (Kubernetes, Slurm at preemption or time limit, torchrun
+# passing on its own), SIGUSR1 (Slurm's --signal=USR1@SECONDS, sent ahead of the time limit; torchrun passes it
+# on with TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The exit status after a stop signal: 128 + SIGTERM, what a shell or Kubernetes reports for a process that
+# SIGTERM ended, so a wrapper that requeues such jobs treats this one alike; distinct from a crash (1), a bad
+# config (2) and non-finite steps (3).
+PREEMPTED_EXIT_CODE = 143
+
+
 def _fault(kind: str, step: int) -> bool:
     """Test hooks, off unless GOLONG_FAULT is set: "kill@3" ends the process after step 3,
-    "nan@3" makes step 3's loss NaN (comma-separated list)."""
+    "nan@3" makes step 3's loss NaN, "pause@3" holds rank 0 in the middle of step 3 until a stop
+    signal arrives from outside (comma-separated list)."""
     return f"{kind}@{step}" in os.environ.get("GOLONG_FAULT", "").split(",")
+
+
+class _StopSignals:
+    """While entered, STOP_SIGNALS are recorded instead of ending the process: the loop then finishes its step,
+    checkpoints and exits (Trainer.fit). The handler only records: it runs between any two bytecodes of the
+    main thread, where logging or a collective could deadlock. A no-op off the main thread (Python installs
+    signal handlers there only)."""
+
+    def __init__(self) -> None:
+        self.received = 0  # the first stop signal's number; 0: none
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+                # restart system calls the signal interrupts: C++ code under us (gloo, NCCL's bootstrap sockets)
+                # may treat EINTR as an error; Python's own calls retry either way (PEP 475)
+                signal.siginterrupt(sig, False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def request_seed(*parts: Any) -> int:
@@ -737,6 +785,7 @@ class Trainer:
         self.sft_done = cfg.trainer.sft_steps == 0
         self.nonfinite_streak = 0
         self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
+        self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -889,6 +938,8 @@ class Trainer:
         cfg = self.cfg
         t_step = time.perf_counter()
         rollouts, metrics = self.collect_rollouts(step)
+        if _fault("pause", step) and self.rank == 0:
+            self._pause_for_stop_signal(step)
         if not rollouts:
             log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
                         "generation batches; no update")
@@ -984,10 +1035,11 @@ class Trainer:
     def _write_tokenizer(self, d: Path) -> None:
         self.tokenizer.save_pretrained(str(d / "tokenizer"))
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> Path | None:
+        """Restore the checkpoint checkpoint.resume names (auto: the newest); returns its path (None: none)."""
         path = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if path is None:
-            return
+            return None
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
         saved_n = int(state["sampler"]["n"])
         if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
@@ -1010,15 +1062,31 @@ class Trainer:
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
         self.engine.sync_weights(self.model)
         log.info(f"resumed from {path} at step {self.step}")
+        return path
 
     # --------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        """Resume (checkpoint.resume), SFT warm-up if due, then RL steps up to trainer.total_steps. A stop signal
+        (STOP_SIGNALS) ends it after the step under way and its checkpoint, raising Preempted."""
+        with self.stop_signals:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.maybe_resume()
+        resumed = self.maybe_resume()
+        if resumed is not None and self.step >= cfg.trainer.total_steps:
+            # a finished run started again (a requeued job, or a rerun meant to train longer) trains nothing and
+            # exits 0: say so, and how to go on, rather than leave only the "resumed ... at step N" line
+            log.warning(f"nothing left to train: {resumed} is at step {self.step} and trainer.total_steps="
+                        f"{cfg.trainer.total_steps}; to train further, raise trainer.total_steps above {self.step} "
+                        f"(e.g. the override trainer.total_steps={self.step + max(1, cfg.trainer.total_steps)})")
         if not self.sft_done:
             self.sft()
             self.writer.log(0, self.validate(0))
-            self.save_checkpoint()
+            path = self.save_checkpoint()
+            signum = self._agree_on_stop_signal()
+            if signum and self.step < cfg.trainer.total_steps:
+                self._preempted(signum, path)
         elif cfg.trainer.val_before_train and self.step == 0:
             self.writer.log(0, self.validate(0))
         while self.step < cfg.trainer.total_steps:
@@ -1040,14 +1108,45 @@ class Trainer:
             if _fault("kill", step):
                 os._exit(17)
             stop = self.nonfinite_streak >= cfg.trainer.max_consecutive_nonfinite
-            if stop or self.ckpt.should_save(step, last_step=last):
-                self.save_checkpoint()
+            signum = self._agree_on_stop_signal()
+            if signum and not last:
+                log.warning(f"{signal.Signals(signum).name} received: step {step} is done; checkpointing it, "
+                            "then exiting")
+            if stop or signum or self.ckpt.should_save(step, last_step=last):
+                path = self.save_checkpoint()
             if stop:
                 self.writer.close()
                 raise TrainingStopped(f"{self.nonfinite_streak} consecutive non-finite steps (up to step {step}); "
                                       f"stopped after checkpointing")
+            if signum and not last:  # on the last step the run is complete: it ends as usual
+                self._preempted(signum, path)
         self.writer.close()
         return {"step": self.step, "history": self.history}
+
+    def _agree_on_stop_signal(self) -> int:
+        """The stop signal any rank has received (0: none), the same on every rank: a signal reaches the ranks
+        at different moments (or only some of them), and all must checkpoint the same step. One all-reduce of
+        one number per step; at the step's end the device has no work left that the next step would not wait
+        for first, so reading the result costs no extra wait."""
+        flag = torch.tensor([self.stop_signals.received], dtype=torch.int64)
+        return int(self.actor._all_reduce(flag, dist.ReduceOp.MAX)[0])
+
+    def _preempted(self, signum: int, path: Path) -> None:
+        self.writer.close()
+        raise Preempted(f"{signal.Signals(signum).name} received: step {self.step} finished and checkpointed to "
+                        f"{path}; exiting with status {PREEMPTED_EXIT_CODE}. Run the same command again to continue "
+                        "from it (checkpoint.resume=auto)")
+
+    def _pause_for_stop_signal(self, step: int) -> None:
+        """Test hook (GOLONG_FAULT="pause@N"): rank 0 waits in the middle of step N until a stop signal arrives
+        from outside (the other ranks wait in the step's next collective), so that a test's signal lands inside
+        a step, at a step it knows."""
+        log.warning(f"fault: rank 0 (pid {os.getpid()}) paused in step {step} until a stop signal")
+        deadline = time.monotonic() + 300
+        while not self.stop_signals.received:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"GOLONG_FAULT=pause@{step}: no stop signal within 300 s")
+            time.sleep(0.02)
 
     def _log_step(self, step: int, m: dict[str, float]) -> None:
         parts = [f"step {step}/{self.cfg.trainer.total_steps}", f"reward {m.get('reward/mean', float('nan')):.3f}"]
@@ -1121,6 +1220,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     except TrainingStopped as e:
         log.error(f"training stopped: {e}")
         raise SystemExit(3) from None
+    except Preempted as e:  # a non-zero status, so that the scheduler requeues the job
+        log.warning(f"preempted: {e}")
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     finally:
         if trainer is not None:
             trainer.close()

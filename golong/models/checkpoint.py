@@ -17,6 +17,7 @@ directory renamed into place at the end, so a reader never sees half a checkpoin
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from golong.logger import ProgressLog
 from golong.models.config import ModelConfig
 from golong.models.qwen3 import Qwen3ForCausalLM
 
@@ -38,6 +40,8 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
 _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 MAX_SHARD_BYTES = 5 * 10**9
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}  # safetensors dtype -> bytes per element
 
 
 # ------------------------------------------------------------------------------------ build
@@ -121,7 +125,8 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     parameters (Shard / Replicate placements) each rank reads just its own region of the tensor.
     strict: unknown checkpoint keys and parameters left (partly) unwritten raise. Always: a key found in
     two files raises, and a tied model accepts an lm_head.weight only equal to the embeddings.
-    Errors name the key and its file.
+    Errors name the key and its file. A load that takes longer than PROGRESS_EVERY_S (golong.logger) logs its
+    progress in shards and bytes.
     """
     if any(t.is_meta for t in model.parameters()):
         if device is None:
@@ -134,7 +139,10 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     seen: dict[str, Path] = {}  # checkpoint key -> the file it came from
     tied = model.lm_head is None
 
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    progress = ProgressLog(f"loading weights from {path}", sum(f.stat().st_size for f in files), len(files), "shards")
+    for file in files:
+        walked = 0  # bytes of this file's tensors copied so far (the rest is counted when the file is done)
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if _IGNORED.search(key):
@@ -177,6 +185,11 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                 part = part.reshape([b - a for a, b in zip(lo, hi)])
                 local[dst_idx].copy_(part.to(local.dtype), non_blocking=False)
                 written[name] += part.numel()
+                nbytes = math.prod(src_shape) * _DTYPE_BYTES.get(src.get_dtype(), 2)
+                walked += nbytes
+                progress.advance(nbytes)
+        progress.advance(file.stat().st_size - walked, items=1)
+    progress.close()
     if strict:
         if unknown:
             raise ValueError(f"{len(unknown)} checkpoint tensors match no parameter, e.g. {unknown[:5]}")
@@ -301,9 +314,12 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
         save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
         written.append((name, list(shards[-1])))
         shards[-1], sizes[-1] = {}, 0
+        progress.advance(items=1)
 
     first_dtype = None
     total = 0  # the index's total_size: bytes of the tensors (headers excluded), as transformers writes it
+    progress = ProgressLog(f"writing {path}", sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters()),
+                           None, "shards")
     for key, t in hf_state_items(model, expert_layout, dtype):
         first_dtype = first_dtype or t.dtype
         if rank != 0:
@@ -315,9 +331,11 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
         # a copy: expert slices are views of one tensor, and safetensors refuses shared storage
         shards[-1][key] = t.clone(memory_format=torch.contiguous_format)
         sizes[-1] += nbytes
+        progress.advance(nbytes)
     if rank == 0:
         if shards[-1]:
             flush()
+        progress.close()
         n = len(written)
         weight_map = {}
         for i, (tmp_name, keys) in enumerate(written):

@@ -31,7 +31,10 @@ def _exit_with_parent() -> None:
 
 def main() -> None:
     _exit_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C is the parent's to handle; so are the stop signals a scheduler sends to every process of a job
+    # (Slurm): the trainer finishes its step, which needs these scores, then checkpoints. We die with it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints must not corrupt the frame stream
     in_fd = sys.stdin.fileno()

@@ -96,6 +96,41 @@ def test_export_hf_loads_in_transformers(tmp_path):
     assert err < 1e-5, err
 
 
+def test_export_logs_its_progress_only_when_slow(tmp_path, monkeypatch, caplog):
+    """golong export of a large checkpoint (minutes) printed nothing until done. It reads the checkpoint in parts
+    and logs tensors and bytes read, then the shards written, at an interval (PROGRESS_EVERY_S; 0 here), and
+    nothing for an export that is over sooner (at the default 30 s). The parts make the same model."""
+    import logging
+
+    import golong.checkpoint
+    import golong.logger
+    from golong.models import from_pretrained
+
+    model, opt = _model_and_opt()
+    _train_a_bit(model, opt, 0)
+    Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    ckpt = tmp_path / "ck" / "step_000001"
+    log = logging.getLogger("golong")
+    log.addHandler(caplog.handler)  # it does not propagate to the root logger
+    caplog.set_level(logging.INFO, logger="golong")
+    try:
+        export_hf(ckpt, tmp_path / "quick")
+        assert "export: reading" not in caplog.text and "writing" not in caplog.text
+        monkeypatch.setattr(golong.logger, "PROGRESS_EVERY_S", 0.0)
+        monkeypatch.setattr(golong.checkpoint, "EXPORT_READ_BYTES", 100_000)  # several parts
+        out = export_hf(ckpt, tmp_path / "hf")
+    finally:
+        log.removeHandler(caplog.handler)
+    n = len(model.state_dict())
+    reads = [m for m in caplog.messages if m.startswith(f"export: reading {ckpt}: ")]
+    assert len(reads) > 2 and reads[-1].startswith(f"export: reading {ckpt}: {n}/{n} tensors, "), reads
+    assert reads[-1].endswith(", done")
+    assert any(m.startswith(f"writing {out}: 1 shards, ") for m in caplog.messages), caplog.messages
+    back = from_pretrained(out, dtype=torch.float32)
+    for (name, p), (_, q) in zip(model.named_parameters(), back.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 class _Killed(Exception):
     pass
 

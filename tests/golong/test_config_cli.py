@@ -391,6 +391,40 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     json.dumps(rows)
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """wandb.init had no id: every resume of a run started another W&B run. The id is kept in the run directory
+    and handed back with resume="allow". wandb need not be installed: a stand-in module records the calls."""
+    import types
+
+    inits, logged = [], []
+
+    class FakeRun:
+        def log(self, metrics, step):
+            logged.append((step, metrics))
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        inits.append(kwargs)
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    run = tmp_path / "run"
+    for step in (1, 2):  # the first run, then its resume
+        w = MetricsWriter(run, tensorboard=False, wandb=True, wandb_project="proj", config={"a": step})
+        w.log(step, {"reward/mean": 0.5})
+        w.close()
+    w = MetricsWriter(tmp_path / "other", tensorboard=False, wandb=True)  # another run directory: another run
+    w.close()
+    first, resumed, other = inits
+    assert first["id"] and resumed["id"] == first["id"] and other["id"] != first["id"]
+    assert all(i["resume"] == "allow" for i in inits)
+    assert (first["project"], first["dir"], first["config"]) == ("proj", str(run), {"a": 1})
+    assert (run / "wandb_run_id").read_text().strip() == first["id"]
+    assert logged == [(1, {"reward/mean": 0.5}), (2, {"reward/mean": 0.5})]
+
+
 def test_metrics_values_and_tensorboard_steps(tmp_path):
     """What a row holds: bools as 0/1, one-element tensors as floats, other values (multi-element tensors,
     lists, None) dropped; TensorBoard gets every numeric metric at its step (the step itself is no scalar)."""

@@ -4,6 +4,7 @@ demo (minutes) is `golong demo`; this checks that every artifact it promises is 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,25 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
     assert summary["hf_export"]["transformers_max_abs_logit_diff"] < 1e-4
     printed = capsys.readouterr().out
     assert printed.count("+0.250") == 4 and "0.375 after SFT -> 0.625 after RL" in printed  # 3 tasks + all
+
+
+@pytest.mark.parametrize("after_rl", [0.5, 0.5 - 1e-17, 0.4996])
+def test_demo_table_does_not_call_an_unchanged_reward_a_regression(monkeypatch, capsys, after_rl):
+    """The summary's "all" row was red for any change that was not > 0: an unchanged reward (+0.000) showed
+    as a regression. A change that prints as 0.000 (float rounding included) is plain; only a drop is red."""
+    from golong.demo import _table
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich writes its colours to the captured (non-terminal) stdout
+    monkeypatch.setenv("COLUMNS", "200")
+    rows = [{"task": "up", "metric": "em", "after_sft": 0.25, "after_rl": 0.5},
+            {"task": "down", "metric": "f1", "after_sft": 0.5, "after_rl": 0.25},
+            {"task": "same", "metric": "iou", "after_sft": 0.5, "after_rl": 0.5}]
+    _table(rows, 0.5, after_rl, "held-out reward")
+    lines = {re.sub(r"\x1b\[[0-9;]*m", "", line).split("│")[1].strip(): line
+             for line in capsys.readouterr().out.splitlines() if "│" in line}  # first cell -> row with colours
+    red, green = "\x1b[31m", "\x1b[32m"
+    assert green in lines["up"] and red not in lines["up"]
+    assert red in lines["down"]
+    assert red not in lines["same"] and green not in lines["same"] and "+0.000" in lines["same"]
+    assert "\x1b[1;31m" not in lines["all"] and red not in lines["all"], repr(lines["all"])
+    assert "+0.000" in lines["all"] and "-0.000" not in lines["all"]

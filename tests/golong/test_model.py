@@ -505,3 +505,38 @@ def test_attention_backend_dispatch(pair, monkeypatch):
         assert calls == [("flash", "torch", True, scale)]
     finally:
         attn.backend = "auto"
+
+
+def test_loading_and_saving_many_shards_log_progress_only_when_slow(pair, tmp_path, monkeypatch, caplog):
+    """Loading a checkpoint of many shards (a 30B model: minutes) was silent until it was done. It now logs
+    shards and bytes done at an interval (PROGRESS_EVERY_S; 0 here: every step), and nothing for a load that
+    is over sooner (a tiny model, at the default 30 s); writing one logs its shards and bytes alike."""
+    import logging
+
+    import golong.logger
+
+    _, _, _, model = pair
+    out = tmp_path / "ckpt"
+    log = logging.getLogger("golong")
+    log.addHandler(caplog.handler)  # it does not propagate to the root logger
+    caplog.set_level(logging.INFO, logger="golong")
+    try:
+        model.save_pretrained(out, max_shard_bytes=200_000)
+        gm.from_pretrained(out, dtype=torch.float32)
+        assert "loading weights" not in caplog.text and "writing" not in caplog.text  # quick: no lines
+        monkeypatch.setattr(golong.logger, "PROGRESS_EVERY_S", 0.0)
+        model.save_pretrained(out, max_shard_bytes=200_000)
+        gm.from_pretrained(out, dtype=torch.float32)
+    finally:
+        log.removeHandler(caplog.handler)
+    files = sorted(out.glob("*.safetensors"))
+    n, size = len(files), sum(f.stat().st_size for f in files)
+    assert n > 2
+    writes = [m for m in caplog.messages if m.startswith(f"writing {out}: ")]
+    assert writes[-1].startswith(f"writing {out}: {n} shards, ") and writes[-1].endswith(", done"), writes[-1]
+    loads = [m for m in caplog.messages if m.startswith(f"loading weights from {out}: ")]
+    assert len(loads) > n  # a line per tensor here (interval 0), shard counts climbing to n
+    assert [f"{k}/{n} shards" in " ".join(loads) for k in range(1, n + 1)] == [True] * n
+    done = golong.logger._size(size)  # the files' bytes, headers included
+    assert loads[-1].startswith(f"loading weights from {out}: {n}/{n} shards, {done} of {done} (") \
+        and loads[-1].endswith(", done"), loads[-1]

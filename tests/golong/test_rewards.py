@@ -581,6 +581,27 @@ def test_pool_survives_a_dying_worker():
         pool.close()
 
 
+def test_pool_workers_leave_stop_signals_to_the_trainer():
+    """Slurm signals every process of a job: a worker that SIGTERM / SIGUSR1 ended took its running job's
+    score with it (0), so the step the trainer finishes before it checkpoints would score differently from the
+    uninterrupted run's. Workers ignore them (they die with the trainer)."""
+    import signal
+
+    from golong.rewards.pool import ScoringPool
+
+    pool = ScoringPool(1)
+    try:
+        assert pool.map([("em", "ok", "ok")], timeout=30.0) == [1.0]  # started and ready
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            pool.workers[0].proc.send_signal(sig)
+        time.sleep(0.5)
+        assert pool.workers[0].proc.poll() is None
+        assert pool.map([("em", "ok", "ok"), ("f1", "a\nb", ["a"])], timeout=30.0) == [1.0, pytest.approx(2 / 3)]
+        assert pool.restarts == 0
+    finally:
+        pool.close()
+
+
 def test_batch_8192_responses_in_seconds():
     from golong.data.synthetic import generate, reference_response
     from golong.rewards import score_records

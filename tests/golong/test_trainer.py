@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +57,52 @@ def config_file(tmp_path_factory) -> Path:
     return path
 
 
-def _train(config: Path, run_dir: Path, fault: str = "", *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GOLONG_FAULT=fault, PYTHONPATH=str(ROOT), COLUMNS="400")
-    out = subprocess.run([sys.executable, "-m", "golong", "train", str(config), f"logging.run_dir={run_dir}",
-                          *overrides], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _command(config: Path, run_dir: Path, overrides: tuple[str, ...], ranks: int) -> list[str]:
+    launch = ["-m", "golong"] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                                                  "-m", "golong"]
+    return [sys.executable, *launch, "train", str(config), f"logging.run_dir={run_dir}", *overrides]
+
+
+def _env(fault: str) -> dict[str, str]:
+    # unbuffered: a test that reads the log while the run goes on sees each line when it is written
+    return dict(os.environ, OMP_NUM_THREADS="1", GOLONG_FAULT=fault, PYTHONPATH=str(ROOT), COLUMNS="400",
+                PYTHONUNBUFFERED="1")
+
+
+def _train(config: Path, run_dir: Path, fault: str = "", *overrides: str,
+           ranks: int = 1) -> subprocess.CompletedProcess:
+    out = subprocess.run(_command(config, run_dir, overrides, ranks), env=_env(fault), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     out.stderr = out.stdout + out.stderr  # the log (rich, rank 0) goes to stdout
     return out
+
+
+def _signal_mid_step(config: Path, run_dir: Path, step: int, sig: signal.Signals, ranks: int = 1) -> tuple[int, str]:
+    """Start a run held in the middle of `step` (GOLONG_FAULT=pause@step, rank 0), send `sig` to rank 0 alone
+    once it says so, and let it finish. Returns its exit status and its whole output."""
+    proc = subprocess.Popen(_command(config, run_dir, (), ranks), env=_env(f"pause@{step}"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # ends early (EOF) if the run dies without pausing: the caller's checks then fail
+        seen.append(line)
+        paused = re.search(rf"rank 0 \(pid (\d+)\) paused in step {step} ", line)
+        if paused:
+            os.kill(int(paused.group(1)), sig)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    return proc.returncode, "".join(seen) + rest
+
+
+def _assert_same_run(want: dict[int, dict], got: dict[int, dict]) -> None:
+    """Every step of `got` logged the same values as `want`'s, bitwise."""
+    assert sorted(want) == sorted(got)
+    compared = 0
+    for step, row in want.items():
+        for key in COMPARED:
+            if key in row:
+                assert got[step][key] == row[key], (step, key, row[key], got[step][key])
+                compared += 1
+    assert compared >= 20
 
 
 def _by_step(run_dir: Path) -> dict[int, dict]:
@@ -129,6 +171,55 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
     assert "resume: optim.lr 0.01 -> 0.005" in more.stderr
     factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (4 - 3) / (5 - 3)))  # step 5: cosine halfway
     assert _by_step(run)[5]["actor/lr"] == pytest.approx(5e-3 * factor)
+
+
+def test_sigterm_checkpoints_the_step_under_way_and_resume_continues_identically(config_file, tmp_path):
+    """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill a job) ended the process at once: all
+    since the last checkpoint was lost. Now the step under way finishes, is checkpointed (here step 3, which
+    checkpoint.every=2 would not save), the run says so and exits 143; resume=auto continues from that step
+    exactly as the uninterrupted run went on."""
+    ref = _train(config_file, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "run"
+    status, out = _signal_mid_step(config_file, run, 3, signal.SIGTERM)
+    said = " ".join(out.split())  # rich may wrap lines
+    assert status == 143, out[-3000:]
+    assert "SIGTERM received: step 3 is done; checkpointing it, then exiting" in said, said[-3000:]
+    assert f"preempted: SIGTERM received: step 3 finished and checkpointed to {run / 'checkpoints' / 'step_000003'}" \
+           f"; exiting with status 143" in said, said[-3000:]
+    assert (run / "checkpoints" / "step_000003" / "COMPLETE").is_file()
+    assert max(_by_step(run)) == 3  # step 3 was finished and logged; step 4 never began
+
+    resumed = _train(config_file, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_000003" in resumed.stderr.split("resumed from")[1].split("\n")[0]
+    _assert_same_run(_by_step(tmp_path / "ref"), _by_step(run))
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(config_file, tmp_path):
+    """2 ranks under torchrun; SIGUSR1 (Slurm's --signal=USR1@SECONDS) reaches rank 0 alone, in the middle of
+    step 3: the ranks agree through an all-reduce, both finish step 3, write its checkpoint together and exit
+    143; the resumed run reproduces the uninterrupted one."""
+    ref = _train(config_file, tmp_path / "ref", ranks=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "run"
+    status, out = _signal_mid_step(config_file, run, 3, signal.SIGUSR1, ranks=2)
+    said = " ".join(out.split())
+    assert status != 0, said[-3000:]
+    # both ranks stopped after step 3 (rank 1 logs its warnings too) on their way to status 143, which torchrun
+    # reports (for the rank it saw end first; the other may still be ending when it stops looking)
+    assert said.count("preempted: SIGUSR1 received: step 3 finished and checkpointed to") == 2, said[-5000:]
+    assert "exitcode : 143" in said, said[-5000:]
+    ckpt = run / "checkpoints" / "step_000003"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng_rank1.pt").is_file()
+    assert max(_by_step(run)) == 3
+
+    resumed = _train(config_file, run, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(_by_step(tmp_path / "ref"), _by_step(run))
 
 
 def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):
@@ -231,6 +322,22 @@ def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     assert line.startswith("golong: error: resume from ") and "step_000001" in line, line
     assert "over 48 training prompts, this config gives 50" in line and "golong export" in line, line
     assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(config_file, tmp_path):
+    """A run already at trainer.total_steps printed only "resumed ... at step N" and exited 0, as if it had
+    trained: it now says that nothing is left and how to train further (still exit 0: a requeued finished job
+    is no failure)."""
+    quick = ("trainer.sft_steps=0", "trainer.total_steps=1", "trainer.val_every=0", "profile.steps=[]")
+    first = _train(config_file, tmp_path, "", *quick)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "nothing left to train" not in first.stderr
+    again = _train(config_file, tmp_path, "", *quick)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join(again.stderr.split())  # rich may wrap the line
+    assert "nothing left to train: " in said and "step_000001 is at step 1 and trainer.total_steps=1" in said, said
+    assert "raise trainer.total_steps above 1" in said and "trainer.total_steps=2" in said, said
+    assert max(_by_step(tmp_path)) == 1 and "step 2/" not in said  # and it trained nothing
 
 
 def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, caplog):
