@@ -299,7 +299,8 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
             size = 0
         parts[-1][name] = t
         size += t.nbytes
-    progress = ProgressLog(f"export: reading {ckpt}", sum(t.nbytes for t in params.values()), len(params), "tensors")
+    progress = ProgressLog(f"export: reading {ckpt}", len(params), "tensors",
+                           total_bytes=sum(t.nbytes for t in params.values()))
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         for part in parts:

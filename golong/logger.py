@@ -51,22 +51,23 @@ def _size(n: float) -> str:
 
 
 class ProgressLog:
-    """Progress of a long load or write as log lines on rank 0, "LABEL: 3/16 shards, 12.1 GB of 61.1 GB (31s)"
-    (total_items None: "3 shards"), at most one every PROGRESS_EVERY_S seconds, and a closing line if it ran
-    longer than that: loading a 30B model's shards (minutes) is no longer silent, and a tiny model's load (well
-    under the interval) prints nothing. advance(nbytes, items) as the work goes; close() when done."""
+    """Progress of long work as log lines on rank 0, "LABEL: 3/16 shards, 12.1 GB of 61.1 GB (31s)" (no total:
+    "3 shards"; no total_bytes: no sizes), at most one every `every_s` seconds (default PROGRESS_EVERY_S), and a
+    closing line from close() if it ran longer than that: loading a 30B model's shards or tokenizing a long-context
+    dataset (minutes) is no longer silent, and quick work prints nothing. advance(nbytes, items) as it goes."""
 
-    def __init__(self, label: str, total_bytes: int, total_items: int | None, unit: str) -> None:
-        self.label, self.total_bytes, self.total_items, self.unit = label, total_bytes, total_items, unit
+    def __init__(self, label: str, total_items: int | None, unit: str, *, total_bytes: int | None = None,
+                 every_s: float | None = None, logger: logging.Logger | None = None) -> None:
+        self.label, self.total_items, self.unit, self.total_bytes = label, total_items, unit, total_bytes
         self.bytes = self.items = 0
-        self.every_s = PROGRESS_EVERY_S
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.start = self.last = time.monotonic()
-        self.log = get_logger()
+        self.log = logger or get_logger()
 
     def _line(self) -> str:
         items = f"{self.items}/{self.total_items}" if self.total_items is not None else str(self.items)
-        return (f"{self.label}: {items} {self.unit}, {_size(self.bytes)} of {_size(self.total_bytes)} "
-                f"({time.monotonic() - self.start:.0f}s)")
+        size = f", {_size(self.bytes)} of {_size(self.total_bytes)}" if self.total_bytes is not None else ""
+        return f"{self.label}: {items} {self.unit}{size} ({time.monotonic() - self.start:.0f}s)"
 
     def advance(self, nbytes: int = 0, items: int = 0) -> None:
         self.bytes += nbytes

@@ -48,7 +48,7 @@ from torch import nn
 
 from golong.checkpoint import Checkpointer
 from golong.config import ConfigError, RunConfig, to_dict
-from golong.logger import MetricsWriter, get_logger
+from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
 from golong.parallel import (
     ParallelDims,
@@ -710,14 +710,13 @@ class _Progress:
     where a bar is noise, a line every `log_every_s` seconds (a long-context rollout runs for many minutes)."""
 
     def __init__(self, enabled: bool, label: str, total: int, log_every_s: float = 60.0) -> None:
-        self.bar = None
-        self.label, self.total, self.done, self.log_every_s = label, total, 0, log_every_s
-        self.log_lines = False
+        self.bar = self.lines = None
         if enabled:
             from rich.console import Console
 
-            self.log_lines = not Console().is_terminal
-            enabled = not self.log_lines
+            if not Console().is_terminal:
+                self.lines = ProgressLog(label, total, "responses", every_s=log_every_s)
+                enabled = False
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -726,18 +725,15 @@ class _Progress:
             self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self) -> _Progress:
-        self.start = self.last = time.monotonic()
         if self.bar is not None:
             self.bar.start()
         return self
 
     def __call__(self, k: int) -> None:
-        self.done += k
         if self.bar is not None:
             self.bar.advance(self.task, k)
-        elif self.log_lines and time.monotonic() - self.last >= self.log_every_s:
-            self.last = time.monotonic()
-            log.info(f"{self.label}: {self.done}/{self.total} responses ({self.last - self.start:.0f}s)")
+        elif self.lines is not None:
+            self.lines.advance(items=k)
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -9,7 +9,6 @@ re-applied; when that message is used up, the next longest is cut. A prompt that
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from golong.data.records import Record
+from golong.logger import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -67,22 +67,19 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
     kwargs = dict(chat_template_kwargs or {})
     out: list[EncodedPrompt] = []
     n_trunc = n_drop = 0
-    start = last = time.monotonic()
+    progress = ProgressLog("build_prompts", len(records), "records tokenized", every_s=progress_every_s,
+                           logger=logger)
     for i, rec in enumerate(records):
-        if time.monotonic() - last >= progress_every_s:
-            last = time.monotonic()
-            logger.info("build_prompts: %d / %d records tokenized (%.0fs)", i, len(records), last - start)
         ids = _encode(tokenizer, rec.prompt, kwargs)
-        truncated = False
         if len(ids) > max_prompt_tokens:
             cut = _truncate_left(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs) \
                 if overflow == "truncate_left" else None
-            if cut is None:
-                n_drop += 1
-                continue
-            ids, truncated = cut, True
-            n_trunc += 1
-        out.append(EncodedPrompt(ids, i, rec, truncated))
+            n_trunc, n_drop = n_trunc + (cut is not None), n_drop + (cut is None)
+            if cut is not None:
+                out.append(EncodedPrompt(cut, i, rec, truncated=True))
+        else:
+            out.append(EncodedPrompt(ids, i, rec))
+        progress.advance(items=1)
     logger.info("build_prompts: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
                 len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
     return out

@@ -140,7 +140,8 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     tied = model.lm_head is None
 
     files = checkpoint_files(path)
-    progress = ProgressLog(f"loading weights from {path}", sum(f.stat().st_size for f in files), len(files), "shards")
+    progress = ProgressLog(f"loading weights from {path}", len(files), "shards",
+                           total_bytes=sum(f.stat().st_size for f in files))
     for file in files:
         walked = 0  # bytes of this file's tensors copied so far (the rest is counted when the file is done)
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -318,8 +319,8 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
 
     first_dtype = None
     total = 0  # the index's total_size: bytes of the tensors (headers excluded), as transformers writes it
-    progress = ProgressLog(f"writing {path}", sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters()),
-                           None, "shards")
+    progress = ProgressLog(f"writing {path}", None, "shards",
+                           total_bytes=sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters()))
     for key, t in hf_state_items(model, expert_layout, dtype):
         first_dtype = first_dtype or t.dtype
         if rank != 0:

@@ -263,7 +263,7 @@ def test_build_prompts_reports_progress_on_long_work(tok, caplog):
         log.removeHandler(caplog.handler)
     # once each (a record can reach the handler twice: directly and through the root logger)
     lines = dict.fromkeys(r.getMessage().split(" (")[0] for r in caplog.records if "tokenized" in r.getMessage())
-    assert list(lines) == [f"build_prompts: {i} / 3 records tokenized" for i in range(3)]
+    assert list(lines) == [f"build_prompts: {i}/3 records tokenized" for i in (1, 2, 3)]
 
 
 def test_prompt_sampler_deterministic_and_resumable():
