@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from golong.config import ConfigError
 from golong.logger import ProgressLog
 
 MARKER = "COMPLETE"
@@ -272,7 +273,7 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
                 if k != "torch_dtype" and theirs.get(k) != ours.get(k)]
         if diff:
             msg += ". Its config.json differs in " + ", ".join(diff)
-    raise ValueError(msg + ". Use the model settings it was written with, or another logging.run_dir"
+    raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir"
                      " (or checkpoint.resume=none) for a new run.")
 
 

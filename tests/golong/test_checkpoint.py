@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from golong.checkpoint import MARKER, Checkpointer, export_hf, latest_checkpoint, list_checkpoints
+from golong.config import ConfigError
 from golong.models import from_config
 from golong.trainer import scratch_hf_config
 from tests.golong.trainer_helpers import (
@@ -291,7 +292,7 @@ def test_resuming_another_architecture_names_what_differs(tmp_path):
     wide.model.scratch.hidden_size *= 2
     other = from_config(scratch_hf_config(wide), dtype=torch.float32)
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ConfigError) as e:  # the CLI's one-line error, not a traceback
         ck.load(path, other, torch.optim.AdamW(other.parameters()))
     msg = str(e.value)
     h = model.config.hidden_size
@@ -302,5 +303,5 @@ def test_resuming_another_architecture_names_what_differs(tmp_path):
     deeper = tiny_config()
     deeper.model.scratch.num_hidden_layers += 1  # same shapes, one more layer: the extra keys are missing there
     other = from_config(scratch_hf_config(deeper), dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"layers\.\d+\.\S+ missing there.*num_hidden_layers"):
+    with pytest.raises(ConfigError, match=r"layers\.\d+\.\S+ missing there.*num_hidden_layers"):
         ck.load(path, other, None)
