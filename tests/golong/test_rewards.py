@@ -1,4 +1,4 @@
-"""Rewards: hand-computed cases per metric, NDCG vs pytrec_eval, ROUGE-L vs rouge-score, fuzzing,
+"""Rewards: hand-computed cases per metric, NDCG vs pytrec_eval, ROUGE-L vs the `rouge` package, fuzzing,
 time limits, task routing, record scoring."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from golong.rewards import (
     score_batch,
     score_record,
 )
+from golong.rewards import metrics as metrics_module
 from golong.rewards.answer import marked_answer
-from golong.rewards.metrics import METRICS, lcs_length, rouge_tokens
+from golong.rewards.metrics import METRICS, rouge_l, rouge_l_summary, rouge_sentences
 from golong.rewards.pool import get_pool
 from golong.rewards.scoring import SCOPES
 
@@ -260,27 +261,39 @@ def test_rouge_l_scores_the_whole_response_as_in_goLongRL():
     """GoLongRL's LongBench-Pro Summary normalises and scores the whole model output (no </think> split,
     no [Answer] cut): thinking words are prediction words, so a long think block lowers the score."""
     ref = "the cat sat on the mat"
-    # tokens: think, the, cat, sat, on, the, mat, think -> LCS 6 of 8 predicted, 6 of 6 reference
+    # the `rouge` package's words: "<think></think>the", cat, sat, on, the, mat (5 distinct reference words,
+    # 6 distinct predicted); the LCS "cat sat on the mat" has 5 distinct words: P = 5/6, R = 1
     assert compute_score("rouge_l", "<think></think>the cat sat on the mat", ref, timeout=None) == pytest.approx(
-        2 * (6 / 8) / (6 / 8 + 1))
+        2 * (5 / 6) / (5 / 6 + 1), abs=1e-7)
     short = compute_score("rouge_l", "<think>ok</think>\nthe cat sat on the mat", ref, timeout=None)
     long = compute_score("rouge_l", "<think>" + "let me think " * 50 + "</think>\nthe cat sat on the mat", ref,
                          timeout=None)
+    # distinct words count: 50 repetitions of "let me think" cost the precision of its 3 (+2 tag) words only
+    assert long == pytest.approx(2 * (5 / 10) / (5 / 10 + 1), abs=1e-7)
     assert 0.0 < long < short < 1.0
-    # a marker does not cut: "answer" is a predicted word too
-    assert compute_score("rouge_l", "<think></think>[Answer] the cat sat on the mat", ref,
-                         timeout=None) < compute_score("rouge_l", "<think></think>the cat sat on the mat", ref,
+    # a marker does not cut: "[answer]" is a predicted word too
+    assert compute_score("rouge_l", "<think></think>\n[Answer] the cat sat on the mat", ref,
+                         timeout=None) < compute_score("rouge_l", "<think></think>\nthe cat sat on the mat", ref,
                                                        timeout=None)
 
 
 def test_rouge_l_hand():
-    # LCS("the cat sat on the mat", "the cat lay on the mat") = 5 of 6 tokens each side
-    assert score("rouge_l", "The cat lay on the mat.", "the cat sat on the mat") == pytest.approx(5 / 6)
+    # the `rouge` package counts distinct words: {the, cat, lay, on, mat} vs {the, cat, sat, on, mat}; the
+    # LCS "the cat on the mat" has 4 distinct words: P = R = 4/5, F = 2 P R / (P + R + 1e-8)
+    p = 4 / 5
+    assert score("rouge_l", "The cat lay on the mat.", "the cat sat on the mat") == 2 * (p * p) / (p + p + 1e-8)
     # max over references
-    assert score("rouge_l", "a b c", ["x y z", "a b c"]) == 1.0
+    assert score("rouge_l", "a b c", ["x y z", "a b c"]) == 2 / (2 + 1e-8)
     assert score("rouge_l", "", ["a"]) == 0.0
+    # sentences end at ".": the LCS is taken sentence by sentence, so order across sentences is free
+    assert score("rouge_l", "c d. a b", "a b c d") == 2 / (2 + 1e-8)
+    assert score("rouge_l", "c d a b", "a b c d") == 2 * 0.25 / (1 + 1e-8)
+    # punctuation other than "." stays on its word
+    assert score("rouge_l", "a, b", "a b") == 2 * 0.25 / (1 + 1e-8)
+    # a reference with no sentence makes the package raise: the recipe (and golong) score 0
+    assert score("rouge_l", "a summary", ["...", "a summary"]) == 0.0
     # Chinese is cut into jieba words: identical text scores 1, disjoint text 0
-    assert score("rouge_l", "今天天气很好", "今天天气很好") == 1.0
+    assert score("rouge_l", "今天天气很好", "今天天气很好") == 2 / (2 + 1e-8)
     assert score("rouge_l", "苹果香蕉", "火车飞机") == 0.0
 
 
@@ -303,49 +316,140 @@ def test_ndcg_matches_pytrec_eval():
         assert got == pytest.approx(want, abs=1e-9), (case, gold, pred)
 
 
-def test_rouge_l_matches_rouge_score():
-    from rouge_score import rouge_scorer
+# (response, references, the `rouge` package's score). The scores are GoLongRL's Summary reward as computed
+# by rouge 1.0.1 (pltrdy/rouge, the recipe's package), run outside this repository: each text folded
+# (lower-cased, whitespace runs to one space), max over the references of Rouge().get_scores(...)["rouge-l"]
+# ["f"], 0 where it raised; for Chinese, jieba words joined by spaces first. Not a dependency of golong.
+ROUGE_PACKAGE_CASES = [
+    ("the cat sat on the mat, the dog lay on the rug. it rained.",
+     ["The cat sat on the mat. The dog lay on the rug."], 0.7777777728395062),
+    ("the cat sat on the mat, the dog lay on the rug. it rained.",
+     ["The dog lay on the rug, and it rained. The cat sat."], 0.7999999950000002),
+    ("The cat lay on the mat.", ["the cat sat on the mat"], 0.7999999950000002),
+    ("<think>\nThe user wants a summary. Let me read the story again.\n</think>\n\nA storm hit the town on "
+     "Monday. Schools closed, and the mayor asked people to stay home.",
+     ["A storm hit the town on Monday. Schools closed and the mayor asked residents to stay home."],
+     0.6666666619501135),
+    ("the the the the cat cat. the mat mat mat", ["the cat on the mat"], 0.5714285665306124),
+    ("Revenue grew 12% in 2023 (vs. 8% in 2022); costs fell.",
+     ["Revenue grew 12% in 2023, vs 8% in 2022. Costs fell."], 0.699999995),
+    ("wait . . . ok. so the answer is: yes", ["so . . the answer is yes"], 0.7142857093877552),
+    ("a b c", ["x y z", "a b c d"], 0.8571428522448981),
+    ("Alpha beta.\n\nGamma   delta.\tEpsilon", ["alpha BETA gamma. delta epsilon."], 0.999999995),
+    ("...", ["a summary"], 0.0),  # ValueError: the response has no sentence
+    ("a summary", ["...", "a summary"], 0.0),  # ValueError: a reference has no sentence
+    ("x", ["x"], 0.999999995),
+    ("no overlap at all here", ["completely different words"], 0.0),
+    ("one two three four five six seven eight nine ten. " * 20,
+     ["one three five seven nine. two four six eight ten."], 0.999999995),
+    ("今天天气很好，我们去北京大学看看。", ["今天天气很好，我们去北京大学。"], 0.9411764656055364),
+    ("<think>用户想要一个摘要。</think>公司今年的收入增长了百分之十二，成本下降。",
+     ["公司收入增长百分之十二，成本下降了。"], 0.5714285670663266),
+    ("苹果香蕉", ["火车飞机"], 0.0),
+    ("模型在GPT-4.5上测试。结果很好", ["模型测试结果很好。"], 0.5555555511111112),
+]
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rng = random.Random(1)
-    words = ["the", "Cat", "sat", "on", "mat", "dog", "ran", "far,", "away.", "42", "x-ray", "over"]
-    for case in range(300):
-        refs = [" ".join(rng.choices(words, k=rng.randint(1, 25))) for _ in range(rng.randint(1, 3))]
-        pred = " ".join(rng.choices(words, k=rng.randint(1, 40)))
-        want = max(scorer.score(r, pred)["rougeL"].fmeasure for r in refs)
-        assert score("rouge_l", pred, refs) == pytest.approx(want, abs=1e-12), (case, refs, pred)
+
+@pytest.mark.parametrize("response,refs,want", ROUGE_PACKAGE_CASES)
+def test_rouge_l_matches_the_rouge_package(response, refs, want):
+    """GoLongRL's Summary reward is the `rouge` package's summary-level rouge-l (sentences cut at ".",
+    whitespace words, union-LCS over distinct words), not rouge-score's ROUGE-L: the same float, exactly."""
+    assert rouge_l(response, refs) == want  # the metric itself: compute_score also wants one </think>
 
 
-def test_rouge_l_chinese_matches_rouge_score():
-    from rouge_score import rouge_scorer
+def _rouge_l_by_table(response: list[list[str]], reference: list[list[str]]) -> float:
+    """The definition, slowly: a full LCS table per (reference sentence, response sentence), walked back
+    from its last cell (take a match; step back in the reference sentence only if that keeps a strictly
+    longer LCS than stepping back in the response sentence), the distinct walked words pooled."""
+    hits: set[str] = set()
+    for x in reference:
+        for y in response:
+            t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+            for i in range(1, len(x) + 1):
+                for j in range(1, len(y) + 1):
+                    t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
+            i, j = len(x), len(y)
+            while i and j:
+                if x[i - 1] == y[j - 1]:
+                    hits.add(x[i - 1])
+                    i, j = i - 1, j - 1
+                elif t[i - 1][j] > t[i][j - 1]:
+                    i -= 1
+                else:
+                    j -= 1
+    if not hits:
+        return 0.0
+    p = len(hits) / len({w for s in response for w in s})
+    r = len(hits) / len({w for s in reference for w in s})
+    return 2.0 * ((p * r) / (p + r + 1e-8))
 
-    class Jieba:
-        def tokenize(self, text):
-            return rouge_tokens(text, chinese=True)
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Jieba())
-    rng = random.Random(2)
-    phrases = ["我们", "今天", "去", "北京", "大学", "看看", "天气", "很好", "，", "学生"]
-    for _ in range(50):
-        ref = "".join(rng.choices(phrases, k=rng.randint(2, 12)))
-        pred = "".join(rng.choices(phrases, k=rng.randint(2, 12)))
-        want = scorer.score(ref, pred)["rougeL"].fmeasure
-        assert score("rouge_l", pred, ref) == pytest.approx(want, abs=1e-12)
-
-
-def test_lcs_bit_parallel_matches_dp():
-    def dp(a, b):
-        t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-        for i in range(1, len(a) + 1):
-            for j in range(1, len(b) + 1):
-                t[i][j] = t[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1] else max(t[i - 1][j], t[i][j - 1])
-        return t[-1][-1]
-
+def test_rouge_l_bit_parallel_backtrack_matches_the_table(monkeypatch):
     rng = random.Random(3)
-    for _ in range(500):
-        a = [str(rng.randrange(4)) for _ in range(rng.randrange(0, 40))]
-        b = [str(rng.randrange(4)) for _ in range(rng.randrange(0, 40))]
-        assert lcs_length(a, b) == dp(a, b)
+    for case in range(400):
+        # a tiny row budget makes the backtrack recompute its rows from checkpoints
+        monkeypatch.setattr(metrics_module, "ROUGE_ROW_BUDGET_BITS", rng.choice([1, 5, 64, 1 << 29]))
+        vocab = [str(i) for i in range(rng.randint(1, 8))] + [".", ". .", "x,"]
+        response = rouge_sentences(" ".join(rng.choices(vocab, k=rng.randint(1, 120))))
+        reference = rouge_sentences(" ".join(rng.choices(vocab, k=rng.randint(1, 50))))
+        if response and reference:
+            assert rouge_l_summary(response, reference) == _rouge_l_by_table(response, reference), case
+
+
+_sentence = st.lists(st.sampled_from("abcdef"), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(response=st.lists(_sentence, min_size=1, max_size=6), reference=st.lists(_sentence, min_size=1, max_size=4),
+       seed=st.integers(0, 2**32))
+def test_rouge_l_properties(response, reference, seed):
+    text = ". ".join(" ".join(s) for s in response)
+    ref = ". ".join(" ".join(s) for s in reference)
+    f = rouge_l(text, ref)
+    assert 0.0 <= f < 1.0
+    assert f == _rouge_l_by_table(response, reference)
+    # sentences are pooled as sets: their order on either side does not matter
+    rng = random.Random(seed)
+    shuffled = rng.sample(response, len(response))
+    assert rouge_l(". ".join(" ".join(s) for s in shuffled), ref) == f
+    assert rouge_l(text, ". ".join(" ".join(s) for s in rng.sample(reference, len(reference)))) == f
+    # a text against itself: every distinct word is on some sentence's LCS
+    assert rouge_l(text, text) == 2 / (2 + 1e-8)
+    # one sentence each, no word repeated: the hits are the LCS length whichever LCS the walk picks, so the
+    # score is symmetric and is the plain LCS F1 (the package is not symmetric in general: the walk's ties)
+    x, y = list(dict.fromkeys(response[0])), list(dict.fromkeys(reference[0]))
+    t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
+    fx, fy = rouge_l(" ".join(x), " ".join(y)), rouge_l(" ".join(y), " ".join(x))
+    assert fx == fy == pytest.approx(2 * t[-1][-1] / (len(x) + len(y)), abs=1e-7)
+
+
+def test_rouge_l_is_not_symmetric_like_the_package():
+    # rouge 1.0.1 gives 0.4999999950000001 one way and 0.749999995 the other (its backtrack's tie-break)
+    a, b = "c b b . b c a d b a b b . b", "d c . . a"
+    assert (rouge_l(a, b), rouge_l(b, a)) == (0.4999999950000001, 0.749999995)
+
+
+def test_rouge_l_long_inputs_are_fast():
+    """The package's O(|r| |c|) Python table takes ~0.25 s on a 2K-word response; its recursive backtrack
+    raises RecursionError on a ~1,000-word sentence (the recipe then scores 0; golong scores it)."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)]
+    ref = " ".join(rng.choice(words) + rng.choice(["", "", ".", ","]) for _ in range(300))
+    resp = " ".join(rng.choice(words) + rng.choice(["", "", "", ".", ","]) for _ in range(2000))
+    t = time.perf_counter()
+    for _ in range(20):
+        f = rouge_l(resp, ref)
+    assert 0.0 < f < 1.0
+    assert (time.perf_counter() - t) / 20 < 0.05
+    one_sentence = resp.replace(".", "")  # 2,000 words and no "."
+    assert 0.0 < rouge_l(one_sentence, ref.replace(".", "")) < 1.0
+    t = time.perf_counter()
+    for big in ("a. " * 350_000, " ".join(rng.choice(words) for _ in range(180_000))):  # ~1 MB each
+        assert 0.0 <= rouge_l(big, ref) <= 1.0
+    assert time.perf_counter() - t < 5.0
 
 
 # ------------------------------------------------------------------ robustness
