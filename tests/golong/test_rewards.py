@@ -357,6 +357,27 @@ def test_rouge_l_matches_the_rouge_package(response, refs, want):
     assert rouge_l(response, refs) == want  # the metric itself: compute_score also wants one </think>
 
 
+def test_rouge_l_matches_the_rouge_package_on_random_text():
+    """Live against the package the recipe calls (a dev dependency), on the recipe's normalisation (lower case,
+    whitespace folded): sentences cut at ".", punctuation on words, repeated words, several references."""
+    from rouge import Rouge
+
+    from golong.rewards.answer import fold
+
+    rng = random.Random(11)
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "Ran", "far,", "away", "it", "rained", "x1", "and"]
+    seps = [" ", " ", " ", ". ", ", ", ".", " . ", "\n"]
+    text = lambda n: "".join(rng.choice(words) + rng.choice(seps) for _ in range(n))  # noqa: E731
+    for _ in range(300):
+        response, refs = text(rng.randint(1, 90)), [text(rng.randint(1, 40)) for _ in range(rng.randint(1, 3))]
+        try:
+            scores = Rouge().get_scores([fold(response)] * len(refs), [fold(r) for r in refs], avg=False)
+            want = max(sc["rouge-l"]["f"] for sc in scores)
+        except (ValueError, RecursionError):  # the recipe scores these 0 (an empty reference sentence list)
+            want = 0.0
+        assert rouge_l(response, refs) == pytest.approx(want, abs=1e-12), (response, refs)
+
+
 def _rouge_l_by_table(response: list[list[str]], reference: list[list[str]]) -> float:
     """The definition, slowly: a full LCS table per (reference sentence, response sentence), walked back
     from its last cell (take a match; step back in the reference sentence only if that keeps a strictly
