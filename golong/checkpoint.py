@@ -270,7 +270,7 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
     if cfg_file.is_file() and hasattr(model, "config"):
         theirs, ours = json.loads(cfg_file.read_text()), model.config.to_hf()
         diff = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
-                if k != "torch_dtype" and theirs.get(k) != ours.get(k)]
+                if k not in ("torch_dtype", "dtype") and theirs.get(k) != ours.get(k)]
         if diff:
             msg += ". Its config.json differs in " + ", ".join(diff)
     raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir"

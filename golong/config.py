@@ -306,8 +306,8 @@ def _check_values(cfg: RunConfig) -> None:
         (r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
         (0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
         (r.reward_timeout_s > 0, "rollout.reward_timeout_s must be > 0"),
-        (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math_verify and "
-                                "rouge_l in one timed worker)"),
+        (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
+                                "ROUGE-L and retrieval_calculate in one timed worker)"),
         (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),
         (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),
@@ -361,10 +361,12 @@ def run_problems(cfg: RunConfig) -> list[str]:
 def _resume_problem(resume: str) -> list[str]:
     """An explicit checkpoint.resume that exists but is no complete checkpoint (often the run or checkpoints
     directory): found here, not after the data and the model are loaded."""
-    from golong.checkpoint import MARKER, latest_checkpoint
-
     p = Path(resume)
-    if resume in ("auto", "none") or not p.exists() or (p / MARKER).is_file():
+    if resume in ("auto", "none") or not p.exists():
+        return []
+    from golong.checkpoint import MARKER, latest_checkpoint  # torch and DCP: only when there is a path to check
+
+    if (p / MARKER).is_file():
         return []
     newest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
     hint = f"; the newest one in it is {newest}" if newest is not None else ""

@@ -285,11 +285,13 @@ class Actor:
             # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
             group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
             group["initial_lr"], group["lr"] = o.lr, o.lr * factor
-            if group["fused"] or group["capturable"]:  # these keep their step counts by the parameters
-                for p in group["params"]:
-                    state = self.optimizer.state.get(p, {})
-                    if "step" in state:
-                        state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            # fused / capturable Adam keeps its step counts by the parameters, the others on the host (as
+            # torch's loader does): a count left on the GPU costs a .item() host sync per parameter and step
+            on_device = group["fused"] or group["capturable"]
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
         self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
         return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
 
@@ -762,10 +764,10 @@ class Trainer:
         n_tok = len(self.tokenizer)
         if n_tok > vocab:  # ids past the embedding: the first forward fails deep inside (a device assert on GPU)
             source = cfg.model.tokenizer or cfg.model.path
-            raise ConfigError(f"the tokenizer of {source} has {n_tok} tokens, more than the model's vocabulary of "
-                              f"{vocab}; set model.tokenizer to the model's own" if source else
-                              f"the demo tokenizer has {n_tok} tokens (bytes and special tokens), more than "
-                              f"model.scratch.vocab_size={vocab}; raise it to at least {n_tok}")
+            what = f"the tokenizer of {source}" if source else "the demo tokenizer (bytes and special tokens)"
+            how = "set model.tokenizer to the model's own" if cfg.model.path else \
+                f"raise model.scratch.vocab_size to at least {n_tok}"  # a scratch model has no tokenizer of its own
+            raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
         self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -859,9 +861,7 @@ class Trainer:
         t2 = time.perf_counter()
         local = [(j, out.token_ids[k], out.logprobs[k], out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
         merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])
-        gen_tokens = sum(len(x[1]) for x in merged)
-        timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
-                   "perf/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
+        timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         return [x[1:] for x in merged], timings
 
     def _strip_stop(self, ids: list[int]) -> list[int]:
@@ -884,9 +884,8 @@ class Trainer:
             results, timings = self._generate_and_score(prompts, n, self._sampling(), (cfg.trainer.seed, step,
                                                                                        gen_batches),
                                                         f"rollout step {step}")
-            for k, v in timings.items():
-                if not k.startswith("perf/"):  # times add up over generation batches, rates do not (below)
-                    metrics[k] += v
+            for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
+                metrics[k] += v
             batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * want + j // n,
                              task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]

@@ -21,8 +21,6 @@ from golong.config import ConfigError  # one error type: the CLI shows it as one
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
 
-
-
 @dataclass(frozen=True)
 class YarnScaling:
     """YaRN RoPE scaling (as `rope_scaling` / `rope_parameters` with rope_type "yarn")."""

@@ -1,6 +1,7 @@
-"""The eleven reward metrics. Each maps (answer region, ground truth) -> float in [0, 1].
+"""The eleven reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
-`region` is the already-extracted answer text (see answer.py); `gold` is a string or a list of gold
+`region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
+LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
 strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"}.
 These functions may raise on garbage; `score_region` is the safe entry point that turns any
 exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,

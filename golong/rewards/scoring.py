@@ -68,12 +68,13 @@ def metric_text(metric: str, response: str, *, require_think: bool = True) -> st
 
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                   require_think: bool = True) -> float:
-    """Score one response with `metric` against `ground_truth` (a string or a list of gold items).
+    """Score one response with `metric` against `ground_truth` (a string, a list of gold items, or for
+    retrieval_calculate {"doc_ids", "golden_label"}), on the part of the response SCOPES names.
 
-    With a timeout, math_verify and rouge_l run in a pooled worker process that is killed when it
-    overruns (score 0); the other metrics run here, in time linear in the response. `timeout=None` scores
-    everything in this process without a limit. Raises ValueError only for an unknown metric name or a
-    timeout that is not a finite number of seconds > 0.
+    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate) run in a pooled worker
+    process that is killed when it overruns (score 0); the other metrics run here, in time linear in the
+    response. `timeout=None` scores everything in this process without a limit. Raises ValueError only for an
+    unknown metric name or a timeout that is not a finite number of seconds > 0.
     """
     check_metric(metric)
     if timeout is not None:
@@ -93,8 +94,8 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
                 num_workers: int = 8, require_think: bool = True) -> list[float]:
     """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
 
-    Each item has its own `timeout` (seconds of worker time); an item over it scores 0. The answer
-    regions are cut here, so only the (short) answers travel to the workers. `num_workers=0` scores the
+    Each item has its own `timeout` (seconds of worker time); an item over it scores 0. Each metric's text
+    (SCOPES) is cut here, so only it travels to the workers. `num_workers=0` scores the
     linear-time metrics inline in this process; the SANDBOXED ones (math-verify parses model output with
     sympy) still go through one timed worker, as in `compute_score`.
     """

@@ -298,6 +298,7 @@ def test_resuming_another_architecture_names_what_differs(tmp_path):
     h = model.config.hidden_size
     assert str(path) in msg and f"embed_tokens.weight is [1024, {h}] there, [1024, {2 * h}] here" in msg
     assert f"hidden_size={h} there, {2 * h} here" in msg and "more)" in msg
+    assert "dtype" not in msg  # written with the run's dtype; not an architecture difference
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
 
     deeper = tiny_config()

@@ -294,13 +294,15 @@ def test_train_with_more_tokens_than_the_model_has_embeddings_is_one_line(tmp_pa
 
     cfg = str(ROOT / "configs/demo-cpu.yaml")
     assert main(["train", cfg, "model.scratch.vocab_size=256"]) == 2  # the byte-level demo tokenizer needs 261
-    assert capsys.readouterr().err.strip() == ("golong: error: the demo tokenizer has 261 tokens (bytes and special "
-                                               "tokens), more than model.scratch.vocab_size=256; raise it to at "
-                                               "least 261")
+    assert capsys.readouterr().err.strip() == ("golong: error: the demo tokenizer (bytes and special tokens) has 261 "
+                                               "tokens, more than the model's vocabulary of 256; raise "
+                                               "model.scratch.vocab_size to at least 261")
     build_demo_tokenizer(1024).save_pretrained(str(tmp_path))
     assert main(["train", cfg, "model.scratch.vocab_size=512", f"model.tokenizer={tmp_path}"]) == 2
+    # a scratch model has no tokenizer of its own: the way on is a larger vocabulary
     assert capsys.readouterr().err.strip() == (f"golong: error: the tokenizer of {tmp_path} has 1024 tokens, more than "
-                                               "the model's vocabulary of 512; set model.tokenizer to the model's own")
+                                               "the model's vocabulary of 512; raise model.scratch.vocab_size to at "
+                                               "least 1024")
 
 
 def test_malformed_override_after_a_flag_is_named(capsys):
@@ -491,10 +493,11 @@ def test_nvtx_range_is_free_without_cuda():
         pass
 
 
-def test_train_names_a_model_or_tokenizer_it_cannot_use(tmp_path, capsys):
-    """A folder without tokenizer files (transformers builds an empty tokenizer from it), a config.json the
-    model cannot represent, or a tokenizer larger than the model's vocabulary: one line each, before any
-    prompt is tokenised, instead of a traceback from deep inside prompt building or the embedding."""
+def test_train_names_a_tokenizer_it_cannot_use(tmp_path, capsys):
+    """A folder without tokenizer files (transformers builds an empty tokenizer from it), or a tokenizer larger
+    than a pretrained model's vocabulary: one line each, before any prompt is tokenised, instead of a traceback
+    from deep inside prompt building or the embedding (unbuildable models and scratch vocabularies: the tests
+    above)."""
     import json
 
     from golong.data.tokenizer import build_demo_tokenizer
@@ -510,17 +513,7 @@ def test_train_names_a_model_or_tokenizer_it_cannot_use(tmp_path, capsys):
     assert main(run) == 2
     assert f"tokenizer {model_dir} has no chat template" in capsys.readouterr().err
 
-    (model_dir / "config.json").write_text(json.dumps(dict(raw, hidden_act="gelu")))
-    assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (f"golong: error: {model_dir / 'config.json'}: config field hidden_act='gelu': "
-                   "only 'silu' (SwiGLU) is supported")
-
-    (model_dir / "config.json").write_text("{not json")
-    assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
-    assert f"{model_dir / 'config.json'}: line 1, column 2: invalid JSON" in capsys.readouterr().err
-
     (model_dir / "config.json").write_text(json.dumps(dict(raw, vocab_size=300)))
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
-    assert f"the tokenizer of {tok_dir} has 512 tokens, more than the model's vocabulary of 300" \
-        in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (f"golong: error: the tokenizer of {tok_dir} has 512 tokens, more than "
+                                               "the model's vocabulary of 300; set model.tokenizer to the model's own")

@@ -660,6 +660,10 @@ def test_score_region_clamps_and_catches(monkeypatch):
 def test_unknown_metric_raises():
     with pytest.raises(ValueError, match="known metrics: em"):
         compute_score("bleu", R("x"), "x")
+    # every metric says what it reads: one left out of SCOPES would score 0 on every response, silently
+    from golong.rewards.scoring import SCOPES
+
+    assert SCOPES.keys() == METRICS.keys() and set(SCOPES.values()) == {"after_think", "marked", "whole"}
 
 
 def test_timeout_kills_hanging_math_verify():
@@ -863,7 +867,9 @@ def test_retrieval_calculate_needs_the_exact_documents_and_the_number():
     # an [Answer] marker inside the reasoning does not cut the blocks away (GoLongRL reads the whole answer)
     marked = _retrieval_answer("<|doc_3|>, <|doc_14|>", "[Answer] " + right)
     assert score("retrieval_calculate", marked, gold) == 1.0
-    assert score("math_verify", "x [Answer] \\boxed{7/18}", "7/18") == 1.0  # other metrics still cut there
+    # the LongBench-Pro metrics do cut there: what precedes the last [Answer] is not their answer
+    assert compute_score("accuracy", R("7/18\n[Answer] 1/2"), ["7/18"], timeout=None) == 0.0
+    assert compute_score("accuracy", R("1/2\n[Answer] 7/18"), ["7/18"], timeout=None) == 1.0
     # it runs math-verify on model output, so it runs under the time limit
     tower = _retrieval_answer("<|doc_3|>, <|doc_14|>", "\\boxed{9^{9^{9^{9^{9}}}}}")
     t = time.perf_counter()

@@ -392,7 +392,7 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
             tokens = sum(len(o[0]) for o in out)
             batches.append(tokens)
             seconds = 2.0 * len(batches)  # 2 s, then 4 s
-            return out, {"time/rollout_s": seconds, "time/reward_s": 0.5, "perf/rollout_tokens_per_s": tokens / seconds}
+            return out, {"time/rollout_s": seconds, "time/reward_s": 0.5}
 
         monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         _, m = trainer.collect_rollouts(1)

@@ -438,6 +438,12 @@ def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():
     with pytest.raises(TypeError, match="triton backend takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
         flash_attention(q, k, k, cu, backend="flash_attn")  # no flash-attn on CPU: falls back to triton
     assert fa._resolve("auto", q) == "torch" and fa._resolve("auto", q.float()) == "torch"  # CPU tensors
+    # the rule on CUDA tensors, seen through stand-ins (no GPU here): fp64 takes torch, 16-bit / fp32 take triton
+    from types import SimpleNamespace
+
+    on_cuda = [SimpleNamespace(is_cuda=True, dtype=dt, shape=(9, 4, 128))
+               for dt in (torch.float64, torch.bfloat16, torch.float32)]
+    assert [fa._resolve("auto", t) for t in on_cuda] == ["torch", "triton", "triton"]
     out, lse = flash_attention(q, k, k, cu)
     ref_out, ref_lse = per_document_attention(q, k, k, [0, 4, 9])
     assert out.dtype == torch.float64 and rel(out, ref_out) < 1e-5 and rel(lse, ref_lse) < 1e-5
