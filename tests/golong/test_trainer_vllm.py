@@ -48,7 +48,10 @@ def test_trainer_with_vllm_engine_keeps_it_in_sync(tmp_path):
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), shim) if p))
     run = tmp_path / "run"
     out = subprocess.run([str(PY), "-m", "golong", "train", str(config), f"logging.run_dir={run}",
-                          "rollout.engine=vllm", "profile.steps=[]"], env=env, cwd=ROOT, capture_output=True,
+                          # up to 4 generation batches: the tiny model's 8-token responses often tie a whole
+                          # batch at reward 0, and every step must update for the sync checks below
+                          "rollout.engine=vllm", "profile.steps=[]", "algo.max_num_gen_batches=4"], env=env,
+                         cwd=ROOT, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
