@@ -534,18 +534,24 @@ def _score_in_daemon(queue) -> None:
     queue.put((s, time.perf_counter() - t))
 
 
-def test_time_limit_holds_inside_a_daemonic_process():
-    # DataLoader / Ray / multiprocessing workers are daemonic: the scoring pool must still time out there
+def _run_daemonic(target, timeout: float):
+    """What `target(queue)` puts on its queue, run in a spawned daemonic process (killed afterwards): a hang
+    there fails the test by the queue's timeout instead of stalling pytest."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_score_in_daemon, args=(queue,), daemon=True)
+    proc = ctx.Process(target=target, args=(queue,), daemon=True)
     proc.start()
     try:
-        score, seconds = queue.get(timeout=120)
+        return queue.get(timeout=timeout)
     finally:
         proc.kill()
+
+
+def test_time_limit_holds_inside_a_daemonic_process():
+    # DataLoader / Ray / multiprocessing workers are daemonic: the scoring pool must still time out there
+    score, seconds = _run_daemonic(_score_in_daemon, timeout=120)
     assert score == 0.0 and seconds < 60.0
 
 
@@ -560,16 +566,7 @@ def _batch_inline(queue) -> None:
 def test_inline_batch_keeps_the_time_limit_of_math_verify():
     # rollout.reward_workers=0 scores in the trainer: sympy parsing of model output must still run in a timed
     # worker (it used to run inline without a limit: one tower of powers hung the trainer)
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_batch_inline, args=(queue,), daemon=True)
-    proc.start()
-    try:
-        scores, seconds = queue.get(timeout=90)
-    finally:
-        proc.kill()
+    scores, seconds = _run_daemonic(_batch_inline, timeout=90)
     # (GoLongRL's Summary scores the whole response: think, some, reasoning, think, a, b, c -> P 3/7, R 1)
     assert scores == [0.0, 1.0, pytest.approx(2 / 3), pytest.approx(0.6)] and seconds < 60.0
 
