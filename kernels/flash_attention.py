@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
+from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
 from kernels.tma import tma_ready
 
 LOG2E = 1.4426950408889634
@@ -702,19 +703,15 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
-# what the Triton kernels take: their softmax state and accumulators are fp32 (fp64 operands do not compile)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _resolve(backend: str, t: torch.Tensor) -> str:
     """The local kernel for a q [T, H, D]; the Triton kernels tile head_dim as one power-of-two block."""
     if backend == "auto":
-        backend = "triton" if t.is_cuda and t.dtype in _TRITON_DTYPES else "torch"
+        backend = "triton" if t.is_cuda and t.dtype in TRITON_DTYPES else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch', "
                          "'flash_attn'")
-    if backend == "triton" and t.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"the triton backend takes fp32, fp16 or bf16 q/k/v, got {t.dtype}; use backend='torch'")
+    if backend == "triton":
+        check_triton_dtype(t, "q/k/v")
     d = t.shape[-1]
     if backend == "triton" and (d < 16 or d > 256 or d & (d - 1)):
         raise ValueError(f"the triton backend needs head_dim a power of two in [16, 256], got {d}; "

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kernels import tuned
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
+from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
 from kernels.tma import tma_ready
 
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
@@ -47,17 +48,6 @@ FWD_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "nu
 # TMA 1: x and dy tiles by descriptors bounded at the group's last row (so its tail reads zeros, no masks).
 DW_CONFIG: dict[str, int] = {"BLOCK_K": 128, "BLOCK_N": 256, "BLOCK_M": 64, "num_warps": 8, "num_stages": 3,
                              "TMA": 0}
-
-
-# what the Triton kernels multiply (fp32 accumulators); other dtypes (fp64, integers) take the torch path
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_triton_dtype(t: torch.Tensor, what: str) -> None:
-    """Raise unless the Triton kernels take t's dtype (an fp64 operand would meet an fp32 accumulator in tl.dot)."""
-    if t.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' takes fp32, fp16 or bf16 {what}, got {t.dtype}; "
-                        "backend='torch' computes in any dtype (e.g. the fp64 oracle)")
 
 
 def _tuned_tiles(device: torch.device, name: str, base: dict[str, int]) -> dict[str, int]:

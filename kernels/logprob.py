@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+
 __all__ = ["linear_logprob_entropy", "linear_logprob_entropy_reference", "AOT_CONFIGS"]
 
 # torch backend tiles: one fp32 [TOKEN_CHUNK, VOCAB_CHUNK] tile is 32 MiB; a handful are live at once.
@@ -513,11 +515,6 @@ DH_GROUP = 1
 SCRATCH_BYTES = 192 * 1024 * 1024
 
 
-# what the Triton backend takes: fp64 compiles neither in the fused-tile kernels (fp32 accumulators) nor in the
-# GEMM path's cuBLAS calls (torch.mm's out_dtype=fp32 takes 16-bit or fp32 operands only)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_triton_device(t: torch.Tensor) -> None:
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
@@ -919,12 +916,11 @@ def linear_logprob_entropy(
     select the fused-tile kernels instead), the torch backend in TOKEN_CHUNK x VOCAB_CHUNK chunks.
     """
     if backend == "auto":
-        backend = "triton" if hidden.is_cuda and hidden.dtype in _TRITON_DTYPES else "torch"
+        backend = "triton" if hidden.is_cuda and hidden.dtype in TRITON_DTYPES else "torch"
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and hidden.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' takes fp32, fp16 or bf16 hidden and weight, got {hidden.dtype}; "
-                        "use backend='torch'")
+    if backend == "triton":
+        check_triton_dtype(hidden, "hidden and weight")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     lead = hidden.shape[:-1]

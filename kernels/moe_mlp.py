@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.grouped_mm import TRITON_DTYPES, _triton_dw, _triton_fwd, check_triton_dtype, grouped_mm
+from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
 # triton backend: the gate_up GEMM reads each permuted row straight from x through its token index (forward

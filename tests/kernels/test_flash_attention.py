@@ -433,9 +433,9 @@ def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():
     interpreter ran them: the triton backend now refuses them by name, and "auto" on CUDA takes torch."""
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     q, k = torch.randn(9, 4, 16, dtype=torch.float64), torch.randn(9, 2, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="triton backend takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
         flash_attention(q, k, k, cu, backend="triton")
-    with pytest.raises(TypeError, match="triton backend takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
+    with pytest.raises(TypeError, match="backend='triton' takes fp32, fp16 or bf16 q/k/v, got torch.float64"):
         flash_attention(q, k, k, cu, backend="flash_attn")  # no flash-attn on CPU: falls back to triton
     assert fa._resolve("auto", q) == "torch" and fa._resolve("auto", q.float()) == "torch"  # CPU tensors
     # the rule on CUDA tensors, seen through stand-ins (no GPU here): fp64 takes torch, 16-bit / fp32 take triton
