@@ -247,7 +247,12 @@ class Checkpointer:
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than wrote the checkpoint
             set_rng_state(_load_plain(rng_file))
-        return _load_plain(path / "trainer_state.pt")
+        return load_trainer_state(path)
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state a checkpoint holds (step, schedule, data order, ...), read without the weights."""
+    return _load_plain(Path(path) / "trainer_state.pt")
 
 
 def _check_same_model(path: Path, model: nn.Module) -> None:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from golong.checkpoint import Checkpointer
+from golong.checkpoint import Checkpointer, load_trainer_state
 from golong.config import ConfigError, RunConfig, to_dict
 from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
@@ -91,7 +91,7 @@ PREEMPTED_EXIT_CODE = 143
 def _fault(kind: str, step: int) -> bool:
     """Test hooks, off unless GOLONG_FAULT is set: "kill@3" ends the process after step 3,
     "nan@3" makes step 3's loss NaN, "pause@3" holds rank 0 in the middle of step 3 until a stop
-    signal arrives from outside (comma-separated list)."""
+    signal arrives from outside, "pause_sft@2" likewise in SFT step 2 (comma-separated list)."""
     return f"{kind}@{step}" in os.environ.get("GOLONG_FAULT", "").split(",")
 
 
@@ -781,6 +781,8 @@ class Trainer:
                                     wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
         self.step = 0
         self.sft_done = cfg.trainer.sft_steps == 0
+        self.sft_step = 0  # SFT warm-up steps done (a stop signal can end the warm-up part way)
+        self.sft_sampler: Any = None  # the warm-up's prompt order, while it runs
         self.nonfinite_streak = 0
         self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
         self.stop_signals = _StopSignals()
@@ -934,7 +936,7 @@ class Trainer:
         t_step = time.perf_counter()
         rollouts, metrics = self.collect_rollouts(step)
         if _fault("pause", step) and self.rank == 0:
-            self._pause_for_stop_signal(step)
+            self._pause_for_stop_signal(f"step {step}")
         if not rollouts:
             log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
                         "generation batches; no update")
@@ -988,17 +990,27 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------ SFT
-    def sft(self) -> None:
-        """Supervised warm-up on the records' reference answers (trainer.sft_steps steps)."""
+    def _start_sft(self) -> None:
+        """The warm-up's own optimizer, schedule and prompt order (a resume part way through loads their state
+        into these)."""
         from golong.data import PromptSampler
 
         cfg = self.cfg
-        sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
+        self.sft_sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
         self.actor.reset_optimizer(lr=cfg.trainer.sft_lr or cfg.optim.lr, warmup=0, total=cfg.trainer.sft_steps)
+
+    def sft(self) -> None:
+        """Supervised warm-up on the records' reference answers (trainer.sft_steps steps). A stop signal ends it
+        after the step under way, checkpointed (step_000000); the resumed run continues it from there."""
+        cfg = self.cfg
+        if self.sft_sampler is None:  # not resumed part way
+            self._start_sft()
         eos = self.tokenizer.eos_token_id
-        for s in range(1, cfg.trainer.sft_steps + 1):
+        for s in range(self.sft_step + 1, cfg.trainer.sft_steps + 1):
             t0 = time.perf_counter()
-            prompts = [self.train_prompts[i] for i in sampler.take(cfg.trainer.sft_prompts_per_step)]
+            if _fault("pause_sft", s) and self.rank == 0:
+                self._pause_for_stop_signal(f"SFT step {s}")
+            prompts = [self.train_prompts[i] for i in self.sft_sampler.take(cfg.trainer.sft_prompts_per_step)]
             batch = [Rollout(list(p.input_ids), self.tokenizer(sft_target(p.record),
                                                                add_special_tokens=False)["input_ids"] + [eos],
                              None, group=j, task=p.record.task) for j, p in enumerate(prompts)]
@@ -1008,15 +1020,26 @@ class Trainer:
             if s % max(1, cfg.trainer.sft_steps // 10) == 0 or s == cfg.trainer.sft_steps:
                 log.info(f"sft {s}/{cfg.trainer.sft_steps}: loss {m['sft/loss']:.3f} "
                          f"grad_norm {m['sft/grad_norm']:.2f} ({m['time/step_s']:.1f}s)")
+            self.sft_step = s
+            signum = self._agree_on_stop_signal()
+            if signum and s < cfg.trainer.sft_steps:
+                log.warning(f"{signal.Signals(signum).name} received: SFT step {s} of {cfg.trainer.sft_steps} is "
+                            "done; checkpointing it, then exiting")
+                path = self.save_checkpoint()
+                self.writer.close()
+                raise Preempted(f"{signal.Signals(signum).name} received: SFT step {s} of {cfg.trainer.sft_steps} "
+                                f"finished and checkpointed to {path}; exiting with status {PREEMPTED_EXIT_CODE}. "
+                                "Run the same command again to continue from it (checkpoint.resume=auto)")
         self.engine.sync_weights(self.model)
         self.actor.reset_optimizer()
-        self.sft_done = True
+        self.sft_done, self.sft_sampler = True, None
 
     # ----------------------------------------------------------------------------- checkpoint
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.actor.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
-                "sft_done": self.sft_done, "history": self.history}
+                "sft_done": self.sft_done, "history": self.history, "sft_step": self.sft_step,
+                "sft_sampler": None if self.sft_sampler is None else self.sft_sampler.state_dict()}
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -1035,6 +1058,11 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if path is None:
             return None
+        # a checkpoint from part way through the SFT warm-up holds the warm-up's optimizer and schedule: load
+        # them into the warm-up's (its trainer state is a small file, read ahead of the collective load)
+        sft_part_way = load_trainer_state(path).get("sft_sampler") is not None
+        if sft_part_way:
+            self._start_sft()
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
         saved_n = int(state["sampler"]["n"])
         if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
@@ -1044,8 +1072,11 @@ class Trainer:
                               f"a new run from its weights: golong export {path} DIR, then model.path=DIR and a new "
                               "logging.run_dir")
         self.actor.scheduler.load_state_dict(state["scheduler"])
-        for change in self.actor.apply_config_hyperparameters():
-            log.warning(f"resume: {change} (the config's value from here on)")
+        if sft_part_way:
+            self.sft_sampler.load_state_dict(state["sft_sampler"])
+        else:  # the RL optimizer: the config's settings from here on (the warm-up's are trainer.sft_*)
+            for change in self.actor.apply_config_hyperparameters():
+                log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
         for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
@@ -1055,8 +1086,9 @@ class Trainer:
                             f"{wanted} does not change it")
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
+        self.sft_step = state.get("sft_step", self.cfg.trainer.sft_steps if self.sft_done else 0)
         self.engine.sync_weights(self.model)
-        log.info(f"resumed from {path} at step {self.step}")
+        log.info(f"resumed from {path} at " + (f"SFT step {self.sft_step}" if sft_part_way else f"step {self.step}"))
         return path
 
     # --------------------------------------------------------------------------------- loop
@@ -1132,15 +1164,15 @@ class Trainer:
                         f"{path}; exiting with status {PREEMPTED_EXIT_CODE}. Run the same command again to continue "
                         "from it (checkpoint.resume=auto)")
 
-    def _pause_for_stop_signal(self, step: int) -> None:
+    def _pause_for_stop_signal(self, where: str) -> None:
         """Test hook (GOLONG_FAULT="pause@N"): rank 0 waits in the middle of step N until a stop signal arrives
         from outside (the other ranks wait in the step's next collective), so that a test's signal lands inside
         a step, at a step it knows."""
-        log.warning(f"fault: rank 0 (pid {os.getpid()}) paused in step {step} until a stop signal")
+        log.warning(f"fault: rank 0 (pid {os.getpid()}) paused in {where} until a stop signal")
         deadline = time.monotonic() + 300
         while not self.stop_signals.received:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"GOLONG_FAULT=pause@{step}: no stop signal within 300 s")
+                raise RuntimeError(f"GOLONG_FAULT: paused in {where}, no stop signal within 300 s")
             time.sleep(0.02)
 
     def _log_step(self, step: int, m: dict[str, float]) -> None:

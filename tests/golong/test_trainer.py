@@ -77,15 +77,19 @@ def _train(config: Path, run_dir: Path, fault: str = "", *overrides: str,
     return out
 
 
-def _signal_mid_step(config: Path, run_dir: Path, step: int, sig: signal.Signals, ranks: int = 1) -> tuple[int, str]:
-    """Start a run held in the middle of `step` (GOLONG_FAULT=pause@step, rank 0), send `sig` to rank 0 alone
-    once it says so, and let it finish. Returns its exit status and its whole output."""
-    proc = subprocess.Popen(_command(config, run_dir, (), ranks), env=_env(f"pause@{step}"), cwd=ROOT,
+def _signal_mid_step(config: Path, run_dir: Path, step: int | str, sig: signal.Signals,
+                     ranks: int = 1) -> tuple[int, str]:
+    """Start a run held in the middle of `step` (GOLONG_FAULT=pause@step, rank 0; "sft2": pause_sft@2, in SFT
+    step 2), send `sig` to rank 0 alone once it says so, and let it finish. Returns its exit status and its
+    whole output."""
+    sft = str(step).startswith("sft")
+    fault, where = (f"pause_sft@{step[3:]}", f"SFT step {step[3:]}") if sft else (f"pause@{step}", f"step {step}")
+    proc = subprocess.Popen(_command(config, run_dir, (), ranks), env=_env(fault), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:  # ends early (EOF) if the run dies without pausing: the caller's checks then fail
         seen.append(line)
-        paused = re.search(rf"rank 0 \(pid (\d+)\) paused in step {step} ", line)
+        paused = re.search(rf"rank 0 \(pid (\d+)\) paused in {where} ", line)
         if paused:
             os.kill(int(paused.group(1)), sig)
             break
@@ -195,6 +199,31 @@ def test_sigterm_checkpoints_the_step_under_way_and_resume_continues_identically
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_000003" in resumed.stderr.split("resumed from")[1].split("\n")[0]
     _assert_same_run(_by_step(tmp_path / "ref"), _by_step(run))
+
+
+def test_a_stop_signal_during_the_sft_warm_up_checkpoints_it_and_resume_continues_it(config_file, tmp_path):
+    """A stop signal in the SFT warm-up waited for the whole warm-up (long past a scheduler's grace period),
+    then checkpointed. Now SFT step 2 of 3 finishes, is checkpointed with the warm-up's optimizer, schedule and
+    prompt order (step_000000), the run exits 143, and the resumed run continues the warm-up at SFT step 3
+    exactly as the uninterrupted run went on (SFT rows, then every RL step, bitwise)."""
+    ref = _train(config_file, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "run"
+    status, out = _signal_mid_step(config_file, run, "sft2", signal.SIGTERM)
+    said = " ".join(out.split())
+    assert status == 143, said[-3000:]
+    assert "SIGTERM received: SFT step 2 of 3 is done; checkpointing it, then exiting" in said, said[-3000:]
+    assert f"preempted: SIGTERM received: SFT step 2 of 3 finished and checkpointed to " \
+           f"{run / 'checkpoints' / 'step_000000'}; exiting with status 143" in said, said[-3000:]
+    assert sorted(_by_step(run)) == [-3, -2]  # SFT steps 1 and 2 (logged at steps <= 0); step 3 never began
+
+    resumed = _train(config_file, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"resumed from \S*step_000000 at SFT step 2", " ".join(resumed.stderr.split()))
+    want, got = _by_step(tmp_path / "ref"), _by_step(run)
+    assert [s for s in want if s < 0] == [-3, -2, -1]
+    _assert_same_run(want, got)
 
 
 @pytest.mark.distributed
