@@ -1,13 +1,14 @@
-"""The eleven reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The twelve reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
 LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
-strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"}.
+strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for
+`model_verify` {"answer", "golden_label"}.
 These functions may raise on garbage; `score_region` is the safe entry point that turns any
 exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
 maths with math-verify's parser.
 
-All metrics except `math_verify` (and `retrieval_calculate`, which calls it) run in time linear (or
+All metrics except `math_verify` (and `retrieval_calculate` / `model_verify`, which call it) run in time linear (or
 near-linear) in the response length: ROUGE-L (the `rouge` package's summary-level union-LCS) uses a
 bit-parallel LCS and backtrack, so a 1 MB response against a 300-word summary scores in about 0.1 s.
 """
@@ -444,6 +445,20 @@ def retrieval_calculate(region: str, gold: Gold) -> float:
     return math_verify(reasoning.strip(), str(gold.get("golden_label") or ""))
 
 
+def model_verify(region: str, gold: Gold) -> float:
+    """GoLongRL's reward for its judge-model data sources in reward_mode "math_verify": 1 when the answer
+    (the text after </think>) is exactly the record's extra_info.ground_truth, else math-verify of it against
+    golden_label (which also catches answers that are not maths, e.g. a name). gold = {"answer",
+    "golden_label"}; both sides are compared stripped (the recipe compares the raw text after </think>,
+    which with Qwen3's "</think>\n\n" rarely equals an answer)."""
+    if not isinstance(gold, dict):
+        return 0.0
+    answer = gold.get("answer")
+    if isinstance(answer, str) and answer.strip() and region.strip() == answer.strip():
+        return 1.0
+    return math_verify(region, str(gold.get("golden_label") or ""))
+
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -456,6 +471,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "pairwise": pairwise,
     "rouge_l": rouge_l,
     "retrieval_calculate": retrieval_calculate,
+    "model_verify": model_verify,
 }
 
 

@@ -24,10 +24,10 @@ from golong.rewards.tasks import route
 DEFAULT_TIMEOUT_S = 10.0
 # Metrics that can take super-linear time on adversarial input run in a worker process when a
 # timeout is requested. The others are linear-time and run inline.
-SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate"})
+SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_verify"})
 # The text each metric reads, as GoLongRL's reward code hands it over:
-#   "after_think": the text after </think>, whole (GoLongRL's EM, selection and retrieval_calculate
-#                  rewards split on it and cut no [Answer] marker);
+#   "after_think": the text after </think>, whole (GoLongRL's EM, selection, retrieval_calculate and
+#                  judge-source math_verify rewards split on it and cut no [Answer] marker);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
@@ -37,6 +37,7 @@ SCOPES: dict[str, str] = {
     "em": "after_think",
     "choice": "after_think",
     "retrieval_calculate": "after_think",
+    "model_verify": "after_think",
     "accuracy": "marked",
     "f1": "marked",
     "subem": "marked",
@@ -69,11 +70,12 @@ def metric_text(metric: str, response: str, *, require_think: bool = True) -> st
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                   require_think: bool = True) -> float:
     """Score one response with `metric` against `ground_truth` (a string, a list of gold items, or for
-    retrieval_calculate {"doc_ids", "golden_label"}), on the part of the response SCOPES names.
+    retrieval_calculate {"doc_ids", "golden_label"}, for model_verify {"answer", "golden_label"}), on the part
+    of the response SCOPES names.
 
-    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate) run in a pooled worker
-    process that is killed when it overruns (score 0); the other metrics run here, in time linear in the
-    response. `timeout=None` scores everything in this process without a limit. Raises ValueError only for an
+    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify) run in a
+    pooled worker process that is killed when it overruns (score 0); the other metrics run here, in time linear
+    in the response. `timeout=None` scores everything in this process without a limit. Raises ValueError only for an
     unknown metric name or a timeout that is not a finite number of seconds > 0.
     """
     check_metric(metric)
@@ -140,6 +142,11 @@ def record_target(record: Any) -> tuple[str, Gold]:
     metric = route(data_source, ability, extra.get("reward_mode") if isinstance(extra, dict) else None)
     if isinstance(gt, list) and gt and not isinstance(gt[0], str):
         gt = gt[-1]  # verl datasets sometimes store a list of ground-truth dicts: the last one counts
+    if metric == "model_verify":  # the exact answer extra_info carries (else the label), then math-verify
+        label = gt if isinstance(gt, str) else (gt.get("golden_label") if isinstance(gt, dict) else
+                                                getattr(gt, "golden_label", "")) or ""
+        answer = extra.get("ground_truth") if isinstance(extra, dict) else None
+        return metric, {"answer": answer if isinstance(answer, str) else label, "golden_label": label}
     if isinstance(gt, (str, list)):
         return metric, gt
     if isinstance(gt, dict):

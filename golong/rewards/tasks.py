@@ -1,7 +1,8 @@
 """Task name -> metric: the nine capability types, the 25 LongBench-Pro subtasks, data-source routes.
 
 The data sources GoLongRL's reward code names ("EM", "selection", "multitableqa_pretraining",
-"retrieval_calculate") decide their metric; other records name their task in `extra_info.reward_mode`
+"retrieval_calculate", and those naming a judge: *model_verify*, *model_judge*, *retrieval_summary_calculate*)
+decide their metric; other records name their task in `extra_info.reward_mode`
 (LongBench-Pro subtasks such as "T2.1 Global Timeline Reconstruction", or "math_verify") or in
 `ability`; the rest are routed by data_source pattern (multitableqa*, math sources).
 """
@@ -53,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate")
+                "retrieval_calculate", "model_verify")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -63,6 +64,10 @@ DATA_SOURCES: dict[str, str] = {
     "multitableqa_pretraining": "iou",
     "retrieval_calculate": "retrieval_calculate",
 }
+# Data sources whose name contains one of these were scored by a judge model in GoLongRL; its reward code
+# scores their reward_mode "math_verify" records without one (model_verify: an exact answer, else math-verify
+# after </think>) and needs the judge for every other mode.
+JUDGED_SOURCE_MARKS = ("model_verify", "retrieval_summary_calculate", "model_judge")
 
 _LBP_SHORT = {name.split(" ", 1)[0]: metric for name, metric in LONGBENCH_PRO.items()}  # "T1.1" -> ndcg
 
@@ -118,6 +123,12 @@ def route(data_source: str | None, ability: str | None = None, reward_mode: str 
     ds = data_source if isinstance(data_source, str) else ""
     if ds in DATA_SOURCES:
         return DATA_SOURCES[ds]
+    if any(mark in ds for mark in JUDGED_SOURCE_MARKS):
+        if reward_mode == "math_verify":
+            return "model_verify"
+        raise ValueError(f"data_source {ds!r} with reward_mode {reward_mode!r} is scored by a judge model in "
+                         "GoLongRL, which golong does not run; of these sources only reward_mode 'math_verify' "
+                         "records can be trained on")
     for name in (reward_mode, ability):
         if isinstance(name, str) and name and (m := _lookup(name)) is not None:
             return m

@@ -81,6 +81,8 @@ def test_goLongRL_dict_layout_parses():
     (lambda d: d.update(extra_info={"reward_mode": "T99 Nothing"}, data_source="nowhere", ability=""),
      "cannot route"),
     (lambda d: d.update(data_source="retrieval_calculate"), "retrieval_calculate record needs both"),
+    (lambda d: d.update(data_source="qa_model_judge", extra_info={"reward_mode": "model_judge"}),
+     "scored by a judge model in GoLongRL, which golong does not run"),
 ])
 def test_bad_jsonl_record_names_file_and_line(tmp_path, breaker, message):
     rows = [_row(i) for i in range(4)]

@@ -752,8 +752,8 @@ def test_batch_8192_responses_in_seconds():
 
 
 def test_metric_for_capabilities_and_longbench_pro():
-    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate: the retrieval_calculate data source's reward
-    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate"}
+    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards
+    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
@@ -834,6 +834,40 @@ def test_score_record_goLongRL_layouts():
     assert score_record(math_rec, R("\\boxed{0.75}")) == 1.0
     assert score_record(math_rec, "\\boxed{0.75}") == 0.0  # no think block
     assert score_record(math_rec, "\\boxed{0.75}", require_think=False) == 1.0
+
+
+def test_judge_model_sources_score_their_math_verify_records_as_the_recipe_does():
+    """GoLongRL scores records of its judge-model data sources (names containing model_verify, model_judge,
+    retrieval_summary_calculate) in reward_mode math_verify without the judge: 1 when the text after </think> is
+    the record's extra_info.ground_truth, else math-verify of that text (not of the whole response). golong
+    scored them as plain math_verify records: a name was never right, a number boxed in the think block was."""
+    assert route("docmath_model_verify", "long_context", "math_verify") == "model_verify"
+    assert route("frames_retrieval_summary_calculate", None, "math_verify") == "model_verify"
+    for mode in ("model_judge", "model_compare", None):  # the recipe needs its judge model for these
+        with pytest.raises(ValueError, match="judge model in GoLongRL, which golong does not run.*only "
+                                             "reward_mode 'math_verify'"):
+            route("qa_retrieval_model_judge", "long_context", mode)
+
+    def judged(label, answer):
+        return {**_verl("frames_model_verify", {"doc_ids": [], "golden_label": label, "summary": ""}),
+                "extra_info": {"reward_mode": "math_verify", "ground_truth": answer}}
+
+    name = judged("Ada Lovelace", "Ada Lovelace")
+    assert score_record(name, R("Ada Lovelace")) == 1.0
+    assert score_record(_verl("x", {"golden_label": "Ada Lovelace"}, "math_verify"), R("Ada Lovelace")) == 0.0
+    assert score_record(name, R("Charles Babbage")) == 0.0
+    assert score_record(name, "<think>Ada Lovelace</think>") == 0.0  # the answer is what follows </think>
+    assert score_record(name, "Ada Lovelace") == 0.0  # no think block: the format gate
+    num = judged("\\frac{3}{4}", "3/4")
+    assert score_record(num, R("3/4")) == 1.0
+    assert score_record(num, R("so it is \\boxed{0.75}")) == 1.0  # math-verify of the answer
+    assert score_record(num, R("\\boxed{0.7}")) == 0.0
+    think_only = "<think>\\boxed{0.75}</think>\n\nI am not sure."
+    assert score_record(num, think_only) == 0.0
+    assert score_record(_verl("math_longcot_math_verify", {"golden_label": "\\frac{3}{4}"}), think_only) == 1.0
+    # no extra_info.ground_truth: the exact answer is the label
+    bare = _verl("frames_model_verify", {"doc_ids": [], "golden_label": "Ada Lovelace", "summary": ""}, "math_verify")
+    assert score_record(bare, R("Ada Lovelace")) == 1.0
 
 
 def _retrieval_answer(ids: str, reasoning: str) -> str:
