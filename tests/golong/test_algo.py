@@ -608,3 +608,35 @@ def test_dynamic_sampling_filter():
     assert keep.tolist() == [True, False, False]
     assert m["dynamic_sampling/dropped_all_max"] == 0 and m["dynamic_sampling/dropped_all_zero"] == 1
 
+
+
+def test_longbench_pro_subtasks_share_their_metric_groups_task_statistics():
+    """GoLongRL groups LongBench-Pro records by metric (TASK_METRIC_CONFIG) before TMN-GRPO: T1.1 and T1.2
+    share one task scale s_m and one task mean M_m ("NDCG"); other task names stay as they are."""
+    from golong.rewards import LONGBENCH_PRO, task_group
+
+    assert task_group("T1.1 Global Cohesive Retrieval") == task_group("T1.2 Key-Snippet Retrieval") == "NDCG"
+    assert task_group("T4.2 Query-Focused Summary") == task_group("t4.1") == "Summary"
+    assert task_group("T6.2 Targeted Subset Cluster Identification") == "F1_Score"
+    assert task_group("T6.3 Global Frequency Analysis") == "Pairwise_Accuracy"
+    assert task_group("T8.1 Structured Multi-Source Consistency Verification") == "SubEM"
+    assert task_group("T11.2 Short-Range Reference Resolution & State Query") == "Accuracy"
+    assert task_group("graded_ranking") == "graded_ranking" and task_group("math_verify") == "math_verify"
+    assert len({task_group(t) for t in LONGBENCH_PRO}) == 6
+    r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0]
+    pids = [0, 0, 0, 0, 1, 1, 1, 1]
+    raw = ["T1.1 Global Cohesive Retrieval"] * 4 + ["T1.2 Key-Snippet Retrieval"] * 4
+    a, m = compute_advantages("tmn_grpo", torch.tensor(r, dtype=torch.float64), pids,
+                              [task_group(t) for t in raw], difficulty_reweight=True)
+    # by hand: v_0 = 0.25, v_1 = 11/48, one task: s = sqrt((0.25 + 11/48) / 2); mu = 0.25, 0.625
+    s = math.sqrt((0.25 + 11 / 48) / 2)
+    M = (0.25 + 0.625) / 2
+    p0 = sum(x > 0.8 * 0.25 + 0.2 * M for x in r[:4]) / 4  # 1 of 4
+    p1 = sum(x > 0.8 * 0.625 + 0.2 * M for x in r[4:]) / 4  # 2 of 4
+    want = [(x - 0.25) / (s + EPS) * math.exp((0.5 - p0) if x > 0.25 else (p0 - 0.5)) for x in r[:4]]
+    want += [(x - 0.625) / (s + EPS) * math.exp((0.5 - p1) if x > 0.625 else (p1 - 0.5)) for x in r[4:]]
+    assert a.double().tolist() == pytest.approx(want, rel=1e-6)
+    assert m["task/NDCG/num_prompts"] == 2 and m["task/NDCG/sqrt_mean_var"] == pytest.approx(s)
+    per_subtask, _ = compute_advantages("tmn_grpo", torch.tensor(r, dtype=torch.float64), pids, raw,
+                                        difficulty_reweight=True)
+    assert not torch.allclose(per_subtask, a)  # a scale per subtask is a different estimator
