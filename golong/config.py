@@ -99,6 +99,9 @@ class RolloutConfig:
 class AlgoConfig:
     adv_estimator: str = _choice("grpo", ADV_ESTIMATORS)
     norm_by_task_scale: bool = True
+    # task-level statistics (TMN-GRPO scale, reweight means, task-norm, task/<name>/ metrics) group the
+    # LongBench-Pro subtasks by metric as GoLongRL does (25 subtasks -> 6 groups); false: per reward_mode
+    group_lbp_by_metric: bool = True
     difficulty_reweight: bool = False
     gamma: float = 1.0
     alpha: float = 0.8

@@ -931,6 +931,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, float]:
         from golong.algo import compute_advantages
+        from golong.rewards import task_group
 
         cfg = self.cfg
         t_step = time.perf_counter()
@@ -945,10 +946,11 @@ class Trainer:
         t0 = time.perf_counter()
         with nvtx_range("advantage"):
             scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)  # fp32 would merge near-ties
+            tasks = [task_group(r.task) if cfg.algo.group_lbp_by_metric else r.task for r in rollouts]
             adv, adv_metrics = compute_advantages(
-                cfg.algo.adv_estimator, scores, [r.group for r in rollouts],
-                [r.task for r in rollouts], eps=cfg.algo.eps, norm_by_task_scale=cfg.algo.norm_by_task_scale,
-                difficulty_reweight=cfg.algo.difficulty_reweight, gamma=cfg.algo.gamma, alpha=cfg.algo.alpha)
+                cfg.algo.adv_estimator, scores, [r.group for r in rollouts], tasks, eps=cfg.algo.eps,
+                norm_by_task_scale=cfg.algo.norm_by_task_scale, difficulty_reweight=cfg.algo.difficulty_reweight,
+                gamma=cfg.algo.gamma, alpha=cfg.algo.alpha)
         for r, a in zip(rollouts, adv.tolist()):
             r.advantage = a
         metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})

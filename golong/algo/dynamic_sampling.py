@@ -13,11 +13,13 @@ import torch
 from golong.algo.advantages import group_index
 
 
-def dynamic_sampling_filter(scores: torch.Tensor, prompt_ids: Sequence[Hashable] | torch.Tensor
-                            ) -> tuple[torch.Tensor, dict[str, float]]:
+def dynamic_sampling_filter(scores: torch.Tensor, prompt_ids: Sequence[Hashable] | torch.Tensor, *,
+                            keep_singletons: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """keep_mask [B] bool (True for responses of prompts with non-constant scores) and metrics.
 
-    A group of one response is constant and dropped. Metrics (python floats):
+    A group of one response is kept by default, as GoLongRL's filter does: one score cannot show
+    the group is constant, and GRPO still gives it A = r (mu 0, sigma 1); `keep_singletons=False`
+    drops it as constant. Metrics (python floats):
     dynamic_sampling/{num_prompts, kept_prompts, dropped_prompts, kept_frac, dropped_all_max,
     dropped_all_zero} -- the last two count dropped groups solved (all >= 1) and failed (all <= 0).
     """
@@ -32,6 +34,8 @@ def dynamic_sampling_filter(scores: torch.Tensor, prompt_ids: Sequence[Hashable]
     hi = torch.full((U,), float("-inf"), dtype=torch.float64, device=s.device).scatter_reduce(0, inv, s, "amax")
     lo = torch.full((U,), float("inf"), dtype=torch.float64, device=s.device).scatter_reduce(0, inv, s, "amin")
     keep_u = hi > lo
+    if keep_singletons:
+        keep_u |= torch.bincount(inv, minlength=U) == 1
     dropped = ~keep_u
     kept = int(keep_u.sum())
     metrics = {

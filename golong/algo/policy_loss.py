@@ -54,13 +54,20 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
     dtype = torch.float32 if logprob.dtype in (torch.float16, torch.bfloat16) else logprob.dtype
-    m = mask.to(dtype)
-    # a python number divides without creating a device tensor (no host-device copy in the loss)
-    denom = global_token_count.to(dtype) if isinstance(global_token_count, torch.Tensor) \
-        else float(global_token_count)
+    valid = mask.to(torch.bool)
+    m = valid.to(dtype)
+    # a python number divides without creating a device tensor (no host-device copy in the loss);
+    # a mini-batch without valid tokens gives 0, not 0/0 (as verl's masked mean does)
+    denom = global_token_count.to(dtype).clamp_min(1) if isinstance(global_token_count, torch.Tensor) \
+        else max(float(global_token_count), 1.0)
     lp = logprob.to(dtype)
-    adv = advantages.to(dtype).detach()
-    log_ratio = (lp - old_logprob.to(dtype).detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # invalid tokens may hold anything (-inf / NaN logprobs of padding, unset advantages): select them
+    # away before any arithmetic, as masking by multiplication would turn NaN * 0 into NaN (in the
+    # loss and in its gradient)
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    adv = torch.where(valid, advantages.to(dtype).detach(), zero)
+    log_ratio = torch.where(valid, lp - old_logprob.to(dtype).detach(), zero)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     l_unclipped = -adv * ratio
     l_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -77,19 +84,21 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     else:
         metrics["pg_clipfrac_lower"] = torch.zeros((), dtype=dtype, device=lp.device)
     if is_weights is not None:
-        loss_tok = loss_tok * is_weights.to(dtype).detach()
+        loss_tok = loss_tok * torch.where(valid, is_weights.to(dtype).detach(), zero)
     pg = (loss_tok * m).sum() / denom
     loss = pg
     metrics["pg_loss"] = pg.detach()
     if ref_logprob is not None:
-        kl = (low_var_kl(lp, ref_logprob.to(dtype).detach()) * m).sum() / denom
+        # both sides 0 on invalid tokens: KL 0 there, and no NaN reaches the gradient through exp
+        kl_tok = low_var_kl(torch.where(valid, lp, zero), torch.where(valid, ref_logprob.to(dtype).detach(), zero))
+        kl = (kl_tok * m).sum() / denom
         metrics["kl"] = kl.detach()
         if kl_coef != 0.0:
             loss = loss + kl_coef * kl
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprob")
     if entropy is not None:
-        ent = (entropy.to(dtype) * m).sum() / denom
+        ent = torch.where(valid, entropy.to(dtype), zero).sum() / denom
         metrics["entropy"] = ent.detach()
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * ent

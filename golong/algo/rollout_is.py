@@ -58,6 +58,9 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
         seq, S = _seq_index(shape, dev, cu_seqlens, seq_index)
         if seq.numel() != old.numel():
             raise ValueError(f"sequences cover {seq.numel()} tokens but the inputs have {old.numel()}")
+        # invalid tokens may hold -inf / NaN logprobs: zero them, or NaN * 0 would spoil the metrics
+        old = torch.where(m, old, torch.zeros_like(old))
+        roll = torch.where(m, roll, torch.zeros_like(roll))
         log_ratio = (old - roll).clamp(-20.0, 20.0)
         rho = torch.exp(log_ratio)
         if mode == "truncate":

@@ -18,11 +18,21 @@ from golong.rewards.scoring import (
     score_record,
     score_records,
 )
-from golong.rewards.tasks import CAPABILITIES, LONGBENCH_PRO, METRIC_NAMES, known_tasks, metric_for, route
+from golong.rewards.tasks import (
+    CAPABILITIES,
+    LBP_GROUPS,
+    LONGBENCH_PRO,
+    METRIC_NAMES,
+    known_tasks,
+    metric_for,
+    route,
+    task_group,
+)
 
 __all__ = [
     "CAPABILITIES",
     "DEFAULT_TIMEOUT_S",
+    "LBP_GROUPS",
     "LONGBENCH_PRO",
     "METRICS",
     "METRIC_NAMES",
@@ -36,4 +46,5 @@ __all__ = [
     "score_batch",
     "score_record",
     "score_records",
+    "task_group",
 ]

@@ -96,6 +96,22 @@ def _lookup(task: str) -> str | None:
     return None
 
 
+# GoLongRL's trainer normalises (TMN-GRPO, task-norm) and logs LongBench-Pro records per metric
+# group, not per subtask: its TASK_METRIC_CONFIG maps the 25 subtasks to these six labels.
+LBP_GROUPS: dict[str, str] = {"ndcg": "NDCG", "pairwise": "Pairwise_Accuracy", "accuracy": "Accuracy",
+                              "rouge_l": "Summary", "f1": "F1_Score", "subem": "SubEM"}
+
+
+def task_group(task: str) -> str:
+    """The task id advantages group by, as GoLongRL forms it: a LongBench-Pro subtask (any spelling
+    metric_for accepts) -> its metric group ("T1.2 Key-Snippet Retrieval" -> "NDCG"); any other
+    task name unchanged."""
+    if not isinstance(task, str):
+        return task
+    m = LONGBENCH_PRO.get(task) or _LBP_SHORT.get(task.strip().upper()) or _LBP_CANON.get(_canon(task))
+    return LBP_GROUPS[m] if m is not None else task
+
+
 def is_known_task(name: str) -> bool:
     """Whether metric_for(name) resolves (a capability type, LongBench-Pro subtask or metric name)."""
     return isinstance(name, str) and _lookup(name) is not None

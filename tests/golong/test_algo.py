@@ -342,6 +342,51 @@ def test_policy_loss_defaults_and_errors():
         policy_loss(lp, old, adv, mask, global_token_count=1, dual_clip=0.5)
 
 
+
+def test_policy_loss_ignores_whatever_invalid_tokens_hold():
+    """Invalid tokens may carry -inf / NaN (padding logprobs, unset advantages): the loss, its metrics and
+    its gradients must be those of the valid tokens alone, as verl's masked sum (where(mask, v, 0)) gives."""
+    lp, old, adv, mask, isw, ref, ent = _loss_inputs(seed=3)
+    kw = dict(global_token_count=int(mask.sum()), kl_coef=0.05, entropy_coef=0.01)
+    v = mask.nonzero()[:, 0]
+    # reference: the valid tokens only, no invalid token present at all
+    lp_v = lp.detach()[v].clone().requires_grad_()
+    ent_v = ent.detach()[v].clone().requires_grad_()
+    want, want_m = policy_loss(lp_v, old[v], adv[v], torch.ones(len(v), dtype=torch.bool), is_weights=isw[v],
+                               ref_logprob=ref[v], entropy=ent_v, **kw)
+    want.backward()
+    bad = ~mask
+    poison = [float("nan"), float("inf"), float("-inf")]
+    fill = torch.tensor([poison[i % 3] for i in range(int(bad.sum()))], dtype=torch.float64)
+
+    def spoil(x):
+        x = x.detach().clone()
+        x[bad] = fill
+        return x
+
+    lp_b, ent_b = spoil(lp).requires_grad_(), spoil(ent).requires_grad_()
+    got, got_m = policy_loss(lp_b, spoil(old), spoil(adv), mask, is_weights=spoil(isw), entropy=ent_b,
+                             ref_logprob=spoil(ref), **kw)
+    got.backward()
+    assert math.isfinite(got.item()) and got.item() == pytest.approx(want.item(), rel=1e-12)
+    for k in want_m:
+        assert got_m[k].item() == pytest.approx(want_m[k].item(), rel=1e-12, abs=1e-15), k
+    assert torch.equal(lp_b.grad[bad], torch.zeros(int(bad.sum()), dtype=torch.float64))
+    assert torch.allclose(lp_b.grad[v], lp_v.grad, rtol=1e-12, atol=0)
+    assert torch.equal(ent_b.grad[bad], torch.zeros(int(bad.sum()), dtype=torch.float64))
+    assert torch.allclose(ent_b.grad[v], ent_v.grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("count", [0, torch.tensor(0)])
+def test_policy_loss_of_a_mini_batch_without_valid_tokens_is_zero(count):
+    """No valid token in the mini-batch (e.g. every response empty): loss, metrics and gradient 0, not 0/0."""
+    lp = torch.tensor([-0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    loss, m = policy_loss(lp, lp.detach() - 0.1, torch.tensor([1.0, -2.0], dtype=torch.float64),
+                          torch.zeros(2, dtype=torch.bool), global_token_count=count)
+    loss.backward()
+    assert loss.item() == 0.0 and all(x.item() == 0.0 for x in m.values())
+    assert lp.grad.tolist() == [0.0, 0.0]
+
 class _TinyPolicy(torch.nn.Module):
     """logprob of the next token under a bigram softmax: enough to give the loss real parameters."""
 
@@ -512,6 +557,24 @@ def test_rollout_is_means_bounds_and_invalid_tokens():
     assert m["rollout_is/masked_frac"].item() == pytest.approx(1 / 6)  # only 5.0 > upper; veto is apart
 
 
+
+def test_rollout_is_metrics_ignore_what_invalid_tokens_hold():
+    """-inf / NaN logprobs on invalid tokens leave the weights and every metric as with finite ones."""
+    g = torch.Generator().manual_seed(5)
+    roll = -torch.rand(40, generator=g) * 2
+    old = roll + torch.randn(40, generator=g) * 0.5
+    mask = torch.rand(40, generator=g) > 0.3
+    cu = torch.tensor([0, 7, 19, 26, 40], dtype=torch.int32)
+    for mode in ("mask", "truncate"):
+        w0, m0 = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode=mode)
+        o, r = old.clone(), roll.clone()
+        o[~mask] = float("nan")
+        r[~mask] = torch.tensor([float("-inf"), float("nan")]).repeat(20)[: int((~mask).sum())]
+        w1, m1 = rollout_is_weights(o, r, mask, cu_seqlens=cu, mode=mode)
+        assert torch.equal(w0, w1)
+        for k in m0:
+            assert math.isfinite(m1[k].item()) and m1[k].item() == pytest.approx(m0[k].item(), rel=1e-6), k
+
 def test_is_weights_scale_the_loss():
     lp, old, adv, mask, *_ = _loss_inputs(seed=2)
     w = torch.rand(lp.shape, dtype=torch.float64)
@@ -528,9 +591,52 @@ def test_is_weights_scale_the_loss():
 def test_dynamic_sampling_filter():
     scores = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.3, 1.0, 1.0, 1.0])
     pids = ["a", "a", "b", "b", "c", "c", "d", "e", "e", "e"]
-    keep, m = dynamic_sampling_filter(scores, pids)
+    keep, m = dynamic_sampling_filter(scores, pids, keep_singletons=False)
     assert keep.tolist() == [False, False, True, True, False, False, False, False, False, False]
     assert m["dynamic_sampling/kept_prompts"] == 1 and m["dynamic_sampling/dropped_prompts"] == 4
     assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
     assert m["dynamic_sampling/kept_frac"] == pytest.approx(1 / 5)
     assert m["dynamic_sampling/num_prompts"] == 5
+    # by default a group of one is kept, as GoLongRL's filter keeps it (`std > 0 or len == 1`)
+    keep, m = dynamic_sampling_filter(scores, pids)
+    assert keep.tolist() == [False, False, True, True, False, False, True, False, False, False]
+    assert m["dynamic_sampling/kept_prompts"] == 2 and m["dynamic_sampling/dropped_prompts"] == 3
+    assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
+    assert m["dynamic_sampling/kept_frac"] == pytest.approx(2 / 5)
+    # a lone 1.0 or 0.0 is kept too, so it counts in neither dropped_all_* metric
+    keep, m = dynamic_sampling_filter(torch.tensor([1.0, 0.0, 0.0]), ["x", "y", "y"])
+    assert keep.tolist() == [True, False, False]
+    assert m["dynamic_sampling/dropped_all_max"] == 0 and m["dynamic_sampling/dropped_all_zero"] == 1
+
+
+
+def test_longbench_pro_subtasks_share_their_metric_groups_task_statistics():
+    """GoLongRL groups LongBench-Pro records by metric (TASK_METRIC_CONFIG) before TMN-GRPO: T1.1 and T1.2
+    share one task scale s_m and one task mean M_m ("NDCG"); other task names stay as they are."""
+    from golong.rewards import LONGBENCH_PRO, task_group
+
+    assert task_group("T1.1 Global Cohesive Retrieval") == task_group("T1.2 Key-Snippet Retrieval") == "NDCG"
+    assert task_group("T4.2 Query-Focused Summary") == task_group("t4.1") == "Summary"
+    assert task_group("T6.2 Targeted Subset Cluster Identification") == "F1_Score"
+    assert task_group("T6.3 Global Frequency Analysis") == "Pairwise_Accuracy"
+    assert task_group("T8.1 Structured Multi-Source Consistency Verification") == "SubEM"
+    assert task_group("T11.2 Short-Range Reference Resolution & State Query") == "Accuracy"
+    assert task_group("graded_ranking") == "graded_ranking" and task_group("math_verify") == "math_verify"
+    assert len({task_group(t) for t in LONGBENCH_PRO}) == 6
+    r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.0]
+    pids = [0, 0, 0, 0, 1, 1, 1, 1]
+    raw = ["T1.1 Global Cohesive Retrieval"] * 4 + ["T1.2 Key-Snippet Retrieval"] * 4
+    a, m = compute_advantages("tmn_grpo", torch.tensor(r, dtype=torch.float64), pids,
+                              [task_group(t) for t in raw], difficulty_reweight=True)
+    # by hand: v_0 = 0.25, v_1 = 11/48, one task: s = sqrt((0.25 + 11/48) / 2); mu = 0.25, 0.625
+    s = math.sqrt((0.25 + 11 / 48) / 2)
+    M = (0.25 + 0.625) / 2
+    p0 = sum(x > 0.8 * 0.25 + 0.2 * M for x in r[:4]) / 4  # 1 of 4
+    p1 = sum(x > 0.8 * 0.625 + 0.2 * M for x in r[4:]) / 4  # 2 of 4
+    want = [(x - 0.25) / (s + EPS) * math.exp((0.5 - p0) if x > 0.25 else (p0 - 0.5)) for x in r[:4]]
+    want += [(x - 0.625) / (s + EPS) * math.exp((0.5 - p1) if x > 0.625 else (p1 - 0.5)) for x in r[4:]]
+    assert a.double().tolist() == pytest.approx(want, rel=1e-6)
+    assert m["task/NDCG/num_prompts"] == 2 and m["task/NDCG/sqrt_mean_var"] == pytest.approx(s)
+    per_subtask, _ = compute_advantages("tmn_grpo", torch.tensor(r, dtype=torch.float64), pids, raw,
+                                        difficulty_reweight=True)
+    assert not torch.allclose(per_subtask, a)  # a scale per subtask is a different estimator

@@ -339,6 +339,48 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
 
 
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_path, monkeypatch, grouped):
+    """With LongBench-Pro reward modes the estimator's task ids are the metric groups GoLongRL normalises by
+    (T1.1 and T1.2 -> one "NDCG" task scale), or the raw subtasks with algo.group_lbp_by_metric=false."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+    from tests.golong.test_algo import _loop_oracle
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "algo.adv_estimator=tmn_grpo", "algo.difficulty_reweight=false",
+                                    f"algo.group_lbp_by_metric={str(grouped).lower()}"])
+    scores = [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.25, 0.0, 1.0, 0.75], [0.0, 1.0, 1.0, 0.0]]
+    modes = ["T1.1 Global Cohesive Retrieval", "T1.2 Key-Snippet Retrieval"]
+    seen = {}
+    try:
+        trainer = Trainer(cfg)
+        for i, p in enumerate(trainer.train_prompts):
+            p.record.extra_info["reward_mode"] = modes[i % 2]
+
+        def scripted(prompts, n, params, seed_key, label):
+            return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n]) for j in range(len(prompts) * n)], {}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
+            rollouts=list(rollouts)) or {})
+        m = trainer.train_step(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    got = seen["rollouts"]
+    assert {r.task for r in got} == set(modes)  # the records' own task names are untouched
+    tasks = ["NDCG" if grouped else r.task for r in got]
+    want = _loop_oracle("tmn_grpo", [r.score for r in got], [r.group for r in got], tasks)
+    assert [r.advantage for r in got] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert ("task/NDCG/num_prompts" in m) == grouped
+    if grouped:
+        assert m["task/NDCG/num_prompts"] == 4
+
 def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     """A checkpoint's sampler position is over its own prompt count: resuming onto more (or fewer) prompts
     stops with one line naming the checkpoint, both counts and the way on (was a ValueError traceback)."""
