@@ -116,7 +116,7 @@ class AlgoConfig:
     rollout_is_upper: float = 5.0
     rollout_is_veto: float = 1e-4
     dynamic_sampling: bool = True
-    max_num_gen_batches: int = 4
+    max_num_gen_batches: int = 32  # GoLongRL's launch scripts: 32 generation batches before giving up
     ppo_epochs: int = 1
 
 
@@ -151,6 +151,10 @@ class ParallelConfig:
 class TrainerConfig:
     total_steps: int = 100
     prompts_per_step: int = 128
+    # prompts sampled per generation batch (verl's data.gen_batch_size; GoLongRL: 512 for 128 per step): dynamic
+    # sampling drops all-equal groups, so a larger batch fills the step in fewer rounds; kept groups beyond
+    # prompts_per_step are discarded. 0 = prompts_per_step
+    gen_batch_prompts: int = 0
     mini_batch_prompts: int = 128  # prompts per optimizer step (one PPO epoch)
     micro_batch_tokens: int = 32_768  # packed token budget per forward/backward
     val_every: int = 0  # 0 = never
@@ -320,6 +324,7 @@ def _check_values(cfg: RunConfig) -> None:
                          "(GoLongRL's recipe uses none); leave it at 0"),
         (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),
         (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
+        (t.gen_batch_prompts >= 0, "trainer.gen_batch_prompts must be >= 0 (0: trainer.prompts_per_step)"),
         (t.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),
         (t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
         (t.total_steps >= 0 and t.sft_steps >= 0, "trainer.total_steps and trainer.sft_steps must be >= 0"),

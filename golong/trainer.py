@@ -875,21 +875,22 @@ class Trainer:
 
         cfg = self.cfg
         n, want = cfg.rollout.n, cfg.trainer.prompts_per_step
+        per_gen = (cfg.trainer.gen_batch_prompts or want) if cfg.algo.dynamic_sampling else want
         kept: list[Rollout] = []
         every: list[Rollout] = []
         metrics: dict[str, float] = defaultdict(float)
         gen_batches = 0
         max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
         while gen_batches < max_batches:
-            idx = self.sampler.take(want)
+            idx = self.sampler.take(per_gen)
             prompts = [self.train_prompts[i] for i in idx]
             results, timings = self._generate_and_score(prompts, n, self._sampling(), (cfg.trainer.seed, step,
                                                                                        gen_batches),
                                                         f"rollout step {step}")
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
-            batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * want + j // n,
-                             task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
+            batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * per_gen + j // n,
+                             task=prompts[j // n].record.task_type, score=float(s), finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]
             every += batch
             gen_batches += 1

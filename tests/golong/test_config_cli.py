@@ -34,6 +34,25 @@ def test_reference_hyperparameters_in_30b_config():
     assert (c.algo.rollout_is, c.algo.rollout_is_lower, c.algo.rollout_is_upper) == ("mask", 0.5, 5.0)
 
 
+@pytest.mark.parametrize("name", ["qwen3-4b-grpo", "qwen3-4b-tmn", "qwen3-30b-a3b-grpo"])
+def test_run_configs_carry_the_recipes_launch_values(name):
+    """The values of GoLongRL's launch scripts (examples/GoLongRL/*.sh) that golong has a knob for."""
+    c = load_config(ROOT / f"configs/{name}.yaml")
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.grad_clip) == (2e-6, 5, 0.1, 1.0)
+    assert (c.trainer.prompts_per_step, c.trainer.gen_batch_prompts, c.trainer.mini_batch_prompts) == (128, 512, 128)
+    assert (c.rollout.n, c.rollout.temperature, c.rollout.top_p, c.rollout.top_k) == (16, 1.0, 1.0, -1)
+    assert (c.rollout.val_temperature, c.rollout.val_top_p, c.rollout.val_n) == (0.6, 0.95, 1)
+    assert (c.data.max_prompt_tokens, c.data.overflow, c.rollout.max_response_tokens) == (163840, "drop", 16384)
+    assert c.trainer.micro_batch_tokens >= 163840 + 16384  # one whole sequence fits a micro-batch
+    assert (c.algo.clip_low, c.algo.clip_high, c.algo.dual_clip, c.algo.ppo_epochs) == (0.2, 0.28, 3.0, 1)
+    assert (c.algo.kl_coef, c.algo.entropy_coef) == (0.0, 0.0)
+    assert (c.algo.dynamic_sampling, c.algo.max_num_gen_batches) == (True, 32)
+    assert (c.algo.rollout_is_lower, c.algo.rollout_is_upper, c.algo.rollout_is_veto) == (0.5, 5.0, 1e-4)
+    assert (c.trainer.val_every, c.trainer.val_before_train, c.checkpoint.every) == (0, False, 5)
+    assert c.algo.adv_estimator == ("tmn_grpo" if "tmn" in name else "grpo")
+    assert (c.algo.difficulty_reweight, c.algo.alpha, c.algo.gamma) == (("tmn" in name), 0.8, 1.0)
+
+
 def test_tmn_config_turns_on_difficulty_reweight():
     c = load_config(ROOT / "configs/qwen3-4b-tmn.yaml")
     assert c.algo.adv_estimator == "tmn_grpo" and c.algo.difficulty_reweight
@@ -102,6 +121,7 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.alpha=-0.01", "algo.alpha must be in [0, 1]"),
     ("parallel.cp=0", "parallel.cp must be >= 1"),
     ("trainer.prompts_per_step=0", "trainer.prompts_per_step must be >= 1"),
+    ("trainer.gen_batch_prompts=-1", "trainer.gen_batch_prompts must be >= 0"),
     ("trainer.mini_batch_prompts=0", "trainer.mini_batch_prompts must be >= 1"),
     ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens must be >= 1"),
     ("trainer.total_steps=-1", "trainer.total_steps and trainer.sft_steps must be >= 0"),

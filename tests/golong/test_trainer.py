@@ -443,6 +443,40 @@ def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, ca
     assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
 
 
+def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_file, tmp_path, monkeypatch):
+    """trainer.gen_batch_prompts (GoLongRL: 512 prompts generated for 128 trained): one generation batch of 8 prompts
+    for a 4-prompt step; the first 4 groups with unequal scores are kept in order, the rest are discarded, and the
+    sampler moves on by all 8 prompts."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "algo.max_num_gen_batches=3", "trainer.gen_batch_prompts=8"])
+    tied, varied = [0.0] * 4, [0.0, 1.0, 0.5, 0.0]
+    script = [tied, varied, tied, tied, varied, varied, varied, varied]  # groups 1, 4, 5, 6, 7 carry signal
+    sizes = []
+    try:
+        trainer = Trainer(cfg)
+        start = trainer.sampler.position
+
+        def scripted(prompts, n, params, seed_key, label):
+            sizes.append(len(prompts))
+            return [([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n]) for j in range(len(prompts) * n)], {}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        got, m = trainer.collect_rollouts(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert sizes == [8] and m["dynamic_sampling/gen_batches"] == 1
+    assert [r.group for r in got] == [g for g in (1, 4, 5, 6) for _ in range(4)]
+    assert m["dynamic_sampling/kept_prompts"] == 4 and m["dynamic_sampling/kept_fraction"] == pytest.approx(4 / 8)
+    assert trainer.sampler.position == start + 8
+
+
 def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monkeypatch):
     """perf/rollout_tokens_per_s of a step that generated twice is all generated tokens over all rollout time
     (it was the sum of the two batches' rates: twice the real rate)."""
