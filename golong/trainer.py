@@ -890,7 +890,7 @@ class Trainer:
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
             batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * per_gen + j // n,
-                             task=prompts[j // n].record.task_type, score=float(s), finish_reason=fin)
+                             task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]
             every += batch
             gen_batches += 1
