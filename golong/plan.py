@@ -668,11 +668,13 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     # rollout: prefill compute-bound, decode bandwidth-bound (weights per engine step + KV reads)
     tp = max(1, ro.tensor_parallel_size)
     engines = max(1, gpus // tp)
+    # one generation round at least (dynamic sampling may need more): trainer.gen_batch_prompts prompts
+    gen = (tr.gen_batch_prompts or tr.prompts_per_step) if cfg.algo.dynamic_sampling else tr.prompts_per_step
     # the n responses of a prompt share its prefill (vLLM samples n sequences from one prompt)
-    prefill = (2 * s.active_params * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2) * tr.prompts_per_step
+    prefill = (2 * s.active_params * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2) * gen
     steps = resp
     decode_weight_bytes = engines * steps * s.total_params * 2
-    kv_read = docs * s.kv_bytes_per_token * (resp * prompt + resp**2 / 2)
+    kv_read = gen * ro.n * s.kv_bytes_per_token * (resp * prompt + resp**2 / 2)
     decode_bytes = decode_weight_bytes + kv_read
     rollout_s = max(prefill / (gpus * H200_BF16_FLOPS), 0.0) + decode_bytes / (gpus * H200_HBM_BYTES_PER_S)
     reserve = ro.gpu_memory_utilization * gpu_mem_bytes * tp - s.total_params * 2

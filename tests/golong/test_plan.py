@@ -96,15 +96,23 @@ def test_parameter_counts_and_rollout_work_by_hand():
     t = predict(cfg, gpus=gpus, gpu_mem_gib=mem).throughput
     P = min(cfg.data.max_prompt_tokens, cfg.trainer.micro_batch_tokens)
     S = min(P + cfg.rollout.max_response_tokens, cfg.trainer.micro_batch_tokens)
-    R, docs, prompts = S - P, cfg.trainer.prompts_per_step * cfg.rollout.n, cfg.trainer.prompts_per_step
+    R, docs = S - P, cfg.trainer.prompts_per_step * cfg.rollout.n
     assert (t.doc_len, t.docs, t.tokens) == (S, docs, docs * S)
+    # the rollout generates one round at least: trainer.gen_batch_prompts prompts (GoLongRL: 512 for 128 trained)
+    prompts = cfg.trainer.gen_batch_prompts
+    assert prompts == 512 and cfg.algo.dynamic_sampling
     # prefill once per prompt (its n responses share it): 2 N_active P + causal attention forward
     assert math.isclose(t.rollout_prefill_flops, prompts * (2 * s.active_params * P + 2 * 36 * 32 * 128 * P**2),
                         rel_tol=1e-12)
     # decode: every engine reads the bf16 weights once per step; every sequence reads its growing KV cache
     engines = gpus // cfg.rollout.tensor_parallel_size
-    kv = docs * s.kv_bytes_per_token * sum(P + i for i in range(R))
+    kv = prompts * cfg.rollout.n * s.kv_bytes_per_token * sum(P + i for i in range(R))
     assert math.isclose(t.rollout_decode_bytes, engines * R * s.total_params * 2 + kv, rel_tol=1e-3)
+    # without dynamic sampling the trainer generates exactly the step's prompts
+    plain = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["algo.dynamic_sampling=false"]), gpus=gpus,
+                    gpu_mem_gib=mem).throughput
+    assert math.isclose(plain.rollout_prefill_flops * prompts, t.rollout_prefill_flops * cfg.trainer.prompts_per_step,
+                        rel_tol=1e-12)
     reserve = cfg.rollout.gpu_memory_utilization * mem * 1024**3 * cfg.rollout.tensor_parallel_size - 2 * s.total_params
     assert math.isclose(t.kv_seqs_per_engine, reserve / (s.kv_bytes_per_token * S), rel_tol=1e-12)
     # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward
