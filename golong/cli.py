@@ -1,6 +1,7 @@
-"""The `golong` command: train, demo, export, plot, data, plan.
+"""The `golong` command: train, eval, demo, export, plot, data, plan.
 
     torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml optim.lr=2e-6
+    golong eval configs/qwen3-4b-tmn.yaml --checkpoint runs/qwen3-4b-tmn/checkpoints/step_000100
     golong train configs/demo-cpu.yaml --dry-run
     golong demo --out runs/demo
 """
@@ -31,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun --nproc_per_node N -m golong train CONFIG key=value ...")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+
+    p = sub.add_parser("eval", help="score a model or a training checkpoint on the config's validation prompts",
+                       description="Generate rollout.val_n responses per validation prompt (data.val_files or "
+                                   "data.synthetic_val_n; rollout.val_temperature / val_top_p; the seeds of training's "
+                                   "validation) and score them: per-task mean reward to OUT/eval.json, every response "
+                                   "to OUT/responses.jsonl. Launch form for several ranks: torchrun --nproc_per_node N "
+                                   "-m golong eval CONFIG ...")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="training checkpoint directory whose weights to score (default: the config's model, "
+                        "model.path or the scratch init)")
+    p.add_argument("--out", default=None, help="output directory (default: LOGGING.RUN_DIR/eval/<checkpoint name, "
+                                               "or 'model'>)")
 
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
                        description="Train a tiny Qwen3-MoE from scratch on the 9 synthetic tasks on this CPU "
@@ -100,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from golong.trainer import train
 
             train(cfg)
+        elif args.command == "eval":
+            cfg = _load(args)
+            problems = run_problems(cfg, for_eval=True)
+            if problems:
+                raise ConfigError(problems[0])
+            from golong.trainer import evaluate
+
+            evaluate(cfg, args.checkpoint, args.out)
         elif args.command == "demo":
             from golong.demo import run_demo
 

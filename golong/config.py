@@ -347,23 +347,24 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(msg)
 
 
-def run_problems(cfg: RunConfig) -> list[str]:
+def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     """What would stop a training run of a valid config, one line each naming its key: no training data, a
     file or directory the run reads that does not exist (data files, model and tokenizer directories, an
     explicit resume checkpoint). `golong train` stops on the first; `--dry-run` lists them as warnings (a
-    config is often checked away from the cluster it runs on)."""
-    problems = [] if cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
+    config is often checked away from the cluster it runs on). for_eval: what `golong eval` reads only (the
+    validation files, model and tokenizer)."""
+    problems = [] if for_eval or cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
         "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
-    paths = [("data.train_files", f) for f in cfg.data.train_files]
+    paths = [] if for_eval else [("data.train_files", f) for f in cfg.data.train_files]
     paths += [("data.val_files", f) for f in cfg.data.val_files]
     if cfg.model.path is not None:
         paths.append(("model.path", cfg.model.path))
     if cfg.model.tokenizer is not None:
         paths.append(("model.tokenizer", cfg.model.tokenizer))
-    if cfg.checkpoint.resume not in ("auto", "none"):
+    if cfg.checkpoint.resume not in ("auto", "none") and not for_eval:
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
     problems += [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
-    return problems + _resume_problem(cfg.checkpoint.resume)
+    return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume)
 
 
 def _resume_problem(resume: str) -> list[str]:

@@ -27,6 +27,7 @@ positions carry the loss mask, the advantage, the rollout logprob and the old lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -745,10 +746,12 @@ class _Progress:
 class Trainer:
     """Owns the data, the actor, the rollout engine, checkpoints and logging. `fit()` runs."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, *, eval_only: bool = False) -> None:
+        """eval_only: the validation prompts alone (`golong eval`): no training data is read."""
         from golong.data import PromptSampler
 
         self.cfg = cfg
+        self.eval_only = eval_only
         t0 = time.perf_counter()
         if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
             # one process per core share: oversubscribed CPU threads slow small matmuls 10x
@@ -770,7 +773,8 @@ class Trainer:
             raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
         self.stop_ids = set(stop_token_ids(self.tokenizer))
         self.train_prompts, self.val_prompts = self._load_prompts()
-        self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
+                                                            shuffle=cfg.data.shuffle)
         self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg)
         self.model = self.actor.model
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.run_dir)
@@ -808,7 +812,9 @@ class Trainer:
         from golong.data.synthetic import generate
 
         d = self.cfg.data
-        if d.train_files:
+        if self.eval_only:
+            train = []
+        elif d.train_files:
             train = load_records(list(d.train_files))
         else:
             if d.synthetic_n <= 0:
@@ -821,9 +827,12 @@ class Trainer:
                            tasks=d.synthetic_tasks or None)
         else:
             val = []
-        tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow)
+        tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow) if train else []
         vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
-        if not tp:  # a config problem, named in one line (build_prompts logged the counts)
+        if self.eval_only and not vp:
+            raise ConfigError("nothing to evaluate: set data.val_files (or data.synthetic_val_n), with prompts "
+                              f"within data.max_prompt_tokens={d.max_prompt_tokens}")
+        if not tp and not self.eval_only:  # a config problem, named in one line (build_prompts logged the counts)
             how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
                 "(data.overflow=drop)"
             raise ConfigError(f"none of the {len(train)} training records fits data.max_prompt_tokens="
@@ -975,16 +984,22 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------------------- validation
-    def validate(self, step: int) -> dict[str, float]:
-        """One response per held-out prompt at the validation sampling settings; per-task means."""
+    def validate(self, step: int, responses: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """rollout.val_n responses per held-out prompt at the validation sampling settings; per-task means.
+        `responses`, when given, receives one row per response (prompt index, task, score, finish, text)."""
         if not self.val_prompts:
             return {}
         results, timings = self._generate_and_score(self.val_prompts, self.cfg.rollout.val_n, self._sampling(val=True),
                                                     (self.cfg.trainer.seed, "val"), "validation")
         by_task: dict[str, list[float]] = defaultdict(list)
         n = self.cfg.rollout.val_n
-        for j, (_, _, _, s) in enumerate(results):
-            by_task[self.val_prompts[j // n].record.task].append(s)
+        for j, (toks, _, finish, s) in enumerate(results):
+            record = self.val_prompts[j // n].record
+            by_task[record.task].append(s)
+            if responses is not None:
+                responses.append({"prompt": j // n, "sample": j % n, "data_source": record.data_source,
+                                  "task": record.task, "score": s, "finish_reason": finish,
+                                  "response": self._decode(self._strip_stop(toks))})
         scores = [s for v in by_task.values() for s in v]
         out = {"val/reward/mean": sum(scores) / len(scores), "val/time_s": timings["time/rollout_s"]
                + timings["time/reward_s"]}
@@ -1239,6 +1254,82 @@ def _add_layer_nvtx(model: nn.Module) -> None:
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: torch.cuda.nvtx.range_push(f"layer{i}"))
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
+
+
+def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None
+             ) -> dict[str, Any]:
+    """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
+    sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
+    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward and counts) and
+    OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content."""
+    import json
+
+    from golong.checkpoint import MARKER
+
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and not (ckpt / MARKER).is_file():  # before the model is built
+        raise FileNotFoundError(f"--checkpoint {ckpt} is not a complete training checkpoint (no {MARKER} marker; "
+                                "pass a RUN_DIR/checkpoints/step_NNNNNN directory)")
+    out = Path(out_dir) if out_dir is not None else \
+        Path(cfg.logging.run_dir) / "eval" / (ckpt.name if ckpt else "model")
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(out), wandb=False,
+                                                               tensorboard=False))
+    trainer = None
+    try:
+        trainer = Trainer(cfg, eval_only=True)
+        step = 0
+        if ckpt is not None:
+            step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
+            trainer.engine.sync_weights(trainer.model)
+            log.info(f"eval: weights of {ckpt} (step {step})")
+        responses: list[dict[str, Any]] = []
+        metrics = trainer.validate(step, responses)
+        counts: dict[str, int] = defaultdict(int)
+        for r in responses:
+            counts[r["task"]] += 1
+        result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
+                  "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
+                  "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
+                  "reward_mean": metrics["val/reward/mean"],
+                  "tasks": {t: {"metric": metric_for_task(t), "responses": counts[t],
+                                "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
+        if trainer.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            with open(out / "responses.jsonl", "w") as f:
+                for r in responses:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            _print_eval(result, out)
+        return result
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized() and cfg.rollout.engine != "vllm":
+            dist.destroy_process_group()
+
+
+def metric_for_task(task: str) -> str:
+    """The reward metric of a record task name (reward_mode / ability / data source), for reports."""
+    from golong.rewards.tasks import is_known_task, metric_for
+
+    return metric_for(task) if is_known_task(task) else "-"
+
+
+def _print_eval(result: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"eval: {result['checkpoint'] or result['model'] or 'scratch model'}, {result['prompts']} prompts x " \
+            f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
+    table = Table(title=title)
+    for col, justify in (("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")):
+        table.add_column(col, justify=justify)
+    for task, row in result["tasks"].items():
+        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}")
+    table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
+                  f"{result['reward_mean']:.3f}")
+    Console().print(table)
+    print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

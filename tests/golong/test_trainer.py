@@ -251,6 +251,54 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(config_f
     _assert_same_run(_by_step(tmp_path / "ref"), _by_step(run))
 
 
+def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_them(config_file, tmp_path):
+    """`golong eval` runs training's validation (same prompts, sampling and seeds) on a checkpoint's weights, or
+    on the Hugging Face export of that checkpoint (model.path): the per-task rewards equal those the training run
+    logged at that step, and every response lands in responses.jsonl with its score."""
+    import json
+
+    # responses long enough to earn some reward from this tiny model (8 tokens earn none)
+    longer = ("rollout.max_response_tokens=24", "data.synthetic_val_n=8", "rollout.val_n=2", "trainer.sft_steps=6",
+              "trainer.total_steps=2")
+    run = tmp_path / "run"
+    assert _train(config_file, run, "", *longer).returncode == 0
+    logged = _by_step(run)[2]
+    assert logged["val/reward/mean"] > 0
+
+    def evaluate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "golong", "eval", str(config_file), *longer,
+                               f"logging.run_dir={run}", *args], env=_env(""), cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+
+    ckpt = run / "checkpoints" / "step_000002"
+    hf = tmp_path / "hf"
+    export = subprocess.run([sys.executable, "-m", "golong", "export", str(ckpt), str(hf)], env=_env(""),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    for args, out in (((f"--checkpoint={ckpt}",), run / "eval" / "step_000002"),  # the default directory
+                      ((f"model.path={hf}", f"--out={tmp_path / 'hf_eval'}"), tmp_path / "hf_eval")):
+        done = evaluate(*args)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        result = json.loads((out / "eval.json").read_text())
+        assert result["reward_mean"] == logged["val/reward/mean"], args
+        tasks = {k.split("/")[-1]: v for k, v in logged.items() if k.startswith("val/reward/task/")}
+        assert {t: r["reward_mean"] for t, r in result["tasks"].items()} == tasks
+        assert {t: r["metric"] for t, r in result["tasks"].items()} == {"sequence_ordering": "pairwise",
+                                                                          "summarization": "rouge_l"}
+        rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+        assert len(rows) == 16 and {(r["prompt"], r["sample"]) for r in rows} == {(p, k) for p in range(8)
+                                                                                   for k in range(2)}
+        for t, mean in tasks.items():
+            mine = [r["score"] for r in rows if r["task"] == t]
+            assert len(mine) == result["tasks"][t]["responses"] and sum(mine) / len(mine) == pytest.approx(mean)
+        assert all(isinstance(r["response"], str) for r in rows)
+
+    nothing = evaluate("data.synthetic_val_n=0")
+    assert nothing.returncode == 2 and "golong: error: nothing to evaluate: set data.val_files" in nothing.stderr
+    wrong = evaluate(f"--checkpoint={run}")
+    assert wrong.returncode == 2 and f"--checkpoint {run} is not a complete training checkpoint" in wrong.stderr
+
+
 def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):
     import torch.distributed as dist
 
