@@ -1,4 +1,4 @@
-"""The `golong` command: train, eval, demo, export, plot, data, plan.
+"""The `golong` command: train, eval, demo, export, plot, data (synth, check), plan.
 
     torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml optim.lr=2e-6
     golong eval configs/qwen3-4b-tmn.yaml --checkpoint runs/qwen3-4b-tmn/checkpoints/step_000100
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path, or a directory for curves.png in it (default: "
                                                "RUN_DIR/curves.png); another suffix (.pdf, .svg) picks that format")
 
-    p = sub.add_parser("data", help="dataset tools (synthetic generator)",
+    p = sub.add_parser("data", help="dataset tools (synthetic generator, data check)",
                        description="Dataset tools.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write a synthetic dataset of the 9 capability tasks",
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context-tokens", type=int, default=1024, help="approximate context length per record")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tasks", default=None, help="comma-separated task types (default: all nine)")
+    s = dsub.add_parser("check", help="what training would see of a config's data, per task",
+                        description="Read the config's training and validation records as a run does (validated: a "
+                                    "bad record is named by file and line), chat-template and tokenize them, and "
+                                    "print per task the records, the prompts kept, left-truncated and dropped at "
+                                    "data.max_prompt_tokens, and the kept prompts' token lengths.")
+    _add_config_args(s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",
                        description="Predict per-GPU peak memory, FLOPs and a roofline step time.")
@@ -134,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from golong.plot import plot_run
 
             print(plot_run(args.run_dir, args.out))
+        elif args.command == "data" and args.data_command == "check":
+            from golong.data.check import check_data
+
+            cfg = _load(args)
+            problems = run_problems(cfg, for_eval=True)  # model / tokenizer / validation paths (training's: below)
+            if problems:
+                raise ConfigError(problems[0])
+            check_data(cfg)
         elif args.command == "data":
             from golong.data.synthetic import write_dataset
 

@@ -808,25 +808,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:
-        from golong.data import build_prompts, load_records
-        from golong.data.synthetic import generate
+        from golong.data import build_prompts
+        from golong.data.check import run_records
 
         d = self.cfg.data
-        if self.eval_only:
-            train = []
-        elif d.train_files:
-            train = load_records(list(d.train_files))
-        else:
-            if d.synthetic_n <= 0:
-                raise ConfigError("data.train_files is empty and data.synthetic_n is 0: no training data")
-            train = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
-        if d.val_files:
-            val = load_records(list(d.val_files))
-        elif d.synthetic_val_n > 0:  # a different seed: held-out prompts
-            val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919,
-                           tasks=d.synthetic_tasks or None)
-        else:
-            val = []
+        train, val = run_records(self.cfg, train=not self.eval_only)
         tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow) if train else []
         vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
         if self.eval_only and not vp:

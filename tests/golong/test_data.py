@@ -430,3 +430,57 @@ def test_demo_tokenizer_fast_deterministic_qwen_style():
     assert [t for t in mixed if any(c.isdigit() for c in t)] == list("1272024"), mixed  # also next to letters
     weird = "naïve 漢字 \x00 tab\tend 🎉"
     assert a.decode(a(weird, add_special_tokens=False)["input_ids"]) == weird  # byte-level round trip
+
+
+def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
+    """`golong data check CONFIG`: per (split, task) the records, the prompts kept / left-truncated / dropped at
+    data.max_prompt_tokens and the kept prompts' lengths, counted here independently from the chat template;
+    a task with every record over the limit is warned about; a bad record stops it with file and line."""
+    from golong.cli import main
+    from golong.config import load_config
+    from golong.data.check import check_data
+    from golong.trainer import load_tokenizer
+
+    data = tmp_path / "train.jsonl"
+    write_dataset(data, 24, 200, seed=1, tasks=["summarization", "graded_ranking"])
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {scratch: {vocab_size: 1024, hidden_size: 32, num_hidden_layers: 1, "
+                        "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, intermediate_size: 32}}\n"
+                        f"data: {{train_files: [{data}], synthetic_val_n: 4, synthetic_context_tokens: 4, "
+                        "synthetic_tasks: [sequence_ordering]}\n")
+    records = load_records(data)
+    tok = load_tokenizer(load_config(cfg_file))
+    lengths = {}
+    for r in records:
+        text = tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True)
+        lengths.setdefault(r.task, []).append(len(tok(text, add_special_tokens=False)["input_ids"]))
+    limit = sorted(lengths["summarization"])[len(lengths["summarization"]) // 2]  # about half of them over
+    assert max(lengths["graded_ranking"]) > limit
+    for overflow in ("drop", "truncate_left"):
+        cfg = load_config(cfg_file, [f"data.max_prompt_tokens={limit}", f"data.overflow={overflow}"])
+        rows = {(r["split"], r["task"]): r for r in check_data(cfg)}
+        assert set(rows) == {("train", "summarization"), ("train", "graded_ranking"), ("val", "sequence_ordering")}
+        for task, lens in lengths.items():
+            row, over = rows[("train", task)], sum(n > limit for n in lens)
+            assert (row["records"], row["metric"]) == (len(lens), {"summarization": "rouge_l",
+                                                                   "graded_ranking": "ndcg"}[task])
+            if overflow == "drop":
+                under = sorted(n for n in lens if n <= limit)
+                assert (row["kept"], row["truncated"], row["dropped"]) == (len(under), 0, over)
+                assert (row["tokens_min"], row["tokens_max"]) == ((under[0], under[-1]) if under else (0, 0))
+            else:
+                assert (row["kept"], row["truncated"], row["dropped"]) == (len(lens), over, 0)
+                assert row["tokens_max"] <= limit
+        assert rows[("val", "sequence_ordering")]["records"] == 4
+    out = capsys.readouterr().out
+    assert "graded_ranking" in out and "rouge_l" in out
+
+    # through the command: the warning for a task with no prompt left, then a bad record named by file and line
+    assert main(["data", "check", str(cfg_file), f"data.max_prompt_tokens={min(lengths['summarization'])}",
+                 "data.overflow=drop"]) == 0
+    assert "every train record of task 'graded_ranking' is over data.max_prompt_tokens" in capsys.readouterr().out
+    lines = data.read_text().splitlines()
+    lines[4] = lines[4].replace('"prompt"', '"prompts"')
+    data.write_text("\n".join(lines) + "\n")
+    assert main(["data", "check", str(cfg_file)]) == 2
+    assert re.search(r"golong: error: .*train.jsonl: line 5: .*prompt", capsys.readouterr().err)

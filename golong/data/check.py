@@ -1,0 +1,87 @@
+"""The records a run reads, and `golong data check CONFIG`: what training would see of them (per task: records,
+prompts kept, left-truncated and dropped at data.max_prompt_tokens, prompt lengths), before a job is launched."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from golong.config import RunConfig
+from golong.data.prompts import build_prompts
+from golong.data.records import Record, load_records
+from golong.data.synthetic import generate
+
+
+def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], list[Record]]:
+    """(training, validation) records of a run: data.train_files, else data.synthetic_n synthetic records;
+    data.val_files, else data.synthetic_val_n held-out synthetic records (another seed). train=False: the
+    validation records only (training's list is empty)."""
+    from golong.config import ConfigError
+
+    d = cfg.data
+    if not train:
+        records: list[Record] = []
+    elif d.train_files:
+        records = load_records(list(d.train_files))
+    elif d.synthetic_n > 0:
+        records = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
+    else:
+        raise ConfigError("data.train_files is empty and data.synthetic_n is 0: no training data")
+    if d.val_files:
+        val = load_records(list(d.val_files))
+    elif d.synthetic_val_n > 0:  # a different seed: held-out prompts
+        val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919,
+                       tasks=d.synthetic_tasks or None)
+    else:
+        val = []
+    return records, val
+
+
+def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
+    """One row per (split, task): records, prompts kept / left-truncated / dropped, kept prompts' token lengths
+    (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
+    loading does."""
+    from golong.trainer import load_tokenizer, metric_for_task
+
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg)
+    rows: list[dict[str, Any]] = []
+    for split, records in zip(("train", "val"), run_records(cfg)):
+        prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow) if records else []
+        total: dict[str, int] = defaultdict(int)
+        for r in records:
+            total[r.task] += 1
+        kept: dict[str, list[Any]] = defaultdict(list)
+        for p in prompts:
+            kept[p.record.task].append(p)
+        for task in sorted(total):
+            lengths = [len(p.input_ids) for p in kept[task]]
+            rows.append({"split": split, "task": task, "metric": metric_for_task(task), "records": total[task],
+                         "kept": len(lengths), "truncated": sum(p.truncated for p in kept[task]),
+                         "dropped": total[task] - len(lengths),
+                         "tokens_min": min(lengths, default=0), "tokens_median": int(statistics.median(lengths))
+                         if lengths else 0, "tokens_max": max(lengths, default=0)})
+    _print(rows, cfg)
+    return rows
+
+
+def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"golong data check: data.max_prompt_tokens={cfg.data.max_prompt_tokens}, "
+                        f"data.overflow={cfg.data.overflow}")
+    cols = {"split": "split", "task": "task", "metric": "metric", "records": "records", "kept": "prompts",
+            "truncated": "cut left", "dropped": "dropped", "tokens_min": "min tok", "tokens_median": "median tok",
+            "tokens_max": "max tok"}
+    for key, head in cols.items():
+        table.add_column(head, justify="left" if key in ("split", "task", "metric") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in cols))
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)  # a log file: no squeezed columns
+    for r in rows:
+        if r["kept"] == 0:
+            print(f"golong: warning: every {r['split']} record of task {r['task']!r} is over data.max_prompt_tokens="
+                  f"{cfg.data.max_prompt_tokens} (data.overflow={cfg.data.overflow}); raise the limit")
