@@ -1287,11 +1287,16 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         counts: dict[str, int] = defaultdict(int)
         for r in responses:
             counts[r["task"]] += 1
+        # the metric the records were scored by: a data source can decide it whatever the task name says (an "EM"
+        # record of ability long_context, a judge source's math_verify records: model_verify)
+        scored_by: dict[str, set[str]] = defaultdict(set)
+        for p in trainer.val_prompts:
+            scored_by[p.record.task].add(p.record.metric)
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
-                  "tasks": {t: {"metric": metric_for_task(t), "responses": counts[t],
+                  "tasks": {t: {"metric": "/".join(sorted(scored_by[t])), "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -1306,13 +1311,6 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             trainer.close()
         if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()
-
-
-def metric_for_task(task: str) -> str:
-    """The reward metric of a record task name (reward_mode / ability / data source), for reports."""
-    from golong.rewards.tasks import is_known_task, metric_for
-
-    return metric_for(task) if is_known_task(task) else "-"
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:

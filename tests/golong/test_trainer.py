@@ -299,6 +299,36 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
     assert wrong.returncode == 2 and f"--checkpoint {run} is not a complete training checkpoint" in wrong.stderr
 
 
+def test_eval_names_the_metric_each_task_was_scored_by(config_file, tmp_path):
+    """eval.json's per-task metric is the one the records were scored by, which a data source can decide whatever
+    the task name (reward_mode, else ability) says: a judge source's math_verify records score by model_verify,
+    an "EM" record of ability long_context by em, a "selection" record of a LongBench-Pro reward_mode by choice
+    (the task name's own metric was reported: math_verify, "-", ndcg)."""
+    import json
+
+    from golong.config import load_config
+    from golong.data.synthetic import generate
+    from golong.trainer import evaluate
+
+    recs = [r.to_dict() for r in generate(4, 4, seed=1, tasks=["summarization"])]
+    recs[0].update(data_source="frames_model_verify", extra_info={"reward_mode": "math_verify"},
+                   reward_model={"ground_truth": {"golden_label": "42"}})
+    recs[1].update(data_source="EM", ability="long_context", extra_info={},
+                   reward_model={"ground_truth": {"golden_label": "Ada"}})
+    recs[2].update(data_source="selection", extra_info={"reward_mode": "T1.2 Key-Snippet Retrieval"},
+                   reward_model={"ground_truth": {"golden_label": "B"}})
+    val = tmp_path / "val.jsonl"
+    with open(val, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path / 'run'}", f"data.val_files=[{val}]",
+                                    "rollout.max_response_tokens=4"])
+    result = evaluate(cfg, None, tmp_path / "out")
+    assert {t: r["metric"] for t, r in result["tasks"].items()} == {
+        "math_verify": "model_verify", "long_context": "em", "T1.2 Key-Snippet Retrieval": "choice",
+        "summarization": "rouge_l"}
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["tasks"] == result["tasks"]
+
+
 def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):
     import torch.distributed as dist
 
