@@ -270,22 +270,23 @@ class Actor:
                                         self.cfg.trainer.total_steps if total is None else total, o.lr_schedule,
                                         o.min_lr_ratio)
 
-    def apply_config_hyperparameters(self) -> list[str]:
+    def apply_config_hyperparameters(self, lr: float | None = None, lr_key: str = "optim.lr") -> list[str]:
         """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
-        checkpoint's, which loading its param groups brought back (the schedule keeps its position). Returns
-        what changed, for the log."""
+        checkpoint's, which loading its param groups brought back (the schedule keeps its position). `lr`,
+        `lr_key`: the SFT warm-up's (trainer.sft_lr) instead of optim.lr. Returns what changed, for the log."""
         o = self.cfg.optim
+        lr = o.lr if lr is None else lr
         g = self.optimizer.param_groups[0]
         impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
-        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
+        saved = {lr_key: self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
                  "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
-        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
+        wanted = {lr_key: lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
                   "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
             # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
             group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
-            group["initial_lr"], group["lr"] = o.lr, o.lr * factor
+            group["initial_lr"], group["lr"] = lr, lr * factor
             # fused / capturable Adam keeps its step counts by the parameters, the others on the host (as
             # torch's loader does): a count left on the GPU costs a .item() host sync per parameter and step
             on_device = group["fused"] or group["capturable"]
@@ -293,7 +294,7 @@ class Actor:
                 state = self.optimizer.state.get(p, {})
                 if "step" in state:
                     state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
         return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
 
     # ------------------------------------------------------------------- forward on a micro-batch
@@ -1092,9 +1093,10 @@ class Trainer:
         self.actor.scheduler.load_state_dict(state["scheduler"])
         if sft_part_way:
             self.sft_sampler.load_state_dict(state["sft_sampler"])
-        else:  # the RL optimizer: the config's settings from here on (the warm-up's are trainer.sft_*)
-            for change in self.actor.apply_config_hyperparameters():
-                log.warning(f"resume: {change} (the config's value from here on)")
+        # the config's optimizer settings from here on (the warm-up's learning rate: trainer.sft_lr)
+        lr = (self.cfg.trainer.sft_lr or self.cfg.optim.lr, "trainer.sft_lr") if sft_part_way else ()
+        for change in self.actor.apply_config_hyperparameters(*lr):
+            log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
         for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,

@@ -521,6 +521,46 @@ def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, ca
     assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
 
 
+def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_settings(config_file, tmp_path,
+                                                                                         caplog, monkeypatch):
+    """A checkpoint from part way through the SFT warm-up holds the warm-up's optimizer: resumed with other optimizer
+    settings (optim.impl after an out-of-memory, trainer.sft_lr, weight decay ...), the config's win there too, as
+    on an RL resume; they were silently the checkpoint's for the rest of the warm-up."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Preempted, Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.val_every=0", "profile.steps=[]", "trainer.total_steps=1",
+            "optim.impl=foreach"]
+    stop_at = iter([0, signal.SIGTERM])  # a stop signal agreed on after SFT step 2 of 3
+    monkeypatch.setattr(Trainer, "_agree_on_stop_signal", lambda self: next(stop_at, 0))
+    trainer = Trainer(load_config(config_file, base))
+    try:
+        with pytest.raises(Preempted, match="SFT step 2 of 3 finished and checkpointed"):
+            trainer.fit()
+    finally:
+        dist.destroy_process_group()
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    trainer = Trainer(load_config(config_file, base + ["optim.impl=fused", "optim.betas=[0.8,0.95]",
+                                                      "optim.adam_eps=1e-6", "optim.weight_decay=0.05",
+                                                      "trainer.sft_lr=5e-3"]))
+    try:
+        assert trainer.maybe_resume() is not None and trainer.sft_step == 2 and not trainer.sft_done
+        groups = trainer.actor.optimizer.param_groups
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+        dist.destroy_process_group()
+    for g in groups:
+        assert (g["foreach"], g["fused"], g["betas"], g["eps"], g["weight_decay"]) == (False, True, (0.8, 0.95),
+                                                                                       1e-6, 0.05)
+        # the warm-up's schedule keeps its place: cosine over 3 SFT steps to 0.1, 2 taken
+        assert g["initial_lr"] == 5e-3 and g["lr"] == pytest.approx(5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(
+            math.pi * 2 / 3))))
+    for change in ("trainer.sft_lr 0.02 -> 0.005", "optim.weight_decay 0.01 -> 0.05", "optim.impl foreach -> fused"):
+        assert f"resume: {change} (the config's value from here on)" in caplog.text
+
+
 def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_file, tmp_path, monkeypatch):
     """trainer.gen_batch_prompts (GoLongRL: 512 prompts generated for 128 trained): one generation batch of 8 prompts
     for a 4-prompt step; the first 4 groups with unequal scores are kept in order, the rest are discarded, and the
