@@ -417,7 +417,6 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
 
 
-
 @pytest.mark.parametrize("grouped", [True, False])
 def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_path, monkeypatch, grouped):
     """With LongBench-Pro reward modes the estimator's task ids are the metric groups GoLongRL normalises by
@@ -458,6 +457,7 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
     assert ("task/NDCG/num_prompts" in m) == grouped
     if grouped:
         assert m["task/NDCG/num_prompts"] == 4
+
 
 def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     """A checkpoint's sampler position is over its own prompt count: resuming onto more (or fewer) prompts
