@@ -153,7 +153,8 @@ class TrainerConfig:
     prompts_per_step: int = 128
     # prompts sampled per generation batch (verl's data.gen_batch_size; GoLongRL: 512 for 128 per step): dynamic
     # sampling drops all-equal groups, so a larger batch fills the step in fewer rounds; kept groups beyond
-    # prompts_per_step are discarded. 0 = prompts_per_step
+    # prompts_per_step are discarded. 0 = prompts_per_step; without algo.dynamic_sampling a step generates exactly
+    # prompts_per_step (this is not read)
     gen_batch_prompts: int = 0
     mini_batch_prompts: int = 128  # prompts per optimizer step (one PPO epoch)
     micro_batch_tokens: int = 32_768  # packed token budget per forward/backward

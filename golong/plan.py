@@ -668,8 +668,12 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     # rollout: prefill compute-bound, decode bandwidth-bound (weights per engine step + KV reads)
     tp = max(1, ro.tensor_parallel_size)
     engines = max(1, gpus // tp)
-    # one generation round at least (dynamic sampling may need more): trainer.gen_batch_prompts prompts
-    gen = (tr.gen_batch_prompts or tr.prompts_per_step) if cfg.algo.dynamic_sampling else tr.prompts_per_step
+    # the rounds of trainer.gen_batch_prompts prompts that even a batch with no all-equal group takes to fill the
+    # step (one when a round holds the step; dynamic sampling may need more), up to algo.max_num_gen_batches
+    per_gen = (tr.gen_batch_prompts or tr.prompts_per_step) if cfg.algo.dynamic_sampling else tr.prompts_per_step
+    rounds = min(math.ceil(tr.prompts_per_step / per_gen),
+                 cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1)
+    gen = rounds * per_gen
     # the n responses of a prompt share its prefill (vLLM samples n sequences from one prompt)
     prefill = (2 * s.active_params * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2) * gen
     steps = resp

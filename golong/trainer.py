@@ -270,22 +270,23 @@ class Actor:
                                         self.cfg.trainer.total_steps if total is None else total, o.lr_schedule,
                                         o.min_lr_ratio)
 
-    def apply_config_hyperparameters(self) -> list[str]:
+    def apply_config_hyperparameters(self, lr: float | None = None, lr_key: str = "optim.lr") -> list[str]:
         """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
-        checkpoint's, which loading its param groups brought back (the schedule keeps its position). Returns
-        what changed, for the log."""
+        checkpoint's, which loading its param groups brought back (the schedule keeps its position). `lr`,
+        `lr_key`: the SFT warm-up's (trainer.sft_lr) instead of optim.lr. Returns what changed, for the log."""
         o = self.cfg.optim
+        lr = o.lr if lr is None else lr
         g = self.optimizer.param_groups[0]
         impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
-        saved = {"optim.lr": self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
+        saved = {lr_key: self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
                  "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
-        wanted = {"optim.lr": o.lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
+        wanted = {lr_key: lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
                   "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
             # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
             group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
-            group["initial_lr"], group["lr"] = o.lr, o.lr * factor
+            group["initial_lr"], group["lr"] = lr, lr * factor
             # fused / capturable Adam keeps its step counts by the parameters, the others on the host (as
             # torch's loader does): a count left on the GPU costs a .item() host sync per parameter and step
             on_device = group["fused"] or group["capturable"]
@@ -293,7 +294,7 @@ class Actor:
                 state = self.optimizer.state.get(p, {})
                 if "step" in state:
                     state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
-        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
         return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
 
     # ------------------------------------------------------------------- forward on a micro-batch
@@ -1078,9 +1079,10 @@ class Trainer:
         self.actor.scheduler.load_state_dict(state["scheduler"])
         if sft_part_way:
             self.sft_sampler.load_state_dict(state["sft_sampler"])
-        else:  # the RL optimizer: the config's settings from here on (the warm-up's are trainer.sft_*)
-            for change in self.actor.apply_config_hyperparameters():
-                log.warning(f"resume: {change} (the config's value from here on)")
+        # the config's optimizer settings from here on (the warm-up's learning rate: trainer.sft_lr)
+        lr = (self.cfg.trainer.sft_lr or self.cfg.optim.lr, "trainer.sft_lr") if sft_part_way else ()
+        for change in self.actor.apply_config_hyperparameters(*lr):
+            log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
         for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
@@ -1273,11 +1275,16 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         counts: dict[str, int] = defaultdict(int)
         for r in responses:
             counts[r["task"]] += 1
+        # the metric the records were scored by: a data source can decide it whatever the task name says (an "EM"
+        # record of ability long_context, a judge source's math_verify records: model_verify)
+        scored_by: dict[str, set[str]] = defaultdict(set)
+        for p in trainer.val_prompts:
+            scored_by[p.record.task].add(p.record.metric)
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
-                  "tasks": {t: {"metric": metric_for_task(t), "responses": counts[t],
+                  "tasks": {t: {"metric": "/".join(sorted(scored_by[t])), "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -1292,13 +1299,6 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             trainer.close()
         if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()
-
-
-def metric_for_task(task: str) -> str:
-    """The reward metric of a record task name (reward_mode / ability / data source), for reports."""
-    from golong.rewards.tasks import is_known_task, metric_for
-
-    return metric_for(task) if is_known_task(task) else "-"
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:

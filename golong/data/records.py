@@ -107,9 +107,12 @@ class Record:
         if metric == "retrieval_calculate" and not (gt.doc_ids and gt.golden_label.strip()):
             raise bad("a retrieval_calculate record needs both ground_truth.doc_ids (the documents to cite) "
                       "and golden_label (the number to reach)")
-        if metric == "model_verify" and not (gt.golden_label.strip() or isinstance(extra.get("ground_truth"), str)):
-            raise bad("a math_verify record of a judge-model data source needs ground_truth.golden_label (or "
-                      "extra_info.ground_truth)")
+        answer = extra.get("ground_truth")
+        if metric == "model_verify" and not (gt.golden_label.strip() or (isinstance(answer, str) and answer.strip())):
+            # doc_ids alone do not do: this reward reads the exact answer and golden_label only (a blank one: every
+            # response would score 0)
+            raise bad("a math_verify record of a judge-model data source needs a non-empty ground_truth.golden_label "
+                      "(or extra_info.ground_truth)")
         from golong.rewards.tasks import is_known_task, known_tasks
 
         if mode and mode not in _warned_modes and not is_known_task(mode):

@@ -131,10 +131,12 @@ def metric_for(task: str) -> str:
 
 
 def route(data_source: str | None, ability: str | None = None, reward_mode: str | None = None) -> str:
-    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES),
-    else the reward_mode, else the ability, else a data_source pattern (multitableqa*, *math*).
+    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES), a judge-model
+    data source (JUDGED_SOURCE_MARKS) in reward_mode "math_verify" (model_verify), else the reward_mode, else the
+    ability, else a data_source pattern (multitableqa*, *math*).
 
-    Raises ValueError naming all three fields and the known names when none resolves.
+    Raises ValueError for a judge-model data source in any other reward_mode (it needs the recipe's judge model),
+    and naming all three fields and the known names when none resolves.
     """
     ds = data_source if isinstance(data_source, str) else ""
     if ds in DATA_SOURCES:

@@ -342,7 +342,6 @@ def test_policy_loss_defaults_and_errors():
         policy_loss(lp, old, adv, mask, global_token_count=1, dual_clip=0.5)
 
 
-
 def test_policy_loss_ignores_whatever_invalid_tokens_hold():
     """Invalid tokens may carry -inf / NaN (padding logprobs, unset advantages): the loss, its metrics and
     its gradients must be those of the valid tokens alone, as verl's masked sum (where(mask, v, 0)) gives."""
@@ -386,6 +385,7 @@ def test_policy_loss_of_a_mini_batch_without_valid_tokens_is_zero(count):
     loss.backward()
     assert loss.item() == 0.0 and all(x.item() == 0.0 for x in m.values())
     assert lp.grad.tolist() == [0.0, 0.0]
+
 
 class _TinyPolicy(torch.nn.Module):
     """logprob of the next token under a bigram softmax: enough to give the loss real parameters."""
@@ -557,7 +557,6 @@ def test_rollout_is_means_bounds_and_invalid_tokens():
     assert m["rollout_is/masked_frac"].item() == pytest.approx(1 / 6)  # only 5.0 > upper; veto is apart
 
 
-
 def test_rollout_is_metrics_ignore_what_invalid_tokens_hold():
     """-inf / NaN logprobs on invalid tokens leave the weights and every metric as with finite ones."""
     g = torch.Generator().manual_seed(5)
@@ -574,6 +573,7 @@ def test_rollout_is_metrics_ignore_what_invalid_tokens_hold():
         assert torch.equal(w0, w1)
         for k in m0:
             assert math.isfinite(m1[k].item()) and m1[k].item() == pytest.approx(m0[k].item(), rel=1e-6), k
+
 
 def test_is_weights_scale_the_loss():
     lp, old, adv, mask, *_ = _loss_inputs(seed=2)
@@ -607,7 +607,6 @@ def test_dynamic_sampling_filter():
     keep, m = dynamic_sampling_filter(torch.tensor([1.0, 0.0, 0.0]), ["x", "y", "y"])
     assert keep.tolist() == [True, False, False]
     assert m["dynamic_sampling/dropped_all_max"] == 0 and m["dynamic_sampling/dropped_all_zero"] == 1
-
 
 
 def test_longbench_pro_subtasks_share_their_metric_groups_task_statistics():

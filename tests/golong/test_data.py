@@ -83,6 +83,15 @@ def test_goLongRL_dict_layout_parses():
     (lambda d: d.update(data_source="retrieval_calculate"), "retrieval_calculate record needs both"),
     (lambda d: d.update(data_source="qa_model_judge", extra_info={"reward_mode": "model_judge"}),
      "scored by a judge model in GoLongRL, which golong does not run"),
+    # a judge source's math_verify record reads golden_label / extra_info.ground_truth only: doc_ids do not do,
+    # nor does a blank answer (every response would score 0)
+    (lambda d: d.update(data_source="qa_model_verify", extra_info={"reward_mode": "math_verify"}),
+     "judge-model data source needs a non-empty ground_truth.golden_label"),
+    (lambda d: d.update(data_source="qa_model_verify", extra_info={"reward_mode": "math_verify", "ground_truth": ""}),
+     "judge-model data source needs a non-empty ground_truth.golden_label"),
+    (lambda d: d.update(data_source="qa_model_verify", extra_info={"reward_mode": "math_verify",
+                                                                   "ground_truth": " \n"}),
+     "judge-model data source needs a non-empty ground_truth.golden_label"),
 ])
 def test_bad_jsonl_record_names_file_and_line(tmp_path, breaker, message):
     rows = [_row(i) for i in range(4)]

@@ -113,6 +113,15 @@ def test_parameter_counts_and_rollout_work_by_hand():
                     gpu_mem_gib=mem).throughput
     assert math.isclose(plain.rollout_prefill_flops * prompts, t.rollout_prefill_flops * cfg.trainer.prompts_per_step,
                         rel_tol=1e-12)
+    # a generation batch smaller than the step: the trainer generates rounds until the step is full, so 32 prompts
+    # a round for 128 a step is 4 rounds at least (was counted as one: a quarter of the rollout), at most
+    # algo.max_num_gen_batches of them
+    for extra, rounds in ((["trainer.gen_batch_prompts=32"], 4), (["trainer.gen_batch_prompts=48"], 3),
+                          (["trainer.gen_batch_prompts=32", "algo.max_num_gen_batches=2"], 2)):
+        small = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", extra), gpus=gpus, gpu_mem_gib=mem).throughput
+        per_gen = int(extra[0].split("=")[1])
+        assert math.isclose(small.rollout_prefill_flops * cfg.trainer.prompts_per_step,
+                            plain.rollout_prefill_flops * rounds * per_gen, rel_tol=1e-12), extra
     reserve = cfg.rollout.gpu_memory_utilization * mem * 1024**3 * cfg.rollout.tensor_parallel_size - 2 * s.total_params
     assert math.isclose(t.kv_seqs_per_engine, reserve / (s.kv_bytes_per_token * S), rel_tol=1e-12)
     # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward

@@ -299,6 +299,36 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
     assert wrong.returncode == 2 and f"--checkpoint {run} is not a complete training checkpoint" in wrong.stderr
 
 
+def test_eval_names_the_metric_each_task_was_scored_by(config_file, tmp_path):
+    """eval.json's per-task metric is the one the records were scored by, which a data source can decide whatever
+    the task name (reward_mode, else ability) says: a judge source's math_verify records score by model_verify,
+    an "EM" record of ability long_context by em, a "selection" record of a LongBench-Pro reward_mode by choice
+    (the task name's own metric was reported: math_verify, "-", ndcg)."""
+    import json
+
+    from golong.config import load_config
+    from golong.data.synthetic import generate
+    from golong.trainer import evaluate
+
+    recs = [r.to_dict() for r in generate(4, 4, seed=1, tasks=["summarization"])]
+    recs[0].update(data_source="frames_model_verify", extra_info={"reward_mode": "math_verify"},
+                   reward_model={"ground_truth": {"golden_label": "42"}})
+    recs[1].update(data_source="EM", ability="long_context", extra_info={},
+                   reward_model={"ground_truth": {"golden_label": "Ada"}})
+    recs[2].update(data_source="selection", extra_info={"reward_mode": "T1.2 Key-Snippet Retrieval"},
+                   reward_model={"ground_truth": {"golden_label": "B"}})
+    val = tmp_path / "val.jsonl"
+    with open(val, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path / 'run'}", f"data.val_files=[{val}]",
+                                    "rollout.max_response_tokens=4"])
+    result = evaluate(cfg, None, tmp_path / "out")
+    assert {t: r["metric"] for t, r in result["tasks"].items()} == {
+        "math_verify": "model_verify", "long_context": "em", "T1.2 Key-Snippet Retrieval": "choice",
+        "summarization": "rouge_l"}
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["tasks"] == result["tasks"]
+
+
 def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, tmp_path, monkeypatch, caplog):
     import torch.distributed as dist
 
@@ -387,7 +417,6 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     assert m["reward/pass_rate"] == pytest.approx(sum(s >= 1.0 for s in every) / len(every))
 
 
-
 @pytest.mark.parametrize("grouped", [True, False])
 def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_path, monkeypatch, grouped):
     """With LongBench-Pro reward modes the estimator's task ids are the metric groups GoLongRL normalises by
@@ -428,6 +457,7 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
     assert ("task/NDCG/num_prompts" in m) == grouped
     if grouped:
         assert m["task/NDCG/num_prompts"] == 4
+
 
 def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     """A checkpoint's sampler position is over its own prompt count: resuming onto more (or fewer) prompts
@@ -489,6 +519,46 @@ def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, ca
                    "[0.8, 0.95]", "optim.adam_eps 1e-08 -> 1e-06", "optim.impl foreach -> fused"):
         assert f"resume: {change} (the config's value from here on)" in caplog.text
     assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
+
+
+def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_settings(config_file, tmp_path,
+                                                                                         caplog, monkeypatch):
+    """A checkpoint from part way through the SFT warm-up holds the warm-up's optimizer: resumed with other optimizer
+    settings (optim.impl after an out-of-memory, trainer.sft_lr, weight decay ...), the config's win there too, as
+    on an RL resume; they were silently the checkpoint's for the rest of the warm-up."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Preempted, Trainer
+
+    base = [f"logging.run_dir={tmp_path}", "trainer.val_every=0", "profile.steps=[]", "trainer.total_steps=1",
+            "optim.impl=foreach"]
+    stop_at = iter([0, signal.SIGTERM])  # a stop signal agreed on after SFT step 2 of 3
+    monkeypatch.setattr(Trainer, "_agree_on_stop_signal", lambda self: next(stop_at, 0))
+    trainer = Trainer(load_config(config_file, base))
+    try:
+        with pytest.raises(Preempted, match="SFT step 2 of 3 finished and checkpointed"):
+            trainer.fit()
+    finally:
+        dist.destroy_process_group()
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    trainer = Trainer(load_config(config_file, base + ["optim.impl=fused", "optim.betas=[0.8,0.95]",
+                                                      "optim.adam_eps=1e-6", "optim.weight_decay=0.05",
+                                                      "trainer.sft_lr=5e-3"]))
+    try:
+        assert trainer.maybe_resume() is not None and trainer.sft_step == 2 and not trainer.sft_done
+        groups = trainer.actor.optimizer.param_groups
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+        dist.destroy_process_group()
+    for g in groups:
+        assert (g["foreach"], g["fused"], g["betas"], g["eps"], g["weight_decay"]) == (False, True, (0.8, 0.95),
+                                                                                       1e-6, 0.05)
+        # the warm-up's schedule keeps its place: cosine over 3 SFT steps to 0.1, 2 taken
+        assert g["initial_lr"] == 5e-3 and g["lr"] == pytest.approx(5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(
+            math.pi * 2 / 3))))
+    for change in ("trainer.sft_lr 0.02 -> 0.005", "optim.weight_decay 0.01 -> 0.05", "optim.impl foreach -> fused"):
+        assert f"resume: {change} (the config's value from here on)" in caplog.text
 
 
 def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_file, tmp_path, monkeypatch):
