@@ -42,7 +42,7 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     """One row per (split, task): records, prompts kept / left-truncated / dropped, kept prompts' token lengths
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
     loading does."""
-    from golong.trainer import load_tokenizer, metric_for_task
+    from golong.trainer import load_tokenizer
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
@@ -50,14 +50,16 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     for split, records in zip(("train", "val"), run_records(cfg)):
         prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow) if records else []
         total: dict[str, int] = defaultdict(int)
+        scored_by: dict[str, set[str]] = defaultdict(set)  # a data source can decide the metric, not the task name
         for r in records:
             total[r.task] += 1
+            scored_by[r.task].add(r.metric)
         kept: dict[str, list[Any]] = defaultdict(list)
         for p in prompts:
             kept[p.record.task].append(p)
         for task in sorted(total):
             lengths = [len(p.input_ids) for p in kept[task]]
-            rows.append({"split": split, "task": task, "metric": metric_for_task(task), "records": total[task],
+            rows.append({"split": split, "task": task, "metric": "/".join(sorted(scored_by[task])), "records": total[task],
                          "kept": len(lengths), "truncated": sum(p.truncated for p in kept[task]),
                          "dropped": total[task] - len(lengths),
                          "tokens_min": min(lengths, default=0), "tokens_median": int(statistics.median(lengths))
