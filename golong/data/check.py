@@ -59,11 +59,12 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
             kept[p.record.task].append(p)
         for task in sorted(total):
             lengths = [len(p.input_ids) for p in kept[task]]
-            rows.append({"split": split, "task": task, "metric": "/".join(sorted(scored_by[task])), "records": total[task],
-                         "kept": len(lengths), "truncated": sum(p.truncated for p in kept[task]),
-                         "dropped": total[task] - len(lengths),
-                         "tokens_min": min(lengths, default=0), "tokens_median": int(statistics.median(lengths))
-                         if lengths else 0, "tokens_max": max(lengths, default=0)})
+            rows.append({"split": split, "task": task, "metric": "/".join(sorted(scored_by[task])),
+                         "records": total[task], "kept": len(lengths),
+                         "truncated": sum(p.truncated for p in kept[task]), "dropped": total[task] - len(lengths),
+                         "tokens_min": min(lengths, default=0),
+                         "tokens_median": int(statistics.median(lengths)) if lengths else 0,
+                         "tokens_max": max(lengths, default=0)})
     _print(rows, cfg)
     return rows
 
