@@ -14,12 +14,13 @@ from golong.algo.advantages import group_index
 
 
 def dynamic_sampling_filter(scores: torch.Tensor, prompt_ids: Sequence[Hashable] | torch.Tensor, *,
-                            keep_singletons: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+                            keep_singletons: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """keep_mask [B] bool (True for responses of prompts with non-constant scores) and metrics.
 
-    A group of one response is kept by default, as GoLongRL's filter does: one score cannot show
-    the group is constant, and GRPO still gives it A = r (mu 0, sigma 1); `keep_singletons=False`
-    drops it as constant. Metrics (python floats):
+    A group of one response has all its scores equal and is dropped, as DESIGN.md's contract says;
+    `keep_singletons=True` keeps it, as GoLongRL's filter does (`std > 0 or len == 1`: one score cannot
+    show the group is constant, and GRPO gives it A = r). The trainer filters only with n > 1 responses
+    per prompt, where the two agree. Metrics (python floats):
     dynamic_sampling/{num_prompts, kept_prompts, dropped_prompts, kept_frac, dropped_all_max,
     dropped_all_zero} -- the last two count dropped groups solved (all >= 1) and failed (all <= 0).
     """

@@ -591,20 +591,20 @@ def test_is_weights_scale_the_loss():
 def test_dynamic_sampling_filter():
     scores = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.3, 1.0, 1.0, 1.0])
     pids = ["a", "a", "b", "b", "c", "c", "d", "e", "e", "e"]
-    keep, m = dynamic_sampling_filter(scores, pids, keep_singletons=False)
+    keep, m = dynamic_sampling_filter(scores, pids)  # DESIGN.md: a group of one has all its scores equal
     assert keep.tolist() == [False, False, True, True, False, False, False, False, False, False]
     assert m["dynamic_sampling/kept_prompts"] == 1 and m["dynamic_sampling/dropped_prompts"] == 4
     assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
     assert m["dynamic_sampling/kept_frac"] == pytest.approx(1 / 5)
     assert m["dynamic_sampling/num_prompts"] == 5
-    # by default a group of one is kept, as GoLongRL's filter keeps it (`std > 0 or len == 1`)
-    keep, m = dynamic_sampling_filter(scores, pids)
+    # keep_singletons: a group of one is kept, as GoLongRL's filter keeps it (`std > 0 or len == 1`)
+    keep, m = dynamic_sampling_filter(scores, pids, keep_singletons=True)
     assert keep.tolist() == [False, False, True, True, False, False, True, False, False, False]
     assert m["dynamic_sampling/kept_prompts"] == 2 and m["dynamic_sampling/dropped_prompts"] == 3
     assert m["dynamic_sampling/dropped_all_max"] == 2 and m["dynamic_sampling/dropped_all_zero"] == 1
     assert m["dynamic_sampling/kept_frac"] == pytest.approx(2 / 5)
     # a lone 1.0 or 0.0 is kept too, so it counts in neither dropped_all_* metric
-    keep, m = dynamic_sampling_filter(torch.tensor([1.0, 0.0, 0.0]), ["x", "y", "y"])
+    keep, m = dynamic_sampling_filter(torch.tensor([1.0, 0.0, 0.0]), ["x", "y", "y"], keep_singletons=True)
     assert keep.tolist() == [True, False, False]
     assert m["dynamic_sampling/dropped_all_max"] == 0 and m["dynamic_sampling/dropped_all_zero"] == 1
 
