@@ -366,15 +366,34 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
     assert all(torch.equal(at_step_2[n], after[n]) for n in after)  # ... and step 3 changed nothing
 
 
+def _scripted_train_step(cfg, monkeypatch, scripted, prepare=None) -> tuple[dict, list]:
+    """Trainer.train_step(1) with `scripted` in place of generation and scoring and the update replaced by a
+    recorder: (the step's metrics, the rollouts the update received). `prepare(trainer)` runs first."""
+    import torch.distributed as dist
+
+    from golong.trainer import Trainer
+
+    seen = {}
+    try:
+        trainer = Trainer(cfg)
+        if prepare is not None:
+            prepare(trainer)
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
+            rollouts=list(rollouts)) or {})
+        m = trainer.train_step(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return m, seen["rollouts"]
+
+
 def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_update(config_file, tmp_path,
                                                                                       monkeypatch):
     """Scripted scores through Trainer.train_step: dynamic sampling drops the tied groups of the first generation
     batch and tops the batch up from the second; the update receives exactly the kept groups, with the
     advantages of TMN-GRPO + difficulty reweighting (the per-response loop oracle of test_algo)."""
-    import torch.distributed as dist
-
     from golong.config import load_config
-    from golong.trainer import Trainer
     from tests.golong.test_algo import _loop_oracle
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -384,25 +403,16 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     script = [[[1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.25, 0.0, 1.0, 0.75]],
               [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 1.0, 0.0], [0.3, 0.9, 0.9, 0.2]],
               [[0.0, 1.0, 0.0, 1.0]] * 4]
-    calls, seen = [], {}
-    try:
-        trainer = Trainer(cfg)
+    calls = []
 
-        def scripted(prompts, n, params, seed_key, label):
-            scores = script[len(calls)]
-            calls.append(seed_key)
-            return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n])
-                    for j in range(len(prompts) * n)], {}
+    def scripted(prompts, n, params, seed_key, label):
+        scores = script[len(calls)]
+        calls.append(seed_key)
+        return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n])
+                for j in range(len(prompts) * n)], {}
 
-        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
-        monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
-            rollouts=list(rollouts)) or {})
-        m = trainer.train_step(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    m, got = _scripted_train_step(cfg, monkeypatch, scripted)
     assert len(calls) == 2 and m["dynamic_sampling/gen_batches"] == 2  # full after the second batch
-    got = seen["rollouts"]
     # kept in generation order: batch 0's groups 1, 3, then batch 1's groups 0 (= 4) and 2 (= 6)
     assert [r.group for r in got] == [g for g in (1, 3, 4, 6) for _ in range(4)]
     flat = [s for b, p in ((0, 1), (0, 3), (1, 0), (1, 2)) for s in script[b][p]]
@@ -421,10 +431,7 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
 def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_path, monkeypatch, grouped):
     """With LongBench-Pro reward modes the estimator's task ids are the metric groups GoLongRL normalises by
     (T1.1 and T1.2 -> one "NDCG" task scale), or the raw subtasks with algo.group_lbp_by_metric=false."""
-    import torch.distributed as dist
-
     from golong.config import load_config
-    from golong.trainer import Trainer
     from tests.golong.test_algo import _loop_oracle
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -433,23 +440,15 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
                                     f"algo.group_lbp_by_metric={str(grouped).lower()}"])
     scores = [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], [0.25, 0.0, 1.0, 0.75], [0.0, 1.0, 1.0, 0.0]]
     modes = ["T1.1 Global Cohesive Retrieval", "T1.2 Key-Snippet Retrieval"]
-    seen = {}
-    try:
-        trainer = Trainer(cfg)
+
+    def name_subtasks(trainer):
         for i, p in enumerate(trainer.train_prompts):
             p.record.extra_info["reward_mode"] = modes[i % 2]
 
-        def scripted(prompts, n, params, seed_key, label):
-            return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n]) for j in range(len(prompts) * n)], {}
+    def scripted(prompts, n, params, seed_key, label):
+        return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n]) for j in range(len(prompts) * n)], {}
 
-        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
-        monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
-            rollouts=list(rollouts)) or {})
-        m = trainer.train_step(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    got = seen["rollouts"]
+    m, got = _scripted_train_step(cfg, monkeypatch, scripted, prepare=name_subtasks)
     assert {r.task for r in got} == set(modes)  # the records' own task names are untouched
     tasks = ["NDCG" if grouped else r.task for r in got]
     want = _loop_oracle("tmn_grpo", [r.score for r in got], [r.group for r in got], tasks)
