@@ -1080,8 +1080,9 @@ class Trainer:
         if sft_part_way:
             self.sft_sampler.load_state_dict(state["sft_sampler"])
         # the config's optimizer settings from here on (the warm-up's learning rate: trainer.sft_lr)
-        lr = (self.cfg.trainer.sft_lr or self.cfg.optim.lr, "trainer.sft_lr") if sft_part_way else ()
-        for change in self.actor.apply_config_hyperparameters(*lr):
+        lr, lr_key = (self.cfg.trainer.sft_lr or self.cfg.optim.lr, "trainer.sft_lr") if sft_part_way else \
+            (None, "optim.lr")
+        for change in self.actor.apply_config_hyperparameters(lr, lr_key):
             log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
@@ -1253,6 +1254,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
     import json
 
     from golong.checkpoint import MARKER
+    from golong.data.check import task_metrics
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and not (ckpt / MARKER).is_file():  # before the model is built
@@ -1275,23 +1277,21 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         counts: dict[str, int] = defaultdict(int)
         for r in responses:
             counts[r["task"]] += 1
-        # the metric the records were scored by: a data source can decide it whatever the task name says (an "EM"
-        # record of ability long_context, a judge source's math_verify records: model_verify)
-        scored_by: dict[str, set[str]] = defaultdict(set)
-        for p in trainer.val_prompts:
-            scored_by[p.record.task].add(p.record.metric)
+        metric = task_metrics(p.record for p in trainer.val_prompts)
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
-                  "tasks": {t: {"metric": "/".join(sorted(scored_by[t])), "responses": counts[t],
+                  "tasks": {t: {"metric": metric[t], "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             with open(out / "responses.jsonl", "w") as f:
                 for r in responses:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            # eval.json last and by rename: where it exists, both files are whole
+            (out / "eval.json.tmp").write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(out / "eval.json.tmp", out / "eval.json")
             _print_eval(result, out)
         return result
     finally:

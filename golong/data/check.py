@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from golong.config import RunConfig
@@ -38,6 +39,15 @@ def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], li
     return records, val
 
 
+def task_metrics(records: Iterable[Record]) -> dict[str, str]:
+    """task name -> the metric its records are scored by ("a/b" when they mix): a data source can decide the
+    metric whatever the task name says (an "EM" record of ability long_context, a judge source's math_verify)."""
+    scored_by: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        scored_by[r.task].add(r.metric)
+    return {t: "/".join(sorted(m)) for t, m in scored_by.items()}
+
+
 def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     """One row per (split, task): records, prompts kept / left-truncated / dropped, kept prompts' token lengths
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
@@ -50,16 +60,15 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     for split, records in zip(("train", "val"), run_records(cfg)):
         prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow) if records else []
         total: dict[str, int] = defaultdict(int)
-        scored_by: dict[str, set[str]] = defaultdict(set)  # a data source can decide the metric, not the task name
         for r in records:
             total[r.task] += 1
-            scored_by[r.task].add(r.metric)
+        metric = task_metrics(records)
         kept: dict[str, list[Any]] = defaultdict(list)
         for p in prompts:
             kept[p.record.task].append(p)
         for task in sorted(total):
             lengths = [len(p.input_ids) for p in kept[task]]
-            rows.append({"split": split, "task": task, "metric": "/".join(sorted(scored_by[task])),
+            rows.append({"split": split, "task": task, "metric": metric[task],
                          "records": total[task], "kept": len(lengths),
                          "truncated": sum(p.truncated for p in kept[task]), "dropped": total[task] - len(lengths),
                          "tokens_min": min(lengths, default=0),
