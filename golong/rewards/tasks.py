@@ -79,14 +79,15 @@ def _canon(name: str) -> str:
 _LBP_CANON = {_canon(name): metric for name, metric in LONGBENCH_PRO.items()}
 
 
+def _lbp_metric(task: str) -> str | None:
+    """The metric of a LongBench-Pro subtask: its full name, its number ("T1.1") or a spacing / case variant."""
+    return LONGBENCH_PRO.get(task) or _LBP_SHORT.get(task.strip().upper()) or _LBP_CANON.get(_canon(task))
+
+
 def _lookup(task: str) -> str | None:
-    if task in LONGBENCH_PRO:
-        return LONGBENCH_PRO[task]
-    if task.strip().upper() in _LBP_SHORT:
-        return _LBP_SHORT[task.strip().upper()]
+    if (m := _lbp_metric(task)) is not None:
+        return m
     c = _canon(task)
-    if c in _LBP_CANON:  # spacing / case variants of the full subtask names
-        return _LBP_CANON[c]
     if c in CAPABILITIES:
         return CAPABILITIES[c]
     if c in METRIC_NAMES:
@@ -108,7 +109,7 @@ def task_group(task: str) -> str:
     task name unchanged."""
     if not isinstance(task, str):
         return task
-    m = LONGBENCH_PRO.get(task) or _LBP_SHORT.get(task.strip().upper()) or _LBP_CANON.get(_canon(task))
+    m = _lbp_metric(task)
     return LBP_GROUPS[m] if m is not None else task
 
 
