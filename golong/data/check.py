@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from golong.config import RunConfig
+from golong.config import ConfigError, RunConfig
 from golong.data.prompts import build_prompts
 from golong.data.records import Record, load_records
 from golong.data.synthetic import generate
@@ -18,8 +18,6 @@ def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], li
     """(training, validation) records of a run: data.train_files, else data.synthetic_n synthetic records;
     data.val_files, else data.synthetic_val_n held-out synthetic records (another seed). train=False: the
     validation records only (training's list is empty)."""
-    from golong.config import ConfigError
-
     d = cfg.data
     if not train:
         records: list[Record] = []
