@@ -490,13 +490,22 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 
+def _check_offsets(offsets: torch.Tensor, rows: int) -> None:
+    ends = offsets.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    if bool((ends < starts).any()) or (ends[-1].item() if len(ends) else 0) != rows:
+        shown = offsets.tolist()
+        raise ValueError(f"offsets must be non-decreasing cumulative row ends from >= 0 to offsets[-1] == M = {rows}"
+                         f"; got {shown[:12]}{' ...' if len(shown) > 12 else ''}")
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Grouped matmul: x [M, K], w [G, K, N] (any strides), offsets [G] int32 -> y [M, N].
 
-    Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets must be non-decreasing with
-    offsets[-1] == M (not checked: that would need a host sync). The Triton kernels clamp bad offsets so they
-    never touch memory outside x, w and y; rows past offsets[-1] are then left unwritten (by every backend:
-    torch._grouped_mm and the torch loop leave them uninitialised too). backend: "auto" | "triton" | "torch".
+    Rows offsets[g-1]:offsets[g] of x are multiplied by w[g]; offsets must be non-decreasing from >= 0 with
+    offsets[-1] == M: a ValueError where offsets live on the host, not checked on a GPU (that would need a host
+    sync). There the Triton kernels clamp bad offsets so they never touch memory outside x, w and y; rows past
+    offsets[-1] are then left unwritten. backend: "auto" | "triton" | "torch".
     """
     if x.dim() != 2 or w.dim() != 3 or offsets.dim() != 1:
         raise ValueError(f"expected x [M,K], w [G,K,N], offsets [G]; got {tuple(x.shape)}, {tuple(w.shape)}, "
@@ -507,6 +516,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
         raise TypeError(f"offsets must be int32, got {offsets.dtype}")
     if x.dtype != w.dtype:
         raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
+    if offsets.device.type == "cpu":  # free on the host; bad offsets leave rows of y uninitialised
+        _check_offsets(offsets, x.shape[0])
+    return grouped_mm_unchecked(x, w, offsets, backend)
+
+
+def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """grouped_mm without its input checks, for callers whose offsets are valid by construction
+    (kernels.moe_mlp: the routing's), so the MoE path reads nothing on the host even on CPU."""
     if backend == "auto":
         backend = "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kernels import tuned
 from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
-from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm
+from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm_unchecked
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
 # triton backend: the gate_up GEMM reads each permuted row straight from x through its token index (forward
@@ -219,9 +219,9 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
         a = out if fuse else swiglu(out, backend)  # [T*k, I]
     else:
         xp = routing.permute(x, backend)  # [T*k, H], rows grouped by expert
-        h = grouped_mm(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, 2I]
+        h = grouped_mm_unchecked(xp, gate_up_proj.transpose(1, 2), routing.offsets, backend)  # [T*k, 2I]
         a = swiglu(h, backend)  # gate first, as transformers' chunk(2) reads it
-    yp = grouped_mm(a, down_proj.transpose(1, 2), routing.offsets, backend=backend)  # [T*k, H]
+    yp = grouped_mm_unchecked(a, down_proj.transpose(1, 2), routing.offsets, backend)  # [T*k, H]
     return routing.unpermute(yp, backend)
 
 

@@ -223,6 +223,14 @@ def test_dispatcher_validates_inputs():
         grouped_mm(x[None], w, torch.tensor([3, 6], dtype=torch.int32))
     with pytest.raises(TypeError, match="dtypes differ"):
         grouped_mm(x, w.double(), torch.tensor([3, 6], dtype=torch.int32))
+    # offsets on the host are checked (torch._grouped_mm left rows past a short last offset uninitialised)
+    for bad in ([3, 5], [3, 7], [4, 3], [-1, 6]):
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match=r"non-decreasing .* M = 6; got \[" + str(bad[0])):
+                grouped_mm(x, w, torch.tensor(bad, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="M = 6; got \\[\\]"):  # no group cannot hold 6 rows
+        grouped_mm(x, w[:0], torch.zeros(0, dtype=torch.int32))
+    assert grouped_mm(x[:0], w[:0], torch.zeros(0, dtype=torch.int32)).shape == (0, 3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
