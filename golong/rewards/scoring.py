@@ -136,9 +136,15 @@ def _record_fields(record: Any) -> tuple[str | None, str | None, dict, Any]:
     return record.data_source, record.ability, record.extra_info or {}, record.ground_truth
 
 
+def _listed(value: Any) -> Any:
+    """A list for a numpy array (pandas reads parquet list columns as arrays), else `value` as it is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (str, bytes)) else value
+
+
 def record_target(record: Any) -> tuple[str, Gold]:
     """(metric, gold) of a data record: its routed metric and the gold field that metric reads."""
     data_source, ability, extra, gt = _record_fields(record)
+    gt = _listed(gt)
     metric = route(data_source, ability, extra.get("reward_mode") if isinstance(extra, dict) else None)
     if isinstance(gt, list) and gt and not isinstance(gt[0], str):
         gt = gt[-1]  # verl datasets sometimes store a list of ground-truth dicts: the last one counts
@@ -150,10 +156,10 @@ def record_target(record: Any) -> tuple[str, Gold]:
     if isinstance(gt, (str, list)):
         return metric, gt
     if isinstance(gt, dict):
-        doc_ids = list(gt.get("doc_ids") or [])
+        doc_ids = list(_listed(gt.get("doc_ids")) or [])
         label = gt.get("golden_label") or ""
     else:
-        doc_ids, label = list(getattr(gt, "doc_ids", []) or []), getattr(gt, "golden_label", "") or ""
+        doc_ids, label = list(_listed(getattr(gt, "doc_ids", [])) or []), getattr(gt, "golden_label", "") or ""
     if metric == "retrieval_calculate":  # both: the documents to cite and the number to reach
         return metric, {"doc_ids": doc_ids, "golden_label": label}
     if metric in LIST_METRICS:

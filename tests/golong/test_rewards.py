@@ -836,6 +836,18 @@ def test_score_record_goLongRL_layouts():
     assert score_record(math_rec, "\\boxed{0.75}", require_think=False) == 1.0
 
 
+def test_score_record_takes_rows_read_with_pandas():
+    """pandas reads parquet list columns as numpy arrays: doc_ids raised numpy's "truth value of an array is
+    ambiguous", a list of ground-truth dicts was not taken for one."""
+    np = pytest.importorskip("numpy")
+    lbp = _verl("longbench_pro", {"doc_ids": np.array(["e1", "e2", "e3"], dtype=object), "golden_label": "",
+                                  "summary": ""}, "T2.1 Global Timeline Reconstruction")
+    assert score_record(lbp, R("[Answer]\ne1\ne3\ne2")) == pytest.approx(2 / 3)
+    em = _verl("EM", np.array([{"doc_ids": np.array([]), "golden_label": "7"},
+                               {"doc_ids": np.array([]), "golden_label": "42"}], dtype=object))
+    assert score_record(em, R("42")) == 1.0 and score_record(em, R("7")) == 0.0
+
+
 def test_judge_model_sources_score_their_math_verify_records_as_the_recipe_does():
     """GoLongRL scores records of its judge-model data sources (names containing model_verify, model_judge,
     retrieval_summary_calculate) in reward_mode math_verify without the judge: 1 when the text after </think> is
