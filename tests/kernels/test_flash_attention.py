@@ -459,6 +459,22 @@ def test_flash_attention_refuses_integer_inputs(backend):
         flash_attention(q, k, k, cu, backend=backend)
 
 
+def test_triton_backend_refuses_offsets_past_int32():
+    """The kernels compute row * row stride in int32: a q whose rows span 2**31 elements (a contiguous q from
+    524,288 rows at 32 x 128 heads; here 3 rows 2**30 apart in a lazily allocated, untouched 4 GiB buffer) wrapped
+    to a negative offset, which the interpreter turned into a segfault and a GPU into reads of other memory."""
+    D, stride = 16, 2**30
+    q = torch.empty(2 * stride + D, dtype=torch.float16).as_strided((3, 1, D), (stride, D, 1))
+    k = torch.randn(3, 1, D, dtype=torch.float16)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"index in int32, but q \(3, 1, 16\) .* spans 2147483664 elements"):
+        flash_attention(q, k, k, cu, backend="triton")
+    dq, rows = torch.zeros(3, 1, D), fa.Rows.from_cu_seqlens(cu)
+    with pytest.raises(ValueError, match="index in int32, but dout"):
+        fa.block_attention_bwd(q, k, k, k, torch.zeros(3, 1), torch.zeros(3, 1), rows, rows, causal=True, scale=1.0,
+                               backend="triton", dq=dq, dk=dq.clone(), dv=dq.clone())
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
     """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""
