@@ -880,6 +880,10 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled() and ctx.backend == "triton":  # create_graph=True: the kernels build no graph
+            # (the torch backend's ops do, through the saved out and lse, so it is twice differentiable)
+            raise RuntimeError("flash_attention's triton backend is differentiable once: create_graph=True (double "
+                               "backward) needs backend='torch'")
         q, k, v, out, lse, doc, pos = ctx.saved_tensors
         rows = Rows(doc, pos)
         if dout is None:

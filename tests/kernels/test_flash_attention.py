@@ -475,6 +475,25 @@ def test_triton_backend_refuses_offsets_past_int32():
                                backend="triton", dq=dq, dk=dq.clone(), dv=dq.clone())
 
 
+def test_double_backward_torch_matches_fp64_and_triton_refuses_it_by_name():
+    """The torch backend's backward is torch ops on the saved out / lse, so create_graph=True gives true second
+    derivatives; the triton one failed inside a mul(out=) with a message naming neither op nor backend."""
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(9, h, 16, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    g_lse = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    second = []
+    for attend in (lambda: flash_attention(q, k, v, cu, backend="torch"),
+                   lambda: per_document_attention(q, k, v, [0, 3, 9], True)):
+        out, lse = attend()
+        first = torch.autograd.grad(out.square().sum() + (lse * g_lse).sum(), (q, k, v), create_graph=True)
+        second.append(torch.autograd.grad(sum(x.square().sum() for x in first), (q, k, v)))
+    assert all(rel(a, b) < 1e-5 for a, b in zip(*second))
+    out, lse = flash_attention(q.float(), k.float(), v.float(), cu, backend="triton")
+    with pytest.raises(RuntimeError, match="triton backend is differentiable once"):
+        torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
     """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""
