@@ -616,8 +616,20 @@ def _cfg(q: torch.Tensor) -> TritonConfig:
     return config_for(q.device)
 
 
+def _check_int32_offsets(**tensors: torch.Tensor) -> None:
+    """The kernels compute element offsets (row * row stride + ...) in int32: past 2**31 elements they wrap and
+    read or write elsewhere (at Qwen3-4B's 32 x 128 q heads, from 524,288 packed rows on)."""
+    for name, t in tensors.items():
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n)
+        if t.numel() and last >= 2**31:
+            raise ValueError(f"the triton attention kernels index in int32, but {name} {tuple(t.shape)} (strides "
+                             f"{t.stride()}) spans {last + 1} elements; use backend='torch', or fewer rows per device "
+                             "(ring_attention over zigzag shards)")
+
+
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
                 scale: float, out: torch.Tensor, lse: torch.Tensor, merge: bool = False) -> None:
+    _check_int32_offsets(q=q, k=k, v=v, out=out)
     Tq, Hq, D = q.shape
     if Tq == 0:
         return
@@ -634,6 +646,7 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
 
 
 def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    _check_int32_offsets(out=out, dout=do)
     Tq, Hq, D = out.shape
     delta = torch.empty(Tq, Hq, device=out.device, dtype=torch.float32)
     if Tq == 0:
@@ -651,6 +664,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                 delta: torch.Tensor, qr: Rows, kr: Rows, causal: bool, scale: float,
                 dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, accumulate: bool) -> None:
     """Write (or with accumulate, add into) dq, dk, dv; the buffers' dtype is the output dtype."""
+    _check_int32_offsets(dout=do, q=q, k=k, v=v, dq=dq, dk=dk, dv=dv)
     Tq, Hq, D = q.shape
     Tk, Hkv, _ = k.shape
     if Tq == 0 or Tk == 0:
@@ -866,6 +880,10 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled() and ctx.backend == "triton":  # create_graph=True: the kernels build no graph
+            # (the torch backend's ops do, through the saved out and lse, so it is twice differentiable)
+            raise RuntimeError("flash_attention's triton backend is differentiable once: create_graph=True (double "
+                               "backward) needs backend='torch'")
         q, k, v, out, lse, doc, pos = ctx.saved_tensors
         rows = Rows(doc, pos)
         if dout is None:

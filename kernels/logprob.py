@@ -871,6 +871,10 @@ class _LinearLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels and in-place chunk updates build no graph,
+            # so a second derivative would silently miss terms (triton) or fail inside an out= op (torch)
+            raise RuntimeError("linear_logprob_entropy is differentiable once: create_graph=True (double "
+                               "backward) is not supported")
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dh or need_dw):

@@ -61,6 +61,8 @@ class Routing:
     def unpermute(self, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """y [T*k, H] (permuted order) -> [T, H]: out[t] = sum_j weights[t, j] * y[inverse[t*k + j]]."""
         self._check_rows(y, self.num_tokens * self.top_k, "y", "T*k")
+        if not y.is_floating_point():  # the weights are cast to y's dtype: integers would combine with weight 0
+            raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
         return _Unpermute.apply(y, self.weights.to(y.dtype), self.order, self.inverse, _use_triton(backend, y))
 
     def _check_rows(self, t: torch.Tensor, rows: int, name: str, what: str) -> None:
@@ -72,8 +74,9 @@ class Routing:
 def _use_triton(backend: str, t: torch.Tensor) -> bool:
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; valid: 'auto', 'triton', 'torch'")
-    # one program holds a whole row (see _combine_kernel); wider rows take the torch path
-    return (backend == "triton" or (backend == "auto" and t.is_cuda)) and t.shape[-1] <= MAX_TRITON_ROW
+    # one program holds a whole row (see _combine_kernel); wider rows take the torch path, and so do empty ones
+    # (a BLOCK_H of next_power_of_2(0) = 1 makes no valid launch)
+    return (backend == "triton" or (backend == "auto" and t.is_cuda)) and 0 < t.shape[-1] <= MAX_TRITON_ROW
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class _Permute(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         if ctx.use_triton:
             return _triton_combine(grad, inverse, None, inverse.numel() // ctx.top_k, ctx.top_k), None, None, None, None
-        g = grad[inverse].view(-1, ctx.top_k, grad.shape[-1])
+        g = grad[inverse].view(inverse.numel() // ctx.top_k, ctx.top_k, grad.shape[-1])  # not -1: H may be 0
         return g.sum(1), None, None, None, None  # reductions accumulate in fp32 for bf16 inputs
 
 

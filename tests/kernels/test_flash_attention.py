@@ -459,6 +459,41 @@ def test_flash_attention_refuses_integer_inputs(backend):
         flash_attention(q, k, k, cu, backend=backend)
 
 
+def test_triton_backend_refuses_offsets_past_int32():
+    """The kernels compute row * row stride in int32: a q whose rows span 2**31 elements (a contiguous q from
+    524,288 rows at 32 x 128 heads; here 3 rows 2**30 apart in a lazily allocated, untouched 4 GiB buffer) wrapped
+    to a negative offset, which the interpreter turned into a segfault and a GPU into reads of other memory."""
+    D, stride = 16, 2**30
+    q = torch.empty(2 * stride + D, dtype=torch.float16).as_strided((3, 1, D), (stride, D, 1))
+    k = torch.randn(3, 1, D, dtype=torch.float16)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"index in int32, but q \(3, 1, 16\) .* spans 2147483664 elements"):
+        flash_attention(q, k, k, cu, backend="triton")
+    dq, rows = torch.zeros(3, 1, D), fa.Rows.from_cu_seqlens(cu)
+    with pytest.raises(ValueError, match="index in int32, but dout"):
+        fa.block_attention_bwd(q, k, k, k, torch.zeros(3, 1), torch.zeros(3, 1), rows, rows, causal=True, scale=1.0,
+                               backend="triton", dq=dq, dk=dq.clone(), dv=dq.clone())
+
+
+def test_double_backward_torch_matches_fp64_and_triton_refuses_it_by_name():
+    """The torch backend's backward is torch ops on the saved out / lse, so create_graph=True gives true second
+    derivatives; the triton one failed inside a mul(out=) with a message naming neither op nor backend."""
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(9, h, 16, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    g_lse = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    second = []
+    for attend in (lambda: flash_attention(q, k, v, cu, backend="torch"),
+                   lambda: per_document_attention(q, k, v, [0, 3, 9], True)):
+        out, lse = attend()
+        first = torch.autograd.grad(out.square().sum() + (lse * g_lse).sum(), (q, k, v), create_graph=True)
+        second.append(torch.autograd.grad(sum(x.square().sum() for x in first), (q, k, v)))
+    assert all(rel(a, b) < 1e-5 for a, b in zip(*second))
+    out, lse = flash_attention(q.float(), k.float(), v.float(), cu, backend="triton")
+    with pytest.raises(RuntimeError, match="triton backend is differentiable once"):
+        torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
     """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""

@@ -487,3 +487,20 @@ def test_bad_targets_and_temperature_are_errors():
             kernels.linear_logprob_entropy(h, w, torch.tensor([0, 1, 2, 3, 4]), temperature)
     lp, _ = kernels.linear_logprob_entropy(h, w, torch.tensor([0, IGNORE, 10, 3, IGNORE]))  # ignored ids are fine
     assert lp[1] == 0 and lp[4] == 0 and (lp[[0, 2, 3]] < 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_is_refused_not_wrong(backend):
+    """The backward builds no graph of its own: a second derivative through it used to be silently incomplete
+    (triton: no dh term at all, dW's missed dz's dependence on h and W) or fail inside an addcmul(out=) (torch).
+    create_graph=True is refused by name; plain first-order gradients are unchanged."""
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    t = torch.tensor([0, IGNORE, 10, 3, 4, 5])
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, backend=backend)
+    with pytest.raises(RuntimeError, match="differentiable once: create_graph=True"):
+        torch.autograd.grad((lp + ent).sum(), (h, w), create_graph=True)
+    lp, ent = kernels.linear_logprob_entropy(h, w, t, backend=backend)
+    dh, = torch.autograd.grad((lp + ent).sum(), h)
+    h64 = h.detach().double().requires_grad_()
+    lp64, ent64 = linear_logprob_entropy_reference(h64, w.detach().double(), t)
+    assert _rel(dh, torch.autograd.grad((lp64 + ent64).sum(), h64)[0]) < 1e-5

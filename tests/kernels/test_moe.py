@@ -549,3 +549,17 @@ def test_shape_checks_name_the_routing():
     with pytest.raises(ValueError, match="shapes: "):  # gate | up needs an even 2I
         expert_mlp(torch.randn(7, 8), r, torch.randn(4, 7, 8, generator=g), torch.randn(4, 8, 3, generator=g))
     assert expert_mlp(torch.randn(7, 8), r, gate_up, down).shape == (7, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unpermute_refuses_integer_rows_and_takes_empty_rows(backend):
+    """An integer y used to come back all zeros (the routing weights, cast to y's dtype, round to 0); rows of width
+    0 failed inside the Triton kernel (arange(0, 0)) in unpermute and in permute's backward."""
+    r = moe_route(torch.randn(5, 4), 2, backend=backend)
+    with pytest.raises(TypeError, match="y must be a floating-point tensor, got torch.int64"):
+        r.unpermute(torch.arange(20).view(10, 2), backend=backend)
+    x = torch.randn(5, 0, requires_grad=True)
+    xp = r.permute(x, backend=backend)
+    assert r.unpermute(xp, backend=backend).shape == (5, 0)
+    (dx,) = torch.autograd.grad(xp.sum(), x)
+    assert dx.shape == (5, 0)
