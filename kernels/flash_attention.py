@@ -718,12 +718,12 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
-    """The local kernel for a q [T, H, D]; the Triton kernels tile head_dim as one power-of-two block."""
+    """The local kernel for a q [T, H, D]; the Triton kernels tile head_dim as one power-of-two block.
+    (flash_attention takes "flash_attn" before this; the ring's blocks need our kernels' partial-merge.)"""
     if backend == "auto":
         backend = "triton" if t.is_cuda and t.dtype in TRITON_DTYPES else "torch"
     if backend not in ("triton", "torch"):
-        raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch', "
-                         "'flash_attn'")
+        raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch'")
     if backend == "triton":
         check_triton_dtype(t, "q/k/v")
     d = t.shape[-1]
@@ -939,6 +939,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         raise ValueError(f"q, k and v must hold the same packed rows in one dtype; got q {tuple(q.shape)} {q.dtype}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
     check_cu_seqlens(cu_seqlens, q.shape[0], tail=True)
+    if backend not in ("auto", "triton", "torch", "flash_attn"):
+        raise ValueError(f"unknown attention backend {backend!r}; valid: 'auto', 'triton', 'torch', 'flash_attn'")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if backend == "flash_attn":
         if _flash_attn_available(q):

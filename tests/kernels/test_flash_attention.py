@@ -423,7 +423,8 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
         qd, kd = torch.randn(9, 4, d), torch.randn(9, 2, d)
         with pytest.raises(ValueError, match=f"power of two in \\[16, 256\\], got {d}"):
             flash_attention(qd, kd, kd, cu, backend="triton")
-    with pytest.raises(ValueError, match="unknown local attention backend 'cuda'"):
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'; valid: 'auto', 'triton', 'torch', "
+                                         "'flash_attn'"):
         flash_attention(q, k, k, cu, backend="cuda")
 
 

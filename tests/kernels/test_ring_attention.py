@@ -43,6 +43,10 @@ def test_shard_and_ring_check_inputs_before_any_communication():
         ring_attention(q, k, k, torch.tensor([0, 8], dtype=torch.int32), group=None)
     with pytest.raises(ValueError, match="same rows in one dtype"):
         ring_attention(q, k[:3, :1], k[:3, :1], torch.tensor([0, 8], dtype=torch.int32), group=None)
+    # the ring runs our kernels' block steps (partial outputs merged by LSE): flash-attn is no choice there
+    with pytest.raises(ValueError, match="unknown local attention backend 'flash_attn'; valid: 'auto', 'triton', "
+                                         "'torch'$"):
+        ring_attention(k, k, k, torch.tensor([0, 4], dtype=torch.int32), group=None, backend="flash_attn")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
@@ -235,6 +239,11 @@ def _ring_body(rank, world):
     x = torch.randn(5, 2, 16)
     with pytest.raises(ValueError, match=r"rank 0 holds 5 q / 5 k rows, but zigzag_shard .* cu_seqlens .* gives it 9"):
         ring_attention(x, x, x, torch.tensor([0, 9], dtype=torch.int32), solo, backend="torch")
+    # double backward is refused by name (the ring's backward builds no graph: a second derivative would be wrong)
+    x.requires_grad_()
+    y = ring_attention(x, x, x, torch.tensor([0, 5], dtype=torch.int32), solo, backend="torch")
+    with pytest.raises(RuntimeError, match="ring_attention is differentiable once"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
     dist.barrier()
 
 
