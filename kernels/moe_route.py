@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dtypes import TRITON_DTYPES
+
 
 @dataclass
 class Routing:
@@ -76,7 +78,9 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
         raise ValueError(f"unknown backend {backend!r}; valid: 'auto', 'triton', 'torch'")
     # one program holds a whole row (see _combine_kernel); wider rows take the torch path, and so do empty ones
     # (a BLOCK_H of next_power_of_2(0) = 1 makes no valid launch)
-    return (backend == "triton" or (backend == "auto" and t.is_cuda)) and 0 < t.shape[-1] <= MAX_TRITON_ROW
+    # auto: fp64 goes to torch, since the kernels compute in fp32 (kernels.dtypes)
+    auto = backend == "auto" and t.is_cuda and t.dtype in TRITON_DTYPES
+    return (backend == "triton" or auto) and 0 < t.shape[-1] <= MAX_TRITON_ROW
 
 
 # --------------------------------------------------------------------------------------------

@@ -563,3 +563,18 @@ def test_unpermute_refuses_integer_rows_and_takes_empty_rows(backend):
     assert r.unpermute(xp, backend=backend).shape == (5, 0)
     (dx,) = torch.autograd.grad(xp.sum(), x)
     assert dx.shape == (5, 0)
+
+
+def test_auto_backend_sends_fp64_to_torch_on_cuda():
+    """The routing / combine / SwiGLU kernels compute in fp32: "auto" on CUDA took them for fp64 too (an fp64
+    oracle then matched only to fp32 precision), against kernels.dtypes' rule."""
+    from types import SimpleNamespace
+
+    from kernels.moe_route import _use_triton
+
+    def on_cuda(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(4, 8))
+
+    assert not _use_triton("auto", on_cuda(torch.float64))
+    assert all(_use_triton("auto", on_cuda(dt)) for dt in (torch.float32, torch.float16, torch.bfloat16))
+    assert _use_triton("triton", on_cuda(torch.float64))  # asked for by name
