@@ -496,6 +496,16 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
     assert not (tmp_path / "plots.png").exists()
 
 
+def test_plot_to_an_unknown_image_format_is_one_line(tmp_path, capsys):
+    """--out run.v2 or curves.xyz: was matplotlib's ValueError traceback after the plot was drawn."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.xyz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"golong: error: --out {tmp_path / 'curves.xyz'}: unsupported image format '.xyz'; "
+                          "use one of: ") and ".png" in err and ".svg" in err and "\n" not in err, err
+    assert not (tmp_path / "curves.xyz").exists()
+
+
 def test_cuda_profiler_window_is_a_no_op_without_cuda():
     from golong.profiling import cuda_profiler_window
 
