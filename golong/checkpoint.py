@@ -278,8 +278,8 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
                 if k not in ("torch_dtype", "dtype") and theirs.get(k) != ours.get(k)]
         if diff:
             msg += ". Its config.json differs in " + ", ".join(diff)
-    raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir"
-                     " (or checkpoint.resume=none) for a new run.")
+    raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir for a new "
+                     "run.")
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
