@@ -22,6 +22,7 @@ from, and prunes around, its own checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,13 @@ class Checkpointer:
         if optimizer is not None:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=str(path))
+            with _reading(path):
+                dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=str(path))
+            with _reading(path):
+                dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
                            options=StateDictOptions(strict=True))
         rng_file = path / f"rng_rank{_rank()}.pt"
@@ -278,8 +281,23 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
                 if k not in ("torch_dtype", "dtype") and theirs.get(k) != ours.get(k)]
         if diff:
             msg += ". Its config.json differs in " + ", ".join(diff)
-    raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir"
-                     " (or checkpoint.resume=none) for a new run.")
+    raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir for a new "
+                     "run.")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """DCP's read errors in one line: its CheckpointException is a BaseException (no handler of the CLI's sees it)
+    that prints every rank's traceback. A sealed checkpoint fails so when files were removed or cut since (a copy
+    of it stopped part way)."""
+    try:
+        yield
+    except dcp.api.CheckpointException as e:
+        failure = next(iter(e.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) and failure else failure
+        what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        raise ConfigError(f"checkpoint {path} is damaged: {what} (it was complete when written; a file was removed "
+                          "or cut since)") from None
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
@@ -307,7 +325,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
         size += t.nbytes
     progress = ProgressLog(f"export: reading {ckpt}", len(params), "tensors",
                            total_bytes=sum(t.nbytes for t in params.values()))
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+    with warnings.catch_warnings(), _reading(ckpt):  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         for part in parts:
             dcp.load({"model": part}, checkpoint_id=str(ckpt), no_dist=True)  # in place, into the model's tensors

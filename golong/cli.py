@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"golong: error: {e}\n")  # one write: lines of several ranks do not interleave
         return 2
     except ValueError as e:
-        if args.command != "data":  # data synth: unknown task names, unsupported formats
+        if args.command not in ("data", "plot"):  # data synth: unknown task names, unsupported formats; plot: --out
             raise
         sys.stderr.write(f"golong: error: {e}\n")
         return 2

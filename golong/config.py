@@ -173,7 +173,8 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <logging.run_dir>/checkpoints
     every: int = 50
     keep_last: int = 2
-    resume: str = "auto"  # "auto" (latest valid), "none", or a checkpoint path
+    # "auto" (latest valid), "none" (a new run: refused where checkpoints already are), or a checkpoint path
+    resume: str = "auto"
 
 
 @dataclass
@@ -351,8 +352,9 @@ def _check_values(cfg: RunConfig) -> None:
 def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     """What would stop a training run of a valid config, one line each naming its key: no training data, a
     file or directory the run reads that does not exist (data files, model and tokenizer directories, an
-    explicit resume checkpoint). `golong train` stops on the first; `--dry-run` lists them as warnings (a
-    config is often checked away from the cluster it runs on). for_eval: what `golong eval` reads only (the
+    explicit resume checkpoint), checkpoint.resume=none where an earlier run's checkpoints are. `golong train`
+    stops on the first; `--dry-run` lists them as warnings (a config is often checked away from the cluster it
+    runs on). for_eval: what `golong eval` reads only (the
     validation files, model and tokenizer)."""
     problems = [] if for_eval or cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
         "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
@@ -365,7 +367,24 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     if cfg.checkpoint.resume not in ("auto", "none") and not for_eval:
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
     problems += [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
-    return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume)
+    return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)
+
+
+def _fresh_run_problem(cfg: RunConfig) -> list[str]:
+    """checkpoint.resume=none where checkpoints of a run already are: the new run would prune them (newest sealed
+    are kept, checkpoint.keep_last) and add its rows to that run's metrics.jsonl."""
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+    if cfg.checkpoint.resume != "none" or not ckpt_dir.is_dir():
+        return []
+    from golong.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(ckpt_dir)
+    if newest is None:
+        return []
+    return [f"checkpoint.resume=none starts a new run, but {ckpt_dir} holds an earlier run's checkpoints (newest: "
+            f"{newest.name}), which it would prune (checkpoint.keep_last): set another "
+            f"{'checkpoint.dir' if cfg.checkpoint.dir else 'logging.run_dir'} for the new run, or "
+            "checkpoint.resume=auto to continue that one"]
 
 
 def _resume_problem(resume: str) -> list[str]:

@@ -11,7 +11,8 @@ and after RL with the validation sampling settings. Writes into the output direc
     hf/               the final policy as a Hugging Face model (checked: transformers loads it)
     checkpoints/      the DCP training checkpoints
 
-and prints a per-task table at the end.
+and prints a per-task table at the end. A later demo with the same output directory replaces these (and only
+these); a directory whose outputs the demo did not write (another run's) is refused, not emptied.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.
 # outputs of an earlier demo in the same directory (the demo always starts from scratch)
 # (wandb_run_id too: a new demo is a new W&B run, not a resume of the last one)
 _OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id")
+# written into the output directory before training: its outputs are a demo's, which the next demo may replace
+_MARKER = ".golong-demo"
 
 
 def _free_port() -> int:
@@ -131,6 +134,11 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
     cfg = load_config(config or DEFAULT_CONFIG, [*overrides, f"logging.run_dir={out}", "checkpoint.resume=none"])
     if cfg.trainer.sft_steps <= 0 or not cfg.trainer.val_every:
         raise ConfigError("the demo needs trainer.sft_steps > 0 and trainer.val_every > 0")  # CLI: one line
+    found = [name for name in _OUTPUTS if (out / name).exists()]
+    if found and not (out / _MARKER).is_file() and not (out / "summary.json").is_file():
+        # another run's directory (--out runs/my-run): the demo would delete its checkpoints and metrics
+        raise FileExistsError(f"--out {out} holds {', '.join(found)} that golong demo did not write (a training run's "
+                              "outputs?); the demo replaces these: choose another --out, or remove them")
     for name in _OUTPUTS:
         p = out / name
         if p.is_dir():
@@ -138,6 +146,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
         elif p.exists():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("outputs of golong demo: the next demo with this --out replaces them\n")
     log.info(f"golong demo -> {out}: tiny Qwen3-MoE from scratch, {cfg.trainer.sft_steps} SFT steps, then "
              f"{cfg.trainer.total_steps} GRPO steps ({cfg.algo.adv_estimator}"
              f"{' + difficulty reweight' if cfg.algo.difficulty_reweight else ''}) on {world_size} gloo ranks")

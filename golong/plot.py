@@ -35,6 +35,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
@@ -46,6 +47,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         out = out / "curves.png"
     elif not out.suffix:  # matplotlib would add ".png" itself, and the path we report would not exist
         out = out.with_name(out.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:  # checked before drawing: matplotlib raises only when saving
+        raise ValueError(f"--out {out}: unsupported image format {out.suffix!r}; use one of: "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     panels = [

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from golong.checkpoint import Checkpointer, load_trainer_state
+from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
 from golong.config import ConfigError, RunConfig, to_dict
 from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
@@ -87,6 +87,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # SIGTERM ended, so a wrapper that requeues such jobs treats this one alike; distinct from a crash (1), a bad
 # config (2) and non-finite steps (3).
 PREEMPTED_EXIT_CODE = 143
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT): 128 + SIGINT, as a shell reports it
 
 
 def _fault(kind: str, step: int) -> bool:
@@ -1330,6 +1331,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     except Preempted as e:  # a non-zero status, so that the scheduler requeues the job
         log.warning(f"preempted: {e}")
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
+    except KeyboardInterrupt:  # Ctrl-C: not a traceback, but what is kept and how to go on
+        newest = latest_checkpoint(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+        kept = f"the newest checkpoint is {newest} (later steps are not saved)" if newest else "no checkpoint saved"
+        log.warning(f"interrupted: {kept}. Run the same command again to continue (checkpoint.resume=auto); "
+                    "SIGTERM instead finishes and checkpoints the step under way")
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         if trainer is not None:
             trainer.close()

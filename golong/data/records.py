@@ -176,7 +176,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                # some of json's messages end in "at" themselves ("Invalid control character at")
+                raise RecordError(f"{path}: line {n}: invalid JSON ({e.msg.removesuffix(' at')} at column "
+                                  f"{e.colno})") from None
             yield f"{path}: line {n}", d
 
 

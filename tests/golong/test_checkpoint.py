@@ -173,6 +173,29 @@ def test_newest_means_most_recently_saved(tmp_path):
     assert new_run.resolve("auto") == tmp_path / "ck" / "step_000050"
 
 
+def test_a_damaged_checkpoint_is_one_line_for_resume_eval_and_export(tmp_path, capsys):
+    """A sealed checkpoint whose shard file was removed or cut (a copy stopped part way) ended resume, eval and
+    export in DCP's CheckpointException, a BaseException no handler sees, with every rank's traceback."""
+    from golong.cli import main
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck")
+    path = ck.save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    shard = next(path.glob("*.distcp"))
+    for damage, cause in ((lambda: shard.write_bytes(shard.read_bytes()[:1000]), "EOFError"),
+                          (shard.unlink, f"FileNotFoundError: [Errno 2] No such file or directory: '{shard}'")):
+        damage()
+        message = f"checkpoint {path} is damaged: {cause} (it was complete when written; a file was removed or cut " \
+                  "since)"
+        for load in (lambda: ck.load(path, *_model_and_opt()), lambda: ck.load(path, _model_and_opt()[0], None),
+                     lambda: export_hf(path, tmp_path / "hf")):
+            with pytest.raises(ConfigError) as e:
+                load()
+            assert str(e.value) == message
+        assert main(["export", str(path), str(tmp_path / "hf")]) == 2
+        assert capsys.readouterr().err.strip() == f"golong: error: {message}"
+
+
 def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
     model, opt = _model_and_opt()
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints").save(1, model, opt, {"step": 1},

@@ -214,7 +214,8 @@ def test_run_problems_name_every_missing_path(tmp_path):
         f"model.path: {tmp_path}/m does not exist", f"model.tokenizer: {tmp_path}/tok does not exist",
         f"checkpoint.resume ('auto', 'none' or a checkpoint directory): {tmp_path}/step_9 does not exist"]
     for resume in ("auto", "none"):  # keywords, not paths
-        ok = load_config(ROOT / "configs/demo-cpu.yaml", [f"checkpoint.resume={resume}"])
+        ok = load_config(ROOT / "configs/demo-cpu.yaml", [f"checkpoint.resume={resume}",
+                                                          f"logging.run_dir={tmp_path}/fresh"])
         assert run_problems(ok) == []
     assert run_problems(load_config(ROOT / "configs/demo-cpu.yaml", [f"data.train_files=[{data}]",
                                                                       "data.synthetic_n=0"])) == []
@@ -241,6 +242,32 @@ def test_resume_from_a_directory_that_is_no_checkpoint_stops_before_setup(tmp_pa
     assert problems(step) == []
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), f"checkpoint.resume={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip() == f"golong: error: {problems(tmp_path / 'run')[0]}"
+
+
+def test_a_new_run_where_an_earlier_runs_checkpoints_are_stops_before_setup(tmp_path, capsys):
+    """checkpoint.resume=none in a run directory that holds checkpoints started a new run there, which pruned the
+    earlier run's checkpoints (newest sealed kept, checkpoint.keep_last) and appended to its metrics.jsonl."""
+    from golong.config import run_problems
+
+    step = tmp_path / "run" / "checkpoints" / "step_000090"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("90\n")
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    message = (f"checkpoint.resume=none starts a new run, but {step.parent} holds an earlier run's checkpoints "
+               "(newest: step_000090), which it would prune (checkpoint.keep_last): set another logging.run_dir for "
+               "the new run, or checkpoint.resume=auto to continue that one")
+    assert run_problems(load_config(cfg, [f"logging.run_dir={tmp_path / 'run'}", "checkpoint.resume=none"])) == [
+        message]
+    assert run_problems(load_config(cfg, [f"checkpoint.dir={step.parent}", "checkpoint.resume=none"])) == [
+        message.replace("another logging.run_dir", "another checkpoint.dir")]
+    for resume in ("auto", str(step)):  # continuing it, or branching from one of its checkpoints on purpose
+        assert run_problems(load_config(cfg, [f"logging.run_dir={tmp_path / 'run'}", f"checkpoint.resume={resume}"])) \
+            == []
+    (tmp_path / "half" / "checkpoints" / ".tmp-step_000001").mkdir(parents=True)  # no complete checkpoint: nothing lost
+    assert run_problems(load_config(cfg, [f"logging.run_dir={tmp_path / 'half'}", "checkpoint.resume=none"])) == []
+    assert main(["train", cfg, f"logging.run_dir={tmp_path / 'run'}", "checkpoint.resume=none"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: {message}"
+    assert sorted(p.name for p in step.parent.iterdir()) == ["step_000090"]
 
 
 def test_synth_passes_seed_and_context_length(tmp_path):
@@ -494,6 +521,16 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
         assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
         assert capsys.readouterr().out.strip() == str(want) and want.is_file()
     assert not (tmp_path / "plots.png").exists()
+
+
+def test_plot_to_an_unknown_image_format_is_one_line(tmp_path, capsys):
+    """--out run.v2 or curves.xyz: was matplotlib's ValueError traceback after the plot was drawn."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.xyz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"golong: error: --out {tmp_path / 'curves.xyz'}: unsupported image format '.xyz'; "
+                          "use one of: ") and ".png" in err and ".svg" in err and "\n" not in err, err
+    assert not (tmp_path / "curves.xyz").exists()
 
 
 def test_cuda_profiler_window_is_a_no_op_without_cuda():

@@ -102,6 +102,16 @@ def test_bad_jsonl_record_names_file_and_line(tmp_path, breaker, message):
         load_records(path)
 
 
+def test_a_raw_control_character_in_a_string_reads_as_one_clause(tmp_path):
+    """A string with a raw control character (a tab pasted into a prompt) read "Invalid control character at
+    at column 19": json's message ends in "at" itself."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(_row(0)) + "\n" + '{"data_source": "a\tb"}\n')
+    with pytest.raises(RecordError) as e:
+        load_records(path)
+    assert str(e.value) == f"{path}: line 2: invalid JSON (Invalid control character at column 19)"
+
+
 def test_invalid_json_line_and_parquet_row(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(_row(0)) + "\n\n" + '{"data_source": \n')

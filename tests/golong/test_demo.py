@@ -22,6 +22,7 @@ def test_demo_smoke_writes_every_artifact(tmp_path, capsys):
     out = tmp_path / "demo"
     # an earlier demo's outputs are replaced, anything else in the directory is left alone
     (out / "hf").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")  # an earlier demo's (finished; a killed one leaves .golong-demo)
     (out / "hf" / "model-00009-of-00009.safetensors").write_text("stale")
     (out / "metrics.jsonl").write_text(json.dumps({"step": 99, "val/reward/mean": 0.5}) + "\n")
     (out / "notes.txt").write_text("mine")
@@ -73,6 +74,24 @@ def test_demo_refuses_a_config_without_sft_or_validation(tmp_path):
         with pytest.raises(ValueError, match="the demo needs trainer.sft_steps > 0 and trainer.val_every > 0"):
             run_demo(tmp_path / "d", overrides=[override])
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_refuses_an_out_dir_holding_another_run(tmp_path, monkeypatch, capsys):
+    """`golong demo --out runs/my-run` deleted that training run's checkpoints and metrics.jsonl before training."""
+    import golong.demo as demo
+    from golong.cli import main
+
+    run = tmp_path / "my-run"
+    (run / "checkpoints" / "step_000100").mkdir(parents=True)
+    (run / "checkpoints" / "step_000100" / "COMPLETE").write_text("100\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 100, "reward/mean": 0.5}) + "\n")
+    monkeypatch.setattr(demo, "_launch", lambda cfg, world: pytest.fail("the demo trained"))
+    assert main(["demo", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"golong: error: --out {run} holds metrics.jsonl, checkpoints that golong demo did not write (a "
+                   "training run's outputs?); the demo replaces these: choose another --out, or remove them"), err
+    assert (run / "checkpoints" / "step_000100" / "COMPLETE").is_file() and (run / "metrics.jsonl").is_file()
+    assert not (run / ".golong-demo").exists()
 
 
 def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch, capsys):

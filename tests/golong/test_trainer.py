@@ -177,6 +177,21 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
     assert _by_step(run)[5]["actor/lr"] == pytest.approx(5e-3 * factor)
 
 
+def test_ctrl_c_is_one_line_naming_the_checkpoint_a_rerun_continues_from(config_file, tmp_path):
+    """Ctrl-C (SIGINT) mid-run printed a KeyboardInterrupt traceback. Now: one line naming the newest checkpoint
+    (step 2 here, checkpoint.every=2; step 3 under way is not saved), status 130; the rerun continues from it."""
+    run = tmp_path / "run"
+    status, out = _signal_mid_step(config_file, run, 3, signal.SIGINT)
+    said = " ".join(out.split())  # rich may wrap lines
+    assert status == 130 and "Traceback" not in out, out[-3000:]
+    assert f"interrupted: the newest checkpoint is {run / 'checkpoints' / 'step_000002'} (later steps are not " \
+           "saved). Run the same command again to continue (checkpoint.resume=auto)" in said, said[-3000:]
+    resumed = _train(config_file, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_000002" in resumed.stderr.split("resumed from")[1].split("\n")[0]
+    assert max(_by_step(run)) == 4
+
+
 def test_sigterm_checkpoints_the_step_under_way_and_resume_continues_identically(config_file, tmp_path):
     """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill a job) ended the process at once: all
     since the last checkpoint was lost. Now the step under way finishes, is checkpointed (here step 3, which
