@@ -66,6 +66,8 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet / jsonl in GoLongRL/verl format
     val_files: list[str] = field(default_factory=list)
     max_prompt_tokens: int = 163_840
+    # over max_prompt_tokens: the longest messages lose their starts (golong.data.prompts), or the prompt is dropped
+    # (so is one that would keep no question)
     overflow: str = _choice("truncate_left", ("truncate_left", "drop"))
     shuffle: bool = True
     seed: int = 0

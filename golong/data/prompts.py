@@ -3,7 +3,7 @@
 Left truncation keeps the chat template intact: the longest message's *content* loses tokens from
 its start (documents come first in long-context prompts, the question last), then the template is
 re-applied; when that message is used up, the next longest is cut. A prompt that still does not fit
-(template overhead alone too long) is dropped.
+(template overhead alone too long), or would fit only without its last user message (the question), is dropped.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]], kwargs: dict[str, An
 def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], limit: int,
                    kwargs: dict[str, Any]) -> list[int] | None:
     msgs = [dict(m) for m in messages]
+    question = max((k for k, m in enumerate(msgs) if m.get("role") == "user"), default=None)
     excess = len(ids) - limit
     # one round per message emptied, plus a few: re-tokenising cut text can merge differently
     for _ in range(len(msgs) + 6):
@@ -47,6 +48,8 @@ def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int
         if not tokens[j]:
             return None  # nothing left to cut: the template alone is over the limit
         keep = max(len(tokens[j]) - excess, 0)
+        if not keep and j == question:
+            return None  # a prompt without its question teaches nothing: drop it
         # a cut inside a multi-byte character decodes to U+FFFD: drop the partial character
         msgs[j]["content"] = tokenizer.decode(tokens[j][len(tokens[j]) - keep:]).lstrip("\ufffd") if keep else ""
         ids = _encode(tokenizer, msgs, kwargs)

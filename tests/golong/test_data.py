@@ -262,6 +262,15 @@ def test_truncation_cuts_further_messages_and_whole_characters(tok):
                         "<|im_start|>assistant\n<|im_end|>\n")
         kept = last.removesuffix("<|im_end|>\n<|im_start|>assistant\n")
         assert msgs[3]["content"].endswith(kept) and kept.endswith("beta QUESTION?"), limit
+    # room for less than the system message: cutting would empty the question (the longest message first),
+    # leaving the system message's tail as the prompt; such a prompt is dropped
+    rec = Record("EM", [{"role": "system", "content": "alpha " * 60}, {"role": "user", "content": user}], "",
+                 GroundTruth(["x"], "x"))
+    assert build_prompts([rec], tok, 100) == []
+    (p,) = build_prompts([rec], tok, 400)  # room for the question's end: the user message is cut, then fits
+    text = tok.decode(p.input_ids)
+    assert p.truncated and text.startswith("<|im_start|>system\nalpha alpha")
+    assert text.rstrip().endswith("beta QUESTION?<|im_end|>\n<|im_start|>assistant")
     cjk = Record("EM", [{"role": "user", "content": "漢字テキスト" * 200 + " END"}], "", GroundTruth(["x"], "x"))
     for limit in range(90, 100):  # cut points inside multi-byte characters
         (p,) = build_prompts([cjk], tok, limit)
