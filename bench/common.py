@@ -7,6 +7,7 @@ the table in bench/README.md.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import gc
 import json
@@ -72,11 +73,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def release_freed_heap() -> None:
+    """Hand the heap pages glibc keeps after free() back to the OS (malloc_trim), so RSS is live memory only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[int, Any]:
     """Peak memory (bytes) fn() allocates above what was live when it started, and its result.
 
     CUDA: torch.cuda.max_memory_allocated. CPU: resident-set sampling in a thread (the CPU
-    allocator has no peak counter); large allocations are touched, so RSS sees them.
+    allocator has no peak counter); large allocations are touched, so RSS sees them. The freed heap
+    is trimmed first: pages an earlier call freed but glibc kept are already resident, and fn()
+    reusing them would raise no RSS (its peak would read low, down to 0).
     """
     gc.collect()
     if torch.cuda.is_available():
@@ -86,6 +97,7 @@ def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[i
         out = fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, out
+    release_freed_heap()
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()

@@ -219,6 +219,27 @@ def test_report_shows_profile_kernels_rows():
     assert report.value_str(row) == "calls/iter=2, ms/iter=3.781, share=0.715"
 
 
+def test_cpu_peak_memory_counts_heap_an_earlier_call_freed():
+    """RSS sampling: 80 MiB live at once in 2 MiB blocks that reuse heap pages an earlier call freed (glibc keeps
+    them resident) must still count; without trimming the freed heap first the peak read ~0."""
+    import torch
+
+    from bench.common import peak_extra_memory
+
+    def work() -> int:
+        blocks = [torch.ones(1 << 19) for _ in range(40)]  # 40 x 2 MiB
+        return len(blocks)
+
+    a = torch.ones(1 << 20)
+    del a  # a freed 4 MiB mmap chunk raises glibc's mmap threshold: 2 MiB blocks now come from the heap
+    earlier = [torch.ones(1 << 19) for _ in range(60)]  # an earlier measured call's 120 MiB...
+    pin = torch.ones(1 << 16)  # ...below a live block at the heap's top, so free() cannot shrink the heap
+    del earlier
+    extra, n = peak_extra_memory(work)
+    assert n == 40 and extra >= 70 * 2**20, f"peak extra {extra / 2**20:.1f} MiB for 80 MiB live"
+    del pin
+
+
 # ------------------------------------------------------------------------------------ tuned settings
 
 
