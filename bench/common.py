@@ -40,15 +40,22 @@ def device_name() -> str:
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str:
-    """Short HEAD; $GOLONG_COMMIT where the tree travelled without .git (the GPU machine)."""
+def git_commit(cwd: str | Path | None = None) -> str:
+    """Short HEAD, with "-dirty" when tracked files outside bench/results differ from it (the code measured is not
+    that commit); $GOLONG_COMMIT where the tree travelled without .git (the GPU machine)."""
     if os.environ.get("GOLONG_COMMIT"):
         return os.environ["GOLONG_COMMIT"]
+    cwd = cwd or Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              check=True).stdout.strip()
+        # bench/results: the results files a run writes as it goes must not mark its own later rows dirty
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  ":(top,exclude)bench/results"], capture_output=True, text=True, cwd=cwd,
+                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}-dirty" if changed else head
 
 
 def timeit(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 3) -> float:

@@ -240,6 +240,31 @@ def test_cpu_peak_memory_counts_heap_an_earlier_call_freed():
     del pin
 
 
+def test_git_commit_marks_a_tree_that_differs_from_head(tmp_path, monkeypatch):
+    """The commit a results file records: HEAD, "-dirty" when tracked code differs from it; a run's own results
+    files (bench/results) do not count."""
+    from bench.common import git_commit
+
+    monkeypatch.delenv("GOLONG_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
+                               *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernel.py").write_text("TILE = 64\n")
+    (tmp_path / "bench" / "results" / "demo-cpu.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "--short", "HEAD")
+    assert git_commit(tmp_path / "bench") == head
+    (tmp_path / "bench" / "results" / "demo-cpu.json").write_text('{"rows": []}')  # written by the run itself
+    assert git_commit(tmp_path / "bench") == head
+    (tmp_path / "kernel.py").write_text("TILE = 128\n")  # the code measured is not HEAD's
+    assert git_commit(tmp_path / "bench") == f"{head}-dirty"
+
+
 # ------------------------------------------------------------------------------------ tuned settings
 
 
