@@ -7,6 +7,7 @@ the table in bench/README.md.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import gc
 import json
@@ -39,15 +40,22 @@ def device_name() -> str:
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def git_commit() -> str:
-    """Short HEAD; $GOLONG_COMMIT where the tree travelled without .git (the GPU machine)."""
+def git_commit(cwd: str | Path | None = None) -> str:
+    """Short HEAD, with "-dirty" when tracked files outside bench/results differ from it (the code measured is not
+    that commit); $GOLONG_COMMIT where the tree travelled without .git (the GPU machine)."""
     if os.environ.get("GOLONG_COMMIT"):
         return os.environ["GOLONG_COMMIT"]
+    cwd = cwd or Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              check=True).stdout.strip()
+        # bench/results: the results files a run writes as it goes must not mark its own later rows dirty
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  ":(top,exclude)bench/results"], capture_output=True, text=True, cwd=cwd,
+                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}-dirty" if changed else head
 
 
 def timeit(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 3) -> float:
@@ -72,11 +80,21 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def release_freed_heap() -> None:
+    """Hand the heap pages glibc keeps after free() back to the OS (malloc_trim), so RSS is live memory only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[int, Any]:
     """Peak memory (bytes) fn() allocates above what was live when it started, and its result.
 
     CUDA: torch.cuda.max_memory_allocated. CPU: resident-set sampling in a thread (the CPU
-    allocator has no peak counter); large allocations are touched, so RSS sees them.
+    allocator has no peak counter); large allocations are touched, so RSS sees them. The freed heap
+    is trimmed first: pages an earlier call freed but glibc kept are already resident, and fn()
+    reusing them would raise no RSS (its peak would read low, down to 0).
     """
     gc.collect()
     if torch.cuda.is_available():
@@ -86,6 +104,7 @@ def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[i
         out = fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, out
+    release_freed_heap()
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()

@@ -46,7 +46,9 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1 TOKENIZERS_PARALLELISM=false
 # the commit every JSON records; set GOLONG_COMMIT where the tree was copied without .git
-GOLONG_COMMIT=${GOLONG_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# (bench.common.git_commit: HEAD, "-dirty" when tracked files differ from it)
+GOLONG_COMMIT=${GOLONG_COMMIT:-$("$PYTHON" -c "from bench.common import git_commit; print(git_commit())" 2>/dev/null \
+  || echo unknown)}
 export GOLONG_COMMIT
 # tests/conftest.py defaults the Triton interpreter on; on a GPU the real kernels must run
 [[ $DRY -eq 1 ]] || export TRITON_INTERPRET=0

@@ -30,6 +30,12 @@ CPU_NS = [1024, 4096, 16384]
 GPU_NS = [8192, 32768, 131072]
 GPU_MEM_NS = [1 << 20]  # one step each: peak extra memory at 1M tokens (inputs + grads ~12 GiB, ~10 s)
 FLOPS_RULE = "6*N*H*V per fwd+bwd (2NHV fwd + 4NHV bwd; backward logits recompute not counted)"
+# what each implementation computes, recorded in every row: the peers do less work than ours for the same FLOPs
+_OURS_WORK = "logprob + entropy at temperature T; grads of both w.r.t. hidden and weight"
+_PEER_WORK = ("cross-entropy only (no entropy), T folded in as hidden * (1/T) (an extra [N, H] multiply); "
+              "grads w.r.t. hidden and weight")
+WORK = {"triton": _OURS_WORK, "ours_torch": _OURS_WORK, "naive": _OURS_WORK, "liger": _PEER_WORK, "cce": _PEER_WORK,
+        "cce_torch_compile": _PEER_WORK}
 MIB = 2**20
 # logprob and entropy, fp32 [N] each: outputs, alive through the backward, so inside the measured peak; the
 # issue's bound counts memory beyond inputs, outputs and gradients (extra_beyond_io_mib)
@@ -259,11 +265,13 @@ def main() -> None:
         _with_ratios(rows, "naive")
     for r in rows:
         r.setdefault("flops_rule", FLOPS_RULE)
+        r.setdefault("computes", WORK[r["impl"]])
     path = save_results("logprob", rows, args.out)
     print(f"wrote {path}")
     cols = ["case", "impl", "time_s", "tflops", "peak_extra_mib", "extra_beyond_io_mib", "speedup_vs_baseline",
             "memory_ratio_vs_baseline", "metric", "value", "ok", "skipped", "error"]
-    print_table(f"bench/logprob: fwd+bwd, H={H}, V={V}, T={T} (ratios vs naive, same run)",
+    print_table(f"bench/logprob: fwd+bwd, H={H}, V={V}, T={T} (ratios vs naive, same run; Liger / CCE: "
+                "cross-entropy only, no entropy)",
                 rows, [c for c in cols if any(c in r for r in rows)])
 
 

@@ -219,6 +219,52 @@ def test_report_shows_profile_kernels_rows():
     assert report.value_str(row) == "calls/iter=2, ms/iter=3.781, share=0.715"
 
 
+def test_cpu_peak_memory_counts_heap_an_earlier_call_freed():
+    """RSS sampling: 80 MiB live at once in 2 MiB blocks that reuse heap pages an earlier call freed (glibc keeps
+    them resident) must still count; without trimming the freed heap first the peak read ~0."""
+    import torch
+
+    from bench.common import peak_extra_memory
+
+    def work() -> int:
+        blocks = [torch.ones(1 << 19) for _ in range(40)]  # 40 x 2 MiB
+        return len(blocks)
+
+    a = torch.ones(1 << 20)
+    del a  # a freed 4 MiB mmap chunk raises glibc's mmap threshold: 2 MiB blocks now come from the heap
+    earlier = [torch.ones(1 << 19) for _ in range(60)]  # an earlier measured call's 120 MiB...
+    pin = torch.ones(1 << 16)  # ...below a live block at the heap's top, so free() cannot shrink the heap
+    del earlier
+    extra, n = peak_extra_memory(work)
+    assert n == 40 and extra >= 70 * 2**20, f"peak extra {extra / 2**20:.1f} MiB for 80 MiB live"
+    del pin
+
+
+def test_git_commit_marks_a_tree_that_differs_from_head(tmp_path, monkeypatch):
+    """The commit a results file records: HEAD, "-dirty" when tracked code differs from it; a run's own results
+    files (bench/results) do not count."""
+    from bench.common import git_commit
+
+    monkeypatch.delenv("GOLONG_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false",
+                               *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernel.py").write_text("TILE = 64\n")
+    (tmp_path / "bench" / "results" / "demo-cpu.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "--short", "HEAD")
+    assert git_commit(tmp_path / "bench") == head
+    (tmp_path / "bench" / "results" / "demo-cpu.json").write_text('{"rows": []}')  # written by the run itself
+    assert git_commit(tmp_path / "bench") == head
+    (tmp_path / "kernel.py").write_text("TILE = 128\n")  # the code measured is not HEAD's
+    assert git_commit(tmp_path / "bench") == f"{head}-dirty"
+
+
 # ------------------------------------------------------------------------------------ tuned settings
 
 
