@@ -82,6 +82,7 @@ def _rss_bytes() -> int:
 
 def release_freed_heap() -> None:
     """Hand the heap pages glibc keeps after free() back to the OS (malloc_trim), so RSS is live memory only."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -19,23 +19,11 @@ sampling). Ratios vs each transformers variant: speed = golong / peer, memory = 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import tempfile
 
 import torch
 
 from bench.common import peak_extra_memory, print_table, save_results, timeit
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, so the next RSS-sampled peak starts from live memory only
-    (otherwise what an earlier run freed but glibc kept is reused unseen, and the later run looks lean)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def doc_lengths(total: int, docs: int, seed: int = 0) -> list[int]:
@@ -115,8 +103,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         assert abs(val - losses["golong"]) <= 1e-3 * max(1.0, abs(val)), f"{name} loss {val} != golong {losses}"
     mems = {}
     for name, fn in impls.items():
-        release_freed_memory()
-        mems[name], _ = peak_extra_memory(fn)
+        mems[name], _ = peak_extra_memory(fn)  # trims the heap an earlier impl freed first
     # timing round-robin (one step of each impl per round, median over rounds): on a shared machine
     # the load drifts over minutes, and back-to-back blocks would put the drift into the ratios
     secs: dict[str, list[float]] = {name: [] for name in impls}

@@ -24,24 +24,13 @@ golong better).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.common import peak_extra_memory, print_table, save_results, timeit
-
-
-def release_freed_memory() -> None:
-    """Return freed heap to the OS so the next RSS-sampled peak starts from live memory only."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from bench.common import peak_extra_memory, print_table, release_freed_heap, save_results, timeit
 
 
 def build_checkpoint(path: Path, args: argparse.Namespace) -> None:
@@ -146,13 +135,12 @@ def main(args: argparse.Namespace) -> list[dict]:
                            ("trl", lambda: trl_update(ckpt, batch, args, str(Path(tmp) / "trl")))):
             step = make()
             loss = step()  # warm-up (also the first optimizer step)
-            release_freed_memory()
             peak, _ = peak_extra_memory(step)
-            release_freed_memory()
+            release_freed_heap()
             sec = timeit(step, warmup=0, iters=args.iters)
             measured[name] = {"tokens_per_s": tokens / sec, "peak_mib": peak / 2**20, "loss": loss, "sec": sec}
             del step
-            release_freed_memory()
+            release_freed_heap()
     import torch.distributed as dist
 
     if dist.is_initialized():
