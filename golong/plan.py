@@ -747,7 +747,7 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     reserve = cfg.rollout.gpu_memory_utilization * gpu_mem if vllm else 0.0
     notes = []
     if vllm:
-        notes.append(f"vLLM sleeps during the update (level 1: weights to host, KV cache freed); "
+        notes.append(f"vLLM sleeps during the update (level 2: weights and KV cache released); "
                      f"{VLLM_SLEEP_RESIDUE / GIB:.0f} GiB assumed left on the GPU")
     update_total = mem.peak_bytes + overhead + (VLLM_SLEEP_RESIDUE if vllm else 0.0)
     rollout_total = mem.resident_bytes + reserve + overhead

@@ -1011,6 +1011,8 @@ class Trainer:
         cfg = self.cfg
         if self.sft_sampler is None:  # not resumed part way
             self._start_sft()
+        # the trainer's turn, as in an RL update: vLLM releases its KV cache (and weights) until the push after SFT
+        self.engine.sleep()
         eos = self.tokenizer.eos_token_id
         for s in range(self.sft_step + 1, cfg.trainer.sft_steps + 1):
             t0 = time.perf_counter()

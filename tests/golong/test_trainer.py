@@ -575,6 +575,42 @@ def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_s
         assert f"resume: {change} (the config's value from here on)" in caplog.text
 
 
+def test_the_rollout_engine_sleeps_through_the_sft_warm_up(config_file, tmp_path, monkeypatch):
+    """The SFT warm-up is the trainer's turn as much as an RL update: the engine sleeps before its first step (a
+    colocated vLLM engine kept its rollout.gpu_memory_utilization share of the GPU, KV cache and weights, through
+    every SFT step, which golong.plan's fit check assumes released), and the weights are pushed after it."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=2", "trainer.val_every=0",
+                                    "profile.steps=[]"])
+    events = []
+
+    class Recorder:  # the trainer's engine interface, calls recorded in order
+        def sleep(self):
+            events.append("sleep")
+
+        def sync_weights(self, model):
+            events.append("sync")
+
+        def generate(self, *args, **kwargs):
+            raise AssertionError("no rollouts during the SFT warm-up")
+
+    try:
+        trainer = Trainer(cfg)
+        trainer.engine = Recorder()
+        monkeypatch.setattr(trainer.actor, "update", lambda batch, loss, fault_nan=False: events.append(loss) or {
+            "sft/loss": 0.0, "sft/grad_norm": 0.0})
+        trainer.sft()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert events == ["sleep", "sft", "sft", "sync"]
+
+
 def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_file, tmp_path, monkeypatch):
     """trainer.gen_batch_prompts (GoLongRL: 512 prompts generated for 128 trained): one generation batch of 8 prompts
     for a 4-prompt step; the first 4 groups with unequal scores are kept in order, the rest are discarded, and the
