@@ -6,13 +6,18 @@ tests/golong/test_vllm_sync.py uses it: vLLM needs its own venv, so the engine c
 pytest process. SPEC (JSON):
     model, dtype, max_model_len, bucket_bytes, eos_token_ids, prompts [[int]], seeds [int],
     phases: [{"update": null | "file.safetensors", "sampling": {temperature, top_p, top_k, max_tokens}}],
-    stop_probe: bool, partial_update: {"file", "drop": [names], "sampling"} (optional, last)
+    stop_probe: bool, partial_update: {"file", "drop": [names], "sampling"} (optional),
+    gpu_sleep_probe: {"file", "sampling"} (optional, last)
 Each phase first pushes its update (if any) with `VLLMEngine.update_weights` — the tensors are read
 from the file into memory here only because the test's trainer lives in another venv; the push itself
 is in memory — then generates one response per prompt. OUT (JSON): per phase token_ids, logprobs,
 finish_reasons, the update's stats and timings; with stop_probe, greedy responses and one of them
 rerun with a stop token taken from it; with partial_update, the errors of the incomplete push and of
-a generate after it, then a complete push of the same file and one more generate ("recovered").
+a generate after it, then a complete push of the same file and one more generate ("recovered"); with
+gpu_sleep_probe, the engine's GPU sleep / wake branch (is_cpu forced off) through vLLM's real LLM -> engine
+core -> executor path, only the worker's CuMem calls replaced by recorders: a generate, a level-2 sleep, a push
+of `file`, a generate again (the worker calls, both results); then a sleep and a generate without a push (its
+error).
 """
 
 from __future__ import annotations
@@ -75,9 +80,38 @@ def main(spec_path: str, out_path: str) -> None:
         engine.update_weights(full.items())
         res = engine.generate(prompts, params, seeds=seeds)
         out["recovered"] = {"token_ids": res.token_ids, "logprobs": res.logprobs}
+    if spec.get("gpu_sleep_probe"):
+        out["gpu_sleep_probe"] = _gpu_sleep_probe(engine, spec["gpu_sleep_probe"], prompts, seeds)
     out["total_seconds"] = time.perf_counter() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)
+
+
+def _gpu_sleep_probe(engine, probe: dict, prompts: list, seeds: list | None) -> dict:
+    from safetensors.torch import load_file
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from golong.rollout.torch_generator import SamplingParams
+
+    calls: list = []
+    CPUWorker.sleep = lambda self, level=1: calls.append(["sleep", level])
+    CPUWorker.wake_up = lambda self, tags=None: calls.append(["wake_up", sorted(tags or [])])
+    engine.is_cpu = False  # sleep() takes its GPU branch; a CPU worker's own sleep would be a no-op anyway
+    params = SamplingParams(**probe.get("sampling", {}))
+    before = engine.generate(prompts, params, seeds=seeds)
+    engine.sleep()  # the trainer's turn
+    rec: dict = {"asleep": engine.asleep}
+    engine.update_weights(load_file(probe["file"]).items())
+    after = engine.generate(prompts, params, seeds=seeds)
+    rec.update(calls=list(calls), asleep_after=engine.asleep, sleep_level=engine.config.sleep_level,
+               before={"token_ids": before.token_ids, "logprobs": before.logprobs},
+               after={"token_ids": after.token_ids, "logprobs": after.logprobs})
+    engine.sleep()  # then a generate with no push in between: the discarded weights must not be sampled
+    rec["generate_asleep_error"] = _error(lambda: engine.generate(prompts, params, seeds=seeds))
+    rec["asleep_after_refusal"] = engine.asleep
+    engine.update_weights(load_file(probe["file"]).items())
+    engine.is_cpu = True
+    return rec
 
 
 def _error(fn) -> str | None:

@@ -178,10 +178,10 @@ class VLLMEngine:
                  progress: Callable[[int], None] | None = None) -> GenerationResult:
         """One response per prompt (repeat a prompt for several). seeds: one per prompt; None leaves
         sampling to the engine's seed (faster: no per-request generator)."""
-        self.wake_up()
-        if not self.weights_valid:
+        if not self.weights_valid:  # checked first: a refused call leaves the released memory to the trainer
             raise RuntimeError("the engine has no complete weights (level-2 sleep or a failed push): "
                                "call update_weights first")
+        self.wake_up()
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         local = len(prompts)

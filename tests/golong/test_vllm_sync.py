@@ -93,6 +93,7 @@ def _prepare(kind: str, d: Path) -> dict:
                 # back to version 1 after the phases: a stale engine cannot pass the recovery check
                 partial_update=dict(file=str(d / "update1.safetensors"), drop=["model.norm.weight"],
                                     sampling=dict(temperature=1.0, max_tokens=6)),
+                gpu_sleep_probe=dict(file=str(d / "update1.safetensors"), sampling=dict(temperature=1.0, max_tokens=6)),
                 phases=[dict(update=str(d / f"update{u}.safetensors") if u else None, sampling=s)
                         for u, s in PHASES])
     (d / "spec.json").write_text(json.dumps(spec))
@@ -203,6 +204,24 @@ def test_incomplete_push_is_an_error_and_a_full_push_recovers(run):
     err = _max_err(_reference_logprobs(model, run["prompts"], rec["token_ids"], 1.0), rec["logprobs"])
     print(f"{run['kind']} after a failed push and a full one: max |dlogprob| {err:.2e}")
     assert err <= TOL
+
+
+@needs_vllm
+def test_gpu_sleep_branch_through_vllms_engine(run):
+    """The GPU branch of sleep / wake (never run on a GPU here): a level-2 sleep releases weights and KV cache,
+    sampling is refused until a push, which wakes the weights first and the KV cache after it; the engine then
+    samples as before, with the pushed weights. vLLM's LLM / engine core / executor are real, only the worker's
+    CuMem calls are recorders."""
+    probe = run["out"]["gpu_sleep_probe"]
+    assert probe["sleep_level"] == 2 and probe["asleep"] and not probe["asleep_after"]
+    assert probe["calls"] == [["sleep", 2], ["wake_up", ["weights"]], ["wake_up", ["kv_cache"]]], probe["calls"]
+    assert probe["generate_asleep_error"] is not None and "update_weights" in probe["generate_asleep_error"]
+    assert probe["asleep_after_refusal"]  # the refused generate did not take the memory back from the trainer
+    assert probe["after"]["token_ids"] == probe["before"]["token_ids"]
+    run["model"].load_state_dict(run["states"][1])
+    err = _max_err(_reference_logprobs(run["model"], run["prompts"], probe["after"]["token_ids"], 1.0),
+                   probe["after"]["logprobs"])
+    assert err <= TOL, f"{run['kind']} after sleep + push: max |dlogprob| {err:.2e}"
 
 
 def test_engine_module_imports_without_vllm():
