@@ -240,6 +240,7 @@ def _attn_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAVY_FIRST: tl.constexpr = False, MERGE: tl.constexpr = False, TMA: tl.constexpr = False, Tk=0,
+    WIDE: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows x one query head, over the union of its rows' key ranges.
 
@@ -249,6 +250,11 @@ def _attn_fwd_kernel(
     attention over other keys (fp32; lse -inf where none seen yet) and receive the softmax-weighted
     combination of it and this block's result, in the epilogue (no separate merge pass over O).
     """
+    if WIDE:  # element offsets reach 2**31: every row / head stride in int64, so are the products
+        stride_qt, stride_qh = stride_qt.to(tl.int64), stride_qh.to(tl.int64)
+        stride_kt, stride_kh = stride_kt.to(tl.int64), stride_kh.to(tl.int64)
+        stride_vt, stride_vh = stride_vt.to(tl.int64), stride_vh.to(tl.int64)
+        stride_ot, stride_oh = stride_ot.to(tl.int64), stride_oh.to(tl.int64)
     pid_m = tl.program_id(0)
     if HEAVY_FIRST:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -299,9 +305,12 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, Tq, H,
     stride_ot, stride_oh, stride_dot, stride_doh,
-    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     """delta[t, h] = sum_d O*dO - dlse (fp32): the softmax-backward row term, lse's gradient folded in."""
+    if WIDE:  # element offsets reach 2**31: every row / head stride in int64, so are the products
+        stride_ot, stride_oh = stride_ot.to(tl.int64), stride_oh.to(tl.int64)
+        stride_dot, stride_doh = stride_dot.to(tl.int64), stride_doh.to(tl.int64)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -377,7 +386,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr, FUSED_DQ: tl.constexpr,
     PASS: tl.constexpr, THREE_LOOPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, WIDE: tl.constexpr = False,
 ):
     """One program: BLOCK_N key rows x one kv head; loops over the G query heads and the query range.
 
@@ -393,6 +402,14 @@ def _attn_bwd_dkdv_kernel(
     TMA: query and dO tiles arrive by Hopper's tensor-memory accelerator (one thread issues a tile; no
     per-thread addresses or staging registers), so the loop can pipeline more stages in the same registers.
     """
+    if WIDE:  # element offsets reach 2**31: every row / head stride in int64, so are the products
+        stride_qt, stride_qh = stride_qt.to(tl.int64), stride_qh.to(tl.int64)
+        stride_kt, stride_kh = stride_kt.to(tl.int64), stride_kh.to(tl.int64)
+        stride_vt, stride_vh = stride_vt.to(tl.int64), stride_vh.to(tl.int64)
+        stride_dot, stride_doh = stride_dot.to(tl.int64), stride_doh.to(tl.int64)
+        stride_dkt, stride_dkh = stride_dkt.to(tl.int64), stride_dkh.to(tl.int64)
+        stride_dvt, stride_dvh = stride_dvt.to(tl.int64), stride_dvh.to(tl.int64)
+        stride_dqt, stride_dqh = stride_dqt.to(tl.int64), stride_dqh.to(tl.int64)
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -479,10 +496,16 @@ def _attn_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAVY_FIRST: tl.constexpr = False, TMA: tl.constexpr = False,
-    Tk=0,
+    Tk=0, WIDE: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows x one query head; dQ over the key range (recomputes P). HEAVY_FIRST and
     TMA (K / V tiles by tensor descriptors over Tk rows) as in _attn_fwd_kernel."""
+    if WIDE:  # element offsets reach 2**31: every row / head stride in int64, so are the products
+        stride_qt, stride_qh = stride_qt.to(tl.int64), stride_qh.to(tl.int64)
+        stride_kt, stride_kh = stride_kt.to(tl.int64), stride_kh.to(tl.int64)
+        stride_vt, stride_vh = stride_vt.to(tl.int64), stride_vh.to(tl.int64)
+        stride_dot, stride_doh = stride_dot.to(tl.int64), stride_doh.to(tl.int64)
+        stride_dqt, stride_dqh = stride_dqt.to(tl.int64), stride_dqh.to(tl.int64)
     pid_m = tl.program_id(0)
     if HEAVY_FIRST:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -616,20 +639,15 @@ def _cfg(q: torch.Tensor) -> TritonConfig:
     return config_for(q.device)
 
 
-def _check_int32_offsets(**tensors: torch.Tensor) -> None:
-    """The kernels compute element offsets (row * row stride + ...) in int32: past 2**31 elements they wrap and
-    read or write elsewhere (at Qwen3-4B's 32 x 128 q heads, from 524,288 packed rows on)."""
-    for name, t in tensors.items():
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n)
-        if t.numel() and last >= 2**31:
-            raise ValueError(f"the triton attention kernels index in int32, but {name} {tuple(t.shape)} (strides "
-                             f"{t.stride()}) spans {last + 1} elements; use backend='torch', or fewer rows per device "
-                             "(ring_attention over zigzag shards)")
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of `tensors` reaches 2**31 (at Qwen3-4B's 32 x 128 q heads, from 524,288
+    packed rows): the kernels then compute offsets in int64 (WIDE), else in int32, which is cheaper and would
+    wrap there."""
+    return any(t.numel() and sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n) >= 2**31 for t in tensors)
 
 
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, causal: bool,
                 scale: float, out: torch.Tensor, lse: torch.Tensor, merge: bool = False) -> None:
-    _check_int32_offsets(q=q, k=k, v=v, out=out)
     Tq, Hq, D = q.shape
     if Tq == 0:
         return
@@ -641,12 +659,11 @@ def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr:
         lse.stride(0),
         GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
         HEAVY_FIRST=c.q_heavy_first, MERGE=merge, TMA=c.fwd_tma and tma_ready(k, v), Tk=k.shape[0],
-        num_warps=c.fwd_warps, num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
+        WIDE=_wide(q, k, v, out), num_warps=c.fwd_warps, num_stages=c.merge_fwd_stages if merge else c.fwd_stages,
     )
 
 
 def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    _check_int32_offsets(out=out, dout=do)
     Tq, Hq, D = out.shape
     delta = torch.empty(Tq, Hq, device=out.device, dtype=torch.float32)
     if Tq == 0:
@@ -655,7 +672,7 @@ def _triton_delta(out: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None
     _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, c.pre_block_m), Hq)](
         out, do, dlse if dlse is not None else delta, delta, Tq, Hq,
         out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        HAS_DLSE=dlse is not None, HEAD_DIM=D, BLOCK_M=c.pre_block_m,
+        HAS_DLSE=dlse is not None, HEAD_DIM=D, BLOCK_M=c.pre_block_m, WIDE=_wide(out, do),
     )
     return delta
 
@@ -664,7 +681,6 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                 delta: torch.Tensor, qr: Rows, kr: Rows, causal: bool, scale: float,
                 dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, accumulate: bool) -> None:
     """Write (or with accumulate, add into) dq, dk, dv; the buffers' dtype is the output dtype."""
-    _check_int32_offsets(dout=do, q=q, k=k, v=v, dq=dq, dk=dk, dv=dv)
     Tq, Hq, D = q.shape
     Tk, Hkv, _ = k.shape
     if Tq == 0 or Tk == 0:
@@ -687,6 +703,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     delta_h[:, :Tq] = delta.t()
     # fused dQ under TMA: the dQ tiles are added by TMA reduce, so the fp32 buffer must be 16-byte aligned too
     tma = c.bwd_tma and tma_ready(q, do) and not (c.bwd_fused_dq and not tma_ready(dq32))
+    wide = _wide(q, k, v, do, dq32, dk, dv)
     for pass_, _, bm, bn, warps, stages in c.dkdv_launches():
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), Hkv)](
             q, k, v, do, lse2_h, delta_h, dk, dv, dq32, qlo, qhi,
@@ -694,7 +711,8 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq32.stride(0), dq32.stride(1),
             GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, FUSED_DQ=c.bwd_fused_dq, PASS=pass_,
-            THREE_LOOPS=c.bwd_three_loops, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages,
+            THREE_LOOPS=c.bwd_three_loops, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, WIDE=wide, num_warps=warps,
+            num_stages=stages,
         )
     if c.bwd_fused_dq:
         if dq32 is not dq:
@@ -707,7 +725,7 @@ def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         GROUP=G, HEAD_DIM=D, ACCUMULATE=accumulate, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
-        HEAVY_FIRST=c.q_heavy_first, TMA=c.dq_tma and tma_ready(k, v), Tk=Tk, num_warps=c.dq_warps,
+        HEAVY_FIRST=c.q_heavy_first, TMA=c.dq_tma and tma_ready(k, v), Tk=Tk, WIDE=wide, num_warps=c.dq_warps,
         num_stages=c.dq_stages,
     )
 
@@ -965,8 +983,9 @@ def _aligned(*names: str) -> list[str]:
 _STRIDES_QKV = _i32("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh")
 
 
-def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
-    """The kernels.aot descriptions of the kernels that configuration c launches (with bwd_fused_dq, no dQ kernel)."""
+def aot_configs(c: TritonConfig = CONFIG, *, wide: bool = False) -> list[dict[str, Any]]:
+    """The kernels.aot descriptions of the kernels that configuration c launches (with bwd_fused_dq, no dQ kernel);
+    wide: their WIDE (int64 offset) forms, names ending in _wide, as inputs spanning 2**31 elements launch them."""
     dkdv = [
         {
             "name": "attn_bwd_dkdv" + suffix,
@@ -978,7 +997,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                                  "stride_dqt", "stride_dqh")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "FUSED_DQ": c.bwd_fused_dq,
                            "PASS": pass_, "THREE_LOOPS": c.bwd_three_loops, "BLOCK_M": bm, "BLOCK_N": bn,
-                           "TMA": c.bwd_tma},
+                           "TMA": c.bwd_tma, "WIDE": False},
             "num_warps": warps,
             "num_stages": stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE2", "DELTA", "DK", "DV", "DQ", "Q_LO", "Q_HI",
@@ -995,7 +1014,7 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                           "KV_HI": "*i32", "Tq": "i32", "qk_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_ot", "stride_oh", "stride_lt", "Tk")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_M": c.fwd_block_m, "BLOCK_N": c.fwd_block_n,
-                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": merge, "TMA": c.fwd_tma},
+                           "HEAVY_FIRST": c.q_heavy_first, "MERGE": merge, "TMA": c.fwd_tma, "WIDE": False},
             "num_warps": c.fwd_warps,
             "num_stages": stages,
             "divisible_by_16": _aligned("Q", "K", "V", "O", "LSE", "KV_LO", "KV_HI", "stride_ot", "stride_oh"),
@@ -1013,7 +1032,8 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
                           "qk_scale": "fp32", "sm_scale": "fp32", **_STRIDES_QKV,
                           **_i32("stride_dot", "stride_doh", "stride_dqt", "stride_dqh", "Tk")},
             "constexprs": {"GROUP": 4, "HEAD_DIM": 128, "ACCUMULATE": True, "BLOCK_M": c.dq_block_m,
-                           "BLOCK_N": c.dq_block_n, "HEAVY_FIRST": c.q_heavy_first, "TMA": c.dq_tma},
+                           "BLOCK_N": c.dq_block_n, "HEAVY_FIRST": c.q_heavy_first, "TMA": c.dq_tma,
+                           "WIDE": False},
             "num_warps": c.dq_warps,
             "num_stages": c.dq_stages,
             "divisible_by_16": _aligned("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "KV_LO", "KV_HI", "stride_dot",
@@ -1024,14 +1044,19 @@ def aot_configs(c: TritonConfig = CONFIG) -> list[dict[str, Any]]:
             "fn": _attn_bwd_preprocess_kernel,
             "signature": {"O": "*bf16", "DO": "*bf16", "DLSE": "*fp32", "DELTA": "*fp32", "Tq": "i32", "H": "i32",
                           **_i32("stride_ot", "stride_oh", "stride_dot", "stride_doh")},
-            "constexprs": {"HAS_DLSE": False, "HEAD_DIM": 128, "BLOCK_M": c.pre_block_m},
+            "constexprs": {"HAS_DLSE": False, "HEAD_DIM": 128, "BLOCK_M": c.pre_block_m, "WIDE": False},
             "num_warps": 4,
             "num_stages": 1,
             "divisible_by_16": ["O", "DO", "DLSE", "DELTA", "stride_ot", "stride_oh", "stride_dot", "stride_doh"],
         },
     ]
     configs[1:1] = dkdv
-    return [x for x in configs if not (c.bwd_fused_dq and x["name"] == "attn_bwd_dq")]
+    configs = [x for x in configs if not (c.bwd_fused_dq and x["name"] == "attn_bwd_dq")]
+    if wide:  # strides past 2**31 arrive as i64 (the JIT types them by value); smaller ones are cast in the kernel
+        configs = [{**x, "name": x["name"] + "_wide", "constexprs": {**x["constexprs"], "WIDE": True},
+                    "signature": {k: "i64" if k.startswith("stride_") and t == "i32" else t
+                                  for k, t in x["signature"].items()}} for x in configs]
+    return configs
 
 
 AOT_CONFIGS: list[dict[str, Any]] = aot_configs(CONFIG)

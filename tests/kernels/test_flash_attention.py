@@ -460,20 +460,29 @@ def test_flash_attention_refuses_integer_inputs(backend):
         flash_attention(q, k, k, cu, backend=backend)
 
 
-def test_triton_backend_refuses_offsets_past_int32():
-    """The kernels compute row * row stride in int32: a q whose rows span 2**31 elements (a contiguous q from
-    524,288 rows at 32 x 128 heads; here 3 rows 2**30 apart in a lazily allocated, untouched 4 GiB buffer) wrapped
-    to a negative offset, which the interpreter turned into a segfault and a GPU into reads of other memory."""
-    D, stride = 16, 2**30
-    q = torch.empty(2 * stride + D, dtype=torch.float16).as_strided((3, 1, D), (stride, D, 1))
-    k = torch.randn(3, 1, D, dtype=torch.float16)
-    cu = torch.tensor([0, 3], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"index in int32, but q \(3, 1, 16\) .* spans 2147483664 elements"):
-        flash_attention(q, k, k, cu, backend="triton")
-    dq, rows = torch.zeros(3, 1, D), fa.Rows.from_cu_seqlens(cu)
-    with pytest.raises(ValueError, match="index in int32, but dout"):
-        fa.block_attention_bwd(q, k, k, k, torch.zeros(3, 1), torch.zeros(3, 1), rows, rows, causal=True, scale=1.0,
-                               backend="triton", dq=dq, dk=dq.clone(), dv=dq.clone())
+def test_triton_kernels_index_past_int32_in_int64():
+    """Element offsets past 2**31 (a contiguous q from 524,288 rows at 32 x 128 heads; here rows 2**30 apart in a
+    lazily allocated 8 GiB buffer, only the touched pages real) wrapped in the kernels' int32 offsets: a segfault
+    in the interpreter, reads and writes of other memory on a GPU. Such inputs now compile the WIDE (int64 offset)
+    kernels: forward, LSE and all three gradients match the torch backend; a small input stays on int32."""
+    D, stride, T = 16, 2**30, 3
+    g = torch.Generator().manual_seed(5)
+    buf = torch.empty((T - 1) * stride + 2 * D)  # fp32: 2**31 + 32 elements
+    q = buf.as_strided((T, 2, D), (stride, D, 1))
+    q.copy_(torch.randn(T, 2, D, generator=g))
+    k, v, go = (torch.randn(T, h, D, generator=g) for h in (1, 1, 2))
+    assert fa._wide(q) and not fa._wide(k, v, go)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    res = {}
+    for backend in ("torch", "triton"):
+        qq, kk, vv = (t.detach().clone() if t is not q else t.detach() for t in (q, k, v))
+        for t in (qq, kk, vv):
+            t.requires_grad_()
+        out, lse = flash_attention(qq, kk, vv, cu, backend=backend)
+        grads = torch.autograd.grad((out * go).sum() + lse.sum(), (qq, kk, vv))
+        res[backend] = (out, lse, *grads)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res["triton"], res["torch"]):
+        assert rel(a, b) < 1e-5, name
 
 
 def test_double_backward_torch_matches_fp64_and_triton_refuses_it_by_name():
@@ -495,18 +504,22 @@ def test_double_backward_torch_matches_fp64_and_triton_refuses_it_by_name():
         torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
 
 
+WIDE_AOT_CONFIGS = aot_configs(fa.CONFIG, wide=True)  # what inputs spanning 2**31 elements launch
+
+
 @pytest.fixture(scope="module")
 def aot_resources():
-    """sm_90 resources of every AOT_CONFIGS kernel, compiled in one child process without the interpreter."""
-    return aot.reports(AOT_CONFIGS)
+    """sm_90 resources of every AOT_CONFIGS kernel and its WIDE form, compiled in one child process without the
+    interpreter."""
+    return aot.reports(AOT_CONFIGS + WIDE_AOT_CONFIGS)
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in AOT_CONFIGS])
+@pytest.mark.parametrize("name", [c["name"] for c in AOT_CONFIGS + WIDE_AOT_CONFIGS])
 def test_aot_sm90_production_config(aot_resources, name):
     r = aot_resources[name]
     assert r.local_bytes == 0 and r.spill_stores == 0 and r.spill_loads == 0, r
     assert r.fits_hopper_smem, r.shared_bytes
-    if name != "attn_bwd_preprocess":  # the only kernel without a matmul
+    if not name.startswith("attn_bwd_preprocess"):  # the only kernel without a matmul
         assert r.has_hgmma, r.sass_histogram
 
 
