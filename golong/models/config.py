@@ -106,6 +106,8 @@ class ModelConfig:
         _reject(raw, "attention_dropout", lambda v: v not in (None, 0, 0.0), "attention dropout is not supported")
         _reject(raw, "partial_rotary_factor", lambda v: v not in (None, 1, 1.0), "partial RoPE is not supported")
         _reject(raw, "dual_chunk_attention_config", bool, "dual-chunk attention is not supported (use YaRN)")
+        _reject(raw, "quantization_config", bool, "quantized checkpoints (FP8, AWQ, GPTQ...) are not supported; "
+                "use the bf16 one")
         layer_types = raw.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise ConfigError(f"layer_types={sorted(set(layer_types))}: only 'full_attention' layers are supported")
