@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -1060,6 +1061,10 @@ class Trainer:
 
     def _write_tokenizer(self, d: Path) -> None:
         self.tokenizer.save_pretrained(str(d / "tokenizer"))
+        # and the model's generation defaults (eos ids, sampling), which `golong export` copies from there too
+        gen = Path(self.cfg.model.path or "") / "generation_config.json"
+        if self.cfg.model.path is not None and gen.is_file():
+            shutil.copy2(gen, d / "tokenizer" / gen.name)
 
     def maybe_resume(self) -> Path | None:
         """Restore the checkpoint checkpoint.resume names (auto: the newest); returns its path (None: none)."""

@@ -106,6 +106,8 @@ class ModelConfig:
         _reject(raw, "attention_dropout", lambda v: v not in (None, 0, 0.0), "attention dropout is not supported")
         _reject(raw, "partial_rotary_factor", lambda v: v not in (None, 1, 1.0), "partial RoPE is not supported")
         _reject(raw, "dual_chunk_attention_config", bool, "dual-chunk attention is not supported (use YaRN)")
+        _reject(raw, "quantization_config", bool, "quantized checkpoints (FP8, AWQ, GPTQ...) are not supported; "
+                "use the bf16 one")
         layer_types = raw.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise ConfigError(f"layer_types={sorted(set(layer_types))}: only 'full_attention' layers are supported")
@@ -215,6 +217,16 @@ def _parse_rope(raw: dict[str, Any], max_pos: int) -> tuple[float, YarnScaling |
     scaling = raw.get("rope_scaling") or {}
     if params and any(isinstance(v, dict) for v in params.values()):
         raise ConfigError("config field 'rope_parameters' is per layer type; only one global RoPE is supported")
+    if params and scaling:
+        # e.g. rope_scaling (YaRN, as Qwen's model cards say) added to a transformers-5 config that has
+        # rope_parameters: transformers then takes rope_scaling whole, vLLM may read either; refuse to pick one
+        def kind(d: dict[str, Any]) -> str:
+            return d.get("rope_type", d.get("type", "default"))
+
+        clash = sorted(k for k in scaling.keys() & params.keys() - {"type", "rope_type"} if scaling[k] != params[k])
+        if kind(scaling) != kind(params) or clash:
+            raise ConfigError(f"config fields rope_scaling={scaling} and rope_parameters={params} disagree"
+                              f"{' on ' + ', '.join(clash) if clash else ' on rope_type'}; keep only one of them")
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default"))

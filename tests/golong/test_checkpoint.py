@@ -97,6 +97,29 @@ def test_export_hf_loads_in_transformers(tmp_path):
     assert err < 1e-5, err
 
 
+def test_export_keeps_the_models_generation_config(tmp_path):
+    """The trainer's checkpoint kept the tokenizer but not the source model's generation_config.json, so the
+    export had none: transformers / vLLM then stop only on config.json's single eos id (Qwen3's generation config
+    adds <|endoftext|>) and drop the model's sampling defaults."""
+    from types import SimpleNamespace
+
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.trainer import Trainer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = {"eos_token_id": [151645, 151643], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    model, opt = _model_and_opt()
+    trainer = SimpleNamespace(tokenizer=build_demo_tokenizer(1024), cfg=SimpleNamespace(model=SimpleNamespace(
+        path=str(src))))
+    Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"),
+                                       extra_files=lambda d: Trainer._write_tokenizer(trainer, d))
+    out = export_hf(tmp_path / "ck" / "step_000001", tmp_path / "hf")
+    assert (out / "tokenizer_config.json").is_file()
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+
+
 def test_export_logs_its_progress_only_when_slow(tmp_path, monkeypatch, caplog):
     """golong export of a large checkpoint (minutes) printed nothing until done. It reads the checkpoint in parts
     and logs tensors and bytes read, then the shards written, at an interval (PROGRESS_EVERY_S; 0 here), and

@@ -55,6 +55,8 @@ def test_parse_real_config_and_roundtrip():
     ("attention_dropout", 0.1, "attention_dropout"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
     ("mlp_bias", True, "mlp_bias"),
+    # Qwen3-*-FP8: loading failed only later, on "14 checkpoint tensors match no parameter (..weight_scale_inv)"
+    ("quantization_config", {"quant_method": "fp8", "fmt": "e4m3"}, "quantization_config=.*quantized"),
     ("num_experts_per_tok", 0, "num_experts_per_tok=0 must be in \\[1, 128\\]"),
     ("num_experts_per_tok", 129, "num_experts_per_tok=129 must be in \\[1, 128\\]"),
     ("moe_intermediate_size", 0, "moe_intermediate_size"),
@@ -206,3 +208,27 @@ def test_rms_norm_equals_transformers_where_eps_matters(dtype):
     xd = x.double()  # and the formula itself, in fp64
     want = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
     assert (ours(x).double() - want).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+
+
+def test_rope_scaling_next_to_a_different_rope_parameters_is_refused():
+    """YaRN added as `rope_scaling` (Qwen's model-card recipe) to a config.json that transformers 5 wrote, so that
+    also has `rope_parameters` {default}: transformers takes rope_scaling whole (YaRN), golong took the merge with
+    rope_parameters winning (no YaRN) — a different network, silently. Disagreeing spellings now raise; agreeing
+    ones still parse."""
+    import copy
+
+    from transformers import Qwen3MoeConfig
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    default = {"rope_type": "default", "rope_theta": 1e6}
+    both = dict(QWEN3_30B_A3B, rope_parameters=default, rope_scaling=yarn)
+    both.pop("rope_theta")
+    assert Qwen3MoeConfig.from_dict(copy.deepcopy(both)).rope_parameters["rope_type"] == "yarn"  # it edits its input
+    with pytest.raises(ConfigError, match="rope_scaling=.*rope_parameters=.* disagree on rope_type"):
+        ModelConfig.from_hf(both)
+    other = dict(both, rope_parameters={**yarn, "rope_theta": 1e6, "factor": 8.0})
+    with pytest.raises(ConfigError, match="disagree on factor"):
+        ModelConfig.from_hf(other)
+    same = ModelConfig.from_hf(dict(both, rope_parameters={**yarn, "rope_theta": 1e6}))
+    assert same.rope_theta == 1e6 and same.rope_scaling.factor == 4.0
+    assert ModelConfig.from_hf(dict(both, rope_scaling=None)).rope_scaling is None  # a null rope_scaling is absent
