@@ -272,8 +272,9 @@ def hf_state_items(model: Qwen3ForCausalLM, expert_layout: str = "per_expert",
 
 
 def _check_replaceable(path: Path) -> None:
-    """Only an earlier Hugging Face export may be replaced: a directory of plain files with safetensors
-    weights. Anything else (a run directory, a training checkpoint, unrelated files) raises FileExistsError."""
+    """Only an earlier export may be replaced: a directory of safetensors weights and the files an export writes
+    beside them. Anything else (a run directory, a training checkpoint, a downloaded model with its README and
+    LICENSE, unrelated files) raises FileExistsError."""
     if not path.exists():
         return
     if not path.is_dir():
@@ -281,9 +282,11 @@ def _check_replaceable(path: Path) -> None:
     entries = list(path.iterdir())
     if not entries:
         return
-    hf_model = all(e.is_file() for e in entries) and any(e.suffix == ".safetensors" for e in entries)
-    if not hf_model:
-        names = ", ".join(sorted(e.name + ("/" if e.is_dir() else "") for e in entries)[:8])
+    ours = {"config.json", "model.safetensors.index.json", *_SIDE_FILES}
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in entries
+                     if not (e.is_file() and (e.suffix == ".safetensors" or e.name in ours)))
+    if foreign or not any(e.suffix == ".safetensors" for e in entries):
+        names = ", ".join((foreign or sorted(e.name for e in entries))[:8])
         raise FileExistsError(f"{path} is not empty and holds no earlier Hugging Face export ({names}); "
                               "write to a new or empty directory")
 

@@ -233,6 +233,11 @@ def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
     (out / "model-00002-of-00002.safetensors").write_text("stale")
     export_hf(ckpt, out)  # an earlier export is replaced whole
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # a downloaded model holds files no export writes (README, LICENSE): replacing it would delete them
+    (out / "README.md").write_text("model card")
+    with pytest.raises(FileExistsError, match=r"holds no earlier Hugging Face export \(README.md\)"):
+        export_hf(ckpt, out)
+    assert (out / "README.md").read_text() == "model card"
 
 
 class _RunsCodeWhenUnpickled:
