@@ -357,3 +357,59 @@ def test_resuming_another_architecture_names_what_differs(tmp_path):
     other = from_config(scratch_hf_config(deeper), dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"layers\.\d+\.\S+ missing there.*num_hidden_layers"):
         ck.load(path, other, None)
+
+
+# ------------------------------------------------------------------- resume on another (dp_shard, cp) layout
+def _full_train_state(actor) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(actor.model, actor.optimizer, options=StateDictOptions(full_state_dict=True))
+    return {"model": {k: v.clone() for k, v in msd.items()},
+            "optim": {fqn: {k: v.clone() for k, v in st.items()} for fqn, st in osd["state"].items()}}
+
+
+def _layout_save(rank: int, world: int, cp: int, ckpt_dir: str, out: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model
+    from tests.golong.trainer_helpers import fixed_rollouts
+
+    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=3)
+    dims = init_parallel(-1, cp, "gloo")
+    actor = Actor(build_model(cfg, dims), dims, cfg)
+    actor.update(fixed_rollouts(), "pg")  # 2 optimizer steps: Adam moments and step counts to carry over
+    Checkpointer(ckpt_dir).save(1, actor.model, actor.optimizer, {"step": 1})
+    state = _full_train_state(actor)
+    if rank == 0:
+        torch.save(state, out)
+
+
+def _layout_load(rank: int, world: int, cp: int, ckpt_dir: str, saved: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model
+
+    cfg = tiny_config(parallel__cp=cp)
+    dims = init_parallel(-1, cp, "gloo")
+    actor = Actor(build_model(cfg, dims, seed=99), dims, cfg)  # other weights: the load must replace them all
+    actor.optimizer.zero_grad()
+    ckpt = Checkpointer(ckpt_dir)
+    assert ckpt.load(ckpt.resolve("auto"), actor.model, actor.optimizer)["step"] == 1
+    got, want = _full_train_state(actor), torch.load(saved)
+    if rank == 0:
+        assert sorted(got["model"]) == sorted(want["model"]) and len(want["optim"]) == len(want["model"])
+        for k, v in want["model"].items():
+            assert torch.equal(got["model"][k], v), k
+        for fqn, st in want["optim"].items():
+            assert sorted(got["optim"][fqn]) == ["exp_avg", "exp_avg_sq", "step"], fqn
+            for k, v in st.items():
+                assert torch.equal(got["optim"][fqn][k].cpu(), v.cpu()), (fqn, k)
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_resumes_on_another_parallel_layout(tmp_path):
+    """DCP reshards: a checkpoint written by 2 FSDP ranks loads on 1 rank and on a cp=2 ring with the very
+    weights and Adam moments / step counts it holds."""
+    from tests.distributed import run_distributed
+
+    run_distributed(_layout_save, 2, 1, str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"))
+    for world, cp in [(1, 1), (2, 2)]:
+        run_distributed(_layout_load, world, cp, str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"))

@@ -114,6 +114,13 @@ def test_context_parallel_two_ranks_match_one_rank(one_rank, tmp_path):
     _compare(one_rank, torch.load(out), 1e-4)
 
 
+@pytest.mark.distributed
+def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
+    """dp_shard 2 x cp 2: two rings of two, each with its own micro-batch plan (unequal token counts, dummies)."""
+    out = str(tmp_path / "dp_cp.pt")
+    run_distributed(_run_updates, 4, 2, out, 2)
+    _compare(one_rank, torch.load(out), 1e-4)
+
 def _tiny_batch_run(rank: int, world: int, cp: int, out: str) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, Rollout, build_model
