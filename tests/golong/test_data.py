@@ -112,6 +112,22 @@ def test_a_raw_control_character_in_a_string_reads_as_one_clause(tmp_path):
     assert str(e.value) == f"{path}: line 2: invalid JSON (Invalid control character at column 19)"
 
 
+def test_a_json_document_is_told_apart_from_json_lines(tmp_path):
+    """A pretty-printed JSON array (or object) of records fails on its first line: the error says the reader wants
+    one record per line; a broken first record line gets no such hint."""
+    for name, text in (("array.json", json.dumps([_row(0), _row(1)], indent=2)),
+                       ("one.json", json.dumps(_row(0), indent=2)), ("flat.json", json.dumps([_row(0)]) + "x")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(RecordError, match=r"line 1: invalid JSON \(.*\); records are read one JSON object per "
+                                              r"line \(JSON Lines\), and this file looks like one JSON document$"):
+            load_records(path)
+    path = tmp_path / "typo.jsonl"
+    path.write_text('{"data_source": x}\n')
+    with pytest.raises(RecordError, match=r"line 1: invalid JSON \(Expecting value at column 17\)$"):
+        load_records(path)
+
+
 def test_invalid_json_line_and_parquet_row(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(_row(0)) + "\n\n" + '{"data_source": \n')
