@@ -133,6 +133,19 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is no sealed checkpoint (None when it is): it does not exist, or it has no COMPLETE marker, then
+    naming the newest checkpoint inside when it is a run or checkpoints directory (the usual mistake)."""
+    p = Path(path)
+    if not p.exists():
+        return f"{p} does not exist"
+    if (p / MARKER).is_file():
+        return None
+    newest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
+    hint = f"; the newest one in it is {newest}" if newest is not None else ""
+    return f"{p} is not a complete checkpoint (no {MARKER} marker){hint}"
+
+
 def rng_state() -> dict[str, Any]:
     """Every generator's state in types torch.load(weights_only=True) reads back: numpy's key array as a tensor."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -226,10 +239,9 @@ class Checkpointer:
                 repair(self.dir)
             _barrier()
             return latest_checkpoint(self.dir)
-        p = Path(resume)
-        if not (p / MARKER).is_file():
-            raise FileNotFoundError(f"{p} is not a complete checkpoint (no {MARKER} marker)")
-        return p
+        if problem := checkpoint_problem(resume):
+            raise FileNotFoundError(problem)
+        return Path(resume)
 
     def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """Restore model (+ optimizer) in place and this rank's RNG; returns the trainer state."""
@@ -307,8 +319,8 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     from golong.models import from_config
 
     ckpt = Path(ckpt_dir)
-    if not (ckpt / MARKER).is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
+    if problem := checkpoint_problem(ckpt):
+        raise FileNotFoundError(problem)
     hf_config = json.loads((ckpt / "config.json").read_text())
     dtype = dtype or hf_config.get("torch_dtype") or "float32"
     model = from_config(hf_config, dtype=torch.float32, device="cpu")

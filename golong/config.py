@@ -392,16 +392,12 @@ def _fresh_run_problem(cfg: RunConfig) -> list[str]:
 def _resume_problem(resume: str) -> list[str]:
     """An explicit checkpoint.resume that exists but is no complete checkpoint (often the run or checkpoints
     directory): found here, not after the data and the model are loaded."""
-    p = Path(resume)
-    if resume in ("auto", "none") or not p.exists():
+    if resume in ("auto", "none") or not Path(resume).exists():  # a missing path: run_problems' path check
         return []
-    from golong.checkpoint import MARKER, latest_checkpoint  # torch and DCP: only when there is a path to check
+    from golong.checkpoint import checkpoint_problem  # torch and DCP: only when there is a path to check
 
-    if (p / MARKER).is_file():
-        return []
-    newest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
-    hint = f"; the newest one in it is {newest}" if newest is not None else ""
-    return [f"checkpoint.resume: {p} is not a complete checkpoint (no {MARKER} marker){hint}"]
+    problem = checkpoint_problem(resume)
+    return [f"checkpoint.resume: {problem}"] if problem else []
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

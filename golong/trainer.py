@@ -1261,13 +1261,12 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
     OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content."""
     import json
 
-    from golong.checkpoint import MARKER
+    from golong.checkpoint import checkpoint_problem
     from golong.data.check import task_metrics
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and not (ckpt / MARKER).is_file():  # before the model is built
-        raise FileNotFoundError(f"--checkpoint {ckpt} is not a complete training checkpoint (no {MARKER} marker; "
-                                "pass a RUN_DIR/checkpoints/step_NNNNNN directory)")
+    if ckpt is not None and (problem := checkpoint_problem(ckpt)):  # before the model is built
+        raise FileNotFoundError(f"--checkpoint {problem}")
     out = Path(out_dir) if out_dir is not None else \
         Path(cfg.logging.run_dir) / "eval" / (ckpt.name if ckpt else "model")
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(out), wandb=False,

@@ -281,7 +281,7 @@ def test_synth_passes_seed_and_context_length(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["plot", "/nonexistent/run"], "no metrics.jsonl in /nonexistent/run"),
-    (["export", "/nonexistent/ckpt", "/tmp/x"], "not a complete checkpoint"),
+    (["export", "/nonexistent/ckpt", "/tmp/x"], "/nonexistent/ckpt does not exist"),
     (["data", "synth", "--out", "{tmp}/x.csv", "--n", "2"], "unsupported dataset format '.csv'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--tasks", "poetry"], "unknown synthetic task 'poetry'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "0"], "--n and --context-tokens must be >= 1"),

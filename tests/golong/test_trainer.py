@@ -311,7 +311,8 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
     nothing = evaluate("data.synthetic_val_n=0")
     assert nothing.returncode == 2 and "golong: error: nothing to evaluate: set data.val_files" in nothing.stderr
     wrong = evaluate(f"--checkpoint={run}")
-    assert wrong.returncode == 2 and f"--checkpoint {run} is not a complete training checkpoint" in wrong.stderr
+    assert wrong.returncode == 2 and (f"--checkpoint {run} is not a complete checkpoint (no COMPLETE marker); the "
+                                      f"newest one in it is {run}/checkpoints/step_") in wrong.stderr
 
 
 def test_eval_names_the_metric_each_task_was_scored_by(config_file, tmp_path):
