@@ -372,10 +372,15 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)
 
 
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """Where the run's checkpoints are: checkpoint.dir, by default <logging.run_dir>/checkpoints."""
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+
+
 def _fresh_run_problem(cfg: RunConfig) -> list[str]:
     """checkpoint.resume=none where checkpoints of a run already are: the new run would prune them (newest sealed
     are kept, checkpoint.keep_last) and add its rows to that run's metrics.jsonl."""
-    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+    ckpt_dir = checkpoint_dir(cfg)
     if cfg.checkpoint.resume != "none" or not ckpt_dir.is_dir():
         return []
     from golong.checkpoint import latest_checkpoint
@@ -443,5 +448,5 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "load_config", "run_problems", "to_yaml", "to_dict",
-           "MISSING"]
+__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "checkpoint_dir", "load_config", "run_problems", "to_yaml",
+           "to_dict", "MISSING"]

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
-from golong.config import ConfigError, RunConfig, to_dict
+from golong.config import ConfigError, RunConfig, checkpoint_dir, to_dict
 from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
 from golong.parallel import (
@@ -89,6 +89,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # config (2) and non-finite steps (3).
 PREEMPTED_EXIT_CODE = 143
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT): 128 + SIGINT, as a shell reports it
+
+
+def _rerun_advice(resume: str) -> str:
+    """How to continue after a stop: the same command only where it resumes the newest checkpoint. With
+    checkpoint.resume=none the rerun is refused (golong.config: checkpoints are there now); with a checkpoint path
+    it would start from that one again."""
+    if resume == "auto":
+        return "Run the same command again to continue (checkpoint.resume=auto)"
+    return f"Run the command again with checkpoint.resume=auto (not {resume}) to continue"
 
 
 def _fault(kind: str, step: int) -> bool:
@@ -782,8 +791,7 @@ class Trainer:
         self.model = self.actor.model
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.run_dir)
         self.engine.sync_weights(self.model)
-        self.ckpt = Checkpointer(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.every,
-                                 cfg.checkpoint.keep_last)
+        self.ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep_last)
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
         self.step = 0
@@ -1038,7 +1046,7 @@ class Trainer:
                 self.writer.close()
                 raise Preempted(f"{signal.Signals(signum).name} received: SFT step {s} of {cfg.trainer.sft_steps} "
                                 f"finished and checkpointed to {path}; exiting with status {PREEMPTED_EXIT_CODE}. "
-                                "Run the same command again to continue from it (checkpoint.resume=auto)")
+                                f"{_rerun_advice(cfg.checkpoint.resume)}")
         self.engine.sync_weights(self.model)
         self.actor.reset_optimizer()
         self.sft_done, self.sft_sampler = True, None
@@ -1176,8 +1184,8 @@ class Trainer:
     def _preempted(self, signum: int, path: Path) -> None:
         self.writer.close()
         raise Preempted(f"{signal.Signals(signum).name} received: step {self.step} finished and checkpointed to "
-                        f"{path}; exiting with status {PREEMPTED_EXIT_CODE}. Run the same command again to continue "
-                        "from it (checkpoint.resume=auto)")
+                        f"{path}; exiting with status {PREEMPTED_EXIT_CODE}. "
+                        f"{_rerun_advice(self.cfg.checkpoint.resume)}")
 
     def _pause_for_stop_signal(self, where: str) -> None:
         """Test hook (GOLONG_FAULT="pause@N"): rank 0 waits in the middle of step N until a stop signal arrives
@@ -1338,10 +1346,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         log.warning(f"preempted: {e}")
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except KeyboardInterrupt:  # Ctrl-C: not a traceback, but what is kept and how to go on
-        newest = latest_checkpoint(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
-        kept = f"the newest checkpoint is {newest} (later steps are not saved)" if newest else "no checkpoint saved"
-        log.warning(f"interrupted: {kept}. Run the same command again to continue (checkpoint.resume=auto); "
-                    "SIGTERM instead finishes and checkpoints the step under way")
+        newest = latest_checkpoint(checkpoint_dir(cfg))
+        kept = "no checkpoint of this run saved yet" if newest is None else \
+            f"the newest checkpoint is {newest} (later steps are not saved). {_rerun_advice(cfg.checkpoint.resume)}"
+        log.warning(f"interrupted: {kept}; SIGTERM instead finishes and checkpoints the step under way")
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         if trainer is not None:

@@ -192,6 +192,48 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_a_rerun_continues_from(config_
     assert max(_by_step(run)) == 4
 
 
+def test_stop_advice_names_resume_auto_where_the_same_command_would_not_continue(tmp_path, monkeypatch):
+    """"Run the same command again" after Ctrl-C (or a preemption) continues only under checkpoint.resume=auto: with
+    resume=none the rerun is refused (the run directory holds checkpoints now), with a checkpoint path it starts from
+    that one again. Without a checkpoint there is nothing to continue from."""
+    import golong.trainer as trainer_mod
+    from golong.config import load_config
+
+    class Interrupted:  # Ctrl-C arrives during fit
+        def __init__(self, cfg):
+            pass
+
+        def fit(self):
+            raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    def interrupt(run, resume):
+        said.clear()
+        cfg = load_config(ROOT / "configs/demo-cpu.yaml", [f"logging.run_dir={run}", f"checkpoint.resume={resume}"])
+        with pytest.raises(SystemExit) as e:
+            trainer_mod.train(cfg)
+        assert e.value.code == 130 and len(said) == 1, said
+        return said[0]
+
+    said = []
+    monkeypatch.setattr(trainer_mod, "Trainer", Interrupted)
+    monkeypatch.setattr(trainer_mod.log, "warning", said.append)
+    assert "interrupted: no checkpoint of this run saved yet; SIGTERM" in interrupt(tmp_path / "empty", "auto")
+    newest = tmp_path / "run" / "checkpoints" / "step_000002"
+    newest.mkdir(parents=True)
+    (newest / "COMPLETE").write_text("2\n")
+    kept = f"interrupted: the newest checkpoint is {newest} (later steps are not saved). "
+    assert kept + "Run the same command again to continue (checkpoint.resume=auto)" in interrupt(newest.parents[1],
+                                                                                                "auto")
+    assert kept + "Run the command again with checkpoint.resume=auto (not none) to continue" in interrupt(
+        newest.parents[1], "none")
+    older = tmp_path / "other" / "step_000001"
+    assert kept + f"Run the command again with checkpoint.resume=auto (not {older}) to continue" in interrupt(
+        newest.parents[1], str(older))
+
+
 def test_sigterm_checkpoints_the_step_under_way_and_resume_continues_identically(config_file, tmp_path):
     """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill a job) ended the process at once: all
     since the last checkpoint was lost. Now the step under way finishes, is checkpointed (here step 3, which
