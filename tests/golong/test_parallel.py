@@ -121,6 +121,7 @@ def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
     run_distributed(_run_updates, 4, 2, out, 2)
     _compare(one_rank, torch.load(out), 1e-4)
 
+
 def _tiny_batch_run(rank: int, world: int, cp: int, out: str) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, Rollout, build_model
