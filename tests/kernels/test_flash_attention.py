@@ -558,6 +558,30 @@ def test_aot_sm90_sweep_candidates(aot_sweep_resources, label):
 
 
 @pytest.mark.gpu
+def test_wide_kernels_bf16_cuda():
+    """The WIDE (int64 offset) kernels on sm_90 with real addresses: q rows 2.1M elements apart in a 4 GiB bf16
+    buffer, the last past 2**31 (the interpreter checks the numbers, not the hardware's address arithmetic), vs
+    fp64 per document."""
+    cu, D = [0, 700, 1003], 128
+    stride = (2**31 // 1002 // 8 + 1) * 8  # the last row's offset passes 2**31
+    buf = torch.empty(1002 * stride + 32 * D, device="cuda", dtype=torch.bfloat16)
+    q = buf.as_strided((1003, 32, D), (stride, D, 1))
+    q0, k, v = (x.cuda() for x in _inputs(cu, 32, 8, D, torch.bfloat16))
+    q.copy_(q0)
+    assert fa._wide(q)
+    q, k, v = q.detach().requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device="cuda"), backend="triton")
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q0, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu)
+    go = torch.randn_like(ro)
+    (out.float() * go.float()).sum().backward()
+    (ro * go).sum().backward()
+    assert rel(out, ro) < 1e-2 and rel(lse, rl) < 1e-3
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 2e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flash_attn", "triton_all_tma", "triton_tma_fused_dq"])
 def test_flash_attention_bf16_cuda(backend, monkeypatch):
     if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
