@@ -356,8 +356,7 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     file or directory the run reads that does not exist (data files, model and tokenizer directories, an
     explicit resume checkpoint), checkpoint.resume=none where an earlier run's checkpoints are. `golong train`
     stops on the first; `--dry-run` lists them as warnings (a config is often checked away from the cluster it
-    runs on). for_eval: what `golong eval` reads only (the
-    validation files, model and tokenizer)."""
+    runs on). for_eval: what `golong eval` reads only (the validation files, model and tokenizer)."""
     problems = [] if for_eval or cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
         "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
     paths = [] if for_eval else [("data.train_files", f) for f in cfg.data.train_files]

@@ -1070,8 +1070,7 @@ class Trainer:
     def _write_tokenizer(self, d: Path) -> None:
         self.tokenizer.save_pretrained(str(d / "tokenizer"))
         # and the model's generation defaults (eos ids, sampling), which `golong export` copies from there too
-        gen = Path(self.cfg.model.path or "") / "generation_config.json"
-        if self.cfg.model.path is not None and gen.is_file():
+        if self.cfg.model.path and (gen := Path(self.cfg.model.path) / "generation_config.json").is_file():
             shutil.copy2(gen, d / "tokenizer" / gen.name)
 
     def maybe_resume(self) -> Path | None:

@@ -491,9 +491,9 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 
 
 def _check_offsets(offsets: torch.Tensor, rows: int) -> None:
-    ends = offsets.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    if bool((ends < starts).any()) or (ends[-1].item() if len(ends) else 0) != rows:
+    """Host-side check of CPU offsets: non-decreasing from 0 (an empty offsets tensor holds no rows), last == rows."""
+    bounds = torch.cat([offsets.new_zeros(1), offsets]).long()
+    if bool((bounds.diff() < 0).any()) or int(bounds[-1]) != rows:
         shown = offsets.tolist()
         raise ValueError(f"offsets must be non-decreasing cumulative row ends from >= 0 to offsets[-1] == M = {rows}"
                          f"; got {shown[:12]}{' ...' if len(shown) > 12 else ''}")

@@ -234,9 +234,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: the backward ring's messages and in-place sums build no
+        # create_graph=True: the backward ring's messages and in-place sums build no graph, so a second derivative
+        # would silently miss terms
+        if torch.is_grad_enabled():
             raise RuntimeError("ring_attention is differentiable once: create_graph=True (double backward) is not "
-                               "supported")  # graph, so a second derivative would silently miss terms
+                               "supported")
         q, k, v, out, lse = ctx.saved_tensors
         ring, plan = ctx.ring, ctx.plan
         W, r = ring.world, ring.rank

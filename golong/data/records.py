@@ -177,8 +177,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 # a pretty-printed JSON document (an array of records) fails on its first line
-                hint = "; records are read one JSON object per line (JSON Lines), and this file looks like one " \
-                    "JSON document" if n == 1 and (line.lstrip().startswith("[") or line.strip() == "{") else ""
+                document = n == 1 and (line.lstrip().startswith("[") or line.strip() == "{")
+                hint = ("; records are read one JSON object per line (JSON Lines), and this file looks like one JSON "
+                        "document") if document else ""
                 # some of json's messages end in "at" themselves ("Invalid control character at")
                 raise RecordError(f"{path}: line {n}: invalid JSON ({e.msg.removesuffix(' at')} at column "
                                   f"{e.colno}){hint}") from None
