@@ -95,6 +95,7 @@ class RolloutConfig:
     require_think: bool = True  # a response scores 0 unless it has exactly one </think>
     reward_timeout_s: float = 10.0
     reward_workers: int = 8
+    reward_memory_mb: int = 2048  # per scoring worker, beyond start-up; a job past it scores 0
 
 
 @dataclass
@@ -319,6 +320,7 @@ def _check_values(cfg: RunConfig) -> None:
         (r.reward_timeout_s > 0, "rollout.reward_timeout_s must be > 0"),
         (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
                                 "ROUGE-L and retrieval_calculate in one timed worker)"),
+        (r.reward_memory_mb >= 1, "rollout.reward_memory_mb must be >= 1"),
         (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),
         (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),

@@ -865,7 +865,8 @@ class Trainer:
             scores = score_records([prompts[requests[j][0]].record for j in mine],
                                    [self._decode(self._strip_stop(t)) for t in out.token_ids],
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
-                                                       num_workers=rc.reward_workers))
+                                                       num_workers=rc.reward_workers,
+                                                       memory_mb=rc.reward_memory_mb))
         t2 = time.perf_counter()
         local = [(j, out.token_ids[k], out.logprobs[k], out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
         merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])

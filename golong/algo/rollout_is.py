@@ -61,7 +61,9 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
         # invalid tokens may hold -inf / NaN logprobs: zero them, or NaN * 0 would spoil the metrics
         old = torch.where(m, old, torch.zeros_like(old))
         roll = torch.where(m, roll, torch.zeros_like(roll))
-        log_ratio = (old - roll).clamp(-20.0, 20.0)
+        # a valid token with -inf under both policies (or a NaN logprob) has no ratio: give it the floor, so the
+        # veto / mask drops it instead of a NaN weight reaching the loss
+        log_ratio = torch.nan_to_num(old - roll, nan=-20.0).clamp(-20.0, 20.0)
         rho = torch.exp(log_ratio)
         if mode == "truncate":
             w = rho.clamp(max=upper)

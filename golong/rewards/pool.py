@@ -6,7 +6,10 @@ re-import of the caller's __main__, and they work from daemonic processes too. T
 chunk of jobs to an idle worker; the worker answers job by job, so the parent always knows which job
 is running and since when. A job running past `timeout` scores 0: its worker is killed (the only
 reliable way to stop math-verify / sympy stuck in C code) and replaced, and the rest of its chunk
-goes back to the queue.
+goes back to the queue. Each worker may also allocate at most `memory_mb` beyond its start-up
+footprint (RLIMIT_DATA): a response such as 2^{2^{40}} makes sympy grow without bound, and eight
+workers doing so at once would take the node's memory from the trainer; over the limit the job
+raises MemoryError (or the worker dies) and scores 0.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 _HEADER = struct.Struct("<Q")
 STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
 MAX_CHUNK = 64
+DEFAULT_MEMORY_MB = 2048  # per worker, beyond start-up; a real math-verify or ROUGE-L job takes < 100 MB
 
 Job = tuple[str, str, Any]  # (metric, answer region, gold)
 
@@ -69,13 +73,14 @@ class _Worker:
         return self.proc.stdout.fileno()  # type: ignore[union-attr]
 
 
-def _spawn() -> _Worker:
+def _spawn(memory_mb: int) -> _Worker:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the golong package
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["OMP_NUM_THREADS"] = "1"
     env["GOLONG_REWARD_PARENT"] = str(os.getpid())  # the worker exits with us (see worker._exit_with_parent)
+    env["GOLONG_REWARD_MEMORY_MB"] = str(memory_mb)
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, close_fds=True)
     return _Worker(proc)
@@ -94,6 +99,11 @@ def _kill(w: _Worker) -> None:
             pass
 
 
+def check_memory(memory_mb: int) -> None:
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
+        raise ValueError(f"reward worker memory limit must be a whole number of MiB > 0, got {memory_mb!r}")
+
+
 def check_timeout(timeout: float) -> None:
     """A time limit must be a finite number of seconds > 0 (a NaN deadline would never pass)."""
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -101,10 +111,12 @@ def check_timeout(timeout: float) -> None:
 
 
 class ScoringPool:
-    """`num_workers` scoring subprocesses, started lazily and kept for reuse across calls."""
+    """`num_workers` scoring subprocesses of at most `memory_mb` each, started lazily and kept for reuse."""
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB) -> None:
+        check_memory(memory_mb)
         self.num_workers = max(1, int(num_workers))
+        self.memory_mb = memory_mb
         self.workers: list[_Worker] = []
         self.timeouts = 0  # jobs that ran out of time, over the pool's life
         self.restarts = 0
@@ -113,7 +125,7 @@ class ScoringPool:
     def _ensure(self) -> None:
         self.workers = [w for w in self.workers if w.proc.poll() is None]
         while len(self.workers) < self.num_workers:
-            self.workers.append(_spawn())
+            self.workers.append(_spawn(self.memory_mb))
 
     def close(self) -> None:
         for w in self.workers:
@@ -157,7 +169,7 @@ class ScoringPool:
             sel.unregister(w.fd)
             _kill(w)
             pending.extendleft(reversed(w.queue))
-            nw = _spawn()
+            nw = _spawn(self.memory_mb)
             self.workers[self.workers.index(w)] = nw
             sel.register(nw.fd, selectors.EVENT_READ, nw)
             self.restarts += 1
@@ -217,16 +229,16 @@ class ScoringPool:
         return results
 
 
-_POOLS: dict[int, ScoringPool] = {}
+_POOLS: dict[tuple[int, int], ScoringPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def get_pool(num_workers: int) -> ScoringPool:
-    """The process-wide pool with `num_workers` workers (created on first use, closed at exit)."""
+def get_pool(num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB) -> ScoringPool:
+    """The process-wide pool of `num_workers` workers of `memory_mb` (created on first use, closed at exit)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get(num_workers)
+        pool = _POOLS.get((num_workers, memory_mb))
         if pool is None:
-            pool = _POOLS[num_workers] = ScoringPool(num_workers)
+            pool = _POOLS[(num_workers, memory_mb)] = ScoringPool(num_workers, memory_mb)
         return pool
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from golong.rewards.answer import answer_region, checked_response, marked_answer
 from golong.rewards.metrics import Gold, check_metric, score_region
-from golong.rewards.pool import check_timeout, get_pool
+from golong.rewards.pool import DEFAULT_MEMORY_MB, check_memory, check_timeout, get_pool
 from golong.rewards.tasks import route
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -56,6 +56,7 @@ class RewardConfig:
     require_think: bool = True  # False for non-thinking models: the whole response is the answer
     timeout: float = DEFAULT_TIMEOUT_S  # per response, seconds
     num_workers: int = 8  # scoring subprocesses for score_batch
+    memory_mb: int = DEFAULT_MEMORY_MB  # per scoring subprocess, beyond its start-up footprint
 
 
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
@@ -93,15 +94,17 @@ def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: fl
 
 
 def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFAULT_TIMEOUT_S,
-                num_workers: int = 8, require_think: bool = True) -> list[float]:
+                num_workers: int = 8, require_think: bool = True, memory_mb: int = DEFAULT_MEMORY_MB) -> list[float]:
     """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
 
-    Each item has its own `timeout` (seconds of worker time); an item over it scores 0. Each metric's text
+    Each item has its own `timeout` (seconds of worker time); an item over it, or one that needs more than
+    `memory_mb` MiB in its worker, scores 0. Each metric's text
     (SCOPES) is cut here, so only it travels to the workers. `num_workers=0` scores the
     linear-time metrics inline in this process; the SANDBOXED ones (math-verify parses model output with
     sympy) still go through one timed worker, as in `compute_score`.
     """
     check_timeout(timeout)
+    check_memory(memory_mb)
     jobs: list[tuple[str, str, Gold]] = []
     where: list[int] = []
     out = [0.0] * len(items)
@@ -118,10 +121,10 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
         scores = [0.0 if job[0] in SANDBOXED else score_region(*job) for job in jobs]
         timed = [k for k, job in enumerate(jobs) if job[0] in SANDBOXED]
         if timed:
-            for k, s in zip(timed, get_pool(1).map([jobs[k] for k in timed], timeout)):
+            for k, s in zip(timed, get_pool(1, memory_mb).map([jobs[k] for k in timed], timeout)):
                 scores[k] = s
     else:
-        scores = get_pool(num_workers).map(jobs, timeout)
+        scores = get_pool(num_workers, memory_mb).map(jobs, timeout)
     for i, s in zip(where, scores):
         out[i] = s
     return out
@@ -182,4 +185,4 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
-                       num_workers=cfg.num_workers, require_think=cfg.require_think)
+                       num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)

@@ -29,6 +29,20 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
+def _limit_memory(extra_mb: int) -> None:
+    """Cap this process's data segment (heap and private mappings, RLIMIT_DATA) at its current size plus
+    `extra_mb` MiB, so that an allocation past it fails (MemoryError) instead of taking the node's memory."""
+    if not sys.platform.startswith("linux") or extra_mb <= 0:
+        return
+    import resource
+
+    with open("/proc/self/status") as f:
+        vm_data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = vm_data + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
 def main() -> None:
     _exit_with_parent()
     # Ctrl-C is the parent's to handle; so are the stop signals a scheduler sends to every process of a job
@@ -53,6 +67,7 @@ def main() -> None:
         jieba.initialize()
     except Exception:
         pass
+    _limit_memory(int(os.environ.get("GOLONG_REWARD_MEMORY_MB", "0")))  # after the imports: their memory is start-up
     write_frame(out, "ready")
     while True:
         try:

@@ -521,6 +521,22 @@ def test_rollout_is_hand():
         rollout_is_weights(old, roll, mask, cu_seqlens=torch.tensor([0, 4, 6]))
 
 
+def test_rollout_is_weights_stay_finite_when_a_valid_token_has_no_ratio():
+    # token 1 is -inf under both policies (a broken logprob), token 4 NaN in the trainer: no ratio exists, so
+    # their sequences are vetoed (truncate and mask) and no weight is NaN; seq 2 is untouched
+    roll = torch.tensor([-0.5, float("-inf"), -0.2, -0.3, -1.0, -0.7, -0.1])
+    old = torch.tensor([-0.4, float("-inf"), -0.1, -0.3, float("nan"), -0.7, -0.3])
+    mask = torch.ones(7, dtype=torch.bool)
+    cu = torch.tensor([0, 3, 5, 7], dtype=torch.int32)
+    for mode in ("truncate", "mask"):
+        w, _ = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode=mode)
+        assert w.isfinite().all(), (mode, w)
+        assert w[:5].tolist() == [0.0] * 5
+        assert w[5:].tolist() == pytest.approx([1.0, math.exp(-0.2)], rel=1e-6)
+    w, _ = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode="truncate", veto=None)
+    assert w.isfinite().all() and w[[1, 4]].max() < 1e-8
+
+
 def test_rollout_is_means_bounds_and_invalid_tokens():
     # packed: seq 0 valid tokens rho (0.5, 5.0, 2.0) -- the mask-mode bounds are inclusive -- and an
     # invalid (prompt) token with rho 1e-6 that must not veto it; seq 1 has no valid token at all

@@ -571,6 +571,22 @@ def test_inline_batch_keeps_the_time_limit_of_math_verify():
     assert scores == [0.0, 1.0, pytest.approx(2 / 3), pytest.approx(0.6)] and seconds < 60.0
 
 
+def test_memory_limit_stops_a_runaway_job_before_its_time_limit():
+    # 2^{2^{40}} has 2^40 bits: sympy / gmpy grow it without bound (1.4 GB after 20 s with no limit). Under a
+    # 256 MiB limit it fails within seconds and scores 0, long before the 120 s time limit; the next job runs.
+    from golong.rewards.pool import get_pool
+
+    items = [("math_verify", R("\\boxed{2^{2^{40}}}"), "3"), ("math_verify", R("\\boxed{7}"), "7")]
+    score_batch(items[1:], timeout=120.0, num_workers=1, memory_mb=256)  # start-up out of the timing
+    t = time.perf_counter()
+    scores = score_batch(items, timeout=120.0, num_workers=1, memory_mb=256)
+    seconds = time.perf_counter() - t
+    assert scores == [0.0, 1.0] and seconds < 60.0 and get_pool(1, 256).timeouts == 0
+    for bad in (0, -5, 1.5, True, "2048"):
+        with pytest.raises(ValueError, match="memory limit"):
+            score_batch(items[1:], num_workers=1, memory_mb=bad)
+
+
 _PARENT = r"""
 import sys
 from golong.rewards import compute_score
