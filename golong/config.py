@@ -83,6 +83,8 @@ class RolloutConfig:
     engine: str = _choice("vllm", ("vllm", "torch"))
     n: int = 16  # responses per prompt
     temperature: float = 1.0
+    # top_p < 1 or top_k > 0: the rollout logprobs are of the truncated, renormalised distribution (both
+    # engines, vLLM's processed_logprobs), so the IS weights and mismatch metrics count the truncation
     top_p: float = 1.0
     top_k: int = -1
     max_response_tokens: int = 16_384

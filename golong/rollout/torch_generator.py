@@ -10,10 +10,11 @@ its own generator, so a response depends only on (model, prompt, params, seed): 
 was in, the batch size or which rank generated it. That is what makes runs reproducible across
 world sizes and across a resume.
 
-`logprobs[i][t]` is log softmax(logits / temperature)[token] — the temperature-scaled distribution
-without top-k / top-p truncation, i.e. what the trainer recomputes as the old policy (with
-temperature 0, greedy decoding, it is the plain log softmax). The trainer's IS correction compares
-exactly these two.
+`logprobs[i][t]` is the token's log probability under the distribution it was sampled from, as
+vLLM returns it (logprobs_mode="processed_logprobs"): softmax(logits / temperature), cut to the
+top-k tokens, then to the top-p nucleus of what is left, and renormalised. Without top-k / top-p it
+is exactly what the trainer recomputes as the old policy (greedy decoding, temperature 0: the plain
+log softmax); with them, the rollout IS weights and mismatch metrics include the truncation.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     """logits [B, V] fp32, uniforms [B] in [0, 1) -> (tokens [B] int64, logprobs [B] fp32).
 
     Inverse-CDF sampling over the probabilities sorted in descending order, restricted to the top-k
-    tokens and the smallest prefix whose mass reaches top_p (the first token always stays).
-    Deterministic given the uniforms. logprobs are of the temperature-scaled, untruncated softmax.
+    tokens and then, as vLLM does, to the smallest prefix holding top_p of their renormalised mass (the
+    first token always stays). Deterministic given the uniforms. logprobs are of that truncated,
+    renormalised distribution (see the module docstring).
     """
     logits = logits.float()
     if params.temperature <= 0:
@@ -74,7 +76,8 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     if params.top_k > 0:
         keep[:, params.top_k:] = False
     if params.top_p < 1.0:
-        before = probs.cumsum(-1) - probs  # mass strictly before each token
+        kept = probs * keep
+        before = (kept.cumsum(-1) - kept) / kept.sum(-1, keepdim=True)  # top-k mass strictly before each token
         keep &= before < params.top_p
     keep[:, 0] = True
     probs = probs * keep
@@ -84,7 +87,11 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     # never land on a truncated (zero-mass) slot through rounding at the top of the cdf
     pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)
     tokens = order.gather(-1, pick)[:, 0]
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    token_logp = logp.gather(-1, tokens[:, None])[:, 0]
+    if params.top_k > 0 or params.top_p < 1.0:  # renormalise over the kept tokens
+        sorted_logp = logp.gather(-1, order).masked_fill(~keep, float("-inf"))
+        token_logp = token_logp - torch.logsumexp(sorted_logp, -1)
+    return tokens, token_logp
 
 
 class TorchGenerator:

@@ -144,7 +144,8 @@ class VLLMEngine:
             # one seed per TP group: its ranks must sample identically, other groups differently
             seed=config.seed + rank // tp,
             skip_tokenizer_init=True,  # golong tokenizes; the engine sees token ids only
-            # log softmax of the temperature-scaled logits (the default, raw_logprobs, ignores T)
+            # log softmax of the temperature-scaled, top-k / top-p truncated logits: the distribution sampled from
+            # (the default, raw_logprobs, ignores T and the truncation); TorchGenerator returns the same
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
         )

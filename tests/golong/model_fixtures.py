@@ -66,3 +66,21 @@ def hf_logits_per_doc(hf, ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def sampling_probs(logits: torch.Tensor, p) -> torch.Tensor:
+    """fp64 oracle of the distribution a rollout engine samples from, [B, V] for logits [B, V] and SamplingParams
+    `p`: softmax(logits / T), cut to the top-k tokens, then to the top-p nucleus of their renormalised mass
+    (vLLM's order), renormalised."""
+    probs = torch.softmax(logits.double() / p.temperature, -1)
+    out = torch.zeros_like(probs)
+    for b in range(probs.shape[0]):
+        vals, order = probs[b].sort(descending=True)
+        keep = len(vals) if p.top_k <= 0 else p.top_k
+        if p.top_p < 1:
+            top = vals[:keep] / vals[:keep].sum()
+            before = top.cumsum(0) - top
+            keep = min(keep, int((before < p.top_p).sum()))
+        keep = max(keep, 1)
+        out[b, order[:keep]] = vals[:keep] / vals[:keep].sum()
+    return out

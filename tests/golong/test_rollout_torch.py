@@ -7,6 +7,7 @@ import torch
 
 from golong.models import from_config
 from golong.rollout import GenerationResult, SamplingParams, TorchGenerator, sample_tokens
+from tests.golong.model_fixtures import sampling_probs
 from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 VOCAB = 203  # odd, not a multiple of anything
@@ -25,21 +26,6 @@ def tiny_moe(seed: int = 0):
     return model.eval()
 
 
-def _allowed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """fp64 oracle: the truncated, renormalised sampling distribution [B, V]."""
-    probs = torch.softmax(logits.double() / p.temperature, -1)
-    out = torch.zeros_like(probs)
-    for b in range(probs.shape[0]):
-        vals, order = probs[b].sort(descending=True)
-        keep = len(vals) if p.top_k <= 0 else p.top_k
-        if p.top_p < 1:
-            before = vals.cumsum(0) - vals
-            keep = min(keep, int((before < p.top_p).sum()))
-        keep = max(keep, 1)
-        out[b, order[:keep]] = vals[:keep] / vals[:keep].sum()
-    return out
-
-
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_p=0.95),
                                     SamplingParams(temperature=1.3, top_k=7), SamplingParams(temperature=0.8,
                                                                                              top_p=0.5, top_k=20),
@@ -51,13 +37,14 @@ def test_sample_tokens_follows_truncated_distribution(params):
     n = 20000
     # a uniform grid makes inverse-CDF sampling exact: each token's frequency = its mass +- 1/n
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    want = _allowed_probs(logits, params)
+    want = sampling_probs(logits, params)
     for b in range(3):
         toks, logp = sample_tokens(logits[b:b + 1].expand(n, -1), u, params)
         freq = torch.bincount(toks, minlength=VOCAB).double() / n
         assert (freq[want[b] == 0] == 0).all(), "sampled a token outside top-k / top-p"
         assert (freq - want[b]).abs().max() < 2.0 / n + 1e-6
-        ref = torch.log_softmax(logits[b].double() / params.temperature, -1)[toks]
+        # the logprob of the distribution sampled from, as vLLM's processed_logprobs gives it
+        ref = want[b].log()[toks]
         assert (logp.double() - ref).abs().max() < 1e-5
 
 
@@ -68,14 +55,20 @@ def test_greedy_is_argmax():
     assert torch.allclose(logp, torch.log_softmax(logits, -1).max(-1).values)
 
 
-def _full_forward_logprobs(model, prompt: list[int], resp: list[int], temperature: float) -> torch.Tensor:
+def _full_forward_logprobs(model, prompt: list[int], resp: list[int], params: SamplingParams) -> torch.Tensor:
+    """Each response token's logprob under the distribution `params` samples from, by one full forward: the
+    trainer's fused head without truncation, the fp64 oracle of the truncated distribution with it."""
     ids = torch.tensor(prompt + resp)
     cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+    at = slice(len(prompt) - 1, len(ids) - 1)
     with torch.no_grad():
         hidden = model(ids, cu)
+        if params.top_p < 1 or params.top_k > 0:
+            allowed = sampling_probs(model.logits(hidden)[at], params)
+            return allowed.log().gather(-1, torch.tensor(resp)[:, None])[:, 0].float()
         targets = torch.cat([ids[1:], torch.tensor([-100])])
-        logp, _ = model.logprob_entropy(hidden, targets, temperature)
-    return logp[len(prompt) - 1: len(ids) - 1]
+        logp, _ = model.logprob_entropy(hidden, targets, params.temperature)
+    return logp[at]
 
 
 def test_generate_matches_full_forward_and_stops():
@@ -99,7 +92,7 @@ def test_generate_matches_full_forward_and_stops():
             assert len(toks) == params.max_tokens and eos not in toks
         # the same seeded stream as without a stop token, cut after its first eos
         assert toks == ref_toks[:ref_toks.index(eos) + 1 if eos in ref_toks else len(ref_toks)]
-        ref = _full_forward_logprobs(model, prompt, toks, params.temperature)
+        ref = _full_forward_logprobs(model, prompt, toks, params)
         err = (torch.tensor(lps) - ref).norm() / ref.norm()
         assert err < 1e-5, err
 

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from golong.rollout import SamplingParams
+from tests.golong.model_fixtures import sampling_probs
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 PY = VENV / "bin" / "python"
@@ -31,10 +34,13 @@ def needs_vllm(fn):
 
 
 TOL = 1e-4  # max |logprob diff| per sampled token, fp32 on both sides
-PHASES = [  # (update index, sampling); T = 0.7 checks that logprobs follow the temperature
+PHASES = [  # (update index, sampling); T = 0.7 checks that logprobs follow the temperature, the last phase
+    # (the same weights pushed again) that they are of the top-k / top-p truncated distribution, as golong's own
+    # TorchGenerator returns them
     (0, dict(temperature=1.0, max_tokens=12)),
     (1, dict(temperature=1.0, max_tokens=12)),
     (2, dict(temperature=0.7, top_k=-1, max_tokens=12)),
+    (2, dict(temperature=0.8, top_p=0.8, top_k=40, max_tokens=12)),
 ]
 
 
@@ -46,8 +52,10 @@ def _perturb_(model: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
             p.add_(scale * p.float().std() * torch.randn(p.shape, generator=g))
 
 
-def _reference_logprobs(model, prompts, responses, temperature: float) -> list[torch.Tensor]:
-    """golong's fused head on the packed (prompt + response) documents: logprob of each response token."""
+def _reference_logprobs(model, prompts, responses, temperature: float, sampling: dict | None = None
+                        ) -> list[torch.Tensor]:
+    """golong's fused head on the packed (prompt + response) documents: logprob of each response token; with
+    top-k / top-p in `sampling`, of the truncated distribution instead (fp64 oracle on golong's logits)."""
     docs = [torch.tensor(p + r) for p, r in zip(prompts, responses)]
     ids = torch.cat(docs)
     cu = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32)
@@ -59,6 +67,12 @@ def _reference_logprobs(model, prompts, responses, temperature: float) -> list[t
     with torch.no_grad():
         hidden = model(ids, cu)
         lp, _ = model.logprob_entropy(hidden, targets, temperature=temperature)
+        params = SamplingParams(**{"temperature": temperature, **(sampling or {})})
+        if params.top_k > 0 or params.top_p < 1:
+            at = targets != -100
+            probs = sampling_probs(model.logits(hidden[at]), params)
+            lp = torch.zeros_like(lp)
+            lp[at] = probs.log().gather(-1, targets[at][:, None])[:, 0].to(lp.dtype)
     return [lp[int(cu[i]) + len(p) - 1: int(cu[i]) + len(p) - 1 + len(r)]
             for i, (p, r) in enumerate(zip(prompts, responses))]
 
@@ -145,13 +159,18 @@ def test_logprobs_match_golong_after_each_update(run):
     for i, (u, sampling) in enumerate(PHASES):
         ph = out["phases"][i]
         model.load_state_dict(run["states"][u])
-        err = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"]), ph["logprobs"])
-        msg = f"{run['kind']} phase {i} (weights {u}, T={sampling['temperature']}): max |dlogprob| {err:.2e}"
+        err = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"], sampling),
+                       ph["logprobs"])
+        msg = f"{run['kind']} phase {i} (weights {u}, {sampling}): max |dlogprob| {err:.2e}"
         print(msg)
         assert err <= TOL, msg
+        if sampling.get("top_p", 1.0) < 1:  # the truncation is visible: the untruncated softmax is far off
+            plain = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"]),
+                             ph["logprobs"])
+            assert plain > 100 * TOL, f"phase {i}: the truncation changed no logprob ({plain:.2e})"
         if u:  # the engine really moved: the previous weights explain its samples far worse
             model.load_state_dict(run["states"][u - 1])
-            stale = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"]),
+            stale = _max_err(_reference_logprobs(model, prompts, ph["token_ids"], sampling["temperature"], sampling),
                              ph["logprobs"])
             print(f"{run['kind']} phase {i}: vs the previous weights {stale:.2e}")
             assert stale > 100 * TOL, f"phase {i}: engine output also matches the stale weights ({stale:.2e})"
