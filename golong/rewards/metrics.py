@@ -362,8 +362,9 @@ def rouge_l(region: str, gold: Gold) -> float:
     `region` is the whole response, think block included: the recipe scores the unsplit response (no
     </think> split, no [Answer] cut), folded like each reference (lower-cased, whitespace runs to one space).
     A reference with no sentence makes the package raise for the whole call, so the recipe scores 0: so does
-    golong. Chinese: the recipe cuts both sides into jieba words when the record's `language` is "Chinese";
-    golong has only the gold, so it cuts them when the reference has CJK characters (per reference).
+    golong. Chinese: the recipe cuts both sides into jieba words when its `language` argument is "Chinese" (its
+    dispatcher passes ground_truth["summary"] there, whatever that field holds); golong cuts them when the
+    reference has CJK characters (per reference).
     """
     refs = [fold(g) for g in _gold_strings(gold)]
     pred = fold(region)
