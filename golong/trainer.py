@@ -785,6 +785,11 @@ class Trainer:
             # one process per core share: oversubscribed CPU threads slow small matmuls 10x
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, \
+            model_config(cfg).max_position_embeddings
+        if longest > max_pos:  # vLLM refuses such a max_model_len; the torch engine would run past the positions
+            raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
+                              f"max_position_embeddings {max_pos} (the rollout engine's max_model_len)")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
