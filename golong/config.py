@@ -315,6 +315,9 @@ def _check_values(cfg: RunConfig) -> None:
         (r.n >= 1, "rollout.n must be >= 1"),
         (r.val_n >= 1, "rollout.val_n must be >= 1"),
         (r.temperature > 0 and r.val_temperature > 0, "rollout.temperature and rollout.val_temperature must be > 0"),
+        # vLLM samples below 0.01 at 0.01, while the trainer's old logprobs would use the configured temperature
+        (r.temperature >= 0.01 and r.val_temperature >= 0.01,
+         "rollout.temperature and rollout.val_temperature must be >= 0.01 (vLLM raises a lower one to 0.01)"),
         (0 < r.top_p <= 1 and 0 < r.val_top_p <= 1, "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
         (r.max_response_tokens >= 1, "rollout.max_response_tokens must be >= 1"),
         (r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),

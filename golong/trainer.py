@@ -612,13 +612,29 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     return build_demo_tokenizer(vocab_size=cfg.model.scratch.vocab_size)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
+def stop_token_ids(tokenizer: Any, model_path: str | None = None) -> list[int]:
+    """The ids that end a response, for both engines and `_strip_stop`: the tokenizer's EOS, <|im_end|>,
+    <|endoftext|> and the checkpoint's own EOS ids (vLLM adds those to every request's stop ids by itself)."""
+    ids = {tokenizer.eos_token_id, *checkpoint_eos_ids(model_path)}
     for name in ("<|im_end|>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(name)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def checkpoint_eos_ids(model_path: str | None) -> list[int]:
+    """eos_token_id of a Hugging Face checkpoint as vLLM reads it (InputProcessor -> update_from_generation_config):
+    from generation_config.json, or from config.json when there is none."""
+    if model_path is None:
+        return []
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        if (f := Path(model_path) / name).is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return []
 
 
 # --------------------------------------------------------------------------------- rollout engine
@@ -635,7 +651,7 @@ class TorchEngine:
             copy = Qwen3ForCausalLM(model.config, dtype=_DTYPES[cfg.model.dtype])
         copy.to_empty(device=device)
         copy.eval().requires_grad_(False)
-        self.gen = TorchGenerator(copy, stop_token_ids(tokenizer), max_batch=256)
+        self.gen = TorchGenerator(copy, stop_token_ids(tokenizer, cfg.model.path), max_batch=256)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Copy the trainer's parameters in (collective: DTensors are gathered one at a time)."""
@@ -694,7 +710,7 @@ class VLLMRollout:
             dtype=cfg.model.dtype if torch.cuda.is_available() else "float32",
             max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
             gpu_memory_utilization=r.gpu_memory_utilization, bucket_bytes=r.weight_sync_bucket_mb << 20,
-            load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer))
+            load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer, path))
 
     def sync_weights(self, model: nn.Module) -> None:
         self.engine.update_weights(hf_parameters(model))
@@ -771,6 +787,11 @@ class Trainer:
             # one process per core share: oversubscribed CPU threads slow small matmuls 10x
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, \
+            model_config(cfg).max_position_embeddings
+        if longest > max_pos:  # vLLM refuses such a max_model_len; the torch engine would run past the positions
+            raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
+                              f"max_position_embeddings {max_pos} (the rollout engine's max_model_len)")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size
@@ -785,7 +806,7 @@ class Trainer:
             how = "set model.tokenizer to the model's own" if cfg.model.path else \
                 f"raise model.scratch.vocab_size to at least {n_tok}"  # a scratch model has no tokenizer of its own
             raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
-        self.stop_ids = set(stop_token_ids(self.tokenizer))
+        self.stop_ids = set(stop_token_ids(self.tokenizer, cfg.model.path))
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)

@@ -25,10 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+# vLLM's SamplingParams raises a temperature in (0, 0.01) to 0.01 (sampling_params.py, _MAX_TEMP): both engines
+# sample, and report logprobs, at the same temperature
+MIN_TEMPERATURE = 0.01
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy; (0, MIN_TEMPERATURE) samples at MIN_TEMPERATURE, as vLLM does
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
     max_tokens: int = 256
@@ -70,7 +74,7 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     if params.temperature <= 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    logp = torch.log_softmax(logits / params.temperature, -1)
+    logp = torch.log_softmax(logits / max(params.temperature, MIN_TEMPERATURE), -1)
     probs, order = logp.exp().sort(-1, descending=True)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if params.top_k > 0:

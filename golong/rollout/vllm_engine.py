@@ -195,6 +195,8 @@ class VLLMEngine:
             start = sum(len(g[0]) for g in gathered[: torch.distributed.get_rank(self._tp_group)])
             prompts = [p for g in gathered for p in g[0]]
             seeds_l = [s for g in gathered for s in g[1]]
+        # vLLM also stops at the checkpoint's own EOS ids (generation_config.json, else config.json): the trainer
+        # passes those to both engines (golong.trainer.stop_token_ids), TorchGenerator stops at these alone
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
         sps = [self._vllm.SamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=max(params.top_k, 0),

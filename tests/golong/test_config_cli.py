@@ -101,6 +101,9 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("rollout.n=0", "rollout.n must be >= 1"),
     ("rollout.val_n=0", "rollout.val_n must be >= 1"),
     ("rollout.val_temperature=0", "rollout.val_temperature must be > 0"),
+    # vLLM samples (and reports logprobs) at 0.01 below it, the trainer's old logprobs would be at the config's
+    ("rollout.temperature=0.005", "rollout.temperature and rollout.val_temperature must be >= 0.01"),
+    ("rollout.val_temperature=0.009", "rollout.temperature and rollout.val_temperature must be >= 0.01"),
     ("rollout.top_p=1.01", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
     ("rollout.val_top_p=0", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
     ("rollout.max_response_tokens=0", "rollout.max_response_tokens must be >= 1"),
@@ -153,6 +156,8 @@ def test_every_value_check_rejects_just_past_its_bound(override, needle):
 @pytest.mark.parametrize("override, key, value", [
     ("data.max_prompt_tokens=1", "data.max_prompt_tokens", 1),
     ("data.synthetic_context_tokens=1", "data.synthetic_context_tokens", 1),
+    ("rollout.temperature=0.01", "rollout.temperature", 0.01),
+    ("rollout.val_temperature=0.01", "rollout.val_temperature", 0.01),
     ("rollout.top_p=1", "rollout.top_p", 1.0),
     ("rollout.val_top_p=1", "rollout.val_top_p", 1.0),
     ("rollout.gpu_memory_utilization=1", "rollout.gpu_memory_utilization", 1.0),

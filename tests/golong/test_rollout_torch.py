@@ -55,6 +55,18 @@ def test_greedy_is_argmax():
     assert torch.allclose(logp, torch.log_softmax(logits, -1).max(-1).values)
 
 
+def test_temperature_below_vllms_floor_samples_at_it():
+    """vLLM raises a temperature in (0, 0.01) to 0.01 (its SamplingParams): TorchGenerator samples and reports
+    logprobs at 0.01 too, so the two engines agree for one config."""
+    logits = torch.randn(4, VOCAB) * 0.01  # near-ties: the temperature decides the distribution
+    u = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    low = sample_tokens(logits, u, SamplingParams(temperature=0.002))
+    floor = sample_tokens(logits, u, SamplingParams(temperature=0.01))
+    assert torch.equal(low[0], floor[0]) and torch.equal(low[1], floor[1])
+    ref = torch.log_softmax(logits.double() / 0.01, -1).gather(-1, floor[0][:, None])[:, 0]
+    assert (floor[1].double() - ref).abs().max() < 1e-5
+
+
 def _full_forward_logprobs(model, prompt: list[int], resp: list[int], params: SamplingParams) -> torch.Tensor:
     """Each response token's logprob under the distribution `params` samples from, by one full forward: the
     trainer's fused head without truncation, the fp64 oracle of the truncated distribution with it."""

@@ -808,3 +808,40 @@ def test_sft_target_scores_full_reward_under_its_records_metric(data_source, rew
                             "reward_model": {"ground_truth": gt},
                             "extra_info": {"reward_mode": reward_mode} if reward_mode else {}})
     assert score_record(rec, sft_target(rec), timeout=None) == 1.0
+
+
+def test_stop_ids_include_the_checkpoints_own_eos_ids_as_vllm_adds_them(tmp_path):
+    """vLLM stops every request at the checkpoint's EOS ids as well (generation_config.json, else config.json;
+    a real engine with eos_token_ids=[] stopped at a generation_config EOS its torch twin sampled past): the
+    trainer's stop ids, given to both engines and used to strip the stop token, include them."""
+    import json
+
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.trainer import stop_token_ids
+
+    tok = build_demo_tokenizer(vocab_size=1024)
+    base = stop_token_ids(tok)
+    assert tok.eos_token_id in base and stop_token_ids(tok, str(tmp_path)) == base  # no config files: nothing added
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 900}))
+    assert stop_token_ids(tok, str(tmp_path)) == sorted({*base, 900})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [901, 902]}))
+    assert stop_token_ids(tok, str(tmp_path)) == sorted({*base, 901, 902})  # generation_config wins, as in vLLM
+
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engine(config_file, tmp_path):
+    """vLLM refuses a max_model_len (data.max_prompt_tokens + rollout.max_response_tokens) over the model's
+    max_position_embeddings at start-up; the torch engine ran past the positions the model has. Both now stop
+    with one line, before any process group or data."""
+    import torch.distributed as dist
+
+    from golong.config import ConfigError, load_config
+    from golong.trainer import Trainer
+
+    for engine in ("torch", "vllm"):
+        cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", f"rollout.engine={engine}",
+                                        "model.scratch.max_position_embeddings=263"])  # 256 + 8 = 264
+        with pytest.raises(ConfigError, match="= 264 is over the model's max_position_embeddings 263"):
+            Trainer(cfg)
+    Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "model.scratch.max_position_embeddings=264"]))
+    dist.destroy_process_group()  # the bound itself is accepted
