@@ -789,9 +789,12 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, \
             model_config(cfg).max_position_embeddings
-        if longest > max_pos:  # vLLM refuses such a max_model_len; the torch engine would run past the positions
+        # vLLM refuses such a max_model_len (unless told otherwise by its own switch); the torch engine would run past
+        # the positions the model was trained for
+        if longest > max_pos and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() not in ("1", "true"):
             raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
-                              f"max_position_embeddings {max_pos} (the rollout engine's max_model_len)")
+                              f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "
+                              "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 allows it, in vLLM too)")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload)
         self.rank, self.world = self.dims.rank, self.dims.world_size

@@ -828,8 +828,7 @@ def test_stop_ids_include_the_checkpoints_own_eos_ids_as_vllm_adds_them(tmp_path
     assert stop_token_ids(tok, str(tmp_path)) == sorted({*base, 901, 902})  # generation_config wins, as in vLLM
 
 
-
-def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engine(config_file, tmp_path):
+def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engine(config_file, tmp_path, monkeypatch):
     """vLLM refuses a max_model_len (data.max_prompt_tokens + rollout.max_response_tokens) over the model's
     max_position_embeddings at start-up; the torch engine ran past the positions the model has. Both now stop
     with one line, before any process group or data."""
@@ -845,3 +844,6 @@ def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engin
             Trainer(cfg)
     Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "model.scratch.max_position_embeddings=264"]))
     dist.destroy_process_group()  # the bound itself is accepted
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own switch lets both engines go past it
+    Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "model.scratch.max_position_embeddings=263"]))
+    dist.destroy_process_group()
