@@ -150,6 +150,9 @@ class ParallelConfig:
     activation_checkpointing: bool = True
     cpu_offload: bool = False
     backend: str = _choice("auto", ("auto", "nccl", "gloo"))
+    # how long a rank may wait in a collective before the job fails (the NCCL watchdog): ranks that finish their
+    # rollouts first wait for the slowest at the gather, so raise it when one generation batch can take longer
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -334,6 +337,7 @@ def _check_values(cfg: RunConfig) -> None:
         (a.kl_coef == 0, "algo.kl_coef: the trainer keeps no reference policy, so there is no KL term "
                          "(GoLongRL's recipe uses none); leave it at 0"),
         (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),
+        (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
         (t.gen_batch_prompts >= 0, "trainer.gen_batch_prompts must be >= 0 (0: trainer.prompts_per_step)"),
         (t.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),

@@ -796,7 +796,7 @@ class Trainer:
                               f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "
                               "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 allows it, in vLLM too)")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
-                                  cpu_offload=cfg.parallel.cpu_offload)
+                                  cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s)
         self.rank, self.world = self.dims.rank, self.dims.world_size
         vocab = model_config(cfg).vocab_size  # a model this trainer cannot build stops the run before the data
         torch.manual_seed(cfg.trainer.seed)

@@ -85,13 +85,13 @@ class ParallelDims:
         return self.mesh["dp_shard"].get_group()
 
 
-def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_offload: bool = False
-                  ) -> ParallelDims:
+def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_offload: bool = False,
+                  timeout_s: float = 1800.0) -> ParallelDims:
     """Init the process group and build the mesh. dp_shard = -1 means world_size // cp. cpu_offload: the
-    process group also reduces CPU tensors (see init_distributed)."""
+    process group also reduces CPU tensors (see init_distributed); timeout_s: its collectives' time limit."""
     from golong.config import ConfigError  # a config that does not fit the launch: one line from the CLI
 
-    _, world = init_distributed(backend, cpu_collectives=cpu_offload)
+    _, world = init_distributed(backend, timeout_s, cpu_collectives=cpu_offload)
     launch = "ranks (torchrun --nproc_per_node / --nnodes)"
     if cp < 1 or world % cp:
         raise ConfigError(f"parallel.cp={cp} must divide the world size {world}; launch a multiple of {cp} {launch}")

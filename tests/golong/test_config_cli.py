@@ -111,6 +111,7 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("rollout.reward_timeout_s=0", "rollout.reward_timeout_s must be > 0"),
     ("rollout.reward_workers=-1", "rollout.reward_workers must be >= 0"),
     ("rollout.reward_memory_mb=0", "rollout.reward_memory_mb must be >= 1"),
+    ("parallel.timeout_s=0", "parallel.timeout_s must be > 0"),
     ("algo.clip_low=1", "algo.clip_low must be in [0, 1)"),
     ("algo.clip_high=-0.01", "algo.clip_high >= 0"),
     ("algo.dual_clip=1", "algo.dual_clip must be > 1"),

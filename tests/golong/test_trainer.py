@@ -847,3 +847,20 @@ def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engin
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own switch lets both engines go past it
     Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "model.scratch.max_position_embeddings=263"]))
     dist.destroy_process_group()
+
+
+def test_parallel_timeout_s_sets_the_collectives_time_limit(config_file, tmp_path):
+    """Ranks that finish their rollouts first wait for the slowest at the gather: parallel.timeout_s is how long,
+    on the default process group (the one the gather uses)."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "parallel.timeout_s=4321"]))
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        assert backend.options._timeout.total_seconds() == 4321
+    finally:
+        dist.destroy_process_group()
+
