@@ -55,8 +55,9 @@ class ModelConfig:
     scratch: Optional[ScratchModelConfig] = None  # used when path is None: random init
     tokenizer: Optional[str] = None  # defaults to `path`
     dtype: str = _choice("bfloat16", ("bfloat16", "float32", "float16"))
-    # attention implementation (golong.models.attention.ATTENTION_BACKENDS): auto = Triton kernels on CUDA, torch
-    # SDPA per document on CPU; triton / torch / flash_attn = that kernels.flash_attention backend; sdpa
+    # attention implementation (golong.models.attention.ATTENTION_BACKENDS): auto = kernels on CUDA, sdpa on CPU;
+    # kernels = kernels.flash_attention with its own auto choice; triton / torch / flash_attn = that
+    # kernels.flash_attention backend; sdpa = torch SDPA per document
     attn_backend: str = _choice("auto", ("auto", "kernels", "triton", "torch", "flash_attn", "sdpa"))
     trust_remote_code: bool = False
 
@@ -327,13 +328,17 @@ def _check_values(cfg: RunConfig) -> None:
         (0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
         (r.reward_timeout_s > 0, "rollout.reward_timeout_s must be > 0"),
         (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
-                                "ROUGE-L and retrieval_calculate in one timed worker)"),
+                                "ROUGE-L, retrieval_calculate and model_verify in one timed worker)"),
         (r.reward_memory_mb >= 1, "rollout.reward_memory_mb must be >= 1"),
         (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),
         (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),
         (a.max_num_gen_batches >= 1, "algo.max_num_gen_batches must be >= 1"),
         (a.eps > 0, "algo.eps must be > 0"),
+        # compute_advantages raises on it at the first RL step (after any SFT warm-up); say so before the run
+        (not a.difficulty_reweight or a.adv_estimator == "tmn_grpo",
+         f"algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only (got {a.adv_estimator}); "
+         "set algo.difficulty_reweight=false"),
         (a.kl_coef == 0, "algo.kl_coef: the trainer keeps no reference policy, so there is no KL term "
                          "(GoLongRL's recipe uses none); leave it at 0"),
         (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),

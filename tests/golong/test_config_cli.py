@@ -59,8 +59,8 @@ def test_tmn_config_turns_on_difficulty_reweight():
 
 
 def test_overrides_apply_with_types():
-    c = load_config(ROOT / "configs/demo-cpu.yaml", ["algo.adv_estimator=dr_grpo", "optim.lr=2e-6",
-                                                     "profile.steps=[3,4]", "parallel.cp=2"])
+    c = load_config(ROOT / "configs/demo-cpu.yaml", ["algo.adv_estimator=dr_grpo", "algo.difficulty_reweight=false",
+                                                     "optim.lr=2e-6", "profile.steps=[3,4]", "parallel.cp=2"])
     assert c.algo.adv_estimator == "dr_grpo" and c.optim.lr == 2e-6
     assert c.profile.steps == [3, 4] and c.parallel.cp == 2
 
@@ -119,6 +119,8 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.max_num_gen_batches=0", "algo.max_num_gen_batches must be >= 1"),
     ("algo.eps=0", "algo.eps must be > 0"),
     ("algo.kl_coef=0.01", "algo.kl_coef: the trainer keeps no reference policy"),
+    # the demo config reweights: another estimator would raise in compute_advantages at the first RL step
+    ("algo.adv_estimator=grpo", "algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only"),
     ("algo.rollout_is_lower=0", "algo.rollout_is_lower must be in (0, 1]"),
     ("algo.rollout_is_lower=1.01", "algo.rollout_is_lower must be in (0, 1]"),
     ("algo.rollout_is_upper=0.99", "algo.rollout_is_upper >= 1"),
