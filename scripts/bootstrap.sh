@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install golong with its dev extras. Idempotent and quiet; sourced by
-# scripts/test.sh and scripts/demo.sh. Uses pip + venv (torch==2.13.0 first, so the range in
-# pyproject.toml is already satisfied and no other torch build is pulled in).
+# Create .venv (once) and install golong with its dev extras. Idempotent and quiet; run by
+# scripts/test.sh and scripts/demo.sh. Uses pip + venv (torch first: 2.13.0, or pyproject's range where
+# nvidia-smi is found, so the range in pyproject.toml is already satisfied and no other torch build is pulled in).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GOLONG_VENV:-$ROOT/.venv}"

@@ -67,7 +67,8 @@ def compute_advantages(estimator: str, scores: torch.Tensor, prompt_ids: Sequenc
 
     Metrics are python floats (one host sync at the end): score/mean, adv/{mean,std,max,min,pos_frac},
     per task `task/<name>/{mean_reward,std_reward,mean_std_reward,sqrt_mean_var,rate_adv,rate_num,
-    num_prompts,num_responses}` as GoLongRL logs them, and difficulty/mean_pass_rate with reweighting.
+    num_prompts,num_responses}` as GoLongRL logs them (and adv_pos_frac), and difficulty/{mean_pass_rate,
+    mean_weight} with reweighting.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
