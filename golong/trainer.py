@@ -493,7 +493,9 @@ class Actor:
         }
         for k in keys:
             if k.startswith("s:"):  # global token means per optimizer step: average over steps
-                out[f"{prefix}/{k[2:]}"] = s[k] / max(steps, 1)
+                # (not over the token mean of the whole update above: actor/entropy keeps one definition
+                # whether or not the loss has an entropy term)
+                out.setdefault(f"{prefix}/{k[2:]}", s[k] / max(steps, 1))
             elif k.startswith("m:"):  # token-weighted means
                 out[k[2:]] = s[k] / max(s[f"w:{k[2:]}"], 1e-12)
         if s.get("mismatch_tokens", 0) > 0:

@@ -302,6 +302,47 @@ def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
             assert metrics[key] == pytest.approx(want, rel=1e-4), (name, key, metrics[key], want)
 
 
+# --------------------------------------------------------------------------- actor/entropy's aggregation
+def _entropy_metric_run(rank: int, world: int, out: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model
+    from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
+
+    rollouts = fixed_rollouts(n_prompts=5, n=3, seed=1)
+    result = {}
+    for coef in (0.0, 1e-3):
+        # 3 mini-batches of unequal token counts
+        cfg = tiny_config(trainer__mini_batch_prompts=2, algo__entropy_coef=coef)
+        dims = init_parallel(-1, 1, "gloo")
+        actor = Actor(build_model(cfg, dims), dims, cfg)
+        real_forward = actor.forward
+
+        def forward(mb, real_forward=real_forward):  # entropy of every token: its rollout's index + 1
+            logprob, entropy = real_forward(mb)
+            value = (torch.tensor(mb.indices + [0])[mb.seq_index] + 1).to(entropy)
+            return logprob, entropy * 0 + value
+
+        actor.forward = forward
+        result[coef] = actor.update(rollouts, "pg")["actor/entropy"]
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.distributed
+def test_actor_entropy_is_the_token_mean_of_the_update_with_or_without_an_entropy_term(tmp_path):
+    """actor/entropy is the mean over every response token of the update, also where the loss has an entropy
+    term (algo.entropy_coef): its definition does not change with the loss."""
+    run_distributed(_entropy_metric_run, 1, str(tmp_path / "ent.pt"))
+    from tests.golong.trainer_helpers import fixed_rollouts
+
+    got = torch.load(tmp_path / "ent.pt")
+    rollouts = fixed_rollouts(n_prompts=5, n=3, seed=1)
+    lengths = [len(r.response_ids) for r in rollouts]
+    want = sum((i + 1) * n for i, n in enumerate(lengths)) / sum(lengths)
+    assert got[0.0] == pytest.approx(want, rel=1e-6)
+    assert got[1e-3] == pytest.approx(want, rel=1e-6)
+
+
 def test_cpu_offload_adds_gloo_for_host_tensors(monkeypatch):
     # with FSDP CPU offload the sharded parameters / gradients are host tensors: their grad-norm and full_tensor
     # collectives need a CPU backend next to NCCL (plain "nccl" fails with "no backend for device type cpu")
