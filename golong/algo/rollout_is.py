@@ -46,7 +46,7 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
     Inputs are packed [N] with `cu_seqlens` [S+1] (or `seq_index` [N]) giving sequences, or padded
     [S, L]. Metrics are detached 0-d fp32 tensors over this call's valid tokens / sequences:
     rollout_is/{weight_mean, ratio_mean, ratio_max, ratio_min, masked_frac, veto_frac} and
-    mismatch/{kl, k3_kl, trainer_ppl, rollout_ppl, ppl_ratio}.
+    mismatch/{kl, kl_k1, trainer_ppl, rollout_ppl, ppl_ratio} (kl: the k3 estimator, as the trainer logs it).
     """
     if mode not in IS_MODES:
         raise ValueError(f"rollout IS mode {mode!r}; choose one of {', '.join(IS_MODES)}")
@@ -97,9 +97,10 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
             "rollout_is/ratio_min": torch.where(has, rho.masked_fill(~m, float("inf")).min(), zero),
             "rollout_is/masked_frac": (bounded & m).float().sum() / n_tok,
             "rollout_is/veto_frac": (bad & seq_valid).float().sum() / n_seq,
-            # tokens were sampled from pi_rollout: E[log pi_rollout - log pi_old] = KL(rollout || old)
-            "mismatch/kl": ((roll - old) * mf).sum() / n_tok,
-            "mismatch/k3_kl": ((rho - log_ratio - 1) * mf).sum() / n_tok,
+            # tokens were sampled from pi_rollout: E[log pi_rollout - log pi_old] = KL(rollout || old) (k1); k3 is
+            # its non-negative, lower-variance estimator
+            "mismatch/kl": ((rho - log_ratio - 1) * mf).sum() / n_tok,
+            "mismatch/kl_k1": ((roll - old) * mf).sum() / n_tok,
             "mismatch/trainer_ppl": (torch.exp(-mean_old) * sv).sum() / n_seq,
             "mismatch/rollout_ppl": (torch.exp(-mean_roll) * sv).sum() / n_seq,
             "mismatch/ppl_ratio": (torch.exp(mean_roll - mean_old) * sv).sum() / n_seq,
