@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -156,9 +157,11 @@ def peak_memory_gib() -> float:
 class Rollout:
     """One response to one prompt: the unit of the training batch."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float] | None  # sampled-token logprobs from the rollout engine
+    # [P] int; in training the prompt's own int32 array, shared by its n responses (a copy each took n times the
+    # prompt's memory, on every rank, for every generation batch of the step)
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]  # [R] int (int32 array in training)
+    rollout_logprobs: Sequence[float] | None  # [R] sampled-token logprobs from the rollout engine (fp32 array)
     group: int  # prompt group (responses to the same prompt share it)
     task: str
     score: float = 0.0
@@ -194,7 +197,8 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
     for k, i in enumerate(indices):
         r = rollouts[i]
         p, n = len(r.prompt_ids), len(r.response_ids)
-        full = torch.tensor(r.prompt_ids + r.response_ids, dtype=torch.long)
+        full = torch.from_numpy(np.concatenate([np.asarray(r.prompt_ids, dtype=np.int64),
+                                                np.asarray(r.response_ids, dtype=np.int64)]))
         t = torch.full_like(full, IGNORE)
         t[p - 1: p - 1 + n] = full[p:]
         m = torch.zeros(len(full))
@@ -885,7 +889,7 @@ class Trainer:
         mine = list(range(self.rank, len(requests), self.world))
         t0 = time.perf_counter()
         with nvtx_range("rollout"), _Progress(self.cfg.logging.progress and self.rank == 0, label, len(mine)) as bar:
-            out = self.engine.generate([prompts[requests[j][0]].input_ids for j in mine], params,
+            out = self.engine.generate([prompts[requests[j][0]].input_ids.tolist() for j in mine], params,
                                        [request_seed(*seed_key, j) for j in mine], progress=bar)
         t1 = time.perf_counter()
         with nvtx_range("reward"):
@@ -924,8 +928,10 @@ class Trainer:
                                                         f"rollout step {step}")
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
-            batch = [Rollout(list(prompts[j // n].input_ids), toks, lps, group=gen_batches * per_gen + j // n,
-                             task=prompts[j // n].record.task, score=float(s), finish_reason=fin)
+            batch = [Rollout(prompts[j // n].input_ids, np.asarray(toks, dtype=np.int32),
+                             None if lps is None else np.asarray(lps, dtype=np.float32),
+                             group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task, score=float(s),
+                             finish_reason=fin)
                      for j, (toks, lps, fin, s) in enumerate(results)]
             every += batch
             gen_batches += 1
@@ -1057,9 +1063,8 @@ class Trainer:
             if _fault("pause_sft", s) and self.rank == 0:
                 self._pause_for_stop_signal(f"SFT step {s}")
             prompts = [self.train_prompts[i] for i in self.sft_sampler.take(cfg.trainer.sft_prompts_per_step)]
-            batch = [Rollout(list(p.input_ids), self.tokenizer(sft_target(p.record),
-                                                               add_special_tokens=False)["input_ids"] + [eos],
-                             None, group=j, task=p.record.task) for j, p in enumerate(prompts)]
+            batch = [Rollout(p.input_ids, self.tokenizer(sft_target(p.record), add_special_tokens=False)["input_ids"]
+                             + [eos], None, group=j, task=p.record.task) for j, p in enumerate(prompts)]
             m = self.actor.update(batch, "sft")
             m["time/step_s"] = time.perf_counter() - t0
             self.writer.log(s - cfg.trainer.sft_steps - 1, m)  # SFT steps are logged at steps <= 0

@@ -216,7 +216,7 @@ def test_build_prompts_template_and_truncation(tok, caplog):
     assert "3 left-truncated, 0 dropped" in caplog.text
     assert [p.index for p in out] == list(range(9))
     for p, f in zip(out[:6], full[:6]):  # short prompts: exactly the chat-templated ids
-        assert p.input_ids == f and not p.truncated
+        assert p.input_ids.tolist() == f and not p.truncated
     for p, r in zip(out[6:], recs[6:]):
         assert p.truncated and limit - 8 <= len(p.input_ids) <= limit
         text = tok.decode(p.input_ids)
@@ -233,9 +233,9 @@ def test_build_prompts_template_and_truncation(tok, caplog):
     assert [p.record for p in build_prompts(mixed, tok, limit, overflow="drop")] == [recs[0], recs[1], recs[2]]
     # a prompt of exactly the limit fits: kept whole, not truncated nor dropped
     (exact,) = build_prompts(recs[:1], tok, len(full[0]), overflow="drop")
-    assert exact.input_ids == full[0] and not exact.truncated
+    assert exact.input_ids.tolist() == full[0] and not exact.truncated
     (exact,) = build_prompts(recs[:1], tok, len(full[0]))
-    assert exact.input_ids == full[0] and not exact.truncated
+    assert exact.input_ids.tolist() == full[0] and not exact.truncated
     assert build_prompts(recs[:1], tok, 5) == []  # template overhead alone exceeds the limit
     with pytest.raises(ValueError, match="overflow"):
         build_prompts(recs, tok, limit, overflow="right")
@@ -250,7 +250,7 @@ def test_chat_template_kwargs_reach_every_encoding(tok):
     want = tok(tok.apply_chat_template(rec.prompt, tokenize=False, add_generation_prompt=True, **kw),
                add_special_tokens=False)["input_ids"]
     short, cut = build_prompts([rec, long_rec], tok, 300, chat_template_kwargs=kw)
-    assert short.input_ids == want and not short.truncated
+    assert short.input_ids.tolist() == want and not short.truncated
     assert cut.truncated and len(cut.input_ids) <= 300
     assert tok.decode(cut.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 

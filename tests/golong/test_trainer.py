@@ -864,3 +864,28 @@ def test_parallel_timeout_s_sets_the_collectives_time_limit(config_file, tmp_pat
     finally:
         dist.destroy_process_group()
 
+
+
+def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path):
+    """A step's rollouts reference their prompt's int32 array instead of copying it as a list per response: at the
+    recipe's scale (512 prompts of up to 160K tokens x 16 responses a generation batch, gathered on every rank)
+    the copies took tens of GB per rank."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    trainer = Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "algo.dynamic_sampling=false"]))
+    try:
+        rollouts, _ = trainer.collect_rollouts(1)
+        assert rollouts
+        for r in rollouts:
+            assert isinstance(r.prompt_ids, np.ndarray) and r.prompt_ids.dtype == np.int32
+            assert r.response_ids.dtype == np.int32 and r.rollout_logprobs.dtype == np.float32
+            assert len(r.rollout_logprobs) == len(r.response_ids) > 0
+        prompts = {id(p.input_ids) for p in trainer.train_prompts}
+        assert all(id(r.prompt_ids) in prompts for r in rollouts)  # the prompt table's own arrays, no copies
+        assert len({id(r.prompt_ids) for r in rollouts}) == len({r.group for r in rollouts})
+    finally:
+        dist.destroy_process_group()
