@@ -70,6 +70,9 @@ class DataConfig:
     # over max_prompt_tokens: the longest messages lose their starts (golong.data.prompts), or the prompt is dropped
     # (so is one that would keep no question)
     overflow: str = _choice("truncate_left", ("truncate_left", "drop"))
+    # the tokenized prompts, kept on disk for the next start (minutes of tokenizing at 23K long-context records) and
+    # memory-mapped by every rank of a node: "auto" = <logging.run_dir>/prompt_cache, "none" = off, or a directory
+    prompt_cache: str = "auto"
     shuffle: bool = True
     seed: int = 0
     # when train_files is empty: generate the 9 synthetic tasks in memory

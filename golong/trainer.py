@@ -851,13 +851,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:
-        from golong.data import build_prompts
         from golong.data.check import run_records
 
         d = self.cfg.data
         train, val = run_records(self.cfg, train=not self.eval_only)
-        tp = build_prompts(train, self.tokenizer, d.max_prompt_tokens, d.overflow) if train else []
-        vp = build_prompts(val, self.tokenizer, d.max_prompt_tokens, d.overflow) if val else []
+        tp, vp = self._prompts(train, "train"), self._prompts(val, "val")
         if self.eval_only and not vp:
             raise ConfigError("nothing to evaluate: set data.val_files (or data.synthetic_val_n), with prompts "
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")
@@ -867,6 +865,32 @@ class Trainer:
             raise ConfigError(f"none of the {len(train)} training records fits data.max_prompt_tokens="
                               f"{d.max_prompt_tokens} {how}; raise data.max_prompt_tokens")
         return tp, vp
+
+    def _prompts(self, records: list[Any], split: str) -> list[Any]:
+        """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
+        holds these records under this tokenizer and limit, else built here and written by each node's local rank
+        0 for the next start. No rank waits for another: on a first start every rank builds, as without a cache."""
+        from golong.data.prompts import build_prompts, load_prompts, prompt_cache_key, save_prompts
+
+        d = self.cfg.data
+        if not records:
+            return []
+        key = None if d.prompt_cache == "none" else prompt_cache_key(records, self.tokenizer, d.max_prompt_tokens,
+                                                                     d.overflow)
+        where = None if key is None else (Path(self.cfg.logging.run_dir) / "prompt_cache" if d.prompt_cache == "auto"
+                                          else Path(d.prompt_cache)) / f"{split}-{key}"
+        got = None if where is None else load_prompts(where, records)
+        if got is not None:
+            log.info(f"{split} prompts: {len(got)} read from the prompt cache {where}")
+            return got
+        built = build_prompts(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
+        if where is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            try:
+                save_prompts(built, where)
+                log.info(f"{split} prompts: written to the prompt cache {where} for the next start")
+            except OSError as e:  # a full or read-only disk costs the next start its tokenizing, not this run
+                log.warning(f"{split} prompts: could not write the prompt cache {where}: {e}")
+        return built
 
     # ---------------------------------------------------------------------------- rollouts
     def _sampling(self, val: bool = False) -> SamplingParams:

@@ -1,4 +1,5 @@
-"""Prompts: chat template + overlong handling, and the resumable, deterministic prompt sampler.
+"""Prompts: chat template + overlong handling, an on-disk cache of the result, and the resumable, deterministic
+prompt sampler.
 
 Left truncation keeps the chat template intact: the longest message's *content* loses tokens from
 its start (documents come first in long-context prompts, the question last), then the template is
@@ -8,9 +9,14 @@ re-applied; when that message is used up, the next longest is cut. A prompt that
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +94,67 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
     logger.info("build_prompts: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
                 len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
     return out
+
+
+CACHE_VERSION = 1  # bump when build_prompts' output for the same inputs changes
+
+
+def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> str | None:
+    """A name for what `build_prompts` makes of these inputs: a hash of every message, the tokenizer (its whole
+    serialised vocabulary and rules, and its chat template), the limit and the overflow mode. None for a tokenizer
+    with no serialised form (a slow one): no cache then."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, max_prompt_tokens, overflow, chat_template_kwargs or {},
+                                   tokenizer.chat_template, type(tokenizer).__name__], sort_keys=True,
+                                  default=str).encode())
+    h.update(backend.to_str().encode())
+    h.update(len(records).to_bytes(8, "little"))
+    for rec in records:
+        for m in rec.prompt:
+            h.update(b"\x00" + str(m.get("role")).encode() + b"\x01" + str(m.get("content")).encode("utf-8", "replace"))
+        h.update(b"\x02")
+    return h.hexdigest()[:40]
+
+
+def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
+    """Write `prompts` to `directory` (ids.npy: every prompt's ids end to end, int32; meta.npy: [n, 3] int64 of
+    end offset, record index, truncated), through a temporary directory renamed at the end: a crash or a
+    concurrent writer (ranks of several nodes on a shared file system) never leaves a partial cache."""
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ids = np.concatenate([p.input_ids for p in prompts]) if prompts else np.zeros(0, dtype=np.int32)
+    ends = np.cumsum([len(p.input_ids) for p in prompts], dtype=np.int64)
+    meta = np.stack([ends, [p.index for p in prompts], [p.truncated for p in prompts]], axis=1) if prompts else \
+        np.zeros((0, 3), dtype=np.int64)
+    try:
+        np.save(tmp / "ids.npy", ids.astype(np.int32, copy=False))
+        np.save(tmp / "meta.npy", meta.astype(np.int64))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(directory)
+    except OSError:  # another rank got there first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_prompts(directory: Path, records: Sequence[Record]) -> list[EncodedPrompt] | None:
+    """The prompts `save_prompts` wrote for `records`, their ids memory-mapped (read-only; the ranks of a node
+    share one copy in the page cache), or None when there is no readable cache there."""
+    try:
+        ids = np.load(Path(directory) / "ids.npy", mmap_mode="r")
+        meta = np.load(Path(directory) / "meta.npy")
+    except (OSError, ValueError):
+        return None
+    starts = np.concatenate([[0], meta[:, 0][:-1]]) if len(meta) else meta[:, 0]
+    if (len(meta) and int(meta[-1, 0]) != len(ids)) or (len(meta) and int(meta[:, 1].max()) >= len(records)):
+        return None
+    return [EncodedPrompt(ids[int(a):int(e)], int(i), records[int(i)], bool(t))
+            for a, (e, i, t) in zip(starts.tolist(), meta.tolist())]
 
 
 class PromptSampler:

@@ -312,6 +312,36 @@ def test_build_prompts_reports_progress_on_long_work(tok, caplog):
     assert list(lines) == [f"build_prompts: {i}/3 records tokenized" for i in (1, 2, 3)]
 
 
+def test_prompt_cache_round_trip_and_key(tok, tmp_path):
+    import numpy as np
+
+    from golong.data.prompts import load_prompts, prompt_cache_key, save_prompts
+
+    recs = generate(5, 20, seed=4) + generate(2, 900, seed=5)
+    built = build_prompts(recs, tok, 400)  # the last two left-truncated, with a record index each
+    key = prompt_cache_key(recs, tok, 400, "truncate_left")
+    assert load_prompts(tmp_path / key, recs) is None  # nothing there yet
+    save_prompts(built, tmp_path / key)
+    assert sorted(x.name for x in tmp_path.iterdir()) == [key]  # no temporary directory left
+    got = load_prompts(tmp_path / key, recs)
+    assert [(p.input_ids.tolist(), p.index, p.truncated, p.record) for p in got] == \
+        [(p.input_ids.tolist(), p.index, p.truncated, p.record) for p in built]
+    assert sum(p.truncated for p in got) == 2
+    assert all(isinstance(p.input_ids, np.memmap) and p.input_ids.dtype == np.int32 for p in got)  # shared, mapped
+    # the same inputs name the same cache; any change of what build_prompts reads names another
+    assert prompt_cache_key(generate(5, 20, seed=4) + generate(2, 900, seed=5), tok, 400, "truncate_left") == key
+    changed = [r for r in recs]
+    changed[3] = generate(1, 20, seed=99)[0]
+    others = [prompt_cache_key(changed, tok, 400, "truncate_left"), prompt_cache_key(recs, tok, 401, "truncate_left"),
+              prompt_cache_key(recs, tok, 400, "drop"), prompt_cache_key(recs[:-1], tok, 400, "truncate_left"),
+              prompt_cache_key(recs, build_demo_tokenizer(vocab_size=600), 400, "truncate_left")]
+    assert len({key, *others}) == 6
+    # a damaged cache reads as none
+    ids = tmp_path / key / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-8])
+    assert load_prompts(tmp_path / key, recs) is None
+
+
 def test_prompt_sampler_deterministic_and_resumable():
     a = PromptSampler(10, seed=7)
     first = a.take(10)

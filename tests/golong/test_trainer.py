@@ -889,3 +889,30 @@ def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path)
         assert len({id(r.prompt_ids) for r in rollouts}) == len({r.group for r in rollouts})
     finally:
         dist.destroy_process_group()
+
+
+def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp_path, monkeypatch):
+    """The first start tokenizes and writes <run_dir>/prompt_cache; the next one (a resume, a rerun) maps it and
+    tokenizes nothing; data.prompt_cache=none tokenizes again."""
+    import torch.distributed as dist
+
+    import golong.data.prompts as prompts_module
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}"])
+    first = Trainer(cfg)
+    dist.destroy_process_group()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "prompt_cache").iterdir()) == ["train", "val"]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized although the prompt cache holds these prompts")
+
+    monkeypatch.setattr(prompts_module, "build_prompts", no_tokenizing)
+    second = Trainer(cfg)
+    dist.destroy_process_group()
+    for a, b in ((first.train_prompts, second.train_prompts), (first.val_prompts, second.val_prompts)):
+        assert [(p.input_ids.tolist(), p.index) for p in a] == [(p.input_ids.tolist(), p.index) for p in b]
+    with pytest.raises(AssertionError, match="tokenized although"):
+        Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "data.prompt_cache=none"]))
+    dist.destroy_process_group()
