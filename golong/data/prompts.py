@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +124,10 @@ def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
     end offset, record index, truncated), through a temporary directory renamed at the end: a crash or a
     concurrent writer (ranks of several nodes on a shared file system) never leaves a partial cache."""
     directory = Path(directory)
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # a fresh name per writer (pids repeat across the nodes that share a file system); mkdir, not mkdtemp, keeps
+    # the umask's permissions for the ranks of other users
+    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
     ids = np.concatenate([p.input_ids for p in prompts]) if prompts else np.zeros(0, dtype=np.int32)
     ends = np.cumsum([len(p.input_ids) for p in prompts], dtype=np.int64)
     meta = np.stack([ends, [p.index for p in prompts], [p.truncated for p in prompts]], axis=1) if prompts else \

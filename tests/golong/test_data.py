@@ -342,6 +342,25 @@ def test_prompt_cache_round_trip_and_key(tok, tmp_path):
     assert load_prompts(tmp_path / key, recs) is None
 
 
+def test_prompt_cache_writers_never_share_a_temporary_directory(tok, tmp_path):
+    # the ranks of two nodes on a shared file system may have the same pid: a writer must not take over another
+    # one's half-written temporary directory (renaming it into place, or truncating its files under a reader)
+    import os
+
+    from golong.data.prompts import load_prompts, save_prompts
+
+    recs = generate(3, 20, seed=4)
+    built = build_prompts(recs, tok, 400)
+    where = tmp_path / "train-key"
+    other = tmp_path / f"{where.name}.tmp-{os.getpid()}"  # another node's writer, part way through
+    other.mkdir()
+    (other / "ids.npy").write_bytes(b"partial")
+    save_prompts(built, where)
+    assert (other / "ids.npy").read_bytes() == b"partial"  # left alone
+    assert sorted(p.name for p in where.iterdir()) == ["ids.npy", "meta.npy"]
+    assert [p.input_ids.tolist() for p in load_prompts(where, recs)] == [p.input_ids.tolist() for p in built]
+
+
 def test_prompt_sampler_deterministic_and_resumable():
     a = PromptSampler(10, seed=7)
     first = a.take(10)
