@@ -643,6 +643,12 @@ def checkpoint_eos_ids(model_path: str | None) -> list[int]:
     return []
 
 
+def prompt_cache_dir(cfg: RunConfig) -> Path | None:
+    """Where data.prompt_cache keeps the tokenized prompts ("auto": <logging.run_dir>/prompt_cache); None: off."""
+    c = cfg.data.prompt_cache
+    return None if c == "none" else Path(cfg.logging.run_dir) / "prompt_cache" if c == "auto" else Path(c)
+
+
 # --------------------------------------------------------------------------------- rollout engine
 class TorchEngine:
     """The plain-torch rollout engine: an unsharded copy of the policy in the rollout dtype,
@@ -875,10 +881,9 @@ class Trainer:
         d = self.cfg.data
         if not records:
             return []
-        key = None if d.prompt_cache == "none" else prompt_cache_key(records, self.tokenizer, d.max_prompt_tokens,
-                                                                     d.overflow)
-        where = None if key is None else (Path(self.cfg.logging.run_dir) / "prompt_cache" if d.prompt_cache == "auto"
-                                          else Path(d.prompt_cache)) / f"{split}-{key}"
+        cache = prompt_cache_dir(self.cfg)
+        key = None if cache is None else prompt_cache_key(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
+        where = None if key is None else cache / f"{split}-{key}"
         got = None if where is None else load_prompts(where, records)
         if got is not None:
             log.info(f"{split} prompts: {len(got)} read from the prompt cache {where}")
@@ -1334,8 +1339,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         raise FileNotFoundError(f"--checkpoint {problem}")
     out = Path(out_dir) if out_dir is not None else \
         Path(cfg.logging.run_dir) / "eval" / (ckpt.name if ckpt else "model")
+    # the training run's prompt cache, not one per eval directory that no other eval would read
+    cache = prompt_cache_dir(cfg)
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(out), wandb=False,
-                                                               tensorboard=False))
+                                                               tensorboard=False),
+                              data=dataclasses.replace(cfg.data, prompt_cache="none" if cache is None else str(cache)))
     trainer = None
     try:
         trainer = Trainer(cfg, eval_only=True)

@@ -916,3 +916,15 @@ def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp
     with pytest.raises(AssertionError, match="tokenized although"):
         Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "data.prompt_cache=none"]))
     dist.destroy_process_group()
+
+
+def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
+    """`golong eval` writes to RUN_DIR/eval/<checkpoint>, but its prompts go through RUN_DIR/prompt_cache, which
+    training filled: not a fresh cache in every eval directory, tokenized again for each checkpoint."""
+    from golong.config import load_config
+    from golong.trainer import evaluate
+
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "rollout.val_n=1"])
+    evaluate(cfg, out_dir=tmp_path / "eval" / "a")
+    assert not (tmp_path / "eval" / "a" / "prompt_cache").exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "prompt_cache").iterdir()] == ["val"]
