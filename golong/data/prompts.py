@@ -112,10 +112,12 @@ def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_token
                                   default=str).encode())
     h.update(backend.to_str().encode())
     h.update(len(records).to_bytes(8, "little"))
-    for rec in records:
+    for rec in records:  # every field length-prefixed: any character may occur in a message
+        h.update(len(rec.prompt).to_bytes(8, "little"))
         for m in rec.prompt:
-            h.update(b"\x00" + str(m.get("role")).encode() + b"\x01" + str(m.get("content")).encode("utf-8", "replace"))
-        h.update(b"\x02")
+            for field in (str(m.get("role")), str(m.get("content"))):
+                b = field.encode("utf-8", "surrogatepass")
+                h.update(len(b).to_bytes(8, "little") + b)
     return h.hexdigest()[:40]
 
 

@@ -361,6 +361,21 @@ def test_prompt_cache_writers_never_share_a_temporary_directory(tok, tmp_path):
     assert [p.input_ids.tolist() for p in load_prompts(where, recs)] == [p.input_ids.tolist() for p in built]
 
 
+def test_prompt_cache_key_tells_message_boundaries_from_content(tok):
+    # JSON text may hold any character: one turn whose content holds the key's separators is not two turns
+    import dataclasses
+
+    from golong.data.prompts import prompt_cache_key
+
+    (rec,) = generate(1, 20, seed=4)
+    one = dataclasses.replace(rec, prompt=[{"role": "user", "content": "a\x00user\x01b"}])
+    two = dataclasses.replace(rec, prompt=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert prompt_cache_key([one], tok, 400, "drop") != prompt_cache_key([two], tok, 400, "drop")
+    # nor is a lone surrogate (JSON "\ud800") a "?"
+    odd = [dataclasses.replace(rec, prompt=[{"role": "user", "content": c}]) for c in ("\ud800", "?")]
+    assert prompt_cache_key(odd[:1], tok, 400, "drop") != prompt_cache_key(odd[1:], tok, 400, "drop")
+
+
 def test_prompt_sampler_deterministic_and_resumable():
     a = PromptSampler(10, seed=7)
     first = a.take(10)
