@@ -102,13 +102,21 @@ CACHE_VERSION = 1  # bump when build_prompts' output for the same inputs changes
 def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
                      chat_template_kwargs: dict[str, Any] | None = None) -> str | None:
     """A name for what `build_prompts` makes of these inputs: a hash of every message, the tokenizer (its whole
-    serialised vocabulary and rules, and its chat template), the limit and the overflow mode. None for a tokenizer
+    serialised vocabulary and rules, chat template, special tokens and decode clean-up, the transformers and
+    tokenizers versions), the limit and the overflow mode. None for a tokenizer
     with no serialised form (a slow one): no cache then."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
+    import tokenizers
+    import transformers
+
+    # beyond tokenizer.json: the template's variables (bos_token, ...), decode's clean-up (left truncation decodes)
+    # and the libraries that render and encode
     h = hashlib.sha256(json.dumps([CACHE_VERSION, max_prompt_tokens, overflow, chat_template_kwargs or {},
-                                   tokenizer.chat_template, type(tokenizer).__name__], sort_keys=True,
+                                   tokenizer.chat_template, type(tokenizer).__name__, tokenizer.special_tokens_map,
+                                   getattr(tokenizer, "clean_up_tokenization_spaces", None),
+                                   transformers.__version__, tokenizers.__version__], sort_keys=True,
                                   default=str).encode())
     h.update(backend.to_str().encode())
     h.update(len(records).to_bytes(8, "little"))

@@ -336,6 +336,14 @@ def test_prompt_cache_round_trip_and_key(tok, tmp_path):
               prompt_cache_key(recs, tok, 400, "drop"), prompt_cache_key(recs[:-1], tok, 400, "truncate_left"),
               prompt_cache_key(recs, build_demo_tokenizer(vocab_size=600), 400, "truncate_left")]
     assert len({key, *others}) == 6
+    # what else the template and the truncation read: the special tokens' names, decode's clean-up
+    other = build_demo_tokenizer()
+    assert prompt_cache_key(recs, other, 400, "truncate_left") == key
+    other.clean_up_tokenization_spaces = not other.clean_up_tokenization_spaces
+    assert prompt_cache_key(recs, other, 400, "truncate_left") != key
+    other = build_demo_tokenizer()
+    other.bos_token = other.eos_token
+    assert prompt_cache_key(recs, other, 400, "truncate_left") != key
     # a damaged cache reads as none
     ids = tmp_path / key / "ids.npy"
     ids.write_bytes(ids.read_bytes()[:-8])
