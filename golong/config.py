@@ -101,7 +101,7 @@ class RolloutConfig:
     require_think: bool = True  # a response scores 0 unless it has exactly one </think>
     reward_timeout_s: float = 10.0
     reward_workers: int = 8
-    reward_memory_mb: int = 2048  # per scoring worker, beyond start-up; a job past it scores 0
+    reward_memory_mb: int = 2048  # per scoring worker beyond start-up (rewards.pool.DEFAULT_MEMORY_MB); past it: 0
 
 
 @dataclass

@@ -802,7 +802,9 @@ class Trainer:
         longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, \
             model_config(cfg).max_position_embeddings
         # vLLM refuses such a max_model_len (unless told otherwise by its own switch); the torch engine would run past
-        # the positions the model was trained for
+        # the positions the model was trained for. vLLM 0.32 takes a YaRN model's max_position_embeddings as already
+        # scaled (config/model.py: no factor for "yarn"), so the bound is that field for every model
+
         if longest > max_pos and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() not in ("1", "true"):
             raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
                               f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "

@@ -100,6 +100,7 @@ def _kill(w: _Worker) -> None:
 
 
 def check_memory(memory_mb: int) -> None:
+    """A memory limit must be a whole number of MiB > 0."""
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
         raise ValueError(f"reward worker memory limit must be a whole number of MiB > 0, got {memory_mb!r}")
 

@@ -865,7 +865,6 @@ def test_parallel_timeout_s_sets_the_collectives_time_limit(config_file, tmp_pat
         dist.destroy_process_group()
 
 
-
 def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path):
     """A step's rollouts reference their prompt's int32 array instead of copying it as a list per response: at the
     recipe's scale (512 prompts of up to 160K tokens x 16 responses a generation batch, gathered on every rank)
