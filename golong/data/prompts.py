@@ -103,8 +103,8 @@ def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_token
                      chat_template_kwargs: dict[str, Any] | None = None) -> str | None:
     """A name for what `build_prompts` makes of these inputs: a hash of every message, the tokenizer (its whole
     serialised vocabulary and rules, chat template, special tokens and decode clean-up, the transformers and
-    tokenizers versions), the limit and the overflow mode. None for a tokenizer
-    with no serialised form (a slow one): no cache then."""
+    tokenizers versions), the limit and the overflow mode. None for a tokenizer with no serialised form (a slow
+    one): no cache then."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
