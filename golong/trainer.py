@@ -864,6 +864,10 @@ class Trainer:
         d = self.cfg.data
         train, val = run_records(self.cfg, train=not self.eval_only)
         tp, vp = self._prompts(train, "train"), self._prompts(val, "val")
+        # the messages live on as input_ids; their text (~4 bytes a token: GBs at GoLongRL's 23K long-context
+        # records, on every rank) is read by nothing after this (rewards read the gold and extra_info)
+        for p in (*tp, *vp):
+            p.record = dataclasses.replace(p.record, prompt=[])
         if self.eval_only and not vp:
             raise ConfigError("nothing to evaluate: set data.val_files (or data.synthetic_val_n), with prompts "
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")

@@ -883,6 +883,7 @@ def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path)
             assert isinstance(r.prompt_ids, np.ndarray) and r.prompt_ids.dtype == np.int32
             assert r.response_ids.dtype == np.int32 and r.rollout_logprobs.dtype == np.float32
             assert len(r.rollout_logprobs) == len(r.response_ids) > 0
+        assert all(p.record.prompt == [] for p in trainer.train_prompts)  # their text went with tokenizing
         prompts = {id(p.input_ids) for p in trainer.train_prompts}
         assert all(id(r.prompt_ids) in prompts for r in rollouts)  # the prompt table's own arrays, no copies
         assert len({id(r.prompt_ids) for r in rollouts}) == len({r.group for r in rollouts})
