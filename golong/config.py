@@ -395,6 +395,12 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
 
 
+def prompt_cache_dir(cfg: RunConfig) -> Path | None:
+    """Where data.prompt_cache keeps the tokenized prompts ("auto": <logging.run_dir>/prompt_cache); None: off."""
+    c = cfg.data.prompt_cache
+    return None if c == "none" else Path(cfg.logging.run_dir) / "prompt_cache" if c == "auto" else Path(c)
+
+
 def _fresh_run_problem(cfg: RunConfig) -> list[str]:
     """checkpoint.resume=none where checkpoints of a run already are: the new run would prune them (newest sealed
     are kept, checkpoint.keep_last) and add its rows to that run's metrics.jsonl."""
@@ -466,5 +472,5 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "checkpoint_dir", "load_config", "run_problems", "to_yaml",
-           "to_dict", "MISSING"]
+__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "checkpoint_dir", "load_config", "prompt_cache_dir",
+           "run_problems", "to_yaml", "to_dict", "MISSING"]

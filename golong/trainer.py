@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
-from golong.config import ConfigError, RunConfig, checkpoint_dir, to_dict
+from golong.config import ConfigError, RunConfig, checkpoint_dir, prompt_cache_dir, to_dict
 from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
 from golong.parallel import (
@@ -643,12 +643,6 @@ def checkpoint_eos_ids(model_path: str | None) -> list[int]:
     return []
 
 
-def prompt_cache_dir(cfg: RunConfig) -> Path | None:
-    """Where data.prompt_cache keeps the tokenized prompts ("auto": <logging.run_dir>/prompt_cache); None: off."""
-    c = cfg.data.prompt_cache
-    return None if c == "none" else Path(cfg.logging.run_dir) / "prompt_cache" if c == "auto" else Path(c)
-
-
 # --------------------------------------------------------------------------------- rollout engine
 class TorchEngine:
     """The plain-torch rollout engine: an unsharded copy of the policy in the rollout dtype,
@@ -799,12 +793,11 @@ class Trainer:
             # one process per core share: oversubscribed CPU threads slow small matmuls 10x
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, \
-            model_config(cfg).max_position_embeddings
+        arch = model_config(cfg)  # a model this trainer cannot build stops the run before the data
+        longest, max_pos = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, arch.max_position_embeddings
         # vLLM refuses such a max_model_len (unless told otherwise by its own switch); the torch engine would run past
         # the positions the model was trained for. vLLM 0.32 takes a YaRN model's max_position_embeddings as already
         # scaled (config/model.py: no factor for "yarn"), so the bound is that field for every model
-
         if longest > max_pos and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() not in ("1", "true"):
             raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
                               f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "
@@ -812,7 +805,7 @@ class Trainer:
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s)
         self.rank, self.world = self.dims.rank, self.dims.world_size
-        vocab = model_config(cfg).vocab_size  # a model this trainer cannot build stops the run before the data
+        vocab = arch.vocab_size
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = Path(cfg.logging.run_dir)
         self.tokenizer = load_tokenizer(cfg)

@@ -162,9 +162,9 @@ def load_prompts(directory: Path, records: Sequence[Record]) -> list[EncodedProm
         meta = np.load(Path(directory) / "meta.npy")
     except (OSError, ValueError):
         return None
-    starts = np.concatenate([[0], meta[:, 0][:-1]]) if len(meta) else meta[:, 0]
-    if (len(meta) and int(meta[-1, 0]) != len(ids)) or (len(meta) and int(meta[:, 1].max()) >= len(records)):
+    if len(meta) and (int(meta[-1, 0]) != len(ids) or int(meta[:, 1].max()) >= len(records)):
         return None
+    starts = np.concatenate([[0], meta[:-1, 0]])
     return [EncodedPrompt(ids[int(a):int(e)], int(i), records[int(i)], bool(t))
             for a, (e, i, t) in zip(starts.tolist(), meta.tolist())]
 

@@ -98,10 +98,9 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
     """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
 
     Each item has its own `timeout` (seconds of worker time); an item over it, or one that needs more than
-    `memory_mb` MiB in its worker, scores 0. Each metric's text
-    (SCOPES) is cut here, so only it travels to the workers. `num_workers=0` scores the
-    linear-time metrics inline in this process; the SANDBOXED ones (math-verify parses model output with
-    sympy) still go through one timed worker, as in `compute_score`.
+    `memory_mb` MiB in its worker, scores 0. Each metric's text (SCOPES) is cut here, so only it travels to the
+    workers. `num_workers=0` scores the linear-time metrics inline in this process; the SANDBOXED ones
+    (math-verify parses model output with sympy) still go through one timed worker, as in `compute_score`.
     """
     check_timeout(timeout)
     check_memory(memory_mb)
