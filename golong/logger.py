@@ -20,8 +20,25 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _OtherRankFilter(logging.Filter):
+    """On ranks > 0: drop warnings every rank would print alike (config, data, step events: one line per rank on
+    a 64-GPU job), keep errors and warnings logged with `extra={"every_rank": True}`, and say which rank."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"rank {rank}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and not getattr(record, "every_rank", False):
+            return False
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
 def get_logger(name: str = "golong") -> logging.Logger:
-    """Console logger that prints on rank 0 only (other ranks: warnings and above)."""
+    """Console logger that prints on rank 0; other ranks print errors and warnings logged with
+    `extra={"every_rank": True}` (a rank's own trouble), prefixed "rank N: "."""
     log = logging.getLogger(name)
     if not log.handlers:
         try:
@@ -34,7 +51,13 @@ def get_logger(name: str = "golong") -> logging.Logger:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(logging.INFO if rank() == 0 else logging.WARNING)
+    r = rank()
+    for handler in log.handlers:
+        for f in [f for f in handler.filters if isinstance(f, _OtherRankFilter)]:
+            handler.removeFilter(f)
+        if r != 0:
+            handler.addFilter(_OtherRankFilter(r))
+    log.setLevel(logging.INFO if r == 0 else logging.WARNING)
     return log
 
 

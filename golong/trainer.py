@@ -875,7 +875,7 @@ class Trainer:
         """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
         holds these records under this tokenizer and limit, else built here and written by each node's local rank
         0 for the next start. No rank waits for another: on a first start every rank builds, as without a cache."""
-        from golong.data.prompts import build_prompts, load_prompts, prompt_cache_key, save_prompts
+        from golong.data.prompts import build_prompts, load_prompts, prompt_cache_key, remove_stale_writes, save_prompts
 
         d = self.cfg.data
         if not records:
@@ -883,17 +883,21 @@ class Trainer:
         cache = prompt_cache_dir(self.cfg)
         key = None if cache is None else prompt_cache_key(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
         where = None if key is None else cache / f"{split}-{key}"
+        writer = where is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if writer and remove_stale_writes(where):
+            log.info(f"{split} prompts: removed the temporary directories of killed prompt-cache writers")
         got = None if where is None else load_prompts(where, records)
         if got is not None:
             log.info(f"{split} prompts: {len(got)} read from the prompt cache {where}")
             return got
         built = build_prompts(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
-        if where is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if writer:
             try:
                 save_prompts(built, where)
                 log.info(f"{split} prompts: written to the prompt cache {where} for the next start")
             except OSError as e:  # a full or read-only disk costs the next start its tokenizing, not this run
-                log.warning(f"{split} prompts: could not write the prompt cache {where}: {e}")
+                log.warning(f"{split} prompts: could not write the prompt cache {where}: {e}",
+                            extra={"every_rank": True})  # each node's local rank 0 writes
         return built
 
     # ---------------------------------------------------------------------------- rollouts
@@ -1407,13 +1411,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         log.error(f"training stopped: {e}")
         raise SystemExit(3) from None
     except Preempted as e:  # a non-zero status, so that the scheduler requeues the job
-        log.warning(f"preempted: {e}")
+        log.warning(f"preempted: {e}", extra={"every_rank": True})  # why this process exits 143 (torchrun lists each)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except KeyboardInterrupt:  # Ctrl-C: not a traceback, but what is kept and how to go on
         newest = latest_checkpoint(checkpoint_dir(cfg))
         kept = "no checkpoint of this run saved yet" if newest is None else \
             f"the newest checkpoint is {newest} (later steps are not saved). {_rerun_advice(cfg.checkpoint.resume)}"
-        log.warning(f"interrupted: {kept}; SIGTERM instead finishes and checkpoints the step under way")
+        log.warning(f"interrupted: {kept}; SIGTERM instead finishes and checkpoints the step under way",
+                    extra={"every_rank": True})
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         if trainer is not None:

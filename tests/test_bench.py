@@ -116,6 +116,15 @@ def test_gpu_suite_limits_fit_the_eight_minute_budget():
     assert sum(limits) + grace * len(limits) <= 8 * 60 - 10, (sum(limits), grace)
 
 
+@pytest.mark.parametrize("script", ["prompts", "model", "trainer_step"])
+def test_cpu_bench_scripts_dry_run(script):
+    """The CPU-only bench scripts (the GPU suite dry-runs the others) import, parse and run one tiny case."""
+    out = subprocess.run([sys.executable, "-m", f"bench.{script}", "--dry-run"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.rstrip().endswith("┘")  # the closing table comes last
+
+
 def test_gpu_suite_rejects_bad_usage(tmp_path):
     out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,6 +153,28 @@ def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
         tmp.rename(directory)
     except OSError:  # another rank got there first: its copy is the same
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# A writer's temporary directory untouched this long belongs to a writer that died (killed, preempted): a live one
+# writes its files within minutes of creating it (5.6 GB for GoLongRL's 1.4B prompt tokens).
+STALE_WRITE_S = 3600.0
+
+
+def remove_stale_writes(directory: Path, older_than_s: float = STALE_WRITE_S) -> int:
+    """Delete the temporary directories save_prompts left beside `directory` when its writer was killed (nothing
+    in them or on them changed for `older_than_s`); returns how many. A live writer's directory is left alone."""
+    directory = Path(directory)
+    removed = 0
+    now = time.time()
+    for tmp in directory.parent.glob(f"{directory.name}.tmp-*"):
+        try:
+            touched = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
+        except OSError:  # renamed or removed under us by its writer
+            continue
+        if now - touched > older_than_s:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def load_prompts(directory: Path, records: Sequence[Record]) -> list[EncodedPrompt] | None:

@@ -506,15 +506,17 @@ def test_metrics_values_and_tensorboard_steps(tmp_path):
 
 def test_plot_series_keep_a_resumed_steps_last_value(tmp_path):
     """A resumed run repeats steps: the curve keeps each step's last value, in step order; non-numeric
-    values (a NaN logged as "nan") are no points; a task panel lists the tasks, not deeper keys."""
+    values (a NaN logged as "nan") are no points; a task panel lists every task, a name holding "/" (a
+    data_source used as the task name) included, and no other metric family."""
     from golong.plot import TRAIN_TASK_PREFIX, _keys, _series, plot_run
 
     rows = [{"step": 1, "r": 0.1}, {"step": 2, "r": 0.2}, {"step": 3, "r": 0.3}, {"step": 2, "r": 0.25},
             {"step": 3, "r": "nan"}, {"r": 9.0}, {"step": 5, "other": 1.0}]
     assert _series(rows, "r") == ([1, 2, 3], [0.1, 0.25, 0.3])
-    rows = [{"step": 1, "reward/task/ranking": 0.5, "reward/task/ranking/n": 4, "reward/mean": 0.5},
+    rows = [{"step": 1, "reward/task/ranking": 0.5, "reward/task/longbench/qa": 0.25, "reward/mean": 0.5,
+             "reward/task_std/ranking": 0.1, "val/reward/task/ranking": 0.4},
             {"step": 2, "reward/task/em": 1.0}]
-    assert _keys(rows, TRAIN_TASK_PREFIX) == ["reward/task/em", "reward/task/ranking"]
+    assert _keys(rows, TRAIN_TASK_PREFIX) == ["reward/task/em", "reward/task/longbench/qa", "reward/task/ranking"]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     png = plot_run(tmp_path, tmp_path / "sub" / "c.png")
     assert png == tmp_path / "sub" / "c.png" and png.read_bytes()[:4] == b"\x89PNG"
@@ -583,3 +585,36 @@ def test_train_names_a_tokenizer_it_cannot_use(tmp_path, capsys):
     assert main([*run, f"model.tokenizer={tok_dir}"]) == 2
     assert capsys.readouterr().err.strip() == (f"golong: error: the tokenizer of {tok_dir} has 512 tokens, more than "
                                                "the model's vocabulary of 300; set model.tokenizer to the model's own")
+
+
+def test_other_ranks_print_only_their_own_trouble(monkeypatch, capsys):
+    """Rank 0 prints info and warnings; a rank > 0 drops the warnings every rank would print alike, keeps errors
+    and warnings marked every_rank, and names itself; a child logger's records (golong.data.records) follow."""
+    import logging
+
+    from golong.logger import get_logger
+
+    def lines(rank: int) -> str:
+        monkeypatch.setenv("RANK", str(rank))
+        log = get_logger("golong_test_ranks")
+        child = logging.getLogger("golong_test_ranks.data")
+        log.info("info line")
+        log.warning("shared warning")
+        child.warning("record warning %d", 7)
+        log.warning("own warning", extra={"every_rank": True})
+        log.error("error line")
+        for h in log.handlers:
+            h.flush()
+        return capsys.readouterr()
+
+    out = lines(0)
+    text = out.out + out.err
+    for s in ("info line", "shared warning", "record warning 7", "own warning", "error line"):
+        assert s in text, s
+    assert "rank 0" not in text
+    out = lines(3)
+    text = out.out + out.err
+    assert "info line" not in text and "shared warning" not in text and "record warning" not in text
+    assert "rank 3: own warning" in text and "rank 3: error line" in text
+    out = lines(0)  # the logger follows a rank change (a test, or get_logger before init_process_group)
+    assert "shared warning" in out.out + out.err and "rank 3" not in out.out + out.err

@@ -369,6 +369,31 @@ def test_prompt_cache_writers_never_share_a_temporary_directory(tok, tmp_path):
     assert [p.input_ids.tolist() for p in load_prompts(where, recs)] == [p.input_ids.tolist() for p in built]
 
 
+def test_a_killed_prompt_cache_writers_directory_is_removed_and_a_live_ones_kept(tok, tmp_path):
+    import os
+    import time
+
+    from golong.data.prompts import STALE_WRITE_S, remove_stale_writes, save_prompts
+
+    where = tmp_path / "train-key"
+    dead, live = tmp_path / f"{where.name}.tmp-dead", tmp_path / f"{where.name}.tmp-live"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "ids.npy").write_bytes(b"partial")
+    old = time.time() - STALE_WRITE_S - 60
+    for p in (dead / "ids.npy", dead):
+        os.utime(p, (old, old))
+    os.utime(live, (old, old))  # a live writer's directory is old, its file is being written now
+    other = tmp_path / "val-key.tmp-dead"  # another split's cache: not this one's to judge
+    other.mkdir()
+    os.utime(other, (old, old))
+    assert remove_stale_writes(where) == 1
+    assert not dead.exists() and (live / "ids.npy").read_bytes() == b"partial" and other.exists()
+    assert remove_stale_writes(where) == 0
+    save_prompts(build_prompts(generate(2, 20, seed=4), tok, 400), where)  # unaffected by the leftovers
+    assert sorted(p.name for p in where.iterdir()) == ["ids.npy", "meta.npy"]
+
+
 def test_prompt_cache_key_tells_message_boundaries_from_content(tok):
     # JSON text may hold any character: one turn whose content holds the key's separators is not two turns
     import dataclasses

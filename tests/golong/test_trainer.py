@@ -219,7 +219,7 @@ def test_stop_advice_names_resume_auto_where_the_same_command_would_not_continue
 
     said = []
     monkeypatch.setattr(trainer_mod, "Trainer", Interrupted)
-    monkeypatch.setattr(trainer_mod.log, "warning", said.append)
+    monkeypatch.setattr(trainer_mod.log, "warning", lambda msg, **kwargs: said.append(msg))
     assert "interrupted: no checkpoint of this run saved yet; SIGTERM" in interrupt(tmp_path / "empty", "auto")
     newest = tmp_path / "run" / "checkpoints" / "step_000002"
     newest.mkdir(parents=True)
@@ -295,7 +295,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(config_f
     status, out = _signal_mid_step(config_file, run, 3, signal.SIGUSR1, ranks=2)
     said = " ".join(out.split())
     assert status != 0, said[-3000:]
-    # both ranks stopped after step 3 (rank 1 logs its warnings too) on their way to status 143, which torchrun
+    # both ranks stopped after step 3 (each rank says why it exits) on their way to status 143, which torchrun
     # reports (for the rank it saw end first; the other may still be ending when it stops looking)
     assert said.count("preempted: SIGUSR1 received: step 3 finished and checkpointed to") == 2, said[-5000:]
     assert "exitcode : 143" in said, said[-5000:]
@@ -893,7 +893,10 @@ def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path)
 
 def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp_path, monkeypatch):
     """The first start tokenizes and writes <run_dir>/prompt_cache; the next one (a resume, a rerun) maps it and
-    tokenizes nothing; data.prompt_cache=none tokenizes again."""
+    tokenizes nothing, and removes what a killed writer left; data.prompt_cache=none tokenizes again."""
+    import os
+    import time
+
     import torch.distributed as dist
 
     import golong.data.prompts as prompts_module
@@ -909,8 +912,15 @@ def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp
         raise AssertionError("tokenized although the prompt cache holds these prompts")
 
     monkeypatch.setattr(prompts_module, "build_prompts", no_tokenizing)
+    train_cache = next((tmp_path / "prompt_cache").glob("train-*"))
+    killed = train_cache.with_name(f"{train_cache.name}.tmp-killed")  # a writer killed a day ago
+    killed.mkdir()
+    (killed / "ids.npy").write_bytes(b"partial")
+    for p in (killed / "ids.npy", killed):
+        os.utime(p, (time.time() - 86400,) * 2)
     second = Trainer(cfg)
     dist.destroy_process_group()
+    assert not killed.exists()
     for a, b in ((first.train_prompts, second.train_prompts), (first.val_prompts, second.val_prompts)):
         assert [(p.input_ids.tolist(), p.index) for p in a] == [(p.input_ids.tolist(), p.index) for p in b]
     with pytest.raises(AssertionError, match="tokenized although"):
