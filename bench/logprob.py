@@ -250,7 +250,7 @@ def main() -> None:
         dtype = torch.float32  # CPU has no fast bf16 GEMM everywhere; every impl runs fp32 here
         # One call of each impl at N=256 before any timing: a first call pays one-time costs (torch.compile of
         # CCE, thread-pool and allocator start-up) that would land on the smallest N's single timed call.
-        for name, fn in impls.items():
+        for fn in impls.values():
             hh, ww, tt = _inputs(CPU_WARMUP_N, H, V, dtype, "cpu")
             try:
                 fn(hh, ww, tt)

@@ -143,6 +143,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return None
     newest = latest_checkpoint(p) or latest_checkpoint(p / "checkpoints")
     hint = f"; the newest one in it is {newest}" if newest is not None else ""
+    if not hint and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        hint = f"; it is a Hugging Face model: give it as model.path={p}"
     return f"{p} is not a complete checkpoint (no {MARKER} marker){hint}"
 
 

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun --nproc_per_node N -m golong train CONFIG key=value ...")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("eval", help="score a model or a training checkpoint on the config's validation prompts",
                        description="Generate rollout.val_n responses per validation prompt (data.val_files or "
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.path or the scratch init)")
     p.add_argument("--out", default=None, help="output directory (default: LOGGING.RUN_DIR/eval/<checkpoint name, "
                                                "or 'model'>)")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
                        description="Train a tiny Qwen3-MoE from scratch on the 9 synthetic tasks on this CPU "
@@ -53,18 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo-cpu.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to the demo config")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("export", help="write a Hugging Face safetensors model from a training checkpoint",
                        description="Convert a DCP training checkpoint into a Hugging Face directory "
                                    "(config.json + sharded safetensors) that transformers and vLLM load.")
     p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/x/checkpoints/step_000100)")
     p.add_argument("out", help="output directory")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("plot", help="plot per-task reward, entropy and logprob mismatch of a run to PNG",
                        description="Read RUN_DIR/metrics.jsonl and draw curves to RUN_DIR/curves.png.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory (its metrics.jsonl may be given instead)")
     p.add_argument("--out", default=None, help="PNG path, or a directory for curves.png in it (default: "
                                                "RUN_DIR/curves.png); another suffix (.pdf, .svg) picks that format")
+    p.set_defaults(subparser=p)
 
     p = sub.add_parser("data", help="dataset tools (synthetic generator, data check)",
                        description="Dataset tools.")
@@ -73,22 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write GoLongRL-format records of the 9 synthetic capability tasks.")
     s.add_argument("--out", required=True, help="output .jsonl or .parquet")
     s.add_argument("--n", type=int, required=True, help="number of records")
-    s.add_argument("--context-tokens", type=int, default=1024, help="approximate context length per record")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--context-tokens", type=int, default=1024,
+                   help="approximate context length per record (default: 1024)")
+    s.add_argument("--seed", type=int, default=0, help="(default: 0)")
     s.add_argument("--tasks", default=None, help="comma-separated task types (default: all nine)")
+    s.set_defaults(subparser=s)
     s = dsub.add_parser("check", help="what training would see of a config's data, per task",
                         description="Read the config's training and validation records as a run does (validated: a "
                                     "bad record is named by file and line), chat-template and tokenize them, and "
                                     "print per task the records, the prompts kept, left-truncated and dropped at "
                                     "data.max_prompt_tokens, and the kept prompts' token lengths.")
     _add_config_args(s)
+    s.set_defaults(subparser=s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",
                        description="Predict per-GPU peak memory, FLOPs and a roofline step time.")
     _add_config_args(p)
     p.add_argument("--gpus", type=int, required=True, help="total number of GPUs")
-    p.add_argument("--gpu-mem", type=float, default=141.0, help="memory per GPU in GiB (H200: 141)")
+    p.add_argument("--gpu-mem", type=float, default=141.0, help="memory per GPU in GiB (default: 141, an H200's; "
+                                                                "the roofline assumes H100 / H200 speeds)")
+    p.set_defaults(subparser=p)
     return parser
+
+
+def _error(e: Exception) -> None:
+    from golong.logger import rank
+
+    who = f"rank {rank()}: " if rank() else ""  # every rank of a launch meets the same bad input
+    sys.stderr.write(f"golong: error: {who}{e}\n")  # one write: lines of several ranks do not interleave
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
@@ -103,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # load_config names it, rather than argparse calling it an unrecognized argument
     stray = [e for e in extra if e.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.subparser.error(f"unrecognized arguments: {' '.join(stray or extra)}")  # with that command's usage
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
@@ -135,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             from golong.checkpoint import export_hf
 
-            export_hf(args.checkpoint, args.out)
+            print(export_hf(args.checkpoint, args.out))
         elif args.command == "plot":
             from golong.plot import plot_run
 
@@ -152,25 +169,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from golong.data.synthetic import write_dataset
 
             if args.n < 1 or args.context_tokens < 1:
-                parser.error("data synth: --n and --context-tokens must be >= 1")
+                args.subparser.error("--n and --context-tokens must be >= 1")
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
             print(write_dataset(args.out, args.n, args.context_tokens, seed=args.seed, tasks=tasks))
         elif args.command == "plan":
             from golong.plan import plan_main
 
             if args.gpus < 1 or args.gpu_mem <= 0:
-                parser.error("plan: --gpus must be >= 1 and --gpu-mem > 0")
+                args.subparser.error("--gpus must be >= 1 and --gpu-mem > 0")
             cfg = _load(args)
             return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
     except (ConfigError, RecordError, FileNotFoundError, FileExistsError, NotADirectoryError,
             PermissionError) as e:
         # bad input (config, dataset records, paths): one line, no traceback
-        sys.stderr.write(f"golong: error: {e}\n")  # one write: lines of several ranks do not interleave
+        _error(e)
         return 2
     except ValueError as e:
         if args.command not in ("data", "plot"):  # data synth: unknown task names, unsupported formats; plot: --out
             raise
-        sys.stderr.write(f"golong: error: {e}\n")
+        _error(e)
         return 2
     return 0
 

@@ -10,6 +10,8 @@ one readable line naming the key, which the CLI prints without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -320,6 +322,11 @@ def _check_values(cfg: RunConfig) -> None:
                             f"choose from: {', '.join(TASKS)}"),
         (d.synthetic_context_tokens >= 1, "data.synthetic_context_tokens must be >= 1"),
         (r.n >= 1, "rollout.n must be >= 1"),
+        # groups of one: grpo / tmn_grpo fall back to no baseline (A = r), dr_grpo to A = 0 (as OpenRLHF and TRL,
+        # refuse it rather than train without the group comparison the estimator is)
+        (r.n >= 2 or a.adv_estimator == "task_norm" or t.total_steps == 0,
+         f"rollout.n=1: algo.adv_estimator={a.adv_estimator} compares the responses to one prompt, so it needs "
+         "rollout.n >= 2 (the recipe samples 16); algo.adv_estimator=task_norm works with one"),
         (r.val_n >= 1, "rollout.val_n must be >= 1"),
         (r.temperature > 0 and r.val_temperature > 0, "rollout.temperature and rollout.val_temperature must be > 0"),
         # vLLM samples below 0.01 at 0.01, while the trainer's old logprobs would use the configured temperature
@@ -373,9 +380,10 @@ def _check_values(cfg: RunConfig) -> None:
 def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     """What would stop a training run of a valid config, one line each naming its key: no training data, a
     file or directory the run reads that does not exist (data files, model and tokenizer directories, an
-    explicit resume checkpoint), checkpoint.resume=none where an earlier run's checkpoints are. `golong train`
-    stops on the first; `--dry-run` lists them as warnings (a config is often checked away from the cluster it
-    runs on). for_eval: what `golong eval` reads only (the validation files, model and tokenizer)."""
+    explicit resume checkpoint), logging.wandb without wandb installed, checkpoint.resume=none where an earlier
+    run's checkpoints are. `golong train` stops on the first; `--dry-run` lists them as warnings (a config is
+    often checked away from the cluster it runs on). for_eval: what `golong eval` reads only (the validation
+    files, model and tokenizer)."""
     problems = [] if for_eval or cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
         "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
     paths = [] if for_eval else [("data.train_files", f) for f in cfg.data.train_files]
@@ -387,6 +395,8 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
     if cfg.checkpoint.resume not in ("auto", "none") and not for_eval:
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
     problems += [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
+    if cfg.logging.wandb and not for_eval and importlib.util.find_spec("wandb") is None:
+        problems.append("logging.wandb=true but wandb is not installed: pip install wandb (or golong[wandb])")
     return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)
 
 
@@ -472,5 +482,23 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write `cfg` (the YAML and its overrides, resolved) to RUN_DIR/config.yaml: what produced the run's metrics and
+    checkpoints. A resumed run with other settings keeps the earlier start's file as config-<its mtime>.yaml."""
+    import time
+
+    path = Path(run_dir) / "config.yaml"
+    text = to_yaml(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.rename(path.with_name(f"config-{stamp}.yaml"))
+    if not path.exists():
+        tmp = path.with_name(f".config.yaml.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 __all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "checkpoint_dir", "load_config", "prompt_cache_dir",
-           "run_problems", "to_yaml", "to_dict", "MISSING"]
+           "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", "0"))
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stdout is now (as rich's console is), not the one at creation."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
 
 
 class _OtherRankFilter(logging.Filter):
@@ -41,14 +54,15 @@ def get_logger(name: str = "golong") -> logging.Logger:
     `extra={"every_rank": True}` (a rank's own trouble), prefixed "rank N: "."""
     log = logging.getLogger(name)
     if not log.handlers:
-        try:
+        handler: logging.Handler
+        if sys.stdout.isatty():  # a terminal: rich's columns, wrapped to its width
             from rich.logging import RichHandler
 
-            handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+            handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
-        except ImportError:  # rich is a core dependency; keep logging alive regardless
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        else:  # a file or pipe (Slurm logs, tee): one line per record, never wrapped, so paths copy and grep finds
+            handler = _StdoutHandler()
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
     r = rank()

@@ -7,6 +7,7 @@ per task, policy entropy, and the rollout-vs-trainer mismatch (KL and max |delta
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from golong.logger import read_metrics
@@ -31,7 +32,8 @@ def _keys(rows: list[dict], prefix: str) -> list[str]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw RUN_DIR/metrics.jsonl to `out` (default RUN_DIR/curves.png); returns the PNG path."""
+    """Draw RUN_DIR/metrics.jsonl (`run_dir` may name that file) to `out` (default RUN_DIR/curves.png); returns
+    the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,11 +42,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
+    if run_dir.is_file():  # the metrics file itself was named
+        path, run_dir = run_dir, run_dir.parent
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = read_metrics(path)
+    into_dir = isinstance(out, str) and out.endswith(("/", os.sep))  # "new/" names a directory to make, as cp -r
     out = Path(out) if out is not None else run_dir / "curves.png"
-    if out.is_dir():  # like cp: into the directory
+    if out.is_dir() or into_dir:  # like cp: into the directory
         out = out / "curves.png"
     elif not out.suffix:  # matplotlib would add ".png" itself, and the path we report would not exist
         out = out.with_name(out.name + ".png")
@@ -54,24 +59,29 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                          f"{', '.join('.' + f for f in sorted(formats))}")
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    panels = [
-        (axes[0, 0], "training reward per task", [(k, k[len(TRAIN_TASK_PREFIX):]) for k in
-                                                  _keys(rows, TRAIN_TASK_PREFIX)] + [("reward/mean", "all")]),
-        (axes[0, 1], "validation reward per task", [(k, k[len(VAL_TASK_PREFIX):]) for k in
-                                                    _keys(rows, VAL_TASK_PREFIX)] + [("val/reward/mean", "all")]),
-        (axes[1, 0], "policy entropy (nats / token)", [("actor/entropy", "entropy")]),
+    train_tasks = [(k, k[len(TRAIN_TASK_PREFIX):]) for k in _keys(rows, TRAIN_TASK_PREFIX)]
+    val_tasks = [(k, k[len(VAL_TASK_PREFIX):]) for k in _keys(rows, VAL_TASK_PREFIX)]
+    panels = [  # (axes, title, [(key, label)], log axis when every value is > 0)
+        (axes[0, 0], "training reward per task", train_tasks + [("reward/mean", "all")], False),
+        (axes[0, 1], "validation reward per task", val_tasks + [("val/reward/mean", "all")], False),
+        (axes[1, 0], "policy entropy (nats / token)", [("actor/entropy", "entropy")], False),
+        # log axis: a KL ~1e-13 beside a max |delta| ~1e-6 is a flat line at 0 on a linear one
         (axes[1, 1], "rollout vs trainer logprob mismatch",
-         [("mismatch/kl", "KL(rollout || trainer)"), ("mismatch/max_abs", "max |delta logprob|")]),
+         [("mismatch/kl", "KL(rollout || trainer)"), ("mismatch/max_abs", "max |delta logprob|")], True),
     ]
-    for ax, title, series in panels:
+    for ax, title, series, log_scale in panels:
         drawn = 0
+        positive = True
         for key, label in series:
             steps, vals = _series(rows, key)
+            positive = positive and all(v > 0 for v in vals)
             if steps:
                 style = dict(color="black", linewidth=2.2) if label == "all" else dict(linewidth=1.3)
                 ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, markersize=3, label=label, **style)
                 drawn += 1
         ax.set_title(title)
+        if log_scale and drawn and positive:  # a 0 (identical logprobs) has no place on a log axis
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if drawn:

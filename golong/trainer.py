@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
-from golong.config import ConfigError, RunConfig, checkpoint_dir, prompt_cache_dir, to_dict
+from golong.config import ConfigError, RunConfig, checkpoint_dir, prompt_cache_dir, save_run_config, to_dict
 from golong.logger import MetricsWriter, ProgressLog, get_logger
 from golong.models.config import ModelConfig
 from golong.parallel import (
@@ -827,6 +827,8 @@ class Trainer:
         self.ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep_last)
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
+        if self.writer.active:
+            save_run_config(cfg, self.run_dir)
         self.step = 0
         self.sft_done = cfg.trainer.sft_steps == 0
         self.sft_step = 0  # SFT warm-up steps done (a stop signal can end the warm-up part way)
@@ -852,7 +854,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- data
     def _load_prompts(self) -> tuple[list[Any], list[Any]]:
-        from golong.data.check import run_records
+        from golong.data.check import no_prompt_fits, run_records
 
         d = self.cfg.data
         train, val = run_records(self.cfg, train=not self.eval_only)
@@ -865,10 +867,7 @@ class Trainer:
             raise ConfigError("nothing to evaluate: set data.val_files (or data.synthetic_val_n), with prompts "
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")
         if not tp and not self.eval_only:  # a config problem, named in one line (build_prompts logged the counts)
-            how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
-                "(data.overflow=drop)"
-            raise ConfigError(f"none of the {len(train)} training records fits data.max_prompt_tokens="
-                              f"{d.max_prompt_tokens} {how}; raise data.max_prompt_tokens")
+            raise ConfigError(no_prompt_fits(len(train), self.cfg))
         return tp, vp
 
     def _prompts(self, records: list[Any], split: str) -> list[Any]:
@@ -890,7 +889,7 @@ class Trainer:
         if got is not None:
             log.info(f"{split} prompts: {len(got)} read from the prompt cache {where}")
             return got
-        built = build_prompts(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
+        built = build_prompts(records, self.tokenizer, d.max_prompt_tokens, d.overflow, split=split)
         if writer:
             try:
                 save_prompts(built, where)

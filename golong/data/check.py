@@ -56,7 +56,7 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(cfg)
     rows: list[dict[str, Any]] = []
     for split, records in zip(("train", "val"), run_records(cfg)):
-        prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow) if records else []
+        prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow, split=split) if records else []
         total: dict[str, int] = defaultdict(int)
         for r in records:
             total[r.task] += 1
@@ -69,11 +69,23 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
             rows.append({"split": split, "task": task, "metric": metric[task],
                          "records": total[task], "kept": len(lengths),
                          "truncated": sum(p.truncated for p in kept[task]), "dropped": total[task] - len(lengths),
-                         "tokens_min": min(lengths, default=0),
-                         "tokens_median": int(statistics.median(lengths)) if lengths else 0,
-                         "tokens_max": max(lengths, default=0)})
+                         "tokens_min": min(lengths, default=None),
+                         "tokens_median": int(statistics.median(lengths)) if lengths else None,
+                         "tokens_max": max(lengths, default=None)})
     _print(rows, cfg)
+    train = [r for r in rows if r["split"] == "train"]
+    if train and not sum(r["kept"] for r in train):  # training stops there at start-up: say so here
+        raise ConfigError(no_prompt_fits(sum(r["records"] for r in train), cfg))
     return rows
+
+
+def no_prompt_fits(records: int, cfg: RunConfig) -> str:
+    """The one-line error for training records of which none fits data.max_prompt_tokens."""
+    d = cfg.data
+    how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
+        "(data.overflow=drop)"
+    return f"none of the {records} training records fits data.max_prompt_tokens={d.max_prompt_tokens} {how}; " \
+           "raise data.max_prompt_tokens"
 
 
 def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
@@ -88,7 +100,7 @@ def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     for key, head in cols.items():
         table.add_column(head, justify="left" if key in ("split", "task", "metric") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*(str(r[c]) for c in cols))
+        table.add_row(*("-" if r[c] is None else str(r[c]) for c in cols))  # no prompt kept: no lengths
     console = Console()
     (console if console.is_terminal else Console(width=200)).print(table)  # a log file: no squeezed columns
     for r in rows:

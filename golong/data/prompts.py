@@ -70,17 +70,18 @@ def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int
 
 def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int,
                   overflow: str = "truncate_left", *, chat_template_kwargs: dict[str, Any] | None = None,
-                  progress_every_s: float = 30.0) -> list[EncodedPrompt]:
+                  progress_every_s: float = 30.0, split: str = "") -> list[EncodedPrompt]:
     """Chat-template and tokenize `records`; prompts over `max_prompt_tokens` are left-truncated
     (overflow="truncate_left") or dropped (overflow="drop"). Logs how many of each, and how far it got
-    every `progress_every_s` seconds: thousands of 128K-token prompts take minutes before training starts."""
+    every `progress_every_s` seconds: thousands of 128K-token prompts take minutes before training starts.
+    `split` ("train", "val") names the records in those lines."""
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow={overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
     kwargs = dict(chat_template_kwargs or {})
     out: list[EncodedPrompt] = []
     n_trunc = n_drop = 0
-    progress = ProgressLog("build_prompts", len(records), "records tokenized", every_s=progress_every_s,
-                           logger=logger)
+    name = f"build_prompts ({split})" if split else "build_prompts"
+    progress = ProgressLog(name, len(records), "records tokenized", every_s=progress_every_s, logger=logger)
     for i, rec in enumerate(records):
         ids = _encode(tokenizer, rec.prompt, kwargs)
         if len(ids) > max_prompt_tokens:
@@ -92,8 +93,8 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
         else:
             out.append(EncodedPrompt(np.asarray(ids, dtype=np.int32), i, rec))
         progress.advance(items=1)
-    logger.info("build_prompts: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
-                len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
+    logger.info("%s: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
+                name, len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
     return out
 
 

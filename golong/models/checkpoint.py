@@ -351,6 +351,11 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         dtype_name = str(first_dtype).removeprefix("torch.") if first_dtype is not None else None
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype=dtype_name), indent=2))
+        # safetensors >= 0.7 writes through a 0600 temporary file: give the weights the mode the umask gives every
+        # other file here, or another account (a vLLM server, a colleague) cannot read the export
+        mode = (tmp / "config.json").stat().st_mode & 0o777
+        for f in tmp.glob("*.safetensors"):
+            f.chmod(mode)
         src = copy_files_from or getattr(model, "source_path", None)
         if src is not None:
             for name in _SIDE_FILES:

@@ -79,6 +79,8 @@ class ModelConfig:
         if not isinstance(cfg, (str, Path)):
             return cls._parse(_as_dict(cfg))
         path = Path(cfg) / "config.json" if Path(cfg).is_dir() else Path(cfg)
+        if Path(cfg).is_dir() and not path.is_file():
+            raise ConfigError(f"{cfg} is not a Hugging Face model directory: it has no config.json")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:

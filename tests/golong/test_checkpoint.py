@@ -97,6 +97,23 @@ def test_export_hf_loads_in_transformers(tmp_path):
     assert err < 1e-5, err
 
 
+def test_exported_weights_are_as_readable_as_the_other_files(tmp_path):
+    # safetensors writes 0600; under a 022 umask the export's config.json is 0644 and its weights must be too
+    import os
+
+    model, opt = _model_and_opt()
+    Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    old = os.umask(0o022)
+    try:
+        out = export_hf(tmp_path / "ck" / "step_000001", tmp_path / "hf")
+        model.save_pretrained(tmp_path / "sharded", max_shard_bytes=4096)
+    finally:
+        os.umask(old)
+    for d in (out, tmp_path / "sharded"):
+        weights = sorted(d.glob("*.safetensors"))
+        assert weights and {f.stat().st_mode & 0o777 for f in weights} == {0o644}, d
+
+
 def test_export_keeps_the_models_generation_config(tmp_path):
     """The trainer's checkpoint kept the tokenizer but not the source model's generation_config.json, so the
     export had none: transformers / vLLM then stop only on config.json's single eos id (Qwen3's generation config
@@ -413,3 +430,13 @@ def test_a_checkpoint_resumes_on_another_parallel_layout(tmp_path):
     run_distributed(_layout_save, 2, 1, str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"))
     for world, cp in [(1, 1), (2, 2)]:
         run_distributed(_layout_load, world, cp, str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"))
+
+
+def test_a_hugging_face_directory_given_as_checkpoint_points_to_model_path(tmp_path):
+    from golong.checkpoint import checkpoint_problem
+
+    model, _ = _model_and_opt()
+    model.save_pretrained(tmp_path / "hf")
+    assert checkpoint_problem(tmp_path / "hf") == (f"{tmp_path / 'hf'} is not a complete checkpoint (no COMPLETE "
+                                                   f"marker); it is a Hugging Face model: give it as "
+                                                   f"model.path={tmp_path / 'hf'}")

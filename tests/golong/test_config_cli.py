@@ -100,6 +100,7 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("data.synthetic_context_tokens=0", "data.synthetic_context_tokens must be >= 1"),
     ("rollout.n=0", "rollout.n must be >= 1"),
     ("rollout.val_n=0", "rollout.val_n must be >= 1"),
+    ("rollout.n=1", "rollout.n=1: algo.adv_estimator=tmn_grpo compares the responses to one prompt"),
     ("rollout.val_temperature=0", "rollout.val_temperature must be > 0"),
     # vLLM samples (and reports logprobs) at 0.01 below it, the trainer's old logprobs would be at the config's
     ("rollout.temperature=0.005", "rollout.temperature and rollout.val_temperature must be >= 0.01"),
@@ -153,6 +154,34 @@ def test_every_value_check_rejects_just_past_its_bound(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/demo-cpu.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_one_response_per_prompt_only_where_the_estimator_needs_no_group():
+    # OpenRLHF and TRL refuse GRPO with one sample per prompt: its advantage would be r (grpo / tmn_grpo: a group
+    # of one has mean 0, std 1) or 0 (dr_grpo)
+    demo = ROOT / "configs/demo-cpu.yaml"
+    for est in ("grpo", "dr_grpo"):
+        with pytest.raises(ConfigError, match=f"rollout.n=1: algo.adv_estimator={est} compares"):
+            load_config(demo, ["rollout.n=1", f"algo.adv_estimator={est}", "algo.difficulty_reweight=false"])
+    assert load_config(demo, ["rollout.n=1", "algo.adv_estimator=task_norm",
+                              "algo.difficulty_reweight=false"]).rollout.n == 1
+    assert load_config(demo, ["rollout.n=1", "trainer.total_steps=0"]).rollout.n == 1  # SFT only: no advantages
+    assert load_config(demo, ["rollout.n=2"]).rollout.n == 2
+
+
+def test_wandb_logging_without_wandb_installed_is_a_run_problem(monkeypatch, capsys):
+    import importlib.util
+
+    from golong.config import run_problems
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = load_config(ROOT / "configs/demo-cpu.yaml", ["logging.wandb=true"])
+    assert run_problems(cfg) == ["logging.wandb=true but wandb is not installed: pip install wandb (or golong[wandb])"]
+    assert run_problems(load_config(ROOT / "configs/demo-cpu.yaml")) == []
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "logging.wandb=true"]) == 2  # before any set-up
+    assert capsys.readouterr().err.strip() == "golong: error: logging.wandb=true but wandb is not installed: " \
+                                               "pip install wandb (or golong[wandb])"
 
 
 # ... and accepts the bound itself
@@ -391,6 +420,21 @@ def test_export_onto_a_file_or_a_run_directory_is_one_line(tmp_path, capsys):
         assert main(["export", str(ckpt), str(target)]) == 2  # was a FileExistsError traceback
         err = capsys.readouterr().err.strip()
         assert err.startswith("golong: error: ") and message in err and "\n" not in err
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0  # says what it wrote, as plot and synth do
+    assert capsys.readouterr().out.strip() == str(tmp_path / "hf") and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_a_usage_error_shows_its_commands_usage(tmp_path, monkeypatch, capsys):
+    for argv, usage in ((["train", str(ROOT / "configs/demo-cpu.yaml"), "--dryrun"], "usage: golong train"),
+                        (["data", "synth", "--out", f"{tmp_path}/x.jsonl", "--n", "0"], "usage: golong data synth"),
+                        (["plan", str(ROOT / "configs/demo-cpu.yaml"), "--gpus", "0"], "usage: golong plan")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(usage), err
+    monkeypatch.setenv("RANK", "3")  # the same bad input on every rank of a launch: each line says whose it is
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "optim.lr=0"]) == 2
+    assert capsys.readouterr().err == "golong: error: rank 3: optim.lr must be > 0\n"
 
 
 def test_synth_task_list_takes_spaces(tmp_path):
@@ -528,10 +572,14 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
     (tmp_path / "plots").mkdir()
     for out, want in ((tmp_path / "plots", tmp_path / "plots" / "curves.png"), (tmp_path / "c", tmp_path / "c.png"),
-                      (tmp_path / "c.pdf", tmp_path / "c.pdf")):
+                      (tmp_path / "c.pdf", tmp_path / "c.pdf"),
+                      # a directory yet to be made, named by its trailing slash (as cp -r): not new.png
+                      (f"{tmp_path}/new/", tmp_path / "new" / "curves.png")):
         assert main(["plot", str(tmp_path), "--out", str(out)]) == 0
         assert capsys.readouterr().out.strip() == str(want) and want.is_file()
-    assert not (tmp_path / "plots.png").exists()
+    assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 0  # the metrics file named instead of its run
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png") and (tmp_path / "curves.png").is_file()
+    assert not (tmp_path / "plots.png").exists() and not (tmp_path / "new.png").exists()
 
 
 def test_plot_to_an_unknown_image_format_is_one_line(tmp_path, capsys):
@@ -618,3 +666,49 @@ def test_other_ranks_print_only_their_own_trouble(monkeypatch, capsys):
     assert "rank 3: own warning" in text and "rank 3: error line" in text
     out = lines(0)  # the logger follows a rank change (a test, or get_logger before init_process_group)
     assert "shared warning" in out.out + out.err and "rank 3" not in out.out + out.err
+
+
+def test_log_lines_to_a_file_or_pipe_are_never_wrapped(capsys):
+    # rich wraps at 80 columns when stdout is no terminal: a path or a step line split over two lines of a Slurm log
+    from golong.logger import get_logger
+
+    path = "runs/demo/prompt_cache/train-" + "58535c97223c53d5ae057e951adbbefd13f6c4df" * 3
+    get_logger("golong_test_wrap").warning(f"step 12/32 | reward 0.133 | written to {path}")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"WARNING step 12/32 | reward 0.133 | written to {path}")
+
+
+def test_the_run_config_is_saved_and_an_earlier_different_one_kept(tmp_path):
+    import os
+
+    from golong.config import save_run_config
+
+    demo = ROOT / "configs/demo-cpu.yaml"
+    cfg = load_config(demo, ["optim.lr=3e-6", "rollout.n=4"])
+    path = save_run_config(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml" and load_config(path) == cfg
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    save_run_config(cfg, tmp_path / "run")  # the same settings again (a plain resume): one file
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
+    other = load_config(demo, ["optim.lr=1e-6"])
+    save_run_config(other, tmp_path / "run")  # a resume with other settings
+    kept = [p for p in path.parent.iterdir() if p.name != "config.yaml"]
+    assert len(kept) == 1 and kept[0].name.startswith("config-2023") and load_config(kept[0]) == cfg
+    assert load_config(path) == other
+
+
+def test_plot_draws_the_mismatch_on_a_log_axis_when_it_can(tmp_path, monkeypatch):
+    # KL ~1e-13 and max |delta| ~1e-6 on one linear axis: the KL is a flat line at 0
+    from matplotlib.figure import Figure
+
+    from golong.plot import plot_run
+
+    scales = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.append(
+        [ax.get_yscale() for ax in fig.axes]), real(fig, *a, **k))[1])
+    for kl, want in ((2e-13, "log"), (0.0, "linear")):  # an exact 0 (identical logprobs) has no log position
+        rows = [{"step": s, "mismatch/kl": kl * s, "mismatch/max_abs": 1e-6 * s, "reward/mean": 0.5} for s in (1, 2)]
+        (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        plot_run(tmp_path)
+        assert scales[-1] == ["linear", "linear", "linear", want]

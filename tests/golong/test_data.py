@@ -212,8 +212,8 @@ def test_build_prompts_template_and_truncation(tok, caplog):
                 add_special_tokens=False)["input_ids"] for r in recs]
     assert sum(len(f) > limit for f in full) == 3 and all(len(f) <= limit for f in full[:6])
     with caplog.at_level(logging.INFO, logger="golong.data.prompts"):
-        out = build_prompts(recs, tok, limit)
-    assert "3 left-truncated, 0 dropped" in caplog.text
+        out = build_prompts(recs, tok, limit, split="train")  # the split names its lines (data check logs two)
+    assert "build_prompts (train): 9 records -> 9 prompts (3 left-truncated, 0 dropped" in caplog.text
     assert [p.index for p in out] == list(range(9))
     for p, f in zip(out[:6], full[:6]):  # short prompts: exactly the chat-templated ids
         assert p.input_ids.tolist() == f and not p.truncated
@@ -576,7 +576,8 @@ def test_demo_tokenizer_fast_deterministic_qwen_style():
 def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
     """`golong data check CONFIG`: per (split, task) the records, the prompts kept / left-truncated / dropped at
     data.max_prompt_tokens and the kept prompts' lengths, counted here independently from the chat template;
-    a task with every record over the limit is warned about; a bad record stops it with file and line."""
+    a task with every record over the limit is warned about; no training prompt at all, or a bad record (named by
+    file and line), stops it."""
     from golong.cli import main
     from golong.config import load_config
     from golong.data.check import check_data
@@ -608,7 +609,7 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
             if overflow == "drop":
                 under = sorted(n for n in lens if n <= limit)
                 assert (row["kept"], row["truncated"], row["dropped"]) == (len(under), 0, over)
-                assert (row["tokens_min"], row["tokens_max"]) == ((under[0], under[-1]) if under else (0, 0))
+                assert (row["tokens_min"], row["tokens_max"]) == ((under[0], under[-1]) if under else (None, None))
             else:
                 assert (row["kept"], row["truncated"], row["dropped"]) == (len(lens), over, 0)
                 assert row["tokens_max"] <= limit
@@ -619,7 +620,15 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
     # through the command: the warning for a task with no prompt left, then a bad record named by file and line
     assert main(["data", "check", str(cfg_file), f"data.max_prompt_tokens={min(lengths['summarization'])}",
                  "data.overflow=drop"]) == 0
-    assert "every train record of task 'graded_ranking' is over data.max_prompt_tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "every train record of task 'graded_ranking' is over data.max_prompt_tokens" in out
+    no_lengths = r"graded_ranking +│ +ndcg +│ +\d+ +│ +0 +│ +0 +│ +\d+ +│ +- +│ +- +│ +- +│"  # no prompt: "-", not 0
+    assert re.search(no_lengths, out), out
+    # no training prompt at all: the start-up error training would stop with, and a failing status
+    assert main(["data", "check", str(cfg_file), "data.max_prompt_tokens=5", "data.overflow=drop"]) == 2
+    assert capsys.readouterr().err.strip() == ("golong: error: none of the 24 training records fits "
+                                               "data.max_prompt_tokens=5 (data.overflow=drop); raise "
+                                               "data.max_prompt_tokens")
     lines = data.read_text().splitlines()
     lines[4] = lines[4].replace('"prompt"', '"prompts"')
     data.write_text("\n".join(lines) + "\n")

@@ -232,3 +232,9 @@ def test_rope_scaling_next_to_a_different_rope_parameters_is_refused():
     same = ModelConfig.from_hf(dict(both, rope_parameters={**yarn, "rope_theta": 1e6}))
     assert same.rope_theta == 1e6 and same.rope_scaling.factor == 4.0
     assert ModelConfig.from_hf(dict(both, rope_scaling=None)).rope_scaling is None  # a null rope_scaling is absent
+
+
+def test_a_directory_without_config_json_is_named_as_no_model(tmp_path):
+    # was "[Errno 2] No such file or directory: '<dir>/config.json'"
+    with pytest.raises(ConfigError, match=f"^{tmp_path} is not a Hugging Face model directory: it has no config.json$"):
+        ModelConfig.from_hf(tmp_path)

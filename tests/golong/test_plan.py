@@ -150,7 +150,8 @@ def test_parameter_counts_and_rollout_work_by_hand():
     for ckpt, passes in ((True, 4), (False, 3)):
         tiny = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [
             "data.max_prompt_tokens=64", "rollout.max_response_tokens=64", "trainer.prompts_per_step=1", "rollout.n=1",
-            "trainer.mini_batch_prompts=1", f"parallel.activation_checkpointing={ckpt}"]), gpus=gpus).throughput
+            "algo.adv_estimator=task_norm", "trainer.mini_batch_prompts=1",  # task_norm takes rollout.n=1
+            f"parallel.activation_checkpointing={ckpt}"]), gpus=gpus).throughput
         nbytes = 1 * passes * s.total_params * 2 * gpus + 7 * 4 * s.total_params
         assert tiny.update_bound == "memory" and tiny.update_s == pytest.approx(nbytes / (gpus * 4.3e12), rel=1e-12)
 

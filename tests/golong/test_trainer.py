@@ -906,6 +906,7 @@ def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}"])
     first = Trainer(cfg)
     dist.destroy_process_group()
+    assert load_config(tmp_path / "config.yaml") == cfg  # the run directory says what produced it
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "prompt_cache").iterdir()) == ["train", "val"]
 
     def no_tokenizing(*args, **kwargs):
