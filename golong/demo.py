@@ -174,7 +174,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     held_out = generate(1, cfg.data.synthetic_context_tokens, seed=cfg.data.seed + 7919)
-    prompt = build_prompts(held_out, tok, cfg.data.max_prompt_tokens)[0].input_ids.tolist()
+    prompt = build_prompts(held_out, tok, cfg.data.max_prompt_tokens, split="export check")[0].input_ids.tolist()
     hf_diff = _verify_hf(hf_dir, prompt)
     png = plot_run(out)
 
