@@ -61,6 +61,7 @@ from golong.parallel import (
     cp_shard,
     init_parallel,
     plan_micro_batches,
+    rollout_share,
 )
 from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
@@ -917,10 +918,12 @@ class Trainer:
         from golong.rewards.scoring import RewardConfig, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
-        mine = list(range(self.rank, len(requests), self.world))
+        mine = list(rollout_share(len(requests), self.rank, self.world))
+        # one list per prompt, shared by its samples (engines take lists; a 160K-token one is ~6 MB of int objects)
+        lists = {p: prompts[p].input_ids.tolist() for p in dict.fromkeys(requests[j][0] for j in mine)}
         t0 = time.perf_counter()
         with nvtx_range("rollout"), _Progress(self.cfg.logging.progress and self.rank == 0, label, len(mine)) as bar:
-            out = self.engine.generate([prompts[requests[j][0]].input_ids.tolist() for j in mine], params,
+            out = self.engine.generate([lists[requests[j][0]] for j in mine], params,
                                        [request_seed(*seed_key, j) for j in mine], progress=bar)
         t1 = time.perf_counter()
         with nvtx_range("reward"):

@@ -5,7 +5,7 @@
     ids_local = cp_shard(ids, cu_seqlens, dims.cp_rank, dims.cp_size)   # zigzag shard (cp > 1)
 """
 
-from golong.parallel.batching import balance, pack, plan_micro_batches
+from golong.parallel.batching import balance, pack, plan_micro_batches, rollout_share
 from golong.parallel.context import cp_gather, cp_shard
 from golong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
 from golong.parallel.mesh import ParallelDims, init_distributed, init_parallel
@@ -22,4 +22,5 @@ __all__ = [
     "mixed_precision_policy",
     "pack",
     "plan_micro_batches",
+    "rollout_share",
 ]

@@ -23,6 +23,14 @@ def balance(lengths: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(o) for o in out]
 
 
+def rollout_share(num_requests: int, rank: int, world: int) -> range:
+    """The requests (prompt-major: a prompt's n samples adjacent) rank `rank` generates: a contiguous block, the
+    blocks' sizes differing by at most one. A prompt's samples stay on one rank (but where a block edge cuts
+    them), so the engine's prefix cache prefills each long prompt once, not once per rank as a round-robin
+    deal would (each of n samples on another rank: up to min(n, world) prefills of every prompt)."""
+    return range(rank * num_requests // world, (rank + 1) * num_requests // world)
+
+
 def pack(indices: Sequence[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """First-fit decreasing: indices into micro-batches of total length <= token_budget (a longer
     sequence gets a micro-batch of its own). Deterministic."""

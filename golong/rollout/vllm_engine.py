@@ -186,7 +186,14 @@ class VLLMEngine:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         local = len(prompts)
-        prompts = [list(map(int, p)) for p in prompts]
+        converted: dict[int, list[int]] = {}  # by identity: a prompt's n samples share one list (the trainer's)
+
+        def as_ints(p: Sequence[int]) -> list[int]:
+            if id(p) not in converted:  # `prompts` keeps every p alive, so ids are not reused here
+                converted[id(p)] = list(map(int, p))
+            return converted[id(p)]
+
+        prompts = [as_ints(p) for p in prompts]
         seeds_l = [None] * local if seeds is None else [int(s) for s in seeds]
         start = 0
         if self._tp_group is not None:  # every rank of the TP group submits the group's union

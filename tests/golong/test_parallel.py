@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from golong.parallel import balance, pack, plan_micro_batches
+from golong.parallel import balance, pack, plan_micro_batches, rollout_share
 from tests.distributed import run_distributed
 
 
@@ -24,6 +24,26 @@ def test_balance_splits_near_evenly_and_covers_everything():
     assert sorted(i for p in parts for i in p) == list(range(37))
     loads = [sum(lengths[i] for i in p) for p in parts]
     assert max(loads) - min(loads) <= max(lengths)  # greedy LPT bound
+
+
+@pytest.mark.parametrize("prompts, n, world", [(16, 16, 8), (5, 16, 8), (7, 3, 4), (3, 2, 8), (1, 1, 2), (0, 4, 2)])
+def test_rollout_share_keeps_a_prompts_samples_on_one_rank(prompts, n, world):
+    """Requests are prompt-major (a prompt's n samples adjacent): each rank gets a contiguous block, every request
+    once, sizes within one; a prompt's samples span as few ranks as the blocks allow (one, when blocks hold whole
+    prompts), so the prefix cache prefills it once. The round-robin deal it replaces gave every rank a sample of
+    every prompt (n >= world)."""
+    total = prompts * n
+    shares = [rollout_share(total, r, world) for r in range(world)]
+    assert [j for s in shares for j in s] == list(range(total))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    ranks_of = [{r for r, s in enumerate(shares) for j in s if j // n == p} for p in range(prompts)]
+    if total % world == 0 and (total // world) % n == 0:  # blocks of whole prompts
+        assert all(len(rs) == 1 for rs in ranks_of)
+    # a prompt reaches another rank only across a block edge: prefills in all <= prompts + world - 1
+    assert sum(map(len, ranks_of)) <= prompts + world - 1
+    if prompts == 16 and n == 16:
+        old = [{j % world for j in range(p * n, (p + 1) * n)} for p in range(prompts)]
+        assert sum(map(len, old)) == prompts * world  # what round-robin cost: every prompt on every rank
 
 
 def test_pack_respects_budget_and_is_deterministic():
