@@ -875,30 +875,11 @@ class Trainer:
         """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
         holds these records under this tokenizer and limit, else built here and written by each node's local rank
         0 for the next start. No rank waits for another: on a first start every rank builds, as without a cache."""
-        from golong.data.prompts import build_prompts, load_prompts, prompt_cache_key, remove_stale_writes, save_prompts
+        from golong.data.prompts import build_prompts_cached
 
-        d = self.cfg.data
-        if not records:
-            return []
-        cache = prompt_cache_dir(self.cfg)
-        key = None if cache is None else prompt_cache_key(records, self.tokenizer, d.max_prompt_tokens, d.overflow)
-        where = None if key is None else cache / f"{split}-{key}"
-        writer = where is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0
-        if writer and remove_stale_writes(where):
-            log.info(f"{split} prompts: removed the temporary directories of killed prompt-cache writers")
-        got = None if where is None else load_prompts(where, records)
-        if got is not None:
-            log.info(f"{split} prompts: {len(got)} read from the prompt cache {where}")
-            return got
-        built = build_prompts(records, self.tokenizer, d.max_prompt_tokens, d.overflow, split=split)
-        if writer:
-            try:
-                save_prompts(built, where)
-                log.info(f"{split} prompts: written to the prompt cache {where} for the next start")
-            except OSError as e:  # a full or read-only disk costs the next start its tokenizing, not this run
-                log.warning(f"{split} prompts: could not write the prompt cache {where}: {e}",
-                            extra={"every_rank": True})  # each node's local rank 0 writes
-        return built
+        d, cache = self.cfg.data, prompt_cache_dir(self.cfg)
+        return build_prompts_cached(records, self.tokenizer, d.max_prompt_tokens, d.overflow, cache, split,
+                                    write=int(os.environ.get("LOCAL_RANK", "0")) == 0)
 
     # ---------------------------------------------------------------------------- rollouts
     def _sampling(self, val: bool = False) -> SamplingParams:

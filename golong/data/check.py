@@ -8,8 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from golong.config import ConfigError, RunConfig
-from golong.data.prompts import build_prompts
+from golong.config import ConfigError, RunConfig, prompt_cache_dir
+from golong.data.prompts import build_prompts_cached
 from golong.data.records import Record, load_records
 from golong.data.synthetic import generate
 
@@ -56,7 +56,9 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(cfg)
     rows: list[dict[str, Any]] = []
     for split, records in zip(("train", "val"), run_records(cfg)):
-        prompts = build_prompts(records, tokenizer, d.max_prompt_tokens, d.overflow, split=split) if records else []
+        # through the run's prompt cache: a training start (or another check) after this one tokenizes nothing
+        prompts = build_prompts_cached(records, tokenizer, d.max_prompt_tokens, d.overflow, prompt_cache_dir(cfg),
+                                       split)
         total: dict[str, int] = defaultdict(int)
         for r in records:
             total[r.task] += 1

@@ -193,6 +193,33 @@ def load_prompts(directory: Path, records: Sequence[Record]) -> list[EncodedProm
             for a, (e, i, t) in zip(starts.tolist(), meta.tolist())]
 
 
+def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
+                         cache: Path | None, split: str, *, write: bool = True) -> list[EncodedPrompt]:
+    """build_prompts of `records` through the prompt cache directory `cache` (None: no cache): read there
+    (memory-mapped) when it holds these records under this tokenizer, limit and overflow, else built and, with
+    `write`, saved there for the next reader (a training start, `golong data check`); a killed writer's leftovers
+    are removed first. A write that fails (full or read-only disk) costs the next reader its tokenizing only."""
+    if not records:
+        return []
+    where = None if cache is None else \
+        Path(cache) / f"{split}-{prompt_cache_key(records, tokenizer, max_prompt_tokens, overflow)}"
+    if write and where is not None and remove_stale_writes(where):
+        logger.info("%s prompts: removed the temporary directories of killed prompt-cache writers", split)
+    got = None if where is None else load_prompts(where, records)
+    if got is not None:
+        logger.info("%s prompts: %d read from the prompt cache %s", split, len(got), where)
+        return got
+    built = build_prompts(records, tokenizer, max_prompt_tokens, overflow, split=split)
+    if write and where is not None:
+        try:
+            save_prompts(built, where)
+            logger.info("%s prompts: written to the prompt cache %s for the next start", split, where)
+        except OSError as e:
+            logger.warning("%s prompts: could not write the prompt cache %s: %s", split, where, e,
+                           extra={"every_rank": True})  # each node's local rank 0 writes
+    return built
+
+
 class PromptSampler:
     """Endless stream of record indices: epoch e visits all n once, in a permutation fixed by
     (seed, e). `state_dict()` / `load_state_dict()` resume exactly where it stopped."""

@@ -337,21 +337,21 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     ("parallel.cp=2", "parallel.cp=2 must divide the world size 1; launch a multiple of 2 ranks"),
     ("parallel.dp_shard=2", "parallel.dp_shard=2 x parallel.cp=1 != world size 1; launch 2 ranks"),
 ])
-def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, capsys):
+def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, tmp_path, capsys):
     import torch.distributed as dist
 
     # was a ValueError traceback from init_parallel
-    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), override]) == 2
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), override, f"logging.run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"golong: error: {message}") and "\n" not in err, err
     assert not dist.is_initialized()  # the group the failed setup opened is closed again
 
 
 @pytest.mark.parametrize("overflow, how", [("truncate_left", "even left-truncated"), ("drop", "data.overflow=drop")])
-def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, capsys):
+def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, tmp_path, capsys):
     # was a ValueError traceback from the trainer's data loading
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "data.synthetic_n=3", "data.max_prompt_tokens=5",
-                 f"data.overflow={overflow}"]) == 2
+                 f"data.overflow={overflow}", f"logging.run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("golong: error: none of the 3 training records fits data.max_prompt_tokens=5 ") \
         and how in err and "\n" not in err, err
@@ -368,7 +368,7 @@ def test_train_on_a_model_golong_cannot_build_is_one_line(config_json, overrides
     if config_json is not None:
         (tmp_path / "config.json").write_text(config_json)
         overrides = [f"model.path={tmp_path}"]
-    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), *overrides]) == 2
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), *overrides, f"logging.run_dir={tmp_path}/run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("golong: error: " + message.format(tmp=tmp_path)) and "\n" not in err, err
 

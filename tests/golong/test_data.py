@@ -589,7 +589,8 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
     cfg_file.write_text("model: {scratch: {vocab_size: 1024, hidden_size: 32, num_hidden_layers: 1, "
                         "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, intermediate_size: 32}}\n"
                         f"data: {{train_files: [{data}], synthetic_val_n: 4, synthetic_context_tokens: 4, "
-                        "synthetic_tasks: [sequence_ordering]}\n")
+                        "synthetic_tasks: [sequence_ordering]}\n"
+                        f"logging: {{run_dir: {tmp_path / 'run'}}}\n")  # its prompt cache: not in the repository
     records = load_records(data)
     tok = load_tokenizer(load_config(cfg_file))
     lengths = {}

@@ -929,6 +929,30 @@ def test_a_second_start_reads_its_prompts_from_the_prompt_cache(config_file, tmp
     dist.destroy_process_group()
 
 
+def test_data_check_fills_the_prompt_cache_training_reads(config_file, tmp_path, monkeypatch):
+    """`golong data check CONFIG` before a run tokenizes once for both: the run (and a second check) map its
+    cache instead of tokenizing again (GoLongRL's 1.4B prompt tokens: tens of minutes)."""
+    import torch.distributed as dist
+
+    import golong.data.prompts as prompts_module
+    from golong.config import load_config
+    from golong.data.check import check_data
+    from golong.trainer import Trainer
+
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}"])
+    rows = check_data(cfg)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "prompt_cache").iterdir()) == ["train", "val"]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized although the prompt cache holds these prompts")
+
+    monkeypatch.setattr(prompts_module, "build_prompts", no_tokenizing)
+    assert check_data(cfg) == rows
+    trainer = Trainer(cfg)
+    dist.destroy_process_group()
+    assert sum(r["kept"] for r in rows if r["split"] == "train") == len(trainer.train_prompts)
+
+
 def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
     """`golong eval` writes to RUN_DIR/eval/<checkpoint>, but its prompts go through RUN_DIR/prompt_cache, which
     training filled: not a fresh cache in every eval directory, tokenized again for each checkpoint."""
