@@ -651,9 +651,9 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     docs = tr.prompts_per_step * ro.n
     tokens = docs * doc_len
     on_policy = cfg.algo.ppo_epochs == 1 and tr.mini_batch_prompts >= tr.prompts_per_step
-    # as the trainer decides (Actor.update): off-policy, or rollout IS under context parallelism (the IS weights
-    # need whole sequences, so the old logprobs are computed and gathered in a pass of their own)
-    old_pass = not on_policy or (cfg.algo.rollout_is != "none" and cfg.parallel.cp > 1)
+    # as the trainer decides (Actor.update): off-policy only (on-policy the update's own logprobs are the old ones;
+    # under context parallelism the IS weights all-gather them, no pass of their own)
+    old_pass = not on_policy
     model, hw = update_flops(s, [doc_len] * docs, checkpointing=cfg.parallel.activation_checkpointing,
                              old_logprob_pass=old_pass)
     # memory traffic of the update: every micro-batch reads the gathered weights in forward, again in

@@ -361,7 +361,9 @@ class Actor:
             r.rollout_logprobs is not None for r in rollouts)
         old: dict[int, torch.Tensor] | None = None
         timings = {}
-        if loss == "pg" and (not on_policy or (need_is and self.dims.cp_size > 1)):
+        # on-policy the old logprobs are the update's own (detached): no pass of their own, cp > 1 included (the
+        # IS weights all-gather them over the cp group in the update's forward)
+        if loss == "pg" and not on_policy:
             t0 = time.perf_counter()
             with nvtx_range("old_logprob"):
                 old = {}
@@ -409,14 +411,17 @@ class Actor:
                     old_lp = logprob.detach()
                 is_w = None
                 if need_is and mb.indices:
-                    # weights need whole sequences (veto): on-policy cp=1 has them locally; otherwise
-                    # the old logprobs were gathered over the cp group, so compute globally, then shard
-                    old_full = mb.old_logprobs if mb.old_logprobs is not None else old_lp.detach().cpu()
+                    # weights need whole sequences (the veto): the old logprobs of the whole micro-batch, from
+                    # the old-logprob pass or, on-policy, this forward's own gathered over the cp group (an
+                    # all-gather of [T] floats; cp = 1: the local tensor itself); computed globally, then sharded
+                    cu = mb.cu_seqlens.to(self.device)
+                    old_full = mb.old_logprobs.to(self.device) if mb.old_logprobs is not None else \
+                        cp_gather(old_lp.detach().float(), cu, self.dims.cp_group)
                     w, is_metrics = rollout_is_weights(
-                        old_full.to(self.device), mb.rollout_logprobs.to(self.device), mb.mask.to(self.device),
-                        cu_seqlens=mb.cu_seqlens.to(self.device), mode=algo.rollout_is, lower=algo.rollout_is_lower,
-                        upper=algo.rollout_is_upper, veto=algo.rollout_is_veto)
-                    is_w = self._shard(mb, w) if mb.old_logprobs is not None else w
+                        old_full, mb.rollout_logprobs.to(self.device), mb.mask.to(self.device), cu_seqlens=cu,
+                        mode=algo.rollout_is, lower=algo.rollout_is_lower, upper=algo.rollout_is_upper,
+                        veto=algo.rollout_is_veto)
+                    is_w = self._shard(mb, w)
                     _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,

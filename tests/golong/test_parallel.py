@@ -66,20 +66,27 @@ def test_plan_pads_ranks_to_the_same_count():
 
 
 # ------------------------------------------------------------------------------ distributed parity
-def _run_updates(rank: int, world: int, cp: int, out: str, steps: int) -> None:
+def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     # 2 mini-batches x 2 PPO epochs: the off-policy path (old-logprob pass) and 4 optimizer steps;
-    # a small micro-batch budget so each rank packs several micro-batches (and some dummies)
-    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=3, trainer__micro_batch_tokens=48,
-                      algo__ppo_epochs=2, algo__rollout_is="mask", optim__grad_clip=0.5,
+    # a small micro-batch budget so each rank packs several micro-batches (and some dummies).
+    # on_policy: one mini-batch, one epoch (the recipe's): the old logprobs are the update's own, no pass of theirs
+    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=100 if on_policy else 3,
+                      trainer__micro_batch_tokens=48, algo__ppo_epochs=1 if on_policy else 2,
+                      algo__rollout_is="mask", optim__grad_clip=0.5,
                       parallel__activation_checkpointing=cp > 1)  # recomputation must not change a thing
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
         _check_cp_gather(dims)
     actor = Actor(build_model(cfg, dims), dims, cfg)
+    if on_policy:
+        def no_pass(*args, **kwargs):
+            raise AssertionError("an old-logprob pass on-policy")
+
+        actor.compute_logprobs = no_pass
     init = {n: t.clone() for n, t in actor.full_state()}
     rollouts = fixed_rollouts()
     history = [actor.update(rollouts, "pg") for _ in range(steps)]
@@ -132,6 +139,21 @@ def test_context_parallel_two_ranks_match_one_rank(one_rank, tmp_path):
     out = str(tmp_path / "cp.pt")
     run_distributed(_run_updates, 2, 2, out, 2)
     _compare(one_rank, torch.load(out), 1e-4)
+
+
+@pytest.mark.distributed
+def test_on_policy_context_parallel_needs_no_old_logprob_pass(tmp_path):
+    """One mini-batch, one PPO epoch, rollout IS on (the recipe): under cp the IS weights take the update's own
+    logprobs gathered over the ring (was: a whole extra forward over the batch); the update matches one rank."""
+    runs = {}
+    for world, cp in ((1, 1), (2, 2)):
+        out = str(tmp_path / f"{world}_{cp}.pt")
+        run_distributed(_run_updates, world, cp, out, 2, True)
+        runs[world, cp] = torch.load(out)
+    h = runs[1, 1]["history"][0]
+    assert h["actor/optimizer_steps"] == 1 and h["rollout_is/masked_frac"] > 0 and h["rollout_is/veto_frac"] >= 0
+    assert "time/old_logprob_s" not in h
+    _compare(runs[1, 1], runs[2, 2], 1e-4)
 
 
 @pytest.mark.distributed
