@@ -677,16 +677,19 @@ class TorchEngine:
         return self.gen.generate(prompts, params, seeds, progress=progress)
 
 
-def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
+def full_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) per parameter, gathered one at a time (collective on all ranks); with `dtype`, each
+    shard is cast before its gather (an fp32 master gathered for a bf16 engine would move twice the bytes)."""
     for name, p in model.named_parameters():
-        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        p = p.detach() if dtype is None else p.detach().to(dtype)
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def hf_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face checkpoint name, full tensor) pairs on the parameters' device, fused experts
-    split into the per-expert keys vLLM's loaders expect. Views: nothing is copied but the gather."""
-    for name, t in full_parameters(model):
+    split into the per-expert keys vLLM's loaders expect. Views: nothing is copied but the gather (and the cast
+    to `dtype`, on the shard)."""
+    for name, t in full_parameters(model, dtype):
         if name.endswith("mlp.experts.gate_up_proj"):
             prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
             for e in range(t.shape[0]):
@@ -725,7 +728,7 @@ class VLLMRollout:
             load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer, path))
 
     def sync_weights(self, model: nn.Module) -> None:
-        self.engine.update_weights(hf_parameters(model))
+        self.engine.update_weights(hf_parameters(model, self.engine.dtype))
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -894,17 +897,22 @@ class Trainer:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_tokens=r.max_response_tokens)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids.tolist() if isinstance(ids, np.ndarray) else ids, skip_special_tokens=True)
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str) -> tuple[list[tuple[list[int], list[float], str, float]], dict[str, float]]:
+                            label: str) -> tuple[list[tuple[np.ndarray, np.ndarray | None, str, float]],
+                                                 dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered.
-        Returns [(tokens, logprobs, finish_reason, score)] in (prompt, sample) order + timings."""
+        Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score)] in (prompt, sample) order
+        + timings."""
         from golong.rewards.scoring import RewardConfig, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
-        mine = list(rollout_share(len(requests), self.rank, self.world))
+        # each request's cost ~ the context its decoding reads: long prompts weigh more (an equal count of requests
+        # per rank left the slowest engine 1.3-1.5x the mean at 128 prompts on 8 ranks, lognormal lengths)
+        weights = [len(prompts[p].input_ids) + params.max_tokens for p, _ in requests]
+        mine = list(rollout_share(weights, self.rank, self.world))
         # one list per prompt, shared by its samples (engines take lists; a 160K-token one is ~6 MB of int objects)
         lists = {p: prompts[p].input_ids.tolist() for p in dict.fromkeys(requests[j][0] for j in mine)}
         t0 = time.perf_counter()
@@ -920,13 +928,17 @@ class Trainer:
                                                        num_workers=rc.reward_workers,
                                                        memory_mb=rc.reward_memory_mb))
         t2 = time.perf_counter()
-        local = [(j, out.token_ids[k], out.logprobs[k], out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
+        # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
+        # ~25x slower (a generation batch of 8 x 512 x 16 responses: ~5 s and GBs of heap on every rank)
+        local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
+                  None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
+                  out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
         merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         return [x[1:] for x in merged], timings
 
-    def _strip_stop(self, ids: list[int]) -> list[int]:
-        return ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+    def _strip_stop(self, ids: Sequence[int]) -> Sequence[int]:
+        return ids[:-1] if len(ids) and int(ids[-1]) in self.stop_ids else ids
 
     def collect_rollouts(self, step: int) -> tuple[list[Rollout], dict[str, float]]:
         """Generate, score and (dynamically) filter until the batch is full or the budget is spent."""

@@ -23,12 +23,29 @@ def balance(lengths: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(o) for o in out]
 
 
-def rollout_share(num_requests: int, rank: int, world: int) -> range:
-    """The requests (prompt-major: a prompt's n samples adjacent) rank `rank` generates: a contiguous block, the
-    blocks' sizes differing by at most one. A prompt's samples stay on one rank (but where a block edge cuts
-    them), so the engine's prefix cache prefills each long prompt once, not once per rank as a round-robin
-    deal would (each of n samples on another rank: up to min(n, world) prefills of every prompt)."""
-    return range(rank * num_requests // world, (rank + 1) * num_requests // world)
+def rollout_share(weights: Sequence[float], rank: int, world: int) -> range:
+    """The requests (prompt-major: a prompt's n samples adjacent) rank `rank` generates: a contiguous block, cut
+    where the running total of `weights` (each request's cost, e.g. the context its decoding reads: prompt +
+    response tokens) passes rank / world of the whole, a request going where its midpoint falls. Every rank gets
+    ~1/world of the work (within one request's weight; equal weights: counts within one), and a prompt's samples
+    stay on one engine but where a cut falls among them, so the prefix cache prefills each long prompt once, not
+    once per rank as a round-robin deal did (each of n samples on another rank)."""
+    total = float(sum(weights))
+    if total <= 0:
+        return range(rank * len(weights) // world, (rank + 1) * len(weights) // world)
+    start = stop = None
+    run = 0.0
+    for j, w in enumerate(weights):
+        owner = min(world - 1, int((run + w / 2) * world / total))
+        run += w
+        if owner == rank and start is None:
+            start = j
+        if owner > rank:
+            stop = j
+            break
+    if start is None:
+        return range(0)
+    return range(start, len(weights) if stop is None else stop)
 
 
 def pack(indices: Sequence[int], lengths: Sequence[int], token_budget: int) -> list[list[int]]:

@@ -26,24 +26,39 @@ def test_balance_splits_near_evenly_and_covers_everything():
     assert max(loads) - min(loads) <= max(lengths)  # greedy LPT bound
 
 
-@pytest.mark.parametrize("prompts, n, world", [(16, 16, 8), (5, 16, 8), (7, 3, 4), (3, 2, 8), (1, 1, 2), (0, 4, 2)])
-def test_rollout_share_keeps_a_prompts_samples_on_one_rank(prompts, n, world):
-    """Requests are prompt-major (a prompt's n samples adjacent): each rank gets a contiguous block, every request
-    once, sizes within one; a prompt's samples span as few ranks as the blocks allow (one, when blocks hold whole
-    prompts), so the prefix cache prefills it once. The round-robin deal it replaces gave every rank a sample of
-    every prompt (n >= world)."""
+@pytest.mark.parametrize("prompts, n, world", [(16, 16, 8), (5, 16, 8), (7, 3, 4), (3, 2, 8), (1, 1, 2), (0, 4, 2),
+                                               (128, 16, 8)])
+@pytest.mark.parametrize("lengths", ["equal", "lognormal"])
+def test_rollout_share_keeps_a_prompts_samples_on_one_rank_and_balances_work(prompts, n, world, lengths):
+    """Requests are prompt-major (a prompt's n samples adjacent), each weighing its prompt's length + the response
+    budget: each rank gets a contiguous block, every request once; the blocks' weights are within one request of
+    an equal share (equal weights: counts within one); a prompt's samples span as few ranks as the cuts allow, so
+    the prefix cache prefills it once. The round-robin deal it replaces gave every rank a sample of every prompt."""
+    import random
+
+    rng = random.Random(prompts * 1000 + n * 10 + world)
+    lens = [8192] * prompts if lengths == "equal" else \
+        [min(160_000, max(4096, int(rng.lognormvariate(10.7, 0.7)))) for _ in range(prompts)]
+    weights = [lens[j // n] + 4096 for j in range(prompts * n)]
     total = prompts * n
-    shares = [rollout_share(total, r, world) for r in range(world)]
+    shares = [rollout_share(weights, r, world) for r in range(world)]
     assert [j for s in shares for j in s] == list(range(total))
-    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    loads = [sum(weights[j] for j in s) for s in shares]
+    if total:
+        assert max(loads) <= sum(weights) / world + max(weights)
+    if lengths == "equal":
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
     ranks_of = [{r for r, s in enumerate(shares) for j in s if j // n == p} for p in range(prompts)]
-    if total % world == 0 and (total // world) % n == 0:  # blocks of whole prompts
+    if lengths == "equal" and total % world == 0 and (total // world) % n == 0:  # blocks of whole prompts
         assert all(len(rs) == 1 for rs in ranks_of)
-    # a prompt reaches another rank only across a block edge: prefills in all <= prompts + world - 1
+    # a prompt reaches another rank only across a cut: prefills in all <= prompts + world - 1
     assert sum(map(len, ranks_of)) <= prompts + world - 1
-    if prompts == 16 and n == 16:
+    if prompts == 128:
         old = [{j % world for j in range(p * n, (p + 1) * n)} for p in range(prompts)]
         assert sum(map(len, old)) == prompts * world  # what round-robin cost: every prompt on every rank
+        by_count = [sum(weights[j] for j in range(r * total // world, (r + 1) * total // world)) for r in range(world)]
+        if lengths == "lognormal":  # equal counts leave the slowest engine well above the mean; weights do not
+            assert max(by_count) / (sum(by_count) / world) > 1.1 > max(loads) / (sum(loads) / world)
 
 
 def test_pack_respects_budget_and_is_deterministic():
@@ -403,3 +418,30 @@ def test_cpu_offload_adds_gloo_for_host_tensors(monkeypatch):
     mesh.init_distributed()
     mesh.init_distributed("gloo", cpu_collectives=True)
     assert seen == ["cuda:nccl,cpu:gloo", "nccl", "gloo"]
+
+
+def _cast_before_gather(rank: int, world: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model, hf_parameters
+    from tests.golong.trainer_helpers import tiny_config
+
+    dims = init_parallel(-1, 1, "gloo")
+    actor = Actor(build_model(tiny_config(), dims), dims, tiny_config())
+    p = next(iter(actor.model.parameters()))
+    assert isinstance(p, DTensor) and p.dtype == torch.float32
+    cast = p.detach().to(torch.bfloat16)  # what full_parameters gathers: the shard, cast where it lies
+    assert isinstance(cast, DTensor) and cast.placements == p.placements and cast.to_local().dtype == torch.bfloat16
+    full = dict(hf_parameters(actor.model))
+    half = dict(hf_parameters(actor.model, torch.bfloat16))
+    assert list(half) == list(full) and len(full) > 10
+    for k, v in full.items():
+        assert half[k].dtype == torch.bfloat16 and torch.equal(half[k], v.to(torch.bfloat16)), k
+
+
+@pytest.mark.distributed
+def test_weight_sync_casts_each_shard_before_its_gather():
+    """The vLLM push gathers parameters in the engine's dtype: each FSDP shard is cast first (an fp32 master
+    gathered, then cast, moves twice the bytes); the values equal the fp32 gather cast afterwards."""
+    run_distributed(_cast_before_gather, 2)
