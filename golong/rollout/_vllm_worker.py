@@ -64,8 +64,11 @@ def main(spec_path: str, out_path: str) -> None:
         i, k = firsts[0] if firsts else (0, 0)
         ids = greedy.token_ids[i]
         s = engine.generate([prompts[i]], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[ids[k]]))
+        reports = []
+        empty = engine.generate([], SamplingParams(max_tokens=4), seeds=[], progress=reports.append)  # a rank's share
         out["stop_probe"] = {"greedy": greedy.token_ids, "greedy_logprobs": greedy.logprobs, "prompt": i,
-                             "stop_at": k, "stopped": s.token_ids[0], "stopped_reason": s.finish_reasons[0]}
+                             "stop_at": k, "stopped": s.token_ids[0], "stopped_reason": s.finish_reasons[0],
+                             "empty": [len(empty), len(empty.logprobs), reports]}
     if spec.get("partial_update"):
         # a push that misses some tensors must fail loudly, naming the engine parameters left stale;
         # the engine then refuses to sample until a complete push, after which it is whole again

@@ -210,6 +210,7 @@ def test_greedy_and_stop_token(run):
     # the stop token ends the response and is kept in it, as TorchGenerator does
     k, greedy = probe["stop_at"], probe["greedy"][probe["prompt"]]
     assert probe["stopped"] == greedy[: k + 1] and probe["stopped_reason"] == "stop", probe
+    assert probe["empty"][:2] == [0, 0]  # an empty share (a small batch over many ranks) returns nothing, no error
 
 
 @needs_vllm
