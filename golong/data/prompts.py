@@ -28,6 +28,7 @@ from golong.logger import ProgressLog
 logger = logging.getLogger(__name__)
 
 OVERFLOW_MODES = ("truncate_left", "drop")
+ENCODE_BATCH = 64  # records chat-templated, then tokenized in one call
 
 
 @dataclass
@@ -82,17 +83,22 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
     n_trunc = n_drop = 0
     name = f"build_prompts ({split})" if split else "build_prompts"
     progress = ProgressLog(name, len(records), "records tokenized", every_s=progress_every_s, logger=logger)
-    for i, rec in enumerate(records):
-        ids = _encode(tokenizer, rec.prompt, kwargs)
-        if len(ids) > max_prompt_tokens:
-            cut = _truncate_left(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs) \
-                if overflow == "truncate_left" else None
-            n_trunc, n_drop = n_trunc + (cut is not None), n_drop + (cut is None)
-            if cut is not None:
-                out.append(EncodedPrompt(np.asarray(cut, dtype=np.int32), i, rec, truncated=True))
-        else:
-            out.append(EncodedPrompt(np.asarray(ids, dtype=np.int32), i, rec))
-        progress.advance(items=1)
+    for b0 in range(0, len(records), ENCODE_BATCH):
+        batch = records[b0:b0 + ENCODE_BATCH]
+        texts = [tokenizer.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+                 for r in batch]
+        # one call per batch: a fast (Rust) tokenizer encodes a batch on all cores, one text at a time on one
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, rec, ids in zip(range(b0, b0 + len(batch)), batch, encoded):
+            if len(ids) > max_prompt_tokens:
+                cut = _truncate_left(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs) \
+                    if overflow == "truncate_left" else None
+                n_trunc, n_drop = n_trunc + (cut is not None), n_drop + (cut is None)
+                if cut is not None:
+                    out.append(EncodedPrompt(np.asarray(cut, dtype=np.int32), i, rec, truncated=True))
+            else:
+                out.append(EncodedPrompt(np.asarray(ids, dtype=np.int32), i, rec))
+            progress.advance(items=1)
     logger.info("%s: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
                 name, len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
     return out
