@@ -207,8 +207,8 @@ def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_t
     are removed first. A write that fails (full or read-only disk) costs the next reader its tokenizing only."""
     if not records:
         return []
-    where = None if cache is None else \
-        Path(cache) / f"{split}-{prompt_cache_key(records, tokenizer, max_prompt_tokens, overflow)}"
+    key = None if cache is None else prompt_cache_key(records, tokenizer, max_prompt_tokens, overflow)
+    where = None if key is None else Path(cache) / f"{split}-{key}"  # no key (a slow tokenizer): no cache
     if write and where is not None and remove_stale_writes(where):
         logger.info("%s prompts: removed the temporary directories of killed prompt-cache writers", split)
     got = None if where is None else load_prompts(where, records)

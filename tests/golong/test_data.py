@@ -394,6 +394,26 @@ def test_a_killed_prompt_cache_writers_directory_is_removed_and_a_live_ones_kept
     assert sorted(p.name for p in where.iterdir()) == ["ids.npy", "meta.npy"]
 
 
+def test_a_tokenizer_without_a_serialised_form_gets_no_cache(tok, tmp_path):
+    # no key (a slow tokenizer): build, never write or read a shared "train-None" that other data would hit
+    from golong.data.prompts import build_prompts_cached, prompt_cache_key
+
+    class Slow:  # the demo tokenizer without its backend_tokenizer, as a slow one is
+        def __getattr__(self, name):
+            if name == "backend_tokenizer":
+                raise AttributeError(name)
+            return getattr(tok, name)
+
+        def __call__(self, *args, **kwargs):
+            return tok(*args, **kwargs)
+
+    recs = generate(3, 20, seed=4)
+    assert prompt_cache_key(recs, Slow(), 400, "truncate_left") is None
+    got = build_prompts_cached(recs, Slow(), 400, "truncate_left", tmp_path, "train")
+    assert [p.input_ids.tolist() for p in got] == [p.input_ids.tolist() for p in build_prompts(recs, tok, 400)]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prompt_cache_key_tells_message_boundaries_from_content(tok):
     # JSON text may hold any character: one turn whose content holds the key's separators is not two turns
     import dataclasses
