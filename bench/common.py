@@ -126,6 +126,16 @@ def peak_extra_memory(fn: Callable[[], Any], interval: float = 0.002) -> tuple[i
     return peak[0] - base, out
 
 
+def held_extra_memory(build: Callable[[], Any]) -> tuple[int, Any]:
+    """Memory (bytes) the result of build() holds once built, and that result: RSS growth, the freed heap handed
+    back before and after (peak_extra_memory measures the high-water mark instead)."""
+    release_freed_heap()
+    base = _rss_bytes()
+    out = build()
+    release_freed_heap()
+    return _rss_bytes() - base, out
+
+
 def save_results(bench: str, rows: list[dict[str, Any]], out_dir: str | Path | None = None) -> Path:
     """Write rows (one dict per measured figure) with date, device, commit and command.
 

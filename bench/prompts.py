@@ -26,24 +26,14 @@ import argparse
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import _rss_bytes, print_table, release_freed_heap, save_results
+from bench.common import held_extra_memory, print_table, save_results
 
 QWEN3_VOCAB = 151_936
-
-
-def held_bytes(build: Callable[[], Any]) -> tuple[int, Any]:
-    """RSS growth (bytes) while the result of build() is alive, after freed heap is handed back, and the result."""
-    release_freed_heap()
-    base = _rss_bytes()
-    out = build()
-    release_freed_heap()
-    return _rss_bytes() - base, out
 
 
 def _ratio(peer: float, ours: float) -> float:
@@ -108,9 +98,9 @@ def bench_held_prompts(args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
     ids = [rng.integers(0, QWEN3_VOCAB, length, dtype=np.int32) for _ in range(n)]
     tokens = n * length
     case = f"{n} prompts x {length} tokens, Qwen3-vocabulary ids"
-    ours, held = held_bytes(lambda: [EncodedPrompt(a.copy(), i, None) for i, a in enumerate(ids)])
+    ours, held = held_extra_memory(lambda: [EncodedPrompt(a.copy(), i, None) for i, a in enumerate(ids)])
     del held
-    lists, held = held_bytes(lambda: [a.tolist() for a in ids])
+    lists, held = held_extra_memory(lambda: [a.tolist() for a in ids])
     del held
     rows += [
         {"case": case, "impl": "int32 arrays (golong)", "metric": "bytes/token", "value": ours / tokens,
@@ -139,10 +129,10 @@ def bench_rollouts(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None
         return [Rollout(list(prompt_lists[j // n]), list(toks), list(lps), group=j // n, task="t")
                 for j, (toks, lps) in enumerate(results)]
 
-    ours, held = held_bytes(golong_rollouts)
+    ours, held = held_extra_memory(golong_rollouts)
     assert all(r.prompt_ids is prompts[j // n] for j, r in enumerate(held))
     del held
-    copied, held = held_bytes(copied_rollouts)
+    copied, held = held_extra_memory(copied_rollouts)
     del held
     rows += [
         {"case": case, "impl": "shared prompt arrays (golong)", "metric": "held", "value": ours / 2**20,
