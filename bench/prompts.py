@@ -18,6 +18,8 @@ them all; a step keeps each generation batch's rollouts for its metrics. Figures
   rollouts      bytes a generation batch's rollouts hold beyond the prompts themselves: golong's (each response
                 references its prompt's array; response ids / logprobs int32 / fp32 arrays) vs each response
                 copying its prompt's ids into a list and holding lists (what golong held before)
+  gather        a generation batch's results as every rank unpickles them: int32 / fp32 arrays vs lists of numbers
+  shares        rollout work of the heaviest rank / the mean: rollout_share (cut by work) vs equal request counts
 """
 
 from __future__ import annotations
@@ -141,6 +143,63 @@ def bench_rollouts(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None
     ]
 
 
+def bench_gather(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """What every rank unpickles of a generation batch's results (all_gather_object): golong's int32 / fp32 arrays
+    vs lists of Python numbers."""
+    import pickle
+
+    rng = np.random.default_rng(2)
+    k, rlen = args.rollout_prompts * args.responses, args.response_tokens
+    lists = [(j, rng.integers(0, QWEN3_VOCAB, rlen).tolist(), (-rng.random(rlen)).tolist()) for j in range(k)]
+    arrays = [(j, np.asarray(t, dtype=np.int32), np.asarray(lp, dtype=np.float32)) for j, t, lp in lists]
+    case = f"gather of {k} responses of {rlen} tokens"
+    sizes, times = {}, {}
+    for name, obj in (("arrays", arrays), ("lists", lists)):
+        blob = pickle.dumps(obj)
+        sizes[name] = len(blob)
+        reads = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            pickle.loads(blob)
+            reads.append(time.perf_counter() - t0)
+        times[name] = sorted(reads)[len(reads) // 2]
+    mtok = k * rlen / 1e6
+    rows += [
+        {"case": case, "impl": "int32 / fp32 arrays (golong)", "metric": "pickled", "value": sizes["arrays"] / mtok
+         / 2**20, "unit": "MiB / 1M tokens", "baseline": "lists of numbers",
+         "ratio": _ratio(sizes["lists"], sizes["arrays"]), "ratio_meaning": "peer / ours"},
+        {"case": case, "impl": "lists of numbers", "metric": "pickled", "value": sizes["lists"] / mtok / 2**20,
+         "unit": "MiB / 1M tokens"},
+        {"case": case, "impl": "int32 / fp32 arrays (golong)", "metric": "unpickle", "value": times["arrays"] / mtok,
+         "unit": "s / 1M tokens", "baseline": "lists of numbers", "ratio": _ratio(times["lists"], times["arrays"]),
+         "ratio_meaning": "peer / ours"},
+        {"case": case, "impl": "lists of numbers", "metric": "unpickle", "value": times["lists"] / mtok,
+         "unit": "s / 1M tokens"},
+    ]
+
+
+def bench_rollout_share(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The heaviest rank's rollout work / the mean: golong.parallel.rollout_share (contiguous, cut by each request's
+    prompt + response budget) vs equal request counts, prompt lengths lognormal (mean ~55K) in [4K, 160K]."""
+    from golong.parallel import rollout_share
+
+    p, n, world = args.share_prompts, args.responses, args.world
+    rng = np.random.default_rng(3)
+    lens = np.clip(rng.lognormal(10.7, 0.7, p), 4096, 160_000).astype(int)
+    weights = [int(lens[j // n]) + args.response_tokens for j in range(p * n)]
+    total = p * n
+    by_work = [sum(weights[j] for j in rollout_share(weights, r, world)) for r in range(world)]
+    by_count = [sum(weights[r * total // world:(r + 1) * total // world]) for r in range(world)]
+    case = f"{p} prompts x {n} samples on {world} ranks"
+    rows += [
+        {"case": case, "impl": "rollout_share (golong)", "metric": "heaviest / mean", "value": max(by_work)
+         / (sum(by_work) / world), "unit": "", "baseline": "equal counts",
+         "ratio": _ratio(max(by_count), max(by_work)), "ratio_meaning": "peer / ours"},
+        {"case": case, "impl": "equal counts", "metric": "heaviest / mean",
+         "value": max(by_count) / (sum(by_count) / world), "unit": ""},
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2000)
@@ -152,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--responses", type=int, default=16)
     ap.add_argument("--rollout-prompt-tokens", type=int, default=50_000)
     ap.add_argument("--response-tokens", type=int, default=2_000)
+    ap.add_argument("--share-prompts", type=int, default=128, help="prompts of the rollout-share balance case")
+    ap.add_argument("--world", type=int, default=8, help="ranks of the rollout-share balance case")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, nothing saved")
     args = ap.parse_args(argv)
@@ -159,10 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         args.records, args.record_tokens, args.iters = 8, 200, 1
         args.held_prompts, args.held_tokens = 4, 1000
         args.rollout_prompts, args.responses, args.rollout_prompt_tokens, args.response_tokens = 2, 2, 1000, 100
+        args.share_prompts, args.world = 8, 4
     rows: list[dict[str, Any]] = []
     bench_tokenize(args, rows)
     bench_held_prompts(args, rows)
     bench_rollouts(args, rows)
+    bench_gather(args, rows)
+    bench_rollout_share(args, rows)
     if not args.dry_run:
         print(f"results: {save_results('prompts', rows, args.out)}")
     print_table("host data path (CPU): tokenizing, prompt cache, held memory", rows,
