@@ -120,7 +120,7 @@ class AlgoConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # > 0: a k3 KL term to a frozen copy of the starting weights (verl's low_var_kl)
     entropy_coef: float = 0.0
     rollout_is: str = _choice("mask", ("mask", "truncate", "none"))
     rollout_is_lower: float = 0.5
@@ -349,8 +349,13 @@ def _check_values(cfg: RunConfig) -> None:
         (not a.difficulty_reweight or a.adv_estimator == "tmn_grpo",
          f"algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only (got {a.adv_estimator}); "
          "set algo.difficulty_reweight=false"),
-        (a.kl_coef == 0, "algo.kl_coef: the trainer keeps no reference policy, so there is no KL term "
-                         "(GoLongRL's recipe uses none); leave it at 0"),
+        (a.kl_coef >= 0, "algo.kl_coef must be >= 0 (0: no KL term and no reference policy, as GoLongRL's recipe)"),
+        # the reference policy is the run's starting weights (model.path, or the scratch init): a warm-up would
+        # first move the policy away from them, and a resume could not rebuild the post-warm-up weights
+        (a.kl_coef == 0 or t.sft_steps == 0,
+         "algo.kl_coef > 0 anchors the policy to its starting weights (model.path), which the SFT warm-up "
+         "(trainer.sft_steps) moves it away from: run the warm-up alone, `golong export` its checkpoint and start "
+         "RL from the export (model.path=...), or set algo.kl_coef=0"),
         (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),
         (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),

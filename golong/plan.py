@@ -21,7 +21,7 @@ context, NCCL, cuBLAS workspaces) is added before the fit check, allocator fragm
 The rollout engine (vLLM, colocated) sleeps during the update and owns
 `rollout.gpu_memory_utilization` of the GPU while generating; a config fits when both phases do:
   update:  update peak + runtime overhead                                   <= GPU memory
-  rollout: what the trainer keeps resident (sharded params, AdamW states)
+  rollout: what the trainer keeps resident (sharded params, AdamW states, a KL term's reference policy)
            + vLLM reservation + runtime overhead                             <= GPU memory
 
 FLOPs of one policy update over T tokens (documents of length S, causal):
@@ -268,6 +268,7 @@ def _kernel_constants() -> dict[str, int]:
 PARAMS = "parameters, sharded master copy"
 GRADS = "gradients, sharded"
 OPTIM = "AdamW states (m, v)"
+REFERENCE = "reference policy (algo.kl_coef), sharded compute copy"
 GATHERED = "parameters, all-gathered compute copy"
 UNSHARDED_GRADS = "gradients, unsharded (before reduce-scatter)"
 ACTS = "activations saved for backward"
@@ -383,13 +384,13 @@ class MemoryPlan:
     peak_bytes: float  # update-step peak, allocated bytes per GPU
     peak_phase: str
     breakdown: dict[str, float]  # component -> live bytes at the peak
-    resident_bytes: float  # what the trainer keeps between steps (params + AdamW states)
+    resident_bytes: float  # what the trainer keeps between steps (params + AdamW states + any reference policy)
     tokens_per_gpu: int
 
 
 def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: int, checkpointing: bool,
                     cpu_offload: bool = False, micro_batches: int = 1, num_docs: int = 1,
-                    optimizer: str | None = None) -> MemoryPlan:
+                    optimizer: str | None = None, reference: bool = False) -> MemoryPlan:
     """Replay one micro-batch of `tokens` tokens per GPU (the last of `micro_batches`) and the
     optimizer step; return the per-GPU peak of allocated bytes and its breakdown.
 
@@ -397,7 +398,8 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     forward except the last; the next one prefetched in backward), the root unit (embeddings, final
     norm, LM head) resharded after forward and gathered again for backward. optimizer (optim.impl):
     "for-loop" (AdamW(foreach=False): two temporaries the size of the largest parameter shard),
-    "foreach" (one temporary the size of all states) or "fused" (none).
+    "foreach" (one temporary the size of all states) or "fused" (none). reference: a frozen copy of the
+    weights in the compute dtype for the KL term (its forward-only pass runs before the update and peaks lower).
     """
     k = _kernel_constants()
     optimizer = optimizer or "for-loop"
@@ -416,6 +418,9 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     shard_all = shard_root + sum(shard_layers)
     tl.add(PARAMS, on_gpu * shard_all)
     tl.add(OPTIM, on_gpu * 2 * shard_all)
+    if reference:
+        tl.add(REFERENCE, on_gpu * (_shard_bytes(root_t, fsdp, p.compute)
+                                    + sum(_shard_bytes(t, fsdp, p.compute) for t in layer_t)))
     resident = tl.peak
     first = micro_batches == 1  # later micro-batches find the sharded gradients already allocated
     if not first:
@@ -624,12 +629,13 @@ class Throughput:
 
 
 def update_flops(s: ModelShape, seq_lens: list[int] | tuple[int, ...], *, checkpointing: bool,
-                 old_logprob_pass: bool = False) -> tuple[float, float]:
+                 old_logprob_pass: bool = False, ref_logprob_pass: bool = False) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one forward+backward over sequences of these lengths.
 
     model = 6 N_active T + 6 L n_q d_head sum S^2 (causal attention: 12 L H_attn S^2 / 2 per
     sequence); hardware adds the LM-head logits the fused backward recomputes (2 V H T), the
-    forward again under activation checkpointing, and a forward for old log-probs if off-policy.
+    forward again under activation checkpointing, and a forward for old log-probs if off-policy and
+    one for the reference policy's with a KL term.
     """
     tokens = sum(seq_lens)
     attn_fwd = 2 * s.layers * s.heads * s.head_dim * sum(n * n for n in seq_lens)
@@ -638,8 +644,7 @@ def update_flops(s: ModelShape, seq_lens: list[int] | tuple[int, ...], *, checkp
     hw = model + 2 * s.vocab * s.hidden * tokens
     if checkpointing:
         hw += layer_fwd
-    if old_logprob_pass:
-        hw += layer_fwd + 2 * s.vocab * s.hidden * tokens
+    hw += (int(old_logprob_pass) + int(ref_logprob_pass)) * (layer_fwd + 2 * s.vocab * s.hidden * tokens)
     return model, hw
 
 
@@ -655,7 +660,7 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     # under context parallelism the IS weights all-gather them, no pass of their own)
     old_pass = not on_policy
     model, hw = update_flops(s, [doc_len] * docs, checkpointing=cfg.parallel.activation_checkpointing,
-                             old_logprob_pass=old_pass)
+                             old_logprob_pass=old_pass, ref_logprob_pass=cfg.algo.kl_coef > 0)
     # memory traffic of the update: every micro-batch reads the gathered weights in forward, again in
     # backward (twice: input and weight gradients) and in the recompute; AdamW reads p, g, m, v and
     # writes p, m, v once per step (fp32)
@@ -741,7 +746,8 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
         num_docs = max(1, mbt // max(tp.doc_len, 1))
     mem = simulate_update(s, p, tokens=tokens, fsdp=dp * cp, cp=cp,
                           checkpointing=cfg.parallel.activation_checkpointing, cpu_offload=cfg.parallel.cpu_offload,
-                          micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl)
+                          micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl,
+                          reference=cfg.algo.kl_coef > 0)
     overhead = CUDA_RUNTIME_OVERHEAD if device == "cuda" else 0.0
     vllm = device == "cuda" and cfg.rollout.engine == "vllm"
     reserve = cfg.rollout.gpu_memory_utilization * gpu_mem if vllm else 0.0
@@ -799,7 +805,8 @@ def render(plan: Plan, cfg: RunConfig) -> None:
         tab.add_row("sleeping vLLM engine", f"{VLLM_SLEEP_RESIDUE / GIB:,.2f}")
     tab.add_row("[bold]update phase total[/bold]", f"[bold]{plan.update_total_bytes / GIB:,.2f}[/bold]")
     if plan.rollout_reserve_bytes:
-        tab.add_row("rollout phase: trainer resident (params + AdamW)", f"{m.resident_bytes / GIB:,.2f}")
+        what = "params + AdamW + reference" if cfg.algo.kl_coef > 0 else "params + AdamW"
+        tab.add_row(f"rollout phase: trainer resident ({what})", f"{m.resident_bytes / GIB:,.2f}")
         tab.add_row(f"rollout phase: vLLM reservation ({cfg.rollout.gpu_memory_utilization:.2f} x GPU)",
                     f"{plan.rollout_reserve_bytes / GIB:,.2f}")
         tab.add_row("[bold]rollout phase total[/bold]", f"[bold]{plan.rollout_total_bytes / GIB:,.2f}[/bold]")

@@ -186,13 +186,15 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [T] fp32 (0 where unknown)
     has_rollout_logprobs: bool
     old_logprobs: torch.Tensor | None  # [T] fp32
+    ref_logprobs: torch.Tensor | None  # [T] fp32, the reference policy's (algo.kl_coef > 0)
     seq_index: torch.Tensor  # [T] int64, position of each token's sequence in `indices`
     indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
 
 
 def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
-                      min_tokens: int = 4) -> MicroBatch:
-    ids, tgt, mask, adv, rlp, olp, seq = [], [], [], [], [], [], []
+                      min_tokens: int = 4, ref: dict[int, torch.Tensor] | None = None) -> MicroBatch:
+    """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy."""
+    ids, tgt, mask, adv, rlp, olp, ref_lp, seq = [], [], [], [], [], [], [], []
     cu = [0]
     has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
     for k, i in enumerate(indices):
@@ -208,21 +210,23 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
         lp = torch.zeros(len(full))
         if has_rlp:
             lp[p - 1: p - 1 + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
-        o = torch.zeros(len(full))
-        if old is not None:
-            o[p - 1: p - 1 + n] = old[i]
-        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp), olp.append(o)
+        for given, out in ((old, olp), (ref, ref_lp)):
+            o = torch.zeros(len(full))
+            if given is not None:
+                o[p - 1: p - 1 + n] = given[i]
+            out.append(o)
+        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp)
         seq.append(torch.full((len(full),), k, dtype=torch.long))
         cu.append(cu[-1] + len(full))
     if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
         ids = [torch.zeros(min_tokens, dtype=torch.long)]
         tgt = [torch.full((min_tokens,), IGNORE, dtype=torch.long)]
-        mask = adv = rlp = olp = [torch.zeros(min_tokens)]
+        mask = adv = rlp = olp = ref_lp = [torch.zeros(min_tokens)]
         seq = [torch.zeros(min_tokens, dtype=torch.long)]
         cu.append(min_tokens)
     return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
                       torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
-                      torch.cat(seq), list(indices))
+                      torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices))
 
 
 def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
@@ -263,8 +267,10 @@ class Actor:
     already reduced over all ranks. All ranks must call it with the same (gathered) rollouts.
     """
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig) -> None:
-        self.model, self.dims, self.cfg = model, dims, cfg
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig, reference: nn.Module | None = None
+                 ) -> None:
+        """reference: the frozen reference policy of the KL term (build_model(reference=True)); None: no KL."""
+        self.model, self.dims, self.cfg, self.reference = model, dims, cfg, reference
         self.device = compute_device()  # not the parameters' device: with CPU offload they live on the host
         self.optimizer = self._make_optimizer(cfg.optim.lr)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
@@ -319,12 +325,13 @@ class Actor:
     def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
         return cp_shard(x, mb.cu_seqlens, self.dims.cp_rank, self.dims.cp_size).to(self.device)
 
-    def forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions."""
+    def forward(self, mb: MicroBatch, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions, of `model` (default: the
+        policy)."""
         cu = mb.cu_seqlens.to(self.device)
         with nvtx_range("forward"):
-            return self.model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
-                              temperature=self.temperature)
+            return (model or self.model)(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
+                                         temperature=self.temperature)
 
     def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
         lengths = [rollouts[i].length for i in indices]
@@ -335,13 +342,14 @@ class Actor:
         return 2 * self.dims.cp_size * 2
 
     @torch.no_grad()
-    def compute_logprobs(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Response-token logprobs of the current policy for this rank's share of `indices`
+    def compute_logprobs(self, rollouts: Sequence[Rollout], indices: Sequence[int], model: nn.Module | None = None
+                         ) -> dict[int, torch.Tensor]:
+        """Response-token logprobs of `model` (default: the current policy) for this rank's share of `indices`
         (whole sequences: gathered over the cp group). {rollout index: [R] fp32 cpu}."""
         out: dict[int, torch.Tensor] = {}
         for members in self._plan(rollouts, indices):
             mb = build_micro_batch(rollouts, members, None, self._min_tokens())
-            logprob, _ = self.forward(mb)
+            logprob, _ = self.forward(mb, model)
             full = cp_gather(logprob.float(), mb.cu_seqlens.to(self.device), self.dims.cp_group).cpu()
             for k, i in enumerate(members):
                 p, n = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
@@ -370,6 +378,14 @@ class Actor:
                 for mini in minis:
                     old.update(self.compute_logprobs(rollouts, mini))
             timings["time/old_logprob_s"] = time.perf_counter() - t0
+        ref: dict[int, torch.Tensor] | None = None
+        if loss == "pg" and self.reference is not None:  # once per update, whatever the epochs (verl's ref pass)
+            t0 = time.perf_counter()
+            with nvtx_range("ref_logprob"):
+                ref = {}
+                for mini in minis:
+                    ref.update(self.compute_logprobs(rollouts, mini, self.reference))
+            timings["time/ref_logprob_s"] = time.perf_counter() - t0
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         # maxima over micro-batches and ranks; a key starting with "-" holds a negated minimum
         maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
@@ -377,7 +393,7 @@ class Actor:
         lr = self.optimizer.param_groups[0]["lr"]  # this update's learning rate (logged)
         for _ in range(epochs):
             for mini in minis:
-                gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, need_is, sums, maxes, fault_nan)
+                gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, ref, need_is, sums, maxes, fault_nan)
                 norms.append(gnorm)
                 skipped += int(not ok)
                 steps += 1
@@ -385,7 +401,8 @@ class Actor:
         return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss, lr) | timings
 
     def _optimizer_step(self, rollouts: Sequence[Rollout], mini: list[int], loss_kind: str,
-                        old: dict[int, torch.Tensor] | None, need_is: bool, sums: dict[str, torch.Tensor],
+                        old: dict[int, torch.Tensor] | None, ref: dict[int, torch.Tensor] | None, need_is: bool,
+                        sums: dict[str, torch.Tensor],
                         maxes: dict[str, torch.Tensor], fault_nan: bool) -> tuple[float, bool]:
         from golong.algo import policy_loss, rollout_is_weights
 
@@ -397,7 +414,7 @@ class Actor:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0  # this rank's part of this optimizer step's loss
         for members in self._plan(rollouts, mini):
-            mb = build_micro_batch(rollouts, members, old, self._min_tokens())
+            mb = build_micro_batch(rollouts, members, old, self._min_tokens(), ref)
             logprob, entropy = self.forward(mb)
             mask = self._shard(mb, mb.mask)
             if loss_kind == "sft":
@@ -426,7 +443,9 @@ class Actor:
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
                     clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
-                    entropy=entropy if algo.entropy_coef else None, entropy_coef=algo.entropy_coef)
+                    ref_logprob=self._shard(mb, mb.ref_logprobs) if mb.ref_logprobs is not None else None,
+                    kl_coef=algo.kl_coef, entropy=entropy if algo.entropy_coef else None,
+                    entropy_coef=algo.entropy_coef)
             if fault_nan:
                 loss = loss * float("nan")
             with nvtx_range("backward"):
@@ -581,23 +600,32 @@ def model_config(cfg: RunConfig) -> ModelConfig:
         raise ConfigError(f"model.scratch: {e}") from None
 
 
-def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None) -> nn.Module:
+def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None, *, reference: bool = False
+                ) -> nn.Module:
     """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
     rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
-    meta device, sharded, then each rank streams in just its shards."""
+    meta device, sharded, then each rank streams in just its shards.
+
+    reference: the frozen reference policy of the KL term: the same starting weights held in
+    parallel.param_dtype (the policy's compute copy, so the two agree exactly before the first update),
+    without gradients; rebuilt the same way on a resume, so checkpoints need not hold it."""
     from golong.models import Qwen3ForCausalLM, from_config, load_weights
 
     device = compute_device()
+    dtype = getattr(torch, cfg.parallel.param_dtype) if reference else torch.float32
     if cfg.model.path is None:
         torch.manual_seed(cfg.trainer.seed if seed is None else seed)
-        model = from_config(model_config(cfg), dtype=torch.float32, device=device)
+        # initialised in fp32 whatever the dtype: the policy's values, rounded as its compute copy rounds them
+        model = from_config(model_config(cfg), dtype=torch.float32, device=device).to(dtype)
     else:
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(model_config(cfg), dtype=torch.float32)
-    if cfg.parallel.activation_checkpointing:
+            model = Qwen3ForCausalLM(model_config(cfg), dtype=dtype)
+    if reference:
+        model.requires_grad_(False)
+    elif cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
-               cpu_offload=cfg.parallel.cpu_offload)
+               cpu_offload=cfg.parallel.cpu_offload, backward=not reference)
     if cfg.model.path is not None:  # with CPU offload FSDP keeps the sharded parameters on the host
         load_weights(model, cfg.model.path, device="cpu" if cfg.parallel.cpu_offload else device)
         model.source_path = cfg.model.path
@@ -829,7 +857,12 @@ class Trainer:
         self.train_prompts, self.val_prompts = self._load_prompts()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)
-        self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg)
+        reference = None
+        if cfg.algo.kl_coef > 0 and not eval_only:
+            reference = build_model(cfg, self.dims, reference=True)
+            log.info(f"algo.kl_coef={cfg.algo.kl_coef:g}: a KL term to the reference policy, a frozen "
+                     f"{cfg.parallel.param_dtype} copy of {cfg.model.path or 'the initial weights (trainer.seed)'}")
+        self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg, reference)
         self.model = self.actor.model
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.run_dir)
         self.engine.sync_weights(self.model)
@@ -1033,7 +1066,7 @@ class Trainer:
         t0 = time.perf_counter()
         with nvtx_range("update"):
             upd = self.actor.update(rollouts, "pg", fault_nan=_fault("nan", step))
-        t_update = time.perf_counter() - t0 - upd.get("time/old_logprob_s", 0.0)
+        t_update = time.perf_counter() - t0 - upd.get("time/old_logprob_s", 0.0) - upd.get("time/ref_logprob_s", 0.0)
         metrics.update(upd)
         metrics["time/update_s"] = t_update
         metrics["perf/update_tokens_per_s"] = sum(r.length for r in rollouts) * cfg.algo.ppo_epochs / max(t_update,

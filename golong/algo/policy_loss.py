@@ -49,7 +49,8 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
 
     Metrics are detached 0-d tensors (no host sync) holding this micro-batch's SUM divided by
     `global_token_count`: adding them over micro-batches and ranks gives the global token mean.
-    Keys: pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, and kl / entropy when given.
+    Keys: pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, and kl_loss / entropy when given (kl_loss: the
+    k3 KL to the reference policy, unscaled by kl_coef, as verl's actor/kl_loss).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
@@ -92,7 +93,7 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
         # both sides 0 on invalid tokens: KL 0 there, and no NaN reaches the gradient through exp
         kl_tok = low_var_kl(torch.where(valid, lp, zero), torch.where(valid, ref_logprob.to(dtype).detach(), zero))
         kl = (kl_tok * m).sum() / denom
-        metrics["kl"] = kl.detach()
+        metrics["kl_loss"] = kl.detach()
         if kl_coef != 0.0:
             loss = loss + kl_coef * kl
     elif kl_coef != 0.0:

@@ -38,12 +38,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "bfloat16",
                reduce_dtype: str = "float32", cpu_offload: bool = False,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, backward: bool = True) -> nn.Module:
     """Shard `model` in place over dims.fsdp_mesh (all ranks). The master parameters keep the
     dtype they were built in (fp32 for training); `param_dtype` is the compute copy.
 
     The last layer is not resharded after forward: backward needs it immediately, so gathering it
-    again would be wasted traffic (torchtitan does the same).
+    again would be wasted traffic (torchtitan does the same). backward=False (a frozen model that
+    only runs forward passes): it is resharded like the others.
     """
     if cpu_offload and not torch.cuda.is_available():
         raise ValueError("parallel.cpu_offload needs a GPU: it keeps the shards of GPU training in pinned host memory")
@@ -52,7 +53,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "bflo
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         fully_shard(layer, mesh=dims.fsdp_mesh, mp_policy=mp, offload_policy=offload,
-                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+                    reshard_after_forward=reshard_after_forward and (i < len(layers) - 1 or not backward))
     fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=mp, offload_policy=offload,
                 reshard_after_forward=reshard_after_forward)
     return model

@@ -122,12 +122,27 @@ def known_tasks() -> list[str]:
     return [*CAPABILITIES, *LONGBENCH_PRO, *METRIC_NAMES]
 
 
+def _known_hint(*given: object) -> str:
+    """The names a task may take, grouped (the 25 LongBench-Pro subtasks by their number range), after the
+    closest matches of what was given."""
+    import difflib
+
+    names = {n.lower(): n for n in known_tasks()}
+    close = [names[m] for g in given if isinstance(g, str) and g
+             for m in difflib.get_close_matches(g.lower(), names, n=2, cutoff=0.75)]
+    lbp = list(LONGBENCH_PRO)
+    hint = (f"known tasks: capability types {', '.join(CAPABILITIES)}; metric names {', '.join(METRIC_NAMES)}; "
+            f"the {len(lbp)} LongBench-Pro subtasks {lbp[0].split()[0]} ... {lbp[-1].split()[0]} by number or full "
+            f"name (e.g. {lbp[2]!r})")
+    return f"did you mean {' or '.join(map(repr, dict.fromkeys(close)))}? {hint}" if close else hint
+
+
 def metric_for(task: str) -> str:
     """Metric of a capability type ("graded_ranking"), LongBench-Pro subtask ("T1.1 ..." or "T1.1")
-    or metric name. Raises ValueError listing the known names."""
+    or metric name. Raises ValueError naming the known ones (and the closest to `task`)."""
     m = _lookup(task) if isinstance(task, str) else None
     if m is None:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}")
+        raise ValueError(f"unknown task {task!r}; {_known_hint(task)}")
     return m
 
 
@@ -157,5 +172,5 @@ def route(data_source: str | None, ability: str | None = None, reward_mode: str 
         return "math_verify"
     raise ValueError(
         f"cannot route record to a metric (reward_mode={reward_mode!r}, ability={ability!r}, "
-        f"data_source={data_source!r}); known tasks: {', '.join(known_tasks())}; "
+        f"data_source={data_source!r}); {_known_hint(reward_mode, ability)}; "
         f"known data sources: {', '.join(DATA_SOURCES)}, multitableqa*, *math*")

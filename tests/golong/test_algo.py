@@ -323,7 +323,7 @@ def test_policy_loss_value_and_grad_vs_per_token():
     assert met["pg_clipfrac"].item() == pytest.approx(clip_n / n_glob)
     assert met["pg_clipfrac_lower"].item() == pytest.approx(lower_n / n_glob) and lower_n > 0
     assert met["ppo_kl"].item() == pytest.approx(kl_sum / n_glob, rel=1e-10)
-    assert met["kl"].item() == pytest.approx(k3_sum / n_glob, rel=1e-10)
+    assert met["kl_loss"].item() == pytest.approx(k3_sum / n_glob, rel=1e-10)
     assert all(v.dim() == 0 and not v.requires_grad for v in met.values())
 
 

@@ -119,7 +119,9 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.ppo_epochs=0", "algo.ppo_epochs must be >= 1"),
     ("algo.max_num_gen_batches=0", "algo.max_num_gen_batches must be >= 1"),
     ("algo.eps=0", "algo.eps must be > 0"),
-    ("algo.kl_coef=0.01", "algo.kl_coef: the trainer keeps no reference policy"),
+    ("algo.kl_coef=-0.01", "algo.kl_coef must be >= 0"),
+    # the demo warms up with SFT first, away from the weights the KL term would anchor to
+    ("algo.kl_coef=0.01", "algo.kl_coef > 0 anchors the policy to its starting weights (model.path), which the SFT"),
     # the demo config reweights: another estimator would raise in compute_advantages at the first RL step
     ("algo.adv_estimator=grpo", "algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only"),
     ("algo.rollout_is_lower=0", "algo.rollout_is_lower must be in (0, 1]"),
@@ -154,6 +156,11 @@ def test_every_value_check_rejects_just_past_its_bound(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/demo-cpu.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_kl_term_needs_no_sft_warm_up():
+    cfg = load_config(ROOT / "configs/demo-cpu.yaml", ["algo.kl_coef=0.01", "trainer.sft_steps=0"])
+    assert cfg.algo.kl_coef == 0.01
 
 
 def test_one_response_per_prompt_only_where_the_estimator_needs_no_group():

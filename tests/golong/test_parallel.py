@@ -81,7 +81,8 @@ def test_plan_pads_ranks_to_the_same_count():
 
 
 # ------------------------------------------------------------------------------ distributed parity
-def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False) -> None:
+def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
+                 kl_coef: float = 0.0) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -91,12 +92,13 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
     # on_policy: one mini-batch, one epoch (the recipe's): the old logprobs are the update's own, no pass of theirs
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=100 if on_policy else 3,
                       trainer__micro_batch_tokens=48, algo__ppo_epochs=1 if on_policy else 2,
-                      algo__rollout_is="mask", optim__grad_clip=0.5,
+                      algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef,
                       parallel__activation_checkpointing=cp > 1)  # recomputation must not change a thing
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
         _check_cp_gather(dims)
-    actor = Actor(build_model(cfg, dims), dims, cfg)
+    reference = build_model(cfg, dims, reference=True) if kl_coef else None
+    actor = Actor(build_model(cfg, dims), dims, cfg, reference)
     if on_policy:
         def no_pass(*args, **kwargs):
             raise AssertionError("an old-logprob pass on-policy")
@@ -125,7 +127,8 @@ def _compare(a: dict, b: dict, tol: float) -> None:
         err = (p - b["params"][name]).abs().max().item()
         assert err <= tol, f"{name}: max |diff| {err:.2e} > {tol}"
     for ha, hb in zip(a["history"], b["history"]):
-        for key in ("actor/loss", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "rollout_is/weight_mean"):
+        for key in ("actor/loss", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "rollout_is/weight_mean",
+                    *(["actor/kl_loss"] if "actor/kl_loss" in ha else [])):
             assert abs(ha[key] - hb[key]) <= 1e-4 * max(1.0, abs(ha[key])), (key, ha[key], hb[key])
 
 
@@ -168,6 +171,22 @@ def test_on_policy_context_parallel_needs_no_old_logprob_pass(tmp_path):
     h = runs[1, 1]["history"][0]
     assert h["actor/optimizer_steps"] == 1 and h["rollout_is/masked_frac"] > 0 and h["rollout_is/veto_frac"] >= 0
     assert "time/old_logprob_s" not in h
+    _compare(runs[1, 1], runs[2, 2], 1e-4)
+
+
+@pytest.mark.distributed
+def test_kl_to_the_reference_policy_under_fsdp_and_context_parallel_matches_one_rank(tmp_path):
+    """algo.kl_coef > 0: the reference policy's pass (sharded like the policy, whole sequences gathered over the
+    ring) and the KL term give the same update on 2 ranks with cp 2 as on one; off-policy (2 mini-batches x 2
+    epochs), so the KL grows from 0 (the policy starts at the reference) within the update."""
+    runs = {}
+    for world, cp in ((1, 1), (2, 2)):
+        out = str(tmp_path / f"{world}_{cp}.pt")
+        run_distributed(_run_updates, world, cp, out, 2, False, 0.5)
+        runs[world, cp] = torch.load(out)
+    first, second = runs[1, 1]["history"]
+    assert 0 < first["actor/kl_loss"] < second["actor/kl_loss"], (first, second)
+    assert first["time/ref_logprob_s"] > 0 and first["actor/optimizer_steps"] == 4
     _compare(runs[1, 1], runs[2, 2], 1e-4)
 
 
@@ -216,15 +235,19 @@ def test_batches_with_fewer_sequences_than_ranks_or_tokens_than_cp_chunks(tmp_pa
 
 
 # ------------------------------------------------------------------ the update vs the DESIGN formulas
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
 def _grads(model) -> dict:
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-            for n, p in model.named_parameters() if p.grad is not None}
+    return {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _reference_loss(model, rollouts, old, temperature):
+def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0):
     """The DESIGN.md policy loss written out, one sequence at a time: logprobs of the response tokens at
     temperature T (the model's fused head, tested on its own in tests/kernels), rollout IS (mask [0.5, 5],
-    veto 1e-4 per sequence), clip 0.2 / 0.28, dual clip 3, token mean over the mini-batch's response tokens.
+    veto 1e-4 per sequence), clip 0.2 / 0.28, dual clip 3, + kl_coef x k3 KL to the reference logprobs `ref`
+    (exp(d) - d - 1, d = ref - logprob), token mean over the mini-batch's response tokens.
     Returns (loss, the logprobs)."""
     total, n_tokens, lps = 0.0, sum(len(r.response_ids) for r in rollouts), []
     for i, r in enumerate(rollouts):
@@ -247,10 +270,13 @@ def _reference_loss(model, rollouts, old, temperature):
         if a < 0:
             per_tok = torch.minimum(per_tok, torch.full_like(per_tok, -3.0 * a))
         total = total + (per_tok * w).sum()
+        if ref is not None:
+            d = ref[i] - lp
+            total = total + kl_coef * (torch.exp(d) - d - 1).sum()
     return total / n_tokens, lps
 
 
-def _update_vs_reference(rank: int, world: int) -> None:
+def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -258,17 +284,30 @@ def _update_vs_reference(rank: int, world: int) -> None:
     # one mini-batch, 2 PPO epochs (off-policy: old logprobs from a pass before the update); several
     # micro-batches of 40 tokens; temperature 0.7; no grad clipping, so the gradients are the loss's
     cfg = tiny_config(trainer__mini_batch_prompts=100, trainer__micro_batch_tokens=40, algo__ppo_epochs=2,
-                      algo__rollout_is="mask", optim__grad_clip=0.0, rollout__temperature=0.7, optim__lr=4e-2)
+                      algo__rollout_is="mask", optim__grad_clip=0.0, rollout__temperature=0.7,
+                      optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef)
     dims = init_parallel(-1, 1, "gloo")
-    actor = Actor(build_model(cfg, dims), dims, cfg)
+    reference = build_model(cfg, dims, reference=True) if kl_coef else None
+    actor = Actor(build_model(cfg, dims), dims, cfg, reference)
     rollouts = fixed_rollouts(n_prompts=4, n=3, seed=5)
+    ref = None
+    if kl_coef:
+        with torch.no_grad():
+            _, ref = _reference_loss(reference, rollouts, None, 0.7)
+            _, start = _reference_loss(actor.model, rollouts, None, 0.7)
+        assert all(torch.equal(a, b) for a, b in zip(ref, start))  # the reference is the starting policy, exactly
+        frozen = {n: _full(p).clone() for n, p in reference.named_parameters()}
     rollouts[2].rollout_logprobs[0] += 15.0  # a vetoed sequence
     # a stale old policy for some sequences (as after a long rollout): ratios e^1.3 ~ 3.7 reach the dual clip
     # on negative advantages and the upper clip on positive ones
     shift = [1.3 if i % 2 == 0 else 0.0 for i in range(len(rollouts))]
     assert {r.advantage < 0 for r in rollouts[::2]} == {True, False}
     real_logprobs = actor.compute_logprobs
-    actor.compute_logprobs = lambda rs, idx: {i: v - shift[i] for i, v in real_logprobs(rs, idx).items()}
+    # (the old policy's pass only: the reference policy's, model=reference, is left as it is)
+    actor.compute_logprobs = lambda rs, idx, model=None: real_logprobs(rs, idx, model) if model is not None else \
+        {i: v - shift[i] for i, v in real_logprobs(rs, idx).items()}
+    if kl_coef:  # an update first: the policy moves away from the reference, so the KL and its gradient are not 0
+        actor.update(rollouts, "pg")
     with torch.no_grad():
         _, lps = _reference_loss(actor.model, rollouts, None, 0.7)
     old = [lp - s for lp, s in zip(lps, shift)]
@@ -280,7 +319,9 @@ def _update_vs_reference(rank: int, world: int) -> None:
         got = _grads(actor.model)
         for p in params.values():
             p.grad = None
-        loss, _ = _reference_loss(actor.model, rollouts, old, 0.7)
+        loss, now = _reference_loss(actor.model, rollouts, old, 0.7, ref, kl_coef)
+        if ref is not None:  # k3 stays below its clamp (10 at |d| ~ 2.5), where the formula above holds
+            assert 0.1 < max((r - c).abs().max().item() for r, c in zip(ref, now)) < 2.5
         loss.backward()
         want = _grads(actor.model)
         assert sorted(got) == sorted(want) and len(want) > 10
@@ -301,13 +342,23 @@ def _update_vs_reference(rank: int, world: int) -> None:
     # every branch was exercised: IS mask and veto, the upper / lower clip, the dual clip
     assert m["rollout_is/veto_frac"] > 0 and m["rollout_is/masked_frac"] > 0
     assert m["actor/pg_clipfrac"] > 0 and m["actor/pg_clipfrac_lower"] > 0, m
+    if kl_coef:
+        assert m["actor/kl_loss"] > 1e-3 and "time/ref_logprob_s" in m, m
+        # actor/loss = pg_loss + kl_coef x kl_loss (both averaged over the 2 optimizer steps)
+        assert m["actor/loss"] == pytest.approx(m["actor/pg_loss"] + kl_coef * m["actor/kl_loss"], rel=1e-5)
+        assert all(torch.equal(_full(p), frozen[n]) for n, p in reference.named_parameters())  # it stays frozen
+        assert not any(p.requires_grad for p in reference.parameters())
+    else:
+        assert "actor/kl_loss" not in m and "time/ref_logprob_s" not in m
 
 
 @pytest.mark.distributed
-def test_actor_update_gradients_match_the_design_formulas():
+@pytest.mark.parametrize("kl_coef", [0.0, 0.3])
+def test_actor_update_gradients_match_the_design_formulas(kl_coef):
     """The trainer's real update (micro-batching, target shift, temperature, old logprobs, rollout IS weights,
-    clipped loss, global token mean) against the loss written out from DESIGN.md, one sequence at a time."""
-    run_distributed(_update_vs_reference, 1)
+    clipped loss, KL to the reference policy, global token mean) against the loss written out from DESIGN.md,
+    one sequence at a time."""
+    run_distributed(_update_vs_reference, 1, kl_coef)
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
@@ -374,8 +425,8 @@ def _entropy_metric_run(rank: int, world: int, out: str) -> None:
         actor = Actor(build_model(cfg, dims), dims, cfg)
         real_forward = actor.forward
 
-        def forward(mb, real_forward=real_forward):  # entropy of every token: its rollout's index + 1
-            logprob, entropy = real_forward(mb)
+        def forward(mb, model=None, real_forward=real_forward):  # entropy of every token: its rollout's index + 1
+            logprob, entropy = real_forward(mb, model)
             value = (torch.tensor(mb.indices + [0])[mb.seq_index] + 1).to(entropy)
             return logprob, entropy * 0 + value
 

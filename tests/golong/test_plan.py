@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from golong.config import load_config
-from golong.plan import ACTS, KNOWN_MODELS, OPTIM, PARAMS, model_shape, predict
+from golong.plan import ACTS, KNOWN_MODELS, OPTIM, PARAMS, REFERENCE, model_shape, predict
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -372,3 +372,21 @@ def test_kernel_constants_are_read_from_the_kernel_modules(monkeypatch):
     monkeypatch.setattr(lp, "DH_GROUP", lp.DH_GROUP + 1)
     k = _kernel_constants()
     assert k["attn_block_m"] == fa.TORCH_BLOCK_M and k["lp_dh_group"] == lp.DH_GROUP
+
+
+def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward():
+    """algo.kl_coef > 0: a bf16 copy of the weights stays resident (half the fp32 master shard), and each step
+    runs one more forward: what activation checkpointing's recompute costs, plus the LM head's logits."""
+    base = ["parallel.cpu_offload=false"]
+    plain = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=8)
+    kl = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "algo.kl_coef=0.001"]), gpus=8)
+    assert REFERENCE not in plain.memory.breakdown
+    assert kl.memory.breakdown[REFERENCE] * 2 == pytest.approx(plain.memory.breakdown[PARAMS], rel=1e-6)
+    assert kl.memory.resident_bytes == plain.memory.resident_bytes + kl.memory.breakdown[REFERENCE]
+    assert kl.memory.peak_bytes == plain.memory.peak_bytes + kl.memory.breakdown[REFERENCE]
+    no_ckpt = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml",
+                                  [*base, "parallel.activation_checkpointing=false"]), gpus=8)
+    s, t = plain.shape, plain.throughput
+    forward = (t.hardware_flops - no_ckpt.throughput.hardware_flops) + 2 * s.vocab * s.hidden * t.tokens
+    assert kl.throughput.hardware_flops - t.hardware_flops == pytest.approx(forward, rel=1e-12)
+    assert kl.throughput.model_flops == t.model_flops

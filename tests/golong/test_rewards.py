@@ -796,7 +796,7 @@ def test_metric_for_capabilities_and_longbench_pro():
     assert metric_for("T11.2 Short-Range Reference Resolution & State Query") == "accuracy"
     for m in METRIC_NAMES:
         assert metric_for(m) == m
-    with pytest.raises(ValueError, match="precise_retrieval.*T1.1 Global Cohesive Retrieval"):
+    with pytest.raises(ValueError, match=r"precise_retrieval.*LongBench-Pro subtasks T1\.1 \.\.\. T11\.2"):
         metric_for("T12.1 Made Up")
 
 
@@ -818,6 +818,21 @@ def test_route_by_data_source():
     assert route("math_dapo", "long_context", None) == "math_verify"
     with pytest.raises(ValueError, match="data_source='mystery'"):
         route("mystery", "unknown ability", None)
+
+
+def test_an_unknown_task_name_gets_the_closest_known_one_and_a_short_list():
+    """A misspelt reward_mode / ability / task: the error suggests the nearest name and groups the known ones (the
+    25 LongBench-Pro subtasks by number range, not 25 full names on one line)."""
+    with pytest.raises(ValueError) as e:
+        route("mystery", "long_context", "T2.1 Global Timeline Reconstructon")
+    msg = str(e.value)
+    assert "did you mean 'T2.1 Global Timeline Reconstruction'?" in msg and "T1.1 ... T11.2" in msg
+    assert "capability types precise_retrieval" in msg and "T7.3" not in msg and len(msg) < 800
+    with pytest.raises(ValueError, match="did you mean 'graded_ranking'"):
+        metric_for("graded_rankng")
+    with pytest.raises(ValueError) as e:
+        metric_for("poetry")
+    assert "did you mean" not in str(e.value) and "metric names em" in str(e.value)
 
 
 def _verl(data_source, gt, reward_mode=None, ability="long_context"):

@@ -177,6 +177,29 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
     assert _by_step(run)[5]["actor/lr"] == pytest.approx(5e-3 * factor)
 
 
+def test_a_kl_run_resumes_exactly_with_its_reference_policy_rebuilt(config_file, tmp_path):
+    """algo.kl_coef > 0: checkpoints do not hold the reference policy; a resume rebuilds it from the starting
+    weights (here the scratch init of trainer.seed; model.path in a real run) and continues bitwise."""
+    over = ("algo.kl_coef=0.5", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]")
+    ref = _train(config_file, tmp_path / "ref", "", *over)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "algo.kl_coef=0.5: a KL term to the reference policy, a frozen float32 copy of the initial weights" in \
+        ref.stderr
+    run = tmp_path / "run"
+    killed = _train(config_file, run, "kill@3", *over)
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    done = _train(config_file, run, "", *over)
+    assert done.returncode == 0 and "step_000002" in done.stderr.split("resumed from")[1], done.stderr[-3000:]
+    want, got = _by_step(tmp_path / "ref"), _by_step(run)
+    updates = [s for s in want if "actor/loss" in want[s]]
+    assert len(updates) >= 3 and all(want[s]["time/ref_logprob_s"] > 0 for s in updates)
+    assert all(want[s]["actor/kl_loss"] > 0 for s in updates if s > updates[0])  # the policy left the reference
+    for step, row in want.items():
+        for key in (*COMPARED, "actor/kl_loss", "actor/pg_loss"):
+            if key in row:
+                assert got[step][key] == row[key], (step, key, row[key], got[step][key])
+
+
 def test_ctrl_c_is_one_line_naming_the_checkpoint_a_rerun_continues_from(config_file, tmp_path):
     """Ctrl-C (SIGINT) mid-run printed a KeyboardInterrupt traceback. Now: one line naming the newest checkpoint
     (step 2 here, checkpoint.every=2; step 3 under way is not saved), status 130; the rerun continues from it."""
