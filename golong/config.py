@@ -127,6 +127,12 @@ class AlgoConfig:
     rollout_is_upper: float = 5.0
     rollout_is_veto: float = 1e-4
     dynamic_sampling: bool = True
+    # DAPO's overlong reward shaping (verl: reward_model.overlong_buffer): a response longer than
+    # rollout.max_response_tokens - overlong_buffer_tokens loses overlong_penalty_factor x its excess / the buffer from
+    # the reward its advantage is computed from (the task score, which dynamic sampling filters on, is unchanged);
+    # 0: off, as GoLongRL's launch scripts leave it
+    overlong_buffer_tokens: int = 0
+    overlong_penalty_factor: float = 1.0
     max_num_gen_batches: int = 32  # GoLongRL's launch scripts: 32 generation batches before giving up
     ppo_epochs: int = 1
 
@@ -349,6 +355,10 @@ def _check_values(cfg: RunConfig) -> None:
         (not a.difficulty_reweight or a.adv_estimator == "tmn_grpo",
          f"algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only (got {a.adv_estimator}); "
          "set algo.difficulty_reweight=false"),
+        (0 <= a.overlong_buffer_tokens < r.max_response_tokens,
+         f"algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens) = [0, {r.max_response_tokens}) "
+         "(0: no overlong shaping; a buffer as long as the response budget would penalise every token)"),
+        (a.overlong_penalty_factor >= 0, "algo.overlong_penalty_factor must be >= 0"),
         (a.kl_coef >= 0, "algo.kl_coef must be >= 0 (0: no KL term and no reference policy, as GoLongRL's recipe)"),
         # the reference policy is the run's starting weights (model.path, or the scratch init): a warm-up would
         # first move the policy away from them, and a resume could not rebuild the post-warm-up weights

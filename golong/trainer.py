@@ -1037,7 +1037,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, float]:
-        from golong.algo import compute_advantages
+        from golong.algo import compute_advantages, overlong_penalty
         from golong.rewards import task_group
 
         cfg = self.cfg
@@ -1053,6 +1053,13 @@ class Trainer:
         t0 = time.perf_counter()
         with nvtx_range("advantage"):
             scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)  # fp32 would merge near-ties
+            if cfg.algo.overlong_buffer_tokens:  # DAPO: the advantages see the shaped reward (score/mean includes it)
+                penalty = overlong_penalty(torch.tensor([len(r.response_ids) for r in rollouts]),
+                                           cfg.rollout.max_response_tokens, cfg.algo.overlong_buffer_tokens,
+                                           cfg.algo.overlong_penalty_factor)
+                scores = scores + penalty
+                metrics["score/overlong_penalty_mean"] = float(penalty.mean())
+                metrics["score/overlong_frac"] = float((penalty < 0).double().mean())
             tasks = [task_group(r.task) if cfg.algo.group_lbp_by_metric else r.task for r in rollouts]
             adv, adv_metrics = compute_advantages(
                 cfg.algo.adv_estimator, scores, [r.group for r in rollouts], tasks, eps=cfg.algo.eps,

@@ -7,7 +7,7 @@
                           global_token_count=n_valid_tokens_in_minibatch, is_weights=w)
 """
 
-from golong.algo.advantages import ESTIMATORS, compute_advantages, group_index
+from golong.algo.advantages import ESTIMATORS, compute_advantages, group_index, overlong_penalty
 from golong.algo.dynamic_sampling import dynamic_sampling_filter
 from golong.algo.policy_loss import broadcast_to_tokens, low_var_kl, policy_loss
 from golong.algo.rollout_is import IS_MODES, rollout_is_weights
@@ -20,6 +20,7 @@ __all__ = [
     "dynamic_sampling_filter",
     "group_index",
     "low_var_kl",
+    "overlong_penalty",
     "policy_loss",
     "rollout_is_weights",
 ]

@@ -27,6 +27,16 @@ import torch
 ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
 
 
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment per response: lengths [B] (response tokens, stop token included) ->
+    [B] float64 penalties in [-factor, 0]: 0 up to max_tokens - buffer tokens, then falling linearly to -factor at
+    max_tokens. buffer 0: all 0."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float64)
+    excess = lengths.to(torch.float64) - (max_tokens - buffer)
+    return (-excess / buffer * factor).clamp(max=0.0)
+
+
 def group_index(ids: Sequence[Hashable] | torch.Tensor, device: torch.device | None = None
                 ) -> tuple[torch.Tensor, list[Any]]:
     """(inverse [B] int64, unique ids in first-appearance order) for any hashable ids or a tensor."""

@@ -16,6 +16,7 @@ from golong.algo import (
     broadcast_to_tokens,
     compute_advantages,
     dynamic_sampling_filter,
+    overlong_penalty,
     policy_loss,
     rollout_is_weights,
 )
@@ -603,6 +604,16 @@ def test_is_weights_scale_the_loss():
 
 
 # ------------------------------------------------------------------ dynamic sampling
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    """0 up to max - buffer tokens, then -factor x excess / buffer, reaching -factor at the response budget."""
+    lengths = torch.tensor([1, 700, 767, 768, 769, 900, 1023, 1024])
+    got = overlong_penalty(lengths, 1024, 256, 0.5)
+    want = [min(0.0, -(n - 768) / 256 * 0.5) for n in lengths.tolist()]
+    assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, abs=1e-15)
+    assert got[-1] == -0.5 and got[4] < 0 == got[3]
+    assert torch.equal(overlong_penalty(lengths, 1024, 0, 0.5), torch.zeros(8, dtype=torch.float64))
 
 
 def test_dynamic_sampling_filter():

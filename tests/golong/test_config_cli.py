@@ -120,6 +120,10 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.max_num_gen_batches=0", "algo.max_num_gen_batches must be >= 1"),
     ("algo.eps=0", "algo.eps must be > 0"),
     ("algo.kl_coef=-0.01", "algo.kl_coef must be >= 0"),
+    ("algo.overlong_buffer_tokens=-1", "algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens)"),
+    ("algo.overlong_buffer_tokens=64", "algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens) = "
+                                       "[0, 64)"),
+    ("algo.overlong_penalty_factor=-0.1", "algo.overlong_penalty_factor must be >= 0"),
     # the demo warms up with SFT first, away from the weights the KL term would anchor to
     ("algo.kl_coef=0.01", "algo.kl_coef > 0 anchors the policy to its starting weights (model.path), which the SFT"),
     # the demo config reweights: another estimator would raise in compute_advantages at the first RL step

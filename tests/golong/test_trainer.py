@@ -200,6 +200,22 @@ def test_a_kl_run_resumes_exactly_with_its_reference_policy_rebuilt(config_file,
                 assert got[step][key] == row[key], (step, key, row[key], got[step][key])
 
 
+def test_overlong_shaping_reaches_the_advantages_and_leaves_the_task_score(config_file, tmp_path):
+    """algo.overlong_buffer_tokens: without dynamic sampling every response trains, so the shaped mean the advantages
+    saw (score/mean) is the task score's mean (reward/mean) plus the mean penalty, and responses near the 8-token
+    budget were penalised."""
+    run = tmp_path / "run"
+    done = _train(config_file, run, "", "algo.overlong_buffer_tokens=4", "algo.overlong_penalty_factor=0.5",
+                  "algo.dynamic_sampling=false", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+                  "trainer.total_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in _by_step(run).values() if "score/mean" in r]
+    assert len(rows) == 2 and any(r["score/overlong_frac"] > 0 for r in rows)
+    for r in rows:
+        assert -0.5 <= r["score/overlong_penalty_mean"] <= 0 and r["actor/loss"] != 0
+        assert r["score/mean"] == pytest.approx(r["reward/mean"] + r["score/overlong_penalty_mean"], abs=1e-9)
+
+
 def test_ctrl_c_is_one_line_naming_the_checkpoint_a_rerun_continues_from(config_file, tmp_path):
     """Ctrl-C (SIGINT) mid-run printed a KeyboardInterrupt traceback. Now: one line naming the newest checkpoint
     (step 2 here, checkpoint.every=2; step 3 under way is not saved), status 130; the rerun continues from it."""
