@@ -914,13 +914,13 @@ class Trainer:
 
     def _prompts(self, records: list[Any], split: str) -> list[Any]:
         """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
-        holds these records under this tokenizer and limit, else built here and written by each node's local rank
-        0 for the next start. No rank waits for another: on a first start every rank builds, as without a cache."""
-        from golong.data.prompts import build_prompts_cached
+        holds these records under this tokenizer and limit, else built by each node's local rank 0, written for
+        the next start and read by the node's other ranks (build_prompts_shared)."""
+        from golong.data.prompts import build_prompts_shared
 
-        d, cache = self.cfg.data, prompt_cache_dir(self.cfg)
-        return build_prompts_cached(records, self.tokenizer, d.max_prompt_tokens, d.overflow, cache, split,
-                                    write=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+        d = self.cfg.data
+        return build_prompts_shared(records, self.tokenizer, d.max_prompt_tokens, d.overflow,
+                                    prompt_cache_dir(self.cfg), split)
 
     # ---------------------------------------------------------------------------- rollouts
     def _sampling(self, val: bool = False) -> SamplingParams:

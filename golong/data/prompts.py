@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 OVERFLOW_MODES = ("truncate_left", "drop")
 ENCODE_BATCH = 64  # records chat-templated, then tokenized in one call
+# how long a node's ranks wait for its local rank 0 to tokenize (GoLongRL's ~1.4B prompt tokens: minutes to tens of
+# minutes); the wait goes through the job's store, not a collective, so parallel.timeout_s does not cut it short
+SHARED_BUILD_WAIT = timedelta(hours=12)
 
 
 @dataclass
@@ -107,14 +112,18 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
 CACHE_VERSION = 1  # bump when build_prompts' output for the same inputs changes
 
 
+def cacheable(tokenizer: Any) -> bool:
+    """Whether prompts of this tokenizer can be cached: it needs a serialised form (a fast tokenizer)."""
+    return getattr(tokenizer, "backend_tokenizer", None) is not None
+
+
 def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
                      chat_template_kwargs: dict[str, Any] | None = None) -> str | None:
     """A name for what `build_prompts` makes of these inputs: a hash of every message, the tokenizer (its whole
     serialised vocabulary and rules, chat template, special tokens and decode clean-up, the transformers and
     tokenizers versions), the limit and the overflow mode. None for a tokenizer with no serialised form (a slow
     one): no cache then."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if not cacheable(tokenizer):
         return None
     import tokenizers
     import transformers
@@ -126,7 +135,7 @@ def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_token
                                    getattr(tokenizer, "clean_up_tokenization_spaces", None),
                                    transformers.__version__, tokenizers.__version__], sort_keys=True,
                                   default=str).encode())
-    h.update(backend.to_str().encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(len(records).to_bytes(8, "little"))
     for rec in records:  # every field length-prefixed: any character may occur in a message
         h.update(len(rec.prompt).to_bytes(8, "little"))
@@ -224,6 +233,30 @@ def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_t
             logger.warning("%s prompts: could not write the prompt cache %s: %s", split, where, e,
                            extra={"every_rank": True})  # each node's local rank 0 writes
     return built
+
+
+def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
+                         cache: Path | None, split: str) -> list[EncodedPrompt]:
+    """build_prompts_cached on every rank of a job: a node's local rank 0 reads the cache or tokenizes and writes
+    it, while the node's other ranks wait (on the job's store) and then map what it wrote, so a first start
+    tokenizes once per node instead of once per rank (8 ranks tokenizing at once on one node's cores take ~8x as
+    long). Where it wrote nothing (a failed write) they tokenize for themselves. Without a process group, a cache
+    or a tokenizer that caches: build_prompts_cached on each rank."""
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if (cache is None or not records or not cacheable(tokenizer) or not dist.is_initialized()
+            or dist.get_world_size() == 1):
+        return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=local == 0)
+    store = dist.distributed_c10d._get_default_store()
+    done = f"golong/prompt_cache/{split}/node-of-rank-{dist.get_rank() - local}"  # torchrun: a node's ranks are
+    if local == 0:  # contiguous, its local rank 0 first
+        try:
+            return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=True)
+        finally:  # failed too: the others then tokenize themselves (and most likely fail alike, with its message)
+            store.set(done, "1")
+    store.wait([done], SHARED_BUILD_WAIT)
+    return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=False)
 
 
 class PromptSampler:
