@@ -60,6 +60,7 @@ from golong.parallel import (
     cp_gather,
     cp_shard,
     init_parallel,
+    mixed_precision_policy,
     plan_micro_batches,
     rollout_share,
 )
@@ -362,6 +363,9 @@ class Actor:
         """PPO epochs over mini-batches of prompts; loss "pg" (policy gradient, clipped) or
         "sft" (token-mean NLL of the responses). Returns metrics reduced over ranks."""
         cfg = self.cfg
+        if loss == "pg" and cfg.algo.kl_coef and self.reference is None:
+            raise ValueError("algo.kl_coef > 0 needs the reference policy: Actor(model, dims, cfg, "
+                             "reference=build_model(cfg, dims, reference=True))")
         minis = split_mini_batches(rollouts, cfg.trainer.mini_batch_prompts)
         epochs = cfg.algo.ppo_epochs if loss == "pg" else 1
         on_policy = epochs == 1 and len(minis) == 1
@@ -600,19 +604,25 @@ def model_config(cfg: RunConfig) -> ModelConfig:
         raise ConfigError(f"model.scratch: {e}") from None
 
 
+def reference_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the policy computes in, which the KL term's reference policy is held in."""
+    return mixed_precision_policy(cfg.parallel.param_dtype, cfg.parallel.reduce_dtype).param_dtype
+
+
 def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None, *, reference: bool = False
                 ) -> nn.Module:
     """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
     rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
     meta device, sharded, then each rank streams in just its shards.
 
-    reference: the frozen reference policy of the KL term: the same starting weights held in
-    parallel.param_dtype (the policy's compute copy, so the two agree exactly before the first update),
-    without gradients; rebuilt the same way on a resume, so checkpoints need not hold it."""
+    reference: the frozen reference policy of the KL term: the same starting weights held in the policy's
+    compute dtype (parallel.param_dtype on a GPU, fp32 on CPU, as FSDP's mixed precision casts them), so the two
+    agree exactly before the first update, without gradients; rebuilt the same way on a resume, so checkpoints
+    need not hold it."""
     from golong.models import Qwen3ForCausalLM, from_config, load_weights
 
     device = compute_device()
-    dtype = getattr(torch, cfg.parallel.param_dtype) if reference else torch.float32
+    dtype = reference_dtype(cfg) if reference else torch.float32
     if cfg.model.path is None:
         torch.manual_seed(cfg.trainer.seed if seed is None else seed)
         # initialised in fp32 whatever the dtype: the policy's values, rounded as its compute copy rounds them
@@ -861,7 +871,8 @@ class Trainer:
         if cfg.algo.kl_coef > 0 and not eval_only:
             reference = build_model(cfg, self.dims, reference=True)
             log.info(f"algo.kl_coef={cfg.algo.kl_coef:g}: a KL term to the reference policy, a frozen "
-                     f"{cfg.parallel.param_dtype} copy of {cfg.model.path or 'the initial weights (trainer.seed)'}")
+                     f"{str(reference_dtype(cfg)).removeprefix('torch.')} copy of "
+                     f"{cfg.model.path or 'the initial weights (trainer.seed)'}")
         self.actor = Actor(build_model(cfg, self.dims), self.dims, cfg, reference)
         self.model = self.actor.model
         self.engine = build_engine(cfg, self.model, self.tokenizer, self.run_dir)
@@ -1158,11 +1169,16 @@ class Trainer:
         self.sft_done, self.sft_sampler = True, None
 
     # ----------------------------------------------------------------------------- checkpoint
+    def _start_weights(self) -> str:
+        """The weights the run started from, which a KL term's reference policy is rebuilt from on a resume."""
+        return self.cfg.model.path or f"scratch init, trainer.seed={self.cfg.trainer.seed}"
+
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "scheduler": self.actor.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
                 "sft_done": self.sft_done, "history": self.history, "sft_step": self.sft_step,
-                "sft_sampler": None if self.sft_sampler is None else self.sft_sampler.state_dict()}
+                "sft_sampler": None if self.sft_sampler is None else self.sft_sampler.state_dict(),
+                "start_weights": self._start_weights()}
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -1179,6 +1195,20 @@ class Trainer:
         if self.cfg.model.path and (gen := Path(self.cfg.model.path) / "generation_config.json").is_file():
             shutil.copy2(gen, d / "tokenizer" / gen.name)
 
+    def _check_reference_start(self, path: Path, saved: dict[str, Any]) -> None:
+        """A KL term's reference policy is rebuilt from the starting weights: refuse a run whose checkpoint left
+        them through an SFT warm-up (config validation sees only this config's trainer.sft_steps); warn when the
+        run started from other weights than this config names."""
+        if saved.get("sft_step", 0) > 0:
+            raise ConfigError(f"resume from {path} with algo.kl_coef > 0: that run warmed up with {saved['sft_step']} "
+                              "SFT steps, away from the starting weights the KL term's reference policy is rebuilt "
+                              f"from; start a new run from its weights instead: golong export {path} DIR, then "
+                              "model.path=DIR and a new logging.run_dir")
+        started = saved.get("start_weights")
+        if started is not None and started != self._start_weights():
+            log.warning(f"resume from {path}: the run started from {started}, the KL term's reference policy is "
+                        f"built from {self._start_weights()}")
+
     def maybe_resume(self) -> Path | None:
         """Restore the checkpoint checkpoint.resume names (auto: the newest); returns its path (None: none)."""
         path = self.ckpt.resolve(self.cfg.checkpoint.resume)
@@ -1186,7 +1216,10 @@ class Trainer:
             return None
         # a checkpoint from part way through the SFT warm-up holds the warm-up's optimizer and schedule: load
         # them into the warm-up's (its trainer state is a small file, read ahead of the collective load)
-        sft_part_way = load_trainer_state(path).get("sft_sampler") is not None
+        saved = load_trainer_state(path)
+        sft_part_way = saved.get("sft_sampler") is not None
+        if self.actor.reference is not None:
+            self._check_reference_start(path, saved)
         if sft_part_way:
             self._start_sft()
         state = self.ckpt.load(path, self.model, self.actor.optimizer)

@@ -190,6 +190,39 @@ def test_kl_to_the_reference_policy_under_fsdp_and_context_parallel_matches_one_
     _compare(runs[1, 1], runs[2, 2], 1e-4)
 
 
+def _reference_from_checkpoint(rank: int, world: int, path: str) -> None:
+    from golong.parallel import init_parallel
+    from golong.trainer import Actor, build_model, reference_dtype
+    from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
+
+    # bf16 compute is the default (on a GPU; FSDP computes in fp32 on CPU): the reference must hold what the policy
+    # computes with, not its own rounding of the checkpoint
+    cfg = tiny_config(parallel__param_dtype="bfloat16", algo__kl_coef=0.1, trainer__micro_batch_tokens=64)
+    cfg.model.path, cfg.model.scratch = path, None
+    dims = init_parallel(-1, 1, "gloo")
+    reference = build_model(cfg, dims, reference=True)
+    actor = Actor(build_model(cfg, dims), dims, cfg, reference)
+    assert {p.dtype for p in reference.parameters()} == {reference_dtype(cfg)} == {torch.float32}
+    rollouts = fixed_rollouts(n_prompts=3, n=2, seed=1, vocab=1000)
+    idx = list(range(len(rollouts)))
+    policy, ref = actor.compute_logprobs(rollouts, idx), actor.compute_logprobs(rollouts, idx, reference)
+    assert all(torch.equal(policy[i], ref[i]) for i in idx)
+    assert actor.update(rollouts, "pg")["actor/kl_loss"] == 0.0  # one on-policy step: the policy is the reference
+    with pytest.raises(ValueError, match="algo.kl_coef > 0 needs the reference policy"):
+        Actor(actor.model, dims, cfg).update(rollouts, "pg")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_the_reference_policy_is_the_checkpoint_the_policy_starts_from(tmp_path, kind):
+    """model.path: the reference is built on the meta device and streamed in like the policy; both compute with the
+    same weights (tied embeddings, MoE experts, YaRN), so their logprobs agree bitwise before the first update."""
+    from tests.golong.model_fixtures import build_hf
+
+    build_hf(kind).save_pretrained(tmp_path / kind)
+    run_distributed(_reference_from_checkpoint, 1, str(tmp_path / kind))
+
+
 @pytest.mark.distributed
 def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
     """dp_shard 2 x cp 2: two rings of two, each with its own micro-batch plan (unequal token counts, dummies)."""

@@ -198,6 +198,25 @@ def test_a_kl_run_resumes_exactly_with_its_reference_policy_rebuilt(config_file,
         for key in (*COMPARED, "actor/kl_loss", "actor/pg_loss"):
             if key in row:
                 assert got[step][key] == row[key], (step, key, row[key], got[step][key])
+    # another seed would rebuild the reference from other initial weights than the run started from: said
+    more = _train(config_file, run, "", *over, "trainer.total_steps=5", "trainer.seed=4")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "the run started from scratch init, trainer.seed=3, the KL term's reference policy is built from scratch " \
+           "init, trainer.seed=4" in " ".join(more.stderr.split())
+
+
+def test_a_kl_term_is_refused_on_a_run_that_warmed_up_with_sft(config_file, tmp_path):
+    """The config check sees only this config's trainer.sft_steps: resuming a run whose checkpoint already did the
+    warm-up with sft_steps=0 and a KL term would anchor the policy to the weights before the warm-up."""
+    run = tmp_path / "run"
+    first = _train(config_file, run, "", "trainer.total_steps=2", "trainer.val_every=0", "profile.steps=[]")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _train(config_file, run, "", "trainer.total_steps=3", "trainer.sft_steps=0", "algo.kl_coef=0.5",
+                   "trainer.val_every=0", "profile.steps=[]")
+    said = " ".join(again.stderr.split())
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert "with algo.kl_coef > 0: that run warmed up with 3 SFT steps, away from the starting weights" in said, said
+    assert max(_by_step(run)) == 2  # nothing trained
 
 
 def test_overlong_shaping_reaches_the_advantages_and_leaves_the_task_score(config_file, tmp_path):
