@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 OVERFLOW_MODES = ("truncate_left", "drop")
 ENCODE_BATCH = 64  # records chat-templated, then tokenized in one call
-# how long a node's ranks wait for its local rank 0 to tokenize (GoLongRL's ~1.4B prompt tokens: minutes to tens of
-# minutes); the wait goes through the job's store, not a collective, so parallel.timeout_s does not cut it short
-SHARED_BUILD_WAIT = timedelta(hours=12)
 
 
 @dataclass
@@ -236,12 +233,13 @@ def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_t
 
 
 def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
-                         cache: Path | None, split: str) -> list[EncodedPrompt]:
+                         cache: Path | None, split: str, wait_s: float = 1800.0) -> list[EncodedPrompt]:
     """build_prompts_cached on every rank of a job: a node's local rank 0 reads the cache or tokenizes and writes
     it, while the node's other ranks wait (on the job's store) and then map what it wrote, so a first start
     tokenizes once per node instead of once per rank (8 ranks tokenizing at once on one node's cores take ~8x as
-    long). Where it wrote nothing (a failed write) they tokenize for themselves. Without a process group, a cache
-    or a tokenizer that caches: build_prompts_cached on each rank."""
+    long). Where it wrote nothing (a failed write), or has not finished within `wait_s` seconds (a dead writer
+    cannot hold them longer; the trainer passes parallel.timeout_s), they tokenize for themselves. Without a
+    process group, a cache or a tokenizer that caches: build_prompts_cached on each rank."""
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -255,7 +253,11 @@ def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_t
             return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=True)
         finally:  # failed too: the others then tokenize themselves (and most likely fail alike, with its message)
             store.set(done, "1")
-    store.wait([done], SHARED_BUILD_WAIT)
+    try:
+        store.wait([done], timedelta(seconds=wait_s))
+    except dist.DistStoreError:
+        logger.warning("%s prompts: local rank 0 has not built them within %.0f s; tokenizing here too", split,
+                       wait_s, extra={"every_rank": True})
     return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=False)
 
 

@@ -414,7 +414,7 @@ def test_a_tokenizer_without_a_serialised_form_gets_no_cache(tok, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _shared_build(rank: int, world: int, cache: str, out: str, fail_write: bool) -> None:
+def _shared_build(rank: int, world: int, cache: str, out: str, case: str) -> None:
     from pathlib import Path
 
     import numpy as np
@@ -427,7 +427,14 @@ def _shared_build(rank: int, world: int, cache: str, out: str, fail_write: bool)
 
     def counted(*args, **kwargs):
         calls.append(rank)
-        if rank == 0:
+        if rank > 0:
+            Path(f"{out}.tokenizing.{rank}").touch()
+        elif case == "slow":  # still busy when the others have given up waiting (whatever their start-up delay)
+            deadline = time.monotonic() + 60
+            while not all(Path(f"{out}.tokenizing.{r}").exists() for r in range(1, world)):
+                assert time.monotonic() < deadline, "the other ranks never gave up waiting"
+                time.sleep(0.05)
+        else:
             time.sleep(1.0)  # the node's other ranks start first: they must wait for it, not tokenize themselves
         return real(*args, **kwargs)
 
@@ -435,28 +442,29 @@ def _shared_build(rank: int, world: int, cache: str, out: str, fail_write: bool)
         raise OSError("No space left on device")
 
     P.build_prompts = counted
-    if fail_write:
+    if case == "fail_write":
         P.save_prompts = full_disk
-    got = P.build_prompts_shared(recs, build_demo_tokenizer(), 400, "truncate_left", Path(cache), "train")
+    got = P.build_prompts_shared(recs, build_demo_tokenizer(), 400, "truncate_left", Path(cache), "train",
+                                 wait_s=1.0 if case == "slow" else 60.0)
     torch.save({"calls": calls, "ids": [p.input_ids.tolist() for p in got],
                 "mapped": isinstance(got[0].input_ids, np.memmap)}, f"{out}.{rank}")
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("fail_write", [False, True])
-def test_a_first_start_tokenizes_once_per_node(tmp_path, fail_write):
+@pytest.mark.parametrize("case", ["writes", "fail_write", "slow"])
+def test_a_first_start_tokenizes_once_per_node(tmp_path, case):
     """Three ranks of one node, no cache yet: local rank 0 tokenizes and writes the cache while the others wait, then
     map it (they tokenized everything themselves before: 8 ranks of a node each tokenizing the whole dataset at once).
-    Where its write fails, they tokenize for themselves."""
+    Where its write fails, or it takes longer than they wait (parallel.timeout_s), they tokenize for themselves."""
     import torch
 
     from tests.distributed import run_distributed
 
-    run_distributed(_shared_build, 3, str(tmp_path / "cache"), str(tmp_path / "out"), fail_write)
+    run_distributed(_shared_build, 3, str(tmp_path / "cache"), str(tmp_path / "out"), case)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(3)]
     assert ranks[0]["calls"] == [0] and ranks[0]["ids"] and all(r["ids"] == ranks[0]["ids"] for r in ranks)
-    if fail_write:
-        assert [r["calls"] for r in ranks[1:]] == [[1], [2]] and not any(r["mapped"] for r in ranks)
+    if case != "writes":
+        assert [r["calls"] for r in ranks[1:]] == [[1], [2]] and not any(r["mapped"] for r in ranks[1:])
     else:
         assert [r["calls"] for r in ranks[1:]] == [[], []] and all(r["mapped"] for r in ranks[1:])
 
