@@ -931,7 +931,7 @@ class Trainer:
 
         d = self.cfg.data
         return build_prompts_shared(records, self.tokenizer, d.max_prompt_tokens, d.overflow,
-                                    prompt_cache_dir(self.cfg), split, wait_s=self.cfg.parallel.timeout_s)
+                                    prompt_cache_dir(self.cfg), split)
 
     # ---------------------------------------------------------------------------- rollouts
     def _sampling(self, val: bool = False) -> SamplingParams:

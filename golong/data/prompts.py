@@ -10,6 +10,7 @@ re-applied; when that message is used up, the next longest is cut. A prompt that
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 OVERFLOW_MODES = ("truncate_left", "drop")
 ENCODE_BATCH = 64  # records chat-templated, then tokenized in one call
+# how long a node's ranks wait for its local rank 0 to tokenize (GoLongRL's ~1.4B prompt tokens: minutes to tens of
+# minutes). Through the job's store, not a collective: parallel.timeout_s does not apply; a writer that dies takes
+# the job down with it under torchrun
+SHARED_BUILD_WAIT_S = 24 * 3600.0
+_SHARED_CALLS = itertools.count()
 
 
 @dataclass
@@ -233,13 +239,13 @@ def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_t
 
 
 def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int, overflow: str,
-                         cache: Path | None, split: str, wait_s: float = 1800.0) -> list[EncodedPrompt]:
+                         cache: Path | None, split: str, wait_s: float = SHARED_BUILD_WAIT_S) -> list[EncodedPrompt]:
     """build_prompts_cached on every rank of a job: a node's local rank 0 reads the cache or tokenizes and writes
     it, while the node's other ranks wait (on the job's store) and then map what it wrote, so a first start
     tokenizes once per node instead of once per rank (8 ranks tokenizing at once on one node's cores take ~8x as
-    long). Where it wrote nothing (a failed write), or has not finished within `wait_s` seconds (a dead writer
-    cannot hold them longer; the trainer passes parallel.timeout_s), they tokenize for themselves. Without a
-    process group, a cache or a tokenizer that caches: build_prompts_cached on each rank."""
+    long). Where it wrote nothing (a failed write) they tokenize for themselves. Without a process group, a cache
+    or a tokenizer that caches: build_prompts_cached on each rank. Every rank must make the same calls in the
+    same order (they are numbered: a key of the store is set once)."""
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -247,8 +253,11 @@ def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_t
             or dist.get_world_size() == 1):
         return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=local == 0)
     store = dist.distributed_c10d._get_default_store()
-    done = f"golong/prompt_cache/{split}/node-of-rank-{dist.get_rank() - local}"  # torchrun: a node's ranks are
-    if local == 0:  # contiguous, its local rank 0 first
+    # unique per call, torchrun restart (its store outlives a restarted worker group) and node (torchrun numbers a
+    # node's ranks contiguously, its local rank 0 first)
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    done = f"golong/prompt_cache/{attempt}/{next(_SHARED_CALLS)}/{split}/node-of-rank-{dist.get_rank() - local}"
+    if local == 0:
         try:
             return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=True)
         finally:  # failed too: the others then tokenize themselves (and most likely fail alike, with its message)
@@ -256,8 +265,8 @@ def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_t
     try:
         store.wait([done], timedelta(seconds=wait_s))
     except dist.DistStoreError:
-        logger.warning("%s prompts: local rank 0 has not built them within %.0f s; tokenizing here too", split,
-                       wait_s, extra={"every_rank": True})
+        # tokenizing late would leave this rank that much behind at the next collective, past its timeout
+        raise RuntimeError(f"{split} prompts: this node's local rank 0 has not built them in {wait_s:.0f} s") from None
     return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=False)
 
 

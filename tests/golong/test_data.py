@@ -427,14 +427,12 @@ def _shared_build(rank: int, world: int, cache: str, out: str, case: str) -> Non
 
     def counted(*args, **kwargs):
         calls.append(rank)
-        if rank > 0:
-            Path(f"{out}.tokenizing.{rank}").touch()
-        elif case == "slow":  # still busy when the others have given up waiting (whatever their start-up delay)
+        if rank == 0 and case == "slow":  # still busy when the others have given up waiting
             deadline = time.monotonic() + 60
-            while not all(Path(f"{out}.tokenizing.{r}").exists() for r in range(1, world)):
+            while not all(Path(f"{out}.gave_up.{r}").exists() for r in range(1, world)):
                 assert time.monotonic() < deadline, "the other ranks never gave up waiting"
                 time.sleep(0.05)
-        else:
+        elif rank == 0:
             time.sleep(1.0)  # the node's other ranks start first: they must wait for it, not tokenize themselves
         return real(*args, **kwargs)
 
@@ -444,29 +442,49 @@ def _shared_build(rank: int, world: int, cache: str, out: str, case: str) -> Non
     P.build_prompts = counted
     if case == "fail_write":
         P.save_prompts = full_disk
-    got = P.build_prompts_shared(recs, build_demo_tokenizer(), 400, "truncate_left", Path(cache), "train",
-                                 wait_s=1.0 if case == "slow" else 60.0)
-    torch.save({"calls": calls, "ids": [p.input_ids.tolist() for p in got],
-                "mapped": isinstance(got[0].input_ids, np.memmap)}, f"{out}.{rank}")
+    result, tok = {}, build_demo_tokenizer()
+    for call in range(2):  # the same split twice: the second reads the cache the first wrote, on every rank
+        t0 = time.monotonic()
+        try:
+            got = P.build_prompts_shared(recs, tok, 400, "truncate_left", Path(cache), "train",
+                                         wait_s=1.0 if case == "slow" and rank > 0 else 60.0)
+        except RuntimeError as e:
+            result["error"] = str(e)
+            Path(f"{out}.gave_up.{rank}").touch()
+            break
+        result[call] = {"elapsed": time.monotonic() - t0, "ids": [p.input_ids.tolist() for p in got],
+                        "mapped": isinstance(got[0].input_ids, np.memmap)}
+    result["calls"] = calls
+    torch.save(result, f"{out}.{rank}")
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["writes", "fail_write", "slow"])
 def test_a_first_start_tokenizes_once_per_node(tmp_path, case):
     """Three ranks of one node, no cache yet: local rank 0 tokenizes and writes the cache while the others wait, then
-    map it (they tokenized everything themselves before: 8 ranks of a node each tokenizing the whole dataset at once).
-    Where its write fails, or it takes longer than they wait (parallel.timeout_s), they tokenize for themselves."""
+    map it (they tokenized everything themselves before: 8 ranks of a node each tokenizing the whole dataset at once);
+    its signal ends their wait at once (not their 60 s limit). Where its write fails, they tokenize for themselves;
+    where it takes longer than they wait, they stop with a clear error (tokenizing late would leave them behind at
+    the next collective, past its timeout)."""
     import torch
 
     from tests.distributed import run_distributed
 
     run_distributed(_shared_build, 3, str(tmp_path / "cache"), str(tmp_path / "out"), case)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(3)]
-    assert ranks[0]["calls"] == [0] and ranks[0]["ids"] and all(r["ids"] == ranks[0]["ids"] for r in ranks)
-    if case != "writes":
-        assert [r["calls"] for r in ranks[1:]] == [[1], [2]] and not any(r["mapped"] for r in ranks[1:])
+    first = ranks[0][0]
+    if case == "slow":
+        assert ranks[0]["calls"] == [0] and first["ids"] and ranks[0][1]["ids"] == first["ids"]
+        assert all("this node's local rank 0 has not built them in 1 s" in r["error"] for r in ranks[1:])
+        assert [r["calls"] for r in ranks[1:]] == [[], []]
+        return
+    for r in ranks:
+        assert r[0]["ids"] == r[1]["ids"] == first["ids"] and first["ids"]
+        assert r[0]["elapsed"] < 30 and r[1]["elapsed"] < 30  # woken by rank 0's signal, not by the 60 s limit
+    if case == "fail_write":  # nothing cached: every rank tokenizes each time
+        assert [r["calls"] for r in ranks] == [[0, 0], [1, 1], [2, 2]] and not any(r[1]["mapped"] for r in ranks)
     else:
-        assert [r["calls"] for r in ranks[1:]] == [[], []] and all(r["mapped"] for r in ranks[1:])
+        assert [r["calls"] for r in ranks] == [[0], [], []] and all(r[c]["mapped"] for r in ranks[1:] for c in (0, 1))
 
 
 def test_prompt_cache_key_tells_message_boundaries_from_content(tok):
