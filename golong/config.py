@@ -203,6 +203,10 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "golong"
+    # every response generated in a step (kept or not by dynamic sampling) and in a validation, with its task, score,
+    # reward, advantage and text, to RUN_DIR/rollouts/step_<N>.jsonl and val_step_<N>.jsonl (rank 0; verl's
+    # trainer.rollout_data_dir / validation_data_dir, which GoLongRL's scripts set)
+    dump_rollouts: bool = False
     progress: bool = True
 
 

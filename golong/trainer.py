@@ -51,7 +51,7 @@ from torch import nn
 
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
 from golong.config import ConfigError, RunConfig, checkpoint_dir, prompt_cache_dir, save_run_config, to_dict
-from golong.logger import MetricsWriter, ProgressLog, get_logger
+from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.models.config import ModelConfig
 from golong.parallel import (
     ParallelDims,
@@ -169,6 +169,7 @@ class Rollout:
     score: float = 0.0
     advantage: float = 0.0
     finish_reason: str = "length"
+    prompt_index: int = -1  # position of its prompt in the trainer's training prompts (-1: none, e.g. tests)
 
     @property
     def length(self) -> int:
@@ -888,6 +889,7 @@ class Trainer:
         self.sft_sampler: Any = None  # the warm-up's prompt order, while it runs
         self.nonfinite_streak = 0
         self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
+        self.generated: list[Rollout] = []  # the last step's responses, kept or not (logging.dump_rollouts)
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
@@ -993,6 +995,7 @@ class Trainer:
         per_gen = (cfg.trainer.gen_batch_prompts or want) if cfg.algo.dynamic_sampling else want
         kept: list[Rollout] = []
         every: list[Rollout] = []
+        self.generated = every  # for the rollout dump (logging.dump_rollouts)
         metrics: dict[str, float] = defaultdict(float)
         gen_batches = 0
         max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
@@ -1007,7 +1010,7 @@ class Trainer:
             batch = [Rollout(prompts[j // n].input_ids, np.asarray(toks, dtype=np.int32),
                              None if lps is None else np.asarray(lps, dtype=np.float32),
                              group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task, score=float(s),
-                             finish_reason=fin)
+                             finish_reason=fin, prompt_index=idx[j // n])
                      for j, (toks, lps, fin, s) in enumerate(results)]
             every += batch
             gen_batches += 1
@@ -1047,8 +1050,30 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------------------- one step
+    def _overlong_penalty(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """[B] float64: DAPO's overlong penalty of each response (algo.overlong_buffer_tokens; 0: all 0)."""
+        from golong.algo import overlong_penalty
+
+        a, lengths = self.cfg.algo, torch.tensor([len(r.response_ids) for r in rollouts])
+        return overlong_penalty(lengths, self.cfg.rollout.max_response_tokens, a.overlong_buffer_tokens,
+                                a.overlong_penalty_factor)
+
+    def _dump_rollouts(self, step: int, trained: Sequence[Rollout]) -> None:
+        """RUN_DIR/rollouts/step_<N>.jsonl: every response the step generated (self.generated), with whether dynamic
+        sampling kept it for training and then its advantage. `record`: its prompt's position in the training
+        records; `reward`: the score plus any overlong penalty, what the advantages were computed from."""
+        kept = {id(r) for r in trained}
+        penalty = self._overlong_penalty(self.generated).tolist()
+        rows = ({"step": step, "group": r.group, "record": self.train_prompts[r.prompt_index].index,
+                 "data_source": self.train_prompts[r.prompt_index].record.data_source, "task": r.task,
+                 "score": r.score, "reward": r.score + p, "kept": id(r) in kept,
+                 "advantage": r.advantage if id(r) in kept else None, "finish_reason": r.finish_reason,
+                 "response_tokens": len(r.response_ids), "response": self._decode(self._strip_stop(r.response_ids))}
+                for r, p in zip(self.generated, penalty))
+        write_jsonl(self.run_dir / "rollouts" / f"step_{step:06d}.jsonl", rows)
+
     def train_step(self, step: int) -> dict[str, float]:
-        from golong.algo import compute_advantages, overlong_penalty
+        from golong.algo import compute_advantages
         from golong.rewards import task_group
 
         cfg = self.cfg
@@ -1059,15 +1084,15 @@ class Trainer:
         if not rollouts:
             log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
                         "generation batches; no update")
+            if cfg.logging.dump_rollouts and self.rank == 0:
+                self._dump_rollouts(step, [])
             metrics["time/step_s"] = time.perf_counter() - t_step
             return metrics
         t0 = time.perf_counter()
         with nvtx_range("advantage"):
             scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)  # fp32 would merge near-ties
             if cfg.algo.overlong_buffer_tokens:  # DAPO: the advantages see the shaped reward (score/mean includes it)
-                penalty = overlong_penalty(torch.tensor([len(r.response_ids) for r in rollouts]),
-                                           cfg.rollout.max_response_tokens, cfg.algo.overlong_buffer_tokens,
-                                           cfg.algo.overlong_penalty_factor)
+                penalty = self._overlong_penalty(rollouts)
                 scores = scores + penalty
                 metrics["score/overlong_penalty_mean"] = float(penalty.mean())
                 metrics["score/overlong_frac"] = float((penalty < 0).double().mean())
@@ -1080,6 +1105,8 @@ class Trainer:
             r.advantage = a
         metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["time/advantage_s"] = time.perf_counter() - t0
+        if cfg.logging.dump_rollouts and self.rank == 0:
+            self._dump_rollouts(step, rollouts)
         self.engine.sleep()  # the trainer's turn: vLLM releases its KV cache (and weights) on GPU
         t0 = time.perf_counter()
         with nvtx_range("update"):
@@ -1108,13 +1135,17 @@ class Trainer:
                                                     (self.cfg.trainer.seed, "val"), "validation")
         by_task: dict[str, list[float]] = defaultdict(list)
         n = self.cfg.rollout.val_n
+        dump = self.cfg.logging.dump_rollouts and not self.eval_only and self.rank == 0
+        rows = responses if responses is not None else [] if dump else None
         for j, (toks, _, finish, s) in enumerate(results):
             record = self.val_prompts[j // n].record
             by_task[record.task].append(s)
-            if responses is not None:
-                responses.append({"prompt": j // n, "sample": j % n, "data_source": record.data_source,
-                                  "task": record.task, "score": s, "finish_reason": finish,
-                                  "response": self._decode(self._strip_stop(toks))})
+            if rows is not None:
+                rows.append({"prompt": j // n, "sample": j % n, "data_source": record.data_source,
+                             "task": record.task, "score": s, "finish_reason": finish,
+                             "response": self._decode(self._strip_stop(toks))})
+        if dump:
+            write_jsonl(self.run_dir / "rollouts" / f"val_step_{step:06d}.jsonl", rows)
         scores = [s for v in by_task.values() for s in v]
         out = {"val/reward/mean": sum(scores) / len(scores), "val/time_s": timings["time/rollout_s"]
                + timings["time/reward_s"]}
@@ -1442,9 +1473,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "responses.jsonl", "w") as f:
-                for r in responses:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            write_jsonl(out / "responses.jsonl", responses)
             # eval.json last and by rename: where it exists, both files are whole
             (out / "eval.json.tmp").write_text(json.dumps(result, indent=2) + "\n")
             os.replace(out / "eval.json.tmp", out / "eval.json")

@@ -205,6 +205,35 @@ def test_a_kl_run_resumes_exactly_with_its_reference_policy_rebuilt(config_file,
            "init, trainer.seed=4" in " ".join(more.stderr.split())
 
 
+def test_rollout_dump_holds_every_generated_response_and_what_training_made_of_it(config_file, tmp_path):
+    """logging.dump_rollouts: one JSONL per step with every generated response (all generation batches), kept or
+    not; its scores average to reward/mean, the kept ones carry the advantages and average to score/mean; one per
+    validation, averaging to val/reward/mean."""
+    import json
+
+    run = tmp_path / "run"
+    done = _train(config_file, run, "", "logging.dump_rollouts=true", "trainer.total_steps=2", "profile.steps=[]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _by_step(run)
+    files = sorted(p.name for p in (run / "rollouts").iterdir())
+    assert files == ["step_000001.jsonl", "step_000002.jsonl", "val_step_000000.jsonl", "val_step_000002.jsonl"]
+    for step in (1, 2):
+        m = metrics[step]
+        rows = [json.loads(line) for line in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        assert len(rows) == m["dynamic_sampling/gen_batches"] * 4 * 4  # generation batches x prompts x rollout.n
+        assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(m["reward/mean"], abs=1e-12)
+        kept = [r for r in rows if r["kept"]]
+        assert len(kept) == 4 * m["dynamic_sampling/kept_prompts"]
+        assert all((r["advantage"] is None) != r["kept"] for r in rows) and all(r["reward"] == r["score"] for r in rows)
+        if kept:
+            assert sum(r["reward"] for r in kept) / len(kept) == pytest.approx(m["score/mean"], abs=1e-12)
+        assert all(isinstance(r["response"], str) and 0 <= r["record"] < 48 and r["step"] == step for r in rows)
+        assert {r["task"] for r in rows} <= {"summarization", "sequence_ordering"}
+    for step in (0, 2):
+        val = [json.loads(line) for line in (run / "rollouts" / f"val_step_{step:06d}.jsonl").read_text().splitlines()]
+        assert len(val) == 6 and sum(r["score"] for r in val) / 6 == pytest.approx(metrics[step]["val/reward/mean"])
+
+
 def test_a_kl_term_is_refused_on_a_run_that_warmed_up_with_sft(config_file, tmp_path):
     """The config check sees only this config's trainer.sft_steps: resuming a run whose checkpoint already did the
     warm-up with sft_steps=0 and a KL term would anchor the policy to the weights before the warm-up."""
