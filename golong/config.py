@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ADV_ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,10 @@ class AlgoConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
+    # how the per-token loss terms add up over a mini-batch of S responses (verl's actor.loss_agg_mode): token-mean
+    # (GoLongRL, DAPO: sum / all response tokens), seq-mean-token-mean (GRPO's paper: each response's token mean,
+    # averaged), seq-mean-token-sum (sum / S), seq-mean-token-sum-norm (Dr. GRPO: sum / (S x max_response_tokens))
+    loss_agg_mode: str = _choice("token-mean", LOSS_AGG_MODES)
     kl_coef: float = 0.0  # > 0: a k3 KL term to a frozen copy of the starting weights (verl's low_var_kl)
     entropy_coef: float = 0.0
     rollout_is: str = _choice("mask", ("mask", "truncate", "none"))
@@ -519,5 +524,5 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["ADV_ESTIMATORS", "ConfigError", "RunConfig", "checkpoint_dir", "load_config", "prompt_cache_dir",
-           "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]
+__all__ = ["ADV_ESTIMATORS", "LOSS_AGG_MODES", "ConfigError", "RunConfig", "checkpoint_dir", "load_config",
+           "prompt_cache_dir", "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]

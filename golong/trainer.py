@@ -409,7 +409,7 @@ class Actor:
                         old: dict[int, torch.Tensor] | None, ref: dict[int, torch.Tensor] | None, need_is: bool,
                         sums: dict[str, torch.Tensor],
                         maxes: dict[str, torch.Tensor], fault_nan: bool) -> tuple[float, bool]:
-        from golong.algo import policy_loss, rollout_is_weights
+        from golong.algo import aggregation_weights, policy_loss, rollout_is_weights
 
         algo = self.cfg.algo
         n_tokens = sum(len(rollouts[i].response_ids) for i in mini)  # global: every rank has the batch
@@ -445,12 +445,16 @@ class Actor:
                         veto=algo.rollout_is_veto)
                     is_w = self._shard(mb, w)
                     _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
+                # response lengths of this micro-batch's rollouts (a dummy: one placeholder; its mask is all 0)
+                lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
+                agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
+                                          self.cfg.rollout.max_response_tokens)
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
                     clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
                     ref_logprob=self._shard(mb, mb.ref_logprobs) if mb.ref_logprobs is not None else None,
                     kl_coef=algo.kl_coef, entropy=entropy if algo.entropy_coef else None,
-                    entropy_coef=algo.entropy_coef)
+                    entropy_coef=algo.entropy_coef, token_weights=None if agg is None else self._shard(mb, agg))
             if fault_nan:
                 loss = loss * float("nan")
             with nvtx_range("backward"):

@@ -9,12 +9,14 @@
 
 from golong.algo.advantages import ESTIMATORS, compute_advantages, group_index, overlong_penalty
 from golong.algo.dynamic_sampling import dynamic_sampling_filter
-from golong.algo.policy_loss import broadcast_to_tokens, low_var_kl, policy_loss
+from golong.algo.policy_loss import AGG_MODES, aggregation_weights, broadcast_to_tokens, low_var_kl, policy_loss
 from golong.algo.rollout_is import IS_MODES, rollout_is_weights
 
 __all__ = [
+    "AGG_MODES",
     "ESTIMATORS",
     "IS_MODES",
+    "aggregation_weights",
     "broadcast_to_tokens",
     "compute_advantages",
     "dynamic_sampling_filter",

@@ -12,7 +12,9 @@ loss = sum_t (L + kl_coef * KL_t - entropy_coef * H_t) / global_token_count
 and data-parallel ranks: summing the gradients of every micro-batch's loss (and SUM-all-reducing
 them across ranks) then gives exactly the gradient of the global token mean, however the
 mini-batch is split. A DP reduction that averages (FSDP's default) must be compensated by the
-caller, e.g. by scaling the loss with the DP world size.
+caller, e.g. by scaling the loss with the DP world size. Other aggregations over the mini-batch's
+S responses (aggregation_weights: seq-mean-token-mean weighs response i's tokens 1 / (S |o_i|)) replace
+1 / global_token_count by a weight per token.
 """
 
 from __future__ import annotations
@@ -29,6 +31,26 @@ def broadcast_to_tokens(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     return torch.repeat_interleave(values, lengths)
 
 
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregation_weights(mode: str, response_lengths: torch.Tensor, seq_index: torch.Tensor, num_sequences: int,
+                        max_response_tokens: int) -> torch.Tensor | None:
+    """policy_loss's token_weights for an aggregation over a mini-batch of `num_sequences` responses: per token
+    [T] (seq_index [T] int64: the token's response in response_lengths [S_local], which need not hold every
+    response of the mini-batch). token-mean: None (policy_loss divides by the global token count)."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of: {', '.join(AGG_MODES)}")
+    if mode == "token-mean":
+        return None
+    per_seq = torch.ones(response_lengths.shape, dtype=torch.float64) / num_sequences
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / response_lengths.to(torch.float64).clamp_min(1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = per_seq / max_response_tokens
+    return per_seq[seq_index].to(torch.float32)
+
+
 def low_var_kl(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1, d = logpi_ref - logpi (>= 0)."""
     d = (ref_logprob - logprob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -40,7 +62,7 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
                 clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
                 is_weights: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
                 kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss of one micro-batch and its metrics.
 
     All tensor arguments share one shape (packed tokens [N], or [B, L]); `advantages` is per token
@@ -49,6 +71,9 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
 
     Metrics are detached 0-d tensors (no host sync) holding this micro-batch's SUM divided by
     `global_token_count`: adding them over micro-batches and ranks gives the global token mean.
+    `token_weights` (same shape; see aggregation_weights): the loss terms (and pg_loss, kl_loss, entropy) sum
+    each token's term times its weight instead of dividing by `global_token_count`; the clip fractions and
+    ppo_kl stay token means.
     Keys: pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, and kl_loss / entropy when given (kl_loss: the
     k3 KL to the reference policy, unscaled by kl_coef, as verl's actor/kl_loss).
     """
@@ -86,20 +111,21 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
         metrics["pg_clipfrac_lower"] = torch.zeros((), dtype=dtype, device=lp.device)
     if is_weights is not None:
         loss_tok = loss_tok * torch.where(valid, is_weights.to(dtype).detach(), zero)
-    pg = (loss_tok * m).sum() / denom
+    w = m / denom if token_weights is None else torch.where(valid, token_weights.to(dtype).detach(), zero)
+    pg = (loss_tok * w).sum()
     loss = pg
     metrics["pg_loss"] = pg.detach()
     if ref_logprob is not None:
         # both sides 0 on invalid tokens: KL 0 there, and no NaN reaches the gradient through exp
         kl_tok = low_var_kl(torch.where(valid, lp, zero), torch.where(valid, ref_logprob.to(dtype).detach(), zero))
-        kl = (kl_tok * m).sum() / denom
+        kl = (kl_tok * w).sum()
         metrics["kl_loss"] = kl.detach()
         if kl_coef != 0.0:
             loss = loss + kl_coef * kl
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprob")
     if entropy is not None:
-        ent = torch.where(valid, entropy.to(dtype), zero).sum() / denom
+        ent = (torch.where(valid, entropy.to(dtype), zero) * w).sum()
         metrics["entropy"] = ent.detach()
         if entropy_coef != 0.0:
             loss = loss - entropy_coef * ent

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from golong.algo import (
+    AGG_MODES,
     ESTIMATORS,
+    aggregation_weights,
     broadcast_to_tokens,
     compute_advantages,
     dynamic_sampling_filter,
@@ -614,6 +616,21 @@ def test_overlong_penalty_is_dapos_soft_punishment():
     assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, abs=1e-15)
     assert got[-1] == -0.5 and got[4] < 0 == got[3]
     assert torch.equal(overlong_penalty(lengths, 1024, 0, 0.5), torch.zeros(8, dtype=torch.float64))
+
+
+def test_aggregation_weights_per_token():
+    """Three responses of lengths 2, 1, 3 in a mini-batch of S = 4 (the fourth on another rank)."""
+    lengths, seq = torch.tensor([2, 1, 3]), torch.tensor([0, 0, 1, 2, 2, 2])
+    assert aggregation_weights("token-mean", lengths, seq, 4, 8) is None
+    got = {m: aggregation_weights(m, lengths, seq, 4, 8).tolist() for m in AGG_MODES[1:]}
+    assert got["seq-mean-token-mean"] == pytest.approx([1 / 8, 1 / 8, 1 / 4, 1 / 12, 1 / 12, 1 / 12])
+    assert got["seq-mean-token-sum"] == pytest.approx([1 / 4] * 6)
+    assert got["seq-mean-token-sum-norm"] == pytest.approx([1 / 32] * 6)
+    with pytest.raises(ValueError, match="choose one of: token-mean, seq-mean-token-mean"):
+        aggregation_weights("seq-sum", lengths, seq, 4, 8)
+    from golong.config import ADV_ESTIMATORS, LOSS_AGG_MODES  # the config's choices are the algorithms'
+
+    assert (ADV_ESTIMATORS, LOSS_AGG_MODES) == (ESTIMATORS, AGG_MODES)
 
 
 def test_dynamic_sampling_filter():

@@ -82,7 +82,7 @@ def test_plan_pads_ranks_to_the_same_count():
 
 # ------------------------------------------------------------------------------ distributed parity
 def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
-                 kl_coef: float = 0.0) -> None:
+                 kl_coef: float = 0.0, agg: str = "token-mean") -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -92,7 +92,7 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
     # on_policy: one mini-batch, one epoch (the recipe's): the old logprobs are the update's own, no pass of theirs
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=100 if on_policy else 3,
                       trainer__micro_batch_tokens=48, algo__ppo_epochs=1 if on_policy else 2,
-                      algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef,
+                      algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
                       parallel__activation_checkpointing=cp > 1)  # recomputation must not change a thing
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
@@ -224,6 +224,19 @@ def test_the_reference_policy_is_the_checkpoint_the_policy_starts_from(tmp_path,
 
 
 @pytest.mark.distributed
+def test_sequence_mean_aggregation_under_fsdp_and_context_parallel_matches_one_rank(one_rank, tmp_path):
+    """algo.loss_agg_mode=seq-mean-token-mean: each token weighs 1 / (S |o_i|), sharded over the ring like the
+    advantages; 2 ranks with cp 2 give one rank's update, which differs from the token mean's."""
+    runs = {}
+    for world, cp in ((1, 1), (2, 2)):
+        out = str(tmp_path / f"{world}_{cp}.pt")
+        run_distributed(_run_updates, world, cp, out, 2, False, 0.0, "seq-mean-token-mean")
+        runs[world, cp] = torch.load(out)
+    _compare(runs[1, 1], runs[2, 2], 1e-4)
+    assert runs[1, 1]["history"][0]["actor/loss"] != pytest.approx(one_rank["history"][0]["actor/loss"], rel=1e-3)
+
+
+@pytest.mark.distributed
 def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
     """dp_shard 2 x cp 2: two rings of two, each with its own micro-batch plan (unequal token counts, dummies)."""
     out = str(tmp_path / "dp_cp.pt")
@@ -276,13 +289,17 @@ def _grads(model) -> dict:
     return {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0):
+def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, agg="token-mean", max_tokens=0):
     """The DESIGN.md policy loss written out, one sequence at a time: logprobs of the response tokens at
     temperature T (the model's fused head, tested on its own in tests/kernels), rollout IS (mask [0.5, 5],
     veto 1e-4 per sequence), clip 0.2 / 0.28, dual clip 3, + kl_coef x k3 KL to the reference logprobs `ref`
-    (exp(d) - d - 1, d = ref - logprob), token mean over the mini-batch's response tokens.
+    (exp(d) - d - 1, d = ref - logprob), token mean over the mini-batch's response tokens (agg: verl's other
+    loss_agg_modes over its S responses: mean of each response's token mean, sum / S, sum / (S x max_tokens)).
     Returns (loss, the logprobs)."""
     total, n_tokens, lps = 0.0, sum(len(r.response_ids) for r in rollouts), []
+    per_seq = {"token-mean": lambda n: n_tokens, "seq-mean-token-mean": lambda n: len(rollouts) * n,
+               "seq-mean-token-sum": lambda n: len(rollouts),
+               "seq-mean-token-sum-norm": lambda n: len(rollouts) * max_tokens}[agg]  # a response's divisor
     for i, r in enumerate(rollouts):
         ids = torch.tensor(r.prompt_ids + r.response_ids)
         p = len(r.prompt_ids)
@@ -302,14 +319,15 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0):
         per_tok = torch.maximum(-a * rho, -a * rho.clamp(0.8, 1.28))
         if a < 0:
             per_tok = torch.minimum(per_tok, torch.full_like(per_tok, -3.0 * a))
-        total = total + (per_tok * w).sum()
+        seq = (per_tok * w).sum()
         if ref is not None:
             d = ref[i] - lp
-            total = total + kl_coef * (torch.exp(d) - d - 1).sum()
-    return total / n_tokens, lps
+            seq = seq + kl_coef * (torch.exp(d) - d - 1).sum()
+        total = total + seq / per_seq(len(r.response_ids))
+    return total, lps
 
 
-def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0) -> None:
+def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean") -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -318,7 +336,8 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0) -> None:
     # micro-batches of 40 tokens; temperature 0.7; no grad clipping, so the gradients are the loss's
     cfg = tiny_config(trainer__mini_batch_prompts=100, trainer__micro_batch_tokens=40, algo__ppo_epochs=2,
                       algo__rollout_is="mask", optim__grad_clip=0.0, rollout__temperature=0.7,
-                      optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef)
+                      optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
+                      rollout__max_response_tokens=16)
     dims = init_parallel(-1, 1, "gloo")
     reference = build_model(cfg, dims, reference=True) if kl_coef else None
     actor = Actor(build_model(cfg, dims), dims, cfg, reference)
@@ -352,7 +371,7 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0) -> None:
         got = _grads(actor.model)
         for p in params.values():
             p.grad = None
-        loss, now = _reference_loss(actor.model, rollouts, old, 0.7, ref, kl_coef)
+        loss, now = _reference_loss(actor.model, rollouts, old, 0.7, ref, kl_coef, agg, 16)
         if ref is not None:  # k3 stays below its clamp (10 at |d| ~ 2.5), where the formula above holds
             assert 0.1 < max((r - c).abs().max().item() for r, c in zip(ref, now)) < 2.5
         loss.backward()
@@ -386,12 +405,13 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kl_coef", [0.0, 0.3])
-def test_actor_update_gradients_match_the_design_formulas(kl_coef):
+@pytest.mark.parametrize("kl_coef, agg", [(0.0, "token-mean"), (0.3, "token-mean"), (0.0, "seq-mean-token-mean"),
+                                          (0.3, "seq-mean-token-sum"), (0.0, "seq-mean-token-sum-norm")])
+def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg):
     """The trainer's real update (micro-batching, target shift, temperature, old logprobs, rollout IS weights,
-    clipped loss, KL to the reference policy, global token mean) against the loss written out from DESIGN.md,
-    one sequence at a time."""
-    run_distributed(_update_vs_reference, 1, kl_coef)
+    clipped loss, KL to the reference policy, global token mean or another algo.loss_agg_mode) against the loss
+    written out from DESIGN.md, one sequence at a time."""
+    run_distributed(_update_vs_reference, 1, kl_coef, agg)
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
