@@ -214,14 +214,20 @@ class MetricsWriter:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """One JSON object a line, written whole or not at all (a temporary file renamed into place); returns path."""
+    """One JSON object a line (UTF-8), written whole or not at all: a temporary file of this writer's own renamed
+    into place, removed when writing fails; returns path. U+2028 / U+2029 (in model output) are escaped: Python's
+    str.splitlines() and JavaScript end lines there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                        + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -999,7 +999,8 @@ class Trainer:
         per_gen = (cfg.trainer.gen_batch_prompts or want) if cfg.algo.dynamic_sampling else want
         kept: list[Rollout] = []
         every: list[Rollout] = []
-        self.generated = every  # for the rollout dump (logging.dump_rollouts)
+        # kept for the rollout dump only where it is written: the rest of a generation batch is freed on return
+        self.generated = every if cfg.logging.dump_rollouts and self.rank == 0 else []
         metrics: dict[str, float] = defaultdict(float)
         gen_batches = 0
         max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
@@ -1062,19 +1063,31 @@ class Trainer:
         return overlong_penalty(lengths, self.cfg.rollout.max_response_tokens, a.overlong_buffer_tokens,
                                 a.overlong_penalty_factor)
 
-    def _dump_rollouts(self, step: int, trained: Sequence[Rollout]) -> None:
-        """RUN_DIR/rollouts/step_<N>.jsonl: every response the step generated (self.generated), with whether dynamic
-        sampling kept it for training and then its advantage. `record`: its prompt's position in the training
-        records; `reward`: the score plus any overlong penalty, what the advantages were computed from."""
+    def _dump_rollouts(self, step: int, trained: Sequence[Rollout]) -> float:
+        """RUN_DIR/rollouts/step_<N>.jsonl (rank 0): every response the step generated (self.generated), with
+        whether dynamic sampling kept it for training and then its advantage. `record`: its prompt's position in
+        the training records; `reward`: the score plus any overlong penalty, what the advantages were computed
+        from. A failed write is a warning, not the end of the run. Returns the seconds it took (the other ranks
+        wait for them at the next collective)."""
+        t0 = time.perf_counter()
         kept = {id(r) for r in trained}
         penalty = self._overlong_penalty(self.generated).tolist()
+        # one batched decode: a fast tokenizer decodes a batch on all cores (one 16K-token response: ~4 ms alone)
+        texts = self.tokenizer.batch_decode([np.asarray(self._strip_stop(r.response_ids)).tolist()
+                                             for r in self.generated], skip_special_tokens=True)
         rows = ({"step": step, "group": r.group, "record": self.train_prompts[r.prompt_index].index,
                  "data_source": self.train_prompts[r.prompt_index].record.data_source, "task": r.task,
                  "score": r.score, "reward": r.score + p, "kept": id(r) in kept,
                  "advantage": r.advantage if id(r) in kept else None, "finish_reason": r.finish_reason,
-                 "response_tokens": len(r.response_ids), "response": self._decode(self._strip_stop(r.response_ids))}
-                for r, p in zip(self.generated, penalty))
-        write_jsonl(self.run_dir / "rollouts" / f"step_{step:06d}.jsonl", rows)
+                 "prompt_tokens": len(r.prompt_ids), "response_tokens": len(r.response_ids), "response": text}
+                for r, p, text in zip(self.generated, penalty, texts))
+        path = self.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
+        try:
+            write_jsonl(path, rows)
+        except OSError as e:
+            log.warning(f"step {step}: could not write the rollout dump {path}: {e}")
+        self.generated = []
+        return time.perf_counter() - t0
 
     def train_step(self, step: int) -> dict[str, float]:
         from golong.algo import compute_advantages
@@ -1089,7 +1102,7 @@ class Trainer:
             log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
                         "generation batches; no update")
             if cfg.logging.dump_rollouts and self.rank == 0:
-                self._dump_rollouts(step, [])
+                metrics["time/dump_s"] = self._dump_rollouts(step, [])
             metrics["time/step_s"] = time.perf_counter() - t_step
             return metrics
         t0 = time.perf_counter()
@@ -1110,7 +1123,7 @@ class Trainer:
         metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["time/advantage_s"] = time.perf_counter() - t0
         if cfg.logging.dump_rollouts and self.rank == 0:
-            self._dump_rollouts(step, rollouts)
+            metrics["time/dump_s"] = self._dump_rollouts(step, rollouts)
         self.engine.sleep()  # the trainer's turn: vLLM releases its KV cache (and weights) on GPU
         t0 = time.perf_counter()
         with nvtx_range("update"):
@@ -1144,12 +1157,17 @@ class Trainer:
         for j, (toks, _, finish, s) in enumerate(results):
             record = self.val_prompts[j // n].record
             by_task[record.task].append(s)
-            if rows is not None:
-                rows.append({"prompt": j // n, "sample": j % n, "data_source": record.data_source,
+            if rows is not None:  # prompt: position among the validation prompts; record: among its records
+                rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
+                             "data_source": record.data_source,
                              "task": record.task, "score": s, "finish_reason": finish,
                              "response": self._decode(self._strip_stop(toks))})
         if dump:
-            write_jsonl(self.run_dir / "rollouts" / f"val_step_{step:06d}.jsonl", rows)
+            path = self.run_dir / "rollouts" / f"val_step_{step:06d}.jsonl"
+            try:
+                write_jsonl(path, rows)
+            except OSError as e:
+                log.warning(f"validation at step {step}: could not write the rollout dump {path}: {e}")
         scores = [s for v in by_task.values() for s in v]
         out = {"val/reward/mean": sum(scores) / len(scores), "val/time_s": timings["time/rollout_s"]
                + timings["time/reward_s"]}

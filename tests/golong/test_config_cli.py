@@ -679,6 +679,19 @@ def test_other_ranks_print_only_their_own_trouble(monkeypatch, capsys):
     assert "shared warning" in out.out + out.err and "rank 3" not in out.out + out.err
 
 
+def test_write_jsonl_writes_whole_files_or_leaves_the_old_one(tmp_path):
+    from golong.logger import write_jsonl
+
+    path = tmp_path / "rollouts" / "step_000001.jsonl"
+    write_jsonl(path, [{"response": "长上下文 \u2028 ok", "score": 1.0}, {"response": "b\u2029", "score": 0.0}])
+    lines = path.read_text(encoding="utf-8").splitlines()  # splitlines ends lines at U+2028 too: escaped
+    assert [json.loads(line)["response"] for line in lines] == ["长上下文 \u2028 ok", "b\u2029"]
+    with pytest.raises(TypeError):  # a row that cannot be written: the earlier file stays whole, no temporary left
+        write_jsonl(path, [{"score": 0.5}, {"bad": object()}])
+    assert [p.name for p in path.parent.iterdir()] == ["step_000001.jsonl"]
+    assert path.read_text(encoding="utf-8").splitlines() == lines
+
+
 def test_log_lines_to_a_file_or_pipe_are_never_wrapped(capsys):
     # rich wraps at 80 columns when stdout is no terminal: a path or a step line split over two lines of a Slurm log
     from golong.logger import get_logger

@@ -289,13 +289,14 @@ def _grads(model) -> dict:
     return {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, agg="token-mean", max_tokens=0):
+def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, agg="token-mean", max_tokens=0,
+                    ent_coef=0.0):
     """The DESIGN.md policy loss written out, one sequence at a time: logprobs of the response tokens at
     temperature T (the model's fused head, tested on its own in tests/kernels), rollout IS (mask [0.5, 5],
     veto 1e-4 per sequence), clip 0.2 / 0.28, dual clip 3, + kl_coef x k3 KL to the reference logprobs `ref`
-    (exp(d) - d - 1, d = ref - logprob), token mean over the mini-batch's response tokens (agg: verl's other
-    loss_agg_modes over its S responses: mean of each response's token mean, sum / S, sum / (S x max_tokens)).
-    Returns (loss, the logprobs)."""
+    (exp(d) - d - 1, d = ref - logprob) - ent_coef x entropy, token mean over the mini-batch's response tokens
+    (agg: verl's other loss_agg_modes over its S responses: mean of each response's token mean, sum / S,
+    sum / (S x max_tokens)). `rollouts` (and old, ref, by position): one mini-batch. Returns (loss, the logprobs)."""
     total, n_tokens, lps = 0.0, sum(len(r.response_ids) for r in rollouts), []
     per_seq = {"token-mean": lambda n: n_tokens, "seq-mean-token-mean": lambda n: len(rollouts) * n,
                "seq-mean-token-sum": lambda n: len(rollouts),
@@ -305,8 +306,8 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
         p = len(r.prompt_ids)
         targets = torch.full_like(ids, -100)
         targets[p - 1:-1] = ids[p:]  # position t predicts token t + 1
-        lp, _ = model(ids, torch.tensor([0, len(ids)], dtype=torch.int32), targets=targets, temperature=temperature)
-        lp = lp[p - 1:-1].double()
+        lp, ent = model(ids, torch.tensor([0, len(ids)], dtype=torch.int32), targets=targets, temperature=temperature)
+        lp, ent = lp[p - 1:-1].double(), ent[p - 1:-1].double()
         lps.append(lp.detach())
         if old is None:
             continue
@@ -323,18 +324,22 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
         if ref is not None:
             d = ref[i] - lp
             seq = seq + kl_coef * (torch.exp(d) - d - 1).sum()
+        seq = seq - ent_coef * ent.sum()
         total = total + seq / per_seq(len(r.response_ids))
     return total, lps
 
 
-def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean") -> None:
+def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean", minis: int = 1,
+                         ent_coef: float = 0.0) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     # one mini-batch, 2 PPO epochs (off-policy: old logprobs from a pass before the update); several
     # micro-batches of 40 tokens; temperature 0.7; no grad clipping, so the gradients are the loss's
-    cfg = tiny_config(trainer__mini_batch_prompts=100, trainer__micro_batch_tokens=40, algo__ppo_epochs=2,
+    # minis 2: two prompts a mini-batch, each step's loss over its own (S and the token count are the mini-batch's)
+    cfg = tiny_config(trainer__mini_batch_prompts=100 if minis == 1 else 2, trainer__micro_batch_tokens=40,
+                      algo__ppo_epochs=2, algo__entropy_coef=ent_coef,
                       algo__rollout_is="mask", optim__grad_clip=0.0, rollout__temperature=0.7,
                       optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
                       rollout__max_response_tokens=16)
@@ -371,9 +376,11 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
         got = _grads(actor.model)
         for p in params.values():
             p.grad = None
-        loss, now = _reference_loss(actor.model, rollouts, old, 0.7, ref, kl_coef, agg, 16)
+        mini = [i for i in range(len(rollouts)) if rollouts[i].group // (4 // minis) == len(steps) % minis]
+        loss, now = _reference_loss(actor.model, [rollouts[i] for i in mini], [old[i] for i in mini], 0.7,
+                                    None if ref is None else [ref[i] for i in mini], kl_coef, agg, 16, ent_coef)
         if ref is not None:  # k3 stays below its clamp (10 at |d| ~ 2.5), where the formula above holds
-            assert 0.1 < max((r - c).abs().max().item() for r, c in zip(ref, now)) < 2.5
+            assert 0.1 < max((ref[i] - c).abs().max().item() for i, c in zip(mini, now)) < 2.5
         loss.backward()
         want = _grads(actor.model)
         assert sorted(got) == sorted(want) and len(want) > 10
@@ -389,15 +396,16 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
 
     actor.optimizer.step = checked_step
     m = actor.update(rollouts, "pg")
-    assert len(steps) == 2 and m["actor/optimizer_steps"] == 2
-    assert m["actor/loss"] == pytest.approx(sum(steps) / 2, rel=1e-4)
+    assert len(steps) == 2 * minis and m["actor/optimizer_steps"] == 2 * minis
+    assert m["actor/loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
     # every branch was exercised: IS mask and veto, the upper / lower clip, the dual clip
     assert m["rollout_is/veto_frac"] > 0 and m["rollout_is/masked_frac"] > 0
     assert m["actor/pg_clipfrac"] > 0 and m["actor/pg_clipfrac_lower"] > 0, m
     if kl_coef:
         assert m["actor/kl_loss"] > 1e-3 and "time/ref_logprob_s" in m, m
-        # actor/loss = pg_loss + kl_coef x kl_loss (both averaged over the 2 optimizer steps)
-        assert m["actor/loss"] == pytest.approx(m["actor/pg_loss"] + kl_coef * m["actor/kl_loss"], rel=1e-5)
+        # actor/loss = pg_loss + kl_coef x kl_loss (- entropy_coef x the aggregated entropy), over optimizer steps
+        if not ent_coef:
+            assert m["actor/loss"] == pytest.approx(m["actor/pg_loss"] + kl_coef * m["actor/kl_loss"], rel=1e-5)
         assert all(torch.equal(_full(p), frozen[n]) for n, p in reference.named_parameters())  # it stays frozen
         assert not any(p.requires_grad for p in reference.parameters())
     else:
@@ -405,13 +413,14 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kl_coef, agg", [(0.0, "token-mean"), (0.3, "token-mean"), (0.0, "seq-mean-token-mean"),
-                                          (0.3, "seq-mean-token-sum"), (0.0, "seq-mean-token-sum-norm")])
-def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg):
+@pytest.mark.parametrize("kl_coef, agg, minis, ent_coef", [
+    (0.0, "token-mean", 1, 0.0), (0.3, "token-mean", 1, 0.0), (0.0, "seq-mean-token-mean", 2, 0.02),
+    (0.3, "seq-mean-token-sum", 2, 0.0), (0.3, "seq-mean-token-sum-norm", 1, 0.02)])
+def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, ent_coef):
     """The trainer's real update (micro-batching, target shift, temperature, old logprobs, rollout IS weights,
-    clipped loss, KL to the reference policy, global token mean or another algo.loss_agg_mode) against the loss
-    written out from DESIGN.md, one sequence at a time."""
-    run_distributed(_update_vs_reference, 1, kl_coef, agg)
+    clipped loss, KL to the reference policy, an entropy bonus, global token mean or another algo.loss_agg_mode,
+    one or two mini-batches) against the loss written out from DESIGN.md, one sequence at a time."""
+    run_distributed(_update_vs_reference, 1, kl_coef, agg, minis, ent_coef)
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics

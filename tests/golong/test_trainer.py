@@ -207,13 +207,27 @@ def test_a_kl_run_resumes_exactly_with_its_reference_policy_rebuilt(config_file,
 
 def test_rollout_dump_holds_every_generated_response_and_what_training_made_of_it(config_file, tmp_path):
     """logging.dump_rollouts: one JSONL per step with every generated response (all generation batches), kept or
-    not; its scores average to reward/mean, the kept ones carry the advantages and average to score/mean; one per
-    validation, averaging to val/reward/mean."""
+    not; its scores average to reward/mean; the kept ones carry the advantages the estimator gives their rewards
+    (score + overlong penalty) and average to score/mean; `record` is the position among the data's records (some
+    dropped here, so not the prompt's position); one file per validation, averaging to val/reward/mean."""
     import json
 
+    from golong.algo import compute_advantages, overlong_penalty
+    from golong.config import load_config
+    from golong.data import build_prompts
+    from golong.data.check import run_records
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    over = ("logging.dump_rollouts=true", "trainer.total_steps=2", "profile.steps=[]", "data.overflow=drop",
+            "data.max_prompt_tokens=150", "algo.overlong_buffer_tokens=4")
     run = tmp_path / "run"
-    done = _train(config_file, run, "", "logging.dump_rollouts=true", "trainer.total_steps=2", "profile.steps=[]")
+    done = _train(config_file, run, "", *over)
     assert done.returncode == 0, done.stderr[-3000:]
+    train, val = run_records(load_config(config_file, list(over)))
+    tok = build_demo_tokenizer(1024)
+    kept_records = {p.index for p in build_prompts(train, tok, 150, "drop")}
+    dropped = set(range(len(train))) - kept_records  # prompts over 150 tokens: the later positions shift
+    assert dropped and min(dropped) < max(kept_records)
     metrics = _by_step(run)
     files = sorted(p.name for p in (run / "rollouts").iterdir())
     assert files == ["step_000001.jsonl", "step_000002.jsonl", "val_step_000000.jsonl", "val_step_000002.jsonl"]
@@ -222,16 +236,29 @@ def test_rollout_dump_holds_every_generated_response_and_what_training_made_of_i
         rows = [json.loads(line) for line in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
         assert len(rows) == m["dynamic_sampling/gen_batches"] * 4 * 4  # generation batches x prompts x rollout.n
         assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(m["reward/mean"], abs=1e-12)
+        for r in rows:
+            assert r["step"] == step and r["record"] in kept_records and isinstance(r["response"], str)
+            assert r["task"] == train[r["record"]].task
+            assert r["prompt_tokens"] == len(build_prompts([train[r["record"]]], tok, 150, "drop")[0].input_ids)
+            pen = float(overlong_penalty(torch.tensor([r["response_tokens"]]), 8, 4, 1.0)[0])
+            assert r["reward"] == pytest.approx(r["score"] + pen, abs=1e-12)
         kept = [r for r in rows if r["kept"]]
         assert len(kept) == 4 * m["dynamic_sampling/kept_prompts"]
-        assert all((r["advantage"] is None) != r["kept"] for r in rows) and all(r["reward"] == r["score"] for r in rows)
+        assert all((r["advantage"] is None) != r["kept"] for r in rows)
         if kept:
             assert sum(r["reward"] for r in kept) / len(kept) == pytest.approx(m["score/mean"], abs=1e-12)
-        assert all(isinstance(r["response"], str) and 0 <= r["record"] < 48 and r["step"] == step for r in rows)
-        assert {r["task"] for r in rows} <= {"summarization", "sequence_ordering"}
+            adv, _ = compute_advantages("tmn_grpo", torch.tensor([r["reward"] for r in kept], dtype=torch.float64),
+                                        [r["group"] for r in kept], [r["task"] for r in kept],
+                                        difficulty_reweight=True)
+            assert [r["advantage"] for r in kept] == pytest.approx(adv.tolist(), abs=1e-6)
     for step in (0, 2):
-        val = [json.loads(line) for line in (run / "rollouts" / f"val_step_{step:06d}.jsonl").read_text().splitlines()]
-        assert len(val) == 6 and sum(r["score"] for r in val) / 6 == pytest.approx(metrics[step]["val/reward/mean"])
+        rows = [json.loads(line) for line in (run / "rollouts" / f"val_step_{step:06d}.jsonl").read_text().splitlines()]
+        val_kept = [p.index for p in build_prompts(val, tok, 150, "drop")]
+        assert [r["record"] for r in rows] == val_kept and len(val_kept) < len(val)  # one response per prompt
+        assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(metrics[step]["val/reward/mean"])
+        assert all(r["task"] == val[r["record"]].task for r in rows)
+    assert any(any(r["kept"] for r in map(json.loads, (run / "rollouts" / f"step_{s:06d}.jsonl").read_text()
+                                              .splitlines())) for s in (1, 2))
 
 
 def test_a_kl_term_is_refused_on_a_run_that_warmed_up_with_sft(config_file, tmp_path):
