@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml optim.lr=2e-6
     golong eval configs/qwen3-4b-tmn.yaml --checkpoint runs/qwen3-4b-tmn/checkpoints/step_000100
     golong train configs/demo-cpu.yaml --dry-run
-    golong demo                      # CPU demo, writes runs/demo-cpu
+    golong demo --out runs/demo
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a tiny Qwen3-MoE from scratch on the 9 synthetic tasks on this CPU "
                                    "(no download): SFT warm-up, then GRPO with TMN-Reweight on 2 gloo ranks. "
                                    "Writes metrics.jsonl, summary.json, a plot and an exported HF model.")
-    p.add_argument("--out", default=None, help="output directory (default: the config's logging.run_dir, "
-                                               "runs/demo-cpu)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo-cpu.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to the demo config")
     p.set_defaults(subparser=p)

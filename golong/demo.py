@@ -29,7 +29,8 @@ from typing import Any
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml"
 # outputs of an earlier demo in the same directory (the demo always starts from scratch)
 # (wandb_run_id too: a new demo is a new W&B run, not a resume of the last one)
-_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id")
+_OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id",
+            "rollouts", "config.yaml")
 # written into the output directory before training: its outputs are a demo's, which the next demo may replace
 _MARKER = ".golong-demo"
 
@@ -122,19 +123,18 @@ def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title:
     Console().print(t)
 
 
-def run_demo(out_dir: str | Path | None = None, config: str | Path | None = None,
+def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None,
              overrides: list[str] | tuple[str, ...] = (), world_size: int = 2) -> dict[str, Any]:
-    """Train, evaluate, export and plot; returns the summary (also written to out_dir/summary.json).
-    out_dir: default the config's logging.run_dir (configs/demo-cpu.yaml: runs/demo-cpu), so that `golong eval`
-    or `golong plot` with the demo's config find its run."""
+    """Train, evaluate, export and plot; returns the summary (also written to out_dir/summary.json). Not the
+    config's logging.run_dir: `golong train configs/demo-cpu.yaml` writes there, and the demo replaces what it
+    finds in its directory."""
     from golong.config import ConfigError, load_config
     from golong.logger import get_logger
 
     log = get_logger()
     t_start = time.perf_counter()
-    run_dir = [f"logging.run_dir={out_dir}"] if out_dir is not None else []
-    cfg = load_config(config or DEFAULT_CONFIG, [*overrides, *run_dir, "checkpoint.resume=none"])
-    out = Path(cfg.logging.run_dir)
+    out = Path(out_dir)
+    cfg = load_config(config or DEFAULT_CONFIG, [*overrides, f"logging.run_dir={out}", "checkpoint.resume=none"])
     if cfg.trainer.sft_steps <= 0 or not cfg.trainer.val_every:
         raise ConfigError("the demo needs trainer.sft_steps > 0 and trainer.val_every > 0")  # CLI: one line
     found = [name for name in _OUTPUTS if (out / name).exists()]

@@ -36,9 +36,9 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 
 def aggregation_weights(mode: str, response_lengths: torch.Tensor, seq_index: torch.Tensor, num_sequences: int,
                         max_response_tokens: int) -> torch.Tensor | None:
-    """policy_loss's token_weights for an aggregation over a mini-batch of `num_sequences` responses: per token
-    [T] (seq_index [T] int64: the token's response in response_lengths [S_local], which need not hold every
-    response of the mini-batch). token-mean: None (policy_loss divides by the global token count)."""
+    """policy_loss's token_weights for an aggregation over a mini-batch of `num_sequences` responses: [T] fp32,
+    per token (seq_index [T] int64: the token's response in response_lengths [S_local] int, which need not hold
+    every response of the mini-batch). token-mean: None (policy_loss divides by the global token count)."""
     if mode not in AGG_MODES:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of: {', '.join(AGG_MODES)}")
     if mode == "token-mean":

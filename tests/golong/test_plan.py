@@ -374,7 +374,7 @@ def test_kernel_constants_are_read_from_the_kernel_modules(monkeypatch):
     assert k["attn_block_m"] == fa.TORCH_BLOCK_M and k["lp_dh_group"] == lp.DH_GROUP
 
 
-def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward():
+def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward(capsys):
     """algo.kl_coef > 0: a bf16 copy of the weights stays resident (half the fp32 master shard), and each step
     runs one more forward: what activation checkpointing's recompute costs, plus the LM head's logits."""
     base = ["parallel.cpu_offload=false"]
@@ -390,3 +390,8 @@ def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward():
     forward = (t.hardware_flops - no_ckpt.throughput.hardware_flops) + 2 * s.vocab * s.hidden * t.tokens
     assert kl.throughput.hardware_flops - t.hardware_flops == pytest.approx(forward, rel=1e-12)
     assert kl.throughput.model_flops == t.model_flops
+    from golong.cli import main
+
+    assert main(["plan", str(ROOT / "configs/qwen3-4b-grpo.yaml"), *base, "algo.kl_coef=0.001", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "reference policy (algo.kl_coef), sharded compute copy" in out and "(params + AdamW + reference)" in out

@@ -235,6 +235,7 @@ def test_rollout_dump_holds_every_generated_response_and_what_training_made_of_i
         m = metrics[step]
         rows = [json.loads(line) for line in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
         assert len(rows) == m["dynamic_sampling/gen_batches"] * 4 * 4  # generation batches x prompts x rollout.n
+        assert m["time/dump_s"] > 0
         assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(m["reward/mean"], abs=1e-12)
         for r in rows:
             assert r["step"] == step and r["record"] in kept_records and isinstance(r["response"], str)
