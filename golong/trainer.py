@@ -953,10 +953,10 @@ class Trainer:
                               max_tokens=r.max_response_tokens)
 
     def _decode_responses(self, responses: Sequence[Sequence[int]]) -> list[str]:
-        """The texts of responses (stop token stripped) in one batched call: a fast tokenizer decodes a batch on
-        all cores (one 16K-token response: ~4 ms alone)."""
-        return self.tokenizer.batch_decode([np.asarray(self._strip_stop(ids)).tolist() for ids in responses],
-                                           skip_special_tokens=True)
+        """The texts of responses, stop token stripped (one 16K-token response: ~4 ms; transformers' batch_decode
+        was 1.4x slower than this loop on the demo tokenizer)."""
+        return [self.tokenizer.decode(np.asarray(self._strip_stop(ids)).tolist(), skip_special_tokens=True)
+                for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
                             label: str) -> tuple[list[tuple[np.ndarray, np.ndarray | None, str, float]],
