@@ -262,6 +262,44 @@ def test_rollout_dump_holds_every_generated_response_and_what_training_made_of_i
                                               .splitlines())) for s in (1, 2))
 
 
+def test_rollout_dump_of_a_step_that_kept_nothing_and_of_a_failed_write(tmp_path, capsys):
+    """A step whose groups all had equal rewards is dumped too (nothing kept, no advantages); a dump that cannot be
+    written is a warning, and the responses it held are released either way."""
+    import json
+    import types
+
+    import numpy as np
+
+    from golong.config import RunConfig
+    from golong.data import build_prompts
+    from golong.data.synthetic import generate
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.trainer import Rollout, Trainer
+
+    tok = build_demo_tokenizer()
+    prompts = build_prompts(generate(3, 8, seed=2), tok, 256)
+    stub = types.SimpleNamespace(cfg=RunConfig(), tokenizer=tok, train_prompts=prompts, stop_ids={tok.eos_token_id},
+                                 run_dir=tmp_path / "run")
+    for name in ("_overlong_penalty", "_decode_responses", "_strip_stop"):
+        setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
+
+    def generated():
+        return [Rollout(prompts[k].input_ids, np.array(tok.encode("an answer") + [tok.eos_token_id], dtype=np.int32),
+                        None, group=k, task=prompts[k].record.task, score=0.0, finish_reason="stop", prompt_index=k)
+                for k in (2, 0)]
+
+    stub.generated = generated()
+    assert Trainer._dump_rollouts(stub, 7, []) >= 0 and stub.generated == []
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step_000007.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["kept"], r["advantage"], r["response"]) for r in rows] == \
+        [(2, False, None, "an answer"), (0, False, None, "an answer")]
+    stub.run_dir = tmp_path / "a_file"
+    stub.run_dir.write_text("not a directory")
+    stub.generated = generated()
+    Trainer._dump_rollouts(stub, 8, [])  # the log goes to stdout
+    assert "WARNING step 8: could not write the rollout dump" in capsys.readouterr().out and stub.generated == []
+
+
 def test_a_kl_term_is_refused_on_a_run_that_warmed_up_with_sft(config_file, tmp_path):
     """The config check sees only this config's trainer.sft_steps: resuming a run whose checkpoint already did the
     warm-up with sft_steps=0 and a KL term would anchor the policy to the weights before the warm-up."""
