@@ -110,10 +110,11 @@ def pairwise(region: str, gold: Gold) -> float:
 # ---------------------------------------------------------------- multiple choice
 
 # GoLongRL's multi_choices reward: the literal sentence, case as written, one space, options A-D; the
-# parenthesised form anywhere wins over the bare one. golong adds a word boundary to the bare form
-# ("The correct answer is Definitely" names no option; GoLongRL reads a D there).
+# parenthesised form anywhere wins over the bare one. golong requires the bare letter not to start a Latin word
+# ("The correct answer is Definitely" names no option; GoLongRL reads a D there), and only a Latin one: "A项" (option
+# A in Chinese) and "A." still read A.
 _CHOICE_PAREN = re.compile(r"The correct answer is \(([A-D])\)")
-_CHOICE_BARE = re.compile(r"The correct answer is ([A-D])\b")
+_CHOICE_BARE = re.compile(r"The correct answer is ([A-D])(?![A-Za-z])")
 
 
 def _choice_letter(text: str) -> str | None:
@@ -228,6 +229,7 @@ def iou(region: str, gold: Gold) -> float:
 # (bit-reversed, so that "the nearest candidate cell to the left" is a lowest-set-bit search, which
 # subtraction does for every sentence in parallel). Cost: O(|reference| |response| / 64) word operations.
 
+ROUGE_LANGUAGES = ("Chinese", "English")  # the values GoLongRL's LongBench-Pro records give ground_truth["summary"]
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 ROUGE_ROW_BUDGET_BITS = 1 << 29  # DP rows kept at once (64 MB); longer inputs recompute rows from checkpoints
 _REVERSED_BYTE = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
@@ -362,18 +364,20 @@ def rouge_l(region: str, gold: Gold) -> float:
     `region` is the whole response, think block included: the recipe scores the unsplit response (no
     </think> split, no [Answer] cut), folded like each reference (lower-cased, whitespace runs to one space).
     A reference with no sentence makes the package raise for the whole call, so the recipe scores 0: so does
-    golong. Chinese: the recipe cuts both sides into jieba words when its `language` argument is "Chinese" (its
-    dispatcher passes ground_truth["summary"] there, whatever that field holds); golong cuts them when the
-    reference has CJK characters (per reference).
+    golong. `gold`: the references, or {"references": ..., "language": "Chinese" | "English"}. Chinese: the
+    recipe cuts both sides into jieba words when its `language` argument is "Chinese" (ground_truth["summary"]
+    of its LongBench-Pro records); so does golong where the gold names a language, and where it names none (other
+    data) cuts them when the reference has CJK characters (per reference).
     """
-    refs = [fold(g) for g in _gold_strings(gold)]
+    language = gold.get("language") if isinstance(gold, dict) else None
+    refs = [fold(g) for g in _gold_strings(gold["references"] if isinstance(gold, dict) else gold)]
     pred = fold(region)
     if not pred or not refs:
         return 0.0
     sentences: dict[bool, list[list[str]]] = {}
     best = 0.0
     for ref in refs:
-        zh = bool(_CJK.search(ref))
+        zh = language == "Chinese" if language in ROUGE_LANGUAGES else bool(_CJK.search(ref))
         if zh not in sentences:
             sentences[zh] = rouge_sentences(pred, zh)
         reference = rouge_sentences(ref, zh)
@@ -409,9 +413,8 @@ def math_verify(region: str, gold: Gold) -> float:
         return 0.0
     if len(pred) > 1 and any(str(pred[1]).strip() == g.strip() for g in golds):
         return 1.0
-    for g in golds:
-        wrapped = g if ("\\boxed" in g or "$" in g) else f"\\boxed{{{g}}}"
-        ref = parse(wrapped, parsing_timeout=None)
+    for g in golds:  # wrapped as the recipe does, whatever the gold holds ("\\$1,200" parses only inside a box)
+        ref = parse(f"\\boxed{{{g}}}", parsing_timeout=None)
         if ref and verify(ref, pred, timeout_seconds=None):
             return 1.0
     return 0.0

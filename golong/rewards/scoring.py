@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from golong.rewards.answer import answer_region, checked_response, marked_answer
-from golong.rewards.metrics import Gold, check_metric, score_region
+from golong.rewards.metrics import ROUGE_LANGUAGES, Gold, check_metric, score_region
 from golong.rewards.pool import DEFAULT_MEMORY_MB, check_memory, check_timeout, get_pool
 from golong.rewards.tasks import route
 
@@ -71,8 +71,8 @@ def metric_text(metric: str, response: str, *, require_think: bool = True) -> st
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                   require_think: bool = True) -> float:
     """Score one response with `metric` against `ground_truth` (a string, a list of gold items, or for
-    retrieval_calculate {"doc_ids", "golden_label"}, for model_verify {"answer", "golden_label"}), on the part
-    of the response SCOPES names.
+    retrieval_calculate {"doc_ids", "golden_label"}, for model_verify {"answer", "golden_label"}, for rouge_l
+    optionally {"references", "language": "Chinese" | "English"}), on the part of the response SCOPES names.
 
     With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify) run in a
     pooled worker process that is killed when it overruns (score 0); the other metrics run here, in time linear
@@ -159,11 +159,14 @@ def record_target(record: Any) -> tuple[str, Gold]:
         return metric, gt
     if isinstance(gt, dict):
         doc_ids = list(_listed(gt.get("doc_ids")) or [])
-        label = gt.get("golden_label") or ""
+        label, summary = gt.get("golden_label") or "", gt.get("summary")
     else:
         doc_ids, label = list(_listed(getattr(gt, "doc_ids", [])) or []), getattr(gt, "golden_label", "") or ""
+        summary = getattr(gt, "summary", None)
     if metric == "retrieval_calculate":  # both: the documents to cite and the number to reach
         return metric, {"doc_ids": doc_ids, "golden_label": label}
+    if metric == "rouge_l" and summary in ROUGE_LANGUAGES:  # GoLongRL's LongBench-Pro: the references' language
+        return metric, {"references": doc_ids if doc_ids else label, "language": summary}
     if metric in LIST_METRICS:
         return metric, (doc_ids if doc_ids else label)
     return metric, (label if label else doc_ids)

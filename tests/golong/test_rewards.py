@@ -101,6 +101,9 @@ def test_choice():
     assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "C") == 0.0
     assert score("choice", "The correct answer is (A). Wait. The correct answer is (C)", "A") == 1.0
     assert score("choice", "The correct answer is Definitely", "D") == 0.0  # 'D' of a word is no letter
+    assert score("choice", "The correct answer is A项", "A") == 1.0  # option A, in Chinese
+    assert score("choice", "The correct answer is C.", "C") == 1.0
+    assert score("choice", "The correct answer is B1", "B") == 1.0  # as the recipe: only a Latin letter is a word
     assert score("choice", "B", "B") == 0.0  # the sentence is required
     assert score("choice", "The correct answer is **(B)**", "B") == 1.0  # Markdown bold around the letter
     assert score("choice", "The correct answer is (B)", "b") == 1.0  # a lower-case gold letter
@@ -239,6 +242,10 @@ def test_math_verify_hand():
     assert compute_score("math_verify", R("The answer is 12."), "12") == 1.0
     assert compute_score("math_verify", R("\\boxed{2\\sqrt{2}}"), "\\sqrt{8}") == 1.0
     assert compute_score("math_verify", R("no number here"), "7") == 0.0
+    # the gold is boxed whatever it holds, as the recipe boxes it ("\\$1,200" alone parses to nothing)
+    assert compute_score("math_verify", R("\\boxed{1200}"), "\\$1,200") == 1.0
+    assert compute_score("math_verify", R("\\boxed{\\frac{1}{2}}"), "$0.5$") == 1.0
+    assert compute_score("math_verify", R("\\boxed{5}"), "\\boxed{5}") == 1.0
     # the final result is read from the end of a long answer
     long = "Step: 1 + 1 = 2. " * 200 + "\\boxed{41}"
     assert compute_score("math_verify", R(long), "41") == 1.0
@@ -865,6 +872,31 @@ def test_score_record_goLongRL_layouts():
     assert score_record(math_rec, R("\\boxed{0.75}")) == 1.0
     assert score_record(math_rec, "\\boxed{0.75}") == 0.0  # no think block
     assert score_record(math_rec, "\\boxed{0.75}", require_think=False) == 1.0
+
+
+def test_rouge_l_cuts_chinese_as_the_records_language_field_says():
+    """GoLongRL's LongBench-Pro records name the references' language in ground_truth["summary"], and the recipe
+    cuts both sides into jieba words iff it is "Chinese" (an English summary quoting a Chinese name is not cut);
+    records without that field (other data) are cut where the reference has CJK characters."""
+    import jieba
+    from rouge import Rouge
+
+    from golong.rewards.answer import fold
+
+    def recipe(response: str, refs: list[str], zh: bool) -> float:  # its Summary_Max_Rouge_L on folded text
+        response, refs = fold(response), [fold(r) for r in refs]
+        if zh:
+            response, refs = " ".join(jieba.lcut(response)), [" ".join(jieba.lcut(r)) for r in refs]
+        return max(s["rouge-l"]["f"] for s in Rouge().get_scores([response] * len(refs), refs, avg=False))
+
+    response = "<think>\nthe summary.\n</think>\n\nHuawei (华为公司) released a new phone. it sold well in China."
+    refs = ["Huawei, known as 华为公司, released a phone. The phone sold well.", "A phone was released."]
+    want = {zh: recipe(response, refs, zh) for zh in (False, True)}
+    assert abs(want[False] - want[True]) > 0.05  # the cut matters here
+    for language, zh in (("English", False), ("Chinese", True), ("", True), ("a summary text", True)):
+        record = _verl("longbench_pro", {"doc_ids": refs, "golden_label": "", "summary": language},
+                       "T4.2 Query-Focused Summary")
+        assert score_record(record, response) == pytest.approx(want[zh], abs=1e-12), language
 
 
 def test_score_record_takes_rows_read_with_pandas():
