@@ -171,6 +171,7 @@ class Rollout:
     advantage: float = 0.0
     finish_reason: str = "length"
     prompt_index: int | None = None  # position of its prompt in the trainer's training prompts (rollouts it made)
+    text: str | None = None  # the decoded response, stop token stripped: on rank 0 with logging.dump_rollouts only
 
     @property
     def length(self) -> int:
@@ -798,6 +799,15 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def _gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's obj on rank 0 (rank order), None on the others. A collective: every rank calls it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 class _Progress:
     """Rollout progress on rank 0 (a no-op elsewhere or when disabled): a rich bar on a terminal; in a log file,
     where a bar is noise, a line every `log_every_s` seconds (a long-context rollout runs for many minutes)."""
@@ -963,11 +973,13 @@ class Trainer:
         return out
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str) -> tuple[list[tuple[np.ndarray, np.ndarray | None, str, float]],
-                                                 dict[str, float]]:
+                            label: str, texts: bool = False
+                            ) -> tuple[list[tuple[np.ndarray, np.ndarray | None, str, float, str | None]],
+                                       dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered.
-        Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score)] in (prompt, sample) order
-        + timings."""
+        Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score, text)] in (prompt, sample)
+        order + timings. text: the response as scored, on rank 0 where `texts` (the same on every rank: the texts
+        are gathered there, from the ranks that decoded them to score them), else None."""
         from golong.rewards.scoring import RewardConfig, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
@@ -984,8 +996,8 @@ class Trainer:
         t1 = time.perf_counter()
         with nvtx_range("reward"):
             rc = self.cfg.rollout
-            scores = score_records([prompts[requests[j][0]].record for j in mine],
-                                   self._decode_responses(out.token_ids),
+            decoded = self._decode_responses(out.token_ids)
+            scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
                                                        num_workers=rc.reward_workers,
                                                        memory_mb=rc.reward_memory_mb))
@@ -997,7 +1009,13 @@ class Trainer:
                   out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
         merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
-        return [x[1:] for x in merged], timings
+        by_request: dict[int, str] = {}
+        if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
+            t3 = time.perf_counter()
+            parts = _gather_to_rank0(list(zip(mine, decoded)))
+            by_request = {j: text for part in parts or [] for j, text in part}
+            timings["time/dump_s"] = time.perf_counter() - t3
+        return [(*x[1:], by_request.get(x[0])) for x in merged], timings
 
     def _strip_stop(self, ids: Sequence[int]) -> Sequence[int]:
         return ids[:-1] if len(ids) and int(ids[-1]) in self.stop_ids else ids
@@ -1012,7 +1030,8 @@ class Trainer:
         kept: list[Rollout] = []
         every: list[Rollout] = []
         # kept for the rollout dump only where it is written: the rest of a generation batch is freed on return
-        self.generated = every if cfg.logging.dump_rollouts and self.rank == 0 else []
+        dump = cfg.logging.dump_rollouts
+        self.generated = every if dump and self.rank == 0 else []
         metrics: dict[str, float] = defaultdict(float)
         gen_batches = 0
         max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
@@ -1021,14 +1040,14 @@ class Trainer:
             prompts = [self.train_prompts[i] for i in idx]
             results, timings = self._generate_and_score(prompts, n, self._sampling(), (cfg.trainer.seed, step,
                                                                                        gen_batches),
-                                                        f"rollout step {step}")
+                                                        f"rollout step {step}", texts=dump)
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
             batch = [Rollout(prompts[j // n].input_ids, np.asarray(toks, dtype=np.int32),
                              None if lps is None else np.asarray(lps, dtype=np.float32),
                              group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task, score=float(s),
-                             finish_reason=fin, prompt_index=idx[j // n])
-                     for j, (toks, lps, fin, s) in enumerate(results)]
+                             finish_reason=fin, prompt_index=idx[j // n], text=text)
+                     for j, (toks, lps, fin, s, text) in enumerate(results)]
             every += batch
             gen_batches += 1
             if cfg.algo.dynamic_sampling and n > 1:
@@ -1084,13 +1103,12 @@ class Trainer:
         t0 = time.perf_counter()
         kept = {id(r) for r in trained}
         penalty = self._overlong_penalty(self.generated).tolist()
-        texts = self._decode_responses([r.response_ids for r in self.generated])
         rows = ({"step": step, "group": r.group, "record": self.train_prompts[r.prompt_index].index,
                  "data_source": self.train_prompts[r.prompt_index].record.data_source, "task": r.task,
                  "score": r.score, "reward": r.score + p, "kept": id(r) in kept,
                  "advantage": r.advantage if id(r) in kept else None, "finish_reason": r.finish_reason,
-                 "prompt_tokens": len(r.prompt_ids), "response_tokens": len(r.response_ids), "response": text}
-                for r, p, text in zip(self.generated, penalty, texts))
+                 "prompt_tokens": len(r.prompt_ids), "response_tokens": len(r.response_ids), "response": r.text}
+                for r, p in zip(self.generated, penalty))
         path = self.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
         try:
             write_jsonl(path, rows)
@@ -1112,7 +1130,7 @@ class Trainer:
             log.warning(f"step {step}: every prompt group had equal rewards in {cfg.algo.max_num_gen_batches} "
                         "generation batches; no update")
             if cfg.logging.dump_rollouts and self.rank == 0:
-                metrics["time/dump_s"] = self._dump_rollouts(step, [])
+                metrics["time/dump_s"] = metrics.get("time/dump_s", 0.0) + self._dump_rollouts(step, [])
             metrics["time/step_s"] = time.perf_counter() - t_step
             return metrics
         t0 = time.perf_counter()
@@ -1133,7 +1151,8 @@ class Trainer:
         metrics.update({k if "/" in k else f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["time/advantage_s"] = time.perf_counter() - t0
         if cfg.logging.dump_rollouts and self.rank == 0:
-            metrics["time/dump_s"] = self._dump_rollouts(step, rollouts)
+            # + gathering the texts to rank 0 in collect_rollouts
+            metrics["time/dump_s"] = metrics.get("time/dump_s", 0.0) + self._dump_rollouts(step, rollouts)
         self.engine.sleep()  # the trainer's turn: vLLM releases its KV cache (and weights) on GPU
         t0 = time.perf_counter()
         with nvtx_range("update"):
@@ -1155,24 +1174,26 @@ class Trainer:
     # --------------------------------------------------------------------------- validation
     def validate(self, step: int, responses: list[dict[str, Any]] | None = None) -> dict[str, float]:
         """rollout.val_n responses per held-out prompt at the validation sampling settings; per-task means.
-        `responses`, when given, receives one row per response (prompt index, task, score, finish, text)."""
+        `responses`, when given (on every rank: a collective gathers the texts), receives on rank 0 one row per
+        response (prompt index, task, score, finish, text); the other ranks' lists stay empty."""
         if not self.val_prompts:
             return {}
+        dump = self.cfg.logging.dump_rollouts and not self.eval_only
         results, timings = self._generate_and_score(self.val_prompts, self.cfg.rollout.val_n, self._sampling(val=True),
-                                                    (self.cfg.trainer.seed, "val"), "validation")
+                                                    (self.cfg.trainer.seed, "val"), "validation",
+                                                    texts=dump or responses is not None)
         t0 = time.perf_counter()
         by_task: dict[str, list[float]] = defaultdict(list)
         n = self.cfg.rollout.val_n
-        dump = self.cfg.logging.dump_rollouts and not self.eval_only and self.rank == 0
-        rows = responses if responses is not None else [] if dump else None
-        texts = self._decode_responses([r[0] for r in results]) if rows is not None else []
-        for j, (_, _, finish, s) in enumerate(results):
+        dump = dump and self.rank == 0
+        rows = None if self.rank else responses if responses is not None else [] if dump else None
+        for j, (_, _, finish, s, text) in enumerate(results):
             record = self.val_prompts[j // n].record
             by_task[record.task].append(s)
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
                 rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
                              "data_source": record.data_source, "task": record.task, "score": s,
-                             "finish_reason": finish, "response": texts[j]})
+                             "finish_reason": finish, "response": text})
         if dump:
             path = self.run_dir / "rollouts" / f"val_step_{step:06d}.jsonl"
             try:
@@ -1180,8 +1201,8 @@ class Trainer:
             except OSError as e:
                 log.warning(f"validation at step {step}: could not write the rollout dump {path}: {e}")
         scores = [s for v in by_task.values() for s in v]
-        out = {"val/reward/mean": sum(scores) / len(scores), "val/time_s": timings["time/rollout_s"]
-               + timings["time/reward_s"] + time.perf_counter() - t0}
+        out = {"val/reward/mean": sum(scores) / len(scores),
+               "val/time_s": sum(timings.values()) + time.perf_counter() - t0}
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         self.history.append({"step": step, **out})
         return out
@@ -1489,11 +1510,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
             trainer.engine.sync_weights(trainer.model)
             log.info(f"eval: weights of {ckpt} (step {step})")
-        responses: list[dict[str, Any]] = []
+        responses: list[dict[str, Any]] = []  # filled on rank 0
         metrics = trainer.validate(step, responses)
         counts: dict[str, int] = defaultdict(int)
-        for r in responses:
-            counts[r["task"]] += 1
+        for p in trainer.val_prompts:
+            counts[p.record.task] += cfg.rollout.val_n
         metric = task_metrics(p.record for p in trainer.val_prompts)
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,

@@ -280,12 +280,12 @@ def test_rollout_dump_of_a_step_that_kept_nothing_and_of_a_failed_write(tmp_path
     prompts = build_prompts(generate(3, 8, seed=2), tok, 256)
     stub = types.SimpleNamespace(cfg=RunConfig(), tokenizer=tok, train_prompts=prompts, stop_ids={tok.eos_token_id},
                                  run_dir=tmp_path / "run")
-    for name in ("_overlong_penalty", "_decode_responses", "_strip_stop"):
-        setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
+    stub._overlong_penalty = types.MethodType(Trainer._overlong_penalty, stub)
 
     def generated():
         return [Rollout(prompts[k].input_ids, np.array(tok.encode("an answer") + [tok.eos_token_id], dtype=np.int32),
-                        None, group=k, task=prompts[k].record.task, score=0.0, finish_reason="stop", prompt_index=k)
+                        None, group=k, task=prompts[k].record.task, score=0.0, finish_reason="stop", prompt_index=k,
+                        text="an answer")
                 for k in (2, 0)]
 
     stub.generated = generated()
@@ -616,10 +616,10 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
               [[0.0, 1.0, 0.0, 1.0]] * 4]
     calls = []
 
-    def scripted(prompts, n, params, seed_key, label):
+    def scripted(prompts, n, params, seed_key, label, texts=False):
         scores = script[len(calls)]
         calls.append(seed_key)
-        return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n])
+        return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n], None)
                 for j in range(len(prompts) * n)], {}
 
     m, got = _scripted_train_step(cfg, monkeypatch, scripted)
@@ -656,8 +656,8 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
         for i, p in enumerate(trainer.train_prompts):
             p.record.extra_info["reward_mode"] = modes[i % 2]
 
-    def scripted(prompts, n, params, seed_key, label):
-        return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n]) for j in range(len(prompts) * n)], {}
+    def scripted(prompts, n, params, seed_key, label, texts=False):
+        return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n], None) for j in range(len(prompts) * n)], {}
 
     m, got = _scripted_train_step(cfg, monkeypatch, scripted, prepare=name_subtasks)
     assert {r.task for r in got} == set(modes)  # the records' own task names are untouched
@@ -826,9 +826,9 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
         trainer = Trainer(cfg)
         start = trainer.sampler.position
 
-        def scripted(prompts, n, params, seed_key, label):
+        def scripted(prompts, n, params, seed_key, label, texts=False):
             sizes.append(len(prompts))
-            return [([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n]) for j in range(len(prompts) * n)], {}
+            return [([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n], None) for j in range(len(prompts) * n)], {}
 
         monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         got, m = trainer.collect_rollouts(1)
@@ -856,8 +856,9 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
     try:
         trainer = Trainer(cfg)
 
-        def scripted(prompts, n, params, seed_key, label):  # every group tied: both batches are generated
-            out = [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0) for j in range(len(prompts) * n)]
+        def scripted(prompts, n, params, seed_key, label, texts=False):  # every group tied: both batches are generated
+            out = [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0, None)
+                   for j in range(len(prompts) * n)]
             tokens = sum(len(o[0]) for o in out)
             batches.append(tokens)
             seconds = 2.0 * len(batches)  # 2 s, then 4 s
@@ -1042,7 +1043,7 @@ def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path)
         assert len({id(r.prompt_ids) for r in rollouts}) == len({r.group for r in rollouts})
         # what the ranks gather is arrays too (lists of Python numbers: ~1.6x the pickled bytes, ~25x the unpickling)
         results, _ = trainer._generate_and_score(trainer.train_prompts[:2], 2, trainer._sampling(), (0,), "t")
-        assert len(results) == 4 and all(t.dtype == np.int32 and lp.dtype == np.float32 for t, lp, _, _ in results)
+        assert len(results) == 4 and all(t.dtype == np.int32 and lp.dtype == np.float32 for t, lp, _, _, _ in results)
         responses: list = []
         trainer.validate(0, responses)  # decodes the gathered arrays
         assert responses and all(isinstance(r["response"], str) for r in responses)
@@ -1122,3 +1123,50 @@ def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
     evaluate(cfg, out_dir=tmp_path / "eval" / "a")
     assert not (tmp_path / "eval" / "a" / "prompt_cache").exists()
     assert [p.name.split("-")[0] for p in (tmp_path / "prompt_cache").iterdir()] == ["val"]
+
+
+def _texts_worker(rank: int, world: int) -> None:
+    """_generate_and_score on `world` gloo ranks with an engine that answers each request with its own words: rank 0
+    receives every response's text, in (prompt, sample) order, as the rank that scored it decoded it."""
+    import types
+
+    from golong.config import RunConfig
+    from golong.data import build_prompts
+    from golong.data.synthetic import generate
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.rollout import GenerationResult, SamplingParams
+    from golong.trainer import Trainer, request_seed
+
+    tok = build_demo_tokenizer()
+    prompts = build_prompts(generate(5, 8, seed=3), tok, 256)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+    def fake_generate(lists, params, seeds, progress=None):
+        ids = [tok.encode(f"{words[s % 8]} {words[s // 8 % 8]}") + [tok.eos_token_id] for s in seeds]
+        return GenerationResult(ids, [None] * len(ids), ["stop"] * len(ids))
+
+    stub = types.SimpleNamespace(cfg=RunConfig(), rank=rank, world=world, tokenizer=tok, stop_ids={tok.eos_token_id},
+                                 engine=types.SimpleNamespace(generate=fake_generate))
+    for name in ("_decode_responses", "_strip_stop"):
+        setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
+    # the seed of request j is request_seed(key, j): answers differ between requests and are known to every rank
+    seeds = [request_seed(1, j) for j in range(len(prompts) * 3)]
+    expect = [f"{words[s % 8]} {words[s // 8 % 8]}" for s in seeds]
+    assert len(set(expect)) > 8  # a permutation of the texts would show
+    results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t",
+                                                     texts=True)
+    assert [tok.decode(r[0].tolist()[:-1], skip_special_tokens=True) for r in results] == expect
+    if rank == 0:
+        assert [r[4] for r in results] == expect and timings["time/dump_s"] >= 0
+    else:
+        assert all(r[4] is None for r in results)
+    results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
+    assert all(r[4] is None for r in results) and "time/dump_s" not in timings
+
+
+def test_response_texts_are_gathered_to_rank_0_in_request_order():
+    """The rollout dump's texts are the ones the ranks decoded to score their shares (rank 0 no longer decodes the
+    whole batch again): on 3 ranks, each response's text reaches rank 0 at its request's position."""
+    from tests.distributed import run_distributed
+
+    run_distributed(_texts_worker, 3)
