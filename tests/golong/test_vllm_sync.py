@@ -352,6 +352,23 @@ def test_weight_push_buckets_cast_and_order_without_vllm():
     assert llm.rpcs[-1][0] == "golong_finish_weight_update"
 
 
+def test_waking_returns_the_trainers_cached_memory_to_the_driver_first(monkeypatch):
+    """vLLM's sleep-mode pool allocates from the driver, which cannot hand it what torch's caching allocator still
+    holds after the update: every wake-up (weights, then KV cache, in update_weights) empties that cache first."""
+    calls = []
+    llm = _FakeLLM()
+    llm.wake_up = lambda tags: calls.append(("wake", tags))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    e = _fake_engine(llm)
+    e._asleep_tags = {"weights", "kv_cache"}
+    e.update_weights([("w0", torch.ones(3))])
+    assert calls == [("empty_cache",), ("wake", ["weights"]), ("empty_cache",), ("wake", ["kv_cache"])]
+    assert not e.asleep
+    e.wake_up()  # awake: nothing to do, nothing emptied
+    assert len(calls) == 4
+
+
 def test_generate_maps_sampling_params_and_results_without_vllm():
     """generate: stop ids = engine EOS + request stops, sorted; top_k -1 -> 0 (vLLM's off); one seed per
     request; the sampled tokens' logprobs read from vLLM's per-position dicts; no finish reason = length."""
