@@ -154,7 +154,9 @@ def wandb_run_id(run_dir: Path) -> str:
 class MetricsWriter:
     """Append-only metrics sink. JSONL always (flushed per step, so a crash loses nothing
     already logged); TensorBoard and wandb when enabled. Only rank 0 writes. Like metrics.jsonl, the W&B run
-    belongs to the run directory: every run in it (a resume) logs to the same W&B run."""
+    belongs to the run directory: every run in it (a resume) logs to the same W&B run, against the x-axis
+    `trainer/step` (W&B's own step only increases: it would drop the SFT rows, at steps <= -1, and a resume's
+    replayed steps). A resume first `rewind`s the file and TensorBoard past the steps it will log again."""
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "golong", config: dict[str, Any] | None = None) -> None:
@@ -165,13 +167,13 @@ class MetricsWriter:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / "metrics.jsonl"
         torn = False
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb") as f:
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 torn = f.read(1) != b"\n"  # a run killed mid-line: end that line, or it swallows our first row
-        self._jsonl = open(path, "a", buffering=1)
+        self._jsonl = open(self.path, "a", buffering=1)
         if torn:
             self._jsonl.write("\n")
         if tensorboard:
@@ -184,6 +186,41 @@ class MetricsWriter:
             # a resumed run (same run_dir) continues the same W&B run instead of starting a new one beside it
             self._wandb = _wandb.init(project=wandb_project, dir=str(self.run_dir), config=config or {},
                                       id=wandb_run_id(self.run_dir), resume="allow")
+            self._wandb.define_metric("trainer/step")
+            self._wandb.define_metric("*", step_metric="trainer/step")
+
+    def rewind(self, next_step: int | None) -> int:
+        """Before a run logs from `next_step` on (None: a fresh start, every row is stale): rows already logged at
+        steps >= next_step belong to work an interruption discarded. They move from metrics.jsonl to
+        metrics.discarded.jsonl (nothing is lost; each step keeps one row), and TensorBoard hides its events from
+        the first of those steps (purge_step). Returns how many rows moved."""
+        if not self.active:
+            return 0
+        self._jsonl.close()
+        kept, moved, first = [], [], None
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    step = json.loads(line)["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn line
+                stale = next_step is None or step >= next_step
+                (moved if stale else kept).append(line)
+                if stale:
+                    first = step if first is None else min(first, step)
+        if moved:
+            with open(self.run_dir / "metrics.discarded.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(moved)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self._jsonl = open(self.path, "a", buffering=1)
+        if moved and self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=first)
+        return len(moved)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -201,7 +238,7 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+            self._wandb.log({**numeric, "trainer/step": step})
 
     def close(self) -> None:
         if not self.active:

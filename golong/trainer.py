@@ -909,6 +909,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
         self.generated: list[Rollout] = []  # the last step's responses, kept or not (logging.dump_rollouts)
+        self.warned_format = False  # _warn_format: once per run
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
@@ -978,8 +979,10 @@ class Trainer:
                                        dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered.
         Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score, text)] in (prompt, sample)
-        order + timings. text: the response as scored, on rank 0 where `texts` (the same on every rank: the texts
-        are gathered there, from the ranks that decoded them to score them), else None."""
+        order + timings (and with rollout.require_think, "response/format_errors": how many responses failed
+        the format gate). text: the response as scored, on rank 0 where `texts` (the same on every rank: the
+        texts are gathered there, from the ranks that decoded them to score them), else None."""
+        from golong.rewards.answer import checked_response
         from golong.rewards.scoring import RewardConfig, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
@@ -997,6 +1000,8 @@ class Trainer:
         with nvtx_range("reward"):
             rc = self.cfg.rollout
             decoded = self._decode_responses(out.token_ids)
+            # scored 0 whatever they answer: a model that never closes a think block learns nothing, so count them
+            fails = sum(checked_response(t) is None for t in decoded) if rc.require_think else 0
             scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
                                                        num_workers=rc.reward_workers,
@@ -1007,8 +1012,11 @@ class Trainer:
         local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
                   None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
                   out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
-        merged = sorted((x for part in _gather_objects(local) for x in part), key=lambda x: x[0])
+        parts = _gather_objects((local, fails))
+        merged = sorted((x for part, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
+        if rc.require_think:
+            timings["response/format_errors"] = float(sum(f for _, f in parts))
         by_request: dict[int, str] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
@@ -1061,12 +1069,23 @@ class Trainer:
         chosen = set(groups)
         kept = [r for r in kept if r.group in chosen]
         metrics.update(self._rollout_metrics(every))
+        if "response/format_errors" in metrics:
+            metrics["response/format_error_frac"] = metrics.pop("response/format_errors") / len(every)
+            self._warn_format(metrics["response/format_error_frac"], f"step {step}")
         metrics["perf/rollout_tokens_per_s"] = sum(len(r.response_ids) for r in every) / max(
             metrics["time/rollout_s"], 1e-9)
         metrics["dynamic_sampling/gen_batches"] = gen_batches
         metrics["dynamic_sampling/kept_prompts"] = len(groups)
         metrics["dynamic_sampling/kept_fraction"] = len({r.group for r in kept}) / max(1, len({r.group for r in every}))
         return kept, dict(metrics)
+
+    def _warn_format(self, frac: float, where: str) -> None:
+        """Once per run: most responses failing the format gate usually means a model that does not think."""
+        if frac >= 0.5 and not self.warned_format:
+            self.warned_format = True
+            log.warning(f"{where}: {frac:.0%} of the responses failed the format gate (rollout.require_think: "
+                        "exactly one </think>, at most one <think>) and scored 0; a model that does not think needs "
+                        "rollout.require_think=false (response/format_error_frac follows the share)")
 
     def _rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)
@@ -1202,7 +1221,10 @@ class Trainer:
                 log.warning(f"validation at step {step}: could not write the rollout dump {path}: {e}")
         scores = [s for v in by_task.values() for s in v]
         out = {"val/reward/mean": sum(scores) / len(scores),
-               "val/time_s": sum(timings.values()) + time.perf_counter() - t0}
+               "val/time_s": sum(v for k, v in timings.items() if k.startswith("time/")) + time.perf_counter() - t0}
+        if "response/format_errors" in timings:
+            out["val/format_error_frac"] = timings["response/format_errors"] / len(results)
+            self._warn_format(out["val/format_error_frac"], f"validation at step {step}")
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         self.history.append({"step": step, **out})
         return out
@@ -1344,6 +1366,16 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self.maybe_resume()
+        # the rows an interruption left past the checkpoint (or, on a fresh start, all of them) are set aside
+        if resumed is None:
+            next_step = None
+        elif not self.sft_done:  # part way through the warm-up: SFT step s is logged at step s - sft_steps - 1
+            next_step = self.sft_step - cfg.trainer.sft_steps
+        else:
+            next_step = self.step + 1
+        if moved := self.writer.rewind(next_step):
+            log.info(f"{moved} metric rows logged after {resumed or 'no checkpoint'} moved to "
+                     "metrics.discarded.jsonl (their steps run again)")
         if resumed is not None and self.step >= cfg.trainer.total_steps:
             # a finished run started again (a requeued job, or a rerun meant to train longer) trains nothing and
             # exits 0: say so, and how to go on, rather than leave only the "resumed ... at step N" line
@@ -1352,13 +1384,13 @@ class Trainer:
                         f"(e.g. the override trainer.total_steps={self.step + max(1, cfg.trainer.total_steps)})")
         if not self.sft_done:
             self.sft()
-            self.writer.log(0, self.validate(0))
+            self._validate_before_training()
             path = self.save_checkpoint()
             signum = self._agree_on_stop_signal()
             if signum and self.step < cfg.trainer.total_steps:
                 self._preempted(signum, path)
         elif cfg.trainer.val_before_train and self.step == 0:
-            self.writer.log(0, self.validate(0))
+            self._validate_before_training()
         while self.step < cfg.trainer.total_steps:
             self.step += 1
             step = self.step
@@ -1417,6 +1449,16 @@ class Trainer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"GOLONG_FAULT: paused in {where}, no stop signal within 300 s")
             time.sleep(0.02)
+
+    def _validate_before_training(self) -> None:
+        """Step 0's validation, logged and shown (a later step's is on that step's console line)."""
+        m = self.validate(0)
+        self.writer.log(0, m)
+        if m:
+            tasks = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}" for k, v in m.items()
+                              if k.startswith("val/reward/task/"))
+            log.info(f"validation before training: reward {m['val/reward/mean']:.3f} ({tasks}) | "
+                     f"{m['val/time_s']:.1f}s")
 
     def _log_step(self, step: int, m: dict[str, float]) -> None:
         parts = [f"step {step}/{self.cfg.trainer.total_steps}", f"reward {m.get('reward/mean', float('nan')):.3f}"]
@@ -1520,6 +1562,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
+                  "format_error_frac": metrics.get("val/format_error_frac"),  # None: rollout.require_think off
                   "tasks": {t: {"metric": metric[t], "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:
@@ -1551,6 +1594,9 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
                   f"{result['reward_mean']:.3f}")
     Console().print(table)
+    if result.get("format_error_frac"):
+        print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
+              "and scored 0")
     print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")
 
 

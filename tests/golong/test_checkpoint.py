@@ -234,6 +234,13 @@ def test_a_damaged_checkpoint_is_one_line_for_resume_eval_and_export(tmp_path, c
             assert str(e.value) == message
         assert main(["export", str(path), str(tmp_path / "hf")]) == 2
         assert capsys.readouterr().err.strip() == f"golong: error: {message}"
+    # where the run has another checkpoint, the message names it and how to resume from it
+    older = ck.save(0, *_model_and_opt(), {"step": 0})
+    path = ck.save(2, *_model_and_opt(), {"step": 2})
+    next(path.glob("*.distcp")).unlink()
+    with pytest.raises(ConfigError, match=f"damaged: .*; the newest other checkpoint of its run: {older} "
+                                          rf"\(checkpoint.resume={older}, or move the damaged one aside\)$"):
+        ck.load(path, *_model_and_opt())
 
 
 def test_export_refuses_to_replace_anything_but_an_export(tmp_path):

@@ -506,14 +506,20 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """wandb.init had no id: every resume of a run started another W&B run. The id is kept in the run directory
-    and handed back with resume="allow". wandb need not be installed: a stand-in module records the calls."""
+    and handed back with resume="allow". Rows are plotted against trainer/step, not W&B's own step, which only
+    increases: it dropped the SFT rows (steps <= -1) and a resume's replayed steps. wandb need not be installed: a
+    stand-in module records the calls."""
     import types
 
-    inits, logged = [], []
+    inits, logged, defined = [], [], []
 
     class FakeRun:
-        def log(self, metrics, step):
-            logged.append((step, metrics))
+        def log(self, metrics, step=None):
+            assert step is None  # W&B's step left to W&B
+            logged.append(metrics)
+
+        def define_metric(self, name, step_metric=None):
+            defined.append((name, step_metric))
 
         def finish(self):
             pass
@@ -524,7 +530,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     run = tmp_path / "run"
-    for step in (1, 2):  # the first run, then its resume
+    for step in (-1, 2):  # the first run (an SFT row), then its resume
         w = MetricsWriter(run, tensorboard=False, wandb=True, wandb_project="proj", config={"a": step})
         w.log(step, {"reward/mean": 0.5})
         w.close()
@@ -533,9 +539,10 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     first, resumed, other = inits
     assert first["id"] and resumed["id"] == first["id"] and other["id"] != first["id"]
     assert all(i["resume"] == "allow" for i in inits)
-    assert (first["project"], first["dir"], first["config"]) == ("proj", str(run), {"a": 1})
+    assert (first["project"], first["dir"], first["config"]) == ("proj", str(run), {"a": -1})
     assert (run / "wandb_run_id").read_text().strip() == first["id"]
-    assert logged == [(1, {"reward/mean": 0.5}), (2, {"reward/mean": 0.5})]
+    assert logged == [{"reward/mean": 0.5, "trainer/step": -1}, {"reward/mean": 0.5, "trainer/step": 2}]
+    assert defined[:2] == [("trainer/step", None), ("*", "trainer/step")]
 
 
 def test_metrics_values_and_tensorboard_steps(tmp_path):
@@ -557,6 +564,37 @@ def test_metrics_values_and_tensorboard_steps(tmp_path):
     assert sorted(acc.Tags()["scalars"]) == ["ok", "t"]
     assert [(e.step, e.value) for e in acc.Scalars("t")] == [(4, 0.25), (7, 1.5)]
     assert [(e.step, e.value) for e in acc.Scalars("ok")] == [(4, 1.0)]
+
+
+def test_a_resume_sets_the_rows_past_its_checkpoint_aside(tmp_path):
+    """rewind(next_step): rows at steps >= next_step (work an interruption discarded) move to
+    metrics.discarded.jsonl, a torn last line is dropped, TensorBoard hides the events of those steps; rewind(None)
+    (a fresh start in an old run directory) sets every row aside."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (-2, -1, 0, 1, 2, 3):
+        w.log(step, {"r": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "r": 4')  # killed mid-line
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    assert w.rewind(2) == 2
+    for step in (2, 3):
+        w.log(step, {"r": 10.0 * step})
+    w.close()
+    assert [(r["step"], r["r"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (-2, -2.0), (-1, -1.0), (0, 0.0), (1, 1.0), (2, 20.0), (3, 30.0)]
+    assert [(r["step"], r["r"]) for r in read_metrics(tmp_path / "metrics.discarded.jsonl")] == [(2, 2.0), (3, 3.0)]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("r")] == [(-2, -2.0), (-1, -1.0), (0, 0.0), (1, 1.0), (2, 20.0),
+                                                             (3, 30.0)]
+    w = MetricsWriter(tmp_path)
+    assert w.rewind(9) == 0 and w.rewind(None) == 6
+    w.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+    assert len(read_metrics(tmp_path / "metrics.discarded.jsonl")) == 8
 
 
 def test_plot_series_keep_a_resumed_steps_last_value(tmp_path):

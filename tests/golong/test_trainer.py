@@ -110,7 +110,7 @@ def _assert_same_run(want: dict[int, dict], got: dict[int, dict]) -> None:
 
 
 def _by_step(run_dir: Path) -> dict[int, dict]:
-    """The last row logged for every step (a resumed run logs the replayed steps again)."""
+    """The row logged for every step (the last one, should a step have two)."""
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
@@ -135,6 +135,11 @@ def test_kill_and_resume_reproduce_the_uninterrupted_run(config_file, tmp_path):
 
     want, got = _by_step(tmp_path / "ref"), _by_step(run)
     assert sorted(want) == sorted(got) and max(want) == 4
+    # one row per step, as in the uninterrupted run: each resume set the rows past its checkpoint aside (step 3 of
+    # the killed run; steps 3 and 4 of the torn one) before logging those steps again
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(-3, 5))
+    assert [r["step"] for r in read_metrics(run / "metrics.discarded.jsonl")] == [3, 3, 4]
+    assert "3 metric rows logged after" not in done.stderr and "2 metric rows logged after" in done.stderr
     # the LR schedule counts trainer steps, and each row logs the rate its update used: RL warms up over 3
     # steps to 1e-2 (cosine after that); the SFT warm-up has its own 3-step cosine from 2e-2 down to 0.1x
     assert [want[s]["actor/lr"] for s in (1, 2, 3, 4)] == pytest.approx([0.25e-2, 0.5e-2, 0.75e-2, 1e-2])
@@ -471,9 +476,15 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
     longer = ("rollout.max_response_tokens=24", "data.synthetic_val_n=8", "rollout.val_n=2", "trainer.sft_steps=6",
               "trainer.total_steps=2")
     run = tmp_path / "run"
-    assert _train(config_file, run, "", *longer).returncode == 0
+    trained = _train(config_file, run, "", *longer)
+    assert trained.returncode == 0
     logged = _by_step(run)[2]
     assert logged["val/reward/mean"] > 0
+    # step 0's validation (after the SFT warm-up) is on the console too, task by task
+    before = _by_step(run)[0]
+    assert (f"validation before training: reward {before['val/reward/mean']:.3f} (sequence_ordering "
+            f"{before['val/reward/task/sequence_ordering']:.3f}, summarization "
+            f"{before['val/reward/task/summarization']:.3f})") in trained.stderr, trained.stderr[-3000:]
 
     def evaluate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "golong", "eval", str(config_file), *longer,
@@ -667,6 +678,63 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
     assert ("task/NDCG/num_prompts" in m) == grouped
     if grouped:
         assert m["task/NDCG/num_prompts"] == 4
+
+
+def test_format_errors_become_a_share_of_every_generated_response_and_one_warning(config_file, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """response/format_error_frac: the responses of all generation batches that failed the format gate over all
+    responses generated; the first step where most fail warns once, naming rollout.require_think."""
+    from golong.config import load_config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                    "profile.steps=[]", "rollout.require_think=true", "algo.max_num_gen_batches=2"])
+    calls = []
+
+    def scripted(prompts, n, params, seed_key, label, texts=False):  # batch 0: all tied (dropped), 10 errors; then 3
+        calls.append(seed_key)
+        tied = len(calls) == 1
+        out = [([5, 6], [-1.0, -1.0], "stop", 0.0 if tied else float(j % 2), None) for j in range(len(prompts) * n)]
+        return out, {"time/rollout_s": 1.0, "response/format_errors": 10.0 if tied else 3.0}
+
+    m, _ = _scripted_train_step(cfg, monkeypatch, scripted)  # the log goes to stdout
+    assert len(calls) == 2 and m["dynamic_sampling/gen_batches"] == 2
+    assert m["response/format_error_frac"] == pytest.approx(13 / 32) and "response/format_errors" not in m
+    assert "format gate" not in capsys.readouterr().out  # 41%: no warning
+
+    def most_fail(prompts, n, params, seed_key, label, texts=False):
+        return [([5, 6], [-1.0, -1.0], "stop", float(j % 2), None) for j in range(len(prompts) * n)], {
+            "response/format_errors": 12.0}
+
+    m, _ = _scripted_train_step(cfg, monkeypatch, most_fail)
+    assert m["response/format_error_frac"] == pytest.approx(12 / 16)
+    warned = [line for line in capsys.readouterr().out.splitlines() if "format gate" in line]
+    assert len(warned) == 1 and "WARNING step 1: 75%" in warned[0] and "rollout.require_think=false" in warned[0]
+
+
+def test_validation_reports_its_format_error_share_apart_from_its_time(config_file, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "profile.steps=[]",
+                                    "rollout.require_think=true", "data.synthetic_val_n=5", "rollout.val_n=2"])
+
+    def scripted(prompts, n, params, seed_key, label, texts=False):
+        return [([5, 6], [-1.0, -1.0], "stop", 0.5, None) for _ in range(len(prompts) * n)], {
+            "time/rollout_s": 2.0, "time/reward_s": 1.0, "response/format_errors": 4.0}
+
+    try:
+        trainer = Trainer(cfg)
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        m = trainer.validate(0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert m["val/format_error_frac"] == pytest.approx(4 / 10) and m["val/reward/mean"] == 0.5
+    assert 3.0 <= m["val/time_s"] < 3.5  # seconds only, not the count
 
 
 def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
@@ -1127,7 +1195,8 @@ def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
 
 def _texts_worker(rank: int, world: int) -> None:
     """_generate_and_score on `world` gloo ranks with an engine that answers each request with its own words: rank 0
-    receives every response's text, in (prompt, sample) order, as the rank that scored it decoded it."""
+    receives every response's text, in (prompt, sample) order, as the rank that scored it decoded it; every rank
+    learns how many responses of all ranks failed the format gate (a third of them think here)."""
     import types
 
     from golong.config import RunConfig
@@ -1141,8 +1210,11 @@ def _texts_worker(rank: int, world: int) -> None:
     prompts = build_prompts(generate(5, 8, seed=3), tok, 256)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
+    def text(s: int) -> str:
+        return ("<think>\nhm\n</think>\n\n" if s % 3 == 0 else "") + f"{words[s % 8]} {words[s // 8 % 8]}"
+
     def fake_generate(lists, params, seeds, progress=None):
-        ids = [tok.encode(f"{words[s % 8]} {words[s // 8 % 8]}") + [tok.eos_token_id] for s in seeds]
+        ids = [tok.encode(text(s)) + [tok.eos_token_id] for s in seeds]
         return GenerationResult(ids, [None] * len(ids), ["stop"] * len(ids))
 
     stub = types.SimpleNamespace(cfg=RunConfig(), rank=rank, world=world, tokenizer=tok, stop_ids={tok.eos_token_id},
@@ -1151,17 +1223,23 @@ def _texts_worker(rank: int, world: int) -> None:
         setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
     # the seed of request j is request_seed(key, j): answers differ between requests and are known to every rank
     seeds = [request_seed(1, j) for j in range(len(prompts) * 3)]
-    expect = [f"{words[s % 8]} {words[s // 8 % 8]}" for s in seeds]
+    expect = [text(s) for s in seeds]
     assert len(set(expect)) > 8  # a permutation of the texts would show
+    no_think = sum(s % 3 != 0 for s in seeds)
+    assert 0 < no_think < len(seeds)
     results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t",
                                                      texts=True)
     assert [tok.decode(r[0].tolist()[:-1], skip_special_tokens=True) for r in results] == expect
+    assert timings["response/format_errors"] == no_think
     if rank == 0:
         assert [r[4] for r in results] == expect and timings["time/dump_s"] >= 0
     else:
         assert all(r[4] is None for r in results)
     results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
     assert all(r[4] is None for r in results) and "time/dump_s" not in timings
+    stub.cfg.rollout.require_think = False  # no gate, no count
+    _, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
+    assert "response/format_errors" not in timings
 
 
 def test_response_texts_are_gathered_to_rank_0_in_request_order():
