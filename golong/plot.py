@@ -31,9 +31,15 @@ def _keys(rows: list[dict], prefix: str) -> list[str]:
     return sorted({k for r in rows for k in r if k.startswith(prefix)})
 
 
+def _is_metric_row(row: object) -> bool:
+    # a trainer row (RL step, validation, SFT step) has a numeric step and "family/name" keys; a dataset record
+    # or a rollout dump row does not
+    return isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and any("/" in k for k in row)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw RUN_DIR/metrics.jsonl (`run_dir` may name that file) to `out` (default RUN_DIR/curves.png); returns
-    the PNG path."""
+    the PNG path. ValueError when the file holds no metric row (a dataset, a rollout dump): nothing is written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +52,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         path, run_dir = run_dir, run_dir.parent
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    rows = read_metrics(path)
+    try:
+        rows = [r for r in read_metrics(path) if _is_metric_row(r)]
+    except UnicodeDecodeError:  # a binary file (an image, a parquet) named as the metrics file
+        rows = []
+    if not rows:  # refused before drawing: four "no data" panels would overwrite a real plot beside the file
+        raise ValueError(f"no metric rows in {path}")
     into_dir = isinstance(out, str) and out.endswith(("/", os.sep))  # "new/" names a directory to make, as cp -r
     out = Path(out) if out is not None else run_dir / "curves.png"
     if out.is_dir() or into_dir:  # like cp: into the directory

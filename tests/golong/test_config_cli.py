@@ -641,6 +641,23 @@ def test_plot_to_an_unknown_image_format_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "curves.xyz").exists()
 
 
+def test_plot_of_a_file_without_metric_rows_is_refused_and_writes_nothing(tmp_path, capsys):
+    """A dataset JSONL named as the metrics file drew four "no data" panels over the curves.png beside it."""
+    from golong.data.synthetic import write_dataset
+
+    (tmp_path / "curves.png").write_bytes(b"a real plot")
+    data = write_dataset(tmp_path / "train.jsonl", 2, 10)
+    (tmp_path / "rollouts").mkdir()
+    (tmp_path / "rollouts" / "step_000001.jsonl").write_text(json.dumps({"step": 1, "score": 1.0}) + "\n")
+    (tmp_path / "rollouts" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    capsys.readouterr()
+    for path in (data, tmp_path / "rollouts" / "step_000001.jsonl", tmp_path / "rollouts" / "c.png"):
+        assert main(["plot", str(path)]) == 2
+        assert capsys.readouterr().err == f"golong: error: no metric rows in {path}\n"
+    assert (tmp_path / "curves.png").read_bytes() == b"a real plot"
+    assert not (tmp_path / "rollouts" / "curves.png").exists()
+
+
 def test_cuda_profiler_window_is_a_no_op_without_cuda():
     from golong.profiling import cuda_profiler_window
 
