@@ -207,6 +207,8 @@ def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]
 def iter_records(path: str | Path) -> Iterator[Record]:
     """Stream validated Records from a .parquet or .jsonl file."""
     p = Path(path)
+    if p.is_dir():  # verl's data.train_files names files, not a folder of them
+        raise RecordError(f"{p}: is a directory; a data file (.parquet / .jsonl / .json) is expected: list its files")
     if not p.is_file():
         raise FileNotFoundError(f"dataset file not found: {p}")
     suffix = p.suffix.lower()

@@ -728,3 +728,18 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
     data.write_text("\n".join(lines) + "\n")
     assert main(["data", "check", str(cfg_file)]) == 2
     assert re.search(r"golong: error: .*train.jsonl: line 5: .*prompt", capsys.readouterr().err)
+
+
+def test_data_check_of_a_directory_says_a_data_file_is_expected(tmp_path, capsys):
+    """A directory in data.train_files was "dataset file not found" although it exists."""
+    from golong.cli import main
+
+    data = tmp_path / "shards"
+    write_dataset(data / "part-0.jsonl", 2, 10)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {scratch: {vocab_size: 1024}}\n"
+                        f"data: {{train_files: [{data}], synthetic_val_n: 0}}\n"
+                        f"logging: {{run_dir: {tmp_path / 'run'}}}\n")
+    assert main(["data", "check", str(cfg_file)]) == 2
+    assert capsys.readouterr().err == (f"golong: error: {data}: is a directory; a data file (.parquet / .jsonl / "
+                                       ".json) is expected: list its files\n")
