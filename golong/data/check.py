@@ -90,8 +90,15 @@ def no_prompt_fits(records: int, cfg: RunConfig) -> str:
            "raise data.max_prompt_tokens"
 
 
-def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+def print_table(table: Any) -> None:
+    """Print a rich Table to the terminal, or unwrapped (200 columns) to a log file: no squeezed columns."""
     from rich.console import Console
+
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)
+
+
+def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     from rich.table import Table
 
     table = Table(title=f"golong data check: data.max_prompt_tokens={cfg.data.max_prompt_tokens}, "
@@ -103,8 +110,7 @@ def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
         table.add_column(head, justify="left" if key in ("split", "task", "metric") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*("-" if r[c] is None else str(r[c]) for c in cols))  # no prompt kept: no lengths
-    console = Console()
-    (console if console.is_terminal else Console(width=200)).print(table)  # a log file: no squeezed columns
+    print_table(table)
     for r in rows:
         if r["kept"] == 0:
             print(f"golong: warning: every {r['split']} record of task {r['task']!r} is over data.max_prompt_tokens="

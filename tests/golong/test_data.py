@@ -639,6 +639,18 @@ def test_synthetic_context_length_and_determinism(tmp_path):
         generate(1, 10, tasks=["poetry"])
 
 
+def test_data_synth_prints_the_records_per_task(tmp_path, capsys):
+    """`golong data synth` printed only the output path; now the count per task (and the path, last)."""
+    from golong.cli import main
+
+    out = tmp_path / "s.jsonl"
+    assert main(["data", "synth", "--out", str(out), "--n", "5", "--tasks", "graded_ranking,comprehension"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == str(out) and "golong data synth: 5 records" in lines[0]
+    rows = [re.split(r"\s*│\s*", line.strip("│ ")) for line in lines if line.startswith("│")]
+    assert rows == [["comprehension", "choice", "2"], ["graded_ranking", "ndcg", "3"], ["all", "", "5"]]
+
+
 # ------------------------------------------------------------------ tokenizer
 
 
