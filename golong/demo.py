@@ -10,9 +10,10 @@ and after RL with the validation sampling settings. Writes into the output direc
     curves.png        per-task reward, entropy, logprob mismatch (golong plot)
     hf/               the final policy as a Hugging Face model (checked: transformers loads it)
     checkpoints/      the DCP training checkpoints
+    eval/             `golong eval` results of this directory's checkpoints (removed by the next demo)
 
 and prints a per-task table at the end. A later demo with the same output directory replaces these (and only
-these); a directory whose outputs the demo did not write (another run's) is refused, not emptied.
+these), naming them first; a directory whose outputs the demo did not write (another run's) is refused, not emptied.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import Any
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml"
 # outputs of an earlier demo in the same directory (the demo always starts from scratch)
 # (wandb_run_id too: a new demo is a new W&B run, not a resume of the last one)
+# eval/: `golong eval` with this run_dir scored checkpoints the new demo deletes; vllm_model: rollout.engine=vllm
 _OUTPUTS = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints", "hf", "profile", "tb", "wandb_run_id",
-            "rollouts", "config.yaml")
+            "rollouts", "config.yaml", "eval", "vllm_model")
 # written into the output directory before training: its outputs are a demo's, which the next demo may replace
 _MARKER = ".golong-demo"
 
@@ -142,6 +144,9 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
         # another run's directory (--out runs/my-run): the demo would delete its checkpoints and metrics
         raise FileExistsError(f"--out {out} holds {', '.join(found)} that golong demo did not write (a training run's "
                               "outputs?); the demo replaces these: choose another --out, or remove them")
+    if found:  # replaced by design, but not without a word: what goes, before it goes
+        log.info(f"golong demo: replacing the earlier demo's outputs in {out}: "
+                 f"{', '.join(n + '/' if (out / n).is_dir() else n for n in found)}")
     for name in _OUTPUTS:
         p = out / name
         if p.is_dir():

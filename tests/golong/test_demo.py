@@ -94,6 +94,36 @@ def test_demo_refuses_an_out_dir_holding_another_run(tmp_path, monkeypatch, caps
     assert not (run / ".golong-demo").exists()
 
 
+def test_demo_names_the_earlier_outputs_it_replaces_and_removes_a_stale_eval(tmp_path, monkeypatch, capsys):
+    """A new demo replaced the last one's checkpoints, hf/ and metrics without a word, and kept its eval/ (scores
+    of checkpoints no longer there)."""
+    import golong.demo as demo
+
+    out = tmp_path / "demo"
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)
+    (out / "eval" / "step_000001").mkdir(parents=True)
+    (out / "eval" / "step_000001" / "eval.json").write_text("{}")
+    for name in ("summary.json", "metrics.jsonl", "notes.txt"):
+        (out / name).write_text("{}")
+
+    class Stop(Exception):
+        pass
+
+    def launch(cfg, world):
+        raise Stop
+
+    monkeypatch.setattr(demo, "_launch", launch)
+    with pytest.raises(Stop):
+        demo.run_demo(out)
+    printed = capsys.readouterr().out
+    assert f"golong demo: replacing the earlier demo's outputs in {out}: metrics.jsonl, summary.json, " \
+           "checkpoints/, eval/\n" in printed, printed
+    assert sorted(p.name for p in out.iterdir()) == [".golong-demo", "notes.txt"]
+    with pytest.raises(Stop):  # nothing of a demo's left: nothing to name
+        demo.run_demo(out)
+    assert "replacing" not in capsys.readouterr().out
+
+
 def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch, capsys):
     """Summary and table come from the trainer's validation history: the one after SFT (step 0) and the one
     after the last RL step, task by task. The smoke run's tiny model scores 0 everywhere, so here the
