@@ -306,9 +306,13 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     _check_replaceable(path)
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:  # the directory asked for, not our temporary one beside it (/proc/.foo.tmp-7622)
+            where = f" ({e.filename})" if e.filename and Path(e.filename) not in (path, tmp) else ""
+            raise type(e)(f"cannot create {path}: {e.strerror}{where}") from None
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     written: list[tuple[str, dict[str, str]]] = []  # (temp file name, key -> shard index)

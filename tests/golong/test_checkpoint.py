@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,23 @@ def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds no earlier Hugging Face export \(README.md\)"):
         export_hf(ckpt, out)
     assert (out / "README.md").read_text() == "model card"
+
+
+def test_export_to_a_directory_it_cannot_create_names_that_directory(tmp_path, capsys):
+    """`golong export CKPT /proc/foo` named the temporary directory beside it ('/proc/.foo.tmp-7622')."""
+    from golong.cli import main
+
+    model, opt = _model_and_opt()
+    ckpt = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file" / "hf", f"File exists ({tmp_path / 'file'})"),
+             (tmp_path / "file" / "a" / "hf", f"Not a directory ({tmp_path / 'file' / 'a'})")]
+    if Path("/proc/self").is_dir():  # Linux: no directory can be made in /proc
+        cases.append((Path("/proc/golong-export"), "No such file or directory"))
+    for out, reason in cases:
+        assert main(["export", str(ckpt), str(out)]) == 2
+        assert capsys.readouterr().err == f"golong: error: cannot create {out}: {reason}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]
 
 
 class _RunsCodeWhenUnpickled:
