@@ -12,13 +12,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from golong.config import ConfigError, load_config, run_problems, to_yaml
+from golong.config import ConfigError, config_warnings, load_config, run_problems, to_yaml
 from golong.data.records import RecordError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    # default=[]: argparse lists a "*" positional without a default among the required arguments
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="dotted overrides, e.g. algo.adv_estimator=tmn_grpo optim.lr=2e-6")
 
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Writes metrics.jsonl, summary.json, a plot and an exported HF model.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo-cpu.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to the demo config")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="overrides applied to the demo config")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("export", help="write a Hugging Face safetensors model from a training checkpoint",
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = run_problems(cfg)
             if args.dry_run:
                 print(to_yaml(cfg), end="")
-                for line in problems:
+                for line in config_warnings(cfg) + problems:
                     print(f"golong: warning: {line}", file=sys.stderr)
                 return 0
             if problems:
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from golong.data.check import check_data
 
             cfg = _load(args)
-            problems = run_problems(cfg, for_eval=True)  # model / tokenizer / validation paths (training's: below)
+            # model / tokenizer / validation paths (training's: below); no rollout engine
+            problems = run_problems(cfg, for_eval=True, engine=False)
             if problems:
                 raise ConfigError(problems[0])
             check_data(cfg)
@@ -191,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(e)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (golong train says what it kept itself): one line, not a traceback
+        left = {"check": "the prompt cache keeps only the splits written whole",
+                "synth": f"{getattr(args, 'out', '')} may be partly written",
+                "export": f"{getattr(args, 'out', '')} may hold a partial export"}.get(
+            getattr(args, "data_command", None) or args.command)
+        sys.stderr.write(f"golong: interrupted{f'; {left}' if left else ''}\n")
+        return 130  # 128 + SIGINT, as a shell reports it (and golong train)
     return 0
 
 

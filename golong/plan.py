@@ -735,6 +735,9 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     dp = cfg.parallel.dp_shard if cfg.parallel.dp_shard != -1 else gpus // cp
     if dp * cp != gpus:
         raise ConfigError(f"parallel.dp_shard={dp} x parallel.cp={cp} != --gpus {gpus}")
+    rollout_tp = cfg.rollout.tensor_parallel_size
+    if cfg.rollout.engine == "vllm" and gpus % rollout_tp:  # the trainer refuses it at start-up (init_parallel)
+        raise ConfigError(f"rollout.tensor_parallel_size={rollout_tp} does not divide --gpus {gpus}")
     p = Precision.of(cfg, device)
     mbt = micro_batch_tokens or cfg.trainer.micro_batch_tokens
     tokens = -(-mbt // cp)

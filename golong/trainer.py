@@ -51,7 +51,15 @@ import torch.distributed as dist
 from torch import nn
 
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
-from golong.config import ConfigError, RunConfig, checkpoint_dir, prompt_cache_dir, save_run_config, to_dict
+from golong.config import (
+    ConfigError,
+    RunConfig,
+    checkpoint_dir,
+    config_warnings,
+    prompt_cache_dir,
+    save_run_config,
+    to_dict,
+)
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.models.config import ModelConfig
 from golong.parallel import (
@@ -867,7 +875,10 @@ class Trainer:
                               f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "
                               "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 allows it, in vLLM too)")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
-                                  cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s)
+                                  cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s,
+                                  rollout_tp=cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1)
+        for line in config_warnings(cfg):
+            log.warning(line)
         self.rank, self.world = self.dims.rank, self.dims.world_size
         vocab = arch.vocab_size
         torch.manual_seed(cfg.trainer.seed)

