@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
                        description="Train a tiny Qwen3-MoE from scratch on the 9 synthetic tasks on this CPU "
                                    "(no download): SFT warm-up, then GRPO with TMN-Reweight on 2 gloo ranks. "
-                                   "Writes metrics.jsonl, summary.json, a plot and an exported HF model.")
+                                   "Writes metrics.jsonl, summary.json, a plot and an exported HF model. An earlier "
+                                   "demo's outputs in --out (checkpoints/, hf/, eval/, metrics, summary) are named, "
+                                   "then replaced; a directory holding another run's outputs is refused.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo-cpu.yaml)")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
@@ -191,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as e:
         if args.command not in ("data", "plot"):  # data synth: unknown task names, unsupported formats; plot: --out
+            raise
+        _error(e)
+        return 2
+    except OSError as e:  # writing a file the user named (a full disk, a read-only filesystem); a run's: traceback
+        if args.command not in ("data", "plot", "export"):
             raise
         _error(e)
         return 2

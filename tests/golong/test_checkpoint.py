@@ -282,6 +282,25 @@ def test_export_to_a_directory_it_cannot_create_names_that_directory(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]
 
 
+def test_export_to_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """Any OSError of writing the export (ENOSPC, a read-only filesystem) is the user's to fix: one line."""
+    import errno
+
+    import golong.models.checkpoint
+    from golong.cli import main
+
+    model, opt = _model_and_opt()
+    ckpt = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(golong.models.checkpoint, "save_file", full)
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == "golong: error: [Errno 28] No space left on device\n"
+    assert not (tmp_path / "hf").exists()
+
+
 class _RunsCodeWhenUnpickled:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').touch()",))
