@@ -310,9 +310,9 @@ def _reading(path: Path) -> Iterator[None]:
         failure = next(iter(e.failures.values()), None)
         cause = failure[0] if isinstance(failure, tuple) and failure else failure
         what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        others = [p for _, p in list_checkpoints(path.parent) if p != path]
-        hint = f"; the newest other checkpoint of its run: {others[0]} (checkpoint.resume={others[0]}, or move " \
-               "the damaged one aside)" if others else ""
+        others = [p for _, p in list_checkpoints(path.parent) if p != path]  # oldest first
+        hint = f"; the newest other checkpoint of its run: {others[-1]} (a run resumes from it with " \
+               f"checkpoint.resume={others[-1]}, or with the damaged one moved aside)" if others else ""
         raise ConfigError(f"checkpoint {path} is damaged: {what} (it was complete when written; a file was removed "
                           f"or cut since){hint}") from None
 

@@ -173,12 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(problems[0])
             check_data(cfg)
         elif args.command == "data":
-            from golong.data.synthetic import write_dataset
+            from golong.data.check import print_task_counts
+            from golong.data.records import write_records
+            from golong.data.synthetic import generate
 
             if args.n < 1 or args.context_tokens < 1:
                 args.subparser.error("--n and --context-tokens must be >= 1")
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-            print(write_dataset(args.out, args.n, args.context_tokens, seed=args.seed, tasks=tasks))
+            records = generate(args.n, args.context_tokens, seed=args.seed, tasks=tasks)
+            path = write_records(records, args.out)
+            print_task_counts(records, f"golong data synth: {args.n} records")
+            print(path)
         elif args.command == "plan":
             from golong.plan import plan_main
 

@@ -328,11 +328,17 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             _check_choices(val, prefix=f"{key}.")
 
 
+# bounds whose +inf means "no bound" (dual clip off, IS weights untruncated, no upper PPO clip); the policy loss
+# masks the inf (a 0 advantage times inf is a NaN it never selects)
+_INF_MEANS_OFF = ("algo.dual_clip", "algo.rollout_is_upper", "algo.clip_high")
+
+
 def _check_finite(obj: Any, prefix: str = "") -> None:
-    """Every float must be finite: inf passes a lower bound (optim.lr=inf > 0) and NaN an unchecked one."""
+    """Floats must be finite (but for _INF_MEANS_OFF's +inf): inf passes a lower bound (optim.lr=inf > 0) and NaN
+    an unchecked one."""
     for f in dataclasses.fields(obj):
         val, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if isinstance(val, float) and not math.isfinite(val):
+        if isinstance(val, float) and not math.isfinite(val) and not (val > 0 and key in _INF_MEANS_OFF):
             raise ConfigError(f"{key}={val} must be a finite number")
         if dataclasses.is_dataclass(val):
             _check_finite(val, prefix=f"{key}.")
@@ -400,10 +406,6 @@ def _check_values(cfg: RunConfig) -> None:
         (t.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
         (t.gen_batch_prompts >= 0, "trainer.gen_batch_prompts must be >= 0 (0: trainer.prompts_per_step)"),
         (t.mini_batch_prompts >= 1, "trainer.mini_batch_prompts must be >= 1"),
-        # more would still be one optimizer step a step (verl refuses ppo_mini_batch_size > train_batch_size)
-        (t.mini_batch_prompts <= t.prompts_per_step,
-         f"trainer.mini_batch_prompts={t.mini_batch_prompts} must be <= trainer.prompts_per_step={t.prompts_per_step} "
-         "(prompts per optimizer step; equal: one optimizer step per RL step)"),
         # each generation batch keeps at most its own prompts: fewer in all than a step would leave every step short
         (not a.dynamic_sampling or most >= t.prompts_per_step,
          f"trainer.gen_batch_prompts={t.gen_batch_prompts} x algo.max_num_gen_batches={a.max_num_gen_batches} = "
@@ -412,9 +414,6 @@ def _check_values(cfg: RunConfig) -> None:
         (t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
         (t.total_steps >= 0, f"trainer.total_steps={t.total_steps} must be >= 0"),
         (t.sft_steps >= 0, f"trainer.sft_steps={t.sft_steps} must be >= 0"),
-        (t.total_steps + t.sft_steps > 0,
-         "nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL steps, SFT warm-up "
-         "steps), or score a model without training with `golong eval`"),
         (o.lr > 0, "optim.lr must be > 0"),
         (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
@@ -453,6 +452,9 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
         paths.append(("model.tokenizer", cfg.model.tokenizer))
     if cfg.checkpoint.resume not in ("auto", "none") and not for_eval:
         paths.append(("checkpoint.resume ('auto', 'none' or a checkpoint directory)", cfg.checkpoint.resume))
+    if not for_eval and cfg.trainer.total_steps + cfg.trainer.sft_steps == 0:  # golong eval / plan need no steps
+        problems.append("nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL steps, "
+                        "SFT warm-up steps), or score a model without training with `golong eval`")
     problems += [_missing(key, path) for key, path in paths if not Path(path).exists()]
     # found here, not as a ModuleNotFoundError once the model is built (find_spec: vllm's import takes seconds)
     if engine and cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -470,8 +472,9 @@ def _missing(key: str, path: str) -> str:
     local = f"checkpoints/{name}"  # where README's downloads put models (a config naming it: not downloaded yet)
     if key in ("model.path", "model.tokenizer") and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) \
             and not Path(org).exists() and path != local:
-        return (f"{key}={path} does not exist: {key} must be a local directory; fetch it first with `hf download "
-                f"{path} --local-dir {local}` and set {key}={local} (golong never downloads, and loads no remote code)")
+        return (f"{key}: {path} does not exist ({key} must be a local directory; if {path} is a Hugging Face Hub id, "
+                f"fetch it with `hf download {path} --local-dir {local}` and set {key}={local}: golong never "
+                "downloads, and loads no remote code)")
     return f"{key}: {path} does not exist"
 
 
@@ -482,8 +485,9 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     if cfg.model.path is not None and cfg.model.scratch is not None:
         warnings.append(f"model.path and model.scratch are both set: the model is loaded from model.path="
                         f"{cfg.model.path} and model.scratch is ignored (set model.scratch=null to silence this)")
-    # split_mini_batches takes what is left (as it must when dynamic sampling fills a step short)
-    if last := t.prompts_per_step % t.mini_batch_prompts:
+    # split_mini_batches takes what is left (as it must when dynamic sampling fills a step short); a mini-batch
+    # as large as the step or larger: one optimizer step per RL step
+    if t.mini_batch_prompts < t.prompts_per_step and (last := t.prompts_per_step % t.mini_batch_prompts):
         warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
@@ -503,7 +507,7 @@ def prompt_cache_dir(cfg: RunConfig) -> Path | None:
 
 def _fresh_run_problem(cfg: RunConfig) -> list[str]:
     """checkpoint.resume=none where checkpoints of a run already are: the new run would prune them (newest sealed
-    are kept, checkpoint.keep_last) and add its rows to that run's metrics.jsonl."""
+    are kept, checkpoint.keep_last) and set that run's metrics.jsonl rows aside (metrics.discarded.jsonl)."""
     ckpt_dir = checkpoint_dir(cfg)
     if cfg.checkpoint.resume != "none" or not ckpt_dir.is_dir():
         return []

@@ -115,7 +115,8 @@ def _rerun_advice(resume: str) -> str:
 def _fault(kind: str, step: int) -> bool:
     """Test hooks, off unless GOLONG_FAULT is set: "kill@3" ends the process after step 3,
     "nan@3" makes step 3's loss NaN, "pause@3" holds rank 0 in the middle of step 3 until a stop
-    signal arrives from outside, "pause_sft@2" likewise in SFT step 2 (comma-separated list)."""
+    signal arrives from outside, "pause_sft@2" likewise in SFT step 2, "kill_sft@2" ends the process after SFT
+    step 2 (comma-separated list)."""
     return f"{kind}@{step}" in os.environ.get("GOLONG_FAULT", "").split(",")
 
 
@@ -877,7 +878,7 @@ class Trainer:
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s,
                                   rollout_tp=cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1)
-        for line in config_warnings(cfg):
+        for line in [] if eval_only else config_warnings(cfg):  # training's settings
             log.warning(line)
         self.rank, self.world = self.dims.rank, self.dims.world_size
         vocab = arch.vocab_size
@@ -1269,6 +1270,8 @@ class Trainer:
             m = self.actor.update(batch, "sft")
             m["time/step_s"] = time.perf_counter() - t0
             self.writer.log(s - cfg.trainer.sft_steps - 1, m)  # SFT steps are logged at steps <= 0
+            if _fault("kill_sft", s):
+                os._exit(17)
             if s % max(1, cfg.trainer.sft_steps // 10) == 0 or s == cfg.trainer.sft_steps:
                 log.info(f"sft {s}/{cfg.trainer.sft_steps}: loss {m['sft/loss']:.3f} "
                          f"grad_norm {m['sft/grad_norm']:.2f} ({m['time/step_s']:.1f}s)")
@@ -1385,8 +1388,8 @@ class Trainer:
         else:
             next_step = self.step + 1
         if moved := self.writer.rewind(next_step):
-            log.info(f"{moved} metric rows logged after {resumed or 'no checkpoint'} moved to "
-                     "metrics.discarded.jsonl (their steps run again)")
+            since = f"after {resumed}" if resumed else "by an earlier start that left no checkpoint"
+            log.info(f"{moved} metric rows logged {since} moved to metrics.discarded.jsonl (their steps run again)")
         if resumed is not None and self.step >= cfg.trainer.total_steps:
             # a finished run started again (a requeued job, or a rerun meant to train longer) trains nothing and
             # exits 0: say so, and how to go on, rather than leave only the "resumed ... at step N" line
@@ -1400,8 +1403,8 @@ class Trainer:
             signum = self._agree_on_stop_signal()
             if signum and self.step < cfg.trainer.total_steps:
                 self._preempted(signum, path)
-        elif cfg.trainer.val_before_train and self.step == 0:
-            self._validate_before_training()
+        elif cfg.trainer.val_before_train and self.step == 0 and not any(h["step"] == 0 for h in self.history):
+            self._validate_before_training()  # (resumed at step 0 after an SFT warm-up: validated then)
         while self.step < cfg.trainer.total_steps:
             self.step += 1
             step = self.step

@@ -98,6 +98,22 @@ def print_table(table: Any) -> None:
     (console if console.is_terminal else Console(width=200)).print(table)
 
 
+def print_task_counts(records: list[Any], title: str) -> None:
+    """The records per task, with each task's metric (golong data synth)."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    table = Table(title=title)
+    for head in ("task", "metric", "records"):
+        table.add_column(head, justify="right" if head == "records" else "left", no_wrap=True)
+    metric = task_metrics(records)
+    for task, count in sorted(Counter(r.task for r in records).items()):
+        table.add_row(task, metric[task], str(count))
+    table.add_row("all", "", str(len(records)))
+    print_table(table)
+
+
 def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     from rich.table import Table
 

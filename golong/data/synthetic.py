@@ -236,22 +236,5 @@ def reference_response(record: Record, thinking: str = "") -> str:
 
 def write_dataset(out: str | Path, n: int, context_tokens: int, seed: int = 0,
                   tasks: list[str] | None = None) -> Path:
-    """Write `n` synthetic records to `out` (.jsonl or .parquet by suffix) and print the records per task, as
-    `golong data check` prints its table; returns the path."""
-    from collections import Counter
-
-    from rich.table import Table
-
-    from golong.data.check import print_table, task_metrics  # check imports this module
-
-    records = generate(n, context_tokens, seed=seed, tasks=tasks)
-    path = write_records(records, out)
-    table = Table(title=f"golong data synth: {n} records")
-    for head in ("task", "metric", "records"):
-        table.add_column(head, justify="right" if head == "records" else "left", no_wrap=True)
-    metric = task_metrics(records)
-    for task, count in sorted(Counter(r.task for r in records).items()):
-        table.add_row(task, metric[task], str(count))
-    table.add_row("all", "", str(n))
-    print_table(table)
-    return path
+    """Write `n` synthetic records to `out` (.jsonl or .parquet by suffix); returns the path."""
+    return write_records(generate(n, context_tokens, seed=seed, tasks=tasks), out)

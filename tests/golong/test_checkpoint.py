@@ -235,12 +235,13 @@ def test_a_damaged_checkpoint_is_one_line_for_resume_eval_and_export(tmp_path, c
             assert str(e.value) == message
         assert main(["export", str(path), str(tmp_path / "hf")]) == 2
         assert capsys.readouterr().err.strip() == f"golong: error: {message}"
-    # where the run has another checkpoint, the message names it and how to resume from it
-    older = ck.save(0, *_model_and_opt(), {"step": 0})
-    path = ck.save(2, *_model_and_opt(), {"step": 2})
+    # where the run has other checkpoints, the message names the newest and how to resume from it
+    ck = Checkpointer(tmp_path / "ck3", keep_last=3)
+    _, newer, path = (ck.save(step, *_model_and_opt(), {"step": step}) for step in (10, 20, 30))
     next(path.glob("*.distcp")).unlink()
-    with pytest.raises(ConfigError, match=f"damaged: .*; the newest other checkpoint of its run: {older} "
-                                          rf"\(checkpoint.resume={older}, or move the damaged one aside\)$"):
+    with pytest.raises(ConfigError, match=f"damaged: .*; the newest other checkpoint of its run: {newer} "
+                                          rf"\(a run resumes from it with checkpoint.resume={newer}, or with the "
+                                          r"damaged one moved aside\)$"):
         ck.load(path, *_model_and_opt())
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from golong.cli import main
-from golong.config import ADV_ESTIMATORS, ConfigError, load_config
+from golong.config import ADV_ESTIMATORS, ConfigError, load_config, run_problems
 from golong.logger import MetricsWriter, read_metrics
 from golong.profiling import nvtx_range
 
@@ -140,7 +140,6 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("trainer.gen_batch_prompts=-1", "trainer.gen_batch_prompts must be >= 0"),
     ("trainer.mini_batch_prompts=0", "trainer.mini_batch_prompts must be >= 1"),
     # verl refuses a mini-batch larger than the step's batch (the demo: 16 prompts a step)
-    ("trainer.mini_batch_prompts=17", "trainer.mini_batch_prompts=17 must be <= trainer.prompts_per_step=16"),
     # the demo: 2 generation batches at most, so 7 prompts each can never fill a step of 16
     ("trainer.gen_batch_prompts=7", "trainer.gen_batch_prompts=7 x algo.max_num_gen_batches=2 = 14 prompts can never "
                                     "fill trainer.prompts_per_step=16"),
@@ -160,8 +159,8 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("optim.lr=inf", "optim.lr=inf must be a finite number"),
     ("optim.lr=nan", "optim.lr=nan must be a finite number"),
     ("optim.grad_clip=inf", "optim.grad_clip=inf must be a finite number"),
-    ("algo.clip_high=inf", "algo.clip_high=inf must be a finite number"),
-    ("algo.dual_clip=inf", "algo.dual_clip=inf must be a finite number"),  # -A x inf: NaN where A = 0
+    ("algo.clip_high=nan", "algo.clip_high=nan must be a finite number"),
+    ("algo.dual_clip=-inf", "algo.dual_clip=-inf must be a finite number"),
     ("algo.entropy_coef=nan", "algo.entropy_coef=nan must be a finite number"),
     ("algo.kl_coef=inf", "algo.kl_coef=inf must be a finite number"),
     ("model.scratch=null", "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
@@ -230,12 +229,15 @@ def test_vllm_engine_without_vllm_installed_is_a_run_problem(monkeypatch, capsys
         assert capsys.readouterr().err.strip() == f"golong: error: {message}"
 
 
-def test_nothing_to_train_is_refused():
-    # exited 0 with an empty metrics.jsonl
-    with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs/demo-cpu.yaml", ["trainer.total_steps=0", "trainer.sft_steps=0"])
-    assert str(e.value) == ("nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL "
-                            "steps, SFT warm-up steps), or score a model without training with `golong eval`")
+def test_nothing_to_train_is_refused(capsys):
+    """A training run of no step exited 0 with an empty metrics.jsonl; golong eval, plan and data check of that
+    config need no step."""
+    cfg = load_config(ROOT / "configs/demo-cpu.yaml", ["trainer.total_steps=0", "trainer.sft_steps=0"])
+    message = ("nothing to train: trainer.total_steps=0 and trainer.sft_steps=0; set either >= 1 (RL steps, SFT "
+               "warm-up steps), or score a model without training with `golong eval`")
+    assert run_problems(cfg) == [message] and run_problems(cfg, for_eval=True) == []
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "trainer.total_steps=0", "trainer.sft_steps=0"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: {message}"
 
 
 def test_generation_batches_that_cannot_fill_a_step_are_refused_under_dynamic_sampling_only():
@@ -295,6 +297,12 @@ def test_a_single_data_file_may_be_given_as_a_string(yaml_value, override, tmp_p
     ("algo.dual_clip=1.001", "algo.dual_clip", 1.001),
     ("algo.rollout_is_lower=1", "algo.rollout_is_lower", 1.0),
     ("algo.rollout_is_upper=1", "algo.rollout_is_upper", 1.0),
+    # +inf: no bound (dual clip off, untruncated IS weights, no upper PPO clip)
+    ("algo.dual_clip=inf", "algo.dual_clip", float("inf")),
+    ("algo.rollout_is_upper=inf", "algo.rollout_is_upper", float("inf")),
+    ("algo.clip_high=inf", "algo.clip_high", float("inf")),
+    # a mini-batch as large as the step or larger: one optimizer step per RL step (prompts_per_step=8 alone)
+    ("trainer.prompts_per_step=8", "trainer.prompts_per_step", 8),
     ("algo.alpha=0", "algo.alpha", 0.0),
     ("algo.alpha=1", "algo.alpha", 1.0),
     ("trainer.total_steps=0", "trainer.total_steps", 0),
@@ -370,12 +378,13 @@ def test_a_model_given_as_a_hub_id_says_how_to_fetch_it(tmp_path, monkeypatch):
         return run_problems(load_config(ROOT / "configs/demo-cpu.yaml", list(overrides)))
 
     assert problems("model.path=Qwen/Qwen3-4B", "model.tokenizer=Qwen/Qwen3-4B-Base") == [
-        "model.path=Qwen/Qwen3-4B does not exist: model.path must be a local directory; fetch it first with `hf "
-        "download Qwen/Qwen3-4B --local-dir checkpoints/Qwen3-4B` and set model.path=checkpoints/Qwen3-4B (golong "
-        "never downloads, and loads no remote code)",
-        "model.tokenizer=Qwen/Qwen3-4B-Base does not exist: model.tokenizer must be a local directory; fetch it first "
-        "with `hf download Qwen/Qwen3-4B-Base --local-dir checkpoints/Qwen3-4B-Base` and set "
-        "model.tokenizer=checkpoints/Qwen3-4B-Base (golong never downloads, and loads no remote code)"]
+        "model.path: Qwen/Qwen3-4B does not exist (model.path must be a local directory; if Qwen/Qwen3-4B is a Hugging "
+        "Face Hub id, fetch it with `hf download Qwen/Qwen3-4B --local-dir checkpoints/Qwen3-4B` and set "
+        "model.path=checkpoints/Qwen3-4B: golong never downloads, and loads no remote code)",
+        "model.tokenizer: Qwen/Qwen3-4B-Base does not exist (model.tokenizer must be a local directory; if "
+        "Qwen/Qwen3-4B-Base is a Hugging Face Hub id, fetch it with `hf download Qwen/Qwen3-4B-Base --local-dir "
+        "checkpoints/Qwen3-4B-Base` and set model.tokenizer=checkpoints/Qwen3-4B-Base: golong never downloads, and "
+        "loads no remote code)"]
     # local paths: where the download goes (the GPU configs before it), under a local directory, explicitly relative
     for path in ("checkpoints/Qwen3-4B", "runs/model", "./Qwen/Qwen3-4B", "Qwen/Qwen3-4B/sub"):
         assert problems(f"model.path={path}") == [f"model.path: {path} does not exist"]
@@ -594,7 +603,7 @@ def test_overrides_are_optional_in_the_usage(capsys):
 @pytest.mark.parametrize("argv, function, left", [
     (["data", "check", "{demo}"], "golong.data.check.check_data",
      "; the prompt cache keeps only the splits written whole"),
-    (["data", "synth", "--out", "{tmp}/d.jsonl", "--n", "2"], "golong.data.synthetic.write_dataset",
+    (["data", "synth", "--out", "{tmp}/d.jsonl", "--n", "2"], "golong.data.records.write_records",
      "; {tmp}/d.jsonl may be partly written"),
     (["plot", "{tmp}"], "golong.plot.plot_run", ""),
 ])

@@ -416,6 +416,19 @@ def test_sigterm_checkpoints_the_step_under_way_and_resume_continues_identically
     _assert_same_run(_by_step(tmp_path / "ref"), _by_step(run))
 
 
+def test_a_resume_at_step_0_after_the_warm_up_does_not_validate_again(config_file, tmp_path):
+    """With trainer.val_before_train the run resumed from the checkpoint after its SFT warm-up (step_000000) ran
+    step 0's validation again: a second step-0 row and a whole validation pass more."""
+    over = ("trainer.val_before_train=true", "trainer.total_steps=2", "trainer.val_every=0")
+    killed = _train(config_file, tmp_path, "kill@1", *over)  # after step 1; the newest checkpoint: step_000000
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    done = _train(config_file, tmp_path, "", *over)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "validation before training" not in done.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [-3, -2, -1, 0, 1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.discarded.jsonl")] == [1]
+
+
 def test_a_stop_signal_during_the_sft_warm_up_checkpoints_it_and_resume_continues_it(config_file, tmp_path):
     """A stop signal in the SFT warm-up waited for the whole warm-up (long past a scheduler's grace period),
     then checkpointed. Now SFT step 2 of 3 finishes, is checkpointed with the warm-up's optimizer, schedule and
@@ -433,9 +446,15 @@ def test_a_stop_signal_during_the_sft_warm_up_checkpoints_it_and_resume_continue
            f"{run / 'checkpoints' / 'step_000000'}; exiting with status 143" in said, said[-3000:]
     assert sorted(_by_step(run)) == [-3, -2]  # SFT steps 1 and 2 (logged at steps <= 0); step 3 never began
 
+    # the resumed warm-up dies after logging SFT step 3, before its end's checkpoint: the next resume sets that
+    # row aside (SFT step s is logged at s - sft_steps - 1) and logs the step again
+    killed = _train(config_file, run, "kill_sft@3")
+    assert killed.returncode == 17 and sorted(_by_step(run)) == [-3, -2, -1], killed.stderr[-3000:]
     resumed = _train(config_file, run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"resumed from \S*step_000000 at SFT step 2", " ".join(resumed.stderr.split()))
+    assert [r["step"] for r in read_metrics(run / "metrics.discarded.jsonl")] == [-1]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [-3, -2, -1, 0, 1, 2, 3, 4]
     want, got = _by_step(tmp_path / "ref"), _by_step(run)
     assert [s for s in want if s < 0] == [-3, -2, -1]
     _assert_same_run(want, got)
