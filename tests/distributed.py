@@ -66,7 +66,12 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         errors.append(errq.get())
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors))
-        raise AssertionError(f"{len(errors)} rank(s) failed:\n{msg}")
+        # a rank that died without a traceback (a signal, an abort) leaves its peers' "connection closed" errors:
+        # name it and how it ended
+        silent = [(i, "still running" if i in hung else p.exitcode) for i, p in enumerate(procs)
+                  if i not in {r for r, _ in errors} and p.exitcode != 0]
+        died = f" (and ranks died without a traceback, with exit codes: {silent})" if silent else ""
+        raise AssertionError(f"{len(errors)} rank(s) failed{died}:\n{msg}")
     if hung:
         raise AssertionError(f"ranks {hung} did not finish within {timeout}s")
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]

@@ -61,3 +61,19 @@ def test_run_distributed_allreduce():
 def test_run_distributed_propagates_rank_failure():
     with pytest.raises(AssertionError, match="boom on rank one"):
         run_distributed(_failing_body, 2)
+
+
+def _killed_body(rank, world):
+    import os
+    import signal
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # no traceback: its peer sees only a closed connection
+    dist.all_reduce(torch.ones(1))
+
+
+@pytest.mark.distributed
+def test_run_distributed_names_a_rank_that_died_without_a_traceback():
+    with pytest.raises(AssertionError, match=r"1 rank\(s\) failed \(and ranks died without a traceback, with exit "
+                                             r"codes: \[\(1, -9\)\]\)"):
+        run_distributed(_killed_body, 2, timeout=60)
