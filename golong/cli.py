@@ -146,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             cfg = _load(args)
             problems = run_problems(cfg, for_eval=True)
+            if problems and args.checkpoint and problems[0].startswith(("model.path", "model.tokenizer")):
+                # the run's starting model gives the architecture and tokenizer a checkpoint's weights go into
+                problems[0] += (f"; without it, export the checkpoint (golong export {args.checkpoint} DIR) and "
+                                "evaluate the export: golong eval CONFIG model.path=DIR")
             if problems:
                 raise ConfigError(problems[0])
             from golong.trainer import evaluate

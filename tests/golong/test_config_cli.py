@@ -229,6 +229,17 @@ def test_vllm_engine_without_vllm_installed_is_a_run_problem(monkeypatch, capsys
         assert capsys.readouterr().err.strip() == f"golong: error: {message}"
 
 
+def test_eval_of_a_checkpoint_whose_starting_model_is_gone_says_how_to_score_it(tmp_path, capsys):
+    demo, gone = str(ROOT / "configs/demo-cpu.yaml"), tmp_path / "gone"
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert main(["eval", demo, f"model.path={gone}", "--checkpoint", str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"golong: error: model.path: {gone} does not exist; without it, export the checkpoint (golong export {ckpt} "
+        "DIR) and evaluate the export: golong eval CONFIG model.path=DIR")
+    assert main(["eval", demo, f"model.path={gone}"]) == 2  # no checkpoint: nothing to export
+    assert capsys.readouterr().err.strip() == f"golong: error: model.path: {gone} does not exist"
+
+
 def test_nothing_to_train_is_refused(capsys):
     """A training run of no step exited 0 with an empty metrics.jsonl; golong eval, plan and data check of that
     config need no step."""
