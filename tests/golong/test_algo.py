@@ -345,6 +345,22 @@ def test_policy_loss_defaults_and_errors():
         policy_loss(lp, old, adv, mask, global_token_count=1, dual_clip=0.5)
 
 
+def test_policy_loss_with_infinite_bounds_is_the_unbounded_loss():
+    """algo.dual_clip / clip_high = +inf (the config allows them: no bound) give dual clip off / no upper clip,
+    with finite gradients where the advantage is 0 (-0 x inf is NaN in the unselected branch)."""
+    lp, old, adv, mask, *_ = _loss_inputs(seed=4)
+    adv = torch.where(torch.arange(len(adv)) % 3 == 0, torch.zeros_like(adv), adv)
+    assert (adv[mask] == 0).any() and (adv[mask] < 0).any()
+    grads = []
+    for kw in ({"dual_clip": float("inf"), "clip_high": float("inf")}, {"dual_clip": None, "clip_high": 1e30}):
+        x = lp.detach().clone().requires_grad_(True)
+        loss, _ = policy_loss(x, old, adv, mask, global_token_count=int(mask.sum()), **kw)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    (l_inf, g_inf), (l_off, g_off) = grads
+    assert torch.isfinite(g_inf).all() and l_inf == l_off and torch.equal(g_inf, g_off)
+
+
 def test_policy_loss_ignores_whatever_invalid_tokens_hold():
     """Invalid tokens may carry -inf / NaN (padding logprobs, unset advantages): the loss, its metrics and
     its gradients must be those of the valid tokens alone, as verl's masked sum (where(mask, v, 0)) gives."""
