@@ -36,7 +36,12 @@ responses share it); decode is bandwidth-bound: every step reads the weights onc
 every sequence's KV cache. All at the configured maximum lengths (prompt + response, capped by
 trainer.micro_batch_tokens): the figures bound the worst step, not the average one.
 Lower-bound time = max(FLOPs / (GPUs * 790 TFLOP/s), bytes / (GPUs * 4.3 TB/s)) per phase
-(measured bf16 dense matmul and HBM bandwidth of one H200); communication is not counted.
+(measured bf16 dense matmul and HBM bandwidth of one H200); communication is not in it.
+FSDP2 traffic is shown beside it: per micro-batch each GPU receives (F-1)/F of every gathered parameter
+in forward and again in backward (compute dtype) and as much of the gradients in the reduce-scatter
+(reduce dtype), F = all GPUs; timed at an ASSUMED bus bandwidth (NVLink within one 8-GPU node, one
+400 Gb/s NIC per GPU across nodes), with what exceeds the update's compute bound under perfect overlap:
+a guide to trainer.micro_batch_tokens (fewer, larger micro-batches gather the weights fewer times).
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ H200_BF16_FLOPS = 790e12  # measured dense bf16 matmul throughput of one H200 (F
 H200_HBM_BYTES_PER_S = 4.3e12  # measured HBM bandwidth of one H200 (bytes/s)
 CUDA_RUNTIME_OVERHEAD = 2 * GIB  # CUDA context + NCCL buffers + cuBLAS/Triton workspaces, per GPU
 VLLM_SLEEP_RESIDUE = 1 * GIB  # what a sleeping colocated vLLM engine still holds (CUDA graphs, context)
+# ASSUMED (not measured here) collective bus bandwidths per GPU: NCCL within an NVLink node of 8 H100 / H200, and
+# across nodes one 400 Gb/s NIC per GPU at ~90%
+GPUS_PER_NODE = 8
+NVLINK_BUS_BYTES_PER_S = 360e9
+NIC_BUS_BYTES_PER_S = 45e9
 
 # ------------------------------------------------------------------------------------------------
 # Model shapes
@@ -626,6 +636,9 @@ class Throughput:
     rollout_s: float
     micro_batches_per_gpu: int
     kv_seqs_per_engine: float  # sequences at full length whose KV cache fits in the vLLM reservation
+    fsdp_bytes: float  # FSDP2 all-gather + reduce-scatter bytes each GPU receives in one step
+    fsdp_s: float  # those at the assumed bus bandwidth (NVLINK_ / NIC_BUS_BYTES_PER_S)
+    update_compute_s: float  # the update's compute bound, which FSDP's prefetch can hide the traffic behind
 
 
 def update_flops(s: ModelShape, seq_lens: list[int] | tuple[int, ...], *, checkpointing: bool,
@@ -688,10 +701,14 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     rollout_s = max(prefill / (gpus * H200_BF16_FLOPS), 0.0) + decode_bytes / (gpus * H200_HBM_BYTES_PER_S)
     reserve = ro.gpu_memory_utilization * gpu_mem_bytes * tp - s.total_params * 2
     kv_seqs = max(0.0, reserve) / (s.kv_bytes_per_token * doc_len)
+    # FSDP2 over every GPU: a gather in forward and one in backward (blocks reshard after forward), a reduce-scatter
+    fsdp_bytes = micro * (2 * p.compute + p.reduce) * s.total_params * (gpus - 1) / gpus
+    bus = NVLINK_BUS_BYTES_PER_S if gpus <= GPUS_PER_NODE else NIC_BUS_BYTES_PER_S
     return Throughput(tokens=tokens, docs=docs, doc_len=doc_len, model_flops=model, hardware_flops=hw,
                       update_s=max(t_compute, t_memory), update_bound="compute" if t_compute >= t_memory else "memory",
                       rollout_prefill_flops=prefill, rollout_decode_bytes=decode_bytes, rollout_s=rollout_s,
-                      micro_batches_per_gpu=micro, kv_seqs_per_engine=kv_seqs)
+                      micro_batches_per_gpu=micro, kv_seqs_per_engine=kv_seqs, fsdp_bytes=fsdp_bytes,
+                      fsdp_s=fsdp_bytes / bus, update_compute_s=t_compute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -830,6 +847,11 @@ def render(plan: Plan, cfg: RunConfig) -> None:
         ("rollout lower bound", _seconds(t.rollout_s)),
         ("KV cache capacity per engine (full-length sequences)", f"{t.kv_seqs_per_engine:,.1f}"),
         ("step lower bound (rollout + update)", _seconds(t.rollout_s + t.update_s)),
+        ("FSDP traffic per GPU per step (gathers + reduce-scatter)", _si(t.fsdp_bytes, "B")),
+        (f"  at {(NVLINK_BUS_BYTES_PER_S if plan.gpus <= GPUS_PER_NODE else NIC_BUS_BYTES_PER_S) / 1e9:.0f} GB/s "
+         f"({'NVLink, one node' if plan.gpus <= GPUS_PER_NODE else 'a 400 Gb/s NIC per GPU'}; assumed)",
+         _seconds(t.fsdp_s)),
+        ("  beyond the update's compute (perfect overlap)", _seconds(max(0.0, t.fsdp_s - t.update_compute_s))),
     ]
     if plan.precision.device == "cpu":  # H200 rooflines say nothing about a CPU run
         perf.title = "One RL step at maximum lengths: work"

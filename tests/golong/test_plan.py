@@ -156,6 +156,24 @@ def test_parameter_counts_and_rollout_work_by_hand():
         assert tiny.update_bound == "memory" and tiny.update_s == pytest.approx(nbytes / (gpus * 4.3e12), rel=1e-12)
 
 
+def test_fsdp_traffic_is_two_gathers_and_a_reduce_scatter_per_micro_batch():
+    """Each GPU receives (F-1)/F of the bf16 parameters twice per micro-batch (forward, backward) and of the fp32
+    gradients once, F = all GPUs; timed at the assumed NVLink bus bandwidth within a node and a NIC's across nodes,
+    and what exceeds the compute bound is what fewer, larger micro-batches would save."""
+    from golong.plan import NIC_BUS_BYTES_PER_S, NVLINK_BUS_BYTES_PER_S
+
+    short = ["data.max_prompt_tokens=8192", "rollout.max_response_tokens=8192"]
+    for gpus, bus in ((8, NVLINK_BUS_BYTES_PER_S), (32, NIC_BUS_BYTES_PER_S)):
+        cfg = load_config(ROOT / "configs/qwen3-30b-a3b-grpo.yaml", [*short, f"parallel.cp={min(8, gpus)}"])
+        s, t = model_shape(cfg.model), predict(cfg, gpus=gpus).throughput
+        want = t.micro_batches_per_gpu * (2 + 2 + 4) * s.total_params * (gpus - 1) / gpus
+        assert t.fsdp_bytes == pytest.approx(want, rel=1e-12) and t.fsdp_s == pytest.approx(want / bus, rel=1e-12)
+    assert t.fsdp_s > t.update_compute_s  # 30B-A3B across nodes at 16K tokens: the gathers outlast the compute
+    bigger = predict(load_config(ROOT / "configs/qwen3-30b-a3b-grpo.yaml",
+                                 [*short, "trainer.micro_batch_tokens=524288"]), gpus=32).throughput
+    assert bigger.fsdp_s < t.fsdp_s / 2.5 and bigger.update_compute_s == pytest.approx(t.update_compute_s, rel=1e-9)
+
+
 def test_a_config_fits_when_both_phases_do():
     """update: peak + CUDA runtime + a sleeping vLLM's residue; rollout: resident trainer state + vLLM's
     reservation + CUDA runtime; each <= GPU memory (module docstring)."""
