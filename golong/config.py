@@ -543,7 +543,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     import yaml
 
     base = OmegaConf.structured(RunConfig)
-    layers = []
+    layers, origins = [], []  # origins: where each layer came from, for the error of a key it sets
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -554,11 +554,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(_yaml_error(str(p), e)) from None
         if not isinstance(layers[-1], DictConfig):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+        origins.append(p)
     for o in overrides:
         if "=" not in o or not o.split("=", 1)[0].strip():
             raise ConfigError(f"override {o!r} is not of the form key=value")
         try:
             layers.append(OmegaConf.from_dotlist([o]))
+            origins.append(f"override {o!r}")
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_error(f"override {o!r}", e, located=False)) from None
         except OmegaConfBaseException as e:
@@ -569,14 +571,38 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if isinstance(node, DictConfig) and not OmegaConf.is_interpolation(node, name) \
                     and isinstance(node.get(name), str):
                 node[name] = [node[name]]
+    merged = base
+    for layer, origin in zip(layers, origins):  # one at a time: an unknown key or a bad value names its file and line
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            if isinstance(origin, Path):
+                line = _key_line(origin, getattr(e, "full_key", None) or "")
+                raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {_one_line(e)}") from None
+            raise ConfigError(_one_line(e)) from None  # an override: the message names its key
     try:
-        merged = OmegaConf.merge(base, *layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     _check_choices(cfg)
     _check_values(cfg)
     return cfg
+
+
+def _key_line(path: Path, dotted: str) -> int | None:
+    """The 1-based line of the dotted key `dotted` in the YAML file `path` (None where it is not found there)."""
+    import yaml
+
+    node: Any = yaml.compose(path.read_text())
+    line = None
+    for part in dotted.split(".") if dotted else []:
+        match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part] \
+            if isinstance(node, yaml.MappingNode) else []
+        if not match:
+            return None
+        key, node = match[-1]
+        line = key.start_mark.line + 1
+    return line
 
 
 def to_yaml(cfg: RunConfig) -> str:

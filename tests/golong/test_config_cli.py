@@ -338,6 +338,24 @@ def test_value_checks_accept_their_bounds(override, key, value):
     assert getattr(getattr(c, section), name) == value
 
 
+def test_a_bad_key_or_value_in_a_yaml_file_names_the_file_and_line(tmp_path):
+    """A misspelled key or a wrong type inside a config file named the key and its valid siblings, not where it is;
+    an override's own problem names no file."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  scratch: {}\n\ntrainer:\n  total_steps: 3\n  sft_step: 2\nalgo:\n  clip_low: abc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: line 6: unknown config key 'trainer.sft_step'; valid keys here: ")
+    path.write_text("model:\n  scratch: {}\nalgo:\n  clip_low: abc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: line 4: bad value for 'algo.clip_low': Value 'abc'")
+    path.write_text("model:\n  scratch: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["trainer.sft_step=2"])
+    assert str(e.value).startswith("unknown config key 'trainer.sft_step'")
+
+
 def test_yaml_errors_name_file_line_and_problem(tmp_path):
     (tmp_path / "dup.yaml").write_text("model:\n  scratch: {}\nmodel:\n  dtype: float32\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: line 3, column 1: found duplicate key model"):
