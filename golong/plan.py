@@ -637,7 +637,8 @@ class Throughput:
     micro_batches_per_gpu: int
     kv_seqs_per_engine: float  # sequences at full length whose KV cache fits in the vLLM reservation
     fsdp_bytes: float  # FSDP2 all-gather + reduce-scatter bytes each GPU receives in one step
-    fsdp_s: float  # those at the assumed bus bandwidth (NVLINK_ / NIC_BUS_BYTES_PER_S)
+    fsdp_bus: float  # the assumed bus bandwidth (bytes/s): NVLINK_BUS_BYTES_PER_S in one node, else NIC_BUS_...
+    fsdp_s: float  # fsdp_bytes at fsdp_bus
     update_compute_s: float  # the update's compute bound, which FSDP's prefetch can hide the traffic behind
 
 
@@ -708,7 +709,7 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
                       update_s=max(t_compute, t_memory), update_bound="compute" if t_compute >= t_memory else "memory",
                       rollout_prefill_flops=prefill, rollout_decode_bytes=decode_bytes, rollout_s=rollout_s,
                       micro_batches_per_gpu=micro, kv_seqs_per_engine=kv_seqs, fsdp_bytes=fsdp_bytes,
-                      fsdp_s=fsdp_bytes / bus, update_compute_s=t_compute)
+                      fsdp_bus=bus, fsdp_s=fsdp_bytes / bus, update_compute_s=t_compute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -848,8 +849,8 @@ def render(plan: Plan, cfg: RunConfig) -> None:
         ("KV cache capacity per engine (full-length sequences)", f"{t.kv_seqs_per_engine:,.1f}"),
         ("step lower bound (rollout + update)", _seconds(t.rollout_s + t.update_s)),
         ("FSDP traffic per GPU per step (gathers + reduce-scatter)", _si(t.fsdp_bytes, "B")),
-        (f"  at {(NVLINK_BUS_BYTES_PER_S if plan.gpus <= GPUS_PER_NODE else NIC_BUS_BYTES_PER_S) / 1e9:.0f} GB/s "
-         f"({'NVLink, one node' if plan.gpus <= GPUS_PER_NODE else 'a 400 Gb/s NIC per GPU'}; assumed)",
+        (f"  at {t.fsdp_bus / 1e9:.0f} GB/s "
+         f"({'NVLink, one node' if t.fsdp_bus == NVLINK_BUS_BYTES_PER_S else 'a 400 Gb/s NIC per GPU'}; assumed)",
          _seconds(t.fsdp_s)),
         ("  beyond the update's compute (perfect overlap)", _seconds(max(0.0, t.fsdp_s - t.update_compute_s))),
     ]

@@ -457,10 +457,12 @@ class Actor:
                         veto=algo.rollout_is_veto)
                     is_w = self._shard(mb, w)
                     _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
-                # response lengths of this micro-batch's rollouts (a dummy: one placeholder; its mask is all 0)
-                lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
-                agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
-                                          self.cfg.rollout.max_response_tokens)
+                agg = None  # token-mean: policy_loss divides by the global token count
+                if algo.loss_agg_mode != "token-mean":
+                    # response lengths of this micro-batch's rollouts (a dummy: one placeholder; its mask is all 0)
+                    lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
+                    agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
+                                              self.cfg.rollout.max_response_tokens)
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
                     clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
@@ -976,14 +978,9 @@ class Trainer:
                               max_tokens=r.max_response_tokens)
 
     def _decode_responses(self, responses: Sequence[Sequence[int]]) -> list[str]:
-        """The texts of responses (lists or int arrays of token ids), stop token stripped. One decode call per
+        """The texts of the engine's responses (lists of token ids), stop token stripped. One decode call per
         response: transformers' batch_decode loops over them itself, with more overhead."""
-        out = []
-        for ids in responses:
-            ids = self._strip_stop(ids)
-            out.append(self.tokenizer.decode(ids.tolist() if isinstance(ids, np.ndarray) else ids,
-                                             skip_special_tokens=True))
-        return out
+        return [self.tokenizer.decode(self._strip_stop(ids), skip_special_tokens=True) for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
                             label: str, texts: bool = False
@@ -1032,8 +1029,8 @@ class Trainer:
         by_request: dict[int, str] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
-            parts = _gather_to_rank0(list(zip(mine, decoded)))
-            by_request = {j: text for part in parts or [] for j, text in part}
+            shares = _gather_to_rank0(list(zip(mine, decoded)))
+            by_request = {j: text for share in shares or [] for j, text in share}
             timings["time/dump_s"] = time.perf_counter() - t3
         return [(*x[1:], by_request.get(x[0])) for x in merged], timings
 
@@ -1217,7 +1214,9 @@ class Trainer:
         by_task: dict[str, list[float]] = defaultdict(list)
         n = self.cfg.rollout.val_n
         dump = dump and self.rank == 0
-        rows = None if self.rank else responses if responses is not None else [] if dump else None
+        rows = None  # rank 0 holds the texts
+        if self.rank == 0 and (responses is not None or dump):
+            rows = responses if responses is not None else []
         for j, (_, _, finish, s, text) in enumerate(results):
             record = self.val_prompts[j // n].record
             by_task[record.task].append(s)
