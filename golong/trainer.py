@@ -924,6 +924,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # validation results, for the demo summary
         self.generated: list[Rollout] = []  # the last step's responses, kept or not (logging.dump_rollouts)
         self.warned_format = False  # _warn_format: once per run
+        self.warned_function = False  # _check_function_errors: once per run
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
@@ -1011,21 +1012,26 @@ class Trainer:
             decoded = self._decode_responses(out.token_ids)
             # scored 0 whatever they answer: a model that never closes a think block learns nothing, so count them
             fails = sum(checked_response(t) is None for t in decoded) if rc.require_think else 0
+            errors: list[tuple[int, str]] = []  # the reward function's exceptions (k, traceback)
             scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
-                                                       num_workers=rc.reward_workers,
-                                                       memory_mb=rc.reward_memory_mb))
+                                                       num_workers=rc.reward_workers, memory_mb=rc.reward_memory_mb,
+                                                       function=rc.reward_function), errors=errors)
         t2 = time.perf_counter()
         # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
         local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
                   None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
                   out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
-        parts = _gather_objects((local, fails))
-        merged = sorted((x for part, _ in parts for x in part), key=lambda x: x[0])
+        # the count of calls that raised, the first one's traceback, and how many responses the function was given
+        raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails)
+        parts = _gather_objects((local, fails, raised))
+        merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         if rc.require_think:
-            timings["response/format_errors"] = float(sum(f for _, f in parts))
+            timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
+        if rc.reward_function:
+            timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label))
         by_request: dict[int, str] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
@@ -1033,6 +1039,22 @@ class Trainer:
             by_request = {j: text for share in shares or [] for j, text in share}
             timings["time/dump_s"] = time.perf_counter() - t3
         return [(*x[1:], by_request.get(x[0])) for x in merged], timings
+
+    def _check_function_errors(self, raised: list[tuple[int, str | None, int]], label: str) -> int:
+        """How many calls of the user's reward function raised (scored 0), from every rank's (count, first
+        traceback, calls). The first traceback is logged once per run; a batch in which every call raised stops the
+        run on every rank (a broken function, not an odd response), its traceback in the error."""
+        count, calls = sum(r[0] for r in raised), sum(r[2] for r in raised)
+        first = next((r[1] for r in raised if r[1] is not None), None)
+        where = f"rollout.reward_function={self.cfg.rollout.reward_function}"
+        if count and count == calls:
+            raise RuntimeError(f"{label}: the reward function raised on all {calls} responses it was given "
+                               f"({where}); the first traceback, from its scoring worker:\n{first}")
+        if count and not self.warned_function:
+            self.warned_function = True
+            log.warning(f"{label}: the reward function raised on {count} of {calls} responses ({where}); they "
+                        f"score 0 (reward/function_errors counts them every step). The first traceback:\n{first}")
+        return count
 
     def _strip_stop(self, ids: Sequence[int]) -> Sequence[int]:
         return ids[:-1] if len(ids) and int(ids[-1]) in self.stop_ids else ids
@@ -1505,7 +1527,11 @@ def sft_target(record: Any) -> str:
 
     answer = record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
         record.ground_truth.doc_ids)
-    if SCOPES[record.metric] == "marked" and "[Answer]" not in answer:
+    try:
+        scope = SCOPES[record.metric]
+    except ValueError:  # a record only the run's own reward function scores (rollout.reward_function)
+        scope = "whole"
+    if scope == "marked" and "[Answer]" not in answer:
         answer = f"[Answer]\n{answer}"
     return f"<think>\n\n</think>\n\n{answer}"
 
@@ -1570,7 +1596,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         counts: dict[str, int] = defaultdict(int)
         for p in trainer.val_prompts:
             counts[p.record.task] += cfg.rollout.val_n
-        metric = task_metrics(p.record for p in trainer.val_prompts)
+        metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,

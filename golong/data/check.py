@@ -12,6 +12,7 @@ from golong.config import ConfigError, RunConfig, prompt_cache_dir
 from golong.data.prompts import build_prompts_cached
 from golong.data.records import Record, load_records
 from golong.data.synthetic import generate
+from golong.rewards.function import parse_spec
 
 
 def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], list[Record]]:
@@ -19,16 +20,17 @@ def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], li
     data.val_files, else data.synthetic_val_n held-out synthetic records (another seed). train=False: the
     validation records only (training's list is empty)."""
     d = cfg.data
+    routed = not cfg.rollout.reward_function  # a function of the user's own scores records golong cannot route
     if not train:
         records: list[Record] = []
     elif d.train_files:
-        records = load_records(list(d.train_files))
+        records = load_records(list(d.train_files), routed=routed)
     elif d.synthetic_n > 0:
         records = generate(d.synthetic_n, d.synthetic_context_tokens, seed=d.seed, tasks=d.synthetic_tasks or None)
     else:
         raise ConfigError("data.train_files is empty and data.synthetic_n is 0: no training data")
     if d.val_files:
-        val = load_records(list(d.val_files))
+        val = load_records(list(d.val_files), routed=routed)
     elif d.synthetic_val_n > 0:  # a different seed: held-out prompts
         val = generate(d.synthetic_val_n, d.synthetic_context_tokens, seed=d.seed + 7919,
                        tasks=d.synthetic_tasks or None)
@@ -37,12 +39,13 @@ def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], li
     return records, val
 
 
-def task_metrics(records: Iterable[Record]) -> dict[str, str]:
+def task_metrics(records: Iterable[Record], function: str = "") -> dict[str, str]:
     """task name -> the metric its records are scored by ("a/b" when they mix): a data source can decide the
-    metric whatever the task name says (an "EM" record of ability long_context, a judge source's math_verify)."""
+    metric whatever the task name says (an "EM" record of ability long_context, a judge source's math_verify).
+    With a reward function ("file.py[:name]") it scores them all: its name."""
     scored_by: dict[str, set[str]] = defaultdict(set)
     for r in records:
-        scored_by[r.task].add(r.metric)
+        scored_by[r.task].add(f"{parse_spec(function)[1]}()" if function else r.metric)
     return {t: "/".join(sorted(m)) for t, m in scored_by.items()}
 
 
@@ -62,7 +65,7 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
         total: dict[str, int] = defaultdict(int)
         for r in records:
             total[r.task] += 1
-        metric = task_metrics(records)
+        metric = task_metrics(records, cfg.rollout.reward_function)
         kept: dict[str, list[Any]] = defaultdict(list)
         for p in prompts:
             kept[p.record.task].append(p)

@@ -10,8 +10,10 @@ On disk (one row or JSON line per record, verl layout):
      "extra_info": {"reward_mode": "T2.1 Global Timeline Reconstruction", "index": 7}}
 
 Every record must route to a reward metric (data_source, reward_mode or ability; see
-golong.rewards.tasks) and carry a non-empty ground truth. A bad record raises RecordError naming
-the file and the line (JSONL, 1-based) or row (parquet, 0-based).
+golong.rewards.tasks) and carry a non-empty ground truth, unless the run scores with a reward function
+of its own (`routed=False`): then any data_source goes and the ground truth may be any value, handed to
+that function as stored. A bad record raises RecordError naming the file and the line (JSONL, 1-based)
+or row (parquet, 0-based).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Record:
     ground_truth: GroundTruth
     extra_info: dict[str, Any] = field(default_factory=dict)
     style: str = "rule"
+    raw_ground_truth: Any = None  # reward_model.ground_truth as the file stores it (for a user's reward function)
 
     @property
     def task(self) -> str:
@@ -66,13 +69,15 @@ class Record:
             "prompt": [dict(m) for m in self.prompt],
             "ability": self.ability,
             "reward_model": {"style": self.style, "ground_truth": {
-                "doc_ids": list(gt.doc_ids), "golden_label": gt.golden_label, "summary": gt.summary}},
+                "doc_ids": list(gt.doc_ids), "golden_label": gt.golden_label, "summary": gt.summary}
+                if self.raw_ground_truth is None else self.raw_ground_truth},
             "extra_info": dict(self.extra_info),
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "record") -> Record:
-        """Validate a verl-layout dict and build a Record; RecordError(f"{where}: ...") if bad."""
+    def from_dict(cls, d: Any, where: str = "record", *, routed: bool = True) -> Record:
+        """Validate a verl-layout dict and build a Record; RecordError(f"{where}: ...") if bad. routed=False (a run
+        with its own reward function): the record need not route to a metric, its ground truth may be any value."""
 
         def bad(msg: str) -> RecordError:
             return RecordError(f"{where}: {msg}")
@@ -98,12 +103,22 @@ class Record:
         mode = extra.get("reward_mode")
         if mode is not None and not isinstance(mode, str):
             raise bad(f"extra_info.reward_mode must be a string, got {type(mode).__name__}")
-        gt = _check_ground_truth(rm["ground_truth"], bad)
-        rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"))
+        raw = rm["ground_truth"]
+        if routed:
+            gt = _check_ground_truth(raw, bad)
+        else:  # what golong's own fields can hold of it, for the SFT warm-up's target (a number: its text)
+            try:
+                gt = _check_ground_truth(str(raw) if isinstance(raw, (int, float)) else raw, bad)
+            except RecordError:
+                gt = GroundTruth()
+        rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"), raw)
+        if not routed:
+            return rec
         try:
             metric = rec.metric
         except ValueError as e:
-            raise bad(str(e)) from None
+            raise bad(f"{e}; a task golong has no metric for can be scored by a function of your own: "
+                      "rollout.reward_function=path/to/file.py[:name]") from None
         if metric == "retrieval_calculate" and not (gt.doc_ids and gt.golden_label.strip()):
             raise bad("a retrieval_calculate record needs both ground_truth.doc_ids (the documents to cite) "
                       "and golden_label (the number to reach)")
@@ -147,7 +162,8 @@ def _check_ground_truth(gt: Any, bad: Any) -> GroundTruth:
     if isinstance(gt, str):
         gt = {"golden_label": gt}
     if not isinstance(gt, dict):
-        raise bad("reward_model.ground_truth must be an object (doc_ids, golden_label, summary) or a string")
+        raise bad("reward_model.ground_truth must be an object (doc_ids, golden_label, summary) or a string (a "
+                  "reward function of your own, rollout.reward_function, takes any value)")
     doc_ids = gt.get("doc_ids")
     if doc_ids is None:
         doc_ids = []
@@ -204,8 +220,8 @@ def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]
         raise RecordError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
-def iter_records(path: str | Path) -> Iterator[Record]:
-    """Stream validated Records from a .parquet or .jsonl file."""
+def iter_records(path: str | Path, *, routed: bool = True) -> Iterator[Record]:
+    """Stream validated Records from a .parquet or .jsonl file (routed: see Record.from_dict)."""
     p = Path(path)
     if p.is_dir():  # verl's data.train_files names files, not a folder of them
         raise RecordError(f"{p}: is a directory; a data file (.parquet / .jsonl / .json) is expected: list its files")
@@ -221,20 +237,21 @@ def iter_records(path: str | Path) -> Iterator[Record]:
     empty = True
     for where, d in rows:
         empty = False
-        yield Record.from_dict(d, where)
+        yield Record.from_dict(d, where, routed=routed)
     if empty:
         raise RecordError(f"{p}: the file holds no records")
 
 
-def load_records(path: str | Path | list[str | Path], limit: int | None = None) -> list[Record]:
+def load_records(path: str | Path | list[str | Path], limit: int | None = None, *, routed: bool = True
+                 ) -> list[Record]:
     """The records of one file or a list of files (.parquet / .jsonl), validated, in file order; with
-    `limit`, the first `limit` of them (nothing after those is read)."""
+    `limit`, the first `limit` of them (nothing after those is read). routed: see Record.from_dict."""
     paths = path if isinstance(path, list) else [path]
     out: list[Record] = []
     for p in paths:
         if limit is not None and len(out) >= limit:
             break
-        for rec in iter_records(p):
+        for rec in iter_records(p, routed=routed):
             out.append(rec)
             if limit is not None and len(out) >= limit:
                 break

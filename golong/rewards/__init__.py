@@ -4,10 +4,12 @@
     compute_score(metric_for("T2.1 Global Timeline Reconstruction"), response, gold_items)
 
 Modules: answer (answer region + item normalisation), metrics (the twelve metrics), tasks (task and
-data-source routing), pool (timed scoring subprocesses), scoring (the public entry points).
+data-source routing), pool (timed scoring subprocesses), scoring (the public entry points), function (a
+reward function of the user's own, verl's signature; default_compute_score is golong's under it).
 """
 
 from golong.rewards.answer import answer_region
+from golong.rewards.function import default_compute_score
 from golong.rewards.metrics import METRICS
 from golong.rewards.scoring import (
     DEFAULT_TIMEOUT_S,
@@ -39,6 +41,7 @@ __all__ = [
     "RewardConfig",
     "answer_region",
     "compute_score",
+    "default_compute_score",
     "known_tasks",
     "metric_for",
     "record_target",

@@ -73,7 +73,7 @@ class _Worker:
         return self.proc.stdout.fileno()  # type: ignore[union-attr]
 
 
-def _spawn(memory_mb: int) -> _Worker:
+def _spawn(memory_mb: int, function: str = "") -> _Worker:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the golong package
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -81,6 +81,7 @@ def _spawn(memory_mb: int) -> _Worker:
     env["OMP_NUM_THREADS"] = "1"
     env["GOLONG_REWARD_PARENT"] = str(os.getpid())  # the worker exits with us (see worker._exit_with_parent)
     env["GOLONG_REWARD_MEMORY_MB"] = str(memory_mb)
+    env["GOLONG_REWARD_FUNCTION"] = function  # the user's reward function, imported by the worker ("": none)
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, close_fds=True)
     return _Worker(proc)
@@ -112,12 +113,14 @@ def check_timeout(timeout: float) -> None:
 
 
 class ScoringPool:
-    """`num_workers` scoring subprocesses of at most `memory_mb` each, started lazily and kept for reuse."""
+    """`num_workers` scoring subprocesses of at most `memory_mb` each, started lazily and kept for reuse;
+    with `function` ("file.py:name"), each worker imports that reward function at start-up."""
 
-    def __init__(self, num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB) -> None:
+    def __init__(self, num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "") -> None:
         check_memory(memory_mb)
         self.num_workers = max(1, int(num_workers))
         self.memory_mb = memory_mb
+        self.function = function
         self.workers: list[_Worker] = []
         self.timeouts = 0  # jobs that ran out of time, over the pool's life
         self.restarts = 0
@@ -126,7 +129,7 @@ class ScoringPool:
     def _ensure(self) -> None:
         self.workers = [w for w in self.workers if w.proc.poll() is None]
         while len(self.workers) < self.num_workers:
-            self.workers.append(_spawn(self.memory_mb))
+            self.workers.append(_spawn(self.memory_mb, self.function))
 
     def close(self) -> None:
         for w in self.workers:
@@ -137,13 +140,14 @@ class ScoringPool:
             _kill(w)
         self.workers = []
 
-    def map(self, jobs: list[Job], timeout: float) -> list[float]:
-        """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0."""
+    def map(self, jobs: list[Job], timeout: float, errors: list[tuple[int, str]] | None = None) -> list[float]:
+        """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A job whose
+        reward function raised scores 0 too and, where `errors` is given, appends (job index, traceback) to it."""
         check_timeout(timeout)
         with self._lock:
-            return self._map(jobs, float(timeout))
+            return self._map(jobs, float(timeout), [] if errors is None else errors)
 
-    def _map(self, jobs: list[Job], timeout: float) -> list[float]:
+    def _map(self, jobs: list[Job], timeout: float, errors: list[tuple[int, str]]) -> list[float]:
         results = [0.0] * len(jobs)
         if not jobs:
             return results
@@ -170,7 +174,7 @@ class ScoringPool:
             sel.unregister(w.fd)
             _kill(w)
             pending.extendleft(reversed(w.queue))
-            nw = _spawn(self.memory_mb)
+            nw = _spawn(self.memory_mb, self.function)
             self.workers[self.workers.index(w)] = nw
             sel.register(nw.fd, selectors.EVENT_READ, nw)
             self.restarts += 1
@@ -201,8 +205,13 @@ class ScoringPool:
                         w.ready = True
                         assign(w)
                         continue
-                    i, s = msg
+                    if msg[0] == "failed":  # the reward function did not import: the same in every worker
+                        raise RuntimeError(f"the reward function {self.function} failed to load in a scoring "
+                                           f"worker:\n{msg[1]}")
+                    i, s = msg[:2]
                     results[i] = s
+                    if len(msg) == 3:
+                        errors.append((i, msg[2]))
                     w.queue.popleft()
                     outstanding -= 1
                     w.deadline = time.monotonic() + timeout
@@ -230,16 +239,18 @@ class ScoringPool:
         return results
 
 
-_POOLS: dict[tuple[int, int], ScoringPool] = {}
+_POOLS: dict[tuple[int, int, str], ScoringPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def get_pool(num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB) -> ScoringPool:
-    """The process-wide pool of `num_workers` workers of `memory_mb` (created on first use, closed at exit)."""
+def get_pool(num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "") -> ScoringPool:
+    """The process-wide pool of `num_workers` workers of `memory_mb` running `function` ("" for golong's own
+    metrics only), created on first use, closed at exit."""
     with _POOLS_LOCK:
-        pool = _POOLS.get((num_workers, memory_mb))
+        key = (num_workers, memory_mb, function)
+        pool = _POOLS.get(key)
         if pool is None:
-            pool = _POOLS[(num_workers, memory_mb)] = ScoringPool(num_workers, memory_mb)
+            pool = _POOLS[key] = ScoringPool(num_workers, memory_mb, function)
         return pool
 
 

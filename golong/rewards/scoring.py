@@ -12,11 +12,13 @@ without exactly one `</think>` (or with two `<think>`) scores 0 unless `require_
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from golong.rewards.answer import answer_region, checked_response, marked_answer
+from golong.rewards.function import JOB
 from golong.rewards.metrics import ROUGE_LANGUAGES, Gold, check_metric, score_region
 from golong.rewards.pool import DEFAULT_MEMORY_MB, check_memory, check_timeout, get_pool
 from golong.rewards.tasks import route
@@ -57,6 +59,7 @@ class RewardConfig:
     timeout: float = DEFAULT_TIMEOUT_S  # per response, seconds
     num_workers: int = 8  # scoring subprocesses for score_batch
     memory_mb: int = DEFAULT_MEMORY_MB  # per scoring subprocess, beyond its start-up footprint
+    function: str = ""  # "file.py[:name]": the user's reward function scores every record (golong.rewards.function)
 
 
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
@@ -179,12 +182,42 @@ def score_record(record: Any, response: str, *, require_think: bool = True,
     return compute_score(metric, response, gold, timeout=timeout, require_think=require_think)
 
 
-def score_records(records: Sequence[Any], responses: Sequence[str], *, config: RewardConfig | None = None
-                  ) -> list[float]:
-    """Batch `score_record`: response i is scored against records[i], through the pool."""
+def function_inputs(record: Any) -> tuple[str | None, Any, dict]:
+    """(data_source, ground_truth, extra_info) a reward function is called with: the ground truth as the data file
+    stores it, extra_info with the record's ability added under "ability" when it has no such key."""
+    data_source, ability, extra, gt = _record_fields(record)
+    raw = getattr(record, "raw_ground_truth", None)
+    if raw is not None:
+        gt = raw
+    elif dataclasses.is_dataclass(gt):  # a Record built in code (no file behind it): the verl layout of its fields
+        gt = dataclasses.asdict(gt)
+    extra = dict(extra) if isinstance(extra, dict) else {}
+    if ability and "ability" not in extra:
+        extra["ability"] = ability
+    return data_source, _listed(gt), extra
+
+
+def score_records(records: Sequence[Any], responses: Sequence[str], *, config: RewardConfig | None = None,
+                  errors: list[tuple[int, str]] | None = None) -> list[float]:
+    """Batch `score_record`: response i is scored against records[i], through the pool. With config.function, the
+    user's function scores every response that passes the format gate (its whole text), in the timed workers;
+    a call that raised scores 0 and, where `errors` is given, appends (i, traceback) to it."""
     cfg = config or RewardConfig()
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
+    if cfg.function:
+        check_timeout(cfg.timeout)
+        out = [0.0] * len(records)
+        where = [i for i, resp in enumerate(responses)
+                 if isinstance(resp, str) and checked_response(resp, require_think=cfg.require_think) is not None]
+        jobs = [(JOB, responses[i], (*function_inputs(records[i]), cfg.require_think)) for i in where]
+        found: list[tuple[int, str]] = []
+        scores = get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, found)
+        for i, s in zip(where, scores):
+            out[i] = s
+        if errors is not None:
+            errors += [(where[k], tb) for k, tb in found]
+        return out
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
                        num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)

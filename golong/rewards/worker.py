@@ -1,8 +1,11 @@
 """Scoring subprocess: `python -m golong.rewards.worker` (started by golong.rewards.pool).
 
 Reads frames of [(index, metric, region, gold), ...] from stdin, writes one (index, score) frame per
-job to the original stdout; anything the metric libraries print goes to stderr instead. A None
-frame (or a closed stdin) ends it.
+job to the original stdout ((index, 0.0, traceback) where the user's reward function raised); anything
+the metric libraries print goes to stderr instead. A None frame (or a closed stdin) ends it. With
+GOLONG_REWARD_FUNCTION set, the worker imports that function at start-up (a failure is reported as a
+("failed", traceback) frame instead of "ready") and runs it for jobs of kind `function.JOB`, whose gold
+is (data_source, ground_truth, extra_info, require_think).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 
 
 def _exit_with_parent() -> None:
@@ -53,6 +57,7 @@ def main() -> None:
     os.dup2(2, 1)  # stray prints must not corrupt the frame stream
     in_fd = sys.stdin.fileno()
 
+    from golong.rewards import function
     from golong.rewards.metrics import score_region
     from golong.rewards.pool import read_frame, write_frame
 
@@ -67,6 +72,13 @@ def main() -> None:
         jieba.initialize()
     except Exception:
         pass
+    user_fn = None
+    if spec := os.environ.get("GOLONG_REWARD_FUNCTION"):
+        try:  # the user's module-level work (imports, loading a model of their own) is start-up too
+            user_fn = function.load_function(spec)
+        except BaseException:
+            write_frame(out, ("failed", traceback.format_exc()))
+            return
     _limit_memory(int(os.environ.get("GOLONG_REWARD_MEMORY_MB", "0")))  # after the imports: their memory is start-up
     write_frame(out, "ready")
     while True:
@@ -77,7 +89,17 @@ def main() -> None:
         if batch is None:
             return
         for i, metric, region, gold in batch:
-            write_frame(out, (i, score_region(metric, region, gold)))
+            if metric != function.JOB:
+                write_frame(out, (i, score_region(metric, region, gold)))
+                continue
+            data_source, ground_truth, extra_info, require_think = gold
+            function.set_require_think(require_think)
+            try:
+                score = function.call_function(user_fn, data_source, region, ground_truth, extra_info)
+            except Exception:  # the user's code: the score is 0, the trainer reports the traceback
+                write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))
+            else:
+                write_frame(out, (i, score))
 
 
 if __name__ == "__main__":

@@ -608,8 +608,9 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
 
 
 def _scripted_train_step(cfg, monkeypatch, scripted, prepare=None) -> tuple[dict, list]:
-    """Trainer.train_step(1) with `scripted` in place of generation and scoring and the update replaced by a
-    recorder: (the step's metrics, the rollouts the update received). `prepare(trainer)` runs first."""
+    """Trainer.train_step(1) with `scripted` in place of generation and scoring (None: generated and scored for
+    real) and the update replaced by a recorder: (the step's metrics, the rollouts the update received).
+    `prepare(trainer)` runs first."""
     import torch.distributed as dist
 
     from golong.trainer import Trainer
@@ -619,7 +620,8 @@ def _scripted_train_step(cfg, monkeypatch, scripted, prepare=None) -> tuple[dict
         trainer = Trainer(cfg)
         if prepare is not None:
             prepare(trainer)
-        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        if scripted is not None:
+            monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         monkeypatch.setattr(trainer.actor, "update", lambda rollouts, loss, fault_nan=False: seen.update(
             rollouts=list(rollouts)) or {})
         m = trainer.train_step(1)
@@ -1267,3 +1269,61 @@ def test_response_texts_are_gathered_to_rank_0_in_request_order():
     from tests.distributed import run_distributed
 
     run_distributed(_texts_worker, 3)
+
+
+REWARD_FUNCTION = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if data_source == "boom" or extra_info.get("always_raise"):
+        raise ValueError("cannot score " + data_source)
+    return ground_truth["w"] * (extra_info["ability"] == "counting")
+'''
+
+
+def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
+    """A config whose data golong cannot route (data_source "count" / "boom", ground truth {"w": ...}), scored by
+    REWARD_FUNCTION; the even records are "boom" (any 4 of the 6 prompts hold one)."""
+    import json
+
+    from golong.config import load_config
+
+    (tmp_path / "reward.py").write_text(REWARD_FUNCTION)
+    weights = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    rows = [{"data_source": "boom" if i % 2 == 0 else "count", "prompt": f"count the words {'w ' * i}",
+             "ability": "counting", "reward_model": {"ground_truth": {"w": w}},
+             "extra_info": {"index": i, **({"always_raise": True} if always_raise else {})}}
+            for i, w in enumerate(weights)]
+    data = tmp_path / "count.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_config(config_file, [f"logging.run_dir={tmp_path / 'run'}", f"data.train_files=[{data}]",
+                                     f"data.val_files=[{data}]", "trainer.sft_steps=0", "trainer.val_every=0",
+                                     "profile.steps=[]", "algo.dynamic_sampling=false", "rollout.n=2",
+                                     "rollout.max_response_tokens=4", f"rollout.reward_function={tmp_path}/reward.py",
+                                     "rollout.reward_timeout_s=30"]), weights
+
+
+def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
+    """Records no golong metric fits train and evaluate under rollout.reward_function: each response's score is
+    the function's (the ground truth and extra_info as the file stores them, the ability added), a call that
+    raised scores 0, is counted in reward/function_errors and warned once with its traceback; a function that
+    raises on every response stops the step, its traceback in the error."""
+    from golong.trainer import evaluate
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, weights = _custom_run(tmp_path, config_file)
+    m, rollouts = _scripted_train_step(cfg, monkeypatch, None)
+    assert len(rollouts) == 8 and all(r.score == (0.0 if r.prompt_index % 2 == 0 else weights[r.prompt_index])
+                                      for r in rollouts)
+    assert m["reward/function_errors"] == sum(r.prompt_index % 2 == 0 for r in rollouts) > 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if "reward function raised" in line]
+    assert len(warned) == 1 and f"rollout.reward_function={tmp_path}/reward.py" in warned[0]
+
+    result = evaluate(cfg, None, tmp_path / "eval")
+    assert result["reward_mean"] == pytest.approx(sum(weights[1::2]) / len(weights))
+    assert result["tasks"] == {"counting": {"metric": "compute_score()", "responses": 6,
+                                            "reward_mean": result["reward_mean"]}}
+
+    (tmp_path / "all").mkdir()
+    cfg, _ = _custom_run(tmp_path / "all", config_file, always_raise=True)
+    with pytest.raises(RuntimeError, match=r"(?s)raised on all 8 responses.*ValueError: cannot score"):
+        _scripted_train_step(cfg, monkeypatch, None)
+

@@ -1,0 +1,114 @@
+"""A reward function of the user's own (`rollout.reward_function=my_reward.py:compute_score`), verl's signature:
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict
+
+solution_str is the whole decoded response (think block included); ground_truth the record's
+`reward_model.ground_truth` as stored; extra_info its `extra_info` (with its `ability` added when it has none).
+A dict result gives its score under "score" (verl). The function scores every record, and runs only in the
+timed, memory-capped scoring workers (golong.rewards.pool): the trainer parses the file (`check_function`) but
+never imports it. `default_compute_score` is golong's own routing and metrics under the same signature, for a
+function that handles a few data sources itself and hands the rest back.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
+JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
+
+# Set by the scoring worker per job: rollout.require_think of the run, for default_compute_score's format gate.
+_require_think = True
+
+
+def parse_spec(spec: str) -> tuple[Path, str]:
+    """"path/to/file.py[:name]" -> (absolute path, function name; compute_score when not given)."""
+    head, sep, tail = spec.rpartition(":")
+    path, name = (head, tail) if sep and head and tail.isidentifier() else (spec, DEFAULT_NAME)
+    return Path(path).expanduser().resolve(), name
+
+
+def check_function(spec: str, key: str = "rollout.reward_function") -> str | None:
+    """The problem with a reward function spec, one line naming `key`, or None: the file must exist, be Python
+    that parses, and define `name` at its top level (a def, an assignment or an import). Nothing is executed."""
+    path, name = parse_spec(spec)
+    where = f"{key}={spec}"
+    if not path.is_file():
+        return f"{where}: {path} does not exist (expected path/to/file.py or path/to/file.py:function_name)"
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as e:
+        return f"{where}: {path}:{e.lineno}: {e.msg}"
+    except (OSError, ValueError) as e:
+        return f"{where}: cannot read {path} ({e})"
+    defined: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined += [t.id for t in targets if isinstance(t, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined += [(a.asname or a.name).split(".")[0] for a in node.names]
+    if name not in defined:
+        functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+        return (f"{where}: {path} defines no {name!r} at its top level (its functions: "
+                f"{', '.join(functions) or 'none'}; name one as path/to/file.py:function_name)")
+    return None
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import the file (its directory first on sys.path, for its own helper modules) and return the function.
+    Runs the user's code: called in the scoring workers only."""
+    path, name = parse_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(f"golong_user_reward_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"{path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise TypeError(f"{path}: {name!r} is {type(fn).__name__}, not a function")
+    return fn
+
+
+def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, ground_truth: Any,
+                  extra_info: dict[str, Any]) -> float:
+    """fn's score as a finite float; raises TypeError / ValueError naming what it returned otherwise."""
+    out = fn(data_source, solution_str, ground_truth, extra_info)
+    score = out.get("score") if isinstance(out, dict) else out
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        shown = f"a dict without a number under 'score' (keys {sorted(out)})" if isinstance(out, dict) else \
+            f"{type(out).__name__} {out!r:.80}"
+        raise TypeError(f"a reward function must return a number or a dict with 'score'; got {shown}")
+    if not math.isfinite(score):
+        raise ValueError(f"a reward function returned {score}; scores must be finite")
+    return float(score)
+
+
+def default_compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
+                          **_: Any) -> float:
+    """golong's built-in score of a response, under verl's signature: the record is routed as at data load
+    (data_source, extra_info's reward_mode, then its ability) and scored here, with the run's
+    rollout.require_think; raises ValueError for a record no metric fits. Inside a reward function it runs in
+    the worker that called the function, under the same time limit."""
+    from golong.rewards.scoring import compute_score, record_target
+
+    extra = dict(extra_info or {})
+    record = {"data_source": data_source, "ability": extra.get("ability"), "extra_info": extra,
+              "reward_model": {"ground_truth": ground_truth}}
+    metric, gold = record_target(record)
+    return compute_score(metric, solution_str, gold, timeout=None, require_think=_require_think)
+
+
+def set_require_think(value: bool) -> None:
+    global _require_think
+    _require_think = bool(value)

@@ -1,0 +1,196 @@
+"""A reward function of the user's own (rollout.reward_function): checked without being run, called with verl's
+arguments in the timed scoring workers, its results and failures handled, golong's scoring under it as fallback."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from golong.config import RunConfig, run_problems
+from golong.data.check import run_records, task_metrics
+from golong.data.records import Record, RecordError, load_records
+from golong.rewards import compute_score, score_record
+from golong.rewards.function import check_function, parse_spec
+from golong.rewards.scoring import RewardConfig, score_records
+
+USER_REWARD = '''
+import json
+import re
+import time
+
+from golong.rewards import default_compute_score
+
+LOADED_AT = time.time()
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if data_source == "count":  # a task golong has no metric for: the last integer of the answer
+        numbers = re.findall(r"-?\\d+", solution_str.split("</think>")[-1])
+        return {"score": float(bool(numbers) and int(numbers[-1]) == ground_truth["n"]), "parsed": numbers}
+    if data_source == "echo":  # what the function was given, as a score: 1 where it is as the file has it
+        return float(json.dumps([ground_truth, extra_info], sort_keys=True) == solution_str.split("</think>")[-1])
+    if data_source == "boom":
+        raise KeyError("no field " + solution_str[-3:])
+    if data_source == "slow":
+        time.sleep(60)
+    if data_source == "text":
+        return "high"
+    if data_source == "nan":
+        return float("nan")
+    return default_compute_score(data_source, solution_str, ground_truth, extra_info)
+
+
+def other(data_source, solution_str, ground_truth, extra_info=None):
+    return 0.25
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reward") / "my_reward.py"
+    path.write_text(USER_REWARD)
+    return path
+
+
+def _record(data_source: str, ground_truth, **extra) -> Record:
+    return Record.from_dict({"data_source": data_source, "prompt": "q", "ability": "long_context",
+                             "reward_model": {"ground_truth": ground_truth}, "extra_info": extra}, routed=False)
+
+
+def _scores(spec: str, pairs, timeout: float = 10.0, require_think: bool = True, workers: int = 2):
+    errors: list[tuple[int, str]] = []
+    scores = score_records([r for r, _ in pairs], [resp for _, resp in pairs], errors=errors,
+                           config=RewardConfig(function=spec, timeout=timeout, num_workers=workers,
+                                               require_think=require_think))
+    return scores, errors
+
+
+def test_spec_names_the_file_and_function(tmp_path):
+    assert parse_spec("r.py") == (Path("r.py").resolve(), "compute_score")
+    assert parse_spec("sub/r.py:score_fn") == (Path("sub/r.py").resolve(), "score_fn")
+    assert parse_spec("~/r.py:f")[0] == Path.home() / "r.py"
+
+
+def test_check_function_reads_the_file_without_running_it(tmp_path, reward_file):
+    assert check_function(str(reward_file)) is None
+    assert check_function(f"{reward_file}:other") is None
+    assert "defines no 'missing'" in check_function(f"{reward_file}:missing") and "compute_score, other" in \
+        check_function(f"{reward_file}:missing")
+    assert "does not exist" in check_function(str(tmp_path / "nope.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("def compute_score(:\n")
+    assert f"{bad}:1:" in check_function(str(bad))
+    marker = tmp_path / "ran"
+    side = tmp_path / "side.py"  # module-level code that would leave a file if the check executed it
+    side.write_text(f"open({str(marker)!r}, 'w').close()\nfrom os.path import join as compute_score\n")
+    assert check_function(str(side)) is None and not marker.exists()
+    cfg = RunConfig()
+    cfg.data.synthetic_n = 4
+    cfg.rollout.engine = "torch"
+    cfg.rollout.reward_function = f"{reward_file}:missing"
+    problems = run_problems(cfg, for_eval=True)
+    assert len(problems) == 1 and problems[0].startswith(f"rollout.reward_function={reward_file}:missing: ")
+
+
+def test_the_function_scores_with_verls_arguments(reward_file):
+    """The raw ground truth (an int, a dict of the file's own keys), extra_info with the ability added, the whole
+    response: the "echo" source scores 1 only where the function saw exactly what the file holds."""
+    gt, extra = {"n": 7, "unit": "apples"}, {"index": 3, "split": "train"}
+    seen = json.dumps([gt, {**extra, "ability": "long_context"}], sort_keys=True)
+    pairs = [(_record("count", {"n": 42}), "<think>maybe 41</think> it is 42"),
+             (_record("count", {"n": 42}), "<think>42</think> it is 41"),
+             (_record("echo", gt, **extra), f"<think></think>{seen}"),
+             (_record("echo", gt, **extra), "<think></think>" + json.dumps([gt, extra], sort_keys=True)),
+             (_record("count", {"n": 42}), "it is 42")]  # no </think>: the format gate scores 0, not the function
+    scores, errors = _scores(str(reward_file), pairs)
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0] and errors == []
+    scores, _ = _scores(str(reward_file), pairs[-1:], require_think=False)
+    assert scores == [1.0]
+    scores, _ = _scores(f"{reward_file}:other", pairs[:2])
+    assert scores == [0.25, 0.25]
+
+
+def test_default_compute_score_is_golongs_own_scoring(reward_file):
+    """The fallback routes and scores as golong does without a function: the same score for routable records,
+    a response passing through the user's function and the worker it runs in."""
+    cases = [({"data_source": "EM", "prompt": "q", "reward_model": {"ground_truth": "Paris"}},
+              ["<think>x</think>Paris", "<think>x</think>Lyon", "Paris"]),
+             ({"data_source": "longbench_pro", "prompt": "q", "ability": "long_context",
+               "reward_model": {"ground_truth": {"doc_ids": ["b", "a", "c"], "golden_label": ""}},
+               "extra_info": {"reward_mode": "T2.1 Global Timeline Reconstruction"}},
+              ["<think>x</think>[Answer]\nb\na\nc", "<think>x</think>[Answer]\nb\nc\na"]),
+             ({"data_source": "synthetic", "prompt": "q", "ability": "graded_ranking",  # routed by its ability
+               "reward_model": {"ground_truth": {"doc_ids": ["d1", "d2", "d3"]}}},
+              ["<think>x</think>d2\nd1\nd3", "<think>x</think>d3"])]
+    pairs, want = [], []
+    for d, responses in cases:
+        for resp in responses:
+            pairs.append((Record.from_dict(d, routed=False), resp))
+            want.append(score_record(Record.from_dict(d), resp, timeout=None))
+    scores, errors = _scores(str(reward_file), pairs)
+    assert errors == [] and scores == pytest.approx(want)
+    assert len(set(want)) >= 4  # the cases tell right from wrong
+    # a run with rollout.require_think=false: the fallback's gate follows it
+    scores, _ = _scores(str(reward_file), [pairs[2]], require_think=False)
+    assert scores == [compute_score("em", "Paris", "Paris", timeout=None, require_think=False)] == [1.0]
+
+
+def test_failures_score_zero_and_are_reported(reward_file):
+    """An exception (its traceback, naming the user's file and line), a non-number and a NaN each score 0 and
+    are reported; a call over the time limit scores 0 without holding up the rest."""
+    pairs = [(_record("boom", "a"), "<think></think>xyz"), (_record("count", {"n": 1}), "<think></think>1"),
+             (_record("text", "a"), "<think></think>a"), (_record("nan", "a"), "<think></think>a"),
+             (_record("slow", "a"), "<think></think>a"), (_record("count", {"n": 2}), "<think></think>2")]
+    t0 = time.perf_counter()
+    scores, errors = _scores(str(reward_file), pairs, timeout=3.0)
+    assert time.perf_counter() - t0 < 30
+    assert scores == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    by_index = dict(errors)
+    assert sorted(by_index) == [0, 2, 3]
+    assert "KeyError: 'no field xyz'" in by_index[0] and f'File "{reward_file}", line ' in by_index[0]
+    assert "must return a number or a dict with 'score'; got str 'high'" in by_index[2]
+    assert "returned nan" in by_index[3]
+
+
+def test_a_function_that_fails_to_load_names_its_error(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("import json\nSETTINGS = json.loads('{not json')\n\ndef compute_score(*a):\n    return 1.0\n")
+    with pytest.raises(RuntimeError, match=r"(?s)failed to load in a scoring worker.*broken.py\", line 2.*"
+                                           "JSONDecodeError"):
+        _scores(str(path), [(_record("x", "a"), "<think></think>a")], workers=1)
+
+
+def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
+    """With a reward function, records of any data_source and ground truth load (kept as stored, a number's text
+    for the SFT warm-up); without one the same file is refused naming its line."""
+    path = tmp_path / "custom.jsonl"
+    rows = [{"data_source": "count", "prompt": "how many?", "reward_model": {"ground_truth": 42}},
+            {"data_source": "count", "prompt": "how many?", "reward_model": {"ground_truth": {"n": 3, "unit": "x"}}},
+            {"data_source": "count", "prompt": "how many?", "reward_model": {"ground_truth": [1, 2]}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=rf"{path}: line 1: reward_model.ground_truth must be an object"):
+        load_records(path)
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({**rows[0], "reward_model": {"ground_truth": "42"}}) + "\n")
+    with pytest.raises(RecordError, match=rf"{text}: line 1: cannot route record .* rollout.reward_function="):
+        load_records(text)
+    records = load_records(path, routed=False)
+    assert [r.raw_ground_truth for r in records] == [42, {"n": 3, "unit": "x"}, [1, 2]]
+    assert records[0].ground_truth.golden_label == "42"
+    assert [r.to_dict()["reward_model"]["ground_truth"] for r in records] == [42, {"n": 3, "unit": "x"}, [1, 2]]
+    with pytest.raises(RecordError, match="line 1: missing field"):  # the layout is still checked
+        path.write_text(json.dumps({"data_source": "count", "prompt": "q"}) + "\n")
+        load_records(path, routed=False)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig()
+    cfg.data.train_files = [str(path)]
+    cfg.rollout.reward_function = f"{reward_file}:other"
+    train, _ = run_records(cfg)
+    assert len(train) == 3
+    assert task_metrics(train, cfg.rollout.reward_function) == {"count": "other()"}
+    from golong.trainer import sft_target
+
+    assert sft_target(train[0]) == "<think>\n\n</think>\n\n42"
