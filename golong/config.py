@@ -170,6 +170,10 @@ class ParallelConfig:
     param_dtype: str = _choice("bfloat16", ("bfloat16", "float32"))
     reduce_dtype: str = _choice("float32", ("float32", "bfloat16"))
     activation_checkpointing: bool = True
+    # with activation checkpointing, keep each layer's attention output and LSE: the backward's recompute skips the
+    # attention (and the ring's K/V passes under parallel.cp); per token and layer (Hq*D + H) activations are
+    # stored instead of H (`golong plan` shows both the memory and the time)
+    ac_keep_attention: bool = False
     cpu_offload: bool = False
     backend: str = _choice("auto", ("auto", "nccl", "gloo"))
     # how long a rank may wait in a collective before the job fails (the NCCL watchdog): ranks that finish their
@@ -499,6 +503,9 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
+    if cfg.parallel.ac_keep_attention and not cfg.parallel.activation_checkpointing:
+        warnings.append("parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true "
+                        "(without checkpointing every activation is kept)")
     return warnings
 
 

@@ -400,7 +400,8 @@ class MemoryPlan:
 
 def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: int, checkpointing: bool,
                     cpu_offload: bool = False, micro_batches: int = 1, num_docs: int = 1,
-                    optimizer: str | None = None, reference: bool = False) -> MemoryPlan:
+                    optimizer: str | None = None, reference: bool = False, keep_attention: bool = False
+                    ) -> MemoryPlan:
     """Replay one micro-batch of `tokens` tokens per GPU (the last of `micro_batches`) and the
     optimizer step; return the per-GPU peak of allocated bytes and its breakdown.
 
@@ -410,6 +411,8 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     "for-loop" (AdamW(foreach=False): two temporaries the size of the largest parameter shard),
     "foreach" (one temporary the size of all states) or "fused" (none). reference: a frozen copy of the
     weights in the compute dtype for the KL term (its forward-only pass runs before the update and peaks lower).
+    keep_attention (parallel.ac_keep_attention): checkpointing keeps each layer's attention output and LSE too,
+    and its recompute runs no attention.
     """
     k = _kernel_constants()
     optimizer = optimizer or "for-loop"
@@ -507,6 +510,10 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     tl.add(ACTS, X)  # embedding output = layer 0's input
     doc_len = max(1, -(-T // max(num_docs, 1)))
     profiles = [_layer_profile(s, p, sp, cp, T, doc_len, k) for sp in kinds]
+    # what checkpointing keeps of a layer beside its input where it keeps the attention: output, LSE (fp32) and
+    # flash_attention's int32 document / position rows (not the ring's)
+    kept = (s.heads * s.head_dim * a + 4 * s.heads + (0 if cp > 1 else 8)) * T if checkpointing and keep_attention \
+        else 0
     layer_full = [_full_bytes(t, a) for t in layer_t]
     last = len(profiles) - 1
     for i, lp in enumerate(profiles):
@@ -518,7 +525,7 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
         tl.transient(ATTN_WS, lp.attn_tiles_fwd)
         tl.add(ACTS, X)  # the layer's output
         if checkpointing:
-            tl.free(ACTS, inner)  # only the layer's input stays, as its checkpoint
+            tl.free(ACTS, inner - kept)  # only the layer's input (and the kept attention) stays, as its checkpoint
         if i < last:
             tl.free(GATHERED, layer_full[i])
     tl.phase = "LM head forward"
@@ -549,7 +556,10 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
             copy_out(layer_t[i], prefetched, forward=False)
         prefetched = all_gather(shard_layers[i - 1]) if i > 0 else 0.0  # prefetch the next layer
         inner = lp.saved * T - X
-        if checkpointing:  # recompute the layer's forward from its stored input
+        if kept:  # the part after the attention first (its backward frees it), the part before it below
+            tl.add(ACTS, lp.saved_mlp * T)
+            tl.transient(TEMPS, lp.fwd_temp * T)
+        elif checkpointing:  # recompute the layer's forward from its stored input
             tl.add(ACTS, inner)
             tl.transient(TEMPS, lp.fwd_temp * T)
             tl.transient(ATTN_WS, lp.attn_tiles_fwd)
@@ -557,8 +567,13 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
         tl.transient(ACT_GRADS, lp.bwd_mlp_temp * T)
         tl.add(UNSHARDED_GRADS, mlp_w)
         tl.free(ACTS, lp.saved_mlp * T)
+        qkv = a * (s.heads + 2 * s.kv_heads) * s.head_dim * T if kept else 0
+        tl.add(ACTS, qkv)  # keep_attention: q, k, v recomputed for the attention's backward alone
         tl.add(ACT_GRADS, lp.bwd_attn_temp * T)
         tl.transient(ATTN_WS, lp.attn_tiles_bwd)
+        if kept:  # then the recompute of the projections (norm, q/k-norm, RoPE) that their gradients run through
+            tl.free(ACTS, qkv)
+            tl.add(ACTS, inner - lp.saved_mlp * T - kept)
         tl.add(UNSHARDED_GRADS, layer_full[i] - mlp_w)
         tl.free(ACT_GRADS, lp.bwd_attn_temp * T)
         tl.free(ACTS, inner - lp.saved_mlp * T + X)  # attention internals and the layer's input
@@ -643,20 +658,24 @@ class Throughput:
 
 
 def update_flops(s: ModelShape, seq_lens: list[int] | tuple[int, ...], *, checkpointing: bool,
-                 old_logprob_pass: bool = False, ref_logprob_pass: bool = False) -> tuple[float, float]:
+                 old_logprob_pass: bool = False, ref_logprob_pass: bool = False, keep_attention: bool = False
+                 ) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one forward+backward over sequences of these lengths.
 
     model = 6 N_active T + 6 L n_q d_head sum S^2 (causal attention: 12 L H_attn S^2 / 2 per
     sequence); hardware adds the LM-head logits the fused backward recomputes (2 V H T), the
-    forward again under activation checkpointing, and a forward for old log-probs if off-policy and
-    one for the reference policy's with a KL term.
+    forward again under activation checkpointing (keep_attention: without the attention, and the q, k, v
+    projections twice: once more for the attention's backward), and a forward for old log-probs if off-policy
+    and one for the reference policy's with a KL term.
     """
     tokens = sum(seq_lens)
     attn_fwd = 2 * s.layers * s.heads * s.head_dim * sum(n * n for n in seq_lens)
     model = 6 * s.active_params * tokens + 3 * attn_fwd
     layer_fwd = 2 * s.layer_matmul_params_active * tokens + attn_fwd
     hw = model + 2 * s.vocab * s.hidden * tokens
-    if checkpointing:
+    if checkpointing and keep_attention:
+        hw += layer_fwd - attn_fwd + 2 * s.layers * s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim * tokens
+    elif checkpointing:
         hw += layer_fwd
     hw += (int(old_logprob_pass) + int(ref_logprob_pass)) * (layer_fwd + 2 * s.vocab * s.hidden * tokens)
     return model, hw
@@ -674,7 +693,8 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     # under context parallelism the IS weights all-gather them, no pass of their own)
     old_pass = not on_policy
     model, hw = update_flops(s, [doc_len] * docs, checkpointing=cfg.parallel.activation_checkpointing,
-                             old_logprob_pass=old_pass, ref_logprob_pass=cfg.algo.kl_coef > 0)
+                             old_logprob_pass=old_pass, ref_logprob_pass=cfg.algo.kl_coef > 0,
+                             keep_attention=cfg.parallel.ac_keep_attention)
     # memory traffic of the update: every micro-batch reads the gathered weights in forward, again in
     # backward (twice: input and weight gradients) and in the recompute; AdamW reads p, g, m, v and
     # writes p, m, v once per step (fp32)
@@ -768,7 +788,7 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     mem = simulate_update(s, p, tokens=tokens, fsdp=dp * cp, cp=cp,
                           checkpointing=cfg.parallel.activation_checkpointing, cpu_offload=cfg.parallel.cpu_offload,
                           micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl,
-                          reference=cfg.algo.kl_coef > 0)
+                          reference=cfg.algo.kl_coef > 0, keep_attention=cfg.parallel.ac_keep_attention)
     overhead = CUDA_RUNTIME_OVERHEAD if device == "cuda" else 0.0
     vllm = device == "cuda" and cfg.rollout.engine == "vllm"
     reserve = cfg.rollout.gpu_memory_utilization * gpu_mem if vllm else 0.0
@@ -781,6 +801,12 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     return Plan(shape=s, gpus=gpus, gpu_mem_bytes=gpu_mem, dp=dp, cp=cp, precision=p, memory=mem,
                 overhead_bytes=overhead, rollout_reserve_bytes=reserve, update_total_bytes=update_total,
                 rollout_total_bytes=rollout_total, throughput=tp, notes=notes)
+
+
+def _checkpointing(cfg: RunConfig) -> str:
+    if not cfg.parallel.activation_checkpointing:
+        return "off"
+    return "on, keeping the attention output" if cfg.parallel.ac_keep_attention else "on"
 
 
 def _gib(x: float) -> str:
@@ -812,7 +838,7 @@ def render(plan: Plan, cfg: RunConfig) -> None:
               f"{s.total_params / 1e9:.2f} B parameters, {s.active_params / 1e9:.2f} B active")
     con.print(f"{plan.gpus} GPUs x {plan.gpu_mem_bytes / GIB:.0f} GiB ({plan.precision.device}); FSDP2 over dp_shard "
               f"{plan.dp} x cp {plan.cp} = {plan.dp * plan.cp}; {m.tokens_per_gpu:,} tokens per GPU per micro-batch; "
-              f"activation checkpointing {'on' if cfg.parallel.activation_checkpointing else 'off'}; "
+              f"activation checkpointing {_checkpointing(cfg)}; "
               f"cpu_offload {'on' if cfg.parallel.cpu_offload else 'off'}")
     tab = Table(title=f"Per-GPU memory at the update peak ({m.peak_phase})")
     tab.add_column("component")

@@ -652,7 +652,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None, *, 
     if reference:
         model.requires_grad_(False)
     elif cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, keep_attention=cfg.parallel.ac_keep_attention)
     apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
                cpu_offload=cfg.parallel.cpu_offload, backward=not reference)
     if cfg.model.path is not None:  # with CPU offload FSDP keeps the sharded parameters on the host

@@ -53,18 +53,26 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP)."""
-        q, k, v = self._qkv(x, cos, sin)
+        return self.project_out(self.attend(*self._qkv(x, cos, sin), cu_seqlens, cp_group))
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """out [T, Hq, D] -> o_proj [T, H]."""
+        return self.o_proj(out.reshape(out.shape[0], self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Causal attention of packed q [T, Hq, D], k/v [T, Hkv, D] by this module's backend -> [T, Hq, D]."""
         if cp_group is not None and dist.get_world_size(cp_group) > 1:
             local = self.backend if self.backend in ("triton", "torch") else "auto"
             out = kernels.ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale,
                                          backend=local)
-        elif self.backend == "sdpa" or (self.backend == "auto" and not x.is_cuda):
+        elif self.backend == "sdpa" or (self.backend == "auto" and not q.is_cuda):
             out = sdpa_varlen(q, k, v, cu_seqlens, self.scale)
         else:
             kernel = "auto" if self.backend in ("auto", "kernels") else self.backend
             out, _ = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale,
                                              backend=kernel)
-        return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.head_dim))
+        return out
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                        slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

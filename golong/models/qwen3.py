@@ -14,7 +14,9 @@ restart at 0 in every document unless `position_ids` is given.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,15 +43,83 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                cp_group: dist.ProcessGroup | None = None, keep_attention: bool = False) -> torch.Tensor:
+        """keep_attention: activation checkpointing inside the layer that keeps the attention's output (and what
+        it saves beside q, k, v: its LSE), so that the backward recomputes the norms, projections, MLP / MoE and
+        q, k, v from the layer's input, but not the attention (nor, under context parallelism, the ring's K/V
+        passes). Stored per token: the input [H], the attention output [Hq*D] and the LSE [Hq] fp32, against the
+        input alone under plain checkpointing (torch.utils.checkpoint around the whole layer). A flag of forward,
+        not a method of its own: FSDP2 gathers the layer's parameters in its forward hooks."""
+        if keep_attention:
+            return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_keeping_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                   cu_seqlens: torch.Tensor, cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+        attn = self.self_attn
+
+        def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return attn._qkv(self.input_layernorm(h), cos, sin)
+
+        def rest(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            h = h + attn.project_out(out)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+        q, k, v = checkpoint(qkv, x, use_reentrant=False)
+        with _RecomputedWhenSaved((q, k, v), lambda: qkv(x)):
+            out = attn.attend(q, k, v, cu_seqlens, cp_group)
+        return checkpoint(rest, x, out, use_reentrant=False)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                        slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, slots, mask)
         b, s, h = x.shape
         return x + self.mlp(self.post_attention_layernorm(x).view(b * s, h)).view(b, s, h)
+
+
+class _RecomputedWhenSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, autograd stores none of `tensors` for backward: where an op saves one of them (by identity), its
+    backward gets it back from `recompute()` (run once, without grad, for all of them, and dropped once each saved
+    one is back). Other saved tensors are stored as usual."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], recompute: Callable[[], tuple[torch.Tensor, ...]]) -> None:
+        saved: set[int] = set()  # indices of `tensors` some op saved
+        taken: set[int] = set()
+        cache: dict[int, torch.Tensor] = {}
+        # emptied on exit: every saved tensor keeps both hooks, and this one must not keep `tensors`
+        self.watched = list(tensors)
+
+        def pack(t: torch.Tensor) -> Any:
+            for i, mine in enumerate(self.watched):
+                if t is mine:
+                    saved.add(i)
+                    return _Recomputed(i)
+            return t
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if not isinstance(packed, _Recomputed):
+                return packed
+            if not cache:
+                with torch.no_grad():
+                    cache.update(enumerate(recompute()))
+            t = cache[packed.index]
+            taken.add(packed.index)
+            if taken >= saved:  # all back: free them (a second backward, retain_graph, recomputes)
+                cache.clear()
+                taken.clear()
+            return t
+
+        super().__init__(pack, unpack)
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.watched.clear()
+
+
+@dataclass(frozen=True)
+class _Recomputed:
+    index: int
 
 
 class Qwen3Model(nn.Module):
@@ -88,11 +158,14 @@ class Qwen3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.cp_group: dist.ProcessGroup | None = None
         self.activation_checkpointing = False
+        self.keep_attention = False
 
     # ------------------------------------------------------------------------------ setup
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward instead of storing its activations."""
+    def set_activation_checkpointing(self, enabled: bool = True, keep_attention: bool = False) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations; keep_attention: all of it
+        but the attention, whose output is stored (DecoderLayer.forward, keep_attention)."""
         self.activation_checkpointing = enabled
+        self.keep_attention = enabled and keep_attention
 
     def set_attention_backend(self, backend: str = "auto") -> None:
         """Attention: "kernels" (kernels.flash_attention with its own auto choice), "triton" / "torch" /
@@ -141,7 +214,8 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, cp, use_reentrant=False)
+                x = layer(x, cos, sin, cu_seqlens, cp, keep_attention=True) if self.keep_attention else \
+                    checkpoint(layer, x, cos, sin, cu_seqlens, cp, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, cp)
         hidden = self.model.norm(x)

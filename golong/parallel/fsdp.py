@@ -59,8 +59,9 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "bflo
     return model
 
 
-def apply_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None:
-    """Recompute each decoder block in backward (the model checkpoints per layer itself)."""
+def apply_activation_checkpointing(model: nn.Module, enabled: bool = True, keep_attention: bool = False) -> None:
+    """Recompute each decoder block in backward (the model checkpoints per layer itself); keep_attention: all of
+    it but the attention, whose output is kept."""
     if not hasattr(model, "set_activation_checkpointing"):
         raise TypeError(f"{type(model).__name__} does not support activation checkpointing")
-    model.set_activation_checkpointing(enabled)
+    model.set_activation_checkpointing(enabled, keep_attention=keep_attention)

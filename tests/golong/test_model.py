@@ -126,6 +126,48 @@ def test_activation_checkpointing_same_gradients(pair):
     assert saved[1] < saved[0] / 3, saved
 
 
+def test_checkpointing_that_keeps_attention_recomputes_all_but_the_attention(pair, attn, monkeypatch):
+    """keep_attention: the same gradients as no checkpointing (bitwise here); the attention runs once per layer
+    (plain checkpointing: twice); after the forward the attention's output is held for backward and its q, k, v
+    are not (the kernels' attention saves q, k, v themselves: they are recomputed; SDPA saves per-document
+    views, which keep them)."""
+    import gc
+    import weakref
+
+    from golong.models.attention import Attention
+
+    _, _, _, model = pair
+    ids, cu = packed_batch([9, 6, 1], seed=8)
+    targets = torch.randint(0, 1000, ids.shape)
+    layers = len(model.model.layers)
+    attend, calls, refs = Attention.attend, [0], []
+
+    def spy(self, q, k, v, *args):
+        calls[0] += 1
+        out = attend(self, q, k, v, *args)
+        refs.append((weakref.ref(q), weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(Attention, "attend", spy)
+    grads, held = {}, {}
+    for mode in ("none", "full", "keep"):
+        model.zero_grad()
+        model.set_activation_checkpointing(mode != "none", keep_attention=mode == "keep")
+        calls[0], refs[:] = 0, []
+        lp, ent = model(ids, cu, targets=targets)
+        gc.collect()
+        held[mode] = (sum(q() is not None for q, _ in refs), sum(o() is not None for _, o in refs))
+        (lp.sum() + ent.sum()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert calls[0] == (2 * layers if mode == "full" else layers), (mode, calls[0])
+    model.set_activation_checkpointing(False)
+    model.zero_grad()
+    for n in grads["none"]:
+        assert rel(grads["keep"][n], grads["none"][n]) <= 1e-6, n
+    assert held["none"] == (layers, layers) and held["full"] == (0, 0)
+    assert held["keep"] == ((0 if attn == "kernels" else layers), layers)
+
+
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_save_sharded_then_transformers_and_golong_load(pair, layout, tmp_path):
     kind, hf, _, model = pair

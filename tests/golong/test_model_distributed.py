@@ -64,6 +64,7 @@ def _context_parallel(rank: int, world: int, src: str) -> None:
 
     import golong.models as gm
     import kernels
+    from kernels.ring_attention import comm_stats
     from tests.golong.model_fixtures import packed_batch, rel
 
     model = gm.from_pretrained(src, dtype=torch.float32)
@@ -82,9 +83,24 @@ def _context_parallel(rank: int, world: int, src: str) -> None:
     lp_l, ent_l = model(shard(ids), cu, targets=shard(targets))
     assert rel(lp_l, shard(lp.detach())) <= 1e-5 and rel(ent_l, shard(ent.detach())) <= 1e-5
     ((shard(coef) * lp_l).sum() + ent_l.sum()).backward()
+    cp_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         dist.all_reduce(p.grad)
         assert rel(p.grad, ref_grads[n]) <= 1e-4, n
+    # activation checkpointing: plain, the ring runs its forward passes again in backward; keeping the attention's
+    # output, it does not, for the same gradients
+    sent = {}
+    for keep in (False, True):
+        model.zero_grad()
+        model.set_activation_checkpointing(True, keep_attention=keep)
+        comm_stats.reset()
+        lp_l, ent_l = model(shard(ids), cu, targets=shard(targets))
+        ((shard(coef) * lp_l).sum() + ent_l.sum()).backward()
+        sent[keep] = comm_stats.fwd_bytes
+        for n, p in model.named_parameters():
+            assert rel(p.grad, cp_grads[n]) <= 1e-6, (keep, n)
+    model.set_activation_checkpointing(False)
+    assert sent[True] > 0 and sent[False] == 2 * sent[True], sent
 
 
 def _both(rank: int, world: int, src: str, out: str) -> None:

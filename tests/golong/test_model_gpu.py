@@ -37,3 +37,37 @@ def test_cuda_bf16_matches_cpu_fp32(kind, tmp_path):
     except ImportError:
         return
     assert "liger_kernel.ops" in sys.modules  # RMSNorm / RoPE / SwiGLU went through Liger
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_checkpointing_that_keeps_attention_matches_plain_checkpointing_on_cuda(kind, tmp_path):
+    """parallel.ac_keep_attention on the Triton attention kernels: the same gradients as plain checkpointing (the
+    recomputed q, k, v are the forward's, bitwise), the attention run once per layer."""
+    from golong.models.attention import Attention
+
+    build_hf(kind).save_pretrained(tmp_path)
+    model = gm.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    model.set_attention_backend("triton")
+    ids, cu = packed_batch([77, 300, 141], seed=2)
+    targets = torch.randint(0, 1000, ids.shape)
+    calls, attend = [0], Attention.attend
+
+    def counted(self, *args):
+        calls[0] += 1
+        return attend(self, *args)
+
+    Attention.attend = counted
+    try:
+        grads = []
+        for keep in (False, True):
+            model.zero_grad()
+            model.set_activation_checkpointing(True, keep_attention=keep)
+            calls[0] = 0
+            lp, ent = model(ids.cuda(), cu.cuda(), targets=targets.cuda())
+            (lp.sum() + ent.sum()).backward()
+            assert calls[0] == (1 if keep else 2) * len(model.model.layers)
+            grads.append({n: p.grad.float().cpu() for n, p in model.named_parameters()})
+    finally:
+        Attention.attend = attend
+    for n in grads[0]:
+        assert rel(grads[1][n], grads[0][n]) <= 1e-6, n

@@ -82,7 +82,7 @@ def test_plan_pads_ranks_to_the_same_count():
 
 # ------------------------------------------------------------------------------ distributed parity
 def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
-                 kl_coef: float = 0.0, agg: str = "token-mean") -> None:
+                 kl_coef: float = 0.0, agg: str = "token-mean", keep_attention: bool = False) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -93,12 +93,14 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=100 if on_policy else 3,
                       trainer__micro_batch_tokens=48, algo__ppo_epochs=1 if on_policy else 2,
                       algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
-                      parallel__activation_checkpointing=cp > 1)  # recomputation must not change a thing
+                      parallel__activation_checkpointing=cp > 1,  # recomputation must not change a thing
+                      parallel__ac_keep_attention=keep_attention)
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
         _check_cp_gather(dims)
     reference = build_model(cfg, dims, reference=True) if kl_coef else None
     actor = Actor(build_model(cfg, dims), dims, cfg, reference)
+    assert actor.model.keep_attention == keep_attention
     if on_policy:
         def no_pass(*args, **kwargs):
             raise AssertionError("an old-logprob pass on-policy")
@@ -162,11 +164,12 @@ def test_context_parallel_two_ranks_match_one_rank(one_rank, tmp_path):
 @pytest.mark.distributed
 def test_on_policy_context_parallel_needs_no_old_logprob_pass(tmp_path):
     """One mini-batch, one PPO epoch, rollout IS on (the recipe): under cp the IS weights take the update's own
-    logprobs gathered over the ring (was: a whole extra forward over the batch); the update matches one rank."""
+    logprobs gathered over the ring (was: a whole extra forward over the batch); the update matches one rank, also
+    under FSDP2 with the activation checkpointing that keeps the attention (parallel.ac_keep_attention)."""
     runs = {}
     for world, cp in ((1, 1), (2, 2)):
         out = str(tmp_path / f"{world}_{cp}.pt")
-        run_distributed(_run_updates, world, cp, out, 2, True)
+        run_distributed(_run_updates, world, cp, out, 2, True, 0.0, "token-mean", cp > 1)
         runs[world, cp] = torch.load(out)
     h = runs[1, 1]["history"][0]
     assert h["actor/optimizer_steps"] == 1 and h["rollout_is/masked_frac"] > 0 and h["rollout_is/veto_frac"] >= 0

@@ -124,12 +124,19 @@ def test_parameter_counts_and_rollout_work_by_hand():
                             plain.rollout_prefill_flops * rounds * per_gen, rel_tol=1e-12), extra
     reserve = cfg.rollout.gpu_memory_utilization * mem * 1024**3 * cfg.rollout.tensor_parallel_size - 2 * s.total_params
     assert math.isclose(t.kv_seqs_per_engine, reserve / (s.kv_bytes_per_token * S), rel_tol=1e-12)
-    # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward
+    # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward; keeping the
+    # attention (the config's parallel.ac_keep_attention), the forward without the attention, and q, k, v again
     off = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
                   gpus=gpus).throughput
-    assert cfg.parallel.activation_checkpointing and off.model_flops == t.model_flops
-    layer_fwd = 2 * (s.active_params - 151936 * 2560) * t.tokens + 2 * 36 * 32 * 128 * S**2 * docs
-    assert math.isclose(t.hardware_flops - off.hardware_flops, layer_fwd, rel_tol=1e-9)
+    full = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.ac_keep_attention=false"]),
+                   gpus=gpus).throughput
+    assert cfg.parallel.activation_checkpointing and cfg.parallel.ac_keep_attention
+    assert off.model_flops == t.model_flops == full.model_flops
+    attention = 2 * 36 * 32 * 128 * S**2 * docs
+    layer_fwd = 2 * (s.active_params - 151936 * 2560) * t.tokens + attention
+    assert math.isclose(full.hardware_flops - off.hardware_flops, layer_fwd, rel_tol=1e-9)
+    qkv = 2 * 36 * 2560 * (32 + 2 * 8) * 128 * t.tokens
+    assert math.isclose(t.hardware_flops - off.hardware_flops, layer_fwd - attention + qkv, rel_tol=1e-9)
     # two PPO epochs are off-policy: an old-logprob forward (+ LM head) even without rollout IS or CP
     base = ["parallel.activation_checkpointing=false", "algo.rollout_is=none", "parallel.cp=1"]
     on = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=gpus).throughput
@@ -219,7 +226,7 @@ def test_plan_exit_code_says_whether_it_fits(capsys):
 
 
 def test_memory_scales_as_the_parallel_layout_says():
-    base = ["parallel.cpu_offload=false"]
+    base = ["parallel.cpu_offload=false", "parallel.ac_keep_attention=false"]
     cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base)
     p8 = predict(cfg, gpus=8).memory.breakdown
     p16 = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "parallel.dp_shard=4"]), gpus=16)
@@ -232,10 +239,13 @@ def test_memory_scales_as_the_parallel_layout_says():
     nock = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
                    gpus=8)
     assert nock.memory.breakdown[ACTS] > 10 * predict(cfg, gpus=8).memory.breakdown[ACTS]
+    # keeping the attention adds its output [T, Hq*D] (and LSE) per layer: about 36 x 4096 / 2560 more [T, H]s
+    keep = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=false"]), gpus=8).memory
+    X = -(-cfg.trainer.micro_batch_tokens // cfg.parallel.cp) * 2560 * 2
+    assert 33 * X * 4096 / 2560 <= keep.breakdown[ACTS] - predict(cfg, gpus=8).memory.breakdown[ACTS] <= 40 * X * 2
     # at a backward peak under checkpointing the inputs of the layers not yet reached are still saved: at
     # least (layers - 2) bf16 [T, H] tensors of T = micro_batch_tokens / cp, plus at most one recomputed layer
     ck = predict(cfg, gpus=8).memory
-    X = -(-cfg.trainer.micro_batch_tokens // cfg.parallel.cp) * 2560 * 2
     assert ck.peak_phase.startswith("backward") and 34 * X <= ck.breakdown[ACTS] <= (36 + 30) * X
 
 
@@ -319,7 +329,7 @@ def _measure_worker(rank: int, world: int, cases: list[dict], out_dir: str) -> N
 
 
 def _case(name: str, *, T: int, docs: int, dp: int = 1, cp: int = 1, ckpt: bool = False, moe: bool = False,
-          vocab: int = 1024, hidden: int = 64, tied: bool = True, micro: int = 1) -> dict:
+          vocab: int = 1024, hidden: int = 64, tied: bool = True, micro: int = 1, keep: bool = False) -> dict:
     scratch = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=32, intermediate_size=160, tie_word_embeddings=tied)
     if moe:
@@ -327,7 +337,8 @@ def _case(name: str, *, T: int, docs: int, dp: int = 1, cp: int = 1, ckpt: bool 
     overrides = [f"model.scratch.{k}={v}" for k, v in scratch.items()]
     overrides += [f"parallel.dp_shard={dp}", f"parallel.cp={cp}", f"parallel.activation_checkpointing={ckpt}",
                   "parallel.param_dtype=float32", f"trainer.micro_batch_tokens={T}", "rollout.engine=torch",
-                  "trainer.mini_batch_prompts=1024", "trainer.prompts_per_step=1024", "algo.rollout_is=none"]
+                  "trainer.mini_batch_prompts=1024", "trainer.prompts_per_step=1024", "algo.rollout_is=none",
+                  f"parallel.ac_keep_attention={keep}"]
     return {"name": name, "overrides": overrides, "docs": docs, "world": dp * cp, "micro": micro}
 
 
@@ -340,6 +351,8 @@ CASES = [
     _case("dense-dp2-1k", T=1024, docs=2, dp=2),
     _case("dense-cp2-2k", T=2048, docs=2, cp=2),
     _case("moe-cp2-ckpt-1k", T=1024, docs=1, cp=2, ckpt=True, moe=True),
+    _case("dense-cp2-keep-2k", T=2048, docs=2, cp=2, ckpt=True, keep=True),
+    _case("dense-cp2-ckpt-2k", T=2048, docs=2, cp=2, ckpt=True),  # the same without keeping the attention
 ]
 
 
@@ -401,7 +414,7 @@ def test_kernel_constants_are_read_from_the_kernel_modules(monkeypatch):
 def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward(capsys):
     """algo.kl_coef > 0: a bf16 copy of the weights stays resident (half the fp32 master shard), and each step
     runs one more forward: what activation checkpointing's recompute costs, plus the LM head's logits."""
-    base = ["parallel.cpu_offload=false"]
+    base = ["parallel.cpu_offload=false", "parallel.ac_keep_attention=false"]
     plain = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=8)
     kl = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*base, "algo.kl_coef=0.001"]), gpus=8)
     assert REFERENCE not in plain.memory.breakdown
