@@ -958,7 +958,25 @@ class Trainer:
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")
         if not tp and not self.eval_only:  # a config problem, named in one line (build_prompts logged the counts)
             raise ConfigError(no_prompt_fits(len(train), self.cfg))
+        self._start_reward_function()
         return tp, vp
+
+    def _start_reward_function(self) -> None:
+        """With rollout.reward_function, start the scoring workers (each imports the function) on every rank now,
+        not at the first score: a function that fails to import stops every rank together, before any rollout."""
+        rc = self.cfg.rollout
+        if not rc.reward_function:
+            return
+        from golong.rewards.pool import get_pool
+
+        problem = None
+        try:
+            get_pool(max(1, rc.reward_workers), rc.reward_memory_mb, rc.reward_function).start()
+        except RuntimeError as e:
+            problem = f"rank {self.rank}: {e}"
+        problems = [p for p in _gather_objects(problem) if p]
+        if problems:
+            raise RuntimeError(problems[0])
 
     def _prompts(self, records: list[Any], split: str) -> list[Any]:
         """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
@@ -1011,7 +1029,9 @@ class Trainer:
             rc = self.cfg.rollout
             decoded = self._decode_responses(out.token_ids)
             # scored 0 whatever they answer: a model that never closes a think block learns nothing, so count them
-            fails = sum(checked_response(t) is None for t in decoded) if rc.require_think else 0
+            # (a reward function of the user's own sees every response: no gate)
+            gated = rc.require_think and not rc.reward_function
+            fails = sum(checked_response(t) is None for t in decoded) if gated else 0
             errors: list[tuple[int, str]] = []  # the reward function's exceptions (k, traceback)
             scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
@@ -1028,7 +1048,7 @@ class Trainer:
         parts = _gather_objects((local, fails, raised))
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
-        if rc.require_think:
+        if gated:
             timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
         if rc.reward_function:
             timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label))
@@ -1041,19 +1061,21 @@ class Trainer:
         return [(*x[1:], by_request.get(x[0])) for x in merged], timings
 
     def _check_function_errors(self, raised: list[tuple[int, str | None, int]], label: str) -> int:
-        """How many calls of the user's reward function raised (scored 0), from every rank's (count, first
-        traceback, calls). The first traceback is logged once per run; a batch in which every call raised stops the
-        run on every rank (a broken function, not an odd response), its traceback in the error."""
+        """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
+        0), from every rank's (count, first traceback, calls). The first failure is logged once per run; a batch in
+        which every call failed stops the run on every rank (a broken function, not an odd response), its
+        traceback in the error."""
         count, calls = sum(r[0] for r in raised), sum(r[2] for r in raised)
         first = next((r[1] for r in raised if r[1] is not None), None)
         where = f"rollout.reward_function={self.cfg.rollout.reward_function}"
         if count and count == calls:
-            raise RuntimeError(f"{label}: the reward function raised on all {calls} responses it was given "
-                               f"({where}); the first traceback, from its scoring worker:\n{first}")
+            raise RuntimeError(f"{label}: the reward function failed on all {calls} responses it was given "
+                               f"({where}); the first failure, from its scoring worker:\n{first}")
         if count and not self.warned_function:
             self.warned_function = True
-            log.warning(f"{label}: the reward function raised on {count} of {calls} responses ({where}); they "
-                        f"score 0 (reward/function_errors counts them every step). The first traceback:\n{first}")
+            log.warning(f"{label}: the reward function failed on {count} of {calls} responses ({where}); they "
+                        "score 0 (reward/function_errors counts them every step, val/reward/function_errors in "
+                        f"validation). The first failure:\n{first}")
         return count
 
     def _strip_stop(self, ids: Sequence[int]) -> Sequence[int]:
@@ -1258,6 +1280,8 @@ class Trainer:
         if "response/format_errors" in timings:
             out["val/format_error_frac"] = timings["response/format_errors"] / len(results)
             self._warn_format(out["val/format_error_frac"], f"validation at step {step}")
+        if "reward/function_errors" in timings:
+            out["val/reward/function_errors"] = timings["reward/function_errors"]
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         self.history.append({"step": step, **out})
         return out
@@ -1602,6 +1626,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
                   "format_error_frac": metrics.get("val/format_error_frac"),  # None: rollout.require_think off
+                  "function_errors": metrics.get("val/reward/function_errors"),  # None: no rollout.reward_function
                   "tasks": {t: {"metric": metric[t], "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:

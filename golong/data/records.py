@@ -214,6 +214,9 @@ def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]
                 if isinstance(d, dict) and isinstance(d.get("extra_info"), dict):
                     # a struct column holds the union of every row's keys: drop the ones this row lacks
                     d["extra_info"] = {k: v for k, v in d["extra_info"].items() if v is not None}
+                rm = d.get("reward_model") if isinstance(d, dict) else None
+                if isinstance(rm, dict) and isinstance(rm.get("ground_truth"), dict):  # the same, as .jsonl reads it
+                    rm["ground_truth"] = {k: v for k, v in rm["ground_truth"].items() if v is not None}
                 yield f"{path}: row {row}", d
                 row += 1
     except (pa.ArrowException, OSError) as e:

@@ -2,18 +2,22 @@
 
     def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict
 
-solution_str is the whole decoded response (think block included); ground_truth the record's
+called by keyword, as verl calls it. solution_str is the whole decoded response (think block included: golong's
+format gate is not applied, the function sees every response); ground_truth the record's
 `reward_model.ground_truth` as stored; extra_info its `extra_info` (with its `ability` added when it has none).
-A dict result gives its score under "score" (verl). The function scores every record, and runs only in the
-timed, memory-capped scoring workers (golong.rewards.pool): the trainer parses the file (`check_function`) but
-never imports it. `default_compute_score` is golong's own routing and metrics under the same signature, for a
+A number (numpy scalars and 0-d arrays included) or a dict with it under "score" (verl); a coroutine function is
+run to completion. The function scores every record, and runs only in the timed, memory-capped scoring workers
+(golong.rewards.pool): the trainer parses the file (`check_function`) but never imports it.
+`default_compute_score` is golong's own routing, format gate and metrics under the same signature, for a
 function that handles a few data sources itself and hands the rest back.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -47,20 +51,47 @@ def check_function(spec: str, key: str = "rollout.reward_function") -> str | Non
         return f"{where}: {path}:{e.lineno}: {e.msg}"
     except (OSError, ValueError) as e:
         return f"{where}: cannot read {path} ({e})"
-    defined: list[str] = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defined.append(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            defined += [t.id for t in targets if isinstance(t, ast.Name)]
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            defined += [(a.asname or a.name).split(".")[0] for a in node.names]
-    if name not in defined:
-        functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    defined = _module_names(tree.body)
+    if name not in defined and "*" not in defined:  # a star import may define it: the worker will tell
+        functions = [n for n, is_function in defined.items() if is_function]
         return (f"{where}: {path} defines no {name!r} at its top level (its functions: "
                 f"{', '.join(functions) or 'none'}; name one as path/to/file.py:function_name)")
     return None
+
+
+def _module_names(body: list[ast.stmt]) -> dict[str, bool]:
+    """Names a module body binds (name -> whether by a def), into if / try / with blocks, not into functions;
+    "*" for a star import."""
+    names: dict[str, bool] = {}
+
+    def targets(t: ast.expr) -> None:
+        if isinstance(t, ast.Name):
+            names[t.id] = False
+        elif isinstance(t, (ast.Tuple, ast.List)):
+            for e in t.elts:
+                targets(e)
+
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = True
+        elif isinstance(node, ast.ClassDef):
+            names[node.name] = False
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                targets(t)
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets(node.target)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update({(a.asname or a.name).split(".")[0]: False for a in node.names})
+        for block in ("body", "orelse", "finalbody", "handlers"):  # if / try / with / for blocks
+            inner = getattr(node, block, None) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                        ast.ClassDef)) else None
+            if isinstance(inner, list):
+                for k, v in _module_names([s for s in inner if isinstance(s, ast.stmt)] +
+                                          [s for h in inner if isinstance(h, ast.ExceptHandler)
+                                           for s in h.body]).items():
+                    names.setdefault(k, v)
+    return names
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -82,16 +113,27 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, ground_truth: Any,
                   extra_info: dict[str, Any]) -> float:
-    """fn's score as a finite float; raises TypeError / ValueError naming what it returned otherwise."""
-    out = fn(data_source, solution_str, ground_truth, extra_info)
+    """fn's score as a finite float (fn called by keyword, as verl does); raises TypeError / ValueError naming what
+    it returned otherwise."""
+    out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info)
+    if inspect.isawaitable(out):  # an async def, as verl's reward loop awaits
+        out = asyncio.run(_awaited(out))
     score = out.get("score") if isinstance(out, dict) else out
-    if isinstance(score, bool) or not isinstance(score, (int, float)):
+    try:  # numpy scalars, 0-d arrays and one-element tensors too
+        value = float(score) if not isinstance(score, (str, bytes)) and score is not None else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
         shown = f"a dict without a number under 'score' (keys {sorted(out)})" if isinstance(out, dict) else \
             f"{type(out).__name__} {out!r:.80}"
         raise TypeError(f"a reward function must return a number or a dict with 'score'; got {shown}")
-    if not math.isfinite(score):
+    if not math.isfinite(value):
         raise ValueError(f"a reward function returned {score}; scores must be finite")
-    return float(score)
+    return value
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def default_compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,

@@ -18,6 +18,7 @@ import atexit
 import math
 import os
 import pickle
+import select
 import selectors
 import struct
 import subprocess
@@ -29,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from golong.rewards.function import JOB
+
 _HEADER = struct.Struct("<Q")
 STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
 MAX_CHUNK = 64
 DEFAULT_MEMORY_MB = 2048  # per worker, beyond start-up; a real math-verify or ROUGE-L job takes < 100 MB
 
-Job = tuple[str, str, Any]  # (metric, answer region, gold)
+Job = tuple[str, str, Any]  # (metric, answer region, gold); metric JOB: the user's reward function
 
 
 def write_frame(f: Any, obj: Any) -> None:
@@ -85,6 +88,14 @@ def _spawn(memory_mb: int, function: str = "") -> _Worker:
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, close_fds=True)
     return _Worker(proc)
+
+
+def _exit_code(w: _Worker) -> int | None:
+    """The exit status of a worker whose pipe closed (it is exiting: a moment to reap it)."""
+    try:
+        return w.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _kill(w: _Worker) -> None:
@@ -140,9 +151,42 @@ class ScoringPool:
             _kill(w)
         self.workers = []
 
+    def start(self) -> None:
+        """Start the workers and wait until each is ready: RuntimeError (naming the reward function and its
+        traceback) where one fails to, so that a broken function is found before any response is generated."""
+        with self._lock:
+            self._ensure()
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            try:
+                for w in self.workers:
+                    if w.ready:
+                        continue
+                    if not select.select([w.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                        raise RuntimeError(self._startup_timeout())
+                    try:
+                        msg = read_frame(w.fd)
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        raise RuntimeError("a reward worker exited during start-up; see its stderr above (python -m "
+                                           "golong.rewards.worker)") from None
+                    if msg != "ready":
+                        raise RuntimeError(self._load_failure(msg[1]))
+                    w.ready = True
+            except BaseException:
+                self.close()
+                raise
+
+    def _startup_timeout(self) -> str:
+        what = f" (importing the reward function {self.function}: its module-level set-up counts)" if self.function \
+            else ""
+        return f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s{what}"
+
+    def _load_failure(self, tb: str) -> str:
+        return f"the reward function {self.function} failed to load in a scoring worker:\n{tb}"
+
     def map(self, jobs: list[Job], timeout: float, errors: list[tuple[int, str]] | None = None) -> list[float]:
-        """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A job whose
-        reward function raised scores 0 too and, where `errors` is given, appends (job index, traceback) to it."""
+        """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A reward-function
+        job that raised, ran out of time or lost its worker scores 0 too and, where `errors` is given, appends
+        (job index, what happened) to it."""
         check_timeout(timeout)
         with self._lock:
             return self._map(jobs, float(timeout), [] if errors is None else errors)
@@ -197,8 +241,11 @@ class ScoringPool:
                                                "above (python -m golong.rewards.worker)") from None
                         # the worker died (OOM kill, crash): its running job scores 0
                         if w.queue:
-                            w.queue.popleft()
+                            lost = w.queue.popleft()
                             outstanding -= 1
+                            if jobs[lost][0] == JOB:
+                                errors.append((lost, f"the scoring worker died (exit code {_exit_code(w)}) while "
+                                                     "the reward function ran"))
                         assign(replace(w))
                         continue
                     if msg == "ready":
@@ -206,8 +253,7 @@ class ScoringPool:
                         assign(w)
                         continue
                     if msg[0] == "failed":  # the reward function did not import: the same in every worker
-                        raise RuntimeError(f"the reward function {self.function} failed to load in a scoring "
-                                           f"worker:\n{msg[1]}")
+                        raise RuntimeError(self._load_failure(msg[1]))
                     i, s = msg[:2]
                     results[i] = s
                     if len(msg) == 3:
@@ -221,15 +267,17 @@ class ScoringPool:
                 now = time.monotonic()
                 for w in list(self.workers):
                     if w.ready and w.queue and now >= w.deadline:
-                        w.queue.popleft()  # the running job: out of time, scores 0
+                        late = w.queue.popleft()  # the running job: out of time, scores 0
                         outstanding -= 1
+                        if jobs[late][0] == JOB:
+                            errors.append((late, f"the reward function ran past the {timeout:g} s time limit"))
                         self.timeouts += 1
                         replace(w)
                         for idle in self.workers:  # its chunk went back to the queue: idle workers take it
                             if not idle.queue:
                                 assign(idle)
                     elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
-                        raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
+                        raise RuntimeError(self._startup_timeout())
         except BaseException:
             # interrupted or broken mid-flight: workers may hold half-sent frames; start clean next time
             self.close()

@@ -200,24 +200,16 @@ def function_inputs(record: Any) -> tuple[str | None, Any, dict]:
 def score_records(records: Sequence[Any], responses: Sequence[str], *, config: RewardConfig | None = None,
                   errors: list[tuple[int, str]] | None = None) -> list[float]:
     """Batch `score_record`: response i is scored against records[i], through the pool. With config.function, the
-    user's function scores every response that passes the format gate (its whole text), in the timed workers;
-    a call that raised scores 0 and, where `errors` is given, appends (i, traceback) to it."""
+    user's function scores every response (its whole text, no format gate), in the timed workers; a call that
+    raised, ran out of time or killed its worker scores 0 and, where `errors` is given, appends (i, what happened:
+    a traceback) to it."""
     cfg = config or RewardConfig()
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     if cfg.function:
         check_timeout(cfg.timeout)
-        out = [0.0] * len(records)
-        where = [i for i, resp in enumerate(responses)
-                 if isinstance(resp, str) and checked_response(resp, require_think=cfg.require_think) is not None]
-        jobs = [(JOB, responses[i], (*function_inputs(records[i]), cfg.require_think)) for i in where]
-        found: list[tuple[int, str]] = []
-        scores = get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, found)
-        for i, s in zip(where, scores):
-            out[i] = s
-        if errors is not None:
-            errors += [(where[k], tb) for k, tb in found]
-        return out
+        jobs = [(JOB, resp, (*function_inputs(rec), cfg.require_think)) for rec, resp in zip(records, responses)]
+        return get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, errors)
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
                        num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)

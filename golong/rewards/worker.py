@@ -96,7 +96,7 @@ def main() -> None:
             function.set_require_think(require_think)
             try:
                 score = function.call_function(user_fn, data_source, region, ground_truth, extra_info)
-            except Exception:  # the user's code: the score is 0, the trainer reports the traceback
+            except BaseException:  # the user's code (sys.exit too): the score is 0, the trainer reports the traceback
                 write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))
             else:
                 write_frame(out, (i, score))

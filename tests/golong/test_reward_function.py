@@ -26,7 +26,7 @@ from golong.rewards import default_compute_score
 LOADED_AT = time.time()
 
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+def compute_score(solution_str, ground_truth, data_source=None, extra_info=None):  # verl calls by keyword
     if data_source == "count":  # a task golong has no metric for: the last integer of the answer
         numbers = re.findall(r"-?\\d+", solution_str.split("</think>")[-1])
         return {"score": float(bool(numbers) and int(numbers[-1]) == ground_truth["n"]), "parsed": numbers}
@@ -40,11 +40,37 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
         return "high"
     if data_source == "nan":
         return float("nan")
+    if data_source == "numpy":
+        import numpy as np
+
+        return {"score": np.float32(0.5), "acc": True}
+    if data_source == "bool":
+        return True
+    if data_source == "exit":
+        import sys
+
+        sys.exit(3)
+    if data_source == "die":
+        import os
+
+        os._exit(9)
     return default_compute_score(data_source, solution_str, ground_truth, extra_info)
 
 
-def other(data_source, solution_str, ground_truth, extra_info=None):
+def other(**kwargs):
     return 0.25
+
+
+async def later(*, data_source, solution_str, ground_truth, extra_info):
+    return 0.75
+
+
+if True:
+    try:
+        nested = other
+    except ImportError:
+        pass
+first, second = other, other
 '''
 
 
@@ -75,9 +101,12 @@ def test_spec_names_the_file_and_function(tmp_path):
 
 
 def test_check_function_reads_the_file_without_running_it(tmp_path, reward_file):
-    assert check_function(str(reward_file)) is None
-    assert check_function(f"{reward_file}:other") is None
-    assert "defines no 'missing'" in check_function(f"{reward_file}:missing") and "compute_score, other" in \
+    for name in ("compute_score", "other", "later", "nested", "second"):
+        assert check_function(f"{reward_file}:{name}") is None, name
+    star = tmp_path / "star.py"
+    star.write_text("from my_helpers import *\n")  # may define it: the worker will say
+    assert check_function(str(star)) is None
+    assert "defines no 'missing'" in check_function(f"{reward_file}:missing") and "compute_score, other, later" in \
         check_function(f"{reward_file}:missing")
     assert "does not exist" in check_function(str(tmp_path / "nope.py"))
     bad = tmp_path / "bad.py"
@@ -96,21 +125,22 @@ def test_check_function_reads_the_file_without_running_it(tmp_path, reward_file)
 
 
 def test_the_function_scores_with_verls_arguments(reward_file):
-    """The raw ground truth (an int, a dict of the file's own keys), extra_info with the ability added, the whole
-    response: the "echo" source scores 1 only where the function saw exactly what the file holds."""
+    """Called by keyword (the function's parameters in another order), with the raw ground truth (an int, a dict of
+    the file's own keys), extra_info with the ability added, the whole response, with or without a think block
+    (no format gate: the function decides): the "echo" source scores 1 only where the function saw exactly what
+    the file holds. Numpy scalars, bools, keyword-only and async functions score as verl takes them."""
     gt, extra = {"n": 7, "unit": "apples"}, {"index": 3, "split": "train"}
     seen = json.dumps([gt, {**extra, "ability": "long_context"}], sort_keys=True)
     pairs = [(_record("count", {"n": 42}), "<think>maybe 41</think> it is 42"),
              (_record("count", {"n": 42}), "<think>42</think> it is 41"),
              (_record("echo", gt, **extra), f"<think></think>{seen}"),
              (_record("echo", gt, **extra), "<think></think>" + json.dumps([gt, extra], sort_keys=True)),
-             (_record("count", {"n": 42}), "it is 42")]  # no </think>: the format gate scores 0, not the function
+             (_record("count", {"n": 42}), "it is 42"),  # no </think>: the function still scores it
+             (_record("numpy", "a"), "a"), (_record("bool", "a"), "a")]
     scores, errors = _scores(str(reward_file), pairs)
-    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0] and errors == []
-    scores, _ = _scores(str(reward_file), pairs[-1:], require_think=False)
-    assert scores == [1.0]
-    scores, _ = _scores(f"{reward_file}:other", pairs[:2])
-    assert scores == [0.25, 0.25]
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0] and errors == []
+    assert _scores(f"{reward_file}:other", pairs[:2]) == ([0.25, 0.25], [])
+    assert _scores(f"{reward_file}:later", pairs[:2]) == ([0.75, 0.75], [])
 
 
 def test_default_compute_score_is_golongs_own_scoring(reward_file):
@@ -139,20 +169,23 @@ def test_default_compute_score_is_golongs_own_scoring(reward_file):
 
 
 def test_failures_score_zero_and_are_reported(reward_file):
-    """An exception (its traceback, naming the user's file and line), a non-number and a NaN each score 0 and
-    are reported; a call over the time limit scores 0 without holding up the rest."""
+    """An exception (its traceback, naming the user's file and line), a non-number, a NaN, sys.exit, a call over
+    the time limit and one that kills its worker each score 0 and are reported, without holding up the rest."""
     pairs = [(_record("boom", "a"), "<think></think>xyz"), (_record("count", {"n": 1}), "<think></think>1"),
              (_record("text", "a"), "<think></think>a"), (_record("nan", "a"), "<think></think>a"),
-             (_record("slow", "a"), "<think></think>a"), (_record("count", {"n": 2}), "<think></think>2")]
+             (_record("slow", "a"), "<think></think>a"), (_record("count", {"n": 2}), "<think></think>2"),
+             (_record("exit", "a"), "a"), (_record("die", "a"), "a"), (_record("count", {"n": 3}), "3")]
     t0 = time.perf_counter()
     scores, errors = _scores(str(reward_file), pairs, timeout=3.0)
     assert time.perf_counter() - t0 < 30
-    assert scores == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert scores == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     by_index = dict(errors)
-    assert sorted(by_index) == [0, 2, 3]
+    assert sorted(by_index) == [0, 2, 3, 4, 6, 7]
     assert "KeyError: 'no field xyz'" in by_index[0] and f'File "{reward_file}", line ' in by_index[0]
     assert "must return a number or a dict with 'score'; got str 'high'" in by_index[2]
     assert "returned nan" in by_index[3]
+    assert "past the 3 s time limit" in by_index[4]
+    assert "SystemExit: 3" in by_index[6] and "worker died (exit code 9)" in by_index[7]
 
 
 def test_a_function_that_fails_to_load_names_its_error(tmp_path):
@@ -161,6 +194,15 @@ def test_a_function_that_fails_to_load_names_its_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)failed to load in a scoring worker.*broken.py\", line 2.*"
                                            "JSONDecodeError"):
         _scores(str(path), [(_record("x", "a"), "<think></think>a")], workers=1)
+    from golong.rewards.pool import ScoringPool
+
+    pool = ScoringPool(2, function=str(path))  # what the trainer starts before its first rollout
+    with pytest.raises(RuntimeError, match=r"(?s)reward function .*broken.py failed to load.*JSONDecodeError"):
+        pool.start()
+    assert pool.workers == []  # closed: none left running
+    good = ScoringPool(2, function=f"{Path(__file__)}:__name__")  # a name, not a function: fails at load too
+    with pytest.raises(RuntimeError, match="not a function"):
+        good.start()
 
 
 def test_records_a_function_scores_need_no_route(tmp_path, reward_file):

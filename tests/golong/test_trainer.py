@@ -1304,8 +1304,9 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
     """Records no golong metric fits train and evaluate under rollout.reward_function: each response's score is
     the function's (the ground truth and extra_info as the file stores them, the ability added), a call that
-    raised scores 0, is counted in reward/function_errors and warned once with its traceback; a function that
-    raises on every response stops the step, its traceback in the error."""
+    raised scores 0, is counted in reward/function_errors (eval.json: function_errors) and warned once with its
+    traceback; a function that raises on every response stops the step, its traceback in the error; one that
+    cannot be imported stops the trainer at start-up."""
     from golong.trainer import evaluate
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -1314,16 +1315,26 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert len(rollouts) == 8 and all(r.score == (0.0 if r.prompt_index % 2 == 0 else weights[r.prompt_index])
                                       for r in rollouts)
     assert m["reward/function_errors"] == sum(r.prompt_index % 2 == 0 for r in rollouts) > 0
-    warned = [line for line in capsys.readouterr().out.splitlines() if "reward function raised" in line]
+    warned = [line for line in capsys.readouterr().out.splitlines() if "reward function failed" in line]
     assert len(warned) == 1 and f"rollout.reward_function={tmp_path}/reward.py" in warned[0]
 
     result = evaluate(cfg, None, tmp_path / "eval")
     assert result["reward_mean"] == pytest.approx(sum(weights[1::2]) / len(weights))
+    assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
     assert result["tasks"] == {"counting": {"metric": "compute_score()", "responses": 6,
                                             "reward_mean": result["reward_mean"]}}
 
     (tmp_path / "all").mkdir()
     cfg, _ = _custom_run(tmp_path / "all", config_file, always_raise=True)
-    with pytest.raises(RuntimeError, match=r"(?s)raised on all 8 responses.*ValueError: cannot score"):
+    with pytest.raises(RuntimeError, match=r"(?s)failed on all 8 responses.*ValueError: cannot score"):
         _scripted_train_step(cfg, monkeypatch, None)
+
+    # a function that fails to import stops the trainer as it starts, before any rollout
+    (tmp_path / "broken.py").write_text("import no_such_module_anywhere\n" + REWARD_FUNCTION)
+    cfg.rollout.reward_function = str(tmp_path / "broken.py")
+    generated = []
+    with pytest.raises(RuntimeError, match=r"(?s)rank 0: the reward function .*broken.py failed to load.*"
+                                           "no_such_module_anywhere"):
+        _scripted_train_step(cfg, monkeypatch, lambda *a, **k: generated.append(a))
+    assert generated == []
 
