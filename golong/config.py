@@ -110,6 +110,7 @@ class RolloutConfig:
     # "path/to/file.py[:name]" (name default compute_score; verl's custom_reward_function.path / .name): your own
     # function scores every record, in the timed scoring workers (golong.rewards.function); "": golong's metrics
     reward_function: str = ""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for it (verl's reward_kwargs)
 
 
 @dataclass

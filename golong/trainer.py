@@ -1011,6 +1011,7 @@ class Trainer:
         the format gate). text: the response as scored, on rank 0 where `texts` (the same on every rank: the
         texts are gathered there, from the ranks that decoded them to score them), else None."""
         from golong.rewards.answer import checked_response
+        from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import RewardConfig, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
@@ -1032,19 +1033,23 @@ class Trainer:
             # (a reward function of the user's own sees every response: no gate)
             gated = rc.require_think and not rc.reward_function
             fails = sum(checked_response(t) is None for t in decoded) if gated else 0
-            errors: list[tuple[int, str]] = []  # the reward function's exceptions (k, traceback)
+            report = FunctionReport()  # the reward function's failures and extra numbers
             scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
                                    config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
                                                        num_workers=rc.reward_workers, memory_mb=rc.reward_memory_mb,
-                                                       function=rc.reward_function), errors=errors)
+                                                       function=rc.reward_function,
+                                                       function_kwargs=dict(rc.reward_kwargs)), report=report)
         t2 = time.perf_counter()
         # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
         local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
                   None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
                   out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
-        # the count of calls that raised, the first one's traceback, and how many responses the function was given
-        raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails)
+        # the count of calls that failed, the first one's traceback, how many responses the function was given, and
+        # the (sum, count) of each extra number its results held
+        errors = report.errors
+        raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
+                  {key: (sum(v), len(v)) for key, v in report.extras.items()})
         parts = _gather_objects((local, fails, raised))
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
@@ -1052,6 +1057,10 @@ class Trainer:
             timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
         if rc.reward_function:
             timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label))
+            for _, _, r in parts:  # sums and counts: generation batches add up; means are taken by _extra_means
+                for key, (total, count) in r[3].items():
+                    timings[f"reward/extra_sum/{key}"] = timings.get(f"reward/extra_sum/{key}", 0.0) + total
+                    timings[f"reward/extra_count/{key}"] = timings.get(f"reward/extra_count/{key}", 0.0) + count
         by_request: dict[int, str] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
@@ -1060,7 +1069,17 @@ class Trainer:
             timings["time/dump_s"] = time.perf_counter() - t3
         return [(*x[1:], by_request.get(x[0])) for x in merged], timings
 
-    def _check_function_errors(self, raised: list[tuple[int, str | None, int]], label: str) -> int:
+    @staticmethod
+    def _extra_means(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+        """The mean of each extra number of the reward function's results (`prefix`/<key>), from the sums and counts
+        _generate_and_score left in `metrics` (popped)."""
+        sums = {k.removeprefix("reward/extra_sum/"): metrics.pop(k) for k in list(metrics)
+                if k.startswith("reward/extra_sum/")}
+        counts = {k.removeprefix("reward/extra_count/"): metrics.pop(k) for k in list(metrics)
+                  if k.startswith("reward/extra_count/")}
+        return {f"{prefix}/{key}": total / counts[key] for key, total in sorted(sums.items())}
+
+    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict]], label: str) -> int:
         """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
         0), from every rank's (count, first traceback, calls). The first failure is logged once per run; a batch in
         which every call failed stops the run on every rank (a broken function, not an odd response), its
@@ -1122,6 +1141,7 @@ class Trainer:
         chosen = set(groups)
         kept = [r for r in kept if r.group in chosen]
         metrics.update(self._rollout_metrics(every))
+        metrics.update(self._extra_means(metrics, "reward/extra"))
         if "response/format_errors" in metrics:
             metrics["response/format_error_frac"] = metrics.pop("response/format_errors") / len(every)
             self._warn_format(metrics["response/format_error_frac"], f"step {step}")
@@ -1282,6 +1302,7 @@ class Trainer:
             self._warn_format(out["val/format_error_frac"], f"validation at step {step}")
         if "reward/function_errors" in timings:
             out["val/reward/function_errors"] = timings["reward/function_errors"]
+            out.update(self._extra_means(timings, "val/reward/extra"))
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         self.history.append({"step": step, **out})
         return out
@@ -1293,6 +1314,14 @@ class Trainer:
         from golong.data import PromptSampler
 
         cfg = self.cfg
+        missing = [p for p in self.train_prompts if not reference_answer(p.record).strip()]
+        if missing:  # it would train on an empty answer
+            r = missing[0].record
+            raise ConfigError(f"trainer.sft_steps={cfg.trainer.sft_steps}: {len(missing)} of {len(self.train_prompts)} "
+                              "training records have no reference answer to warm up on (extra_info.answer, or "
+                              "reward_model.ground_truth as a string or number, its golden_label or doc_ids; the "
+                              f"first: record {missing[0].index}, data_source {r.data_source!r}); give them one or "
+                              "set trainer.sft_steps=0")
         self.sft_sampler = PromptSampler(len(self.train_prompts), seed=cfg.data.seed + 1)
         self.actor.reset_optimizer(lr=cfg.trainer.sft_lr or cfg.optim.lr, warmup=0, total=cfg.trainer.sft_steps)
 
@@ -1543,14 +1572,20 @@ class Trainer:
         self.writer.close()
 
 
+def reference_answer(record: Any) -> str:
+    """A record's reference answer: extra_info.answer, else ground_truth.golden_label, else its doc_ids one per
+    line; "" where it has none (a ground truth only the run's own reward function reads)."""
+    return str(record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
+        record.ground_truth.doc_ids))
+
+
 def sft_target(record: Any) -> str:
     """The SFT response for a record: an empty think block, then its reference answer (synthetic
     records store one; otherwise the golden label, else the gold items one per line), after an
     [Answer] marker where the record's reward reads only what follows one (LongBench-Pro metrics)."""
     from golong.rewards.scoring import SCOPES
 
-    answer = record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
-        record.ground_truth.doc_ids)
+    answer = reference_answer(record)
     try:
         scope = SCOPES[record.metric]
     except ValueError:  # a record only the run's own reward function scores (rollout.reward_function)
@@ -1627,6 +1662,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_mean": metrics["val/reward/mean"],
                   "format_error_frac": metrics.get("val/format_error_frac"),  # None: rollout.require_think off
                   "function_errors": metrics.get("val/reward/function_errors"),  # None: no rollout.reward_function
+                  # the means of the other numbers the reward function's dict results held
+                  "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
+                                    if k.startswith("val/reward/extra/")},
                   "tasks": {t: {"metric": metric[t], "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
         if trainer.rank == 0:

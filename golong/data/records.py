@@ -108,7 +108,8 @@ class Record:
             gt = _check_ground_truth(raw, bad)
         else:  # what golong's own fields can hold of it, for the SFT warm-up's target (a number: its text)
             try:
-                gt = _check_ground_truth(str(raw) if isinstance(raw, (int, float)) else raw, bad)
+                number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+                gt = _check_ground_truth(str(raw) if number else raw, bad)
             except RecordError:
                 gt = GroundTruth()
         rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"), raw)

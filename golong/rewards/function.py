@@ -21,11 +21,22 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
 JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
+
+
+
+@dataclass
+class FunctionReport:
+    """What a batch of reward-function calls reported beside their scores."""
+
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (job index, what went wrong: a traceback)
+    extras: dict[str, list[float]] = field(default_factory=dict)  # numbers a dict result held beside "score"
+
 
 # Set by the scoring worker per job: rollout.require_think of the run, for default_compute_score's format gate.
 _require_think = True
@@ -112,10 +123,12 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 
 def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, ground_truth: Any,
-                  extra_info: dict[str, Any]) -> float:
-    """fn's score as a finite float (fn called by keyword, as verl does); raises TypeError / ValueError naming what
-    it returned otherwise."""
-    out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info)
+                  extra_info: dict[str, Any], kwargs: dict[str, Any] | None = None) -> tuple[float, dict[str, float]]:
+    """fn's score as a finite float (fn called by keyword, as verl does, with `kwargs`: rollout.reward_kwargs),
+    and the other finite numbers of a dict result (verl's extra reward info; bools count as 0 / 1); raises
+    TypeError / ValueError naming what it returned where the score is not a finite number."""
+    out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info,
+             **(kwargs or {}))
     if inspect.isawaitable(out):  # an async def, as verl's reward loop awaits
         out = asyncio.run(_awaited(out))
     score = out.get("score") if isinstance(out, dict) else out
@@ -129,7 +142,16 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
         raise TypeError(f"a reward function must return a number or a dict with 'score'; got {shown}")
     if not math.isfinite(value):
         raise ValueError(f"a reward function returned {score}; scores must be finite")
-    return value
+    extras = {}
+    for key, v in out.items() if isinstance(out, dict) else ():
+        if key != "score" and isinstance(key, str) and not isinstance(v, (str, bytes)):
+            try:
+                number = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(number):
+                extras[key] = number
+    return value, extras
 
 
 async def _awaited(awaitable: Any) -> Any:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from golong.rewards.function import JOB
+from golong.rewards.function import JOB, FunctionReport
 
 _HEADER = struct.Struct("<Q")
 STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
@@ -183,15 +183,16 @@ class ScoringPool:
     def _load_failure(self, tb: str) -> str:
         return f"the reward function {self.function} failed to load in a scoring worker:\n{tb}"
 
-    def map(self, jobs: list[Job], timeout: float, errors: list[tuple[int, str]] | None = None) -> list[float]:
+    def map(self, jobs: list[Job], timeout: float, report: FunctionReport | None = None) -> list[float]:
         """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A reward-function
-        job that raised, ran out of time or lost its worker scores 0 too and, where `errors` is given, appends
-        (job index, what happened) to it."""
+        job that raised, ran out of time or lost its worker scores 0 too; where `report` is given, such failures go
+        to report.errors (job index, what happened) and the other numbers of dict results to report.extras."""
         check_timeout(timeout)
         with self._lock:
-            return self._map(jobs, float(timeout), [] if errors is None else errors)
+            return self._map(jobs, float(timeout), FunctionReport() if report is None else report)
 
-    def _map(self, jobs: list[Job], timeout: float, errors: list[tuple[int, str]]) -> list[float]:
+    def _map(self, jobs: list[Job], timeout: float, report: FunctionReport) -> list[float]:
+        errors = report.errors
         results = [0.0] * len(jobs)
         if not jobs:
             return results
@@ -256,8 +257,10 @@ class ScoringPool:
                         raise RuntimeError(self._load_failure(msg[1]))
                     i, s = msg[:2]
                     results[i] = s
-                    if len(msg) == 3:
+                    if len(msg) >= 3 and msg[2] is not None:
                         errors.append((i, msg[2]))
+                    for key, value in (msg[3] if len(msg) == 4 else {}).items():
+                        report.extras.setdefault(key, []).append(value)
                     w.queue.popleft()
                     outstanding -= 1
                     w.deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from golong.rewards.answer import answer_region, checked_response, marked_answer
-from golong.rewards.function import JOB
+from golong.rewards.function import JOB, FunctionReport
 from golong.rewards.metrics import ROUGE_LANGUAGES, Gold, check_metric, score_region
 from golong.rewards.pool import DEFAULT_MEMORY_MB, check_memory, check_timeout, get_pool
 from golong.rewards.tasks import route
@@ -60,6 +60,7 @@ class RewardConfig:
     num_workers: int = 8  # scoring subprocesses for score_batch
     memory_mb: int = DEFAULT_MEMORY_MB  # per scoring subprocess, beyond its start-up footprint
     function: str = ""  # "file.py[:name]": the user's reward function scores every record (golong.rewards.function)
+    function_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to it (verl's reward_kwargs)
 
 
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
@@ -198,18 +199,19 @@ def function_inputs(record: Any) -> tuple[str | None, Any, dict]:
 
 
 def score_records(records: Sequence[Any], responses: Sequence[str], *, config: RewardConfig | None = None,
-                  errors: list[tuple[int, str]] | None = None) -> list[float]:
+                  report: FunctionReport | None = None) -> list[float]:
     """Batch `score_record`: response i is scored against records[i], through the pool. With config.function, the
     user's function scores every response (its whole text, no format gate), in the timed workers; a call that
-    raised, ran out of time or killed its worker scores 0 and, where `errors` is given, appends (i, what happened:
-    a traceback) to it."""
+    raised, ran out of time or killed its worker scores 0 and, where `report` is given, goes to report.errors as
+    (i, what happened: a traceback); the other numbers of its dict results go to report.extras."""
     cfg = config or RewardConfig()
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     if cfg.function:
         check_timeout(cfg.timeout)
-        jobs = [(JOB, resp, (*function_inputs(rec), cfg.require_think)) for rec, resp in zip(records, responses)]
-        return get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, errors)
+        jobs = [(JOB, resp, (*function_inputs(rec), cfg.require_think, cfg.function_kwargs))
+                for rec, resp in zip(records, responses)]
+        return get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, report)
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
                        num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)

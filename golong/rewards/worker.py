@@ -1,11 +1,12 @@
 """Scoring subprocess: `python -m golong.rewards.worker` (started by golong.rewards.pool).
 
 Reads frames of [(index, metric, region, gold), ...] from stdin, writes one (index, score) frame per
-job to the original stdout ((index, 0.0, traceback) where the user's reward function raised); anything
+job to the original stdout ((index, 0.0, traceback) where the user's reward function raised, (index, score,
+None, extras) where its dict result held other numbers); anything
 the metric libraries print goes to stderr instead. A None frame (or a closed stdin) ends it. With
 GOLONG_REWARD_FUNCTION set, the worker imports that function at start-up (a failure is reported as a
 ("failed", traceback) frame instead of "ready") and runs it for jobs of kind `function.JOB`, whose gold
-is (data_source, ground_truth, extra_info, require_think).
+is (data_source, ground_truth, extra_info, require_think, reward_kwargs).
 """
 
 from __future__ import annotations
@@ -92,14 +93,14 @@ def main() -> None:
             if metric != function.JOB:
                 write_frame(out, (i, score_region(metric, region, gold)))
                 continue
-            data_source, ground_truth, extra_info, require_think = gold
+            data_source, ground_truth, extra_info, require_think, kwargs = gold
             function.set_require_think(require_think)
             try:
-                score = function.call_function(user_fn, data_source, region, ground_truth, extra_info)
+                score, extras = function.call_function(user_fn, data_source, region, ground_truth, extra_info, kwargs)
             except BaseException:  # the user's code (sys.exit too): the score is 0, the trainer reports the traceback
                 write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))
             else:
-                write_frame(out, (i, score))
+                write_frame(out, (i, score, None, extras) if extras else (i, score))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from golong.config import RunConfig, run_problems
 from golong.data.check import run_records, task_metrics
 from golong.data.records import Record, RecordError, load_records
 from golong.rewards import compute_score, score_record
-from golong.rewards.function import check_function, parse_spec
+from golong.rewards.function import FunctionReport, check_function, parse_spec
 from golong.rewards.scoring import RewardConfig, score_records
 
 USER_REWARD = '''
@@ -58,7 +58,7 @@ def compute_score(solution_str, ground_truth, data_source=None, extra_info=None)
 
 
 def other(**kwargs):
-    return 0.25
+    return 0.25 * kwargs.get("scale", 1)
 
 
 async def later(*, data_source, solution_str, ground_truth, extra_info):
@@ -86,12 +86,15 @@ def _record(data_source: str, ground_truth, **extra) -> Record:
                              "reward_model": {"ground_truth": ground_truth}, "extra_info": extra}, routed=False)
 
 
-def _scores(spec: str, pairs, timeout: float = 10.0, require_think: bool = True, workers: int = 2):
-    errors: list[tuple[int, str]] = []
-    scores = score_records([r for r, _ in pairs], [resp for _, resp in pairs], errors=errors,
+def _scores(spec: str, pairs, timeout: float = 10.0, require_think: bool = True, workers: int = 2,
+            kwargs: dict | None = None, extras: dict | None = None):
+    report = FunctionReport()
+    scores = score_records([r for r, _ in pairs], [resp for _, resp in pairs], report=report,
                            config=RewardConfig(function=spec, timeout=timeout, num_workers=workers,
-                                               require_think=require_think))
-    return scores, errors
+                                               require_think=require_think, function_kwargs=kwargs or {}))
+    if extras is not None:
+        extras.update(report.extras)
+    return scores, report.errors
 
 
 def test_spec_names_the_file_and_function(tmp_path):
@@ -137,9 +140,13 @@ def test_the_function_scores_with_verls_arguments(reward_file):
              (_record("echo", gt, **extra), "<think></think>" + json.dumps([gt, extra], sort_keys=True)),
              (_record("count", {"n": 42}), "it is 42"),  # no </think>: the function still scores it
              (_record("numpy", "a"), "a"), (_record("bool", "a"), "a")]
-    scores, errors = _scores(str(reward_file), pairs)
+    extras = {}
+    scores, errors = _scores(str(reward_file), pairs, extras=extras)
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0] and errors == []
+    # a dict's other numbers come back (verl's extra reward info): "acc" True, not "parsed" (a list)
+    assert extras == {"acc": [1.0]}
     assert _scores(f"{reward_file}:other", pairs[:2]) == ([0.25, 0.25], [])
+    assert _scores(f"{reward_file}:other", pairs[:2], kwargs={"scale": 3}) == ([0.75, 0.75], [])  # reward_kwargs
     assert _scores(f"{reward_file}:later", pairs[:2]) == ([0.75, 0.75], [])
 
 

@@ -1272,10 +1272,10 @@ def test_response_texts_are_gathered_to_rank_0_in_request_order():
 
 
 REWARD_FUNCTION = '''
-def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, bonus=0.0):
     if data_source == "boom" or extra_info.get("always_raise"):
         raise ValueError("cannot score " + data_source)
-    return ground_truth["w"] * (extra_info["ability"] == "counting")
+    return {"score": ground_truth["w"] * (extra_info["ability"] == "counting") + bonus, "w10": 10 * ground_truth["w"]}
 '''
 
 
@@ -1298,12 +1298,13 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
                                      f"data.val_files=[{data}]", "trainer.sft_steps=0", "trainer.val_every=0",
                                      "profile.steps=[]", "algo.dynamic_sampling=false", "rollout.n=2",
                                      "rollout.max_response_tokens=4", f"rollout.reward_function={tmp_path}/reward.py",
-                                     "rollout.reward_timeout_s=30"]), weights
+                                     "rollout.reward_timeout_s=30", "rollout.reward_kwargs.bonus=0.5"]), weights
 
 
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
     """Records no golong metric fits train and evaluate under rollout.reward_function: each response's score is
-    the function's (the ground truth and extra_info as the file stores them, the ability added), a call that
+    the function's (the ground truth and extra_info as the file stores them, the ability added, rollout.reward_kwargs;
+    the other numbers of its dict result logged as reward/extra/<key>), a call that
     raised scores 0, is counted in reward/function_errors (eval.json: function_errors) and warned once with its
     traceback; a function that raises on every response stops the step, its traceback in the error; one that
     cannot be imported stops the trainer at start-up."""
@@ -1312,15 +1313,18 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg, weights = _custom_run(tmp_path, config_file)
     m, rollouts = _scripted_train_step(cfg, monkeypatch, None)
-    assert len(rollouts) == 8 and all(r.score == (0.0 if r.prompt_index % 2 == 0 else weights[r.prompt_index])
+    scored = [r for r in rollouts if r.prompt_index % 2]  # the bonus is rollout.reward_kwargs'
+    assert len(rollouts) == 8 and all(r.score == (weights[r.prompt_index] + 0.5 if r.prompt_index % 2 else 0.0)
                                       for r in rollouts)
-    assert m["reward/function_errors"] == sum(r.prompt_index % 2 == 0 for r in rollouts) > 0
+    assert m["reward/function_errors"] == 8 - len(scored) > 0
+    assert m["reward/extra/w10"] == pytest.approx(sum(10 * weights[r.prompt_index] for r in scored) / len(scored))
     warned = [line for line in capsys.readouterr().out.splitlines() if "reward function failed" in line]
     assert len(warned) == 1 and f"rollout.reward_function={tmp_path}/reward.py" in warned[0]
 
     result = evaluate(cfg, None, tmp_path / "eval")
-    assert result["reward_mean"] == pytest.approx(sum(weights[1::2]) / len(weights))
+    assert result["reward_mean"] == pytest.approx((sum(weights[1::2]) + 3 * 0.5) / len(weights))
     assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
+    assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
     assert result["tasks"] == {"counting": {"metric": "compute_score()", "responses": 6,
                                             "reward_mean": result["reward_mean"]}}
 
@@ -1337,4 +1341,25 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
                                            "no_such_module_anywhere"):
         _scripted_train_step(cfg, monkeypatch, lambda *a, **k: generated.append(a))
     assert generated == []
+
+
+def test_an_sft_warm_up_needs_a_reference_answer_for_every_record(config_file, tmp_path, monkeypatch):
+    """Records whose ground truth only the run's reward function reads ({"w": ...}) have no answer to warm up on:
+    the warm-up refuses them, naming the first, instead of training on empty answers."""
+    import torch.distributed as dist
+
+    from golong.config import ConfigError
+    from golong.trainer import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, _ = _custom_run(tmp_path, config_file)
+    cfg.trainer.sft_steps = 2
+    try:
+        trainer = Trainer(cfg)
+        with pytest.raises(ConfigError, match=r"trainer.sft_steps=2: 6 of 6 training records have no reference "
+                                              r"answer .* the first: record 0, data_source 'boom'"):
+            trainer.sft()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
