@@ -6,7 +6,7 @@
 #   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
 #                                         #      pytest --collect-only), run concurrently; nothing measured
 #
-# Steps (each under its own timeout, 440 s in all with the report, + 2 s kill grace each; STEPS="name ..." runs a subset; a failed or timed-out
+# Steps (each under its own timeout, 445 s in all with the report, + 2 s kill grace each; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
 #   gpu_tests       bench/gpu_tests.sh: pytest -m gpu, each kernel (logprob, grouped GEMM / MoE, flash
 #                   attention) and the model in bf16 on CUDA vs fp32/fp64 references, as three concurrent
@@ -24,6 +24,7 @@
 #                   the ring's schedule replayed on one GPU (W = 8)
 #   profile_kernels python -m bench.profile_kernels: time per CUDA kernel of the MoE MLP, attention, logprob
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
+#   train_step_keep_attention  the same at 12 layers, plain activation checkpointing vs parallel.ac_keep_attention
 #   report          python bench/report.py: OUT_DIR/README.md from the JSON files
 # OUT_DIR/suite.json lists every step with its command, exit status and seconds. Exit status: the
 # number of failed steps (0 = all passed). PYTHON overrides the interpreter (default: .venv/bin/python
@@ -76,6 +77,7 @@ if [[ $DRY -eq 1 ]]; then
   step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
   step profile_kernels 300 "$PYTHON -m bench.profile_kernels --dry-run"
   step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
+  step train_step_keep_attention 300 "$PYTHON -m bench.gpu_train_step --dry-run --keep-attention"
 else
   "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
 import sys, torch
@@ -92,9 +94,10 @@ EOF
   step moe 55 "$PYTHON -m bench.moe --iters 10 --budget-s 40 $(out_flag moe) --save-tuned $OUT/tuned"
   # 20 candidates: precompiled in parallel, those not started by --budget-s are listed as skipped
   step attention_configs 55 "$PYTHON -m bench.attention_configs --budget-s 45 --out $OUT --save-tuned $OUT/tuned"
-  step attention 70 "$PYTHON -m bench.attention $(out_flag attention)"
-  step profile_kernels 20 "$PYTHON -m bench.profile_kernels --out $OUT"
+  step attention 50 "$PYTHON -m bench.attention $(out_flag attention)"
+  step profile_kernels 15 "$PYTHON -m bench.profile_kernels --out $OUT"
   step gpu_train_step 30 "$PYTHON -m bench.gpu_train_step --out $OUT"
+  step train_step_keep_attention 30 "$PYTHON -m bench.gpu_train_step --keep-attention --layers 12 --iters 2 --out $OUT"
 fi
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)

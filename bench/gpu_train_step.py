@@ -4,6 +4,7 @@ prediction vs the measured peak memory.
     python -m bench.gpu_train_step                    # CUDA: 16K tokens, random weights, no download
     python -m bench.gpu_train_step --tokens 32768 --docs 4
     python -m bench.gpu_train_step --dry-run          # CPU: a tiny model through the same code, nothing saved
+    python -m bench.gpu_train_step --keep-attention --layers 12   # plain checkpointing vs ac_keep_attention
 
 The step is golong's own (golong.trainer.Actor.update: FSDP2 on a world of one, fp32 master weights,
 bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
@@ -17,6 +18,8 @@ Figures (median of --iters steps after one warm-up):
   kernel time       one more step under torch.profiler (after the peak is read): its --profile-top kernels
 If the planner says the full 36 layers do not fit the GPU, layers are dropped until they do (the
 row says how many ran): the figures are per-layer representative either way.
+--keep-attention: the same step with plain activation checkpointing and with parallel.ac_keep_attention, one
+after the other in this process: the step-time ratio (keep / plain) and each peak against golong.plan's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ H100_H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100/H200 SX
 GIB = 1024**3
 
 
-def make_config(layers: int, tokens: int, docs: int, tiny: bool):
+def make_config(layers: int, tokens: int, docs: int, tiny: bool, keep_attention: bool = False):
     from golong.config import load_config
     from golong.plan import KNOWN_MODELS
 
@@ -57,7 +60,7 @@ def make_config(layers: int, tokens: int, docs: int, tiny: bool):
                   "parallel.param_dtype=bfloat16", "parallel.reduce_dtype=float32",
                   f"trainer.micro_batch_tokens={tokens}", f"trainer.prompts_per_step={docs}",
                   f"trainer.mini_batch_prompts={docs}", "rollout.engine=torch", "algo.rollout_is=none",
-                  "optim.lr=1e-6"]
+                  "optim.lr=1e-6", f"parallel.ac_keep_attention={keep_attention}"]
     return load_config(None, overrides)
 
 
@@ -67,18 +70,21 @@ def step_flops(cfg, tokens: int, docs: int) -> tuple[float, float, float]:
     from golong.plan import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, model_shape, update_flops
 
     s = model_shape(cfg.model)
-    model, hw = update_flops(s, [tokens // docs] * docs, checkpointing=cfg.parallel.activation_checkpointing)
+    model, hw = update_flops(s, [tokens // docs] * docs, checkpointing=cfg.parallel.activation_checkpointing,
+                             keep_attention=cfg.parallel.ac_keep_attention)
     # weights read in forward, recompute and twice in backward (bf16); AdamW's 7 fp32 passes
     traffic = 4 * s.total_params * 2 + 7 * 4 * s.total_params
     return model, hw, max(hw / H200_BF16_FLOPS, traffic / H200_HBM_BYTES_PER_S)
 
 
-def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float) -> tuple[int, float]:
+def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float, keep_attention: bool = False
+               ) -> tuple[int, float]:
     """Most layers (<= layers) whose predicted update peak + CUDA overhead fits mem_bytes."""
     from golong.plan import CUDA_RUNTIME_OVERHEAD, predict
 
     for n in range(layers, 0, -1):
-        plan = predict(make_config(n, tokens, docs, tiny=False), gpus=1, gpu_mem_gib=mem_bytes / GIB,
+        plan = predict(make_config(n, tokens, docs, tiny=False, keep_attention=keep_attention), gpus=1,
+                       gpu_mem_gib=mem_bytes / GIB,
                        device="cuda", num_docs=docs, micro_batches=1)
         if plan.memory.peak_bytes + CUDA_RUNTIME_OVERHEAD <= mem_bytes:
             return n, plan.memory.peak_bytes
@@ -131,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-top", type=int, default=15,
                     help="after the timed steps, profile one more and list its N slowest kernels (0: skip)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, one step, nothing saved")
+    ap.add_argument("--keep-attention", action="store_true",
+                    help="time plain activation checkpointing against parallel.ac_keep_attention (same process)")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
 
     from golong.plan import predict
 
+    if args.keep_attention:
+        return compare_keep_attention(args)
     if args.dry_run:
         cfg = make_config(2, 256, 2, tiny=True)
         times, _, kernels = run(cfg, 256, 2, 1, profile_top=args.profile_top)
@@ -184,6 +194,47 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"One policy update on {torch.cuda.get_device_name()}", [
         {"figure": r["metric"], "value": f"{r['value']:.4g} {r['unit']}", "baseline": r.get("baseline", ""),
          "ratio": f"{r['ratio']:.3f}" if "ratio" in r else ""} for r in rows if "kernel" not in r])
+    return 0
+
+
+def compare_keep_attention(args: argparse.Namespace) -> int:
+    """Plain checkpointing, then ac_keep_attention, on the same shape (the layers both fit): step times (median of
+    --iters after a warm-up) and peaks vs golong.plan."""
+    from golong.plan import predict
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print("gpu_train_step needs CUDA (use --dry-run on CPU)", file=sys.stderr)
+        return 2
+    tokens, docs = (256, 2) if args.dry_run else (args.tokens, args.docs)
+    mem = torch.cuda.get_device_properties(0).total_memory if cuda else 0
+    layers = 2 if args.dry_run else fit_layers(tokens, docs, args.layers, mem, keep_attention=True)[0]
+    rows, steps = [], {}
+    for keep in (False, True):
+        cfg = make_config(layers, tokens, docs, tiny=args.dry_run, keep_attention=keep)
+        plan = predict(cfg, gpus=1, gpu_mem_gib=max(mem, GIB) / GIB, device="cuda" if cuda else "cpu",
+                       num_docs=docs, micro_batches=1)
+        times, peak, _ = run(cfg, tokens, docs, 1 if args.dry_run else args.iters)
+        steps[keep] = statistics.median(times)
+        _, hw, _ = step_flops(cfg, tokens, docs)
+        impl = "ac_keep_attention" if keep else "plain checkpointing"
+        case = f"Qwen3-4B shape, {layers} layers, {tokens} tokens in {docs} seq" if not args.dry_run else "tiny"
+        rows.append({"case": case, "impl": impl, "metric": "step time", "value": steps[keep], "unit": "s",
+                     "times_s": times, "hardware_flops": hw,
+                     **({"baseline": "plain checkpointing, same run", "ratio": steps[True] / steps[False],
+                         "ratio_meaning": "keep / plain step time (< 1: faster)",
+                         "planned_ratio": hw / rows[0]["hardware_flops"]} if keep else {})})
+        rows.append({"case": case, "impl": impl, "metric": "peak allocated memory", "value": peak / GIB,
+                     "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
+                     "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB})
+        if cuda:
+            torch.cuda.empty_cache()
+    if not args.dry_run:
+        print(f"wrote {save_results('train_step_keep_attention', rows, args.out)}")
+    print_table("Activation checkpointing: plain vs keeping the attention output (golong Actor.update)", [
+        {"impl": r["impl"], "figure": r["metric"], "value": f"{r['value']:.4g} {r['unit']}",
+         "baseline": r.get("baseline", ""), "ratio": f"{r['ratio']:.3f}" if "ratio" in r else "",
+         "planned": f"{r['planned_ratio']:.3f}" if "planned_ratio" in r else ""} for r in rows])
     return 0
 
 

@@ -69,7 +69,7 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
     suite = json.loads((tmp_path / "suite.json").read_text())
     steps = {s["step"]: s for s in suite["steps"]}
     assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "moe_configs", "attention",
-                          "attention_configs", "profile_kernels", "gpu_train_step"}
+                          "attention_configs", "profile_kernels", "gpu_train_step", "train_step_keep_attention"}
     assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
     # the collected GPU tests cover every kernel and the model
     log = (tmp_path / "logs" / "gpu_tests.log").read_text()
@@ -112,7 +112,7 @@ def test_gpu_suite_limits_fit_the_eight_minute_budget():
     gpu_part = text.split("--dry-run")[-1]  # the non-dry-run branch comes after the last --dry-run command
     limits = [int(m) for m in re.findall(r"^\s*step \w+ (\d+) ", gpu_part, flags=re.M)]
     grace = int(re.search(r"--kill-after=(\d+)", text).group(1))
-    assert len(limits) == 10, limits  # nine benches and the report
+    assert len(limits) == 11, limits  # ten benches and the report
     assert sum(limits) + grace * len(limits) <= 8 * 60 - 10, (sum(limits), grace)
 
 
