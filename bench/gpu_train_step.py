@@ -25,6 +25,7 @@ after the other in this process: the step-time ratio (keep / plain) and each pea
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -227,6 +228,7 @@ def compare_keep_attention(args: argparse.Namespace) -> int:
         rows.append({"case": case, "impl": impl, "metric": "peak allocated memory", "value": peak / GIB,
                      "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
                      "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB})
+        gc.collect()  # the first run's model, optimizer and FSDP2 state hold reference cycles
         if cuda:
             torch.cuda.empty_cache()
     if not args.dry_run:

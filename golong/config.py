@@ -172,8 +172,8 @@ class ParallelConfig:
     reduce_dtype: str = _choice("float32", ("float32", "bfloat16"))
     activation_checkpointing: bool = True
     # with activation checkpointing, keep each layer's attention output and LSE: the backward's recompute skips the
-    # attention (and the ring's K/V passes under parallel.cp); per token and layer (Hq*D + H) activations are
-    # stored instead of H (`golong plan` shows both the memory and the time)
+    # attention (and the ring's K/V passes under parallel.cp); per token and layer the input [H], the output
+    # [Hq*D] and the LSE [Hq] fp32 are stored instead of the input alone (`golong plan` shows memory and time)
     ac_keep_attention: bool = False
     cpu_offload: bool = False
     backend: str = _choice("auto", ("auto", "nccl", "gloo"))
@@ -504,6 +504,10 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
+    if cfg.parallel.ac_keep_attention and cfg.parallel.activation_checkpointing and cfg.model.attn_backend == "sdpa":
+        warnings.append("parallel.ac_keep_attention with model.attn_backend=sdpa: SDPA keeps per-document views of "
+                        "q, k, v for its backward, so they stay held beside the kept output (the recompute still "
+                        "skips the attention); the kernels backends recompute them")
     if cfg.parallel.ac_keep_attention and not cfg.parallel.activation_checkpointing:
         warnings.append("parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true "
                         "(without checkpointing every activation is kept)")

@@ -896,6 +896,7 @@ class Trainer:
             raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
         self.stop_ids = set(stop_token_ids(self.tokenizer, cfg.model.path))
         self.train_prompts, self.val_prompts = self._load_prompts()
+        self._start_reward_function()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)
         self.ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep_last)
@@ -958,7 +959,6 @@ class Trainer:
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")
         if not tp and not self.eval_only:  # a config problem, named in one line (build_prompts logged the counts)
             raise ConfigError(no_prompt_fits(len(train), self.cfg))
-        self._start_reward_function()
         return tp, vp
 
     def _start_reward_function(self) -> None:
@@ -972,7 +972,7 @@ class Trainer:
         problem = None
         try:
             get_pool(max(1, rc.reward_workers), rc.reward_memory_mb, rc.reward_function).start()
-        except RuntimeError as e:
+        except Exception as e:  # any: a rank that raised alone would leave the others waiting in the gather
             problem = f"rank {self.rank}: {e}"
         problems = [p for p in _gather_objects(problem) if p]
         if problems:
@@ -1007,8 +1007,9 @@ class Trainer:
                                        dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered.
         Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score, text)] in (prompt, sample)
-        order + timings (and with rollout.require_think, "response/format_errors": how many responses failed
-        the format gate). text: the response as scored, on rank 0 where `texts` (the same on every rank: the
+        order + timings (and with rollout.require_think and golong's metrics, "response/format_errors": how many
+        responses failed the format gate; with rollout.reward_function, "reward/function_errors" and the sums and
+        counts of its extra numbers). text: the response as scored, on rank 0 where `texts` (the same on every rank: the
         texts are gathered there, from the ranks that decoded them to score them), else None."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
@@ -1034,11 +1035,15 @@ class Trainer:
             gated = rc.require_think and not rc.reward_function
             fails = sum(checked_response(t) is None for t in decoded) if gated else 0
             report = FunctionReport()  # the reward function's failures and extra numbers
-            scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
-                                   config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
-                                                       num_workers=rc.reward_workers, memory_mb=rc.reward_memory_mb,
-                                                       function=rc.reward_function,
-                                                       function_kwargs=dict(rc.reward_kwargs)), report=report)
+            broken = None  # the scoring pool failed (a respawned worker could not import the function): every
+            try:           # rank must learn it at the gather below, not wait there for this one
+                scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
+                                       config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
+                                                           num_workers=rc.reward_workers,
+                                                           memory_mb=rc.reward_memory_mb, function=rc.reward_function,
+                                                           function_kwargs=dict(rc.reward_kwargs)), report=report)
+            except Exception as e:
+                broken, scores = f"rank {self.rank}: {type(e).__name__}: {e}", [0.0] * len(mine)
         t2 = time.perf_counter()
         # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
@@ -1049,8 +1054,10 @@ class Trainer:
         # the (sum, count) of each extra number its results held
         errors = report.errors
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
-                  {key: (sum(v), len(v)) for key, v in report.extras.items()})
+                  {key: (sum(v), len(v)) for key, v in report.extras.items()}, broken)
         parts = _gather_objects((local, fails, raised))
+        if failed := [r[4] for _, _, r in parts if r[4]]:
+            raise RuntimeError(f"{label}: scoring failed: {failed[0]}")
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         if gated:
@@ -1079,7 +1086,7 @@ class Trainer:
                   if k.startswith("reward/extra_count/")}
         return {f"{prefix}/{key}": total / counts[key] for key, total in sorted(sums.items())}
 
-    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict]], label: str) -> int:
+    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None]], label: str) -> int:
         """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
         0), from every rank's (count, first traceback, calls). The first failure is logged once per run; a batch in
         which every call failed stops the run on every rank (a broken function, not an odd response), its
@@ -1660,7 +1667,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"],
-                  "format_error_frac": metrics.get("val/format_error_frac"),  # None: rollout.require_think off
+                  # None: rollout.require_think off, or a reward function of the user's own (no format gate)
+                  "format_error_frac": metrics.get("val/format_error_frac"),
                   "function_errors": metrics.get("val/reward/function_errors"),  # None: no rollout.reward_function
                   # the means of the other numbers the reward function's dict results held
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()

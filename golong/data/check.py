@@ -44,8 +44,9 @@ def task_metrics(records: Iterable[Record], function: str = "") -> dict[str, str
     metric whatever the task name says (an "EM" record of ability long_context, a judge source's math_verify).
     With a reward function ("file.py[:name]") it scores them all: its name."""
     scored_by: dict[str, set[str]] = defaultdict(set)
+    name = f"{parse_spec(function)[1]}()" if function else None
     for r in records:
-        scored_by[r.task].add(f"{parse_spec(function)[1]}()" if function else r.metric)
+        scored_by[r.task].add(name or r.metric)
     return {t: "/".join(sorted(m)) for t, m in scored_by.items()}
 
 

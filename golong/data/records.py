@@ -49,7 +49,9 @@ class Record:
     ground_truth: GroundTruth
     extra_info: dict[str, Any] = field(default_factory=dict)
     style: str = "rule"
-    raw_ground_truth: Any = None  # reward_model.ground_truth as the file stores it (for a user's reward function)
+    # (reward_model.ground_truth as the file stores it,) for a user's reward function (routed=False loads); a tuple,
+    # so that a stored null is told from "not kept"
+    raw_ground_truth: tuple[Any] | None = None
 
     @property
     def task(self) -> str:
@@ -70,7 +72,7 @@ class Record:
             "ability": self.ability,
             "reward_model": {"style": self.style, "ground_truth": {
                 "doc_ids": list(gt.doc_ids), "golden_label": gt.golden_label, "summary": gt.summary}
-                if self.raw_ground_truth is None else self.raw_ground_truth},
+                if self.raw_ground_truth is None else self.raw_ground_truth[0]},
             "extra_info": dict(self.extra_info),
         }
 
@@ -112,7 +114,8 @@ class Record:
                 gt = _check_ground_truth(str(raw) if number else raw, bad)
             except RecordError:
                 gt = GroundTruth()
-        rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"), raw)
+        rec = cls(data_source, prompt, ability, gt, dict(extra), str(rm.get("style") or "rule"),
+                  None if routed else (raw,))
         if not routed:
             return rec
         try:

@@ -48,8 +48,9 @@ class DecoderLayer(nn.Module):
         it saves beside q, k, v: its LSE), so that the backward recomputes the norms, projections, MLP / MoE and
         q, k, v from the layer's input, but not the attention (nor, under context parallelism, the ring's K/V
         passes). Stored per token: the input [H], the attention output [Hq*D] and the LSE [Hq] fp32, against the
-        input alone under plain checkpointing (torch.utils.checkpoint around the whole layer). A flag of forward,
-        not a method of its own: FSDP2 gathers the layer's parameters in its forward hooks."""
+        input alone under plain checkpointing (torch.utils.checkpoint around the whole layer); the SDPA backend
+        saves per-document views of q, k, v, which then stay held too. A flag of forward, not a method of its
+        own: FSDP2 gathers the layer's parameters in its forward hooks."""
         if keep_attention:
             return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group)

@@ -29,7 +29,6 @@ DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
 JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
 
 
-
 @dataclass
 class FunctionReport:
     """What a batch of reward-function calls reported beside their scores."""
@@ -162,14 +161,20 @@ def default_compute_score(data_source: str, solution_str: str, ground_truth: Any
                           **_: Any) -> float:
     """golong's built-in score of a response, under verl's signature: the record is routed as at data load
     (data_source, extra_info's reward_mode, then its ability) and scored here, with the run's
-    rollout.require_think; raises ValueError for a record no metric fits. Inside a reward function it runs in
-    the worker that called the function, under the same time limit."""
+    rollout.require_think; raises ValueError for a record no metric fits and for a ground truth that holds no gold
+    answer (a number is its text, as at data load). Inside a reward function it runs in the worker that called
+    the function, under the same time limit."""
     from golong.rewards.scoring import compute_score, record_target
 
+    if isinstance(ground_truth, (int, float)) and not isinstance(ground_truth, bool):
+        ground_truth = str(ground_truth)
     extra = dict(extra_info or {})
     record = {"data_source": data_source, "ability": extra.get("ability"), "extra_info": extra,
               "reward_model": {"ground_truth": ground_truth}}
     metric, gold = record_target(record)
+    if not gold or (isinstance(gold, dict) and not any(gold.values())):
+        raise ValueError(f"default_compute_score: no gold answer for metric {metric} in ground_truth "
+                         f"{ground_truth!r:.200} (a string, a list of gold items, or doc_ids / golden_label)")
     return compute_score(metric, solution_str, gold, timeout=None, require_think=_require_think)
 
 

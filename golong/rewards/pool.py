@@ -18,7 +18,6 @@ import atexit
 import math
 import os
 import pickle
-import select
 import selectors
 import struct
 import subprocess
@@ -35,6 +34,7 @@ from golong.rewards.function import JOB, FunctionReport
 _HEADER = struct.Struct("<Q")
 STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
 MAX_CHUNK = 64
+_STARTUP_EXIT = "a reward worker exited during start-up; see its stderr above (python -m golong.rewards.worker)"
 DEFAULT_MEMORY_MB = 2048  # per worker, beyond start-up; a real math-verify or ROUGE-L job takes < 100 MB
 
 Job = tuple[str, str, Any]  # (metric, answer region, gold); metric JOB: the user's reward function
@@ -157,23 +157,28 @@ class ScoringPool:
         with self._lock:
             self._ensure()
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            sel = selectors.DefaultSelector()  # not select.select: it refuses descriptors >= 1024
             try:
                 for w in self.workers:
                     if w.ready:
                         continue
-                    if not select.select([w.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    sel.register(w.fd, selectors.EVENT_READ)
+                    ready = sel.select(timeout=max(0.0, deadline - time.monotonic()))
+                    sel.unregister(w.fd)
+                    if not ready:
                         raise RuntimeError(self._startup_timeout())
                     try:
                         msg = read_frame(w.fd)
                     except (EOFError, OSError, pickle.UnpicklingError):
-                        raise RuntimeError("a reward worker exited during start-up; see its stderr above (python -m "
-                                           "golong.rewards.worker)") from None
+                        raise RuntimeError(_STARTUP_EXIT) from None
                     if msg != "ready":
                         raise RuntimeError(self._load_failure(msg[1]))
                     w.ready = True
             except BaseException:
                 self.close()
                 raise
+            finally:
+                sel.close()
 
     def _startup_timeout(self) -> str:
         what = f" (importing the reward function {self.function}: its module-level set-up counts)" if self.function \
@@ -238,8 +243,7 @@ class ScoringPool:
                         msg = read_frame(w.fd)
                     except (EOFError, OSError, pickle.UnpicklingError):
                         if not w.ready:  # broken environment, not a bad job: do not respawn forever
-                            raise RuntimeError("a reward worker exited during start-up; see its stderr "
-                                               "above (python -m golong.rewards.worker)") from None
+                            raise RuntimeError(_STARTUP_EXIT) from None
                         # the worker died (OOM kill, crash): its running job scores 0
                         if w.queue:
                             lost = w.queue.popleft()

@@ -4,17 +4,17 @@
     score_batch([(metric, response, gold), ...], timeout=10, num_workers=8) -> [floats]
     score_record(record, response)                                       -> float
 
-Every score is a float in [0, 1]; model output never raises and is never executed. A response
-without exactly one `</think>` (or with two `<think>`) scores 0 unless `require_think=False`
+Every score of golong's metrics is a float in [0, 1]; model output never raises and is never executed. A
+response without exactly one `</think>` (or with two `<think>`) scores 0 unless `require_think=False`
 (non-thinking models). Each metric reads the part of the response GoLongRL's reward code gives it
-(SCOPES).
+(SCOPES). `score_records` with RewardConfig.function scores with the user's function instead
+(golong.rewards.function): whatever it returns, on every response.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from golong.rewards.answer import answer_region, checked_response, marked_answer
@@ -60,7 +60,7 @@ class RewardConfig:
     num_workers: int = 8  # scoring subprocesses for score_batch
     memory_mb: int = DEFAULT_MEMORY_MB  # per scoring subprocess, beyond its start-up footprint
     function: str = ""  # "file.py[:name]": the user's reward function scores every record (golong.rewards.function)
-    function_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to it (verl's reward_kwargs)
+    function_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to it (verl's reward_kwargs)
 
 
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
@@ -189,9 +189,9 @@ def function_inputs(record: Any) -> tuple[str | None, Any, dict]:
     data_source, ability, extra, gt = _record_fields(record)
     raw = getattr(record, "raw_ground_truth", None)
     if raw is not None:
-        gt = raw
-    elif dataclasses.is_dataclass(gt):  # a Record built in code (no file behind it): the verl layout of its fields
-        gt = dataclasses.asdict(gt)
+        gt = raw[0]
+    elif is_dataclass(gt):  # a Record built in code (no file behind it): the verl layout of its fields
+        gt = asdict(gt)
     extra = dict(extra) if isinstance(extra, dict) else {}
     if ability and "ability" not in extra:
         extra["ability"] = ability
@@ -208,7 +208,6 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
     if cfg.function:
-        check_timeout(cfg.timeout)
         jobs = [(JOB, resp, (*function_inputs(rec), cfg.require_think, cfg.function_kwargs))
                 for rec, resp in zip(records, responses)]
         return get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, report)

@@ -277,6 +277,14 @@ def test_config_warnings_name_what_is_used(capsys):
     uneven = ("trainer.mini_batch_prompts=5 does not divide trainer.prompts_per_step=16: each step's last mini-batch "
               "holds 1 prompt(s) and takes an optimizer step of its own")
     assert config_warnings(load_config(demo, ["trainer.mini_batch_prompts=5"])) == [uneven]
+    # keeping the attention: nothing without checkpointing; SDPA's saved views keep q, k, v
+    keep = ["parallel.ac_keep_attention=true"]
+    assert config_warnings(load_config(demo, keep)) == [
+        "parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true (without "
+        "checkpointing every activation is kept)"]
+    ckpt = [*keep, "parallel.activation_checkpointing=true"]
+    assert config_warnings(load_config(demo, [*ckpt, "model.attn_backend=kernels"])) == []
+    assert "SDPA keeps per-document views" in config_warnings(load_config(demo, [*ckpt, "model.attn_backend=sdpa"]))[0]
     assert main(["train", demo, "--dry-run", "model.path=hf/m", "trainer.mini_batch_prompts=5"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[:2] == [f"golong: warning: {both}", f"golong: warning: {uneven}"], err

@@ -138,11 +138,12 @@ def test_the_function_scores_with_verls_arguments(reward_file):
              (_record("count", {"n": 42}), "<think>42</think> it is 41"),
              (_record("echo", gt, **extra), f"<think></think>{seen}"),
              (_record("echo", gt, **extra), "<think></think>" + json.dumps([gt, extra], sort_keys=True)),
+             (_record("echo", None), "<think></think>" + json.dumps([None, {"ability": "long_context"}])),
              (_record("count", {"n": 42}), "it is 42"),  # no </think>: the function still scores it
              (_record("numpy", "a"), "a"), (_record("bool", "a"), "a")]
     extras = {}
     scores, errors = _scores(str(reward_file), pairs, extras=extras)
-    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0] and errors == []
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0] and errors == []
     # a dict's other numbers come back (verl's extra reward info): "acc" True, not "parsed" (a list)
     assert extras == {"acc": [1.0]}
     assert _scores(f"{reward_file}:other", pairs[:2]) == ([0.25, 0.25], [])
@@ -170,6 +171,11 @@ def test_default_compute_score_is_golongs_own_scoring(reward_file):
     scores, errors = _scores(str(reward_file), pairs)
     assert errors == [] and scores == pytest.approx(want)
     assert len(set(want)) >= 4  # the cases tell right from wrong
+    # a gold stored as a number (read as its text, as at data load); a ground truth without a gold answer raises
+    # (it would score 0 unnoticed)
+    scores, errors = _scores(str(reward_file), [(_record("my_math", 18), "<think>x</think>\\boxed{18}"),
+                                                (_record("EM", {"x": 1}), "<think>x</think>1")])
+    assert scores == [1.0, 0.0] and len(errors) == 1 and "no gold answer for metric em" in errors[0][1]
     # a run with rollout.require_think=false: the fallback's gate follows it
     scores, _ = _scores(str(reward_file), [pairs[2]], require_think=False)
     assert scores == [compute_score("em", "Paris", "Paris", timeout=None, require_think=False)] == [1.0]
@@ -207,9 +213,9 @@ def test_a_function_that_fails_to_load_names_its_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)reward function .*broken.py failed to load.*JSONDecodeError"):
         pool.start()
     assert pool.workers == []  # closed: none left running
-    good = ScoringPool(2, function=f"{Path(__file__)}:__name__")  # a name, not a function: fails at load too
+    not_a_function = ScoringPool(2, function=f"{Path(__file__)}:__name__")  # fails at load too
     with pytest.raises(RuntimeError, match="not a function"):
-        good.start()
+        not_a_function.start()
 
 
 def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
@@ -227,9 +233,19 @@ def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
     with pytest.raises(RecordError, match=rf"{text}: line 1: cannot route record .* rollout.reward_function="):
         load_records(text)
     records = load_records(path, routed=False)
-    assert [r.raw_ground_truth for r in records] == [42, {"n": 3, "unit": "x"}, [1, 2]]
+    assert [r.raw_ground_truth for r in records] == [(42,), ({"n": 3, "unit": "x"},), ([1, 2],)]
+    assert load_records(path.with_name("text.jsonl"), routed=False)[0].raw_ground_truth == ("42",)
     assert records[0].ground_truth.golden_label == "42"
     assert [r.to_dict()["reward_model"]["ground_truth"] for r in records] == [42, {"n": 3, "unit": "x"}, [1, 2]]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "structs.parquet"  # one struct column: each row holds the union of the keys
+    pq.write_table(pa.Table.from_pylist([{**rows[0], "reward_model": {"ground_truth": {"n": 2, "alias": "two"}}},
+                                         {**rows[0], "reward_model": {"ground_truth": {"n": 3, "items": ["a"]}}}]),
+                   table)
+    assert [r.raw_ground_truth for r in load_records(table, routed=False)] == [
+        ({"n": 2, "alias": "two"},), ({"n": 3, "items": ["a"]},)]  # as the .jsonl of the same rows reads
     with pytest.raises(RecordError, match="line 1: missing field"):  # the layout is still checked
         path.write_text(json.dumps({"data_source": "count", "prompt": "q"}) + "\n")
         load_records(path, routed=False)

@@ -1342,6 +1342,19 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
         _scripted_train_step(cfg, monkeypatch, lambda *a, **k: generated.append(a))
     assert generated == []
 
+    # the pool failing mid-run (a respawned worker that cannot import the function) stops the step on every rank
+    # at the gather, not on this one alone
+    import golong.rewards.scoring as scoring
+
+    def pool_fails(*args, **kwargs):
+        raise RuntimeError("the reward function broken.py failed to load in a scoring worker")
+
+    monkeypatch.setattr(scoring, "score_records", pool_fails)
+    cfg.rollout.reward_function = str(tmp_path / "reward.py")
+    with pytest.raises(RuntimeError, match=r"rollout step 1: scoring failed: rank 0: RuntimeError: the reward "
+                                           "function broken.py failed to load"):
+        _scripted_train_step(cfg, monkeypatch, None)
+
 
 def test_an_sft_warm_up_needs_a_reference_answer_for_every_record(config_file, tmp_path, monkeypatch):
     """Records whose ground truth only the run's reward function reads ({"w": ...}) have no answer to warm up on:
@@ -1362,4 +1375,3 @@ def test_an_sft_warm_up_needs_a_reference_answer_for_every_record(config_file, t
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
