@@ -42,12 +42,21 @@ def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], li
 def task_metrics(records: Iterable[Record], function: str = "") -> dict[str, str]:
     """task name -> the metric its records are scored by ("a/b" when they mix): a data source can decide the
     metric whatever the task name says (an "EM" record of ability long_context, a judge source's math_verify).
-    With a reward function ("file.py[:name]") it scores them all: its name."""
+    With a reward function ("file.py[:name]") it scores them all: its name, and the metric golong's own scoring
+    (default_compute_score) would use, "none" where no metric fits (the function must score those itself):
+    "compute_score() (golong: em)"."""
     scored_by: dict[str, set[str]] = defaultdict(set)
     name = f"{parse_spec(function)[1]}()" if function else None
     for r in records:
-        scored_by[r.task].add(name or r.metric)
+        scored_by[r.task].add(f"{name} (golong: {_golong_metric(r)})" if name else r.metric)
     return {t: "/".join(sorted(m)) for t, m in scored_by.items()}
+
+
+def _golong_metric(record: Record) -> str:
+    try:
+        return record.metric
+    except ValueError:
+        return "none"
 
 
 def check_data(cfg: RunConfig) -> list[dict[str, Any]]:

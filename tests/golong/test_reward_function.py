@@ -255,7 +255,11 @@ def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
     cfg.rollout.reward_function = f"{reward_file}:other"
     train, _ = run_records(cfg)
     assert len(train) == 3
-    assert task_metrics(train, cfg.rollout.reward_function) == {"count": "other()"}
+    assert task_metrics(train, cfg.rollout.reward_function) == {"count": "other() (golong: none)"}
+    routable = Record.from_dict({"data_source": "EM", "prompt": "q", "ability": "count",
+                                 "reward_model": {"ground_truth": "7"}}, routed=False)
+    assert task_metrics([*train, routable], "r.py") == {"count": "compute_score() (golong: em)/compute_score() "
+                                                                 "(golong: none)"}
     from golong.trainer import sft_target
 
     assert sft_target(train[0]) == "<think>\n\n</think>\n\n42"

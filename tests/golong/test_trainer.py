@@ -1325,7 +1325,7 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert result["reward_mean"] == pytest.approx((sum(weights[1::2]) + 3 * 0.5) / len(weights))
     assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
     assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
-    assert result["tasks"] == {"counting": {"metric": "compute_score()", "responses": 6,
+    assert result["tasks"] == {"counting": {"metric": "compute_score() (golong: none)", "responses": 6,
                                             "reward_mean": result["reward_mean"]}}
 
     (tmp_path / "all").mkdir()
