@@ -257,6 +257,9 @@ class ScoringPool:
                         w.ready = True
                         assign(w)
                         continue
+                    if msg == "exiting":  # it hit its memory cap in the reward function: its other jobs go back
+                        assign(replace(w))
+                        continue
                     if msg[0] == "failed":  # the reward function did not import: the same in every worker
                         raise RuntimeError(self._load_failure(msg[1]))
                     i, s = msg[:2]

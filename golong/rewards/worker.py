@@ -2,7 +2,8 @@
 
 Reads frames of [(index, metric, region, gold), ...] from stdin, writes one (index, score) frame per
 job to the original stdout ((index, 0.0, traceback) where the user's reward function raised, (index, score,
-None, extras) where its dict result held other numbers); anything
+None, extras) where its dict result held other numbers; after a MemoryError in it, "exiting", and the worker
+ends: the pool starts another for the rest of its jobs); anything
 the metric libraries print goes to stderr instead. A None frame (or a closed stdin) ends it. With
 GOLONG_REWARD_FUNCTION set, the worker imports that function at start-up (a failure is reported as a
 ("failed", traceback) frame instead of "ready") and runs it for jobs of kind `function.JOB`, whose gold
@@ -97,6 +98,10 @@ def main() -> None:
             function.set_require_think(require_think)
             try:
                 score, extras = function.call_function(user_fn, data_source, region, ground_truth, extra_info, kwargs)
+            except MemoryError:  # at the memory cap, where whatever the function keeps would fail its later calls too:
+                write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))  # a fresh worker takes the rest
+                write_frame(out, "exiting")
+                return
             except BaseException:  # the user's code (sys.exit too): the score is 0, the trainer reports the traceback
                 write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))
             else:

@@ -24,6 +24,7 @@ import time
 from golong.rewards import default_compute_score
 
 LOADED_AT = time.time()
+KEPT = []  # what "leak" keeps between calls
 
 
 def compute_score(solution_str, ground_truth, data_source=None, extra_info=None):  # verl calls by keyword
@@ -50,6 +51,9 @@ def compute_score(solution_str, ground_truth, data_source=None, extra_info=None)
         import sys
 
         sys.exit(3)
+    if data_source == "leak":  # 150 MiB more kept on every call
+        KEPT.append(bytearray(150 << 20))
+        return len(KEPT)
     if data_source == "die":
         import os
 
@@ -87,11 +91,12 @@ def _record(data_source: str, ground_truth, **extra) -> Record:
 
 
 def _scores(spec: str, pairs, timeout: float = 10.0, require_think: bool = True, workers: int = 2,
-            kwargs: dict | None = None, extras: dict | None = None):
+            kwargs: dict | None = None, extras: dict | None = None, memory_mb: int = 2048):
     report = FunctionReport()
     scores = score_records([r for r, _ in pairs], [resp for _, resp in pairs], report=report,
                            config=RewardConfig(function=spec, timeout=timeout, num_workers=workers,
-                                               require_think=require_think, function_kwargs=kwargs or {}))
+                                               require_think=require_think, function_kwargs=kwargs or {},
+                                               memory_mb=memory_mb))
     if extras is not None:
         extras.update(report.extras)
     return scores, report.errors
@@ -199,6 +204,16 @@ def test_failures_score_zero_and_are_reported(reward_file):
     assert "returned nan" in by_index[3]
     assert "past the 3 s time limit" in by_index[4]
     assert "SystemExit: 3" in by_index[6] and "worker died (exit code 9)" in by_index[7]
+
+
+def test_a_function_at_its_memory_cap_gets_a_fresh_worker(reward_file):
+    """rollout.reward_memory_mb caps each worker; a call that hits it (MemoryError) scores 0 and is reported, and
+    the worker is replaced, so what the function kept does not fail its later calls too: one worker, 400 MiB, 150
+    MiB kept per call -> 1, 2, MemoryError, then 1 again in the fresh worker (without the restart: 0)."""
+    pairs = [(_record("leak", "a"), "a")] * 4
+    scores, errors = _scores(str(reward_file), pairs, workers=1, memory_mb=400)
+    assert scores == [1.0, 2.0, 0.0, 1.0]
+    assert [i for i, _ in errors] == [2] and "MemoryError" in errors[0][1]
 
 
 def test_a_function_that_fails_to_load_names_its_error(tmp_path):
