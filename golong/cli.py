@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from golong.config import ConfigError, config_warnings, load_config, run_problems, to_yaml
 from golong.data.records import RecordError
+from golong.rewards.function import RewardFunctionError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -194,7 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.gpus < 1 or args.gpu_mem <= 0:
                 args.subparser.error("--gpus must be >= 1 and --gpu-mem > 0")
             cfg = _load(args)
+            for line in config_warnings(cfg):
+                print(f"golong: warning: {line}", file=sys.stderr)
             return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
+    except RewardFunctionError as e:  # the user's function: its own traceback (in the message), not the trainer's
+        from golong.logger import rank
+
+        if rank() == 0:  # every rank raises it together
+            _error(e)
+        return 1
     except (ConfigError, RecordError, FileNotFoundError, FileExistsError, NotADirectoryError,
             PermissionError) as e:
         # bad input (config, dataset records, paths): one line, no traceback

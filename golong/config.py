@@ -504,10 +504,13 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
-    if cfg.parallel.ac_keep_attention and cfg.parallel.activation_checkpointing and cfg.model.attn_backend == "sdpa":
-        warnings.append("parallel.ac_keep_attention with model.attn_backend=sdpa: SDPA keeps per-document views of "
-                        "q, k, v for its backward, so they stay held beside the kept output (the recompute still "
-                        "skips the attention); the kernels backends recompute them")
+    p = cfg.parallel
+    sdpa = cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and p.backend == "gloo")  # CPU: SDPA
+    if p.ac_keep_attention and p.activation_checkpointing and p.cp == 1 and sdpa:  # under cp the ring runs instead
+        warnings.append(f"parallel.ac_keep_attention with model.attn_backend={cfg.model.attn_backend} (torch SDPA "
+                        "here): SDPA keeps per-document views of q, k, v for its backward, so they stay held beside "
+                        "the kept output (the recompute still skips the attention; golong plan counts them); "
+                        "model.attn_backend=kernels recomputes them")
     if cfg.parallel.ac_keep_attention and not cfg.parallel.activation_checkpointing:
         warnings.append("parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true "
                         "(without checkpointing every activation is kept)")

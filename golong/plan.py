@@ -46,6 +46,7 @@ a guide to trainer.micro_batch_tokens (fewer, larger micro-batches gather the we
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -400,8 +401,8 @@ class MemoryPlan:
 
 def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: int, checkpointing: bool,
                     cpu_offload: bool = False, micro_batches: int = 1, num_docs: int = 1,
-                    optimizer: str | None = None, reference: bool = False, keep_attention: bool = False
-                    ) -> MemoryPlan:
+                    optimizer: str | None = None, reference: bool = False, keep_attention: bool = False,
+                    holds_qkv: bool = False) -> MemoryPlan:
     """Replay one micro-batch of `tokens` tokens per GPU (the last of `micro_batches`) and the
     optimizer step; return the per-GPU peak of allocated bytes and its breakdown.
 
@@ -412,7 +413,7 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     "foreach" (one temporary the size of all states) or "fused" (none). reference: a frozen copy of the
     weights in the compute dtype for the KL term (its forward-only pass runs before the update and peaks lower).
     keep_attention (parallel.ac_keep_attention): checkpointing keeps each layer's attention output and LSE too,
-    and its recompute runs no attention.
+    and its recompute runs no attention; holds_qkv: and q, k, v (SDPA's per-document views of them).
     """
     k = _kernel_constants()
     optimizer = optimizer or "for-loop"
@@ -512,8 +513,9 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
     profiles = [_layer_profile(s, p, sp, cp, T, doc_len, k) for sp in kinds]
     # what checkpointing keeps of a layer beside its input where it keeps the attention: output, LSE (fp32) and
     # flash_attention's int32 document / position rows (not the ring's)
-    kept = (s.heads * s.head_dim * a + 4 * s.heads + (0 if cp > 1 else 8)) * T if checkpointing and keep_attention \
-        else 0
+    qkv_row = a * (s.heads + 2 * s.kv_heads) * s.head_dim
+    kept = (s.heads * s.head_dim * a + 4 * s.heads + (0 if cp > 1 else 8) + (qkv_row if holds_qkv else 0)) * T \
+        if checkpointing and keep_attention else 0
     layer_full = [_full_bytes(t, a) for t in layer_t]
     last = len(profiles) - 1
     for i, lp in enumerate(profiles):
@@ -567,7 +569,7 @@ def simulate_update(s: ModelShape, p: Precision, *, tokens: int, fsdp: int, cp: 
         tl.transient(ACT_GRADS, lp.bwd_mlp_temp * T)
         tl.add(UNSHARDED_GRADS, mlp_w)
         tl.free(ACTS, lp.saved_mlp * T)
-        qkv = a * (s.heads + 2 * s.kv_heads) * s.head_dim * T if kept else 0
+        qkv = qkv_row * T if kept and not holds_qkv else 0
         tl.add(ACTS, qkv)  # keep_attention: q, k, v recomputed for the attention's backward alone
         tl.add(ACT_GRADS, lp.bwd_attn_temp * T)
         tl.transient(ATTN_WS, lp.attn_tiles_bwd)
@@ -785,10 +787,13 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
         micro_batches = tp.micro_batches_per_gpu
     if num_docs is None:
         num_docs = max(1, mbt // max(tp.doc_len, 1))
+    # keeping the attention, SDPA (which saves per-document views of q, k, v) holds them too; the ring does not use it
+    sdpa = cp == 1 and (cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and device == "cpu"))
     mem = simulate_update(s, p, tokens=tokens, fsdp=dp * cp, cp=cp,
                           checkpointing=cfg.parallel.activation_checkpointing, cpu_offload=cfg.parallel.cpu_offload,
                           micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl,
-                          reference=cfg.algo.kl_coef > 0, keep_attention=cfg.parallel.ac_keep_attention)
+                          reference=cfg.algo.kl_coef > 0, keep_attention=cfg.parallel.ac_keep_attention,
+                          holds_qkv=sdpa)
     overhead = CUDA_RUNTIME_OVERHEAD if device == "cuda" else 0.0
     vllm = device == "cuda" and cfg.rollout.engine == "vllm"
     reserve = cfg.rollout.gpu_memory_utilization * gpu_mem if vllm else 0.0
@@ -899,8 +904,17 @@ def plan_main(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0) -> int:
 
     A config with parallel.backend=gloo (the CPU demo) is planned in CPU mode: `--gpus` counts
     ranks and `--gpu-mem` the memory each may use."""
-    plan = predict(cfg, gpus, gpu_mem_gib, device="cpu" if cfg.parallel.backend == "gloo" else "cuda")
+    device = "cpu" if cfg.parallel.backend == "gloo" else "cuda"
+    plan = predict(cfg, gpus, gpu_mem_gib, device=device)
     render(plan, cfg)
+    p = cfg.parallel
+    if not plan.fits and p.activation_checkpointing and p.ac_keep_attention \
+            and plan.update_total_bytes >= plan.rollout_total_bytes:  # the update is what does not fit: say the way out
+        plain = predict(dataclasses.replace(cfg, parallel=dataclasses.replace(p, ac_keep_attention=False)), gpus,
+                        gpu_mem_gib, device=device)
+        print(f"parallel.ac_keep_attention=false (recompute the attention too) plans the update at "
+              f"{plain.update_total_bytes / GIB:,.1f} GiB per GPU, for {plain.throughput.hardware_flops / 1e18:,.2f} "
+              f"EFLOP instead of {plan.throughput.hardware_flops / 1e18:,.2f}")
     return 0 if plan.fits else 1
 
 

@@ -74,6 +74,7 @@ from golong.parallel import (
     rollout_share,
 )
 from golong.profiling import cuda_profiler_window, nvtx_range
+from golong.rewards.function import RewardFunctionError
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
 
 log = get_logger()
@@ -971,12 +972,13 @@ class Trainer:
 
         problem = None
         try:
-            get_pool(max(1, rc.reward_workers), rc.reward_memory_mb, rc.reward_function).start()
+            get_pool(max(1, rc.reward_workers), rc.reward_memory_mb, rc.reward_function,
+                     tuple(sorted(rc.reward_kwargs))).start()
         except Exception as e:  # any: a rank that raised alone would leave the others waiting in the gather
             problem = f"rank {self.rank}: {e}"
         problems = [p for p in _gather_objects(problem) if p]
         if problems:
-            raise RuntimeError(problems[0])
+            raise RewardFunctionError(problems[0])
 
     def _prompts(self, records: list[Any], split: str) -> list[Any]:
         """build_prompts of `records`, through the prompt cache (data.prompt_cache): read (memory-mapped) when it
@@ -1057,7 +1059,7 @@ class Trainer:
                   {key: (sum(v), len(v)) for key, v in report.extras.items()}, broken)
         parts = _gather_objects((local, fails, raised))
         if failed := [r[4] for _, _, r in parts if r[4]]:
-            raise RuntimeError(f"{label}: scoring failed: {failed[0]}")
+            raise RewardFunctionError(f"{label}: scoring failed: {failed[0]}")
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         if gated:
@@ -1095,7 +1097,7 @@ class Trainer:
         first = next((r[1] for r in raised if r[1] is not None), None)
         where = f"rollout.reward_function={self.cfg.rollout.reward_function}"
         if count and count == calls:
-            raise RuntimeError(f"{label}: the reward function failed on all {calls} responses it was given "
+            raise RewardFunctionError(f"{label}: the reward function failed on all {calls} responses it was given "
                                f"({where}); the first failure, from its scoring worker:\n{first}")
         if count and not self.warned_function:
             self.warned_function = True

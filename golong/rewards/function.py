@@ -29,6 +29,11 @@ DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
 JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
 
 
+class RewardFunctionError(RuntimeError):
+    """The user's reward function failed to load, or failed on every response of a batch; the message holds its
+    traceback (the CLI prints it alone, not the trainer's)."""
+
+
 @dataclass
 class FunctionReport:
     """What a batch of reward-function calls reported beside their scores."""
@@ -104,9 +109,10 @@ def _module_names(body: list[ast.stmt]) -> dict[str, bool]:
     return names
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import the file (its directory first on sys.path, for its own helper modules) and return the function.
-    Runs the user's code: called in the scoring workers only."""
+def load_function(spec: str, kwarg_names: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """Import the file (its directory first on sys.path, for its own helper modules) and return the function,
+    checked to take verl's keyword arguments and `kwarg_names` (rollout.reward_kwargs). Runs the user's code:
+    called in the scoring workers only."""
     path, name = parse_spec(spec)
     sys.path.insert(0, str(path.parent))
     module_spec = importlib.util.spec_from_file_location(f"golong_user_reward_{path.stem}", path)
@@ -118,6 +124,17 @@ def load_function(spec: str) -> Callable[..., Any]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise TypeError(f"{path}: {name!r} is {type(fn).__name__}, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: its first call will tell
+        return fn
+    try:
+        signature.bind(data_source="", solution_str="", ground_truth=None, extra_info={},
+                       **dict.fromkeys(kwarg_names))
+    except TypeError as e:
+        extra = f" and rollout.reward_kwargs {', '.join(kwarg_names)}" if kwarg_names else ""
+        raise TypeError(f"{path}: {name}{signature} cannot be called as verl calls a reward function, by keyword: "
+                        f"data_source, solution_str, ground_truth, extra_info{extra} ({e})") from None
     return fn
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from golong.rewards.function import JOB, FunctionReport
+from golong.rewards.function import JOB, FunctionReport, RewardFunctionError
 
 _HEADER = struct.Struct("<Q")
 STARTUP_TIMEOUT_S = 120.0  # a worker's interpreter start + imports; generous for loaded CI machines
@@ -76,7 +76,7 @@ class _Worker:
         return self.proc.stdout.fileno()  # type: ignore[union-attr]
 
 
-def _spawn(memory_mb: int, function: str = "") -> _Worker:
+def _spawn(memory_mb: int, function: str = "", kwarg_names: tuple[str, ...] = ()) -> _Worker:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the golong package
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -85,6 +85,7 @@ def _spawn(memory_mb: int, function: str = "") -> _Worker:
     env["GOLONG_REWARD_PARENT"] = str(os.getpid())  # the worker exits with us (see worker._exit_with_parent)
     env["GOLONG_REWARD_MEMORY_MB"] = str(memory_mb)
     env["GOLONG_REWARD_FUNCTION"] = function  # the user's reward function, imported by the worker ("": none)
+    env["GOLONG_REWARD_KWARGS"] = ",".join(kwarg_names)  # the keyword arguments it must take beside verl's
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, close_fds=True)
     return _Worker(proc)
@@ -127,11 +128,13 @@ class ScoringPool:
     """`num_workers` scoring subprocesses of at most `memory_mb` each, started lazily and kept for reuse;
     with `function` ("file.py:name"), each worker imports that reward function at start-up."""
 
-    def __init__(self, num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "") -> None:
+    def __init__(self, num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "",
+                 kwarg_names: tuple[str, ...] = ()) -> None:
         check_memory(memory_mb)
         self.num_workers = max(1, int(num_workers))
         self.memory_mb = memory_mb
         self.function = function
+        self.kwarg_names = kwarg_names
         self.workers: list[_Worker] = []
         self.timeouts = 0  # jobs that ran out of time, over the pool's life
         self.restarts = 0
@@ -140,7 +143,7 @@ class ScoringPool:
     def _ensure(self) -> None:
         self.workers = [w for w in self.workers if w.proc.poll() is None]
         while len(self.workers) < self.num_workers:
-            self.workers.append(_spawn(self.memory_mb, self.function))
+            self.workers.append(_spawn(self.memory_mb, self.function, self.kwarg_names))
 
     def close(self) -> None:
         for w in self.workers:
@@ -172,7 +175,7 @@ class ScoringPool:
                     except (EOFError, OSError, pickle.UnpicklingError):
                         raise RuntimeError(_STARTUP_EXIT) from None
                     if msg != "ready":
-                        raise RuntimeError(self._load_failure(msg[1]))
+                        raise self._load_failure(msg[1])
                     w.ready = True
             except BaseException:
                 self.close()
@@ -185,8 +188,8 @@ class ScoringPool:
             else ""
         return f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s{what}"
 
-    def _load_failure(self, tb: str) -> str:
-        return f"the reward function {self.function} failed to load in a scoring worker:\n{tb}"
+    def _load_failure(self, tb: str) -> RewardFunctionError:
+        return RewardFunctionError(f"the reward function {self.function} failed to load in a scoring worker:\n{tb}")
 
     def map(self, jobs: list[Job], timeout: float, report: FunctionReport | None = None) -> list[float]:
         """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A reward-function
@@ -224,7 +227,7 @@ class ScoringPool:
             sel.unregister(w.fd)
             _kill(w)
             pending.extendleft(reversed(w.queue))
-            nw = _spawn(self.memory_mb, self.function)
+            nw = _spawn(self.memory_mb, self.function, self.kwarg_names)
             self.workers[self.workers.index(w)] = nw
             sel.register(nw.fd, selectors.EVENT_READ, nw)
             self.restarts += 1
@@ -261,7 +264,7 @@ class ScoringPool:
                         assign(replace(w))
                         continue
                     if msg[0] == "failed":  # the reward function did not import: the same in every worker
-                        raise RuntimeError(self._load_failure(msg[1]))
+                        raise self._load_failure(msg[1])
                     i, s = msg[:2]
                     results[i] = s
                     if len(msg) >= 3 and msg[2] is not None:
@@ -280,7 +283,8 @@ class ScoringPool:
                         late = w.queue.popleft()  # the running job: out of time, scores 0
                         outstanding -= 1
                         if jobs[late][0] == JOB:
-                            errors.append((late, f"the reward function ran past the {timeout:g} s time limit"))
+                            errors.append((late, f"the reward function ran past the {timeout:g} s time limit "
+                                                 "(rollout.reward_timeout_s)"))
                         self.timeouts += 1
                         replace(w)
                         for idle in self.workers:  # its chunk went back to the queue: idle workers take it
@@ -297,18 +301,19 @@ class ScoringPool:
         return results
 
 
-_POOLS: dict[tuple[int, int, str], ScoringPool] = {}
+_POOLS: dict[tuple[int, int, str, tuple[str, ...]], ScoringPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def get_pool(num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "") -> ScoringPool:
+def get_pool(num_workers: int, memory_mb: int = DEFAULT_MEMORY_MB, function: str = "",
+             kwarg_names: tuple[str, ...] = ()) -> ScoringPool:
     """The process-wide pool of `num_workers` workers of `memory_mb` running `function` ("" for golong's own
-    metrics only), created on first use, closed at exit."""
+    metrics only; checked to take `kwarg_names` too), created on first use, closed at exit."""
     with _POOLS_LOCK:
-        key = (num_workers, memory_mb, function)
+        key = (num_workers, memory_mb, function, tuple(kwarg_names))
         pool = _POOLS.get(key)
         if pool is None:
-            pool = _POOLS[key] = ScoringPool(num_workers, memory_mb, function)
+            pool = _POOLS[key] = ScoringPool(num_workers, memory_mb, function, tuple(kwarg_names))
         return pool
 
 

@@ -210,7 +210,8 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
     if cfg.function:
         jobs = [(JOB, resp, (*function_inputs(rec), cfg.require_think, cfg.function_kwargs))
                 for rec, resp in zip(records, responses)]
-        return get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function).map(jobs, cfg.timeout, report)
+        pool = get_pool(max(1, cfg.num_workers), cfg.memory_mb, cfg.function, tuple(sorted(cfg.function_kwargs)))
+        return pool.map(jobs, cfg.timeout, report)
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
                        num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)

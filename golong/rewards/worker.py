@@ -77,7 +77,8 @@ def main() -> None:
     user_fn = None
     if spec := os.environ.get("GOLONG_REWARD_FUNCTION"):
         try:  # the user's module-level work (imports, loading a model of their own) is start-up too
-            user_fn = function.load_function(spec)
+            names = tuple(filter(None, os.environ.get("GOLONG_REWARD_KWARGS", "").split(",")))
+            user_fn = function.load_function(spec, names)
         except BaseException:
             write_frame(out, ("failed", traceback.format_exc()))
             return
@@ -99,7 +100,8 @@ def main() -> None:
             try:
                 score, extras = function.call_function(user_fn, data_source, region, ground_truth, extra_info, kwargs)
             except MemoryError:  # at the memory cap, where whatever the function keeps would fail its later calls too:
-                write_frame(out, (i, 0.0, traceback.format_exc(limit=-8)))  # a fresh worker takes the rest
+                write_frame(out, (i, 0.0, traceback.format_exc(limit=-8) + "(the scoring worker reached "
+                                  "rollout.reward_memory_mb; a fresh one takes the next calls)"))
                 write_frame(out, "exiting")
                 return
             except BaseException:  # the user's code (sys.exit too): the score is 0, the trainer reports the traceback

@@ -691,6 +691,21 @@ def test_every_subcommand_has_help():
         assert r.returncode == 0 and "usage: golong" in r.stdout, (sub, r.stderr)
 
 
+def test_a_failing_reward_function_is_one_error_with_its_own_traceback(monkeypatch, capsys):
+    """RewardFunctionError (the user's function failed to load, or on a whole batch): the message, which holds the
+    function's traceback, on stderr without the trainer's; exit status 1."""
+    import golong.trainer
+    from golong.rewards.function import RewardFunctionError
+
+    def fails(cfg):
+        raise RewardFunctionError("the reward function r.py failed to load in a scoring worker:\nTraceback ...")
+
+    monkeypatch.setattr(golong.trainer, "train", fails)
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err == "golong: error: the reward function r.py failed to load in a scoring worker:\nTraceback ...\n"
+
+
 def test_missing_config_file_is_clear():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/does-not-exist.yaml")

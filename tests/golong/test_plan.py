@@ -241,6 +241,14 @@ def test_memory_scales_as_the_parallel_layout_says():
     assert nock.memory.breakdown[ACTS] > 10 * predict(cfg, gpus=8).memory.breakdown[ACTS]
     # keeping the attention adds its output [T, Hq*D] (and LSE) per layer: about 36 x 4096 / 2560 more [T, H]s
     keep = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.cpu_offload=false"]), gpus=8).memory
+    # without context parallelism SDPA (which keeps per-document views of q, k, v) holds them beside the output
+    one = ["parallel.cpu_offload=false", "parallel.cp=1"]
+    kernels_cp1 = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*one, "model.attn_backend=kernels"]),
+                          gpus=8).memory
+    sdpa_cp1 = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", [*one, "model.attn_backend=sdpa"]),
+                       gpus=8).memory
+    T1 = cfg.trainer.micro_batch_tokens
+    assert sdpa_cp1.breakdown[ACTS] - kernels_cp1.breakdown[ACTS] >= 33 * T1 * (32 + 16) * 128 * 2  # per layer
     X = -(-cfg.trainer.micro_batch_tokens // cfg.parallel.cp) * 2560 * 2
     assert 33 * X * 4096 / 2560 <= keep.breakdown[ACTS] - predict(cfg, gpus=8).memory.breakdown[ACTS] <= 40 * X * 2
     # at a backward peak under checkpointing the inputs of the layers not yet reached are still saved: at
@@ -432,3 +440,22 @@ def test_a_kl_term_keeps_a_reference_policy_and_runs_its_forward(capsys):
     assert main(["plan", str(ROOT / "configs/qwen3-4b-grpo.yaml"), *base, "algo.kl_coef=0.001", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "reference policy (algo.kl_coef), sharded compute copy" in out and "(params + AdamW + reference)" in out
+
+
+def test_plan_says_what_turning_off_ac_keep_attention_saves_where_the_update_does_not_fit(capsys):
+    """The update phase over the GPU with parallel.ac_keep_attention on: the plan names the way out and its cost;
+    `golong plan` also prints the config's warnings (SDPA keeping q, k, v without context parallelism)."""
+    from golong.cli import main
+
+    config = str(ROOT / "configs/qwen3-4b-grpo.yaml")
+    assert main(["plan", config, "parallel.cp=1", "--gpus", "8", "--gpu-mem", "100"]) == 1
+    out = capsys.readouterr().out
+    plain = predict(load_config(config, ["parallel.cp=1", "parallel.ac_keep_attention=false"]), gpus=8,
+                    gpu_mem_gib=100)
+    hint = (f"parallel.ac_keep_attention=false (recompute the attention too) plans the update at "
+            f"{plain.update_total_bytes / 2**30:,.1f} GiB per GPU, for 90.35 EFLOP instead of 71.15")
+    assert plain.fits and hint in out
+    assert main(["plan", config, "parallel.cp=1", "--gpus", "8", "--gpu-mem", "200"]) == 0
+    assert "ac_keep_attention=false (recompute" not in capsys.readouterr().out  # it fits: nothing to say
+    assert main(["plan", config, "parallel.cp=1", "model.attn_backend=sdpa", "--gpus", "8", "--gpu-mem", "300"]) == 0
+    assert "SDPA keeps per-document views of q, k, v" in capsys.readouterr().err

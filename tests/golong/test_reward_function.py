@@ -13,7 +13,7 @@ from golong.config import RunConfig, run_problems
 from golong.data.check import run_records, task_metrics
 from golong.data.records import Record, RecordError, load_records
 from golong.rewards import compute_score, score_record
-from golong.rewards.function import FunctionReport, check_function, parse_spec
+from golong.rewards.function import FunctionReport, RewardFunctionError, check_function, parse_spec
 from golong.rewards.scoring import RewardConfig, score_records
 
 USER_REWARD = '''
@@ -231,6 +231,16 @@ def test_a_function_that_fails_to_load_names_its_error(tmp_path):
     not_a_function = ScoringPool(2, function=f"{Path(__file__)}:__name__")  # fails at load too
     with pytest.raises(RuntimeError, match="not a function"):
         not_a_function.start()
+    # a signature verl's keyword call (and rollout.reward_kwargs) cannot bind: found at load, not at the first call
+    positional = tmp_path / "positional.py"
+    positional.write_text("def compute_score(source, response, answer, info):\n    return 1.0\n\n"
+                          "def plain(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n")
+    with pytest.raises(RewardFunctionError, match=r"compute_score\(source, response, answer, info\) cannot be "
+                                                  "called as verl calls a reward function, by keyword"):
+        ScoringPool(1, function=str(positional)).start()
+    ScoringPool(1, function=f"{positional}:plain").start()
+    with pytest.raises(RewardFunctionError, match="and rollout.reward_kwargs scale"):
+        ScoringPool(1, function=f"{positional}:plain", kwarg_names=("scale",)).start()
 
 
 def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
