@@ -505,8 +505,7 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
     p = cfg.parallel
-    sdpa = cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and p.backend == "gloo")  # CPU: SDPA
-    if p.ac_keep_attention and p.activation_checkpointing and p.cp == 1 and sdpa:  # under cp the ring runs instead
+    if p.ac_keep_attention and p.activation_checkpointing and runs_sdpa(cfg, cpu=p.backend == "gloo"):
         warnings.append(f"parallel.ac_keep_attention with model.attn_backend={cfg.model.attn_backend} (torch SDPA "
                         "here): SDPA keeps per-document views of q, k, v for its backward, so they stay held beside "
                         "the kept output (the recompute still skips the attention; golong plan counts them); "
@@ -515,6 +514,13 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         warnings.append("parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true "
                         "(without checkpointing every activation is kept)")
     return warnings
+
+
+def runs_sdpa(cfg: RunConfig, cpu: bool) -> bool:
+    """Whether the model's training attention is torch SDPA: model.attn_backend sdpa, or auto on a CPU
+    (Attention.attend), without context parallelism (the ring runs there)."""
+    backend = cfg.model.attn_backend
+    return cfg.parallel.cp == 1 and (backend == "sdpa" or (backend == "auto" and cpu))
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -655,4 +661,5 @@ def save_run_config(cfg: RunConfig, run_dir: str | Path) -> Path:
 
 
 __all__ = ["ADV_ESTIMATORS", "LOSS_AGG_MODES", "ConfigError", "RunConfig", "checkpoint_dir", "config_warnings",
-           "load_config", "prompt_cache_dir", "run_problems", "save_run_config", "to_yaml", "to_dict", "MISSING"]
+           "load_config", "prompt_cache_dir", "run_problems", "runs_sdpa", "save_run_config", "to_yaml", "to_dict",
+           "MISSING"]

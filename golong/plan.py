@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from golong.config import ConfigError, RunConfig
+from golong.config import ConfigError, RunConfig, runs_sdpa
 
 GIB = 1024**3
 H200_BF16_FLOPS = 790e12  # measured dense bf16 matmul throughput of one H200 (FLOP/s)
@@ -788,7 +788,7 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     if num_docs is None:
         num_docs = max(1, mbt // max(tp.doc_len, 1))
     # keeping the attention, SDPA (which saves per-document views of q, k, v) holds them too; the ring does not use it
-    sdpa = cp == 1 and (cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and device == "cpu"))
+    sdpa = runs_sdpa(cfg, cpu=device == "cpu")
     mem = simulate_update(s, p, tokens=tokens, fsdp=dp * cp, cp=cp,
                           checkpointing=cfg.parallel.activation_checkpointing, cpu_offload=cfg.parallel.cpu_offload,
                           micro_batches=micro_batches, num_docs=num_docs, optimizer=optimizer or cfg.optim.impl,

@@ -1090,15 +1090,15 @@ class Trainer:
 
     def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None]], label: str) -> int:
         """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
-        0), from every rank's (count, first traceback, calls). The first failure is logged once per run; a batch in
-        which every call failed stops the run on every rank (a broken function, not an odd response), its
-        traceback in the error."""
+        0), from every rank's (count, first traceback, calls, extras, pool failure). The first failure is logged
+        once per run; a batch in which every call failed stops the run on every rank (a broken function, not an
+        odd response), its traceback in the error."""
         count, calls = sum(r[0] for r in raised), sum(r[2] for r in raised)
         first = next((r[1] for r in raised if r[1] is not None), None)
         where = f"rollout.reward_function={self.cfg.rollout.reward_function}"
         if count and count == calls:
             raise RewardFunctionError(f"{label}: the reward function failed on all {calls} responses it was given "
-                               f"({where}); the first failure, from its scoring worker:\n{first}")
+                                      f"({where}); the first failure, from its scoring worker:\n{first}")
         if count and not self.warned_function:
             self.warned_function = True
             log.warning(f"{label}: the reward function failed on {count} of {calls} responses ({where}); they "
