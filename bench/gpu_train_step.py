@@ -5,6 +5,7 @@ prediction vs the measured peak memory.
     python -m bench.gpu_train_step --tokens 32768 --docs 4
     python -m bench.gpu_train_step --dry-run          # CPU: a tiny model through the same code, nothing saved
     python -m bench.gpu_train_step --keep-attention --layers 12   # plain checkpointing vs ac_keep_attention
+    python -m bench.gpu_train_step --keep-attention   # without CUDA: the same on a CPU-sized model (CPU_SHAPE)
 
 The step is golong's own (golong.trainer.Actor.update: FSDP2 on a world of one, fp32 master weights,
 bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
@@ -19,7 +20,8 @@ Figures (median of --iters steps after one warm-up):
 If the planner says the full 36 layers do not fit the GPU, layers are dropped until they do (the
 row says how many ran): the figures are per-layer representative either way.
 --keep-attention: the same step with plain activation checkpointing and with parallel.ac_keep_attention, one
-after the other in this process: the step-time ratio (keep / plain) and each peak against golong.plan's.
+after the other in this process: the step-time ratio (keep / plain) and each peak against golong.plan's; on a
+machine without CUDA, at CPU_SHAPE and --cpu-tokens in one sequence (torch SDPA attention, times only).
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ from bench.common import print_table, save_results  # noqa: E402
 
 H100_H200_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100/H200 SXM (FLOP/s)
 GIB = 1024**3
+# --keep-attention without CUDA: small enough for a 2-core CPU, attention a large share of the step as at long context
+CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                 head_dim=32, intermediate_size=512, tie_word_embeddings=False, max_position_embeddings=16384)
 
 
-def make_config(layers: int, tokens: int, docs: int, tiny: bool, keep_attention: bool = False):
+def make_config(layers: int, tokens: int, docs: int, tiny: bool, keep_attention: bool = False,
+                shape: dict | None = None):
     from golong.config import load_config
     from golong.plan import KNOWN_MODELS
 
-    if tiny:
+    if shape is None and tiny:
         shape = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, intermediate_size=128, tie_word_embeddings=True)
-    else:
+    elif shape is None:
         q = KNOWN_MODELS["qwen3-4b"]
         shape = dict(vocab_size=q["vocab_size"], hidden_size=q["hidden_size"], num_hidden_layers=layers,
                      num_attention_heads=q["num_attention_heads"], num_key_value_heads=q["num_key_value_heads"],
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, one step, nothing saved")
     ap.add_argument("--keep-attention", action="store_true",
                     help="time plain activation checkpointing against parallel.ac_keep_attention (same process)")
+    ap.add_argument("--cpu-tokens", type=int, default=8192, help="--keep-attention without CUDA: tokens")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
 
@@ -204,30 +211,37 @@ def compare_keep_attention(args: argparse.Namespace) -> int:
     from golong.plan import predict
 
     cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        print("gpu_train_step needs CUDA (use --dry-run on CPU)", file=sys.stderr)
-        return 2
-    tokens, docs = (256, 2) if args.dry_run else (args.tokens, args.docs)
+    shape = CPU_SHAPE if not cuda and not args.dry_run else None
+    if args.dry_run:
+        tokens, docs, layers = 256, 2, 2
+    elif shape is not None:
+        tokens, docs, layers = args.cpu_tokens, 1, shape["num_hidden_layers"]
+    else:
+        tokens, docs = args.tokens, args.docs
+        layers = fit_layers(tokens, docs, args.layers, torch.cuda.get_device_properties(0).total_memory,
+                            keep_attention=True)[0]
     mem = torch.cuda.get_device_properties(0).total_memory if cuda else 0
-    layers = 2 if args.dry_run else fit_layers(tokens, docs, args.layers, mem, keep_attention=True)[0]
     rows, steps = [], {}
     for keep in (False, True):
-        cfg = make_config(layers, tokens, docs, tiny=args.dry_run, keep_attention=keep)
+        cfg = make_config(layers, tokens, docs, tiny=args.dry_run, keep_attention=keep, shape=shape)
         plan = predict(cfg, gpus=1, gpu_mem_gib=max(mem, GIB) / GIB, device="cuda" if cuda else "cpu",
                        num_docs=docs, micro_batches=1)
         times, peak, _ = run(cfg, tokens, docs, 1 if args.dry_run else args.iters)
         steps[keep] = statistics.median(times)
         _, hw, _ = step_flops(cfg, tokens, docs)
         impl = "ac_keep_attention" if keep else "plain checkpointing"
-        case = f"Qwen3-4B shape, {layers} layers, {tokens} tokens in {docs} seq" if not args.dry_run else "tiny"
+        case = "tiny" if args.dry_run else (f"CPU shape (H {shape['hidden_size']}, {layers} layers), {tokens} tokens "
+                                            "in 1 seq, SDPA" if shape else
+                                            f"Qwen3-4B shape, {layers} layers, {tokens} tokens in {docs} seq")
         rows.append({"case": case, "impl": impl, "metric": "step time", "value": steps[keep], "unit": "s",
                      "times_s": times, "hardware_flops": hw,
                      **({"baseline": "plain checkpointing, same run", "ratio": steps[True] / steps[False],
                          "ratio_meaning": "keep / plain step time (< 1: faster)",
                          "planned_ratio": hw / rows[0]["hardware_flops"]} if keep else {})})
-        rows.append({"case": case, "impl": impl, "metric": "peak allocated memory", "value": peak / GIB,
-                     "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
-                     "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB})
+        if cuda:  # torch.cuda.max_memory_allocated; no CPU equivalent here
+            rows.append({"case": case, "impl": impl, "metric": "peak allocated memory", "value": peak / GIB,
+                         "unit": "GiB", "baseline": "golong.plan prediction", "ratio": peak / plan.memory.peak_bytes,
+                         "ratio_meaning": "measured / predicted", "predicted_gib": plan.memory.peak_bytes / GIB})
         gc.collect()  # the first run's model, optimizer and FSDP2 state hold reference cycles
         if cuda:
             torch.cuda.empty_cache()
