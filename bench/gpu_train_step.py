@@ -5,7 +5,7 @@ prediction vs the measured peak memory.
     python -m bench.gpu_train_step --tokens 32768 --docs 4
     python -m bench.gpu_train_step --dry-run          # CPU: a tiny model through the same code, nothing saved
     python -m bench.gpu_train_step --keep-attention --layers 12   # plain checkpointing vs ac_keep_attention
-    python -m bench.gpu_train_step --keep-attention   # without CUDA: the same on a CPU-sized model (CPU_SHAPE)
+    python -m bench.gpu_train_step --keep-attention --iters 5   # without CUDA: on a CPU-sized model (CPU_SHAPE)
 
 The step is golong's own (golong.trainer.Actor.update: FSDP2 on a world of one, fp32 master weights,
 bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
@@ -98,15 +98,13 @@ def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float, keep_atten
     raise SystemExit("not even one layer fits this GPU")
 
 
-def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0) -> tuple[list[float], float, list[dict]]:
-    """(step times in s, peak allocated bytes during the timed steps, and with profile_top > 0 the device
-    kernels taking the most time in one more step, profiled after the peak is read)."""
+def build_step(cfg, tokens: int, docs: int):  # noqa: ANN201
+    """(golong Actor on a fresh model, `docs` rollouts of `tokens // docs` random tokens with random advantages)."""
     from golong.parallel import init_parallel
     from golong.trainer import Actor, Rollout, build_model
 
     dims = init_parallel(1, 1)
-    model = build_model(cfg, dims, seed=0)
-    actor = Actor(model, dims, cfg)
+    actor = Actor(build_model(cfg, dims, seed=0), dims, cfg)
     g = torch.Generator().manual_seed(0)
     vocab = cfg.model.scratch.vocab_size
     rollouts = []
@@ -114,6 +112,30 @@ def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0) -> tuple[
         ids = torch.randint(0, vocab, (tokens // docs,), generator=g).tolist()
         rollouts.append(Rollout(prompt_ids=ids[:1], response_ids=ids[1:], rollout_logprobs=None, group=i, task="t",
                                 advantage=float(torch.randn((), generator=g))))
+    return actor, rollouts
+
+
+def run_interleaved(cfgs: dict, tokens: int, docs: int, iters: int) -> dict:
+    """{key: step times} of one actor per config, their steps taken in turn (first by turns too): a CPU's speed
+    drifts over the minute such a comparison takes, which a sequential A-then-B run reads as a difference."""
+    steps = {key: build_step(cfg, tokens, docs) for key, cfg in cfgs.items()}
+    for actor, rollouts in steps.values():
+        actor.update(rollouts)  # warm-up: AdamW states
+    times: dict = {key: [] for key in cfgs}
+    order = list(cfgs)
+    for i in range(iters):
+        for key in order if i % 2 == 0 else order[::-1]:
+            actor, rollouts = steps[key]
+            t0 = time.perf_counter()
+            actor.update(rollouts)
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0) -> tuple[list[float], float, list[dict]]:
+    """(step times in s, peak allocated bytes during the timed steps, and with profile_top > 0 the device
+    kernels taking the most time in one more step, profiled after the peak is read)."""
+    actor, rollouts = build_step(cfg, tokens, docs)
     cuda = torch.cuda.is_available()
     actor.update(rollouts)  # warm-up: Triton autotune / compile, AdamW states
     if cuda:
@@ -221,12 +243,17 @@ def compare_keep_attention(args: argparse.Namespace) -> int:
         layers = fit_layers(tokens, docs, args.layers, torch.cuda.get_device_properties(0).total_memory,
                             keep_attention=True)[0]
     mem = torch.cuda.get_device_properties(0).total_memory if cuda else 0
+    cfgs = {keep: make_config(layers, tokens, docs, tiny=args.dry_run, keep_attention=keep, shape=shape)
+            for keep in (False, True)}
+    iters = 1 if args.dry_run else args.iters
+    # without CUDA both models live at once and take their steps in turn (no memory figures there); on a GPU one at
+    # a time, each step's peak read alone
+    cpu_times = None if cuda else run_interleaved(cfgs, tokens, docs, iters)
     rows, steps = [], {}
-    for keep in (False, True):
-        cfg = make_config(layers, tokens, docs, tiny=args.dry_run, keep_attention=keep, shape=shape)
+    for keep, cfg in cfgs.items():
         plan = predict(cfg, gpus=1, gpu_mem_gib=max(mem, GIB) / GIB, device="cuda" if cuda else "cpu",
                        num_docs=docs, micro_batches=1)
-        times, peak, _ = run(cfg, tokens, docs, 1 if args.dry_run else args.iters)
+        times, peak, _ = run(cfg, tokens, docs, iters) if cuda else (cpu_times[keep], float("nan"), [])
         steps[keep] = statistics.median(times)
         _, hw, _ = step_flops(cfg, tokens, docs)
         impl = "ac_keep_attention" if keep else "plain checkpointing"
