@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts go to the run's prompt cache (data.prompt_cache), which training then "
                                     "reads instead of tokenizing again.")
     _add_config_args(s)
+    s.add_argument("--score-answers", action="store_true",
+                   help="also score each record's reference answer as training scores a response (the run's reward "
+                        "function or golong's metrics): per task the mean and how many score below 1, and the first "
+                        "such record")
     s.set_defaults(subparser=s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = run_problems(cfg, for_eval=True, engine=False)
             if problems:
                 raise ConfigError(problems[0])
-            check_data(cfg)
+            check_data(cfg, answers=args.score_answers)
         elif args.command == "data":
             from golong.data.check import print_task_counts
             from golong.data.records import write_records

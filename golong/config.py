@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ADV_ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+FILTER_METRICS = ("score", "reward")  # algo.filter_metric without a reward function of the user's own
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,11 @@ class AlgoConfig:
     rollout_is_upper: float = 5.0
     rollout_is_veto: float = 1e-4
     dynamic_sampling: bool = True
+    # what dynamic sampling finds equal within a prompt group (DAPO's filter_groups.metric): "score" (the task score
+    # or the reward function's), "reward" (the score plus any overlong penalty: verl's seq_final_reward), or a key of
+    # the numbers rollout.reward_function's dict results hold beside "score" (DAPO's "acc"); a response whose result
+    # lacks it (a failed call) counts 0 there, as its score does
+    filter_metric: str = "score"
     # DAPO's overlong reward shaping (verl: reward_model.overlong_buffer): a response longer than
     # rollout.max_response_tokens - overlong_buffer_tokens loses overlong_penalty_factor x its excess / the buffer from
     # the reward its advantage is computed from (the task score, which dynamic sampling filters on, is unchanged);
@@ -288,6 +294,75 @@ def _field_type(full_key: str) -> str | None:
     return {f.name: str(f.type) for f in dataclasses.fields(section)}.get(name)
 
 
+# verl's (and GoLongRL's launch scripts') config keys -> golong's, for the error of a verl key: (golong key, how)
+VERL_KEYS: dict[str, tuple[str, str]] = {
+    "custom_reward_function.path": ("rollout.reward_function", "path/to/file.py"),
+    "custom_reward_function.name": ("rollout.reward_function", "path/to/file.py:name"),
+    "custom_reward_function.reward_kwargs": ("rollout.reward_kwargs", ""),
+    "reward_model.reward_kwargs": ("rollout.reward_kwargs", ""),
+    "reward_model.overlong_buffer.enable": ("algo.overlong_buffer_tokens", "> 0 turns it on"),
+    "reward_model.overlong_buffer.len": ("algo.overlong_buffer_tokens", ""),
+    "reward_model.overlong_buffer.penalty_factor": ("algo.overlong_penalty_factor", ""),
+    "algorithm.adv_estimator": ("algo.adv_estimator", ""),
+    "algorithm.filter_groups.enable": ("algo.dynamic_sampling", ""),
+    "algorithm.filter_groups.metric": ("algo.filter_metric", "score, reward or a key of your reward function's"),
+    "algorithm.filter_groups.max_num_gen_batches": ("algo.max_num_gen_batches", ""),
+    "algorithm.kl_ctrl.kl_coef": ("algo.kl_coef", "a k3 KL loss term"),
+    "data.train_batch_size": ("trainer.prompts_per_step", ""),
+    "data.gen_batch_size": ("trainer.gen_batch_prompts", ""),
+    "data.max_prompt_length": ("data.max_prompt_tokens", ""),
+    "data.max_response_length": ("rollout.max_response_tokens", ""),
+    "actor_rollout_ref.model.path": ("model.path", ""),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": ("parallel.activation_checkpointing", ""),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": ("trainer.mini_batch_prompts", ""),
+    "actor_rollout_ref.actor.ppo_epochs": ("algo.ppo_epochs", ""),
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": ("trainer.micro_batch_tokens", ""),
+    "actor_rollout_ref.actor.clip_ratio_low": ("algo.clip_low", ""),
+    "actor_rollout_ref.actor.clip_ratio_high": ("algo.clip_high", ""),
+    "actor_rollout_ref.actor.clip_ratio_c": ("algo.dual_clip", ""),
+    "actor_rollout_ref.actor.loss_agg_mode": ("algo.loss_agg_mode", ""),
+    "actor_rollout_ref.actor.entropy_coeff": ("algo.entropy_coef", ""),
+    "actor_rollout_ref.actor.kl_loss_coef": ("algo.kl_coef", ""),
+    "actor_rollout_ref.actor.grad_clip": ("optim.grad_clip", ""),
+    "actor_rollout_ref.actor.optim.lr": ("optim.lr", ""),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": ("optim.warmup_steps", ""),
+    "actor_rollout_ref.actor.optim.weight_decay": ("optim.weight_decay", ""),
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size": ("parallel.cp", "ring attention, any degree"),
+    "actor_rollout_ref.rollout.n": ("rollout.n", ""),
+    "actor_rollout_ref.rollout.temperature": ("rollout.temperature", ""),
+    "actor_rollout_ref.rollout.top_p": ("rollout.top_p", ""),
+    "actor_rollout_ref.rollout.gpu_memory_utilization": ("rollout.gpu_memory_utilization", ""),
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": ("rollout.tensor_parallel_size", ""),
+    "actor_rollout_ref.rollout.val_kwargs.n": ("rollout.val_n", ""),
+    "actor_rollout_ref.rollout.val_kwargs.temperature": ("rollout.val_temperature", ""),
+    "actor_rollout_ref.rollout.val_kwargs.top_p": ("rollout.val_top_p", ""),
+    "trainer.total_training_steps": ("trainer.total_steps", ""),
+    "trainer.test_freq": ("trainer.val_every", ""),
+    "trainer.save_freq": ("checkpoint.every", ""),
+    "trainer.default_local_dir": ("checkpoint.dir", ""),
+    "trainer.max_actor_ckpt_to_keep": ("checkpoint.keep_last", ""),
+    "trainer.resume_mode": ("checkpoint.resume", "auto, none or a checkpoint path"),
+    "trainer.project_name": ("logging.wandb_project", ""),
+    "trainer.rollout_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts"),
+    "trainer.validation_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts/val_step_<N>.jsonl"),
+}
+
+
+def verl_hints(keys: list[str]) -> str:
+    """" (verl's X is golong's Y; ...)" for the verl keys among the dotted `keys` (or keys under one), else ""."""
+    found = dict.fromkeys(verl for key in keys for verl in VERL_KEYS if key == verl or key.startswith(verl + "."))
+    hints = [f"verl's {verl} is golong's {VERL_KEYS[verl][0]}" + (f" ({how})" if (how := VERL_KEYS[verl][1]) else "")
+             for verl in found]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of the leaves of a config layer (a YAML file's mapping, an override's) as a container."""
+    if isinstance(node, dict) and node:
+        return [k for key, value in node.items() for k in _dotted_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0].strip()
@@ -400,6 +475,9 @@ def _check_values(cfg: RunConfig) -> None:
          f"algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens) = [0, {r.max_response_tokens}) "
          "(0: no overlong shaping; a buffer as long as the response budget would penalise every token)"),
         (a.overlong_penalty_factor >= 0, "algo.overlong_penalty_factor must be >= 0"),
+        (a.filter_metric in FILTER_METRICS or (bool(r.reward_function) and a.filter_metric.strip() != ""),
+         f"algo.filter_metric={a.filter_metric!r}: valid names {', '.join(FILTER_METRICS)}, or with "
+         "rollout.reward_function a key its dict results hold beside 'score' (DAPO's 'acc')"),
         (a.kl_coef >= 0, "algo.kl_coef must be >= 0 (0: no KL term and no reference policy, as GoLongRL's recipe)"),
         # the reference policy is the run's starting weights (model.path, or the scratch init): a warm-up would
         # first move the policy away from them, and a resume could not rebuild the post-warm-up weights
@@ -510,6 +588,10 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                         "here): SDPA keeps per-document views of q, k, v for its backward, so they stay held beside "
                         "the kept output (the recompute still skips the attention; golong plan counts them); "
                         "model.attn_backend=kernels recomputes them")
+    a = cfg.algo
+    if a.filter_metric != "score" and not (a.dynamic_sampling and cfg.rollout.n > 1):
+        warnings.append(f"algo.filter_metric={a.filter_metric} is not read: dynamic sampling filters nothing "
+                        f"(algo.dynamic_sampling={a.dynamic_sampling}, rollout.n={cfg.rollout.n})")
     if cfg.parallel.ac_keep_attention and not cfg.parallel.activation_checkpointing:
         warnings.append("parallel.ac_keep_attention=true does nothing without parallel.activation_checkpointing=true "
                         "(without checkpointing every activation is kept)")
@@ -605,10 +687,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
+            message = _one_line(e)
+            if message.startswith("unknown config key"):  # coming from verl: name golong's key
+                under = getattr(e, "full_key", None) or ""
+                message += verl_hints([k for k in _dotted_keys(OmegaConf.to_container(layer, resolve=False))
+                                       if k == under or k.startswith(under + ".")])
             if isinstance(origin, Path):
                 line = _key_line(origin, getattr(e, "full_key", None) or "")
-                raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {_one_line(e)}") from None
-            raise ConfigError(_one_line(e)) from None  # an override: the message names its key
+                raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {message}") from None
+            raise ConfigError(message) from None  # an override: the message names its key
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

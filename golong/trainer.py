@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -182,10 +182,24 @@ class Rollout:
     finish_reason: str = "length"
     prompt_index: int | None = None  # position of its prompt in the trainer's training prompts (rollouts it made)
     text: str | None = None  # the decoded response, stop token stripped: on rank 0 with logging.dump_rollouts only
+    # with rollout.reward_function: the call's failure and what its dict result held beside the score
+    # (FunctionReport.info; None for a plain score)
+    reward_info: dict[str, Any] | None = None
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+
+class Generated(NamedTuple):
+    """One response as Trainer._generate_and_score returns it."""
+
+    tokens: np.ndarray  # [R] int32
+    logprobs: np.ndarray | None  # [R] fp32, the engine's sampled-token logprobs
+    finish_reason: str
+    score: float
+    text: str | None  # the response as scored: on rank 0 where texts were asked for, else None
+    reward_info: dict[str, Any] | None = None  # FunctionReport.info of its reward-function call
 
 
 @dataclass
@@ -1004,18 +1018,15 @@ class Trainer:
         return [self.tokenizer.decode(self._strip_stop(ids), skip_special_tokens=True) for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str, texts: bool = False
-                            ) -> tuple[list[tuple[np.ndarray, np.ndarray | None, str, float, str | None]],
-                                       dict[str, float]]:
-        """n responses per prompt, generated and scored by this rank for its share, gathered.
-        Returns [(tokens int32 [R], logprobs fp32 [R] or None, finish_reason, score, text)] in (prompt, sample)
-        order + timings (and with rollout.require_think and golong's metrics, "response/format_errors": how many
-        responses failed the format gate; with rollout.reward_function, "reward/function_errors" and the sums and
-        counts of its extra numbers). text: the response as scored, on rank 0 where `texts` (the same on every rank: the
-        texts are gathered there, from the ranks that decoded them to score them), else None."""
+                            label: str, texts: bool = False) -> tuple[list[Generated], dict[str, float]]:
+        """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
+        Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
+        "response/format_errors": how many responses failed the format gate; with rollout.reward_function,
+        "reward/function_errors" and the sums and counts of its extra numbers). Their texts are gathered on rank 0
+        only, where `texts` (from the ranks that decoded them to score them)."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
-        from golong.rewards.scoring import RewardConfig, score_records
+        from golong.rewards.scoring import reward_config, score_records
 
         requests = [(p, k) for p in range(len(prompts)) for k in range(n)]
         # each request's cost ~ the context its decoding reads: long prompts weigh more (an equal count of requests
@@ -1040,10 +1051,7 @@ class Trainer:
             broken = None  # the scoring pool failed (a respawned worker could not import the function): every
             try:           # rank must learn it at the gather below, not wait there for this one
                 scores = score_records([prompts[requests[j][0]].record for j in mine], decoded,
-                                       config=RewardConfig(require_think=rc.require_think, timeout=rc.reward_timeout_s,
-                                                           num_workers=rc.reward_workers,
-                                                           memory_mb=rc.reward_memory_mb, function=rc.reward_function,
-                                                           function_kwargs=dict(rc.reward_kwargs)), report=report)
+                                       config=reward_config(rc), report=report)
             except Exception as e:
                 broken, scores = f"rank {self.rank}: {type(e).__name__}: {e}", [0.0] * len(mine)
         t2 = time.perf_counter()
@@ -1051,12 +1059,12 @@ class Trainer:
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
         local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
                   None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
-                  out.finish_reasons[k], scores[k]) for k, j in enumerate(mine)]
+                  out.finish_reasons[k], scores[k], report.info(k)) for k, j in enumerate(mine)]
         # the count of calls that failed, the first one's traceback, how many responses the function was given, and
         # the (sum, count) of each extra number its results held
         errors = report.errors
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
-                  {key: (sum(v), len(v)) for key, v in report.extras.items()}, broken)
+                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken)
         parts = _gather_objects((local, fails, raised))
         if failed := [r[4] for _, _, r in parts if r[4]]:
             raise RewardFunctionError(f"{label}: scoring failed: {failed[0]}")
@@ -1076,7 +1084,7 @@ class Trainer:
             shares = _gather_to_rank0(list(zip(mine, decoded)))
             by_request = {j: text for share in shares or [] for j, text in share}
             timings["time/dump_s"] = time.perf_counter() - t3
-        return [(*x[1:], by_request.get(x[0])) for x in merged], timings
+        return [Generated(*x[1:5], by_request.get(x[0]), x[5]) for x in merged], timings
 
     @staticmethod
     def _extra_means(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -1103,7 +1111,8 @@ class Trainer:
             self.warned_function = True
             log.warning(f"{label}: the reward function failed on {count} of {calls} responses ({where}); they "
                         "score 0 (reward/function_errors counts them every step, val/reward/function_errors in "
-                        f"validation). The first failure:\n{first}")
+                        f"validation; each failure's last line is in the rollout dump, logging.dump_rollouts). The "
+                        f"first failure:\n{first}")
         return count
 
     def _strip_stop(self, ids: Sequence[int]) -> Sequence[int]:
@@ -1132,16 +1141,16 @@ class Trainer:
                                                         f"rollout step {step}", texts=dump)
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
-            batch = [Rollout(prompts[j // n].input_ids, np.asarray(toks, dtype=np.int32),
-                             None if lps is None else np.asarray(lps, dtype=np.float32),
-                             group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task, score=float(s),
-                             finish_reason=fin, prompt_index=idx[j // n], text=text)
-                     for j, (toks, lps, fin, s, text) in enumerate(results)]
+            batch = [Rollout(prompts[j // n].input_ids, np.asarray(g.tokens, dtype=np.int32),
+                             None if g.logprobs is None else np.asarray(g.logprobs, dtype=np.float32),
+                             group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task,
+                             score=float(g.score), finish_reason=g.finish_reason, prompt_index=idx[j // n],
+                             text=g.text, reward_info=g.reward_info)
+                     for j, g in enumerate(results)]
             every += batch
             gen_batches += 1
             if cfg.algo.dynamic_sampling and n > 1:
-                keep, _ = dynamic_sampling_filter(torch.tensor([r.score for r in batch], dtype=torch.float64),
-                                                  [r.group for r in batch])
+                keep, _ = dynamic_sampling_filter(self._filter_values(batch), [r.group for r in batch])
                 batch = [r for r, k in zip(batch, keep.tolist()) if k]
             kept += batch
             if len({r.group for r in kept}) >= want:
@@ -1160,6 +1169,24 @@ class Trainer:
         metrics["dynamic_sampling/kept_prompts"] = len(groups)
         metrics["dynamic_sampling/kept_fraction"] = len({r.group for r in kept}) / max(1, len({r.group for r in every}))
         return kept, dict(metrics)
+
+    def _filter_values(self, batch: Sequence[Rollout]) -> torch.Tensor:
+        """[B] float64: what dynamic sampling finds equal or not within each prompt group (algo.filter_metric).
+        The same on every rank (the results are gathered), so a key no result holds stops every rank together."""
+        key = self.cfg.algo.filter_metric
+        scores = torch.tensor([r.score for r in batch], dtype=torch.float64)  # fp32 would merge near-ties
+        if key == "score":
+            return scores
+        if key == "reward":
+            return scores + self._overlong_penalty(batch)
+        extras = [(r.reward_info or {}).get("reward_extras") or {} for r in batch]
+        values = [x.get(key) for x in extras]
+        if not any(isinstance(v, float) for v in values):
+            held = sorted({k for x in extras for k, v in x.items() if isinstance(v, float)})
+            raise RewardFunctionError(
+                f"algo.filter_metric={key}: no result of the reward function in this generation batch held a number "
+                f"under {key!r} (the numbers they held: {', '.join(held) or 'none'}; or score, reward)")
+        return torch.tensor([v if isinstance(v, float) else 0.0 for v in values], dtype=torch.float64)
 
     def _warn_format(self, frac: float, where: str) -> None:
         """Once per run: most responses failing the format gate usually means a model that does not think."""
@@ -1208,7 +1235,8 @@ class Trainer:
                  "data_source": self.train_prompts[r.prompt_index].record.data_source, "task": r.task,
                  "score": r.score, "reward": r.score + p, "kept": id(r) in kept,
                  "advantage": r.advantage if id(r) in kept else None, "finish_reason": r.finish_reason,
-                 "prompt_tokens": len(r.prompt_ids), "response_tokens": len(r.response_ids), "response": r.text}
+                 "prompt_tokens": len(r.prompt_ids), "response_tokens": len(r.response_ids), **(r.reward_info or {}),
+                 "response": r.text}
                 for r, p in zip(self.generated, penalty))
         path = self.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
         try:
@@ -1285,18 +1313,20 @@ class Trainer:
                                                     texts=dump or responses is not None)
         t0 = time.perf_counter()
         by_task: dict[str, list[float]] = defaultdict(list)
+        failed: dict[str, int] = defaultdict(int)  # reward-function failures per task
         n = self.cfg.rollout.val_n
         dump = dump and self.rank == 0
         rows = None  # rank 0 holds the texts
         if self.rank == 0 and (responses is not None or dump):
             rows = responses if responses is not None else []
-        for j, (_, _, finish, s, text) in enumerate(results):
+        for j, g in enumerate(results):
             record = self.val_prompts[j // n].record
-            by_task[record.task].append(s)
+            by_task[record.task].append(g.score)
+            failed[record.task] += "reward_error" in (g.reward_info or {})
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
                 rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
-                             "data_source": record.data_source, "task": record.task, "score": s,
-                             "finish_reason": finish, "response": text})
+                             "data_source": record.data_source, "task": record.task, "score": g.score,
+                             "finish_reason": g.finish_reason, **(g.reward_info or {}), "response": g.text})
         if dump:
             path = self.run_dir / "rollouts" / f"val_step_{step:06d}.jsonl"
             try:
@@ -1311,6 +1341,7 @@ class Trainer:
             self._warn_format(out["val/format_error_frac"], f"validation at step {step}")
         if "reward/function_errors" in timings:
             out["val/reward/function_errors"] = timings["reward/function_errors"]
+            out.update({f"val/reward/function_errors/task/{t}": float(c) for t, c in sorted(failed.items()) if c})
             out.update(self._extra_means(timings, "val/reward/extra"))
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         self.history.append({"step": step, **out})
@@ -1676,7 +1707,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},
                   "tasks": {t: {"metric": metric[t], "responses": counts[t],
-                                "reward_mean": metrics[f"val/reward/task/{t}"]} for t in sorted(counts)}}
+                                "reward_mean": metrics[f"val/reward/task/{t}"],
+                                **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
+                                   if cfg.rollout.reward_function else {})} for t in sorted(counts)}}
         if trainer.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_jsonl(out / "responses.jsonl", responses)
@@ -1699,16 +1732,22 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
     title = f"eval: {result['checkpoint'] or result['model'] or 'scratch model'}, {result['prompts']} prompts x " \
             f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
     table = Table(title=title)
-    for col, justify in (("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")):
+    failures = result.get("function_errors") is not None  # a reward function of the user's own: its failures
+    columns = [("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")]
+    for col, justify in columns + ([("function errors", "right")] if failures else []):
         table.add_column(col, justify=justify)
     for task, row in result["tasks"].items():
-        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}")
+        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}",
+                      *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
-                  f"{result['reward_mean']:.3f}")
+                  f"{result['reward_mean']:.3f}", *([str(int(result["function_errors"]))] if failures else []))
     Console().print(table)
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")
+    if failures and result["function_errors"]:
+        print(f"the reward function failed on {int(result['function_errors'])} responses, which scored 0 (each one's "
+              "error: reward_error in responses.jsonl)")
     print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")
 
 

@@ -59,16 +59,17 @@ def _golong_metric(record: Record) -> str:
         return "none"
 
 
-def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
+def check_data(cfg: RunConfig, *, answers: bool = False) -> list[dict[str, Any]]:
     """One row per (split, task): records, prompts kept / left-truncated / dropped, kept prompts' token lengths
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
-    loading does."""
+    loading does. `answers`: the records' reference answers scored too (score_answers)."""
     from golong.trainer import load_tokenizer
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
     rows: list[dict[str, Any]] = []
-    for split, records in zip(("train", "val"), run_records(cfg)):
+    splits = list(zip(("train", "val"), run_records(cfg)))
+    for split, records in splits:
         # through the run's prompt cache: a training start (or another check) after this one tokenizes nothing
         prompts = build_prompts_cached(records, tokenizer, d.max_prompt_tokens, d.overflow, prompt_cache_dir(cfg),
                                        split)
@@ -88,10 +89,68 @@ def check_data(cfg: RunConfig) -> list[dict[str, Any]]:
                          "tokens_median": int(statistics.median(lengths)) if lengths else None,
                          "tokens_max": max(lengths, default=None)})
     _print(rows, cfg)
+    if answers:
+        score_answers(cfg, splits)
     train = [r for r in rows if r["split"] == "train"]
     if train and not sum(r["kept"] for r in train):  # training stops there at start-up: say so here
         raise ConfigError(no_prompt_fits(sum(r["records"] for r in train), cfg))
     return rows
+
+
+def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) -> list[dict[str, Any]]:
+    """`golong data check --score-answers`: each record's reference answer, as the SFT warm-up would write it (an
+    empty think block, then the answer), scored as training scores a response (rollout.reward_function, else
+    golong's metric; in the timed scoring workers). One row per (split, task): records, answers scored, their mean,
+    how many score below 1 and how many calls of a reward function failed; a record without a reference answer
+    (a ground truth only the reward function reads) is not scored. Per task, the first record below 1 is printed with
+    its position, score and (a failed call) error: a ground truth no answer can match, or a function that does
+    not accept the answer it should."""
+    from golong.rewards.function import FunctionReport
+    from golong.rewards.scoring import reward_config, score_records
+    from golong.trainer import reference_answer, sft_target
+
+    rows: list[dict[str, Any]] = []
+    for split, records in splits:
+        answered = [(i, r) for i, r in enumerate(records) if reference_answer(r)]
+        print(f"{split}: scoring the reference answers of {len(answered)} of {len(records)} records", flush=True)
+        report = FunctionReport()
+        scores = score_records([r for _, r in answered], [sft_target(r) for _, r in answered],
+                               config=reward_config(cfg.rollout), report=report)
+        by_task: dict[str, list[tuple[int, float, str | None]]] = defaultdict(list)
+        for k, ((i, r), score) in enumerate(zip(answered, scores)):
+            by_task[r.task].append((i, score, (report.info(k) or {}).get("reward_error")))
+        total: dict[str, int] = defaultdict(int)
+        for r in records:
+            total[r.task] += 1
+        for task in sorted(total):
+            got = by_task[task]
+            below = [x for x in got if x[1] < 1.0 - 1e-9]
+            rows.append({"split": split, "task": task, "records": total[task], "scored": len(got),
+                         "mean": sum(x[1] for x in got) / len(got) if got else None, "below_1": len(below),
+                         "failed": sum(x[2] is not None for x in got)})
+            if below:
+                i, score, error = below[0]
+                print(f"{split} {task}: {len(below)} of {len(got)} reference answers score below 1; the first: record "
+                      f"{i} (data_source {records[i].data_source!r}) scores {score:g}"
+                      + (f": the reward function failed: {error}" if error else ""))
+    _print_answers(rows, cfg)
+    return rows
+
+
+def _print_answers(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    from rich.table import Table
+
+    by = f"{parse_spec(cfg.rollout.reward_function)[1]}()" if cfg.rollout.reward_function else "golong's metrics"
+    table = Table(title=f"reference answers scored by {by}")
+    cols = {"split": "split", "task": "task", "records": "records", "scored": "answers", "mean": "mean score",
+            "below_1": "below 1"}
+    if cfg.rollout.reward_function:
+        cols["failed"] = "function errors"
+    for key, head in cols.items():
+        table.add_column(head, justify="left" if key in ("split", "task") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*("-" if r[c] is None else f"{r[c]:.3f}" if c == "mean" else str(r[c]) for c in cols))
+    print_table(table)
 
 
 def no_prompt_fits(records: int, cfg: RunConfig) -> str:

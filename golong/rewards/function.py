@@ -27,6 +27,7 @@ from typing import Any
 
 DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
 JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
+EXTRA_TEXT_CHARS = 500  # a text extra (DAPO's "pred") is cut to this in the rollout dump
 
 
 class RewardFunctionError(RuntimeError):
@@ -39,7 +40,29 @@ class FunctionReport:
     """What a batch of reward-function calls reported beside their scores."""
 
     errors: list[tuple[int, str]] = field(default_factory=list)  # (job index, what went wrong: a traceback)
-    extras: dict[str, list[float]] = field(default_factory=dict)  # numbers a dict result held beside "score"
+    # job index -> what a dict result held beside "score" (call_function's extras: numbers, or text)
+    extras: dict[int, dict[str, float | str | None]] = field(default_factory=dict)
+
+    def numbers(self) -> dict[str, list[float]]:
+        """The numeric extras by key, in job order (the values logged as reward/extra/<key> means)."""
+        out: dict[str, list[float]] = {}
+        for i in sorted(self.extras):
+            for key, v in self.extras[i].items():
+                if isinstance(v, float):
+                    out.setdefault(key, []).append(v)
+        return out
+
+    def info(self, i: int) -> dict[str, Any] | None:
+        """Job i's line in a rollout dump: {"reward_error": the failure's last line} where the call failed,
+        {"reward_extras": {...}} where its dict result held more than the score; None for a plain score."""
+        out: dict[str, Any] = {}
+        failed = next((tb for j, tb in self.errors if j == i), None)
+        if failed is not None:
+            lines = [line for line in failed.strip().splitlines() if line.strip()]
+            out["reward_error"] = lines[-1].strip() if lines else "failed"
+        if self.extras.get(i):
+            out["reward_extras"] = self.extras[i]
+        return out or None
 
 
 # Set by the scoring worker per job: rollout.require_think of the run, for default_compute_score's format gate.
@@ -139,35 +162,45 @@ def load_function(spec: str, kwarg_names: tuple[str, ...] = ()) -> Callable[...,
 
 
 def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, ground_truth: Any,
-                  extra_info: dict[str, Any], kwargs: dict[str, Any] | None = None) -> tuple[float, dict[str, float]]:
+                  extra_info: dict[str, Any], kwargs: dict[str, Any] | None = None
+                  ) -> tuple[float, dict[str, float | str | None]]:
     """fn's score as a finite float (fn called by keyword, as verl does, with `kwargs`: rollout.reward_kwargs),
-    and the other finite numbers of a dict result (verl's extra reward info; bools count as 0 / 1); raises
-    TypeError / ValueError naming what it returned where the score is not a finite number."""
+    and what else a dict result held (verl's extra reward info, e.g. DAPO's "acc" and "pred"): numbers as floats
+    (bools 0 / 1, non-finite ones None), anything else as its text, cut to EXTRA_TEXT_CHARS. Raises TypeError /
+    ValueError naming what it returned where the score is not a finite number."""
     out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info,
              **(kwargs or {}))
     if inspect.isawaitable(out):  # an async def, as verl's reward loop awaits
         out = asyncio.run(_awaited(out))
     score = out.get("score") if isinstance(out, dict) else out
-    try:  # numpy scalars, 0-d arrays and one-element tensors too
-        value = float(score) if not isinstance(score, (str, bytes)) and score is not None else None
-    except (TypeError, ValueError):
-        value = None
+    value = _number(score)
     if value is None:
         shown = f"a dict without a number under 'score' (keys {sorted(out)})" if isinstance(out, dict) else \
             f"{type(out).__name__} {out!r:.80}"
         raise TypeError(f"a reward function must return a number or a dict with 'score'; got {shown}")
     if not math.isfinite(value):
         raise ValueError(f"a reward function returned {score}; scores must be finite")
-    extras = {}
+    extras: dict[str, float | str | None] = {}
     for key, v in out.items() if isinstance(out, dict) else ():
-        if key != "score" and isinstance(key, str) and not isinstance(v, (str, bytes)):
-            try:
-                number = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(number):
-                extras[key] = number
+        if key == "score":
+            continue
+        number = _number(v)
+        if number is not None:
+            extras[str(key)] = number if math.isfinite(number) else None
+        else:
+            text = v if isinstance(v, str) else repr(v)
+            extras[str(key)] = text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
     return value, extras
+
+
+def _number(v: Any) -> float | None:
+    """v as a float where it is one (numpy scalars, 0-d arrays, one-element tensors, bools), else None."""
+    if v is None or isinstance(v, (str, bytes)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 async def _awaited(awaitable: Any) -> Any:

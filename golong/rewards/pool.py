@@ -194,7 +194,7 @@ class ScoringPool:
     def map(self, jobs: list[Job], timeout: float, report: FunctionReport | None = None) -> list[float]:
         """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A reward-function
         job that raised, ran out of time or lost its worker scores 0 too; where `report` is given, such failures go
-        to report.errors (job index, what happened) and the other numbers of dict results to report.extras."""
+        to report.errors (job index, what happened) and what else dict results held to report.extras[job index]."""
         check_timeout(timeout)
         with self._lock:
             return self._map(jobs, float(timeout), FunctionReport() if report is None else report)
@@ -269,8 +269,8 @@ class ScoringPool:
                     results[i] = s
                     if len(msg) >= 3 and msg[2] is not None:
                         errors.append((i, msg[2]))
-                    for key, value in (msg[3] if len(msg) == 4 else {}).items():
-                        report.extras.setdefault(key, []).append(value)
+                    if len(msg) == 4 and msg[3]:
+                        report.extras[i] = msg[3]
                     w.queue.popleft()
                     outstanding -= 1
                     w.deadline = time.monotonic() + timeout

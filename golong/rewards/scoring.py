@@ -63,6 +63,13 @@ class RewardConfig:
     function_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to it (verl's reward_kwargs)
 
 
+def reward_config(rollout: Any) -> RewardConfig:
+    """The RewardConfig of a run's rollout section (golong.config.RolloutConfig): how training scores responses."""
+    return RewardConfig(require_think=rollout.require_think, timeout=rollout.reward_timeout_s,
+                        num_workers=rollout.reward_workers, memory_mb=rollout.reward_memory_mb,
+                        function=rollout.reward_function, function_kwargs=dict(rollout.reward_kwargs))
+
+
 def metric_text(metric: str, response: str, *, require_think: bool = True) -> str | None:
     """The text `metric` reads in `response` (SCOPES), or None when the response fails the format gate."""
     scope = SCOPES[metric]
@@ -203,7 +210,7 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
     """Batch `score_record`: response i is scored against records[i], through the pool. With config.function, the
     user's function scores every response (its whole text, no format gate), in the timed workers; a call that
     raised, ran out of time or killed its worker scores 0 and, where `report` is given, goes to report.errors as
-    (i, what happened: a traceback); the other numbers of its dict results go to report.extras."""
+    (i, what happened: a traceback); what else its dict results held goes to report.extras[i]."""
     cfg = config or RewardConfig()
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")

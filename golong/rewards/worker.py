@@ -2,7 +2,7 @@
 
 Reads frames of [(index, metric, region, gold), ...] from stdin, writes one (index, score) frame per
 job to the original stdout ((index, 0.0, traceback) where the user's reward function raised, (index, score,
-None, extras) where its dict result held other numbers; after a MemoryError in it, "exiting", and the worker
+None, extras) where its dict result held more than the score; after a MemoryError in it, "exiting", and the worker
 ends: the pool starts another for the rest of its jobs); anything
 the metric libraries print goes to stderr instead. A None frame (or a closed stdin) ends it. With
 GOLONG_REWARD_FUNCTION set, the worker imports that function at start-up (a failure is reported as a

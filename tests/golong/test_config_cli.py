@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -362,6 +363,31 @@ def test_a_bad_key_or_value_in_a_yaml_file_names_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path, ["trainer.sft_step=2"])
     assert str(e.value).startswith("unknown config key 'trainer.sft_step'")
+
+
+def test_a_verl_key_names_golongs(tmp_path):
+    """A verl key (a launch script carried over) is still refused, but the error names golong's key for it: from a
+    YAML file (the keys under the refused one only), an override, a key under a verl dict (reward_kwargs.x); every
+    key the table names is one of golong's."""
+    from golong.config import VERL_KEYS, _lookup_section
+
+    for verl, (key, _) in VERL_KEYS.items():
+        assert key.split(".")[-1] in {f.name for f in dataclasses.fields(_lookup_section(key))}, verl
+    path = tmp_path / "verl.yaml"
+    path.write_text("data:\n  gen_batch_size: 64\nalgorithm:\n  filter_groups:\n    metric: acc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: line 2: unknown config key 'data.gen_batch_size'; valid keys here: ")
+    assert str(e.value).endswith(" (verl's data.gen_batch_size is golong's trainer.gen_batch_prompts)")
+    with pytest.raises(ConfigError, match=r"unknown config key 'custom_reward_function'; .* \(verl's "
+                                          r"custom_reward_function.name is golong's rollout.reward_function "
+                                          r"\(path/to/file.py:name\)\)$"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["custom_reward_function.name=f"])
+    with pytest.raises(ConfigError, match=r"\(verl's reward_model.reward_kwargs is golong's rollout.reward_kwargs\)$"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["reward_model.reward_kwargs.scale=2"])
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo-cpu.yaml", ["trainer.sft_step=2"])
+    assert "verl's" not in str(e.value)
 
 
 def test_yaml_errors_name_file_line_and_problem(tmp_path):

@@ -149,8 +149,10 @@ def test_the_function_scores_with_verls_arguments(reward_file):
     extras = {}
     scores, errors = _scores(str(reward_file), pairs, extras=extras)
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0] and errors == []
-    # a dict's other numbers come back (verl's extra reward info): "acc" True, not "parsed" (a list)
-    assert extras == {"acc": [1.0]}
+    # what else a dict result held comes back per response (verl's extra reward info): "acc" True as 1.0, "parsed"
+    # (a list) as its text; only the numbers are averaged
+    assert extras == {0: {"parsed": "['42']"}, 1: {"parsed": "['41']"}, 5: {"parsed": "['42']"},
+                      6: {"acc": 1.0}}
     assert _scores(f"{reward_file}:other", pairs[:2]) == ([0.25, 0.25], [])
     assert _scores(f"{reward_file}:other", pairs[:2], kwargs={"scale": 3}) == ([0.75, 0.75], [])  # reward_kwargs
     assert _scores(f"{reward_file}:later", pairs[:2]) == ([0.75, 0.75], [])
@@ -204,6 +206,27 @@ def test_failures_score_zero_and_are_reported(reward_file):
     assert "returned nan" in by_index[3]
     assert "past the 3 s time limit" in by_index[4]
     assert "SystemExit: 3" in by_index[6] and "worker died (exit code 9)" in by_index[7]
+
+
+def test_each_response_reports_its_failure_and_extras():
+    """FunctionReport.info: a response's line in the rollout dump -- the failure's last line (the exception, not
+    the whole traceback), what its dict result held; numbers(): the numeric extras by key in job order (text and
+    non-finite ones are not averaged)."""
+    from golong.rewards.function import call_function
+
+    def fn(data_source, solution_str, ground_truth, extra_info):
+        return {"score": 0.5, "acc": True, "pred": solution_str * 400, "gap": float("inf"), "n": 3}
+
+    score, extras = call_function(fn, "s", "ab", None, {})
+    assert score == 0.5 and extras["acc"] == 1.0 and extras["gap"] is None and extras["n"] == 3.0
+    assert extras["pred"] == "ab" * 250 + "..."  # cut to EXTRA_TEXT_CHARS
+    report = FunctionReport(errors=[(1, 'Traceback (most recent call last):\n  File "r.py", line 3\n'
+                                        "ValueError: cannot score\n")],
+                            extras={0: extras, 2: {"acc": 0.0, "pred": "x"}})
+    assert report.info(0) == {"reward_extras": extras}
+    assert report.info(1) == {"reward_error": "ValueError: cannot score"}
+    assert report.info(3) is None
+    assert report.numbers() == {"acc": [1.0, 0.0], "n": [3.0]}
 
 
 def test_a_function_at_its_memory_cap_gets_a_fresh_worker(reward_file):
@@ -288,3 +311,59 @@ def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
     from golong.trainer import sft_target
 
     assert sft_target(train[0]) == "<think>\n\n</think>\n\n42"
+
+
+DATA_CHECK_REWARD = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if data_source == "boom":
+        raise ValueError("cannot score " + str(ground_truth))
+    answer = solution_str.split("</think>")[-1].strip()
+    return float(answer == str(ground_truth)) if data_source == "exact" else 0.5
+'''
+
+
+def test_data_check_scores_the_reference_answers(tmp_path, capsys):
+    """`golong data check --score-answers`: each record's reference answer scored as training would score it. With
+    golong's metrics, the synthetic tasks' answers score 1 (ROUGE-L excepted: GoLongRL's summary reward reads the
+    whole response, the think tags too); with a reward function, per task the mean, the answers below 1 (the first
+    named with its position and score) and the calls that failed (with the error), records without a reference
+    answer left out."""
+    from golong.cli import main
+    from golong.config import load_config
+    from golong.data.check import score_answers
+    from golong.data.synthetic import generate
+
+    cfg = load_config(None, ["model.scratch.vocab_size=1024", "data.synthetic_n=0", "rollout.reward_workers=2"])
+    rows = {r["task"]: r for r in score_answers(cfg, [("val", generate(18, 64, seed=5))])}
+    assert len(rows) == 9 and sum(r["records"] for r in rows.values()) == 18
+    for task, row in rows.items():
+        assert row["scored"] == row["records"] and row["failed"] == 0
+        if task == "summarization":
+            assert 0.8 < row["mean"] < 1 and row["below_1"] == row["scored"]
+        else:
+            assert row["mean"] == 1.0 and row["below_1"] == 0, task
+
+    (tmp_path / "reward.py").write_text(DATA_CHECK_REWARD)
+    rows = [{"data_source": s, "prompt": "q", "ability": task, "reward_model": {"ground_truth": gt}}
+            for s, task, gt in [("exact", "a", "42"), ("half", "a", "7"), ("exact", "a", "x"), ("boom", "b", "9"),
+                                ("exact", "b", {"w": 1}), ("exact", "b", 3)]]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{scratch: {{vocab_size: 1024}}}}\ndata: {{train_files: [{data}], synthetic_val_n: 0}}\n"
+                      f"rollout: {{reward_function: {tmp_path / 'reward.py'}, reward_workers: 2}}\n"
+                      f"logging: {{run_dir: {tmp_path / 'run'}}}\n")
+    cfg = load_config(config)
+    got = {r["task"]: r for r in score_answers(cfg, [("train", load_records([data], routed=False))])}
+    assert got["a"] == {"split": "train", "task": "a", "records": 3, "scored": 3, "mean": pytest.approx(2.5 / 3),
+                        "below_1": 1, "failed": 0}
+    assert got["b"] == {"split": "train", "task": "b", "records": 3, "scored": 2, "mean": 0.5, "below_1": 1,
+                        "failed": 1}  # {"w": 1}: no reference answer
+    out = capsys.readouterr().out
+    assert "train a: 1 of 3 reference answers score below 1; the first: record 1 (data_source 'half') scores 0.5" \
+        in out
+    assert "train b: 1 of 2 reference answers score below 1; the first: record 3 (data_source 'boom') scores 0: " \
+           "the reward function failed: ValueError: cannot score 9" in out
+    assert main(["data", "check", str(config), "--score-answers"]) == 0
+    out = capsys.readouterr().out
+    assert "reference answers scored by compute_score()" in out and "function errors" in out

@@ -649,9 +649,11 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
     calls = []
 
     def scripted(prompts, n, params, seed_key, label, texts=False):
+        from golong.trainer import Generated
+
         scores = script[len(calls)]
         calls.append(seed_key)
-        return [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n], None)
+        return [Generated([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", scores[j // n][j % n], None)
                 for j in range(len(prompts) * n)], {}
 
     m, got = _scripted_train_step(cfg, monkeypatch, scripted)
@@ -689,7 +691,10 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
             p.record.extra_info["reward_mode"] = modes[i % 2]
 
     def scripted(prompts, n, params, seed_key, label, texts=False):
-        return [([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n], None) for j in range(len(prompts) * n)], {}
+        from golong.trainer import Generated
+
+        return [Generated([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n], None)
+                for j in range(len(prompts) * n)], {}
 
     m, got = _scripted_train_step(cfg, monkeypatch, scripted, prepare=name_subtasks)
     assert {r.task for r in got} == set(modes)  # the records' own task names are untouched
@@ -713,9 +718,12 @@ def test_format_errors_become_a_share_of_every_generated_response_and_one_warnin
     calls = []
 
     def scripted(prompts, n, params, seed_key, label, texts=False):  # batch 0: all tied (dropped), 10 errors; then 3
+        from golong.trainer import Generated
+
         calls.append(seed_key)
         tied = len(calls) == 1
-        out = [([5, 6], [-1.0, -1.0], "stop", 0.0 if tied else float(j % 2), None) for j in range(len(prompts) * n)]
+        out = [Generated([5, 6], [-1.0, -1.0], "stop", 0.0 if tied else float(j % 2), None)
+               for j in range(len(prompts) * n)]
         return out, {"time/rollout_s": 1.0, "response/format_errors": 10.0 if tied else 3.0}
 
     m, _ = _scripted_train_step(cfg, monkeypatch, scripted)  # the log goes to stdout
@@ -724,7 +732,9 @@ def test_format_errors_become_a_share_of_every_generated_response_and_one_warnin
     assert "format gate" not in capsys.readouterr().out  # 41%: no warning
 
     def most_fail(prompts, n, params, seed_key, label, texts=False):
-        return [([5, 6], [-1.0, -1.0], "stop", float(j % 2), None) for j in range(len(prompts) * n)], {
+        from golong.trainer import Generated
+
+        return [Generated([5, 6], [-1.0, -1.0], "stop", float(j % 2), None) for j in range(len(prompts) * n)], {
             "response/format_errors": 12.0}
 
     m, _ = _scripted_train_step(cfg, monkeypatch, most_fail)
@@ -737,14 +747,14 @@ def test_validation_reports_its_format_error_share_apart_from_its_time(config_fi
     import torch.distributed as dist
 
     from golong.config import load_config
-    from golong.trainer import Trainer
+    from golong.trainer import Generated, Trainer
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "profile.steps=[]",
                                     "rollout.require_think=true", "data.synthetic_val_n=5", "rollout.val_n=2"])
 
     def scripted(prompts, n, params, seed_key, label, texts=False):
-        return [([5, 6], [-1.0, -1.0], "stop", 0.5, None) for _ in range(len(prompts) * n)], {
+        return [Generated([5, 6], [-1.0, -1.0], "stop", 0.5, None) for _ in range(len(prompts) * n)], {
             "time/rollout_s": 2.0, "time/reward_s": 1.0, "response/format_errors": 4.0}
 
     try:
@@ -903,7 +913,7 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
     import torch.distributed as dist
 
     from golong.config import load_config
-    from golong.trainer import Trainer
+    from golong.trainer import Generated, Trainer
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
@@ -917,7 +927,8 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
 
         def scripted(prompts, n, params, seed_key, label, texts=False):
             sizes.append(len(prompts))
-            return [([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n], None) for j in range(len(prompts) * n)], {}
+            return [Generated([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n], None)
+                    for j in range(len(prompts) * n)], {}
 
         monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         got, m = trainer.collect_rollouts(1)
@@ -930,13 +941,76 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
     assert trainer.sampler.position == start + 8
 
 
+def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path, monkeypatch):
+    """algo.filter_metric (DAPO's filter_groups.metric): with "acc", a key of the reward function's dict results,
+    groups whose scores differ but whose acc is tied are dropped and the others kept, a failed call (no extras)
+    counting 0; with "reward" the overlong penalty separates responses of equal score; a key no result holds stops
+    the step naming the keys they do hold."""
+    import torch.distributed as dist
+
+    from golong.config import ConfigError, config_warnings, load_config
+    from golong.rewards.function import RewardFunctionError
+    from golong.trainer import Generated, Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "reward.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info):\n"
+                                        "    return 1.0\n")
+    overrides = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+                 "algo.max_num_gen_batches=1", "trainer.gen_batch_prompts=6", "trainer.prompts_per_step=6",
+                 "rollout.max_response_tokens=8", "algo.filter_metric=acc"]
+    with pytest.raises(ConfigError, match="algo.filter_metric='acc': valid names score, reward, or with "
+                                          "rollout.reward_function"):
+        load_config(config_file, overrides)
+    cfg = load_config(config_file, [*overrides, f"rollout.reward_function={tmp_path / 'reward.py'}"])
+    assert config_warnings(cfg) == []
+    off = load_config(config_file, [*overrides, f"rollout.reward_function={tmp_path / 'reward.py'}",
+                                    "algo.dynamic_sampling=false"])
+    assert config_warnings(off) == ["algo.filter_metric=acc is not read: dynamic sampling filters nothing "
+                                    "(algo.dynamic_sampling=False, rollout.n=4)"]
+    ok = {"reward_extras": {"acc": 1.0, "pred": "x"}}
+    wrong = {"reward_extras": {"acc": 0.0, "pred": "y"}}
+    failed = {"reward_error": "ValueError: cannot score"}
+    # per group (4 responses each): scores, reward_info, response lengths
+    script = [([0.0, 1.0, 0.5, 0.2], [ok] * 4, [2] * 4),  # scores differ, acc tied: dropped under acc
+              ([0.5] * 4, [ok, wrong, ok, ok], [2] * 4),  # scores tied, acc differs: kept under acc
+              ([0.0, 0.3, 0.3, 0.3], [failed, ok, ok, ok], [2] * 4),  # the failed call's acc counts 0: kept
+              ([0.0, 0.3, 0.3, 0.3], [failed, wrong, wrong, wrong], [2] * 4),  # 0 like the others: dropped
+              ([1.0] * 4, [ok] * 4, [2, 8, 2, 2]),  # an overlong response: kept under "reward" only
+              ([1.0] * 4, [ok] * 4, [2] * 4)]
+    try:
+        trainer = Trainer(cfg)
+
+        def scripted(prompts, n, params, seed_key, label, texts=False):
+            assert n == 4
+            return [Generated(list(range(5, 5 + script[j // n][2][j % n])), [-1.0] * script[j // n][2][j % n],
+                              "stop", script[j // n][0][j % n], None, script[j // n][1][j % n])
+                    for j in range(len(prompts) * n)], {}
+
+        monkeypatch.setattr(trainer, "_generate_and_score", scripted)
+        got, _ = trainer.collect_rollouts(1)
+        assert sorted({r.group for r in got}) == [1, 2]
+        assert [r.reward_info for r in got if r.group == 1] == [ok, wrong, ok, ok]
+        trainer.cfg.algo.filter_metric = "reward"
+        trainer.cfg.algo.overlong_buffer_tokens = 4
+        assert sorted({r.group for r in trainer.collect_rollouts(2)[0]}) == [0, 2, 3, 4]
+        trainer.cfg.algo.filter_metric = "score"
+        assert sorted({r.group for r in trainer.collect_rollouts(3)[0]}) == [0, 2, 3]
+        trainer.cfg.algo.filter_metric = "accuracy"
+        with pytest.raises(RewardFunctionError, match=r"algo.filter_metric=accuracy: no result .* held a number "
+                                                      r"under 'accuracy' \(the numbers they held: acc; or score"):
+            trainer.collect_rollouts(4)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monkeypatch):
     """perf/rollout_tokens_per_s of a step that generated twice is all generated tokens over all rollout time
     (it was the sum of the two batches' rates: twice the real rate)."""
     import torch.distributed as dist
 
     from golong.config import load_config
-    from golong.trainer import Trainer
+    from golong.trainer import Generated, Trainer
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0",
@@ -946,7 +1020,7 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
         trainer = Trainer(cfg)
 
         def scripted(prompts, n, params, seed_key, label, texts=False):  # every group tied: both batches are generated
-            out = [([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0, None)
+            out = [Generated([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0, None)
                    for j in range(len(prompts) * n)]
             tokens = sum(len(o[0]) for o in out)
             batches.append(tokens)
@@ -1132,7 +1206,8 @@ def test_rollouts_share_their_prompts_ids_and_hold_arrays(config_file, tmp_path)
         assert len({id(r.prompt_ids) for r in rollouts}) == len({r.group for r in rollouts})
         # what the ranks gather is arrays too (lists of Python numbers: ~1.6x the pickled bytes, ~25x the unpickling)
         results, _ = trainer._generate_and_score(trainer.train_prompts[:2], 2, trainer._sampling(), (0,), "t")
-        assert len(results) == 4 and all(t.dtype == np.int32 and lp.dtype == np.float32 for t, lp, _, _, _ in results)
+        assert len(results) == 4 and all(g.tokens.dtype == np.int32 and g.logprobs.dtype == np.float32
+                                        for g in results)
         responses: list = []
         trainer.validate(0, responses)  # decodes the gathered arrays
         assert responses and all(isinstance(r["response"], str) for r in responses)
@@ -1250,14 +1325,14 @@ def _texts_worker(rank: int, world: int) -> None:
     assert 0 < no_think < len(seeds)
     results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t",
                                                      texts=True)
-    assert [tok.decode(r[0].tolist()[:-1], skip_special_tokens=True) for r in results] == expect
+    assert [tok.decode(r.tokens.tolist()[:-1], skip_special_tokens=True) for r in results] == expect
     assert timings["response/format_errors"] == no_think
     if rank == 0:
-        assert [r[4] for r in results] == expect and timings["time/dump_s"] >= 0
+        assert [r.text for r in results] == expect and timings["time/dump_s"] >= 0
     else:
-        assert all(r[4] is None for r in results)
+        assert all(r.text is None for r in results)
     results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
-    assert all(r[4] is None for r in results) and "time/dump_s" not in timings
+    assert all(r.text is None for r in results) and "time/dump_s" not in timings
     stub.cfg.rollout.require_think = False  # no gate, no count
     _, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
     assert "response/format_errors" not in timings
@@ -1298,7 +1373,8 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
                                      f"data.val_files=[{data}]", "trainer.sft_steps=0", "trainer.val_every=0",
                                      "profile.steps=[]", "algo.dynamic_sampling=false", "rollout.n=2",
                                      "rollout.max_response_tokens=4", f"rollout.reward_function={tmp_path}/reward.py",
-                                     "rollout.reward_timeout_s=30", "rollout.reward_kwargs.bonus=0.5"]), weights
+                                     "rollout.reward_timeout_s=30", "rollout.reward_kwargs.bonus=0.5",
+                                     "logging.dump_rollouts=true"]), weights
 
 
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
@@ -1307,7 +1383,10 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     the other numbers of its dict result logged as reward/extra/<key>), a call that
     raised scores 0, is counted in reward/function_errors (eval.json: function_errors) and warned once with its
     traceback; a function that raises on every response stops the step, its traceback in the error; one that
-    cannot be imported stops the trainer at start-up."""
+    cannot be imported stops the trainer at start-up. The rollout dump and eval's responses.jsonl hold each
+    response's failure or extras; eval.json counts the failures per task."""
+    import json
+
     from golong.trainer import evaluate
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -1320,13 +1399,27 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert m["reward/extra/w10"] == pytest.approx(sum(10 * weights[r.prompt_index] for r in scored) / len(scored))
     warned = [line for line in capsys.readouterr().out.splitlines() if "reward function failed" in line]
     assert len(warned) == 1 and f"rollout.reward_function={tmp_path}/reward.py" in warned[0]
+    # the rollout dump: each response's failure (its last line) or the rest of its result
+    dumped = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step_000001.jsonl").open()]
+    assert len(dumped) == 8
+    for row in dumped:
+        if row["data_source"] == "boom":
+            assert row["reward_error"] == "ValueError: cannot score boom" and "reward_extras" not in row
+        else:
+            assert row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}
+            assert "reward_error" not in row
 
     result = evaluate(cfg, None, tmp_path / "eval")
     assert result["reward_mean"] == pytest.approx((sum(weights[1::2]) + 3 * 0.5) / len(weights))
     assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
     assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
     assert result["tasks"] == {"counting": {"metric": "compute_score() (golong: none)", "responses": 6,
-                                            "reward_mean": result["reward_mean"]}}
+                                            "reward_mean": result["reward_mean"], "function_errors": 3}}
+    answered = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
+    assert sorted(row["record"] for row in answered if "reward_error" in row) == [0, 2, 4]
+    assert all(row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}
+               for row in answered if row["record"] % 2)
+    assert "function errors" in capsys.readouterr().out  # the eval table's column
 
     (tmp_path / "all").mkdir()
     cfg, _ = _custom_run(tmp_path / "all", config_file, always_raise=True)
