@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 ADV_ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+POLICY_LOSSES = ("vanilla", "gspo")
 FILTER_METRICS = ("score", "reward")  # algo.filter_metric without a reward function of the user's own
 
 
@@ -125,6 +126,11 @@ class AlgoConfig:
     gamma: float = 1.0
     alpha: float = 0.8
     eps: float = 1e-6
+    # the importance ratio the clip reads (verl's actor.policy_loss.loss_mode): vanilla, per token (PPO / GRPO / DAPO);
+    # gspo, per response (GSPO, Qwen's recipe for MoE RL: the geometric mean of its token ratios; the paper clips at
+    # clip_low 3e-4 / clip_high 4e-4, no dual clip, loss_agg_mode seq-mean-token-mean). Both are the same on-policy:
+    # every ratio is 1 where a step takes one optimizer step (one mini-batch, ppo_epochs 1)
+    policy_loss: str = _choice("vanilla", POLICY_LOSSES)
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip: float = 3.0
@@ -321,6 +327,7 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "actor_rollout_ref.actor.clip_ratio_high": ("algo.clip_high", ""),
     "actor_rollout_ref.actor.clip_ratio_c": ("algo.dual_clip", ""),
     "actor_rollout_ref.actor.loss_agg_mode": ("algo.loss_agg_mode", ""),
+    "actor_rollout_ref.actor.policy_loss.loss_mode": ("algo.policy_loss", "vanilla or gspo"),
     "actor_rollout_ref.actor.entropy_coeff": ("algo.entropy_coef", ""),
     "actor_rollout_ref.actor.kl_loss_coef": ("algo.kl_coef", ""),
     "actor_rollout_ref.actor.grad_clip": ("optim.grad_clip", ""),
@@ -589,6 +596,15 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                         "the kept output (the recompute still skips the attention; golong plan counts them); "
                         "model.attn_backend=kernels recomputes them")
     a = cfg.algo
+    if a.policy_loss == "gspo":
+        if a.clip_low >= 0.01 or a.clip_high >= 0.01:
+            warnings.append(f"algo.policy_loss=gspo with algo.clip_low={a.clip_low}, algo.clip_high={a.clip_high}: a "
+                            "response's ratio (the geometric mean of its token ratios) stays near 1, so clips this "
+                            "wide rarely bind; GSPO's paper clips at 3e-4 / 4e-4")
+        if t.mini_batch_prompts >= t.prompts_per_step and a.ppo_epochs == 1:
+            warnings.append("algo.policy_loss=gspo changes nothing on-policy: each step takes one optimizer step "
+                            f"(trainer.mini_batch_prompts={t.mini_batch_prompts} >= trainer.prompts_per_step="
+                            f"{t.prompts_per_step}, algo.ppo_epochs=1), where every ratio is 1")
     if a.filter_metric != "score" and not (a.dynamic_sampling and cfg.rollout.n > 1):
         warnings.append(f"algo.filter_metric={a.filter_metric} is not read: dynamic sampling filters nothing "
                         f"(algo.dynamic_sampling={a.dynamic_sampling}, rollout.n={cfg.rollout.n})")

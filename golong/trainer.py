@@ -478,9 +478,11 @@ class Actor:
                     lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
                     agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
                                               self.cfg.rollout.max_response_tokens)
+                gspo = algo.policy_loss == "gspo"
                 loss, metrics = policy_loss(
                     logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
-                    clip_high=algo.clip_high, dual_clip=algo.dual_clip, is_weights=is_w,
+                    clip_high=algo.clip_high, dual_clip=None if gspo else algo.dual_clip, is_weights=is_w,
+                    seq_log_ratio=self._sequence_log_ratio(mb, logprob, old_lp, mask) if gspo else None,
                     ref_logprob=self._shard(mb, mb.ref_logprobs) if mb.ref_logprobs is not None else None,
                     kl_coef=algo.kl_coef, entropy=entropy if algo.entropy_coef else None,
                     entropy_coef=algo.entropy_coef, token_weights=None if agg is None else self._shard(mb, agg))
@@ -516,6 +518,20 @@ class Actor:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, ok
+
+    def _sequence_log_ratio(self, mb: MicroBatch, logprob: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor
+                            ) -> torch.Tensor:
+        """[T_local] fp32, detached: each token's response mean of logpi - logpi_old (GSPO's log s_i), over the
+        response's tokens on every rank of the cp group (an all-reduce of two [S] fp64 vectors)."""
+        seq = self._shard(mb, mb.seq_index)
+        sums = torch.zeros(2, max(1, len(mb.indices)), dtype=torch.float64, device=logprob.device)
+        valid = mask.to(torch.bool)
+        d = torch.where(valid, logprob.detach().double() - old_lp.detach().double(), 0.0)
+        sums[0].index_add_(0, seq, d)
+        sums[1].index_add_(0, seq, valid.double())
+        if self.dims.cp_size > 1:
+            dist.all_reduce(sums, group=self.dims.cp_group)
+        return (sums[0] / sums[1].clamp_min(1))[seq].float()
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -8,6 +8,14 @@ Per valid token t, with rho = exp(logpi - logpi_old) and advantage A:
 
 loss = sum_t (L + kl_coef * KL_t - entropy_coef * H_t) / global_token_count
 
+GSPO (algo.policy_loss=gspo) replaces rho by its sequence-level form: with s_i = exp(mean over response i's tokens of
+(logpi - logpi_old)) (the geometric mean of the token ratios), each token of response i takes
+
+    rho_t = exp(logpi_t - sg(logpi_t) + sg(log s_i))     (value s_i, gradient s_i * d logpi_t)
+
+so the clip decides per sequence; the caller passes sg(log s_i) per token (`seq_log_ratio`: under context
+parallelism the mean runs over every rank's shard of the response) and no dual clip.
+
 `global_token_count` is the number of valid tokens in the whole mini-batch, over all micro-batches
 and data-parallel ranks: summing the gradients of every micro-batch's loss (and SUM-all-reducing
 them across ranks) then gives exactly the gradient of the global token mean, however the
@@ -62,7 +70,8 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
                 clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float | None = 3.0,
                 is_weights: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
                 kl_coef: float = 0.0, entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
-                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                token_weights: torch.Tensor | None = None, seq_log_ratio: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss of one micro-batch and its metrics.
 
     All tensor arguments share one shape (packed tokens [N], or [B, L]); `advantages` is per token
@@ -73,7 +82,8 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     `global_token_count`: adding them over micro-batches and ranks gives the global token mean.
     `token_weights` (same shape; see aggregation_weights): the loss terms (and pg_loss, kl_loss, entropy) sum
     each token's term times its weight instead of dividing by `global_token_count`; the clip fractions and
-    ppo_kl stay token means.
+    ppo_kl stay token means. `seq_log_ratio` (same shape, detached): each token's sequence-mean log ratio, for
+    GSPO's ratio (module docstring).
     Keys: pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, and kl_loss / entropy when given (kl_loss: the
     k3 KL to the reference policy, unscaled by kl_coef, as verl's actor/kl_loss).
     """
@@ -92,7 +102,10 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
     # loss and in its gradient)
     zero = torch.zeros((), dtype=dtype, device=lp.device)
     adv = torch.where(valid, advantages.to(dtype).detach(), zero)
-    log_ratio = torch.where(valid, lp - old_logprob.to(dtype).detach(), zero)
+    if seq_log_ratio is None:
+        log_ratio = torch.where(valid, lp - old_logprob.to(dtype).detach(), zero)
+    else:  # GSPO: the sequence's ratio in value, this token's logprob in gradient
+        log_ratio = torch.where(valid, lp - lp.detach() + seq_log_ratio.to(dtype).detach(), zero)
     log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     l_unclipped = -adv * ratio

@@ -330,6 +330,49 @@ def test_policy_loss_value_and_grad_vs_per_token():
     assert all(v.dim() == 0 and not v.requires_grad for v in met.values())
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+def test_gspo_is_the_sequence_level_objective(agg):
+    """algo.policy_loss=gspo: with each token's sequence-mean log ratio passed in, policy_loss's loss and gradient
+    are those of GSPO's objective written per sequence -- s_i = exp(mean_t(logpi - logpi_old)) differentiated
+    whole, J_i = max(-A_i s_i, -A_i clip(s_i, 1 - 3e-4, 1 + 4e-4)), weighted by the sequence's total aggregation
+    weight -- on fresh random inputs with some sequences clipped and some not, in fp64."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [7, 1, 12, 5, 9, 3, 15, 4]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    S, T = len(lengths), sum(lengths)
+    seq = torch.repeat_interleave(torch.arange(S), torch.tensor(lengths))
+    lp = (-torch.rand(T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    # each sequence's drift from the old policy, token noise of +-5e-5 around it: sequences 0, 1, 4 and 7 beyond
+    # the clip on their advantage's side, 5 and 6 beyond it on the other (unclipped), 2 and 3 inside
+    drift = torch.tensor([6e-4, -5e-4, 1e-4, -2e-4, 5e-4, -6e-4, 2e-4, 8e-4], dtype=torch.float64)
+    old = lp.detach() - drift[seq] - (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 1e-4
+    adv = broadcast_to_tokens(torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 1.5, -0.8, 0.9], dtype=torch.float64), cu)
+    mask = torch.ones(T)
+    mask[cu[2] + 3] = 0  # a token that does not count (in the mean either)
+    weights = aggregation_weights(agg, torch.tensor(lengths), seq, S, 16)
+    n_tokens = int(mask.sum())
+    seq_mean = torch.stack([(lp.detach() - old)[seq == i][mask[seq == i] > 0].mean() for i in range(S)])
+    loss, met = policy_loss(lp, old, adv, mask, global_token_count=n_tokens, clip_low=3e-4, clip_high=4e-4,
+                            dual_clip=None, token_weights=weights, seq_log_ratio=seq_mean[seq])
+    loss.backward()
+    got = lp.grad.clone()
+    lp.grad = None
+    want, clipped = 0.0, 0
+    for i in range(S):
+        on = (seq == i) & (mask > 0)
+        s_i = torch.exp((lp[on] - old[on]).mean())
+        a = adv[cu[i]].item()
+        j = torch.maximum(-a * s_i, -a * s_i.clamp(1 - 3e-4, 1 + 4e-4))
+        clipped += bool(-a * s_i.clamp(1 - 3e-4, 1 + 4e-4) > -a * s_i)
+        total_weight = weights[on].double().sum() if weights is not None else on.sum().double() / n_tokens
+        want = want + total_weight * j
+    want.backward()
+    assert clipped == 4  # both branches exercised
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert torch.allclose(got, lp.grad, rtol=1e-10, atol=1e-14) and lp.grad.abs().max() > 0
+    assert met["pg_clipfrac"].item() > 0 and met["pg_clipfrac_lower"].item() == 0
+
+
 def test_policy_loss_defaults_and_errors():
     lp, old, adv, mask, *_ = _loss_inputs(seed=1)
     loss, met = policy_loss(lp, old, adv, mask, global_token_count=int(mask.sum()))

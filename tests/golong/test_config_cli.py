@@ -365,6 +365,27 @@ def test_a_bad_key_or_value_in_a_yaml_file_names_the_file_and_line(tmp_path):
     assert str(e.value).startswith("unknown config key 'trainer.sft_step'")
 
 
+def test_gspo_warns_where_its_settings_do_nothing():
+    """algo.policy_loss=gspo with PPO's clip widths (a sequence ratio stays within them) or on-policy (every ratio 1)
+    is valid but warned about; the paper's settings, off-policy, are not."""
+    from golong.config import config_warnings
+
+    demo = ROOT / "configs/demo-cpu.yaml"
+    paper = ["algo.policy_loss=gspo", "algo.clip_low=3e-4", "algo.clip_high=4e-4", "trainer.prompts_per_step=8",
+             "trainer.mini_batch_prompts=2"]
+    assert config_warnings(load_config(demo, paper)) == []
+    wide = config_warnings(load_config(demo, [*paper, "algo.clip_high=0.28"]))
+    assert len(wide) == 1 and wide[0].startswith("algo.policy_loss=gspo with algo.clip_low=0.0003, "
+                                                 "algo.clip_high=0.28: ")
+    on_policy = config_warnings(load_config(demo, [*paper, "trainer.mini_batch_prompts=8"]))
+    assert on_policy == ["algo.policy_loss=gspo changes nothing on-policy: each step takes one optimizer step "
+                         "(trainer.mini_batch_prompts=8 >= trainer.prompts_per_step=8, algo.ppo_epochs=1), where "
+                         "every ratio is 1"]
+    assert config_warnings(load_config(demo, [*paper, "trainer.mini_batch_prompts=8", "algo.ppo_epochs=2"])) == []
+    with pytest.raises(ConfigError, match="algo.policy_loss"):
+        load_config(demo, ["algo.policy_loss=gpso"])
+
+
 def test_a_verl_key_names_golongs(tmp_path):
     """A verl key (a launch script carried over) is still refused, but the error names golong's key for it: from a
     YAML file (the keys under the refused one only), an override, a key under a verl dict (reward_kwargs.x); every

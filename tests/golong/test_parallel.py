@@ -82,7 +82,8 @@ def test_plan_pads_ranks_to_the_same_count():
 
 # ------------------------------------------------------------------------------ distributed parity
 def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
-                 kl_coef: float = 0.0, agg: str = "token-mean", keep_attention: bool = False) -> None:
+                 kl_coef: float = 0.0, agg: str = "token-mean", keep_attention: bool = False,
+                 policy: str = "vanilla") -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -94,7 +95,8 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
                       trainer__micro_batch_tokens=48, algo__ppo_epochs=1 if on_policy else 2,
                       algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
                       parallel__activation_checkpointing=cp > 1,  # recomputation must not change a thing
-                      parallel__ac_keep_attention=keep_attention)
+                      parallel__ac_keep_attention=keep_attention, algo__policy_loss=policy,
+                      **({"algo__clip_low": 3e-4, "algo__clip_high": 4e-4} if policy == "gspo" else {}))
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
         _check_cp_gather(dims)
@@ -240,6 +242,21 @@ def test_sequence_mean_aggregation_under_fsdp_and_context_parallel_matches_one_r
 
 
 @pytest.mark.distributed
+def test_gspo_under_fsdp_and_context_parallel_matches_one_rank(one_rank, tmp_path):
+    """algo.policy_loss=gspo: a response's ratio is the mean log ratio over its tokens on both ranks of the ring (an
+    all-reduce over the cp group), so 2 ranks with cp 2 give one rank's update, clipped at 3e-4 / 4e-4 on some
+    responses; it differs from the token ratio's update."""
+    runs = {}
+    for world, cp in ((1, 1), (2, 2)):
+        out = str(tmp_path / f"{world}_{cp}.pt")
+        run_distributed(_run_updates, world, cp, out, 2, False, 0.0, "seq-mean-token-mean", False, "gspo")
+        runs[world, cp] = torch.load(out)
+    _compare(runs[1, 1], runs[2, 2], 1e-4)
+    assert all(0 < h["actor/pg_clipfrac"] < 1 for h in runs[1, 1]["history"])
+    assert runs[1, 1]["history"][0]["actor/loss"] != pytest.approx(one_rank["history"][0]["actor/loss"], rel=1e-3)
+
+
+@pytest.mark.distributed
 def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
     """dp_shard 2 x cp 2: two rings of two, each with its own micro-batch plan (unequal token counts, dummies)."""
     out = str(tmp_path / "dp_cp.pt")
@@ -293,13 +310,16 @@ def _grads(model) -> dict:
 
 
 def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, agg="token-mean", max_tokens=0,
-                    ent_coef=0.0):
+                    ent_coef=0.0, gspo=False):
     """The DESIGN.md policy loss written out, one sequence at a time: logprobs of the response tokens at
     temperature T (the model's fused head, tested on its own in tests/kernels), rollout IS (mask [0.5, 5],
     veto 1e-4 per sequence), clip 0.2 / 0.28, dual clip 3, + kl_coef x k3 KL to the reference logprobs `ref`
     (exp(d) - d - 1, d = ref - logprob) - ent_coef x entropy, token mean over the mini-batch's response tokens
     (agg: verl's other loss_agg_modes over its S responses: mean of each response's token mean, sum / S,
-    sum / (S x max_tokens)). `rollouts` (and old, ref, by position): one mini-batch. Returns (loss, the logprobs)."""
+    sum / (S x max_tokens)). `rollouts` (and old, ref, by position): one mini-batch. Returns (loss, the logprobs).
+    gspo: GSPO's sequence-level objective instead (no rollout IS, no dual clip, clip 3e-4 / 4e-4): the response's
+    ratio s = exp(mean(logpi - logpi_old)) differentiated whole, |o_i| x max(-A s, -A clip(s)) in place of the
+    token terms' sum."""
     total, n_tokens, lps = 0.0, sum(len(r.response_ids) for r in rollouts), []
     per_seq = {"token-mean": lambda n: n_tokens, "seq-mean-token-mean": lambda n: len(rollouts) * n,
                "seq-mean-token-sum": lambda n: len(rollouts),
@@ -319,11 +339,15 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
         if bool((rho_is < 1e-4).any()):
             w = torch.zeros_like(w)
         a = r.advantage
-        rho = torch.exp(lp - old[i])
-        per_tok = torch.maximum(-a * rho, -a * rho.clamp(0.8, 1.28))
-        if a < 0:
-            per_tok = torch.minimum(per_tok, torch.full_like(per_tok, -3.0 * a))
-        seq = (per_tok * w).sum()
+        if gspo:
+            s = torch.exp((lp - old[i]).mean())
+            seq = len(lp) * torch.maximum(-a * s, -a * s.clamp(1 - 3e-4, 1 + 4e-4))
+        else:
+            rho = torch.exp(lp - old[i])
+            per_tok = torch.maximum(-a * rho, -a * rho.clamp(0.8, 1.28))
+            if a < 0:
+                per_tok = torch.minimum(per_tok, torch.full_like(per_tok, -3.0 * a))
+            seq = (per_tok * w).sum()
         if ref is not None:
             d = ref[i] - lp
             seq = seq + kl_coef * (torch.exp(d) - d - 1).sum()
@@ -333,7 +357,7 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
 
 
 def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean", minis: int = 1,
-                         ent_coef: float = 0.0) -> None:
+                         ent_coef: float = 0.0, gspo: bool = False) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
@@ -343,9 +367,10 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
     # minis 2: two prompts a mini-batch, each step's loss over its own (S and the token count are the mini-batch's)
     cfg = tiny_config(trainer__mini_batch_prompts=100 if minis == 1 else 2, trainer__micro_batch_tokens=40,
                       algo__ppo_epochs=2, algo__entropy_coef=ent_coef,
-                      algo__rollout_is="mask", optim__grad_clip=0.0, rollout__temperature=0.7,
+                      algo__rollout_is="none" if gspo else "mask", optim__grad_clip=0.0, rollout__temperature=0.7,
                       optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
-                      rollout__max_response_tokens=16)
+                      rollout__max_response_tokens=16, algo__policy_loss="gspo" if gspo else "vanilla",
+                      algo__clip_low=3e-4 if gspo else 0.2, algo__clip_high=4e-4 if gspo else 0.28)
     dims = init_parallel(-1, 1, "gloo")
     reference = build_model(cfg, dims, reference=True) if kl_coef else None
     actor = Actor(build_model(cfg, dims), dims, cfg, reference)
@@ -381,7 +406,8 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
             p.grad = None
         mini = [i for i in range(len(rollouts)) if rollouts[i].group // (4 // minis) == len(steps) % minis]
         loss, now = _reference_loss(actor.model, [rollouts[i] for i in mini], [old[i] for i in mini], 0.7,
-                                    None if ref is None else [ref[i] for i in mini], kl_coef, agg, 16, ent_coef)
+                                    None if ref is None else [ref[i] for i in mini], kl_coef, agg, 16, ent_coef,
+                                    gspo)
         if ref is not None:  # k3 stays below its clamp (10 at |d| ~ 2.5), where the formula above holds
             assert 0.1 < max((ref[i] - c).abs().max().item() for i, c in zip(mini, now)) < 2.5
         loss.backward()
@@ -401,9 +427,13 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
     m = actor.update(rollouts, "pg")
     assert len(steps) == 2 * minis and m["actor/optimizer_steps"] == 2 * minis
     assert m["actor/loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
-    # every branch was exercised: IS mask and veto, the upper / lower clip, the dual clip
-    assert m["rollout_is/veto_frac"] > 0 and m["rollout_is/masked_frac"] > 0
-    assert m["actor/pg_clipfrac"] > 0 and m["actor/pg_clipfrac_lower"] > 0, m
+    # every branch was exercised: IS mask and veto, the upper / lower clip, the dual clip (GSPO: the clip)
+    if gspo:
+        assert "rollout_is/veto_frac" not in m and m["actor/pg_clipfrac_lower"] == 0
+        assert 0 < m["actor/pg_clipfrac"] < 1, m
+    else:
+        assert m["rollout_is/veto_frac"] > 0 and m["rollout_is/masked_frac"] > 0
+        assert m["actor/pg_clipfrac"] > 0 and m["actor/pg_clipfrac_lower"] > 0, m
     if kl_coef:
         assert m["actor/kl_loss"] > 1e-3 and "time/ref_logprob_s" in m, m
         # actor/loss = pg_loss + kl_coef x kl_loss (- entropy_coef x the aggregated entropy), over optimizer steps
@@ -416,14 +446,17 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kl_coef, agg, minis, ent_coef", [
-    (0.0, "token-mean", 1, 0.0), (0.3, "token-mean", 1, 0.0), (0.0, "seq-mean-token-mean", 2, 0.02),
-    (0.3, "seq-mean-token-sum", 2, 0.0), (0.3, "seq-mean-token-sum-norm", 1, 0.02)])
-def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, ent_coef):
+@pytest.mark.parametrize("kl_coef, agg, minis, ent_coef, gspo", [
+    (0.0, "token-mean", 1, 0.0, False), (0.3, "token-mean", 1, 0.0, False),
+    (0.0, "seq-mean-token-mean", 2, 0.02, False), (0.3, "seq-mean-token-sum", 2, 0.0, False),
+    (0.3, "seq-mean-token-sum-norm", 1, 0.02, False), (0.0, "seq-mean-token-mean", 2, 0.0, True),
+    (0.3, "token-mean", 1, 0.02, True)])
+def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, ent_coef, gspo):
     """The trainer's real update (micro-batching, target shift, temperature, old logprobs, rollout IS weights,
     clipped loss, KL to the reference policy, an entropy bonus, global token mean or another algo.loss_agg_mode,
-    one or two mini-batches) against the loss written out from DESIGN.md, one sequence at a time."""
-    run_distributed(_update_vs_reference, 1, kl_coef, agg, minis, ent_coef)
+    one or two mini-batches; GSPO's sequence ratio) against the loss written out from DESIGN.md (GSPO: its
+    sequence-level objective), one sequence at a time."""
+    run_distributed(_update_vs_reference, 1, kl_coef, agg, minis, ent_coef, gspo)
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
