@@ -146,9 +146,10 @@ class AlgoConfig:
     rollout_is_veto: float = 1e-4
     dynamic_sampling: bool = True
     # what dynamic sampling finds equal within a prompt group (DAPO's filter_groups.metric): "score" (the task score
-    # or the reward function's), "reward" (the score plus any overlong penalty: verl's seq_final_reward), or a key of
-    # the numbers rollout.reward_function's dict results hold beside "score" (DAPO's "acc"); a response whose result
-    # lacks it (a failed call) counts 0 there, as its score does
+    # or the reward function's), "reward" (the score plus any overlong penalty: verl's seq_reward / seq_final_reward),
+    # or a key of the numbers rollout.reward_function's dict results hold beside "score" (DAPO's "acc", which is the
+    # score where a result holds none, as DAPO records a plain number's); a response whose result lacks the key (a
+    # failed call) counts 0 there; a key no result has held yet in the run stops it
     filter_metric: str = "score"
     # DAPO's overlong reward shaping (verl: reward_model.overlong_buffer): a response longer than
     # rollout.max_response_tokens - overlong_buffer_tokens loses overlong_penalty_factor x its excess / the buffer from
@@ -300,20 +301,26 @@ def _field_type(full_key: str) -> str | None:
     return {f.name: str(f.type) for f in dataclasses.fields(section)}.get(name)
 
 
-# verl's (and GoLongRL's launch scripts') config keys -> golong's, for the error of a verl key: (golong key, how)
+# verl's (and GoLongRL's launch scripts') config keys -> golong's, for the error of a verl key: (golong key, how);
+# "" where golong has none
 VERL_KEYS: dict[str, tuple[str, str]] = {
     "custom_reward_function.path": ("rollout.reward_function", "path/to/file.py"),
     "custom_reward_function.name": ("rollout.reward_function", "path/to/file.py:name"),
     "custom_reward_function.reward_kwargs": ("rollout.reward_kwargs", ""),
-    "reward_model.reward_kwargs": ("rollout.reward_kwargs", ""),
+    "reward_model.reward_kwargs": ("algo.overlong_buffer_tokens", "verl's reward manager reads overlong_buffer_cfg and "
+                                   "max_resp_len there: algo.overlong_buffer_tokens, algo.overlong_penalty_factor, "
+                                   "rollout.max_response_tokens; what the function gets is "
+                                   "custom_reward_function.reward_kwargs, golong's rollout.reward_kwargs"),
     "reward_model.overlong_buffer.enable": ("algo.overlong_buffer_tokens", "> 0 turns it on"),
     "reward_model.overlong_buffer.len": ("algo.overlong_buffer_tokens", ""),
     "reward_model.overlong_buffer.penalty_factor": ("algo.overlong_penalty_factor", ""),
     "algorithm.adv_estimator": ("algo.adv_estimator", ""),
     "algorithm.filter_groups.enable": ("algo.dynamic_sampling", ""),
     "algorithm.filter_groups.metric": ("algo.filter_metric", "score, reward or a key of your reward function's"),
-    "algorithm.filter_groups.max_num_gen_batches": ("algo.max_num_gen_batches", ""),
-    "algorithm.kl_ctrl.kl_coef": ("algo.kl_coef", "a k3 KL loss term"),
+    "algorithm.filter_groups.max_num_gen_batches": ("algo.max_num_gen_batches", "verl's 0, no limit, has no "
+                                                    "equivalent: give a number >= 1"),
+    "algorithm.kl_ctrl.kl_coef": ("", "verl's KL penalty in the reward (algorithm.use_kl_in_reward) has no equivalent; "
+                                      "algo.kl_coef is a KL loss term, verl's actor.kl_loss_coef"),
     "data.train_batch_size": ("trainer.prompts_per_step", ""),
     "data.gen_batch_size": ("trainer.gen_batch_prompts", ""),
     "data.max_prompt_length": ("data.max_prompt_tokens", ""),
@@ -345,10 +352,10 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "actor_rollout_ref.rollout.val_kwargs.top_p": ("rollout.val_top_p", ""),
     "trainer.total_training_steps": ("trainer.total_steps", ""),
     "trainer.test_freq": ("trainer.val_every", ""),
-    "trainer.save_freq": ("checkpoint.every", ""),
+    "trainer.save_freq": ("checkpoint.every", "verl's -1, never, is 0 here: at the end only"),
     "trainer.default_local_dir": ("checkpoint.dir", ""),
     "trainer.max_actor_ckpt_to_keep": ("checkpoint.keep_last", ""),
-    "trainer.resume_mode": ("checkpoint.resume", "auto, none or a checkpoint path"),
+    "trainer.resume_mode": ("checkpoint.resume", "auto, none (verl's disable) or a checkpoint path"),
     "trainer.project_name": ("logging.wandb_project", ""),
     "trainer.rollout_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts"),
     "trainer.validation_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts/val_step_<N>.jsonl"),
@@ -358,8 +365,8 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
 def verl_hints(keys: list[str]) -> str:
     """" (verl's X is golong's Y; ...)" for the verl keys among the dotted `keys` (or keys under one), else ""."""
     found = dict.fromkeys(verl for key in keys for verl in VERL_KEYS if key == verl or key.startswith(verl + "."))
-    hints = [f"verl's {verl} is golong's {VERL_KEYS[verl][0]}" + (f" ({how})" if (how := VERL_KEYS[verl][1]) else "")
-             for verl in found]
+    hints = [(f"verl's {verl} is golong's {VERL_KEYS[verl][0]}" + (f" ({how})" if (how := VERL_KEYS[verl][1]) else ""))
+             if VERL_KEYS[verl][0] else f"{verl}: {VERL_KEYS[verl][1]}" for verl in found]
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -482,6 +489,9 @@ def _check_values(cfg: RunConfig) -> None:
          f"algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens) = [0, {r.max_response_tokens}) "
          "(0: no overlong shaping; a buffer as long as the response budget would penalise every token)"),
         (a.overlong_penalty_factor >= 0, "algo.overlong_penalty_factor must be >= 0"),
+        (a.filter_metric not in ("seq_reward", "seq_final_reward"),
+         f"algo.filter_metric={a.filter_metric} is verl's name for the response's summed reward: golong's 'reward' "
+         "(the score plus any overlong penalty)"),
         (a.filter_metric in FILTER_METRICS or (bool(r.reward_function) and a.filter_metric.strip() != ""),
          f"algo.filter_metric={a.filter_metric!r}: valid names {', '.join(FILTER_METRICS)}, or with "
          "rollout.reward_function a key its dict results hold beside 'score' (DAPO's 'acc')"),

@@ -182,8 +182,9 @@ class Rollout:
     finish_reason: str = "length"
     prompt_index: int | None = None  # position of its prompt in the trainer's training prompts (rollouts it made)
     text: str | None = None  # the decoded response, stop token stripped: on rank 0 with logging.dump_rollouts only
-    # with rollout.reward_function: the call's failure and what its dict result held beside the score
-    # (FunctionReport.info; None for a plain score)
+    # with rollout.reward_function: the numbers its dict result held beside the score (every rank: dynamic
+    # sampling may filter on one), and the call's failure and all it held (FunctionReport.infos; rank 0, for the dump)
+    reward_numbers: dict[str, float] | None = None
     reward_info: dict[str, Any] | None = None
 
     @property
@@ -199,7 +200,10 @@ class Generated(NamedTuple):
     finish_reason: str
     score: float
     text: str | None  # the response as scored: on rank 0 where texts were asked for, else None
-    reward_info: dict[str, Any] | None = None  # FunctionReport.info of its reward-function call
+    # with rollout.reward_function, on every rank: the numbers its result held beside the score; whether it failed
+    reward_numbers: dict[str, float] | None = None
+    reward_failed: bool = False
+    reward_info: dict[str, Any] | None = None  # the call's FunctionReport.infos entry: with the text, rank 0 only
 
 
 @dataclass
@@ -957,6 +961,8 @@ class Trainer:
         self.generated: list[Rollout] = []  # the last step's responses, kept or not (logging.dump_rollouts)
         self.warned_format = False  # _warn_format: once per run
         self.warned_function = False  # _check_function_errors: once per run
+        self.filter_keys_seen: set[str] = set()  # _filter_values: keys a result has held in this run
+        self.warned_filter_key = False
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
@@ -1073,9 +1079,15 @@ class Trainer:
         t2 = time.perf_counter()
         # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
+        # of the reward function's results, every rank gets the numbers (bounded: MAX_EXTRAS) and whether it failed;
+        # the failure's line and the text extras go to rank 0 with the response texts
+        infos = report.infos(len(mine))
+        numbers = [{key: v for key, v in report.extras.get(k, {}).items() if isinstance(v, float)} or None
+                   for k in range(len(mine))]
         local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
                   None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
-                  out.finish_reasons[k], scores[k], report.info(k)) for k, j in enumerate(mine)]
+                  out.finish_reasons[k], scores[k], numbers[k], "reward_error" in (infos[k] or {}))
+                 for k, j in enumerate(mine)]
         # the count of calls that failed, the first one's traceback, how many responses the function was given, and
         # the (sum, count) of each extra number its results held
         errors = report.errors
@@ -1094,13 +1106,17 @@ class Trainer:
                 for key, (total, count) in r[3].items():
                     timings[f"reward/extra_sum/{key}"] = timings.get(f"reward/extra_sum/{key}", 0.0) + total
                     timings[f"reward/extra_count/{key}"] = timings.get(f"reward/extra_count/{key}", 0.0) + count
-        by_request: dict[int, str] = {}
+        by_request: dict[int, tuple[str, dict[str, Any] | None]] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
-            shares = _gather_to_rank0(list(zip(mine, decoded)))
-            by_request = {j: text for share in shares or [] for j, text in share}
+            shares = _gather_to_rank0(list(zip(mine, decoded, infos)))
+            by_request = {j: (text, info) for share in shares or [] for j, text, info in share}
             timings["time/dump_s"] = time.perf_counter() - t3
-        return [Generated(*x[1:5], by_request.get(x[0]), x[5]) for x in merged], timings
+        results = []
+        for j, tokens, logprobs, finish, score, nums, failed_call in merged:
+            text, info = by_request.get(j, (None, None))
+            results.append(Generated(tokens, logprobs, finish, score, text, nums, failed_call, info))
+        return results, timings
 
     @staticmethod
     def _extra_means(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -1161,7 +1177,7 @@ class Trainer:
                              None if g.logprobs is None else np.asarray(g.logprobs, dtype=np.float32),
                              group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task,
                              score=float(g.score), finish_reason=g.finish_reason, prompt_index=idx[j // n],
-                             text=g.text, reward_info=g.reward_info)
+                             text=g.text, reward_numbers=g.reward_numbers, reward_info=g.reward_info)
                      for j, g in enumerate(results)]
             every += batch
             gen_batches += 1
@@ -1188,21 +1204,31 @@ class Trainer:
 
     def _filter_values(self, batch: Sequence[Rollout]) -> torch.Tensor:
         """[B] float64: what dynamic sampling finds equal or not within each prompt group (algo.filter_metric).
-        The same on every rank (the results are gathered), so a key no result holds stops every rank together."""
+        A response whose result lacks the key counts 0 (a failed call, a data source the function answers with a
+        plain number); "acc" falls back to the score there, as DAPO's reward manager records a plain number's. A key
+        no result has held yet in the run stops it (a misspelt key would drop every group); the values are the
+        same on every rank (gathered), so every rank stops together."""
         key = self.cfg.algo.filter_metric
         scores = torch.tensor([r.score for r in batch], dtype=torch.float64)  # fp32 would merge near-ties
         if key == "score":
             return scores
         if key == "reward":
             return scores + self._overlong_penalty(batch)
-        extras = [(r.reward_info or {}).get("reward_extras") or {} for r in batch]
-        values = [x.get(key) for x in extras]
-        if not any(isinstance(v, float) for v in values):
-            held = sorted({k for x in extras for k, v in x.items() if isinstance(v, float)})
+        values = [(r.reward_numbers or {}).get(key) for r in batch]
+        if key == "acc":
+            values = [r.score if v is None else v for r, v in zip(batch, values)]
+        if any(v is not None for v in values):
+            self.filter_keys_seen.add(key)
+        elif key not in self.filter_keys_seen:
+            held = sorted({k for r in batch for k in r.reward_numbers or {}})
             raise RewardFunctionError(
-                f"algo.filter_metric={key}: no result of the reward function in this generation batch held a number "
-                f"under {key!r} (the numbers they held: {', '.join(held) or 'none'}; or score, reward)")
-        return torch.tensor([v if isinstance(v, float) else 0.0 for v in values], dtype=torch.float64)
+                f"algo.filter_metric={key}: no result of the reward function has held a number under {key!r} in "
+                f"this run (the numbers they held: {', '.join(held) or 'none'}; or score, reward)")
+        elif not self.warned_filter_key:
+            self.warned_filter_key = True
+            log.warning(f"algo.filter_metric={key}: no result in this generation batch held a number under {key!r}; "
+                        "its responses count 0 there, so dynamic sampling drops every group (warned once)")
+        return torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float64)
 
     def _warn_format(self, frac: float, where: str) -> None:
         """Once per run: most responses failing the format gate usually means a model that does not think."""
@@ -1338,7 +1364,7 @@ class Trainer:
         for j, g in enumerate(results):
             record = self.val_prompts[j // n].record
             by_task[record.task].append(g.score)
-            failed[record.task] += "reward_error" in (g.reward_info or {})
+            failed[record.task] += g.reward_failed
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
                 rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
                              "data_source": record.data_source, "task": record.task, "score": g.score,

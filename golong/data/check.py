@@ -117,8 +117,8 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
         scores = score_records([r for _, r in answered], [sft_target(r) for _, r in answered],
                                config=reward_config(cfg.rollout), report=report)
         by_task: dict[str, list[tuple[int, float, str | None]]] = defaultdict(list)
-        for k, ((i, r), score) in enumerate(zip(answered, scores)):
-            by_task[r.task].append((i, score, (report.info(k) or {}).get("reward_error")))
+        for (i, r), score, info in zip(answered, scores, report.infos(len(answered))):
+            by_task[r.task].append((i, score, (info or {}).get("reward_error")))
         total: dict[str, int] = defaultdict(int)
         for r in records:
             total[r.task] += 1

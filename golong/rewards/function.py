@@ -27,7 +27,8 @@ from typing import Any
 
 DEFAULT_NAME = "compute_score"  # verl's custom_reward_function.name default
 JOB = "reward_function"  # the pool job kind that calls the user's function (not a metric name)
-EXTRA_TEXT_CHARS = 500  # a text extra (DAPO's "pred") is cut to this in the rollout dump
+EXTRA_TEXT_CHARS = 500  # a text extra (DAPO's "pred") and a failure's line are cut to this in the rollout dump
+MAX_EXTRAS = 32  # what a dict result holds beyond this many keys is dropped
 
 
 class RewardFunctionError(RuntimeError):
@@ -52,17 +53,28 @@ class FunctionReport:
                     out.setdefault(key, []).append(v)
         return out
 
-    def info(self, i: int) -> dict[str, Any] | None:
-        """Job i's line in a rollout dump: {"reward_error": the failure's last line} where the call failed,
-        {"reward_extras": {...}} where its dict result held more than the score; None for a plain score."""
-        out: dict[str, Any] = {}
-        failed = next((tb for j, tb in self.errors if j == i), None)
-        if failed is not None:
-            lines = [line for line in failed.strip().splitlines() if line.strip()]
-            out["reward_error"] = lines[-1].strip() if lines else "failed"
-        if self.extras.get(i):
-            out["reward_extras"] = self.extras[i]
-        return out or None
+    def infos(self, n: int) -> list[dict[str, Any] | None]:
+        """Each of jobs 0..n-1's fields in a rollout dump: "reward_error" (the exception, error_line) where the call
+        failed, "reward_extras" where its dict result held more than the score; None for a plain score."""
+        failed = dict(self.errors)
+        out: list[dict[str, Any] | None] = []
+        for i in range(n):
+            info: dict[str, Any] = {}
+            if i in failed:
+                info["reward_error"] = error_line(failed[i])
+            if self.extras.get(i):
+                info["reward_extras"] = self.extras[i]
+            out.append(info or None)
+        return out
+
+
+def error_line(text: str) -> str:
+    """A failure in one line, at most EXTRA_TEXT_CHARS: a traceback's exception (the lines after its last frame,
+    a multi-line message joined), or the message itself."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    frames = [k for k, line in enumerate(lines) if line.startswith((" ", "\t"))]
+    tail = " ".join(line.strip() for line in lines[frames[-1] + 1 if frames else 0:]) or "failed"
+    return tail if len(tail) <= EXTRA_TEXT_CHARS else tail[:EXTRA_TEXT_CHARS] + "..."
 
 
 # Set by the scoring worker per job: rollout.require_think of the run, for default_compute_score's format gate.
@@ -165,8 +177,9 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
                   extra_info: dict[str, Any], kwargs: dict[str, Any] | None = None
                   ) -> tuple[float, dict[str, float | str | None]]:
     """fn's score as a finite float (fn called by keyword, as verl does, with `kwargs`: rollout.reward_kwargs),
-    and what else a dict result held (verl's extra reward info, e.g. DAPO's "acc" and "pred"): numbers as floats
-    (bools 0 / 1, non-finite ones None), anything else as its text, cut to EXTRA_TEXT_CHARS. Raises TypeError /
+    and what else a dict result held (verl's extra reward info, e.g. DAPO's "acc" and "pred"; string keys, the first
+    MAX_EXTRAS): numbers as floats (bools 0 / 1, non-finite ones None), anything else as its text, cut to
+    EXTRA_TEXT_CHARS. Raises TypeError /
     ValueError naming what it returned where the score is not a finite number."""
     out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info,
              **(kwargs or {}))
@@ -182,14 +195,16 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
         raise ValueError(f"a reward function returned {score}; scores must be finite")
     extras: dict[str, float | str | None] = {}
     for key, v in out.items() if isinstance(out, dict) else ():
-        if key == "score":
+        if key == "score" or not isinstance(key, str):  # metric names are strings: 1 and "1" would collide
             continue
+        if len(extras) == MAX_EXTRAS:
+            break
         number = _number(v)
         if number is not None:
-            extras[str(key)] = number if math.isfinite(number) else None
+            extras[key] = number if math.isfinite(number) else None
         else:
             text = v if isinstance(v, str) else repr(v)
-            extras[str(key)] = text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
+            extras[key] = text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
     return value, extras
 
 
@@ -199,7 +214,7 @@ def _number(v: Any) -> float | None:
         return None
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a float's range (10**400)
         return None
 
 

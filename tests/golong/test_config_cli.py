@@ -386,14 +386,23 @@ def test_gspo_warns_where_its_settings_do_nothing():
         load_config(demo, ["algo.policy_loss=gpso"])
 
 
+def test_filter_metric_takes_verls_summed_reward_names_as_golongs():
+    demo = ROOT / "configs/demo-cpu.yaml"
+    for name in ("seq_reward", "seq_final_reward"):
+        with pytest.raises(ConfigError, match=f"algo.filter_metric={name} is verl's name for the response's summed "
+                                              "reward: golong's 'reward'"):
+            load_config(demo, [f"algo.filter_metric={name}", "rollout.reward_function=golong/rewards/scoring.py"])
+    assert load_config(demo, ["algo.filter_metric=reward"]).algo.filter_metric == "reward"
+
+
 def test_a_verl_key_names_golongs(tmp_path):
     """A verl key (a launch script carried over) is still refused, but the error names golong's key for it: from a
     YAML file (the keys under the refused one only), an override, a key under a verl dict (reward_kwargs.x); every
     key the table names is one of golong's."""
     from golong.config import VERL_KEYS, _lookup_section
 
-    for verl, (key, _) in VERL_KEYS.items():
-        assert key.split(".")[-1] in {f.name for f in dataclasses.fields(_lookup_section(key))}, verl
+    for verl, (key, how) in VERL_KEYS.items():
+        assert key.split(".")[-1] in {f.name for f in dataclasses.fields(_lookup_section(key))} if key else how, verl
     path = tmp_path / "verl.yaml"
     path.write_text("data:\n  gen_batch_size: 64\nalgorithm:\n  filter_groups:\n    metric: acc\n")
     with pytest.raises(ConfigError) as e:
@@ -404,8 +413,16 @@ def test_a_verl_key_names_golongs(tmp_path):
                                           r"custom_reward_function.name is golong's rollout.reward_function "
                                           r"\(path/to/file.py:name\)\)$"):
         load_config(ROOT / "configs/demo-cpu.yaml", ["custom_reward_function.name=f"])
-    with pytest.raises(ConfigError, match=r"\(verl's reward_model.reward_kwargs is golong's rollout.reward_kwargs\)$"):
-        load_config(ROOT / "configs/demo-cpu.yaml", ["reward_model.reward_kwargs.scale=2"])
+    # verl's reward manager reads these, not the function: golong's overlong settings
+    with pytest.raises(ConfigError, match=r"\(verl's reward_model.reward_kwargs is golong's "
+                                          r"algo.overlong_buffer_tokens \(verl's reward manager reads "
+                                          r"overlong_buffer_cfg .* golong's "
+                                          r"rollout.reward_kwargs\)\)$"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["reward_model.reward_kwargs.max_resp_len=100"])
+    with pytest.raises(ConfigError, match=r"\(algorithm.kl_ctrl.kl_coef: verl's KL penalty in the reward "
+                                          r"\(algorithm.use_kl_in_reward\) has no equivalent; algo.kl_coef is a KL "
+                                          r"loss term, verl's actor.kl_loss_coef\)$"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["algorithm.kl_ctrl.kl_coef=0.001"])
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/demo-cpu.yaml", ["trainer.sft_step=2"])
     assert "verl's" not in str(e.value)

@@ -209,24 +209,38 @@ def test_failures_score_zero_and_are_reported(reward_file):
 
 
 def test_each_response_reports_its_failure_and_extras():
-    """FunctionReport.info: a response's line in the rollout dump -- the failure's last line (the exception, not
-    the whole traceback), what its dict result held; numbers(): the numeric extras by key in job order (text and
-    non-finite ones are not averaged)."""
-    from golong.rewards.function import call_function
+    """FunctionReport.infos: each response's fields in the rollout dump -- its failure as one line (a traceback's
+    exception, a multi-line message joined, cut to 500 characters), what its dict result held (string keys only,
+    at most MAX_EXTRAS, text cut); numbers(): the numeric extras by key in job order (text and non-finite ones are
+    not averaged); an int past a float's range is text, not a failed call."""
+    from golong.rewards.function import EXTRA_TEXT_CHARS, MAX_EXTRAS, call_function, error_line
 
     def fn(data_source, solution_str, ground_truth, extra_info):
-        return {"score": 0.5, "acc": True, "pred": solution_str * 400, "gap": float("inf"), "n": 3}
+        if data_source == "many":
+            return {"score": 1, **{f"k{i}": i for i in range(100)}}
+        return {"score": 0.5, "acc": True, "pred": solution_str * 400, "gap": float("inf"), "n": 3, 1: 2.0,
+                None: 1.0, "huge": 10 ** 600}
 
     score, extras = call_function(fn, "s", "ab", None, {})
     assert score == 0.5 and extras["acc"] == 1.0 and extras["gap"] is None and extras["n"] == 3.0
     assert extras["pred"] == "ab" * 250 + "..."  # cut to EXTRA_TEXT_CHARS
-    report = FunctionReport(errors=[(1, 'Traceback (most recent call last):\n  File "r.py", line 3\n'
-                                        "ValueError: cannot score\n")],
+    assert extras["huge"] == "1" + "0" * (EXTRA_TEXT_CHARS - 1) + "..."
+    assert set(extras) == {"acc", "pred", "gap", "n", "huge"}  # the keys 1 and None are not metric names
+    assert len(call_function(fn, "many", "", None, {})[1]) == MAX_EXTRAS
+    tb = 'Traceback (most recent call last):\n  File "r.py", line 3, in f\n    raise ValueError(x)\n'
+    report = FunctionReport(errors=[(1, tb + "ValueError: cannot score\nthe second line\n"),
+                                    (3, "the reward function ran past the 3 s time limit (rollout.reward_timeout_s)"),
+                                    (4, tb + "ValueError: " + "x" * 100_000)],
                             extras={0: extras, 2: {"acc": 0.0, "pred": "x"}})
-    assert report.info(0) == {"reward_extras": extras}
-    assert report.info(1) == {"reward_error": "ValueError: cannot score"}
-    assert report.info(3) is None
+    assert report.infos(6) == [{"reward_extras": extras}, {"reward_error": "ValueError: cannot score the second line"},
+                               {"reward_extras": {"acc": 0.0, "pred": "x"}},
+                               {"reward_error": "the reward function ran past the 3 s time limit "
+                                                "(rollout.reward_timeout_s)"},
+                               {"reward_error": "ValueError: " + "x" * (EXTRA_TEXT_CHARS - 12) + "..."}, None]
     assert report.numbers() == {"acc": [1.0, 0.0], "n": [3.0]}
+    assert error_line(tb + "MemoryError\n(the scoring worker reached rollout.reward_memory_mb; a fresh one takes "
+                      "the next calls)") == ("MemoryError (the scoring worker reached rollout.reward_memory_mb; a "
+                                             "fresh one takes the next calls)")
 
 
 def test_a_function_at_its_memory_cap_gets_a_fresh_worker(reward_file):

@@ -941,11 +941,12 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
     assert trainer.sampler.position == start + 8
 
 
-def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path, monkeypatch):
+def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path, monkeypatch, capsys):
     """algo.filter_metric (DAPO's filter_groups.metric): with "acc", a key of the reward function's dict results,
-    groups whose scores differ but whose acc is tied are dropped and the others kept, a failed call (no extras)
-    counting 0; with "reward" the overlong penalty separates responses of equal score; a key no result holds stops
-    the step naming the keys they do hold."""
+    groups whose scores differ but whose acc is tied are dropped and the others kept, a result without it (a
+    failed call, a plain number) counting its score as DAPO does; with "reward" the overlong penalty separates
+    responses of equal score; another key counts 0 where a result lacks it; a key no result has held in the run
+    stops it naming the keys they do hold, one held before but missing from a whole batch is warned about once."""
     import torch.distributed as dist
 
     from golong.config import ConfigError, config_warnings, load_config
@@ -967,38 +968,49 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
                                     "algo.dynamic_sampling=false"])
     assert config_warnings(off) == ["algo.filter_metric=acc is not read: dynamic sampling filters nothing "
                                     "(algo.dynamic_sampling=False, rollout.n=4)"]
-    ok = {"reward_extras": {"acc": 1.0, "pred": "x"}}
-    wrong = {"reward_extras": {"acc": 0.0, "pred": "y"}}
-    failed = {"reward_error": "ValueError: cannot score"}
-    # per group (4 responses each): scores, reward_info, response lengths
+    ok, wrong, failed = {"acc": 1.0, "pass": 1.0}, {"acc": 0.0}, "failed"
+    # per group (4 responses each): scores, the numbers of the function's results, response lengths
     script = [([0.0, 1.0, 0.5, 0.2], [ok] * 4, [2] * 4),  # scores differ, acc tied: dropped under acc
               ([0.5] * 4, [ok, wrong, ok, ok], [2] * 4),  # scores tied, acc differs: kept under acc
-              ([0.0, 0.3, 0.3, 0.3], [failed, ok, ok, ok], [2] * 4),  # the failed call's acc counts 0: kept
-              ([0.0, 0.3, 0.3, 0.3], [failed, wrong, wrong, wrong], [2] * 4),  # 0 like the others: dropped
+              ([0.0, 0.3, 0.3, 0.3], [failed, ok, ok, ok], [2] * 4),  # the failed call's acc is its score 0: kept
+              ([0.0, 0.0, 0.0, 0.0], [failed, wrong, wrong, wrong], [2] * 4),  # 0 like the others: dropped
               ([1.0] * 4, [ok] * 4, [2, 8, 2, 2]),  # an overlong response: kept under "reward" only
-              ([1.0] * 4, [ok] * 4, [2] * 4)]
+              ([1.0, 0.0, 1.0, 1.0], [None] * 4, [2] * 4)]  # plain numbers: acc is the score, kept
     try:
         trainer = Trainer(cfg)
 
+        def response(score, numbers, length):
+            return Generated(list(range(5, 5 + length)), [-1.0] * length, "stop", score, None,
+                             None if numbers == failed else numbers, numbers == failed)
+
         def scripted(prompts, n, params, seed_key, label, texts=False):
             assert n == 4
-            return [Generated(list(range(5, 5 + script[j // n][2][j % n])), [-1.0] * script[j // n][2][j % n],
-                              "stop", script[j // n][0][j % n], None, script[j // n][1][j % n])
-                    for j in range(len(prompts) * n)], {}
+            return [response(*(x[j % n] for x in script[j // n])) for j in range(len(prompts) * n)], {}
 
         monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         got, _ = trainer.collect_rollouts(1)
-        assert sorted({r.group for r in got}) == [1, 2]
-        assert [r.reward_info for r in got if r.group == 1] == [ok, wrong, ok, ok]
+        assert sorted({r.group for r in got}) == [1, 2, 5]
+        assert [r.reward_numbers for r in got if r.group == 1] == [ok, wrong, ok, ok]
         trainer.cfg.algo.filter_metric = "reward"
         trainer.cfg.algo.overlong_buffer_tokens = 4
-        assert sorted({r.group for r in trainer.collect_rollouts(2)[0]}) == [0, 2, 3, 4]
+        assert sorted({r.group for r in trainer.collect_rollouts(2)[0]}) == [0, 2, 4, 5]
         trainer.cfg.algo.filter_metric = "score"
-        assert sorted({r.group for r in trainer.collect_rollouts(3)[0]}) == [0, 2, 3]
+        assert sorted({r.group for r in trainer.collect_rollouts(3)[0]}) == [0, 2, 5]
+        trainer.cfg.algo.filter_metric = "pass"  # held by some results: the others count 0
+        assert sorted({r.group for r in trainer.collect_rollouts(4)[0]}) == [1, 2]
+        # a key no result has held in the run: stopped (a misspelt key would drop every group, every step)
         trainer.cfg.algo.filter_metric = "accuracy"
         with pytest.raises(RewardFunctionError, match=r"algo.filter_metric=accuracy: no result .* held a number "
-                                                      r"under 'accuracy' \(the numbers they held: acc; or score"):
-            trainer.collect_rollouts(4)
+                                                      r"under 'accuracy' in this run \(the numbers they held: acc, "
+                                                      r"pass; or score"):
+            trainer.collect_rollouts(5)
+        # held before, missing from a whole batch: every response counts 0 there, warned once
+        trainer.cfg.algo.filter_metric = "pass"
+        script[:] = [([1.0, 0.0, 1.0, 1.0], [None] * 4, [2] * 4)] * 6
+        capsys.readouterr()
+        assert trainer.collect_rollouts(6)[0] == [] and trainer.collect_rollouts(7)[0] == []
+        warned = [line for line in capsys.readouterr().out.splitlines() if "no result in this generation" in line]
+        assert len(warned) == 1 and "algo.filter_metric=pass" in warned[0]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1292,7 +1304,10 @@ def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
 def _texts_worker(rank: int, world: int) -> None:
     """_generate_and_score on `world` gloo ranks with an engine that answers each request with its own words: rank 0
     receives every response's text, in (prompt, sample) order, as the rank that scored it decoded it; every rank
-    learns how many responses of all ranks failed the format gate (a third of them think here)."""
+    learns how many responses of all ranks failed the format gate (a third of them think here). With a reward
+    function: every rank gets each response's numbers and whether its call failed, rank 0 its dump fields too, each
+    at its request's position."""
+    import tempfile
     import types
 
     from golong.config import RunConfig
@@ -1337,6 +1352,30 @@ def _texts_worker(rank: int, world: int) -> None:
     _, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t")
     assert "response/format_errors" not in timings
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/reward.py"
+        with open(path, "w") as f:
+            f.write("def compute_score(data_source, solution_str, ground_truth, extra_info):\n"
+                    "    if 'zeta' in solution_str:\n"
+                    "        raise ValueError('zeta in %d characters' % len(solution_str))\n"
+                    "    return {'score': 1.0, 'chars': len(solution_str), 'head': solution_str[:5]}\n")
+        stub.cfg.rollout.reward_function, stub.cfg.rollout.reward_workers = path, 1
+        stub.warned_function = False
+        stub._check_function_errors = types.MethodType(Trainer._check_function_errors, stub)
+        results, timings = Trainer._generate_and_score(stub, prompts, 3, SamplingParams(max_tokens=8), (1,), "t",
+                                                         texts=True)
+    zeta = ["zeta" in t for t in expect]
+    assert 0 < sum(zeta) < len(zeta) and timings["reward/function_errors"] == sum(zeta)
+    assert [r.reward_failed for r in results] == zeta
+    assert [r.reward_numbers for r in results] == [None if z else {"chars": float(len(t))} for t, z in
+                                                   zip(expect, zeta)]
+    if rank == 0:
+        assert [r.reward_info for r in results] == [
+            {"reward_error": f"ValueError: zeta in {len(t)} characters"} if z else
+            {"reward_extras": {"chars": float(len(t)), "head": t[:5]}} for t, z in zip(expect, zeta)]
+    else:
+        assert all(r.reward_info is None for r in results)
+
 
 def test_response_texts_are_gathered_to_rank_0_in_request_order():
     """The rollout dump's texts are the ones the ranks decoded to score their shares (rank 0 no longer decodes the
@@ -1356,7 +1395,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, bonu
 
 def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
     """A config whose data golong cannot route (data_source "count" / "boom", ground truth {"w": ...}), scored by
-    REWARD_FUNCTION; the even records are "boom" (any 4 of the 6 prompts hold one)."""
+    REWARD_FUNCTION; the even records are "boom", ability "exploding" (any 4 of the 6 prompts hold one)."""
     import json
 
     from golong.config import load_config
@@ -1364,7 +1403,7 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
     (tmp_path / "reward.py").write_text(REWARD_FUNCTION)
     weights = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     rows = [{"data_source": "boom" if i % 2 == 0 else "count", "prompt": f"count the words {'w ' * i}",
-             "ability": "counting", "reward_model": {"ground_truth": {"w": w}},
+             "ability": "exploding" if i % 2 == 0 else "counting", "reward_model": {"ground_truth": {"w": w}},
              "extra_info": {"index": i, **({"always_raise": True} if always_raise else {})}}
             for i, w in enumerate(weights)]
     data = tmp_path / "count.jsonl"
@@ -1413,8 +1452,11 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert result["reward_mean"] == pytest.approx((sum(weights[1::2]) + 3 * 0.5) / len(weights))
     assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
     assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
-    assert result["tasks"] == {"counting": {"metric": "compute_score() (golong: none)", "responses": 6,
-                                            "reward_mean": result["reward_mean"], "function_errors": 3}}
+    assert result["tasks"] == {  # the failures counted per task
+        "counting": {"metric": "compute_score() (golong: none)", "responses": 3,
+                     "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0},
+        "exploding": {"metric": "compute_score() (golong: none)", "responses": 3, "reward_mean": 0.0,
+                      "function_errors": 3}}
     answered = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     assert sorted(row["record"] for row in answered if "reward_error" in row) == [0, 2, 4]
     assert all(row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}
