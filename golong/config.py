@@ -311,10 +311,15 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
                                    "max_resp_len there: algo.overlong_buffer_tokens, algo.overlong_penalty_factor, "
                                    "rollout.max_response_tokens; what the function gets is "
                                    "custom_reward_function.reward_kwargs, golong's rollout.reward_kwargs"),
+    "reward_model.reward_manager": ("rollout.reward_function", "golong's metrics score every record, or your "
+                                    "function; DAPO's overlong shaping is algo.overlong_buffer_tokens"),
     "reward_model.overlong_buffer.enable": ("algo.overlong_buffer_tokens", "> 0 turns it on"),
     "reward_model.overlong_buffer.len": ("algo.overlong_buffer_tokens", ""),
     "reward_model.overlong_buffer.penalty_factor": ("algo.overlong_penalty_factor", ""),
     "algorithm.adv_estimator": ("algo.adv_estimator", ""),
+    "algorithm.norm_adv_by_std_in_grpo": ("algo.adv_estimator", "false: dr_grpo"),
+    "algorithm.use_kl_in_reward": ("", "verl's KL penalty in the reward has no equivalent; algo.kl_coef is a KL loss "
+                                       "term"),
     "algorithm.filter_groups.enable": ("algo.dynamic_sampling", ""),
     "algorithm.filter_groups.metric": ("algo.filter_metric", "score, reward or a key of your reward function's"),
     "algorithm.filter_groups.max_num_gen_batches": ("algo.max_num_gen_batches", "verl's 0, no limit, has no "
@@ -324,12 +329,14 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "data.train_batch_size": ("trainer.prompts_per_step", ""),
     "data.gen_batch_size": ("trainer.gen_batch_prompts", ""),
     "data.max_prompt_length": ("data.max_prompt_tokens", ""),
+    "data.truncation": ("data.overflow", "truncate_left or drop"),
     "data.max_response_length": ("rollout.max_response_tokens", ""),
     "actor_rollout_ref.model.path": ("model.path", ""),
     "actor_rollout_ref.model.enable_gradient_checkpointing": ("parallel.activation_checkpointing", ""),
     "actor_rollout_ref.actor.ppo_mini_batch_size": ("trainer.mini_batch_prompts", ""),
     "actor_rollout_ref.actor.ppo_epochs": ("algo.ppo_epochs", ""),
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": ("trainer.micro_batch_tokens", ""),
+    "actor_rollout_ref.actor.clip_ratio": ("algo.clip_low", "and algo.clip_high: verl's clip_ratio sets both"),
     "actor_rollout_ref.actor.clip_ratio_low": ("algo.clip_low", ""),
     "actor_rollout_ref.actor.clip_ratio_high": ("algo.clip_high", ""),
     "actor_rollout_ref.actor.clip_ratio_c": ("algo.dual_clip", ""),
@@ -337,12 +344,16 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "actor_rollout_ref.actor.policy_loss.loss_mode": ("algo.policy_loss", "vanilla or gspo"),
     "actor_rollout_ref.actor.entropy_coeff": ("algo.entropy_coef", ""),
     "actor_rollout_ref.actor.kl_loss_coef": ("algo.kl_coef", ""),
+    "actor_rollout_ref.actor.use_kl_loss": ("algo.kl_coef", "> 0 turns the KL loss on"),
+    "actor_rollout_ref.actor.kl_loss_type": ("algo.kl_coef", "the KL loss is low_var_kl, the k3 estimate, only"),
     "actor_rollout_ref.actor.grad_clip": ("optim.grad_clip", ""),
     "actor_rollout_ref.actor.optim.lr": ("optim.lr", ""),
     "actor_rollout_ref.actor.optim.lr_warmup_steps": ("optim.warmup_steps", ""),
     "actor_rollout_ref.actor.optim.weight_decay": ("optim.weight_decay", ""),
     "actor_rollout_ref.actor.ulysses_sequence_parallel_size": ("parallel.cp", "ring attention, any degree"),
     "actor_rollout_ref.rollout.n": ("rollout.n", ""),
+    "actor_rollout_ref.rollout.calculate_log_probs": ("algo.rollout_is", "the rollout's logprobs are always kept; "
+                                                      "algo.rollout_is weighs by them"),
     "actor_rollout_ref.rollout.temperature": ("rollout.temperature", ""),
     "actor_rollout_ref.rollout.top_p": ("rollout.top_p", ""),
     "actor_rollout_ref.rollout.gpu_memory_utilization": ("rollout.gpu_memory_utilization", ""),
@@ -357,16 +368,24 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "trainer.max_actor_ckpt_to_keep": ("checkpoint.keep_last", ""),
     "trainer.resume_mode": ("checkpoint.resume", "auto, none (verl's disable) or a checkpoint path"),
     "trainer.project_name": ("logging.wandb_project", ""),
+    "trainer.experiment_name": ("logging.run_dir", "a run is named by its directory"),
+    "trainer.logger": ("logging.tensorboard", "and logging.wandb"),
+    "trainer.n_gpus_per_node": ("", "torchrun --nproc_per_node sets the GPUs"),
+    "trainer.nnodes": ("", "torchrun --nnodes sets the nodes"),
     "trainer.rollout_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts"),
     "trainer.validation_data_dir": ("logging.dump_rollouts", "true: RUN_DIR/rollouts/val_step_<N>.jsonl"),
 }
 
 
 def verl_hints(keys: list[str]) -> str:
-    """" (verl's X is golong's Y; ...)" for the verl keys among the dotted `keys` (or keys under one), else ""."""
-    found = dict.fromkeys(verl for key in keys for verl in VERL_KEYS if key == verl or key.startswith(verl + "."))
+    """" (verl's X is golong's Y; ...)" for the verl keys among the dotted `keys` (or keys under one; Hydra's
+    +, ++ and ~ prefixes read past), else ""."""
+    bare = [key.lstrip("+~") for key in keys]
+    found = dict.fromkeys(verl for key in bare for verl in VERL_KEYS if key == verl or key.startswith(verl + "."))
     hints = [(f"verl's {verl} is golong's {VERL_KEYS[verl][0]}" + (f" ({how})" if (how := VERL_KEYS[verl][1]) else ""))
              if VERL_KEYS[verl][0] else f"{verl}: {VERL_KEYS[verl][1]}" for verl in found]
+    if any(key != b for key, b in zip(keys, bare)):
+        hints.append("golong's overrides take no Hydra prefix: key=value")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -611,6 +630,12 @@ def config_warnings(cfg: RunConfig) -> list[str]:
             warnings.append(f"algo.policy_loss=gspo with algo.clip_low={a.clip_low}, algo.clip_high={a.clip_high}: a "
                             "response's ratio (the geometric mean of its token ratios) stays near 1, so clips this "
                             "wide rarely bind; GSPO's paper clips at 3e-4 / 4e-4")
+        if a.loss_agg_mode != "seq-mean-token-mean":
+            warnings.append(f"algo.policy_loss=gspo with algo.loss_agg_mode={a.loss_agg_mode}: GSPO's objective "
+                            "averages over responses (seq-mean-token-mean); this weighs each response's sequence "
+                            "term otherwise (token-mean: by its length)")
+        if a.dual_clip != AlgoConfig.dual_clip:
+            warnings.append(f"algo.dual_clip={a.dual_clip} is not read under algo.policy_loss=gspo (no dual clip)")
         if t.mini_batch_prompts >= t.prompts_per_step and a.ppo_epochs == 1:
             warnings.append("algo.policy_loss=gspo changes nothing on-policy: each step takes one optimizer step "
                             f"(trainer.mini_batch_prompts={t.mini_batch_prompts} >= trainer.prompts_per_step="
@@ -715,9 +740,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OmegaConfBaseException as e:
             message = _one_line(e)
             if message.startswith("unknown config key"):  # coming from verl: name golong's key
-                under = getattr(e, "full_key", None) or ""
-                message += verl_hints([k for k in _dotted_keys(OmegaConf.to_container(layer, resolve=False))
-                                       if k == under or k.startswith(under + ".")])
+                # every verl key of the layer, not only the refused one's: a verl file meets them one by one
+                message += verl_hints(_dotted_keys(OmegaConf.to_container(layer, resolve=False)))
             if isinstance(origin, Path):
                 line = _key_line(origin, getattr(e, "full_key", None) or "")
                 raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {message}") from None

@@ -1744,7 +1744,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_mean": metrics["val/reward/mean"],
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),
-                  "function_errors": metrics.get("val/reward/function_errors"),  # None: no rollout.reward_function
+                  "function_errors": None if "val/reward/function_errors" not in metrics else  # None: no function
+                  int(metrics["val/reward/function_errors"]),
                   # the means of the other numbers the reward function's dict results held
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},
@@ -1788,8 +1789,9 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")
     if failures and result["function_errors"]:
-        print(f"the reward function failed on {int(result['function_errors'])} responses, which scored 0 (each one's "
-              "error: reward_error in responses.jsonl)")
+        count = int(result["function_errors"])
+        print(f"the reward function failed on {count} response{'s' if count != 1 else ''}, which scored 0 (each "
+              "one's error: reward_error in responses.jsonl)")
     print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")
 
 

@@ -104,8 +104,9 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
     how many score below 1 and how many calls of a reward function failed; a record without a reference answer
     (a ground truth only the reward function reads) is not scored. Per task, the first record below 1 is printed with
     its position, score and (a failed call) error: a ground truth no answer can match, or a function that does
-    not accept the answer it should."""
-    from golong.rewards.function import FunctionReport
+    not accept the answer it should. A function that fails on every answer of a split raises RewardFunctionError
+    with the first failure's traceback, as training stops on a batch in which every call failed."""
+    from golong.rewards.function import FunctionReport, RewardFunctionError
     from golong.rewards.scoring import reward_config, score_records
     from golong.trainer import reference_answer, sft_target
 
@@ -116,6 +117,11 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
         report = FunctionReport()
         scores = score_records([r for _, r in answered], [sft_target(r) for _, r in answered],
                                config=reward_config(cfg.rollout), report=report)
+        if answered and len(report.errors) == len(answered):
+            raise RewardFunctionError(
+                f"{split}: the reward function failed on all {len(answered)} reference answers it was given "
+                f"(rollout.reward_function={cfg.rollout.reward_function}); the first failure, from its scoring "
+                f"worker:\n{min(report.errors)[1]}")
         by_task: dict[str, list[tuple[int, float, str | None]]] = defaultdict(list)
         for (i, r), score, info in zip(answered, scores, report.infos(len(answered))):
             by_task[r.task].append((i, score, (info or {}).get("reward_error")))

@@ -18,6 +18,7 @@ import ast
 import asyncio
 import importlib.util
 import inspect
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -178,8 +179,8 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
                   ) -> tuple[float, dict[str, float | str | None]]:
     """fn's score as a finite float (fn called by keyword, as verl does, with `kwargs`: rollout.reward_kwargs),
     and what else a dict result held (verl's extra reward info, e.g. DAPO's "acc" and "pred"; string keys, the first
-    MAX_EXTRAS): numbers as floats (bools 0 / 1, non-finite ones None), anything else as its text, cut to
-    EXTRA_TEXT_CHARS. Raises TypeError /
+    MAX_EXTRAS): numbers as floats (bools 0 / 1, non-finite ones None), anything else as its text (dicts, lists
+    and tuples as JSON), cut to EXTRA_TEXT_CHARS. Raises TypeError /
     ValueError naming what it returned where the score is not a finite number."""
     out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info,
              **(kwargs or {}))
@@ -203,9 +204,19 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
         if number is not None:
             extras[key] = number if math.isfinite(number) else None
         else:
-            text = v if isinstance(v, str) else repr(v)
+            text = v if isinstance(v, str) else _as_text(v)
             extras[key] = text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
     return value, extras
+
+
+def _as_text(v: Any) -> str:
+    """A non-number extra as text: JSON for dicts, lists and tuples (a dump's reader can parse it), else repr."""
+    if isinstance(v, (dict, list, tuple)):
+        try:
+            return json.dumps(v, default=repr)
+        except (TypeError, ValueError):  # keys JSON cannot hold (tuples), a circular reference
+            pass
+    return repr(v)
 
 
 def _number(v: Any) -> float | None:

@@ -372,7 +372,7 @@ def test_gspo_warns_where_its_settings_do_nothing():
 
     demo = ROOT / "configs/demo-cpu.yaml"
     paper = ["algo.policy_loss=gspo", "algo.clip_low=3e-4", "algo.clip_high=4e-4", "trainer.prompts_per_step=8",
-             "trainer.mini_batch_prompts=2"]
+             "trainer.mini_batch_prompts=2", "algo.loss_agg_mode=seq-mean-token-mean"]
     assert config_warnings(load_config(demo, paper)) == []
     wide = config_warnings(load_config(demo, [*paper, "algo.clip_high=0.28"]))
     assert len(wide) == 1 and wide[0].startswith("algo.policy_loss=gspo with algo.clip_low=0.0003, "
@@ -382,6 +382,10 @@ def test_gspo_warns_where_its_settings_do_nothing():
                          "(trainer.mini_batch_prompts=8 >= trainer.prompts_per_step=8, algo.ppo_epochs=1), where "
                          "every ratio is 1"]
     assert config_warnings(load_config(demo, [*paper, "trainer.mini_batch_prompts=8", "algo.ppo_epochs=2"])) == []
+    assert config_warnings(load_config(demo, [*paper, "algo.loss_agg_mode=token-mean", "algo.dual_clip=2"])) == [
+        "algo.policy_loss=gspo with algo.loss_agg_mode=token-mean: GSPO's objective averages over responses "
+        "(seq-mean-token-mean); this weighs each response's sequence term otherwise (token-mean: by its length)",
+        "algo.dual_clip=2.0 is not read under algo.policy_loss=gspo (no dual clip)"]
     with pytest.raises(ConfigError, match="algo.policy_loss"):
         load_config(demo, ["algo.policy_loss=gpso"])
 
@@ -408,7 +412,15 @@ def test_a_verl_key_names_golongs(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value).startswith(f"{path}: line 2: unknown config key 'data.gen_batch_size'; valid keys here: ")
-    assert str(e.value).endswith(" (verl's data.gen_batch_size is golong's trainer.gen_batch_prompts)")
+    # every verl key of the file, not only the refused one's (a verl file would meet them one run at a time)
+    assert str(e.value).endswith(" (verl's data.gen_batch_size is golong's trainer.gen_batch_prompts; verl's "
+                                 "algorithm.filter_groups.metric is golong's algo.filter_metric (score, reward or a "
+                                 "key of your reward function's))")
+    with pytest.raises(ConfigError, match=r"unknown config key '\+actor_rollout_ref'; .* \(verl's "
+                                          r"actor_rollout_ref.actor.policy_loss.loss_mode is golong's algo.policy_loss "
+                                          r"\(vanilla or gspo\); golong's overrides take no Hydra prefix: "
+                                          r"key=value\)$"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["+actor_rollout_ref.actor.policy_loss.loss_mode=gspo"])
     with pytest.raises(ConfigError, match=r"unknown config key 'custom_reward_function'; .* \(verl's "
                                           r"custom_reward_function.name is golong's rollout.reward_function "
                                           r"\(path/to/file.py:name\)\)$"):

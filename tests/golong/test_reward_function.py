@@ -219,13 +219,14 @@ def test_each_response_reports_its_failure_and_extras():
         if data_source == "many":
             return {"score": 1, **{f"k{i}": i for i in range(100)}}
         return {"score": 0.5, "acc": True, "pred": solution_str * 400, "gap": float("inf"), "n": 3, 1: 2.0,
-                None: 1.0, "huge": 10 ** 600}
+                None: 1.0, "huge": 10 ** 600, "nested": {"a": [1, "b"]}, "odd": {(1, 2): 3}}
 
     score, extras = call_function(fn, "s", "ab", None, {})
     assert score == 0.5 and extras["acc"] == 1.0 and extras["gap"] is None and extras["n"] == 3.0
     assert extras["pred"] == "ab" * 250 + "..."  # cut to EXTRA_TEXT_CHARS
     assert extras["huge"] == "1" + "0" * (EXTRA_TEXT_CHARS - 1) + "..."
-    assert set(extras) == {"acc", "pred", "gap", "n", "huge"}  # the keys 1 and None are not metric names
+    assert extras["nested"] == '{"a": [1, "b"]}' and extras["odd"] == "{(1, 2): 3}"  # JSON where it can be
+    assert set(extras) == {"acc", "pred", "gap", "n", "huge", "nested", "odd"}  # the keys 1 and None: not names
     assert len(call_function(fn, "many", "", None, {})[1]) == MAX_EXTRAS
     tb = 'Traceback (most recent call last):\n  File "r.py", line 3, in f\n    raise ValueError(x)\n'
     report = FunctionReport(errors=[(1, tb + "ValueError: cannot score\nthe second line\n"),
@@ -381,3 +382,10 @@ def test_data_check_scores_the_reference_answers(tmp_path, capsys):
     assert main(["data", "check", str(config), "--score-answers"]) == 0
     out = capsys.readouterr().out
     assert "reference answers scored by compute_score()" in out and "function errors" in out
+    # a function that fails on every answer stops the check, as training stops, with its traceback
+    (tmp_path / "always.py").write_text(DATA_CHECK_REWARD.replace('if data_source == "boom":', "if True:"))
+    assert main(["data", "check", str(config), "--score-answers",
+                 f"rollout.reward_function={tmp_path / 'always.py'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("golong: error: train: the reward function failed on all 5 reference answers it was given")
+    assert 'always.py", line 4, in compute_score' in err and "ValueError: cannot score 42" in err
