@@ -144,6 +144,10 @@ class AlgoConfig:
     rollout_is_lower: float = 0.5
     rollout_is_upper: float = 5.0
     rollout_is_veto: float = 1e-4
+    # the ratio the bounds read: each token's (token), its response's product of them (sequence) or their geometric
+    # mean (geometric: near 1; with rollout_is=mask and bounds like [0.999, 1.001] it rejects responses whose
+    # rollout / trainer mismatch is large, verl's geometric rejection sampling); the veto reads token ratios
+    rollout_is_level: str = _choice("token", ("token", "sequence", "geometric"))
     dynamic_sampling: bool = True
     # what dynamic sampling finds equal within a prompt group (DAPO's filter_groups.metric): "score" (the task score
     # or the reward function's), "reward" (the score plus any overlong penalty: verl's seq_reward / seq_final_reward),
@@ -640,6 +644,13 @@ def config_warnings(cfg: RunConfig) -> list[str]:
             warnings.append("algo.policy_loss=gspo changes nothing on-policy: each step takes one optimizer step "
                             f"(trainer.mini_batch_prompts={t.mini_batch_prompts} >= trainer.prompts_per_step="
                             f"{t.prompts_per_step}, algo.ppo_epochs=1), where every ratio is 1")
+    if a.rollout_is == "none" and a.rollout_is_level != "token":
+        warnings.append(f"algo.rollout_is_level={a.rollout_is_level} is not read: algo.rollout_is=none")
+    if a.rollout_is != "none" and a.rollout_is_level == "geometric" and (a.rollout_is_lower < 0.9 or
+                                                                      a.rollout_is_upper > 1.1):
+        warnings.append(f"algo.rollout_is_level=geometric with bounds [{a.rollout_is_lower}, {a.rollout_is_upper}]: a "
+                        "response's geometric-mean ratio stays near 1 (exp of minus the per-token mismatch), so bounds "
+                        "this wide rarely bind: bounds such as [0.999, 1.001] reject the responses that drifted")
     if a.filter_metric != "score" and not (a.dynamic_sampling and cfg.rollout.n > 1):
         warnings.append(f"algo.filter_metric={a.filter_metric} is not read: dynamic sampling filters nothing "
                         f"(algo.dynamic_sampling={a.dynamic_sampling}, rollout.n={cfg.rollout.n})")

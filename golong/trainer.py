@@ -473,7 +473,7 @@ class Actor:
                     w, is_metrics = rollout_is_weights(
                         old_full, mb.rollout_logprobs.to(self.device), mb.mask.to(self.device), cu_seqlens=cu,
                         mode=algo.rollout_is, lower=algo.rollout_is_lower, upper=algo.rollout_is_upper,
-                        veto=algo.rollout_is_veto)
+                        veto=algo.rollout_is_veto, level=algo.rollout_is_level)
                     is_w = self._shard(mb, w)
                     _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
                 agg = None  # token-mean: policy_loss divides by the global token count

@@ -7,6 +7,11 @@ computes pi_old for the same tokens. Per token rho = exp(logpi_old - logpi_rollo
     mask       w = rho if lower <= rho <= upper else 0          (reference run: 0.5, 5.0)
     veto       a sequence with any valid token rho < veto gets w = 0 everywhere
 
+`level` picks the ratio the bounds read (verl's rollout correction levels): "token", each token's rho; "sequence",
+the product of a response's token ratios, exp(sum log rho), on every token of it; "geometric", their geometric mean,
+exp(mean log rho), which stays near 1 (bounds like [0.999, 1.001]: a rejection of responses whose mismatch is large).
+The veto reads the token ratios at every level.
+
 The weights multiply the policy loss (policy_loss(is_weights=...)). The metrics are how stale
 weights show: the mismatch KL between rollout and trainer policies, and their perplexity ratio.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 
 IS_MODES = ("truncate", "mask")
+IS_LEVELS = ("token", "sequence", "geometric")
 
 
 def _seq_index(shape: torch.Size, device: torch.device, cu_seqlens: torch.Tensor | None,
@@ -40,16 +46,19 @@ def _seq_index(shape: torch.Size, device: torch.device, cu_seqlens: torch.Tensor
 def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor, mask: torch.Tensor, *,
                        cu_seqlens: torch.Tensor | None = None, seq_index: torch.Tensor | None = None,
                        mode: str = "mask", lower: float = 0.5, upper: float = 5.0, veto: float | None = 1e-4,
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token IS weights (shape of `old_logprob`, fp32, 0 on invalid tokens) and metrics.
 
     Inputs are packed [N] with `cu_seqlens` [S+1] (or `seq_index` [N]) giving sequences, or padded
     [S, L]. Metrics are detached 0-d fp32 tensors over this call's valid tokens / sequences:
-    rollout_is/{weight_mean, ratio_mean, ratio_max, ratio_min, masked_frac, veto_frac} and
+    rollout_is/{weight_mean, ratio_mean, ratio_max, ratio_min, masked_frac, veto_frac} (the ratios of `level`, over
+    tokens: a sequence-level ratio counts once per token of its response) and
     mismatch/{kl, kl_k1, trainer_ppl, rollout_ppl, ppl_ratio} (kl: the k3 estimator, as the trainer logs it).
     """
     if mode not in IS_MODES:
         raise ValueError(f"rollout IS mode {mode!r}; choose one of {', '.join(IS_MODES)}")
+    if level not in IS_LEVELS:
+        raise ValueError(f"rollout IS level {level!r}; choose one of {', '.join(IS_LEVELS)}")
     with torch.no_grad():
         shape, dev = old_logprob.shape, old_logprob.device
         old = old_logprob.detach().float().reshape(-1)
@@ -64,7 +73,14 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
         # a valid token with -inf under both policies (or a NaN logprob) has no ratio: give it the floor, so the
         # veto / mask drops it instead of a NaN weight reaching the loss
         log_ratio = torch.nan_to_num(old - roll, nan=-20.0).clamp(-20.0, 20.0)
-        rho = torch.exp(log_ratio)
+        rho_tok = torch.exp(log_ratio)
+        rho = rho_tok
+        if level != "token":  # the response's ratio, on each of its tokens (in fp64: a sum over 100K tokens)
+            total = torch.zeros(S, dtype=torch.float64, device=dev).index_add_(0, seq, (log_ratio * m).double())
+            if level == "geometric":
+                total = total / torch.zeros(S, dtype=torch.float64, device=dev).index_add_(
+                    0, seq, m.double()).clamp_min(1)
+            rho = torch.exp(total.clamp(-20.0, 20.0)).float()[seq]
         if mode == "truncate":
             w = rho.clamp(max=upper)
             bounded = rho > upper
@@ -74,7 +90,7 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
             bounded = ~inside
         seq_valid = torch.zeros(S, device=dev).index_add_(0, seq, m.float()) > 0
         if veto is not None:
-            bad = torch.zeros(S, device=dev).index_add_(0, seq, ((rho < veto) & m).float()) > 0
+            bad = torch.zeros(S, device=dev).index_add_(0, seq, ((rho_tok < veto) & m).float()) > 0
             w = torch.where(bad[seq], torch.zeros_like(w), w)
         else:
             bad = torch.zeros(S, dtype=torch.bool, device=dev)
@@ -99,7 +115,7 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
             "rollout_is/veto_frac": (bad & seq_valid).float().sum() / n_seq,
             # tokens were sampled from pi_rollout: E[log pi_rollout - log pi_old] = KL(rollout || old) (k1); k3 is
             # its non-negative, lower-variance estimator
-            "mismatch/kl": ((rho - log_ratio - 1) * mf).sum() / n_tok,
+            "mismatch/kl": ((rho_tok - log_ratio - 1) * mf).sum() / n_tok,
             "mismatch/kl_k1": ((roll - old) * mf).sum() / n_tok,
             "mismatch/trainer_ppl": (torch.exp(-mean_old) * sv).sum() / n_seq,
             "mismatch/rollout_ppl": (torch.exp(-mean_roll) * sv).sum() / n_seq,

@@ -584,6 +584,44 @@ def test_rollout_is_hand():
         rollout_is_weights(old, roll, mask, cu_seqlens=torch.tensor([0, 4, 6]))
 
 
+@pytest.mark.parametrize("level", ["sequence", "geometric"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_is_levels_weigh_each_response_by_its_ratio(level, mode):
+    """algo.rollout_is_level: every token of a response weighs the response's ratio -- the product of its token
+    ratios (sequence) or their geometric mean (geometric), over its valid tokens only -- truncated or masked by the
+    bounds; the veto still reads the token ratios. Against a per-sequence loop in fp64 on fresh random inputs of odd
+    lengths (a 1-token response included), with a padding token holding -inf."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [5, 1, 9, 4, 13, 2]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    T = sum(lengths)
+    roll = -torch.rand(T, generator=g, dtype=torch.float64) * 2
+    # per-token drifts of +-0.15 around a per-response offset, so some responses leave the bounds and some do not
+    offset = torch.tensor([0.02, -0.4, 0.001, 0.3, -0.002, 0.05], dtype=torch.float64)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    old = roll + offset[seq] + (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.3
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[cu[2] + 4] = False
+    old[cu[2] + 4] = float("-inf")  # padding: not counted anywhere
+    old[cu[4] + 6] = roll[cu[4] + 6] + math.log(1e-5)  # one token under the veto: response 4 dropped
+    lower, upper = (0.9, 1.1) if level == "geometric" else (0.5, 2.0)
+    w, m = rollout_is_weights(old, roll, mask, cu_seqlens=cu, mode=mode, lower=lower, upper=upper, level=level)
+    want, outside = torch.zeros(T, dtype=torch.float64), 0
+    for i in range(len(lengths)):
+        on = (seq == i) & mask
+        log_r = (old[on] - roll[on]).sum()
+        r = math.exp(log_r / on.sum() if level == "geometric" else log_r)
+        out = r > upper if mode == "truncate" else not lower <= r <= upper
+        outside += bool(out)
+        weight = min(r, upper) if mode == "truncate" else (0.0 if out else r)
+        want[on] = 0.0 if i == 4 else weight
+    assert 1 <= outside <= len(lengths) - 2  # both sides of the bounds
+    assert torch.allclose(w.double(), want, rtol=1e-5, atol=0)
+    assert m["rollout_is/veto_frac"].item() == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="rollout IS level 'seq'"):
+        rollout_is_weights(old, roll, mask, cu_seqlens=cu, level="seq")
+
+
 def test_rollout_is_weights_stay_finite_when_a_valid_token_has_no_ratio():
     # token 1 is -inf under both policies (a broken logprob), token 4 NaN in the trainer: no ratio exists, so
     # their sequences are vetoed (truncate and mask) and no weight is NaN; seq 2 is untouched

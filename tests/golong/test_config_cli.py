@@ -390,6 +390,22 @@ def test_gspo_warns_where_its_settings_do_nothing():
         load_config(demo, ["algo.policy_loss=gpso"])
 
 
+def test_geometric_rollout_is_warns_of_bounds_it_never_reaches():
+    from golong.config import config_warnings
+
+    demo = ROOT / "configs/demo-cpu.yaml"
+    wide = config_warnings(load_config(demo, ["algo.rollout_is=mask", "algo.rollout_is_level=geometric"]))
+    assert len(wide) == 1 and wide[0].startswith("algo.rollout_is_level=geometric with bounds [0.5, 5.0]: ")
+    tight = ["algo.rollout_is=mask", "algo.rollout_is_level=geometric", "algo.rollout_is_lower=0.999",
+             "algo.rollout_is_upper=1.001"]
+    assert config_warnings(load_config(demo, tight)) == []
+    assert config_warnings(load_config(demo, ["algo.rollout_is=truncate", "algo.rollout_is_level=sequence"])) == []
+    assert config_warnings(load_config(demo, ["algo.rollout_is=none", "algo.rollout_is_level=sequence"])) == [
+        "algo.rollout_is_level=sequence is not read: algo.rollout_is=none"]
+    with pytest.raises(ConfigError, match="algo.rollout_is_level"):
+        load_config(demo, ["algo.rollout_is_level=seq"])
+
+
 def test_filter_metric_takes_verls_summed_reward_names_as_golongs():
     demo = ROOT / "configs/demo-cpu.yaml"
     for name in ("seq_reward", "seq_final_reward"):
