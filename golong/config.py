@@ -365,6 +365,13 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "actor_rollout_ref.rollout.val_kwargs.n": ("rollout.val_n", ""),
     "actor_rollout_ref.rollout.val_kwargs.temperature": ("rollout.val_temperature", ""),
     "actor_rollout_ref.rollout.val_kwargs.top_p": ("rollout.val_top_p", ""),
+    "algorithm.rollout_correction.rollout_is": ("algo.rollout_is_level", "token or sequence, with algo.rollout_is "
+                                                "truncate or mask"),
+    "algorithm.rollout_correction.rollout_is_threshold": ("algo.rollout_is_upper", ""),
+    "algorithm.rollout_correction.rollout_rs": ("algo.rollout_is_level", "geometric, with algo.rollout_is=mask"),
+    "algorithm.rollout_correction.rollout_rs_threshold": ("algo.rollout_is_upper", ""),
+    "algorithm.rollout_correction.rollout_rs_threshold_lower": ("algo.rollout_is_lower", ""),
+    "algorithm.rollout_correction.rollout_token_veto_threshold": ("algo.rollout_is_veto", ""),
     "trainer.total_training_steps": ("trainer.total_steps", ""),
     "trainer.test_freq": ("trainer.val_every", ""),
     "trainer.save_freq": ("checkpoint.every", "verl's -1, never, is 0 here: at the end only"),
@@ -512,6 +519,9 @@ def _check_values(cfg: RunConfig) -> None:
          f"algo.overlong_buffer_tokens must be in [0, rollout.max_response_tokens) = [0, {r.max_response_tokens}) "
          "(0: no overlong shaping; a buffer as long as the response budget would penalise every token)"),
         (a.overlong_penalty_factor >= 0, "algo.overlong_penalty_factor must be >= 0"),
+        (a.rollout_is_level != "geometric" or a.rollout_is != "truncate",
+         "algo.rollout_is_level=geometric rejects responses (a geometric mean is no importance weight to truncate "
+         "by): use it with algo.rollout_is=mask"),
         (a.filter_metric not in ("seq_reward", "seq_final_reward"),
          f"algo.filter_metric={a.filter_metric} is verl's name for the response's summed reward: golong's 'reward' "
          "(the score plus any overlong penalty)"),
@@ -638,7 +648,7 @@ def config_warnings(cfg: RunConfig) -> list[str]:
             warnings.append(f"algo.policy_loss=gspo with algo.loss_agg_mode={a.loss_agg_mode}: GSPO's objective "
                             "averages over responses (seq-mean-token-mean); this weighs each response's sequence "
                             "term otherwise (token-mean: by its length)")
-        if a.dual_clip != AlgoConfig.dual_clip:
+        if a.dual_clip != AlgoConfig.dual_clip and not math.isinf(a.dual_clip):  # inf: off
             warnings.append(f"algo.dual_clip={a.dual_clip} is not read under algo.policy_loss=gspo (no dual clip)")
         if t.mini_batch_prompts >= t.prompts_per_step and a.ppo_epochs == 1:
             warnings.append("algo.policy_loss=gspo changes nothing on-policy: each step takes one optimizer step "
@@ -646,11 +656,16 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                             f"{t.prompts_per_step}, algo.ppo_epochs=1), where every ratio is 1")
     if a.rollout_is == "none" and a.rollout_is_level != "token":
         warnings.append(f"algo.rollout_is_level={a.rollout_is_level} is not read: algo.rollout_is=none")
-    if a.rollout_is != "none" and a.rollout_is_level == "geometric" and (a.rollout_is_lower < 0.9 or
-                                                                      a.rollout_is_upper > 1.1):
+    if a.rollout_is == "mask" and a.rollout_is_level == "geometric" and a.rollout_is_lower < 0.9 and \
+            a.rollout_is_upper > 1.1:
         warnings.append(f"algo.rollout_is_level=geometric with bounds [{a.rollout_is_lower}, {a.rollout_is_upper}]: a "
                         "response's geometric-mean ratio stays near 1 (exp of minus the per-token mismatch), so bounds "
                         "this wide rarely bind: bounds such as [0.999, 1.001] reject the responses that drifted")
+    if a.rollout_is == "mask" and a.rollout_is_level == "sequence":
+        warnings.append(f"algo.rollout_is=mask at algo.rollout_is_level=sequence drops every response whose product of "
+                        f"token ratios leaves [{a.rollout_is_lower}, {a.rollout_is_upper}], which over long responses "
+                        "can be most of them (rollout_is/masked_frac shows it); sequence-level IS usually truncates "
+                        "(algo.rollout_is=truncate, e.g. algo.rollout_is_upper=2)")
     if a.filter_metric != "score" and not (a.dynamic_sampling and cfg.rollout.n > 1):
         warnings.append(f"algo.filter_metric={a.filter_metric} is not read: dynamic sampling filters nothing "
                         f"(algo.dynamic_sampling={a.dynamic_sampling}, rollout.n={cfg.rollout.n})")
@@ -730,7 +745,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         origins.append(p)
     for o in overrides:
         if "=" not in o or not o.split("=", 1)[0].strip():
-            raise ConfigError(f"override {o!r} is not of the form key=value")
+            hydra = " (golong's overrides take no Hydra prefix: a key is deleted by leaving it out)" \
+                if o.startswith("~") else ""
+            raise ConfigError(f"override {o!r} is not of the form key=value{hydra}")
         try:
             layers.append(OmegaConf.from_dotlist([o]))
             origins.append(f"override {o!r}")

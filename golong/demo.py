@@ -110,8 +110,9 @@ def _change(d: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from golong.data.check import print_table
 
     t = Table(title=title)
     for col, just in (("task", "left"), ("metric", "left"), ("after SFT", "right"), ("after RL", "right"),
@@ -122,7 +123,7 @@ def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title:
                   _change(r["after_rl"] - r["after_sft"]))
     t.add_row("[bold]all", "", f"[bold]{after_sft:.3f}", f"[bold]{after_rl:.3f}",
               "[bold]" + _change(after_rl - after_sft))
-    Console().print(t)
+    print_table(t)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None,

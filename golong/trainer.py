@@ -1769,8 +1769,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from golong.data.check import print_table
 
     title = f"eval: {result['checkpoint'] or result['model'] or 'scratch model'}, {result['prompts']} prompts x " \
             f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
@@ -1784,7 +1785,7 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
                       *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
                   f"{result['reward_mean']:.3f}", *([str(int(result["function_errors"]))] if failures else []))
-    Console().print(table)
+    print_table(table)  # unwrapped where piped: no truncated task names
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")

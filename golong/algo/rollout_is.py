@@ -7,10 +7,11 @@ computes pi_old for the same tokens. Per token rho = exp(logpi_old - logpi_rollo
     mask       w = rho if lower <= rho <= upper else 0          (reference run: 0.5, 5.0)
     veto       a sequence with any valid token rho < veto gets w = 0 everywhere
 
-`level` picks the ratio the bounds read (verl's rollout correction levels): "token", each token's rho; "sequence",
-the product of a response's token ratios, exp(sum log rho), on every token of it; "geometric", their geometric mean,
-exp(mean log rho), which stays near 1 (bounds like [0.999, 1.001]: a rejection of responses whose mismatch is large).
-The veto reads the token ratios at every level.
+`level` picks the ratio the bounds read: "token", each token's rho; "sequence", the product of a response's token
+ratios, exp(sum log rho), as the weight of every token of it (verl's token and sequence IS levels); "geometric",
+their geometric mean, exp(mean log rho), which stays near 1: with mask only, a rejection of the responses it puts
+outside bounds like [0.999, 1.001], the kept ones weighing 1 (verl's geometric rejection sampling). The veto reads the
+token ratios at every level.
 
 The weights multiply the policy loss (policy_loss(is_weights=...)). The metrics are how stale
 weights show: the mismatch KL between rollout and trainer policies, and their perplexity ratio.
@@ -59,6 +60,9 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
         raise ValueError(f"rollout IS mode {mode!r}; choose one of {', '.join(IS_MODES)}")
     if level not in IS_LEVELS:
         raise ValueError(f"rollout IS level {level!r}; choose one of {', '.join(IS_LEVELS)}")
+    if level == "geometric" and mode != "mask":
+        raise ValueError("rollout IS level 'geometric' rejects responses (mode 'mask'); a geometric mean is no "
+                         "importance weight to truncate by")
     with torch.no_grad():
         shape, dev = old_logprob.shape, old_logprob.device
         old = old_logprob.detach().float().reshape(-1)
@@ -86,7 +90,8 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
             bounded = rho > upper
         else:
             inside = (rho >= lower) & (rho <= upper)
-            w = torch.where(inside, rho, torch.zeros_like(rho))
+            kept = torch.ones_like(rho) if level == "geometric" else rho  # geometric: rejection, no reweighting
+            w = torch.where(inside, kept, torch.zeros_like(rho))
             bounded = ~inside
         seq_valid = torch.zeros(S, device=dev).index_add_(0, seq, m.float()) > 0
         if veto is not None:

@@ -213,8 +213,8 @@ def _as_text(v: Any) -> str:
     """A non-number extra as text: JSON for dicts, lists and tuples (a dump's reader can parse it), else repr."""
     if isinstance(v, (dict, list, tuple)):
         try:
-            return json.dumps(v, default=repr)
-        except (TypeError, ValueError):  # keys JSON cannot hold (tuples), a circular reference
+            return json.dumps(v, default=repr, allow_nan=False)
+        except (TypeError, ValueError):  # keys JSON cannot hold (tuples), NaN, a circular reference
             pass
     return repr(v)
 

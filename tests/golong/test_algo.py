@@ -584,13 +584,13 @@ def test_rollout_is_hand():
         rollout_is_weights(old, roll, mask, cu_seqlens=torch.tensor([0, 4, 6]))
 
 
-@pytest.mark.parametrize("level", ["sequence", "geometric"])
-@pytest.mark.parametrize("mode", ["truncate", "mask"])
+@pytest.mark.parametrize("level, mode", [("sequence", "truncate"), ("sequence", "mask"), ("geometric", "mask")])
 def test_rollout_is_levels_weigh_each_response_by_its_ratio(level, mode):
     """algo.rollout_is_level: every token of a response weighs the response's ratio -- the product of its token
-    ratios (sequence) or their geometric mean (geometric), over its valid tokens only -- truncated or masked by the
-    bounds; the veto still reads the token ratios. Against a per-sequence loop in fp64 on fresh random inputs of odd
-    lengths (a 1-token response included), with a padding token holding -inf."""
+    ratios (sequence), truncated or masked by the bounds -- or, geometric, 1 where the geometric mean of its token
+    ratios is inside the bounds and 0 outside (a rejection), both over its valid tokens only; the veto still reads
+    the token ratios. Against a per-sequence loop in fp64 on fresh random inputs of odd lengths (a 1-token
+    response included), with a padding token holding -inf."""
     g = torch.Generator().manual_seed(7)
     lengths = [5, 1, 9, 4, 13, 2]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -613,13 +613,15 @@ def test_rollout_is_levels_weigh_each_response_by_its_ratio(level, mode):
         r = math.exp(log_r / on.sum() if level == "geometric" else log_r)
         out = r > upper if mode == "truncate" else not lower <= r <= upper
         outside += bool(out)
-        weight = min(r, upper) if mode == "truncate" else (0.0 if out else r)
+        weight = min(r, upper) if mode == "truncate" else 0.0 if out else 1.0 if level == "geometric" else r
         want[on] = 0.0 if i == 4 else weight
     assert 1 <= outside <= len(lengths) - 2  # both sides of the bounds
     assert torch.allclose(w.double(), want, rtol=1e-5, atol=0)
     assert m["rollout_is/veto_frac"].item() == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="rollout IS level 'seq'"):
         rollout_is_weights(old, roll, mask, cu_seqlens=cu, level="seq")
+    with pytest.raises(ValueError, match="rejects responses"):
+        rollout_is_weights(old, roll, mask, cu_seqlens=cu, level="geometric", mode="truncate")
 
 
 def test_rollout_is_weights_stay_finite_when_a_valid_token_has_no_ratio():

@@ -386,6 +386,7 @@ def test_gspo_warns_where_its_settings_do_nothing():
         "algo.policy_loss=gspo with algo.loss_agg_mode=token-mean: GSPO's objective averages over responses "
         "(seq-mean-token-mean); this weighs each response's sequence term otherwise (token-mean: by its length)",
         "algo.dual_clip=2.0 is not read under algo.policy_loss=gspo (no dual clip)"]
+    assert config_warnings(load_config(demo, [*paper, "algo.dual_clip=inf"])) == []  # inf: off
     with pytest.raises(ConfigError, match="algo.policy_loss"):
         load_config(demo, ["algo.policy_loss=gpso"])
 
@@ -399,11 +400,19 @@ def test_geometric_rollout_is_warns_of_bounds_it_never_reaches():
     tight = ["algo.rollout_is=mask", "algo.rollout_is_level=geometric", "algo.rollout_is_lower=0.999",
              "algo.rollout_is_upper=1.001"]
     assert config_warnings(load_config(demo, tight)) == []
+    one_sided = ["algo.rollout_is=mask", "algo.rollout_is_level=geometric", "algo.rollout_is_lower=0.999",
+                 "algo.rollout_is_upper=inf"]  # the lower bound binds
+    assert config_warnings(load_config(demo, one_sided)) == []
     assert config_warnings(load_config(demo, ["algo.rollout_is=truncate", "algo.rollout_is_level=sequence"])) == []
+    masked = config_warnings(load_config(demo, ["algo.rollout_is=mask", "algo.rollout_is_level=sequence"]))
+    assert len(masked) == 1 and masked[0].startswith("algo.rollout_is=mask at algo.rollout_is_level=sequence drops ")
     assert config_warnings(load_config(demo, ["algo.rollout_is=none", "algo.rollout_is_level=sequence"])) == [
         "algo.rollout_is_level=sequence is not read: algo.rollout_is=none"]
     with pytest.raises(ConfigError, match="algo.rollout_is_level"):
         load_config(demo, ["algo.rollout_is_level=seq"])
+    with pytest.raises(ConfigError, match="algo.rollout_is_level=geometric rejects responses .* use it with "
+                                          "algo.rollout_is=mask"):
+        load_config(demo, ["algo.rollout_is=truncate", "algo.rollout_is_level=geometric"])
 
 
 def test_filter_metric_takes_verls_summed_reward_names_as_golongs():
@@ -437,6 +446,9 @@ def test_a_verl_key_names_golongs(tmp_path):
                                           r"\(vanilla or gspo\); golong's overrides take no Hydra prefix: "
                                           r"key=value\)$"):
         load_config(ROOT / "configs/demo-cpu.yaml", ["+actor_rollout_ref.actor.policy_loss.loss_mode=gspo"])
+    with pytest.raises(ConfigError, match=r"override '~algo.clip_low' is not of the form key=value \(golong's "
+                                          r"overrides take no Hydra prefix"):
+        load_config(ROOT / "configs/demo-cpu.yaml", ["~algo.clip_low"])
     with pytest.raises(ConfigError, match=r"unknown config key 'custom_reward_function'; .* \(verl's "
                                           r"custom_reward_function.name is golong's rollout.reward_function "
                                           r"\(path/to/file.py:name\)\)$"):

@@ -150,8 +150,8 @@ def test_the_function_scores_with_verls_arguments(reward_file):
     scores, errors = _scores(str(reward_file), pairs, extras=extras)
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0] and errors == []
     # what else a dict result held comes back per response (verl's extra reward info): "acc" True as 1.0, "parsed"
-    # (a list) as its text; only the numbers are averaged
-    assert extras == {0: {"parsed": "['42']"}, 1: {"parsed": "['41']"}, 5: {"parsed": "['42']"},
+    # (a list) as JSON text; only the numbers are averaged
+    assert extras == {0: {"parsed": '["42"]'}, 1: {"parsed": '["41"]'}, 5: {"parsed": '["42"]'},
                       6: {"acc": 1.0}}
     assert _scores(f"{reward_file}:other", pairs[:2]) == ([0.25, 0.25], [])
     assert _scores(f"{reward_file}:other", pairs[:2], kwargs={"scale": 3}) == ([0.75, 0.75], [])  # reward_kwargs
@@ -219,14 +219,16 @@ def test_each_response_reports_its_failure_and_extras():
         if data_source == "many":
             return {"score": 1, **{f"k{i}": i for i in range(100)}}
         return {"score": 0.5, "acc": True, "pred": solution_str * 400, "gap": float("inf"), "n": 3, 1: 2.0,
-                None: 1.0, "huge": 10 ** 600, "nested": {"a": [1, "b"]}, "odd": {(1, 2): 3}}
+                None: 1.0, "huge": 10 ** 600, "nested": {"a": [1, "b"]}, "odd": {(1, 2): 3},
+                "nan": [float("nan"), 1]}
 
     score, extras = call_function(fn, "s", "ab", None, {})
     assert score == 0.5 and extras["acc"] == 1.0 and extras["gap"] is None and extras["n"] == 3.0
     assert extras["pred"] == "ab" * 250 + "..."  # cut to EXTRA_TEXT_CHARS
     assert extras["huge"] == "1" + "0" * (EXTRA_TEXT_CHARS - 1) + "..."
-    assert extras["nested"] == '{"a": [1, "b"]}' and extras["odd"] == "{(1, 2): 3}"  # JSON where it can be
-    assert set(extras) == {"acc", "pred", "gap", "n", "huge", "nested", "odd"}  # the keys 1 and None: not names
+    # JSON where strict JSON can hold it, else repr
+    assert extras["nested"] == '{"a": [1, "b"]}' and extras["odd"] == "{(1, 2): 3}" and extras["nan"] == "[nan, 1]"
+    assert set(extras) == {"acc", "pred", "gap", "n", "huge", "nested", "odd", "nan"}  # 1, None: not names
     assert len(call_function(fn, "many", "", None, {})[1]) == MAX_EXTRAS
     tb = 'Traceback (most recent call last):\n  File "r.py", line 3, in f\n    raise ValueError(x)\n'
     report = FunctionReport(errors=[(1, tb + "ValueError: cannot score\nthe second line\n"),
