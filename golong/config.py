@@ -396,7 +396,7 @@ def verl_hints(keys: list[str]) -> str:
     hints = [(f"verl's {verl} is golong's {VERL_KEYS[verl][0]}" + (f" ({how})" if (how := VERL_KEYS[verl][1]) else ""))
              if VERL_KEYS[verl][0] else f"{verl}: {VERL_KEYS[verl][1]}" for verl in found]
     if any(key != b for key, b in zip(keys, bare)):
-        hints.append("golong's overrides take no Hydra prefix: key=value")
+        hints.append("golong's keys take no Hydra prefix")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -748,8 +748,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             hydra = " (golong's overrides take no Hydra prefix: a key is deleted by leaving it out)" \
                 if o.startswith("~") else ""
             raise ConfigError(f"override {o!r} is not of the form key=value{hydra}")
-        try:
-            layers.append(OmegaConf.from_dotlist([o]))
+        try:  # Hydra's + / ++ (add, force) before a key: every golong key exists, so they mean key=value
+            layers.append(OmegaConf.from_dotlist([o.lstrip("+")]))
             origins.append(f"override {o!r}")
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_error(f"override {o!r}", e, located=False)) from None

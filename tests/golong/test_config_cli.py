@@ -441,11 +441,19 @@ def test_a_verl_key_names_golongs(tmp_path):
     assert str(e.value).endswith(" (verl's data.gen_batch_size is golong's trainer.gen_batch_prompts; verl's "
                                  "algorithm.filter_groups.metric is golong's algo.filter_metric (score, reward or a "
                                  "key of your reward function's))")
-    with pytest.raises(ConfigError, match=r"unknown config key '\+actor_rollout_ref'; .* \(verl's "
+    # Hydra's + / ++ read past: a golong key takes its value, a verl key gets its hint
+    assert load_config(ROOT / "configs/demo-cpu.yaml", ["+algo.clip_low=0.1", "++algo.clip_high=0.3"]).algo.clip_high \
+        == 0.3
+    with pytest.raises(ConfigError, match=r"unknown config key 'actor_rollout_ref'; .* \(verl's "
                                           r"actor_rollout_ref.actor.policy_loss.loss_mode is golong's algo.policy_loss "
-                                          r"\(vanilla or gspo\); golong's overrides take no Hydra prefix: "
-                                          r"key=value\)$"):
+                                          r"\(vanilla or gspo\)\)$"):
         load_config(ROOT / "configs/demo-cpu.yaml", ["+actor_rollout_ref.actor.policy_loss.loss_mode=gspo"])
+    # in a YAML file a "+" key is a name of its own: refused, with the note
+    plus = tmp_path / "plus.yaml"
+    plus.write_text("+algo:\n  clip_low: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key '\+algo'; .* \(golong's keys take no Hydra "
+                                          r"prefix\)$"):
+        load_config(plus)
     with pytest.raises(ConfigError, match=r"override '~algo.clip_low' is not of the form key=value \(golong's "
                                           r"overrides take no Hydra prefix"):
         load_config(ROOT / "configs/demo-cpu.yaml", ["~algo.clip_low"])
