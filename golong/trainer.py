@@ -1784,13 +1784,13 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
         table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}",
                       *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
-                  f"{result['reward_mean']:.3f}", *([str(int(result["function_errors"]))] if failures else []))
+                  f"{result['reward_mean']:.3f}", *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")
     if failures and result["function_errors"]:
-        count = int(result["function_errors"])
+        count = result["function_errors"]
         print(f"the reward function failed on {count} response{'s' if count != 1 else ''}, which scored 0 (each "
               "one's error: reward_error in responses.jsonl)")
     print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")

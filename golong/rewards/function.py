@@ -74,8 +74,12 @@ def error_line(text: str) -> str:
     a multi-line message joined), or the message itself."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     frames = [k for k, line in enumerate(lines) if line.startswith((" ", "\t"))]
-    tail = " ".join(line.strip() for line in lines[frames[-1] + 1 if frames else 0:]) or "failed"
-    return tail if len(tail) <= EXTRA_TEXT_CHARS else tail[:EXTRA_TEXT_CHARS] + "..."
+    return _cut(" ".join(line.strip() for line in lines[frames[-1] + 1 if frames else 0:]) or "failed")
+
+
+def _cut(text: str) -> str:
+    """text, cut to EXTRA_TEXT_CHARS (marked by "...")."""
+    return text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
 
 
 # Set by the scoring worker per job: rollout.require_think of the run, for default_compute_score's format gate.
@@ -204,8 +208,7 @@ def call_function(fn: Callable[..., Any], data_source: str, solution_str: str, g
         if number is not None:
             extras[key] = number if math.isfinite(number) else None
         else:
-            text = v if isinstance(v, str) else _as_text(v)
-            extras[key] = text if len(text) <= EXTRA_TEXT_CHARS else text[:EXTRA_TEXT_CHARS] + "..."
+            extras[key] = _cut(v if isinstance(v, str) else _as_text(v))
     return value, extras
 
 
