@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("check", help="what training would see of a config's data, per task",
                         description="Read the config's training and validation records as a run does (validated: a "
                                     "bad record is named by file and line), chat-template and tokenize them, and "
-                                    "print per task the records, the prompts kept, left-truncated and dropped at "
+                                    "print per task the records, the prompts kept, truncated and dropped at "
                                     "data.max_prompt_tokens, and the kept prompts' token lengths. The tokenized "
                                     "prompts go to the run's prompt cache (data.prompt_cache), which training then "
                                     "reads instead of tokenizing again.")

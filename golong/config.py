@@ -74,9 +74,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # parquet / jsonl in GoLongRL/verl format
     val_files: list[str] = field(default_factory=list)
     max_prompt_tokens: int = 163_840
-    # over max_prompt_tokens: the longest messages lose their starts (golong.data.prompts), or the prompt is dropped
-    # (so is one that would keep no question)
-    overflow: str = _choice("truncate_left", ("truncate_left", "drop"))
+    # over max_prompt_tokens: the longest messages lose their starts or (truncate_middle, LongBench's) their middles
+    # (golong.data.prompts), or the prompt is dropped (so is one that would keep no question)
+    overflow: str = _choice("truncate_left", ("truncate_left", "truncate_middle", "drop"))
     # the tokenized prompts, kept on disk for the next start (minutes of tokenizing at 23K long-context records) and
     # memory-mapped by every rank of a node: "auto" = <logging.run_dir>/prompt_cache, "none" = off, or a directory
     prompt_cache: str = "auto"
@@ -333,7 +333,7 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "data.train_batch_size": ("trainer.prompts_per_step", ""),
     "data.gen_batch_size": ("trainer.gen_batch_prompts", ""),
     "data.max_prompt_length": ("data.max_prompt_tokens", ""),
-    "data.truncation": ("data.overflow", "truncate_left or drop"),
+    "data.truncation": ("data.overflow", "verl's left: truncate_left, middle: truncate_middle, error: drop"),
     "data.max_response_length": ("rollout.max_response_tokens", ""),
     "actor_rollout_ref.model.path": ("model.path", ""),
     "actor_rollout_ref.model.enable_gradient_checkpointing": ("parallel.activation_checkpointing", ""),

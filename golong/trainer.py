@@ -75,6 +75,7 @@ from golong.parallel import (
 )
 from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rewards.function import RewardFunctionError
+from golong.rewards.pass_at_k import PASS_SCORE, k_values, sample_metrics
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
 
 log = get_logger()
@@ -1241,7 +1242,7 @@ class Trainer:
     def _rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)
         out = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-               "reward/pass_rate": float((scores >= 1.0 - 1e-9).double().mean()),
+               "reward/pass_rate": float((scores >= PASS_SCORE).double().mean()),
                "response/length_mean": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
                "response/length_max": max(len(r.response_ids) for r in rollouts),
                "response/clip_ratio": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
@@ -1386,6 +1387,12 @@ class Trainer:
             out.update({f"val/reward/function_errors/task/{t}": float(c) for t, c in sorted(failed.items()) if c})
             out.update(self._extra_means(timings, "val/reward/extra"))
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
+        groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
+        for i, p in enumerate(self.val_prompts):
+            groups[p.record.task].append([g.score for g in results[i * n:(i + 1) * n]])
+        out.update({f"val/{k}": v for k, v in sample_metrics([g for gs in groups.values() for g in gs]).items()})
+        for t, gs in sorted(groups.items()):
+            out.update({f"val/{k}/task/{t}": v for k, v in sample_metrics(gs).items()})
         self.history.append({"step": step, **out})
         return out
 
@@ -1707,7 +1714,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
              ) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
     sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
-    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward and counts) and
+    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts) and
     OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content."""
     import json
 
@@ -1738,10 +1745,16 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         for p in trainer.val_prompts:
             counts[p.record.task] += cfg.rollout.val_n
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
+        n = cfg.rollout.val_n
+
+        def samples(prefix: str, suffix: str = "") -> dict[str, Any]:  # pass@k per k, best@n (None at n = 1)
+            return {"pass_at_k": {str(k): metrics[f"{prefix}pass@{k}{suffix}"] for k in k_values(n)},
+                    "best_of_n": metrics.get(f"{prefix}best@{n}{suffix}")}
+
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
-                  "reward_mean": metrics["val/reward/mean"],
+                  "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),
                   "function_errors": None if "val/reward/function_errors" not in metrics else  # None: no function
@@ -1750,7 +1763,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},
                   "tasks": {t: {"metric": metric[t], "responses": counts[t],
-                                "reward_mean": metrics[f"val/reward/task/{t}"],
+                                "reward_mean": metrics[f"val/reward/task/{t}"], **samples("val/", f"/task/{t}"),
                                 **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
                                    if cfg.rollout.reward_function else {})} for t in sorted(counts)}}
         if trainer.rank == 0:
@@ -1777,14 +1790,22 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
             f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
     table = Table(title=title)
     failures = result.get("function_errors") is not None  # a reward function of the user's own: its failures
+    n = result["responses_per_prompt"]
+    ks = sorted({1, n})  # pass@1 and pass@n; eval.json holds every k
+
+    def samples(row: dict[str, Any]) -> list[str]:
+        return [f"{row['pass_at_k'][str(k)]:.3f}" for k in ks] + ([f"{row['best_of_n']:.3f}"] if n > 1 else [])
+
     columns = [("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")]
+    columns += [(f"pass@{k}", "right") for k in ks] + ([(f"best@{n}", "right")] if n > 1 else [])
     for col, justify in columns + ([("function errors", "right")] if failures else []):
         table.add_column(col, justify=justify)
     for task, row in result["tasks"].items():
-        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}",
+        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}", *samples(row),
                       *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
-                  f"{result['reward_mean']:.3f}", *([str(result["function_errors"])] if failures else []))
+                  f"{result['reward_mean']:.3f}", *samples(result),
+                  *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "

@@ -1,5 +1,5 @@
 """The records a run reads, and `golong data check CONFIG`: what training would see of them (per task: records,
-prompts kept, left-truncated and dropped at data.max_prompt_tokens, prompt lengths), before a job is launched."""
+prompts kept, truncated and dropped at data.max_prompt_tokens, prompt lengths), before a job is launched."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from golong.data.prompts import build_prompts_cached
 from golong.data.records import Record, load_records
 from golong.data.synthetic import generate
 from golong.rewards.function import parse_spec
+from golong.rewards.pass_at_k import PASS_SCORE
 
 
 def run_records(cfg: RunConfig, *, train: bool = True) -> tuple[list[Record], list[Record]]:
@@ -60,7 +61,7 @@ def _golong_metric(record: Record) -> str:
 
 
 def check_data(cfg: RunConfig, *, answers: bool = False) -> list[dict[str, Any]]:
-    """One row per (split, task): records, prompts kept / left-truncated / dropped, kept prompts' token lengths
+    """One row per (split, task): records, prompts kept / truncated / dropped, kept prompts' token lengths
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
     loading does. `answers`: the records' reference answers scored too (score_answers)."""
     from golong.trainer import load_tokenizer
@@ -130,7 +131,7 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
             total[r.task] += 1
         for task in sorted(total):
             got = by_task[task]
-            below = [x for x in got if x[1] < 1.0 - 1e-9]
+            below = [x for x in got if x[1] < PASS_SCORE]
             rows.append({"split": split, "task": task, "records": total[task], "scored": len(got),
                          "mean": sum(x[1] for x in got) / len(got) if got else None, "below_1": len(below),
                          "failed": sum(x[2] is not None for x in got)})
@@ -162,7 +163,7 @@ def _print_answers(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
 def no_prompt_fits(records: int, cfg: RunConfig) -> str:
     """The one-line error for training records of which none fits data.max_prompt_tokens."""
     d = cfg.data
-    how = "even left-truncated (the chat template alone is longer)" if d.overflow == "truncate_left" else \
+    how = "even truncated (the chat template alone is longer)" if d.overflow != "drop" else \
         "(data.overflow=drop)"
     return f"none of the {records} training records fits data.max_prompt_tokens={d.max_prompt_tokens} {how}; " \
            "raise data.max_prompt_tokens"

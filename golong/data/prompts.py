@@ -30,7 +30,7 @@ from golong.logger import ProgressLog
 
 logger = logging.getLogger(__name__)
 
-OVERFLOW_MODES = ("truncate_left", "drop")
+OVERFLOW_MODES = ("truncate_left", "truncate_middle", "drop")
 ENCODE_BATCH = 64  # records chat-templated, then tokenized in one call
 # how long a node's ranks wait for its local rank 0 to tokenize (GoLongRL's ~1.4B prompt tokens: minutes to tens of
 # minutes). Through the job's store, not a collective: parallel.timeout_s does not apply; a writer that dies takes
@@ -54,22 +54,29 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]], kwargs: dict[str, An
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], limit: int,
-                   kwargs: dict[str, Any]) -> list[int] | None:
+def _truncate(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], limit: int,
+              kwargs: dict[str, Any], middle: bool) -> list[int] | None:
+    """The chat-templated ids with the longest message cut until they fit `limit`: its start (middle=False),
+    or its middle, keeping its first and last halves (LongBench's truncation: a single-message prompt keeps
+    its instructions and its question); None where the cut would leave no question or nothing is left to cut."""
     msgs = [dict(m) for m in messages]
     question = max((k for k, m in enumerate(msgs) if m.get("role") == "user"), default=None)
     excess = len(ids) - limit
     # one round per message emptied, plus a few: re-tokenising cut text can merge differently
     for _ in range(len(msgs) + 6):
         tokens = [list(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs]
-        j = max(range(len(msgs)), key=lambda k: len(tokens[k]))  # the longest message loses its start
+        j = max(range(len(msgs)), key=lambda k: len(tokens[k]))  # the longest message is cut
         if not tokens[j]:
             return None  # nothing left to cut: the template alone is over the limit
         keep = max(len(tokens[j]) - excess, 0)
         if not keep and j == question:
             return None  # a prompt without its question teaches nothing: drop it
+        head = keep // 2 if middle else 0
         # a cut inside a multi-byte character decodes to U+FFFD: drop the partial character
-        msgs[j]["content"] = tokenizer.decode(tokens[j][len(tokens[j]) - keep:]).lstrip("\ufffd") if keep else ""
+        kept = tokenizer.decode(tokens[j][:head]).rstrip("\ufffd") if head else ""
+        if keep - head:
+            kept += tokenizer.decode(tokens[j][len(tokens[j]) - (keep - head):]).lstrip("\ufffd")
+        msgs[j]["content"] = kept
         ids = _encode(tokenizer, msgs, kwargs)
         if len(ids) <= limit:
             return ids
@@ -80,9 +87,10 @@ def _truncate_left(tokenizer: Any, messages: list[dict[str, str]], ids: list[int
 def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: int,
                   overflow: str = "truncate_left", *, chat_template_kwargs: dict[str, Any] | None = None,
                   progress_every_s: float = 30.0, split: str = "") -> list[EncodedPrompt]:
-    """Chat-template and tokenize `records`; prompts over `max_prompt_tokens` are left-truncated
-    (overflow="truncate_left") or dropped (overflow="drop"). Logs how many of each, and how far it got
-    every `progress_every_s` seconds: thousands of 128K-token prompts take minutes before training starts.
+    """Chat-template and tokenize `records`; prompts over `max_prompt_tokens` are truncated (overflow=
+    "truncate_left": the longest message's start, "truncate_middle": its middle) or dropped ("drop"). Logs how
+    many of each, and how far it got every `progress_every_s` seconds: thousands of 128K-token prompts take
+    minutes before training starts.
     `split` ("train", "val") names the records in those lines."""
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow={overflow!r}; choose one of {', '.join(OVERFLOW_MODES)}")
@@ -99,16 +107,16 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for i, rec, ids in zip(range(b0, b0 + len(batch)), batch, encoded):
             if len(ids) > max_prompt_tokens:
-                cut = _truncate_left(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs) \
-                    if overflow == "truncate_left" else None
+                cut = None if overflow == "drop" else \
+                    _truncate(tokenizer, rec.prompt, ids, max_prompt_tokens, kwargs, overflow == "truncate_middle")
                 n_trunc, n_drop = n_trunc + (cut is not None), n_drop + (cut is None)
                 if cut is not None:
                     out.append(EncodedPrompt(np.asarray(cut, dtype=np.int32), i, rec, truncated=True))
             else:
                 out.append(EncodedPrompt(np.asarray(ids, dtype=np.int32), i, rec))
             progress.advance(items=1)
-    logger.info("%s: %d records -> %d prompts (%d left-truncated, %d dropped; limit %d tokens)",
-                name, len(records), len(out), n_trunc, n_drop, max_prompt_tokens)
+    logger.info("%s: %d records -> %d prompts (%d %s-truncated, %d dropped; limit %d tokens)", name, len(records),
+                len(out), n_trunc, "middle" if overflow == "truncate_middle" else "left", n_drop, max_prompt_tokens)
     return out
 
 

@@ -649,7 +649,8 @@ def test_train_where_the_vllm_tensor_parallel_size_does_not_divide_the_world_is_
                           "multiple of 2 ranks") and "\n" not in err, err
 
 
-@pytest.mark.parametrize("overflow, how", [("truncate_left", "even left-truncated"), ("drop", "data.overflow=drop")])
+@pytest.mark.parametrize("overflow, how", [("truncate_left", "even truncated"), ("truncate_middle", "even truncated"),
+                                           ("drop", "data.overflow=drop")])
 def test_train_when_no_prompt_fits_the_limit_is_one_line(overflow, how, tmp_path, capsys):
     # was a ValueError traceback from the trainer's data loading
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "data.synthetic_n=3", "data.max_prompt_tokens=5",

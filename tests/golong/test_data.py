@@ -294,6 +294,47 @@ def test_truncation_cuts_further_messages_and_whole_characters(tok):
         assert "\ufffd" not in text and text.endswith("END<|im_end|>\n<|im_start|>assistant\n"), limit
 
 
+def test_middle_truncation_keeps_the_start_and_end_of_the_longest_message(tok, caplog):
+    """overflow=truncate_middle (LongBench's truncation): the longest message loses its middle, keeping its first
+    and last halves; the instructions at the start of a single-message prompt survive with the question at its
+    end; whole characters; a prompt that would keep no question is still dropped."""
+    numbered = " ".join(f"w{i}" for i in range(600))  # each word its own tokens: where a cut fell is readable
+    user = "INSTRUCTIONS: read the text. " + numbered + " QUESTION?"
+    rec = Record("EM", [{"role": "user", "content": user}], "", GroundTruth(["x"], "x"))
+    full = len(tok(tok.apply_chat_template(rec.prompt, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"])
+    for limit in (101, 200, 451):
+        with caplog.at_level(logging.INFO, logger="golong.data.prompts"):
+            (p,) = build_prompts([rec], tok, limit, overflow="truncate_middle")
+        assert "(1 middle-truncated, 0 dropped" in caplog.text
+        text = tok.decode(p.input_ids)
+        assert p.truncated and limit - 8 <= len(p.input_ids) <= limit < full, limit
+        body = text.removeprefix("<|im_start|>user\n").removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+        assert body.startswith("INSTRUCTIONS: read the text. w0 w1") and body.endswith("w598 w599 QUESTION?")
+        assert "w300 " not in body  # the middle went
+        # what is left is a prefix and a suffix of the message (the cut may fall inside a word), about half each
+        i = next(k for k, (a, b) in enumerate(zip(body, user)) if a != b)
+        assert user.endswith(body[i:])
+        assert abs(len(tok(body[:i])["input_ids"]) - len(tok(body[i:])["input_ids"])) <= 4, limit
+    # the left mode, for contrast, loses the instructions
+    (p,) = build_prompts([rec], tok, 200)
+    assert "INSTRUCTIONS" not in tok.decode(p.input_ids)
+    # several messages: the longest (the system one) is cut in its middle, the question's message kept whole
+    msgs = [{"role": "system", "content": "SYS " + "alpha " * 300 + "SYS-END"}, {"role": "user", "content": "Q?"}]
+    (p,) = build_prompts([Record("EM", msgs, "", GroundTruth(["x"], "x"))], tok, 120, overflow="truncate_middle")
+    text = tok.decode(p.input_ids)
+    assert text.startswith("<|im_start|>system\nSYS alpha") and "alpha SYS-END<|im_end|>" in text
+    assert text.endswith("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n") and len(p.input_ids) <= 120
+    cjk = Record("EM", [{"role": "user", "content": "BEGIN " + "漢字テキスト" * 200 + " END"}], "",
+                 GroundTruth(["x"], "x"))
+    for limit in range(90, 100):  # cut points inside multi-byte characters, at both ends of the cut
+        (p,) = build_prompts([cjk], tok, limit, overflow="truncate_middle")
+        text = tok.decode(p.input_ids)
+        assert "\ufffd" not in text and text.startswith("<|im_start|>user\nBEGIN ") and \
+            text.endswith("END<|im_end|>\n<|im_start|>assistant\n") and len(p.input_ids) <= limit, limit
+    assert build_prompts([rec], tok, 5, overflow="truncate_middle") == []  # the template alone is over the limit
+
+
 def test_build_prompts_reports_progress_on_long_work(tok, caplog):
     """Tokenizing a long-context dataset takes minutes before the first step: it says how far it got (it was
     silent until done)."""
@@ -704,7 +745,7 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
         lengths.setdefault(r.task, []).append(len(tok(text, add_special_tokens=False)["input_ids"]))
     limit = sorted(lengths["summarization"])[len(lengths["summarization"]) // 2]  # about half of them over
     assert max(lengths["graded_ranking"]) > limit
-    for overflow in ("drop", "truncate_left"):
+    for overflow in ("drop", "truncate_left", "truncate_middle"):
         cfg = load_config(cfg_file, [f"data.max_prompt_tokens={limit}", f"data.overflow={overflow}"])
         rows = {(r["split"], r["task"]): r for r in check_data(cfg)}
         assert set(rows) == {("train", "summarization"), ("train", "graded_ranking"), ("val", "sequence_ordering")}

@@ -1416,6 +1416,51 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
                                      "logging.dump_rollouts=true"]), weights
 
 
+SAMPLED_REWARD = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    return 1.0 if len(solution_str) % 2 else 0.25 * (len(solution_str) % 4)
+'''
+
+
+def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_file, tmp_path, monkeypatch, capsys):
+    """With rollout.val_n = 4, eval.json holds pass@1, 2, 4 (a response passes at score >= 1) and best@4, overall
+    and per task, each the mean over prompts of the share of k-subsets of the prompt's responses holding a pass /
+    of its highest score: recomputed here by brute force from responses.jsonl; the table shows pass@1, pass@4 and
+    best@4."""
+    import itertools
+    import json
+
+    from golong.trainer import evaluate
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, _ = _custom_run(tmp_path, config_file)
+    (tmp_path / "sampled.py").write_text(SAMPLED_REWARD)  # a score that varies with the sampled text
+    cfg.rollout.reward_function = str(tmp_path / "sampled.py")
+    cfg.rollout.val_n = 4
+    result = evaluate(cfg, None, tmp_path / "eval")
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
+    groups: dict[str, dict[int, list[float]]] = {}
+    for row in sorted(rows, key=lambda r: (r["prompt"], r["sample"])):
+        groups.setdefault(row["task"], {}).setdefault(row["prompt"], []).append(row["score"])
+
+    def brute(gs: list[list[float]]) -> dict:
+        share = {k: sum(sum(any(s >= 1.0 for s in sub) for sub in itertools.combinations(g, k)) /
+                        math.comb(4, k) for g in gs) / len(gs) for k in (1, 2, 4)}
+        return {"pass_at_k": {str(k): pytest.approx(v, rel=1e-12) for k, v in share.items()},
+                "best_of_n": pytest.approx(sum(max(g) for g in gs) / len(gs), rel=1e-12)}
+
+    everything = [g for per_task in groups.values() for g in per_task.values()]
+    assert len(everything) == 6 and all(len(g) == 4 for g in everything)
+    assert {k: result[k] for k in ("pass_at_k", "best_of_n")} == brute(everything)
+    for task, per_task in groups.items():
+        assert {k: result["tasks"][task][k] for k in ("pass_at_k", "best_of_n")} == brute(list(per_task.values()))
+    # the texts vary: some prompts' responses pass only sometimes, so the k differ
+    assert 0 < result["pass_at_k"]["1"] < result["pass_at_k"]["2"] < result["pass_at_k"]["4"] <= 1
+    assert result["reward_mean"] < result["best_of_n"]
+    table = capsys.readouterr().out
+    assert all(col in table for col in ("pass@1", "pass@4", "best@4")) and "pass@2" not in table
+
+
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
     """Records no golong metric fits train and evaluate under rollout.reward_function: each response's score is
     the function's (the ground truth and extra_info as the file stores them, the ability added, rollout.reward_kwargs;
@@ -1454,9 +1499,10 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
     assert result["tasks"] == {  # the failures counted per task
         "counting": {"metric": "compute_score() (golong: none)", "responses": 3,
-                     "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0},
+                     "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0,
+                     "pass_at_k": {"1": pytest.approx(1 / 3)}, "best_of_n": None},  # 0.7, 0.9, 1.1: one passes
         "exploding": {"metric": "compute_score() (golong: none)", "responses": 3, "reward_mean": 0.0,
-                      "function_errors": 3}}
+                      "function_errors": 3, "pass_at_k": {"1": 0.0}, "best_of_n": None}}
     answered = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     assert sorted(row["record"] for row in answered if "reward_error" in row) == [0, 2, 4]
     assert all(row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}

@@ -1,0 +1,40 @@
+"""pass@k and best@n over a prompt's n sampled responses (validation and `golong eval` with rollout.val_n > 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# A response passes at the full score (every capability metric's 1); training's reward/pass_rate reads the same.
+PASS_SCORE = 1.0 - 1e-9
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of the chance that k of a prompt's n responses, drawn without replacement, hold one
+    of its c passing ones (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), as a product (no large binomials)."""
+    if not (1 <= k <= n and 0 <= c <= n):
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def k_values(n: int) -> list[int]:
+    """The k reported for n responses a prompt: 1, 2, 4, ... below n, and n."""
+    ks = [1 << i for i in range(n.bit_length()) if (1 << i) < n]
+    return ks + [n]
+
+
+def sample_metrics(groups: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Means over prompts of pass@k for every k of `k_values(n)` and, for n > 1, of best@n (a prompt's highest
+    score). groups: each prompt's n scores, the same n for all (at least one prompt). Keys "pass@<k>", "best@<n>"."""
+    n = len(groups[0]) if groups else 0
+    if n == 0 or any(len(g) != n for g in groups):
+        raise ValueError("sample_metrics needs one or more prompts, each with the same number (>= 1) of scores")
+    passed = [sum(s >= PASS_SCORE for s in g) for g in groups]
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in passed) / len(groups) for k in k_values(n)}
+    if n > 1:
+        out[f"best@{n}"] = sum(max(g) for g in groups) / len(groups)
+    return out
