@@ -460,14 +460,14 @@ def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, e
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
-def _is_metric_run(rank: int, world: int, budgets: list[int], out: str, level: str = "token") -> None:
+def _is_metric_run(rank: int, world: int, budgets: list[int], out: str, level: str = "token", cp: int = 1) -> None:
     from golong.parallel import init_parallel
     from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     cfg = tiny_config(trainer__mini_batch_prompts=100, algo__ppo_epochs=1, algo__rollout_is="mask",
-                      algo__rollout_is_level=level)
-    dims = init_parallel(-1, 1, "gloo")
+                      algo__rollout_is_level=level, parallel__cp=cp)
+    dims = init_parallel(-1, cp, "gloo")
     actor = Actor(build_model(cfg, dims), dims, cfg)
     actor.optimizer.step = lambda *a, **k: None  # the same policy for every budget
     rollouts = fixed_rollouts()
@@ -510,22 +510,27 @@ def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
 
 
 @pytest.mark.distributed
-def test_geometric_rollout_is_masks_whole_responses_in_the_update(tmp_path):
-    """algo.rollout_is_level=geometric reaches the update: a response is masked as a whole where the geometric mean
-    of its token ratios leaves [0.5, 5] (the response with a 12-nat mismatch on one token), and the ratio metrics
-    are the responses' ratios, whatever the micro-batching and the number of ranks."""
-    run_distributed(_is_metric_run, 1, [48, 100000], str(tmp_path / "one.pt"), "geometric")
-    run_distributed(_is_metric_run, 2, [48], str(tmp_path / "two.pt"), "geometric")
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+@pytest.mark.parametrize("level", ["geometric", "sequence"])
+def test_sequence_level_rollout_is_masks_whole_responses_in_the_update(level, tmp_path):
+    """algo.rollout_is_level=geometric / sequence reach the update: a response is masked as a whole where the
+    geometric mean (the product) of its token ratios leaves [0.5, 5] (the response with a 12-nat mismatch on one
+    token among them), and the ratio metrics are the responses' ratios, whatever the micro-batching, the number of
+    ranks and the context-parallel split of each response over a ring of 2."""
+    run_distributed(_is_metric_run, 1, [48, 100000], str(tmp_path / "one.pt"), level)
+    run_distributed(_is_metric_run, 2, [48], str(tmp_path / "two.pt"), level)
+    run_distributed(_is_metric_run, 2, [48], str(tmp_path / "cp.pt"), level, 2)
+    one, two, cp = (torch.load(tmp_path / f"{name}.pt") for name in ("one", "two", "cp"))
     rho = one["rho"]
-    geo = [torch.exp(torch.log(r).mean()).repeat(len(r)) for r in rho]  # each token weighs its response's ratio
-    flat = torch.cat(geo)
+    # each token weighs its response's ratio (the product clamped to +-20 nats, as rollout_is_weights does)
+    log_ratio = [torch.log(r).double().mean() if level == "geometric" else torch.log(r).double().sum()
+                 for r in rho]
+    flat = torch.cat([torch.exp(lr.clamp(-20, 20)).repeat(len(r)) for lr, r in zip(log_ratio, rho)]).double()
     outside = ((flat < 0.5) | (flat > 5.0)).double()
-    assert 0 < outside.mean() < 0.5 and bool(outside[: len(rho[0])].all())  # response 0 is masked whole
+    assert 0 < outside.mean() < 1 and bool(outside[: len(rho[0])].all())  # response 0 is masked whole
     expected = {"rollout_is/masked_frac": float(outside.mean()), "rollout_is/ratio_max": float(flat.max()),
                 "rollout_is/ratio_min": float(flat.min()), "rollout_is/ratio_mean": float(flat.mean())}
     for name, metrics in {"1 rank, 48": one["metrics"][48], "1 rank, 100000": one["metrics"][100000],
-                          "2 ranks, 48": two["metrics"][48]}.items():
+                          "2 ranks, 48": two["metrics"][48], "cp 2, 48": cp["metrics"][48]}.items():
         for key, want in expected.items():
             assert metrics[key] == pytest.approx(want, rel=1e-4), (name, key, metrics[key], want)
 
