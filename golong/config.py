@@ -333,7 +333,9 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "data.train_batch_size": ("trainer.prompts_per_step", ""),
     "data.gen_batch_size": ("trainer.gen_batch_prompts", ""),
     "data.max_prompt_length": ("data.max_prompt_tokens", ""),
-    "data.truncation": ("data.overflow", "verl's left: truncate_left, middle: truncate_middle, error: drop"),
+    "data.truncation": ("data.overflow", "left is truncate_left, middle truncate_middle; right and error have "
+                                         "none: drop leaves such prompts out"),
+    "data.filter_overlong_prompts": ("data.overflow", "True: drop"),
     "data.max_response_length": ("rollout.max_response_tokens", ""),
     "actor_rollout_ref.model.path": ("model.path", ""),
     "actor_rollout_ref.model.enable_gradient_checkpointing": ("parallel.activation_checkpointing", ""),

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a rendezvous port for spawned ranks or torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errq), daemon=False)
              for r in range(world_size)]
     for p in procs:

@@ -163,8 +163,8 @@ def _print_answers(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
 def no_prompt_fits(records: int, cfg: RunConfig) -> str:
     """The one-line error for training records of which none fits data.max_prompt_tokens."""
     d = cfg.data
-    how = "even truncated (the chat template alone is longer)" if d.overflow != "drop" else \
-        "(data.overflow=drop)"
+    how = "(data.overflow=drop)" if d.overflow == "drop" else \
+        "even truncated (the chat template alone is longer, or the cut would leave no question)"
     return f"none of the {records} training records fits data.max_prompt_tokens={d.max_prompt_tokens} {how}; " \
            "raise data.max_prompt_tokens"
 
@@ -199,7 +199,7 @@ def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     table = Table(title=f"golong data check: data.max_prompt_tokens={cfg.data.max_prompt_tokens}, "
                         f"data.overflow={cfg.data.overflow}")
     cols = {"split": "split", "task": "task", "metric": "metric", "records": "records", "kept": "prompts",
-            "truncated": "cut left", "dropped": "dropped", "tokens_min": "min tok", "tokens_median": "median tok",
+            "truncated": "truncated", "dropped": "dropped", "tokens_min": "min tok", "tokens_median": "median tok",
             "tokens_max": "max tok"}
     for key, head in cols.items():
         table.add_column(head, justify="left" if key in ("split", "task", "metric") else "right", no_wrap=True)

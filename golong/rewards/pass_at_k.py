@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import comb
 
 # A response passes at the full score (every capability metric's 1); training's reward/pass_rate reads the same.
 PASS_SCORE = 1.0 - 1e-9
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased estimate of the chance that k of a prompt's n responses, drawn without replacement, hold one
-    of its c passing ones (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), as a product (no large binomials)."""
+    """Unbiased estimate of the chance that at least one of k responses, drawn without replacement from a
+    prompt's n of which c pass, passes (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), in exact integers rounded
+    once (pass@1 is c / n to the last bit)."""
     if not (1 <= k <= n and 0 <= c <= n):
         raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    miss = 1.0
-    for i in range(n - c + 1, n + 1):
-        miss *= 1.0 - k / i
-    return 1.0 - miss
+    total = comb(n, k)
+    return (total - comb(n - c, k)) / total
 
 
 def k_values(n: int) -> list[int]:

@@ -720,7 +720,7 @@ def test_demo_tokenizer_fast_deterministic_qwen_style():
 
 
 def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
-    """`golong data check CONFIG`: per (split, task) the records, the prompts kept / left-truncated / dropped at
+    """`golong data check CONFIG`: per (split, task) the records, the prompts kept / truncated / dropped at
     data.max_prompt_tokens and the kept prompts' lengths, counted here independently from the chat template;
     a task with every record over the limit is warned about; no training prompt at all, or a bad record (named by
     file and line), stops it."""

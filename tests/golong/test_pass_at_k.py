@@ -23,6 +23,11 @@ def test_pass_at_k_is_the_share_of_k_subsets_holding_a_pass():
                 assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(passed, k), rel=1e-12, abs=1e-15), (n, c, k)
 
 
+def test_pass_at_1_is_the_pass_rate_to_the_last_bit():
+    assert all(pass_at_k(n, c, 1) == c / n for n in range(1, 65) for c in range(n + 1))
+    assert all(pass_at_k(n, c, n) == (1.0 if c else 0.0) for n in range(1, 65) for c in range(n + 1))
+
+
 def test_pass_at_k_at_large_n_matches_exact_binomials():
     for n, c, k in ((200, 3, 100), (1000, 1, 7), (1000, 999, 1), (512, 17, 512), (300, 0, 50)):
         exact = 1 - comb(n - c, k) / comb(n, k)  # Python's int / int rounds the exact ratio once

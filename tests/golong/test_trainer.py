@@ -58,8 +58,10 @@ def config_file(tmp_path_factory) -> Path:
 
 
 def _command(config: Path, run_dir: Path, overrides: tuple[str, ...], ranks: int) -> list[str]:
+    from tests.distributed import free_port
+
     launch = ["-m", "golong"] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                                                  "-m", "golong"]
+                                                  "--master_port", str(free_port()), "-m", "golong"]
     return [sys.executable, *launch, "train", str(config), f"logging.run_dir={run_dir}", *overrides]
 
 
@@ -1418,7 +1420,7 @@ def _custom_run(tmp_path: Path, config_file: Path, always_raise: bool = False):
 
 SAMPLED_REWARD = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
-    return 1.0 if len(solution_str) % 2 else 0.25 * (len(solution_str) % 4)
+    return {"score": 1.0 if len(solution_str) % 2 else 0.25 * (len(solution_str) % 4), "rec": extra_info["index"]}
 '''
 
 
@@ -1439,6 +1441,9 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     cfg.rollout.val_n = 4
     result = evaluate(cfg, None, tmp_path / "eval")
     rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
+    # each response was scored against the record its row names (the function's own view of it): the rows group
+    # by prompt as the responses were asked for
+    assert all(row["reward_extras"] == {"rec": row["record"]} for row in rows)
     groups: dict[str, dict[int, list[float]]] = {}
     for row in sorted(rows, key=lambda r: (r["prompt"], r["sample"])):
         groups.setdefault(row["task"], {}).setdefault(row["prompt"], []).append(row["score"])

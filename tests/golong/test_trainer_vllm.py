@@ -20,6 +20,9 @@ from tests.golong.test_trainer import CONFIG
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 PY = VENV / "bin" / "python"
+# one pytest-xdist worker runs every vLLM test (scripts/test.sh: --dist loadgroup): the module fixture that starts
+# two engines would otherwise start them on each worker that takes one of its tests
+pytestmark = pytest.mark.xdist_group("vllm")
 # golong imports these at start-up; if the vLLM venv was set up without them, borrow the main venv's
 # copies (pure Python, same interpreter version) through PYTHONPATH
 _PURE = ("omegaconf", "antlr4", "rich", "markdown_it", "mdurl", "pygments", "yaml")

@@ -26,6 +26,9 @@ from tests.golong.model_fixtures import sampling_probs
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 PY = VENV / "bin" / "python"
+# one pytest-xdist worker runs every vLLM test (scripts/test.sh: --dist loadgroup): the module fixture that starts
+# two engines would otherwise start them on each worker that takes one of its tests
+pytestmark = pytest.mark.xdist_group("vllm")
 
 
 def needs_vllm(fn):
