@@ -335,7 +335,8 @@ VERL_KEYS: dict[str, tuple[str, str]] = {
     "data.max_prompt_length": ("data.max_prompt_tokens", ""),
     "data.truncation": ("data.overflow", "left is truncate_left, middle truncate_middle; right and error have "
                                          "none: drop leaves such prompts out"),
-    "data.filter_overlong_prompts": ("data.overflow", "True: drop"),
+    "data.filter_overlong_prompts": ("data.overflow", "True: drop; False: truncate_left or truncate_middle, as "
+                                                     "verl's data.truncation says"),
     "data.max_response_length": ("rollout.max_response_tokens", ""),
     "actor_rollout_ref.model.path": ("model.path", ""),
     "actor_rollout_ref.model.enable_gradient_checkpointing": ("parallel.activation_checkpointing", ""),

@@ -1807,6 +1807,8 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
                   f"{result['reward_mean']:.3f}", *samples(result),
                   *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
+    if len(k_values(n)) > len(ks):
+        print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")

@@ -115,8 +115,9 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
             else:
                 out.append(EncodedPrompt(np.asarray(ids, dtype=np.int32), i, rec))
             progress.advance(items=1)
-    logger.info("%s: %d records -> %d prompts (%d %s-truncated, %d dropped; limit %d tokens)", name, len(records),
-                len(out), n_trunc, "middle" if overflow == "truncate_middle" else "left", n_drop, max_prompt_tokens)
+    cut = "" if overflow == "drop" else f"{n_trunc} {overflow.removeprefix('truncate_')}-truncated, "
+    logger.info("%s: %d records -> %d prompts (%s%d dropped; limit %d tokens)", name, len(records), len(out), cut,
+                n_drop, max_prompt_tokens)
     return out
 
 

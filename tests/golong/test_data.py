@@ -225,7 +225,9 @@ def test_build_prompts_template_and_truncation(tok, caplog):
         question = r.prompt[0]["content"].rsplit("Question:", 1)[1]
         assert question in text
         assert "Read the text and answer the question." not in text
-    dropped = build_prompts(recs, tok, limit, overflow="drop")
+    with caplog.at_level(logging.INFO, logger="golong.data.prompts"):
+        dropped = build_prompts(recs, tok, limit, overflow="drop")
+    assert "build_prompts: 9 records -> 6 prompts (3 dropped; limit 400 tokens)" in caplog.text
     assert [p.index for p in dropped] == list(range(6))
     # `index` is the position in `records`, also after a dropped record in the middle
     mixed = [recs[0], recs[6], recs[1], recs[7], recs[2]]

@@ -1464,6 +1464,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert result["reward_mean"] < result["best_of_n"]
     table = capsys.readouterr().out
     assert all(col in table for col in ("pass@1", "pass@4", "best@4")) and "pass@2" not in table
+    assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
 
 
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
