@@ -765,14 +765,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                     and isinstance(node.get(name), str):
                 node[name] = [node[name]]
     merged = base
-    for layer, origin in zip(layers, origins):  # one at a time: an unknown key or a bad value names its file and line
+    for i, (layer, origin) in enumerate(zip(layers, origins)):  # one at a time: an error names its file and line
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             message = _one_line(e)
             if message.startswith("unknown config key"):  # coming from verl: name golong's key
-                # every verl key of the layer, not only the refused one's: a verl file meets them one by one
-                message += verl_hints(_dotted_keys(OmegaConf.to_container(layer, resolve=False)))
+                # every verl key of this layer and the later ones (the file's, every override's), not only the
+                # refused one's: a verl launch script would meet them one run at a time
+                message += verl_hints([k for later in layers[i:]
+                                       for k in _dotted_keys(OmegaConf.to_container(later, resolve=False))])
             if isinstance(origin, Path):
                 line = _key_line(origin, getattr(e, "full_key", None) or "")
                 raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {message}") from None

@@ -441,6 +441,20 @@ def test_a_verl_key_names_golongs(tmp_path):
     assert str(e.value).endswith(" (verl's data.gen_batch_size is golong's trainer.gen_batch_prompts; verl's "
                                  "algorithm.filter_groups.metric is golong's algo.filter_metric (score, reward or a "
                                  "key of your reward function's))")
+    # the overrides' verl keys too, in the same error: the file's first, then every override's
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["optim.lr=1e-6", "data.truncation=middle", "data.filter_overlong_prompts=true"])
+    assert str(e.value).endswith("(verl's data.gen_batch_size is golong's trainer.gen_batch_prompts; verl's "
+                                 "algorithm.filter_groups.metric is golong's algo.filter_metric (score, reward or a "
+                                 "key of your reward function's); verl's data.truncation is golong's data.overflow "
+                                 "(left is truncate_left, middle truncate_middle; right and error have none: drop "
+                                 "leaves such prompts out); verl's data.filter_overlong_prompts is golong's "
+                                 "data.overflow (True: drop; False: truncate_left or truncate_middle, as verl's "
+                                 "data.truncation says))"), str(e.value)
+    with pytest.raises(ConfigError) as e:  # the first refused override names the later ones' keys
+        load_config(ROOT / "configs/demo-cpu.yaml", ["data.truncation=middle", "data.max_prompt_length=4096"])
+    assert str(e.value).startswith("unknown config key 'data.truncation'") and \
+        "verl's data.max_prompt_length is golong's data.max_prompt_tokens" in str(e.value)
     # Hydra's + / ++ read past: a golong key takes its value, a verl key gets its hint
     assert load_config(ROOT / "configs/demo-cpu.yaml", ["+algo.clip_low=0.1", "++algo.clip_high=0.3"]).algo.clip_high \
         == 0.3
