@@ -1355,7 +1355,7 @@ class Trainer:
                                                     (self.cfg.trainer.seed, "val"), "validation",
                                                     texts=dump or responses is not None)
         t0 = time.perf_counter()
-        by_task: dict[str, list[float]] = defaultdict(list)
+        groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
         failed: dict[str, int] = defaultdict(int)  # reward-function failures per task
         n = self.cfg.rollout.val_n
         dump = dump and self.rank == 0
@@ -1364,7 +1364,9 @@ class Trainer:
             rows = responses if responses is not None else []
         for j, g in enumerate(results):
             record = self.val_prompts[j // n].record
-            by_task[record.task].append(g.score)
+            if j % n == 0:  # results are prompt-major: the prompt's first response
+                groups[record.task].append([])
+            groups[record.task][-1].append(g.score)
             failed[record.task] += g.reward_failed
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
                 rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
@@ -1376,6 +1378,7 @@ class Trainer:
                 write_jsonl(path, rows)
             except OSError as e:
                 log.warning(f"validation at step {step}: could not write the rollout dump {path}: {e}")
+        by_task = {t: [s for g in gs for s in g] for t, gs in groups.items()}
         scores = [s for v in by_task.values() for s in v]
         out = {"val/reward/mean": sum(scores) / len(scores),
                "val/time_s": sum(v for k, v in timings.items() if k.startswith("time/")) + time.perf_counter() - t0}
@@ -1387,9 +1390,6 @@ class Trainer:
             out.update({f"val/reward/function_errors/task/{t}": float(c) for t, c in sorted(failed.items()) if c})
             out.update(self._extra_means(timings, "val/reward/extra"))
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
-        groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
-        for i, p in enumerate(self.val_prompts):
-            groups[p.record.task].append([g.score for g in results[i * n:(i + 1) * n]])
         out.update({f"val/{k}": v for k, v in sample_metrics([g for gs in groups.values() for g in gs]).items()})
         for t, gs in sorted(groups.items()):
             out.update({f"val/{k}/task/{t}": v for k, v in sample_metrics(gs).items()})
@@ -1752,7 +1752,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                     "best_of_n": metrics.get(f"{prefix}best@{n}{suffix}")}
 
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
-                  "prompts": len(trainer.val_prompts), "responses_per_prompt": cfg.rollout.val_n,
+                  "prompts": len(trainer.val_prompts), "responses_per_prompt": n,
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
