@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from golong.config import ConfigError, config_warnings, load_config, run_problems, to_yaml
+from golong.data.benchmarks import BENCHMARKS
 from golong.data.records import RecordError
 from golong.rewards.function import RewardFunctionError
 
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.path or the scratch init)")
     p.add_argument("--out", default=None, help="output directory (default: LOGGING.RUN_DIR/eval/<checkpoint name, "
                                                "or 'model'>)")
+    p.add_argument("--by", action="append", default=[], metavar="KEY",
+                   help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
+                        "of LongBench-v2) or by prompt_tokens (token-count bins <=4K, 4K-8K, ..., 512K-1M, as MRCR "
+                        "reports); repeatable")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
@@ -76,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "RUN_DIR/curves.png); another suffix (.pdf, .svg) picks that format")
     p.set_defaults(subparser=p)
 
-    p = sub.add_parser("data", help="dataset tools (synthetic generator, data check)",
+    p = sub.add_parser("data", help="dataset tools (synthetic generator, data check, benchmark import)",
                        description="Dataset tools.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write a synthetic dataset of the 9 capability tasks",
@@ -100,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score each record's reference answer as training scores a response (the run's reward "
                         "function or golong's metrics): per task the mean and how many score below 1, and the first "
                         "such record")
+    s.set_defaults(subparser=s)
+
+    s = dsub.add_parser("import", help="convert a long-context benchmark (LongBench-v2, MRCR) into golong records",
+                        description="Write the rows of a benchmark's source files as golong records scored by the "
+                                    "benchmark's own metric, for golong eval (data.val_files). longbench-v2: "
+                                    "THUDM/LongBench-v2's data.json, scored by 'The correct answer is (X)'; mrcr: "
+                                    "openai/mrcr's parquet files, scored by OpenAI's grade (the random prefix, then "
+                                    "difflib's ratio). A bad row is named by file and line / item / row.")
+    s.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark the files hold")
+    s.add_argument("sources", nargs="+", help="its files (.json, .jsonl or .parquet), read in order")
+    s.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    s.add_argument("--limit", type=int, default=None, help="convert the first N rows only")
+    s.add_argument("--template", default=None,
+                   help="longbench-v2: a prompt template file with LongBench-v2's placeholders $DOC$, $Q$, $C_A$ .. "
+                        "$C_D$ (e.g. LongBench's prompts/0shot.txt; default: golong's wording of the same prompt)")
     s.set_defaults(subparser=s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",
@@ -159,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(problems[0])
             from golong.trainer import evaluate
 
-            evaluate(cfg, args.checkpoint, args.out)
+            evaluate(cfg, args.checkpoint, args.out, by=args.by)
         elif args.command == "demo":
             from golong.demo import run_demo
 
@@ -181,6 +201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 raise ConfigError(problems[0])
             check_data(cfg, answers=args.score_answers)
+        elif args.command == "data" and args.data_command == "import":
+            from pathlib import Path
+
+            from golong.data.benchmarks import import_benchmark
+            from golong.data.check import print_task_counts
+
+            template = None
+            if args.template is not None:
+                try:
+                    template = Path(args.template).read_text(encoding="utf-8")
+                except OSError as e:
+                    args.subparser.error(f"--template: {e}")
+            records = import_benchmark(args.benchmark, args.sources, args.out, limit=args.limit, template=template)
+            print_task_counts(records, f"golong data import {args.benchmark}: {len(records)} records")
+            print(args.out)
         elif args.command == "data":
             from golong.data.check import print_task_counts
             from golong.data.records import write_records

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -77,6 +77,9 @@ from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, k_values, sample_metrics
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
+
+if TYPE_CHECKING:
+    from golong.data.prompts import EncodedPrompt
 
 log = get_logger()
 # FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
@@ -1710,12 +1713,73 @@ def _add_layer_nvtx(model: nn.Module) -> None:
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
 
 
-def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None
-             ) -> dict[str, Any]:
+PROMPT_TOKENS = "prompt_tokens"  # `golong eval --by prompt_tokens`: the prompts' templated token counts, binned
+
+
+def token_bin(tokens: int) -> str:
+    """OpenAI MRCR's context bins, by powers of two: "<=4K", "4K-8K", ..., "512K-1M", ">1M" (K = 1024 tokens)."""
+    def size(t: int) -> str:
+        return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}K"
+
+    if tokens <= 4096:
+        return "<=4K"
+    if tokens > 1 << 20:
+        return ">1M"
+    hi = 8192
+    while tokens > hi:
+        hi *= 2
+    return f"{size(hi // 2)}-{size(hi)}"
+
+
+def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
+    """(sort key, label) of a prompt's group under `--by key`: its token bin, or its record's extra_info[key]."""
+    if key == PROMPT_TOKENS:
+        n = len(prompt.input_ids)
+        return (0, n.bit_length() if n > 4096 else 0), token_bin(n)
+    value = prompt.record.extra_info.get(key)
+    if value is None:
+        return (2, ""), "(none)"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value)), str(value)
+    return (1, str(value)), str(value)
+
+
+def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt]) -> None:
+    """ValueError for a `--by` key no validation record holds in extra_info, naming the keys they hold."""
+    held = sorted({k for p in prompts for k in p.record.extra_info})
+    for key in keys:
+        if key != PROMPT_TOKENS and key not in held:
+            raise ValueError(f"--by {key}: no validation record has extra_info key {key!r}; keys they have: "
+                             f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
+
+
+def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[str, Any]], n: int
+              ) -> dict[str, dict[str, Any]]:
+    """eval.json's `by.<key>`: per group of prompts (their token bin, or their records' extra_info[key]) the prompts,
+    responses, mean reward, pass@k and best@n. rows: the eval's responses (prompt-major, n per prompt)."""
+    scores: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        scores[row["prompt"]].append(row["score"])
+    groups: dict[tuple, tuple[str, list[list[float]]]] = {}
+    for i, p in enumerate(prompts):
+        order, label = _group_value(p, key)
+        groups.setdefault((order, label), (label, []))[1].append(scores[i])
+    out = {}
+    for _, (label, gs) in sorted(groups.items()):
+        m = sample_metrics(gs)
+        out[label] = {"prompts": len(gs), "responses": len(gs) * n,
+                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n),
+                      "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)}, "best_of_n": m.get(f"best@{n}")}
+    return out
+
+
+def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
+             by: Sequence[str] = ()) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
     sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
-    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts) and
-    OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content."""
+    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts;
+    with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and OUT_DIR/responses.jsonl
+    (every response, its task and score); returns the eval.json content."""
     import json
 
     from golong.checkpoint import checkpoint_problem
@@ -1739,6 +1803,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
             trainer.engine.sync_weights(trainer.model)
             log.info(f"eval: weights of {ckpt} (step {step})")
+        check_group_keys(by, trainer.val_prompts)  # before the rollouts: a typo costs no generation
         responses: list[dict[str, Any]] = []  # filled on rank 0
         metrics = trainer.validate(step, responses)
         counts: dict[str, int] = defaultdict(int)
@@ -1767,6 +1832,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                                 **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
                                    if cfg.rollout.reward_function else {})} for t in sorted(counts)}}
         if trainer.rank == 0:
+            if by:
+                result["by"] = {key: breakdown(key, trainer.val_prompts, responses, n) for key in dict.fromkeys(by)}
             out.mkdir(parents=True, exist_ok=True)
             write_jsonl(out / "responses.jsonl", responses)
             # eval.json last and by rename: where it exists, both files are whole
@@ -1807,6 +1874,15 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
                   f"{result['reward_mean']:.3f}", *samples(result),
                   *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
+    for key, groups in result.get("by", {}).items():
+        table = Table(title=f"by {key}")
+        for col, justify in [(key, "left"), ("prompts", "right"), ("responses", "right"), ("reward", "right")] + \
+                columns[4:]:
+            table.add_column(col, justify=justify)
+        for label, row in groups.items():
+            table.add_row(label, str(row["prompts"]), str(row["responses"]), f"{row['reward_mean']:.3f}",
+                          *samples(row))
+        print_table(table)
     if len(k_values(n)) > len(ks):
         print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")
     if result.get("format_error_frac"):

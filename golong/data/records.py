@@ -126,6 +126,10 @@ class Record:
         if metric == "retrieval_calculate" and not (gt.doc_ids and gt.golden_label.strip()):
             raise bad("a retrieval_calculate record needs both ground_truth.doc_ids (the documents to cite) "
                       "and golden_label (the number to reach)")
+        prefix = extra.get("random_string_to_prepend")
+        if metric == "mrcr" and not (gt.golden_label and isinstance(prefix, str) and prefix):
+            raise bad("an MRCR record needs ground_truth.golden_label (the message to reproduce) and "
+                      "extra_info.random_string_to_prepend (the prefix the answer must start with)")
         answer = extra.get("ground_truth")
         if metric == "model_verify" and not (gt.golden_label.strip() or (isinstance(answer, str) and answer.strip())):
             # doc_ids alone do not do: this reward reads the exact answer and golden_label only (a blank one: every
@@ -227,8 +231,9 @@ def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]
         raise RecordError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
-def iter_records(path: str | Path, *, routed: bool = True) -> Iterator[Record]:
-    """Stream validated Records from a .parquet or .jsonl file (routed: see Record.from_dict)."""
+def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of every row of a .parquet or JSON Lines (.jsonl / .json) file, streamed; `where` names the file
+    and the line (1-based) or row (0-based). RecordError for an unreadable file or line."""
     p = Path(path)
     if p.is_dir():  # verl's data.train_files names files, not a folder of them
         raise RecordError(f"{p}: is a directory; a data file (.parquet / .jsonl / .json) is expected: list its files")
@@ -236,17 +241,20 @@ def iter_records(path: str | Path, *, routed: bool = True) -> Iterator[Record]:
         raise FileNotFoundError(f"dataset file not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".parquet":
-        rows = _iter_parquet(p)
-    elif suffix in (".jsonl", ".json"):
-        rows = _iter_jsonl(p)
-    else:
-        raise RecordError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
+        return _iter_parquet(p)
+    if suffix in (".jsonl", ".json"):
+        return _iter_jsonl(p)
+    raise RecordError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
+
+
+def iter_records(path: str | Path, *, routed: bool = True) -> Iterator[Record]:
+    """Stream validated Records from a .parquet or .jsonl file (routed: see Record.from_dict)."""
     empty = True
-    for where, d in rows:
+    for where, d in iter_rows(path):
         empty = False
         yield Record.from_dict(d, where, routed=routed)
     if empty:
-        raise RecordError(f"{p}: the file holds no records")
+        raise RecordError(f"{path}: the file holds no records")
 
 
 def load_records(path: str | Path | list[str | Path], limit: int | None = None, *, routed: bool = True

@@ -1,9 +1,9 @@
-"""The twelve reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The thirteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
 LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
 strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for
-`model_verify` {"answer", "golden_label"}.
+`model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}.
 These functions may raise on garbage; `score_region` is the safe entry point that turns any
 exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
 maths with math-verify's parser.
@@ -21,6 +21,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from difflib import SequenceMatcher
 from itertools import combinations
 from typing import Any
 
@@ -463,6 +464,23 @@ def model_verify(region: str, gold: Gold) -> float:
     return math_verify(region, str(gold.get("golden_label") or ""))
 
 
+def mrcr(region: str, gold: Gold) -> float:
+    """OpenAI MRCR's grade: 0 unless the answer starts with the record's random prefix, else difflib's
+    SequenceMatcher ratio of the answer and the gold message, the prefix taken off both. gold = {"answer",
+    "prefix"} (golong.rewards.scoring.record_target reads the prefix from extra_info.random_string_to_prepend);
+    a plain gold string is compared with no prefix rule. Leading whitespace of the answer is dropped: the
+    chat template's newlines after </think> are not the model's answer. Quadratic in the worst case: the metric
+    runs in a timed worker (scoring.SANDBOXED)."""
+    answer = region.lstrip()
+    if isinstance(gold, dict):
+        ref, prefix = str(gold.get("answer") or ""), str(gold.get("prefix") or "")
+        if not answer.startswith(prefix):
+            return 0.0
+        answer, ref = answer.removeprefix(prefix), ref.removeprefix(prefix)
+        return SequenceMatcher(None, answer, ref).ratio()
+    return max((SequenceMatcher(None, answer, g).ratio() for g in _gold_strings(gold)), default=0.0)
+
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -476,6 +494,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "rouge_l": rouge_l,
     "retrieval_calculate": retrieval_calculate,
     "model_verify": model_verify,
+    "mrcr": mrcr,
 }
 
 

@@ -26,10 +26,11 @@ from golong.rewards.tasks import route
 DEFAULT_TIMEOUT_S = 10.0
 # Metrics that can take super-linear time on adversarial input run in a worker process when a
 # timeout is requested. The others are linear-time and run inline.
-SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_verify"})
+SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_verify", "mrcr"})
 # The text each metric reads, as GoLongRL's reward code hands it over:
 #   "after_think": the text after </think>, whole (GoLongRL's EM, selection, retrieval_calculate and
-#                  judge-source math_verify rewards split on it and cut no [Answer] marker);
+#                  judge-source math_verify rewards split on it and cut no [Answer] marker; MRCR grades the
+#                  reply of a model without a think block);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
@@ -40,6 +41,7 @@ SCOPES: dict[str, str] = {
     "choice": "after_think",
     "retrieval_calculate": "after_think",
     "model_verify": "after_think",
+    "mrcr": "after_think",
     "accuracy": "marked",
     "f1": "marked",
     "subem": "marked",
@@ -82,10 +84,11 @@ def metric_text(metric: str, response: str, *, require_think: bool = True) -> st
 def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                   require_think: bool = True) -> float:
     """Score one response with `metric` against `ground_truth` (a string, a list of gold items, or for
-    retrieval_calculate {"doc_ids", "golden_label"}, for model_verify {"answer", "golden_label"}, for rouge_l
+    retrieval_calculate {"doc_ids", "golden_label"}, for model_verify {"answer", "golden_label"}, for mrcr
+    {"answer", "prefix"}, for rouge_l
     optionally {"references", "language": "Chinese" | "English"}), on the part of the response SCOPES names.
 
-    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify) run in a
+    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify, mrcr) run in a
     pooled worker process that is killed when it overruns (score 0); the other metrics run here, in time linear
     in the response. `timeout=None` scores everything in this process without a limit. Raises ValueError only for an
     unknown metric name or a timeout that is not a finite number of seconds > 0.
@@ -166,6 +169,11 @@ def record_target(record: Any) -> tuple[str, Gold]:
                                                 getattr(gt, "golden_label", "")) or ""
         answer = extra.get("ground_truth") if isinstance(extra, dict) else None
         return metric, {"answer": answer if isinstance(answer, str) else label, "golden_label": label}
+    if metric == "mrcr":  # the gold message and the random prefix the answer must start with
+        label = gt if isinstance(gt, str) else (gt.get("golden_label") if isinstance(gt, dict) else
+                                                getattr(gt, "golden_label", "")) or ""
+        prefix = extra.get("random_string_to_prepend") if isinstance(extra, dict) else None
+        return metric, {"answer": label, "prefix": prefix if isinstance(prefix, str) else ""}
     if isinstance(gt, (str, list)):
         return metric, gt
     if isinstance(gt, dict):

@@ -54,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate", "model_verify")
+                "retrieval_calculate", "model_verify", "mrcr")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -63,6 +63,12 @@ DATA_SOURCES: dict[str, str] = {
     "selection": "choice",
     "multitableqa_pretraining": "iou",
     "retrieval_calculate": "retrieval_calculate",
+}
+# The model card's benchmarks as `golong data import` writes them (golong.data.benchmarks): the source decides the
+# metric; ability names the task a result is reported under (e.g. "mrcr_8needle").
+BENCHMARK_SOURCES: dict[str, str] = {
+    "longbench_v2": "choice",
+    "openai_mrcr": "mrcr",
 }
 # Data sources whose name contains one of these were scored by a judge model in GoLongRL; its reward code
 # scores their reward_mode "math_verify" records without one (model_verify: an exact answer, else math-verify
@@ -147,16 +153,17 @@ def metric_for(task: str) -> str:
 
 
 def route(data_source: str | None, ability: str | None = None, reward_mode: str | None = None) -> str:
-    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES), a judge-model
-    data source (JUDGED_SOURCE_MARKS) in reward_mode "math_verify" (model_verify), else the reward_mode, else the
-    ability, else a data_source pattern (multitableqa*, *math*).
+    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES) or one of
+    `golong data import`'s benchmarks (BENCHMARK_SOURCES), a judge-model data source (JUDGED_SOURCE_MARKS) in
+    reward_mode "math_verify" (model_verify), else the reward_mode, else the ability, else a data_source pattern
+    (multitableqa*, *math*).
 
     Raises ValueError for a judge-model data source in any other reward_mode (it needs the recipe's judge model),
     and naming all three fields and the known names when none resolves.
     """
     ds = data_source if isinstance(data_source, str) else ""
-    if ds in DATA_SOURCES:
-        return DATA_SOURCES[ds]
+    if ds in DATA_SOURCES or ds in BENCHMARK_SOURCES:
+        return DATA_SOURCES.get(ds) or BENCHMARK_SOURCES[ds]
     if any(mark in ds for mark in JUDGED_SOURCE_MARKS):
         if reward_mode == "math_verify":
             return "model_verify"
@@ -173,4 +180,4 @@ def route(data_source: str | None, ability: str | None = None, reward_mode: str 
     raise ValueError(
         f"cannot route record to a metric (reward_mode={reward_mode!r}, ability={ability!r}, "
         f"data_source={data_source!r}); {_known_hint(reward_mode, ability)}; "
-        f"known data sources: {', '.join(DATA_SOURCES)}, multitableqa*, *math*")
+        f"known data sources: {', '.join([*DATA_SOURCES, *BENCHMARK_SOURCES])}, multitableqa*, *math*")

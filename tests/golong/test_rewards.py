@@ -120,6 +120,26 @@ def test_choice_extraction_as_in_goLongRL():
     assert score("choice", "The correct answer is (A)\n[Answer] The correct answer is (B)", "A") == 1.0
 
 
+def test_mrcr_grades_as_openai_mrcr():
+    """OpenAI MRCR's grade: 0 unless the reply starts with the random prefix; else difflib's ratio 2M / T of reply
+    and gold message, the prefix taken off both (leading whitespace after </think> is not the reply's)."""
+    gold = {"answer": "XYabce", "prefix": "XY"}
+    assert score("mrcr", "XYabce", gold) == 1.0
+    assert score("mrcr", "  XYabce", gold) == 1.0
+    assert score("mrcr", "XYabcd", gold) == pytest.approx(0.75)  # M = 3 of T = 8 (with the prefix: 10 / 12)
+    assert score("mrcr", "abce", gold) == 0.0  # no prefix
+    assert score("mrcr", "ab XYabce", gold) == 0.0  # the prefix not first
+    assert score("mrcr", "XYabce and more", gold) == pytest.approx(8 / 17)
+    assert score("mrcr", "abce", "abcd") == pytest.approx(0.75)  # a plain gold string: no prefix rule
+    assert compute_score("mrcr", "XYabce", gold, timeout=None) == 0.0  # no </think>: the format gate
+    assert compute_score("mrcr", R("XYabcd"), gold, timeout=10.0) == pytest.approx(0.75)  # the timed worker
+    record = {"data_source": "openai_mrcr", "ability": "mrcr_2needle",
+              "reward_model": {"ground_truth": {"golden_label": "XYabce"}},
+              "extra_info": {"random_string_to_prepend": "XY"}}
+    assert score_record(record, R("XYabcd"), timeout=None) == pytest.approx(0.75)
+    assert score_record(record, R("abcd"), timeout=None) == 0.0
+
+
 def test_f1_subem():
     # pred {a,b,c}, gold {a,b,d,e}: P = 2/3, R = 1/2, F1 = 2PR/(P+R) = 4/7
     assert score("f1", "A\nb\n c \nb", ["a", "b", "d", "e"]) == pytest.approx(4 / 7)
@@ -775,8 +795,10 @@ def test_batch_8192_responses_in_seconds():
 
 
 def test_metric_for_capabilities_and_longbench_pro():
-    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards
-    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify"}
+    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards; mrcr: the
+    # MRCR benchmark's grade (golong data import)
+    assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify",
+                                                              "mrcr"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
@@ -815,6 +837,8 @@ def test_route_by_data_source():
     assert route("longbench_pro", "long_context", "T5.1 Full-Sentence Citation Alignment") == "f1"
     assert route("whatever", "summarization", None) == "rouge_l"
     assert route("retrieval_calculate") == "retrieval_calculate"
+    # the benchmarks of `golong data import`: the source decides, ability names the task
+    assert route("openai_mrcr", "mrcr_8needle") == "mrcr" and route("longbench_v2", "summarization") == "choice"
     # as in GoLongRL's reward code: a data source it names decides, whatever reward_mode / ability say;
     # otherwise reward_mode wins over ability, ability over a data_source pattern
     assert route("EM", "summarization", "T1.1 Global Cohesive Retrieval") == "em"

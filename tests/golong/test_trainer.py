@@ -1439,7 +1439,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     (tmp_path / "sampled.py").write_text(SAMPLED_REWARD)  # a score that varies with the sampled text
     cfg.rollout.reward_function = str(tmp_path / "sampled.py")
     cfg.rollout.val_n = 4
-    result = evaluate(cfg, None, tmp_path / "eval")
+    result = evaluate(cfg, None, tmp_path / "eval", by=["prompt_tokens", "index"])
     rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     # each response was scored against the record its row names (the function's own view of it): the rows group
     # by prompt as the responses were asked for
@@ -1462,9 +1462,55 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     # the texts vary: some prompts' responses pass only sometimes, so the k differ
     assert 0 < result["pass_at_k"]["1"] < result["pass_at_k"]["2"] < result["pass_at_k"]["4"] <= 1
     assert result["reward_mean"] < result["best_of_n"]
+    # --by: every prompt's prompt is short (one bin: the whole set); by extra_info.index, one prompt a group, in
+    # numeric order
+    assert list(result["by"]) == ["prompt_tokens", "index"]
+    assert result["by"]["prompt_tokens"] == {"<=4K": {"prompts": 6, "responses": 24,
+                                                      "reward_mean": pytest.approx(result["reward_mean"], rel=1e-12),
+                                                      **brute(everything)}}
+    per_prompt = {p: g for per_task in groups.values() for p, g in per_task.items()}
+    assert list(result["by"]["index"]) == [str(i) for i in range(6)]
+    for i, row in result["by"]["index"].items():
+        g = per_prompt[int(i)]  # the config's records are its prompts, in order
+        assert row == {"prompts": 1, "responses": 4, "reward_mean": pytest.approx(sum(g) / 4, rel=1e-12),
+                       **brute([g])}
     table = capsys.readouterr().out
     assert all(col in table for col in ("pass@1", "pass@4", "best@4")) and "pass@2" not in table
     assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
+    assert "by prompt_tokens" in table and "by index" in table
+    # a key no record holds: refused before any response is generated, naming the keys they hold
+    with pytest.raises(ValueError, match=r"--by lenght: no validation record has extra_info key 'lenght'; keys "
+                                         r"they have: index; or --by prompt_tokens"):
+        evaluate(cfg, None, tmp_path / "eval2", by=["lenght"])
+    assert not (tmp_path / "eval2" / "responses.jsonl").exists() and not (tmp_path / "eval2" / "eval.json").exists()
+
+
+def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
+    """`breakdown`: prompts grouped by their records' extra_info value (numbers in numeric order, then text, then
+    records without the key) or by MRCR's token bins; each group's pass@k / best@n from its prompts' scores."""
+    from types import SimpleNamespace
+
+    from golong.trainer import breakdown, token_bin
+
+    assert [token_bin(t) for t in (1, 4096, 4097, 8192, 8193, 131072, 131073, 1 << 20, (1 << 20) + 1)] == \
+           ["<=4K", "<=4K", "4K-8K", "4K-8K", "8K-16K", "64K-128K", "128K-256K", "512K-1M", ">1M"]
+    values = [10, 2, "b", None, 2, "a", 10]
+    tokens = [100, 5000, 9000, 5000, 200_000, 100, 4096]
+    prompts = [SimpleNamespace(input_ids=[0] * t, record=SimpleNamespace(extra_info={} if v is None else {"k": v}))
+               for v, t in zip(values, tokens)]
+    scores = [[1, 0], [0, 0], [1, 1], [0.5, 0], [1, 0.25], [0, 0.5], [0, 1]]
+    rows = [{"prompt": p, "score": s} for p, ss in enumerate(scores) for s in ss]
+    by_k = breakdown("k", prompts, rows, 2)
+    assert list(by_k) == ["2", "10", "a", "b", "(none)"]
+    assert by_k["2"] == {"prompts": 2, "responses": 4, "reward_mean": 1.25 / 4,
+                         "pass_at_k": {"1": 0.25, "2": 0.5}, "best_of_n": 0.5}
+    assert by_k["10"] == {"prompts": 2, "responses": 4, "reward_mean": 0.5,
+                          "pass_at_k": {"1": 0.5, "2": 1.0}, "best_of_n": 1.0}
+    assert by_k["(none)"]["pass_at_k"] == {"1": 0.0, "2": 0.0} and by_k["(none)"]["best_of_n"] == 0.5
+    by_t = breakdown("prompt_tokens", prompts, rows, 2)
+    assert list(by_t) == ["<=4K", "4K-8K", "8K-16K", "128K-256K"]
+    assert [v["prompts"] for v in by_t.values()] == [3, 2, 1, 1]
+    assert by_t["<=4K"]["reward_mean"] == pytest.approx((1 + 0.5 + 1) / 6)
 
 
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,179 @@
+"""`golong data import`: the model card's long-context benchmarks as golong records, scored by their own metric.
+
+    golong data import longbench-v2 data.json --out data/lbv2.jsonl
+    golong data import mrcr mrcr/2needle/*.parquet mrcr/8needle/*.parquet --out data/mrcr.jsonl
+    golong eval CONFIG data.val_files=[data/mrcr.jsonl] data.overflow=drop --by prompt_tokens
+
+LongBench-v2 (THUDM/LongBench-v2's data.json; its fields _id, domain, sub_domain, difficulty, length, question,
+choice_A..choice_D, answer, context): one user message holding the context, the question and the four choices, asking
+for "The correct answer is (X)", which golong's `choice` metric reads after </think> as LongBench-v2's own scorer does.
+Task "longbench_v2"; difficulty, length, domain and sub_domain go to extra_info (`golong eval --by difficulty`).
+
+MRCR (openai/mrcr's parquet files, <n>needle/<n>needle_<i>.parquet; fields prompt (a JSON list of chat messages),
+answer, random_string_to_prepend, n_needles, desired_msg_index, total_messages, n_chars): the conversation as it is,
+scored by `mrcr` (OpenAI's grade: the answer must start with the random prefix, then difflib's ratio to the gold
+message). Task "mrcr_<n>needle"; the bins of the model card (<=128K, 128K-512K, 512K-1M tokens) are
+`golong eval --by prompt_tokens`.
+
+A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
+item (a JSON array, 0-based) or row (parquet, 0-based).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from golong.data.records import Record, RecordError, iter_rows, write_records
+
+logger = logging.getLogger(__name__)
+
+# golong's wording of a LongBench-v2 prompt; the placeholders are LongBench-v2's own, so that its prompt files
+# (prompts/0shot.txt, ...) work as --template unchanged
+LONGBENCH_V2_TEMPLATE = """Read the text below, then answer the multiple-choice question that follows it.
+
+<text>
+$DOC$
+</text>
+
+Question: $Q$
+Choices:
+(A) $C_A$
+(B) $C_B$
+(C) $C_C$
+(D) $C_D$
+
+Give your answer as "The correct answer is (X)", X being the letter of the choice you pick."""
+_PLACEHOLDER = re.compile(r"\$(DOC|Q|C_[ABCD])\$")
+_LETTERS = "ABCD"
+
+
+def _text(row: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not (empty_ok or value.strip()):
+        got = "missing" if key not in row else f"a {type(value).__name__}" if not isinstance(value, str) else "empty"
+        raise RecordError(f"{where}: field {key!r} must be a non-empty string, got {got}")
+    return value
+
+
+def _check_fields(row: Any, fields: tuple[str, ...], benchmark: str, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise RecordError(f"{where}: missing field(s) {', '.join(missing)} ({benchmark} rows need "
+                          f"{', '.join(fields)}; this row has {', '.join(map(str, row)) or 'no field'})")
+    return row
+
+
+def check_template(template: str) -> str:
+    """A LongBench-v2 prompt template: it must hold $DOC$ and $Q$ (the choices may be left out)."""
+    missing = [p for p in ("$DOC$", "$Q$") if p not in template]
+    if missing:
+        raise ValueError(f"the template holds no {' or '.join(missing)}; its placeholders: $DOC$ (the context), $Q$ "
+                         "(the question), $C_A$ ... $C_D$ (the choices)")
+    return template
+
+
+LONGBENCH_V2_FIELDS = ("question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context")
+
+
+def longbench_v2_record(row: Any, where: str, index: int, template: str = LONGBENCH_V2_TEMPLATE) -> Record:
+    row = _check_fields(row, LONGBENCH_V2_FIELDS, "LongBench-v2", where)
+    answer = _text(row, "answer", where).strip().strip("()")
+    if answer not in _LETTERS:
+        raise RecordError(f"{where}: field 'answer' must be one of A, B, C, D, got {row['answer']!r}")
+    values = {"DOC": _text(row, "context", where), "Q": _text(row, "question", where),
+              **{f"C_{c}": _text(row, f"choice_{c}", where, empty_ok=True) for c in _LETTERS}}
+    # one pass: a context that happens to contain "$Q$" is not filled in again
+    content = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    extra = {"index": index, **{k: row[k] for k in ("_id", "domain", "sub_domain", "difficulty", "length")
+                                 if isinstance(row.get(k), str)}}
+    d = {"data_source": "longbench_v2", "prompt": [{"role": "user", "content": content}], "ability": "longbench_v2",
+         "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer}}, "extra_info": extra}
+    return Record.from_dict(d, where)
+
+
+MRCR_FIELDS = ("prompt", "answer", "random_string_to_prepend")
+_MRCR_INFO = ("n_needles", "desired_msg_index", "total_messages", "n_chars")
+
+
+def mrcr_record(row: Any, where: str, index: int) -> Record:
+    row = _check_fields(row, MRCR_FIELDS, "MRCR", where)
+    messages = row["prompt"]
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{where}: field 'prompt' is not a JSON list of chat messages ({e.msg} at "
+                              f"character {e.pos})") from None
+    answer, prefix = _text(row, "answer", where), _text(row, "random_string_to_prepend", where)
+    extra: dict[str, Any] = {"index": index, "random_string_to_prepend": prefix}
+    for key in _MRCR_INFO:
+        value = row.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            extra[key] = value
+    needles = extra.get("n_needles")
+    d = {"data_source": "openai_mrcr", "prompt": messages, "ability": f"mrcr_{needles}needle" if needles else "mrcr",
+         "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer}}, "extra_info": extra}
+    return Record.from_dict(d, where)  # the messages' roles and contents checked as any record's
+
+
+# benchmark name -> its row converter, (row, where, index[, template]) -> Record
+BENCHMARKS: dict[str, Callable[..., Record]] = {"longbench-v2": longbench_v2_record, "mrcr": mrcr_record}
+
+
+def source_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of a benchmark file: a JSON array (.json, read whole), JSON Lines, or parquet (streamed)."""
+    p = Path(path)
+    if p.suffix.lower() == ".json" and p.is_file():
+        with p.open("rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"["):
+            try:
+                items = json.loads(p.read_text(encoding="utf-8-sig"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RecordError(f"{p}: not a readable JSON array ({e})") from None
+            for i, row in enumerate(items):
+                yield f"{p}: item {i}", row
+            return
+    yield from iter_rows(p)
+
+
+def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, limit: int | None = None,
+                     template: str | None = None) -> list[Record]:
+    """Convert benchmark `name`'s source files (in order; the first `limit` rows) into golong records written to
+    `out` (.jsonl or .parquet, replaced whole only once every row converted). Returns the records."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if template is not None and name != "longbench-v2":
+        raise ValueError(f"--template applies to longbench-v2 only, not {name}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    convert = BENCHMARKS[name]
+    kwargs = {"template": check_template(template)} if template is not None else {}
+    records: list[Record] = []
+    for src in sources:
+        before = len(records)
+        for where, row in source_rows(src):
+            if limit is not None and len(records) >= limit:
+                break
+            records.append(convert(row, where, len(records), **kwargs))
+        logger.info(f"{name}: {len(records) - before} rows from {src}")
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise RecordError(f"{', '.join(map(str, sources))}: no {name} rows")
+    dest = Path(out)
+    tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")  # the suffix picks the format
+    try:
+        write_records(records, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return records

@@ -1,0 +1,158 @@
+"""`golong data import`: LongBench-v2 and MRCR source files -> golong records, scored by the benchmark's metric."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from golong.cli import main
+from golong.data import RecordError, load_records
+from golong.data.benchmarks import LONGBENCH_V2_TEMPLATE, import_benchmark
+from golong.rewards import score_record
+
+
+def R(answer: str) -> str:
+    return f"<think>\nreasoning\n</think>\n\n{answer}"
+
+
+def _lbv2_row(i: int) -> dict:
+    return {"_id": f"66f{i:04d}", "domain": "Single-Document QA", "sub_domain": "Legal",
+            "difficulty": ("easy", "hard")[i % 2], "length": ("short", "medium", "long")[i % 3],
+            "question": f"Which clause of contract {i} is void?", "choice_A": f"clause {i}.1",
+            "choice_B": f"clause {i}.2", "choice_C": "", "choice_D": f"clause {i}.4", "answer": "ABCD"[i % 4],
+            "context": f"Contract {i}. A price of $Q$ dollars. " + "Filler sentence. " * (i + 3)}
+
+
+def _mrcr_row(i: int, needles: int) -> dict:
+    prefix = f"h{i}Zq9"
+    poem = f"tapirs wander number {i}, slow and grey"
+    messages = [{"role": "user", "content": "write a poem about tapirs"}, {"role": "assistant", "content": poem},
+                {"role": "user", "content": "write a poem about frogs"}, {"role": "assistant", "content": "frogs"},
+                {"role": "user", "content": f"Prepend {prefix} to the 1st (1 indexed) poem about tapirs."}]
+    return {"prompt": json.dumps(messages), "answer": prefix + poem, "random_string_to_prepend": prefix,
+            "n_needles": needles, "desired_msg_index": 1, "total_messages": 5, "n_chars": 120 + i}
+
+
+def test_longbench_v2_rows_become_choice_records_graded_by_their_letter(tmp_path):
+    """Each row: one user message with its context, question and the four choices in order; gold = its letter,
+    scored by 'The correct answer is (X)' after </think>; difficulty / length / domain kept for `eval --by`."""
+    rows = [_lbv2_row(i) for i in range(7)]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows, indent=2))  # LongBench-v2's data.json is one JSON array
+    records = import_benchmark("longbench-v2", [src], tmp_path / "lb.jsonl")
+    assert load_records(tmp_path / "lb.jsonl") == records and len(records) == 7
+    for i, (row, rec) in enumerate(zip(rows, records)):
+        content = rec.prompt[0]["content"]
+        assert len(rec.prompt) == 1 and rec.prompt[0]["role"] == "user"
+        # the context as it is ($Q$ in it not filled in), then the question, then the choices in order
+        assert content.index(row["context"]) < content.index(row["question"]) < content.index("(A) " + row["choice_A"])
+        assert content.index("(A) ") < content.index("(B) ") < content.index("(C) ") < content.index("(D) ")
+        assert "The correct answer is (X)" in content
+        assert (rec.data_source, rec.task, rec.metric, rec.ground_truth.golden_label) == \
+               ("longbench_v2", "longbench_v2", "choice", row["answer"])
+        assert {k: rec.extra_info[k] for k in ("_id", "difficulty", "length", "domain", "sub_domain")} == \
+               {k: row[k] for k in ("_id", "difficulty", "length", "domain", "sub_domain")}
+        assert rec.extra_info["index"] == i
+        for letter in "ABCD":
+            expect = float(letter == row["answer"])
+            assert score_record(rec, R(f"The correct answer is ({letter})"), timeout=None) == expect
+        assert score_record(rec, R(row["answer"]), timeout=None) == 0.0  # the sentence is required
+
+
+def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path):
+    """--template: LongBench-v2's placeholder names, filled in one pass (a context holding "$Q$" keeps it); a
+    template without $DOC$ or $Q$ is refused."""
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps(_lbv2_row(1)) + "\n")
+    template = "<text>$DOC$</text> Q: $Q$ [$C_A$|$C_B$|$C_C$|$C_D$] answer: The correct answer is (X)"
+    (rec,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template)
+    row = _lbv2_row(1)
+    assert rec.prompt[0]["content"] == (f"<text>{row['context']}</text> Q: {row['question']} [clause 1.1|clause 1.2||"
+                                        "clause 1.4] answer: The correct answer is (X)")
+    assert "$Q$" in row["context"] and "$DOC$" in LONGBENCH_V2_TEMPLATE
+    with pytest.raises(ValueError, match=r"the template holds no \$DOC\$; its placeholders"):
+        import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template="Q: $Q$")
+    with pytest.raises(ValueError, match="--template applies to longbench-v2 only"):
+        import_benchmark("mrcr", [src], tmp_path / "out.jsonl", template=template)
+
+
+def test_mrcr_rows_become_conversations_graded_by_prefix_and_ratio(tmp_path):
+    """openai/mrcr parquet rows: the conversation as it is (its JSON string read), task per needle count, scored by
+    OpenAI's grade against the gold message with the row's random prefix; several files read in order."""
+    files = []
+    for needles in (2, 8):
+        path = tmp_path / f"{needles}needle.parquet"
+        pq.write_table(pa.Table.from_pylist([_mrcr_row(i, needles) for i in range(3)]), path)
+        files.append(path)
+    out = tmp_path / "mrcr.parquet"
+    records = import_benchmark("mrcr", files, out)
+    assert load_records(out) == records and [r.task for r in records] == ["mrcr_2needle"] * 3 + ["mrcr_8needle"] * 3
+    for k, rec in enumerate(records):
+        row = _mrcr_row(k % 3, (2, 8)[k // 3])
+        assert rec.prompt == json.loads(row["prompt"]) and rec.metric == "mrcr"
+        assert rec.extra_info == {"index": k, **{key: row[key] for key in (
+            "random_string_to_prepend", "n_needles", "desired_msg_index", "total_messages", "n_chars")}}
+        prefix, poem = row["random_string_to_prepend"], row["answer"].removeprefix(row["random_string_to_prepend"])
+        assert score_record(rec, R(row["answer"]), timeout=None) == 1.0
+        assert score_record(rec, R(poem), timeout=None) == 0.0  # the prefix missing
+        half = score_record(rec, R(prefix + poem[: len(poem) // 2]), timeout=None)
+        assert half == pytest.approx(2 * (len(poem) // 2) / (len(poem) + len(poem) // 2))
+    assert len(import_benchmark("mrcr", files, tmp_path / "two.jsonl", limit=4)) == 4  # --limit: the first rows
+
+
+def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_path):
+    """A missing field, a bad letter or an unreadable prompt is named by the file and its line / item / row; the
+    output is written only once every row converted: an existing file is left as it was."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    src = tmp_path / "lb.jsonl"
+    bad = dict(_lbv2_row(1), answer="E")
+    src.write_text(json.dumps(_lbv2_row(0)) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(RecordError, match=rf"^{src}: line 2: field 'answer' must be one of A, B, C, D, got 'E'$"):
+        import_benchmark("longbench-v2", [src], out)
+    arr = tmp_path / "lb.json"
+    arr.write_text(json.dumps([_lbv2_row(0), {k: v for k, v in _lbv2_row(1).items() if k != "context"}]))
+    with pytest.raises(RecordError, match=rf"^{arr}: item 1: missing field\(s\) context \(LongBench-v2 rows need "):
+        import_benchmark("longbench-v2", [arr], out)
+    pqf = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([_mrcr_row(0, 2), dict(_mrcr_row(1, 2), prompt="[{oops")]), pqf)
+    with pytest.raises(RecordError, match=rf"^{pqf}: row 1: field 'prompt' is not a JSON list of chat messages"):
+        import_benchmark("mrcr", [pqf], out)
+    pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 2), random_string_to_prepend="")]), pqf)
+    with pytest.raises(RecordError, match=rf"^{pqf}: row 0: field 'random_string_to_prepend' must be a non-empty "):
+        import_benchmark("mrcr", [pqf], out)
+    assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == \
+           ["lb.json", "lb.jsonl", "m.parquet", "out.jsonl"]  # no temporary file left either
+    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr"):
+        import_benchmark("longbench", [src], out)
+
+
+def test_an_mrcr_record_needs_its_prefix(tmp_path):
+    """A record routed to the mrcr metric without extra_info.random_string_to_prepend is refused when loaded: every
+    reply would be graded without MRCR's prefix rule."""
+    row = {"data_source": "openai_mrcr", "prompt": "hi", "reward_model": {"ground_truth": {"golden_label": "x"}}}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(RecordError, match=r"line 1: an MRCR record needs .*extra_info\.random_string_to_prepend"):
+        load_records(path)
+
+
+def test_data_import_command(tmp_path, capsys):
+    """`golong data import BENCHMARK FILES --out OUT`: the records per task, then OUT; a bad row: exit 2 (bad input),
+    the file and line in one error line; --template read from a file."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([_lbv2_row(i) for i in range(4)]))
+    (tmp_path / "t.txt").write_text("$DOC$ $Q$ (A) $C_A$")
+    out = tmp_path / "lb.jsonl"
+    assert main(["data", "import", "longbench-v2", str(src), "--out", str(out), "--template",
+                 str(tmp_path / "t.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert "longbench_v2" in printed and "choice" in printed and printed.rstrip().endswith(str(out))
+    assert [r.prompt[0]["content"].endswith(f"(A) clause {i}.1") for i, r in enumerate(load_records(out))] == [True] * 4
+    src.write_text(json.dumps([{"question": "q"}]))
+    assert main(["data", "import", "mrcr", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"golong: error: {src}: item 0: missing field(s) prompt, answer, random_string_to_prepend")
