@@ -1716,40 +1716,39 @@ def _add_layer_nvtx(model: nn.Module) -> None:
 PROMPT_TOKENS = "prompt_tokens"  # `golong eval --by prompt_tokens`: the prompts' templated token counts, binned
 
 
+def _bin_index(tokens: int) -> int:
+    """0 for <= 4K tokens, 1 for (4K, 8K], ..., 8 for (512K, 1M], 9 beyond 1M (K = 1024)."""
+    return 0 if tokens <= 4096 else min((tokens - 1).bit_length() - 12, 9)
+
+
 def token_bin(tokens: int) -> str:
-    """OpenAI MRCR's context bins, by powers of two: "<=4K", "4K-8K", ..., "512K-1M", ">1M" (K = 1024 tokens)."""
+    """MRCR's bin edges, powers of two: "<=4K", "4K-8K", ..., "512K-1M", ">1M" (K = 1024 tokens)."""
     def size(t: int) -> str:
         return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}K"
 
-    if tokens <= 4096:
-        return "<=4K"
-    if tokens > 1 << 20:
-        return ">1M"
-    hi = 8192
-    while tokens > hi:
-        hi *= 2
-    return f"{size(hi // 2)}-{size(hi)}"
+    i = _bin_index(tokens)
+    return "<=4K" if i == 0 else ">1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
 
 
 def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
     """(sort key, label) of a prompt's group under `--by key`: its token bin, or its record's extra_info[key]."""
     if key == PROMPT_TOKENS:
         n = len(prompt.input_ids)
-        return (0, n.bit_length() if n > 4096 else 0), token_bin(n)
+        return (0, _bin_index(n)), token_bin(n)
     value = prompt.record.extra_info.get(key)
     if value is None:
-        return (2, ""), "(none)"
+        return (2, 0.0, ""), "(none)"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value)), str(value)
-    return (1, str(value)), str(value)
+        return (0, float(value), ""), str(value)
+    return (1, 0.0, str(value)), str(value)
 
 
 def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt]) -> None:
-    """ValueError for a `--by` key no validation record holds in extra_info, naming the keys they hold."""
+    """ConfigError for a `--by` key no validation record holds in extra_info, naming the keys they hold."""
     held = sorted({k for p in prompts for k in p.record.extra_info})
     for key in keys:
         if key != PROMPT_TOKENS and key not in held:
-            raise ValueError(f"--by {key}: no validation record has extra_info key {key!r}; keys they have: "
+            raise ConfigError(f"--by {key}: no validation record has extra_info key {key!r}; keys they have: "
                              f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
 
 
@@ -1760,12 +1759,14 @@ def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[st
     scores: dict[int, list[float]] = defaultdict(list)
     for row in rows:
         scores[row["prompt"]].append(row["score"])
-    groups: dict[tuple, tuple[str, list[list[float]]]] = {}
+    groups: dict[str, list[list[float]]] = defaultdict(list)  # by label: a value 2 and a value "2" are one group
+    order: dict[str, tuple] = {}
     for i, p in enumerate(prompts):
-        order, label = _group_value(p, key)
-        groups.setdefault((order, label), (label, []))[1].append(scores[i])
+        key_order, label = _group_value(p, key)
+        groups[label].append(scores[i])
+        order[label] = min(order.get(label, key_order), key_order)
     out = {}
-    for _, (label, gs) in sorted(groups.items()):
+    for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
         m = sample_metrics(gs)
         out[label] = {"prompts": len(gs), "responses": len(gs) * n,
                       "reward_mean": sum(map(sum, gs)) / (len(gs) * n),

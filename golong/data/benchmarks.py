@@ -86,14 +86,17 @@ LONGBENCH_V2_FIELDS = ("question", "choice_A", "choice_B", "choice_C", "choice_D
 def longbench_v2_record(row: Any, where: str, index: int, template: str = LONGBENCH_V2_TEMPLATE) -> Record:
     row = _check_fields(row, LONGBENCH_V2_FIELDS, "LongBench-v2", where)
     answer = _text(row, "answer", where).strip().strip("()")
-    if answer not in _LETTERS:
+    if answer not in tuple(_LETTERS):
         raise RecordError(f"{where}: field 'answer' must be one of A, B, C, D, got {row['answer']!r}")
-    values = {"DOC": _text(row, "context", where), "Q": _text(row, "question", where),
-              **{f"C_{c}": _text(row, f"choice_{c}", where, empty_ok=True) for c in _LETTERS}}
+    # stripped, as LongBench-v2's pred.py fills its template
+    values = {"DOC": _text(row, "context", where).strip(), "Q": _text(row, "question", where).strip(),
+              **{f"C_{c}": _text(row, f"choice_{c}", where, empty_ok=True).strip() for c in _LETTERS}}
     # one pass: a context that happens to contain "$Q$" is not filled in again
     content = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-    extra = {"index": index, **{k: row[k] for k in ("_id", "domain", "sub_domain", "difficulty", "length")
-                                 if isinstance(row.get(k), str)}}
+    # extra_info.answer: the reference response `golong data check --score-answers` scores (a bare letter scores 0)
+    extra = {"index": index, "answer": f"The correct answer is ({answer})",
+             **{k: row[k] for k in ("_id", "domain", "sub_domain", "difficulty", "length")
+                if isinstance(row.get(k), str)}}
     d = {"data_source": "longbench_v2", "prompt": [{"role": "user", "content": content}], "ability": "longbench_v2",
          "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer}}, "extra_info": extra}
     return Record.from_dict(d, where)
@@ -116,8 +119,9 @@ def mrcr_record(row: Any, where: str, index: int) -> Record:
     extra: dict[str, Any] = {"index": index, "random_string_to_prepend": prefix}
     for key in _MRCR_INFO:
         value = row.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            extra[key] = value
+        # a whole float too: pandas writes an int column holding a null as float64
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+            extra[key] = int(value)
     needles = extra.get("n_needles")
     d = {"data_source": "openai_mrcr", "prompt": messages, "ability": f"mrcr_{needles}needle" if needles else "mrcr",
          "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer}}, "extra_info": extra}
@@ -133,7 +137,9 @@ def source_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     p = Path(path)
     if p.suffix.lower() == ".json" and p.is_file():
         with p.open("rb") as f:
-            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            head = b""
+            while (chunk := f.read(4096)) and not (head := chunk.lstrip(b"\xef\xbb\xbf \t\r\n")):
+                pass
         if head.startswith(b"["):
             try:
                 items = json.loads(p.read_text(encoding="utf-8-sig"))
@@ -155,6 +161,9 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
         raise ValueError(f"--template applies to longbench-v2 only, not {name}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    dest = Path(out)
+    if dest.suffix.lower() not in (".jsonl", ".json", ".parquet"):  # before the rows are read, not after
+        raise ValueError(f"--out {dest}: unsupported dataset format {dest.suffix!r} (use .jsonl or .parquet)")
     convert = BENCHMARKS[name]
     kwargs = {"template": check_template(template)} if template is not None else {}
     records: list[Record] = []
@@ -169,7 +178,6 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
             break
     if not records:
         raise RecordError(f"{', '.join(map(str, sources))}: no {name} rows")
-    dest = Path(out)
     tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")  # the suffix picks the format
     try:
         write_records(records, tmp)

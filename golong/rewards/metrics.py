@@ -468,10 +468,10 @@ def mrcr(region: str, gold: Gold) -> float:
     """OpenAI MRCR's grade: 0 unless the answer starts with the record's random prefix, else difflib's
     SequenceMatcher ratio of the answer and the gold message, the prefix taken off both. gold = {"answer",
     "prefix"} (golong.rewards.scoring.record_target reads the prefix from extra_info.random_string_to_prepend);
-    a plain gold string is compared with no prefix rule. Leading whitespace of the answer is dropped: the
-    chat template's newlines after </think> are not the model's answer. Quadratic in the worst case: the metric
-    runs in a timed worker (scoring.SANDBOXED)."""
-    answer = region.lstrip()
+    a plain gold string is compared with no prefix rule. The region comes stripped (answer_region): the chat
+    template's newlines after </think> are not the model's answer. Quadratic in the worst case: the metric runs in
+    a timed worker (scoring.SANDBOXED)."""
+    answer = region
     if isinstance(gold, dict):
         ref, prefix = str(gold.get("answer") or ""), str(gold.get("prefix") or "")
         if not answer.startswith(prefix):

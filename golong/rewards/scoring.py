@@ -164,16 +164,15 @@ def record_target(record: Any) -> tuple[str, Gold]:
     metric = route(data_source, ability, extra.get("reward_mode") if isinstance(extra, dict) else None)
     if isinstance(gt, list) and gt and not isinstance(gt[0], str):
         gt = gt[-1]  # verl datasets sometimes store a list of ground-truth dicts: the last one counts
-    if metric == "model_verify":  # the exact answer extra_info carries (else the label), then math-verify
+    if metric in ("model_verify", "mrcr"):
         label = gt if isinstance(gt, str) else (gt.get("golden_label") if isinstance(gt, dict) else
                                                 getattr(gt, "golden_label", "")) or ""
+        if metric == "mrcr":  # the gold message and the random prefix the answer must start with
+            prefix = extra.get("random_string_to_prepend") if isinstance(extra, dict) else None
+            return metric, {"answer": label, "prefix": prefix if isinstance(prefix, str) else ""}
+        # the exact answer extra_info carries (else the label), then math-verify
         answer = extra.get("ground_truth") if isinstance(extra, dict) else None
         return metric, {"answer": answer if isinstance(answer, str) else label, "golden_label": label}
-    if metric == "mrcr":  # the gold message and the random prefix the answer must start with
-        label = gt if isinstance(gt, str) else (gt.get("golden_label") if isinstance(gt, dict) else
-                                                getattr(gt, "golden_label", "")) or ""
-        prefix = extra.get("random_string_to_prepend") if isinstance(extra, dict) else None
-        return metric, {"answer": label, "prefix": prefix if isinstance(prefix, str) else ""}
     if isinstance(gt, (str, list)):
         return metric, gt
     if isinstance(gt, dict):

@@ -12,6 +12,7 @@ from golong.cli import main
 from golong.data import RecordError, load_records
 from golong.data.benchmarks import LONGBENCH_V2_TEMPLATE, import_benchmark
 from golong.rewards import score_record
+from golong.trainer import reference_answer
 
 
 def R(answer: str) -> str:
@@ -47,8 +48,10 @@ def test_longbench_v2_rows_become_choice_records_graded_by_their_letter(tmp_path
     for i, (row, rec) in enumerate(zip(rows, records)):
         content = rec.prompt[0]["content"]
         assert len(rec.prompt) == 1 and rec.prompt[0]["role"] == "user"
-        # the context as it is ($Q$ in it not filled in), then the question, then the choices in order
-        assert content.index(row["context"]) < content.index(row["question"]) < content.index("(A) " + row["choice_A"])
+        # the context stripped, as LongBench's pred.py fills it ($Q$ in it not filled in), then the question, then
+        # the choices in order
+        assert content.index(row["context"].strip() + "\n") < content.index(row["question"]) < \
+               content.index("(A) " + row["choice_A"])
         assert content.index("(A) ") < content.index("(B) ") < content.index("(C) ") < content.index("(D) ")
         assert "The correct answer is (X)" in content
         assert (rec.data_source, rec.task, rec.metric, rec.ground_truth.golden_label) == \
@@ -56,6 +59,8 @@ def test_longbench_v2_rows_become_choice_records_graded_by_their_letter(tmp_path
         assert {k: rec.extra_info[k] for k in ("_id", "difficulty", "length", "domain", "sub_domain")} == \
                {k: row[k] for k in ("_id", "difficulty", "length", "domain", "sub_domain")}
         assert rec.extra_info["index"] == i
+        # the reference response data check --score-answers scores (and the SFT warm-up would train on)
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
         for letter in "ABCD":
             expect = float(letter == row["answer"])
             assert score_record(rec, R(f"The correct answer is ({letter})"), timeout=None) == expect
@@ -70,8 +75,8 @@ def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path
     template = "<text>$DOC$</text> Q: $Q$ [$C_A$|$C_B$|$C_C$|$C_D$] answer: The correct answer is (X)"
     (rec,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template)
     row = _lbv2_row(1)
-    assert rec.prompt[0]["content"] == (f"<text>{row['context']}</text> Q: {row['question']} [clause 1.1|clause 1.2||"
-                                        "clause 1.4] answer: The correct answer is (X)")
+    assert rec.prompt[0]["content"] == (f"<text>{row['context'].strip()}</text> Q: {row['question']} [clause 1.1|"
+                                        "clause 1.2||clause 1.4] answer: The correct answer is (X)")
     assert "$Q$" in row["context"] and "$DOC$" in LONGBENCH_V2_TEMPLATE
     with pytest.raises(ValueError, match=r"the template holds no \$DOC\$; its placeholders"):
         import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template="Q: $Q$")
@@ -97,10 +102,17 @@ def test_mrcr_rows_become_conversations_graded_by_prefix_and_ratio(tmp_path):
             "random_string_to_prepend", "n_needles", "desired_msg_index", "total_messages", "n_chars")}}
         prefix, poem = row["random_string_to_prepend"], row["answer"].removeprefix(row["random_string_to_prepend"])
         assert score_record(rec, R(row["answer"]), timeout=None) == 1.0
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
         assert score_record(rec, R(poem), timeout=None) == 0.0  # the prefix missing
         half = score_record(rec, R(prefix + poem[: len(poem) // 2]), timeout=None)
         assert half == pytest.approx(2 * (len(poem) // 2) / (len(poem) + len(poem) // 2))
     assert len(import_benchmark("mrcr", files, tmp_path / "two.jsonl", limit=4)) == 4  # --limit: the first rows
+    # pandas writes an int column holding a null as float64: whole numbers still read as ints
+    floats = tmp_path / "floats.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 4), n_needles=4.0), dict(_mrcr_row(1, 4), n_needles=None)]),
+                   floats)
+    assert [(r.task, r.extra_info.get("n_needles")) for r in import_benchmark("mrcr", [floats], out)] == \
+           [("mrcr_4needle", 4), ("mrcr", None)]
 
 
 def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_path):
@@ -109,10 +121,14 @@ def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_
     out = tmp_path / "out.jsonl"
     out.write_text("previous\n")
     src = tmp_path / "lb.jsonl"
-    bad = dict(_lbv2_row(1), answer="E")
-    src.write_text(json.dumps(_lbv2_row(0)) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(RecordError, match=rf"^{src}: line 2: field 'answer' must be one of A, B, C, D, got 'E'$"):
-        import_benchmark("longbench-v2", [src], out)
+    for bad_letter in ("E", "AB"):
+        bad = dict(_lbv2_row(1), answer=bad_letter)
+        src.write_text(json.dumps(_lbv2_row(0)) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(RecordError, match=rf"^{src}: line 2: field 'answer' must be one of A, B, C, D, got "
+                                              rf"'{bad_letter}'$"):
+            import_benchmark("longbench-v2", [src], out)
+    with pytest.raises(ValueError, match=r"--out .*out\.txt: unsupported dataset format '\.txt'"):
+        import_benchmark("longbench-v2", [tmp_path / "not-read.json"], tmp_path / "out.txt")  # before any row
     arr = tmp_path / "lb.json"
     arr.write_text(json.dumps([_lbv2_row(0), {k: v for k, v in _lbv2_row(1).items() if k != "context"}]))
     with pytest.raises(RecordError, match=rf"^{arr}: item 1: missing field\(s\) context \(LongBench-v2 rows need "):

@@ -28,7 +28,7 @@ from golong.rewards import metrics as metrics_module
 from golong.rewards.answer import marked_answer
 from golong.rewards.metrics import METRICS, rouge_l, rouge_l_summary, rouge_sentences
 from golong.rewards.pool import get_pool
-from golong.rewards.scoring import SCOPES
+from golong.rewards.scoring import SANDBOXED, SCOPES
 
 
 def R(answer: str) -> str:
@@ -131,6 +131,18 @@ def test_mrcr_grades_as_openai_mrcr():
     assert score("mrcr", "ab XYabce", gold) == 0.0  # the prefix not first
     assert score("mrcr", "XYabce and more", gold) == pytest.approx(8 / 17)
     assert score("mrcr", "abce", "abcd") == pytest.approx(0.75)  # a plain gold string: no prefix rule
+    # at 200+ characters difflib's autojunk makes the ratio depend on the order: reply first, gold second, as OpenAI
+    from difflib import SequenceMatcher
+
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789" + " " * 12
+    gold_text = "".join(rng.choice(alphabet) for _ in range(300))
+    reply = "".join(c if rng.random() > 0.2 else rng.choice(alphabet) for c in gold_text)  # 80% copied
+
+    ordered, swapped = (SequenceMatcher(None, a, b).ratio() for a, b in ((reply, gold_text), (gold_text, reply)))
+    assert ordered != swapped
+    assert score("mrcr", "XY" + reply, {"answer": "XY" + gold_text, "prefix": "XY"}) == ordered
+    assert "mrcr" in SANDBOXED  # quadratic in the worst case: graded under the reward time limit
     assert compute_score("mrcr", "XYabce", gold, timeout=None) == 0.0  # no </think>: the format gate
     assert compute_score("mrcr", R("XYabcd"), gold, timeout=10.0) == pytest.approx(0.75)  # the timed worker
     record = {"data_source": "openai_mrcr", "ability": "mrcr_2needle",

@@ -1479,7 +1479,9 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
     assert "by prompt_tokens" in table and "by index" in table
     # a key no record holds: refused before any response is generated, naming the keys they hold
-    with pytest.raises(ValueError, match=r"--by lenght: no validation record has extra_info key 'lenght'; keys "
+    from golong.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--by lenght: no validation record has extra_info key 'lenght'; keys "
                                          r"they have: index; or --by prompt_tokens"):
         evaluate(cfg, None, tmp_path / "eval2", by=["lenght"])
     assert not (tmp_path / "eval2" / "responses.jsonl").exists() and not (tmp_path / "eval2" / "eval.json").exists()
@@ -1492,25 +1494,29 @@ def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
 
     from golong.trainer import breakdown, token_bin
 
-    assert [token_bin(t) for t in (1, 4096, 4097, 8192, 8193, 131072, 131073, 1 << 20, (1 << 20) + 1)] == \
-           ["<=4K", "<=4K", "4K-8K", "4K-8K", "8K-16K", "64K-128K", "128K-256K", "512K-1M", ">1M"]
-    values = [10, 2, "b", None, 2, "a", 10]
-    tokens = [100, 5000, 9000, 5000, 200_000, 100, 4096]
+    edges = [(1, "<=4K"), (4096, "<=4K"), (4097, "4K-8K"), (8192, "4K-8K"), (8193, "8K-16K"), (16384, "8K-16K"),
+             (131072, "64K-128K"), (131073, "128K-256K"), (1 << 20, "512K-1M"), ((1 << 20) + 1, ">1M"),
+             (3 << 20, ">1M")]
+    assert [token_bin(t) for t, _ in edges] == [label for _, label in edges]
+    values = [10, 2, "b", None, "2", "a", 10]
+    tokens = [100, 5000, 9000, 8192, 16384, 100, 4096]
     prompts = [SimpleNamespace(input_ids=[0] * t, record=SimpleNamespace(extra_info={} if v is None else {"k": v}))
                for v, t in zip(values, tokens)]
     scores = [[1, 0], [0, 0], [1, 1], [0.5, 0], [1, 0.25], [0, 0.5], [0, 1]]
     rows = [{"prompt": p, "score": s} for p, ss in enumerate(scores) for s in ss]
     by_k = breakdown("k", prompts, rows, 2)
-    assert list(by_k) == ["2", "10", "a", "b", "(none)"]
+    assert list(by_k) == ["2", "10", "a", "b", "(none)"]  # 2 and "2": one group
     assert by_k["2"] == {"prompts": 2, "responses": 4, "reward_mean": 1.25 / 4,
                          "pass_at_k": {"1": 0.25, "2": 0.5}, "best_of_n": 0.5}
     assert by_k["10"] == {"prompts": 2, "responses": 4, "reward_mean": 0.5,
                           "pass_at_k": {"1": 0.5, "2": 1.0}, "best_of_n": 1.0}
     assert by_k["(none)"]["pass_at_k"] == {"1": 0.0, "2": 0.0} and by_k["(none)"]["best_of_n"] == 0.5
+    # a bin holds its upper edge: 8192 and 16384 tokens are in the same bins as 5000 and 9000
     by_t = breakdown("prompt_tokens", prompts, rows, 2)
-    assert list(by_t) == ["<=4K", "4K-8K", "8K-16K", "128K-256K"]
-    assert [v["prompts"] for v in by_t.values()] == [3, 2, 1, 1]
+    assert list(by_t) == ["<=4K", "4K-8K", "8K-16K"]
+    assert [v["prompts"] for v in by_t.values()] == [3, 2, 2]
     assert by_t["<=4K"]["reward_mean"] == pytest.approx((1 + 0.5 + 1) / 6)
+    assert by_t["8K-16K"]["reward_mean"] == pytest.approx((2 + 1.25) / 4)
 
 
 def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file, tmp_path, monkeypatch, capsys):
