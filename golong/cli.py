@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts go to the run's prompt cache (data.prompt_cache), which training then "
                                     "reads instead of tokenizing again.")
     _add_config_args(s)
+    s.add_argument("--val-only", action="store_true",
+                   help="the validation records only (data.val_files), as golong eval reads them: no training data "
+                        "is needed (e.g. a benchmark from golong data import)")
     s.add_argument("--score-answers", action="store_true",
                    help="also score each record's reference answer as training scores a response (the run's reward "
                         "function or golong's metrics): per task the mean and how many score below 1, and the first "
@@ -200,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = run_problems(cfg, for_eval=True, engine=False)
             if problems:
                 raise ConfigError(problems[0])
-            check_data(cfg, answers=args.score_answers)
+            check_data(cfg, answers=args.score_answers, train=not args.val_only)
         elif args.command == "data" and args.data_command == "import":
             from pathlib import Path
 

@@ -38,7 +38,7 @@ import signal
 import threading
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -991,6 +991,7 @@ class Trainer:
         d = self.cfg.data
         train, val = run_records(self.cfg, train=not self.eval_only)
         tp, vp = self._prompts(train, "train"), self._prompts(val, "val")
+        self.val_record_tasks = Counter(r.task for r in val)  # what eval reports its prompts out of
         # the messages live on as input_ids; their text (~4 bytes a token: GBs at GoLongRL's 23K long-context
         # records, on every rank) is read by nothing after this (rewards read the gold and extra_info)
         for p in (*tp, *vp):
@@ -1372,7 +1373,9 @@ class Trainer:
             groups[record.task][-1].append(g.score)
             failed[record.task] += g.reward_failed
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
-                rows.append({"prompt": j // n, "record": self.val_prompts[j // n].index, "sample": j % n,
+                prompt = self.val_prompts[j // n]
+                rows.append({"prompt": j // n, "record": prompt.index, "sample": j % n,
+                             "prompt_tokens": len(prompt.input_ids), "truncated": prompt.truncated,
                              "data_source": record.data_source, "task": record.task, "score": g.score,
                              "finish_reason": g.finish_reason, **(g.reward_info or {}), "response": g.text})
         if dump:
@@ -1743,13 +1746,15 @@ def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
     return (1, 0.0, str(value)), str(value)
 
 
-def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt]) -> None:
-    """ConfigError for a `--by` key no validation record holds in extra_info, naming the keys they hold."""
+def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt], dropped: int = 0) -> None:
+    """ConfigError for a `--by` key no validation prompt's record holds in extra_info, naming the keys they hold
+    (and the `dropped` records, left out at data.max_prompt_tokens, which may have held it)."""
     held = sorted({k for p in prompts for k in p.record.extra_info})
     for key in keys:
         if key != PROMPT_TOKENS and key not in held:
-            raise ConfigError(f"--by {key}: no validation record has extra_info key {key!r}; keys they have: "
-                             f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
+            lost = f" ({dropped} records dropped at data.max_prompt_tokens are not read)" if dropped else ""
+            raise ConfigError(f"--by {key}: no validation record has extra_info key {key!r}{lost}; keys they have: "
+                              f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
 
 
 def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[str, Any]], n: int
@@ -1804,12 +1809,16 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
             trainer.engine.sync_weights(trainer.model)
             log.info(f"eval: weights of {ckpt} (step {step})")
-        check_group_keys(by, trainer.val_prompts)  # before the rollouts: a typo costs no generation
+        val_records = trainer.val_record_tasks
+        dropped = val_records.total() - len(trainer.val_prompts)
+        check_group_keys(by, trainer.val_prompts, dropped)  # before the rollouts: a typo costs no generation
         responses: list[dict[str, Any]] = []  # filled on rank 0
         metrics = trainer.validate(step, responses)
         counts: dict[str, int] = defaultdict(int)
+        truncated: dict[str, int] = defaultdict(int)
         for p in trainer.val_prompts:
             counts[p.record.task] += cfg.rollout.val_n
+            truncated[p.record.task] += p.truncated
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
         n = cfg.rollout.val_n
 
@@ -1819,6 +1828,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
 
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": n,
+                  # the records the prompts come from: those left out or cut at data.max_prompt_tokens
+                  "records": val_records.total(), "dropped": dropped, "truncated": sum(truncated.values()),
+                  "overflow": cfg.data.overflow, "max_prompt_tokens": cfg.data.max_prompt_tokens,
+                  # tasks none of whose records fit: their record counts (they have no row in `tasks`)
+                  "tasks_dropped": {t: c for t, c in sorted(val_records.items()) if t not in counts},
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
@@ -1828,7 +1842,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   # the means of the other numbers the reward function's dict results held
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},
-                  "tasks": {t: {"metric": metric[t], "responses": counts[t],
+                  "tasks": {t: {"metric": metric[t], "records": val_records[t],
+                                "dropped": val_records[t] - counts[t] // n, "truncated": truncated[t],
+                                "responses": counts[t],
                                 "reward_mean": metrics[f"val/reward/task/{t}"], **samples("val/", f"/task/{t}"),
                                 **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
                                    if cfg.rollout.reward_function else {})} for t in sorted(counts)}}
@@ -1886,6 +1902,14 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
         print_table(table)
     if len(k_values(n)) > len(ks):
         print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")
+    cut = [f"{result[k]} {k}" for k in ("dropped", "truncated") if result.get(k)]
+    if cut:  # the score covers a part of the data: say which
+        print(f"{result['prompts']} prompts from {result['records']} records: {' and '.join(cut)} at "
+              f"data.max_prompt_tokens={result['max_prompt_tokens']} (data.overflow={result['overflow']}); per task: "
+              "records, dropped, truncated in eval.json")
+    if result.get("tasks_dropped"):
+        gone = result["tasks_dropped"]
+        print("no prompt left of task(s) " + ", ".join(f"{t} ({c} records)" for t, c in gone.items()))
     if result.get("format_error_frac"):
         print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
               "and scored 0")

@@ -51,13 +51,14 @@ Choices:
 Give your answer as "The correct answer is (X)", X being the letter of the choice you pick."""
 _PLACEHOLDER = re.compile(r"\$(DOC|Q|C_[ABCD])\$")
 _LETTERS = "ABCD"
+_VALUES = ("DOC", "Q", "C_A", "C_B", "C_C", "C_D")
 
 
 def _text(row: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not (empty_ok or value.strip()):
-        got = "missing" if key not in row else f"a {type(value).__name__}" if not isinstance(value, str) else "empty"
-        raise RecordError(f"{where}: field {key!r} must be a non-empty string, got {got}")
+        got = "null" if value is None else type(value).__name__ if not isinstance(value, str) else "a blank one"
+        raise RecordError(f"{where}: field {key!r} must be a {'' if empty_ok else 'non-empty '}string, got {got}")
     return value
 
 
@@ -72,11 +73,16 @@ def _check_fields(row: Any, fields: tuple[str, ...], benchmark: str, where: str)
 
 
 def check_template(template: str) -> str:
-    """A LongBench-v2 prompt template: it must hold $DOC$ and $Q$ (the choices may be left out)."""
-    missing = [p for p in ("$DOC$", "$Q$") if p not in template]
+    """A LongBench-v2 prompt template: it must hold $Q$ and the four choices; $DOC$ may be left out (LongBench's
+    no-context baseline); any other $NAME$ is refused (it would reach the model as it is)."""
+    names = "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"
+    missing = [p for p in ("$Q$", "$C_A$", "$C_B$", "$C_C$", "$C_D$") if p not in template]
     if missing:
-        raise ValueError(f"the template holds no {' or '.join(missing)}; its placeholders: $DOC$ (the context), $Q$ "
-                         "(the question), $C_A$ ... $C_D$ (the choices)")
+        raise ValueError(f"the template holds no {', '.join(missing)}; its placeholders: {names}")
+    unknown = sorted(set(re.findall(r"\$[A-Z][A-Z0-9_]*\$", template)) - {f"${k}$" for k in _VALUES})
+    if unknown:
+        raise ValueError(f"the template holds {', '.join(unknown)}, which golong does not fill (LongBench's $COT$ is "
+                         f"its second, chain-of-thought stage); its placeholders: {names}")
     return template
 
 
@@ -116,6 +122,11 @@ def mrcr_record(row: Any, where: str, index: int) -> Record:
             raise RecordError(f"{where}: field 'prompt' is not a JSON list of chat messages ({e.msg} at "
                               f"character {e.pos})") from None
     answer, prefix = _text(row, "answer", where), _text(row, "random_string_to_prepend", where)
+    if not answer.startswith(prefix):  # no reply could score 1: a row of another dataset, or a broken one
+        raise RecordError(f"{where}: field 'answer' does not start with random_string_to_prepend {prefix!r}")
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "user"):
+        raise RecordError(f"{where}: field 'prompt' must be a list of chat messages ending in the user's request")
     extra: dict[str, Any] = {"index": index, "random_string_to_prepend": prefix}
     for key in _MRCR_INFO:
         value = row.get(key)
@@ -162,8 +173,12 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     dest = Path(out)
-    if dest.suffix.lower() not in (".jsonl", ".json", ".parquet"):  # before the rows are read, not after
-        raise ValueError(f"--out {dest}: unsupported dataset format {dest.suffix!r} (use .jsonl or .parquet)")
+    # before the rows are read, not after
+    if dest.is_dir() or dest.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        what = "is a directory" if dest.is_dir() else f"unsupported dataset format {dest.suffix!r}"
+        raise ValueError(f"--out {dest}: {what}; name a .jsonl, .json (JSON Lines) or .parquet file")
+    if any(Path(src).resolve() == dest.resolve() for src in sources):
+        raise ValueError(f"--out {dest} is one of the source files; name another file")
     convert = BENCHMARKS[name]
     kwargs = {"template": check_template(template)} if template is not None else {}
     records: list[Record] = []

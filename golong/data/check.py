@@ -60,16 +60,20 @@ def _golong_metric(record: Record) -> str:
         return "none"
 
 
-def check_data(cfg: RunConfig, *, answers: bool = False) -> list[dict[str, Any]]:
+def check_data(cfg: RunConfig, *, answers: bool = False, train: bool = True) -> list[dict[str, Any]]:
     """One row per (split, task): records, prompts kept / truncated / dropped, kept prompts' token lengths
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
-    loading does. `answers`: the records' reference answers scored too (score_answers)."""
+    loading does. `answers`: the records' reference answers scored too (score_answers). train=False: the
+    validation records only, what `golong eval` reads (no training data needed)."""
     from golong.trainer import load_tokenizer
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
     rows: list[dict[str, Any]] = []
-    splits = list(zip(("train", "val"), run_records(cfg)))
+    splits = list(zip(("train", "val"), run_records(cfg, train=train)))[0 if train else 1:]
+    if not train and not splits[0][1]:
+        raise ConfigError("nothing to check: --val-only reads data.val_files (or data.synthetic_val_n), and there "
+                          "are none")
     for split, records in splits:
         # through the run's prompt cache: a training start (or another check) after this one tokenizes nothing
         prompts = build_prompts_cached(records, tokenizer, d.max_prompt_tokens, d.overflow, prompt_cache_dir(cfg),

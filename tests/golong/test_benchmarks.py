@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,8 @@ from golong.data import RecordError, load_records
 from golong.data.benchmarks import LONGBENCH_V2_TEMPLATE, import_benchmark
 from golong.rewards import score_record
 from golong.trainer import reference_answer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def R(answer: str) -> str:
@@ -69,7 +73,8 @@ def test_longbench_v2_rows_become_choice_records_graded_by_their_letter(tmp_path
 
 def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path):
     """--template: LongBench-v2's placeholder names, filled in one pass (a context holding "$Q$" keeps it); a
-    template without $DOC$ or $Q$ is refused."""
+    template without $Q$ or a choice, or with a placeholder golong does not fill, is refused; one without $DOC$ is
+    LongBench's no-context baseline."""
     src = tmp_path / "data.jsonl"
     src.write_text(json.dumps(_lbv2_row(1)) + "\n")
     template = "<text>$DOC$</text> Q: $Q$ [$C_A$|$C_B$|$C_C$|$C_D$] answer: The correct answer is (X)"
@@ -78,8 +83,13 @@ def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path
     assert rec.prompt[0]["content"] == (f"<text>{row['context'].strip()}</text> Q: {row['question']} [clause 1.1|"
                                         "clause 1.2||clause 1.4] answer: The correct answer is (X)")
     assert "$Q$" in row["context"] and "$DOC$" in LONGBENCH_V2_TEMPLATE
-    with pytest.raises(ValueError, match=r"the template holds no \$DOC\$; its placeholders"):
-        import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template="Q: $Q$")
+    with pytest.raises(ValueError, match=r"the template holds no \$C_A\$, \$C_B\$, \$C_C\$, \$C_D\$; its placeholders"):
+        import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template="$DOC$ Q: $Q$")
+    with pytest.raises(ValueError, match=r"the template holds \$COT\$, which golong does not fill"):
+        import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template + " $COT$")
+    (bare,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template.split("</text> ")[1])
+    assert bare.prompt[0]["content"].startswith(f"Q: {row['question']} [clause 1.1|") and "Contract" not in \
+        bare.prompt[0]["content"]
     with pytest.raises(ValueError, match="--template applies to longbench-v2 only"):
         import_benchmark("mrcr", [src], tmp_path / "out.jsonl", template=template)
 
@@ -144,6 +154,22 @@ def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_
            ["lb.json", "lb.jsonl", "m.parquet", "out.jsonl"]  # no temporary file left either
     with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr"):
         import_benchmark("longbench", [src], out)
+    # an MRCR row no reply could score 1 on, or whose conversation asks nothing
+    pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 2), answer="the poem without its prefix")]), pqf)
+    with pytest.raises(RecordError, match=rf"^{pqf}: row 0: field 'answer' does not start with "
+                                          r"random_string_to_prepend 'h0Zq9'$"):
+        import_benchmark("mrcr", [pqf], out)
+    row = _mrcr_row(0, 2)
+    pq.write_table(pa.Table.from_pylist([dict(row, prompt=json.dumps(json.loads(row["prompt"])[:-1]))]), pqf)
+    with pytest.raises(RecordError, match=rf"^{pqf}: row 0: field 'prompt' must be a list of chat messages ending "
+                                          "in the user's request$"):
+        import_benchmark("mrcr", [pqf], out)
+    # --out: a directory, or a source file (the download overwritten by its own import)
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path}: is a directory; name a \.jsonl, \.json"):
+        import_benchmark("mrcr", [pqf], tmp_path)
+    with pytest.raises(ValueError, match=r"out\.jsonl is one of the source files"):
+        import_benchmark("longbench-v2", [src, tmp_path / "." / "out.jsonl"], out)
+    assert out.read_text() == "previous\n"
 
 
 def test_an_mrcr_record_needs_its_prefix(tmp_path):
@@ -161,14 +187,37 @@ def test_data_import_command(tmp_path, capsys):
     the file and line in one error line; --template read from a file."""
     src = tmp_path / "data.json"
     src.write_text(json.dumps([_lbv2_row(i) for i in range(4)]))
-    (tmp_path / "t.txt").write_text("$DOC$ $Q$ (A) $C_A$")
+    (tmp_path / "t.txt").write_text("$DOC$ $Q$ (B) $C_B$ (C) $C_C$ (D) $C_D$ (A) $C_A$")
     out = tmp_path / "lb.jsonl"
     assert main(["data", "import", "longbench-v2", str(src), "--out", str(out), "--template",
                  str(tmp_path / "t.txt")]) == 0
     printed = capsys.readouterr().out
     assert "longbench_v2" in printed and "choice" in printed and printed.rstrip().endswith(str(out))
-    assert [r.prompt[0]["content"].endswith(f"(A) clause {i}.1") for i, r in enumerate(load_records(out))] == [True] * 4
+    assert [r.prompt[0]["content"].endswith(f"(A) clause {i}.1") for i, r in enumerate(load_records(out))] == \
+           [True] * 4
     src.write_text(json.dumps([{"question": "q"}]))
     assert main(["data", "import", "mrcr", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"golong: error: {src}: item 0: missing field(s) prompt, answer, random_string_to_prepend")
+
+
+def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(tmp_path, capsys):
+    """`golong data check --val-only`: the validation records alone (a benchmark for eval, no training data in the
+    config): per task the prompts, and with --score-answers the reference answers, which score 1 on both
+    benchmarks; with no validation records it says there is nothing to check."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([_lbv2_row(i) for i in range(3)]))
+    pqf = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([_mrcr_row(i, 4) for i in range(2)]), pqf)
+    import_benchmark("longbench-v2", [src], tmp_path / "lb.jsonl")
+    import_benchmark("mrcr", [pqf], tmp_path / "mrcr.jsonl")
+    config = [str(ROOT / "configs" / "demo-cpu.yaml"), "data.train_files=[]", "data.synthetic_n=0",
+              f"logging.run_dir={tmp_path / 'run'}"]
+    files = f"data.val_files=[{tmp_path / 'lb.jsonl'},{tmp_path / 'mrcr.jsonl'}]"
+    assert main(["data", "check", *config, files, "--val-only", "--score-answers"]) == 0
+    out = capsys.readouterr().out
+    assert "train" not in out
+    assert re.search(r"val\s+│\s+longbench_v2\s+│\s+3\s+│\s+3\s+│\s+1\.000\s+│\s+0", out)
+    assert re.search(r"val\s+│\s+mrcr_4needle\s+│\s+2\s+│\s+2\s+│\s+1\.000\s+│\s+0", out)
+    assert main(["data", "check", *config, "data.synthetic_val_n=0", "--val-only"]) == 2
+    assert "nothing to check: --val-only reads data.val_files" in capsys.readouterr().err

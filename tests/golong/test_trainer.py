@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -1479,6 +1480,24 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
     assert "by prompt_tokens" in table and "by index" in table
     # a key no record holds: refused before any response is generated, naming the keys they hold
+    # every record became a prompt: nothing dropped or cut; each row names its prompt's length
+    assert (result["records"], result["dropped"], result["truncated"], result["tasks_dropped"]) == (6, 0, 0, {})
+    assert all(row["truncated"] is False and row["prompt_tokens"] > 0 for row in rows)
+    # the records data.max_prompt_tokens leaves out or cuts: counted overall and per task, named in the footer
+    lengths = {row["prompt"]: row["prompt_tokens"] for row in rows}
+    task_of = {row["prompt"]: row["task"] for row in rows}
+    limit = sorted(lengths.values())[3]  # 2 or 3 prompts over it, at least one of each task
+    over = Counter(task_of[p] for p, t in lengths.items() if t > limit)
+    cfg.rollout.val_n = 1
+    for overflow, key in (("drop", "dropped"), ("truncate_left", "truncated")):
+        cfg.data.max_prompt_tokens, cfg.data.overflow = limit, overflow
+        cut = evaluate(cfg, None, tmp_path / f"eval-{overflow}", by=["index"])
+        assert (cut["records"], cut[key], cut["overflow"]) == (6, sum(over.values()), overflow)
+        assert {t: v[key] for t, v in cut["tasks"].items()} == {t: over[t] for t in cut["tasks"]}
+        assert all(v["records"] == 3 for v in cut["tasks"].values()) and cut["tasks_dropped"] == {}
+        assert cut["prompts"] == 6 - (key == "dropped") * sum(over.values())
+        footer = f"from 6 records: {sum(over.values())} {key} at data.max_prompt_tokens={limit}"
+        assert footer in capsys.readouterr().out
     from golong.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"--by lenght: no validation record has extra_info key 'lenght'; keys "
