@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or 'model'>)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
-                        "of LongBench-v2) or by prompt_tokens (token-count bins <=4K, 4K-8K, ..., 512K-1M, as MRCR "
+                        "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, as MRCR "
                         "reports); repeatable")
     p.set_defaults(subparser=p)
 

@@ -1720,17 +1720,18 @@ PROMPT_TOKENS = "prompt_tokens"  # `golong eval --by prompt_tokens`: the prompts
 
 
 def _bin_index(tokens: int) -> int:
-    """0 for <= 4K tokens, 1 for (4K, 8K], ..., 8 for (512K, 1M], 9 beyond 1M (K = 1024)."""
-    return 0 if tokens <= 4096 else min((tokens - 1).bit_length() - 12, 9)
+    """0 below 4K tokens, 1 for [4K, 8K), ..., 8 for [512K, 1M), 9 from 1M on (K = 1024)."""
+    return 0 if tokens < 4096 else min(tokens.bit_length() - 12, 9)
 
 
 def token_bin(tokens: int) -> str:
-    """MRCR's bin edges, powers of two: "<=4K", "4K-8K", ..., "512K-1M", ">1M" (K = 1024 tokens)."""
+    """MRCR's bins, by powers of two, as GoLongRL's eval scripts cut them (lower edge in, upper edge out): "<4K",
+    "4K-8K", ..., "512K-1M", ">=1M" (K = 1024 tokens)."""
     def size(t: int) -> str:
         return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}K"
 
     i = _bin_index(tokens)
-    return "<=4K" if i == 0 else ">1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
+    return "<4K" if i == 0 else ">=1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
 
 
 def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:

@@ -12,8 +12,8 @@ Task "longbench_v2"; difficulty, length, domain and sub_domain go to extra_info 
 MRCR (openai/mrcr's parquet files, <n>needle/<n>needle_<i>.parquet; fields prompt (a JSON list of chat messages),
 answer, random_string_to_prepend, n_needles, desired_msg_index, total_messages, n_chars): the conversation as it is,
 scored by `mrcr` (OpenAI's grade: the answer must start with the random prefix, then difflib's ratio to the gold
-message). Task "mrcr_<n>needle"; the bins of the model card (<=128K, 128K-512K, 512K-1M tokens) are
-`golong eval --by prompt_tokens`.
+message). Task "mrcr_<n>needle"; the columns of the model card (<128K, 128K-512K, 512K-1M tokens) are sums of
+`golong eval --by prompt_tokens`'s bins.
 
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).

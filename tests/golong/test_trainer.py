@@ -1466,9 +1466,9 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     # --by: every prompt's prompt is short (one bin: the whole set); by extra_info.index, one prompt a group, in
     # numeric order
     assert list(result["by"]) == ["prompt_tokens", "index"]
-    assert result["by"]["prompt_tokens"] == {"<=4K": {"prompts": 6, "responses": 24,
-                                                      "reward_mean": pytest.approx(result["reward_mean"], rel=1e-12),
-                                                      **brute(everything)}}
+    assert result["by"]["prompt_tokens"] == {"<4K": {"prompts": 6, "responses": 24,
+                                                     "reward_mean": pytest.approx(result["reward_mean"], rel=1e-12),
+                                                     **brute(everything)}}
     per_prompt = {p: g for per_task in groups.values() for p, g in per_task.items()}
     assert list(result["by"]["index"]) == [str(i) for i in range(6)]
     for i, row in result["by"]["index"].items():
@@ -1513,12 +1513,12 @@ def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
 
     from golong.trainer import breakdown, token_bin
 
-    edges = [(1, "<=4K"), (4096, "<=4K"), (4097, "4K-8K"), (8192, "4K-8K"), (8193, "8K-16K"), (16384, "8K-16K"),
-             (131072, "64K-128K"), (131073, "128K-256K"), (1 << 20, "512K-1M"), ((1 << 20) + 1, ">1M"),
-             (3 << 20, ">1M")]
+    edges = [(1, "<4K"), (4095, "<4K"), (4096, "4K-8K"), (8191, "4K-8K"), (8192, "8K-16K"), (16383, "8K-16K"),
+             (131071, "64K-128K"), (131072, "128K-256K"), ((1 << 20) - 1, "512K-1M"), (1 << 20, ">=1M"),
+             (3 << 20, ">=1M")]
     assert [token_bin(t) for t, _ in edges] == [label for _, label in edges]
     values = [10, 2, "b", None, "2", "a", 10]
-    tokens = [100, 5000, 9000, 8192, 16384, 100, 4096]
+    tokens = [100, 5000, 9000, 4096, 16383, 100, 4095]
     prompts = [SimpleNamespace(input_ids=[0] * t, record=SimpleNamespace(extra_info={} if v is None else {"k": v}))
                for v, t in zip(values, tokens)]
     scores = [[1, 0], [0, 0], [1, 1], [0.5, 0], [1, 0.25], [0, 0.5], [0, 1]]
@@ -1530,11 +1530,11 @@ def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
     assert by_k["10"] == {"prompts": 2, "responses": 4, "reward_mean": 0.5,
                           "pass_at_k": {"1": 0.5, "2": 1.0}, "best_of_n": 1.0}
     assert by_k["(none)"]["pass_at_k"] == {"1": 0.0, "2": 0.0} and by_k["(none)"]["best_of_n"] == 0.5
-    # a bin holds its upper edge: 8192 and 16384 tokens are in the same bins as 5000 and 9000
+    # a bin holds its lower edge, not its upper one: 4096 and 16383 tokens are in the bins of 5000 and 9000
     by_t = breakdown("prompt_tokens", prompts, rows, 2)
-    assert list(by_t) == ["<=4K", "4K-8K", "8K-16K"]
+    assert list(by_t) == ["<4K", "4K-8K", "8K-16K"]
     assert [v["prompts"] for v in by_t.values()] == [3, 2, 2]
-    assert by_t["<=4K"]["reward_mean"] == pytest.approx((1 + 0.5 + 1) / 6)
+    assert by_t["<4K"]["reward_mean"] == pytest.approx((1 + 0.5 + 1) / 6)
     assert by_t["8K-16K"]["reward_mean"] == pytest.approx((2 + 1.25) / 4)
 
 
