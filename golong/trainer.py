@@ -896,8 +896,9 @@ class _Progress:
 class Trainer:
     """Owns the data, the actor, the rollout engine, checkpoints and logging. `fit()` runs."""
 
-    def __init__(self, cfg: RunConfig, *, eval_only: bool = False) -> None:
-        """eval_only: the validation prompts alone (`golong eval`): no training data is read."""
+    def __init__(self, cfg: RunConfig, *, eval_only: bool = False, eval_by: Sequence[str] = ()) -> None:
+        """eval_only: the validation prompts alone (`golong eval`): no training data is read. eval_by: `golong eval
+        --by` keys, checked against the validation records once they are read, before the model is built."""
         from golong.data import PromptSampler
 
         self.cfg = cfg
@@ -935,6 +936,8 @@ class Trainer:
             raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
         self.stop_ids = set(stop_token_ids(self.tokenizer, cfg.model.path))
         self.train_prompts, self.val_prompts = self._load_prompts()
+        # a typo costs no model load, engine start or generation
+        check_group_keys(eval_by, self.val_prompts, self.val_record_tasks.total() - len(self.val_prompts))
         self._start_reward_function()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)
@@ -1804,7 +1807,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                               data=dataclasses.replace(cfg.data, prompt_cache="none" if cache is None else str(cache)))
     trainer = None
     try:
-        trainer = Trainer(cfg, eval_only=True)
+        trainer = Trainer(cfg, eval_only=True, eval_by=by)
         step = 0
         if ckpt is not None:
             step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
@@ -1812,7 +1815,6 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             log.info(f"eval: weights of {ckpt} (step {step})")
         val_records = trainer.val_record_tasks
         dropped = val_records.total() - len(trainer.val_prompts)
-        check_group_keys(by, trainer.val_prompts, dropped)  # before the rollouts: a typo costs no generation
         responses: list[dict[str, Any]] = []  # filled on rank 0
         metrics = trainer.validate(step, responses)
         counts: dict[str, int] = defaultdict(int)
