@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or 'model'>)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
-                        "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, as MRCR "
-                        "reports); repeatable")
+                        "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "
+                        "MRCR reports); repeatable")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "reads instead of tokenizing again.")
     _add_config_args(s)
     s.add_argument("--val-only", action="store_true",
-                   help="the validation records only (data.val_files), as golong eval reads them: no training data "
-                        "is needed (e.g. a benchmark from golong data import)")
+                   help="the validation records only (data.val_files, else data.synthetic_val_n), as golong eval "
+                        "reads them: no training data is needed (e.g. a benchmark from golong data import)")
     s.add_argument("--score-answers", action="store_true",
                    help="also score each record's reference answer as training scores a response (the run's reward "
                         "function or golong's metrics): per task the mean and how many score below 1, and the first "
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "difflib's ratio). A bad row is named by file and line / item / row.")
     s.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark the files hold")
     s.add_argument("sources", nargs="+", help="its files (.json, .jsonl or .parquet), read in order")
-    s.add_argument("--out", required=True, help="output .jsonl or .parquet")
-    s.add_argument("--limit", type=int, default=None, help="convert the first N rows only")
+    s.add_argument("--out", required=True, help="output .jsonl (or .json: JSON Lines) or .parquet; never a source")
+    s.add_argument("--limit", type=int, default=None, help="convert the first N rows only (over the files in order)")
     s.add_argument("--template", default=None,
                    help="longbench-v2: a prompt template file with LongBench-v2's placeholders $DOC$, $Q$, $C_A$ .. "
                         "$C_D$ (e.g. LongBench's prompts/0shot.txt; default: golong's wording of the same prompt)")

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from golong.config import (
     save_run_config,
     to_dict,
 )
+from golong.eval_groups import breakdown, check_group_keys
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.models.config import ModelConfig
 from golong.parallel import (
@@ -77,9 +78,6 @@ from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, k_values, sample_metrics
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
-
-if TYPE_CHECKING:
-    from golong.data.prompts import EncodedPrompt
 
 log = get_logger()
 # FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
@@ -935,7 +933,8 @@ class Trainer:
                 f"raise model.scratch.vocab_size to at least {n_tok}"  # a scratch model has no tokenizer of its own
             raise ConfigError(f"{what} has {n_tok} tokens, more than the model's vocabulary of {vocab}; {how}")
         self.stop_ids = set(stop_token_ids(self.tokenizer, cfg.model.path))
-        self.train_prompts, self.val_prompts = self._load_prompts()
+        # val_record_tasks: the validation records per task, which eval reports its prompts out of
+        self.train_prompts, self.val_prompts, self.val_record_tasks = self._load_prompts()
         # a typo costs no model load, engine start or generation
         check_group_keys(eval_by, self.val_prompts, self.val_record_tasks.total() - len(self.val_prompts))
         self._start_reward_function()
@@ -988,13 +987,12 @@ class Trainer:
                         "will be validated")
 
     # ------------------------------------------------------------------------------- data
-    def _load_prompts(self) -> tuple[list[Any], list[Any]]:
+    def _load_prompts(self) -> tuple[list[Any], list[Any], Counter[str]]:
         from golong.data.check import no_prompt_fits, run_records
 
         d = self.cfg.data
         train, val = run_records(self.cfg, train=not self.eval_only)
         tp, vp = self._prompts(train, "train"), self._prompts(val, "val")
-        self.val_record_tasks = Counter(r.task for r in val)  # what eval reports its prompts out of
         # the messages live on as input_ids; their text (~4 bytes a token: GBs at GoLongRL's 23K long-context
         # records, on every rank) is read by nothing after this (rewards read the gold and extra_info)
         for p in (*tp, *vp):
@@ -1004,7 +1002,7 @@ class Trainer:
                               f"within data.max_prompt_tokens={d.max_prompt_tokens}")
         if not tp and not self.eval_only:  # a config problem, named in one line (build_prompts logged the counts)
             raise ConfigError(no_prompt_fits(len(train), self.cfg))
-        return tp, vp
+        return tp, vp, Counter(r.task for r in val)
 
     def _start_reward_function(self) -> None:
         """With rollout.reward_function, start the scoring workers (each imports the function) on every rank now,
@@ -1719,70 +1717,6 @@ def _add_layer_nvtx(model: nn.Module) -> None:
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
 
 
-PROMPT_TOKENS = "prompt_tokens"  # `golong eval --by prompt_tokens`: the prompts' templated token counts, binned
-
-
-def _bin_index(tokens: int) -> int:
-    """0 below 4K tokens, 1 for [4K, 8K), ..., 8 for [512K, 1M), 9 from 1M on (K = 1024)."""
-    return 0 if tokens < 4096 else min(tokens.bit_length() - 12, 9)
-
-
-def token_bin(tokens: int) -> str:
-    """MRCR's bins, by powers of two, as GoLongRL's eval scripts cut them (lower edge in, upper edge out): "<4K",
-    "4K-8K", ..., "512K-1M", ">=1M" (K = 1024 tokens)."""
-    def size(t: int) -> str:
-        return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}K"
-
-    i = _bin_index(tokens)
-    return "<4K" if i == 0 else ">=1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
-
-
-def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
-    """(sort key, label) of a prompt's group under `--by key`: its token bin, or its record's extra_info[key]."""
-    if key == PROMPT_TOKENS:
-        n = len(prompt.input_ids)
-        return (0, _bin_index(n)), token_bin(n)
-    value = prompt.record.extra_info.get(key)
-    if value is None:
-        return (2, 0.0, ""), "(none)"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), ""), str(value)
-    return (1, 0.0, str(value)), str(value)
-
-
-def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt], dropped: int = 0) -> None:
-    """ConfigError for a `--by` key no validation prompt's record holds in extra_info, naming the keys they hold
-    (and the `dropped` records, left out at data.max_prompt_tokens, which may have held it)."""
-    held = sorted({k for p in prompts for k in p.record.extra_info})
-    for key in keys:
-        if key != PROMPT_TOKENS and key not in held:
-            lost = f" ({dropped} records dropped at data.max_prompt_tokens are not read)" if dropped else ""
-            raise ConfigError(f"--by {key}: no validation record has extra_info key {key!r}{lost}; keys they have: "
-                              f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
-
-
-def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[str, Any]], n: int
-              ) -> dict[str, dict[str, Any]]:
-    """eval.json's `by.<key>`: per group of prompts (their token bin, or their records' extra_info[key]) the prompts,
-    responses, mean reward, pass@k and best@n. rows: the eval's responses (prompt-major, n per prompt)."""
-    scores: dict[int, list[float]] = defaultdict(list)
-    for row in rows:
-        scores[row["prompt"]].append(row["score"])
-    groups: dict[str, list[list[float]]] = defaultdict(list)  # by label: a value 2 and a value "2" are one group
-    order: dict[str, tuple] = {}
-    for i, p in enumerate(prompts):
-        key_order, label = _group_value(p, key)
-        groups[label].append(scores[i])
-        order[label] = min(order.get(label, key_order), key_order)
-    out = {}
-    for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
-        m = sample_metrics(gs)
-        out[label] = {"prompts": len(gs), "responses": len(gs) * n,
-                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n),
-                      "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)}, "best_of_n": m.get(f"best@{n}")}
-    return out
-
-
 def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
              by: Sequence[str] = ()) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
@@ -1817,11 +1751,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         dropped = val_records.total() - len(trainer.val_prompts)
         responses: list[dict[str, Any]] = []  # filled on rank 0
         metrics = trainer.validate(step, responses)
-        counts: dict[str, int] = defaultdict(int)
-        truncated: dict[str, int] = defaultdict(int)
-        for p in trainer.val_prompts:
-            counts[p.record.task] += cfg.rollout.val_n
-            truncated[p.record.task] += p.truncated
+        prompts = Counter(p.record.task for p in trainer.val_prompts)
+        truncated = Counter(p.record.task for p in trainer.val_prompts if p.truncated)
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
         n = cfg.rollout.val_n
 
@@ -1835,7 +1766,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "records": val_records.total(), "dropped": dropped, "truncated": sum(truncated.values()),
                   "overflow": cfg.data.overflow, "max_prompt_tokens": cfg.data.max_prompt_tokens,
                   # tasks none of whose records fit: their record counts (they have no row in `tasks`)
-                  "tasks_dropped": {t: c for t, c in sorted(val_records.items()) if t not in counts},
+                  "tasks_dropped": {t: c for t, c in sorted(val_records.items()) if t not in prompts},
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
@@ -1846,11 +1777,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},
                   "tasks": {t: {"metric": metric[t], "records": val_records[t],
-                                "dropped": val_records[t] - counts[t] // n, "truncated": truncated[t],
-                                "responses": counts[t],
+                                "dropped": val_records[t] - prompts[t], "truncated": truncated[t],
+                                "responses": prompts[t] * n,
                                 "reward_mean": metrics[f"val/reward/task/{t}"], **samples("val/", f"/task/{t}"),
                                 **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
-                                   if cfg.rollout.reward_function else {})} for t in sorted(counts)}}
+                                   if cfg.rollout.reward_function else {})} for t in sorted(prompts)}}
         if trainer.rank == 0:
             if by:
                 result["by"] = {key: breakdown(key, trainer.val_prompts, responses, n) for key in dict.fromkeys(by)}

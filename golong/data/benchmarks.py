@@ -12,8 +12,8 @@ Task "longbench_v2"; difficulty, length, domain and sub_domain go to extra_info 
 MRCR (openai/mrcr's parquet files, <n>needle/<n>needle_<i>.parquet; fields prompt (a JSON list of chat messages),
 answer, random_string_to_prepend, n_needles, desired_msg_index, total_messages, n_chars): the conversation as it is,
 scored by `mrcr` (OpenAI's grade: the answer must start with the random prefix, then difflib's ratio to the gold
-message). Task "mrcr_<n>needle"; the columns of the model card (<128K, 128K-512K, 512K-1M tokens) are sums of
-`golong eval --by prompt_tokens`'s bins.
+message). Task "mrcr_<n>needle"; a column of the model card (<128K, 128K-512K, 512K-1M tokens) is the
+prompts-weighted mean of its bins under `golong eval --by prompt_tokens`.
 
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).
@@ -49,9 +49,9 @@ Choices:
 (D) $C_D$
 
 Give your answer as "The correct answer is (X)", X being the letter of the choice you pick."""
-_PLACEHOLDER = re.compile(r"\$(DOC|Q|C_[ABCD])\$")
 _LETTERS = "ABCD"
-_VALUES = ("DOC", "Q", "C_A", "C_B", "C_C", "C_D")
+_VALUES = ("DOC", "Q", *(f"C_{c}" for c in _LETTERS))  # the placeholders, $DOC$ ... $C_D$
+_PLACEHOLDER = re.compile(r"\$(" + "|".join(_VALUES) + r")\$")
 
 
 def _text(row: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
@@ -76,7 +76,7 @@ def check_template(template: str) -> str:
     """A LongBench-v2 prompt template: it must hold $Q$ and the four choices; $DOC$ may be left out (LongBench's
     no-context baseline); any other $NAME$ is refused (it would reach the model as it is)."""
     names = "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"
-    missing = [p for p in ("$Q$", "$C_A$", "$C_B$", "$C_C$", "$C_D$") if p not in template]
+    missing = [f"${k}$" for k in _VALUES[1:] if f"${k}$" not in template]
     if missing:
         raise ValueError(f"the template holds no {', '.join(missing)}; its placeholders: {names}")
     unknown = sorted(set(re.findall(r"\$[A-Z][A-Z0-9_]*\$", template)) - {f"${k}$" for k in _VALUES})

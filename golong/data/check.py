@@ -96,9 +96,12 @@ def check_data(cfg: RunConfig, *, answers: bool = False, train: bool = True) -> 
     _print(rows, cfg)
     if answers:
         score_answers(cfg, splits)
-    train = [r for r in rows if r["split"] == "train"]
-    if train and not sum(r["kept"] for r in train):  # training stops there at start-up: say so here
-        raise ConfigError(no_prompt_fits(sum(r["records"] for r in train), cfg))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    if train_rows and not sum(r["kept"] for r in train_rows):  # training stops there at start-up: say so here
+        raise ConfigError(no_prompt_fits(sum(r["records"] for r in train_rows), cfg))
+    if not train and not sum(r["kept"] for r in rows):  # as golong eval stops on it
+        raise ConfigError(f"no validation prompt fits data.max_prompt_tokens={d.max_prompt_tokens} "
+                          f"(data.overflow={d.overflow}): golong eval would have nothing to evaluate")
     return rows
 
 
@@ -182,7 +185,7 @@ def print_table(table: Any) -> None:
 
 
 def print_task_counts(records: list[Any], title: str) -> None:
-    """The records per task, with each task's metric (golong data synth)."""
+    """The records per task, with each task's metric (golong data synth, golong data import)."""
     from collections import Counter
 
     from rich.table import Table

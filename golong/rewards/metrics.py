@@ -468,8 +468,9 @@ def mrcr(region: str, gold: Gold) -> float:
     """OpenAI MRCR's grade: 0 unless the answer starts with the record's random prefix, else difflib's
     SequenceMatcher ratio of the answer and the gold message, the prefix taken off both. gold = {"answer",
     "prefix"} (golong.rewards.scoring.record_target reads the prefix from extra_info.random_string_to_prepend);
-    a plain gold string is compared with no prefix rule. The region comes stripped (answer_region): the chat
-    template's newlines after </think> are not the model's answer. Quadratic in the worst case: the metric runs in
+    a plain gold string is compared with no prefix rule. The region comes stripped (answer_region), the gold as
+    stored, as GoLongRL's MRCR eval compares them (its strip_thinking strips the reply): the chat template's
+    newlines after </think> are not the model's answer. Quadratic in the worst case: the metric runs in
     a timed worker (scoring.SANDBOXED)."""
     answer = region
     if isinstance(gold, dict):

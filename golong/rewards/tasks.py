@@ -64,8 +64,9 @@ DATA_SOURCES: dict[str, str] = {
     "multitableqa_pretraining": "iou",
     "retrieval_calculate": "retrieval_calculate",
 }
-# The model card's benchmarks as `golong data import` writes them (golong.data.benchmarks): the source decides the
-# metric; ability names the task a result is reported under (e.g. "mrcr_8needle").
+# The model card's benchmarks as `golong data import` writes them (golong.data.benchmarks): the source's metric, for
+# a record whose reward_mode and ability name no task (the importer's abilities, e.g. "mrcr_8needle", name the task
+# a result is reported under; another dataset's "longbench_v2" records keep the task they name).
 BENCHMARK_SOURCES: dict[str, str] = {
     "longbench_v2": "choice",
     "openai_mrcr": "mrcr",
@@ -153,17 +154,17 @@ def metric_for(task: str) -> str:
 
 
 def route(data_source: str | None, ability: str | None = None, reward_mode: str | None = None) -> str:
-    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES) or one of
-    `golong data import`'s benchmarks (BENCHMARK_SOURCES), a judge-model data source (JUDGED_SOURCE_MARKS) in
-    reward_mode "math_verify" (model_verify), else the reward_mode, else the ability, else a data_source pattern
+    """Metric for a record, as GoLongRL's reward code picks it: a data_source it names (DATA_SOURCES), a judge-model
+    data source (JUDGED_SOURCE_MARKS) in reward_mode "math_verify" (model_verify), else the reward_mode, else the
+    ability, else one of `golong data import`'s benchmark sources (BENCHMARK_SOURCES), else a data_source pattern
     (multitableqa*, *math*).
 
     Raises ValueError for a judge-model data source in any other reward_mode (it needs the recipe's judge model),
     and naming all three fields and the known names when none resolves.
     """
     ds = data_source if isinstance(data_source, str) else ""
-    if ds in DATA_SOURCES or ds in BENCHMARK_SOURCES:
-        return DATA_SOURCES.get(ds) or BENCHMARK_SOURCES[ds]
+    if ds in DATA_SOURCES:
+        return DATA_SOURCES[ds]
     if any(mark in ds for mark in JUDGED_SOURCE_MARKS):
         if reward_mode == "math_verify":
             return "model_verify"
@@ -173,6 +174,8 @@ def route(data_source: str | None, ability: str | None = None, reward_mode: str 
     for name in (reward_mode, ability):
         if isinstance(name, str) and name and (m := _lookup(name)) is not None:
             return m
+    if ds in BENCHMARK_SOURCES:
+        return BENCHMARK_SOURCES[ds]
     if ds.startswith("multitableqa"):
         return "iou"
     if "math" in ds.lower():

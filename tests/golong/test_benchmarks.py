@@ -204,7 +204,7 @@ def test_data_import_command(tmp_path, capsys):
 def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(tmp_path, capsys):
     """`golong data check --val-only`: the validation records alone (a benchmark for eval, no training data in the
     config): per task the prompts, and with --score-answers the reference answers, which score 1 on both
-    benchmarks; with no validation records it says there is nothing to check."""
+    benchmarks; with no validation records, or none that fits, it says so and fails."""
     src = tmp_path / "data.json"
     src.write_text(json.dumps([_lbv2_row(i) for i in range(3)]))
     pqf = tmp_path / "m.parquet"
@@ -221,3 +221,15 @@ def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(
     assert re.search(r"val\s+│\s+mrcr_4needle\s+│\s+2\s+│\s+2\s+│\s+1\.000\s+│\s+0", out)
     assert main(["data", "check", *config, "data.synthetic_val_n=0", "--val-only"]) == 2
     assert "nothing to check: --val-only reads data.val_files" in capsys.readouterr().err
+    # no prompt fits: golong eval would stop on it, so the check does
+    assert main(["data", "check", *config, files, "data.max_prompt_tokens=20", "data.overflow=drop", "--val-only"]) == 2
+    assert "no validation prompt fits data.max_prompt_tokens=20 (data.overflow=drop)" in capsys.readouterr().err
+
+
+def test_eval_command_passes_every_by_key(tmp_path, monkeypatch):
+    """`golong eval CONFIG --by a --by b`: both keys reach evaluate, in order."""
+    seen = {}
+    monkeypatch.setattr("golong.trainer.evaluate", lambda cfg, checkpoint, out, by=(): seen.update(by=by))
+    assert main(["eval", str(ROOT / "configs" / "demo-cpu.yaml"), f"logging.run_dir={tmp_path}", "--by", "length",
+                 "--by", "prompt_tokens"]) == 0
+    assert seen == {"by": ["length", "prompt_tokens"]}

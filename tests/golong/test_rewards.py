@@ -849,8 +849,10 @@ def test_route_by_data_source():
     assert route("longbench_pro", "long_context", "T5.1 Full-Sentence Citation Alignment") == "f1"
     assert route("whatever", "summarization", None) == "rouge_l"
     assert route("retrieval_calculate") == "retrieval_calculate"
-    # the benchmarks of `golong data import`: the source decides, ability names the task
-    assert route("openai_mrcr", "mrcr_8needle") == "mrcr" and route("longbench_v2", "summarization") == "choice"
+    # the benchmarks of `golong data import`: the source's metric where reward_mode and ability name no task (the
+    # importer's abilities name the task reported); a record naming one keeps it
+    assert route("openai_mrcr", "mrcr_8needle") == "mrcr" and route("longbench_v2", "longbench_v2") == "choice"
+    assert route("longbench_v2", "summarization") == "rouge_l" and route("longbench_v2", "x", "em") == "em"
     # as in GoLongRL's reward code: a data source it names decides, whatever reward_mode / ability say;
     # otherwise reward_mode wins over ability, ability over a data_source pattern
     assert route("EM", "summarization", "T1.1 Global Cohesive Retrieval") == "em"

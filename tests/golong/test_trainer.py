@@ -1479,29 +1479,49 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert all(col in table for col in ("pass@1", "pass@4", "best@4")) and "pass@2" not in table
     assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
     assert "by prompt_tokens" in table and "by index" in table
-    # a key no record holds: refused once the records are read, before the model is built (nothing written)
     # every record became a prompt: nothing dropped or cut; each row names its prompt's length
     assert (result["records"], result["dropped"], result["truncated"], result["tasks_dropped"]) == (6, 0, 0, {})
+    assert all((v["records"], v["dropped"], v["truncated"]) == (3, 0, 0) for v in result["tasks"].values())
     assert all(row["truncated"] is False and row["prompt_tokens"] > 0 for row in rows)
-    # the records data.max_prompt_tokens leaves out or cuts: counted overall and per task, named in the footer
+    # the records data.max_prompt_tokens leaves out or cuts: counted overall and per task (2 responses a prompt),
+    # flagged in responses.jsonl, named in the footer
     lengths = {row["prompt"]: row["prompt_tokens"] for row in rows}
     task_of = {row["prompt"]: row["task"] for row in rows}
     limit = sorted(lengths.values())[3]  # 2 or 3 prompts over it, at least one of each task
     over = Counter(task_of[p] for p, t in lengths.items() if t > limit)
-    cfg.rollout.val_n = 1
+    cfg.rollout.val_n = 2
     for overflow, key in (("drop", "dropped"), ("truncate_left", "truncated")):
         cfg.data.max_prompt_tokens, cfg.data.overflow = limit, overflow
         cut = evaluate(cfg, None, tmp_path / f"eval-{overflow}", by=["index"])
         assert (cut["records"], cut[key], cut["overflow"]) == (6, sum(over.values()), overflow)
         assert {t: v[key] for t, v in cut["tasks"].items()} == {t: over[t] for t in cut["tasks"]}
-        assert all(v["records"] == 3 for v in cut["tasks"].values()) and cut["tasks_dropped"] == {}
-        assert cut["prompts"] == 6 - (key == "dropped") * sum(over.values())
+        assert all(v["records"] == 3 and v["responses"] == 2 * (3 - v["dropped"]) for v in cut["tasks"].values())
+        assert cut["prompts"] == 6 - (key == "dropped") * sum(over.values()) and cut["tasks_dropped"] == {}
         footer = f"from 6 records: {sum(over.values())} {key} at data.max_prompt_tokens={limit}"
         assert footer in capsys.readouterr().out
+    cut_rows = [json.loads(line) for line in (tmp_path / "eval-truncate_left" / "responses.jsonl").open()]
+    assert {r["prompt"] for r in cut_rows if r["truncated"]} == {p for p, t in lengths.items() if t > limit}
+    assert all(r["prompt_tokens"] <= limit for r in cut_rows)
+    # a task none of whose records fit: no row in tasks, its record count in tasks_dropped and the footer
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"data_source": "boom" if i < 2 else "count", "ability": "long" if i < 2 else
+                                        "short", "prompt": "w " * (400 if i < 2 else 2),
+                                        "reward_model": {"ground_truth": {"w": 0.5}}, "extra_info": {"index": i}})
+                            + "\n" for i in range(4)))
+    cfg.data.val_files, cfg.data.max_prompt_tokens, cfg.data.overflow = [str(long)], 100, "drop"
+    cut = evaluate(cfg, None, tmp_path / "eval-long")
+    assert (cut["records"], cut["dropped"], cut["tasks_dropped"], list(cut["tasks"])) == (4, 2, {"long": 2}, ["short"])
+    assert "no prompt left of task(s) long (2 records)" in capsys.readouterr().out
+    # a key no record holds: refused once the records are read, before the model is built (nothing written)
     from golong.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"--by lenght: no validation record has extra_info key 'lenght'; keys "
-                                         r"they have: index; or --by prompt_tokens"):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr("golong.trainer.build_model", no_model)
+    with pytest.raises(ConfigError, match=r"--by lenght: no validation record has extra_info key 'lenght' \(2 "
+                                         r"records dropped at data.max_prompt_tokens are not read\); keys they have: "
+                                         r"index; or --by prompt_tokens"):
         evaluate(cfg, None, tmp_path / "eval2", by=["lenght"])
     assert not (tmp_path / "eval2").exists()
 
@@ -1511,7 +1531,7 @@ def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
     records without the key) or by MRCR's token bins; each group's pass@k / best@n from its prompts' scores."""
     from types import SimpleNamespace
 
-    from golong.trainer import breakdown, token_bin
+    from golong.eval_groups import breakdown, token_bin
 
     edges = [(1, "<4K"), (4095, "<4K"), (4096, "4K-8K"), (8191, "4K-8K"), (8192, "8K-16K"), (16383, "8K-16K"),
              (131071, "64K-128K"), (131072, "128K-256K"), ((1 << 20) - 1, "512K-1M"), (1 << 20, ">=1M"),

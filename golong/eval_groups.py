@@ -1,0 +1,78 @@
+"""`golong eval --by KEY`: the validation prompts grouped by a key of their records (extra_info[KEY]) or by their
+token count in MRCR's power-of-two bins (KEY = prompt_tokens), each group with its prompts, responses, mean reward,
+pass@k and best@n (eval.json's `by.<KEY>.<group>`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from golong.config import ConfigError
+from golong.rewards.pass_at_k import k_values, sample_metrics
+
+if TYPE_CHECKING:
+    from golong.data.prompts import EncodedPrompt
+
+PROMPT_TOKENS = "prompt_tokens"  # `golong eval --by prompt_tokens`: the prompts' templated token counts, binned
+
+
+def _bin_index(tokens: int) -> int:
+    """0 below 4K tokens, 1 for [4K, 8K), ..., 8 for [512K, 1M), 9 from 1M on (K = 1024)."""
+    return 0 if tokens < 4096 else min(tokens.bit_length() - 12, 9)
+
+
+def token_bin(tokens: int) -> str:
+    """MRCR's bins, by powers of two, as GoLongRL's eval scripts cut them (lower edge in, upper edge out): "<4K",
+    "4K-8K", ..., "512K-1M", ">=1M" (K = 1024 tokens)."""
+    def size(t: int) -> str:
+        return f"{t >> 20}M" if t >= 1 << 20 else f"{t >> 10}K"
+
+    i = _bin_index(tokens)
+    return "<4K" if i == 0 else ">=1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
+
+
+def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
+    """(sort key, label) of a prompt's group under `--by key`: its token bin, or its record's extra_info[key]."""
+    if key == PROMPT_TOKENS:
+        n = len(prompt.input_ids)
+        return (0, _bin_index(n)), token_bin(n)
+    value = prompt.record.extra_info.get(key)
+    if value is None:
+        return (2, 0.0, ""), "(none)"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), ""), str(value)
+    return (1, 0.0, str(value)), str(value)
+
+
+def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt], dropped: int = 0) -> None:
+    """ConfigError for a `--by` key no validation prompt's record holds in extra_info, naming the keys they hold
+    (and the `dropped` records, left out at data.max_prompt_tokens, which may have held it)."""
+    held = sorted({k for p in prompts for k in p.record.extra_info})
+    for key in keys:
+        if key != PROMPT_TOKENS and key not in held:
+            lost = f" ({dropped} records dropped at data.max_prompt_tokens are not read)" if dropped else ""
+            raise ConfigError(f"--by {key}: no validation record has extra_info key {key!r}{lost}; keys they have: "
+                              f"{', '.join(held) or 'none'}; or --by {PROMPT_TOKENS} (the prompts' token counts)")
+
+
+def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[str, Any]], n: int
+              ) -> dict[str, dict[str, Any]]:
+    """eval.json's `by.<key>`: per group of prompts (their token bin, or their records' extra_info[key]) the prompts,
+    responses, mean reward, pass@k and best@n. rows: the eval's responses (prompt-major, n per prompt)."""
+    scores: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        scores[row["prompt"]].append(row["score"])
+    groups: dict[str, list[list[float]]] = defaultdict(list)  # by label: a value 2 and a value "2" are one group
+    order: dict[str, tuple] = {}
+    for i, p in enumerate(prompts):
+        key_order, label = _group_value(p, key)
+        groups[label].append(scores[i])
+        order[label] = min(order.get(label, key_order), key_order)
+    out = {}
+    for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
+        m = sample_metrics(gs)
+        out[label] = {"prompts": len(gs), "responses": len(gs) * n,
+                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n),
+                      "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)}, "best_of_n": m.get(f"best@{n}")}
+    return out
