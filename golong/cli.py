@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate rollout.val_n responses per validation prompt (data.val_files or "
                                    "data.synthetic_val_n; rollout.val_temperature / val_top_p; the seeds of training's "
                                    "validation) and score them: per-task mean reward, pass@k and best@n to "
-                                   "OUT/eval.json, every response to OUT/responses.jsonl. Launch form for several "
+                                   "OUT/eval.json, every response to OUT/responses.jsonl; each batch of prompts is "
+                                   "saved as it is done, and a rerun resumes there. Launch form for several "
                                    "ranks: torchrun --nproc_per_node N -m golong eval CONFIG ...")
     _add_config_args(p)
     p.add_argument("--checkpoint", default=None,
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.path or the scratch init)")
     p.add_argument("--out", default=None, help="output directory (default: LOGGING.RUN_DIR/eval/<checkpoint name, "
                                                "or 'model'>)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="generate and save N prompts' responses at a time to OUT/eval.partial.jsonl, which a rerun "
+                        "with the same settings resumes from (default: 32 per rank; 0: all at once, nothing saved)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
                         "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "
@@ -182,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(problems[0])
             from golong.trainer import evaluate
 
-            evaluate(cfg, args.checkpoint, args.out, by=args.by)
+            if args.save_every is not None and args.save_every < 0:
+                args.subparser.error("--save-every must be >= 0")
+            evaluate(cfg, args.checkpoint, args.out, by=args.by, save_every=args.save_every)
         elif args.command == "demo":
             from golong.demo import run_demo
 
@@ -264,7 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C (golong train says what it kept itself): one line, not a traceback
         left = {"check": "the prompt cache keeps only the splits written whole",
                 "synth": f"{getattr(args, 'out', '')} may be partly written",
-                "export": f"{getattr(args, 'out', '')} may hold a partial export"}.get(
+                "export": f"{getattr(args, 'out', '')} may hold a partial export",
+                "eval": "the batches of prompts done are saved in OUT/eval.partial.jsonl (--save-every): the same "
+                        "command resumes after them",
+                "import": "the output file was not written"}.get(
             getattr(args, "data_command", None) or args.command)
         sys.stderr.write(f"golong: interrupted{f'; {left}' if left else ''}\n")
         return 130  # 128 + SIGINT, as a shell reports it (and golong train)

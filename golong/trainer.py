@@ -119,7 +119,7 @@ def _fault(kind: str, step: int) -> bool:
     """Test hooks, off unless GOLONG_FAULT is set: "kill@3" ends the process after step 3,
     "nan@3" makes step 3's loss NaN, "pause@3" holds rank 0 in the middle of step 3 until a stop
     signal arrives from outside, "pause_sft@2" likewise in SFT step 2, "kill_sft@2" ends the process after SFT
-    step 2 (comma-separated list)."""
+    step 2, "eval_kill@1" ends every rank after golong eval saved its batch 1 (comma-separated list)."""
     return f"{kind}@{step}" in os.environ.get("GOLONG_FAULT", "").split(",")
 
 
@@ -1046,12 +1046,14 @@ class Trainer:
         return [self.tokenizer.decode(self._strip_stop(ids), skip_special_tokens=True) for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str, texts: bool = False) -> tuple[list[Generated], dict[str, float]]:
+                            label: str, texts: bool = False, first_request: int = 0
+                            ) -> tuple[list[Generated], dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
         Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
         "response/format_errors": how many responses failed the format gate; with rollout.reward_function,
         "reward/function_errors" and the sums and counts of its extra numbers). Their texts are gathered on rank 0
-        only, where `texts` (from the ranks that decoded them to score them)."""
+        only, where `texts` (from the ranks that decoded them to score them). first_request: the position of the
+        first request among the whole set's, for its seed (a part of a set samples as it would in the whole)."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import reward_config, score_records
@@ -1066,7 +1068,7 @@ class Trainer:
         t0 = time.perf_counter()
         with nvtx_range("rollout"), _Progress(self.cfg.logging.progress and self.rank == 0, label, len(mine)) as bar:
             out = self.engine.generate([lists[requests[j][0]] for j in mine], params,
-                                       [request_seed(*seed_key, j) for j in mine], progress=bar)
+                                       [request_seed(*seed_key, first_request + j) for j in mine], progress=bar)
         t1 = time.perf_counter()
         with nvtx_range("reward"):
             rc = self.cfg.rollout
@@ -1349,20 +1351,47 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------------------- validation
-    def validate(self, step: int, responses: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    def validate(self, step: int, responses: list[dict[str, Any]] | None = None, *, batch_prompts: int = 0,
+                 saved: Path | None = None, fingerprint: str = "") -> dict[str, float]:
         """rollout.val_n responses per held-out prompt at the validation sampling settings; per-task means.
         `responses`, when given (on every rank: a collective gathers the texts), receives on rank 0 one row per
-        response (prompt index, task, score, finish, text); the other ranks' lists stay empty."""
+        response (prompt index, task, score, finish, text); the other ranks' lists stay empty. batch_prompts > 0:
+        the prompts are generated and scored that many at a time, each batch sampled as in the whole set; with
+        `saved` (golong eval, every rank), each batch is appended to that file on rank 0 and the batches it holds
+        under `fingerprint` (rank 0's) are read back instead of generated (golong.eval_saved)."""
         if not self.val_prompts:
             return {}
         dump = self.cfg.logging.dump_rollouts and not self.eval_only
-        results, timings = self._generate_and_score(self.val_prompts, self.cfg.rollout.val_n, self._sampling(val=True),
-                                                    (self.cfg.trainer.seed, "val"), "validation",
-                                                    texts=dump or responses is not None)
+        n, total = self.cfg.rollout.val_n, len(self.val_prompts)
+        size = batch_prompts if 0 < batch_prompts < total else total
+        restored = self._restore_batches(saved, fingerprint, size) if saved is not None else []
+        results: list[Generated] = []
+        timings: dict[str, float] = {}
+        for b, first in enumerate(range(0, total, size)):
+            if b < len(restored):
+                part, took = restored[b]
+            else:
+                prompts = self.val_prompts[first:first + size]
+                label = "validation" if size == total else \
+                    f"validation, prompts {first + 1}-{first + len(prompts)} of {total}"
+                part, took = self._generate_and_score(prompts, n, self._sampling(val=True),
+                                                      (self.cfg.trainer.seed, "val"), label,
+                                                      texts=dump or responses is not None, first_request=first * n)
+                if saved is not None and self.rank == 0:
+                    from golong.eval_saved import append_batch
+
+                    append_batch(saved, first, [(g.score, g.finish_reason, g.reward_failed, g.reward_numbers,
+                                                 g.reward_info, g.text) for g in part], took)
+                if saved is not None and _fault("eval_kill", b):
+                    if dist.is_initialized():
+                        dist.barrier()  # rank 0 has written the batch
+                    os._exit(17)
+            results += part
+            for key, value in took.items():  # times, counts and sums: they add up over batches
+                timings[key] = timings.get(key, 0.0) + value
         t0 = time.perf_counter()
         groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
         failed: dict[str, int] = defaultdict(int)  # reward-function failures per task
-        n = self.cfg.rollout.val_n
         dump = dump and self.rank == 0
         rows = None  # rank 0 holds the texts
         if self.rank == 0 and (responses is not None or dump):
@@ -1401,6 +1430,31 @@ class Trainer:
         for t, gs in sorted(groups.items()):
             out.update({f"val/{k}/task/{t}": v for k, v in sample_metrics(gs).items()})
         self.history.append({"step": step, **out})
+        return out
+
+    def _restore_batches(self, saved: Path, fp: str, size: int) -> list[tuple[list[Generated], dict[str, float]]]:
+        """The validation batches `saved` holds under fingerprint `fp` (read on rank 0, sent to every rank without
+        their texts), as _generate_and_score returned them; a collective."""
+        from golong.eval_saved import read_batches
+
+        batches = None
+        if self.rank == 0:
+            batches = read_batches(saved, fp, size, len(self.val_prompts), self.cfg.rollout.val_n)
+            if batches:
+                done = min(len(batches) * size, len(self.val_prompts))
+                log.info(f"eval: {done} of {len(self.val_prompts)} prompts' responses read from {saved}; generating "
+                         "the rest")
+        slim = [([r[:4] for r in b["results"]], b["timings"]) for b in batches or []]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [slim]
+            dist.broadcast_object_list(box, src=0)
+            slim = box[0]
+        empty = np.zeros(0, dtype=np.int32)
+        out = []
+        for k, (rows, took) in enumerate(slim):
+            full = batches[k]["results"] if batches else [[None] * 6] * len(rows)  # texts and infos: rank 0's
+            out.append(([Generated(empty, None, finish, score, full[j][5], numbers, failed, full[j][4])
+                         for j, (score, finish, failed, numbers) in enumerate(rows)], took))
         return out
 
     # ------------------------------------------------------------------------------ SFT
@@ -1717,13 +1771,18 @@ def _add_layer_nvtx(model: nn.Module) -> None:
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
 
 
+EVAL_BATCH_PROMPTS = 32  # golong eval's default prompts per saved batch, per rank
+
+
 def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
-             by: Sequence[str] = ()) -> dict[str, Any]:
+             by: Sequence[str] = (), save_every: int | None = None) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
     sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
     or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts;
     with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and OUT_DIR/responses.jsonl
-    (every response, its task and score); returns the eval.json content."""
+    (every response, its task and score); returns the eval.json content. The prompts go `save_every` at a time
+    (default EVAL_BATCH_PROMPTS per rank; 0: all at once, nothing saved), each batch saved to
+    OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from (golong.eval_saved)."""
     import json
 
     from golong.checkpoint import checkpoint_problem
@@ -1750,7 +1809,18 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         val_records = trainer.val_record_tasks
         dropped = val_records.total() - len(trainer.val_prompts)
         responses: list[dict[str, Any]] = []  # filled on rank 0
-        metrics = trainer.validate(step, responses)
+        size = EVAL_BATCH_PROMPTS * trainer.world if save_every is None else save_every
+        saved, fp = (out / "eval.partial.jsonl" if size > 0 else None), ""
+        if saved is not None and trainer.rank == 0:
+            from golong.eval_saved import fingerprint
+
+            out.mkdir(parents=True, exist_ok=True)
+            rc = cfg.rollout
+            fp = fingerprint(trainer.val_prompts, (str(ckpt.resolve()) if ckpt else None, step, cfg.model.path,
+                                                   cfg.trainer.seed, rc.engine, rc.val_n, rc.val_temperature,
+                                                   rc.val_top_p, rc.max_response_tokens, rc.require_think,
+                                                   rc.reward_function, sorted(rc.reward_kwargs.items())))
+        metrics = trainer.validate(step, responses, batch_prompts=size, saved=saved, fingerprint=fp)
         prompts = Counter(p.record.task for p in trainer.val_prompts)
         truncated = Counter(p.record.task for p in trainer.val_prompts if p.truncated)
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
@@ -1790,6 +1860,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             # eval.json last and by rename: where it exists, both files are whole
             (out / "eval.json.tmp").write_text(json.dumps(result, indent=2) + "\n")
             os.replace(out / "eval.json.tmp", out / "eval.json")
+            if saved is not None:  # eval.json and responses.jsonl hold it all now
+                saved.unlink(missing_ok=True)
             _print_eval(result, out)
         return result
     finally:

@@ -770,6 +770,11 @@ def test_overrides_are_optional_in_the_usage(capsys):
     (["data", "synth", "--out", "{tmp}/d.jsonl", "--n", "2"], "golong.data.records.write_records",
      "; {tmp}/d.jsonl may be partly written"),
     (["plot", "{tmp}"], "golong.plot.plot_run", ""),
+    (["eval", "{demo}", "logging.run_dir={tmp}"], "golong.trainer.evaluate",
+     "; the batches of prompts done are saved in OUT/eval.partial.jsonl (--save-every): the same command resumes "
+     "after them"),
+    (["data", "import", "mrcr", "{tmp}/x.jsonl", "--out", "{tmp}/o.jsonl"], "golong.data.benchmarks.import_benchmark",
+     "; the output file was not written"),
 ])
 def test_ctrl_c_is_one_line_and_status_130(argv, function, left, tmp_path, monkeypatch, capsys):
     # was a KeyboardInterrupt traceback (golong train has its own: what it checkpointed)

@@ -536,6 +536,26 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
             assert len(mine) == result["tasks"][t]["responses"] and sum(mine) / len(mine) == pytest.approx(mean)
         assert all(isinstance(r["response"], str) for r in rows)
 
+    # on 2 ranks, 3 prompts at a time: killed after its second batch was saved, the rerun generates the third
+    # alone and ends with the same scores as training's validation and the 1-rank eval's responses
+    from tests.distributed import free_port
+
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "golong", "eval", str(config_file), *longer, f"logging.run_dir={run}",
+               f"--checkpoint={ckpt}", f"--out={two}", "--save-every=3"]
+    killed = subprocess.run(command, env=_env("eval_kill@1"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and not (two / "eval.json").exists()
+    saved = [json.loads(line) for line in (two / "eval.partial.jsonl").read_text().splitlines()]
+    assert [b["first"] for b in saved[1:]] == [0, 3] and [len(b["results"]) for b in saved[1:]] == [6, 6]
+    command[command.index("--master_port") + 1] = str(free_port())
+    done = subprocess.run(command, env=_env(""), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"eval: 6 of 8 prompts' responses read from {two / 'eval.partial.jsonl'}" in done.stdout + done.stderr
+    assert json.loads((two / "eval.json").read_text())["reward_mean"] == logged["val/reward/mean"]
+    one = run / "eval" / "step_000002" / "responses.jsonl"
+    assert (two / "responses.jsonl").read_text() == one.read_text() and not (two / "eval.partial.jsonl").exists()
+
     nothing = evaluate("data.synthetic_val_n=0")
     assert nothing.returncode == 2 and "golong: error: nothing to evaluate: set data.val_files" in nothing.stderr
     wrong = evaluate(f"--checkpoint={run}")
@@ -1524,6 +1544,62 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
                                          r"index; or --by prompt_tokens"):
         evaluate(cfg, None, tmp_path / "eval2", by=["lenght"])
     assert not (tmp_path / "eval2").exists()
+
+
+def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, monkeypatch, capsys):
+    """golong eval generates --save-every prompts at a time, each batch sampled as in the whole set (the same
+    responses and scores as one batch) and appended to OUT/eval.partial.jsonl; a rerun after a stop generates only
+    the batches the file lacks (a torn last line dropped) and ends with the uninterrupted eval's responses.jsonl and
+    eval.json, the file removed; a file of other settings is started over."""
+    import json
+
+    from golong.trainer import Trainer, evaluate
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, _ = _custom_run(tmp_path, config_file)
+    (tmp_path / "sampled.py").write_text(SAMPLED_REWARD)  # scores vary with the text; extras name the record
+    cfg.rollout.reward_function = str(tmp_path / "sampled.py")
+    cfg.rollout.val_n = 2
+    whole = evaluate(cfg, None, tmp_path / "whole", save_every=0)
+    whole_rows = (tmp_path / "whole" / "responses.jsonl").read_text()
+    assert not (tmp_path / "whole" / "eval.partial.jsonl").exists()
+    real = Trainer._generate_and_score
+    calls: list[int] = []
+
+    def generate(stop_at: int):
+        def wrapped(self, prompts, *args, **kwargs):
+            calls.append(len(prompts))
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real(self, prompts, *args, **kwargs)
+        return wrapped
+
+    out = tmp_path / "eval"
+    partial = out / "eval.partial.jsonl"
+    monkeypatch.setattr(Trainer, "_generate_and_score", generate(3))
+    with pytest.raises(KeyboardInterrupt):  # stopped while generating the third batch of 2 prompts
+        evaluate(cfg, None, out, save_every=2)
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(x)["first"] for x in lines[1:]] == [0, 2]
+    partial.write_text(partial.read_text() + '{"first": 4, "timings": {}, "resu')  # a stop while writing
+    calls.clear()
+    monkeypatch.setattr(Trainer, "_generate_and_score", generate(0))
+    capsys.readouterr()
+    resumed = evaluate(cfg, None, out, save_every=2)
+    assert calls == [2]  # the third batch alone
+    assert f"eval: 4 of 6 prompts' responses read from {partial}" in capsys.readouterr().out
+    assert resumed == whole and (out / "responses.jsonl").read_text() == whole_rows
+    assert not partial.exists()
+    # a file of other settings (here the sampling temperature) is started over
+    monkeypatch.setattr(Trainer, "_generate_and_score", generate(2))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, None, out, save_every=2)
+    cfg.rollout.val_temperature = 0.9
+    calls.clear()
+    monkeypatch.setattr(Trainer, "_generate_and_score", generate(0))
+    capsys.readouterr()
+    evaluate(cfg, None, out, save_every=2)
+    assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
 
 
 def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
