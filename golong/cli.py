@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "or 'model'>)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="generate and save N prompts' responses at a time to OUT/eval.partial.jsonl, which a rerun "
-                        "with the same settings resumes from (default: 32 per rank; 0: all at once, nothing saved)")
+                        "with the same settings resumes from (default: batches of at most 8M context tokens per rank, "
+                        "prompt + max response, times rollout.val_n; 0: all at once, nothing saved)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
                         "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "

@@ -1351,29 +1351,27 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------------------- validation
-    def validate(self, step: int, responses: list[dict[str, Any]] | None = None, *, batch_prompts: int = 0,
+    def validate(self, step: int, responses: list[dict[str, Any]] | None = None, *, starts: Sequence[int] = (0,),
                  saved: Path | None = None, fingerprint: str = "") -> dict[str, float]:
         """rollout.val_n responses per held-out prompt at the validation sampling settings; per-task means.
         `responses`, when given (on every rank: a collective gathers the texts), receives on rank 0 one row per
-        response (prompt index, task, score, finish, text); the other ranks' lists stay empty. batch_prompts > 0:
-        the prompts are generated and scored that many at a time, each batch sampled as in the whole set; with
+        response (prompt index, task, score, finish, text); the other ranks' lists stay empty. starts: the first
+        prompt of each batch the prompts are generated and scored in, each sampled as in the whole set; with
         `saved` (golong eval, every rank), each batch is appended to that file on rank 0 and the batches it holds
         under `fingerprint` (rank 0's) are read back instead of generated (golong.eval_saved)."""
         if not self.val_prompts:
             return {}
         dump = self.cfg.logging.dump_rollouts and not self.eval_only
         n, total = self.cfg.rollout.val_n, len(self.val_prompts)
-        size = batch_prompts if 0 < batch_prompts < total else total
-        restored = self._restore_batches(saved, fingerprint, size) if saved is not None else []
+        restored = self._restore_batches(saved, fingerprint, starts) if saved is not None else []
         results: list[Generated] = []
         timings: dict[str, float] = {}
-        for b, first in enumerate(range(0, total, size)):
+        for b, (first, end) in enumerate(zip(starts, [*starts[1:], total])):
             if b < len(restored):
                 part, took = restored[b]
             else:
-                prompts = self.val_prompts[first:first + size]
-                label = "validation" if size == total else \
-                    f"validation, prompts {first + 1}-{first + len(prompts)} of {total}"
+                prompts = self.val_prompts[first:end]
+                label = "validation" if len(starts) == 1 else f"validation, prompts {first + 1}-{end} of {total}"
                 part, took = self._generate_and_score(prompts, n, self._sampling(val=True),
                                                       (self.cfg.trainer.seed, "val"), label,
                                                       texts=dump or responses is not None, first_request=first * n)
@@ -1432,16 +1430,17 @@ class Trainer:
         self.history.append({"step": step, **out})
         return out
 
-    def _restore_batches(self, saved: Path, fp: str, size: int) -> list[tuple[list[Generated], dict[str, float]]]:
+    def _restore_batches(self, saved: Path, fp: str, starts: Sequence[int]
+                         ) -> list[tuple[list[Generated], dict[str, float]]]:
         """The validation batches `saved` holds under fingerprint `fp` (read on rank 0, sent to every rank without
         their texts), as _generate_and_score returned them; a collective."""
         from golong.eval_saved import read_batches
 
         batches = None
         if self.rank == 0:
-            batches = read_batches(saved, fp, size, len(self.val_prompts), self.cfg.rollout.val_n)
+            batches = read_batches(saved, fp, starts, len(self.val_prompts), self.cfg.rollout.val_n)
             if batches:
-                done = min(len(batches) * size, len(self.val_prompts))
+                done = ([*starts, len(self.val_prompts)])[len(batches)]
                 log.info(f"eval: {done} of {len(self.val_prompts)} prompts' responses read from {saved}; generating "
                          "the rest")
         slim = [([r[:4] for r in b["results"]], b["timings"]) for b in batches or []]
@@ -1771,9 +1770,6 @@ def _add_layer_nvtx(model: nn.Module) -> None:
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
 
 
-EVAL_BATCH_PROMPTS = 32  # golong eval's default prompts per saved batch, per rank
-
-
 def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
              by: Sequence[str] = (), save_every: int | None = None) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
@@ -1781,7 +1777,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
     or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts;
     with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and OUT_DIR/responses.jsonl
     (every response, its task and score); returns the eval.json content. The prompts go `save_every` at a time
-    (default EVAL_BATCH_PROMPTS per rank; 0: all at once, nothing saved), each batch saved to
+    (default: by context tokens, golong.eval_saved.batch_starts; 0: all at once, nothing saved), each batch saved to
     OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from (golong.eval_saved)."""
     import json
 
@@ -1809,18 +1805,20 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         val_records = trainer.val_record_tasks
         dropped = val_records.total() - len(trainer.val_prompts)
         responses: list[dict[str, Any]] = []  # filled on rank 0
-        size = EVAL_BATCH_PROMPTS * trainer.world if save_every is None else save_every
-        saved, fp = (out / "eval.partial.jsonl" if size > 0 else None), ""
+        from golong.eval_saved import batch_starts, fingerprint
+
+        rc = cfg.rollout
+        starts = batch_starts([len(p.input_ids) for p in trainer.val_prompts], rc.max_response_tokens, rc.val_n,
+                              trainer.world, save_every)
+        saved, fp = (out / "eval.partial.jsonl" if save_every != 0 else None), ""
         if saved is not None and trainer.rank == 0:
-            from golong.eval_saved import fingerprint
 
             out.mkdir(parents=True, exist_ok=True)
-            rc = cfg.rollout
             fp = fingerprint(trainer.val_prompts, (str(ckpt.resolve()) if ckpt else None, step, cfg.model.path,
                                                    cfg.trainer.seed, rc.engine, rc.val_n, rc.val_temperature,
                                                    rc.val_top_p, rc.max_response_tokens, rc.require_think,
                                                    rc.reward_function, sorted(rc.reward_kwargs.items())))
-        metrics = trainer.validate(step, responses, batch_prompts=size, saved=saved, fingerprint=fp)
+        metrics = trainer.validate(step, responses, starts=starts, saved=saved, fingerprint=fp)
         prompts = Counter(p.record.task for p in trainer.val_prompts)
         truncated = Counter(p.record.task for p in trainer.val_prompts if p.truncated)
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)

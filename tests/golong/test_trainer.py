@@ -1602,6 +1602,20 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
     assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
 
 
+def test_eval_batches_hold_a_context_budget_or_save_every_prompts():
+    """batch_starts: --save-every N prompts a batch (0: one batch); by default a new batch where the next prompt's
+    context (prompt + max response tokens, n responses) would take it past EVAL_BATCH_TOKENS a rank."""
+    from golong.eval_saved import EVAL_BATCH_TOKENS, batch_starts
+
+    assert batch_starts([5] * 7, 10, 2, 4, save_every=3) == [0, 3, 6]
+    assert batch_starts([5] * 7, 10, 2, 4, save_every=0) == [0]
+    assert batch_starts([5] * 7, 10, 2, 4) == [0]  # short prompts: one batch
+    mrcr = 131_072  # 8 ranks, 51,200 response tokens: 46 prompts of 128K a batch
+    per = EVAL_BATCH_TOKENS * 8 // (mrcr + 51_200)
+    assert per == 46 * 8 and batch_starts([mrcr] * 1000, 51_200, 1, 8) == [0, per, 2 * per]
+    assert batch_starts([EVAL_BATCH_TOKENS * 2, 1, 1], 0, 1, 1) == [0, 1]  # one over the budget: a batch alone
+
+
 def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
     """`breakdown`: prompts grouped by their records' extra_info value (numbers in numeric order, then text, then
     records without the key) or by MRCR's token bins; each group's pass@k / best@n from its prompts' scores."""
