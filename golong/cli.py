@@ -272,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         left = {"check": "the prompt cache keeps only the splits written whole",
                 "synth": f"{getattr(args, 'out', '')} may be partly written",
                 "export": f"{getattr(args, 'out', '')} may hold a partial export",
-                "eval": "the batches of prompts done are saved in OUT/eval.partial.jsonl (--save-every): the same "
-                        "command resumes after them",
+                "eval": "the batches of prompts done are saved in OUT/eval.partial.jsonl (unless --save-every 0): "
+                        "the same command resumes after them",
                 "import": "the output file was not written"}.get(
             getattr(args, "data_command", None) or args.command)
         sys.stderr.write(f"golong: interrupted{f'; {left}' if left else ''}\n")

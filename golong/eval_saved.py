@@ -1,14 +1,17 @@
 """`golong eval`'s saved batches: each batch of validation prompts, once generated and scored, is appended to
-OUT/eval.partial.jsonl, so that an eval stopped part way (a crash, a preemption, Ctrl-C) resumes at its next batch.
+OUT/eval.partial.jsonl, so that an eval stopped part way (a crash, a preemption, Ctrl-C) resumes after the batches
+it saved.
 
-    {"golong_eval_partial": 1, "fingerprint": "<sha1>", "starts": [0, 355, ...]}                      first line
-    {"first": 0, "timings": {...}, "results": [[score, finish, failed, numbers, info, text], ...]}   a batch
+    {"golong_eval_partial": 2, "fingerprint": "<sha1>"}                                                  first line
+    {"first": 0, "end": 46, "timings": {...}, "results": [[score, finish, failed, numbers, info, text], ...]}
 
 A batch holds `--save-every` prompts, or by default as many as keep each rank's requests within EVAL_BATCH_TOKENS
 of context (prompt + max response tokens, times rollout.val_n): short prompts go in large batches (an engine kept
-busy), 128K-token ones in batches of minutes. The fingerprint covers what the responses depend on (the prompts'
-tokens, the weights, the sampling and scoring settings); a file of other settings or batches is started over. A
-torn last line (a stop while writing it) is dropped. Rank 0 reads and writes the file.
+busy), 128K-token ones in batches of minutes. Each response is seeded by its place in the whole set, so any saved
+run of batches from the first prompt on is valid whatever the batching: a rerun on another number of ranks or with
+another --save-every keeps it. The fingerprint covers what the responses and scores depend on (the prompts' tokens,
+the records, the weights' files, the resolved config); a file of another eval is set aside as
+eval.partial.jsonl.stale. A torn last line (a stop while writing it) is cut off. Rank 0 reads and writes the file.
 """
 
 from __future__ import annotations
@@ -25,21 +28,21 @@ import numpy as np
 from golong.logger import get_logger
 
 log = get_logger()
-VERSION = 1
+VERSION = 2
 EVAL_BATCH_TOKENS = 8 << 20  # per rank, by default: context tokens (prompt + max response) x responses of a batch
 
 
 def batch_starts(prompt_tokens: Sequence[int], max_response_tokens: int, n: int, ranks: int,
-                 save_every: int | None = None) -> list[int]:
-    """The first prompt of each batch: every `save_every` prompts (0: one batch), or by default a new batch where
-    the next prompt would take the batch's context tokens (prompt + max response, n responses each) past
-    EVAL_BATCH_TOKENS x ranks."""
+                 save_every: int | None = None, first: int = 0) -> list[int]:
+    """The first prompt of each batch from prompt `first` on: every `save_every` prompts (0: one batch), or by
+    default a new batch where the next prompt would take the batch's context tokens (prompt + max response, n
+    responses each) past EVAL_BATCH_TOKENS x ranks."""
     total = len(prompt_tokens)
     if save_every is not None:
-        return list(range(0, total, save_every)) if save_every > 0 else [0]
-    starts, used = [0], 0
-    for i, tokens in enumerate(prompt_tokens):
-        cost = (tokens + max_response_tokens) * n
+        return list(range(first, total, save_every)) if save_every > 0 else [first]
+    starts, used = [first], 0
+    for i in range(first, total):
+        cost = (prompt_tokens[i] + max_response_tokens) * n
         if used and used + cost > EVAL_BATCH_TOKENS * ranks:
             starts.append(i)
             used = 0
@@ -47,55 +50,76 @@ def batch_starts(prompt_tokens: Sequence[int], max_response_tokens: int, n: int,
     return starts
 
 
-def fingerprint(prompts: Sequence[Any], settings: Sequence[Any]) -> str:
-    """sha1 of the prompts' token ids and record positions and of `settings` (any repr-able values)."""
-    h = hashlib.sha1(repr(tuple(settings)).encode())
+def _files(path: str | Path | None) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of a checkpoint's or model directory's files: rewritten weights change them."""
+    if not path or not Path(path).exists():
+        return []
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files]
+
+
+def fingerprint(prompts: Sequence[Any], config: dict[str, Any], checkpoint: str | Path | None) -> str:
+    """sha1 of the prompts' token ids, their records (ground truth, extra_info, ...), the resolved config (`config`,
+    without the output and logging settings) and the files of the checkpoint and of model.path."""
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    for weights in (checkpoint, config.get("model", {}).get("path")):
+        h.update(repr(_files(weights)).encode())
     for p in prompts:
-        h.update(f"|{p.index}:{len(p.input_ids)}|".encode())
+        record = {k: v for k, v in p.record.to_dict().items() if k != "prompt"}  # the prompt: its tokens, below
+        h.update(f"|{p.index}:{len(p.input_ids)}:{json.dumps(record, sort_keys=True, default=str)}|".encode())
         h.update(np.ascontiguousarray(p.input_ids))
     return h.hexdigest()
 
 
-def read_batches(path: Path, fp: str, starts: Sequence[int], total_prompts: int, n: int) -> list[dict[str, Any]]:
-    """The batches saved at `path` under fingerprint `fp` and batch starts `starts`, in order, up to the first
-    missing, torn or misplaced one; the file is rewritten to hold those alone (with its header), so that new batches
-    append after them."""
+def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[str, Any]]:
+    """The batches saved at `path` under fingerprint `fp`: the run of them from prompt 0 on, each starting where the
+    last ended, up to the first torn or misplaced one, which is cut off the file with all after it (new batches
+    append after the good ones). A file without this fingerprint is renamed *.stale and a new one started."""
     batches: list[dict[str, Any]] = []
-    ends = [*starts[1:], total_prompts]
     if path.exists():
-        with path.open(encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        good = 0
         try:
-            head = json.loads(lines[0])
-        except json.JSONDecodeError:
-            head = None
-        if not isinstance(head, dict) or head.get("golong_eval_partial") != VERSION or head.get("fingerprint") != fp \
-                or head.get("starts") != list(starts):
-            log.warning(f"eval: {path}: it holds another eval's responses (other weights, prompts, settings or "
-                        "batches): starting over")
-        else:
-            for line, first, end in zip(lines[1:], starts, ends):
-                try:
-                    batch = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line: a stop while it was written
-                if not (isinstance(batch, dict) and batch.get("first") == first
-                        and len(batch.get("results") or []) == (end - first) * n):
-                    break
-                batches.append(batch)
+            with path.open("rb") as f:
+                head = json.loads(f.readline())
+                if not (isinstance(head, dict) and head.get("golong_eval_partial") == VERSION
+                        and head.get("fingerprint") == fp):
+                    raise ValueError("it holds another eval's responses (other weights, data or settings)")
+                good = f.tell()
+                while line := f.readline():
+                    try:
+                        batch = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        break  # a torn last line: a stop while it was written
+                    first = batches[-1]["end"] if batches else 0
+                    if not isinstance(batch, dict):
+                        break
+                    end = batch.get("end")
+                    if not (batch.get("first") == first and isinstance(end, int) and first < end <= total_prompts
+                            and len(batch.get("results") or []) == (end - first) * n):
+                        break
+                    batches.append(batch)
+                    good = f.tell()
+            os.truncate(path, good)
+            return batches
+        except (ValueError, OSError) as e:  # another eval's, or unreadable: kept aside, not deleted
+            stale = path.with_name(path.name + ".stale")
+            os.replace(path, stale)
+            log.warning(f"eval: {path}: {e}; moved to {stale}, starting over")
+            batches = []
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps({"golong_eval_partial": VERSION, "fingerprint": fp, "starts": list(starts)}) + "\n")
-        for batch in batches:
-            f.write(json.dumps(batch) + "\n")
+    tmp.write_text(json.dumps({"golong_eval_partial": VERSION, "fingerprint": fp}) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return batches
 
 
-def append_batch(path: Path, first: int, results: Sequence[Sequence[Any]], timings: dict[str, float]) -> None:
-    """Append one batch (its first prompt's position, each response's [score, finish, failed, numbers, info, text],
+def append_batch(path: Path, first: int, end: int, results: Sequence[Sequence[Any]], timings: dict[str, float]
+                 ) -> None:
+    """Append one batch (its prompts first..end-1, each response's [score, finish, failed, numbers, info, text],
     its timings), flushed to disk before returning."""
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({"first": first, "timings": timings, "results": [list(r) for r in results]}) + "\n")
+        f.write(json.dumps({"first": first, "end": end, "timings": timings, "results": [list(r) for r in results]})
+                + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -1046,14 +1046,16 @@ class Trainer:
         return [self.tokenizer.decode(self._strip_stop(ids), skip_special_tokens=True) for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str, texts: bool = False, first_request: int = 0
+                            label: str, texts: bool = False, first_request: int = 0, whole_set: bool = True
                             ) -> tuple[list[Generated], dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
         Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
         "response/format_errors": how many responses failed the format gate; with rollout.reward_function,
         "reward/function_errors" and the sums and counts of its extra numbers). Their texts are gathered on rank 0
         only, where `texts` (from the ranks that decoded them to score them). first_request: the position of the
-        first request among the whole set's, for its seed (a part of a set samples as it would in the whole)."""
+        first request among the whole set's, for its seed (a part of a set samples as it would in the whole);
+        whole_set=False: a part, whose every reward-function call failing does not stop the run (its caller checks
+        the set)."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import reward_config, score_records
@@ -1109,7 +1111,8 @@ class Trainer:
         if gated:
             timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
         if rc.reward_function:
-            timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label))
+            timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label,
+                                                                                  whole_set))
             for _, _, r in parts:  # sums and counts: generation batches add up; means are taken by _extra_means
                 for key, (total, count) in r[3].items():
                     timings[f"reward/extra_sum/{key}"] = timings.get(f"reward/extra_sum/{key}", 0.0) + total
@@ -1136,15 +1139,16 @@ class Trainer:
                   if k.startswith("reward/extra_count/")}
         return {f"{prefix}/{key}": total / counts[key] for key, total in sorted(sums.items())}
 
-    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None]], label: str) -> int:
+    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None]], label: str,
+                               stop_if_all: bool = True) -> int:
         """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
         0), from every rank's (count, first traceback, calls, extras, pool failure). The first failure is logged
         once per run; a batch in which every call failed stops the run on every rank (a broken function, not an
-        odd response), its traceback in the error."""
+        odd response), its traceback in the error (stop_if_all)."""
         count, calls = sum(r[0] for r in raised), sum(r[2] for r in raised)
         first = next((r[1] for r in raised if r[1] is not None), None)
         where = f"rollout.reward_function={self.cfg.rollout.reward_function}"
-        if count and count == calls:
+        if stop_if_all and count and count == calls:
             raise RewardFunctionError(f"{label}: the reward function failed on all {calls} responses it was given "
                                       f"({where}); the first failure, from its scoring worker:\n{first}")
         if count and not self.warned_function:
@@ -1363,30 +1367,38 @@ class Trainer:
             return {}
         dump = self.cfg.logging.dump_rollouts and not self.eval_only
         n, total = self.cfg.rollout.val_n, len(self.val_prompts)
-        restored = self._restore_batches(saved, fingerprint, starts) if saved is not None else []
-        results: list[Generated] = []
-        timings: dict[str, float] = {}
+        batches = self._restore_batches(saved, fingerprint) if saved is not None else []
+        done = batches[-1][1] if batches else 0  # the saved batches' prompts; the plan's batches after them
+        starts = [done, *(s for s in starts if s > done)] if done else list(starts)
+        whole = len(starts) == 1 and not batches
         for b, (first, end) in enumerate(zip(starts, [*starts[1:], total])):
-            if b < len(restored):
-                part, took = restored[b]
-            else:
-                prompts = self.val_prompts[first:end]
-                label = "validation" if len(starts) == 1 else f"validation, prompts {first + 1}-{end} of {total}"
-                part, took = self._generate_and_score(prompts, n, self._sampling(val=True),
-                                                      (self.cfg.trainer.seed, "val"), label,
-                                                      texts=dump or responses is not None, first_request=first * n)
-                if saved is not None and self.rank == 0:
-                    from golong.eval_saved import append_batch
+            if first >= total:
+                break
+            label = "validation" if whole else f"validation, prompts {first + 1}-{end} of {total}"
+            part, took = self._generate_and_score(self.val_prompts[first:end], n, self._sampling(val=True),
+                                                  (self.cfg.trainer.seed, "val"), label,
+                                                  texts=dump or responses is not None, first_request=first * n,
+                                                  whole_set=whole)
+            if saved is not None and self.rank == 0:
+                from golong.eval_saved import append_batch
 
-                    append_batch(saved, first, [(g.score, g.finish_reason, g.reward_failed, g.reward_numbers,
-                                                 g.reward_info, g.text) for g in part], took)
-                if saved is not None and _fault("eval_kill", b):
-                    if dist.is_initialized():
-                        dist.barrier()  # rank 0 has written the batch
-                    os._exit(17)
-            results += part
-            for key, value in took.items():  # times, counts and sums: they add up over batches
+                append_batch(saved, first, end, [(g.score, g.finish_reason, g.reward_failed, g.reward_numbers,
+                                                  g.reward_info, g.text) for g in part], took)
+            if saved is not None and _fault("eval_kill", b):
+                if dist.is_initialized():
+                    dist.barrier()  # rank 0 has written the batch
+                os._exit(17)
+            batches.append((first, end, part, took))
+        results: list[Generated] = [g for _, _, part, _ in batches for g in part]
+        timings: dict[str, float] = {}
+        for *_, took in batches:  # times, counts and sums: they add up over batches
+            for key, value in took.items():
                 timings[key] = timings.get(key, 0.0) + value
+        failures = timings.get("reward/function_errors", 0)
+        if not whole and self.cfg.rollout.reward_function and failures == len(results):  # checked per batch if whole
+            raise RewardFunctionError(f"validation: the reward function failed on all {len(results)} responses "
+                                      f"(rollout.reward_function={self.cfg.rollout.reward_function}); the first "
+                                      "failure is logged above")
         t0 = time.perf_counter()
         groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
         failed: dict[str, int] = defaultdict(int)  # reward-function failures per task
@@ -1430,30 +1442,28 @@ class Trainer:
         self.history.append({"step": step, **out})
         return out
 
-    def _restore_batches(self, saved: Path, fp: str, starts: Sequence[int]
-                         ) -> list[tuple[list[Generated], dict[str, float]]]:
+    def _restore_batches(self, saved: Path, fp: str) -> list[tuple[int, int, list[Generated], dict[str, float]]]:
         """The validation batches `saved` holds under fingerprint `fp` (read on rank 0, sent to every rank without
-        their texts), as _generate_and_score returned them; a collective."""
+        their texts): (first prompt, end, results as _generate_and_score returned them, timings). A collective."""
         from golong.eval_saved import read_batches
 
         batches = None
         if self.rank == 0:
-            batches = read_batches(saved, fp, starts, len(self.val_prompts), self.cfg.rollout.val_n)
+            batches = read_batches(saved, fp, len(self.val_prompts), self.cfg.rollout.val_n)
             if batches:
-                done = ([*starts, len(self.val_prompts)])[len(batches)]
-                log.info(f"eval: {done} of {len(self.val_prompts)} prompts' responses read from {saved}; generating "
-                         "the rest")
-        slim = [([r[:4] for r in b["results"]], b["timings"]) for b in batches or []]
+                log.info(f"eval: {batches[-1]['end']} of {len(self.val_prompts)} prompts' responses read from "
+                         f"{saved}; generating the rest")
+        slim = [(b["first"], b["end"], [r[:4] for r in b["results"]], b["timings"]) for b in batches or []]
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [slim]
             dist.broadcast_object_list(box, src=0)
             slim = box[0]
         empty = np.zeros(0, dtype=np.int32)
         out = []
-        for k, (rows, took) in enumerate(slim):
+        for k, (first, end, rows, took) in enumerate(slim):
             full = batches[k]["results"] if batches else [[None] * 6] * len(rows)  # texts and infos: rank 0's
-            out.append(([Generated(empty, None, finish, score, full[j][5], numbers, failed, full[j][4])
-                         for j, (score, finish, failed, numbers) in enumerate(rows)], took))
+            out.append((first, end, [Generated(empty, None, finish, score, full[j][5], numbers, failed, full[j][4])
+                                     for j, (score, finish, failed, numbers) in enumerate(rows)], took))
         return out
 
     # ------------------------------------------------------------------------------ SFT
@@ -1812,12 +1822,13 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                               trainer.world, save_every)
         saved, fp = (out / "eval.partial.jsonl" if save_every != 0 else None), ""
         if saved is not None and trainer.rank == 0:
-
             out.mkdir(parents=True, exist_ok=True)
-            fp = fingerprint(trainer.val_prompts, (str(ckpt.resolve()) if ckpt else None, step, cfg.model.path,
-                                                   cfg.trainer.seed, rc.engine, rc.val_n, rc.val_temperature,
-                                                   rc.val_top_p, rc.max_response_tokens, rc.require_think,
-                                                   rc.reward_function, sorted(rc.reward_kwargs.items())))
+            # what the responses and scores depend on: the config without where it writes, how it checkpoints and
+            # how it spreads over ranks (the seeds follow each request's place in the set, not its rank)
+            settings = {k: v for k, v in to_dict(cfg).items() if k not in ("logging", "profile", "parallel",
+                                                                             "checkpoint")}
+            settings["data"] = {k: v for k, v in settings["data"].items() if k != "prompt_cache"}
+            fp = fingerprint(trainer.val_prompts, settings, ckpt)
         metrics = trainer.validate(step, responses, starts=starts, saved=saved, fingerprint=fp)
         prompts = Counter(p.record.task for p in trainer.val_prompts)
         truncated = Counter(p.record.task for p in trainer.val_prompts if p.truncated)

@@ -771,8 +771,8 @@ def test_overrides_are_optional_in_the_usage(capsys):
      "; {tmp}/d.jsonl may be partly written"),
     (["plot", "{tmp}"], "golong.plot.plot_run", ""),
     (["eval", "{demo}", "logging.run_dir={tmp}"], "golong.trainer.evaluate",
-     "; the batches of prompts done are saved in OUT/eval.partial.jsonl (--save-every): the same command resumes "
-     "after them"),
+     "; the batches of prompts done are saved in OUT/eval.partial.jsonl (unless --save-every 0): the same command "
+     "resumes after them"),
     (["data", "import", "mrcr", "{tmp}/x.jsonl", "--out", "{tmp}/o.jsonl"], "golong.data.benchmarks.import_benchmark",
      "; the output file was not written"),
 ])

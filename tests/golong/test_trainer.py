@@ -1547,12 +1547,15 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
 
 
 def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, monkeypatch, capsys):
-    """golong eval generates --save-every prompts at a time, each batch sampled as in the whole set (the same
-    responses and scores as one batch) and appended to OUT/eval.partial.jsonl; a rerun after a stop generates only
-    the batches the file lacks (a torn last line dropped) and ends with the uninterrupted eval's responses.jsonl and
-    eval.json, the file removed; a file of other settings is started over."""
+    """golong eval generates its prompts in batches, each sampled as in the whole set (the same responses and scores
+    as one pass), and appends each to OUT/eval.partial.jsonl; a rerun after a stop generates only the prompts the
+    file lacks, whatever its own batching (a torn last line cut off; a second stop after that loses nothing), and
+    ends with the uninterrupted eval's responses.jsonl and eval.json, the file removed; a file of another eval
+    (other sampling, other ground truth) is set aside as .stale and the eval starts over; a batch in which every call
+    of the reward function failed does not stop the eval, a set in which every call failed does."""
     import json
 
+    from golong.rewards.function import RewardFunctionError
     from golong.trainer import Trainer, evaluate
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -1574,32 +1577,55 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
             return real(self, prompts, *args, **kwargs)
         return wrapped
 
+    def run(stop_at: int, save_every: int | None, where=tmp_path / "eval"):
+        calls.clear()
+        monkeypatch.setattr(Trainer, "_generate_and_score", generate(stop_at))
+        capsys.readouterr()
+        if stop_at:
+            with pytest.raises(KeyboardInterrupt):
+                evaluate(cfg, None, where, save_every=save_every)
+            return None
+        return evaluate(cfg, None, where, save_every=save_every)
+
     out = tmp_path / "eval"
     partial = out / "eval.partial.jsonl"
-    monkeypatch.setattr(Trainer, "_generate_and_score", generate(3))
-    with pytest.raises(KeyboardInterrupt):  # stopped while generating the third batch of 2 prompts
-        evaluate(cfg, None, out, save_every=2)
+    run(3, 1)  # stopped while generating prompt 3 (of 6), one a batch
     lines = partial.read_text().splitlines()
-    assert len(lines) == 3 and [json.loads(x)["first"] for x in lines[1:]] == [0, 2]
-    partial.write_text(partial.read_text() + '{"first": 4, "timings": {}, "resu')  # a stop while writing
-    calls.clear()
-    monkeypatch.setattr(Trainer, "_generate_and_score", generate(0))
-    capsys.readouterr()
-    resumed = evaluate(cfg, None, out, save_every=2)
-    assert calls == [2]  # the third batch alone
-    assert f"eval: 4 of 6 prompts' responses read from {partial}" in capsys.readouterr().out
+    assert [(json.loads(x)["first"], json.loads(x)["end"]) for x in lines[1:]] == [(0, 1), (1, 2)]
+    partial.write_text(partial.read_text() + '{"first": 2, "end": 3, "timings": {}, "resu')  # a stop while writing
+    run(2, 3)  # resumed in batches of 3: prompt 2 alone (up to the plan's next start, 3), then stopped again
+    assert calls == [1, 3]
+    assert [json.loads(x)["end"] for x in partial.read_text().splitlines()[1:]] == [1, 2, 3]  # the torn line cut
+    resumed = run(0, 3)
+    assert calls == [3]  # prompts 3-5 alone
+    assert "eval: 3 of 6 prompts' responses read from" in capsys.readouterr().out
     assert resumed == whole and (out / "responses.jsonl").read_text() == whole_rows
     assert not partial.exists()
-    # a file of other settings (here the sampling temperature) is started over
-    monkeypatch.setattr(Trainer, "_generate_and_score", generate(2))
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(cfg, None, out, save_every=2)
+    # another eval's file (other sampling; then other ground truth, the same prompts) is set aside
+    run(2, 2)
     cfg.rollout.val_temperature = 0.9
-    calls.clear()
-    monkeypatch.setattr(Trainer, "_generate_and_score", generate(0))
-    capsys.readouterr()
-    evaluate(cfg, None, out, save_every=2)
+    run(0, 2)
     assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
+    assert (out / "eval.partial.jsonl.stale").exists()
+    run(2, 2)
+    rows = [json.loads(line) for line in (tmp_path / "count.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["reward_model"]["ground_truth"]["w"] *= 10
+    (tmp_path / "count.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(0, 2)
+    assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
+    # a reward function failing on every response of a batch: scored 0 there; on every response: stopped
+    (tmp_path / "odd.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info, **kw):\n"
+                                     "    if extra_info['index'] < 2:\n        raise ValueError('early')\n"
+                                     "    return 1.0\n")
+    cfg.rollout.reward_function = str(tmp_path / "odd.py")
+    odd = run(0, 2, tmp_path / "odd")
+    assert odd["function_errors"] == 4 and odd["reward_mean"] == pytest.approx(8 / 12)
+    (tmp_path / "broken.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info, "
+                                        "**kw):\n    raise ValueError('broken')\n")
+    cfg.rollout.reward_function = str(tmp_path / "broken.py")
+    with pytest.raises(RewardFunctionError, match="validation: the reward function failed on all 12 responses"):
+        run(0, 2, tmp_path / "broken")
 
 
 def test_eval_batches_hold_a_context_budget_or_save_every_prompts():
@@ -1685,11 +1711,12 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert result["function_errors"] == 3 and result["format_error_frac"] is None  # no format gate
     assert result["reward_extras"] == {"w10": pytest.approx(10 * sum(weights[1::2]) / 3)}
     assert result["tasks"] == {  # the failures counted per task
-        "counting": {"metric": "compute_score() (golong: none)", "responses": 3,
-                     "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0,
+        "counting": {"metric": "compute_score() (golong: none)", "records": 3, "dropped": 0, "truncated": 0,
+                     "responses": 3, "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0,
                      "pass_at_k": {"1": pytest.approx(1 / 3)}, "best_of_n": None},  # 0.7, 0.9, 1.1: one passes
-        "exploding": {"metric": "compute_score() (golong: none)", "responses": 3, "reward_mean": 0.0,
-                      "function_errors": 3, "pass_at_k": {"1": 0.0}, "best_of_n": None}}
+        "exploding": {"metric": "compute_score() (golong: none)", "records": 3, "dropped": 0, "truncated": 0,
+                      "responses": 3, "reward_mean": 0.0, "function_errors": 3, "pass_at_k": {"1": 0.0},
+                      "best_of_n": None}}
     answered = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     assert sorted(row["record"] for row in answered if "reward_error" in row) == [0, 2, 4]
     assert all(row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}
