@@ -776,7 +776,7 @@ def test_validation_reports_its_format_error_share_apart_from_its_time(config_fi
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "profile.steps=[]",
                                     "rollout.require_think=true", "data.synthetic_val_n=5", "rollout.val_n=2"])
 
-    def scripted(prompts, n, params, seed_key, label, texts=False):
+    def scripted(prompts, n, params, seed_key, label, texts=False, **kwargs):
         return [Generated([5, 6], [-1.0, -1.0], "stop", 0.5, None) for _ in range(len(prompts) * n)], {
             "time/rollout_s": 2.0, "time/reward_s": 1.0, "response/format_errors": 4.0}
 
