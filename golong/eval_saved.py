@@ -73,6 +73,13 @@ def fingerprint(prompts: Sequence[Any], config: dict[str, Any], checkpoint: str 
     return h.hexdigest()
 
 
+def _row_ok(row: Any) -> bool:
+    """[score, finish, failed, numbers, info, text] as append_batch writes it."""
+    return (isinstance(row, list) and len(row) == 6 and isinstance(row[0], (int, float))
+            and isinstance(row[1], str) and isinstance(row[2], bool) and isinstance(row[3], (dict, type(None)))
+            and isinstance(row[4], (dict, type(None))) and isinstance(row[5], (str, type(None))))
+
+
 def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[str, Any]]:
     """The batches saved at `path` under fingerprint `fp`: the run of them from prompt 0 on, each starting where the
     last ended, up to the first torn or misplaced one, which is cut off the file with all after it (new batches
@@ -95,10 +102,11 @@ def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[s
                     first = batches[-1]["end"] if batches else 0
                     if not isinstance(batch, dict):
                         break
-                    end = batch.get("end")
+                    end, rows = batch.get("end"), batch.get("results")
                     if not (batch.get("first") == first and isinstance(end, int) and first < end <= total_prompts
-                            and len(batch.get("results") or []) == (end - first) * n):
-                        break
+                            and isinstance(rows, list) and len(rows) == (end - first) * n
+                            and isinstance(batch.get("timings"), dict) and all(_row_ok(r) for r in rows)):
+                        break  # rank 0 alone reads the file: a row it could not restore would stall the others
                     batches.append(batch)
                     good = f.tell()
             os.truncate(path, good)

@@ -1592,7 +1592,17 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
     run(3, 1)  # stopped while generating prompt 3 (of 6), one a batch
     lines = partial.read_text().splitlines()
     assert [(json.loads(x)["first"], json.loads(x)["end"]) for x in lines[1:]] == [(0, 1), (1, 2)]
-    partial.write_text(partial.read_text() + '{"first": 2, "end": 3, "timings": {}, "resu')  # a stop while writing
+    good = partial.read_text()
+    # a row it could not restore (here a score as text) ends the saved run there, as a torn line does
+    broken = good.splitlines()
+    broken[2] = broken[2].replace('"results": [[', '"results": [["0.5", ', 1)
+    partial.write_text("\n".join(broken) + "\n")
+    run(0, 1, tmp_path / "eval")
+    assert calls == [1] * 5 and "eval: 1 of 6 prompts' responses read from" in capsys.readouterr().out
+    run(3, 1)  # the same stop as before, then a stop while writing
+    assert [json.loads(x)["results"] for x in partial.read_text().splitlines()[1:]] == \
+           [json.loads(x)["results"] for x in good.splitlines()[1:]]
+    partial.write_text(partial.read_text() + '{"first": 2, "end": 3, "timings": {}, "resu')
     run(2, 3)  # resumed in batches of 3: prompt 2 alone (up to the plan's next start, 3), then stopped again
     assert calls == [1, 3]
     assert [json.loads(x)["end"] for x in partial.read_text().splitlines()[1:]] == [1, 2, 3]  # the torn line cut
