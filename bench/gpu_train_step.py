@@ -7,7 +7,7 @@ prediction vs the measured peak memory.
     python -m bench.gpu_train_step --keep-attention --layers 12   # plain checkpointing vs ac_keep_attention
     python -m bench.gpu_train_step --keep-attention --iters 5   # without CUDA: on a CPU-sized model (CPU_SHAPE)
 
-The step is golong's own (golong.trainer.Actor.update: FSDP2 on a world of one, fp32 master weights,
+The step is golong's own (golong.actor.Actor.update: FSDP2 on a world of one, fp32 master weights,
 bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
 on `--docs` sequences of `--tokens / --docs` tokens with random ids and advantages.
 Figures (median of --iters steps after one warm-up):
@@ -100,8 +100,9 @@ def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float, keep_atten
 
 def build_step(cfg, tokens: int, docs: int):  # noqa: ANN201
     """(golong Actor on a fresh model, `docs` rollouts of `tokens // docs` random tokens with random advantages)."""
+    from golong.actor import Actor, Rollout
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, Rollout, build_model
 
     dims = init_parallel(1, 1)
     actor = Actor(build_model(cfg, dims, seed=0), dims, cfg)

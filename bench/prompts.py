@@ -112,7 +112,7 @@ def bench_held_prompts(args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
 
 
 def bench_rollouts(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    from golong.trainer import Rollout
+    from golong.actor import Rollout
 
     rng = np.random.default_rng(1)
     p, n, plen, rlen = args.rollout_prompts, args.responses, args.rollout_prompt_tokens, args.response_tokens

@@ -8,7 +8,7 @@ optimizer step on the same batch (token ids, advantages), on-policy (old logprob
 ones, detached), with the same settings: temperature 1.0, clip 0.2 / 0.28 (clip-higher), no KL
 term, token-mean over the whole batch (TRL loss_type="dapo"), grad-norm clip 1.0, AdamW:
 
-  golong  golong.trainer.Actor.update: FSDP2 (1 rank, gloo), sequences packed without padding into
+  golong  golong.actor.Actor.update: FSDP2 (1 rank, gloo), sequences packed without padding into
           micro-batches of --micro-batch-tokens, fused LM-head logprob/entropy (no [T, V] logits),
           grouped-GEMM experts, varlen attention; dual clip disabled (TRL has none)
   trl     GRPOTrainer.compute_loss on its padded [B, L] batch (all rows the same length here, so
@@ -56,9 +56,10 @@ def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def golong_update(ckpt: Path, batch: dict[str, torch.Tensor], args: argparse.Namespace):  # noqa: ANN201
+    from golong.actor import Actor, Rollout
+    from golong.build import build_model
     from golong.config import RunConfig
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, Rollout, build_model
 
     cfg = RunConfig()
     cfg.model.path = str(ckpt)

@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "evaluate the export: golong eval CONFIG model.path=DIR")
             if problems:
                 raise ConfigError(problems[0])
-            from golong.trainer import evaluate
+            from golong.evaluate import evaluate
 
             if args.save_every is not None and args.save_every < 0:
                 args.subparser.error("--save-every must be >= 0")

@@ -21,27 +21,23 @@ are computed identically everywhere with no extra communication (golong.parallel
 Rollout sampling is seeded per request from (trainer.seed, step, request), so a run reproduces
 exactly after a resume and does not depend on how many ranks generated it.
 
-Token layout of one sequence (prompt p_0..p_{P-1}, response r_0..r_{R-1}), packed with others:
-position t predicts token t+1, so response token r_j is scored at position P-1+j; those R
-positions carry the loss mask, the advantage, the rollout logprob and the old logprob.
+The pieces: the update in golong.actor, the model and tokenizer in golong.build, the rollout engines in
+golong.rollout.engines; `golong eval` (golong.evaluate) runs this trainer's validation alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import resource
 import shutil
 import signal
 import threading
 import time
-import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,6 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from golong.actor import Actor, Rollout
+from golong.build import build_model, load_tokenizer, model_config, reference_dtype, stop_token_ids
 from golong.checkpoint import Checkpointer, latest_checkpoint, load_trainer_state
 from golong.config import (
     ConfigError,
@@ -60,31 +58,17 @@ from golong.config import (
     save_run_config,
     to_dict,
 )
-from golong.eval_groups import breakdown, check_group_keys
+from golong.data.records import reference_answer, sft_target
+from golong.eval_groups import check_group_keys
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
-from golong.models.config import ModelConfig
-from golong.parallel import (
-    ParallelDims,
-    apply_activation_checkpointing,
-    apply_fsdp,
-    cp_gather,
-    cp_shard,
-    init_parallel,
-    mixed_precision_policy,
-    plan_micro_batches,
-    rollout_share,
-)
+from golong.parallel import all_gather_objects, gather_objects_to_rank0, init_parallel, rollout_share
 from golong.profiling import cuda_profiler_window, nvtx_range
 from golong.rewards.function import RewardFunctionError
-from golong.rewards.pass_at_k import PASS_SCORE, k_values, sample_metrics
-from golong.rollout.torch_generator import GenerationResult, SamplingParams
+from golong.rewards.pass_at_k import PASS_SCORE, sample_metrics
+from golong.rollout.engines import build_engine
+from golong.rollout.torch_generator import SamplingParams
 
 log = get_logger()
-# FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
-# names is an in-place op on that output, which the trainer never does.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-IGNORE = -100
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class TrainingStopped(RuntimeError):
@@ -157,41 +141,10 @@ def request_seed(*parts: Any) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def compute_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-# ----------------------------------------------------------------------------------- the batch
-@dataclass
-class Rollout:
-    """One response to one prompt: the unit of the training batch."""
-
-    # [P] int; in training the prompt's own int32 array, shared by its n responses (a copy each took n times the
-    # prompt's memory, on every rank, for every generation batch of the step)
-    prompt_ids: Sequence[int]
-    response_ids: Sequence[int]  # [R] int (int32 array in training)
-    rollout_logprobs: Sequence[float] | None  # [R] sampled-token logprobs from the rollout engine (fp32 array)
-    group: int  # prompt group (responses to the same prompt share it)
-    task: str
-    score: float = 0.0
-    advantage: float = 0.0
-    finish_reason: str = "length"
-    prompt_index: int | None = None  # position of its prompt in the trainer's training prompts (rollouts it made)
-    text: str | None = None  # the decoded response, stop token stripped: on rank 0 with logging.dump_rollouts only
-    # with rollout.reward_function: the numbers its dict result held beside the score (every rank: dynamic
-    # sampling may filter on one), and the call's failure and all it held (FunctionReport.infos; rank 0, for the dump)
-    reward_numbers: dict[str, float] | None = None
-    reward_info: dict[str, Any] | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
 
 
 class Generated(NamedTuple):
@@ -208,654 +161,7 @@ class Generated(NamedTuple):
     reward_info: dict[str, Any] | None = None  # the call's FunctionReport.infos entry: with the text, rank 0 only
 
 
-@dataclass
-class MicroBatch:
-    """Packed per-token tensors of some rollouts, in GLOBAL packed order (before cp sharding)."""
-
-    input_ids: torch.Tensor  # [T] int64
-    targets: torch.Tensor  # [T] int64, IGNORE off the response
-    cu_seqlens: torch.Tensor  # [B+1] int32
-    mask: torch.Tensor  # [T] fp32, 1 on response-scoring positions
-    advantages: torch.Tensor  # [T] fp32
-    rollout_logprobs: torch.Tensor  # [T] fp32 (0 where unknown)
-    has_rollout_logprobs: bool
-    old_logprobs: torch.Tensor | None  # [T] fp32
-    ref_logprobs: torch.Tensor | None  # [T] fp32, the reference policy's (algo.kl_coef > 0)
-    seq_index: torch.Tensor  # [T] int64, position of each token's sequence in `indices`
-    indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
-
-
-def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
-                      min_tokens: int = 4, ref: dict[int, torch.Tensor] | None = None) -> MicroBatch:
-    """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy."""
-    ids, tgt, mask, adv, rlp, olp, ref_lp, seq = [], [], [], [], [], [], [], []
-    cu = [0]
-    has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
-    for k, i in enumerate(indices):
-        r = rollouts[i]
-        p, n = len(r.prompt_ids), len(r.response_ids)
-        full = torch.from_numpy(np.concatenate([np.asarray(r.prompt_ids, dtype=np.int64),
-                                                np.asarray(r.response_ids, dtype=np.int64)]))
-        t = torch.full_like(full, IGNORE)
-        t[p - 1: p - 1 + n] = full[p:]
-        m = torch.zeros(len(full))
-        m[p - 1: p - 1 + n] = 1.0
-        a = m * r.advantage
-        lp = torch.zeros(len(full))
-        if has_rlp:
-            lp[p - 1: p - 1 + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
-        for given, out in ((old, olp), (ref, ref_lp)):
-            o = torch.zeros(len(full))
-            if given is not None:
-                o[p - 1: p - 1 + n] = given[i]
-            out.append(o)
-        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp)
-        seq.append(torch.full((len(full),), k, dtype=torch.long))
-        cu.append(cu[-1] + len(full))
-    if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
-        ids = [torch.zeros(min_tokens, dtype=torch.long)]
-        tgt = [torch.full((min_tokens,), IGNORE, dtype=torch.long)]
-        mask = adv = rlp = olp = ref_lp = [torch.zeros(min_tokens)]
-        seq = [torch.zeros(min_tokens, dtype=torch.long)]
-        cu.append(min_tokens)
-    return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
-                      torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
-                      torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices))
-
-
-def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
-    """Rollout indices grouped by prompt, `prompts_per_mini_batch` prompts per mini-batch."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, r in enumerate(rollouts):
-        groups[r.group].append(i)
-    order = list(groups)
-    return [[i for g in order[s:s + prompts_per_mini_batch] for i in groups[g]]
-            for s in range(0, len(order), prompts_per_mini_batch)]
-
-
-# ---------------------------------------------------------------------------------- the actor
-def _fmt(v: Any) -> str:
-    """A hyperparameter for the resume log (6 significant digits: a float read back equals its config value)."""
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
-                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:  # step = trainer steps (updates) taken so far, as verl counts them
-        if step < warmup:  # (step + 1): the first update already moves (verl's step / warmup spends it at lr 0)
-            return (step + 1) / (warmup + 1)
-        if kind == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class Actor:
-    """The policy under training: FSDP-sharded model, optimizer, LR schedule, and the update.
-
-    `update(rollouts)` runs the PPO-style epochs over mini-batches and returns metrics that are
-    already reduced over all ranks. All ranks must call it with the same (gathered) rollouts.
-    """
-
-    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig, reference: nn.Module | None = None
-                 ) -> None:
-        """reference: the frozen reference policy of the KL term (build_model(reference=True)); None: no KL."""
-        self.model, self.dims, self.cfg, self.reference = model, dims, cfg, reference
-        self.device = compute_device()  # not the parameters' device: with CPU offload they live on the host
-        self.optimizer = self._make_optimizer(cfg.optim.lr)
-        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
-                                        cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
-        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-
-    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        # weight decay on every parameter, norm gains included, as verl's FSDP actor and torchtitan do (the
-        # recipe's Megatron exempts 1-D parameters: at lr 2e-6, decay 0.1, 200 steps, a 4e-5 relative difference)
-        o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.adam_eps,
-                                 weight_decay=o.weight_decay, foreach=o.impl == "foreach",
-                                 fused=True if o.impl == "fused" else None)
-
-    def reset_optimizer(self, lr: float | None = None, warmup: int | None = None, total: int | None = None) -> None:
-        """Fresh optimizer state and schedule (the SFT warm-up's, then RL's). The schedule counts updates
-        (trainer steps): a step whose batch dynamic sampling could not fill does not shift it."""
-        o = self.cfg.optim
-        self.optimizer = self._make_optimizer(o.lr if lr is None else lr)
-        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps if warmup is None else warmup,
-                                        self.cfg.trainer.total_steps if total is None else total, o.lr_schedule,
-                                        o.min_lr_ratio)
-
-    def apply_config_hyperparameters(self, lr: float | None = None, lr_key: str = "optim.lr") -> list[str]:
-        """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
-        checkpoint's, which loading its param groups brought back (the schedule keeps its position). `lr`,
-        `lr_key`: the SFT warm-up's (trainer.sft_lr) instead of optim.lr. Returns what changed, for the log."""
-        o = self.cfg.optim
-        lr = o.lr if lr is None else lr
-        g = self.optimizer.param_groups[0]
-        impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
-        saved = {lr_key: self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
-                 "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
-        wanted = {lr_key: lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
-                  "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
-            group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
-            group["initial_lr"], group["lr"] = lr, lr * factor
-            # fused / capturable Adam keeps its step counts by the parameters, the others on the host (as
-            # torch's loader does): a count left on the GPU costs a .item() host sync per parameter and step
-            on_device = group["fused"] or group["capturable"]
-            for p in group["params"]:
-                state = self.optimizer.state.get(p, {})
-                if "step" in state:
-                    state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
-
-    # ------------------------------------------------------------------- forward on a micro-batch
-    def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
-        return cp_shard(x, mb.cu_seqlens, self.dims.cp_rank, self.dims.cp_size).to(self.device)
-
-    def forward(self, mb: MicroBatch, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions, of `model` (default: the
-        policy)."""
-        cu = mb.cu_seqlens.to(self.device)
-        with nvtx_range("forward"):
-            model = self.model if model is None else model
-            return model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
-                         temperature=self.temperature)
-
-    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        lengths = [rollouts[i].length for i in indices]
-        plan = plan_micro_batches(lengths, self.dims.dp_size, self.dims.dp_rank, self.cfg.trainer.micro_batch_tokens)
-        return [[indices[j] for j in m] for m in plan]
-
-    def _min_tokens(self) -> int:
-        return 2 * self.dims.cp_size * 2
-
-    @torch.no_grad()
-    def compute_logprobs(self, rollouts: Sequence[Rollout], indices: Sequence[int], model: nn.Module | None = None
-                         ) -> dict[int, torch.Tensor]:
-        """Response-token logprobs of `model` (default: the current policy) for this rank's share of `indices`
-        (whole sequences: gathered over the cp group). {rollout index: [R] fp32 cpu}."""
-        out: dict[int, torch.Tensor] = {}
-        for members in self._plan(rollouts, indices):
-            mb = build_micro_batch(rollouts, members, None, self._min_tokens())
-            logprob, _ = self.forward(mb, model)
-            full = cp_gather(logprob.float(), mb.cu_seqlens.to(self.device), self.dims.cp_group).cpu()
-            for k, i in enumerate(members):
-                p, n = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
-                start = int(mb.cu_seqlens[k]) + p - 1
-                out[i] = full[start:start + n].clone()
-        return out
-
-    # ---------------------------------------------------------------------------------- update
-    def update(self, rollouts: Sequence[Rollout], loss: str = "pg", fault_nan: bool = False) -> dict[str, float]:
-        """PPO epochs over mini-batches of prompts; loss "pg" (policy gradient, clipped) or
-        "sft" (token-mean NLL of the responses). Returns metrics reduced over ranks."""
-        cfg = self.cfg
-        if loss == "pg" and cfg.algo.kl_coef and self.reference is None:
-            raise ValueError("algo.kl_coef > 0 needs the reference policy: Actor(model, dims, cfg, "
-                             "reference=build_model(cfg, dims, reference=True))")
-        minis = split_mini_batches(rollouts, cfg.trainer.mini_batch_prompts)
-        epochs = cfg.algo.ppo_epochs if loss == "pg" else 1
-        on_policy = epochs == 1 and len(minis) == 1
-        need_is = loss == "pg" and cfg.algo.rollout_is != "none" and all(
-            r.rollout_logprobs is not None for r in rollouts)
-        old: dict[int, torch.Tensor] | None = None
-        timings = {}
-        # on-policy the old logprobs are the update's own (detached): no pass of their own, cp > 1 included (the
-        # IS weights all-gather them over the cp group in the update's forward)
-        if loss == "pg" and not on_policy:
-            t0 = time.perf_counter()
-            with nvtx_range("old_logprob"):
-                old = {}
-                for mini in minis:
-                    old.update(self.compute_logprobs(rollouts, mini))
-            timings["time/old_logprob_s"] = time.perf_counter() - t0
-        ref: dict[int, torch.Tensor] | None = None
-        if loss == "pg" and self.reference is not None:  # once per update, whatever the epochs (verl's ref pass)
-            t0 = time.perf_counter()
-            with nvtx_range("ref_logprob"):
-                ref = {}
-                for mini in minis:
-                    ref.update(self.compute_logprobs(rollouts, mini, self.reference))
-            timings["time/ref_logprob_s"] = time.perf_counter() - t0
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        # maxima over micro-batches and ranks; a key starting with "-" holds a negated minimum
-        maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
-        norms, skipped, steps = [], 0, 0
-        lr = self.optimizer.param_groups[0]["lr"]  # this update's learning rate (logged)
-        for _ in range(epochs):
-            for mini in minis:
-                gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, ref, need_is, sums, maxes, fault_nan)
-                norms.append(gnorm)
-                skipped += int(not ok)
-                steps += 1
-        self.scheduler.step()
-        return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss, lr) | timings
-
-    def _optimizer_step(self, rollouts: Sequence[Rollout], mini: list[int], loss_kind: str,
-                        old: dict[int, torch.Tensor] | None, ref: dict[int, torch.Tensor] | None, need_is: bool,
-                        sums: dict[str, torch.Tensor],
-                        maxes: dict[str, torch.Tensor], fault_nan: bool) -> tuple[float, bool]:
-        from golong.algo import aggregation_weights, policy_loss, rollout_is_weights
-
-        algo = self.cfg.algo
-        n_tokens = sum(len(rollouts[i].response_ids) for i in mini)  # global: every rank has the batch
-        # FSDP averages gradients over its world; each rank's loss is its share of a global token
-        # mean, so scaling by the world size turns that average into the sum we want.
-        scale = float(self.dims.world_size)
-        self.optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0  # this rank's part of this optimizer step's loss
-        for members in self._plan(rollouts, mini):
-            mb = build_micro_batch(rollouts, members, old, self._min_tokens(), ref)
-            logprob, entropy = self.forward(mb)
-            mask = self._shard(mb, mb.mask)
-            if loss_kind == "sft":
-                loss = -(logprob * mask).sum() / n_tokens
-                metrics: dict[str, Any] = {}
-            else:
-                adv = self._shard(mb, mb.advantages)
-                if mb.old_logprobs is not None:
-                    old_lp = self._shard(mb, mb.old_logprobs)
-                else:
-                    old_lp = logprob.detach()
-                is_w = None
-                if need_is and mb.indices:
-                    # weights need whole sequences (the veto): the old logprobs of the whole micro-batch, from
-                    # the old-logprob pass or, on-policy, this forward's own gathered over the cp group (an
-                    # all-gather of [T] floats; cp = 1: the local tensor itself); computed globally, then sharded
-                    cu = mb.cu_seqlens.to(self.device)
-                    old_full = mb.old_logprobs.to(self.device) if mb.old_logprobs is not None else \
-                        cp_gather(old_lp.detach().float(), cu, self.dims.cp_group)
-                    w, is_metrics = rollout_is_weights(
-                        old_full, mb.rollout_logprobs.to(self.device), mb.mask.to(self.device), cu_seqlens=cu,
-                        mode=algo.rollout_is, lower=algo.rollout_is_lower, upper=algo.rollout_is_upper,
-                        veto=algo.rollout_is_veto, level=algo.rollout_is_level)
-                    is_w = self._shard(mb, w)
-                    _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
-                agg = None  # token-mean: policy_loss divides by the global token count
-                if algo.loss_agg_mode != "token-mean":
-                    # response lengths of this micro-batch's rollouts (a dummy: one placeholder; its mask is all 0)
-                    lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
-                    agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
-                                              self.cfg.rollout.max_response_tokens)
-                gspo = algo.policy_loss == "gspo"
-                loss, metrics = policy_loss(
-                    logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
-                    clip_high=algo.clip_high, dual_clip=None if gspo else algo.dual_clip, is_weights=is_w,
-                    seq_log_ratio=self._sequence_log_ratio(mb, logprob, old_lp, mask) if gspo else None,
-                    ref_logprob=self._shard(mb, mb.ref_logprobs) if mb.ref_logprobs is not None else None,
-                    kl_coef=algo.kl_coef, entropy=entropy if algo.entropy_coef else None,
-                    entropy_coef=algo.entropy_coef, token_weights=None if agg is None else self._shard(mb, agg))
-            if fault_nan:
-                loss = loss * float("nan")
-            with nvtx_range("backward"):
-                (loss * scale).backward()
-            local_tokens = float(mask.sum())
-            step_loss += float(loss.detach())
-            sums["loss"] += float(loss.detach())
-            sums["tokens"] += local_tokens
-            sums["entropy"] += float((entropy.detach() * mask).sum())
-            sums["logprob"] += float((logprob.detach() * mask).sum())
-            for k, v in metrics.items():  # policy_loss metrics are sums / global count: just add up
-                sums[f"s:{k}"] += float(v)
-            if mb.has_rollout_logprobs:
-                rlp = self._shard(mb, mb.rollout_logprobs)
-                # the policy the trainer holds vs the one that sampled: with synced weights these
-                # differ only by numerics (kernels, dtypes); stale weights show up here first
-                trainer_lp = (old_lp if loss_kind == "pg" else logprob).detach()
-                d = ((trainer_lp - rlp) * mask).double()  # fp64: exp(d) - 1 - d cancels badly for tiny d
-                sums["mismatch_k3"] += float(((torch.exp(d) - 1 - d) * mask).sum())
-                sums["mismatch_abs"] += float(d.abs().sum())
-                sums["mismatch_k1"] += float((-d).sum())
-                sums["mismatch_tokens"] += local_tokens
-                if d.numel():  # documents shorter than 2 * cp can leave a cp rank without rows
-                    maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
-        grad_norm = self._clip_grad_norm()
-        loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
-        ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
-        if ok:
-            with nvtx_range("optimizer"):
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, ok
-
-    def _sequence_log_ratio(self, mb: MicroBatch, logprob: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor
-                            ) -> torch.Tensor:
-        """[T_local] fp32, detached: each token's response mean of logpi - logpi_old (GSPO's log s_i), over the
-        response's tokens on every rank of the cp group (an all-reduce of two [S] fp64 vectors)."""
-        seq = self._shard(mb, mb.seq_index)
-        sums = torch.zeros(2, max(1, len(mb.indices)), dtype=torch.float64, device=logprob.device)
-        valid = mask.to(torch.bool)
-        d = torch.where(valid, logprob.detach().double() - old_lp.detach().double(), 0.0)
-        sums[0].index_add_(0, seq, d)
-        sums[1].index_add_(0, seq, valid.double())
-        if self.dims.cp_size > 1:
-            dist.all_reduce(sums, group=self.dims.cp_group)
-        return (sums[0] / sums[1].clamp_min(1))[seq].float()
-
-    def _clip_grad_norm(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=False)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        if self.cfg.optim.grad_clip > 0 and torch.isfinite(norm):
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=False)
-        return float(norm)
-
-    def _all_reduce(self, host: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        """All-reduce a small host tensor through the compute device (NCCL reduces CUDA tensors only)."""
-        if not dist.is_initialized():
-            return host
-        t = host.to(self.device)
-        dist.all_reduce(t, op=op)
-        return t.cpu()
-
-    def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
-                        skipped: int, steps: int, loss_kind: str, lr: float) -> dict[str, float]:
-        # a rank whose micro-batches were all dummies (fewer sequences than dp ranks) or empty cp shards saw
-        # fewer keys: reduce the union (the defaults fill the gaps), or the all-reduces would not match
-        names = _gather_objects((list(sums), list(maxes)))
-        keys = sorted({k for ks, _ in names for k in ks})
-        vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
-        mkeys = sorted({k for _, ks in names for k in ks})
-        mvec = torch.stack([maxes[k] for k in mkeys]) if mkeys else torch.zeros(0, dtype=torch.float64)
-        vec, mvec = self._all_reduce(vec), self._all_reduce(mvec, dist.ReduceOp.MAX)
-        s = dict(zip(keys, vec.tolist()))
-        tokens = max(s.get("tokens", 0.0), 1.0)
-        prefix = "sft" if loss_kind == "sft" else "actor"
-        out = {
-            f"{prefix}/loss": s.get("loss", 0.0) / max(steps, 1),
-            f"{prefix}/entropy": s.get("entropy", 0.0) / tokens,
-            f"{prefix}/logprob": s.get("logprob", 0.0) / tokens,
-            f"{prefix}/grad_norm": sum(norms) / max(len(norms), 1),
-            f"{prefix}/grad_norm_max": max(norms) if norms else 0.0,
-            f"{prefix}/lr": lr,
-            f"{prefix}/optimizer_steps": steps - skipped,
-            f"{prefix}/skipped_steps": skipped,
-            f"{prefix}/tokens": s.get("tokens", 0.0),
-        }
-        for k in keys:
-            if k.startswith("s:"):  # global token means per optimizer step: average over steps
-                # (not over the token mean of the whole update above: actor/entropy keeps one definition
-                # whether or not the loss has an entropy term)
-                out.setdefault(f"{prefix}/{k[2:]}", s[k] / max(steps, 1))
-            elif k.startswith("m:"):  # token-weighted means
-                out[k[2:]] = s[k] / max(s[f"w:{k[2:]}"], 1e-12)
-        if s.get("mismatch_tokens", 0) > 0:
-            mt = s["mismatch_tokens"]
-            out["mismatch/kl"] = s["mismatch_k3"] / mt  # k3 estimator of KL(rollout || trainer)
-            out["mismatch/kl_k1"] = s["mismatch_k1"] / mt
-            out["mismatch/mean_abs"] = s["mismatch_abs"] / mt
-        for k, v in zip(mkeys, mvec.tolist()):
-            if v != float("-inf"):  # -inf: no micro-batch had data for it
-                out[k[1:] if k.startswith("-") else k] = -v if k.startswith("-") else v
-        return out
-
-    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
-        return full_parameters(self.model)
-
-
-# Rollout-IS metrics (rollout_is_weights' names) that are means over sequences, not tokens
-_IS_SEQUENCE_MEANS = ("rollout_is/veto_frac", "mismatch/trainer_ppl", "mismatch/rollout_ppl", "mismatch/ppl_ratio")
-
-
-def _accumulate_is_metrics(metrics: dict[str, torch.Tensor], mask: torch.Tensor, cu_seqlens: torch.Tensor,
-                           cp_size: int, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor]) -> None:
-    """Fold one micro-batch's rollout_is_weights metrics into the step's accumulators so that the reduced
-    values are those of the whole mini-batch: token means weighted by valid tokens, sequence means by valid
-    sequences, ratio_max / ratio_min as maxima / minima. mask [T] and cu_seqlens [S+1] cover the whole
-    micro-batch (every cp rank computed the metrics on all of it, hence the 1 / cp_size weights)."""
-    per_seq = torch.nn.functional.pad(mask.reshape(-1).double().cumsum(0), (1, 0))
-    cu = cu_seqlens.long().cpu()
-    per_seq = per_seq[cu[1:]] - per_seq[cu[:-1]]
-    tokens, sequences = float(per_seq.sum()) / cp_size, float((per_seq > 0).sum()) / cp_size
-    if tokens == 0:
-        return
-    host = torch.stack([v.detach().double() for v in metrics.values()]).cpu()  # one device-to-host copy
-    for k, v in zip(metrics, host):
-        if k == "rollout_is/ratio_max":
-            maxes[k] = torch.maximum(maxes[k], v)
-        elif k == "rollout_is/ratio_min":
-            maxes["-" + k] = torch.maximum(maxes["-" + k], -v)
-        elif k in _IS_SEQUENCE_MEANS or k.startswith("rollout_is/"):
-            weight = sequences if k in _IS_SEQUENCE_MEANS else tokens
-            sums[f"m:{k}"] += float(v) * weight
-            sums[f"w:{k}"] += weight
-
-
-# ------------------------------------------------------------------------------ model building
-def scratch_hf_config(cfg: RunConfig) -> dict[str, Any]:
-    s = cfg.model.scratch
-    assert s is not None
-    d = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_hidden_layers,
-             num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
-             head_dim=s.head_dim, intermediate_size=s.intermediate_size,
-             max_position_embeddings=s.max_position_embeddings,
-             rope_theta=s.rope_theta, rms_norm_eps=s.rms_norm_eps, tie_word_embeddings=s.tie_word_embeddings,
-             hidden_act="silu", initializer_range=0.02)
-    if s.num_experts > 0:
-        d.update(model_type="qwen3_moe", num_experts=s.num_experts, num_experts_per_tok=s.num_experts_per_tok,
-                 moe_intermediate_size=s.moe_intermediate_size, norm_topk_prob=s.norm_topk_prob,
-                 decoder_sparse_step=1, mlp_only_layers=[])
-    else:
-        d.update(model_type="qwen3")
-    return d
-
-
-def model_config(cfg: RunConfig) -> ModelConfig:
-    """The architecture cfg.model names (model.path's config.json, else model.scratch) as a golong ModelConfig.
-    One a Qwen3 model cannot represent is a ConfigError naming where it came from (one line from the CLI)."""
-    if cfg.model.path is not None:
-        return ModelConfig.from_hf(cfg.model.path)  # its errors name the file
-    try:
-        return ModelConfig.from_hf(scratch_hf_config(cfg))
-    except ConfigError as e:
-        raise ConfigError(f"model.scratch: {e}") from None
-
-
-def reference_dtype(cfg: RunConfig) -> torch.dtype:
-    """The dtype the policy computes in, which the KL term's reference policy is held in."""
-    return mixed_precision_policy(cfg.parallel.param_dtype, cfg.parallel.reduce_dtype).param_dtype
-
-
-def build_model(cfg: RunConfig, dims: ParallelDims, seed: int | None = None, *, reference: bool = False
-                ) -> nn.Module:
-    """The training model, FSDP-sharded, fp32 master weights. From scratch: built in full on every
-    rank from the same seed, then sharded (tiny models only). From a checkpoint: built on the
-    meta device, sharded, then each rank streams in just its shards.
-
-    reference: the frozen reference policy of the KL term: the same starting weights held in the policy's
-    compute dtype (parallel.param_dtype on a GPU, fp32 on CPU, as FSDP's mixed precision casts them), so the two
-    agree exactly before the first update, without gradients; rebuilt the same way on a resume, so checkpoints
-    need not hold it."""
-    from golong.models import Qwen3ForCausalLM, from_config, load_weights
-
-    device = compute_device()
-    dtype = reference_dtype(cfg) if reference else torch.float32
-    if cfg.model.path is None:
-        torch.manual_seed(cfg.trainer.seed if seed is None else seed)
-        # initialised in fp32 whatever the dtype: the policy's values, rounded as its compute copy rounds them
-        model = from_config(model_config(cfg), dtype=torch.float32, device=device).to(dtype)
-    else:
-        with torch.device("meta"):
-            model = Qwen3ForCausalLM(model_config(cfg), dtype=dtype)
-    if reference:
-        model.requires_grad_(False)
-    elif cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model, keep_attention=cfg.parallel.ac_keep_attention)
-    apply_fsdp(model, dims, param_dtype=cfg.parallel.param_dtype, reduce_dtype=cfg.parallel.reduce_dtype,
-               cpu_offload=cfg.parallel.cpu_offload, backward=not reference)
-    if cfg.model.path is not None:  # with CPU offload FSDP keeps the sharded parameters on the host
-        load_weights(model, cfg.model.path, device="cpu" if cfg.parallel.cpu_offload else device)
-        model.source_path = cfg.model.path
-    model.cp_group = dims.cp_group
-    model.set_attention_backend(cfg.model.attn_backend)
-    return model
-
-
-def load_tokenizer(cfg: RunConfig) -> Any:
-    src = cfg.model.tokenizer or cfg.model.path
-    if src is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
-        # transformers builds an empty tokenizer from a folder without tokenizer files, and prompts
-        # are chat-templated: both would fail later with a message that does not name the folder
-        if tok.chat_template is None:
-            raise ConfigError(f"tokenizer {src} has no chat template (or no tokenizer files at all): point "
-                              "model.tokenizer at the chat model's tokenizer folder")
-        return tok
-    from golong.data.tokenizer import build_demo_tokenizer
-
-    assert cfg.model.scratch is not None
-    return build_demo_tokenizer(vocab_size=cfg.model.scratch.vocab_size)
-
-
-def stop_token_ids(tokenizer: Any, model_path: str | None = None) -> list[int]:
-    """The ids that end a response, for both engines and `_strip_stop`: the tokenizer's EOS, <|im_end|>,
-    <|endoftext|> and the checkpoint's own EOS ids (vLLM adds those to every request's stop ids by itself)."""
-    ids = {tokenizer.eos_token_id, *checkpoint_eos_ids(model_path)}
-    for name in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
-def checkpoint_eos_ids(model_path: str | None) -> list[int]:
-    """eos_token_id of a Hugging Face checkpoint as vLLM reads it (InputProcessor -> update_from_generation_config):
-    from generation_config.json, or from config.json when there is none."""
-    if model_path is None:
-        return []
-    import json
-
-    for name in ("generation_config.json", "config.json"):
-        if (f := Path(model_path) / name).is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return []
-
-
-# --------------------------------------------------------------------------------- rollout engine
-class TorchEngine:
-    """The plain-torch rollout engine: an unsharded copy of the policy in the rollout dtype,
-    refreshed from the trainer's parameters after each update (like vLLM's weight sync)."""
-
-    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer: Any) -> None:
-        from golong.models import Qwen3ForCausalLM
-        from golong.rollout.torch_generator import TorchGenerator
-
-        device = compute_device()
-        with torch.device("meta"):
-            copy = Qwen3ForCausalLM(model.config, dtype=_DTYPES[cfg.model.dtype])
-        copy.to_empty(device=device)
-        copy.eval().requires_grad_(False)
-        self.gen = TorchGenerator(copy, stop_token_ids(tokenizer, cfg.model.path), max_batch=256)
-
-    def sync_weights(self, model: nn.Module) -> None:
-        """Copy the trainer's parameters in (collective: DTensors are gathered one at a time)."""
-        self.gen.load_weights(full_parameters(model))
-
-    def sleep(self) -> None:  # nothing to release: the copy is small next to the trainer's state
-        pass
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-                 progress: Any = None) -> GenerationResult:
-        return self.gen.generate(prompts, params, seeds, progress=progress)
-
-
-def full_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) per parameter, gathered one at a time (collective on all ranks); with `dtype`, each
-    shard is cast before its gather (an fp32 master gathered for a bf16 engine would move twice the bytes)."""
-    for name, p in model.named_parameters():
-        p = p.detach() if dtype is None else p.detach().to(dtype)
-        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
-
-
-def hf_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face checkpoint name, full tensor) pairs on the parameters' device, fused experts
-    split into the per-expert keys vLLM's loaders expect. Views: nothing is copied but the gather (and the cast
-    to `dtype`, on the shard)."""
-    for name, t in full_parameters(model, dtype):
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", t[e, :half]
-                yield f"{prefix}.{e}.up_proj.weight", t[e, half:]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len(".down_proj")]
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", t[e]
-        else:
-            yield name, t
-
-
-class VLLMRollout:
-    """golong.rollout.vllm_engine.VLLMEngine behind the trainer's engine interface: colocated,
-    asleep during the update, weights pushed from the (sharded) trainer in memory after it."""
-
-    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer: Any, run_dir: Path) -> None:
-        from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine  # lazy: vLLM only when asked for
-
-        path = cfg.model.path
-        if path is None:  # from scratch: vLLM needs a config.json; weights come from the first push
-            path = str(run_dir / "vllm_model")
-            if dist.get_rank() == 0:
-                Path(path).mkdir(parents=True, exist_ok=True)
-                import json
-
-                (Path(path) / "config.json").write_text(json.dumps(model.config.to_hf(dtype=cfg.model.dtype)))
-            dist.barrier()
-        r = cfg.rollout
-        self.engine = VLLMEngine(VLLMConfig(
-            model=path, tensor_parallel_size=r.tensor_parallel_size,
-            dtype=cfg.model.dtype if torch.cuda.is_available() else "float32",
-            max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
-            gpu_memory_utilization=r.gpu_memory_utilization, bucket_bytes=r.weight_sync_bucket_mb << 20,
-            load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer, path))
-
-    def sync_weights(self, model: nn.Module) -> None:
-        self.engine.update_weights(hf_parameters(model, self.engine.dtype))
-
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-                 progress: Any = None) -> GenerationResult:
-        return self.engine.generate(prompts, params, seeds, progress=progress)
-
-
-def build_engine(cfg: RunConfig, model: nn.Module, tokenizer: Any, run_dir: Path) -> Any:
-    if cfg.rollout.engine == "torch":
-        return TorchEngine(cfg, model, tokenizer)
-    return VLLMRollout(cfg, model, tokenizer, run_dir)
-
-
 # ---------------------------------------------------------------------------------- the trainer
-def _gather_objects(obj: Any) -> list[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every rank's obj on rank 0 (rank order), None on the others. A collective: every rank calls it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
 class _Progress:
     """Rollout progress on rank 0 (a no-op elsewhere or when disabled): a rich bar on a terminal; in a log file,
     where a bar is noise, a line every `log_every_s` seconds (a long-context rollout runs for many minutes)."""
@@ -969,6 +275,7 @@ class Trainer:
         self.warned_function = False  # _check_function_errors: once per run
         self.filter_keys_seen: set[str] = set()  # _filter_values: keys a result has held in this run
         self.warned_filter_key = False
+        self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             _add_layer_nvtx(self.model)
@@ -1018,7 +325,7 @@ class Trainer:
                      tuple(sorted(rc.reward_kwargs))).start()
         except Exception as e:  # any: a rank that raised alone would leave the others waiting in the gather
             problem = f"rank {self.rank}: {e}"
-        problems = [p for p in _gather_objects(problem) if p]
+        problems = [p for p in all_gather_objects(problem) if p]
         if problems:
             raise RewardFunctionError(problems[0])
 
@@ -1101,9 +408,17 @@ class Trainer:
         # the count of calls that failed, the first one's traceback, how many responses the function was given, and
         # the (sum, count) of each extra number its results held
         errors = report.errors
+        texts_held = {}  # key -> one value: the keys under which results held text (algo.filter_metric's error)
+        for extras in report.extras.values():
+            for key, v in extras.items():
+                if isinstance(v, str):
+                    texts_held.setdefault(key, v[:60])
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
-                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken)
-        parts = _gather_objects((local, fails, raised))
+                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held)
+        parts = all_gather_objects((local, fails, raised))
+        for _, _, r in parts:
+            for key, v in r[5].items():
+                self.reward_texts.setdefault(key, v)
         if failed := [r[4] for _, _, r in parts if r[4]]:
             raise RewardFunctionError(f"{label}: scoring failed: {failed[0]}")
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
@@ -1120,7 +435,7 @@ class Trainer:
         by_request: dict[int, tuple[str, dict[str, Any] | None]] = {}
         if texts:  # to rank 0 only: decoding them again there took ~4 ms per 16K-token response
             t3 = time.perf_counter()
-            shares = _gather_to_rank0(list(zip(mine, decoded, infos)))
+            shares = gather_objects_to_rank0(list(zip(mine, decoded, infos)))
             by_request = {j: (text, info) for share in shares or [] for j, text, info in share}
             timings["time/dump_s"] = time.perf_counter() - t3
         results = []
@@ -1139,7 +454,7 @@ class Trainer:
                   if k.startswith("reward/extra_count/")}
         return {f"{prefix}/{key}": total / counts[key] for key, total in sorted(sums.items())}
 
-    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None]], label: str,
+    def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None, dict]], label: str,
                                stop_if_all: bool = True) -> int:
         """How many calls of the user's reward function failed (raised, ran out of time, lost their worker: scored
         0), from every rank's (count, first traceback, calls, extras, pool failure). The first failure is logged
@@ -1233,6 +548,12 @@ class Trainer:
             self.filter_keys_seen.add(key)
         elif key not in self.filter_keys_seen:
             held = sorted({k for r in batch for k in r.reward_numbers or {}})
+            if key in self.reward_texts:  # dynamic sampling compares numbers (DAPO: the std of a group's values)
+                raise RewardFunctionError(
+                    f"algo.filter_metric={key}: the reward function's results hold text under {key!r} (such as "
+                    f"{self.reward_texts[key]!r}), not a number; return a number under it (1.0 for a correct answer, "
+                    f"say) or filter on another key (the numbers they held: {', '.join(held) or 'none'}; or score, "
+                    "reward)")
             raise RewardFunctionError(
                 f"algo.filter_metric={key}: no result of the reward function has held a number under {key!r} in "
                 f"this run (the numbers they held: {', '.join(held) or 'none'}; or score, reward)")
@@ -1731,29 +1052,6 @@ class Trainer:
         self.writer.close()
 
 
-def reference_answer(record: Any) -> str:
-    """A record's reference answer: extra_info.answer, else ground_truth.golden_label, else its doc_ids one per
-    line; "" where it has none (a ground truth only the run's own reward function reads)."""
-    return str(record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
-        record.ground_truth.doc_ids))
-
-
-def sft_target(record: Any) -> str:
-    """The SFT response for a record: an empty think block, then its reference answer (synthetic
-    records store one; otherwise the golden label, else the gold items one per line), after an
-    [Answer] marker where the record's reward reads only what follows one (LongBench-Pro metrics)."""
-    from golong.rewards.scoring import SCOPES
-
-    answer = reference_answer(record)
-    try:
-        scope = SCOPES[record.metric]
-    except ValueError:  # a record only the run's own reward function scores (rollout.reward_function)
-        scope = "whole"
-    if scope == "marked" and "[Answer]" not in answer:
-        answer = f"[Answer]\n{answer}"
-    return f"<think>\n\n</think>\n\n{answer}"
-
-
 class _TorchTrace:
     def __init__(self, path: Path) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -1778,161 +1076,6 @@ def _add_layer_nvtx(model: nn.Module) -> None:
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: torch.cuda.nvtx.range_push(f"layer{i}"))
         layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
-
-
-def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
-             by: Sequence[str] = (), save_every: int | None = None) -> dict[str, Any]:
-    """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
-    sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
-    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts;
-    with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and OUT_DIR/responses.jsonl
-    (every response, its task and score); returns the eval.json content. The prompts go `save_every` at a time
-    (default: by context tokens, golong.eval_saved.batch_starts; 0: all at once, nothing saved), each batch saved to
-    OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from (golong.eval_saved)."""
-    import json
-
-    from golong.checkpoint import checkpoint_problem
-    from golong.data.check import task_metrics
-
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and (problem := checkpoint_problem(ckpt)):  # before the model is built
-        raise FileNotFoundError(f"--checkpoint {problem}")
-    out = Path(out_dir) if out_dir is not None else \
-        Path(cfg.logging.run_dir) / "eval" / (ckpt.name if ckpt else "model")
-    # the training run's prompt cache, not one per eval directory that no other eval would read
-    cache = prompt_cache_dir(cfg)
-    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(out), wandb=False,
-                                                               tensorboard=False),
-                              data=dataclasses.replace(cfg.data, prompt_cache="none" if cache is None else str(cache)))
-    trainer = None
-    try:
-        trainer = Trainer(cfg, eval_only=True, eval_by=by)
-        step = 0
-        if ckpt is not None:
-            step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
-            trainer.engine.sync_weights(trainer.model)
-            log.info(f"eval: weights of {ckpt} (step {step})")
-        val_records = trainer.val_record_tasks
-        dropped = val_records.total() - len(trainer.val_prompts)
-        responses: list[dict[str, Any]] = []  # filled on rank 0
-        from golong.eval_saved import batch_starts, fingerprint
-
-        rc = cfg.rollout
-        starts = batch_starts([len(p.input_ids) for p in trainer.val_prompts], rc.max_response_tokens, rc.val_n,
-                              trainer.world, save_every)
-        saved, fp = (out / "eval.partial.jsonl" if save_every != 0 else None), ""
-        if saved is not None and trainer.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            # what the responses and scores depend on: the config without where it writes, how it checkpoints and
-            # how it spreads over ranks (the seeds follow each request's place in the set, not its rank)
-            settings = {k: v for k, v in to_dict(cfg).items() if k not in ("logging", "profile", "parallel",
-                                                                             "checkpoint")}
-            settings["data"] = {k: v for k, v in settings["data"].items() if k != "prompt_cache"}
-            fp = fingerprint(trainer.val_prompts, settings, ckpt)
-        metrics = trainer.validate(step, responses, starts=starts, saved=saved, fingerprint=fp)
-        prompts = Counter(p.record.task for p in trainer.val_prompts)
-        truncated = Counter(p.record.task for p in trainer.val_prompts if p.truncated)
-        metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
-        n = cfg.rollout.val_n
-
-        def samples(prefix: str, suffix: str = "") -> dict[str, Any]:  # pass@k per k, best@n (None at n = 1)
-            return {"pass_at_k": {str(k): metrics[f"{prefix}pass@{k}{suffix}"] for k in k_values(n)},
-                    "best_of_n": metrics.get(f"{prefix}best@{n}{suffix}")}
-
-        result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
-                  "prompts": len(trainer.val_prompts), "responses_per_prompt": n,
-                  # the records the prompts come from: those left out or cut at data.max_prompt_tokens
-                  "records": val_records.total(), "dropped": dropped, "truncated": sum(truncated.values()),
-                  "overflow": cfg.data.overflow, "max_prompt_tokens": cfg.data.max_prompt_tokens,
-                  # tasks none of whose records fit: their record counts (they have no row in `tasks`)
-                  "tasks_dropped": {t: c for t, c in sorted(val_records.items()) if t not in prompts},
-                  "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
-                  "reward_mean": metrics["val/reward/mean"], **samples("val/"),
-                  # None: rollout.require_think off, or a reward function of the user's own (no format gate)
-                  "format_error_frac": metrics.get("val/format_error_frac"),
-                  "function_errors": None if "val/reward/function_errors" not in metrics else  # None: no function
-                  int(metrics["val/reward/function_errors"]),
-                  # the means of the other numbers the reward function's dict results held
-                  "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
-                                    if k.startswith("val/reward/extra/")},
-                  "tasks": {t: {"metric": metric[t], "records": val_records[t],
-                                "dropped": val_records[t] - prompts[t], "truncated": truncated[t],
-                                "responses": prompts[t] * n,
-                                "reward_mean": metrics[f"val/reward/task/{t}"], **samples("val/", f"/task/{t}"),
-                                **({"function_errors": int(metrics.get(f"val/reward/function_errors/task/{t}", 0))}
-                                   if cfg.rollout.reward_function else {})} for t in sorted(prompts)}}
-        if trainer.rank == 0:
-            if by:
-                result["by"] = {key: breakdown(key, trainer.val_prompts, responses, n) for key in dict.fromkeys(by)}
-            out.mkdir(parents=True, exist_ok=True)
-            write_jsonl(out / "responses.jsonl", responses)
-            # eval.json last and by rename: where it exists, both files are whole
-            (out / "eval.json.tmp").write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(out / "eval.json.tmp", out / "eval.json")
-            if saved is not None:  # eval.json and responses.jsonl hold it all now
-                saved.unlink(missing_ok=True)
-            _print_eval(result, out)
-        return result
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if dist.is_initialized() and cfg.rollout.engine != "vllm":
-            dist.destroy_process_group()
-
-
-def _print_eval(result: dict[str, Any], out: Path) -> None:
-    from rich.table import Table
-
-    from golong.data.check import print_table
-
-    title = f"eval: {result['checkpoint'] or result['model'] or 'scratch model'}, {result['prompts']} prompts x " \
-            f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
-    table = Table(title=title)
-    failures = result.get("function_errors") is not None  # a reward function of the user's own: its failures
-    n = result["responses_per_prompt"]
-    ks = sorted({1, n})  # pass@1 and pass@n; eval.json holds every k
-
-    def samples(row: dict[str, Any]) -> list[str]:
-        return [f"{row['pass_at_k'][str(k)]:.3f}" for k in ks] + ([f"{row['best_of_n']:.3f}"] if n > 1 else [])
-
-    columns = [("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")]
-    columns += [(f"pass@{k}", "right") for k in ks] + ([(f"best@{n}", "right")] if n > 1 else [])
-    for col, justify in columns + ([("function errors", "right")] if failures else []):
-        table.add_column(col, justify=justify)
-    for task, row in result["tasks"].items():
-        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}", *samples(row),
-                      *([str(row["function_errors"])] if failures else []))
-    table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
-                  f"{result['reward_mean']:.3f}", *samples(result),
-                  *([str(result["function_errors"])] if failures else []))
-    print_table(table)  # unwrapped where piped: no truncated task names
-    for key, groups in result.get("by", {}).items():
-        table = Table(title=f"by {key}")
-        for col, justify in [(key, "left"), ("prompts", "right"), ("responses", "right"), ("reward", "right")] + \
-                columns[4:]:
-            table.add_column(col, justify=justify)
-        for label, row in groups.items():
-            table.add_row(label, str(row["prompts"]), str(row["responses"]), f"{row['reward_mean']:.3f}",
-                          *samples(row))
-        print_table(table)
-    if len(k_values(n)) > len(ks):
-        print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")
-    cut = [f"{result[k]} {k}" for k in ("dropped", "truncated") if result.get(k)]
-    if cut:  # the score covers a part of the data: say which
-        print(f"{result['prompts']} prompts from {result['records']} records: {' and '.join(cut)} at "
-              f"data.max_prompt_tokens={result['max_prompt_tokens']} (data.overflow={result['overflow']}); per task: "
-              "records, dropped, truncated in eval.json")
-    if result.get("tasks_dropped"):
-        gone = result["tasks_dropped"]
-        print("no prompt left of task(s) " + ", ".join(f"{t} ({c} records)" for t, c in gone.items()))
-    if result.get("format_error_frac"):
-        print(f"{result['format_error_frac']:.1%} of the responses failed the format gate (rollout.require_think) "
-              "and scored 0")
-    if failures and result["function_errors"]:
-        count = result["function_errors"]
-        print(f"the reward function failed on {count} response{'s' if count != 1 else ''}, which scored 0 (each "
-              "one's error: reward_error in responses.jsonl)")
-    print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

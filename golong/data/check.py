@@ -65,7 +65,7 @@ def check_data(cfg: RunConfig, *, answers: bool = False, train: bool = True) -> 
     (min, median, max); printed as a table. Bad records raise RecordError naming file and line, as training's
     loading does. `answers`: the records' reference answers scored too (score_answers). train=False: the
     validation records only, what `golong eval` reads (no training data needed)."""
-    from golong.trainer import load_tokenizer
+    from golong.build import load_tokenizer
 
     d = cfg.data
     tokenizer = load_tokenizer(cfg)
@@ -114,9 +114,9 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
     its position, score and (a failed call) error: a ground truth no answer can match, or a function that does
     not accept the answer it should. A function that fails on every answer of a split raises RewardFunctionError
     with the first failure's traceback, as training stops on a batch in which every call failed."""
+    from golong.data.records import reference_answer, sft_target
     from golong.rewards.function import FunctionReport, RewardFunctionError
     from golong.rewards.scoring import reward_config, score_records
-    from golong.trainer import reference_answer, sft_target
 
     rows: list[dict[str, Any]] = []
     for split, records in splits:

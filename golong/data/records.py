@@ -299,3 +299,26 @@ def write_records(records: list[Record], path: str | Path) -> Path:
     else:
         raise ValueError(f"{p}: unsupported dataset format {suffix!r} (use .parquet or .jsonl)")
     return p
+
+
+def reference_answer(record: Any) -> str:
+    """A record's reference answer: extra_info.answer, else ground_truth.golden_label, else its doc_ids one per
+    line; "" where it has none (a ground truth only the run's own reward function reads)."""
+    return str(record.extra_info.get("answer") or record.ground_truth.golden_label or "\n".join(
+        record.ground_truth.doc_ids))
+
+
+def sft_target(record: Any) -> str:
+    """The SFT response for a record: an empty think block, then its reference answer (synthetic
+    records store one; otherwise the golden label, else the gold items one per line), after an
+    [Answer] marker where the record's reward reads only what follows one (LongBench-Pro metrics)."""
+    from golong.rewards.scoring import SCOPES
+
+    answer = reference_answer(record)
+    try:
+        scope = SCOPES[record.metric]
+    except ValueError:  # a record only the run's own reward function scores (rollout.reward_function)
+        scope = "whole"
+    if scope == "marked" and "[Answer]" not in answer:
+        answer = f"[Answer]\n{answer}"
+    return f"<think>\n\n</think>\n\n{answer}"

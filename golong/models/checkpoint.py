@@ -247,17 +247,25 @@ def _check_tied_head(file: Path, embed: torch.Tensor, local: torch.Tensor, regio
 
 
 # ------------------------------------------------------------------------------------- save
-def hf_state_items(model: Qwen3ForCausalLM, expert_layout: str = "per_expert",
-                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, full CPU tensor) pairs, one parameter gathered at a time (DTensors: full_tensor(),
-    a collective every rank of the mesh must join)."""
-    from torch.distributed.tensor import DTensor
+def full_parameters(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) per parameter, gathered one at a time (DTensors: full_tensor(), a collective every rank of
+    the mesh must join); with `dtype`, each shard is cast before its gather (an fp32 master gathered for a bf16
+    engine or file would move twice the bytes)."""
+    for name, p in model.named_parameters():
+        p = p.detach() if dtype is None else p.detach().to(dtype)
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
+
+def hf_state_items(model: nn.Module, expert_layout: str = "per_expert", dtype: torch.dtype | None = None,
+                   device: str | None = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, full tensor) pairs, one parameter gathered at a time (see full_parameters), on `device` (None: the
+    parameters' own, as an in-memory weight push wants them). per_expert splits the fused experts into the
+    per-expert keys of HF checkpoints and vLLM's loaders, as views of the gathered tensor."""
     if expert_layout not in ("per_expert", "fused"):
         raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
-    for name, p in model.named_parameters():
-        t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-        t = t.to(device="cpu", dtype=dtype or t.dtype)
+    for name, t in full_parameters(model, dtype):
+        if device is not None:
+            t = t.to(device)
         if expert_layout == "per_expert" and name.endswith("mlp.experts.gate_up_proj"):
             prefix, half = name[: -len(".gate_up_proj")], t.shape[1] // 2
             for e in range(t.shape[0]):

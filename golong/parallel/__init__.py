@@ -8,15 +8,23 @@
 from golong.parallel.batching import balance, pack, plan_micro_batches, rollout_share
 from golong.parallel.context import cp_gather, cp_shard
 from golong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
-from golong.parallel.mesh import ParallelDims, init_distributed, init_parallel
+from golong.parallel.mesh import (
+    ParallelDims,
+    all_gather_objects,
+    gather_objects_to_rank0,
+    init_distributed,
+    init_parallel,
+)
 
 __all__ = [
     "ParallelDims",
+    "all_gather_objects",
     "apply_activation_checkpointing",
     "apply_fsdp",
     "balance",
     "cp_gather",
     "cp_shard",
+    "gather_objects_to_rank0",
     "init_distributed",
     "init_parallel",
     "mixed_precision_policy",

@@ -13,6 +13,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,3 +109,21 @@ def init_parallel(dp_shard: int = -1, cp: int = 1, backend: str = "auto", cpu_of
     fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     return ParallelDims(mesh=mesh, fsdp_mesh=fsdp_mesh, dp_size=dp_shard, dp_rank=mesh.get_local_rank("dp_shard"),
                         cp_size=cp, cp_rank=mesh.get_local_rank("cp"))
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's obj, in rank order, on every rank (pickled; small objects only). A collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's obj on rank 0 (rank order), None on the others. A collective: every rank calls it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -203,7 +203,7 @@ class VLLMEngine:
             prompts = [p for g in gathered for p in g[0]]
             seeds_l = [s for g in gathered for s in g[1]]
         # vLLM also stops at the checkpoint's own EOS ids (generation_config.json, else config.json): the trainer
-        # passes those to both engines (golong.trainer.stop_token_ids), TorchGenerator stops at these alone
+        # passes those to both engines (golong.build.stop_token_ids), TorchGenerator stops at these alone
         stop = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
         sps = [self._vllm.SamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=max(params.top_k, 0),

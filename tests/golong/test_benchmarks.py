@@ -13,8 +13,8 @@ import pytest
 from golong.cli import main
 from golong.data import RecordError, load_records
 from golong.data.benchmarks import LONGBENCH_V2_TEMPLATE, import_benchmark
+from golong.data.records import reference_answer
 from golong.rewards import score_record
-from golong.trainer import reference_answer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -229,7 +229,7 @@ def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(
 def test_eval_command_passes_every_by_key(tmp_path, monkeypatch):
     """`golong eval CONFIG --by a --by b`: both keys reach evaluate, in order."""
     seen = {}
-    monkeypatch.setattr("golong.trainer.evaluate", lambda cfg, checkpoint, out, **kw: seen.update(kw))
+    monkeypatch.setattr("golong.evaluate.evaluate", lambda cfg, checkpoint, out, **kw: seen.update(kw))
     assert main(["eval", str(ROOT / "configs" / "demo-cpu.yaml"), f"logging.run_dir={tmp_path}", "--by", "length",
                  "--by", "prompt_tokens"]) == 0
     assert seen == {"by": ["length", "prompt_tokens"], "save_every": None}

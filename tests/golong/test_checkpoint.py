@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from golong.build import scratch_hf_config
 from golong.checkpoint import MARKER, Checkpointer, export_hf, latest_checkpoint, list_checkpoints
 from golong.config import ConfigError
 from golong.models import from_config
-from golong.trainer import scratch_hf_config
 from tests.golong.trainer_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     tiny_config,
@@ -431,8 +431,9 @@ def _full_train_state(actor) -> dict:
 
 
 def _layout_save(rank: int, world: int, cp: int, ckpt_dir: str, out: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts
 
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=3)
@@ -446,8 +447,9 @@ def _layout_save(rank: int, world: int, cp: int, ckpt_dir: str, out: str) -> Non
 
 
 def _layout_load(rank: int, world: int, cp: int, ckpt_dir: str, saved: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
 
     cfg = tiny_config(parallel__cp=cp)
     dims = init_parallel(-1, cp, "gloo")

@@ -723,9 +723,9 @@ def test_demo_without_sft_or_validation_is_one_line(tmp_path, capsys):
 def test_export_onto_a_file_or_a_run_directory_is_one_line(tmp_path, capsys):
     import torch
 
+    from golong.build import scratch_hf_config
     from golong.checkpoint import Checkpointer
     from golong.models import from_config
-    from golong.trainer import scratch_hf_config
     from tests.golong.trainer_helpers import tiny_config
 
     model = from_config(scratch_hf_config(tiny_config()), dtype=torch.float32)
@@ -770,7 +770,7 @@ def test_overrides_are_optional_in_the_usage(capsys):
     (["data", "synth", "--out", "{tmp}/d.jsonl", "--n", "2"], "golong.data.records.write_records",
      "; {tmp}/d.jsonl may be partly written"),
     (["plot", "{tmp}"], "golong.plot.plot_run", ""),
-    (["eval", "{demo}", "logging.run_dir={tmp}"], "golong.trainer.evaluate",
+    (["eval", "{demo}", "logging.run_dir={tmp}"], "golong.evaluate.evaluate",
      "; the batches of prompts done are saved in OUT/eval.partial.jsonl (unless --save-every 0): the same command "
      "resumes after them"),
     (["data", "import", "mrcr", "{tmp}/x.jsonl", "--out", "{tmp}/o.jsonl"], "golong.data.benchmarks.import_benchmark",

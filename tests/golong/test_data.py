@@ -726,10 +726,10 @@ def test_data_check_reports_what_training_would_see_per_task(tmp_path, capsys):
     data.max_prompt_tokens and the kept prompts' lengths, counted here independently from the chat template;
     a task with every record over the limit is warned about; no training prompt at all, or a bad record (named by
     file and line), stops it."""
+    from golong.build import load_tokenizer
     from golong.cli import main
     from golong.config import load_config
     from golong.data.check import check_data
-    from golong.trainer import load_tokenizer
 
     data = tmp_path / "train.jsonl"
     write_dataset(data, 24, 200, seed=1, tasks=["summarization", "graded_ranking"])

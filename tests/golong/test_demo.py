@@ -131,11 +131,11 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
     import torch
 
     import golong.demo as demo
+    from golong.build import scratch_hf_config
     from golong.checkpoint import Checkpointer
     from golong.data.tokenizer import build_demo_tokenizer
     from golong.logger import MetricsWriter
     from golong.models import from_config
-    from golong.trainer import scratch_hf_config
     from tests.golong.trainer_helpers import tiny_config
 
     tasks = ["summarization", "graded_ranking", "precise_retrieval"]

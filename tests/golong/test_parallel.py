@@ -1,6 +1,6 @@
 """golong.parallel: batch planning, and the FSDP2 / context-parallel update against one rank.
 
-The distributed tests run the trainer's real update (golong.trainer.Actor: micro-batching, old
+The distributed tests run the trainer's real update (golong.actor.Actor: micro-batching, old
 logprobs, rollout IS weights, clipped loss, grad clipping, AdamW) on the same fixed batch on 1 rank,
 on 2 FSDP ranks and on a cp=2 ring, and compare the parameters afterwards.
 """
@@ -84,8 +84,9 @@ def test_plan_pads_ranks_to_the_same_count():
 def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
                  kl_coef: float = 0.0, agg: str = "token-mean", keep_attention: bool = False,
                  policy: str = "vanilla") -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     # 2 mini-batches x 2 PPO epochs: the off-policy path (old-logprob pass) and 4 optimizer steps;
@@ -196,8 +197,9 @@ def test_kl_to_the_reference_policy_under_fsdp_and_context_parallel_matches_one_
 
 
 def _reference_from_checkpoint(rank: int, world: int, path: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model, reference_dtype
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model, reference_dtype
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     # bf16 compute is the default (on a GPU; FSDP computes in fp32 on CPU): the reference must hold what the policy
@@ -265,8 +267,9 @@ def test_fsdp_and_context_parallel_together_match_one_rank(one_rank, tmp_path):
 
 
 def _tiny_batch_run(rank: int, world: int, cp: int, out: str) -> None:
+    from golong.actor import Actor, Rollout
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, Rollout, build_model
     from tests.golong.trainer_helpers import tiny_config
 
     cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=1, algo__rollout_is="mask", optim__grad_clip=0.5)
@@ -358,8 +361,9 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
 
 def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean", minis: int = 1,
                          ent_coef: float = 0.0, gspo: bool = False) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     # one mini-batch, 2 PPO epochs (off-policy: old logprobs from a pass before the update); several
@@ -461,8 +465,9 @@ def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, e
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
 def _is_metric_run(rank: int, world: int, budgets: list[int], out: str, level: str = "token", cp: int = 1) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     cfg = tiny_config(trainer__mini_batch_prompts=100, algo__ppo_epochs=1, algo__rollout_is="mask",
@@ -537,8 +542,9 @@ def test_sequence_level_rollout_is_masks_whole_responses_in_the_update(level, tm
 
 # --------------------------------------------------------------------------- actor/entropy's aggregation
 def _entropy_metric_run(rank: int, world: int, out: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
     rollouts = fixed_rollouts(n_prompts=5, n=3, seed=1)
@@ -599,8 +605,10 @@ def test_cpu_offload_adds_gloo_for_host_tensors(monkeypatch):
 def _cast_before_gather(rank: int, world: int) -> None:
     from torch.distributed.tensor import DTensor
 
+    from golong.actor import Actor
+    from golong.build import build_model
+    from golong.models.checkpoint import hf_state_items
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, build_model, hf_parameters
     from tests.golong.trainer_helpers import tiny_config
 
     dims = init_parallel(-1, 1, "gloo")
@@ -609,8 +617,8 @@ def _cast_before_gather(rank: int, world: int) -> None:
     assert isinstance(p, DTensor) and p.dtype == torch.float32
     cast = p.detach().to(torch.bfloat16)  # what full_parameters gathers: the shard, cast where it lies
     assert isinstance(cast, DTensor) and cast.placements == p.placements and cast.to_local().dtype == torch.bfloat16
-    full = dict(hf_parameters(actor.model))
-    half = dict(hf_parameters(actor.model, torch.bfloat16))
+    full = dict(hf_state_items(actor.model, device=None))
+    half = dict(hf_state_items(actor.model, dtype=torch.bfloat16, device=None))
     assert list(half) == list(full) and len(full) > 10
     for k, v in full.items():
         assert half[k].dtype == torch.bfloat16 and torch.equal(half[k], v.to(torch.bfloat16)), k

@@ -296,14 +296,15 @@ def _live_bytes(tensors) -> int:
 
 
 def _run_config(case: dict, out_dir: str) -> None:
-    """The trainer's own policy update (golong.trainer.Actor: FSDP2 model from build_model, packed
+    """The trainer's own policy update (golong.actor.Actor: FSDP2 model from build_model, packed
     micro-batches, fused logprob head, policy loss, backward, clipping, AdamW) on this rank, for
     case["micro"] micro-batches of case["docs"] sequences; writes {peak, base} to
     out_dir/<name>-<rank>.json."""
     import torch.distributed as dist
 
+    from golong.actor import Actor, Rollout
+    from golong.build import build_model
     from golong.parallel import init_parallel
-    from golong.trainer import Actor, Rollout, build_model
 
     cfg = load_config(None, case["overrides"])
     dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp)
@@ -390,7 +391,7 @@ def test_trainer_adamw_and_plan_follow_optim_impl(impl):
     from types import SimpleNamespace
 
     from bench.gpu_train_step import make_config
-    from golong.trainer import Actor
+    from golong.actor import Actor
 
     gpu = make_config(36, 16384, 1, tiny=False)  # the Qwen3-4B-shaped step bench.gpu_train_step measures
     assert gpu.optim.impl == "for-loop"  # the default

@@ -325,7 +325,7 @@ def test_records_a_function_scores_need_no_route(tmp_path, reward_file):
                                  "reward_model": {"ground_truth": "7"}}, routed=False)
     assert task_metrics([*train, routable], "r.py") == {"count": "compute_score() (golong: em)/compute_score() "
                                                                  "(golong: none)"}
-    from golong.trainer import sft_target
+    from golong.data.records import sft_target
 
     assert sft_target(train[0]) == "<think>\n\n</think>\n\n42"
 

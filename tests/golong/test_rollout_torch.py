@@ -180,15 +180,17 @@ def test_load_weights_changes_samples():
     assert all(torch.equal(p, pushed[n]) for n, p in model.named_parameters())  # an exact copy of every tensor
 
 
-def test_vllm_weight_sync_names_match_the_hf_checkpoint():
-    """The trainer pushes (HF name, tensor) pairs into vLLM: exactly the keys and values that
-    save_pretrained writes (per-expert layout), so vLLM's own loader maps every one of them."""
+def test_vllm_weight_sync_names_match_the_hf_checkpoint(tmp_path):
+    """The trainer pushes (HF name, tensor) pairs into vLLM (hf_state_items on the parameters' device): exactly the
+    keys and values that save_pretrained writes (per-expert layout), so vLLM's own loader maps every one of them."""
+    from safetensors.torch import load_file
+
     from golong.models.checkpoint import hf_state_items
-    from golong.trainer import hf_parameters
 
     model = tiny_moe(seed=3)
-    pushed = dict(hf_parameters(model))
-    saved = dict(hf_state_items(model))
-    assert list(pushed) == list(saved) and any(".experts.3.up_proj.weight" in k for k in pushed)
+    pushed = dict(hf_state_items(model, device=None))
+    model.save_pretrained(tmp_path)
+    saved = {k: v for f in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(pushed) == sorted(saved) and any(".experts.3.up_proj.weight" in k for k in pushed)
     for k, v in saved.items():
         assert torch.equal(pushed[k], v), k

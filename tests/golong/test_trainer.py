@@ -278,11 +278,12 @@ def test_rollout_dump_of_a_step_that_kept_nothing_and_of_a_failed_write(tmp_path
 
     import numpy as np
 
+    from golong.actor import Rollout
     from golong.config import RunConfig
     from golong.data import build_prompts
     from golong.data.synthetic import generate
     from golong.data.tokenizer import build_demo_tokenizer
-    from golong.trainer import Rollout, Trainer
+    from golong.trainer import Trainer
 
     tok = build_demo_tokenizer()
     prompts = build_prompts(generate(3, 8, seed=2), tok, 256)
@@ -572,7 +573,7 @@ def test_eval_names_the_metric_each_task_was_scored_by(config_file, tmp_path):
 
     from golong.config import load_config
     from golong.data.synthetic import generate
-    from golong.trainer import evaluate
+    from golong.evaluate import evaluate
 
     recs = [r.to_dict() for r in generate(4, 4, seed=1, tasks=["summarization"])]
     recs[0].update(data_source="frames_model_verify", extra_info={"reward_mode": "math_verify"},
@@ -969,7 +970,8 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
     groups whose scores differ but whose acc is tied are dropped and the others kept, a result without it (a
     failed call, a plain number) counting its score as DAPO does; with "reward" the overlong penalty separates
     responses of equal score; another key counts 0 where a result lacks it; a key no result has held in the run
-    stops it naming the keys they do hold, one held before but missing from a whole batch is warned about once."""
+    stops it naming the keys they do hold, one held before but missing from a whole batch is warned about once; a
+    key under which the results hold text stops it saying so (the real reward function's results, not scripted)."""
     import torch.distributed as dist
 
     from golong.config import ConfigError, config_warnings, load_config
@@ -978,7 +980,7 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     (tmp_path / "reward.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info):\n"
-                                        "    return 1.0\n")
+                                        "    return {'score': 1.0, 'acc': 1.0, 'pred': 'the answer'}\n")
     overrides = [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
                  "algo.max_num_gen_batches=1", "trainer.gen_batch_prompts=6", "trainer.prompts_per_step=6",
                  "rollout.max_response_tokens=8", "algo.filter_metric=acc"]
@@ -1010,6 +1012,7 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
             assert n == 4
             return [response(*(x[j % n] for x in script[j // n])) for j in range(len(prompts) * n)], {}
 
+        generate_and_score = trainer._generate_and_score
         monkeypatch.setattr(trainer, "_generate_and_score", scripted)
         got, _ = trainer.collect_rollouts(1)
         assert sorted({r.group for r in got}) == [1, 2, 5]
@@ -1034,6 +1037,13 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
         assert trainer.collect_rollouts(6)[0] == [] and trainer.collect_rollouts(7)[0] == []
         warned = [line for line in capsys.readouterr().out.splitlines() if "no result in this generation" in line]
         assert len(warned) == 1 and "algo.filter_metric=pass" in warned[0]
+        # text under the key: said so, with one value (it was "no number", the text only in the rollout dump)
+        monkeypatch.setattr(trainer, "_generate_and_score", generate_and_score)
+        trainer.cfg.algo.filter_metric = "pred"
+        with pytest.raises(RewardFunctionError, match=r"algo.filter_metric=pred: the reward function's results hold "
+                                                      r"text under 'pred' \(such as 'the answer'\), not a number; .* "
+                                                      r"\(the numbers they held: acc; or score, reward\)"):
+            trainer.collect_rollouts(8)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1152,9 +1162,8 @@ def test_validation_without_validation_prompts_is_warned(config_file, tmp_path, 
 def test_sft_target_scores_full_reward_under_its_records_metric(data_source, reward_mode, gt):
     """The SFT warm-up teaches the format the reward reads: for LongBench-Pro metrics the recipe reads the
     whole response after [Answer] (without one, the think-block lines count as predicted items)."""
-    from golong.data.records import Record
+    from golong.data.records import Record, sft_target
     from golong.rewards.scoring import score_record
-    from golong.trainer import sft_target
 
     rec = Record.from_dict({"data_source": data_source, "prompt": "q", "ability": "long_context",
                             "reward_model": {"ground_truth": gt},
@@ -1168,8 +1177,8 @@ def test_stop_ids_include_the_checkpoints_own_eos_ids_as_vllm_adds_them(tmp_path
     trainer's stop ids, given to both engines and used to strip the stop token, include them."""
     import json
 
+    from golong.build import stop_token_ids
     from golong.data.tokenizer import build_demo_tokenizer
-    from golong.trainer import stop_token_ids
 
     tok = build_demo_tokenizer(vocab_size=1024)
     base = stop_token_ids(tok)
@@ -1316,7 +1325,7 @@ def test_eval_uses_the_training_runs_prompt_cache(config_file, tmp_path):
     """`golong eval` writes to RUN_DIR/eval/<checkpoint>, but its prompts go through RUN_DIR/prompt_cache, which
     training filled: not a fresh cache in every eval directory, tokenized again for each checkpoint."""
     from golong.config import load_config
-    from golong.trainer import evaluate
+    from golong.evaluate import evaluate
 
     cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "rollout.val_n=1"])
     evaluate(cfg, out_dir=tmp_path / "eval" / "a")
@@ -1352,7 +1361,7 @@ def _texts_worker(rank: int, world: int) -> None:
         return GenerationResult(ids, [None] * len(ids), ["stop"] * len(ids))
 
     stub = types.SimpleNamespace(cfg=RunConfig(), rank=rank, world=world, tokenizer=tok, stop_ids={tok.eos_token_id},
-                                 engine=types.SimpleNamespace(generate=fake_generate))
+                                 engine=types.SimpleNamespace(generate=fake_generate), reward_texts={})
     for name in ("_decode_responses", "_strip_stop"):
         setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
     # the seed of request j is request_seed(key, j): answers differ between requests and are known to every rank
@@ -1453,7 +1462,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     import itertools
     import json
 
-    from golong.trainer import evaluate
+    from golong.evaluate import evaluate
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg, _ = _custom_run(tmp_path, config_file)
@@ -1555,8 +1564,9 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
     of the reward function failed does not stop the eval, a set in which every call failed does."""
     import json
 
+    from golong.evaluate import evaluate
     from golong.rewards.function import RewardFunctionError
-    from golong.trainer import Trainer, evaluate
+    from golong.trainer import Trainer
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg, _ = _custom_run(tmp_path, config_file)
@@ -1694,7 +1704,7 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     response's failure or extras; eval.json counts the failures per task."""
     import json
 
-    from golong.trainer import evaluate
+    from golong.evaluate import evaluate
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg, weights = _custom_run(tmp_path, config_file)

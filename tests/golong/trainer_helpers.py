@@ -33,7 +33,7 @@ def tiny_config(run_dir: str = "/tmp/golong-test", **over) -> RunConfig:
 
 def fixed_rollouts(n_prompts: int = 5, n: int = 3, seed: int = 0, vocab: int = 1024):
     """Rollouts with random (odd) lengths, advantages and rollout logprobs; identical on every rank."""
-    from golong.trainer import Rollout
+    from golong.actor import Rollout
 
     g = torch.Generator().manual_seed(seed)
     out = []

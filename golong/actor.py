@@ -1,0 +1,483 @@
+"""The policy update: rollouts packed into micro-batches, the PPO-style loss over mini-batches of prompts, the
+optimizer and its LR schedule (`Actor.update`).
+
+Token layout of one sequence (prompt p_0..p_{P-1}, response r_0..r_{R-1}), packed with others:
+position t predicts token t+1, so response token r_j is scored at position P-1+j; those R
+positions carry the loss mask, the advantage, the rollout logprob and the old logprob.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from golong.build import compute_device
+from golong.config import RunConfig
+from golong.logger import get_logger
+from golong.models.checkpoint import full_parameters
+from golong.parallel import ParallelDims, all_gather_objects, cp_gather, cp_shard, plan_micro_batches
+from golong.profiling import nvtx_range
+
+log = get_logger()
+# FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
+# names is an in-place op on that output, which the trainer never does.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+IGNORE = -100
+
+
+@dataclass
+class Rollout:
+    """One response to one prompt: the unit of the training batch."""
+
+    # [P] int; in training the prompt's own int32 array, shared by its n responses (a copy each took n times the
+    # prompt's memory, on every rank, for every generation batch of the step)
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]  # [R] int (int32 array in training)
+    rollout_logprobs: Sequence[float] | None  # [R] sampled-token logprobs from the rollout engine (fp32 array)
+    group: int  # prompt group (responses to the same prompt share it)
+    task: str
+    score: float = 0.0
+    advantage: float = 0.0
+    finish_reason: str = "length"
+    prompt_index: int | None = None  # position of its prompt in the trainer's training prompts (rollouts it made)
+    text: str | None = None  # the decoded response, stop token stripped: on rank 0 with logging.dump_rollouts only
+    # with rollout.reward_function: the numbers its dict result held beside the score (every rank: dynamic
+    # sampling may filter on one), and the call's failure and all it held (FunctionReport.infos; rank 0, for the dump)
+    reward_numbers: dict[str, float] | None = None
+    reward_info: dict[str, Any] | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    """Packed per-token tensors of some rollouts, in GLOBAL packed order (before cp sharding)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    targets: torch.Tensor  # [T] int64, IGNORE off the response
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    mask: torch.Tensor  # [T] fp32, 1 on response-scoring positions
+    advantages: torch.Tensor  # [T] fp32
+    rollout_logprobs: torch.Tensor  # [T] fp32 (0 where unknown)
+    has_rollout_logprobs: bool
+    old_logprobs: torch.Tensor | None  # [T] fp32
+    ref_logprobs: torch.Tensor | None  # [T] fp32, the reference policy's (algo.kl_coef > 0)
+    seq_index: torch.Tensor  # [T] int64, position of each token's sequence in `indices`
+    indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
+
+
+def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
+                      min_tokens: int = 4, ref: dict[int, torch.Tensor] | None = None) -> MicroBatch:
+    """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy."""
+    ids, tgt, mask, adv, rlp, olp, ref_lp, seq = [], [], [], [], [], [], [], []
+    cu = [0]
+    has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
+    for k, i in enumerate(indices):
+        r = rollouts[i]
+        p, n = len(r.prompt_ids), len(r.response_ids)
+        full = torch.from_numpy(np.concatenate([np.asarray(r.prompt_ids, dtype=np.int64),
+                                                np.asarray(r.response_ids, dtype=np.int64)]))
+        t = torch.full_like(full, IGNORE)
+        t[p - 1: p - 1 + n] = full[p:]
+        m = torch.zeros(len(full))
+        m[p - 1: p - 1 + n] = 1.0
+        a = m * r.advantage
+        lp = torch.zeros(len(full))
+        if has_rlp:
+            lp[p - 1: p - 1 + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
+        for given, out in ((old, olp), (ref, ref_lp)):
+            o = torch.zeros(len(full))
+            if given is not None:
+                o[p - 1: p - 1 + n] = given[i]
+            out.append(o)
+        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp)
+        seq.append(torch.full((len(full),), k, dtype=torch.long))
+        cu.append(cu[-1] + len(full))
+    if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
+        ids = [torch.zeros(min_tokens, dtype=torch.long)]
+        tgt = [torch.full((min_tokens,), IGNORE, dtype=torch.long)]
+        mask = adv = rlp = olp = ref_lp = [torch.zeros(min_tokens)]
+        seq = [torch.zeros(min_tokens, dtype=torch.long)]
+        cu.append(min_tokens)
+    return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
+                      torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
+                      torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices))
+
+
+def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
+    """Rollout indices grouped by prompt, `prompts_per_mini_batch` prompts per mini-batch."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(rollouts):
+        groups[r.group].append(i)
+    order = list(groups)
+    return [[i for g in order[s:s + prompts_per_mini_batch] for i in groups[g]]
+            for s in range(0, len(order), prompts_per_mini_batch)]
+
+
+def _fmt(v: Any) -> str:
+    """A hyperparameter for the resume log (6 significant digits: a float read back equals its config value)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, kind: str = "constant",
+                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:  # step = trainer steps (updates) taken so far, as verl counts them
+        if step < warmup:  # (step + 1): the first update already moves (verl's step / warmup spends it at lr 0)
+            return (step + 1) / (warmup + 1)
+        if kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Actor:
+    """The policy under training: FSDP-sharded model, optimizer, LR schedule, and the update.
+
+    `update(rollouts)` runs the PPO-style epochs over mini-batches and returns metrics that are
+    already reduced over all ranks. All ranks must call it with the same (gathered) rollouts.
+    """
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, cfg: RunConfig, reference: nn.Module | None = None
+                 ) -> None:
+        """reference: the frozen reference policy of the KL term (build_model(reference=True)); None: no KL."""
+        self.model, self.dims, self.cfg, self.reference = model, dims, cfg, reference
+        self.device = compute_device()  # not the parameters' device: with CPU offload they live on the host
+        self.optimizer = self._make_optimizer(cfg.optim.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim.warmup_steps, cfg.trainer.total_steps,
+                                        cfg.optim.lr_schedule, cfg.optim.min_lr_ratio)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        # weight decay on every parameter, norm gains included, as verl's FSDP actor and torchtitan do (the
+        # recipe's Megatron exempts 1-D parameters: at lr 2e-6, decay 0.1, 200 steps, a 4e-5 relative difference)
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                 weight_decay=o.weight_decay, foreach=o.impl == "foreach",
+                                 fused=True if o.impl == "fused" else None)
+
+    def reset_optimizer(self, lr: float | None = None, warmup: int | None = None, total: int | None = None) -> None:
+        """Fresh optimizer state and schedule (the SFT warm-up's, then RL's). The schedule counts updates
+        (trainer steps): a step whose batch dynamic sampling could not fill does not shift it."""
+        o = self.cfg.optim
+        self.optimizer = self._make_optimizer(o.lr if lr is None else lr)
+        self.scheduler = make_scheduler(self.optimizer, o.warmup_steps if warmup is None else warmup,
+                                        self.cfg.trainer.total_steps if total is None else total, o.lr_schedule,
+                                        o.min_lr_ratio)
+
+    def apply_config_hyperparameters(self, lr: float | None = None, lr_key: str = "optim.lr") -> list[str]:
+        """After a resume: the config's optimizer settings (lr, weight decay, betas, eps, impl) replace the
+        checkpoint's, which loading its param groups brought back (the schedule keeps its position). `lr`,
+        `lr_key`: the SFT warm-up's (trainer.sft_lr) instead of optim.lr. Returns what changed, for the log."""
+        o = self.cfg.optim
+        lr = o.lr if lr is None else lr
+        g = self.optimizer.param_groups[0]
+        impl = "fused" if g.get("fused") else "foreach" if g.get("foreach") else "for-loop"
+        saved = {lr_key: self.scheduler.base_lrs[0], "optim.weight_decay": g["weight_decay"],
+                 "optim.betas": list(g["betas"]), "optim.adam_eps": g["eps"], "optim.impl": impl}
+        wanted = {lr_key: lr, "optim.weight_decay": o.weight_decay, "optim.betas": list(o.betas),
+                  "optim.adam_eps": o.adam_eps, "optim.impl": o.impl}
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            # the constructor's defaults are the config's: loading a state dict replaces the groups, not them
+            group.update({k: v for k, v in self.optimizer.defaults.items() if k != "lr"})
+            group["initial_lr"], group["lr"] = lr, lr * factor
+            # fused / capturable Adam keeps its step counts by the parameters, the others on the host (as
+            # torch's loader does): a count left on the GPU costs a .item() host sync per parameter and step
+            on_device = group["fused"] or group["capturable"]
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        return [f"{k} {_fmt(saved[k])} -> {_fmt(wanted[k])}" for k in saved if _fmt(saved[k]) != _fmt(wanted[k])]
+
+    # ------------------------------------------------------------------- forward on a micro-batch
+    def _shard(self, mb: MicroBatch, x: torch.Tensor) -> torch.Tensor:
+        return cp_shard(x, mb.cu_seqlens, self.dims.cp_rank, self.dims.cp_size).to(self.device)
+
+    def forward(self, mb: MicroBatch, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions, of `model` (default: the
+        policy)."""
+        cu = mb.cu_seqlens.to(self.device)
+        with nvtx_range("forward"):
+            model = self.model if model is None else model
+            return model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
+                         temperature=self.temperature)
+
+    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
+        lengths = [rollouts[i].length for i in indices]
+        plan = plan_micro_batches(lengths, self.dims.dp_size, self.dims.dp_rank, self.cfg.trainer.micro_batch_tokens)
+        return [[indices[j] for j in m] for m in plan]
+
+    def _min_tokens(self) -> int:
+        return 2 * self.dims.cp_size * 2
+
+    @torch.no_grad()
+    def compute_logprobs(self, rollouts: Sequence[Rollout], indices: Sequence[int], model: nn.Module | None = None
+                         ) -> dict[int, torch.Tensor]:
+        """Response-token logprobs of `model` (default: the current policy) for this rank's share of `indices`
+        (whole sequences: gathered over the cp group). {rollout index: [R] fp32 cpu}."""
+        out: dict[int, torch.Tensor] = {}
+        for members in self._plan(rollouts, indices):
+            mb = build_micro_batch(rollouts, members, None, self._min_tokens())
+            logprob, _ = self.forward(mb, model)
+            full = cp_gather(logprob.float(), mb.cu_seqlens.to(self.device), self.dims.cp_group).cpu()
+            for k, i in enumerate(members):
+                p, n = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
+                start = int(mb.cu_seqlens[k]) + p - 1
+                out[i] = full[start:start + n].clone()
+        return out
+
+    # ---------------------------------------------------------------------------------- update
+    def update(self, rollouts: Sequence[Rollout], loss: str = "pg", fault_nan: bool = False) -> dict[str, float]:
+        """PPO epochs over mini-batches of prompts; loss "pg" (policy gradient, clipped) or
+        "sft" (token-mean NLL of the responses). Returns metrics reduced over ranks."""
+        cfg = self.cfg
+        if loss == "pg" and cfg.algo.kl_coef and self.reference is None:
+            raise ValueError("algo.kl_coef > 0 needs the reference policy: Actor(model, dims, cfg, "
+                             "reference=build_model(cfg, dims, reference=True))")
+        minis = split_mini_batches(rollouts, cfg.trainer.mini_batch_prompts)
+        epochs = cfg.algo.ppo_epochs if loss == "pg" else 1
+        on_policy = epochs == 1 and len(minis) == 1
+        need_is = loss == "pg" and cfg.algo.rollout_is != "none" and all(
+            r.rollout_logprobs is not None for r in rollouts)
+        old: dict[int, torch.Tensor] | None = None
+        timings = {}
+        # on-policy the old logprobs are the update's own (detached): no pass of their own, cp > 1 included (the
+        # IS weights all-gather them over the cp group in the update's forward)
+        if loss == "pg" and not on_policy:
+            t0 = time.perf_counter()
+            with nvtx_range("old_logprob"):
+                old = {}
+                for mini in minis:
+                    old.update(self.compute_logprobs(rollouts, mini))
+            timings["time/old_logprob_s"] = time.perf_counter() - t0
+        ref: dict[int, torch.Tensor] | None = None
+        if loss == "pg" and self.reference is not None:  # once per update, whatever the epochs (verl's ref pass)
+            t0 = time.perf_counter()
+            with nvtx_range("ref_logprob"):
+                ref = {}
+                for mini in minis:
+                    ref.update(self.compute_logprobs(rollouts, mini, self.reference))
+            timings["time/ref_logprob_s"] = time.perf_counter() - t0
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        # maxima over micro-batches and ranks; a key starting with "-" holds a negated minimum
+        maxes: dict[str, torch.Tensor] = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
+        norms, skipped, steps = [], 0, 0
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's learning rate (logged)
+        for _ in range(epochs):
+            for mini in minis:
+                gnorm, ok = self._optimizer_step(rollouts, mini, loss, old, ref, need_is, sums, maxes, fault_nan)
+                norms.append(gnorm)
+                skipped += int(not ok)
+                steps += 1
+        self.scheduler.step()
+        return self._reduce_metrics(sums, maxes, norms, skipped, steps, loss, lr) | timings
+
+    def _optimizer_step(self, rollouts: Sequence[Rollout], mini: list[int], loss_kind: str,
+                        old: dict[int, torch.Tensor] | None, ref: dict[int, torch.Tensor] | None, need_is: bool,
+                        sums: dict[str, torch.Tensor],
+                        maxes: dict[str, torch.Tensor], fault_nan: bool) -> tuple[float, bool]:
+        from golong.algo import aggregation_weights, policy_loss, rollout_is_weights
+
+        algo = self.cfg.algo
+        n_tokens = sum(len(rollouts[i].response_ids) for i in mini)  # global: every rank has the batch
+        # FSDP averages gradients over its world; each rank's loss is its share of a global token
+        # mean, so scaling by the world size turns that average into the sum we want.
+        scale = float(self.dims.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0  # this rank's part of this optimizer step's loss
+        for members in self._plan(rollouts, mini):
+            mb = build_micro_batch(rollouts, members, old, self._min_tokens(), ref)
+            logprob, entropy = self.forward(mb)
+            mask = self._shard(mb, mb.mask)
+            if loss_kind == "sft":
+                loss = -(logprob * mask).sum() / n_tokens
+                metrics: dict[str, Any] = {}
+            else:
+                adv = self._shard(mb, mb.advantages)
+                if mb.old_logprobs is not None:
+                    old_lp = self._shard(mb, mb.old_logprobs)
+                else:
+                    old_lp = logprob.detach()
+                is_w = None
+                if need_is and mb.indices:
+                    # weights need whole sequences (the veto): the old logprobs of the whole micro-batch, from
+                    # the old-logprob pass or, on-policy, this forward's own gathered over the cp group (an
+                    # all-gather of [T] floats; cp = 1: the local tensor itself); computed globally, then sharded
+                    cu = mb.cu_seqlens.to(self.device)
+                    old_full = mb.old_logprobs.to(self.device) if mb.old_logprobs is not None else \
+                        cp_gather(old_lp.detach().float(), cu, self.dims.cp_group)
+                    w, is_metrics = rollout_is_weights(
+                        old_full, mb.rollout_logprobs.to(self.device), mb.mask.to(self.device), cu_seqlens=cu,
+                        mode=algo.rollout_is, lower=algo.rollout_is_lower, upper=algo.rollout_is_upper,
+                        veto=algo.rollout_is_veto, level=algo.rollout_is_level)
+                    is_w = self._shard(mb, w)
+                    _accumulate_is_metrics(is_metrics, mb.mask, mb.cu_seqlens, self.dims.cp_size, sums, maxes)
+                agg = None  # token-mean: policy_loss divides by the global token count
+                if algo.loss_agg_mode != "token-mean":
+                    # response lengths of this micro-batch's rollouts (a dummy: one placeholder; its mask is all 0)
+                    lengths = torch.tensor([len(rollouts[i].response_ids) for i in mb.indices] or [1])
+                    agg = aggregation_weights(algo.loss_agg_mode, lengths, mb.seq_index, len(mini),
+                                              self.cfg.rollout.max_response_tokens)
+                gspo = algo.policy_loss == "gspo"
+                loss, metrics = policy_loss(
+                    logprob, old_lp, adv, mask, global_token_count=n_tokens, clip_low=algo.clip_low,
+                    clip_high=algo.clip_high, dual_clip=None if gspo else algo.dual_clip, is_weights=is_w,
+                    seq_log_ratio=self._sequence_log_ratio(mb, logprob, old_lp, mask) if gspo else None,
+                    ref_logprob=self._shard(mb, mb.ref_logprobs) if mb.ref_logprobs is not None else None,
+                    kl_coef=algo.kl_coef, entropy=entropy if algo.entropy_coef else None,
+                    entropy_coef=algo.entropy_coef, token_weights=None if agg is None else self._shard(mb, agg))
+            if fault_nan:
+                loss = loss * float("nan")
+            with nvtx_range("backward"):
+                (loss * scale).backward()
+            local_tokens = float(mask.sum())
+            step_loss += float(loss.detach())
+            sums["loss"] += float(loss.detach())
+            sums["tokens"] += local_tokens
+            sums["entropy"] += float((entropy.detach() * mask).sum())
+            sums["logprob"] += float((logprob.detach() * mask).sum())
+            for k, v in metrics.items():  # policy_loss metrics are sums / global count: just add up
+                sums[f"s:{k}"] += float(v)
+            if mb.has_rollout_logprobs:
+                rlp = self._shard(mb, mb.rollout_logprobs)
+                # the policy the trainer holds vs the one that sampled: with synced weights these
+                # differ only by numerics (kernels, dtypes); stale weights show up here first
+                trainer_lp = (old_lp if loss_kind == "pg" else logprob).detach()
+                d = ((trainer_lp - rlp) * mask).double()  # fp64: exp(d) - 1 - d cancels badly for tiny d
+                sums["mismatch_k3"] += float(((torch.exp(d) - 1 - d) * mask).sum())
+                sums["mismatch_abs"] += float(d.abs().sum())
+                sums["mismatch_k1"] += float((-d).sum())
+                sums["mismatch_tokens"] += local_tokens
+                if d.numel():  # documents shorter than 2 * cp can leave a cp rank without rows
+                    maxes["mismatch/max_abs"] = torch.maximum(maxes["mismatch/max_abs"], d.abs().max().double().cpu())
+        grad_norm = self._clip_grad_norm()
+        loss_total = self._all_reduce(torch.tensor([step_loss], dtype=torch.float64))  # all ranks agree on skipping
+        ok = math.isfinite(grad_norm) and bool(torch.isfinite(loss_total).all())
+        if ok:
+            with nvtx_range("optimizer"):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, ok
+
+    def _sequence_log_ratio(self, mb: MicroBatch, logprob: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor
+                            ) -> torch.Tensor:
+        """[T_local] fp32, detached: each token's response mean of logpi - logpi_old (GSPO's log s_i), over the
+        response's tokens on every rank of the cp group (an all-reduce of two [S] fp64 vectors)."""
+        seq = self._shard(mb, mb.seq_index)
+        sums = torch.zeros(2, max(1, len(mb.indices)), dtype=torch.float64, device=logprob.device)
+        valid = mask.to(torch.bool)
+        d = torch.where(valid, logprob.detach().double() - old_lp.detach().double(), 0.0)
+        sums[0].index_add_(0, seq, d)
+        sums[1].index_add_(0, seq, valid.double())
+        if self.dims.cp_size > 1:
+            dist.all_reduce(sums, group=self.dims.cp_group)
+        return (sums[0] / sums[1].clamp_min(1))[seq].float()
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.cfg.optim.grad_clip > 0 and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=False)
+        return float(norm)
+
+    def _all_reduce(self, host: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a small host tensor through the compute device (NCCL reduces CUDA tensors only)."""
+        if not dist.is_initialized():
+            return host
+        t = host.to(self.device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor], norms: list[float],
+                        skipped: int, steps: int, loss_kind: str, lr: float) -> dict[str, float]:
+        # a rank whose micro-batches were all dummies (fewer sequences than dp ranks) or empty cp shards saw
+        # fewer keys: reduce the union (the defaults fill the gaps), or the all-reduces would not match
+        names = all_gather_objects((list(sums), list(maxes)))
+        keys = sorted({k for ks, _ in names for k in ks})
+        vec = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+        mkeys = sorted({k for _, ks in names for k in ks})
+        mvec = torch.stack([maxes[k] for k in mkeys]) if mkeys else torch.zeros(0, dtype=torch.float64)
+        vec, mvec = self._all_reduce(vec), self._all_reduce(mvec, dist.ReduceOp.MAX)
+        s = dict(zip(keys, vec.tolist()))
+        tokens = max(s.get("tokens", 0.0), 1.0)
+        prefix = "sft" if loss_kind == "sft" else "actor"
+        out = {
+            f"{prefix}/loss": s.get("loss", 0.0) / max(steps, 1),
+            f"{prefix}/entropy": s.get("entropy", 0.0) / tokens,
+            f"{prefix}/logprob": s.get("logprob", 0.0) / tokens,
+            f"{prefix}/grad_norm": sum(norms) / max(len(norms), 1),
+            f"{prefix}/grad_norm_max": max(norms) if norms else 0.0,
+            f"{prefix}/lr": lr,
+            f"{prefix}/optimizer_steps": steps - skipped,
+            f"{prefix}/skipped_steps": skipped,
+            f"{prefix}/tokens": s.get("tokens", 0.0),
+        }
+        for k in keys:
+            if k.startswith("s:"):  # global token means per optimizer step: average over steps
+                # (not over the token mean of the whole update above: actor/entropy keeps one definition
+                # whether or not the loss has an entropy term)
+                out.setdefault(f"{prefix}/{k[2:]}", s[k] / max(steps, 1))
+            elif k.startswith("m:"):  # token-weighted means
+                out[k[2:]] = s[k] / max(s[f"w:{k[2:]}"], 1e-12)
+        if s.get("mismatch_tokens", 0) > 0:
+            mt = s["mismatch_tokens"]
+            out["mismatch/kl"] = s["mismatch_k3"] / mt  # k3 estimator of KL(rollout || trainer)
+            out["mismatch/kl_k1"] = s["mismatch_k1"] / mt
+            out["mismatch/mean_abs"] = s["mismatch_abs"] / mt
+        for k, v in zip(mkeys, mvec.tolist()):
+            if v != float("-inf"):  # -inf: no micro-batch had data for it
+                out[k[1:] if k.startswith("-") else k] = -v if k.startswith("-") else v
+        return out
+
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) per parameter, gathered one at a time (collective on all ranks)."""
+        return full_parameters(self.model)
+
+
+# Rollout-IS metrics (rollout_is_weights' names) that are means over sequences, not tokens
+_IS_SEQUENCE_MEANS = ("rollout_is/veto_frac", "mismatch/trainer_ppl", "mismatch/rollout_ppl", "mismatch/ppl_ratio")
+
+
+def _accumulate_is_metrics(metrics: dict[str, torch.Tensor], mask: torch.Tensor, cu_seqlens: torch.Tensor,
+                           cp_size: int, sums: dict[str, torch.Tensor], maxes: dict[str, torch.Tensor]) -> None:
+    """Fold one micro-batch's rollout_is_weights metrics into the step's accumulators so that the reduced
+    values are those of the whole mini-batch: token means weighted by valid tokens, sequence means by valid
+    sequences, ratio_max / ratio_min as maxima / minima. mask [T] and cu_seqlens [S+1] cover the whole
+    micro-batch (every cp rank computed the metrics on all of it, hence the 1 / cp_size weights)."""
+    per_seq = torch.nn.functional.pad(mask.reshape(-1).double().cumsum(0), (1, 0))
+    cu = cu_seqlens.long().cpu()
+    per_seq = per_seq[cu[1:]] - per_seq[cu[:-1]]
+    tokens, sequences = float(per_seq.sum()) / cp_size, float((per_seq > 0).sum()) / cp_size
+    if tokens == 0:
+        return
+    host = torch.stack([v.detach().double() for v in metrics.values()]).cpu()  # one device-to-host copy
+    for k, v in zip(metrics, host):
+        if k == "rollout_is/ratio_max":
+            maxes[k] = torch.maximum(maxes[k], v)
+        elif k == "rollout_is/ratio_min":
+            maxes["-" + k] = torch.maximum(maxes["-" + k], -v)
+        elif k in _IS_SEQUENCE_MEANS or k.startswith("rollout_is/"):
+            weight = sequences if k in _IS_SEQUENCE_MEANS else tokens
+            sums[f"m:{k}"] += float(v) * weight
+            sums[f"w:{k}"] += weight
