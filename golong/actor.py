@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,17 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from golong.build import compute_device
 from golong.config import RunConfig
 from golong.logger import get_logger
 from golong.models.checkpoint import full_parameters
-from golong.parallel import ParallelDims, all_gather_objects, cp_gather, cp_shard, plan_micro_batches
+from golong.parallel import ParallelDims, all_gather_objects, compute_device, cp_gather, cp_shard, plan_micro_batches
 from golong.profiling import nvtx_range
 
 log = get_logger()
-# FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
-# names is an in-place op on that output, which the trainer never does.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 IGNORE = -100
 

@@ -11,12 +11,13 @@ from torch import nn
 
 from golong.config import ConfigError, RunConfig
 from golong.models.config import ModelConfig
-from golong.parallel import ParallelDims, apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
-
-
-def compute_device() -> torch.device:
-    """This rank's GPU (torch.cuda.current_device(), which init_parallel set), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+from golong.parallel import (
+    ParallelDims,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    compute_device,
+    mixed_precision_policy,
+)
 
 
 def scratch_hf_config(cfg: RunConfig) -> dict[str, Any]:

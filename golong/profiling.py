@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,3 +52,32 @@ def cuda_profiler_window(active: bool) -> Iterator[None]:
     finally:
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
+
+
+class TorchTrace:
+    """A torch.profiler trace of the steps it is entered for (CPU and, on a GPU, CUDA activity), written as a Chrome
+    trace to `path` on exit."""
+
+    def __init__(self, path: Path) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.path, self.prof = path, profile(activities=acts, record_shapes=True)
+
+    def __enter__(self) -> TorchTrace:
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.prof.__exit__(*exc)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.path))
+
+
+def add_layer_nvtx(model: torch.nn.Module) -> None:
+    """An NVTX range around every decoder layer's forward (Nsight shows them per block)."""
+    if not torch.cuda.is_available():
+        return
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: torch.cuda.nvtx.range_push(f"layer{i}"))
+        layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())

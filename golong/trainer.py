@@ -44,7 +44,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from golong.actor import Actor, Rollout
 from golong.build import build_model, load_tokenizer, model_config, reference_dtype, stop_token_ids
@@ -62,7 +61,7 @@ from golong.data.records import reference_answer, sft_target
 from golong.eval_groups import check_group_keys
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.parallel import all_gather_objects, gather_objects_to_rank0, init_parallel, rollout_share
-from golong.profiling import cuda_profiler_window, nvtx_range
+from golong.profiling import TorchTrace, add_layer_nvtx, cuda_profiler_window, nvtx_range
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, sample_metrics
 from golong.rollout.engines import build_engine
@@ -278,7 +277,7 @@ class Trainer:
         self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
-            _add_layer_nvtx(self.model)
+            add_layer_nvtx(self.model)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(f"golong: world {self.world} (dp {self.dims.dp_size} x cp {self.dims.cp_size}), "
                  f"{n_params / 1e6:.2f}M parameters, {len(self.train_prompts)} train / {len(self.val_prompts)} "
@@ -1046,36 +1045,10 @@ class Trainer:
     def _torch_profiler(self, active: bool, step: int) -> Any:
         if not (active and self.cfg.profile.torch_trace):
             return nullcontext()
-        return _TorchTrace(self.run_dir / "profile" / f"trace_step{step:06d}_rank{self.rank}.json")
+        return TorchTrace(self.run_dir / "profile" / f"trace_step{step:06d}_rank{self.rank}.json")
 
     def close(self) -> None:
         self.writer.close()
-
-
-class _TorchTrace:
-    def __init__(self, path: Path) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self.path, self.prof = path, profile(activities=acts, record_shapes=True)
-
-    def __enter__(self) -> _TorchTrace:
-        self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.prof.__exit__(*exc)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.prof.export_chrome_trace(str(self.path))
-
-
-def _add_layer_nvtx(model: nn.Module) -> None:
-    """An NVTX range around every decoder layer's forward (Nsight shows them per block)."""
-    if not torch.cuda.is_available():
-        return
-    for i, layer in enumerate(model.model.layers):
-        layer.register_forward_pre_hook(lambda *_, i=i: torch.cuda.nvtx.range_push(f"layer{i}"))
-        layer.register_forward_hook(lambda *_: torch.cuda.nvtx.range_pop())
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

@@ -336,7 +336,7 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
     total = 0  # the index's total_size: bytes of the tensors (headers excluded), as transformers writes it
     progress = ProgressLog(f"writing {path}", None, "shards",
                            total_bytes=sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters()))
-    for key, t in hf_state_items(model, expert_layout, dtype):
+    for key, t in hf_state_items(model, expert_layout, dtype, device="cpu" if rank == 0 else None):
         first_dtype = first_dtype or t.dtype
         if rank != 0:
             continue

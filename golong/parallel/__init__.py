@@ -11,6 +11,7 @@ from golong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mix
 from golong.parallel.mesh import (
     ParallelDims,
     all_gather_objects,
+    compute_device,
     gather_objects_to_rank0,
     init_distributed,
     init_parallel,
@@ -19,6 +20,7 @@ from golong.parallel.mesh import (
 __all__ = [
     "ParallelDims",
     "all_gather_objects",
+    "compute_device",
     "apply_activation_checkpointing",
     "apply_fsdp",
     "balance",

@@ -8,11 +8,17 @@ embeddings / norm / LM head) are materialised at a time; the root unit keeps the
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from golong.parallel.mesh import ParallelDims
+
+# FSDP2 warns when the root module returns a view (our (logprob, entropy) outputs are): the risk it
+# names is an in-place op on that output, which the trainer never does.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

@@ -30,6 +30,11 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def compute_device() -> torch.device:
+    """This rank's GPU (torch.cuda.current_device(), which init_parallel set), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0, cpu_collectives: bool = False
                      ) -> tuple[int, int]:
     """Initialise the default process group once; returns (rank, world_size).

@@ -11,12 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from golong.build import compute_device, stop_token_ids
+from golong.build import stop_token_ids
 from golong.config import RunConfig
 from golong.models.checkpoint import full_parameters, hf_state_items
+from golong.parallel import compute_device
 from golong.rollout.torch_generator import GenerationResult, SamplingParams, TorchGenerator
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class TorchEngine:
@@ -28,7 +27,7 @@ class TorchEngine:
 
         device = compute_device()
         with torch.device("meta"):
-            copy = Qwen3ForCausalLM(model.config, dtype=_DTYPES[cfg.model.dtype])
+            copy = Qwen3ForCausalLM(model.config, dtype=getattr(torch, cfg.model.dtype))
         copy.to_empty(device=device)
         copy.eval().requires_grad_(False)
         self.gen = TorchGenerator(copy, stop_token_ids(tokenizer, cfg.model.path), max_batch=256)

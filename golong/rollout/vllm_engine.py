@@ -4,7 +4,8 @@
     out = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=4096), seeds=seeds)
     engine.sleep()                                   # trainer's turn: KV cache (and weights) freed
     ...  old logprobs, optimizer step  ...
-    engine.update_weights(hf_state_items(model))     # wake, push buckets, reset prefix cache
+    # wake, push buckets, reset prefix cache (each shard cast to the engine's dtype before its gather, kept on the GPU)
+    engine.update_weights(hf_state_items(model, dtype=engine.dtype, device=None))
 
 `generate` returns the same `GenerationResult` as `TorchGenerator`: per request the response token ids
 (stop token included when one was sampled) and each sampled token's log softmax(logits / T) — the

@@ -1401,6 +1401,12 @@ def _texts_worker(rank: int, world: int) -> None:
     assert [r.reward_failed for r in results] == zeta
     assert [r.reward_numbers for r in results] == [None if z else {"chars": float(len(t))} for t, z in
                                                    zip(expect, zeta)]
+    # the keys under which results held text, with one value, the same on every rank (algo.filter_metric's error)
+    from golong.parallel import all_gather_objects
+
+    heads = {t[:5] for t, z in zip(expect, zeta) if not z}
+    assert list(stub.reward_texts) == ["head"] and stub.reward_texts["head"] in heads
+    assert all(held == stub.reward_texts for held in all_gather_objects(stub.reward_texts))
     if rank == 0:
         assert [r.reward_info for r in results] == [
             {"reward_error": f"ValueError: zeta in {len(t)} characters"} if z else
