@@ -135,8 +135,9 @@ class AlgoConfig:
     clip_high: float = 0.28
     dual_clip: float = 3.0
     # how the per-token loss terms add up over a mini-batch of S responses (verl's actor.loss_agg_mode): token-mean
-    # (GoLongRL, DAPO: sum / all response tokens), seq-mean-token-mean (GRPO's paper: each response's token mean,
-    # averaged), seq-mean-token-sum (sum / S), seq-mean-token-sum-norm (Dr. GRPO: sum / (S x max_response_tokens))
+    # (DAPO, DESIGN.md: sum / all response tokens of the global mini-batch), seq-mean-token-mean (GRPO's paper: each
+    # response's token mean, averaged; what GoLongRL's scripts ran in effect, one response a micro-batch: README),
+    # seq-mean-token-sum (sum / S), seq-mean-token-sum-norm (Dr. GRPO: sum / (S x max_response_tokens))
     loss_agg_mode: str = _choice("token-mean", LOSS_AGG_MODES)
     kl_coef: float = 0.0  # > 0: a k3 KL term to a frozen copy of the starting weights (verl's low_var_kl)
     entropy_coef: float = 0.0

@@ -71,8 +71,13 @@ def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[st
         order[label] = min(order.get(label, key_order), key_order)
     out = {}
     for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
-        m = sample_metrics(gs)
         out[label] = {"prompts": len(gs), "responses": len(gs) * n,
-                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n),
-                      "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)}, "best_of_n": m.get(f"best@{n}")}
+                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n), **sample_fields(sample_metrics(gs), n)}
     return out
+
+
+def sample_fields(m: dict[str, float], n: int) -> dict[str, Any]:
+    """eval.json's fields of sample_metrics' values `m` (for n responses a prompt): reward_stderr (None for one
+    prompt), pass_at_k (keyed by k as a string), best_of_n, worst_of_n and std_of_n (None at n = 1)."""
+    return {"reward_stderr": m.get("reward_stderr"), "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)},
+            "best_of_n": m.get(f"best@{n}"), "worst_of_n": m.get(f"worst@{n}"), "std_of_n": m.get(f"std@{n}")}

@@ -13,7 +13,7 @@ from typing import Any
 import torch.distributed as dist
 
 from golong.config import RunConfig, prompt_cache_dir, to_dict
-from golong.eval_groups import breakdown
+from golong.eval_groups import breakdown, sample_fields
 from golong.logger import get_logger, write_jsonl
 from golong.rewards.pass_at_k import k_values
 from golong.trainer import Trainer
@@ -75,9 +75,10 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         metric = task_metrics((p.record for p in trainer.val_prompts), cfg.rollout.reward_function)
         n = cfg.rollout.val_n
 
-        def samples(prefix: str, suffix: str = "") -> dict[str, Any]:  # pass@k per k, best@n (None at n = 1)
-            return {"pass_at_k": {str(k): metrics[f"{prefix}pass@{k}{suffix}"] for k in k_values(n)},
-                    "best_of_n": metrics.get(f"{prefix}best@{n}{suffix}")}
+        def samples(prefix: str, suffix: str = "") -> dict[str, Any]:  # see golong.eval_groups.sample_fields
+            names = [f"pass@{k}" for k in k_values(n)] + [f"best@{n}", f"worst@{n}", f"std@{n}", "reward_stderr"]
+            return sample_fields({x: metrics[f"{prefix}{x}{suffix}"] for x in names
+                                  if f"{prefix}{x}{suffix}" in metrics}, n)
 
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": n,
@@ -135,25 +136,28 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
     def samples(row: dict[str, Any]) -> list[str]:
         return [f"{row['pass_at_k'][str(k)]:.3f}" for k in ks] + ([f"{row['best_of_n']:.3f}"] if n > 1 else [])
 
-    columns = [("task", "left"), ("metric", "left"), ("responses", "right"), ("reward", "right")]
+    def reward(row: dict[str, Any]) -> str:  # the mean, ± its standard error over prompts where there are several
+        stderr = row.get("reward_stderr")
+        return f"{row['reward_mean']:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+    columns = [("task", "left"), ("metric", "left"), ("responses", "right"), ("reward ± stderr", "right")]
     columns += [(f"pass@{k}", "right") for k in ks] + ([(f"best@{n}", "right")] if n > 1 else [])
     for col, justify in columns + ([("function errors", "right")] if failures else []):
         table.add_column(col, justify=justify)
     for task, row in result["tasks"].items():
-        table.add_row(task, row["metric"], str(row["responses"]), f"{row['reward_mean']:.3f}", *samples(row),
+        table.add_row(task, row["metric"], str(row["responses"]), reward(row), *samples(row),
                       *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
-                  f"{result['reward_mean']:.3f}", *samples(result),
+                  reward(result), *samples(result),
                   *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
     for key, groups in result.get("by", {}).items():
         table = Table(title=f"by {key}")
-        for col, justify in [(key, "left"), ("prompts", "right"), ("responses", "right"), ("reward", "right")] + \
+        for col, justify in [(key, "left"), ("prompts", "right"), ("responses", "right"), columns[3]] + \
                 columns[4:]:
             table.add_column(col, justify=justify)
         for label, row in groups.items():
-            table.add_row(label, str(row["prompts"]), str(row["responses"]), f"{row['reward_mean']:.3f}",
-                          *samples(row))
+            table.add_row(label, str(row["prompts"]), str(row["responses"]), reward(row), *samples(row))
         print_table(table)
     if len(k_values(n)) > len(ks):
         print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")

@@ -1,6 +1,7 @@
 """pass@k and best@n against brute force over every k-subset of a prompt's responses."""
 
 import itertools
+import math
 import random
 from math import comb
 
@@ -58,11 +59,20 @@ def test_sample_metrics_are_means_over_prompts():
                 for k in k_values(n)}
         if n > 1:
             want[f"best@{n}"] = sum(max(g) for g in groups) / 7
+            want[f"worst@{n}"] = sum(min(g) for g in groups) / 7
+            # population std of each prompt's scores (numpy's default, as verl's std@N), by the definition
+            want[f"std@{n}"] = sum(math.sqrt(sum((s - sum(g) / n) ** 2 for s in g) / n) for g in groups) / 7
+        means = [sum(g) / n for g in groups]
+        grand = sum(means) / 7
+        want["reward_stderr"] = math.sqrt(sum((m - grand) ** 2 for m in means) / 6) / math.sqrt(7)
         assert got.keys() == want.keys()
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-12), (n, key)
     # a score within rounding of 1 passes, 0.999 does not
-    assert sample_metrics([[1.0 - 1e-12], [0.999]]) == {"pass@1": 0.5}
+    assert sample_metrics([[1.0 - 1e-12], [0.999]]) == {"pass@1": 0.5,
+                                                        "reward_stderr": pytest.approx((1.0 - 0.999) / 2, rel=1e-6)}
+    # one prompt: no standard error over prompts
+    assert "reward_stderr" not in sample_metrics([[0.5, 1.0]]) and sample_metrics([[0.5, 1.0]])["std@2"] == 0.25
     assert PASS_SCORE < 1.0
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -1487,17 +1488,25 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     def brute(gs: list[list[float]]) -> dict:
         share = {k: sum(sum(any(s >= 1.0 for s in sub) for sub in itertools.combinations(g, k)) /
                         math.comb(4, k) for g in gs) / len(gs) for k in (1, 2, 4)}
+        means = [sum(g) / 4 for g in gs]
+        spread = math.sqrt(sum((m - sum(means) / len(gs)) ** 2 for m in means) / (len(gs) - 1)) if len(gs) > 1 else 0
         return {"pass_at_k": {str(k): pytest.approx(v, rel=1e-12) for k, v in share.items()},
-                "best_of_n": pytest.approx(sum(max(g) for g in gs) / len(gs), rel=1e-12)}
+                "best_of_n": pytest.approx(sum(max(g) for g in gs) / len(gs), rel=1e-12),
+                "worst_of_n": pytest.approx(sum(min(g) for g in gs) / len(gs), rel=1e-12),
+                "std_of_n": pytest.approx(sum(math.sqrt(sum((s - sum(g) / 4) ** 2 for s in g) / 4) for g in gs) /
+                                          len(gs), rel=1e-12),
+                # the standard error of the mean reward over prompts: none for one prompt
+                "reward_stderr": pytest.approx(spread / math.sqrt(len(gs)), rel=1e-12) if len(gs) > 1 else None}
 
     everything = [g for per_task in groups.values() for g in per_task.values()]
     assert len(everything) == 6 and all(len(g) == 4 for g in everything)
-    assert {k: result[k] for k in ("pass_at_k", "best_of_n")} == brute(everything)
+    fields = ("pass_at_k", "best_of_n", "worst_of_n", "std_of_n", "reward_stderr")
+    assert {k: result[k] for k in fields} == brute(everything)
     for task, per_task in groups.items():
-        assert {k: result["tasks"][task][k] for k in ("pass_at_k", "best_of_n")} == brute(list(per_task.values()))
+        assert {k: result["tasks"][task][k] for k in fields} == brute(list(per_task.values()))
     # the texts vary: some prompts' responses pass only sometimes, so the k differ
     assert 0 < result["pass_at_k"]["1"] < result["pass_at_k"]["2"] < result["pass_at_k"]["4"] <= 1
-    assert result["reward_mean"] < result["best_of_n"]
+    assert result["worst_of_n"] < result["reward_mean"] < result["best_of_n"] and result["std_of_n"] > 0
     # --by: every prompt's prompt is short (one bin: the whole set); by extra_info.index, one prompt a group, in
     # numeric order
     assert list(result["by"]) == ["prompt_tokens", "index"]
@@ -1512,6 +1521,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
                        **brute([g])}
     table = capsys.readouterr().out
     assert all(col in table for col in ("pass@1", "pass@4", "best@4")) and "pass@2" not in table
+    assert f"{result['reward_mean']:.3f} ± {result['reward_stderr']:.3f}" in table
     assert "pass@k for k = 1, 2, 4: pass_at_k in eval.json" in table
     assert "by prompt_tokens" in table and "by index" in table
     # every record became a prompt: nothing dropped or cut; each row names its prompt's length
@@ -1687,10 +1697,13 @@ def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
     rows = [{"prompt": p, "score": s} for p, ss in enumerate(scores) for s in ss]
     by_k = breakdown("k", prompts, rows, 2)
     assert list(by_k) == ["2", "10", "a", "b", "(none)"]  # 2 and "2": one group
-    assert by_k["2"] == {"prompts": 2, "responses": 4, "reward_mean": 1.25 / 4,
-                         "pass_at_k": {"1": 0.25, "2": 0.5}, "best_of_n": 0.5}
-    assert by_k["10"] == {"prompts": 2, "responses": 4, "reward_mean": 0.5,
-                          "pass_at_k": {"1": 0.5, "2": 1.0}, "best_of_n": 1.0}
+    # prompts 1 and 4: scores [0, 0] and [1, 0.25]; their means 0 and 0.625: stderr std([0, 0.625]) / sqrt(2)
+    assert by_k["2"] == {"prompts": 2, "responses": 4, "reward_mean": 1.25 / 4, "reward_stderr": 0.3125,
+                         "pass_at_k": {"1": 0.25, "2": 0.5}, "best_of_n": 0.5, "worst_of_n": 0.125,
+                         "std_of_n": 0.1875}
+    assert by_k["10"] == {"prompts": 2, "responses": 4, "reward_mean": 0.5, "reward_stderr": 0.0,
+                          "pass_at_k": {"1": 0.5, "2": 1.0}, "best_of_n": 1.0, "worst_of_n": 0.0, "std_of_n": 0.5}
+    assert by_k["b"]["reward_stderr"] is None  # one prompt
     assert by_k["(none)"]["pass_at_k"] == {"1": 0.0, "2": 0.0} and by_k["(none)"]["best_of_n"] == 0.5
     # a bin holds its lower edge, not its upper one: 4096 and 16383 tokens are in the bins of 5000 and 9000
     by_t = breakdown("prompt_tokens", prompts, rows, 2)
@@ -1739,10 +1752,12 @@ def test_a_reward_function_of_the_users_own_scores_training_and_eval(config_file
     assert result["tasks"] == {  # the failures counted per task
         "counting": {"metric": "compute_score() (golong: none)", "records": 3, "dropped": 0, "truncated": 0,
                      "responses": 3, "reward_mean": pytest.approx(sum(weights[1::2]) / 3 + 0.5), "function_errors": 0,
-                     "pass_at_k": {"1": pytest.approx(1 / 3)}, "best_of_n": None},  # 0.7, 0.9, 1.1: one passes
+                     "pass_at_k": {"1": pytest.approx(1 / 3)}, "best_of_n": None,  # 0.7, 0.9, 1.1: one passes
+                     "worst_of_n": None, "std_of_n": None,  # one response a prompt
+                     "reward_stderr": pytest.approx(statistics.stdev(weights[1::2]) / math.sqrt(3))},
         "exploding": {"metric": "compute_score() (golong: none)", "records": 3, "dropped": 0, "truncated": 0,
                       "responses": 3, "reward_mean": 0.0, "function_errors": 3, "pass_at_k": {"1": 0.0},
-                      "best_of_n": None}}
+                      "best_of_n": None, "worst_of_n": None, "std_of_n": None, "reward_stderr": 0.0}}
     answered = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     assert sorted(row["record"] for row in answered if "reward_error" in row) == [0, 2, 4]
     assert all(row["reward_extras"] == {"w10": pytest.approx(10 * weights[row["record"]])}
