@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model or a training checkpoint on the config's validation prompts",
                        description="Generate rollout.val_n responses per validation prompt (data.val_files or "
                                    "data.synthetic_val_n; rollout.val_temperature / val_top_p; the seeds of training's "
-                                   "validation) and score them: per-task mean reward, pass@k and best@n to "
+                                   "validation) and score them: per-task mean reward ± stderr, pass@k, best@n to "
                                    "OUT/eval.json, every response to OUT/responses.jsonl; each batch of prompts is "
                                    "saved as it is done, and a rerun resumes there. Launch form for several "
                                    "ranks: torchrun --nproc_per_node N -m golong eval CONFIG ...")

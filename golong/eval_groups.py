@@ -1,6 +1,6 @@
 """`golong eval --by KEY`: the validation prompts grouped by a key of their records (extra_info[KEY]) or by their
-token count in MRCR's power-of-two bins (KEY = prompt_tokens), each group with its prompts, responses, mean reward,
-pass@k and best@n (eval.json's `by.<KEY>.<group>`)."""
+token count in MRCR's power-of-two bins (KEY = prompt_tokens), each group with its prompts, responses, mean reward
+and its standard error, pass@k, best@n, worst@n and std@n (eval.json's `by.<KEY>.<group>`)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt], drop
 def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[str, Any]], n: int
               ) -> dict[str, dict[str, Any]]:
     """eval.json's `by.<key>`: per group of prompts (their token bin, or their records' extra_info[key]) the prompts,
-    responses, mean reward, pass@k and best@n. rows: the eval's responses (prompt-major, n per prompt)."""
+    responses, mean reward and sample_fields. rows: the eval's responses (prompt-major, n per prompt)."""
     scores: dict[int, list[float]] = defaultdict(list)
     for row in rows:
         scores[row["prompt"]].append(row["score"])

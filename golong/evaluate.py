@@ -24,11 +24,12 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
              by: Sequence[str] = (), save_every: int | None = None) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
     sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
-    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward, pass@k, best@n, counts;
-    with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and OUT_DIR/responses.jsonl
-    (every response, its task and score); returns the eval.json content. The prompts go `save_every` at a time
-    (default: by context tokens, golong.eval_saved.batch_starts; 0: all at once, nothing saved), each batch saved to
-    OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from (golong.eval_saved)."""
+    or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward ± stderr, pass@k, best@n,
+    worst@n, std@n, counts; with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and
+    OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content. The prompts go
+    `save_every` at a time (default: by context tokens, golong.eval_saved.batch_starts; 0: all at once, nothing
+    saved), each batch saved to OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from
+    (golong.eval_saved)."""
     import json
 
     from golong.checkpoint import checkpoint_problem

@@ -1462,10 +1462,11 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
 
 def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_file, tmp_path, monkeypatch, capsys):
-    """With rollout.val_n = 4, eval.json holds pass@1, 2, 4 (a response passes at score >= 1) and best@4, overall
-    and per task, each the mean over prompts of the share of k-subsets of the prompt's responses holding a pass /
-    of its highest score: recomputed here by brute force from responses.jsonl; the table shows pass@1, pass@4 and
-    best@4."""
+    """With rollout.val_n = 4, eval.json holds pass@1, 2, 4 (a response passes at score >= 1), best@4, worst@4 and
+    std@4, overall and per task, each the mean over prompts of the share of k-subsets of the prompt's responses
+    holding a pass / of its highest score / lowest / population std, and reward_stderr (the sample std of the
+    prompts' mean scores over sqrt(prompts)): recomputed here from responses.jsonl; the table shows reward ± stderr,
+    pass@1, pass@4 and best@4."""
     import itertools
     import json
 
