@@ -1,4 +1,4 @@
-"""The `golong` command: train, eval, demo, export, plot, data (synth, check), plan.
+"""The `golong` command: train, eval, eval-compare, demo, export, plot, data (synth, check, import), plan.
 
     torchrun --nproc_per_node 8 -m golong train configs/qwen3-4b-tmn.yaml optim.lr=2e-6
     golong eval configs/qwen3-4b-tmn.yaml --checkpoint runs/qwen3-4b-tmn/checkpoints/step_000100
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from golong.config import ConfigError, config_warnings, load_config, run_problems, to_yaml
 from golong.data.benchmarks import BENCHMARKS
@@ -58,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
                         "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "
                         "MRCR reports); repeatable")
+    p.set_defaults(subparser=p)
+
+    p = sub.add_parser("eval-compare", help="compare two evals of the same prompts: reward difference ± its stderr",
+                       description="Read two golong eval directories (or their responses.jsonl) of the same "
+                                   "prompts and print, per task and overall, each one's mean reward and the mean "
+                                   "over prompts of the difference B - A of the prompts' mean scores, with its "
+                                   "standard error (paired: the noise the two share, from how hard each prompt is, "
+                                   "cancels) and how many prompts B scored above, equal to and below A.")
+    p.add_argument("a", help="the first eval (A): an eval directory or its responses.jsonl")
+    p.add_argument("b", help="the second eval (B)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers to FILE as JSON")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("demo", help="CPU demo: tiny Qwen3-MoE, SFT warm-up then GRPO+TMN-Reweight on 2 ranks",
@@ -190,6 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save_every is not None and args.save_every < 0:
                 args.subparser.error("--save-every must be >= 0")
             evaluate(cfg, args.checkpoint, args.out, by=args.by, save_every=args.save_every)
+        elif args.command == "eval-compare":
+            import json
+
+            from golong.eval_compare import compare, print_comparison, read_scores
+
+            result = compare(read_scores(args.a), read_scores(args.b))
+            print_comparison(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+                print(f"wrote {args.json}")
         elif args.command == "demo":
             from golong.demo import run_demo
 
@@ -212,8 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(problems[0])
             check_data(cfg, answers=args.score_answers, train=not args.val_only)
         elif args.command == "data" and args.data_command == "import":
-            from pathlib import Path
-
             from golong.data.benchmarks import import_benchmark
             from golong.data.check import print_task_counts
 
@@ -264,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(e)
         return 2
     except OSError as e:  # writing a file the user named (a full disk, a read-only filesystem); a run's: traceback
-        if args.command not in ("data", "plot", "export"):
+        if args.command not in ("data", "plot", "export", "eval-compare"):
             raise
         _error(e)
         return 2
