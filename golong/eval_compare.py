@@ -3,7 +3,7 @@
 Each eval's reward_stderr is the noise of its mean over prompts; two checkpoints scored on the same prompts share
 that part of it (a hard prompt is hard for both), so the difference is judged by the paired statistic: per prompt
 d = (B's mean score) - (A's), and per task and overall the mean of d with its standard error, the sample std of d
-over sqrt(prompts), and how many prompts B scored above, equal to and below A.
+over sqrt(prompts), and how many prompts B scored above, equal to (|d| <= TIE) and below A.
 """
 
 from __future__ import annotations
@@ -11,34 +11,50 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
 from golong.data.records import RecordError
 
-# what names a prompt in responses.jsonl, whatever the model or its prompt's token count
+# what names a prompt in responses.jsonl: its task, source and position among the eval's records
 _KEY = ("task", "data_source", "record")
+# what must then agree for the two rows to be one prompt: its tokens' hash (older files: their count) and cut
+_CONTENT = ("prompt_sha1", "prompt_tokens", "truncated")
+# a prompt's two means closer than this are equal: means of other response counts round differently (0.2, 0.4 vs
+# 0.3 x 3 differ by 6e-17)
+TIE = 1e-9
+# eval.json settings that make two evals' scores not comparable as the same measurement when they differ
+_SETTINGS = ("temperature", "top_p", "responses_per_prompt", "max_prompt_tokens", "overflow")
 
 
 @dataclass
 class EvalScores:
-    """One eval's responses.jsonl: each prompt's scores, keyed by (task, data_source, record)."""
+    """One eval's responses.jsonl: each prompt's scores and what identifies its text, keyed by _KEY."""
 
     path: Path
     scores: dict[tuple, list[float]]
+    content: dict[tuple, tuple]  # key -> the row's _CONTENT fields (None where an older file lacks one)
+    info: dict[str, Any] = field(default_factory=dict)  # eval.json beside it, where there is one
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The checkpoint or model the eval scored, else its file."""
+        return str(self.info.get("checkpoint") or self.info.get("model") or self.path)
 
 
 def read_scores(source: str | Path) -> EvalScores:
-    """The scores of an eval directory's responses.jsonl (or of that file itself). A missing file or a row that is
-    not a golong eval response is an error naming the file and line."""
+    """An eval directory's responses.jsonl (or that file itself) and the eval.json beside it. A missing file or a row
+    that is not a golong eval response is an error naming the file and line."""
     path = Path(source)
     if path.is_dir():
         path = path / "responses.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (an eval directory holds responses.jsonl once golong eval ends)")
     scores: dict[tuple, list[float]] = defaultdict(list)
+    content: dict[tuple, tuple] = {}
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -46,43 +62,74 @@ def read_scores(source: str | Path) -> EvalScores:
             try:
                 row = json.loads(line)
                 key = tuple(row[k] for k in _KEY)
-                score = float(row["score"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                hash(key)
+                score = row["score"]
+                if isinstance(score, bool) or not isinstance(score, (int, float)):
+                    raise TypeError(f"score {score!r} is not a number")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise RecordError(f"{path}:{line_no}: not a golong eval response ({type(e).__name__}: {e}); each "
-                                  f"row needs {', '.join(_KEY)} and score") from None
+                                  f"row needs {', '.join(_KEY)} and a numeric score") from None
             if not math.isfinite(score):
                 raise RecordError(f"{path}:{line_no}: score {score} is not a finite number")
-            scores[key].append(score)
+            seen = tuple(row.get(k) for k in _CONTENT)
+            if content.setdefault(key, seen) != seen:
+                raise RecordError(f"{path}:{line_no}: two different prompts under task {key[0]}, data_source "
+                                  f"{key[1]}, record {key[2]}: not one eval's responses.jsonl")
+            scores[key].append(float(score))
     if not scores:
         raise RecordError(f"{path}: no responses")
-    return EvalScores(path, dict(scores))
+    out = EvalScores(path, dict(scores), content)
+    if (meta := path.with_name("eval.json")).is_file():
+        try:
+            out.info = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            out.warnings.append(f"{meta} is not JSON: its settings are not compared")
+    if path.with_name("eval.partial.jsonl").is_file():
+        out.warnings.append(f"{path.parent} also holds eval.partial.jsonl: an eval there is under way or was stopped, "
+                            f"and {path.name} is an earlier eval's")
+    return out
 
 
 def _paired(pairs: list[tuple[float, float]]) -> dict[str, Any]:
-    """Means of A and B and of d = B - A over prompts, d's standard error (None for one prompt), wins / ties /
-    losses of B."""
+    """Means of A and B and of d = B - A over prompts, d's standard error (None for one prompt), and the prompts B
+    scored higher, equal (|d| <= TIE) and lower."""
     d = [b - a for a, b in pairs]
     return {"prompts": len(pairs), "reward_a": fmean(a for a, _ in pairs), "reward_b": fmean(b for _, b in pairs),
             "diff": fmean(d), "diff_stderr": stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None,
-            "b_higher": sum(x > 0 for x in d), "equal": sum(x == 0 for x in d), "b_lower": sum(x < 0 for x in d)}
+            "b_higher": sum(x > TIE for x in d), "equal": sum(abs(x) <= TIE for x in d),
+            "b_lower": sum(x < -TIE for x in d)}
 
 
 def compare(a: EvalScores, b: EvalScores) -> dict[str, Any]:
     """The paired comparison of B against A, overall and per task (see the module docstring). Both must hold the
-    same prompts; the number of responses a prompt may differ (each prompt's mean is compared)."""
+    same prompts, by key and by content (the prompt's token hash, or its token count and cut in files without one);
+    the number of responses a prompt may differ (each prompt's mean is compared). `warnings`: the eval settings
+    that differ (eval.json) and stale files."""
     only_a, only_b = sorted(a.scores.keys() - b.scores.keys()), sorted(b.scores.keys() - a.scores.keys())
     if only_a or only_b:
         first = (only_a or only_b)[0]
         raise RecordError(f"{a.path} and {b.path} hold different prompts ({len(only_a)} only in the first, "
                           f"{len(only_b)} only in the second; the first such: task {first[0]}, data_source "
-                          f"{first[1]}, record {first[2]}): compare evals of the same validation data and "
-                          "data.max_prompt_tokens")
+                          f"{first[1]}, record {first[2]}): compare evals of the same validation records, "
+                          "data.max_prompt_tokens and data.overflow")
+    differ = [k for k in sorted(a.scores) if any(x is not None and y is not None and x != y
+                                                 for x, y in zip(a.content[k], b.content[k]))]
+    if differ:
+        k = differ[0]
+        raise RecordError(f"{a.path} and {b.path} name the same records but {len(differ)} of their {len(a.scores)} "
+                          f"prompts differ (the first: task {k[0]}, data_source {k[1]}, record {k[2]}; its "
+                          f"{', '.join(_CONTENT)}: {a.content[k]} vs {b.content[k]}): other data (files, seed, "
+                          "context length), another truncation, or another tokenizer or chat template")
+    warnings = [*a.warnings, *b.warnings]
+    if a.info and b.info:
+        warnings += [f"eval settings differ: {s} {a.info.get(s)} (A) vs {b.info.get(s)} (B)" for s in _SETTINGS
+                     if a.info.get(s) != b.info.get(s)]
     pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for key in sorted(a.scores):
         pairs[key[0]].append((fmean(a.scores[key]), fmean(b.scores[key])))
     every = [p for task in sorted(pairs) for p in pairs[task]]
-    return {"a": str(a.path), "b": str(b.path), **_paired(every),
-            "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)}}
+    return {"a": str(a.path), "b": str(b.path), "a_label": a.label, "b_label": b.label, "warnings": warnings,
+            **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)}}
 
 
 def print_comparison(result: dict[str, Any]) -> None:
@@ -90,12 +137,12 @@ def print_comparison(result: dict[str, Any]) -> None:
 
     from golong.data.check import print_table
 
-    table = Table(title=f"B - A, prompt by prompt (A: {result['a']}, B: {result['b']})")
+    table = Table(title=f"B - A, prompt by prompt (A: {result['a_label']}, B: {result['b_label']})")
     for col in ("task", "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
         table.add_column(col, justify="left" if col == "task" else "right")
 
     def row(name: str, r: dict[str, Any]) -> None:
-        diff = f"{r['diff']:+.3f}" + ("" if r["diff_stderr"] is None else f" ± {r['diff_stderr']:.3f}")
+        diff = f"{round(r['diff'], 3) + 0.0:+.3f}" + ("" if r["diff_stderr"] is None else f" ± {r['diff_stderr']:.3f}")
         table.add_row(name, str(r["prompts"]), f"{r['reward_a']:.3f}", f"{r['reward_b']:.3f}", diff,
                       f"{r['b_higher']} / {r['equal']} / {r['b_lower']}")
 
@@ -103,3 +150,5 @@ def print_comparison(result: dict[str, Any]) -> None:
         row(task, r)
     row("all", result)
     print_table(table)
+    for line in result["warnings"]:
+        print(f"warning: {line}")

@@ -734,8 +734,10 @@ class Trainer:
             failed[record.task] += g.reward_failed
             if rows is not None:  # prompt: position among the validation prompts; record: among its records
                 prompt = self.val_prompts[j // n]
+                if j % n == 0:  # what golong eval-compare checks two evals' prompts by
+                    sha = hashlib.sha1(np.asarray(prompt.input_ids, dtype=np.int32).tobytes()).hexdigest()[:16]
                 rows.append({"prompt": j // n, "record": prompt.index, "sample": j % n,
-                             "prompt_tokens": len(prompt.input_ids), "truncated": prompt.truncated,
+                             "prompt_tokens": len(prompt.input_ids), "prompt_sha1": sha, "truncated": prompt.truncated,
                              "data_source": record.data_source, "task": record.task, "score": g.score,
                              "finish_reason": g.finish_reason, **(g.reward_info or {}), "response": g.text})
         if dump:

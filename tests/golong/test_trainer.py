@@ -1529,6 +1529,13 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert (result["records"], result["dropped"], result["truncated"], result["tasks_dropped"]) == (6, 0, 0, {})
     assert all((v["records"], v["dropped"], v["truncated"]) == (3, 0, 0) for v in result["tasks"].values())
     assert all(row["truncated"] is False and row["prompt_tokens"] > 0 for row in rows)
+    # each prompt's token hash, the same on its 4 rows, is what golong eval-compare matches two evals' prompts by
+    sha = {(row["prompt"], row["prompt_sha1"]) for row in rows}
+    assert len(sha) == 6 and len({s for _, s in sha}) == 6
+    from golong.eval_compare import compare, read_scores
+
+    same = compare(read_scores(tmp_path / "eval"), read_scores(tmp_path / "eval"))
+    assert (same["prompts"], same["equal"], same["diff"], same["warnings"]) == (6, 6, 0.0, [])
     # the records data.max_prompt_tokens leaves out or cuts: counted overall and per task (2 responses a prompt),
     # flagged in responses.jsonl, named in the footer
     lengths = {row["prompt"]: row["prompt_tokens"] for row in rows}
