@@ -104,7 +104,7 @@ def compare(a: EvalScores, b: EvalScores) -> dict[str, Any]:
     """The paired comparison of B against A, overall and per task (see the module docstring). Both must hold the
     same prompts, by key and by content (the prompt's token hash, or its token count and cut in files without one);
     the number of responses a prompt may differ (each prompt's mean is compared). `warnings`: the eval settings
-    that differ (eval.json) and stale files."""
+    that differ (eval.json) and stale files; `per_prompt`: each prompt's key and its two mean scores (--json)."""
     only_a, only_b = sorted(a.scores.keys() - b.scores.keys()), sorted(b.scores.keys() - a.scores.keys())
     if only_a or only_b:
         first = (only_a or only_b)[0]
@@ -129,7 +129,9 @@ def compare(a: EvalScores, b: EvalScores) -> dict[str, Any]:
         pairs[key[0]].append((fmean(a.scores[key]), fmean(b.scores[key])))
     every = [p for task in sorted(pairs) for p in pairs[task]]
     return {"a": str(a.path), "b": str(b.path), "a_label": a.label, "b_label": b.label, "warnings": warnings,
-            **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)}}
+            **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)},
+            "per_prompt": [{**dict(zip(_KEY, key)), "a": fmean(a.scores[key]), "b": fmean(b.scores[key])}
+                           for key in sorted(a.scores)]}
 
 
 def print_comparison(result: dict[str, Any]) -> None:

@@ -130,5 +130,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "+0.500 ± 0.500" in out and "1 / 1 / 0" in out
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["diff"] == 0.5 and saved["tasks"]["em"]["b_higher"] == 1
+    assert saved["per_prompt"] == [{"task": "em", "data_source": "src_em", "record": 0, "a": 0.0, "b": 1.0},
+                                   {"task": "em", "data_source": "src_em", "record": 1, "a": 1.0, "b": 1.0}]
     assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "nothing")]) == 2
     assert "no such file" in capsys.readouterr().err
