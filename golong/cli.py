@@ -210,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = compare(read_scores(args.a), read_scores(args.b))
             print_comparison(result)
             if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+                tmp = Path(f"{args.json}.tmp")  # written whole or not at all
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+                tmp.replace(args.json)
                 print(f"wrote {args.json}")
         elif args.command == "demo":
             from golong.demo import run_demo

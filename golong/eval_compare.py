@@ -66,7 +66,7 @@ def read_scores(source: str | Path) -> EvalScores:
                 score = row["score"]
                 if isinstance(score, bool) or not isinstance(score, (int, float)):
                     raise TypeError(f"score {score!r} is not a number")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise RecordError(f"{path}:{line_no}: not a golong eval response ({type(e).__name__}: {e}); each "
                                   f"row needs {', '.join(_KEY)} and a numeric score") from None
             if not math.isfinite(score):

@@ -5,7 +5,7 @@ and its standard error, pass@k, best@n, worst@n and std@n (eval.json's `by.<KEY>
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from golong.config import ConfigError
@@ -72,12 +72,13 @@ def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[st
     out = {}
     for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
         out[label] = {"prompts": len(gs), "responses": len(gs) * n,
-                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n), **sample_fields(sample_metrics(gs), n)}
+                      "reward_mean": sum(map(sum, gs)) / (len(gs) * n), **sample_fields(sample_metrics(gs).get, n)}
     return out
 
 
-def sample_fields(m: dict[str, float], n: int) -> dict[str, Any]:
-    """eval.json's fields of sample_metrics' values `m` (for n responses a prompt): reward_stderr (None for one
-    prompt), pass_at_k (keyed by k as a string), best_of_n, worst_of_n and std_of_n (None at n = 1)."""
-    return {"reward_stderr": m.get("reward_stderr"), "pass_at_k": {str(k): m[f"pass@{k}"] for k in k_values(n)},
-            "best_of_n": m.get(f"best@{n}"), "worst_of_n": m.get(f"worst@{n}"), "std_of_n": m.get(f"std@{n}")}
+def sample_fields(get: Callable[[str], float | None], n: int) -> dict[str, Any]:
+    """eval.json's fields of sample_metrics' values, each looked up by its name (`get("pass@1")`; None where absent),
+    for n responses a prompt: reward_stderr (None for one prompt), pass_at_k (keyed by k as a string), best_of_n,
+    worst_of_n and std_of_n (None at n = 1)."""
+    return {"reward_stderr": get("reward_stderr"), "pass_at_k": {str(k): get(f"pass@{k}") for k in k_values(n)},
+            "best_of_n": get(f"best@{n}"), "worst_of_n": get(f"worst@{n}"), "std_of_n": get(f"std@{n}")}

@@ -20,6 +20,7 @@ from golong.trainer import Trainer
 
 log = get_logger()
 
+
 def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
              by: Sequence[str] = (), save_every: int | None = None) -> dict[str, Any]:
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
@@ -77,9 +78,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         n = cfg.rollout.val_n
 
         def samples(prefix: str, suffix: str = "") -> dict[str, Any]:  # see golong.eval_groups.sample_fields
-            names = [f"pass@{k}" for k in k_values(n)] + [f"best@{n}", f"worst@{n}", f"std@{n}", "reward_stderr"]
-            return sample_fields({x: metrics[f"{prefix}{x}{suffix}"] for x in names
-                                  if f"{prefix}{x}{suffix}" in metrics}, n)
+            return sample_fields(lambda name: metrics.get(f"{prefix}{name}{suffix}"), n)
 
         result = {"checkpoint": str(ckpt) if ckpt else None, "model": cfg.model.path, "step": step,
                   "prompts": len(trainer.val_prompts), "responses_per_prompt": n,
