@@ -2,7 +2,7 @@
 
     python -m bench.attention                 # CPU: ring on gloo ranks W = 1, 2, 4, 8 (torch local backend)
     python -m bench.attention --dry-run       # resolve imports/args, one tiny local fwd+bwd, no spawn
-    python -m bench.attention                 # CUDA: local kernel TFLOP/s vs flash-attn 2 and torch SDPA
+    python -m bench.attention                 # CUDA: local kernel TFLOP/s vs FlashAttention-2 and torch SDPA
     torchrun --nproc_per_node 8 -m bench.attention --ring   # CUDA, 8 GPUs: ring vs ring-flash-attn
 
 CPU (what a laptop can show about the ring):
@@ -12,11 +12,12 @@ CPU (what a laptop can show about the ring):
   balance  max/min causal work (visible (query, key) pairs) over ranks on a mixed-length batch,
            zigzag vs a contiguous split (the baseline); target <= 1.05
 CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one document and a packed
-  mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs flash-attn 2's varlen kernels (when
-  installed) and torch SDPA (one document only: SDPA has no varlen; K/V pre-expanded to 32 heads): its
-  default choice among the flash / cuDNN / memory-efficient backends, and its flash backend alone, which
-  is FlashAttention-2's kernel built into torch (the FA2 peer where flash-attn is not installed);
-  plus bf16 accuracy vs an fp64 per-document reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
+  mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs FlashAttention-2's varlen kernels on the
+  same packed rows, as the flash-attn package has them (when installed) and as PyTorch builds them in
+  (torch.nn.attention.varlen.varlen_attn, torch >= 2.9: the FA2 peer without the package), and torch SDPA (one
+  document only: SDPA has no varlen; K/V pre-expanded to 32 heads): its default choice among the flash / cuDNN
+  / memory-efficient backends, and its flash backend alone; plus bf16 accuracy vs an fp64 per-document
+  reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
 CUDA ring replay (one GPU): every rank's ring steps (the functions ring_attention calls) run one after another
   and timed, W = 8 on a 128K-token packed batch; the ring's time on W GPUs = sum over steps of the slowest
   rank (plus any hop longer than its step at --link-gbs), vs the ideal: the local kernel on the whole batch / W.
@@ -29,6 +30,7 @@ The table (last) gives ratios vs the baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -41,7 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import peak_extra_memory, print_table, save_results, timeit
-from kernels.flash_attention import attention_delta, flash_attention
+from kernels.flash_attention import _varlen_attn_fn, attention_delta, flash_attention, torch_varlen_attention
 from kernels.ring_attention import (
     ZigzagPlan,
     _owners,
@@ -346,6 +348,23 @@ def _fa2():
     return flash_attn_varlen_func
 
 
+VARLEN_PEER = "torch varlen_attn (FA2 kernel)"
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_attn_missing() -> str | None:
+    """None where PyTorch's varlen_attn runs a causal GQA 32/8 bf16 fwd+bwd at head_dim 128 here, else why not."""
+    if _varlen_attn_fn() is None:
+        return "torch.nn.attention.varlen is missing (PyTorch < 2.9)"
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
+    q, k = (torch.randn(256, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8))
+    try:
+        torch_varlen_attention(q, k, k, cu, True, 128 ** -0.5)[0].sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means no such peer here, said in the table
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
 def _per_doc_fp64(q, k, v, lengths):
     G = q.shape[1] // k.shape[1]
     outs, start = [], 0
@@ -375,6 +394,8 @@ def accuracy_rows(hq: int, hkv: int, d: int) -> list[dict[str, Any]]:
     fa = _fa2()
     if fa is not None:
         impls["flash-attn 2"] = lambda a, b, c: fa(a, b, c, cu, cu, max(lengths), max(lengths), causal=True)
+    if _varlen_attn_missing() is None:
+        impls[VARLEN_PEER] = lambda a, b, c: torch_varlen_attention(a, b, c, cu, True, d ** -0.5)[0]
     for name, fn in impls.items():
         a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
         out = fn(a, b, c)
@@ -411,6 +432,8 @@ def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int)
     impls = {"ours": lambda: flash_attention(q, k, v, cu, backend="triton")[0]}
     if fa is not None:
         impls["flash-attn 2"] = lambda: fa(q, k, v, cu, cu, max_len, max_len, causal=True)
+    if _varlen_attn_missing() is None:  # the same packed rows and GQA heads as ours
+        impls[VARLEN_PEER] = lambda: torch_varlen_attention(q, k, v, cu, True, d ** -0.5)[0]
     if layout == "1 doc":
         G = hq // hkv
         qs = q.detach().transpose(0, 1)[None].requires_grad_()
@@ -451,10 +474,14 @@ def throughput_rows(tokens: list[int], hq: int, hkv: int, d: int, iters: int,
     """Rows of every (size, layout) case; each case's rows are saved with `done` (the rows measured before) as
     soon as it finishes, so a step timeout keeps what was measured."""
     rows = []
-    if _fa2() is None:  # say so: the packed layout then has no peer at all
+    missing = _varlen_attn_missing()
+    if missing is not None:  # say why there is no such row; without flash-attn either, packed rows have no peer
+        rows.append({"case": "torch varlen_attn", "impl": VARLEN_PEER, "metric": "error",
+                     "value": f"no torch varlen_attn peer: {missing}", "unit": ""})
+    if _fa2() is None:
         rows.append({"case": "flash-attn 2 (varlen)", "impl": "flash-attn 2", "metric": "error",
-                     "value": "flash_attn not installed: no varlen peer; the 1-doc rows compare with torch SDPA's "
-                              "flash backend (FlashAttention-2's kernel)", "unit": ""})
+                     "value": "flash_attn not installed: no flash-attn row"
+                              + ("" if missing is None else "; packed rows have no peer at all"), "unit": ""})
     for T in tokens:
         for layout in ("1 doc", "packed"):
             rows += _throughput_case(T, layout, hq, hkv, d, iters)

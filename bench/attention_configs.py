@@ -219,7 +219,7 @@ def main() -> None:
 
     ref = tuple(x.clone() for x in _step(fa, cu, q, k, v, g))  # compiles the default meanwhile
     warm.join(args.budget_s - (time.perf_counter() - t_start))
-    # same-run baselines: torch SDPA, and flash-attn 2's varlen kernels when installed
+    # same-run baselines: torch SDPA, and FlashAttention-2's varlen kernels (flash-attn when installed; PyTorch's)
     try:
         t_sdpa = _sdpa_time(q, k, v, g, args.iters)
     except RuntimeError as e:
@@ -231,6 +231,12 @@ def main() -> None:
     if fa._flash_attn_available(q):
         t = timeit(lambda: _step(fa, cu, q, k, v, g, backend="flash_attn"), warmup=1, iters=args.iters)
         rows.append(row("flash-attn 2 varlen", t, t_default))
+    if fa._varlen_attn_available(q):  # FlashAttention-2's varlen kernels as PyTorch builds them in
+        try:
+            t = timeit(lambda: _step(fa, cu, q, k, v, g, backend="varlen_attn"), warmup=1, iters=args.iters)
+            rows.append(row("torch varlen_attn (FA2 kernel)", t, t_default))
+        except RuntimeError as e:
+            print(f"torch varlen_attn baseline failed: {e}")
     save_results("attention_configs", rows, out_dir=args.out)
 
     for (label, _), (_, cfg) in zip(CANDIDATES[1:], configs[1:]):

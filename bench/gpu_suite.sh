@@ -20,8 +20,9 @@
 #                   records GATHER_IN_GEMM in OUT_DIR/tuned
 #   attention_configs python -m bench.attention_configs: flash-attention tile / layout candidates vs SDPA;
 #                   the winner goes to OUT_DIR/tuned
-#   attention       python -m bench.attention: flash attention vs flash-attn 2 and SDPA, 16K-128K tokens, and
-#                   the ring's schedule replayed on one GPU (W = 8)
+#   attention       python -m bench.attention: flash attention vs FlashAttention-2 (PyTorch's varlen_attn;
+#                   flash-attn when installed) and SDPA, 16K-128K tokens, and the ring's schedule replayed on
+#                   one GPU (W = 8)
 #   profile_kernels python -m bench.profile_kernels: time per CUDA kernel of the MoE MLP, attention, logprob
 #   gpu_train_step  python -m bench.gpu_train_step: one policy update of a Qwen3-4B-shaped model, 16K tokens
 #   train_step_keep_attention  the same at 12 layers, plain activation checkpointing vs parallel.ac_keep_attention

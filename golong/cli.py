@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cancels) and how many prompts B scored above, equal to and below A.")
     p.add_argument("a", help="the first eval (A): an eval directory or its responses.jsonl")
     p.add_argument("b", help="the second eval (B)")
+    p.add_argument("--by", action="append", default=[], metavar="KEY",
+                   help="also per group of prompts: prompt_tokens (token-count bins), or a record key the evals "
+                        "were run with under golong eval --by KEY; repeatable")
+    p.add_argument("--common", action="store_true",
+                   help="compare the prompts both evals hold (e.g. evals at two context lengths with "
+                        "data.overflow=drop); the others are counted and left out")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers to FILE as JSON")
     p.set_defaults(subparser=p)
 
@@ -207,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from golong.eval_compare import compare, print_comparison, read_scores
 
-            result = compare(read_scores(args.a), read_scores(args.b))
+            result = compare(read_scores(args.a), read_scores(args.b), by=args.by, common=args.common)
             print_comparison(result)
             if args.json:
                 tmp = Path(f"{args.json}.tmp")  # written whole or not at all

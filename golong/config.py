@@ -63,9 +63,10 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to `path`
     dtype: str = _choice("bfloat16", ("bfloat16", "float32", "float16"))
     # attention implementation (golong.models.attention.ATTENTION_BACKENDS): auto = kernels on CUDA, sdpa on CPU;
-    # kernels = kernels.flash_attention with its own auto choice; triton / torch / flash_attn = that
-    # kernels.flash_attention backend; sdpa = torch SDPA per document
-    attn_backend: str = _choice("auto", ("auto", "kernels", "triton", "torch", "flash_attn", "sdpa"))
+    # kernels = kernels.flash_attention with its own auto choice; triton / torch / flash_attn / varlen_attn = that
+    # kernels.flash_attention backend (varlen_attn: PyTorch's FlashAttention-2 varlen kernels, CUDA, torch >= 2.9);
+    # sdpa = torch SDPA per document
+    attn_backend: str = _choice("auto", ("auto", "kernels", "triton", "torch", "flash_attn", "varlen_attn", "sdpa"))
     trust_remote_code: bool = False
 
 

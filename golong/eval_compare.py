@@ -3,7 +3,8 @@
 Each eval's reward_stderr is the noise of its mean over prompts; two checkpoints scored on the same prompts share
 that part of it (a hard prompt is hard for both), so the difference is judged by the paired statistic: per prompt
 d = (B's mean score) - (A's), and per task and overall the mean of d with its standard error, the sample std of d
-over sqrt(prompts), and how many prompts B scored above, equal to (|d| <= TIE) and below A.
+over sqrt(prompts), and how many prompts B scored above, equal to (|d| <= TIE) and below A. With `by`, the same
+per group of prompts: their token bin (prompt_tokens), or a record key `golong eval --by` labelled their rows with.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
 from golong.data.records import RecordError
+from golong.eval_groups import PROMPT_TOKENS, label_order, token_bin
 
 # what names a prompt in responses.jsonl: its task, source and position among the eval's records
 _KEY = ("task", "data_source", "record")
@@ -36,6 +39,7 @@ class EvalScores:
     path: Path
     scores: dict[tuple, list[float]]
     content: dict[tuple, tuple]  # key -> the row's _CONTENT fields (None where an older file lacks one)
+    groups: dict[tuple, dict[str, str]] = field(default_factory=dict)  # key -> its group labels by --by key
     info: dict[str, Any] = field(default_factory=dict)  # eval.json beside it, where there is one
     warnings: list[str] = field(default_factory=list)
 
@@ -55,6 +59,7 @@ def read_scores(source: str | Path) -> EvalScores:
         raise FileNotFoundError(f"{path}: no such file (an eval directory holds responses.jsonl once golong eval ends)")
     scores: dict[tuple, list[float]] = defaultdict(list)
     content: dict[tuple, tuple] = {}
+    groups: dict[tuple, dict[str, str]] = {}
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -66,6 +71,9 @@ def read_scores(source: str | Path) -> EvalScores:
                 score = row["score"]
                 if isinstance(score, bool) or not isinstance(score, (int, float)):
                     raise TypeError(f"score {score!r} is not a number")
+                labels = row.get("groups", {})  # golong eval --by KEY: the prompt's group under each KEY
+                if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                    raise TypeError(f"groups {labels!r} is not a mapping of keys to labels")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise RecordError(f"{path}:{line_no}: not a golong eval response ({type(e).__name__}: {e}); each "
                                   f"row needs {', '.join(_KEY)} and a numeric score") from None
@@ -75,10 +83,15 @@ def read_scores(source: str | Path) -> EvalScores:
             if content.setdefault(key, seen) != seen:
                 raise RecordError(f"{path}:{line_no}: two different prompts under task {key[0]}, data_source "
                                   f"{key[1]}, record {key[2]}: not one eval's responses.jsonl")
+            if isinstance(tokens := row.get("prompt_tokens"), int):
+                labels = {**labels, PROMPT_TOKENS: token_bin(tokens)}
+            if groups.setdefault(key, labels) != labels:
+                raise RecordError(f"{path}:{line_no}: the groups of task {key[0]}, data_source {key[1]}, record "
+                                  f"{key[2]} differ from its earlier rows'")
             scores[key].append(float(score))
     if not scores:
         raise RecordError(f"{path}: no responses")
-    out = EvalScores(path, dict(scores), content)
+    out = EvalScores(path, dict(scores), content, groups)
     if (meta := path.with_name("eval.json")).is_file():
         try:
             out.info = json.loads(meta.read_text())
@@ -100,38 +113,69 @@ def _paired(pairs: list[tuple[float, float]]) -> dict[str, Any]:
             "b_lower": sum(x < -TIE for x in d)}
 
 
-def compare(a: EvalScores, b: EvalScores) -> dict[str, Any]:
-    """The paired comparison of B against A, overall and per task (see the module docstring). Both must hold the
-    same prompts, by key and by content (the prompt's token hash, or its token count and cut in files without one);
-    the number of responses a prompt may differ (each prompt's mean is compared). `warnings`: the eval settings
-    that differ (eval.json) and stale files; `per_prompt`: each prompt's key and its two mean scores (--json)."""
+def compare(a: EvalScores, b: EvalScores, by: Sequence[str] = (), common: bool = False) -> dict[str, Any]:
+    """The paired comparison of B against A, overall and per task (see the module docstring), and per group under
+    each key of `by` (`by.<key>.<label>`). Both must hold the same prompts (common: the prompts both hold, the
+    others counted in a warning), by key and by content (the prompt's token hash, or its token count and cut in
+    files without one); the number of responses a prompt may differ (each prompt's mean is compared).
+    `warnings`: prompts left out, the eval settings that differ (eval.json) and stale files; `per_prompt`: each
+    prompt's key and its two mean scores (--json)."""
     only_a, only_b = sorted(a.scores.keys() - b.scores.keys()), sorted(b.scores.keys() - a.scores.keys())
-    if only_a or only_b:
+    keys = sorted(a.scores.keys() & b.scores.keys())
+    if (only_a or only_b) and not (common and keys):
         first = (only_a or only_b)[0]
         raise RecordError(f"{a.path} and {b.path} hold different prompts ({len(only_a)} only in the first, "
-                          f"{len(only_b)} only in the second; the first such: task {first[0]}, data_source "
-                          f"{first[1]}, record {first[2]}): compare evals of the same validation records, "
-                          "data.max_prompt_tokens and data.overflow")
-    differ = [k for k in sorted(a.scores) if any(x is not None and y is not None and x != y
-                                                 for x, y in zip(a.content[k], b.content[k]))]
+                          f"{len(only_b)} only in the second, {len(keys)} in both; the first such: task {first[0]}, "
+                          f"data_source {first[1]}, record {first[2]}): compare evals of the same validation records, "
+                          "data.max_prompt_tokens and data.overflow"
+                          + ("" if common or not keys else ", or pass --common to compare the prompts both hold"))
+    differ = [k for k in keys if any(x is not None and y is not None and x != y
+                                     for x, y in zip(a.content[k], b.content[k]))]
     if differ:
         k = differ[0]
-        raise RecordError(f"{a.path} and {b.path} name the same records but {len(differ)} of their {len(a.scores)} "
+        raise RecordError(f"{a.path} and {b.path} name the same records but {len(differ)} of their {len(keys)} "
                           f"prompts differ (the first: task {k[0]}, data_source {k[1]}, record {k[2]}; its "
                           f"{', '.join(_CONTENT)}: {a.content[k]} vs {b.content[k]}): other data (files, seed, "
                           "context length), another truncation, or another tokenizer or chat template")
     warnings = [*a.warnings, *b.warnings]
+    if only_a or only_b:
+        warnings.append(f"--common: {len(keys)} prompts both evals hold are compared; {len(only_a)} only in A and "
+                        f"{len(only_b)} only in B are left out")
     if a.info and b.info:
         warnings += [f"eval settings differ: {s} {a.info.get(s)} (A) vs {b.info.get(s)} (B)" for s in _SETTINGS
                      if a.info.get(s) != b.info.get(s)]
+    means = {key: (fmean(a.scores[key]), fmean(b.scores[key])) for key in keys}
     pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for key in sorted(a.scores):
-        pairs[key[0]].append((fmean(a.scores[key]), fmean(b.scores[key])))
+    for key in keys:
+        pairs[key[0]].append(means[key])
     every = [p for task in sorted(pairs) for p in pairs[task]]
-    return {"a": str(a.path), "b": str(b.path), "a_label": a.label, "b_label": b.label, "warnings": warnings,
-            **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)},
-            "per_prompt": [{**dict(zip(_KEY, key)), "a": fmean(a.scores[key]), "b": fmean(b.scores[key])}
-                           for key in sorted(a.scores)]}
+    out = {"a": str(a.path), "b": str(b.path), "a_label": a.label, "b_label": b.label, "warnings": warnings,
+           **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)}}
+    if by:
+        out["by"] = {key: _by_group(a, b, keys, means, key) for key in dict.fromkeys(by)}
+    out["per_prompt"] = [{**dict(zip(_KEY, key)), "a": means[key][0], "b": means[key][1]} for key in keys]
+    return out
+
+
+def _by_group(a: EvalScores, b: EvalScores, keys: list[tuple], means: dict[tuple, tuple[float, float]], by: str
+              ) -> dict[str, dict[str, Any]]:
+    """The paired statistics per group of prompts under `by`, read from both evals' rows, which must label each
+    prompt alike."""
+    labelled: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key in keys:
+        label_a, label_b = a.groups[key].get(by), b.groups[key].get(by)
+        for ev, label in ((a, label_a), (b, label_b)):
+            if label is None:
+                held = sorted({k for g in ev.groups.values() for k in g})
+                how = ("its rows hold no prompt_tokens (golong before it)" if by == PROMPT_TOKENS else
+                       f"`golong eval --by {by}` labels the rows with it")
+                raise RecordError(f"{ev.path}: task {key[0]}, data_source {key[1]}, record {key[2]} has no group "
+                                  f"under {by!r} ({how}); groups its rows hold: {', '.join(held) or 'none'}")
+        if label_a != label_b:
+            raise RecordError(f"task {key[0]}, data_source {key[1]}, record {key[2]} is in group {label_a!r} under "
+                              f"{by!r} in {a.path} but {label_b!r} in {b.path}: their records differ")
+        labelled[label_a].append(means[key])
+    return {label: _paired(labelled[label]) for label in sorted(labelled, key=lambda x: label_order(by, x))}
 
 
 def print_comparison(result: dict[str, Any]) -> None:
@@ -152,5 +196,12 @@ def print_comparison(result: dict[str, Any]) -> None:
         row(task, r)
     row("all", result)
     print_table(table)
+    for key, groups in result.get("by", {}).items():
+        table = Table(title=f"B - A by {key}")
+        for col in (key, "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
+            table.add_column(col, justify="left" if col == key else "right")
+        for label, r in groups.items():
+            row(label, r)
+        print_table(table)
     for line in result["warnings"]:
         print(f"warning: {line}")

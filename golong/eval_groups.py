@@ -4,6 +4,7 @@ and its standard error, pass@k, best@n, worst@n and std@n (eval.json's `by.<KEY>
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,28 @@ def token_bin(tokens: int) -> str:
 
     i = _bin_index(tokens)
     return "<4K" if i == 0 else ">=1M" if i == 9 else f"{size(2048 << i)}-{size(4096 << i)}"
+
+
+# every bin's label, smallest first
+BIN_LABELS = tuple(token_bin(0 if i == 0 else 2048 << i) for i in range(10))
+
+
+def label_order(key: str, label: str) -> tuple:
+    """Where a group's label sorts among `key`'s groups, as `breakdown` orders them: token bins by size; numbers
+    by value, then text, then (none). For labels read back as text (responses.jsonl's groups)."""
+    if key == PROMPT_TOKENS:
+        return (0, float(BIN_LABELS.index(label)) if label in BIN_LABELS else math.inf, "")
+    if label == "(none)":
+        return (2, 0.0, "")
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def group_label(prompt: EncodedPrompt, key: str) -> str:
+    """The label of a prompt's group under `--by key` (its token bin, or str(extra_info[key]), or "(none)")."""
+    return _group_value(prompt, key)[1]
 
 
 def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:

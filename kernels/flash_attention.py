@@ -17,15 +17,17 @@ Shapes and dtypes:
     -inf for a row that sees no key, which only happens for a K/V block from another rank).
 All softmax statistics, accumulators and gradients are fp32.
 
-Backends: "triton" (kernels below, also under TRITON_INTERPRET=1 on CPU), "flash_attn" (flash-attn's
-varlen functions; public entry only, GPU), "torch" (blockwise over query and key tiles with an online
-softmax, so memory stays O(tile) however long a document is; CPU path and test oracle).
+Backends: "triton" (kernels below, also under TRITON_INTERPRET=1 on CPU), "torch" (blockwise over query and key
+tiles with an online softmax, so memory stays O(tile) however long a document is; CPU path and test oracle), and
+two peers' FlashAttention-2 varlen kernels, public entry only, GPU: "flash_attn" (the flash-attn package) and
+"varlen_attn" (PyTorch's torch.nn.attention.varlen.varlen_attn, torch >= 2.9).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -912,6 +914,10 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+# flash_attention's backends: ours (triton, torch) and two peers' varlen kernels
+BACKENDS = ("auto", "triton", "torch", "flash_attn", "varlen_attn")
+
+
 def _flash_attn_available(q: torch.Tensor) -> bool:
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -938,6 +944,57 @@ def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     return out, lse.transpose(0, 1).float().contiguous()
 
 
+def _varlen_attn_fn() -> Any | None:
+    """torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.9), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_attn_available(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn_fn() is not None
+
+
+def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attention's contract through PyTorch's varlen_attn: out [T, Hq, D] (differentiable w.r.t. q, k, v)
+    and lse [T, Hq] fp32, detached (varlen_attn's backward drops the gradient of its lse, so a loss through it
+    would get a silently wrong gradient). Tail rows past cu_seqlens[-1] are one more document, as in the other
+    backends. Its signature moved between releases: 2.9 takes is_causal and no scale, 2.10-2.11 window_size and
+    scale, 2.12 on enable_gqa for Hkv < Hq; where a release lacks one, the scale is folded into q and K/V heads
+    are repeated (differentiable: their gradients sum back)."""
+    fn = _varlen_attn_fn()
+    if fn is None:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn needs PyTorch >= 2.9")
+    from torch.nn.attention.varlen import AuxRequest
+
+    params = inspect.signature(fn).parameters
+    t, hq, d = q.shape
+    bounds = cu_seqlens.tolist()  # max_len is a launch-grid bound the API takes on the host (one sync)
+    if bounds[-1] < t:
+        bounds.append(t)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    kw: dict[str, Any] = {"return_aux": AuxRequest(lse=True)}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kw["is_causal"] = causal
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale != d ** -0.5:
+        q = q * (scale * d ** 0.5)
+    if k.shape[1] != hq:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(hq // x.shape[1], dim=1) for x in (k, v))
+    out, lse = fn(q, k, v, cu, cu, max_len, max_len, **kw)
+    return out, lse.detach().float().transpose(0, 1).contiguous()  # [Hq, T] -> [T, Hq]
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                     causal: bool = True, softmax_scale: float | None = None, backend: str = "auto"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -948,21 +1005,25 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     other). softmax_scale defaults to D**-0.5.
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
-    backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", or "flash_attn"
-    (flash-attn's varlen kernels; CUDA fp16/bf16 only, falls back to triton when the package is missing; there
-    only out is differentiable, not lse).
+    backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", "flash_attn"
+    (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's, torch >= 2.9): those two run on CUDA fp16/bf16
+    only, fall back to triton elsewhere (or without the package), and there only out is differentiable, not lse.
     """
     _check(q, k, v)
     if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k and v must hold the same packed rows in one dtype; got q {tuple(q.shape)} {q.dtype}, "
                          f"k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
     check_cu_seqlens(cu_seqlens, q.shape[0], tail=True)
-    if backend not in ("auto", "triton", "torch", "flash_attn"):
-        raise ValueError(f"unknown attention backend {backend!r}; valid: 'auto', 'triton', 'torch', 'flash_attn'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if backend == "flash_attn":
         if _flash_attn_available(q):
             return _flash_attn_varlen(q, k, v, cu_seqlens, causal, scale)
+        backend = "triton"
+    if backend == "varlen_attn":
+        if _varlen_attn_available(q):
+            return torch_varlen_attention(q, k, v, cu_seqlens, causal, scale)
         backend = "triton"
     return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
 

@@ -22,7 +22,7 @@ from golong.models.config import ModelConfig
 from golong.models.layers import RMSNorm, apply_rope
 
 # attention implementations a model can be set to (golong.config's model.attn_backend choices)
-ATTENTION_BACKENDS = ("auto", "kernels", "triton", "torch", "flash_attn", "sdpa")
+ATTENTION_BACKENDS = ("auto", "kernels", "triton", "torch", "flash_attn", "varlen_attn", "sdpa")
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None) -> None:

@@ -170,7 +170,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def set_attention_backend(self, backend: str = "auto") -> None:
         """Attention: "kernels" (kernels.flash_attention with its own auto choice), "triton" / "torch" /
-        "flash_attn" (that kernels.flash_attention backend), "sdpa" (torch SDPA per document) or "auto"
+        "flash_attn" / "varlen_attn" (that kernels.flash_attention backend), "sdpa" (torch SDPA per document) or "auto"
         (kernels on CUDA, sdpa on CPU, where it is much faster). Context parallelism always runs
         kernels.ring_attention, whose local blocks take "triton" / "torch" when named here."""
         if backend not in ATTENTION_BACKENDS:

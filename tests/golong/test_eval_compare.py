@@ -68,13 +68,14 @@ def test_pairing_removes_the_noise_the_two_evals_share(tmp_path):
 def test_different_prompts_or_bad_rows_are_named(tmp_path):
     _write(tmp_path / "a.jsonl", {("em", 0): [1.0], ("em", 1): [0.0]})
     _write(tmp_path / "b.jsonl", {("em", 0): [1.0], ("em", 7): [0.0], ("em", 8): [0.0]})
-    with pytest.raises(RecordError, match=r"hold different prompts \(1 only in the first, 2 only in the second; the "
-                                          r"first such: task em, data_source src_em, record 1\)"):
+    with pytest.raises(RecordError, match=r"hold different prompts \(1 only in the first, 2 only in the second, 1 in "
+                                          r"both; the first such: task em, data_source src_em, record 1\).* or pass "
+                                          r"--common to compare the prompts both hold$"):
         compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"))
     # B holds A's prompts and more: also different sets
     _write(tmp_path / "c.jsonl", {("em", 0): [1.0], ("em", 1): [0.0], ("em", 2): [0.0]})
-    with pytest.raises(RecordError, match=r"\(0 only in the first, 1 only in the second; the first such: task em, "
-                                          r"data_source src_em, record 2\)"):
+    with pytest.raises(RecordError, match=r"\(0 only in the first, 1 only in the second, 2 in both; the first such: "
+                                          r"task em, data_source src_em, record 2\)"):
         compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "c.jsonl"))
     # the same records, other prompt texts (another seed, context length, template): by the hash, or by the token
     # count in files without one
@@ -119,6 +120,92 @@ def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
                                "eval settings differ: temperature 0.6 (A) vs 1.0 (B)"]
 
 
+def test_common_compares_only_the_prompts_both_hold(tmp_path):
+    """--common (evals at two context lengths with data.overflow=drop, say): the prompts both hold, by hand; the
+    others counted in a warning. Prompts that differ in content are still refused, and so is nothing in common."""
+    _write(tmp_path / "a.jsonl", {("em", 0): [1.0, 0.0], ("em", 1): [0.0, 0.0], ("em", 2): [1.0, 1.0]})
+    _write(tmp_path / "b.jsonl", {("em", 1): [1.0, 1.0], ("em", 2): [0.0, 1.0], ("em", 9): [1.0, 1.0],
+                                  ("f1", 3): [0.5, 0.5]})
+    a, b = read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl")
+    got = compare(a, b, common=True)
+    # records 1 and 2: d = 1 - 0 = 1 and 0.5 - 1 = -0.5
+    assert (got["prompts"], got["reward_a"], got["reward_b"]) == (2, 0.5, 0.75)
+    assert got["diff"] == pytest.approx(0.25) and got["diff_stderr"] == pytest.approx(0.75)
+    assert list(got["tasks"]) == ["em"] and [p["record"] for p in got["per_prompt"]] == [1, 2]
+    assert got["warnings"] == ["--common: 2 prompts both evals hold are compared; 1 only in A and 2 only in B are "
+                               "left out"]
+    _write(tmp_path / "c.jsonl", {("em", 1): [1.0], ("em", 2): [0.0]}, text="other")
+    with pytest.raises(RecordError, match="name the same records but 2 of their 2 prompts differ"):
+        compare(a, read_scores(tmp_path / "c.jsonl"), common=True)
+    _write(tmp_path / "d.jsonl", {("em", 5): [1.0]})
+    with pytest.raises(RecordError, match=r"\(3 only in the first, 1 only in the second, 0 in both; .*data.overflow$"):
+        compare(a, read_scores(tmp_path / "d.jsonl"), common=True)
+
+
+def _with_groups(path, labels: dict[tuple[str, int], dict[str, str]], tokens: dict[tuple[str, int], int]) -> None:
+    """Give an eval file's rows the groups golong eval --by writes and other prompt token counts."""
+    rows = [json.loads(line) for line in path.open()]
+    for row in rows:
+        key = (row["task"], row["record"])
+        row.update({"groups": labels[key]} if key in labels else {})
+        row["prompt_tokens"] = tokens.get(key, row["prompt_tokens"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_by_compares_each_group_of_prompts(tmp_path):
+    """--by KEY: per group of prompts under a record key the rows carry (golong eval --by KEY), or prompt_tokens
+    (bins of the rows' token counts), each group's paired numbers by hand, in breakdown's order (numbers by value,
+    then text, then (none)); a prompt without a label, or labelled otherwise in the other eval, is named."""
+    a = {("em", 0): [0.0], ("em", 1): [1.0], ("em", 2): [0.0], ("f1", 3): [0.5]}
+    b = {("em", 0): [1.0], ("em", 1): [1.0], ("em", 2): [0.5], ("f1", 3): [0.0]}
+    labels = {("em", 0): {"level": "10"}, ("em", 1): {"level": "2"}, ("em", 2): {"level": "10"},
+              ("f1", 3): {"level": "(none)"}}
+    tokens = {("em", 0): 5000, ("em", 2): 3000_000, ("f1", 3): 9000}
+    for name, scores in (("a", a), ("b", b)):
+        _write(tmp_path / f"{name}.jsonl", scores)
+        _with_groups(tmp_path / f"{name}.jsonl", labels, tokens)
+    got = compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["level", "prompt_tokens"])
+    level = got["by"]["level"]
+    assert list(level) == ["2", "10", "(none)"]
+    assert (level["10"]["prompts"], level["10"]["diff"], level["10"]["b_higher"]) == (2, 0.75, 2)
+    assert level["10"]["diff_stderr"] == pytest.approx(0.25)  # d = 1, 0.5: std 0.354 / sqrt 2
+    assert (level["2"]["diff"], level["2"]["equal"]) == (0, 1)
+    assert (level["(none)"]["diff"], level["(none)"]["b_lower"]) == (-0.5, 1)
+    # prompt_tokens: record 1 kept its 101 tokens (<4K); 5000 -> 4K-8K, 9000 -> 8K-16K, 3M -> >=1M
+    bins = got["by"]["prompt_tokens"]
+    assert list(bins) == ["<4K", "4K-8K", "8K-16K", ">=1M"] and [r["prompts"] for r in bins.values()] == [1, 1, 1, 1]
+    assert bins["4K-8K"]["diff"] == 1.0 and bins[">=1M"]["diff"] == 0.5
+    # the overall and per-task numbers do not change with --by
+    assert {k: v for k, v in got.items() if k != "by"} == compare(read_scores(tmp_path / "a.jsonl"),
+                                                                  read_scores(tmp_path / "b.jsonl"))
+    # a key no row carries: the file, the prompt and what writes it
+    with pytest.raises(RecordError, match=r"a.jsonl: task em, data_source src_em, record 0 has no group under "
+                                          r"'domain' \(`golong eval --by domain` labels the rows with it\); groups its "
+                                          r"rows hold: level, prompt_tokens"):
+        compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["domain"])
+    # one prompt labelled otherwise in B: their records differ
+    _with_groups(tmp_path / "b.jsonl", {("em", 1): {"level": "3"}}, {})
+    with pytest.raises(RecordError, match=r"record 1 is in group '2' under 'level' in .*a.jsonl but '3' in"):
+        compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["level"])
+    # a file of golong before prompt_tokens: no bins
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").open()]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompt_tokens"})
+                                                + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"old.jsonl: .* has no group under 'prompt_tokens' \(its rows hold no "
+                                          r"prompt_tokens"):
+        compare(read_scores(tmp_path / "old.jsonl"), read_scores(tmp_path / "a.jsonl"), by=["prompt_tokens"])
+    # a prompt's rows must agree; groups must map keys to labels
+    rows[1]["groups"] = {"level": "3"}
+    rows.insert(2, {**rows[1], "sample": 1, "groups": {"level": "2"}})
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"bad.jsonl:3: the groups of task em, data_source src_em, record 1 differ"):
+        read_scores(tmp_path / "bad.jsonl")
+    rows[2]["groups"] = {"level": 3}
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"bad.jsonl:3: not a golong eval response \(TypeError: groups"):
+        read_scores(tmp_path / "bad.jsonl")
+
+
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     from golong.cli import main
 
@@ -134,3 +221,11 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
                                    {"task": "em", "data_source": "src_em", "record": 1, "a": 1.0, "b": 1.0}]
     assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "nothing")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # --by and --common reach compare: a table per key, the prompts B lacks left out with a warning
+    _write(tmp_path / "b.jsonl", {("em", 0): [1.0]})
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by", "prompt_tokens",
+                 "--common"]) == 0
+    out = capsys.readouterr().out
+    assert "B - A by prompt_tokens" in out and "<4K" in out and "1 only in A and 0 only in B are left out" in out
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
+    assert "or pass --common" in capsys.readouterr().err

@@ -290,7 +290,7 @@ def test_attention_backend_names_match_the_config(pair):
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(RunModelConfig)}["attn_backend"]
     assert tuple(choices) == ATTENTION_BACKENDS  # model.attn_backend reaches set_attention_backend unchanged
     model = pair[3]
-    with pytest.raises(ValueError, match="valid: auto, kernels, triton, torch, flash_attn, sdpa"):
+    with pytest.raises(ValueError, match="valid: auto, kernels, triton, torch, flash_attn, varlen_attn, sdpa"):
         model.set_attention_backend("xformers")
     ids = torch.randint(0, 100, (21,), generator=torch.Generator().manual_seed(4))
     cu = torch.tensor([0, 8, 21], dtype=torch.int32)
@@ -526,7 +526,7 @@ def test_attention_backend_dispatch(pair, monkeypatch):
     scale = 32 ** -0.5
     single = {"auto": ("sdpa", scale), "sdpa": ("sdpa", scale), "kernels": ("flash", "auto", True, scale),
               "triton": ("flash", "triton", True, scale), "torch": ("flash", "torch", True, scale),
-              "flash_attn": ("flash", "flash_attn", True, scale)}
+              "flash_attn": ("flash", "flash_attn", True, scale), "varlen_attn": ("flash", "varlen_attn", True, scale)}
     assert set(single) == set(attention.ATTENTION_BACKENDS)
     try:
         for backend, want in single.items():

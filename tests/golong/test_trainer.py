@@ -1482,6 +1482,14 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     # each response was scored against the record its row names (the function's own view of it): the rows group
     # by prompt as the responses were asked for
     assert all(row["reward_extras"] == {"rec": row["record"]} for row in rows)
+    # each row names its prompt's group under the record keys of --by (prompt_tokens: from its token count), which
+    # golong eval-compare --by reads back
+    assert all(row["groups"] == {"index": str(row["prompt"])} for row in rows)
+    from golong.eval_compare import compare, read_scores
+
+    same = compare(read_scores(tmp_path / "eval"), read_scores(tmp_path / "eval"), by=["index", "prompt_tokens"])
+    assert list(same["by"]["index"]) == [str(i) for i in range(6)] and list(same["by"]["prompt_tokens"]) == ["<4K"]
+    assert same["by"]["prompt_tokens"]["<4K"]["prompts"] == 6 and same["by"]["prompt_tokens"]["<4K"]["equal"] == 6
     groups: dict[str, dict[int, list[float]]] = {}
     for row in sorted(rows, key=lambda r: (r["prompt"], r["sample"])):
         groups.setdefault(row["task"], {}).setdefault(row["prompt"], []).append(row["score"])

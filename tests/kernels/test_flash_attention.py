@@ -351,6 +351,86 @@ def test_flash_attention_flash_attn_backend_falls_back_on_cpu():
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5
 
 
+def _fake_varlen_attn(release: str):
+    """Stand-ins for torch.nn.attention.varlen.varlen_attn as three PyTorch releases declare it (2.9: is_causal, no
+    scale, no GQA; 2.10-2.11: window_size and scale; 2.12 on: enable_gqa), computing in fp64 per document from
+    cu_seq_q alone and returning lse as the real one does ([Hq, T]); each records its calls. What they check
+    is the adapter's use of the API (arguments, tail rows, GQA, lse layout), not PyTorch's kernel (the gpu
+    test below runs that)."""
+    calls = []
+
+    def attend(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, gqa, return_aux):
+        if k.shape[1] != q.shape[1] and not gqa:
+            raise ValueError("Hq != Hkv without enable_gqa")
+        cu = cu_seq_q.tolist()
+        assert torch.equal(cu_seq_q, cu_seq_k) and cu[-1] == q.shape[0] and cu_seq_q.dtype == torch.int32
+        assert max_q == max_k == max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        out, lse = per_document_attention(q, k, v, cu, causal=causal, scale=scale)
+        calls.append(dict(causal=causal, scale=scale, gqa=gqa, kv_heads=k.shape[1], cu=cu))
+        out = out.to(q.dtype)
+        return (out, lse.transpose(0, 1).float()) if return_aux is not None and return_aux.lse else out
+
+    if release == "2.9":
+        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False, return_aux)
+    elif release == "2.10":
+        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+                          False, return_aux)
+    else:
+        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+                          enable_gqa, return_aux)
+    return fn, calls
+
+
+@pytest.mark.parametrize("release", ["2.9", "2.10", "2.12"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_varlen_attn_backend_adapts_to_each_release_signature(release, scale, monkeypatch):
+    """backend="varlen_attn" through PyTorch's varlen_attn, as each release declares it: causal by is_causal or
+    window_size (-1, 0), the scale passed or folded into q, GQA by enable_gqa or repeated K/V heads (their
+    gradients summed back), tail rows as one more document, lse [T, Hq] and detached; vs fp64 per document."""
+    fn, calls = _fake_varlen_attn(release)
+    monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
+    cu = [0, 1, 17, 40]  # a one-token document; rows 40..45 are the tail
+    q0, k0, v0 = _inputs([0, 46], 4, 2, 32, torch.float32)
+    q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+    out, lse = fa.torch_varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), True,
+                                         32 ** -0.5 if scale is None else scale)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q0, k0, v0))
+    ro, rl = per_document_attention(q64, k64, v64, cu + [46], scale=scale)
+    assert rel(out, ro) < 1e-6 and rel(lse, rl) < 1e-6 and lse.shape == (46, 4) and not lse.requires_grad
+    go = torch.randn_like(ro)
+    (out * go.float()).sum().backward()
+    (ro * go).sum().backward()
+    for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel(ours, ref) < 1e-6
+    (call,) = calls
+    assert call["causal"] and call["cu"] == cu + [46]
+    assert (call["gqa"], call["kv_heads"]) == ((True, 2) if release == "2.12" else (False, 4))
+    # the scale reaches the kernel where the release takes one (else q carries it and the kernel's default runs)
+    assert call["scale"] == (None if release == "2.9" else 32 ** -0.5 if scale is None else scale)
+    calls.clear()
+    fa.torch_varlen_attention(q0, k0, v0, torch.tensor(cu + [46], dtype=torch.int32), False, 32 ** -0.5)
+    assert not calls[0]["causal"] and calls[0]["cu"] == cu + [46]  # no tail: the bounds as given
+
+
+def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
+    """On CPU tensors (or without torch.nn.attention.varlen) backend="varlen_attn" runs our triton kernels."""
+    fn, calls = _fake_varlen_attn("2.12")
+    monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
+    cu = [0, 5, 12]
+    q, k, v = _inputs(cu, 2, 1, 32, torch.float32)
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="varlen_attn")
+    ro, rl = per_document_attention(q, k, v, cu)
+    assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5 and not calls
+    monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: None)
+    with pytest.raises(RuntimeError, match="PyTorch >= 2.9"):
+        fa.torch_varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), True, 32 ** -0.5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_flash_attention_tail_padding_attends_only_itself(backend):
     """Rows past cu_seqlens[-1] form their own document: real rows are unaffected, the tail attends itself."""
@@ -424,7 +504,7 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
         with pytest.raises(ValueError, match=f"power of two in \\[16, 256\\], got {d}"):
             flash_attention(qd, kd, kd, cu, backend="triton")
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'; valid: 'auto', 'triton', 'torch', "
-                                         "'flash_attn'"):
+                                         "'flash_attn', 'varlen_attn'"):
         flash_attention(q, k, k, cu, backend="cuda")
 
 
@@ -582,10 +662,12 @@ def test_wide_kernels_bf16_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "flash_attn", "triton_all_tma", "triton_tma_fused_dq"])
+@pytest.mark.parametrize("backend", ["triton", "flash_attn", "varlen_attn", "triton_all_tma", "triton_tma_fused_dq"])
 def test_flash_attention_bf16_cuda(backend, monkeypatch):
     if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
         pytest.importorskip("flash_attn")
+    if backend == "varlen_attn":
+        pytest.importorskip("torch.nn.attention.varlen")
     variants = {  # bench.attention_configs candidates: every tile load by TMA; dQ added by TMA reduce
         "triton_all_tma": dict(fwd_tma=True, dq_tma=True, bwd_tma=True),
         "triton_tma_fused_dq": dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
