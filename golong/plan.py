@@ -653,6 +653,9 @@ class Throughput:
     rollout_s: float
     micro_batches_per_gpu: int
     kv_seqs_per_engine: float  # sequences at full length whose KV cache fits in the vLLM reservation
+    # prompts whose KV cache fits with all n responses': the prompt's blocks once (vLLM's prefix cache shares them
+    # among the n requests of one prompt once its prefill is done), every response's own
+    kv_prompts_per_engine: float
     fsdp_bytes: float  # FSDP2 all-gather + reduce-scatter bytes each GPU receives in one step
     fsdp_bus: float  # the assumed bus bandwidth (bytes/s): NVLINK_BUS_BYTES_PER_S in one node, else NIC_BUS_...
     fsdp_s: float  # fsdp_bytes at fsdp_bus
@@ -724,13 +727,15 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     rollout_s = max(prefill / (gpus * H200_BF16_FLOPS), 0.0) + decode_bytes / (gpus * H200_HBM_BYTES_PER_S)
     reserve = ro.gpu_memory_utilization * gpu_mem_bytes * tp - s.total_params * 2
     kv_seqs = max(0.0, reserve) / (s.kv_bytes_per_token * doc_len)
+    kv_prompts = max(0.0, reserve) / (s.kv_bytes_per_token * (prompt + ro.n * resp))
     # FSDP2 over every GPU: a gather in forward and one in backward (blocks reshard after forward), a reduce-scatter
     fsdp_bytes = micro * (2 * p.compute + p.reduce) * s.total_params * (gpus - 1) / gpus
     bus = NVLINK_BUS_BYTES_PER_S if gpus <= GPUS_PER_NODE else NIC_BUS_BYTES_PER_S
     return Throughput(tokens=tokens, docs=docs, doc_len=doc_len, model_flops=model, hardware_flops=hw,
                       update_s=max(t_compute, t_memory), update_bound="compute" if t_compute >= t_memory else "memory",
                       rollout_prefill_flops=prefill, rollout_decode_bytes=decode_bytes, rollout_s=rollout_s,
-                      micro_batches_per_gpu=micro, kv_seqs_per_engine=kv_seqs, fsdp_bytes=fsdp_bytes,
+                      micro_batches_per_gpu=micro, kv_seqs_per_engine=kv_seqs,
+                      kv_prompts_per_engine=kv_prompts, fsdp_bytes=fsdp_bytes,
                       fsdp_bus=bus, fsdp_s=fsdp_bytes / bus, update_compute_s=t_compute)
 
 
@@ -878,6 +883,8 @@ def render(plan: Plan, cfg: RunConfig) -> None:
         ("rollout decode bytes (weights + KV reads)", _si(t.rollout_decode_bytes, "B")),
         ("rollout lower bound", _seconds(t.rollout_s)),
         ("KV cache capacity per engine (full-length sequences)", f"{t.kv_seqs_per_engine:,.1f}"),
+        (f"  prompts with their {cfg.rollout.n} responses (prefix cache: the prompt's KV once)",
+         f"{t.kv_prompts_per_engine:,.1f}"),
         ("step lower bound (rollout + update)", _seconds(t.rollout_s + t.update_s)),
         ("FSDP traffic per GPU per step (gathers + reduce-scatter)", _si(t.fsdp_bytes, "B")),
         (f"  at {t.fsdp_bus / 1e9:.0f} GB/s "

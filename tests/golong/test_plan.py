@@ -124,6 +124,9 @@ def test_parameter_counts_and_rollout_work_by_hand():
                             plain.rollout_prefill_flops * rounds * per_gen, rel_tol=1e-12), extra
     reserve = cfg.rollout.gpu_memory_utilization * mem * 1024**3 * cfg.rollout.tensor_parallel_size - 2 * s.total_params
     assert math.isclose(t.kv_seqs_per_engine, reserve / (s.kv_bytes_per_token * S), rel_tol=1e-12)
+    # a prompt's n responses share its KV blocks: the prompt once, each response's own tokens
+    assert math.isclose(t.kv_prompts_per_engine, reserve / (s.kv_bytes_per_token * (P + cfg.rollout.n * R)),
+                        rel_tol=1e-12)
     # activation checkpointing recomputes the decoder forward: 2 N_layers T + the attention forward; keeping the
     # attention (the config's parallel.ac_keep_attention), the forward without the attention, and q, k, v again
     off = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", ["parallel.activation_checkpointing=false"]),
