@@ -14,7 +14,7 @@ CPU (what a laptop can show about the ring):
 CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one document and a packed
   mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs FlashAttention-2's varlen kernels on the
   same packed rows, as the flash-attn package has them (when installed) and as PyTorch builds them in
-  (torch.nn.attention.varlen.varlen_attn, torch >= 2.9: the FA2 peer without the package), and torch SDPA (one
+  (torch.nn.attention.varlen.varlen_attn, torch >= 2.10: the FA2 peer without the package), and torch SDPA (one
   document only: SDPA has no varlen; K/V pre-expanded to 32 heads): its default choice among the flash / cuDNN
   / memory-efficient backends, and its flash backend alone; plus bf16 accuracy vs an fp64 per-document
   reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
@@ -43,7 +43,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import peak_extra_memory, print_table, save_results, timeit
-from kernels.flash_attention import _varlen_attn_fn, attention_delta, flash_attention, torch_varlen_attention
+from kernels.flash_attention import (
+    _varlen_attn_fn,
+    attention_delta,
+    flash_attention,
+    torch_varlen_attention,
+    varlen_bounds,
+)
 from kernels.ring_attention import (
     ZigzagPlan,
     _owners,
@@ -355,11 +361,11 @@ VARLEN_PEER = "torch varlen_attn (FA2 kernel)"
 def _varlen_attn_missing() -> str | None:
     """None where PyTorch's varlen_attn runs a causal GQA 32/8 bf16 fwd+bwd at head_dim 128 here, else why not."""
     if _varlen_attn_fn() is None:
-        return "torch.nn.attention.varlen is missing (PyTorch < 2.9)"
+        return "torch.nn.attention.varlen is missing (PyTorch < 2.10)"
     cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
     q, k = (torch.randn(256, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8))
     try:
-        torch_varlen_attention(q, k, k, cu, True, 128 ** -0.5)[0].sum().backward()
+        torch_varlen_attention(q, k, k, cu, 156, True, 128 ** -0.5)[0].sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure means no such peer here, said in the table
         return f"{type(e).__name__}: {str(e)[:200]}"
     return None
@@ -395,7 +401,7 @@ def accuracy_rows(hq: int, hkv: int, d: int) -> list[dict[str, Any]]:
     if fa is not None:
         impls["flash-attn 2"] = lambda a, b, c: fa(a, b, c, cu, cu, max(lengths), max(lengths), causal=True)
     if _varlen_attn_missing() is None:
-        impls[VARLEN_PEER] = lambda a, b, c: torch_varlen_attention(a, b, c, cu, True, d ** -0.5)[0]
+        impls[VARLEN_PEER] = lambda a, b, c: torch_varlen_attention(a, b, c, cu, max(lengths), True, d ** -0.5)[0]
     for name, fn in impls.items():
         a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
         out = fn(a, b, c)
@@ -432,8 +438,9 @@ def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int)
     impls = {"ours": lambda: flash_attention(q, k, v, cu, backend="triton")[0]}
     if fa is not None:
         impls["flash-attn 2"] = lambda: fa(q, k, v, cu, cu, max_len, max_len, causal=True)
-    if _varlen_attn_missing() is None:  # the same packed rows and GQA heads as ours
-        impls[VARLEN_PEER] = lambda: torch_varlen_attention(q, k, v, cu, True, d ** -0.5)[0]
+    if _varlen_attn_missing() is None:  # the same packed rows and GQA heads as ours; bounds read before timing
+        bounds = varlen_bounds(cu, T)
+        impls[VARLEN_PEER] = lambda: torch_varlen_attention(q, k, v, *bounds, True, d ** -0.5)[0]
     if layout == "1 doc":
         G = hq // hkv
         qs = q.detach().transpose(0, 1)[None].requires_grad_()
@@ -455,13 +462,21 @@ def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int)
     flops_fwd = 4.0 * hq * d * causal_pairs(lengths)
     # fewer timed calls where one takes ~1 s (a 128K-token document's fwd+bwd): the suite's step has 50 s for all
     iters = max(2, min(iters, round(iters * 32768 / T)))
-    res: dict[tuple[str, str], float] = {}
-    for name, fn in impls.items():
-        res[(name, "fwd")] = flops_fwd / timeit(fn, warmup=1, iters=iters) / 1e12
-        res[(name, "fwd+bwd")] = 3.5 * flops_fwd / timeit(lambda fn=fn: fn().backward(go), warmup=1,
-                                                          iters=iters) / 1e12
     case = f"T={T} {layout} ({len(lengths)} docs) GQA {hq}/{hkv} D={d} bf16"
+    res: dict[tuple[str, str], float] = {}
     rows = []
+    for name, fn in list(impls.items()):
+        try:
+            res[(name, "fwd")] = flops_fwd / timeit(fn, warmup=1, iters=iters) / 1e12
+            res[(name, "fwd+bwd")] = 3.5 * flops_fwd / timeit(lambda fn=fn: fn().backward(go), warmup=1,
+                                                              iters=iters) / 1e12
+        except Exception as e:  # noqa: BLE001 - a peer that fails here (memory, an API change) is a row, not the end
+            if name == "ours":
+                raise
+            del impls[name]
+            rows.append({"case": case, "impl": name, "metric": "error", "value": f"{type(e).__name__}: {str(e)[:200]}",
+                         "unit": ""})
+            torch.cuda.empty_cache()
     for phase in ("fwd", "fwd+bwd"):
         ours = {"case": case, "impl": "ours", "metric": f"TFLOP/s {phase}", "value": res[("ours", phase)],
                 "unit": "TFLOP/s"}

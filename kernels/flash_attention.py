@@ -20,7 +20,7 @@ All softmax statistics, accumulators and gradients are fp32.
 Backends: "triton" (kernels below, also under TRITON_INTERPRET=1 on CPU), "torch" (blockwise over query and key
 tiles with an online softmax, so memory stays O(tile) however long a document is; CPU path and test oracle), and
 two peers' FlashAttention-2 varlen kernels, public entry only, GPU: "flash_attn" (the flash-attn package) and
-"varlen_attn" (PyTorch's torch.nn.attention.varlen.varlen_attn, torch >= 2.9).
+"varlen_attn" (PyTorch's torch.nn.attention.varlen.varlen_attn, torch >= 2.10).
 """
 
 from __future__ import annotations
@@ -945,7 +945,7 @@ def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
 
 
 def _varlen_attn_fn() -> Any | None:
-    """torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.9), or None."""
+    """torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -957,26 +957,32 @@ def _varlen_attn_available(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn_fn() is not None
 
 
-def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+def varlen_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int]:
+    """(int32 cu_seqlens on its device with the tail rows past cu_seqlens[-1] as one more document, the longest
+    document) for torch_varlen_attention; one host sync, which a caller with many calls on one batch makes once."""
+    bounds = cu_seqlens.tolist()
+    if bounds[-1] < total:
+        bounds.append(total)
+    return (torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device),
+            max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0))
+
+
+def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                            causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """flash_attention's contract through PyTorch's varlen_attn: out [T, Hq, D] (differentiable w.r.t. q, k, v)
-    and lse [T, Hq] fp32, detached (varlen_attn's backward drops the gradient of its lse, so a loss through it
-    would get a silently wrong gradient). Tail rows past cu_seqlens[-1] are one more document, as in the other
-    backends. Its signature moved between releases: 2.9 takes is_causal and no scale, 2.10-2.11 window_size and
-    scale, 2.12 on enable_gqa for Hkv < Hq; where a release lacks one, the scale is folded into q and K/V heads
-    are repeated (differentiable: their gradients sum back)."""
+    """flash_attention's contract through PyTorch's varlen_attn (cu, max_len: varlen_bounds): out [T, Hq, D]
+    (differentiable w.r.t. q, k, v) and lse [T, Hq] fp32, detached (varlen_attn's backward drops the gradient of its
+    lse, so a loss through it would get a silently wrong gradient). Its signature moved between releases: 2.10
+    takes is_causal and no scale, 2.11 window_size and scale, 2.12 on enable_gqa for Hkv < Hq (before it, the
+    kernel takes GQA as it is); where a release takes no scale, it is folded into q."""
     fn = _varlen_attn_fn()
     if fn is None:
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn needs PyTorch >= 2.9")
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn needs PyTorch >= 2.10")
     from torch.nn.attention.varlen import AuxRequest
 
-    params = inspect.signature(fn).parameters
     t, hq, d = q.shape
-    bounds = cu_seqlens.tolist()  # max_len is a launch-grid bound the API takes on the host (one sync)
-    if bounds[-1] < t:
-        bounds.append(t)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
-    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if t == 0:
+        return q.new_empty(q.shape), torch.empty(0, hq, dtype=torch.float32, device=q.device)
+    params = inspect.signature(fn).parameters
     kw: dict[str, Any] = {"return_aux": AuxRequest(lse=True)}
     if "window_size" in params:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)
@@ -986,11 +992,8 @@ def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         kw["scale"] = scale
     elif scale != d ** -0.5:
         q = q * (scale * d ** 0.5)
-    if k.shape[1] != hq:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(hq // x.shape[1], dim=1) for x in (k, v))
+    if k.shape[1] != hq and "enable_gqa" in params:
+        kw["enable_gqa"] = True
     out, lse = fn(q, k, v, cu, cu, max_len, max_len, **kw)
     return out, lse.detach().float().transpose(0, 1).contiguous()  # [Hq, T] -> [T, Hq]
 
@@ -1006,7 +1009,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
     backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", "flash_attn"
-    (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's, torch >= 2.9): those two run on CUDA fp16/bf16
+    (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's, torch >= 2.10): those two run on CUDA fp16/bf16
     only, fall back to triton elsewhere (or without the package), and there only out is differentiable, not lse.
     """
     _check(q, k, v)
@@ -1023,7 +1026,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         backend = "triton"
     if backend == "varlen_attn":
         if _varlen_attn_available(q):
-            return torch_varlen_attention(q, k, v, cu_seqlens, causal, scale)
+            return torch_varlen_attention(q, k, v, *varlen_bounds(cu_seqlens, q.shape[0]), causal, scale)
         backend = "triton"
     return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
 

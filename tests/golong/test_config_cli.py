@@ -286,6 +286,12 @@ def test_config_warnings_name_what_is_used(capsys):
     ckpt = [*keep, "parallel.activation_checkpointing=true"]
     assert config_warnings(load_config(demo, [*ckpt, "model.attn_backend=kernels"])) == []
     assert "SDPA keeps per-document views" in config_warnings(load_config(demo, [*ckpt, "model.attn_backend=sdpa"]))[0]
+    # a peer's attention kernels serve one device only: under context parallelism the ring runs golong's
+    for peer in ("flash_attn", "varlen_attn"):
+        assert config_warnings(load_config(demo, [f"model.attn_backend={peer}", "parallel.cp=2"])) == [
+            f"model.attn_backend={peer} is not read under parallel.cp=2: the ring attention runs golong's kernels "
+            "for its blocks"]
+        assert config_warnings(load_config(demo, [f"model.attn_backend={peer}"])) == []
     assert main(["train", demo, "--dry-run", "model.path=hf/m", "trainer.mini_batch_prompts=5"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[:2] == [f"golong: warning: {both}", f"golong: warning: {uneven}"], err

@@ -352,16 +352,16 @@ def test_flash_attention_flash_attn_backend_falls_back_on_cpu():
 
 
 def _fake_varlen_attn(release: str):
-    """Stand-ins for torch.nn.attention.varlen.varlen_attn as three PyTorch releases declare it (2.9: is_causal, no
-    scale, no GQA; 2.10-2.11: window_size and scale; 2.12 on: enable_gqa), computing in fp64 per document from
-    cu_seq_q alone and returning lse as the real one does ([Hq, T]); each records its calls. What they check
-    is the adapter's use of the API (arguments, tail rows, GQA, lse layout), not PyTorch's kernel (the gpu
-    test below runs that)."""
+    """Stand-ins for torch.nn.attention.varlen.varlen_attn as three PyTorch releases declare it (2.10: is_causal, no
+    scale; 2.11: window_size and scale; both take Hkv < Hq as it is; 2.12 on: enable_gqa, without which it refuses
+    Hkv < Hq), computing in fp64 per document from cu_seq_q alone and returning lse as the real one does ([Hq, T]);
+    each records its calls. What they check is the adapter's use of the API (arguments, tail rows, GQA, lse
+    layout), not PyTorch's kernel (the gpu test below runs that)."""
     calls = []
 
     def attend(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, gqa, return_aux):
-        if k.shape[1] != q.shape[1] and not gqa:
-            raise ValueError("Hq != Hkv without enable_gqa")
+        if release == "2.12" and k.shape[1] != q.shape[1] and not gqa:
+            raise ValueError("Expect query and key/value to have the same number of heads ... enable_gqa=True")
         cu = cu_seq_q.tolist()
         assert torch.equal(cu_seq_q, cu_seq_k) and cu[-1] == q.shape[0] and cu_seq_q.dtype == torch.int32
         assert max_q == max_k == max(b - a for a, b in zip(cu[:-1], cu[1:]))
@@ -370,37 +370,41 @@ def _fake_varlen_attn(release: str):
         out = out.to(q.dtype)
         return (out, lse.transpose(0, 1).float()) if return_aux is not None and return_aux.lse else out
 
-    if release == "2.9":
+    if release == "2.10":
         def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
             return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False, return_aux)
-    elif release == "2.10":
+    elif release == "2.11":
         def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                window_size=(-1, -1)):
-            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+            assert isinstance(window_size, tuple)  # the real wrapper compares it with the tuple (-1, 0)
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale,
                           False, return_aux)
     else:
         def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+            assert isinstance(window_size, tuple)
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale,
                           enable_gqa, return_aux)
     return fn, calls
 
 
-@pytest.mark.parametrize("release", ["2.9", "2.10", "2.12"])
-@pytest.mark.parametrize("scale", [None, 0.3])
-def test_varlen_attn_backend_adapts_to_each_release_signature(release, scale, monkeypatch):
-    """backend="varlen_attn" through PyTorch's varlen_attn, as each release declares it: causal by is_causal or
-    window_size (-1, 0), the scale passed or folded into q, GQA by enable_gqa or repeated K/V heads (their
-    gradients summed back), tail rows as one more document, lse [T, Hq] and detached; vs fp64 per document."""
+@pytest.mark.parametrize("release", ["2.10", "2.11", "2.12"])
+@pytest.mark.parametrize("causal,scale", [(True, None), (True, 0.3), (False, 0.3)])
+def test_varlen_attn_backend_adapts_to_each_release_signature(release, causal, scale, monkeypatch):
+    """flash_attention(backend="varlen_attn") through PyTorch's varlen_attn, as each release declares it (stand-ins;
+    the CPU tensors pass for CUDA ones): causal by is_causal or window_size (-1, 0), the scale passed or folded into
+    q, GQA by enable_gqa where a release has it, tail rows as one more document, lse [T, Hq] and detached; vs fp64
+    per document, gradients too."""
     fn, calls = _fake_varlen_attn(release)
     monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
-    cu = [0, 1, 17, 40]  # a one-token document; rows 40..45 are the tail
+    monkeypatch.setattr(fa, "_varlen_attn_available", lambda q: True)
+    cu = [0, 1, 17, 17, 40]  # a one-token document and an empty one; rows 40..45 are the tail
     q0, k0, v0 = _inputs([0, 46], 4, 2, 32, torch.float32)
     q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
-    out, lse = fa.torch_varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), True,
-                                         32 ** -0.5 if scale is None else scale)
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), causal=causal, softmax_scale=scale,
+                               backend="varlen_attn")
     q64, k64, v64 = (x.double().requires_grad_() for x in (q0, k0, v0))
-    ro, rl = per_document_attention(q64, k64, v64, cu + [46], scale=scale)
+    ro, rl = per_document_attention(q64, k64, v64, cu + [46], causal=causal, scale=scale)
     assert rel(out, ro) < 1e-6 and rel(lse, rl) < 1e-6 and lse.shape == (46, 4) and not lse.requires_grad
     go = torch.randn_like(ro)
     (out * go.float()).sum().backward()
@@ -408,13 +412,17 @@ def test_varlen_attn_backend_adapts_to_each_release_signature(release, scale, mo
     for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel(ours, ref) < 1e-6
     (call,) = calls
-    assert call["causal"] and call["cu"] == cu + [46]
-    assert (call["gqa"], call["kv_heads"]) == ((True, 2) if release == "2.12" else (False, 4))
+    assert call["causal"] == causal and call["cu"] == cu + [46]
+    assert (call["gqa"], call["kv_heads"]) == (release == "2.12", 2)  # the K/V heads as they are
     # the scale reaches the kernel where the release takes one (else q carries it and the kernel's default runs)
-    assert call["scale"] == (None if release == "2.9" else 32 ** -0.5 if scale is None else scale)
+    assert call["scale"] == (None if release == "2.10" else 32 ** -0.5 if scale is None else scale)
     calls.clear()
-    fa.torch_varlen_attention(q0, k0, v0, torch.tensor(cu + [46], dtype=torch.int32), False, 32 ** -0.5)
-    assert not calls[0]["causal"] and calls[0]["cu"] == cu + [46]  # no tail: the bounds as given
+    flash_attention(q0, k0, v0, torch.tensor(cu + [46], dtype=torch.int32), backend="varlen_attn")
+    assert calls[0]["cu"] == cu + [46]  # no tail: the bounds as given
+    empty = torch.zeros(0, 4, 32)
+    out, lse = flash_attention(empty, empty[:, :2], empty[:, :2], torch.zeros(1, dtype=torch.int32),
+                               backend="varlen_attn")
+    assert out.shape == (0, 4, 32) and lse.shape == (0, 4) and len(calls) == 1  # nothing to attend: no call
 
 
 def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
@@ -427,8 +435,8 @@ def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
     ro, rl = per_document_attention(q, k, v, cu)
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5 and not calls
     monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: None)
-    with pytest.raises(RuntimeError, match="PyTorch >= 2.9"):
-        fa.torch_varlen_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), True, 32 ** -0.5)
+    with pytest.raises(RuntimeError, match=r"PyTorch >= 2\.10"):
+        fa.torch_varlen_attention(q, k, v, *fa.varlen_bounds(torch.tensor(cu, dtype=torch.int32), 12), True, 0.2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -666,8 +674,11 @@ def test_wide_kernels_bf16_cuda():
 def test_flash_attention_bf16_cuda(backend, monkeypatch):
     if backend == "flash_attn":  # without the package the backend falls back to triton: nothing new to test
         pytest.importorskip("flash_attn")
-    if backend == "varlen_attn":
+    taken = []
+    if backend == "varlen_attn":  # PyTorch's FA2 kernels; counted, so that a silent fallback to triton fails
         pytest.importorskip("torch.nn.attention.varlen")
+        real = fa._varlen_attn_fn()
+        monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: taken.append(1) or real)
     variants = {  # bench.attention_configs candidates: every tile load by TMA; dQ added by TMA reduce
         "triton_all_tma": dict(fwd_tma=True, dq_tma=True, bwd_tma=True),
         "triton_tma_fused_dq": dict(bwd_split=True, bwd_tma=True, bwd_fused_dq=True, split_block_m=32,
@@ -693,3 +704,11 @@ def test_flash_attention_bf16_cuda(backend, monkeypatch):
                             ("dv", v.grad, v64.grad)):
         err, doc = worst_segment_error(ours, ref, cu)
         assert err < (1e-3 if name == "lse" else 2e-2), (name, doc, err)
+    if backend == "varlen_attn":
+        assert taken
+        # tail rows past cu_seqlens[-1] (one more document), another scale, non-causal: what the adapter maps
+        for causal in (True, False):
+            out, lse = flash_attention(q, k, v, torch.tensor(cu[:-1], dtype=torch.int32, device="cuda"),
+                                       causal=causal, softmax_scale=0.05, backend="varlen_attn")
+            ro, rl = per_document_attention(q64, k64, v64, cu, causal=causal, scale=0.05)
+            assert rel(out, ro) < 1e-2 and rel(lse, rl) < 1e-3, causal
