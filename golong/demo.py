@@ -6,7 +6,9 @@ dynamic sampling, FSDP2 over 2 gloo ranks, DCP checkpoints). Held-out prompts ar
 and after RL with the validation sampling settings. Writes into the output directory:
 
     metrics.jsonl     every SFT / RL step and validation
-    summary.json      reward_after_sft, reward_after_rl, per-task rows, timings
+    summary.json      reward_after_sft, reward_after_rl, rl_minus_sft (prompt by prompt, with its standard error),
+                      per-task rows, timings
+    rollouts/         every step's responses and each validation's (val_step_<N>.jsonl)
     curves.png        per-task reward, entropy, logprob mismatch (golong plot)
     hf/               the final policy as a Hugging Face model (checked: transformers loads it)
     checkpoints/      the DCP training checkpoints
@@ -109,21 +111,37 @@ def _change(d: float) -> str:
     return f"[{'green' if d > 0 else 'red' if d < 0 else 'white'}]{d:+.3f}"
 
 
-def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title: str) -> None:
+def _stderr(x: float | None) -> str:
+    return "" if x is None else f" ± {x:.3f}"
+
+
+def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title: str,
+           stderr: float | None = None) -> None:
+    """rows: per task, after_sft / after_rl and (where the validations were paired) change_stderr; stderr: the
+    overall change's."""
     from rich.table import Table
 
     from golong.data.check import print_table
 
     t = Table(title=title)
     for col, just in (("task", "left"), ("metric", "left"), ("after SFT", "right"), ("after RL", "right"),
-                      ("change", "right")):
+                      ("change" if stderr is None else "change ± stderr", "right")):
         t.add_column(col, justify=just)
     for r in rows:
         t.add_row(r["task"], r["metric"], f"{r['after_sft']:.3f}", f"{r['after_rl']:.3f}",
-                  _change(r["after_rl"] - r["after_sft"]))
+                  _change(r["after_rl"] - r["after_sft"]) + _stderr(r.get("change_stderr")))
     t.add_row("[bold]all", "", f"[bold]{after_sft:.3f}", f"[bold]{after_rl:.3f}",
-              "[bold]" + _change(after_rl - after_sft))
+              "[bold]" + _change(after_rl - after_sft) + _stderr(stderr))
     print_table(t)
+
+
+def _paired(dumps: Path, sft_step: int, rl_step: int) -> dict[str, Any] | None:
+    """golong eval-compare of the two validations' dumps (RL - SFT prompt by prompt), or None without them
+    (a config with logging.dump_rollouts off)."""
+    from golong.eval_compare import compare, read_scores
+
+    a, b = (dumps / f"val_step_{step:06d}.jsonl" for step in (sft_step, rl_step))
+    return compare(read_scores(a), read_scores(b)) if a.is_file() and b.is_file() else None
 
 
 def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None,
@@ -175,6 +193,11 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
     tasks = sorted(k[len(prefix):] for k in rl if k.startswith(prefix))
     rows = [{"task": t, "metric": metric_for(t), "after_sft": sft[prefix + t], "after_rl": rl[prefix + t]}
             for t in tasks]
+    # the same held-out prompts scored twice: their difference has a paired standard error (golong eval-compare)
+    paired = _paired(out / "rollouts", sft["step"], rl["step"])
+    if paired is not None:
+        for r in rows:
+            r["change_stderr"] = paired["tasks"][r["task"]]["diff_stderr"]
 
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None
@@ -191,6 +214,8 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
         "reward_after_sft": sft["val/reward/mean"],
         "reward_after_rl": rl["val/reward/mean"],
         "rl_improved": rl["val/reward/mean"] > sft["val/reward/mean"],
+        "rl_minus_sft": None if paired is None else {k: paired[k] for k in ("prompts", "diff", "diff_stderr",
+                                                                           "b_higher", "equal", "b_lower")},
         "per_task": rows,
         "held_out_prompts": cfg.data.synthetic_val_n,
         "sft_steps": cfg.trainer.sft_steps,
@@ -205,7 +230,11 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _table(rows, summary["reward_after_sft"], summary["reward_after_rl"],
            f"held-out reward ({cfg.data.synthetic_val_n} prompts, T={cfg.rollout.val_temperature}, "
-           f"top-p {cfg.rollout.val_top_p})")
+           f"top-p {cfg.rollout.val_top_p})", None if paired is None else paired["diff_stderr"])
+    if paired is not None:
+        print(f"prompt by prompt, RL scored {paired['b_higher']} held-out prompts higher than SFT, {paired['equal']} "
+              f"equal, {paired['b_lower']} lower (golong eval-compare {out / 'rollouts'}/val_step_{sft['step']:06d}"
+              f".jsonl {out / 'rollouts'}/val_step_{rl['step']:06d}.jsonl)")
     print(f"transformers loads {hf_dir}: max |logit diff| vs golong = {hf_diff:.2e}")
     print(f"wrote {out / 'metrics.jsonl'}, {out / 'summary.json'}, {png}, {hf_dir}")
     print(f"demo finished in {summary['seconds']['total']:.0f}s "

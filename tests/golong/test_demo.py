@@ -53,6 +53,11 @@ def test_demo_smoke_writes_every_artifact(tmp_path, capsys):
     assert saved["reward_after_sft"] == val[0]["val/reward/mean"]
     assert saved["reward_after_rl"] == val[1]["val/reward/mean"]
     assert saved["rl_improved"] == (val[1]["val/reward/mean"] > val[0]["val/reward/mean"])
+    # the two validations' dumps paired prompt by prompt: the same 9 prompts, one response each
+    paired = saved["rl_minus_sft"]
+    assert paired["prompts"] == 9 and paired["b_higher"] + paired["equal"] + paired["b_lower"] == 9
+    assert paired["diff"] == pytest.approx(saved["reward_after_rl"] - saved["reward_after_sft"], abs=1e-12)
+    assert (out / "rollouts" / "val_step_000000.jsonl").is_file() and (out / "rollouts" / "step_000001.jsonl").is_file()
     metric = {"precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
               "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
               "graded_ranking": "ndcg", "sequence_ordering": "pairwise", "summarization": "rouge_l"}
@@ -145,6 +150,10 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
         return {"step": step, "val/reward/mean": base + 0.125, **per_task}
 
     history = [val(0, 0.25), val(4, 0.5), val(2, 0.0625)]  # the last RL step is not the list's last entry
+    # each task's two held-out prompts, after SFT and after RL (their means are the history's): summarization's
+    # prompts change by +0.5 and 0 (+0.25 +- 0.25), the others' by +0.25 each (+- 0)
+    scores = {0: {"summarization": [0.0, 0.5], "graded_ranking": [0.375, 0.375], "precise_retrieval": [0.5, 0.5]},
+              4: {"summarization": [0.5, 0.5], "graded_ranking": [0.625, 0.625], "precise_retrieval": [0.75, 0.75]}}
 
     def fake_launch(cfg, world):
         out = Path(cfg.logging.run_dir)
@@ -157,6 +166,12 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
         for h in history:
             w.log(h["step"], {k: v for k, v in h.items() if k != "step"})
         w.close()
+        (out / "rollouts").mkdir()
+        for step, per_task in scores.items():
+            rows = [{"prompt": 2 * i + j, "record": 2 * i + j, "sample": 0, "prompt_tokens": 30,
+                     "prompt_sha1": f"p{i}{j}", "truncated": False, "data_source": "synthetic", "task": t, "score": x}
+                    for i, (t, xs) in enumerate(per_task.items()) for j, x in enumerate(xs)]
+            (out / "rollouts" / f"val_step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return history
 
     monkeypatch.setattr(demo, "_launch", fake_launch)
@@ -165,12 +180,24 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
     assert (summary["reward_after_sft"], summary["reward_after_rl"], summary["rl_steps"]) == (0.375, 0.625, 4)
     assert summary["rl_improved"] and summary["validation"]["temperature"] == 0.7
     assert summary["per_task"] == [
-        {"task": "graded_ranking", "metric": "ndcg", "after_sft": 0.375, "after_rl": 0.625},
-        {"task": "precise_retrieval", "metric": "em", "after_sft": 0.5, "after_rl": 0.75},
-        {"task": "summarization", "metric": "rouge_l", "after_sft": 0.25, "after_rl": 0.5}]
+        {"task": "graded_ranking", "metric": "ndcg", "after_sft": 0.375, "after_rl": 0.625, "change_stderr": 0.0},
+        {"task": "precise_retrieval", "metric": "em", "after_sft": 0.5, "after_rl": 0.75, "change_stderr": 0.0},
+        {"task": "summarization", "metric": "rouge_l", "after_sft": 0.25, "after_rl": 0.5,
+         "change_stderr": pytest.approx(0.25)}]
+    # overall: the six prompts' differences 0.25 x 4, 0.5, 0: mean 0.25, sample std sqrt(0.125 / 5)
+    assert summary["rl_minus_sft"] == {"prompts": 6, "diff": pytest.approx(0.25),
+                                       "diff_stderr": pytest.approx((0.125 / 5) ** 0.5 / 6 ** 0.5),
+                                       "b_higher": 5, "equal": 1, "b_lower": 0}
     assert summary["hf_export"]["transformers_max_abs_logit_diff"] < 1e-4
     printed = capsys.readouterr().out
     assert printed.count("+0.250") == 4 and "0.375 after SFT -> 0.625 after RL" in printed  # 3 tasks + all
+    assert "+0.250 ± 0.250" in printed and "+0.250 ± 0.065" in printed  # summarization; all
+    assert "RL scored 5 held-out prompts higher than SFT, 1 equal, 0 lower" in printed
+    # without the dumps (logging.dump_rollouts off) there is nothing to pair: the means alone
+    scores.clear()
+    summary = demo.run_demo(tmp_path / "demo", overrides=["logging.dump_rollouts=false"])
+    assert summary["rl_minus_sft"] is None and "change_stderr" not in summary["per_task"][0]
+    assert "±" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("after_rl", [0.5, 0.5 - 1e-17, 0.4996])
