@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
                         "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "
-                        "MRCR reports); repeatable")
+                        "MRCR reports); each response row of responses.jsonl then names its prompt's group, which "
+                        "golong eval-compare --by KEY reads; repeatable")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("eval-compare", help="compare two evals of the same prompts: reward difference ± its stderr",

@@ -39,7 +39,8 @@ class EvalScores:
     path: Path
     scores: dict[tuple, list[float]]
     content: dict[tuple, tuple]  # key -> the row's _CONTENT fields (None where an older file lacks one)
-    groups: dict[tuple, dict[str, str]] = field(default_factory=dict)  # key -> its group labels by --by key
+    # key -> its group labels by --by key: the row's `groups` (golong eval --by KEY) and its prompt_tokens bin
+    groups: dict[tuple, dict[str, str]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # eval.json beside it, where there is one
     warnings: list[str] = field(default_factory=list)
 
@@ -50,8 +51,9 @@ class EvalScores:
 
 
 def read_scores(source: str | Path) -> EvalScores:
-    """An eval directory's responses.jsonl (or that file itself) and the eval.json beside it. A missing file or a row
-    that is not a golong eval response is an error naming the file and line."""
+    """An eval directory's responses.jsonl (or that file itself) and the eval.json beside it: each prompt's scores,
+    content fields and group labels (its rows' `groups`, and its prompt_tokens bin under "prompt_tokens"). A missing
+    file or a row that is not a golong eval response is an error naming the file and line."""
     path = Path(source)
     if path.is_dir():
         path = path / "responses.jsonl"
@@ -153,6 +155,11 @@ def compare(a: EvalScores, b: EvalScores, by: Sequence[str] = (), common: bool =
            **_paired(every), "tasks": {task: _paired(pairs[task]) for task in sorted(pairs)}}
     if by:
         out["by"] = {key: _by_group(a, b, keys, means, key) for key in dict.fromkeys(by)}
+        for key, groups in out["by"].items():  # --common: a group all of whose prompts were left out is not shown
+            gone = {e.groups[k].get(key) for e, left in ((a, only_a), (b, only_b)) for k in left} - set(groups) - {None}
+            if gone:
+                warnings.append(f"--by {key}: no prompt both evals hold in group(s) "
+                                f"{', '.join(sorted(gone, key=lambda x: label_order(key, x)))}")
     out["per_prompt"] = [{**dict(zip(_KEY, key)), "a": means[key][0], "b": means[key][1]} for key in keys]
     return out
 
@@ -167,8 +174,13 @@ def _by_group(a: EvalScores, b: EvalScores, keys: list[tuple], means: dict[tuple
         for ev, label in ((a, label_a), (b, label_b)):
             if label is None:
                 held = sorted({k for g in ev.groups.values() for k in g})
-                how = ("its rows hold no prompt_tokens (golong before it)" if by == PROMPT_TOKENS else
-                       f"`golong eval --by {by}` labels the rows with it")
+                if by == PROMPT_TOKENS:
+                    how = "its rows hold no prompt_tokens (golong before it)"
+                elif by in (ev.info.get("by") or {}):
+                    how = (f"its eval.json has by.{by}, but golong did not yet label the rows then; a new `golong eval "
+                           f"--by {by}` does, generating the responses again")
+                else:
+                    how = f"`golong eval --by {by}` labels the rows with it, generating the responses again"
                 raise RecordError(f"{ev.path}: task {key[0]}, data_source {key[1]}, record {key[2]} has no group "
                                   f"under {by!r} ({how}); groups its rows hold: {', '.join(held) or 'none'}")
         if label_a != label_b:
@@ -179,17 +191,19 @@ def _by_group(a: EvalScores, b: EvalScores, keys: list[tuple], means: dict[tuple
 
 
 def print_comparison(result: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from golong.data.check import print_table
 
-    table = Table(title=f"B - A, prompt by prompt (A: {result['a_label']}, B: {result['b_label']})")
+    # names from the data and paths are text, not rich markup ("[/x]" would raise, "[bold]x" print as x)
+    table = Table(title=f"B - A, prompt by prompt (A: {escape(result['a_label'])}, B: {escape(result['b_label'])})")
     for col in ("task", "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
         table.add_column(col, justify="left" if col == "task" else "right")
 
     def row(name: str, r: dict[str, Any]) -> None:
         diff = f"{round(r['diff'], 3) + 0.0:+.3f}" + ("" if r["diff_stderr"] is None else f" ± {r['diff_stderr']:.3f}")
-        table.add_row(name, str(r["prompts"]), f"{r['reward_a']:.3f}", f"{r['reward_b']:.3f}", diff,
+        table.add_row(escape(name), str(r["prompts"]), f"{r['reward_a']:.3f}", f"{r['reward_b']:.3f}", diff,
                       f"{r['b_higher']} / {r['equal']} / {r['b_lower']}")
 
     for task, r in result["tasks"].items():
@@ -197,8 +211,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     row("all", result)
     print_table(table)
     for key, groups in result.get("by", {}).items():
-        table = Table(title=f"B - A by {key}")
-        for col in (key, "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
+        table = Table(title=f"B - A by {escape(key)}")
+        for col in (escape(key), "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
             table.add_column(col, justify="left" if col == key else "right")
         for label, r in groups.items():
             row(label, r)

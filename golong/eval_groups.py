@@ -35,37 +35,30 @@ def token_bin(tokens: int) -> str:
 
 # every bin's label, smallest first
 BIN_LABELS = tuple(token_bin(0 if i == 0 else 2048 << i) for i in range(10))
-
-
-def label_order(key: str, label: str) -> tuple:
-    """Where a group's label sorts among `key`'s groups, as `breakdown` orders them: token bins by size; numbers
-    by value, then text, then (none). For labels read back as text (responses.jsonl's groups)."""
-    if key == PROMPT_TOKENS:
-        return (0, float(BIN_LABELS.index(label)) if label in BIN_LABELS else math.inf, "")
-    if label == "(none)":
-        return (2, 0.0, "")
-    try:
-        return (0, float(label), "")
-    except ValueError:
-        return (1, 0.0, label)
+NONE_LABEL = "(none)"  # the group of the records without the key (or holding None there)
 
 
 def group_label(prompt: EncodedPrompt, key: str) -> str:
-    """The label of a prompt's group under `--by key` (its token bin, or str(extra_info[key]), or "(none)")."""
-    return _group_value(prompt, key)[1]
-
-
-def _group_value(prompt: EncodedPrompt, key: str) -> tuple[tuple, str]:
-    """(sort key, label) of a prompt's group under `--by key`: its token bin, or its record's extra_info[key]."""
+    """The label of a prompt's group under `--by key`: its token bin, or str(extra_info[key]) (so a value 2 and a
+    value "2" are one group), or NONE_LABEL."""
     if key == PROMPT_TOKENS:
-        n = len(prompt.input_ids)
-        return (0, _bin_index(n)), token_bin(n)
+        return token_bin(len(prompt.input_ids))
     value = prompt.record.extra_info.get(key)
-    if value is None:
-        return (2, 0.0, ""), "(none)"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, float(value), ""), str(value)
-    return (1, 0.0, str(value)), str(value)
+    return NONE_LABEL if value is None else str(value)
+
+
+def label_order(key: str, label: str) -> tuple:
+    """Where a group sorts among `key`'s groups (eval.json's `by.<key>` and eval-compare's): token bins by size;
+    labels that read as finite numbers by value, then the other text, then NONE_LABEL."""
+    if key == PROMPT_TOKENS:
+        return (0, BIN_LABELS.index(label) if label in BIN_LABELS else len(BIN_LABELS), label)
+    if label == NONE_LABEL:
+        return (2, 0.0, "")
+    try:
+        x = float(label)
+    except ValueError:
+        x = math.nan
+    return (0, x, label) if math.isfinite(x) else (1, 0.0, label)
 
 
 def check_group_keys(keys: Sequence[str], prompts: Sequence[EncodedPrompt], dropped: int = 0) -> None:
@@ -86,14 +79,11 @@ def breakdown(key: str, prompts: Sequence[EncodedPrompt], rows: Sequence[dict[st
     scores: dict[int, list[float]] = defaultdict(list)
     for row in rows:
         scores[row["prompt"]].append(row["score"])
-    groups: dict[str, list[list[float]]] = defaultdict(list)  # by label: a value 2 and a value "2" are one group
-    order: dict[str, tuple] = {}
+    groups: dict[str, list[list[float]]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        key_order, label = _group_value(p, key)
-        groups[label].append(scores[i])
-        order[label] = min(order.get(label, key_order), key_order)
+        groups[group_label(p, key)].append(scores[i])
     out = {}
-    for label, gs in sorted(groups.items(), key=lambda kv: order[kv[0]]):
+    for label, gs in sorted(groups.items(), key=lambda kv: label_order(key, kv[0])):
         out[label] = {"prompts": len(gs), "responses": len(gs) * n,
                       "reward_mean": sum(map(sum, gs)) / (len(gs) * n), **sample_fields(sample_metrics(gs).get, n)}
     return out

@@ -122,12 +122,14 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from golong.data.check import print_table
 
-    title = f"eval: {result['checkpoint'] or result['model'] or 'scratch model'}, {result['prompts']} prompts x " \
-            f"{result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
+    # names from the data and paths are text, not rich markup ("[/x]" would raise, "[bold]x" print as x)
+    title = f"eval: {escape(str(result['checkpoint'] or result['model'] or 'scratch model'))}, {result['prompts']} " \
+            f"prompts x {result['responses_per_prompt']} (T={result['temperature']}, top-p {result['top_p']})"
     table = Table(title=title)
     failures = result.get("function_errors") is not None  # a reward function of the user's own: its failures
     n = result["responses_per_prompt"]
@@ -145,19 +147,19 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
     for col, justify in columns + ([("function errors", "right")] if failures else []):
         table.add_column(col, justify=justify)
     for task, row in result["tasks"].items():
-        table.add_row(task, row["metric"], str(row["responses"]), reward(row), *samples(row),
+        table.add_row(escape(task), row["metric"], str(row["responses"]), reward(row), *samples(row),
                       *([str(row["function_errors"])] if failures else []))
     table.add_row("all", "", str(sum(r["responses"] for r in result["tasks"].values())),
                   reward(result), *samples(result),
                   *([str(result["function_errors"])] if failures else []))
     print_table(table)  # unwrapped where piped: no truncated task names
     for key, groups in result.get("by", {}).items():
-        table = Table(title=f"by {key}")
-        for col, justify in [(key, "left"), ("prompts", "right"), ("responses", "right"), columns[3]] + \
+        table = Table(title=f"by {escape(key)}")
+        for col, justify in [(escape(key), "left"), ("prompts", "right"), ("responses", "right"), columns[3]] + \
                 columns[4:]:
             table.add_column(col, justify=justify)
         for label, row in groups.items():
-            table.add_row(label, str(row["prompts"]), str(row["responses"]), reward(row), *samples(row))
+            table.add_row(escape(label), str(row["prompts"]), str(row["responses"]), reward(row), *samples(row))
         print_table(table)
     if len(k_values(n)) > len(ks):
         print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")

@@ -140,6 +140,15 @@ def test_common_compares_only_the_prompts_both_hold(tmp_path):
     _write(tmp_path / "d.jsonl", {("em", 5): [1.0]})
     with pytest.raises(RecordError, match=r"\(3 only in the first, 1 only in the second, 0 in both; .*data.overflow$"):
         compare(a, read_scores(tmp_path / "d.jsonl"), common=True)
+    with pytest.raises(RecordError, match=r"0 in both; .*data.overflow$"):  # no --common hint: it would not help
+        compare(a, read_scores(tmp_path / "d.jsonl"))
+    # with --by: a group whose prompts were all left out is named (record 0's "long", only in A; record 9's, in B)
+    for name, labels in (("a", {("em", 0): "long", ("em", 1): "short", ("em", 2): "short"}),
+                         ("b", {("em", 1): "short", ("em", 2): "short", ("em", 9): "mid", ("f1", 3): "short"})):
+        _with_groups(tmp_path / f"{name}.jsonl", {k: {"length": v} for k, v in labels.items()}, {})
+    got = compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["length"], common=True)
+    assert list(got["by"]["length"]) == ["short"] and got["by"]["length"]["short"]["prompts"] == 2
+    assert got["warnings"][-1] == "--by length: no prompt both evals hold in group(s) long, mid"
 
 
 def _with_groups(path, labels: dict[tuple[str, int], dict[str, str]], tokens: dict[tuple[str, int], int]) -> None:
@@ -156,33 +165,41 @@ def test_by_compares_each_group_of_prompts(tmp_path):
     """--by KEY: per group of prompts under a record key the rows carry (golong eval --by KEY), or prompt_tokens
     (bins of the rows' token counts), each group's paired numbers by hand, in breakdown's order (numbers by value,
     then text, then (none)); a prompt without a label, or labelled otherwise in the other eval, is named."""
-    a = {("em", 0): [0.0], ("em", 1): [1.0], ("em", 2): [0.0], ("f1", 3): [0.5]}
-    b = {("em", 0): [1.0], ("em", 1): [1.0], ("em", 2): [0.5], ("f1", 3): [0.0]}
+    a = {("em", 0): [0.0], ("em", 1): [1.0], ("em", 2): [0.0], ("f1", 3): [0.5], ("f1", 4): [0.0]}
+    b = {("em", 0): [1.0], ("em", 1): [1.0], ("em", 2): [0.5], ("f1", 3): [0.0], ("f1", 4): [0.0]}
     labels = {("em", 0): {"level": "10"}, ("em", 1): {"level": "2"}, ("em", 2): {"level": "10"},
-              ("f1", 3): {"level": "(none)"}}
-    tokens = {("em", 0): 5000, ("em", 2): 3000_000, ("f1", 3): 9000}
+              ("f1", 3): {"level": "(none)"}, ("f1", 4): {"level": "hard"}}
+    tokens = {("em", 0): 4096, ("em", 1): 4095, ("em", 2): 3000_000, ("f1", 3): 9000}
     for name, scores in (("a", a), ("b", b)):
         _write(tmp_path / f"{name}.jsonl", scores)
         _with_groups(tmp_path / f"{name}.jsonl", labels, tokens)
     got = compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["level", "prompt_tokens"])
     level = got["by"]["level"]
-    assert list(level) == ["2", "10", "(none)"]
+    assert list(level) == ["2", "10", "hard", "(none)"]  # numbers by value, then text, then (none)
     assert (level["10"]["prompts"], level["10"]["diff"], level["10"]["b_higher"]) == (2, 0.75, 2)
     assert level["10"]["diff_stderr"] == pytest.approx(0.25)  # d = 1, 0.5: std 0.354 / sqrt 2
     assert (level["2"]["diff"], level["2"]["equal"]) == (0, 1)
     assert (level["(none)"]["diff"], level["(none)"]["b_lower"]) == (-0.5, 1)
-    # prompt_tokens: record 1 kept its 101 tokens (<4K); 5000 -> 4K-8K, 9000 -> 8K-16K, 3M -> >=1M
+    # prompt_tokens: 4095 and record 4's 104 -> <4K; 4096 -> 4K-8K (lower edge in), 9000 -> 8K-16K, 3M -> >=1M
     bins = got["by"]["prompt_tokens"]
-    assert list(bins) == ["<4K", "4K-8K", "8K-16K", ">=1M"] and [r["prompts"] for r in bins.values()] == [1, 1, 1, 1]
+    assert list(bins) == ["<4K", "4K-8K", "8K-16K", ">=1M"] and [r["prompts"] for r in bins.values()] == [2, 1, 1, 1]
     assert bins["4K-8K"]["diff"] == 1.0 and bins[">=1M"]["diff"] == 0.5
     # the overall and per-task numbers do not change with --by
     assert {k: v for k, v in got.items() if k != "by"} == compare(read_scores(tmp_path / "a.jsonl"),
                                                                   read_scores(tmp_path / "b.jsonl"))
     # a key no row carries: the file, the prompt and what writes it
     with pytest.raises(RecordError, match=r"a.jsonl: task em, data_source src_em, record 0 has no group under "
-                                          r"'domain' \(`golong eval --by domain` labels the rows with it\); groups its "
-                                          r"rows hold: level, prompt_tokens"):
+                                          r"'domain' \(`golong eval --by domain` labels the rows with it, generating "
+                                          r"the responses again\); groups its rows hold: level, prompt_tokens"):
         compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["domain"])
+    # B without the labels A has: B is named; an eval.json that reports the key is an eval from before the labels
+    (tmp_path / "c").mkdir()
+    _write(tmp_path / "c" / "responses.jsonl", b)
+    _with_groups(tmp_path / "c" / "responses.jsonl", {}, tokens)
+    (tmp_path / "c" / "eval.json").write_text(json.dumps({"by": {"level": {}}}))
+    with pytest.raises(RecordError, match=r"c/responses.jsonl: task em, .* record 0 has no group under 'level' \(its "
+                                          r"eval.json has by.level, but golong did not yet label the rows then"):
+        compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "c"), by=["level"])
     # one prompt labelled otherwise in B: their records differ
     _with_groups(tmp_path / "b.jsonl", {("em", 1): {"level": "3"}}, {})
     with pytest.raises(RecordError, match=r"record 1 is in group '2' under 'level' in .*a.jsonl but '3' in"):
@@ -204,6 +221,25 @@ def test_by_compares_each_group_of_prompts(tmp_path):
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RecordError, match=r"bad.jsonl:3: not a golong eval response \(TypeError: groups"):
         read_scores(tmp_path / "bad.jsonl")
+
+
+def test_group_labels_and_their_order_are_one_rule():
+    """eval.json's by.<key> (breakdown) and eval-compare's groups (read back as text) are labelled and ordered by
+    one rule: str(value) (2 and "2" one group, 2.0 another), numbers by value (ties by text), then text (nan and
+    inf are text), then (none) (a missing key, None, or the text "(none)")."""
+    from types import SimpleNamespace
+
+    from golong.eval_groups import breakdown, group_label, label_order
+
+    values = ["hard", 10, "2", 2, 2.0, 0.5, True, None, [1, 2], "nan", float("inf"), "(none)", "-3"]
+    prompts = [SimpleNamespace(input_ids=[0] * 5, record=SimpleNamespace(extra_info={"k": v})) for v in values]
+    prompts.append(SimpleNamespace(input_ids=[0] * 5, record=SimpleNamespace(extra_info={})))
+    rows = [{"prompt": i, "score": float(i % 2)} for i in range(len(prompts))]
+    got = breakdown("k", prompts, rows, 1)
+    assert list(got) == ["-3", "0.5", "2", "2.0", "10", "True", "[1, 2]", "hard", "inf", "nan", "(none)"]
+    assert got["2"]["prompts"] == 2 and got["(none)"]["prompts"] == 3
+    assert list(got) == sorted(got, key=lambda x: label_order("k", x))  # what eval-compare sorts by
+    assert [group_label(p, "k") for p in prompts[:3]] == ["hard", "10", "2"]
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
@@ -229,3 +265,25 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "B - A by prompt_tokens" in out and "<4K" in out and "1 only in A and 0 only in B are left out" in out
     assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
     assert "or pass --common" in capsys.readouterr().err
+    # labels and task names are printed as text, not read as rich markup ("[/x]" raised MarkupError)
+    for name in ("a", "b"):
+        _with_groups(tmp_path / f"{name}.jsonl", {("em", 0): {"tag": "[/x]"}, ("em", 1): {"tag": "[bold]y"}}, {})
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by", "tag",
+                 "--common"]) == 0
+    assert "[/x]" in capsys.readouterr().out
+
+
+def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
+    """golong eval's table: a task name or --by label holding rich markup ("[/x]") is printed as it is (it raised
+    MarkupError after eval.json was written)."""
+    from golong.evaluate import _print_eval
+
+    row = {"metric": "em", "responses": 2, "reward_mean": 0.5, "reward_stderr": None, "pass_at_k": {"1": 0.5},
+           "best_of_n": None}
+    result = {"checkpoint": str(tmp_path / "[ckpt]"), "model": None, "prompts": 2, "responses_per_prompt": 1,
+              "temperature": 0.6, "top_p": 0.95, "reward_mean": 0.5, "reward_stderr": 0.5, "pass_at_k": {"1": 0.5},
+              "best_of_n": None, "function_errors": None, "tasks": {"[/x]": row},
+              "by": {"[b]key": {"[/y]": {**row, "prompts": 2}}}}
+    _print_eval(result, tmp_path)
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[/y]" in out and "[b]key" in out and "[ckpt]" in out
