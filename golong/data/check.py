@@ -152,6 +152,7 @@ def score_answers(cfg: RunConfig, splits: Iterable[tuple[str, list[Record]]]) ->
 
 
 def _print_answers(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     by = f"{parse_spec(cfg.rollout.reward_function)[1]}()" if cfg.rollout.reward_function else "golong's metrics"
@@ -163,7 +164,7 @@ def _print_answers(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     for key, head in cols.items():
         table.add_column(head, justify="left" if key in ("split", "task") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*("-" if r[c] is None else f"{r[c]:.3f}" if c == "mean" else str(r[c]) for c in cols))
+        table.add_row(*("-" if r[c] is None else f"{r[c]:.3f}" if c == "mean" else escape(str(r[c])) for c in cols))
     print_table(table)
 
 
@@ -177,7 +178,8 @@ def no_prompt_fits(records: int, cfg: RunConfig) -> str:
 
 
 def print_table(table: Any) -> None:
-    """Print a rich Table to the terminal, or unwrapped (200 columns) to a log file: no squeezed columns."""
+    """Print a rich Table to the terminal, or unwrapped (200 columns) to a log file: no squeezed columns. Cells
+    holding names from the data (tasks, group labels) go through rich.markup.escape: "[/x]" would raise."""
     from rich.console import Console
 
     console = Console()
@@ -188,6 +190,7 @@ def print_task_counts(records: list[Any], title: str) -> None:
     """The records per task, with each task's metric (golong data synth, golong data import)."""
     from collections import Counter
 
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
@@ -195,12 +198,13 @@ def print_task_counts(records: list[Any], title: str) -> None:
         table.add_column(head, justify="right" if head == "records" else "left", no_wrap=True)
     metric = task_metrics(records)
     for task, count in sorted(Counter(r.task for r in records).items()):
-        table.add_row(task, metric[task], str(count))
+        table.add_row(escape(task), metric[task], str(count))
     table.add_row("all", "", str(len(records)))
     print_table(table)
 
 
 def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"golong data check: data.max_prompt_tokens={cfg.data.max_prompt_tokens}, "
@@ -211,7 +215,7 @@ def _print(rows: list[dict[str, Any]], cfg: RunConfig) -> None:
     for key, head in cols.items():
         table.add_column(head, justify="left" if key in ("split", "task", "metric") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*("-" if r[c] is None else str(r[c]) for c in cols))  # no prompt kept: no lengths
+        table.add_row(*("-" if r[c] is None else escape(str(r[c])) for c in cols))  # no prompt kept: no lengths
     print_table(table)
     for r in rows:
         if r["kept"] == 0:

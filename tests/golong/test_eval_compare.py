@@ -287,3 +287,19 @@ def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
     _print_eval(result, tmp_path)
     out = capsys.readouterr().out
     assert "[/x]" in out and "[/y]" in out and "[b]key" in out and "[ckpt]" in out
+
+
+def test_data_check_tables_print_task_names_as_text(capsys):
+    """golong data check's tables: a task named like rich markup is printed as it is (it raised MarkupError)."""
+    from pathlib import Path
+
+    from golong.config import load_config
+    from golong.data.check import _print, _print_answers
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml")
+    row = {"split": "val", "task": "[/x]", "metric": "em", "records": 3, "kept": 3, "truncated": 0, "dropped": 0,
+           "tokens_min": 5, "tokens_median": 6, "tokens_max": 7}
+    _print([row], cfg)
+    _print_answers([{"split": "val", "task": "[/y]", "records": 3, "scored": 3, "mean": 1.0, "below_1": 0}], cfg)
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[/y]" in out
