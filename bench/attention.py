@@ -14,10 +14,10 @@ CPU (what a laptop can show about the ring):
 CUDA (one GPU): causal, GQA 32/8, head_dim 128, bf16, 16K-128K tokens, one document and a packed
   mixed-length batch; fwd and fwd+bwd TFLOP/s of ours (triton) vs FlashAttention-2's varlen kernels on the
   same packed rows, as the flash-attn package has them (when installed) and as PyTorch builds them in
-  (torch.nn.attention.varlen.varlen_attn, torch >= 2.10: the FA2 peer without the package), and torch SDPA (one
-  document only: SDPA has no varlen; K/V pre-expanded to 32 heads): its default choice among the flash / cuDNN
-  / memory-efficient backends, and its flash backend alone; plus bf16 accuracy vs an fp64 per-document
-  reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
+  (torch.nn.attention.varlen.varlen_attn: the FA2 peer without the package), and torch SDPA (one document
+  only: SDPA has no varlen; K/V pre-expanded to 32 heads): its default choice among the flash / cuDNN /
+  memory-efficient backends, and its flash backend alone where varlen_attn does not run (the same kernel); plus
+  bf16 accuracy vs an fp64 per-document reference. FLOPs: fwd 4*Hq*D*sum L(L+1)/2, bwd 2.5x fwd.
 CUDA ring replay (one GPU): every rank's ring steps (the functions ring_attention calls) run one after another
   and timed, W = 8 on a 128K-token packed batch; the ring's time on W GPUs = sum over steps of the slowest
   rank (plus any hop longer than its step at --link-gbs), vs the ideal: the local kernel on the whole batch / W.
@@ -44,7 +44,6 @@ import torch.multiprocessing as mp
 
 from bench.common import peak_extra_memory, print_table, save_results, timeit
 from kernels.flash_attention import (
-    _varlen_attn_fn,
     attention_delta,
     flash_attention,
     torch_varlen_attention,
@@ -360,8 +359,6 @@ VARLEN_PEER = "torch varlen_attn (FA2 kernel)"
 @functools.lru_cache(maxsize=1)
 def _varlen_attn_missing() -> str | None:
     """None where PyTorch's varlen_attn runs a causal GQA 32/8 bf16 fwd+bwd at head_dim 128 here, else why not."""
-    if _varlen_attn_fn() is None:
-        return "torch.nn.attention.varlen is missing (PyTorch < 2.10)"
     cu = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
     q, k = (torch.randn(256, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8))
     try:
@@ -455,8 +452,8 @@ def _throughput_case(T: int, layout: str, hq: int, hkv: int, d: int, iters: int)
         # no math fallback: at 128K tokens it would materialise the [H, T, T] scores
         impls["torch SDPA"] = lambda: sdpa([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                                             SDPBackend.EFFICIENT_ATTENTION])
-        # PyTorch's flash backend is FlashAttention-2's kernel built into torch: the FA2 peer where neither the
-        # flash-attn package nor varlen_attn runs (varlen_attn calls that kernel too; one timing of it is enough)
+        # PyTorch's flash backend is FlashAttention-2's kernel built into torch: timed where varlen_attn does not run
+        # (varlen_attn calls that kernel too; one timing of it is enough)
         if VARLEN_PEER not in impls and _sdpa_backend_runs(SDPBackend.FLASH_ATTENTION):
             impls["torch SDPA flash (FA2 kernel)"] = lambda: sdpa([SDPBackend.FLASH_ATTENTION])
     flops_fwd = 4.0 * hq * d * causal_pairs(lengths)

@@ -64,7 +64,7 @@ class ModelConfig:
     dtype: str = _choice("bfloat16", ("bfloat16", "float32", "float16"))
     # attention implementation (golong.models.attention.ATTENTION_BACKENDS): auto = kernels on CUDA, sdpa on CPU;
     # kernels = kernels.flash_attention with its own auto choice; triton / torch / flash_attn / varlen_attn = that
-    # kernels.flash_attention backend (varlen_attn: PyTorch's FlashAttention-2 varlen kernels, CUDA, torch >= 2.10);
+    # kernels.flash_attention backend (varlen_attn: PyTorch's FlashAttention-2 varlen kernels, CUDA);
     # sdpa = torch SDPA per document
     attn_backend: str = _choice("auto", ("auto", "kernels", "triton", "torch", "flash_attn", "varlen_attn", "sdpa"))
     trust_remote_code: bool = False
@@ -643,7 +643,7 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                         "here): SDPA keeps per-document views of q, k, v for its backward, so they stay held beside "
                         "the kept output (the recompute still skips the attention; golong plan counts them); "
                         "model.attn_backend=kernels recomputes them")
-    if p.cp > 1 and cfg.model.attn_backend in ("flash_attn", "varlen_attn"):
+    if p.cp > 1 and cfg.model.attn_backend not in ("auto", "kernels", "triton", "torch"):  # Attention.attend
         warnings.append(f"model.attn_backend={cfg.model.attn_backend} is not read under parallel.cp={p.cp}: the ring "
                         "attention runs golong's kernels for its blocks")
     a = cfg.algo

@@ -135,7 +135,7 @@ def _table(rows: list[dict[str, Any]], after_sft: float, after_rl: float, title:
     print_table(t)
 
 
-def _paired(dumps: Path, sft_step: int, rl_step: int) -> dict[str, Any] | None:
+def _paired_validations(dumps: Path, sft_step: int, rl_step: int) -> dict[str, Any] | None:
     """golong eval-compare of the two validations' dumps (RL - SFT prompt by prompt), or None without them
     (a config with logging.dump_rollouts off)."""
     from golong.eval_compare import compare, read_scores
@@ -194,7 +194,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | None = None
     rows = [{"task": t, "metric": metric_for(t), "after_sft": sft[prefix + t], "after_rl": rl[prefix + t]}
             for t in tasks]
     # the same held-out prompts scored twice: their difference has a paired standard error (golong eval-compare)
-    paired = _paired(out / "rollouts", sft["step"], rl["step"])
+    paired = _paired_validations(out / "rollouts", sft["step"], rl["step"])
     if paired is not None:
         for r in rows:
             r["change_stderr"] = paired["tasks"][r["task"]]["diff_stderr"]

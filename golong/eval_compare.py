@@ -212,8 +212,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     print_table(table)
     for key, groups in result.get("by", {}).items():
         table = Table(title=f"B - A by {escape(key)}")
-        for col in (escape(key), "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower"):
-            table.add_column(col, justify="left" if col == key else "right")
+        for i, col in enumerate((escape(key), "prompts", "A", "B", "B - A ± stderr", "B higher / equal / lower")):
+            table.add_column(col, justify="left" if i == 0 else "right")
         for label, r in groups.items():
             row(label, r)
         print_table(table)

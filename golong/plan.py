@@ -718,7 +718,8 @@ def throughput(cfg: RunConfig, s: ModelShape, gpus: int, gpu_mem_bytes: float, p
     rounds = min(math.ceil(tr.prompts_per_step / per_gen),
                  cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1)
     gen = rounds * per_gen
-    # the n responses of a prompt share its prefill (vLLM samples n sequences from one prompt)
+    # the n responses of a prompt share its prefill (the engine sends n requests of it; vLLM's prefix cache serves
+    # the later ones the first one's KV)
     prefill = (2 * s.active_params * prompt + 2 * s.layers * s.heads * s.head_dim * prompt**2) * gen
     steps = resp
     decode_weight_bytes = engines * steps * s.total_params * 2

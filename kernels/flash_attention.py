@@ -20,7 +20,7 @@ All softmax statistics, accumulators and gradients are fp32.
 Backends: "triton" (kernels below, also under TRITON_INTERPRET=1 on CPU), "torch" (blockwise over query and key
 tiles with an online softmax, so memory stays O(tile) however long a document is; CPU path and test oracle), and
 two peers' FlashAttention-2 varlen kernels, public entry only, GPU: "flash_attn" (the flash-attn package) and
-"varlen_attn" (PyTorch's torch.nn.attention.varlen.varlen_attn, torch >= 2.10).
+"varlen_attn" (PyTorch's torch.nn.attention.varlen.varlen_attn).
 """
 
 from __future__ import annotations
@@ -932,9 +932,7 @@ def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn import flash_attn_varlen_func
 
-    cu = cu_seqlens.to(torch.int32)
-    # max_seqlen is a launch-grid bound; flash-attn needs it on the host (one sync)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    cu, max_len = varlen_bounds(cu_seqlens, q.shape[0])  # tail rows as one more document, as our kernels treat them
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal,
                                          return_attn_probs=True)
     if lse.dim() == 3:  # flash-attn < 2.4 (?): [B, Hq, max_seqlen], padded per document
@@ -944,22 +942,21 @@ def _flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     return out, lse.transpose(0, 1).float().contiguous()
 
 
-def _varlen_attn_fn() -> Any | None:
-    """torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10), or None."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
+def _varlen_attn_fn() -> Any:
+    """torch.nn.attention.varlen.varlen_attn (in every torch golong supports: >= 2.11)."""
+    from torch.nn.attention.varlen import varlen_attn
+
     return varlen_attn
 
 
 def _varlen_attn_available(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn_fn() is not None
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def varlen_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int]:
     """(int32 cu_seqlens on its device with the tail rows past cu_seqlens[-1] as one more document, the longest
-    document) for torch_varlen_attention; one host sync, which a caller with many calls on one batch makes once."""
+    document) for the FlashAttention-2 varlen kernels, which take that bound on the host: one sync per call (the
+    model's attention pays it per layer, as flash-attn's kernels would; the bench reads it once per batch)."""
     bounds = cu_seqlens.tolist()
     if bounds[-1] < total:
         bounds.append(total)
@@ -971,30 +968,17 @@ def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attention's contract through PyTorch's varlen_attn (cu, max_len: varlen_bounds): out [T, Hq, D]
     (differentiable w.r.t. q, k, v) and lse [T, Hq] fp32, detached (varlen_attn's backward drops the gradient of its
-    lse, so a loss through it would get a silently wrong gradient). Its signature moved between releases: 2.10
-    takes is_causal and no scale, 2.11 window_size and scale, 2.12 on enable_gqa for Hkv < Hq (before it, the
-    kernel takes GQA as it is); where a release takes no scale, it is folded into q."""
-    fn = _varlen_attn_fn()
-    if fn is None:
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn needs PyTorch >= 2.10")
+    lse, so a loss through it would get a silently wrong gradient). torch 2.12 added enable_gqa for Hkv < Hq; 2.11's
+    kernel takes GQA as it is."""
     from torch.nn.attention.varlen import AuxRequest
 
-    t, hq, d = q.shape
+    t, hq, _ = q.shape
     if t == 0:
         return q.new_empty(q.shape), torch.empty(0, hq, dtype=torch.float32, device=q.device)
-    params = inspect.signature(fn).parameters
-    kw: dict[str, Any] = {"return_aux": AuxRequest(lse=True)}
-    if "window_size" in params:
-        kw["window_size"] = (-1, 0) if causal else (-1, -1)
-    else:
-        kw["is_causal"] = causal
-    if "scale" in params:
-        kw["scale"] = scale
-    elif scale != d ** -0.5:
-        q = q * (scale * d ** 0.5)
-    if k.shape[1] != hq and "enable_gqa" in params:
-        kw["enable_gqa"] = True
-    out, lse = fn(q, k, v, cu, cu, max_len, max_len, **kw)
+    fn = _varlen_attn_fn()
+    gqa = {"enable_gqa": True} if k.shape[1] != hq and "enable_gqa" in inspect.signature(fn).parameters else {}
+    out, lse = fn(q, k, v, cu, cu, max_len, max_len, return_aux=AuxRequest(lse=True), scale=scale,
+                  window_size=(-1, 0) if causal else (-1, -1), **gqa)
     return out, lse.detach().float().transpose(0, 1).contiguous()  # [Hq, T] -> [T, Hq]
 
 
@@ -1009,8 +993,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
     backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", "flash_attn"
-    (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's, torch >= 2.10): those two run on CUDA fp16/bf16
-    only, fall back to triton elsewhere (or without the package), and there only out is differentiable, not lse.
+    (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's): those two run on CUDA fp16/bf16 only, fall back
+    to triton elsewhere (and flash_attn without the package), and there only out is differentiable, not lse.
     """
     _check(q, k, v)
     if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:

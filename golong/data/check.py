@@ -178,8 +178,8 @@ def no_prompt_fits(records: int, cfg: RunConfig) -> str:
 
 
 def print_table(table: Any) -> None:
-    """Print a rich Table to the terminal, or unwrapped (200 columns) to a log file: no squeezed columns. Cells
-    holding names from the data (tasks, group labels) go through rich.markup.escape: "[/x]" would raise."""
+    """Print a rich Table to the terminal, or unwrapped (200 columns) to a log file: no squeezed columns. Callers
+    pass names from the data (tasks, group labels) through rich.markup.escape: "[/x]" would raise."""
     from rich.console import Console
 
     console = Console()

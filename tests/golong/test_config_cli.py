@@ -286,8 +286,8 @@ def test_config_warnings_name_what_is_used(capsys):
     ckpt = [*keep, "parallel.activation_checkpointing=true"]
     assert config_warnings(load_config(demo, [*ckpt, "model.attn_backend=kernels"])) == []
     assert "SDPA keeps per-document views" in config_warnings(load_config(demo, [*ckpt, "model.attn_backend=sdpa"]))[0]
-    # a peer's attention kernels serve one device only: under context parallelism the ring runs golong's
-    for peer in ("flash_attn", "varlen_attn"):
+    # a peer's attention kernels (or SDPA) serve one device only: under context parallelism the ring runs golong's
+    for peer in ("flash_attn", "varlen_attn", "sdpa"):
         assert config_warnings(load_config(demo, [f"model.attn_backend={peer}", "parallel.cp=2"])) == [
             f"model.attn_backend={peer} is not read under parallel.cp=2: the ring attention runs golong's kernels "
             "for its blocks"]

@@ -193,9 +193,9 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
     assert printed.count("+0.250") == 4 and "0.375 after SFT -> 0.625 after RL" in printed  # 3 tasks + all
     assert "+0.250 ± 0.250" in printed and "+0.250 ± 0.065" in printed  # summarization; all
     assert "RL scored 5 held-out prompts higher than SFT, 1 equal, 0 lower" in printed
-    # without the dumps (logging.dump_rollouts off) there is nothing to pair: the means alone
+    # without the dumps (a config with logging.dump_rollouts off; here the stand-in writes none) nothing is paired
     scores.clear()
-    summary = demo.run_demo(tmp_path / "demo", overrides=["logging.dump_rollouts=false"])
+    summary = demo.run_demo(tmp_path / "demo")
     assert summary["rl_minus_sft"] is None and "change_stderr" not in summary["per_task"][0]
     assert "±" not in capsys.readouterr().out
 

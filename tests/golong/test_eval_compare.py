@@ -266,11 +266,13 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
     assert "or pass --common" in capsys.readouterr().err
     # labels and task names are printed as text, not read as rich markup ("[/x]" raised MarkupError)
+    _write(tmp_path / "b.jsonl", {("em", 0): [1.0], ("em", 1): [1.0]})
     for name in ("a", "b"):
         _with_groups(tmp_path / f"{name}.jsonl", {("em", 0): {"tag": "[/x]"}, ("em", 1): {"tag": "[bold]y"}}, {})
-    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by", "tag",
-                 "--common"]) == 0
-    assert "[/x]" in capsys.readouterr().out
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by", "[b]tag"]) == 2
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by", "tag"]) == 0
+    out = capsys.readouterr().out
+    assert "[/x]" in out and "[bold]y" in out
 
 
 def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
@@ -292,14 +294,16 @@ def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
 def test_data_check_tables_print_task_names_as_text(capsys):
     """golong data check's tables: a task named like rich markup is printed as it is (it raised MarkupError)."""
     from pathlib import Path
+    from types import SimpleNamespace
 
     from golong.config import load_config
-    from golong.data.check import _print, _print_answers
+    from golong.data.check import _print, _print_answers, print_task_counts
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml")
     row = {"split": "val", "task": "[/x]", "metric": "em", "records": 3, "kept": 3, "truncated": 0, "dropped": 0,
            "tokens_min": 5, "tokens_median": 6, "tokens_max": 7}
     _print([row], cfg)
     _print_answers([{"split": "val", "task": "[/y]", "records": 3, "scored": 3, "mean": 1.0, "below_1": 0}], cfg)
+    print_task_counts([SimpleNamespace(task="[/z]", metric="em")], "records")
     out = capsys.readouterr().out
-    assert "[/x]" in out and "[/y]" in out
+    assert "[/x]" in out and "[/y]" in out and "[/z]" in out

@@ -352,49 +352,44 @@ def test_flash_attention_flash_attn_backend_falls_back_on_cpu():
 
 
 def _fake_varlen_attn(release: str):
-    """Stand-ins for torch.nn.attention.varlen.varlen_attn as three PyTorch releases declare it (2.10: is_causal, no
-    scale; 2.11: window_size and scale; both take Hkv < Hq as it is; 2.12 on: enable_gqa, without which it refuses
-    Hkv < Hq), computing in fp64 per document from cu_seq_q alone and returning lse as the real one does ([Hq, T]);
-    each records its calls. What they check is the adapter's use of the API (arguments, tail rows, GQA, lse
-    layout), not PyTorch's kernel (the gpu test below runs that)."""
+    """Stand-ins for torch.nn.attention.varlen.varlen_attn as the PyTorch releases golong supports declare it (2.11:
+    window_size and scale, Hkv < Hq taken as it is; 2.12 on: enable_gqa, without which it refuses Hkv < Hq),
+    computing in fp64 per document from cu_seq_q alone and returning lse as the real one does ([Hq, T]); each
+    records its calls. What they check is the adapter's use of the API (arguments, tail rows, GQA, lse layout), not
+    PyTorch's kernel (the gpu test below runs that)."""
     calls = []
 
-    def attend(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, gqa, return_aux):
+    def attend(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size, scale, gqa, return_aux):
         if release == "2.12" and k.shape[1] != q.shape[1] and not gqa:
             raise ValueError("Expect query and key/value to have the same number of heads ... enable_gqa=True")
+        assert isinstance(window_size, tuple)  # the real wrapper compares it with the tuple (-1, 0)
         cu = cu_seq_q.tolist()
         assert torch.equal(cu_seq_q, cu_seq_k) and cu[-1] == q.shape[0] and cu_seq_q.dtype == torch.int32
         assert max_q == max_k == max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        causal = window_size == (-1, 0)
         out, lse = per_document_attention(q, k, v, cu, causal=causal, scale=scale)
         calls.append(dict(causal=causal, scale=scale, gqa=gqa, kv_heads=k.shape[1], cu=cu))
         out = out.to(q.dtype)
         return (out, lse.transpose(0, 1).float()) if return_aux is not None and return_aux.lse else out
 
-    if release == "2.10":
-        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False, return_aux)
-    elif release == "2.11":
+    if release == "2.11":
         def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                window_size=(-1, -1)):
-            assert isinstance(window_size, tuple)  # the real wrapper compares it with the tuple (-1, 0)
-            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale,
-                          False, return_aux)
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, scale, False, return_aux)
     else:
         def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-            assert isinstance(window_size, tuple)
-            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale,
-                          enable_gqa, return_aux)
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size, scale, enable_gqa,
+                          return_aux)
     return fn, calls
 
 
-@pytest.mark.parametrize("release", ["2.10", "2.11", "2.12"])
+@pytest.mark.parametrize("release", ["2.11", "2.12"])
 @pytest.mark.parametrize("causal,scale", [(True, None), (True, 0.3), (False, 0.3)])
 def test_varlen_attn_backend_adapts_to_each_release_signature(release, causal, scale, monkeypatch):
     """flash_attention(backend="varlen_attn") through PyTorch's varlen_attn, as each release declares it (stand-ins;
-    the CPU tensors pass for CUDA ones): causal by is_causal or window_size (-1, 0), the scale passed or folded into
-    q, GQA by enable_gqa where a release has it, tail rows as one more document, lse [T, Hq] and detached; vs fp64
-    per document, gradients too."""
+    the CPU tensors pass for CUDA ones): causal by window_size (-1, 0), the scale passed, GQA by enable_gqa where a
+    release has it, tail rows as one more document, lse [T, Hq] and detached; vs fp64 per document, gradients too."""
     fn, calls = _fake_varlen_attn(release)
     monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
     monkeypatch.setattr(fa, "_varlen_attn_available", lambda q: True)
@@ -412,10 +407,8 @@ def test_varlen_attn_backend_adapts_to_each_release_signature(release, causal, s
     for ours, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert rel(ours, ref) < 1e-6
     (call,) = calls
-    assert call["causal"] == causal and call["cu"] == cu + [46]
+    assert call["causal"] == causal and call["cu"] == cu + [46] and call["scale"] == (scale or 32 ** -0.5)
     assert (call["gqa"], call["kv_heads"]) == (release == "2.12", 2)  # the K/V heads as they are
-    # the scale reaches the kernel where the release takes one (else q carries it and the kernel's default runs)
-    assert call["scale"] == (None if release == "2.10" else 32 ** -0.5 if scale is None else scale)
     calls.clear()
     flash_attention(q0, k0, v0, torch.tensor(cu + [46], dtype=torch.int32), backend="varlen_attn")
     assert calls[0]["cu"] == cu + [46]  # no tail: the bounds as given
@@ -426,7 +419,7 @@ def test_varlen_attn_backend_adapts_to_each_release_signature(release, causal, s
 
 
 def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
-    """On CPU tensors (or without torch.nn.attention.varlen) backend="varlen_attn" runs our triton kernels."""
+    """On CPU tensors backend="varlen_attn" runs our triton kernels."""
     fn, calls = _fake_varlen_attn("2.12")
     monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
     cu = [0, 5, 12]
@@ -434,9 +427,6 @@ def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
     out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="varlen_attn")
     ro, rl = per_document_attention(q, k, v, cu)
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5 and not calls
-    monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: None)
-    with pytest.raises(RuntimeError, match=r"PyTorch >= 2\.10"):
-        fa.torch_varlen_attention(q, k, v, *fa.varlen_bounds(torch.tensor(cu, dtype=torch.int32), 12), True, 0.2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -706,9 +696,10 @@ def test_flash_attention_bf16_cuda(backend, monkeypatch):
         assert err < (1e-3 if name == "lse" else 2e-2), (name, doc, err)
     if backend == "varlen_attn":
         assert taken
-        # tail rows past cu_seqlens[-1] (one more document), another scale, non-causal: what the adapter maps
+    if backend in ("varlen_attn", "flash_attn"):
+        # tail rows past cu_seqlens[-1] (one more document), another scale, non-causal: what the adapters map
         for causal in (True, False):
             out, lse = flash_attention(q, k, v, torch.tensor(cu[:-1], dtype=torch.int32, device="cuda"),
-                                       causal=causal, softmax_scale=0.05, backend="varlen_attn")
+                                       causal=causal, softmax_scale=0.05, backend=backend)
             ro, rl = per_document_attention(q64, k64, v64, cu, causal=causal, scale=0.05)
             assert rel(out, ro) < 1e-2 and rel(lse, rl) < 1e-3, causal
