@@ -39,15 +39,17 @@ def test_cuda_bf16_matches_cpu_fp32(kind, tmp_path):
     assert "liger_kernel.ops" in sys.modules  # RMSNorm / RoPE / SwiGLU went through Liger
 
 
+@pytest.mark.parametrize("backend", ["triton", "varlen_attn"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_checkpointing_that_keeps_attention_matches_plain_checkpointing_on_cuda(kind, tmp_path):
-    """parallel.ac_keep_attention on the Triton attention kernels: the same gradients as plain checkpointing (the
-    recomputed q, k, v are the forward's, bitwise), the attention run once per layer."""
+def test_checkpointing_that_keeps_attention_matches_plain_checkpointing_on_cuda(kind, backend, tmp_path):
+    """parallel.ac_keep_attention on the Triton attention kernels and on PyTorch's varlen_attn (a custom op whose
+    saved q, k, v the hooks must reach as well): the same gradients as plain checkpointing (the recomputed q, k, v
+    are the forward's, bitwise), the attention run once per layer."""
     from golong.models.attention import Attention
 
     build_hf(kind).save_pretrained(tmp_path)
     model = gm.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
-    model.set_attention_backend("triton")
+    model.set_attention_backend(backend)
     ids, cu = packed_batch([77, 300, 141], seed=2)
     targets = torch.randint(0, 1000, ids.shape)
     calls, attend = [0], Attention.attend
@@ -69,5 +71,7 @@ def test_checkpointing_that_keeps_attention_matches_plain_checkpointing_on_cuda(
             grads.append({n: p.grad.float().cpu() for n, p in model.named_parameters()})
     finally:
         Attention.attend = attend
+    # FlashAttention-2's backward adds dQ by fp32 atomics, in an order that varies from run to run
+    tol = 1e-6 if backend == "triton" else 2e-3
     for n in grads[0]:
-        assert rel(grads[1][n], grads[0][n]) <= 1e-6, n
+        assert rel(grads[1][n], grads[0][n]) <= tol, n
