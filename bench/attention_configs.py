@@ -4,17 +4,18 @@ default is chosen from this table).
     python -m bench.attention_configs             # CUDA: 32K packed tokens, GQA 32/8, head_dim 128, bf16
     python -m bench.attention_configs --dry-run   # CPU: list the candidates, nothing timed
 
-Each candidate overrides some fields of kernels.flash_attention.CONFIG: bwd_split (dV and dK by two passes,
-split_* tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), the forward's tiles
-(fwd_*), or bwd_fused_dq (dQ by atomics inside the dK pass, no dQ kernel). Every candidate compiles for sm_90
-without register spills and within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py
-checks this on CPU); under Triton 3.6, the GPU image's, split 64x128 w8 s2 spills 28 B and the joint 64x64 s2
-180 B. Each row times forward + backward of causal varlen attention (4 documents of 8K tokens), checks
-dQ/dK/dV against the default's, and reports the ratio to the default's time; torch SDPA (and flash-attn, when
-installed) on the same documents is the same-run baseline. Worker processes compile the candidates in parallel
-first (Triton's disk cache then serves the timing loop); candidates still untimed after --budget-s seconds are
-skipped, never run late. Expected wall time on an H200 with 16 CPU cores: about 25-40 s (start-up 5 s,
-parallel compiles 10-20 s, timing 5 s).
+Each candidate overrides some fields of kernels.flash_attention.CONFIG: bwd_split (dV and dK by two passes, split_*
+tiles) or one joint dK/dV pass (bwd_* tiles), the dQ kernel's tiles (dq_*), the forward's tiles (fwd_*),
+bwd_fused_dq (dQ by atomics inside the dK pass, no dQ kernel), or auto_backend (what backend="auto" runs: PyTorch's
+FlashAttention-2 varlen kernels in place of ours, adopted where they win). Every candidate compiles for sm_90
+without register spills and within shared memory under Triton 3.9 (tests/kernels/test_flash_attention.py checks this
+on CPU); under Triton 3.6, the GPU image's, split 64x128 w8 s2 spills 28 B and the joint 64x64 s2 180 B. Each row
+times forward + backward of causal varlen attention (4 documents of 8K tokens), checks dQ/dK/dV against the
+default's, and reports the ratio to the default's time; torch SDPA (and flash-attn, when installed) on the same
+documents is the same-run baseline. Worker processes compile the candidates in parallel first (Triton's disk cache
+then serves the timing loop); candidates still untimed after --budget-s seconds are skipped, never run late.
+Expected wall time on an H200 with 16 CPU cores: about 25-40 s (start-up 5 s, parallel compiles 10-20 s, timing 5
+s).
 --save-tuned DIR records the winner for this GPU (DIR/<GPU name>.json, kernels/tuned.py's format; bench/gpu_suite.sh
 does, so its later steps run with it): copied into kernels/gpu_configs/ it becomes that GPU's setting. Only changes that
 hold on every GPU belong in the TritonConfig defaults.
@@ -39,6 +40,8 @@ from kernels import tuned
 # (label, CONFIG field overrides); the first is the current default, the reference of every ratio
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
+    # not a tile: flash_attention(backend="auto") runs PyTorch's FlashAttention-2 varlen kernels instead of ours
+    ("auto: torch varlen_attn (FA2)", dict(auto_backend="varlen_attn")),
     # plain loads first: a TMA candidate that faults would leave the CUDA context unusable for the rest
     # dV and dK in separate passes (bwd_split), query rows m x key rows n, warps, stages
     ("split dV pass 2 stages", dict(bwd_split=True, split_dv_stages=2)),  # cp.async for the dV pass only
@@ -116,7 +119,7 @@ def _inputs(T: int) -> tuple[torch.Tensor, ...]:
 
 
 def _step(fa: Any, cu: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-          backend: str = "triton") -> tuple[torch.Tensor, ...]:
+          backend: str = "auto") -> tuple[torch.Tensor, ...]:
     for t in (q, k, v):
         t.grad = None
     out, _ = fa.flash_attention(q, k, v, cu, backend=backend)
@@ -228,18 +231,14 @@ def main() -> None:
     rows = [row("default", t_default, t_default, config=dataclasses.asdict(default), **{"grad rel err": "0"})]
     if t_sdpa:
         rows.append(row("torch SDPA", t_sdpa, t_default))
-    # FlashAttention-2's varlen kernels: the flash-attn package's (when installed) and PyTorch's own build
-    # (flash_attention would run ours in place of a missing one, so each is checked first)
-    for name, backend, runs in (("flash-attn 2 varlen", "flash_attn", fa._flash_attn_available(q)),
-                                ("torch varlen_attn (FA2 kernel)", "varlen_attn", fa._varlen_attn_available(q))):
-        if not runs:
-            continue
+    # flash-attn's FlashAttention-2 varlen kernels when installed (PyTorch's build of them is a candidate: the
+    # auto_backend row); flash_attention would run ours in place of a missing one, so it is checked first
+    if fa._flash_attn_available(q):
         try:
-            t = timeit(lambda backend=backend: _step(fa, cu, q, k, v, g, backend=backend), warmup=1,
-                       iters=args.iters)
-            rows.append(row(name, t, t_default))
+            t = timeit(lambda: _step(fa, cu, q, k, v, g, backend="flash_attn"), warmup=1, iters=args.iters)
+            rows.append(row("flash-attn 2 varlen", t, t_default))
         except Exception as e:  # noqa: BLE001 - a failing peer must not lose the sweep
-            rows.append({"case": case, "impl": name, "metric": "time", "value": None, "unit": "ms",
+            rows.append({"case": case, "impl": "flash-attn 2 varlen", "metric": "time", "value": None, "unit": "ms",
                          "note": f"failed: {type(e).__name__}: {str(e)[:200]}"})
     save_results("attention_configs", rows, out_dir=args.out)
 

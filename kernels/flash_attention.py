@@ -600,6 +600,14 @@ class TritonConfig:
     # stages of the ring's forward (MERGE epilogue: the fp32 partial output is read back too); with fwd_stages 3
     # it keeps 16 B of stack under Triton 3.9 (255 registers), with 2 none
     merge_fwd_stages: int = 2
+    # what flash_attention(backend="auto") runs on CUDA fp16/bf16: our "triton" kernels, or "varlen_attn"
+    # (PyTorch's FlashAttention-2 varlen kernels) on a GPU whose bench.attention_configs sweep measured those
+    # faster. The ring's blocks always run ours (they merge partial outputs through the LSE).
+    auto_backend: str = "triton"
+
+    def __post_init__(self) -> None:
+        if self.auto_backend not in ("triton", "varlen_attn"):
+            raise ValueError(f"auto_backend={self.auto_backend!r}: valid 'triton', 'varlen_attn'")
 
     def dkdv_launches(self) -> list[tuple[int, str, int, int, int, int]]:
         """The dK/dV kernel launches: (PASS, name suffix, BLOCK_M, BLOCK_N, warps, stages) each."""
@@ -992,7 +1000,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     other). softmax_scale defaults to D**-0.5.
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
-    backend: "auto" (triton on CUDA for fp32/fp16/bf16, torch otherwise), "triton", "torch", "flash_attn"
+    backend: "auto" (triton on CUDA for fp32/fp16/bf16, or varlen_attn where this GPU's tuned TritonConfig.auto_backend
+    says so; torch otherwise), "triton", "torch", "flash_attn"
     (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's): those two run on CUDA fp16/bf16 only, fall back
     to triton elsewhere (and flash_attn without the package), and there only out is differentiable, not lse.
     """
@@ -1004,6 +1013,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if backend == "auto" and _varlen_attn_available(q) and _cfg(q).auto_backend == "varlen_attn":
+        backend = "varlen_attn"  # measured faster on this GPU (TritonConfig.auto_backend)
     if backend == "flash_attn":
         if _flash_attn_available(q):
             return _flash_attn_varlen(q, k, v, cu_seqlens, causal, scale)

@@ -418,6 +418,27 @@ def test_varlen_attn_backend_adapts_to_each_release_signature(release, causal, s
     assert out.shape == (0, 4, 32) and lse.shape == (0, 4) and len(calls) == 1  # nothing to attend: no call
 
 
+def test_auto_runs_varlen_attn_only_where_the_gpu_config_says_so(monkeypatch):
+    """backend="auto" runs PyTorch's FA2 kernels where the launch config (a GPU's tuned TritonConfig, from the
+    bench.attention_configs sweep) sets auto_backend="varlen_attn", else ours; an unknown auto_backend is refused."""
+    fn, calls = _fake_varlen_attn("2.12")
+    monkeypatch.setattr(fa, "_varlen_attn_fn", lambda: fn)
+    monkeypatch.setattr(fa, "_varlen_attn_available", lambda q: True)  # the CPU tensors pass for CUDA ones
+    cu = [0, 5, 12]
+    q, k, v = _inputs(cu, 2, 1, 32, torch.float32)
+    ro, rl = per_document_attention(q, k, v, cu)
+    for auto, took in (("triton", 0), ("varlen_attn", 1)):
+        monkeypatch.setattr(fa, "INTERPRET_CONFIG", dataclasses.replace(fa.INTERPRET_CONFIG, auto_backend=auto))
+        calls.clear()
+        out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="auto")
+        assert len(calls) == took and rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5, auto
+        calls.clear()
+        flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="triton")  # named: always ours
+        assert not calls
+    with pytest.raises(ValueError, match="auto_backend='fa3': valid 'triton', 'varlen_attn'"):
+        dataclasses.replace(fa.CONFIG, auto_backend="fa3")
+
+
 def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
     """On CPU tensors backend="varlen_attn" runs our triton kernels."""
     fn, calls = _fake_varlen_attn("2.12")
