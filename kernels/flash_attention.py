@@ -601,8 +601,9 @@ class TritonConfig:
     # it keeps 16 B of stack under Triton 3.9 (255 registers), with 2 none
     merge_fwd_stages: int = 2
     # what flash_attention(backend="auto") runs on CUDA fp16/bf16: our "triton" kernels, or "varlen_attn"
-    # (PyTorch's FlashAttention-2 varlen kernels) on a GPU whose bench.attention_configs sweep measured those
-    # faster. The ring's blocks always run ours (they merge partial outputs through the LSE).
+    # (PyTorch's FlashAttention-2 varlen kernels: lse not differentiable, dQ summed by atomics in no fixed order) on
+    # a GPU whose bench.attention_configs sweep measured those faster. The ring's blocks always run ours (they merge
+    # partial outputs through the LSE).
     auto_backend: str = "triton"
 
     def __post_init__(self) -> None:
@@ -1000,8 +1001,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     other). softmax_scale defaults to D**-0.5.
     Returns out [T, Hq, D] in q.dtype and lse [T, Hq] fp32 (natural-log log-sum-exp of the scaled scores
     of each row). Differentiable w.r.t. q, k, v through out and lse.
-    backend: "auto" (triton on CUDA for fp32/fp16/bf16, or varlen_attn where this GPU's tuned TritonConfig.auto_backend
-    says so; torch otherwise), "triton", "torch", "flash_attn"
+    backend: "auto" (triton on CUDA for fp32/fp16/bf16, or varlen_attn for fp16/bf16 where this GPU's tuned
+    TritonConfig.auto_backend says so, lse then not differentiable; torch otherwise), "triton", "torch", "flash_attn"
     (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's): those two run on CUDA fp16/bf16 only, fall back
     to triton elsewhere (and flash_attn without the package), and there only out is differentiable, not lse.
     """
