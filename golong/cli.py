@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also report per group of prompts: by the records' extra_info KEY (e.g. difficulty, length "
                         "of LongBench-v2) or by prompt_tokens (token-count bins <4K, 4K-8K, ..., 512K-1M, >=1M, as "
-                        "MRCR reports); each response row of responses.jsonl then names its prompt's group, which "
-                        "golong eval-compare --by KEY reads; repeatable")
+                        "MRCR reports); each response row of responses.jsonl names its prompt's group under KEY (as "
+                        "under every extra_info key holding a number or short text), which golong eval-compare --by "
+                        "reads; repeatable")
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("eval-compare", help="compare two evals of the same prompts: reward difference ± its stderr",
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="the first eval (A): an eval directory or its responses.jsonl")
     p.add_argument("b", help="the second eval (B)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
-                   help="also per group of prompts: prompt_tokens (token-count bins), or a record key the evals "
-                        "were run with under golong eval --by KEY; repeatable")
+                   help="also per group of prompts: prompt_tokens (token-count bins), or a record key the response "
+                        "rows are labelled with (extra_info keys holding numbers or short text, and golong eval's "
+                        "--by keys); repeatable")
     p.add_argument("--common", action="store_true",
                    help="compare the prompts both evals hold (e.g. evals at two context lengths with "
                         "data.overflow=drop); the others are counted and left out")

@@ -180,7 +180,8 @@ def _by_group(a: EvalScores, b: EvalScores, keys: list[tuple], means: dict[tuple
                     how = (f"its eval.json has by.{by}, but golong did not yet label the rows then; a new `golong eval "
                            f"--by {by}` does, generating the responses again")
                 else:
-                    how = f"`golong eval --by {by}` labels the rows with it, generating the responses again"
+                    how = (f"rows carry their records' extra_info keys holding numbers or short text, and `golong eval "
+                           f"--by {by}` labels them with {by} whatever it holds, generating the responses again")
                 raise RecordError(f"{ev.path}: task {key[0]}, data_source {key[1]}, record {key[2]} has no group "
                                   f"under {by!r} ({how}); groups its rows hold: {', '.join(held) or 'none'}")
         if label_a != label_b:

@@ -47,6 +47,20 @@ def group_label(prompt: EncodedPrompt, key: str) -> str:
     return NONE_LABEL if value is None else str(value)
 
 
+# extra_info values that label a response row without being asked (numbers, booleans, text up to this long), so
+# that eval-compare can group an eval by them later without generating its responses again
+ROW_LABEL_CHARS = 64
+
+
+def row_groups(prompt: EncodedPrompt, keys: Sequence[str]) -> dict[str, str]:
+    """A response row's `groups` in responses.jsonl: the prompt's label under each `--by` key of `keys` (not
+    prompt_tokens: eval-compare bins the row's own count) and under every other extra_info key holding a number, a
+    boolean or text of at most ROW_LABEL_CHARS characters."""
+    short = [k for k, v in prompt.record.extra_info.items()
+             if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= ROW_LABEL_CHARS)]
+    return {k: group_label(prompt, k) for k in dict.fromkeys([*keys, *short]) if k != PROMPT_TOKENS}
+
+
 def label_order(key: str, label: str) -> tuple:
     """Where a group sorts among `key`'s groups (eval.json's `by.<key>` and eval-compare's): token bins by size;
     labels that read as finite numbers by value, then the other text, then NONE_LABEL."""

@@ -189,8 +189,10 @@ def test_by_compares_each_group_of_prompts(tmp_path):
                                                                   read_scores(tmp_path / "b.jsonl"))
     # a key no row carries: the file, the prompt and what writes it
     with pytest.raises(RecordError, match=r"a.jsonl: task em, data_source src_em, record 0 has no group under "
-                                          r"'domain' \(`golong eval --by domain` labels the rows with it, generating "
-                                          r"the responses again\); groups its rows hold: level, prompt_tokens"):
+                                          r"'domain' \(rows carry their records' extra_info keys holding numbers or "
+                                          r"short text, and `golong eval --by domain` labels them with domain whatever "
+                                          r"it holds, generating the responses again\); groups its rows hold: level, "
+                                          r"prompt_tokens"):
         compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b.jsonl"), by=["domain"])
     # B without the labels A has: B is named; an eval.json that reports the key is an eval from before the labels
     (tmp_path / "c").mkdir()
@@ -240,6 +242,21 @@ def test_group_labels_and_their_order_are_one_rule():
     assert got["2"]["prompts"] == 2 and got["(none)"]["prompts"] == 3
     assert list(got) == sorted(got, key=lambda x: label_order("k", x))  # what eval-compare sorts by
     assert [group_label(p, "k") for p in prompts[:3]] == ["hard", "10", "2"]
+
+
+def test_response_rows_carry_the_short_record_keys_and_the_by_keys():
+    """responses.jsonl's groups: every --by key (whatever its value holds) and, unasked, every extra_info key holding
+    a number, a boolean or text up to 64 characters, so that eval-compare can group by those later."""
+    from types import SimpleNamespace
+
+    from golong.eval_groups import row_groups
+
+    info = {"index": 3, "difficulty": "hard", "ratio": 0.5, "flag": True, "long": "x" * 65, "edge": "y" * 64,
+            "nested": {"a": 1}, "none": None}
+    prompt = SimpleNamespace(input_ids=[0] * 5, record=SimpleNamespace(extra_info=info))
+    assert row_groups(prompt, ("nested", "prompt_tokens", "missing")) == {
+        "nested": "{'a': 1}", "missing": "(none)", "index": "3", "difficulty": "hard", "ratio": "0.5", "flag": "True",
+        "edge": "y" * 64}
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
