@@ -18,8 +18,8 @@
 #                   winner (> 3% faster, checked) goes to OUT_DIR/tuned/<GPU>.json for the later steps
 #   moe             python -m bench.moe: MoE MLP / grouped GEMM vs torch._grouped_mm (+ Liger fused MoE);
 #                   records GATHER_IN_GEMM in OUT_DIR/tuned
-#   attention_configs python -m bench.attention_configs: flash-attention tile / layout candidates vs SDPA;
-#                   the winner goes to OUT_DIR/tuned
+#   attention_configs python -m bench.attention_configs: flash-attention tile / layout candidates and
+#                   PyTorch's FA2 kernels as what "auto" runs, vs SDPA; the winner goes to OUT_DIR/tuned
 #   attention       python -m bench.attention: flash attention vs FlashAttention-2 (PyTorch's varlen_attn;
 #                   flash-attn when installed) and SDPA, 16K-128K tokens, and the ring's schedule replayed on
 #                   one GPU (W = 8)
@@ -89,6 +89,7 @@ EOF
   step logprob_configs 30 "$PYTHON -m bench.logprob_configs --out $OUT"
   # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
   # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
+  # (an adopted attention auto_backend reaches the train step only: the attention benches time our kernels by name)
   step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
   # 10 timed calls per row (not 3): the skewed / uniform forward ratio compares two ~5 ms timings
   # (run 6: 0.945x, run 7: 0.856x)

@@ -638,7 +638,12 @@ def config_for(device: torch.device) -> TritonConfig:
     if device.type != "cuda":
         return INTERPRET_CONFIG
     over = tuned.values("flash_attention", device, _FIELDS)
-    return _replaced(CONFIG, tuple(sorted(over.items()))) if over else CONFIG
+    try:
+        return _replaced(CONFIG, tuple(sorted(over.items()))) if over else CONFIG
+    except (TypeError, ValueError) as e:  # a value TritonConfig refuses: name the file, as for a bad name
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        path = tuned.lookup("flash_attention", tuned.gpu_name(index))[1]
+        raise ValueError(f"{path}: [flash_attention] {e}") from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -434,6 +434,8 @@ def test_auto_runs_varlen_attn_only_where_the_gpu_config_says_so(monkeypatch):
         assert len(calls) == took and rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-5, auto
         calls.clear()
         flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend="triton")  # named: always ours
+        rows = Rows.from_cu_seqlens(torch.tensor(cu, dtype=torch.int32))
+        block_attention_fwd(q, k, v, rows, rows, causal=True, scale=32 ** -0.5, backend="auto")  # the ring's blocks
         assert not calls
     with pytest.raises(ValueError, match="auto_backend='fa3': valid 'triton', 'varlen_attn'"):
         dataclasses.replace(fa.CONFIG, auto_backend="fa3")

@@ -132,6 +132,12 @@ def test_kernels_apply_their_tuned_sections(dirs):
     tuned.save("flash_attention", {"fwd_block_q": 64}, {}, GPU, run)
     with pytest.raises(ValueError, match="fwd_block_q.*valid: .*bwd_split"):
         fa.config_for(CUDA0)
+    # what backend="auto" runs, as the attention sweep records it; a value TritonConfig refuses names the file
+    tuned.save("flash_attention", {"auto_backend": "varlen_attn"}, {}, GPU, run)
+    assert fa.config_for(CUDA0) == dataclasses.replace(fa.CONFIG, auto_backend="varlen_attn")
+    tuned.save("flash_attention", {"auto_backend": "fa3"}, {}, GPU, run)
+    with pytest.raises(ValueError, match=r"run/NVIDIA_H200.json: \[flash_attention\] auto_backend='fa3': valid"):
+        fa.config_for(CUDA0)
 
 
 def test_committed_gpu_configs_are_valid(tmp_path):
@@ -149,11 +155,18 @@ def test_committed_gpu_configs_are_valid(tmp_path):
         "moe_mlp": {"values": {"GATHER_IN_GEMM": True}, "measured": {}}}))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"grouped_mm": {"values": {"FWD_CONFIG": {"BLOCK_Q": 64}}, "measured": {}}}))
+    bad_value = tmp_path / "bad_value.json"
+    bad_value.write_text(json.dumps({"flash_attention": {"values": {"auto_backend": "Triton"}, "measured": {}}}))
 
     def problems(path):
         out = []
         for module, section in json.loads(path.read_text()).items():
             out += [f"{module}.{k}" for k in set(section["values"]) - valid[module]]
+            if module == "flash_attention" and not out:
+                try:  # the values too: TritonConfig refuses an unknown auto_backend
+                    dataclasses.replace(fa.CONFIG, **section["values"])
+                except (TypeError, ValueError) as e:
+                    out.append(f"{module}: {e}")
             if module == "grouped_mm":
                 out += [f"{name}.{k}" for name, over in section["values"].items()
                         for k in set(over) - set(getattr(gm, name))]
@@ -162,3 +175,4 @@ def test_committed_gpu_configs_are_valid(tmp_path):
     for path in [*sorted(tuned.DIR.glob("*.json")), sample]:
         assert problems(path) == [], path
     assert problems(bad) == ["FWD_CONFIG.BLOCK_Q"]
+    assert problems(bad_value) == ["flash_attention: auto_backend='Triton': valid 'triton', 'varlen_attn'"]
