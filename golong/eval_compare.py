@@ -179,6 +179,9 @@ def _by_group(a: EvalScores, b: EvalScores, keys: list[tuple], means: dict[tuple
                 elif by in (ev.info.get("by") or {}):
                     how = (f"its eval.json has by.{by}, but golong did not yet label the rows then; a new `golong eval "
                            f"--by {by}` does, generating the responses again")
+                elif not set(held) - {PROMPT_TOKENS}:
+                    how = ("its rows carry no record labels: golong wrote them before rows carried labels; a new "
+                           "`golong eval` labels them, generating the responses again")
                 else:
                     how = (f"rows carry their records' extra_info keys holding numbers or short text, and `golong eval "
                            f"--by {by}` labels them with {by} whatever it holds, generating the responses again")

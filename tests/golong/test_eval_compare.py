@@ -202,6 +202,10 @@ def test_by_compares_each_group_of_prompts(tmp_path):
     with pytest.raises(RecordError, match=r"c/responses.jsonl: task em, .* record 0 has no group under 'level' \(its "
                                           r"eval.json has by.level, but golong did not yet label the rows then"):
         compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "c"), by=["level"])
+    (tmp_path / "c" / "eval.json").write_text("{}")  # rows of a golong before labels, without that hint
+    with pytest.raises(RecordError, match=r"c/responses.jsonl: .* no group under 'level' \(its rows carry no record "
+                                          r"labels: golong wrote them before rows carried labels"):
+        compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "c"), by=["level"])
     # one prompt labelled otherwise in B: their records differ
     _with_groups(tmp_path / "b.jsonl", {("em", 1): {"level": "3"}}, {})
     with pytest.raises(RecordError, match=r"record 1 is in group '2' under 'level' in .*a.jsonl but '3' in"):
