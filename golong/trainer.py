@@ -687,39 +687,8 @@ class Trainer:
         if not self.val_prompts:
             return {}
         dump = self.cfg.logging.dump_rollouts and not self.eval_only
-        n, total = self.cfg.rollout.val_n, len(self.val_prompts)
-        batches = self._restore_batches(saved, fingerprint) if saved is not None else []
-        done = batches[-1][1] if batches else 0  # the saved batches' prompts; the plan's batches after them
-        starts = [done, *(s for s in starts if s > done)] if done else list(starts)
-        whole = len(starts) == 1 and not batches
-        for b, (first, end) in enumerate(zip(starts, [*starts[1:], total])):
-            if first >= total:
-                break
-            label = "validation" if whole else f"validation, prompts {first + 1}-{end} of {total}"
-            part, took = self._generate_and_score(self.val_prompts[first:end], n, self._sampling(val=True),
-                                                  (self.cfg.trainer.seed, "val"), label,
-                                                  texts=dump or responses is not None, first_request=first * n,
-                                                  whole_set=whole)
-            if saved is not None and self.rank == 0:
-                from golong.eval_saved import append_batch
-
-                append_batch(saved, first, end, [(g.score, g.finish_reason, g.reward_failed, g.reward_numbers,
-                                                  g.reward_info, g.text) for g in part], took)
-            if saved is not None and _fault("eval_kill", b):
-                if dist.is_initialized():
-                    dist.barrier()  # rank 0 has written the batch
-                os._exit(17)
-            batches.append((first, end, part, took))
-        results: list[Generated] = [g for _, _, part, _ in batches for g in part]
-        timings: dict[str, float] = {}
-        for *_, took in batches:  # times, counts and sums: they add up over batches
-            for key, value in took.items():
-                timings[key] = timings.get(key, 0.0) + value
-        failures = timings.get("reward/function_errors", 0)
-        if not whole and self.cfg.rollout.reward_function and failures == len(results):  # checked per batch if whole
-            raise RewardFunctionError(f"validation: the reward function failed on all {len(results)} responses "
-                                      f"(rollout.reward_function={self.cfg.rollout.reward_function}); the first "
-                                      "failure is logged above")
+        n = self.cfg.rollout.val_n
+        results, timings = self._validation_results(starts, saved, fingerprint, texts=dump or responses is not None)
         t0 = time.perf_counter()
         groups: dict[str, list[list[float]]] = defaultdict(list)  # per task, each prompt's n scores
         failed: dict[str, int] = defaultdict(int)  # reward-function failures per task
@@ -766,6 +735,45 @@ class Trainer:
             out.update({f"val/{k}/task/{t}": v for k, v in sample_metrics(gs).items()})
         self.history.append({"step": step, **out})
         return out
+
+    def _validation_results(self, starts: Sequence[int], saved: Path | None, fingerprint: str, texts: bool
+                            ) -> tuple[list[Generated], dict[str, float]]:
+        """The validation prompts' val_n responses each, prompt-major, generated and scored in batches from `starts`
+        (golong eval: the batches `saved` holds under `fingerprint` read back, each new one appended there on rank 0),
+        and the batches' timings, counts and sums added up. texts: keep the response texts (rank 0 gets them)."""
+        n, total = self.cfg.rollout.val_n, len(self.val_prompts)
+        batches = self._restore_batches(saved, fingerprint) if saved is not None else []
+        done = batches[-1][1] if batches else 0  # the saved batches' prompts; the plan's batches after them
+        starts = [done, *(s for s in starts if s > done)] if done else list(starts)
+        whole = len(starts) == 1 and not batches
+        for b, (first, end) in enumerate(zip(starts, [*starts[1:], total])):
+            if first >= total:
+                break
+            label = "validation" if whole else f"validation, prompts {first + 1}-{end} of {total}"
+            part, took = self._generate_and_score(self.val_prompts[first:end], n, self._sampling(val=True),
+                                                  (self.cfg.trainer.seed, "val"), label, texts=texts,
+                                                  first_request=first * n, whole_set=whole)
+            if saved is not None and self.rank == 0:
+                from golong.eval_saved import append_batch
+
+                append_batch(saved, first, end, [(g.score, g.finish_reason, g.reward_failed, g.reward_numbers,
+                                                  g.reward_info, g.text) for g in part], took)
+            if saved is not None and _fault("eval_kill", b):
+                if dist.is_initialized():
+                    dist.barrier()  # rank 0 has written the batch
+                os._exit(17)
+            batches.append((first, end, part, took))
+        results: list[Generated] = [g for _, _, part, _ in batches for g in part]
+        timings: dict[str, float] = {}
+        for *_, took in batches:  # times, counts and sums: they add up over batches
+            for key, value in took.items():
+                timings[key] = timings.get(key, 0.0) + value
+        failures = timings.get("reward/function_errors", 0)
+        if not whole and self.cfg.rollout.reward_function and failures == len(results):  # checked per batch if whole
+            raise RewardFunctionError(f"validation: the reward function failed on all {len(results)} responses "
+                                      f"(rollout.reward_function={self.cfg.rollout.reward_function}); the first "
+                                      "failure is logged above")
+        return results, timings
 
     def _restore_batches(self, saved: Path, fp: str) -> list[tuple[int, int, list[Generated], dict[str, float]]]:
         """The validation batches `saved` holds under fingerprint `fp` (read on rank 0, sent to every rank without
