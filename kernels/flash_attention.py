@@ -963,6 +963,12 @@ def _varlen_attn_fn() -> Any:
     return varlen_attn
 
 
+@functools.cache
+def _takes_enable_gqa(fn: Any) -> bool:
+    """Whether this torch's varlen_attn has enable_gqa (2.12 on), read once, not at every layer's call."""
+    return "enable_gqa" in inspect.signature(fn).parameters
+
+
 def _varlen_attn_available(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -972,10 +978,12 @@ def varlen_bounds(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, i
     document) for the FlashAttention-2 varlen kernels, which take that bound on the host: one sync per call (the
     model's attention pays it per layer, as flash-attn's kernels would; the bench reads it once per batch)."""
     bounds = cu_seqlens.tolist()
-    if bounds[-1] < total:
-        bounds.append(total)
-    return (torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device),
-            max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0))
+    tail = bounds[-1] < total
+    bounds += [total] if tail else []
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if not tail and cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous():
+        return cu_seqlens, longest  # as it is: no copy to the device per call
+    return torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device), longest
 
 
 def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
@@ -990,7 +998,7 @@ def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if t == 0:
         return q.new_empty(q.shape), torch.empty(0, hq, dtype=torch.float32, device=q.device)
     fn = _varlen_attn_fn()
-    gqa = {"enable_gqa": True} if k.shape[1] != hq and "enable_gqa" in inspect.signature(fn).parameters else {}
+    gqa = {"enable_gqa": True} if k.shape[1] != hq and _takes_enable_gqa(fn) else {}
     out, lse = fn(q, k, v, cu, cu, max_len, max_len, return_aux=AuxRequest(lse=True), scale=scale,
                   window_size=(-1, 0) if causal else (-1, -1), **gqa)
     return out, lse.detach().float().transpose(0, 1).contiguous()  # [Hq, T] -> [T, Hq]

@@ -441,6 +441,17 @@ def test_auto_runs_varlen_attn_only_where_the_gpu_config_says_so(monkeypatch):
         dataclasses.replace(fa.CONFIG, auto_backend="fa3")
 
 
+def test_varlen_bounds_add_the_tail_and_copy_only_when_needed():
+    """The FA2 kernels' int32 bounds and longest document: tail rows as one more document, an int64 or empty
+    cu_seqlens converted, an int32 one without a tail passed as it is (no copy to the device at every layer)."""
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    assert fa.varlen_bounds(cu, 10)[0] is cu and fa.varlen_bounds(cu, 10)[1] == 7
+    for given, total, want, longest in (([0, 3, 10], 12, [0, 3, 10, 12], 7), ([0, 3, 10], 10, [0, 3, 10], 7),
+                                        ([0], 0, [0], 0), ([0, 2], 11, [0, 2, 11], 9)):
+        got, got_longest = fa.varlen_bounds(torch.tensor(given, dtype=torch.int64), total)
+        assert (got.tolist(), got.dtype, got_longest) == (want, torch.int32, longest)
+
+
 def test_varlen_attn_backend_falls_back_to_triton_off_cuda(monkeypatch):
     """On CPU tensors backend="varlen_attn" runs our triton kernels."""
     fn, calls = _fake_varlen_attn("2.12")
