@@ -506,6 +506,58 @@ def throughput_rows(tokens: list[int], hq: int, hkv: int, d: int, iters: int,
     return rows
 
 
+def shared_prompt_rows(prompt: int, n: int, resp: int, hq: int, hkv: int, d: int, iters: int,
+                       device: str) -> list[dict[str, Any]]:
+    """A prompt shared by n responses (flash_attention's prefix_of, the actor's trainer.share_prompts layout) vs
+    the n sequences packed whole, our kernels fwd+bwd on both: the time ratio beside the ideal one (attended
+    pairs whole / shared), and the largest difference of the responses' outputs."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    backend = "triton" if device == "cuda" else "torch"
+    whole = [prompt + resp] * n
+    shared = [prompt - 1] + [resp + 1] * n
+    g = torch.Generator(device=device).manual_seed(0)
+    P = prompt - 1
+    rows = P + n * (resp + 1)
+    qs, ks, vs = (torch.randn(rows, h, d, device=device, dtype=dtype, generator=g) for h in (hq, hkv, hkv))
+    # the whole layout: row j of sequence i is the shared layout's prompt row j, then response i's rows
+    idx = torch.cat([torch.cat([torch.arange(P), P + i * (resp + 1) + torch.arange(resp + 1)]) for i in range(n)])
+    idx = idx.to(device)
+    runs = {
+        "shared prompt": (qs, ks, vs, cu_of(shared, device), torch.tensor([-1] + [0] * n, dtype=torch.int32,
+                                                                            device=device)),
+        "whole sequences": (qs[idx], ks[idx], vs[idx], cu_of(whole, device), None),
+    }
+    secs, outs = {}, {}
+    for name, (q, k, v, cu, prefix_of) in runs.items():
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        go = torch.randn_like(q)
+
+        def step(q=q, k=k, v=v, cu=cu, prefix_of=prefix_of, go=go) -> torch.Tensor:
+            out, _ = flash_attention(q, k, v, cu, backend=backend, prefix_of=prefix_of)
+            out.backward(go)
+            return out
+
+        outs[name] = step().detach()
+        secs[name] = timeit(step, warmup=1, iters=iters)
+    pairs_whole = causal_pairs(whole)
+    pairs_shared = causal_pairs([P]) + n * (resp + 1) * P + causal_pairs([resp + 1] * n)
+    # the responses' rows of both layouts (the whole layout's prompt rows hold the same values n times)
+    resp_rows = torch.cat([P + i * (resp + 1) + torch.arange(resp + 1) for i in range(n)]).to(device)
+    mine = torch.cat([i * (prompt + resp) + P + torch.arange(resp + 1) for i in range(n)]).to(device)
+    diff = ((outs["shared prompt"][resp_rows].float() - outs["whole sequences"][mine].float()).norm()
+            / outs["whole sequences"][mine].float().norm()).item()
+    case = f"prompt {prompt} shared by {n} responses of {resp}, GQA {hq}/{hkv} D={d} {str(dtype)[6:]} ({device})"
+    return [
+        {"case": case, "impl": "ours, shared prompt", "metric": "fwd+bwd ms", "value": secs["shared prompt"] * 1e3,
+         "unit": "ms", "baseline": "ours, whole sequences", "baseline_value": secs["whole sequences"] * 1e3,
+         "ratio": secs["whole sequences"] / secs["shared prompt"], "ratio_meaning": "whole / shared time"},
+        {"case": case, "impl": "attended pairs", "metric": "whole / shared", "value": pairs_whole / pairs_shared,
+         "unit": "x"},
+        {"case": case, "impl": "ours, shared prompt", "metric": "rel diff of the responses' outputs vs whole",
+         "value": diff, "unit": ""},
+    ]
+
+
 def ring_gpu_rows(tokens: int, hq: int, hkv: int, d: int, iters: int) -> list[dict[str, Any]]:
     """Under torchrun with NCCL: ring fwd+bwd vs ring-flash-attn zigzag varlen vs ideal (local / W)."""
     dist.init_process_group("nccl")
@@ -576,7 +628,7 @@ def main() -> None:
         out, lse = flash_attention(q, k, v, cu, backend="torch")
         out.sum().backward()
         replay_ring(q.detach(), k.detach(), v.detach(), torch.randn_like(q), cu, 4, backend="torch")
-        rows = balance_rows(mixed_lengths(4096, 512), [2, 4])
+        rows = balance_rows(mixed_lengths(4096, 512), [2, 4]) + shared_prompt_rows(33, 3, 5, 4, 2, 16, 1, "cpu")
         print_table("bench.attention --dry-run (nothing saved)", rows, ["case", "impl", "metric", "value", "ratio"])
         return
 
@@ -591,6 +643,8 @@ def main() -> None:
     if torch.cuda.is_available():
         rows = accuracy_rows(hq, hkv, d)
         rows += throughput_rows(args.tokens, hq, hkv, d, args.iters, done=rows)  # saved case by case
+        rows += shared_prompt_rows(16384, 8, 1024, hq, hkv, d, 2, "cuda")
+        save_results("attention", rows)
         try:
             rows += ring_replay_rows(args.replay_tokens, args.replay_world, hq, hkv, d, args.iters, args.link_gbs)
         except Exception as e:  # noqa: BLE001 - the local-kernel rows stand on their own
@@ -600,6 +654,7 @@ def main() -> None:
         rows = balance_rows(mixed_lengths(1 << 20, 131072, seed=1), [2, 4, 8])
         rows += ring_cpu_rows(mixed_lengths(args.cpu_tokens, args.cpu_max_doc, seed=2), args.worlds,
                               tuple(args.cpu_heads))
+        rows += shared_prompt_rows(4096, 8, 256, *args.cpu_heads, 2, "cpu")
     path = save_results("attention", rows)
     print(f"results: {path}")
     print_table("attention", rows, ["case", "impl", "metric", "value", "unit", "baseline", "baseline_value", "ratio"])

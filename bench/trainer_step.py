@@ -9,16 +9,19 @@ ones, detached), with the same settings: temperature 1.0, clip 0.2 / 0.28 (clip-
 term, token-mean over the whole batch (TRL loss_type="dapo"), grad-norm clip 1.0, AdamW:
 
   golong  golong.actor.Actor.update: FSDP2 (1 rank, gloo), sequences packed without padding into
-          micro-batches of --micro-batch-tokens, fused LM-head logprob/entropy (no [T, V] logits),
-          grouped-GEMM experts, varlen attention; dual clip disabled (TRL has none)
+          micro-batches of --micro-batch-tokens, a prompt's responses sharing one copy of its rows
+          (trainer.share_prompts), fused LM-head logprob/entropy (no [T, V] logits), grouped-GEMM experts,
+          varlen attention; dual clip disabled (TRL has none)
+  golong whole sequences   the same with trainer.share_prompts off: every response packed with its own
+          prompt copy (what TRL, verl and OpenRLHF compute)
   trl     GRPOTrainer.compute_loss on its padded [B, L] batch (all rows the same length here, so
           padding costs TRL nothing), accelerate backward, its AdamW; use_cpu=True, no vLLM, no MoE
           router aux loss (golong has none)
 
 Rollout generation is not timed: both would sample the same tokens, and this measures the update.
-Figures: tokens/s (prompt + response tokens / median wall time of --iters updates) and peak extra
-memory of one update (CPU: RSS sampling). Ratios: speed golong / trl, memory trl / golong (> 1:
-golong better).
+Figures: tokens/s (prompt + response tokens of the sequences / median wall time of --iters updates) and
+peak extra memory of one update (CPU: RSS sampling). Ratios: speed golong / trl, memory trl / golong (> 1:
+golong better), and the shared prompts against whole sequences.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from pathlib import Path
 import torch
 
 from bench.common import peak_extra_memory, print_table, release_freed_heap, save_results, timeit
+
+WHOLE = "golong whole sequences"
 
 
 def build_checkpoint(path: Path, args: argparse.Namespace) -> None:
@@ -55,7 +60,8 @@ def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
             "advantages": torch.randn(b, generator=g)}
 
 
-def golong_update(ckpt: Path, batch: dict[str, torch.Tensor], args: argparse.Namespace):  # noqa: ANN201
+def golong_update(ckpt: Path, batch: dict[str, torch.Tensor], args: argparse.Namespace,  # noqa: ANN201
+                  share_prompts: bool = True):
     from golong.actor import Actor, Rollout
     from golong.build import build_model
     from golong.config import RunConfig
@@ -68,6 +74,7 @@ def golong_update(ckpt: Path, batch: dict[str, torch.Tensor], args: argparse.Nam
     cfg.parallel.activation_checkpointing = False
     cfg.trainer.micro_batch_tokens = args.micro_batch_tokens
     cfg.trainer.mini_batch_prompts = args.prompts
+    cfg.trainer.share_prompts = share_prompts
     cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.dual_clip = 0.2, 0.28, 1e9
     cfg.algo.rollout_is = "none"
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.grad_clip = 1e-6, 0, 0.0, 1.0
@@ -133,6 +140,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         batch = make_batch(args)
         measured = {}
         for name, make in (("golong", lambda: golong_update(ckpt, batch, args)),
+                           (WHOLE, lambda: golong_update(ckpt, batch, args, share_prompts=False)),
                            ("trl", lambda: trl_update(ckpt, batch, args, str(Path(tmp) / "trl")))):
             step = make()
             loss = step()  # warm-up (also the first optimizer step)
@@ -146,10 +154,15 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    g, t = measured["golong"], measured["trl"]
+    g, w, t = measured["golong"], measured[WHOLE], measured["trl"]
     rows = [
         {"case": case, "impl": "golong", "metric": "tokens_per_s", "value": g["tokens_per_s"], "unit": "tok/s",
          "baseline": "trl", "ratio": g["tokens_per_s"] / t["tokens_per_s"], "ratio_meaning": "golong / trl"},
+        {"case": case, "impl": "golong", "metric": "shared_prompt_speedup", "value": g["tokens_per_s"],
+         "unit": "tok/s", "baseline": WHOLE, "ratio": g["tokens_per_s"] / w["tokens_per_s"],
+         "ratio_meaning": "shared prompts / whole sequences"},
+        {"case": case, "impl": WHOLE, "metric": "tokens_per_s", "value": w["tokens_per_s"], "unit": "tok/s",
+         "baseline": "trl", "ratio": w["tokens_per_s"] / t["tokens_per_s"], "ratio_meaning": "golong / trl"},
         {"case": case, "impl": "trl", "metric": "tokens_per_s", "value": t["tokens_per_s"], "unit": "tok/s"},
         {"case": case, "impl": "golong", "metric": "peak_memory", "value": g["peak_mib"], "unit": "MiB",
          "baseline": "trl", "ratio": t["peak_mib"] / max(g["peak_mib"], 1e-9), "ratio_meaning": "trl / golong"},
@@ -158,7 +171,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if not args.dry_run:
         print(f"wrote {save_results('trainer_step', rows)}")
     # the first update's loss is the same function of the same weights and batch for both
-    print(f"first-update loss: golong {g['loss']:+.6f}  trl {t['loss']:+.6f}")
+    print(f"first-update loss: golong {g['loss']:+.6f}  whole sequences {w['loss']:+.6f}  trl {t['loss']:+.6f}")
     table = [{"impl": n, "tokens/s": m["tokens_per_s"], "s/update": m["sec"], "peak MiB": m["peak_mib"],
               "speed vs trl": m["tokens_per_s"] / t["tokens_per_s"], "memory trl/this": t["peak_mib"] / m["peak_mib"]}
              for n, m in measured.items()]

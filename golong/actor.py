@@ -4,6 +4,11 @@ optimizer and its LR schedule (`Actor.update`).
 Token layout of one sequence (prompt p_0..p_{P-1}, response r_0..r_{R-1}), packed with others:
 position t predicts token t+1, so response token r_j is scored at position P-1+j; those R
 positions carry the loss mask, the advantage, the rollout logprob and the old logprob.
+
+Shared prompts (trainer.share_prompts): the k responses of one prompt in a micro-batch are packed as
+p_0..p_{P-2} once, then each response as its own document [p_{P-1}, r_0..r_{R-1}] that attends to that
+copy as a prefix (MicroBatch.prefix_of) with positions continuing after it. Every response is scored exactly
+as its whole sequence would be, and the prompt's forward and backward run once instead of k times.
 """
 
 from __future__ import annotations
@@ -72,35 +77,81 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None  # [T] fp32, the reference policy's (algo.kl_coef > 0)
     seq_index: torch.Tensor  # [T] int64, position of each token's sequence in `indices`
     indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
+    starts: list[int]  # the packed row scoring each of `indices`' first response token
+    prefix_of: torch.Tensor | None = None  # [B] int32: a document's shared prompt document (-1: none); None: none
+
+
+def prompt_runs(rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
+    """`indices` cut into runs of consecutive rollouts of one prompt (group)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and rollouts[runs[-1][-1]].group == rollouts[i].group:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def shares_prompt(rollouts: Sequence[Rollout], run: Sequence[int]) -> bool:
+    """Whether a run of one prompt's rollouts packs its prompt once: two or more responses, a prompt of two or more
+    tokens (its last token opens each response's document)."""
+    return len(run) > 1 and len(rollouts[run[0]].prompt_ids) > 1
+
+
+def packed_rows(rollouts: Sequence[Rollout], run: Sequence[int], share: bool) -> int:
+    """Rows a run of one prompt's rollouts takes in a micro-batch."""
+    if share and shares_prompt(rollouts, run):
+        return len(rollouts[run[0]].prompt_ids) - 1 + sum(len(rollouts[i].response_ids) + 1 for i in run)
+    return sum(rollouts[i].length for i in run)
 
 
 def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
-                      min_tokens: int = 4, ref: dict[int, torch.Tensor] | None = None) -> MicroBatch:
-    """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy."""
+                      min_tokens: int = 4, ref: dict[int, torch.Tensor] | None = None, share_prompts: bool = False
+                      ) -> MicroBatch:
+    """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy.
+    share_prompts: consecutive rollouts of one prompt pack it once (the module docstring's layout)."""
     ids, tgt, mask, adv, rlp, olp, ref_lp, seq = [], [], [], [], [], [], [], []
-    cu = [0]
+    cu, starts, prefix_of = [0], [], []
     has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
-    for k, i in enumerate(indices):
-        r = rollouts[i]
-        p, n = len(r.prompt_ids), len(r.response_ids)
-        full = torch.from_numpy(np.concatenate([np.asarray(r.prompt_ids, dtype=np.int64),
-                                                np.asarray(r.response_ids, dtype=np.int64)]))
+
+    def add(tokens: np.ndarray, first: int, k: int, i: int | None, prefix: int = -1) -> None:
+        """One document: rows first.. score rollout i's response (i None: a shared prompt, nothing scored);
+        prefix: the index of its shared prompt's document."""
+        full = torch.from_numpy(tokens.astype(np.int64, copy=False))
         t = torch.full_like(full, IGNORE)
-        t[p - 1: p - 1 + n] = full[p:]
-        m = torch.zeros(len(full))
-        m[p - 1: p - 1 + n] = 1.0
-        a = m * r.advantage
-        lp = torch.zeros(len(full))
-        if has_rlp:
-            lp[p - 1: p - 1 + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
-        for given, out in ((old, olp), (ref, ref_lp)):
-            o = torch.zeros(len(full))
-            if given is not None:
-                o[p - 1: p - 1 + n] = given[i]
-            out.append(o)
-        ids.append(full), tgt.append(t), mask.append(m), adv.append(a), rlp.append(lp)
+        m, lp = torch.zeros(len(full)), torch.zeros(len(full))
+        olp.append(torch.zeros(len(full))), ref_lp.append(torch.zeros(len(full)))
+        if i is not None:
+            r = rollouts[i]
+            n = len(r.response_ids)
+            t[first: first + n] = full[first + 1:]
+            m[first: first + n] = 1.0
+            if has_rlp:
+                lp[first: first + n] = torch.tensor(r.rollout_logprobs, dtype=torch.float32)
+            for given, out in ((old, olp), (ref, ref_lp)):
+                if given is not None:
+                    out[-1][first: first + n] = given[i]
+            starts.append(cu[-1] + first)
+        ids.append(full), tgt.append(t), mask.append(m), rlp.append(lp)
+        adv.append(m * rollouts[i].advantage if i is not None else m)
         seq.append(torch.full((len(full),), k, dtype=torch.long))
         cu.append(cu[-1] + len(full))
+        prefix_of.append(prefix)
+
+    k = 0
+    for run in prompt_runs(rollouts, indices):
+        prompt = np.asarray(rollouts[run[0]].prompt_ids)
+        shared = share_prompts and shares_prompt(rollouts, run)
+        if shared:
+            parent = len(cu) - 1
+            add(prompt[:-1], 0, k, None)
+        for i in run:
+            response = np.asarray(rollouts[i].response_ids)
+            if shared:
+                add(np.concatenate([prompt[-1:], response]), 0, k, i, parent)
+            else:
+                add(np.concatenate([prompt, response]), len(prompt) - 1, k, i)
+            k += 1
     if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
         ids = [torch.zeros(min_tokens, dtype=torch.long)]
         tgt = [torch.full((min_tokens,), IGNORE, dtype=torch.long)]
@@ -109,7 +160,8 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
         cu.append(min_tokens)
     return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
                       torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
-                      torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices))
+                      torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices), starts,
+                      torch.tensor(prefix_of, dtype=torch.int32) if any(p >= 0 for p in prefix_of) else None)
 
 
 def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
@@ -211,15 +263,33 @@ class Actor:
         """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions, of `model` (default: the
         policy)."""
         cu = mb.cu_seqlens.to(self.device)
+        prefix_of = mb.prefix_of.to(self.device) if mb.prefix_of is not None else None
         with nvtx_range("forward"):
             model = self.model if model is None else model
             return model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
-                         temperature=self.temperature)
+                         temperature=self.temperature, prefix_of=prefix_of)
+
+    def _micro_batch(self, rollouts: Sequence[Rollout], members: Sequence[int],
+                     old: dict[int, torch.Tensor] | None = None, ref: dict[int, torch.Tensor] | None = None
+                     ) -> MicroBatch:
+        return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
 
     def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        lengths = [rollouts[i].length for i in indices]
-        plan = plan_micro_batches(lengths, self.dims.dp_size, self.dims.dp_rank, self.cfg.trainer.micro_batch_tokens)
-        return [[indices[j] for j in m] for m in plan]
+        """This dp rank's micro-batches. The units packed are runs of one prompt's rollouts, each cut to fit the
+        token budget as packed (a shared prompt counted once), so a prompt's responses share a micro-batch."""
+        share, budget = self.cfg.trainer.share_prompts, self.cfg.trainer.micro_batch_tokens
+        units: list[list[int]] = []
+        for run in prompt_runs(rollouts, indices):
+            chunk: list[int] = []
+            for i in run:
+                if chunk and packed_rows(rollouts, chunk + [i], share) > budget:
+                    units.append(chunk)
+                    chunk = []
+                chunk.append(i)
+            units.append(chunk)
+        sizes = [packed_rows(rollouts, u, share) for u in units]
+        plan = plan_micro_batches(sizes, self.dims.dp_size, self.dims.dp_rank, budget)
+        return [[i for u in m for i in units[u]] for m in plan]
 
     def _min_tokens(self) -> int:
         return 2 * self.dims.cp_size * 2
@@ -231,13 +301,11 @@ class Actor:
         (whole sequences: gathered over the cp group). {rollout index: [R] fp32 cpu}."""
         out: dict[int, torch.Tensor] = {}
         for members in self._plan(rollouts, indices):
-            mb = build_micro_batch(rollouts, members, None, self._min_tokens())
+            mb = self._micro_batch(rollouts, members)
             logprob, _ = self.forward(mb, model)
             full = cp_gather(logprob.float(), mb.cu_seqlens.to(self.device), self.dims.cp_group).cpu()
-            for k, i in enumerate(members):
-                p, n = len(rollouts[i].prompt_ids), len(rollouts[i].response_ids)
-                start = int(mb.cu_seqlens[k]) + p - 1
-                out[i] = full[start:start + n].clone()
+            for i, start in zip(members, mb.starts):
+                out[i] = full[start:start + len(rollouts[i].response_ids)].clone()
         return out
 
     # ---------------------------------------------------------------------------------- update
@@ -300,7 +368,7 @@ class Actor:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0  # this rank's part of this optimizer step's loss
         for members in self._plan(rollouts, mini):
-            mb = build_micro_batch(rollouts, members, old, self._min_tokens(), ref)
+            mb = self._micro_batch(rollouts, members, old, ref)
             logprob, entropy = self.forward(mb)
             mask = self._shard(mb, mb.mask)
             if loss_kind == "sft":
@@ -345,6 +413,9 @@ class Actor:
             with nvtx_range("backward"):
                 (loss * scale).backward()
             local_tokens = float(mask.sum())
+            if members:  # rows run vs rows of the sequences whole (each rank of the cp group adds its share)
+                sums["packed_rows"] += len(mb.input_ids) / self.dims.cp_size
+                sums["sequence_rows"] += sum(rollouts[i].length for i in members) / self.dims.cp_size
             step_loss += float(loss.detach())
             sums["loss"] += float(loss.detach())
             sums["tokens"] += local_tokens
@@ -428,6 +499,8 @@ class Actor:
             f"{prefix}/skipped_steps": skipped,
             f"{prefix}/tokens": s.get("tokens", 0.0),
         }
+        if s.get("sequence_rows", 0) > 0:  # < 1 where responses shared their prompt's rows (trainer.share_prompts)
+            out[f"{prefix}/packed_rows_fraction"] = s["packed_rows"] / s["sequence_rows"]
         for k in keys:
             if k.startswith("s:"):  # global token means per optimizer step: average over steps
                 # (not over the token mean of the whole update above: actor/entropy keeps one definition

@@ -212,6 +212,9 @@ class TrainerConfig:
     gen_batch_prompts: int = 0
     mini_batch_prompts: int = 128  # prompts per optimizer step (one PPO epoch)
     micro_batch_tokens: int = 32_768  # packed token budget per forward/backward
+    # the responses of one prompt in a micro-batch pack the prompt once and attend to it as a shared prefix: the
+    # same logprobs and gradients, the prompt's forward and backward run once instead of once per response
+    share_prompts: bool = True
     val_every: int = 0  # 0 = never
     val_before_train: bool = False
     max_consecutive_nonfinite: int = 3
@@ -646,6 +649,10 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     if p.cp > 1 and cfg.model.attn_backend not in ("auto", "kernels", "triton", "torch"):  # Attention.attend
         warnings.append(f"model.attn_backend={cfg.model.attn_backend} is not read under parallel.cp={p.cp}: the ring "
                         "attention runs golong's kernels for its blocks")
+    elif t.share_prompts and cfg.model.attn_backend in ("flash_attn", "varlen_attn"):
+        warnings.append(f"model.attn_backend={cfg.model.attn_backend} takes no shared prompt: micro-batches where a "
+                        "prompt's responses share its rows (trainer.share_prompts) run golong's kernels; "
+                        "trainer.share_prompts=false runs it everywhere, each response with its own prompt copy")
     a = cfg.algo
     if a.policy_loss == "gspo":
         if a.clip_low >= 0.01 or a.clip_high >= 0.01:

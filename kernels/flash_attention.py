@@ -89,6 +89,31 @@ def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Te
     return lo.to(torch.int32), torch.maximum(lo, hi).to(torch.int32)
 
 
+def prefix_rows(rows: Rows, cu_seqlens: torch.Tensor, prefix_of: torch.Tensor) -> tuple[Rows, Rows]:
+    """Shared prefixes as one more block pair: (query rows, key rows) relabelled so that a NON-causal block
+    attention over them computes, for every row of a document b with prefix a = prefix_of[b], its attention to
+    all of document a, and nothing for the other rows (lse -inf). Merged through the lse with the usual causal
+    block over `rows`, that is attention over prefix + own causal past, the layout of n responses packed after
+    one copy of their prompt.
+
+    rows: global (doc, pos) of the operand's rows (a packed batch or a zigzag shard; tail rows, doc B, have no
+    prefix). Query labels: 3a+1 for a row whose document has prefix a, else 3*doc; key labels: 3a+1 for a row
+    of a prefix a, else 3*doc+2, so only a document's rows and its prefix's rows share a label, and both
+    labellings stay sorted. Query positions become the global row index (sorted within a label; a non-causal
+    block ignores them). No host sync."""
+    p = prefix_of.to(device=rows.doc.device, dtype=torch.int64)
+    num_docs = p.numel()
+    p = torch.cat([p, p.new_full((1,), -1)])  # tail rows: document B
+    is_prefix = torch.zeros(num_docs + 2, dtype=torch.bool, device=p.device)
+    is_prefix.scatter_(0, torch.where(p >= 0, p, num_docs + 1), True)
+    doc = rows.doc.long()
+    q_doc = torch.where(p[doc] >= 0, 3 * p[doc] + 1, 3 * doc)
+    k_doc = torch.where(is_prefix[doc], 3 * doc + 1, 3 * doc + 2)
+    cu = cu_seqlens.to(device=doc.device, dtype=torch.int64)
+    row = cu[doc.clamp(max=num_docs - 1)] + rows.pos.long() if num_docs else rows.pos.long()
+    return Rows(q_doc.to(torch.int32), row.to(torch.int32)), Rows(k_doc.to(torch.int32), rows.pos)
+
+
 # --------------------------------------------------------------------------------------------------
 # Torch reference (blockwise, online softmax, fp32)
 # --------------------------------------------------------------------------------------------------
@@ -798,13 +823,39 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None, tail: bool = F
     if total is not None:
         ok &= (cu[-1] <= total) if tail else (cu[-1] == total)
     end = f" and end at {'most at ' if tail else ''}the {total} packed rows" if total is not None else ""
-    what = "cu_seqlens must start at 0, never decrease" + end
-    if cu.device.type == "cpu":
+    _require(ok, "cu_seqlens must start at 0, never decrease" + end, cu)
+
+
+def _require(ok: torch.Tensor, what: str, values: torch.Tensor) -> None:
+    """Raise ValueError(what, showing `values`) unless ok, on the host where the tensors live there; on a GPU a
+    device-side assert instead, which costs no host sync."""
+    if values.device.type == "cpu":
         if not bool(ok):
-            shown = cu.tolist()
+            shown = values.tolist()
             raise ValueError(f"{what}; got {shown[:12]}{' ...' if len(shown) > 12 else ''}")
     else:
         torch._assert_async(ok, what)
+
+
+def check_prefix_of(prefix_of: torch.Tensor, num_docs: int) -> None:
+    """prefix_of [B] int (document b also sees all of document prefix_of[b]; -1: no prefix). A prefix comes
+    before its documents, has no prefix itself, and its documents follow it as one run. Checked like
+    check_cu_seqlens: on the host where prefix_of lives there, else by a device-side assert (no host sync)."""
+    if prefix_of.dim() != 1 or prefix_of.numel() != num_docs or prefix_of.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"prefix_of must be a 1-D int32 tensor [{num_docs}] (one entry per document); got "
+                         f"{prefix_of.dtype} {tuple(prefix_of.shape)}")
+    p = prefix_of.long()
+    b = torch.arange(num_docs, device=p.device)
+    has = p >= 0
+    ok = ((p >= -1) & (p < b)).all()
+    if num_docs:
+        ok &= (~has | (p[p.clamp(min=0)] == -1)).all()
+        # the run: document b-1 is b's prefix or shares it
+        prev = torch.cat([p.new_full((1,), -2), p[:-1]])
+        ok &= (~has | (prev == p) | (b - 1 == p)).all()
+    _require(ok, "prefix_of must hold -1 or an earlier document without a prefix of its own, the documents of one "
+             "prefix following it as one run", p)
+
 
 
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool,
@@ -905,10 +956,19 @@ def block_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                causal: bool, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                causal: bool, scale: float, backend: str, prefix_of: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = Rows.from_cu_seqlens(cu_seqlens, q.shape[0])
-        out, lse = block_attention_fwd(q, k, v, rows, rows, causal=causal, scale=scale, backend=backend)
-        ctx.save_for_backward(q, k, v, out, lse, rows.doc, rows.pos)
+        if prefix_of is None:
+            out, lse = block_attention_fwd(q, k, v, rows, rows, causal=causal, scale=scale, backend=backend)
+            ctx.save_for_backward(q, k, v, out, lse, rows.doc, rows.pos)
+        else:  # own document, then the prefix merged in through the lse (fp32 until the end)
+            out, lse = block_attention_fwd(q, k, v, rows, rows, causal=causal, scale=scale, backend=backend,
+                                           out_dtype=torch.float32)
+            qx, kx = prefix_rows(rows, cu_seqlens, prefix_of)
+            block_attention_fwd(q, k, v, qx, kx, causal=False, scale=scale, backend=backend, out=out, lse=lse)
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, k, v, out, lse, rows.doc, rows.pos, qx.doc, qx.pos, kx.doc, kx.pos)
         ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
         return out, lse
 
@@ -918,14 +978,22 @@ class _FlashAttention(torch.autograd.Function):
             # (the torch backend's ops do, through the saved out and lse, so it is twice differentiable)
             raise RuntimeError("flash_attention's triton backend is differentiable once: create_graph=True (double "
                                "backward) needs backend='torch'")
-        q, k, v, out, lse, doc, pos = ctx.saved_tensors
+        q, k, v, out, lse, doc, pos, *prefix = ctx.saved_tensors
         rows = Rows(doc, pos)
         if dout is None:
             dout = torch.zeros_like(out)
         delta = attention_delta(out, dout, dlse, backend=ctx.backend)
-        dq, dk, dv = block_attention_bwd(dout, q, k, v, lse, delta, rows, rows, causal=ctx.causal, scale=ctx.scale,
-                                         backend=ctx.backend, grad_dtype=q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        if not prefix:
+            dq, dk, dv = block_attention_bwd(dout, q, k, v, lse, delta, rows, rows, causal=ctx.causal,
+                                             scale=ctx.scale, backend=ctx.backend, grad_dtype=q.dtype)
+        else:  # both blocks' gradients, each through the merged lse, add up in fp32
+            dq, dk, dv = (torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in (q, k, v))
+            block_attention_bwd(dout, q, k, v, lse, delta, rows, rows, causal=ctx.causal, scale=ctx.scale,
+                                backend=ctx.backend, dq=dq, dk=dk, dv=dv)
+            block_attention_bwd(dout, q, k, v, lse, delta, Rows(prefix[0], prefix[1]), Rows(prefix[2], prefix[3]),
+                                causal=False, scale=ctx.scale, backend=ctx.backend, dq=dq, dk=dk, dv=dv)
+            dq = dq.to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 # flash_attention's backends: ours (triton, torch) and two peers' varlen kernels
@@ -1005,8 +1073,8 @@ def torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                    causal: bool = True, softmax_scale: float | None = None, backend: str = "auto"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    causal: bool = True, softmax_scale: float | None = None, backend: str = "auto",
+                    prefix_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed variable-length attention with GQA.
 
     q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0), cu_seqlens [B+1] int32 (document b is rows
@@ -1018,6 +1086,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     TritonConfig.auto_backend says so, lse then not differentiable; torch otherwise), "triton", "torch", "flash_attn"
     (flash-attn's varlen kernels) or "varlen_attn" (PyTorch's): those two run on CUDA fp16/bf16 only, fall back
     to triton elsewhere (and flash_attn without the package), and there only out is differentiable, not lse.
+    prefix_of [B] int32 (check_prefix_of): document b also attends to all of document prefix_of[b] (-1: none),
+    the layout of n responses packed after one copy of their prompt; it runs our kernels ("auto": triton on
+    CUDA, torch otherwise), a second block pair merged through the lse, so the two peers' backends refuse it.
     """
     _check(q, k, v)
     if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -1027,6 +1098,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if prefix_of is not None:
+        check_prefix_of(prefix_of, cu_seqlens.numel() - 1)
+        if backend in ("flash_attn", "varlen_attn"):
+            raise ValueError(f"backend {backend!r} cannot attend to shared prefixes (prefix_of); use 'auto', "
+                             "'triton' or 'torch'")
+        return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q), prefix_of)
     if backend == "auto" and _varlen_attn_available(q) and _cfg(q).auto_backend == "varlen_attn":
         backend = "varlen_attn"  # measured faster on this GPU (TritonConfig.auto_backend)
     if backend == "flash_attn":
@@ -1037,7 +1114,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         if _varlen_attn_available(q):
             return torch_varlen_attention(q, k, v, *varlen_bounds(cu_seqlens, q.shape[0]), causal, scale)
         backend = "triton"
-    return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q))
+    return _FlashAttention.apply(q, k, v, cu_seqlens, causal, scale, _resolve(backend, q), None)
 
 
 # Production configurations for the AOT sm_90 compile test (head_dim 128, bf16, GQA 32/8; the ring's

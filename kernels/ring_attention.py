@@ -32,6 +32,8 @@ from kernels.flash_attention import (
     block_attention_bwd,
     block_attention_fwd,
     check_cu_seqlens,
+    check_prefix_of,
+    prefix_rows,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -59,19 +61,26 @@ class ZigzagPlan:
     counts: list[int]  # rows held by each rank
     rows: list[Rows]  # each rank's rows: global (doc, pos), in global order
     visible: list[list[bool]] = field(default_factory=list)  # visible[r][s]: r's queries see s's keys
+    causal: bool = True
+    # with shared prefixes (prefix_of): each rank's rows relabelled by prefix_rows (queries, keys), and
+    # visible_prefix[r][s]: r holds rows of a document whose prefix s holds rows of
+    prefix: list[tuple[Rows, Rows]] | None = None
+    visible_prefix: list[list[bool]] | None = None
 
     @staticmethod
-    def build(cu_seqlens: torch.Tensor, world: int, causal: bool = True, device: Any = None) -> ZigzagPlan:
+    def build(cu_seqlens: torch.Tensor, world: int, causal: bool = True, device: Any = None,
+              prefix_of: torch.Tensor | None = None) -> ZigzagPlan:
         cu_host = cu_seqlens.cpu()
         check_cu_seqlens(cu_host, None)
         owner, rows = _owners(cu_host, world)
         order = torch.sort(owner, stable=True).indices
         counts = torch.bincount(owner, minlength=world).tolist()
-        per_rank, start = [], 0
+        host, start = [], 0  # each rank's rows
         for c in counts:
             idx = order[start:start + c]
             start += c
-            per_rank.append(Rows(rows.doc[idx].to(device), rows.pos[idx].to(device)))
+            host.append(Rows(rows.doc[idx], rows.pos[idx]))
+        per_rank = [Rows(x.doc.to(device), x.pos.to(device)) for x in host]
         # visibility: per document, the first key position of rank s vs the last query position of rank r
         num_docs = cu_seqlens.numel() - 1
         first = torch.full((world, num_docs), 2**62, dtype=torch.int64)
@@ -85,19 +94,41 @@ class ZigzagPlan:
             vis = ((last[:, None, :] >= first[None, :, :]) & has[:, None, :] & has[None, :, :]).any(-1)
         else:
             vis = (has[:, None, :] & has[None, :, :]).any(-1)
-        return ZigzagPlan(world, counts, per_rank, vis.tolist())
+        plan = ZigzagPlan(world, counts, per_rank, vis.tolist(), causal)
+        if prefix_of is not None:
+            parent = prefix_of.cpu().long()
+            check_prefix_of(parent, num_docs)
+            # has_child[r, a]: rank r holds rows of some document whose prefix is a
+            child = parent >= 0
+            has_child = torch.zeros(world, num_docs, dtype=torch.long)
+            has_child.index_add_(1, parent[child], has[:, child].long())
+            plan.visible_prefix = ((has_child[:, None, :] > 0) & has[None, :, :]).any(-1).tolist()
+            plan.prefix = [tuple(Rows(x.doc.to(device), x.pos.to(device)) for x in prefix_rows(h, cu_host, parent))
+                           for h in host]
+        return plan
+
+    def blocks(self, r: int, s: int) -> list[tuple[Rows, Rows, bool]]:
+        """The block pairs rank r's queries compute against rank s's keys: (query rows, key rows, causal) for
+        the documents' own rows where any is visible, and for their shared prefixes (non-causal) where any."""
+        out = [(self.rows[r], self.rows[s], self.causal)] if self.visible[r][s] else []
+        if self.prefix is not None and self.visible_prefix[r][s]:
+            out.append((self.prefix[r][0], self.prefix[s][1], False))
+        return out
 
 
 _PLANS: dict[tuple, ZigzagPlan] = {}
 
 
-def _plan(cu_seqlens: torch.Tensor, world: int, causal: bool, device: Any) -> ZigzagPlan:
-    """ZigzagPlan.build, cached: every layer of a step shares one cu_seqlens (one small D2H copy each)."""
-    key = (tuple(cu_seqlens.tolist()), world, causal, str(device))
+def _plan(cu_seqlens: torch.Tensor, world: int, causal: bool, device: Any,
+          prefix_of: torch.Tensor | None = None) -> ZigzagPlan:
+    """ZigzagPlan.build, cached: every layer of a step shares one cu_seqlens (one small D2H copy each, and one
+    for prefix_of)."""
+    key = (tuple(cu_seqlens.tolist()), world, causal, str(device),
+           None if prefix_of is None else tuple(prefix_of.tolist()))
     if key not in _PLANS:
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = ZigzagPlan.build(cu_seqlens, world, causal, device)
+        _PLANS[key] = ZigzagPlan.build(cu_seqlens, world, causal, device, prefix_of)
     return _PLANS[key]
 
 
@@ -185,12 +216,12 @@ def ring_fwd_step(q: torch.Tensor, kv: torch.Tensor, rows_q: Rows, rows_k: Rows,
 
 
 def ring_bwd_step(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                  rows_q: Rows, rows_k: Rows, dq: torch.Tensor, *, causal: bool, scale: float, backend: str
-                  ) -> torch.Tensor:
+                  rows_q: Rows, rows_k: Rows, dq: torch.Tensor, *, causal: bool, scale: float, backend: str,
+                  into: torch.Tensor | None = None) -> torch.Tensor:
     """One ring step of the backward: adds the block pair's dQ into dq (fp32) and returns this rank's share of
-    the block's dK/dV, fp32 [m, 2*Hkv, D] (the layout of kv)."""
+    the block's dK/dV, fp32 [m, 2*Hkv, D] (the layout of kv): added into `into` where given, else fresh."""
     hkv = kv.shape[1] // 2
-    mine = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
+    mine = torch.zeros(kv.shape, device=q.device, dtype=torch.float32) if into is None else into
     block_attention_bwd(dout, q, kv[:, :hkv], kv[:, hkv:], lse, delta, rows_q, rows_k, causal=causal, scale=scale,
                         backend=backend, dq=dq, dk=mine[:, :hkv], dv=mine[:, hkv:])
     return mine
@@ -204,10 +235,10 @@ def ring_bwd_step(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: to
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, group: Any,
-                causal: bool, scale: float, backend: str) -> torch.Tensor:
+                causal: bool, scale: float, backend: str, prefix_of: torch.Tensor | None) -> torch.Tensor:
         ring = _Ring(group)
         W, r = ring.world, ring.rank
-        plan = _plan(cu_seqlens, W, causal, q.device)
+        plan = _plan(cu_seqlens, W, causal, q.device, prefix_of)
         if q.shape[0] != plan.counts[r] or k.shape[0] != plan.counts[r]:
             raise ValueError(f"rank {r} holds {q.shape[0]} q / {k.shape[0]} k rows, but zigzag_shard over W={W} of "
                              f"cu_seqlens (the global packed batch, {sum(plan.counts)} rows) gives it "
@@ -221,9 +252,8 @@ class _RingAttention(torch.autograd.Function):
             if i < W - 1:
                 nxt = kv.new_empty((plan.counts[(r - i - 1) % W], *kv.shape[1:]))
                 reqs = ring.start([(kv, _TAG_KV)], [(nxt, _TAG_KV)], "fwd")
-            if plan.visible[r][src]:
-                ring_fwd_step(q, kv, plan.rows[r], plan.rows[src], out, lse, causal=causal, scale=scale,
-                              backend=backend)
+            for rows_q, rows_k, block_causal in plan.blocks(r, src):
+                ring_fwd_step(q, kv, rows_q, rows_k, out, lse, causal=block_causal, scale=scale, backend=backend)
             _wait(reqs)
             if nxt is not None:
                 kv = nxt
@@ -260,11 +290,10 @@ class _RingAttention(torch.autograd.Function):
                 recvs.append((nxt, _TAG_KV))
             reqs = ring.start(sends, recvs, "bwd")
             # this rank's share of the block's dK/dV goes into its own buffer while the accumulator travels
-            if plan.visible[r][src]:
-                mine = ring_bwd_step(dout, q, kv, lse, delta, plan.rows[r], plan.rows[src], dq, causal=ctx.causal,
-                                     scale=ctx.scale, backend=ctx.backend)
-            else:
-                mine = torch.zeros((plan.counts[src], *kv.shape[1:]), device=q.device, dtype=torch.float32)
+            mine = torch.zeros((plan.counts[src], *kv.shape[1:]), device=q.device, dtype=torch.float32)
+            for rows_q, rows_k, block_causal in plan.blocks(r, src):
+                ring_bwd_step(dout, q, kv, lse, delta, rows_q, rows_k, dq, causal=block_causal, scale=ctx.scale,
+                              backend=ctx.backend, into=mine)
             _wait(reqs)
             dkv = mine if acc is None else acc.add_(mine)
             if nxt is not None:
@@ -274,18 +303,19 @@ class _RingAttention(torch.autograd.Function):
             _wait(ring.start([(dkv, _TAG_GRAD)], [(own, _TAG_GRAD)], "bwd"))
             dkv = own
         dk, dv = dkv[:, :Hkv].to(k.dtype), dkv[:, Hkv:].to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, group: Any = None,
-                   *, causal: bool = True, softmax_scale: float | None = None, backend: str = "auto"
-                   ) -> torch.Tensor:
+                   *, causal: bool = True, softmax_scale: float | None = None, backend: str = "auto",
+                   prefix_of: torch.Tensor | None = None) -> torch.Tensor:
     """Context-parallel attention over the ranks of `group` (None: the default group).
 
     q [n, Hq, D], k/v [n, Hkv, D]: this rank's zigzag_shard of the packed global q/k/v; cu_seqlens
     [B+1] int32 is the GLOBAL one (same on every rank). Returns this rank's shard of the global
     output, [n, Hq, D] in q.dtype. Differentiable w.r.t. q, k, v. backend selects the local kernel
-    ("auto": triton on CUDA, torch otherwise).
+    ("auto": triton on CUDA, torch otherwise). prefix_of [B] int32: shared prefixes, as in flash_attention
+    (each rank's queries then also compute a non-causal block against the prefix rows each K/V block holds).
     """
     _check(q, k, v)  # before any send is posted: a rank that raises later would leave its peers waiting
     if k.shape[0] != q.shape[0] or q.dtype != k.dtype or k.dtype != v.dtype:
@@ -293,5 +323,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                          f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
     _resolve(backend, q)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend)
+    return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend, prefix_of)
 

@@ -51,27 +51,33 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP)."""
-        return self.project_out(self.attend(*self._qkv(x, cos, sin), cu_seqlens, cp_group))
+                cp_group: dist.ProcessGroup | None = None, prefix_of: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] packed (T local tokens), cos/sin [T, D], cu_seqlens [B+1] int32 (global under CP), prefix_of
+        [B] int32 or None (kernels.flash_attention's shared prefixes)."""
+        return self.project_out(self.attend(*self._qkv(x, cos, sin), cu_seqlens, cp_group, prefix_of))
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         """out [T, Hq, D] -> o_proj [T, H]."""
         return self.o_proj(out.reshape(out.shape[0], self.n_heads * self.head_dim))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-               cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """Causal attention of packed q [T, Hq, D], k/v [T, Hkv, D] by this module's backend -> [T, Hq, D]."""
+               cp_group: dist.ProcessGroup | None = None, prefix_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of packed q [T, Hq, D], k/v [T, Hkv, D] by this module's backend -> [T, Hq, D]; with
+        prefix_of, each document also attends to all of its prefix document. Shared prefixes run our kernels where
+        the backend names a peer's (flash_attn, varlen_attn), as context parallelism does."""
+        ours = ("triton", "torch")
         if cp_group is not None and dist.get_world_size(cp_group) > 1:
-            local = self.backend if self.backend in ("triton", "torch") else "auto"
+            local = self.backend if self.backend in ours else "auto"
             out = kernels.ring_attention(q, k, v, cu_seqlens, cp_group, causal=True, softmax_scale=self.scale,
-                                         backend=local)
+                                         backend=local, prefix_of=prefix_of)
         elif self.backend == "sdpa" or (self.backend == "auto" and not q.is_cuda):
-            out = sdpa_varlen(q, k, v, cu_seqlens, self.scale)
+            out = sdpa_varlen(q, k, v, cu_seqlens, self.scale, prefix_of)
         else:
             kernel = "auto" if self.backend in ("auto", "kernels") else self.backend
+            if prefix_of is not None and kernel not in ours:
+                kernel = "auto"  # the peers' kernels take no prefix
             out, _ = kernels.flash_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=self.scale,
-                                             backend=kernel)
+                                             backend=kernel, prefix_of=prefix_of)
         return out
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -91,18 +97,28 @@ class Attention(nn.Module):
 
 
 def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, prefix_of: torch.Tensor | None = None) -> torch.Tensor:
     """Causal packed attention with torch SDPA, one document at a time (one host sync for the bounds).
 
-    q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] -> out [T, Hq, D]. For CPU, where SDPA runs ATen's
-    fused flash-style kernel (memory O(document), forward and backward).
+    q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1], prefix_of [B] or None -> out [T, Hq, D]. For CPU, where
+    SDPA runs ATen's fused flash-style kernel (memory O(document), forward and backward). A document with a
+    prefix attends to [prefix keys; its own keys] under a mask that is causal on its own part only.
     """
     bounds = cu_seqlens.tolist()
+    parents = prefix_of.tolist() if prefix_of is not None else [-1] * (len(bounds) - 1)
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b, parent in zip(bounds[:-1], bounds[1:], parents):
         if b == a:
             continue
-        qd, kd, vd = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
-        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
+        qd = q[a:b].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+        if parent < 0:
+            kd, vd = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (k, v))
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            pa, pb = bounds[parent], bounds[parent + 1]
+            kd, vd = (torch.cat([t[pa:pb], t[a:b]]).transpose(0, 1).unsqueeze(0) for t in (k, v))
+            mask = torch.ones(b - a, pb - pa + b - a, dtype=torch.bool, device=q.device)
+            mask[:, pb - pa:].tril_()
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                cp_group: dist.ProcessGroup | None = None, keep_attention: bool = False) -> torch.Tensor:
+                cp_group: dist.ProcessGroup | None = None, prefix_of: torch.Tensor | None = None,
+                keep_attention: bool = False) -> torch.Tensor:
         """keep_attention: activation checkpointing inside the layer that keeps the attention's output (and what
         it saves beside q, k, v: its LSE), so that the backward recomputes the norms, projections, MLP / MoE and
         q, k, v from the layer's input, but not the attention (nor, under context parallelism, the ring's K/V
@@ -52,12 +53,13 @@ class DecoderLayer(nn.Module):
         saves per-document views of q, k, v, which then stay held too. A flag of forward, not a method of its
         own: FSDP2 gathers the layer's parameters in its forward hooks."""
         if keep_attention:
-            return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group)
+            return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group, prefix_of)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group, prefix_of)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _forward_keeping_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                   cu_seqlens: torch.Tensor, cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+                                   cu_seqlens: torch.Tensor, cp_group: dist.ProcessGroup | None,
+                                   prefix_of: torch.Tensor | None) -> torch.Tensor:
         attn = self.self_attn
 
         def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +71,7 @@ class DecoderLayer(nn.Module):
 
         q, k, v = checkpoint(qkv, x, use_reentrant=False)
         with _RecomputedWhenSaved((q, k, v), lambda: qkv(x)):
-            out = attn.attend(q, k, v, cu_seqlens, cp_group)
+            out = attn.attend(q, k, v, cu_seqlens, cp_group, prefix_of)
         return checkpoint(rest, x, out, use_reentrant=False)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -134,11 +136,20 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
 
 
-def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Positions restarting at 0 in every document: [total] int64. No host sync."""
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int, prefix_of: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Positions restarting at 0 in every document: [total] int64. A document with a prefix (prefix_of [B], -1:
+    none) continues after it: its positions start at the prefix's length. No host sync."""
+    cu = cu_seqlens.long()
     idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
-    return idx - cu_seqlens.long()[doc]
+    doc = torch.searchsorted(cu[1:], idx, right=True)
+    pos = idx - cu[doc]
+    if prefix_of is None:
+        return pos
+    p = prefix_of.to(device=cu.device, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    offset = torch.where(p >= 0, lengths[p.clamp(min=0)], 0)
+    return pos + torch.cat([offset, offset.new_zeros(1)])[doc]  # tail rows past cu[-1]: no prefix
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -195,19 +206,21 @@ class Qwen3ForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                *, targets: torch.Tensor | None = None, temperature: float = 1.0
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                *, targets: torch.Tensor | None = None, temperature: float = 1.0,
+                prefix_of: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [T] int (packed documents; under context parallelism, this rank's zigzag shard),
         cu_seqlens [B+1] int32 (document boundaries in the full packed batch), position_ids [T] or None
         (restart per document) -> final hidden states [T, H] in the model dtype.
 
         With `targets` [T] int64, returns the fused head's (logprob [T], entropy [T]) fp32 instead,
-        so FSDP sees the LM head used inside forward.
+        so FSDP sees the LM head used inside forward. prefix_of [B] int32 (kernels.flash_attention): document b
+        also attends to all of document prefix_of[b] and its positions continue after it (n responses packed
+        after one copy of their prompt).
         """
         cp = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
         if position_ids is None:
             total = int(cu_seqlens[-1]) if cp is not None else input_ids.shape[0]
-            position_ids = packed_position_ids(cu_seqlens, total)
+            position_ids = packed_position_ids(cu_seqlens, total, prefix_of)
             if cp is not None:
                 position_ids = kernels.zigzag_shard(position_ids, cu_seqlens, dist.get_rank(cp),
                                                     dist.get_world_size(cp))
@@ -215,10 +228,10 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = layer(x, cos, sin, cu_seqlens, cp, keep_attention=True) if self.keep_attention else \
-                    checkpoint(layer, x, cos, sin, cu_seqlens, cp, use_reentrant=False)
+                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of, keep_attention=True) if self.keep_attention else \
+                    checkpoint(layer, x, cos, sin, cu_seqlens, cp, prefix_of, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens, cp)
+                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of)
         hidden = self.model.norm(x)
         if targets is None:
             return hidden

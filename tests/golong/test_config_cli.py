@@ -291,7 +291,15 @@ def test_config_warnings_name_what_is_used(capsys):
         assert config_warnings(load_config(demo, [f"model.attn_backend={peer}", "parallel.cp=2"])) == [
             f"model.attn_backend={peer} is not read under parallel.cp=2: the ring attention runs golong's kernels "
             "for its blocks"]
-        assert config_warnings(load_config(demo, [f"model.attn_backend={peer}"])) == []
+        alone = config_warnings(load_config(demo, [f"model.attn_backend={peer}"]))
+        if peer == "sdpa":  # SDPA takes the shared prompt as a masked prefix
+            assert alone == []
+        else:  # the peers' varlen kernels take none: golong's run those micro-batches
+            assert alone == [f"model.attn_backend={peer} takes no shared prompt: micro-batches where a prompt's "
+                             "responses share its rows (trainer.share_prompts) run golong's kernels; "
+                             "trainer.share_prompts=false runs it everywhere, each response with its own prompt copy"]
+            assert config_warnings(load_config(demo, [f"model.attn_backend={peer}", "trainer.share_prompts=false"])) \
+                == []
     assert main(["train", demo, "--dry-run", "model.path=hf/m", "trainer.mini_batch_prompts=5"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err[:2] == [f"golong: warning: {both}", f"golong: warning: {uneven}"], err

@@ -508,17 +508,18 @@ def test_attention_backend_dispatch(pair, monkeypatch):
 
     calls = []
 
-    def flash(q, k, v, cu, *, causal, softmax_scale, backend):
-        calls.append(("flash", backend, causal, softmax_scale))
+    def flash(q, k, v, cu, *, causal, softmax_scale, backend, prefix_of=None):
+        calls.append(("flash", backend, causal, softmax_scale) + (() if prefix_of is None else (prefix_of,)))
         return q.clone(), None
 
-    def ring(q, k, v, cu, group, *, causal, softmax_scale, backend):
-        calls.append(("ring", backend, causal, softmax_scale))
+    def ring(q, k, v, cu, group, *, causal, softmax_scale, backend, prefix_of=None):
+        calls.append(("ring", backend, causal, softmax_scale) + (() if prefix_of is None else (prefix_of,)))
         return q.clone()
 
     monkeypatch.setattr(kernels, "flash_attention", flash)
     monkeypatch.setattr(kernels, "ring_attention", ring)
-    monkeypatch.setattr(attention, "sdpa_varlen", lambda q, k, v, cu, scale: calls.append(("sdpa", scale)) or q.clone())
+    monkeypatch.setattr(attention, "sdpa_varlen", lambda q, k, v, cu, scale, prefix_of=None: calls.append(
+        ("sdpa", scale) + (() if prefix_of is None else (prefix_of,))) or q.clone())
     attn = pair[3].model.layers[0].self_attn
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
@@ -534,12 +535,21 @@ def test_attention_backend_dispatch(pair, monkeypatch):
             calls.clear()
             attn(x, cos, sin, cu)
             assert calls == [want], backend
+            # shared prefixes reach the kernel; the peers' kernels, which take none, give way to ours
+            prefix_of = torch.tensor([-1, 0], dtype=torch.int32)
+            calls.clear()
+            attn(x, cos, sin, cu, None, prefix_of)
+            shared = ("flash", "auto", True, scale) if backend in ("flash_attn", "varlen_attn") else want
+            assert calls == [shared + (prefix_of,)], backend
         monkeypatch.setattr(attention.dist, "get_world_size", lambda group=None: 2)
         for backend in attention.ATTENTION_BACKENDS:
             attn.backend = backend
             calls.clear()
             attn(x, cos, sin, cu, cp_group=object())
             assert calls == [("ring", backend if backend in ("triton", "torch") else "auto", True, scale)], backend
+            calls.clear()
+            attn(x, cos, sin, cu, object(), prefix_of)
+            assert calls[0][-1] is prefix_of, backend
         monkeypatch.setattr(attention.dist, "get_world_size", lambda group=None: 1)  # a CP group of one rank
         attn.backend = "torch"
         calls.clear()
@@ -582,3 +592,51 @@ def test_loading_and_saving_many_shards_log_progress_only_when_slow(pair, tmp_pa
     done = golong.logger._size(size)  # the files' bytes, headers included
     assert loads[-1].startswith(f"loading weights from {out}: {n}/{n} shards, {done} of {done} (") \
         and loads[-1].endswith(", done"), loads[-1]
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "plain", "keep_attention"])
+def test_responses_sharing_one_prompt_copy_score_as_separate_sequences(pair, attn, checkpointing):
+    """The actor's shared-prompt layout: prompt[:-1] once, then each response as [prompt[-1], response] with
+    prefix_of pointing at the prompt (positions continuing after it). Logprob, entropy and every parameter's
+    gradient equal those of the sequences packed whole, each with its own prompt copy."""
+    kind, _, _, model = pair
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 1000, (23,), generator=g)
+    responses = [torch.randint(0, 1000, (n,), generator=g) for n in (6, 1, 9)]
+    P = prompt.numel()
+
+    def scored(ids_parts, first):  # targets: each part's next tokens from row `first` on, the last row none
+        t = torch.full((sum(p.numel() for p in ids_parts),), -100)
+        flat = torch.cat(ids_parts)
+        t[first:flat.numel() - 1] = flat[first + 1:]
+        return t
+
+    whole = [torch.cat([prompt, r]) for r in responses]
+    ids_a, tgt_a = torch.cat(whole), torch.cat([scored([w], P - 1) for w in whole])
+    cu_a = torch.tensor([0] + torch.tensor([w.numel() for w in whole]).cumsum(0).tolist(), dtype=torch.int32)
+    kids = [torch.cat([prompt[-1:], r]) for r in responses]
+    ids_b = torch.cat([prompt[:-1]] + kids)
+    tgt_b = torch.cat([torch.full((P - 1,), -100)] + [scored([c], 0) for c in kids])
+    cu_b = torch.tensor([0, P - 1] + (P - 1 + torch.tensor([c.numel() for c in kids]).cumsum(0)).tolist(),
+                        dtype=torch.int32)
+    prefix_of = torch.tensor([-1, 0, 0, 0], dtype=torch.int32)
+    assert torch.equal(tgt_a[tgt_a != -100], tgt_b[tgt_b != -100])
+    weights = torch.randn(int((tgt_a != -100).sum()), 2, generator=g)
+
+    def run(ids, cu, tgt, **kw):
+        model.zero_grad(set_to_none=True)
+        lp, ent = model(ids, cu, targets=tgt, temperature=0.8, **kw)
+        keep = tgt != -100
+        ((lp[keep] * weights[:, 0]).sum() + (ent[keep] * weights[:, 1]).sum()).backward()
+        return lp[keep].detach(), ent[keep].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.set_activation_checkpointing(checkpointing != "none", keep_attention=checkpointing == "keep_attention")
+    try:
+        ref = run(ids_a, cu_a, tgt_a)
+        ours = run(ids_b, cu_b, tgt_b, prefix_of=prefix_of)
+    finally:
+        model.set_activation_checkpointing(False)
+        model.zero_grad(set_to_none=True)
+    assert rel(ours[0], ref[0]) < 1e-5 and rel(ours[1], ref[1]) < 1e-5, (kind, attn)
+    for name, grad in ref[2].items():
+        assert rel(ours[2][name], grad) < 1e-4, (name, kind, attn, checkpointing)

@@ -83,7 +83,7 @@ def test_plan_pads_ranks_to_the_same_count():
 # ------------------------------------------------------------------------------ distributed parity
 def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy: bool = False,
                  kl_coef: float = 0.0, agg: str = "token-mean", keep_attention: bool = False,
-                 policy: str = "vanilla") -> None:
+                 policy: str = "vanilla", share_prompts: bool = True) -> None:
     from golong.actor import Actor
     from golong.build import build_model
     from golong.parallel import init_parallel
@@ -97,6 +97,7 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
                       algo__rollout_is="mask", optim__grad_clip=0.5, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
                       parallel__activation_checkpointing=cp > 1,  # recomputation must not change a thing
                       parallel__ac_keep_attention=keep_attention, algo__policy_loss=policy,
+                      trainer__share_prompts=share_prompts,
                       **({"algo__clip_low": 3e-4, "algo__clip_high": 4e-4} if policy == "gspo" else {}))
     dims = init_parallel(-1, cp, "gloo")
     if cp > 1:
@@ -155,6 +156,18 @@ def test_fsdp_two_ranks_match_one_rank(one_rank, tmp_path):
     moved = min((one_rank["params"][n] - one_rank["init"][n]).abs().max().item() for n in two["params"])
     assert moved > 1e-3  # every parameter really trained (lr 1e-2), so the tolerance below means something
     _compare(one_rank, two, 1e-5)
+
+
+@pytest.mark.distributed
+def test_responses_sharing_their_prompts_rows_update_as_whole_sequences(one_rank, tmp_path):
+    """trainer.share_prompts (on in every run here): a prompt's responses in a micro-batch pack the prompt once. The
+    update (old-logprob pass, IS weights, 4 optimizer steps) matches packing each sequence whole, on fewer rows."""
+    out = str(tmp_path / "whole.pt")
+    run_distributed(_run_updates, 1, 1, out, 2, False, 0.0, "token-mean", False, "vanilla", False)
+    whole = torch.load(out)
+    _compare(whole, one_rank, 1e-4)  # as under cp: the same sums in another order (1.5e-5 here after 4 Adam steps)
+    assert whole["history"][0]["actor/packed_rows_fraction"] == 1.0
+    assert 0.5 < one_rank["history"][0]["actor/packed_rows_fraction"] < 0.9
 
 
 @pytest.mark.distributed
@@ -272,7 +285,11 @@ def _tiny_batch_run(rank: int, world: int, cp: int, out: str) -> None:
     from golong.parallel import init_parallel
     from tests.golong.trainer_helpers import tiny_config
 
-    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=1, algo__rollout_is="mask", optim__grad_clip=0.5)
+    # adam_eps 1e-4: the first mini-batch scores only a row that attends to itself alone, so its q/k gradients are
+    # rounding noise (~1e-8 on one rank, exactly 0 on the ring); at the default eps 1e-8 Adam turns that noise into
+    # updates of ~lr / 2 that differ between the runs, and every later step with them
+    cfg = tiny_config(parallel__cp=cp, trainer__mini_batch_prompts=1, algo__rollout_is="mask", optim__grad_clip=0.5,
+                      optim__adam_eps=1e-4)
     dims = init_parallel(-1, cp, "gloo")
     actor = Actor(build_model(cfg, dims), dims, cfg)
     # one sequence per mini-batch, 2 and 3 tokens long: on 2 dp ranks one rank runs only dummy micro-batches;

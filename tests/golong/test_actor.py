@@ -1,0 +1,91 @@
+"""The actor's packing of rollouts into micro-batches: whole sequences, or a prompt's responses sharing its rows."""
+
+import numpy as np
+import pytest
+import torch
+
+from golong.actor import IGNORE, Rollout, build_micro_batch, packed_rows, prompt_runs
+from golong.models import packed_position_ids
+
+
+def _rollouts():
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for group, (p, lengths) in enumerate([(9, [4, 1, 6]), (1, [3, 2]), (5, [7]), (6, [0, 3])]):
+        prompt = np.asarray(torch.randint(0, 100, (p,), generator=g), dtype=np.int32)
+        for n in lengths:
+            out.append(Rollout(prompt, np.asarray(torch.randint(0, 100, (n,), generator=g), dtype=np.int32),
+                               (-torch.rand(n, generator=g)).numpy(), group=group, task="t",
+                               advantage=float(torch.randn((), generator=g))))
+    return out
+
+
+def _scored(mb):
+    """Per scored row in packed order: (target, advantage, rollout logprob, old, ref, sequence index)."""
+    keep = mb.mask > 0
+    assert torch.equal(keep, mb.targets != IGNORE)
+    return [mb.targets[keep], mb.advantages[keep], mb.rollout_logprobs[keep], mb.old_logprobs[keep],
+            mb.ref_logprobs[keep], mb.seq_index[keep]]
+
+
+def test_shared_prompt_layout_scores_every_response_token_as_the_whole_sequence_does():
+    rollouts = _rollouts()
+    indices = list(range(len(rollouts)))
+    old = {i: torch.randn(len(r.response_ids)) for i, r in enumerate(rollouts)}
+    ref = {i: torch.randn(len(r.response_ids)) for i, r in enumerate(rollouts)}
+    whole = build_micro_batch(rollouts, indices, old, ref=ref)
+    shared = build_micro_batch(rollouts, indices, old, ref=ref, share_prompts=True)
+    for a, b in zip(_scored(whole), _scored(shared)):
+        assert torch.equal(a, b)
+    # group 0 (3 responses) and group 3 (2) share their prompts; group 1's prompt has one token and group 2 one
+    # response: packed whole
+    assert whole.prefix_of is None
+    assert shared.prefix_of.tolist() == [-1, 0, 0, 0, -1, -1, -1, -1, 7, 7]
+    assert len(shared.input_ids) == len(whole.input_ids) - 2 * 8 - 5
+    # each rollout's first response token is scored at its start row, in both layouts; positions continue the prompt
+    pos_whole = packed_position_ids(whole.cu_seqlens, len(whole.input_ids))
+    pos_shared = packed_position_ids(shared.cu_seqlens, len(shared.input_ids), shared.prefix_of)
+    for i, a, b in zip(indices, whole.starts, shared.starts):
+        r = rollouts[i]
+        if len(r.response_ids):
+            assert whole.targets[a] == shared.targets[b] == r.response_ids[0]
+        assert whole.input_ids[a] == shared.input_ids[b] == r.prompt_ids[-1]
+        assert pos_whole[a] == pos_shared[b] == len(r.prompt_ids) - 1
+    # the shared prompt documents' rows: tokens of the prompt, nothing scored, the sequence index of their first
+    # response (their seq_index must name a rollout of the micro-batch)
+    cu = shared.cu_seqlens.tolist()
+    for doc, first in ((0, 0), (7, 6)):
+        rows = slice(cu[doc], cu[doc + 1])
+        assert shared.input_ids[rows].tolist() == list(rollouts[first].prompt_ids[:-1])
+        assert (shared.mask[rows] == 0).all() and (shared.seq_index[rows] == first).all()
+
+
+def test_runs_and_packed_rows():
+    rollouts = _rollouts()
+    assert prompt_runs(rollouts, [0, 1, 2, 3, 4, 6, 5]) == [[0, 1, 2], [3, 4], [6], [5]]
+    assert packed_rows(rollouts, [0, 1, 2], True) == 8 + (5 + 2 + 7)
+    assert packed_rows(rollouts, [0, 1, 2], False) == 3 * 9 + 11
+    assert packed_rows(rollouts, [3, 4], True) == packed_rows(rollouts, [3, 4], False) == 7  # 1-token prompt
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("budget", [12, 20, 1000])
+def test_plan_keeps_a_prompts_responses_together_within_the_budget(share, budget):
+    from types import SimpleNamespace
+
+    from golong.actor import Actor
+    from tests.golong.trainer_helpers import tiny_config
+
+    rollouts = _rollouts()
+    actor = Actor.__new__(Actor)  # only _plan's inputs: the config and the dims
+    actor.cfg = tiny_config(trainer__share_prompts=share, trainer__micro_batch_tokens=budget)
+    actor.dims = SimpleNamespace(dp_size=1, dp_rank=0)
+    plan = actor._plan(rollouts, list(range(len(rollouts))))
+    assert sorted(i for m in plan for i in m) == list(range(len(rollouts)))
+    for m in plan:
+        runs = prompt_runs(rollouts, m)
+        assert len({rollouts[r[0]].group for r in runs}) == len(runs)  # a prompt's members adjacent
+        rows = sum(packed_rows(rollouts, r, share) for r in runs)
+        assert rows <= budget or len(m) == 1
+    if budget == 1000:
+        assert len(plan) == 1
