@@ -94,8 +94,10 @@ def prompt_runs(rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[lis
 
 def shares_prompt(rollouts: Sequence[Rollout], run: Sequence[int]) -> bool:
     """Whether a run of one prompt's rollouts packs its prompt once: two or more responses, a prompt of two or more
-    tokens (its last token opens each response's document)."""
-    return len(run) > 1 and len(rollouts[run[0]].prompt_ids) > 1
+    tokens (its last token opens each response's document), the same prompt in each (in training one array)."""
+    first = rollouts[run[0]].prompt_ids
+    return len(run) > 1 and len(first) > 1 and all(
+        rollouts[i].prompt_ids is first or np.array_equal(rollouts[i].prompt_ids, first) for i in run[1:])
 
 
 def packed_rows(rollouts: Sequence[Rollout], run: Sequence[int], share: bool) -> int:
@@ -103,6 +105,21 @@ def packed_rows(rollouts: Sequence[Rollout], run: Sequence[int], share: bool) ->
     if share and shares_prompt(rollouts, run):
         return len(rollouts[run[0]].prompt_ids) - 1 + sum(len(rollouts[i].response_ids) + 1 for i in run)
     return sum(rollouts[i].length for i in run)
+
+
+def _cut_runs(rollouts: Sequence[Rollout], runs: Sequence[Sequence[int]], limit: int) -> list[list[int]]:
+    """Each run of one prompt's rollouts cut, in order, into parts whose packed rows (shared) stay within `limit`
+    (a single rollout over it is a part of its own)."""
+    parts: list[list[int]] = []
+    for run in runs:
+        part: list[int] = []
+        for i in run:
+            if part and packed_rows(rollouts, part + [i], True) > limit:
+                parts.append(part)
+                part = []
+            part.append(i)
+        parts.append(part)
+    return parts
 
 
 def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: dict[int, torch.Tensor] | None,
@@ -275,19 +292,19 @@ class Actor:
         return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
 
     def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        """This dp rank's micro-batches. The units packed are runs of one prompt's rollouts, each cut to fit the
-        token budget as packed (a shared prompt counted once), so a prompt's responses share a micro-batch."""
-        share, budget = self.cfg.trainer.share_prompts, self.cfg.trainer.micro_batch_tokens
-        units: list[list[int]] = []
-        for run in prompt_runs(rollouts, indices):
-            chunk: list[int] = []
-            for i in run:
-                if chunk and packed_rows(rollouts, chunk + [i], share) > budget:
-                    units.append(chunk)
-                    chunk = []
-                chunk.append(i)
-            units.append(chunk)
-        sizes = [packed_rows(rollouts, u, share) for u in units]
+        """This dp rank's micro-batches. Each rollout is a unit, or with trainer.share_prompts each run of one
+        prompt's rollouts, cut where its packed rows (the prompt counted once) would pass the token budget or a dp
+        rank's share of the whole (a larger unit would leave ranks idle), so a prompt's responses share a
+        micro-batch as far as both allow."""
+        budget = self.cfg.trainer.micro_batch_tokens
+        if not self.cfg.trainer.share_prompts:
+            units = [[i] for i in indices]
+        else:
+            units = _cut_runs(rollouts, prompt_runs(rollouts, indices), budget)
+            share = math.ceil(sum(packed_rows(rollouts, u, True) for u in units) / self.dims.dp_size)
+            if share < budget and self.dims.dp_size > 1:
+                units = _cut_runs(rollouts, units, max(1, share))
+        sizes = [packed_rows(rollouts, u, self.cfg.trainer.share_prompts) for u in units]
         plan = plan_micro_batches(sizes, self.dims.dp_size, self.dims.dp_rank, budget)
         return [[i for u in m for i in units[u]] for m in plan]
 

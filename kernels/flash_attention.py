@@ -73,12 +73,24 @@ class Rows:
         return Rows(doc.to(torch.int32), pos.to(torch.int32))
 
 
+def _pin_empty(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with an empty range [lo, lo) moved to the end of the last non-empty row before them (their own lo
+    where none), int32. A tile's loop runs from its rows' least lo to their largest hi: an empty row left at the
+    next label's start would stretch that over rows no row of the tile sees (prefix_rows' responses, between a
+    group's prompt and the next prompt). Both stay non-decreasing: hi[last] <= hi[i] = lo[i] <= any later lo."""
+    idx = torch.arange(lo.numel(), device=lo.device)
+    last = torch.cummax(torch.where(hi > lo, idx, -1), 0).values if lo.numel() else idx
+    pinned = torch.where(last >= 0, hi[last.clamp(min=0)], lo)
+    empty = hi <= lo
+    return torch.where(empty, pinned, lo).to(torch.int32), torch.where(empty, pinned, hi).to(torch.int32)
+
+
 def key_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row i: the key rows [lo[i], hi[i]) it sees (int32 [Tq] each). Non-decreasing in i."""
     kk = k.key
     lo = torch.searchsorted(kk, q.doc.long() << 32)
     hi = torch.searchsorted(kk, q.key, right=True) if causal else torch.searchsorted(kk, (q.doc.long() + 1) << 32)
-    return lo.to(torch.int32), hi.to(torch.int32)
+    return _pin_empty(lo, hi)
 
 
 def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,15 +98,15 @@ def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Te
     qk = q.key
     lo = torch.searchsorted(qk, k.key) if causal else torch.searchsorted(qk, k.doc.long() << 32)
     hi = torch.searchsorted(qk, (k.doc.long() + 1) << 32)
-    return lo.to(torch.int32), torch.maximum(lo, hi).to(torch.int32)
+    return _pin_empty(lo, torch.maximum(lo, hi))
 
 
 def prefix_rows(rows: Rows, cu_seqlens: torch.Tensor, prefix_of: torch.Tensor) -> tuple[Rows, Rows]:
-    """Shared prefixes as one more block pair: (query rows, key rows) relabelled so that a NON-causal block
+    """Shared prefixes as one more block pair: (query rows, key rows) relabelled so that a non-causal block
     attention over them computes, for every row of a document b with prefix a = prefix_of[b], its attention to
-    all of document a, and nothing for the other rows (lse -inf). Merged through the lse with the usual causal
-    block over `rows`, that is attention over prefix + own causal past, the layout of n responses packed after
-    one copy of their prompt.
+    all of document a, and nothing for the other rows (lse -inf); a causal one would too, a query's position (its
+    global row) lying past its whole prefix. Merged through the lse with the usual causal block over `rows`, that
+    is attention over prefix + own causal past, the layout of n responses packed after one copy of their prompt.
 
     rows: global (doc, pos) of the operand's rows (a packed batch or a zigzag shard; tail rows, doc B, have no
     prefix). Query labels: 3a+1 for a row whose document has prefix a, else 3*doc; key labels: 3a+1 for a row
@@ -838,9 +850,9 @@ def _require(ok: torch.Tensor, what: str, values: torch.Tensor) -> None:
 
 
 def check_prefix_of(prefix_of: torch.Tensor, num_docs: int) -> None:
-    """prefix_of [B] int (document b also sees all of document prefix_of[b]; -1: no prefix). A prefix comes
-    before its documents, has no prefix itself, and its documents follow it as one run. Checked like
-    check_cu_seqlens: on the host where prefix_of lives there, else by a device-side assert (no host sync)."""
+    """prefix_of [B] int (document b also sees all of document prefix_of[b]; -1: no prefix). A prefix has no
+    prefix itself and its documents follow it immediately, as one run. Checked like check_cu_seqlens: on the host
+    where prefix_of lives there, else by a device-side assert (no host sync)."""
     if prefix_of.dim() != 1 or prefix_of.numel() != num_docs or prefix_of.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"prefix_of must be a 1-D int32 tensor [{num_docs}] (one entry per document); got "
                          f"{prefix_of.dtype} {tuple(prefix_of.shape)}")
@@ -849,7 +861,7 @@ def check_prefix_of(prefix_of: torch.Tensor, num_docs: int) -> None:
     has = p >= 0
     ok = ((p >= -1) & (p < b)).all()
     if num_docs:
-        ok &= (~has | (p[p.clamp(min=0)] == -1)).all()
+        ok &= (~has | (p[p.clamp(0, num_docs - 1)] == -1)).all()
         # the run: document b-1 is b's prefix or shares it
         prev = torch.cat([p.new_full((1,), -2), p[:-1]])
         ok &= (~has | (prev == p) | (b - 1 == p)).all()

@@ -121,10 +121,10 @@ _PLANS: dict[tuple, ZigzagPlan] = {}
 
 def _plan(cu_seqlens: torch.Tensor, world: int, causal: bool, device: Any,
           prefix_of: torch.Tensor | None = None) -> ZigzagPlan:
-    """ZigzagPlan.build, cached: every layer of a step shares one cu_seqlens (one small D2H copy each, and one
-    for prefix_of)."""
-    key = (tuple(cu_seqlens.tolist()), world, causal, str(device),
-           None if prefix_of is None else tuple(prefix_of.tolist()))
+    """ZigzagPlan.build, cached: every layer of a step shares one cu_seqlens (one small D2H copy each, prefix_of
+    in the same copy)."""
+    given = cu_seqlens if prefix_of is None else torch.cat([cu_seqlens.long(), prefix_of.to(cu_seqlens.device).long()])
+    key = (tuple(given.tolist()), cu_seqlens.numel(), prefix_of is not None, world, causal, str(device))
     if key not in _PLANS:
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 import kernels
 from golong.models.cache import KVCache
@@ -102,7 +103,8 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 
     q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1], prefix_of [B] or None -> out [T, Hq, D]. For CPU, where
     SDPA runs ATen's fused flash-style kernel (memory O(document), forward and backward). A document with a
-    prefix attends to [prefix keys; its own keys] under a mask that is causal on its own part only.
+    prefix attends to [prefix keys; its own keys], causal from the lower right (its rows see the whole prefix);
+    that concatenation, kept for the backward, holds the prefix's K/V once per document, as whole sequences do.
     """
     bounds = cu_seqlens.tolist()
     parents = prefix_of.tolist() if prefix_of is not None else [-1] * (len(bounds) - 1)
@@ -117,8 +119,7 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
         else:
             pa, pb = bounds[parent], bounds[parent + 1]
             kd, vd = (torch.cat([t[pa:pb], t[a:b]]).transpose(0, 1).unsqueeze(0) for t in (k, v))
-            mask = torch.ones(b - a, pb - pa + b - a, dtype=torch.bool, device=q.device)
-            mask[:, pb - pa:].tril_()
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=causal_lower_right(b - a, pb - pa + b - a),
+                                               scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)

@@ -1,6 +1,7 @@
 """Shared-prefix attention (flash_attention's prefix_of): n documents packed after one copy of their common prefix
 attend to all of it and causally to themselves, against a dense fp64 oracle built from the documents directly."""
 
+import dataclasses
 import importlib
 import math
 
@@ -10,6 +11,7 @@ import torch
 from kernels import flash_attention
 from kernels.flash_attention import Rows, check_prefix_of, prefix_rows
 from tests.kernels import interpreter_tma
+from tests.kernels.test_flash_attention import VARIANTS
 
 interpreter_tma.install()
 fa = importlib.import_module("kernels.flash_attention")
@@ -49,6 +51,15 @@ CASES = [
     ([0, 1, 20, 33, 50], [-1, 0, 0, -1], 5),
     ([0, 70, 71, 90], [-1, 0, 0], 0),
 ]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("cu,prefix_of,tail", CASES)
+def test_prefix_attention_triton_variants_match_fp64_oracle(variant, cu, prefix_of, tail, monkeypatch):
+    """The other Triton configurations (dQ fused into dK/dV by atomics, split passes, TMA loads, ...) take the
+    merge epilogue and the accumulating backward as well."""
+    monkeypatch.setattr(fa, "INTERPRET_CONFIG", dataclasses.replace(fa.INTERPRET_CONFIG, **VARIANTS[variant]))
+    test_prefix_attention_matches_fp64_oracle("triton", cu, prefix_of, tail, 6, 2, 32, True, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "torch_small_tiles"])
@@ -115,14 +126,36 @@ def test_prefix_rows_label_only_children_and_their_prefix_alike():
     assert torch.equal(same, parent[:, None] == doc[None, :])
     for r in (qx, kx):  # both labellings sorted, as the kernels' range searches need
         assert torch.all(r.key[1:] >= r.key[:-1])
+    # the loop bounds: the visible keys exactly; a row that sees none sits at the end of the last row before it
+    # that sees some (left at the next label it would stretch its tile's loop over every response's keys)
+    lo, hi = fa.key_ranges(qx, kx, causal=False)
+    j = torch.arange(len(kx))
+    assert torch.equal((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]), same)
+    assert torch.all(lo[1:] >= lo[:-1]) and torch.all(hi[1:] >= hi[:-1])
+    assert lo.tolist() == [0, 0, 0, 0, 0, 0, 3, 3, 3, 6, 6, 9, 9]
+    assert hi.tolist() == [0, 0, 0, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9]
+    lo, hi = fa.query_ranges(qx, kx, causal=False)
+    i = torch.arange(len(qx))
+    assert torch.equal((i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :]), same)
+    assert torch.all(lo[1:] >= lo[:-1]) and torch.all(hi[1:] >= hi[:-1])
 
 
-@pytest.mark.parametrize("prefix_of", [[-1, 1, -1], [-1, 0, -1, 0], [-1, 0, 1], [0, -1, -1], [-1, 0]])
+@pytest.mark.parametrize("prefix_of", [
+    [-1, 2, -1, -1],  # a later document
+    [-1, 1, -1, -1],  # itself
+    [-1, 0, 1, -1],  # a prefix with a prefix
+    [0, -1, -1, -1],  # the first document
+    [-1, 0, -1, 0],  # a run broken by another document
+    [-1, 7, -1, -1],  # no such document
+    [-2, -1, -1, -1],
+])
 def test_prefix_of_must_point_back_to_a_plain_document_followed_by_its_run(prefix_of):
     cu = torch.tensor([0, 3, 5, 6, 9], dtype=torch.int32)
     q = torch.randn(9, 2, 16)
-    with pytest.raises(ValueError, match="prefix_of"):
+    with pytest.raises(ValueError, match="prefix_of must hold -1 or an earlier document without a prefix"):
         flash_attention(q, q, q, cu, prefix_of=torch.tensor(prefix_of, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"prefix_of must be a 1-D int32 tensor \[4\]"):
+        flash_attention(q, q, q, cu, prefix_of=torch.tensor(prefix_of[:3], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", ["flash_attn", "varlen_attn"])
@@ -148,11 +181,11 @@ RING_PREFIX = [-1, 0, 0, 0, 0, -1, -1, 6]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
-def test_zigzag_plan_prefix_visibility_matches_brute_force(world):
+@pytest.mark.parametrize("cu,prefix_of", [(RING_CU, RING_PREFIX), ([0, 3, 5, 6, 40], [-1, 0, 0, -1])])
+def test_zigzag_plan_prefix_visibility_matches_brute_force(world, cu, prefix_of):
     from kernels.ring_attention import ZigzagPlan, zigzag_indices
 
-    cu = torch.tensor(RING_CU, dtype=torch.int32)
-    prefix_of = torch.tensor(RING_PREFIX, dtype=torch.int32)
+    cu, prefix_of = torch.tensor(cu, dtype=torch.int32), torch.tensor(prefix_of, dtype=torch.int32)
     plan = ZigzagPlan.build(cu, world, True, prefix_of=prefix_of)
     rows = Rows.from_cu_seqlens(cu)
     parent = prefix_of.long()[rows.doc.long()]
@@ -163,6 +196,20 @@ def test_zigzag_plan_prefix_visibility_matches_brute_force(world):
             seen = (parent[mine][:, None] == rows.doc.long()[theirs][None, :]).any()
             assert plan.visible_prefix[r][s] == bool(seen), (r, s)
             assert len(plan.blocks(r, s)) == plan.visible[r][s] + bool(seen)
+    if world > 2 and len(cu) == 5:  # short documents: some rank pairs have no prefix block
+        assert not all(all(v) for v in plan.visible_prefix)
+
+
+def test_ring_plan_cache_tells_prefixes_apart():
+    ra = importlib.import_module("kernels.ring_attention")  # the package exports the function under this name
+    cu, prefix_of = torch.tensor(RING_CU, dtype=torch.int32), torch.tensor(RING_PREFIX, dtype=torch.int32)
+    plain = ra._plan(cu, 2, True, "cpu")
+    shared = ra._plan(cu, 2, True, "cpu", prefix_of)
+    assert plain.prefix is None and shared.prefix is not None
+    assert ra._plan(cu, 2, True, "cpu", prefix_of) is shared and ra._plan(cu, 2, True, "cpu") is plain
+    # a prefix_of whose values read like more of cu_seqlens is another key still
+    other = torch.tensor(RING_PREFIX[:-1] + [-1], dtype=torch.int32)
+    assert ra._plan(cu, 2, True, "cpu", other).prefix is not shared.prefix
 
 
 def _ring_prefix_body(rank, world):
