@@ -89,3 +89,43 @@ def test_plan_keeps_a_prompts_responses_together_within_the_budget(share, budget
         assert rows <= budget or len(m) == 1
     if budget == 1000:
         assert len(plan) == 1
+
+
+def _plans(rollouts, share, budget, dp):
+    from types import SimpleNamespace
+
+    from golong.actor import Actor
+    from tests.golong.trainer_helpers import tiny_config
+
+    actor = Actor.__new__(Actor)
+    actor.cfg = tiny_config(trainer__share_prompts=share, trainer__micro_batch_tokens=budget)
+    out = []
+    for rank in range(dp):
+        actor.dims = SimpleNamespace(dp_size=dp, dp_rank=rank)
+        out.append(actor._plan(rollouts, list(range(len(rollouts)))))
+    return out
+
+
+def test_plan_packs_a_prompts_responses_together_where_they_fit():
+    rollouts = _rollouts()
+    # shared: units of 22 (group 0), 7, 12 and 10 rows fill two micro-batches of 30; whole: 72 rows need three
+    (shared,) = _plans(rollouts, True, 30, 1)
+    assert sorted(sorted(m) for m in shared) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    (whole,) = _plans(rollouts, False, 30, 1)
+    assert len(whole) == 3
+
+
+def test_plan_cuts_prompt_runs_to_keep_every_dp_rank_busy():
+    """2 prompts x 8 responses on 4 dp ranks: whole runs would give two ranks all the work and two none."""
+    prompts = [np.arange(1000, dtype=np.int32), np.arange(1000, 2000, dtype=np.int32)]
+    rollouts = [Rollout(prompts[g], np.zeros(200, dtype=np.int32), None, group=g, task="t")
+                for g in range(2) for _ in range(8)]
+    loads = []
+    for plan in _plans(rollouts, True, 32768, 4):
+        members = [i for m in plan for i in m]
+        assert members, "a dp rank with nothing to do"
+        loads.append(sum(packed_rows(rollouts, r, True) for m in plan for r in prompt_runs(rollouts, m)))
+    assert max(loads) <= 1.5 * sum(loads) / 4, loads
+    assert sum(loads) < 0.6 * 16 * 1200  # still sharing: well under the whole sequences' rows
+    # without sharing: one unit per rollout, 4 sequences per rank
+    assert [sum(len(m) for m in p) for p in _plans(rollouts, False, 32768, 4)] == [4, 4, 4, 4]
