@@ -807,6 +807,14 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
     if vllm:
         notes.append(f"vLLM sleeps during the update (level 2: weights and KV cache released); "
                      f"{VLLM_SLEEP_RESIDUE / GIB:.0f} GiB assumed left on the GPU")
+    tr = cfg.trainer
+    if tr.share_prompts and cfg.rollout.n > 1:
+        prompt = min(cfg.data.max_prompt_tokens, tr.micro_batch_tokens)  # as throughput() takes them
+        resp = tp.doc_len - prompt
+        per_micro = min(cfg.rollout.n, max(1, (tr.micro_batch_tokens - (prompt - 1)) // (resp + 1)))
+        notes.append(f"figures count whole sequences, the worst case: with trainer.share_prompts a full-length "
+                     f"prompt's {cfg.rollout.n} responses pack {per_micro} per micro-batch beside one copy of it; "
+                     "shorter prompts share theirs among more")
     update_total = mem.peak_bytes + overhead + (VLLM_SLEEP_RESIDUE if vllm else 0.0)
     rollout_total = mem.resident_bytes + reserve + overhead
     return Plan(shape=s, gpus=gpus, gpu_mem_bytes=gpu_mem, dp=dp, cp=cp, precision=p, memory=mem,

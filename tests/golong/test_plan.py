@@ -463,3 +463,23 @@ def test_plan_says_what_turning_off_ac_keep_attention_saves_where_the_update_doe
     assert "ac_keep_attention=false (recompute" not in capsys.readouterr().out  # it fits: nothing to say
     assert main(["plan", config, "parallel.cp=1", "model.attn_backend=sdpa", "--gpus", "8", "--gpu-mem", "300"]) == 0
     assert "SDPA keeps per-document views of q, k, v" in capsys.readouterr().err
+
+
+def test_plan_notes_how_many_responses_share_a_full_length_prompt():
+    """The figures count whole sequences; with trainer.share_prompts the note says how many of a full-length
+    prompt's responses pack beside one copy of it: 1 for the recipe's 160K + 16K in a 176K budget, all 16 where
+    the budget holds them, no note without sharing."""
+    recipe = ROOT / "configs/qwen3-4b-grpo.yaml"
+
+    def note(*overrides):
+        plan = predict(load_config(recipe, list(overrides)), gpus=8, gpu_mem_gib=141)
+        return [n for n in plan.notes if n.startswith("figures count whole sequences")]
+
+    assert note() == ["figures count whole sequences, the worst case: with trainer.share_prompts a full-length "
+                      "prompt's 16 responses pack 1 per micro-batch beside one copy of it; shorter prompts share "
+                      "theirs among more"]
+    # 64K prompt + 16 x (4K + 1) rows = 131,087 <= 180,224: all 16; 5 of them in 65,535 + 5 x 4,097 rows
+    assert "pack 16 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096")[0]
+    assert "pack 5 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096",
+                                            "trainer.micro_batch_tokens=86020")[0]
+    assert note("trainer.share_prompts=false") == []
