@@ -1186,6 +1186,8 @@ def aot_configs(c: TritonConfig = CONFIG, *, wide: bool = False) -> list[dict[st
         fwd("attn_fwd", "*bf16", False, c.fwd_stages),
         # a ring step's forward: merges into the fp32 partial output (MERGE epilogue)
         fwd("attn_fwd_ring", "*fp32", True, c.merge_fwd_stages),
+        # shared prompts: the own-document block writes fp32 for the prefix block to merge into
+        fwd("attn_fwd_prefix", "*fp32", False, c.fwd_stages),
         {
             "name": "attn_bwd_dq",
             "fn": _attn_bwd_dq_kernel,
