@@ -292,18 +292,25 @@ class Actor:
         return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
 
     def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        """This dp rank's micro-batches. Each rollout is a unit, or with trainer.share_prompts each run of one
-        prompt's rollouts, cut where its packed rows (the prompt counted once) would pass the token budget or a dp
-        rank's share of the whole (a larger unit would leave ranks idle), so a prompt's responses share a
-        micro-batch as far as both allow."""
-        budget = self.cfg.trainer.micro_batch_tokens
+        """This dp rank's micro-batches. Each rollout is a unit; with trainer.share_prompts a run of one prompt's
+        rollouts that can share it is instead split into as many parts of near-equal response counts as its share
+        of the packed rows asks of the dp ranks (ceil(dp * rows / all rows): a whole run larger than a rank's share
+        would leave ranks idle), each cut again where its packed rows (the prompt once) would pass the budget."""
+        budget, dp = self.cfg.trainer.micro_batch_tokens, self.dims.dp_size
         if not self.cfg.trainer.share_prompts:
             units = [[i] for i in indices]
         else:
-            units = _cut_runs(rollouts, prompt_runs(rollouts, indices), budget)
-            share = math.ceil(sum(packed_rows(rollouts, u, True) for u in units) / self.dims.dp_size)
-            if share < budget and self.dims.dp_size > 1:
-                units = _cut_runs(rollouts, units, max(1, share))
+            runs = prompt_runs(rollouts, indices)
+            rows = [packed_rows(rollouts, run, True) for run in runs]
+            total = max(1, sum(rows))
+            units = []
+            for run, n in zip(runs, rows):
+                if not shares_prompt(rollouts, run):
+                    units += [[i] for i in run]
+                    continue
+                m = min(len(run), math.ceil(dp * n / total))
+                parts = [run[j * len(run) // m:(j + 1) * len(run) // m] for j in range(m)]
+                units += _cut_runs(rollouts, parts, budget)
         sizes = [packed_rows(rollouts, u, self.cfg.trainer.share_prompts) for u in units]
         plan = plan_micro_batches(sizes, self.dims.dp_size, self.dims.dp_rank, budget)
         return [[i for u in m for i in units[u]] for m in plan]

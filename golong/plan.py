@@ -812,9 +812,10 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
         prompt = min(cfg.data.max_prompt_tokens, tr.micro_batch_tokens)  # as throughput() takes them
         resp = tp.doc_len - prompt
         per_micro = min(cfg.rollout.n, max(1, (tr.micro_batch_tokens - (prompt - 1)) // (resp + 1)))
-        notes.append(f"figures count whole sequences, the worst case: with trainer.share_prompts a full-length "
-                     f"prompt's {cfg.rollout.n} responses pack {per_micro} per micro-batch beside one copy of it; "
-                     "shorter prompts share theirs among more")
+        shared = (f"pack {per_micro} per micro-batch beside one copy of it" if per_micro > 1 else
+                  "pack one per micro-batch, each a whole sequence")
+        notes.append(f"figures count whole sequences: with trainer.share_prompts a full-length prompt's "
+                     f"{cfg.rollout.n} responses {shared}; shorter prompts share theirs among more")
     update_total = mem.peak_bytes + overhead + (VLLM_SLEEP_RESIDUE if vllm else 0.0)
     rollout_total = mem.resident_bytes + reserve + overhead
     return Plan(shape=s, gpus=gpus, gpu_mem_bytes=gpu_mem, dp=dp, cp=cp, precision=p, memory=mem,

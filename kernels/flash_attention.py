@@ -73,24 +73,12 @@ class Rows:
         return Rows(doc.to(torch.int32), pos.to(torch.int32))
 
 
-def _pin_empty(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows with an empty range [lo, lo) moved to the end of the last non-empty row before them (their own lo
-    where none), int32. A tile's loop runs from its rows' least lo to their largest hi: an empty row left at the
-    next label's start would stretch that over rows no row of the tile sees (prefix_rows' responses, between a
-    group's prompt and the next prompt). Both stay non-decreasing: hi[last] <= hi[i] = lo[i] <= any later lo."""
-    idx = torch.arange(lo.numel(), device=lo.device)
-    last = torch.cummax(torch.where(hi > lo, idx, -1), 0).values if lo.numel() else idx
-    pinned = torch.where(last >= 0, hi[last.clamp(min=0)], lo)
-    empty = hi <= lo
-    return torch.where(empty, pinned, lo).to(torch.int32), torch.where(empty, pinned, hi).to(torch.int32)
-
-
 def key_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query row i: the key rows [lo[i], hi[i]) it sees (int32 [Tq] each). Non-decreasing in i."""
     kk = k.key
     lo = torch.searchsorted(kk, q.doc.long() << 32)
     hi = torch.searchsorted(kk, q.key, right=True) if causal else torch.searchsorted(kk, (q.doc.long() + 1) << 32)
-    return _pin_empty(lo, hi)
+    return lo.to(torch.int32), hi.to(torch.int32)
 
 
 def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +86,7 @@ def query_ranges(q: Rows, k: Rows, causal: bool) -> tuple[torch.Tensor, torch.Te
     qk = q.key
     lo = torch.searchsorted(qk, k.key) if causal else torch.searchsorted(qk, k.doc.long() << 32)
     hi = torch.searchsorted(qk, (k.doc.long() + 1) << 32)
-    return _pin_empty(lo, torch.maximum(lo, hi))
+    return lo.to(torch.int32), torch.maximum(lo, hi).to(torch.int32)
 
 
 def prefix_rows(rows: Rows, cu_seqlens: torch.Tensor, prefix_of: torch.Tensor) -> tuple[Rows, Rows]:
@@ -135,12 +123,14 @@ TORCH_BLOCK_N = 512
 
 
 def _torch_tiles(q: Rows, k: Rows, causal: bool, n_q: int):
-    """Yield (i0, i1, [(j0, j1, mask [i1-i0, j1-j0]), ...]) per query tile: only the visible key tiles."""
+    """Yield (i0, i1, [(j0, j1, mask [i1-i0, j1-j0]), ...]) per query tile: the key tiles over the hull of the
+    ranges of its rows that see any key (as the Triton kernels' _tile_split)."""
     lo, hi = key_ranges(q, k, causal)
     lo_h, hi_h = lo.tolist(), hi.tolist()
     for i0 in range(0, n_q, TORCH_BLOCK_M):
         i1 = min(i0 + TORCH_BLOCK_M, n_q)
-        jlo, jhi = min(lo_h[i0:i1]), max(hi_h[i0:i1])
+        seen = [(a, b) for a, b in zip(lo_h[i0:i1], hi_h[i0:i1]) if b > a]
+        jlo, jhi = (min(a for a, _ in seen), max(b for _, b in seen)) if seen else (0, 0)
         tiles = []
         for j0 in range(jlo, jhi, TORCH_BLOCK_N):
             j1 = min(j0 + TORCH_BLOCK_N, jhi)
@@ -211,20 +201,22 @@ def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 @triton.jit
 def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr, ALIGN: tl.constexpr = 1):
-    """Each row's range start and length; the union [lo, hi) of the rows' ranges (lo rounded down to a
-    multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned); and [a, b): the tiles (grid
-    lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and [b, hi) are
-    masked."""
+    """Each row's range start and length; the hull [lo, hi) of the ranges of the rows that see anything (lo
+    rounded down to a multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned): a row with an empty
+    range sits where its label's keys would start, which can lie far from the others' (a shared prompt's rows
+    beside its responses'); and [a, b) within it: the tiles (grid lo + t*BLOCK) that every valid row sees
+    entirely, which need no mask. Tiles in [lo, a) and [b, hi) are masked."""
     r_lo = tl.load(lo_ptr + offs, mask=ok, other=0)
     r_hi = tl.load(hi_ptr + offs, mask=ok, other=0)
-    lo = tl.min(tl.where(ok, r_lo, 2147483647), 0) // ALIGN * ALIGN
-    hi = tl.max(r_hi, 0)
+    seen = ok & (r_hi > r_lo)
+    hi = tl.max(tl.where(seen, r_hi, 0), 0)
+    lo = tl.minimum(tl.min(tl.where(seen, r_lo, 2147483647), 0), hi) // ALIGN * ALIGN
     full_lo = tl.max(r_lo, 0)
     full_hi = tl.min(tl.where(ok, r_hi, 2147483647), 0)
     n_a = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
     n_b = tl.maximum(tl.maximum(full_hi - lo, 0) // BLOCK, n_a)
     r_len = (r_hi - r_lo).to(tl.uint32, bitcast=True)
-    return r_lo, r_len, lo, hi, lo + n_a * BLOCK, lo + n_b * BLOCK
+    return r_lo, r_len, lo, hi, tl.minimum(lo + n_a * BLOCK, hi), tl.minimum(lo + n_b * BLOCK, hi)
 
 
 @triton.jit

@@ -103,8 +103,9 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 
     q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1], prefix_of [B] or None -> out [T, Hq, D]. For CPU, where
     SDPA runs ATen's fused flash-style kernel (memory O(document), forward and backward). A document with a
-    prefix attends to [prefix keys; its own keys], causal from the lower right (its rows see the whole prefix);
-    that concatenation, kept for the backward, holds the prefix's K/V once per document, as whole sequences do.
+    prefix attends to [prefix keys; its own keys], causal from the lower right (its rows see the whole prefix):
+    on CPU ATen builds that mask, [own rows, prefix + own rows], and the concatenated K/V kept for the backward
+    holds the prefix's once per document, as whole sequences do.
     """
     bounds = cu_seqlens.tolist()
     parents = prefix_of.tolist() if prefix_of is not None else [-1] * (len(bounds) - 1)

@@ -115,17 +115,24 @@ def test_plan_packs_a_prompts_responses_together_where_they_fit():
     assert len(whole) == 3
 
 
-def test_plan_cuts_prompt_runs_to_keep_every_dp_rank_busy():
-    """2 prompts x 8 responses on 4 dp ranks: whole runs would give two ranks all the work and two none."""
-    prompts = [np.arange(1000, dtype=np.int32), np.arange(1000, 2000, dtype=np.int32)]
-    rollouts = [Rollout(prompts[g], np.zeros(200, dtype=np.int32), None, group=g, task="t")
-                for g in range(2) for _ in range(8)]
-    loads = []
-    for plan in _plans(rollouts, True, 32768, 4):
-        members = [i for m in plan for i in m]
-        assert members, "a dp rank with nothing to do"
-        loads.append(sum(packed_rows(rollouts, r, True) for m in plan for r in prompt_runs(rollouts, m)))
-    assert max(loads) <= 1.5 * sum(loads) / 4, loads
-    assert sum(loads) < 0.6 * 16 * 1200  # still sharing: well under the whole sequences' rows
-    # without sharing: one unit per rollout, 4 sequences per rank
-    assert [sum(len(m) for m in p) for p in _plans(rollouts, False, 32768, 4)] == [4, 4, 4, 4]
+def _loads(rollouts, plans):
+    """Per dp rank: (packed rows, prompts it holds)."""
+    return [(sum(packed_rows(rollouts, r, True) for m in plan for r in prompt_runs(rollouts, m)),
+             len({rollouts[i].group for m in plan for i in m})) for plan in plans]
+
+
+@pytest.mark.parametrize("prompts,dp,want", [
+    (2, 4, [(1803, 1)] * 4),  # each prompt's run halved: one prompt copy and 4 responses per rank
+    (4, 4, [(2607, 1)] * 4),  # a whole run per rank
+    (1, 3, [(999 + 3 * 201, 1), (999 + 3 * 201, 1), (999 + 2 * 201, 1)]),  # 8 responses in parts of 3, 3, 2
+])
+def test_plan_splits_prompt_runs_over_the_dp_ranks(prompts, dp, want):
+    """Whole runs would give some ranks all the work and others none; single responses would give every rank
+    every prompt. A run is split into its share of the ranks, with near-equal response counts."""
+    arrays = [np.arange(1000 * g, 1000 * (g + 1), dtype=np.int32) for g in range(prompts)]
+    rollouts = [Rollout(arrays[g], np.zeros(200, dtype=np.int32), None, group=g, task="t")
+                for g in range(prompts) for _ in range(8)]
+    assert sorted(_loads(rollouts, _plans(rollouts, True, 32768, dp))) == sorted(want)
+    # without sharing: one unit per rollout, balanced by count
+    counts = [sum(len(m) for m in p) for p in _plans(rollouts, False, 32768, dp)]
+    assert max(counts) - min(counts) <= 1

@@ -475,11 +475,13 @@ def test_plan_notes_how_many_responses_share_a_full_length_prompt():
         plan = predict(load_config(recipe, list(overrides)), gpus=8, gpu_mem_gib=141)
         return [n for n in plan.notes if n.startswith("figures count whole sequences")]
 
-    assert note() == ["figures count whole sequences, the worst case: with trainer.share_prompts a full-length "
-                      "prompt's 16 responses pack 1 per micro-batch beside one copy of it; shorter prompts share "
-                      "theirs among more"]
+    assert note() == ["figures count whole sequences: with trainer.share_prompts a full-length prompt's 16 "
+                      "responses pack one per micro-batch, each a whole sequence; shorter prompts share theirs "
+                      "among more"]
     # 64K prompt + 16 x (4K + 1) rows = 131,087 <= 180,224: all 16; 5 of them in 65,535 + 5 x 4,097 rows
     assert "pack 16 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096")[0]
     assert "pack 5 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096",
                                             "trainer.micro_batch_tokens=86020")[0]
+    assert "pack 4 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096",
+                                            "trainer.micro_batch_tokens=86019")[0]  # one row short of the fifth
     assert note("trainer.share_prompts=false") == []

@@ -126,18 +126,34 @@ def test_prefix_rows_label_only_children_and_their_prefix_alike():
     assert torch.equal(same, parent[:, None] == doc[None, :])
     for r in (qx, kx):  # both labellings sorted, as the kernels' range searches need
         assert torch.all(r.key[1:] >= r.key[:-1])
-    # the loop bounds: the visible keys exactly; a row that sees none sits at the end of the last row before it
-    # that sees some (left at the next label it would stretch its tile's loop over every response's keys)
+    # the loop bounds: the visible keys exactly, non-decreasing
     lo, hi = fa.key_ranges(qx, kx, causal=False)
     j = torch.arange(len(kx))
     assert torch.equal((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]), same)
     assert torch.all(lo[1:] >= lo[:-1]) and torch.all(hi[1:] >= hi[:-1])
-    assert lo.tolist() == [0, 0, 0, 0, 0, 0, 3, 3, 3, 6, 6, 9, 9]
-    assert hi.tolist() == [0, 0, 0, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9]
     lo, hi = fa.query_ranges(qx, kx, causal=False)
     i = torch.arange(len(qx))
     assert torch.equal((i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :]), same)
     assert torch.all(lo[1:] >= lo[:-1]) and torch.all(hi[1:] >= hi[:-1])
+
+
+def test_a_tiles_loop_spans_only_the_keys_its_rows_see(monkeypatch):
+    """A query tile holding a group's last responses and the next group's prompt copy (whose rows see nothing in
+    the prefix block, their empty range placed at their label's keys) scans the hull of the keys its rows see,
+    not the group's response keys in between (the torch reference's tiles, as the Triton kernels' _tile_split)."""
+    monkeypatch.setattr(fa, "TORCH_BLOCK_M", 16)
+    P, n, R = 64, 4, 16  # two groups: a prompt copy of 64 rows, then 4 responses of 16
+    group = [P + R * i for i in range(n + 1)]
+    cu = torch.tensor([0] + group + [P + n * R + b for b in group], dtype=torch.int32)
+    prefix_of = torch.tensor([-1] + [0] * n + [-1] + [n + 1] * n, dtype=torch.int32)
+    rows = Rows.from_cu_seqlens(cu)
+    qx, kx = prefix_rows(rows, cu, prefix_of)
+    same = (qx.doc[:, None] == kx.doc[None, :])
+    for i0, i1, tiles in fa._torch_tiles(qx, kx, False, len(qx)):
+        seen = torch.nonzero(same[i0:i1].any(0)).flatten()
+        want = (int(seen.min()), int(seen.max()) + 1) if seen.numel() else None
+        got = (tiles[0][0], tiles[-1][1]) if tiles else None
+        assert got == want, (i0, got, want)
 
 
 @pytest.mark.parametrize("prefix_of", [
