@@ -124,7 +124,7 @@ TORCH_BLOCK_N = 512
 
 def _torch_tiles(q: Rows, k: Rows, causal: bool, n_q: int):
     """Yield (i0, i1, [(j0, j1, mask [i1-i0, j1-j0]), ...]) per query tile: the key tiles over the hull of the
-    ranges of its rows that see any key (as the Triton kernels' _tile_split)."""
+    ranges of its rows that see any key (the Triton kernels' _tile_split takes all rows' union)."""
     lo, hi = key_ranges(q, k, causal)
     lo_h, hi_h = lo.tolist(), hi.tolist()
     for i0 in range(0, n_q, TORCH_BLOCK_M):
@@ -201,22 +201,23 @@ def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 @triton.jit
 def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr, ALIGN: tl.constexpr = 1):
-    """Each row's range start and length; the hull [lo, hi) of the ranges of the rows that see anything (lo
-    rounded down to a multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned): a row with an empty
-    range sits where its label's keys would start, which can lie far from the others' (a shared prompt's rows
-    beside its responses'); and [a, b) within it: the tiles (grid lo + t*BLOCK) that every valid row sees
-    entirely, which need no mask. Tiles in [lo, a) and [b, hi) are masked."""
+    """Each row's range start and length; the union [lo, hi) of the rows' ranges (lo rounded down to a
+    multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned); and [a, b): the tiles (grid
+    lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and [b, hi) are
+    masked. A row with an empty range sits where its label's keys would start: with shared prompts
+    (prefix_rows), a tile holding a group's last responses and the next prompt's first rows scans the group's
+    response keys too, about BLOCK / prompt length more prefix work per group; taking the hull of the non-empty
+    rows only cost the forward its last registers (local memory at sm_90)."""
     r_lo = tl.load(lo_ptr + offs, mask=ok, other=0)
     r_hi = tl.load(hi_ptr + offs, mask=ok, other=0)
-    seen = ok & (r_hi > r_lo)
-    hi = tl.max(tl.where(seen, r_hi, 0), 0)
-    lo = tl.minimum(tl.min(tl.where(seen, r_lo, 2147483647), 0), hi) // ALIGN * ALIGN
+    lo = tl.min(tl.where(ok, r_lo, 2147483647), 0) // ALIGN * ALIGN
+    hi = tl.max(r_hi, 0)
     full_lo = tl.max(r_lo, 0)
     full_hi = tl.min(tl.where(ok, r_hi, 2147483647), 0)
     n_a = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
     n_b = tl.maximum(tl.maximum(full_hi - lo, 0) // BLOCK, n_a)
     r_len = (r_hi - r_lo).to(tl.uint32, bitcast=True)
-    return r_lo, r_len, lo, hi, tl.minimum(lo + n_a * BLOCK, hi), tl.minimum(lo + n_b * BLOCK, hi)
+    return r_lo, r_len, lo, hi, lo + n_a * BLOCK, lo + n_b * BLOCK
 
 
 @triton.jit

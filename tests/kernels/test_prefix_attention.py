@@ -140,7 +140,8 @@ def test_prefix_rows_label_only_children_and_their_prefix_alike():
 def test_a_tiles_loop_spans_only_the_keys_its_rows_see(monkeypatch):
     """A query tile holding a group's last responses and the next group's prompt copy (whose rows see nothing in
     the prefix block, their empty range placed at their label's keys) scans the hull of the keys its rows see,
-    not the group's response keys in between (the torch reference's tiles, as the Triton kernels' _tile_split)."""
+    not the group's response keys in between (the torch reference's tiles; the Triton kernels' _tile_split keeps
+    the union, which the forward's registers cannot afford to refine)."""
     monkeypatch.setattr(fa, "TORCH_BLOCK_M", 16)
     P, n, R = 64, 4, 16  # two groups: a prompt copy of 64 rows, then 4 responses of 16
     group = [P + R * i for i in range(n + 1)]
