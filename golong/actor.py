@@ -107,6 +107,22 @@ def packed_rows(rollouts: Sequence[Rollout], run: Sequence[int], share: bool) ->
     return sum(rollouts[i].length for i in run)
 
 
+def _even(run: Sequence[int], m: int) -> list[list[int]]:
+    """run cut into m consecutive parts whose lengths differ by at most one."""
+    return [list(run[j * len(run) // m:(j + 1) * len(run) // m]) for j in range(m)]
+
+
+def _split_run(rollouts: Sequence[Rollout], run: Sequence[int], total: int, dp: int) -> list[list[int]]:
+    """A run of one prompt's rollouts in m parts of near-equal response counts, each with its own prompt copy: the
+    least m that minimises an estimate of the busiest dp rank's rows, max(all rows with the m - 1 extra copies /
+    dp, the largest part). A run above a rank's share is split so the others get work; not where its prompt alone
+    is about a share, which each part would carry again."""
+    k, p = len(run), len(rollouts[run[0]].prompt_ids) - 1
+    r = sum(len(rollouts[i].response_ids) + 1 for i in run) / k
+    best = min(range(1, k + 1), key=lambda m: (max((total + (m - 1) * p) / dp, p + math.ceil(k / m) * r), m))
+    return _even(run, best)
+
+
 def _cut_runs(rollouts: Sequence[Rollout], runs: Sequence[Sequence[int]], limit: int) -> list[list[int]]:
     """Each run of one prompt's rollouts cut, in order, into parts whose packed rows (shared) stay within `limit`
     (a single rollout over it is a part of its own)."""
@@ -293,24 +309,25 @@ class Actor:
 
     def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
         """This dp rank's micro-batches. Each rollout is a unit; with trainer.share_prompts a run of one prompt's
-        rollouts that can share it is instead split into as many parts of near-equal response counts as its share
-        of the packed rows asks of the dp ranks (ceil(dp * rows / all rows): a whole run larger than a rank's share
-        would leave ranks idle), each cut again where its packed rows (the prompt once) would pass the budget."""
+        rollouts that can share it is instead split into parts of near-equal response counts (_split_run: as many
+        as keep the busiest dp rank least loaded), each cut again, evenly, where its packed rows (the prompt once)
+        would pass the budget."""
         budget, dp = self.cfg.trainer.micro_batch_tokens, self.dims.dp_size
         if not self.cfg.trainer.share_prompts:
             units = [[i] for i in indices]
         else:
             runs = prompt_runs(rollouts, indices)
-            rows = [packed_rows(rollouts, run, True) for run in runs]
-            total = max(1, sum(rows))
+            total = sum(packed_rows(rollouts, run, True) for run in runs)
             units = []
-            for run, n in zip(runs, rows):
+            for run in runs:
                 if not shares_prompt(rollouts, run):
                     units += [[i] for i in run]
                     continue
-                m = min(len(run), math.ceil(dp * n / total))
-                parts = [run[j * len(run) // m:(j + 1) * len(run) // m] for j in range(m)]
-                units += _cut_runs(rollouts, parts, budget)
+                for part in _split_run(rollouts, run, total, dp):
+                    pieces = _cut_runs(rollouts, [part], budget)
+                    if len(pieces) > 1:  # as many pieces, of near-equal counts (no one-response tail)
+                        pieces = _cut_runs(rollouts, _even(part, len(pieces)), budget)
+                    units += pieces
         sizes = [packed_rows(rollouts, u, self.cfg.trainer.share_prompts) for u in units]
         plan = plan_micro_batches(sizes, self.dims.dp_size, self.dims.dp_rank, budget)
         return [[i for u in m for i in units[u]] for m in plan]

@@ -163,7 +163,8 @@ def _torch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: 
             l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + torch.matmul(p, vb)
             m = m_new
-        # a row that sees no key (only in a ring block) gets out 0 and lse -inf
+        # a row that sees no key (in a ring block, or in the prefix block outside shared prompts' documents) gets
+        # out 0 and lse -inf
         o = torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)
         out[i0:i1] = o.permute(2, 0, 1, 3).reshape(n, Hq, D).to(out.dtype)
         lse[i0:i1] = (m + torch.log(l)).permute(2, 0, 1).reshape(n, Hq)
@@ -199,15 +200,16 @@ def _torch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
+# A row with an empty range sits where its label's keys would start: with shared prompts (prefix_rows), a tile
+# holding a group's last responses and the next prompt's first rows scans the group's response keys too, about
+# BLOCK / prompt length more prefix work per group. Taking the hull of the non-empty rows only (as _torch_tiles
+# does) cost the forward kernel its last registers: 16 bytes of local memory at sm_90.
 @triton.jit
 def _tile_split(lo_ptr, hi_ptr, offs, ok, BLOCK: tl.constexpr, ALIGN: tl.constexpr = 1):
     """Each row's range start and length; the union [lo, hi) of the rows' ranges (lo rounded down to a
     multiple of ALIGN, for TMA boxes whose start must be 16-byte aligned); and [a, b): the tiles (grid
     lo + t*BLOCK) that every valid row sees entirely, which need no mask. Tiles in [lo, a) and [b, hi) are
-    masked. A row with an empty range sits where its label's keys would start: with shared prompts
-    (prefix_rows), a tile holding a group's last responses and the next prompt's first rows scans the group's
-    response keys too, about BLOCK / prompt length more prefix work per group; taking the hull of the non-empty
-    rows only cost the forward its last registers (local memory at sm_90)."""
+    masked."""
     r_lo = tl.load(lo_ptr + offs, mask=ok, other=0)
     r_hi = tl.load(hi_ptr + offs, mask=ok, other=0)
     lo = tl.min(tl.where(ok, r_lo, 2147483647), 0) // ALIGN * ALIGN

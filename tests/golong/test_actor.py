@@ -136,3 +136,25 @@ def test_plan_splits_prompt_runs_over_the_dp_ranks(prompts, dp, want):
     # without sharing: one unit per rollout, balanced by count
     counts = [sum(len(m) for m in p) for p in _plans(rollouts, False, 32768, dp)]
     assert max(counts) - min(counts) <= 1
+
+
+def test_plan_keeps_a_run_whole_where_its_prompt_is_about_a_ranks_share():
+    """Splitting a run whose prompt alone is about a dp rank's share only adds prompt copies: the busiest rank
+    would hold a copy either way. A 10K-token prompt x 16 beside 10 small runs on 2 ranks stays on one rank."""
+    big = np.arange(10_000, dtype=np.int32)
+    rollouts = [Rollout(big, np.zeros(10, dtype=np.int32), None, group=0, task="t") for _ in range(16)]
+    for g in range(1, 11):
+        small = np.arange(100, dtype=np.int32) + 100 * g
+        rollouts += [Rollout(small, np.zeros(50, dtype=np.int32), None, group=g, task="t") for _ in range(4)]
+    plans = _plans(rollouts, True, 32768, 2)
+    holders = [rank for rank, plan in enumerate(plans) if any(rollouts[i].group == 0 for m in plan for i in m)]
+    assert len(holders) == 1
+
+
+def test_plan_cuts_a_run_over_the_budget_into_even_pieces():
+    """16 responses of which 5 fit the budget beside the prompt: 4 x 4, not 5 + 5 + 5 + 1 (a prompt copy for one
+    response)."""
+    prompt = np.arange(100, dtype=np.int32)
+    rollouts = [Rollout(prompt, np.zeros(9, dtype=np.int32), None, group=0, task="t") for _ in range(16)]
+    (plan,) = _plans(rollouts, True, 99 + 5 * 10, 1)
+    assert sorted(len(m) for m in plan) == [4, 4, 4, 4]
