@@ -6,6 +6,7 @@ prediction vs the measured peak memory.
     python -m bench.gpu_train_step --dry-run          # CPU: a tiny model through the same code, nothing saved
     python -m bench.gpu_train_step --keep-attention --layers 12   # plain checkpointing vs ac_keep_attention
     python -m bench.gpu_train_step --keep-attention --iters 5   # without CUDA: on a CPU-sized model (CPU_SHAPE)
+    python -m bench.gpu_train_step --shared-prompt 512 --docs 8 --layers 12   # shared prompts vs whole sequences
 
 The step is golong's own (golong.actor.Actor.update: FSDP2 on a world of one, fp32 master weights,
 bf16 compute, activation checkpointing, the fused logprob head, the clipped policy loss, AdamW),
@@ -22,6 +23,9 @@ row says how many ran): the figures are per-layer representative either way.
 --keep-attention: the same step with plain activation checkpointing and with parallel.ac_keep_attention, one
 after the other in this process: the step-time ratio (keep / plain) and each peak against golong.plan's; on a
 machine without CUDA, at CPU_SHAPE and --cpu-tokens in one sequence (torch SDPA attention, times only).
+--shared-prompt R: the --docs sequences are responses of R tokens to one prompt (the rest of --tokens / --docs), the
+step timed with trainer.share_prompts off (each sequence whole) and on (the prompt packed once), in turn: the step-time
+ratio and the rows each runs; without CUDA at CPU_SHAPE and --cpu-tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import print_table, save_results  # noqa: E402
@@ -49,7 +54,7 @@ CPU_SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_atte
 
 
 def make_config(layers: int, tokens: int, docs: int, tiny: bool, keep_attention: bool = False,
-                shape: dict | None = None):
+                shape: dict | None = None, share_prompts: bool = True):
     from golong.config import load_config
     from golong.plan import KNOWN_MODELS
 
@@ -67,7 +72,8 @@ def make_config(layers: int, tokens: int, docs: int, tiny: bool, keep_attention:
                   "parallel.param_dtype=bfloat16", "parallel.reduce_dtype=float32",
                   f"trainer.micro_batch_tokens={tokens}", f"trainer.prompts_per_step={docs}",
                   f"trainer.mini_batch_prompts={docs}", "rollout.engine=torch", "algo.rollout_is=none",
-                  "optim.lr=1e-6", f"parallel.ac_keep_attention={keep_attention}"]
+                  "optim.lr=1e-6", f"parallel.ac_keep_attention={keep_attention}",
+                  f"trainer.share_prompts={share_prompts}"]
     return load_config(None, overrides)
 
 
@@ -98,8 +104,9 @@ def fit_layers(tokens: int, docs: int, layers: int, mem_bytes: float, keep_atten
     raise SystemExit("not even one layer fits this GPU")
 
 
-def build_step(cfg, tokens: int, docs: int):  # noqa: ANN201
-    """(golong Actor on a fresh model, `docs` rollouts of `tokens // docs` random tokens with random advantages)."""
+def build_step(cfg, tokens: int, docs: int, response: int = 0):  # noqa: ANN201
+    """(golong Actor on a fresh model, `docs` rollouts of `tokens // docs` random tokens with random advantages);
+    response > 0: each rollout that many response tokens after one prompt all of them share."""
     from golong.actor import Actor, Rollout
     from golong.build import build_model
     from golong.parallel import init_parallel
@@ -109,17 +116,23 @@ def build_step(cfg, tokens: int, docs: int):  # noqa: ANN201
     g = torch.Generator().manual_seed(0)
     vocab = cfg.model.scratch.vocab_size
     rollouts = []
+    prompt = torch.randint(0, vocab, (tokens // docs - response,), generator=g).numpy().astype(np.int32)
     for i in range(docs):
+        if response:
+            ids = torch.randint(0, vocab, (response,), generator=g).numpy().astype(np.int32)
+            rollouts.append(Rollout(prompt_ids=prompt, response_ids=ids, rollout_logprobs=None, group=0, task="t",
+                                    advantage=float(torch.randn((), generator=g))))
+            continue
         ids = torch.randint(0, vocab, (tokens // docs,), generator=g).tolist()
         rollouts.append(Rollout(prompt_ids=ids[:1], response_ids=ids[1:], rollout_logprobs=None, group=i, task="t",
                                 advantage=float(torch.randn((), generator=g))))
     return actor, rollouts
 
 
-def run_interleaved(cfgs: dict, tokens: int, docs: int, iters: int) -> dict:
+def run_interleaved(cfgs: dict, tokens: int, docs: int, iters: int, response: int = 0) -> dict:
     """{key: step times} of one actor per config, their steps taken in turn (first by turns too): a CPU's speed
     drifts over the minute such a comparison takes, which a sequential A-then-B run reads as a difference."""
-    steps = {key: build_step(cfg, tokens, docs) for key, cfg in cfgs.items()}
+    steps = {key: build_step(cfg, tokens, docs, response) for key, cfg in cfgs.items()}
     for actor, rollouts in steps.values():
         actor.update(rollouts)  # warm-up: AdamW states
     times: dict = {key: [] for key in cfgs}
@@ -133,10 +146,11 @@ def run_interleaved(cfgs: dict, tokens: int, docs: int, iters: int) -> dict:
     return times
 
 
-def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0) -> tuple[list[float], float, list[dict]]:
+def run(cfg, tokens: int, docs: int, iters: int, profile_top: int = 0, response: int = 0
+        ) -> tuple[list[float], float, list[dict]]:
     """(step times in s, peak allocated bytes during the timed steps, and with profile_top > 0 the device
     kernels taking the most time in one more step, profiled after the peak is read)."""
-    actor, rollouts = build_step(cfg, tokens, docs)
+    actor, rollouts = build_step(cfg, tokens, docs, response)
     cuda = torch.cuda.is_available()
     actor.update(rollouts)  # warm-up: Triton autotune / compile, AdamW states
     if cuda:
@@ -170,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-attention", action="store_true",
                     help="time plain activation checkpointing against parallel.ac_keep_attention (same process)")
     ap.add_argument("--cpu-tokens", type=int, default=8192, help="--keep-attention without CUDA: tokens")
+    ap.add_argument("--shared-prompt", type=int, default=0, metavar="R",
+                    help="the --docs sequences answer one prompt with R-token responses: time trainer.share_prompts "
+                         "off against on (same process)")
     ap.add_argument("--out", default=None, help="results directory (default bench/results)")
     args = ap.parse_args(argv)
 
@@ -177,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.keep_attention:
         return compare_keep_attention(args)
+    if args.shared_prompt:
+        return compare_shared_prompts(args)
     if args.dry_run:
         cfg = make_config(2, 256, 2, tiny=True)
         times, _, kernels = run(cfg, 256, 2, 1, profile_top=args.profile_top)
@@ -279,6 +298,56 @@ def compare_keep_attention(args: argparse.Namespace) -> int:
         {"impl": r["impl"], "figure": r["metric"], "value": f"{r['value']:.4g} {r['unit']}",
          "baseline": r.get("baseline", ""), "ratio": f"{r['ratio']:.3f}" if "ratio" in r else "",
          "planned": f"{r['planned_ratio']:.3f}" if "planned_ratio" in r else ""} for r in rows])
+    return 0
+
+
+def compare_shared_prompts(args: argparse.Namespace) -> int:
+    """The same step with each sequence whole, then with the prompt packed once (trainer.share_prompts), steps in
+    turn: step times (median of --iters after a warm-up), their ratio and the rows each layout runs."""
+    cuda = torch.cuda.is_available()
+    shape = CPU_SHAPE if not cuda and not args.dry_run else None
+    docs = max(2, args.docs)
+    if args.dry_run:
+        tokens, docs, layers, response = 256, 4, 2, args.shared_prompt
+    elif shape is not None:
+        tokens, layers, response = args.cpu_tokens, shape["num_hidden_layers"], args.shared_prompt
+    else:
+        tokens, response = args.tokens, args.shared_prompt
+        layers = fit_layers(tokens, docs, args.layers, torch.cuda.get_device_properties(0).total_memory)[0]
+    if not 0 < response < tokens // docs - 1:
+        raise SystemExit(f"--shared-prompt {response} leaves no prompt in {tokens // docs}-token sequences")
+    cfgs = {share: make_config(layers, tokens, docs, tiny=args.dry_run, shape=shape, share_prompts=share)
+            for share in (False, True)}
+    iters = 1 if args.dry_run else args.iters
+    # without CUDA both models live at once and take their steps in turn; on a GPU one at a time (memory)
+    if cuda:
+        times = {}
+        for share, cfg in cfgs.items():
+            times[share] = run(cfg, tokens, docs, iters, response=response)[0]
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        times = run_interleaved(cfgs, tokens, docs, iters, response)
+    prompt = tokens // docs - response
+    rows_run = {False: tokens // docs * docs, True: prompt - 1 + docs * (response + 1)}
+    case = "tiny" if args.dry_run else (
+        f"{'CPU shape (H ' + str(shape['hidden_size']) + ')' if shape else 'Qwen3-4B shape'}, {layers} layers, "
+        f"a {prompt}-token prompt x {docs} responses of {response}")
+    med = {share: statistics.median(t) for share, t in times.items()}
+    rows = []
+    for share in (False, True):
+        impl = "shared prompt" if share else "whole sequences"
+        rows.append({"case": case, "impl": impl, "metric": "step time", "value": med[share], "unit": "s",
+                     "times_s": times[share], "rows": rows_run[share],
+                     **({"baseline": "whole sequences, same run", "ratio": med[False] / med[True],
+                         "ratio_meaning": "whole / shared step time (> 1: faster)",
+                         "rows_ratio": rows_run[False] / rows_run[True]} if share else {})})
+    if not args.dry_run:
+        print(f"wrote {save_results('train_step_shared_prompts', rows, args.out)}")
+    print_table("One policy update: whole sequences vs a prompt packed once (golong Actor.update)", [
+        {"impl": r["impl"], "step": f"{r['value']:.4g} s", "rows": r["rows"],
+         "ratio": f"{r['ratio']:.3f}" if "ratio" in r else "",
+         "rows whole / shared": f"{r['rows_ratio']:.3f}" if "rows_ratio" in r else ""} for r in rows])
     return 0
 
 

@@ -125,6 +125,17 @@ def test_cpu_bench_scripts_dry_run(script):
     assert out.stdout.rstrip().endswith("┘")  # the closing table comes last
 
 
+def test_shared_prompt_step_dry_run():
+    """bench.gpu_train_step --shared-prompt: whole sequences against the prompt packed once, one tiny step each."""
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_train_step", "--dry-run", "--shared-prompt", "16"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "shared prompt" in out.stdout and out.stdout.rstrip().endswith("┘")
+    bad = subprocess.run([sys.executable, "-m", "bench.gpu_train_step", "--dry-run", "--shared-prompt", "64"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "leaves no prompt in 64-token sequences" in bad.stderr
+
+
 def test_gpu_suite_rejects_bad_usage(tmp_path):
     out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
