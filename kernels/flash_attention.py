@@ -864,7 +864,6 @@ def check_prefix_of(prefix_of: torch.Tensor, num_docs: int) -> None:
              "prefix following it as one run", p)
 
 
-
 def block_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: Rows, kr: Rows, *, causal: bool,
                         scale: float, backend: str = "auto", out_dtype: torch.dtype | None = None,
                         out: torch.Tensor | None = None, lse: torch.Tensor | None = None

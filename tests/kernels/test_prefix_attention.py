@@ -11,7 +11,7 @@ import torch
 from kernels import flash_attention
 from kernels.flash_attention import Rows, check_prefix_of, prefix_rows
 from tests.kernels import interpreter_tma
-from tests.kernels.test_flash_attention import VARIANTS
+from tests.kernels.test_flash_attention import VARIANTS, rel
 
 interpreter_tma.install()
 fa = importlib.import_module("kernels.flash_attention")
@@ -38,10 +38,6 @@ def prefix_oracle(q, k, v, cu, prefix_of, causal=True, scale=None, total=None):
     s = (qq @ kk.transpose(-1, -2) * scale).masked_fill(~ok, -math.inf)
     lse = torch.logsumexp(s, -1)
     return (torch.softmax(s, -1) @ vv).transpose(0, 1), lse.transpose(0, 1)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # (cu_seqlens, prefix_of, tail rows): a prefix with three children (one of length 1), an unrelated document, a
