@@ -30,6 +30,7 @@ from golong.logger import get_logger
 from golong.models.checkpoint import full_parameters
 from golong.parallel import ParallelDims, all_gather_objects, compute_device, cp_gather, cp_shard, plan_micro_batches
 from golong.profiling import nvtx_range
+from golong.replay import RouteKey
 
 log = get_logger()
 
@@ -56,6 +57,13 @@ class Rollout:
     # sampling may filter on one), and the call's failure and all it held (FunctionReport.infos; rank 0, for the dump)
     reward_numbers: dict[str, float] | None = None
     reward_info: dict[str, Any] | None = None
+    # routing replay (rollout.router_replay, a MoE model): where the engine's record of it lives (golong.replay), and
+    # on the ranks that train on it the experts the engine routed each token it read to: [P, layers, top_k] for the
+    # prompt (one array, shared by its responses) and [R - 1, layers, top_k] for the response (its last token was
+    # never read); uint8 / int16
+    route_key: RouteKey | None = None
+    prompt_experts: np.ndarray | None = None
+    response_experts: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -79,6 +87,9 @@ class MicroBatch:
     indices: list[int]  # rollout indices, packed order (empty: a dummy micro-batch)
     starts: list[int]  # the packed row scoring each of `indices`' first response token
     prefix_of: torch.Tensor | None = None  # [B] int32: a document's shared prompt document (-1: none); None: none
+    # [T, layers, top_k] int16: the experts each row replays (-1: none recorded, the router's own top-k); None: no
+    # rollout of the micro-batch has them
+    routed_experts: torch.Tensor | None = None
 
 
 def prompt_runs(rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
@@ -144,8 +155,21 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
     """old / ref: response-token logprobs by rollout index ([R] fp32), of the old and the reference policy.
     share_prompts: consecutive rollouts of one prompt pack it once (the module docstring's layout)."""
     ids, tgt, mask, adv, rlp, olp, ref_lp, seq = [], [], [], [], [], [], [], []
-    cu, starts, prefix_of = [0], [], []
+    cu, starts, prefix_of, routes = [0], [], [], []
     has_rlp = bool(indices) and all(rollouts[i].rollout_logprobs is not None for i in indices)
+    recorded = [i for i in indices if rollouts[i].prompt_experts is not None]
+    route_shape = rollouts[recorded[0]].prompt_experts.shape[1:] if recorded else None
+
+    def experts(i: int, a: int, b: int) -> np.ndarray:
+        """The recorded experts of rollout i's sequence positions [a, b) (prompt then response), -1 where it has
+        none (its last token, which the engine never read)."""
+        r, out = rollouts[i], np.full((b - a, *route_shape), -1, np.int16)
+        if r.prompt_experts is not None:
+            for rows, start in ((r.prompt_experts, 0), (r.response_experts, len(r.prompt_ids))):
+                lo, hi = max(a, start), min(b, start + len(rows))
+                if hi > lo:
+                    out[lo - a:hi - a] = rows[lo - start:hi - start]
+        return out
 
     def add(tokens: np.ndarray, first: int, k: int, i: int | None, prefix: int = -1) -> None:
         """One document: rows first.. score rollout i's response (i None: a shared prompt, nothing scored);
@@ -178,12 +202,16 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
         if shared:
             parent = len(cu) - 1
             add(prompt[:-1], 0, k, None)
+            if route_shape is not None:  # the prompt's rows once: the run's first response's record of them
+                routes.append(experts(run[0], 0, len(prompt) - 1))
         for i in run:
             response = np.asarray(rollouts[i].response_ids)
             if shared:
                 add(np.concatenate([prompt[-1:], response]), 0, k, i, parent)
             else:
                 add(np.concatenate([prompt, response]), len(prompt) - 1, k, i)
+            if route_shape is not None:
+                routes.append(experts(i, len(prompt) - 1 if shared else 0, len(prompt) + len(response)))
             k += 1
     if not indices:  # dummy: FSDP needs every rank in every forward; this one has no loss tokens
         ids = [torch.zeros(min_tokens, dtype=torch.long)]
@@ -191,10 +219,12 @@ def build_micro_batch(rollouts: Sequence[Rollout], indices: Sequence[int], old: 
         mask = adv = rlp = olp = ref_lp = [torch.zeros(min_tokens)]
         seq = [torch.zeros(min_tokens, dtype=torch.long)]
         cu.append(min_tokens)
+    routed = torch.from_numpy(np.concatenate(routes)) if routes else None
     return MicroBatch(torch.cat(ids), torch.cat(tgt), torch.tensor(cu, dtype=torch.int32), torch.cat(mask),
                       torch.cat(adv), torch.cat(rlp), has_rlp, torch.cat(olp) if old is not None else None,
                       torch.cat(ref_lp) if ref is not None else None, torch.cat(seq), list(indices), starts,
-                      torch.tensor(prefix_of, dtype=torch.int32) if any(p >= 0 for p in prefix_of) else None)
+                      torch.tensor(prefix_of, dtype=torch.int32) if any(p >= 0 for p in prefix_of) else None,
+                      routed)
 
 
 def split_mini_batches(rollouts: Sequence[Rollout], prompts_per_mini_batch: int) -> list[list[int]]:
@@ -294,24 +324,38 @@ class Actor:
 
     def forward(self, mb: MicroBatch, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprob, entropy) [T_local] fp32 at this rank's (cp-sharded) positions, of `model` (default: the
-        policy)."""
+        policy, which replays the micro-batch's recorded experts; the reference routes by its own router)."""
         cu = mb.cu_seqlens.to(self.device)
         prefix_of = mb.prefix_of.to(self.device) if mb.prefix_of is not None else None
+        routed = None
+        if mb.routed_experts is not None and model is None:
+            routed = self._shard(mb, mb.routed_experts)
         with nvtx_range("forward"):
             model = self.model if model is None else model
             return model(self._shard(mb, mb.input_ids), cu, targets=self._shard(mb, mb.targets),
-                         temperature=self.temperature, prefix_of=prefix_of)
+                         temperature=self.temperature, prefix_of=prefix_of, routed_experts=routed)
 
     def _micro_batch(self, rollouts: Sequence[Rollout], members: Sequence[int],
                      old: dict[int, torch.Tensor] | None = None, ref: dict[int, torch.Tensor] | None = None
                      ) -> MicroBatch:
         return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
 
-    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
-        """This dp rank's micro-batches. Each rollout is a unit; with trainer.share_prompts a run of one prompt's
-        rollouts that can share it is instead split into parts of near-equal response counts (_split_run: as many
-        as keep the busiest dp rank least loaded), each cut again, evenly, where its packed rows (the prompt once)
-        would pass the budget."""
+    def owners(self, rollouts: Sequence[Rollout]) -> list[int]:
+        """The dp rank whose micro-batches hold each rollout in the update (the same in every pass and epoch)."""
+        out = [-1] * len(rollouts)
+        for mini in split_mini_batches(rollouts, self.cfg.trainer.mini_batch_prompts):
+            for dp_rank in range(self.dims.dp_size):
+                for members in self._plan(rollouts, mini, dp_rank):
+                    for i in members:
+                        out[i] = dp_rank
+        return out
+
+    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int], dp_rank: int | None = None
+              ) -> list[list[int]]:
+        """This dp rank's micro-batches (dp_rank: another's). Each rollout is a unit; with trainer.share_prompts a
+        run of one prompt's rollouts that can share it is instead split into parts of near-equal response counts
+        (_split_run: as many as keep the busiest dp rank least loaded), each cut again, evenly, where its packed rows
+        (the prompt once) would pass the budget."""
         budget, dp = self.cfg.trainer.micro_batch_tokens, self.dims.dp_size
         if not self.cfg.trainer.share_prompts:
             units = [[i] for i in indices]
@@ -329,7 +373,7 @@ class Actor:
                         pieces = _cut_runs(rollouts, _even(part, len(pieces)), budget)
                     units += pieces
         sizes = [packed_rows(rollouts, u, self.cfg.trainer.share_prompts) for u in units]
-        plan = plan_micro_batches(sizes, self.dims.dp_size, self.dims.dp_rank, budget)
+        plan = plan_micro_batches(sizes, dp, self.dims.dp_rank if dp_rank is None else dp_rank, budget)
         return [[i for u in m for i in units[u]] for m in plan]
 
     def _min_tokens(self) -> int:

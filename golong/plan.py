@@ -816,11 +816,27 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
                   "pack one per micro-batch, each a whole sequence")
         notes.append(f"figures count whole sequences: with trainer.share_prompts a full-length prompt's "
                      f"{cfg.rollout.n} responses {shared}; shorter prompts share theirs among more")
+    if cfg.rollout.router_replay and s.is_moe:
+        notes.append(_routing_note(cfg, s, gpus, dp))
     update_total = mem.peak_bytes + overhead + (VLLM_SLEEP_RESIDUE if vllm else 0.0)
     rollout_total = mem.resident_bytes + reserve + overhead
     return Plan(shape=s, gpus=gpus, gpu_mem_bytes=gpu_mem, dp=dp, cp=cp, precision=p, memory=mem,
                 overhead_bytes=overhead, rollout_reserve_bytes=reserve, update_total_bytes=update_total,
                 rollout_total_bytes=rollout_total, throughput=tp, notes=notes)
+
+
+def _routing_note(cfg: RunConfig, s: ModelShape, gpus: int, dp: int) -> str:
+    """Host memory of routing replay's records per rank (golong.replay): its share of a generation batch's, then its
+    dp group's share of the step's kept ones, at the longest prompt and response."""
+    tr, n = cfg.trainer, cfg.rollout.n
+    row = s.layers * s.top_k * (1 if s.experts <= 256 else 2)  # bytes of one token's record
+    per_gen = (tr.gen_batch_prompts or tr.prompts_per_step) if cfg.algo.dynamic_sampling else tr.prompts_per_step
+    prompt, response = cfg.data.max_prompt_tokens, cfg.rollout.max_response_tokens
+    generated = per_gen * (prompt + n * response) * row / gpus
+    trained = tr.prompts_per_step * (prompt + n * response) * row / dp
+    return (f"rollout.router_replay: each rank keeps the routing records of the responses it generated (up to "
+            f"{generated / GIB:,.1f} GiB of host memory for a generation batch) and receives its dp group's share of "
+            f"the step's ({trained / GIB:,.1f} GiB); {row} bytes a token")
 
 
 def _checkpointing(cfg: RunConfig) -> str:

@@ -60,8 +60,9 @@ from golong.config import (
 from golong.data.records import reference_answer, sft_target
 from golong.eval_groups import check_group_keys, row_groups
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
-from golong.parallel import all_gather_objects, gather_objects_to_rank0, init_parallel, rollout_share
+from golong.parallel import all_gather_objects, compute_device, gather_objects_to_rank0, init_parallel, rollout_share
 from golong.profiling import TorchTrace, add_layer_nvtx, cuda_profiler_window, nvtx_range
+from golong.replay import RouteKey, RoutingStore
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, sample_metrics
 from golong.rollout.engines import build_engine
@@ -158,6 +159,7 @@ class Generated(NamedTuple):
     reward_numbers: dict[str, float] | None = None
     reward_failed: bool = False
     reward_info: dict[str, Any] | None = None  # the call's FunctionReport.infos entry: with the text, rank 0 only
+    origin: int = 0  # the rank that generated it (routing replay: its record stays there, golong.replay)
 
 
 # ---------------------------------------------------------------------------------- the trainer
@@ -220,6 +222,8 @@ class Trainer:
             raise ConfigError(f"data.max_prompt_tokens + rollout.max_response_tokens = {longest} is over the model's "
                               f"max_position_embeddings {max_pos} (the rollout engine's max_model_len; "
                               "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 allows it, in vLLM too)")
+        if cfg.rollout.router_replay and not arch.is_moe:
+            raise ConfigError("rollout.router_replay=true needs a MoE model (experts to replay); this one is dense")
         self.dims = init_parallel(cfg.parallel.dp_shard, cfg.parallel.cp, cfg.parallel.backend,
                                   cpu_offload=cfg.parallel.cpu_offload, timeout_s=cfg.parallel.timeout_s,
                                   rollout_tp=cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1)
@@ -276,6 +280,7 @@ class Trainer:
         self.filter_keys_seen: set[str] = set()  # _filter_values: keys a result has held in this run
         self.warned_filter_key = False
         self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
+        self.routing_store = RoutingStore()  # routing replay: this rank's engine records of the step's responses
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             add_layer_nvtx(self.model)
@@ -353,8 +358,8 @@ class Trainer:
         return [self.tokenizer.decode(self._strip_stop(ids), skip_special_tokens=True) for ids in responses]
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
-                            label: str, texts: bool = False, first_request: int = 0, whole_set: bool = True
-                            ) -> tuple[list[Generated], dict[str, float]]:
+                            label: str, texts: bool = False, first_request: int = 0, whole_set: bool = True,
+                            routing: int | None = None) -> tuple[list[Generated], dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
         Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
         "response/format_errors": how many responses failed the format gate; with rollout.reward_function,
@@ -362,7 +367,8 @@ class Trainer:
         only, where `texts` (from the ranks that decoded them to score them). first_request: the position of the
         first request among the whole set's, for its seed (a part of a set samples as it would in the whole);
         whole_set=False: a part, whose every reward-function call failing does not stop the run (its caller checks
-        the set)."""
+        the set). routing (rollout.router_replay): the generation batch under which this rank's engine records of
+        its responses' experts go to self.routing_store (request keys: their position in this set); None: none."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import reward_config, score_records
@@ -377,7 +383,13 @@ class Trainer:
         t0 = time.perf_counter()
         with nvtx_range("rollout"), _Progress(self.cfg.logging.progress and self.rank == 0, label, len(mine)) as bar:
             out = self.engine.generate([lists[requests[j][0]] for j in mine], params,
-                                       [request_seed(*seed_key, first_request + j) for j in mine], progress=bar)
+                                       [request_seed(*seed_key, first_request + j) for j in mine], progress=bar,
+                                       routing=routing is not None)
+        if routing is not None:
+            for k, j in enumerate(mine):
+                p = requests[j][0]
+                self.routing_store.add(routing, p, j, out.routed_experts[k], len(prompts[p].input_ids),
+                                       len(out.token_ids[k]))
         t1 = time.perf_counter()
         with nvtx_range("reward"):
             rc = self.cfg.rollout
@@ -438,10 +450,11 @@ class Trainer:
             shares = gather_objects_to_rank0(list(zip(mine, decoded, infos)))
             by_request = {j: (text, info) for share in shares or [] for j, text, info in share}
             timings["time/dump_s"] = time.perf_counter() - t3
+        origin = {j: r for r in range(self.world) for j in rollout_share(weights, r, self.world)}
         results = []
         for j, tokens, logprobs, finish, score, nums, failed_call in merged:
             text, info = by_request.get(j, (None, None))
-            results.append(Generated(tokens, logprobs, finish, score, text, nums, failed_call, info))
+            results.append(Generated(tokens, logprobs, finish, score, text, nums, failed_call, info, origin[j]))
         return results, timings
 
     @staticmethod
@@ -489,6 +502,7 @@ class Trainer:
         # kept for the rollout dump only where it is written: the rest of a generation batch is freed on return
         dump = cfg.logging.dump_rollouts
         self.generated = every if dump and self.rank == 0 else []
+        self.routing_store.clear()  # an earlier step's records (one that kept nothing) go
         metrics: dict[str, float] = defaultdict(float)
         gen_batches = 0
         max_batches = cfg.algo.max_num_gen_batches if cfg.algo.dynamic_sampling else 1
@@ -497,14 +511,17 @@ class Trainer:
             prompts = [self.train_prompts[i] for i in idx]
             results, timings = self._generate_and_score(prompts, n, self._sampling(), (cfg.trainer.seed, step,
                                                                                        gen_batches),
-                                                        f"rollout step {step}", texts=dump)
+                                                        f"rollout step {step}", texts=dump,
+                                                        routing=gen_batches if cfg.rollout.router_replay else None)
             for k, v in timings.items():  # times add up over generation batches (the rate is taken below)
                 metrics[k] += v
             batch = [Rollout(prompts[j // n].input_ids, np.asarray(g.tokens, dtype=np.int32),
                              None if g.logprobs is None else np.asarray(g.logprobs, dtype=np.float32),
                              group=gen_batches * per_gen + j // n, task=prompts[j // n].record.task,
                              score=float(g.score), finish_reason=g.finish_reason, prompt_index=idx[j // n],
-                             text=g.text, reward_numbers=g.reward_numbers, reward_info=g.reward_info)
+                             text=g.text, reward_numbers=g.reward_numbers, reward_info=g.reward_info,
+                             route_key=RouteKey(g.origin, gen_batches, j // n, j) if cfg.rollout.router_replay
+                             else None)
                      for j, g in enumerate(results)]
             every += batch
             gen_batches += 1
@@ -512,11 +529,13 @@ class Trainer:
                 keep, _ = dynamic_sampling_filter(self._filter_values(batch), [r.group for r in batch])
                 batch = [r for r, k in zip(batch, keep.tolist()) if k]
             kept += batch
+            self.routing_store.keep(r.route_key for r in kept if r.route_key is not None)
             if len({r.group for r in kept}) >= want:
                 break
         groups = list(dict.fromkeys(r.group for r in kept))[:want]
         chosen = set(groups)
         kept = [r for r in kept if r.group in chosen]
+        self.routing_store.keep(r.route_key for r in kept if r.route_key is not None)
         metrics.update(self._rollout_metrics(every))
         metrics.update(self._extra_means(metrics, "reward/extra"))
         if "response/format_errors" in metrics:
@@ -658,6 +677,10 @@ class Trainer:
             # + gathering the texts to rank 0 in collect_rollouts
             metrics["time/dump_s"] = metrics.get("time/dump_s", 0.0) + self._dump_rollouts(step, rollouts)
         self.engine.sleep()  # the trainer's turn: vLLM releases its KV cache (and weights) on GPU
+        if cfg.rollout.router_replay:
+            t0 = time.perf_counter()
+            metrics["routing/received_mib"] = self._exchange_routing(rollouts) / 2**20
+            metrics["time/routing_exchange_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with nvtx_range("update"):
             upd = self.actor.update(rollouts, "pg", fault_nan=_fault("nan", step))
@@ -674,6 +697,18 @@ class Trainer:
         metrics["perf/tokens_per_s"] = sum(r.length for r in rollouts) / metrics["time/step_s"]
         metrics["memory/peak_gib"] = peak_memory_gib()
         return metrics
+
+    def _exchange_routing(self, rollouts: Sequence[Rollout]) -> int:
+        """Routing replay: each rollout's record from the rank that generated it to the ranks that train on it (see
+        golong.replay); the store is emptied. Returns the bytes this rank received."""
+        from golong.replay import exchange
+
+        c = self.model.config
+        received = exchange(rollouts, self.actor.owners(rollouts), self.routing_store, self.rank, self.world,
+                            self.dims.cp_size, (c.num_hidden_layers, c.num_experts_per_tok),
+                            np.uint8 if c.num_experts <= 256 else np.int16, compute_device())
+        self.routing_store.clear()
+        return received
 
     # --------------------------------------------------------------------------- validation
     def validate(self, step: int, responses: list[dict[str, Any]] | None = None, *, starts: Sequence[int] = (0,),

@@ -327,17 +327,44 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int
     return order, inverse, offsets, counts
 
 
-def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, backend: str = "auto"
-              ) -> Routing:
+def replay_experts(router_logits: torch.Tensor, own_ids: torch.Tensor, expert_ids: torch.Tensor,
+                   norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing replay (R3: the experts the rollout engine chose, so that training routes as inference did).
+
+    expert_ids [T, k] int: each token's experts; a row holding a negative entry has no record and keeps own_ids
+    [T, k] (the router's own top-k). -> (weights [T, k] in the logits' dtype, ids [T, k] int64): the router's
+    probabilities of those experts (renormalised over them with norm_topk_prob), differentiable w.r.t. the
+    logits, as transformers' router weighs the experts it picks. Out-of-range or repeated experts in a row fail a
+    device-side assert (no host sync)."""
+    if expert_ids.shape != own_ids.shape or expert_ids.is_floating_point():
+        raise ValueError(f"expert_ids must be an integer tensor of shape {tuple(own_ids.shape)} ([T, top_k]), got "
+                         f"{expert_ids.dtype} {tuple(expert_ids.shape)}")
+    given = expert_ids.to(device=own_ids.device, dtype=torch.int64)
+    recorded = (given >= 0).all(dim=1, keepdim=True)
+    ids = torch.where(recorded, given, own_ids)
+    if ids.numel():
+        sorted_ids = ids.sort(dim=1).values
+        ok = (ids < router_logits.shape[1]).all() & (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all()
+        torch._assert_async(ok, "moe_route: replayed expert_ids hold an expert outside [0, E) or one twice in a row")
+    return _route_topk_torch(router_logits, ids.shape[1], norm_topk_prob, expert_ids=ids)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, backend: str = "auto",
+              expert_ids: torch.Tensor | None = None) -> Routing:
     """Route tokens as Qwen3-MoE does and sort their copies by expert.
 
     router_logits [T, E] (any float dtype) -> Routing. Differentiable w.r.t. router_logits through
-    Routing.weights. backend: the top-k's (see route_topk).
+    Routing.weights. backend: the top-k's (see route_topk). expert_ids [T, top_k] int or None: replay these
+    experts instead of the top-k (rows with a negative entry route by their own top-k; see replay_experts).
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
     num_experts, top_k = router_logits.shape[1], _int_top_k(top_k)
-    weights, expert_ids = route_topk(router_logits, top_k, norm_topk_prob, backend)
+    weights, own_ids = route_topk(router_logits, top_k, norm_topk_prob, backend)
+    if expert_ids is None:
+        expert_ids = own_ids
+    else:
+        weights, expert_ids = replay_experts(router_logits, own_ids, expert_ids, norm_topk_prob)
     order, inverse, offsets, counts = sort_by_expert(expert_ids, num_experts)
     return Routing(weights, expert_ids, order, inverse, offsets, counts, top_k, num_experts)
 

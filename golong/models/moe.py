@@ -42,7 +42,10 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """x [T, H] -> [T, H]."""
+    """x [T, H] -> [T, H].
+
+    `recorded`: a list (set by the rollout engine, else None) to which each forward appends its tokens' experts
+    [T, top_k] int64, in the order of x's rows (routing replay records them)."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -50,7 +53,12 @@ class MoE(nn.Module):
         self.gate = Router(config.num_experts, config.hidden_size, device=device, dtype=dtype)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                device=device, dtype=dtype)
+        self.recorded: list[torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = kernels.moe_route(self.gate(x), self.top_k, self.norm_topk_prob)
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """expert_ids [T, top_k] int or None: route through these experts (routing replay; a row with a negative
+        entry routes by its own top-k), weighted by this router's probabilities of them."""
+        routing = kernels.moe_route(self.gate(x), self.top_k, self.norm_topk_prob, expert_ids=expert_ids)
+        if self.recorded is not None:
+            self.recorded.append(routing.expert_ids.detach())
         return self.experts(x, routing)

@@ -13,7 +13,8 @@ restart at 0 in every document unless `position_ids` is given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 cp_group: dist.ProcessGroup | None = None, prefix_of: torch.Tensor | None = None,
-                keep_attention: bool = False) -> torch.Tensor:
+                routed_experts: torch.Tensor | None = None, keep_attention: bool = False) -> torch.Tensor:
         """keep_attention: activation checkpointing inside the layer that keeps the attention's output (and what
         it saves beside q, k, v: its LSE), so that the backward recomputes the norms, projections, MLP / MoE and
         q, k, v from the layer's input, but not the attention (nor, under context parallelism, the ring's K/V
@@ -53,13 +54,20 @@ class DecoderLayer(nn.Module):
         saves per-document views of q, k, v, which then stay held too. A flag of forward, not a method of its
         own: FSDP2 gathers the layer's parameters in its forward hooks."""
         if keep_attention:
-            return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group, prefix_of)
+            return self._forward_keeping_attention(x, cos, sin, cu_seqlens, cp_group, prefix_of, routed_experts)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cp_group, prefix_of)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._mlp(self.post_attention_layernorm(x), routed_experts)
+
+    def _mlp(self, h: torch.Tensor, routed_experts: torch.Tensor | None) -> torch.Tensor:
+        """routed_experts [T, top_k]: the experts a MoE layer replays (a dense layer has none to replay)."""
+        if routed_experts is None or not isinstance(self.mlp, MoE):
+            return self.mlp(h)
+        return self.mlp(h, routed_experts)
 
     def _forward_keeping_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                    cu_seqlens: torch.Tensor, cp_group: dist.ProcessGroup | None,
-                                   prefix_of: torch.Tensor | None) -> torch.Tensor:
+                                   prefix_of: torch.Tensor | None, routed_experts: torch.Tensor | None
+                                   ) -> torch.Tensor:
         attn = self.self_attn
 
         def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +75,7 @@ class DecoderLayer(nn.Module):
 
         def rest(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             h = h + attn.project_out(out)
-            return h + self.mlp(self.post_attention_layernorm(h))
+            return h + self._mlp(self.post_attention_layernorm(h), routed_experts)
 
         q, k, v = checkpoint(qkv, x, use_reentrant=False)
         with _RecomputedWhenSaved((q, k, v), lambda: qkv(x)):
@@ -207,7 +215,8 @@ class Qwen3ForCausalLM(nn.Module):
     # ---------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 *, targets: torch.Tensor | None = None, temperature: float = 1.0,
-                prefix_of: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                prefix_of: torch.Tensor | None = None, routed_experts: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [T] int (packed documents; under context parallelism, this rank's zigzag shard),
         cu_seqlens [B+1] int32 (document boundaries in the full packed batch), position_ids [T] or None
         (restart per document) -> final hidden states [T, H] in the model dtype.
@@ -215,7 +224,9 @@ class Qwen3ForCausalLM(nn.Module):
         With `targets` [T] int64, returns the fused head's (logprob [T], entropy [T]) fp32 instead,
         so FSDP sees the LM head used inside forward. prefix_of [B] int32 (kernels.flash_attention): document b
         also attends to all of document prefix_of[b] and its positions continue after it (n responses packed
-        after one copy of their prompt).
+        after one copy of their prompt). routed_experts [T, num_hidden_layers, top_k] int or None (rows as
+        input_ids'): routing replay, each MoE layer routes token t through experts routed_experts[t, layer] (a row
+        with a negative entry by its own top-k; dense layers' columns are not read), as `record_routing` wrote them.
         """
         cp = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
         if position_ids is None:
@@ -226,12 +237,21 @@ class Qwen3ForCausalLM(nn.Module):
                                                     dist.get_world_size(cp))
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
-        for layer in self.model.layers:
+        if routed_experts is not None:
+            if not self.config.is_moe:
+                raise ValueError("routed_experts given to a dense model: it has no experts to route through")
+            want = (input_ids.shape[0], len(self.model.layers), self.config.num_experts_per_tok)
+            if tuple(routed_experts.shape) != want:
+                raise ValueError(f"routed_experts must be [tokens, layers, top_k] = {list(want)}, got "
+                                 f"{list(routed_experts.shape)}")
+        for i, layer in enumerate(self.model.layers):
+            routed = routed_experts[:, i] if routed_experts is not None else None
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of, keep_attention=True) if self.keep_attention else \
-                    checkpoint(layer, x, cos, sin, cu_seqlens, cp, prefix_of, use_reentrant=False)
+                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of, routed, keep_attention=True) \
+                    if self.keep_attention else \
+                    checkpoint(layer, x, cos, sin, cu_seqlens, cp, prefix_of, routed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of)
+                x = layer(x, cos, sin, cu_seqlens, cp, prefix_of, routed)
         hidden = self.model.norm(x)
         if targets is None:
             return hidden
@@ -247,6 +267,20 @@ class Qwen3ForCausalLM(nn.Module):
         softmax(hidden @ W.T / temperature), never materialising [N, V]. Ignored rows give 0."""
         return kernels.linear_logprob_entropy(hidden, self.lm_head_weight, targets, temperature,
                                               ignore_index=ignore_index)
+
+    @contextmanager
+    def record_routing(self) -> Iterator[dict[int, list[torch.Tensor]]]:
+        """Within it, every forward appends each MoE layer's chosen experts [rows, top_k] int64 (rows in the
+        order of that forward's flattened tokens) to recorded[layer index]; yields `recorded`."""
+        recorded: dict[int, list[torch.Tensor]] = {}
+        moe = [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
+        for i, mlp in moe:
+            mlp.recorded = recorded.setdefault(i, [])
+        try:
+            yield recorded
+        finally:
+            for _, mlp in moe:
+                mlp.recorded = None
 
     # ------------------------------------------------------------------------ decoding
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,

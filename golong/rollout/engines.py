@@ -40,8 +40,9 @@ class TorchEngine:
         pass
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-                 progress: Any = None) -> GenerationResult:
-        return self.gen.generate(prompts, params, seeds, progress=progress)
+                 progress: Any = None, routing: bool = False) -> GenerationResult:
+        """routing: with each response, its tokens' experts (GenerationResult.routed_experts; a MoE model)."""
+        return self.gen.generate(prompts, params, seeds, progress=progress, record_routing=routing)
 
 
 class VLLMRollout:
@@ -66,7 +67,8 @@ class VLLMRollout:
             dtype=cfg.model.dtype if torch.cuda.is_available() else "float32",
             max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
             gpu_memory_utilization=r.gpu_memory_utilization, bucket_bytes=r.weight_sync_bucket_mb << 20,
-            load_format="dummy", seed=cfg.trainer.seed), eos_token_ids=stop_token_ids(tokenizer, path))
+            load_format="dummy", seed=cfg.trainer.seed, return_routed_experts=r.router_replay),
+            eos_token_ids=stop_token_ids(tokenizer, path))
 
     def sync_weights(self, model: nn.Module) -> None:
         self.engine.update_weights(hf_state_items(model, dtype=self.engine.dtype, device=None))
@@ -75,8 +77,15 @@ class VLLMRollout:
         self.engine.sleep()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-                 progress: Any = None) -> GenerationResult:
-        return self.engine.generate(prompts, params, seeds, progress=progress)
+                 progress: Any = None, routing: bool = False) -> GenerationResult:
+        """routing: keep the experts vLLM returns (engine-wide with rollout.router_replay) with each response."""
+        if routing and not self.engine.config.return_routed_experts:
+            raise ValueError("routing asked of a vLLM engine started without return_routed_experts "
+                             "(rollout.router_replay)")
+        out = self.engine.generate(prompts, params, seeds, progress=progress)
+        if not routing:
+            out.routed_experts = None
+        return out
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, tokenizer: Any, run_dir: Path) -> Any:

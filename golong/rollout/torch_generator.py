@@ -19,9 +19,12 @@ log softmax); with them, the rollout IS weights and mismatch metrics include the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,22 +45,29 @@ class SamplingParams:
 @dataclass
 class GenerationResult:
     """One entry per request, in request order. token_ids include the stop token when one was
-    sampled (finish_reason "stop"), else end at max_tokens ("length")."""
+    sampled (finish_reason "stop"), else end at max_tokens ("length"). routed_experts (with record_routing, a MoE
+    model): the experts each token the model read was routed to, [P + R - 1, num_hidden_layers, top_k] (prompt
+    then response tokens, the last sampled one never read; dense layers' columns 0), uint8 (int16 past 256
+    experts), as vLLM returns them."""
 
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
+    routed_experts: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @classmethod
     def concat(cls, parts: Iterable[GenerationResult]) -> GenerationResult:
-        out = cls([], [], [])
+        parts = list(parts)
+        out = cls([], [], [], [] if parts and all(p.routed_experts is not None for p in parts) else None)
         for p in parts:
             out.token_ids += p.token_ids
             out.logprobs += p.logprobs
             out.finish_reasons += p.finish_reasons
+            if out.routed_experts is not None:
+                out.routed_experts += p.routed_experts
         return out
 
 
@@ -120,9 +130,10 @@ class TorchGenerator:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None,
-                 progress: Callable[[int], None] | None = None) -> GenerationResult:
+                 progress: Callable[[int], None] | None = None, record_routing: bool = False) -> GenerationResult:
         """Sample one response per prompt (repeat a prompt for several). seeds: one per prompt
-        (default 0..N-1). progress(k) is called with the number of requests just finished."""
+        (default 0..N-1). progress(k) is called with the number of requests just finished. record_routing (a MoE
+        model): also return each token's experts (GenerationResult.routed_experts)."""
         if seeds is None:
             seeds = list(range(len(prompts)))
         if len(seeds) != len(prompts):
@@ -130,19 +141,23 @@ class TorchGenerator:
         parts = []
         # longest prompts first: rows of a chunk then have similar lengths (less wasted prefill)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        results: dict[int, tuple[list[int], list[float], str]] = {}
+        if record_routing and not self.model.config.is_moe:
+            raise ValueError("record_routing: the model is dense, no experts to record")
+        results: dict[int, tuple[list[int], list[float], str, np.ndarray | None]] = {}
         for start in range(0, len(order), self.max_batch):
             idx = order[start:start + self.max_batch]
-            part = self._generate_chunk([prompts[i] for i in idx], params, [seeds[i] for i in idx])
+            part = self._generate_chunk([prompts[i] for i in idx], params, [seeds[i] for i in idx], record_routing)
             for j, i in enumerate(idx):
-                results[i] = (part.token_ids[j], part.logprobs[j], part.finish_reasons[j])
+                results[i] = (part.token_ids[j], part.logprobs[j], part.finish_reasons[j],
+                              part.routed_experts[j] if part.routed_experts is not None else None)
             if progress is not None:
                 progress(len(idx))
         parts = [results[i] for i in range(len(prompts))]
-        return GenerationResult([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+        return GenerationResult([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                                [p[3] for p in parts] if record_routing else None)
 
     def _generate_chunk(self, prompts: list[Sequence[int]], params: SamplingParams,
-                        seeds: list[int]) -> GenerationResult:
+                        seeds: list[int], record_routing: bool = False) -> GenerationResult:
         model = self.model
         device = model.lm_head_weight.device
         b = len(prompts)
@@ -159,7 +174,25 @@ class TorchGenerator:
 
         was_training = model.training
         model.eval()
-        hidden = model.forward_cached(ids.to(device), cache, lengths.to(device))
+        recording = model.record_routing() if record_routing else contextlib.nullcontext()
+        routes: list[list[torch.Tensor]] = [[] for _ in range(b)]  # per row: [tokens, layers, top_k] pieces
+        with recording as recorded:
+            hidden = model.forward_cached(ids.to(device), cache, lengths.to(device))
+            if record_routing:
+                _take_routing(recorded, model.config, routes, lengths)
+            out = self._decode(model, cache, hidden, lengths, params, gens, stop, recorded, routes)
+        model.train(was_training)
+        if record_routing:
+            dtype = np.uint8 if model.config.num_experts <= 256 else np.int16
+            out.routed_experts = [torch.cat(r).numpy().astype(dtype) for r in routes]
+        return out
+
+    def _decode(self, model: nn.Module, cache: Any, hidden: torch.Tensor, lengths: torch.Tensor,
+                params: SamplingParams, gens: list[torch.Generator], stop: torch.Tensor,
+                recorded: dict[int, list[torch.Tensor]] | None, routes: list[list[torch.Tensor]]
+                ) -> GenerationResult:
+        """The sampling loop after the prefill (hidden: its output)."""
+        b, device, max_new = len(gens), hidden.device, params.max_tokens
         last = hidden[torch.arange(b, device=device), (lengths - 1).to(device)]
         out_tokens = torch.zeros(b, max_new, dtype=torch.long)
         out_logp = torch.zeros(b, max_new, dtype=torch.float32)
@@ -182,10 +215,28 @@ class TorchGenerator:
                 break
             step_len = (~done).long()
             hidden = model.forward_cached(tok[:, None].to(device), cache, step_len.to(device))
+            if recorded is not None:
+                _take_routing(recorded, model.config, routes, step_len)
             last = hidden[:, 0]
-        model.train(was_training)
         return GenerationResult(
             token_ids=[out_tokens[i, : n_out[i]].tolist() for i in range(b)],
             logprobs=[out_logp[i, : n_out[i]].tolist() for i in range(b)],
             finish_reasons=["stop" if bool(stopped[i]) else "length" for i in range(b)],
         )
+
+
+def _take_routing(recorded: dict[int, list[torch.Tensor]], config: Any, routes: list[list[torch.Tensor]],
+                  lengths: torch.Tensor) -> None:
+    """Move one forward_cached call's recorded experts (per MoE layer [B * S, top_k]) into each row's routes:
+    row b's first lengths[b] tokens, as [tokens, num_hidden_layers, top_k] (dense layers' columns 0)."""
+    b = len(routes)
+    step: torch.Tensor | None = None
+    for i, ids in recorded.items():
+        x = ids.pop().cpu().view(b, -1, config.num_experts_per_tok)
+        if step is None:
+            step = torch.zeros(b, x.shape[1], config.num_hidden_layers, config.num_experts_per_tok,
+                               dtype=torch.int64)
+        step[:, :, i] = x
+    for row, n in enumerate(lengths.tolist()):
+        if n:
+            routes[row].append(step[row, :n])

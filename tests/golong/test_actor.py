@@ -158,3 +158,39 @@ def test_plan_cuts_a_run_over_the_budget_into_even_pieces():
     rollouts = [Rollout(prompt, np.zeros(9, dtype=np.int32), None, group=0, task="t") for _ in range(16)]
     (plan,) = _plans(rollouts, True, 99 + 5 * 10, 1)
     assert sorted(len(m) for m in plan) == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_routing_records_follow_each_row_to_its_sequence_position(share):
+    """Rollout.prompt_experts / response_experts (routing replay): every packed row replays the record of its token
+    in its own sequence (the shared prompt copy: its first response's), -1 where there is none (each sequence's
+    last token, rollouts without records, the dummy micro-batch)."""
+    rollouts = _rollouts()
+    layers, k = 3, 2
+
+    def record(seed: int, rows: int) -> np.ndarray:  # distinct values per (rollout, position, layer, slot)
+        return ((np.arange(rows)[:, None, None] * 7 + np.arange(layers)[None, :, None] * 3
+                 + np.arange(k)[None, None, :] + seed * 50) % 251).astype(np.uint8)
+
+    full = {}
+    for i, r in enumerate(rollouts):
+        if i == 4:  # no record: its rows all -1
+            continue
+        rec = record(i, len(r.prompt_ids) + len(r.response_ids) - 1) if len(r.response_ids) else \
+            record(i, len(r.prompt_ids))[:-1]  # an empty response: the prompt's last token was not read either
+        r.prompt_experts, r.response_experts = rec[:len(r.prompt_ids)], rec[len(r.prompt_ids):]
+        full[i] = rec
+    indices = list(range(len(rollouts)))
+    mb = build_micro_batch(rollouts, indices, None, share_prompts=share)
+    assert mb.routed_experts.dtype == torch.int16 and mb.routed_experts.shape == (len(mb.input_ids), layers, k)
+    pos = packed_position_ids(mb.cu_seqlens, len(mb.input_ids), mb.prefix_of)
+    for row in range(len(mb.input_ids)):
+        i = indices[int(mb.seq_index[row])]
+        p = int(pos[row])
+        want = full[i][p] if i in full and p < len(full[i]) else np.full((layers, k), -1)
+        assert np.array_equal(mb.routed_experts[row].numpy(), want), (row, i, p)
+    assert (mb.routed_experts == -1).any(dim=(1, 2)).sum() == len(rollouts) + rollouts[4].length - 1
+    for r in rollouts:
+        r.prompt_experts = r.response_experts = None
+    assert build_micro_batch(rollouts, indices, None, share_prompts=share).routed_experts is None
+    assert build_micro_batch(rollouts, [], None).routed_experts is None

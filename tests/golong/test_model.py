@@ -640,3 +640,63 @@ def test_responses_sharing_one_prompt_copy_score_as_separate_sequences(pair, att
     assert rel(ours[0], ref[0]) < 1e-5 and rel(ours[1], ref[1]) < 1e-5, (kind, attn)
     for name, grad in ref[2].items():
         assert rel(ours[2][name], grad) < 1e-4, (name, kind, attn, checkpointing)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "plain", "keep_attention"])
+def test_routing_replay_routes_every_moe_layer_through_the_given_experts(pair, checkpointing):
+    """routed_experts: replaying the forward's own recorded routing changes nothing (outputs and gradients); other
+    experts are what each MoE layer then routes through (its record shows them), rows with -1 keeping the router's
+    choice, dense layers' columns unread; activation checkpointing recomputes with the same experts (its gradients
+    equal the plain forward's)."""
+    kind, _, _, model = pair
+    ids, cu = packed_batch([9, 14, 5], seed=4)
+    tgt = torch.roll(ids, -1)
+    layers, k = len(model.model.layers), model.config.num_experts_per_tok
+    if kind == "dense":
+        with pytest.raises(ValueError, match="dense model"):
+            model(ids, cu, routed_experts=torch.zeros(ids.numel(), layers, 1, dtype=torch.long))
+        return
+    moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, gm.moe.MoE)]
+    assert 0 < len(moe) < layers  # the fixture has a dense layer too
+    with pytest.raises(ValueError, match="routed_experts must be"):
+        model(ids, cu, routed_experts=torch.zeros(ids.numel() - 1, layers, k, dtype=torch.long))
+    weights = torch.randn(ids.numel(), 2, generator=torch.Generator().manual_seed(3))
+
+    def run(ac: bool, **kw):
+        model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(ac, keep_attention=checkpointing == "keep_attention")
+        try:
+            with model.record_routing() as rec:
+                lp, ent = model(ids, cu, targets=tgt, temperature=0.9, **kw)
+            ((lp * weights[:, 0]).sum() + (ent * weights[:, 1]).sum()).backward()
+        finally:
+            model.set_activation_checkpointing(False)
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, rec
+
+    ac = checkpointing != "none"
+    base = run(False)
+    own = torch.full((ids.numel(), layers, k), 99, dtype=torch.long)  # dense columns: never read
+    for i in moe:
+        own[:, i] = base[3][i][0]
+    same = run(ac, routed_experts=own.to(torch.uint8))
+    assert rel(same[0], base[0]) < 1e-6 and rel(same[1], base[1]) < 1e-6
+    for name, grad in base[2].items():
+        assert rel(same[2][name], grad) < 1e-5, (name, checkpointing)
+
+    g = torch.Generator().manual_seed(5)
+    other = own.clone()
+    for i in moe:
+        other[:, i] = torch.stack([torch.randperm(model.config.num_experts, generator=g)[:k]
+                                   for _ in range(ids.numel())])
+    other[3, moe[0]] = -1  # no record for this token in this layer
+    replayed = run(ac, routed_experts=other)
+    plain = run(False, routed_experts=other) if ac else replayed
+    for i in moe:  # what each layer routed through (the first forward's record; checkpointing records recomputes too)
+        want = other[:, i].clone()
+        if i == moe[0]:
+            want[3] = own[3, i]
+        assert torch.equal(replayed[3][i][0], want), i
+    assert rel(replayed[0], base[0]) > 1e-3  # other experts, other outputs
+    assert rel(replayed[0], plain[0]) < 1e-6
+    for name, grad in plain[2].items():  # the recompute replays the same experts
+        assert rel(replayed[2][name], grad) < 1e-5, (name, checkpointing)

@@ -485,3 +485,22 @@ def test_plan_notes_how_many_responses_share_a_full_length_prompt():
     assert "pack 4 per micro-batch" in note("data.max_prompt_tokens=65536", "rollout.max_response_tokens=4096",
                                             "trainer.micro_batch_tokens=86019")[0]  # one row short of the fifth
     assert note("trainer.share_prompts=false") == []
+
+
+def test_plan_sizes_the_routing_replay_records_a_rank_holds():
+    """rollout.router_replay on Qwen3-30B-A3B (48 layers x top-8, 128 experts: one byte an entry, 384 a token): a
+    rank's share of a generation batch's records, then its dp group's share of the step's; no note without it or
+    for a dense model."""
+    recipe = ROOT / "configs/qwen3-30b-a3b-grpo.yaml"
+
+    def note(path=recipe, *overrides):
+        plan = predict(load_config(path, ["rollout.router_replay=true", *overrides]), gpus=32, gpu_mem_gib=141)
+        return [n for n in plan.notes if n.startswith("rollout.router_replay")]
+
+    tokens = 163_840 + 16 * 16_384  # the longest prompt once, its 16 responses
+    generated, trained = 512 * tokens * 384 / 32, 128 * tokens * 384 / (32 // 8)  # 32 ranks; dp 4 (cp 8)
+    assert note() == [f"rollout.router_replay: each rank keeps the routing records of the responses it generated (up "
+                      f"to {generated / 2**30:,.1f} GiB of host memory for a generation batch) and receives its dp "
+                      f"group's share of the step's ({trained / 2**30:,.1f} GiB); 384 bytes a token"]
+    assert note(recipe, "rollout.router_replay=false") == []
+    assert note(ROOT / "configs/qwen3-4b-grpo.yaml") == []

@@ -1827,3 +1827,82 @@ def test_an_sft_warm_up_needs_a_reference_answer_for_every_record(config_file, t
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_router_replay_records_each_rollouts_experts_and_the_update_routes_through_them(config_file, tmp_path,
+                                                                                      monkeypatch):
+    """rollout.router_replay: every rollout's record (the experts the engine routed its tokens to) stays on the rank
+    that generated it until the update, which gets it by golong.replay's exchange: the prompt's rows (one array per
+    prompt) and the response's, as the policy's own forward of the sequence routes them. The old-logprob pass and the
+    update replay them; a dense model is refused."""
+    import numpy as np
+    import torch.distributed as dist
+
+    import kernels
+    from golong.config import ConfigError, load_config
+    from golong.trainer import Trainer
+
+    over = [f"logging.run_dir={tmp_path}", "algo.dynamic_sampling=false", "rollout.router_replay=true",
+            "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]"]
+    trainer = Trainer(load_config(config_file, over))
+    try:
+        rollouts, _ = trainer.collect_rollouts(1)
+        assert all(r.route_key is not None and r.prompt_experts is None for r in rollouts)
+        assert len(trainer.routing_store.responses) == len(rollouts)
+        received = trainer._exchange_routing(rollouts)
+        assert not trainer.routing_store.responses and not trainer.routing_store.prompts
+        model, layers = trainer.model, trainer.model.config.num_hidden_layers
+        for r in rollouts:
+            P, R = len(r.prompt_ids), len(r.response_ids)
+            assert r.prompt_experts.shape == (P, layers, 2) and r.response_experts.shape == (R - 1, layers, 2)
+            seq = torch.from_numpy(np.concatenate([r.prompt_ids, r.response_ids[:-1]]).astype(np.int64))
+            with model.record_routing() as rec, torch.no_grad():
+                model(seq, torch.tensor([0, len(seq)], dtype=torch.int32))
+            both = np.concatenate([r.prompt_experts, r.response_experts])
+            for i in range(layers):
+                assert np.array_equal(both[:, i], rec[i][0].numpy()), i
+        groups = {r.group for r in rollouts}
+        assert received == sum({id(r.prompt_experts): r.prompt_experts.nbytes for r in rollouts}.values()) + sum(
+            r.response_experts.nbytes for r in rollouts)
+        assert len({id(r.prompt_experts) for r in rollouts}) == len(groups)  # one array per prompt
+        # the update: the policy's forwards (an old-logprob pass: two mini-batches) replay what the micro-batch holds
+        seen = []
+        real = kernels.moe_route
+
+        def spy(logits, top_k, norm=True, backend="auto", expert_ids=None):
+            seen.append(expert_ids is not None)
+            return real(logits, top_k, norm, backend, expert_ids=expert_ids)
+
+        monkeypatch.setattr(kernels, "moe_route", spy)
+        for r in rollouts:
+            r.advantage = 1.0
+        out = trainer.actor.update(rollouts)
+        assert "time/old_logprob_s" in out and math.isfinite(out["actor/loss"])
+        assert seen and all(seen)
+    finally:
+        dist.destroy_process_group()
+    dense = load_config(config_file, over + ["model.scratch.num_experts=0"])
+    with pytest.raises(ConfigError, match="router_replay=true needs a MoE model"):
+        Trainer(dense)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_router_replay_on_two_ranks_trains_as_the_engines_own_routing_does(config_file, tmp_path, cp):
+    """Two ranks (dp 2, or cp 2: both ranks of the cp group receive the records and each shards them), dynamic sampling
+    on: each rank's records reach the ranks whose micro-batches hold them (the bytes are logged), and since the torch
+    engine routes as the trainer does, replaying its routing trains exactly as without replay."""
+    common = ("trainer.total_steps=2", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
+              "checkpoint.every=0", f"parallel.cp={cp}")
+    runs = {}
+    for replay in (True, False):
+        run_dir = tmp_path / f"replay_{replay}"
+        out = _train(config_file, run_dir, "", f"rollout.router_replay={str(replay).lower()}", *common, ranks=2)
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[replay] = _by_step(run_dir)
+    assert sorted(runs[True]) == [1, 2]
+    for row in runs[True].values():
+        assert row["routing/received_mib"] > 0
+    for step, row in runs[False].items():
+        assert "routing/received_mib" not in row
+        for key in ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/mean"):
+            assert runs[True][step][key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (step, key)

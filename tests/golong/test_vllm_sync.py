@@ -392,3 +392,58 @@ def test_generate_maps_sampling_params_and_results_without_vllm():
     assert llm.generated[1][0].kw["top_k"] == 20 and llm.generated[1][0].kw["seed"] is None
     with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
         e.generate([[1], [2]], SamplingParams(), seeds=[3])
+
+
+def test_routed_experts_requested_from_vllm_and_checked_without_vllm(monkeypatch):
+    """return_routed_experts (rollout.router_replay): the engine starts vLLM with enable_return_routed_experts on its
+    Model Runner V2 and hands each response's rows on ([prompt + response - 1, layers, top_k], uint8); rows of
+    another length or none at all stop the run, naming the request."""
+    import types
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine, routed_experts_of
+
+    started = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            started.update(kw)
+            self.llm_engine = NS(model_config=NS(dtype=torch.float32))
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, _FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = NS(is_cpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the engine sets them: restored after
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    e = VLLMEngine(VLLMConfig(model="x", return_routed_experts=True))
+    assert started["enable_return_routed_experts"] is True and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    started.clear()
+    VLLMEngine(VLLMConfig(model="x"))  # without: neither
+    assert started and "enable_return_routed_experts" not in started and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+
+    rows = {0: np.arange(2 * 3 * 2).reshape(2, 3, 2), 1: np.zeros((1, 3, 2), np.int64)}
+
+    class Outputs:
+        def generate(self, prompts, sps, use_tqdm):
+            return [NS(request_id=str(i), prompt_token_ids=p["prompt_token_ids"],
+                       outputs=[NS(token_ids=[4, 7][: 2 - i], logprobs=[{4: NS(logprob=-1.0), 7: NS(logprob=-1.0)}]
+                                   * (2 - i), finish_reason=None, routed_experts=rows[i])])
+                    for i, p in enumerate(prompts)]
+
+    e.llm = Outputs()
+    res = e.generate([[11], [13]], SamplingParams(max_tokens=2))
+    assert [r.dtype for r in res.routed_experts] == [np.uint8, np.uint8]
+    assert np.array_equal(res.routed_experts[0], rows[0]) and res.routed_experts[1].shape == (1, 3, 2)
+    rows[1] = np.zeros((2, 3, 2))
+    with pytest.raises(RuntimeError, match=r"routed experts of shape \(2, 3, 2\) for request 1: want 1 rows"):
+        e.generate([[11], [13]], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="shape None for request 7"):
+        routed_experts_of(None, 3, 1, "7")
+    assert routed_experts_of(np.full((3, 1, 1), 300), 2, 2, "x").dtype == np.int16

@@ -578,3 +578,59 @@ def test_auto_backend_sends_fp64_to_torch_on_cuda():
     assert not _use_triton("auto", on_cuda(torch.float64))
     assert all(_use_triton("auto", on_cuda(dt)) for dt in (torch.float32, torch.float16, torch.bfloat16))
     assert _use_triton("triton", on_cuda(torch.float64))  # asked for by name
+
+
+# ---------------------------------------------------------------------------------------------- routing replay
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_replaying_the_routers_own_choice_routes_as_without_replay(norm, backend):
+    torch.manual_seed(11)
+    logits = torch.randn(37, 9)
+    ref = moe_route(logits, 3, norm, backend=backend)
+    got = moe_route(logits, 3, norm, backend=backend, expert_ids=ref.expert_ids.flip(1).to(torch.uint8))
+    # the slots' order may differ; what each token gets must not: the same experts, each with the same weight
+    for r in (ref, got):
+        assert torch.equal(r.counts, ref.counts) and torch.equal(r.offsets, ref.offsets)
+    dense = [torch.zeros(37, 9).scatter(1, r.expert_ids, r.weights) for r in (ref, got)]
+    torch.testing.assert_close(dense[1], dense[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_replayed_experts_take_the_routers_probabilities_of_them_with_their_gradient(norm):
+    torch.manual_seed(12)
+    T, E, k = 41, 10, 3
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    given = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    given[5] = -1  # no record: the router's own top-k
+    given[17, 1] = -1
+    r = moe_route(logits, k, norm, backend="torch", expert_ids=given)
+    own = moe_route(logits.detach(), k, norm, backend="torch").expert_ids
+    want_ids = given.clone()
+    want_ids[5], want_ids[17] = own[5], own[17]
+    assert torch.equal(r.expert_ids, want_ids)
+    # the reference, in fp64: softmax over all experts, the chosen ones' probabilities, renormalised over them
+    # (norm); the router's softmax runs in fp32 as transformers' does
+    probs = torch.softmax(logits, -1).gather(1, want_ids)
+    want_w = probs / probs.sum(-1, keepdim=True) if norm else probs
+    assert (r.weights - want_w).norm() / want_w.norm() < 1e-6
+    g = torch.randn(T, k, dtype=torch.float64)
+    (dl,) = torch.autograd.grad(r.weights, logits, g)
+    (dl_ref,) = torch.autograd.grad(want_w, logits, g)
+    assert (dl - dl_ref).norm() / dl_ref.norm() < 1e-6 and dl.abs().sum() > 0
+    # the sort follows the replayed experts: expert e's rows are the copies that name e
+    flat = r.expert_ids.reshape(-1)[r.order]
+    assert torch.equal(flat, flat.sort().values)
+    assert torch.equal(r.counts.long(), torch.bincount(want_ids.reshape(-1), minlength=E))
+
+
+def test_replayed_experts_out_of_range_repeated_or_misshapen_are_refused():
+    logits = torch.randn(6, 5)
+    ok = torch.tensor([[0, 1]] * 6)
+    for bad, err in ((ok[:5], ValueError), (ok.float(), ValueError), (ok[:, :1], ValueError)):
+        with pytest.raises(err, match="expert_ids must be"):
+            moe_route(logits, 2, expert_ids=bad)
+    for value in (5, 1):  # outside [0, E); the same expert twice in a row
+        given = ok.clone()
+        given[3, 0] = value
+        with pytest.raises(RuntimeError, match="replayed expert_ids"):
+            moe_route(logits, 2, expert_ids=given)
