@@ -450,7 +450,7 @@ class Trainer:
             shares = gather_objects_to_rank0(list(zip(mine, decoded, infos)))
             by_request = {j: (text, info) for share in shares or [] for j, text, info in share}
             timings["time/dump_s"] = time.perf_counter() - t3
-        origin = {j: r for r in range(self.world) for j in rollout_share(weights, r, self.world)}
+        origin = {x[0]: rank for rank, (part, _, _) in enumerate(parts) for x in part}  # parts: in rank order
         results = []
         for j, tokens, logprobs, finish, score, nums, failed_call in merged:
             text, info = by_request.get(j, (None, None))

@@ -673,7 +673,7 @@ def test_train_step_filters_groups_and_hands_the_estimators_advantages_to_the_up
               [[0.0, 1.0, 0.0, 1.0]] * 4]
     calls = []
 
-    def scripted(prompts, n, params, seed_key, label, texts=False):
+    def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
         from golong.trainer import Generated
 
         scores = script[len(calls)]
@@ -715,7 +715,7 @@ def test_train_step_groups_longbench_pro_subtasks_by_metric(config_file, tmp_pat
         for i, p in enumerate(trainer.train_prompts):
             p.record.extra_info["reward_mode"] = modes[i % 2]
 
-    def scripted(prompts, n, params, seed_key, label, texts=False):
+    def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
         from golong.trainer import Generated
 
         return [Generated([5, 6], [-1.0, -1.0], "stop", scores[j // n][j % n], None)
@@ -742,7 +742,8 @@ def test_format_errors_become_a_share_of_every_generated_response_and_one_warnin
                                     "profile.steps=[]", "rollout.require_think=true", "algo.max_num_gen_batches=2"])
     calls = []
 
-    def scripted(prompts, n, params, seed_key, label, texts=False):  # batch 0: all tied (dropped), 10 errors; then 3
+    # batch 0: all tied (dropped), 10 errors; then 3
+    def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
         from golong.trainer import Generated
 
         calls.append(seed_key)
@@ -756,7 +757,7 @@ def test_format_errors_become_a_share_of_every_generated_response_and_one_warnin
     assert m["response/format_error_frac"] == pytest.approx(13 / 32) and "response/format_errors" not in m
     assert "format gate" not in capsys.readouterr().out  # 41%: no warning
 
-    def most_fail(prompts, n, params, seed_key, label, texts=False):
+    def most_fail(prompts, n, params, seed_key, label, texts=False, routing=None):
         from golong.trainer import Generated
 
         return [Generated([5, 6], [-1.0, -1.0], "stop", float(j % 2), None) for j in range(len(prompts) * n)], {
@@ -950,7 +951,7 @@ def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_fi
         trainer = Trainer(cfg)
         start = trainer.sampler.position
 
-        def scripted(prompts, n, params, seed_key, label, texts=False):
+        def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
             sizes.append(len(prompts))
             return [Generated([5, 6], [-1.0, -1.0], "stop", script[j // n][j % n], None)
                     for j in range(len(prompts) * n)], {}
@@ -1009,7 +1010,7 @@ def test_dynamic_sampling_filters_on_the_metric_it_is_told(config_file, tmp_path
             return Generated(list(range(5, 5 + length)), [-1.0] * length, "stop", score, None,
                              None if numbers == failed else numbers, numbers == failed)
 
-        def scripted(prompts, n, params, seed_key, label, texts=False):
+        def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
             assert n == 4
             return [response(*(x[j % n] for x in script[j // n])) for j in range(len(prompts) * n)], {}
 
@@ -1065,7 +1066,8 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
     try:
         trainer = Trainer(cfg)
 
-        def scripted(prompts, n, params, seed_key, label, texts=False):  # every group tied: both batches are generated
+        # every group tied: both batches are generated
+        def scripted(prompts, n, params, seed_key, label, texts=False, routing=None):
             out = [Generated([5, 6, 7][: 1 + (j % 3)], [-1.0] * (1 + (j % 3)), "stop", 0.0, None)
                    for j in range(len(prompts) * n)]
             tokens = sum(len(o[0]) for o in out)
@@ -1357,7 +1359,7 @@ def _texts_worker(rank: int, world: int) -> None:
     def text(s: int) -> str:
         return ("<think>\nhm\n</think>\n\n" if s % 3 == 0 else "") + f"{words[s % 8]} {words[s // 8 % 8]}"
 
-    def fake_generate(lists, params, seeds, progress=None):
+    def fake_generate(lists, params, seeds, progress=None, routing=False):
         ids = [tok.encode(text(s)) + [tok.eos_token_id] for s in seeds]
         return GenerationResult(ids, [None] * len(ids), ["stop"] * len(ids))
 
