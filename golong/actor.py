@@ -17,6 +17,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -460,7 +461,13 @@ class Actor:
         step_loss = 0.0  # this rank's part of this optimizer step's loss
         for members in self._plan(rollouts, mini):
             mb = self._micro_batch(rollouts, members, old, ref)
-            logprob, entropy = self.forward(mb)
+            replay = mb.routed_experts is not None
+            with self.model.count_replay_agreement(self.device) if replay else nullcontext() as agreement:
+                logprob, entropy = self.forward(mb)
+            if replay:  # routes replayed in this forward, and how many the trainer's router would have chosen too
+                agree, routes = agreement.tolist()
+                sums["replay_agree"] += agree
+                sums["replay_routes"] += routes
             mask = self._shard(mb, mb.mask)
             if loss_kind == "sft":
                 loss = -(logprob * mask).sum() / n_tokens
@@ -590,6 +597,8 @@ class Actor:
             f"{prefix}/skipped_steps": skipped,
             f"{prefix}/tokens": s.get("tokens", 0.0),
         }
+        if s.get("replay_routes", 0) > 0:  # routing replay: the share of token x layer routes the engine chose as the
+            out["routing/replay_agreement"] = s["replay_agree"] / s["replay_routes"]  # trainer's router would
         if s.get("sequence_rows", 0) > 0:  # < 1 where responses shared their prompt's rows (trainer.share_prompts)
             out[f"{prefix}/packed_rows_fraction"] = s["packed_rows"] / s["sequence_rows"]
         for k in keys:

@@ -40,6 +40,8 @@ class Routing:
     inverse     [T*k]   int64: inverse[token*k + slot] = permuted row of that copy
     offsets     [E]     int32: cumulative row ends of each expert's slice in permuted order
     counts      [E]     int32: rows per expert (offsets = cumsum(counts))
+    agreement   [2]     fp64 or None: with replayed experts, (rows whose replayed experts are the router's own top-k,
+                        rows replayed); None without
     """
 
     weights: torch.Tensor
@@ -50,6 +52,7 @@ class Routing:
     counts: torch.Tensor
     top_k: int
     num_experts: int
+    agreement: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -328,25 +331,28 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int
 
 
 def replay_experts(router_logits: torch.Tensor, own_ids: torch.Tensor, expert_ids: torch.Tensor,
-                   norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing replay (R3: the experts the rollout engine chose, so that training routes as inference did).
 
     expert_ids [T, k] int: each token's experts; a row holding a negative entry has no record and keeps own_ids
-    [T, k] (the router's own top-k). -> (weights [T, k] in the logits' dtype, ids [T, k] int64): the router's
-    probabilities of those experts (renormalised over them with norm_topk_prob), differentiable w.r.t. the
-    logits, as transformers' router weighs the experts it picks. Out-of-range or repeated experts in a row fail a
-    device-side assert (no host sync)."""
+    [T, k] (the router's own top-k). -> (weights [T, k] in the logits' dtype, ids [T, k] int64, agreement [2] fp64):
+    the router's probabilities of those experts (renormalised over them with norm_topk_prob), differentiable w.r.t.
+    the logits, as transformers' router weighs the experts it picks; (rows whose replayed experts are the router's
+    own choice, rows replayed). Out-of-range or repeated experts in a row fail a device-side assert (no host
+    sync)."""
     if expert_ids.shape != own_ids.shape or expert_ids.is_floating_point():
         raise ValueError(f"expert_ids must be an integer tensor of shape {tuple(own_ids.shape)} ([T, top_k]), got "
                          f"{expert_ids.dtype} {tuple(expert_ids.shape)}")
     given = expert_ids.to(device=own_ids.device, dtype=torch.int64)
     recorded = (given >= 0).all(dim=1, keepdim=True)
     ids = torch.where(recorded, given, own_ids)
+    sorted_ids = ids.sort(dim=1).values
     if ids.numel():
-        sorted_ids = ids.sort(dim=1).values
         ok = (ids < router_logits.shape[1]).all() & (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all()
         torch._assert_async(ok, "moe_route: replayed expert_ids hold an expert outside [0, E) or one twice in a row")
-    return _route_topk_torch(router_logits, ids.shape[1], norm_topk_prob, expert_ids=ids)
+    same = (sorted_ids == own_ids.sort(dim=1).values).all(dim=1, keepdim=True) & recorded
+    agreement = torch.stack([same.sum(), recorded.sum()]).double()
+    return (*_route_topk_torch(router_logits, ids.shape[1], norm_topk_prob, expert_ids=ids), agreement)
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, backend: str = "auto",
@@ -361,12 +367,13 @@ def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = Tr
         raise ValueError(f"router_logits must be [T, E], got {tuple(router_logits.shape)}")
     num_experts, top_k = router_logits.shape[1], _int_top_k(top_k)
     weights, own_ids = route_topk(router_logits, top_k, norm_topk_prob, backend)
+    agreement = None
     if expert_ids is None:
         expert_ids = own_ids
     else:
-        weights, expert_ids = replay_experts(router_logits, own_ids, expert_ids, norm_topk_prob)
+        weights, expert_ids, agreement = replay_experts(router_logits, own_ids, expert_ids, norm_topk_prob)
     order, inverse, offsets, counts = sort_by_expert(expert_ids, num_experts)
-    return Routing(weights, expert_ids, order, inverse, offsets, counts, top_k, num_experts)
+    return Routing(weights, expert_ids, order, inverse, offsets, counts, top_k, num_experts, agreement)
 
 
 def _row_kernel_aot(name: str, fn: Any, signature: dict[str, str], constexprs: dict[str, Any], hidden: int,

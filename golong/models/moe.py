@@ -45,7 +45,9 @@ class MoE(nn.Module):
     """x [T, H] -> [T, H].
 
     `recorded`: a list (set by the rollout engine, else None) to which each forward appends its tokens' experts
-    [T, top_k] int64, in the order of x's rows (routing replay records them)."""
+    [T, top_k] int64, in the order of x's rows (routing replay records them). `agreement`: a [2] fp64 tensor (set by
+    the trainer, else None) to which each forward that replays experts adds (rows whose replayed experts are the
+    router's own choice, rows replayed)."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -54,6 +56,7 @@ class MoE(nn.Module):
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                device=device, dtype=dtype)
         self.recorded: list[torch.Tensor] | None = None
+        self.agreement: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
         """expert_ids [T, top_k] int or None: route through these experts (routing replay; a row with a negative
@@ -61,4 +64,6 @@ class MoE(nn.Module):
         routing = kernels.moe_route(self.gate(x), self.top_k, self.norm_topk_prob, expert_ids=expert_ids)
         if self.recorded is not None:
             self.recorded.append(routing.expert_ids.detach())
+        if self.agreement is not None and routing.agreement is not None:
+            self.agreement += routing.agreement.to(self.agreement.device)
         return self.experts(x, routing)

@@ -282,6 +282,20 @@ class Qwen3ForCausalLM(nn.Module):
             for _, mlp in moe:
                 mlp.recorded = None
 
+    @contextmanager
+    def count_replay_agreement(self, device: torch.device | str) -> Iterator[torch.Tensor]:
+        """Within it, every MoE layer's forward that replays experts adds (rows whose replayed experts are its router's
+        own top-k, rows replayed) to the yielded [2] fp64 tensor on `device` (the activations')."""
+        moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        for mlp in moe:
+            mlp.agreement = counts
+        try:
+            yield counts
+        finally:
+            for mlp in moe:
+                mlp.agreement = None
+
     # ------------------------------------------------------------------------ decoding
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> KVCache:

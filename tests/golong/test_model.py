@@ -691,6 +691,14 @@ def test_routing_replay_routes_every_moe_layer_through_the_given_experts(pair, c
     other[3, moe[0]] = -1  # no record for this token in this layer
     replayed = run(ac, routed_experts=other)
     plain = run(False, routed_experts=other) if ac else replayed
+    with model.count_replay_agreement("cpu") as agreement, torch.no_grad():  # (own choice, replayed) per layer x row
+        model(ids, cu, routed_experts=own)
+        assert agreement.tolist() == [len(moe) * ids.numel()] * 2
+        model(ids, cu, routed_experts=other)
+    same = sum(set(other[t, i].tolist()) == set(own[t, i].tolist()) for i in moe for t in range(ids.numel())
+               if not (t == 3 and i == moe[0]))
+    assert agreement.tolist() == [len(moe) * ids.numel() + same, 2 * len(moe) * ids.numel() - 1]
+    assert all(layer.mlp.agreement is None for layer in model.model.layers if isinstance(layer.mlp, gm.moe.MoE))
     for i in moe:  # what each layer routed through (the first forward's record; checkpointing records recomputes too)
         want = other[:, i].clone()
         if i == moe[0]:

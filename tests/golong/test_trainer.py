@@ -1914,9 +1914,9 @@ def test_router_replay_on_two_ranks_trains_as_the_engines_own_routing_does(confi
         assert out.returncode == 0, out.stderr[-4000:]
         runs[replay] = _by_step(run_dir)
     assert sorted(runs[True]) == [1, 2]
-    for row in runs[True].values():
-        assert row["routing/received_mib"] > 0
+    for row in runs[True].values():  # the torch engine's routes are all the trainer's router's own choice
+        assert row["routing/received_mib"] > 0 and row["routing/replay_agreement"] == 1.0
     for step, row in runs[False].items():
-        assert "routing/received_mib" not in row
+        assert "routing/received_mib" not in row and "routing/replay_agreement" not in row
         for key in ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/mean"):
             assert runs[True][step][key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (step, key)

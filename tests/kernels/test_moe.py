@@ -588,6 +588,7 @@ def test_replaying_the_routers_own_choice_routes_as_without_replay(norm, backend
     logits = torch.randn(37, 9)
     ref = moe_route(logits, 3, norm, backend=backend)
     got = moe_route(logits, 3, norm, backend=backend, expert_ids=ref.expert_ids.flip(1).to(torch.uint8))
+    assert ref.agreement is None and got.agreement.tolist() == [37, 37]  # every row the router's own choice
     # the slots' order may differ; what each token gets must not: the same experts, each with the same weight
     for r in (ref, got):
         assert torch.equal(r.counts, ref.counts) and torch.equal(r.offsets, ref.offsets)
@@ -617,6 +618,10 @@ def test_replayed_experts_take_the_routers_probabilities_of_them_with_their_grad
     (dl,) = torch.autograd.grad(r.weights, logits, g)
     (dl_ref,) = torch.autograd.grad(want_w, logits, g)
     assert (dl - dl_ref).norm() / dl_ref.norm() < 1e-6 and dl.abs().sum() > 0
+    # agreement: the recorded rows (all but 5 and 17) whose experts are the router's own top-k, as a set
+    same = sum(set(given[t].tolist()) == set(own[t].tolist()) for t in range(T) if t not in (5, 17))
+    given[8] = own[8].flip(0)  # one more row the router would have chosen
+    assert moe_route(logits, k, norm, backend="torch", expert_ids=given).agreement.tolist() == [same + 1, T - 2]
     # the sort follows the replayed experts: expert e's rows are the copies that name e
     flat = r.expert_ids.reshape(-1)[r.order]
     assert torch.equal(flat, flat.sort().values)
