@@ -11,7 +11,8 @@ of the tokens; top-8 of 128 gives each expert ~6% under uniform routing):
               ours_triton with each of kernels.moe_mlp's GATHER_IN_GEMM (the gate_up GEMM reads x rows by index, no
               permuted copy) and SWIGLU_IN_GEMM (SwiGLU in its epilogue) flipped from the value in use:
               ours_triton_gather / _no_gather, ours_triton_swiglu_in_gemm / _swiglu_kernel (--save-tuned records
-              the faster of each)
+              the faster of each); and ours_*_replayed, the same MLP routed through recorded experts (routing replay,
+              moe_route(expert_ids=); uniform routing; replayed_vs_own: its throughput over ours')
   grouped_mm  the gate_up GEMM alone on pre-routed rows: ours vs a per-expert loop (hand-written
               backward) vs a bare torch._grouped_mm call
 On CPU "ours" is the torch backend (torch._grouped_mm); on CUDA the Triton kernels, with the torch
@@ -234,6 +235,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             # each gate_up setting flipped from the one in use (this GPU's tuned one, or the built-in default)
             for name, on in active.items():
                 mlp(routing, _FLIP_ROWS[name][on], lambda name=name, on=on: _with({name: not on}, ours))
+        if routing == "uniform":  # routing replay (rollout.router_replay): the same MLP through recorded experts
+            ids = moe_route(logits, k).expert_ids.to(torch.uint8)
+            mlp(routing, f"{ours_name}_replayed",
+                lambda: expert_mlp(x, moe_route(logits, k, expert_ids=ids), gate_up, down))
         # on CUDA its forward only (~0.1 s a call): autograd through 128 indexed slices zero-fills
         # full-size gradients per expert, seconds a step at 32K tokens; --gpu-loop adds it
         mlp(routing, "per_expert_loop", lambda: loop_moe(x, logits, k, gate_up, down),
@@ -293,6 +298,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if r["metric"] == "throughput" and peer:
             r["ratio"] = r["value"] / peer
             r["ratio_meaning"] = "throughput / baseline throughput (higher is better)"
+    # replay cost: throughput through recorded experts / through the router's own choice
+    for r in rows:
+        if r["metric"] == "throughput" and r["impl"] == f"{ours_name}_replayed":
+            r["replayed_vs_own"] = r["value"] / ref[(r["case"], ours_name, r["mode"])]
     # skew cost: throughput under skewed routing / uniform, per impl and mode
     for r in rows:
         if r["metric"] == "throughput" and r["case"].endswith("/skewed30"):
@@ -360,7 +369,7 @@ def main() -> None:
     rows = run(args)
     if not args.dry_run:
         print(f"saved {save_results('moe', rows, out_dir=args.out)}")
-    cols = ["case", "impl", "mode", "value", "unit", "ms", "baseline", "ratio", "skew_vs_uniform"]
+    cols = ["case", "impl", "mode", "value", "unit", "ms", "baseline", "ratio", "skew_vs_uniform", "replayed_vs_own"]
     print_table("MoE expert MLP / grouped GEMM" + (" (dry run)" if args.dry_run else ""), rows, cols)
 
 

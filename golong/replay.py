@@ -3,8 +3,9 @@ rank that generated a response to the ranks that train on it.
 
 With each response it generates, a rank's engine returns the experts of every token it read, [P + R - 1, layers,
 top_k] (the prompt's tokens, then the response's but its last). A rank keeps its own in a `RoutingStore`: the prompt's
-rows once per prompt, each response's rows apart. Once the step's batch is known and planned, `exchange` sends, in one
-all-to-all, each response's rows and each prompt's rows once to the ranks of the dp group whose micro-batches hold it
+rows once per prompt, each response's rows apart. Once the step's batch is known and planned, `exchange` sends, by an
+all-to-all in rounds of ROUND_BYTES, each response's rows and each prompt's rows once to the ranks of the dp group
+whose micro-batches hold it
 (every cp rank of that group: each shards the rows as it shards the tokens), where they become the rollout's
 `prompt_experts` / `response_experts`. A rank holds the records of its own generation share and of its dp group's
 training share, never the whole step's: at the recipe's lengths (160K-token prompts, 16K-token responses, 48 layers
@@ -27,19 +28,22 @@ import torch.distributed as dist
 @dataclass
 class RoutingStore:
     """This rank's records of the step's generated responses, by (generation batch, prompt) and (generation batch,
-    request); uint8 / int16 [rows, layers, top_k]."""
+    request); uint8 / int16 [rows, layers, top_k] (`shape`: (layers, top_k))."""
 
+    shape: tuple[int, int]
     prompts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     responses: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
-    def add(self, batch: int, prompt: int, request: int, rows: np.ndarray, prompt_len: int, response_len: int
+    def add(self, batch: int, prompt: int, request: int, rows: np.ndarray | None, prompt_len: int, response_len: int
             ) -> None:
         """One response's record: its prompt's rows (kept once per prompt) and its own, as copies (a view would keep
-        the engine's whole [P + R - 1] array alive per response)."""
-        if rows is None or response_len < 1 or len(rows) != prompt_len + response_len - 1:
-            raise RuntimeError(f"the rollout engine returned {None if rows is None else len(rows)} rows of routed "
-                               f"experts for a {prompt_len}-token prompt and a {response_len}-token response: want "
-                               f"{prompt_len + response_len - 1} (rollout.router_replay)")
+        the engine's whole [P + R - 1] array alive per response). A record of another shape raises."""
+        want = (prompt_len + response_len - 1, *self.shape)
+        got = None if rows is None else tuple(np.shape(rows))
+        if got != want or response_len < 1:
+            raise RuntimeError(f"the rollout engine returned routed experts of shape {got} for a {prompt_len}-token "
+                               f"prompt and a {response_len}-token response: want {want} (prompt + response - 1 "
+                               "tokens x layers x top_k; rollout.router_replay)")
         if (batch, prompt) not in self.prompts:
             self.prompts[(batch, prompt)] = rows[:prompt_len].copy()
         self.responses[(batch, request)] = rows[prompt_len:].copy()
@@ -115,9 +119,9 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
     for src, dst, kind, key, i in items:
         if src == rank:
             held = (store.prompts if kind == "prompt" else store.responses).get(key)
-            if held is None or len(held) != rows(kind, i):
-                missing = missing or (f"routing replay: rank {rank} holds no {kind} record {key} of the length "
-                                      f"rollout {i} needs ({rows(kind, i)} rows)")
+            if held is None or held.shape != (rows(kind, i), *shape):
+                missing = missing or (f"routing replay: rank {rank} holds no {kind} record {key} of the shape "
+                                      f"rollout {i} needs ({rows(kind, i)}, {', '.join(map(str, shape))})")
                 continue
             send[dst].append(np.ascontiguousarray(held, dtype=dtype).reshape(-1).view(np.uint8))
         if dst == rank:
@@ -129,9 +133,10 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
         missing = next((m for m in found if m), None)
     if missing:
         raise RuntimeError(missing)
-    send_sizes = [sum(a.nbytes for a in parts) for parts in send]
-    flat = np.concatenate([a for parts in send for a in parts]) if any(send_sizes) else np.zeros(0, np.uint8)
-    received = flat if world == 1 else _all_to_all(flat, send_sizes, recv_sizes, world, device)
+    if world == 1:
+        received = np.concatenate(send[0]) if send[0] else np.zeros(0, np.uint8)
+    else:
+        received = _all_to_all(send, recv_sizes, world, device)
     offsets = np.concatenate([[0], np.cumsum(recv_sizes)])
     cursor = list(offsets[:-1])
     prompts: dict[tuple[int, int], np.ndarray] = {}
@@ -153,13 +158,24 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
     return int(sum(recv_sizes))
 
 
-def _all_to_all(flat: np.ndarray, send_sizes: list[int], recv_sizes: list[int], world: int, device: torch.device
+def _byte_range(parts: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
+    """Bytes [lo, hi) of the concatenation of `parts` (1-D uint8), as views of them."""
+    out, at = [], 0
+    for a in parts:
+        a_lo, a_hi = max(lo - at, 0), min(hi - at, a.nbytes)
+        if a_hi > a_lo:
+            out.append(a[a_lo:a_hi])
+        at += a.nbytes
+    return out
+
+
+def _all_to_all(send: list[list[np.ndarray]], recv_sizes: list[int], world: int, device: torch.device
                 ) -> np.ndarray:
-    """All-to-all of byte payloads (flat: this rank's, destination after destination) in rounds of at most
-    ROUND_BYTES // world bytes per destination, so the device buffers stay small -> what this rank received, source
-    after source."""
+    """All-to-all of byte payloads (send[d]: this rank's arrays for rank d, in order) in rounds of at most
+    ROUND_BYTES // world bytes per destination, so the round buffers stay small (no copy of the whole payload) ->
+    what this rank received, source after source."""
     per = max(1, ROUND_BYTES // world)
-    send_at = np.concatenate([[0], np.cumsum(send_sizes)])
+    send_sizes = [sum(a.nbytes for a in parts) for parts in send]
     recv_at = np.concatenate([[0], np.cumsum(recv_sizes)])
     out = np.empty(int(recv_at[-1]), np.uint8)
     rounds = -(-max(max(send_sizes), max(recv_sizes)) // per)
@@ -170,7 +186,8 @@ def _all_to_all(flat: np.ndarray, send_sizes: list[int], recv_sizes: list[int], 
         lo = c * per
         s = [max(0, min(per, n - lo)) for n in send_sizes]
         r = [max(0, min(per, n - lo)) for n in recv_sizes]
-        chunk = np.concatenate([flat[send_at[d] + lo:send_at[d] + lo + s[d]] for d in range(world)])
+        pieces = [a for d in range(world) for a in _byte_range(send[d], lo, lo + s[d])]
+        chunk = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
         got = torch.empty(sum(r), dtype=torch.uint8, device=device)
         dist.all_to_all_single(got, torch.from_numpy(chunk).to(device), r, s)
         got = got.cpu().numpy()

@@ -280,7 +280,8 @@ class Trainer:
         self.filter_keys_seen: set[str] = set()  # _filter_values: keys a result has held in this run
         self.warned_filter_key = False
         self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
-        self.routing_store = RoutingStore()  # routing replay: this rank's engine records of the step's responses
+        # routing replay: this rank's engine records of the step's responses
+        self.routing_store = RoutingStore((self.model.config.num_hidden_layers, self.model.config.num_experts_per_tok))
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             add_layer_nvtx(self.model)
@@ -392,8 +393,8 @@ class Trainer:
                     p = requests[j][0]
                     self.routing_store.add(routing, p, j, out.routed_experts[k], len(prompts[p].input_ids),
                                            len(out.token_ids[k]))
-            except RuntimeError as e:
-                bad_routing = f"rank {self.rank}: {e}"
+            except Exception as e:  # not raised here alone: the other ranks would wait at the gather
+                bad_routing = f"rank {self.rank}: {type(e).__name__}: {e}"
         t1 = time.perf_counter()
         with nvtx_range("reward"):
             rc = self.cfg.rollout
@@ -709,10 +710,9 @@ class Trainer:
         golong.replay); the store is emptied. Returns the bytes this rank received."""
         from golong.replay import exchange
 
-        c = self.model.config
         received = exchange(rollouts, self.actor.owners(rollouts), self.routing_store, self.rank, self.world,
-                            self.dims.cp_size, (c.num_hidden_layers, c.num_experts_per_tok),
-                            np.uint8 if c.num_experts <= 256 else np.int16, compute_device())
+                            self.dims.cp_size, self.routing_store.shape,
+                            np.uint8 if self.model.config.num_experts <= 256 else np.int16, compute_device())
         self.routing_store.clear()
         return received
 

@@ -48,7 +48,7 @@ class GenerationResult:
     sampled (finish_reason "stop"), else end at max_tokens ("length"). routed_experts (with record_routing, a MoE
     model): the experts each token the model read was routed to, [P + R - 1, num_hidden_layers, top_k] (prompt
     then response tokens, the last sampled one never read; dense layers' columns 0), uint8 (int16 past 256
-    experts), as vLLM returns them."""
+    experts), as vLLM returns them (golong's vLLM engine: int16 only where an id passes 255)."""
 
     token_ids: list[list[int]]
     logprobs: list[list[float]]

@@ -115,14 +115,12 @@ class _ProgressBridge:
     def close(self) -> None:
         pass
 
-def routed_experts_of(rows: Any, prompt_len: int, response_len: int, request: Any) -> np.ndarray:
-    """One response's routed experts as vLLM returns them ([tokens read, layers, top_k], the prompt's then the
-    response's tokens but its last) -> that array, uint8 / int16; anything else raises, naming the request."""
-    want = prompt_len + response_len - 1
-    if rows is None or np.ndim(rows) != 3 or len(rows) != want:
-        got = None if rows is None else np.shape(rows)
-        raise RuntimeError(f"vLLM returned routed experts of shape {got} for request {request}: want {want} rows "
-                           f"(prompt {prompt_len} + response {response_len} - 1 tokens) x layers x top_k")
+def routed_experts_of(rows: Any) -> np.ndarray | None:
+    """One response's routed experts as vLLM returns them ([tokens read, layers, top_k]: the prompt's tokens, then the
+    response's but its last) -> uint8 (int16 past 255), None as None. The trainer checks the shape (RoutingStore.add,
+    where a bad record stops every rank together)."""
+    if rows is None:
+        return None
     rows = np.asarray(rows)
     return rows.astype(np.uint8 if rows.max(initial=0) < 256 else np.int16, copy=False)
 
@@ -246,8 +244,7 @@ class VLLMEngine:
             result.logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
             result.finish_reasons.append(c.finish_reason or "length")
             if result.routed_experts is not None:
-                result.routed_experts.append(routed_experts_of(c.routed_experts, len(o.prompt_token_ids or ()),
-                                                               len(ids), o.request_id))
+                result.routed_experts.append(routed_experts_of(c.routed_experts))
         if progress is not None and not live:
             progress(local)
         return result

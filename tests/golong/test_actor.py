@@ -200,7 +200,7 @@ def test_routing_records_follow_each_row_to_its_sequence_position(share):
 @pytest.mark.parametrize("dp", [1, 3])
 def test_owners_name_the_dp_rank_whose_micro_batches_hold_each_rollout(share, dp):
     """Actor.owners (where golong.replay sends each record): for every mini-batch and every dp rank, the rollouts of
-    that rank's plan; and a micro-batch holding a rollout without its record stops (routing replay on)."""
+    that rank's plan; and a rank that would train a replayed rollout without its record stops (check_routing)."""
     from types import SimpleNamespace
 
     from golong.actor import Actor, split_mini_batches
@@ -224,8 +224,13 @@ def test_owners_name_the_dp_rank_whose_micro_batches_hold_each_rollout(share, dp
                     assert want[i] == -1
                     want[i] = rank
     assert owners == want and -1 not in owners and (dp == 1 or len(set(owners)) > 1)
+    actor.check_routing(rollouts, minis)  # no rollout replayed
     rollouts[2].route_key = RouteKey(0, 0, 0, 2)  # replayed, but its record never came
-    with pytest.raises(RuntimeError, match=f"rollout 2 is in a micro-batch of dp rank {dp - 1} but holds no record"):
-        actor._micro_batch(rollouts, [0, 1, 2])
-    actor.cfg.rollout.router_replay = False
-    actor._micro_batch(rollouts, [0, 1, 2])
+    for rank in range(dp):
+        actor.dims = SimpleNamespace(dp_size=dp, dp_rank=rank, rank=rank, cp_size=1)
+        if rank == owners[2]:
+            with pytest.raises(RuntimeError, match=f"rollout 2 is in a micro-batch of dp rank {rank} but holds no "
+                                                   f"record of its experts on rank {rank}"):
+                actor.check_routing(rollouts, minis)
+        else:  # on one process: a rank that does not train it sees nothing wrong (on many, all_gather tells all)
+            actor.check_routing(rollouts, minis)

@@ -1,5 +1,5 @@
 """golong.replay: each rollout's routing record goes from the rank that generated it to the ranks that train on it,
-one all-to-all, each prompt's rows once per rank."""
+by an all-to-all in rounds, each prompt's rows once per rank."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _batch(world: int) -> tuple[list[Rollout], list[int]]:
 
 def _store(rollouts: list[Rollout], rank: int) -> RoutingStore:
     """What rank `rank`'s engine recorded: the requests it generated (records hold prompt + response - 1 rows)."""
-    store = RoutingStore()
+    store = RoutingStore((LAYERS, K))
     for r in rollouts:
         k = r.route_key
         if k.origin == rank:
@@ -114,13 +114,28 @@ def test_one_rank_keeps_its_own_records_and_a_missing_one_is_named():
         exchange(rollouts, owners, store, 0, 1, 1, (LAYERS, K), np.uint8, torch.device("cpu"))
 
 
-def test_a_record_of_the_wrong_length_and_keeping_what_dynamic_sampling_kept():
-    store = RoutingStore()
-    with pytest.raises(RuntimeError, match="returned 5 rows of routed experts for a 3-token prompt and a 2-token"):
-        store.add(0, 0, 0, np.zeros((5, LAYERS, K), np.uint8), 3, 2)
-    store.add(0, 0, 0, np.zeros((4, LAYERS, K), np.uint8), 3, 2)
+def test_a_record_of_the_wrong_shape_and_keeping_what_dynamic_sampling_kept():
+    store = RoutingStore((LAYERS, K))
+    for rows, err in ((np.zeros((5, LAYERS, K), np.uint8), r"shape \(5, 3, 2\) .* want \(4, 3, 2\)"),
+                      (np.zeros((4, LAYERS + 1, K), np.uint8), r"shape \(4, 4, 2\)"), (None, "shape None")):
+        with pytest.raises(RuntimeError, match=f"the rollout engine returned routed experts of {err}"):
+            store.add(0, 0, 0, rows, 3, 2)
+    engine = np.zeros((4, LAYERS, K), np.uint8)
+    store.add(0, 0, 0, engine, 3, 2)
     store.add(0, 0, 1, np.ones((4, LAYERS, K), np.uint8), 3, 2)
     store.add(0, 1, 2, np.ones((6, LAYERS, K), np.uint8), 4, 3)
     assert store.prompts[(0, 0)].shape == (3, LAYERS, K) and (store.prompts[(0, 0)] == 0).all()  # the first's
+    # copies: a view would keep each response's whole engine array alive
+    assert store.prompts[(0, 0)].base is None and store.responses[(0, 0)].base is None
     store.keep([RouteKey(0, 0, 0, 1)])
     assert list(store.prompts) == [(0, 0)] and list(store.responses) == [(0, 1)]
+
+
+def test_a_held_record_of_another_row_shape_is_refused_before_any_transfer():
+    rollouts, _ = _batch(1)
+    owners = [0] * len(rollouts)
+    store = _store(rollouts, 0)
+    key = next(iter(store.responses))
+    store.responses[key] = np.zeros((len(store.responses[key]), LAYERS + 1, K), np.uint8)
+    with pytest.raises(RuntimeError, match=rf"rank 0 holds no response record \({key[0]}, {key[1]}\) of the shape"):
+        exchange(rollouts, owners, store, 0, 1, 1, (LAYERS, K), np.uint8, torch.device("cpu"))

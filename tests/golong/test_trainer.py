@@ -1878,9 +1878,12 @@ def test_router_replay_records_each_rollouts_experts_and_the_update_routes_throu
         monkeypatch.setattr(kernels, "moe_route", spy)
         for r in rollouts:
             r.advantage = 1.0
+            if len(r.response_experts):  # the first response row of layer 0 to the two experts the router did not pick
+                r.response_experts[0, 0] = sorted({0, 1, 2, 3} - set(r.response_experts[0, 0].tolist()))
         out = trainer.actor.update(rollouts)
         assert "time/old_logprob_s" in out and math.isfinite(out["actor/loss"])
         assert seen and all(seen)
+        assert 0.5 < out["routing/replay_agreement"] < 1  # those rows alone disagree
         # an engine record of the wrong length stops the step on every rank (through the results' gather)
         real_generate = trainer.engine.generate
 
@@ -1890,8 +1893,8 @@ def test_router_replay_records_each_rollouts_experts_and_the_update_routes_throu
             return res
 
         monkeypatch.setattr(trainer.engine, "generate", short)
-        with pytest.raises(RuntimeError, match=r"rollout step 2: rank 0: the rollout engine returned \d+ rows of "
-                                               r"routed experts for a \d+-token prompt"):
+        with pytest.raises(RuntimeError, match=r"rollout step 2: rank 0: RuntimeError: the rollout engine returned "
+                                               r"routed experts of shape \(\d+, 2, 2\) for a \d+-token prompt"):
             trainer.collect_rollouts(2)
     finally:
         dist.destroy_process_group()

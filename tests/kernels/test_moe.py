@@ -639,3 +639,26 @@ def test_replayed_experts_out_of_range_repeated_or_misshapen_are_refused():
         given[3, 0] = value
         with pytest.raises(RuntimeError, match="replayed expert_ids"):
             moe_route(logits, 2, expert_ids=given)
+
+
+@pytest.mark.gpu
+def test_replaying_the_routers_own_choice_on_cuda_matches_and_captures_in_a_graph():
+    """Routing replay on the GPU path (the Triton top-k for rows without a record, torch weights for the replayed
+    ones): the router's own choice replayed gives its weights to bf16 rounding; the assert and the agreement count
+    need no host sync (the forward captures in a CUDA graph)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4099, 128, device="cuda", dtype=torch.bfloat16)
+    ref = moe_route(logits, 8, backend="triton")
+    given = ref.expert_ids.to(torch.int16)
+    given[7] = -1  # no record: the Triton top-k's own choice
+    got = moe_route(logits, 8, backend="triton", expert_ids=given)
+    assert torch.equal(got.expert_ids, ref.expert_ids) and got.agreement.tolist() == [4098, 4098]
+    dense = [torch.zeros(4099, 128, device="cuda").scatter(1, r.expert_ids, r.weights.float()) for r in (ref, got)]
+    assert ((dense[1] - dense[0]).norm() / dense[0].norm()).item() < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    moe_route(logits, 8, backend="triton", expert_ids=given)  # warm up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):  # raises on any host sync inside
+        moe_route(logits, 8, backend="triton", expert_ids=given)
+    graph.replay()
+    torch.cuda.synchronize()
