@@ -29,7 +29,14 @@ from torch import nn
 from golong.config import RunConfig
 from golong.logger import get_logger
 from golong.models.checkpoint import full_parameters
-from golong.parallel import ParallelDims, all_gather_objects, compute_device, cp_gather, cp_shard, plan_micro_batches
+from golong.parallel import (
+    ParallelDims,
+    all_gather_objects,
+    compute_device,
+    cp_gather,
+    cp_shard,
+    plan_all_micro_batches,
+)
 from golong.profiling import nvtx_range
 from golong.replay import RouteKey
 
@@ -357,18 +364,21 @@ class Actor:
         """The dp rank whose micro-batches hold each rollout in the update (the same in every pass and epoch)."""
         out = [-1] * len(rollouts)
         for mini in split_mini_batches(rollouts, self.cfg.trainer.mini_batch_prompts):
-            for dp_rank in range(self.dims.dp_size):
-                for members in self._plan(rollouts, mini, dp_rank):
+            for dp_rank, plan in enumerate(self._plans(rollouts, mini)):
+                for members in plan:
                     for i in members:
                         out[i] = dp_rank
         return out
 
-    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int], dp_rank: int | None = None
-              ) -> list[list[int]]:
-        """This dp rank's micro-batches (dp_rank: another's). Each rollout is a unit; with trainer.share_prompts a
-        run of one prompt's rollouts that can share it is instead split into parts of near-equal response counts
-        (_split_run: as many as keep the busiest dp rank least loaded), each cut again, evenly, where its packed rows
-        (the prompt once) would pass the budget."""
+    def _plan(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[int]]:
+        """This dp rank's micro-batches (see _plans)."""
+        return self._plans(rollouts, indices)[self.dims.dp_rank]
+
+    def _plans(self, rollouts: Sequence[Rollout], indices: Sequence[int]) -> list[list[list[int]]]:
+        """Every dp rank's micro-batches. Each rollout is a unit; with trainer.share_prompts a run of one prompt's
+        rollouts that can share it is instead split into parts of near-equal response counts (_split_run: as many
+        as keep the busiest dp rank least loaded), each cut again, evenly, where its packed rows (the prompt once)
+        would pass the budget."""
         budget, dp = self.cfg.trainer.micro_batch_tokens, self.dims.dp_size
         if not self.cfg.trainer.share_prompts:
             units = [[i] for i in indices]
@@ -386,8 +396,7 @@ class Actor:
                         pieces = _cut_runs(rollouts, _even(part, len(pieces)), budget)
                     units += pieces
         sizes = [packed_rows(rollouts, u, self.cfg.trainer.share_prompts) for u in units]
-        plan = plan_micro_batches(sizes, dp, self.dims.dp_rank if dp_rank is None else dp_rank, budget)
-        return [[i for u in m for i in units[u]] for m in plan]
+        return [[[i for u in m for i in units[u]] for m in plan] for plan in plan_all_micro_batches(sizes, dp, budget)]
 
     def _min_tokens(self) -> int:
         return 2 * self.dims.cp_size * 2

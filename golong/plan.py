@@ -828,8 +828,12 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
 def _routing_note(cfg: RunConfig, s: ModelShape, gpus: int, dp: int) -> str:
     """Host memory of routing replay's records per rank (golong.replay): its share of a generation batch's, then its
     dp group's share of the step's kept ones, at the longest prompt and response."""
+    import numpy as np
+
+    from golong.replay import record_dtype  # here: golong.replay loads torch.distributed
+
     tr, n = cfg.trainer, cfg.rollout.n
-    row = s.layers * s.top_k * (1 if s.experts <= 256 else 2)  # bytes of one token's record
+    row = s.layers * s.top_k * np.dtype(record_dtype(s.experts)).itemsize  # bytes of one token's record
     per_gen = (tr.gen_batch_prompts or tr.prompts_per_step) if cfg.algo.dynamic_sampling else tr.prompts_per_step
     prompt, response = cfg.data.max_prompt_tokens, cfg.rollout.max_response_tokens
     generated = per_gen * (prompt + n * response) * row / gpus

@@ -9,9 +9,9 @@ whose micro-batches hold it
 (every cp rank of that group: each shards the rows as it shards the tokens), where they become the rollout's
 `prompt_experts` / `response_experts`. A rank holds the records of its own generation share and of its dp group's
 training share, never the whole step's: at the recipe's lengths (160K-token prompts, 16K-token responses, 48 layers
-x top-8) a response's record is ~65 MB. A prompt's rows are those of the rank that generated its first response:
-where its responses were generated on two ranks, the second engine's routing of the prompt (the same prefill, up to
-rounding near a tie) is not the one replayed.
+x top-8) a prompt's rows take 63 MB, kept once, and a response's 6 MB. A prompt's rows are those of the rank that
+generated its first kept response: where its responses were generated on two ranks, the second engine's routing of
+the prompt (the same prefill, up to rounding near a tie) is not the one replayed.
 """
 
 from __future__ import annotations
@@ -24,29 +24,49 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from golong.parallel import all_gather_objects
+
+
+def record_dtype(num_experts: int) -> type[np.integer]:
+    """The dtype of a routing record: uint8 up to 256 experts, int16 beyond."""
+    return np.uint8 if num_experts <= 256 else np.int16
+
 
 @dataclass
 class RoutingStore:
     """This rank's records of the step's generated responses, by (generation batch, prompt) and (generation batch,
-    request); uint8 / int16 [rows, layers, top_k] (`shape`: (layers, top_k))."""
+    request); [rows, layers, top_k] of record_dtype(num_experts) (`shape`: (layers, top_k))."""
 
     shape: tuple[int, int]
+    num_experts: int
     prompts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     responses: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
+    @property
+    def dtype(self) -> type[np.integer]:
+        return record_dtype(self.num_experts)
+
     def add(self, batch: int, prompt: int, request: int, rows: np.ndarray | None, prompt_len: int, response_len: int
             ) -> None:
-        """One response's record: its prompt's rows (kept once per prompt) and its own, as copies (a view would keep
-        the engine's whole [P + R - 1] array alive per response). A record of another shape raises."""
+        """One response's record: its prompt's rows (kept once per prompt) and its own, as copies in the store's dtype
+        (a view would keep the engine's whole [P + R - 1] array alive per response). A record of another shape, or
+        with an expert outside [0, num_experts), raises (on the host: a device-side assert would stop one rank)."""
+        if response_len < 1:
+            raise RuntimeError("the rollout engine returned an empty response: a routing record needs one token "
+                               "(rollout.router_replay)")
         want = (prompt_len + response_len - 1, *self.shape)
         got = None if rows is None else tuple(np.shape(rows))
-        if got != want or response_len < 1:
+        if got != want:
             raise RuntimeError(f"the rollout engine returned routed experts of shape {got} for a {prompt_len}-token "
                                f"prompt and a {response_len}-token response: want {want} (prompt + response - 1 "
                                "tokens x layers x top_k; rollout.router_replay)")
+        rows = np.asarray(rows)
+        if rows.size and not (0 <= rows.min() and rows.max() < self.num_experts):
+            raise RuntimeError(f"the rollout engine returned routed experts in [{rows.min()}, {rows.max()}]: want "
+                               f"[0, {self.num_experts}) (rollout.router_replay)")
         if (batch, prompt) not in self.prompts:
-            self.prompts[(batch, prompt)] = rows[:prompt_len].copy()
-        self.responses[(batch, request)] = rows[prompt_len:].copy()
+            self.prompts[(batch, prompt)] = rows[:prompt_len].astype(self.dtype)
+        self.responses[(batch, request)] = rows[prompt_len:].astype(self.dtype)
 
     def keep(self, keys: Iterable[RouteKey]) -> None:
         """Drop every record but those of these rollouts (the ones dynamic sampling kept)."""
@@ -97,14 +117,14 @@ ROUND_BYTES = 512 << 20
 
 
 def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore, rank: int, world: int, cp: int,
-             shape: tuple[int, int], dtype: np.dtype, device: torch.device) -> int:
+             device: torch.device) -> int:
     """Give every rollout its routing record on the ranks that train on it (a collective: every rank calls it with the
     same rollouts and owners). owners[i]: the dp rank whose micro-batches hold rollout i (-1: none); rank = dp_rank *
-    cp + cp_rank. shape: (layers, top_k) of a record row. Rollouts of other dp groups get None. A record some rank
-    lacks stops every rank, naming it. Returns the bytes this rank received."""
+    cp + cp_rank. Rollouts of other dp groups get None. A record some rank lacks stops every rank, naming it.
+    Returns the bytes this rank received."""
     if any(not -1 <= d < world // cp for d in owners):
         raise ValueError(f"owners must be dp ranks in [0, {world // cp}) or -1, got {sorted(set(owners))}")
-    dtype = np.dtype(dtype)
+    shape, dtype = store.shape, np.dtype(store.dtype)
     row_bytes = int(np.prod(shape)) * dtype.itemsize
 
     def rows(kind: str, i: int) -> int:
@@ -123,15 +143,12 @@ def exchange(rollouts: Sequence[Any], owners: Sequence[int], store: RoutingStore
                 missing = missing or (f"routing replay: rank {rank} holds no {kind} record {key} of the shape "
                                       f"rollout {i} needs ({rows(kind, i)}, {', '.join(map(str, shape))})")
                 continue
-            send[dst].append(np.ascontiguousarray(held, dtype=dtype).reshape(-1).view(np.uint8))
+            send[dst].append(np.ascontiguousarray(held).reshape(-1).view(np.uint8))
         if dst == rank:
             recv_sizes[src] += rows(kind, i) * row_bytes
             incoming.append((src, kind, key, i))
-    if world > 1:  # every rank learns of a missing record (a rank raising alone would leave the others waiting)
-        found: list[Any] = [None] * world
-        dist.all_gather_object(found, missing)
-        missing = next((m for m in found if m), None)
-    if missing:
+    # every rank learns of a missing record (a rank raising alone would leave the others waiting)
+    if missing := next((m for m in all_gather_objects(missing) if m), None):
         raise RuntimeError(missing)
     if world == 1:
         received = np.concatenate(send[0]) if send[0] else np.zeros(0, np.uint8)

@@ -281,7 +281,8 @@ class Trainer:
         self.warned_filter_key = False
         self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
         # routing replay: this rank's engine records of the step's responses
-        self.routing_store = RoutingStore((self.model.config.num_hidden_layers, self.model.config.num_experts_per_tok))
+        c = self.model.config
+        self.routing_store = RoutingStore((c.num_hidden_layers, c.num_experts_per_tok), c.num_experts)
         self.stop_signals = _StopSignals()
         if cfg.profile.nvtx:
             add_layer_nvtx(self.model)
@@ -711,8 +712,7 @@ class Trainer:
         from golong.replay import exchange
 
         received = exchange(rollouts, self.actor.owners(rollouts), self.routing_store, self.rank, self.world,
-                            self.dims.cp_size, self.routing_store.shape,
-                            np.uint8 if self.model.config.num_experts <= 256 else np.int16, compute_device())
+                            self.dims.cp_size, compute_device())
         self.routing_store.clear()
         return received
 

@@ -226,7 +226,7 @@ class Qwen3ForCausalLM(nn.Module):
         also attends to all of document prefix_of[b] and its positions continue after it (n responses packed
         after one copy of their prompt). routed_experts [T, num_hidden_layers, top_k] int or None (rows as
         input_ids'): routing replay, each MoE layer routes token t through experts routed_experts[t, layer] (a row
-        with a negative entry by its own top-k; dense layers' columns are not read), as `record_routing` wrote them.
+        with a negative entry by its own top-k; dense layers' columns are not read), the rollout engines' layout.
         """
         cp = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
         if position_ids is None:

@@ -5,7 +5,7 @@
     ids_local = cp_shard(ids, cu_seqlens, dims.cp_rank, dims.cp_size)   # zigzag shard (cp > 1)
 """
 
-from golong.parallel.batching import balance, pack, plan_micro_batches, rollout_share
+from golong.parallel.batching import balance, pack, plan_all_micro_batches, plan_micro_batches, rollout_share
 from golong.parallel.context import cp_gather, cp_shard
 from golong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision_policy
 from golong.parallel.mesh import (
@@ -31,6 +31,7 @@ __all__ = [
     "init_parallel",
     "mixed_precision_policy",
     "pack",
+    "plan_all_micro_batches",
     "plan_micro_batches",
     "rollout_share",
 ]

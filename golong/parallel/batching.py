@@ -65,11 +65,15 @@ def pack(indices: Sequence[int], lengths: Sequence[int], token_budget: int) -> l
     return [sorted(b) for b in bins]
 
 
-def plan_micro_batches(lengths: Sequence[int], dp_size: int, dp_rank: int, token_budget: int
-                       ) -> list[list[int]]:
-    """This dp rank's micro-batches (lists of sequence indices), padded with empty lists so every
+def plan_all_micro_batches(lengths: Sequence[int], dp_size: int, token_budget: int) -> list[list[list[int]]]:
+    """Every dp rank's micro-batches (lists of sequence indices), each padded with empty lists so every
     rank has the same count (an empty micro-batch runs a masked dummy forward/backward)."""
     per_rank = [pack(idx, lengths, token_budget) for idx in balance(lengths, dp_size)]
     count = max(1, max(len(m) for m in per_rank))
-    mine = per_rank[dp_rank]
-    return mine + [[] for _ in range(count - len(mine))]
+    return [m + [[] for _ in range(count - len(m))] for m in per_rank]
+
+
+def plan_micro_batches(lengths: Sequence[int], dp_size: int, dp_rank: int, token_budget: int
+                       ) -> list[list[int]]:
+    """This dp rank's micro-batches (plan_all_micro_batches')."""
+    return plan_all_micro_batches(lengths, dp_size, token_budget)[dp_rank]

@@ -79,9 +79,6 @@ class VLLMRollout:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
                  progress: Any = None, routing: bool = False) -> GenerationResult:
         """routing: keep the experts vLLM returns (engine-wide with rollout.router_replay) with each response."""
-        if routing and not self.engine.config.return_routed_experts:
-            raise ValueError("routing asked of a vLLM engine started without return_routed_experts "
-                             "(rollout.router_replay)")
         out = self.engine.generate(prompts, params, seeds, progress=progress)
         if not routing:
             out.routed_experts = None

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from golong.models.config import ModelConfig
+from golong.replay import record_dtype
+
 # vLLM's SamplingParams raises a temperature in (0, 0.01) to 0.01 (sampling_params.py, _MAX_TEMP): both engines
 # sample, and report logprobs, at the same temperature
 MIN_TEMPERATURE = 0.01
@@ -47,8 +50,8 @@ class GenerationResult:
     """One entry per request, in request order. token_ids include the stop token when one was
     sampled (finish_reason "stop"), else end at max_tokens ("length"). routed_experts (with record_routing, a MoE
     model): the experts each token the model read was routed to, [P + R - 1, num_hidden_layers, top_k] (prompt
-    then response tokens, the last sampled one never read; dense layers' columns 0), uint8 (int16 past 256
-    experts), as vLLM returns them (golong's vLLM engine: int16 only where an id passes 255)."""
+    then response tokens, the last sampled one never read; dense layers' columns 0), in the layout vLLM returns
+    them (its integer dtype; golong.replay.record_dtype from this generator)."""
 
     token_ids: list[list[int]]
     logprobs: list[list[float]]
@@ -58,17 +61,6 @@ class GenerationResult:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    @classmethod
-    def concat(cls, parts: Iterable[GenerationResult]) -> GenerationResult:
-        parts = list(parts)
-        out = cls([], [], [], [] if parts and all(p.routed_experts is not None for p in parts) else None)
-        for p in parts:
-            out.token_ids += p.token_ids
-            out.logprobs += p.logprobs
-            out.finish_reasons += p.finish_reasons
-            if out.routed_experts is not None:
-                out.routed_experts += p.routed_experts
-        return out
 
 
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams
@@ -183,7 +175,7 @@ class TorchGenerator:
             out = self._decode(model, cache, hidden, lengths, params, gens, stop, recorded, routes)
         model.train(was_training)
         if record_routing:
-            dtype = np.uint8 if model.config.num_experts <= 256 else np.int16
+            dtype = record_dtype(model.config.num_experts)
             out.routed_experts = [torch.cat(r).numpy().astype(dtype) for r in routes]
         return out
 
@@ -225,7 +217,7 @@ class TorchGenerator:
         )
 
 
-def _take_routing(recorded: dict[int, list[torch.Tensor]], config: Any, routes: list[list[torch.Tensor]],
+def _take_routing(recorded: dict[int, list[torch.Tensor]], config: ModelConfig, routes: list[list[torch.Tensor]],
                   lengths: torch.Tensor) -> None:
     """Move one forward_cached call's recorded experts (per MoE layer [B * S, top_k]) into each row's routes:
     row b's first lengths[b] tokens, as [tokens, num_hidden_layers, top_k] (dense layers' columns 0)."""

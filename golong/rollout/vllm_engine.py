@@ -115,16 +115,6 @@ class _ProgressBridge:
     def close(self) -> None:
         pass
 
-def routed_experts_of(rows: Any) -> np.ndarray | None:
-    """One response's routed experts as vLLM returns them ([tokens read, layers, top_k]: the prompt's tokens, then the
-    response's but its last) -> uint8 (int16 past 255), None as None. The trainer checks the shape (RoutingStore.add,
-    where a bad record stops every rank together)."""
-    if rows is None:
-        return None
-    rows = np.asarray(rows)
-    return rows.astype(np.uint8 if rows.max(initial=0) < 256 else np.int16, copy=False)
-
-
 class VLLMEngine:
     """vLLM in the trainer's process(es); see the module docstring."""
 
@@ -244,7 +234,8 @@ class VLLMEngine:
             result.logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
             result.finish_reasons.append(c.finish_reason or "length")
             if result.routed_experts is not None:
-                result.routed_experts.append(routed_experts_of(c.routed_experts))
+                # [tokens read, layers, top_k], or None: golong.replay.RoutingStore.add checks and converts it
+                result.routed_experts.append(None if c.routed_experts is None else np.asarray(c.routed_experts))
         if progress is not None and not live:
             progress(local)
         return result

@@ -11,7 +11,7 @@ from golong.actor import Rollout
 from golong.replay import RouteKey, RoutingStore, exchange
 from tests.distributed import run_distributed
 
-LAYERS, K = 3, 2
+LAYERS, K, EXPERTS = 3, 2, 251
 
 
 def _record(batch: int, request: int, rows: int) -> np.ndarray:
@@ -38,9 +38,9 @@ def _batch(world: int) -> tuple[list[Rollout], list[int]]:
     return rollouts, owners
 
 
-def _store(rollouts: list[Rollout], rank: int) -> RoutingStore:
+def _store(rollouts: list[Rollout], rank: int, experts: int = EXPERTS) -> RoutingStore:
     """What rank `rank`'s engine recorded: the requests it generated (records hold prompt + response - 1 rows)."""
-    store = RoutingStore((LAYERS, K))
+    store = RoutingStore((LAYERS, K), experts)
     for r in rollouts:
         k = r.route_key
         if k.origin == rank:
@@ -76,7 +76,7 @@ def _exchange_worker(rank: int, world: int, cp: int, round_bytes: int) -> None:
     golong.replay.ROUND_BYTES = round_bytes
     rollouts, owners = _batch(world)
     store = _store(rollouts, rank)
-    received = exchange(rollouts, owners, store, rank, world, cp, (LAYERS, K), np.uint8, torch.device("cpu"))
+    received = exchange(rollouts, owners, store, rank, world, cp, torch.device("cpu"))
     _check(rollouts, owners, rank // cp, received)
 
 
@@ -94,7 +94,7 @@ def _missing_worker(rank: int, world: int) -> None:
         key = next(k for k in store.responses)
         del store.responses[key]
     with pytest.raises(RuntimeError, match=r"rank 1 holds no response record"):
-        exchange(rollouts, owners, store, rank, world, 1, (LAYERS, K), np.uint8, torch.device("cpu"))
+        exchange(rollouts, owners, store, rank, world, 1, torch.device("cpu"))
 
 
 def test_a_record_missing_on_one_rank_stops_every_rank():
@@ -104,24 +104,30 @@ def test_a_record_missing_on_one_rank_stops_every_rank():
 def test_one_rank_keeps_its_own_records_and_a_missing_one_is_named():
     rollouts, owners = _batch(1)
     owners = [0] * len(rollouts)
-    store = _store(rollouts, 0)
-    received = exchange(rollouts, owners, store, 0, 1, 1, (LAYERS, K), np.int16, torch.device("cpu"))
+    store = _store(rollouts, 0, experts=300)  # past 256 experts: int16 records
+    received = exchange(rollouts, owners, store, 0, 1, 1, torch.device("cpu"))
     assert rollouts[0].prompt_experts.dtype == np.int16
     _check(rollouts, owners, 0, received)  # int16: the arrays and the bytes twice uint8's
     store = _store(rollouts, 0)
     del store.responses[(1, 4)]
     with pytest.raises(RuntimeError, match=r"rank 0 holds no response record \(1, 4\)"):
-        exchange(rollouts, owners, store, 0, 1, 1, (LAYERS, K), np.uint8, torch.device("cpu"))
+        exchange(rollouts, owners, store, 0, 1, 1, torch.device("cpu"))
 
 
 def test_a_record_of_the_wrong_shape_and_keeping_what_dynamic_sampling_kept():
-    store = RoutingStore((LAYERS, K))
+    store = RoutingStore((LAYERS, K), EXPERTS)
     for rows, err in ((np.zeros((5, LAYERS, K), np.uint8), r"shape \(5, 3, 2\) .* want \(4, 3, 2\)"),
                       (np.zeros((4, LAYERS + 1, K), np.uint8), r"shape \(4, 4, 2\)"), (None, "shape None")):
         with pytest.raises(RuntimeError, match=f"the rollout engine returned routed experts of {err}"):
             store.add(0, 0, 0, rows, 3, 2)
-    engine = np.zeros((4, LAYERS, K), np.uint8)
+    for bad in (-1, EXPERTS):  # an expert outside [0, E): refused on the host
+        with pytest.raises(RuntimeError, match=rf"routed experts in \[{bad}, {bad}\]: want \[0, 251\)"):
+            store.add(0, 0, 0, np.full((4, LAYERS, K), bad, np.int64), 3, 2)
+    with pytest.raises(RuntimeError, match="an empty response"):
+        store.add(0, 0, 0, np.zeros((2, LAYERS, K), np.uint8), 3, 0)
+    engine = np.zeros((4, LAYERS, K), np.int64)  # as vLLM may hand them: converted to the store's uint8
     store.add(0, 0, 0, engine, 3, 2)
+    assert store.responses[(0, 0)].dtype == np.uint8
     store.add(0, 0, 1, np.ones((4, LAYERS, K), np.uint8), 3, 2)
     store.add(0, 1, 2, np.ones((6, LAYERS, K), np.uint8), 4, 3)
     assert store.prompts[(0, 0)].shape == (3, LAYERS, K) and (store.prompts[(0, 0)] == 0).all()  # the first's
@@ -131,6 +137,12 @@ def test_a_record_of_the_wrong_shape_and_keeping_what_dynamic_sampling_kept():
     assert list(store.prompts) == [(0, 0)] and list(store.responses) == [(0, 1)]
 
 
+def test_owners_outside_the_dp_ranks_are_refused():
+    rollouts, owners = _batch(1)
+    with pytest.raises(ValueError, match=r"owners must be dp ranks in \[0, 1\) or -1"):
+        exchange(rollouts, [1] * len(rollouts), _store(rollouts, 0), 0, 1, 1, torch.device("cpu"))
+
+
 def test_a_held_record_of_another_row_shape_is_refused_before_any_transfer():
     rollouts, _ = _batch(1)
     owners = [0] * len(rollouts)
@@ -138,4 +150,4 @@ def test_a_held_record_of_another_row_shape_is_refused_before_any_transfer():
     key = next(iter(store.responses))
     store.responses[key] = np.zeros((len(store.responses[key]), LAYERS + 1, K), np.uint8)
     with pytest.raises(RuntimeError, match=rf"rank 0 holds no response record \({key[0]}, {key[1]}\) of the shape"):
-        exchange(rollouts, owners, store, 0, 1, 1, (LAYERS, K), np.uint8, torch.device("cpu"))
+        exchange(rollouts, owners, store, 0, 1, 1, torch.device("cpu"))

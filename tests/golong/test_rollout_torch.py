@@ -233,7 +233,6 @@ def test_recorded_routing_is_the_full_forwards_and_replaying_it_closes_a_router_
             model(seq, torch.tensor([0, len(seq)], dtype=torch.int32))
         for i in range(layers):
             assert torch.equal(torch.from_numpy(routed[:, i]).long(), rec[i][0]), i
-    assert GenerationResult.concat([out, out]).routed_experts[5] is out.routed_experts[1]
     assert TorchGenerator(model, []).generate(prompts, params, seeds=[1, 2, 3, 4]).routed_experts is None
 
     trainer = tiny_moe(seed=2)  # the engine's weights but for a nudged router: some tokens pick other experts
@@ -253,8 +252,8 @@ def test_recorded_routing_is_the_full_forwards_and_replaying_it_closes_a_router_
     # the nudged router picks other experts for some of the engine's routes (what routing/replay_agreement logs)
     assert 0.5 < agreement[0] / agreement[1] < 1, agreement
     own, replay = (torch.cat(v).mean().item() for v in (gaps["own"], gaps["replay"]))
-    # about half the gap is gone (0.052 vs 0.101 here); the rest is the nudged router's own weights of the experts
-    assert replay < 0.75 * own, (replay, own)
+    # about half the gap is gone (0.052 vs 0.101, seeded); the rest is the nudged router's own weights of the experts
+    assert replay < 0.6 * own, (replay, own)
 
     with pytest.raises(ValueError, match="dense"):
         TorchGenerator(from_config(dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,

@@ -1911,7 +1911,7 @@ def test_router_replay_on_two_ranks_trains_as_the_engines_own_routing_does(confi
     common = ("trainer.total_steps=2", "trainer.sft_steps=0", "trainer.val_every=0", "profile.steps=[]",
               "checkpoint.every=0", f"parallel.cp={cp}")
     runs = {}
-    for replay in (True, False):
+    for replay in (True, False) if cp == 2 else (True,):  # one baseline run: the agreement of 1 says the rest
         run_dir = tmp_path / f"replay_{replay}"
         out = _train(config_file, run_dir, "", f"rollout.router_replay={str(replay).lower()}", *common, ranks=2)
         assert out.returncode == 0, out.stderr[-4000:]
@@ -1919,7 +1919,7 @@ def test_router_replay_on_two_ranks_trains_as_the_engines_own_routing_does(confi
     assert sorted(runs[True]) == [1, 2]
     for row in runs[True].values():  # the torch engine's routes are all the trainer's router's own choice
         assert row["routing/received_mib"] > 0 and row["routing/replay_agreement"] == 1.0
-    for step, row in runs[False].items():
+    for step, row in runs.get(False, {}).items():
         assert "routing/received_mib" not in row and "routing/replay_agreement" not in row
         for key in ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/mean"):
             assert runs[True][step][key] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (step, key)
