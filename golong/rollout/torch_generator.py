@@ -22,14 +22,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from golong.models.config import ModelConfig
-from golong.replay import record_dtype
+if TYPE_CHECKING:  # the vLLM venv imports this module without golong's config stack (omegaconf)
+    from golong.models.config import ModelConfig
 
 # vLLM's SamplingParams raises a temperature in (0, 0.01) to 0.01 (sampling_params.py, _MAX_TEMP): both engines
 # sample, and report logprobs, at the same temperature
@@ -175,6 +175,8 @@ class TorchGenerator:
             out = self._decode(model, cache, hidden, lengths, params, gens, stop, recorded, routes)
         model.train(was_training)
         if record_routing:
+            from golong.replay import record_dtype  # here: see the TYPE_CHECKING import above
+
             dtype = record_dtype(model.config.num_experts)
             out.routed_experts = [torch.cat(r).numpy().astype(dtype) for r in routes]
         return out
