@@ -62,7 +62,7 @@ from golong.eval_groups import check_group_keys, row_groups
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.parallel import all_gather_objects, compute_device, gather_objects_to_rank0, init_parallel, rollout_share
 from golong.profiling import TorchTrace, add_layer_nvtx, cuda_profiler_window, nvtx_range
-from golong.replay import RouteKey, RoutingStore
+from golong.replay import RouteKey, RoutingStore, exchange
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, sample_metrics
 from golong.rollout.engines import build_engine
@@ -709,8 +709,6 @@ class Trainer:
     def _exchange_routing(self, rollouts: Sequence[Rollout]) -> int:
         """Routing replay: each rollout's record from the rank that generated it to the ranks that train on it (see
         golong.replay); the store is emptied. Returns the bytes this rank received."""
-        from golong.replay import exchange
-
         received = exchange(rollouts, self.actor.owners(rollouts), self.routing_store, self.rank, self.world,
                             self.dims.cp_size, compute_device())
         self.routing_store.clear()

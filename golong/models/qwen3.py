@@ -272,29 +272,32 @@ class Qwen3ForCausalLM(nn.Module):
     def record_routing(self) -> Iterator[dict[int, list[torch.Tensor]]]:
         """Within it, every forward appends each MoE layer's chosen experts [rows, top_k] int64 (rows in the
         order of that forward's flattened tokens) to recorded[layer index]; yields `recorded`."""
-        recorded: dict[int, list[torch.Tensor]] = {}
-        moe = [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
-        for i, mlp in moe:
-            mlp.recorded = recorded.setdefault(i, [])
-        try:
+        recorded: dict[int, list[torch.Tensor]] = {i: [] for i, _ in self._moe_layers()}
+        with self._on_moe_layers("recorded", recorded.__getitem__):
             yield recorded
-        finally:
-            for _, mlp in moe:
-                mlp.recorded = None
 
     @contextmanager
     def count_replay_agreement(self, device: torch.device | str) -> Iterator[torch.Tensor]:
         """Within it, every MoE layer's forward that replays experts adds (rows whose replayed experts are its router's
         own top-k, rows replayed) to the yielded [2] fp64 tensor on `device` (the activations')."""
-        moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         counts = torch.zeros(2, dtype=torch.float64, device=device)
-        for mlp in moe:
-            mlp.agreement = counts
-        try:
+        with self._on_moe_layers("agreement", lambda _: counts):
             yield counts
+
+    def _moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
+
+    @contextmanager
+    def _on_moe_layers(self, name: str, value: Callable[[int], Any]) -> Iterator[None]:
+        """Each MoE layer's attribute `name` set to value(layer index) within it, None again after."""
+        moe = self._moe_layers()
+        for i, mlp in moe:
+            setattr(mlp, name, value(i))
+        try:
+            yield
         finally:
-            for mlp in moe:
-                mlp.agreement = None
+            for _, mlp in moe:
+                setattr(mlp, name, None)
 
     # ------------------------------------------------------------------------ decoding
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
