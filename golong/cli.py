@@ -136,19 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "such record")
     s.set_defaults(subparser=s)
 
-    s = dsub.add_parser("import", help="convert a long-context benchmark (LongBench-v2, MRCR) into golong records",
+    s = dsub.add_parser("import", help="convert a long-context benchmark (LongBench-v2, MRCR, DocMath) into golong "
+                                       "records",
                         description="Write the rows of a benchmark's source files as golong records scored by the "
                                     "benchmark's own metric, for golong eval (data.val_files). longbench-v2: "
                                     "THUDM/LongBench-v2's data.json, scored by 'The correct answer is (X)'; mrcr: "
                                     "openai/mrcr's parquet files, scored by OpenAI's grade (the random prefix, then "
-                                    "difflib's ratio). A bad row is named by file and line / item / row.")
+                                    "difflib's ratio); docmath: yale-nlp/DocMath-Eval's testmini files, scored by the "
+                                    "number in 'Therefore, the answer is N' as GoLongRL's DocMath eval rules it. A bad "
+                                    "row is named by file and line / item / row.")
     s.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark the files hold")
     s.add_argument("sources", nargs="+", help="its files (.json, .jsonl or .parquet), read in order")
     s.add_argument("--out", required=True, help="output .jsonl (or .json: JSON Lines) or .parquet; never a source")
     s.add_argument("--limit", type=int, default=None, help="convert the first N rows only (over the files in order)")
     s.add_argument("--template", default=None,
-                   help="longbench-v2: a prompt template file with LongBench-v2's placeholders $DOC$, $Q$, $C_A$ .. "
-                        "$C_D$ (e.g. LongBench's prompts/0shot.txt; default: golong's wording of the same prompt)")
+                   help="a prompt template file (default: golong's wording of the benchmark's prompt). longbench-v2: "
+                        "LongBench-v2's placeholders $DOC$, $Q$, $C_A$ .. $C_D$ (e.g. LongBench's prompts/0shot.txt); "
+                        "docmath: $DOC$ and $Q$ (QwenLong-L1's DocMath prompt)")
     s.set_defaults(subparser=s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",

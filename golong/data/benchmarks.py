@@ -2,6 +2,7 @@
 
     golong data import longbench-v2 data.json --out data/lbv2.jsonl
     golong data import mrcr mrcr/2needle/*.parquet mrcr/8needle/*.parquet --out data/mrcr.jsonl
+    golong data import docmath DocMath-Eval/*_testmini.jsonl --out data/docmath.jsonl
     golong eval CONFIG data.val_files=[data/mrcr.jsonl] data.overflow=drop --by prompt_tokens
 
 LongBench-v2 (THUDM/LongBench-v2's data.json; its fields _id, domain, sub_domain, difficulty, length, question,
@@ -15,6 +16,12 @@ scored by `mrcr` (OpenAI's grade: the answer must start with the random prefix, 
 message). Task "mrcr_<n>needle"; a column of the model card (<128K, 128K-512K, 512K-1M tokens) is the
 prompts-weighted mean of its bins under `golong eval --by prompt_tokens`.
 
+DocMath-Eval (yale-nlp/DocMath-Eval's testmini files, complong / compshort / simplong / simpshort; fields question,
+paragraphs (the document's paragraphs and tables, joined by newlines), ground_truth (a number; the test split hides
+it), question_id, source): one user message with the document and the question, asking for "Therefore, the answer is
+N", scored by `docmath` (the rule score of GoLongRL's DocMath eval). Task "docmath"; the subset named in the file's
+path goes to extra_info.subset (`golong eval --by subset`).
+
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -50,8 +58,30 @@ Choices:
 
 Give your answer as "The correct answer is (X)", X being the letter of the choice you pick."""
 _LETTERS = "ABCD"
-_VALUES = ("DOC", "Q", *(f"C_{c}" for c in _LETTERS))  # the placeholders, $DOC$ ... $C_D$
-_PLACEHOLDER = re.compile(r"\$(" + "|".join(_VALUES) + r")\$")
+# golong's wording of a DocMath prompt; $DOC$ and $Q$ are the placeholders of QwenLong-L1's DocMath prompt, so that
+# prompt works as --template unchanged
+DOCMATH_TEMPLATE = """Read the document below, then answer the question that follows it.
+
+<text>
+$DOC$
+</text>
+
+Question: $Q$
+
+Work it out step by step, then end with the sentence "Therefore, the answer is N", N being the final answer as \
+a number."""
+# benchmark -> (its placeholders, those a template must hold, what each holds), for --template
+TEMPLATE_PLACEHOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "longbench-v2": (("DOC", "Q", *(f"C_{c}" for c in _LETTERS)), ("Q", *(f"C_{c}" for c in _LETTERS)),
+                     "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"),
+    "docmath": (("DOC", "Q"), ("Q",), "$DOC$ (the document), $Q$ (the question)"),
+}
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """The template with each $NAME$ of `values` filled in, in one pass (a value that happens to contain "$Q$" is
+    not filled in again)."""
+    return re.sub(r"\$(" + "|".join(map(re.escape, values)) + r")\$", lambda m: values[m.group(1)], template)
 
 
 def _text(row: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) -> str:
@@ -72,17 +102,21 @@ def _check_fields(row: Any, fields: tuple[str, ...], benchmark: str, where: str)
     return row
 
 
-def check_template(template: str) -> str:
-    """A LongBench-v2 prompt template: it must hold $Q$ and the four choices; $DOC$ may be left out (LongBench's
-    no-context baseline); any other $NAME$ is refused (it would reach the model as it is)."""
-    names = "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"
-    missing = [f"${k}$" for k in _VALUES[1:] if f"${k}$" not in template]
+def check_template(template: str, benchmark: str = "longbench-v2") -> str:
+    """A prompt template for `benchmark` (TEMPLATE_PLACEHOLDERS): it must hold the placeholders the benchmark needs
+    ($Q$, and for LongBench-v2 the four choices); $DOC$ may be left out (LongBench's no-context baseline); any other
+    $NAME$ is refused (it would reach the model as it is)."""
+    if benchmark not in TEMPLATE_PLACEHOLDERS:
+        raise ValueError(f"--template applies to {' and '.join(TEMPLATE_PLACEHOLDERS)} only, not {benchmark}")
+    known, required, names = TEMPLATE_PLACEHOLDERS[benchmark]
+    missing = [f"${k}$" for k in required if f"${k}$" not in template]
     if missing:
         raise ValueError(f"the template holds no {', '.join(missing)}; its placeholders: {names}")
-    unknown = sorted(set(re.findall(r"\$[A-Z][A-Z0-9_]*\$", template)) - {f"${k}$" for k in _VALUES})
+    unknown = sorted(set(re.findall(r"\$[A-Z][A-Z0-9_]*\$", template)) - {f"${k}$" for k in known})
     if unknown:
-        raise ValueError(f"the template holds {', '.join(unknown)}, which golong does not fill (LongBench's $COT$ is "
-                         f"its second, chain-of-thought stage); its placeholders: {names}")
+        hint = " (LongBench's $COT$ is its second, chain-of-thought stage)" if benchmark == "longbench-v2" else ""
+        raise ValueError(f"the template holds {', '.join(unknown)}, which golong does not fill{hint}; its "
+                         f"placeholders: {names}")
     return template
 
 
@@ -97,8 +131,7 @@ def longbench_v2_record(row: Any, where: str, index: int, template: str = LONGBE
     # stripped, as LongBench-v2's pred.py fills its template
     values = {"DOC": _text(row, "context", where).strip(), "Q": _text(row, "question", where).strip(),
               **{f"C_{c}": _text(row, f"choice_{c}", where, empty_ok=True).strip() for c in _LETTERS}}
-    # one pass: a context that happens to contain "$Q$" is not filled in again
-    content = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    content = _fill(template, values)
     # extra_info.answer: the reference response `golong data check --score-answers` scores (a bare letter scores 0)
     extra = {"index": index, "answer": f"The correct answer is ({answer})",
              **{k: row[k] for k in ("_id", "domain", "sub_domain", "difficulty", "length")
@@ -139,8 +172,44 @@ def mrcr_record(row: Any, where: str, index: int) -> Record:
     return Record.from_dict(d, where)  # the messages' roles and contents checked as any record's
 
 
-# benchmark name -> its row converter, (row, where, index[, template]) -> Record
-BENCHMARKS: dict[str, Callable[..., Record]] = {"longbench-v2": longbench_v2_record, "mrcr": mrcr_record}
+DOCMATH_FIELDS = ("question", "paragraphs", "ground_truth")
+DOCMATH_SUBSETS = ("complong", "compshort", "simplong", "simpshort")
+
+
+def docmath_subset(path: str | Path) -> str | None:
+    """The DocMath-Eval subset a source file holds, as its path names it ("complong_testmini.jsonl",
+    "simpshort/testmini.json"), else None."""
+    found = re.findall("|".join(DOCMATH_SUBSETS), str(path).lower())
+    return found[-1] if found else None
+
+
+def docmath_record(row: Any, where: str, index: int, template: str = DOCMATH_TEMPLATE,
+                   subset: str | None = None) -> Record:
+    row = _check_fields(row, DOCMATH_FIELDS, "DocMath-Eval", where)
+    gt = row["ground_truth"]
+    if gt is None:
+        raise RecordError(f"{where}: field 'ground_truth' is null (DocMath-Eval's test split hides it: import the "
+                          "testmini files)")
+    # bool is an int to Python, and pandas reads a whole-number column holding a null as float64
+    if isinstance(gt, bool) or not isinstance(gt, (int, float)) or not math.isfinite(gt):
+        raise RecordError(f"{where}: field 'ground_truth' must be a finite number, got {gt!r}")
+    paragraphs = row["paragraphs"]
+    if not (isinstance(paragraphs, list) and paragraphs and all(isinstance(x, str) for x in paragraphs)):
+        raise RecordError(f"{where}: field 'paragraphs' must be a non-empty list of strings")
+    values = {"DOC": "\n".join(paragraphs).strip(), "Q": _text(row, "question", where).strip()}
+    label = repr(float(gt)) if isinstance(gt, float) else str(gt)  # the shortest text that reads back as gt
+    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {label}.",
+                             **({"subset": subset} if subset else {}),
+                             **{k: row[k] for k in ("question_id", "source") if isinstance(row.get(k), str)}}
+    d = {"data_source": "docmath", "prompt": [{"role": "user", "content": _fill(template, values)}],
+         "ability": "docmath", "reward_model": {"style": "rule", "ground_truth": {"golden_label": label}},
+         "extra_info": extra}
+    return Record.from_dict(d, where)
+
+
+# benchmark name -> its row converter, (row, where, index[, template][, subset]) -> Record
+BENCHMARKS: dict[str, Callable[..., Record]] = {"longbench-v2": longbench_v2_record, "mrcr": mrcr_record,
+                                                "docmath": docmath_record}
 
 
 def source_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -168,8 +237,6 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
     `out` (.jsonl or .parquet, replaced whole only once every row converted). Returns the records."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    if template is not None and name != "longbench-v2":
-        raise ValueError(f"--template applies to longbench-v2 only, not {name}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     dest = Path(out)
@@ -180,10 +247,12 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
     if any(Path(src).resolve() == dest.resolve() for src in sources):
         raise ValueError(f"--out {dest} is one of the source files; name another file")
     convert = BENCHMARKS[name]
-    kwargs = {"template": check_template(template)} if template is not None else {}
+    kwargs = {"template": check_template(template, name)} if template is not None else {}
     records: list[Record] = []
     for src in sources:
         before = len(records)
+        if name == "docmath":
+            kwargs["subset"] = docmath_subset(src)
         for where, row in source_rows(src):
             if limit is not None and len(records) >= limit:
                 break

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,9 @@ class Record:
         if metric == "mrcr" and not (gt.golden_label and isinstance(prefix, str) and prefix):
             raise bad("an MRCR record needs ground_truth.golden_label (the message to reproduce) and "
                       "extra_info.random_string_to_prepend (the prefix the answer must start with)")
+        if metric == "docmath" and not _finite_number(gt.golden_label):
+            raise bad(f"a docmath record needs ground_truth.golden_label to be the reference number, got "
+                      f"{gt.golden_label!r}")
         answer = extra.get("ground_truth")
         if metric == "model_verify" and not (gt.golden_label.strip() or (isinstance(answer, str) and answer.strip())):
             # doc_ids alone do not do: this reward reads the exact answer and golden_label only (a blank one: every
@@ -229,6 +233,13 @@ def _iter_parquet(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise RecordError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+
+
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:

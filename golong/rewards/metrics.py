@@ -1,16 +1,17 @@
-"""The thirteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The fourteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
 LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
 strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for
-`model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}.
-These functions may raise on garbage; `score_region` is the safe entry point that turns any
+`model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}; for `docmath` the reference number
+as text. These functions may raise on garbage; `score_region` is the safe entry point that turns any
 exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
-maths with math-verify's parser.
+maths with math-verify's parser, DocMath's arithmetic from a syntax tree of number literals.
 
-All metrics except `math_verify` (and `retrieval_calculate` / `model_verify`, which call it) run in time linear (or
-near-linear) in the response length: ROUGE-L (the `rouge` package's summary-level union-LCS) uses a
-bit-parallel LCS and backtrack, so a 1 MB response against a 300-word summary scores in about 0.1 s.
+All metrics except `math_verify` (and `retrieval_calculate` / `model_verify`, which call it), `mrcr` and `docmath`
+(its unit patterns backtrack on long runs of digits) run in time linear (or near-linear) in the response length:
+ROUGE-L (the `rouge` package's summary-level union-LCS) uses a bit-parallel LCS and backtrack, so a 1 MB response
+against a 300-word summary scores in about 0.1 s.
 """
 
 from __future__ import annotations
@@ -482,6 +483,135 @@ def mrcr(region: str, gold: Gold) -> float:
     return max((SequenceMatcher(None, answer, g).ratio() for g in _gold_strings(gold)), default=0.0)
 
 
+
+# ---------------------------------------------------------------- DocMath (the model card's DocMath column)
+
+# The sentence DocMath's prompt asks for and the symbols its scorer lets stand before the number, in that order (the
+# DocMath scorer of GoLongRL's eval, evalscope's docmath: the first match after </think>, asterisks and parentheses
+# taken out first)
+_DOCMATH_ANSWER = re.compile(r"the answer is (=?≈?`?%?\$?°?£?€?¥?-?[0-9.,]+)", re.IGNORECASE)
+_DOCMATH_DROPPED = ("£", "€", "¥", "million", "billion", "thousand", "US", "USD", "RMB")  # in this order
+_DOCMATH_NUMBER = r"(?:[\d,]*\.*\d+)"
+_DOCMATH_UNITS = (  # a unit word after or before the number, one or two symbols after or before it
+    re.compile(rf"([-+]?{_DOCMATH_NUMBER}) [^0-9 ]+$"),
+    re.compile(rf"[^0-9 ]+ ([-+]?{_DOCMATH_NUMBER})$"),
+    re.compile(rf"([-+]?{_DOCMATH_NUMBER})[^\d]{{1,2}}$"),
+    re.compile(rf"[^-+\d]{{1,2}}({_DOCMATH_NUMBER})$"),
+)
+_DOCMATH_GROUPED = re.compile(r"[-+]?(\d{1,3}(,\d{3})*|(\d+))(\.\d+)?")
+DOCMATH_MAX_CHARS = 200  # a normalised answer longer than this is no number (its arithmetic is not read)
+
+
+class _NotANumber(Exception):
+    """The answer reads as text, a tuple or another container: it matches no number."""
+
+
+def _docmath_value(node: Any) -> float | int:
+    """The value of an arithmetic expression tree of number literals, + - * / and math.pow(10, n) (the form the
+    scorer writes "10^n" in). A string or container raises _NotANumber, anything else (a name, a call) ValueError.
+    Nothing of the response is called or looked up."""
+    import ast
+
+    if isinstance(node, ast.Expression):
+        return _docmath_value(node.body)
+    if isinstance(node, ast.Constant):
+        if type(node.value) in (int, float):
+            return node.value
+        if isinstance(node.value, complex):
+            return node.value.real  # as the scorer takes a complex result's real part
+        raise _NotANumber
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict, ast.JoinedStr)):
+        raise _NotANumber
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _docmath_value(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _docmath_value(node.left), _docmath_value(node.right)
+        if isinstance(node.op, ast.Div):
+            return a / b
+        return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+    if (isinstance(node, ast.Call) and ast.unparse(node.func) == "math.pow" and len(node.args) == 2
+            and not node.keywords and ast.unparse(node.args[0]) == "10"):
+        return math.pow(10, _docmath_value(node.args[1]))
+    raise ValueError("not arithmetic")
+
+
+def docmath_number(text: str) -> float | int | None:
+    """DocMath's reading of an answer as a number (its scorer's normalisation): currency signs and scale words
+    dropped, the part after the last "=" or "≈", "%", "$" and "°" dropped, "yes" / "true" read as 1 and "no" /
+    "false" as 0 (Python's bools compare as numbers in its scorer), "approximately" and a second "or" alternative
+    dropped, a unit word or one or two symbols beside the number dropped, "10^n" and " x " / " × " products read,
+    thousands commas dropped; "" reads as 0. None where the result is not a number. The scorer hands the rest to
+    Python's eval; golong reads only number literals combined by + - * / (ast, no names, no calls)."""
+    import ast
+
+    s = text.strip().rstrip(".")
+    for word in _DOCMATH_DROPPED:
+        s = s.replace(word, "")
+    for sep in ("=", "≈"):
+        if sep in s:
+            s = s.split(sep)[-1].strip()
+    for sym in ("`", "%", "$", "°"):
+        s = s.replace(sym, "")
+    if s in ("true", "yes", "false", "no"):
+        s = "True" if s in ("true", "yes") else "False"
+    if "True" in s or "False" in s:
+        return 1 if "True" in s else 0
+    if "approximately" in s:
+        s = s.replace("approximately", "").strip()
+    if " or " in s:
+        s = s.split(" or ")[0]
+    for unit in _DOCMATH_UNITS:
+        if m := unit.match(s):
+            s = m.group(1)
+    if "10^" in s:
+        s = re.sub(r"10\^(-?\d+)", r"math.pow(10, \1)", s)
+    s = s.replace(" x ", "*").replace(" × ", "*")
+    if _DOCMATH_GROUPED.fullmatch(s):
+        s = s.replace(",", "")
+    if re.search(r"\([a-d]\)", s):  # an option letter: not a number
+        return None
+    if not s:
+        return 0
+    if len(s) > DOCMATH_MAX_CHARS:
+        return None
+    try:
+        return _docmath_value(ast.parse(s, mode="eval"))
+    except _NotANumber:
+        return None
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
+        return 0  # the scorer reads what its eval raises on as 0
+
+
+def docmath_match(pred: float, gold: float) -> bool:
+    """DocMath's comparison of a predicted number with the reference: equal up to a power of ten (a percentage
+    against a fraction), up to a factor of 100, 1000 or 100000 within 0.15%, equal when both are rounded up to two
+    decimals, or within 0.15% of the reference. Signs are compared only by the last rule, as the scorer does."""
+    def within(p: float, g: float) -> bool:
+        eps = abs(g) * 0.0015
+        return g - eps <= p <= g + eps
+
+    big, small = max(abs(gold), abs(pred)), min(abs(gold), abs(pred))
+    if big and small and (r := math.log10(big / small)) == int(r):
+        return True
+    if any(small <= big / limit and within(small * scale, big)
+           for scale, limit in ((100, 50), (1000, 500), (100000, 50000))):
+        return True
+    if math.ceil(big * 100) / 100 == math.ceil(small * 100) / 100:
+        return True
+    return within(pred, gold)
+
+
+def docmath(region: str, gold: Gold) -> float:
+    """The DocMath score of GoLongRL's eval, its rule score (that eval also asks a judge model and reports the larger
+    of the two): the number in the first "the answer is N" of `region` (the text after </think>), else the whole
+    region read as a number, matched against the reference number (docmath_match). gold: the reference as text."""
+    ref = float(_gold_strings(gold)[0])
+    text = region.replace("*", "").replace("(", "").replace(")", "")
+    m = _DOCMATH_ANSWER.search(text)
+    pred = docmath_number(m.group(1).replace(",", "").rstrip(".") if m else text)
+    return float(pred is not None and docmath_match(pred, ref))
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -496,6 +626,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "retrieval_calculate": retrieval_calculate,
     "model_verify": model_verify,
     "mrcr": mrcr,
+    "docmath": docmath,
 }
 
 

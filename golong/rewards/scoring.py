@@ -26,11 +26,11 @@ from golong.rewards.tasks import route
 DEFAULT_TIMEOUT_S = 10.0
 # Metrics that can take super-linear time on adversarial input run in a worker process when a
 # timeout is requested. The others are linear-time and run inline.
-SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_verify", "mrcr"})
+SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_verify", "mrcr", "docmath"})
 # The text each metric reads, as GoLongRL's reward code hands it over:
 #   "after_think": the text after </think>, whole (GoLongRL's EM, selection, retrieval_calculate and
 #                  judge-source math_verify rewards split on it and cut no [Answer] marker; MRCR grades the
-#                  reply of a model without a think block);
+#                  reply of a model without a think block; GoLongRL's DocMath eval removes what precedes it);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
@@ -42,6 +42,7 @@ SCOPES: dict[str, str] = {
     "retrieval_calculate": "after_think",
     "model_verify": "after_think",
     "mrcr": "after_think",
+    "docmath": "after_think",
     "accuracy": "marked",
     "f1": "marked",
     "subem": "marked",

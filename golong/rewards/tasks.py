@@ -54,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate", "model_verify", "mrcr")
+                "retrieval_calculate", "model_verify", "mrcr", "docmath")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -70,6 +70,7 @@ DATA_SOURCES: dict[str, str] = {
 BENCHMARK_SOURCES: dict[str, str] = {
     "longbench_v2": "choice",
     "openai_mrcr": "mrcr",
+    "docmath": "docmath",
 }
 # Data sources whose name contains one of these were scored by a judge model in GoLongRL; its reward code
 # scores their reward_mode "math_verify" records without one (model_verify: an exact answer, else math-verify

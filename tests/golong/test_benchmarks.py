@@ -1,4 +1,5 @@
-"""`golong data import`: LongBench-v2 and MRCR source files -> golong records, scored by the benchmark's metric."""
+"""`golong data import`: LongBench-v2, MRCR and DocMath-Eval source files -> golong records, scored by the
+benchmark's metric."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from golong.cli import main
 from golong.data import RecordError, load_records
-from golong.data.benchmarks import LONGBENCH_V2_TEMPLATE, import_benchmark
+from golong.data.benchmarks import DOCMATH_TEMPLATE, LONGBENCH_V2_TEMPLATE, import_benchmark
 from golong.data.records import reference_answer
 from golong.rewards import score_record
 
@@ -90,7 +91,7 @@ def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path
     (bare,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template.split("</text> ")[1])
     assert bare.prompt[0]["content"].startswith(f"Q: {row['question']} [clause 1.1|") and "Contract" not in \
         bare.prompt[0]["content"]
-    with pytest.raises(ValueError, match="--template applies to longbench-v2 only"):
+    with pytest.raises(ValueError, match="--template applies to longbench-v2 and docmath only, not mrcr"):
         import_benchmark("mrcr", [src], tmp_path / "out.jsonl", template=template)
 
 
@@ -125,6 +126,64 @@ def test_mrcr_rows_become_conversations_graded_by_prefix_and_ratio(tmp_path):
            [("mrcr_4needle", 4), ("mrcr", None)]
 
 
+
+def _docmath_row(i: int, gt: float | int) -> dict:
+    return {"question_id": f"complong-testmini-{i}", "source": "annual report",
+            "question": f"By what share did revenue {i} grow?",
+            "paragraphs": [f"Revenue {i} was 40 in 2020.", "| year | revenue |\n| 2021 | 45 |", f"Note {i}: $Q$."],
+            "table_evidence": [1], "paragraph_evidence": [0], "python_solution": "def solution(): ...",
+            "ground_truth": gt}
+
+
+def test_docmath_rows_become_records_scored_by_the_number_they_state(tmp_path):
+    """DocMath-Eval testmini rows: one user message with the document (paragraphs joined by newlines) and the
+    question, asking for "Therefore, the answer is N"; gold = ground_truth, scored by `docmath`; the subset named by
+    the file's path in extra_info; several files (JSON Lines, parquet) read in order; --template takes $DOC$ and
+    $Q$."""
+    (tmp_path / "complong_testmini.jsonl").write_text(
+        "".join(json.dumps(_docmath_row(i, gt)) + "\n" for i, gt in enumerate((0.125, 12, -3.5))))
+    pq.write_table(pa.Table.from_pylist([_docmath_row(7, 2.5e6)]), tmp_path / "simpshort_testmini.parquet")
+    files = [tmp_path / "complong_testmini.jsonl", tmp_path / "simpshort_testmini.parquet"]
+    records = import_benchmark("docmath", files, tmp_path / "dm.jsonl")
+    assert load_records(tmp_path / "dm.jsonl") == records
+    assert [(r.task, r.metric, r.data_source, r.ground_truth.golden_label, r.extra_info["subset"]) for r in records] \
+        == [("docmath", "docmath", "docmath", label, subset) for label, subset in
+            (("0.125", "complong"), ("12", "complong"), ("-3.5", "complong"), ("2500000.0", "simpshort"))]
+    for k, rec in enumerate(records):
+        row = _docmath_row((0, 1, 2, 7)[k], 0)
+        content = rec.prompt[0]["content"]
+        assert content.index("\n".join(row["paragraphs"])) < content.index(row["question"])  # $Q$ in it kept
+        assert "Therefore, the answer is N" in content and content.startswith(DOCMATH_TEMPLATE.split("$DOC$")[0])
+        assert {key: rec.extra_info[key] for key in ("index", "question_id", "source")} == \
+               {"index": k, "question_id": row["question_id"], "source": "annual report"}
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
+        assert score_record(rec, R("Therefore, the answer is 9.87"), timeout=None) == 0.0
+    assert score_record(records[0], R("Therefore, the answer is 12.5%."), timeout=None) == 1.0
+    assert score_record(records[3], R("Therefore, the answer is 2.5 million"), timeout=None) == 1.0
+    (rec,) = import_benchmark("docmath", files[:1], tmp_path / "t.jsonl", limit=1, template="Q: $Q$ D: $DOC$")
+    assert rec.prompt[0]["content"] == "Q: By what share did revenue 0 grow? D: " + "\n".join(
+        _docmath_row(0, 0)["paragraphs"])
+    for bad, why in (("$DOC$", r"holds no \$Q\$"), ("$Q$ $C_A$", r"holds \$C_A\$, which golong does not fill;")):
+        with pytest.raises(ValueError, match=why):
+            import_benchmark("docmath", files, tmp_path / "t.jsonl", template=bad)
+    # a bad row: named by file and line; the test split (no ground truth) said so
+    src = tmp_path / "compshort_test.jsonl"
+    for gt, why in ((None, r"field 'ground_truth' is null \(DocMath-Eval's test split hides it: import the testmini"),
+                    (True, r"field 'ground_truth' must be a finite number, got True"),
+                    ("12", r"field 'ground_truth' must be a finite number, got '12'")):
+        src.write_text(json.dumps(_docmath_row(0, 1)) + "\n" + json.dumps(_docmath_row(1, gt)) + "\n")
+        with pytest.raises(RecordError, match=rf"^{src}: line 2: {why}"):
+            import_benchmark("docmath", [src], tmp_path / "t.jsonl")
+    src.write_text(json.dumps(dict(_docmath_row(0, 1), paragraphs=[])) + "\n")
+    with pytest.raises(RecordError, match=rf"^{src}: line 1: field 'paragraphs' must be a non-empty list of strings"):
+        import_benchmark("docmath", [src], tmp_path / "t.jsonl")
+    # a docmath record whose gold is no number is refused when loaded: every response would score 0
+    (tmp_path / "r.jsonl").write_text(json.dumps({"data_source": "docmath", "prompt": "hi", "ability": "docmath",
+                                                  "reward_model": {"ground_truth": {"golden_label": "n/a"}}}) + "\n")
+    with pytest.raises(RecordError, match=r"line 1: a docmath record needs ground_truth\.golden_label to be the "
+                                          r"reference number, got 'n/a'"):
+        load_records(tmp_path / "r.jsonl")
+
 def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_path):
     """A missing field, a bad letter or an unreadable prompt is named by the file and its line / item / row; the
     output is written only once every row converted: an existing file is left as it was."""
@@ -152,7 +211,7 @@ def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_
         import_benchmark("mrcr", [pqf], out)
     assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == \
            ["lb.json", "lb.jsonl", "m.parquet", "out.jsonl"]  # no temporary file left either
-    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr"):
+    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr, docmath"):
         import_benchmark("longbench", [src], out)
     # an MRCR row no reply could score 1 on, or whose conversation asks nothing
     pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 2), answer="the poem without its prefix")]), pqf)
@@ -203,7 +262,7 @@ def test_data_import_command(tmp_path, capsys):
 
 def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(tmp_path, capsys):
     """`golong data check --val-only`: the validation records alone (a benchmark for eval, no training data in the
-    config): per task the prompts, and with --score-answers the reference answers, which score 1 on both
+    config): per task the prompts, and with --score-answers the reference answers, which score 1 on all three
     benchmarks; with no validation records, or none that fits, it says so and fails."""
     src = tmp_path / "data.json"
     src.write_text(json.dumps([_lbv2_row(i) for i in range(3)]))
@@ -211,14 +270,18 @@ def test_data_check_val_only_checks_an_imported_benchmark_without_training_data(
     pq.write_table(pa.Table.from_pylist([_mrcr_row(i, 4) for i in range(2)]), pqf)
     import_benchmark("longbench-v2", [src], tmp_path / "lb.jsonl")
     import_benchmark("mrcr", [pqf], tmp_path / "mrcr.jsonl")
+    (tmp_path / "simplong_testmini.jsonl").write_text(
+        "".join(json.dumps(_docmath_row(i, gt)) + "\n" for i, gt in enumerate((0.3, 41))))
+    import_benchmark("docmath", [tmp_path / "simplong_testmini.jsonl"], tmp_path / "dm.jsonl")
     config = [str(ROOT / "configs" / "demo-cpu.yaml"), "data.train_files=[]", "data.synthetic_n=0",
               f"logging.run_dir={tmp_path / 'run'}"]
-    files = f"data.val_files=[{tmp_path / 'lb.jsonl'},{tmp_path / 'mrcr.jsonl'}]"
+    files = f"data.val_files=[{tmp_path / 'lb.jsonl'},{tmp_path / 'mrcr.jsonl'},{tmp_path / 'dm.jsonl'}]"
     assert main(["data", "check", *config, files, "--val-only", "--score-answers"]) == 0
     out = capsys.readouterr().out
     assert "train" not in out
     assert re.search(r"val\s+│\s+longbench_v2\s+│\s+3\s+│\s+3\s+│\s+1\.000\s+│\s+0", out)
     assert re.search(r"val\s+│\s+mrcr_4needle\s+│\s+2\s+│\s+2\s+│\s+1\.000\s+│\s+0", out)
+    assert re.search(r"val\s+│\s+docmath\s+│\s+2\s+│\s+2\s+│\s+1\.000\s+│\s+0", out)
     assert main(["data", "check", *config, "data.synthetic_val_n=0", "--val-only"]) == 2
     assert "nothing to check: --val-only reads data.val_files" in capsys.readouterr().err
     # no prompt fits: golong eval would stop on it, so the check does

@@ -120,6 +120,53 @@ def test_choice_extraction_as_in_goLongRL():
     assert score("choice", "The correct answer is (A)\n[Answer] The correct answer is (B)", "A") == 1.0
 
 
+
+def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
+    """GoLongRL's DocMath eval (evalscope's docmath rule score): the number of the first "the answer is N" after
+    </think> (asterisks and parentheses ignored, currency and scale words dropped), else the whole answer read as a
+    number, matched against the reference: equal up to a power of ten (12.5% against 0.125), within 0.15% after a
+    factor of 100, equal when both are rounded up to two decimals, or within 0.15%. Signs count only in the last
+    rule, as in the scorer. Checked against the scorer itself on 80,000 generated answers (the session's note)."""
+    cases = [
+        ("Therefore, the answer is 12.5.", "12.5", 1.0),
+        ("Therefore, the answer is 12.5%.", "0.125", 1.0),  # a percentage against a fraction: a power of ten
+        ("Therefore, the answer is 12.49%", "0.125", 1.0),  # x100 within 0.15%
+        ("Therefore, the answer is 12.4%", "0.125", 0.0),
+        ("Therefore, the answer is 1", "1000.5", 1.0),  # x1000 within 0.15%, tried after x100 fails
+        ("Therefore, the answer is 100.1", "100", 1.0),  # within 0.15%
+        ("Therefore, the answer is 100.2", "100", 0.0),
+        ("Therefore, the answer is 1.231", "1.24", 1.0),  # both 1.24 rounded up to two decimals
+        ("Therefore, the answer is 1.229", "1.24", 0.0),
+        ("Therefore, the answer is -5", "5", 1.0),  # the power-of-ten rule compares magnitudes
+        ("the answer is **$1,234.5** million", "1234.5", 1.0),
+        ("Therefore, the answer is 2.5 million", "2500000", 1.0),
+        ("the answer is 3, or rather... Therefore, the answer is 4", "4", 0.0),  # the first sentence counts
+        ("42 dollars", "42", 1.0),  # no sentence: the whole answer, a unit word after the number dropped
+        ("about 42 dollars", "42", 0.0),
+        ("3 x 10^5", "300000", 1.0),
+        ("x = 2/8", "0.25", 1.0),  # the part after "=", its arithmetic
+        ("1, 2", "0", 0.0),  # a tuple is no number
+    ]
+    for answer, gold, expect in cases:
+        assert score("docmath", answer, gold) == expect, (answer, gold)
+    # the answer after </think> only: a sentence in the think block is not read
+    assert compute_score("docmath", "<think>Therefore, the answer is 7</think>\n\nnot sure", "7", timeout=None) == 0
+    # the scorer hands the normalised answer to Python's eval; golong reads number literals and + - * / only
+    marker = tmp_path / "ran"
+    assert metrics_module.docmath_number(f"__import__('os').system('touch {marker}')") == 0
+    assert metrics_module.docmath_number("1e5 * 2") == 200000.0 and metrics_module.docmath_number("(a)") is None
+    assert not marker.exists()
+    # its unit patterns backtrack quadratically on a long run of digits: it runs in the timed worker
+    assert "docmath" in SANDBOXED
+    start = time.monotonic()
+    assert compute_score("docmath", R("1" * 200_000 + "x!"), "1", timeout=1.0) == 0.0
+    assert time.monotonic() - start < 30
+    assert compute_score("docmath", R("Therefore, the answer is 0.5"), "50", timeout=10.0) == 1.0  # the worker
+    record = {"data_source": "docmath", "ability": "docmath",
+              "reward_model": {"ground_truth": {"golden_label": "0.125"}}}
+    assert route("docmath", "docmath") == "docmath"
+    assert score_record(record, R("Therefore, the answer is 12.5%"), timeout=None) == 1.0
+
 def test_mrcr_grades_as_openai_mrcr():
     """OpenAI MRCR's grade: 0 unless the reply starts with the random prefix; else difflib's ratio 2M / T of reply
     and gold message, the prefix taken off both (leading whitespace after </think> is not the reply's)."""
@@ -807,10 +854,10 @@ def test_batch_8192_responses_in_seconds():
 
 
 def test_metric_for_capabilities_and_longbench_pro():
-    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards; mrcr: the
-    # MRCR benchmark's grade (golong data import)
+    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards; mrcr,
+    # docmath: the MRCR and DocMath benchmarks' grades (golong data import)
     assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify",
-                                                              "mrcr"}
+                                                              "mrcr", "docmath"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
