@@ -17,7 +17,11 @@ run resumed from an earlier checkpoint reaches it again) first moves the old one
 killed between the two renames is repaired by the next resume or save (the sealed temp directory
 is renamed into place). "Newest" means most recently sealed (the marker records when), not the
 highest step: a run restarted from scratch or from an earlier step in the same directory resumes
-from, and prunes around, its own checkpoints.
+from, and prunes around, its own checkpoints. A pruned checkpoint is renamed aside (`.del-step_*`) before it is
+removed, so a kill part way leaves nothing that lists as complete.
+
+A checkpoint directory is input: its pickles are read with torch.load(weights_only=True), and DCP's index
+(`.metadata`, a plain pickle DCP unpickles as it is) is checked first to name only DCP's own metadata classes.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from golong.config import ConfigError
 from golong.logger import ProgressLog
 
 MARKER = "COMPLETE"
+FRESH_OPTIMIZER = "optimizer_fresh"  # trainer_state.pt's record that the optimizer had taken no step yet
 EXPORT_READ_BYTES = 2 * 10**9  # golong export reads the checkpoint in parts of about this size (progress lines)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -110,6 +115,8 @@ def repair(ckpt_dir: str | Path) -> None:
             tmp.rename(final)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    for gone in root.glob(".del-step_*"):  # a prune killed part way
+        shutil.rmtree(gone, ignore_errors=True)
     for old in root.glob(".old-step_*"):
         final = root / old.name.removeprefix(".old-")
         if (old / MARKER).is_file() and not (final / MARKER).is_file():
@@ -126,6 +133,66 @@ def _load_plain(file: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{file}: holds more than tensors and plain Python values (written by an older golong, "
                          f"or not by golong); refusing to unpickle it: {str(e).splitlines()[0]}") from None
+    except (EOFError, RuntimeError, OSError) as e:  # cut or emptied since it was written (a power loss, a copy)
+        raise _damaged(file.parent, f"{file.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                       ) from None
+
+
+# What DCP's index may name: the metadata dataclasses, the file reader's storage records, and the torch and pathlib
+# values they hold. Anything else in a `.metadata` file is not DCP's, and unpickling it could run code.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+}
+
+
+class _ForeignClass(Exception):
+    """A `.metadata` pickle names something outside DCP's metadata."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        obj = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        if isinstance(obj, type) and obj.__module__ == module:  # a class DCP's metadata module defines
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        raise _ForeignClass(f"it names {module}.{name}")
+
+
+def read_metadata(path: Path) -> Any:
+    """DCP's index of checkpoint `path` (its `.metadata`; `__<rank>.metadata` too where a save wrote those),
+    unpickled naming DCP's metadata classes only; ConfigError for anything else (a tampered or foreign file: DCP,
+    which unpickles it as it is, then never reads it) or a damaged one."""
+    index = None
+    for file in sorted(path.glob("*.metadata")):
+        try:
+            with open(file, "rb") as f:
+                loaded = _MetadataUnpickler(f).load()
+        except _ForeignClass as e:
+            raise ConfigError(f"checkpoint {path}: {file.name} is not DCP's index ({e}); refusing to read it (a "
+                              "tampered or foreign file)") from None
+        except (pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+            raise _damaged(path, f"{file.name}: {type(e).__name__}: {e}") from None
+        if file.name == ".metadata":
+            index = loaded
+    if index is None:
+        raise _damaged(path, "its DCP index .metadata is missing")
+    return index
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk: a sealed checkpoint must not come back cut after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -154,7 +221,8 @@ def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                     cached),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            # this rank's device only: a resume may see fewer devices (one a rank) than the saving process did
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -162,8 +230,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # an older golong saved every visible device's state
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class Checkpointer:
@@ -195,42 +268,63 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
+        # torch's get_state_dict gives an optimizer without state one (a zero-gradient step at lr 0: Adam's step
+        # count 1, zero moments); before the first update (the checkpoint after the SFT warm-up's reset) that
+        # would change the first update's bias correction. Such an optimizer is saved as it comes and emptied
+        # again, here and when the checkpoint is loaded.
+        fresh = optimizer is not None and not optimizer.state
         if optimizer is not None:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
         else:
             state = {"model": get_model_state_dict(model)}
         dcp.save(state, checkpoint_id=str(tmp))
+        if fresh:
+            optimizer.state.clear()
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        _fsync(tmp / f"rng_rank{rank}.pt")
         if rank == 0:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            torch.save({**trainer_state, FRESH_OPTIMIZER: fresh}, tmp / "trainer_state.pt")
             if hf_config is not None:
                 (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
             if extra_files is not None:
                 extra_files(tmp)
+            for f in tmp.rglob("*"):  # DCP syncs its own files; the rest, before the marker makes them count
+                if f.is_file() and not f.name.endswith((".distcp", ".metadata")):
+                    _fsync(f)
         _barrier()
         _fault("ckpt_write", step)
         if rank == 0:
+            # sealed after every checkpoint already there, whatever this node's clock says (a requeued job on a
+            # node whose clock is behind): "newest" must be the one written last
+            newest = max((_sealed_at(p) for _, p in list_checkpoints(self.dir)), default=0)
             with open(tmp / MARKER, "w") as f:
-                f.write(f"{step}\n{time.time_ns()}\n")
+                f.write(f"{step}\n{max(time.time_ns(), newest + 1)}\n")
                 f.flush()
                 os.fsync(f.fileno())
+            _fsync(tmp)
             old = self.dir / f".old-{final.name}"
             if final.exists():  # re-saving a step: set the old copy aside (atomic), never delete it first
                 shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
             _fault("ckpt_swap", step)
             tmp.rename(final)
+            _fsync(self.dir)
             shutil.rmtree(old, ignore_errors=True)
-            self._prune()
+            self._prune(final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, kept: Path) -> None:
+        """Remove the oldest sealed checkpoints beyond keep_last, never `kept` (the one just written): each is
+        renamed aside first, so a kill part way leaves no directory that lists as complete."""
         repair(self.dir)  # leftovers of killed writes
-        done = list_checkpoints(self.dir)  # oldest sealed first: the one just written is never pruned
-        for _, p in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(p, ignore_errors=True)
+        others = [p for _, p in list_checkpoints(self.dir) if p != kept]  # oldest sealed first
+        for p in others[: max(0, len(others) - (self.keep_last - 1))]:
+            gone = p.with_name(f".del-{p.name}")
+            shutil.rmtree(gone, ignore_errors=True)
+            p.rename(gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def resolve(self, resume: str) -> Path | None:
         """'auto' -> newest complete checkpoint (or None), 'none' -> None, else that path."""
@@ -264,19 +358,23 @@ class Checkpointer:
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than wrote the checkpoint
             set_rng_state(_load_plain(rng_file))
-        return load_trainer_state(path)
+        state = _load_plain(path / "trainer_state.pt")
+        if state.pop(FRESH_OPTIMIZER, False) and optimizer is not None:
+            optimizer.state.clear()  # saved before its first step (Checkpointer.save): as it was then
+        return state
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state a checkpoint holds (step, schedule, data order, ...), read without the weights."""
-    return _load_plain(Path(path) / "trainer_state.pt")
+    state = _load_plain(Path(path) / "trainer_state.pt")
+    state.pop(FRESH_OPTIMIZER, None)
+    return state
 
 
 def _check_same_model(path: Path, model: nn.Module) -> None:
     """Refuse, in one message, a checkpoint written for another architecture (DCP would raise a
     planner traceback about the first mismatching tensor). Reads only the DCP index."""
-    saved = {k.removeprefix("model."): m.size for k, m in
-             dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+    saved = {k.removeprefix("model."): m.size for k, m in read_metadata(path).state_dict_metadata.items()
              if k.startswith("model.") and hasattr(m, "size")}
     here = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
     problems = [f"{k} is {list(saved[k])} there, {list(here[k])} here"
@@ -309,12 +407,16 @@ def _reading(path: Path) -> Iterator[None]:
     except dcp.api.CheckpointException as e:
         failure = next(iter(e.failures.values()), None)
         cause = failure[0] if isinstance(failure, tuple) and failure else failure
-        what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-        others = [p for _, p in list_checkpoints(path.parent) if p != path]  # oldest first
-        hint = f"; the newest other checkpoint of its run: {others[-1]} (a run resumes from it with " \
-               f"checkpoint.resume={others[-1]}, or with the damaged one moved aside)" if others else ""
-        raise ConfigError(f"checkpoint {path} is damaged: {what} (it was complete when written; a file was removed "
-                          f"or cut since){hint}") from None
+        raise _damaged(path, f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__) from None
+
+
+def _damaged(path: Path, what: str) -> ConfigError:
+    """The error for a sealed checkpoint that no longer reads back, naming the newest other one of its run."""
+    others = [p for _, p in list_checkpoints(path.parent) if p != path]  # oldest first
+    hint = f"; the newest other checkpoint of its run: {others[-1]} (a run resumes from it with " \
+           f"checkpoint.resume={others[-1]}, or with the damaged one moved aside)" if others else ""
+    return ConfigError(f"checkpoint {path} is damaged: {what} (it was complete when written; a file was removed or "
+                       f"cut since){hint}")
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
@@ -326,6 +428,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     ckpt = Path(ckpt_dir)
     if problem := checkpoint_problem(ckpt):
         raise FileNotFoundError(problem)
+    read_metadata(ckpt)  # before DCP unpickles it as it is
     hf_config = json.loads((ckpt / "config.json").read_text())
     dtype = dtype or hf_config.get("torch_dtype") or "float32"
     model = from_config(hf_config, dtype=torch.float32, device="cpu")

@@ -904,7 +904,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
                 "sft_done": self.sft_done, "history": self.history, "sft_step": self.sft_step,
                 "sft_sampler": None if self.sft_sampler is None else self.sft_sampler.state_dict(),
-                "start_weights": self._start_weights()}
+                "start_weights": self._start_weights(), "seed": self.cfg.trainer.seed}
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -968,6 +968,10 @@ class Trainer:
             if saved != wanted:
                 log.warning(f"resume: the checkpoint's data order continues ({key}={saved}); the config's {key}="
                             f"{wanted} does not change it")
+        if state.get("seed", self.cfg.trainer.seed) != self.cfg.trainer.seed:  # it seeds each request's sampling
+            log.warning(f"resume: the checkpoint's run sampled its rollouts with trainer.seed={state['seed']}; the "
+                        f"config's trainer.seed={self.cfg.trainer.seed} seeds them from here on, so the run will not "
+                        "repeat what an uninterrupted one would have sampled")
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.sft_done, self.history = state["sft_done"], state.get("history", [])
         self.sft_step = state.get("sft_step", self.cfg.trainer.sft_steps if self.sft_done else 0)

@@ -136,6 +136,8 @@ def _torch_backward(
         # rows without gradient may carry a placeholder lse (skipped in the forward): zero them explicitly
         dead = ((glc == 0) & (gec == 0)).squeeze(1)
         dead = dead if dead.any() else None
+        # an ignored row's hidden state may be anything (inf included): 0 * inf would spoil dW
+        hc_live = None if dead is None or not need_dw else hc.masked_fill(dead[:, None], 0.0)
         dhc = torch.zeros_like(hc) if need_dh else None
         for v0 in range(0, v, VOCAB_CHUNK):
             v1 = min(v, v0 + VOCAB_CHUNK)
@@ -153,7 +155,7 @@ def _torch_backward(
             if need_dh:
                 dhc.addmm_(dz, wc)
             if need_dw:
-                dw[v0:v1].addmm_(dz.T, hc)
+                dw[v0:v1].addmm_(dz.T, hc if dead is None else hc_live)
             del dz, logp
         if need_dh:
             dh[n0:n1] = dhc
@@ -372,6 +374,7 @@ def _bwd_kernel(
                 tl.atomic_add(dh_ptrs + k, dh_part, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
             if COMPUTE_DW:
                 hk = tl.load(h_ptrs + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                hk = tl.where(live[:, None], hk, 0.0)  # an ignored row's h may be inf: 0 * inf in dW
                 dw_part = tl.dot(dzt, hk, input_precision=PRECISION)
                 tl.atomic_add(dw_ptrs + k, dw_part, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
@@ -455,6 +458,7 @@ def _bwd_dw_kernel(
             for k in range(0, H, BLOCK_H):
                 k_ok = (k + rh) < H
                 hk = tl.load(h_rows + rh[None, :] + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                hk = tl.where(live[:, None], hk, 0.0)  # as in _bwd_kernel
                 mask = col_ok[:, None] & k_ok[None, :]
                 cur = tl.load(dw_ptrs + k, mask=mask, other=0.0)
                 tl.store(dw_ptrs + k, cur + tl.dot(dzt, hk, input_precision=PRECISION), mask=mask)
@@ -928,12 +932,12 @@ def linear_logprob_entropy(
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     lead = hidden.shape[:-1]
+    if targets.shape != lead:  # the same count in another shape (e.g. transposed) would pair rows wrongly
+        raise ValueError(f"targets must have hidden's leading shape {list(lead)}, got {list(targets.shape)}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, {hidden.shape[1]}], got {tuple(weight.shape)}")
-    if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"targets has {targets.shape[0]} rows, hidden has {hidden.shape[0]}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:

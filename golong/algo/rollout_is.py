@@ -77,6 +77,7 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
         # a valid token with -inf under both policies (or a NaN logprob) has no ratio: give it the floor, so the
         # veto / mask drops it instead of a NaN weight reaching the loss
         log_ratio = torch.nan_to_num(old - roll, nan=-20.0).clamp(-20.0, 20.0)
+        d64 = torch.nan_to_num(old.double() - roll.double(), nan=-20.0).clamp(-20.0, 20.0)
         rho_tok = torch.exp(log_ratio)
         rho = rho_tok
         if level != "token":  # the response's ratio, on each of its tokens (in fp64: a sum over 100K tokens)
@@ -120,7 +121,8 @@ def rollout_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
             "rollout_is/veto_frac": (bad & seq_valid).float().sum() / n_seq,
             # tokens were sampled from pi_rollout: E[log pi_rollout - log pi_old] = KL(rollout || old) (k1); k3 is
             # its non-negative, lower-variance estimator
-            "mismatch/kl": ((rho_tok - log_ratio - 1) * mf).sum() / n_tok,
+            # in fp64: at a small mismatch d the k3 term is d^2 / 2, below fp32's resolution of exp(d) - d - 1
+            "mismatch/kl": (((torch.expm1(d64) - d64) * mf).sum() / n_tok).float(),
             "mismatch/kl_k1": ((roll - old) * mf).sum() / n_tok,
             "mismatch/trainer_ppl": (torch.exp(-mean_old) * sv).sum() / n_seq,
             "mismatch/rollout_ppl": (torch.exp(-mean_roll) * sv).sum() / n_seq,

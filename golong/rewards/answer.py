@@ -71,15 +71,8 @@ def last_occurrence(seq: list[str]) -> dict[str, int]:
 
 
 def gold_items(ground_truth: str | list[str]) -> list[str]:
-    """Gold items: the lines of a gold string, or the elements of a gold list, normalised.
-
-    Empty items are dropped and duplicates removed (first occurrence kept), so metrics that count
-    pairs or positions (pairwise, ndcg) cannot score above 1 on a repetitive gold list.
-    """
-    raw = ground_truth.split("\n") if isinstance(ground_truth, str) else [str(g) for g in ground_truth]
-    seen: dict[str, None] = {}
-    for g in raw:
-        f = fold(g)
-        if f and f not in seen:
-            seen[f] = None
-    return list(seen)
+    """Gold items, normalised: the elements of a gold list, every one (GoLongRL's normalize_answers: a repeated
+    item counts again in SubEM and NDCG, a blank one is an item too), or the non-blank lines of a gold string."""
+    if isinstance(ground_truth, str):
+        return [f for f in map(fold, ground_truth.split("\n")) if f]
+    return [fold(str(g)) for g in ground_truth]

@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -245,8 +246,8 @@ def default_compute_score(data_source: str, solution_str: str, ground_truth: Any
     the function, under the same time limit."""
     from golong.rewards.scoring import compute_score, record_target
 
-    if isinstance(ground_truth, (int, float)) and not isinstance(ground_truth, bool):
-        ground_truth = str(ground_truth)
+    if isinstance(ground_truth, numbers.Real) and not isinstance(ground_truth, bool):  # numpy's too (parquet)
+        ground_truth = str(ground_truth.item() if hasattr(ground_truth, "item") else ground_truth)
     extra = dict(extra_info or {})
     record = {"data_source": data_source, "ability": extra.get("ability"), "extra_info": extra,
               "reward_model": {"ground_truth": ground_truth}}

@@ -84,9 +84,9 @@ def ndcg(region: str, gold: Gold) -> float:
         return 0.0
     pos = last_occurrence(lines(region))
     ranking = sorted(pos, key=pos.__getitem__)
-    rel = {g: k - i for i, g in enumerate(ref)}
+    rel = {g: k - i for i, g in enumerate(ref)}  # a repeated gold item: its last copy's relevance, as the qrels
     dcg = sum(rel.get(p, 0) / math.log2(r + 2) for r, p in enumerate(ranking[:k]))
-    idcg = sum((k - i) / math.log2(i + 2) for i in range(k))
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(rel.values(), reverse=True)[:k]))
     return dcg / idcg
 
 
@@ -98,7 +98,8 @@ def pairwise(region: str, gold: Gold) -> float:
     line is ordered by its last copy. Gold items missing from the prediction cost nothing: two items in
     the right order score 1.0 -- watch the answers' item counts in the logs.
     """
-    pred, ref = lines(region), gold_items(gold)
+    # each gold pair once (GoLongRL counts a repeated item's pairs again, which can score above 1)
+    pred, ref = lines(region), list(dict.fromkeys(gold_items(gold)))
     if len(pred) < 2 or len(ref) < 2:
         return 0.0
     pos = last_occurrence(pred)

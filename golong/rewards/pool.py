@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import selectors
+import signal
 import struct
 import subprocess
 import sys
@@ -86,8 +87,10 @@ def _spawn(memory_mb: int, function: str = "", kwarg_names: tuple[str, ...] = ()
     env["GOLONG_REWARD_MEMORY_MB"] = str(memory_mb)
     env["GOLONG_REWARD_FUNCTION"] = function  # the user's reward function, imported by the worker ("": none)
     env["GOLONG_REWARD_KWARGS"] = ",".join(kwarg_names)  # the keyword arguments it must take beside verl's
+    # its own process group: a job killed at its time limit takes whatever it started (a subprocess, a sandbox)
+    # with it (_kill)
     proc = subprocess.Popen([sys.executable, "-m", "golong.rewards.worker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, close_fds=True)
+                            stdout=subprocess.PIPE, env=env, close_fds=True, start_new_session=True)
     return _Worker(proc)
 
 
@@ -100,6 +103,11 @@ def _exit_code(w: _Worker) -> int | None:
 
 
 def _kill(w: _Worker) -> None:
+    """Kill a worker and every process of its group (what its jobs started), then reap it."""
+    try:
+        os.killpg(w.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
     try:
         w.proc.kill()
         w.proc.wait(timeout=10)

@@ -487,3 +487,137 @@ def test_a_hugging_face_directory_given_as_checkpoint_points_to_model_path(tmp_p
     assert checkpoint_problem(tmp_path / "hf") == (f"{tmp_path / 'hf'} is not a complete checkpoint (no COMPLETE "
                                                    f"marker); it is a Hugging Face model: give it as "
                                                    f"model.path={tmp_path / 'hf'}")
+
+
+def test_a_dcp_index_that_would_run_code_is_refused_before_dcp_reads_it(tmp_path, monkeypatch):
+    """DCP unpickles a checkpoint's `.metadata` as it is: a tampered one ran code on resume, eval and export. golong
+    reads it first naming DCP's metadata classes only."""
+    import pickle
+
+    from golong.checkpoint import read_metadata
+
+    monkeypatch.chdir(tmp_path)
+    model, opt = _model_and_opt()
+    path = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf())
+    assert "model.lm_head.weight" in read_metadata(path).state_dict_metadata
+    good = (path / ".metadata").read_bytes()
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCodeWhenUnpickled()))
+    for load in (lambda: Checkpointer(tmp_path / "ck").load(path, *_model_and_opt()),
+                 lambda: export_hf(path, tmp_path / "hf")):
+        with pytest.raises(ConfigError, match=r"\.metadata is not DCP's index \(it names builtins\.exec\); refusing"):
+            load()
+    assert not (tmp_path / "PWNED").exists()
+    (path / ".metadata").write_bytes(good[: len(good) // 2])  # cut: damaged, with the usual message
+    with pytest.raises(ConfigError, match=r"is damaged: \.metadata: "):
+        Checkpointer(tmp_path / "ck").load(path, *_model_and_opt())
+    (path / ".metadata").write_bytes(good)
+    assert Checkpointer(tmp_path / "ck").load(path, *_model_and_opt())["step"] == 1
+
+
+def test_a_checkpoint_before_the_first_update_leaves_the_optimizer_without_state(tmp_path):
+    """torch's get_state_dict steps an optimizer without state at lr 0 (Adam's step count 1, zero moments): the
+    checkpoint after the SFT warm-up's reset made the first RL update run with step 2's bias correction. Saving and
+    loading such a checkpoint now leave the optimizer as it was: the first update is the one without a save."""
+    plain, plain_opt = _model_and_opt()
+    _train_a_bit(plain, plain_opt, 5)
+    model, opt = _model_and_opt()
+    path = Checkpointer(tmp_path / "ck").save(0, model, opt, {"step": 0})
+    assert not opt.state
+    _train_a_bit(model, opt, 5)
+    assert all(s["step"] == 1 for s in opt.state.values())
+    loaded, loaded_opt = _model_and_opt(seed=3)
+    assert Checkpointer(tmp_path / "ck").load(path, loaded, loaded_opt) == {"step": 0}
+    assert not loaded_opt.state
+    _train_a_bit(loaded, loaded_opt, 5)
+    for m in (model, loaded):
+        for k, v in plain.state_dict().items():
+            assert torch.equal(m.state_dict()[k], v), k
+    # after the first update the state is saved and restored as it is
+    path = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1})
+    again, again_opt = _model_and_opt(seed=4)
+    Checkpointer(tmp_path / "ck").load(path, again, again_opt)
+    assert [s["step"] for s in again_opt.state.values()] == [s["step"] for s in opt.state.values()]
+
+
+def test_a_node_whose_clock_is_behind_still_seals_the_newest_checkpoint(tmp_path, monkeypatch):
+    """"Newest" follows the seal time: a requeued job whose node's clock is a minute behind pruned the checkpoint it
+    had just written, and resumed from an older one."""
+    import time
+
+    import golong.checkpoint as checkpoint
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=2)
+    ck.save(1, model, opt, {"step": 1})
+    ck.save(2, model, opt, {"step": 2})
+    behind = time.time_ns() - 60 * 10**9
+    monkeypatch.setattr(checkpoint.time, "time_ns", lambda: behind)
+    path = ck.save(3, model, opt, {"step": 3})
+    assert path.is_dir() and [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2, 3]
+    assert ck.resolve("auto") == path
+
+
+def test_a_prune_killed_part_way_leaves_nothing_that_lists_as_complete(tmp_path, monkeypatch):
+    """A pruned checkpoint is renamed aside before it is removed: a kill during the removal left a directory
+    holding only its COMPLETE marker (removed last), listed as a checkpoint."""
+    import shutil
+
+    import golong.checkpoint as checkpoint
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=1)
+    ck.save(1, model, opt, {"step": 1})
+    real = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name.startswith(".del-") and Path(path).exists():
+            for f in sorted(Path(path).iterdir()):
+                if f.name != MARKER:
+                    f.unlink() if f.is_file() else real(f)
+            raise KeyboardInterrupt  # the kill, with the marker left
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, model, opt, {"step": 2})
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2]
+    assert ck.resolve("auto") == tmp_path / "ck" / "step_000002"  # and the leftover goes
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000002"]
+
+
+def test_a_cut_state_file_is_a_damaged_checkpoint_naming_the_one_before(tmp_path):
+    """trainer_state.pt or an RNG file cut (a power loss before the page cache reached the disk; the files are
+    synced now before the marker) ended resume in a bare EOFError / RuntimeError."""
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=2)
+    older = ck.save(1, model, opt, {"step": 1})
+    path = ck.save(2, model, opt, {"step": 2})
+    for name in ("trainer_state.pt", "rng_rank0.pt"):
+        good = (path / name).read_bytes()
+        for cut in (b"", good[:40]):
+            (path / name).write_bytes(cut)
+            with pytest.raises(ConfigError, match=rf"checkpoint {path} is damaged: {name}: \w+.*the newest other "
+                                                  rf"checkpoint of its run: {older}"):
+                ck.load(path, *_model_and_opt())
+        (path / name).write_bytes(good)
+
+
+def test_cuda_rng_state_is_this_devices_own(monkeypatch):
+    """The CUDA generator saved and restored is the rank's own device's: restoring every visible device's by index
+    failed where the resuming process sees fewer devices (one per rank). An older checkpoint's list gives its
+    entry for this device."""
+    from golong import checkpoint
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": got.append(state.tolist()))
+    state = checkpoint.rng_state()
+    assert state["cuda"].tolist() == [7]
+    checkpoint.set_rng_state(state)
+    older = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
+    checkpoint.set_rng_state(dict(state, cuda=older))
+    checkpoint.set_rng_state(dict(state, cuda=older[:1]))  # saved on fewer devices than this one's index: left
+    assert got == [[7], [1]]

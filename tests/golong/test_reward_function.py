@@ -183,6 +183,13 @@ def test_default_compute_score_is_golongs_own_scoring(reward_file):
     scores, errors = _scores(str(reward_file), [(_record("my_math", 18), "<think>x</think>\\boxed{18}"),
                                                 (_record("EM", {"x": 1}), "<think>x</think>1")])
     assert scores == [1.0, 0.0] and len(errors) == 1 and "no gold answer for metric em" in errors[0][1]
+    # numpy's numbers too (a parquet column read with pandas): np.int64 raised "no gold answer"
+    import numpy as np
+
+    from golong.rewards import default_compute_score
+
+    for gold in (np.int64(18), np.float64(18.0), np.int32(18)):
+        assert default_compute_score("my_math", "<think>x</think>\\boxed{18}", gold) == 1.0
     # a run with rollout.require_think=false: the fallback's gate follows it
     scores, _ = _scores(str(reward_file), [pairs[2]], require_think=False)
     assert scores == [compute_score("em", "Paris", "Paris", timeout=None, require_think=False)] == [1.0]
@@ -391,3 +398,33 @@ def test_data_check_scores_the_reference_answers(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("golong: error: train: the reward function failed on all 5 reference answers it was given")
     assert 'always.py", line 4, in compute_score' in err and "ValueError: cannot score 42" in err
+
+
+def test_a_call_killed_at_its_time_limit_takes_what_it_started_with_it(tmp_path):
+    """A reward function that starts a process (a sandbox, a subprocess) and overruns its time limit: killing the
+    worker alone left that process running under init, one more at every timeout of a run."""
+    import os
+
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 10**6}"  # this test's sleep, told apart from any other
+    path = tmp_path / "spawner.py"
+    path.write_text("import subprocess, time\n\n"
+                    "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    f"    subprocess.Popen(['sleep', '{marker}'])\n"
+                    "    time.sleep(60)\n")
+
+    def sleepers() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", marker.encode()]:
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    scores, errors = _scores(str(path), [(_record("x", "a"), "<think></think>a")], timeout=2.0, workers=1)
+    assert scores == [0.0] and "past the 2 s time limit" in errors[0][1]
+    deadline = time.monotonic() + 10
+    while sleepers() and time.monotonic() < deadline:  # SIGKILL is delivered, not awaited
+        time.sleep(0.1)
+    assert sleepers() == []

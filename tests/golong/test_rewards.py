@@ -255,8 +255,17 @@ def test_ndcg_hand():
     assert score("ndcg", "x\ny\nz\na", ["a", "b", "c"]) == 0.0
     # a repeated line keeps its first rank only: b, b, a ranks as b, a
     assert score("ndcg", "b\nb\na", ["a", "b", "c"]) == pytest.approx((2 + 3 / math.log2(3)) / idcg)
-    # a repeated gold item counts once: gold a, b, a is gold a, b (k = 2)
-    assert score("ndcg", "b\na", ["a", "b", "a"]) == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    # a repeated gold item takes its last copy's relevance and still counts in k, as in GoLongRL's qrels (a dict
+    # over the items, k = len(answers)): gold a, b, a gives b relevance 2, a relevance 1
+    assert score("ndcg", "b\na", ["a", "b", "a"]) == pytest.approx(1.0)
+    assert score("ndcg", "a\nb", ["a", "b", "a"]) == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    # SubEM counts every gold item, repeated ones again (GoLongRL's normalize_answers keeps them all)
+    assert score("subem", "3", ["3", "3", "5"]) == pytest.approx(2 / 3)
+    assert score("subem", "5", ["3", "3", "5"]) == pytest.approx(1 / 3)
+    # and a blank gold item is an item: a blank answer line matches it
+    assert score("subem", "a\n\nz", ["a", "", "b"]) == pytest.approx(2 / 3)
+    # pairwise counts each gold pair once (GoLongRL would count a, b twice in a, a, b and could score above 1)
+    assert score("pairwise", "a\nb", ["a", "a", "b"]) == 1.0
 
 
 def test_pairwise_hand():

@@ -496,9 +496,10 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
     logged at that step, and every response lands in responses.jsonl with its score."""
     import json
 
-    # responses long enough to earn some reward from this tiny model (8 tokens earn none)
+    # responses long enough to earn some reward from this tiny model (8 tokens earn none); at the fixture's lr 1e-2
+    # the first two full Adam steps after the warm-up take every reward to 0
     longer = ("rollout.max_response_tokens=24", "data.synthetic_val_n=8", "rollout.val_n=2", "trainer.sft_steps=6",
-              "trainer.total_steps=2")
+              "trainer.total_steps=2", "optim.lr=3e-3")
     run = tmp_path / "run"
     trained = _train(config_file, run, "", *longer)
     assert trained.returncode == 0
@@ -1086,7 +1087,7 @@ def test_rollout_rate_is_over_every_generation_batch(config_file, tmp_path, monk
 
 def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path, caplog):
     """The sampler state of a checkpoint carries its data.seed and data.shuffle: on resume the config's were
-    dropped without a word."""
+    dropped without a word. A changed trainer.seed does reseed the rollouts from there on: said too."""
     import torch.distributed as dist
 
     from golong.config import load_config
@@ -1096,7 +1097,7 @@ def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path,
             "trainer.total_steps=1"]
     logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
     try:
-        for overrides in ([], ["data.seed=5", "data.shuffle=false"]):
+        for overrides in ([], ["data.seed=5", "data.shuffle=false", "trainer.seed=7"]):
             trainer = Trainer(load_config(config_file, base + overrides))
             try:
                 trainer.maybe_resume() if overrides else trainer.fit()
@@ -1108,6 +1109,8 @@ def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path,
     for saved, wanted in (("data.seed=0", "data.seed=5"), ("data.shuffle=True", "data.shuffle=False")):
         assert f"resume: the checkpoint's data order continues ({saved}); the config's {wanted} does not change it" \
             in caplog.text
+    assert re.search(r"resume: the checkpoint's run sampled its rollouts with trainer\.seed=\d+; the config's "
+                     r"trainer\.seed=7 seeds them from here on", caplog.text)
 
 
 def test_rollout_progress_in_a_log_file_is_a_line_every_interval(monkeypatch, caplog):

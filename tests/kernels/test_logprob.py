@@ -300,6 +300,28 @@ def test_triton_skipped_forward_rows_do_not_poison_backward(fused_tiles, monkeyp
     _check(h, w, t, 1.0, g_lp, g_ent, 1e-4, backend="triton")
 
 
+
+@pytest.mark.parametrize("backend,bwd,deterministic", [("torch", None, False), ("triton", "atomic", False),
+                                                       ("triton", "atomic", True), ("triton", "gemm", False)])
+def test_an_ignored_rows_non_finite_hidden_state_stays_out_of_dw(monkeypatch, backend, bwd, deterministic):
+    """An ignored row gives no gradient whatever its hidden state: dz = 0 there, but 0 * inf in dz.T @ h turned
+    the whole of dW into NaN (the torch backend and the fused-tile backward kernels)."""
+    if backend == "triton":
+        monkeypatch.setattr(L, "FWD_MODE", "triton" if bwd == "atomic" else "gemm")
+        monkeypatch.setattr(L, "BWD_MODE", bwd)
+    else:
+        monkeypatch.setattr(L, "TOKEN_CHUNK", 16)
+    h, w, t, g_lp, g_ent = _problem(45, 32, 300, torch.float32)
+    bad = (t == IGNORE).nonzero().squeeze(1)[:3]
+    h[bad[0]], h[bad[1]], h[bad[2], 5] = float("inf"), float("nan"), float("-inf")
+    lp, ent, dh, dw = _ours(h, w, t, 0.7, g_lp, g_ent, backend=backend,
+                            **({"deterministic": True} if deterministic else {}))
+    keep = t != IGNORE
+    _, _, rdh, rdw = _oracle(h[keep], w, t[keep], 0.7, g_lp[keep], g_ent[keep])
+    assert torch.isfinite(dw).all() and _rel(dw, rdw) <= 1e-4
+    assert (dh[~keep] == 0).all() and _rel(dh[keep], rdh) <= 1e-4
+    assert (lp[~keep] == 0).all() and (ent[~keep] == 0).all()
+
 # ------------------------------------------------------------------ torch backend
 
 
@@ -455,8 +477,11 @@ def test_leading_dims_and_mismatched_shapes_or_dtypes():
                                                                                        atol=1e-5)
     with pytest.raises(ValueError, match="weight must be"):
         kernels.linear_logprob_entropy(h, torch.randn(11, 9), t)
-    with pytest.raises(ValueError, match="targets has 5 rows, hidden has 6"):
+    with pytest.raises(ValueError, match=r"targets must have hidden's leading shape \[2, 3\], got \[5\]"):
         kernels.linear_logprob_entropy(h, w, t.reshape(6)[:5])
+    # the same count in another shape pairs rows with other rows' targets: refused, not silently wrong
+    with pytest.raises(ValueError, match=r"targets must have hidden's leading shape \[2, 3\], got \[3, 2\]"):
+        kernels.linear_logprob_entropy(h, w, t.T)
     with pytest.raises(ValueError, match="dtypes differ"):
         kernels.linear_logprob_entropy(h, w.half(), t)
 
