@@ -331,10 +331,14 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
+            # rank 0's choice for all: ranks listing the directory each (an NFS client's stale cache) could differ
+            choice = [None]
             if _rank() == 0:
                 repair(self.dir)
-            _barrier()
-            return latest_checkpoint(self.dir)
+                choice = [latest_checkpoint(self.dir)]
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast_object_list(choice, src=0)
+            return choice[0]
         if problem := checkpoint_problem(resume):
             raise FileNotFoundError(problem)
         return Path(resume)

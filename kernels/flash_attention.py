@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
 from kernels.tma import tma_ready
 
 LOG2E = 1.4426950408889634
@@ -792,6 +792,7 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
         raise ValueError(f"unknown local attention backend {backend!r}; valid: 'auto', 'triton', 'torch'")
     if backend == "triton":
         check_triton_dtype(t, "q/k/v")
+        check_triton_device(t)
     d = t.shape[-1]
     if backend == "triton" and (d < 16 or d > 256 or d & (d - 1)):
         raise ValueError(f"the triton backend needs head_dim a power of two in [16, 256], got {d}; "

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels import tuned
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
-from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
 from kernels.tma import tma_ready
 
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
@@ -528,6 +528,7 @@ def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
         backend = "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":
         check_triton_dtype(x, "x and w")
+        check_triton_device(x)
         return _TritonGroupedMM.apply(x, w, offsets)
     if backend == "torch":
         return _TorchGroupedMM.apply(x, w, offsets)

@@ -30,7 +30,6 @@ RL sequences cost nothing.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
 
 __all__ = ["linear_logprob_entropy", "linear_logprob_entropy_reference", "AOT_CONFIGS"]
 
@@ -519,11 +518,6 @@ DH_GROUP = 1
 SCRATCH_BYTES = 192 * 1024 * 1024
 
 
-def _check_triton_device(t: torch.Tensor) -> None:
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU)")
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs must stay fp32 (tf32 would cost ~1e-3 relative error); 16-bit inputs ignore this
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -539,7 +533,7 @@ def _triton_forward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float, ignore_index: int,
     cfg: KernelConfig | None = None, splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_triton_device(hidden)
+    check_triton_device(hidden)
     cfg = cfg or FWD_CONFIG
     n, hdim = hidden.shape
     v = weight.shape[0]
@@ -585,7 +579,7 @@ def _triton_backward(
         dW pass over vocabulary chunks, each recomputing the logits (~8 N H V flops).
       deterministic: split, with owner-computes kernels instead of atomics.
     """
-    _check_triton_device(hidden)
+    check_triton_device(hidden)
     cfg = cfg or (BWD_DET_CONFIG if deterministic else BWD_CONFIG)
     n, hdim = hidden.shape
     v = weight.shape[0]
@@ -738,7 +732,7 @@ def _gemm_forward(
     """The forward as cuBLAS GEMMs over [GEMM_ROWS, GEMM_COLS] fp32 logits blocks, each merged into running
     row statistics by _stats_block_kernel. Ignored rows are left out (logprob = entropy = lse = 0 there).
     Extra memory: one fp32 logits block, the gathered rows of one token block, 16 bytes per token."""
-    _check_triton_device(hidden)
+    check_triton_device(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     logprob = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -789,7 +783,7 @@ def _gemm_backward(
     whose dh GEMMs then take DH_GROUP blocks at a time), one fp32 accumulator (GEMM_ROWS x H or GEMM_COLS x H)
     and the gathered rows of one token block: ~200 MiB at the defaults and H 2560, whatever N.
     """
-    _check_triton_device(hidden)
+    check_triton_device(hidden)
     n, hdim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -915,7 +909,10 @@ def linear_logprob_entropy(
     """Log-probability of `targets` and entropy under softmax(hidden @ weight.T / temperature).
 
     hidden [N, H] (fp32/bf16/fp16; leading dims are flattened), weight [V, H] (same dtype),
-    targets [N] int64 -> logprob [N] fp32 (<= 0), entropy [N] fp32. Never materialises [N, V].
+    targets [N] (hidden's leading shape) int64 -> logprob [N] fp32 (<= 0), entropy [N] fp32. Never materialises
+    [N, V]. 16-bit inputs: the Triton backward rounds each dlogits block to the input dtype for the tensor-core
+    products (fp32 accumulation); in fp16 a term below 6e-8 (g * p with a per-token gradient g ~ 1e-4 and
+    p ~ 1 / V) flushes to 0, so use bf16 (the trainer's dtype) or scale the loss.
     Rows with targets == ignore_index give 0 and no gradient. backend: "auto" (triton on CUDA
     tensors in fp32/bf16/fp16, torch otherwise), "triton" or "torch". deterministic: the Triton backward uses
     owner-computes kernels instead of atomics (bitwise reproducible dh and dW; the torch backend

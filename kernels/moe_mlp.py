@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.dtypes import TRITON_DTYPES, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
 from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm_unchecked
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
@@ -205,6 +205,7 @@ def expert_mlp(x: torch.Tensor, routing: Routing, gate_up_proj: torch.Tensor, do
                         f"{down_proj.dtype}")
     if backend == "triton":
         check_triton_dtype(x, "x and expert weights")
+        check_triton_device(x)
     # "auto" on CUDA: dtypes the grouped GEMM kernels do not take (fp64) go the torch way
     triton_path = _use_triton(backend, x) and x.stride(-1) == 1 and x.dtype in TRITON_DTYPES
     gather = triton_path and gather_in_gemm(x.device)

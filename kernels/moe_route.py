@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dtypes import TRITON_DTYPES
+from kernels.dtypes import TRITON_DTYPES, check_triton_device
 
 
 @dataclass
@@ -83,7 +83,10 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
     # (a BLOCK_H of next_power_of_2(0) = 1 makes no valid launch)
     # auto: fp64 goes to torch, since the kernels compute in fp32 (kernels.dtypes)
     auto = backend == "auto" and t.is_cuda and t.dtype in TRITON_DTYPES
-    return (backend == "triton" or auto) and 0 < t.shape[-1] <= MAX_TRITON_ROW
+    use = (backend == "triton" or auto) and 0 < t.shape[-1] <= MAX_TRITON_ROW
+    if use and backend == "triton":
+        check_triton_device(t)
+    return use
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fourteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The fifteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
 LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
@@ -423,6 +423,49 @@ def math_verify(region: str, gold: Gold) -> float:
     return 0.0
 
 
+
+# verl's math_dapo grader without math-verify (the Minerva / lm-evaluation-harness rule), which GoLongRL's reward code
+# gives the data sources math_dapo, math, math_dapo_reasoning and math_longcot: the last "Answer: ..." line of the
+# last MATH_TAIL_CHARS characters, normalised, equal as text to the normalised gold. The rewrites, in their order:
+_MINERVA_ANSWER = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+_MINERVA_REPLACED = (("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+                     (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"))
+_MINERVA_DROPPED = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
+                    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
+                    "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
+                    "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}",
+                    "\\;", ",\\!", "{,}", '"', "\\dots")
+_MINERVA_PATTERNS = ((re.compile(r"(.*?)(\$)(.*?)(\$)(.*)"), "$\\3$"), (re.compile(r"(\\text\{)(.*?)(\})"), "\\2"),
+                     (re.compile(r"(\\textbf\{)(.*?)(\})"), "\\2"), (re.compile(r"(\\overline\{)(.*?)(\})"), "\\2"),
+                     (re.compile(r"(\\boxed\{)(.*)(\})"), "\\2"),
+                     (re.compile(r"(frac)([^{])(.)"), "frac{\\2}{\\3}"),  # \fracab -> \frac{a}{b}
+                     (re.compile(r"(sqrt)([^{])"), "sqrt{\\2}"))  # \sqrta -> \sqrt{a}
+
+
+def minerva_normal(answer: str) -> str:
+    """A final answer as the Minerva rule compares it: the part after the last "=", spaces, articles, units and
+    text markup dropped, the first $...$ kept, shorthand \\frac / \\sqrt braced, thousands commas of a whole
+    number dropped."""
+    s = answer.split("=")[-1]
+    for before, after in _MINERVA_REPLACED:
+        s = s.replace(before, after)
+    for dropped in _MINERVA_DROPPED:
+        s = s.replace(dropped, "")
+    for pattern, repl in _MINERVA_PATTERNS:
+        s = pattern.sub(repl, s)
+    s = s.replace("$", "")
+    if s.replace(",", "").isdigit():
+        s = s.replace(",", "")
+    return s.strip()
+
+
+def minerva(region: str, gold: Gold) -> float:
+    """1 when the last "Answer: X" line of the last MATH_TAIL_CHARS characters of `region` (the whole response)
+    normalises (minerva_normal) to a gold answer's normal form, as verl's math_dapo grades without math-verify."""
+    found = _MINERVA_ANSWER.findall(region[-MATH_TAIL_CHARS:])
+    pred = minerva_normal(found[-1] if found else "[INVALID]")
+    return float(any(pred == minerva_normal(g) for g in _gold_strings(gold)))
+
 _DOC_ID = re.compile(r"<\|doc_\d+\|>")
 
 
@@ -619,6 +662,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "choice": choice,
     "f1": f1,
     "math_verify": math_verify,
+    "minerva": minerva,
     "iou": iou,
     "subem": subem,
     "ndcg": ndcg,

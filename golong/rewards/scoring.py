@@ -51,6 +51,7 @@ SCOPES: dict[str, str] = {
     "rouge_l": "whole",
     "iou": "whole",
     "math_verify": "whole",
+    "minerva": "whole",
 }
 # Metrics whose gold is the record's list of gold items (doc_ids); the others read golden_label.
 LIST_METRICS = frozenset({"accuracy", "f1", "subem", "ndcg", "pairwise", "rouge_l"})

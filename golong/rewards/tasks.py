@@ -54,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate", "model_verify", "mrcr", "docmath")
+                "retrieval_calculate", "model_verify", "mrcr", "docmath", "minerva")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -63,6 +63,12 @@ DATA_SOURCES: dict[str, str] = {
     "selection": "choice",
     "multitableqa_pretraining": "iou",
     "retrieval_calculate": "retrieval_calculate",
+    # verl's math_dapo grader without math-verify (data_source math_dapo_math_verify and *math_longcot_math_verify
+    # sources get math-verify, as any other *math* source)
+    "math_dapo": "minerva",
+    "math": "minerva",
+    "math_dapo_reasoning": "minerva",
+    "math_longcot": "minerva",
 }
 # The model card's benchmarks as `golong data import` writes them (golong.data.benchmarks): the source's metric, for
 # a record whose reward_mode and ability name no task (the importer's abilities, e.g. "mrcr_8needle", name the task
@@ -139,9 +145,10 @@ def _known_hint(*given: object) -> str:
     close = [names[m] for g in given if isinstance(g, str) and g
              for m in difflib.get_close_matches(g.lower(), names, n=2, cutoff=0.75)]
     lbp = list(LONGBENCH_PRO)
+    example = "" if close else f" (e.g. {lbp[2]!r})"  # a close match shows one already
     hint = (f"known tasks: capability types {', '.join(CAPABILITIES)}; metric names {', '.join(METRIC_NAMES)}; "
             f"the {len(lbp)} LongBench-Pro subtasks {lbp[0].split()[0]} ... {lbp[-1].split()[0]} by number or full "
-            f"name (e.g. {lbp[2]!r})")
+            f"name{example}")
     return f"did you mean {' or '.join(map(repr, dict.fromkeys(close)))}? {hint}" if close else hint
 
 

@@ -167,6 +167,28 @@ def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
     assert route("docmath", "docmath") == "docmath"
     assert score_record(record, R("Therefore, the answer is 12.5%"), timeout=None) == 1.0
 
+
+def test_minerva_grades_as_verls_math_dapo_without_math_verify():
+    """GoLongRL's reward code grades data sources math_dapo, math, math_dapo_reasoning and math_longcot with verl's
+    math_dapo.compute_score(is_use_math_verify=False): the last "Answer: X" line of the last 500 characters,
+    normalised (after the last "=", units, articles, spaces and text markup dropped, shorthand frac / sqrt
+    braced, thousands commas dropped), equal as text to the normalised gold. Checked against that code on 60,000
+    generated answers (the session's note). math-verify scored a boxed answer there."""
+    cases = [("Answer: 34", "34", 1.0), ("answer : 1,234", "1234", 1.0), ("ANSWER: \\frac12", "\\frac{1}{2}", 1.0),
+             ("Answer: x = 5 dollars", "5", 1.0), ("Answer: $\\sqrt2$", "\\sqrt{2}", 1.0),
+             ("Answer: 3\nAnswer: 4", "4", 1.0), ("Answer: 4\nAnswer: 3", "4", 0.0),  # the last line counts
+             ("\\boxed{34}", "34", 0.0),  # no Answer line: math-verify would have read the box
+             ("Answer: 0.5", "\\frac{1}{2}", 0.0),  # text, not value
+             ("Answer: 34" + "x" * 500, "34", 0.0)]  # past the last 500 characters
+    for answer, gold, expect in cases:
+        assert score("minerva", answer, gold) == expect, (answer, gold)
+    for source in ("math_dapo", "math", "math_dapo_reasoning", "math_longcot"):
+        assert route(source) == "minerva"
+        record = {"data_source": source, "reward_model": {"ground_truth": "34"}}
+        assert score_record(record, "<think>x</think>Answer: 34", timeout=None) == 1.0
+        assert score_record(record, "<think>x</think>\\boxed{34}", timeout=None) == 0.0
+    assert route("math_dapo_math_verify") == route("math_longcot_math_verify") == "math_verify"
+
 def test_mrcr_grades_as_openai_mrcr():
     """OpenAI MRCR's grade: 0 unless the reply starts with the random prefix; else difflib's ratio 2M / T of reply
     and gold message, the prefix taken off both (leading whitespace after </think> is not the reply's)."""
@@ -863,10 +885,10 @@ def test_batch_8192_responses_in_seconds():
 
 
 def test_metric_for_capabilities_and_longbench_pro():
-    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify: data sources' own rewards; mrcr,
-    # docmath: the MRCR and DocMath benchmarks' grades (golong data import)
+    # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify / minerva: data sources' own rewards;
+    # mrcr, docmath: the MRCR and DocMath benchmarks' grades (golong data import)
     assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify",
-                                                              "mrcr", "docmath"}
+                                                              "mrcr", "docmath", "minerva"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
@@ -915,8 +937,9 @@ def test_route_by_data_source():
     assert route("retrieval_calculate", "math", "math_verify") == "retrieval_calculate"
     assert route("longbench_pro", "summarization", "T1.1 Global Cohesive Retrieval") == "ndcg"
     assert route("longbench_pro", "summarization", None) == "rouge_l"
-    assert route("math_dapo", "summarization", None) == "rouge_l"
-    assert route("math_dapo", "long_context", None) == "math_verify"
+    assert route("my_math_set", "summarization", None) == "rouge_l"
+    assert route("my_math_set", "long_context", None) == "math_verify"
+    assert route("math_dapo", "summarization", None) == "minerva"  # a source the recipe names
     with pytest.raises(ValueError, match="data_source='mystery'"):
         route("mystery", "unknown ability", None)
 
