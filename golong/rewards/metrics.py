@@ -543,41 +543,105 @@ _DOCMATH_UNITS = (  # a unit word after or before the number, one or two symbols
     re.compile(rf"[^-+\d]{{1,2}}({_DOCMATH_NUMBER})$"),
 )
 _DOCMATH_GROUPED = re.compile(r"[-+]?(\d{1,3}(,\d{3})*|(\d+))(\.\d+)?")
-DOCMATH_MAX_CHARS = 200  # a normalised answer longer than this is no number (its arithmetic is not read)
 
 
 class _NotANumber(Exception):
     """The answer reads as text, a tuple or another container: it matches no number."""
 
 
-def _docmath_value(node: Any) -> float | int:
-    """The value of an arithmetic expression tree of number literals, + - * / and math.pow(10, n) (the form the
-    scorer writes "10^n" in). A string or container raises _NotANumber, anything else (a name, a call) ValueError.
-    Nothing of the response is called or looked up."""
+def _docmath_ops() -> tuple[dict, dict, dict]:
+    import ast
+    import operator as op
+
+    binary = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv, ast.FloorDiv: op.floordiv,
+              ast.Mod: op.mod, ast.Pow: op.pow, ast.BitXor: op.xor, ast.BitAnd: op.and_, ast.BitOr: op.or_,
+              ast.LShift: op.lshift, ast.RShift: op.rshift}
+    unary = {ast.USub: op.neg, ast.UAdd: op.pos, ast.Not: op.not_, ast.Invert: op.invert}
+    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge, ast.Eq: op.eq, ast.NotEq: op.ne}
+    return binary, unary, compare
+
+
+def _docmath_operands(node: Any) -> list[Any]:
+    """The sub-expressions `node` combines, for the value walk; raises for what is no arithmetic."""
     import ast
 
-    if isinstance(node, ast.Expression):
-        return _docmath_value(node.body)
     if isinstance(node, ast.Constant):
-        if type(node.value) in (int, float):
-            return node.value
-        if isinstance(node.value, complex):
-            return node.value.real  # as the scorer takes a complex result's real part
-        raise _NotANumber
+        if isinstance(node.value, (int, float, complex)):
+            return []
+        raise _NotANumber  # text, None, ...: the scorer's comparison takes no such value
     if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict, ast.JoinedStr)):
         raise _NotANumber
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _docmath_value(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-        a, b = _docmath_value(node.left), _docmath_value(node.right)
-        if isinstance(node.op, ast.Div):
-            return a / b
-        return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
-    if (isinstance(node, ast.Call) and ast.unparse(node.func) == "math.pow" and len(node.args) == 2
-            and not node.keywords and ast.unparse(node.args[0]) == "10"):
-        return math.pow(10, _docmath_value(node.args[1]))
-    raise ValueError("not arithmetic")
+    if isinstance(node, ast.BinOp):
+        return [node.left, node.right]
+    if isinstance(node, ast.UnaryOp):
+        return [node.operand]
+    if isinstance(node, ast.Compare) and all(type(o) in _DOCMATH_OPS[2] for o in node.ops):
+        return [node.left, *node.comparators]
+    if isinstance(node, ast.BoolOp):
+        return list(node.values)
+    if isinstance(node, ast.IfExp):
+        return [node.test, node.body, node.orelse]
+    if _docmath_math_name(node) is not None:
+        return []
+    if isinstance(node, ast.Call) and not node.keywords and callable(_docmath_math_name(node.func)):
+        return list(node.args)
+    raise ValueError("not arithmetic")  # a name or call of the response's own: never looked up, never called
+
+
+def _docmath_math_name(node: Any) -> Any:
+    """The value of `math.NAME` (any of the math module's) or `np.NAME` (a numpy constant: pi, e, inf, nan), the
+    modules the scorer's eval sees; None for anything else."""
+    import ast
+
+    if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+        return None
+    if node.value.id == "math" and not node.attr.startswith("_"):
+        return getattr(math, node.attr, None)
+    if node.value.id == "np" and node.attr in ("pi", "e", "inf", "nan"):
+        return getattr(math, node.attr)
+    return None
+
+
+def _docmath_value(tree: Any) -> Any:
+    """The value of an expression tree of numbers combined by Python's operators, comparisons, and/or, if-else and
+    the math module's constants and functions, walked without recursion (an answer may be a long sum). Raises
+    _NotANumber for text or a container, ValueError for anything else (a name or call of the response's own)."""
+    import ast
+
+    binary, unary, compare = _DOCMATH_OPS
+    stack: list[tuple[Any, bool]] = [(tree.body if isinstance(tree, ast.Expression) else tree, False)]
+    values: list[Any] = []
+    while stack:
+        node, ready = stack.pop()
+        operands = _docmath_operands(node)
+        if not ready:
+            stack.append((node, True))
+            stack.extend((o, False) for o in reversed(operands))
+            continue
+        args = values[len(values) - len(operands):]
+        del values[len(values) - len(operands):]
+        if isinstance(node, ast.Constant):
+            v = node.value
+        elif isinstance(node, ast.BinOp):
+            v = binary[type(node.op)](*args)
+        elif isinstance(node, ast.UnaryOp):
+            v = unary[type(node.op)](args[0])
+        elif isinstance(node, ast.Compare):
+            v = all(compare[type(o)](a, b) for o, a, b in zip(node.ops, args, args[1:]))
+        elif isinstance(node, ast.BoolOp):  # and: the first falsy operand, else the last; or: the first truthy
+            pick = (lambda a: not a) if isinstance(node.op, ast.And) else bool
+            v = next((a for a in args[:-1] if pick(a)), args[-1])
+        elif isinstance(node, ast.IfExp):
+            v = args[1] if args[0] else args[2]
+        elif isinstance(node, ast.Call):
+            v = _docmath_math_name(node.func)(*args)
+        else:
+            v = _docmath_math_name(node)
+        values.append(v)
+    return values[0]
+
+
+_DOCMATH_OPS = _docmath_ops()
 
 
 def docmath_number(text: str) -> float | int | None:
@@ -586,7 +650,8 @@ def docmath_number(text: str) -> float | int | None:
     "false" as 0 (Python's bools compare as numbers in its scorer), "approximately" and a second "or" alternative
     dropped, a unit word or one or two symbols beside the number dropped, "10^n" and " x " / " × " products read,
     thousands commas dropped; "" reads as 0. None where the result is not a number. The scorer hands the rest to
-    Python's eval; golong reads only number literals combined by + - * / (ast, no names, no calls)."""
+    Python's eval; golong walks its syntax tree (_docmath_value): numbers, Python's operators and the math module,
+    nothing of the response's own is looked up or called, and what eval would raise on reads as 0."""
     import ast
 
     s = text.strip().rstrip(".")
@@ -617,14 +682,15 @@ def docmath_number(text: str) -> float | int | None:
         return None
     if not s:
         return 0
-    if len(s) > DOCMATH_MAX_CHARS:
-        return None
     try:
-        return _docmath_value(ast.parse(s, mode="eval"))
+        value = _docmath_value(ast.parse(s, mode="eval"))
     except _NotANumber:
         return None
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
+    except Exception:  # SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError, ...
         return 0  # the scorer reads what its eval raises on as 0
+    if isinstance(value, complex):
+        return value.real  # as the scorer takes a complex result's real part
+    return value if isinstance(value, (int, float)) else None
 
 
 def docmath_match(pred: float, gold: float) -> bool:

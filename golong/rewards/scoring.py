@@ -90,8 +90,8 @@ def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: fl
     {"answer", "prefix"}, for rouge_l
     optionally {"references", "language": "Chinese" | "English"}), on the part of the response SCOPES names.
 
-    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify, mrcr) run in a
-    pooled worker process that is killed when it overruns (score 0); the other metrics run here, in time linear
+    With a timeout, the SANDBOXED metrics (math-verify, ROUGE-L, retrieval_calculate, model_verify, mrcr, docmath)
+    run in a pooled worker process that is killed when it overruns (score 0); the other metrics run here, in time linear
     in the response. `timeout=None` scores everything in this process without a limit. Raises ValueError only for an
     unknown metric name or a timeout that is not a finite number of seconds > 0.
     """

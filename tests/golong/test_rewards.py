@@ -146,6 +146,11 @@ def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
         ("3 x 10^5", "300000", 1.0),
         ("x = 2/8", "0.25", 1.0),  # the part after "=", its arithmetic
         ("1, 2", "0", 0.0),  # a tuple is no number
+        # what the scorer's eval computes: Python's operators (^ is xor), the math module's names (parentheses are
+        # dropped before: no calls), sums of any length
+        ("7//2", "3", 1.0), ("2^3", "1", 1.0), ("math.pi", "3.1416", 1.0), ("+".join(["1"] * 2000), "2000", 1.0),
+        ("I could not find the figure in the document. " * 6, "0", 1.0),  # prose reads as 0, however long
+        ("the answer is 0." + "3" * 250, "0.3333", 1.0),
     ]
     for answer, gold, expect in cases:
         assert score("docmath", answer, gold) == expect, (answer, gold)
