@@ -95,7 +95,12 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     if src is not None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        try:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:  # a file, a folder without tokenizer files: transformers' traceback
+            raise ConfigError(f"{key}={src}: no tokenizer loads from it ({str(e).splitlines()[0][:200]}); give the "
+                              "chat model's folder (tokenizer.json / tokenizer_config.json)") from None
         # transformers builds an empty tokenizer from a folder without tokenizer files, and prompts
         # are chat-templated: both would fail later with a message that does not name the folder
         if tok.chat_template is None:

@@ -258,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     template = Path(args.template).read_text(encoding="utf-8")
                 except OSError as e:
                     args.subparser.error(f"--template: {e}")
+                except UnicodeDecodeError as e:
+                    args.subparser.error(f"--template {args.template}: not UTF-8 text (byte {e.start})")
             records = import_benchmark(args.benchmark, args.sources, args.out, limit=args.limit, template=template)
             print_task_counts(records, f"golong data import {args.benchmark}: {len(records)} records")
             print(args.out)

@@ -496,6 +496,12 @@ def _check_values(cfg: RunConfig) -> None:
     unknown_tasks = [x for x in d.synthetic_tasks if x not in TASKS]
     checks = [
         (d.max_prompt_tokens >= 1, "data.max_prompt_tokens must be >= 1"),
+        (d.seed >= 0, f"data.seed={d.seed} must be >= 0"),
+        (t.seed >= 0, f"trainer.seed={t.seed} must be >= 0"),
+        # YAML's false / off / no / null reach a str field as "False", ... : they would name a directory
+        (d.prompt_cache.strip().lower() not in ("false", "off", "no", "null", "") or d.prompt_cache == "none",
+         f"data.prompt_cache={d.prompt_cache!r} would be a directory of that name; 'none' turns the cache off, "
+         "'auto' keeps it under logging.run_dir, any other value is a directory"),
         (not unknown_tasks, f"data.synthetic_tasks: unknown task(s) {', '.join(map(repr, unknown_tasks))}; "
                             f"choose from: {', '.join(TASKS)}"),
         (d.synthetic_context_tokens >= 1, "data.synthetic_context_tokens must be >= 1"),
@@ -777,6 +783,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             layers.append(OmegaConf.load(p))
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_error(str(p), e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); a config is a YAML file") from None
         if not isinstance(layers[-1], DictConfig):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
         origins.append(p)
@@ -785,6 +793,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             hydra = " (golong's overrides take no Hydra prefix: a key is deleted by leaving it out)" \
                 if o.startswith("~") else ""
             raise ConfigError(f"override {o!r} is not of the form key=value{hydra}")
+        if "[" in o.split("=", 1)[0]:  # OmegaConf's merge raises a bare TypeError on these
+            key = o.split("=", 1)[0].split("[", 1)[0].lstrip("+")
+            raise ConfigError(f"override {o!r}: a list takes no index; give the whole list, e.g. {key}=[a,b]")
         try:  # Hydra's + / ++ (add, force) before a key: every golong key exists, so they mean key=value
             layers.append(OmegaConf.from_dotlist([o.lstrip("+")]))
             origins.append(f"override {o!r}")

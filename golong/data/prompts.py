@@ -69,8 +69,12 @@ def _truncate(tokenizer: Any, messages: list[dict[str, str]], ids: list[int], li
         if not tokens[j]:
             return None  # nothing left to cut: the template alone is over the limit
         keep = max(len(tokens[j]) - excess, 0)
-        if not keep and j == question:
-            return None  # a prompt without its question teaches nothing: drop it
+        if not keep and j == question:  # the question would go: empty the longest other message first
+            others = [k for k in range(len(msgs)) if k != question and tokens[k]]
+            if not others:
+                return None  # a prompt without its question teaches nothing: drop it
+            j = max(others, key=lambda k: len(tokens[k]))
+            keep = 0
         head = keep // 2 if middle else 0
         # a cut inside a multi-byte character decodes to U+FFFD: drop the partial character
         kept = tokenizer.decode(tokens[j][:head]).rstrip("\ufffd") if head else ""
@@ -158,10 +162,11 @@ def prompt_cache_key(records: Sequence[Record], tokenizer: Any, max_prompt_token
     return h.hexdigest()[:40]
 
 
-def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
+def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> bool:
     """Write `prompts` to `directory` (ids.npy: every prompt's ids end to end, int32; meta.npy: [n, 3] int64 of
-    end offset, record index, truncated), through a temporary directory renamed at the end: a crash or a
-    concurrent writer (ranks of several nodes on a shared file system) never leaves a partial cache."""
+    end offset, record index, truncated), through a temporary directory synced and renamed at the end: a crash or
+    a concurrent writer (ranks of several nodes on a shared file system) never leaves a partial cache. False where
+    another writer's copy was in place first (this one is dropped)."""
     directory = Path(directory)
     # a fresh name per writer (pids repeat across the nodes that share a file system); mkdir, not mkdtemp, keeps
     # the umask's permissions for the ranks of other users
@@ -172,8 +177,11 @@ def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
     meta = np.stack([ends, [p.index for p in prompts], [p.truncated for p in prompts]], axis=1) if prompts else \
         np.zeros((0, 3), dtype=np.int64)
     try:
-        np.save(tmp / "ids.npy", ids.astype(np.int32, copy=False))
-        np.save(tmp / "meta.npy", meta.astype(np.int64))
+        for name, array in (("ids.npy", ids.astype(np.int32, copy=False)), ("meta.npy", meta.astype(np.int64))):
+            with open(tmp / name, "wb") as f:
+                np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,6 +189,8 @@ def save_prompts(prompts: Sequence[EncodedPrompt], directory: Path) -> None:
         tmp.rename(directory)
     except OSError:  # another rank got there first: its copy is the same
         shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 # A writer's temporary directory untouched this long belongs to a writer that died (killed, preempted): a live one
@@ -236,11 +246,19 @@ def build_prompts_cached(records: Sequence[Record], tokenizer: Any, max_prompt_t
     if got is not None:
         logger.info("%s prompts: %d read from the prompt cache %s", split, len(got), where)
         return got
+    if write and where is not None and where.exists():  # unreadable (cut by a crash): replaced, not kept forever
+        bad = where.with_name(f"{where.name}.bad-{uuid.uuid4().hex}")
+        try:
+            where.rename(bad)
+            shutil.rmtree(bad, ignore_errors=True)
+            logger.warning("%s prompts: the prompt cache %s was unreadable; it is rebuilt", split, where)
+        except OSError:
+            pass
     built = build_prompts(records, tokenizer, max_prompt_tokens, overflow, split=split)
     if write and where is not None:
         try:
-            save_prompts(built, where)
-            logger.info("%s prompts: written to the prompt cache %s for the next start", split, where)
+            if save_prompts(built, where):
+                logger.info("%s prompts: written to the prompt cache %s for the next start", split, where)
         except OSError as e:
             logger.warning("%s prompts: could not write the prompt cache %s: %s", split, where, e,
                            extra={"every_rank": True})  # each node's local rank 0 writes

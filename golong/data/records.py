@@ -164,7 +164,14 @@ def _check_prompt(p: Any, bad: Any) -> list[dict[str, str]]:
             raise bad(f"prompt[{j}] must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
             raise bad(f"prompt[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+            raise bad(f"prompt[{j}].content holds {m['content'][e.start]!r} at character {e.start}, which is not "
+                      "text (a lone UTF-16 surrogate)") from None
         out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in out):  # chat templates (Qwen3's) refuse a conversation without one
+        raise bad("prompt has no user message")
     return out
 
 

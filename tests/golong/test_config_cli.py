@@ -86,6 +86,12 @@ def test_overrides_apply_with_types():
     ("optim=3", "'optim' is a config section, not a plain value or a list; set its keys (lr, warmup_steps"),
     ("model.scratch=[1]", "'model.scratch' is a config section, not a plain value or a list; set its keys (vocab_size"),
     ("data.synthetic_tasks=[poetry]", "unknown task(s) 'poetry'; choose from: precise_retrieval"),
+    # OmegaConf's merge raised a bare TypeError (a traceback in every command)
+    ("optim.betas[1]=0.95", "override 'optim.betas[1]=0.95': a list takes no index; give the whole list, e.g. "
+                            "optim.betas=[a,b]"),
+    # YAML's false reaches the str field as "False": it made a directory of that name
+    ("data.prompt_cache=false", "data.prompt_cache='False' would be a directory of that name; 'none' turns the cache"
+                                " off"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -166,6 +172,8 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("algo.kl_coef=inf", "algo.kl_coef=inf must be a finite number"),
     ("model.scratch=null", "model.path (a Hugging Face checkpoint) or model.scratch (random init) must be set"),
     ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
+    ("data.seed=-1", "data.seed=-1 must be >= 0"),  # passed --dry-run, then crashed after tokenizing
+    ("trainer.seed=-1", "trainer.seed=-1 must be >= 0"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
     ("model.dtype=int8", "model.dtype='int8' is not a valid choice; choose one of: bfloat16, float32, float16"),
     ("parallel.reduce_dtype=float16", "parallel.reduce_dtype='float16' is not a valid choice"),
@@ -1186,3 +1194,27 @@ def test_router_replay_through_vllm_without_a_gpu_is_a_run_problem(monkeypatch):
         "rollout.router_replay=true with rollout.tensor_parallel_size=2: vLLM 0.32 captures routed experts on a "
         "tensor-parallel group's first rank only, and each of golong's ranks schedules its own requests "
         "(external_launcher), so the others would fail; use rollout.tensor_parallel_size=1 with it"]
+
+
+def test_a_config_or_template_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"data:\n  seed: 1  # d\xe9faut\n")
+    assert main(["train", str(bad), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: {bad}: not UTF-8 text (byte 20); a config is a YAML file"
+    src = tmp_path / "data.json"
+    src.write_text("[]")
+    with pytest.raises(SystemExit):
+        main(["data", "import", "docmath", str(src), "--out", str(tmp_path / "o.jsonl"), "--template", str(bad)])
+    assert f"--template {bad}: not UTF-8 text (byte 20)" in capsys.readouterr().err
+
+
+def test_a_tokenizer_path_without_a_tokenizer_is_one_line(tmp_path):
+    from golong.build import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for where in (tmp_path / "tokenizer.json", tmp_path / "empty"):
+        cfg = load_config(ROOT / "configs/demo-cpu.yaml", [f"model.tokenizer={where}"])
+        with pytest.raises(ConfigError, match=f"model.tokenizer={where}: no tokenizer loads from it .*; give the "
+                                              "chat model's folder"):
+            load_tokenizer(cfg)

@@ -280,11 +280,19 @@ def test_truncation_cuts_further_messages_and_whole_characters(tok):
                         "<|im_start|>assistant\n<|im_end|>\n")
         kept = last.removesuffix("<|im_end|>\n<|im_start|>assistant\n")
         assert msgs[3]["content"].endswith(kept) and kept.endswith("beta QUESTION?"), limit
-    # room for less than the system message: cutting would empty the question (the longest message first),
-    # leaving the system message's tail as the prompt; such a prompt is dropped
+    # room for less than the system message and the question: cutting the longest message (the question) would
+    # empty it, so the system message is emptied instead and the question keeps its end; a prompt is dropped only
+    # where it would fit only without its question (here: no room left for any of it)
     rec = Record("EM", [{"role": "system", "content": "alpha " * 60}, {"role": "user", "content": user}], "",
                  GroundTruth(["x"], "x"))
-    assert build_prompts([rec], tok, 100) == []
+    (p,) = build_prompts([rec], tok, 100)
+    text = tok.decode(p.input_ids)
+    assert p.truncated and len(p.input_ids) <= 100 and text.startswith("<|im_start|>system\n<|im_end|>")
+    assert text.rstrip().endswith("beta QUESTION?<|im_end|>\n<|im_start|>assistant")
+    bare = tok.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": ""}],
+                                   tokenize=False, add_generation_prompt=True)
+    bare = len(tok(bare, add_special_tokens=False)["input_ids"])  # the template alone: no room for a question
+    assert bare > 5 and build_prompts([rec], tok, bare) == [] and len(build_prompts([rec], tok, bare + 3)) == 1
     (p,) = build_prompts([rec], tok, 400)  # room for the question's end: the user message is cut, then fits
     text = tok.decode(p.input_ids)
     assert p.truncated and text.startswith("<|im_start|>system\nalpha alpha")
@@ -798,3 +806,49 @@ def test_data_check_of_a_directory_says_a_data_file_is_expected(tmp_path, capsys
     assert main(["data", "check", str(cfg_file)]) == 2
     assert capsys.readouterr().err == (f"golong: error: {data}: is a directory; a data file (.parquet / .jsonl / "
                                        ".json) is expected: list its files\n")
+
+
+def test_an_unreadable_prompt_cache_is_replaced_and_only_a_real_write_is_logged(tok, tmp_path, caplog):
+    """A cache directory whose file was cut (a crash before the page cache reached the disk) read as none, and the
+    rebuilt prompts' rename over it failed silently: every later start tokenized again, each logging "written"."""
+    import logging
+
+    from golong.data.prompts import build_prompts_cached, load_prompts, prompt_cache_key, save_prompts
+
+    recs = generate(4, 20, seed=5)
+    key = prompt_cache_key(recs, tok, 400, "truncate_left")
+    where = tmp_path / f"train-{key}"
+    built = build_prompts_cached(recs, tok, 400, "truncate_left", tmp_path, "train")
+    ids = where / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-8])
+    assert load_prompts(where, recs) is None
+    with caplog.at_level(logging.INFO, logger="golong"):
+        logging.getLogger("golong").addHandler(caplog.handler)
+        try:
+            again = build_prompts_cached(recs, tok, 400, "truncate_left", tmp_path, "train")
+        finally:
+            logging.getLogger("golong").removeHandler(caplog.handler)
+    assert f"the prompt cache {where} was unreadable; it is rebuilt" in caplog.text
+    assert f"written to the prompt cache {where}" in caplog.text
+    assert [p.input_ids.tolist() for p in load_prompts(where, recs)] == [p.input_ids.tolist() for p in built] == \
+           [p.input_ids.tolist() for p in again]
+    assert save_prompts(built, where) is False  # a copy in place already: nothing written, and it says so
+
+
+def test_a_prompt_no_tokenizer_takes_is_refused_with_its_file_and_line(tmp_path):
+    """A lone UTF-16 surrogate ("\\ud800" in JSON, which json.loads lets through) or a conversation without a user
+    turn (Qwen3's template raises "No user query found") passed validation and ended the tokenizing in a traceback
+    naming no record."""
+    path = tmp_path / "bad.jsonl"
+    good = {"data_source": "EM", "prompt": [{"role": "user", "content": "q"}],
+            "reward_model": {"ground_truth": "x"}}
+    lines = [json.dumps(good), '{"data_source": "EM", "prompt": [{"role": "user", "content": "abc \\ud800 def"}], '
+                               '"reward_model": {"ground_truth": "x"}}']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordError, match=rf"^{path}: line 2: prompt\[0\]\.content holds '\\ud800' at character 4, "
+                                          r"which is not text \(a lone UTF-16 surrogate\)"):
+        load_records(path)
+    no_user = dict(good, prompt=[{"role": "system", "content": "be brief"}])
+    path.write_text(json.dumps(good) + "\n" + json.dumps(no_user) + "\n")
+    with pytest.raises(RecordError, match=rf"^{path}: line 2: prompt has no user message"):
+        load_records(path)
