@@ -146,6 +146,11 @@ def compare(a: EvalScores, b: EvalScores, by: Sequence[str] = (), common: bool =
     if a.info and b.info:
         warnings += [f"eval settings differ: {s} {a.info.get(s)} (A) vs {b.info.get(s)} (B)" for s in _SETTINGS
                      if a.info.get(s) != b.info.get(s)]
+        # scored by other metrics (a reward function of the user's in one): B - A mixes two measurements
+        metric_a, metric_b = ({t: row.get("metric") for t, row in (e.info.get("tasks") or {}).items()}
+                              for e in (a, b))
+        warnings += [f"task {t} is scored differently: {metric_a[t]} (A) vs {metric_b[t]} (B)"
+                     for t in sorted(set(metric_a) & set(metric_b)) if metric_a[t] != metric_b[t]]
     means = {key: (fmean(a.scores[key]), fmean(b.scores[key])) for key in keys}
     pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for key in keys:

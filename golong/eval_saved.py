@@ -10,8 +10,9 @@ of context (prompt + max response tokens, times rollout.val_n): short prompts go
 busy), 128K-token ones in batches of minutes. Each response is seeded by its place in the whole set, so any saved
 run of batches from the first prompt on is valid whatever the batching: a rerun on another number of ranks or with
 another --save-every keeps it. The fingerprint covers what the responses and scores depend on (the prompts' tokens,
-the records, the weights' files, the resolved config); a file of another eval is set aside as
-eval.partial.jsonl.stale. A torn last line (a stop while writing it) is cut off. Rank 0 reads and writes the file.
+the records, the weights' files, the resolved config, the reward function's code); a file of another eval is set
+aside as eval.partial.jsonl.stale-<time>-<pid>, and taken back by a rerun with its fingerprint. A torn last line
+(a stop while writing it) is cut off. Rank 0 reads and writes the file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,11 @@ def fingerprint(prompts: Sequence[Any], config: dict[str, Any], checkpoint: str 
     h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
     for weights in (checkpoint, config.get("model", {}).get("path")):
         h.update(repr(_files(weights)).encode())
+    if spec := config.get("rollout", {}).get("reward_function"):  # the scores follow its code, not its path
+        from golong.rewards.function import parse_spec
+
+        fn_file = parse_spec(spec)[0]
+        h.update(fn_file.read_bytes() if fn_file.is_file() else b"(no file)")
     for p in prompts:
         record = {k: v for k, v in p.record.to_dict().items() if k != "prompt"}  # the prompt: its tokens, below
         h.update(f"|{p.index}:{len(p.input_ids)}:{json.dumps(record, sort_keys=True, default=str)}|".encode())
@@ -80,11 +87,28 @@ def _row_ok(row: Any) -> bool:
             and isinstance(row[4], (dict, type(None))) and isinstance(row[5], (str, type(None))))
 
 
+def _fingerprint_of(path: Path) -> str | None:
+    """The fingerprint in a saved eval's first line (None: unreadable or not one)."""
+    try:
+        with path.open("rb") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return head.get("fingerprint") if isinstance(head, dict) and head.get("golong_eval_partial") == VERSION else None
+
+
 def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[str, Any]]:
     """The batches saved at `path` under fingerprint `fp`: the run of them from prompt 0 on, each starting where the
     last ended, up to the first torn or misplaced one, which is cut off the file with all after it (new batches
-    append after the good ones). A file without this fingerprint is renamed *.stale and a new one started."""
+    append after the good ones). A file without this fingerprint is renamed *.stale-<time>-<pid> and a new one
+    started; with no file, one set aside earlier with this fingerprint is taken back."""
     batches: list[dict[str, Any]] = []
+    if not path.exists():  # an eval set aside by a rerun with other settings: this one's, taken back
+        for aside in sorted(path.parent.glob(f"{path.name}.stale*")):
+            if _fingerprint_of(aside) == fp:
+                os.replace(aside, path)
+                log.info(f"eval: {aside} holds this eval's saved responses: resumed from it")
+                break
     if path.exists():
         good = 0
         try:
@@ -111,8 +135,8 @@ def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[s
                     good = f.tell()
             os.truncate(path, good)
             return batches
-        except (ValueError, OSError) as e:  # another eval's, or unreadable: kept aside, not deleted
-            stale = path.with_name(path.name + ".stale")
+        except (ValueError, OSError) as e:  # another eval's, or unreadable: set aside under a name of its own
+            stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             os.replace(path, stale)
             log.warning(f"eval: {path}: {e}; moved to {stale}, starting over")
             batches = []

@@ -361,7 +361,8 @@ class Trainer:
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
                             label: str, texts: bool = False, first_request: int = 0, whole_set: bool = True,
-                            routing: int | None = None) -> tuple[list[Generated], dict[str, float]]:
+                            routing: int | None = None, tokens: bool = True
+                            ) -> tuple[list[Generated], dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
         Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
         "response/format_errors": how many responses failed the format gate; with rollout.reward_function,
@@ -370,7 +371,9 @@ class Trainer:
         first request among the whole set's, for its seed (a part of a set samples as it would in the whole);
         whole_set=False: a part, whose every reward-function call failing does not stop the run (its caller checks
         the set). routing (rollout.router_replay): the generation batch under which this rank's engine records of
-        its responses' experts go to self.routing_store (request keys: their position in this set); None: none."""
+        its responses' experts go to self.routing_store (request keys: their position in this set); None: none.
+        tokens=False (validation, which reads scores and texts only): the responses' token ids and logprobs are not
+        gathered (empty arrays): every rank would hold the whole eval's."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import reward_config, score_records
@@ -419,8 +422,9 @@ class Trainer:
         infos = report.infos(len(mine))
         numbers = [{key: v for key, v in report.extras.get(k, {}).items() if isinstance(v, float)} or None
                    for k in range(len(mine))]
-        local = [(j, np.asarray(out.token_ids[k], dtype=np.int32),
-                  None if out.logprobs[k] is None else np.asarray(out.logprobs[k], dtype=np.float32),
+        empty = np.zeros(0, dtype=np.int32)
+        local = [(j, np.asarray(out.token_ids[k], dtype=np.int32) if tokens else empty,
+                  None if out.logprobs[k] is None or not tokens else np.asarray(out.logprobs[k], dtype=np.float32),
                   out.finish_reasons[k], scores[k], numbers[k], "reward_error" in (infos[k] or {}))
                  for k, j in enumerate(mine)]
         # the count of calls that failed, the first one's traceback, how many responses the function was given, and
@@ -791,7 +795,7 @@ class Trainer:
             label = "validation" if whole else f"validation, prompts {first + 1}-{end} of {total}"
             part, took = self._generate_and_score(self.val_prompts[first:end], n, self._sampling(val=True),
                                                   (self.cfg.trainer.seed, "val"), label, texts=texts,
-                                                  first_request=first * n, whole_set=whole)
+                                                  first_request=first * n, whole_set=whole, tokens=False)
             if saved is not None and self.rank == 0:
                 from golong.eval_saved import append_batch
 

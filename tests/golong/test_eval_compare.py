@@ -107,17 +107,20 @@ def test_different_prompts_or_bad_rows_are_named(tmp_path):
 
 
 def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
+    metrics = {"a": "em", "b": "compute_score() (golong: em)"}  # B scored by a reward function of the user's
     for name, temperature in (("a", 0.6), ("b", 1.0)):
         (tmp_path / name).mkdir()
         _write(tmp_path / name / "responses.jsonl", {("em", 0): [1.0], ("em", 1): [0.0]})
         (tmp_path / name / "eval.json").write_text(json.dumps({"checkpoint": f"ckpt/{name}", "temperature": temperature,
-                                                               "top_p": 0.95, "responses_per_prompt": 1}))
+                                                               "top_p": 0.95, "responses_per_prompt": 1,
+                                                               "tasks": {"em": {"metric": metrics[name]}}}))
     (tmp_path / "b" / "eval.partial.jsonl").write_text("{}\n")
     got = compare(read_scores(tmp_path / "a"), read_scores(tmp_path / "b"))
     assert (got["a_label"], got["b_label"]) == ("ckpt/a", "ckpt/b")
     assert got["warnings"] == [f"{tmp_path / 'b'} also holds eval.partial.jsonl: an eval there is under way or was "
                                "stopped, and responses.jsonl is an earlier eval's",
-                               "eval settings differ: temperature 0.6 (A) vs 1.0 (B)"]
+                               "eval settings differ: temperature 0.6 (A) vs 1.0 (B)",
+                               "task em is scored differently: em (A) vs compute_score() (golong: em) (B)"]
 
 
 def test_common_compares_only_the_prompts_both_hold(tmp_path):

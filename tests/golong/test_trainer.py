@@ -1660,15 +1660,25 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
     assert not partial.exists()
     # another eval's file (other sampling; then other ground truth, the same prompts) is set aside
     run(2, 2)
-    cfg.rollout.val_temperature = 0.9
+    temperature, cfg.rollout.val_temperature = cfg.rollout.val_temperature, 0.9
     run(0, 2)
     assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
-    assert (out / "eval.partial.jsonl.stale").exists()
+    (aside,) = out.glob("eval.partial.jsonl.stale-*")
+    # the eval it set aside is taken back by a rerun with its settings (a second mix-up would have replaced it)
+    cfg.rollout.val_temperature = temperature
+    run(0, 2)
+    assert calls == [2, 2] and f"eval: {aside} holds this eval's saved responses: resumed from it" in \
+        capsys.readouterr().out
     run(2, 2)
     rows = [json.loads(line) for line in (tmp_path / "count.jsonl").read_text().splitlines()]
     for row in rows:
         row["reward_model"]["ground_truth"]["w"] *= 10
     (tmp_path / "count.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(0, 2)
+    assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
+    # the reward function's code, not only its path: an edit between the stop and the rerun would mix two scorers
+    run(2, 2)
+    (tmp_path / "sampled.py").write_text(SAMPLED_REWARD + "\n# edited\n")
     run(0, 2)
     assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
     # a reward function failing on every response of a batch: scored 0 there; on every response: stopped
