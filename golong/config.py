@@ -499,7 +499,7 @@ def _check_values(cfg: RunConfig) -> None:
         (d.seed >= 0, f"data.seed={d.seed} must be >= 0"),
         (t.seed >= 0, f"trainer.seed={t.seed} must be >= 0"),
         # YAML's false / off / no / null reach a str field as "False", ... : they would name a directory
-        (d.prompt_cache.strip().lower() not in ("false", "off", "no", "null", "") or d.prompt_cache == "none",
+        (d.prompt_cache.strip().lower() not in ("false", "off", "no", "null", ""),
          f"data.prompt_cache={d.prompt_cache!r} would be a directory of that name; 'none' turns the cache off, "
          "'auto' keeps it under logging.run_dir, any other value is a directory"),
         (not unknown_tasks, f"data.synthetic_tasks: unknown task(s) {', '.join(map(repr, unknown_tasks))}; "
@@ -733,7 +733,8 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 def prompt_cache_dir(cfg: RunConfig) -> Path | None:
     """Where data.prompt_cache keeps the tokenized prompts ("auto": <logging.run_dir>/prompt_cache); None: off."""
     c = cfg.data.prompt_cache
-    return None if c == "none" else Path(cfg.logging.run_dir) / "prompt_cache" if c == "auto" else Path(c)
+    word = c.strip().lower()  # None, NONE, Auto: the words, not directories of those names
+    return None if word == "none" else Path(cfg.logging.run_dir) / "prompt_cache" if word == "auto" else Path(c)
 
 
 def _fresh_run_problem(cfg: RunConfig) -> list[str]:

@@ -11,7 +11,7 @@ busy), 128K-token ones in batches of minutes. Each response is seeded by its pla
 run of batches from the first prompt on is valid whatever the batching: a rerun on another number of ranks or with
 another --save-every keeps it. The fingerprint covers what the responses and scores depend on (the prompts' tokens,
 the records, the weights' files, the resolved config, the reward function's code); a file of another eval is set
-aside as eval.partial.jsonl.stale-<time>-<pid>, and taken back by a rerun with its fingerprint. A torn last line
+aside as eval.partial.jsonl.stale-<time>-<id>, and taken back by a rerun with its fingerprint. A torn last line
 (a stop while writing it) is cut off. Rank 0 reads and writes the file.
 """
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,14 @@ def _row_ok(row: Any) -> bool:
             and isinstance(row[4], (dict, type(None))) and isinstance(row[5], (str, type(None))))
 
 
+def _set_aside(path: Path, why: str) -> None:
+    """Move a saved eval that this one cannot resume to a name of its own (kept, not deleted: a rerun with its
+    settings takes it back)."""
+    stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, stale)
+    log.warning(f"eval: {path}: {why}; moved to {stale}, starting over")
+
+
 def _fingerprint_of(path: Path) -> str | None:
     """The fingerprint in a saved eval's first line (None: unreadable or not one)."""
     try:
@@ -100,15 +109,18 @@ def _fingerprint_of(path: Path) -> str | None:
 def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[str, Any]]:
     """The batches saved at `path` under fingerprint `fp`: the run of them from prompt 0 on, each starting where the
     last ended, up to the first torn or misplaced one, which is cut off the file with all after it (new batches
-    append after the good ones). A file without this fingerprint is renamed *.stale-<time>-<pid> and a new one
-    started; with no file, one set aside earlier with this fingerprint is taken back."""
+    append after the good ones). A file without this fingerprint is set aside (_set_aside) and this eval's own, set
+    aside earlier by a rerun with other settings, taken back (the largest where there are several), else a new one
+    started."""
     batches: list[dict[str, Any]] = []
-    if not path.exists():  # an eval set aside by a rerun with other settings: this one's, taken back
-        for aside in sorted(path.parent.glob(f"{path.name}.stale*")):
-            if _fingerprint_of(aside) == fp:
-                os.replace(aside, path)
-                log.info(f"eval: {aside} holds this eval's saved responses: resumed from it")
-                break
+    if path.exists() and _fingerprint_of(path) != fp:
+        _set_aside(path, "it holds another eval's responses (other weights, data or settings)")
+    if not path.exists():
+        mine = [a for a in path.parent.glob(f"{path.name}.stale*") if _fingerprint_of(a) == fp]
+        if mine:
+            aside = max(mine, key=lambda a: a.stat().st_size)
+            os.replace(aside, path)
+            log.info(f"eval: {aside} holds this eval's saved responses: resumed from it")
     if path.exists():
         good = 0
         try:
@@ -135,10 +147,8 @@ def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[s
                     good = f.tell()
             os.truncate(path, good)
             return batches
-        except (ValueError, OSError) as e:  # another eval's, or unreadable: set aside under a name of its own
-            stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            os.replace(path, stale)
-            log.warning(f"eval: {path}: {e}; moved to {stale}, starting over")
+        except (ValueError, OSError) as e:  # unreadable
+            _set_aside(path, str(e))
             batches = []
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"golong_eval_partial": VERSION, "fingerprint": fp}) + "\n", encoding="utf-8")

@@ -204,6 +204,8 @@ def remove_stale_writes(directory: Path, older_than_s: float = STALE_WRITE_S) ->
     directory = Path(directory)
     removed = 0
     now = time.time()
+    for bad in directory.parent.glob(f"{directory.name}.bad-*"):  # an unreadable cache set aside, its removal cut
+        shutil.rmtree(bad, ignore_errors=True)
     for tmp in directory.parent.glob(f"{directory.name}.tmp-*"):
         try:
             touched = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])

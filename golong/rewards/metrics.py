@@ -562,7 +562,8 @@ def _docmath_ops() -> tuple[dict, dict, dict]:
 
 
 def _docmath_operands(node: Any) -> list[Any]:
-    """The sub-expressions `node` combines, for the value walk; raises for what is no arithmetic."""
+    """The sub-expressions an operator node combines, all of them evaluated first; raises for what is no arithmetic
+    (if-else and and/or, which evaluate only what they need, are walked by _docmath_value itself)."""
     import ast
 
     if isinstance(node, ast.Constant):
@@ -577,10 +578,6 @@ def _docmath_operands(node: Any) -> list[Any]:
         return [node.operand]
     if isinstance(node, ast.Compare) and all(type(o) in _DOCMATH_OPS[2] for o in node.ops):
         return [node.left, *node.comparators]
-    if isinstance(node, ast.BoolOp):
-        return list(node.values)
-    if isinstance(node, ast.IfExp):
-        return [node.test, node.body, node.orelse]
     if _docmath_math_name(node) is not None:
         return []
     if isinstance(node, ast.Call) and not node.keywords and callable(_docmath_math_name(node.func)):
@@ -604,19 +601,36 @@ def _docmath_math_name(node: Any) -> Any:
 
 def _docmath_value(tree: Any) -> Any:
     """The value of an expression tree of numbers combined by Python's operators, comparisons, and/or, if-else and
-    the math module's constants and functions, walked without recursion (an answer may be a long sum). Raises
-    _NotANumber for text or a container, ValueError for anything else (a name or call of the response's own)."""
+    the math module's constants and functions, walked without recursion (an answer may be a long sum), each part
+    evaluated only where Python's eval evaluates it (an if-else's untaken branch, and/or's operands past the one
+    that decides, are not). Raises _NotANumber for text or a container, ValueError for anything else (a name or
+    call of the response's own)."""
     import ast
 
     binary, unary, compare = _DOCMATH_OPS
-    stack: list[tuple[Any, bool]] = [(tree.body if isinstance(tree, ast.Expression) else tree, False)]
+    # (node, stage): stage None: not started; "args": its operands are on `values`; an int i: an and/or whose
+    # operand i is on `values`; "test": an if-else whose test is on `values`
+    stack: list[tuple[Any, Any]] = [(tree.body if isinstance(tree, ast.Expression) else tree, None)]
     values: list[Any] = []
     while stack:
-        node, ready = stack.pop()
+        node, stage = stack.pop()
+        if isinstance(node, ast.IfExp):
+            if stage is None:
+                stack += [(node, "test"), (node.test, None)]
+            else:
+                stack.append((node.body if values.pop() else node.orelse, None))  # its value is the branch's
+            continue
+        if isinstance(node, ast.BoolOp):
+            if stage is None:
+                stack += [(node, 0), (node.values[0], None)]
+            elif stage + 1 < len(node.values) and bool(values[-1]) == isinstance(node.op, ast.And):
+                values.pop()  # and: a truthy operand, or: a falsy one, decides nothing: on to the next
+                stack += [(node, stage + 1), (node.values[stage + 1], None)]
+            continue  # else the deciding (or last) operand's value, on `values`, is the and/or's
         operands = _docmath_operands(node)
-        if not ready:
-            stack.append((node, True))
-            stack.extend((o, False) for o in reversed(operands))
+        if stage is None:
+            stack.append((node, "args"))
+            stack.extend((o, None) for o in reversed(operands))
             continue
         args = values[len(values) - len(operands):]
         del values[len(values) - len(operands):]
@@ -628,11 +642,6 @@ def _docmath_value(tree: Any) -> Any:
             v = unary[type(node.op)](args[0])
         elif isinstance(node, ast.Compare):
             v = all(compare[type(o)](a, b) for o, a, b in zip(node.ops, args, args[1:]))
-        elif isinstance(node, ast.BoolOp):  # and: the first falsy operand, else the last; or: the first truthy
-            pick = (lambda a: not a) if isinstance(node.op, ast.And) else bool
-            v = next((a for a in args[:-1] if pick(a)), args[-1])
-        elif isinstance(node, ast.IfExp):
-            v = args[1] if args[0] else args[2]
         elif isinstance(node, ast.Call):
             v = _docmath_math_name(node.func)(*args)
         else:

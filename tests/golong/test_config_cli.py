@@ -1218,3 +1218,13 @@ def test_a_tokenizer_path_without_a_tokenizer_is_one_line(tmp_path):
         with pytest.raises(ConfigError, match=f"model.tokenizer={where}: no tokenizer loads from it .*; give the "
                                               "chat model's folder"):
             load_tokenizer(cfg)
+
+
+def test_prompt_cache_words_are_words_in_any_case(tmp_path):
+    from golong.config import prompt_cache_dir
+
+    for word, want in (("None", None), ("NONE", None), ("none", None), ("Auto", tmp_path / "run" / "prompt_cache"),
+                       (str(tmp_path / "c"), tmp_path / "c")):
+        cfg = load_config(ROOT / "configs/demo-cpu.yaml", [f"data.prompt_cache={word}",
+                                                           f"logging.run_dir={tmp_path / 'run'}"])
+        assert prompt_cache_dir(cfg) == want, word

@@ -151,6 +151,8 @@ def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
         ("7//2", "3", 1.0), ("2^3", "1", 1.0), ("math.pi", "3.1416", 1.0), ("+".join(["1"] * 2000), "2000", 1.0),
         ("I could not find the figure in the document. " * 6, "0", 1.0),  # prose reads as 0, however long
         ("the answer is 0." + "3" * 250, "0.3333", 1.0),
+        # only what eval evaluates: an if-else's untaken branch and and/or's undecisive operands are not
+        ("2 if 1 else foo", "2", 1.0), ("5or 1/0", "5", 1.0), ("0 and 1/0", "0", 1.0),
     ]
     for answer, gold, expect in cases:
         assert score("docmath", answer, gold) == expect, (answer, gold)

@@ -1663,11 +1663,14 @@ def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, m
     temperature, cfg.rollout.val_temperature = cfg.rollout.val_temperature, 0.9
     run(0, 2)
     assert calls == [2, 2, 2] and "holds another eval's responses" in capsys.readouterr().out
-    (aside,) = out.glob("eval.partial.jsonl.stale-*")
-    # the eval it set aside is taken back by a rerun with its settings (a second mix-up would have replaced it)
+    assert not partial.exists() and len(list(out.glob("eval.partial.jsonl.stale-*"))) == 1
+    run(2, 2)  # that eval again, stopped: its file now sets the first one's aside too
+    # each eval set aside is taken back by a rerun with its settings, the other's set aside in turn (a second mix-up
+    # replaced the first one's file, and a rerun never looked for its own)
     cfg.rollout.val_temperature = temperature
+    (first,) = [a for a in out.glob("eval.partial.jsonl.stale-*") if '"end": 2' in a.read_text()]
     run(0, 2)
-    assert calls == [2, 2] and f"eval: {aside} holds this eval's saved responses: resumed from it" in \
+    assert calls == [2, 2] and f"eval: {first} holds this eval's saved responses: resumed from it" in \
         capsys.readouterr().out
     run(2, 2)
     rows = [json.loads(line) for line in (tmp_path / "count.jsonl").read_text().splitlines()]
