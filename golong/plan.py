@@ -34,7 +34,8 @@ FLOPs of one policy update over T tokens (documents of length S, causal):
 Rollout: prefill 2 * N_active * prompt tokens + causal attention, once per prompt (its n
 responses share it); decode is bandwidth-bound: every step reads the weights once per engine and
 every sequence's KV cache. All at the configured maximum lengths (prompt + response, capped by
-trainer.micro_batch_tokens): the figures bound the worst step, not the average one.
+trainer.micro_batch_tokens: where the two exceed it, a note says so, since the trainer runs a longer sequence as a
+micro-batch of its own): the figures bound the worst step, not the average one.
 Lower-bound time = max(FLOPs / (GPUs * 790 TFLOP/s), bytes / (GPUs * 4.3 TB/s)) per phase
 (measured bf16 dense matmul and HBM bandwidth of one H200); communication is not in it.
 FSDP2 traffic is shown beside it: per micro-batch each GPU receives (F-1)/F of every gathered parameter
@@ -808,6 +809,13 @@ def predict(cfg: RunConfig, gpus: int, gpu_mem_gib: float = 141.0, *, device: st
         notes.append(f"vLLM sleeps during the update (level 2: weights and KV cache released); "
                      f"{VLLM_SLEEP_RESIDUE / GIB:.0f} GiB assumed left on the GPU")
     tr = cfg.trainer
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if longest > tr.micro_batch_tokens:  # the figures cap a sequence at the budget; the trainer does not cut one
+        notes.append(f"WARNING: sequences of up to {longest:,} tokens (data.max_prompt_tokens + "
+                     f"rollout.max_response_tokens) exceed trainer.micro_batch_tokens={tr.micro_batch_tokens:,}: "
+                     "the trainer runs such a sequence as a micro-batch of its own, above the budget's memory, and "
+                     "these figures cap sequences at the budget; plan the worst case with "
+                     f"trainer.micro_batch_tokens={longest}")
     if tr.share_prompts and cfg.rollout.n > 1:
         prompt = min(cfg.data.max_prompt_tokens, tr.micro_batch_tokens)  # as throughput() takes them
         resp = tp.doc_len - prompt

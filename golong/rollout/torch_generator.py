@@ -7,8 +7,9 @@
 Prompts of different lengths share one batch without left padding (the cache tracks a length per
 row). Each request has its own seed and draws exactly one uniform number per generated token from
 its own generator, so a response depends only on (model, prompt, params, seed): not on the batch it
-was in, the batch size or which rank generated it. That is what makes runs reproducible across
-world sizes and across a resume.
+was in, the batch size or which rank generated it, up to floating-point ties (the batched forward's logits move by
+~1e-6 with the batch's shape, which can swap two near-tied tokens in the sampler's order). That is what makes runs
+reproducible across world sizes and across a resume.
 
 `logprobs[i][t]` is the token's log probability under the distribution it was sampled from, as
 vLLM returns it (logprobs_mode="processed_logprobs"): softmax(logits / temperature), cut to the

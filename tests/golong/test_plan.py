@@ -504,3 +504,18 @@ def test_plan_sizes_the_routing_replay_records_a_rank_holds():
                       f"group's share of the step's ({trained / 2**30:,.1f} GiB); 384 bytes a token"]
     assert note(recipe, "rollout.router_replay=false") == []
     assert note(ROOT / "configs/qwen3-4b-grpo.yaml") == []
+
+
+def test_a_budget_below_the_longest_sequence_is_said():
+    """The figures cap a sequence at trainer.micro_batch_tokens, while the trainer runs a longer one as a micro-batch
+    of its own: a smaller budget made the plan say FITS for a run that would not fit, without a word."""
+    recipe = ROOT / "configs/qwen3-4b-grpo.yaml"
+
+    def warnings(*overrides: str) -> list[str]:
+        plan = predict(load_config(recipe, list(overrides)), gpus=8, gpu_mem_gib=141)
+        return [n for n in plan.notes if n.startswith("WARNING: sequences of up to")]
+
+    assert warnings() == []  # the recipe's budget holds its longest sequence (163,840 + 16,384)
+    (said,) = warnings("trainer.micro_batch_tokens=32768")
+    assert "180,224 tokens" in said and "trainer.micro_batch_tokens=32,768" in said and \
+        said.endswith("plan the worst case with trainer.micro_batch_tokens=180224")
