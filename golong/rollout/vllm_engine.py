@@ -285,18 +285,23 @@ class VLLMEngine:
         try:
             bucket: list[tuple[str, torch.Tensor]] = []
             size = 0
+            held: set[int] = set()  # the storages the bucket keeps alive: a per-expert view holds its fused tensor
             for name, t in named_tensors:
                 t = t.detach()
                 full = getattr(t, "full_tensor", None)  # FSDP2 DTensor shard -> full parameter
                 if callable(full):
                     t = full()
                 t = t.to(device=self.device, dtype=self.dtype).contiguous()
-                if bucket and size + t.nbytes > self.config.bucket_bytes:
+                storage = t.untyped_storage()
+                new = 0 if storage.data_ptr() in held else storage.nbytes()
+                if bucket and new and size + new > self.config.bucket_bytes:
                     self._rpc("golong_load_weights", bucket)
                     buckets += 1
-                    bucket, size = [], 0
+                    bucket, size, held = [], 0, set()
+                    new = storage.nbytes()
                 bucket.append((name, t))
-                size += t.nbytes
+                held.add(storage.data_ptr())
+                size += new
                 n += 1
                 nbytes += t.nbytes
             if bucket:

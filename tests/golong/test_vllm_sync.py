@@ -355,6 +355,23 @@ def test_weight_push_buckets_cast_and_order_without_vllm():
     assert llm.rpcs[-1][0] == "golong_finish_weight_update"
 
 
+
+def test_weight_push_buckets_count_what_the_views_keep_alive_without_vllm():
+    """hf_state_items yields each expert's weights as views of the gathered fused tensor: a bucket of views counted
+    their own bytes while keeping every fused tensor they came from alive (2-3x bucket_bytes; ~1.2 GiB against 512
+    MiB at Qwen3-30B-A3B's layers). A bucket now counts the storages it holds, each once."""
+    g = torch.Generator().manual_seed(6)
+    fused = [torch.randn(8, 10, generator=g).half() for _ in range(3)]  # 160 bytes each, 20 a view
+    named = [(f"f{k}.e{e}", f[e]) for k, f in enumerate(fused) for e in range(8)] + [("x", torch.randn(30).half())]
+    llm = _FakeLLM()
+    _fake_engine(llm, bucket_bytes=200).update_weights(named)
+    buckets = [r[1] for r in llm.rpcs if r[0] == "golong_load_weights"]
+    for b in buckets:
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in b}
+        assert sum(held.values()) <= 200, [n for n, _ in b]
+    assert [[n for n, _ in b][0] for b in buckets] == ["f0.e0", "f1.e0", "f2.e0", "x"]  # one fused tensor a bucket
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
+
 def test_waking_returns_the_trainers_cached_memory_to_the_driver_first(monkeypatch):
     """vLLM's sleep-mode pool allocates from the driver, which cannot hand it what torch's caching allocator still
     holds after the update: every wake-up (weights, then KV cache, in update_weights) empties that cache first."""
