@@ -557,7 +557,8 @@ def _docmath_ops() -> tuple[dict, dict, dict]:
               ast.Mod: op.mod, ast.Pow: op.pow, ast.BitXor: op.xor, ast.BitAnd: op.and_, ast.BitOr: op.or_,
               ast.LShift: op.lshift, ast.RShift: op.rshift}
     unary = {ast.USub: op.neg, ast.UAdd: op.pos, ast.Not: op.not_, ast.Invert: op.invert}
-    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge, ast.Eq: op.eq, ast.NotEq: op.ne}
+    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge, ast.Eq: op.eq, ast.NotEq: op.ne,
+               ast.Is: op.is_, ast.IsNot: op.is_not}
     return binary, unary, compare
 
 

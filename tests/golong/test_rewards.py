@@ -153,6 +153,7 @@ def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
         ("the answer is 0." + "3" * 250, "0.3333", 1.0),
         # only what eval evaluates: an if-else's untaken branch and and/or's undecisive operands are not
         ("2 if 1 else foo", "2", 1.0), ("5or 1/0", "5", 1.0), ("0 and 1/0", "0", 1.0),
+        ("1 is 1", "1", 1.0),  # a comparison's bool, read as 1 as the scorer's comparison reads True
     ]
     for answer, gold, expect in cases:
         assert score("docmath", answer, gold) == expect, (answer, gold)
