@@ -136,7 +136,7 @@ def _torch_backward(
         dead = ((glc == 0) & (gec == 0)).squeeze(1)
         dead = dead if dead.any() else None
         # an ignored row's hidden state may be anything (inf included): 0 * inf would spoil dW
-        hc_live = None if dead is None or not need_dw else hc.masked_fill(dead[:, None], 0.0)
+        hc_dw = hc if dead is None or not need_dw else hc.masked_fill(dead[:, None], 0.0)
         dhc = torch.zeros_like(hc) if need_dh else None
         for v0 in range(0, v, VOCAB_CHUNK):
             v1 = min(v, v0 + VOCAB_CHUNK)
@@ -154,7 +154,7 @@ def _torch_backward(
             if need_dh:
                 dhc.addmm_(dz, wc)
             if need_dw:
-                dw[v0:v1].addmm_(dz.T, hc if dead is None else hc_live)
+                dw[v0:v1].addmm_(dz.T, hc_dw)
             del dz, logp
         if need_dh:
             dh[n0:n1] = dhc

@@ -2,7 +2,7 @@
 
     golong data import longbench-v2 data.json --out data/lbv2.jsonl
     golong data import mrcr mrcr/2needle/*.parquet mrcr/8needle/*.parquet --out data/mrcr.jsonl
-    golong data import docmath DocMath-Eval/*_testmini.jsonl --out data/docmath.jsonl
+    golong data import docmath $(find DocMath-Eval -name '*testmini*') --out data/docmath.jsonl
     golong eval CONFIG data.val_files=[data/mrcr.jsonl] data.overflow=drop --by prompt_tokens
 
 LongBench-v2 (THUDM/LongBench-v2's data.json; its fields _id, domain, sub_domain, difficulty, length, question,

@@ -6,7 +6,8 @@ strings (gold items in order), or for `retrieval_calculate` the record's {"doc_i
 `model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}; for `docmath` the reference number
 as text. These functions may raise on garbage; `score_region` is the safe entry point that turns any
 exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
-maths with math-verify's parser, DocMath's arithmetic from a syntax tree of number literals.
+maths with math-verify's parser, DocMath's arithmetic from a syntax tree (numbers and operators, no
+names or calls of the response's own).
 
 All metrics except `math_verify` (and `retrieval_calculate` / `model_verify`, which call it), `mrcr` and `docmath`
 (its unit patterns backtrack on long runs of digits) run in time linear (or near-linear) in the response length:
@@ -16,9 +17,11 @@ against a 300-word summary scores in about 0.1 s.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
+import operator
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -423,7 +426,6 @@ def math_verify(region: str, gold: Gold) -> float:
     return 0.0
 
 
-
 # verl's math_dapo grader without math-verify (the Minerva / lm-evaluation-harness rule), which GoLongRL's reward code
 # gives the data sources math_dapo, math, math_dapo_reasoning and math_longcot: the last "Answer: ..." line of the
 # last MATH_TAIL_CHARS characters, normalised, equal as text to the normalised gold. The rewrites, in their order:
@@ -465,6 +467,7 @@ def minerva(region: str, gold: Gold) -> float:
     found = _MINERVA_ANSWER.findall(region[-MATH_TAIL_CHARS:])
     pred = minerva_normal(found[-1] if found else "[INVALID]")
     return float(any(pred == minerva_normal(g) for g in _gold_strings(gold)))
+
 
 _DOC_ID = re.compile(r"<\|doc_\d+\|>")
 
@@ -527,7 +530,6 @@ def mrcr(region: str, gold: Gold) -> float:
     return max((SequenceMatcher(None, answer, g).ratio() for g in _gold_strings(gold)), default=0.0)
 
 
-
 # ---------------------------------------------------------------- DocMath (the model card's DocMath column)
 
 # The sentence DocMath's prompt asks for and the symbols its scorer lets stand before the number, in that order (the
@@ -549,24 +551,19 @@ class _NotANumber(Exception):
     """The answer reads as text, a tuple or another container: it matches no number."""
 
 
-def _docmath_ops() -> tuple[dict, dict, dict]:
-    import ast
-    import operator as op
-
-    binary = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv, ast.FloorDiv: op.floordiv,
-              ast.Mod: op.mod, ast.Pow: op.pow, ast.BitXor: op.xor, ast.BitAnd: op.and_, ast.BitOr: op.or_,
-              ast.LShift: op.lshift, ast.RShift: op.rshift}
-    unary = {ast.USub: op.neg, ast.UAdd: op.pos, ast.Not: op.not_, ast.Invert: op.invert}
-    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge, ast.Eq: op.eq, ast.NotEq: op.ne,
-               ast.Is: op.is_, ast.IsNot: op.is_not}
-    return binary, unary, compare
+# the operators of an answer's expression, as Python's eval applies them
+_DOCMATH_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+                   ast.BitXor: operator.xor, ast.BitAnd: operator.and_, ast.BitOr: operator.or_,
+                   ast.LShift: operator.lshift, ast.RShift: operator.rshift}
+_DOCMATH_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
+_DOCMATH_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+                    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Is: operator.is_, ast.IsNot: operator.is_not}
 
 
 def _docmath_operands(node: Any) -> list[Any]:
     """The sub-expressions an operator node combines, all of them evaluated first; raises for what is no arithmetic
     (if-else and and/or, which evaluate only what they need, are walked by _docmath_value itself)."""
-    import ast
-
     if isinstance(node, ast.Constant):
         if isinstance(node.value, (int, float, complex)):
             return []
@@ -577,7 +574,7 @@ def _docmath_operands(node: Any) -> list[Any]:
         return [node.left, node.right]
     if isinstance(node, ast.UnaryOp):
         return [node.operand]
-    if isinstance(node, ast.Compare) and all(type(o) in _DOCMATH_OPS[2] for o in node.ops):
+    if isinstance(node, ast.Compare) and all(type(o) in _DOCMATH_COMPARE for o in node.ops):
         return [node.left, *node.comparators]
     if _docmath_math_name(node) is not None:
         return []
@@ -589,8 +586,6 @@ def _docmath_operands(node: Any) -> list[Any]:
 def _docmath_math_name(node: Any) -> Any:
     """The value of `math.NAME` (any of the math module's) or `np.NAME` (a numpy constant: pi, e, inf, nan), the
     modules the scorer's eval sees; None for anything else."""
-    import ast
-
     if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
         return None
     if node.value.id == "math" and not node.attr.startswith("_"):
@@ -606,9 +601,6 @@ def _docmath_value(tree: Any) -> Any:
     evaluated only where Python's eval evaluates it (an if-else's untaken branch, and/or's operands past the one
     that decides, are not). Raises _NotANumber for text or a container, ValueError for anything else (a name or
     call of the response's own)."""
-    import ast
-
-    binary, unary, compare = _DOCMATH_OPS
     # (node, stage): stage None: not started; "args": its operands are on `values`; an int i: an and/or whose
     # operand i is on `values`; "test": an if-else whose test is on `values`
     stack: list[tuple[Any, Any]] = [(tree.body if isinstance(tree, ast.Expression) else tree, None)]
@@ -638,20 +630,17 @@ def _docmath_value(tree: Any) -> Any:
         if isinstance(node, ast.Constant):
             v = node.value
         elif isinstance(node, ast.BinOp):
-            v = binary[type(node.op)](*args)
+            v = _DOCMATH_BINARY[type(node.op)](*args)
         elif isinstance(node, ast.UnaryOp):
-            v = unary[type(node.op)](args[0])
+            v = _DOCMATH_UNARY[type(node.op)](args[0])
         elif isinstance(node, ast.Compare):
-            v = all(compare[type(o)](a, b) for o, a, b in zip(node.ops, args, args[1:]))
+            v = all(_DOCMATH_COMPARE[type(o)](a, b) for o, a, b in zip(node.ops, args, args[1:]))
         elif isinstance(node, ast.Call):
             v = _docmath_math_name(node.func)(*args)
         else:
             v = _docmath_math_name(node)
         values.append(v)
     return values[0]
-
-
-_DOCMATH_OPS = _docmath_ops()
 
 
 def docmath_number(text: str) -> float | int | None:
@@ -662,8 +651,6 @@ def docmath_number(text: str) -> float | int | None:
     thousands commas dropped; "" reads as 0. None where the result is not a number. The scorer hands the rest to
     Python's eval; golong walks its syntax tree (_docmath_value): numbers, Python's operators and the math module,
     nothing of the response's own is looked up or called, and what eval would raise on reads as 0."""
-    import ast
-
     s = text.strip().rstrip(".")
     for word in _DOCMATH_DROPPED:
         s = s.replace(word, "")
@@ -731,6 +718,7 @@ def docmath(region: str, gold: Gold) -> float:
     m = _DOCMATH_ANSWER.search(text)
     pred = docmath_number(m.group(1).replace(",", "").rstrip(".") if m else text)
     return float(pred is not None and docmath_match(pred, ref))
+
 
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,

@@ -298,7 +298,6 @@ class VLLMEngine:
                     self._rpc("golong_load_weights", bucket)
                     buckets += 1
                     bucket, size, held = [], 0, set()
-                    new = storage.nbytes()
                 bucket.append((name, t))
                 held.add(storage.data_ptr())
                 size += new
