@@ -17,6 +17,7 @@ from golong.config import ConfigError, config_warnings, load_config, run_problem
 from golong.data.benchmarks import BENCHMARKS
 from golong.data.records import RecordError
 from golong.rewards.function import RewardFunctionError
+from golong.rewards.judge import JudgeError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in config_warnings(cfg):
                 print(f"golong: warning: {line}", file=sys.stderr)
             return plan_main(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem)
-    except RewardFunctionError as e:  # the user's function: its own traceback (in the message), not the trainer's
+    except (RewardFunctionError, JudgeError) as e:  # the user's function (its traceback in the message), the judge
         from golong.logger import rank
 
         if rank() == 0:  # every rank raises it together

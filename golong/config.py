@@ -233,6 +233,19 @@ class TrainerConfig:
 
 
 @dataclass
+class JudgeConfig:
+    # a judge model for validation and golong eval (golong.rewards.judge): GoLongRL's DocMath eval scores each
+    # response by the larger of its rule score and the judge's verdict; "": no judge (the rule score alone)
+    model: str = ""
+    url: str = "http://127.0.0.1:8000/v1"  # an OpenAI-compatible endpoint: vLLM's server, DeepSeek's API, ...
+    # the environment variable holding its API key: the key itself stays out of the config, which RUN_DIR keeps
+    api_key_env: str = "JUDGE_API_KEY"
+    timeout_s: float = 120.0  # per request
+    retries: int = 3  # further tries of a request that failed or whose reply held no verdict
+    workers: int = 16  # requests in flight per rank
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <logging.run_dir>/checkpoints
     every: int = 50
@@ -271,6 +284,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -526,6 +540,14 @@ def _check_values(cfg: RunConfig) -> None:
         (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
                                 "ROUGE-L, retrieval_calculate and model_verify in one timed worker)"),
         (r.reward_memory_mb >= 1, "rollout.reward_memory_mb must be >= 1"),
+        (not cfg.judge.model or cfg.judge.url.startswith(("http://", "https://")),
+         f"judge.url={cfg.judge.url!r} must be an http:// or https:// address (an OpenAI-compatible endpoint)"),
+        (cfg.judge.timeout_s > 0, "judge.timeout_s must be > 0"),
+        (cfg.judge.retries >= 0, "judge.retries must be >= 0"),
+        (cfg.judge.workers >= 1, "judge.workers must be >= 1"),
+        (not cfg.judge.model or not r.reward_function,
+         "judge.model judges golong's metrics (DocMath's): with rollout.reward_function your function scores every "
+         "response, so set judge.model=''"),
         (0 <= a.clip_low < 1, f"algo.clip_low={a.clip_low} must be in [0, 1)"),
         (a.clip_high >= 0, f"algo.clip_high={a.clip_high} must be >= 0"),
         (a.dual_clip > 1, "algo.dual_clip must be > 1"),

@@ -247,6 +247,7 @@ class Trainer:
         # a typo costs no model load, engine start or generation
         check_group_keys(eval_by, self.val_prompts, self.val_record_tasks.total() - len(self.val_prompts))
         self.eval_by = tuple(eval_by)  # each response row is labelled with these (golong.eval_groups.row_groups)
+        self.judge = self._start_judge()
         self._start_reward_function()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)
@@ -318,6 +319,32 @@ class Trainer:
             raise ConfigError(no_prompt_fits(len(train), self.cfg))
         return tp, vp, Counter(r.task for r in val)
 
+    def _start_judge(self) -> Any:
+        """The judge of validation's judged metrics (judge.model; golong.rewards.judge), None without one. Every
+        validation record of a judged metric must hold its question: the judge is shown it."""
+        jc = self.cfg.judge
+        if not jc.model:
+            return None
+        from golong.rewards.judge import JUDGED, Judge, judged_question
+        from golong.rewards.scoring import record_target
+
+        judged = [p.record for p in self.val_prompts if record_target(p.record)[0] in JUDGED]
+        if not judged:
+            log.warning(f"judge.model={jc.model}: no validation record is scored by a judged metric "
+                        f"({', '.join(JUDGED)}), so the judge is never asked")
+            return None
+        if missing := sum(judged_question(r) is None for r in judged):
+            raise ConfigError(f"judge.model={jc.model}: {missing} of the {len(judged)} validation records the judge "
+                              "would see hold no extra_info.question (the judge is shown the question): import them "
+                              "again with `golong data import docmath`, which keeps it")
+        if jc.api_key_env and not os.environ.get(jc.api_key_env):
+            log.warning(f"judge.model={jc.model}: ${jc.api_key_env} is not set; requests to {jc.url} go without a "
+                        "key (a local vLLM server takes that)")
+        try:
+            return Judge(jc)
+        except ImportError as e:
+            raise ConfigError(f"judge.model needs the openai package ({e}): pip install openai") from None
+
     def _start_reward_function(self) -> None:
         """With rollout.reward_function, start the scoring workers (each imports the function) on every rank now,
         not at the first score: a function that fails to import stops every rank together, before any rollout."""
@@ -361,7 +388,7 @@ class Trainer:
 
     def _generate_and_score(self, prompts: list[Any], n: int, params: SamplingParams, seed_key: tuple,
                             label: str, texts: bool = False, first_request: int = 0, whole_set: bool = True,
-                            routing: int | None = None, tokens: bool = True
+                            routing: int | None = None, tokens: bool = True, judge: bool = False
                             ) -> tuple[list[Generated], dict[str, float]]:
         """n responses per prompt, generated and scored by this rank for its share, gathered on every rank.
         Returns them in (prompt, sample) order + timings (and with rollout.require_think and golong's metrics,
@@ -373,7 +400,9 @@ class Trainer:
         the set). routing (rollout.router_replay): the generation batch under which this rank's engine records of
         its responses' experts go to self.routing_store (request keys: their position in this set); None: none.
         tokens=False (validation, which reads scores and texts only): the responses' token ids and logprobs are not
-        gathered (empty arrays): every rank would hold the whole eval's."""
+        gathered (empty arrays): every rank would hold the whole eval's. judge (validation): with judge.model, the
+        judged metrics' scores are raised where the judge says the answer is the reference's ("judge/*" counts in
+        the timings, each judged response's verdict in its reward info)."""
         from golong.rewards.answer import checked_response
         from golong.rewards.function import FunctionReport
         from golong.rewards.scoring import reward_config, score_records
@@ -414,12 +443,18 @@ class Trainer:
                                        config=reward_config(rc), report=report)
             except Exception as e:
                 broken, scores = f"rank {self.rank}: {type(e).__name__}: {e}", [0.0] * len(mine)
+            verdicts, judged = [None] * len(mine), None
+            if judge and self.judge is not None and broken is None:
+                from golong.rewards.judge import judge_records
+
+                scores, verdicts, judged = judge_records(self.judge, [prompts[requests[j][0]].record for j in mine],
+                                                         decoded, scores, require_think=rc.require_think)
         t2 = time.perf_counter()
         # int32 / fp32 arrays through the gather: lists of Python numbers pickle to ~1.6x the bytes and unpickle
         # ~40x slower (85 ms per 1M tokens; a generation batch at the recipe's scale: ~33M tokens on every rank)
         # of the reward function's results, every rank gets the numbers (bounded: MAX_EXTRAS) and whether it failed;
         # the failure's line and the text extras go to rank 0 with the response texts
-        infos = report.infos(len(mine))
+        infos = [{**(info or {}), "judge": v} if v else info for info, v in zip(report.infos(len(mine)), verdicts)]
         numbers = [{key: v for key, v in report.extras.get(k, {}).items() if isinstance(v, float)} or None
                    for k in range(len(mine))]
         empty = np.zeros(0, dtype=np.int32)
@@ -436,7 +471,8 @@ class Trainer:
                 if isinstance(v, str):
                     texts_held.setdefault(key, v[:60])
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
-                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held, bad_routing)
+                  {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held, bad_routing,
+                  judged)
         parts = all_gather_objects((local, fails, raised))
         for _, _, r in parts:
             for key, v in r[5].items():
@@ -447,6 +483,8 @@ class Trainer:
             raise RuntimeError(f"{label}: {bad[0]}")
         merged = sorted((x for part, _, _ in parts for x in part), key=lambda x: x[0])
         timings = {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1}
+        if judge and self.judge is not None:
+            timings.update(self._judge_counts([r[7] for _, _, r in parts], label))
         if gated:
             timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
         if rc.reward_function:
@@ -601,6 +639,25 @@ class Trainer:
             log.warning(f"{where}: {frac:.0%} of the responses failed the format gate (rollout.require_think: "
                         "exactly one </think>, at most one <think>) and scored 0; a model that does not think needs "
                         "rollout.require_think=false (response/format_error_frac follows the share)")
+
+    def _judge_counts(self, reports: list[Any], label: str) -> dict[str, float]:
+        """The ranks' judge reports added up as "judge/*" counts. A judge that answered none of its requests stops
+        `golong eval` (a wrong judge.url or model would pass rule scores off as judged); in a training run's
+        validation it is a warning (the run goes on, that validation's scores the rule scores)."""
+        from golong.rewards.judge import JudgeError
+
+        asked, yes, failed, raised = (sum(getattr(r, k) for r in reports if r is not None)
+                                      for k in ("asked", "yes", "failed", "raised"))
+        first = next((r.first_error for r in reports if r is not None and r.first_error), "")
+        jc = self.cfg.judge
+        if failed and failed == asked and self.eval_only:
+            raise JudgeError(f"{label}: the judge (judge.model={jc.model} at judge.url={jc.url}) answered none of "
+                             f"its {asked} requests; the first failure: {first}")
+        if failed:
+            log.warning(f"{label}: the judge failed on {failed} of {asked} requests, whose rule scores stand; the "
+                        f"first failure: {first}")
+        return {"judge/asked": float(asked), "judge/yes": float(yes), "judge/failed": float(failed),
+                "judge/raised": float(raised)}
 
     def _rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)
@@ -772,6 +829,7 @@ class Trainer:
             out["val/reward/function_errors"] = timings["reward/function_errors"]
             out.update({f"val/reward/function_errors/task/{t}": float(c) for t, c in sorted(failed.items()) if c})
             out.update(self._extra_means(timings, "val/reward/extra"))
+        out.update({f"val/{k}": v for k, v in timings.items() if k.startswith("judge/")})
         out.update({f"val/reward/task/{t}": sum(v) / len(v) for t, v in sorted(by_task.items())})
         out.update({f"val/{k}": v for k, v in sample_metrics([g for gs in groups.values() for g in gs]).items()})
         for t, gs in sorted(groups.items()):
@@ -795,7 +853,8 @@ class Trainer:
             label = "validation" if whole else f"validation, prompts {first + 1}-{end} of {total}"
             part, took = self._generate_and_score(self.val_prompts[first:end], n, self._sampling(val=True),
                                                   (self.cfg.trainer.seed, "val"), label, texts=texts,
-                                                  first_request=first * n, whole_set=whole, tokens=False)
+                                                  first_request=first * n, whole_set=whole, tokens=False,
+                                                  judge=True)
             if saved is not None and self.rank == 0:
                 from golong.eval_saved import append_batch
 

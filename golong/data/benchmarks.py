@@ -19,8 +19,9 @@ prompts-weighted mean of its bins under `golong eval --by prompt_tokens`.
 DocMath-Eval (yale-nlp/DocMath-Eval's testmini files, complong / compshort / simplong / simpshort; fields question,
 paragraphs (the document's paragraphs and tables, joined by newlines), ground_truth (a number; the test split hides
 it), question_id, source): one user message with the document and the question, asking for "Therefore, the answer is
-N", scored by `docmath` (the rule score of GoLongRL's DocMath eval). Task "docmath"; the subset named in the file's
-path goes to extra_info.subset (`golong eval --by subset`).
+N", scored by `docmath` (the rule score of GoLongRL's DocMath eval; with judge.model, the larger of it and a judge's
+verdict, as that eval scores: golong.rewards.judge). Task "docmath"; the subset named in the file's path goes to
+extra_info.subset (`golong eval --by subset`), the question to extra_info.question (shown to the judge).
 
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).
@@ -198,7 +199,8 @@ def docmath_record(row: Any, where: str, index: int, template: str = DOCMATH_TEM
         raise RecordError(f"{where}: field 'paragraphs' must be a non-empty list of strings")
     values = {"DOC": "\n".join(paragraphs).strip(), "Q": _text(row, "question", where).strip()}
     label = repr(float(gt)) if isinstance(gt, float) else str(gt)  # the shortest text that reads back as gt
-    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {label}.",
+    # the question alone too: a judge model (judge.model) is shown it, not the document
+    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {label}.", "question": values["Q"],
                              **({"subset": subset} if subset else {}),
                              **{k: row[k] for k in ("question_id", "source") if isinstance(row.get(k), str)}}
     d = {"data_source": "docmath", "prompt": [{"role": "user", "content": _fill(template, values)}],

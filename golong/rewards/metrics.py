@@ -714,10 +714,16 @@ def docmath(region: str, gold: Gold) -> float:
     of the two): the number in the first "the answer is N" of `region` (the text after </think>), else the whole
     region read as a number, matched against the reference number (docmath_match). gold: the reference as text."""
     ref = float(_gold_strings(gold)[0])
+    pred = docmath_number(docmath_answer(region))
+    return float(pred is not None and docmath_match(pred, ref))
+
+
+def docmath_answer(region: str) -> str:
+    """The answer DocMath's scorer takes from `region` (the text after </think>), and shows its judge: asterisks and
+    parentheses taken out, then the number of the first "the answer is N" without its commas, else all of it."""
     text = region.replace("*", "").replace("(", "").replace(")", "")
     m = _DOCMATH_ANSWER.search(text)
-    pred = docmath_number(m.group(1).replace(",", "").rstrip(".") if m else text)
-    return float(pred is not None and docmath_match(pred, ref))
+    return m.group(1).replace(",", "").rstrip(".") if m else text
 
 
 METRICS: dict[str, Callable[[str, Gold], float]] = {

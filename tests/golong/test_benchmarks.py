@@ -154,8 +154,8 @@ def test_docmath_rows_become_records_scored_by_the_number_they_state(tmp_path):
         content = rec.prompt[0]["content"]
         assert content.index("\n".join(row["paragraphs"])) < content.index(row["question"])  # $Q$ in it kept
         assert "Therefore, the answer is N" in content and content.startswith(DOCMATH_TEMPLATE.split("$DOC$")[0])
-        assert {key: rec.extra_info[key] for key in ("index", "question_id", "source")} == \
-               {"index": k, "question_id": row["question_id"], "source": "annual report"}
+        assert {key: rec.extra_info[key] for key in ("index", "question_id", "source", "question")} == \
+               {"index": k, "question_id": row["question_id"], "source": "annual report", "question": row["question"]}
         assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
         assert score_record(rec, R("Therefore, the answer is 9.87"), timeout=None) == 0.0
     assert score_record(records[0], R("Therefore, the answer is 12.5%."), timeout=None) == 1.0

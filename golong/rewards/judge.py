@@ -1,0 +1,143 @@
+"""A judge model for validation and `golong eval` (config section `judge`).
+
+    JUDGE_API_KEY=... golong eval CONFIG judge.model=deepseek-chat judge.url=https://api.deepseek.com/v1
+
+GoLongRL's DocMath eval (evalscope's docmath, run by its Eval/QwenLong-Benchmarks) scores a response by the larger of
+its rule score and a judge model's verdict: the judge is shown the question, the reference answer and the answer the
+rule scorer extracted (never the document), and asked whether the two answers are the same. golong does the same
+for the metrics in JUDGED through any OpenAI-compatible chat endpoint (vLLM's server, DeepSeek's API, OpenAI's);
+the wording of the request is golong's own, so a judge's verdicts can differ a little from the card's.
+
+The judge's reply is only searched for its verdict, `[[YES]]` or `[[NO]]` (the last one counts); nothing of it or
+of the response is executed. A request that fails (an error, `judge.timeout_s` passed, no verdict in the reply) is
+tried again up to `judge.retries` times, then counts as failed and leaves the rule score as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from golong.rewards.metrics import docmath_answer
+
+# metric -> the answer shown to the judge, taken from the text the metric reads (scoring.SCOPES)
+JUDGED: dict[str, Callable[[str], str]] = {"docmath": docmath_answer}
+
+SYSTEM_PROMPT = """You compare two answers to the same problem and decide whether they are the same answer.
+Do not solve the problem. Judge only whether Answer 1 and Answer 2 state the same value or meaning, allowing for \
+different forms and notations (units, number formats, rounding that is shown, a percentage against a fraction).
+First explain in a few sentences why they do or do not match. Then end with your verdict: [[YES]] if they are the \
+same answer, [[NO]] if they are not."""
+USER_TEMPLATE = "Problem: {question}\nAnswer 1: {reference}\nAnswer 2: {answer}"
+_VERDICT = re.compile(r"\[\[\s*(YES|NO)\s*\]\]", re.IGNORECASE)
+
+
+def verdict(reply: str) -> bool | None:
+    """The judge's verdict in `reply`: its last [[YES]] / [[NO]] (any case), None where it holds neither."""
+    found = _VERDICT.findall(reply or "")
+    return None if not found else found[-1].upper() == "YES"
+
+
+class JudgeError(RuntimeError):
+    """The judge answered none of a batch's requests (a wrong judge.url or judge.model, a refused key)."""
+
+
+@dataclass
+class Question:
+    """One judge request: the record's question, its reference answer, the answer extracted from the response."""
+    question: str
+    reference: str
+    answer: str
+
+
+class Judge:
+    """An OpenAI-compatible judge model (cfg: golong.config.JudgeConfig), asked `cfg.workers` requests at a time."""
+
+    def __init__(self, cfg: Any) -> None:
+        import openai
+
+        self.cfg = cfg
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        # a local server (vLLM's) takes any key; the client refuses to start without one
+        self.client = openai.OpenAI(base_url=cfg.url, api_key=key or "EMPTY", timeout=cfg.timeout_s, max_retries=0)
+
+    def ask(self, q: Question) -> tuple[bool | None, str]:
+        """(verdict, "") for one question, or (None, what went wrong) after judge.retries further tries."""
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": USER_TEMPLATE.format(question=q.question, reference=q.reference,
+                                                                     answer=q.answer)}]
+        problem = ""
+        for _ in range(self.cfg.retries + 1):
+            try:
+                reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages, temperature=0.0)
+                text = reply.choices[0].message.content or ""
+            except Exception as e:  # the endpoint's errors, timeouts, a malformed reply
+                problem = f"{type(e).__name__}: {e}"
+                continue
+            if (v := verdict(text)) is not None:
+                return v, ""
+            problem = f"no [[YES]] / [[NO]] in the reply: {text[-200:]!r}"
+        return None, problem
+
+    def ask_all(self, questions: Sequence[Question]) -> list[tuple[bool | None, str]]:
+        """ask() of each question, in order, cfg.workers at a time."""
+        if not questions:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.cfg.workers, len(questions))) as pool:
+            return list(pool.map(self.ask, questions))
+
+
+@dataclass
+class JudgeReport:
+    """What a batch's judging did: requests made, [[YES]] verdicts, failed requests, the scores a verdict raised
+    (rule score below 1, judged the same answer), the first failure."""
+    asked: int = 0
+    yes: int = 0
+    failed: int = 0
+    raised: int = 0
+    first_error: str = ""
+
+
+def judged_question(record: Any) -> str | None:
+    """The question a judge is shown for a record whose metric is in JUDGED: its extra_info["question"] (`golong data
+    import docmath` keeps it there), None where it has none."""
+    extra = getattr(record, "extra_info", None) or {}
+    q = extra.get("question") if isinstance(extra, dict) else None
+    return q if isinstance(q, str) and q.strip() else None
+
+
+def judge_records(judge: Judge, records: Sequence[Any], responses: Sequence[str], scores: Sequence[float], *,
+                  require_think: bool = True) -> tuple[list[float], list[str | None], JudgeReport]:
+    """The responses' rule `scores`, each raised to 1 where the judge says the answer it reads (JUDGED) is the
+    record's reference answer: records whose metric is in JUDGED and which hold a question (judged_question), where
+    the response passes the format gate. Returns the scores (max(rule score, verdict)), each response's verdict
+    ("yes", "no", "failed"; None: not judged) and the report."""
+    from golong.rewards.scoring import metric_text, record_target
+
+    asked, questions = [], []
+    for i, (record, response) in enumerate(zip(records, responses, strict=True)):
+        metric, gold = record_target(record)
+        if metric not in JUDGED or (question := judged_question(record)) is None:
+            continue
+        if (region := metric_text(metric, response, require_think=require_think)) is None:
+            continue
+        asked.append(i)
+        reference = str(gold[0]) if isinstance(gold, list) and gold else str(gold)
+        questions.append(Question(question=question, reference=reference, answer=JUDGED[metric](region)))
+    out, verdicts, report = list(scores), [None] * len(records), JudgeReport(asked=len(asked))
+    for i, (v, problem) in zip(asked, judge.ask_all(questions)):
+        if v is None:
+            verdicts[i] = "failed"
+            report.failed += 1
+            report.first_error = report.first_error or problem
+            continue
+        verdicts[i] = "yes" if v else "no"
+        if v:
+            report.yes += 1
+            report.raised += out[i] < 1.0
+            out[i] = 1.0
+    return out, verdicts, report

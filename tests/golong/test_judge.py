@@ -1,0 +1,253 @@
+"""The judge model of validation and `golong eval` (golong.rewards.judge), against a local OpenAI-compatible server
+whose verdicts the tests script: what it is shown, how its replies are read, its failures and time limit, and
+eval.json / responses.jsonl of an eval that uses it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from golong.data.records import Record
+from golong.rewards.judge import SYSTEM_PROMPT, Judge, JudgeError, judge_records, verdict
+from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+
+class FakeJudge:
+    """A chat-completions endpoint on 127.0.0.1: the reply to a request is `script(reference, answer, attempt)`
+    (attempt: how many requests with this reference came before), a string (the reply's text), an int (that HTTP
+    status, no reply) or a float (seconds to sleep, then "[[YES]]"). Every request's JSON body and headers are kept."""
+
+    def __init__(self, script):
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                try:
+                    self.reply()
+                except (BrokenPipeError, ConnectionResetError):  # a client that gave up waiting (the time limit)
+                    pass
+
+            def reply(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][-1]["content"]
+                ref = user.split("Answer 1: ", 1)[1].split("\nAnswer 2: ", 1)[0]
+                answer = user.split("\nAnswer 2: ", 1)[1]
+                with fake.lock:
+                    attempt = sum(r["ref"] == ref for r in fake.requests)
+                    fake.requests.append({"ref": ref, "answer": answer, "body": body, "path": self.path})
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                reply = script(ref, answer, attempt)
+                if isinstance(reply, float):
+                    time.sleep(reply)
+                    reply = "[[YES]]"
+                if isinstance(reply, int):
+                    self.send_response(reply)
+                    self.send_header("Content-Type", "application/json")
+                    data = json.dumps({"error": {"message": "scripted failure"}}).encode()
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_judge():
+    servers = []
+
+    def start(script):
+        servers.append(FakeJudge(script))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def judge_cfg(url: str, **over) -> SimpleNamespace:
+    from golong.config import JudgeConfig
+
+    cfg = JudgeConfig(model="judge-7b", url=url, timeout_s=5.0, retries=2, workers=4)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def docmath_record(gold: str, question: str | None = "How much did revenue grow?") -> Record:
+    extra = {"question": question} if question is not None else {}
+    return Record.from_dict({"data_source": "docmath", "ability": "docmath",
+                             "prompt": [{"role": "user", "content": "DOCUMENT TEXT " * 50 + "question"}],
+                             "reward_model": {"ground_truth": {"golden_label": gold}}, "extra_info": extra})
+
+
+def test_verdict_is_the_last_bracketed_yes_or_no():
+    assert verdict("They differ... [[NO]]") is False
+    assert verdict("At first [[NO]], but on reflection [[ yes ]]") is True
+    assert verdict("Answer 1 is 4 and Answer 2 is 4. [[YES]]. Final: [[NO]]") is False
+    for reply in ("YES", "[YES]", "[[MAYBE]]", "", None):
+        assert verdict(reply) is None
+
+
+def test_the_judge_sees_question_reference_and_extracted_answer_and_raises_scores(fake_judge, monkeypatch):
+    """The request: the system prompt, then "Problem / Answer 1 (the reference) / Answer 2 (the answer DocMath's
+    scorer extracts)" (never the document), temperature 0, the model named, the key from judge.api_key_env. A
+    [[YES]] raises a score to 1 (max(rule, verdict)); [[NO]] leaves it; a response failing the format gate and a
+    record of a metric not judged are not sent."""
+    server = fake_judge(lambda ref, answer, attempt: "Same value. [[YES]]" if ref == "42" else "Different. [[NO]]")
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-123")
+    judge = Judge(judge_cfg(server.url, api_key_env="MY_JUDGE_KEY"))
+    other = Record.from_dict({"data_source": "EM", "ability": "long_context", "prompt": [{"role": "user",
+                              "content": "q"}], "reward_model": {"ground_truth": {"golden_label": "42"}}})
+    records = [docmath_record("42"), docmath_record("7"), docmath_record("42"), other, docmath_record("42")]
+    responses = ["<think>x</think>So **(forty-two)**. Therefore, the answer is 4,2.00.", "<think>y</think>It is 8.",
+                 "<think>z</think>Therefore, the answer is 42", "<think>a</think>42", "no think block"]
+    rule = [0.0, 0.0, 1.0, 0.0, 0.0]
+    scores, verdicts, report = judge_records(judge, records, responses, rule)
+    assert scores == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert verdicts == ["yes", "no", "yes", None, None]
+    assert (report.asked, report.yes, report.failed, report.raised) == (3, 2, 0, 1)
+    sent = sorted((r["ref"], r["answer"]) for r in server.requests)
+    # asterisks and parentheses out, the first "the answer is N" without its commas and final period
+    assert sent == [("42", "42"), ("42", "42.00"), ("7", "It is 8.")]
+    body = server.requests[0]["body"]
+    assert body["model"] == "judge-7b" and body["temperature"] == 0.0
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert body["messages"][0]["content"] == SYSTEM_PROMPT
+    user = body["messages"][1]["content"]
+    assert user.startswith("Problem: How much did revenue grow?\nAnswer 1: ") and "DOCUMENT" not in user
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+    assert all(h.get("authorization") == "Bearer sk-test-123" for h in server.headers)
+    # require_think=false: the text after a last </think>, else the whole response, is read
+    scores, verdicts, _ = judge_records(judge, records[4:], responses[4:], [0.0], require_think=False)
+    assert verdicts == ["yes"] and scores == [1.0]
+
+
+def test_failed_requests_are_retried_then_leave_the_rule_score(fake_judge):
+    """An HTTP error or a reply without a verdict is asked again, up to judge.retries more times; a request still
+    failing is "failed" and keeps its rule score; a request over judge.timeout_s is abandoned in time."""
+    def script(ref, answer, attempt):
+        # references: 500 -> HTTP 500; 11 -> a verdict on the third try; 12 -> never a verdict; 13 -> too slow
+        return {"500": 500, "11": "[[YES]]" if attempt == 2 else "I think they match.",
+                "12": "Probably equal.", "13": 3.0}.get(ref, "[[NO]]")
+
+    server = fake_judge(script)
+    judge = Judge(judge_cfg(server.url, retries=2, timeout_s=0.5))
+    records = [docmath_record(g) for g in ("500", "11", "12", "13", "1")]
+    responses = ["<think>t</think>Therefore, the answer is 3."] * 5
+    t0 = time.perf_counter()
+    scores, verdicts, report = judge_records(judge, records, responses, [0.25, 0.0, 0.0, 1.0, 0.0])
+    took = time.perf_counter() - t0
+    assert verdicts == ["failed", "yes", "failed", "failed", "no"]
+    assert scores == [0.25, 1.0, 0.0, 1.0, 0.0]
+    assert (report.asked, report.yes, report.failed, report.raised) == (5, 1, 3, 1)
+    assert "InternalServerError" in report.first_error or "no [[YES]]" in report.first_error
+    counts = {g: sum(r["ref"] == g for r in server.requests) for g in ("500", "11", "12", "13", "1")}
+    assert counts == {"500": 3, "11": 3, "12": 3, "13": 3, "1": 1}
+    assert took < 3 * 3.0  # the slow request's three tries were cut at 0.5 s each, not waited for
+
+
+def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):
+    """golong eval with judge.model: DocMath records judged (the scratch model's answers are noise: the fake judge
+    says [[YES]] to the records whose reference is 42), scores raised, eval.json's judge counts, each response's
+    verdict in responses.jsonl; records without their question refused at start; a judge that answers nothing stops
+    the eval with one error naming it."""
+    import torch.distributed as dist
+
+    from golong.config import ConfigError, load_config
+    from golong.data.tokenizer import build_demo_tokenizer
+    from golong.evaluate import evaluate
+    from tests.golong.test_trainer import CONFIG
+
+    build_demo_tokenizer(1024).save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "tiny.yaml").write_text(CONFIG.format(tokenizer=tmp_path / "tok"))
+    server = fake_judge(lambda ref, answer, attempt: "[[YES]]" if ref == "42" else "[[NO]]")
+    val = tmp_path / "dm.jsonl"
+    val.write_text("".join(json.dumps(docmath_record(g).to_dict()) + "\n" for g in ("42", "7", "42", "3.5")))
+
+    def run(*over):
+        cfg = load_config(tmp_path / "tiny.yaml", [f"logging.run_dir={tmp_path / 'run'}", f"data.val_files=[{val}]",
+                                                   "data.synthetic_n=0", "rollout.val_n=2", "judge.model=fake-judge",
+                                                   f"judge.url={server.url}", "judge.retries=0", *over])
+        try:
+            return evaluate(cfg, None, tmp_path / "out", save_every=0)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    result = run()
+    assert result["judge"] == {"model": "fake-judge", "url": server.url, "asked": 8, "yes": 4, "failed": 0,
+                               "raised": 4}
+    assert result["tasks"]["docmath"]["reward_mean"] == pytest.approx(0.5)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["judge"], r["score"]) for r in rows] == [
+        (0, "yes", 1.0), (0, "yes", 1.0), (1, "no", 0.0), (1, "no", 0.0),
+        (2, "yes", 1.0), (2, "yes", 1.0), (3, "no", 0.0), (3, "no", 0.0)]
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["judge"] == result["judge"]
+    # without the judge: the rule score alone, no judge entry
+    assert run("judge.model=''")["judge"] is None
+    # a judge that fails every request: one error naming it (the eval does not pass rule scores off as judged)
+    broken = fake_judge(lambda ref, answer, attempt: 503)
+    with pytest.raises(JudgeError, match=rf"judge.model=fake-judge at judge.url={broken.url}\) answered none of its "
+                                         r"8 requests; the first failure: InternalServerError"):
+        run(f"judge.url={broken.url}")
+    # records imported before golong kept the question: refused before any model is built
+    val.write_text(json.dumps(docmath_record("42", question=None).to_dict()) + "\n")
+    with pytest.raises(ConfigError, match=r"1 of the 1 validation records the judge would see hold no "
+                                          r"extra_info.question"):
+        run()
+
+
+def test_a_judge_failing_in_a_training_runs_validation_is_a_warning(caplog):
+    """In training's validation a judge that answers nothing leaves that validation's rule scores with a warning
+    (a multi-day run does not stop for an endpoint); golong eval stops (above). The ranks' counts add up."""
+    from golong.config import RunConfig
+    from golong.rewards.judge import JudgeReport
+    from golong.trainer import Trainer
+
+    cfg = RunConfig()
+    cfg.judge.model = "j"
+    reports = [JudgeReport(asked=3, failed=3, first_error="APIConnectionError: refused"), None,
+               JudgeReport(asked=2, failed=2)]
+    fake = SimpleNamespace(cfg=cfg, eval_only=False)
+    logger = logging.getLogger("golong")
+    logger.addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        counts = Trainer._judge_counts(fake, reports, "validation at step 4")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert counts == {"judge/asked": 5.0, "judge/yes": 0.0, "judge/failed": 5.0, "judge/raised": 0.0}
+    assert "validation at step 4: the judge failed on 5 of 5 requests, whose rule scores stand; the first failure: " \
+           "APIConnectionError: refused" in caplog.text
+    fake.eval_only = True
+    with pytest.raises(JudgeError, match="answered none of its 5 requests"):
+        Trainer._judge_counts(fake, reports, "validation")
+    ok = [JudgeReport(asked=4, yes=3, raised=1), JudgeReport(asked=1, yes=1, failed=0)]
+    assert Trainer._judge_counts(fake, ok, "validation") == {"judge/asked": 5.0, "judge/yes": 4.0,
+                                                             "judge/failed": 0.0, "judge/raised": 1.0}
