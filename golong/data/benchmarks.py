@@ -3,6 +3,7 @@
     golong data import longbench-v2 data.json --out data/lbv2.jsonl
     golong data import mrcr mrcr/2needle/*.parquet mrcr/8needle/*.parquet --out data/mrcr.jsonl
     golong data import docmath $(find DocMath-Eval -name '*testmini*') --out data/docmath.jsonl
+    golong data import frames frames/test.jsonl --out data/frames.jsonl
     golong eval CONFIG data.val_files=[data/mrcr.jsonl] data.overflow=drop --by prompt_tokens
 
 LongBench-v2 (THUDM/LongBench-v2's data.json; its fields _id, domain, sub_domain, difficulty, length, question,
@@ -22,6 +23,12 @@ it), question_id, source): one user message with the document and the question, 
 N", scored by `docmath` (the rule score of GoLongRL's DocMath eval; with judge.model, the larger of it and a judge's
 verdict, as that eval scores: golong.rewards.judge). Task "docmath"; the subset named in the file's path goes to
 extra_info.subset (`golong eval --by subset`), the question to extra_info.question (shown to the judge).
+
+Frames (google/frames-benchmark with its Wikipedia articles, as evalscope's frames reads it: ModelScope's iic/frames
+test.jsonl; fields Prompt (the question), Answer, wiki_items (the articles, {title, text})): one user message with the
+articles and the question, asking for "Therefore, the answer is X", scored by `frames` (the rule score of GoLongRL's
+Frames eval, cover exact match; with judge.model, the larger of it and a judge's verdict). Task "frames";
+reasoning_types and the question go to extra_info.
 
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).
@@ -71,11 +78,22 @@ Question: $Q$
 
 Work it out step by step, then end with the sentence "Therefore, the answer is N", N being the final answer as \
 a number."""
+# golong's wording of a Frames prompt (the placeholders as DocMath's)
+FRAMES_TEMPLATE = """Read the Wikipedia articles below, then answer the question that follows them.
+
+<text>
+$DOC$
+</text>
+
+Question: $Q$
+
+End your response with the sentence "Therefore, the answer is X", X being your final answer."""
 # benchmark -> (its placeholders, those a template must hold, what each holds), for --template
 TEMPLATE_PLACEHOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "longbench-v2": (("DOC", "Q", *(f"C_{c}" for c in _LETTERS)), ("Q", *(f"C_{c}" for c in _LETTERS)),
                      "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"),
     "docmath": (("DOC", "Q"), ("Q",), "$DOC$ (the document), $Q$ (the question)"),
+    "frames": (("DOC", "Q"), ("Q",), "$DOC$ (the articles), $Q$ (the question)"),
 }
 
 
@@ -108,7 +126,8 @@ def check_template(template: str, benchmark: str = "longbench-v2") -> str:
     ($Q$, and for LongBench-v2 the four choices); $DOC$ may be left out (LongBench's no-context baseline); any other
     $NAME$ is refused (it would reach the model as it is)."""
     if benchmark not in TEMPLATE_PLACEHOLDERS:
-        raise ValueError(f"--template applies to {' and '.join(TEMPLATE_PLACEHOLDERS)} only, not {benchmark}")
+        *others, last = TEMPLATE_PLACEHOLDERS
+        raise ValueError(f"--template applies to {', '.join(others)} and {last} only, not {benchmark}")
     known, required, names = TEMPLATE_PLACEHOLDERS[benchmark]
     missing = [f"${k}$" for k in required if f"${k}$" not in template]
     if missing:
@@ -209,9 +228,37 @@ def docmath_record(row: Any, where: str, index: int, template: str = DOCMATH_TEM
     return Record.from_dict(d, where)
 
 
+FRAMES_FIELDS = ("Prompt", "Answer", "wiki_items")
+
+
+def frames_record(row: Any, where: str, index: int, template: str = FRAMES_TEMPLATE) -> Record:
+    row = _check_fields(row, FRAMES_FIELDS, "Frames", where)
+    items = row["wiki_items"]
+    if hasattr(items, "tolist"):  # parquet via pandas: an array of dicts
+        items = items.tolist()
+    if not (isinstance(items, list) and items and all(isinstance(x, dict) and isinstance(x.get("title"), str)
+                                                      and isinstance(x.get("text"), str) for x in items)):
+        raise RecordError(f"{where}: field 'wiki_items' must be a non-empty list of {{title, text}} articles")
+    answer = row["Answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number-only column read as numbers
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise RecordError(f"{where}: field 'Answer' must be a non-empty string, got {answer!r}")
+    # the articles as evalscope's frames joins them: each title on its own line before its text
+    values = {"DOC": "\n".join(f"{x['title']}\n{x['text']}" for x in items), "Q": _text(row, "Prompt", where).strip()}
+    # the question alone too: a judge model (judge.model) is shown it, not the articles
+    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {answer.strip()}.",
+                             "question": values["Q"],
+                             **{k: row[k] for k in ("reasoning_types",) if isinstance(row.get(k), str)}}
+    d = {"data_source": "frames", "prompt": [{"role": "user", "content": _fill(template, values)}],
+         "ability": "frames", "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer.strip()}},
+         "extra_info": extra}
+    return Record.from_dict(d, where)
+
+
 # benchmark name -> its row converter, (row, where, index[, template][, subset]) -> Record
 BENCHMARKS: dict[str, Callable[..., Record]] = {"longbench-v2": longbench_v2_record, "mrcr": mrcr_record,
-                                                "docmath": docmath_record}
+                                                "docmath": docmath_record, "frames": frames_record}
 
 
 def source_rows(path: str | Path) -> Iterator[tuple[str, Any]]:

@@ -2,11 +2,12 @@
 
     JUDGE_API_KEY=... golong eval CONFIG judge.model=deepseek-chat judge.url=https://api.deepseek.com/v1
 
-GoLongRL's DocMath eval (evalscope's docmath, run by its Eval/QwenLong-Benchmarks) scores a response by the larger of
-its rule score and a judge model's verdict: the judge is shown the question, the reference answer and the answer the
-rule scorer extracted (never the document), and asked whether the two answers are the same. golong does the same
-for the metrics in JUDGED through any OpenAI-compatible chat endpoint (vLLM's server, DeepSeek's API, OpenAI's);
-the wording of the request is golong's own, so a judge's verdicts can differ a little from the card's.
+GoLongRL's DocMath and Frames evals (evalscope's docmath and frames, run by its Eval/QwenLong-Benchmarks) score a
+response by the larger of its rule score and a judge model's verdict: the judge is shown the question, the reference
+answer and the answer extracted from the response (never the document), and asked whether the two answers are the
+same. golong does the same for the metrics in JUDGED through any OpenAI-compatible chat endpoint (vLLM's server,
+DeepSeek's API, OpenAI's); the wording of the request is golong's own, so a judge's verdicts can differ a little
+from the card's.
 
 The judge's reply is only searched for its verdict, `[[YES]]` or `[[NO]]` (the last one counts); nothing of it or
 of the response is executed. A request that fails (an error, `judge.timeout_s` passed, no verdict in the reply) is
@@ -22,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from golong.rewards.metrics import docmath_answer
+from golong.rewards.metrics import docmath_answer, frames_answer
 
-# metric -> the answer shown to the judge, taken from the text the metric reads (scoring.SCOPES)
-JUDGED: dict[str, Callable[[str], str]] = {"docmath": docmath_answer}
+# metric -> the answer shown to the judge, taken from the text the metric reads (scoring.SCOPES), as GoLongRL's eval
+# of that benchmark takes it
+JUDGED: dict[str, Callable[[str], str]] = {"docmath": docmath_answer, "frames": frames_answer}
 
 SYSTEM_PROMPT = """You compare two answers to the same problem and decide whether they are the same answer.
 Do not solve the problem. Judge only whether Answer 1 and Answer 2 state the same value or meaning, allowing for \

@@ -1,11 +1,11 @@
-"""The fifteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The sixteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
 LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
 strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for
 `model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}; for `docmath` the reference number
-as text. These functions may raise on garbage; `score_region` is the safe entry point that turns any
-exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
+as text, for `frames` the reference answer. These functions may raise on garbage; `score_region` is the safe entry
+point that turns any exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
 maths with math-verify's parser, DocMath's arithmetic from a syntax tree (numbers and operators, no
 names or calls of the response's own).
 
@@ -23,6 +23,8 @@ import logging
 import math
 import operator
 import re
+import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from difflib import SequenceMatcher
@@ -726,6 +728,35 @@ def docmath_answer(region: str) -> str:
     return m.group(1).replace(",", "").rstrip(".") if m else text
 
 
+# ---------------------------------------------------------------- Frames (the model card's Frames column)
+
+_FRAMES_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_FRAMES_DIGIT_COMMA = re.compile(r"(\d),(\d)")
+_FRAMES_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def frames_normalize(text: str) -> str:
+    """Frames' answer normalisation in GoLongRL's Frames scorer (score_frame.py): NFKD, lower case, articles out,
+    commas inside numbers out, ASCII punctuation out, whitespace runs folded."""
+    text = _FRAMES_ARTICLES.sub(" ", unicodedata.normalize("NFKD", text).lower())
+    return " ".join(_FRAMES_DIGIT_COMMA.sub(r"\1\2", text).translate(_FRAMES_PUNCT).split())
+
+
+def frames(region: str, gold: Gold) -> float:
+    """The rule score of GoLongRL's Frames eval, cover exact match: 1 when the normalised reference answer occurs in
+    the normalised `region` (the text after </think>) between word boundaries ("2" does not match "2019"). That
+    eval also asks a judge model and reports the larger of the two (golong.rewards.judge)."""
+    target = frames_normalize(_gold_strings(gold)[0])
+    return float(bool(target) and re.search(rf"\b{re.escape(target)}\b", frames_normalize(region)) is not None)
+
+
+def frames_answer(region: str) -> str:
+    """The answer Frames' judge is shown (evalscope's frames): asterisks out, then what follows the last "the answer
+    is" (case as written), stripped of spaces and periods; "" where the phrase is missing."""
+    text = region.replace("*", "")
+    return text.rsplit("the answer is", 1)[-1].strip().strip(".").strip() if "the answer is" in text else ""
+
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -742,6 +773,7 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "model_verify": model_verify,
     "mrcr": mrcr,
     "docmath": docmath,
+    "frames": frames,
 }
 
 

@@ -54,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate", "model_verify", "mrcr", "docmath", "minerva")
+                "retrieval_calculate", "model_verify", "mrcr", "docmath", "minerva", "frames")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -77,7 +77,10 @@ BENCHMARK_SOURCES: dict[str, str] = {
     "longbench_v2": "choice",
     "openai_mrcr": "mrcr",
     "docmath": "docmath",
+    "frames": "frames",
 }
+# the data sources a routing error lists by name (multitableqa_pretraining is one of multitableqa*)
+_NAMED_SOURCES = [d for d in [*DATA_SOURCES, *BENCHMARK_SOURCES] if d != "multitableqa_pretraining"]
 # Data sources whose name contains one of these were scored by a judge model in GoLongRL; its reward code
 # scores their reward_mode "math_verify" records without one (model_verify: an exact answer, else math-verify
 # after </think>) and needs the judge for every other mode.
@@ -191,4 +194,4 @@ def route(data_source: str | None, ability: str | None = None, reward_mode: str 
     raise ValueError(
         f"cannot route record to a metric (reward_mode={reward_mode!r}, ability={ability!r}, "
         f"data_source={data_source!r}); {_known_hint(reward_mode, ability)}; "
-        f"known data sources: {', '.join([*DATA_SOURCES, *BENCHMARK_SOURCES])}, multitableqa*, *math*")
+        f"known data sources: {', '.join(_NAMED_SOURCES)}, multitableqa*, *math*")

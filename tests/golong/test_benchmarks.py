@@ -91,7 +91,7 @@ def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path
     (bare,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template.split("</text> ")[1])
     assert bare.prompt[0]["content"].startswith(f"Q: {row['question']} [clause 1.1|") and "Contract" not in \
         bare.prompt[0]["content"]
-    with pytest.raises(ValueError, match="--template applies to longbench-v2 and docmath only, not mrcr"):
+    with pytest.raises(ValueError, match="--template applies to longbench-v2, docmath and frames only, not mrcr"):
         import_benchmark("mrcr", [src], tmp_path / "out.jsonl", template=template)
 
 
@@ -184,6 +184,52 @@ def test_docmath_rows_become_records_scored_by_the_number_they_state(tmp_path):
                                           r"reference number, got 'n/a'"):
         load_records(tmp_path / "r.jsonl")
 
+def _frames_row(i: int, answer: str) -> dict:
+    return {"Unnamed: 0": i, "Prompt": f"Which city hosted event {i} first?", "Answer": answer,
+            "reasoning_types": "Multiple constraints | Temporal reasoning",
+            "wiki_items": [{"title": f"Event {i}", "text": f"Event {i} began in 1896 in Athens."},
+                           {"title": "Athens", "text": "Athens is the capital of Greece. $Q$"}]}
+
+
+def test_frames_rows_become_records_scored_by_cover_exact_match(tmp_path):
+    """Frames rows (iic/frames' test.jsonl as evalscope reads it): one user message with the articles (each title on
+    its line before its text) and the question; gold = Answer, scored by `frames`; question and reasoning_types in
+    extra_info; a bad row named by file and line."""
+    from golong.data.benchmarks import FRAMES_TEMPLATE
+
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(_frames_row(i, a)) + "\n"
+                                                 for i, a in enumerate(("Athens", "1,896"))))
+    pq.write_table(pa.Table.from_pylist([_frames_row(2, "The Eiffel Tower")]), tmp_path / "more.parquet")
+    records = import_benchmark("frames", [tmp_path / "test.jsonl", tmp_path / "more.parquet"], tmp_path / "f.jsonl")
+    assert load_records(tmp_path / "f.jsonl") == records
+    assert [(r.task, r.metric, r.data_source, r.ground_truth.golden_label) for r in records] == [
+        ("frames", "frames", "frames", a) for a in ("Athens", "1,896", "The Eiffel Tower")]
+    for k, rec in enumerate(records):
+        row = _frames_row(k, "")
+        content = rec.prompt[0]["content"]
+        articles = "\n".join(f"{x['title']}\n{x['text']}" for x in row["wiki_items"])
+        assert content.startswith(FRAMES_TEMPLATE.split("$DOC$")[0] + articles)
+        assert content.index(articles) < content.index(row["Prompt"]) and "$Q$" in articles  # not filled again
+        assert rec.extra_info["question"] == row["Prompt"] and rec.extra_info["index"] == k
+        assert rec.extra_info["reasoning_types"] == row["reasoning_types"]
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
+        assert score_record(rec, R("Therefore, the answer is Sparta."), timeout=None) == 0.0
+    assert score_record(records[1], R("It began in 1896."), timeout=None) == 1.0
+    assert score_record(records[2], R("the answer is eiffel tower"), timeout=None) == 1.0
+    (rec,) = import_benchmark("frames", [tmp_path / "test.jsonl"], tmp_path / "t.jsonl", limit=1, template="$Q$")
+    assert rec.prompt[0]["content"] == _frames_row(0, "")["Prompt"]
+    src = tmp_path / "bad.jsonl"
+    for row, why in ((dict(_frames_row(0, "x"), wiki_items=[]), "field 'wiki_items' must be a non-empty list of "
+                      r"\{title, text\} articles"),
+                     (dict(_frames_row(0, "x"), wiki_items=[{"title": "t"}]), "field 'wiki_items' must be"),
+                     (dict(_frames_row(0, " ")), "field 'Answer' must be a non-empty string, got ' '"),
+                     ({k: v for k, v in _frames_row(0, "x").items() if k != "Prompt"},
+                      r"missing field\(s\) Prompt \(Frames rows need Prompt, Answer, wiki_items")):
+        src.write_text(json.dumps(_frames_row(1, "y")) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(RecordError, match=rf"^{src}: line 2: {why}"):
+            import_benchmark("frames", [src], tmp_path / "t.jsonl")
+
+
 def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_path):
     """A missing field, a bad letter or an unreadable prompt is named by the file and its line / item / row; the
     output is written only once every row converted: an existing file is left as it was."""
@@ -211,7 +257,7 @@ def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_
         import_benchmark("mrcr", [pqf], out)
     assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == \
            ["lb.json", "lb.jsonl", "m.parquet", "out.jsonl"]  # no temporary file left either
-    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr, docmath"):
+    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr, docmath, frames"):
         import_benchmark("longbench", [src], out)
     # an MRCR row no reply could score 1 on, or whose conversation asks nothing
     pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 2), answer="the poem without its prefix")]), pqf)

@@ -149,6 +149,27 @@ def test_the_judge_sees_question_reference_and_extracted_answer_and_raises_score
     assert verdicts == ["yes"] and scores == [1.0]
 
 
+def test_frames_answers_are_judged_as_evalscopes_frames_takes_them(fake_judge):
+    """Frames: the judge sees what follows the last "the answer is" (asterisks out), and max(cover exact match,
+    verdict) is the score."""
+    from golong.rewards import score_records
+
+    server = fake_judge(lambda ref, answer, attempt: "[[YES]]" if answer == "Marie Curie" else "[[NO]]")
+    record = Record.from_dict({"data_source": "frames", "ability": "frames",
+                               "prompt": [{"role": "user", "content": "ARTICLES ... Who?"}],
+                               "reward_model": {"ground_truth": {"golden_label": "Maria Skłodowska-Curie"}},
+                               "extra_info": {"question": "Who won two Nobel prizes in two sciences?"}})
+    responses = ["<think>t</think>So, **the answer is Marie Curie**.", "<think>t</think>It was Maria Skłodowska-Curie",
+                 "<think>t</think>The answer is Marie Curie"]  # evalscope's test is case-sensitive: "" is sent
+    rule = score_records([record] * 3, responses)
+    assert rule == [0.0, 1.0, 0.0]
+    scores, verdicts, _ = judge_records(Judge(judge_cfg(server.url)), [record] * 3, responses, rule)
+    assert scores == [1.0, 1.0, 0.0] and verdicts == ["yes", "no", "no"]
+    # no "the answer is" (the second), or not in that case (the third): an empty answer, as evalscope sends
+    assert sorted(r["answer"] for r in server.requests) == ["", "", "Marie Curie"]
+    assert all(r["ref"] == "Maria Skłodowska-Curie" for r in server.requests)
+
+
 def test_failed_requests_are_retried_then_leave_the_rule_score(fake_judge):
     """An HTTP error or a reply without a verdict is asked again, up to judge.retries more times; a request still
     failing is "failed" and keeps its rule score; a request over judge.timeout_s is abandoned in time."""
