@@ -1075,8 +1075,16 @@ class Trainer:
             signum = self._agree_on_stop_signal()
             if signum and self.step < cfg.trainer.total_steps:
                 self._preempted(signum, path)
-        elif cfg.trainer.val_before_train and self.step == 0 and not any(h["step"] == 0 for h in self.history):
-            self._validate_before_training()  # (resumed at step 0 after an SFT warm-up: validated then)
+        else:
+            validated = cfg.trainer.val_before_train and self.step == 0 and not any(h["step"] == 0
+                                                                                    for h in self.history)
+            if validated:
+                self._validate_before_training()  # (resumed at step 0 after an SFT warm-up: validated then)
+            # a signal during the start, the resume or that validation: no RL step is begun (it would run far past a
+            # scheduler's grace period); the validation is kept in a step-0 checkpoint
+            signum = self._agree_on_stop_signal()
+            if signum and self.step < cfg.trainer.total_steps:
+                self._preempted(signum, self.save_checkpoint() if validated else resumed)
         while self.step < cfg.trainer.total_steps:
             self.step += 1
             step = self.step
@@ -1119,10 +1127,12 @@ class Trainer:
         flag = torch.tensor([self.stop_signals.received], dtype=torch.int64)
         return int(self.actor._all_reduce(flag, dist.ReduceOp.MAX)[0])
 
-    def _preempted(self, signum: int, path: Path) -> None:
+    def _preempted(self, signum: int, path: Path | None) -> None:
+        """Stop with Preempted after step self.step, checkpointed to `path` (None: before any step, nothing to keep)."""
         self.writer.close()
-        raise Preempted(f"{signal.Signals(signum).name} received: step {self.step} finished and checkpointed to "
-                        f"{path}; exiting with status {PREEMPTED_EXIT_CODE}. "
+        kept = f"step {self.step} finished and checkpointed to {path}" if path is not None else \
+            "before the first step, nothing to checkpoint"
+        raise Preempted(f"{signal.Signals(signum).name} received: {kept}; exiting with status {PREEMPTED_EXIT_CODE}. "
                         f"{_rerun_advice(self.cfg.checkpoint.resume)}")
 
     def _pause_for_stop_signal(self, where: str) -> None:

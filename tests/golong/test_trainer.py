@@ -465,6 +465,44 @@ def test_a_stop_signal_during_the_sft_warm_up_checkpoints_it_and_resume_continue
     _assert_same_run(want, got)
 
 
+def test_a_stop_signal_before_the_first_rl_step_begins_none(config_file, tmp_path):
+    """A signal during the validation before training (or during the resume) was acted on only after step 1 had
+    run whole (a long-context rollout and update: far past a scheduler's grace period). Now no step begins: the
+    validation is kept in a step-0 checkpoint; a signal during a resume exits on the checkpoint resumed from."""
+    import torch.distributed as dist
+
+    from golong.config import load_config
+    from golong.trainer import Preempted, Trainer
+
+    run = tmp_path / "run"
+    over = [f"logging.run_dir={run}", "trainer.sft_steps=0", "trainer.val_before_train=true", "profile.steps=[]"]
+
+    def fit_with_signal(when: str) -> str:
+        trainer = Trainer(load_config(config_file, over))
+        hook = trainer.validate if when == "validate" else trainer.maybe_resume
+
+        def signalled(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the trainer's handler while fit runs
+            return hook(*args, **kwargs)
+
+        setattr(trainer, "validate" if when == "validate" else "maybe_resume", signalled)
+        try:
+            with pytest.raises(Preempted) as e:
+                trainer.fit()
+            assert trainer.step == 0
+        finally:
+            dist.destroy_process_group()
+        return str(e.value)
+
+    said = fit_with_signal("validate")
+    ckpt = run / "checkpoints" / "step_000000"
+    assert f"SIGTERM received: step 0 finished and checkpointed to {ckpt}; exiting with status 143" in said
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0]  # the validation, no RL step
+    assert f"checkpointed to {ckpt};" in fit_with_signal("resume")  # resumed from it: nothing new to save
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0]
+
+
 @pytest.mark.distributed
 def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(config_file, tmp_path):
     """2 ranks under torchrun; SIGUSR1 (Slurm's --signal=USR1@SECONDS) reaches rank 0 alone, in the middle of
