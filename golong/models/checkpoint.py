@@ -16,6 +16,7 @@ directory renamed into place at the end, so a reader never sees half a checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,13 +24,15 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from golong.config import ConfigError
 from golong.logger import ProgressLog
 from golong.models.config import ModelConfig
 from golong.models.qwen3 import Qwen3ForCausalLM
@@ -72,7 +75,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(_read_index(index).values()))
         return [path / n for n in names]
     single = path / "model.safetensors"
     if single.exists():
@@ -144,13 +147,13 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                            total_bytes=sum(f.stat().st_size for f in files))
     for file in files:
         walked = 0  # bytes of this file's tensors copied so far (the rest is counted when the file is done)
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_shard(file) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if _IGNORED.search(key):
                     continue
                 # a key twice (in two shards) would count twice and could hide a missing one
                 if key in seen:
-                    raise ValueError(f"{key} is in both {seen[key].name} and {file.name}")
+                    raise ConfigError(f"{key} is in both {seen[key].name} and {file.name}")
                 seen[key] = file
                 if tied and key == "lm_head.weight":
                     continue  # compared with the embeddings once they are loaded
@@ -160,7 +163,7 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                     continue
                 name, expert, row0 = tgt
                 if expert is not None and expert >= params[name].shape[0]:
-                    raise ValueError(f"{key} ({file.name}): expert {expert} does not exist, the config has "
+                    raise ConfigError(f"{key} ({file.name}): expert {expert} does not exist, the config has "
                                      f"{params[name].shape[0]} experts")
                 local, region = regions[name]
                 src = f.get_slice(key)
@@ -173,7 +176,7 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
                 want = full if expert is None else (full[1] // (2 if name.endswith("gate_up_proj") else 1),
                                                     *full[2:])
                 if len(dims) != len(full) or any(d.stop > n for d, n in zip(dims, full)) or src_shape != want:
-                    raise ValueError(f"{key}: shape {src_shape} does not fit parameter {name} {full}"
+                    raise ConfigError(f"{key}: shape {src_shape} does not fit parameter {name} {full}"
                                      + (f" (expected {want} per expert)" if expert is not None else "")
                                      + f", in {file.name}")
                 lo = [max(d.start, r.start) for d, r in zip(dims, region)]
@@ -193,18 +196,18 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
     progress.close()
     if strict:
         if unknown:
-            raise ValueError(f"{len(unknown)} checkpoint tensors match no parameter, e.g. {unknown[:5]}")
+            raise ConfigError(f"{len(unknown)} checkpoint tensors match no parameter, e.g. {unknown[:5]}")
         # distinct keys never overlap (exact shapes, no duplicates) except a fused expert key next to
         # per-expert keys of the same layer: more elements than the parameter holds
         twice = [n for n, c in written.items() if c > regions[n][0].numel()]
         if twice:
-            raise ValueError(f"{len(twice)} parameters are given by both fused and per-expert keys, e.g. {twice[:5]}")
+            raise ConfigError(f"{len(twice)} parameters are given by both fused and per-expert keys, e.g. {twice[:5]}")
         missing = [k for n, c in written.items() if c < regions[n][0].numel()
                    for k in _missing_keys(n, params[n], seen)]
         if missing:
             where = _weight_map(path)
             named = [f"{k} ({where[k]})" if k in where else k for k in missing[:5]]
-            raise ValueError(f"{len(missing)} checkpoint tensors were not (fully) found in {path}, e.g. {named}")
+            raise ConfigError(f"{len(missing)} checkpoint tensors were not (fully) found in {path}, e.g. {named}")
     if tied and "lm_head.weight" in seen:  # after the strict checks: the embeddings are all loaded
         _check_tied_head(seen["lm_head.weight"], params["model.embed_tokens.weight"],
                          *regions["model.embed_tokens.weight"])
@@ -213,7 +216,31 @@ def load_weights(model: Qwen3ForCausalLM, path: str | Path, device: torch.device
 def _weight_map(path: str | Path) -> dict[str, str]:
     """The index's key -> file map ({} for a single-file checkpoint)."""
     index = Path(path) / "model.safetensors.index.json"
-    return json.loads(index.read_text())["weight_map"] if index.exists() else {}
+    return _read_index(index) if index.exists() else {}
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index file; a damaged one is a ConfigError naming it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{index}: not valid JSON ({e}); an interrupted download?") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"{index}: holds no weight_map (the tensor -> file map of a safetensors index)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(f"{index}: weight_map must map each tensor name to a file name")
+    return weight_map
+
+
+@contextlib.contextmanager
+def _open_shard(file: Path) -> Iterator[Any]:
+    """safe_open of a checkpoint file on the CPU; a damaged file (an interrupted download) is a ConfigError naming
+    it, not the library's bare message."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ConfigError(f"{file}: not a readable safetensors file ({e}); an interrupted download?") from None
 
 
 def _missing_keys(name: str, p: torch.Tensor, seen: dict[str, Path]) -> list[str]:
@@ -233,7 +260,7 @@ def _check_tied_head(file: Path, embed: torch.Tensor, local: torch.Tensor, regio
     embed: the (possibly DTensor) embedding parameter, local/region: this rank's part of it."""
     from torch.distributed.tensor import DTensor
 
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with _open_shard(file) as f:
         head = f.get_slice("lm_head.weight")
         same = tuple(head.get_shape()) == tuple(embed.shape) and torch.equal(
             head[region].to(device=local.device, dtype=local.dtype), local)
@@ -241,7 +268,7 @@ def _check_tied_head(file: Path, embed: torch.Tensor, local: torch.Tensor, regio
     if isinstance(embed, DTensor) and dist.is_initialized():
         dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank must raise, or the others would hang
     if differs.item():
-        raise ValueError(f"tie_word_embeddings is true but lm_head.weight in {file.name} differs from "
+        raise ConfigError(f"tie_word_embeddings is true but lm_head.weight in {file.name} differs from "
                          "model.embed_tokens.weight (transformers 5 would untie them, vLLM would ignore the head); "
                          "set tie_word_embeddings to false or drop lm_head.weight from the checkpoint")
 

@@ -219,34 +219,43 @@ def _parse_rope(raw: dict[str, Any], max_pos: int) -> tuple[float, YarnScaling |
     scaling = raw.get("rope_scaling") or {}
     if params and any(isinstance(v, dict) for v in params.values()):
         raise ConfigError("config field 'rope_parameters' is per layer type; only one global RoPE is supported")
-    if params and scaling:
-        # e.g. rope_scaling (YaRN, as Qwen's model cards say) added to a transformers-5 config that has
-        # rope_parameters: transformers then takes rope_scaling whole, vLLM may read either; refuse to pick one
-        def kind(d: dict[str, Any]) -> str:
-            return d.get("rope_type", d.get("type", "default"))
+    if not (params and scaling):
+        return _rope_of(params or scaling, raw, max_pos, "rope_parameters" if params else "rope_scaling")
+    # e.g. rope_scaling (YaRN, as Qwen's model cards say) added to a transformers-5 config that has rope_parameters:
+    # transformers then takes rope_scaling whole (rope_theta from the top level, else its default), vLLM may read
+    # either: each spelling is read on its own, and unless they give the same RoPE, neither is picked
+    a = _rope_of(scaling, raw, max_pos, "rope_scaling")
+    b = _rope_of(params, raw, max_pos, "rope_parameters")
+    if a != b:
+        fields = {"rope_theta": (a[0], b[0])}
+        if a[1] is None or b[1] is None:
+            fields["rope_type"] = ("default" if a[1] is None else "yarn", "default" if b[1] is None else "yarn")
+        else:
+            fields.update({f.name: (getattr(a[1], f.name), getattr(b[1], f.name)) for f in dataclasses.fields(a[1])})
+        diff = ", ".join(f"{k} ({x} against {y})" for k, (x, y) in fields.items() if x != y)
+        raise ConfigError(f"config fields rope_scaling={scaling} and rope_parameters={params} disagree on {diff} "
+                          "(each read on its own, as transformers reads rope_scaling); keep only one of them")
+    return a
 
-        clash = sorted(k for k in scaling.keys() & params.keys() - {"type", "rope_type"} if scaling[k] != params[k])
-        if kind(scaling) != kind(params) or clash:
-            raise ConfigError(f"config fields rope_scaling={scaling} and rope_parameters={params} disagree"
-                              f"{' on ' + ', '.join(clash) if clash else ' on rope_type'}; keep only one of them")
-    merged = {**scaling, **params}
-    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if merged.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"config field partial_rotary_factor={merged['partial_rotary_factor']}: not supported")
+
+def _rope_of(d: dict[str, Any], raw: dict[str, Any], max_pos: int, where: str) -> tuple[float, YarnScaling | None]:
+    """(theta, YaRN or None) of one RoPE spelling `d` (rope_scaling or rope_parameters) of config `raw`."""
+    theta = d.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = d.get("rope_type", d.get("type", "default"))
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"config field partial_rotary_factor={d['partial_rotary_factor']}: not supported")
     if rope_type == "default":
         return float(theta), None
     if rope_type != "yarn":
-        where = "rope_parameters" if params else "rope_scaling"
         raise ConfigError(f"config field {where}.rope_type={rope_type!r}: only 'default' and 'yarn' are supported")
-    if merged.get("factor") is None:
-        raise ConfigError("config field rope_scaling.factor is missing for YaRN")
-    beta_fast = merged.get("beta_fast") or 32.0
-    beta_slow = merged.get("beta_slow") or 1.0
-    orig = raw.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings") or max_pos
+    if d.get("factor") is None:
+        raise ConfigError(f"config field {where}.factor is missing for YaRN")
+    beta_fast = d.get("beta_fast") or 32.0
+    beta_slow = d.get("beta_slow") or 1.0
+    orig = raw.get("original_max_position_embeddings") or d.get("original_max_position_embeddings") or max_pos
     return float(theta), YarnScaling(
-        factor=float(merged["factor"]), original_max_position_embeddings=int(orig),
+        factor=float(d["factor"]), original_max_position_embeddings=int(orig),
         beta_fast=float(beta_fast), beta_slow=float(beta_slow),
-        attention_factor=merged.get("attention_factor"), mscale=merged.get("mscale"),
-        mscale_all_dim=merged.get("mscale_all_dim"), truncate=bool(merged.get("truncate", True)),
+        attention_factor=d.get("attention_factor"), mscale=d.get("mscale"),
+        mscale_all_dim=d.get("mscale_all_dim"), truncate=bool(d.get("truncate", True)),
     )

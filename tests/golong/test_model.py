@@ -243,8 +243,11 @@ def test_bf16_load_and_strictness(pair, tmp_path):
     ref = dict(hf.named_parameters())
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, ref[n].to(torch.bfloat16)), n
-    # a checkpoint key the model does not have is an error, not silently dropped
+    # a checkpoint key the model does not have is an error, not silently dropped; each mismatch is a ConfigError
+    # (the CLI prints it as one line, not a traceback)
     from safetensors.torch import load_file, save_file
+
+    from golong.config import ConfigError
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -252,24 +255,24 @@ def test_bf16_load_and_strictness(pair, tmp_path):
     sd = load_file(path / "model.safetensors")
     sd["model.layers.9.mlp.foo.weight"] = torch.zeros(2)
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="match no parameter"):
+    with pytest.raises(ConfigError, match="match no parameter"):
         gm.from_pretrained(bad, dtype=torch.float32)
     # a tensor of the wrong shape
     del sd["model.layers.9.mlp.foo.weight"]
     sd["model.norm.weight"] = torch.ones(65)
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="does not fit parameter model.norm.weight"):
+    with pytest.raises(ConfigError, match="does not fit parameter model.norm.weight"):
         gm.from_pretrained(bad, dtype=torch.float32)
     # and a missing one
     del sd["model.norm.weight"]
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="not \\(fully\\) found"):
+    with pytest.raises(ConfigError, match="not \\(fully\\) found"):
         gm.from_pretrained(bad, dtype=torch.float32)
     sd["model.norm.weight"] = load_file(path / "model.safetensors")["model.norm.weight"]
     if kind == "dense":  # an expert key on a layer without experts: named as unknown, not a KeyError
         sd["model.layers.1.mlp.experts.0.down_proj.weight"] = torch.zeros(4, 4)
         save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-        with pytest.raises(ValueError, match="match no parameter"):
+        with pytest.raises(ConfigError, match="match no parameter"):
             gm.from_pretrained(bad, dtype=torch.float32)
     else:  # one expert's gate one row too long and its up one row short: the element count still adds up
         gate, up = "model.layers.0.mlp.experts.1.gate_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight"
@@ -277,7 +280,21 @@ def test_bf16_load_and_strictness(pair, tmp_path):
         sd[gate] = torch.cat([sd[gate], sd[up][:1]])
         sd[up] = sd[up][1:]
         save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
-        with pytest.raises(ValueError, match=rf"gate_proj.weight: shape \({rows + 1}, .*expected \({rows}, \d+\) per"):
+        with pytest.raises(ConfigError, match=rf"gate_proj.weight: shape \({rows + 1}, .*expected \({rows}, \d+\) per"):
+            gm.from_pretrained(bad, dtype=torch.float32)
+    # a damaged shard (an interrupted download) and a damaged index: errors naming the file
+    sd = load_file(path / "model.safetensors")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=rf"^{bad / 'model.safetensors'}: not a readable safetensors file \("):
+        gm.from_pretrained(bad, dtype=torch.float32)
+    (bad / "model.safetensors").write_bytes(data)
+    index = bad / "model.safetensors.index.json"
+    for text, why in (('{"weight_map": {"a": ', "not valid JSON"), ('{"metadata": {}}', "holds no weight_map"),
+                      ('{"weight_map": {"a": 3}}', "weight_map must map each tensor name to a file name")):
+        index.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{index}: {why}"):
             gm.from_pretrained(bad, dtype=torch.float32)
 
 

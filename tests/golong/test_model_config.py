@@ -224,12 +224,23 @@ def test_rope_scaling_next_to_a_different_rope_parameters_is_refused():
     both = dict(QWEN3_30B_A3B, rope_parameters=default, rope_scaling=yarn)
     both.pop("rope_theta")
     assert Qwen3MoeConfig.from_dict(copy.deepcopy(both)).rope_parameters["rope_type"] == "yarn"  # it edits its input
-    with pytest.raises(ConfigError, match="rope_scaling=.*rope_parameters=.* disagree on rope_type"):
+    with pytest.raises(ConfigError, match="rope_scaling=.*rope_parameters=.* disagree on rope_theta "
+                                          r"\(10000.0 against 1000000.0\), rope_type \(yarn against default\)"):
         ModelConfig.from_hf(both)
-    other = dict(both, rope_parameters={**yarn, "rope_theta": 1e6, "factor": 8.0})
-    with pytest.raises(ConfigError, match="disagree on factor"):
+    top = dict(both, rope_theta=1e6)
+    other = dict(top, rope_parameters={**yarn, "rope_theta": 1e6, "factor": 8.0})
+    with pytest.raises(ConfigError, match=r"disagree on factor \(4.0 against 8.0\) \(each read on its own"):
         ModelConfig.from_hf(other)
-    same = ModelConfig.from_hf(dict(both, rope_parameters={**yarn, "rope_theta": 1e6}))
+    # a key on one side only: what transformers fills in for rope_scaling differs (it reads rope_scaling alone),
+    # e.g. rope_theta without a top-level one (its default 10000), beta_fast (32), the original length
+    half = dict(both, rope_parameters={**yarn, "rope_theta": 1e6})  # no top-level rope_theta
+    assert Qwen3MoeConfig.from_dict(copy.deepcopy(half)).rope_parameters["rope_theta"] == 10000.0
+    with pytest.raises(ConfigError, match=r"disagree on rope_theta \(10000.0 against 1000000.0\) \(each read on"):
+        ModelConfig.from_hf(half)
+    for extra in ({"beta_fast": 8}, {"original_max_position_embeddings": 16384}):
+        with pytest.raises(ConfigError, match=rf"disagree on {next(iter(extra))} \(.* \(each read on its own"):
+            ModelConfig.from_hf(dict(top, rope_parameters={**yarn, "rope_theta": 1e6, **extra}))
+    same = ModelConfig.from_hf(dict(top, rope_parameters={**yarn, "rope_theta": 1e6}))
     assert same.rope_theta == 1e6 and same.rope_scaling.factor == 4.0
     assert ModelConfig.from_hf(dict(both, rope_scaling=None)).rope_scaling is None  # a null rope_scaling is absent
 
