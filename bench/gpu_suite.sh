@@ -3,8 +3,10 @@
 #
 #   bench/gpu_suite.sh OUT_DIR            # GPU: bf16 correctness tests + every kernel bench vs its peers
 #                                         #      + one Qwen3-4B-shaped training step; JSON under OUT_DIR
-#   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (each script's --dry-run,
-#                                         #      pytest --collect-only), run concurrently; nothing measured
+#   bench/gpu_suite.sh OUT_DIR --dry-run  # CPU: every command resolves (the GPU run's own commands with
+#                                         #      --dry-run appended: their flags parse, each script imports
+#                                         #      and builds a tiny case; the test groups collected), run
+#                                         #      concurrently; nothing measured
 #
 # Steps (each under its own timeout, 445 s in all with the report, + 2 s kill grace each; STEPS="name ..." runs a subset; a failed or timed-out
 # step is recorded and the suite goes on):
@@ -38,10 +40,10 @@ OUT=$1
 DRY=0
 if [[ $# -eq 2 ]]; then [[ $2 == --dry-run ]] || usage; DRY=1; fi
 
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # before the cd below: a relative OUT_DIR is the caller's
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
@@ -60,47 +62,40 @@ LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 
 NAMES=() CMDS=() LIMITS=()
-step() {  # step NAME TIMEOUT_S COMMAND...
-  NAMES+=("$1"); LIMITS+=("$2"); shift 2; CMDS+=("$*")
+step() {  # step NAME TIMEOUT_S COMMAND...: on a dry run the same command with --dry-run appended, under 300 s
+  NAMES+=("$1")
+  if [[ $DRY -eq 1 ]]; then LIMITS+=(300); else LIMITS+=("$2"); fi
+  shift 2
+  if [[ $DRY -eq 1 ]]; then CMDS+=("$* --dry-run"); else CMDS+=("$*"); fi
 }
 
 # a bench script that takes --out writes there; one that does not writes bench/results/<name>-gpu.json,
 # copied to OUT_DIR afterwards
 out_flag() { grep -q -- '"--out"' "bench/$1.py" && echo "--out $OUT"; }
 
-if [[ $DRY -eq 1 ]]; then
-  step gpu_tests 300 "$PYTHON -m pytest -q --collect-only -m gpu -p no:cacheprovider tests/kernels tests/golong/test_model_gpu.py"
-  step logprob 300 "$PYTHON -m bench.logprob --dry-run"
-  step moe 300 "$PYTHON -m bench.moe --dry-run --save-tuned $OUT/tuned"
-  step moe_configs 300 "$PYTHON -m bench.moe_configs --dry-run --save-tuned $OUT/tuned"
-  step attention 300 "$PYTHON -m bench.attention --dry-run"
-  step attention_configs 300 "$PYTHON -m bench.attention_configs --dry-run --save-tuned $OUT/tuned"
-  step logprob_configs 300 "$PYTHON -m bench.logprob_configs --dry-run"
-  step profile_kernels 300 "$PYTHON -m bench.profile_kernels --dry-run"
-  step gpu_train_step 300 "$PYTHON -m bench.gpu_train_step --dry-run"
-  step train_step_keep_attention 300 "$PYTHON -m bench.gpu_train_step --dry-run --keep-attention"
-else
+if [[ $DRY -eq 0 ]]; then
   "$PYTHON" - <<'EOF' || { echo "gpu_suite: no CUDA device (use --dry-run on CPU)" >&2; exit 2; }
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
-  step gpu_tests 70 "PYTHON=$PYTHON bash bench/gpu_tests.sh $OUT"
-  step logprob 70 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
-  step logprob_configs 30 "$PYTHON -m bench.logprob_configs --out $OUT"
-  # the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
-  # later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
-  # (an adopted attention auto_backend reaches the train step only: the attention benches time our kernels by name)
-  step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
-  # 10 timed calls per row (not 3): the skewed / uniform forward ratio compares two ~5 ms timings
-  # (run 6: 0.945x, run 7: 0.856x)
-  step moe 55 "$PYTHON -m bench.moe --iters 10 --budget-s 40 $(out_flag moe) --save-tuned $OUT/tuned"
-  # 20 candidates: precompiled in parallel, those not started by --budget-s are listed as skipped
-  step attention_configs 55 "$PYTHON -m bench.attention_configs --budget-s 45 --out $OUT --save-tuned $OUT/tuned"
-  step attention 50 "$PYTHON -m bench.attention $(out_flag attention)"
-  step profile_kernels 15 "$PYTHON -m bench.profile_kernels --out $OUT"
-  step gpu_train_step 30 "$PYTHON -m bench.gpu_train_step --out $OUT"
-  step train_step_keep_attention 30 "$PYTHON -m bench.gpu_train_step --keep-attention --layers 12 --iters 2 --out $OUT"
 fi
+# the GPU run's steps (limits in seconds); a dry run checks these same commands
+step gpu_tests 70 "PYTHON=$PYTHON bash bench/gpu_tests.sh $OUT"
+step logprob 70 "$PYTHON -m bench.logprob --iters 3 $(out_flag logprob)"
+step logprob_configs 30 "$PYTHON -m bench.logprob_configs --out $OUT"
+# the sweeps run before their benches and record their winners in OUT_DIR/tuned (GOLONG_TUNED_DIR), which the
+# later steps read: bench.moe, bench.attention, profile_kernels and the train step measure the adopted settings
+# (an adopted attention auto_backend reaches the train step only: the attention benches time our kernels by name)
+step moe_configs 30 "$PYTHON -m bench.moe_configs --out $OUT --save-tuned $OUT/tuned"
+# 10 timed calls per row (not 3): the skewed / uniform forward ratio compares two ~5 ms timings
+# (run 6: 0.945x, run 7: 0.856x)
+step moe 55 "$PYTHON -m bench.moe --iters 10 --budget-s 40 $(out_flag moe) --save-tuned $OUT/tuned"
+# 20 candidates: precompiled in parallel, those not started by --budget-s are listed as skipped
+step attention_configs 55 "$PYTHON -m bench.attention_configs --budget-s 45 --out $OUT --save-tuned $OUT/tuned"
+step attention 50 "$PYTHON -m bench.attention $(out_flag attention)"
+step profile_kernels 15 "$PYTHON -m bench.profile_kernels --out $OUT"
+step gpu_train_step 30 "$PYTHON -m bench.gpu_train_step --out $OUT"
+step train_step_keep_attention 30 "$PYTHON -m bench.gpu_train_step --keep-attention --layers 12 --iters 2 --out $OUT"
 
 if [[ -n ${STEPS:-} ]]; then  # STEPS="logprob moe": run only these (a rerun inside a short GPU lease)
   keep_n=() keep_c=() keep_l=()

@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(BENCH_DIR / "results"), help="directory of results JSON files")
     ap.add_argument("--readme", default=str(BENCH_DIR / "README.md"), help="Markdown file to update")
-    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if the README is out of date")
-    ap.add_argument("--stdout", action="store_true", help="print the generated Markdown instead of writing")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="do not write; exit 1 if the README is out of date")
+    mode.add_argument("--stdout", action="store_true", help="print the generated Markdown instead of writing")
     args = ap.parse_args(argv)
+    if not Path(args.results).is_dir():  # a mistyped directory would render (and write) "no results"
+        ap.error(f"--results {args.results}: no such directory")
     body = render(load_results(Path(args.results)))
     if args.stdout:
         print(body)

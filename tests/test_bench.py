@@ -71,6 +71,11 @@ def test_gpu_suite_dry_run_resolves_every_command(tmp_path):
     assert set(steps) == {"gpu_tests", "logprob", "logprob_configs", "moe", "moe_configs", "attention",
                           "attention_configs", "profile_kernels", "gpu_train_step", "train_step_keep_attention"}
     assert all(s["exit"] == 0 and s["status"] == "ok" for s in steps.values())
+    # the GPU run's own commands, flags included, with --dry-run appended (not a list of their own)
+    assert all(s["command"].endswith(" --dry-run") for s in steps.values())
+    assert "--iters 10 --budget-s 40" in steps["moe"]["command"]
+    assert "bench/gpu_tests.sh" in steps["gpu_tests"]["command"]
+    assert "--keep-attention --layers 12 --iters 2" in steps["train_step_keep_attention"]["command"]
     # the collected GPU tests cover every kernel and the model
     log = (tmp_path / "logs" / "gpu_tests.log").read_text()
     for name in ("test_logprob", "test_grouped_mm", "test_flash_attention", "test_model_gpu"):
@@ -96,11 +101,13 @@ def test_gpu_tests_groups_cover_every_gpu_test(tmp_path):
 
 def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
     env = {**_env(), "STEPS": "moe logprob_configs"}
-    out = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
+    # a relative OUT_DIR is the caller's, not the repository's
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "rel", "--dry-run"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    suite = json.loads((tmp_path / "suite.json").read_text())
-    assert [s["step"] for s in suite["steps"]] == ["moe", "logprob_configs"]
+    assert not (ROOT / "rel").exists()
+    suite = json.loads((tmp_path / "rel" / "suite.json").read_text())
+    assert [s["step"] for s in suite["steps"]] == ["logprob_configs", "moe"]  # in the suite's order
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path / "bad"), "--dry-run"], cwd=ROOT,
                          env={**env, "STEPS": "nope"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "gpu_tests" in bad.stderr  # the valid names are listed
@@ -109,8 +116,7 @@ def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
 def test_gpu_suite_limits_fit_the_eight_minute_budget():
     # the GPU run's step limits (each may overrun by its kill grace) plus the CUDA probe stay under 8 minutes
     text = (ROOT / "bench" / "gpu_suite.sh").read_text()
-    gpu_part = text.split("--dry-run")[-1]  # the non-dry-run branch comes after the last --dry-run command
-    limits = [int(m) for m in re.findall(r"^\s*step \w+ (\d+) ", gpu_part, flags=re.M)]
+    limits = [int(m) for m in re.findall(r"^\s*step \w+ (\d+) ", text, flags=re.M)]
     grace = int(re.search(r"--kill-after=(\d+)", text).group(1))
     assert len(limits) == 11, limits  # ten benches and the report
     assert sum(limits) + grace * len(limits) <= 8 * 60 - 10, (sum(limits), grace)
