@@ -228,7 +228,7 @@ def _topk_kernel(L, W, IDS, T, E, stride_l, K: tl.constexpr, NORM: tl.constexpr,
     ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(p, 1)
-        # the lowest column holding the maximum (explicit, so ties resolve the same way everywhere)
+        # the lowest column holding the maximum (explicit: ties resolve the same way on every GPU and layout)
         pick = tl.min(tl.where(p == best[:, None], cols[None, :], BLOCK_E), 1)
         w = tl.where(slots[None, :] == j, tl.where(best >= 0, best, float("nan"))[:, None], w)  # NaN in, NaN out
         ids = tl.where(slots[None, :] == j, pick[:, None], ids)
@@ -253,6 +253,8 @@ def _route_topk_torch(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     path's backward recomputes them through autograd)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     if expert_ids is None:
+        # transformers' own op: among equal probabilities it picks as it does (the Triton kernel takes the lowest
+        # ids), so that this path is the exact oracle of transformers' block, ties included
         top_w, top_i = torch.topk(probs, top_k, dim=-1)
     else:
         top_i = expert_ids
@@ -304,14 +306,17 @@ def _int_top_k(top_k: Any) -> int:
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, backend: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-MoE top-k: (weights [T, k] in the logits' dtype, expert ids [T, k] int64, probabilities descending).
-    backend "triton" (one kernel; "auto" on CUDA) or "torch" (softmax + torch.topk)."""
+    backend "triton" (one kernel; "auto" on CUDA) or "torch" (softmax + torch.topk, as transformers routes). Among
+    equal probabilities (bf16 logits tie often) the Triton kernel takes the lowest expert ids, whatever the logits'
+    layout; torch.topk takes them as it does (on the CPU not the lowest), so the two backends can route a tied
+    token to different (equally weighted) experts: compare them on untied logits."""
     if not router_logits.is_floating_point():  # the weights come back in the logits' dtype: ints would be 0
         raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
     top_k = _int_top_k(top_k)
     if not 1 <= top_k <= router_logits.shape[-1]:
         raise ValueError(f"top_k must be in [1, {router_logits.shape[-1]}] (the number of experts), got {top_k}")
-    if _use_triton(backend, router_logits) and router_logits.stride(-1) == 1:
-        return _RouteTopK.apply(router_logits, top_k, norm_topk_prob)
+    if _use_triton(backend, router_logits):
+        return _RouteTopK.apply(router_logits.contiguous(), top_k, norm_topk_prob)
     return _route_topk_torch(router_logits, top_k, norm_topk_prob)
 
 

@@ -64,10 +64,21 @@ def test_route_topk_triton_matches_torch(T, E, k, norm):
 
 
 def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
+    """Equal probabilities: the Triton kernel takes the lowest expert ids, whatever the logits' layout (column-major
+    logits fell back to torch.topk, which on the CPU takes others: 58 of 2,048 bf16 tokens routed differently)."""
     logits = torch.tensor([[0.5, 2.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
     w, ids = route_topk(logits, 3, False, backend="triton")
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
     torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, ids))
+    # bf16 logits tie often (router logits are bf16 in training): the same ids in any layout, the lowest of the tied
+    bf = torch.randn(2048, 128, generator=torch.Generator().manual_seed(0)).bfloat16()
+    probs = torch.softmax(bf.float(), -1)
+    assert (probs.topk(9).values[:, :-1] == probs.topk(9).values[:, 1:]).any()  # ties inside the top 8
+    lowest = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :8]
+    for x in (bf, bf.t().contiguous().t(), torch.cat([bf, bf], 1)[:, :128]):
+        assert torch.equal(route_topk(x, 8, backend="triton")[1], lowest)
+    # the torch backend is transformers' softmax + torch.topk, ties included (its exact oracle)
+    assert torch.equal(route_topk(bf, 8, backend="torch")[1], torch.topk(probs, 8, dim=-1).indices)
     for k, backend in ((6, "triton"), (0, "triton"), (0, "torch"), (6, "torch")):
         with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
             route_topk(logits, k, backend=backend)
