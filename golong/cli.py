@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "such record")
     s.set_defaults(subparser=s)
 
-    s = dsub.add_parser("import", help="convert a long-context benchmark (LongBench-v2, MRCR, DocMath, Frames) into "
-                                       "golong records",
+    s = dsub.add_parser("import", help="convert a long-context benchmark of the model card (LongBench-v2, MRCR, "
+                                       "DocMath, Frames, LongBench v1 QA, CorpusQA) into golong records",
                         description="Write the rows of a benchmark's source files as golong records scored by the "
                                     "benchmark's own metric, for golong eval (data.val_files). longbench-v2: "
                                     "THUDM/LongBench-v2's data.json, scored by 'The correct answer is (X)'; mrcr: "
@@ -146,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "difflib's ratio); docmath: yale-nlp/DocMath-Eval's testmini files, scored by the "
                                     "number in 'Therefore, the answer is N' as GoLongRL's DocMath eval rules it; "
                                     "frames: iic/frames' test.jsonl (Frames with its Wikipedia articles), scored by "
-                                    "cover exact match as GoLongRL's Frames eval. Both take a judge model too "
-                                    "(judge.model). A bad row is named by file and line / item / row.")
+                                    "cover exact match as GoLongRL's Frames eval; lbv1qa: THUDM/LongBench's QA "
+                                    "subsets (data/<subset>.jsonl), scored by QA F1; corpusqa: CorpusQA's files, "
+                                    "scored by exact match. The last four take a judge model (judge.model): GoLongRL "
+                                    "scores LongBench v1 QA and CorpusQA by the judge alone. A bad row is named by "
+                                    "file and line / item / row.")
     s.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark the files hold")
     s.add_argument("sources", nargs="+", help="its files (.json, .jsonl or .parquet), read in order")
     s.add_argument("--out", required=True, help="output .jsonl (or .json: JSON Lines) or .parquet; never a source")
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", default=None,
                    help="a prompt template file (default: golong's wording of the benchmark's prompt). longbench-v2: "
                         "LongBench-v2's placeholders $DOC$, $Q$, $C_A$ .. $C_D$ (e.g. LongBench's prompts/0shot.txt); "
-                        "docmath and frames: $DOC$ and $Q$ (QwenLong-L1's DocMath prompt)")
+                        "docmath, frames and lbv1qa: $DOC$ and $Q$ (QwenLong-L1's DocMath prompt)")
     s.set_defaults(subparser=s)
 
     p = sub.add_parser("plan", help="predict per-GPU memory and step time of a config before launching",

@@ -91,10 +91,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),
-                  # judge.model: its requests, [[YES]] verdicts, failed requests and the scores it raised to 1
+                  # judge.model: the answers it judged, those it judged the reference's, those it failed on, and the
+                  # scores its verdicts raised and lowered
                   "judge": None if "val/judge/asked" not in metrics else
                   {"model": cfg.judge.model, "url": cfg.judge.url,
-                   **{k: int(metrics[f"val/judge/{k}"]) for k in ("asked", "yes", "failed", "raised")}},
+                   **{k: int(metrics[f"val/judge/{k}"]) for k in ("asked", "yes", "failed", "raised", "lowered")}},
                   "function_errors": None if "val/reward/function_errors" not in metrics else  # None: no function
                   int(metrics["val/reward/function_errors"]),
                   # the means of the other numbers the reward function's dict results held
@@ -183,7 +184,8 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
         print(f"the reward function failed on {count} response{'s' if count != 1 else ''}, which scored 0 (each "
               "one's error: reward_error in responses.jsonl)")
     if judge := result.get("judge"):
-        print(f"judge {judge['model']}: {judge['asked']} answers judged, {judge['yes']} the reference's; it raised "
-              f"{judge['raised']} scores to 1 (score = max(rule score, verdict)); {judge['failed']} requests failed, "
-              "their rule scores stand (each response's verdict: judge in responses.jsonl)")
+        print(f"judge {judge['model']}: {judge['asked']} answers judged, {judge['yes']} the reference's; its verdicts "
+              f"raised {judge['raised']} scores and lowered {judge['lowered']} (DocMath, Frames: max(rule score, "
+              f"verdict); LongBench v1 QA, CorpusQA: the verdict); {judge['failed']} failed, their rule scores stand "
+              "(each response's verdict: judge in responses.jsonl)")
     print(f"wrote {out / 'eval.json'} and {out / 'responses.jsonl'}")

@@ -336,7 +336,7 @@ class Trainer:
         if missing := sum(judged_question(r) is None for r in judged):
             raise ConfigError(f"judge.model={jc.model}: {missing} of the {len(judged)} validation records the judge "
                               "would see hold no extra_info.question (the judge is shown the question): import them "
-                              "again with `golong data import docmath`, which keeps it")
+                              "again with `golong data import`, which keeps it")
         if jc.api_key_env and not os.environ.get(jc.api_key_env):
             log.warning(f"judge.model={jc.model}: ${jc.api_key_env} is not set; requests to {jc.url} go without a "
                         "key (a local vLLM server takes that)")
@@ -646,18 +646,18 @@ class Trainer:
         validation it is a warning (the run goes on, that validation's scores the rule scores)."""
         from golong.rewards.judge import JudgeError
 
-        asked, yes, failed, raised = (sum(getattr(r, k) for r in reports if r is not None)
-                                      for k in ("asked", "yes", "failed", "raised"))
+        asked, yes, failed, raised, lowered = (sum(getattr(r, k) for r in reports if r is not None)
+                                               for k in ("asked", "yes", "failed", "raised", "lowered"))
         first = next((r.first_error for r in reports if r is not None and r.first_error), "")
         jc = self.cfg.judge
         if failed and failed == asked and self.eval_only:
-            raise JudgeError(f"{label}: the judge (judge.model={jc.model} at judge.url={jc.url}) answered none of "
-                             f"its {asked} requests; the first failure: {first}")
+            raise JudgeError(f"{label}: the judge (judge.model={jc.model} at judge.url={jc.url}) judged none of "
+                             f"its {asked} answers; the first failure: {first}")
         if failed:
-            log.warning(f"{label}: the judge failed on {failed} of {asked} requests, whose rule scores stand; the "
+            log.warning(f"{label}: the judge failed on {failed} of {asked} answers, whose rule scores stand; the "
                         f"first failure: {first}")
         return {"judge/asked": float(asked), "judge/yes": float(yes), "judge/failed": float(failed),
-                "judge/raised": float(raised)}
+                "judge/raised": float(raised), "judge/lowered": float(lowered)}
 
     def _rollout_metrics(self, rollouts: list[Rollout]) -> dict[str, float]:
         scores = torch.tensor([r.score for r in rollouts], dtype=torch.float64)

@@ -4,6 +4,8 @@
     golong data import mrcr mrcr/2needle/*.parquet mrcr/8needle/*.parquet --out data/mrcr.jsonl
     golong data import docmath $(find DocMath-Eval -name '*testmini*') --out data/docmath.jsonl
     golong data import frames frames/test.jsonl --out data/frames.jsonl
+    golong data import lbv1qa LongBench/data/{narrativeqa,qasper,hotpotqa,2wikimqa,musique}.jsonl --out lbv1qa.jsonl
+    golong data import corpusqa 128k_4domains.jsonl --out data/corpusqa.jsonl
     golong eval CONFIG data.val_files=[data/mrcr.jsonl] data.overflow=drop --by prompt_tokens
 
 LongBench-v2 (THUDM/LongBench-v2's data.json; its fields _id, domain, sub_domain, difficulty, length, question,
@@ -29,6 +31,18 @@ test.jsonl; fields Prompt (the question), Answer, wiki_items (the articles, {tit
 articles and the question, asking for "Therefore, the answer is X", scored by `frames` (the rule score of GoLongRL's
 Frames eval, cover exact match; with judge.model, the larger of it and a judge's verdict). Task "frames";
 reasoning_types and the question go to extra_info.
+
+LongBench v1 QA (THUDM/LongBench's data/<subset>.jsonl; GoLongRL's eval takes narrativeqa, qasper, hotpotqa,
+2wikimqa and musique; fields input (the question), context, answers, dataset): one user message with the context
+and the question, asking for "Therefore, the answer is X", scored by `lbv1qa` (LongBench's QA F1 of the extracted
+answer against the best reference; with judge.model, the judge's verdict alone, as GoLongRL's eval scores). Task
+"lbv1qa"; the row's dataset (else the subset its file names) goes to extra_info.subset: the card's figure is the mean
+of the per-subset means (`golong eval --by subset`).
+
+CorpusQA (the 128K / 1M files of GoLongRL's eval, e.g. 128k_4domains.jsonl; fields id, prompt (chat messages),
+question, answer): the conversation as it is, scored by `corpusqa` (exact match of the normalised extracted answer,
+a lower bound; with judge.model, the judge's verdict alone). Task "corpusqa"; the domain its id starts with
+(financial_zh, financial_en, education_en, real_estate_en) goes to extra_info.domain.
 
 A source row missing a field, or holding a bad value, raises RecordError naming the file and the line (JSON Lines),
 item (a JSON array, 0-based) or row (parquet, 0-based).
@@ -88,12 +102,23 @@ $DOC$
 Question: $Q$
 
 End your response with the sentence "Therefore, the answer is X", X being your final answer."""
+# golong's wording of a LongBench v1 QA prompt (the placeholders as DocMath's)
+LBV1QA_TEMPLATE = """Read the text below, then answer the question that follows it.
+
+<text>
+$DOC$
+</text>
+
+Question: $Q$
+
+End your response with the sentence "Therefore, the answer is X", X being your final answer."""
 # benchmark -> (its placeholders, those a template must hold, what each holds), for --template
 TEMPLATE_PLACEHOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "longbench-v2": (("DOC", "Q", *(f"C_{c}" for c in _LETTERS)), ("Q", *(f"C_{c}" for c in _LETTERS)),
                      "$DOC$ (the context), $Q$ (the question), $C_A$ ... $C_D$ (the choices)"),
     "docmath": (("DOC", "Q"), ("Q",), "$DOC$ (the document), $Q$ (the question)"),
     "frames": (("DOC", "Q"), ("Q",), "$DOC$ (the articles), $Q$ (the question)"),
+    "lbv1qa": (("DOC", "Q"), ("Q",), "$DOC$ (the context), $Q$ (the question)"),
 }
 
 
@@ -256,9 +281,61 @@ def frames_record(row: Any, where: str, index: int, template: str = FRAMES_TEMPL
     return Record.from_dict(d, where)
 
 
+LBV1QA_FIELDS = ("input", "context", "answers")
+
+
+def lbv1qa_record(row: Any, where: str, index: int, template: str = LBV1QA_TEMPLATE,
+                  subset: str | None = None) -> Record:
+    row = _check_fields(row, LBV1QA_FIELDS, "LongBench v1 QA", where)
+    answers = row["answers"]
+    if hasattr(answers, "tolist"):  # parquet via pandas: an array
+        answers = answers.tolist()
+    if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)):
+        raise RecordError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
+    values = {"DOC": _text(row, "context", where).strip(), "Q": _text(row, "input", where).strip()}
+    name = row.get("dataset") if isinstance(row.get("dataset"), str) and row["dataset"].strip() else subset
+    # the question alone too: a judge model (judge.model) is shown it, not the context
+    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {answers[0].strip()}.",
+                             "question": values["Q"], **({"subset": name} if name else {}),
+                             **{k: row[k] for k in ("_id", "language") if isinstance(row.get(k), str)}}
+    d = {"data_source": "lbv1qa", "prompt": [{"role": "user", "content": _fill(template, values)}],
+         "ability": "lbv1qa", "reward_model": {"style": "rule", "ground_truth": {"doc_ids": answers}},
+         "extra_info": extra}
+    return Record.from_dict(d, where)
+
+
+CORPUSQA_FIELDS = ("id", "prompt", "question", "answer")
+CORPUSQA_DOMAINS = ("financial_zh", "financial_en", "education_en", "real_estate_en")
+
+
+def corpusqa_record(row: Any, where: str, index: int) -> Record:
+    row = _check_fields(row, CORPUSQA_FIELDS, "CorpusQA", where)
+    messages = row["prompt"]
+    if hasattr(messages, "tolist"):
+        messages = messages.tolist()
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+            and messages[-1].get("role") == "user"):
+        raise RecordError(f"{where}: field 'prompt' must be a list of chat messages ending in the user's request")
+    answer = row["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number-only answer read as one
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise RecordError(f"{where}: field 'answer' must be a non-empty string, got {answer!r}")
+    qid = str(row["id"])
+    domain = next((d for d in CORPUSQA_DOMAINS if qid.startswith(d)), None)
+    extra: dict[str, Any] = {"index": index, "id": qid, "answer": f"The answer is {answer.strip()}",
+                             "question": _text(row, "question", where).strip(),
+                             **({"domain": domain} if domain else {})}
+    d = {"data_source": "corpusqa", "prompt": [{"role": m.get("role"), "content": m.get("content")} for m in messages],
+         "ability": "corpusqa", "reward_model": {"style": "rule", "ground_truth": {"golden_label": answer.strip()}},
+         "extra_info": extra}
+    return Record.from_dict(d, where)  # the messages' roles and contents checked as any record's
+
+
 # benchmark name -> its row converter, (row, where, index[, template][, subset]) -> Record
 BENCHMARKS: dict[str, Callable[..., Record]] = {"longbench-v2": longbench_v2_record, "mrcr": mrcr_record,
-                                                "docmath": docmath_record, "frames": frames_record}
+                                                "docmath": docmath_record, "frames": frames_record,
+                                                "lbv1qa": lbv1qa_record, "corpusqa": corpusqa_record}
 
 
 def source_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -302,6 +379,8 @@ def import_benchmark(name: str, sources: list[str | Path], out: str | Path, *, l
         before = len(records)
         if name == "docmath":
             kwargs["subset"] = docmath_subset(src)
+        elif name == "lbv1qa":
+            kwargs["subset"] = Path(src).stem
         for where, row in source_rows(src):
             if limit is not None and len(records) >= limit:
                 break

@@ -3,7 +3,7 @@
     from golong.rewards import compute_score, metric_for, score_batch, score_record
     compute_score(metric_for("T2.1 Global Timeline Reconstruction"), response, gold_items)
 
-Modules: answer (answer region + item normalisation), metrics (the sixteen metrics), tasks (task and
+Modules: answer (answer region + item normalisation), metrics (the eighteen metrics), tasks (task and
 data-source routing), pool (timed scoring subprocesses), scoring (the public entry points), function (a
 reward function of the user's own, verl's signature; default_compute_score is golong's under it).
 """

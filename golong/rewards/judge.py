@@ -3,11 +3,11 @@
     JUDGE_API_KEY=... golong eval CONFIG judge.model=deepseek-chat judge.url=https://api.deepseek.com/v1
 
 GoLongRL's DocMath and Frames evals (evalscope's docmath and frames, run by its Eval/QwenLong-Benchmarks) score a
-response by the larger of its rule score and a judge model's verdict: the judge is shown the question, the reference
-answer and the answer extracted from the response (never the document), and asked whether the two answers are the
-same. golong does the same for the metrics in JUDGED through any OpenAI-compatible chat endpoint (vLLM's server,
-DeepSeek's API, OpenAI's); the wording of the request is golong's own, so a judge's verdicts can differ a little
-from the card's.
+response by the larger of its rule score and a judge model's verdict, its LongBench v1 QA and CorpusQA evals by the
+verdict alone: the judge is shown the question, a reference answer and the answer extracted from the response (never
+the document), and asked whether the two answers are the same. golong does the same for the metrics in JUDGED
+through any OpenAI-compatible chat endpoint (vLLM's server, DeepSeek's API, OpenAI's); the wording of the request is
+golong's own, so a judge's verdicts can differ a little from the card's.
 
 The judge's reply is only searched for its verdict, `[[YES]]` or `[[NO]]` (the last one counts); nothing of it or
 of the response is executed. A request that fails (an error, `judge.timeout_s` passed, no verdict in the reply) is
@@ -23,11 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from golong.rewards.metrics import docmath_answer, frames_answer
+from golong.rewards.metrics import corpusqa_answer, docmath_answer, frames_answer, lbv1qa_answer
 
-# metric -> the answer shown to the judge, taken from the text the metric reads (scoring.SCOPES), as GoLongRL's eval
-# of that benchmark takes it
-JUDGED: dict[str, Callable[[str], str]] = {"docmath": docmath_answer, "frames": frames_answer}
+
+@dataclass(frozen=True)
+class Judged:
+    """How a benchmark's eval in GoLongRL uses its judge: the answer shown to it, taken from the text the metric
+    reads (scoring.SCOPES) as that eval takes it; whether the verdict replaces the rule score (the eval reports the
+    judge alone) or the larger of the two counts."""
+    answer: Callable[[str], str]
+    replaces: bool = False
+
+
+JUDGED: dict[str, Judged] = {"docmath": Judged(docmath_answer), "frames": Judged(frames_answer),
+                             "lbv1qa": Judged(lbv1qa_answer, replaces=True),
+                             "corpusqa": Judged(corpusqa_answer, replaces=True)}
 
 SYSTEM_PROMPT = """You compare two answers to the same problem and decide whether they are the same answer.
 Do not solve the problem. Judge only whether Answer 1 and Answer 2 state the same value or meaning, allowing for \
@@ -95,12 +105,14 @@ class Judge:
 
 @dataclass
 class JudgeReport:
-    """What a batch's judging did: requests made, [[YES]] verdicts, failed requests, the scores a verdict raised
-    (rule score below 1, judged the same answer), the first failure."""
+    """What a batch's judging did: answers judged, those judged the reference's ([[YES]] to any of its references),
+    those whose verdict failed (their rule scores stand), the scores a verdict raised and lowered, the first
+    failure."""
     asked: int = 0
     yes: int = 0
     failed: int = 0
     raised: int = 0
+    lowered: int = 0
     first_error: str = ""
 
 
@@ -114,32 +126,42 @@ def judged_question(record: Any) -> str | None:
 
 def judge_records(judge: Judge, records: Sequence[Any], responses: Sequence[str], scores: Sequence[float], *,
                   require_think: bool = True) -> tuple[list[float], list[str | None], JudgeReport]:
-    """The responses' rule `scores`, each raised to 1 where the judge says the answer it reads (JUDGED) is the
-    record's reference answer: records whose metric is in JUDGED and which hold a question (judged_question), where
-    the response passes the format gate. Returns the scores (max(rule score, verdict)), each response's verdict
-    ("yes", "no", "failed"; None: not judged) and the report."""
+    """The responses' rule `scores` with the judge's verdicts applied (JUDGED): for records whose metric is judged
+    and which hold a question (judged_question), where the response passes the format gate, the judge is asked
+    whether the answer is each of the record's references; a [[YES]] to any is a verdict of 1, else 0, which the
+    score becomes (a judged-only benchmark) or raises it to (max(rule score, verdict)). Returns the scores, each
+    response's verdict ("yes", "no", "failed": a request failed and none said yes, the rule score stands; None: not
+    judged) and the report."""
     from golong.rewards.scoring import metric_text, record_target
 
-    asked, questions = [], []
+    owners, questions = [], []  # a request per (response, reference)
     for i, (record, response) in enumerate(zip(records, responses, strict=True)):
         metric, gold = record_target(record)
         if metric not in JUDGED or (question := judged_question(record)) is None:
             continue
         if (region := metric_text(metric, response, require_think=require_think)) is None:
             continue
-        asked.append(i)
-        reference = str(gold[0]) if isinstance(gold, list) and gold else str(gold)
-        questions.append(Question(question=question, reference=reference, answer=JUDGED[metric](region)))
-    out, verdicts, report = list(scores), [None] * len(records), JudgeReport(asked=len(asked))
-    for i, (v, problem) in zip(asked, judge.ask_all(questions)):
-        if v is None:
+        answer = JUDGED[metric].answer(region)
+        for reference in gold if isinstance(gold, list) else [gold]:
+            owners.append(i)
+            questions.append(Question(question=question, reference=str(reference), answer=answer))
+    answers: dict[int, list[tuple[bool | None, str]]] = {}
+    for i, reply in zip(owners, judge.ask_all(questions)):
+        answers.setdefault(i, []).append(reply)
+    out, verdicts, report = list(scores), [None] * len(records), JudgeReport(asked=len(answers))
+    for i, replies in answers.items():
+        problems = [problem for v, problem in replies if v is None]
+        if not any(v for v, _ in replies) and problems:
             verdicts[i] = "failed"
             report.failed += 1
-            report.first_error = report.first_error or problem
+            report.first_error = report.first_error or problems[0]
             continue
-        verdicts[i] = "yes" if v else "no"
-        if v:
-            report.yes += 1
-            report.raised += out[i] < 1.0
-            out[i] = 1.0
+        yes = any(v for v, _ in replies)
+        verdicts[i] = "yes" if yes else "no"
+        report.yes += yes
+        replaces = JUDGED[record_target(records[i])[0]].replaces
+        new = float(yes) if replaces else max(out[i], float(yes))
+        report.raised += new > out[i]
+        report.lowered += new < out[i]
+        out[i] = new
     return out, verdicts, report

@@ -1,13 +1,13 @@
-"""The sixteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
+"""The eighteen reward metrics. Each maps (region, ground truth) -> float in [0, 1].
 
 `region` is the part of the response the metric reads, cut by scoring.SCOPES (the text after </think>, the
-LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold
-strings (gold items in order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for
-`model_verify` {"answer", "golden_label"} and for `mrcr` {"answer", "prefix"}; for `docmath` the reference number
-as text, for `frames` the reference answer. These functions may raise on garbage; `score_region` is the safe entry
-point that turns any exception into 0.0. Nothing here evaluates model output as code: JSON is read with `json.loads`,
-maths with math-verify's parser, DocMath's arithmetic from a syntax tree (numbers and operators, no
-names or calls of the response's own).
+LongBench-Pro answer area, or the whole response); `gold` is a string or a list of gold strings (gold items in
+order), or for `retrieval_calculate` the record's {"doc_ids", "golden_label"} and for `model_verify` {"answer",
+"golden_label"} and for `mrcr` {"answer", "prefix"}; for `docmath` the reference number as text, for `frames` and
+`corpusqa` the reference answer, for `lbv1qa` the list of reference answers. These functions may raise on garbage;
+`score_region` is the safe entry point that turns any exception into 0.0. Nothing here evaluates model output as
+code: JSON is read with `json.loads`, maths with math-verify's parser, DocMath's arithmetic from a syntax tree
+(numbers and operators, no names or calls of the response's own).
 
 All metrics except `math_verify` (and `retrieval_calculate` / `model_verify`, which call it), `mrcr` and `docmath`
 (its unit patterns backtrack on long runs of digits) run in time linear (or near-linear) in the response length:
@@ -757,6 +757,73 @@ def frames_answer(region: str) -> str:
     return text.rsplit("the answer is", 1)[-1].strip().strip(".").strip() if "the answer is" in text else ""
 
 
+# ---------------------------------------------------------------- LongBench v1 QA and CorpusQA (judge-scored columns)
+
+# GoLongRL's LongBench v1 QA scorer (its lbv1qa_eval.py): the last line holding "Therefore, the answer is", any case
+_LBV1_ANSWER = re.compile(r"[Tt]herefore,?\s*the answer is:?\s*(.+)", re.IGNORECASE)
+
+
+def _lbv1_clean(text: str) -> str:
+    text = text.strip().strip('"').strip("'").rstrip(".")
+    return text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text
+
+
+def lbv1qa_answer(region: str) -> str:
+    """The answer GoLongRL's LongBench v1 QA eval takes from `region` (the text after </think>): what follows
+    "Therefore, the answer is" on the last line holding it, else the last non-empty line, without surrounding
+    quotes, a final period or enclosing parentheses."""
+    found = None
+    for line in region.splitlines():
+        found = _LBV1_ANSWER.search(line) or found
+    if found is not None:
+        return _lbv1_clean(found.group(1))
+    rows = [line.strip() for line in region.splitlines() if line.strip()]
+    return _lbv1_clean(rows[-1]) if rows else region.strip()
+
+
+def _lbv1_tokens(text: str) -> list[str]:
+    """The eval's F1 tokens: text with a CJK ideograph -> its NFKC, lower-cased characters (its punctuation filter
+    compares one-letter categories with two-letter ones and so keeps every character); else lower-cased words
+    without ASCII punctuation and articles."""
+    if any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        return list(unicodedata.normalize("NFKC", text).lower())
+    return _FRAMES_ARTICLES.sub(" ", text.lower().translate(_FRAMES_PUNCT)).split()
+
+
+def _lbv1_f1(pred: str, gold: str) -> float:
+    p, g = _lbv1_tokens(pred), _lbv1_tokens(gold)
+    if not p or not g:
+        return float(p == g)
+    same = sum((Counter(p) & Counter(g)).values())
+    return 0.0 if same == 0 else 2 * same / (len(p) + len(g))
+
+
+def lbv1qa(region: str, gold: Gold) -> float:
+    """LongBench's QA F1 of the extracted answer (lbv1qa_answer) against the best of the reference answers: the
+    rule score golong reports without a judge. GoLongRL's eval reports the judge's verdict alone (judge.model: it
+    replaces this score)."""
+    answer = lbv1qa_answer(region)
+    return max((_lbv1_f1(answer, g) for g in _gold_strings(gold)), default=0.0)
+
+
+_CORPUSQA_ANSWER = re.compile(r"[Tt]he answer is:?\s*(.*)")
+
+
+def corpusqa_answer(region: str) -> str:
+    """The answer GoLongRL's CorpusQA scorer (its corpusqa_eval.py) takes from `region`: the rest of the line after its
+    first "the answer is" (a capital T too), else all of it; stripped."""
+    m = _CORPUSQA_ANSWER.search(region)
+    return m.group(1).strip() if m else region.strip()
+
+
+def corpusqa(region: str, gold: Gold) -> float:
+    """1 when the extracted answer (corpusqa_answer) equals the reference once both are normalised as Frames' are:
+    the rule score golong reports without a judge, a lower bound. GoLongRL's eval reports the judge's verdict alone
+    (judge.model: it replaces this score)."""
+    target = frames_normalize(_gold_strings(gold)[0])
+    return float(bool(target) and frames_normalize(corpusqa_answer(region)) == target)
+
+
 METRICS: dict[str, Callable[[str, Gold], float]] = {
     "em": em,
     "accuracy": accuracy,
@@ -774,6 +841,8 @@ METRICS: dict[str, Callable[[str, Gold], float]] = {
     "mrcr": mrcr,
     "docmath": docmath,
     "frames": frames,
+    "lbv1qa": lbv1qa,
+    "corpusqa": corpusqa,
 }
 
 

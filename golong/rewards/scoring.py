@@ -30,8 +30,8 @@ SANDBOXED = frozenset({"math_verify", "rouge_l", "retrieval_calculate", "model_v
 # The text each metric reads, as GoLongRL's reward code hands it over:
 #   "after_think": the text after </think>, whole (GoLongRL's EM, selection, retrieval_calculate and
 #                  judge-source math_verify rewards split on it and cut no [Answer] marker; MRCR grades the
-#                  reply of a model without a think block; GoLongRL's DocMath and Frames evals remove what
-#                  precedes it);
+#                  reply of a model without a think block; GoLongRL's DocMath, Frames, LongBench v1 QA and
+#                  CorpusQA evals remove what precedes it);
 #   "marked": the LongBench-Pro answer area of the WHOLE response, think block included: after the last
 #             [Answer] (else [答案]) wherever it is; with no marker, every line of the response counts;
 #   "whole": the whole response, think block included (GoLongRL's multitableqa reads its first <answer>,
@@ -45,6 +45,8 @@ SCOPES: dict[str, str] = {
     "mrcr": "after_think",
     "docmath": "after_think",
     "frames": "after_think",
+    "lbv1qa": "after_think",
+    "corpusqa": "after_think",
     "accuracy": "marked",
     "f1": "marked",
     "subem": "marked",

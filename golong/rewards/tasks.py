@@ -54,7 +54,7 @@ LONGBENCH_PRO: dict[str, str] = {
 }
 
 METRIC_NAMES = ("em", "accuracy", "choice", "f1", "math_verify", "iou", "subem", "ndcg", "pairwise", "rouge_l",
-                "retrieval_calculate", "model_verify", "mrcr", "docmath", "minerva", "frames")
+                "retrieval_calculate", "model_verify", "mrcr", "docmath", "minerva", "frames", "lbv1qa", "corpusqa")
 
 # The data sources GoLongRL's reward code dispatches on by name: they decide the metric whatever
 # reward_mode / ability say (a retrieval_calculate record may carry reward_mode "math_verify").
@@ -78,9 +78,13 @@ BENCHMARK_SOURCES: dict[str, str] = {
     "openai_mrcr": "mrcr",
     "docmath": "docmath",
     "frames": "frames",
+    "lbv1qa": "lbv1qa",
+    "corpusqa": "corpusqa",
 }
-# the data sources a routing error lists by name (multitableqa_pretraining is one of multitableqa*)
-_NAMED_SOURCES = [d for d in [*DATA_SOURCES, *BENCHMARK_SOURCES] if d != "multitableqa_pretraining"]
+# the data sources a routing error lists by name: not multitableqa_pretraining (one of multitableqa*), nor a
+# benchmark source named as its metric (listed with the metric names)
+_NAMED_SOURCES = [d for d in DATA_SOURCES if d != "multitableqa_pretraining"] + \
+    [d for d in BENCHMARK_SOURCES if d not in METRIC_NAMES]
 # Data sources whose name contains one of these were scored by a judge model in GoLongRL; its reward code
 # scores their reward_mode "math_verify" records without one (model_verify: an exact answer, else math-verify
 # after </think>) and needs the judge for every other mode.

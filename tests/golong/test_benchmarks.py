@@ -91,7 +91,8 @@ def test_longbench_v2_template_takes_longbench_placeholders_in_one_pass(tmp_path
     (bare,) = import_benchmark("longbench-v2", [src], tmp_path / "out.jsonl", template=template.split("</text> ")[1])
     assert bare.prompt[0]["content"].startswith(f"Q: {row['question']} [clause 1.1|") and "Contract" not in \
         bare.prompt[0]["content"]
-    with pytest.raises(ValueError, match="--template applies to longbench-v2, docmath and frames only, not mrcr"):
+    with pytest.raises(ValueError, match="--template applies to longbench-v2, docmath, frames and lbv1qa only, not "
+                                         "mrcr"):
         import_benchmark("mrcr", [src], tmp_path / "out.jsonl", template=template)
 
 
@@ -230,6 +231,62 @@ def test_frames_rows_become_records_scored_by_cover_exact_match(tmp_path):
             import_benchmark("frames", [src], tmp_path / "t.jsonl")
 
 
+def _lbv1_row(i: int, answers: list, dataset: str | None = "hotpotqa") -> dict:
+    row = {"input": f"Which team did player {i} join?", "context": f"Passage {i}: player {i} joined the Hawks.",
+           "answers": answers, "length": 9, "language": "en", "all_classes": None, "_id": f"id{i}"}
+    return row if dataset is None else {**row, "dataset": dataset}
+
+
+def _corpusqa_row(i: int, answer, domain: str = "financial_en") -> dict:
+    return {"id": f"{domain}_{i}", "question": f"What was the total revenue {i}?", "answer": answer,
+            "prompt": [{"role": "system", "content": "Read the corpus."},
+                       {"role": "user", "content": f"CORPUS ... What was the total revenue {i}?"}]}
+
+
+def test_lbv1qa_and_corpusqa_rows_become_records(tmp_path):
+    """LongBench v1 QA rows: the context and the question in one user message, every reference answer a gold item
+    (lbv1qa: QA F1 against the best), the subset from the row's dataset, else the file's name. CorpusQA rows: the
+    conversation as it is, the domain from the id. Both keep the question for a judge; bad rows named."""
+    from golong.data.benchmarks import LBV1QA_TEMPLATE
+
+    (tmp_path / "hotpotqa.jsonl").write_text(json.dumps(_lbv1_row(0, ["Hawks", "Atlanta Hawks"])) + "\n")
+    (tmp_path / "musique.jsonl").write_text(json.dumps(_lbv1_row(1, ["the Bulls"], dataset=None)) + "\n")
+    recs = import_benchmark("lbv1qa", [tmp_path / "hotpotqa.jsonl", tmp_path / "musique.jsonl"], tmp_path / "l.jsonl")
+    assert load_records(tmp_path / "l.jsonl") == recs
+    assert [(r.task, r.metric, r.ground_truth.doc_ids, r.extra_info["subset"]) for r in recs] == [
+        ("lbv1qa", "lbv1qa", ["Hawks", "Atlanta Hawks"], "hotpotqa"), ("lbv1qa", "lbv1qa", ["the Bulls"], "musique")]
+    content = recs[0].prompt[0]["content"]
+    assert content.startswith(LBV1QA_TEMPLATE.split("$DOC$")[0] + "Passage 0: player 0 joined the Hawks.")
+    assert recs[0].extra_info["question"] == "Which team did player 0 join?" in content
+    for rec in recs:
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
+    assert score_record(recs[0], R("Therefore, the answer is the Atlanta Hawks."), timeout=None) == 1.0
+    assert score_record(recs[0], R("Therefore, the answer is Atlanta"), timeout=None) == pytest.approx(2 / 3)
+    src = tmp_path / "bad.jsonl"
+    for row, why in ((_lbv1_row(0, []), "field 'answers' must be a non-empty list of non-empty strings"),
+                     (_lbv1_row(0, ["x", " "]), "field 'answers' must be"),
+                     ({k: v for k, v in _lbv1_row(0, ["x"]).items() if k != "context"}, r"missing field\(s\) context")):
+        src.write_text(json.dumps(row) + "\n")
+        with pytest.raises(RecordError, match=rf"^{src}: line 1: {why}"):
+            import_benchmark("lbv1qa", [src], tmp_path / "t.jsonl")
+
+    rows = [_corpusqa_row(0, "1200"), _corpusqa_row(1, 7.5, domain="education_en"), _corpusqa_row(2, "x", "misc")]
+    (tmp_path / "128k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = import_benchmark("corpusqa", [tmp_path / "128k.jsonl"], tmp_path / "c.jsonl")
+    assert [(r.task, r.metric, r.ground_truth.golden_label, r.extra_info.get("domain")) for r in recs] == [
+        ("corpusqa", "corpusqa", "1200", "financial_en"), ("corpusqa", "corpusqa", "7.5", "education_en"),
+        ("corpusqa", "corpusqa", "x", None)]
+    assert recs[0].prompt == rows[0]["prompt"] and recs[0].extra_info["question"] == rows[0]["question"]
+    for rec in recs:
+        assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
+    for row, why in ((dict(rows[0], answer=" "), "field 'answer' must be a non-empty string, got ' '"),
+                     (dict(rows[0], prompt=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+                      "field 'prompt' must be a list of chat messages ending in the user's request")):
+        src.write_text(json.dumps(rows[1]) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(RecordError, match=rf"^{src}: line 2: {why}"):
+            import_benchmark("corpusqa", [src], tmp_path / "t.jsonl")
+
+
 def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_path):
     """A missing field, a bad letter or an unreadable prompt is named by the file and its line / item / row; the
     output is written only once every row converted: an existing file is left as it was."""
@@ -257,7 +314,8 @@ def test_a_bad_benchmark_row_is_named_by_file_and_line_and_leaves_no_output(tmp_
         import_benchmark("mrcr", [pqf], out)
     assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == \
            ["lb.json", "lb.jsonl", "m.parquet", "out.jsonl"]  # no temporary file left either
-    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr, docmath, frames"):
+    with pytest.raises(ValueError, match="unknown benchmark 'longbench'; known: longbench-v2, mrcr, docmath, frames, "
+                                         "lbv1qa, corpusqa"):
         import_benchmark("longbench", [src], out)
     # an MRCR row no reply could score 1 on, or whose conversation asks nothing
     pq.write_table(pa.Table.from_pylist([dict(_mrcr_row(0, 2), answer="the poem without its prefix")]), pqf)

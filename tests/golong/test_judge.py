@@ -132,7 +132,7 @@ def test_the_judge_sees_question_reference_and_extracted_answer_and_raises_score
     scores, verdicts, report = judge_records(judge, records, responses, rule)
     assert scores == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert verdicts == ["yes", "no", "yes", None, None]
-    assert (report.asked, report.yes, report.failed, report.raised) == (3, 2, 0, 1)
+    assert (report.asked, report.yes, report.failed, report.raised, report.lowered) == (3, 2, 0, 1, 0)
     sent = sorted((r["ref"], r["answer"]) for r in server.requests)
     # asterisks and parentheses out, the first "the answer is N" without its commas and final period
     assert sent == [("42", "42"), ("42", "42.00"), ("7", "It is 8.")]
@@ -168,6 +168,42 @@ def test_frames_answers_are_judged_as_evalscopes_frames_takes_them(fake_judge):
     # no "the answer is" (the second), or not in that case (the third): an empty answer, as evalscope sends
     assert sorted(r["answer"] for r in server.requests) == ["", "", "Marie Curie"]
     assert all(r["ref"] == "Maria Skłodowska-Curie" for r in server.requests)
+
+
+def test_judge_only_benchmarks_take_the_verdict_over_each_reference(fake_judge):
+    """LongBench v1 QA and CorpusQA: GoLongRL reports the judge alone, so the verdict replaces the rule score (QA
+    F1 / exact match), up or down; a LongBench answer is asked against each reference and a [[YES]] to any counts;
+    a failed request with no [[YES]] leaves the rule score."""
+    from golong.rewards import score_records
+
+    def script(ref, answer, attempt):
+        return 500 if ref == "Boom" else "[[YES]]" if (ref, answer) in {("Atlanta Hawks", "ATL"), ("7", "seven")} \
+            else "[[NO]]"
+
+    server = fake_judge(script)
+    lb = Record.from_dict({"data_source": "lbv1qa", "ability": "lbv1qa",
+                           "prompt": [{"role": "user", "content": "CONTEXT ... Which team?"}],
+                           "reward_model": {"ground_truth": {"doc_ids": ["Hawks", "Atlanta Hawks"]}},
+                           "extra_info": {"question": "Which team did he join?"}})
+    boom = Record.from_dict({**lb.to_dict(), "reward_model": {"ground_truth": {"doc_ids": ["Hawks", "Boom"]}}})
+    cq = Record.from_dict({"data_source": "corpusqa", "ability": "corpusqa",
+                           "prompt": [{"role": "user", "content": "CORPUS ... How many?"}],
+                           "reward_model": {"ground_truth": {"golden_label": "7"}},
+                           "extra_info": {"question": "How many funds?"}})
+    records = [lb, lb, cq, cq, boom]
+    responses = ["<think>t</think>Therefore, the answer is ATL.", "<think>t</think>Therefore, the answer is Hawks fan",
+                 "<think>t</think>The answer is seven", "<think>t</think>The answer is 7", "<think>t</think>Therefore, "
+                 "the answer is Hawks"]
+    rule = score_records(records, responses)
+    assert rule == [0.0, pytest.approx(2 / 3), 0.0, 1.0, 1.0]
+    scores, verdicts, report = judge_records(Judge(judge_cfg(server.url, retries=0)), records, responses, rule)
+    assert verdicts == ["yes", "no", "yes", "no", "failed"]
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0]  # the verdict, both ways; a failed one keeps its rule score
+    assert (report.asked, report.yes, report.failed, report.raised, report.lowered) == (5, 2, 1, 2, 2)
+    asked = sorted((r["ref"], r["answer"]) for r in server.requests)
+    assert asked == sorted([("Hawks", "ATL"), ("Atlanta Hawks", "ATL"), ("Hawks", "Hawks fan"),
+                            ("Atlanta Hawks", "Hawks fan"), ("7", "seven"), ("7", "7"), ("Hawks", "Hawks"),
+                            ("Boom", "Hawks")])
 
 
 def test_failed_requests_are_retried_then_leave_the_rule_score(fake_judge):
@@ -224,7 +260,7 @@ def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):
 
     result = run()
     assert result["judge"] == {"model": "fake-judge", "url": server.url, "asked": 8, "yes": 4, "failed": 0,
-                               "raised": 4}
+                               "raised": 4, "lowered": 0}
     assert result["tasks"]["docmath"]["reward_mean"] == pytest.approx(0.5)
     rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["judge"], r["score"]) for r in rows] == [
@@ -235,8 +271,8 @@ def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):
     assert run("judge.model=''")["judge"] is None
     # a judge that fails every request: one error naming it (the eval does not pass rule scores off as judged)
     broken = fake_judge(lambda ref, answer, attempt: 503)
-    with pytest.raises(JudgeError, match=rf"judge.model=fake-judge at judge.url={broken.url}\) answered none of its "
-                                         r"8 requests; the first failure: InternalServerError"):
+    with pytest.raises(JudgeError, match=rf"judge.model=fake-judge at judge.url={broken.url}\) judged none of its "
+                                         r"8 answers; the first failure: InternalServerError"):
         run(f"judge.url={broken.url}")
     # records imported before golong kept the question: refused before any model is built
     val.write_text(json.dumps(docmath_record("42", question=None).to_dict()) + "\n")
@@ -263,12 +299,14 @@ def test_a_judge_failing_in_a_training_runs_validation_is_a_warning(caplog):
         counts = Trainer._judge_counts(fake, reports, "validation at step 4")
     finally:
         logger.removeHandler(caplog.handler)
-    assert counts == {"judge/asked": 5.0, "judge/yes": 0.0, "judge/failed": 5.0, "judge/raised": 0.0}
-    assert "validation at step 4: the judge failed on 5 of 5 requests, whose rule scores stand; the first failure: " \
+    assert counts == {"judge/asked": 5.0, "judge/yes": 0.0, "judge/failed": 5.0, "judge/raised": 0.0,
+                      "judge/lowered": 0.0}
+    assert "validation at step 4: the judge failed on 5 of 5 answers, whose rule scores stand; the first failure: " \
            "APIConnectionError: refused" in caplog.text
     fake.eval_only = True
-    with pytest.raises(JudgeError, match="answered none of its 5 requests"):
+    with pytest.raises(JudgeError, match="judged none of its 5 answers"):
         Trainer._judge_counts(fake, reports, "validation")
-    ok = [JudgeReport(asked=4, yes=3, raised=1), JudgeReport(asked=1, yes=1, failed=0)]
+    ok = [JudgeReport(asked=4, yes=3, raised=1), JudgeReport(asked=1, yes=1, failed=0, lowered=1)]
     assert Trainer._judge_counts(fake, ok, "validation") == {"judge/asked": 5.0, "judge/yes": 4.0,
-                                                             "judge/failed": 0.0, "judge/raised": 1.0}
+                                                             "judge/failed": 0.0, "judge/raised": 1.0,
+                                                             "judge/lowered": 1.0}

@@ -144,6 +144,31 @@ def test_frames_scores_as_golongrls_frames_eval():
     assert frames_answer("The answer is 4") == ""  # evalscope's test is case-sensitive: no answer for the judge
 
 
+def test_lbv1qa_and_corpusqa_read_answers_as_golongrls_evals():
+    """LongBench v1 QA (lbv1qa_eval.py): the answer after "Therefore, the answer is" on the last line holding it
+    (any case), else the last non-empty line, cleaned of quotes, a final period and enclosing parentheses; scored by
+    LongBench's QA F1 against the best reference. CorpusQA (corpusqa_eval.py): the rest of the line after the first
+    "the answer is"; exact match of the normalised answer. (A local differential run against both scripts, 2 x
+    30,000 generated cases, gave 0 mismatches in extraction and F1.)"""
+    from golong.rewards.metrics import corpusqa_answer, lbv1qa_answer
+
+    assert lbv1qa_answer("Therefore, the answer is (Paris).\nTHEREFORE the answer is: 'Lyon'") == "Lyon"
+    assert lbv1qa_answer("I think.\n\n  \"Marseille\"  \n") == "Marseille"  # the last non-empty line
+    assert lbv1qa_answer("Therefore the answer is \"Nice\".") == "Nice\""  # as the eval: quotes off, then the period
+    assert score("lbv1qa", "Therefore, the answer is the Eiffel Tower.", ["Eiffel Tower"]) == 1.0
+    # F1: 2 of 3 predicted words in a 2-word reference -> P 2/3, R 1, F1 0.8; the best reference counts
+    assert score("lbv1qa", "Therefore, the answer is Eiffel Tower Paris", ["Eiffel Tower"]) == pytest.approx(0.8)
+    assert score("lbv1qa", "Therefore, the answer is Paris", ["Lyon", "in Paris"]) == pytest.approx(2 / 3)
+    assert score("lbv1qa", "Therefore, the answer is the", ["a"]) == 1.0  # both empty after articles: equal
+    # text with a CJK ideograph: characters, punctuation kept (8 and 2)
+    assert score("lbv1qa", "因此，答案是北京", ["北京"]) == pytest.approx(2 * 2 / (8 + 2))
+    assert corpusqa_answer("So the answer is: 42 million\nThe answer is 7") == "42 million"
+    assert corpusqa_answer("  no marker  ") == "no marker"
+    assert score("corpusqa", "The answer is: $1,200.", "1200") == 1.0
+    assert score("corpusqa", "The answer is 1,200 dollars", "1200") == 0.0  # exact, not contained
+    assert compute_score("corpusqa", "<think>The answer is 5</think>6", "5", timeout=None) == 0.0
+
+
 def test_docmath_scores_as_golongrls_docmath_eval(tmp_path):
     """GoLongRL's DocMath eval (evalscope's docmath rule score): the number of the first "the answer is N" after
     </think> (asterisks and parentheses ignored, currency and scale words dropped), else the whole answer read as a
@@ -917,9 +942,10 @@ def test_batch_8192_responses_in_seconds():
 
 def test_metric_for_capabilities_and_longbench_pro():
     # accuracy: LongBench-Pro QA subtasks; retrieval_calculate / model_verify / minerva: data sources' own rewards;
-    # mrcr, docmath, frames: the MRCR, DocMath and Frames benchmarks' grades (golong data import)
+    # mrcr, docmath, frames, lbv1qa, corpusqa: the model card's benchmarks' grades (golong data import)
     assert set(CAPABILITIES.values()) == set(METRIC_NAMES) - {"accuracy", "retrieval_calculate", "model_verify",
-                                                              "mrcr", "docmath", "minerva", "frames"}
+                                                              "mrcr", "docmath", "minerva", "frames", "lbv1qa",
+                                                              "corpusqa"}
     assert CAPABILITIES == {  # DESIGN.md: each capability type with its natural metric
         "precise_retrieval": "em", "comprehension": "choice", "exhaustive_retrieval": "f1",
         "numerical_reasoning": "math_verify", "structured_extraction": "iou", "structured_matching": "subem",
