@@ -136,6 +136,16 @@ def _text(row: dict[str, Any], key: str, where: str, *, empty_ok: bool = False) 
     return value
 
 
+def _answer_text(row: dict[str, Any], key: str, where: str) -> str:
+    """A reference answer: non-empty text, or a number (a column of number-only answers is read as numbers)."""
+    answer = row[key]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise RecordError(f"{where}: field {key!r} must be a non-empty string, got {answer!r}")
+    return answer
+
+
 def _check_fields(row: Any, fields: tuple[str, ...], benchmark: str, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -264,11 +274,7 @@ def frames_record(row: Any, where: str, index: int, template: str = FRAMES_TEMPL
     if not (isinstance(items, list) and items and all(isinstance(x, dict) and isinstance(x.get("title"), str)
                                                       and isinstance(x.get("text"), str) for x in items)):
         raise RecordError(f"{where}: field 'wiki_items' must be a non-empty list of {{title, text}} articles")
-    answer = row["Answer"]
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number-only column read as numbers
-        answer = str(answer)
-    if not isinstance(answer, str) or not answer.strip():
-        raise RecordError(f"{where}: field 'Answer' must be a non-empty string, got {answer!r}")
+    answer = _answer_text(row, "Answer", where)
     # the articles as evalscope's frames joins them: each title on its own line before its text
     values = {"DOC": "\n".join(f"{x['title']}\n{x['text']}" for x in items), "Q": _text(row, "Prompt", where).strip()}
     # the question alone too: a judge model (judge.model) is shown it, not the articles
@@ -316,11 +322,7 @@ def corpusqa_record(row: Any, where: str, index: int) -> Record:
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
             and messages[-1].get("role") == "user"):
         raise RecordError(f"{where}: field 'prompt' must be a list of chat messages ending in the user's request")
-    answer = row["answer"]
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):  # a number-only answer read as one
-        answer = str(answer)
-    if not isinstance(answer, str) or not answer.strip():
-        raise RecordError(f"{where}: field 'answer' must be a non-empty string, got {answer!r}")
+    answer = _answer_text(row, "answer", where)
     qid = str(row["id"])
     domain = next((d for d in CORPUSQA_DOMAINS if qid.startswith(d)), None)
     extra: dict[str, Any] = {"index": index, "id": qid, "answer": f"The answer is {answer.strip()}",
