@@ -28,8 +28,15 @@ _CONTENT = ("prompt_sha1", "prompt_tokens", "truncated")
 # a prompt's two means closer than this are equal: means of other response counts round differently (0.2, 0.4 vs
 # 0.3 x 3 differ by 6e-17)
 TIE = 1e-9
-# eval.json settings that make two evals' scores not comparable as the same measurement when they differ
-_SETTINGS = ("temperature", "top_p", "responses_per_prompt", "max_prompt_tokens", "overflow")
+# eval.json settings that make two evals' scores not comparable as the same measurement when they differ (judge: its
+# model); an eval.json written before a setting was recorded does not hold it and is not compared on it
+_SETTINGS = ("temperature", "top_p", "responses_per_prompt", "max_prompt_tokens", "overflow", "max_response_tokens",
+             "require_think", "reward_function", "judge")
+
+
+def _setting(info: dict[str, Any], name: str) -> Any:
+    value = info.get(name)
+    return (value or {}).get("model") if name == "judge" else value
 
 
 @dataclass
@@ -144,8 +151,8 @@ def compare(a: EvalScores, b: EvalScores, by: Sequence[str] = (), common: bool =
         warnings.append(f"--common: {len(keys)} prompts both evals hold are compared; {len(only_a)} only in A and "
                         f"{len(only_b)} only in B are left out")
     if a.info and b.info:
-        warnings += [f"eval settings differ: {s} {a.info.get(s)} (A) vs {b.info.get(s)} (B)" for s in _SETTINGS
-                     if a.info.get(s) != b.info.get(s)]
+        warnings += [f"eval settings differ: {s} {_setting(a.info, s)} (A) vs {_setting(b.info, s)} (B)"
+                     for s in _SETTINGS if s in a.info and s in b.info and _setting(a.info, s) != _setting(b.info, s)]
         # scored by other metrics (a reward function of the user's in one): B - A mixes two measurements
         metric_a, metric_b = ({t: row.get("metric") for t, row in (e.info.get("tasks") or {}).items()}
                               for e in (a, b))

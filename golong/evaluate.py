@@ -88,6 +88,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   # tasks none of whose records fit: their record counts (they have no row in `tasks`)
                   "tasks_dropped": {t: c for t, c in sorted(val_records.items()) if t not in prompts},
                   "temperature": cfg.rollout.val_temperature, "top_p": cfg.rollout.val_top_p,
+                  # what else the scores depend on (golong eval-compare warns where two evals differ in them)
+                  "max_response_tokens": cfg.rollout.max_response_tokens, "require_think": cfg.rollout.require_think,
+                  "reward_function": _function_id(cfg.rollout.reward_function),
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),
@@ -124,6 +127,20 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
             trainer.close()
         if dist.is_initialized() and cfg.rollout.engine != "vllm":
             dist.destroy_process_group()
+
+
+def _function_id(spec: str) -> str | None:
+    """rollout.reward_function with the sha1 of its file's code ("path[:name] @ sha1[:12]"), None without one: two
+    evals of one path with other code in it scored differently."""
+    if not spec:
+        return None
+    import hashlib
+
+    from golong.rewards.function import parse_spec
+
+    path = parse_spec(spec)[0]
+    code = hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "no file"
+    return f"{spec} @ {code}"
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:

@@ -107,12 +107,18 @@ def test_different_prompts_or_bad_rows_are_named(tmp_path):
 
 
 def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
+    """Settings that change the scores, where both eval.json files hold them: sampling, the response limit, the
+    format gate, the reward function (its code's hash), the judge model."""
     metrics = {"a": "em", "b": "compute_score() (golong: em)"}  # B scored by a reward function of the user's
+    other = {"a": {"max_response_tokens": 64, "require_think": False, "reward_function": None, "judge": None},
+             "b": {"max_response_tokens": 4, "require_think": True, "reward_function": "fn.py @ 0123456789ab",
+                   "judge": {"model": "deepseek-chat", "asked": 2}}}
     for name, temperature in (("a", 0.6), ("b", 1.0)):
         (tmp_path / name).mkdir()
         _write(tmp_path / name / "responses.jsonl", {("em", 0): [1.0], ("em", 1): [0.0]})
         (tmp_path / name / "eval.json").write_text(json.dumps({"checkpoint": f"ckpt/{name}", "temperature": temperature,
                                                                "top_p": 0.95, "responses_per_prompt": 1,
+                                                               **other[name],
                                                                "tasks": {"em": {"metric": metrics[name]}}}))
     (tmp_path / "b" / "eval.partial.jsonl").write_text("{}\n")
     got = compare(read_scores(tmp_path / "a"), read_scores(tmp_path / "b"))
@@ -120,6 +126,10 @@ def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
     assert got["warnings"] == [f"{tmp_path / 'b'} also holds eval.partial.jsonl: an eval there is under way or was "
                                "stopped, and responses.jsonl is an earlier eval's",
                                "eval settings differ: temperature 0.6 (A) vs 1.0 (B)",
+                               "eval settings differ: max_response_tokens 64 (A) vs 4 (B)",
+                               "eval settings differ: require_think False (A) vs True (B)",
+                               "eval settings differ: reward_function None (A) vs fn.py @ 0123456789ab (B)",
+                               "eval settings differ: judge None (A) vs deepseek-chat (B)",
                                "task em is scored differently: em (A) vs compute_score() (golong: em) (B)"]
 
 

@@ -262,6 +262,8 @@ def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):
     assert result["judge"] == {"model": "fake-judge", "url": server.url, "asked": 8, "yes": 4, "failed": 0,
                                "raised": 4, "lowered": 0}
     assert result["tasks"]["docmath"]["reward_mean"] == pytest.approx(0.5)
+    # the other settings the scores depend on, for eval-compare
+    assert (result["max_response_tokens"], result["require_think"], result["reward_function"]) == (8, False, None)
     rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["judge"], r["score"]) for r in rows] == [
         (0, "yes", 1.0), (0, "yes", 1.0), (1, "no", 0.0), (1, "no", 0.0),
