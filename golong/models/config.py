@@ -99,7 +99,12 @@ class ModelConfig:
         def need(key: str) -> Any:
             if raw.get(key) is None:
                 raise ConfigError(f"config field {key!r} is missing")
-            return raw[key]
+            return size(key, raw[key])
+
+        def size(key: str, value: Any) -> int:  # a count or a width: a negative one failed deep in the model build
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config field {key}={value!r} must be an integer >= 1")
+            return value
 
         _reject(raw, "hidden_act", lambda v: v not in (None, "silu"), "only 'silu' (SwiGLU) is supported")
         _reject(raw, "attention_bias", bool, "q/k/v/o projections with bias are not supported")
@@ -118,9 +123,10 @@ class ModelConfig:
         hidden = need("hidden_size")
         # transformers' defaults when the field is absent: Qwen3Config has head_dim=128, Qwen3MoeConfig
         # no such field (hidden_size // num_attention_heads)
-        head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // n_heads)
+        head_dim = size("head_dim", raw.get("head_dim") or (128 if model_type == "qwen3" else hidden // n_heads))
         # absent: the transformers class default (Qwen3Config 32, Qwen3MoeConfig 4); null: one per query head
         n_kv = raw.get("num_key_value_heads", 32 if model_type == "qwen3" else 4) or n_heads
+        n_kv = size("num_key_value_heads", n_kv)
         if n_heads % n_kv:
             raise ConfigError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
         max_pos = raw.get("max_position_embeddings", 32768)
@@ -131,6 +137,7 @@ class ModelConfig:
             num_experts = raw.get("num_experts", raw.get("num_local_experts"))
             if not num_experts:
                 raise ConfigError("config field 'num_experts' is missing or 0 for model_type 'qwen3_moe'")
+            size("num_experts", num_experts)
         step = raw.get("decoder_sparse_step", 1) or 1
         out = cls(
             model_type=model_type,
@@ -156,8 +163,10 @@ class ModelConfig:
         )
         if out.is_moe and not (0 < out.num_experts_per_tok <= out.num_experts):
             raise ConfigError(f"num_experts_per_tok={out.num_experts_per_tok} must be in [1, {out.num_experts}]")
-        if out.is_moe and out.moe_intermediate_size <= 0:
-            raise ConfigError("config field 'moe_intermediate_size' is missing for model_type 'qwen3_moe'")
+        if out.is_moe:
+            if not raw.get("moe_intermediate_size"):
+                raise ConfigError("config field 'moe_intermediate_size' is missing for model_type 'qwen3_moe'")
+            size("moe_intermediate_size", out.moe_intermediate_size)
         return out
 
     def to_hf(self, dtype: str | None = None) -> dict[str, Any]:

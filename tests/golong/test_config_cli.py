@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -530,6 +531,24 @@ def test_run_problems_warn_on_dry_run_and_stop_train(capsys):
     assert "golong: warning: data.train_files: nowhere.parquet does not exist" in err
     assert main(["train", cfg, "data.train_files=[nowhere.parquet]", "checkpoint.resume=runs/none/step_1"]) == 2
     assert capsys.readouterr().err.strip() == "golong: error: data.train_files: nowhere.parquet does not exist"
+
+
+def test_a_scratch_model_no_model_can_have_is_an_error_on_a_dry_run(capsys):
+    """--dry-run passed a scratch architecture that every run then refused (or crashed on): it is checked there."""
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    for override, why in (("model.scratch.num_experts_per_tok=16", "num_experts_per_tok=16 must be in \\[1, 8\\]"),
+                          ("model.scratch.num_hidden_layers=0", "config field num_hidden_layers=0 must be an integer")):
+        assert main(["train", cfg, "--dry-run", override]) == 2
+        assert re.search(f"^golong: error: model.scratch: {why}", capsys.readouterr().err.strip())
+
+
+def test_eval_out_naming_a_file_is_one_line_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "f.jsonl").write_text("x\n")
+    cfg = str(ROOT / "configs/demo-cpu.yaml")
+    assert main(["eval", cfg, "--out", str(tmp_path / "f.jsonl"), f"logging.run_dir={tmp_path}/r"]) == 2
+    assert capsys.readouterr().err.strip() == f"golong: error: --out {tmp_path / 'f.jsonl'} exists and is not a " \
+        "directory; name a directory for eval.json and responses.jsonl"
+    assert (tmp_path / "f.jsonl").read_text() == "x\n" and not (tmp_path / "r").exists()
 
 
 def test_run_problems_name_every_missing_path(tmp_path):
@@ -1187,13 +1206,14 @@ def test_router_replay_through_vllm_without_a_gpu_is_a_run_problem(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true"]))
     assert not any("router_replay" in p for p in problems)
-    # vLLM captures them on a tensor-parallel group's first rank only: each golong rank schedules its own requests
-    problems = run_problems(load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true",
-                                               "rollout.tensor_parallel_size=2"]))
-    assert [p for p in problems if "router_replay" in p] == [
-        "rollout.router_replay=true with rollout.tensor_parallel_size=2: vLLM 0.32 captures routed experts on a "
-        "tensor-parallel group's first rank only, and each of golong's ranks schedules its own requests "
-        "(external_launcher), so the others would fail; use rollout.tensor_parallel_size=1 with it"]
+    # vLLM captures them on a tensor-parallel group's first rank only: each golong rank schedules its own requests.
+    # No machine runs that, so the config itself is refused (--dry-run and golong plan too, not only train)
+    with pytest.raises(ConfigError, match=r"^rollout.router_replay=true with rollout.tensor_parallel_size=2: vLLM "
+                                          r"0.32 captures routed experts on a tensor-parallel group's first rank "
+                                          r"only, and each of golong's ranks schedules its own requests "
+                                          r"\(external_launcher\), so the others would fail; use "
+                                          r"rollout.tensor_parallel_size=1 with it$"):
+        load_config(demo, ["rollout.engine=vllm", "rollout.router_replay=true", "rollout.tensor_parallel_size=2"])
 
 
 def test_a_config_or_template_that_is_not_utf8_is_one_line(tmp_path, capsys):

@@ -60,6 +60,14 @@ def test_parse_real_config_and_roundtrip():
     ("num_experts_per_tok", 0, "num_experts_per_tok=0 must be in \\[1, 128\\]"),
     ("num_experts_per_tok", 129, "num_experts_per_tok=129 must be in \\[1, 128\\]"),
     ("moe_intermediate_size", 0, "moe_intermediate_size"),
+    # sizes below 1 failed deep in the model build (a negative dimension, an index error), not naming the field
+    ("hidden_size", -1, "hidden_size=-1 must be an integer >= 1"),
+    ("num_hidden_layers", 0, "num_hidden_layers=0 must be an integer >= 1"),
+    ("vocab_size", 2.5, "vocab_size=2.5 must be an integer >= 1"),
+    ("num_key_value_heads", -4, "num_key_value_heads=-4 must be an integer >= 1"),
+    ("head_dim", -128, "head_dim=-128 must be an integer >= 1"),
+    ("num_experts", -8, "num_experts=-8 must be an integer >= 1"),
+    ("moe_intermediate_size", -768, "moe_intermediate_size=-768 must be an integer >= 1"),
     ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
 ])
 def test_unrepresentable_config_fails_naming_the_field(field, value, match):
