@@ -301,7 +301,8 @@ def lbv1qa_record(row: Any, where: str, index: int, template: str = LBV1QA_TEMPL
     values = {"DOC": _text(row, "context", where).strip(), "Q": _text(row, "input", where).strip()}
     name = row.get("dataset") if isinstance(row.get("dataset"), str) and row["dataset"].strip() else subset
     # the question alone too: a judge model (judge.model) is shown it, not the context
-    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {answers[0].strip()}.",
+    # the reference response on one line: the eval reads the answer from one line
+    extra: dict[str, Any] = {"index": index, "answer": f"Therefore, the answer is {' '.join(answers[0].split())}.",
                              "question": values["Q"], **({"subset": name} if name else {}),
                              **{k: row[k] for k in ("_id", "language") if isinstance(row.get(k), str)}}
     d = {"data_source": "lbv1qa", "prompt": [{"role": "user", "content": _fill(template, values)}],
@@ -325,7 +326,7 @@ def corpusqa_record(row: Any, where: str, index: int) -> Record:
     answer = _answer_text(row, "answer", where)
     qid = str(row["id"])
     domain = next((d for d in CORPUSQA_DOMAINS if qid.startswith(d)), None)
-    extra: dict[str, Any] = {"index": index, "id": qid, "answer": f"The answer is {answer.strip()}",
+    extra: dict[str, Any] = {"index": index, "id": qid, "answer": f"The answer is {' '.join(answer.split())}",
                              "question": _text(row, "question", where).strip(),
                              **({"domain": domain} if domain else {})}
     d = {"data_source": "corpusqa", "prompt": [{"role": m.get("role"), "content": m.get("content")} for m in messages],

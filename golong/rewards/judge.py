@@ -4,20 +4,24 @@
 
 GoLongRL's DocMath and Frames evals (evalscope's docmath and frames, run by its Eval/QwenLong-Benchmarks) score a
 response by the larger of its rule score and a judge model's verdict, its LongBench v1 QA and CorpusQA evals by the
-verdict alone: the judge is shown the question, a reference answer and the answer extracted from the response (never
-the document), and asked whether the two answers are the same. golong does the same for the metrics in JUDGED
-through any OpenAI-compatible chat endpoint (vLLM's server, DeepSeek's API, OpenAI's); the wording of the request is
+verdict alone: the judge is shown the question, a reference answer and the answer extracted from the response, and
+asked whether the two answers are the same. golong does the same for the metrics in JUDGED through any
+OpenAI-compatible chat endpoint (vLLM's server, DeepSeek's API, OpenAI's), showing the question alone, never the
+document (GoLongRL's Frames judge is shown the whole prompt, Wikipedia articles included); the wording of the request is
 golong's own, so a judge's verdicts can differ a little from the card's.
 
 The judge's reply is only searched for its verdict, `[[YES]]` or `[[NO]]` (the last one counts); nothing of it or
-of the response is executed. A request that fails (an error, `judge.timeout_s` passed, no verdict in the reply) is
-tried again up to `judge.retries` times, then counts as failed and leaves the rule score as it is.
+of the response is executed. A request that fails (an error, no reply within `judge.timeout_s` of wall time, no
+verdict in the reply) is tried again up to `judge.retries` times, then counts as failed and leaves the rule score as
+it is: a request takes at most (retries + 1) x timeout_s, and a rank's batch that times ceil(requests / workers)
+(a request per reference answer).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,16 +88,34 @@ class Judge:
                                                                      answer=q.answer)}]
         problem = ""
         for _ in range(self.cfg.retries + 1):
-            try:
-                reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages, temperature=0.0)
-                text = reply.choices[0].message.content or ""
-            except Exception as e:  # the endpoint's errors, timeouts, a malformed reply
-                problem = f"{type(e).__name__}: {e}"
+            text, problem = self._request(messages)
+            if text is None:
                 continue
             if (v := verdict(text)) is not None:
                 return v, ""
             problem = f"no [[YES]] / [[NO]] in the reply: {text[-200:]!r}"
         return None, problem
+
+    def _request(self, messages: list[dict[str, str]]) -> tuple[str | None, str]:
+        """(the reply's text, "") or (None, what went wrong), within judge.timeout_s of wall time. The client's own
+        timeout bounds each read, which a server sending keep-alive bytes (DeepSeek's under load) renews: the
+        request runs in a daemon thread, which is left to finish on its own past the deadline."""
+        box: dict[str, str] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages, temperature=0.0)
+                box["text"] = reply.choices[0].message.content or ""
+            except Exception as e:  # the endpoint's errors, timeouts, a malformed reply
+                box["problem"] = f"{type(e).__name__}: {e}"
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True, name="golong-judge-request").start()
+        if not done.wait(self.cfg.timeout_s):
+            return None, f"no reply within judge.timeout_s={self.cfg.timeout_s:g} s"
+        return box.get("text"), box.get("problem", "")
 
     def ask_all(self, questions: Sequence[Question]) -> list[tuple[bool | None, str]]:
         """ask() of each question, in order, cfg.workers at a time."""

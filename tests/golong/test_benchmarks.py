@@ -210,7 +210,7 @@ def test_frames_rows_become_records_scored_by_cover_exact_match(tmp_path):
         content = rec.prompt[0]["content"]
         articles = "\n".join(f"{x['title']}\n{x['text']}" for x in row["wiki_items"])
         assert content.startswith(FRAMES_TEMPLATE.split("$DOC$")[0] + articles)
-        assert content.index(articles) < content.index(row["Prompt"]) and "$Q$" in articles  # not filled again
+        assert content.index(articles) < content.index(row["Prompt"]) and "Greece. $Q$" in content  # not filled again
         assert rec.extra_info["question"] == row["Prompt"] and rec.extra_info["index"] == k
         assert rec.extra_info["reasoning_types"] == row["reasoning_types"]
         assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0
@@ -249,12 +249,14 @@ def test_lbv1qa_and_corpusqa_rows_become_records(tmp_path):
     conversation as it is, the domain from the id. Both keep the question for a judge; bad rows named."""
     from golong.data.benchmarks import LBV1QA_TEMPLATE
 
-    (tmp_path / "hotpotqa.jsonl").write_text(json.dumps(_lbv1_row(0, ["Hawks", "Atlanta Hawks"])) + "\n")
+    (tmp_path / "hotpotqa.jsonl").write_text(json.dumps(_lbv1_row(0, ["Hawks", "Atlanta Hawks"])) + "\n" +
+                                             json.dumps(_lbv1_row(2, ["two\nlines"])) + "\n")
     (tmp_path / "musique.jsonl").write_text(json.dumps(_lbv1_row(1, ["the Bulls"], dataset=None)) + "\n")
     recs = import_benchmark("lbv1qa", [tmp_path / "hotpotqa.jsonl", tmp_path / "musique.jsonl"], tmp_path / "l.jsonl")
     assert load_records(tmp_path / "l.jsonl") == recs
     assert [(r.task, r.metric, r.ground_truth.doc_ids, r.extra_info["subset"]) for r in recs] == [
-        ("lbv1qa", "lbv1qa", ["Hawks", "Atlanta Hawks"], "hotpotqa"), ("lbv1qa", "lbv1qa", ["the Bulls"], "musique")]
+        ("lbv1qa", "lbv1qa", ["Hawks", "Atlanta Hawks"], "hotpotqa"), ("lbv1qa", "lbv1qa", ["two\nlines"], "hotpotqa"),
+        ("lbv1qa", "lbv1qa", ["the Bulls"], "musique")]  # the reference responses (below) on one line
     content = recs[0].prompt[0]["content"]
     assert content.startswith(LBV1QA_TEMPLATE.split("$DOC$")[0] + "Passage 0: player 0 joined the Hawks.")
     assert recs[0].extra_info["question"] == "Which team did player 0 join?" in content
@@ -270,12 +272,12 @@ def test_lbv1qa_and_corpusqa_rows_become_records(tmp_path):
         with pytest.raises(RecordError, match=rf"^{src}: line 1: {why}"):
             import_benchmark("lbv1qa", [src], tmp_path / "t.jsonl")
 
-    rows = [_corpusqa_row(0, "1200"), _corpusqa_row(1, 7.5, domain="education_en"), _corpusqa_row(2, "x", "misc")]
+    rows = [_corpusqa_row(0, "1200"), _corpusqa_row(1, 7.5, domain="education_en"), _corpusqa_row(2, "A; B\nC", "x")]
     (tmp_path / "128k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = import_benchmark("corpusqa", [tmp_path / "128k.jsonl"], tmp_path / "c.jsonl")
     assert [(r.task, r.metric, r.ground_truth.golden_label, r.extra_info.get("domain")) for r in recs] == [
         ("corpusqa", "corpusqa", "1200", "financial_en"), ("corpusqa", "corpusqa", "7.5", "education_en"),
-        ("corpusqa", "corpusqa", "x", None)]
+        ("corpusqa", "corpusqa", "A; B\nC", None)]
     assert recs[0].prompt == rows[0]["prompt"] and recs[0].extra_info["question"] == rows[0]["question"]
     for rec in recs:
         assert score_record(rec, R(reference_answer(rec)), timeout=None) == 1.0

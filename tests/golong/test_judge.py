@@ -14,14 +14,21 @@ from types import SimpleNamespace
 import pytest
 
 from golong.data.records import Record
-from golong.rewards.judge import SYSTEM_PROMPT, Judge, JudgeError, judge_records, verdict
+from golong.rewards.judge import SYSTEM_PROMPT, Judge, JudgeError, Question, judge_records, verdict
 from tests.golong.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+
+def completion(text: str) -> dict:
+    """A chat.completion reply holding `text`."""
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
 
 
 class FakeJudge:
     """A chat-completions endpoint on 127.0.0.1: the reply to a request is `script(reference, answer, attempt)`
     (attempt: how many requests with this reference came before), a string (the reply's text), an int (that HTTP
-    status, no reply) or a float (seconds to sleep, then "[[YES]]"). Every request's JSON body and headers are kept."""
+    status, no reply), a float (seconds to sleep, then "[[YES]]") or ("dribble", seconds) (a keep-alive newline every
+    0.2 s for that long, then "[[YES]]"). Every request's JSON body and headers are kept."""
 
     def __init__(self, script):
         self.requests: list[dict] = []
@@ -49,6 +56,18 @@ class FakeJudge:
                     fake.requests.append({"ref": ref, "answer": answer, "body": body, "path": self.path})
                     fake.headers.append({k.lower(): v for k, v in self.headers.items()})
                 reply = script(ref, answer, attempt)
+                if isinstance(reply, tuple):  # ("dribble", seconds): a newline every 0.2 s, then the reply
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    end = time.monotonic() + reply[1]
+                    while time.monotonic() < end:
+                        self.wfile.write(b"\n")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    reply = "[[YES]]"
+                    self.wfile.write(json.dumps(completion(reply)).encode())
+                    return
                 if isinstance(reply, float):
                     time.sleep(reply)
                     reply = "[[YES]]"
@@ -60,9 +79,7 @@ class FakeJudge:
                     self.end_headers()
                     self.wfile.write(data)
                     return
-                data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply}}]}).encode()
+                data = json.dumps(completion(reply)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -228,6 +245,18 @@ def test_failed_requests_are_retried_then_leave_the_rule_score(fake_judge):
     counts = {g: sum(r["ref"] == g for r in server.requests) for g in ("500", "11", "12", "13", "1")}
     assert counts == {"500": 3, "11": 3, "12": 3, "13": 3, "1": 1}
     assert took < 3 * 3.0  # the slow request's three tries were cut at 0.5 s each, not waited for
+
+
+def test_a_request_gets_timeout_s_of_wall_time_whatever_the_server_sends(fake_judge):
+    """A server sending keep-alive bytes (DeepSeek's under load) renewed the client's read timeout: a request took
+    as long as the server liked. Now judge.timeout_s bounds its wall time."""
+    server = fake_judge(lambda ref, answer, attempt: ("dribble", 6.0))
+    judge = Judge(judge_cfg(server.url, timeout_s=1.0, retries=1))
+    t0 = time.perf_counter()
+    v, problem = judge.ask(Question("q", "1", "1"))
+    took = time.perf_counter() - t0
+    assert v is None and problem == "no reply within judge.timeout_s=1 s"
+    assert 2.0 <= took < 3.5 and len(server.requests) == 2  # two tries of 1 s each, not 6 s each
 
 
 def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):
