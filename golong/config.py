@@ -529,8 +529,10 @@ def _check_values(cfg: RunConfig) -> None:
         # vLLM samples below 0.01 at 0.01, while the trainer's old logprobs would use the configured temperature
         (r.temperature >= 0.01, f"rollout.temperature={r.temperature} must be >= 0.01 (vLLM raises a lower one to "
                                 "0.01)"),
-        (r.val_temperature >= 0.01, f"rollout.val_temperature={r.val_temperature} must be >= 0.01 (vLLM raises a "
-                                    "lower one to 0.01)"),
+        # 0: greedy validation (both engines, vLLM's too; validation reads no logprobs)
+        (r.val_temperature == 0 or r.val_temperature >= 0.01,
+         f"rollout.val_temperature={r.val_temperature} must be 0 (greedy) or >= 0.01 (vLLM raises one in (0, 0.01) to "
+         "0.01)"),
         (0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]"),
         (0 < r.val_top_p <= 1, f"rollout.val_top_p={r.val_top_p} must be in (0, 1]"),
         (r.max_response_tokens >= 1, "rollout.max_response_tokens must be >= 1"),
@@ -730,6 +732,17 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                         f"token ratios leaves [{a.rollout_is_lower}, {a.rollout_is_upper}], which over long responses "
                         "can be most of them (rollout_is/masked_frac shows it); sequence-level IS usually truncates "
                         "(algo.rollout_is=truncate, e.g. algo.rollout_is_upper=2)")
+    r = cfg.rollout
+    # both engines report the logprobs of the truncated distribution they sample (vLLM's processed_logprobs), so a
+    # token's IS ratio is at most the probability mass the truncation kept, at least top_p of it under top-p
+    if a.rollout_is == "mask" and a.rollout_is_level == "token" and (r.top_p < a.rollout_is_lower or r.top_k > 0):
+        kept = f"rollout.top_p={r.top_p} keeps as little as {r.top_p:g}" if r.top_p < a.rollout_is_lower else \
+            f"rollout.top_k={r.top_k} keeps what its {r.top_k} tokens hold"
+        warnings.append(f"{kept} of each step's probability, and a token's importance ratio (trainer policy over the "
+                        "truncated sampling distribution) is that kept mass: algo.rollout_is=mask masks every token "
+                        f"whose step kept less than algo.rollout_is_lower={a.rollout_is_lower}, up to all of them "
+                        "(rollout_is/masked_frac shows it); sample without the truncation, lower algo.rollout_is_lower "
+                        "or use algo.rollout_is=truncate")
     if a.filter_metric != "score" and not (a.dynamic_sampling and cfg.rollout.n > 1):
         warnings.append(f"algo.filter_metric={a.filter_metric} is not read: dynamic sampling filters nothing "
                         f"(algo.dynamic_sampling={a.dynamic_sampling}, rollout.n={cfg.rollout.n})")

@@ -108,10 +108,9 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("rollout.n=0", "rollout.n must be >= 1"),
     ("rollout.val_n=0", "rollout.val_n must be >= 1"),
     ("rollout.n=1", "rollout.n=1: algo.adv_estimator=tmn_grpo compares the responses to one prompt"),
-    ("rollout.val_temperature=0", "rollout.val_temperature=0.0 must be >= 0.01"),
     # vLLM samples (and reports logprobs) at 0.01 below it, the trainer's old logprobs would be at the config's
     ("rollout.temperature=0.005", "rollout.temperature=0.005 must be >= 0.01 (vLLM raises a lower one to 0.01)"),
-    ("rollout.val_temperature=0.009", "rollout.val_temperature=0.009 must be >= 0.01"),
+    ("rollout.val_temperature=0.009", "rollout.val_temperature=0.009 must be 0 (greedy) or >= 0.01"),
     ("rollout.top_p=1.01", "rollout.top_p=1.01 must be in (0, 1]"),
     ("rollout.val_top_p=0", "rollout.val_top_p=0.0 must be in (0, 1]"),
     ("rollout.max_response_tokens=0", "rollout.max_response_tokens must be >= 1"),
@@ -540,6 +539,28 @@ def test_a_scratch_model_no_model_can_have_is_an_error_on_a_dry_run(capsys):
                           ("model.scratch.num_hidden_layers=0", "config field num_hidden_layers=0 must be an integer")):
         assert main(["train", cfg, "--dry-run", override]) == 2
         assert re.search(f"^golong: error: model.scratch: {why}", capsys.readouterr().err.strip())
+
+
+def test_greedy_validation_is_allowed_and_truncated_sampling_under_the_is_mask_is_warned_of():
+    """rollout.val_temperature=0 (greedy; vLLM and the torch engine both take it) was refused as if vLLM raised it
+    to 0.01. A truncating top_p below the IS mask's lower bound, or a top_k, makes the mask drop tokens by
+    construction (a token's ratio is the mass its step kept): said at load."""
+    from golong.config import config_warnings
+
+    demo = ROOT / "configs/demo-cpu.yaml"
+    assert load_config(demo, ["rollout.val_temperature=0"]).rollout.val_temperature == 0.0
+
+    def warned(*over: str) -> list[str]:  # the recipe's IS mask, [0.5, 5]
+        cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", list(over))
+        return [w for w in config_warnings(cfg) if "importance ratio" in w]
+
+    assert warned() == [] and warned("rollout.top_p=0.6") == []
+    assert warned("rollout.top_p=0.3", "algo.rollout_is=truncate") == []
+    (top_p,) = warned("rollout.top_p=0.3")
+    assert top_p.startswith("rollout.top_p=0.3 keeps as little as 0.3 of each step's probability") and \
+        "masks every token whose step kept less than algo.rollout_is_lower=0.5" in top_p
+    assert warned("rollout.top_p=0.3", "algo.rollout_is_lower=0.2") == []
+    assert warned("rollout.top_k=20")[0].startswith("rollout.top_k=20 keeps what its 20 tokens hold")
 
 
 def test_eval_out_naming_a_file_is_one_line_before_anything_runs(tmp_path, capsys):
