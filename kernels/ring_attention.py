@@ -322,6 +322,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
         raise ValueError(f"q, k and v must hold this rank's same rows in one dtype; got q {tuple(q.shape)} "
                          f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {v.dtype}")
     _resolve(backend, q)
+    if prefix_of is not None:  # as given (its dtype and shape), before it is planned with or any send is posted
+        check_prefix_of(prefix_of, cu_seqlens.numel() - 1)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend, prefix_of)
 

@@ -109,6 +109,8 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     """
     bounds = cu_seqlens.tolist()
     parents = prefix_of.tolist() if prefix_of is not None else [-1] * (len(bounds) - 1)
+    if bounds[-1] < q.shape[0]:  # rows past the last document: one more document, as kernels.flash_attention has it
+        bounds, parents = [*bounds, q.shape[0]], [*parents, -1]
     outs = []
     for a, b, parent in zip(bounds[:-1], bounds[1:], parents):
         if b == a:

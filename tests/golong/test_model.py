@@ -725,3 +725,19 @@ def test_routing_replay_routes_every_moe_layer_through_the_given_experts(pair, c
     assert rel(replayed[0], plain[0]) < 1e-6
     for name, grad in plain[2].items():  # the recompute replays the same experts
         assert rel(replayed[2][name], grad) < 1e-5, (name, checkpointing)
+
+
+def test_sdpa_varlen_treats_rows_past_the_last_document_as_one_more():
+    """Rows past cu_seqlens[-1] got no output (the model's CPU attention then failed on a shape, or with cu = [0]
+    returned zeros); kernels.flash_attention treats them as one more document, and so does it now."""
+    import kernels
+    from golong.models.attention import sdpa_varlen
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(10, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    for cu in ([0, 4, 8], [0], [0, 3, 3, 7]):
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        ref = kernels.flash_attention(q, k, v, cu_t, softmax_scale=0.25, backend="torch")[0]
+        out = sdpa_varlen(q, k, v, cu_t, 0.25)
+        assert out.shape == ref.shape and rel(out, ref) < 1e-6, cu  # the torch kernel accumulates in fp32
+

@@ -2,6 +2,7 @@
 
 import importlib
 import random
+import re
 
 import pytest
 import torch
@@ -47,6 +48,13 @@ def test_shard_and_ring_check_inputs_before_any_communication():
     with pytest.raises(ValueError, match="unknown local attention backend 'flash_attn'; valid: 'auto', 'triton', "
                                          "'torch'$"):
         ring_attention(k, k, k, torch.tensor([0, 4], dtype=torch.int32), group=None, backend="flash_attn")
+    # prefix_of as given, as flash_attention checks it (a float one was truncated, a 2-D one failed in torch.cat)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    for bad in (torch.tensor([-1.0, 0.9]), torch.tensor([[-1, 0]], dtype=torch.int32),
+                torch.tensor([-1], dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"prefix_of must be a 1-D int32 tensor \[2\] \(one entry per document\); "
+                                             + re.escape(f"got {bad.dtype} {tuple(bad.shape)}")):
+            ring_attention(k, k, k, cu, group=None, prefix_of=bad)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
