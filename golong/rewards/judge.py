@@ -11,17 +11,18 @@ document (GoLongRL's Frames judge is shown the whole prompt, Wikipedia articles 
 golong's own, so a judge's verdicts can differ a little from the card's.
 
 The judge's reply is only searched for its verdict, `[[YES]]` or `[[NO]]` (the last one counts); nothing of it or
-of the response is executed. A request that fails (an error, no reply within `judge.timeout_s` of wall time, no
-verdict in the reply) is tried again up to `judge.retries` times, then counts as failed and leaves the rule score as
-it is: a request takes at most (retries + 1) x timeout_s, and a rank's batch that times ceil(requests / workers)
-(a request per reference answer).
+of the response is executed. A request that fails (an error, no whole reply within `judge.timeout_s`, no verdict in
+the reply) is tried again up to `judge.retries` times, then counts as failed and leaves the rule score as it is: with
+`judge.workers` requests in flight per rank, a rank's batch takes at most ceil(requests / workers) x (retries + 1) x
+2 x timeout_s (a request per reference answer).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,25 +98,21 @@ class Judge:
         return None, problem
 
     def _request(self, messages: list[dict[str, str]]) -> tuple[str | None, str]:
-        """(the reply's text, "") or (None, what went wrong), within judge.timeout_s of wall time. The client's own
-        timeout bounds each read, which a server sending keep-alive bytes (DeepSeek's under load) renews: the
-        request runs in a daemon thread, which is left to finish on its own past the deadline."""
-        box: dict[str, str] = {}
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                reply = self.client.chat.completions.create(model=self.cfg.model, messages=messages, temperature=0.0)
-                box["text"] = reply.choices[0].message.content or ""
-            except Exception as e:  # the endpoint's errors, timeouts, a malformed reply
-                box["problem"] = f"{type(e).__name__}: {e}"
-            finally:
-                done.set()
-
-        threading.Thread(target=run, daemon=True, name="golong-judge-request").start()
-        if not done.wait(self.cfg.timeout_s):
-            return None, f"no reply within judge.timeout_s={self.cfg.timeout_s:g} s"
-        return box.get("text"), box.get("problem", "")
+        """(the reply's text, "") or (None, what went wrong). The client's timeout bounds each read, which a server
+        sending keep-alive bytes (DeepSeek's under load) renews: the reply is read as it arrives and dropped (its
+        connection closed) once judge.timeout_s has passed, so a request takes at most twice that."""
+        t0 = time.monotonic()
+        try:
+            with self.client.chat.completions.with_streaming_response.create(
+                    model=self.cfg.model, messages=messages, temperature=0.0) as reply:
+                body = bytearray()
+                for chunk in reply.iter_bytes():
+                    body += chunk
+                    if time.monotonic() - t0 > self.cfg.timeout_s:
+                        return None, f"no reply within judge.timeout_s={self.cfg.timeout_s:g} s"
+            return json.loads(body)["choices"][0]["message"]["content"] or "", ""
+        except Exception as e:  # the endpoint's errors, timeouts, a malformed reply
+            return None, f"{type(e).__name__}: {e}"
 
     def ask_all(self, questions: Sequence[Question]) -> list[tuple[bool | None, str]]:
         """ask() of each question, in order, cfg.workers at a time."""

@@ -34,6 +34,7 @@ class FakeJudge:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
+        self.inflight = 0  # requests being answered now
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,10 +42,15 @@ class FakeJudge:
                 pass
 
             def do_POST(self):
+                with fake.lock:
+                    fake.inflight += 1
                 try:
                     self.reply()
                 except (BrokenPipeError, ConnectionResetError):  # a client that gave up waiting (the time limit)
                     pass
+                finally:
+                    with fake.lock:
+                        fake.inflight -= 1
 
             def reply(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -251,12 +257,18 @@ def test_a_request_gets_timeout_s_of_wall_time_whatever_the_server_sends(fake_ju
     """A server sending keep-alive bytes (DeepSeek's under load) renewed the client's read timeout: a request took
     as long as the server liked. Now judge.timeout_s bounds its wall time."""
     server = fake_judge(lambda ref, answer, attempt: ("dribble", 6.0))
-    judge = Judge(judge_cfg(server.url, timeout_s=1.0, retries=1))
+    judge = Judge(judge_cfg(server.url, timeout_s=1.0, retries=1, workers=2))
+    threads = threading.active_count()
     t0 = time.perf_counter()
-    v, problem = judge.ask(Question("q", "1", "1"))
+    replies = judge.ask_all([Question("q", str(i), "1") for i in range(4)])
     took = time.perf_counter() - t0
-    assert v is None and problem == "no reply within judge.timeout_s=1 s"
-    assert 2.0 <= took < 3.5 and len(server.requests) == 2  # two tries of 1 s each, not 6 s each
+    assert replies == [(None, "no reply within judge.timeout_s=1 s")] * 4
+    # 4 questions x 2 tries of 1 s each, 2 at a time: about 4 s, not 6 s a try
+    assert 4.0 <= took < 6.0 and len(server.requests) == 8
+    # a request given up is closed, not left running (the server would dribble on for 5 s more): its handler finds
+    # the connection gone at its next write; no thread of the client's is left either
+    time.sleep(1.0)
+    assert server.inflight == 0 and threading.active_count() <= threads
 
 
 def test_an_eval_with_a_judge_reports_its_verdicts(fake_judge, tmp_path):

@@ -77,8 +77,6 @@ def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
     lowest = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :8]
     for x in (bf, bf.t().contiguous().t(), torch.cat([bf, bf], 1)[:, :128]):
         assert torch.equal(route_topk(x, 8, backend="triton")[1], lowest)
-    # the torch backend is transformers' softmax + torch.topk, ties included (its exact oracle)
-    assert torch.equal(route_topk(bf, 8, backend="torch")[1], torch.topk(probs, 8, dim=-1).indices)
     for k, backend in ((6, "triton"), (0, "triton"), (0, "torch"), (6, "torch")):
         with pytest.raises(ValueError, match=r"top_k must be in \[1, 5\]"):
             route_topk(logits, k, backend=backend)
