@@ -26,7 +26,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
     """Entry point of `golong eval`: the validation rollouts (data.val_files or data.synthetic_val_n, rollout.val_*
     sampling, the same seeds as training's validation) of the config's model (model.path, else the scratch init)
     or of a training checkpoint's weights. Writes OUT_DIR/eval.json (per-task mean reward ± stderr, pass@k, best@n,
-    worst@n, std@n, counts; with `by`, the same per group of prompts under each key, see `breakdown`: on rank 0) and
+    worst@n, std@n, counts; with `by`, the same per group of prompts under each key, see `breakdown`, and each key's
+    unweighted mean over its groups in `by_mean`: on rank 0) and
     OUT_DIR/responses.jsonl (every response, its task and score); returns the eval.json content. The prompts go
     `save_every` at a time (default: by context tokens, golong.eval_saved.batch_starts; 0: all at once, nothing
     saved), each batch saved to OUT_DIR/eval.partial.jsonl, which a rerun with the same settings resumes from
@@ -113,6 +114,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         if trainer.rank == 0:
             if by:
                 result["by"] = {key: breakdown(key, trainer.val_prompts, responses, n) for key in dict.fromkeys(by)}
+                # each key's unweighted mean over its groups (the model card's LBV1-QA: the mean of its subsets')
+                result["by_mean"] = {key: sum(g["reward_mean"] for g in groups.values()) / len(groups)
+                                     for key, groups in result["by"].items() if groups}
             out.mkdir(parents=True, exist_ok=True)
             write_jsonl(out / "responses.jsonl", responses)
             # eval.json last and by rename: where it exists, both files are whole
@@ -182,6 +186,8 @@ def _print_eval(result: dict[str, Any], out: Path) -> None:
             table.add_column(col, justify=justify)
         for label, row in groups.items():
             table.add_row(escape(label), str(row["prompts"]), str(row["responses"]), reward(row), *samples(row))
+        if len(groups) > 1 and key in result.get("by_mean", {}):
+            table.add_row("(mean of groups)", "", "", f"{result['by_mean'][key]:.3f}", *[""] * (len(columns) - 4))
         print_table(table)
     if len(k_values(n)) > len(ks):
         print(f"pass@k for k = {', '.join(map(str, k_values(n)))}: pass_at_k in eval.json")

@@ -323,6 +323,13 @@ def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
     _print_eval(result, tmp_path)
     out = capsys.readouterr().out
     assert "[/x]" in out and "[/y]" in out and "[b]key" in out and "[ckpt]" in out
+    assert "mean of groups" not in out  # one group: its own mean
+    # several groups: their unweighted mean (eval.json's by_mean) closes the table
+    result["by"]["[b]key"]["z"] = {**row, "prompts": 1, "reward_mean": 0.125}
+    result["by_mean"] = {"[b]key": 0.3125}
+    _print_eval(result, tmp_path)
+    out = capsys.readouterr().out
+    assert "(mean of groups)" in out and "0.312" in out
 
 
 def test_data_check_tables_print_task_names_as_text(capsys):

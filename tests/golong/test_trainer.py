@@ -1528,6 +1528,10 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     # each row names its prompt's group under the record keys of --by (prompt_tokens: from its token count), which
     # golong eval-compare --by reads back
     assert all(row["groups"] == {"index": str(row["prompt"])} for row in rows)
+    # by_mean: each key's unweighted mean over its groups (here one group a prompt, one bin)
+    by_prompt = [sum(r["score"] for r in rows if r["prompt"] == p) / 4 for p in range(6)]
+    assert result["by_mean"]["index"] == pytest.approx(sum(by_prompt) / 6)
+    assert result["by_mean"]["prompt_tokens"] == pytest.approx(result["by"]["prompt_tokens"]["<4K"]["reward_mean"])
     from golong.eval_compare import compare, read_scores
 
     same = compare(read_scores(tmp_path / "eval"), read_scores(tmp_path / "eval"), by=["index", "prompt_tokens"])
