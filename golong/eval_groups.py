@@ -40,10 +40,13 @@ NONE_LABEL = "(none)"  # the group of the records without the key (or holding No
 
 def group_label(prompt: EncodedPrompt, key: str) -> str:
     """The label of a prompt's group under `--by key`: its token bin, or str(extra_info[key]) (so a value 2 and a
-    value "2" are one group), or NONE_LABEL."""
+    value "2" are one group; a whole float is labelled as the int: parquet reads a column mixing 8000 and 0.5 as
+    floats, 8000.0), or NONE_LABEL."""
     if key == PROMPT_TOKENS:
         return token_bin(len(prompt.input_ids))
     value = prompt.record.extra_info.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return NONE_LABEL if value is None else str(value)
 
 

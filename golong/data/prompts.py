@@ -125,7 +125,9 @@ def build_prompts(records: Sequence[Record], tokenizer: Any, max_prompt_tokens: 
     return out
 
 
-CACHE_VERSION = 1  # bump when build_prompts' output for the same inputs changes
+# bump when build_prompts' output for the same inputs changes (2: truncation empties the other messages before it
+# drops a prompt whose question is the longest message)
+CACHE_VERSION = 2
 
 
 def cacheable(tokenizer: Any) -> bool:

@@ -244,8 +244,9 @@ def test_by_compares_each_group_of_prompts(tmp_path):
 
 def test_group_labels_and_their_order_are_one_rule():
     """eval.json's by.<key> (breakdown) and eval-compare's groups (read back as text) are labelled and ordered by
-    one rule: str(value) (2 and "2" one group, 2.0 another), numbers by value (ties by text), then text (nan and
-    inf are text), then (none) (a missing key, None, or the text "(none)")."""
+    one rule: str(value) (2, "2" and 2.0 one group: parquet reads a column mixing 2 and 0.5 as floats, so a whole
+    float is labelled as the int; 2.5 stays 2.5), numbers by value (ties by text), then text (nan and inf are text),
+    then (none) (a missing key, None, or the text "(none)")."""
     from types import SimpleNamespace
 
     from golong.eval_groups import breakdown, group_label, label_order
@@ -255,8 +256,8 @@ def test_group_labels_and_their_order_are_one_rule():
     prompts.append(SimpleNamespace(input_ids=[0] * 5, record=SimpleNamespace(extra_info={})))
     rows = [{"prompt": i, "score": float(i % 2)} for i in range(len(prompts))]
     got = breakdown("k", prompts, rows, 1)
-    assert list(got) == ["-3", "0.5", "2", "2.0", "10", "True", "[1, 2]", "hard", "inf", "nan", "(none)"]
-    assert got["2"]["prompts"] == 2 and got["(none)"]["prompts"] == 3
+    assert list(got) == ["-3", "0.5", "2", "10", "True", "[1, 2]", "hard", "inf", "nan", "(none)"]
+    assert got["2"]["prompts"] == 3 and got["(none)"]["prompts"] == 3
     assert list(got) == sorted(got, key=lambda x: label_order("k", x))  # what eval-compare sorts by
     assert [group_label(p, "k") for p in prompts[:3]] == ["hard", "10", "2"]
 
