@@ -529,6 +529,10 @@ def _check_values(cfg: RunConfig) -> None:
         # vLLM samples below 0.01 at 0.01, while the trainer's old logprobs would use the configured temperature
         (r.temperature >= 0.01, f"rollout.temperature={r.temperature} must be >= 0.01 (vLLM raises a lower one to "
                                 "0.01)"),
+        # vLLM refuses a temperature above 2 at its first generate (the model built, steps run before validation)
+        (r.engine != "vllm" or max(r.temperature, r.val_temperature) <= 2,
+         f"rollout.temperature={r.temperature} / rollout.val_temperature={r.val_temperature}: vLLM takes "
+         "temperatures in [0, 2] (rollout.engine=torch has no upper bound)"),
         # 0: greedy validation (both engines, vLLM's too; validation reads no logprobs)
         (r.val_temperature == 0 or r.val_temperature >= 0.01,
          f"rollout.val_temperature={r.val_temperature} must be 0 (greedy) or >= 0.01 (vLLM raises one in (0, 0.01) to "

@@ -549,6 +549,11 @@ def test_greedy_validation_is_allowed_and_truncated_sampling_under_the_is_mask_i
 
     demo = ROOT / "configs/demo-cpu.yaml"
     assert load_config(demo, ["rollout.val_temperature=0"]).rollout.val_temperature == 0.0
+    # vLLM refuses a temperature above 2 at its first generate: said at load, for the vllm engine
+    for key in ("rollout.temperature", "rollout.val_temperature"):
+        with pytest.raises(ConfigError, match="vLLM takes temperatures in \\[0, 2\\]"):
+            load_config(demo, ["rollout.engine=vllm", f"{key}=2.5"])
+        assert load_config(demo, ["rollout.engine=torch", f"{key}=2.5"])  # the torch engine has no bound
 
     def warned(*over: str) -> list[str]:  # the recipe's IS mask, [0.5, 5]
         cfg = load_config(ROOT / "configs/qwen3-4b-grpo.yaml", list(over))
