@@ -70,10 +70,9 @@ def fingerprint(prompts: Sequence[Any], config: dict[str, Any], checkpoint: str 
     for weights in (checkpoint, config.get("model", {}).get("path")):
         h.update(repr(_files(weights)).encode())
     if spec := config.get("rollout", {}).get("reward_function"):  # the scores follow its code, not its path
-        from golong.rewards.function import parse_spec
+        from golong.rewards.function import code_sha1
 
-        fn_file = parse_spec(spec)[0]
-        h.update(fn_file.read_bytes() if fn_file.is_file() else b"(no file)")
+        h.update(code_sha1(spec).encode())
     for p in prompts:
         record = {k: v for k, v in p.record.to_dict().items() if k != "prompt"}  # the prompt: its tokens, below
         h.update(f"|{p.index}:{len(p.input_ids)}:{json.dumps(record, sort_keys=True, default=str)}|".encode())

@@ -138,13 +138,9 @@ def _function_id(spec: str) -> str | None:
     evals of one path with other code in it scored differently."""
     if not spec:
         return None
-    import hashlib
+    from golong.rewards.function import code_sha1
 
-    from golong.rewards.function import parse_spec
-
-    path = parse_spec(spec)[0]
-    code = hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else "no file"
-    return f"{spec} @ {code}"
+    return f"{spec} @ {code_sha1(spec)[:12]}"
 
 
 def _print_eval(result: dict[str, Any], out: Path) -> None:

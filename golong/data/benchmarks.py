@@ -146,6 +146,22 @@ def _answer_text(row: dict[str, Any], key: str, where: str) -> str:
     return answer
 
 
+def _chat_messages(row: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    """A row's conversation: a list of chat messages (or its JSON text, as MRCR's parquet holds it) ending in the
+    user's request; each message's role and content are checked with the record (Record.from_dict)."""
+    messages = row[key]
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{where}: field {key!r} is not a JSON list of chat messages ({e.msg} at character "
+                              f"{e.pos})") from None
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+            and messages[-1].get("role") == "user"):
+        raise RecordError(f"{where}: field {key!r} must be a list of chat messages ending in the user's request")
+    return messages
+
+
 def _check_fields(row: Any, fields: tuple[str, ...], benchmark: str, where: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -202,19 +218,10 @@ _MRCR_INFO = ("n_needles", "desired_msg_index", "total_messages", "n_chars")
 
 def mrcr_record(row: Any, where: str, index: int) -> Record:
     row = _check_fields(row, MRCR_FIELDS, "MRCR", where)
-    messages = row["prompt"]
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{where}: field 'prompt' is not a JSON list of chat messages ({e.msg} at "
-                              f"character {e.pos})") from None
+    messages = _chat_messages(row, "prompt", where)
     answer, prefix = _text(row, "answer", where), _text(row, "random_string_to_prepend", where)
     if not answer.startswith(prefix):  # no reply could score 1: a row of another dataset, or a broken one
         raise RecordError(f"{where}: field 'answer' does not start with random_string_to_prepend {prefix!r}")
-    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-            and messages[-1].get("role") == "user"):
-        raise RecordError(f"{where}: field 'prompt' must be a list of chat messages ending in the user's request")
     extra: dict[str, Any] = {"index": index, "random_string_to_prepend": prefix}
     for key in _MRCR_INFO:
         value = row.get(key)
@@ -269,8 +276,6 @@ FRAMES_FIELDS = ("Prompt", "Answer", "wiki_items")
 def frames_record(row: Any, where: str, index: int, template: str = FRAMES_TEMPLATE) -> Record:
     row = _check_fields(row, FRAMES_FIELDS, "Frames", where)
     items = row["wiki_items"]
-    if hasattr(items, "tolist"):  # parquet via pandas: an array of dicts
-        items = items.tolist()
     if not (isinstance(items, list) and items and all(isinstance(x, dict) and isinstance(x.get("title"), str)
                                                       and isinstance(x.get("text"), str) for x in items)):
         raise RecordError(f"{where}: field 'wiki_items' must be a non-empty list of {{title, text}} articles")
@@ -294,8 +299,6 @@ def lbv1qa_record(row: Any, where: str, index: int, template: str = LBV1QA_TEMPL
                   subset: str | None = None) -> Record:
     row = _check_fields(row, LBV1QA_FIELDS, "LongBench v1 QA", where)
     answers = row["answers"]
-    if hasattr(answers, "tolist"):  # parquet via pandas: an array
-        answers = answers.tolist()
     if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)):
         raise RecordError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
     values = {"DOC": _text(row, "context", where).strip(), "Q": _text(row, "input", where).strip()}
@@ -317,12 +320,7 @@ CORPUSQA_DOMAINS = ("financial_zh", "financial_en", "education_en", "real_estate
 
 def corpusqa_record(row: Any, where: str, index: int) -> Record:
     row = _check_fields(row, CORPUSQA_FIELDS, "CorpusQA", where)
-    messages = row["prompt"]
-    if hasattr(messages, "tolist"):
-        messages = messages.tolist()
-    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
-            and messages[-1].get("role") == "user"):
-        raise RecordError(f"{where}: field 'prompt' must be a list of chat messages ending in the user's request")
+    messages = _chat_messages(row, "prompt", where)
     answer = _answer_text(row, "answer", where)
     qid = str(row["id"])
     domain = next((d for d in CORPUSQA_DOMAINS if qid.startswith(d)), None)

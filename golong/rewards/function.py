@@ -94,6 +94,15 @@ def parse_spec(spec: str) -> tuple[Path, str]:
     return Path(path).expanduser().resolve(), name
 
 
+def code_sha1(spec: str) -> str:
+    """sha1 of the code of a reward function spec's file ("no file" where there is none): the scores follow its code,
+    not its path."""
+    import hashlib
+
+    path = parse_spec(spec)[0]
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else "no file"
+
+
 def check_function(spec: str, key: str = "rollout.reward_function") -> str | None:
     """The problem with a reward function spec, one line naming `key`, or None: the file must exist, be Python
     that parses, and define `name` at its top level (a def, an assignment or an import). Nothing is executed."""
