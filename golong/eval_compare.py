@@ -31,7 +31,7 @@ TIE = 1e-9
 # eval.json settings that make two evals' scores not comparable as the same measurement when they differ (judge: its
 # model); an eval.json written before a setting was recorded does not hold it and is not compared on it
 _SETTINGS = ("temperature", "top_p", "responses_per_prompt", "max_prompt_tokens", "overflow", "max_response_tokens",
-             "require_think", "reward_function", "judge")
+             "require_think", "reward_function", "reward_kwargs", "judge")
 
 
 def _setting(info: dict[str, Any], name: str) -> Any:
@@ -103,13 +103,29 @@ def read_scores(source: str | Path) -> EvalScores:
     out = EvalScores(path, dict(scores), content, groups)
     if (meta := path.with_name("eval.json")).is_file():
         try:
-            out.info = json.loads(meta.read_text())
+            info = json.loads(meta.read_text())
         except json.JSONDecodeError:
             out.warnings.append(f"{meta} is not JSON: its settings are not compared")
+        else:
+            if _is_eval_info(info):
+                out.info = info
+            else:
+                out.warnings.append(f"{meta} is not an eval.json golong wrote (its object, tasks, judge or by has "
+                                    "another shape): its settings are not compared")
     if path.with_name("eval.partial.jsonl").is_file():
         out.warnings.append(f"{path.parent} also holds eval.partial.jsonl: an eval there is under way or was stopped, "
                             f"and {path.name} is an earlier eval's")
     return out
+
+
+def _is_eval_info(info: Any) -> bool:
+    """Whether eval.json's parsed `info` has the shape of golong eval's: an object whose tasks are objects, its judge
+    an object or null, its by an object."""
+    if not isinstance(info, dict):
+        return False
+    tasks = info.get("tasks") or {}
+    return (isinstance(tasks, dict) and all(isinstance(row, dict) for row in tasks.values())
+            and isinstance(info.get("judge") or {}, dict) and isinstance(info.get("by") or {}, dict))
 
 
 def _paired(pairs: list[tuple[float, float]]) -> dict[str, Any]:

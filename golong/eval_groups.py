@@ -55,12 +55,25 @@ def group_label(prompt: EncodedPrompt, key: str) -> str:
 ROW_LABEL_CHARS = 64
 
 
-def row_groups(prompt: EncodedPrompt, keys: Sequence[str]) -> dict[str, str]:
+def _short(value: object) -> bool:
+    return isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= ROW_LABEL_CHARS)
+
+
+def short_keys(prompts: Sequence[EncodedPrompt]) -> tuple[str, ...]:
+    """The extra_info keys holding a number, a boolean or text of at most ROW_LABEL_CHARS characters in any of the
+    prompts' records, in order of first appearance: what row_groups labels every row by."""
+    return tuple(dict.fromkeys(k for p in prompts for k, v in p.record.extra_info.items() if _short(v)))
+
+
+def row_groups(prompt: EncodedPrompt, keys: Sequence[str], known: Sequence[str] = ()) -> dict[str, str]:
     """A response row's `groups` in responses.jsonl: the prompt's label under each `--by` key of `keys` (not
-    prompt_tokens: eval-compare bins the row's own count) and under every other extra_info key holding a number, a
-    boolean or text of at most ROW_LABEL_CHARS characters."""
-    short = [k for k, v in prompt.record.extra_info.items()
-             if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= ROW_LABEL_CHARS)]
+    prompt_tokens: eval-compare bins the row's own count) and under every key of `known` (short_keys of the eval's
+    prompts) its record holds a number, a boolean or short text under, or nothing (NONE_LABEL, as `--by` labels
+    it), so that eval-compare can group an eval by them later. A record holding a longer value under a known key is
+    not labelled by it."""
+    extra = prompt.record.extra_info
+    short = [k for k in dict.fromkeys([*known, *extra])
+             if _short(extra.get(k)) or (k in known and extra.get(k) is None)]
     return {k: group_label(prompt, k) for k in dict.fromkeys([*keys, *short]) if k != PROMPT_TOKENS}
 
 

@@ -92,6 +92,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   # what else the scores depend on (golong eval-compare warns where two evals differ in them)
                   "max_response_tokens": cfg.rollout.max_response_tokens, "require_think": cfg.rollout.require_think,
                   "reward_function": _function_id(cfg.rollout.reward_function),
+                  "reward_kwargs": dict(cfg.rollout.reward_kwargs),
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),

@@ -58,7 +58,7 @@ from golong.config import (
     to_dict,
 )
 from golong.data.records import reference_answer, sft_target
-from golong.eval_groups import check_group_keys, row_groups
+from golong.eval_groups import check_group_keys, row_groups, short_keys
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.parallel import all_gather_objects, compute_device, gather_objects_to_rank0, init_parallel, rollout_share
 from golong.profiling import TorchTrace, add_layer_nvtx, cuda_profiler_window, nvtx_range
@@ -247,6 +247,7 @@ class Trainer:
         # a typo costs no model load, engine start or generation
         check_group_keys(eval_by, self.val_prompts, self.val_record_tasks.total() - len(self.val_prompts))
         self.eval_by = tuple(eval_by)  # each response row is labelled with these (golong.eval_groups.row_groups)
+        self.row_keys = short_keys(self.val_prompts)  # and these where its record holds a short value or none
         self.judge = self._start_judge()
         self._start_reward_function()
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
@@ -809,7 +810,7 @@ class Trainer:
                 rows.append({"prompt": j // n, "record": prompt.index, "sample": j % n,
                              "prompt_tokens": len(prompt.input_ids), "prompt_sha1": sha, "truncated": prompt.truncated,
                              "data_source": record.data_source, "task": record.task,
-                             "groups": row_groups(prompt, self.eval_by),
+                             "groups": row_groups(prompt, self.eval_by, self.row_keys),
                              "score": g.score, "finish_reason": g.finish_reason, **(g.reward_info or {}),
                              "response": g.text})
         if dump:

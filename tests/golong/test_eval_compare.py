@@ -108,11 +108,12 @@ def test_different_prompts_or_bad_rows_are_named(tmp_path):
 
 def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
     """Settings that change the scores, where both eval.json files hold them: sampling, the response limit, the
-    format gate, the reward function (its code's hash), the judge model."""
+    format gate, the reward function (its code's hash) and its keyword arguments, the judge model."""
     metrics = {"a": "em", "b": "compute_score() (golong: em)"}  # B scored by a reward function of the user's
-    other = {"a": {"max_response_tokens": 64, "require_think": False, "reward_function": None, "judge": None},
+    other = {"a": {"max_response_tokens": 64, "require_think": False, "reward_function": None, "reward_kwargs": {},
+                   "judge": None},
              "b": {"max_response_tokens": 4, "require_think": True, "reward_function": "fn.py @ 0123456789ab",
-                   "judge": {"model": "deepseek-chat", "asked": 2}}}
+                   "reward_kwargs": {"bonus": 0.5}, "judge": {"model": "deepseek-chat", "asked": 2}}}
     for name, temperature in (("a", 0.6), ("b", 1.0)):
         (tmp_path / name).mkdir()
         _write(tmp_path / name / "responses.jsonl", {("em", 0): [1.0], ("em", 1): [0.0]})
@@ -129,8 +130,27 @@ def test_other_settings_and_an_eval_under_way_are_warned_of(tmp_path):
                                "eval settings differ: max_response_tokens 64 (A) vs 4 (B)",
                                "eval settings differ: require_think False (A) vs True (B)",
                                "eval settings differ: reward_function None (A) vs fn.py @ 0123456789ab (B)",
+                               "eval settings differ: reward_kwargs {} (A) vs {'bonus': 0.5} (B)",
                                "eval settings differ: judge None (A) vs deepseek-chat (B)",
                                "task em is scored differently: em (A) vs compute_score() (golong: em) (B)"]
+
+
+def test_an_eval_json_of_another_shape_is_warned_of_and_its_settings_not_compared(tmp_path):
+    """eval.json that is not JSON, or JSON of another shape than golong eval's (a list, null, a task row or judge
+    that is no object): a warning, and the responses are compared without its settings (was a traceback)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "responses.jsonl", {("em", 0): [1.0], ("em", 1): [0.0]})
+    (tmp_path / "a" / "eval.json").write_text(json.dumps({"temperature": 0.6, "tasks": {"em": {"metric": "em"}}}))
+    for text in ("[]", "null", '"x"', '{"tasks": {"em": null}}', '{"temperature": 1.0, "judge": "deepseek-chat"}',
+                 '{"by": [1]}', "{not json"):
+        (tmp_path / "b" / "eval.json").write_text(text)
+        b = read_scores(tmp_path / "b")
+        assert b.info == {} and len(b.warnings) == 1, text
+        assert b.warnings[0].startswith(f"{tmp_path / 'b' / 'eval.json'} is not "), text
+        got = compare(read_scores(tmp_path / "a"), b, by=["prompt_tokens"])
+        assert got["diff"] == 0 and got["warnings"] == b.warnings, text
+        assert got["b_label"] == str(tmp_path / "b" / "responses.jsonl")
 
 
 def test_common_compares_only_the_prompts_both_hold(tmp_path):

@@ -1520,21 +1520,35 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     (tmp_path / "sampled.py").write_text(SAMPLED_REWARD)  # a score that varies with the sampled text
     cfg.rollout.reward_function = str(tmp_path / "sampled.py")
     cfg.rollout.val_n = 4
+    # record keys some records hold a short value under, others none, None or a longer text
+    data = tmp_path / "count.jsonl"
+    records = [json.loads(line) for line in data.open()]
+    for i, extra in enumerate([{"level": "hard"}, {"level": 2}, {"level": None}, {}, {"note": "x" * 65},
+                               {"note": "ok"}]):
+        records[i]["extra_info"].update(extra)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = evaluate(cfg, None, tmp_path / "eval", by=["prompt_tokens", "index"])
     rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     # each response was scored against the record its row names (the function's own view of it): the rows group
     # by prompt as the responses were asked for
     assert all(row["reward_extras"] == {"rec": row["record"]} for row in rows)
-    # each row names its prompt's group under the record keys of --by (prompt_tokens: from its token count), which
-    # golong eval-compare --by reads back
-    assert all(row["groups"] == {"index": str(row["prompt"])} for row in rows)
+    # each row names its prompt's group under the record keys of --by (prompt_tokens: from its token count) and
+    # under the keys any record holds a short value under (a record without one, or None: "(none)", as --by labels
+    # it; a longer text: not labelled), which golong eval-compare --by reads back
+    want = [{"level": "hard", "note": "(none)"}, {"level": "2", "note": "(none)"},
+            {"level": "(none)", "note": "(none)"}, {"level": "(none)", "note": "(none)"}, {"level": "(none)"},
+            {"level": "(none)", "note": "ok"}]
+    assert all(row["groups"] == {"index": str(row["prompt"]), **want[row["prompt"]]} for row in rows)
     # by_mean: each key's unweighted mean over its groups (here one group a prompt, one bin)
     by_prompt = [sum(r["score"] for r in rows if r["prompt"] == p) / 4 for p in range(6)]
     assert result["by_mean"]["index"] == pytest.approx(sum(by_prompt) / 6)
     assert result["by_mean"]["prompt_tokens"] == pytest.approx(result["by"]["prompt_tokens"]["<4K"]["reward_mean"])
+    assert result["reward_kwargs"] == {"bonus": 0.5}  # eval-compare warns where two evals differ in them
     from golong.eval_compare import compare, read_scores
 
-    same = compare(read_scores(tmp_path / "eval"), read_scores(tmp_path / "eval"), by=["index", "prompt_tokens"])
+    same = compare(read_scores(tmp_path / "eval"), read_scores(tmp_path / "eval"),
+                   by=["index", "prompt_tokens", "level"])
+    assert [(label, g["prompts"]) for label, g in same["by"]["level"].items()] == [("2", 1), ("hard", 1), ("(none)", 4)]
     assert list(same["by"]["index"]) == [str(i) for i in range(6)] and list(same["by"]["prompt_tokens"]) == ["<4K"]
     assert same["by"]["prompt_tokens"]["<4K"]["prompts"] == 6 and same["by"]["prompt_tokens"]["<4K"]["equal"] == 6
     groups: dict[str, dict[int, list[float]]] = {}
