@@ -5,7 +5,10 @@ torch."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,3 +29,27 @@ def check_triton_device(t: torch.Tensor) -> None:
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run on CPU); "
                            "backend='torch' runs anywhere")
+
+
+def check_first_backward(op: str) -> None:
+    """Raise RuntimeError in a Triton backward run with create_graph=True (grad mode on inside it): the kernels build
+    no graph, so a second derivative through `op` would silently miss their terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}'s triton backend is differentiable once: create_graph=True (double backward) needs "
+                           "backend='torch'")
+
+
+def autocast_off(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an autograd Function's forward or backward with autocast off on its tensors' device: the kernels and
+    their torch paths keep their own precisions (fp32 logits and scores, fp32 accumulation), which an autocast
+    region around the call or the backward would otherwise round to 16 bits. The forward's first tensor argument
+    names the device."""
+
+    @functools.wraps(method)
+    def run(ctx: Any, *args: Any) -> Any:
+        if not hasattr(ctx, "autocast_device"):  # the forward
+            ctx.autocast_device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(ctx.autocast_device, enabled=False):
+            return method(ctx, *args)
+
+    return run

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, autocast_off, check_first_backward, check_triton_device, check_triton_dtype
 from kernels.tma import tma_ready
 
 LOG2E = 1.4426950408889634
@@ -805,6 +805,17 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """The scores' scale: softmax_scale, a finite number (NaN or inf gave NaN or zero rows, each backend its
+    own), or head_dim**-0.5."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    return scale
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"expected q [T,Hq,D], k/v [T,Hkv,D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -962,6 +973,7 @@ def block_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 causal: bool, scale: float, backend: str, prefix_of: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -980,11 +992,10 @@ class _FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[Any, ...]:
-        if torch.is_grad_enabled() and ctx.backend == "triton":  # create_graph=True: the kernels build no graph
-            # (the torch backend's ops do, through the saved out and lse, so it is twice differentiable)
-            raise RuntimeError("flash_attention's triton backend is differentiable once: create_graph=True (double "
-                               "backward) needs backend='torch'")
+        if ctx.backend == "triton":  # the torch backend's ops build a graph through the saved out and lse
+            check_first_backward("flash_attention")
         q, k, v, out, lse, doc, pos, *prefix = ctx.saved_tensors
         rows = Rows(doc, pos)
         if dout is None:
@@ -1104,7 +1115,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     check_cu_seqlens(cu_seqlens, q.shape[0], tail=True)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
     if prefix_of is not None:
         check_prefix_of(prefix_of, cu_seqlens.numel() - 1)
         if backend in ("flash_attn", "varlen_attn"):

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels import tuned
 from kernels.aot import HOPPER_MAX_SHARED_BYTES
-from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_first_backward, check_triton_device, check_triton_dtype
 from kernels.tma import tma_ready
 
 # Production tiles (Hopper, bf16, Qwen3-30B-A3B: H=2048, I=768 -> gate_up N=1536, down K=768), for the
@@ -397,6 +397,7 @@ class _TritonGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        check_first_backward("grouped_mm")
         x, w, offsets = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -470,6 +471,13 @@ class _TorchGroupedMM(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
         dy = dy.contiguous()  # _grouped_mm needs an aligned upstream gradient
+        if torch.is_grad_enabled():  # create_graph=True: the gradients through differentiable ops
+            dx = _TorchGroupedMM.apply(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+            dw = None
+            if ctx.needs_input_grad[1]:
+                ends = offsets.tolist()  # host sync: double backward only
+                dw = torch.stack([x[start:end].t() @ dy[start:end] for start, end in zip([0, *ends[:-1]], ends)])
+            return dx, dw, None
         dx = _mm(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
         dw = _mm_dw(x, dy, offsets, like=w) if ctx.needs_input_grad[1] else None
         return dx, dw, None
@@ -532,7 +540,7 @@ def grouped_mm_unchecked(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
         return _TritonGroupedMM.apply(x, w, offsets)
     if backend == "torch":
         return _TorchGroupedMM.apply(x, w, offsets)
-    raise ValueError(f"unknown backend {backend!r}")
+    raise ValueError(f"unknown backend {backend!r}; valid: 'auto', 'triton', 'torch'")
 
 
 def aot_configs(fwd: dict[str, int] | None = None, dw: dict[str, int] | None = None, prefix: str = "grouped_mm"

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, autocast_off, check_triton_device, check_triton_dtype
 
 __all__ = ["linear_logprob_entropy", "linear_logprob_entropy_reference", "AOT_CONFIGS"]
 
@@ -852,6 +852,7 @@ def _gemm_backward(
 
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 temperature: float, ignore_index: int, backend: str, deterministic: bool):
         inv_t = 1.0 / float(temperature)
@@ -868,6 +869,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         return logprob, entropy
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None):
         if torch.is_grad_enabled():  # create_graph=True: the kernels and in-place chunk updates build no graph,
             # so a second derivative would silently miss terms (triton) or fail inside an out= op (torch)

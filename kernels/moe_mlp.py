@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuned
-from kernels.dtypes import TRITON_DTYPES, check_triton_device, check_triton_dtype
+from kernels.dtypes import TRITON_DTYPES, check_first_backward, check_triton_device, check_triton_dtype
 from kernels.grouped_mm import _triton_dw, _triton_fwd, grouped_mm_unchecked
 from kernels.moe_route import Routing, _triton_combine, _use_triton
 
@@ -119,6 +119,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, da):
+        check_first_backward("swiglu")
         (h,) = ctx.saved_tensors
         return _swiglu_backward(h, da)
 
@@ -158,6 +159,7 @@ class _GateUp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        check_first_backward("expert_mlp")
         x, w, offsets, rows, inverse, h = ctx.saved_tensors
         if ctx.swiglu and h is None:
             raise RuntimeError("expert_mlp ran its forward without keeping the gate_up product (keep_h=False)")

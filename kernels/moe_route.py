@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dtypes import TRITON_DTYPES, check_triton_device
+from kernels.dtypes import TRITON_DTYPES, check_first_backward, check_triton_device
 
 
 @dataclass
@@ -161,6 +161,7 @@ class _Permute(torch.autograd.Function):
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         if ctx.use_triton:
+            check_first_backward("Routing.permute")
             return _triton_combine(grad, inverse, None, inverse.numel() // ctx.top_k, ctx.top_k), None, None, None, None
         g = grad[inverse].view(inverse.numel() // ctx.top_k, ctx.top_k, grad.shape[-1])  # not -1: H may be 0
         return g.sum(1), None, None, None, None  # reductions accumulate in fp32 for bf16 inputs
@@ -187,6 +188,8 @@ class _Unpermute(torch.autograd.Function):
         t, k = weights.shape
         need_dy, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = dw = None
+        if ctx.use_triton:
+            check_first_backward("Routing.unpermute")
         if ctx.use_triton and t and (need_dy or need_dw):
             grad = grad if grad.stride(-1) == 1 else grad.contiguous()
             y = y if y.stride(-1) == 1 else y.contiguous()
@@ -285,6 +288,7 @@ class _RouteTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w, _grad_ids):
+        check_first_backward("route_topk")  # the torch ops below run on a detached copy of the logits
         logits, ids = ctx.saved_tensors
         with torch.enable_grad():
             x = logits.detach().requires_grad_()

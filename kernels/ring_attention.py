@@ -18,16 +18,19 @@ behind its K/V block; after W hops every accumulator is back on its owner.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from kernels.dtypes import autocast_off
 from kernels.flash_attention import (
     Rows,
     _check,
     _resolve,
+    _softmax_scale,
     attention_delta,
     block_attention_bwd,
     block_attention_fwd,
@@ -138,12 +141,20 @@ def zigzag_indices(cu_seqlens: torch.Tensor, rank: int, world: int) -> torch.Ten
     return torch.nonzero(owner == rank).flatten()
 
 
+def _index(n: Any, name: str) -> int:
+    try:
+        return operator.index(n)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(n).__name__} {n!r}") from None
+
+
 def zigzag_shard(x: torch.Tensor, cu_seqlens: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rows of packed x [T, ...] that rank `rank` keeps: chunks r and 2W-1-r of every document.
 
     Each document of length L is cut into 2*world chunks at c*L // (2*world); any L works (no padding;
     a document shorter than 2*world leaves some chunks empty). Rows stay in global order.
     """
+    rank, world = _index(rank, "rank"), _index(world, "world")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
     check_cu_seqlens(cu_seqlens.cpu(), x.shape[0])  # host values: the chunking reads them anyway
@@ -234,6 +245,7 @@ def ring_bwd_step(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, lse: to
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, group: Any,
                 causal: bool, scale: float, backend: str, prefix_of: torch.Tensor | None) -> torch.Tensor:
         ring = _Ring(group)
@@ -263,6 +275,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
         # create_graph=True: the backward ring's messages and in-place sums build no graph, so a second derivative
         # would silently miss terms
@@ -324,6 +337,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     _resolve(backend, q)
     if prefix_of is not None:  # as given (its dtype and shape), before it is planned with or any send is posted
         check_prefix_of(prefix_of, cu_seqlens.numel() - 1)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
     return _RingAttention.apply(q, k, v, cu_seqlens, group, causal, scale, backend, prefix_of)
 

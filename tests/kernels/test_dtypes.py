@@ -46,3 +46,33 @@ def test_fp64_is_refused_by_triton_and_named_for_torch():
                                         r"are the \*_reference functions\)"):
         kernels.grouped_mm(torch.randn(8, 16, dtype=torch.float64), torch.randn(2, 16, 4, dtype=torch.float64),
                            torch.tensor([3, 8], dtype=torch.int32), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_autocast_region_does_not_round_the_kernels_to_16_bits(backend):
+    """Inside torch.autocast (bf16) the LM head's logits and attention's scores stay fp32, forward and backward
+    (the torch paths' matmuls were autocast to bf16: logprob error 4e-2 vs 1e-6 outside): the results match the
+    same call outside the region, and the fp64 reference."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(16, 128, generator=g, requires_grad=True)
+    w = (torch.randn(1031, 128, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 1031, (16,), generator=g)
+    q = torch.randn(23, 4, 32, generator=g, requires_grad=True)
+    kv = torch.randn(23, 2, 32, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+
+    def run():
+        lp, ent = kernels.linear_logprob_entropy(h, w, t, 0.7, backend=backend)
+        out, lse = kernels.flash_attention(q, kv, kv, cu, backend=backend)
+        loss = (lp * torch.linspace(-1, 1, 16)).sum() + ent.sum() + out.square().sum() + lse.sum()
+        return [lp, ent, out, lse, *torch.autograd.grad(loss, (h, w, q, kv))]
+
+    plain = [x.detach() for x in run()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = [x.detach() for x in run()]
+    ref_logits = (h.double() @ w.double().T) / 0.7
+    ref_lp = torch.log_softmax(ref_logits, -1).gather(1, t[:, None])[:, 0]
+    for name, a, b in zip(("logprob", "entropy", "out", "lse", "dh", "dw", "dq", "dkv"), cast, plain):
+        assert a.dtype == b.dtype and torch.isfinite(a).all(), name
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-5, name
+    assert ((cast[0].double() - ref_lp).norm() / ref_lp.norm()).item() < 1e-5

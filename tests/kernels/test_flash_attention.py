@@ -20,7 +20,7 @@ from kernels.flash_attention import (
     block_attention_fwd,
     flash_attention,
 )
-from kernels.ring_attention import zigzag_indices
+from kernels.ring_attention import ring_attention, zigzag_indices
 from tests.kernels import interpreter_tma
 from tests.kernels.launch_spy import LaunchSpy
 from tests.kernels.segments import worst_segment_error
@@ -122,6 +122,38 @@ def test_torch_backend_small_tiles_running_max_never_falls(monkeypatch, cu, hq, 
                                backend="torch")
     ro, rl = per_document_attention(q, k, v, cu, causal, scale)
     assert rel(out, ro) < 1e-5 and rel(lse, rl) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_scores_far_below_zero_are_attended_as_any_others(backend):
+    """Softmax is shift-invariant: rows whose every score is near -14,400 attend as rows near 0 do (a running max
+    started at -1e4 instead of -1e30 gave lse -inf and zero rows there), forward and backward, vs fp64."""
+    cu = [0, 7, 40, 41, 70]
+    q, k, v = _inputs(cu, 4, 2, 16, torch.float32)
+    q, k = (q * 0.05 + 60.0).requires_grad_(), (k * 0.05 - 60.0).requires_grad_()  # scores ~ -16 * 3600 / 4
+    v.requires_grad_()
+    out, lse = flash_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), backend=backend)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = per_document_attention(q64, k64, v64, cu, True, 16 ** -0.5)
+    assert rl.max() < -1e4 and torch.isfinite(lse).all() and torch.isfinite(out).all()
+    # fp32 scores of 1.4e4 carry ~1e-3 absolute rounding (their ulp): out within ~5e-4 (0 rows: error 1)
+    assert rel(out, ro) < 5e-3 and rel(lse, rl) < 1e-6
+    go = torch.randn_like(ro)
+    (out * go.float()).sum().backward()
+    (ro * go).sum().backward()
+    assert rel(v.grad, v64.grad) < 5e-3
+    assert rel(q.grad, q64.grad) < 5e-3 and rel(k.grad, k64.grad) < 5e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_delta_sums_in_fp32_whatever_the_inputs(backend):
+    """delta = rowsum(out * dout) feeds every backward: fp16 out and dout are multiplied in fp32 (their product
+    rounded to fp16 before the sum was 2e-4 off fp64 instead of 1e-7)."""
+    out, do = (torch.randn(37, 3, 128, dtype=torch.float64) * 4).half(), (torch.randn(37, 3, 128) * 4).half()
+    dlse = torch.randn(37, 3)
+    ref = (out.double() * do.double()).sum(-1) - dlse.double()
+    got = attention_delta(out, do, dlse, backend=backend)
+    assert got.dtype == torch.float32 and rel(got, ref) < 1e-6
 
 
 def test_key_and_query_ranges_match_brute_force():
@@ -538,6 +570,12 @@ def test_flash_attention_rejects_mismatched_rows_dtypes_and_head_dims():
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'; valid: 'auto', 'triton', 'torch', "
                                          "'flash_attn', 'varlen_attn'"):
         flash_attention(q, k, k, cu, backend="cuda")
+    for backend in ("torch", "triton"):  # NaN / inf gave NaN or zero rows, each backend its own
+        for scale in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match="softmax_scale must be a finite number"):
+                flash_attention(q, k, k, cu, softmax_scale=scale, backend=backend)
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number"):
+        ring_attention(q, k, k, cu, group=None, softmax_scale=float("nan"))
 
 
 def test_triton_backend_refuses_fp64_and_auto_takes_torch_for_it():

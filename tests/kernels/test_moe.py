@@ -2,6 +2,7 @@
 
 import importlib
 import logging
+import re
 
 import pytest
 import torch
@@ -61,6 +62,13 @@ def test_route_topk_triton_matches_torch(T, E, k, norm):
     w16_ref, _ = route_topk(logits.half(), k, norm, backend="torch")
     assert w16.dtype == torch.float16
     torch.testing.assert_close(w16.float(), w16_ref.float(), rtol=2e-3, atol=1e-4)
+    # logits far from 0 (a softmax without its max subtracted overflows exp: NaN weights, ids 0..k-1)
+    for shift in (100.0, -100.0):
+        far = logits * 3 + shift
+        w_far, ids_far = route_topk(far, k, norm, backend="triton")
+        w_far_ref, ids_far_ref = route_topk(far, k, norm, backend="torch")
+        assert torch.isfinite(w_far).all() and torch.equal(ids_far, ids_far_ref), shift
+        torch.testing.assert_close(w_far, w_far_ref, rtol=1e-5, atol=1e-7)
 
 
 def test_route_topk_ties_take_the_lower_expert_and_bad_k_is_refused():
@@ -189,6 +197,21 @@ def test_triton_permute_unpermute_match_fp64(T, E, k, H, dtype, tol):
     for name, a, b in zip(("permute", "unpermute", "dx", "dy", "dweights"), ours, ref):
         assert a.dtype == dtype, name
         assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+def test_triton_combine_sums_its_k_terms_in_fp32():
+    """The combine's k = 8 weighted terms in fp16: summed in fp32 and rounded once, each output is the fp64 sum
+    rounded to fp16 or its neighbour (one ulp); a sum rounded to fp16 at every term drifts further."""
+    g = torch.Generator().manual_seed(11)
+    T, E, k, H = 64, 16, 8, 96
+    r = moe_route(torch.randn(T, E, generator=g), k, norm_topk_prob=False)
+    y = (torch.randn(T * k, H, generator=g) * 3).half()
+    out = r.unpermute(y, backend="triton")
+    w16 = r.weights.half().double()  # the combine takes the weights in y's dtype
+    exact = (w16[:, :, None] * y.double()[r.inverse].view(T, k, H)).sum(1)
+    rounded = exact.half()
+    ulp = (torch.nextafter(rounded.abs(), torch.tensor(float("inf"), dtype=torch.float16)) - rounded.abs()).double()
+    assert ((out.double() - rounded.double()).abs() <= ulp).all()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
@@ -671,3 +694,53 @@ def test_replaying_the_routers_own_choice_on_cuda_matches_and_captures_in_a_grap
         moe_route(logits, 8, backend="triton", expert_ids=given)
     graph.replay()
     torch.cuda.synchronize()
+
+
+def test_triton_moe_ops_refuse_double_backward_and_the_torch_backend_is_twice_differentiable():
+    """create_graph=True through a Triton backward would drop the kernels' terms from the second derivative
+    without a word: each MoE op's triton backend refuses it by name; the torch backend's second derivative (a
+    gradient penalty through the whole layer) matches transformers' block in fp64."""
+    from kernels.grouped_mm import grouped_mm
+    from kernels.moe_mlp import swiglu
+
+    torch.manual_seed(3)
+    x, router_w, gate_up, down = _moe_params(torch.float32, T=29, H=24, inter=10, E=5)
+    r = moe_route(torch.nn.functional.linear(x, router_w).detach(), 2, backend="triton")  # route_topk: below
+    logits = torch.randn(29, 5, requires_grad=True)
+    h = torch.randn(31, 20, requires_grad=True)
+    w = torch.randn(5, 24, 10, requires_grad=True)
+    xp = r.permute(x.detach(), backend="torch").requires_grad_()  # [T*k, H] in expert order
+    y = torch.randn(58, 24, requires_grad=True)
+    cases = {"grouped_mm": lambda: grouped_mm(xp, w, r.offsets, backend="triton"),
+             "Routing.permute": lambda: r.permute(x, backend="triton"),
+             "Routing.unpermute": lambda: r.unpermute(y, backend="triton"),
+             "route_topk": lambda: route_topk(logits, 2, backend="triton")[0],
+             "swiglu": lambda: swiglu(h, backend="triton"),
+             "expert_mlp": lambda: expert_mlp(x, r, gate_up, down, backend="triton")}
+    for name, run in cases.items():
+        out = run()
+        inputs = [x, xp, y, w, logits, h, gate_up, down]
+        first = torch.autograd.grad(out.square().sum(), inputs, allow_unused=True)  # once: fine
+        assert any(g is not None and g.norm() > 0 for g in first), name
+        # the layer: whichever of its pieces' backwards runs first (the combine) refuses
+        who = "" if name == "expert_mlp" else re.escape(name)
+        with pytest.raises(RuntimeError, match=f"{who}'s triton backend is differentiable once"):
+            out = run()
+            torch.autograd.grad(out.square().sum(), inputs, create_graph=True, allow_unused=True)
+
+    # torch backend: d/dparams of |d loss / dx|^2 against transformers' block in fp64
+    block = _hf_block(hidden=24, inter=10, experts=5, top_k=2, dtype=torch.float64)
+    x64 = torch.randn(29, 24, dtype=torch.float64, requires_grad=True)
+    params = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
+
+    def penalty(y, xs):
+        (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        return gx.square().sum()
+
+    ref = torch.autograd.grad(penalty(block(x64[None])[0], x64), params)
+    x32 = x64.detach().float().requires_grad_()
+    p32 = [p.detach().float().requires_grad_() for p in params]
+    r32 = moe_route(torch.nn.functional.linear(x32, p32[0]), 2, backend="torch")
+    ours = torch.autograd.grad(penalty(expert_mlp(x32, r32, p32[1], p32[2], backend="torch"), x32), p32)
+    for name, a, b in zip(("gate", "gate_up", "down"), ours, ref):
+        assert b.norm() > 0 and _rel(a, b) < 1e-4, (name, _rel(a, b))

@@ -38,6 +38,11 @@ def test_shard_and_ring_check_inputs_before_any_communication():
     for rank in (-1, 2):
         with pytest.raises(ValueError, match=f"rank {rank} outside world of 2"):
             zigzag_shard(x, torch.tensor(_cu([4, 5]), dtype=torch.int32), rank, 2)
+    for rank, world in ((1, 1.5), (0.0, 2), (torch.tensor([0, 1]), 2)):  # a float world gave a nonsense shard
+        with pytest.raises(TypeError, match="(rank|world) must be an int"):
+            zigzag_shard(x, torch.tensor(_cu([4, 5]), dtype=torch.int32), rank, world)
+    assert torch.equal(zigzag_shard(x, torch.tensor(_cu([4, 5]), dtype=torch.int32), torch.tensor(1), 2),
+                       zigzag_shard(x, torch.tensor(_cu([4, 5]), dtype=torch.int32), 1, 2))
     # bad GQA: raised at the call, before a K/V block is posted to a peer (no process group is needed to see it)
     q, k = torch.randn(4, 3, 16), torch.randn(4, 2, 16)
     with pytest.raises(ValueError, match="Hq % Hkv == 0"):
