@@ -52,7 +52,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from golong.config import ConfigError
-from golong.logger import ProgressLog
+from golong.logger import ProgressLog, get_logger
+
+log = get_logger()
 
 MARKER = "COMPLETE"
 FRESH_OPTIMIZER = "optimizer_fresh"  # trainer_state.pt's record that the optimizer had taken no step yet
@@ -386,6 +388,7 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
     problems += [f"{k} missing there" for k in here if k not in saved]
     problems += [f"{k} unknown here" for k in saved if k not in here]
     if not problems:
+        _check_same_computation(path, model)
         return
     msg = f"checkpoint {path} holds a different model than the config: " + "; ".join(problems[:3])
     if len(problems) > 3:
@@ -399,6 +402,35 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
             msg += ". Its config.json differs in " + ", ".join(diff)
     raise ConfigError(msg + ". Use the model settings it was written with, or another logging.run_dir for a new "
                      "run.")
+
+
+# model settings that change what the same tensors compute: a checkpoint written under others is another model
+SAME_COMPUTATION = ("model_type", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                    "rope_theta", "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+# ... and those a run may change on purpose (a longer context from here on, with YaRN): warned of
+CONTEXT_LENGTH = ("rope_scaling", "max_position_embeddings")
+
+
+def _check_same_computation(path: Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose config.json differs from the model's in a setting the tensor shapes do not show
+    (top-k, norm_topk_prob, RoPE theta, the norm's epsilon ...): resumed, the run would go on as another model; warn
+    where it differs in the context length's settings."""
+    cfg_file = path / "config.json"
+    if not (cfg_file.is_file() and hasattr(model, "config")):
+        return
+    from golong.models.config import ModelConfig
+
+    theirs, ours = ModelConfig.from_hf(json.loads(cfg_file.read_text())), model.config
+    differ = [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in SAME_COMPUTATION
+              if getattr(theirs, k) != getattr(ours, k)]
+    if differ:
+        raise ConfigError(f"checkpoint {path} holds a different model than the config: its config.json differs in "
+                          f"{', '.join(differ)}. Use the model settings it was written with, or another "
+                          "logging.run_dir for a new run.")
+    for k in CONTEXT_LENGTH:
+        if getattr(theirs, k) != getattr(ours, k):
+            log.warning(f"resume: {path} was written with {k}={getattr(theirs, k)!r}; the config's "
+                        f"{getattr(ours, k)!r} from here on")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -291,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "plan":
             from golong.plan import plan_main
 
-            if args.gpus < 1 or args.gpu_mem <= 0:
-                args.subparser.error("--gpus must be >= 1 and --gpu-mem > 0")
+            if args.gpus < 1 or not (0 < args.gpu_mem < math.inf):
+                args.subparser.error("--gpus must be >= 1 and --gpu-mem a number of GiB > 0")
             cfg = _load(args)
             for line in config_warnings(cfg):
                 print(f"golong: warning: {line}", file=sys.stderr)

@@ -269,7 +269,7 @@ class LoggingConfig:
 
 @dataclass
 class ProfileConfig:
-    steps: list[int] = field(default_factory=list)  # cudaProfilerStart/Stop around these steps
+    steps: list[int] = field(default_factory=list)  # RL steps: a cudaProfilerStart/Stop window over them
     torch_trace: bool = False  # also write a torch.profiler trace for them
     nvtx: bool = True
 
@@ -604,6 +604,8 @@ def _check_values(cfg: RunConfig) -> None:
         (t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1"),
         (t.total_steps >= 0, f"trainer.total_steps={t.total_steps} must be >= 0"),
         (t.sft_steps >= 0, f"trainer.sft_steps={t.sft_steps} must be >= 0"),
+        (all(s >= 1 for s in cfg.profile.steps), f"profile.steps={cfg.profile.steps}: RL steps, numbered from 1 (the "
+                                                 "SFT warm-up's are not profiled)"),
         (o.lr > 0, "optim.lr must be > 0"),
         (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
         (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0"),
@@ -695,6 +697,8 @@ def config_warnings(cfg: RunConfig) -> list[str]:
         warnings.append(f"trainer.mini_batch_prompts={t.mini_batch_prompts} does not divide trainer.prompts_per_step="
                         f"{t.prompts_per_step}: each step's last mini-batch holds {last} prompt(s) and takes an "
                         "optimizer step of its own")
+    if late := [s for s in cfg.profile.steps if s > t.total_steps]:
+        warnings.append(f"profile.steps {late} come after trainer.total_steps={t.total_steps}: never profiled")
     p = cfg.parallel
     if p.ac_keep_attention and p.activation_checkpointing and runs_sdpa(cfg, cpu=p.backend == "gloo"):
         warnings.append(f"parallel.ac_keep_attention with model.attn_backend={cfg.model.attn_backend} (torch SDPA "

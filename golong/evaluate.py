@@ -103,6 +103,9 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                    **{k: int(metrics[f"val/judge/{k}"]) for k in ("asked", "yes", "failed", "raised", "lowered")}},
                   "function_errors": None if "val/reward/function_errors" not in metrics else  # None: no function
                   int(metrics["val/reward/function_errors"]),
+                  # golong's metrics that ran out of time or memory (scored 0); None: a reward function scored
+                  "scoring_failures": None if "val/reward/scoring_failures" not in metrics else
+                  int(metrics["val/reward/scoring_failures"]),
                   # the means of the other numbers the reward function's dict results held
                   "reward_extras": {k.removeprefix("val/reward/extra/"): v for k, v in metrics.items()
                                     if k.startswith("val/reward/extra/")},

@@ -127,12 +127,11 @@ def _scalar(v: Any) -> float | int | str | None:
         return int(v)
     if isinstance(v, (int, str)):
         return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf
     try:
-        return float(v)
+        v = float(v)  # a Python or numpy number
     except (TypeError, ValueError):
         return None
+    return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf
 
 
 WANDB_ID_FILE = "wandb_run_id"

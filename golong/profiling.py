@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ _NULL = contextlib.nullcontext()
 
 
 def nvtx_range(name: str, color: str | None = None) -> Any:
-    """Context manager (and decorator) marking an NVTX range; a no-op without CUDA."""
+    """Context manager marking an NVTX range; a no-op without CUDA."""
     if not _nvtx_enabled():
         return _NULL
     import nvtx
@@ -38,20 +38,38 @@ def nvtx_range(name: str, color: str | None = None) -> Any:
     return nvtx.annotate(name, color=color, domain="golong")
 
 
-@contextlib.contextmanager
-def cuda_profiler_window(active: bool) -> Iterator[None]:
-    """cudaProfilerStart/Stop around the block when `active`, for
-    `nsys profile --capture-range=cudaProfilerApi`."""
-    if not (active and torch.cuda.is_available()):
-        yield
-        return
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStop()
+class CaptureWindow:
+    """cudaProfilerStart / Stop for `nsys profile --capture-range=cudaProfilerApi`: one window over each run of
+    consecutive steps of `steps` (profile.steps), closed after its last step, after `last_step` or on an error. A
+    window per step ended nsys's capture after the first one under --capture-range-end=stop ([3, 4]: step 3 only).
+    No-ops without CUDA."""
+
+    def __init__(self, steps: Sequence[int], last_step: int) -> None:
+        self.steps, self.last_step, self.open = set(steps), last_step, False
+
+    @contextlib.contextmanager
+    def step(self, step: int) -> Iterator[None]:
+        if step in self.steps and not self.open:
+            self._call("cudaProfilerStart")
+            self.open = True
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+        if step + 1 not in self.steps or step >= self.last_step:
+            self.close()
+
+    def close(self) -> None:
+        if self.open:
+            self._call("cudaProfilerStop")
+            self.open = False
+
+    @staticmethod
+    def _call(name: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the window holds the step's kernels whole
+            getattr(torch.cuda.cudart(), name)()
 
 
 class TorchTrace:

@@ -57,11 +57,12 @@ from golong.config import (
     save_run_config,
     to_dict,
 )
+from golong.data.prompts import prompts_fingerprint
 from golong.data.records import reference_answer, sft_target
 from golong.eval_groups import check_group_keys, row_groups, short_keys
 from golong.logger import MetricsWriter, ProgressLog, get_logger, write_jsonl
 from golong.parallel import all_gather_objects, compute_device, gather_objects_to_rank0, init_parallel, rollout_share
-from golong.profiling import TorchTrace, add_layer_nvtx, cuda_profiler_window, nvtx_range
+from golong.profiling import CaptureWindow, TorchTrace, add_layer_nvtx, nvtx_range
 from golong.replay import RouteKey, RoutingStore, exchange
 from golong.rewards.function import RewardFunctionError
 from golong.rewards.pass_at_k import PASS_SCORE, sample_metrics
@@ -111,17 +112,20 @@ class _StopSignals:
     """While entered, STOP_SIGNALS are recorded instead of ending the process: the loop then finishes its step,
     checkpoints and exits (Trainer.fit). The handler only records: it runs between any two bytecodes of the
     main thread, where logging or a collective could deadlock. A no-op off the main thread (Python installs
-    signal handlers there only)."""
+    signal handlers there only). Entered again while entered (train() around the trainer's setup, fit() around
+    the loop), the outermost exit restores the handlers."""
 
     def __init__(self) -> None:
         self.received = 0  # the first stop signal's number; 0: none
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received = self.received or signum
 
     def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
                 # restart system calls the signal interrupts: C++ code under us (gloo, NCCL's bootstrap sockets)
@@ -130,6 +134,9 @@ class _StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
@@ -201,9 +208,11 @@ class _Progress:
 class Trainer:
     """Owns the data, the actor, the rollout engine, checkpoints and logging. `fit()` runs."""
 
-    def __init__(self, cfg: RunConfig, *, eval_only: bool = False, eval_by: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: RunConfig, *, eval_only: bool = False, eval_by: Sequence[str] = (),
+                 stop_signals: _StopSignals | None = None) -> None:
         """eval_only: the validation prompts alone (`golong eval`): no training data is read. eval_by: `golong eval
-        --by` keys, checked against the validation records once they are read, before the model is built."""
+        --by` keys, checked against the validation records once they are read, before the model is built.
+        stop_signals: the recorder fit() enters (train() enters it before building the trainer)."""
         from golong.data import PromptSampler
 
         self.cfg = cfg
@@ -244,6 +253,7 @@ class Trainer:
         self.stop_ids = set(stop_token_ids(self.tokenizer, cfg.model.path))
         # val_record_tasks: the validation records per task, which eval reports its prompts out of
         self.train_prompts, self.val_prompts, self.val_record_tasks = self._load_prompts()
+        self.data_fingerprint = prompts_fingerprint(self.train_prompts)  # a resume checks it (maybe_resume)
         # a typo costs no model load, engine start or generation
         check_group_keys(eval_by, self.val_prompts, self.val_record_tasks.total() - len(self.val_prompts))
         self.eval_by = tuple(eval_by)  # each response row is labelled with these (golong.eval_groups.row_groups)
@@ -279,13 +289,14 @@ class Trainer:
         self.generated: list[Rollout] = []  # the last step's responses, kept or not (logging.dump_rollouts)
         self.warned_format = False  # _warn_format: once per run
         self.warned_function = False  # _check_function_errors: once per run
+        self.warned_scoring = False  # _check_scoring_failures: once per run
         self.filter_keys_seen: set[str] = set()  # _filter_values: keys a result has held in this run
         self.warned_filter_key = False
         self.reward_texts: dict[str, str] = {}  # reward-function result keys that held text, one value each
         # routing replay: this rank's engine records of the step's responses
         c = self.model.config
         self.routing_store = RoutingStore((c.num_hidden_layers, c.num_experts_per_tok), c.num_experts)
-        self.stop_signals = _StopSignals()
+        self.stop_signals = stop_signals or _StopSignals()
         if cfg.profile.nvtx:
             add_layer_nvtx(self.model)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -473,7 +484,7 @@ class Trainer:
                     texts_held.setdefault(key, v[:60])
         raised = (len(errors), errors[0][1] if errors else None, len(decoded) - fails,
                   {key: (sum(v), len(v)) for key, v in report.numbers().items()}, broken, texts_held, bad_routing,
-                  judged)
+                  judged, (len(report.lost), report.lost[0][1] if report.lost else None))
         parts = all_gather_objects((local, fails, raised))
         for _, _, r in parts:
             for key, v in r[5].items():
@@ -488,6 +499,9 @@ class Trainer:
             timings.update(self._judge_counts([r[7] for _, _, r in parts], label))
         if gated:
             timings["response/format_errors"] = float(sum(f for _, f, _ in parts))
+        if not rc.reward_function:  # golong's metrics: those that ran out of time or memory
+            timings["reward/scoring_failures"] = float(self._check_scoring_failures([r[8] for _, _, r in parts],
+                                                                                    label, len(requests)))
         if rc.reward_function:
             timings["reward/function_errors"] = float(self._check_function_errors([r for _, _, r in parts], label,
                                                                                   whole_set))
@@ -517,6 +531,19 @@ class Trainer:
         counts = {k.removeprefix("reward/extra_count/"): metrics.pop(k) for k in list(metrics)
                   if k.startswith("reward/extra_count/")}
         return {f"{prefix}/{key}": total / counts[key] for key, total in sorted(sums.items())}
+
+    def _check_scoring_failures(self, lost: list[tuple[int, str | None]], label: str, responses: int) -> int:
+        """How many responses' golong metric ran out of time (rollout.reward_timeout_s) or lost its worker (its
+        memory cap, rollout.reward_memory_mb) and so scored 0, from every rank's (count, first failure); the first
+        is logged once per run."""
+        count = sum(c for c, _ in lost)
+        if count and not self.warned_scoring:
+            self.warned_scoring = True
+            first = next(f for c, f in lost if c)
+            log.warning(f"{label}: scoring {count} of {responses} responses failed: they score 0 "
+                        "(reward/scoring_failures counts them every step, val/reward/scoring_failures in "
+                        f"validation). The first: {first}")
+        return count
 
     def _check_function_errors(self, raised: list[tuple[int, str | None, int, dict, str | None, dict]], label: str,
                                stop_if_all: bool = True) -> int:
@@ -826,6 +853,8 @@ class Trainer:
         if "response/format_errors" in timings:
             out["val/format_error_frac"] = timings["response/format_errors"] / len(results)
             self._warn_format(out["val/format_error_frac"], f"validation at step {step}")
+        if "reward/scoring_failures" in timings:
+            out["val/reward/scoring_failures"] = timings["reward/scoring_failures"]
         if "reward/function_errors" in timings:
             out["val/reward/function_errors"] = timings["reward/function_errors"]
             out.update({f"val/reward/function_errors/task/{t}": float(c) for t, c in sorted(failed.items()) if c})
@@ -968,7 +997,8 @@ class Trainer:
                 "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
                 "sft_done": self.sft_done, "history": self.history, "sft_step": self.sft_step,
                 "sft_sampler": None if self.sft_sampler is None else self.sft_sampler.state_dict(),
-                "start_weights": self._start_weights(), "seed": self.cfg.trainer.seed}
+                "start_weights": self._start_weights(), "seed": self.cfg.trainer.seed,
+                "sft_steps": self.cfg.trainer.sft_steps, "data_fingerprint": self.data_fingerprint}
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
@@ -1006,7 +1036,14 @@ class Trainer:
             return None
         # a checkpoint from part way through the SFT warm-up holds the warm-up's optimizer and schedule: load
         # them into the warm-up's (its trainer state is a small file, read ahead of the collective load)
-        sft_part_way = load_trainer_state(path).get("sft_sampler") is not None
+        saved = load_trainer_state(path)
+        sft_part_way = saved.get("sft_sampler") is not None
+        sft_steps = self.cfg.trainer.sft_steps
+        if sft_part_way and saved.get("sft_steps", sft_steps) != sft_steps:  # SFT step s is logged at s - sft_steps - 1
+            raise ConfigError(f"resume from {path}: it is part way through an SFT warm-up of {saved['sft_steps']} "
+                              f"steps (at step {saved.get('sft_step')}), this config sets trainer.sft_steps="
+                              f"{sft_steps}; resume with trainer.sft_steps={saved['sft_steps']} (the warm-up's steps "
+                              "and their metric rows are numbered by it)")
         if sft_part_way:
             self._start_sft()
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
@@ -1026,6 +1063,10 @@ class Trainer:
         for change in self.actor.apply_config_hyperparameters(lr, lr_key):
             log.warning(f"resume: {change} (the config's value from here on)")
         self.sampler.load_state_dict(state["sampler"])
+        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            log.warning(f"resume from {path}: the training prompts differ from the checkpoint's (as many, "
+                        f"{saved_n}, but other data or another tokenization); its position in the data order continues "
+                        "over these")
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
         for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
                                                                              d.shuffle)):
@@ -1070,6 +1111,9 @@ class Trainer:
                         f"{cfg.trainer.total_steps}; to train further, raise trainer.total_steps above {self.step} "
                         f"(e.g. the override trainer.total_steps={self.step + max(1, cfg.trainer.total_steps)})")
         if not self.sft_done:
+            signum = self._agree_on_stop_signal()  # a signal during the setup or the resume: no SFT step begins
+            if signum:
+                self._preempted(signum, resumed)
             self.sft()
             self._validate_before_training()
             path = self.save_checkpoint()
@@ -1086,11 +1130,12 @@ class Trainer:
             signum = self._agree_on_stop_signal()
             if signum and self.step < cfg.trainer.total_steps:
                 self._preempted(signum, self.save_checkpoint() if validated else resumed)
+        capture = CaptureWindow(cfg.profile.steps, cfg.trainer.total_steps)  # nsys --capture-range=cudaProfilerApi
         while self.step < cfg.trainer.total_steps:
             self.step += 1
             step = self.step
             profiling = step in cfg.profile.steps
-            with cuda_profiler_window(profiling), self._torch_profiler(profiling, step):
+            with capture.step(step), self._torch_profiler(profiling, step):
                 metrics = self.train_step(step)
             last = step == cfg.trainer.total_steps
             if cfg.trainer.val_every and (step % cfg.trainer.val_every == 0 or last):
@@ -1111,6 +1156,8 @@ class Trainer:
                             "then exiting")
             if stop or signum or self.ckpt.should_save(step, last_step=last):
                 path = self.save_checkpoint()
+                if not signum and not last:  # one during the write (seconds to minutes): exit on what it saved
+                    signum = self._agree_on_stop_signal()
             if stop:
                 self.writer.close()
                 raise TrainingStopped(f"{self.nonfinite_streak} consecutive non-finite steps (up to step {step}); "
@@ -1184,9 +1231,12 @@ class Trainer:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Entry point of `golong train`: build, auto-resume, run to trainer.total_steps."""
     trainer = None
+    signals = _StopSignals()  # recorded from here: a signal during the setup (prompts, model, engine) too
     try:
-        trainer = Trainer(cfg)  # inside: a setup error (a config that does not fit the launch) leaves no group
-        return trainer.fit()
+        with signals:
+            # inside: a setup error (a config that does not fit the launch) leaves no group
+            trainer = Trainer(cfg, stop_signals=signals)
+            return trainer.fit()
     except TrainingStopped as e:
         log.error(f"training stopped: {e}")
         raise SystemExit(3) from None

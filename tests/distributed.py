@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -20,14 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, errq: Any) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, errq: Any,
+            give_up_at: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import torch
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # a collective a peer never joins raises (with its traceback) by give_up_at, before run_distributed's
+        # deadline, rather than after gloo's default 30 minutes
+        wait = timedelta(seconds=max(1.0, give_up_at - time.time()))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=wait)
         fn(rank, world, *args)
         dist.barrier()  # no rank tears its connections down while a peer still uses them
     except BaseException:
@@ -52,12 +58,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errq), daemon=False)
+    give_up_at = time.time() + 0.8 * timeout
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errq, give_up_at), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout  # one for all ranks (a join each waited up to world_size x timeout)
     for p in procs:
-        p.join(timeout)
+        p.join(max(0.0, deadline - time.monotonic()))
     hung = [i for i, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():

@@ -77,3 +77,24 @@ def test_run_distributed_names_a_rank_that_died_without_a_traceback():
     with pytest.raises(AssertionError, match=r"1 rank\(s\) failed \(and ranks died without a traceback, with exit "
                                              r"codes: \[\(1, -9\)\]\)"):
         run_distributed(_killed_body, 2, timeout=60)
+
+
+def _hanging_body(rank, world):
+    import time
+
+    if rank == world - 1:
+        time.sleep(600)  # never joins its peers' barrier
+    dist.barrier()
+
+
+@pytest.mark.distributed
+def test_run_distributed_gives_up_at_one_deadline_with_the_waiting_ranks_tracebacks():
+    """A hang was reported after world_size x timeout (a join per rank), without a traceback from the ranks left
+    waiting in gloo's 30-minute collective timeout: one deadline now, and those ranks raise before it."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"(?s)2 rank\(s\) failed \(and ranks died without a traceback, with "
+                                             r"exit codes: \[\(2, 'still running'\)\]\).*--- rank 0 ---.*barrier"):
+        run_distributed(_hanging_body, 3, timeout=30)  # its ranks' start (spawn, import torch) takes seconds
+    assert time.monotonic() - t0 < 2 * 30  # was up to 3 x 30 s

@@ -301,6 +301,20 @@ def build_prompts_shared(records: Sequence[Record], tokenizer: Any, max_prompt_t
     return build_prompts_cached(records, tokenizer, max_prompt_tokens, overflow, cache, split, write=False)
 
 
+def prompts_fingerprint(prompts: Sequence[EncodedPrompt], edge: int = 16) -> str:
+    """A short hash of the prompts in order: each one's token count and its first and last `edge` token ids, its
+    task and data source (reading every token of GoLongRL's long-context prompts would take seconds a start). A
+    resume compares it with the checkpoint's: other data of the same size moves the data order onto other prompts."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in prompts:
+        ids = p.input_ids
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(np.asarray(ids[:edge], dtype=np.int64).tobytes())
+        h.update(np.asarray(ids[-edge:], dtype=np.int64).tobytes())
+        h.update(json.dumps([p.record.task, p.record.data_source]).encode())
+    return h.hexdigest()
+
+
 class PromptSampler:
     """Endless stream of record indices: epoch e visits all n once, in a permutation fixed by
     (seed, e). `state_dict()` / `load_state_dict()` resume exactly where it stopped."""

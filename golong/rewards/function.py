@@ -43,6 +43,9 @@ class FunctionReport:
     """What a batch of reward-function calls reported beside their scores."""
 
     errors: list[tuple[int, str]] = field(default_factory=list)  # (job index, what went wrong: a traceback)
+    # golong's own metrics' jobs that ran out of time or lost their worker (an out-of-memory kill) and so scored 0:
+    # (job index, what happened)
+    lost: list[tuple[int, str]] = field(default_factory=list)
     # job index -> what a dict result held beside "score" (call_function's extras: numbers, or text)
     extras: dict[int, dict[str, float | str | None]] = field(default_factory=dict)
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class _Worker:
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
     queue: deque = field(default_factory=deque)  # job indices sent and not yet answered, in order
+    took: bool = False  # it has read the chunk it was sent last ("took"): its first unanswered job is running
     deadline: float = float("inf")
 
     @property
@@ -202,7 +203,8 @@ class ScoringPool:
     def map(self, jobs: list[Job], timeout: float, report: FunctionReport | None = None) -> list[float]:
         """Scores of `jobs` in order; a job over `timeout` seconds (or whose worker died) scores 0. A reward-function
         job that raised, ran out of time or lost its worker scores 0 too; where `report` is given, such failures go
-        to report.errors (job index, what happened) and what else dict results held to report.extras[job index]."""
+        to report.errors (job index, what happened), a metric job's timeouts and lost workers to report.lost, and
+        what else dict results held to report.extras[job index]."""
         check_timeout(timeout)
         with self._lock:
             return self._map(jobs, float(timeout), FunctionReport() if report is None else report)
@@ -219,12 +221,14 @@ class ScoringPool:
         for w in self.workers:
             sel.register(w.fd, selectors.EVENT_READ, w)
         outstanding = len(jobs)
+        unread: Counter[int] = Counter()  # job -> deaths of workers sent it at the head of a chunk they did not read
 
         def assign(w: _Worker) -> None:
             if not pending or not w.ready:
                 return
             idx = [pending.popleft() for _ in range(min(chunk, len(pending)))]
             w.queue.extend(idx)
+            w.took = False
             w.deadline = time.monotonic() + timeout
             try:
                 write_frame(w.proc.stdin, [(i, *jobs[i]) for i in idx])
@@ -239,6 +243,9 @@ class ScoringPool:
             self.workers[self.workers.index(w)] = nw
             sel.register(nw.fd, selectors.EVENT_READ, nw)
             self.restarts += 1
+            for idle in self.workers:  # its chunk went back to the queue: idle workers take it (not the new one,
+                if not idle.queue:     # which starts for a second or more)
+                    assign(idle)
             return nw
 
         for w in self.workers:
@@ -255,18 +262,27 @@ class ScoringPool:
                     except (EOFError, OSError, pickle.UnpicklingError):
                         if not w.ready:  # broken environment, not a bad job: do not respawn forever
                             raise RuntimeError(_STARTUP_EXIT) from None
-                        # the worker died (OOM kill, crash): its running job scores 0
-                        if w.queue:
+                        # the worker died (OOM kill, crash): its running job scores 0. One that died before it read
+                        # its chunk (between two batches) ran none of it: the chunk goes back whole, up to twice
+                        head = w.queue[0] if w.queue else None
+                        if head is not None and not w.took and unread[head] < 2:
+                            unread[head] += 1
+                        elif head is not None:
                             lost = w.queue.popleft()
                             outstanding -= 1
+                            died = f"the scoring worker died (exit code {_exit_code(w)})"
                             if jobs[lost][0] == JOB:
-                                errors.append((lost, f"the scoring worker died (exit code {_exit_code(w)}) while "
-                                                     "the reward function ran"))
+                                errors.append((lost, f"{died} while the reward function ran"))
+                            else:
+                                report.lost.append((lost, f"{died} while scoring metric {jobs[lost][0]}"))
                         assign(replace(w))
                         continue
                     if msg == "ready":
                         w.ready = True
                         assign(w)
+                        continue
+                    if msg == "took":
+                        w.took = True
                         continue
                     if msg == "exiting":  # it hit its memory cap in the reward function: its other jobs go back
                         assign(replace(w))
@@ -293,11 +309,11 @@ class ScoringPool:
                         if jobs[late][0] == JOB:
                             errors.append((late, f"the reward function ran past the {timeout:g} s time limit "
                                                  "(rollout.reward_timeout_s)"))
+                        else:
+                            report.lost.append((late, f"metric {jobs[late][0]} ran past the {timeout:g} s time "
+                                                      "limit (rollout.reward_timeout_s)"))
                         self.timeouts += 1
                         replace(w)
-                        for idle in self.workers:  # its chunk went back to the queue: idle workers take it
-                            if not idle.queue:
-                                assign(idle)
                     elif not w.ready and now >= w.started + STARTUP_TIMEOUT_S:
                         raise RuntimeError(self._startup_timeout())
         except BaseException:

@@ -114,13 +114,16 @@ def compute_score(metric: str, response: str, ground_truth: Gold, *, timeout: fl
 
 
 def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFAULT_TIMEOUT_S,
-                num_workers: int = 8, require_think: bool = True, memory_mb: int = DEFAULT_MEMORY_MB) -> list[float]:
+                num_workers: int = 8, require_think: bool = True, memory_mb: int = DEFAULT_MEMORY_MB,
+                report: FunctionReport | None = None) -> list[float]:
     """Scores of [(metric, response, ground_truth), ...] in order, through `num_workers` processes.
 
     Each item has its own `timeout` (seconds of worker time); an item over it, or one that needs more than
     `memory_mb` MiB in its worker, scores 0. Each metric's text (SCOPES) is cut here, so only it travels to the
     workers. `num_workers=0` scores the linear-time metrics inline in this process; the SANDBOXED ones
     (math-verify parses model output with sympy) still go through one timed worker, as in `compute_score`.
+    Where `report` is given, the items that ran out of time or lost their worker go to report.lost (item index,
+    what happened).
     """
     check_timeout(timeout)
     check_memory(memory_mb)
@@ -136,16 +139,20 @@ def score_batch(items: Sequence[tuple[str, str, Gold]], *, timeout: float = DEFA
         if region is not None:
             jobs.append((metric, region, gold))
             where.append(i)
+    pooled = FunctionReport()
     if num_workers <= 0:
         scores = [0.0 if job[0] in SANDBOXED else score_region(*job) for job in jobs]
         timed = [k for k, job in enumerate(jobs) if job[0] in SANDBOXED]
         if timed:
-            for k, s in zip(timed, get_pool(1, memory_mb).map([jobs[k] for k in timed], timeout)):
+            for k, s in zip(timed, get_pool(1, memory_mb).map([jobs[k] for k in timed], timeout, pooled)):
                 scores[k] = s
+            pooled.lost = [(timed[k], what) for k, what in pooled.lost]
     else:
-        scores = get_pool(num_workers, memory_mb).map(jobs, timeout)
+        scores = get_pool(num_workers, memory_mb).map(jobs, timeout, pooled)
     for i, s in zip(where, scores):
         out[i] = s
+    if report is not None:
+        report.lost += [(where[k], what) for k, what in pooled.lost]
     return out
 
 
@@ -223,7 +230,8 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
     """Batch `score_record`: response i is scored against records[i], through the pool. With config.function, the
     user's function scores every response (its whole text, no format gate), in the timed workers; a call that
     raised, ran out of time or killed its worker scores 0 and, where `report` is given, goes to report.errors as
-    (i, what happened: a traceback); what else its dict results held goes to report.extras[i]."""
+    (i, what happened: a traceback); what else its dict results held goes to report.extras[i]. Without it, a
+    response whose metric ran out of time or lost its worker scores 0 and goes to report.lost."""
     cfg = config or RewardConfig()
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")
@@ -234,4 +242,5 @@ def score_records(records: Sequence[Any], responses: Sequence[str], *, config: R
         return pool.map(jobs, cfg.timeout, report)
     targets = [record_target(r) for r in records]
     return score_batch([(m, resp, g) for (m, g), resp in zip(targets, responses)], timeout=cfg.timeout,
-                       num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb)
+                       num_workers=cfg.num_workers, require_think=cfg.require_think, memory_mb=cfg.memory_mb,
+                       report=report)

@@ -1,10 +1,10 @@
 """Scoring subprocess: `python -m golong.rewards.worker` (started by golong.rewards.pool).
 
-Reads frames of [(index, metric, region, gold), ...] from stdin, writes one (index, score) frame per
-job to the original stdout ((index, 0.0, traceback) where the user's reward function raised, (index, score,
-None, extras) where its dict result held more than the score; after a MemoryError in it, "exiting", and the worker
-ends: the pool starts another for the rest of its jobs); anything
-the metric libraries print goes to stderr instead. A None frame (or a closed stdin) ends it. With
+Reads frames of [(index, metric, region, gold), ...] from stdin, writes "took" once it has read one, then one
+(index, score) frame per job to the original stdout ((index, 0.0, traceback) where the user's reward function
+raised, (index, score, None, extras) where its dict result held more than the score; after a MemoryError in it,
+"exiting", and the worker ends: the pool starts another for the rest of its jobs); anything the metric libraries
+print goes to stderr instead. A None frame (or a closed stdin) ends it. With
 GOLONG_REWARD_FUNCTION set, the worker imports that function at start-up (a failure is reported as a
 ("failed", traceback) frame instead of "ready") and runs it for jobs of kind `function.JOB`, whose gold
 is (data_source, ground_truth, extra_info, require_think, reward_kwargs).
@@ -91,6 +91,7 @@ def main() -> None:
             return
         if batch is None:
             return
+        write_frame(out, "took")  # a worker that dies from here on dies running this chunk's first unanswered job
         for i, metric, region, gold in batch:
             if metric != function.JOB:
                 write_frame(out, (i, score_region(metric, region, gold)))

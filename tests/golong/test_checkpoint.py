@@ -4,6 +4,7 @@ keep-last-K pruning, resume picking the newest complete one, and the HF export."
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -397,7 +398,7 @@ def test_extra_files_and_export_dtype_and_tokenizer(tmp_path):
         export_hf(tmp_path / "ck" / "step_000004", tmp_path / "hf2")
 
 
-def test_resuming_another_architecture_names_what_differs(tmp_path):
+def test_resuming_another_architecture_names_what_differs(tmp_path, caplog):
     model, opt = _model_and_opt()
     ck = Checkpointer(tmp_path / "ck", every=1)
     path = ck.save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
@@ -419,6 +420,28 @@ def test_resuming_another_architecture_names_what_differs(tmp_path):
     other = from_config(scratch_hf_config(deeper), dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"layers\.\d+\.\S+ missing there.*num_hidden_layers"):
         ck.load(path, other, None)
+
+    # the same shapes, computing otherwise (top-k, RoPE theta, the norms' epsilon, renormalised weights): resumed
+    # silently, the run went on as another model
+    for key, value in (("num_experts_per_tok", 1), ("rope_theta", 5e5), ("rms_norm_eps", 1e-5),
+                       ("norm_topk_prob", False)):
+        changed = tiny_config()
+        setattr(changed.model.scratch, key, value)
+        other = from_config(scratch_hf_config(changed), dtype=torch.float32)
+        with pytest.raises(ConfigError, match=rf"holds a different model than the config: its config.json differs "
+                                              rf"in {key}=\S+ there, {value!r} here\. Use the model settings"):
+            ck.load(path, other, torch.optim.AdamW(other.parameters()))
+    # a longer context from here on (YaRN): a warning, and it resumes
+    longer = tiny_config()
+    longer.model.scratch.max_position_embeddings *= 4
+    other = from_config(scratch_hf_config(longer), dtype=torch.float32)
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    try:
+        assert ck.load(path, other, None)["step"] == 1
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    assert f"resume: {path} was written with max_position_embeddings=" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
 
 
 # ------------------------------------------------------------------- resume on another (dp_shard, cp) layout

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from golong.cli import main
@@ -286,6 +287,12 @@ def test_config_warnings_name_what_is_used(capsys):
     uneven = ("trainer.mini_batch_prompts=5 does not divide trainer.prompts_per_step=16: each step's last mini-batch "
               "holds 1 prompt(s) and takes an optimizer step of its own")
     assert config_warnings(load_config(demo, ["trainer.mini_batch_prompts=5"])) == [uneven]
+    # profile.steps past the run's end are never profiled (an empty nsys capture of a whole job)
+    assert config_warnings(load_config(demo, ["profile.steps=[2,500,900]"])) == [
+        "profile.steps [500, 900] come after trainer.total_steps=32: never profiled"]
+    for bad in ("[0]", "[-2,3]"):  # SFT steps are logged at steps <= 0 but not profiled
+        with pytest.raises(ConfigError, match=r"profile.steps=\[.*\]: RL steps, numbered from 1"):
+            load_config(demo, [f"profile.steps={bad}"])
     # keeping the attention: nothing without checkpointing; SDPA's saved views keep q, k, v
     keep = ["parallel.ac_keep_attention=true"]
     assert config_warnings(load_config(demo, keep)) == [
@@ -912,11 +919,15 @@ def test_missing_config_file_is_clear():
 
 def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     w = MetricsWriter(tmp_path, tensorboard=True)
-    w.log(1, {"reward/mean": 0.5, "loss": float("nan"), "n": 3})
+    w.log(1, {"reward/mean": 0.5, "loss": float("nan"), "n": 3, "np_nan": np.float32("nan"),
+              "np_inf": np.float64("-inf"), "np_half": np.float32(0.5)})
     w.log(2, {"reward/mean": 0.75})
     w.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[0]["step"] == 1 and rows[0]["reward/mean"] == 0.5 and rows[0]["loss"] == "nan"
+    # numpy's are strings too (a numpy NaN was written as the bare NaN strict JSON refuses, and sent to TensorBoard)
+    assert (rows[0]["np_nan"], rows[0]["np_inf"], rows[0]["np_half"]) == ("nan", "-inf", 0.5)
+    json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0], parse_constant=lambda c: 1 / 0)
     assert rows[1]["reward/mean"] == 0.75
     assert any((tmp_path / "tb").iterdir())
     # A torn last line (process killed mid-write) does not break reading.
@@ -1084,14 +1095,37 @@ def test_plot_of_a_file_without_metric_rows_is_refused_and_writes_nothing(tmp_pa
     assert not (tmp_path / "rollouts" / "curves.png").exists()
 
 
-def test_cuda_profiler_window_is_a_no_op_without_cuda():
-    from golong.profiling import cuda_profiler_window
+def test_the_capture_window_spans_each_run_of_consecutive_profiled_steps(monkeypatch):
+    """nsys --capture-range=cudaProfilerApi --capture-range-end=stop (README) ends its capture with the first
+    cudaProfilerStop: a window per step captured step 3 of profile.steps=[3, 4] alone. One window now spans each
+    run of consecutive steps, closed after its last, after the run's last step, or on an error; no-op on CPU."""
+    from golong.profiling import CaptureWindow
 
     ran = []
-    for active in (False, True):
-        with cuda_profiler_window(active):
-            ran.append(active)
-    assert ran == [False, True]
+    for step in range(1, 3):  # the CPU: nothing to call, the block runs
+        with CaptureWindow([1, 2], 2).step(step):
+            ran.append(step)
+    assert ran == [1, 2]
+    calls = []
+    monkeypatch.setattr(CaptureWindow, "_call", staticmethod(lambda name: calls.append(name)))
+
+    def run(steps, last, fail_at=None):
+        calls.clear()
+        window = CaptureWindow(steps, last)
+        for step in range(1, last + 1):
+            with window.step(step):
+                calls.append(step)
+                if step == fail_at:
+                    raise RuntimeError("boom")
+        return list(calls)
+
+    assert run([3, 4], 6) == [1, 2, "cudaProfilerStart", 3, 4, "cudaProfilerStop", 5, 6]
+    assert run([2, 5, 6], 6) == [1, "cudaProfilerStart", 2, "cudaProfilerStop", 3, 4, "cudaProfilerStart", 5, 6,
+                                 "cudaProfilerStop"]
+    assert run([3, 4], 3) == [1, 2, "cudaProfilerStart", 3, "cudaProfilerStop"]  # the run ends inside the window
+    with pytest.raises(RuntimeError, match="boom"):
+        run([2, 3], 4, fail_at=2)
+    assert calls == [1, "cudaProfilerStart", 2, "cudaProfilerStop"]
 
 
 def test_nvtx_range_is_free_without_cuda():

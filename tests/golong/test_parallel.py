@@ -69,6 +69,10 @@ def test_pack_respects_budget_and_is_deterministic():
     for b in bins:
         assert len(b) == 1 or sum(lengths[i] for i in b) <= 100
     assert bins == pack(range(len(lengths)), lengths, 100)
+    # first-fit decreasing by hand: sequences that fill the budget exactly share a micro-batch (a fit counted
+    # strictly below the budget ran extra micro-batches, each a forward and backward FSDP pads onto every rank)
+    assert pack([0, 1, 2], [5, 3, 8], 8) == [[2], [0, 1]]
+    assert pack(range(5), [6, 2, 4, 4, 9], 10) == [[4], [0, 2], [1, 3]]
 
 
 def test_plan_pads_ranks_to_the_same_count():
@@ -506,9 +510,47 @@ def _is_metric_run(rank: int, world: int, budgets: list[int], out: str, level: s
         torch.save(result, out)
 
 
+def _sft_run(rank: int, world: int, budgets: list[int], out: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
+    from golong.parallel import init_parallel
+    from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
+
+    cfg = tiny_config(trainer__mini_batch_prompts=100)
+    dims = init_parallel(-1, 1, "gloo")
+    actor = Actor(build_model(cfg, dims), dims, cfg)
+    actor.optimizer.step = lambda *a, **k: None  # the same weights for every budget
+    rollouts = fixed_rollouts()
+    result = {"metrics": {}}
+    for budget in budgets:
+        actor.cfg.trainer.micro_batch_tokens = budget
+        result["metrics"][budget] = actor.update(rollouts, "sft")
+    if world == 1:  # the whole batch's token-mean NLL of the targets
+        lp = actor.compute_logprobs(rollouts, list(range(len(rollouts))))
+        result["nll"] = float(-torch.cat([lp[i] for i in range(len(rollouts))]).double().mean())
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.distributed
+def test_the_sft_loss_is_the_whole_batchs_token_mean(tmp_path):
+    """The SFT warm-up's loss and gradient are the token mean NLL over the whole mini-batch, whatever the
+    micro-batching (48 tokens: several micro-batches) and the number of ranks (a per-micro-batch mean weighed short
+    micro-batches' tokens more: loss 34.6 instead of 6.9)."""
+    run_distributed(_sft_run, 1, [48, 100000], str(tmp_path / "one.pt"))
+    run_distributed(_sft_run, 2, [48], str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    runs = {"1 rank, 48": one["metrics"][48], "1 rank, 100000": one["metrics"][100000],
+            "2 ranks, 48": two["metrics"][48]}
+    for name, m in runs.items():
+        assert m["sft/loss"] == pytest.approx(one["nll"], rel=1e-5), name
+        assert m["sft/grad_norm"] == pytest.approx(one["metrics"][100000]["sft/grad_norm"], rel=1e-4), name
+
+
 @pytest.mark.distributed
 def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
-    """ratio max / min are the batch's extremes and veto_frac the fraction of vetoed sequences, whatever the
+    """ratio max / min are the batch's extremes and veto_frac the fraction of vetoed sequences, and the rollout vs
+    trainer mismatch (KL in both estimators, |log ratio|) the whole batch's token means, whatever the
     micro-batching (48 tokens: several micro-batches per rank) and the number of ranks."""
     run_distributed(_is_metric_run, 1, [48, 100000], str(tmp_path / "one.pt"))
     run_distributed(_is_metric_run, 2, [48], str(tmp_path / "two.pt"))
@@ -521,7 +563,12 @@ def test_rollout_is_metrics_are_whole_batch_statistics(tmp_path):
     expected = {"rollout_is/ratio_max": float(flat.max()), "rollout_is/ratio_min": float(flat.min()),
                 "rollout_is/veto_frac": float(vetoed.double().mean()),
                 "rollout_is/masked_frac": float(1 - inside.mean()), "rollout_is/ratio_mean": float(flat.mean()),
-                "mismatch/ppl_ratio": float(seq_ppl_ratio.mean())}
+                "mismatch/ppl_ratio": float(seq_ppl_ratio.mean()),
+                # KL(rollout || trainer) per token: k3 = rho - 1 - log rho, k1 = -log rho (rho = old / rollout)
+                "mismatch/kl": float((flat.double() - 1 - flat.double().log()).mean()),
+                "mismatch/kl_k1": float(-flat.double().log().mean()),
+                "mismatch/mean_abs": float(flat.double().log().abs().mean()),
+                "mismatch/max_abs": float(flat.double().log().abs().max())}
     assert expected["rollout_is/veto_frac"] > 0 and expected["rollout_is/ratio_min"] < 1e-4
     assert int(flat.argmax()) == sum(len(r) for r in rho[:8]) - 1  # the planted maximum
     runs = {"1 rank, 48": one["metrics"][48], "1 rank, 100000": one["metrics"][100000],

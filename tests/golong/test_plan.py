@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from golong.config import load_config
+from golong.config import ConfigError, load_config
 from golong.plan import ACTS, KNOWN_MODELS, OPTIM, PARAMS, REFERENCE, model_shape, predict
 from tests.distributed import run_distributed
 
@@ -52,6 +52,10 @@ def test_config_json_wins_over_the_name(tmp_path):
     cfg = load_config(None, [f"model.path={tmp_path / 'llama-7b'}"])
     with pytest.raises(ValueError, match="matches none of the known models"):
         model_shape(cfg.model)
+    for text, kind in (("[1, 2]", "list"), ('"x"', "str")):  # JSON, not an object: a traceback, or a path read
+        (d / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=f"a model config is a JSON object, this file holds a {kind}"):
+            model_shape(load_config(None, [f"model.path={d}"]).model)
 
 
 def test_flops_follow_the_documented_formula():
@@ -219,6 +223,17 @@ def test_plan_exit_code_says_whether_it_fits(capsys):
     assert main(["plan", cfg, "parallel.cp=4", "--gpus", "8", "--gpu-mem", "16"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", cfg, "--gpus", "12"]) == 2  # cp=8 does not divide 12 GPUs: a one-line error
+    assert "parallel.cp=8" in capsys.readouterr().err
+    for mem in ("nan", "inf", "0"):  # nan planned "nan%", inf "FITS"
+        with pytest.raises(SystemExit) as e:
+            main(["plan", cfg, "--gpus", "32", "--gpu-mem", mem])
+        assert e.value.code == 2 and "--gpu-mem a number of GiB > 0" in capsys.readouterr().err
+    # a CPU run's plan: no GPU rooflines, vLLM KV capacities or NVLink timings
+    assert main(["plan", str(ROOT / "configs/demo-cpu.yaml"), "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP traffic per GPU" in out and "tokens per step" in out
+    assert not any(s in out for s in ("lower bound", "KV cache", "prompts with their", "NVLink", "beyond the update"))
+    assert main(["plan", cfg, "--gpus", "12"]) == 2
     assert "parallel.cp=8" in capsys.readouterr().err
     # one vLLM engine per tensor_parallel_size GPUs (was FITS; the trainer refused it only after building the model)
     tmn = str(ROOT / "configs/qwen3-4b-tmn.yaml")

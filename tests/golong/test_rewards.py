@@ -26,6 +26,7 @@ from golong.rewards import (
 )
 from golong.rewards import metrics as metrics_module
 from golong.rewards.answer import marked_answer
+from golong.rewards.function import FunctionReport
 from golong.rewards.metrics import METRICS, rouge_l, rouge_l_summary, rouge_sentences
 from golong.rewards.pool import get_pool
 from golong.rewards.scoring import SANDBOXED, SCOPES
@@ -863,8 +864,17 @@ def test_timeout_kills_hanging_math_verify():
     before = pool.timeouts
     items = [("math_verify", R("\\boxed{7}"), "7"), ("math_verify", tower, "3"), ("em", R("ok"), "ok"),
              ("math_verify", R("\\boxed{\\frac{6}{4}}"), "1.5")]
-    assert score_batch(items, timeout=1.5, num_workers=2) == [1.0, 0.0, 1.0, 1.0]
+    report = FunctionReport()
+    assert score_batch(items, timeout=1.5, num_workers=2, report=report) == [1.0, 0.0, 1.0, 1.0]
     assert pool.timeouts == before + 1
+    # counted for the trainer's reward/scoring_failures (it was only the pool's counter, read by nothing)
+    assert report.lost == [(1, "metric math_verify ran past the 1.5 s time limit (rollout.reward_timeout_s)")]
+    assert not report.errors
+    # the same inline (num_workers=0: math-verify alone goes to its timed worker): the item's own index
+    report = FunctionReport()
+    assert score_batch([("em", R("no"), "ok"), *items], timeout=1.5, num_workers=0, report=report) == [
+        0.0, 1.0, 0.0, 1.0, 1.0]
+    assert report.lost == [(2, "metric math_verify ran past the 1.5 s time limit (rollout.reward_timeout_s)")]
     # the pool recovered: a following batch is scored normally
     assert score_batch(items[:1] * 4, timeout=5.0, num_workers=2) == [1.0] * 4
 
@@ -879,7 +889,8 @@ def test_pool_survives_a_dying_worker():
         tower = answer_region(R("\\boxed{9^{9^{9^{9^{9}}}}}"))
         jobs = [("math_verify", tower, "3"), ("em", "ok", "ok"), ("f1", "a\nb", ["a"])]
         out: list = []
-        th = threading.Thread(target=lambda: out.append(pool.map(jobs, timeout=60.0)))
+        report = FunctionReport()
+        th = threading.Thread(target=lambda: out.append(pool.map(jobs, timeout=60.0, report=report)))
         th.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (pool.workers and pool.workers[0].ready and pool.workers[0].queue):
@@ -889,9 +900,42 @@ def test_pool_survives_a_dying_worker():
         th.join(60)
         assert out == [[0.0, 1.0, pytest.approx(2 / 3)]]
         assert pool.restarts == 1 and pool.timeouts == 0
+        assert report.lost == [(0, "the scoring worker died (exit code -9) while scoring metric math_verify")]
         pool.workers[0].proc.kill()  # dead between calls: replaced on the next call
         pool.workers[0].proc.wait()
         assert pool.map(jobs[1:], timeout=30.0) == [1.0, pytest.approx(2 / 3)]
+    finally:
+        pool.close()
+
+
+def test_a_worker_that_dies_before_reading_its_chunk_costs_no_job():
+    """A worker killed between two batches (still looking alive when the next one was sent) was charged the first
+    job of the chunk it never read: that response scored 0 (a reward function's was reported as failed). Its
+    chunk now goes back whole; a worker that dies after reading ("took") is charged its running job, as before."""
+    import os
+    import signal
+    import threading
+
+    from golong.rewards.pool import ScoringPool
+
+    pool = ScoringPool(2)
+    try:
+        pool.start()
+        for w in pool.workers:  # stopped: the chunks are written into their pipes and never read
+            os.kill(w.proc.pid, signal.SIGSTOP)
+        jobs = [("em", "ok", "ok")] * 6
+        report, out = FunctionReport(), []
+        th = threading.Thread(target=lambda: out.append(pool.map(jobs, timeout=60.0, report=report)))
+        th.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(w.queue for w in pool.workers):
+            time.sleep(0.05)
+        first = list(pool.workers)
+        for w in first:
+            w.proc.kill()
+        th.join(60)
+        assert out == [[1.0] * 6] and report.lost == [] and report.errors == []
+        assert pool.restarts == 2 and not any(w is v for w in pool.workers for v in first)
     finally:
         pool.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,20 @@ def test_sample_tokens_follows_truncated_distribution(params):
         # the logprob of the distribution sampled from, as vLLM's processed_logprobs gives it
         ref = want[b].log()[toks]
         assert (logp.double() - ref).abs().max() < 1e-5
+
+
+def test_top_p_keeps_the_tokens_whose_mass_before_them_is_below_it():
+    """Hand-computed boundaries (probabilities 1/2, 1/4, 1/4, exact in binary): as vLLM does, a token is kept while
+    the mass strictly before it is below top_p: top_p 0.5 keeps the first token alone (the mass before the second
+    is exactly 0.5), 0.75 the first two, 0.76 all three; whatever the uniform, only kept tokens are drawn."""
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]]).expand(999, 3)
+    u = (torch.arange(999, dtype=torch.float64) + 0.5) / 999
+    for top_p, kept in ((0.5, {0}), (0.75, {0, 1}), (0.76, {0, 1, 2}), (0.2, {0})):
+        toks, logp = sample_tokens(logits, u, SamplingParams(temperature=1.0, top_p=top_p))
+        assert set(toks.tolist()) == kept, top_p
+        mass = {0: 0.5, 1: 0.25, 2: 0.25}
+        want = torch.tensor([math.log(mass[t] / sum(mass[k] for k in kept)) for t in toks.tolist()])
+        assert torch.allclose(logp.double(), want.double(), atol=1e-6), top_p
 
 
 def test_greedy_is_argmax():

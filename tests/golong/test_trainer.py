@@ -642,11 +642,12 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
 
     monkeypatch.setenv("GOLONG_FAULT", "nan@2,nan@3")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.max_consecutive_nonfinite=2",
-                                    "trainer.val_every=0", "profile.steps=[]",
-                                    # every step updates, whatever the sampled rewards (a step whose groups
-                                    # all tie would otherwise make no update to skip or to count)
-                                    "algo.dynamic_sampling=false", "trainer.total_steps=6"])
+    over = [f"logging.run_dir={tmp_path}", "trainer.max_consecutive_nonfinite=2", "trainer.val_every=0",
+            "profile.steps=[]",
+            # every step updates, whatever the sampled rewards (a step whose groups all tie would otherwise make no
+            # update to skip or to count)
+            "algo.dynamic_sampling=false", "trainer.total_steps=6"]
+    cfg = load_config(config_file, over)
     logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
     try:
         trainer = Trainer(cfg)
@@ -669,6 +670,14 @@ def test_nonfinite_steps_are_skipped_then_stop_after_a_checkpoint(config_file, t
     assert "step 3: non-finite loss or grad norm; skipped the update (2 in a row)" in caplog.text
     assert any(not torch.equal(before[n], after[n]) for n in before)  # step 1 trained
     assert all(torch.equal(at_step_2[n], after[n]) for n in after)  # ... and step 3 changed nothing
+    # a resume goes on counting the streak its checkpoint was in (step 2 skipped: one more stops the run)
+    resume = tmp_path / "checkpoints" / "step_000002"
+    try:
+        trainer = Trainer(load_config(config_file, [*over, f"checkpoint.resume={resume}"]))
+        assert trainer.maybe_resume() == resume and (trainer.step, trainer.nonfinite_streak) == (2, 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _scripted_train_step(cfg, monkeypatch, scripted, prepare=None) -> tuple[dict, list]:
@@ -799,11 +808,12 @@ def test_format_errors_become_a_share_of_every_generated_response_and_one_warnin
     def most_fail(prompts, n, params, seed_key, label, texts=False, routing=None):
         from golong.trainer import Generated
 
-        return [Generated([5, 6], [-1.0, -1.0], "stop", float(j % 2), None) for j in range(len(prompts) * n)], {
-            "response/format_errors": 12.0}
+        return [Generated([5, 6], [-1.0, -1.0], "length" if j % 4 == 0 else "stop", float(j % 2), None)
+                for j in range(len(prompts) * n)], {"response/format_errors": 12.0}
 
     m, _ = _scripted_train_step(cfg, monkeypatch, most_fail)
     assert m["response/format_error_frac"] == pytest.approx(12 / 16)
+    assert m["response/clip_ratio"] == pytest.approx(4 / 16)  # the responses cut at rollout.max_response_tokens
     warned = [line for line in capsys.readouterr().out.splitlines() if "format gate" in line]
     assert len(warned) == 1 and "WARNING step 1: 75%" in warned[0] and "rollout.require_think=false" in warned[0]
 
@@ -895,6 +905,108 @@ def test_resume_applies_the_configs_optimizer_settings(config_file, tmp_path, ca
     assert _by_step(tmp_path)[2]["actor/lr"] == pytest.approx(5e-3 * 2 / 4)  # warm-up 3 steps, at step 2
 
 
+def test_metric_scoring_that_runs_out_of_time_is_counted_and_warned_of(config_file, tmp_path, monkeypatch, caplog):
+    """A response whose golong metric ran out of time or memory (math-verify on a tower of powers, an OOM-killed
+    worker) scored 0 without a trace: it is counted in reward/scoring_failures (val/: in validation; eval.json:
+    scoring_failures) and the first is warned of once a run."""
+    import torch.distributed as dist
+
+    import golong.rewards.scoring as scoring
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    real = scoring.score_records
+
+    def losing_one(records, responses, *, config=None, report=None):
+        out = real(records, responses, config=config, report=report)
+        report.lost.append((0, "metric em ran past the 9 s time limit (rollout.reward_timeout_s)"))
+        out[0] = 0.0
+        return out
+
+    monkeypatch.setattr(scoring, "score_records", losing_one)
+    logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    trainer = Trainer(load_config(config_file, [f"logging.run_dir={tmp_path}", "trainer.sft_steps=0",
+                                                "trainer.total_steps=2", "trainer.val_every=1", "profile.steps=[]",
+                                                "algo.dynamic_sampling=false", "checkpoint.every=0"]))
+    try:
+        trainer.fit()
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+        dist.destroy_process_group()
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+    assert [rows[s]["reward/scoring_failures"] for s in (1, 2)] == [1, 1]  # one generation batch a step
+    assert [rows[s]["val/reward/scoring_failures"] for s in (1, 2)] == [1, 1]
+    warned = [r.getMessage() for r in caplog.records if "scoring" in r.getMessage() and r.levelname == "WARNING"]
+    assert warned == ["rollout step 1: scoring 1 of 16 responses failed: they score 0 (reward/scoring_failures counts "
+                      "them every step, val/reward/scoring_failures in validation). The first: metric em ran past the "
+                      "9 s time limit (rollout.reward_timeout_s)"]
+
+
+def test_a_stop_signal_during_a_checkpoint_write_exits_on_that_checkpoint(config_file, tmp_path):
+    """A signal that lands while a scheduled checkpoint is written (seconds to minutes at scale) was acted on only
+    after the next step had run whole and been checkpointed again: the run now exits on the checkpoint written."""
+    import torch.distributed as dist
+
+    from golong.checkpoint import Checkpointer
+    from golong.config import load_config
+    from golong.trainer import Preempted, Trainer
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(config_file, [f"logging.run_dir={run}", "trainer.sft_steps=0", "trainer.val_every=0",
+                                                "profile.steps=[]", "checkpoint.every=2"]))
+    save = trainer.ckpt.save
+
+    def save_and_signal(*args, **kwargs):
+        out = save(*args, **kwargs)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the trainer's handler while fit runs
+        return out
+
+    assert isinstance(trainer.ckpt, Checkpointer)
+    trainer.ckpt.save = save_and_signal
+    try:
+        with pytest.raises(Preempted, match=f"SIGTERM received: step 2 finished and checkpointed to "
+                                            f"{run / 'checkpoints' / 'step_000002'}; exiting with status 143"):
+            trainer.fit()
+        assert trainer.step == 2
+    finally:
+        dist.destroy_process_group()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_stop_signal_during_the_setup_is_a_preemption(config_file, tmp_path, monkeypatch):
+    """SIGTERM / SIGUSR1 while golong train reads its prompts, builds the model or starts the engine (tens of
+    minutes for GoLongRL's data) killed the process with the signal's default action (status 138 for SIGUSR1, no
+    "preempted" line, so no requeue): it is now recorded from the start, and the run exits 143 before any step."""
+    from golong.config import load_config
+    from golong.trainer import Trainer, train
+
+    run = tmp_path / "run"
+    load = Trainer._load_prompts
+
+    def load_and_signal(self):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return load(self)
+
+    monkeypatch.setattr(Trainer, "_load_prompts", load_and_signal)
+    # without golong's handler installed yet, SIGUSR1 would end pytest: record it here instead (what the trainer
+    # installs during train() replaces this one, and restores it afterwards)
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: seen.append(1))
+    try:
+        for sft_steps in (0, 3):  # before the RL loop, and before the SFT warm-up
+            with pytest.raises(SystemExit) as e:
+                train(load_config(config_file, [f"logging.run_dir={run}", f"trainer.sft_steps={sft_steps}",
+                                                "trainer.val_before_train=false", "profile.steps=[]"]))
+            assert e.value.code == 143 and not seen
+            assert not (run / "metrics.jsonl").exists() or not read_metrics(run / "metrics.jsonl")
+            assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+        assert signal.getsignal(signal.SIGUSR1) is not None and signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_settings(config_file, tmp_path,
                                                                                          caplog, monkeypatch):
     """A checkpoint from part way through the SFT warm-up holds the warm-up's optimizer: resumed with other optimizer
@@ -902,12 +1014,12 @@ def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_s
     on an RL resume; they were silently the checkpoint's for the rest of the warm-up."""
     import torch.distributed as dist
 
-    from golong.config import load_config
+    from golong.config import ConfigError, load_config
     from golong.trainer import Preempted, Trainer
 
     base = [f"logging.run_dir={tmp_path}", "trainer.val_every=0", "profile.steps=[]", "trainer.total_steps=1",
             "optim.impl=foreach"]
-    stop_at = iter([0, signal.SIGTERM])  # a stop signal agreed on after SFT step 2 of 3
+    stop_at = iter([0, 0, signal.SIGTERM])  # none before the warm-up and after SFT step 1; one after step 2 of 3
     monkeypatch.setattr(Trainer, "_agree_on_stop_signal", lambda self: next(stop_at, 0))
     trainer = Trainer(load_config(config_file, base))
     try:
@@ -915,7 +1027,23 @@ def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_s
             trainer.fit()
     finally:
         dist.destroy_process_group()
+    # another warm-up length part way through it: its steps' metric rows are numbered by it (were relabelled)
+    trainer = Trainer(load_config(config_file, base + ["trainer.sft_steps=5"]))
+    try:
+        with pytest.raises(ConfigError, match=r"part way through an SFT warm-up of 3 steps \(at step 2\), this "
+                                              r"config sets trainer.sft_steps=5; resume with trainer.sft_steps=3"):
+            trainer.maybe_resume()
+    finally:
+        dist.destroy_process_group()
     logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
+    # other training data of the same size: its position in the data order goes on over other prompts, warned of
+    trainer = Trainer(load_config(config_file, base + ["data.synthetic_tasks=[comprehension,precise_retrieval]"]))
+    try:
+        assert trainer.maybe_resume() is not None and trainer.sft_step == 2
+    finally:
+        dist.destroy_process_group()
+    assert "the training prompts differ from the checkpoint's (as many, 48, but other data" in caplog.text
+    caplog.clear()
     trainer = Trainer(load_config(config_file, base + ["optim.impl=fused", "optim.betas=[0.8,0.95]",
                                                       "optim.adam_eps=1e-6", "optim.weight_decay=0.05",
                                                       "trainer.sft_lr=5e-3"]))
@@ -931,6 +1059,7 @@ def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_s
         # the warm-up's schedule keeps its place: cosine over 3 SFT steps to 0.1, 2 taken
         assert g["initial_lr"] == 5e-3 and g["lr"] == pytest.approx(5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(
             math.pi * 2 / 3))))
+    assert "the training prompts differ" not in caplog.text  # the same data: no warning
     for change in ("trainer.sft_lr 0.02 -> 0.005", "optim.weight_decay 0.01 -> 0.05", "optim.impl foreach -> fused"):
         assert f"resume: {change} (the config's value from here on)" in caplog.text
 
@@ -962,13 +1091,44 @@ def test_the_rollout_engine_sleeps_through_the_sft_warm_up(config_file, tmp_path
     try:
         trainer = Trainer(cfg)
         trainer.engine = Recorder()
-        monkeypatch.setattr(trainer.actor, "update", lambda batch, loss, fault_nan=False: events.append(loss) or {
-            "sft/loss": 0.0, "sft/grad_norm": 0.0})
+        batches = []
+        monkeypatch.setattr(trainer.actor, "update", lambda batch, loss, fault_nan=False: events.append(loss) or
+                            batches.append(batch) or {"sft/loss": 0.0, "sft/grad_norm": 0.0})
         trainer.sft()
+        eos = trainer.tokenizer.eos_token_id
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     assert events == ["sleep", "sft", "sft", "sync"]
+    # each SFT target is the reference answer and then EOS: a warm-up without it never teaches the model to stop
+    for r in (r for batch in batches for r in batch):
+        assert len(r.response_ids) > 1 and int(r.response_ids[-1]) == eos and eos not in r.response_ids[:-1]
+
+
+def test_sampling_settings_and_decoding_reach_the_engine_and_the_rewards(config_file):
+    """rollout.temperature / top_p / top_k / max_response_tokens reach the training requests and the val_* ones the
+    validation's; a response is decoded whole, its stop token stripped only where it ends in one (a response cut
+    at the length limit keeps its last token)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from golong.config import load_config
+    from golong.trainer import Trainer
+
+    cfg = load_config(config_file, ["rollout.temperature=0.8", "rollout.top_p=0.9", "rollout.top_k=20",
+                                    "rollout.max_response_tokens=7", "rollout.val_temperature=0.6",
+                                    "rollout.val_top_p=0.95"])
+    t = SimpleNamespace(cfg=cfg)
+    train, val = Trainer._sampling(t), Trainer._sampling(t, val=True)
+    assert (train.temperature, train.top_p, train.top_k, train.max_tokens) == (0.8, 0.9, 20, 7)
+    assert (val.temperature, val.top_p, val.max_tokens) == (0.6, 0.95, 7)
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    t = SimpleNamespace(tokenizer=tok, stop_ids={tok.eos_token_id})
+    t._strip_stop = lambda ids: Trainer._strip_stop(t, ids)
+    ids = tok("the answer is 42", add_special_tokens=False)["input_ids"]
+    text = tok.decode(ids)
+    assert Trainer._decode_responses(t, [[*ids, tok.eos_token_id], ids, []]) == [text, text, ""]
 
 
 def test_a_generation_batch_larger_than_the_step_fills_it_in_one_round(config_file, tmp_path, monkeypatch):
