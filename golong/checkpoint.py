@@ -345,10 +345,13 @@ class Checkpointer:
             raise FileNotFoundError(problem)
         return Path(resume)
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Restore model (+ optimizer) in place and this rank's RNG; returns the trainer state."""
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+             resume: bool = True) -> dict[str, Any]:
+        """Restore model (+ optimizer) in place and this rank's RNG; returns the trainer state. resume=False (golong
+        eval): model settings that differ from the checkpoint's (a longer RoPE theta on purpose) are warned of, not
+        refused."""
         path = Path(path)
-        _check_same_model(path, model)
+        _check_same_model(path, model, resume)
         if optimizer is not None:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
@@ -377,7 +380,7 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def _check_same_model(path: Path, model: nn.Module) -> None:
+def _check_same_model(path: Path, model: nn.Module, resume: bool = True) -> None:
     """Refuse, in one message, a checkpoint written for another architecture (DCP would raise a
     planner traceback about the first mismatching tensor). Reads only the DCP index."""
     saved = {k.removeprefix("model."): m.size for k, m in read_metadata(path).state_dict_metadata.items()
@@ -388,7 +391,7 @@ def _check_same_model(path: Path, model: nn.Module) -> None:
     problems += [f"{k} missing there" for k in here if k not in saved]
     problems += [f"{k} unknown here" for k in saved if k not in here]
     if not problems:
-        _check_same_computation(path, model)
+        _check_same_computation(path, model, resume)
         return
     msg = f"checkpoint {path} holds a different model than the config: " + "; ".join(problems[:3])
     if len(problems) > 3:
@@ -411,10 +414,10 @@ SAME_COMPUTATION = ("model_type", "num_attention_heads", "num_key_value_heads", 
 CONTEXT_LENGTH = ("rope_scaling", "max_position_embeddings")
 
 
-def _check_same_computation(path: Path, model: nn.Module) -> None:
+def _check_same_computation(path: Path, model: nn.Module, resume: bool) -> None:
     """Refuse a checkpoint whose config.json differs from the model's in a setting the tensor shapes do not show
     (top-k, norm_topk_prob, RoPE theta, the norm's epsilon ...): resumed, the run would go on as another model; warn
-    where it differs in the context length's settings."""
+    where it differs in the context length's settings. Evaluated (resume=False), any difference is warned of."""
     cfg_file = path / "config.json"
     if not (cfg_file.is_file() and hasattr(model, "config")):
         return
@@ -423,14 +426,15 @@ def _check_same_computation(path: Path, model: nn.Module) -> None:
     theirs, ours = ModelConfig.from_hf(json.loads(cfg_file.read_text())), model.config
     differ = [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in SAME_COMPUTATION
               if getattr(theirs, k) != getattr(ours, k)]
-    if differ:
+    if differ and resume:
         raise ConfigError(f"checkpoint {path} holds a different model than the config: its config.json differs in "
                           f"{', '.join(differ)}. Use the model settings it was written with, or another "
                           "logging.run_dir for a new run.")
-    for k in CONTEXT_LENGTH:
-        if getattr(theirs, k) != getattr(ours, k):
-            log.warning(f"resume: {path} was written with {k}={getattr(theirs, k)!r}; the config's "
-                        f"{getattr(ours, k)!r} from here on")
+    differ += [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in CONTEXT_LENGTH
+               if getattr(theirs, k) != getattr(ours, k)]
+    if differ:
+        log.warning(f"{'resume' if resume else 'eval'}: {path} was written with other model settings than the "
+                    f"config's, which {'hold from here on' if resume else 'the eval runs with'}: {', '.join(differ)}")
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
         trainer = Trainer(cfg, eval_only=True, eval_by=by)
         step = 0
         if ckpt is not None:
-            step = int(trainer.ckpt.load(ckpt, trainer.model, None).get("step", 0))
+            step = int(trainer.ckpt.load(ckpt, trainer.model, None, resume=False).get("step", 0))
             trainer.engine.sync_weights(trainer.model)
             log.info(f"eval: weights of {ckpt} (step {step})")
         val_records = trainer.val_record_tasks
@@ -92,7 +92,8 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path | None = None, out_dir: str 
                   # what else the scores depend on (golong eval-compare warns where two evals differ in them)
                   "max_response_tokens": cfg.rollout.max_response_tokens, "require_think": cfg.rollout.require_think,
                   "reward_function": _function_id(cfg.rollout.reward_function),
-                  "reward_kwargs": dict(cfg.rollout.reward_kwargs),
+                  # what the reward function is called with (golong's metrics read none)
+                  "reward_kwargs": dict(cfg.rollout.reward_kwargs) if cfg.rollout.reward_function else None,
                   "reward_mean": metrics["val/reward/mean"], **samples("val/"),
                   # None: rollout.require_think off, or a reward function of the user's own (no format gate)
                   "format_error_frac": metrics.get("val/format_error_frac"),

@@ -49,6 +49,8 @@ def autocast_off(method: Callable[..., Any]) -> Callable[..., Any]:
     def run(ctx: Any, *args: Any) -> Any:
         if not hasattr(ctx, "autocast_device"):  # the forward
             ctx.autocast_device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.amp.is_autocast_available(ctx.autocast_device):  # meta tensors (shape inference): none
+            return method(ctx, *args)
         with torch.autocast(ctx.autocast_device, enabled=False):
             return method(ctx, *args)
 

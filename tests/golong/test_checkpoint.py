@@ -440,7 +440,20 @@ def test_resuming_another_architecture_names_what_differs(tmp_path, caplog):
         assert ck.load(path, other, None)["step"] == 1
     finally:
         logging.getLogger("golong").removeHandler(caplog.handler)
-    assert f"resume: {path} was written with max_position_embeddings=" in caplog.text
+    assert f"resume: {path} was written with other model settings than the config's, which hold from here on: " \
+           "max_position_embeddings=2048 there, 8192 here" in caplog.text
+    # golong eval of a checkpoint under other settings on purpose (a longer RoPE theta): warned of, and it loads
+    theta = tiny_config()
+    theta.model.scratch.rope_theta = 8e6
+    other = from_config(scratch_hf_config(theta), dtype=torch.float32)
+    caplog.clear()
+    logging.getLogger("golong").addHandler(caplog.handler)
+    try:
+        assert ck.load(path, other, None, resume=False)["step"] == 1
+    finally:
+        logging.getLogger("golong").removeHandler(caplog.handler)
+    assert f"eval: {path} was written with other model settings than the config's, which the eval runs with: " \
+           "rope_theta=1000000.0 there, 8000000.0 here" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
 
 

@@ -565,6 +565,9 @@ def test_eval_scores_a_checkpoint_and_its_export_exactly_as_training_validated_t
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         result = json.loads((out / "eval.json").read_text())
         assert result["reward_mean"] == logged["val/reward/mean"], args
+        # golong's metrics: no reward function, so no kwargs it is called with (eval-compare compares them)
+        assert result["reward_function"] is None and result["reward_kwargs"] is None
+        assert result["scoring_failures"] == 0
         tasks = {k.split("/")[-1]: v for k, v in logged.items() if k.startswith("val/reward/task/")}
         assert {t: r["reward_mean"] for t, r in result["tasks"].items()} == tasks
         assert {t: r["metric"] for t, r in result["tasks"].items()} == {"sequence_ordering": "pairwise",
@@ -993,7 +996,11 @@ def test_a_stop_signal_during_the_setup_is_a_preemption(config_file, tmp_path, m
     # without golong's handler installed yet, SIGUSR1 would end pytest: record it here instead (what the trainer
     # installs during train() replaces this one, and restores it afterwards)
     seen = []
-    previous = signal.signal(signal.SIGUSR1, lambda *_: seen.append(1))
+
+    def handler(*_):
+        seen.append(1)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
     try:
         for sft_steps in (0, 3):  # before the RL loop, and before the SFT warm-up
             with pytest.raises(SystemExit) as e:
@@ -1002,7 +1009,7 @@ def test_a_stop_signal_during_the_setup_is_a_preemption(config_file, tmp_path, m
             assert e.value.code == 143 and not seen
             assert not (run / "metrics.jsonl").exists() or not read_metrics(run / "metrics.jsonl")
             assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
-        assert signal.getsignal(signal.SIGUSR1) is not None and signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR1) is handler  # restored when train() returns
     finally:
         signal.signal(signal.SIGUSR1, previous)
 

@@ -76,3 +76,11 @@ def test_an_autocast_region_does_not_round_the_kernels_to_16_bits(backend):
         assert a.dtype == b.dtype and torch.isfinite(a).all(), name
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-5, name
     assert ((cast[0].double() - ref_lp).norm() / ref_lp.norm()).item() < 1e-5
+
+
+def test_meta_tensors_still_infer_shapes_through_the_torch_attention():
+    """autocast_off has no autocast to turn off on the meta device (torch.autocast("meta") raises): shape inference
+    through the torch backend works as before it."""
+    q, kv = torch.randn(20, 4, 32, device="meta"), torch.randn(20, 2, 32, device="meta")
+    out, lse = kernels.flash_attention(q, kv, kv, torch.tensor([0, 9, 20], dtype=torch.int32), backend="torch")
+    assert out.shape == (20, 4, 32) and lse.shape == (20, 4) and out.is_meta
