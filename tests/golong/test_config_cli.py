@@ -692,7 +692,7 @@ def test_synth_passes_seed_and_context_length(tmp_path):
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--tasks", "poetry"], "unknown synthetic task 'poetry'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "0"], "--n and --context-tokens must be >= 1"),
     (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "0"], "--gpus must be >= 1"),
-    (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "8", "--gpu-mem", "0"], "--gpu-mem > 0"),
+    (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "8", "--gpu-mem", "0"], "--gpu-mem a number of GiB > 0"),
 ])
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -363,7 +363,7 @@ def test_stop_advice_names_resume_auto_where_the_same_command_would_not_continue
     from golong.config import load_config
 
     class Interrupted:  # Ctrl-C arrives during fit
-        def __init__(self, cfg):
+        def __init__(self, cfg, **kwargs):
             pass
 
         def fit(self):
@@ -1572,8 +1572,9 @@ def _texts_worker(rank: int, world: int) -> None:
         return GenerationResult(ids, [None] * len(ids), ["stop"] * len(ids))
 
     stub = types.SimpleNamespace(cfg=RunConfig(), rank=rank, world=world, tokenizer=tok, stop_ids={tok.eos_token_id},
-                                 engine=types.SimpleNamespace(generate=fake_generate), reward_texts={})
-    for name in ("_decode_responses", "_strip_stop"):
+                                 engine=types.SimpleNamespace(generate=fake_generate), reward_texts={},
+                                 warned_scoring=False)
+    for name in ("_decode_responses", "_strip_stop", "_check_scoring_failures"):
         setattr(stub, name, types.MethodType(getattr(Trainer, name), stub))
     # the seed of request j is request_seed(key, j): answers differ between requests and are known to every rank
     seeds = [request_seed(1, j) for j in range(len(prompts) * 3)]
@@ -1585,6 +1586,7 @@ def _texts_worker(rank: int, world: int) -> None:
                                                      texts=True)
     assert [tok.decode(r.tokens.tolist()[:-1], skip_special_tokens=True) for r in results] == expect
     assert timings["response/format_errors"] == no_think
+    assert timings["reward/scoring_failures"] == 0  # golong's metrics, none out of time
     if rank == 0:
         assert [r.text for r in results] == expect and timings["time/dump_s"] >= 0
     else:
@@ -1609,6 +1611,7 @@ def _texts_worker(rank: int, world: int) -> None:
                                                          texts=True)
     zeta = ["zeta" in t for t in expect]
     assert 0 < sum(zeta) < len(zeta) and timings["reward/function_errors"] == sum(zeta)
+    assert "reward/scoring_failures" not in timings  # the function's failures are reward/function_errors
     assert [r.reward_failed for r in results] == zeta
     assert [r.reward_numbers for r in results] == [None if z else {"chars": float(len(t))} for t, z in
                                                    zip(expect, zeta)]
