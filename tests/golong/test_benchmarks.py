@@ -243,6 +243,20 @@ def _corpusqa_row(i: int, answer, domain: str = "financial_en") -> dict:
                        {"role": "user", "content": f"CORPUS ... What was the total revenue {i}?"}]}
 
 
+def test_importers_read_a_subset_and_an_answer_as_their_sources_write_them(tmp_path):
+    """A DocMath file's subset is the last subset name in its path; a LongBench row's own dataset wins over its
+    file's name (a renamed copy); a LongBench-v2 answer written "(B)" is the letter B."""
+    from golong.data.benchmarks import docmath_subset
+
+    assert docmath_subset("data/simpshort/complong_testmini.jsonl") == "complong"
+    (tmp_path / "hotpotqa_e.jsonl").write_text(json.dumps(_lbv1_row(0, ["Hawks"])) + "\n")
+    (rec,) = import_benchmark("lbv1qa", [tmp_path / "hotpotqa_e.jsonl"], tmp_path / "l.jsonl")
+    assert rec.extra_info["subset"] == "hotpotqa"
+    (tmp_path / "data.json").write_text(json.dumps([{**_lbv2_row(0), "answer": "(B)"}]))
+    (rec,) = import_benchmark("longbench-v2", [tmp_path / "data.json"], tmp_path / "lb.jsonl")
+    assert rec.ground_truth.golden_label == "B"
+
+
 def test_lbv1qa_and_corpusqa_rows_become_records(tmp_path):
     """LongBench v1 QA rows: the context and the question in one user message, every reference answer a gold item
     (lbv1qa: QA F1 against the best), the subset from the row's dataset, else the file's name. CorpusQA rows: the

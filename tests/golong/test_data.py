@@ -551,6 +551,10 @@ def test_prompt_cache_key_tells_message_boundaries_from_content(tok):
     # nor is a lone surrogate (JSON "\ud800") a "?"
     odd = [dataclasses.replace(rec, prompt=[{"role": "user", "content": c}]) for c in ("\ud800", "?")]
     assert prompt_cache_key(odd[:1], tok, 400, "drop") != prompt_cache_key(odd[1:], tok, 400, "drop")
+    # nor one message's role another's: the chat template renders them differently
+    roles = [dataclasses.replace(rec, prompt=[{"role": r, "content": "be brief"}, {"role": "user", "content": "q"}])
+             for r in ("system", "user")]
+    assert prompt_cache_key(roles[:1], tok, 400, "drop") != prompt_cache_key(roles[1:], tok, 400, "drop")
 
 
 def test_prompt_sampler_deterministic_and_resumable():

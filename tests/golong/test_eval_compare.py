@@ -295,6 +295,11 @@ def test_response_rows_carry_the_short_record_keys_and_the_by_keys():
     assert row_groups(prompt, ("nested", "prompt_tokens", "missing")) == {
         "nested": "{'a': 1}", "missing": "(none)", "index": "3", "difficulty": "hard", "ratio": "0.5", "flag": "True",
         "edge": "y" * 64}
+    # keys other records hold short values under (short_keys): "(none)" where this one lacks them or holds null, as
+    # --by labels it; a longer value there is not a label
+    assert row_groups(prompt, (), known=("domain", "none", "long", "index")) == {
+        "domain": "(none)", "none": "(none)", "index": "3", "difficulty": "hard", "ratio": "0.5", "flag": "True",
+        "edge": "y" * 64}
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):

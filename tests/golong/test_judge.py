@@ -138,6 +138,16 @@ def test_verdict_is_the_last_bracketed_yes_or_no():
         assert verdict(reply) is None
 
 
+def test_a_record_without_a_question_is_not_judged():
+    """The judge is shown the question: a record without one, or with a blank one, is not judged (and a run with
+    such records in a judged benchmark is refused at start)."""
+    from golong.rewards.judge import judged_question
+
+    for info in ({}, {"question": ""}, {"question": "   \n"}, {"question": 7}, None):
+        assert judged_question(SimpleNamespace(extra_info=info)) is None, info
+    assert judged_question(SimpleNamespace(extra_info={"question": "How many?"})) == "How many?"
+
+
 def test_the_judge_sees_question_reference_and_extracted_answer_and_raises_scores(fake_judge, monkeypatch):
     """The request: the system prompt, then "Problem / Answer 1 (the reference) / Answer 2 (the answer DocMath's
     scorer extracts)" (never the document), temperature 0, the model named, the key from judge.api_key_env. A
@@ -209,24 +219,27 @@ def test_judge_only_benchmarks_take_the_verdict_over_each_reference(fake_judge):
                            "reward_model": {"ground_truth": {"doc_ids": ["Hawks", "Atlanta Hawks"]}},
                            "extra_info": {"question": "Which team did he join?"}})
     boom = Record.from_dict({**lb.to_dict(), "reward_model": {"ground_truth": {"doc_ids": ["Hawks", "Boom"]}}})
+    # a [[YES]] to one reference wins over a failed request for another
+    boom_yes = Record.from_dict({**lb.to_dict(),
+                                 "reward_model": {"ground_truth": {"doc_ids": ["Boom", "Atlanta Hawks"]}}})
     cq = Record.from_dict({"data_source": "corpusqa", "ability": "corpusqa",
                            "prompt": [{"role": "user", "content": "CORPUS ... How many?"}],
                            "reward_model": {"ground_truth": {"golden_label": "7"}},
                            "extra_info": {"question": "How many funds?"}})
-    records = [lb, lb, cq, cq, boom]
+    records = [lb, lb, cq, cq, boom, boom_yes]
     responses = ["<think>t</think>Therefore, the answer is ATL.", "<think>t</think>Therefore, the answer is Hawks fan",
                  "<think>t</think>The answer is seven", "<think>t</think>The answer is 7", "<think>t</think>Therefore, "
-                 "the answer is Hawks"]
+                 "the answer is Hawks", "<think>t</think>Therefore, the answer is ATL."]
     rule = score_records(records, responses)
-    assert rule == [0.0, pytest.approx(2 / 3), 0.0, 1.0, 1.0]
+    assert rule == [0.0, pytest.approx(2 / 3), 0.0, 1.0, 1.0, 0.0]
     scores, verdicts, report = judge_records(Judge(judge_cfg(server.url, retries=0)), records, responses, rule)
-    assert verdicts == ["yes", "no", "yes", "no", "failed"]
-    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0]  # the verdict, both ways; a failed one keeps its rule score
-    assert (report.asked, report.yes, report.failed, report.raised, report.lowered) == (5, 2, 1, 2, 2)
+    assert verdicts == ["yes", "no", "yes", "no", "failed", "yes"]
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]  # the verdict, both ways; a failed one keeps its rule score
+    assert (report.asked, report.yes, report.failed, report.raised, report.lowered) == (6, 3, 1, 3, 2)
     asked = sorted((r["ref"], r["answer"]) for r in server.requests)
     assert asked == sorted([("Hawks", "ATL"), ("Atlanta Hawks", "ATL"), ("Hawks", "Hawks fan"),
                             ("Atlanta Hawks", "Hawks fan"), ("7", "seven"), ("7", "7"), ("Hawks", "Hawks"),
-                            ("Boom", "Hawks")])
+                            ("Boom", "Hawks"), ("Boom", "ATL"), ("Atlanta Hawks", "ATL")])
 
 
 def test_failed_requests_are_retried_then_leave_the_rule_score(fake_judge):

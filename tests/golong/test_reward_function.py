@@ -145,10 +145,13 @@ def test_the_function_scores_with_verls_arguments(reward_file):
              (_record("echo", gt, **extra), "<think></think>" + json.dumps([gt, extra], sort_keys=True)),
              (_record("echo", None), "<think></think>" + json.dumps([None, {"ability": "long_context"}])),
              (_record("count", {"n": 42}), "it is 42"),  # no </think>: the function still scores it
-             (_record("numpy", "a"), "a"), (_record("bool", "a"), "a")]
+             (_record("numpy", "a"), "a"), (_record("bool", "a"), "a"),
+             # a record's own extra_info["ability"] is what the function sees, not the record's ability
+             (_record("echo", gt, ability="own"), "<think></think>" + json.dumps([gt, {"ability": "own"}],
+                                                                                 sort_keys=True))]
     extras = {}
     scores, errors = _scores(str(reward_file), pairs, extras=extras)
-    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0] and errors == []
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5, 1.0, 1.0] and errors == []
     # what else a dict result held comes back per response (verl's extra reward info): "acc" True as 1.0, "parsed"
     # (a list) as JSON text; only the numbers are averaged
     assert extras == {0: {"parsed": '["42"]'}, 1: {"parsed": '["41"]'}, 5: {"parsed": '["42"]'},

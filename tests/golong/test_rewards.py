@@ -361,6 +361,28 @@ def test_pairwise_hand():
     assert score("pairwise", "a\na\nb", ["a", "b"]) == pytest.approx(1 / 3)
 
 
+def test_metric_edges_the_recipe_scores():
+    """Edges no earlier case pinned down (a mutation audit changed each and every test still passed): blank lines
+    in a gold list, a gold with surrounding whitespace, repeated table rows on both sides, Frames' leading word
+    boundary, DocMath's inclusive 0.15%, the last 500 characters math-verify reads, LongBench v1 QA's answer without
+    its parentheses, routing a MATH data source whatever its case."""
+    from golong.rewards.metrics import MATH_TAIL_CHARS, docmath_match, frames, lbv1qa_answer
+    from golong.rewards.tasks import route
+
+    assert score("subem", "a\nb", "a\n\nb") == 1.0 and score("ndcg", "a\nb", "a\n\nb\n") == 1.0
+    assert score("f1", "a\nb", "a\nb\n") == 1.0  # a blank gold line is no gold item
+    assert compute_score("em", R("Paris"), "Paris\n") == 1.0
+    rows = json.dumps({"data": [[1], [1]]})
+    assert score("iou", f'<answer>{rows}</answer>', rows) == 1.0  # a multiset: both 1-rows match
+    assert frames("Therefore, the answer is 1932", "32") == 0.0 and frames("the answer is 32 years", "32") == 1.0
+    assert docmath_match(100.15, 100.0) and docmath_match(99.85, 100.0) and not docmath_match(100.16, 100.0)
+    boxed = "\\boxed{7}"
+    assert compute_score("math_verify", R(boxed + "x" * (MATH_TAIL_CHARS - len(boxed))), "7") == 1.0
+    assert compute_score("math_verify", R(boxed + "x" * (MATH_TAIL_CHARS - len(boxed) + 1)), "7") == 0.0
+    assert lbv1qa_answer("Therefore, the answer is (Paris).") == "Paris"
+    assert route("MATH_lighteval") == route("math_lighteval") == "math_verify"
+
+
 def test_iou_hand():
     gold = json.dumps({"data": [["y", 2], ["z", 3]]})
     # multisets P = {x, y, y}, G = {y, z}: |P & G| = 1, |P| + |G| - 1 = 4
@@ -1147,6 +1169,8 @@ def test_judge_model_sources_score_their_math_verify_records_as_the_recipe_does(
 
     name = judged("Ada Lovelace", "Ada Lovelace")
     assert score_record(name, R("Ada Lovelace")) == 1.0
+    # the exact answer is extra_info.ground_truth, not the label
+    assert score_record(judged("Ada Lovelace", "Augusta Ada King"), R("Augusta Ada King")) == 1.0
     assert score_record(_verl("x", {"golden_label": "Ada Lovelace"}, "math_verify"), R("Ada Lovelace")) == 0.0
     assert score_record(name, R("Charles Babbage")) == 0.0
     assert score_record(name, "<think>Ada Lovelace</think>") == 0.0  # the answer is what follows </think>

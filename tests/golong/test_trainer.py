@@ -1697,7 +1697,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
                                {"note": "ok"}]):
         records[i]["extra_info"].update(extra)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = evaluate(cfg, None, tmp_path / "eval", by=["prompt_tokens", "index"])
+    result = evaluate(cfg, None, tmp_path / "eval", by=["prompt_tokens", "index", "level"])
     rows = [json.loads(line) for line in (tmp_path / "eval" / "responses.jsonl").open()]
     # each response was scored against the record its row names (the function's own view of it): the rows group
     # by prompt as the responses were asked for
@@ -1713,6 +1713,12 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     by_prompt = [sum(r["score"] for r in rows if r["prompt"] == p) / 4 for p in range(6)]
     assert result["by_mean"]["index"] == pytest.approx(sum(by_prompt) / 6)
     assert result["by_mean"]["prompt_tokens"] == pytest.approx(result["by"]["prompt_tokens"]["<4K"]["reward_mean"])
+    # ... unweighted by the groups' sizes (level: groups of 1, 1 and 4 prompts), as the card's LBV1-QA column
+    level = result["by"]["level"]
+    assert [g["prompts"] for g in level.values()] == [1, 1, 4]
+    unweighted = sum(g["reward_mean"] for g in level.values()) / 3
+    weighted = sum(g["reward_mean"] * g["prompts"] for g in level.values()) / 6
+    assert result["by_mean"]["level"] == pytest.approx(unweighted) and unweighted != pytest.approx(weighted)
     assert result["reward_kwargs"] == {"bonus": 0.5}  # eval-compare warns where two evals differ in them
     from golong.eval_compare import compare, read_scores
 
@@ -1749,7 +1755,7 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert result["worst_of_n"] < result["reward_mean"] < result["best_of_n"] and result["std_of_n"] > 0
     # --by: every prompt's prompt is short (one bin: the whole set); by extra_info.index, one prompt a group, in
     # numeric order
-    assert list(result["by"]) == ["prompt_tokens", "index"]
+    assert list(result["by"]) == ["prompt_tokens", "index", "level"]
     assert result["by"]["prompt_tokens"] == {"<4K": {"prompts": 6, "responses": 24,
                                                      "reward_mean": pytest.approx(result["reward_mean"], rel=1e-12),
                                                      **brute(everything)}}
