@@ -179,11 +179,36 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
     ("model.dtype=int8", "model.dtype='int8' is not a valid choice; choose one of: bfloat16, float32, float16"),
     ("parallel.reduce_dtype=float16", "parallel.reduce_dtype='float16' is not a valid choice"),
     ("optim.impl=apex", "optim.impl='apex' is not a valid choice"),
+    ("judge.timeout_s=0", "judge.timeout_s must be > 0"),
+    ("judge.retries=-1", "judge.retries must be >= 0"),
+    ("judge.workers=0", "judge.workers must be >= 1"),
 ])
 def test_every_value_check_rejects_just_past_its_bound(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/demo-cpu.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_judge_needs_an_http_address_and_golongs_metrics():
+    demo = ROOT / "configs/demo-cpu.yaml"
+    with pytest.raises(ConfigError, match="judge.url='ftp://x' must be an http:// or https:// address"):
+        load_config(demo, ["judge.model=j", "judge.url=ftp://x"])
+    with pytest.raises(ConfigError, match="judge.model judges golong's metrics"):
+        load_config(demo, ["judge.model=j", "rollout.reward_function=f.py:score"])
+    c = load_config(demo, ["judge.model=j", "judge.url=https://api.deepseek.com/v1", "judge.retries=0",
+                           "judge.workers=1"])
+    assert (c.judge.url, c.judge.retries, c.judge.workers) == ("https://api.deepseek.com/v1", 0, 1)
+
+
+def test_the_algorithms_defaults_are_the_designs():
+    """DESIGN.md's reference values: eps 1e-6, clip 0.2 / 0.28, dual clip 3, the IS mask [0.5, 5] with veto 1e-4,
+    the difficulty reweight's gamma 1 and alpha 0.8 (no shipped config sets eps, gamma or alpha)."""
+    from golong.config import AlgoConfig
+
+    a = AlgoConfig()
+    assert (a.eps, a.clip_low, a.clip_high, a.dual_clip) == (1e-6, 0.2, 0.28, 3.0)
+    assert (a.rollout_is, a.rollout_is_lower, a.rollout_is_upper, a.rollout_is_veto) == ("mask", 0.5, 5.0, 1e-4)
+    assert (a.gamma, a.alpha) == (1.0, 0.8)
 
 
 def test_a_kl_term_needs_no_sft_warm_up():
@@ -290,6 +315,7 @@ def test_config_warnings_name_what_is_used(capsys):
     # profile.steps past the run's end are never profiled (an empty nsys capture of a whole job)
     assert config_warnings(load_config(demo, ["profile.steps=[2,500,900]"])) == [
         "profile.steps [500, 900] come after trainer.total_steps=32: never profiled"]
+    assert config_warnings(load_config(demo, ["profile.steps=[32]"])) == []  # the last step is profiled
     for bad in ("[0]", "[-2,3]"):  # SFT steps are logged at steps <= 0 but not profiled
         with pytest.raises(ConfigError, match=r"profile.steps=\[.*\]: RL steps, numbered from 1"):
             load_config(demo, [f"profile.steps={bad}"])
@@ -451,6 +477,19 @@ def test_filter_metric_takes_verls_summed_reward_names_as_golongs():
                                               "reward: golong's 'reward'"):
             load_config(demo, [f"algo.filter_metric={name}", "rollout.reward_function=golong/rewards/scoring.py"])
     assert load_config(demo, ["algo.filter_metric=reward"]).algo.filter_metric == "reward"
+    # read where dynamic sampling filters groups of 2 or more responses; warned of where it filters nothing
+    from golong.config import config_warnings
+
+    def unread(*over):
+        return [w for w in config_warnings(load_config(demo, ["algo.filter_metric=reward", *over]))
+                if "filter_metric" in w]
+
+    assert unread("rollout.n=2", "algo.dynamic_sampling=true") == []
+    assert unread("rollout.n=1", "algo.dynamic_sampling=true", "algo.adv_estimator=task_norm",
+                  "algo.difficulty_reweight=false") == [
+        "algo.filter_metric=reward is not read: dynamic sampling filters nothing (algo.dynamic_sampling=True, "
+        "rollout.n=1)"]
+    assert len(unread("rollout.n=2", "algo.dynamic_sampling=false")) == 1
 
 
 def test_a_verl_key_names_golongs(tmp_path):
@@ -461,6 +500,20 @@ def test_a_verl_key_names_golongs(tmp_path):
 
     for verl, (key, how) in VERL_KEYS.items():
         assert key.split(".")[-1] in {f.name for f in dataclasses.fields(_lookup_section(key))} if key else how, verl
+    # the keys that change the algorithm name the golong key that does the same
+    a, r = "actor_rollout_ref.actor.", "algorithm.rollout_correction."
+    assert {k: VERL_KEYS[k][0] for k in (
+        f"{a}clip_ratio_low", f"{a}clip_ratio_high", f"{a}clip_ratio_c", f"{a}ppo_mini_batch_size", f"{a}ppo_epochs",
+        f"{a}kl_loss_coef", f"{a}entropy_coeff", "data.train_batch_size", "data.gen_batch_size",
+        f"{r}rollout_is_threshold", f"{r}rollout_rs_threshold_lower", f"{r}rollout_token_veto_threshold",
+        "actor_rollout_ref.rollout.n")} == {
+        f"{a}clip_ratio_low": "algo.clip_low", f"{a}clip_ratio_high": "algo.clip_high",
+        f"{a}clip_ratio_c": "algo.dual_clip", f"{a}ppo_mini_batch_size": "trainer.mini_batch_prompts",
+        f"{a}ppo_epochs": "algo.ppo_epochs", f"{a}kl_loss_coef": "algo.kl_coef",
+        f"{a}entropy_coeff": "algo.entropy_coef",
+        "data.train_batch_size": "trainer.prompts_per_step", "data.gen_batch_size": "trainer.gen_batch_prompts",
+        f"{r}rollout_is_threshold": "algo.rollout_is_upper", f"{r}rollout_rs_threshold_lower": "algo.rollout_is_lower",
+        f"{r}rollout_token_veto_threshold": "algo.rollout_is_veto", "actor_rollout_ref.rollout.n": "rollout.n"}
     path = tmp_path / "verl.yaml"
     path.write_text("data:\n  gen_batch_size: 64\nalgorithm:\n  filter_groups:\n    metric: acc\n")
     with pytest.raises(ConfigError) as e:
