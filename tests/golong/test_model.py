@@ -444,6 +444,17 @@ def test_sharded_checkpoint_errors_name_key_and_file(pair, tmp_path):
             gm.from_pretrained(bad, dtype=torch.float32)
 
 
+def test_a_loaded_model_saves_with_the_tokenizer_files_of_the_directory_it_came_from(tmp_path):
+    """save_pretrained copies the tokenizer and generation config from the directory the model was loaded from
+    when no copy_files_from is given (vLLM needs them beside the weights)."""
+    hf = build_hf("dense")
+    src = tmp_path / "src"
+    hf.save_pretrained(src)
+    (src / "tokenizer.json").write_text('{"fake": true}')
+    gm.from_pretrained(src, dtype=torch.float32).save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"fake": true}'
+
+
 def test_tied_checkpoint_with_its_own_lm_head(tmp_path):
     """tie_word_embeddings with an lm_head.weight in the checkpoint: an equal copy loads; a different one
     raises (transformers 5 unties and scores with it, vLLM ignores it: silently dropping it diverged
@@ -456,6 +467,8 @@ def test_tied_checkpoint_with_its_own_lm_head(tmp_path):
     _rewrite(ckpt, "model.safetensors", lambda sd: sd.update({"lm_head.weight": emb}))
     back = gm.from_pretrained(ckpt, dtype=torch.float32)
     assert back.lm_head is None and torch.equal(back.model.embed_tokens.weight, emb)
+    back16 = gm.from_pretrained(ckpt, dtype=torch.bfloat16)  # compared in the dtype loaded to: still equal
+    assert back16.lm_head is None and torch.equal(back16.model.embed_tokens.weight, emb.bfloat16())
     _rewrite(ckpt, "model.safetensors", lambda sd: sd.update({"lm_head.weight": emb.flip(0)}))
     with pytest.raises(ValueError, match="lm_head.weight in model.safetensors differs from model.embed_tokens"):
         gm.from_pretrained(ckpt, dtype=torch.float32)

@@ -116,6 +116,27 @@ def test_rope_frequencies_equal_transformers(rope):
     assert RotaryEmbedding(back).attention_scaling == ours.attention_scaling
 
 
+def test_rope_keys_given_twice_read_as_transformers_reads_them():
+    """A config holding rope_theta both at the top level and inside rope_parameters (and a YaRN
+    original_max_position_embeddings both places): transformers takes the rope_parameters' theta and the top-level
+    original length; golong's frequencies are the same."""
+    import copy
+
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    kw = dict(vocab_size=1000, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+              num_hidden_layers=1, intermediate_size=64, max_position_embeddings=131072)
+    for extra in ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+                  {"original_max_position_embeddings": 8192,
+                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                       "original_max_position_embeddings": 32768}}):
+        raw = {"model_type": "qwen3", **kw, **extra}
+        ref = Qwen3RotaryEmbedding(Qwen3Config(**copy.deepcopy(raw)))  # it rewrites rope_parameters in place
+        ours = RotaryEmbedding(ModelConfig.from_hf(copy.deepcopy(raw)))
+        assert torch.equal(ours.inv_freq_cpu, ref.inv_freq), extra
+
+
 def test_from_config_random_init_and_meta_free():
     model = gm.from_config(hf_config("moe"), dtype=torch.float32, device="cpu")
     assert not any(p.is_meta for p in model.parameters())
@@ -166,6 +187,7 @@ def test_absent_fields_default_as_transformers():
     ours, ref = ModelConfig.from_hf(moe), Qwen3MoeConfig.from_dict(moe)
     assert not hasattr(ref, "head_dim") and ours.head_dim == 64 // 64
     assert ours.num_key_value_heads == ref.num_key_value_heads == 4
+    assert ours.norm_topk_prob == ref.norm_topk_prob  # absent: no renormalisation, as transformers reads it
 
 
 def test_sparse_step_and_dense_layers_as_transformers():
