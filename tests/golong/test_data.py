@@ -378,6 +378,7 @@ def test_prompt_cache_round_trip_and_key(tok, tmp_path):
     assert [(p.input_ids.tolist(), p.index, p.truncated, p.record) for p in got] == \
         [(p.input_ids.tolist(), p.index, p.truncated, p.record) for p in built]
     assert sum(p.truncated for p in got) == 2
+    assert load_prompts(tmp_path / key, recs[:6]) is None  # a cache of records past the ones given: none
     assert all(isinstance(p.input_ids, np.memmap) and p.input_ids.dtype == np.int32 for p in got)  # shared, mapped
     # the same inputs name the same cache; any change of what build_prompts reads names another
     assert prompt_cache_key(generate(5, 20, seed=4) + generate(2, 900, seed=5), tok, 400, "truncate_left") == key
