@@ -424,14 +424,17 @@ def _check_same_computation(path: Path, model: nn.Module, resume: bool) -> None:
     from golong.models.config import ModelConfig
 
     theirs, ours = ModelConfig.from_hf(json.loads(cfg_file.read_text())), model.config
-    differ = [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in SAME_COMPUTATION
-              if getattr(theirs, k) != getattr(ours, k)]
+
+    def differing(keys: tuple[str, ...]) -> list[str]:
+        return [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in keys
+                if getattr(theirs, k) != getattr(ours, k)]
+
+    differ = differing(SAME_COMPUTATION)
     if differ and resume:
         raise ConfigError(f"checkpoint {path} holds a different model than the config: its config.json differs in "
                           f"{', '.join(differ)}. Use the model settings it was written with, or another "
                           "logging.run_dir for a new run.")
-    differ += [f"{k}={getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in CONTEXT_LENGTH
-               if getattr(theirs, k) != getattr(ours, k)]
+    differ += differing(CONTEXT_LENGTH)
     if differ:
         log.warning(f"{'resume' if resume else 'eval'}: {path} was written with other model settings than the "
                     f"config's, which {'hold from here on' if resume else 'the eval runs with'}: {', '.join(differ)}")
