@@ -66,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(subparser=p)
 
     p = sub.add_parser("eval-compare", help="compare two evals of the same prompts: reward difference ± its stderr",
-                       description="Read two golong eval directories (or their responses.jsonl) of the same "
-                                   "prompts and print, per task and overall, each one's mean reward and the mean "
+                       description="Read two golong eval directories (or their responses.jsonl or eval.json) of the "
+                                   "same prompts and print, per task and overall, each one's mean reward and the mean "
                                    "over prompts of the difference B - A of the prompts' mean scores, with its "
                                    "standard error (paired: the noise the two share, from how hard each prompt is, "
                                    "cancels) and how many prompts B scored above, equal to and below A.")
-    p.add_argument("a", help="the first eval (A): an eval directory or its responses.jsonl")
+    p.add_argument("a", help="the first eval (A): an eval directory, its responses.jsonl or its eval.json")
     p.add_argument("b", help="the second eval (B)")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
                    help="also per group of prompts: prompt_tokens (token-count bins), or a record key the response "

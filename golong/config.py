@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ADV_ESTIMATORS = ("grpo", "tmn_grpo", "task_norm", "dr_grpo")
@@ -434,6 +434,23 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict) and node:
         return [k for key, value in node.items() for k in _dotted_keys(value, f"{prefix}{key}.")]
     return [prefix.rstrip(".")]
+
+
+def _container_clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str]:
+    """The key where `layer` (a plain container) gives a list for a mapping of `base` (a config node) or a mapping
+    for a list, and one line saying so."""
+    for name, value in layer.items():
+        key, node = f"{prefix}{name}", base.get(name) if isinstance(base, DictConfig) else None
+        if isinstance(value, dict) and isinstance(node, DictConfig):
+            found = _container_clash(node, value, f"{key}.")
+            if found[0]:
+                return found
+        elif isinstance(value, dict | list) and isinstance(node, DictConfig | ListConfig) \
+                and isinstance(value, list) != isinstance(node, ListConfig):
+            want = "a list" if isinstance(node, ListConfig) else "a mapping"
+            ftype = _field_type(key)
+            return key, f"bad value {value!r} for '{key}': expected {want}{f' ({ftype})' if ftype else ''}"
+    return "", "config error: a list given where a mapping is expected, or a mapping where a list is"
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -867,6 +884,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 line = _key_line(origin, getattr(e, "full_key", None) or "")
                 raise ConfigError(f"{origin}{f': line {line}' if line else ''}: {message}") from None
             raise ConfigError(message) from None  # an override: the message names its key
+        except TypeError:  # omegaconf's bare "Cannot merge incompatible container types": a list meets a mapping
+            key, message = _container_clash(merged, OmegaConf.to_container(layer, resolve=False))
+            line = _key_line(origin, key) if isinstance(origin, Path) else None
+            where = f"{origin}{f': line {line}' if line else ''}: " if isinstance(origin, Path) else ""
+            raise ConfigError(where + message) from None
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

@@ -58,12 +58,15 @@ class EvalScores:
 
 
 def read_scores(source: str | Path) -> EvalScores:
-    """An eval directory's responses.jsonl (or that file itself) and the eval.json beside it: each prompt's scores,
-    content fields and group labels (its rows' `groups`, and its prompt_tokens bin under "prompt_tokens"). A missing
-    file or a row that is not a golong eval response is an error naming the file and line."""
+    """An eval directory's responses.jsonl (or that file itself, or its eval.json) and the eval.json beside it: each
+    prompt's scores, content fields and group labels (its rows' `groups`, and its prompt_tokens bin under
+    "prompt_tokens"). A missing file or a row that is not a golong eval response is an error naming the file and
+    line."""
     path = Path(source)
     if path.is_dir():
         path = path / "responses.jsonl"
+    elif path.name == "eval.json":  # the eval's summary: its responses are beside it
+        path = path.with_name("responses.jsonl")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (an eval directory holds responses.jsonl once golong eval ends)")
     scores: dict[tuple, list[float]] = defaultdict(list)

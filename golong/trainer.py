@@ -263,11 +263,12 @@ class Trainer:
         self.sampler = None if eval_only else PromptSampler(len(self.train_prompts), seed=cfg.data.seed,
                                                             shuffle=cfg.data.shuffle)
         self.ckpt = Checkpointer(checkpoint_dir(cfg), cfg.checkpoint.every, cfg.checkpoint.keep_last)
+        # a resume its checkpoint's trainer state refuses (a small file) costs no model build or engine start
+        self.checked_resume = resume = None if eval_only else self.ckpt.resolve(cfg.checkpoint.resume)
+        if resume is not None:
+            self._check_resume_state(resume, load_trainer_state(resume))
         reference = None
         if cfg.algo.kl_coef > 0 and not eval_only:
-            resume = self.ckpt.resolve(cfg.checkpoint.resume)  # its trainer state is a small file: before the models
-            if resume is not None:
-                self._check_reference_start(resume, load_trainer_state(resume))
             reference = build_model(cfg, self.dims, reference=True)
             log.info(f"algo.kl_coef={cfg.algo.kl_coef:g}: a KL term to the reference policy, a frozen "
                      f"{str(reference_dtype(cfg)).removeprefix('torch.')} copy of "
@@ -278,7 +279,7 @@ class Trainer:
         self.engine.sync_weights(self.model)
         self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, config=to_dict(cfg))
-        if self.writer.active:
+        if self.writer.active and resume is None:  # a resume's, once its checkpoint is accepted (maybe_resume)
             save_run_config(cfg, self.run_dir)
         self.step = 0
         self.sft_done = cfg.trainer.sft_steps == 0
@@ -1015,6 +1016,26 @@ class Trainer:
         if self.cfg.model.path and (gen := Path(self.cfg.model.path) / "generation_config.json").is_file():
             shutil.copy2(gen, d / "tokenizer" / gen.name)
 
+    def _check_resume_state(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse a resume from `path` whose trainer state `saved` does not fit this config: another SFT warm-up
+        length part way through it, another number of training prompts, a KL term after a warm-up."""
+        sft_steps = self.cfg.trainer.sft_steps
+        if saved.get("sft_sampler") is not None and saved.get("sft_steps", sft_steps) != sft_steps:
+            # SFT step s is logged at s - sft_steps - 1: the warm-up's metric rows would be relabelled
+            raise ConfigError(f"resume from {path}: it is part way through an SFT warm-up of {saved['sft_steps']} "
+                              f"steps (at step {saved.get('sft_step')}), this config sets trainer.sft_steps="
+                              f"{sft_steps}; resume with trainer.sft_steps={saved['sft_steps']} (the warm-up's steps "
+                              "and their metric rows are numbered by it)")
+        saved_n = int(saved["sampler"]["n"])
+        if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
+            raise ConfigError(f"resume from {path}: its data order is over {saved_n} training prompts, this config "
+                              f"gives {len(self.train_prompts)} (data.train_files, data.synthetic_n, "
+                              "data.max_prompt_tokens or data.overflow changed); resume with the same data, or start "
+                              f"a new run from its weights: golong export {path} DIR, then model.path=DIR and a new "
+                              "logging.run_dir")
+        if self.cfg.algo.kl_coef > 0:
+            self._check_reference_start(path, saved)
+
     def _check_reference_start(self, path: Path, saved: dict[str, Any]) -> None:
         """A KL term's reference policy is rebuilt from the starting weights: refuse a run whose checkpoint left
         them through an SFT warm-up (config validation sees only this config's trainer.sft_steps); warn when the
@@ -1037,23 +1058,12 @@ class Trainer:
         # a checkpoint from part way through the SFT warm-up holds the warm-up's optimizer and schedule: load
         # them into the warm-up's (its trainer state is a small file, read ahead of the collective load)
         saved = load_trainer_state(path)
+        if path != self.checked_resume:  # __init__ checked the one it resolved
+            self._check_resume_state(path, saved)
         sft_part_way = saved.get("sft_sampler") is not None
-        sft_steps = self.cfg.trainer.sft_steps
-        if sft_part_way and saved.get("sft_steps", sft_steps) != sft_steps:  # SFT step s is logged at s - sft_steps - 1
-            raise ConfigError(f"resume from {path}: it is part way through an SFT warm-up of {saved['sft_steps']} "
-                              f"steps (at step {saved.get('sft_step')}), this config sets trainer.sft_steps="
-                              f"{sft_steps}; resume with trainer.sft_steps={saved['sft_steps']} (the warm-up's steps "
-                              "and their metric rows are numbered by it)")
         if sft_part_way:
             self._start_sft()
         state = self.ckpt.load(path, self.model, self.actor.optimizer)
-        saved_n = int(state["sampler"]["n"])
-        if saved_n != len(self.train_prompts):  # its position in the data order means nothing for other data
-            raise ConfigError(f"resume from {path}: its data order is over {saved_n} training prompts, this config "
-                              f"gives {len(self.train_prompts)} (data.train_files, data.synthetic_n, "
-                              "data.max_prompt_tokens or data.overflow changed); resume with the same data, or start "
-                              f"a new run from its weights: golong export {path} DIR, then model.path=DIR and a new "
-                              "logging.run_dir")
         self.actor.scheduler.load_state_dict(state["scheduler"])
         if sft_part_way:
             self.sft_sampler.load_state_dict(state["sft_sampler"])
@@ -1065,8 +1075,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
             log.warning(f"resume from {path}: the training prompts differ from the checkpoint's (as many, "
-                        f"{saved_n}, but other data or another tokenization); its position in the data order continues "
-                        "over these")
+                        f"{len(self.train_prompts)}, but other data or another tokenization); its position in the "
+                        "data order continues over these")
         d = self.cfg.data  # the checkpoint's data order continues (a new order mid-epoch would repeat prompts)
         for key, saved, wanted in (("data.seed", self.sampler.seed, d.seed), ("data.shuffle", self.sampler.shuffle,
                                                                              d.shuffle)):
@@ -1082,6 +1092,8 @@ class Trainer:
         self.sft_step = state.get("sft_step", self.cfg.trainer.sft_steps if self.sft_done else 0)
         self.engine.sync_weights(self.model)
         log.info(f"resumed from {path} at " + (f"SFT step {self.sft_step}" if sft_part_way else f"step {self.step}"))
+        if self.writer.active:  # accepted: these settings produce the run from here on
+            save_run_config(self.cfg, self.run_dir)
         return path
 
     # --------------------------------------------------------------------------------- loop

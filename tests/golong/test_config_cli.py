@@ -91,6 +91,11 @@ def test_overrides_apply_with_types():
     # OmegaConf's merge raised a bare TypeError (a traceback in every command)
     ("optim.betas[1]=0.95", "override 'optim.betas[1]=0.95': a list takes no index; give the whole list, e.g. "
                             "optim.betas=[a,b]"),
+    # a list where a mapping is expected, or a mapping where a list is: omegaconf's bare TypeError (a traceback)
+    ("rollout.reward_kwargs=[1,2]",
+     "bad value [1, 2] for 'rollout.reward_kwargs': expected a mapping (dict[str, Any])"),
+    ("data.train_files={a: 1}", "bad value {'a': 1} for 'data.train_files': expected a list (list[str])"),
+    ("optim.betas={a: 1}", "bad value {'a': 1} for 'optim.betas': expected a list (list[float])"),
     # YAML's false reaches the str field as "False": it made a directory of that name
     ("data.prompt_cache=false", "data.prompt_cache='False' would be a directory of that name; 'none' turns the cache"
                                 " off"),
@@ -100,6 +105,14 @@ def test_bad_override_is_one_line_naming_the_key(override, needle):
         load_config(ROOT / "configs/demo-cpu.yaml", [override])
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_a_list_for_a_mapping_in_a_file_names_its_file_and_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("rollout:\n  n: 4\ndata:\n  max_prompt_tokens: 512\n  train_files:\n    a: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, [])
+    assert str(e.value) == f"{cfg}: line 5: bad value {{'a': 1}} for 'data.train_files': expected a list (list[str])"
 
 
 # every value check, just past its boundary (the message names the key) ...

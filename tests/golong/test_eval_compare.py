@@ -32,6 +32,9 @@ def test_compare_is_the_paired_difference_of_prompt_means(tmp_path):
     (tmp_path / "b").mkdir()
     _write(tmp_path / "b" / "responses.jsonl", b)
     got = compare(read_scores(tmp_path / "a.jsonl"), read_scores(tmp_path / "b"))
+    # an eval directory's eval.json names the eval too (was "not a golong eval response": eval.json's first line)
+    (tmp_path / "b" / "eval.json").write_text(json.dumps({"reward_mean": 0.4}, indent=1))
+    assert read_scores(tmp_path / "b" / "eval.json").scores == read_scores(tmp_path / "b").scores
     # em: prompt means A 0.5, 1, 0 and B 0, 1, 0.5: d = -0.5, 0, +0.5
     em = got["tasks"]["em"]
     assert (em["prompts"], em["b_higher"], em["equal"], em["b_lower"]) == (3, 1, 1, 1)

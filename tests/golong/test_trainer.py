@@ -852,12 +852,15 @@ def test_resume_onto_data_of_another_size_is_one_line(config_file, tmp_path):
     quick = ("trainer.sft_steps=0", "trainer.total_steps=1", "trainer.val_every=0", "profile.steps=[]")
     first = _train(config_file, tmp_path, "", *quick)
     assert first.returncode == 0, first.stderr[-3000:]
+    written = (tmp_path / "config.yaml").read_text()
     more = _train(config_file, tmp_path, "", *quick, "trainer.total_steps=2", "data.synthetic_n=50")
     assert more.returncode == 2 and "Traceback" not in more.stderr, more.stderr[-3000:]
     line = more.stderr.strip().splitlines()[-1]
     assert line.startswith("golong: error: resume from ") and "step_000001" in line, line
     assert "over 48 training prompts, this config gives 50" in line and "golong export" in line, line
     assert max(_by_step(tmp_path)) == 1  # nothing trained on the mismatched data
+    # the run directory still says what produced its checkpoints (the refused settings had replaced it)
+    assert (tmp_path / "config.yaml").read_text() == written and not list(tmp_path.glob("config-*.yaml"))
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(config_file, tmp_path):
@@ -1034,14 +1037,18 @@ def test_resume_part_way_through_the_sft_warm_up_applies_the_configs_optimizer_s
             trainer.fit()
     finally:
         dist.destroy_process_group()
-    # another warm-up length part way through it: its steps' metric rows are numbered by it (were relabelled)
-    trainer = Trainer(load_config(config_file, base + ["trainer.sft_steps=5"]))
-    try:
-        with pytest.raises(ConfigError, match=r"part way through an SFT warm-up of 3 steps \(at step 2\), this "
-                                              r"config sets trainer.sft_steps=5; resume with trainer.sft_steps=3"):
-            trainer.maybe_resume()
-    finally:
-        dist.destroy_process_group()
+    # another warm-up length part way through it: its steps' metric rows are numbered by it (were relabelled);
+    # refused from the checkpoint's trainer state, before a model is built
+    import golong.trainer as trainer_module
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+        try:
+            with pytest.raises(ConfigError, match=r"part way through an SFT warm-up of 3 steps \(at step 2\), this "
+                                                  r"config sets trainer.sft_steps=5; resume with trainer.sft_steps=3"):
+                Trainer(load_config(config_file, base + ["trainer.sft_steps=5"]))
+        finally:
+            dist.destroy_process_group()
     logging.getLogger("golong").addHandler(caplog.handler)  # it does not propagate to the root logger
     # other training data of the same size: its position in the data order goes on over other prompts, warned of
     trainer = Trainer(load_config(config_file, base + ["data.synthetic_tasks=[comprehension,precise_retrieval]"]))
@@ -1311,6 +1318,9 @@ def test_resume_says_the_data_order_stays_the_checkpoints(config_file, tmp_path,
     finally:
         logging.getLogger("golong").removeHandler(caplog.handler)
     assert (trainer.sampler.seed, trainer.sampler.shuffle) == (0, True)  # the order of the run continues
+    # the accepted resume's settings are the run's config.yaml from here on, the first start's kept beside it
+    (kept,) = tmp_path.glob("config-*.yaml")
+    assert load_config(kept).trainer.seed != 7 and load_config(tmp_path / "config.yaml").trainer.seed == 7
     for saved, wanted in (("data.seed=0", "data.seed=5"), ("data.shuffle=True", "data.shuffle=False")):
         assert f"resume: the checkpoint's data order continues ({saved}); the config's {wanted} does not change it" \
             in caplog.text
