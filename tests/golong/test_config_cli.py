@@ -1007,6 +1007,26 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     json.dumps(rows)
 
 
+def test_only_rank_0_writes_metrics(tmp_path, monkeypatch):
+    # every rank builds a MetricsWriter: the others' rows would repeat each step once per rank in the one file
+    monkeypatch.setenv("RANK", "1")
+    w = MetricsWriter(tmp_path / "run", tensorboard=True)
+    w.log(1, {"reward/mean": 0.5})
+    assert w.rewind(0) == 0
+    w.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_wandb_id_file_gets_a_new_id(tmp_path):
+    """An empty (or blank) RUN_DIR/wandb_run_id is no id: a fresh one is made and kept, not "" handed to wandb."""
+    from golong.logger import WANDB_ID_FILE, wandb_run_id
+
+    (tmp_path / WANDB_ID_FILE).write_text("\n")
+    run_id = wandb_run_id(tmp_path)
+    assert len(run_id) == 8 and run_id.isalnum()
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == run_id == wandb_run_id(tmp_path)
+
+
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """wandb.init had no id: every resume of a run started another W&B run. The id is kept in the run directory
     and handed back with resume="allow". Rows are plotted against trainer/step, not W&B's own step, which only
@@ -1194,6 +1214,20 @@ def test_the_capture_window_spans_each_run_of_consecutive_profiled_steps(monkeyp
     assert calls == [1, "cudaProfilerStart", 2, "cudaProfilerStop"]
 
 
+def test_an_interrupted_profiled_step_closes_the_capture_window(monkeypatch):
+    # Ctrl-C or a SystemExit (not Exception) inside a profiled step: the window is closed too, else nsys keeps capturing
+    from golong.profiling import CaptureWindow
+
+    calls = []
+    monkeypatch.setattr(CaptureWindow, "_call", staticmethod(lambda name: calls.append(name)))
+    for exc in (KeyboardInterrupt, SystemExit):
+        calls.clear()
+        window = CaptureWindow([1, 2], 2)
+        with pytest.raises(exc), window.step(1):
+            raise exc()
+        assert calls == ["cudaProfilerStart", "cudaProfilerStop"] and not window.open, exc
+
+
 def test_nvtx_range_is_free_without_cuda():
     a, b = nvtx_range("x"), nvtx_range("y")
     assert a is b  # the shared null context: nothing allocated per call on CPU
@@ -1258,6 +1292,29 @@ def test_other_ranks_print_only_their_own_trouble(monkeypatch, capsys):
     assert "rank 3: own warning" in text and "rank 3: error line" in text
     out = lines(0)  # the logger follows a rank change (a test, or get_logger before init_process_group)
     assert "shared warning" in out.out + out.err and "rank 3" not in out.out + out.err
+
+
+def test_a_rank_prefix_is_added_once_however_many_handlers_filter_the_record(monkeypatch, capsys):
+    """Each handler of the logger carries the rank filter, and one record passes them all: "rank 2: " once in each
+    line, not once per handler."""
+    import logging
+
+    from golong.logger import get_logger
+
+    monkeypatch.setenv("RANK", "2")
+    log = get_logger("golong_test_two_handlers")  # its own stdout handler
+    second = logging.StreamHandler(sys.stderr)
+    log.addHandler(second)
+    try:
+        get_logger("golong_test_two_handlers").error("disk full")  # called again (each module does): both filtered
+        for h in log.handlers:
+            h.flush()
+        out = capsys.readouterr()
+    finally:
+        log.removeHandler(second)
+    lines = [line for line in (out.out + out.err).splitlines() if "disk full" in line]
+    assert len(lines) == 2 and all(line.endswith("rank 2: disk full") and line.count("rank 2") == 1
+                                   for line in lines), lines
 
 
 def test_write_jsonl_writes_whole_files_or_leaves_the_old_one(tmp_path):

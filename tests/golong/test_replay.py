@@ -151,3 +151,38 @@ def test_a_held_record_of_another_row_shape_is_refused_before_any_transfer():
     store.responses[key] = np.zeros((len(store.responses[key]), LAYERS + 1, K), np.uint8)
     with pytest.raises(RuntimeError, match=rf"rank 0 holds no response record \({key[0]}, {key[1]}\) of the shape"):
         exchange(rollouts, owners, store, 0, 1, 1, torch.device("cpu"))
+
+
+def test_records_are_uint8_up_to_256_experts():
+    # experts 0..255 fit a byte: 256 experts is the last uint8 count, 257 the first int16 one
+    from golong.replay import record_dtype
+
+    assert [record_dtype(n) for n in (8, 128, 256, 257, 512)] == [np.uint8] * 3 + [np.int16] * 2
+    store = RoutingStore((LAYERS, K), 256)
+    store.add(0, 0, 0, np.full((4, LAYERS, K), 255, np.int64), 3, 2)  # the largest expert id survives the cast
+    assert store.responses[(0, 0)].dtype == np.uint8 and (store.responses[(0, 0)] == 255).all()
+
+
+def test_owners_are_dp_ranks_not_global_ranks():
+    """owners name dp ranks: with cp = 2 on 2 ranks there is one dp group, and owner 1 (a global rank, or a slip) is
+    refused before any collective (so no process group is needed here)."""
+    rollouts, _ = _batch(1)
+    with pytest.raises(ValueError, match=r"owners must be dp ranks in \[0, 1\) or -1"):
+        exchange(rollouts, [1] * len(rollouts), _store(rollouts, 0), 0, 2, 2, torch.device("cpu"))
+
+
+def test_a_prompts_rows_come_from_the_rank_that_generated_its_first_response():
+    """A prompt whose responses were generated on two ranks: its rows are sent from the origin of its first rollout
+    (the docstring's rule; every rank must pick the same one), once to each cp rank of the dp group that trains it,
+    and each response's rows from its own origin."""
+    from golong.replay import _items
+
+    def rollout(origin, request):
+        return Rollout(np.arange(4, dtype=np.int32), np.arange(3, dtype=np.int32), None, group=0, task="t",
+                       route_key=RouteKey(origin, 0, 0, request))
+
+    rollouts = [rollout(2, 0), rollout(0, 1), rollout(1, 2)]
+    items = _items(rollouts, [1, 1, -1], cp=2)  # the third is not trained
+    assert [(src, dst, kind) for src, dst, kind, _, _ in items] == [
+        (2, 2, "prompt"), (2, 2, "response"), (2, 3, "prompt"), (2, 3, "response"),
+        (0, 2, "response"), (0, 3, "response")]

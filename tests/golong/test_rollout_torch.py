@@ -65,6 +65,33 @@ def test_top_p_keeps_the_tokens_whose_mass_before_them_is_below_it():
         assert torch.allclose(logp.double(), want.double(), atol=1e-6), top_p
 
 
+def test_top_k_zero_is_off_as_in_vllm():
+    """top_k 0 samples the whole distribution, as -1 does: vLLM's "off" is 0 (the engine passes max(top_k, 0)) and
+    rollout.top_k takes either; keeping the top 0 tokens would leave only the forced first one (greedy)."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, VOCAB) * 3
+    u = torch.rand(4, generator=torch.Generator().manual_seed(1))
+    for top_p in (1.0, 0.9):
+        off = sample_tokens(logits, u, SamplingParams(temperature=1.0, top_p=top_p, top_k=-1))
+        zero = sample_tokens(logits, u, SamplingParams(temperature=1.0, top_p=top_p, top_k=0))
+        assert torch.equal(off[0], zero[0]) and torch.equal(off[1], zero[1]), top_p
+    # the uniforms reach past the first token's mass: top-0-as-greedy would draw argmax alone
+    assert not torch.equal(off[0], logits.argmax(-1))
+
+
+def test_a_uniform_rounding_to_one_still_draws_a_kept_token():
+    """A uniform just below 1 (a float64 one rounds to 1.0 in the cdf's fp32) lands on the top of the cdf: the draw is
+    the last kept token, never the first truncated (zero-mass) slot after it."""
+    logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]]).expand(2, 3)
+    u = torch.tensor([1 - 1e-12, 1 - 1e-9], dtype=torch.float64)
+    for params, last_kept in ((SamplingParams(temperature=1.0, top_p=0.5), 0),
+                              (SamplingParams(temperature=1.0, top_p=0.75), 1),
+                              (SamplingParams(temperature=1.0, top_k=2), 1)):
+        toks, logp = sample_tokens(logits, u, params)
+        assert toks.tolist() == [last_kept, last_kept], params
+        assert torch.isfinite(logp).all(), params
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(5, VOCAB)
     toks, logp = sample_tokens(logits, torch.rand(5), SamplingParams(temperature=0.0))
@@ -182,6 +209,7 @@ def test_greedy_generate_matches_argmax_of_full_forward():
             h = model(torch.tensor(seq), torch.tensor([0, len(seq)], dtype=torch.int32))
             seq.append(int(model.logits(h[-1]).argmax()))
     assert out.token_ids[0] == seq[len(prompt):]
+    assert not model.training  # an eval model stays in eval (generate restores the mode it found)
 
 
 def test_load_weights_changes_samples():
