@@ -5,8 +5,6 @@ TP group, each rank's slice of its group's requests)."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 import types
 from types import SimpleNamespace as NS
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 
 from golong.rollout import GenerationResult, SamplingParams
-from tests.golong.test_vllm_sync import _fake_engine, _FakeLLM, _FakeSamplingParams
+from tests.golong.test_vllm_sync import _fake_engine, _FakeLLM, install_fake_vllm
 
 
 def _tiny_model():
@@ -121,24 +119,10 @@ def test_each_tp_group_samples_with_its_own_seed(monkeypatch):
     sample alike), other groups get others (trainer.seed + group); a world not divisible by the TP size is refused."""
     from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
-    started = []
-
-    class LLM:
-        def __init__(self, **kw):
-            started.append(kw)
-            self.llm_engine = NS(model_config=NS(dtype=torch.float32))
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = LLM, _FakeSamplingParams
-    platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = NS(is_cpu=lambda: True)
     state = types.ModuleType("vllm.distributed.parallel_state")
     state.get_tp_group = lambda: NS(cpu_group="tp-group")
-    for name, mod in (("vllm", fake), ("vllm.platforms", platforms), ("vllm.distributed", types.ModuleType("x")),
-                      ("vllm.distributed.parallel_state", state)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the engine sets them: restored after
-        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    started = install_fake_vllm(monkeypatch, **{"vllm.distributed": types.ModuleType("vllm.distributed"),
+                                                "vllm.distributed.parallel_state": state})
     rank = {"r": 0}
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)

