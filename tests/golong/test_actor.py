@@ -151,13 +151,14 @@ def test_plan_keeps_a_run_whole_where_its_prompt_is_about_a_ranks_share():
     assert len(holders) == 1
 
 
-def test_plan_cuts_a_run_over_the_budget_into_even_pieces():
+@pytest.mark.parametrize("responses, want", [(16, [4, 4, 4, 4]), (6, [3, 3])])
+def test_plan_cuts_a_run_over_the_budget_into_even_pieces(responses, want):
     """16 responses of which 5 fit the budget beside the prompt: 4 x 4, not 5 + 5 + 5 + 1 (a prompt copy for one
-    response)."""
+    response); 6 of them: 3 + 3, not 5 + 1 (two pieces are evened out too)."""
     prompt = np.arange(100, dtype=np.int32)
-    rollouts = [Rollout(prompt, np.zeros(9, dtype=np.int32), None, group=0, task="t") for _ in range(16)]
+    rollouts = [Rollout(prompt, np.zeros(9, dtype=np.int32), None, group=0, task="t") for _ in range(responses)]
     (plan,) = _plans(rollouts, True, 99 + 5 * 10, 1)
-    assert sorted(len(m) for m in plan) == [4, 4, 4, 4]
+    assert sorted(len(m) for m in plan) == want
 
 
 @pytest.mark.parametrize("share", [False, True])
@@ -234,3 +235,53 @@ def test_owners_name_the_dp_rank_whose_micro_batches_hold_each_rollout(share, dp
                 actor.check_routing(rollouts, minis)
         else:  # on one process: a rank that does not train it sees nothing wrong (on many, all_gather tells all)
             actor.check_routing(rollouts, minis)
+
+
+def test_gradients_are_clipped_to_optim_grad_clip_and_the_norm_before_clipping_is_returned():
+    """optim.grad_clip scales the gradients down to that total L2 norm (never up); the returned (logged) norm is the
+    one before clipping; grad_clip 0 leaves them as they are."""
+    from golong.actor import Actor
+    from tests.golong.trainer_helpers import tiny_config
+
+    def clipped(clip: float, weight: float, bias: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        actor = Actor.__new__(Actor)  # only _clip_grad_norm's inputs: the config and the model
+        actor.cfg = tiny_config(optim__grad_clip=clip)
+        actor.model = torch.nn.Linear(3, 2)
+        actor.model.weight.grad = torch.full((2, 3), weight)
+        actor.model.bias.grad = torch.full((2,), bias)
+        return actor._clip_grad_norm(), actor.model.weight.grad, actor.model.bias.grad
+
+    # |g| = sqrt(6 x 1 + 2 x 2^2) = sqrt(14) by hand
+    norm, w, b = clipped(0.5, 1.0, 2.0)
+    assert norm == pytest.approx(14 ** 0.5)
+    assert float(torch.cat([w.flatten(), b]).norm()) == pytest.approx(0.5, rel=1e-5)
+    assert torch.allclose(w, torch.full((2, 3), 0.5 / 14 ** 0.5)) and torch.allclose(b, torch.full((2,), 1 / 14 ** 0.5))
+    norm, w, b = clipped(0.5, 0.1, 0.0)  # |g| = sqrt(0.06) < 0.5: untouched
+    assert norm == pytest.approx(0.06 ** 0.5) and torch.equal(w, torch.full((2, 3), 0.1))
+    norm, w, b = clipped(0.0, 1.0, 2.0)  # no clipping
+    assert norm == pytest.approx(14 ** 0.5) and torch.equal(w, torch.ones(2, 3))
+    assert torch.equal(b, torch.full((2,), 2.0))
+
+
+def test_rollout_is_metrics_of_a_micro_batch_weigh_by_its_scored_tokens_and_scored_sequences():
+    """_accumulate_is_metrics: token means weigh by the micro-batch's response tokens, sequence means (veto_frac,
+    the perplexities) by its scored sequences (a shared prompt's document scores none: not a sequence), each over
+    the cp ranks that all computed them; ratio_max / ratio_min are kept as maxima; a dummy adds nothing."""
+    from collections import defaultdict
+
+    from golong.actor import _accumulate_is_metrics
+
+    sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+    maxes = defaultdict(lambda: torch.tensor(float("-inf"), dtype=torch.float64))
+    cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)  # a shared prompt's 3 rows, then 2 and 3 scored rows
+    mask = torch.tensor([0, 0, 0, 1, 1, 0, 1, 1, 1], dtype=torch.float32)
+    metrics = {"rollout_is/ratio_max": torch.tensor(3.0), "rollout_is/ratio_min": torch.tensor(0.25),
+               "rollout_is/veto_frac": torch.tensor(0.5), "rollout_is/ratio_mean": torch.tensor(1.5),
+               "mismatch/trainer_ppl": torch.tensor(2.0)}
+    _accumulate_is_metrics(metrics, mask, cu, 2, sums, maxes)  # cp 2: 5 tokens, 2 sequences, halved per rank
+    _accumulate_is_metrics(metrics, torch.zeros(4), torch.tensor([0, 4], dtype=torch.int32), 2, sums, maxes)  # dummy
+    got = {k: float(v) for k, v in sums.items()}
+    assert got == {"m:rollout_is/veto_frac": 0.5 * 1.0, "w:rollout_is/veto_frac": 1.0,
+                   "m:mismatch/trainer_ppl": 2.0 * 1.0, "w:mismatch/trainer_ppl": 1.0,
+                   "m:rollout_is/ratio_mean": 1.5 * 2.5, "w:rollout_is/ratio_mean": 2.5}
+    assert {k: float(v) for k, v in maxes.items()} == {"rollout_is/ratio_max": 3.0, "-rollout_is/ratio_min": -0.25}

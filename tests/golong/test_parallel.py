@@ -8,6 +8,7 @@ on 2 FSDP ranks and on a cp=2 ring, and compare the parameters afterwards.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -24,6 +25,13 @@ def test_balance_splits_near_evenly_and_covers_everything():
     assert sorted(i for p in parts for i in p) == list(range(37))
     loads = [sum(lengths[i] for i in p) for p in parts]
     assert max(loads) - min(loads) <= max(lengths)  # greedy LPT bound
+
+
+def test_balance_places_the_longest_first_on_the_lightest_part_ties_on_the_lowest():
+    # LPT by hand: 5 -> part 0, 4 -> part 1, the 1s each to the lighter part (a tie at 5 / 5: part 0). The bound
+    # above holds for any greedy order: shortest first gave loads 7 / 5, a count balance [[0, 1, 3], [2, 4]] too
+    assert balance([5, 1, 1, 1, 4], 2) == [[0, 2], [1, 3, 4]]
+    assert balance([3, 3, 2, 2, 2], 2) == [[0, 2, 4], [1, 3]]
 
 
 @pytest.mark.parametrize("prompts, n, world", [(16, 16, 8), (5, 16, 8), (7, 3, 4), (3, 2, 8), (1, 1, 2), (0, 4, 2),
@@ -59,6 +67,13 @@ def test_rollout_share_keeps_a_prompts_samples_on_one_rank_and_balances_work(pro
         by_count = [sum(weights[j] for j in range(r * total // world, (r + 1) * total // world)) for r in range(world)]
         if lengths == "lognormal":  # equal counts leave the slowest engine well above the mean; weights do not
             assert max(by_count) / (sum(by_count) / world) > 1.1 > max(loads) / (sum(loads) / world)
+
+
+def test_rollout_share_deals_out_requests_of_no_weight():
+    # no cost known (all weights 0): counts within one, in order; a request of weight 0 at the very end (its
+    # midpoint at the whole total) still belongs to the last rank, not to a rank past it
+    assert [list(rollout_share([0] * 5, r, 2)) for r in range(2)] == [[0, 1], [2, 3, 4]]
+    assert [list(rollout_share([1, 1, 0], r, 2)) for r in range(2)] == [[0], [1, 2]]
 
 
 def test_pack_respects_budget_and_is_deterministic():
@@ -104,7 +119,11 @@ def _run_updates(rank: int, world: int, cp: int, out: str, steps: int, on_policy
                       trainer__share_prompts=share_prompts,
                       **({"algo__clip_low": 3e-4, "algo__clip_high": 4e-4} if policy == "gspo" else {}))
     dims = init_parallel(-1, cp, "gloo")
+    # rank = dp_rank x cp + cp_rank: a cp group is cp consecutive ranks (one node: the ring stays on NVLink)
+    assert (dims.rank, dims.world_size, dims.dp_rank, dims.cp_rank) == (rank, world, rank // cp, rank % cp)
     if cp > 1:
+        assert torch.distributed.get_process_group_ranks(dims.cp_group) == list(range(rank - rank % cp,
+                                                                                   rank - rank % cp + cp))
         _check_cp_gather(dims)
     reference = build_model(cfg, dims, reference=True) if kl_coef else None
     actor = Actor(build_model(cfg, dims), dims, cfg, reference)
@@ -381,7 +400,7 @@ def _reference_loss(model, rollouts, old, temperature, ref=None, kl_coef=0.0, ag
 
 
 def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str = "token-mean", minis: int = 1,
-                         ent_coef: float = 0.0, gspo: bool = False) -> None:
+                         ent_coef: float = 0.0, gspo: bool = False, epochs: int = 2) -> None:
     from golong.actor import Actor
     from golong.build import build_model
     from golong.parallel import init_parallel
@@ -390,8 +409,11 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
     # one mini-batch, 2 PPO epochs (off-policy: old logprobs from a pass before the update); several
     # micro-batches of 40 tokens; temperature 0.7; no grad clipping, so the gradients are the loss's
     # minis 2: two prompts a mini-batch, each step's loss over its own (S and the token count are the mini-batch's)
+    # epochs 1, minis 1: on-policy, the old logprobs are the update's own, detached (no pass of theirs); epochs 1,
+    # minis 2: the second mini-batch's old policy is still the one before the update, from the old-logprob pass
+    on_policy = epochs == 1 and minis == 1
     cfg = tiny_config(trainer__mini_batch_prompts=100 if minis == 1 else 2, trainer__micro_batch_tokens=40,
-                      algo__ppo_epochs=2, algo__entropy_coef=ent_coef,
+                      algo__ppo_epochs=epochs, algo__entropy_coef=ent_coef,
                       algo__rollout_is="none" if gspo else "mask", optim__grad_clip=0.0, rollout__temperature=0.7,
                       optim__lr=1e-2 if kl_coef else 4e-2, algo__kl_coef=kl_coef, algo__loss_agg_mode=agg,
                       rollout__max_response_tokens=16, algo__policy_loss="gspo" if gspo else "vanilla",
@@ -410,7 +432,7 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
     rollouts[2].rollout_logprobs[0] += 15.0  # a vetoed sequence
     # a stale old policy for some sequences (as after a long rollout): ratios e^1.3 ~ 3.7 reach the dual clip
     # on negative advantages and the upper clip on positive ones
-    shift = [1.3 if i % 2 == 0 else 0.0 for i in range(len(rollouts))]
+    shift = [1.3 if i % 2 == 0 and not on_policy else 0.0 for i in range(len(rollouts))]
     assert {r.advantage < 0 for r in rollouts[::2]} == {True, False}
     real_logprobs = actor.compute_logprobs
     # (the old policy's pass only: the reference policy's, model=reference, is left as it is)
@@ -421,7 +443,7 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
     with torch.no_grad():
         _, lps = _reference_loss(actor.model, rollouts, None, 0.7)
     old = [lp - s for lp, s in zip(lps, shift)]
-    real_step, steps = actor.optimizer.step, []
+    real_step, steps, norms = actor.optimizer.step, [], []
 
     def checked_step(*args, **kwargs):
         params = dict(actor.model.named_parameters())
@@ -446,14 +468,24 @@ def _update_vs_reference(rank: int, world: int, kl_coef: float = 0.0, agg: str =
         for n, p in params.items():
             p.grad = saved[n]
         steps.append(float(loss))
+        norms.append(float(torch.cat([g.flatten() for g in want.values()]).norm()))
         return real_step(*args, **kwargs)
 
     actor.optimizer.step = checked_step
     m = actor.update(rollouts, "pg")
-    assert len(steps) == 2 * minis and m["actor/optimizer_steps"] == 2 * minis
+    assert len(steps) == epochs * minis and m["actor/optimizer_steps"] == epochs * minis
     assert m["actor/loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-4)
+    # grad norms: the mean and the largest over the optimizer steps (before clipping; none here)
+    assert m["actor/grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)
+    assert m["actor/grad_norm_max"] == pytest.approx(max(norms), rel=1e-4)
+    # rollout vs trainer mismatch: the old policy's logprobs (the ones the IS weights use) against the rollout's,
+    # not the policy that moves within the update; each token counted once per epoch, so the plain token mean
+    rollout_lp = torch.cat([torch.tensor(r.rollout_logprobs, dtype=torch.float64) for r in rollouts])
+    assert m["mismatch/kl_k1"] == pytest.approx(float((rollout_lp - torch.cat(old)).mean()), rel=1e-4, abs=1e-5)
     # every branch was exercised: IS mask and veto, the upper / lower clip, the dual clip (GSPO: the clip)
-    if gspo:
+    if on_policy:  # every ratio is 1: nothing clipped
+        assert m["rollout_is/veto_frac"] > 0 and m["actor/pg_clipfrac"] == 0 and "time/old_logprob_s" not in m, m
+    elif gspo:
         assert "rollout_is/veto_frac" not in m and m["actor/pg_clipfrac_lower"] == 0
         assert 0 < m["actor/pg_clipfrac"] < 1, m
     else:
@@ -482,6 +514,15 @@ def test_actor_update_gradients_match_the_design_formulas(kl_coef, agg, minis, e
     one or two mini-batches; GSPO's sequence ratio) against the loss written out from DESIGN.md (GSPO: its
     sequence-level objective), one sequence at a time."""
     run_distributed(_update_vs_reference, 1, kl_coef, agg, minis, ent_coef, gspo)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("minis", [1, 2])
+def test_one_epoch_updates_match_the_design_formulas(minis):
+    """One PPO epoch. One mini-batch (on-policy, the recipe): no old-logprob pass, the ratio's denominator is the
+    update's own logprob. Two: the second mini-batch's old policy is the one before the update (its old-logprob
+    pass), not the policy the first step moved (whose ratios would all be 1: no clipping, no staleness seen)."""
+    run_distributed(_update_vs_reference, 1, 0.0, "token-mean", minis, 0.0, False, 1)
 
 
 # ------------------------------------------------------------------------------ rollout-IS metrics
@@ -516,7 +557,7 @@ def _sft_run(rank: int, world: int, budgets: list[int], out: str) -> None:
     from golong.parallel import init_parallel
     from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
 
-    cfg = tiny_config(trainer__mini_batch_prompts=100)
+    cfg = tiny_config(trainer__mini_batch_prompts=100, algo__ppo_epochs=2)  # PPO's epochs: not the SFT loss's
     dims = init_parallel(-1, 1, "gloo")
     actor = Actor(build_model(cfg, dims), dims, cfg)
     actor.optimizer.step = lambda *a, **k: None  # the same weights for every budget
@@ -544,6 +585,7 @@ def test_the_sft_loss_is_the_whole_batchs_token_mean(tmp_path):
             "2 ranks, 48": two["metrics"][48]}
     for name, m in runs.items():
         assert m["sft/loss"] == pytest.approx(one["nll"], rel=1e-5), name
+        assert m["sft/optimizer_steps"] == 1, name  # one pass over the batch, whatever algo.ppo_epochs
         assert m["sft/grad_norm"] == pytest.approx(one["metrics"][100000]["sft/grad_norm"], rel=1e-4), name
 
 
@@ -664,6 +706,59 @@ def test_cpu_offload_adds_gloo_for_host_tensors(monkeypatch):
     mesh.init_distributed()
     mesh.init_distributed("gloo", cpu_collectives=True)
     assert seen == ["cuda:nccl,cpu:gloo", "nccl", "gloo"]
+
+
+def test_init_parallel_refuses_a_mesh_that_does_not_fit_the_world(monkeypatch):
+    """cp, the rollout engine's tensor-parallel size and dp_shard x cp must fit the launched world (here 4 ranks):
+    a config error at start-up, not a hang or a wrong mesh later."""
+    from golong.config import ConfigError
+    from golong.parallel import mesh
+
+    monkeypatch.setattr(mesh, "init_distributed", lambda *a, **k: (0, 4))
+    for kwargs, message in [({"cp": 3}, "parallel.cp=3 must divide the world size 4"),
+                            ({"cp": 2, "rollout_tp": 3}, "rollout.tensor_parallel_size=3 must divide the world size 4"),
+                            ({"dp_shard": 4, "cp": 2}, "parallel.dp_shard=4 x parallel.cp=2 != world size 4"),
+                            ({"dp_shard": 1, "cp": 2}, "parallel.dp_shard=1 x parallel.cp=2 != world size 4")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            mesh.init_parallel(backend="gloo", **kwargs)
+    seen = []
+
+    class Mesh:  # what init_parallel reads of the device mesh
+        def __getitem__(self, names):
+            return self
+
+        def _flatten(self, name):
+            return self
+
+        def get_local_rank(self, name):
+            return {"dp_shard": 1, "cp": 0}[name]
+
+    monkeypatch.setattr(mesh, "init_device_mesh", lambda device, shape, mesh_dim_names: seen.append(
+        (shape, mesh_dim_names)) or Mesh())
+    dims = mesh.init_parallel(-1, 2, "gloo", rollout_tp=2)  # dp_shard -1: world / cp
+    assert seen == [((2, 2), ("dp_shard", "cp"))]
+    assert (dims.dp_size, dims.dp_rank, dims.cp_size, dims.cp_rank, dims.rank, dims.world_size) == (2, 1, 2, 0, 2, 4)
+
+
+def test_mixed_precision_computes_in_param_dtype_and_reduces_in_reduce_dtype_on_gpu():
+    # on CPU everything stays fp32 (gloo has no bf16 reduce-scatter) whatever the config says
+    from golong.parallel import mixed_precision_policy
+
+    gpu = mixed_precision_policy("bfloat16", "float32", device="cuda")
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    half = mixed_precision_policy("float16", "bfloat16", device="cuda")
+    assert (half.param_dtype, half.reduce_dtype) == (torch.float16, torch.bfloat16)
+    cpu = mixed_precision_policy("bfloat16", "bfloat16", device="cpu")
+    assert (cpu.param_dtype, cpu.reduce_dtype) == (torch.float32, torch.float32)
+
+
+def test_cpu_offload_without_a_gpu_is_refused(monkeypatch):
+    # CPU offload keeps a GPU run's shards in pinned host memory: without a GPU it is a config mistake, said at once
+    from golong.parallel import apply_fsdp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="parallel.cpu_offload needs a GPU"):
+        apply_fsdp(torch.nn.Linear(2, 2), None, cpu_offload=True)
 
 
 def _cast_before_gather(rank: int, world: int) -> None:
