@@ -7,6 +7,7 @@ on 2 FSDP ranks and on a cp=2 ring, and compare the parameters afterwards.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -587,6 +588,42 @@ def test_the_sft_loss_is_the_whole_batchs_token_mean(tmp_path):
         assert m["sft/loss"] == pytest.approx(one["nll"], rel=1e-5), name
         assert m["sft/optimizer_steps"] == 1, name  # one pass over the batch, whatever algo.ppo_epochs
         assert m["sft/grad_norm"] == pytest.approx(one["metrics"][100000]["sft/grad_norm"], rel=1e-4), name
+
+
+def _nonfinite_grad_run(rank: int, world: int, out: str) -> None:
+    from golong.actor import Actor
+    from golong.build import build_model
+    from golong.parallel import init_parallel
+    from tests.golong.trainer_helpers import fixed_rollouts, tiny_config
+
+    cfg = tiny_config(trainer__mini_batch_prompts=100, algo__ppo_epochs=2, optim__grad_clip=1.0)
+    dims = init_parallel(-1, 1, "gloo")
+    actor = Actor(build_model(cfg, dims), dims, cfg)
+    before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
+    # one parameter's gradient overflows (an inf in a bf16 reduction) while every loss stays finite
+    param = next(p for n, p in actor.model.named_parameters() if "norm" in n)
+    real_clip = actor._clip_grad_norm
+
+    def overflowed() -> float:
+        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad  # FSDP2: a DTensor
+        grad.view(-1)[0] = float("inf")
+        return real_clip()
+
+    actor._clip_grad_norm = overflowed
+    m = actor.update(fixed_rollouts(), "pg")
+    changed = [n for n, p in actor.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    torch.save({"metrics": m, "changed": changed}, out)
+
+
+@pytest.mark.distributed
+def test_a_non_finite_gradient_norm_skips_the_step_though_the_loss_is_finite(tmp_path):
+    """An inf / NaN gradient norm with a finite loss: the optimizer step is skipped (clipping cannot scale an inf
+    gradient; Adam would write inf / NaN into every weight it touches), counted in actor/skipped_steps."""
+    run_distributed(_nonfinite_grad_run, 1, str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+    m = got["metrics"]
+    assert math.isfinite(m["actor/loss"]) and m["actor/skipped_steps"] == 2 and m["actor/optimizer_steps"] == 0, m
+    assert got["changed"] == []
 
 
 @pytest.mark.distributed
