@@ -151,7 +151,7 @@ def ring_cpu_rows(lengths: list[int], worlds: list[int], heads: tuple[int, int, 
     T = sum(lengths)
     rows: list[dict[str, Any]] = []
     base_peak = None
-    for w in worlds:
+    for w in [1] + [w for w in worlds if w != 1]:  # W=1 first: every ratio is against it
         q_out = ctx.SimpleQueue()
         port = _free_port()
         procs = [ctx.Process(target=_ring_rank, args=(r, w, port, lengths, heads, q_out)) for r in range(w)]

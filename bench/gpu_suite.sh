@@ -109,6 +109,7 @@ fi
 run_step() {  # run_step INDEX: runs one step, records rc and seconds in files (works in background)
   local i=$1 name=${NAMES[$1]} t0 rc
   t0=$(date +%s)
+  rm -f "$OUT/$name-gpu.json"  # a rerun into this OUT_DIR: an earlier run's results never stand for this one's
   touch "$LOGS/$name.start"
   timeout --kill-after=2 "${LIMITS[$i]}" bash -c "${CMDS[$i]}" >"$LOGS/$name.log" 2>&1
   rc=$?

@@ -27,7 +27,8 @@ from bench.common import peak_extra_memory, print_table, save_results, timeit
 
 H, V, T = 2560, 151_936, 0.7
 CPU_NS = [1024, 4096, 16384]
-CPU_WARMUP_N = 256  # each impl's untimed first call
+CPU_WARMUP_NS = (256, 512)  # each impl's untimed first calls: torch.compile (CCE) recompiles at a second shape
+OURS = ("triton", "ours_torch")  # a failing run of one of these fails the bench (a peer's is its error row)
 GPU_NS = [8192, 32768, 131072]
 GPU_MEM_NS = [1 << 20]  # one step each: peak extra memory at 1M tokens (inputs + grads ~12 GiB, ~10 s)
 FLOPS_RULE = "6*N*H*V per fwd+bwd (2NHV fwd + 4NHV bwd; backward logits recompute not counted)"
@@ -253,15 +254,17 @@ def main() -> None:
         _with_ratios(rows, "naive")
     else:
         dtype = torch.float32  # CPU has no fast bf16 GEMM everywhere; every impl runs fp32 here
-        # One call of each impl at N=256 before any timing: a first call pays one-time costs (torch.compile of
-        # CCE, thread-pool and allocator start-up) that would land on the smallest N's single timed call.
+        # Calls of each impl at two small N before any timing: first calls pay one-time costs (torch.compile of
+        # CCE, which compiles again for dynamic shapes at the second shape it sees; thread-pool and allocator
+        # start-up) that would land on the smallest N's single timed call.
         for fn in impls.values():
-            hh, ww, tt = _inputs(CPU_WARMUP_N, H, V, dtype, "cpu")
-            try:
-                fn(hh, ww, tt)
-            except Exception:
-                pass  # the measured call below records the error
-            del hh, ww, tt
+            for warm_n in CPU_WARMUP_NS:
+                hh, ww, tt = _inputs(warm_n, H, V, dtype, "cpu")
+                try:
+                    fn(hh, ww, tt)
+                except Exception:
+                    pass  # the measured call below records the error
+                del hh, ww, tt
         for n in ns:
             for name, fn in impls.items():
                 if name != "ours_torch" and args.peers_up_to is not None and n > args.peers_up_to:
@@ -281,6 +284,10 @@ def main() -> None:
     print_table(f"bench/logprob: fwd+bwd, H={H}, V={V}, T={T} (ratios vs naive, same run; Liger / CCE: "
                 "cross-entropy only, no entropy)",
                 rows, [c for c in cols if any(c in r for r in rows)])
+    failed = [r for r in rows if (r["impl"] in OURS and "error" in r) or r.get("ok") is False]
+    if failed:  # the rows are kept (written above); the suite's step fails on the exit status
+        raise SystemExit(f"bench/logprob: {len(failed)} of our rows failed: "
+                         + "; ".join(f"{r['case']} {r['impl']}: {r.get('error') or r.get('metric')}" for r in failed))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def test_gpu_tests_groups_cover_every_gpu_test(tmp_path):
 
 def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
     env = {**_env(), "STEPS": "moe logprob_configs"}
+    (tmp_path / "rel").mkdir()  # an earlier run's results there: a rerun's step never leaves them standing for its own
+    (tmp_path / "rel" / "moe-gpu.json").write_text('[{"stale": true}]')
     # a relative OUT_DIR is the caller's, not the repository's
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "rel", "--dry-run"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -108,6 +110,7 @@ def test_gpu_suite_runs_the_steps_named_in_STEPS(tmp_path):
     assert not (ROOT / "rel").exists()
     suite = json.loads((tmp_path / "rel" / "suite.json").read_text())
     assert [s["step"] for s in suite["steps"]] == ["logprob_configs", "moe"]  # in the suite's order
+    assert not (tmp_path / "rel" / "moe-gpu.json").exists()  # a dry run writes none
     bad = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path / "bad"), "--dry-run"], cwd=ROOT,
                          env={**env, "STEPS": "nope"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "gpu_tests" in bad.stderr  # the valid names are listed
@@ -342,3 +345,35 @@ def test_bench_moe_never_adopts_a_setting_that_changes_the_results(tmp_path, mon
     assert float(saved["measured"]["GATHER_IN_GEMM"]["rel err"]) == pytest.approx(0.5, rel=1e-2)
     assert float(saved["measured"]["SWIGLU_IN_GEMM"]["rel err"]) == 0.0
     assert (moe_mlp.GATHER_IN_GEMM, moe_mlp.SWIGLU_IN_GEMM) == before  # the module's flags are restored
+
+
+def test_the_logprob_bench_fails_when_our_kernel_fails(tmp_path, monkeypatch):
+    """A peer that cannot run is its error row; our own kernel failing (or a correctness row not ok) fails the
+    bench, so gpu_suite's step is not "ok" over an error row (the rows are still written)."""
+    import kernels
+    from bench import logprob
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(kernels, "linear_logprob_entropy", broken)
+    monkeypatch.setattr(sys, "argv", ["logprob", "--n", "64", "--impls", "ours_torch", "naive", "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit, match="1 of our rows failed: N=64 ours_torch: RuntimeError: kernel launch failed"):
+        logprob.main()
+    rows = json.loads((tmp_path / "logprob-cpu.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {r["impl"] for r in rows} == {"ours_torch", "naive"} and "time_s" in next(r for r in rows
+                                                                                      if r["impl"] == "naive")
+
+
+def test_the_ring_memory_ratio_is_against_one_rank(monkeypatch):
+    """Worlds listed without 1: W=1 is measured first anyway, so every row's ratio is against it as it says (the
+    first world listed stood in for it)."""
+    from bench import attention
+
+    rows = attention.ring_cpu_rows([40, 9, 23], [2], (2, 1, 8))
+    mem = [r for r in rows if r["metric"] == "peak extra memory / rank (max)"]
+    assert [r["case"].split()[1] for r in mem] == ["W=1", "W=2"]
+    assert mem[1]["baseline_value"] == mem[0]["value"] and mem[1]["ratio"] == pytest.approx(
+        mem[1]["value"] / mem[0]["value"])
