@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from golong.build import scratch_hf_config
-from golong.checkpoint import MARKER, Checkpointer, export_hf, latest_checkpoint, list_checkpoints
+from golong.checkpoint import (
+    MARKER,
+    Checkpointer,
+    export_hf,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+)
 from golong.config import ConfigError
 from golong.models import from_config
 from tests.golong.trainer_helpers import (
@@ -361,11 +368,20 @@ def test_repair_of_every_killed_save_state(tmp_path):
     # step 2 re-saved, old copy set aside, new copy never sealed: the old copy is put back
     (root / "step_000002").rename(root / ".old-step_000002")
     (root / ".tmp-step_000002").mkdir()
+    (root / ".tmp-step_000002" / "__0_0.distcp").write_bytes(b"cut")  # the new copy's shards, part written
     assert ck.resolve("auto") == root / "step_000002"
     assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002"]
     fresh, fresh_opt = _model_and_opt(seed=1)
     assert ck.load(root / "step_000001", fresh, fresh_opt)["copy"] == "old"
     assert ck.load(root / "step_000002", fresh, fresh_opt)["copy"] == "old"
+    # a sealed temp copy beside an unsealed step directory holding leftovers: the sealed one is put in its place
+    ck.save(4, model, opt, {"step": 4, "copy": "sealed"})
+    (root / "step_000004").rename(root / ".tmp-step_000004")
+    (root / "step_000004").mkdir()
+    (root / "step_000004" / "__0_0.distcp").write_bytes(b"stale")
+    assert ck.resolve("auto") == root / "step_000004"
+    assert ck.load(root / "step_000004", fresh, fresh_opt)["copy"] == "sealed"
+    assert not (root / ".tmp-step_000004").exists()
     # an explicit resume path must be a sealed checkpoint
     (root / "step_000003").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
@@ -523,6 +539,11 @@ def test_a_hugging_face_directory_given_as_checkpoint_points_to_model_path(tmp_p
     assert checkpoint_problem(tmp_path / "hf") == (f"{tmp_path / 'hf'} is not a complete checkpoint (no COMPLETE "
                                                    f"marker); it is a Hugging Face model: give it as "
                                                    f"model.path={tmp_path / 'hf'}")
+    # an unsealed training checkpoint holds a config.json too, but no safetensors: it is not called a model
+    ckpt = Checkpointer(tmp_path / "ck").save(1, model, torch.optim.AdamW(model.parameters()), {"step": 1},
+                                              hf_config=model.config.to_hf())
+    (ckpt / MARKER).unlink()
+    assert checkpoint_problem(ckpt) == f"{ckpt} is not a complete checkpoint (no COMPLETE marker)"
 
 
 def test_a_dcp_index_that_would_run_code_is_refused_before_dcp_reads_it(tmp_path, monkeypatch):
@@ -563,6 +584,7 @@ def test_a_checkpoint_before_the_first_update_leaves_the_optimizer_without_state
     assert all(s["step"] == 1 for s in opt.state.values())
     loaded, loaded_opt = _model_and_opt(seed=3)
     assert Checkpointer(tmp_path / "ck").load(path, loaded, loaded_opt) == {"step": 0}
+    assert load_trainer_state(path) == {"step": 0}  # read ahead of the load (resume): the trainer's state only
     assert not loaded_opt.state
     _train_a_bit(loaded, loaded_opt, 5)
     for m in (model, loaded):
@@ -657,3 +679,117 @@ def test_cuda_rng_state_is_this_devices_own(monkeypatch):
     checkpoint.set_rng_state(dict(state, cuda=older))
     checkpoint.set_rng_state(dict(state, cuda=older[:1]))  # saved on fewer devices than this one's index: left
     assert got == [[7], [1]]
+
+
+def test_a_resave_killed_while_removing_a_copy_resumes_from_a_whole_one(tmp_path, monkeypatch):
+    """Re-saving a step sets the old copy aside (renamed) before anything is removed: a copy removed in place and
+    killed part way leaves a directory holding only its COMPLETE marker (removed last), which lists as the
+    newest checkpoint and fails to load."""
+    import shutil
+
+    import golong.checkpoint as checkpoint
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=2)
+    ck.save(2, model, opt, {"step": 2, "copy": "old"})
+    _train_a_bit(model, opt, 1)
+    real = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        p = Path(path)
+        if p.is_dir() and (p / MARKER).is_file():  # removing a sealed copy: killed with only the marker left
+            for f in sorted(p.iterdir()):
+                if f.name != MARKER:
+                    f.unlink() if f.is_file() else real(f)
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, model, opt, {"step": 2, "copy": "new"})
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    path = ck.resolve("auto")
+    assert path == tmp_path / "ck" / "step_000002"
+    fresh, fresh_opt = _model_and_opt(seed=1)
+    assert ck.load(path, fresh, fresh_opt)["copy"] == "new"
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_keep_last_beyond_the_checkpoints_written_keeps_them_all(tmp_path):
+    # fewer checkpoints than keep_last: nothing is pruned (a negative count must not slice from the end)
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=4)
+    for step in (1, 2, 3):
+        ck.save(step, model, opt, {"step": step})
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1, 2, 3]
+    for step in (4, 5):
+        ck.save(step, model, opt, {"step": step})
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2, 3, 4, 5]
+
+
+def test_a_copy_beside_a_checkpoint_is_not_one_of_the_runs(tmp_path):
+    # a user's backup (step_000002.bak, sealed, written later) must neither be resumed from nor pruned as a step
+    import shutil
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck", keep_last=2)
+    ck.save(1, model, opt, {"step": 1})
+    two = ck.save(2, model, opt, {"step": 2})
+    shutil.copytree(two, tmp_path / "ck" / "step_000002.bak")
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1, 2]
+    assert ck.resolve("auto") == two
+
+
+def test_export_writes_the_dtype_the_checkpoints_config_records(tmp_path):
+    # no dtype given: the export keeps the dtype the run recorded in config.json (torch_dtype), not float32
+    from safetensors import safe_open
+
+    model, opt = _model_and_opt()
+    ckpt = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1},
+                                              hf_config=model.config.to_hf(dtype="bfloat16"))
+    out = export_hf(ckpt, tmp_path / "hf")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_every_file_of_a_checkpoint_is_synced_before_it_is_sealed(tmp_path, monkeypatch):
+    """A checkpoint that comes back cut after a power loss must not carry a marker: every file golong writes
+    (the extra files' subdirectories too) is flushed to disk before the marker, DCP's shards by DCP itself."""
+    import golong.checkpoint as checkpoint
+
+    synced = []  # (path in the temp directory, whether the marker was there yet)
+    real = checkpoint._fsync
+    tmp = tmp_path / "ck" / ".tmp-step_000001"
+
+    def recording(path):
+        if path.is_relative_to(tmp):
+            synced.append((path.relative_to(tmp).as_posix(), (tmp / MARKER).exists()))
+        real(path)
+
+    def add_tokenizer(d):
+        (d / "tokenizer").mkdir()
+        (d / "tokenizer" / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(checkpoint, "_fsync", recording)
+    model, opt = _model_and_opt()
+    Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(),
+                                       extra_files=add_tokenizer)
+    before_marker = {name for name, sealed in synced if not sealed}
+    assert {"rng_rank0.pt", "trainer_state.pt", "config.json", "tokenizer/tokenizer.json"} <= before_marker
+    assert (".", True) in synced  # the directory's entries, marker included, before the rename
+
+
+def test_numpys_cached_normal_draw_is_restored_with_its_generator():
+    # numpy's legacy normals come in pairs, the second cached in the generator's state (has_gauss, cached):
+    # a resume that drops it draws other normals than the run it continues
+    from golong import checkpoint
+
+    np.random.seed(0)
+    np.random.randn()  # an odd number of normals: one cached
+    state = checkpoint.rng_state()
+    assert state["numpy"][3] == 1
+    want = np.random.randn(3)
+    np.random.randn(5)
+    checkpoint.set_rng_state(state)
+    assert np.array_equal(np.random.randn(3), want)

@@ -1423,6 +1423,40 @@ def test_a_tokenizer_path_without_a_tokenizer_is_one_line(tmp_path):
             load_tokenizer(cfg)
 
 
+def test_model_tokenizer_wins_over_model_paths_own_and_needs_a_chat_template(tmp_path, monkeypatch):
+    """model.tokenizer names the tokenizer even where model.path holds one of its own (a base model's, without a
+    chat template); one without a chat template is refused up front, as every prompt is chat-templated; and a
+    tokenizer's remote code runs only where model.trust_remote_code says so."""
+    import transformers
+
+    from golong.build import load_tokenizer
+    from golong.config import RunConfig
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    chat = build_demo_tokenizer(vocab_size=400)
+    chat.save_pretrained(tmp_path / "chat")
+    base = build_demo_tokenizer(vocab_size=300)
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base")
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def recording(src, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    cfg = RunConfig()
+    cfg.model.path, cfg.model.tokenizer = str(tmp_path / "base"), str(tmp_path / "chat")
+    assert len(load_tokenizer(cfg)) == 400
+    cfg.model.tokenizer = None
+    with pytest.raises(ConfigError, match=f"tokenizer {tmp_path / 'base'} has no chat template"):
+        load_tokenizer(cfg)
+    cfg.model.tokenizer, cfg.model.trust_remote_code = str(tmp_path / "chat"), True
+    load_tokenizer(cfg)
+    assert seen == [False, False, True]
+
+
 def test_prompt_cache_words_are_words_in_any_case(tmp_path):
     from golong.config import prompt_cache_dir
 

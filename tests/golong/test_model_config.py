@@ -279,3 +279,28 @@ def test_a_directory_without_config_json_is_named_as_no_model(tmp_path):
     # was "[Errno 2] No such file or directory: '<dir>/config.json'"
     with pytest.raises(ConfigError, match=f"^{tmp_path} is not a Hugging Face model directory: it has no config.json$"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_every_scratch_field_reaches_the_model_config_it_builds():
+    """model.scratch is copied field by field into a Hugging Face config dict: each value must arrive as given
+    (none left to the config class's default), and num_experts=0 is a dense qwen3 model."""
+    import dataclasses
+
+    from golong.build import model_config
+    from golong.config import RunConfig, ScratchModelConfig
+
+    # every value differs from both ScratchModelConfig's and ModelConfig's defaults
+    moe = ScratchModelConfig(vocab_size=300, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                             num_key_value_heads=2, head_dim=8, intermediate_size=40, num_experts=5,
+                             num_experts_per_tok=3, moe_intermediate_size=12, norm_topk_prob=False,
+                             max_position_embeddings=4096, rope_theta=5e5, rms_norm_eps=1e-5,
+                             tie_word_embeddings=False)
+    cfg = RunConfig()
+    for scratch, model_type in ((moe, "qwen3_moe"), (dataclasses.replace(moe, num_experts=0), "qwen3")):
+        cfg.model.scratch = scratch
+        got = model_config(cfg)
+        assert got.model_type == model_type and got.is_moe == (scratch.num_experts > 0)
+        moe_only = () if got.is_moe else ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+        for f in dataclasses.fields(scratch):
+            if f.name not in moe_only:
+                assert getattr(got, f.name) == getattr(scratch, f.name), (model_type, f.name)

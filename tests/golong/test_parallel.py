@@ -825,3 +825,32 @@ def test_weight_sync_casts_each_shard_before_its_gather():
     """The vLLM push gathers parameters in the engine's dtype: each FSDP shard is cast first (an fp32 master
     gathered, then cast, moves twice the bytes); the values equal the fp32 gather cast afterwards."""
     run_distributed(_cast_before_gather, 2)
+
+
+def _built_from_scratch(rank: int, world: int) -> None:
+    from golong.build import build_model
+    from golong.parallel import init_parallel
+    from tests.golong.trainer_helpers import tiny_config
+
+    cfg = tiny_config(model__attn_backend="torch")
+    dims = init_parallel(-1, 1, "gloo")
+
+    def weights(model):
+        return {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+
+    start = weights(build_model(cfg, dims))
+    same = weights(build_model(cfg, dims, seed=cfg.trainer.seed))
+    other = weights(build_model(cfg, dims, seed=cfg.trainer.seed + 1))
+    assert all(torch.equal(same[k], v) for k, v in start.items())
+    assert not any(torch.equal(other[k], v) for k, v in start.items() if "norm" not in k)  # norms start at 1
+    reference = build_model(cfg, dims, reference=True)
+    assert {layer.self_attn.backend for layer in reference.model.layers} == {"torch"}  # model.attn_backend's
+    frozen = weights(reference)
+    assert all(torch.equal(frozen[k], v) for k, v in start.items())
+
+
+@pytest.mark.distributed
+def test_a_scratch_model_is_its_seeds_and_the_reference_policy_starts_from_it():
+    """From scratch the weights are the seed's (trainer.seed unless one is given: tests build "other weights" so);
+    the KL term's reference policy starts from the same weights, attending as model.attn_backend says."""
+    run_distributed(_built_from_scratch, 1)

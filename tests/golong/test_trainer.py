@@ -1410,6 +1410,47 @@ def test_stop_ids_include_the_checkpoints_own_eos_ids_as_vllm_adds_them(tmp_path
     assert stop_token_ids(tok, str(tmp_path)) == sorted({*base, 901, 902})  # generation_config wins, as in vLLM
 
 
+def test_stop_ids_are_im_end_and_endoftext_whichever_the_tokenizer_names_eos():
+    """A base model's tokenizer names <|endoftext|> its EOS, while its chat-templated responses end at <|im_end|>:
+    both stop a response. A name the vocabulary lacks is no stop id, even where the tokenizer maps it to its unknown
+    token."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from golong.build import stop_token_ids
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    chat = build_demo_tokenizer(vocab_size=1024)
+    ids = {name: chat.convert_tokens_to_ids(name) for name in ("<|im_end|>", "<|endoftext|>")}
+    assert stop_token_ids(chat) == sorted(ids.values())
+    base = PreTrainedTokenizerFast(tokenizer_object=chat.backend_tokenizer, eos_token="<|endoftext|>")
+    assert base.eos_token_id == ids["<|endoftext|>"] and stop_token_ids(base) == sorted(ids.values())
+    # a vocabulary without <|endoftext|> but with an unknown token: that name converts to the unknown id
+    vocab = {"<unk>": 0, "<|im_end|>": 1, "a": 2}
+    small = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                    unk_token="<unk>", eos_token="<|im_end|>")
+    assert small.convert_tokens_to_ids("<|endoftext|>") == 0
+    assert stop_token_ids(small) == [1]
+
+
+def test_stop_ids_from_a_generation_config_without_eos_are_none_of_config_jsons(tmp_path):
+    """vLLM reads the checkpoint's EOS ids from generation_config.json where there is one (config.json only where
+    there is none): one without eos_token_id adds nothing, and config.json's must not be added either, or the torch
+    engine stops where vLLM samples on. The ids are sorted whatever their set's order."""
+    import json
+
+    from golong.build import stop_token_ids
+    from golong.data.tokenizer import build_demo_tokenizer
+
+    tok = build_demo_tokenizer(vocab_size=1024)
+    base = stop_token_ids(tok)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 900}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95}))
+    assert stop_token_ids(tok, str(tmp_path)) == base
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [32, 16, 8]}))  # a set of these
+    assert stop_token_ids(tok, str(tmp_path)) == sorted({*base, 8, 16, 32})  # iterates unsorted
+
+
 def test_a_sequence_longer_than_the_models_positions_is_refused_for_either_engine(config_file, tmp_path, monkeypatch):
     """vLLM refuses a max_model_len (data.max_prompt_tokens + rollout.max_response_tokens) over the model's
     max_position_embeddings at start-up; the torch engine ran past the positions the model has. Both now stop
