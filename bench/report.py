@@ -2,7 +2,8 @@
 
     python bench/report.py                     # rewrite the generated part of bench/README.md
     python bench/report.py --results DIR --readme PATH
-    python bench/report.py --check             # exit 1 if README is out of date with the results
+    python bench/report.py --check             # exit 1 if README is out of date with the results, or a figure
+                                               # quoted in the prose (CLAIMS) no longer is what its file gives
 
 Each results file is what bench.common.save_results writes: {bench, date, device, commit,
 command, torch, rows: [{case, impl, metric, value, unit, baseline?, ratio?, ratio_meaning?,
@@ -155,6 +156,59 @@ def update_readme(readme: Path, body: str) -> str:
     return text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
 
 
+def _update_seconds(row: dict[str, Any]) -> float:
+    """bench.trainer_step's seconds of one update: its tokens ("PxR seqs, P+R tok" in the case) over tokens/s."""
+    prompts, responses, p_len, r_len = map(int, re.match(r"(\d+)x(\d+) seqs, (\d+)\+(\d+) tok", row["case"]).groups())
+    return prompts * responses * (p_len + r_len) / row["value"]
+
+
+# Figures quoted by hand in the repository's prose, each read again from its results file by --check: (document,
+# the text with a {} per figure, one (results file, the row's fields, what is printed) per figure)
+CLAIMS: list[tuple[str, str, list[tuple[str, dict[str, str], Any]]]] = [
+    ("README.md", "keep / plain step time {}, against the planned FLOP ratio {}",
+     [("train_step_keep_attention-cpu.json", {"impl": "ac_keep_attention"}, lambda r: f"{r['ratio']:.3f}"),
+      ("train_step_keep_attention-cpu.json", {"impl": "ac_keep_attention"}, lambda r: f"{r['planned_ratio']:.3f}")]),
+    ("README.md", "one update takes {} s against {} s for the whole sequences ({}x) and {} s for TRL ({}x), at {} MiB "
+                  "of peak extra memory against {} and {}",
+     [("trainer_step-cpu.json", {"impl": "golong", "metric": "tokens_per_s"}, lambda r: f"{_update_seconds(r):.1f}"),
+      ("trainer_step-cpu.json", {"impl": "golong whole sequences", "metric": "tokens_per_s"},
+       lambda r: f"{_update_seconds(r):.1f}"),
+      ("trainer_step-cpu.json", {"metric": "shared_prompt_speedup"}, lambda r: f"{r['ratio']:.1f}"),
+      ("trainer_step-cpu.json", {"impl": "trl", "metric": "tokens_per_s"}, lambda r: f"{_update_seconds(r):.1f}"),
+      ("trainer_step-cpu.json", {"impl": "golong", "metric": "tokens_per_s"}, lambda r: f"{r['ratio']:.1f}"),
+      ("trainer_step-cpu.json", {"impl": "golong", "metric": "peak_memory"}, lambda r: f"{r['value']:,.0f}"),
+      ("trainer_step-cpu.json", {"impl": "golong whole sequences", "metric": "peak_memory"},
+       lambda r: f"{r['value']:,.0f}"),
+      ("trainer_step-cpu.json", {"impl": "trl", "metric": "peak_memory"}, lambda r: f"{r['value']:,.0f}")]),
+    ("README.md", "runs {}x faster than whole, of an ideal {}x",
+     [("attention-cpu.json", {"impl": "ours, shared prompt", "metric": "fwd+bwd ms"}, lambda r: f"{r['ratio']:.1f}"),
+      ("attention-cpu.json", {"impl": "attended pairs"}, lambda r: f"{r['value']:.1f}")]),
+    ("README.md", "steps in turn): {}x faster, for {}x fewer rows",
+     [("train_step_shared_prompts-cpu.json", {"impl": "shared prompt"}, lambda r: f"{r['ratio']:.2f}"),
+      ("train_step_shared_prompts-cpu.json", {"impl": "shared prompt"}, lambda r: f"{r['rows_ratio']:.2f}")]),
+]
+
+
+def check_claims(results_dir: Path, root: Path = BENCH_DIR.parent) -> list[str]:
+    """The CLAIMS whose text, filled in from results_dir's files, is not in their document (whitespace and line
+    breaks aside): one line each, with the text the results give."""
+    problems = []
+    for doc, text, figures in CLAIMS:
+        values = []
+        for file, fields, show in figures:
+            rows = [r for r in json.loads((results_dir / file).read_text())["rows"]
+                    if all(r.get(k) == v for k, v in fields.items())]
+            if len(rows) != 1:
+                problems.append(f"{file}: {len(rows)} rows with {fields}, one expected")
+                break
+            values.append(show(rows[0]))
+        else:
+            want = text.format(*values)
+            if want not in " ".join((root / doc).read_text().split()):
+                problems.append(f"{doc}: no longer says what {figures[0][0]} gives: {want!r}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(BENCH_DIR / "results"), help="directory of results JSON files")
@@ -175,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         old = readme.read_text() if readme.exists() else ""
         if old != new:
             print(f"{readme} is out of date: run python bench/report.py", file=sys.stderr)
+            return 1
+        # the figures quoted in prose are of the repository's own results
+        if Path(args.results).resolve() == (BENCH_DIR / "results").resolve() and (problems := check_claims(
+                Path(args.results))):
+            print("\n".join(problems), file=sys.stderr)
             return 1
         return 0
     readme.write_text(new)

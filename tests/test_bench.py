@@ -186,6 +186,26 @@ def test_report_writes_the_table_and_keeps_the_hand_written_text(tmp_path):
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
 
 
+def test_figures_quoted_in_the_readme_are_those_of_their_results_files(tmp_path):
+    """The README's prose quotes bench figures by hand (the shared-prompt speed-ups, keep-attention's ratio): each
+    is read again from its results file, so a rerun that moves one (or an edit of the text) is caught."""
+    import shutil
+
+    assert report.check_claims(ROOT / "bench" / "results") == []
+    # the update's seconds are its tokens over tokens/s: 2 x 8 x (2048 + 128) tokens at 6,240.6 tok/s is 5.6 s
+    (row,) = [r for r in json.loads((ROOT / "bench/results/trainer_step-cpu.json").read_text())["rows"]
+              if r["impl"] == "golong" and r["metric"] == "tokens_per_s"]
+    assert f"{2 * 8 * 2176 / row['value']:.1f}" in (ROOT / "README.md").read_text()
+    res = tmp_path / "results"
+    shutil.copytree(ROOT / "bench" / "results", res)
+    moved = json.loads((res / "train_step_shared_prompts-cpu.json").read_text())
+    next(r for r in moved["rows"] if r["impl"] == "shared prompt")["ratio"] = 2.5  # a rerun measured another
+    (res / "train_step_shared_prompts-cpu.json").write_text(json.dumps(moved))
+    (problem,) = report.check_claims(res)
+    assert problem == "README.md: no longer says what train_step_shared_prompts-cpu.json gives: 'steps in turn): " \
+                      "2.50x faster, for 2.90x fewer rows'"
+
+
 def test_report_rows_without_value_or_ratio_show_their_measurements():
     """Rows of benches that record named fields (time_s, peak_extra_mib, speedup...) instead of value/ratio, and
     skipped or failed rows, still show what they hold; a results file's tuned settings are printed."""
