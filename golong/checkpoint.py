@@ -27,6 +27,7 @@ A checkpoint directory is input: its pickles are read with torch.load(weights_on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -60,6 +61,14 @@ MARKER = "COMPLETE"
 FRESH_OPTIMIZER = "optimizer_fresh"  # trainer_state.pt's record that the optimizer had taken no step yet
 EXPORT_READ_BYTES = 2 * 10**9  # golong export reads the checkpoint in parts of about this size (progress lines)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# a failed checkpoint write with less than this left free was for want of space
+DISK_FULL_BYTES = 64 << 20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk): what stands instead is in the message."""
 
 
 def _rank() -> int:
@@ -280,20 +289,24 @@ class Checkpointer:
             state = {"model": msd, "optim": osd}
         else:
             state = {"model": get_model_state_dict(model)}
-        dcp.save(state, checkpoint_id=str(tmp))
-        if fresh:
-            optimizer.state.clear()
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-        _fsync(tmp / f"rng_rank{rank}.pt")
-        if rank == 0:
-            torch.save({**trainer_state, FRESH_OPTIMIZER: fresh}, tmp / "trainer_state.pt")
-            if hf_config is not None:
-                (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-            if extra_files is not None:
-                extra_files(tmp)
-            for f in tmp.rglob("*"):  # DCP syncs its own files; the rest, before the marker makes them count
-                if f.is_file() and not f.name.endswith((".distcp", ".metadata")):
-                    _fsync(f)
+        try:
+            dcp.save(state, checkpoint_id=str(tmp))
+            if fresh:
+                optimizer.state.clear()
+            torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+            _fsync(tmp / f"rng_rank{rank}.pt")
+            if rank == 0:
+                torch.save({**trainer_state, FRESH_OPTIMIZER: fresh}, tmp / "trainer_state.pt")
+                if hf_config is not None:
+                    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+                if extra_files is not None:
+                    extra_files(tmp)
+                for f in tmp.rglob("*"):  # DCP syncs its own files; the rest, before the marker makes them count
+                    if f.is_file() and not f.name.endswith((".distcp", ".metadata")):
+                        _fsync(f)
+        except (Exception, dcp.api.CheckpointException) as e:  # (DCP's is a BaseException)
+            self._check_disk_full(final, tmp, e)
+            raise
         _barrier()
         _fault("ckpt_write", step)
         if rank == 0:
@@ -316,6 +329,27 @@ class Checkpointer:
             self._prune(final)
         _barrier()
         return final
+
+    def _check_disk_full(self, final: Path, tmp: Path, e: BaseException) -> None:
+        """Raise CheckpointWriteError where writing `final` failed because its disk is full: DCP and torch.save say
+        so only as "unexpected pos 704 vs 598" or "iostream error" (no errno), so the free space decides too. The
+        partial copy goes first, giving the space back."""
+        chain, cause = [], e
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        free = shutil.disk_usage(self.dir).free
+        enospc = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c) for c in chain)
+        if not (enospc or free < DISK_FULL_BYTES):
+            return
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        standing = latest_checkpoint(self.dir)
+        raise CheckpointWriteError(errno.ENOSPC, f"checkpoint {final}: writing it failed, the disk is full "
+                                   f"({free / 2**20:.0f} MiB were free in {self.dir}); "
+                                   + (f"{standing} is the newest complete checkpoint" if standing else
+                                      "no complete checkpoint stands")
+                                   + f" (the error: {type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
     def _prune(self, kept: Path) -> None:
         """Remove the oldest sealed checkpoints beyond keep_last, never `kept` (the one just written): each is

@@ -315,6 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(e)
         return 2
     except OSError as e:  # writing a file the user named (a full disk, a read-only filesystem); a run's: traceback
+        from golong.checkpoint import CheckpointWriteError  # (imported here: torch.distributed.checkpoint is slow)
+
+        if isinstance(e, CheckpointWriteError):  # a run's checkpoint on a full disk: one line naming what stands
+            _error(e)
+            return 1
         if args.command not in ("data", "plot", "export", "eval-compare"):
             raise
         _error(e)

@@ -128,7 +128,7 @@ def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[s
                 if not (isinstance(head, dict) and head.get("golong_eval_partial") == VERSION
                         and head.get("fingerprint") == fp):
                     raise ValueError("it holds another eval's responses (other weights, data or settings)")
-                good = f.tell()
+                good, ended = f.tell(), True
                 while line := f.readline():
                     try:
                         batch = json.loads(line)
@@ -144,7 +144,11 @@ def read_batches(path: Path, fp: str, total_prompts: int, n: int) -> list[dict[s
                         break  # rank 0 alone reads the file: a row it could not restore would stall the others
                     batches.append(batch)
                     good = f.tell()
+                    ended = line.endswith(b"\n")  # a write cut just before its newline: the next batch's line
             os.truncate(path, good)
+            if batches and not ended:  # would be glued to this one, and both cut off by the next resume
+                with path.open("ab") as f:
+                    f.write(b"\n")
             return batches
         except (ValueError, OSError) as e:  # unreadable
             _set_aside(path, str(e))

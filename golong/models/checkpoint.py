@@ -354,7 +354,12 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
 
     def flush() -> None:
         name = f"shard-{len(written):05d}.safetensors"
-        save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+        try:
+            save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors (a full disk: "os error 28") are no OSError
+            if not (code := re.search(r"os error (\d+)", str(e))):
+                raise
+            raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))} writing {path}") from e
         written.append((name, list(shards[-1])))
         shards[-1], sizes[-1] = {}, 0
         progress.advance(items=1)
@@ -363,49 +368,54 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
     total = 0  # the index's total_size: bytes of the tensors (headers excluded), as transformers writes it
     progress = ProgressLog(f"writing {path}", None, "shards",
                            total_bytes=sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters()))
-    for key, t in hf_state_items(model, expert_layout, dtype, device="cpu" if rank == 0 else None):
-        first_dtype = first_dtype or t.dtype
-        if rank != 0:
-            continue
-        nbytes = t.numel() * t.element_size()
-        total += nbytes
-        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            flush()
-        # a copy: expert slices are views of one tensor, and safetensors refuses shared storage
-        shards[-1][key] = t.clone(memory_format=torch.contiguous_format)
-        sizes[-1] += nbytes
-        progress.advance(nbytes)
-    if rank == 0:
-        if shards[-1]:
-            flush()
-        progress.close()
-        n = len(written)
-        weight_map = {}
-        for i, (tmp_name, keys) in enumerate(written):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (tmp / tmp_name).rename(tmp / final)
-            weight_map.update(dict.fromkeys(keys, final))
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        dtype_name = str(first_dtype).removeprefix("torch.") if first_dtype is not None else None
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype=dtype_name), indent=2))
-        # safetensors >= 0.7 writes through a 0600 temporary file: give the weights the mode the umask gives every
-        # other file here, or another account (a vLLM server, a colleague) cannot read the export
-        mode = (tmp / "config.json").stat().st_mode & 0o777
-        for f in tmp.glob("*.safetensors"):
-            f.chmod(mode)
-        src = copy_files_from or getattr(model, "source_path", None)
-        if src is not None:
-            for name in _SIDE_FILES:
-                if (Path(src) / name).exists():
-                    shutil.copy2(Path(src) / name, tmp / name)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+    try:
+        for key, t in hf_state_items(model, expert_layout, dtype, device="cpu" if rank == 0 else None):
+            first_dtype = first_dtype or t.dtype
+            if rank != 0:
+                continue
+            nbytes = t.numel() * t.element_size()
+            total += nbytes
+            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                flush()
+            # a copy: expert slices are views of one tensor, and safetensors refuses shared storage
+            shards[-1][key] = t.clone(memory_format=torch.contiguous_format)
+            sizes[-1] += nbytes
+            progress.advance(nbytes)
+        if rank == 0:
+            if shards[-1]:
+                flush()
+            progress.close()
+            n = len(written)
+            weight_map = {}
+            for i, (tmp_name, keys) in enumerate(written):
+                final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                (tmp / tmp_name).rename(tmp / final)
+                weight_map.update(dict.fromkeys(keys, final))
+            if n > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            dtype_name = str(first_dtype).removeprefix("torch.") if first_dtype is not None else None
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype=dtype_name), indent=2))
+            # safetensors >= 0.7 writes through a 0600 temporary file: give the weights the mode the umask gives every
+            # other file here, or another account (a vLLM server, a colleague) cannot read the export
+            mode = (tmp / "config.json").stat().st_mode & 0o777
+            for f in tmp.glob("*.safetensors"):
+                f.chmod(mode)
+            src = copy_files_from or getattr(model, "source_path", None)
+            if src is not None:
+                for name in _SIDE_FILES:
+                    if (Path(src) / name).exists():
+                        shutil.copy2(Path(src) / name, tmp / name)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+    except BaseException:
+        if rank == 0:  # no hidden shards left behind to fill the disk (a retry would add its own)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -292,22 +292,91 @@ def test_export_to_a_directory_it_cannot_create_names_that_directory(tmp_path, c
 
 
 def test_export_to_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
-    """Any OSError of writing the export (ENOSPC, a read-only filesystem) is the user's to fix: one line."""
+    """Any OSError of writing the export (ENOSPC, a read-only filesystem) is the user's to fix: one line. safetensors
+    reports a full disk as its own SafetensorError, no OSError (a traceback); the shards written before it are
+    removed (they stayed in a hidden directory, each retry adding another)."""
     import errno
+
+    from safetensors import SafetensorError
 
     import golong.models.checkpoint
     from golong.cli import main
+    from golong.models.checkpoint import save_pretrained
 
     model, opt = _model_and_opt()
     ckpt = Checkpointer(tmp_path / "ck").save(1, model, opt, {"step": 1}, hf_config=model.config.to_hf(dtype="float32"))
+    real_save_file, calls, fits = golong.models.checkpoint.save_file, [], [1]
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(*args, **kwargs):  # the first `fits` shards fit, the next fills the disk
+        calls.append(args[1])
+        if len(calls) <= fits[0]:
+            return real_save_file(*args, **kwargs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(golong.models.checkpoint, "save_file", full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as e:
+        save_pretrained(model, out / "hf", max_shard_bytes=1024)
+    assert e.value.errno == errno.ENOSPC and len(calls) == 2 and list(out.iterdir()) == []
+    calls.clear()
+    fits[0] = 0
     assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 2
-    assert capsys.readouterr().err == "golong: error: [Errno 28] No space left on device\n"
-    assert not (tmp_path / "hf").exists()
+    assert capsys.readouterr().err == f"golong: error: [Errno 28] No space left on device writing {tmp_path / 'hf'}\n"
+    # no hidden shards beside it
+    assert not (tmp_path / "hf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ck", "out"]
+
+
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_naming_what_stands(tmp_path, monkeypatch, capsys):
+    """DCP and torch.save report a full disk without an errno ("unexpected pos 704 vs 598", "iostream error"): a
+    failed write with almost no space left (or an ENOSPC anywhere in the error's chain) is a CheckpointWriteError
+    naming the newest complete checkpoint, its partial copy removed (giving the space back); another failure is
+    raised as it was. golong train prints it as one line."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import golong.checkpoint as ckpt_module
+    from golong.checkpoint import CheckpointWriteError, latest_checkpoint
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(tmp_path / "ck")
+    first = ck.save(1, model, opt, {"step": 1})
+    real_save, usage = ckpt_module.torch.save, namedtuple("usage", "total used free")
+
+    def failing(obj, f, *args, **kwargs):  # the trainer state's write
+        if str(f).endswith("trainer_state.pt"):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", failing)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 3 << 20))  # 3 MiB free
+    with pytest.raises(CheckpointWriteError) as e:
+        ck.save(2, model, opt, {"step": 2})
+    assert e.value.errno == errno.ENOSPC and str(e.value) == (
+        f"[Errno 28] checkpoint {tmp_path / 'ck' / 'step_000002'}: writing it failed, the disk is full (3 MiB were "
+        f"free in {tmp_path / 'ck'}); {first} is the newest complete checkpoint (the error: RuntimeError: "
+        "basic_ios::clear: iostream error)")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000001"]  # the partial copy went
+    assert latest_checkpoint(tmp_path / "ck") == first
+    # plenty of space: not the disk's doing, raised as it was (the partial copy left for the next start's repair)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="^basic_ios::clear: iostream error$"):
+        ck.save(2, model, opt, {"step": 2})
+    # ... unless the chain says ENOSPC (a filesystem that reserves space: free is not near 0)
+    monkeypatch.setattr(ckpt_module.torch, "save", lambda obj, f, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointWriteError, match="writing it failed, the disk is full"):
+        ck.save(2, model, opt, {"step": 2})
+
+    from golong import cli
+
+    def full_run(cfg):
+        raise CheckpointWriteError(errno.ENOSPC, "checkpoint X: writing it failed, the disk is full")
+
+    monkeypatch.setattr("golong.trainer.train", full_run)
+    assert cli.main(["train", str(Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml")]) == 1
+    assert capsys.readouterr().err.endswith("golong: error: [Errno 28] checkpoint X: writing it failed, the disk is "
+                                            "full\n")
 
 
 class _RunsCodeWhenUnpickled:

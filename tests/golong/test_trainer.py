@@ -1875,6 +1875,22 @@ def test_eval_reports_pass_at_k_and_best_of_n_over_each_prompts_samples(config_f
     assert not (tmp_path / "eval2").exists()
 
 
+def test_a_saved_eval_batch_cut_before_its_newline_is_kept_and_the_next_appends_after_it(tmp_path):
+    """A write stopped just before a batch's newline leaves a whole line: kept, and ended before the next batch is
+    appended (glued to it, both were cut off by the resume after, with every batch past them)."""
+    from golong.eval_saved import append_batch, read_batches
+
+    path, row = tmp_path / "eval.partial.jsonl", [0.5, "stop", False, None, None, "an answer"]
+    assert read_batches(path, "fp", 4, 1) == []
+    append_batch(path, 0, 1, [row], {})
+    append_batch(path, 1, 2, [row], {})
+    path.write_bytes(path.read_bytes()[:-1])
+    assert [(b["first"], b["end"]) for b in read_batches(path, "fp", 4, 1)] == [(0, 1), (1, 2)]
+    append_batch(path, 2, 3, [row], {})
+    assert [(b["first"], b["end"]) for b in read_batches(path, "fp", 4, 1)] == [(0, 1), (1, 2), (2, 3)]
+    assert path.read_bytes().count(b"\n") == 4  # the header and three batches, a line each
+
+
 def test_eval_saves_each_batch_and_resumes_after_a_stop(config_file, tmp_path, monkeypatch, capsys):
     """golong eval generates its prompts in batches, each sampled as in the whole set (the same responses and scores
     as one pass), and appends each to OUT/eval.partial.jsonl; a rerun after a stop generates only the prompts the
