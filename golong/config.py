@@ -448,8 +448,13 @@ def _container_clash(base: Any, layer: Any, prefix: str = "") -> tuple[str, str]
         elif isinstance(value, dict | list) and isinstance(node, DictConfig | ListConfig) \
                 and isinstance(value, list) != isinstance(node, ListConfig):
             want = "a list" if isinstance(node, ListConfig) else "a mapping"
-            ftype = _field_type(key)
-            return key, f"bad value {value!r} for '{key}': expected {want}{f' ({ftype})' if ftype else ''}"
+            if (ftype := _field_type(key)) is not None:
+                return key, f"bad value {value!r} for '{key}': expected {want} ({ftype})"
+            # a free-form value (under rollout.reward_kwargs): only what an earlier layer set there stands in the way
+            given = "a list" if isinstance(value, list) else "a mapping"
+            return key, (f"'{key}' cannot be given {given} ({value!r}): an earlier setting (the base config, the file "
+                         f"or an override before this one) holds {want} there, which {given} cannot be merged over; "
+                         "change it where it is set")
     return "", "config error: a list given where a mapping is expected, or a mapping where a list is"
 
 

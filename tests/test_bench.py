@@ -377,6 +377,8 @@ def test_the_logprob_bench_fails_when_our_kernel_fails(tmp_path, monkeypatch):
         raise RuntimeError("kernel launch failed")
 
     monkeypatch.setattr(kernels, "linear_logprob_entropy", broken)
+    monkeypatch.setattr(logprob, "H", 64)  # the bench's real shapes take a minute and 4 GB here
+    monkeypatch.setattr(logprob, "V", 1000)
     monkeypatch.setattr(sys, "argv", ["logprob", "--n", "64", "--impls", "ours_torch", "naive", "--out",
                                       str(tmp_path)])
     with pytest.raises(SystemExit, match="1 of our rows failed: N=64 ours_torch: RuntimeError: kernel launch failed"):
@@ -392,6 +394,7 @@ def test_the_ring_memory_ratio_is_against_one_rank(monkeypatch):
     first world listed stood in for it)."""
     from bench import attention
 
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # as ring_cpu_rows sets it: restored after this test
     rows = attention.ring_cpu_rows([40, 9, 23], [2], (2, 1, 8))
     mem = [r for r in rows if r["metric"] == "peak extra memory / rank (max)"]
     assert [r["case"].split()[1] for r in mem] == ["W=1", "W=2"]
