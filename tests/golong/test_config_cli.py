@@ -764,6 +764,8 @@ def test_synth_passes_seed_and_context_length(tmp_path):
     (["data", "synth", "--out", "{tmp}/x.csv", "--n", "2"], "unsupported dataset format '.csv'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--tasks", "poetry"], "unknown synthetic task 'poetry'"),
     (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "0"], "--n and --context-tokens must be >= 1"),
+    (["data", "synth", "--out", "{tmp}/x.jsonl", "--n", "2", "--context-tokens", "0"],
+     "--n and --context-tokens must be >= 1"),
     (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "0"], "--gpus must be >= 1"),
     (["plan", "configs/qwen3-4b-grpo.yaml", "--gpus", "8", "--gpu-mem", "0"], "--gpu-mem a number of GiB > 0"),
 ])
@@ -899,6 +901,37 @@ def test_a_usage_error_shows_its_commands_usage(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "3")  # the same bad input on every rank of a launch: each line says whose it is
     assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "optim.lr=0"]) == 2
     assert capsys.readouterr().err == "golong: error: rank 3: optim.lr must be > 0\n"
+
+
+def test_overrides_after_a_flag_apply_in_command_line_order(capsys):
+    # the stragglers argparse leaves after a flag are appended, not put first: the last value given wins
+    assert main(["train", str(ROOT / "configs/demo-cpu.yaml"), "optim.lr=1e-5", "--dry-run", "optim.lr=3e-5"]) == 0
+    assert re.search(r"^  lr: 3.0e-05$", capsys.readouterr().out, re.M)
+
+
+def test_a_stray_word_for_a_command_without_overrides_is_a_usage_error(tmp_path, capsys):
+    # export takes two paths and no key=value words: a third is argparse's error with export's usage (was an
+    # AttributeError traceback where the word was taken for an override)
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "extra"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: golong export") and "unrecognized arguments: extra" in err
+
+
+def test_eval_save_every_zero_is_one_batch_and_negative_a_usage_error(monkeypatch, capsys):
+    # --save-every 0 means "all at once, nothing saved" (its help), not an error; below 0 is
+    seen = []
+    monkeypatch.setattr("golong.evaluate.evaluate", lambda cfg, ckpt, out, by, save_every: seen.append(save_every))
+    demo = str(ROOT / "configs/demo-cpu.yaml")
+    assert main(["eval", demo, "--save-every", "0"]) == 0 and seen == [0]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", demo, "--save-every", "-1"])
+    assert e.value.code == 2 and "--save-every must be >= 0" in capsys.readouterr().err and seen == [0]
+
+
+def test_plan_assumes_an_h200s_141_gib_without_gpu_mem(capsys):
+    assert main(["plan", str(ROOT / "configs/qwen3-4b-grpo.yaml"), "--gpus", "8"]) in (0, 1)
+    assert re.search(r"of 141 GiB per GPU", capsys.readouterr().out)
 
 
 def test_overrides_are_optional_in_the_usage(capsys):
@@ -1151,7 +1184,7 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
     (tmp_path / "plots").mkdir()
     for out, want in ((tmp_path / "plots", tmp_path / "plots" / "curves.png"), (tmp_path / "c", tmp_path / "c.png"),
-                      (tmp_path / "c.pdf", tmp_path / "c.pdf"),
+                      (tmp_path / "c.pdf", tmp_path / "c.pdf"), (tmp_path / "C.PNG", tmp_path / "C.PNG"),  # any case
                       # a directory yet to be made, named by its trailing slash (as cp -r): not new.png
                       (f"{tmp_path}/new/", tmp_path / "new" / "curves.png")):
         assert main(["plot", str(tmp_path), "--out", str(out)]) == 0

@@ -176,8 +176,9 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
 
     monkeypatch.setattr(demo, "_launch", fake_launch)
     summary = demo.run_demo(tmp_path / "demo", overrides=["data.synthetic_context_tokens=20",
-                                                          "rollout.val_temperature=0.7"])
+                                                          "rollout.val_temperature=0.7", "data.synthetic_val_n=6"])
     assert (summary["reward_after_sft"], summary["reward_after_rl"], summary["rl_steps"]) == (0.375, 0.625, 4)
+    assert summary["held_out_prompts"] == 6  # the validation set's size (data.synthetic_val_n), not the training set's
     assert summary["rl_improved"] and summary["validation"]["temperature"] == 0.7
     assert summary["per_task"] == [
         {"task": "graded_ranking", "metric": "ndcg", "after_sft": 0.375, "after_rl": 0.625, "change_stderr": 0.0},
@@ -198,6 +199,30 @@ def test_demo_summary_reports_the_validations_task_by_task(tmp_path, monkeypatch
     summary = demo.run_demo(tmp_path / "demo")
     assert summary["rl_minus_sft"] is None and "change_stderr" not in summary["per_task"][0]
     assert "±" not in capsys.readouterr().out
+    # an unchanged reward is no improvement
+    history[:] = [val(0, 0.25), val(2, 0.25)]
+    summary = demo.run_demo(tmp_path / "demo")
+    assert summary["reward_after_sft"] == summary["reward_after_rl"] == 0.375 and summary["rl_improved"] is False
+
+
+def _rank_exits_without_a_word(rank, world, port, cfg, results):
+    """A stand-in for demo._rank_main (module level: spawned ranks import it): rank 0 reports success, rank 1 dies
+    as a killed process does, leaving nothing on the queue."""
+    import os
+
+    if rank == 0:
+        results.put((0, "ok", [{"step": 0}]))
+    else:
+        os._exit(3)
+
+
+def test_demo_launch_fails_when_a_rank_dies_without_reporting(monkeypatch):
+    # a rank killed from outside (the OOM killer) puts no error on the queue: its exit code alone says it failed
+    import golong.demo as demo
+
+    monkeypatch.setattr(demo, "_rank_main", _rank_exits_without_a_word)
+    with pytest.raises(RuntimeError, match=r"demo training failed:\nexit codes \[0, 3\]"):
+        demo._launch(None, 2)
 
 
 @pytest.mark.parametrize("after_rl", [0.5, 0.5 - 1e-17, 0.4996])

@@ -338,6 +338,19 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "[/x]" in out and "[bold]y" in out
 
 
+def test_cli_json_onto_a_directory_is_one_line(tmp_path, capsys):
+    # writing --json is the user's file: an OSError there (here: it names a directory) is one line and status 2
+    from golong.cli import main
+
+    _write(tmp_path / "a.jsonl", {("em", 0): [0.0]})
+    _write(tmp_path / "b.jsonl", {("em", 0): [1.0]})
+    (tmp_path / "out").mkdir()
+    assert main(["eval-compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--json",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("golong: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_eval_table_prints_names_from_the_data_as_text(tmp_path, capsys):
     """golong eval's table: a task name or --by label holding rich markup ("[/x]") is printed as it is (it raised
     MarkupError after eval.json was written)."""

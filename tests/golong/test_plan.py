@@ -275,6 +275,81 @@ def test_memory_scales_as_the_parallel_layout_says():
     assert ck.peak_phase.startswith("backward") and 34 * X <= ck.breakdown[ACTS] <= (36 + 30) * X
 
 
+def test_fsdp_shards_pad_dim0_up_to_a_multiple_of_the_world():
+    """FSDP2 keeps ceil(dim0 / world) rows of each parameter on every rank: a tiny model on 3 ranks, counted by hand
+    (an unpadded split under-counted every tensor whose first dimension the world does not divide)."""
+    from golong.plan import ModelShape, Precision, simulate_update
+
+    s = ModelShape(name="tiny", source="test", vocab=10, hidden=4, layers=1, heads=1, kv_heads=1, head_dim=2,
+                   intermediate=6, tied=True)
+    # rows per rank x row length: embedding 4 x 4, final norm 2; q, k, v 1 x 4 each, o 2 x 2, q/k norms 1 each,
+    # the two layer norms 2 each, gate and up 2 x 4 each, down 2 x 6
+    elements = (16 + 2) + (4 + 4 + 4 + 4 + 1 + 1 + 2 + 2 + 8 + 8 + 12)
+    m = simulate_update(s, Precision("cpu", 4, 4, 4), tokens=8, fsdp=3, cp=1, checkpointing=False)
+    assert m.breakdown[PARAMS] == 4 * elements and m.breakdown[OPTIM] == 2 * 4 * elements
+    assert m.resident_bytes == 3 * 4 * elements  # master parameters + AdamW m and v, fp32
+
+
+def test_gathered_weights_and_sharded_gradients_at_the_peak_by_hand():
+    """Qwen3-4B (bf16 compute, 8 GPUs) as golong.parallel.apply_fsdp shards it, in bytes written out from the
+    published shapes: in forward the root unit (tied embedding, final norm) stays gathered beside the current layer
+    and the previous layer's all-gather buffer (world x shard: a whole layer); the last layer is not resharded after
+    forward, so its backward holds it beside the root (gathered again) and the next layer's prefetched buffer. With
+    many micro-batches a step, the sharded fp32 gradients are there from the start, as large as the master shard."""
+    from golong.plan import GATHERED, GRADS
+
+    layer = 2 * (2560 * 4096 * 2 + 2560 * 1024 * 2 + 2 * 128 + 2 * 2560 + 3 * 2560 * 9728)  # q, o; k, v; norms; MLP
+    root = 2 * (151936 * 2560 + 2560)
+    base = ["parallel.cpu_offload=false"]
+    ckpt = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=8).memory
+    assert ckpt.peak_phase == "forward, layer 35" and ckpt.breakdown[GATHERED] == root + 2 * layer
+    no_ckpt = [*base, "parallel.activation_checkpointing=false"]
+    plain = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", no_ckpt), gpus=8)
+    m = plain.memory
+    assert m.peak_phase == "backward, layer 35" and m.breakdown[GATHERED] == root + 2 * layer
+    assert plain.throughput.micro_batches_per_gpu > 1 and m.breakdown[GRADS] == m.breakdown[PARAMS]
+    # one micro-batch a step: the gradients come into being as the backward's reduce-scatters run, none in forward
+    one = predict(load_config(ROOT / "configs/qwen3-4b-grpo.yaml", base), gpus=8, micro_batches=1).memory
+    assert one.peak_phase.startswith("forward") and GRADS not in one.breakdown
+
+
+def test_micro_batches_per_gpu_round_up_and_each_engine_reads_the_weights_per_decode_step():
+    """The trainer packs at most trainer.micro_batch_tokens a micro-batch, so a GPU's share of the step takes the
+    ceiling of share / budget micro-batches; decoding, each vLLM engine (tensor_parallel_size GPUs) reads the bf16
+    weights once a step, every sequence its KV cache (short sequences here, so the weights' term is not lost in the
+    KV reads' as at the recipe's lengths)."""
+    recipe = ROOT / "configs/qwen3-4b-grpo.yaml"
+    short = ["data.max_prompt_tokens=1000", "rollout.max_response_tokens=1000", "algo.dynamic_sampling=false"]
+    t = predict(load_config(recipe, short), gpus=8).throughput
+    per_gpu = 128 * 16 * 2000 // 2  # dp = 8 GPUs / cp 4
+    assert t.micro_batches_per_gpu == 12 and 11 * 180224 < per_gpu <= 12 * 180224
+    s = model_shape(load_config(recipe).model)
+    for tp, engines in ((2, 8), (4, 4)):
+        d = predict(load_config(recipe, [*short, f"rollout.tensor_parallel_size={tp}"]), gpus=16).throughput
+        kv = 128 * 16 * s.kv_bytes_per_token * sum(1000 + i for i in range(1000))
+        # rel 1e-3: the planner integrates the growing KV cache (R^2 / 2) where this sums it step by step
+        assert math.isclose(d.rollout_decode_bytes, engines * 1000 * s.total_params * 2 + kv, rel_tol=1e-3)
+
+
+def test_plan_names_no_ac_keep_attention_way_out_where_the_rollout_phase_is_what_does_not_fit(capsys):
+    """The hint about parallel.ac_keep_attention=false is for an update that does not fit; where the vLLM reservation
+    is what does not fit, recomputing the attention would change nothing."""
+    from golong.cli import main
+
+    config = str(ROOT / "configs/qwen3-4b-grpo.yaml")
+    argv = ["plan", config, "parallel.cp=1", "rollout.gpu_memory_utilization=0.99", "--gpus", "8", "--gpu-mem", "200"]
+    plan = predict(load_config(config, argv[2:4]), gpus=8, gpu_mem_gib=200)
+    assert plan.update_total_bytes <= 200 * 2**30 < plan.rollout_total_bytes  # only the rollout phase is over
+    assert main(argv) == 1
+    assert "ac_keep_attention=false (recompute" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_directory_named_with_underscores_matches_the_built_in_table(tmp_path):
+    # e.g. a download saved as Qwen3_30B_A3B_Instruct: the table is keyed with dashes
+    s = model_shape(load_config(None, [f"model.path={tmp_path / 'Qwen3_30B_A3B_Instruct'}"]).model)
+    assert (s.layers, s.experts, s.top_k) == (48, 128, 8) and "qwen3-30b-a3b" in s.source
+
+
 # ------------------------------------------------------------------------------------------------
 # validation against measured training steps
 # ------------------------------------------------------------------------------------------------

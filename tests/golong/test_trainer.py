@@ -2009,6 +2009,57 @@ def test_eval_batches_hold_a_context_budget_or_save_every_prompts():
     per = EVAL_BATCH_TOKENS * 8 // (mrcr + 51_200)
     assert per == 46 * 8 and batch_starts([mrcr] * 1000, 51_200, 1, 8) == [0, per, 2 * per]
     assert batch_starts([EVAL_BATCH_TOKENS * 2, 1, 1], 0, 1, 1) == [0, 1]  # one over the budget: a batch alone
+    half = EVAL_BATCH_TOKENS // 2 - 10  # two prompts of + 10 response tokens fill the budget exactly: not past it
+    assert batch_starts([half, half, half], 10, 1, 1) == [0, 2]
+    # a resumed eval plans from its first unsaved prompt on, whatever the batching
+    assert batch_starts([5] * 7, 10, 2, 4, save_every=0, first=3) == [3]
+    assert batch_starts([5] * 7, 10, 2, 4, save_every=3, first=2) == [2, 5]
+    assert batch_starts([half] * 5, 10, 1, 1, first=3) == [3]
+
+
+def test_eval_fingerprint_follows_the_model_paths_weights(tmp_path):
+    """A saved eval of other weights is not resumed: rewriting model.path's files (a new export in the same
+    directory) changes the fingerprint, as a checkpoint's do."""
+    from golong.eval_saved import fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 10)
+    config = {"model": {"path": str(tmp_path)}}
+    before = fingerprint([], config, None)
+    assert fingerprint([], config, None) == before
+    (tmp_path / "model.safetensors").write_bytes(b"b" * 11)
+    assert fingerprint([], config, None) != before
+
+
+def test_eval_saved_batches_are_kept_up_to_the_first_one_that_does_not_fit(tmp_path):
+    """read_batches keeps the run of saved batches from prompt 0 on and cuts the file at the first batch that is not
+    one this eval can restore: rows for another rollout.val_n, prompts past the set's end, a row of another form."""
+    import json
+
+    from golong.eval_saved import VERSION, append_batch, read_batches
+
+    def row(failed=False):
+        return [0.5, "stop", failed, None, None, "text"]
+
+    path = tmp_path / "eval.partial.jsonl"
+    bad_batches = [(1, 2, [row()]),  # 1 row for a prompt of n=2 responses
+                   (1, 5, [row()] * 8),  # prompts 1-4 of a 4-prompt set
+                   (1, 2, [row(), row("no")])]  # the failed flag is a bool
+    for first, end, rows in bad_batches:
+        path.unlink(missing_ok=True)
+        assert read_batches(path, "fp", total_prompts=4, n=2) == []  # a new file: its header only
+        append_batch(path, 0, 1, [row(), row(True)], {})
+        append_batch(path, first, end, rows, {})
+        good = path.read_text().splitlines()[:2]
+        assert [(b["first"], b["end"]) for b in read_batches(path, "fp", total_prompts=4, n=2)] == [(0, 1)], rows
+        assert path.read_text().splitlines() == good  # the rest cut off: new batches append after the good one
+    # two files of this eval set aside (by reruns with other settings): the one holding more is taken back
+    path.unlink()
+    for name, batches in (("eval.partial.jsonl.stale-1", 1), ("eval.partial.jsonl.stale-2", 2)):
+        aside = tmp_path / name
+        aside.write_text(json.dumps({"golong_eval_partial": VERSION, "fingerprint": "fp"}) + "\n")
+        for i in range(batches):
+            append_batch(aside, i, i + 1, [row(), row()], {})
+    assert len(read_batches(path, "fp", total_prompts=4, n=2)) == 2
 
 
 def test_eval_breakdown_groups_prompts_by_key_or_token_bin():
