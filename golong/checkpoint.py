@@ -273,12 +273,16 @@ class Checkpointer:
         rank = _rank()
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        failure: BaseException | None = None
         if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            repair(self.dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                repair(self.dir)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                failure = e
+        self._settle(final, tmp, failure)
         # torch's get_state_dict gives an optimizer without state one (a zero-gradient step at lr 0: Adam's step
         # count 1, zero moments); before the first update (the checkpoint after the SFT warm-up's reset) that
         # would change the first update's bias correction. Such an optimizer is saved as it comes and emptied
@@ -305,51 +309,71 @@ class Checkpointer:
                     if f.is_file() and not f.name.endswith((".distcp", ".metadata")):
                         _fsync(f)
         except (Exception, dcp.api.CheckpointException) as e:  # (DCP's is a BaseException)
-            self._check_disk_full(final, tmp, e)
-            raise
-        _barrier()
+            failure = e
+        self._settle(final, tmp, failure)
         _fault("ckpt_write", step)
         if rank == 0:
-            # sealed after every checkpoint already there, whatever this node's clock says (a requeued job on a
-            # node whose clock is behind): "newest" must be the one written last
-            newest = max((_sealed_at(p) for _, p in list_checkpoints(self.dir)), default=0)
-            with open(tmp / MARKER, "w") as f:
-                f.write(f"{step}\n{max(time.time_ns(), newest + 1)}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync(tmp)
-            old = self.dir / f".old-{final.name}"
-            if final.exists():  # re-saving a step: set the old copy aside (atomic), never delete it first
+            try:
+                # sealed after every checkpoint already there, whatever this node's clock says (a requeued job on
+                # a node whose clock is behind): "newest" must be the one written last
+                newest = max((_sealed_at(p) for _, p in list_checkpoints(self.dir)), default=0)
+                with open(tmp / MARKER, "w") as f:
+                    f.write(f"{step}\n{max(time.time_ns(), newest + 1)}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync(tmp)
+                old = self.dir / f".old-{final.name}"
+                if final.exists():  # re-saving a step: set the old copy aside (atomic), never delete it first
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
+                _fault("ckpt_swap", step)
+                tmp.rename(final)
+                _fsync(self.dir)
                 shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-            _fault("ckpt_swap", step)
-            tmp.rename(final)
-            _fsync(self.dir)
-            shutil.rmtree(old, ignore_errors=True)
-            self._prune(final)
-        _barrier()
+                self._prune(final)
+            except OSError as e:
+                failure = e
+        self._settle(final, tmp, failure)
         return final
 
-    def _check_disk_full(self, final: Path, tmp: Path, e: BaseException) -> None:
-        """Raise CheckpointWriteError where writing `final` failed because its disk is full: DCP and torch.save say
-        so only as "unexpected pos 704 vs 598" or "iostream error" (no errno), so the free space decides too. The
-        partial copy goes first, giving the space back."""
-        chain, cause = [], e
-        while cause is not None and len(chain) < 8:
-            chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
-        free = shutil.disk_usage(self.dir).free
-        enospc = any(getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c) for c in chain)
-        if not (enospc or free < DISK_FULL_BYTES):
+    def _settle(self, final: Path, tmp: Path, failure: BaseException | None) -> None:
+        """Collective (a barrier): every rank learns whether any failed writing `final`, and whether for a full disk,
+        and all raise alike. DCP and torch.save say a disk is full only as "unexpected pos 704 vs 598" or
+        "iostream error" (no errno): the free space, measured on every rank before anything is removed, decides
+        too. A full disk is a CheckpointWriteError naming the newest complete checkpoint, the partial copy removed
+        (giving the space back); another failure is raised as it came, where it came."""
+        if failure is not None:  # DCP's own error holds each failing rank's
+            failures = getattr(failure, "failures", None) or {}
+            first = next(iter(failures.values()), None)
+            cause = (first[0] if isinstance(first, tuple) and first else first) or failure
+            chain, c = [], cause
+            while c is not None and len(chain) < 8:
+                chain.append(c)
+                c = c.__cause__ or c.__context__
+            interrupted = any(isinstance(c, KeyboardInterrupt) for c in chain)
+            full = not interrupted and (shutil.disk_usage(self.dir).free < DISK_FULL_BYTES or any(
+                getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c) for c in chain))
+        flags = torch.tensor([failure is not None, failure is not None and full], dtype=torch.int32,
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, disk_full = bool(flags[0]), bool(flags[1])
+        if not failed:
             return
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        standing = latest_checkpoint(self.dir)
-        raise CheckpointWriteError(errno.ENOSPC, f"checkpoint {final}: writing it failed, the disk is full "
-                                   f"({free / 2**20:.0f} MiB were free in {self.dir}); "
-                                   + (f"{standing} is the newest complete checkpoint" if standing else
-                                      "no complete checkpoint stands")
-                                   + f" (the error: {type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        if disk_full:
+            free = shutil.disk_usage(self.dir).free
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            standing = latest_checkpoint(self.dir)
+            what = f" (the error: {type(cause).__name__}: {str(cause).splitlines()[0][:200]})" if failure else \
+                " (on another rank)"
+            raise CheckpointWriteError(errno.ENOSPC, f"checkpoint {final}: writing it failed, the disk is full "
+                                       f"({free / 2**20:.0f} MiB free in {self.dir}); "
+                                       + (f"{standing} is the newest complete checkpoint" if standing else
+                                          "no complete checkpoint stands") + what) from failure
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"checkpoint {final}: writing it failed on another rank (its error is in its log)")
 
     def _prune(self, kept: Path) -> None:
         """Remove the oldest sealed checkpoints beyond keep_last, never `kept` (the one just written): each is

@@ -293,18 +293,19 @@ def _valid_keys(node_cls: Any) -> str:
     return ", ".join(f.name for f in dataclasses.fields(node_cls))
 
 
-def _lookup_section(full_key: str) -> Any:
-    """The dataclass that owns `full_key`'s parent, for listing valid keys."""
+def _lookup_section(full_key: str, exact: bool = False) -> Any:
+    """The dataclass that owns `full_key`'s parent, for listing valid keys (the deepest one on its path; exact:
+    None where a parent is no section, as under rollout.reward_kwargs)."""
     cls: Any = RunConfig
     for part in full_key.split(".")[:-1]:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
-            return cls
+            return None if exact else cls
         sub = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
         if sub is None or not dataclasses.is_dataclass(sub):
             typ = {"scratch": ScratchModelConfig}.get(part)
             if typ is None:
-                return cls
+                return None if exact else cls
             sub = typ
         cls = sub
     return cls
@@ -326,9 +327,9 @@ def _section_key(class_name: str) -> tuple[str, Any] | None:
 
 def _field_type(full_key: str) -> str | None:
     """The annotation of the field `full_key` names ("list[str]", "float", ...), if it is one."""
-    section = _lookup_section(full_key)
+    section = _lookup_section(full_key, exact=True)
     name = full_key.split(".")[-1].split("[")[0]
-    return {f.name: str(f.type) for f in dataclasses.fields(section)}.get(name)
+    return None if section is None else {f.name: str(f.type) for f in dataclasses.fields(section)}.get(name)
 
 
 # verl's (and GoLongRL's launch scripts') config keys -> golong's, for the error of a verl key: (golong key, how);

@@ -409,7 +409,11 @@ def save_pretrained(model: Qwen3ForCausalLM, path: str | Path, *, max_shard_byte
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}"
                 path.rename(old)
-                tmp.rename(path)
+                try:
+                    tmp.rename(path)
+                except BaseException:  # the earlier export back where it was
+                    old.rename(path)
+                    raise
                 shutil.rmtree(old)
             else:
                 tmp.rename(path)

@@ -253,7 +253,7 @@ def test_a_damaged_checkpoint_is_one_line_for_resume_eval_and_export(tmp_path, c
         ck.load(path, *_model_and_opt())
 
 
-def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
+def test_export_refuses_to_replace_anything_but_an_export(tmp_path, monkeypatch):
     model, opt = _model_and_opt()
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints").save(1, model, opt, {"step": 1},
                                                                hf_config=model.config.to_hf(dtype="float32"))
@@ -267,6 +267,21 @@ def test_export_refuses_to_replace_anything_but_an_export(tmp_path):
     (out / "model-00002-of-00002.safetensors").write_text("stale")
     export_hf(ckpt, out)  # an earlier export is replaced whole
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # the swap failing after the earlier export was set aside (an I/O error, a Ctrl-C): that one is put back
+    (out / "model.safetensors").write_bytes(b"the earlier export's weights")
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if self.name.startswith(".hf.tmp-"):
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", failing)
+        with pytest.raises(OSError, match="Input/output error"):
+            export_hf(ckpt, out)
+    assert (out / "model.safetensors").read_bytes() == b"the earlier export's weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # nothing hidden left beside it
     # a downloaded model holds files no export writes (README, LICENSE): replacing it would delete them
     (out / "README.md").write_text("model card")
     with pytest.raises(FileExistsError, match=r"holds no earlier Hugging Face export \(README.md\)"):
@@ -353,8 +368,8 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line_naming_what_stands(tmp_pa
     with pytest.raises(CheckpointWriteError) as e:
         ck.save(2, model, opt, {"step": 2})
     assert e.value.errno == errno.ENOSPC and str(e.value) == (
-        f"[Errno 28] checkpoint {tmp_path / 'ck' / 'step_000002'}: writing it failed, the disk is full (3 MiB were "
-        f"free in {tmp_path / 'ck'}); {first} is the newest complete checkpoint (the error: RuntimeError: "
+        f"[Errno 28] checkpoint {tmp_path / 'ck' / 'step_000002'}: writing it failed, the disk is full (3 MiB free "
+        f"in {tmp_path / 'ck'}); {first} is the newest complete checkpoint (the error: RuntimeError: "
         "basic_ios::clear: iostream error)")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000001"]  # the partial copy went
     assert latest_checkpoint(tmp_path / "ck") == first
@@ -377,6 +392,62 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line_naming_what_stands(tmp_pa
     assert cli.main(["train", str(Path(__file__).resolve().parents[2] / "configs" / "demo-cpu.yaml")]) == 1
     assert capsys.readouterr().err.endswith("golong: error: [Errno 28] checkpoint X: writing it failed, the disk is "
                                             "full\n")
+
+
+def _one_rank_fails_its_write(rank: int, world: int, out: str, free_mib: int) -> None:
+    import shutil
+    from collections import namedtuple
+
+    import golong.checkpoint as ckpt_module
+    from golong.checkpoint import CheckpointWriteError
+
+    model, opt = _model_and_opt()
+    ck = Checkpointer(Path(out) / "ck")
+    ck.save(1, model, opt, {"step": 1})
+    real_save = ckpt_module.torch.save
+    usage = namedtuple("usage", "total used free")
+    shutil.disk_usage = lambda p: usage(10 << 30, 1 << 30, free_mib << 20)  # (a spawned rank: nothing to restore)
+
+    def failing(obj, f, *args, **kwargs):  # rank 1's own rng file, while rank 0 writes on
+        if rank == 1 and str(f).endswith("rng_rank1.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4608 vs 4502")
+        return real_save(obj, f, *args, **kwargs)
+
+    ckpt_module.torch.save = failing
+    try:
+        ck.save(2, model, opt, {"step": 2})
+        got = "saved"
+    except CheckpointWriteError as e:
+        got = f"CheckpointWriteError: {e}"
+    except RuntimeError as e:
+        got = f"RuntimeError: {e}"
+    torch.distributed.barrier()
+    Path(out, f"rank{rank}.txt").write_text(got)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("free_mib", [3, 4096])
+def test_a_checkpoint_write_failing_on_one_rank_fails_every_rank_alike(tmp_path, free_mib):
+    """A rank's own file (its RNG state) failing while the others write on: every rank learns it at the next
+    barrier (they died at it with gloo's "connection closed" traceback); on a full disk all raise the same
+    CheckpointWriteError and rank 0 removes the partial copy, else the failing rank its error, the others one naming
+    it as another rank's."""
+    from tests.distributed import run_distributed
+
+    run_distributed(_one_rank_fails_its_write, 2, str(tmp_path), free_mib)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if free_mib < 64:
+        assert all(s.startswith(f"CheckpointWriteError: [Errno 28] checkpoint {tmp_path / 'ck' / 'step_000002'}: "
+                                "writing it failed, the disk is full (3 MiB free") for s in said), said
+        assert all("the disk is full" in s and f"{tmp_path / 'ck' / 'step_000001'} is the newest complete" in s
+                   for s in said), said
+        assert "unexpected pos 4608 vs 4502" in said[1] and said[0].endswith("(on another rank)"), said
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000001"]
+    else:
+        assert said == ["RuntimeError: checkpoint " f"{tmp_path / 'ck' / 'step_000002'}: writing it failed on another "
+                        "rank (its error is in its log)",
+                        "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 4608 vs 4502"]
+        assert latest_checkpoint(tmp_path / "ck") == tmp_path / "ck" / "step_000001"
 
 
 class _RunsCodeWhenUnpickled:

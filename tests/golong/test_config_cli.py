@@ -114,12 +114,13 @@ def test_a_list_for_a_mapping_in_a_file_names_its_file_and_line(tmp_path):
         load_config(cfg, [])
     assert str(e.value) == f"{cfg}: line 5: bad value {{'a': 1}} for 'data.train_files': expected a list (list[str])"
     # a free-form value (a reward function's kwargs) expects no type: what stands in the way is the file's own
-    cfg.write_text("rollout:\n  reward_kwargs:\n    k: [1, 2]\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(cfg, ["rollout.reward_kwargs.k={a: 1}"])
-    assert str(e.value) == ("'rollout.reward_kwargs.k' cannot be given a mapping ({'a': 1}): an earlier setting (the "
-                            "base config, the file or an override before this one) holds a list there, which a "
-                            "mapping cannot be merged over; change it where it is set")
+    for name in ("k", "temperature"):  # (also one named as a rollout setting is: it is no field)
+        cfg.write_text(f"rollout:\n  reward_kwargs:\n    {name}: [1, 2]\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(cfg, [f"rollout.reward_kwargs.{name}={{a: 1}}"])
+        assert str(e.value) == (f"'rollout.reward_kwargs.{name}' cannot be given a mapping ({{'a': 1}}): an earlier "
+                                "setting (the base config, the file or an override before this one) holds a list "
+                                "there, which a mapping cannot be merged over; change it where it is set")
 
 
 # every value check, just past its boundary (the message names the key) ...
