@@ -444,7 +444,9 @@ def test_routed_experts_requested_from_vllm_and_checked_without_vllm(monkeypatch
     from golong.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
     started = install_fake_vllm(monkeypatch)
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    # recorded first (a delenv of an unset variable records nothing): the engine's own setting is undone after
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     e = VLLMEngine(VLLMConfig(model="x", return_routed_experts=True))
     assert started[-1]["enable_return_routed_experts"] is True and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
