@@ -75,11 +75,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _fault(point: str, step: int) -> None:
     """Test hook: GOLONG_FAULT="ckpt_write@<step>" kills the process at that point of that step's
     checkpoint write (after the shards, before the rename; "ckpt_swap": between setting an old copy of
@@ -342,10 +337,8 @@ class Checkpointer:
         "iostream error" (no errno): the free space, measured on every rank before anything is removed, decides
         too. A full disk is a CheckpointWriteError naming the newest complete checkpoint, the partial copy removed
         (giving the space back); another failure is raised as it came, where it came."""
-        if failure is not None:  # DCP's own error holds each failing rank's
-            failures = getattr(failure, "failures", None) or {}
-            first = next(iter(failures.values()), None)
-            cause = (first[0] if isinstance(first, tuple) and first else first) or failure
+        if failure is not None:
+            cause = _first_cause(failure)
             chain, c = [], cause
             while c is not None and len(chain) < 8:
                 chain.append(c)
@@ -506,9 +499,15 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except dcp.api.CheckpointException as e:
-        failure = next(iter(e.failures.values()), None)
-        cause = failure[0] if isinstance(failure, tuple) and failure else failure
+        cause = _first_cause(e)
         raise _damaged(path, f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__) from None
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """The first failing rank's own error inside DCP's CheckpointException (it holds each rank's (error,
+    traceback)); any other error itself."""
+    first = next(iter((getattr(e, "failures", None) or {}).values()), None)
+    return (first[0] if isinstance(first, tuple) and first else first) or e
 
 
 def _damaged(path: Path, what: str) -> ConfigError:
